@@ -1,0 +1,335 @@
+//! The alloc runner: prepares an allocation's directories, runs one task runner per task of
+//! its group, derives the allocation's client status from the task states, persists it
+//! (`state.json`) and emits an [`AllocClientUpdate`] on every change.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use mlp_proto::consts::{alloc_client, task_event, task_state};
+use mlp_proto::v1::{AllocClientUpdate, Allocation, TaskGroup, TaskState};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::driver::Driver;
+use crate::restart::default_policy;
+use crate::state::{self, AllocRegistry, AllocView, PersistedAlloc};
+use crate::task_runner::{now_ms, push_event, run_task, TaskContext, TaskUpdate};
+
+/// What every alloc runner shares.
+#[derive(Clone)]
+pub struct RunnerEnv {
+    /// `data_dir/allocs`.
+    pub alloc_root: PathBuf,
+    /// Enabled drivers by name.
+    pub drivers: BTreeMap<String, Arc<dyn Driver>>,
+    /// Log rotation size.
+    pub log_max_file_bytes: u64,
+    /// Log files kept per stream.
+    pub log_max_files: u32,
+    /// Registry read by the Logs RPC.
+    pub registry: AllocRegistry,
+}
+
+/// A running alloc runner.
+pub struct AllocHandle {
+    stop: watch::Sender<bool>,
+    join: JoinHandle<PersistedAlloc>,
+}
+
+impl AllocHandle {
+    /// Asks every task to stop (SIGTERM, SIGKILL after its kill timeout).
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+    /// Whether the runner has finished (every task dead, final state emitted).
+    pub fn is_finished(&self) -> bool {
+        self.join.is_finished()
+    }
+    /// Waits for the runner to finish; returns its final state.
+    pub async fn wait(self) -> Option<PersistedAlloc> {
+        self.join.await.ok()
+    }
+    /// Stops the runner's loop without touching its tasks (agent shutdown).
+    pub fn abort(&self) {
+        self.join.abort();
+    }
+}
+
+/// The allocation's client status and description, derived from its task states.
+pub fn client_status(
+    tasks: &[String],
+    states: &BTreeMap<String, TaskState>,
+) -> (&'static str, String) {
+    let get = |t: &String| states.get(t).cloned().unwrap_or_default();
+    let failed: Vec<&String> = tasks.iter().filter(|t| get(t).failed).collect();
+    let all_dead = tasks.iter().all(|t| get(t).state == task_state::DEAD);
+    if !failed.is_empty() {
+        let names: Vec<&str> = failed.iter().map(|s| s.as_str()).collect();
+        return (
+            alloc_client::FAILED,
+            format!("Failed tasks: {}", names.join(", ")),
+        );
+    }
+    if all_dead {
+        return (alloc_client::COMPLETE, "All tasks have completed".into());
+    }
+    let all_started = tasks.iter().all(|t| {
+        let s = get(t);
+        s.state == task_state::RUNNING
+            || s.started_at_ms > 0
+            || s.restarts > 0
+            || s.state == task_state::DEAD
+    });
+    if all_started {
+        (alloc_client::RUNNING, "Tasks are running".into())
+    } else {
+        (alloc_client::PENDING, "No tasks have started".into())
+    }
+}
+
+fn find_group(alloc: &Allocation) -> Option<(TaskGroup, String, String)> {
+    let job = alloc.job.as_ref()?;
+    let g = job.groups.iter().find(|g| g.name == alloc.task_group)?;
+    Some((g.clone(), job.name.clone(), job.r#type.clone()))
+}
+
+/// Starts an alloc runner. `prior` is the state remembered from before an agent restart.
+pub fn spawn_alloc_runner(
+    alloc: Allocation,
+    prior: Option<PersistedAlloc>,
+    env: RunnerEnv,
+    updates: mpsc::UnboundedSender<AllocClientUpdate>,
+) -> AllocHandle {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let join = tokio::spawn(run_alloc(alloc, prior, env, stop_rx, updates));
+    AllocHandle {
+        stop: stop_tx,
+        join,
+    }
+}
+
+struct Reporter {
+    alloc_id: String,
+    dir: PathBuf,
+    tasks: Vec<String>,
+    persisted: PersistedAlloc,
+    registry: AllocRegistry,
+    updates: mpsc::UnboundedSender<AllocClientUpdate>,
+    last_sent: Option<AllocClientUpdate>,
+}
+
+impl Reporter {
+    fn publish(&mut self) {
+        let (status, desc) = client_status(&self.tasks, &self.persisted.task_states);
+        self.persisted.client_status = status.to_string();
+        self.persisted.client_description = desc.clone();
+        if let Err(e) = state::save(&self.dir, &self.persisted) {
+            tracing::warn!(alloc = %self.alloc_id, error = %e, "persisting alloc state failed");
+        }
+        self.registry.put(
+            &self.alloc_id,
+            AllocView {
+                dir: self.dir.clone(),
+                tasks: self.tasks.clone(),
+                client_status: status.to_string(),
+                task_states: self.persisted.task_states.clone(),
+            },
+        );
+        let upd = AllocClientUpdate {
+            alloc_id: self.alloc_id.clone(),
+            client_status: status.to_string(),
+            client_description: desc,
+            task_states: self.persisted.task_states.clone(),
+        };
+        if self.last_sent.as_ref() != Some(&upd) {
+            let _ = self.updates.send(upd.clone());
+            self.last_sent = Some(upd);
+        }
+    }
+}
+
+async fn run_alloc(
+    alloc: Allocation,
+    prior: Option<PersistedAlloc>,
+    env: RunnerEnv,
+    mut stop: watch::Receiver<bool>,
+    updates: mpsc::UnboundedSender<AllocClientUpdate>,
+) -> PersistedAlloc {
+    let dir = env.alloc_root.join(&alloc.id);
+    let group = find_group(&alloc);
+    let tasks: Vec<String> = group
+        .as_ref()
+        .map(|(g, _, _)| g.tasks.iter().map(|t| t.name.clone()).collect())
+        .unwrap_or_default();
+    let mut persisted = prior.unwrap_or_default();
+    persisted.alloc_id = alloc.id.clone();
+    persisted.alloc = Some(alloc.clone());
+    let mut rep = Reporter {
+        alloc_id: alloc.id.clone(),
+        dir: dir.clone(),
+        tasks: tasks.clone(),
+        persisted,
+        registry: env.registry.clone(),
+        updates,
+        last_sent: None,
+    };
+
+    let mut setup = std::fs::create_dir_all(dir.join("alloc"));
+    for t in &tasks {
+        if setup.is_ok() {
+            setup = std::fs::create_dir_all(dir.join(t).join("local"))
+                .and_then(|_| std::fs::create_dir_all(dir.join(t).join("logs")));
+        }
+    }
+    let Some((group, job_name, job_type)) = group else {
+        tracing::warn!(alloc = %alloc.id, group = %alloc.task_group, "task group not found in the allocation's job");
+        let _ = std::fs::create_dir_all(&dir);
+        rep.persisted.client_status = alloc_client::FAILED.into();
+        rep.persisted.client_description =
+            format!("task group {:?} not found in job", alloc.task_group);
+        let _ = state::save(&dir, &rep.persisted);
+        let _ = rep.updates.send(AllocClientUpdate {
+            alloc_id: alloc.id.clone(),
+            client_status: alloc_client::FAILED.into(),
+            client_description: rep.persisted.client_description.clone(),
+            task_states: BTreeMap::new(),
+        });
+        return rep.persisted;
+    };
+    if let Err(e) = setup {
+        tracing::warn!(alloc = %alloc.id, error = %e, "creating alloc dirs failed");
+        for t in &tasks {
+            let st = rep.persisted.task_states.entry(t.clone()).or_default();
+            st.state = task_state::DEAD.into();
+            st.failed = true;
+            push_event(st, task_event::DRIVER_FAILURE, format!("failed to create alloc dir: {e}"));
+        }
+        rep.publish();
+        return rep.persisted;
+    }
+
+    let restart = group
+        .restart
+        .clone()
+        .unwrap_or_else(|| default_policy(&job_type));
+    let (kill_tx, kill_rx) = watch::channel(false);
+    let (tx, mut rx) = mpsc::unbounded_channel::<TaskUpdate>();
+    let mut joins = Vec::new();
+    for task in &group.tasks {
+        let ctx = TaskContext {
+            alloc_id: alloc.id.clone(),
+            alloc_name: alloc.name.clone(),
+            alloc_index: alloc.index,
+            job_name: job_name.clone(),
+            job_type: job_type.clone(),
+            group_name: group.name.clone(),
+            alloc_dir: dir.clone(),
+            task: task.clone(),
+            restart: restart.clone(),
+            driver: env.drivers.get(&task.driver).cloned(),
+            log_max_file_bytes: env.log_max_file_bytes,
+            log_max_files: env.log_max_files,
+        };
+        let initial = rep.persisted.task_states.get(&task.name).cloned();
+        joins.push(AbortOnDrop(tokio::spawn(run_task(
+            ctx,
+            initial,
+            kill_rx.clone(),
+            tx.clone(),
+        ))));
+    }
+    drop(tx);
+    drop(kill_rx);
+
+    let mut stop_seen = false;
+    loop {
+        let upd = tokio::select! {
+            u = rx.recv() => u,
+            r = stop.wait_for(|v| *v), if !stop_seen => {
+                stop_seen = true;
+                if r.is_ok() {
+                    tracing::info!(alloc = %alloc.id, "stopping allocation");
+                    let _ = kill_tx.send(true);
+                }
+                continue;
+            }
+        };
+        let Some(mut upd) = upd else { break };
+        // Drain whatever else is queued so that one publish covers it.
+        loop {
+            apply(&mut rep.persisted, upd);
+            match rx.try_recv() {
+                Ok(u) => upd = u,
+                Err(_) => break,
+            }
+        }
+        // A failed task takes the others down with it.
+        let any_failed = rep.persisted.task_states.values().any(|s| s.failed);
+        if any_failed && !*kill_tx.borrow() {
+            tracing::info!(alloc = %alloc.id, "a task failed; stopping the others");
+            let _ = kill_tx.send(true);
+        }
+        rep.publish();
+    }
+    for mut j in joins {
+        let _ = (&mut j.0).await;
+    }
+    rep.persisted.procs.clear();
+    rep.publish();
+    tracing::info!(alloc = %alloc.id, status = %rep.persisted.client_status, "allocation finished");
+    rep.persisted
+}
+
+/// Aborts a spawned task when dropped: when the alloc runner is aborted (agent shutdown) its
+/// task runners stop too (their processes keep running).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn apply(p: &mut PersistedAlloc, upd: TaskUpdate) {
+    match upd.proc {
+        Some(proc) => {
+            p.procs.insert(upd.task.clone(), proc);
+        }
+        None if upd.state.state != task_state::RUNNING => {
+            p.procs.remove(&upd.task);
+        }
+        None => {}
+    }
+    p.task_states.insert(upd.task, upd.state);
+}
+
+/// An update built from a remembered state (an allocation this agent will not run again).
+pub fn update_from_persisted(p: &PersistedAlloc) -> AllocClientUpdate {
+    AllocClientUpdate {
+        alloc_id: p.alloc_id.clone(),
+        client_status: p.client_status.clone(),
+        client_description: p.client_description.clone(),
+        task_states: p.task_states.clone(),
+    }
+}
+
+/// Marks every unfinished task of a remembered allocation dead (used when the servers ask to
+/// stop an allocation whose tasks this agent already killed on restart).
+pub fn finish_persisted(p: &mut PersistedAlloc, message: &str) {
+    let tasks: Vec<String> = p.task_states.keys().cloned().collect();
+    for t in &tasks {
+        if let Some(st) = p.task_states.get_mut(t) {
+            if st.state != task_state::DEAD {
+                st.state = task_state::DEAD.into();
+                st.pid = 0;
+                st.finished_at_ms = now_ms();
+                push_event(st, task_event::KILLED, message);
+            }
+        }
+    }
+    p.procs.clear();
+    let (status, desc) = client_status(&tasks, &p.task_states);
+    p.client_status = status.into();
+    p.client_description = desc;
+}

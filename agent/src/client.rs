@@ -1,0 +1,306 @@
+//! The agent's side of `AgentService`: a failover pool of server connections, the
+//! register/heartbeat loop, the WatchAllocations loop and the coalescing UpdateAllocs sender.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mlp_proto::consts::node_status;
+use mlp_proto::v1::agent_service_client::AgentServiceClient;
+use mlp_proto::v1::{
+    AllocClientUpdate, HeartbeatRequest, Node, RegisterNodeRequest, UpdateAllocsRequest,
+    WatchAllocationsRequest,
+};
+use tokio::sync::{mpsc, watch, Mutex};
+use tokio::time::{sleep, timeout, Instant};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+use crate::manager::AllocManager;
+use crate::AgentError;
+
+/// Timeout of each unary RPC.
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long status changes are batched before one UpdateAllocs.
+pub const COALESCE: Duration = Duration::from_millis(5);
+
+/// Exponential backoff between retries.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    cur: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// Starts at `min`, doubles up to `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff { cur: min, min, max }
+    }
+    /// The next wait.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.cur;
+        self.cur = (self.cur * 2).min(self.max);
+        d
+    }
+    /// Back to the minimum.
+    pub fn reset(&mut self) {
+        self.cur = self.min;
+    }
+}
+
+/// Connections to the servers, used in order; a failing one hands over to the next.
+pub struct ServerPool {
+    servers: Vec<String>,
+    channels: Vec<Channel>,
+    current: AtomicUsize,
+}
+
+impl ServerPool {
+    /// Lazily connecting channels to every server.
+    pub fn new(servers: &[String]) -> Result<Self, AgentError> {
+        let mut channels = Vec::new();
+        for s in servers {
+            let uri = if s.contains("://") {
+                s.clone()
+            } else {
+                format!("http://{s}")
+            };
+            let ep = Endpoint::from_shared(uri)
+                .map_err(|e| AgentError::Config(format!("bad server address {s:?}: {e}")))?
+                .connect_timeout(Duration::from_secs(3))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(10));
+            channels.push(ep.connect_lazy());
+        }
+        Ok(ServerPool {
+            servers: servers.to_vec(),
+            channels,
+            current: AtomicUsize::new(0),
+        })
+    }
+
+    /// Whether there is any server to talk to.
+    pub fn is_empty(&self) -> bool {
+        self.channels.is_empty()
+    }
+
+    /// The current server's index and a client for it.
+    pub fn client(&self) -> Option<(usize, AgentServiceClient<Channel>)> {
+        if self.channels.is_empty() {
+            return None;
+        }
+        let idx = self.current.load(Ordering::Relaxed) % self.channels.len();
+        Some((idx, AgentServiceClient::new(self.channels[idx].clone())))
+    }
+
+    /// Server `idx` failed: move on to the next one (unless someone already did).
+    pub fn failover(&self, idx: usize) {
+        if self.channels.len() > 1 {
+            let next = (idx + 1) % self.channels.len();
+            if self
+                .current
+                .compare_exchange(idx, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                tracing::info!(
+                    from = %self.servers[idx],
+                    to = %self.servers[next],
+                    "failing over to the next server"
+                );
+            }
+        }
+    }
+}
+
+async fn unary<T, F, Fut>(pool: &ServerPool, f: F) -> Result<T, tonic::Status>
+where
+    F: FnOnce(AgentServiceClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let Some((idx, client)) = pool.client() else {
+        return Err(tonic::Status::unavailable("no servers configured"));
+    };
+    let res = match timeout(RPC_TIMEOUT, f(client)).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::deadline_exceeded("rpc timed out")),
+    };
+    if let Err(st) = &res {
+        if !matches!(st.code(), Code::NotFound | Code::InvalidArgument) {
+            pool.failover(idx);
+        }
+    }
+    res
+}
+
+/// Registers the node, then heartbeats every ttl/3; registers again when a server no longer
+/// knows the node. Sets `registered` after each successful registration.
+pub async fn node_loop(pool: Arc<ServerPool>, node: Node, registered: watch::Sender<bool>) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let mut node = node.clone();
+        node.status = node_status::READY.into();
+        let ttl = loop {
+            let req = RegisterNodeRequest {
+                node: Some(node.clone()),
+            };
+            match unary(&pool, |mut c| async move { c.register(req).await }).await {
+                Ok(resp) => break resp.heartbeat_ttl_ms,
+                Err(st) => {
+                    let d = backoff.next_delay();
+                    tracing::warn!(code = ?st.code(), error = %st.message(), retry_in = ?d, "node registration failed");
+                    sleep(d).await;
+                }
+            }
+        };
+        backoff.reset();
+        tracing::info!(node_id = %node.id, ttl_ms = ttl, "node registered");
+        let _ = registered.send(true);
+        let mut ttl = Duration::from_millis(if ttl == 0 { 10_000 } else { ttl });
+        let mut next = Instant::now() + ttl / 3;
+        loop {
+            tokio::time::sleep_until(next).await;
+            let req = HeartbeatRequest {
+                node_id: node.id.clone(),
+            };
+            match unary(&pool, |mut c| async move { c.heartbeat(req).await }).await {
+                Ok(resp) => {
+                    if resp.heartbeat_ttl_ms > 0 {
+                        ttl = Duration::from_millis(resp.heartbeat_ttl_ms);
+                    }
+                    backoff.reset();
+                    next = Instant::now() + ttl / 3;
+                }
+                Err(st) if st.code() == Code::NotFound => {
+                    tracing::warn!("server does not know this node; registering again");
+                    break;
+                }
+                Err(st) => {
+                    let d = backoff.next_delay().min(ttl / 3);
+                    tracing::warn!(code = ?st.code(), error = %st.message(), retry_in = ?d, "heartbeat failed");
+                    next = Instant::now() + d;
+                }
+            }
+        }
+    }
+}
+
+/// Watches the node's allocations (reconnecting with backoff, failing over) and hands every
+/// full set to the manager.
+pub async fn watch_loop(
+    pool: Arc<ServerPool>,
+    node_id: String,
+    mut registered: watch::Receiver<bool>,
+    manager: Arc<Mutex<AllocManager>>,
+) {
+    if registered.wait_for(|r| *r).await.is_err() {
+        return;
+    }
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let Some((idx, mut client)) = pool.client() else {
+            return;
+        };
+        let req = WatchAllocationsRequest {
+            node_id: node_id.clone(),
+        };
+        match timeout(RPC_TIMEOUT, client.watch_allocations(req)).await {
+            Ok(Ok(resp)) => {
+                let mut stream = resp.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(msg)) => {
+                            backoff.reset();
+                            tracing::debug!(count = msg.allocations.len(), index = msg.index, "allocations received");
+                            manager.lock().await.sync(msg.allocations);
+                        }
+                        Ok(None) => {
+                            tracing::info!("allocation stream ended; reconnecting");
+                            break;
+                        }
+                        Err(st) => {
+                            tracing::warn!(code = ?st.code(), error = %st.message(), "allocation stream failed; reconnecting");
+                            if st.code() != Code::NotFound {
+                                pool.failover(idx);
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            Ok(Err(st)) => {
+                tracing::warn!(code = ?st.code(), error = %st.message(), "watching allocations failed");
+                if st.code() != Code::NotFound {
+                    pool.failover(idx);
+                }
+            }
+            Err(_) => {
+                tracing::warn!("watching allocations timed out");
+                pool.failover(idx);
+            }
+        }
+        sleep(backoff.next_delay()).await;
+    }
+}
+
+/// Sends alloc status changes: batches what arrives within [`COALESCE`] of the first change
+/// into one UpdateAllocs, keeps only the latest state per alloc, and retries until sent.
+pub async fn update_loop(
+    pool: Arc<ServerPool>,
+    node_id: String,
+    mut rx: mpsc::UnboundedReceiver<AllocClientUpdate>,
+) {
+    let mut pending: BTreeMap<String, AllocClientUpdate> = BTreeMap::new();
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    let mut open = true;
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Some(u) => {
+                    pending.insert(u.alloc_id.clone(), u);
+                }
+                None => return,
+            }
+            let deadline = Instant::now() + COALESCE;
+            while open {
+                tokio::select! {
+                    u = rx.recv() => match u {
+                        Some(u) => { pending.insert(u.alloc_id.clone(), u); }
+                        None => open = false,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+        }
+        let req = UpdateAllocsRequest {
+            node_id: node_id.clone(),
+            updates: pending.values().cloned().collect(),
+        };
+        match unary(&pool, |mut c| async move { c.update_allocs(req).await }).await {
+            Ok(_) => {
+                pending.clear();
+                backoff.reset();
+            }
+            Err(st) => {
+                let d = backoff.next_delay();
+                tracing::warn!(code = ?st.code(), error = %st.message(), count = pending.len(), retry_in = ?d, "sending alloc updates failed");
+                let deadline = Instant::now() + d;
+                // Keep collecting (latest state per alloc wins) while waiting to retry.
+                loop {
+                    tokio::select! {
+                        u = rx.recv(), if open => match u {
+                            Some(u) => { pending.insert(u.alloc_id.clone(), u); }
+                            None => open = false,
+                        },
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
+            }
+        }
+        if !open && pending.is_empty() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! mlp agent: fingerprints the node, registers and heartbeats with the servers, runs the
+//! allocations the servers assign (alloc and task runners over drivers), reports their status,
+//! and serves task logs (`ClientService`) on its own gRPC address.
+
+pub mod alloc_runner;
+pub mod client;
+pub mod driver;
+pub mod fingerprint;
+pub mod logs;
+pub mod manager;
+pub mod restart;
+pub mod rpc;
+pub mod state;
+pub mod task_runner;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mlp_proto::v1::client_service_server::ClientServiceServer;
+use tokio::sync::{mpsc, watch, Mutex};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::alloc_runner::RunnerEnv;
+use crate::client::ServerPool;
+use crate::manager::AllocManager;
+use crate::state::AllocRegistry;
+
+/// Errors starting the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A file system operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration is unusable.
+    #[error("invalid agent configuration: {0}")]
+    Config(String),
+}
+
+impl AgentError {
+    fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+        let context = context.into();
+        move |source| AgentError::Io { context, source }
+    }
+}
+
+/// Agent configuration.
+#[derive(Debug)]
+pub struct AgentConfig {
+    /// Everything the agent owns lives here.
+    pub data_dir: PathBuf,
+    /// Server gRPC addresses "host:port"; used in order, failing over.
+    pub servers: Vec<String>,
+    /// Node name (default: hostname).
+    pub node_name: String,
+    /// Datacenter (default "dc1").
+    pub datacenter: String,
+    /// Node pool (default "default").
+    pub node_pool: String,
+    /// Node metadata.
+    pub meta: BTreeMap<String, String>,
+    /// Pre-bound listener for ClientService; None binds 127.0.0.1:0.
+    pub rpc_listener: Option<std::net::TcpListener>,
+    /// Address put in `Node.rpc_addr`; default: the listener's local address.
+    pub advertise_addr: Option<String>,
+    /// Rotate a task log file at this size (default 10 MiB).
+    pub log_max_file_bytes: u64,
+    /// Log files kept per task stream (default 5).
+    pub log_max_files: u32,
+    /// Enabled drivers (default exec, raw_exec).
+    pub drivers_enabled: Vec<String>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            data_dir: PathBuf::from("/var/lib/mlp/agent"),
+            servers: vec!["127.0.0.1:4647".to_string()],
+            node_name: fingerprint::default_node_name(),
+            datacenter: "dc1".into(),
+            node_pool: "default".into(),
+            meta: BTreeMap::new(),
+            rpc_listener: None,
+            advertise_addr: None,
+            log_max_file_bytes: 10 * 1024 * 1024,
+            log_max_files: 5,
+            drivers_enabled: vec![
+                mlp_proto::consts::driver::EXEC.to_string(),
+                mlp_proto::consts::driver::RAW_EXEC.to_string(),
+            ],
+        }
+    }
+}
+
+/// Reads the node id from `data_dir/node-id`, creating it on first start.
+pub fn load_or_create_node_id(data_dir: &Path) -> Result<String, AgentError> {
+    let path = data_dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(AgentError::io(format!("reading {}", path.display()))(e)),
+    }
+    let id = new_id();
+    let tmp = data_dir.join("node-id.tmp");
+    std::fs::write(&tmp, format!("{id}\n"))
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(AgentError::io(format!("writing {}", path.display())))?;
+    Ok(id)
+}
+
+/// A random v4 UUID string from the kernel; falls back to 32 hex chars from std's random
+/// hasher keys.
+fn new_id() -> String {
+    if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/random/uuid") {
+        let s = s.trim();
+        if s.len() == 36 {
+            return s.to_string();
+        }
+    }
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = String::new();
+    for i in 0..2u64 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(i);
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        h.write_u32(std::process::id());
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out
+}
+
+/// A running agent.
+pub struct Agent {
+    node_id: String,
+    rpc_addr: SocketAddr,
+    cancel: CancellationToken,
+    loops: Vec<JoinHandle<()>>,
+    manager: Arc<Mutex<AllocManager>>,
+}
+
+impl Agent {
+    /// Fingerprints the node, restores what a previous run left, binds the ClientService
+    /// listener and spawns the background loops (registration may still be retrying).
+    pub async fn start(mut config: AgentConfig) -> Result<Agent, AgentError> {
+        let data_dir = config.data_dir.clone();
+        std::fs::create_dir_all(data_dir.join("allocs"))
+            .map_err(AgentError::io(format!("creating {}", data_dir.display())))?;
+        let node_id = load_or_create_node_id(&data_dir)?;
+
+        let std_listener = match config.rpc_listener.take() {
+            Some(l) => l,
+            None => std::net::TcpListener::bind("127.0.0.1:0")
+                .map_err(AgentError::io("binding the rpc listener"))?,
+        };
+        std_listener
+            .set_nonblocking(true)
+            .map_err(AgentError::io("configuring the rpc listener"))?;
+        let rpc_addr = std_listener
+            .local_addr()
+            .map_err(AgentError::io("reading the rpc listener address"))?;
+        let listener = tokio::net::TcpListener::from_std(std_listener)
+            .map_err(AgentError::io("registering the rpc listener"))?;
+
+        let mut node = fingerprint::fingerprint(&config);
+        node.id = node_id.clone();
+        node.rpc_addr = config
+            .advertise_addr
+            .clone()
+            .unwrap_or_else(|| rpc_addr.to_string());
+
+        let pool = Arc::new(ServerPool::new(&config.servers)?);
+        let registry = AllocRegistry::default();
+        let env = RunnerEnv {
+            alloc_root: data_dir.join("allocs"),
+            drivers: driver::drivers_for(&config.drivers_enabled),
+            log_max_file_bytes: config.log_max_file_bytes,
+            log_max_files: config.log_max_files,
+            registry: registry.clone(),
+        };
+        let (updates_tx, updates_rx) = mpsc::unbounded_channel();
+        let mut manager = AllocManager::new(env, updates_tx);
+        manager.restore();
+        let manager = Arc::new(Mutex::new(manager));
+
+        let cancel = CancellationToken::new();
+        let mut loops = Vec::new();
+        let svc = ClientServiceServer::new(rpc::ClientRpc::new(registry));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let server_cancel = cancel.clone();
+        loops.push(tokio::spawn(async move {
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, server_cancel.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "agent rpc server failed");
+            }
+        }));
+
+        let (reg_tx, reg_rx) = watch::channel(false);
+        loops.push(spawn_cancellable(
+            &cancel,
+            client::node_loop(pool.clone(), node, reg_tx),
+        ));
+        loops.push(spawn_cancellable(
+            &cancel,
+            client::watch_loop(pool.clone(), node_id.clone(), reg_rx, manager.clone()),
+        ));
+        loops.push(spawn_cancellable(
+            &cancel,
+            client::update_loop(pool, node_id.clone(), updates_rx),
+        ));
+        let reap_manager = manager.clone();
+        loops.push(spawn_cancellable(&cancel, async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                reap_manager.lock().await.reap();
+            }
+        }));
+        tracing::info!(node_id = %node_id, rpc_addr = %rpc_addr, "agent started");
+        Ok(Agent {
+            node_id,
+            rpc_addr,
+            cancel,
+            loops,
+            manager,
+        })
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The address ClientService listens on.
+    pub fn rpc_addr(&self) -> SocketAddr {
+        self.rpc_addr
+    }
+
+    /// Stops the loops. Running tasks are left running (a later version reattaches to them).
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.manager.lock().await.abort_all();
+        for l in self.loops {
+            if tokio::time::timeout(Duration::from_secs(5), l).await.is_err() {
+                tracing::warn!("an agent loop did not stop in time");
+            }
+        }
+        tracing::info!(node_id = %self.node_id, "agent stopped");
+    }
+}
+
+fn spawn_cancellable<F>(cancel: &CancellationToken, fut: F) -> JoinHandle<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let cancel = cancel.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = fut => {}
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_id_persists() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let a = load_or_create_node_id(dir.path())?;
+        let b = load_or_create_node_id(dir.path())?;
+        assert_eq!(a, b);
+        assert!(a.len() >= 32);
+        Ok(())
+    }
+}

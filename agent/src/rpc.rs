@@ -1,0 +1,135 @@
+//! `ClientService` served by the agent on its rpc listener: `Logs` streams a task's stdout or
+//! stderr from the rotated log files, optionally following it until the task is dead and the
+//! allocation terminal.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use mlp_proto::consts::{alloc_client, task_state};
+use mlp_proto::v1::client_service_server::ClientService;
+use mlp_proto::v1::{LogChunk, LogsRequest};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::logs::{log_base, LogReader, MAX_CHUNK};
+use crate::state::AllocRegistry;
+
+/// How often a follower polls for new bytes.
+const FOLLOW_POLL: Duration = Duration::from_millis(100);
+
+/// The agent's `ClientService`.
+#[derive(Debug, Clone)]
+pub struct ClientRpc {
+    registry: AllocRegistry,
+}
+
+impl ClientRpc {
+    /// Serves logs of the allocations in `registry`.
+    pub fn new(registry: AllocRegistry) -> Self {
+        ClientRpc { registry }
+    }
+
+    fn done(&self, alloc_id: &str, task: &str) -> bool {
+        match self.registry.get(alloc_id) {
+            None => true,
+            Some(v) => {
+                alloc_client::is_terminal(&v.client_status)
+                    && v
+                        .task_states
+                        .get(task)
+                        .map(|s| s.state == task_state::DEAD)
+                        .unwrap_or(true)
+            }
+        }
+    }
+}
+
+type LogStream = Pin<Box<dyn Stream<Item = Result<LogChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ClientService for ClientRpc {
+    type LogsStream = LogStream;
+
+    async fn logs(&self, request: Request<LogsRequest>) -> Result<Response<LogStream>, Status> {
+        let req = request.into_inner();
+        let id = match self.registry.resolve(&req.alloc_id) {
+            Ok(id) => id,
+            Err(0) => {
+                return Err(Status::not_found(format!(
+                    "allocation {:?} not found on this node",
+                    req.alloc_id
+                )))
+            }
+            Err(n) => {
+                return Err(Status::invalid_argument(format!(
+                    "allocation prefix {:?} matches {n} allocations",
+                    req.alloc_id
+                )))
+            }
+        };
+        let view = self
+            .registry
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("allocation {id:?} not found")))?;
+        let task = if req.task.is_empty() {
+            match view.tasks.as_slice() {
+                [one] => one.clone(),
+                many => {
+                    return Err(Status::invalid_argument(format!(
+                        "allocation {id} has {} tasks; name one of: {}",
+                        many.len(),
+                        many.join(", ")
+                    )))
+                }
+            }
+        } else if view.tasks.contains(&req.task) {
+            req.task.clone()
+        } else {
+            return Err(Status::invalid_argument(format!(
+                "task {:?} not in allocation {id}; tasks: {}",
+                req.task,
+                view.tasks.join(", ")
+            )));
+        };
+        let dir = view.dir.join(&task).join("logs");
+        let base = log_base(&task, req.stderr);
+        let mut reader = LogReader::new(&dir, &base, req.offset, req.tail_bytes)
+            .map_err(|e| Status::internal(format!("reading logs: {e}")))?;
+        let (tx, rx) = mpsc::channel::<Result<LogChunk, Status>>(8);
+        let this = self.clone();
+        let follow = req.follow;
+        tokio::spawn(async move {
+            let mut finishing = false;
+            loop {
+                match reader.read_chunk(MAX_CHUNK) {
+                    Ok(Some((data, file))) => {
+                        if tx.send(Ok(LogChunk { data, file })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        if !follow || finishing {
+                            return;
+                        }
+                        if this.done(&id, &task) {
+                            // Drain what was written before the end, then stop.
+                            finishing = true;
+                            continue;
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(FOLLOW_POLL) => {}
+                            _ = tx.closed() => return,
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("reading logs: {e}")))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

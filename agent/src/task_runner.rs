@@ -1,0 +1,356 @@
+//! The task runner: drives one task through its lifecycle (received → started → exited →
+//! restart decision, stop, max run duration) via a [`Driver`], and emits every state change.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mlp_proto::consts::{task_event, task_state};
+use mlp_proto::v1::{RestartPolicy, Task, TaskEvent, TaskState};
+use nix::sys::signal::Signal;
+use tokio::sync::{mpsc, watch};
+
+use crate::driver::{proc_start_time, Driver, ExitStatus, TaskHandle, TaskSpec};
+use crate::restart::{decide, fmt_duration_ms, RestartDecision, RestartTracker};
+use crate::state::ProcRecord;
+
+/// Events kept per task.
+pub const MAX_EVENTS: usize = 20;
+/// Kill timeout used when a task sets none.
+pub const DEFAULT_KILL_TIMEOUT_MS: u64 = 5_000;
+
+/// Milliseconds since the unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Appends an event, keeping the newest [`MAX_EVENTS`].
+pub fn push_event<'a>(st: &'a mut TaskState, kind: &str, message: impl Into<String>) -> &'a mut TaskEvent {
+    st.events.push(TaskEvent {
+        r#type: kind.to_string(),
+        time_ms: now_ms(),
+        message: message.into(),
+        exit_code: None,
+        signal: 0,
+    });
+    if st.events.len() > MAX_EVENTS {
+        let extra = st.events.len() - MAX_EVENTS;
+        st.events.drain(..extra);
+    }
+    let last = st.events.len() - 1;
+    &mut st.events[last]
+}
+
+/// Everything a task runner needs.
+#[derive(Clone)]
+pub struct TaskContext {
+    /// Allocation id.
+    pub alloc_id: String,
+    /// Allocation name (job.group[index]).
+    pub alloc_name: String,
+    /// Allocation index.
+    pub alloc_index: u32,
+    /// Job name.
+    pub job_name: String,
+    /// Job type (batch | service).
+    pub job_type: String,
+    /// Group name.
+    pub group_name: String,
+    /// `data_dir/allocs/<id>`.
+    pub alloc_dir: PathBuf,
+    /// The task.
+    pub task: Task,
+    /// The group's restart policy.
+    pub restart: RestartPolicy,
+    /// The task's driver; None when this agent lacks it.
+    pub driver: Option<Arc<dyn Driver>>,
+    /// Log rotation size.
+    pub log_max_file_bytes: u64,
+    /// Log files kept per stream.
+    pub log_max_files: u32,
+}
+
+impl TaskContext {
+    /// `<alloc_dir>/<task>`.
+    pub fn task_dir(&self) -> PathBuf {
+        self.alloc_dir.join(&self.task.name)
+    }
+
+    /// The driver spec for this task.
+    pub fn spec(&self) -> TaskSpec {
+        let task_dir = self.task_dir();
+        let local = task_dir.join("local");
+        let mut env = self.task.env.clone();
+        let alloc_shared = self.alloc_dir.join("alloc");
+        for (k, v) in [
+            ("MLP_ALLOC_ID", self.alloc_id.clone()),
+            ("MLP_ALLOC_NAME", self.alloc_name.clone()),
+            ("MLP_ALLOC_INDEX", self.alloc_index.to_string()),
+            ("MLP_JOB_NAME", self.job_name.clone()),
+            ("MLP_GROUP_NAME", self.group_name.clone()),
+            ("MLP_TASK_NAME", self.task.name.clone()),
+            ("MLP_ALLOC_DIR", alloc_shared.to_string_lossy().into_owned()),
+            ("MLP_TASK_DIR", local.to_string_lossy().into_owned()),
+        ] {
+            env.insert(k.to_string(), v);
+        }
+        let config = self.task.config.clone().unwrap_or_default();
+        TaskSpec {
+            name: self.task.name.clone(),
+            command: config.command,
+            args: config.args,
+            env,
+            work_dir: local,
+            log_dir: task_dir.join("logs"),
+            log_max_file_bytes: self.log_max_file_bytes,
+            log_max_files: self.log_max_files,
+            resources: self.task.resources,
+        }
+    }
+
+    fn kill_timeout_ms(&self) -> u64 {
+        if self.task.kill_timeout_ms == 0 {
+            DEFAULT_KILL_TIMEOUT_MS
+        } else {
+            self.task.kill_timeout_ms
+        }
+    }
+}
+
+/// One emitted state change of a task.
+#[derive(Debug, Clone)]
+pub struct TaskUpdate {
+    /// Task name.
+    pub task: String,
+    /// Its full state.
+    pub state: TaskState,
+    /// Its process, while running.
+    pub proc: Option<ProcRecord>,
+}
+
+/// Resolves when stop is asked for; never when the sender is gone.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+enum Outcome {
+    Exited(ExitStatus),
+    Stop,
+    MaxRun,
+}
+
+/// SIGTERM to the group, SIGKILL after the kill timeout; returns how the task ended.
+async fn kill_task(handle: &mut dyn TaskHandle, kill_timeout_ms: u64) -> ExitStatus {
+    if let Err(e) = handle.signal(Signal::SIGTERM) {
+        tracing::warn!(pid = handle.pid(), error = %e, "SIGTERM failed");
+    }
+    match tokio::time::timeout(Duration::from_millis(kill_timeout_ms), handle.wait()).await {
+        Ok(ex) => ex,
+        Err(_) => {
+            if let Err(e) = handle.signal(Signal::SIGKILL) {
+                tracing::warn!(pid = handle.pid(), error = %e, "SIGKILL failed");
+            }
+            handle.wait().await
+        }
+    }
+}
+
+/// Runs a task to its end, sending every state change on `tx`. `initial` is the state
+/// remembered from before an agent restart, if any. Returns the final state.
+pub async fn run_task(
+    ctx: TaskContext,
+    initial: Option<TaskState>,
+    mut stop: watch::Receiver<bool>,
+    tx: mpsc::UnboundedSender<TaskUpdate>,
+) -> TaskState {
+    let name = ctx.task.name.clone();
+    let emit = |st: &TaskState, proc: Option<ProcRecord>| {
+        let _ = tx.send(TaskUpdate {
+            task: name.clone(),
+            state: st.clone(),
+            proc,
+        });
+    };
+    let mut st = initial.unwrap_or_default();
+    if st.state == task_state::DEAD {
+        emit(&st, None);
+        return st;
+    }
+    if st.events.is_empty() {
+        st.state = task_state::PENDING.into();
+        push_event(&mut st, task_event::RECEIVED, "Task received by client");
+        emit(&st, None);
+    }
+    let mut tracker = RestartTracker {
+        count: 0,
+        interval_start_ms: now_ms(),
+    };
+    loop {
+        if *stop.borrow() {
+            st.state = task_state::DEAD.into();
+            st.pid = 0;
+            st.finished_at_ms = now_ms();
+            push_event(&mut st, task_event::KILLED, "Task stopped before it started");
+            emit(&st, None);
+            return st;
+        }
+        let Some(driver) = ctx.driver.clone() else {
+            let msg = format!("driver {:?} is not available on this node", ctx.task.driver);
+            return fail_start(&mut st, msg, &emit);
+        };
+        let spec = ctx.spec();
+        let mut handle = match driver.start(&spec).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(alloc = %ctx.alloc_id, task = %name, error = %e, "task failed to start");
+                return fail_start(&mut st, format!("failed to start task: {e}"), &emit);
+            }
+        };
+        let pid = handle.pid();
+        st.state = task_state::RUNNING.into();
+        st.pid = pid;
+        st.started_at_ms = now_ms();
+        st.finished_at_ms = 0;
+        st.exit_code = None;
+        push_event(&mut st, task_event::STARTED, "Task started by client");
+        let proc = proc_start_time(pid).map(|start_time| ProcRecord { pid, start_time });
+        emit(&st, proc);
+        tracing::info!(alloc = %ctx.alloc_id, task = %name, pid, "task started");
+
+        let max_run = ctx.task.max_run_duration_ms;
+        let outcome = {
+            let max_run_timer = async {
+                if max_run > 0 {
+                    tokio::time::sleep(Duration::from_millis(max_run)).await
+                } else {
+                    std::future::pending::<()>().await
+                }
+            };
+            tokio::select! {
+                ex = handle.wait() => Outcome::Exited(ex),
+                _ = stopped(&mut stop) => Outcome::Stop,
+                _ = max_run_timer => Outcome::MaxRun,
+            }
+        };
+        let kill_timeout = ctx.kill_timeout_ms();
+        match outcome {
+            Outcome::Stop | Outcome::MaxRun => {
+                let failed = matches!(outcome, Outcome::MaxRun);
+                if failed {
+                    push_event(
+                        &mut st,
+                        task_event::MAX_RUN_DURATION,
+                        format!("exceeded max_run_duration of {}", fmt_duration_ms(max_run)),
+                    );
+                }
+                push_event(
+                    &mut st,
+                    task_event::KILLING,
+                    format!("sent SIGTERM, kill_timeout {}", fmt_duration_ms(kill_timeout)),
+                );
+                emit(&st, proc);
+                let ex = kill_task(handle.as_mut(), kill_timeout).await;
+                st.state = task_state::DEAD.into();
+                st.failed = failed;
+                st.pid = 0;
+                st.exit_code = ex.code;
+                st.finished_at_ms = now_ms();
+                let ev = push_event(&mut st, task_event::KILLED, format!("Task killed ({ex})"));
+                ev.exit_code = ex.code;
+                ev.signal = ex.signal.unwrap_or(0);
+                emit(&st, None);
+                tracing::info!(alloc = %ctx.alloc_id, task = %name, "task killed");
+                return st;
+            }
+            Outcome::Exited(ex) => {
+                st.pid = 0;
+                st.exit_code = ex.code;
+                st.finished_at_ms = now_ms();
+                let ev = push_event(
+                    &mut st,
+                    task_event::EXITED,
+                    format!(
+                        "Exit Code: {}, Signal: {}",
+                        ex.code.unwrap_or(-1),
+                        ex.signal.unwrap_or(0)
+                    ),
+                );
+                ev.exit_code = ex.code;
+                ev.signal = ex.signal.unwrap_or(0);
+                tracing::info!(alloc = %ctx.alloc_id, task = %name, status = %ex, "task exited");
+                let (decision, next) =
+                    decide(&ctx.job_type, ex.success(), &ctx.restart, tracker, now_ms());
+                tracker = next;
+                match decision {
+                    RestartDecision::Done => {
+                        st.state = task_state::DEAD.into();
+                        emit(&st, None);
+                        return st;
+                    }
+                    RestartDecision::Fail { message } => {
+                        st.state = task_state::DEAD.into();
+                        st.failed = true;
+                        push_event(&mut st, task_event::NOT_RESTARTING, message);
+                        emit(&st, None);
+                        return st;
+                    }
+                    RestartDecision::Restart { delay_ms } => {
+                        st.state = task_state::PENDING.into();
+                        push_event(
+                            &mut st,
+                            task_event::RESTARTING,
+                            format!("restarting in {}", fmt_duration_ms(delay_ms)),
+                        );
+                        emit(&st, None);
+                        let stop_now = tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(delay_ms)) => false,
+                            _ = stopped(&mut stop) => true,
+                        };
+                        if stop_now {
+                            st.state = task_state::DEAD.into();
+                            push_event(&mut st, task_event::KILLED, "Task stopped while waiting to restart");
+                            emit(&st, None);
+                            return st;
+                        }
+                        st.restarts += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn fail_start(
+    st: &mut TaskState,
+    message: String,
+    emit: &impl Fn(&TaskState, Option<ProcRecord>),
+) -> TaskState {
+    st.state = task_state::DEAD.into();
+    st.failed = true;
+    st.pid = 0;
+    st.finished_at_ms = now_ms();
+    push_event(st, task_event::DRIVER_FAILURE, message);
+    emit(st, None);
+    st.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_capped() {
+        let mut st = TaskState::default();
+        for i in 0..30 {
+            push_event(&mut st, task_event::STARTED, format!("{i}"));
+        }
+        assert_eq!(st.events.len(), MAX_EVENTS);
+        assert_eq!(st.events[0].message, "10");
+        assert_eq!(st.events[19].message, "29");
+    }
+}

@@ -1,0 +1,274 @@
+//! The whole agent against an in-process fake `AgentService` on loopback: registration with
+//! failover, allocation watch, status updates, restart persistence and GC.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use mlp_agent::driver::signal_group;
+use mlp_agent::{Agent, AgentConfig};
+use mlp_proto::consts::{alloc_client, task_event};
+use mlp_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
+use mlp_proto::v1::{
+    AllocClientUpdate, Allocation, HeartbeatRequest, HeartbeatResponse, Job, Node,
+    NodeAllocations, RegisterNodeRequest, RegisterNodeResponse, Task, TaskConfig, TaskGroup,
+    UpdateAllocsRequest, UpdateAllocsResponse, WatchAllocationsRequest,
+};
+use nix::sys::signal::Signal;
+use tokio::sync::watch;
+use tokio_stream::wrappers::WatchStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+#[derive(Clone)]
+struct Fake {
+    nodes: Arc<Mutex<Vec<Node>>>,
+    updates: Arc<Mutex<Vec<AllocClientUpdate>>>,
+    allocs: watch::Sender<Vec<Allocation>>,
+}
+
+#[tonic::async_trait]
+impl AgentService for Fake {
+    async fn register(
+        &self,
+        r: Request<RegisterNodeRequest>,
+    ) -> Result<Response<RegisterNodeResponse>, Status> {
+        if let (Ok(mut n), Some(node)) = (self.nodes.lock(), r.into_inner().node) {
+            n.push(node);
+        }
+        Ok(Response::new(RegisterNodeResponse {
+            heartbeat_ttl_ms: 900,
+            index: 1,
+        }))
+    }
+    async fn heartbeat(
+        &self,
+        _: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        Ok(Response::new(HeartbeatResponse {
+            heartbeat_ttl_ms: 900,
+        }))
+    }
+    type WatchAllocationsStream =
+        Pin<Box<dyn Stream<Item = Result<NodeAllocations, Status>> + Send>>;
+    async fn watch_allocations(
+        &self,
+        _: Request<WatchAllocationsRequest>,
+    ) -> Result<Response<Self::WatchAllocationsStream>, Status> {
+        let s = WatchStream::new(self.allocs.subscribe()).map(|allocations| {
+            Ok(NodeAllocations {
+                allocations,
+                index: 1,
+            })
+        });
+        Ok(Response::new(Box::pin(s)))
+    }
+    async fn update_allocs(
+        &self,
+        r: Request<UpdateAllocsRequest>,
+    ) -> Result<Response<UpdateAllocsResponse>, Status> {
+        if let Ok(mut u) = self.updates.lock() {
+            u.extend(r.into_inner().updates);
+        }
+        Ok(Response::new(UpdateAllocsResponse { index: 1 }))
+    }
+}
+
+impl Fake {
+    fn latest(&self, id: &str) -> Option<AllocClientUpdate> {
+        self.updates
+            .lock()
+            .ok()?
+            .iter()
+            .rev()
+            .find(|u| u.alloc_id == id)
+            .cloned()
+    }
+    fn pids(&self) -> BTreeSet<u32> {
+        let mut out = BTreeSet::new();
+        if let Ok(u) = self.updates.lock() {
+            for up in u.iter() {
+                for st in up.task_states.values() {
+                    if st.pid > 0 {
+                        out.insert(st.pid);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Kills every task pid the fake server saw when the test ends.
+struct PidGuard(Fake);
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        for pid in self.0.pids() {
+            let _ = signal_group(pid, Signal::SIGKILL);
+        }
+    }
+}
+
+async fn poll<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Result<T, String> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            return Err("condition not reached in time".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn alloc(id: &str, job_type: &str, cmd: &str, desired: &str) -> Allocation {
+    Allocation {
+        id: id.into(),
+        name: "j.g[0]".into(),
+        task_group: "g".into(),
+        desired_status: desired.into(),
+        client_status: "pending".into(),
+        job: Some(Job {
+            id: "j".into(),
+            name: "j".into(),
+            r#type: job_type.into(),
+            groups: vec![TaskGroup {
+                name: "g".into(),
+                count: 1,
+                tasks: vec![Task {
+                    name: "t".into(),
+                    driver: "exec".into(),
+                    config: Some(TaskConfig {
+                        command: "/bin/sh".into(),
+                        args: vec!["-c".into(), cmd.into()],
+                    }),
+                    kill_timeout_ms: 500,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn count(u: &AllocClientUpdate, kind: &str) -> usize {
+    u.task_states
+        .get("t")
+        .map(|s| s.events.iter().filter(|e| e.r#type == kind).count())
+        .unwrap_or(0)
+}
+
+async fn start_agent(dir: &Path, server: &str) -> Result<Agent, Box<dyn std::error::Error>> {
+    Ok(Agent::start(AgentConfig {
+        data_dir: dir.to_path_buf(),
+        // The first server is dead: the agent must fail over.
+        servers: vec!["127.0.0.1:1".into(), server.to_string()],
+        node_name: "test-node".into(),
+        ..Default::default()
+    })
+    .await?)
+}
+
+#[tokio::test]
+async fn agent_runs_reports_restores_and_gcs() -> TestResult {
+    let (tx, _rx) = watch::channel(Vec::new());
+    let fake = Fake {
+        nodes: Arc::default(),
+        updates: Arc::default(),
+        allocs: tx,
+    };
+    let _guard = PidGuard(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let server_addr = listener.local_addr()?.to_string();
+    let svc = AgentServiceServer::new(fake.clone());
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let dir = tempfile::tempdir()?;
+
+    let agent = start_agent(dir.path(), &server_addr).await?;
+    let node_id = agent.node_id().to_string();
+    let node = poll(15, || fake.nodes.lock().ok()?.first().cloned()).await?;
+    assert_eq!(node.id, node_id);
+    assert_eq!(node.rpc_addr, agent.rpc_addr().to_string());
+    assert_eq!(node.attributes.get("driver.exec").map(String::as_str), Some("1"));
+
+    let batch = alloc("aaaa0001", "batch", "echo hi", "run");
+    let service = alloc("bbbb0002", "service", "sleep 100", "run");
+    fake.allocs.send_replace(vec![batch.clone(), service.clone()]);
+    poll(15, || {
+        fake.latest("aaaa0001")
+            .filter(|u| u.client_status == alloc_client::COMPLETE)
+    })
+    .await?;
+    let running = poll(15, || {
+        fake.latest("bbbb0002")
+            .filter(|u| u.client_status == alloc_client::RUNNING)
+    })
+    .await?;
+    let old_pid = running.task_states["t"].pid;
+    assert!(old_pid > 0);
+
+    // Agent restart: the running task is killed and started again, the finished one is not.
+    agent.shutdown().await;
+    assert!(Path::new(&format!("/proc/{old_pid}")).exists(), "shutdown must not kill tasks");
+    fake.updates.lock().map_err(|e| e.to_string())?.clear();
+    let agent = start_agent(dir.path(), &server_addr).await?;
+    assert_eq!(agent.node_id(), node_id);
+    let restarted = poll(15, || {
+        fake.latest("bbbb0002").filter(|u| {
+            u.client_status == alloc_client::RUNNING
+                && u.task_states["t"].pid > 0
+                && u.task_states["t"].pid != old_pid
+        })
+    })
+    .await?;
+    assert_eq!(count(&restarted, task_event::STARTED), 2);
+    assert!(restarted.task_states["t"]
+        .events
+        .iter()
+        .any(|e| e.message == "agent restarted; task restarted"));
+    poll(5, || {
+        let stat = std::fs::read_to_string(format!("/proc/{old_pid}/stat")).ok();
+        match stat {
+            None => Some(()),
+            Some(s) if s.contains(") Z") => Some(()),
+            Some(_) => None,
+        }
+    })
+    .await?;
+    let done = poll(15, || fake.latest("aaaa0001")).await?;
+    assert_eq!(done.client_status, alloc_client::COMPLETE);
+    assert_eq!(count(&done, task_event::STARTED), 1);
+
+    // Desired stop, then the server drops both: tasks killed, dirs garbage-collected.
+    let mut stop = service.clone();
+    stop.desired_status = "stop".into();
+    fake.allocs.send_replace(vec![batch.clone(), stop]);
+    let stopped = poll(15, || {
+        fake.latest("bbbb0002")
+            .filter(|u| alloc_client::is_terminal(&u.client_status))
+    })
+    .await?;
+    assert_eq!(stopped.client_status, alloc_client::COMPLETE);
+    assert_eq!(count(&stopped, task_event::KILLED), 1);
+    fake.allocs.send_replace(vec![]);
+    let allocs = dir.path().join("allocs");
+    poll(15, || {
+        (!allocs.join("aaaa0001").exists() && !allocs.join("bbbb0002").exists()).then_some(())
+    })
+    .await?;
+    agent.shutdown().await;
+    server.abort();
+    Ok(())
+}

@@ -1,0 +1,18 @@
+//! Compiles `proto/mlp.proto`. Uses `$PROTOC` when set, else the vendored protoc, so that a
+//! fresh machine needs nothing but cargo.
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var_os("PROTOC").is_none() {
+        let protoc: PathBuf = protoc_bin_vendored::protoc_bin_path()?;
+        std::env::set_var("PROTOC", protoc);
+    }
+    println!("cargo:rerun-if-changed=proto/mlp.proto");
+    println!("cargo:rerun-if-env-changed=PROTOC");
+    tonic_build::configure()
+        .btree_map(["."])
+        .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")
+        .type_attribute(".", "#[serde(default)]")
+        .compile_protos(&["proto/mlp.proto"], &["proto"])?;
+    Ok(())
+}

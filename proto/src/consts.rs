@@ -1,0 +1,81 @@
+//! The string values of status fields, in one place so that the server, agent and CLI agree.
+
+pub mod job_type {
+    pub const BATCH: &str = "batch";
+    pub const SERVICE: &str = "service";
+}
+
+pub mod job_status {
+    pub const PENDING: &str = "pending";
+    pub const RUNNING: &str = "running";
+    pub const DEAD: &str = "dead";
+}
+
+pub mod node_status {
+    pub const INITIALIZING: &str = "initializing";
+    pub const READY: &str = "ready";
+    pub const DOWN: &str = "down";
+}
+
+pub mod alloc_desired {
+    pub const RUN: &str = "run";
+    pub const STOP: &str = "stop";
+}
+
+pub mod alloc_client {
+    pub const PENDING: &str = "pending";
+    pub const RUNNING: &str = "running";
+    pub const COMPLETE: &str = "complete";
+    pub const FAILED: &str = "failed";
+    pub const LOST: &str = "lost";
+
+    /// Whether a client status is final (the allocation will never run again).
+    pub fn is_terminal(status: &str) -> bool {
+        matches!(status, COMPLETE | FAILED | LOST)
+    }
+}
+
+pub mod task_state {
+    pub const PENDING: &str = "pending";
+    pub const RUNNING: &str = "running";
+    pub const DEAD: &str = "dead";
+}
+
+pub mod task_event {
+    pub const RECEIVED: &str = "received";
+    pub const STARTED: &str = "started";
+    pub const EXITED: &str = "exited";
+    pub const RESTARTING: &str = "restarting";
+    pub const NOT_RESTARTING: &str = "not-restarting";
+    pub const KILLING: &str = "killing";
+    pub const KILLED: &str = "killed";
+    pub const DRIVER_FAILURE: &str = "driver-failure";
+    pub const MAX_RUN_DURATION: &str = "max-run-duration-exceeded";
+    pub const TERMINATED: &str = "terminated";
+}
+
+pub mod eval_status {
+    pub const PENDING: &str = "pending";
+    pub const COMPLETE: &str = "complete";
+    pub const BLOCKED: &str = "blocked";
+    pub const FAILED: &str = "failed";
+    pub const CANCELED: &str = "canceled";
+}
+
+pub mod eval_trigger {
+    pub const JOB_REGISTER: &str = "job-register";
+    pub const JOB_DEREGISTER: &str = "job-deregister";
+    pub const NODE_UPDATE: &str = "node-update";
+    pub const ALLOC_FAILURE: &str = "alloc-failure";
+    pub const QUEUED_ALLOCS: &str = "queued-allocs";
+}
+
+pub mod restart_mode {
+    pub const FAIL: &str = "fail";
+    pub const DELAY: &str = "delay";
+}
+
+pub mod driver {
+    pub const EXEC: &str = "exec";
+    pub const RAW_EXEC: &str = "raw_exec";
+}

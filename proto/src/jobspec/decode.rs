@@ -1,0 +1,928 @@
+//! Maps the `hcl-edit` syntax tree onto a `v1::Job`: checks the shape (known fields, blocks vs
+//! attributes, labels, value types), fills Nomad's defaults, and remembers where each field was
+//! written so that the validator's findings can be reported at a position.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use hcl_edit::expr::{Expression, ObjectKey};
+use hcl_edit::structure::{Block, Body, Structure};
+use hcl_edit::template::{Element, Template};
+use hcl_edit::Span;
+
+use super::{line_col, parse_duration, Loc};
+use crate::consts::{job_type, restart_mode};
+use crate::v1::{
+    Constraint, GpuRequest, Job, Resources, RestartPolicy, Task, TaskConfig, TaskGroup,
+};
+
+const DEFAULT_NAMESPACE: &str = "default";
+const DEFAULT_PRIORITY: i32 = 50;
+const DEFAULT_COUNT: u32 = 1;
+const DEFAULT_CPU_MHZ: u64 = 100;
+const DEFAULT_MEMORY_MIB: u64 = 300;
+const DEFAULT_KILL_TIMEOUT_MS: u64 = 5_000;
+const DEFAULT_GPU_COUNT: u32 = 1;
+
+const JOB_FIELDS: &[&str] = &[
+    "type",
+    "priority",
+    "namespace",
+    "meta",
+    "constraint",
+    "group",
+];
+const GROUP_FIELDS: &[&str] = &["count", "constraint", "meta", "restart", "task"];
+const TASK_FIELDS: &[&str] = &[
+    "driver",
+    "config",
+    "env",
+    "resources",
+    "kill_timeout",
+    "max_run_duration",
+    "meta",
+];
+const CONFIG_FIELDS: &[&str] = &["command", "args"];
+const RESOURCES_FIELDS: &[&str] = &["cpu", "cores", "memory", "disk", "gpu"];
+const GPU_FIELDS: &[&str] = &["count"];
+const RESTART_FIELDS: &[&str] = &["attempts", "interval", "delay", "mode"];
+const CONSTRAINT_FIELDS: &[&str] = &["attribute", "operator", "value"];
+
+/// A problem found while decoding (or later, while validating), before it gets a line number.
+#[derive(Debug)]
+pub(crate) struct Problem {
+    pub offset: usize,
+    pub path: String,
+    pub message: String,
+}
+
+/// What the decoder made of a file.
+pub(crate) struct Decoded {
+    /// `None` only when there is no `job` block at all.
+    pub job: Option<Job>,
+    pub problems: Vec<Problem>,
+    /// Keys of fields that failed to decode (they hold defaults, not what the user wrote).
+    pub failed: HashSet<String>,
+    /// Where each key was written (byte offset).
+    spans: HashMap<String, usize>,
+}
+
+impl Decoded {
+    /// Position of `key`, or of the nearest enclosing field written in the file (a missing
+    /// field is reported at the block that should have contained it).
+    pub fn position_of(&self, key: &str) -> usize {
+        let mut key = key;
+        loop {
+            if let Some(&offset) = self.spans.get(key) {
+                return offset;
+            }
+            match key.rfind('.') {
+                Some(dot) => key = &key[..dot],
+                None => return 0,
+            }
+        }
+    }
+}
+
+/// Decodes a whole file body, which must hold exactly one `job` block.
+pub(crate) fn decode(src: &str, body: &Body) -> Decoded {
+    let mut d = Decoder {
+        src,
+        problems: Vec::new(),
+        failed: HashSet::new(),
+        spans: HashMap::new(),
+    };
+    let mut job = None;
+    let mut first_job_at = 0;
+    for structure in body.iter() {
+        match structure {
+            Structure::Block(block) if block.ident.as_str() == "job" => {
+                if job.is_none() {
+                    first_job_at = start(block);
+                    job = Some(d.job(block));
+                } else {
+                    let (line, _) = line_col(src, first_job_at);
+                    d.problem(
+                        start(block),
+                        "",
+                        format!(
+                            "only one job block is allowed per file (the first is at line {line})"
+                        ),
+                    );
+                }
+            }
+            other => {
+                let name = structure_name(other);
+                d.problem(
+                    start(other),
+                    "",
+                    format!("unknown field {name:?} at the top level; a job file holds a single `job \"NAME\" {{ ... }}` block"),
+                );
+            }
+        }
+    }
+    if job.is_none() {
+        d.problem(
+            0,
+            "",
+            "no job block found; expected `job \"NAME\" { ... }`".to_string(),
+        );
+    }
+    Decoded {
+        job,
+        problems: d.problems,
+        failed: d.failed,
+        spans: d.spans,
+    }
+}
+
+struct Decoder<'s> {
+    src: &'s str,
+    problems: Vec<Problem>,
+    failed: HashSet<String>,
+    spans: HashMap<String, usize>,
+}
+
+/// Byte offset where a parsed node starts (0 for nodes the parser did not produce).
+fn start(node: &impl Span) -> usize {
+    node.span().map_or(0, |r| r.start)
+}
+
+fn structure_name(s: &Structure) -> &str {
+    match s {
+        Structure::Attribute(attr) => attr.key.as_str(),
+        Structure::Block(block) => block.ident.as_str(),
+    }
+}
+
+fn structure_start(s: &Structure) -> usize {
+    match s {
+        Structure::Attribute(attr) => start(&attr.key),
+        Structure::Block(block) => start(&block.ident),
+    }
+}
+
+impl Decoder<'_> {
+    fn problem(&mut self, offset: usize, path: &str, message: String) {
+        self.problems.push(Problem {
+            offset,
+            path: path.to_string(),
+            message,
+        });
+    }
+
+    /// Reports a problem with the field at `loc`, which then keeps its default value.
+    fn fail(&mut self, offset: usize, loc: &Loc, message: String) {
+        self.failed.insert(loc.key.clone());
+        self.problem(offset, &loc.path, message);
+    }
+
+    fn mark(&mut self, loc: &Loc, offset: usize) {
+        self.spans.insert(loc.key.clone(), offset);
+    }
+
+    /// The source text of a node, shortened for messages.
+    fn snippet(&self, node: &impl Span) -> String {
+        let text = node
+            .span()
+            .and_then(|r| self.src.get(r))
+            .unwrap_or("")
+            .trim();
+        let mut short: String = text.chars().take(40).collect();
+        if short.len() < text.len() {
+            short.push('…');
+        }
+        short
+    }
+
+    /// Describes a value for "expected X, found Y" messages.
+    fn describe(&self, expr: &Expression) -> String {
+        match expr {
+            Expression::Null(_) => "null".to_string(),
+            Expression::Bool(b) => format!("bool {}", b.value()),
+            Expression::Number(n) => format!("number {}", n.value()),
+            Expression::String(s) => format!("string {:?}", s.value()),
+            Expression::Array(_) => "a list".to_string(),
+            Expression::Object(_) => "an object".to_string(),
+            Expression::StringTemplate(_) | Expression::HeredocTemplate(_) => {
+                format!("template {}", self.snippet(expr))
+            }
+            _ => format!("expression `{}`", self.snippet(expr)),
+        }
+    }
+
+    /// The message for a value of the wrong type; names non-literal expressions explicitly.
+    fn type_error(&mut self, expr: &Expression, loc: &Loc, expected: &str) {
+        let message = if is_literal(expr) {
+            format!("expected {expected}, found {}", self.describe(expr))
+        } else {
+            format!(
+                "expressions are not supported; expected {expected} literal, found `{}`",
+                self.snippet(expr)
+            )
+        };
+        self.fail(start(expr), loc, message);
+    }
+
+    // ---- bodies ------------------------------------------------------------------------------
+
+    /// Reports a field that is not in `known`, suggesting the closest known name.
+    fn unknown(&mut self, s: &Structure, loc: &Loc, known: &[&str]) {
+        let name = structure_name(s);
+        let mut message = format!("unknown field {name:?}");
+        if let Some(best) = suggest(name, known) {
+            message.push_str(&format!("; did you mean {best:?}?"));
+        }
+        self.problem(structure_start(s), &loc.path, message);
+    }
+
+    /// Reports a field written in the wrong form (`driver { }` or `task = ...`).
+    fn wrong_form(&mut self, s: &Structure, loc: &Loc) {
+        let name = structure_name(s);
+        let message = match s {
+            Structure::Attribute(_) => format!("{name:?} must be a block: `{name} {{ ... }}`"),
+            Structure::Block(_) => format!("{name:?} must be an attribute: `{name} = ...`"),
+        };
+        self.fail(structure_start(s), &loc.field(name), message);
+    }
+
+    /// Whether a non-repeatable field appears for the first time; reports repeats.
+    fn first_time<'a>(
+        &mut self,
+        seen: &mut HashMap<&'a str, usize>,
+        s: &'a Structure,
+        loc: &Loc,
+    ) -> bool {
+        let name = structure_name(s);
+        let at = structure_start(s);
+        if let Some(&first) = seen.get(name) {
+            let (line, _) = line_col(self.src, first);
+            self.fail(
+                at,
+                &loc.field(name),
+                format!("duplicate field {name:?} (first set at line {line})"),
+            );
+            return false;
+        }
+        seen.insert(name, at);
+        true
+    }
+
+    /// The single name label of a `job`, `group` or `task` block.
+    fn label(&mut self, block: &Block, loc: &Loc) -> String {
+        let kind = block.ident.as_str();
+        let name_loc = Loc {
+            key: format!("{}.name", loc.key),
+            path: loc.path.clone(),
+        };
+        match block.labels.as_slice() {
+            [] => {
+                self.fail(
+                    start(&block.ident),
+                    &name_loc,
+                    format!("missing {kind} name; write `{kind} \"NAME\" {{ ... }}`"),
+                );
+                String::new()
+            }
+            [label, rest @ ..] => {
+                self.mark(&name_loc, start(label));
+                if let Some(extra) = rest.first() {
+                    self.problem(
+                        start(extra),
+                        &loc.path,
+                        format!(
+                            "a {kind} block takes one label, found {}",
+                            block.labels.len()
+                        ),
+                    );
+                }
+                label.as_str().to_string()
+            }
+        }
+    }
+
+    fn no_labels(&mut self, block: &Block, loc: &Loc) {
+        if let Some(label) = block.labels.first() {
+            self.problem(
+                start(label),
+                &loc.path,
+                format!("a {} block takes no labels", block.ident.as_str()),
+            );
+        }
+    }
+
+    // ---- values ------------------------------------------------------------------------------
+
+    fn string(&mut self, expr: &Expression, loc: &Loc) -> Option<String> {
+        self.mark(loc, start(expr));
+        let template = match expr {
+            Expression::String(s) => return Some(s.value().clone()),
+            Expression::StringTemplate(t) => &**t,
+            Expression::HeredocTemplate(h) => &h.template,
+            _ => {
+                self.type_error(expr, loc, "a string");
+                return None;
+            }
+        };
+        match literal_text(template) {
+            Some(text) => Some(text),
+            None => {
+                self.fail(
+                    start(expr),
+                    loc,
+                    format!(
+                        "interpolation is not supported here (found {}); write `$${{` for a literal `${{`",
+                        self.snippet(expr)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// A string that may reference node data (`"${attr.kernel.name}"`); such templates are kept
+    /// as written, for the scheduler to resolve per node.
+    fn constraint_string(&mut self, expr: &Expression, loc: &Loc) -> Option<String> {
+        let Expression::StringTemplate(template) = expr else {
+            return self.string(expr, loc);
+        };
+        self.mark(loc, start(expr));
+        if let Some(text) = literal_text(template) {
+            return Some(text);
+        }
+        for element in template.iter() {
+            let ok = match element {
+                Element::Literal(_) => true,
+                Element::Interpolation(i) => {
+                    let inner = self.snippet(&i.expr);
+                    ["attr.", "node.", "meta."].iter().any(|p| {
+                        inner.strip_prefix(p).is_some_and(|rest| {
+                            !rest.is_empty()
+                                && rest
+                                    .chars()
+                                    .all(|c| c.is_alphanumeric() || "_.-".contains(c))
+                        })
+                    })
+                }
+                Element::Directive(_) => false,
+            };
+            if !ok {
+                self.fail(
+                    start(element),
+                    loc,
+                    format!(
+                        "unsupported interpolation {}; only ${{attr.*}}, ${{node.*}} and ${{meta.*}} may be referenced",
+                        self.snippet(element)
+                    ),
+                );
+                return None;
+            }
+        }
+        let quoted = expr.span().and_then(|r| self.src.get(r)).unwrap_or("\"\"");
+        Some(
+            quoted
+                .strip_prefix('"')
+                .and_then(|s| s.strip_suffix('"'))
+                .unwrap_or(quoted)
+                .to_string(),
+        )
+    }
+
+    /// Strings, numbers and bools, as a string (env values, meta, args).
+    fn scalar(&mut self, expr: &Expression, loc: &Loc) -> Option<String> {
+        match expr {
+            Expression::Number(n) => {
+                self.mark(loc, start(expr));
+                Some(n.value().to_string())
+            }
+            Expression::Bool(b) => {
+                self.mark(loc, start(expr));
+                Some(b.value().to_string())
+            }
+            Expression::String(_)
+            | Expression::StringTemplate(_)
+            | Expression::HeredocTemplate(_) => self.string(expr, loc),
+            _ => {
+                self.mark(loc, start(expr));
+                self.type_error(expr, loc, "a string, number or bool");
+                None
+            }
+        }
+    }
+
+    fn integer(&mut self, expr: &Expression, loc: &Loc) -> Option<i64> {
+        self.mark(loc, start(expr));
+        let Expression::Number(n) = expr else {
+            self.type_error(expr, loc, "a number");
+            return None;
+        };
+        let n = n.value();
+        if let Some(i) = n.as_i64() {
+            return Some(i);
+        }
+        let message = if n.as_u64().is_some() {
+            format!("number {n} is too large")
+        } else {
+            format!("expected a whole number, found {n}")
+        };
+        self.fail(start(expr), loc, message);
+        None
+    }
+
+    /// A non-negative integer that fits `T`.
+    fn unsigned<T: TryFrom<i64>>(&mut self, expr: &Expression, loc: &Loc) -> Option<T> {
+        let value = self.integer(expr, loc)?;
+        if value < 0 {
+            self.fail(
+                start(expr),
+                loc,
+                format!("must not be negative, found {value}"),
+            );
+            return None;
+        }
+        match T::try_from(value) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                self.fail(start(expr), loc, format!("number {value} is too large"));
+                None
+            }
+        }
+    }
+
+    /// A duration string, in milliseconds.
+    fn duration(&mut self, expr: &Expression, loc: &Loc) -> Option<u64> {
+        if !matches!(expr, Expression::String(_) | Expression::StringTemplate(_)) {
+            self.mark(loc, start(expr));
+            self.type_error(expr, loc, "a duration string such as \"30s\"");
+            return None;
+        }
+        let text = self.string(expr, loc)?;
+        match parse_duration(&text) {
+            Ok(d) => Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            Err(message) => {
+                self.fail(start(expr), loc, message);
+                None
+            }
+        }
+    }
+
+    fn string_list(&mut self, expr: &Expression, loc: &Loc) -> Vec<String> {
+        self.mark(loc, start(expr));
+        let Expression::Array(items) = expr else {
+            self.type_error(expr, loc, "a list of strings");
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let item_loc = Loc {
+                key: format!("{}[{i}]", loc.key),
+                path: format!("{}[{i}]", loc.path),
+            };
+            if let Some(s) = self.scalar(item, &item_loc) {
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    /// `meta`/`env`: either `name { k = v }` or `name = { k = v }`.
+    fn string_map(&mut self, s: &Structure, loc: &Loc) -> BTreeMap<String, String> {
+        self.mark(loc, structure_start(s));
+        let mut out = BTreeMap::new();
+        match s {
+            Structure::Block(block) => {
+                self.no_labels(block, loc);
+                for entry in block.body.iter() {
+                    let key = structure_name(entry);
+                    match entry {
+                        Structure::Attribute(attr) => {
+                            if let Some(v) = self.scalar(&attr.value, &loc.field(key)) {
+                                out.insert(key.to_string(), v);
+                            }
+                        }
+                        Structure::Block(b) => self.fail(
+                            start(&b.ident),
+                            &loc.field(key),
+                            format!("{key:?} must be an attribute: `{key} = \"...\"`"),
+                        ),
+                    }
+                }
+            }
+            Structure::Attribute(attr) => {
+                let Expression::Object(object) = &attr.value else {
+                    self.type_error(&attr.value, loc, "an object of strings");
+                    return out;
+                };
+                for (key, value) in object.iter() {
+                    let name = match key {
+                        ObjectKey::Ident(ident) => Some(ident.as_str().to_string()),
+                        ObjectKey::Expression(Expression::String(s)) => Some(s.value().clone()),
+                        ObjectKey::Expression(e) => {
+                            self.type_error(e, loc, "a key name");
+                            None
+                        }
+                    };
+                    if let Some(name) = name {
+                        if let Some(v) = self.scalar(value.expr(), &loc.field(&name)) {
+                            if out.insert(name.clone(), v).is_some() {
+                                self.fail(
+                                    start(key),
+                                    &loc.field(&name),
+                                    format!("duplicate key {name:?}"),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    // ---- the job tree ------------------------------------------------------------------------
+
+    fn job(&mut self, block: &Block) -> Job {
+        let placeholder = Loc::job("");
+        let name = self.label(block, &placeholder);
+        let loc = Loc::job(&name);
+        self.mark(&loc, start(&block.ident));
+        // Restart defaults depend on the type, which may be written after the groups.
+        let batch = block
+            .body
+            .get_attribute("type")
+            .and_then(|a| a.value.as_str())
+            == Some(job_type::BATCH);
+        let mut job = Job {
+            id: name.clone(),
+            name,
+            namespace: DEFAULT_NAMESPACE.to_string(),
+            r#type: job_type::SERVICE.to_string(),
+            priority: DEFAULT_PRIORITY,
+            ..Job::default()
+        };
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            match (name, s) {
+                ("constraint", Structure::Block(b)) => {
+                    let cloc = loc.indexed("constraint", job.constraints.len());
+                    job.constraints.push(self.constraint(b, &cloc));
+                }
+                ("group", Structure::Block(b)) => {
+                    let index = job.groups.len();
+                    job.groups.push(self.group(b, &loc, index, batch));
+                }
+                ("meta", _) => {
+                    if self.first_time(&mut seen, s, &loc) {
+                        job.meta = self.string_map(s, &floc);
+                    }
+                }
+                (_, Structure::Attribute(attr)) if JOB_FIELDS.contains(&name) => {
+                    if !self.first_time(&mut seen, s, &loc) {
+                        continue;
+                    }
+                    match name {
+                        "type" => {
+                            if let Some(v) = self.string(&attr.value, &floc) {
+                                job.r#type = v;
+                            }
+                        }
+                        "namespace" => {
+                            if let Some(v) = self.string(&attr.value, &floc) {
+                                job.namespace = v;
+                            }
+                        }
+                        "priority" => {
+                            if let Some(v) = self.integer(&attr.value, &floc) {
+                                // Out-of-i32 values still fail the validator's range check.
+                                job.priority = i32::try_from(v).unwrap_or(if v < 0 {
+                                    i32::MIN
+                                } else {
+                                    i32::MAX
+                                });
+                            }
+                        }
+                        _ => self.wrong_form(s, &loc),
+                    }
+                }
+                _ if JOB_FIELDS.contains(&name) => self.wrong_form(s, &loc),
+                _ => self.unknown(s, &loc, JOB_FIELDS),
+            }
+        }
+        job
+    }
+
+    fn constraint(&mut self, block: &Block, loc: &Loc) -> Constraint {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut con = Constraint {
+            operator: "=".to_string(),
+            ..Constraint::default()
+        };
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            match (name, s) {
+                ("attribute", Structure::Attribute(a)) => {
+                    con.attribute = self.constraint_string(&a.value, &floc).unwrap_or_default();
+                }
+                ("operator", Structure::Attribute(a)) => {
+                    if let Some(v) = self.string(&a.value, &floc) {
+                        con.operator = v;
+                    }
+                }
+                ("value", Structure::Attribute(a)) => {
+                    con.value = self.constraint_string(&a.value, &floc).unwrap_or_default();
+                }
+                _ if CONSTRAINT_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, CONSTRAINT_FIELDS),
+            }
+        }
+        con
+    }
+
+    fn group(&mut self, block: &Block, job: &Loc, index: usize, batch: bool) -> TaskGroup {
+        let key_only = job.named("group", index, "");
+        let name = self.label(block, &key_only);
+        let loc = job.named("group", index, &name);
+        self.mark(&loc, start(&block.ident));
+        let mut group = TaskGroup {
+            name,
+            count: DEFAULT_COUNT,
+            restart: Some(default_restart(batch)),
+            ..TaskGroup::default()
+        };
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            match (name, s) {
+                ("constraint", Structure::Block(b)) => {
+                    let cloc = loc.indexed("constraint", group.constraints.len());
+                    group.constraints.push(self.constraint(b, &cloc));
+                }
+                ("task", Structure::Block(b)) => {
+                    let index = group.tasks.len();
+                    group.tasks.push(self.task(b, &loc, index));
+                }
+                ("meta", _) => {
+                    if self.first_time(&mut seen, s, &loc) {
+                        group.meta = self.string_map(s, &floc);
+                    }
+                }
+                ("restart", Structure::Block(b)) => {
+                    if self.first_time(&mut seen, s, &loc) {
+                        group.restart = Some(self.restart(b, &floc, batch));
+                    }
+                }
+                ("count", Structure::Attribute(a)) => {
+                    if let Some(v) = self.unsigned(&a.value, &floc) {
+                        group.count = v;
+                    }
+                }
+                _ if GROUP_FIELDS.contains(&name) => self.wrong_form(s, &loc),
+                _ => self.unknown(s, &loc, GROUP_FIELDS),
+            }
+        }
+        group
+    }
+
+    /// Missing fields keep the defaults for the job type (Nomad's behaviour).
+    fn restart(&mut self, block: &Block, loc: &Loc, batch: bool) -> RestartPolicy {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut policy = default_restart(batch);
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            match (name, s) {
+                ("attempts", Structure::Attribute(a)) => {
+                    if let Some(v) = self.unsigned(&a.value, &floc) {
+                        policy.attempts = v;
+                    }
+                }
+                ("interval", Structure::Attribute(a)) => {
+                    if let Some(v) = self.duration(&a.value, &floc) {
+                        policy.interval_ms = v;
+                    }
+                }
+                ("delay", Structure::Attribute(a)) => {
+                    if let Some(v) = self.duration(&a.value, &floc) {
+                        policy.delay_ms = v;
+                    }
+                }
+                ("mode", Structure::Attribute(a)) => {
+                    if let Some(v) = self.string(&a.value, &floc) {
+                        policy.mode = v;
+                    }
+                }
+                _ if RESTART_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, RESTART_FIELDS),
+            }
+        }
+        policy
+    }
+
+    fn task(&mut self, block: &Block, group: &Loc, index: usize) -> Task {
+        let key_only = group.named("task", index, "");
+        let name = self.label(block, &key_only);
+        let loc = group.named("task", index, &name);
+        self.mark(&loc, start(&block.ident));
+        let mut task = Task {
+            name,
+            kill_timeout_ms: DEFAULT_KILL_TIMEOUT_MS,
+            resources: Some(Resources {
+                cpu_mhz: DEFAULT_CPU_MHZ,
+                memory_mib: DEFAULT_MEMORY_MIB,
+                ..Resources::default()
+            }),
+            ..Task::default()
+        };
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            if TASK_FIELDS.contains(&name) && !self.first_time(&mut seen, s, &loc) {
+                continue;
+            }
+            let floc = loc.field(name);
+            match (name, s) {
+                ("meta", _) => task.meta = self.string_map(s, &floc),
+                ("env", _) => task.env = self.string_map(s, &floc),
+                ("config", Structure::Block(b)) => task.config = Some(self.config(b, &floc)),
+                ("resources", Structure::Block(b)) => {
+                    task.resources = Some(self.resources(b, &floc));
+                }
+                ("driver", Structure::Attribute(a)) => {
+                    task.driver = self.string(&a.value, &floc).unwrap_or_default();
+                }
+                ("kill_timeout", Structure::Attribute(a)) => {
+                    if let Some(v) = self.duration(&a.value, &floc) {
+                        task.kill_timeout_ms = v;
+                    }
+                }
+                ("max_run_duration", Structure::Attribute(a)) => {
+                    task.max_run_duration_ms = self.duration(&a.value, &floc).unwrap_or(0);
+                }
+                _ if TASK_FIELDS.contains(&name) => self.wrong_form(s, &loc),
+                _ => self.unknown(s, &loc, TASK_FIELDS),
+            }
+        }
+        task
+    }
+
+    fn config(&mut self, block: &Block, loc: &Loc) -> TaskConfig {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut config = TaskConfig::default();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            match (name, s) {
+                ("command", Structure::Attribute(a)) => {
+                    config.command = self.string(&a.value, &floc).unwrap_or_default();
+                }
+                ("args", Structure::Attribute(a)) => {
+                    config.args = self.string_list(&a.value, &floc);
+                }
+                _ if CONFIG_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, CONFIG_FIELDS),
+            }
+        }
+        config
+    }
+
+    fn resources(&mut self, block: &Block, loc: &Loc) -> Resources {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut res = Resources {
+            cpu_mhz: DEFAULT_CPU_MHZ,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            ..Resources::default()
+        };
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            if RESOURCES_FIELDS.contains(&name) && !self.first_time(&mut seen, s, loc) {
+                continue;
+            }
+            let floc = loc.field(name);
+            match (name, s) {
+                ("cpu", Structure::Attribute(a)) => {
+                    if let Some(v) = self.unsigned(&a.value, &floc) {
+                        res.cpu_mhz = v;
+                    }
+                }
+                ("memory", Structure::Attribute(a)) => {
+                    if let Some(v) = self.unsigned(&a.value, &floc) {
+                        res.memory_mib = v;
+                    }
+                }
+                ("cores", Structure::Attribute(a)) => {
+                    res.cores = self.unsigned(&a.value, &floc).unwrap_or(0);
+                }
+                ("disk", Structure::Attribute(a)) => {
+                    res.disk_mib = self.unsigned(&a.value, &floc).unwrap_or(0);
+                }
+                // `gpu = N` is shorthand for `gpu { count = N }`; zero means no GPU.
+                ("gpu", Structure::Attribute(a)) => {
+                    res.gpu = self
+                        .unsigned(&a.value, &floc)
+                        .filter(|&count| count > 0)
+                        .map(|count| GpuRequest { count });
+                }
+                ("gpu", Structure::Block(b)) => {
+                    res.gpu = self.gpu(b, &floc);
+                }
+                _ if RESOURCES_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, RESOURCES_FIELDS),
+            }
+        }
+        res
+    }
+
+    fn gpu(&mut self, block: &Block, loc: &Loc) -> Option<GpuRequest> {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut count = DEFAULT_GPU_COUNT;
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            match (name, s) {
+                ("count", Structure::Attribute(a)) => {
+                    if let Some(v) = self.unsigned(&a.value, &loc.field(name)) {
+                        count = v;
+                    }
+                }
+                _ if GPU_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, GPU_FIELDS),
+            }
+        }
+        (count > 0).then_some(GpuRequest { count })
+    }
+}
+
+/// Nomad's restart defaults: batch work retries harder, over a longer window.
+fn default_restart(batch: bool) -> RestartPolicy {
+    let (attempts, interval_ms) = if batch {
+        (3, 24 * 3_600_000)
+    } else {
+        (2, 30 * 60_000)
+    };
+    RestartPolicy {
+        attempts,
+        interval_ms,
+        delay_ms: 15_000,
+        mode: restart_mode::FAIL.to_string(),
+    }
+}
+
+/// The text of a template that has no interpolations or directives.
+fn literal_text(template: &Template) -> Option<String> {
+    let mut out = String::new();
+    for element in template.iter() {
+        match element {
+            Element::Literal(lit) => out.push_str(lit.value()),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Literal values (as opposed to references, calls and operators).
+fn is_literal(expr: &Expression) -> bool {
+    matches!(
+        expr,
+        Expression::Null(_)
+            | Expression::Bool(_)
+            | Expression::Number(_)
+            | Expression::String(_)
+            | Expression::Array(_)
+            | Expression::Object(_)
+            | Expression::StringTemplate(_)
+            | Expression::HeredocTemplate(_)
+    )
+}
+
+/// The known name closest to `name`, if it is a plausible typo (edit distance ≤ 2).
+fn suggest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(name, k), *k))
+        .filter(|&(d, _)| d <= 2)
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance, in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}

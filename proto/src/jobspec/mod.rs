@@ -1,0 +1,232 @@
+//! Job spec files (HCL, in Nomad's shape) → `v1::Job`, plus the semantic checks that every job
+//! must pass whichever way it arrives (HCL file or JSON over the HTTP API).
+//!
+//! Parsing happens in three steps: `hcl-edit` turns the text into a syntax tree that keeps byte
+//! spans, `decode` maps the tree onto a `Job` (reporting unknown fields and wrong types), and
+//! [`validate`] checks values (names, ranges, drivers…). The validator knows nothing about HCL:
+//! it names each problem by a structural key that the decoder maps back to a source position,
+//! so the rules live in one place and still come out as `FILE:LINE:COL` diagnostics.
+
+mod decode;
+mod duration;
+mod validate;
+
+use std::fmt;
+use std::path::Path;
+
+use crate::v1::Job;
+
+pub use duration::parse_duration;
+
+/// Every problem found in a job spec; `Display` prints one diagnostic per line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", join_lines(.diagnostics))]
+pub struct JobspecError {
+    /// Sorted by position (diagnostics without a position keep their order).
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// One problem in a job spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Diagnostic {
+    /// The file name as given to [`parse_str`]; `None` for inline text or decoded jobs.
+    pub file: Option<String>,
+    /// 1-based; 0 when the position is unknown.
+    pub line: usize,
+    /// 1-based, in characters; 0 when the position is unknown.
+    pub column: usize,
+    /// Field path, e.g. `job.train.group.workers.task.main.resources.memory`; empty for syntax
+    /// errors.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.file, self.line) {
+            (Some(file), 0) => write!(f, "{file}: ")?,
+            (Some(file), line) => write!(f, "{file}:{line}:{}: ", self.column)?,
+            (None, 0) => {}
+            (None, line) => write!(f, "{line}:{}: ", self.column)?,
+        }
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+fn join_lines(diagnostics: &[Diagnostic]) -> String {
+    diagnostics
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Reads and parses a job spec file; diagnostics carry the path as their file name.
+pub fn parse_file(path: &Path) -> Result<Job, JobspecError> {
+    let name = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(src) => parse_str(&src, &name),
+        Err(err) => Err(JobspecError {
+            diagnostics: vec![Diagnostic {
+                file: Some(name),
+                line: 0,
+                column: 0,
+                path: String::new(),
+                message: format!("cannot read job spec: {err}"),
+            }],
+        }),
+    }
+}
+
+/// Parses a job spec from text. `file_name` only labels the diagnostics (may be empty).
+///
+/// Reports every problem in the file, not just the first, sorted by position.
+pub fn parse_str(src: &str, file_name: &str) -> Result<Job, JobspecError> {
+    let file = (!file_name.is_empty()).then(|| file_name.to_string());
+    let body = match hcl_edit::parser::parse_body(src) {
+        Ok(body) => body,
+        Err(err) => {
+            return Err(JobspecError {
+                diagnostics: vec![Diagnostic {
+                    file,
+                    line: err.location().line(),
+                    column: err.location().column(),
+                    path: String::new(),
+                    message: format!("syntax error: {}", err.message()),
+                }],
+            })
+        }
+    };
+
+    let mut decoded = decode::decode(src, &body);
+    let mut found = std::mem::take(&mut decoded.problems);
+    if let Some(job) = &decoded.job {
+        for issue in validate::check_job(job) {
+            // A field that failed to decode was left at its default; judging that default
+            // would only repeat the first complaint in a more confusing way.
+            if decoded.failed.iter().any(|k| is_within(&issue.key, k)) {
+                continue;
+            }
+            found.push(decode::Problem {
+                offset: decoded.position_of(&issue.key),
+                path: issue.path,
+                message: issue.message,
+            });
+        }
+    }
+
+    match decoded.job {
+        Some(job) if found.is_empty() => Ok(job),
+        _ => {
+            // Stable sort: problems at the same spot keep the order they were found in.
+            found.sort_by_key(|p| p.offset);
+            let diagnostics = found
+                .into_iter()
+                .map(|p| {
+                    let (line, column) = line_col(src, p.offset);
+                    Diagnostic {
+                        file: file.clone(),
+                        line,
+                        column,
+                        path: p.path,
+                        message: p.message,
+                    }
+                })
+                .collect();
+            Err(JobspecError { diagnostics })
+        }
+    }
+}
+
+/// Semantic checks on an already-decoded job (e.g. one submitted as JSON). The diagnostics have
+/// no position, only the field path.
+pub fn validate_job(job: &Job) -> Result<(), JobspecError> {
+    let diagnostics: Vec<Diagnostic> = validate::check_job(job)
+        .into_iter()
+        .map(|issue| Diagnostic {
+            file: None,
+            line: 0,
+            column: 0,
+            path: issue.path,
+            message: issue.message,
+        })
+        .collect();
+    if diagnostics.is_empty() {
+        Ok(())
+    } else {
+        Err(JobspecError { diagnostics })
+    }
+}
+
+/// A node in the job tree, named twice: `key` is structural (`job.g0.t1.driver`, stable even
+/// when names are missing or duplicated) and ties validator findings to decoder positions;
+/// `path` is what users see (`job.train.group.g.task.t.driver`).
+#[derive(Debug, Clone)]
+pub(crate) struct Loc {
+    pub key: String,
+    pub path: String,
+}
+
+impl Loc {
+    pub fn job(name: &str) -> Loc {
+        let path = if name.is_empty() {
+            "job".to_string()
+        } else {
+            format!("job.{name}")
+        };
+        Loc {
+            key: "job".to_string(),
+            path,
+        }
+    }
+
+    /// A plain field or sub-block.
+    pub fn field(&self, name: &str) -> Loc {
+        Loc {
+            key: format!("{}.{name}", self.key),
+            path: format!("{}.{name}", self.path),
+        }
+    }
+
+    /// A named, repeatable block (`group`, `task`); unnamed ones are shown by index.
+    pub fn named(&self, kind: &str, index: usize, name: &str) -> Loc {
+        let path = if name.is_empty() {
+            format!("{}.{kind}[{index}]", self.path)
+        } else {
+            format!("{}.{kind}.{name}", self.path)
+        };
+        Loc {
+            key: format!("{}.{}{index}", self.key, &kind[..1]),
+            path,
+        }
+    }
+
+    /// A repeatable block without a name (`constraint`).
+    pub fn indexed(&self, kind: &str, index: usize) -> Loc {
+        Loc {
+            key: format!("{}.{}{index}", self.key, &kind[..1]),
+            path: format!("{}.{kind}[{index}]", self.path),
+        }
+    }
+}
+
+/// Whether `key` is `prefix` itself or a field below it.
+fn is_within(key: &str, prefix: &str) -> bool {
+    key.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub(crate) fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let mut end = offset.min(src.len());
+    while !src.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &src[..end];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}

@@ -1,0 +1,253 @@
+//! Semantic rules for jobs (names, ranges, drivers, restart modes, required fields), checked on
+//! the decoded `Job` so that HCL files and JSON submissions obey exactly the same rules.
+
+use std::collections::HashSet;
+
+use super::duration::format_ms;
+use super::Loc;
+use crate::consts::{driver, job_type, restart_mode};
+use crate::v1::{Constraint, Job, Task, TaskGroup};
+
+/// Priority bounds (inclusive).
+pub(crate) const PRIORITY_RANGE: (i32, i32) = (1, 100);
+/// Most allocations one group may ask for.
+pub(crate) const MAX_COUNT: u32 = 10_000;
+/// Longest SIGTERM → SIGKILL grace period; longer ones would stall drains and stops.
+pub(crate) const MAX_KILL_TIMEOUT_MS: u64 = 3_600_000;
+
+pub(crate) const DRIVERS: &[&str] = &[driver::EXEC, driver::RAW_EXEC];
+pub(crate) const JOB_TYPES: &[&str] = &[job_type::BATCH, job_type::SERVICE];
+pub(crate) const RESTART_MODES: &[&str] = &[restart_mode::FAIL, restart_mode::DELAY];
+pub(crate) const OPERATORS: &[&str] = &[
+    "=",
+    "==",
+    "!=",
+    ">",
+    ">=",
+    "<",
+    "<=",
+    "regexp",
+    "set_contains",
+    "is_set",
+    "is_not_set",
+];
+
+/// One broken rule: `key` locates it structurally (see [`Loc`]), `path` names it for people.
+#[derive(Debug)]
+pub(crate) struct Issue {
+    pub key: String,
+    pub path: String,
+    pub message: String,
+}
+
+/// Checks every rule and returns all the violations, in tree order.
+pub(crate) fn check_job(job: &Job) -> Vec<Issue> {
+    let mut c = Checker::default();
+    let loc = Loc::job(&job.name);
+    c.name(&loc, "job", &job.name);
+    if !job.namespace.is_empty() && !is_namespace(&job.namespace) {
+        c.push(
+            &loc.field("namespace"),
+            format!(
+                "invalid namespace {:?}: must be 1-63 characters of a-z, 0-9 or -",
+                job.namespace
+            ),
+        );
+    }
+    c.one_of(&loc.field("type"), "job type", &job.r#type, JOB_TYPES);
+    let (lo, hi) = PRIORITY_RANGE;
+    if !(lo..=hi).contains(&job.priority) {
+        c.push(
+            &loc.field("priority"),
+            format!("must be between {lo} and {hi}, found {}", job.priority),
+        );
+    }
+    c.constraints(&loc, &job.constraints);
+    if job.groups.is_empty() {
+        c.push(
+            &loc,
+            "job has no groups; at least one `group` block is required",
+        );
+    }
+    let mut seen = HashSet::new();
+    for (i, group) in job.groups.iter().enumerate() {
+        let gloc = loc.named("group", i, &group.name);
+        if !group.name.is_empty() && !seen.insert(group.name.as_str()) {
+            c.push(
+                &gloc.field("name"),
+                format!("duplicate group name {:?}", group.name),
+            );
+        }
+        c.group(&gloc, group);
+    }
+    c.issues
+}
+
+#[derive(Default)]
+struct Checker {
+    issues: Vec<Issue>,
+}
+
+impl Checker {
+    fn push(&mut self, loc: &Loc, message: impl Into<String>) {
+        self.issues.push(Issue {
+            key: loc.key.clone(),
+            path: loc.path.clone(),
+            message: message.into(),
+        });
+    }
+
+    /// Job, group and task names end up in allocation names, log paths and URLs.
+    fn name(&mut self, loc: &Loc, kind: &str, name: &str) {
+        let at = Loc {
+            key: format!("{}.name", loc.key),
+            path: loc.path.clone(),
+        };
+        if name.is_empty() {
+            self.push(&at, format!("missing {kind} name"));
+        } else if !is_name(name) {
+            self.push(
+                &at,
+                format!(
+                    "invalid {kind} name {name:?}: must be 1-128 characters of A-Z, a-z, 0-9, _ or -"
+                ),
+            );
+        }
+    }
+
+    fn one_of(&mut self, loc: &Loc, what: &str, value: &str, allowed: &[&str]) {
+        if value.is_empty() {
+            self.push(
+                loc,
+                format!(
+                    "missing required field; expected one of: {}",
+                    allowed.join(", ")
+                ),
+            );
+        } else if !allowed.contains(&value) {
+            self.push(
+                loc,
+                format!(
+                    "unknown {what} {value:?}; expected one of: {}",
+                    allowed.join(", ")
+                ),
+            );
+        }
+    }
+
+    fn constraints(&mut self, parent: &Loc, constraints: &[Constraint]) {
+        for (i, con) in constraints.iter().enumerate() {
+            let loc = parent.indexed("constraint", i);
+            if con.attribute.is_empty() {
+                self.push(&loc.field("attribute"), "missing required field");
+            }
+            // An empty operator means the default, "=".
+            if !con.operator.is_empty() && !OPERATORS.contains(&con.operator.as_str()) {
+                self.push(
+                    &loc.field("operator"),
+                    format!(
+                        "unknown operator {:?}; expected one of: {}",
+                        con.operator,
+                        OPERATORS.join(", ")
+                    ),
+                );
+            }
+            let unary = matches!(con.operator.as_str(), "is_set" | "is_not_set");
+            if !unary && con.value.is_empty() {
+                self.push(
+                    &loc.field("value"),
+                    format!(
+                        "missing required field (operator {:?} compares against a value)",
+                        if con.operator.is_empty() {
+                            "="
+                        } else {
+                            &con.operator
+                        }
+                    ),
+                );
+            }
+        }
+    }
+
+    fn group(&mut self, loc: &Loc, group: &TaskGroup) {
+        self.name(loc, "group", &group.name);
+        if group.count > MAX_COUNT {
+            self.push(
+                &loc.field("count"),
+                format!("must be between 0 and {MAX_COUNT}, found {}", group.count),
+            );
+        }
+        if let Some(restart) = &group.restart {
+            let rloc = loc.field("restart");
+            self.one_of(
+                &rloc.field("mode"),
+                "restart mode",
+                &restart.mode,
+                RESTART_MODES,
+            );
+        }
+        self.constraints(loc, &group.constraints);
+        if group.tasks.is_empty() {
+            self.push(
+                loc,
+                "group has no tasks; at least one `task` block is required",
+            );
+        }
+        let mut seen = HashSet::new();
+        for (i, task) in group.tasks.iter().enumerate() {
+            let tloc = loc.named("task", i, &task.name);
+            if !task.name.is_empty() && !seen.insert(task.name.as_str()) {
+                self.push(
+                    &tloc.field("name"),
+                    format!("duplicate task name {:?} in this group", task.name),
+                );
+            }
+            self.task(&tloc, task);
+        }
+    }
+
+    fn task(&mut self, loc: &Loc, task: &Task) {
+        self.name(loc, "task", &task.name);
+        self.one_of(&loc.field("driver"), "driver", &task.driver, DRIVERS);
+        let command = task.config.as_ref().map_or("", |c| c.command.as_str());
+        if command.is_empty() {
+            self.push(
+                &loc.field("config").field("command"),
+                "missing required field",
+            );
+        }
+        if let Some(res) = &task.resources {
+            let rloc = loc.field("resources");
+            if res.cpu_mhz < 1 {
+                self.push(&rloc.field("cpu"), "must be at least 1 (MHz), found 0");
+            }
+            if res.memory_mib < 1 {
+                self.push(&rloc.field("memory"), "must be at least 1 (MiB), found 0");
+            }
+        }
+        if task.kill_timeout_ms > MAX_KILL_TIMEOUT_MS {
+            self.push(
+                &loc.field("kill_timeout"),
+                format!(
+                    "must be at most {}, found {}",
+                    format_ms(MAX_KILL_TIMEOUT_MS),
+                    format_ms(task.kill_timeout_ms)
+                ),
+            );
+        }
+    }
+}
+
+/// `[A-Za-z0-9_-]{1,128}`.
+pub(crate) fn is_name(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `[a-z0-9-]{1,63}`, the shape of a DNS label.
+fn is_namespace(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}

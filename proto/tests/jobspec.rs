@@ -1,0 +1,478 @@
+//! Job spec parsing: good files decode to the expected `Job`, bad ones produce exact,
+//! positioned diagnostics (snapshot-tested; review `snapshots/` when they change).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use mlp_proto::jobspec::{parse_duration, parse_file, parse_str, validate_job, JobspecError};
+use mlp_proto::v1::{GpuRequest, Job, RestartPolicy};
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
+}
+
+/// Parses `src` and returns the full error text; panics if it parses.
+fn errors(src: &str) -> String {
+    match parse_str(src, "test.hcl") {
+        Ok(job) => panic!("expected errors, got {job:#?}"),
+        Err(err) => err.to_string(),
+    }
+}
+
+/// A minimal valid job with `task_body` as the body of its only task.
+fn with_task(task_body: &str) -> String {
+    format!("job \"j\" {{\n  group \"g\" {{\n    task \"t\" {{\n{task_body}    }}\n  }}\n}}\n")
+}
+
+const TASK_OK: &str =
+    "      driver = \"exec\"\n      config {\n        command = \"/bin/true\"\n      }\n";
+
+// ---- bad files ----------------------------------------------------------------------------
+
+/// (snapshot name, source). Each must fail; the snapshot holds the exact error text.
+fn bad_cases() -> Vec<(&'static str, String)> {
+    vec![
+        ("syntax_error", "job \"j\" {\n  type = \n}\n".to_string()),
+        (
+            "syntax_one_line_block_with_two_attributes",
+            "job \"j\" {\n  meta { a = \"1\"  b = \"2\" }\n}\n".to_string(),
+        ),
+        (
+            "duplicate_attribute",
+            "job \"j\" {\n  type = \"batch\"\n  type = \"service\"\n}\n".to_string(),
+        ),
+        (
+            "unknown_field_with_suggestion",
+            with_task(&format!("{TASK_OK}      resources {{\n        memroy = 256\n      }}\n")),
+        ),
+        (
+            "unknown_field_without_suggestion",
+            with_task(&format!("{TASK_OK}      artifact {{\n        source = \"x\"\n      }}\n")),
+        ),
+        (
+            "wrong_type",
+            with_task(&format!("{TASK_OK}      resources {{\n        memory = \"lots\"\n      }}\n")),
+        ),
+        (
+            "not_an_integer",
+            "job \"j\" {\n  group \"g\" {\n    count = 1.5\n    task \"t\" {\n      driver = \"exec\"\n      config {\n        command = \"x\"\n      }\n    }\n  }\n}\n".to_string(),
+        ),
+        (
+            "negative_number",
+            with_task(&format!("{TASK_OK}      resources {{\n        cpu = -5\n      }}\n")),
+        ),
+        (
+            "missing_driver",
+            with_task("      config {\n        command = \"/bin/true\"\n      }\n"),
+        ),
+        ("missing_config", with_task("      driver = \"exec\"\n")),
+        (
+            "empty_command",
+            with_task("      driver = \"exec\"\n      config {\n        command = \"\"\n      }\n"),
+        ),
+        (
+            "unknown_driver",
+            with_task("      driver = \"docker\"\n      config {\n        command = \"x\"\n      }\n"),
+        ),
+        (
+            "bad_duration",
+            with_task(&format!("{TASK_OK}      kill_timeout = \"5 parsecs\"\n")),
+        ),
+        (
+            "duration_not_a_string",
+            with_task(&format!("{TASK_OK}      max_run_duration = 60\n")),
+        ),
+        (
+            "kill_timeout_too_long",
+            with_task(&format!("{TASK_OK}      kill_timeout = \"2h\"\n")),
+        ),
+        (
+            "duplicate_task_names",
+            format!("job \"j\" {{\n  group \"g\" {{\n    task \"t\" {{\n{TASK_OK}    }}\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n}}\n"),
+        ),
+        (
+            "duplicate_group_names",
+            format!("job \"j\" {{\n  group \"g\" {{\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n  group \"g\" {{\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n}}\n"),
+        ),
+        (
+            "duplicate_block",
+            with_task(&format!("{TASK_OK}      resources {{\n        cpu = 100\n      }}\n      resources {{\n        cpu = 200\n      }}\n")),
+        ),
+        (
+            "priority_out_of_range",
+            format!("job \"j\" {{\n  priority = 150\n  group \"g\" {{\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n}}\n"),
+        ),
+        (
+            "count_too_large",
+            format!("job \"j\" {{\n  group \"g\" {{\n    count = 20000\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n}}\n"),
+        ),
+        (
+            "memory_zero",
+            with_task(&format!("{TASK_OK}      resources {{\n        memory = 0\n      }}\n")),
+        ),
+        (
+            "unknown_job_type",
+            format!("job \"j\" {{\n  type = \"cron\"\n  group \"g\" {{\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n}}\n"),
+        ),
+        (
+            "bad_namespace",
+            format!("job \"j\" {{\n  namespace = \"Team_A\"\n  group \"g\" {{\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n}}\n"),
+        ),
+        (
+            "bad_restart_mode",
+            format!("job \"j\" {{\n  group \"g\" {{\n    restart {{\n      mode = \"retry\"\n    }}\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n}}\n"),
+        ),
+        (
+            "invalid_names",
+            format!("job \"my job\" {{\n  group \"g\" {{\n    task \"a/b\" {{\n{TASK_OK}    }}\n  }}\n}}\n"),
+        ),
+        ("missing_job_label", "job {\n}\n".to_string()),
+        (
+            "missing_task_label",
+            format!("job \"j\" {{\n  group \"g\" {{\n    task {{\n{TASK_OK}    }}\n  }}\n}}\n"),
+        ),
+        ("no_group", "job \"j\" {\n  type = \"batch\"\n}\n".to_string()),
+        ("no_task", "job \"j\" {\n  group \"g\" {\n    count = 2\n  }\n}\n".to_string()),
+        ("no_job", "# nothing here\n".to_string()),
+        (
+            "two_jobs",
+            format!("job \"a\" {{\n  group \"g\" {{\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n}}\n\njob \"b\" {{\n}}\n"),
+        ),
+        (
+            "expression_not_supported",
+            with_task("      driver = var.driver\n      config {\n        command = \"${local.cmd}\"\n        args    = [upper(\"x\")]\n      }\n"),
+        ),
+        (
+            "wrong_form",
+            with_task("      driver {\n      }\n      config = { command = \"x\" }\n      env = [\"A=1\"]\n"),
+        ),
+        (
+            "bad_constraints",
+            format!("job \"j\" {{\n  constraint {{\n    attribute = \"${{attr.kernel.name}}\"\n    operator  = \"~\"\n    value     = \"linux\"\n  }}\n  constraint {{\n    attribute = \"${{env.HOME}}\"\n  }}\n  constraint {{\n    operator = \"is_set\"\n  }}\n  group \"g\" {{\n    constraint {{\n      attribute = \"${{node.class}}\"\n    }}\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n}}\n"),
+        ),
+        (
+            "gpu_and_labels",
+            with_task(&format!("{TASK_OK}      resources \"big\" {{\n        gpu {{\n          count = \"two\"\n          model = \"a100\"\n        }}\n      }}\n")),
+        ),
+        (
+            "unknown_top_level",
+            "variable \"x\" {\n}\n\nregion = \"eu\"\n".to_string(),
+        ),
+    ]
+}
+
+#[test]
+fn bad_specs_report_positioned_errors() {
+    let cases = bad_cases();
+    assert!(cases.len() >= 15);
+    for (name, src) in cases {
+        insta::assert_snapshot!(name, errors(&src), &src);
+    }
+}
+
+#[test]
+fn multiple_errors_in_one_file_are_all_reported_in_order() {
+    let path = fixture("bad/multiple_errors.hcl");
+    let err = parse_file(&path).unwrap_err();
+    let text = err
+        .to_string()
+        .replace(&path.display().to_string(), "multiple_errors.hcl");
+    insta::assert_snapshot!("multiple_errors_fixture", text);
+    let positions: Vec<_> = err.diagnostics.iter().map(|d| (d.line, d.column)).collect();
+    let mut sorted = positions.clone();
+    sorted.sort();
+    assert_eq!(positions, sorted, "diagnostics must be sorted by position");
+    assert!(err.diagnostics.len() >= 8);
+}
+
+#[test]
+fn diagnostics_carry_structured_fields() {
+    let src = with_task(&format!(
+        "{TASK_OK}      resources {{\n        memory = 0\n      }}\n"
+    ));
+    let err = parse_str(&src, "f.hcl").unwrap_err();
+    let d = &err.diagnostics[0];
+    assert_eq!(d.file.as_deref(), Some("f.hcl"));
+    assert_eq!((d.line, d.column), (9, 18));
+    assert_eq!(d.path, "job.j.group.g.task.t.resources.memory");
+    // Without a file name the position stays, the file goes.
+    let err = parse_str(&src, "").unwrap_err();
+    assert!(err
+        .to_string()
+        .starts_with("9:18: job.j.group.g.task.t.resources.memory: "));
+}
+
+#[test]
+fn missing_file_is_an_error() {
+    let err = parse_file(Path::new("/nonexistent/job.hcl")).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("/nonexistent/job.hcl: cannot read job spec"),
+        "{err}"
+    );
+}
+
+// ---- good files ---------------------------------------------------------------------------
+
+#[test]
+fn minimal_job_gets_defaults() {
+    let job = parse_str(&with_task(TASK_OK), "min.hcl").unwrap();
+    assert_eq!(job.id, "j");
+    assert_eq!(job.name, "j");
+    assert_eq!(job.namespace, "default");
+    assert_eq!(job.r#type, "service");
+    assert_eq!(job.priority, 50);
+    assert_eq!(job.version, 0);
+    assert!(job.status.is_empty());
+    let group = &job.groups[0];
+    assert_eq!(group.count, 1);
+    assert_eq!(
+        group.restart,
+        Some(RestartPolicy {
+            attempts: 2,
+            interval_ms: 30 * 60_000,
+            delay_ms: 15_000,
+            mode: "fail".into()
+        })
+    );
+    let task = &group.tasks[0];
+    assert_eq!(task.driver, "exec");
+    assert_eq!(task.config.as_ref().unwrap().command, "/bin/true");
+    assert!(task.config.as_ref().unwrap().args.is_empty());
+    assert_eq!(task.kill_timeout_ms, 5_000);
+    assert_eq!(task.max_run_duration_ms, 0);
+    let res = task.resources.as_ref().unwrap();
+    assert_eq!(
+        (res.cpu_mhz, res.memory_mib, res.cores, res.disk_mib),
+        (100, 300, 0, 0)
+    );
+    assert_eq!(res.gpu, None);
+}
+
+#[test]
+fn batch_restart_defaults_fill_partial_blocks() {
+    // `type` after the group: defaults must still follow it.
+    let src = format!(
+        "job \"j\" {{\n  group \"g\" {{\n    restart {{\n      attempts = 7\n    }}\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n  group \"h\" {{\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n  type = \"batch\"\n}}\n"
+    );
+    let job = parse_str(&src, "").unwrap();
+    assert_eq!(
+        job.groups[0].restart,
+        Some(RestartPolicy {
+            attempts: 7,
+            interval_ms: 24 * 3_600_000,
+            delay_ms: 15_000,
+            mode: "fail".into()
+        })
+    );
+    assert_eq!(job.groups[1].restart.as_ref().unwrap().attempts, 3);
+}
+
+#[test]
+fn full_job_decodes_every_field() {
+    let job = parse_file(&fixture("good/full.hcl")).unwrap();
+    assert_eq!(job.r#type, "batch");
+    assert_eq!(job.priority, 70);
+    assert_eq!(job.namespace, "research-1");
+    assert_eq!(job.meta.get("team").map(String::as_str), Some("vision"));
+
+    assert_eq!(job.constraints.len(), 2);
+    assert_eq!(job.constraints[0].attribute, "${attr.kernel.name}");
+    assert_eq!(job.constraints[0].operator, "=");
+    assert_eq!(job.constraints[0].value, "linux");
+    assert_eq!(job.constraints[1].attribute, "${meta.rack}");
+    assert_eq!(job.constraints[1].operator, "is_set");
+
+    let group = &job.groups[0];
+    assert_eq!(group.name, "workers");
+    assert_eq!(group.count, 3);
+    assert_eq!(group.constraints[0].attribute, "${node.datacenter}");
+    assert_eq!(group.constraints[0].operator, "!=");
+    assert_eq!(
+        group.meta.get("stage").map(String::as_str),
+        Some("pretrain")
+    );
+    assert_eq!(group.meta.get("shard-count").map(String::as_str), Some("8"));
+    // Partial restart block: batch defaults for the rest.
+    assert_eq!(
+        group.restart,
+        Some(RestartPolicy {
+            attempts: 5,
+            interval_ms: 86_400_000,
+            delay_ms: 15_000,
+            mode: "delay".into()
+        })
+    );
+
+    let main = &group.tasks[0];
+    assert_eq!(main.driver, "raw_exec");
+    let config = main.config.as_ref().unwrap();
+    assert_eq!(config.command, "/usr/bin/python3");
+    assert_eq!(
+        config.args,
+        ["train.py", "--epochs", "10", "--dry-run=${DRY}"]
+    );
+    let env: Vec<_> = main
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        env,
+        [
+            ("BATCH", "64"),
+            ("LR", "0.001"),
+            ("NAME", "resnet"),
+            ("VERBOSE", "true")
+        ]
+    );
+    let res = main.resources.as_ref().unwrap();
+    assert_eq!(
+        (res.cpu_mhz, res.cores, res.memory_mib, res.disk_mib),
+        (2000, 2, 4096, 10240)
+    );
+    assert_eq!(res.gpu, Some(GpuRequest { count: 2 }));
+    assert_eq!(main.kill_timeout_ms, 90_000);
+    assert_eq!(main.max_run_duration_ms, 5_410_000);
+    assert_eq!(main.meta.get("owner").map(String::as_str), Some("alice"));
+
+    let sidecar = &group.tasks[1];
+    let res = sidecar.resources.as_ref().unwrap();
+    assert_eq!(res.gpu, Some(GpuRequest { count: 1 }));
+    // Defaults for the fields a partial resources block leaves out.
+    assert_eq!((res.cpu_mhz, res.memory_mib), (100, 300));
+
+    // What parses must also pass the JSON-side checks, and survive a JSON round trip.
+    validate_job(&job).unwrap();
+    let back: Job = serde_json::from_str(&serde_json::to_string(&job).unwrap()).unwrap();
+    assert_eq!(back, job);
+}
+
+#[test]
+fn example_train_parses() {
+    let job = parse_file(&example("train.hcl")).unwrap();
+    assert_eq!(job.name, "train");
+    assert_eq!(job.r#type, "batch");
+    let group = &job.groups[0];
+    assert_eq!((group.name.as_str(), group.count), ("trainer", 1));
+    assert_eq!(group.restart.as_ref().unwrap().attempts, 1);
+    let task = &group.tasks[0];
+    assert_eq!(
+        (task.name.as_str(), task.driver.as_str()),
+        ("train", "exec")
+    );
+    let config = task.config.as_ref().unwrap();
+    assert_eq!(config.command, "/bin/sh");
+    assert_eq!(config.args[0], "-c");
+    assert!(
+        config.args[1].contains("training complete"),
+        "{}",
+        config.args[1]
+    );
+    assert!(config.args[1].contains("epoch $i/5 loss=$loss"));
+    assert_eq!(
+        task.env.get("LEARNING_RATE").map(String::as_str),
+        Some("0.01")
+    );
+    let res = task.resources.as_ref().unwrap();
+    assert_eq!((res.cpu_mhz, res.memory_mib), (500, 256));
+}
+
+#[test]
+fn example_serve_parses() {
+    let job = parse_file(&example("serve.hcl")).unwrap();
+    assert_eq!(job.name, "serve");
+    assert_eq!(job.r#type, "service");
+    let group = &job.groups[0];
+    assert_eq!((group.name.as_str(), group.count), ("api", 2));
+    let task = &group.tasks[0];
+    assert_eq!(
+        (task.name.as_str(), task.driver.as_str()),
+        ("server", "exec")
+    );
+    assert_eq!(task.kill_timeout_ms, 5_000);
+    let script = &task.config.as_ref().unwrap().args[1];
+    assert!(
+        script.starts_with("trap 'echo shutting down; exit 0' TERM\n"),
+        "{script}"
+    );
+    assert!(
+        script.contains("$$"),
+        "shell PID variable survives: {script}"
+    );
+}
+
+#[test]
+fn example_scripts_run() {
+    // The train example must print its epochs and exit 0 (skipped where there is no /bin/sh).
+    if !Path::new("/bin/sh").exists() {
+        return;
+    }
+    let job = parse_file(&example("train.hcl")).unwrap();
+    let task = &job.groups[0].tasks[0];
+    let config = task.config.as_ref().unwrap();
+    let out = std::process::Command::new(&config.command)
+        .args(&config.args)
+        .envs(&task.env)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("epoch 1/5 loss=0.9000"), "{stdout}");
+    assert!(stdout.contains("epoch 5/5 loss=0.1800"), "{stdout}");
+    assert!(stdout.trim_end().ends_with("training complete"), "{stdout}");
+}
+
+// ---- validate_job (JSON path) -------------------------------------------------------------
+
+#[test]
+fn validate_job_reports_paths_without_positions() {
+    let mut job = parse_str(&with_task(TASK_OK), "").unwrap();
+    validate_job(&job).unwrap();
+    job.priority = 0;
+    job.groups[0].count = 10_001;
+    job.groups[0].restart.as_mut().unwrap().mode = "never".into();
+    let task = &mut job.groups[0].tasks[0];
+    task.driver = "docker".into();
+    task.config = None;
+    task.resources.as_mut().unwrap().memory_mib = 0;
+    task.kill_timeout_ms = 3_600_001;
+    job.groups.push(job.groups[0].clone());
+    let err: JobspecError = validate_job(&job).unwrap_err();
+    assert!(err
+        .diagnostics
+        .iter()
+        .all(|d| d.line == 0 && d.column == 0 && d.file.is_none()));
+    insta::assert_snapshot!("validate_job_errors", err.to_string());
+}
+
+#[test]
+fn validate_job_accepts_a_json_job() {
+    let json = r#"{
+        "id": "web", "name": "web", "namespace": "default", "type": "service", "priority": 50,
+        "groups": [{"name": "g", "count": 1,
+            "tasks": [{"name": "t", "driver": "raw_exec", "config": {"command": "/bin/true"}}]}]
+    }"#;
+    let job: Job = serde_json::from_str(json).unwrap();
+    validate_job(&job).unwrap();
+    let empty = Job::default();
+    insta::assert_snapshot!(
+        "validate_job_empty",
+        validate_job(&empty).unwrap_err().to_string()
+    );
+}
+
+#[test]
+fn parse_duration_is_public() {
+    assert_eq!(parse_duration("1h30m10s").unwrap().as_secs(), 5410);
+    assert!(parse_duration("-1s").is_err());
+}

@@ -1,0 +1,438 @@
+//! The API's logic, shared by the gRPC services (the API of record) and the HTTP JSON mirror:
+//! validation, reads (linearizable unless `stale`), and writes through Raft.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mlp_proto::consts::{alloc_client, eval_status, eval_trigger, node_status};
+use mlp_proto::jobspec;
+use mlp_proto::v1::*;
+
+use crate::leader::{now_ms, Heartbeats, HeartbeatSettings};
+use crate::metrics::{Metrics, RaftFigures};
+use crate::raft::node::{RaftNode, WriteError};
+use crate::scheduler;
+use crate::state::{job_key, Command, LookupError, Request, StateHandle};
+
+/// An API failure, mapped to a gRPC status or an HTTP status by the transports.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("not the leader; leader is {}", .0.as_deref().unwrap_or("unknown"))]
+    NotLeader(Option<String>),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::NotLeader { leader_addr } => ApiError::NotLeader(leader_addr),
+            WriteError::Rejected(msg) => ApiError::InvalidArgument(msg),
+            other => ApiError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<LookupError> for ApiError {
+    fn from(e: LookupError) -> Self {
+        match e {
+            LookupError::NotFound { .. } => ApiError::NotFound(e.to_string()),
+            LookupError::Ambiguous { .. } => ApiError::InvalidArgument(e.to_string()),
+        }
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        match &e {
+            ApiError::InvalidArgument(m) => tonic::Status::invalid_argument(m.clone()),
+            ApiError::NotFound(m) => tonic::Status::not_found(m.clone()),
+            ApiError::NotLeader(_) => tonic::Status::unavailable(e.to_string()),
+            ApiError::Unavailable(m) => tonic::Status::unavailable(m.clone()),
+            ApiError::Internal(m) => tonic::Status::internal(m.clone()),
+        }
+    }
+}
+
+/// Everything the handlers need.
+pub struct Api {
+    pub raft: Arc<RaftNode>,
+    pub state: Arc<StateHandle>,
+    pub metrics: Arc<Metrics>,
+    pub heartbeats: Arc<Heartbeats>,
+    pub heartbeat: HeartbeatSettings,
+}
+
+fn default_namespace(ns: &str) -> &str {
+    if ns.is_empty() {
+        "default"
+    } else {
+        ns
+    }
+}
+
+/// An id that must be present and sane before it is used as a key.
+fn require_id(what: &str, id: &str) -> Result<(), ApiError> {
+    if id.is_empty() {
+        return Err(ApiError::InvalidArgument(format!("{what} is required")));
+    }
+    if id.len() > 256 || id.chars().any(|c| c.is_control()) {
+        return Err(ApiError::InvalidArgument(format!("{what} {id:?} is not a valid id")));
+    }
+    Ok(())
+}
+
+impl Api {
+    async fn read_barrier(&self, stale: bool) -> Result<(), ApiError> {
+        if stale {
+            return Ok(());
+        }
+        self.raft.linearizable_read().await.map_err(ApiError::from)
+    }
+
+    pub fn raft_figures(&self) -> RaftFigures {
+        let m = self.raft.metrics();
+        RaftFigures { is_leader: self.raft.is_leader(), term: m.term, commit_index: m.commit_index, applied_index: m.applied_index }
+    }
+
+    fn new_eval(job: &Job, trigger: &str) -> Evaluation {
+        Evaluation {
+            id: uuid::Uuid::new_v4().to_string(),
+            namespace: job.namespace.clone(),
+            job_id: job.id.clone(),
+            priority: job.priority,
+            r#type: job.r#type.clone(),
+            triggered_by: trigger.to_string(),
+            status: eval_status::PENDING.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// Validates a submitted job and fills what the servers own.
+    fn prepare_job(job: Option<Job>) -> Result<Job, ApiError> {
+        let mut job = job.ok_or_else(|| ApiError::InvalidArgument("job is required".into()))?;
+        if job.namespace.is_empty() {
+            job.namespace = "default".into();
+        }
+        if job.id.is_empty() {
+            job.id = job.name.clone();
+        }
+        if job.name.is_empty() {
+            job.name = job.id.clone();
+        }
+        jobspec::validate_job(&job).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        if job.id != job.name {
+            return Err(ApiError::InvalidArgument(format!("job.id {:?} must equal job.name {:?}", job.id, job.name)));
+        }
+        job.version = 0;
+        job.status = String::new();
+        job.stop = false;
+        job.create_index = 0;
+        job.modify_index = 0;
+        job.job_modify_index = 0;
+        job.submit_time_ms = 0;
+        Ok(job)
+    }
+
+    pub async fn register_job(&self, job: Option<Job>) -> Result<RegisterJobResponse, ApiError> {
+        let job = Self::prepare_job(job)?;
+        let eval = Self::new_eval(&job, eval_trigger::JOB_REGISTER);
+        let eval_id = eval.id.clone();
+        let resp = self.raft.write(Request { now_ms: now_ms(), command: Command::RegisterJob { job, eval } }).await?;
+        Metrics::inc(&self.metrics.job_registrations);
+        Ok(RegisterJobResponse { eval_id, job_version: resp.job_version.unwrap_or(0), index: resp.index })
+    }
+
+    /// What registering `job` would do, computed by the real scheduler on the current state.
+    pub async fn plan_job(&self, job: Option<Job>) -> Result<PlanJobResponse, ApiError> {
+        let mut job = Self::prepare_job(job)?;
+        self.read_barrier(false).await?;
+        let st = self.state.read();
+        let existing = st.job(&job.namespace, &job.id).cloned();
+        let diff_type = match &existing {
+            None => "added",
+            Some(prev) if !prev.stop && crate::state::same_spec(prev, &job) => "none",
+            Some(_) => "edited",
+        };
+        if let Some(prev) = &existing {
+            job.version = if diff_type == "none" { prev.version } else { prev.version + 1 };
+        }
+        let eval = Self::new_eval(&job, eval_trigger::JOB_REGISTER);
+        let plan = scheduler::schedule(&st, Some(&job), &eval, now_ms());
+        let placements = plan
+            .placements
+            .iter()
+            .map(|a| PlannedPlacement {
+                task_group: a.task_group.clone(),
+                alloc_name: a.name.clone(),
+                node_id: a.node_id.clone(),
+                node_name: st.nodes.get(&a.node_id).map(|n| n.name.clone()).unwrap_or_default(),
+            })
+            .collect();
+        Ok(PlanJobResponse {
+            placements,
+            stops: plan.stops.iter().map(|s| s.alloc_id.clone()).collect(),
+            failed_tg_allocs: plan.failed_tg_allocs,
+            job_exists: existing.is_some(),
+            current_version: existing.map(|j| j.version).unwrap_or(0),
+            diff_type: diff_type.to_string(),
+        })
+    }
+
+    pub async fn list_jobs(&self, req: ListJobsRequest) -> Result<ListJobsResponse, ApiError> {
+        self.read_barrier(req.stale).await?;
+        let st = self.state.read();
+        let jobs = st
+            .jobs
+            .values()
+            .filter(|j| req.namespace.is_empty() || j.namespace == req.namespace)
+            .map(|j| {
+                let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+                for a in st.allocs_for_job(&j.namespace, &j.id) {
+                    *counts.entry(a.client_status.clone()).or_default() += 1;
+                }
+                JobSummary {
+                    id: j.id.clone(),
+                    name: j.name.clone(),
+                    r#type: j.r#type.clone(),
+                    status: j.status.clone(),
+                    priority: j.priority,
+                    version: j.version,
+                    namespace: j.namespace.clone(),
+                    submit_time_ms: j.submit_time_ms,
+                    alloc_counts: counts,
+                }
+            })
+            .collect();
+        Ok(ListJobsResponse { jobs, index: st.index })
+    }
+
+    pub async fn get_job(&self, req: GetJobRequest) -> Result<GetJobResponse, ApiError> {
+        require_id("job_id", &req.job_id)?;
+        self.read_barrier(req.stale).await?;
+        let st = self.state.read();
+        let ns = default_namespace(&req.namespace);
+        let job = st
+            .job(ns, &req.job_id)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("job {:?} not found in namespace {ns:?}", req.job_id)))?;
+        let mut allocations: Vec<Allocation> = st.allocs_for_job(ns, &req.job_id).cloned().collect();
+        allocations.sort_by_key(|a| (a.create_index, a.index));
+        let mut evaluations: Vec<Evaluation> = st.evals_for_job(ns, &req.job_id).cloned().collect();
+        evaluations.sort_by_key(|e| e.create_index);
+        Ok(GetJobResponse { job: Some(job), allocations, evaluations, index: st.index })
+    }
+
+    pub async fn job_versions(&self, req: GetJobRequest) -> Result<JobVersionsResponse, ApiError> {
+        require_id("job_id", &req.job_id)?;
+        self.read_barrier(req.stale).await?;
+        let st = self.state.read();
+        let ns = default_namespace(&req.namespace);
+        let versions = st
+            .job_versions
+            .get(&job_key(ns, &req.job_id))
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("job {:?} not found in namespace {ns:?}", req.job_id)))?;
+        Ok(JobVersionsResponse { versions: versions.into_iter().rev().collect() })
+    }
+
+    pub async fn stop_job(&self, req: StopJobRequest) -> Result<StopJobResponse, ApiError> {
+        require_id("job_id", &req.job_id)?;
+        let ns = default_namespace(&req.namespace).to_string();
+        let job = {
+            let st = self.state.read();
+            st.job(&ns, &req.job_id)
+                .cloned()
+                .ok_or_else(|| ApiError::NotFound(format!("job {:?} not found in namespace {ns:?}", req.job_id)))?
+        };
+        let eval = Self::new_eval(&job, eval_trigger::JOB_DEREGISTER);
+        let eval_id = eval.id.clone();
+        let resp = self
+            .raft
+            .write(Request { now_ms: now_ms(), command: Command::StopJob { namespace: ns, job_id: req.job_id, purge: req.purge, eval } })
+            .await?;
+        Metrics::inc(&self.metrics.job_stops);
+        Ok(StopJobResponse { eval_id, index: resp.index })
+    }
+
+    pub async fn list_allocs(&self, req: ListAllocsRequest) -> Result<ListAllocsResponse, ApiError> {
+        self.read_barrier(false).await?;
+        let st = self.state.read();
+        let mut allocations: Vec<Allocation> = if !req.job_id.is_empty() {
+            st.allocs_for_job(default_namespace(&req.namespace), &req.job_id).cloned().collect()
+        } else if !req.node_id.is_empty() {
+            st.allocs_for_node(&req.node_id).cloned().collect()
+        } else {
+            st.allocs.values().cloned().collect()
+        };
+        allocations.sort_by_key(|a| a.create_index);
+        Ok(ListAllocsResponse { allocations, index: st.index })
+    }
+
+    pub async fn get_alloc(&self, id: &str) -> Result<Allocation, ApiError> {
+        require_id("alloc_id", id)?;
+        self.read_barrier(false).await?;
+        let st = self.state.read();
+        let mut a = st.find_alloc(id)?.clone();
+        if a.node_name.is_empty() {
+            a.node_name = st.nodes.get(&a.node_id).map(|n| n.name.clone()).unwrap_or_default();
+        }
+        Ok(a)
+    }
+
+    pub async fn list_nodes(&self) -> Result<ListNodesResponse, ApiError> {
+        self.read_barrier(false).await?;
+        Ok(ListNodesResponse { nodes: self.state.read().nodes.values().cloned().collect() })
+    }
+
+    pub async fn get_node(&self, id: &str) -> Result<GetNodeResponse, ApiError> {
+        require_id("node_id", id)?;
+        self.read_barrier(false).await?;
+        let st = self.state.read();
+        let node = st.find_node(id)?.clone();
+        let allocations = st.allocs_for_node(&node.id).cloned().collect();
+        Ok(GetNodeResponse { node: Some(node), allocations })
+    }
+
+    pub async fn list_evals(&self, job_id: &str) -> Result<ListEvalsResponse, ApiError> {
+        self.read_barrier(false).await?;
+        let st = self.state.read();
+        let mut evaluations: Vec<Evaluation> =
+            st.evals.values().filter(|e| job_id.is_empty() || e.job_id == job_id).cloned().collect();
+        evaluations.sort_by_key(|e| e.create_index);
+        Ok(ListEvalsResponse { evaluations })
+    }
+
+    pub async fn get_eval(&self, id: &str) -> Result<Evaluation, ApiError> {
+        require_id("eval_id", id)?;
+        self.read_barrier(false).await?;
+        Ok(self.state.read().find_eval(id)?.clone())
+    }
+
+    pub fn leader(&self) -> LeaderResponse {
+        let m = self.raft.metrics();
+        LeaderResponse {
+            leader_addr: self.raft.leader_addr().unwrap_or_default(),
+            leader_id: m.leader_id.unwrap_or(0),
+            term: m.term,
+            commit_index: m.commit_index,
+            applied_index: m.applied_index,
+        }
+    }
+
+    // ---- agent RPCs ----
+
+    pub async fn register_node(&self, node: Option<Node>) -> Result<RegisterNodeResponse, ApiError> {
+        let mut node = node.ok_or_else(|| ApiError::InvalidArgument("node is required".into()))?;
+        require_id("node.id", &node.id)?;
+        if node.name.is_empty() {
+            return Err(ApiError::InvalidArgument("node.name is required".into()));
+        }
+        let res = node.resources.as_ref().ok_or_else(|| ApiError::InvalidArgument("node.resources is required".into()))?;
+        if res.cpu_total_mhz == 0 || res.memory_mib == 0 {
+            return Err(ApiError::InvalidArgument("node.resources must report cpu_total_mhz and memory_mib above 0".into()));
+        }
+        if node.datacenter.is_empty() {
+            node.datacenter = "dc1".into();
+        }
+        if node.node_pool.is_empty() {
+            node.node_pool = "default".into();
+        }
+        node.status = node_status::READY.to_string();
+        node.status_description = "registered".into();
+        let resp = self.raft.write(Request { now_ms: now_ms(), command: Command::UpsertNode { node: node.clone() } }).await?;
+        self.heartbeats.touch(&node.id, self.heartbeat.ttl);
+        tracing::info!(node_id = node.id, name = node.name, "node registered");
+        Ok(RegisterNodeResponse { heartbeat_ttl_ms: self.heartbeat.ttl.as_millis() as u64, index: resp.index })
+    }
+
+    pub async fn heartbeat(&self, node_id: &str) -> Result<HeartbeatResponse, ApiError> {
+        require_id("node_id", node_id)?;
+        if !self.raft.is_leader() {
+            return Err(ApiError::NotLeader(self.raft.leader_addr()));
+        }
+        let status = {
+            let st = self.state.read();
+            st.nodes.get(node_id).map(|n| n.status.clone()).ok_or_else(|| ApiError::NotFound(format!("node {node_id:?} is not registered")))?
+        };
+        self.heartbeats.touch(node_id, self.heartbeat.ttl);
+        Metrics::inc(&self.metrics.node_heartbeats);
+        if status != node_status::READY {
+            let evals = crate::leader::node_evals(&self.state.read(), node_id);
+            self.raft
+                .write(Request {
+                    now_ms: now_ms(),
+                    command: Command::UpdateNodeStatus {
+                        node_id: node_id.to_string(),
+                        status: node_status::READY.to_string(),
+                        description: "heartbeat resumed".into(),
+                        evals,
+                    },
+                })
+                .await?;
+        }
+        Ok(HeartbeatResponse { heartbeat_ttl_ms: self.heartbeat.ttl.as_millis() as u64 })
+    }
+
+    /// All allocations the node should know, with the job version each runs.
+    pub fn node_allocations(&self, node_id: &str) -> NodeAllocations {
+        let st = self.state.read();
+        let allocations = st
+            .allocs_for_node(node_id)
+            .map(|a| {
+                let mut a = a.clone();
+                a.job = st.job_version(&a.namespace, &a.job_id, a.job_version).cloned();
+                a
+            })
+            .collect();
+        NodeAllocations { allocations, index: st.index }
+    }
+
+    pub async fn update_allocs(&self, req: UpdateAllocsRequest) -> Result<UpdateAllocsResponse, ApiError> {
+        require_id("node_id", &req.node_id)?;
+        {
+            let st = self.state.read();
+            if !st.nodes.contains_key(&req.node_id) {
+                return Err(ApiError::NotFound(format!("node {:?} is not registered", req.node_id)));
+            }
+            for u in &req.updates {
+                let a = st
+                    .allocs
+                    .get(&u.alloc_id)
+                    .ok_or_else(|| ApiError::NotFound(format!("allocation {:?} not found", u.alloc_id)))?;
+                if a.node_id != req.node_id {
+                    return Err(ApiError::InvalidArgument(format!("allocation {} belongs to another node", u.alloc_id)));
+                }
+                if !matches!(
+                    u.client_status.as_str(),
+                    alloc_client::PENDING | alloc_client::RUNNING | alloc_client::COMPLETE | alloc_client::FAILED
+                ) {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "updates[{}].client_status {:?} is not one of pending, running, complete, failed",
+                        u.alloc_id, u.client_status
+                    )));
+                }
+            }
+        }
+        self.heartbeats.touch(&req.node_id, self.heartbeat.ttl);
+        Metrics::add(&self.metrics.alloc_updates, req.updates.len() as u64);
+        let resp = self
+            .raft
+            .write(Request { now_ms: now_ms(), command: Command::UpdateAllocsFromClient { node_id: req.node_id, updates: req.updates } })
+            .await?;
+        Ok(UpdateAllocsResponse { index: resp.index })
+    }
+
+    /// Waits until the state has applied at least `index` (bounded).
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) {
+        let mut rx = self.state.applied();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|i| *i >= index)).await;
+    }
+}

@@ -1,0 +1,190 @@
+//! The gRPC services (the API of record): thin adapters from tonic to `Api`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use mlp_proto::v1::*;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::api::Api;
+use crate::metrics::Metrics;
+
+type GrpcResult<T> = Result<Response<T>, Status>;
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// One struct serves every client-facing service.
+#[derive(Clone)]
+pub struct GrpcApi {
+    pub api: Arc<Api>,
+}
+
+impl GrpcApi {
+    fn count(&self) {
+        Metrics::inc(&self.api.metrics.grpc_requests);
+    }
+}
+
+#[tonic::async_trait]
+impl job_service_server::JobService for GrpcApi {
+    async fn register(&self, req: Request<RegisterJobRequest>) -> GrpcResult<RegisterJobResponse> {
+        self.count();
+        Ok(Response::new(self.api.register_job(req.into_inner().job).await?))
+    }
+    async fn plan(&self, req: Request<PlanJobRequest>) -> GrpcResult<PlanJobResponse> {
+        self.count();
+        Ok(Response::new(self.api.plan_job(req.into_inner().job).await?))
+    }
+    async fn list(&self, req: Request<ListJobsRequest>) -> GrpcResult<ListJobsResponse> {
+        self.count();
+        Ok(Response::new(self.api.list_jobs(req.into_inner()).await?))
+    }
+    async fn get(&self, req: Request<GetJobRequest>) -> GrpcResult<GetJobResponse> {
+        self.count();
+        Ok(Response::new(self.api.get_job(req.into_inner()).await?))
+    }
+    async fn versions(&self, req: Request<GetJobRequest>) -> GrpcResult<JobVersionsResponse> {
+        self.count();
+        Ok(Response::new(self.api.job_versions(req.into_inner()).await?))
+    }
+    async fn stop(&self, req: Request<StopJobRequest>) -> GrpcResult<StopJobResponse> {
+        self.count();
+        Ok(Response::new(self.api.stop_job(req.into_inner()).await?))
+    }
+}
+
+#[tonic::async_trait]
+impl alloc_service_server::AllocService for GrpcApi {
+    async fn list(&self, req: Request<ListAllocsRequest>) -> GrpcResult<ListAllocsResponse> {
+        self.count();
+        Ok(Response::new(self.api.list_allocs(req.into_inner()).await?))
+    }
+    async fn get(&self, req: Request<GetAllocRequest>) -> GrpcResult<GetAllocResponse> {
+        self.count();
+        let a = self.api.get_alloc(&req.into_inner().alloc_id).await?;
+        Ok(Response::new(GetAllocResponse { allocation: Some(a) }))
+    }
+
+    type LogsStream = BoxStream<LogChunk>;
+
+    /// Proxies to the agent that runs the allocation.
+    async fn logs(&self, req: Request<LogsRequest>) -> GrpcResult<Self::LogsStream> {
+        self.count();
+        let mut req = req.into_inner();
+        let alloc = self.api.get_alloc(&req.alloc_id).await?;
+        let addr = {
+            let st = self.api.state.read();
+            st.nodes.get(&alloc.node_id).map(|n| n.rpc_addr.clone()).unwrap_or_default()
+        };
+        if addr.is_empty() {
+            return Err(Status::unavailable(format!("node {} of allocation {} has no agent address", alloc.node_id, alloc.id)));
+        }
+        req.alloc_id = alloc.id;
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::internal(format!("bad agent address {addr:?}: {e}")))?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(format!("agent at {addr} unreachable: {e}")))?;
+        let mut client = client_service_client::ClientServiceClient::new(channel);
+        let mut upstream = client.logs(req).await?.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                match upstream.message().await {
+                    Ok(Some(chunk)) => {
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl node_service_server::NodeService for GrpcApi {
+    async fn list(&self, _req: Request<ListNodesRequest>) -> GrpcResult<ListNodesResponse> {
+        self.count();
+        Ok(Response::new(self.api.list_nodes().await?))
+    }
+    async fn get(&self, req: Request<GetNodeRequest>) -> GrpcResult<GetNodeResponse> {
+        self.count();
+        Ok(Response::new(self.api.get_node(&req.into_inner().node_id).await?))
+    }
+}
+
+#[tonic::async_trait]
+impl eval_service_server::EvalService for GrpcApi {
+    async fn list(&self, req: Request<ListEvalsRequest>) -> GrpcResult<ListEvalsResponse> {
+        self.count();
+        Ok(Response::new(self.api.list_evals(&req.into_inner().job_id).await?))
+    }
+    async fn get(&self, req: Request<GetEvalRequest>) -> GrpcResult<GetEvalResponse> {
+        self.count();
+        let e = self.api.get_eval(&req.into_inner().eval_id).await?;
+        Ok(Response::new(GetEvalResponse { evaluation: Some(e) }))
+    }
+}
+
+#[tonic::async_trait]
+impl status_service_server::StatusService for GrpcApi {
+    async fn leader(&self, _req: Request<LeaderRequest>) -> GrpcResult<LeaderResponse> {
+        self.count();
+        Ok(Response::new(self.api.leader()))
+    }
+}
+
+#[tonic::async_trait]
+impl agent_service_server::AgentService for GrpcApi {
+    async fn register(&self, req: Request<RegisterNodeRequest>) -> GrpcResult<RegisterNodeResponse> {
+        Ok(Response::new(self.api.register_node(req.into_inner().node).await?))
+    }
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> GrpcResult<HeartbeatResponse> {
+        Ok(Response::new(self.api.heartbeat(&req.into_inner().node_id).await?))
+    }
+
+    type WatchAllocationsStream = BoxStream<NodeAllocations>;
+
+    /// Sends the node's full allocation set now and again after every change that touches it.
+    async fn watch_allocations(&self, req: Request<WatchAllocationsRequest>) -> GrpcResult<Self::WatchAllocationsStream> {
+        let node_id = req.into_inner().node_id;
+        {
+            let st = self.api.state.read();
+            if !st.nodes.contains_key(&node_id) {
+                return Err(Status::not_found(format!("node {node_id:?} is not registered")));
+            }
+        }
+        let mut changes = self.api.state.node_changes();
+        let api = self.api.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            if tx.send(Ok(api.node_allocations(&node_id))).await.is_err() {
+                return;
+            }
+            loop {
+                let relevant = match changes.recv().await {
+                    Ok(nodes) => nodes.contains(&node_id),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if relevant && tx.send(Ok(api.node_allocations(&node_id))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn update_allocs(&self, req: Request<UpdateAllocsRequest>) -> GrpcResult<UpdateAllocsResponse> {
+        Ok(Response::new(self.api.update_allocs(req.into_inner()).await?))
+    }
+}

@@ -1,0 +1,191 @@
+//! The HTTP JSON API: a mirror of the gRPC API for reads and job submission, plus Prometheus
+//! metrics. Every error is JSON `{"error": "..."}` with a 4xx/5xx status.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use mlp_proto::v1::{GetJobRequest, Job, ListAllocsRequest, ListJobsRequest, StopJobRequest};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::api::{Api, ApiError};
+use crate::metrics::Metrics;
+
+/// Largest request body accepted (job specs are small).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// An HTTP error response.
+pub struct HttpError(StatusCode, String);
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<ApiError> for HttpError {
+    fn from(e: ApiError) -> Self {
+        let code = match &e {
+            ApiError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NotLeader(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        HttpError(code, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for HttpError {
+    fn from(r: JsonRejection) -> Self {
+        let code = match &r {
+            JsonRejection::JsonDataError(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            JsonRejection::JsonSyntaxError(_) => StatusCode::BAD_REQUEST,
+            JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            _ => r.status(),
+        };
+        HttpError(code, format!("invalid request body: {}", r.body_text()))
+    }
+}
+
+type HttpResult = Result<Response, HttpError>;
+
+fn ok<T: serde::Serialize>(v: T) -> HttpResult {
+    Ok(Json(v).into_response())
+}
+
+/// `POST /v1/jobs` body: a job as JSON, or a job spec in HCL.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitJob {
+    job: Option<Job>,
+    hcl: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct Params {
+    namespace: String,
+    stale: bool,
+    purge: bool,
+    job_id: String,
+    node_id: String,
+}
+
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/v1/jobs", get(list_jobs).post(submit_job))
+        .route("/v1/job/:id", get(get_job).delete(stop_job))
+        .route("/v1/job/:id/allocations", get(job_allocs))
+        .route("/v1/job/:id/versions", get(job_versions))
+        .route("/v1/job/:id/evaluations", get(job_evals))
+        .route("/v1/allocations", get(list_allocs))
+        .route("/v1/allocation/:id", get(get_alloc))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/node/:id", get(get_node))
+        .route("/v1/evaluations", get(list_evals))
+        .route("/v1/evaluation/:id", get(get_eval))
+        .route("/v1/status/leader", get(leader))
+        .route("/v1/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(api.clone(), count_requests))
+        .with_state(api)
+}
+
+async fn count_requests(
+    State(api): State<Arc<Api>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    Metrics::inc(&api.metrics.http_requests);
+    let resp = next.run(req).await;
+    if resp.status().is_client_error() || resp.status().is_server_error() {
+        Metrics::inc(&api.metrics.http_errors);
+    }
+    resp
+}
+
+async fn not_found(uri: axum::http::Uri) -> HttpError {
+    HttpError(StatusCode::NOT_FOUND, format!("no such endpoint: {}", uri.path()))
+}
+
+async fn list_jobs(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> HttpResult {
+    ok(api.list_jobs(ListJobsRequest { namespace: p.namespace, stale: p.stale }).await?.jobs)
+}
+
+async fn submit_job(State(api): State<Arc<Api>>, body: Result<Json<SubmitJob>, JsonRejection>) -> HttpResult {
+    let Json(body) = body?;
+    let job = match (body.job, body.hcl) {
+        (Some(job), None) => job,
+        (None, Some(src)) => mlp_proto::jobspec::parse_str(&src, "<request>")
+            .map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?,
+        _ => return Err(HttpError(StatusCode::BAD_REQUEST, "give exactly one of \"job\" (JSON) or \"hcl\" (job spec text)".into())),
+    };
+    ok(api.register_job(Some(job)).await?)
+}
+
+async fn get_job(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
+    ok(api.get_job(GetJobRequest { job_id: id, namespace: p.namespace, stale: p.stale }).await?)
+}
+
+async fn stop_job(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
+    ok(api.stop_job(StopJobRequest { job_id: id, namespace: p.namespace, purge: p.purge }).await?)
+}
+
+async fn job_allocs(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
+    ok(api.get_job(GetJobRequest { job_id: id, namespace: p.namespace, stale: p.stale }).await?.allocations)
+}
+
+async fn job_versions(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
+    ok(api.job_versions(GetJobRequest { job_id: id, namespace: p.namespace, stale: p.stale }).await?.versions)
+}
+
+async fn job_evals(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
+    ok(api.get_job(GetJobRequest { job_id: id, namespace: p.namespace, stale: p.stale }).await?.evaluations)
+}
+
+async fn list_allocs(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> HttpResult {
+    ok(api
+        .list_allocs(ListAllocsRequest { job_id: p.job_id, node_id: p.node_id, namespace: p.namespace })
+        .await?
+        .allocations)
+}
+
+async fn get_alloc(State(api): State<Arc<Api>>, Path(id): Path<String>) -> HttpResult {
+    ok(api.get_alloc(&id).await?)
+}
+
+async fn list_nodes(State(api): State<Arc<Api>>) -> HttpResult {
+    ok(api.list_nodes().await?.nodes)
+}
+
+async fn get_node(State(api): State<Arc<Api>>, Path(id): Path<String>) -> HttpResult {
+    ok(api.get_node(&id).await?)
+}
+
+async fn list_evals(State(api): State<Arc<Api>>, Query(q): Query<HashMap<String, String>>) -> HttpResult {
+    let job = q.get("job_id").cloned().unwrap_or_default();
+    ok(api.list_evals(&job).await?.evaluations)
+}
+
+async fn get_eval(State(api): State<Arc<Api>>, Path(id): Path<String>) -> HttpResult {
+    ok(api.get_eval(&id).await?)
+}
+
+async fn leader(State(api): State<Arc<Api>>) -> HttpResult {
+    ok(api.leader())
+}
+
+async fn metrics(State(api): State<Arc<Api>>) -> Response {
+    let text = {
+        let st = api.state.read();
+        api.metrics.render(&st, api.raft_figures())
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

@@ -1,0 +1,14 @@
+//! mlp server: the Raft-replicated cluster state, the scheduler, the leader's evaluation and
+//! plan loops, and the gRPC and HTTP APIs.
+
+pub mod raft;
+pub mod scheduler;
+pub mod state;
+pub mod api;
+pub mod grpc;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod server;
+
+pub use server::{Server, ServerConfig, ServerError};

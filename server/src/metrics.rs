@@ -1,0 +1,107 @@
+//! Server metrics: counters kept in atomics and rendered as Prometheus text at `/v1/metrics`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use mlp_proto::consts::alloc_client;
+
+use crate::state::ClusterState;
+
+/// Counters bumped on hot paths; gauges are computed from the state when scraped.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub job_registrations: AtomicU64,
+    pub job_stops: AtomicU64,
+    pub evals_processed: AtomicU64,
+    pub evals_blocked: AtomicU64,
+    pub plans_applied: AtomicU64,
+    pub plan_placements_rejected: AtomicU64,
+    pub placements: AtomicU64,
+    pub schedule_micros_total: AtomicU64,
+    pub node_heartbeats: AtomicU64,
+    pub nodes_marked_down: AtomicU64,
+    pub alloc_updates: AtomicU64,
+    pub http_requests: AtomicU64,
+    pub http_errors: AtomicU64,
+    pub grpc_requests: AtomicU64,
+}
+
+/// Raft figures that the metrics page shows.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RaftFigures {
+    pub is_leader: bool,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Renders the Prometheus text exposition format.
+    pub fn render(&self, state: &ClusterState, raft: RaftFigures) -> String {
+        let mut out = String::with_capacity(4096);
+        let counters: [(&str, &str, &AtomicU64); 14] = [
+            ("mlp_job_registrations_total", "Job registrations committed.", &self.job_registrations),
+            ("mlp_job_stops_total", "Job stops committed.", &self.job_stops),
+            ("mlp_evals_processed_total", "Evaluations processed by the scheduler.", &self.evals_processed),
+            ("mlp_evals_blocked_total", "Evaluations that ended blocked on capacity.", &self.evals_blocked),
+            ("mlp_plans_applied_total", "Plans committed by the plan applier.", &self.plans_applied),
+            ("mlp_plan_placements_rejected_total", "Placements the plan applier rejected.", &self.plan_placements_rejected),
+            ("mlp_placements_total", "Allocations placed.", &self.placements),
+            ("mlp_scheduler_micros_total", "Time spent computing plans, in microseconds.", &self.schedule_micros_total),
+            ("mlp_node_heartbeats_total", "Node heartbeats received.", &self.node_heartbeats),
+            ("mlp_nodes_marked_down_total", "Nodes marked down after missing their heartbeat TTL.", &self.nodes_marked_down),
+            ("mlp_alloc_updates_total", "Allocation status updates from agents.", &self.alloc_updates),
+            ("mlp_http_requests_total", "HTTP API requests.", &self.http_requests),
+            ("mlp_http_errors_total", "HTTP API requests answered with an error.", &self.http_errors),
+            ("mlp_grpc_requests_total", "gRPC API requests.", &self.grpc_requests),
+        ];
+        for (name, help, c) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.load(Ordering::Relaxed));
+        }
+        let gauges = [
+            ("mlp_raft_is_leader", "1 if this server is the Raft leader.", u64::from(raft.is_leader)),
+            ("mlp_raft_term", "Current Raft term.", raft.term),
+            ("mlp_raft_commit_index", "Last committed Raft log index.", raft.commit_index),
+            ("mlp_raft_applied_index", "Last applied Raft log index.", raft.applied_index),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        let mut by = std::collections::BTreeMap::<(&str, String), u64>::new();
+        for j in state.jobs.values() {
+            *by.entry(("mlp_jobs", j.status.clone())).or_default() += 1;
+        }
+        for n in state.nodes.values() {
+            *by.entry(("mlp_nodes", n.status.clone())).or_default() += 1;
+        }
+        for a in state.allocs.values() {
+            *by.entry(("mlp_allocations", a.client_status.clone())).or_default() += 1;
+        }
+        for e in state.evals.values() {
+            *by.entry(("mlp_evaluations", e.status.clone())).or_default() += 1;
+        }
+        let mut last = "";
+        for ((name, label), v) in &by {
+            if *name != last {
+                let _ = writeln!(out, "# HELP {name} Count by status.\n# TYPE {name} gauge");
+                last = name;
+            }
+            let _ = writeln!(out, "{name}{{status=\"{}\"}} {v}", escape_label(label));
+        }
+        let live = state.allocs.values().filter(|a| !alloc_client::is_terminal(&a.client_status)).count();
+        let _ = writeln!(out, "# HELP mlp_allocations_live Allocations not yet terminal.\n# TYPE mlp_allocations_live gauge\nmlp_allocations_live {live}");
+        out
+    }
+}
+
+fn escape_label(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}

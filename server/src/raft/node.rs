@@ -1,0 +1,327 @@
+//! Starting a Raft node and writing through it.
+//!
+//! [`start`] gives the data directory a node id (generated once, kept in `<data_dir>/node-id`),
+//! opens the sled storage, bootstraps a single-voter cluster the first time, and waits until
+//! the node leads and has re-applied its log. [`RaftNode::write`] is the one way the rest of the
+//! server changes the cluster state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
+use tokio::sync::watch;
+
+use super::network::GrpcNetworkFactory;
+use super::store::{open_storage, StorageError};
+use super::{MlpRaft, NodeId};
+use crate::state::{CommandResponse, Request, StateHandle};
+
+/// How long [`start`] waits for leadership and for the log to be re-applied.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`start`] retries opening the sled database while a previous instance in this
+/// process (a restart) is still releasing its file lock.
+const OPEN_RETRY_FOR: Duration = Duration::from_secs(5);
+
+/// Raft timing and log-compaction settings.
+#[derive(Debug, Clone)]
+pub struct RaftSettings {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_logs: u64,
+    /// Log entries kept behind a snapshot, so slightly lagging followers catch up from the log.
+    pub max_in_snapshot_log_to_keep: u64,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        RaftSettings {
+            heartbeat_ms: 250,
+            election_min_ms: 1000,
+            election_max_ms: 2000,
+            snapshot_logs: 5000,
+            max_in_snapshot_log_to_keep: 1000,
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RaftStartError {
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("invalid node id in {path}: {content:?}")]
+    BadNodeId { path: PathBuf, content: String },
+    #[error("raft storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("raft config: {0}")]
+    Config(#[from] openraft::ConfigError),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("no leader after {0:?}")]
+    NoLeader(Duration),
+}
+
+/// Why a write (or a linearizable read) did not happen.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum WriteError {
+    /// This node doesn't lead; `leader_addr` is the leader's Raft address when known.
+    #[error("not the leader (leader: {})", leader_addr.as_deref().unwrap_or("unknown"))]
+    NotLeader { leader_addr: Option<String> },
+    /// The state machine refused the command (e.g. stopping an unknown job).
+    #[error("{0}")]
+    Rejected(String),
+    /// Any other Raft failure (no quorum, membership change in progress, ...).
+    #[error("raft: {0}")]
+    Raft(String),
+    /// The Raft is stopped or failed.
+    #[error("raft stopped: {0}")]
+    Stopped(String),
+}
+
+/// A summary of the node's Raft metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RaftMetricsView {
+    pub term: u64,
+    pub leader_id: Option<NodeId>,
+    /// Index of the last log entry (an upper bound of the commit index).
+    pub commit_index: u64,
+    pub applied_index: u64,
+}
+
+/// A running Raft node.
+pub struct RaftNode {
+    pub raft: MlpRaft,
+    pub node_id: NodeId,
+    pub state: Arc<StateHandle>,
+    leader_rx: watch::Receiver<bool>,
+}
+
+/// Starts the Raft node stored in `data_dir`, advertising `advertise_addr` (host:port of the
+/// gRPC listener that serves [`super::raft_grpc_service`]) to peers.
+pub async fn start(
+    data_dir: &Path,
+    advertise_addr: String,
+    settings: RaftSettings,
+    state: Arc<StateHandle>,
+) -> Result<RaftNode, RaftStartError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| RaftStartError::Io {
+        what: "creating data dir",
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
+    let node_id = load_or_create_node_id(data_dir)?;
+    let (log_store, sm) = open_storage_retrying(data_dir, state.clone()).await?;
+
+    let config = Config {
+        cluster_name: "mlp".to_string(),
+        heartbeat_interval: settings.heartbeat_ms,
+        election_timeout_min: settings.election_min_ms,
+        election_timeout_max: settings.election_max_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_logs),
+        max_in_snapshot_log_to_keep: settings.max_in_snapshot_log_to_keep,
+        // Big batches keep followers' catch-up (and appends) to few fsyncs.
+        max_payload_entries: 512,
+        purge_batch_size: 256,
+        ..Default::default()
+    }
+    .validate()?;
+
+    let raft = MlpRaft::new(node_id, Arc::new(config), GrpcNetworkFactory::new(), log_store, sm)
+        .await
+        .map_err(|e| RaftStartError::Raft(e.to_string()))?;
+
+    let initialized = raft.is_initialized().await.map_err(|e| RaftStartError::Raft(e.to_string()))?;
+    if !initialized {
+        tracing::info!(node_id, addr = %advertise_addr, "initializing single-voter raft cluster");
+        let members = BTreeMap::from([(node_id, BasicNode { addr: advertise_addr.clone() })]);
+        match raft.initialize(members).await {
+            Ok(()) => {}
+            // Raced with something that already initialized it: nothing to do.
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+            Err(e) => return Err(RaftStartError::Raft(e.to_string())),
+        }
+    }
+
+    wait_until_ready(&raft, node_id).await?;
+
+    let leader_rx = spawn_leader_watch(&raft, node_id);
+    tracing::info!(node_id, addr = %advertise_addr, "raft node started");
+    Ok(RaftNode { raft, node_id, state, leader_rx })
+}
+
+/// Waits for a leader (this node, when it is the only voter) and for the state machine to have
+/// applied the whole log, so callers see the restored state when `start` returns.
+async fn wait_until_ready(raft: &MlpRaft, node_id: NodeId) -> Result<(), RaftStartError> {
+    let sole_voter = {
+        let m = raft.metrics().borrow().clone();
+        let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+        voters == BTreeSet::from([node_id])
+    };
+    let leader = raft
+        .wait(Some(START_TIMEOUT))
+        .metrics(
+            |m| if sole_voter { m.current_leader == Some(node_id) } else { m.current_leader.is_some() },
+            "leader elected",
+        )
+        .await;
+    if let Err(e) = leader {
+        if sole_voter {
+            return Err(RaftStartError::NoLeader(START_TIMEOUT));
+        }
+        // With peers, a missing leader is the cluster's state, not a start-up failure.
+        tracing::warn!(error = %e, "no raft leader yet");
+        return Ok(());
+    }
+    let caught_up = raft
+        .wait(Some(START_TIMEOUT))
+        .metrics(
+            |m| m.current_leader != Some(node_id) || m.last_applied.map(|l| l.index) >= m.last_log_index,
+            "log applied",
+        )
+        .await;
+    if let Err(e) = caught_up {
+        tracing::warn!(error = %e, "raft log not fully applied yet");
+    }
+    Ok(())
+}
+
+/// Publishes "this node leads" on a watch channel, following the Raft metrics.
+fn spawn_leader_watch(raft: &MlpRaft, node_id: NodeId) -> watch::Receiver<bool> {
+    let mut metrics = raft.metrics();
+    let leads = move |m: &openraft::RaftMetrics<NodeId, BasicNode>| {
+        m.current_leader == Some(node_id) && m.state == ServerState::Leader
+    };
+    let (tx, rx) = watch::channel(leads(&metrics.borrow()));
+    tokio::spawn(async move {
+        // Ends when the Raft shuts down (metrics sender dropped) or nobody listens any more.
+        while metrics.changed().await.is_ok() {
+            let now = leads(&metrics.borrow_and_update());
+            tx.send_if_modified(|cur| std::mem::replace(cur, now) != now);
+            if tx.is_closed() {
+                break;
+            }
+        }
+        tx.send_replace(false);
+    });
+    rx
+}
+
+/// Opens the storage, retrying for a while if the sled database is still locked (by a Raft of
+/// this process that is shutting down).
+async fn open_storage_retrying(
+    data_dir: &Path,
+    state: Arc<StateHandle>,
+) -> Result<(super::LogStore, super::StateMachineStore), RaftStartError> {
+    let deadline = tokio::time::Instant::now() + OPEN_RETRY_FOR;
+    loop {
+        match open_storage(data_dir, state.clone()) {
+            Ok(s) => return Ok(s),
+            Err(StorageError::Open { source: sled::Error::Io(io), path })
+                if io.kind() == std::io::ErrorKind::WouldBlock && tokio::time::Instant::now() < deadline =>
+            {
+                tracing::debug!(%path, error = %io, "raft database locked, retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Reads `<data_dir>/node-id`, or generates a random id and stores it there.
+fn load_or_create_node_id(data_dir: &Path) -> Result<NodeId, RaftStartError> {
+    let path = data_dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(content) => content
+            .trim()
+            .parse::<NodeId>()
+            .map_err(|_| RaftStartError::BadNodeId { path: path.clone(), content }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = random_node_id();
+            // Write-then-rename so a crash never leaves a half-written id behind.
+            let tmp = data_dir.join("node-id.tmp");
+            std::fs::write(&tmp, format!("{id}\n"))
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(|source| RaftStartError::Io { what: "writing", path: path.clone(), source })?;
+            tracing::info!(node_id = id, "generated raft node id");
+            Ok(id)
+        }
+        Err(source) => Err(RaftStartError::Io { what: "reading", path, source }),
+    }
+}
+
+fn random_node_id() -> NodeId {
+    let (hi, lo) = uuid::Uuid::new_v4().as_u64_pair();
+    // Zero reads as "no node" in logs and metrics; avoid it.
+    (hi ^ lo).max(1)
+}
+
+impl RaftNode {
+    /// Commits `req` through Raft and returns what applying it produced.
+    pub async fn write(&self, req: Request) -> Result<CommandResponse, WriteError> {
+        match self.raft.client_write(req).await {
+            Ok(resp) => match resp.data.error {
+                Some(e) => Err(WriteError::Rejected(e)),
+                None => Ok(resp.data),
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(WriteError::NotLeader { leader_addr: f.leader_node.map(|n| n.addr) })
+            }
+            Err(RaftError::APIError(e)) => Err(WriteError::Raft(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(WriteError::Stopped(e.to_string())),
+        }
+    }
+
+    /// Returns once this node is confirmed leader by a quorum and has applied everything
+    /// committed before the call: reads of [`Self::state`] after it are linearizable.
+    pub async fn linearizable_read(&self) -> Result<(), WriteError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(WriteError::NotLeader { leader_addr: f.leader_node.map(|n| n.addr) })
+            }
+            Err(RaftError::APIError(e)) => Err(WriteError::Raft(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(WriteError::Stopped(e.to_string())),
+        }
+    }
+
+    /// Whether this node currently leads.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.node_id)
+    }
+
+    /// The current leader's Raft address, when a leader is known.
+    pub fn leader_addr(&self) -> Option<String> {
+        let rx = self.raft.metrics();
+        let m = rx.borrow();
+        let leader = m.current_leader?;
+        m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
+    }
+
+    pub fn metrics(&self) -> RaftMetricsView {
+        let rx = self.raft.metrics();
+        let m = rx.borrow();
+        RaftMetricsView {
+            term: m.current_term,
+            leader_id: m.current_leader,
+            commit_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+        }
+    }
+
+    /// `true` while this node is leader; changes when leadership is gained or lost.
+    pub fn leader_watch(&self) -> watch::Receiver<bool> {
+        self.leader_rx.clone()
+    }
+
+    /// Stops the Raft (its storage is released once its tasks have finished).
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+}

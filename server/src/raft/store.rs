@@ -1,0 +1,463 @@
+//! sled-backed Raft storage: the durable log ([`LogStore`]) and the state machine
+//! ([`StateMachineStore`]) that drives the in-memory [`StateHandle`].
+//!
+//! Layout of the sled database at `<data_dir>/raft`:
+//! * tree `logs`: key = big-endian u64 log index (so sled's byte order is index order),
+//!   value = serde_json of the openraft entry;
+//! * tree `meta`: `vote`, `committed`, `last_purged` (serde_json);
+//! * tree `snapshot`: `meta` (serde_json of the snapshot meta) and `data` (the raw
+//!   [`StateHandle::to_snapshot_bytes`] content), written together in one atomic batch.
+//!
+//! The cluster state itself lives only in memory and in snapshots: on open the persisted
+//! snapshot is loaded into the [`StateHandle`], `applied_state` reports the snapshot's last log
+//! id, and openraft re-applies the committed log tail after it (`read_committed`).
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, BasicNode, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
+    StorageIOError, StoredMembership, Vote,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{Entry, NodeId, RaftStorageError, TypeConfig};
+use crate::state::{CommandResponse, StateHandle};
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+const KEY_SNAPSHOT_META: &[u8] = b"meta";
+const KEY_SNAPSHOT_DATA: &[u8] = b"data";
+
+/// How many recently appended entries are kept decoded in memory. openraft reads every entry
+/// back right after appending it (to apply it, and to replicate it); serving those reads from
+/// memory saves a JSON decode per entry on the hot write path.
+const TAIL_CACHE_ENTRIES: usize = 4096;
+
+/// Errors opening the Raft storage.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("opening the raft database at {path}: {source}")]
+    Open { path: String, source: sled::Error },
+    #[error("opening sled tree {tree}: {source}")]
+    Tree { tree: &'static str, source: sled::Error },
+    #[error("reading the persisted snapshot: {0}")]
+    Snapshot(String),
+}
+
+/// Opens (creating if needed) the sled database at `<data_dir>/raft` and returns the log store
+/// and the state machine store sharing it. A persisted snapshot, if any, is loaded into `state`.
+pub fn open_storage(data_dir: &Path, state: Arc<StateHandle>) -> Result<(LogStore, StateMachineStore), StorageError> {
+    let path = data_dir.join("raft");
+    let db = sled::Config::new()
+        .path(&path)
+        .open()
+        .map_err(|source| StorageError::Open { path: path.display().to_string(), source })?;
+    let tree = |name: &'static str| db.open_tree(name).map_err(|source| StorageError::Tree { tree: name, source });
+    let logs = tree("logs")?;
+    let meta = tree("meta")?;
+    let snapshot = tree("snapshot")?;
+
+    let log_store = LogStore { db: db.clone(), logs, meta, cache: Arc::new(Mutex::new(BTreeMap::new())) };
+    let sm = StateMachineStore::open(db, snapshot, state)?;
+    Ok((log_store, sm))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind; keep going with it.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, AnyError> {
+    serde_json::to_vec(v).map_err(|e| AnyError::new(&e))
+}
+
+fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AnyError> {
+    serde_json::from_slice(bytes).map_err(|e| AnyError::new(&e))
+}
+
+fn io_err(e: &sled::Error) -> AnyError {
+    AnyError::new(e)
+}
+
+fn to_io_error(e: sled::Error) -> std::io::Error {
+    match e {
+        sled::Error::Io(io) => io,
+        other => std::io::Error::other(other.to_string()),
+    }
+}
+
+/// The Raft log, vote and committed index, in sled. Cloning is cheap and shares the database
+/// (it is also the log reader handed to replication tasks).
+#[derive(Clone)]
+pub struct LogStore {
+    db: sled::Db,
+    logs: sled::Tree,
+    meta: sled::Tree,
+    /// Decoded copy of the most recently appended entries: a contiguous index range (appends
+    /// are contiguous, truncation cuts the top, purge and eviction cut the bottom).
+    cache: Arc<Mutex<BTreeMap<u64, Entry>>>,
+}
+
+impl LogStore {
+    fn read_meta<T: DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, AnyError> {
+        match self.meta.get(k).map_err(|e| io_err(&e))? {
+            Some(v) => Ok(Some(from_json(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn write_meta<T: Serialize>(&self, k: &[u8], v: &T) -> Result<(), AnyError> {
+        self.meta.insert(k, to_json(v)?).map_err(|e| io_err(&e))?;
+        Ok(())
+    }
+
+    fn last_purged(&self) -> Result<Option<LogId<NodeId>>, RaftStorageError> {
+        self.read_meta(KEY_LAST_PURGED).map_err(|e| StorageIOError::read_logs(e).into())
+    }
+
+    /// Serves `[start, end)` from the tail cache when the cache covers all of it.
+    fn from_cache(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
+        let cache = lock(&self.cache);
+        let (first, last) = (*cache.keys().next()?, *cache.keys().next_back()?);
+        if start < first || end > last.saturating_add(1) {
+            return None;
+        }
+        Some(cache.range(start..end).map(|(_, e)| e.clone()).collect())
+    }
+
+    /// Removes `[start, end]` from the logs tree in one batch.
+    fn delete_range(&self, start: u64, end: Option<u64>) -> Result<(), sled::Error> {
+        let mut batch = sled::Batch::default();
+        let range = match end {
+            Some(end) => self.logs.range(key(start)..=key(end)),
+            None => self.logs.range(key(start)..),
+        };
+        for item in range.keys() {
+            batch.remove(item?);
+        }
+        self.logs.apply_batch(batch)
+    }
+}
+
+/// Converts any `RangeBounds<u64>` into a half-open `[start, end)`; `end` saturates at u64::MAX.
+fn half_open<RB: RangeBounds<u64>>(range: &RB) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e.saturating_add(1),
+        Bound::Excluded(&e) => e,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, RaftStorageError> {
+        let (start, end) = half_open(&range);
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        if let Some(entries) = self.from_cache(start, end) {
+            return Ok(entries);
+        }
+        let mut out = Vec::new();
+        for item in self.logs.range(key(start)..) {
+            let (k, v) = item.map_err(|e| StorageIOError::read_logs(io_err(&e)))?;
+            let mut idx = [0u8; 8];
+            idx.copy_from_slice(&k);
+            if u64::from_be_bytes(idx) >= end {
+                break;
+            }
+            out.push(from_json(&v).map_err(StorageIOError::read_logs)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
+        let last_purged_log_id = self.last_purged()?;
+        let last = self.logs.last().map_err(|e| StorageIOError::read_logs(io_err(&e)))?;
+        let last_log_id = match last {
+            Some((_, v)) => {
+                let entry: Entry = from_json(&v).map_err(StorageIOError::read_logs)?;
+                Some(entry.log_id)
+            }
+            None => last_purged_log_id,
+        };
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), RaftStorageError> {
+        self.write_meta(KEY_VOTE, vote).map_err(StorageIOError::write_vote)?;
+        // A vote must survive a crash, or this node could vote twice in one term.
+        self.db.flush_async().await.map_err(|e| StorageIOError::write_vote(io_err(&e)))?;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, RaftStorageError> {
+        self.read_meta(KEY_VOTE).map_err(|e| StorageIOError::read_vote(e).into())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), RaftStorageError> {
+        // Not flushed on its own: the committed index is only a hint for re-applying the log on
+        // restart, it rides along with the next log flush (or sled's periodic flush).
+        self.write_meta(KEY_COMMITTED, &committed).map_err(StorageIOError::write)?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, RaftStorageError> {
+        let got: Option<Option<LogId<NodeId>>> = self.read_meta(KEY_COMMITTED).map_err(StorageIOError::read)?;
+        Ok(got.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), RaftStorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        let mut appended = Vec::new();
+        for entry in entries {
+            let value = to_json(&entry).map_err(StorageIOError::write_logs)?;
+            batch.insert(&key(entry.log_id.index), value);
+            appended.push(entry);
+        }
+        self.logs.apply_batch(batch).map_err(|e| StorageIOError::write_logs(io_err(&e)))?;
+
+        {
+            let mut cache = lock(&self.cache);
+            // Keep the cache contiguous: an append that doesn't continue it starts it afresh.
+            let continues = match (cache.keys().next_back(), appended.first()) {
+                (Some(&last), Some(first)) => first.log_id.index <= last.saturating_add(1),
+                _ => true,
+            };
+            if !continues {
+                cache.clear();
+            }
+            for entry in appended {
+                cache.insert(entry.log_id.index, entry);
+            }
+            while cache.len() > TAIL_CACHE_ENTRIES {
+                cache.pop_first();
+            }
+        }
+
+        // Durability: the entries are acknowledged only once on disk. One flush per call, so a
+        // multi-entry append costs one fsync.
+        match self.db.flush_async().await {
+            Ok(_) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "flushing the raft log failed");
+                let err = StorageIOError::write_logs(io_err(&e));
+                callback.log_io_completed(Err(to_io_error(e)));
+                Err(err.into())
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
+        tracing::debug!(%log_id, "truncating raft log");
+        lock(&self.cache).retain(|&idx, _| idx < log_id.index);
+        self.delete_range(log_id.index, None).map_err(|e| StorageIOError::write_logs(io_err(&e)))?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
+        tracing::debug!(%log_id, "purging raft log");
+        // Record the purge point first: if we crash mid-delete, get_log_state still reports it.
+        self.write_meta(KEY_LAST_PURGED, &log_id).map_err(StorageIOError::write_logs)?;
+        lock(&self.cache).retain(|&idx, _| idx > log_id.index);
+        self.delete_range(0, Some(log_id.index)).map_err(|e| StorageIOError::write_logs(io_err(&e)))?;
+        Ok(())
+    }
+}
+
+/// What the state machine has applied: kept apart from the [`StateHandle`] and locked while
+/// applying, so a snapshot sees a state and a log id that belong together.
+#[derive(Debug, Clone, Default)]
+struct Applied {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, BasicNode>,
+}
+
+/// The Raft state machine: applies committed entries to the shared [`StateHandle`] and keeps
+/// the current snapshot in sled. Cloning shares everything (the clone is the snapshot builder).
+#[derive(Clone)]
+pub struct StateMachineStore {
+    state: Arc<StateHandle>,
+    applied: Arc<Mutex<Applied>>,
+    db: sled::Db,
+    snapshot: sled::Tree,
+}
+
+impl StateMachineStore {
+    fn open(db: sled::Db, snapshot: sled::Tree, state: Arc<StateHandle>) -> Result<Self, StorageError> {
+        let sm = StateMachineStore { state, applied: Arc::new(Mutex::new(Applied::default())), db, snapshot };
+        let persisted = sm.read_snapshot().map_err(|e| StorageError::Snapshot(e.to_string()))?;
+        if let Some((meta, data)) = persisted {
+            sm.state.install_snapshot_bytes(&data).map_err(|e| StorageError::Snapshot(e.to_string()))?;
+            tracing::info!(snapshot = %meta.snapshot_id, last_log_id = ?meta.last_log_id, "loaded raft snapshot");
+            let mut applied = lock(&sm.applied);
+            applied.last_applied = meta.last_log_id;
+            applied.membership = meta.last_membership;
+        }
+        Ok(sm)
+    }
+
+    /// The shared cluster state this state machine writes.
+    pub fn state(&self) -> &Arc<StateHandle> {
+        &self.state
+    }
+
+    fn read_snapshot(&self) -> Result<Option<(SnapshotMeta<NodeId, BasicNode>, Vec<u8>)>, AnyError> {
+        let meta = self.snapshot.get(KEY_SNAPSHOT_META).map_err(|e| io_err(&e))?;
+        let data = self.snapshot.get(KEY_SNAPSHOT_DATA).map_err(|e| io_err(&e))?;
+        match (meta, data) {
+            (Some(meta), Some(data)) => Ok(Some((from_json(&meta)?, data.to_vec()))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Stores `meta` + `data` as the current snapshot, atomically and durably.
+    async fn persist_snapshot(&self, meta: &SnapshotMeta<NodeId, BasicNode>, data: &[u8]) -> Result<(), RaftStorageError> {
+        let sig = Some(meta.signature());
+        let mut batch = sled::Batch::default();
+        batch.insert(KEY_SNAPSHOT_META, to_json(meta).map_err(|e| StorageIOError::write_snapshot(sig.clone(), e))?);
+        batch.insert(KEY_SNAPSHOT_DATA, data);
+        self.snapshot
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), io_err(&e)))?;
+        self.db.flush_async().await.map_err(|e| StorageIOError::write_snapshot(sig, io_err(&e)))?;
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
+        // Hold the applied lock while serializing so the bytes match `last_applied` exactly
+        // (this runs in its own task, concurrently with `apply`).
+        let (meta, data) = {
+            let applied = lock(&self.applied);
+            let data = self.state.to_snapshot_bytes().map_err(|e| StorageIOError::read_state_machine(&e))?;
+            let snapshot_id = match &applied.last_applied {
+                Some(id) => format!("{}-{}-{}", id.leader_id.term, id.index, now_ms()),
+                None => format!("0-0-{}", now_ms()),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: applied.last_applied,
+                last_membership: applied.membership.clone(),
+                snapshot_id,
+            };
+            (meta, data)
+        };
+        self.persist_snapshot(&meta, &data).await?;
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built raft snapshot");
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+/// Milliseconds since the epoch, only to make snapshot ids unique.
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default()
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), RaftStorageError> {
+        let applied = lock(&self.applied);
+        Ok((applied.last_applied, applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResponse>, RaftStorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut applied = lock(&self.applied);
+        let mut responses = Vec::new();
+        for entry in entries {
+            let index = entry.log_id.index;
+            let resp = match &entry.payload {
+                EntryPayload::Normal(req) => self.state.apply(index, req),
+                EntryPayload::Blank => {
+                    self.state.apply_noop(index);
+                    CommandResponse { index, ..Default::default() }
+                }
+                EntryPayload::Membership(m) => {
+                    applied.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                    self.state.apply_noop(index);
+                    CommandResponse { index, ..Default::default() }
+                }
+            };
+            applied.last_applied = Some(entry.log_id);
+            responses.push(resp);
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, RaftStorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), RaftStorageError> {
+        let data = snapshot.into_inner();
+        {
+            let mut applied = lock(&self.applied);
+            self.state
+                .install_snapshot_bytes(&data)
+                .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+            applied.last_applied = meta.last_log_id;
+            applied.membership = meta.last_membership.clone();
+        }
+        self.persist_snapshot(meta, &data).await?;
+        tracing::info!(snapshot = %meta.snapshot_id, "installed raft snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
+        let snap = self.read_snapshot().map_err(|e| StorageIOError::read_snapshot(None, e))?;
+        Ok(snap.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}

@@ -1,0 +1,211 @@
+//! Feasibility: whether a node can run a task group at all, resources aside (node readiness,
+//! drivers, job and group constraints), and the bookkeeping of why nodes were filtered.
+
+use std::cmp::Ordering;
+
+use mlp_proto::consts::node_status;
+use mlp_proto::v1::{AllocMetric, Constraint, Job, Node, TaskGroup};
+
+use super::regex;
+
+/// Whether the scheduler may place anything on `node` (ready and eligible).
+pub fn node_usable(node: &Node) -> bool {
+    node.status == node_status::READY && node.eligible
+}
+
+/// Why a node cannot run a task group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    /// A driver the group needs is missing; the text is the `class_filtered` key.
+    Class(String),
+    /// A constraint does not hold; the text is the `constraint_filtered` key.
+    Constraint(String),
+}
+
+impl Rejection {
+    /// Counts this rejection in `metric`.
+    pub fn record(&self, metric: &mut AllocMetric) {
+        metric.nodes_filtered += 1;
+        let (map, key) = match self {
+            Rejection::Class(k) => (&mut metric.class_filtered, k),
+            Rejection::Constraint(k) => (&mut metric.constraint_filtered, k),
+        };
+        *map.entry(key.clone()).or_default() += 1;
+    }
+}
+
+/// Checks, in Nomad's order, job constraints, the group's drivers, then group constraints.
+pub fn check(job: &Job, tg: &TaskGroup, node: &Node) -> Result<(), Rejection> {
+    if let Some(c) = job.constraints.iter().find(|c| !holds(c, node)) {
+        return Err(Rejection::Constraint(constraint_text(c)));
+    }
+    if let Some(t) = tg.tasks.iter().find(|t| !node.drivers.iter().any(|d| d == &t.driver)) {
+        return Err(Rejection::Class(format!("missing driver {:?}", t.driver)));
+    }
+    if let Some(c) = tg.constraints.iter().find(|c| !holds(c, node)) {
+        return Err(Rejection::Constraint(constraint_text(c)));
+    }
+    Ok(())
+}
+
+/// The constraint as the user wrote it, e.g. `${attr.kernel.name} = linux`.
+pub fn constraint_text(c: &Constraint) -> String {
+    [c.attribute.as_str(), c.operator.as_str(), c.value.as_str()]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Resolves `${attr.X}`, `${meta.X}`, `${node.*}`; anything else is a literal. None when the
+/// attribute is not set on the node.
+fn resolve(target: &str, node: &Node) -> Option<String> {
+    let Some(inner) = target.strip_prefix("${").and_then(|t| t.strip_suffix('}')) else {
+        return Some(target.to_string());
+    };
+    if let Some(k) = inner.strip_prefix("attr.") {
+        return node.attributes.get(k).cloned();
+    }
+    if let Some(k) = inner.strip_prefix("meta.") {
+        return node.meta.get(k).cloned();
+    }
+    match inner {
+        "node.id" | "node.unique.id" => Some(node.id.clone()),
+        "node.name" | "node.unique.name" => Some(node.name.clone()),
+        "node.datacenter" => Some(node.datacenter.clone()),
+        "node.pool" => Some(node.node_pool.clone()),
+        _ => None,
+    }
+}
+
+/// Whether constraint `c` holds on `node`. Unknown operators never hold (fail closed).
+pub fn holds(c: &Constraint, node: &Node) -> bool {
+    let l = resolve(&c.attribute, node);
+    let r = resolve(&c.value, node);
+    match c.operator.as_str() {
+        "is_set" => l.is_some(),
+        "is_not_set" => l.is_none(),
+        // As in Nomad, `!=` holds when the attribute is missing.
+        "!=" | "not" => l != r,
+        op => {
+            let (Some(l), Some(r)) = (l, r) else { return false };
+            match op {
+                "=" | "==" | "is" => l == r,
+                "<" => compare(&l, &r) == Ordering::Less,
+                "<=" => compare(&l, &r) != Ordering::Greater,
+                ">" => compare(&l, &r) == Ordering::Greater,
+                ">=" => compare(&l, &r) != Ordering::Less,
+                "regexp" => regex::is_match(&r, &l).unwrap_or(false),
+                "set_contains" | "set_contains_all" => {
+                    let have = set(&l);
+                    set(&r).iter().all(|v| have.contains(v))
+                }
+                "set_contains_any" => {
+                    let have = set(&l);
+                    set(&r).iter().any(|v| have.contains(v))
+                }
+                _ => false,
+            }
+        }
+    }
+}
+
+/// Numeric when both sides parse as numbers, else lexical.
+fn compare(l: &str, r: &str) -> Ordering {
+    match (l.trim().parse::<f64>(), r.trim().parse::<f64>()) {
+        (Ok(a), Ok(b)) => a.partial_cmp(&b).unwrap_or(Ordering::Equal),
+        _ => l.cmp(r),
+    }
+}
+
+fn set(s: &str) -> Vec<&str> {
+    s.split(',').map(str::trim).filter(|v| !v.is_empty()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlp_proto::v1::Task;
+
+    fn node() -> Node {
+        Node {
+            id: "id-1".into(),
+            name: "n1".into(),
+            datacenter: "dc1".into(),
+            node_pool: "gpu".into(),
+            status: node_status::READY.into(),
+            eligible: true,
+            drivers: vec!["exec".into()],
+            attributes: [("kernel.name", "linux"), ("cpu.numcores", "16"), ("os.version", "22.04"), ("gpu.models", "A100,H100")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            meta: [("rack".to_string(), "r7".to_string())].into_iter().collect(),
+            ..Default::default()
+        }
+    }
+
+    fn c(attribute: &str, operator: &str, value: &str) -> Constraint {
+        Constraint { attribute: attribute.into(), operator: operator.into(), value: value.into() }
+    }
+
+    #[test]
+    fn constraint_table() {
+        let n = node();
+        let cases: &[(&str, &str, &str, bool)] = &[
+            ("${attr.kernel.name}", "=", "linux", true),
+            ("${attr.kernel.name}", "==", "windows", false),
+            ("${attr.kernel.name}", "!=", "windows", true),
+            ("${attr.missing}", "!=", "x", true),
+            ("${attr.missing}", "=", "x", false),
+            ("${node.datacenter}", "=", "dc1", true),
+            ("${node.name}", "=", "n1", true),
+            ("${node.id}", "=", "id-1", true),
+            ("${node.pool}", "=", "gpu", true),
+            ("${meta.rack}", "=", "r7", true),
+            ("${attr.cpu.numcores}", ">", "8", true), // numeric, not lexical ("16" < "8")
+            ("${attr.cpu.numcores}", "<=", "16", true),
+            ("${attr.cpu.numcores}", "<", "16", false),
+            ("${attr.os.version}", ">=", "20.04", true),
+            ("${attr.kernel.name}", ">", "darwin", true), // lexical
+            ("${attr.kernel.name}", "regexp", "^lin", true),
+            ("${attr.kernel.name}", "regexp", "^(darwin|windows)$", false),
+            ("${attr.kernel.name}", "regexp", "(", false), // bad pattern never holds
+            ("${attr.gpu.models}", "set_contains", "H100", true),
+            ("${attr.gpu.models}", "set_contains", "H100, A100", true),
+            ("${attr.gpu.models}", "set_contains", "H100,V100", false),
+            ("${attr.gpu.models}", "set_contains_any", "H100,V100", true),
+            ("${meta.rack}", "is_set", "", true),
+            ("${meta.zone}", "is_set", "", false),
+            ("${meta.zone}", "is_not_set", "", true),
+            ("${attr.kernel.name}", "version", "1.0", false), // unknown operator fails closed
+        ];
+        for (a, op, v, want) in cases {
+            assert_eq!(holds(&c(a, op, v), &n), *want, "{a} {op} {v}");
+        }
+    }
+
+    #[test]
+    fn check_reports_the_first_failure() {
+        let n = node();
+        let tg = |driver: &str, cons: Vec<Constraint>| TaskGroup {
+            name: "g".into(),
+            tasks: vec![Task { driver: driver.into(), ..Default::default() }],
+            constraints: cons,
+            ..Default::default()
+        };
+        let job = Job { constraints: vec![c("${attr.kernel.name}", "=", "linux")], ..Default::default() };
+        assert_eq!(check(&job, &tg("exec", vec![]), &n), Ok(()));
+        assert_eq!(check(&job, &tg("raw_exec", vec![]), &n), Err(Rejection::Class("missing driver \"raw_exec\"".into())));
+        assert_eq!(
+            check(&job, &tg("exec", vec![c("${meta.zone}", "is_set", "")]), &n),
+            Err(Rejection::Constraint("${meta.zone} is_set".into()))
+        );
+        let windows = Job { constraints: vec![c("${attr.kernel.name}", "=", "windows")], ..Default::default() };
+        assert_eq!(
+            check(&windows, &tg("raw_exec", vec![]), &n),
+            Err(Rejection::Constraint("${attr.kernel.name} = windows".into()))
+        );
+    }
+}

@@ -1,0 +1,89 @@
+//! Ranking: how good a feasible node is for one placement. Scoring is a trait so that a later
+//! scorer (ML-aware GPU packing) can replace the default bin-packing without touching feasibility
+//! or reconciliation; ties are always broken by node id so plans are deterministic.
+
+use mlp_proto::v1::{AllocatedResources, Job, Node, NodeResources, TaskGroup};
+
+use super::resources::Usage;
+
+/// Everything a scorer may look at for one candidate placement.
+#[derive(Debug, Clone, Copy)]
+pub struct RankInput<'a> {
+    pub job: &'a Job,
+    pub group: &'a TaskGroup,
+    pub node: &'a Node,
+    /// The node's usage before this placement (live allocations plus earlier placements of the plan).
+    pub before: &'a Usage,
+    /// The node's usage with this placement added.
+    pub after: &'a Usage,
+    /// What this placement would get, GPU device ids included.
+    pub resources: &'a AllocatedResources,
+}
+
+/// Scores a candidate placement; higher is better.
+pub trait Scorer {
+    fn score(&self, input: &RankInput<'_>) -> f64;
+}
+
+/// Nomad's bin-packing score: prefer the node that ends up fullest, so that big holes stay free
+/// for big asks. `20 − (10^freeCpu + 10^freeMem)`, free fractions taken after the placement; the
+/// range is 0 (empty node) to 18 (full node).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BinPack;
+
+impl Scorer for BinPack {
+    fn score(&self, input: &RankInput<'_>) -> f64 {
+        let empty = NodeResources::default();
+        let cap = input.node.resources.as_ref().unwrap_or(&empty);
+        let free_cpu = free_fraction(input.after.cpu_mhz, cap.cpu_total_mhz);
+        let free_mem = free_fraction(input.after.memory_mib, cap.memory_mib);
+        20.0 - (10f64.powf(free_cpu) + 10f64.powf(free_mem))
+    }
+}
+
+/// The free fraction of a dimension; a node without that dimension counts as fully free so
+/// that it is least preferred.
+fn free_fraction(used: u64, total: u64) -> f64 {
+    if total == 0 {
+        return 1.0;
+    }
+    (1.0 - used as f64 / total as f64).clamp(0.0, 1.0)
+}
+
+/// Whether candidate `a` beats candidate `b`: higher score, then lower node id.
+pub fn better(a: (f64, &str), b: (f64, &str)) -> bool {
+    match a.0.total_cmp(&b.0) {
+        std::cmp::Ordering::Greater => true,
+        std::cmp::Ordering::Less => false,
+        std::cmp::Ordering::Equal => a.1 < b.1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binpack_prefers_fuller_nodes() {
+        let node = Node {
+            resources: Some(NodeResources { cpu_total_mhz: 1000, memory_mib: 1000, ..Default::default() }),
+            ..Default::default()
+        };
+        let (job, group, res) = (Job::default(), TaskGroup::default(), AllocatedResources::default());
+        let score = |cpu, mem| {
+            let after = Usage { cpu_mhz: cpu, memory_mib: mem, ..Default::default() };
+            BinPack.score(&RankInput { job: &job, group: &group, node: &node, before: &after, after: &after, resources: &res })
+        };
+        assert!((score(0, 0) - 0.0).abs() < 1e-9);
+        assert!((score(1000, 1000) - 18.0).abs() < 1e-9);
+        assert!(score(800, 800) > score(500, 500));
+        assert!(score(500, 900) > score(500, 500));
+    }
+
+    #[test]
+    fn ties_break_by_node_id() {
+        assert!(better((1.0, "b"), (0.5, "a")));
+        assert!(better((1.0, "a"), (1.0, "b")));
+        assert!(!better((1.0, "b"), (1.0, "a")));
+    }
+}

@@ -1,0 +1,609 @@
+//! Scheduler scenarios, driven through the real state machine: jobs, nodes, plans and client
+//! updates are applied as Raft commands so that the scheduler sees the state it will see live.
+
+use super::*;
+use mlp_proto::consts::{eval_status, job_type, node_status};
+use mlp_proto::v1::{AllocClientUpdate, Constraint, GpuDevice, GpuRequest, NodeResources, Resources, Task, TaskConfig, TaskGroup};
+
+use crate::state::{Command, PlanResult, Request};
+
+struct Cluster {
+    st: ClusterState,
+    index: u64,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        Cluster { st: ClusterState::default(), index: 0 }
+    }
+
+    fn apply(&mut self, command: Command) {
+        self.index += 1;
+        let resp = self.st.apply(self.index, &Request { now_ms: 1000 + self.index, command }, &mut Vec::new());
+        assert_eq!(resp.error, None);
+    }
+
+    fn node(&mut self, n: Node) {
+        self.apply(Command::UpsertNode { node: n });
+    }
+
+    fn register(&mut self, job: Job) {
+        let eval = eval_for(&job.id);
+        self.apply(Command::RegisterJob { job, eval });
+    }
+
+    fn job(&self, id: &str) -> Option<Job> {
+        self.st.job("default", id).cloned()
+    }
+
+    /// Schedules `id` and applies the plan as the plan applier would (after checking it).
+    fn schedule(&mut self, id: &str) -> Plan {
+        let job = self.job(id);
+        let plan = schedule(&self.st, job.as_ref(), &eval_for(id), 5000);
+        for p in &plan.placements {
+            let node = self.st.nodes.get(&p.node_id).cloned().unwrap_or_default();
+            let extra: Vec<&Allocation> = plan.placements.iter().filter(|a| a.node_id == p.node_id).collect();
+            assert_eq!(check_node_fit(&self.st, &node, &extra), Ok(()), "plan must pass the re-check");
+        }
+        self.apply(Command::ApplyPlan(PlanResult {
+            placements: plan.placements.clone(),
+            stops: plan.stops.clone(),
+            ..Default::default()
+        }));
+        plan
+    }
+
+    fn set_client_status(&mut self, alloc_id: &str, status: &str) {
+        let node_id = self.st.allocs[alloc_id].node_id.clone();
+        self.apply(Command::UpdateAllocsFromClient {
+            node_id,
+            updates: vec![AllocClientUpdate { alloc_id: alloc_id.into(), client_status: status.into(), ..Default::default() }],
+        });
+    }
+
+    fn set_node_status(&mut self, node_id: &str, status: &str) {
+        self.apply(Command::UpdateNodeStatus {
+            node_id: node_id.into(),
+            status: status.into(),
+            description: String::new(),
+            evals: vec![],
+        });
+    }
+
+    /// Live allocations of a job: (name, node id), sorted.
+    fn live(&self, job: &str) -> Vec<(String, String)> {
+        let mut v: Vec<_> = self
+            .st
+            .allocs_for_job("default", job)
+            .filter(|a| resources::is_live(a))
+            .map(|a| (a.name.clone(), a.node_id.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn alloc_id(&self, name: &str) -> String {
+        self.st
+            .allocs
+            .values()
+            .find(|a| a.name == name && resources::is_live(a))
+            .map(|a| a.id.clone())
+            .unwrap_or_else(|| panic!("no live alloc {name}"))
+    }
+}
+
+fn eval_for(job: &str) -> Evaluation {
+    Evaluation {
+        id: format!("eval-{job}"),
+        namespace: "default".into(),
+        job_id: job.into(),
+        status: eval_status::PENDING.into(),
+        ..Default::default()
+    }
+}
+
+fn node(id: &str, cpu: u64, mem: u64) -> Node {
+    Node {
+        id: id.into(),
+        name: id.into(),
+        datacenter: "dc1".into(),
+        status: node_status::READY.into(),
+        drivers: vec!["exec".into(), "raw_exec".into()],
+        attributes: [("kernel.name".to_string(), "linux".to_string())].into_iter().collect(),
+        resources: Some(NodeResources {
+            cpu_cores: 8,
+            cpu_mhz_per_core: 1000,
+            cpu_total_mhz: cpu,
+            memory_mib: mem,
+            disk_mib: 100_000,
+            gpus: vec![],
+        }),
+        ..Default::default()
+    }
+}
+
+fn gpu_node(id: &str, gpus: usize) -> Node {
+    let mut n = node(id, 100_000, 100_000);
+    if let Some(r) = n.resources.as_mut() {
+        r.gpus = (0..gpus).map(|i| GpuDevice { id: format!("{id}-gpu{i}"), ..Default::default() }).collect();
+    }
+    n
+}
+
+fn group(name: &str, count: u32, cpu: u64, mem: u64) -> TaskGroup {
+    TaskGroup {
+        name: name.into(),
+        count,
+        tasks: vec![Task {
+            name: "t".into(),
+            driver: "exec".into(),
+            config: Some(TaskConfig { command: "/bin/true".into(), args: vec![] }),
+            resources: Some(Resources { cpu_mhz: cpu, memory_mib: mem, ..Default::default() }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn gpu_group(name: &str, count: u32, gpus: u32) -> TaskGroup {
+    let mut g = group(name, count, 100, 100);
+    if let Some(r) = g.tasks[0].resources.as_mut() {
+        r.gpu = Some(GpuRequest { count: gpus });
+    }
+    g
+}
+
+fn job(id: &str, kind: &str, groups: Vec<TaskGroup>) -> Job {
+    Job {
+        id: id.into(),
+        name: id.into(),
+        namespace: "default".into(),
+        r#type: kind.into(),
+        priority: 50,
+        groups,
+        ..Default::default()
+    }
+}
+
+fn names(plan: &Plan) -> Vec<String> {
+    let mut v: Vec<String> = plan.placements.iter().map(|a| a.name.clone()).collect();
+    v.sort();
+    v
+}
+
+fn stop_reasons(plan: &Plan) -> Vec<String> {
+    let mut v: Vec<String> = plan.stops.iter().map(|s| s.description.clone()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn places_onto_empty_nodes() {
+    let mut c = Cluster::new();
+    c.node(node("n1", 4000, 4096));
+    c.node(node("n2", 4000, 4096));
+    c.register(job("web", job_type::SERVICE, vec![group("g", 3, 500, 256)]));
+    let plan = c.schedule("web");
+    assert_eq!(plan.eval_id, "eval-web");
+    assert_eq!(names(&plan), ["web.g[0]", "web.g[1]", "web.g[2]"]);
+    assert!(plan.stops.is_empty() && plan.failed_tg_allocs.is_empty());
+    assert_eq!(plan.queued_allocations, [("g".to_string(), 0)].into_iter().collect());
+    let a = &plan.placements[0];
+    assert_eq!((a.desired_status.as_str(), a.client_status.as_str()), ("run", "pending"));
+    assert_eq!((a.job_id.as_str(), a.namespace.as_str(), a.task_group.as_str()), ("web", "default", "g"));
+    assert_eq!(a.eval_id, "eval-web");
+    assert!(uuid::Uuid::parse_str(&a.id).is_ok());
+    assert_eq!(a.node_name, a.node_id);
+    assert_eq!(a.resources, Some(AllocatedResources { cpu_mhz: 500, memory_mib: 256, ..Default::default() }));
+    // Bin-packing puts all three on the same node (n1 wins the first tie by id).
+    assert!(plan.placements.iter().all(|a| a.node_id == "n1"));
+    // Nothing more to do on a second pass.
+    let again = c.schedule("web");
+    assert!(again.placements.is_empty() && again.stops.is_empty());
+}
+
+#[test]
+fn binpack_prefers_the_fuller_node() {
+    let mut c = Cluster::new();
+    c.node(node("a-empty", 4000, 4096));
+    c.node(node("b-busy", 4000, 4096));
+    c.register(job("big", job_type::SERVICE, vec![group("g", 1, 2000, 2048)]));
+    // Force the first job onto b-busy by making a-empty ineligible for a moment.
+    let mut a = c.st.nodes["a-empty"].clone();
+    a.eligible = false;
+    c.st.nodes.insert(a.id.clone(), a);
+    c.schedule("big");
+    if let Some(n) = c.st.nodes.get_mut("a-empty") {
+        n.eligible = true;
+    }
+    c.register(job("small", job_type::SERVICE, vec![group("g", 1, 500, 256)]));
+    let plan = c.schedule("small");
+    assert_eq!(plan.placements[0].node_id, "b-busy");
+}
+
+#[test]
+fn exhaustion_records_the_dimension() {
+    struct Case {
+        node: Node,
+        group: TaskGroup,
+        dim: &'static str,
+    }
+    let mut small_disk = node("n1", 4000, 4096);
+    if let Some(r) = small_disk.resources.as_mut() {
+        r.disk_mib = 10;
+    }
+    let mut disk_group = group("g", 1, 100, 100);
+    if let Some(r) = disk_group.tasks[0].resources.as_mut() {
+        r.disk_mib = 11;
+    }
+    let cases = [
+        Case { node: node("n1", 4000, 1024), group: group("g", 3, 100, 512), dim: "memory" },
+        Case { node: node("n1", 1000, 8192), group: group("g", 3, 400, 100), dim: "cpu" },
+        Case { node: gpu_node("n1", 2), group: gpu_group("g", 3, 1), dim: "gpu" },
+        Case { node: small_disk, group: disk_group, dim: "disk" },
+    ];
+    for case in cases {
+        let mut c = Cluster::new();
+        c.node(case.node);
+        let count = case.group.count;
+        c.register(job("j", job_type::BATCH, vec![case.group]));
+        let plan = c.schedule("j");
+        let unplaced = 1;
+        assert_eq!(plan.placements.len() as u32, count - unplaced, "{}", case.dim);
+        assert_eq!(plan.queued_allocations["g"], unplaced);
+        let m = &plan.failed_tg_allocs["g"];
+        assert_eq!((m.nodes_evaluated, m.nodes_exhausted, m.nodes_filtered), (1, 1, 0));
+        assert_eq!(m.dimension_exhausted, [(case.dim.to_string(), 1)].into_iter().collect(), "{}", case.dim);
+        assert_eq!(explain(m).last().cloned(), Some(format!("Dimension \"{}\" exhausted on 1 node", case.dim)));
+    }
+}
+
+#[test]
+fn unplaced_allocations_coalesce() {
+    let mut c = Cluster::new();
+    c.node(node("n1", 1000, 1024));
+    c.node(node("n2", 1000, 1024));
+    c.register(job("j", job_type::BATCH, vec![group("g", 5, 1000, 100)]));
+    let plan = c.schedule("j");
+    assert_eq!(plan.placements.len(), 2);
+    assert_eq!(plan.queued_allocations["g"], 3);
+    let m = &plan.failed_tg_allocs["g"];
+    assert_eq!((m.nodes_exhausted, m.coalesced_failures), (2, 2));
+    assert_eq!(m.dimension_exhausted["cpu"], 2);
+}
+
+#[test]
+fn constraints_and_drivers_filter_nodes_with_counts() {
+    let mut c = Cluster::new();
+    for id in ["l1", "l2", "l3"] {
+        c.node(node(id, 4000, 4096));
+    }
+    let mut no_exec = node("w1", 4000, 4096);
+    no_exec.drivers = vec!["raw_exec".into()];
+    no_exec.attributes.insert("kernel.name".into(), "windows".into());
+    c.node(no_exec);
+    let mut j = job("win", job_type::BATCH, vec![group("g", 2, 100, 100)]);
+    j.constraints.push(Constraint { attribute: "${attr.kernel.name}".into(), operator: "=".into(), value: "windows".into() });
+    c.register(j);
+    let plan = c.schedule("win");
+    assert!(plan.placements.is_empty());
+    assert_eq!(plan.queued_allocations["g"], 2);
+    let m = &plan.failed_tg_allocs["g"];
+    assert_eq!((m.nodes_evaluated, m.nodes_filtered, m.nodes_exhausted, m.coalesced_failures), (4, 4, 0, 1));
+    assert_eq!(
+        explain(m),
+        [
+            "Class: missing driver \"exec\" filtered 1 node",
+            "Constraint \"${attr.kernel.name} = windows\" filtered 3 nodes",
+        ]
+    );
+
+    // A group constraint narrowing to one node places there.
+    let mut g = group("g", 1, 100, 100);
+    g.constraints.push(Constraint { attribute: "${node.name}".into(), operator: "regexp".into(), value: "^l[23]$".into() });
+    g.constraints.push(Constraint { attribute: "${node.name}".into(), operator: "!=".into(), value: "l2".into() });
+    c.register(job("pick", job_type::BATCH, vec![g]));
+    let plan = c.schedule("pick");
+    assert_eq!(plan.placements[0].node_id, "l3");
+}
+
+#[test]
+fn unusable_nodes_are_skipped() {
+    let mut c = Cluster::new();
+    c.node(node("n1", 4000, 4096));
+    c.node(node("n2", 4000, 4096));
+    c.node(node("n3", 4000, 4096));
+    c.set_node_status("n1", node_status::DOWN);
+    if let Some(n) = c.st.nodes.get_mut("n2") {
+        n.eligible = false;
+    }
+    c.register(job("j", job_type::BATCH, vec![group("g", 2, 100, 100)]));
+    let plan = c.schedule("j");
+    assert!(plan.placements.iter().all(|a| a.node_id == "n3"));
+    assert_eq!(plan.placements.len(), 2);
+}
+
+#[test]
+fn count_increase_and_decrease() {
+    let mut c = Cluster::new();
+    c.node(node("n1", 100_000, 100_000));
+    c.register(job("j", job_type::SERVICE, vec![group("g", 3, 100, 100)]));
+    c.schedule("j");
+    c.register(job("j", job_type::SERVICE, vec![group("g", 5, 100, 100)]));
+    let plan = c.schedule("j");
+    assert_eq!(names(&plan), ["j.g[3]", "j.g[4]"]);
+    assert!(plan.stops.is_empty(), "a count change is not a spec change");
+
+    c.register(job("j", job_type::SERVICE, vec![group("g", 2, 100, 100)]));
+    let plan = c.schedule("j");
+    assert!(plan.placements.is_empty());
+    assert_eq!(stop_reasons(&plan), ["count reduced"; 3]);
+    let live: Vec<String> = c.live("j").into_iter().map(|(n, _)| n).collect();
+    assert_eq!(live, ["j.g[0]", "j.g[1]"]);
+
+    // Losing index 0 (stopped by someone) then growing reuses the lowest free indexes.
+    let id0 = c.alloc_id("j.g[0]");
+    c.apply(Command::ApplyPlan(PlanResult {
+        stops: vec![AllocStop { alloc_id: id0, description: "manual".into(), client_status: None }],
+        ..Default::default()
+    }));
+    c.register(job("j", job_type::SERVICE, vec![group("g", 3, 100, 100)]));
+    let plan = c.schedule("j");
+    assert_eq!(names(&plan), ["j.g[0]", "j.g[2]"]);
+}
+
+#[test]
+fn stopping_or_purging_a_job_stops_live_allocs() {
+    for purge in [false, true] {
+        let mut c = Cluster::new();
+        c.node(node("n1", 100_000, 100_000));
+        c.register(job("j", job_type::BATCH, vec![group("g", 3, 100, 100)]));
+        c.schedule("j");
+        let done = c.alloc_id("j.g[0]");
+        c.set_client_status(&done, alloc_client::COMPLETE);
+        c.apply(Command::StopJob { namespace: "default".into(), job_id: "j".into(), purge, eval: eval_for("j") });
+        let plan = c.schedule("j");
+        let want = if purge { "job purged" } else { "job stopped" };
+        assert_eq!(stop_reasons(&plan), [want; 2], "completed allocs are left alone");
+        assert!(plan.placements.is_empty() && plan.queued_allocations.is_empty());
+        assert!(c.live("j").is_empty());
+    }
+}
+
+#[test]
+fn node_down_marks_lost_and_replaces_elsewhere() {
+    let mut c = Cluster::new();
+    c.node(node("n1", 100_000, 100_000));
+    c.register(job("j", job_type::SERVICE, vec![group("g", 2, 100, 100)]));
+    c.schedule("j");
+    assert!(c.live("j").iter().all(|(_, n)| n == "n1"));
+    c.node(node("n2", 1000, 1000));
+    c.set_node_status("n1", node_status::DOWN);
+    let plan = c.schedule("j");
+    assert_eq!(plan.stops.len(), 2);
+    assert!(plan.stops.iter().all(|s| s.client_status.as_deref() == Some("lost") && s.description == "node down"));
+    assert_eq!(names(&plan), ["j.g[0]", "j.g[1]"]);
+    assert!(plan.placements.iter().all(|a| a.node_id == "n2"));
+    let again = c.schedule("j");
+    assert!(again.placements.is_empty() && again.stops.is_empty(), "lost allocs are not replaced twice");
+
+    // A node that vanished from the state counts as down too.
+    c.st.nodes.remove("n2");
+    c.node(node("n3", 1000, 1000));
+    let plan = c.schedule("j");
+    assert_eq!(plan.stops.len(), 2);
+    assert!(plan.placements.iter().all(|a| a.node_id == "n3"));
+}
+
+#[test]
+fn terminal_allocs_by_job_type() {
+    struct Case {
+        kind: &'static str,
+        status: &'static str,
+        replaced: bool,
+    }
+    let cases = [
+        Case { kind: job_type::BATCH, status: alloc_client::COMPLETE, replaced: false },
+        Case { kind: job_type::BATCH, status: alloc_client::FAILED, replaced: false },
+        Case { kind: job_type::SERVICE, status: alloc_client::FAILED, replaced: false },
+        Case { kind: job_type::SERVICE, status: alloc_client::COMPLETE, replaced: false },
+        Case { kind: job_type::SERVICE, status: alloc_client::LOST, replaced: true },
+        Case { kind: job_type::BATCH, status: alloc_client::LOST, replaced: true },
+    ];
+    for case in cases {
+        let mut c = Cluster::new();
+        c.node(node("n1", 100_000, 100_000));
+        c.register(job("j", case.kind, vec![group("g", 2, 100, 100)]));
+        c.schedule("j");
+        let id = c.alloc_id("j.g[1]");
+        c.set_client_status(&id, case.status);
+        let plan = c.schedule("j");
+        let want: &[&str] = if case.replaced { &["j.g[1]"] } else { &[] };
+        assert_eq!(names(&plan), want, "{} {}", case.kind, case.status);
+        assert!(plan.stops.is_empty());
+    }
+}
+
+#[test]
+fn allocs_stopped_by_the_scheduler_are_replaced() {
+    let mut c = Cluster::new();
+    c.node(node("n1", 100_000, 100_000));
+    c.register(job("j", job_type::BATCH, vec![group("g", 2, 100, 100)]));
+    c.schedule("j");
+    c.register(job("j", job_type::BATCH, vec![group("g", 1, 100, 100)]));
+    c.schedule("j");
+    // The agent kills the stopped one and reports it complete; growing again re-runs index 1.
+    let stopped = c.st.allocs.values().find(|a| a.name == "j.g[1]").map(|a| a.id.clone()).unwrap_or_default();
+    c.set_client_status(&stopped, alloc_client::COMPLETE);
+    c.register(job("j", job_type::BATCH, vec![group("g", 2, 100, 100)]));
+    assert_eq!(names(&c.schedule("j")), ["j.g[1]"]);
+}
+
+#[test]
+fn destructive_update_only_on_spec_change() {
+    let mut c = Cluster::new();
+    c.node(node("n1", 100_000, 100_000));
+    c.register(job("j", job_type::SERVICE, vec![group("keep", 1, 100, 100), group("change", 2, 100, 100)]));
+    c.schedule("j");
+    let mut changed = group("change", 2, 100, 100);
+    changed.tasks[0].env.insert("VERSION".into(), "2".into());
+    c.register(job("j", job_type::SERVICE, vec![group("keep", 1, 100, 100), changed]));
+    assert_eq!(c.job("j").map(|j| j.version), Some(1));
+    let plan = c.schedule("j");
+    assert_eq!(stop_reasons(&plan), ["replaced by job version 1"; 2]);
+    assert_eq!(names(&plan), ["j.change[0]", "j.change[1]"]);
+    assert!(plan.placements.iter().all(|a| a.job_version == 1));
+    let stopped: Vec<&str> = plan.stops.iter().filter_map(|s| c.st.allocs.get(&s.alloc_id)).map(|a| a.task_group.as_str()).collect();
+    assert_eq!(stopped, ["change", "change"]);
+    let again = c.schedule("j");
+    assert!(again.placements.is_empty() && again.stops.is_empty());
+}
+
+#[test]
+fn updated_batch_job_runs_again_but_unchanged_does_not() {
+    let mut c = Cluster::new();
+    c.node(node("n1", 100_000, 100_000));
+    c.register(job("j", job_type::BATCH, vec![group("g", 1, 100, 100)]));
+    c.schedule("j");
+    let id = c.alloc_id("j.g[0]");
+    c.set_client_status(&id, alloc_client::COMPLETE);
+    let mut g = group("g", 1, 100, 100);
+    g.meta.insert("x".into(), "y".into());
+    c.register(job("j", job_type::BATCH, vec![g]));
+    let plan = c.schedule("j");
+    assert_eq!(names(&plan), ["j.g[0]"]);
+    assert!(plan.stops.is_empty(), "a finished alloc needs no stop");
+}
+
+#[test]
+fn removed_task_groups_are_stopped() {
+    let mut c = Cluster::new();
+    c.node(node("n1", 100_000, 100_000));
+    c.register(job("j", job_type::SERVICE, vec![group("a", 1, 100, 100), group("b", 2, 100, 100)]));
+    c.schedule("j");
+    c.register(job("j", job_type::SERVICE, vec![group("a", 1, 100, 100)]));
+    let plan = c.schedule("j");
+    assert_eq!(stop_reasons(&plan), ["task group removed from job"; 2]);
+    assert!(plan.placements.is_empty());
+}
+
+#[test]
+fn gpu_ids_are_never_double_assigned() {
+    let mut c = Cluster::new();
+    c.node(gpu_node("g1", 4));
+    c.register(job("a", job_type::BATCH, vec![gpu_group("g", 1, 1)]));
+    c.schedule("a");
+    c.register(job("b", job_type::BATCH, vec![gpu_group("g", 2, 1), gpu_group("h", 1, 2)]));
+    let plan = c.schedule("b");
+    assert_eq!(plan.placements.len(), 2, "{plan:?}");
+    assert_eq!(plan.queued_allocations["h"], 1);
+    assert_eq!(plan.failed_tg_allocs["h"].dimension_exhausted["gpu"], 1);
+    let mut ids: Vec<String> = c
+        .st
+        .allocs
+        .values()
+        .filter(|a| resources::is_live(a))
+        .flat_map(|a| a.resources.iter().flat_map(|r| r.gpu_ids.clone()))
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["g1-gpu0", "g1-gpu1", "g1-gpu2"]);
+    // Once a's GPU is free again, h fits on the freed device plus the last one.
+    let a0 = c.alloc_id("a.g[0]");
+    c.set_client_status(&a0, alloc_client::COMPLETE);
+    let plan = c.schedule("b");
+    let got = plan.placements[0].resources.clone().unwrap_or_default().gpu_ids;
+    assert_eq!(got, ["g1-gpu0", "g1-gpu3"]);
+}
+
+#[test]
+fn check_node_fit_rejects_overcommit() {
+    let mut c = Cluster::new();
+    c.node(gpu_node("n1", 2));
+    c.register(job("j", job_type::BATCH, vec![gpu_group("g", 1, 1)]));
+    c.schedule("j");
+    let n1 = c.st.nodes["n1"].clone();
+    let extra = |mem: u64, gpus: &[&str]| Allocation {
+        id: format!("x-{mem}-{}", gpus.len()),
+        node_id: "n1".into(),
+        resources: Some(AllocatedResources {
+            memory_mib: mem,
+            gpu_ids: gpus.iter().map(|g| g.to_string()).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let existing = c.st.allocs.values().next().cloned().unwrap_or_default();
+    let used = existing.resources.clone().unwrap_or_default().gpu_ids;
+    let cases: Vec<(Vec<Allocation>, Result<(), String>)> = vec![
+        (vec![], Ok(())),
+        (vec![extra(100_000 - 100, &["n1-gpu1"])], Ok(())),
+        (vec![extra(100_000, &[])], Err("memory exhausted on node n1".into())),
+        (vec![extra(60_000, &[]), extra(40_000, &["n1-gpu1"])], Err("memory exhausted on node n1".into())),
+        (vec![extra(1, &[used[0].as_str()])], Err("gpu exhausted on node n1".into())),
+        (vec![extra(1, &["n1-gpu1"]), extra(2, &["n1-gpu1"])], Err("gpu exhausted on node n1".into())),
+        (vec![extra(1, &["other-gpu"])], Err("gpu exhausted on node n1".into())),
+        // The existing allocation passed as extra again is not counted twice.
+        (vec![&existing].into_iter().cloned().collect(), Ok(())),
+    ];
+    for (extras, want) in cases {
+        let refs: Vec<&Allocation> = extras.iter().collect();
+        assert_eq!(check_node_fit(&c.st, &n1, &refs), want, "{extras:?}");
+    }
+    let mut down = n1.clone();
+    down.status = node_status::DOWN.into();
+    assert!(check_node_fit(&c.st, &down, &[]).is_err());
+    let mut ineligible = n1;
+    ineligible.eligible = false;
+    assert!(check_node_fit(&c.st, &ineligible, &[]).is_err());
+}
+
+/// Random clusters and jobs, scheduled and applied repeatedly: no node is ever overcommitted and
+/// no GPU is ever held twice. (A small xorshift stands in for proptest to avoid a dependency.)
+#[test]
+fn random_workloads_never_overcommit() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut rnd = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for round in 0..40 {
+        let mut c = Cluster::new();
+        for i in 0..(1 + rnd(5)) {
+            let mut n = gpu_node(&format!("n{i}"), rnd(4) as usize);
+            if let Some(r) = n.resources.as_mut() {
+                r.cpu_total_mhz = 500 + rnd(4000);
+                r.memory_mib = 256 + rnd(8192);
+                r.cpu_cores = 1 + rnd(8) as u32;
+            }
+            c.node(n);
+        }
+        for j in 0..(1 + rnd(6)) {
+            let groups = (0..(1 + rnd(3)))
+                .map(|g| {
+                    let mut tg = gpu_group(&format!("g{g}"), rnd(6) as u32, rnd(3) as u32);
+                    if let Some(r) = tg.tasks[0].resources.as_mut() {
+                        r.cpu_mhz = rnd(2000);
+                        r.memory_mib = rnd(4096);
+                        r.cores = rnd(3) as u32;
+                    }
+                    tg
+                })
+                .collect();
+            let id = format!("j{j}");
+            c.register(job(&id, job_type::SERVICE, groups));
+            c.schedule(&id);
+            if rnd(3) == 0 {
+                let node = format!("n{}", rnd(5));
+                if c.st.nodes.contains_key(&node) {
+                    c.set_node_status(&node, node_status::DOWN);
+                }
+            }
+        }
+        for n in c.st.nodes.values() {
+            let usage = Usage::live_on(&c.st, &n.id, &BTreeSet::new());
+            assert_eq!(resources::exhausted(n, &usage), None, "round {round}: node {} overcommitted: {usage:?}", n.id);
+        }
+    }
+}

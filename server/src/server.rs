@@ -1,0 +1,167 @@
+//! Wiring of one server: Raft node, state, leader loop, gRPC and HTTP listeners.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use mlp_proto::v1::{
+    agent_service_server::AgentServiceServer, alloc_service_server::AllocServiceServer,
+    eval_service_server::EvalServiceServer, job_service_server::JobServiceServer,
+    node_service_server::NodeServiceServer, status_service_server::StatusServiceServer,
+};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::Api;
+use crate::grpc::GrpcApi;
+use crate::leader::{HeartbeatSettings, Heartbeats, Leader};
+use crate::metrics::Metrics;
+use crate::raft::node::RaftSettings;
+use crate::state::StateHandle;
+
+/// Largest gRPC message accepted, both ways.
+pub const MAX_GRPC_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// How to run a server.
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    /// Pre-bound listeners (bind port 0 to let the OS choose).
+    pub grpc_listener: std::net::TcpListener,
+    pub http_listener: std::net::TcpListener,
+    /// The gRPC address other servers and agents reach this one at; default: the listener's.
+    pub advertise_addr: Option<String>,
+    pub raft: RaftSettings,
+    pub heartbeat: HeartbeatSettings,
+}
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("listener: {0}")]
+    Listener(std::io::Error),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// A running server.
+pub struct Server {
+    pub api: Arc<Api>,
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
+        config.grpc_listener.set_nonblocking(true).map_err(ServerError::Listener)?;
+        config.http_listener.set_nonblocking(true).map_err(ServerError::Listener)?;
+        let grpc_addr = config.grpc_listener.local_addr().map_err(ServerError::Listener)?;
+        let http_addr = config.http_listener.local_addr().map_err(ServerError::Listener)?;
+        let grpc_listener = tokio::net::TcpListener::from_std(config.grpc_listener).map_err(ServerError::Listener)?;
+        let http_listener = tokio::net::TcpListener::from_std(config.http_listener).map_err(ServerError::Listener)?;
+        let advertise = config.advertise_addr.unwrap_or_else(|| grpc_addr.to_string());
+
+        let (state, events) = StateHandle::new();
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        // A single voter elects itself without RPCs; the HA issue starts gRPC before joining.
+        let raft = crate::raft::node::start(&config.data_dir, advertise.clone(), config.raft, state.clone())
+            .await
+            .map_err(|e| ServerError::Raft(e.to_string()))?;
+        let raft = Arc::new(raft);
+
+        let metrics = Arc::new(Metrics::default());
+        let heartbeats = Arc::new(Heartbeats::default());
+        let api = Arc::new(Api {
+            raft: raft.clone(),
+            state: state.clone(),
+            metrics: metrics.clone(),
+            heartbeats: heartbeats.clone(),
+            heartbeat: config.heartbeat,
+        });
+        let grpc = GrpcApi { api: api.clone() };
+
+        let router = tonic::transport::Server::builder()
+            .add_service(crate::raft::network::raft_grpc_service(raft.raft.clone()))
+            .add_service(limits(JobServiceServer::new(grpc.clone())))
+            .add_service(limits_alloc(AllocServiceServer::new(grpc.clone())))
+            .add_service(NodeServiceServer::new(grpc.clone()))
+            .add_service(EvalServiceServer::new(grpc.clone()))
+            .add_service(StatusServiceServer::new(grpc.clone()))
+            .add_service(
+                AgentServiceServer::new(grpc.clone())
+                    .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES),
+            );
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let incoming = TcpListenerStream::new(grpc_listener);
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        }));
+
+        let app = crate::http::router(api.clone());
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(http_listener, app).with_graceful_shutdown(stop).await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }));
+
+        let leader = Arc::new(Leader {
+            raft: raft.clone(),
+            state: state.clone(),
+            metrics,
+            heartbeats,
+            settings: config.heartbeat,
+            plan_lock: tokio::sync::Mutex::new(()),
+        });
+        let mut rx = shutdown_rx;
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = leader.run(events.effects) => {}
+                _ = rx.wait_for(|s| *s) => {}
+            }
+        }));
+        tracing::info!(%grpc_addr, %http_addr, data_dir = %config.data_dir.display(), "server started");
+        Ok(Server { api, grpc_addr, http_addr, shutdown, tasks })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        self.api.raft.shutdown().await;
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn limits(s: JobServiceServer<GrpcApi>) -> JobServiceServer<GrpcApi> {
+    s.max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES).max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+}
+
+fn limits_alloc(s: AllocServiceServer<GrpcApi>) -> AllocServiceServer<GrpcApi> {
+    s.max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES).max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+}

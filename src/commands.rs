@@ -1,0 +1,455 @@
+//! What each CLI verb does: talk to the server over gRPC, print tables or JSON.
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::CommandFactory;
+use mlp_proto::consts::{alloc_client, eval_status};
+use mlp_proto::jobspec;
+use mlp_proto::v1::*;
+
+use crate::cli::{AllocCommand, Cli, Command, EvalCommand, JobCommand, NodeCommand};
+use crate::client::{connect, status_err};
+use crate::output::{ago, clock, print_json, short, Table};
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let addr = cli.conn.address;
+    match cli.command {
+        Command::Server(a) => crate::daemon::server(a).await,
+        Command::Agent(a) => crate::daemon::agent(a).await,
+        Command::Dev(a) => crate::daemon::dev(a).await,
+        Command::Job(c) => job(&addr, c).await,
+        Command::Alloc(c) => alloc(&addr, c).await,
+        Command::Node(c) => node(&addr, c).await,
+        Command::Eval(c) => eval(&addr, c).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "mlp", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn load_job(file: &std::path::Path) -> anyhow::Result<Job> {
+    jobspec::parse_file(file).map_err(|e| anyhow::anyhow!("{} has errors:\n{e}", file.display()))
+}
+
+async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        JobCommand::Validate { file } => {
+            let job = load_job(&file)?;
+            println!("Job spec {} is valid: job {:?} ({}), {} group(s)", file.display(), job.name, job.r#type, job.groups.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::Run { file, detach, json } => {
+            let job = load_job(&file)?;
+            let mut c = connect(addr).await?;
+            let resp = c.jobs.register(RegisterJobRequest { job: Some(job.clone()) }).await.map_err(status_err)?.into_inner();
+            if json {
+                print_json(&resp)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("==> Job {:?} registered (version {}), evaluation {}", job.name, resp.job_version, short(&resp.eval_id));
+            if detach {
+                println!("    Evaluation ID: {}", resp.eval_id);
+                return Ok(ExitCode::SUCCESS);
+            }
+            monitor(&mut c, &job, &resp.eval_id).await
+        }
+        JobCommand::Plan { file, json } => {
+            let job = load_job(&file)?;
+            let mut c = connect(addr).await?;
+            let resp = c.jobs.plan(PlanJobRequest { job: Some(job.clone()) }).await.map_err(status_err)?.into_inner();
+            if json {
+                print_json(&resp)?;
+            } else {
+                let change = match resp.diff_type.as_str() {
+                    "added" => "+ new job".to_string(),
+                    "edited" => format!("+/- edits job (version {} → {})", resp.current_version, resp.current_version + 1),
+                    _ => "no change to the job spec".to_string(),
+                };
+                println!("Job {:?}: {change}", job.name);
+                if resp.placements.is_empty() && resp.stops.is_empty() && resp.failed_tg_allocs.is_empty() {
+                    println!("Scheduler dry-run: nothing to place or stop.");
+                }
+                for p in &resp.placements {
+                    println!("  + place {} on node {} ({})", p.alloc_name, p.node_name, short(&p.node_id));
+                }
+                for s in &resp.stops {
+                    println!("  - stop allocation {}", short(s));
+                }
+                if !resp.failed_tg_allocs.is_empty() {
+                    println!("Scheduler dry-run: WARNING: some allocations cannot be placed:");
+                    for line in mlp_server::leader::explain_failures(&resp.failed_tg_allocs) {
+                        println!("  {line}");
+                    }
+                } else if !resp.placements.is_empty() {
+                    println!("Scheduler dry-run: all allocations placed.");
+                }
+            }
+            Ok(if resp.failed_tg_allocs.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        JobCommand::Status { name: None, json, namespace, stale } => {
+            let mut c = connect(addr).await?;
+            let resp = c.jobs.list(ListJobsRequest { namespace, stale }).await.map_err(status_err)?.into_inner();
+            if json {
+                print_json(&resp.jobs)?;
+            } else if resp.jobs.is_empty() {
+                println!("No jobs.");
+            } else {
+                let mut t = Table::new(&["ID", "Type", "Priority", "Status", "Version", "Allocations", "Submitted"]);
+                for j in &resp.jobs {
+                    let counts: Vec<String> = j.alloc_counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    t.row(vec![j.id.clone(), j.r#type.clone(), j.priority.to_string(), j.status.clone(), j.version.to_string(), counts.join(","), ago(j.submit_time_ms)]);
+                }
+                print!("{}", t.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::Status { name: Some(name), json, namespace, stale } => {
+            let mut c = connect(addr).await?;
+            let resp = c.jobs.get(GetJobRequest { job_id: name, namespace, stale }).await.map_err(status_err)?.into_inner();
+            if json {
+                print_json(&resp)?;
+            } else {
+                print_job_status(&resp);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::Stop { name, purge, namespace, detach } => {
+            let mut c = connect(addr).await?;
+            let resp = c
+                .jobs
+                .stop(StopJobRequest { job_id: name.clone(), namespace: namespace.clone(), purge })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("==> Job {name:?} stopped{}, evaluation {}", if purge { " and purged" } else { "" }, short(&resp.eval_id));
+            if detach {
+                return Ok(ExitCode::SUCCESS);
+            }
+            wait_stopped(&mut c, &name, &namespace, &resp.eval_id).await
+        }
+        JobCommand::History { name, json, namespace } => {
+            let mut c = connect(addr).await?;
+            let resp = c.jobs.versions(GetJobRequest { job_id: name, namespace, stale: false }).await.map_err(status_err)?.into_inner();
+            if json {
+                print_json(&resp.versions)?;
+            } else {
+                let mut t = Table::new(&["Version", "Stop", "Submitted", "Groups"]);
+                for v in &resp.versions {
+                    let groups: Vec<String> = v.groups.iter().map(|g| format!("{}×{}", g.name, g.count)).collect();
+                    t.row(vec![v.version.to_string(), v.stop.to_string(), ago(v.submit_time_ms), groups.join(", ")]);
+                }
+                print!("{}", t.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Follows a registration like Nomad's monitor: evaluation → placements → allocations running.
+async fn monitor(c: &mut crate::client::Clients, job: &Job, eval_id: &str) -> anyhow::Result<ExitCode> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let eval = loop {
+        let e = c.evals.get(GetEvalRequest { eval_id: eval_id.to_string() }).await.map_err(status_err)?.into_inner().evaluation;
+        if let Some(e) = e {
+            if e.status != eval_status::PENDING {
+                break e;
+            }
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("evaluation {eval_id} still pending after 60s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!("==> Evaluation {} finished with status {:?}", short(&eval.id), eval.status);
+    let resp = c
+        .jobs
+        .get(GetJobRequest { job_id: job.id.clone(), namespace: job.namespace.clone(), stale: false })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let ours: Vec<&Allocation> = resp.allocations.iter().filter(|a| a.eval_id == eval.id).collect();
+    for a in &ours {
+        println!("    Allocation {} created: node {}, group {:?}", short(&a.id), short(&a.node_id), a.task_group);
+    }
+    if !eval.failed_tg_allocs.is_empty() {
+        println!("==> Some allocations could not be placed; they wait for capacity (evaluation {} is blocked):", short(&eval.blocked_eval));
+        for line in mlp_server::leader::explain_failures(&eval.failed_tg_allocs) {
+            println!("    {line}");
+        }
+        return Ok(ExitCode::from(2));
+    }
+    if ours.is_empty() {
+        println!("==> No new allocations (the job is already placed as specified).");
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Follow until every new allocation has started (or ended).
+    let ids: BTreeSet<String> = ours.iter().map(|a| a.id.clone()).collect();
+    let mut last = std::collections::BTreeMap::<String, String>::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let resp = c
+            .allocs
+            .list(ListAllocsRequest { job_id: job.id.clone(), node_id: String::new(), namespace: job.namespace.clone() })
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        let mut settled = true;
+        let mut failed = false;
+        for a in resp.allocations.iter().filter(|a| ids.contains(&a.id)) {
+            if last.get(&a.id) != Some(&a.client_status) {
+                println!("    Allocation {} {}{}", short(&a.id), a.client_status, desc(&a.client_description));
+                last.insert(a.id.clone(), a.client_status.clone());
+            }
+            settled &= a.client_status != alloc_client::PENDING;
+            failed |= a.client_status == alloc_client::FAILED;
+        }
+        if settled {
+            println!("==> Deployed: {} allocation(s) of job {:?}{}", ids.len(), job.name, if failed { " (some failed)" } else { "" });
+            return Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS });
+        }
+        if Instant::now() > deadline {
+            println!("==> Allocations still pending after 120s; follow with `mlp job status {}`", job.name);
+            return Ok(ExitCode::from(2));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn desc(d: &str) -> String {
+    if d.is_empty() {
+        String::new()
+    } else {
+        format!(" ({d})")
+    }
+}
+
+async fn wait_stopped(c: &mut crate::client::Clients, name: &str, namespace: &str, eval_id: &str) -> anyhow::Result<ExitCode> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let e = c.evals.get(GetEvalRequest { eval_id: eval_id.to_string() }).await.map_err(status_err)?.into_inner().evaluation;
+        let evaluated = e.is_some_and(|e| e.status != eval_status::PENDING);
+        let resp = c
+            .allocs
+            .list(ListAllocsRequest { job_id: name.to_string(), node_id: String::new(), namespace: namespace.to_string() })
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        let live = resp.allocations.iter().filter(|a| !alloc_client::is_terminal(&a.client_status)).count();
+        if evaluated && live == 0 {
+            println!("==> All allocations of {name:?} have stopped");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if Instant::now() > deadline {
+            println!("==> {live} allocation(s) still stopping after 120s");
+            return Ok(ExitCode::from(2));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn print_job_status(resp: &GetJobResponse) {
+    let Some(job) = &resp.job else { return };
+    let mut t = Table::new(&["", ""]);
+    t.row(vec!["ID".into(), job.id.clone()]);
+    t.row(vec!["Namespace".into(), job.namespace.clone()]);
+    t.row(vec!["Type".into(), job.r#type.clone()]);
+    t.row(vec!["Priority".into(), job.priority.to_string()]);
+    t.row(vec!["Status".into(), format!("{}{}", job.status, if job.stop { " (stopped)" } else { "" })]);
+    t.row(vec!["Version".into(), job.version.to_string()]);
+    t.row(vec!["Submitted".into(), ago(job.submit_time_ms)]);
+    let rendered = t.render();
+    for line in rendered.lines().skip(1) {
+        println!("{line}");
+    }
+    println!("\nTask Groups");
+    let mut t = Table::new(&["Name", "Count", "Tasks", "Pending", "Running", "Complete", "Failed", "Lost"]);
+    for g in &job.groups {
+        let count = |s: &str| resp.allocations.iter().filter(|a| a.task_group == g.name && a.client_status == s).count().to_string();
+        let tasks: Vec<&str> = g.tasks.iter().map(|t| t.name.as_str()).collect();
+        t.row(vec![
+            g.name.clone(),
+            g.count.to_string(),
+            tasks.join(","),
+            count(alloc_client::PENDING),
+            count(alloc_client::RUNNING),
+            count(alloc_client::COMPLETE),
+            count(alloc_client::FAILED),
+            count(alloc_client::LOST),
+        ]);
+    }
+    print!("{}", t.render());
+    if let Some(e) = resp.evaluations.iter().rev().find(|e| e.status == eval_status::BLOCKED) {
+        println!("\nPlacement Failure (evaluation {} blocked)", short(&e.id));
+        for line in mlp_server::leader::explain_failures(&e.failed_tg_allocs) {
+            println!("  {line}");
+        }
+    }
+    println!("\nAllocations");
+    if resp.allocations.is_empty() {
+        println!("No allocations.");
+        return;
+    }
+    let mut t = Table::new(&["ID", "Node", "Group", "Version", "Desired", "Status", "Restarts", "Modified"]);
+    for a in &resp.allocations {
+        let restarts: u32 = a.task_states.values().map(|s| s.restarts).sum();
+        t.row(vec![
+            short(&a.id).to_string(),
+            short(&a.node_id).to_string(),
+            a.task_group.clone(),
+            a.job_version.to_string(),
+            a.desired_status.clone(),
+            a.client_status.clone(),
+            restarts.to_string(),
+            ago(a.modify_time_ms),
+        ]);
+    }
+    print!("{}", t.render());
+}
+
+async fn alloc(addr: &str, cmd: AllocCommand) -> anyhow::Result<ExitCode> {
+    let mut c = connect(addr).await?;
+    match cmd {
+        AllocCommand::Status { id, json } => {
+            let a = c.allocs.get(GetAllocRequest { alloc_id: id }).await.map_err(status_err)?.into_inner().allocation;
+            let a = a.context("server returned no allocation")?;
+            if json {
+                print_json(&a)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("ID                  = {}", a.id);
+            println!("Name                = {}", a.name);
+            println!("Node                = {} ({})", a.node_name, a.node_id);
+            println!("Job                 = {} (version {})", a.job_id, a.job_version);
+            println!("Desired Status      = {}{}", a.desired_status, desc(&a.desired_description));
+            println!("Client Status       = {}{}", a.client_status, desc(&a.client_description));
+            if let Some(r) = &a.resources {
+                println!("Resources           = cpu {} MHz, memory {} MiB{}", r.cpu_mhz, r.memory_mib, if r.gpu_ids.is_empty() { String::new() } else { format!(", gpus {}", r.gpu_ids.join(",")) });
+            }
+            println!("Created             = {}", ago(a.create_time_ms));
+            for (name, ts) in &a.task_states {
+                println!(
+                    "\nTask {name:?} is {:?}{}{} (restarts {}{})",
+                    ts.state,
+                    if ts.failed { ", failed" } else { "" },
+                    ts.exit_code.map(|c| format!(", exit code {c}")).unwrap_or_default(),
+                    ts.restarts,
+                    if ts.pid > 0 { format!(", pid {}", ts.pid) } else { String::new() }
+                );
+                let mut t = Table::new(&["Time", "Type", "Description"]);
+                for e in ts.events.iter().rev() {
+                    t.row(vec![clock(e.time_ms), e.r#type.clone(), e.message.clone()]);
+                }
+                print!("{}", t.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AllocCommand::Logs { id, task, follow, stderr, tail } => {
+            let req = LogsRequest { alloc_id: id, task: task.unwrap_or_default(), stderr, follow, offset: 0, tail_bytes: tail.unwrap_or(0) };
+            let mut stream = c.allocs.logs(req).await.map_err(status_err)?.into_inner();
+            let mut out = std::io::stdout();
+            while let Some(chunk) = stream.message().await.map_err(status_err)? {
+                out.write_all(&chunk.data)?;
+                out.flush()?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn node(addr: &str, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
+    let mut c = connect(addr).await?;
+    match cmd {
+        NodeCommand::Status { id: None, json } => {
+            let nodes = c.nodes.list(ListNodesRequest {}).await.map_err(status_err)?.into_inner().nodes;
+            if json {
+                print_json(&nodes)?;
+            } else if nodes.is_empty() {
+                println!("No nodes registered.");
+            } else {
+                let mut t = Table::new(&["ID", "Name", "DC", "Pool", "Drivers", "Eligibility", "Status"]);
+                for n in &nodes {
+                    t.row(vec![
+                        short(&n.id).to_string(),
+                        n.name.clone(),
+                        n.datacenter.clone(),
+                        n.node_pool.clone(),
+                        n.drivers.join(","),
+                        if n.eligible { "eligible".into() } else { "ineligible".into() },
+                        n.status.clone(),
+                    ]);
+                }
+                print!("{}", t.render());
+            }
+        }
+        NodeCommand::Status { id: Some(id), json } => {
+            let resp = c.nodes.get(GetNodeRequest { node_id: id }).await.map_err(status_err)?.into_inner();
+            if json {
+                print_json(&resp)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let n = resp.node.context("server returned no node")?;
+            println!("ID          = {}", n.id);
+            println!("Name        = {}", n.name);
+            println!("Datacenter  = {}", n.datacenter);
+            println!("Status      = {}{}", n.status, desc(&n.status_description));
+            println!("Eligibility = {}", if n.eligible { "eligible" } else { "ineligible" });
+            println!("Drivers     = {}", n.drivers.join(", "));
+            println!("Address     = {}", n.rpc_addr);
+            println!("Heartbeat   = {}", ago(n.last_heartbeat_ms));
+            if let Some(r) = &n.resources {
+                println!("Resources   = {} cores × {} MHz = {} MHz, {} MiB memory, {} MiB disk, {} GPUs", r.cpu_cores, r.cpu_mhz_per_core, r.cpu_total_mhz, r.memory_mib, r.disk_mib, r.gpus.len());
+            }
+            println!("\nAttributes");
+            for (k, v) in &n.attributes {
+                println!("  {k} = {v}");
+            }
+            println!("\nAllocations");
+            let mut t = Table::new(&["ID", "Job", "Group", "Desired", "Status"]);
+            for a in &resp.allocations {
+                t.row(vec![short(&a.id).to_string(), a.job_id.clone(), a.task_group.clone(), a.desired_status.clone(), a.client_status.clone()]);
+            }
+            print!("{}", t.render());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn eval(addr: &str, cmd: EvalCommand) -> anyhow::Result<ExitCode> {
+    let mut c = connect(addr).await?;
+    let EvalCommand::Status { id, json } = cmd;
+    match id {
+        None => {
+            let evals = c.evals.list(ListEvalsRequest { job_id: String::new() }).await.map_err(status_err)?.into_inner().evaluations;
+            if json {
+                print_json(&evals)?;
+            } else {
+                let mut t = Table::new(&["ID", "Job", "Triggered By", "Status", "Placement Failures"]);
+                for e in &evals {
+                    t.row(vec![short(&e.id).to_string(), e.job_id.clone(), e.triggered_by.clone(), e.status.clone(), (!e.failed_tg_allocs.is_empty()).to_string()]);
+                }
+                print!("{}", t.render());
+            }
+        }
+        Some(id) => {
+            let e = c.evals.get(GetEvalRequest { eval_id: id }).await.map_err(status_err)?.into_inner().evaluation;
+            let e = e.context("server returned no evaluation")?;
+            if json {
+                print_json(&e)?;
+            } else {
+                println!("ID           = {}", e.id);
+                println!("Job          = {}", e.job_id);
+                println!("Triggered By = {}", e.triggered_by);
+                println!("Status       = {}{}", e.status, desc(&e.status_description));
+                for line in mlp_server::leader::explain_failures(&e.failed_tg_allocs) {
+                    println!("{line}");
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

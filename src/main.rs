@@ -1,0 +1,30 @@
+//! The `mlp` binary: CLI parsing and the wiring of `mlp server`, `mlp agent` and `mlp dev`.
+//! The logic lives in the `mlp-server`, `mlp-agent` and `mlp-proto` crates.
+
+mod cli;
+mod client;
+mod commands;
+mod daemon;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(commands::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Test harness: runs the real `mlp` binary (`mlp dev` on a temp data dir, ports chosen by the
+//! OS) and the CLI against it. Guards kill the cluster and every task process it left behind,
+//! also when a test fails.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const MLP: &str = env!("CARGO_BIN_EXE_mlp");
+
+/// Polls `f` until it returns Some or the deadline passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A `mlp dev` process on its own data dir.
+pub struct Dev {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub grpc: String,
+    pub http: String,
+}
+
+impl Dev {
+    pub fn start() -> Dev {
+        let dir = tempfile::Builder::new().prefix("mlp-test-").tempdir().expect("tempdir");
+        let mut dev = Dev { child: None, dir, grpc: String::new(), http: String::new() };
+        dev.spawn();
+        dev
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts (or restarts) the dev process on the same data dir.
+    pub fn spawn(&mut self) {
+        let mut child = Command::new(MLP)
+            .args(["dev", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(self.data_dir())
+            .env("MLP_LOG", "info,openraft=warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.path().join("dev.log"))
+                    .expect("log file"),
+            ))
+            .spawn()
+            .expect("spawn mlp dev");
+        let stdout = child.stdout.take().expect("stdout");
+        self.child = Some(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut grpc = None;
+            let mut http = None;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(v) = line.trim().strip_prefix("gRPC:") {
+                    grpc = Some(v.trim().to_string());
+                }
+                if let Some(v) = line.trim().strip_prefix("HTTP:") {
+                    http = Some(v.trim().trim_start_matches("http://").to_string());
+                }
+                if line.contains("==> try:") {
+                    let _ = tx.send((grpc.take(), http.take()));
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok((Some(g), Some(h))) => {
+                self.grpc = g;
+                self.http = h;
+            }
+            other => panic!("mlp dev did not start: {other:?}\n{}", self.log()),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dev.log")).unwrap_or_default()
+    }
+
+    /// kill -9 the dev process (tasks it started stay, as they would on a crash).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs the CLI against this cluster.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(MLP)
+            .args(args)
+            .env("MLP_ADDR", &self.grpc)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mlp")
+    }
+
+    /// Runs the CLI and insists on success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "mlp {args:?} failed ({}):\nstdout: {}\nstderr: {}\ndev log tail: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log(), 3000)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.ok(args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("mlp {args:?}: not JSON ({e}): {out}"))
+    }
+
+    /// `mlp job status NAME --json`.
+    pub fn job(&self, name: &str) -> serde_json::Value {
+        self.json(&["job", "status", name, "--json"])
+    }
+
+    /// Waits until the job's allocations satisfy `pred`, returns them.
+    pub fn wait_allocs(&self, job: &str, what: &str, timeout: Duration, pred: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
+        wait_for(what, timeout, || {
+            let v = self.job(job);
+            let allocs = v["allocations"].as_array().cloned().unwrap_or_default();
+            pred(&allocs).then_some(allocs)
+        })
+    }
+
+    /// Writes a job file into the test dir.
+    pub fn write_job(&self, name: &str, body: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, body).expect("write job");
+        p
+    }
+
+    /// A raw HTTP/1.1 request to the HTTP API; returns (status, body).
+    pub fn http(&self, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
+        http_request(&self.http, method, path, content_type, body)
+    }
+}
+
+pub fn http_request(addr: &str, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect http");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    if let Some(ct) = content_type {
+        head.push_str(&format!("Content-Type: {ct}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).expect("write");
+    let _ = s.write_all(body);
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, dechunk(&body))
+}
+
+/// Undoes chunked transfer encoding well enough for JSON bodies.
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else { return body.to_string() };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { return body.to_string() };
+        if n == 0 {
+            return out;
+        }
+        if after.len() < n {
+            return body.to_string();
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> &str {
+    let start = s.len().saturating_sub(n);
+    let mut i = start;
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    &s[i..]
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Pids of processes whose working directory is inside `dir` (the tasks of a test cluster).
+pub fn processes_under(dir: &Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) {
+            if cwd.starts_with(dir) && pid_alive(pid) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        self.kill9();
+        // Tasks run in their own sessions: kill whatever still runs inside this cluster's dir.
+        for pid in processes_under(self.dir.path()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// The workspace root (for examples/).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
