@@ -1,1 +1,238 @@
-fn main() {}
+//! Spine benchmark: runs the real `mlp dev` (release build) and measures
+//!   1. submit → task running latency over N jobs (p50/p99),
+//!   2. 500 trivial batch jobs (`/bin/true`) from first submit to all complete,
+//!   3. job registrations per second through Raft (fsync'd log) with 1 and 64 concurrent clients.
+//! Prints `key value` lines (and writes them as JSON to $MLP_BENCH_OUT if set) so that
+//! `scripts/bench-spine.sh` can put them next to Slurm's figures from the same run.
+//!
+//! Run: `cargo bench --bench spine` (or `scripts/bench-spine.sh` for the Slurm comparison).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mlp_proto::consts::{alloc_client, job_status};
+use mlp_proto::v1::job_service_client::JobServiceClient;
+use mlp_proto::v1::*;
+use tonic::transport::Channel;
+
+const MLP: &str = env!("CARGO_BIN_EXE_mlp");
+
+struct DevGuard {
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for DevGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_dev() -> Result<(DevGuard, String), String> {
+    let dir = std::env::temp_dir().join(format!("mlp-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut child = Command::new(MLP)
+        .args(["dev", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("data"))
+        .env("MLP_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn mlp dev: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let guard = DevGuard { child, dir };
+    let mut grpc = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        if let Some(v) = line.trim().strip_prefix("gRPC:") {
+            grpc = Some(v.trim().to_string());
+        }
+        if line.contains("==> try:") {
+            break;
+        }
+    }
+    let grpc = grpc.ok_or("mlp dev printed no gRPC address")?;
+    Ok((guard, grpc))
+}
+
+fn job(name: &str, ty: &str, count: u32, command: &str, args: &[&str]) -> Job {
+    Job {
+        id: name.into(),
+        name: name.into(),
+        namespace: "default".into(),
+        r#type: ty.into(),
+        priority: 50,
+        groups: vec![TaskGroup {
+            name: "g".into(),
+            count,
+            restart: Some(RestartPolicy { attempts: 0, interval_ms: 60_000, delay_ms: 1000, mode: "fail".into() }),
+            tasks: vec![Task {
+                name: "t".into(),
+                driver: "exec".into(),
+                config: Some(TaskConfig { command: command.into(), args: args.iter().map(|s| s.to_string()).collect() }),
+                resources: Some(Resources { cpu_mhz: 10, memory_mib: 10, ..Default::default() }),
+                kill_timeout_ms: 1000,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn connect(addr: &str) -> Result<JobServiceClient<Channel>, String> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(JobServiceClient::new(ch))
+}
+
+/// Submit → running: time from just before the register RPC to the task's start time as the
+/// agent recorded it (same machine, same clock), one job at a time.
+async fn submit_to_running(addr: &str, n: usize) -> Result<Vec<f64>, String> {
+    let mut c = connect(addr).await?;
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let name = format!("lat{i}");
+        let t0 = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?;
+        c.register(RegisterJobRequest { job: Some(job(&name, "batch", 1, "/bin/true", &[])) }).await.map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = c
+                .get(GetJobRequest { job_id: name.clone(), namespace: String::new(), stale: true })
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner();
+            let started = r.allocations.first().and_then(|a| a.task_states.get("t")).map(|s| s.started_at_ms).unwrap_or(0);
+            if started > 0 {
+                lat.push(started as f64 - t0.as_secs_f64() * 1000.0);
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{name} not running after 30s"));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    Ok(lat)
+}
+
+/// 500 `/bin/true` batch jobs, submitted one after another, until all are complete.
+async fn batch_500(addr: &str) -> Result<f64, String> {
+    let mut c = connect(addr).await?;
+    let t0 = Instant::now();
+    for i in 0..500 {
+        c.register(RegisterJobRequest { job: Some(job(&format!("b{i}"), "batch", 1, "/bin/true", &[])) })
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let jobs = c.list(ListJobsRequest { namespace: String::new(), stale: true }).await.map_err(|e| e.to_string())?.into_inner().jobs;
+        let done = jobs
+            .iter()
+            .filter(|j| j.name.starts_with('b') && j.status == job_status::DEAD && j.alloc_counts.get(alloc_client::COMPLETE) == Some(&1))
+            .count();
+        if done == 500 {
+            return Ok(t0.elapsed().as_secs_f64());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("only {done}/500 batch jobs complete after 600s"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Registrations per second with `clients` concurrent gRPC clients, `per_client` each. The jobs
+/// have count = 0, so each registration is one Raft entry plus one evaluation pass.
+async fn registrations(addr: &str, clients: usize, per_client: usize, tag: &str) -> Result<f64, String> {
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(connect(addr).await?);
+    }
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for (ci, mut c) in conns.into_iter().enumerate() {
+        let tag = tag.to_string();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_client {
+                let j = job(&format!("r{tag}-{ci}-{i}"), "service", 0, "/bin/true", &[]);
+                c.register(RegisterJobRequest { job: Some(j) }).await.map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    Ok((clients * per_client) as f64 / t0.elapsed().as_secs_f64())
+}
+
+async fn run() -> Result<BTreeMap<String, f64>, String> {
+    let n_lat: usize = std::env::var("MLP_BENCH_LATENCY_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let mut out = BTreeMap::new();
+    {
+        let (_dev, addr) = start_dev()?;
+        let lat = submit_to_running(&addr, n_lat).await?;
+        out.insert("mlp_submit_to_running_p50_ms".into(), pct(&lat, 0.5));
+        out.insert("mlp_submit_to_running_p99_ms".into(), pct(&lat, 0.99));
+        out.insert("mlp_submit_to_running_n".into(), lat.len() as f64);
+    }
+    {
+        let (_dev, addr) = start_dev()?;
+        let secs = batch_500(&addr).await?;
+        out.insert("mlp_batch500_s".into(), secs);
+        out.insert("mlp_batch500_jobs_per_sec".into(), 500.0 / secs);
+    }
+    {
+        let (_dev, addr) = start_dev()?;
+        // Warm up connections and the leader's loop.
+        registrations(&addr, 4, 25, "warm").await?;
+        out.insert("mlp_registrations_per_sec_1_client".into(), registrations(&addr, 1, 1000, "one").await?);
+        out.insert("mlp_registrations_per_sec_64_clients".into(), registrations(&addr, 64, 100, "many").await?);
+    }
+    Ok(out)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing to filter here.
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    match rt.block_on(run()) {
+        Ok(results) => {
+            for (k, v) in &results {
+                println!("{k} {v:.2}");
+            }
+            if let Ok(path) = std::env::var("MLP_BENCH_OUT") {
+                let json = serde_json::to_string_pretty(&results).unwrap_or_default();
+                if let Err(e) = std::fs::write(&path, json) {
+                    eprintln!("cannot write {path}: {e}");
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("benchmark failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -141,11 +141,23 @@ fn http_api_rejects_bad_requests_and_changes_nothing() {
     let v: serde_json::Value = serde_json::from_str(&resp).expect("json");
     assert!(v["eval_id"].as_str().is_some_and(|s| !s.is_empty()));
     assert_eq!(dev.job("train")["job"]["name"], "train");
+    // A minimal JSON job gets the same defaults a job file would.
+    let (code, resp) = dev.http(
+        "POST",
+        "/v1/jobs",
+        json,
+        br#"{"job": {"name": "mini", "groups": [{"name": "g", "count": 1, "tasks": [{"name": "t", "driver": "exec", "config": {"command": "/bin/true"}}]}]}}"#,
+    );
+    assert_eq!(code, 200, "{resp}");
+    let mini = dev.job("mini");
+    assert_eq!(mini["job"]["type"], "service");
+    assert_eq!(mini["job"]["priority"], 50);
+    assert_eq!(mini["job"]["groups"][0]["tasks"][0]["resources"]["memory_mib"], 300);
     let (code, body) = dev.http("GET", "/v1/status/leader", None, b"");
     assert_eq!(code, 200);
     assert!(body.contains(&dev.grpc), "{body}");
     let (code, body) = dev.http("GET", "/v1/metrics", None, b"");
     assert_eq!(code, 200);
-    assert!(body.contains("mlp_job_registrations_total 1"), "{body}");
+    assert!(body.contains("mlp_job_registrations_total 2"), "{body}");
     assert!(body.contains("mlp_raft_is_leader 1"), "{body}");
 }

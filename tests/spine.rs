@@ -284,3 +284,37 @@ fn unplaceable_job_waits_blocked_and_says_why() {
     let evals = v["evaluations"].as_array().cloned().unwrap_or_default();
     assert!(evals.iter().any(|e| e["status"] == "blocked"), "a blocked evaluation waits: {evals:?}");
 }
+
+#[test]
+fn tasks_left_by_a_killed_agent_are_replaced_not_duplicated() {
+    let mut dev = Dev::start();
+    let serve = repo_root().join("examples/serve.hcl");
+    dev.ok(&["job", "run", serve.to_str().unwrap_or_default()]);
+    let pids = |allocs: &[Value]| -> Vec<i64> {
+        allocs.iter().filter_map(|a| a["task_states"]["server"]["pid"].as_i64()).filter(|p| *p > 0).collect()
+    };
+    let before = dev.wait_allocs("serve", "two running", Duration::from_secs(30), |a| {
+        a.len() == 2 && a.iter().all(|x| status(x) == "running") && pids(a).len() == 2
+    });
+    let old = pids(&before);
+    dev.kill9();
+    // The tasks outlive the crashed agent...
+    assert!(old.iter().all(|p| pid_alive(*p as i32)));
+    dev.spawn();
+    // ...and the new agent, which cannot reattach yet, kills them and starts fresh copies.
+    let after = dev.wait_allocs("serve", "two running again with new pids", Duration::from_secs(30), |a| {
+        let p = pids(a);
+        a.len() == 2 && a.iter().all(|x| status(x) == "running") && p.len() == 2 && p.iter().all(|x| !old.contains(x))
+    });
+    let ids_before: Vec<&str> = before.iter().filter_map(|a| a["id"].as_str()).collect();
+    for a in &after {
+        assert!(ids_before.contains(&a["id"].as_str().unwrap_or_default()), "same allocations, not replacements");
+    }
+    wait_for("old task processes gone", Duration::from_secs(10), || old.iter().all(|p| !pid_alive(*p as i32)).then_some(()));
+    let new = pids(&after);
+    for p in processes_under(&dev.data_dir()) {
+        let pgid = common::pgid_of(p).unwrap_or(0) as i64;
+        assert!(new.contains(&pgid), "process {p} (group {pgid}) belongs to neither new task {new:?}");
+    }
+    dev.ok(&["job", "stop", "serve"]);
+}

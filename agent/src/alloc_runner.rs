@@ -203,7 +203,11 @@ async fn run_alloc(
             let st = rep.persisted.task_states.entry(t.clone()).or_default();
             st.state = task_state::DEAD.into();
             st.failed = true;
-            push_event(st, task_event::DRIVER_FAILURE, format!("failed to create alloc dir: {e}"));
+            push_event(
+                st,
+                task_event::DRIVER_FAILURE,
+                format!("failed to create alloc dir: {e}"),
+            );
         }
         rep.publish();
         return rep.persisted;
@@ -332,4 +336,71 @@ pub fn finish_persisted(p: &mut PersistedAlloc, message: &str) {
     let (status, desc) = client_status(&tasks, &p.task_states);
     p.client_status = status.into();
     p.client_description = desc;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(state: &str, failed: bool, started: u64) -> TaskState {
+        TaskState {
+            state: state.into(),
+            failed,
+            started_at_ms: started,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn status_table() {
+        let tasks = vec!["a".to_string(), "b".to_string()];
+        let cases = [
+            (
+                st("pending", false, 0),
+                st("pending", false, 0),
+                alloc_client::PENDING,
+            ),
+            (
+                st("running", false, 1),
+                st("pending", false, 0),
+                alloc_client::PENDING,
+            ),
+            (
+                st("running", false, 1),
+                st("running", false, 1),
+                alloc_client::RUNNING,
+            ),
+            (
+                st("dead", false, 1),
+                st("running", false, 1),
+                alloc_client::RUNNING,
+            ),
+            (
+                st("pending", false, 1),
+                st("running", false, 1),
+                alloc_client::RUNNING,
+            ),
+            (
+                st("dead", false, 1),
+                st("dead", false, 1),
+                alloc_client::COMPLETE,
+            ),
+            (
+                st("dead", true, 1),
+                st("running", false, 1),
+                alloc_client::FAILED,
+            ),
+            (
+                st("dead", true, 0),
+                st("dead", false, 1),
+                alloc_client::FAILED,
+            ),
+        ];
+        for (i, (a, b, want)) in cases.into_iter().enumerate() {
+            let mut m = BTreeMap::new();
+            m.insert("a".to_string(), a);
+            m.insert("b".to_string(), b);
+            assert_eq!(client_status(&tasks, &m).0, want, "case {i}");
+        }
+    }
 }

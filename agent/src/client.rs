@@ -213,7 +213,11 @@ pub async fn watch_loop(
                     match stream.message().await {
                         Ok(Some(msg)) => {
                             backoff.reset();
-                            tracing::debug!(count = msg.allocations.len(), index = msg.index, "allocations received");
+                            tracing::debug!(
+                                count = msg.allocations.len(),
+                                index = msg.index,
+                                "allocations received"
+                            );
                             manager.lock().await.sync(msg.allocations);
                         }
                         Ok(None) => {

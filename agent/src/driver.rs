@@ -430,7 +430,10 @@ mod tests {
         let s = spec(
             dir.path(),
             "/bin/sh",
-            &["-c", "sleep 100 & sleep 100 & trap '' TERM; echo ready; wait"],
+            &[
+                "-c",
+                "sleep 100 & sleep 100 & trap '' TERM; echo ready; wait",
+            ],
         );
         let mut h = ProcessDriver::exec().start(&s).await?;
         let pgid = h.pid();

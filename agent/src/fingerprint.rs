@@ -35,7 +35,11 @@ pub fn parse_cpuinfo(text: &str) -> CpuInfo {
                 info.model_name = v.to_string()
             }
             "cpu MHz" if info.mhz.is_none() => {
-                info.mhz = v.parse::<f64>().ok().filter(|m| *m > 0.0).map(|m| m.round() as u64)
+                info.mhz = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|m| *m > 0.0)
+                    .map(|m| m.round() as u64)
             }
             _ => {}
         }
@@ -50,7 +54,11 @@ pub fn parse_meminfo_total(text: &str) -> Option<u64> {
             let mut it = rest.split_whitespace();
             let n: u64 = it.next()?.parse().ok()?;
             let unit = it.next().unwrap_or("kB");
-            return Some(if unit.eq_ignore_ascii_case("kb") { n * 1024 } else { n });
+            return Some(if unit.eq_ignore_ascii_case("kb") {
+                n * 1024
+            } else {
+                n
+            });
         }
     }
     None
@@ -154,10 +162,7 @@ pub fn fingerprint(config: &AgentConfig) -> Node {
     let (disk_free, disk_total) = match nix::sys::statvfs::statvfs(&config.data_dir) {
         Ok(s) => {
             let frag = s.fragment_size();
-            (
-                s.blocks_available() * frag,
-                s.blocks() * frag,
-            )
+            (s.blocks_available() * frag, s.blocks() * frag)
         }
         Err(e) => {
             tracing::warn!(error = %e, "statvfs on the data dir failed");
@@ -184,7 +189,10 @@ pub fn fingerprint(config: &AgentConfig) -> Node {
     let mut attrs = BTreeMap::new();
     attrs.insert("cpu.numcores".into(), cores.to_string());
     attrs.insert("cpu.frequency".into(), mhz.to_string());
-    attrs.insert("cpu.totalcompute".into(), (u64::from(cores) * mhz).to_string());
+    attrs.insert(
+        "cpu.totalcompute".into(),
+        (u64::from(cores) * mhz).to_string(),
+    );
     attrs.insert("cpu.modelname".into(), cpu.model_name.clone());
     attrs.insert("cpu.arch".into(), arch);
     attrs.insert("memory.totalbytes".into(), mem_bytes.to_string());
@@ -265,9 +273,8 @@ mod tests {
         assert_eq!(cgroup_version(true, "cpu memory io", v2), "v2");
         let v1 = "30 24 0:26 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
         assert_eq!(cgroup_version(false, "", v1), "v1");
-        let hybrid = format!(
-            "{v1}29 24 0:25 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw,nsdelegate\n"
-        );
+        let hybrid =
+            format!("{v1}29 24 0:25 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw,nsdelegate\n");
         assert_eq!(cgroup_version(false, "", &hybrid), "hybrid");
     }
 
@@ -283,10 +290,25 @@ mod tests {
         let r = n.resources.clone().unwrap_or_default();
         assert!(r.cpu_cores > 0 && r.cpu_mhz_per_core > 0);
         assert_eq!(r.cpu_total_mhz, u64::from(r.cpu_cores) * r.cpu_mhz_per_core);
-        assert_eq!(n.attributes.get("kernel.name").map(String::as_str), Some("linux"));
-        assert_eq!(n.attributes.get("driver.exec").map(String::as_str), Some("1"));
+        assert_eq!(
+            n.attributes.get("kernel.name").map(String::as_str),
+            Some("linux")
+        );
+        assert_eq!(
+            n.attributes.get("driver.exec").map(String::as_str),
+            Some("1")
+        );
         assert_eq!(n.drivers, vec!["exec".to_string(), "raw_exec".to_string()]);
-        for k in ["cpu.numcores", "cpu.frequency", "cpu.arch", "memory.totalbytes", "cgroup.version", "unique.storage.bytesfree", "os.name", "unique.hostname"] {
+        for k in [
+            "cpu.numcores",
+            "cpu.frequency",
+            "cpu.arch",
+            "memory.totalbytes",
+            "cgroup.version",
+            "unique.storage.bytesfree",
+            "os.name",
+            "unique.hostname",
+        ] {
             assert!(n.attributes.contains_key(k), "missing {k}");
         }
         Ok(())

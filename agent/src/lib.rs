@@ -258,7 +258,10 @@ impl Agent {
         self.cancel.cancel();
         self.manager.lock().await.abort_all();
         for l in self.loops {
-            if tokio::time::timeout(Duration::from_secs(5), l).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), l)
+                .await
+                .is_err()
+            {
                 tracing::warn!("an agent loop did not stop in time");
             }
         }

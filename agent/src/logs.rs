@@ -30,7 +30,9 @@ pub fn list_files(dir: &Path, base: &str) -> io::Result<Vec<(u64, PathBuf, u64)>
         let Some(rest) = name.strip_prefix(&prefix) else {
             continue;
         };
-        let Ok(idx) = rest.parse::<u64>() else { continue };
+        let Ok(idx) = rest.parse::<u64>() else {
+            continue;
+        };
         let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
         out.push((idx, entry.path(), size));
     }
@@ -56,10 +58,7 @@ impl RotatingWriter {
     pub fn open(dir: &Path, base: &str, max_bytes: u64, max_files: u32) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
         let existing = list_files(dir, base)?;
-        let (index, size) = existing
-            .last()
-            .map(|(i, _, s)| (*i, *s))
-            .unwrap_or((0, 0));
+        let (index, size) = existing.last().map(|(i, _, s)| (*i, *s)).unwrap_or((0, 0));
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -261,7 +260,10 @@ mod tests {
         assert_eq!(idx, vec![2, 3, 4]);
         let sizes: Vec<u64> = files.iter().map(|f| f.2).collect();
         assert_eq!(sizes, vec![10, 10, 5]);
-        assert_eq!(fs::read(dir.path().join("t.stdout.4"))?, data[40..].to_vec());
+        assert_eq!(
+            fs::read(dir.path().join("t.stdout.4"))?,
+            data[40..].to_vec()
+        );
 
         let mut r = LogReader::new(dir.path(), &base, 0, 0)?;
         assert_eq!(r.read_to_end()?, data[20..].to_vec());

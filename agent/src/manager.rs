@@ -104,7 +104,11 @@ impl AllocManager {
                 if st.state == task_state::RUNNING || had_procs.contains(name) {
                     st.state = task_state::PENDING.into();
                     st.pid = 0;
-                    push_event(st, task_event::RESTARTING, "agent restarted; task restarted");
+                    push_event(
+                        st,
+                        task_event::RESTARTING,
+                        "agent restarted; task restarted",
+                    );
                 }
             }
             p.procs.clear();
@@ -149,11 +153,14 @@ impl AllocManager {
             }
             // Asked to stop something that is not running here.
             let dir = self.env.alloc_root.join(&a.id);
-            let mut p = self.restored.remove(&a.id).unwrap_or_else(|| PersistedAlloc {
-                alloc_id: a.id.clone(),
-                alloc: Some(a.clone()),
-                ..Default::default()
-            });
+            let mut p = self
+                .restored
+                .remove(&a.id)
+                .unwrap_or_else(|| PersistedAlloc {
+                    alloc_id: a.id.clone(),
+                    alloc: Some(a.clone()),
+                    ..Default::default()
+                });
             finish_persisted(&mut p, "Task stopped (agent restarted)");
             if p.task_states.is_empty() {
                 p.client_status = alloc_client::COMPLETE.into();

@@ -64,8 +64,7 @@ pub fn decide(
     }
     let mut t = tracker;
     // interval 0 = one window that never ends.
-    if policy.interval_ms > 0 && now_ms.saturating_sub(t.interval_start_ms) >= policy.interval_ms
-    {
+    if policy.interval_ms > 0 && now_ms.saturating_sub(t.interval_start_ms) >= policy.interval_ms {
         t = RestartTracker {
             count: 0,
             interval_start_ms: now_ms,
@@ -164,28 +163,111 @@ mod tests {
         use RestartDecision::*;
         let fail = restart_mode::FAIL;
         let delay = restart_mode::DELAY;
-        let cases: Vec<(&str, bool, RestartPolicy, RestartTracker, u64, RestartDecision, RestartTracker)> = vec![
+        let cases: Vec<(
+            &str,
+            bool,
+            RestartPolicy,
+            RestartTracker,
+            u64,
+            RestartDecision,
+            RestartTracker,
+        )> = vec![
             // batch success: done, tracker unchanged
-            ("batch", true, pol(2, 1000, 10, fail), tr(0, 0), 5, Done, tr(0, 0)),
+            (
+                "batch",
+                true,
+                pol(2, 1000, 10, fail),
+                tr(0, 0),
+                5,
+                Done,
+                tr(0, 0),
+            ),
             // batch failure: restart
-            ("batch", false, pol(2, 1000, 10, fail), tr(0, 0), 5, Restart { delay_ms: 10 }, tr(1, 0)),
+            (
+                "batch",
+                false,
+                pol(2, 1000, 10, fail),
+                tr(0, 0),
+                5,
+                Restart { delay_ms: 10 },
+                tr(1, 0),
+            ),
             // service success: restart too
-            ("service", true, pol(2, 1000, 10, fail), tr(1, 0), 5, Restart { delay_ms: 10 }, tr(2, 0)),
+            (
+                "service",
+                true,
+                pol(2, 1000, 10, fail),
+                tr(1, 0),
+                5,
+                Restart { delay_ms: 10 },
+                tr(2, 0),
+            ),
             // attempts exhausted within the interval, mode fail
-            ("service", false, pol(2, 1_800_000, 10, fail), tr(2, 0), 5,
-                Fail { message: "exceeded allowed attempts 2 in interval 30m0s".into() }, tr(2, 0)),
+            (
+                "service",
+                false,
+                pol(2, 1_800_000, 10, fail),
+                tr(2, 0),
+                5,
+                Fail {
+                    message: "exceeded allowed attempts 2 in interval 30m0s".into(),
+                },
+                tr(2, 0),
+            ),
             // attempts exhausted but interval elapsed: reset and restart
-            ("service", false, pol(2, 1000, 10, fail), tr(2, 0), 1500, Restart { delay_ms: 10 }, tr(1, 1500)),
+            (
+                "service",
+                false,
+                pol(2, 1000, 10, fail),
+                tr(2, 0),
+                1500,
+                Restart { delay_ms: 10 },
+                tr(1, 1500),
+            ),
             // attempts 0, mode fail: fail at once
-            ("batch", false, pol(0, 1000, 10, fail), tr(0, 0), 5,
-                Fail { message: "exceeded allowed attempts 0 in interval 1s".into() }, tr(0, 0)),
+            (
+                "batch",
+                false,
+                pol(0, 1000, 10, fail),
+                tr(0, 0),
+                5,
+                Fail {
+                    message: "exceeded allowed attempts 0 in interval 1s".into(),
+                },
+                tr(0, 0),
+            ),
             // mode delay: wait until the interval ends
-            ("service", false, pol(1, 1000, 10, delay), tr(1, 0), 300, Restart { delay_ms: 700 }, tr(1, 1000)),
+            (
+                "service",
+                false,
+                pol(1, 1000, 10, delay),
+                tr(1, 0),
+                300,
+                Restart { delay_ms: 700 },
+                tr(1, 1000),
+            ),
             // mode delay with delay longer than the rest of the interval
-            ("service", false, pol(1, 1000, 900, delay), tr(1, 0), 300, Restart { delay_ms: 900 }, tr(1, 1200)),
+            (
+                "service",
+                false,
+                pol(1, 1000, 900, delay),
+                tr(1, 0),
+                300,
+                Restart { delay_ms: 900 },
+                tr(1, 1200),
+            ),
             // interval 0: never resets
-            ("service", false, pol(1, 0, 10, fail), tr(1, 0), 1_000_000,
-                Fail { message: "exceeded allowed attempts 1 in interval 0s".into() }, tr(1, 0)),
+            (
+                "service",
+                false,
+                pol(1, 0, 10, fail),
+                tr(1, 0),
+                1_000_000,
+                Fail {
+                    message: "exceeded allowed attempts 1 in interval 0s".into(),
+                },
+                tr(1, 0),
+            ),
         ];
         for (i, (jt, ok, p, t, now, want, want_t)) in cases.into_iter().enumerate() {
             let (got, got_t) = decide(jt, ok, &p, t, now);

@@ -36,8 +36,7 @@ impl ClientRpc {
             None => true,
             Some(v) => {
                 alloc_client::is_terminal(&v.client_status)
-                    && v
-                        .task_states
+                    && v.task_states
                         .get(task)
                         .map(|s| s.state == task_state::DEAD)
                         .unwrap_or(true)
@@ -124,7 +123,9 @@ impl ClientService for ClientRpc {
                         }
                     }
                     Err(e) => {
-                        let _ = tx.send(Err(Status::internal(format!("reading logs: {e}")))).await;
+                        let _ = tx
+                            .send(Err(Status::internal(format!("reading logs: {e}"))))
+                            .await;
                         return;
                     }
                 }

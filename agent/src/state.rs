@@ -123,7 +123,13 @@ mod tests {
             client_status: "running".into(),
             ..Default::default()
         };
-        s.procs.insert("t".into(), ProcRecord { pid: 5, start_time: 9 });
+        s.procs.insert(
+            "t".into(),
+            ProcRecord {
+                pid: 5,
+                start_time: 9,
+            },
+        );
         s.task_states.insert(
             "t".into(),
             TaskState {

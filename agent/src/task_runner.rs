@@ -28,7 +28,11 @@ pub fn now_ms() -> u64 {
 }
 
 /// Appends an event, keeping the newest [`MAX_EVENTS`].
-pub fn push_event<'a>(st: &'a mut TaskState, kind: &str, message: impl Into<String>) -> &'a mut TaskEvent {
+pub fn push_event<'a>(
+    st: &'a mut TaskState,
+    kind: &str,
+    message: impl Into<String>,
+) -> &'a mut TaskEvent {
     st.events.push(TaskEvent {
         r#type: kind.to_string(),
         time_ms: now_ms(),
@@ -195,7 +199,11 @@ pub async fn run_task(
             st.state = task_state::DEAD.into();
             st.pid = 0;
             st.finished_at_ms = now_ms();
-            push_event(&mut st, task_event::KILLED, "Task stopped before it started");
+            push_event(
+                &mut st,
+                task_event::KILLED,
+                "Task stopped before it started",
+            );
             emit(&st, None);
             return st;
         }
@@ -251,7 +259,10 @@ pub async fn run_task(
                 push_event(
                     &mut st,
                     task_event::KILLING,
-                    format!("sent SIGTERM, kill_timeout {}", fmt_duration_ms(kill_timeout)),
+                    format!(
+                        "sent SIGTERM, kill_timeout {}",
+                        fmt_duration_ms(kill_timeout)
+                    ),
                 );
                 emit(&st, proc);
                 let ex = kill_task(handle.as_mut(), kill_timeout).await;
@@ -313,7 +324,11 @@ pub async fn run_task(
                         };
                         if stop_now {
                             st.state = task_state::DEAD.into();
-                            push_event(&mut st, task_event::KILLED, "Task stopped while waiting to restart");
+                            push_event(
+                                &mut st,
+                                task_event::KILLED,
+                                "Task stopped while waiting to restart",
+                            );
                             emit(&st, None);
                             return st;
                         }

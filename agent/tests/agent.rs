@@ -13,9 +13,9 @@ use mlp_agent::{Agent, AgentConfig};
 use mlp_proto::consts::{alloc_client, task_event};
 use mlp_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use mlp_proto::v1::{
-    AllocClientUpdate, Allocation, HeartbeatRequest, HeartbeatResponse, Job, Node,
-    NodeAllocations, RegisterNodeRequest, RegisterNodeResponse, Task, TaskConfig, TaskGroup,
-    UpdateAllocsRequest, UpdateAllocsResponse, WatchAllocationsRequest,
+    AllocClientUpdate, Allocation, HeartbeatRequest, HeartbeatResponse, Job, Node, NodeAllocations,
+    RegisterNodeRequest, RegisterNodeResponse, Task, TaskConfig, TaskGroup, UpdateAllocsRequest,
+    UpdateAllocsResponse, WatchAllocationsRequest,
 };
 use nix::sys::signal::Signal;
 use tokio::sync::watch;
@@ -56,6 +56,7 @@ impl AgentService for Fake {
     }
     type WatchAllocationsStream =
         Pin<Box<dyn Stream<Item = Result<NodeAllocations, Status>> + Send>>;
+    #[allow(clippy::result_large_err)]
     async fn watch_allocations(
         &self,
         _: Request<WatchAllocationsRequest>,
@@ -201,11 +202,15 @@ async fn agent_runs_reports_restores_and_gcs() -> TestResult {
     let node = poll(15, || fake.nodes.lock().ok()?.first().cloned()).await?;
     assert_eq!(node.id, node_id);
     assert_eq!(node.rpc_addr, agent.rpc_addr().to_string());
-    assert_eq!(node.attributes.get("driver.exec").map(String::as_str), Some("1"));
+    assert_eq!(
+        node.attributes.get("driver.exec").map(String::as_str),
+        Some("1")
+    );
 
     let batch = alloc("aaaa0001", "batch", "echo hi", "run");
     let service = alloc("bbbb0002", "service", "sleep 100", "run");
-    fake.allocs.send_replace(vec![batch.clone(), service.clone()]);
+    fake.allocs
+        .send_replace(vec![batch.clone(), service.clone()]);
     poll(15, || {
         fake.latest("aaaa0001")
             .filter(|u| u.client_status == alloc_client::COMPLETE)
@@ -221,7 +226,10 @@ async fn agent_runs_reports_restores_and_gcs() -> TestResult {
 
     // Agent restart: the running task is killed and started again, the finished one is not.
     agent.shutdown().await;
-    assert!(Path::new(&format!("/proc/{old_pid}")).exists(), "shutdown must not kill tasks");
+    assert!(
+        Path::new(&format!("/proc/{old_pid}")).exists(),
+        "shutdown must not kill tasks"
+    );
     fake.updates.lock().map_err(|e| e.to_string())?.clear();
     let agent = start_agent(dir.path(), &server_addr).await?;
     assert_eq!(agent.node_id(), node_id);

@@ -153,7 +153,11 @@ async fn batch_exit_zero_completes() -> TestResult {
     let mut h = Harness::start(alloc(
         "batch",
         None,
-        vec![task("t", "/bin/sh", &["-c", "echo hello $MLP_TASK_NAME; exit 0"])],
+        vec![task(
+            "t",
+            "/bin/sh",
+            &["-c", "echo hello $MLP_TASK_NAME; exit 0"],
+        )],
     ))?;
     let u = h
         .until(10, |u| alloc_client::is_terminal(&u.client_status))
@@ -165,7 +169,11 @@ async fn batch_exit_zero_completes() -> TestResult {
     assert_eq!(st.exit_code, Some(0));
     assert_eq!(
         event_types(&u, "t"),
-        vec![task_event::RECEIVED, task_event::STARTED, task_event::EXITED]
+        vec![
+            task_event::RECEIVED,
+            task_event::STARTED,
+            task_event::EXITED
+        ]
     );
     h.finish().await?;
 
@@ -219,10 +227,26 @@ async fn failing_service_restarts_then_fails() -> TestResult {
     assert_eq!(st.restarts, 2);
     assert_eq!(st.exit_code, Some(7));
     let types = event_types(&u, "t");
-    assert_eq!(types.iter().filter(|t| *t == task_event::STARTED).count(), 3);
-    assert_eq!(types.iter().filter(|t| *t == task_event::RESTARTING).count(), 2);
-    assert_eq!(types.last().map(String::as_str), Some(task_event::NOT_RESTARTING));
-    let last = st.events.last().map(|e| e.message.clone()).unwrap_or_default();
+    assert_eq!(
+        types.iter().filter(|t| *t == task_event::STARTED).count(),
+        3
+    );
+    assert_eq!(
+        types
+            .iter()
+            .filter(|t| *t == task_event::RESTARTING)
+            .count(),
+        2
+    );
+    assert_eq!(
+        types.last().map(String::as_str),
+        Some(task_event::NOT_RESTARTING)
+    );
+    let last = st
+        .events
+        .last()
+        .map(|e| e.message.clone())
+        .unwrap_or_default();
     assert_eq!(last, "exceeded allowed attempts 2 in interval 1m0s");
     h.finish().await
 }
@@ -237,7 +261,10 @@ async fn max_run_duration_kills() -> TestResult {
         .await?;
     assert_eq!(u.client_status, alloc_client::FAILED);
     let types = event_types(&u, "t");
-    assert!(types.contains(&task_event::MAX_RUN_DURATION.to_string()), "{types:?}");
+    assert!(
+        types.contains(&task_event::MAX_RUN_DURATION.to_string()),
+        "{types:?}"
+    );
     let st = &u.task_states["t"];
     assert!(st.failed);
     assert_eq!(st.restarts, 0);
@@ -261,7 +288,10 @@ async fn stop_kills_tasks() -> TestResult {
     let u = h
         .until(10, |u| u.client_status == alloc_client::RUNNING)
         .await?;
-    assert!(u.task_states.values().all(|s| s.state == task_state::RUNNING));
+    assert!(u
+        .task_states
+        .values()
+        .all(|s| s.state == task_state::RUNNING));
     if let Some(handle) = &h.handle {
         handle.stop();
     }
@@ -296,7 +326,67 @@ async fn missing_binary_is_driver_failure() -> TestResult {
         .await?;
     assert_eq!(u.client_status, alloc_client::FAILED);
     let types = event_types(&u, "t");
-    assert_eq!(types.last().map(String::as_str), Some(task_event::DRIVER_FAILURE));
+    assert_eq!(
+        types.last().map(String::as_str),
+        Some(task_event::DRIVER_FAILURE)
+    );
     assert_eq!(u.task_states["t"].restarts, 0);
     h.finish().await
+}
+
+#[tokio::test]
+async fn logs_follow_until_done() -> TestResult {
+    let mut h = Harness::start(alloc(
+        "batch",
+        None,
+        vec![
+            task(
+                "w",
+                "/bin/sh",
+                &["-c", "for i in 1 2 3; do echo line$i >&2; sleep 0.1; done"],
+            ),
+            task("x", "/bin/sh", &["-c", "exit 0"]),
+        ],
+    ))?;
+    h.until(10, |u| {
+        u.task_states.get("w").map(|s| s.pid > 0) == Some(true)
+    })
+    .await?;
+    let rpc = ClientRpc::new(h.registry.clone());
+    // Two tasks: the task must be named.
+    let err = rpc
+        .logs(tonic::Request::new(LogsRequest {
+            alloc_id: "0123456789abcdef0123456789abcdef".into(),
+            ..Default::default()
+        }))
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(err, Some(tonic::Code::InvalidArgument));
+    let resp = rpc
+        .logs(tonic::Request::new(LogsRequest {
+            alloc_id: "0123456789abcdef0123456789abcdef".into(),
+            task: "w".into(),
+            stderr: true,
+            follow: true,
+            ..Default::default()
+        }))
+        .await?;
+    let mut stream = resp.into_inner();
+    let mut data = Vec::new();
+    let collect = async {
+        while let Some(chunk) = stream.next().await {
+            data.extend_from_slice(&chunk?.data);
+        }
+        Ok::<_, tonic::Status>(())
+    };
+    tokio::time::timeout(Duration::from_secs(10), collect).await??;
+    assert_eq!(String::from_utf8_lossy(&data), "line1\nline2\nline3\n");
+    h.finish().await?;
+    let view = h
+        .registry
+        .get("0123456789abcdef0123456789abcdef")
+        .ok_or("no view")?;
+    assert_eq!(view.client_status, alloc_client::COMPLETE);
+    Ok(())
 }

@@ -118,9 +118,7 @@ impl Api {
     /// Validates a submitted job and fills what the servers own.
     fn prepare_job(job: Option<Job>) -> Result<Job, ApiError> {
         let mut job = job.ok_or_else(|| ApiError::InvalidArgument("job is required".into()))?;
-        if job.namespace.is_empty() {
-            job.namespace = "default".into();
-        }
+        jobspec::apply_defaults(&mut job);
         if job.id.is_empty() {
             job.id = job.name.clone();
         }

@@ -1,5 +1,7 @@
 //! A single Raft node end to end: writes, restart from the log, restart from a snapshot.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -107,7 +109,8 @@ async fn raft_node_restarts_from_snapshot() {
     stop_node(node, server).await;
 }
 
-/// Throughput with 64 concurrent writers through the fsync'd log (printed, loosely asserted).
+/// Throughput with 64 concurrent writers through the fsync'd log: printed, not asserted (debug
+/// builds on shared CI machines vary too much for a threshold).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raft_node_concurrent_write_throughput() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,5 +1,7 @@
 //! openraft's storage conformance suite against the sled-backed store, plus a reopen test.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use mlp_server::raft::{open_storage, Entry, LogStore, NodeId, StateMachineStore, TypeConfig};
 use mlp_server::state::StateHandle;
 use openraft::storage::{RaftLogReader, RaftLogStorage, RaftLogStorageExt};

@@ -210,6 +210,13 @@ pub fn pid_alive(pid: i32) -> bool {
     }
 }
 
+/// The process group of a process (field 5 of /proc/PID/stat).
+pub fn pgid_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(2)?.parse().ok()
+}
+
 /// Pids of processes whose working directory is inside `dir` (the tasks of a test cluster).
 pub fn processes_under(dir: &Path) -> Vec<i32> {
     let mut out = Vec::new();

@@ -15,12 +15,12 @@ use crate::v1::{
     Constraint, GpuRequest, Job, Resources, RestartPolicy, Task, TaskConfig, TaskGroup,
 };
 
-const DEFAULT_NAMESPACE: &str = "default";
-const DEFAULT_PRIORITY: i32 = 50;
+pub(crate) const DEFAULT_NAMESPACE: &str = "default";
+pub(crate) const DEFAULT_PRIORITY: i32 = 50;
 const DEFAULT_COUNT: u32 = 1;
-const DEFAULT_CPU_MHZ: u64 = 100;
-const DEFAULT_MEMORY_MIB: u64 = 300;
-const DEFAULT_KILL_TIMEOUT_MS: u64 = 5_000;
+pub(crate) const DEFAULT_CPU_MHZ: u64 = 100;
+pub(crate) const DEFAULT_MEMORY_MIB: u64 = 300;
+pub(crate) const DEFAULT_KILL_TIMEOUT_MS: u64 = 5_000;
 const DEFAULT_GPU_COUNT: u32 = 1;
 
 const JOB_FIELDS: &[&str] = &[
@@ -861,7 +861,7 @@ impl Decoder<'_> {
 }
 
 /// Nomad's restart defaults: batch work retries harder, over a longer window.
-fn default_restart(batch: bool) -> RestartPolicy {
+pub(crate) fn default_restart(batch: bool) -> RestartPolicy {
     let (attempts, interval_ms) = if batch {
         (3, 24 * 3_600_000)
     } else {

@@ -3,7 +3,7 @@
 //!
 //! Parsing happens in three steps: `hcl-edit` turns the text into a syntax tree that keeps byte
 //! spans, `decode` maps the tree onto a `Job` (reporting unknown fields and wrong types), and
-//! [`validate`] checks values (names, ranges, drivers…). The validator knows nothing about HCL:
+//! `validate` checks values (names, ranges, drivers…). The validator knows nothing about HCL:
 //! it names each problem by a structural key that the decoder maps back to a source position,
 //! so the rules live in one place and still come out as `FILE:LINE:COL` diagnostics.
 
@@ -137,6 +137,39 @@ pub fn parse_str(src: &str, file_name: &str) -> Result<Job, JobspecError> {
                 })
                 .collect();
             Err(JobspecError { diagnostics })
+        }
+    }
+}
+
+/// Fills the defaults a job file would get for fields a JSON submission left empty: type,
+/// priority, namespace, restart policies, task resources and kill timeouts. Fields that have a
+/// meaningful zero (a group's `count`) are left as they are.
+pub fn apply_defaults(job: &mut Job) {
+    if job.r#type.is_empty() {
+        job.r#type = crate::consts::job_type::SERVICE.to_string();
+    }
+    if job.priority == 0 {
+        job.priority = decode::DEFAULT_PRIORITY;
+    }
+    if job.namespace.is_empty() {
+        job.namespace = decode::DEFAULT_NAMESPACE.to_string();
+    }
+    let batch = job.r#type == crate::consts::job_type::BATCH;
+    for group in &mut job.groups {
+        if group.restart.is_none() {
+            group.restart = Some(decode::default_restart(batch));
+        }
+        for task in &mut group.tasks {
+            if task.resources.is_none() {
+                task.resources = Some(crate::v1::Resources {
+                    cpu_mhz: decode::DEFAULT_CPU_MHZ,
+                    memory_mib: decode::DEFAULT_MEMORY_MIB,
+                    ..Default::default()
+                });
+            }
+            if task.kill_timeout_ms == 0 {
+                task.kill_timeout_ms = decode::DEFAULT_KILL_TIMEOUT_MS;
+            }
         }
     }
 }

@@ -31,7 +31,7 @@ enum TransportError {
     #[error("invalid raft peer address {addr:?}: {source}")]
     Address { addr: String, source: tonic::transport::Error },
     #[error("raft rpc to {addr} failed: {status}")]
-    Status { addr: String, status: tonic::Status },
+    Status { addr: String, status: Box<tonic::Status> },
     #[error("encoding or decoding a raft message: {0}")]
     Codec(#[from] serde_json::Error),
 }
@@ -101,7 +101,7 @@ impl GrpcNetwork {
             Ok(r) => r.into_inner(),
             Err(status) => {
                 let code = status.code();
-                let err = TransportError::Status { addr, status };
+                let err = TransportError::Status { addr, status: Box::new(status) };
                 tracing::debug!(target_node = self.target, error = %err, "raft rpc failed");
                 // Connection-level failures mean "back off"; anything else is worth a retry.
                 return Err(match code {
@@ -164,11 +164,14 @@ pub fn raft_grpc_service(raft: MlpRaft) -> RaftServiceServer<RaftGrpcService> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
+// `tonic::Status` is what the generated service trait returns; boxing it here buys nothing.
+#[allow(clippy::result_large_err)]
 fn decode<T: DeserializeOwned>(request: tonic::Request<RaftPayload>) -> Result<T, tonic::Status> {
     serde_json::from_slice(&request.into_inner().data)
         .map_err(|e| tonic::Status::invalid_argument(format!("decoding raft request: {e}")))
 }
 
+#[allow(clippy::result_large_err)]
 fn encode<T: Serialize>(result: &T) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
     let data = serde_json::to_vec(result).map_err(|e| tonic::Status::internal(format!("encoding raft reply: {e}")))?;
     Ok(tonic::Response::new(RaftPayload { data }))

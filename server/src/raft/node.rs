@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::network::GrpcNetworkFactory;
 use super::store::{open_storage, StorageError};
-use super::{MlpRaft, NodeId};
+use super::{MlpRaft, NodeId, RequestBatch};
 use crate::state::{CommandResponse, Request, StateHandle};
 
 /// How long [`start`] waits for leadership and for the log to be re-applied.
@@ -24,6 +24,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`start`] retries opening the sled database while a previous instance in this
 /// process (a restart) is still releasing its file lock.
 const OPEN_RETRY_FOR: Duration = Duration::from_secs(5);
+/// Most requests committed as one log entry.
+const MAX_BATCH: usize = 256;
+/// Writes queued for the batcher before `write` callers wait for room (back-pressure).
+const WRITE_QUEUE: usize = 4096;
+
+type WriteReply = oneshot::Sender<Result<CommandResponse, WriteError>>;
 
 /// Raft timing and log-compaction settings.
 #[derive(Debug, Clone)]
@@ -59,7 +65,7 @@ pub enum RaftStartError {
     #[error("raft storage: {0}")]
     Storage(#[from] StorageError),
     #[error("raft config: {0}")]
-    Config(#[from] openraft::ConfigError),
+    Config(#[source] Box<openraft::ConfigError>),
     #[error("raft: {0}")]
     Raft(String),
     #[error("no leader after {0:?}")]
@@ -99,6 +105,7 @@ pub struct RaftNode {
     pub node_id: NodeId,
     pub state: Arc<StateHandle>,
     leader_rx: watch::Receiver<bool>,
+    writes: mpsc::Sender<(Request, WriteReply)>,
 }
 
 /// Starts the Raft node stored in `data_dir`, advertising `advertise_addr` (host:port of the
@@ -124,12 +131,15 @@ pub async fn start(
         election_timeout_max: settings.election_max_ms,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_logs),
         max_in_snapshot_log_to_keep: settings.max_in_snapshot_log_to_keep,
-        // Big batches keep followers' catch-up (and appends) to few fsyncs.
-        max_payload_entries: 512,
-        purge_batch_size: 256,
+        // Entries are batches of up to MAX_BATCH requests; this bounds a replication message
+        // while keeping a follower's catch-up to few appends (fsyncs).
+        max_payload_entries: 128,
+        // Purging in batches saves sled work; never wait for more than half a snapshot interval.
+        purge_batch_size: (settings.snapshot_logs / 2).clamp(1, 256),
         ..Default::default()
     }
-    .validate()?;
+    .validate()
+    .map_err(|e| RaftStartError::Config(Box::new(e)))?;
 
     let raft = MlpRaft::new(node_id, Arc::new(config), GrpcNetworkFactory::new(), log_store, sm)
         .await
@@ -150,8 +160,56 @@ pub async fn start(
     wait_until_ready(&raft, node_id).await?;
 
     let leader_rx = spawn_leader_watch(&raft, node_id);
+    let writes = spawn_write_batcher(raft.clone());
     tracing::info!(node_id, addr = %advertise_addr, "raft node started");
-    Ok(RaftNode { raft, node_id, state, leader_rx })
+    Ok(RaftNode { raft, node_id, state, leader_rx, writes })
+}
+
+/// Group commit: takes everything queued (up to [`MAX_BATCH`]) and commits it as one entry, so
+/// concurrent writers share one append and one fsync. While a batch is in flight the next one
+/// accumulates. Ends when the [`RaftNode`] (the last sender) is dropped.
+fn spawn_write_batcher(raft: MlpRaft) -> mpsc::Sender<(Request, WriteReply)> {
+    let (tx, mut rx) = mpsc::channel::<(Request, WriteReply)>(WRITE_QUEUE);
+    tokio::spawn(async move {
+        let mut queued = Vec::with_capacity(MAX_BATCH);
+        while rx.recv_many(&mut queued, MAX_BATCH).await > 0 {
+            let (requests, replies): (Vec<Request>, Vec<WriteReply>) = queued.drain(..).unzip();
+            let n = requests.len();
+            match raft.client_write(RequestBatch(requests)).await {
+                Ok(resp) => {
+                    let mut responses = resp.data.0.into_iter();
+                    for reply in replies {
+                        let result = match responses.next() {
+                            Some(CommandResponse { error: Some(e), .. }) => Err(WriteError::Rejected(e)),
+                            Some(r) => Ok(r),
+                            // Can't happen: apply answers every request of a batch.
+                            None => Err(WriteError::Raft(format!("no response for a request of a batch of {n}"))),
+                        };
+                        // The caller may have given up waiting; nothing to do then.
+                        let _ = reply.send(result);
+                    }
+                }
+                Err(e) => {
+                    let err = map_write_error(e);
+                    tracing::debug!(error = %err, batch = n, "raft write failed");
+                    for reply in replies {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
+            }
+        }
+    });
+    tx
+}
+
+fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> WriteError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            WriteError::NotLeader { leader_addr: f.leader_node.map(|n| n.addr) }
+        }
+        RaftError::APIError(e) => WriteError::Raft(e.to_string()),
+        RaftError::Fatal(e) => WriteError::Stopped(e.to_string()),
+    }
 }
 
 /// Waits for a leader (this node, when it is the only voter) and for the state machine to have
@@ -222,7 +280,7 @@ async fn open_storage_retrying(
         match open_storage(data_dir, state.clone()) {
             Ok(s) => return Ok(s),
             Err(StorageError::Open { source: sled::Error::Io(io), path })
-                if io.kind() == std::io::ErrorKind::WouldBlock && tokio::time::Instant::now() < deadline =>
+                if is_lock_error(&io) && tokio::time::Instant::now() < deadline =>
             {
                 tracing::debug!(%path, error = %io, "raft database locked, retrying");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -230,6 +288,11 @@ async fn open_storage_retrying(
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// sled reports a held file lock as a custom io error wrapping `WouldBlock`.
+fn is_lock_error(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
 }
 
 /// Reads `<data_dir>/node-id`, or generates a random id and stores it there.
@@ -261,19 +324,13 @@ fn random_node_id() -> NodeId {
 }
 
 impl RaftNode {
-    /// Commits `req` through Raft and returns what applying it produced.
+    /// Commits `req` through Raft (batched with concurrent writes) and returns what applying it
+    /// produced; a command the state machine refuses comes back as [`WriteError::Rejected`].
     pub async fn write(&self, req: Request) -> Result<CommandResponse, WriteError> {
-        match self.raft.client_write(req).await {
-            Ok(resp) => match resp.data.error {
-                Some(e) => Err(WriteError::Rejected(e)),
-                None => Ok(resp.data),
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(WriteError::NotLeader { leader_addr: f.leader_node.map(|n| n.addr) })
-            }
-            Err(RaftError::APIError(e)) => Err(WriteError::Raft(e.to_string())),
-            Err(RaftError::Fatal(e)) => Err(WriteError::Stopped(e.to_string())),
-        }
+        let (tx, rx) = oneshot::channel();
+        let closed = || WriteError::Stopped("write batcher stopped".to_string());
+        self.writes.send((req, tx)).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
     }
 
     /// Returns once this node is confirmed leader by a quorum and has applied everything

@@ -27,8 +27,8 @@ use openraft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{Entry, NodeId, RaftStorageError, TypeConfig};
-use crate::state::{CommandResponse, StateHandle};
+use super::{BatchResponse, Entry, NodeId, RaftStorageError, TypeConfig};
+use crate::state::StateHandle;
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
@@ -123,12 +123,14 @@ impl LogStore {
         Ok(())
     }
 
+    // The error type is openraft's, fixed by the storage traits.
+    #[allow(clippy::result_large_err)]
     fn last_purged(&self) -> Result<Option<LogId<NodeId>>, RaftStorageError> {
         self.read_meta(KEY_LAST_PURGED).map_err(|e| StorageIOError::read_logs(e).into())
     }
 
     /// Serves `[start, end)` from the tail cache when the cache covers all of it.
-    fn from_cache(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
+    fn cached(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
         let cache = lock(&self.cache);
         let (first, last) = (*cache.keys().next()?, *cache.keys().next_back()?);
         if start < first || end > last.saturating_add(1) {
@@ -175,7 +177,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         if start >= end {
             return Ok(Vec::new());
         }
-        if let Some(entries) = self.from_cache(start, end) {
+        if let Some(entries) = self.cached(start, end) {
             return Ok(entries);
         }
         let mut out = Vec::new();
@@ -308,6 +310,9 @@ struct Applied {
     membership: StoredMembership<NodeId, BasicNode>,
 }
 
+/// A persisted snapshot: its meta and the state bytes.
+type StoredSnapshot = (SnapshotMeta<NodeId, BasicNode>, Vec<u8>);
+
 /// The Raft state machine: applies committed entries to the shared [`StateHandle`] and keeps
 /// the current snapshot in sled. Cloning shares everything (the clone is the snapshot builder).
 #[derive(Clone)]
@@ -337,7 +342,7 @@ impl StateMachineStore {
         &self.state
     }
 
-    fn read_snapshot(&self) -> Result<Option<(SnapshotMeta<NodeId, BasicNode>, Vec<u8>)>, AnyError> {
+    fn read_snapshot(&self) -> Result<Option<StoredSnapshot>, AnyError> {
         let meta = self.snapshot.get(KEY_SNAPSHOT_META).map_err(|e| io_err(&e))?;
         let data = self.snapshot.get(KEY_SNAPSHOT_DATA).map_err(|e| io_err(&e))?;
         match (meta, data) {
@@ -402,7 +407,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((applied.last_applied, applied.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResponse>, RaftStorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<BatchResponse>, RaftStorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -412,15 +417,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         for entry in entries {
             let index = entry.log_id.index;
             let resp = match &entry.payload {
-                EntryPayload::Normal(req) => self.state.apply(index, req),
-                EntryPayload::Blank => {
+                // Every request of a batch is applied at the entry's index, in order.
+                EntryPayload::Normal(batch) if !batch.0.is_empty() => {
+                    BatchResponse(batch.0.iter().map(|req| self.state.apply(index, req)).collect())
+                }
+                EntryPayload::Normal(_) | EntryPayload::Blank => {
                     self.state.apply_noop(index);
-                    CommandResponse { index, ..Default::default() }
+                    BatchResponse::default()
                 }
                 EntryPayload::Membership(m) => {
                     applied.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                     self.state.apply_noop(index);
-                    CommandResponse { index, ..Default::default() }
+                    BatchResponse::default()
                 }
             };
             applied.last_applied = Some(entry.log_id);

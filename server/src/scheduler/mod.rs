@@ -102,7 +102,7 @@ pub fn schedule_with(state: &ClusterState, job: Option<&Job>, eval: &Evaluation,
                     Ok((res, after)) => {
                         let input = RankInput { job, group: tg, node, before, after: &after, resources: &res };
                         let score = scorer.score(&input);
-                        if best.as_ref().map_or(true, |(s, n, ..)| rank::better((score, &node.id), (*s, &n.id))) {
+                        if best.as_ref().is_none_or(|(s, n, ..)| rank::better((score, &node.id), (*s, &n.id))) {
                             best = Some((score, node, res, after));
                         }
                     }

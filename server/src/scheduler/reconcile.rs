@@ -127,7 +127,7 @@ fn spec_changed(state: &ClusterState, job: &Job, tg: &TaskGroup, a: &Allocation)
 
 /// Whether `a`'s node is down or gone: then the allocation will never be heard from again.
 fn on_down_node(state: &ClusterState, a: &Allocation) -> bool {
-    state.nodes.get(&a.node_id).map_or(true, |n| n.status == node_status::DOWN)
+    state.nodes.get(&a.node_id).is_none_or(|n| n.status == node_status::DOWN)
 }
 
 fn stop(a: &Allocation, description: &str) -> AllocStop {

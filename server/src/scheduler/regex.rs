@@ -230,7 +230,7 @@ impl Matcher {
         k: &mut Cont<'_>,
     ) -> bool {
         // Greedy: one more repetition first (never an empty one, which would loop), then stop.
-        if max.map_or(true, |m| done < m)
+        if max.is_none_or(|m| done < m)
             && self.node(inner, pos, &mut |m: &mut Matcher, p| p != pos && m.repeat(inner, min, max, done + 1, p, k))
         {
             return true;

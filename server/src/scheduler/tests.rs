@@ -607,3 +607,17 @@ fn random_workloads_never_overcommit() {
         }
     }
 }
+
+#[test]
+fn count_reduction_keeps_running_allocs_over_finished_ones() {
+    let mut c = Cluster::new();
+    c.node(node("n1", 100_000, 100_000));
+    c.register(job("j", job_type::SERVICE, vec![group("g", 2, 100, 100)]));
+    c.schedule("j");
+    let id0 = c.alloc_id("j.g[0]");
+    c.set_client_status(&id0, alloc_client::FAILED);
+    c.register(job("j", job_type::SERVICE, vec![group("g", 1, 100, 100)]));
+    let plan = c.schedule("j");
+    assert!(plan.stops.is_empty() && plan.placements.is_empty(), "{plan:?}");
+    assert_eq!(c.live("j"), [("j.g[1]".to_string(), "n1".to_string())]);
+}
