@@ -2,7 +2,8 @@
 //!   1. submit → task running latency over N jobs (p50/p99),
 //!   2. 500 trivial batch jobs (`/bin/true`) from first submit to all complete,
 //!   3. job registrations per second through Raft (fsync'd log) with 1 and 64 concurrent clients.
-//! Prints `key value` lines (and writes them as JSON to $MLP_BENCH_OUT if set) so that
+//!
+//! It prints `key value` lines (and writes them as JSON to $MLP_BENCH_OUT if set) so that
 //! `scripts/bench-spine.sh` can put them next to Slurm's figures from the same run.
 //!
 //! Run: `cargo bench --bench spine` (or `scripts/bench-spine.sh` for the Slurm comparison).

@@ -403,9 +403,9 @@ impl ClusterState {
             } else {
                 job_status::PENDING
             }
-        } else if job.stop || (job.r#type == job_type::BATCH && complete >= wanted) {
-            job_status::DEAD
-        } else if job.r#type == job_type::BATCH && self.job_has_only_terminal_allocs(&ns, &id, wanted) {
+        } else if job.stop
+            || (job.r#type == job_type::BATCH && (complete >= wanted || self.job_has_only_terminal_allocs(&ns, &id, wanted)))
+        {
             job_status::DEAD
         } else {
             job_status::PENDING
