@@ -17,7 +17,7 @@ pub struct Cli {
 /// Where the CLI finds a server.
 #[derive(Debug, Clone, Args)]
 pub struct Conn {
-    /// gRPC address of any server.
+    /// gRPC address of any server; several, comma separated, are tried in order.
     #[arg(long, global = true, env = "MLP_ADDR", default_value = "127.0.0.1:7647")]
     pub address: String,
 }
@@ -42,6 +42,14 @@ pub enum Command {
     /// Inspect evaluations.
     #[command(subcommand)]
     Eval(EvalCommand),
+    // ---- high availability (issue 5): cluster operations ----
+    /// Cluster operations: Raft peers, leadership.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
+    // ---- end high availability ----
+    /// Replay a production trace (openb CSV) against a simulated cluster with the scheduler's
+    /// placement policies: GPU allocation ratio, failed pods, placements/s.
+    Sim(SimArgs),
     /// Print a shell completion script.
     Completions {
         /// bash, zsh, fish, elvish or powershell
@@ -50,7 +58,22 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ServerArgs {
+    // ---- high availability (issue 5) ----
+    /// Inspect the servers of a cluster (without a subcommand: run a server).
+    #[command(subcommand)]
+    pub action: Option<ServerAction>,
+    /// Bootstrap the cluster only once this many servers know each other (1: bootstrap alone).
+    #[arg(long, default_value_t = 1)]
+    pub bootstrap_expect: usize,
+    /// gRPC addresses of other servers to form or join a cluster with; comma separated or
+    /// repeated.
+    #[arg(long, value_delimiter = ',')]
+    pub join: Vec<String>,
+    #[command(flatten)]
+    pub raft: RaftTimingArgs,
+    // ---- end high availability ----
     /// Where Raft's log, snapshots and the node id live.
     #[arg(long, default_value = "./mlp-data/server")]
     pub data_dir: PathBuf,
@@ -209,9 +232,104 @@ pub enum EvalCommand {
     },
 }
 
+// ---- high availability (issue 5) ----
+
+/// Raft timing; shorter timeouts fail over faster but need a responsive network and disks.
+#[derive(Debug, Clone, Args)]
+pub struct RaftTimingArgs {
+    /// Leader heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    pub raft_heartbeat_ms: u64,
+    /// Lower bound of the randomized election timeout in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub raft_election_min_ms: u64,
+    /// Upper bound of the randomized election timeout in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub raft_election_max_ms: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerAction {
+    /// List the servers of the cluster: id, address, voter, leader.
+    Members {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OperatorCommand {
+    /// Raft membership and leadership.
+    #[command(subcommand)]
+    Raft(RaftCommand),
+    /// Save the cluster state to a file (with a checksum), or check such a file.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Save the cluster state, as of a linearizable read on the leader, to FILE.
+    Save { file: PathBuf },
+    /// Verify FILE's checksum and summarize what it holds; talks to no server.
+    Inspect {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RaftCommand {
+    /// List the Raft peers with their replication progress.
+    ListPeers {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a server from the cluster by node id.
+    RemovePeer {
+        /// The server's Raft node id (see list-peers).
+        id: u64,
+    },
+    /// Make another server the leader.
+    TransferLeadership {
+        /// Node id of the new leader (default: the most up-to-date other voter).
+        id: Option<u64>,
+    },
+}
+
+// ---- end high availability ----
+
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("expected KEY=VALUE, got {s:?}")),
     }
+}
+
+/// `mlp sim`: see docs/scheduler.md.
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Node list CSV (`sn,cpu_milli,memory_mib,gpu,model`).
+    #[arg(long)]
+    pub nodes: PathBuf,
+    /// Pod list CSV (`name,cpu_milli,memory_mib,num_gpu,gpu_milli[,gpu_spec,…]`).
+    #[arg(long)]
+    pub pods: PathBuf,
+    /// Arrived GPU demand at the end, as a multiple of the cluster's GPUs.
+    #[arg(long, default_value_t = 1.3)]
+    pub inflate: f64,
+    /// How many seeds to run (seeds FIRST..FIRST+N-1).
+    #[arg(long, default_value_t = 10)]
+    pub seeds: u64,
+    /// The first seed.
+    #[arg(long, default_value_t = 0)]
+    pub first_seed: u64,
+    /// Policies to compare: mlp (the server's default), fgd, best-fit, gpu-packing, or all;
+    /// comma separated or repeated.
+    #[arg(long, value_delimiter = ',', default_value = "mlp")]
+    pub policy: Vec<String>,
+    /// Print JSON (one object per policy; an array when several).
+    #[arg(long)]
+    pub json: bool,
 }

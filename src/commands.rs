@@ -11,13 +11,17 @@ use mlp_proto::consts::{alloc_client, eval_status};
 use mlp_proto::jobspec;
 use mlp_proto::v1::*;
 
-use crate::cli::{AllocCommand, Cli, Command, EvalCommand, JobCommand, NodeCommand};
+use crate::cli::{AllocCommand, Cli, Command, EvalCommand, JobCommand, NodeCommand, ServerArgs};
 use crate::client::{connect, status_err};
 use crate::output::{ago, clock, print_json, short, Table};
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let addr = cli.conn.address;
     match cli.command {
+        // ---- high availability (issue 5) ----
+        Command::Server(ServerArgs { action: Some(action), .. }) => crate::ha::server_action(&addr, action).await,
+        Command::Operator(c) => crate::ha::operator(&addr, c).await,
+        // ---- end high availability ----
         Command::Server(a) => crate::daemon::server(a).await,
         Command::Agent(a) => crate::daemon::agent(a).await,
         Command::Dev(a) => crate::daemon::dev(a).await,
@@ -25,6 +29,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Alloc(c) => alloc(&addr, c).await,
         Command::Node(c) => node(&addr, c).await,
         Command::Eval(c) => eval(&addr, c).await,
+        Command::Sim(a) => crate::sim::run(&a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "mlp", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
@@ -340,6 +345,7 @@ async fn alloc(addr: &str, cmd: AllocCommand) -> anyhow::Result<ExitCode> {
                     ts.restarts,
                     if ts.pid > 0 { format!(", pid {}", ts.pid) } else { String::new() }
                 );
+                print_task_usage(ts);
                 let mut t = Table::new(&["Time", "Type", "Description"]);
                 for e in ts.events.iter().rev() {
                     t.row(vec![clock(e.time_ms), e.r#type.clone(), e.message.clone()]);
@@ -452,4 +458,21 @@ async fn eval(addr: &str, cmd: EvalCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+// ---- task resource usage (isolation: sampled from the task's cgroup by the agent) ----------
+
+/// One line of a running task's latest resource usage, when the agent reported one.
+fn print_task_usage(ts: &mlp_proto::v1::TaskState) {
+    let Some(u) = ts.usage.as_ref().filter(|_| ts.state == "running") else { return };
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!(
+        "Usage: cpu {:.1}% (throttled {:.1}s), memory rss {:.1} MiB, cache {:.1} MiB, max {:.1} MiB, pids {}",
+        u.cpu_percent,
+        u.cpu_throttled_ns as f64 / 1e9,
+        mib(u.memory_rss_bytes),
+        mib(u.memory_cache_bytes),
+        mib(u.memory_max_usage_bytes),
+        u.pids
+    );
 }

@@ -10,9 +10,9 @@ use anyhow::Context;
 use mlp_agent::{Agent, AgentConfig};
 use mlp_server::leader::HeartbeatSettings;
 use mlp_server::raft::node::RaftSettings;
-use mlp_server::{Server, ServerConfig};
+use mlp_server::{ClusterSettings, Server, ServerConfig};
 
-use crate::cli::{AgentArgs, DevArgs, ServerArgs};
+use crate::cli::{AgentArgs, DevArgs, RaftTimingArgs, ServerArgs};
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MLP_LOG")
@@ -42,22 +42,61 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
     })
 }
 
-async fn start_server(data_dir: &Path, grpc: &str, http: &str, advertise: Option<String>, ttl: f64) -> anyhow::Result<Server> {
+async fn start_server(
+    data_dir: &Path,
+    grpc: &str,
+    http: &str,
+    advertise: Option<String>,
+    ttl: f64,
+    raft: RaftSettings,
+    cluster: ClusterSettings,
+) -> anyhow::Result<Server> {
     let config = ServerConfig {
         data_dir: data_dir.to_path_buf(),
         grpc_listener: bind(grpc, "gRPC")?,
         http_listener: bind(http, "HTTP")?,
         advertise_addr: advertise,
-        raft: RaftSettings::default(),
+        raft,
         heartbeat: heartbeat(ttl)?,
     };
-    Server::start(config).await.context("starting the server")
+    Server::start_clustered(config, cluster).await.context("starting the server")
+}
+
+/// Raft timing from the flags, checked so that elections can work at all.
+fn raft_settings(t: &RaftTimingArgs) -> anyhow::Result<RaftSettings> {
+    if t.raft_heartbeat_ms == 0 || t.raft_election_min_ms <= t.raft_heartbeat_ms || t.raft_election_max_ms <= t.raft_election_min_ms {
+        anyhow::bail!(
+            "raft timing needs 0 < --raft-heartbeat-ms < --raft-election-min-ms < --raft-election-max-ms, got {} < {} < {}",
+            t.raft_heartbeat_ms,
+            t.raft_election_min_ms,
+            t.raft_election_max_ms
+        );
+    }
+    Ok(RaftSettings {
+        heartbeat_ms: t.raft_heartbeat_ms,
+        election_min_ms: t.raft_election_min_ms,
+        election_max_ms: t.raft_election_max_ms,
+        ..RaftSettings::default()
+    })
 }
 
 pub async fn server(args: ServerArgs) -> anyhow::Result<ExitCode> {
     init_logging();
-    let server = start_server(&args.data_dir, &args.grpc_addr, &args.http_addr, args.advertise, args.heartbeat_ttl).await?;
+    if args.bootstrap_expect == 0 {
+        anyhow::bail!("--bootstrap-expect must be at least 1");
+    }
+    if args.join.iter().any(|j| j.trim().is_empty()) {
+        anyhow::bail!("--join needs server addresses (host:port), got an empty one");
+    }
+    if args.bootstrap_expect > 1 && args.join.is_empty() {
+        anyhow::bail!("--bootstrap-expect {} needs --join with the other servers' addresses", args.bootstrap_expect);
+    }
+    let cluster = ClusterSettings { bootstrap_expect: args.bootstrap_expect, join: args.join.clone() };
+    let raft = raft_settings(&args.raft)?;
+    let server =
+        start_server(&args.data_dir, &args.grpc_addr, &args.http_addr, args.advertise, args.heartbeat_ttl, raft, cluster).await?;
     println!("==> mlp server running");
+    println!("    node id:  {}", server.api.raft.node_id);
     println!("    gRPC:     {}", server.grpc_addr());
     println!("    HTTP:     http://{}", server.http_addr());
     println!("    data dir: {}", args.data_dir.display());
@@ -103,7 +142,16 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
 pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     init_logging();
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-    let server = start_server(&args.data_dir.join("server"), &args.grpc_addr, &args.http_addr, None, args.heartbeat_ttl).await?;
+    let server = start_server(
+        &args.data_dir.join("server"),
+        &args.grpc_addr,
+        &args.http_addr,
+        None,
+        args.heartbeat_ttl,
+        RaftSettings::default(),
+        ClusterSettings::default(),
+    )
+    .await?;
     let config = agent_config(&args.data_dir.join("agent"), vec![server.grpc_addr().to_string()], args.node_name, "127.0.0.1:0")?;
     let agent = Agent::start(config).await.context("starting the agent")?;
     let grpc = server.grpc_addr();

@@ -5,13 +5,18 @@ mod cli;
 mod client;
 mod commands;
 mod daemon;
+mod ha;
 mod output;
+mod sim;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // `mlp __mlp-task-init <config>` is an exec task's shim (see mlp_agent::isolation); it must
+    // run before anything starts a thread.
+    mlp_agent::isolation::maybe_run_init();
     let cli = cli::Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -1,10 +1,10 @@
 //! Task drivers: the [`Driver`] trait that starts a task's process and the [`TaskHandle`] that
 //! waits for and signals it.
 //!
-//! `exec` and `raw_exec` are the same process driver for now: the child runs in its own
-//! session/process group (`setsid`), stdin is /dev/null, and stdout/stderr are piped into
-//! size-rotated log files. The isolation issue turns `exec` into namespaces + cgroups by
-//! wrapping [`ProcessDriver`]; `raw_exec` stays unisolated.
+//! `raw_exec` is [`ProcessDriver`]: the child runs in its own session/process group
+//! (`setsid`), stdin is /dev/null, and stdout/stderr are piped into size-rotated log files.
+//! `exec` is [`crate::isolation::exec::ExecDriver`]: the same contract, with namespaces, a task
+//! root, an unprivileged user and a cgroup.
 #![allow(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -20,6 +20,8 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::task::JoinHandle;
 
+use crate::isolation::exec::ExecDriver;
+use crate::isolation::IsolationSettings;
 use crate::logs::{log_base, RotatingWriter};
 
 /// Errors from a driver.
@@ -55,6 +57,18 @@ pub enum DriverError {
     /// No driver of that name on this agent.
     #[error("unknown or disabled driver {0:?}")]
     Unknown(String),
+    /// The task asked for a user this agent refuses (or does not know).
+    #[error("user {user:?} is not allowed for the exec driver: {reason}")]
+    User {
+        /// The user asked for.
+        user: String,
+        /// Why not.
+        reason: String,
+    },
+    /// Setting up the task's isolation failed (cgroup, root filesystem, namespaces), or the
+    /// command could not be started inside it.
+    #[error("{0}")]
+    Isolation(String),
 }
 
 /// Everything a driver needs to start a task.
@@ -76,8 +90,20 @@ pub struct TaskSpec {
     pub log_max_file_bytes: u64,
     /// Keep this many log files per stream.
     pub log_max_files: u32,
-    /// Resources asked for (enforced by the isolation issue).
+    /// Resources asked for (enforced by `exec`).
     pub resources: Option<Resources>,
+    /// Allocation id (names the task's cgroup).
+    pub alloc_id: String,
+    /// The task's directory (`<alloc>/<task>`).
+    pub task_dir: PathBuf,
+    /// The group's shared `alloc/` directory.
+    pub alloc_shared_dir: PathBuf,
+    /// Hostname for the task's UTS namespace (`exec`).
+    pub hostname: String,
+    /// User to run as; empty = the agent's default (`exec`).
+    pub user: String,
+    /// Network mode: "" or "host" = the host's, "none" = an empty namespace (`exec`).
+    pub network_mode: String,
 }
 
 /// How a process ended.
@@ -87,6 +113,8 @@ pub struct ExitStatus {
     pub code: Option<i32>,
     /// Signal number, when a signal killed it.
     pub signal: Option<i32>,
+    /// Set when the OOM killer killed a process of the task at its memory limit (MiB).
+    pub oom_limit_mib: Option<u64>,
 }
 
 impl ExitStatus {
@@ -98,6 +126,9 @@ impl ExitStatus {
 
 impl std::fmt::Display for ExitStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(limit) = self.oom_limit_mib {
+            return write!(f, "OOM killed (limit {limit} MiB)");
+        }
         match (self.code, self.signal) {
             (Some(c), _) => write!(f, "exit code {c}"),
             (None, Some(s)) => write!(f, "signal {s}"),
@@ -124,6 +155,10 @@ pub trait TaskHandle: Send {
     async fn wait(&mut self) -> ExitStatus;
     /// Sends a signal to the task's whole process group.
     fn signal(&self, sig: Signal) -> Result<(), DriverError>;
+    /// Resource usage from the task's cgroup; None for unisolated tasks.
+    fn stats(&self) -> Option<crate::cgroups::Stats> {
+        None
+    }
 }
 
 /// Sends `sig` to process group `pgid`; a group that no longer exists is not an error.
@@ -162,12 +197,6 @@ pub struct ProcessDriver {
 }
 
 impl ProcessDriver {
-    /// The `exec` driver (isolated by the isolation issue).
-    pub fn exec() -> Self {
-        ProcessDriver {
-            name: driver_names::EXEC,
-        }
-    }
     /// The `raw_exec` driver (never isolated).
     pub fn raw_exec() -> Self {
         ProcessDriver {
@@ -176,13 +205,24 @@ impl ProcessDriver {
     }
 }
 
-/// Drivers by name, for the enabled names.
+/// Drivers by name, for the enabled names, with the default isolation settings.
 pub fn drivers_for(enabled: &[String]) -> BTreeMap<String, std::sync::Arc<dyn Driver>> {
+    drivers_with(enabled, &IsolationSettings::default())
+}
+
+/// Drivers by name, for the enabled names; `exec` isolates with `settings`.
+pub fn drivers_with(
+    enabled: &[String],
+    settings: &IsolationSettings,
+) -> BTreeMap<String, std::sync::Arc<dyn Driver>> {
     let mut out: BTreeMap<String, std::sync::Arc<dyn Driver>> = BTreeMap::new();
     for name in enabled {
         match name.as_str() {
             driver_names::EXEC => {
-                out.insert(name.clone(), std::sync::Arc::new(ProcessDriver::exec()));
+                out.insert(
+                    name.clone(),
+                    std::sync::Arc::new(ExecDriver::new(settings.clone())),
+                );
             }
             driver_names::RAW_EXEC => {
                 out.insert(name.clone(), std::sync::Arc::new(ProcessDriver::raw_exec()));
@@ -193,7 +233,8 @@ pub fn drivers_for(enabled: &[String]) -> BTreeMap<String, std::sync::Arc<dyn Dr
     out
 }
 
-fn pump<R: AsyncRead + Unpin + Send + 'static>(
+/// Copies a task's output into its log file until EOF.
+pub(crate) fn pump<R: AsyncRead + Unpin + Send + 'static>(
     mut reader: R,
     mut writer: RotatingWriter,
 ) -> JoinHandle<()> {
@@ -304,6 +345,7 @@ impl TaskHandle for ProcessHandle {
                     ExitStatus {
                         code: st.code(),
                         signal: st.signal(),
+                        oom_limit_mib: None,
                     }
                 }
                 Err(e) => {
@@ -355,7 +397,7 @@ mod tests {
             log_dir: logs,
             log_max_file_bytes: 1 << 20,
             log_max_files: 3,
-            resources: None,
+            ..Default::default()
         }
     }
 
@@ -435,7 +477,7 @@ mod tests {
                 "sleep 100 & sleep 100 & trap '' TERM; echo ready; wait",
             ],
         );
-        let mut h = ProcessDriver::exec().start(&s).await?;
+        let mut h = ProcessDriver::raw_exec().start(&s).await?;
         let pgid = h.pid();
         let _g = GroupGuard(pgid);
         // Wait until the shell set its trap and both sleeps run.
@@ -473,7 +515,7 @@ mod tests {
     async fn missing_binary_is_an_error() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let s = spec(dir.path(), "/nonexistent/definitely-not-here", &[]);
-        match ProcessDriver::exec().start(&s).await {
+        match ProcessDriver::raw_exec().start(&s).await {
             Err(DriverError::Spawn { source, .. }) => {
                 assert_eq!(source.kind(), std::io::ErrorKind::NotFound)
             }

@@ -205,8 +205,14 @@ pub fn fingerprint(config: &AgentConfig) -> Node {
     attrs.insert("unique.storage.bytesfree".into(), disk_free.to_string());
     attrs.insert("unique.storage.bytestotal".into(), disk_total.to_string());
     let mut drivers = Vec::new();
-    // Both drivers fork/exec a child, which always works on Linux.
+    // raw_exec only forks/execs, which always works on Linux; exec needs root (namespaces,
+    // mounts, switching users) and a cgroup hierarchy with controllers.
+    let exec_ok = nix::unistd::geteuid().is_root() && crate::cgroups::host_layout().is_some();
     for d in &config.drivers_enabled {
+        if d == mlp_proto::consts::driver::EXEC && !exec_ok {
+            tracing::warn!("the exec driver needs root and cgroups; not offered on this node");
+            continue;
+        }
         if crate::driver::drivers_for(std::slice::from_ref(d)).contains_key(d) {
             attrs.insert(format!("driver.{d}"), "1".into());
             drivers.push(d.clone());

@@ -3,9 +3,11 @@
 //! and serves task logs (`ClientService`) on its own gRPC address.
 
 pub mod alloc_runner;
+pub mod cgroups;
 pub mod client;
 pub mod driver;
 pub mod fingerprint;
+pub mod isolation;
 pub mod logs;
 pub mod manager;
 pub mod restart;
@@ -78,6 +80,8 @@ pub struct AgentConfig {
     pub log_max_files: u32,
     /// Enabled drivers (default exec, raw_exec).
     pub drivers_enabled: Vec<String>,
+    /// Isolation of `exec` tasks (default user, refused users, default pids limit, ...).
+    pub isolation: isolation::IsolationSettings,
 }
 
 impl Default for AgentConfig {
@@ -97,6 +101,7 @@ impl Default for AgentConfig {
                 mlp_proto::consts::driver::EXEC.to_string(),
                 mlp_proto::consts::driver::RAW_EXEC.to_string(),
             ],
+            isolation: isolation::IsolationSettings::default(),
         }
     }
 }
@@ -177,6 +182,13 @@ impl Agent {
             .map_err(AgentError::io("registering the rpc listener"))?;
 
         let mut node = fingerprint::fingerprint(&config);
+        if let Some(mhz) = node
+            .attributes
+            .get("cpu.frequency")
+            .and_then(|v| v.parse().ok())
+        {
+            config.isolation.mhz_per_core = mhz;
+        }
         node.id = node_id.clone();
         node.rpc_addr = config
             .advertise_addr
@@ -187,7 +199,7 @@ impl Agent {
         let registry = AllocRegistry::default();
         let env = RunnerEnv {
             alloc_root: data_dir.join("allocs"),
-            drivers: driver::drivers_for(&config.drivers_enabled),
+            drivers: driver::drivers_with(&config.drivers_enabled, &config.isolation),
             log_max_file_bytes: config.log_max_file_bytes,
             log_max_files: config.log_max_files,
             registry: registry.clone(),

@@ -93,6 +93,12 @@ impl AllocManager {
                     }
                 }
             }
+            // exec tasks' cgroups outlive a killed agent; the shims were just killed.
+            if let Some(layout) = crate::cgroups::host_layout() {
+                for task in p.procs.keys() {
+                    crate::cgroups::remove_leftover(&layout, &format!("{}.{task}", p.alloc_id));
+                }
+            }
             if alloc_client::is_terminal(&p.client_status) {
                 p.procs.clear();
                 self.env.registry.put(&p.alloc_id, view_of(&dir, &p));

@@ -16,6 +16,40 @@ use crate::state::ProcRecord;
 
 /// Events kept per task.
 pub const MAX_EVENTS: usize = 20;
+/// How often a running task's cgroup statistics are sampled and reported.
+pub const USAGE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A usage report from cgroup statistics; `last` carries the previous CPU sample so the CPU
+/// percentage covers the interval since.
+pub fn usage_of(
+    stats: &crate::cgroups::Stats,
+    last: &mut Option<(u64, std::time::Instant)>,
+) -> mlp_proto::v1::TaskUsage {
+    let now = std::time::Instant::now();
+    let cpu_percent = match *last {
+        Some((cpu, at)) => {
+            let wall = now.duration_since(at).as_nanos() as f64;
+            if wall > 0.0 {
+                stats.cpu_total_ns.saturating_sub(cpu) as f64 * 100.0 / wall
+            } else {
+                0.0
+            }
+        }
+        None => 0.0,
+    };
+    *last = Some((stats.cpu_total_ns, now));
+    mlp_proto::v1::TaskUsage {
+        sampled_at_ms: now_ms(),
+        cpu_percent,
+        cpu_total_ns: stats.cpu_total_ns,
+        cpu_throttled_ns: stats.cpu_throttled_ns,
+        memory_rss_bytes: stats.memory_rss_bytes,
+        memory_cache_bytes: stats.memory_cache_bytes,
+        memory_max_usage_bytes: stats.memory_max_usage_bytes,
+        pids: stats.pids,
+    }
+}
+
 /// Kill timeout used when a task sets none.
 pub const DEFAULT_KILL_TIMEOUT_MS: u64 = 5_000;
 
@@ -87,6 +121,7 @@ impl TaskContext {
     pub fn spec(&self) -> TaskSpec {
         let task_dir = self.task_dir();
         let local = task_dir.join("local");
+        let log_dir = task_dir.join("logs");
         let mut env = self.task.env.clone();
         let alloc_shared = self.alloc_dir.join("alloc");
         for (k, v) in [
@@ -97,6 +132,7 @@ impl TaskContext {
             ("MLP_GROUP_NAME", self.group_name.clone()),
             ("MLP_TASK_NAME", self.task.name.clone()),
             ("MLP_ALLOC_DIR", alloc_shared.to_string_lossy().into_owned()),
+            // exec overrides the two directories with their paths inside the task's root.
             ("MLP_TASK_DIR", local.to_string_lossy().into_owned()),
         ] {
             env.insert(k.to_string(), v);
@@ -108,10 +144,20 @@ impl TaskContext {
             args: config.args,
             env,
             work_dir: local,
-            log_dir: task_dir.join("logs"),
+            log_dir,
             log_max_file_bytes: self.log_max_file_bytes,
             log_max_files: self.log_max_files,
-            resources: self.task.resources,
+            resources: self.task.resources.clone(),
+            alloc_id: self.alloc_id.clone(),
+            task_dir,
+            alloc_shared_dir: alloc_shared,
+            hostname: crate::isolation::hostname_for(
+                &self.group_name,
+                self.alloc_index,
+                &self.alloc_id,
+            ),
+            user: self.task.user.clone(),
+            network_mode: self.task.network_mode.clone(),
         }
     }
 
@@ -239,10 +285,24 @@ pub async fn run_task(
                     std::future::pending::<()>().await
                 }
             };
-            tokio::select! {
-                ex = handle.wait() => Outcome::Exited(ex),
-                _ = stopped(&mut stop) => Outcome::Stop,
-                _ = max_run_timer => Outcome::MaxRun,
+            tokio::pin!(max_run_timer);
+            let mut sample = tokio::time::interval_at(
+                tokio::time::Instant::now() + USAGE_INTERVAL,
+                USAGE_INTERVAL,
+            );
+            let mut last_cpu: Option<(u64, std::time::Instant)> = None;
+            loop {
+                tokio::select! {
+                    ex = handle.wait() => break Outcome::Exited(ex),
+                    _ = stopped(&mut stop) => break Outcome::Stop,
+                    _ = &mut max_run_timer => break Outcome::MaxRun,
+                    _ = sample.tick() => {
+                        if let Some(stats) = handle.stats() {
+                            st.usage = Some(usage_of(&stats, &mut last_cpu));
+                            emit(&st, proc);
+                        }
+                    }
+                }
             }
         };
         let kill_timeout = ctx.kill_timeout_ms();
@@ -266,6 +326,7 @@ pub async fn run_task(
                 );
                 emit(&st, proc);
                 let ex = kill_task(handle.as_mut(), kill_timeout).await;
+                st.usage = None;
                 st.state = task_state::DEAD.into();
                 st.failed = failed;
                 st.pid = 0;
@@ -280,17 +341,18 @@ pub async fn run_task(
             }
             Outcome::Exited(ex) => {
                 st.pid = 0;
+                st.usage = None;
                 st.exit_code = ex.code;
                 st.finished_at_ms = now_ms();
-                let ev = push_event(
-                    &mut st,
-                    task_event::EXITED,
-                    format!(
+                let message = match ex.oom_limit_mib {
+                    Some(_) => ex.to_string(),
+                    None => format!(
                         "Exit Code: {}, Signal: {}",
                         ex.code.unwrap_or(-1),
                         ex.signal.unwrap_or(0)
                     ),
-                );
+                };
+                let ev = push_event(&mut st, task_event::EXITED, message);
                 ev.exit_code = ex.code;
                 ev.signal = ex.signal.unwrap_or(0);
                 tracing::info!(alloc = %ctx.alloc_id, task = %name, status = %ex, "task exited");

@@ -144,7 +144,7 @@ fn alloc(id: &str, job_type: &str, cmd: &str, desired: &str) -> Allocation {
                 count: 1,
                 tasks: vec![Task {
                     name: "t".into(),
-                    driver: "exec".into(),
+                    driver: "raw_exec".into(), // exec needs the mlp binary as its shim
                     config: Some(TaskConfig {
                         command: "/bin/sh".into(),
                         args: vec!["-c".into(), cmd.into()],

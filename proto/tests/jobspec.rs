@@ -164,6 +164,14 @@ fn bad_cases() -> Vec<(&'static str, String)> {
             with_task(&format!("{TASK_OK}      resources \"big\" {{\n        gpu {{\n          count = \"two\"\n          model = \"a100\"\n        }}\n      }}\n")),
         ),
         (
+            "isolation_fields",
+            with_task(&format!("{TASK_OK}      user = 7\n      network {{\n        mode = \"bridge\"\n      }}\n      resources {{\n        memory         = 256\n        memory_max     = 128\n        cpu_hard_limit = \"yes\"\n      }}\n")),
+        ),
+        (
+            "gpu_share_invalid",
+            with_task(&format!("{TASK_OK}      resources {{\n        gpu {{\n          count  = 2\n          share  = 0.25\n          model  = [\"V100M16\", 3]\n          memory = -1\n        }}\n      }}\n    }}\n    task \"u\" {{\n{TASK_OK}      resources {{\n        gpu {{\n          share = 1.5\n        }}\n      }}\n    }}\n    task \"v\" {{\n{TASK_OK}      resources {{\n        gpu {{\n          share = 0.0005\n          shares = 1\n        }}\n      }}\n")),
+        ),
+        (
             "unknown_top_level",
             "variable \"x\" {\n}\n\nregion = \"eu\"\n".to_string(),
         ),
@@ -340,14 +348,14 @@ fn full_job_decodes_every_field() {
         (res.cpu_mhz, res.cores, res.memory_mib, res.disk_mib),
         (2000, 2, 4096, 10240)
     );
-    assert_eq!(res.gpu, Some(GpuRequest { count: 2 }));
+    assert_eq!(res.gpu, Some(GpuRequest { count: 2, ..Default::default() }));
     assert_eq!(main.kill_timeout_ms, 90_000);
     assert_eq!(main.max_run_duration_ms, 5_410_000);
     assert_eq!(main.meta.get("owner").map(String::as_str), Some("alice"));
 
     let sidecar = &group.tasks[1];
     let res = sidecar.resources.as_ref().unwrap();
-    assert_eq!(res.gpu, Some(GpuRequest { count: 1 }));
+    assert_eq!(res.gpu, Some(GpuRequest { count: 1, ..Default::default() }));
     // Defaults for the fields a partial resources block leaves out.
     assert_eq!((res.cpu_mhz, res.memory_mib), (100, 300));
 
@@ -475,4 +483,54 @@ fn validate_job_accepts_a_json_job() {
 fn parse_duration_is_public() {
     assert_eq!(parse_duration("1h30m10s").unwrap().as_secs(), 5410);
     assert!(parse_duration("-1s").is_err());
+}
+
+#[test]
+fn isolation_fields_decode() {
+    let src = with_task(&format!(
+        "{TASK_OK}      user = \"app\"\n      network {{\n        mode = \"none\"\n      }}\n      resources {{\n        memory         = 256\n        memory_max     = 512\n        pids           = 64\n        cpu_hard_limit = true\n      }}\n"
+    ));
+    let job = parse_str(&src, "test.hcl").unwrap();
+    let task = &job.groups[0].tasks[0];
+    assert_eq!(task.user, "app");
+    assert_eq!(task.network_mode, "none");
+    let res = task.resources.clone().unwrap();
+    assert_eq!((res.memory_mib, res.memory_max_mib, res.pids, res.cpu_hard_limit), (256, 512, 64, true));
+}
+
+#[test]
+fn gpu_models_memory_and_share_decode() {
+    let src = with_task(&format!(
+        "{TASK_OK}      resources {{\n        gpu {{\n          model  = [\"V100M16\", \"V100M32\"]\n          memory = 16384\n          share  = 0.25\n        }}\n      }}\n"
+    ));
+    let job = parse_str(&src, "test.hcl").unwrap();
+    let res = job.groups[0].tasks[0].resources.as_ref().unwrap();
+    assert_eq!(
+        res.gpu,
+        Some(GpuRequest {
+            count: 1,
+            models: vec!["V100M16".into(), "V100M32".into()],
+            memory_mib: 16384,
+            share_milli: 250
+        })
+    );
+    // One model as a plain string; whole GPUs leave share_milli at 0.
+    let src = with_task(&format!(
+        "{TASK_OK}      resources {{\n        gpu {{\n          count = 2\n          model = \"A100\"\n        }}\n      }}\n"
+    ));
+    let job = parse_str(&src, "test.hcl").unwrap();
+    let gpu = job.groups[0].tasks[0].resources.as_ref().unwrap().gpu.clone().unwrap();
+    assert_eq!((gpu.count, gpu.models, gpu.share_milli), (2, vec!["A100".to_string()], 0));
+    // JSON submissions get the same rules.
+    let mut bad = job.clone();
+    if let Some(r) = bad.groups[0].tasks[0].resources.as_mut() {
+        r.gpu = Some(GpuRequest { count: 2, share_milli: 500, ..Default::default() });
+    }
+    let err = validate_job(&bad).unwrap_err().to_string();
+    assert!(err.contains("count must be 1"), "{err}");
+    if let Some(r) = bad.groups[0].tasks[0].resources.as_mut() {
+        r.gpu = Some(GpuRequest { count: 1, share_milli: 1000, ..Default::default() });
+    }
+    let err = validate_job(&bad).unwrap_err().to_string();
+    assert!(err.contains("share_milli must be between 1 and 999"), "{err}");
 }

@@ -143,7 +143,7 @@ impl Api {
         let job = Self::prepare_job(job)?;
         let eval = Self::new_eval(&job, eval_trigger::JOB_REGISTER);
         let eval_id = eval.id.clone();
-        let resp = self.raft.write(Request { now_ms: now_ms(), command: Command::RegisterJob { job, eval } }).await?;
+        let resp = self.raft.submit(Request { now_ms: now_ms(), command: Command::RegisterJob { job, eval } }).await?;
         Metrics::inc(&self.metrics.job_registrations);
         Ok(RegisterJobResponse { eval_id, job_version: resp.job_version.unwrap_or(0), index: resp.index })
     }
@@ -244,6 +244,7 @@ impl Api {
     pub async fn stop_job(&self, req: StopJobRequest) -> Result<StopJobResponse, ApiError> {
         require_id("job_id", &req.job_id)?;
         let ns = default_namespace(&req.namespace).to_string();
+        self.read_barrier(false).await?;
         let job = {
             let st = self.state.read();
             st.job(&ns, &req.job_id)
@@ -254,7 +255,7 @@ impl Api {
         let eval_id = eval.id.clone();
         let resp = self
             .raft
-            .write(Request { now_ms: now_ms(), command: Command::StopJob { namespace: ns, job_id: req.job_id, purge: req.purge, eval } })
+            .submit(Request { now_ms: now_ms(), command: Command::StopJob { namespace: ns, job_id: req.job_id, purge: req.purge, eval } })
             .await?;
         Metrics::inc(&self.metrics.job_stops);
         Ok(StopJobResponse { eval_id, index: resp.index })
@@ -345,7 +346,7 @@ impl Api {
         }
         node.status = node_status::READY.to_string();
         node.status_description = "registered".into();
-        let resp = self.raft.write(Request { now_ms: now_ms(), command: Command::UpsertNode { node: node.clone() } }).await?;
+        let resp = self.raft.submit(Request { now_ms: now_ms(), command: Command::UpsertNode { node: node.clone() } }).await?;
         self.heartbeats.touch(&node.id, self.heartbeat.ttl);
         tracing::info!(node_id = node.id, name = node.name, "node registered");
         Ok(RegisterNodeResponse { heartbeat_ttl_ms: self.heartbeat.ttl.as_millis() as u64, index: resp.index })
@@ -423,7 +424,7 @@ impl Api {
         Metrics::add(&self.metrics.alloc_updates, req.updates.len() as u64);
         let resp = self
             .raft
-            .write(Request { now_ms: now_ms(), command: Command::UpdateAllocsFromClient { node_id: req.node_id, updates: req.updates } })
+            .submit(Request { now_ms: now_ms(), command: Command::UpdateAllocsFromClient { node_id: req.node_id, updates: req.updates } })
             .await?;
         Ok(UpdateAllocsResponse { index: resp.index })
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use mlp_proto::consts::{alloc_client, eval_status, eval_trigger, node_status};
 use mlp_proto::v1::{AllocMetric, Allocation, Evaluation};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::raft::node::RaftNode;
@@ -79,6 +79,10 @@ impl Heartbeats {
     }
 }
 
+/// How many evaluations are planned at once. Plans are computed in parallel on the shared
+/// state; the plan applier serializes their checks.
+pub const SCHEDULER_WORKERS: usize = 4;
+
 /// The leader's scheduling loop.
 pub struct Leader {
     pub raft: Arc<RaftNode>,
@@ -86,54 +90,125 @@ pub struct Leader {
     pub metrics: Arc<Metrics>,
     pub heartbeats: Arc<Heartbeats>,
     pub settings: HeartbeatSettings,
-    /// Serializes plan application so that each plan is checked against the latest state.
-    pub plan_lock: Mutex<()>,
+    /// Placements that passed the plan applier and are being committed, by allocation id. The
+    /// applier checks new plans against the state plus these, so two plans in flight at once
+    /// can never overcommit a node between them.
+    pub in_flight: std::sync::Mutex<BTreeMap<String, Allocation>>,
 }
 
 /// Blocked evaluations in the order they get capacity: priority first, then submit order.
 type BlockedKey = (Reverse<i32>, u64, String);
 
+/// The leader's in-memory queues, all rebuilt from the state on leadership.
+#[derive(Default)]
+struct Queues {
+    ready: VecDeque<String>,
+    queued: BTreeSet<String>,
+    blocked: BTreeSet<BlockedKey>,
+    /// Jobs with an evaluation being planned: a job's evaluations never run concurrently.
+    busy_jobs: BTreeSet<String>,
+    capacity_changed: bool,
+}
+
+impl Queues {
+    fn absorb(&mut self, e: Effect, leader: &Leader) {
+        match e {
+            Effect::EvalsPending(ids) => {
+                for id in ids {
+                    if self.queued.insert(id.clone()) {
+                        self.ready.push_back(id);
+                    }
+                }
+            }
+            Effect::CapacityChanged => self.capacity_changed = true,
+            Effect::Reset => {
+                leader.rebuild(self);
+                self.capacity_changed = true;
+            }
+        }
+    }
+
+    /// The next ready evaluation whose job is not being planned, with its job key.
+    fn next_runnable(&mut self, state: &StateHandle) -> Option<(String, String)> {
+        let st = state.read();
+        let pos = self.ready.iter().position(|id| match st.evals.get(id) {
+            Some(e) => !self.busy_jobs.contains(&crate::state::job_key(&e.namespace, &e.job_id)),
+            None => true,
+        })?;
+        let id = self.ready.remove(pos)?;
+        self.queued.remove(&id);
+        let key = st.evals.get(&id).map(|e| crate::state::job_key(&e.namespace, &e.job_id)).unwrap_or_default();
+        Some((id, key))
+    }
+
+    fn record(&mut self, report: EvalReport) {
+        for id in &report.unblocked {
+            self.blocked.retain(|k| &k.2 != id);
+        }
+        self.blocked.extend(report.blocked);
+    }
+}
+
+/// What one evaluation run changed in the blocked set.
+#[derive(Debug, Default)]
+struct EvalReport {
+    outcome: Option<EvalOutcome>,
+    blocked: Vec<BlockedKey>,
+    unblocked: Vec<String>,
+}
+
 impl Leader {
     /// Runs until `effects` closes. Does work only while this server is leader.
     pub async fn run(self: Arc<Self>, mut effects: mpsc::UnboundedReceiver<Effect>) {
         let mut leader_rx = self.raft.leader_watch();
-        let mut ready: VecDeque<String> = VecDeque::new();
-        let mut queued: BTreeSet<String> = BTreeSet::new();
-        let mut blocked: BTreeSet<BlockedKey> = BTreeSet::new();
+        let mut q = Queues::default();
+        let mut workers: tokio::task::JoinSet<(String, EvalReport)> = tokio::task::JoinSet::new();
         let mut was_leader = false;
-        let mut capacity_changed = false;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let is_leader = *leader_rx.borrow();
             if is_leader && !was_leader {
-                self.rebuild(&mut ready, &mut queued, &mut blocked);
-                capacity_changed = true;
-                tracing::info!(pending = ready.len(), blocked = blocked.len(), "became leader; scheduling queues rebuilt");
+                self.rebuild(&mut q);
+                q.capacity_changed = true;
+                tracing::info!(pending = q.ready.len(), blocked = q.blocked.len(), "became leader; scheduling queues rebuilt");
             }
             was_leader = is_leader;
 
-            if is_leader && !ready.is_empty() {
-                // Drain effects that arrived meanwhile so that dedupe sees them, then work.
+            if is_leader {
                 while let Ok(e) = effects.try_recv() {
-                    self.absorb(e, &mut ready, &mut queued, &mut blocked, &mut capacity_changed);
+                    q.absorb(e, &self);
                 }
-                if let Some(id) = ready.pop_front() {
-                    queued.remove(&id);
-                    self.run_eval(&id, &mut blocked).await;
+                while workers.len() < SCHEDULER_WORKERS {
+                    let Some((id, job)) = q.next_runnable(&self.state) else { break };
+                    q.busy_jobs.insert(job.clone());
+                    let me = self.clone();
+                    workers.spawn(async move { (job, me.run_eval(&id).await) });
                 }
-                continue;
-            }
-            if is_leader && capacity_changed {
-                capacity_changed = false;
-                self.unblock(&mut blocked).await;
-                continue;
+                // Blocked evaluations get capacity in order, so they run alone and in sequence.
+                if workers.is_empty() && q.ready.is_empty() && q.capacity_changed {
+                    q.capacity_changed = false;
+                    self.unblock(&mut q).await;
+                    continue;
+                }
             }
 
             tokio::select! {
+                Some(done) = workers.join_next(), if !workers.is_empty() => {
+                    match done {
+                        Ok((job, report)) => {
+                            q.busy_jobs.remove(&job);
+                            q.record(report);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "scheduler worker failed");
+                            q.busy_jobs.clear();
+                        }
+                    }
+                }
                 e = effects.recv() => {
                     let Some(e) = e else { return };
-                    self.absorb(e, &mut ready, &mut queued, &mut blocked, &mut capacity_changed);
+                    q.absorb(e, &self);
                 }
                 r = leader_rx.changed() => {
                     if r.is_err() { return; }
@@ -147,43 +222,19 @@ impl Leader {
         }
     }
 
-    fn absorb(
-        &self,
-        e: Effect,
-        ready: &mut VecDeque<String>,
-        queued: &mut BTreeSet<String>,
-        blocked: &mut BTreeSet<BlockedKey>,
-        capacity_changed: &mut bool,
-    ) {
-        match e {
-            Effect::EvalsPending(ids) => {
-                for id in ids {
-                    if queued.insert(id.clone()) {
-                        ready.push_back(id);
-                    }
-                }
-            }
-            Effect::CapacityChanged => *capacity_changed = true,
-            Effect::Reset => {
-                self.rebuild(ready, queued, blocked);
-                *capacity_changed = true;
-            }
-        }
-    }
-
-    fn rebuild(&self, ready: &mut VecDeque<String>, queued: &mut BTreeSet<String>, blocked: &mut BTreeSet<BlockedKey>) {
-        ready.clear();
-        queued.clear();
-        blocked.clear();
+    fn rebuild(&self, q: &mut Queues) {
+        q.ready.clear();
+        q.queued.clear();
+        q.blocked.clear();
         let st = self.state.read();
         let mut pending: Vec<&Evaluation> = st.evals.values().filter(|e| e.status == eval_status::PENDING).collect();
         pending.sort_by_key(|e| (Reverse(e.priority), e.create_index));
         for e in pending {
-            queued.insert(e.id.clone());
-            ready.push_back(e.id.clone());
+            q.queued.insert(e.id.clone());
+            q.ready.push_back(e.id.clone());
         }
         for e in st.evals.values().filter(|e| e.status == eval_status::BLOCKED) {
-            blocked.insert((Reverse(e.priority), e.create_index, e.id.clone()));
+            q.blocked.insert((Reverse(e.priority), e.create_index, e.id.clone()));
         }
         let deadline = Instant::now() + self.settings.ttl + self.settings.failover_grace;
         self.heartbeats.reset(
@@ -194,12 +245,15 @@ impl Leader {
 
     /// Re-runs blocked evaluations in priority, then submit, order. Runs that place nothing
     /// write nothing, so a long blocked queue costs scheduler time only, not Raft writes.
-    async fn unblock(&self, blocked: &mut BTreeSet<BlockedKey>) {
-        let order: Vec<BlockedKey> = blocked.iter().cloned().collect();
+    async fn unblock(&self, q: &mut Queues) {
+        let order: Vec<BlockedKey> = q.blocked.iter().cloned().collect();
         // Requests that failed for lack of capacity in this pass: a later evaluation asking for
         // at least as much in every dimension can't fit either.
         let mut exhausted: Vec<[u64; 4]> = Vec::new();
         for key in order {
+            if !q.blocked.contains(&key) {
+                continue; // superseded during this pass
+            }
             let ask = {
                 let st = self.state.read();
                 st.evals.get(&key.2).and_then(|e| st.job(&e.namespace, &e.job_id)).map(scheduler_ask)
@@ -209,9 +263,11 @@ impl Leader {
                     continue;
                 }
             }
-            blocked.remove(&key);
-            let outcome = self.run_eval(&key.2, blocked).await;
-            if outcome == EvalOutcome::StillBlocked {
+            q.blocked.remove(&key);
+            let report = self.run_eval(&key.2).await;
+            let still_blocked = report.outcome == Some(EvalOutcome::StillBlocked);
+            q.record(report);
+            if still_blocked {
                 if let Some(ask) = ask {
                     exhausted.push(ask);
                 }
@@ -247,19 +303,44 @@ impl Leader {
         }
     }
 
+    /// Plan applier, first half: checks placements against the latest state plus every plan
+    /// still being committed, and reserves the accepted ones. Returns (accepted, rejected count).
+    fn admit(&self, placements: Vec<Allocation>) -> (Vec<Allocation>, usize) {
+        let mut in_flight = match self.in_flight.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let st = self.state.read();
+        let (accepted, rejected) = check_plan(&st, placements, &in_flight);
+        for a in &accepted {
+            in_flight.insert(a.id.clone(), a.clone());
+        }
+        (accepted, rejected)
+    }
+
+    /// Plan applier, second half: the committed (or failed) placements are no longer in flight.
+    fn release(&self, placements: &[Allocation]) {
+        let mut in_flight = match self.in_flight.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        for a in placements {
+            in_flight.remove(&a.id);
+        }
+    }
+
     /// Schedules one evaluation and commits what fits.
-    async fn run_eval(&self, eval_id: &str, blocked: &mut BTreeSet<BlockedKey>) -> EvalOutcome {
-        let _plan_guard = self.plan_lock.lock().await;
+    async fn run_eval(&self, eval_id: &str) -> EvalReport {
+        let mut report = EvalReport::default();
         let started = Instant::now();
         let computed = {
             let st = self.state.read();
-            let Some(eval) = st.evals.get(eval_id).cloned() else { return EvalOutcome::Done };
+            let Some(eval) = st.evals.get(eval_id).cloned() else { return report };
             if eval.status != eval_status::PENDING && eval.status != eval_status::BLOCKED {
-                return EvalOutcome::Done;
+                return report;
             }
             let job = st.job(&eval.namespace, &eval.job_id).cloned();
             let plan = scheduler::schedule(&st, job.as_ref(), &eval, now_ms());
-            let checked = check_plan(&st, plan.placements);
             // Other blocked evaluations of the same job are superseded by this one.
             let superseded: Vec<Evaluation> = st
                 .evals_for_job(&eval.namespace, &eval.job_id)
@@ -271,9 +352,11 @@ impl Leader {
                     e
                 })
                 .collect();
-            (eval, plan.stops, plan.failed_tg_allocs, plan.queued_allocations, checked, superseded)
+            (eval, plan, superseded)
         };
-        let (mut eval, stops, failed, mut queued, (accepted, rejected), superseded) = computed;
+        let (mut eval, plan, superseded) = computed;
+        let (accepted, rejected) = self.admit(plan.placements);
+        let (stops, failed, mut queued) = (plan.stops, plan.failed_tg_allocs, plan.queued_allocations);
         Metrics::add(&self.metrics.schedule_micros_total, started.elapsed().as_micros() as u64);
         Metrics::inc(&self.metrics.evals_processed);
         if rejected > 0 {
@@ -283,9 +366,7 @@ impl Leader {
         let unplaced: u32 = queued.values().sum();
         let was_blocked = eval.status == eval_status::BLOCKED;
         let mut new_evals = superseded;
-        for e in &mut new_evals {
-            blocked.retain(|k| k.2 != e.id);
-        }
+        report.unblocked = new_evals.iter().map(|e| e.id.clone()).collect();
         let outcome;
         if rejected > 0 {
             // The plan went stale between snapshot and apply: commit what fits, retry the rest.
@@ -296,14 +377,15 @@ impl Leader {
         } else if unplaced > 0 {
             Metrics::inc(&self.metrics.evals_blocked);
             if was_blocked && accepted.is_empty() && stops.is_empty() && new_evals.is_empty() {
-                blocked.insert((Reverse(eval.priority), eval.create_index, eval.id.clone()));
-                return EvalOutcome::StillBlocked;
+                report.blocked.push((Reverse(eval.priority), eval.create_index, eval.id.clone()));
+                report.outcome = Some(EvalOutcome::StillBlocked);
+                return report;
             }
             if was_blocked {
                 eval.queued_allocations = queued;
                 eval.failed_tg_allocs = failed;
                 eval.status_description = format!("{unplaced} allocations wait for capacity");
-                blocked.insert((Reverse(eval.priority), eval.create_index, eval.id.clone()));
+                report.blocked.push((Reverse(eval.priority), eval.create_index, eval.id.clone()));
                 outcome = EvalOutcome::StillBlocked;
             } else {
                 let blocked_eval = Evaluation {
@@ -335,30 +417,35 @@ impl Leader {
             eval.failed_tg_allocs = BTreeMap::new();
             outcome = EvalOutcome::Done;
         }
+        report.outcome = Some(outcome);
         let placed = accepted.len() as u64;
-        let new_blocked: Vec<BlockedKey> = new_evals
+        let new_blocked: Vec<(Reverse<i32>, String)> = new_evals
             .iter()
             .filter(|e| e.status == eval_status::BLOCKED)
-            .map(|e| (Reverse(e.priority), u64::MAX, e.id.clone()))
+            .map(|e| (Reverse(e.priority), e.id.clone()))
             .collect();
+        let committed = accepted.clone();
         let req = Request {
             now_ms: now_ms(),
             command: Command::ApplyPlan(PlanResult { eval: Some(eval), placements: accepted, stops, new_evals }),
         };
-        match self.raft.write(req).await {
+        let result = self.raft.write(req).await;
+        self.release(&committed);
+        match result {
             Ok(resp) => {
                 Metrics::inc(&self.metrics.plans_applied);
                 Metrics::add(&self.metrics.placements, placed);
-                // The blocked eval's create index is the plan's index: keep submit order.
-                for (p, _, id) in new_blocked {
-                    blocked.insert((p, resp.index, id));
+                // A new blocked evaluation's create index is the plan's index: submit order.
+                for (p, id) in new_blocked {
+                    report.blocked.push((p, resp.index, id));
                 }
             }
             Err(e) => {
                 tracing::warn!(eval_id, error = %e, "could not commit plan; the evaluation stays pending");
+                report.blocked.retain(|k| k.2 != eval_id);
             }
         }
-        outcome
+        report
     }
 }
 
@@ -391,9 +478,14 @@ fn scheduler_ask(job: &mlp_proto::v1::Job) -> [u64; 4] {
     ask
 }
 
-/// The plan applier's check: every node's placements must still fit the latest state.
-/// Returns the accepted placements and how many were rejected.
-fn check_plan(st: &crate::state::ClusterState, placements: Vec<Allocation>) -> (Vec<Allocation>, usize) {
+/// The plan applier's check: every node's placements must still fit the latest state plus the
+/// placements of plans still being committed. Returns the accepted placements and how many were
+/// rejected; only the conflicting nodes' part of a plan is rejected.
+fn check_plan(
+    st: &crate::state::ClusterState,
+    placements: Vec<Allocation>,
+    in_flight: &BTreeMap<String, Allocation>,
+) -> (Vec<Allocation>, usize) {
     let mut by_node: BTreeMap<String, Vec<Allocation>> = BTreeMap::new();
     for p in placements {
         by_node.entry(p.node_id.clone()).or_default().push(p);
@@ -403,7 +495,8 @@ fn check_plan(st: &crate::state::ClusterState, placements: Vec<Allocation>) -> (
     for (node_id, allocs) in by_node {
         let fits = match st.nodes.get(&node_id) {
             Some(node) => {
-                let refs: Vec<&Allocation> = allocs.iter().collect();
+                let refs: Vec<&Allocation> =
+                    in_flight.values().filter(|a| a.node_id == node_id).chain(allocs.iter()).collect();
                 scheduler::check_node_fit(st, node, &refs)
             }
             None => Err(format!("node {node_id} is gone")),

@@ -3,6 +3,7 @@
 
 pub mod raft;
 pub mod scheduler;
+pub mod sim;
 pub mod state;
 pub mod api;
 pub mod grpc;
@@ -11,4 +12,4 @@ pub mod leader;
 pub mod metrics;
 pub mod server;
 
-pub use server::{Server, ServerConfig, ServerError};
+pub use server::{ClusterSettings, Server, ServerConfig, ServerError};

@@ -98,10 +98,42 @@ impl Metrics {
         }
         let live = state.allocs.values().filter(|a| !alloc_client::is_terminal(&a.client_status)).count();
         let _ = writeln!(out, "# HELP mlp_allocations_live Allocations not yet terminal.\n# TYPE mlp_allocations_live gauge\nmlp_allocations_live {live}");
+        render_task_usage(&mut out, state);
         out
     }
 }
 
 fn escape_label(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+// ---- per-task resource usage (isolation: reported by agents from each task's cgroup) -------
+
+/// Gauges of every running task's latest usage sample, labelled by allocation, job and task.
+fn render_task_usage(out: &mut String, state: &ClusterState) {
+    type Pick = fn(&mlp_proto::v1::TaskUsage) -> f64;
+    let gauges: [(&str, &str, Pick); 6] = [
+        ("mlp_task_cpu_percent", "CPU use of a running task, percent of one core.", |u| u.cpu_percent),
+        ("mlp_task_cpu_throttled_seconds", "Time a running task was throttled by its CPU cap.", |u| u.cpu_throttled_ns as f64 / 1e9),
+        ("mlp_task_memory_rss_bytes", "Resident memory of a running task.", |u| u.memory_rss_bytes as f64),
+        ("mlp_task_memory_cache_bytes", "Page cache charged to a running task.", |u| u.memory_cache_bytes as f64),
+        ("mlp_task_memory_max_usage_bytes", "Highest memory use of a running task.", |u| u.memory_max_usage_bytes as f64),
+        ("mlp_task_pids", "Processes of a running task.", |u| u.pids as f64),
+    ];
+    for (name, help, pick) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for a in state.allocs.values() {
+            for (task, ts) in &a.task_states {
+                let Some(u) = ts.usage.as_ref().filter(|_| ts.state == "running") else { continue };
+                let _ = writeln!(
+                    out,
+                    "{name}{{alloc_id=\"{}\",job=\"{}\",task=\"{}\"}} {}",
+                    escape_label(&a.id),
+                    escape_label(&a.job_id),
+                    escape_label(task),
+                    pick(u)
+                );
+            }
+        }
+    }
 }

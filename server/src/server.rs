@@ -55,8 +55,40 @@ pub struct Server {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// How a server finds its cluster (see `raft::cluster`). The default is a single-voter
+/// cluster of this server alone, as `mlp dev` runs.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// Bootstrap only once this many servers know each other; 1 = bootstrap alone.
+    pub bootstrap_expect: usize,
+    /// gRPC addresses of other servers to form or join a cluster with.
+    pub join: Vec<String>,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings { bootstrap_expect: 1, join: Vec::new() }
+    }
+}
+
+impl ClusterSettings {
+    /// A lone server that bootstraps itself (no peers to wait for).
+    fn is_single(&self) -> bool {
+        self.bootstrap_expect <= 1 && self.join.is_empty()
+    }
+}
+
 impl Server {
+    /// Starts a single-voter server (see [`Server::start_clustered`]).
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        Self::start_clustered(config, ClusterSettings::default()).await
+    }
+
+    /// Starts a server that forms or joins a cluster per `cluster`. The gRPC listener serves
+    /// before the server joins anything, so peers can reach it while the cluster forms; a
+    /// single-voter server returns once it leads, a clustered one right away (formation goes
+    /// on in the background).
+    pub async fn start_clustered(config: ServerConfig, cluster: ClusterSettings) -> Result<Server, ServerError> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
         config.grpc_listener.set_nonblocking(true).map_err(ServerError::Listener)?;
@@ -71,8 +103,8 @@ impl Server {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
 
-        // A single voter elects itself without RPCs; the HA issue starts gRPC before joining.
-        let raft = crate::raft::node::start(&config.data_dir, advertise.clone(), config.raft, state.clone())
+        // Opened without bootstrapping: peers must reach our gRPC listener before we join.
+        let raft = crate::raft::node::open(&config.data_dir, advertise.clone(), config.raft, state.clone())
             .await
             .map_err(|e| ServerError::Raft(e.to_string()))?;
         let raft = Arc::new(raft);
@@ -90,6 +122,7 @@ impl Server {
 
         let router = tonic::transport::Server::builder()
             .add_service(crate::raft::network::raft_grpc_service(raft.raft.clone()))
+            .add_service(crate::raft::cluster::cluster_grpc_service(raft.clone(), cluster.bootstrap_expect))
             .add_service(limits(JobServiceServer::new(grpc.clone())))
             .add_service(limits_alloc(AllocServiceServer::new(grpc.clone())))
             .add_service(NodeServiceServer::new(grpc.clone()))
@@ -111,6 +144,21 @@ impl Server {
             }
         }));
 
+        if cluster.is_single() {
+            let ready = async {
+                raft.bootstrap_single().await?;
+                raft.wait_until_ready().await
+            };
+            if let Err(e) = ready.await {
+                let _ = shutdown.send(true);
+                raft.shutdown().await;
+                return Err(ServerError::Raft(e.to_string()));
+            }
+        } else {
+            let (node, stop) = (raft.clone(), shutdown_rx.clone());
+            tasks.push(tokio::spawn(crate::raft::cluster::form_cluster(node, cluster.bootstrap_expect, cluster.join, stop)));
+        }
+
         let app = crate::http::router(api.clone());
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -128,7 +176,7 @@ impl Server {
             metrics,
             heartbeats,
             settings: config.heartbeat,
-            plan_lock: tokio::sync::Mutex::new(()),
+            in_flight: std::sync::Mutex::new(Default::default()),
         });
         let mut rx = shutdown_rx;
         tasks.push(tokio::spawn(async move {

@@ -217,15 +217,70 @@ pub fn pgid_of(pid: i32) -> Option<i32> {
     rest.split_whitespace().nth(2)?.parse().ok()
 }
 
-/// Pids of processes whose working directory is inside `dir` (the tasks of a test cluster).
+/// Ids of the allocations of every agent data dir under `dir` (`<...>/allocs/<id>`).
+pub fn alloc_ids_under(dir: &Path) -> Vec<String> {
+    fn walk(dir: &Path, depth: u32, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let path = e.path();
+            if !path.is_dir() || path.is_symlink() {
+                continue;
+            }
+            if e.file_name() == "allocs" {
+                if let Ok(allocs) = std::fs::read_dir(&path) {
+                    out.extend(allocs.flatten().map(|a| a.file_name().to_string_lossy().into_owned()));
+                }
+            } else if depth > 0 {
+                walk(&path, depth - 1, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, 3, &mut out);
+    out
+}
+
+/// The value of `key` in a process's environment.
+pub fn environ_var(pid: i32, key: &str) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|b| *b == 0).find_map(|kv| {
+        let kv = String::from_utf8_lossy(kv);
+        kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')).map(str::to_string)
+    })
+}
+
+/// Pids of the task processes of a test cluster under `dir`: processes whose working directory
+/// is inside `dir` (raw_exec tasks, exec tasks' shims) or whose `MLP_ALLOC_ID` names one of its
+/// allocations (exec tasks, whose working directory is inside their own root).
 pub fn processes_under(dir: &Path) -> Vec<i32> {
     let mut out = Vec::new();
+    let allocs = alloc_ids_under(dir);
     let Ok(entries) = std::fs::read_dir("/proc") else { return out };
     for e in entries.flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        if let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) {
-            if cwd.starts_with(dir) && pid_alive(pid) {
-                out.push(pid);
+        let by_cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir));
+        let by_env = || environ_var(pid, "MLP_ALLOC_ID").is_some_and(|id| allocs.contains(&id));
+        if (by_cwd || by_env()) && pid_alive(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Task cgroup directories (every hierarchy) of the allocations under `dir`.
+pub fn cgroups_under(dir: &Path) -> Vec<PathBuf> {
+    let allocs = alloc_ids_under(dir);
+    let mut parents = vec![PathBuf::from("/sys/fs/cgroup/mlp")];
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+        parents.extend(entries.flatten().map(|e| e.path().join("mlp")));
+    }
+    let mut out = Vec::new();
+    for parent in parents {
+        let Ok(entries) = std::fs::read_dir(&parent) else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if allocs.iter().any(|a| name.starts_with(&format!("{a}."))) {
+                out.push(e.path());
             }
         }
     }
@@ -238,6 +293,18 @@ impl Drop for Dev {
         // Tasks run in their own sessions: kill whatever still runs inside this cluster's dir.
         for pid in processes_under(self.dir.path()) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        // exec tasks' cgroups outlive a killed agent: empty them and remove them.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for cg in cgroups_under(self.dir.path()) {
+            while std::fs::remove_dir(&cg).is_err() && cg.exists() && Instant::now() < deadline {
+                for pid in std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default().lines() {
+                    if let Ok(pid) = pid.trim().parse::<i32>() {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }

@@ -40,10 +40,22 @@ const TASK_FIELDS: &[&str] = &[
     "kill_timeout",
     "max_run_duration",
     "meta",
+    "user",
+    "network",
 ];
+const NETWORK_FIELDS: &[&str] = &["mode"];
 const CONFIG_FIELDS: &[&str] = &["command", "args"];
-const RESOURCES_FIELDS: &[&str] = &["cpu", "cores", "memory", "disk", "gpu"];
-const GPU_FIELDS: &[&str] = &["count"];
+const RESOURCES_FIELDS: &[&str] = &[
+    "cpu",
+    "cores",
+    "memory",
+    "disk",
+    "gpu",
+    "memory_max",
+    "pids",
+    "cpu_hard_limit",
+];
+const GPU_FIELDS: &[&str] = &["count", "model", "memory", "share"];
 const RESTART_FIELDS: &[&str] = &["attempts", "interval", "delay", "mode"];
 const CONSTRAINT_FIELDS: &[&str] = &["attribute", "operator", "value"];
 
@@ -428,6 +440,18 @@ impl Decoder<'_> {
         None
     }
 
+    /// `true` or `false`.
+    fn bool(&mut self, expr: &Expression, loc: &Loc) -> Option<bool> {
+        self.mark(loc, start(expr));
+        match expr {
+            Expression::Bool(b) => Some(*b.value()),
+            _ => {
+                self.type_error(expr, loc, "a boolean (true or false)");
+                None
+            }
+        }
+    }
+
     /// A non-negative integer that fits `T`.
     fn unsigned<T: TryFrom<i64>>(&mut self, expr: &Expression, loc: &Loc) -> Option<T> {
         let value = self.integer(expr, loc)?;
@@ -763,11 +787,36 @@ impl Decoder<'_> {
                 ("max_run_duration", Structure::Attribute(a)) => {
                     task.max_run_duration_ms = self.duration(&a.value, &floc).unwrap_or(0);
                 }
+                ("user", Structure::Attribute(a)) => {
+                    task.user = self.string(&a.value, &floc).unwrap_or_default();
+                }
+                ("network", Structure::Block(b)) => {
+                    task.network_mode = self.network(b, &floc);
+                }
                 _ if TASK_FIELDS.contains(&name) => self.wrong_form(s, &loc),
                 _ => self.unknown(s, &loc, TASK_FIELDS),
             }
         }
         task
+    }
+
+    /// `network { mode = "..." }`: only the mode for now.
+    fn network(&mut self, block: &Block, loc: &Loc) -> String {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut mode = String::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            match (name, s) {
+                ("mode", Structure::Attribute(a)) => {
+                    mode = self.string(&a.value, &floc).unwrap_or_default();
+                }
+                _ if NETWORK_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, NETWORK_FIELDS),
+            }
+        }
+        mode
     }
 
     fn config(&mut self, block: &Block, loc: &Loc) -> TaskConfig {
@@ -823,12 +872,21 @@ impl Decoder<'_> {
                 ("disk", Structure::Attribute(a)) => {
                     res.disk_mib = self.unsigned(&a.value, &floc).unwrap_or(0);
                 }
+                ("memory_max", Structure::Attribute(a)) => {
+                    res.memory_max_mib = self.unsigned(&a.value, &floc).unwrap_or(0);
+                }
+                ("pids", Structure::Attribute(a)) => {
+                    res.pids = self.unsigned(&a.value, &floc).unwrap_or(0);
+                }
+                ("cpu_hard_limit", Structure::Attribute(a)) => {
+                    res.cpu_hard_limit = self.bool(&a.value, &floc).unwrap_or(false);
+                }
                 // `gpu = N` is shorthand for `gpu { count = N }`; zero means no GPU.
                 ("gpu", Structure::Attribute(a)) => {
                     res.gpu = self
                         .unsigned(&a.value, &floc)
                         .filter(|&count| count > 0)
-                        .map(|count| GpuRequest { count });
+                        .map(|count| GpuRequest { count, ..Default::default() });
                 }
                 ("gpu", Structure::Block(b)) => {
                     res.gpu = self.gpu(b, &floc);
@@ -843,20 +901,68 @@ impl Decoder<'_> {
     fn gpu(&mut self, block: &Block, loc: &Loc) -> Option<GpuRequest> {
         self.mark(loc, start(&block.ident));
         self.no_labels(block, loc);
-        let mut count = DEFAULT_GPU_COUNT;
+        let mut req = GpuRequest { count: DEFAULT_GPU_COUNT, ..Default::default() };
+        // Where `count` was written, to point at it when it contradicts `share`.
+        let mut count_at: Option<&Expression> = None;
         for s in block.body.iter() {
             let name = structure_name(s);
+            let floc = loc.field(name);
             match (name, s) {
                 ("count", Structure::Attribute(a)) => {
-                    if let Some(v) = self.unsigned(&a.value, &loc.field(name)) {
-                        count = v;
+                    if let Some(v) = self.unsigned(&a.value, &floc) {
+                        req.count = v;
+                        count_at = Some(&a.value);
                     }
+                }
+                // One model or a list of allowed models.
+                ("model", Structure::Attribute(a)) => {
+                    req.models = match &a.value {
+                        Expression::Array(_) => self.string_list(&a.value, &floc),
+                        other => self.string(other, &floc).into_iter().collect(),
+                    };
+                }
+                ("memory", Structure::Attribute(a)) => {
+                    req.memory_mib = self.unsigned(&a.value, &floc).unwrap_or(0);
+                }
+                ("share", Structure::Attribute(a)) => {
+                    req.share_milli = self.share(&a.value, &floc).unwrap_or(0);
                 }
                 _ if GPU_FIELDS.contains(&name) => self.wrong_form(s, loc),
                 _ => self.unknown(s, loc, GPU_FIELDS),
             }
         }
-        (count > 0).then_some(GpuRequest { count })
+        if req.share_milli > 0 {
+            if let Some(expr) = count_at.filter(|_| req.count != 1) {
+                self.fail(
+                    start(expr),
+                    &loc.field("count"),
+                    format!("a shared GPU (`share`) is one GPU; count must be 1, found {}", req.count),
+                );
+            }
+            req.count = 1;
+        }
+        (req.count > 0).then_some(req)
+    }
+
+    /// `share`: a decimal fraction of one GPU, 0 < share < 1, in steps of 0.001; returned in milli.
+    fn share(&mut self, expr: &Expression, loc: &Loc) -> Option<u32> {
+        self.mark(loc, start(expr));
+        let Expression::Number(n) = expr else {
+            self.type_error(expr, loc, "a fraction of one GPU such as 0.25");
+            return None;
+        };
+        let value = n.value().as_f64().unwrap_or(f64::NAN);
+        let milli = (value * 1000.0).round();
+        if !(value > 0.0 && value < 1.0) || (milli - value * 1000.0).abs() > 1e-6 || !(1.0..=999.0).contains(&milli) {
+            self.fail(
+                start(expr),
+                loc,
+                format!("share must be a fraction of one GPU between 0.001 and 0.999 in steps of 0.001, found {}", n.value()),
+            );
+            return None;
+        }
+        // In 1..=999 (checked above), so the conversion is exact.
+        Some(milli as u32)
     }
 }
 

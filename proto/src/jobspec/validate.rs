@@ -224,6 +224,40 @@ impl Checker {
             if res.memory_mib < 1 {
                 self.push(&rloc.field("memory"), "must be at least 1 (MiB), found 0");
             }
+            if res.memory_max_mib > 0 && res.memory_max_mib < res.memory_mib {
+                self.push(
+                    &rloc.field("memory_max"),
+                    format!(
+                        "must be at least memory ({} MiB), found {}",
+                        res.memory_mib, res.memory_max_mib
+                    ),
+                );
+            }
+            // JSON submissions bypass the HCL decoder's checks on `share`.
+            if let Some(gpu) = &res.gpu {
+                let gloc = rloc.field("gpu");
+                if gpu.share_milli > 999 {
+                    self.push(
+                        &gloc.field("share"),
+                        format!("share_milli must be between 1 and 999 (a fraction of one GPU), found {}", gpu.share_milli),
+                    );
+                } else if gpu.share_milli > 0 && gpu.count != 1 {
+                    self.push(
+                        &gloc.field("count"),
+                        format!("a shared GPU (`share`) is one GPU; count must be 1, found {}", gpu.count),
+                    );
+                }
+            }
+        }
+        if !task.network_mode.is_empty() && !NETWORK_MODES.contains(&task.network_mode.as_str()) {
+            self.push(
+                &loc.field("network").field("mode"),
+                format!(
+                    "must be one of {}, found {:?}",
+                    NETWORK_MODES.join(", "),
+                    task.network_mode
+                ),
+            );
         }
         if task.kill_timeout_ms > MAX_KILL_TIMEOUT_MS {
             self.push(
@@ -237,6 +271,9 @@ impl Checker {
         }
     }
 }
+
+/// Network modes a task may ask for (`host` is the default).
+const NETWORK_MODES: &[&str] = &["host", "none"];
 
 /// `[A-Za-z0-9_-]{1,128}`.
 pub(crate) fn is_name(s: &str) -> bool {

@@ -3,6 +3,8 @@
 //! * [`store`]: the durable Raft log (sled, fsync'd per `append` batch) and the state machine
 //!   that drives [`crate::state::StateHandle`], with snapshots kept in the same sled database.
 //! * [`network`]: Raft RPCs carried as serde_json blobs inside the `RaftService` gRPC service.
+//! * [`cluster`]: forming a cluster (`--bootstrap-expect`, `--join`), forwarding writes and
+//!   read barriers from followers to the leader, and the operator RPCs (`ClusterService`).
 //! * [`node`]: starting a node (id, storage, bootstrap of a single-voter cluster) and the
 //!   write / linearizable-read entry points the rest of the server uses.
 //!
@@ -17,12 +19,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::state::{CommandResponse, Request};
 
+pub mod cluster;
 pub mod network;
 pub mod node;
 pub mod store;
 
 pub use network::{raft_grpc_service, GrpcNetworkFactory, RaftGrpcService};
-pub use node::{start, RaftMetricsView, RaftNode, RaftSettings, RaftStartError, WriteError};
+pub use node::{open, start, RaftMetricsView, RaftNode, RaftSettings, RaftStartError, WriteError};
 pub use store::{open_storage, LogStore, StateMachineStore, StorageError};
 
 /// The payload of one Raft log entry: requests committed together (see the module docs).

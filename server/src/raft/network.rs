@@ -5,11 +5,13 @@
 //! [`BasicNode`] carries, so adding members to the cluster needs nothing here. The reply blob
 //! is the remote's whole `Result<Resp, RaftError>`, so remote Raft errors come back typed.
 
+use std::time::Duration;
+
 use mlp_proto::v1::raft_service_client::RaftServiceClient;
 use mlp_proto::v1::raft_service_server::{RaftService, RaftServiceServer};
 use mlp_proto::v1::RaftPayload;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
@@ -36,13 +38,32 @@ enum TransportError {
     Codec(#[from] serde_json::Error),
 }
 
+/// How long replication to an unreachable peer pauses before retrying when nothing else is
+/// configured (openraft's own default).
+const DEFAULT_BACKOFF: Duration = Duration::from_millis(500);
+
 /// Creates [`GrpcNetwork`] clients, one per target node.
-#[derive(Debug, Clone, Default)]
-pub struct GrpcNetworkFactory;
+#[derive(Debug, Clone)]
+pub struct GrpcNetworkFactory {
+    backoff: Duration,
+}
+
+impl Default for GrpcNetworkFactory {
+    fn default() -> Self {
+        GrpcNetworkFactory { backoff: DEFAULT_BACKOFF }
+    }
+}
 
 impl GrpcNetworkFactory {
     pub fn new() -> Self {
-        GrpcNetworkFactory
+        Self::default()
+    }
+
+    /// Retries an unreachable peer every `backoff`. Keep it below the election timeout: a
+    /// restarted server that hears nothing from the leader for longer calls an election,
+    /// which (once the leader lease has passed) deposes a healthy leader.
+    pub fn with_backoff(backoff: Duration) -> Self {
+        GrpcNetworkFactory { backoff }
     }
 }
 
@@ -50,7 +71,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetworkFactory {
     type Network = GrpcNetwork;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        GrpcNetwork { target, target_node: node.clone(), client: None }
+        GrpcNetwork { target, target_node: node.clone(), client: None, backoff: self.backoff }
     }
 }
 
@@ -60,6 +81,7 @@ pub struct GrpcNetwork {
     target: NodeId,
     target_node: BasicNode,
     client: Option<RaftServiceClient<Channel>>,
+    backoff: Duration,
 }
 
 impl GrpcNetwork {
@@ -119,6 +141,10 @@ impl GrpcNetwork {
 }
 
 impl RaftNetwork<TypeConfig> for GrpcNetwork {
+    fn backoff(&self) -> Backoff {
+        Backoff::new(std::iter::repeat(self.backoff))
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,

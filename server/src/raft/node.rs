@@ -14,6 +14,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, Raf
 use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::cluster::PeerClients;
 use super::network::GrpcNetworkFactory;
 use super::store::{open_storage, StorageError};
 use super::{MlpRaft, NodeId, RequestBatch};
@@ -72,8 +73,9 @@ pub enum RaftStartError {
     NoLeader(Duration),
 }
 
-/// Why a write (or a linearizable read) did not happen.
-#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+/// Why a write (or a linearizable read) did not happen. Serializable: a follower receives it
+/// from the leader it forwarded a write to.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum WriteError {
     /// This node doesn't lead; `leader_addr` is the leader's Raft address when known.
     #[error("not the leader (leader: {})", leader_addr.as_deref().unwrap_or("unknown"))]
@@ -84,6 +86,9 @@ pub enum WriteError {
     /// Any other Raft failure (no quorum, membership change in progress, ...).
     #[error("raft: {0}")]
     Raft(String),
+    /// The leader could not be reached (or did not answer in time).
+    #[error("leader unreachable: {0}")]
+    Unreachable(String),
     /// The Raft is stopped or failed.
     #[error("raft stopped: {0}")]
     Stopped(String),
@@ -103,14 +108,37 @@ pub struct RaftMetricsView {
 pub struct RaftNode {
     pub raft: MlpRaft,
     pub node_id: NodeId,
+    /// The gRPC address this node advertises to its peers.
+    pub addr: String,
     pub state: Arc<StateHandle>,
+    pub settings: RaftSettings,
     leader_rx: watch::Receiver<bool>,
     writes: mpsc::Sender<(Request, WriteReply)>,
+    /// Connections to other servers, for forwarded writes, reads and membership RPCs.
+    pub(crate) peers: PeerClients,
+    /// Serializes membership changes made by this node while it leads (joins, removals).
+    pub(crate) membership_lock: tokio::sync::Mutex<()>,
 }
 
-/// Starts the Raft node stored in `data_dir`, advertising `advertise_addr` (host:port of the
-/// gRPC listener that serves [`super::raft_grpc_service`]) to peers.
+/// Starts the Raft node stored in `data_dir` as a single-voter cluster (bootstrapping it the
+/// first time) and waits until it leads and has re-applied its log. `advertise_addr` is the
+/// host:port of the gRPC listener that serves [`super::raft_grpc_service`].
 pub async fn start(
+    data_dir: &Path,
+    advertise_addr: String,
+    settings: RaftSettings,
+    state: Arc<StateHandle>,
+) -> Result<RaftNode, RaftStartError> {
+    let node = open(data_dir, advertise_addr, settings, state).await?;
+    node.bootstrap_single().await?;
+    node.wait_until_ready().await?;
+    Ok(node)
+}
+
+/// Opens the Raft node stored in `data_dir` without bootstrapping anything: a fresh node waits
+/// to be initialized or joined (see [`super::cluster`]), an existing one rejoins its cluster
+/// with the membership in its log.
+pub async fn open(
     data_dir: &Path,
     advertise_addr: String,
     settings: RaftSettings,
@@ -132,8 +160,10 @@ pub async fn start(
         snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_logs),
         max_in_snapshot_log_to_keep: settings.max_in_snapshot_log_to_keep,
         // Entries are batches of up to MAX_BATCH requests; this bounds a replication message
-        // while keeping a follower's catch-up to few appends (fsyncs).
-        max_payload_entries: 128,
+        // while keeping a follower's catch-up to few appends (fsyncs). openraft 0.9 times an
+        // AppendEntries out after one heartbeat interval, so short heartbeats get smaller
+        // messages, or a lagging follower would time out on every catch-up message forever.
+        max_payload_entries: (settings.heartbeat_ms / 8).clamp(4, 128),
         // Purging in batches saves sled work; never wait for more than half a snapshot interval.
         purge_batch_size: (settings.snapshot_logs / 2).clamp(1, 256),
         ..Default::default()
@@ -141,28 +171,27 @@ pub async fn start(
     .validate()
     .map_err(|e| RaftStartError::Config(Box::new(e)))?;
 
-    let raft = MlpRaft::new(node_id, Arc::new(config), GrpcNetworkFactory::new(), log_store, sm)
+    // Retry a dead peer about once per heartbeat, so a restarted server hears from the leader
+    // well within its election timeout (see `GrpcNetworkFactory::with_backoff`).
+    let network = GrpcNetworkFactory::with_backoff(Duration::from_millis(settings.heartbeat_ms.max(10)));
+    let raft = MlpRaft::new(node_id, Arc::new(config), network, log_store, sm)
         .await
         .map_err(|e| RaftStartError::Raft(e.to_string()))?;
 
-    let initialized = raft.is_initialized().await.map_err(|e| RaftStartError::Raft(e.to_string()))?;
-    if !initialized {
-        tracing::info!(node_id, addr = %advertise_addr, "initializing single-voter raft cluster");
-        let members = BTreeMap::from([(node_id, BasicNode { addr: advertise_addr.clone() })]);
-        match raft.initialize(members).await {
-            Ok(()) => {}
-            // Raced with something that already initialized it: nothing to do.
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-            Err(e) => return Err(RaftStartError::Raft(e.to_string())),
-        }
-    }
-
-    wait_until_ready(&raft, node_id).await?;
-
     let leader_rx = spawn_leader_watch(&raft, node_id);
     let writes = spawn_write_batcher(raft.clone());
-    tracing::info!(node_id, addr = %advertise_addr, "raft node started");
-    Ok(RaftNode { raft, node_id, state, leader_rx, writes })
+    tracing::info!(node_id, addr = %advertise_addr, "raft node opened");
+    Ok(RaftNode {
+        raft,
+        node_id,
+        addr: advertise_addr,
+        state,
+        settings,
+        leader_rx,
+        writes,
+        peers: PeerClients::default(),
+        membership_lock: tokio::sync::Mutex::new(()),
+    })
 }
 
 /// Group commit: takes everything queued (up to [`MAX_BATCH`]) and commits it as one entry, so
@@ -210,42 +239,6 @@ fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) ->
         RaftError::APIError(e) => WriteError::Raft(e.to_string()),
         RaftError::Fatal(e) => WriteError::Stopped(e.to_string()),
     }
-}
-
-/// Waits for a leader (this node, when it is the only voter) and for the state machine to have
-/// applied the whole log, so callers see the restored state when `start` returns.
-async fn wait_until_ready(raft: &MlpRaft, node_id: NodeId) -> Result<(), RaftStartError> {
-    let sole_voter = {
-        let m = raft.metrics().borrow().clone();
-        let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
-        voters == BTreeSet::from([node_id])
-    };
-    let leader = raft
-        .wait(Some(START_TIMEOUT))
-        .metrics(
-            |m| if sole_voter { m.current_leader == Some(node_id) } else { m.current_leader.is_some() },
-            "leader elected",
-        )
-        .await;
-    if let Err(e) = leader {
-        if sole_voter {
-            return Err(RaftStartError::NoLeader(START_TIMEOUT));
-        }
-        // With peers, a missing leader is the cluster's state, not a start-up failure.
-        tracing::warn!(error = %e, "no raft leader yet");
-        return Ok(());
-    }
-    let caught_up = raft
-        .wait(Some(START_TIMEOUT))
-        .metrics(
-            |m| m.current_leader != Some(node_id) || m.last_applied.map(|l| l.index) >= m.last_log_index,
-            "log applied",
-        )
-        .await;
-    if let Err(e) = caught_up {
-        tracing::warn!(error = %e, "raft log not fully applied yet");
-    }
-    Ok(())
 }
 
 /// Publishes "this node leads" on a watch channel, following the Raft metrics.
@@ -324,8 +317,64 @@ fn random_node_id() -> NodeId {
 }
 
 impl RaftNode {
-    /// Commits `req` through Raft (batched with concurrent writes) and returns what applying it
-    /// produced; a command the state machine refuses comes back as [`WriteError::Rejected`].
+    /// Bootstraps a single-voter cluster of this node unless the node is initialized already
+    /// (a restart, or a node that joined a cluster).
+    pub async fn bootstrap_single(&self) -> Result<(), RaftStartError> {
+        let initialized = self.raft.is_initialized().await.map_err(|e| RaftStartError::Raft(e.to_string()))?;
+        if initialized {
+            return Ok(());
+        }
+        tracing::info!(node_id = self.node_id, addr = %self.addr, "initializing single-voter raft cluster");
+        let members = BTreeMap::from([(self.node_id, BasicNode { addr: self.addr.clone() })]);
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            // Raced with something that already initialized it: nothing to do.
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(RaftStartError::Raft(e.to_string())),
+        }
+    }
+
+    /// Waits for a leader (this node, when it is the only voter) and for the state machine to
+    /// have applied the whole log, so callers see the restored state when it returns.
+    pub async fn wait_until_ready(&self) -> Result<(), RaftStartError> {
+        let (raft, node_id) = (&self.raft, self.node_id);
+        let sole_voter = {
+            let m = raft.metrics().borrow().clone();
+            let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+            voters == BTreeSet::from([node_id])
+        };
+        let leader = raft
+            .wait(Some(START_TIMEOUT))
+            .metrics(
+                |m| if sole_voter { m.current_leader == Some(node_id) } else { m.current_leader.is_some() },
+                "leader elected",
+            )
+            .await;
+        if let Err(e) = leader {
+            if sole_voter {
+                return Err(RaftStartError::NoLeader(START_TIMEOUT));
+            }
+            // With peers, a missing leader is the cluster's state, not a start-up failure.
+            tracing::warn!(error = %e, "no raft leader yet");
+            return Ok(());
+        }
+        let caught_up = raft
+            .wait(Some(START_TIMEOUT))
+            .metrics(
+                |m| m.current_leader != Some(node_id) || m.last_applied.map(|l| l.index) >= m.last_log_index,
+                "log applied",
+            )
+            .await;
+        if let Err(e) = caught_up {
+            tracing::warn!(error = %e, "raft log not fully applied yet");
+        }
+        Ok(())
+    }
+
+    /// Commits `req` through this node's Raft (batched with concurrent writes) and returns what
+    /// applying it produced; a command the state machine refuses comes back as
+    /// [`WriteError::Rejected`]. Fails with [`WriteError::NotLeader`] on a follower: the leader's
+    /// own work (plans, node status) uses this; API writes use [`Self::submit`], which forwards.
     pub async fn write(&self, req: Request) -> Result<CommandResponse, WriteError> {
         let (tx, rx) = oneshot::channel();
         let closed = || WriteError::Stopped("write batcher stopped".to_string());
@@ -334,8 +383,9 @@ impl RaftNode {
     }
 
     /// Returns once this node is confirmed leader by a quorum and has applied everything
-    /// committed before the call: reads of [`Self::state`] after it are linearizable.
-    pub async fn linearizable_read(&self) -> Result<(), WriteError> {
+    /// committed before the call. Fails with [`WriteError::NotLeader`] on a follower;
+    /// [`Self::linearizable_read`] also works there.
+    pub async fn local_read_barrier(&self) -> Result<(), WriteError> {
         match self.raft.ensure_linearizable().await {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {

@@ -6,11 +6,14 @@
 //! * `reconcile` — existing allocations vs. the job: what to stop, which indexes to place;
 //! * `feasible` — node readiness, drivers and constraints (with `regex` for `regexp`);
 //! * `resources` — resource arithmetic shared with the plan applier (`check_node_fit`);
-//! * `rank` — the swappable `Scorer` (bin-packing by default);
+//! * `gpu` — GPU devices, shares and the placement policies (FGD and mlp's default), shared
+//!   with the trace simulator (`crate::sim`);
+//! * `rank` — the swappable `Scorer` (the GPU policy's cost, then bin-packing, by default);
 //! * `explain` — human lines for placement failures.
 
 mod explain;
-mod feasible;
+pub mod feasible;
+pub mod gpu;
 pub mod rank;
 mod reconcile;
 mod regex;
@@ -22,7 +25,7 @@ use mlp_proto::consts::{alloc_client, alloc_desired};
 use mlp_proto::v1::{AllocMetric, AllocatedResources, Allocation, Evaluation, Job, Node};
 
 pub use explain::explain;
-pub use rank::{BinPack, RankInput, Scorer};
+pub use rank::{BinPack, Fragmentation, RankInput, Scorer};
 
 use crate::state::{AllocStop, ClusterState};
 use reconcile::Want;
@@ -43,8 +46,10 @@ pub struct Plan {
 }
 
 /// Computes the plan for `eval` against `state`. `job` is the job to schedule (None when it was purged).
+/// The default scorer plans GPUs against the workload already running on the cluster.
 pub fn schedule(state: &ClusterState, job: Option<&Job>, eval: &Evaluation, now_ms: u64) -> Plan {
-    schedule_with(state, job, eval, now_ms, &BinPack)
+    let scorer = Fragmentation { policy: gpu::Policy::default(), workload: resources::live_workload(state) };
+    schedule_with(state, job, eval, now_ms, &scorer)
 }
 
 /// `schedule` with a chosen scorer.
@@ -63,6 +68,7 @@ pub fn schedule_with(state: &ClusterState, job: Option<&Job>, eval: &Evaluation,
 
     let candidates: Vec<&Node> = state.nodes.values().filter(|n| feasible::node_usable(n)).collect();
     let mut usage: BTreeMap<&str, Usage> = BTreeMap::new();
+    let no_workload = gpu::Workload::default();
     for tg in &job.groups {
         plan.queued_allocations.insert(tg.name.clone(), 0);
         let wants: Vec<&Want<'_>> = rec.place.iter().filter(|w| w.group.name == tg.name).collect();
@@ -94,13 +100,13 @@ pub fn schedule_with(state: &ClusterState, job: Option<&Job>, eval: &Evaluation,
                 let before = usage
                     .entry(node.id.as_str())
                     .or_insert_with(|| Usage::live_on(state, &node.id, &BTreeSet::new()));
-                match resources::try_fit(node, before, &ask) {
+                match resources::try_fit_with(node, before, &ask, scorer.gpu_policy(), scorer.workload().unwrap_or(&no_workload)) {
                     Err(dim) => {
                         metric.nodes_exhausted += 1;
                         *metric.dimension_exhausted.entry(dim.as_str().to_string()).or_default() += 1;
                     }
-                    Ok((res, after)) => {
-                        let input = RankInput { job, group: tg, node, before, after: &after, resources: &res };
+                    Ok(resources::Fit { resources: res, after, gpu_cost }) => {
+                        let input = RankInput { job, group: tg, node, before, after: &after, resources: &res, gpu_cost };
                         let score = scorer.score(&input);
                         if best.as_ref().is_none_or(|(s, n, ..)| rank::better((score, &node.id), (*s, &n.id))) {
                             best = Some((score, node, res, after));

@@ -1,9 +1,11 @@
-//! Ranking: how good a feasible node is for one placement. Scoring is a trait so that a later
-//! scorer (ML-aware GPU packing) can replace the default bin-packing without touching feasibility
-//! or reconciliation; ties are always broken by node id so plans are deterministic.
+//! Ranking: how good a feasible node is for one placement. Scoring is a trait so that scorers
+//! can be swapped without touching feasibility or reconciliation; ties are always broken by node
+//! id so plans are deterministic. The default scorer, [`Fragmentation`], ranks by the GPU
+//! policy's cost (`gpu::Policy`, the rule the trace simulator measures), then by bin-packing.
 
 use mlp_proto::v1::{AllocatedResources, Job, Node, NodeResources, TaskGroup};
 
+use super::gpu::{Policy, Workload};
 use super::resources::Usage;
 
 /// Everything a scorer may look at for one candidate placement.
@@ -18,11 +20,46 @@ pub struct RankInput<'a> {
     pub after: &'a Usage,
     /// What this placement would get, GPU device ids included.
     pub resources: &'a AllocatedResources,
+    /// The GPU policy's cost of this placement (lower is better), from `resources::try_fit_with`.
+    pub gpu_cost: f64,
 }
 
 /// Scores a candidate placement; higher is better.
 pub trait Scorer {
     fn score(&self, input: &RankInput<'_>) -> f64;
+
+    /// The GPU policy that picks devices within a node (and computes `RankInput::gpu_cost`).
+    fn gpu_policy(&self) -> Policy {
+        Policy::default()
+    }
+
+    /// The workload the GPU policy plans for (FGD's target distribution).
+    fn workload(&self) -> Option<&Workload> {
+        None
+    }
+}
+
+/// The default scorer: the GPU policy's cost first (fragmentation-aware for GPUs), Nomad's
+/// bin-packing among placements of equal cost.
+#[derive(Debug, Clone, Default)]
+pub struct Fragmentation {
+    pub policy: Policy,
+    pub workload: Workload,
+}
+
+impl Scorer for Fragmentation {
+    fn score(&self, input: &RankInput<'_>) -> f64 {
+        // Bin-packing spans 0..18; scaled so that it only orders equal GPU costs.
+        -input.gpu_cost + 1e-9 * BinPack.score(input)
+    }
+
+    fn gpu_policy(&self) -> Policy {
+        self.policy
+    }
+
+    fn workload(&self) -> Option<&Workload> {
+        Some(&self.workload)
+    }
 }
 
 /// Nomad's bin-packing score: prefer the node that ends up fullest, so that big holes stay free
@@ -72,7 +109,7 @@ mod tests {
         let (job, group, res) = (Job::default(), TaskGroup::default(), AllocatedResources::default());
         let score = |cpu, mem| {
             let after = Usage { cpu_mhz: cpu, memory_mib: mem, ..Default::default() };
-            BinPack.score(&RankInput { job: &job, group: &group, node: &node, before: &after, after: &after, resources: &res })
+            BinPack.score(&RankInput { job: &job, group: &group, node: &node, before: &after, after: &after, resources: &res, gpu_cost: 0.0 })
         };
         assert!((score(0, 0) - 0.0).abs() < 1e-9);
         assert!((score(1000, 1000) - 18.0).abs() < 1e-9);

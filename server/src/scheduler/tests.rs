@@ -148,7 +148,7 @@ fn group(name: &str, count: u32, cpu: u64, mem: u64) -> TaskGroup {
 fn gpu_group(name: &str, count: u32, gpus: u32) -> TaskGroup {
     let mut g = group(name, count, 100, 100);
     if let Some(r) = g.tasks[0].resources.as_mut() {
-        r.gpu = Some(GpuRequest { count: gpus });
+        r.gpu = Some(GpuRequest { count: gpus, ..Default::default() });
     }
     g
 }
@@ -620,4 +620,69 @@ fn count_reduction_keeps_running_allocs_over_finished_ones() {
     let plan = c.schedule("j");
     assert!(plan.stops.is_empty() && plan.placements.is_empty(), "{plan:?}");
     assert_eq!(c.live("j"), [("j.g[1]".to_string(), "n1".to_string())]);
+}
+
+fn share_group(name: &str, count: u32, share_milli: u32, models: &[&str]) -> TaskGroup {
+    let mut g = group(name, count, 100, 100);
+    if let Some(r) = g.tasks[0].resources.as_mut() {
+        r.gpu = Some(GpuRequest { count: 1, share_milli, models: models.iter().map(|m| m.to_string()).collect(), ..Default::default() });
+    }
+    g
+}
+
+#[test]
+fn gpu_shares_pack_devices_and_never_exceed_one() {
+    let mut c = Cluster::new();
+    c.node(gpu_node("g1", 2));
+    // Three 0.4 shares: two pack device 0 (0.8), the third goes to device 1.
+    c.register(job("a", job_type::BATCH, vec![share_group("s", 3, 400, &[])]));
+    let plan = c.schedule("a");
+    assert_eq!(plan.placements.len(), 3, "{plan:?}");
+    let usage = Usage::live_on(&c.st, "g1", &BTreeSet::new());
+    assert_eq!(usage.gpu_milli.values().copied().collect::<Vec<_>>(), [800, 400]);
+    // Five 0.3 shares: device 0 has 0.2 left (0.8 + 0.3 > 1), device 1 takes two; the rest
+    // is queued and no device ever exceeds 1000.
+    c.register(job("b", job_type::BATCH, vec![share_group("s", 5, 300, &[])]));
+    let plan = c.schedule("b");
+    assert_eq!(plan.placements.len(), 2, "{plan:?}");
+    assert_eq!(plan.queued_allocations["s"], 3);
+    assert_eq!(plan.failed_tg_allocs["s"].dimension_exhausted["gpu"], 1);
+    let usage = Usage::live_on(&c.st, "g1", &BTreeSet::new());
+    assert!(usage.gpu_milli.values().all(|&m| m <= 1000), "{usage:?}");
+    assert_eq!(usage.gpu_milli.values().copied().collect::<Vec<_>>(), [800, 1000]);
+    // The re-check agrees: one more 0.3 share on device 0 is an overcommit.
+    let node = c.st.nodes["g1"].clone();
+    let extra = Allocation {
+        id: "x".into(),
+        resources: Some(AllocatedResources {
+            gpu_ids: vec!["g1-gpu0".into()],
+            gpus: vec![mlp_proto::v1::GpuAssignment { id: "g1-gpu0".into(), milli: 300 }],
+            ..Default::default()
+        }),
+        desired_status: alloc_desired::RUN.into(),
+        ..Default::default()
+    };
+    assert_eq!(check_node_fit(&c.st, &node, &[&extra]), Err("gpu exhausted on node g1".into()));
+}
+
+#[test]
+fn gpu_model_constraints_filter_devices() {
+    let mut c = Cluster::new();
+    let mut n = gpu_node("t4", 1);
+    if let Some(r) = n.resources.as_mut() {
+        r.gpus[0].model = "T4".into();
+    }
+    c.node(n);
+    let mut n = gpu_node("v100", 1);
+    if let Some(r) = n.resources.as_mut() {
+        r.gpus[0].model = "V100M32".into();
+    }
+    c.node(n);
+    c.register(job("a", job_type::BATCH, vec![share_group("s", 2, 500, &["V100M16", "V100M32"])]));
+    let plan = c.schedule("a");
+    assert_eq!(plan.placements.len(), 2, "{plan:?}");
+    assert!(plan.placements.iter().all(|p| p.node_id == "v100"), "{plan:?}");
+    c.register(job("b", job_type::BATCH, vec![share_group("s", 1, 500, &["A100"])]));
+    let plan = c.schedule("b");
+    assert_eq!(plan.queued_allocations["s"], 1);
 }

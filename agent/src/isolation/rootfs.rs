@@ -1,0 +1,556 @@
+//! The task's root filesystem: [`plan`] turns what the host has into a list of [`Step`]s (pure,
+//! tested below), and [`enter`] carries them out inside the task's mount namespace and
+//! `pivot_root`s into the result.
+//!
+//! The root is a small tmpfs (remounted read-only at the end) holding read-only bind mounts of
+//! the host's `/bin /sbin /lib* /usr` (symlinks such as Debian's `/bin -> usr/bin` are
+//! recreated as symlinks), a minimal `/etc`, a fresh `/proc`, a minimal `/dev`, a private
+//! `/tmp`, and the task's directories: `/local` (private), `/alloc` (shared by the group) and
+//! `/secrets` (tmpfs, 0700). Every mount lives in the task's own mount namespace, so nothing
+//! has to be unmounted on the host when the task ends.
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use serde::{Deserialize, Serialize};
+
+use super::User;
+
+/// Host directories bound read-only into every root (symlinks are recreated instead).
+pub const SYSTEM_DIRS: &[&str] = &[
+    "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr",
+];
+/// Host files copied into the task's `/etc` when present.
+pub const ETC_FILES: &[&str] = &[
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/resolv.conf",
+    "/etc/nsswitch.conf",
+    "/etc/host.conf",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/etc/services",
+    "/etc/protocols",
+];
+/// Host directories of `/etc` bound read-only when present (certificates; Debian's
+/// alternatives, which `awk` and friends resolve through).
+pub const ETC_DIRS: &[&str] = &[
+    "/etc/ssl",
+    "/etc/pki",
+    "/etc/ca-certificates",
+    "/etc/alternatives",
+];
+/// Device nodes bound from the host into the task's `/dev`.
+pub const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// What the host has at a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostEntry {
+    /// A directory.
+    Dir,
+    /// Anything else that can be bound or copied.
+    File,
+    /// A symlink, with its target.
+    Symlink(PathBuf),
+}
+
+/// Looks at a host path without following a final symlink.
+pub fn probe_host(path: &Path) -> Option<HostEntry> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if meta.file_type().is_symlink() {
+        return std::fs::read_link(path).ok().map(HostEntry::Symlink);
+    }
+    Some(if meta.is_dir() {
+        HostEntry::Dir
+    } else {
+        HostEntry::File
+    })
+}
+
+/// One step of building the root; paths are absolute inside the task's root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Step {
+    /// `mkdir -p`.
+    Dir {
+        /// Path inside the root.
+        path: PathBuf,
+    },
+    /// A symlink.
+    Symlink {
+        /// What it points to.
+        target: PathBuf,
+        /// Path inside the root.
+        path: PathBuf,
+    },
+    /// A bind mount of a host path (a directory or a file).
+    Bind {
+        /// Host path.
+        src: PathBuf,
+        /// Path inside the root.
+        path: PathBuf,
+        /// Read-only.
+        readonly: bool,
+        /// A device node: keep device access (no `nodev`).
+        device: bool,
+    },
+    /// A tmpfs with these mount options (`mode=...,size=...`).
+    Tmpfs {
+        /// Path inside the root.
+        path: PathBuf,
+        /// Mount options.
+        options: String,
+    },
+    /// A fresh procfs for the task's PID namespace.
+    Proc {
+        /// Path inside the root.
+        path: PathBuf,
+    },
+    /// A private devpts instance.
+    Devpts {
+        /// Path inside the root.
+        path: PathBuf,
+    },
+    /// A copy of a host file (following symlinks), mode 0644.
+    Copy {
+        /// Host path.
+        src: PathBuf,
+        /// Path inside the root.
+        path: PathBuf,
+    },
+    /// A file with these contents, mode 0644.
+    Write {
+        /// Path inside the root.
+        path: PathBuf,
+        /// Contents.
+        contents: String,
+    },
+}
+
+/// Where the task's own directories are on the host.
+#[derive(Debug, Clone)]
+pub struct TaskDirs {
+    /// The task's `local/`.
+    pub local: PathBuf,
+    /// The group's shared `alloc/`.
+    pub alloc: PathBuf,
+}
+
+fn p(s: &str) -> PathBuf {
+    PathBuf::from(s)
+}
+
+/// The steps that build a task's root. `probe` says what the host has (see [`probe_host`]).
+pub fn plan(
+    probe: impl Fn(&Path) -> Option<HostEntry>,
+    dirs: &TaskDirs,
+    user: &User,
+    hostname: &str,
+    extra_ro: &[PathBuf],
+) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let ro_bind = |src: &Path, is_dir: bool, steps: &mut Vec<Step>| {
+        let _ = is_dir;
+        steps.push(Step::Bind {
+            src: src.to_path_buf(),
+            path: src.to_path_buf(),
+            readonly: true,
+            device: false,
+        });
+    };
+    for d in SYSTEM_DIRS {
+        match probe(Path::new(d)) {
+            Some(HostEntry::Symlink(target)) => steps.push(Step::Symlink { target, path: p(d) }),
+            Some(HostEntry::Dir) => ro_bind(Path::new(d), true, &mut steps),
+            _ => {}
+        }
+    }
+    steps.push(Step::Dir { path: p("/etc") });
+    for f in ETC_FILES {
+        if probe(Path::new(f)).is_some() {
+            steps.push(Step::Copy {
+                src: p(f),
+                path: p(f),
+            });
+        }
+    }
+    steps.push(Step::Write {
+        path: p("/etc/hosts"),
+        contents: format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"),
+    });
+    steps.push(Step::Write {
+        path: p("/etc/hostname"),
+        contents: format!("{hostname}\n"),
+    });
+    for d in ETC_DIRS {
+        if probe(Path::new(d)) == Some(HostEntry::Dir) {
+            ro_bind(Path::new(d), true, &mut steps);
+        }
+    }
+    for extra in extra_ro {
+        match probe(extra) {
+            Some(HostEntry::Dir) => ro_bind(extra, true, &mut steps),
+            Some(HostEntry::File) => ro_bind(extra, false, &mut steps),
+            _ => {}
+        }
+    }
+    steps.push(Step::Tmpfs {
+        path: p("/dev"),
+        options: "mode=0755,size=64k".into(),
+    });
+    for dev in DEVICES {
+        let host = Path::new("/dev").join(dev);
+        if probe(&host).is_some() {
+            steps.push(Step::Bind {
+                src: host.clone(),
+                path: host,
+                readonly: false,
+                device: true,
+            });
+        }
+    }
+    steps.push(Step::Devpts {
+        path: p("/dev/pts"),
+    });
+    steps.push(Step::Symlink {
+        target: p("pts/ptmx"),
+        path: p("/dev/ptmx"),
+    });
+    steps.push(Step::Tmpfs {
+        path: p("/dev/shm"),
+        options: "mode=1777".into(),
+    });
+    for (target, link) in [
+        ("/proc/self/fd", "/dev/fd"),
+        ("/proc/self/fd/0", "/dev/stdin"),
+        ("/proc/self/fd/1", "/dev/stdout"),
+        ("/proc/self/fd/2", "/dev/stderr"),
+    ] {
+        steps.push(Step::Symlink {
+            target: p(target),
+            path: p(link),
+        });
+    }
+    steps.push(Step::Proc { path: p("/proc") });
+    steps.push(Step::Tmpfs {
+        path: p("/tmp"),
+        options: "mode=1777".into(),
+    });
+    steps.push(Step::Bind {
+        src: dirs.local.clone(),
+        path: p("/local"),
+        readonly: false,
+        device: false,
+    });
+    steps.push(Step::Bind {
+        src: dirs.alloc.clone(),
+        path: p("/alloc"),
+        readonly: false,
+        device: false,
+    });
+    steps.push(Step::Tmpfs {
+        path: p("/secrets"),
+        options: format!("mode=0700,uid={},gid={},size=1m", user.uid, user.gid),
+    });
+    steps
+}
+
+/// Errors building the root.
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    /// A mount or another syscall failed.
+    #[error("{what} {path}: {source}")]
+    Sys {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: nix::Error,
+    },
+    /// A file could not be created or copied.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn sys(what: &'static str, path: &Path) -> impl FnOnce(nix::Error) -> RootfsError {
+    let path = path.to_path_buf();
+    move |source| RootfsError::Sys { what, path, source }
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError {
+    let path = path.to_path_buf();
+    move |source| RootfsError::Io { what, path, source }
+}
+
+fn inside(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+const NONE: Option<&str> = None;
+
+/// Carries out `steps` under `root` and `pivot_root`s into it. Must run in a fresh mount
+/// namespace (and, for `/proc`, as a process of the task's PID namespace).
+pub fn enter(root: &Path, steps: &[Step]) -> Result<(), RootfsError> {
+    // Nothing we mount may propagate back to the host.
+    mount(NONE, "/", NONE, MsFlags::MS_REC | MsFlags::MS_PRIVATE, NONE)
+        .map_err(sys("making private", Path::new("/")))?;
+    mount(
+        Some("tmpfs"),
+        root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755,size=16m"),
+    )
+    .map_err(sys("mounting the root tmpfs on", root))?;
+    for step in steps {
+        apply(root, step)?;
+    }
+    pivot(root)?;
+    // The root itself is read-only: a task can write only to /local, /alloc, /secrets, /tmp.
+    mount(
+        NONE,
+        "/",
+        NONE,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_BIND
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV,
+        NONE,
+    )
+    .map_err(sys("remounting read-only", Path::new("/")))
+}
+
+fn apply(root: &Path, step: &Step) -> Result<(), RootfsError> {
+    match step {
+        Step::Dir { path } => {
+            let at = inside(root, path);
+            std::fs::create_dir_all(&at).map_err(io("creating", &at))
+        }
+        Step::Symlink { target, path } => {
+            let at = inside(root, path);
+            parent_dir(&at)?;
+            std::os::unix::fs::symlink(target, &at).map_err(io("creating symlink", &at))
+        }
+        Step::Bind {
+            src,
+            path,
+            readonly,
+            device,
+        } => {
+            let at = inside(root, path);
+            if src.is_dir() {
+                std::fs::create_dir_all(&at).map_err(io("creating", &at))?;
+            } else {
+                parent_dir(&at)?;
+                std::fs::File::create(&at).map_err(io("creating", &at))?;
+            }
+            mount(
+                Some(src.as_path()),
+                &at,
+                NONE,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                NONE,
+            )
+            .map_err(sys("binding", &at))?;
+            let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID;
+            if !device {
+                flags |= MsFlags::MS_NODEV;
+            }
+            if *readonly {
+                flags |= MsFlags::MS_RDONLY;
+            }
+            mount(NONE, &at, NONE, flags, NONE).map_err(sys("remounting", &at))
+        }
+        Step::Tmpfs { path, options } => {
+            let at = inside(root, path);
+            std::fs::create_dir_all(&at).map_err(io("creating", &at))?;
+            mount(
+                Some("tmpfs"),
+                &at,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                Some(options.as_str()),
+            )
+            .map_err(sys("mounting tmpfs on", &at))
+        }
+        Step::Proc { path } => {
+            let at = inside(root, path);
+            std::fs::create_dir_all(&at).map_err(io("creating", &at))?;
+            mount(
+                Some("proc"),
+                &at,
+                Some("proc"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                NONE,
+            )
+            .map_err(sys("mounting proc on", &at))
+        }
+        Step::Devpts { path } => {
+            let at = inside(root, path);
+            std::fs::create_dir_all(&at).map_err(io("creating", &at))?;
+            mount(
+                Some("devpts"),
+                &at,
+                Some("devpts"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+                Some("newinstance,ptmxmode=0666,mode=0620"),
+            )
+            .map_err(sys("mounting devpts on", &at))
+        }
+        Step::Copy { src, path } => {
+            let at = inside(root, path);
+            parent_dir(&at)?;
+            std::fs::copy(src, &at).map_err(io("copying to", &at))?;
+            set_mode(&at, 0o644)
+        }
+        Step::Write { path, contents } => {
+            let at = inside(root, path);
+            parent_dir(&at)?;
+            std::fs::write(&at, contents).map_err(io("writing", &at))?;
+            set_mode(&at, 0o644)
+        }
+    }
+}
+
+fn parent_dir(at: &Path) -> Result<(), RootfsError> {
+    match at.parent() {
+        Some(parent) => std::fs::create_dir_all(parent).map_err(io("creating", parent)),
+        None => Ok(()),
+    }
+}
+
+fn set_mode(at: &Path, mode: u32) -> Result<(), RootfsError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(at, std::fs::Permissions::from_mode(mode)).map_err(io("chmod", at))
+}
+
+/// `pivot_root` into `root` and detach the old root, as runc does: with both the new and the
+/// old root as ".", so no directory for the old root is needed. (Where `pivot_root` cannot be
+/// used — a root on the initramfs — `chroot` would be the fallback; the agent's data dir is
+/// never there, so it is not implemented.)
+fn pivot(root: &Path) -> Result<(), RootfsError> {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::stat::Mode;
+    let old = open(
+        "/",
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(sys("opening", Path::new("/")))?;
+    let new = open(
+        root,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(sys("opening", root))?;
+    let result = (|| {
+        nix::unistd::fchdir(new).map_err(sys("chdir", root))?;
+        nix::unistd::pivot_root(".", ".").map_err(sys("pivot_root into", root))?;
+        nix::unistd::fchdir(old).map_err(sys("chdir to the old root", Path::new("/")))?;
+        mount(NONE, ".", NONE, MsFlags::MS_SLAVE | MsFlags::MS_REC, NONE)
+            .map_err(sys("making the old root a slave", Path::new("/")))?;
+        umount2(".", MntFlags::MNT_DETACH)
+            .map_err(sys("detaching the old root", Path::new("/")))?;
+        nix::unistd::chdir("/").map_err(sys("chdir", Path::new("/")))
+    })();
+    let _ = nix::unistd::close(old);
+    let _ = nix::unistd::close(new);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_follows_the_host() {
+        // A Debian-like host: /bin and /lib are symlinks into /usr, no /lib32.
+        let probe = |path: &Path| -> Option<HostEntry> {
+            match path.to_str()? {
+                "/bin" => Some(HostEntry::Symlink("usr/bin".into())),
+                "/lib" => Some(HostEntry::Symlink("usr/lib".into())),
+                "/usr" | "/sbin" | "/etc/ssl" | "/opt/models" => Some(HostEntry::Dir),
+                "/etc/passwd" | "/etc/group" | "/dev/null" | "/dev/zero" => Some(HostEntry::File),
+                _ => None,
+            }
+        };
+        let dirs = TaskDirs {
+            local: "/data/a/t/local".into(),
+            alloc: "/data/a/alloc".into(),
+        };
+        let user = User {
+            name: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+            home: "/".into(),
+        };
+        let steps = plan(
+            probe,
+            &dirs,
+            &user,
+            "g-0-abcd",
+            &[PathBuf::from("/opt/models")],
+        );
+        let has = |s: &Step| steps.contains(s);
+        assert!(has(&Step::Symlink {
+            target: "usr/bin".into(),
+            path: "/bin".into()
+        }));
+        assert!(has(&Step::Bind {
+            src: "/usr".into(),
+            path: "/usr".into(),
+            readonly: true,
+            device: false
+        }));
+        assert!(has(&Step::Bind {
+            src: "/opt/models".into(),
+            path: "/opt/models".into(),
+            readonly: true,
+            device: false
+        }));
+        assert!(has(&Step::Copy {
+            src: "/etc/passwd".into(),
+            path: "/etc/passwd".into()
+        }));
+        assert!(has(&Step::Bind {
+            src: "/dev/null".into(),
+            path: "/dev/null".into(),
+            readonly: false,
+            device: true
+        }));
+        assert!(has(&Step::Bind {
+            src: "/data/a/t/local".into(),
+            path: "/local".into(),
+            readonly: false,
+            device: false
+        }));
+        assert!(has(&Step::Tmpfs {
+            path: "/secrets".into(),
+            options: "mode=0700,uid=65534,gid=65534,size=1m".into()
+        }));
+        assert!(!steps
+            .iter()
+            .any(|s| matches!(s, Step::Bind { path, .. } if path == Path::new("/lib32"))));
+        assert!(!steps
+            .iter()
+            .any(|s| matches!(s, Step::Bind { path, .. } if path == Path::new("/dev/tty"))));
+        // /dev is mounted before the devices bound into it.
+        let dev = steps
+            .iter()
+            .position(|s| matches!(s, Step::Tmpfs { path, .. } if path == Path::new("/dev")));
+        let null = steps
+            .iter()
+            .position(|s| matches!(s, Step::Bind { path, .. } if path == Path::new("/dev/null")));
+        assert!(dev < null);
+    }
+}

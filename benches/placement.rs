@@ -1,0 +1,225 @@
+//! Placement throughput through a real server: `mlp server` (release build, Raft on, the log
+//! fsync'd) with N simulated nodes registered by a load generator that speaks the agent protocol
+//! (Register, Heartbeat, WatchAllocations, UpdateAllocs) and acknowledges every allocation as
+//! running without starting a process. Then J jobs × T tasks are registered and the clock runs
+//! until every allocation is placed, and until every one is acknowledged running.
+//!
+//! Run: `cargo bench --bench placement` (defaults 500 nodes, 100 jobs × 100 tasks; override with
+//! MLP_BENCH_NODES, MLP_BENCH_JOBS, MLP_BENCH_TASKS).
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mlp_proto::consts::{alloc_client, alloc_desired};
+use mlp_proto::v1::agent_service_client::AgentServiceClient;
+use mlp_proto::v1::job_service_client::JobServiceClient;
+use mlp_proto::v1::*;
+use tonic::transport::Channel;
+
+const MLP: &str = env!("CARGO_BIN_EXE_mlp");
+
+/// Set once the measurement ends: the simulated nodes' streams break when the server stops.
+static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+struct ServerGuard {
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for ServerGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn start_server() -> Result<(ServerGuard, String), String> {
+    let dir = std::env::temp_dir().join(format!("mlp-bench-placement-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut child = Command::new(MLP)
+        .args(["server", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--heartbeat-ttl", "60", "--data-dir"])
+        .arg(&dir)
+        .env("MLP_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn mlp server: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let guard = ServerGuard { child, dir };
+    for line in BufReader::new(stdout).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        if let Some(v) = line.trim().strip_prefix("gRPC:") {
+            return Ok((guard, v.trim().to_string()));
+        }
+    }
+    Err("mlp server printed no gRPC address".into())
+}
+
+async fn channel(addr: &str) -> Result<Channel, String> {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn node(i: usize) -> Node {
+    Node {
+        id: format!("sim-node-{i:05}"),
+        name: format!("sim-{i:05}"),
+        datacenter: "dc1".into(),
+        drivers: vec!["exec".into(), "raw_exec".into()],
+        attributes: [("kernel.name".to_string(), "linux".to_string())].into_iter().collect(),
+        resources: Some(NodeResources { cpu_cores: 32, cpu_mhz_per_core: 2500, cpu_total_mhz: 80_000, memory_mib: 256 * 1024, disk_mib: 1 << 20, gpus: vec![] }),
+        ..Default::default()
+    }
+}
+
+/// One simulated node: registers, then acknowledges each new allocation as running.
+async fn fake_agent(ch: Channel, n: Node, acked: Arc<AtomicU64>, ready: tokio::sync::mpsc::Sender<()>) -> Result<(), String> {
+    let mut c = AgentServiceClient::new(ch).max_decoding_message_size(256 * 1024 * 1024);
+    c.register(RegisterNodeRequest { node: Some(n.clone()) }).await.map_err(|e| e.to_string())?;
+    let mut stream = c.watch_allocations(WatchAllocationsRequest { node_id: n.id.clone() }).await.map_err(|e| e.to_string())?.into_inner();
+    let _ = ready.send(()).await;
+    let mut seen = BTreeSet::new();
+    while let Some(msg) = stream.message().await.map_err(|e| e.to_string())? {
+        let updates: Vec<AllocClientUpdate> = msg
+            .allocations
+            .iter()
+            .filter(|a| a.desired_status == alloc_desired::RUN && a.client_status == alloc_client::PENDING && seen.insert(a.id.clone()))
+            .map(|a| AllocClientUpdate { alloc_id: a.id.clone(), client_status: alloc_client::RUNNING.into(), ..Default::default() })
+            .collect();
+        if !updates.is_empty() {
+            let k = updates.len() as u64;
+            c.update_allocs(UpdateAllocsRequest { node_id: n.id.clone(), updates }).await.map_err(|e| e.to_string())?;
+            acked.fetch_add(k, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+fn job(name: &str, tasks: u32) -> Job {
+    Job {
+        id: name.into(),
+        name: name.into(),
+        namespace: "default".into(),
+        r#type: "service".into(),
+        priority: 50,
+        groups: vec![TaskGroup {
+            name: "g".into(),
+            count: tasks,
+            restart: Some(RestartPolicy { attempts: 1, interval_ms: 60_000, delay_ms: 1000, mode: "fail".into() }),
+            tasks: vec![Task {
+                name: "t".into(),
+                driver: "exec".into(),
+                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![] }),
+                resources: Some(Resources { cpu_mhz: 100, memory_mib: 128, ..Default::default() }),
+                kill_timeout_ms: 1000,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+async fn run() -> Result<Vec<(String, f64)>, String> {
+    let (nodes, jobs, tasks) = (env_or("MLP_BENCH_NODES", 500), env_or("MLP_BENCH_JOBS", 100), env_or("MLP_BENCH_TASKS", 100));
+    let (_server, addr) = start_server()?;
+    let acked = Arc::new(AtomicU64::new(0));
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(nodes);
+    // A few connections shared by the simulated nodes, as HTTP/2 multiplexes streams.
+    let mut chans = Vec::new();
+    for _ in 0..8 {
+        chans.push(channel(&addr).await?);
+    }
+    let t_reg = Instant::now();
+    for i in 0..nodes {
+        let (ch, acked, ready) = (chans[i % chans.len()].clone(), acked.clone(), ready_tx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = fake_agent(ch, node(i), acked, ready).await {
+                if !DONE.load(Ordering::Relaxed) {
+                    eprintln!("fake node {i}: {e}");
+                }
+            }
+        });
+    }
+    for _ in 0..nodes {
+        tokio::time::timeout(Duration::from_secs(120), ready_rx.recv()).await.map_err(|_| "nodes did not register in 120s")?;
+    }
+    let reg_s = t_reg.elapsed().as_secs_f64();
+
+    let mut jc = JobServiceClient::new(channel(&addr).await?).max_decoding_message_size(256 * 1024 * 1024);
+    let total = (jobs * tasks) as u64;
+    let t0 = Instant::now();
+    let mut submit = Vec::new();
+    for j in 0..jobs {
+        let mut c = jc.clone();
+        submit.push(tokio::spawn(async move { c.register(RegisterJobRequest { job: Some(job(&format!("p{j:04}"), tasks as u32)) }).await.map(|_| ()) }));
+    }
+    for s in submit {
+        s.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+    }
+    let submit_s = t0.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut placed_s = None;
+    loop {
+        if placed_s.is_none() {
+            let list = jc.list(ListJobsRequest { namespace: String::new(), stale: true }).await.map_err(|e| e.to_string())?.into_inner();
+            let placed: u64 = list.jobs.iter().map(|j| j.alloc_counts.values().map(|v| u64::from(*v)).sum::<u64>()).sum();
+            if placed >= total {
+                placed_s = Some(t0.elapsed().as_secs_f64());
+            }
+        }
+        if placed_s.is_some() && acked.load(Ordering::Relaxed) >= total {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("not done after 600s: acked {}/{total}", acked.load(Ordering::Relaxed)));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let placed_s = placed_s.unwrap_or(f64::NAN);
+    let running_s = t0.elapsed().as_secs_f64();
+    DONE.store(true, Ordering::Relaxed);
+    Ok(vec![
+        ("placement_nodes".into(), nodes as f64),
+        ("placement_allocs".into(), total as f64),
+        ("placement_node_register_s".into(), reg_s),
+        ("placement_submit_s".into(), submit_s),
+        ("placement_all_placed_s".into(), placed_s),
+        ("placement_placements_per_sec".into(), total as f64 / placed_s),
+        ("placement_all_running_s".into(), running_s),
+        ("placement_running_per_sec".into(), total as f64 / running_s),
+    ])
+}
+
+fn main() {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    match rt.block_on(run()) {
+        Ok(results) => {
+            for (k, v) in results {
+                println!("{k} {v:.2}");
+            }
+        }
+        Err(e) => {
+            eprintln!("benchmark failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}

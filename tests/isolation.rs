@@ -1,0 +1,360 @@
+//! End-to-end tests of the `exec` driver's isolation on the real kernel (root): a dev cluster
+//! runs tasks, and the tests look at them from inside (their output) and from the host
+//! (/proc, cgroups, mounts). Each test's `Dev` guard kills what it started and removes the task
+//! cgroups, also when the test fails.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{cgroups_under, processes_under, wait_for, Dev};
+use serde_json::Value;
+
+fn status(a: &Value) -> &str {
+    a["client_status"].as_str().unwrap_or("")
+}
+
+fn run(dev: &Dev, name: &str, body: &str) {
+    let file = dev.write_job(&format!("{name}.hcl"), body);
+    dev.ok(&["job", "run", "--detach", file.to_str().unwrap_or_default()]);
+}
+
+fn logs(dev: &Dev, alloc: &str, task: &str, stderr: bool) -> String {
+    let mut args = vec!["alloc", "logs", alloc, task];
+    if stderr {
+        args.push("--stderr");
+    }
+    String::from_utf8_lossy(&dev.cli(&args).stdout).into_owned()
+}
+
+/// The value of a `key=value` line printed by a task.
+fn field<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        .unwrap_or("")
+}
+
+fn host_mounts_under(dir: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let dir = dir.to_string_lossy().into_owned();
+    text.lines().filter(|l| l.contains(&dir)).map(str::to_string).collect()
+}
+
+fn one_alloc(dev: &Dev, job: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let allocs = dev.wait_allocs(job, what, Duration::from_secs(60), |a| a.len() == 1 && pred(&a[0]));
+    allocs[0].clone()
+}
+
+fn nothing_left(dev: &Dev) {
+    wait_for("no task process or cgroup left", Duration::from_secs(15), || {
+        (processes_under(dev.dir.path()).is_empty() && cgroups_under(dev.dir.path()).is_empty()).then_some(())
+    });
+    assert!(host_mounts_under(dev.dir.path()).is_empty(), "{:?}", host_mounts_under(dev.dir.path()));
+}
+
+#[test]
+fn exec_task_sees_only_its_own_processes_hostname_and_root() {
+    let dev = Dev::start();
+    let outside = dev.dir.path().join("escape");
+    let script = format!(
+        r#"echo pids=$(ls /proc | grep -c '^[0-9][0-9]*$')
+echo ps=$(ps -e -o pid= | wc -l)
+echo hostname=$(cat /proc/sys/kernel/hostname)
+echo uid=$(id -u)
+echo capbnd=$(grep CapBnd /proc/self/status | awk '{{print $2}}')
+echo nnp=$(grep NoNewPrivs /proc/self/status | awk '{{print $2}}')
+echo escape=$( (echo x > {outside}) 2>/dev/null && echo yes || echo no)
+echo etc=$( (echo x >> /etc/passwd) 2>/dev/null && echo yes || echo no)
+echo usr=$( (touch /usr/x) 2>/dev/null && echo yes || echo no)
+echo local=$( (echo hi > /local/written && cat /local/written) 2>/dev/null)
+echo secrets=$(stat -c %a /secrets)
+echo tmp=$( (echo t > /tmp/t && cat /tmp/t) 2>/dev/null)
+echo net=$(grep -c : /proc/net/dev)
+echo done"#,
+        outside = outside.display()
+    );
+    let body = format!(
+        r#"job "iso" {{
+  type = "batch"
+  group "probe" {{
+    restart {{
+      attempts = 0
+      mode     = "fail"
+    }}
+    task "look" {{
+      driver = "exec"
+      config {{
+        command = "/bin/sh"
+        args    = ["-c", <<-EOF
+{script}
+EOF
+        ]
+      }}
+      network {{
+        mode = "none"
+      }}
+    }}
+  }}
+}}
+"#
+    );
+    run(&dev, "iso", &body);
+    let a = one_alloc(&dev, "iso", "probe to finish", |a| matches!(status(a), "complete" | "failed"));
+    let id = a["id"].as_str().unwrap_or_default().to_string();
+    let out = logs(&dev, &id, "look", false);
+    let err = logs(&dev, &id, "look", true);
+    assert_eq!(status(&a), "complete", "stdout:\n{out}\nstderr:\n{err}\nstate: {a}");
+    assert!(out.contains("done"), "{out}\n{err}");
+    // init, the shell and whatever it is running: a handful of pids, nothing of the host.
+    let pids: u32 = field(&out, "pids").parse().unwrap_or(999);
+    assert!(pids <= 8, "the task sees {pids} processes:\n{out}");
+    let ps: u32 = field(&out, "ps").parse().unwrap_or(999);
+    assert!(ps <= 8, "ps shows {ps} processes:\n{out}\n{err}");
+    let short: String = id.chars().filter(|c| *c != '-').take(8).collect();
+    assert_eq!(field(&out, "hostname"), format!("probe-0-{short}"));
+    assert_eq!(field(&out, "uid"), "65534", "runs as nobody");
+    assert_eq!(field(&out, "capbnd"), "0000000000000000");
+    assert_eq!(field(&out, "nnp"), "1");
+    assert_eq!(field(&out, "escape"), "no");
+    assert!(!outside.exists(), "the task wrote a host path");
+    assert_eq!(field(&out, "etc"), "no");
+    assert_eq!(field(&out, "usr"), "no");
+    assert_eq!(field(&out, "local"), "hi");
+    assert_eq!(field(&out, "secrets"), "700");
+    assert_eq!(field(&out, "tmp"), "t");
+    assert_eq!(field(&out, "net"), "1", "network mode none: only lo");
+    let written = dev.data_dir().join("agent/allocs").join(&id).join("look/local/written");
+    assert_eq!(std::fs::read_to_string(&written).unwrap_or_default(), "hi\n");
+    nothing_left(&dev);
+}
+
+#[test]
+fn root_is_refused_for_exec() {
+    let dev = Dev::start();
+    run(
+        &dev,
+        "asroot",
+        r#"job "asroot" {
+  type = "batch"
+  group "g" {
+    task "t" {
+      driver = "exec"
+      user   = "root"
+      config { command = "/bin/true" }
+    }
+  }
+}
+"#,
+    );
+    let a = one_alloc(&dev, "asroot", "refusal", |a| status(a) == "failed");
+    let events = a["task_states"]["t"]["events"].to_string();
+    assert!(events.contains("refused"), "{events}");
+}
+
+#[test]
+fn fork_bomb_is_stopped_by_the_pids_limit_and_the_agent_answers() {
+    let dev = Dev::start();
+    // The shell retries its `sleep` until a fork succeeds, then says it survived.
+    run(
+        &dev,
+        "bomb",
+        r#"job "bomb" {
+  type = "batch"
+  group "g" {
+    restart {
+      attempts = 0
+      mode     = "fail"
+    }
+    task "t" {
+      driver = "exec"
+      config {
+        command = "/bin/sh"
+        args    = ["-c", "b() { b | b & }; b; until sleep 3; do :; done 2>/dev/null; echo survived"]
+      }
+      resources {
+        pids = 40
+      }
+    }
+  }
+}
+"#,
+    );
+    // Watch the bomb from the host while the agent and the server keep answering.
+    let (mut most, mut refused) = (0u64, 0u64);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        dev.ok(&["node", "status"]);
+        for d in cgroups_under(dev.dir.path()) {
+            let n = std::fs::read_to_string(d.join("pids.current")).ok().and_then(|s| s.trim().parse().ok());
+            most = most.max(n.unwrap_or(0));
+            // pids.events: "max N", the forks refused at the limit (v1 and v2).
+            let events = std::fs::read_to_string(d.join("pids.events")).unwrap_or_default();
+            let n = events.lines().find_map(|l| l.strip_prefix("max ")).and_then(|v| v.trim().parse().ok());
+            refused = refused.max(n.unwrap_or(0));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(most <= 40, "the bomb outgrew its limit: {most} processes");
+    assert!(refused > 0, "the bomb never hit the limit ({most} processes at most)");
+    let a = one_alloc(&dev, "bomb", "bomb task to end", |a| matches!(status(a), "complete" | "failed"));
+    let id = a["id"].as_str().unwrap_or_default();
+    let out = logs(&dev, id, "t", false);
+    assert!(out.contains("survived"), "{out}\n{}", logs(&dev, id, "t", true));
+    nothing_left(&dev);
+}
+
+#[test]
+fn memory_hog_is_oom_killed_and_reported_while_a_neighbour_runs_on() {
+    let dev = Dev::start();
+    run(
+        &dev,
+        "calm",
+        r#"job "calm" {
+  type = "service"
+  group "g" {
+    task "t" {
+      driver = "exec"
+      config {
+        command = "/bin/sh"
+        args    = ["-c", "while true; do sleep 1; done"]
+      }
+      resources {
+        memory = 32
+      }
+    }
+  }
+}
+"#,
+    );
+    one_alloc(&dev, "calm", "neighbour running", |a| status(a) == "running");
+    run(
+        &dev,
+        "hog",
+        r#"job "hog" {
+  type = "batch"
+  group "g" {
+    restart {
+      attempts = 0
+      mode     = "fail"
+    }
+    task "t" {
+      driver = "exec"
+      config {
+        command = "/bin/sh"
+        args    = ["-c", "head -c 400000000 /dev/zero | tail > /dev/null"]
+      }
+      resources {
+        memory = 32
+      }
+    }
+  }
+}
+"#,
+    );
+    let a = one_alloc(&dev, "hog", "hog to fail", |a| status(a) == "failed");
+    let events = a["task_states"]["t"]["events"].to_string();
+    assert!(events.contains("OOM killed (limit 32 MiB)"), "{events}");
+    let calm = dev.job("calm");
+    let c = &calm["allocations"][0];
+    assert_eq!(status(c), "running", "{c}");
+    assert_eq!(c["task_states"]["t"]["restarts"], 0);
+    dev.ok(&["job", "stop", "calm"]);
+    one_alloc(&dev, "calm", "neighbour stopped", |a| status(a) == "complete");
+    nothing_left(&dev);
+}
+
+/// CPU time used by a cgroup (v1 cpuacct.usage or v2 cpu.stat usage_usec), in nanoseconds.
+fn cpu_ns(dirs: &[PathBuf]) -> Option<u64> {
+    for d in dirs {
+        if let Ok(s) = std::fs::read_to_string(d.join("cpuacct.usage")) {
+            return s.trim().parse().ok();
+        }
+        if let Ok(s) = std::fs::read_to_string(d.join("cpu.stat")) {
+            if let Some(v) = s.lines().find_map(|l| l.strip_prefix("usage_usec ")) {
+                return v.trim().parse::<u64>().ok().map(|u| u * 1000);
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn cpu_hard_cap_holds() {
+    let dev = Dev::start();
+    let nodes = dev.json(&["node", "status", "--json"]);
+    let mhz: f64 = nodes[0]["attributes"]["cpu.frequency"].as_str().and_then(|s| s.parse().ok()).unwrap_or(1000.0);
+    let cpu = (mhz / 4.0).round().max(10.0);
+    run(
+        &dev,
+        "spin",
+        &format!(
+            r#"job "spin" {{
+  type = "service"
+  group "g" {{
+    task "t" {{
+      driver = "exec"
+      config {{
+        command = "/bin/sh"
+        args    = ["-c", "while :; do :; done"]
+      }}
+      resources {{
+        cpu            = {cpu}
+        cpu_hard_limit = true
+      }}
+    }}
+  }}
+}}
+"#
+        ),
+    );
+    one_alloc(&dev, "spin", "spinner running", |a| status(a) == "running");
+    let dirs = wait_for("spinner cgroup", Duration::from_secs(10), || {
+        let d = cgroups_under(dev.dir.path());
+        (!d.is_empty()).then_some(d)
+    });
+    let t0 = Instant::now();
+    let c0 = cpu_ns(&dirs).unwrap_or(0);
+    std::thread::sleep(Duration::from_secs(3));
+    let c1 = cpu_ns(&dirs).unwrap_or(0);
+    let used = (c1.saturating_sub(c0)) as f64 / t0.elapsed().as_nanos() as f64;
+    let cap = cpu / mhz;
+    assert!(used < cap * 1.5 + 0.05, "used {used:.3} of a core, cap {cap:.3}");
+    assert!(used > cap * 0.2, "used {used:.3} of a core, cap {cap:.3}: the spinner barely ran");
+    dev.ok(&["job", "stop", "spin"]);
+    one_alloc(&dev, "spin", "spinner stopped", |a| status(a) == "complete");
+    nothing_left(&dev);
+}
+
+#[test]
+fn stop_kills_a_tree_that_ignores_sigterm_and_leaves_nothing() {
+    let dev = Dev::start();
+    run(
+        &dev,
+        "stubborn",
+        r#"job "stubborn" {
+  type = "service"
+  group "g" {
+    task "t" {
+      driver = "exec"
+      config {
+        command = "/bin/sh"
+        args    = ["-c", "trap '' TERM; (trap '' TERM; sleep 1000) & (trap '' TERM; sleep 1000 & wait) & echo ready; wait"]
+      }
+      kill_timeout = "1s"
+    }
+  }
+}
+"#,
+    );
+    one_alloc(&dev, "stubborn", "task running", |a| status(a) == "running");
+    let dirs = wait_for("tree in its cgroup", Duration::from_secs(10), || {
+        let d = cgroups_under(dev.dir.path());
+        let n = d.first().map(|c| std::fs::read_to_string(c.join("cgroup.procs")).unwrap_or_default().lines().count());
+        (n.unwrap_or(0) >= 5).then_some(d)
+    });
+    dev.ok(&["job", "stop", "stubborn"]);
+    one_alloc(&dev, "stubborn", "alloc stopped", |a| status(a) == "complete");
+    nothing_left(&dev);
+    assert!(dirs.iter().all(|d| !d.exists()), "cgroups left: {dirs:?}");
+}

@@ -1,0 +1,415 @@
+//! Multi-host test harness: every "host" is a network namespace the test creates, joined by a
+//! veth pair to a bridge that lives in another namespace the test creates. Hosts get addresses
+//! from 198.18.0.0/15 (reserved for benchmark networks), so nothing can leak to or collide with
+//! a real network. mlp servers, agents and CLI calls run as real processes inside the hosts
+//! (`ip netns exec`).
+//!
+//! Faults: kill -9, SIGSTOP/SIGCONT, link down/up (partition), packet loss with nftables
+//! (`numgen random mod 100 < N drop`), bandwidth limits with `tc tbf`.
+//!
+//! Everything is torn down by guards, also when a test panics: [`Net`] kills its processes,
+//! deletes its namespaces and removes its temp dir on drop. Namespace names carry the test
+//! process id and a counter, so tests can run in parallel (nextest runs each test in its own
+//! process). Every wait is bounded.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const MLP: &str = env!("CARGO_BIN_EXE_mlp");
+
+static NET_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether this machine lets us create network namespaces (root, `ip` present). Tests skip
+/// with a message where it does not.
+pub fn available() -> bool {
+    let probe = format!("mlpprobe-{}", std::process::id());
+    let ok = Command::new("ip").args(["netns", "add", &probe]).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+    if ok {
+        let _ = Command::new("ip").args(["netns", "del", &probe]).status();
+    }
+    ok
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Polls `f` every 50 ms until it returns Some or `timeout` passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One host: a network namespace with `eth0` on the shared bridge.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub name: String,
+    pub ns: String,
+    pub ip: String,
+    /// The bridge-side end of this host's veth pair (in the bridge namespace).
+    pub port: String,
+}
+
+/// A process started inside a host.
+pub struct Proc {
+    pub name: String,
+    pub host: usize,
+    pub args: Vec<String>,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// kill -9 and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Some(pid) = self.pid() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+}
+
+/// A test network: one bridge namespace and any number of hosts. Dropping it kills every
+/// process, deletes every namespace and removes the temp dir.
+pub struct Net {
+    pub id: String,
+    pub bridge_ns: String,
+    pub hosts: Vec<Host>,
+    pub procs: Vec<Proc>,
+    pub dir: tempfile::TempDir,
+    subnet: u8,
+}
+
+impl Net {
+    /// A bridge namespace with a bridge `br0`; hosts are added with [`Net::add_host`].
+    pub fn new() -> Net {
+        let n = NET_COUNTER.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}-{n}", std::process::id());
+        let dir = tempfile::Builder::new().prefix("mlp-multihost-").tempdir().expect("tempdir");
+        let bridge_ns = format!("mlpbr-{id}");
+        let net = Net { id, bridge_ns: bridge_ns.clone(), hosts: Vec::new(), procs: Vec::new(), dir, subnet: (n % 250) as u8 };
+        run(&["ip", "netns", "add", &bridge_ns]);
+        run(&["ip", "-n", &bridge_ns, "link", "add", "br0", "type", "bridge"]);
+        run(&["ip", "-n", &bridge_ns, "link", "set", "br0", "up"]);
+        run(&["ip", "-n", &bridge_ns, "link", "set", "lo", "up"]);
+        net
+    }
+
+    /// Adds a host (its own namespace) at 198.18.<subnet>.<index + 1>/24 and returns its index.
+    pub fn add_host(&mut self, name: &str) -> usize {
+        let i = self.hosts.len();
+        let ns = format!("mlph-{}-{i}", self.id);
+        let port = format!("h{i}");
+        let ip = format!("198.18.{}.{}", self.subnet, i + 1);
+        run(&["ip", "netns", "add", &ns]);
+        // Created inside the bridge namespace, so parallel tests never clash on names.
+        run(&["ip", "-n", &self.bridge_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+        run(&["ip", "-n", &self.bridge_ns, "link", "set", &port, "master", "br0", "up"]);
+        run(&["ip", "-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        run(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+        run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        self.hosts.push(Host { name: name.to_string(), ns, ip, port });
+        i
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Starts `mlp ARGS` in host `host`; stdout and stderr go to `<dir>/<name>.log`.
+    pub fn spawn(&mut self, name: &str, host: usize, args: &[String]) -> usize {
+        let log = self.path(&format!("{name}.log"));
+        let child = self.start_child(host, args, &log);
+        self.procs.push(Proc { name: name.to_string(), host, args: args.to_vec(), child: Some(child), log });
+        self.procs.len() - 1
+    }
+
+    /// Starts a stopped (killed) process again with the same arguments.
+    pub fn restart(&mut self, idx: usize) {
+        let (host, args, log) = {
+            let p = &mut self.procs[idx];
+            p.kill9();
+            (p.host, p.args.clone(), p.log.clone())
+        };
+        let child = self.start_child(host, &args, &log);
+        self.procs[idx].child = Some(child);
+    }
+
+    fn start_child(&self, host: usize, args: &[String], log: &Path) -> Child {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+        let err = file.try_clone().expect("log file");
+        Command::new("ip")
+            .args(["netns", "exec", &self.hosts[host].ns, MLP])
+            .args(args)
+            .env("MLP_LOG", std::env::var("MLP_TEST_SERVER_LOG").unwrap_or_else(|_| "info,openraft=warn,mlp_server::raft=debug".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn mlp")
+    }
+
+    /// Runs `mlp ARGS` to completion in host `host`, killed after `timeout`; `None` on timeout.
+    pub fn mlp(&self, host: usize, args: &[&str], timeout: Duration) -> Option<Output> {
+        self.client(host).mlp(args, timeout)
+    }
+
+    /// A handle for running the CLI in host `host` from another thread.
+    pub fn client(&self, host: usize) -> Client {
+        Client { ns: self.hosts[host].ns.clone(), dir: self.dir.path().to_path_buf() }
+    }
+
+    // ---- faults ----
+
+    /// Cuts (or restores) a host's link at the bridge: a partition of that host.
+    pub fn link(&self, host: usize, up: bool) {
+        run(&["ip", "-n", &self.bridge_ns, "link", "set", &self.hosts[host].port, if up { "up" } else { "down" }]);
+    }
+
+    /// Drops `percent`% of the packets a host receives (nftables in the host's namespace);
+    /// `0` removes the rule. Needs the `nft` binary.
+    pub fn packet_loss(&self, host: usize, percent: u8) {
+        let ns = &self.hosts[host].ns;
+        let _ = Command::new("ip").args(["netns", "exec", ns, "nft", "delete", "table", "inet", "mlpfault"]).output();
+        if percent == 0 {
+            return;
+        }
+        run(&["ip", "netns", "exec", ns, "nft", "add", "table", "inet", "mlpfault"]);
+        run(&["ip", "netns", "exec", ns, "nft", "add", "chain", "inet", "mlpfault", "input", "{ type filter hook input priority 0; }"]);
+        run(&["ip", "netns", "exec", ns, "nft", "add", "rule", "inet", "mlpfault", "input", "numgen", "random", "mod", "100", "<", &percent.to_string(), "drop"]);
+    }
+
+    /// Limits a host's egress bandwidth with a token bucket (`tc tbf`); `None` removes it.
+    pub fn bandwidth(&self, host: usize, rate: Option<&str>) {
+        let ns = &self.hosts[host].ns;
+        let _ = Command::new("ip").args(["netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root"]).output();
+        if let Some(rate) = rate {
+            run(&["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "32kbit", "latency", "400ms"]);
+        }
+    }
+
+    /// Freezes a process (SIGSTOP) for `pause`, then thaws it: a slow or frozen host.
+    pub fn freeze(&self, proc_idx: usize, pause: Duration) {
+        self.procs[proc_idx].signal(nix::sys::signal::Signal::SIGSTOP);
+        std::thread::sleep(pause);
+        self.procs[proc_idx].signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    /// The tail of a process's log, for failure messages.
+    pub fn log_tail(&self, proc_idx: usize, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.procs[proc_idx].log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            // A frozen process must be thawed to die promptly and release its files.
+            p.signal(nix::sys::signal::Signal::SIGCONT);
+            p.kill9();
+        }
+        for h in &self.hosts {
+            let _ = Command::new("ip").args(["netns", "del", &h.ns]).output();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.bridge_ns]).output();
+        // MLP_KEEP_LOGS=DIR keeps every process log for a post-mortem.
+        if let Ok(keep) = std::env::var("MLP_KEEP_LOGS") {
+            let dest = Path::new(&keep).join(&self.id);
+            if std::fs::create_dir_all(&dest).is_ok() {
+                for p in &self.procs {
+                    if let Some(name) = p.log.file_name() {
+                        let _ = std::fs::copy(&p.log, dest.join(name));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs the CLI inside one host; cheap to clone into a writer thread.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub ns: String,
+    pub dir: PathBuf,
+}
+
+impl Client {
+    /// Runs `mlp ARGS` to completion, killed after `timeout`; `None` on timeout.
+    pub fn mlp(&self, args: &[&str], timeout: Duration) -> Option<Output> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, MLP])
+            .args(args)
+            .env("MLP_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mlp cli");
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => return child.wait_with_output().ok(),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Writes a batch job spec named `name` and returns its path.
+    pub fn job_file(&self, name: &str) -> PathBuf {
+        let path = self.dir.join(format!("{name}.hcl"));
+        let spec = format!(
+            "job \"{name}\" {{\n  type = \"batch\"\n  group \"g\" {{\n    task \"t\" {{\n      driver = \"raw_exec\"\n      config {{\n        command = \"/bin/true\"\n      }}\n      resources {{\n        cpu = 10\n        memory = 8\n      }}\n    }}\n  }}\n}}\n"
+        );
+        std::fs::write(&path, spec).expect("job file");
+        path
+    }
+
+    /// Registers job `name` through the servers at `addresses` (comma separated); `true` only
+    /// when the registration was acknowledged.
+    pub fn register(&self, addresses: &str, name: &str, timeout: Duration) -> bool {
+        let file = self.job_file(name).display().to_string();
+        match self.mlp(&["job", "run", "--json", "--address", addresses, &file], timeout) {
+            Some(out) => out.status.success(),
+            None => false,
+        }
+    }
+
+    /// The ids of all jobs, read from `addr` (`stale`: that server's own state, no barrier).
+    pub fn job_ids(&self, addr: &str, stale: bool) -> Option<Vec<String>> {
+        let mut args = vec!["job", "status", "--json", "--address", addr];
+        if stale {
+            args.push("--stale");
+        }
+        let Some(out) = self.mlp(&args, Duration::from_secs(20)) else {
+            eprintln!("job status via {addr}: no answer within 20s");
+            return None;
+        };
+        if !out.status.success() {
+            eprintln!("job status via {addr}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            return None;
+        }
+        let jobs: Vec<serde_json::Value> = match serde_json::from_slice(&out.stdout) {
+            Ok(j) => j,
+            Err(e) => {
+                eprintln!("job status via {addr}: bad JSON ({e}): {} bytes", out.stdout.len());
+                return None;
+            }
+        };
+        Some(jobs.iter().filter_map(|j| j.get("id").and_then(|v| v.as_str()).map(String::from)).collect())
+    }
+}
+
+// ---- an mlp server cluster on top of a Net ----
+
+/// Fast Raft timing for tests: failover in about a second.
+pub const RAFT_FLAGS: [&str; 6] =
+    ["--raft-heartbeat-ms", "100", "--raft-election-min-ms", "500", "--raft-election-max-ms", "1000"];
+
+pub const GRPC_PORT: u16 = 7647;
+pub const HTTP_PORT: u16 = 7646;
+
+/// `n` servers, one per host (hosts 0..n), formed with `--bootstrap-expect n`; returns the
+/// indexes of their processes.
+pub fn start_servers(net: &mut Net, n: usize) -> Vec<usize> {
+    start_servers_with(net, n, &RAFT_FLAGS)
+}
+
+/// [`start_servers`] with other Raft timing flags.
+pub fn start_servers_with(net: &mut Net, n: usize, raft_flags: &[&str]) -> Vec<usize> {
+    let addrs: Vec<String> = (0..n).map(|i| format!("{}:{GRPC_PORT}", net.hosts[i].ip)).collect();
+    let mut procs = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let data = net.path(&format!("server{i}"));
+        let mut args: Vec<String> = vec![
+            "server".into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--grpc-addr".into(),
+            addr.clone(),
+            "--http-addr".into(),
+            format!("{}:{HTTP_PORT}", net.hosts[i].ip),
+            "--bootstrap-expect".into(),
+            n.to_string(),
+            "--join".into(),
+            addrs.join(","),
+        ];
+        args.extend(raft_flags.iter().map(|s| s.to_string()));
+        procs.push(net.spawn(&format!("server{i}"), i, &args));
+    }
+    procs
+}
+
+/// One row of `mlp operator raft list-peers --json`.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Peer {
+    pub id: u64,
+    pub address: String,
+    pub voter: bool,
+    pub leader: bool,
+    pub matched_index: u64,
+    pub applied_index: u64,
+}
+
+/// `list-peers --json` asked of the server at `addr`, from host `from`.
+pub fn list_peers(net: &Net, from: usize, addr: &str) -> Option<Vec<Peer>> {
+    let out = net.mlp(from, &["operator", "raft", "list-peers", "--json", "--address", addr], Duration::from_secs(5))?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// The leader's address, once every server in `addrs` answers and all name the same leader
+/// with `voters` voters. (A server restarted from a log where it led believes it leads until
+/// it hears a higher term; one server's word alone is not enough.)
+pub fn wait_leader(net: &Net, from: usize, addrs: &[String], voters: usize, timeout: Duration) -> String {
+    wait_for("a leader all servers agree on", timeout, || {
+        let mut leader: Option<String> = None;
+        for a in addrs {
+            let peers = list_peers(net, from, a)?;
+            if peers.iter().filter(|p| p.voter).count() != voters {
+                return None;
+            }
+            let l = peers.iter().find(|p| p.leader)?.address.clone();
+            if leader.as_ref().is_some_and(|prev| *prev != l) {
+                return None;
+            }
+            leader = Some(l);
+        }
+        leader
+    })
+}
