@@ -296,8 +296,8 @@ fn ha_partitioned_leader_stops_acknowledging_and_heals() {
 /// openraft 0.9 follower calls an election only after the leader lease (= the maximum election
 /// timeout) plus its election timeout, so failover is 0.9–1.2 s of timers plus the vote, the
 /// new leader's first commit and the client's retry. (openraft 0.9 also times AppendEntries
-/// out after one heartbeat interval, so heartbeats shorter than a slow fsync starve a
-/// catching-up follower when fsyncs are slow, as on a loaded machine.)
+/// out after one heartbeat interval, so heartbeats shorter than a slow fsync make a
+/// catching-up follower's appends time out, as seen with 50 ms on a loaded machine.)
 const BENCH_RAFT_FLAGS: [&str; 6] =
     ["--raft-heartbeat-ms", "150", "--raft-election-min-ms", "300", "--raft-election-max-ms", "600"];
 

@@ -13,6 +13,7 @@
 //! process). Every wait is bounded.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -274,18 +275,33 @@ impl Client {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn mlp cli");
+        // Drain both pipes while waiting: a child whose output outgrows the pipe buffer would
+        // otherwise block on write and never exit.
+        let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let out = drain(child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>));
+        let err = drain(child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>));
         let deadline = Instant::now() + timeout;
-        loop {
+        let status = loop {
             match child.try_wait() {
-                Ok(Some(_)) => return child.wait_with_output().ok(),
+                Ok(Some(status)) => break Some(status),
                 Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
                 _ => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return None;
+                    break None;
                 }
             }
-        }
+        };
+        let (stdout, stderr) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
+        status.map(|status| Output { status, stdout, stderr })
     }
 
     /// Writes a batch job spec named `name` and returns its path.
