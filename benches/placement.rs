@@ -42,7 +42,28 @@ fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn start_server() -> Result<(ServerGuard, String), String> {
+/// Reads the named counters from the server's Prometheus page.
+fn scrape(http: &str, names: &[&str]) -> Vec<(String, f64)> {
+    use std::io::{Read, Write};
+    let mut out = Vec::new();
+    let Ok(mut s) = std::net::TcpStream::connect(http) else { return out };
+    let _ = s.write_all(format!("GET /v1/metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").as_bytes());
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    for line in body.lines() {
+        let mut parts = line.split_whitespace();
+        if let (Some(k), Some(v)) = (parts.next(), parts.next()) {
+            if names.contains(&k) {
+                if let Ok(v) = v.parse() {
+                    out.push((format!("server_{k}"), v));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn start_server() -> Result<(ServerGuard, String, String), String> {
     let dir = std::env::temp_dir().join(format!("mlp-bench-placement-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut child = Command::new(MLP)
@@ -55,13 +76,18 @@ fn start_server() -> Result<(ServerGuard, String), String> {
         .map_err(|e| format!("spawn mlp server: {e}"))?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let guard = ServerGuard { child, dir };
+    let mut grpc = None;
     for line in BufReader::new(stdout).lines() {
         let line = line.map_err(|e| e.to_string())?;
         if let Some(v) = line.trim().strip_prefix("gRPC:") {
-            return Ok((guard, v.trim().to_string()));
+            grpc = Some(v.trim().to_string());
+        }
+        if let Some(v) = line.trim().strip_prefix("HTTP:") {
+            let http = v.trim().trim_start_matches("http://").to_string();
+            return Ok((guard, grpc.ok_or("no gRPC line before HTTP")?, http));
         }
     }
-    Err("mlp server printed no gRPC address".into())
+    Err("mlp server printed no addresses".into())
 }
 
 async fn channel(addr: &str) -> Result<Channel, String> {
@@ -134,7 +160,7 @@ fn job(name: &str, tasks: u32) -> Job {
 
 async fn run() -> Result<Vec<(String, f64)>, String> {
     let (nodes, jobs, tasks) = (env_or("MLP_BENCH_NODES", 500), env_or("MLP_BENCH_JOBS", 100), env_or("MLP_BENCH_TASKS", 100));
-    let (_server, addr) = start_server()?;
+    let (_server, addr, http) = start_server()?;
     let acked = Arc::new(AtomicU64::new(0));
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(nodes);
     // A few connections shared by the simulated nodes, as HTTP/2 multiplexes streams.
@@ -191,7 +217,7 @@ async fn run() -> Result<Vec<(String, f64)>, String> {
     let placed_s = placed_s.unwrap_or(f64::NAN);
     let running_s = t0.elapsed().as_secs_f64();
     DONE.store(true, Ordering::Relaxed);
-    Ok(vec![
+    let mut out = vec![
         ("placement_nodes".into(), nodes as f64),
         ("placement_allocs".into(), total as f64),
         ("placement_node_register_s".into(), reg_s),
@@ -200,7 +226,13 @@ async fn run() -> Result<Vec<(String, f64)>, String> {
         ("placement_placements_per_sec".into(), total as f64 / placed_s),
         ("placement_all_running_s".into(), running_s),
         ("placement_running_per_sec".into(), total as f64 / running_s),
-    ])
+    ];
+    // Where the time went: scheduler CPU time vs the rest (Raft, streams, acks).
+    out.extend(scrape(
+        &http,
+        &["mlp_scheduler_micros_total", "mlp_evals_processed_total", "mlp_plans_applied_total", "mlp_plan_placements_rejected_total", "mlp_raft_applied_index"],
+    ));
+    Ok(out)
 }
 
 fn main() {

@@ -61,6 +61,10 @@ fn start_dev() -> Result<(DevGuard, String), String> {
 }
 
 fn job(name: &str, ty: &str, count: u32, command: &str, args: &[&str]) -> Job {
+    job_with_driver(name, ty, count, command, args, "exec")
+}
+
+fn job_with_driver(name: &str, ty: &str, count: u32, command: &str, args: &[&str], driver: &str) -> Job {
     Job {
         id: name.into(),
         name: name.into(),
@@ -73,7 +77,7 @@ fn job(name: &str, ty: &str, count: u32, command: &str, args: &[&str]) -> Job {
             restart: Some(RestartPolicy { attempts: 0, interval_ms: 60_000, delay_ms: 1000, mode: "fail".into() }),
             tasks: vec![Task {
                 name: "t".into(),
-                driver: "exec".into(),
+                driver: driver.into(),
                 config: Some(TaskConfig { command: command.into(), args: args.iter().map(|s| s.to_string()).collect() }),
                 resources: Some(Resources { cpu_mhz: 10, memory_mib: 10, ..Default::default() }),
                 kill_timeout_ms: 1000,
@@ -104,13 +108,13 @@ async fn connect(addr: &str) -> Result<JobServiceClient<Channel>, String> {
 
 /// Submit → running: time from just before the register RPC to the task's start time as the
 /// agent recorded it (same machine, same clock), one job at a time.
-async fn submit_to_running(addr: &str, n: usize) -> Result<Vec<f64>, String> {
+async fn submit_to_running(addr: &str, n: usize, driver: &str) -> Result<Vec<f64>, String> {
     let mut c = connect(addr).await?;
     let mut lat = Vec::with_capacity(n);
     for i in 0..n {
-        let name = format!("lat{i}");
+        let name = format!("lat-{driver}-{i}");
         let t0 = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?;
-        c.register(RegisterJobRequest { job: Some(job(&name, "batch", 1, "/bin/true", &[])) }).await.map_err(|e| e.to_string())?;
+        c.register(RegisterJobRequest { job: Some(job_with_driver(&name, "batch", 1, "/bin/true", &[], driver)) }).await.map_err(|e| e.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let r = c
@@ -134,11 +138,11 @@ async fn submit_to_running(addr: &str, n: usize) -> Result<Vec<f64>, String> {
 }
 
 /// 500 `/bin/true` batch jobs, submitted one after another, until all are complete.
-async fn batch_500(addr: &str) -> Result<f64, String> {
+async fn batch_500(addr: &str, driver: &str) -> Result<f64, String> {
     let mut c = connect(addr).await?;
     let t0 = Instant::now();
     for i in 0..500 {
-        c.register(RegisterJobRequest { job: Some(job(&format!("b{i}"), "batch", 1, "/bin/true", &[])) })
+        c.register(RegisterJobRequest { job: Some(job_with_driver(&format!("b{i}"), "batch", 1, "/bin/true", &[], driver)) })
             .await
             .map_err(|e| e.to_string())?;
     }
@@ -189,16 +193,27 @@ async fn run() -> Result<BTreeMap<String, f64>, String> {
     let mut out = BTreeMap::new();
     {
         let (_dev, addr) = start_dev()?;
-        let lat = submit_to_running(&addr, n_lat).await?;
+        // `exec` runs with full isolation (namespaces, pivot_root, cgroups); `raw_exec` is a
+        // plain spawn: the difference is the isolation overhead.
+        let lat = submit_to_running(&addr, n_lat, "exec").await?;
         out.insert("mlp_submit_to_running_p50_ms".into(), pct(&lat, 0.5));
         out.insert("mlp_submit_to_running_p99_ms".into(), pct(&lat, 0.99));
         out.insert("mlp_submit_to_running_n".into(), lat.len() as f64);
+        let raw = submit_to_running(&addr, n_lat, "raw_exec").await?;
+        out.insert("mlp_submit_to_running_raw_exec_p50_ms".into(), pct(&raw, 0.5));
+        out.insert("mlp_submit_to_running_raw_exec_p99_ms".into(), pct(&raw, 0.99));
+        out.insert("mlp_isolation_overhead_p50_ms".into(), pct(&lat, 0.5) - pct(&raw, 0.5));
     }
     {
         let (_dev, addr) = start_dev()?;
-        let secs = batch_500(&addr).await?;
+        let secs = batch_500(&addr, "exec").await?;
         out.insert("mlp_batch500_s".into(), secs);
         out.insert("mlp_batch500_jobs_per_sec".into(), 500.0 / secs);
+    }
+    {
+        let (_dev, addr) = start_dev()?;
+        let secs = batch_500(&addr, "raw_exec").await?;
+        out.insert("mlp_batch500_raw_exec_s".into(), secs);
     }
     {
         let (_dev, addr) = start_dev()?;

@@ -218,7 +218,12 @@ pub async fn watch_loop(
                                 index = msg.index,
                                 "allocations received"
                             );
-                            manager.lock().await.sync(msg.allocations);
+                            let mut m = manager.lock().await;
+                            if msg.partial {
+                                m.sync_partial(msg.allocations);
+                            } else {
+                                m.sync(msg.allocations);
+                            }
                         }
                         Ok(None) => {
                             tracing::info!("allocation stream ended; reconnecting");

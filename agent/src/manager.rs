@@ -136,49 +136,7 @@ impl AllocManager {
         let mut seen = BTreeSet::new();
         for a in allocs {
             seen.insert(a.id.clone());
-            let stop = a.desired_status == alloc_desired::STOP;
-            if let Some(h) = self.runners.get(&a.id) {
-                if stop {
-                    h.stop();
-                }
-                continue;
-            }
-            if let Some(p) = self.finished.get(&a.id) {
-                if a.client_status != p.client_status {
-                    let _ = self.updates.send(update_from_persisted(p));
-                }
-                continue;
-            }
-            if !stop {
-                let prior = self.restored.remove(&a.id);
-                tracing::info!(alloc = %a.id, name = %a.name, restored = prior.is_some(), "starting allocation");
-                let id = a.id.clone();
-                let h = spawn_alloc_runner(a, prior, self.env.clone(), self.updates.clone());
-                self.runners.insert(id, h);
-                continue;
-            }
-            // Asked to stop something that is not running here.
-            let dir = self.env.alloc_root.join(&a.id);
-            let mut p = self
-                .restored
-                .remove(&a.id)
-                .unwrap_or_else(|| PersistedAlloc {
-                    alloc_id: a.id.clone(),
-                    alloc: Some(a.clone()),
-                    ..Default::default()
-                });
-            finish_persisted(&mut p, "Task stopped (agent restarted)");
-            if p.task_states.is_empty() {
-                p.client_status = alloc_client::COMPLETE.into();
-                p.client_description = "Allocation stopped before it ran".into();
-            }
-            if dir.is_dir() {
-                if let Err(e) = state::save(&dir, &p) {
-                    tracing::warn!(alloc = %a.id, error = %e, "persisting alloc state failed");
-                }
-            }
-            let _ = self.updates.send(update_from_persisted(&p));
-            self.finished.insert(a.id.clone(), p);
+            self.apply_one(a);
         }
         for (id, h) in &self.runners {
             if !seen.contains(id) {
@@ -188,6 +146,66 @@ impl AllocManager {
         }
         self.last_seen = Some(seen);
         self.reap();
+    }
+
+    /// Applies a partial update: only allocations that changed since the previous message of
+    /// the stream. Absent allocations are unchanged, not removed (the servers never delete an
+    /// allocation between two messages of one stream without sending it first).
+    pub fn sync_partial(&mut self, allocs: Vec<Allocation>) {
+        for a in allocs {
+            if let Some(seen) = &mut self.last_seen {
+                seen.insert(a.id.clone());
+            }
+            self.apply_one(a);
+        }
+        self.reap();
+    }
+
+    /// Starts, stops or reports one allocation the servers sent.
+    fn apply_one(&mut self, a: Allocation) {
+        let stop = a.desired_status == alloc_desired::STOP;
+        if let Some(h) = self.runners.get(&a.id) {
+            if stop {
+                h.stop();
+            }
+            return;
+        }
+        if let Some(p) = self.finished.get(&a.id) {
+            if a.client_status != p.client_status {
+                let _ = self.updates.send(update_from_persisted(p));
+            }
+            return;
+        }
+        if !stop {
+            let prior = self.restored.remove(&a.id);
+            tracing::info!(alloc = %a.id, name = %a.name, restored = prior.is_some(), "starting allocation");
+            let id = a.id.clone();
+            let h = spawn_alloc_runner(a, prior, self.env.clone(), self.updates.clone());
+            self.runners.insert(id, h);
+            return;
+        }
+        // Asked to stop something that is not running here.
+        let dir = self.env.alloc_root.join(&a.id);
+        let mut p = self
+            .restored
+            .remove(&a.id)
+            .unwrap_or_else(|| PersistedAlloc {
+                alloc_id: a.id.clone(),
+                alloc: Some(a.clone()),
+                ..Default::default()
+            });
+        finish_persisted(&mut p, "Task stopped (agent restarted)");
+        if p.task_states.is_empty() {
+            p.client_status = alloc_client::COMPLETE.into();
+            p.client_description = "Allocation stopped before it ran".into();
+        }
+        if dir.is_dir() {
+            if let Err(e) = state::save(&dir, &p) {
+                tracing::warn!(alloc = %a.id, error = %e, "persisting alloc state failed");
+            }
+        }
+        let _ = self.updates.send(update_from_persisted(&p));
+        self.finished.insert(a.id.clone(), p);
     }
 
     /// Collects finished runners and removes terminal allocations the servers dropped.

@@ -65,6 +65,7 @@ impl AgentService for Fake {
             Ok(NodeAllocations {
                 allocations,
                 index: 1,
+                partial: false,
             })
         });
         Ok(Response::new(Box::pin(s)))

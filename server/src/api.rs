@@ -382,16 +382,24 @@ impl Api {
 
     /// All allocations the node should know, with the job version each runs.
     pub fn node_allocations(&self, node_id: &str) -> NodeAllocations {
+        self.node_allocations_since(node_id, None)
+    }
+
+    /// With `since = Some(i)`, only the allocations modified at index `i` or later (a partial
+    /// message); `i` itself is included because one Raft entry carries a batch of requests that
+    /// share its index, and a reader may have seen part of that batch.
+    pub fn node_allocations_since(&self, node_id: &str, since: Option<u64>) -> NodeAllocations {
         let st = self.state.read();
         let allocations = st
             .allocs_for_node(node_id)
+            .filter(|a| since.is_none_or(|i| a.modify_index >= i))
             .map(|a| {
                 let mut a = a.clone();
                 a.job = st.job_version(&a.namespace, &a.job_id, a.job_version).cloned();
                 a
             })
             .collect();
-        NodeAllocations { allocations, index: st.index }
+        NodeAllocations { allocations, index: st.index, partial: since.is_some() }
     }
 
     pub async fn update_allocs(&self, req: UpdateAllocsRequest) -> Result<UpdateAllocsResponse, ApiError> {

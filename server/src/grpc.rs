@@ -167,16 +167,25 @@ impl agent_service_server::AgentService for GrpcApi {
         let api = self.api.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
-            if tx.send(Ok(api.node_allocations(&node_id))).await.is_err() {
+            // The full set first, then only what changed since the previous message (a missed
+            // notification, `Lagged`, falls back to the full set).
+            let first = api.node_allocations(&node_id);
+            let mut last = first.index;
+            if tx.send(Ok(first)).await.is_err() {
                 return;
             }
             loop {
-                let relevant = match changes.recv().await {
-                    Ok(nodes) => nodes.contains(&node_id),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
+                let msg = match changes.recv().await {
+                    Ok(nodes) if nodes.contains(&node_id) => api.node_allocations_since(&node_id, Some(last)),
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => api.node_allocations(&node_id),
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
-                if relevant && tx.send(Ok(api.node_allocations(&node_id))).await.is_err() {
+                last = msg.index;
+                if msg.partial && msg.allocations.is_empty() {
+                    continue;
+                }
+                if tx.send(Ok(msg)).await.is_err() {
                     return;
                 }
             }
