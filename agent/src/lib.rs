@@ -162,9 +162,13 @@ impl Agent {
     /// Fingerprints the node, restores what a previous run left, binds the ClientService
     /// listener and spawns the background loops (registration may still be retrying).
     pub async fn start(mut config: AgentConfig) -> Result<Agent, AgentError> {
+        std::fs::create_dir_all(config.data_dir.join("allocs"))
+            .map_err(AgentError::io(format!("creating {}", config.data_dir.display())))?;
+        // Isolated tasks start in their own directories and read their config by path, so every
+        // path the agent hands out must be absolute (`--data-dir ./mlp-data` is the default).
+        config.data_dir = std::fs::canonicalize(&config.data_dir)
+            .map_err(AgentError::io(format!("resolving {}", config.data_dir.display())))?;
         let data_dir = config.data_dir.clone();
-        std::fs::create_dir_all(data_dir.join("allocs"))
-            .map_err(AgentError::io(format!("creating {}", data_dir.display())))?;
         let node_id = load_or_create_node_id(&data_dir)?;
 
         let std_listener = match config.rpc_listener.take() {

@@ -64,7 +64,12 @@ async fn raft_node_writes_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
     let (node, server) = start_node(dir.path(), RaftSettings::default()).await;
     assert!(node.is_leader());
-    assert!(*node.leader_watch().borrow());
+    // The watch follows the Raft metrics from a task of its own: it may trail `is_leader` briefly.
+    let mut watch = node.leader_watch();
+    tokio::time::timeout(Duration::from_secs(5), watch.wait_for(|l| *l))
+        .await
+        .expect("leader watch turns true")
+        .expect("watch open");
     assert!(node.leader_addr().is_some());
     let first_id = node.node_id;
     write_range(&node, 0..50).await;

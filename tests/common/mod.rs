@@ -48,8 +48,12 @@ impl Dev {
     /// Starts (or restarts) the dev process on the same data dir.
     pub fn spawn(&mut self) {
         let mut child = Command::new(MLP)
+            // A relative --data-dir, as in the README's quick start (`./mlp-data` by default);
+            // the process runs from the temp dir's parent so that its own cwd is not inside
+            // the cluster's dir (where `processes_under` looks for task processes).
             .args(["dev", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--data-dir"])
-            .arg(self.data_dir())
+            .arg(Path::new(self.dir.path().file_name().expect("temp dir name")).join("data"))
+            .current_dir(self.dir.path().parent().expect("temp dir parent"))
             .env("MLP_LOG", "info,openraft=warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(
