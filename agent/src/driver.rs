@@ -257,6 +257,16 @@ pub(crate) fn pump<R: AsyncRead + Unpin + Send + 'static>(
     })
 }
 
+/// The task's stdout and stderr writers (size-rotated files in the task's log dir), shared by
+/// every driver so that the Logs RPC finds the same files whichever driver ran the task.
+pub(crate) fn open_log_writers(spec: &TaskSpec) -> Result<(RotatingWriter, RotatingWriter), DriverError> {
+    let open = |stderr| {
+        RotatingWriter::open(&spec.log_dir, &log_base(&spec.name, stderr), spec.log_max_file_bytes, spec.log_max_files)
+            .map_err(|source| DriverError::Logs { dir: spec.log_dir.clone(), source })
+    };
+    Ok((open(false)?, open(true)?))
+}
+
 #[async_trait]
 impl Driver for ProcessDriver {
     fn name(&self) -> &'static str {
@@ -264,24 +274,7 @@ impl Driver for ProcessDriver {
     }
 
     async fn start(&self, spec: &TaskSpec) -> Result<Box<dyn TaskHandle>, DriverError> {
-        let logs_err = |source| DriverError::Logs {
-            dir: spec.log_dir.clone(),
-            source,
-        };
-        let out_w = RotatingWriter::open(
-            &spec.log_dir,
-            &log_base(&spec.name, false),
-            spec.log_max_file_bytes,
-            spec.log_max_files,
-        )
-        .map_err(logs_err)?;
-        let err_w = RotatingWriter::open(
-            &spec.log_dir,
-            &log_base(&spec.name, true),
-            spec.log_max_file_bytes,
-            spec.log_max_files,
-        )
-        .map_err(logs_err)?;
+        let (out_w, err_w) = open_log_writers(spec)?;
 
         let mut cmd = tokio::process::Command::new(&spec.command);
         cmd.args(&spec.args)

@@ -19,7 +19,6 @@ use tokio::task::JoinHandle;
 use super::{hostname_for, lookup_user, rootfs, InitConfig, IsolationSettings, User, INIT_ARG};
 use crate::cgroups::{self, Layout, TaskCgroup};
 use crate::driver::{pump, signal_group, Driver, DriverError, ExitStatus, TaskHandle, TaskSpec};
-use crate::logs::{log_base, RotatingWriter};
 
 /// How long the shim may take to report that the task started.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -195,24 +194,7 @@ impl Driver for ExecDriver {
                 DriverError::Isolation(format!("writing {}: {e}", config_path.display()))
             })?;
 
-        let logs_err = |source| DriverError::Logs {
-            dir: spec.log_dir.clone(),
-            source,
-        };
-        let out_w = RotatingWriter::open(
-            &spec.log_dir,
-            &log_base(&spec.name, false),
-            spec.log_max_file_bytes,
-            spec.log_max_files,
-        )
-        .map_err(logs_err)?;
-        let err_w = RotatingWriter::open(
-            &spec.log_dir,
-            &log_base(&spec.name, true),
-            spec.log_max_file_bytes,
-            spec.log_max_files,
-        )
-        .map_err(logs_err)?;
+        let (out_w, err_w) = crate::driver::open_log_writers(spec)?;
 
         let exe = std::env::current_exe()
             .map_err(|e| DriverError::Isolation(format!("finding the mlp binary: {e}")))?;
