@@ -324,6 +324,36 @@ struct ProcessHandle {
     exit: Option<ExitStatus>,
 }
 
+/// Waits for a task's main process and then kills whatever is left of its process group (no
+/// process of a task may outlive it). Cancel-safe up to the wait: nothing happens after an await.
+pub(crate) async fn wait_and_reap_group(child: &mut tokio::process::Child, pid: u32) -> ExitStatus {
+    let status = match child.wait().await {
+        Ok(st) => {
+            use std::os::unix::process::ExitStatusExt;
+            ExitStatus { code: st.code(), signal: st.signal(), oom_limit_mib: None }
+        }
+        Err(e) => {
+            tracing::warn!(pid, error = %e, "waiting for task failed");
+            ExitStatus::default()
+        }
+    };
+    if let Err(e) = signal_group(pid, Signal::SIGKILL) {
+        tracing::warn!(pid, error = %e, "killing leftover processes failed");
+    }
+    status
+}
+
+/// Drains the log pipes of an ended task (bounded: a process that escaped the group may hold
+/// them open) and forgets the finished pumps.
+pub(crate) async fn drain_pumps(pumps: &mut Vec<tokio::task::JoinHandle<()>>) {
+    for p in pumps.iter_mut() {
+        if !p.is_finished() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
+        }
+    }
+    pumps.retain(|p| !p.is_finished());
+}
+
 #[async_trait]
 impl TaskHandle for ProcessHandle {
     fn pid(&self) -> u32 {
@@ -332,33 +362,9 @@ impl TaskHandle for ProcessHandle {
 
     async fn wait(&mut self) -> ExitStatus {
         if self.exit.is_none() {
-            let status = match self.child.wait().await {
-                Ok(st) => {
-                    use std::os::unix::process::ExitStatusExt;
-                    ExitStatus {
-                        code: st.code(),
-                        signal: st.signal(),
-                        oom_limit_mib: None,
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(pid = self.pid, error = %e, "waiting for task failed");
-                    ExitStatus::default()
-                }
-            };
-            // The main process is gone: no process of its group may stay behind.
-            if let Err(e) = signal_group(self.pid, Signal::SIGKILL) {
-                tracing::warn!(pid = self.pid, error = %e, "killing leftover processes failed");
-            }
-            self.exit = Some(status);
+            self.exit = Some(wait_and_reap_group(&mut self.child, self.pid).await);
         }
-        // Drain the log pipes (bounded: a process that escaped the group may hold them open).
-        for p in self.pumps.iter_mut() {
-            if !p.is_finished() {
-                let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
-            }
-        }
-        self.pumps.retain(|p| !p.is_finished());
+        drain_pumps(&mut self.pumps).await;
         self.exit.unwrap_or_default()
     }
 

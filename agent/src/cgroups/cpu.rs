@@ -5,15 +5,7 @@ use std::path::Path;
 
 use cgroups_rs::fs::cpu::CpuController;
 
-use super::{shares_to_weight, CgroupError, Limits, CFS_PERIOD_US};
-
-fn err(dir: &Path, what: &'static str, e: impl std::fmt::Display) -> CgroupError {
-    CgroupError::Limit {
-        what,
-        path: dir.to_path_buf(),
-        message: e.to_string(),
-    }
-}
+use super::{limit_err as err, shares_to_weight, CgroupError, Limits, CFS_PERIOD_US};
 
 /// Writes the weight (v1 `cpu.shares`, v2 `cpu.weight`) and the hard cap, if any.
 pub fn apply(dir: &Path, root: &Path, v2: bool, limits: &Limits) -> Result<(), CgroupError> {

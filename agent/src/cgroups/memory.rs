@@ -7,15 +7,7 @@ use std::path::Path;
 use cgroups_rs::fs::memory::MemController;
 
 use super::cpu::keyed;
-use super::{CgroupError, Limits};
-
-fn err(dir: &Path, what: &'static str, e: impl std::fmt::Display) -> CgroupError {
-    CgroupError::Limit {
-        what,
-        path: dir.to_path_buf(),
-        message: e.to_string(),
-    }
-}
+use super::{limit_err as err, CgroupError, Limits};
 
 /// Writes the memory limits.
 pub fn apply(dir: &Path, root: &Path, v2: bool, limits: &Limits) -> Result<(), CgroupError> {

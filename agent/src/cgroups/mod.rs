@@ -21,6 +21,11 @@ pub const PARENT: &str = "mlp";
 /// CFS period used for hard CPU caps.
 pub const CFS_PERIOD_US: u64 = 100_000;
 
+/// A limit that could not be written (or a statistic not read) in the controller at `dir`.
+pub(crate) fn limit_err(dir: &Path, what: &'static str, e: impl std::fmt::Display) -> CgroupError {
+    CgroupError::Limit { what, path: dir.to_path_buf(), message: e.to_string() }
+}
+
 /// Errors from cgroup operations.
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {

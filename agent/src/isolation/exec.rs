@@ -314,23 +314,7 @@ impl TaskHandle for IsolatedHandle {
         if self.exit.is_none() {
             // Only `child.wait()` may be cancelled (it is cancel-safe); everything up to
             // `self.exit = ...` runs without an await, so the OOM check is never lost.
-            let mut status = match self.child.wait().await {
-                Ok(st) => {
-                    use std::os::unix::process::ExitStatusExt;
-                    ExitStatus {
-                        code: st.code(),
-                        signal: st.signal(),
-                        oom_limit_mib: None,
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(pid = self.pid, error = %e, "waiting for task failed");
-                    ExitStatus::default()
-                }
-            };
-            if let Err(e) = signal_group(self.pid, Signal::SIGKILL) {
-                tracing::warn!(pid = self.pid, error = %e, "killing leftover processes failed");
-            }
+            let mut status = crate::driver::wait_and_reap_group(&mut self.child, self.pid).await;
             if let Some(cg) = self.cgroup.take() {
                 if !status.success() && cg.stats().oom_kills > 0 {
                     status.oom_limit_mib = self.memory_limit_mib;
@@ -358,12 +342,7 @@ impl TaskHandle for IsolatedHandle {
             // The root's mounts died with the task's mount namespace; the directory is empty.
             let _ = std::fs::remove_dir(&self.root);
         }
-        for p in self.pumps.iter_mut() {
-            if !p.is_finished() {
-                let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
-            }
-        }
-        self.pumps.retain(|p| !p.is_finished());
+        crate::driver::drain_pumps(&mut self.pumps).await;
         self.exit.unwrap_or_default()
     }
 
