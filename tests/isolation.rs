@@ -8,12 +8,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{cgroups_under, processes_under, wait_for, Dev};
+use common::{cgroups_under, processes_under, status, wait_for, Dev};
 use serde_json::Value;
-
-fn status(a: &Value) -> &str {
-    a["client_status"].as_str().unwrap_or("")
-}
 
 fn run(dev: &Dev, name: &str, body: &str) {
     let file = dev.write_job(&format!("{name}.hcl"), body);

@@ -5,12 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{pid_alive, processes_under, repo_root, wait_for, Dev};
+use common::{pid_alive, processes_under, repo_root, status, wait_for, Dev};
 use serde_json::Value;
-
-fn status(a: &Value) -> &str {
-    a["client_status"].as_str().unwrap_or("")
-}
 
 fn event_types(task_state: &Value) -> Vec<String> {
     task_state["events"]

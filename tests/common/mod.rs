@@ -11,6 +11,11 @@ use std::time::{Duration, Instant};
 
 pub const MLP: &str = env!("CARGO_BIN_EXE_mlp");
 
+/// An allocation's `client_status` from its JSON view.
+pub fn status(a: &serde_json::Value) -> &str {
+    a["client_status"].as_str().unwrap_or("")
+}
+
 /// Polls `f` until it returns Some or the deadline passes.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
