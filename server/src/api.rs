@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use mlp_proto::consts::{alloc_client, eval_status, eval_trigger, node_status};
 use mlp_proto::jobspec;
@@ -435,11 +434,5 @@ impl Api {
             .submit(Request { now_ms: now_ms(), command: Command::UpdateAllocsFromClient { node_id: req.node_id, updates: req.updates } })
             .await?;
         Ok(UpdateAllocsResponse { index: resp.index })
-    }
-
-    /// Waits until the state has applied at least `index` (bounded).
-    pub async fn wait_applied(&self, index: u64, timeout: Duration) {
-        let mut rx = self.state.applied();
-        let _ = tokio::time::timeout(timeout, rx.wait_for(|i| *i >= index)).await;
     }
 }

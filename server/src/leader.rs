@@ -458,21 +458,15 @@ enum EvalOutcome {
     StillBlocked,
 }
 
-/// A job's biggest per-allocation request: cpu, memory, disk, gpus.
+/// A job's biggest per-allocation request, per dimension: cpu, memory, disk, milli-GPUs. Uses the
+/// scheduler's own arithmetic (`Ask::for_group`) so both agree on what a group asks for.
 fn scheduler_ask(job: &mlp_proto::v1::Job) -> [u64; 4] {
     let mut ask = [0u64; 4];
     for g in &job.groups {
-        let mut s = [0u64; 4];
-        for t in &g.tasks {
-            if let Some(r) = &t.resources {
-                s[0] += r.cpu_mhz;
-                s[1] += r.memory_mib;
-                s[2] += r.disk_mib;
-                s[3] += r.gpu.as_ref().map(|g| u64::from(g.count)).unwrap_or(0);
-            }
-        }
-        for i in 0..4 {
-            ask[i] = ask[i].max(s[i]);
+        let a = scheduler::resources::Ask::for_group(g);
+        let gpu: u64 = a.gpus.iter().map(|x| x.shape.total_milli()).sum();
+        for (slot, v) in ask.iter_mut().zip([a.cpu_mhz, a.memory_mib, a.disk_mib, gpu]) {
+            *slot = (*slot).max(v);
         }
     }
     ask
