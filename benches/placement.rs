@@ -7,9 +7,7 @@
 //! Run: `cargo bench --bench placement` (defaults 500 nodes, 100 jobs × 100 tasks; override with
 //! MLP_BENCH_NODES, MLP_BENCH_JOBS, MLP_BENCH_TASKS).
 
-use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,27 +18,12 @@ use mlp_proto::v1::job_service_client::JobServiceClient;
 use mlp_proto::v1::*;
 use tonic::transport::Channel;
 
-const MLP: &str = env!("CARGO_BIN_EXE_mlp");
+mod common;
+
+use common::{channel, env_or, main_with, start_mlp};
 
 /// Set once the measurement ends: the simulated nodes' streams break when the server stops.
 static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-struct ServerGuard {
-    child: Child,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for ServerGuard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 /// Reads the named counters from the server's Prometheus page.
 fn scrape(http: &str, names: &[&str]) -> Vec<(String, f64)> {
@@ -63,39 +46,13 @@ fn scrape(http: &str, names: &[&str]) -> Vec<(String, f64)> {
     out
 }
 
-fn start_server() -> Result<(ServerGuard, String, String), String> {
-    let dir = std::env::temp_dir().join(format!("mlp-bench-placement-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut child = Command::new(MLP)
-        .args(["server", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--heartbeat-ttl", "60", "--data-dir"])
-        .arg(&dir)
-        .env("MLP_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("spawn mlp server: {e}"))?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let guard = ServerGuard { child, dir };
-    let mut grpc = None;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.map_err(|e| e.to_string())?;
-        if let Some(v) = line.trim().strip_prefix("gRPC:") {
-            grpc = Some(v.trim().to_string());
-        }
-        if let Some(v) = line.trim().strip_prefix("HTTP:") {
-            let http = v.trim().trim_start_matches("http://").to_string();
-            return Ok((guard, grpc.ok_or("no gRPC line before HTTP")?, http));
-        }
-    }
-    Err("mlp server printed no addresses".into())
-}
-
-async fn channel(addr: &str) -> Result<Channel, String> {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| e.to_string())
+fn start_server() -> Result<(common::MlpProc, String, String), String> {
+    let p = start_mlp(
+        &["server", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--heartbeat-ttl", "60"],
+        common::bench_dir("placement"),
+    )?;
+    let (grpc, http) = (p.grpc.clone(), p.http.clone());
+    Ok((p, grpc, http))
 }
 
 fn node(i: usize) -> Node {
@@ -158,7 +115,7 @@ fn job(name: &str, tasks: u32) -> Job {
     }
 }
 
-async fn run() -> Result<Vec<(String, f64)>, String> {
+async fn run() -> Result<BTreeMap<String, f64>, String> {
     let (nodes, jobs, tasks) = (env_or("MLP_BENCH_NODES", 500), env_or("MLP_BENCH_JOBS", 100), env_or("MLP_BENCH_TASKS", 100));
     let (_server, addr, http) = start_server()?;
     let acked = Arc::new(AtomicU64::new(0));
@@ -217,7 +174,7 @@ async fn run() -> Result<Vec<(String, f64)>, String> {
     let placed_s = placed_s.unwrap_or(f64::NAN);
     let running_s = t0.elapsed().as_secs_f64();
     DONE.store(true, Ordering::Relaxed);
-    let mut out = vec![
+    let mut out: BTreeMap<String, f64> = [
         ("placement_nodes".into(), nodes as f64),
         ("placement_allocs".into(), total as f64),
         ("placement_node_register_s".into(), reg_s),
@@ -226,7 +183,9 @@ async fn run() -> Result<Vec<(String, f64)>, String> {
         ("placement_placements_per_sec".into(), total as f64 / placed_s),
         ("placement_all_running_s".into(), running_s),
         ("placement_running_per_sec".into(), total as f64 / running_s),
-    ];
+    ]
+    .into_iter()
+    .collect();
     // Where the time went: scheduler CPU time vs the rest (Raft, streams, acks).
     out.extend(scrape(
         &http,
@@ -236,22 +195,5 @@ async fn run() -> Result<Vec<(String, f64)>, String> {
 }
 
 fn main() {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    match rt.block_on(run()) {
-        Ok(results) => {
-            for (k, v) in results {
-                println!("{k} {v:.2}");
-            }
-        }
-        Err(e) => {
-            eprintln!("benchmark failed: {e}");
-            std::process::exit(1);
-        }
-    }
+    main_with(run());
 }

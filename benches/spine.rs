@@ -1,7 +1,8 @@
 //! Spine benchmark: runs the real `mlp dev` (release build) and measures
 //!   1. submit → task running latency over N jobs (p50/p99),
 //!   2. 500 trivial batch jobs (`/bin/true`) from first submit to all complete,
-//!   3. job registrations per second through Raft (fsync'd log) with 1 and 64 concurrent clients.
+//!   3. job registrations per second through Raft (fsync'd log) with 1 and 64 concurrent clients,
+//!   4. the resident memory of an idle agent (registered, heartbeating, nothing to run) and server.
 //!
 //! It prints `key value` lines (and writes them as JSON to $MLP_BENCH_OUT if set) so that
 //! `scripts/bench-spine.sh` can put them next to Slurm's figures from the same run.
@@ -9,8 +10,6 @@
 //! Run: `cargo bench --bench spine` (or `scripts/bench-spine.sh` for the Slurm comparison).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mlp_proto::consts::{alloc_client, job_status};
@@ -18,46 +17,14 @@ use mlp_proto::v1::job_service_client::JobServiceClient;
 use mlp_proto::v1::*;
 use tonic::transport::Channel;
 
-const MLP: &str = env!("CARGO_BIN_EXE_mlp");
+mod common;
 
-struct DevGuard {
-    child: Child,
-    dir: std::path::PathBuf,
-}
+use common::{channel, main_with, pct, start_mlp};
 
-impl Drop for DevGuard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn start_dev() -> Result<(DevGuard, String), String> {
-    let dir = std::env::temp_dir().join(format!("mlp-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut child = Command::new(MLP)
-        .args(["dev", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.join("data"))
-        .env("MLP_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("spawn mlp dev: {e}"))?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let guard = DevGuard { child, dir };
-    let mut grpc = None;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.map_err(|e| e.to_string())?;
-        if let Some(v) = line.trim().strip_prefix("gRPC:") {
-            grpc = Some(v.trim().to_string());
-        }
-        if line.contains("==> try:") {
-            break;
-        }
-    }
-    let grpc = grpc.ok_or("mlp dev printed no gRPC address")?;
-    Ok((guard, grpc))
+fn start_dev() -> Result<(common::MlpProc, String), String> {
+    let dev = start_mlp(&["dev", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"], common::bench_dir("spine"))?;
+    let grpc = dev.grpc.clone();
+    Ok((dev, grpc))
 }
 
 fn job(name: &str, ty: &str, count: u32, command: &str, args: &[&str]) -> Job {
@@ -89,21 +56,8 @@ fn job_with_driver(name: &str, ty: &str, count: u32, command: &str, args: &[&str
     }
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 async fn connect(addr: &str) -> Result<JobServiceClient<Channel>, String> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(JobServiceClient::new(ch))
+    Ok(JobServiceClient::new(channel(addr).await?))
 }
 
 /// Submit → running: time from just before the register RPC to the task's start time as the
@@ -216,6 +170,14 @@ async fn run() -> Result<BTreeMap<String, f64>, String> {
         out.insert("mlp_batch500_raw_exec_s".into(), secs);
     }
     {
+        // The agent alone, idle: registered with a server, heartbeating, nothing to run.
+        let server = start_mlp(&["server", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"], common::bench_dir("spine-server"))?;
+        let agent = start_mlp(&["agent", "--servers", &server.grpc], common::bench_dir("spine-agent"))?;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        out.insert("mlp_agent_idle_rss_mib".into(), common::rss_mib(agent.child.id()).ok_or("agent not running after 10s")?);
+        out.insert("mlp_server_idle_rss_mib".into(), common::rss_mib(server.child.id()).ok_or("server not running after 10s")?);
+    }
+    {
         let (_dev, addr) = start_dev()?;
         // Warm up connections and the leader's loop.
         registrations(&addr, 4, 25, "warm").await?;
@@ -227,28 +189,5 @@ async fn run() -> Result<BTreeMap<String, f64>, String> {
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing to filter here.
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    match rt.block_on(run()) {
-        Ok(results) => {
-            for (k, v) in &results {
-                println!("{k} {v:.2}");
-            }
-            if let Ok(path) = std::env::var("MLP_BENCH_OUT") {
-                let json = serde_json::to_string_pretty(&results).unwrap_or_default();
-                if let Err(e) = std::fs::write(&path, json) {
-                    eprintln!("cannot write {path}: {e}");
-                }
-            }
-        }
-        Err(e) => {
-            eprintln!("benchmark failed: {e}");
-            std::process::exit(1);
-        }
-    }
+    main_with(run());
 }

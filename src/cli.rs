@@ -86,9 +86,30 @@ pub struct ServerArgs {
     /// gRPC address other servers and agents use to reach this one (default: the bound address).
     #[arg(long)]
     pub advertise: Option<String>,
-    /// Node heartbeat TTL in seconds: a node silent this long is marked down.
-    #[arg(long, default_value_t = 10.0)]
+    /// Smallest node heartbeat TTL in seconds: a node silent for its TTL is marked down. The TTL
+    /// grows with the cluster: max(this, nodes / --max-heartbeats-per-second).
+    #[arg(long, visible_alias = "heartbeat-min-ttl", default_value_t = 10.0)]
     pub heartbeat_ttl: f64,
+    /// Heartbeats per second the leader is sized for; the TTL grows past
+    /// --heartbeat-min-ttl once nodes / this exceeds it.
+    #[arg(long, default_value_t = 50.0)]
+    pub max_heartbeats_per_second: f64,
+    #[command(flatten)]
+    pub preemption: PreemptionArgs,
+}
+
+/// Preemption: which job types may evict lower-priority allocations, and the priority gap.
+#[derive(Debug, Args, Clone)]
+pub struct PreemptionArgs {
+    /// Whether batch jobs may preempt lower-priority allocations.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub preempt_batch: bool,
+    /// Whether service jobs may preempt lower-priority allocations.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub preempt_service: bool,
+    /// A victim's job priority must be at most the preemptor's minus this (1..=99).
+    #[arg(long, default_value_t = 10)]
+    pub preemption_delta: i32,
 }
 
 #[derive(Debug, Args)]
@@ -112,6 +133,33 @@ pub struct AgentArgs {
     /// Node metadata, repeatable: --meta rack=r1
     #[arg(long, value_parser = parse_kv)]
     pub meta: Vec<(String, String)>,
+    #[command(flatten)]
+    pub exec: ExecIsolationArgs,
+}
+
+/// How the `exec` driver isolates tasks (docs/security.md).
+#[derive(Debug, Args, Clone)]
+pub struct ExecIsolationArgs {
+    /// User an `exec` task runs as when its spec names none.
+    #[arg(long, default_value = "nobody")]
+    pub exec_default_user: String,
+    /// Users `exec` tasks may not run as, comma separated ("" refuses none).
+    #[arg(long, value_delimiter = ',', default_value = "root")]
+    pub exec_refused_users: Vec<String>,
+    /// pids limit of an `exec` task whose resources set none.
+    #[arg(long, default_value_t = 4096)]
+    pub exec_default_pids: u64,
+    /// pids limit of all `exec` tasks of this node together (unset: none).
+    #[arg(long)]
+    pub exec_pids_max: Option<u64>,
+    /// Host path to bind read-only into every task root at the same path; repeatable.
+    #[arg(long)]
+    pub exec_bind_ro: Vec<PathBuf>,
+    /// Host path of the default task root (under /bin /sbin /lib* /usr, /etc/ssl /etc/pki
+    /// /etc/ca-certificates /etc/alternatives, or a copied /etc file) to leave out of every
+    /// task root; repeatable, e.g. --exec-hide /usr/local.
+    #[arg(long)]
+    pub exec_hide: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -129,6 +177,10 @@ pub struct DevArgs {
     /// Node heartbeat TTL in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub heartbeat_ttl: f64,
+    #[command(flatten)]
+    pub exec: ExecIsolationArgs,
+    #[command(flatten)]
+    pub preemption: PreemptionArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -209,6 +261,25 @@ pub enum AllocCommand {
         #[arg(long)]
         tail: Option<u64>,
     },
+    /// Run a command inside a running task (its namespaces, root, cgroup and user), with
+    /// stdin/stdout/stderr streamed; exits with the command's exit code.
+    #[command(after_help = "Example: mlp alloc exec -t 3f2a -- /bin/sh")]
+    Exec {
+        /// Allocate a pseudo-terminal (the local terminal goes into raw mode).
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// Forward stdin to the command (`-i=false` gives it an empty stdin).
+        #[arg(short = 'i', long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+        interactive: bool,
+        /// Task name (optional when the group has one task).
+        #[arg(long)]
+        task: Option<String>,
+        /// Allocation id or unique prefix.
+        id: String,
+        /// The command and its arguments (after `--`).
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -219,6 +290,36 @@ pub enum NodeCommand {
         id: Option<String>,
         #[arg(long)]
         json: bool,
+    },
+    /// Drain a node: mark it ineligible, then move its allocations elsewhere, at most
+    /// `migrate { max_parallel }` of a group at a time; the node stays ineligible afterwards.
+    Drain {
+        /// Node id, unique prefix or name.
+        id: String,
+        /// Start the drain (the default).
+        #[arg(long, conflicts_with = "disable")]
+        enable: bool,
+        /// Cancel a drain; the node becomes eligible again.
+        #[arg(long)]
+        disable: bool,
+        /// Stop whatever is left after this long (e.g. 30m, 1h); 0 = no deadline.
+        #[arg(long, default_value = "1h")]
+        deadline: String,
+        /// Leave system jobs running (mlp has no system jobs yet; accepted for compatibility).
+        #[arg(long)]
+        ignore_system: bool,
+        /// Return once the drain started instead of following it to the end.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Mark a node eligible or ineligible for new placements (running work stays).
+    Eligibility {
+        /// Node id, unique prefix or name.
+        id: String,
+        #[arg(long, conflicts_with = "disable", required_unless_present = "disable")]
+        enable: bool,
+        #[arg(long)]
+        disable: bool,
     },
 }
 
@@ -271,6 +372,9 @@ pub enum OperatorCommand {
 pub enum SnapshotCommand {
     /// Save the cluster state, as of a linearizable read on the leader, to FILE.
     Save { file: PathBuf },
+    /// Replace the whole cluster state with FILE (disaster recovery). FILE's checksum is
+    /// verified first; a corrupt file is refused and nothing changes.
+    Restore { file: PathBuf },
     /// Verify FILE's checksum and summarize what it holds; talks to no server.
     Inspect {
         file: PathBuf,

@@ -76,3 +76,186 @@ async fn connect_one(address: &str) -> anyhow::Result<Clients> {
 pub fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
 }
+
+// ---- alloc exec ----
+
+/// What `mlp alloc exec` runs.
+pub struct ExecArgs {
+    pub alloc_id: String,
+    pub task: String,
+    pub command: Vec<String>,
+    pub tty: bool,
+    pub interactive: bool,
+}
+
+/// Stdin bytes per request (the servers accept up to 64 KiB).
+const EXEC_STDIN_CHUNK: usize = 32 * 1024;
+
+/// Runs a command in a task: the first request names it, then stdin (a thread reads it) and
+/// terminal resizes (SIGWINCH) follow; stdout/stderr are written as they come. The CLI exits
+/// with the command's exit code (128 + signal when a signal killed it).
+pub async fn exec(c: &mut Clients, args: ExecArgs) -> anyhow::Result<std::process::ExitCode> {
+    use mlp_proto::v1::{ExecRequest, ExecStart};
+    use std::io::{Read, Write};
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<ExecRequest>(16);
+    let start = ExecStart {
+        alloc_id: args.alloc_id,
+        task: args.task,
+        command: args.command,
+        tty: args.tty,
+        size: if args.tty { terminal::size() } else { None },
+    };
+    tx.send(ExecRequest { start: Some(start), ..Default::default() }).await?;
+    // Raw mode while the session runs; the guard restores the terminal on every return path.
+    let _raw = if args.tty { terminal::RawMode::enter(0) } else { None };
+    if args.interactive {
+        let stdin_tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = vec![0u8; EXEC_STDIN_CHUNK];
+            loop {
+                let msg = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => ExecRequest { stdin_eof: true, ..Default::default() },
+                    Ok(n) => ExecRequest { stdin: buf[..n].to_vec(), ..Default::default() },
+                };
+                let eof = msg.stdin_eof;
+                if stdin_tx.blocking_send(msg).is_err() || eof {
+                    return;
+                }
+            }
+        });
+    } else {
+        tx.send(ExecRequest { stdin_eof: true, ..Default::default() }).await?;
+    }
+    if args.tty {
+        if let Ok(mut winch) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()) {
+            let resize_tx = tx.clone();
+            tokio::spawn(async move {
+                while winch.recv().await.is_some() {
+                    if let Some(size) = terminal::size() {
+                        if resize_tx.send(ExecRequest { resize: Some(size), ..Default::default() }).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    }
+    drop(tx);
+    let mut stream = c.allocs.exec(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(status_err)?.into_inner();
+    let mut exit = None;
+    while let Some(m) = stream.message().await.map_err(status_err)? {
+        if !m.stdout.is_empty() {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&m.stdout)?;
+            out.flush()?;
+        }
+        if !m.stderr.is_empty() {
+            let mut err = std::io::stderr().lock();
+            err.write_all(&m.stderr)?;
+            err.flush()?;
+        }
+        if let Some(e) = m.exit {
+            exit = Some(e);
+        }
+    }
+    let e = exit.context("the exec session ended without the command's exit status")?;
+    let code = if e.signal != 0 { 128 + e.signal } else { e.code };
+    Ok(std::process::ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)))
+}
+
+/// The local terminal: its size and raw mode.
+#[allow(unsafe_code)]
+mod terminal {
+    use mlp_proto::v1::TerminalSize;
+
+    /// The size of the terminal on stdout (or stdin); None when neither is one.
+    pub fn size() -> Option<TerminalSize> {
+        for fd in [1, 0] {
+            let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+            // SAFETY: TIOCGWINSZ writes one winsize into the pointer, which lives across the call.
+            if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {
+                return Some(TerminalSize { rows: u32::from(ws.ws_row), cols: u32::from(ws.ws_col) });
+            }
+        }
+        None
+    }
+
+    /// A terminal in raw mode; dropping it restores the saved settings.
+    pub struct RawMode {
+        fd: i32,
+        saved: libc::termios,
+    }
+
+    impl RawMode {
+        /// Puts `fd` in raw mode when it is a terminal.
+        pub fn enter(fd: i32) -> Option<RawMode> {
+            // SAFETY: isatty only inspects the descriptor.
+            if unsafe { libc::isatty(fd) } != 1 {
+                return None;
+            }
+            // SAFETY: termios is plain data; all-zero is a valid value that tcgetattr overwrites.
+            let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+            // SAFETY: tcgetattr writes one termios into the pointer, which lives across the call.
+            if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+                return None;
+            }
+            let mut raw = saved;
+            // SAFETY: cfmakeraw only edits the struct it is given; tcsetattr reads it.
+            let ok = unsafe {
+                libc::cfmakeraw(&mut raw);
+                libc::tcsetattr(fd, libc::TCSANOW, &raw) == 0
+            };
+            ok.then_some(RawMode { fd, saved })
+        }
+    }
+
+    impl Drop for RawMode {
+        fn drop(&mut self) {
+            // SAFETY: restores settings read from the same descriptor by tcgetattr.
+            unsafe {
+                libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved);
+            }
+        }
+    }
+}
+
+/// Registers a job through the servers of `addresses`, failing over: a server that cannot be
+/// reached, is shutting down, or has no leader (gRPC unavailable / unknown transport errors) is
+/// skipped for the next one, round robin, for up to `RETRY_WINDOW`. Registration is idempotent
+/// (an unchanged spec keeps its version), so a retry after a lost answer is safe. Returns the
+/// clients of the server that answered, for what follows.
+pub async fn register_with_failover(
+    addresses: &str,
+    req: mlp_proto::v1::RegisterJobRequest,
+) -> anyhow::Result<(Clients, mlp_proto::v1::RegisterJobResponse)> {
+    const RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
+    let list: Vec<&str> = addresses.split(',').map(str::trim).filter(|a| !a.is_empty()).collect();
+    if list.len() <= 1 {
+        let mut c = connect(addresses).await?;
+        let resp = c.jobs.register(req).await.map_err(status_err)?.into_inner();
+        return Ok((c, resp));
+    }
+    let deadline = std::time::Instant::now() + RETRY_WINDOW;
+    let mut attempt = 0usize;
+    loop {
+        let address = list[attempt % list.len()];
+        attempt += 1;
+        let last = std::time::Instant::now() >= deadline;
+        match connect_one(address).await {
+            Ok(mut c) => match c.jobs.register(req.clone()).await {
+                Ok(resp) => return Ok((c, resp.into_inner())),
+                Err(s) if !last && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled) => {
+                    tracing::debug!(%address, error = %s.message(), "server could not take the registration; trying the next one");
+                }
+                Err(s) => return Err(status_err(s)),
+            },
+            Err(e) if last => return Err(e.context(format!("none of the {} servers in --address answered", list.len()))),
+            Err(e) => tracing::debug!(%address, error = %e, "server unreachable; trying the next one"),
+        }
+        if attempt.is_multiple_of(list.len()) {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+}

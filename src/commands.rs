@@ -50,8 +50,7 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
         }
         JobCommand::Run { file, detach, json } => {
             let job = load_job(&file)?;
-            let mut c = connect(addr).await?;
-            let resp = c.jobs.register(RegisterJobRequest { job: Some(job.clone()) }).await.map_err(status_err)?.into_inner();
+            let (mut c, resp) = crate::client::register_with_failover(addr, RegisterJobRequest { job: Some(job.clone()) }).await?;
             if json {
                 print_json(&resp)?;
                 return Ok(ExitCode::SUCCESS);
@@ -294,6 +293,13 @@ fn print_job_status(resp: &GetJobResponse) {
             println!("  {line}");
         }
     }
+    let extra = crate::output::job_preemption_and_gang_lines(&resp.evaluations, &resp.allocations);
+    if !extra.is_empty() {
+        println!("\nPreemption and Gangs");
+        for line in extra {
+            println!("  {line}");
+        }
+    }
     println!("\nAllocations");
     if resp.allocations.is_empty() {
         println!("No allocations.");
@@ -314,6 +320,10 @@ fn print_job_status(resp: &GetJobResponse) {
         ]);
     }
     print!("{}", t.render());
+    // Rescheduling: why a failed or lost allocation is not (yet) replaced.
+    for a in resp.allocations.iter().filter(|a| !a.reschedule_description.is_empty() && a.next_allocation.is_empty()) {
+        println!("  {}: {}", short(&a.id), a.reschedule_description);
+    }
 }
 
 async fn alloc(addr: &str, cmd: AllocCommand) -> anyhow::Result<ExitCode> {
@@ -336,6 +346,23 @@ async fn alloc(addr: &str, cmd: AllocCommand) -> anyhow::Result<ExitCode> {
                 println!("Resources           = cpu {} MHz, memory {} MiB{}", r.cpu_mhz, r.memory_mib, if r.gpu_ids.is_empty() { String::new() } else { format!(", gpus {}", r.gpu_ids.join(",")) });
             }
             println!("Created             = {}", ago(a.create_time_ms));
+            for line in crate::output::preemption_lines(&a) {
+                println!("{line}");
+            }
+            if !a.previous_allocation.is_empty() {
+                println!("Replaces            = {}", a.previous_allocation);
+            }
+            if !a.next_allocation.is_empty() {
+                println!("Replaced by         = {}", a.next_allocation);
+            }
+            if let Some(t) = &a.reschedule_tracker {
+                if !t.events.is_empty() {
+                    println!("Reschedules         = {}", t.events.len());
+                }
+            }
+            if !a.reschedule_description.is_empty() {
+                println!("Reschedule          = {}", a.reschedule_description);
+            }
             for (name, ts) in &a.task_states {
                 println!(
                     "\nTask {name:?} is {:?}{}{} (restarts {}{})",
@@ -364,6 +391,9 @@ async fn alloc(addr: &str, cmd: AllocCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        AllocCommand::Exec { tty, interactive, task, id, command } => {
+            crate::client::exec(&mut c, crate::client::ExecArgs { alloc_id: id, task: task.unwrap_or_default(), command, tty, interactive }).await
+        }
     }
 }
 
@@ -377,7 +407,7 @@ async fn node(addr: &str, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
             } else if nodes.is_empty() {
                 println!("No nodes registered.");
             } else {
-                let mut t = Table::new(&["ID", "Name", "DC", "Pool", "Drivers", "Eligibility", "Status"]);
+                let mut t = Table::new(&["ID", "Name", "DC", "Pool", "Drivers", "Drain", "Eligibility", "Status"]);
                 for n in &nodes {
                     t.row(vec![
                         short(&n.id).to_string(),
@@ -385,6 +415,7 @@ async fn node(addr: &str, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
                         n.datacenter.clone(),
                         n.node_pool.clone(),
                         n.drivers.join(","),
+                        n.drain_strategy.is_some().to_string(),
                         if n.eligible { "eligible".into() } else { "ineligible".into() },
                         n.status.clone(),
                     ]);
@@ -404,6 +435,11 @@ async fn node(addr: &str, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
             println!("Datacenter  = {}", n.datacenter);
             println!("Status      = {}{}", n.status, desc(&n.status_description));
             println!("Eligibility = {}", if n.eligible { "eligible" } else { "ineligible" });
+            match &n.drain_strategy {
+                Some(d) if d.force_deadline_ms > 0 => println!("Drain       = draining since {}, deadline {}", ago(d.started_at_ms), clock(d.force_deadline_ms)),
+                Some(d) => println!("Drain       = draining since {}, no deadline", ago(d.started_at_ms)),
+                None => println!("Drain       = false"),
+            }
             println!("Drivers     = {}", n.drivers.join(", "));
             println!("Address     = {}", n.rpc_addr);
             println!("Heartbeat   = {}", ago(n.last_heartbeat_ms));
@@ -414,6 +450,14 @@ async fn node(addr: &str, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
             for (k, v) in &n.attributes {
                 println!("  {k} = {v}");
             }
+            if !n.events.is_empty() {
+                println!("\nEvents");
+                let mut t = Table::new(&["Time", "Subsystem", "Message"]);
+                for e in n.events.iter().rev() {
+                    t.row(vec![clock(e.time_ms), e.subsystem.clone(), e.message.clone()]);
+                }
+                print!("{}", t.render());
+            }
             println!("\nAllocations");
             let mut t = Table::new(&["ID", "Job", "Group", "Desired", "Status"]);
             for a in &resp.allocations {
@@ -421,8 +465,59 @@ async fn node(addr: &str, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
             }
             print!("{}", t.render());
         }
+        NodeCommand::Drain { id, enable: _, disable, deadline, ignore_system, detach } => {
+            let deadline_ms = if deadline.trim() == "0" {
+                0
+            } else {
+                jobspec::parse_duration(&deadline).map_err(|e| anyhow::anyhow!("--deadline: {e}"))?.as_millis() as u64
+            };
+            let resp = c
+                .nodes
+                .update_drain(NodeDrainRequest { node_id: id, enable: !disable, deadline_ms, ignore_system })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if disable {
+                println!("Node {} drain cancelled; it is eligible again.", resp.node_id);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("Node {} is draining (ineligible for new placements).", resp.node_id);
+            if detach {
+                return Ok(ExitCode::SUCCESS);
+            }
+            return drain_monitor(&mut c, &resp.node_id).await;
+        }
+        NodeCommand::Eligibility { id, enable, disable: _ } => {
+            let resp = c
+                .nodes
+                .update_eligibility(NodeEligibilityRequest { node_id: id, eligible: enable })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("Node {} is {} for scheduling.", resp.node_id, if enable { "eligible" } else { "ineligible" });
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Follows a drain until it completes (or is cancelled), printing each allocation that moves.
+async fn drain_monitor(c: &mut crate::client::Clients, node_id: &str) -> anyhow::Result<ExitCode> {
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    loop {
+        let resp = c.nodes.get(GetNodeRequest { node_id: node_id.to_string() }).await.map_err(status_err)?.into_inner();
+        let node = resp.node.context("server returned no node")?;
+        for a in &resp.allocations {
+            if a.desired_status == mlp_proto::consts::alloc_desired::STOP && seen.insert(a.id.clone()) && a.desired_migrate {
+                println!("    {}: allocation {} ({}) migrating", clock(a.modify_time_ms), short(&a.id), a.name);
+            }
+        }
+        if node.drain_strategy.is_none() {
+            let last = node.events.last().map(|e| e.message.clone()).unwrap_or_default();
+            println!("Node {node_id}: {last}.");
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 async fn eval(addr: &str, cmd: EvalCommand) -> anyhow::Result<ExitCode> {

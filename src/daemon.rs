@@ -12,7 +12,7 @@ use mlp_server::leader::HeartbeatSettings;
 use mlp_server::raft::node::RaftSettings;
 use mlp_server::{ClusterSettings, Server, ServerConfig};
 
-use crate::cli::{AgentArgs, DevArgs, RaftTimingArgs, ServerArgs};
+use crate::cli::{AgentArgs, DevArgs, ExecIsolationArgs, RaftTimingArgs, ServerArgs};
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MLP_LOG")
@@ -24,12 +24,16 @@ fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).with_context(|| format!("cannot listen on {what} address {addr}"))
 }
 
-fn heartbeat(ttl_secs: f64) -> anyhow::Result<HeartbeatSettings> {
+/// `(--heartbeat-ttl a.k.a. --heartbeat-min-ttl, --max-heartbeats-per-second)`.
+fn heartbeat((ttl_secs, per_second): (f64, f64)) -> anyhow::Result<HeartbeatSettings> {
     if !(ttl_secs.is_finite() && (0.5..=3600.0).contains(&ttl_secs)) {
         anyhow::bail!("--heartbeat-ttl must be between 0.5 and 3600 seconds, got {ttl_secs}");
     }
+    if !(per_second.is_finite() && (0.1..=100_000.0).contains(&per_second)) {
+        anyhow::bail!("--max-heartbeats-per-second must be between 0.1 and 100000, got {per_second}");
+    }
     let ttl = Duration::from_secs_f64(ttl_secs);
-    Ok(HeartbeatSettings { ttl, failover_grace: ttl })
+    Ok(HeartbeatSettings { ttl, failover_grace: ttl, max_heartbeats_per_second: per_second })
 }
 
 async fn wait_for_signal() -> anyhow::Result<&'static str> {
@@ -42,14 +46,17 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
     })
 }
 
+// One flag group per parameter; a settings struct would only repeat them.
+#[allow(clippy::too_many_arguments)]
 async fn start_server(
     data_dir: &Path,
     grpc: &str,
     http: &str,
     advertise: Option<String>,
-    ttl: f64,
+    ttl: (f64, f64),
     raft: RaftSettings,
     cluster: ClusterSettings,
+    preemption: &crate::cli::PreemptionArgs,
 ) -> anyhow::Result<Server> {
     let config = ServerConfig {
         data_dir: data_dir.to_path_buf(),
@@ -58,8 +65,19 @@ async fn start_server(
         advertise_addr: advertise,
         raft,
         heartbeat: heartbeat(ttl)?,
+        scheduler: scheduler_options(preemption)?,
     };
     Server::start_clustered(config, cluster).await.context("starting the server")
+}
+
+/// Preemption settings from the flags (`--preempt-batch`, `--preempt-service`, `--preemption-delta`).
+fn scheduler_options(p: &crate::cli::PreemptionArgs) -> anyhow::Result<mlp_server::scheduler::Options> {
+    if !(1..=99).contains(&p.preemption_delta) {
+        anyhow::bail!("--preemption-delta must be between 1 and 99, got {}", p.preemption_delta);
+    }
+    Ok(mlp_server::scheduler::Options {
+        preemption: mlp_server::scheduler::Preemption { batch: p.preempt_batch, service: p.preempt_service, delta: p.preemption_delta },
+    })
 }
 
 /// Raft timing from the flags, checked so that elections can work at all.
@@ -94,7 +112,7 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let cluster = ClusterSettings { bootstrap_expect: args.bootstrap_expect, join: args.join.clone() };
     let raft = raft_settings(&args.raft)?;
     let server =
-        start_server(&args.data_dir, &args.grpc_addr, &args.http_addr, args.advertise, args.heartbeat_ttl, raft, cluster).await?;
+        start_server(&args.data_dir, &args.grpc_addr, &args.http_addr, args.advertise, (args.heartbeat_ttl, args.max_heartbeats_per_second), raft, cluster, &args.preemption).await?;
     println!("==> mlp server running");
     println!("    node id:  {}", server.api.raft.node_id);
     println!("    gRPC:     {}", server.grpc_addr());
@@ -106,8 +124,74 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn agent_config(data_dir: &Path, servers: Vec<String>, node_name: Option<String>, rpc_addr: &str) -> anyhow::Result<AgentConfig> {
+/// The `exec` driver's isolation settings from the flags, checked: every bound path absolute
+/// and present, user names well-formed, pids limits positive.
+fn isolation_settings(a: &ExecIsolationArgs) -> anyhow::Result<mlp_agent::isolation::IsolationSettings> {
+    let user_ok = |u: &str| !u.is_empty() && u.len() <= 32 && u.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if !user_ok(&a.exec_default_user) {
+        anyhow::bail!("--exec-default-user: {:?} is not a user name", a.exec_default_user);
+    }
+    let refused: Vec<String> = a.exec_refused_users.iter().map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
+    if let Some(bad) = refused.iter().find(|u| !user_ok(u)) {
+        anyhow::bail!("--exec-refused-users: {bad:?} is not a user name");
+    }
+    if refused.contains(&a.exec_default_user) {
+        anyhow::bail!("--exec-default-user {} is also in --exec-refused-users", a.exec_default_user);
+    }
+    if a.exec_default_pids == 0 {
+        anyhow::bail!("--exec-default-pids must be at least 1");
+    }
+    if a.exec_pids_max == Some(0) {
+        anyhow::bail!("--exec-pids-max must be at least 1");
+    }
+    for p in &a.exec_bind_ro {
+        if !p.is_absolute() {
+            anyhow::bail!("--exec-bind-ro {}: must be an absolute path", p.display());
+        }
+        if !p.exists() {
+            anyhow::bail!("--exec-bind-ro {}: no such file or directory on this host", p.display());
+        }
+    }
+    let mut hidden = Vec::new();
+    for p in &a.exec_hide {
+        if !mlp_agent::isolation::rootfs::hideable(p) {
+            anyhow::bail!(
+                "--exec-hide {}: must be an absolute path the default task root holds (under {}, or one of {})",
+                p.display(),
+                mlp_agent::isolation::rootfs::SYSTEM_DIRS.iter().chain(mlp_agent::isolation::rootfs::ETC_DIRS).copied().collect::<Vec<_>>().join(" "),
+                mlp_agent::isolation::rootfs::ETC_FILES.join(" ")
+            );
+        }
+        // Through symlinked parents (/bin -> usr/bin) to where the root binds it.
+        let real = match (p.parent().map(std::fs::canonicalize), p.file_name()) {
+            (Some(Ok(parent)), Some(name)) => parent.join(name),
+            _ => p.clone(),
+        };
+        if !mlp_agent::isolation::rootfs::hideable(&real) {
+            anyhow::bail!("--exec-hide {}: resolves to {}, outside the default task root", p.display(), real.display());
+        }
+        hidden.push(real);
+    }
+    Ok(mlp_agent::isolation::IsolationSettings {
+        hidden_paths: hidden,
+        default_user: a.exec_default_user.clone(),
+        refused_users: refused,
+        default_pids: a.exec_default_pids,
+        agent_pids_max: a.exec_pids_max,
+        extra_ro_paths: a.exec_bind_ro.clone(),
+        ..Default::default()
+    })
+}
+
+fn agent_config(
+    data_dir: &Path,
+    servers: Vec<String>,
+    node_name: Option<String>,
+    rpc_addr: &str,
+    exec: &ExecIsolationArgs,
+) -> anyhow::Result<AgentConfig> {
     let mut config = AgentConfig {
+        isolation: isolation_settings(exec)?,
         data_dir: data_dir.to_path_buf(),
         servers,
         rpc_listener: Some(bind(rpc_addr, "agent RPC")?),
@@ -124,7 +208,7 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     if args.servers.is_empty() || args.servers.iter().any(|s| s.trim().is_empty()) {
         anyhow::bail!("--servers needs at least one server address");
     }
-    let mut config = agent_config(&args.data_dir, args.servers, args.node_name, &args.rpc_addr)?;
+    let mut config = agent_config(&args.data_dir, args.servers, args.node_name, &args.rpc_addr, &args.exec)?;
     config.datacenter = args.datacenter;
     config.node_pool = args.node_pool;
     config.meta = args.meta.into_iter().collect::<BTreeMap<_, _>>();
@@ -141,18 +225,21 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     init_logging();
+    // Bad isolation flags fail before anything starts.
+    isolation_settings(&args.exec)?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let server = start_server(
         &args.data_dir.join("server"),
         &args.grpc_addr,
         &args.http_addr,
         None,
-        args.heartbeat_ttl,
+        (args.heartbeat_ttl, mlp_server::leader::DEFAULT_MAX_HEARTBEATS_PER_SECOND),
         RaftSettings::default(),
         ClusterSettings::default(),
+        &args.preemption,
     )
     .await?;
-    let config = agent_config(&args.data_dir.join("agent"), vec![server.grpc_addr().to_string()], args.node_name, "127.0.0.1:0")?;
+    let config = agent_config(&args.data_dir.join("agent"), vec![server.grpc_addr().to_string()], args.node_name, "127.0.0.1:0", &args.exec)?;
     let agent = Agent::start(config).await.context("starting the agent")?;
     let grpc = server.grpc_addr();
     println!("==> mlp dev cluster running (one server, one agent, embedded storage)");

@@ -7,7 +7,7 @@ use std::io::Write as _;
 use std::path::Path;
 
 use anyhow::Context;
-use mlp_proto::v1::{ListPeersRequest, RaftPeer, RemovePeerRequest, SnapshotSaveRequest, TransferLeadershipRequest};
+use mlp_proto::v1::{ListPeersRequest, RaftPeer, RemovePeerRequest, SnapshotRestoreRequest, SnapshotSaveRequest, TransferLeadershipRequest};
 use serde::Serialize;
 
 use crate::cli::{OperatorCommand, RaftCommand, ServerAction, SnapshotCommand};
@@ -96,6 +96,18 @@ pub async fn operator(addr: &str, cmd: OperatorCommand) -> anyhow::Result<ExitCo
             let resp = c.cluster.snapshot_save(SnapshotSaveRequest {}).await.map_err(status_err)?.into_inner();
             let crc = write_snapshot(&file, resp.index, &resp.state)?;
             println!("Saved the cluster state at index {} to {} ({} bytes, crc32 {crc:08x}).", resp.index, file.display(), resp.state.len());
+        }
+        OperatorCommand::Snapshot(SnapshotCommand::Restore { file }) => {
+            // Checked here first (clear error, nothing sent), and again by the server.
+            let (header, state) = read_snapshot(&file)?;
+            let mut c = connect(addr).await?;
+            let resp = c
+                .cluster
+                .snapshot_restore(SnapshotRestoreRequest { state, crc32: header.crc32 })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("Restored the cluster state saved at index {} from {} (committed at index {}).", header.index, file.display(), resp.index);
         }
         OperatorCommand::Snapshot(SnapshotCommand::Inspect { file, json }) => {
             let (header, state) = read_snapshot(&file)?;

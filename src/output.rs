@@ -73,6 +73,37 @@ pub fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `mlp alloc status` lines about preemption: who evicted this allocation, whom it evicted.
+pub fn preemption_lines(a: &mlp_proto::v1::Allocation) -> Vec<String> {
+    let mut out = Vec::new();
+    if !a.preempted_by_allocation.is_empty() {
+        out.push(format!("Preempted By        = allocation {} (job {})", a.preempted_by_allocation, a.preempted_by_job));
+    }
+    if !a.preempted_allocations.is_empty() {
+        out.push(format!("Preempted           = {}", a.preempted_allocations.join(", ")));
+    }
+    out
+}
+
+/// `mlp job status` lines about gangs and preemption: the latest evaluation that gave up (an
+/// unplaceable gang), and the allocations this job evicted or lost to preemption.
+pub fn job_preemption_and_gang_lines(evals: &[mlp_proto::v1::Evaluation], allocs: &[mlp_proto::v1::Allocation]) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(e) = evals.iter().rev().find(|e| !e.unplaceable_reason.is_empty()) {
+        out.push(format!("Unplaceable (evaluation {}): {}", short(&e.id), e.unplaceable_reason));
+    }
+    for a in allocs {
+        if !a.preempted_by_allocation.is_empty() {
+            out.push(format!("Allocation {} was preempted by allocation {} (job {})", short(&a.id), short(&a.preempted_by_allocation), a.preempted_by_job));
+        }
+        if !a.preempted_allocations.is_empty() {
+            let ids: Vec<&str> = a.preempted_allocations.iter().map(|id| short(id)).collect();
+            out.push(format!("Allocation {} preempted {}", short(&a.id), ids.join(", ")));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -90,6 +90,21 @@ fn bad_cli_flags_are_rejected() {
     let out = Command::new(MLP).args(["dev", "--heartbeat-ttl", "0"]).output().expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--heartbeat-ttl"));
+    for (flags, says) in [
+        (&["--exec-bind-ro", "relative/dir"][..], "--exec-bind-ro relative/dir: must be an absolute path"),
+        (&["--exec-bind-ro", "/no/such/mlp/path"][..], "no such file or directory"),
+        (&["--exec-default-user", "root"][..], "--exec-default-user root is also in --exec-refused-users"),
+        (&["--exec-default-pids", "0"][..], "--exec-default-pids must be at least 1"),
+        (&["--exec-refused-users", "a b"][..], "is not a user name"),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = Command::new(MLP).arg("dev").args(flags).arg("--data-dir").arg(dir.path()).output().expect("run");
+        assert!(!out.status.success(), "{flags:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{flags:?}: {err}");
+        // Nothing started: no server or agent state written.
+        assert!(!dir.path().join("server").exists(), "{flags:?} started the server");
+    }
     let out = Command::new(MLP).args(["job", "status"]).env("MLP_ADDR", "127.0.0.1:1").output().expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the mlp server"));

@@ -356,3 +356,196 @@ fn stop_kills_a_tree_that_ignores_sigterm_and_leaves_nothing() {
     nothing_left(&dev);
     assert!(dirs.iter().all(|d| !d.exists()), "cgroups left: {dirs:?}");
 }
+
+/// The `tick N` numbers a task printed, in order (complete lines only).
+fn ticks(out: &str) -> Vec<u64> {
+    out.split_inclusive('\n')
+        .filter_map(|l| l.strip_suffix('\n')?.strip_prefix("tick ")?.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn tasks_survive_an_agent_kill9_and_are_reattached_with_their_logs_and_exit_codes() {
+    let mut dev = Dev::start();
+    let counter = r#"i=0; while true; do echo "tick $i"; i=$((i+1)); sleep 0.1; done"#;
+    for (name, driver) in [("keep", "exec"), ("rawkeep", "raw_exec")] {
+        run(
+            &dev,
+            name,
+            &format!(
+                r#"job "{name}" {{
+  type = "service"
+  group "g" {{
+    task "t" {{
+      driver = "{driver}"
+      config {{
+        command = "/bin/sh"
+        args    = ["-c", {counter:?}]
+      }}
+    }}
+  }}
+}}
+"#
+            ),
+        );
+    }
+    // Ends with exit code 3 once its gate file exists (while the agent is down).
+    run(
+        &dev,
+        "gated",
+        r#"job "gated" {
+  type = "batch"
+  group "g" {
+    restart {
+      attempts = 0
+      mode     = "fail"
+    }
+    task "t" {
+      driver = "exec"
+      config {
+        command = "/bin/sh"
+        args    = ["-c", "while [ ! -e /local/gate ]; do sleep 0.05; done; echo leaving; exit 3"]
+      }
+    }
+  }
+}
+"#,
+    );
+    let mut before = Vec::new();
+    for job in ["keep", "rawkeep", "gated"] {
+        let a = one_alloc(&dev, job, "task running", |a| status(a) == "running" && a["task_states"]["t"]["pid"].as_i64().unwrap_or(0) > 0);
+        before.push(a);
+    }
+    let id = |a: &Value| a["id"].as_str().unwrap_or_default().to_string();
+    let pid = |a: &Value| a["task_states"]["t"]["pid"].as_i64().unwrap_or(0) as i32;
+    let keep_id = id(&before[0]);
+    wait_for("a few ticks", Duration::from_secs(20), || (ticks(&logs(&dev, &keep_id, "t", false)).len() >= 3).then_some(()));
+
+    dev.kill9();
+    let ticks_at_kill = std::fs::read_to_string(dev.data_dir().join("agent/allocs").join(&keep_id).join("t/logs/t.stdout.0")).unwrap_or_default();
+    for a in &before {
+        assert!(common::pid_alive(pid(a)), "task {} died with the agent", a["name"]);
+    }
+    // While the agent is down: the gated task ends, the counters keep logging.
+    let gate = dev.data_dir().join("agent/allocs").join(id(&before[2])).join("t/local/gate");
+    std::fs::write(&gate, "").expect("gate");
+    wait_for("the gated task to end", Duration::from_secs(20), || (!common::pid_alive(pid(&before[2]))).then_some(()));
+    let keep_log = dev.data_dir().join("agent/allocs").join(&keep_id).join("t/logs/t.stdout.0");
+    wait_for("ticks logged while the agent is down", Duration::from_secs(20), || {
+        let now = std::fs::read_to_string(&keep_log).unwrap_or_default();
+        (ticks(&now).len() >= ticks(&ticks_at_kill).len() + 3).then_some(())
+    });
+
+    dev.spawn();
+    for (i, job) in ["keep", "rawkeep"].into_iter().enumerate() {
+        let a = one_alloc(&dev, job, "the same task running again", |a| status(a) == "running" && pid(a) == pid(&before[i]));
+        let ts = &a["task_states"]["t"];
+        assert_eq!(ts["restarts"], 0, "{ts}");
+        let events = ts["events"].as_array().cloned().unwrap_or_default();
+        assert_eq!(events.iter().filter(|e| e["type"] == "started").count(), 1, "not started again: {ts}");
+        assert!(events.iter().all(|e| e["type"] != "restarting"), "{ts}");
+    }
+    let gated = one_alloc(&dev, "gated", "the gated task's exit reported", |a| status(a) == "failed");
+    let ts = &gated["task_states"]["t"];
+    assert_eq!(ts["exit_code"], 3, "{ts}");
+    assert_eq!(ts["state"], "dead", "{ts}");
+    assert_eq!(logs(&dev, &id(&before[2]), "t", false), "leaving\n");
+
+    // The logs continued: one unbroken count (no restart from 0), still growing after the restart.
+    for a in &before[..2] {
+        let seen = ticks(&logs(&dev, &id(a), "t", false)).len();
+        let all = wait_for("ticks after the agent restart", Duration::from_secs(20), || {
+            let t = ticks(&logs(&dev, &id(a), "t", false));
+            (t.len() >= seen + 3).then_some(t)
+        });
+        let expected: Vec<u64> = (0..all.len() as u64).collect();
+        assert_eq!(all, expected, "the log of {} is one unbroken run", a["name"]);
+    }
+    for job in ["keep", "rawkeep"] {
+        dev.ok(&["job", "stop", job]);
+        one_alloc(&dev, job, "stopped", |a| status(a) == "complete");
+    }
+    nothing_left(&dev);
+}
+
+#[test]
+fn agent_config_adds_and_hides_host_paths() {
+    // A host directory added read-only, two default paths hidden: /usr/local (inside the bound
+    // /usr: masked, empty) and /etc/ssl (a bind of its own: left out).
+    let shared = tempfile::Builder::new().prefix("mlp-shared-").tempdir().expect("tempdir");
+    let model = shared.path().join("model.txt");
+    std::fs::write(&model, "weights\n").expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&model, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let host_local = std::fs::read_dir("/usr/local").map(|d| d.count()).unwrap_or(0);
+    assert!(host_local > 0, "this host's /usr/local is empty: the test would prove nothing");
+    assert!(Path::new("/etc/ssl").is_dir(), "this host has no /etc/ssl");
+    let dir = shared.path().to_string_lossy().into_owned();
+    let dev = Dev::start_with(&["--exec-bind-ro", &dir, "--exec-hide", "/usr/local", "--exec-hide", "/etc/ssl"]);
+    let body = format!(
+        r#"job "paths" {{
+  type = "batch"
+  group "g" {{
+    restart {{
+      attempts = 0
+      mode     = "fail"
+    }}
+    task "t" {{
+      driver = "exec"
+      config {{
+        command = "/bin/sh"
+        args    = ["-c", "echo model=$(cat {model}); echo local=$(ls -A /usr/local | wc -l); echo ssl=$(test -e /etc/ssl && echo yes || echo no); echo usr=$(test -x /usr/bin/env && echo yes || echo no); echo written=$( (echo x > {model}) 2>/dev/null && echo yes || echo no)"]
+      }}
+    }}
+  }}
+}}
+"#,
+        model = model.display()
+    );
+    run(&dev, "paths", &body);
+    let a = one_alloc(&dev, "paths", "the task to finish", |a| matches!(status(a), "complete" | "failed"));
+    let id = a["id"].as_str().unwrap_or_default().to_string();
+    let out = logs(&dev, &id, "t", false);
+    let err = logs(&dev, &id, "t", true);
+    assert_eq!(status(&a), "complete", "stdout:\n{out}\nstderr:\n{err}\nstate: {a}");
+    assert_eq!(field(&out, "model"), "weights", "the added path:\n{out}\n{err}");
+    assert_eq!(field(&out, "written"), "no", "the added path is read-only");
+    assert_eq!(field(&out, "local"), "0", "/usr/local is hidden:\n{out}\n{err}");
+    assert_eq!(field(&out, "ssl"), "no", "/etc/ssl is hidden:\n{out}\n{err}");
+    assert_eq!(field(&out, "usr"), "yes", "the rest of /usr is there");
+    assert_eq!(std::fs::read_to_string(&model).unwrap_or_default(), "weights\n");
+    nothing_left(&dev);
+}
+
+#[test]
+fn exec_hide_outside_the_default_root_is_refused() {
+    for (path, why) in [("usr/local", "relative"), ("/proc", "not in the root"), ("/etc/shadow", "not copied")] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let errf = dir.path().join("stderr");
+        let mut child = std::process::Command::new(common::MLP)
+            .args(["dev", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--exec-hide", path, "--data-dir"])
+            .arg(dir.path().join("data"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&errf).expect("stderr file"))
+            .spawn()
+            .expect("run mlp dev");
+        // Bounded: a dev that accepted the flag would run on; it is killed here.
+        let mut status = None;
+        for _ in 0..200 {
+            status = child.try_wait().expect("try_wait");
+            if status.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let stderr = std::fs::read_to_string(&errf).unwrap_or_default();
+        assert!(status.is_some_and(|s| !s.success()), "{path} ({why}) was accepted: {stderr}");
+        assert!(stderr.contains(&format!("--exec-hide {path}")), "{path}: {stderr}");
+        assert!(!dir.path().join("data").join("agent").exists(), "{path}: the agent started");
+    }
+}

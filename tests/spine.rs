@@ -282,7 +282,7 @@ fn unplaceable_job_waits_blocked_and_says_why() {
 }
 
 #[test]
-fn tasks_left_by_a_killed_agent_are_replaced_not_duplicated() {
+fn tasks_outlive_a_killed_agent_and_are_reattached_not_duplicated() {
     let mut dev = Dev::start();
     let serve = repo_root().join("examples/serve.hcl");
     dev.ok(&["job", "run", serve.to_str().unwrap_or_default()]);
@@ -297,20 +297,34 @@ fn tasks_left_by_a_killed_agent_are_replaced_not_duplicated() {
     // The tasks outlive the crashed agent...
     assert!(old.iter().all(|p| pid_alive(*p as i32)));
     dev.spawn();
-    // ...and the new agent, which cannot reattach yet, kills them and starts fresh copies.
-    let after = dev.wait_allocs("serve", "two running again with new pids", Duration::from_secs(30), |a| {
-        let p = pids(a);
-        a.len() == 2 && a.iter().all(|x| status(x) == "running") && p.len() == 2 && p.iter().all(|x| !old.contains(x))
+    // ...and the new agent reattaches to them: same processes, not restarted, no copies.
+    let after = dev.wait_allocs("serve", "two running with the same pids", Duration::from_secs(30), |a| {
+        let mut p = pids(a);
+        p.sort();
+        let mut o = old.clone();
+        o.sort();
+        a.len() == 2 && a.iter().all(|x| status(x) == "running") && p == o
     });
     let ids_before: Vec<&str> = before.iter().filter_map(|a| a["id"].as_str()).collect();
     for a in &after {
         assert!(ids_before.contains(&a["id"].as_str().unwrap_or_default()), "same allocations, not replacements");
+        let ts = &a["task_states"]["server"];
+        assert_eq!(ts["restarts"], 0, "{ts}");
+        assert_eq!(event_types(ts).iter().filter(|t| *t == "started").count(), 1, "{ts}");
     }
-    wait_for("old task processes gone", Duration::from_secs(10), || old.iter().all(|p| !pid_alive(*p as i32)).then_some(()));
-    let new = pids(&after);
+    // Every process is one of the two tasks' (their process groups) or one of their two
+    // supervisors.
+    let mut supervisors = 0;
     for p in processes_under(&dev.data_dir()) {
-        let pgid = common::pgid_of(p).unwrap_or(0) as i64;
-        assert!(new.contains(&pgid), "process {p} (group {pgid}) belongs to neither new task {new:?}");
+        let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("__mlp-supervise") {
+            supervisors += 1;
+            continue;
+        }
+        // (A process that ended meanwhile has no group any more.)
+        let Some(pgid) = common::pgid_of(p) else { continue };
+        assert!(old.contains(&i64::from(pgid)), "process {p} (group {pgid}) belongs to neither task {old:?}");
     }
+    assert_eq!(supervisors, 2);
     dev.ok(&["job", "stop", "serve"]);
 }

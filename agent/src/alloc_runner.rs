@@ -11,10 +11,10 @@ use mlp_proto::v1::{AllocClientUpdate, Allocation, TaskGroup, TaskState};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::driver::Driver;
+use crate::driver::{Driver, TaskHandle};
 use crate::restart::default_policy;
 use crate::state::{self, AllocRegistry, AllocView, PersistedAlloc};
-use crate::task_runner::{now_ms, push_event, run_task, TaskContext, TaskUpdate};
+use crate::task_runner::{now_ms, push_event, run_task_attached, TaskContext, TaskUpdate};
 
 /// What every alloc runner shares.
 #[derive(Clone)]
@@ -101,8 +101,20 @@ pub fn spawn_alloc_runner(
     env: RunnerEnv,
     updates: mpsc::UnboundedSender<AllocClientUpdate>,
 ) -> AllocHandle {
+    spawn_alloc_runner_attached(alloc, prior, BTreeMap::new(), env, updates)
+}
+
+/// [`spawn_alloc_runner`] with the handles of tasks a previous agent run started (reattached,
+/// by task name): those tasks are watched, not started again.
+pub fn spawn_alloc_runner_attached(
+    alloc: Allocation,
+    prior: Option<PersistedAlloc>,
+    attached: BTreeMap<String, Box<dyn TaskHandle>>,
+    env: RunnerEnv,
+    updates: mpsc::UnboundedSender<AllocClientUpdate>,
+) -> AllocHandle {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let join = tokio::spawn(run_alloc(alloc, prior, env, stop_rx, updates));
+    let join = tokio::spawn(run_alloc(alloc, prior, attached, env, stop_rx, updates));
     AllocHandle {
         stop: stop_tx,
         join,
@@ -152,6 +164,7 @@ impl Reporter {
 async fn run_alloc(
     alloc: Allocation,
     prior: Option<PersistedAlloc>,
+    mut attached: BTreeMap<String, Box<dyn TaskHandle>>,
     env: RunnerEnv,
     mut stop: watch::Receiver<bool>,
     updates: mpsc::UnboundedSender<AllocClientUpdate>,
@@ -195,6 +208,7 @@ async fn run_alloc(
             client_description: rep.persisted.client_description.clone(),
             task_states: BTreeMap::new(),
         });
+        kill_handles(std::mem::take(&mut attached)).await;
         return rep.persisted;
     };
     if let Err(e) = setup {
@@ -210,6 +224,7 @@ async fn run_alloc(
             );
         }
         rep.publish();
+        kill_handles(std::mem::take(&mut attached)).await;
         return rep.persisted;
     }
 
@@ -236,15 +251,18 @@ async fn run_alloc(
             log_max_files: env.log_max_files,
         };
         let initial = rep.persisted.task_states.get(&task.name).cloned();
-        joins.push(AbortOnDrop(tokio::spawn(run_task(
+        joins.push(AbortOnDrop(tokio::spawn(run_task_attached(
             ctx,
             initial,
+            attached.remove(&task.name),
             kill_rx.clone(),
             tx.clone(),
         ))));
     }
     drop(tx);
     drop(kill_rx);
+    // Tasks of a previous run that are no longer in the group.
+    kill_handles(std::mem::take(&mut attached)).await;
 
     let mut stop_seen = false;
     loop {
@@ -283,6 +301,18 @@ async fn run_alloc(
     rep.publish();
     tracing::info!(alloc = %alloc.id, status = %rep.persisted.client_status, "allocation finished");
     rep.persisted
+}
+
+/// Kills reattached tasks that nothing will run any more, and waits for them (which cleans up
+/// their cgroups).
+pub async fn kill_handles(handles: BTreeMap<String, Box<dyn TaskHandle>>) {
+    for (task, mut h) in handles {
+        tracing::info!(task = %task, pid = h.pid(), "killing a reattached task that no longer runs here");
+        if let Err(e) = h.signal(nix::sys::signal::Signal::SIGKILL) {
+            tracing::warn!(task = %task, error = %e, "killing a reattached task failed");
+        }
+        let _ = h.wait().await;
+    }
 }
 
 /// Aborts a spawned task when dropped: when the alloc runner is aborted (agent shutdown) its

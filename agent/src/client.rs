@@ -135,7 +135,18 @@ where
     res
 }
 
-/// Registers the node, then heartbeats every ttl/3; registers again when a server no longer
+/// How long to wait before the next heartbeat: about half the TTL the server gave (which grows
+/// with the cluster's size), less up to 30 % jitter so that nodes spread out.
+fn heartbeat_interval(ttl: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let jitter = f64::from(nanos % 1000) / 1000.0; // 0..1
+    ttl.mul_f64(0.5 - 0.15 * jitter)
+}
+
+/// Registers the node, then heartbeats at about ttl/2 (with jitter); registers again when a server no longer
 /// knows the node. Sets `registered` after each successful registration.
 pub async fn node_loop(pool: Arc<ServerPool>, node: Node, registered: watch::Sender<bool>) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -159,7 +170,7 @@ pub async fn node_loop(pool: Arc<ServerPool>, node: Node, registered: watch::Sen
         tracing::info!(node_id = %node.id, ttl_ms = ttl, "node registered");
         let _ = registered.send(true);
         let mut ttl = Duration::from_millis(if ttl == 0 { 10_000 } else { ttl });
-        let mut next = Instant::now() + ttl / 3;
+        let mut next = Instant::now() + heartbeat_interval(ttl);
         loop {
             tokio::time::sleep_until(next).await;
             let req = HeartbeatRequest {
@@ -171,7 +182,7 @@ pub async fn node_loop(pool: Arc<ServerPool>, node: Node, registered: watch::Sen
                         ttl = Duration::from_millis(resp.heartbeat_ttl_ms);
                     }
                     backoff.reset();
-                    next = Instant::now() + ttl / 3;
+                    next = Instant::now() + heartbeat_interval(ttl);
                 }
                 Err(st) if st.code() == Code::NotFound => {
                     tracing::warn!("server does not know this node; registering again");

@@ -1,28 +1,27 @@
 //! Task drivers: the [`Driver`] trait that starts a task's process and the [`TaskHandle`] that
 //! waits for and signals it.
 //!
-//! `raw_exec` is [`ProcessDriver`]: the child runs in its own session/process group
-//! (`setsid`), stdin is /dev/null, and stdout/stderr are piped into size-rotated log files.
+//! Every task runs under its own supervisor ([`crate::supervisor`]), a detached process that
+//! owns the task's output and records its exit, so tasks outlive an agent restart and a new
+//! agent reattaches to them ([`Driver::reattach`]).
+//!
+//! `raw_exec` is [`ProcessDriver`]: the task runs in its own session/process group
+//! (`setsid`), stdin is /dev/null, and stdout/stderr go into size-rotated log files.
 //! `exec` is [`crate::isolation::exec::ExecDriver`]: the same contract, with namespaces, a task
 //! root, an unprivileged user and a cgroup.
-#![allow(unsafe_code)]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use mlp_proto::consts::driver as driver_names;
 use mlp_proto::v1::Resources;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::task::JoinHandle;
 
 use crate::isolation::exec::ExecDriver;
 use crate::isolation::IsolationSettings;
-use crate::logs::{log_base, RotatingWriter};
+use crate::supervisor::{self, Supervised, TaskKind, TaskRecord};
 
 /// Errors from a driver.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +68,14 @@ pub enum DriverError {
     /// command could not be started inside it.
     #[error("{0}")]
     Isolation(String),
+    /// A task left by a previous agent run cannot be reattached.
+    #[error("cannot reattach to the task in {dir}: {reason}")]
+    Reattach {
+        /// The task's directory.
+        dir: PathBuf,
+        /// Why not.
+        reason: String,
+    },
 }
 
 /// Everything a driver needs to start a task.
@@ -144,12 +151,22 @@ pub trait Driver: Send + Sync {
     fn name(&self) -> &'static str;
     /// Starts the task; returns once the process is running.
     async fn start(&self, spec: &TaskSpec) -> Result<Box<dyn TaskHandle>, DriverError>;
+    /// Reattaches to a task a previous agent run started (`record`, read from `task_dir`): a
+    /// running task is watched again, one that ended meanwhile reports its recorded exit
+    /// status from `wait`. What cannot be reattached is killed and an error returned.
+    fn reattach(
+        &self,
+        task_dir: &Path,
+        record: &TaskRecord,
+    ) -> Result<Box<dyn TaskHandle>, DriverError>;
 }
 
-/// A running task.
+/// A running task. Dropping a handle leaves the task running (agent shutdown); only
+/// `signal` and the end of the task stop it.
 #[async_trait]
 pub trait TaskHandle: Send {
-    /// Pid of the task's main process (also its process group id).
+    /// Pid whose namespaces and cgroup are the task's, also the process group signals go to:
+    /// the task's main process (`raw_exec`), the init of its PID namespace (`exec`).
     fn pid(&self) -> u32;
     /// Waits for the task to end (cancel-safe; may be called again after it returned).
     async fn wait(&mut self) -> ExitStatus;
@@ -190,17 +207,27 @@ pub fn parse_stat_start_time(stat: &str) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// The process driver behind `exec` and `raw_exec`.
-#[derive(Debug, Clone, Copy)]
+/// The unisolated `raw_exec` driver.
+#[derive(Debug, Clone)]
 pub struct ProcessDriver {
     name: &'static str,
+    supervisor_exe: Option<PathBuf>,
 }
 
 impl ProcessDriver {
-    /// The `raw_exec` driver (never isolated).
+    /// The `raw_exec` driver (never isolated), supervised by the running binary.
     pub fn raw_exec() -> Self {
         ProcessDriver {
             name: driver_names::RAW_EXEC,
+            supervisor_exe: None,
+        }
+    }
+
+    /// The `raw_exec` driver with `exe` as the supervisor binary.
+    pub fn with_supervisor(exe: Option<PathBuf>) -> Self {
+        ProcessDriver {
+            supervisor_exe: exe,
+            ..Self::raw_exec()
         }
     }
 }
@@ -225,46 +252,17 @@ pub fn drivers_with(
                 );
             }
             driver_names::RAW_EXEC => {
-                out.insert(name.clone(), std::sync::Arc::new(ProcessDriver::raw_exec()));
+                out.insert(
+                    name.clone(),
+                    std::sync::Arc::new(ProcessDriver::with_supervisor(
+                        settings.supervisor_exe.clone(),
+                    )),
+                );
             }
             other => tracing::warn!(driver = other, "unknown driver in config; ignored"),
         }
     }
     out
-}
-
-/// Copies a task's output into its log file until EOF.
-pub(crate) fn pump<R: AsyncRead + Unpin + Send + 'static>(
-    mut reader: R,
-    mut writer: RotatingWriter,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            match reader.read(&mut buf).await {
-                Ok(0) => break,
-                Ok(n) => {
-                    if let Err(e) = writer.write_all(&buf[..n]) {
-                        tracing::warn!(error = %e, "writing task log failed");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading task output failed");
-                    break;
-                }
-            }
-        }
-    })
-}
-
-/// The task's stdout and stderr writers (size-rotated files in the task's log dir), shared by
-/// every driver so that the Logs RPC finds the same files whichever driver ran the task.
-pub(crate) fn open_log_writers(spec: &TaskSpec) -> Result<(RotatingWriter, RotatingWriter), DriverError> {
-    let open = |stderr| {
-        RotatingWriter::open(&spec.log_dir, &log_base(&spec.name, stderr), spec.log_max_file_bytes, spec.log_max_files)
-            .map_err(|source| DriverError::Logs { dir: spec.log_dir.clone(), source })
-    };
-    Ok((open(false)?, open(true)?))
 }
 
 #[async_trait]
@@ -274,255 +272,76 @@ impl Driver for ProcessDriver {
     }
 
     async fn start(&self, spec: &TaskSpec) -> Result<Box<dyn TaskHandle>, DriverError> {
-        let (out_w, err_w) = open_log_writers(spec)?;
-
-        let mut cmd = tokio::process::Command::new(&spec.command);
-        cmd.args(&spec.args)
-            .envs(&spec.env)
-            .current_dir(&spec.work_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(false);
-        // SAFETY: the closure runs in the forked child before exec and only calls setsid(2),
-        // which is async-signal-safe; it touches no memory shared with the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(|source| DriverError::Spawn {
+        let exe = supervisor::supervisor_exe(self.supervisor_exe.as_deref())?;
+        // The task gets the agent's environment plus its own, as a child of the agent would.
+        let mut env: BTreeMap<String, String> = std::env::vars().collect();
+        env.extend(spec.env.clone());
+        let task = TaskKind::Raw {
             command: spec.command.clone(),
-            source,
+            args: spec.args.clone(),
+            env,
+            work_dir: spec.work_dir.clone(),
+        };
+        let sup = supervisor::start(
+            &exe,
+            self.name,
+            spec,
+            task,
+            String::new(),
+            None,
+            supervisor::StartWith {
+                phases: supervisor::Phases::start(),
+                ready: None,
+            },
+        )
+        .await?;
+        tracing::debug!(task = %spec.name, pid = sup.record.pid, driver = self.name, "task process started");
+        Ok(Box::new(ProcessHandle { sup }))
+    }
+
+    fn reattach(
+        &self,
+        task_dir: &Path,
+        record: &TaskRecord,
+    ) -> Result<Box<dyn TaskHandle>, DriverError> {
+        let sup = supervisor::reattach(task_dir, record).map_err(|e| DriverError::Reattach {
+            dir: task_dir.to_path_buf(),
+            reason: e.to_string(),
         })?;
-        let pid = child.id().unwrap_or(0);
-        let mut pumps = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            pumps.push(pump(out, out_w));
-        }
-        if let Some(err) = child.stderr.take() {
-            pumps.push(pump(err, err_w));
-        }
-        tracing::debug!(task = %spec.name, pid, driver = self.name, "task process started");
-        Ok(Box::new(ProcessHandle {
-            child,
-            pid,
-            pumps,
-            exit: None,
-        }))
+        Ok(Box::new(ProcessHandle { sup }))
     }
 }
 
-/// A process started by [`ProcessDriver`].
+/// A task started (or reattached) by [`ProcessDriver`].
 struct ProcessHandle {
-    child: tokio::process::Child,
-    pid: u32,
-    pumps: Vec<JoinHandle<()>>,
-    exit: Option<ExitStatus>,
-}
-
-/// Waits for a task's main process and then kills whatever is left of its process group (no
-/// process of a task may outlive it). Cancel-safe up to the wait: nothing happens after an await.
-pub(crate) async fn wait_and_reap_group(child: &mut tokio::process::Child, pid: u32) -> ExitStatus {
-    let status = match child.wait().await {
-        Ok(st) => {
-            use std::os::unix::process::ExitStatusExt;
-            ExitStatus { code: st.code(), signal: st.signal(), oom_limit_mib: None }
-        }
-        Err(e) => {
-            tracing::warn!(pid, error = %e, "waiting for task failed");
-            ExitStatus::default()
-        }
-    };
-    if let Err(e) = signal_group(pid, Signal::SIGKILL) {
-        tracing::warn!(pid, error = %e, "killing leftover processes failed");
-    }
-    status
-}
-
-/// Drains the log pipes of an ended task (bounded: a process that escaped the group may hold
-/// them open) and forgets the finished pumps.
-pub(crate) async fn drain_pumps(pumps: &mut Vec<tokio::task::JoinHandle<()>>) {
-    for p in pumps.iter_mut() {
-        if !p.is_finished() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
-        }
-    }
-    pumps.retain(|p| !p.is_finished());
+    sup: Supervised,
 }
 
 #[async_trait]
 impl TaskHandle for ProcessHandle {
     fn pid(&self) -> u32 {
-        self.pid
+        self.sup.record.pid
     }
 
     async fn wait(&mut self) -> ExitStatus {
-        if self.exit.is_none() {
-            self.exit = Some(wait_and_reap_group(&mut self.child, self.pid).await);
+        let first = !self.sup.exited();
+        let ex = self.sup.wait().await;
+        if first {
+            self.sup.forget();
         }
-        drain_pumps(&mut self.pumps).await;
-        self.exit.unwrap_or_default()
+        ex
     }
 
     fn signal(&self, sig: Signal) -> Result<(), DriverError> {
-        if self.exit.is_some() {
-            return Ok(());
-        }
-        signal_group(self.pid, sig)
+        self.sup.signal(sig)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::logs::LogReader;
-    use std::time::Instant;
 
-    fn spec(dir: &std::path::Path, cmd: &str, args: &[&str]) -> TaskSpec {
-        let local = dir.join("local");
-        let logs = dir.join("logs");
-        let _ = std::fs::create_dir_all(&local);
-        let _ = std::fs::create_dir_all(&logs);
-        TaskSpec {
-            name: "t".into(),
-            command: cmd.into(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            env: BTreeMap::new(),
-            work_dir: local,
-            log_dir: logs,
-            log_max_file_bytes: 1 << 20,
-            log_max_files: 3,
-            ..Default::default()
-        }
-    }
-
-    /// Kills a process group when dropped, so a failing test leaves nothing behind.
-    struct GroupGuard(u32);
-    impl Drop for GroupGuard {
-        fn drop(&mut self) {
-            let _ = signal_group(self.0, Signal::SIGKILL);
-        }
-    }
-
-    fn alive(pid: i32) -> bool {
-        // A zombie still answers kill(0); look at /proc state too.
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Ok(s) => {
-                let state = s
-                    .rfind(')')
-                    .and_then(|i| s[i + 1..].split_whitespace().next().map(str::to_string));
-                state.as_deref() != Some("Z")
-            }
-            Err(_) => false,
-        }
-    }
-
-    fn group_members(pgid: u32) -> Vec<i32> {
-        let mut out = Vec::new();
-        if let Ok(rd) = std::fs::read_dir("/proc") {
-            for e in rd.flatten() {
-                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                    continue;
-                };
-                if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-                    if let Some(i) = s.rfind(')') {
-                        let f: Vec<&str> = s[i + 1..].split_whitespace().collect();
-                        // fields after ')' : state(3) ppid(4) pgrp(5)
-                        if f.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid)
-                            && f.first() != Some(&"Z")
-                        {
-                            out.push(pid);
-                        }
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    #[tokio::test]
-    async fn exit_code_and_logs() -> Result<(), Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let s = spec(
-            dir.path(),
-            "/bin/sh",
-            &["-c", "echo out; echo err >&2; exit 3"],
-        );
-        let mut h = ProcessDriver::raw_exec().start(&s).await?;
-        let _g = GroupGuard(h.pid());
-        let st = tokio::time::timeout(Duration::from_secs(10), h.wait()).await?;
-        assert_eq!(st.code, Some(3));
-        assert!(!st.success());
-        let out = LogReader::new(&s.log_dir, "t.stdout", 0, 0)?.read_to_end()?;
-        let err = LogReader::new(&s.log_dir, "t.stderr", 0, 0)?.read_to_end()?;
-        assert_eq!(String::from_utf8_lossy(&out), "out\n");
-        assert_eq!(String::from_utf8_lossy(&err), "err\n");
-        assert!(s.log_dir.join("t.stdout.0").exists());
-        Ok(())
-    }
-
-    #[tokio::test]
-    async fn process_tree_is_killed() -> Result<(), Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let s = spec(
-            dir.path(),
-            "/bin/sh",
-            &[
-                "-c",
-                "sleep 100 & sleep 100 & trap '' TERM; echo ready; wait",
-            ],
-        );
-        let mut h = ProcessDriver::raw_exec().start(&s).await?;
-        let pgid = h.pid();
-        let _g = GroupGuard(pgid);
-        // Wait until the shell set its trap and both sleeps run.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let out = LogReader::new(&s.log_dir, "t.stdout", 0, 0)?.read_to_end()?;
-            if out.starts_with(b"ready") && group_members(pgid).len() >= 3 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "task did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let members = group_members(pgid);
-        assert!(members.len() >= 3, "members {members:?}");
-        // The same sequence the task runner uses: SIGTERM, SIGKILL after the kill timeout.
-        h.signal(Signal::SIGTERM)?;
-        let st = match tokio::time::timeout(Duration::from_millis(300), h.wait()).await {
-            Ok(st) => st,
-            Err(_) => {
-                h.signal(Signal::SIGKILL)?;
-                tokio::time::timeout(Duration::from_secs(10), h.wait()).await?
-            }
-        };
-        assert!(st.code.is_some() || st.signal.is_some());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while members.iter().any(|p| alive(*p)) {
-            assert!(Instant::now() < deadline, "processes left: {members:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(group_members(pgid).is_empty());
-        Ok(())
-    }
-
-    #[tokio::test]
-    async fn missing_binary_is_an_error() -> Result<(), Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let s = spec(dir.path(), "/nonexistent/definitely-not-here", &[]);
-        match ProcessDriver::raw_exec().start(&s).await {
-            Err(DriverError::Spawn { source, .. }) => {
-                assert_eq!(source.kind(), std::io::ErrorKind::NotFound)
-            }
-            Err(e) => panic!("unexpected error {e}"),
-            Ok(_) => panic!("started a missing binary"),
-        }
-        Ok(())
-    }
+    // Starting tasks needs a supervisor binary: see agent/tests/supervisor.rs.
 
     #[test]
     fn stat_start_time() {

@@ -6,6 +6,7 @@ pub mod alloc_runner;
 pub mod cgroups;
 pub mod client;
 pub mod driver;
+pub mod exec_session;
 pub mod fingerprint;
 pub mod isolation;
 pub mod logs;
@@ -13,6 +14,7 @@ pub mod manager;
 pub mod restart;
 pub mod rpc;
 pub mod state;
+pub mod supervisor;
 pub mod task_runner;
 
 use std::collections::BTreeMap;

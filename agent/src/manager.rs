@@ -1,6 +1,7 @@
 //! The allocation manager: diffs every full allocation set from the servers against the alloc
 //! runners (start, stop, report remembered final states), restores what a previous agent run
-//! left in `data_dir/allocs`, and garbage-collects terminal allocations the servers dropped.
+//! left in `data_dir/allocs` (reattaching to the tasks it started, which kept running under
+//! their supervisors), and garbage-collects terminal allocations the servers dropped.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -11,10 +12,12 @@ use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
 use crate::alloc_runner::{
-    finish_persisted, spawn_alloc_runner, update_from_persisted, AllocHandle, RunnerEnv,
+    finish_persisted, kill_handles, spawn_alloc_runner_attached, update_from_persisted,
+    AllocHandle, RunnerEnv,
 };
-use crate::driver::{proc_start_time, signal_group};
+use crate::driver::{proc_start_time, signal_group, TaskHandle};
 use crate::state::{self, AllocView, PersistedAlloc};
+use crate::supervisor;
 use crate::task_runner::push_event;
 
 /// Tracks every allocation this agent runs or remembers.
@@ -26,6 +29,8 @@ pub struct AllocManager {
     finished: BTreeMap<String, PersistedAlloc>,
     /// Unfinished allocations remembered from before an agent restart.
     restored: BTreeMap<String, PersistedAlloc>,
+    /// Tasks of those allocations reattached after the restart, by alloc id and task name.
+    attached: BTreeMap<String, BTreeMap<String, Box<dyn TaskHandle>>>,
     /// Ids in the last set from the servers (None before the first).
     last_seen: Option<BTreeSet<String>>,
 }
@@ -57,17 +62,81 @@ impl AllocManager {
             runners: BTreeMap::new(),
             finished: BTreeMap::new(),
             restored: BTreeMap::new(),
+            attached: BTreeMap::new(),
             last_seen: None,
         }
     }
 
-    /// Loads what a previous agent run left: kills its still-running task processes (this
-    /// version cannot reattach), remembers finished allocations so they never run again.
+    /// Reattaches to the tasks of `p` that a previous agent run started (a run record in the
+    /// task's dir): by task name. A task that cannot be reattached is killed (its supervisor
+    /// and process group) and its cgroup removed.
+    fn reattach_tasks(
+        &self,
+        dir: &Path,
+        p: &PersistedAlloc,
+    ) -> BTreeMap<String, Box<dyn TaskHandle>> {
+        let mut names: BTreeSet<String> = p.task_states.keys().cloned().collect();
+        names.extend(p.procs.keys().cloned());
+        if let Some(job) = p.alloc.as_ref().and_then(|a| {
+            let job = a.job.as_ref()?;
+            job.groups.iter().find(|g| g.name == a.task_group)
+        }) {
+            names.extend(job.tasks.iter().map(|t| t.name.clone()));
+        }
+        let mut out = BTreeMap::new();
+        for task in names {
+            let task_dir = dir.join(&task);
+            let record = match supervisor::load_record(&task_dir) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(dir = %task_dir.display(), error = %e, "unreadable task record; ignored");
+                    supervisor::remove_run_files(&task_dir);
+                    continue;
+                }
+            };
+            let result = match self.env.drivers.get(&record.driver) {
+                Some(driver) => driver.reattach(&task_dir, &record),
+                None => Err(crate::driver::DriverError::Unknown(record.driver.clone())),
+            };
+            match result {
+                Ok(h) => {
+                    tracing::info!(alloc = %p.alloc_id, task = %task, pid = h.pid(), "reattached to a task of the previous agent run");
+                    out.insert(task, h);
+                }
+                Err(e) => {
+                    tracing::warn!(alloc = %p.alloc_id, task = %task, error = %e, "cannot reattach; killing what is left of the task");
+                    for (pid, start) in [
+                        (record.pid, record.start_time),
+                        (record.supervisor_pid, record.supervisor_start_time),
+                    ] {
+                        if pid > 1 && proc_start_time(pid) == Some(start) {
+                            let _ = signal_group(pid, Signal::SIGKILL);
+                        }
+                    }
+                    if let (Some(layout), false) =
+                        (crate::cgroups::host_layout(), record.cgroup.is_empty())
+                    {
+                        crate::cgroups::remove_leftover(&layout, &record.cgroup);
+                    }
+                    supervisor::remove_run_files(&task_dir);
+                }
+            }
+        }
+        out
+    }
+
+    /// Loads what a previous agent run left: reattaches to the tasks it started (they kept
+    /// running under their supervisors, or their exits were recorded meanwhile and are reported
+    /// once the allocation's runner starts), kills what cannot be reattached (and restarts it
+    /// when the servers still want the allocation), remembers finished allocations so they
+    /// never run again.
     pub fn restore(&mut self) {
         let root = self.env.alloc_root.clone();
         let Ok(rd) = std::fs::read_dir(&root) else {
             return;
         };
+        let mut reattached = 0usize;
         for entry in rd.flatten() {
             let dir = entry.path();
             if !dir.is_dir() {
@@ -84,29 +153,40 @@ impl AllocManager {
             if p.alloc_id.is_empty() {
                 p.alloc_id = entry.file_name().to_string_lossy().into_owned();
             }
+            let handles = self.reattach_tasks(&dir, &p);
+            // Processes recorded without a run record (or whose reattach failed and were
+            // killed above) are not the tasks' any more.
             for (task, proc) in &p.procs {
+                if handles.contains_key(task) {
+                    continue;
+                }
                 if proc.pid > 1 && proc_start_time(proc.pid) == Some(proc.start_time) {
                     tracing::warn!(alloc = %p.alloc_id, task = %task, pid = proc.pid,
-                        "killing task left over from the previous agent run (no reattach yet)");
+                        "killing a task left over from the previous agent run that cannot be reattached");
                     if let Err(e) = signal_group(proc.pid, Signal::SIGKILL) {
                         tracing::warn!(pid = proc.pid, error = %e, "killing leftover task failed");
                     }
                 }
-            }
-            // exec tasks' cgroups outlive a killed agent; the shims were just killed.
-            if let Some(layout) = crate::cgroups::host_layout() {
-                for task in p.procs.keys() {
+                if let Some(layout) = crate::cgroups::host_layout() {
                     crate::cgroups::remove_leftover(&layout, &format!("{}.{task}", p.alloc_id));
                 }
             }
             if alloc_client::is_terminal(&p.client_status) {
                 p.procs.clear();
+                if !handles.is_empty() {
+                    tokio::spawn(kill_handles(handles));
+                }
                 self.env.registry.put(&p.alloc_id, view_of(&dir, &p));
                 self.finished.insert(p.alloc_id.clone(), p);
                 continue;
             }
             let had_procs: BTreeSet<String> = p.procs.keys().cloned().collect();
             for (name, st) in p.task_states.iter_mut() {
+                if let Some(h) = handles.get(name) {
+                    // Still its run: the state (restart count included) carries on.
+                    st.pid = h.pid();
+                    continue;
+                }
                 if st.state == task_state::RUNNING || had_procs.contains(name) {
                     st.state = task_state::PENDING.into();
                     st.pid = 0;
@@ -117,16 +197,21 @@ impl AllocManager {
                     );
                 }
             }
-            p.procs.clear();
+            p.procs.retain(|task, _| handles.contains_key(task));
             if let Err(e) = state::save(&dir, &p) {
                 tracing::warn!(alloc = %p.alloc_id, error = %e, "persisting alloc state failed");
             }
             self.env.registry.put(&p.alloc_id, view_of(&dir, &p));
+            reattached += handles.len();
+            if !handles.is_empty() {
+                self.attached.insert(p.alloc_id.clone(), handles);
+            }
             self.restored.insert(p.alloc_id.clone(), p);
         }
         tracing::info!(
             finished = self.finished.len(),
             unfinished = self.restored.len(),
+            reattached,
             "restored allocations from the data dir"
         );
     }
@@ -176,11 +261,23 @@ impl AllocManager {
             }
             return;
         }
-        if !stop {
+        let attached = self.attached.remove(&a.id).unwrap_or_default();
+        if !stop || !attached.is_empty() {
+            // Reattached tasks of an allocation to stop are stopped by its runner (kill
+            // timeout, events, cgroup cleanup), like any running task.
             let prior = self.restored.remove(&a.id);
-            tracing::info!(alloc = %a.id, name = %a.name, restored = prior.is_some(), "starting allocation");
+            tracing::info!(alloc = %a.id, name = %a.name, restored = prior.is_some(), reattached = attached.len(), "starting allocation");
             let id = a.id.clone();
-            let h = spawn_alloc_runner(a, prior, self.env.clone(), self.updates.clone());
+            let h = spawn_alloc_runner_attached(
+                a,
+                prior,
+                attached,
+                self.env.clone(),
+                self.updates.clone(),
+            );
+            if stop {
+                h.stop();
+            }
             self.runners.insert(id, h);
             return;
         }
@@ -235,6 +332,9 @@ impl AllocManager {
         for id in gone {
             self.finished.remove(&id);
             self.restored.remove(&id);
+            if let Some(handles) = self.attached.remove(&id) {
+                tokio::spawn(kill_handles(handles));
+            }
             self.env.registry.remove(&id);
             let dir = self.env.alloc_root.join(&id);
             tracing::info!(alloc = %id, "garbage-collecting allocation dir");
@@ -246,12 +346,14 @@ impl AllocManager {
         }
     }
 
-    /// Stops the runner loops without touching their tasks (agent shutdown).
+    /// Stops the runner loops without touching their tasks (agent shutdown): the tasks keep
+    /// running under their supervisors, and the next agent run reattaches to them.
     pub fn abort_all(&mut self) {
         for h in self.runners.values() {
             h.abort();
         }
         self.runners.clear();
+        self.attached.clear();
     }
 
     /// Ids of running alloc runners.

@@ -1,6 +1,7 @@
 //! `ClientService` served by the agent on its rpc listener: `Logs` streams a task's stdout or
 //! stderr from the rotated log files, optionally following it until the task is dead and the
-//! allocation terminal.
+//! allocation terminal; `Exec` runs a command inside a running task
+//! ([`crate::exec_session`]).
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -8,13 +9,13 @@ use std::time::Duration;
 use futures::Stream;
 use mlp_proto::consts::{alloc_client, task_state};
 use mlp_proto::v1::client_service_server::ClientService;
-use mlp_proto::v1::{LogChunk, LogsRequest};
+use mlp_proto::v1::{ExecRequest, ExecResponse, LogChunk, LogsRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::logs::{log_base, LogReader, MAX_CHUNK};
-use crate::state::AllocRegistry;
+use crate::state::{AllocRegistry, AllocView};
 
 /// How often a follower polls for new bytes.
 const FOLLOW_POLL: Duration = Duration::from_millis(100);
@@ -46,52 +47,72 @@ impl ClientRpc {
 }
 
 type LogStream = Pin<Box<dyn Stream<Item = Result<LogChunk, Status>> + Send>>;
+type ExecStream = Pin<Box<dyn Stream<Item = Result<ExecResponse, Status>> + Send>>;
+
+/// Resolves an allocation id (or unique prefix) and a task name (empty: the group's only task)
+/// on this node: (full id, the allocation's view, task name), or a status that says which
+/// part is wrong.
+#[allow(clippy::result_large_err)] // the RPC's own status, built once per failed call
+pub fn resolve_task(
+    registry: &AllocRegistry,
+    alloc_id: &str,
+    task: &str,
+) -> Result<(String, AllocView, String), Status> {
+    let id = match registry.resolve(alloc_id) {
+        Ok(id) => id,
+        Err(0) => {
+            return Err(Status::not_found(format!(
+                "allocation {alloc_id:?} not found on this node"
+            )))
+        }
+        Err(n) => {
+            return Err(Status::invalid_argument(format!(
+                "allocation prefix {alloc_id:?} matches {n} allocations"
+            )))
+        }
+    };
+    let view = registry
+        .get(&id)
+        .ok_or_else(|| Status::not_found(format!("allocation {id:?} not found")))?;
+    let task = if task.is_empty() {
+        match view.tasks.as_slice() {
+            [one] => one.clone(),
+            many => {
+                return Err(Status::invalid_argument(format!(
+                    "allocation {id} has {} tasks; name one of: {}",
+                    many.len(),
+                    many.join(", ")
+                )))
+            }
+        }
+    } else if view.tasks.iter().any(|t| t == task) {
+        task.to_string()
+    } else {
+        return Err(Status::invalid_argument(format!(
+            "task {task:?} not in allocation {id}; tasks: {}",
+            view.tasks.join(", ")
+        )));
+    };
+    Ok((id, view, task))
+}
 
 #[tonic::async_trait]
 impl ClientService for ClientRpc {
     type LogsStream = LogStream;
+    type ExecStream = ExecStream;
+
+    async fn exec(
+        &self,
+        request: Request<Streaming<ExecRequest>>,
+    ) -> Result<Response<ExecStream>, Status> {
+        let stream =
+            crate::exec_session::serve(self.registry.clone(), request.into_inner()).await?;
+        Ok(Response::new(stream))
+    }
 
     async fn logs(&self, request: Request<LogsRequest>) -> Result<Response<LogStream>, Status> {
         let req = request.into_inner();
-        let id = match self.registry.resolve(&req.alloc_id) {
-            Ok(id) => id,
-            Err(0) => {
-                return Err(Status::not_found(format!(
-                    "allocation {:?} not found on this node",
-                    req.alloc_id
-                )))
-            }
-            Err(n) => {
-                return Err(Status::invalid_argument(format!(
-                    "allocation prefix {:?} matches {n} allocations",
-                    req.alloc_id
-                )))
-            }
-        };
-        let view = self
-            .registry
-            .get(&id)
-            .ok_or_else(|| Status::not_found(format!("allocation {id:?} not found")))?;
-        let task = if req.task.is_empty() {
-            match view.tasks.as_slice() {
-                [one] => one.clone(),
-                many => {
-                    return Err(Status::invalid_argument(format!(
-                        "allocation {id} has {} tasks; name one of: {}",
-                        many.len(),
-                        many.join(", ")
-                    )))
-                }
-            }
-        } else if view.tasks.contains(&req.task) {
-            req.task.clone()
-        } else {
-            return Err(Status::invalid_argument(format!(
-                "task {:?} not in allocation {id}; tasks: {}",
-                req.task,
-                view.tasks.join(", ")
-            )));
-        };
+        let (id, view, task) = resolve_task(&self.registry, &req.alloc_id, &req.task)?;
         let dir = view.dir.join(&task).join("logs");
         let base = log_base(&task, req.stderr);
         let mut reader = LogReader::new(&dir, &base, req.offset, req.tail_bytes)

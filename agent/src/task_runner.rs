@@ -215,6 +215,19 @@ async fn kill_task(handle: &mut dyn TaskHandle, kill_timeout_ms: u64) -> ExitSta
 pub async fn run_task(
     ctx: TaskContext,
     initial: Option<TaskState>,
+    stop: watch::Receiver<bool>,
+    tx: mpsc::UnboundedSender<TaskUpdate>,
+) -> TaskState {
+    run_task_attached(ctx, initial, None, stop, tx).await
+}
+
+/// [`run_task`] for a task that may already run: `attached` is the handle of a task a previous
+/// agent run started (reattached), which the runner watches instead of starting the task (its
+/// state, restart count included, carries on from `initial`).
+pub async fn run_task_attached(
+    ctx: TaskContext,
+    initial: Option<TaskState>,
+    mut attached: Option<Box<dyn TaskHandle>>,
     mut stop: watch::Receiver<bool>,
     tx: mpsc::UnboundedSender<TaskUpdate>,
 ) -> TaskState {
@@ -227,7 +240,7 @@ pub async fn run_task(
         });
     };
     let mut st = initial.unwrap_or_default();
-    if st.state == task_state::DEAD {
+    if st.state == task_state::DEAD && attached.is_none() {
         emit(&st, None);
         return st;
     }
@@ -241,7 +254,7 @@ pub async fn run_task(
         interval_start_ms: now_ms(),
     };
     loop {
-        if *stop.borrow() {
+        if attached.is_none() && *stop.borrow() {
             st.state = task_state::DEAD.into();
             st.pid = 0;
             st.finished_at_ms = now_ms();
@@ -253,34 +266,57 @@ pub async fn run_task(
             emit(&st, None);
             return st;
         }
-        let Some(driver) = ctx.driver.clone() else {
-            let msg = format!("driver {:?} is not available on this node", ctx.task.driver);
-            return fail_start(&mut st, msg, &emit);
-        };
-        let spec = ctx.spec();
-        let mut handle = match driver.start(&spec).await {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!(alloc = %ctx.alloc_id, task = %name, error = %e, "task failed to start");
-                return fail_start(&mut st, format!("failed to start task: {e}"), &emit);
+        let mut handle = match attached.take() {
+            Some(handle) => {
+                // Reattached after an agent restart: the task kept running (or ended meanwhile,
+                // which `wait` reports at once).
+                let pid = handle.pid();
+                st.state = task_state::RUNNING.into();
+                st.pid = pid;
+                if st.started_at_ms == 0 {
+                    st.started_at_ms = now_ms();
+                }
+                let proc = proc_start_time(pid).map(|start_time| ProcRecord { pid, start_time });
+                emit(&st, proc);
+                tracing::info!(alloc = %ctx.alloc_id, task = %name, pid, "task reattached");
+                handle
+            }
+            None => {
+                let Some(driver) = ctx.driver.clone() else {
+                    let msg = format!("driver {:?} is not available on this node", ctx.task.driver);
+                    return fail_start(&mut st, msg, &emit);
+                };
+                let spec = ctx.spec();
+                let handle = match driver.start(&spec).await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(alloc = %ctx.alloc_id, task = %name, error = %e, "task failed to start");
+                        return fail_start(&mut st, format!("failed to start task: {e}"), &emit);
+                    }
+                };
+                let pid = handle.pid();
+                st.state = task_state::RUNNING.into();
+                st.pid = pid;
+                st.started_at_ms = now_ms();
+                st.finished_at_ms = 0;
+                st.exit_code = None;
+                push_event(&mut st, task_event::STARTED, "Task started by client");
+                let proc = proc_start_time(pid).map(|start_time| ProcRecord { pid, start_time });
+                emit(&st, proc);
+                tracing::info!(alloc = %ctx.alloc_id, task = %name, pid, "task started");
+                handle
             }
         };
         let pid = handle.pid();
-        st.state = task_state::RUNNING.into();
-        st.pid = pid;
-        st.started_at_ms = now_ms();
-        st.finished_at_ms = 0;
-        st.exit_code = None;
-        push_event(&mut st, task_event::STARTED, "Task started by client");
         let proc = proc_start_time(pid).map(|start_time| ProcRecord { pid, start_time });
-        emit(&st, proc);
-        tracing::info!(alloc = %ctx.alloc_id, task = %name, pid, "task started");
 
         let max_run = ctx.task.max_run_duration_ms;
+        // A reattached task has been running since it started, not since the agent did.
+        let ran_ms = now_ms().saturating_sub(st.started_at_ms);
         let outcome = {
             let max_run_timer = async {
                 if max_run > 0 {
-                    tokio::time::sleep(Duration::from_millis(max_run)).await
+                    tokio::time::sleep(Duration::from_millis(max_run.saturating_sub(ran_ms))).await
                 } else {
                     std::future::pending::<()>().await
                 }

@@ -1,5 +1,6 @@
 //! The whole agent against an in-process fake `AgentService` on loopback: registration with
-//! failover, allocation watch, status updates, restart persistence and GC.
+//! failover, allocation watch, status updates, reattaching to tasks across an agent restart,
+//! and GC.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -145,7 +146,7 @@ fn alloc(id: &str, job_type: &str, cmd: &str, desired: &str) -> Allocation {
                 count: 1,
                 tasks: vec![Task {
                     name: "t".into(),
-                    driver: "raw_exec".into(), // exec needs the mlp binary as its shim
+                    driver: "raw_exec".into(), // exec needs a cgroup hierarchy and root
                     config: Some(TaskConfig {
                         command: "/bin/sh".into(),
                         args: vec!["-c".into(), cmd.into()],
@@ -174,6 +175,11 @@ async fn start_agent(dir: &Path, server: &str) -> Result<Agent, Box<dyn std::err
         // The first server is dead: the agent must fail over.
         servers: vec!["127.0.0.1:1".into(), server.to_string()],
         node_name: "test-node".into(),
+        isolation: mlp_agent::isolation::IsolationSettings {
+            // The test binary cannot supervise tasks: the helper binary does.
+            supervisor_exe: Some(env!("CARGO_BIN_EXE_mlp-supervise-helper").into()),
+            ..Default::default()
+        },
         ..Default::default()
     })
     .await?)
@@ -210,8 +216,28 @@ async fn agent_runs_reports_restores_and_gcs() -> TestResult {
 
     let batch = alloc("aaaa0001", "batch", "echo hi", "run");
     let service = alloc("bbbb0002", "service", "sleep 100", "run");
+    // Ends with exit code 3 once the gate file exists (while the agent is down), and is not
+    // restarted.
+    let gate = dir.path().join("gate");
+    let mut gated = alloc(
+        "cccc0003",
+        "batch",
+        &format!(
+            "while [ ! -e {} ]; do sleep 0.05; done; exit 3",
+            gate.display()
+        ),
+        "run",
+    );
+    if let Some(g) = gated.job.as_mut().and_then(|j| j.groups.first_mut()) {
+        g.restart = Some(mlp_proto::v1::RestartPolicy {
+            attempts: 0,
+            interval_ms: 60_000,
+            delay_ms: 100,
+            mode: "fail".into(),
+        });
+    }
     fake.allocs
-        .send_replace(vec![batch.clone(), service.clone()]);
+        .send_replace(vec![batch.clone(), service.clone(), gated.clone()]);
     poll(15, || {
         fake.latest("aaaa0001")
             .filter(|u| u.client_status == alloc_client::COMPLETE)
@@ -224,38 +250,47 @@ async fn agent_runs_reports_restores_and_gcs() -> TestResult {
     .await?;
     let old_pid = running.task_states["t"].pid;
     assert!(old_pid > 0);
+    let gated_pid = poll(15, || {
+        fake.latest("cccc0003")
+            .filter(|u| u.client_status == alloc_client::RUNNING)
+            .map(|u| u.task_states["t"].pid)
+    })
+    .await?;
 
-    // Agent restart: the running task is killed and started again, the finished one is not.
+    // Agent restart: the running task is reattached (same pid, not restarted), the finished
+    // one is not run again.
     agent.shutdown().await;
     assert!(
         Path::new(&format!("/proc/{old_pid}")).exists(),
         "shutdown must not kill tasks"
     );
+    std::fs::write(&gate, "")?;
+    poll(15, || {
+        (!Path::new(&format!("/proc/{gated_pid}")).exists()).then_some(())
+    })
+    .await?;
     fake.updates.lock().map_err(|e| e.to_string())?.clear();
     let agent = start_agent(dir.path(), &server_addr).await?;
     assert_eq!(agent.node_id(), node_id);
-    let restarted = poll(15, || {
-        fake.latest("bbbb0002").filter(|u| {
-            u.client_status == alloc_client::RUNNING
-                && u.task_states["t"].pid > 0
-                && u.task_states["t"].pid != old_pid
-        })
+    // The task that ended while the agent was down: its exit code is collected and reported.
+    let ended = poll(15, || {
+        fake.latest("cccc0003")
+            .filter(|u| alloc_client::is_terminal(&u.client_status))
     })
     .await?;
-    assert_eq!(count(&restarted, task_event::STARTED), 2);
-    assert!(restarted.task_states["t"]
-        .events
-        .iter()
-        .any(|e| e.message == "agent restarted; task restarted"));
-    poll(5, || {
-        let stat = std::fs::read_to_string(format!("/proc/{old_pid}/stat")).ok();
-        match stat {
-            None => Some(()),
-            Some(s) if s.contains(") Z") => Some(()),
-            Some(_) => None,
-        }
+    assert_eq!(ended.client_status, alloc_client::FAILED, "{ended:?}");
+    assert_eq!(ended.task_states["t"].exit_code, Some(3));
+    assert_eq!(count(&ended, task_event::STARTED), 1);
+    assert_eq!(ended.task_states["t"].restarts, 0);
+    let reattached = poll(15, || {
+        fake.latest("bbbb0002")
+            .filter(|u| u.client_status == alloc_client::RUNNING && u.task_states["t"].pid > 0)
     })
     .await?;
+    assert_eq!(reattached.task_states["t"].pid, old_pid, "the same process");
+    assert_eq!(reattached.task_states["t"].restarts, 0);
+    assert_eq!(count(&reattached, task_event::STARTED), 1);
+    assert_eq!(count(&reattached, task_event::RESTARTING), 0);
     let done = poll(15, || fake.latest("aaaa0001")).await?;
     assert_eq!(done.client_status, alloc_client::COMPLETE);
     assert_eq!(count(&done, task_event::STARTED), 1);
@@ -263,7 +298,8 @@ async fn agent_runs_reports_restores_and_gcs() -> TestResult {
     // Desired stop, then the server drops both: tasks killed, dirs garbage-collected.
     let mut stop = service.clone();
     stop.desired_status = "stop".into();
-    fake.allocs.send_replace(vec![batch.clone(), stop]);
+    fake.allocs
+        .send_replace(vec![batch.clone(), stop, gated.clone()]);
     let stopped = poll(15, || {
         fake.latest("bbbb0002")
             .filter(|u| alloc_client::is_terminal(&u.client_status))
@@ -274,7 +310,10 @@ async fn agent_runs_reports_restores_and_gcs() -> TestResult {
     fake.allocs.send_replace(vec![]);
     let allocs = dir.path().join("allocs");
     poll(15, || {
-        (!allocs.join("aaaa0001").exists() && !allocs.join("bbbb0002").exists()).then_some(())
+        (!allocs.join("aaaa0001").exists()
+            && !allocs.join("bbbb0002").exists()
+            && !allocs.join("cccc0003").exists())
+        .then_some(())
     })
     .await?;
     agent.shutdown().await;

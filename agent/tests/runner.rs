@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use mlp_agent::alloc_runner::{spawn_alloc_runner, AllocHandle, RunnerEnv};
-use mlp_agent::driver::{drivers_for, signal_group};
+use mlp_agent::driver::{drivers_with, signal_group};
+use mlp_agent::isolation::IsolationSettings;
 use mlp_agent::rpc::ClientRpc;
 use mlp_agent::state::AllocRegistry;
 use mlp_proto::consts::{alloc_client, task_event, task_state};
@@ -81,7 +82,14 @@ impl Harness {
         let registry = AllocRegistry::default();
         let env = RunnerEnv {
             alloc_root: dir.path().join("allocs"),
-            drivers: drivers_for(&["exec".to_string(), "raw_exec".to_string()]),
+            drivers: drivers_with(
+                &["exec".to_string(), "raw_exec".to_string()],
+                &IsolationSettings {
+                    // The test binary cannot supervise tasks: the helper binary does.
+                    supervisor_exe: Some(env!("CARGO_BIN_EXE_mlp-supervise-helper").into()),
+                    ..Default::default()
+                },
+            ),
             log_max_file_bytes: 1 << 20,
             log_max_files: 2,
             registry: registry.clone(),

@@ -28,10 +28,12 @@ pub mod alloc_client {
     pub const COMPLETE: &str = "complete";
     pub const FAILED: &str = "failed";
     pub const LOST: &str = "lost";
+    /// Evicted by the scheduler for higher-priority work (final; the job gets a replacement).
+    pub const PREEMPTED: &str = "preempted";
 
     /// Whether a client status is final (the allocation will never run again).
     pub fn is_terminal(status: &str) -> bool {
-        matches!(status, COMPLETE | FAILED | LOST)
+        matches!(status, COMPLETE | FAILED | LOST | PREEMPTED)
     }
 }
 
@@ -68,6 +70,8 @@ pub mod eval_trigger {
     pub const NODE_UPDATE: &str = "node-update";
     pub const ALLOC_FAILURE: &str = "alloc-failure";
     pub const QUEUED_ALLOCS: &str = "queued-allocs";
+    pub const NODE_DRAIN: &str = "node-drain";
+    pub const PREEMPTION: &str = "preemption";
 }
 
 pub mod restart_mode {

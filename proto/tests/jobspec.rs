@@ -172,6 +172,14 @@ fn bad_cases() -> Vec<(&'static str, String)> {
             with_task(&format!("{TASK_OK}      resources {{\n        gpu {{\n          count  = 2\n          share  = 0.25\n          model  = [\"V100M16\", 3]\n          memory = -1\n        }}\n      }}\n    }}\n    task \"u\" {{\n{TASK_OK}      resources {{\n        gpu {{\n          share = 1.5\n        }}\n      }}\n    }}\n    task \"v\" {{\n{TASK_OK}      resources {{\n        gpu {{\n          share = 0.0005\n          shares = 1\n        }}\n      }}\n")),
         ),
         (
+            "gang_fields_invalid",
+            format!("job \"j\" {{\n  group \"a\" {{\n    count     = 0\n    gang      = true\n    min_count = 2\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n  group \"b\" {{\n    count         = 4\n    gang          = \"yes\"\n    gang_timeout  = \"soon\"\n    gang_topology = \"rack\"\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n  group \"c\" {{\n    gang_topology = \"${{meta.rack}}\"\n    gang_timeout  = \"10m\"\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n  group \"d\" {{\n    count        = 2\n    min_count    = 1\n    gang_timeout = \"800h\"\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n}}\n"),
+        ),
+        (
+            "migrate_reschedule_invalid",
+            format!("job \"j\" {{\n  group \"a\" {{\n    migrate {{\n      max_parallel = 0\n      max_paralel  = 2\n    }}\n    reschedule {{\n      attempts       = 3\n      interval       = \"0s\"\n      delay          = \"1m\"\n      delay_function = \"linear\"\n      max_delay      = \"10s\"\n      unlimited      = \"no\"\n    }}\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n}}\n"),
+        ),
+        (
             "unknown_top_level",
             "variable \"x\" {\n}\n\nregion = \"eu\"\n".to_string(),
         ),
@@ -533,4 +541,33 @@ fn gpu_models_memory_and_share_decode() {
     }
     let err = validate_job(&bad).unwrap_err().to_string();
     assert!(err.contains("share_milli must be between 1 and 999"), "{err}");
+}
+
+#[test]
+fn gang_fields_decode() {
+    let src = format!("job \"j\" {{\n  type = \"batch\"\n  group \"workers\" {{\n    count         = 16\n    gang          = true\n    gang_topology = \"${{meta.rack}}\"\n    gang_timeout  = \"10m\"\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n  group \"elastic\" {{\n    count     = 8\n    min_count = 4\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n}}\n");
+    let job = parse_str(&src, "gang.hcl").unwrap();
+    let g = &job.groups[0];
+    assert_eq!((g.count, g.gang, g.min_count), (16, true, 0));
+    assert_eq!(g.gang_topology, "${meta.rack}");
+    assert_eq!(g.gang_timeout_ms, 600_000);
+    let e = &job.groups[1];
+    assert_eq!((e.count, e.gang, e.min_count, e.gang_timeout_ms), (8, false, 4, 0));
+    assert!(e.gang_topology.is_empty());
+}
+
+#[test]
+fn migrate_and_reschedule_decode_with_type_defaults() {
+    let src = format!("job \"j\" {{\n  type = \"batch\"\n  group \"g\" {{\n    migrate {{\n      max_parallel = 2\n    }}\n    reschedule {{\n      attempts = 3\n      delay    = \"10s\"\n      delay_function = \"fibonacci\"\n      max_delay = \"5m\"\n    }}\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n  group \"plain\" {{\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n}}\n");
+    let job = parse_str(&src, "resched.hcl").unwrap();
+    let g = &job.groups[0];
+    assert_eq!(g.migrate.as_ref().map(|m| m.max_parallel), Some(2));
+    let r = g.reschedule.clone().unwrap();
+    assert_eq!((r.attempts, r.delay_ms, r.max_delay_ms, r.unlimited), (3, 10_000, 300_000, false));
+    assert_eq!(r.delay_function, "fibonacci");
+    assert_eq!(r.interval_ms, 24 * 3_600_000, "batch default interval kept");
+    // No block: the scheduler applies the job type's default.
+    assert!(job.groups[1].migrate.is_none() && job.groups[1].reschedule.is_none());
+    let svc = mlp_proto::jobspec::default_reschedule(false);
+    assert!(svc.unlimited && svc.delay_function == "exponential" && svc.delay_ms == 30_000 && svc.max_delay_ms == 3_600_000);
 }

@@ -77,6 +77,9 @@ fn default_namespace(ns: &str) -> &str {
     }
 }
 
+/// The longest drain deadline accepted.
+pub const MAX_DRAIN_DEADLINE_MS: u64 = 30 * 24 * 3_600_000;
+
 /// An id that must be present and sane before it is used as a key.
 fn require_id(what: &str, id: &str) -> Result<(), ApiError> {
     if id.is_empty() {
@@ -299,6 +302,61 @@ impl Api {
         Ok(GetNodeResponse { node: Some(node), allocations })
     }
 
+    /// Starts or cancels a node drain. Starting makes the node ineligible at once; the leader's
+    /// drainer then moves its allocations (see `leader::drain_step`).
+    pub async fn update_drain(&self, req: NodeDrainRequest) -> Result<NodeDrainResponse, ApiError> {
+        require_id("node_id", &req.node_id)?;
+        if req.deadline_ms > MAX_DRAIN_DEADLINE_MS {
+            return Err(ApiError::InvalidArgument(format!(
+                "deadline_ms must be at most {MAX_DRAIN_DEADLINE_MS} (30 days), found {}",
+                req.deadline_ms
+            )));
+        }
+        self.read_barrier(false).await?;
+        let (node_id, draining) = {
+            let st = self.state.read();
+            let n = st.find_node(&req.node_id)?;
+            (n.id.clone(), n.drain_strategy.is_some())
+        };
+        let now = now_ms();
+        let command = if req.enable {
+            let drain = DrainStrategy {
+                deadline_ms: req.deadline_ms,
+                force_deadline_ms: if req.deadline_ms > 0 { now + req.deadline_ms } else { 0 },
+                started_at_ms: now,
+                ignore_system: req.ignore_system,
+            };
+            let message = if req.deadline_ms > 0 {
+                format!("drain started (deadline {}s)", req.deadline_ms / 1000)
+            } else {
+                "drain started (no deadline)".to_string()
+            };
+            Command::UpdateNodeDrain { node_id: node_id.clone(), drain: Some(drain), mark_eligible: false, message }
+        } else {
+            if !draining {
+                return Err(ApiError::InvalidArgument(format!("node {node_id} is not draining")));
+            }
+            Command::UpdateNodeDrain { node_id: node_id.clone(), drain: None, mark_eligible: true, message: "drain cancelled".into() }
+        };
+        let resp = self.raft.submit(Request { now_ms: now, command }).await?;
+        Ok(NodeDrainResponse { index: resp.index, node_id })
+    }
+
+    /// Marks a node eligible or ineligible for new placements (running work stays).
+    pub async fn update_eligibility(&self, req: NodeEligibilityRequest) -> Result<NodeEligibilityResponse, ApiError> {
+        require_id("node_id", &req.node_id)?;
+        self.read_barrier(false).await?;
+        let node_id = self.state.read().find_node(&req.node_id)?.id.clone();
+        let resp = self
+            .raft
+            .submit(Request {
+                now_ms: now_ms(),
+                command: Command::UpdateNodeEligibility { node_id: node_id.clone(), eligible: req.eligible },
+            })
+            .await?;
+        Ok(NodeEligibilityResponse { index: resp.index, node_id })
+    }
+
     pub async fn list_evals(&self, job_id: &str) -> Result<ListEvalsResponse, ApiError> {
         self.read_barrier(false).await?;
         let st = self.state.read();
@@ -346,9 +404,10 @@ impl Api {
         node.status = node_status::READY.to_string();
         node.status_description = "registered".into();
         let resp = self.raft.submit(Request { now_ms: now_ms(), command: Command::UpsertNode { node: node.clone() } }).await?;
-        self.heartbeats.touch(&node.id, self.heartbeat.ttl);
+        let ttl = self.heartbeat.ttl_in(&self.state.read());
+        self.heartbeats.touch(&node.id, ttl);
         tracing::info!(node_id = node.id, name = node.name, "node registered");
-        Ok(RegisterNodeResponse { heartbeat_ttl_ms: self.heartbeat.ttl.as_millis() as u64, index: resp.index })
+        Ok(RegisterNodeResponse { heartbeat_ttl_ms: ttl.as_millis() as u64, index: resp.index })
     }
 
     pub async fn heartbeat(&self, node_id: &str) -> Result<HeartbeatResponse, ApiError> {
@@ -360,7 +419,8 @@ impl Api {
             let st = self.state.read();
             st.nodes.get(node_id).map(|n| n.status.clone()).ok_or_else(|| ApiError::NotFound(format!("node {node_id:?} is not registered")))?
         };
-        self.heartbeats.touch(node_id, self.heartbeat.ttl);
+        let ttl = self.heartbeat.ttl_in(&self.state.read());
+        self.heartbeats.touch(node_id, ttl);
         Metrics::inc(&self.metrics.node_heartbeats);
         if status != node_status::READY {
             let evals = crate::leader::node_evals(&self.state.read(), node_id);
@@ -376,7 +436,7 @@ impl Api {
                 })
                 .await?;
         }
-        Ok(HeartbeatResponse { heartbeat_ttl_ms: self.heartbeat.ttl.as_millis() as u64 })
+        Ok(HeartbeatResponse { heartbeat_ttl_ms: ttl.as_millis() as u64 })
     }
 
     /// All allocations the node should know, with the job version each runs.
@@ -427,7 +487,8 @@ impl Api {
                 }
             }
         }
-        self.heartbeats.touch(&req.node_id, self.heartbeat.ttl);
+        let ttl = self.heartbeat.ttl_in(&self.state.read());
+        self.heartbeats.touch(&req.node_id, ttl);
         Metrics::add(&self.metrics.alloc_updates, req.updates.len() as u64);
         let resp = self
             .raft

@@ -108,6 +108,91 @@ impl alloc_service_server::AllocService for GrpcApi {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    type ExecStream = BoxStream<ExecResponse>;
+
+    /// `mlp alloc exec`: checks the allocation here (it exists and runs), then proxies the
+    /// session both ways to the agent that runs it (`ClientService.Exec`). When the client goes
+    /// away the upstream call is dropped, which ends the session on the agent.
+    async fn exec(&self, req: Request<tonic::Streaming<ExecRequest>>) -> GrpcResult<Self::ExecStream> {
+        self.count();
+        let mut inbound = req.into_inner();
+        let mut first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("exec: the stream ended before its first message"))?;
+        let start = first
+            .start
+            .as_mut()
+            .ok_or_else(|| Status::invalid_argument("exec: the first message must carry `start`"))?;
+        if start.command.is_empty() {
+            return Err(Status::invalid_argument("exec: start.command is empty: name a command to run"));
+        }
+        let alloc = self.api.get_alloc(&start.alloc_id).await?;
+        if alloc.client_status != mlp_proto::consts::alloc_client::RUNNING {
+            return Err(Status::failed_precondition(format!(
+                "allocation {} is {}, not running",
+                alloc.id,
+                if alloc.client_status.is_empty() { "not started" } else { alloc.client_status.as_str() }
+            )));
+        }
+        start.alloc_id = alloc.id.clone();
+        let mut client = self.agent_client(&alloc).await?;
+        let (up_tx, up_rx) = tokio::sync::mpsc::channel::<ExecRequest>(16);
+        let _ = up_tx.send(first).await;
+        tokio::spawn(async move {
+            // Forwards the client's stdin and resizes; ends (closing the upstream request
+            // stream) when the client is done sending or gone.
+            while let Ok(Some(m)) = inbound.message().await {
+                if up_tx.send(m).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut upstream = client.exec(ReceiverStream::new(up_rx)).await?.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    m = upstream.message() => m,
+                    _ = tx.closed() => return,
+                };
+                let done = !matches!(item, Ok(Some(_)));
+                let sent = match item {
+                    Ok(Some(m)) => tx.send(Ok(m)).await,
+                    Ok(None) => return,
+                    Err(status) => tx.send(Err(status)).await,
+                };
+                if sent.is_err() || done {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl GrpcApi {
+    /// A `ClientService` client to the agent of the node that runs `alloc`.
+    async fn agent_client(
+        &self,
+        alloc: &Allocation,
+    ) -> Result<client_service_client::ClientServiceClient<tonic::transport::Channel>, Status> {
+        let addr = {
+            let st = self.api.state.read();
+            st.nodes.get(&alloc.node_id).map(|n| n.rpc_addr.clone()).unwrap_or_default()
+        };
+        if addr.is_empty() {
+            return Err(Status::unavailable(format!("node {} of allocation {} has no agent address", alloc.node_id, alloc.id)));
+        }
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::internal(format!("bad agent address {addr:?}: {e}")))?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(format!("agent at {addr} unreachable: {e}")))?;
+        Ok(client_service_client::ClientServiceClient::new(channel))
+    }
 }
 
 #[tonic::async_trait]
@@ -119,6 +204,14 @@ impl node_service_server::NodeService for GrpcApi {
     async fn get(&self, req: Request<GetNodeRequest>) -> GrpcResult<GetNodeResponse> {
         self.count();
         Ok(Response::new(self.api.get_node(&req.into_inner().node_id).await?))
+    }
+    async fn update_drain(&self, req: Request<NodeDrainRequest>) -> GrpcResult<NodeDrainResponse> {
+        self.count();
+        Ok(Response::new(self.api.update_drain(req.into_inner()).await?))
+    }
+    async fn update_eligibility(&self, req: Request<NodeEligibilityRequest>) -> GrpcResult<NodeEligibilityResponse> {
+        self.count();
+        Ok(Response::new(self.api.update_eligibility(req.into_inner()).await?))
     }
 }
 

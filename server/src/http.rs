@@ -88,6 +88,8 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/allocation/:id", get(get_alloc))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/node/:id", get(get_node))
+        .route("/v1/node/:id/drain", axum::routing::post(node_drain))
+        .route("/v1/node/:id/eligibility", axum::routing::post(node_eligibility))
         .route("/v1/evaluations", get(list_evals))
         .route("/v1/evaluation/:id", get(get_eval))
         .route("/v1/status/leader", get(leader))
@@ -167,6 +169,33 @@ async fn list_nodes(State(api): State<Arc<Api>>) -> HttpResult {
 
 async fn get_node(State(api): State<Arc<Api>>, Path(id): Path<String>) -> HttpResult {
     ok(api.get_node(&id).await?)
+}
+
+/// `POST /v1/node/{id}/drain` with `{"enable": true, "deadline_ms": 3600000, "ignore_system": false}`.
+#[derive(Debug, Deserialize)]
+struct DrainBody {
+    enable: bool,
+    #[serde(default)]
+    deadline_ms: u64,
+    #[serde(default)]
+    ignore_system: bool,
+}
+
+async fn node_drain(State(api): State<Arc<Api>>, Path(id): Path<String>, body: Result<Json<DrainBody>, JsonRejection>) -> HttpResult {
+    let Json(b) = body?;
+    let req = mlp_proto::v1::NodeDrainRequest { node_id: id, enable: b.enable, deadline_ms: b.deadline_ms, ignore_system: b.ignore_system };
+    ok(api.update_drain(req).await?)
+}
+
+/// `POST /v1/node/{id}/eligibility` with `{"eligible": false}`.
+#[derive(Debug, Deserialize)]
+struct EligibilityBody {
+    eligible: bool,
+}
+
+async fn node_eligibility(State(api): State<Arc<Api>>, Path(id): Path<String>, body: Result<Json<EligibilityBody>, JsonRejection>) -> HttpResult {
+    let Json(b) = body?;
+    ok(api.update_eligibility(mlp_proto::v1::NodeEligibilityRequest { node_id: id, eligible: b.eligible }).await?)
 }
 
 async fn list_evals(State(api): State<Arc<Api>>, Query(q): Query<HashMap<String, String>>) -> HttpResult {

@@ -1,6 +1,7 @@
 //! What only the leader does: run pending evaluations through the scheduler, re-check and commit
 //! their plans (the plan applier), keep blocked evaluations until capacity frees, and mark nodes
-//! that miss their heartbeat TTL as down.
+//! that miss their heartbeat TTL as down, run delayed (rescheduling) evaluations when they are
+//! due, and drive node drains (the drainer).
 //!
 //! Everything here is rebuilt from the replicated state whenever this server becomes leader, so a
 //! leader change loses nothing: pending evaluations are in the state, blocked ones too, and
@@ -17,21 +18,51 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::raft::node::RaftNode;
+use crate::plan_apply::{check_plan, Checked};
 use crate::scheduler;
 use crate::state::{Command, Effect, PlanResult, Request, StateHandle};
 
-/// Heartbeat settings.
+/// Heartbeat settings. The TTL scales with the cluster like Nomad's:
+/// `max(ttl, nodes / max_heartbeats_per_second)`, so the leader handles at most about
+/// `max_heartbeats_per_second` heartbeats a second however many nodes there are.
 #[derive(Debug, Clone, Copy)]
 pub struct HeartbeatSettings {
-    /// A node that sends nothing for this long is marked down.
+    /// The smallest TTL (`--heartbeat-min-ttl`): a node that sends nothing for its TTL is
+    /// marked down.
     pub ttl: Duration,
     /// Extra time every node gets when a server becomes leader.
     pub failover_grace: Duration,
+    /// `--max-heartbeats-per-second`.
+    pub max_heartbeats_per_second: f64,
 }
+
+/// Default `--max-heartbeats-per-second` (Nomad's).
+pub const DEFAULT_MAX_HEARTBEATS_PER_SECOND: f64 = 50.0;
 
 impl Default for HeartbeatSettings {
     fn default() -> Self {
-        HeartbeatSettings { ttl: Duration::from_secs(10), failover_grace: Duration::from_secs(10) }
+        HeartbeatSettings {
+            ttl: Duration::from_secs(10),
+            failover_grace: Duration::from_secs(10),
+            max_heartbeats_per_second: DEFAULT_MAX_HEARTBEATS_PER_SECOND,
+        }
+    }
+}
+
+impl HeartbeatSettings {
+    /// The TTL for a cluster of `nodes` live nodes.
+    pub fn ttl_for(&self, nodes: usize) -> Duration {
+        let scaled = if self.max_heartbeats_per_second > 0.0 {
+            Duration::from_secs_f64(nodes as f64 / self.max_heartbeats_per_second)
+        } else {
+            Duration::ZERO
+        };
+        self.ttl.max(scaled)
+    }
+
+    /// The TTL for the nodes in `st` that are not down.
+    pub fn ttl_in(&self, st: &crate::state::ClusterState) -> Duration {
+        self.ttl_for(st.nodes.values().filter(|n| n.status != node_status::DOWN).count())
     }
 }
 
@@ -94,6 +125,8 @@ pub struct Leader {
     /// applier checks new plans against the state plus these, so two plans in flight at once
     /// can never overcommit a node between them.
     pub in_flight: std::sync::Mutex<BTreeMap<String, Allocation>>,
+    /// Scheduler settings (preemption per job type).
+    pub options: scheduler::Options,
 }
 
 /// Blocked evaluations in the order they get capacity: priority first, then submit order.
@@ -108,6 +141,13 @@ struct Queues {
     /// Jobs with an evaluation being planned: a job's evaluations never run concurrently.
     busy_jobs: BTreeSet<String>,
     capacity_changed: bool,
+    /// Blocked gang evaluations' wait deadlines (ms since the epoch), by evaluation id.
+    deadlines: BTreeMap<String, u64>,
+    /// Freed capacity went to the blocked evaluations that outrank the ready ones; the others
+    /// are retried once the ready ones ran.
+    unblock_rest: bool,
+    /// Pending evaluations that wait until a time (delayed rescheduling): (wait_until_ms, id).
+    delayed: BTreeSet<(u64, String)>,
 }
 
 impl Queues {
@@ -115,15 +155,36 @@ impl Queues {
         match e {
             Effect::EvalsPending(ids) => {
                 for id in ids {
-                    if self.queued.insert(id.clone()) {
-                        self.ready.push_back(id);
-                    }
+                    let wait_until = leader.state.read().evals.get(&id).map(|e| e.wait_until_ms).unwrap_or(0);
+                    self.enqueue(id, wait_until, now_ms());
                 }
             }
             Effect::CapacityChanged => self.capacity_changed = true,
             Effect::Reset => {
                 leader.rebuild(self);
                 self.capacity_changed = true;
+            }
+        }
+    }
+
+    /// Queues a pending evaluation: ready now, or delayed until `wait_until`.
+    fn enqueue(&mut self, id: String, wait_until: u64, now: u64) {
+        if wait_until > now {
+            self.delayed.insert((wait_until, id));
+        } else if self.queued.insert(id.clone()) {
+            self.ready.push_back(id);
+        }
+    }
+
+    /// Moves the delayed evaluations that are due to the ready queue.
+    fn release_due(&mut self, now: u64) {
+        while let Some((at, id)) = self.delayed.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.delayed.remove(&(at, id.clone()));
+            if self.queued.insert(id.clone()) {
+                self.ready.push_back(id);
             }
         }
     }
@@ -144,8 +205,36 @@ impl Queues {
     fn record(&mut self, report: EvalReport) {
         for id in &report.unblocked {
             self.blocked.retain(|k| &k.2 != id);
+            self.deadlines.remove(id);
         }
         self.blocked.extend(report.blocked);
+        self.deadlines.extend(report.deadlines);
+    }
+
+    /// Blocked gang evaluations whose wait ran out: they are re-run once more, and give up.
+    fn expire(&mut self, now_ms: u64) {
+        let due: Vec<String> = self.deadlines.iter().filter(|(_, d)| **d <= now_ms).map(|(id, _)| id.clone()).collect();
+        for id in due {
+            self.deadlines.remove(&id);
+            let before = self.blocked.len();
+            self.blocked.retain(|k| k.2 != id);
+            if self.blocked.len() < before && self.queued.insert(id.clone()) {
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    /// The highest priority among the ready evaluations (None when none is ready).
+    fn ready_priority(&self, state: &StateHandle) -> Option<i32> {
+        let st = state.read();
+        self.ready.iter().filter_map(|id| st.evals.get(id)).map(|e| e.priority).max()
+    }
+
+    /// Whether a blocked evaluation must get freed capacity before the ready ones run: its
+    /// priority is at least theirs (strict priority, see `Leader::run`).
+    fn blocked_outranks(&self, state: &StateHandle) -> bool {
+        let Some(top) = self.blocked.first().map(|k| k.0 .0) else { return false };
+        self.ready_priority(state).is_none_or(|p| top >= p)
     }
 }
 
@@ -155,6 +244,11 @@ struct EvalReport {
     outcome: Option<EvalOutcome>,
     blocked: Vec<BlockedKey>,
     unblocked: Vec<String>,
+    /// Wait deadlines of blocked gang evaluations.
+    deadlines: Vec<(String, u64)>,
+    /// Whether the evaluation failed on resources alone on every usable node (no filter, no
+    /// gang, no device constraint): then a later evaluation asking for more can't fit either.
+    resources_only: bool,
 }
 
 impl Leader {
@@ -179,16 +273,28 @@ impl Leader {
                 while let Ok(e) = effects.try_recv() {
                     q.absorb(e, &self);
                 }
-                while workers.len() < SCHEDULER_WORKERS {
+                // Strict priority: freed capacity goes to blocked evaluations (in priority, then
+                // submit, order) before any ready evaluation of lower priority can take it.
+                let hold = q.capacity_changed && q.blocked_outranks(&self.state);
+                if hold && workers.is_empty() {
+                    q.capacity_changed = false;
+                    let floor = q.ready_priority(&self.state);
+                    self.unblock(&mut q, floor).await;
+                    // Lower-priority blocked evaluations get their turn once the ready ones ran.
+                    q.unblock_rest = floor.is_some();
+                    continue;
+                }
+                while !hold && workers.len() < SCHEDULER_WORKERS {
                     let Some((id, job)) = q.next_runnable(&self.state) else { break };
                     q.busy_jobs.insert(job.clone());
                     let me = self.clone();
                     workers.spawn(async move { (job, me.run_eval(&id).await) });
                 }
                 // Blocked evaluations get capacity in order, so they run alone and in sequence.
-                if workers.is_empty() && q.ready.is_empty() && q.capacity_changed {
+                if workers.is_empty() && q.ready.is_empty() && (q.capacity_changed || q.unblock_rest) {
                     q.capacity_changed = false;
-                    self.unblock(&mut q).await;
+                    q.unblock_rest = false;
+                    self.unblock(&mut q, None).await;
                     continue;
                 }
             }
@@ -215,7 +321,10 @@ impl Leader {
                 }
                 _ = tick.tick() => {
                     if is_leader {
+                        q.expire(now_ms());
                         self.check_heartbeats().await;
+                        q.release_due(now_ms());
+                        self.drain_nodes().await;
                     }
                 }
             }
@@ -226,27 +335,34 @@ impl Leader {
         q.ready.clear();
         q.queued.clear();
         q.blocked.clear();
+        q.deadlines.clear();
+        q.delayed.clear();
         let st = self.state.read();
         let mut pending: Vec<&Evaluation> = st.evals.values().filter(|e| e.status == eval_status::PENDING).collect();
         pending.sort_by_key(|e| (Reverse(e.priority), e.create_index));
+        let now = now_ms();
         for e in pending {
-            q.queued.insert(e.id.clone());
-            q.ready.push_back(e.id.clone());
+            q.enqueue(e.id.clone(), e.wait_until_ms, now);
         }
         for e in st.evals.values().filter(|e| e.status == eval_status::BLOCKED) {
             q.blocked.insert((Reverse(e.priority), e.create_index, e.id.clone()));
+            if e.wait_deadline_ms > 0 {
+                q.deadlines.insert(e.id.clone(), e.wait_deadline_ms);
+            }
         }
-        let deadline = Instant::now() + self.settings.ttl + self.settings.failover_grace;
+        let deadline = Instant::now() + self.settings.ttl_in(&st) + self.settings.failover_grace;
         self.heartbeats.reset(
             st.nodes.values().filter(|n| n.status != node_status::DOWN).map(|n| n.id.clone()),
             deadline,
         );
     }
 
-    /// Re-runs blocked evaluations in priority, then submit, order. Runs that place nothing
-    /// write nothing, so a long blocked queue costs scheduler time only, not Raft writes.
-    async fn unblock(&self, q: &mut Queues) {
-        let order: Vec<BlockedKey> = q.blocked.iter().cloned().collect();
+    /// Re-runs blocked evaluations in priority, then submit, order (only those of priority at
+    /// least `floor`, when given). Runs that place nothing write nothing, so a long blocked
+    /// queue costs scheduler time only, not Raft writes.
+    async fn unblock(&self, q: &mut Queues, floor: Option<i32>) {
+        let order: Vec<BlockedKey> =
+            q.blocked.iter().filter(|k| floor.is_none_or(|f| k.0 .0 >= f)).cloned().collect();
         // Requests that failed for lack of capacity in this pass: a later evaluation asking for
         // at least as much in every dimension can't fit either.
         let mut exhausted: Vec<[u64; 4]> = Vec::new();
@@ -265,7 +381,7 @@ impl Leader {
             }
             q.blocked.remove(&key);
             let report = self.run_eval(&key.2).await;
-            let still_blocked = report.outcome == Some(EvalOutcome::StillBlocked);
+            let still_blocked = report.outcome == Some(EvalOutcome::StillBlocked) && report.resources_only;
             q.record(report);
             if still_blocked {
                 if let Some(ask) = ask {
@@ -278,6 +394,7 @@ impl Leader {
     async fn check_heartbeats(&self) {
         let expired = self.heartbeats.expired(Instant::now());
         for node_id in expired {
+            let ttl = self.settings.ttl_in(&self.state.read());
             let evals = {
                 let st = self.state.read();
                 match st.nodes.get(&node_id) {
@@ -286,13 +403,13 @@ impl Leader {
                 }
                 node_evals(&st, &node_id)
             };
-            tracing::warn!(node_id, ttl_ms = self.settings.ttl.as_millis() as u64, "node missed its heartbeat TTL; marking down");
+            tracing::warn!(node_id, ttl_ms = ttl.as_millis() as u64, "node missed its heartbeat TTL; marking down");
             let req = Request {
                 now_ms: now_ms(),
                 command: Command::UpdateNodeStatus {
                     node_id: node_id.clone(),
                     status: node_status::DOWN.to_string(),
-                    description: format!("missed heartbeat TTL of {}s", self.settings.ttl.as_secs_f64()),
+                    description: format!("missed heartbeat TTL of {}s", ttl.as_secs_f64()),
                     evals,
                 },
             };
@@ -303,19 +420,53 @@ impl Leader {
         }
     }
 
+    /// The drainer: for every draining node, asks the scheduler to move the next allocations
+    /// (`drain_step`), and ends the drain when nothing is left on the node.
+    async fn drain_nodes(&self) {
+        let now = now_ms();
+        let steps: Vec<(String, DrainStep)> = {
+            let st = self.state.read();
+            st.nodes
+                .values()
+                .filter(|n| n.drain_strategy.is_some())
+                .map(|n| (n.id.clone(), drain_step(&st, n, now)))
+                .filter(|(_, s)| s.done || !s.migrate.is_empty())
+                .collect()
+        };
+        for (node_id, step) in steps {
+            let command = if step.done {
+                tracing::info!(node_id, "node drain complete; the node stays ineligible");
+                Command::UpdateNodeDrain { node_id: node_id.clone(), drain: None, mark_eligible: false, message: "drain complete".into() }
+            } else {
+                tracing::info!(node_id, allocs = step.migrate.len(), forced = step.forced, "drain: migrating allocations");
+                let evals = {
+                    let st = self.state.read();
+                    drain_evals(&st, &node_id, &step.migrate)
+                };
+                Command::MarkAllocsMigrate { alloc_ids: step.migrate, evals }
+            };
+            if let Err(e) = self.raft.write(Request { now_ms: now, command }).await {
+                tracing::warn!(node_id, error = %e, "drainer could not commit");
+            }
+        }
+    }
+
     /// Plan applier, first half: checks placements against the latest state plus every plan
     /// still being committed, and reserves the accepted ones. Returns (accepted, rejected count).
-    fn admit(&self, placements: Vec<Allocation>) -> (Vec<Allocation>, usize) {
+    /// Gangs are accepted or rejected whole; evictions stand only with their preemptor; the
+    /// evicted allocations' jobs get evaluations (their replacements). See `plan_apply`.
+    fn admit(&self, plan: scheduler::Plan) -> (Checked, Vec<Evaluation>) {
         let mut in_flight = match self.in_flight.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
         let st = self.state.read();
-        let (accepted, rejected) = check_plan(&st, placements, &in_flight);
-        for a in &accepted {
+        let checked = check_plan(&st, plan, &in_flight);
+        for a in &checked.accepted {
             in_flight.insert(a.id.clone(), a.clone());
         }
-        (accepted, rejected)
+        let evals = crate::plan_apply::victim_evals(&st, &checked.preemptions);
+        (checked, evals)
     }
 
     /// Plan applier, second half: the committed (or failed) placements are no longer in flight.
@@ -340,7 +491,7 @@ impl Leader {
                 return report;
             }
             let job = st.job(&eval.namespace, &eval.job_id).cloned();
-            let plan = scheduler::schedule(&st, job.as_ref(), &eval, now_ms());
+            let plan = scheduler::schedule_opts(&st, job.as_ref(), &eval, now_ms(), self.options);
             // Other blocked evaluations of the same job are superseded by this one.
             let superseded: Vec<Evaluation> = st
                 .evals_for_job(&eval.namespace, &eval.job_id)
@@ -354,9 +505,13 @@ impl Leader {
                 .collect();
             (eval, plan, superseded)
         };
-        let (mut eval, plan, superseded) = computed;
-        let (accepted, rejected) = self.admit(plan.placements);
-        let (stops, failed, mut queued) = (plan.stops, plan.failed_tg_allocs, plan.queued_allocations);
+        let (mut eval, mut plan, superseded) = computed;
+        let (failed, mut queued) = (std::mem::take(&mut plan.failed_tg_allocs), std::mem::take(&mut plan.queued_allocations));
+        let (follow_ups, annotations) = (std::mem::take(&mut plan.new_evals), std::mem::take(&mut plan.annotations));
+        let gang_timeout = gang_wait(&self.state, &eval, &queued);
+        report.resources_only = resources_only(&self.state, &eval, &failed);
+        let (checked, victim_evals) = self.admit(plan);
+        let Checked { accepted, stops, preemptions, rejected } = checked;
         Metrics::add(&self.metrics.schedule_micros_total, started.elapsed().as_micros() as u64);
         Metrics::inc(&self.metrics.evals_processed);
         if rejected > 0 {
@@ -366,7 +521,9 @@ impl Leader {
         let unplaced: u32 = queued.values().sum();
         let was_blocked = eval.status == eval_status::BLOCKED;
         let mut new_evals = superseded;
+        let has_follow_ups = !follow_ups.is_empty() || !annotations.is_empty();
         report.unblocked = new_evals.iter().map(|e| e.id.clone()).collect();
+        let now = now_ms();
         let outcome;
         if rejected > 0 {
             // The plan went stale between snapshot and apply: commit what fits, retry the rest.
@@ -376,16 +533,36 @@ impl Leader {
             outcome = EvalOutcome::Retry;
         } else if unplaced > 0 {
             Metrics::inc(&self.metrics.evals_blocked);
-            if was_blocked && accepted.is_empty() && stops.is_empty() && new_evals.is_empty() {
+            let timed_out = was_blocked && eval.wait_deadline_ms > 0 && now >= eval.wait_deadline_ms;
+            if was_blocked && !timed_out && accepted.is_empty() && stops.is_empty() && new_evals.is_empty() && !has_follow_ups {
                 report.blocked.push((Reverse(eval.priority), eval.create_index, eval.id.clone()));
+                if eval.wait_deadline_ms > 0 {
+                    report.deadlines.push((eval.id.clone(), eval.wait_deadline_ms));
+                }
                 report.outcome = Some(EvalOutcome::StillBlocked);
                 return report;
             }
-            if was_blocked {
+            if timed_out {
+                // A gang waited its whole timeout: the job is reported unplaceable, with why.
+                let why: Vec<String> = explain_failures(&failed).into_iter().map(|l| l.trim().to_string()).collect();
+                eval.status = eval_status::FAILED.to_string();
+                eval.unplaceable_reason = format!(
+                    "unplaceable: {unplaced} allocations could not be placed within the gang timeout ({}s): {}",
+                    gang_timeout.map_or(0, |t| t / 1000),
+                    why.join("; ")
+                );
+                eval.status_description = eval.unplaceable_reason.clone();
+                eval.queued_allocations = queued;
+                eval.failed_tg_allocs = failed;
+                outcome = EvalOutcome::Done;
+            } else if was_blocked {
                 eval.queued_allocations = queued;
                 eval.failed_tg_allocs = failed;
                 eval.status_description = format!("{unplaced} allocations wait for capacity");
                 report.blocked.push((Reverse(eval.priority), eval.create_index, eval.id.clone()));
+                if eval.wait_deadline_ms > 0 {
+                    report.deadlines.push((eval.id.clone(), eval.wait_deadline_ms));
+                }
                 outcome = EvalOutcome::StillBlocked;
             } else {
                 let blocked_eval = Evaluation {
@@ -401,6 +578,7 @@ impl Leader {
                     queued_allocations: queued.clone(),
                     failed_tg_allocs: failed.clone(),
                     previous_eval: eval.id.clone(),
+                    wait_deadline_ms: gang_timeout.map_or(0, |t| now.saturating_add(t)),
                     ..Default::default()
                 };
                 eval.blocked_eval = blocked_eval.id.clone();
@@ -419,15 +597,24 @@ impl Leader {
         }
         report.outcome = Some(outcome);
         let placed = accepted.len() as u64;
-        let new_blocked: Vec<(Reverse<i32>, String)> = new_evals
+        let new_blocked: Vec<(Reverse<i32>, String, u64)> = new_evals
             .iter()
             .filter(|e| e.status == eval_status::BLOCKED)
-            .map(|e| (Reverse(e.priority), e.id.clone()))
+            .map(|e| (Reverse(e.priority), e.id.clone(), e.wait_deadline_ms))
             .collect();
+        new_evals.extend(victim_evals);
         let committed = accepted.clone();
+        new_evals.extend(follow_ups);
         let req = Request {
             now_ms: now_ms(),
-            command: Command::ApplyPlan(PlanResult { eval: Some(eval), placements: accepted, stops, new_evals }),
+            command: Command::ApplyPlan(PlanResult {
+                eval: Some(eval),
+                placements: accepted,
+                stops,
+                new_evals,
+                annotations,
+                preemptions,
+            }),
         };
         let result = self.raft.write(req).await;
         self.release(&committed);
@@ -436,7 +623,10 @@ impl Leader {
                 Metrics::inc(&self.metrics.plans_applied);
                 Metrics::add(&self.metrics.placements, placed);
                 // A new blocked evaluation's create index is the plan's index: submit order.
-                for (p, id) in new_blocked {
+                for (p, id, deadline) in new_blocked {
+                    if deadline > 0 {
+                        report.deadlines.push((id.clone(), deadline));
+                    }
                     report.blocked.push((p, resp.index, id));
                 }
             }
@@ -472,38 +662,112 @@ fn scheduler_ask(job: &mlp_proto::v1::Job) -> [u64; 4] {
     ask
 }
 
-/// The plan applier's check: every node's placements must still fit the latest state plus the
-/// placements of plans still being committed. Returns the accepted placements and how many were
-/// rejected; only the conflicting nodes' part of a plan is rejected.
-fn check_plan(
-    st: &crate::state::ClusterState,
-    placements: Vec<Allocation>,
-    in_flight: &BTreeMap<String, Allocation>,
-) -> (Vec<Allocation>, usize) {
-    let mut by_node: BTreeMap<String, Vec<Allocation>> = BTreeMap::new();
-    for p in placements {
-        by_node.entry(p.node_id.clone()).or_default().push(p);
+/// How long a blocked gang waits (ms) when one of the groups left unplaced is a gang: the
+/// shortest of those groups' timeouts (default [`DEFAULT_GANG_TIMEOUT_MS`]). None: no gang waits.
+fn gang_wait(state: &StateHandle, eval: &Evaluation, queued: &BTreeMap<String, u32>) -> Option<u64> {
+    let st = state.read();
+    let job = st.job(&eval.namespace, &eval.job_id)?;
+    job.groups
+        .iter()
+        .filter(|g| scheduler::place::gang_size(g) > 0 && queued.get(&g.name).is_some_and(|n| *n > 0))
+        .map(|g| if g.gang_timeout_ms > 0 { g.gang_timeout_ms } else { DEFAULT_GANG_TIMEOUT_MS })
+        .min()
+}
+
+/// How long a gang waits for capacity unless its group says otherwise.
+pub const DEFAULT_GANG_TIMEOUT_MS: u64 = 5 * 60 * 1000;
+
+/// Whether every failure is plain resource exhaustion on every usable node (see
+/// `EvalReport::resources_only`).
+fn resources_only(state: &StateHandle, eval: &Evaluation, failed: &BTreeMap<String, AllocMetric>) -> bool {
+    let st = state.read();
+    let Some(job) = st.job(&eval.namespace, &eval.job_id) else { return false };
+    let device_constraints = job
+        .groups
+        .iter()
+        .flat_map(|g| &g.tasks)
+        .filter_map(|t| t.resources.as_ref()?.gpu.as_ref())
+        .any(|g| !g.models.is_empty() || g.memory_mib > 0);
+    !device_constraints
+        && job.groups.iter().all(|g| scheduler::place::gang_size(g) == 0)
+        && failed.values().all(|m| m.nodes_filtered == 0 && m.gang_failure.is_empty())
+}
+
+/// What the drainer does next for one node.
+#[derive(Debug, Default, PartialEq)]
+pub struct DrainStep {
+    /// Allocations to mark for migration now.
+    pub migrate: Vec<String>,
+    /// Nothing is left to move: the drain is complete.
+    pub done: bool,
+    /// The deadline passed: everything left moves at once.
+    pub forced: bool,
+}
+
+/// The drainer's decision for `node` (pure). Every live allocation (desired `run`, not
+/// terminal) on the node must move. Per task group at most `migrate.max_parallel` (default 1)
+/// of the group's allocations may be in flight, counted over the whole cluster: marked for
+/// migration but not yet replaced, or placed but not yet running. At the drain's deadline
+/// everything left is marked at once.
+pub fn drain_step(st: &crate::state::ClusterState, node: &mlp_proto::v1::Node, now: u64) -> DrainStep {
+    let mut step = DrainStep::default();
+    let Some(drain) = &node.drain_strategy else { return step };
+    let mut remaining: Vec<&Allocation> = st.allocs_for_node(&node.id).filter(|a| scheduler::resources::is_live(a)).collect();
+    if remaining.is_empty() {
+        step.done = true;
+        return step;
     }
-    let mut accepted = Vec::new();
-    let mut rejected = 0;
-    for (node_id, allocs) in by_node {
-        let fits = match st.nodes.get(&node_id) {
-            Some(node) => {
-                let refs: Vec<&Allocation> =
-                    in_flight.values().filter(|a| a.node_id == node_id).chain(allocs.iter()).collect();
-                scheduler::check_node_fit(st, node, &refs)
-            }
-            None => Err(format!("node {node_id} is gone")),
+    remaining.retain(|a| !a.desired_migrate);
+    remaining.sort_by(|a, b| (&a.namespace, &a.job_id, &a.task_group, a.index, &a.id).cmp(&(&b.namespace, &b.job_id, &b.task_group, b.index, &b.id)));
+    if drain.force_deadline_ms > 0 && now >= drain.force_deadline_ms {
+        step.forced = true;
+        step.migrate = remaining.iter().map(|a| a.id.clone()).collect();
+        return step;
+    }
+    let mut groups: BTreeMap<(String, String, String), Vec<&Allocation>> = BTreeMap::new();
+    for a in remaining {
+        groups.entry((a.namespace.clone(), a.job_id.clone(), a.task_group.clone())).or_default().push(a);
+    }
+    for ((ns, job_id, group), allocs) in groups {
+        let tg = st.job(&ns, &job_id).and_then(|j| j.groups.iter().find(|g| g.name == group));
+        let Some(tg) = tg else {
+            // The job or group is gone: nothing to keep running, move (stop) them all.
+            step.migrate.extend(allocs.iter().map(|a| a.id.clone()));
+            continue;
         };
-        match fits {
-            Ok(()) => accepted.extend(allocs),
-            Err(why) => {
-                tracing::debug!(node_id, why, "plan applier rejected placements");
-                rejected += allocs.len();
-            }
-        }
+        let max_parallel = tg.migrate.as_ref().map(|m| m.max_parallel).unwrap_or(1).max(1) as usize;
+        let in_flight = st
+            .allocs_for_job(&ns, &job_id)
+            .filter(|a| a.task_group == group && scheduler::resources::is_live(a))
+            .filter(|a| a.desired_migrate || a.client_status != alloc_client::RUNNING)
+            .count();
+        let budget = max_parallel.saturating_sub(in_flight);
+        step.migrate.extend(allocs.iter().take(budget).map(|a| a.id.clone()));
     }
-    (accepted, rejected)
+    step
+}
+
+/// One `node-drain` evaluation per job of the allocations being moved.
+fn drain_evals(st: &crate::state::ClusterState, node_id: &str, alloc_ids: &[String]) -> Vec<Evaluation> {
+    let jobs: BTreeSet<(String, String)> =
+        alloc_ids.iter().filter_map(|id| st.allocs.get(id)).map(|a| (a.namespace.clone(), a.job_id.clone())).collect();
+    jobs.into_iter()
+        .map(|(ns, id)| {
+            let (priority, ty, jmi) = st.job(&ns, &id).map(|j| (j.priority, j.r#type.clone(), j.job_modify_index)).unwrap_or_default();
+            Evaluation {
+                id: uuid::Uuid::new_v4().to_string(),
+                namespace: ns,
+                job_id: id,
+                priority,
+                r#type: ty,
+                triggered_by: eval_trigger::NODE_DRAIN.to_string(),
+                node_id: node_id.to_string(),
+                status: eval_status::PENDING.to_string(),
+                job_modify_index: jmi,
+                ..Default::default()
+            }
+        })
+        .collect()
 }
 
 /// Evaluations for every job with live allocations on a node whose status changed.
@@ -540,4 +804,103 @@ pub fn explain_failures(failed: &BTreeMap<String, AllocMetric>) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod drain_and_ttl_tests {
+    use super::*;
+    use crate::state::ClusterState;
+    use mlp_proto::consts::alloc_desired;
+    use mlp_proto::v1::{DrainStrategy, Job, MigrateStrategy, Node, TaskGroup};
+
+    #[test]
+    fn ttl_scales_with_nodes_above_the_minimum() {
+        let s = HeartbeatSettings::default();
+        assert_eq!(s.ttl_for(0), Duration::from_secs(10));
+        assert_eq!(s.ttl_for(500), Duration::from_secs(10), "500 / 50 = 10 s: the minimum");
+        assert_eq!(s.ttl_for(1000), Duration::from_secs(20));
+        assert_eq!(s.ttl_for(10_000), Duration::from_secs(200));
+        let fast = HeartbeatSettings { ttl: Duration::from_secs(2), max_heartbeats_per_second: 10.0, ..Default::default() };
+        assert_eq!(fast.ttl_for(5), Duration::from_secs(2));
+        assert_eq!(fast.ttl_for(50), Duration::from_secs(5));
+    }
+
+    fn alloc(id: &str, node: &str, index: u32, status: &str) -> Allocation {
+        Allocation {
+            id: id.into(),
+            node_id: node.into(),
+            job_id: "j".into(),
+            namespace: "default".into(),
+            task_group: "g".into(),
+            index,
+            desired_status: alloc_desired::RUN.into(),
+            client_status: status.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Node n1 draining with allocations a0..a3 of job j (max_parallel `mp`).
+    fn draining(mp: Option<u32>, force_deadline_ms: u64) -> (ClusterState, Node) {
+        let mut st = ClusterState::default();
+        let node = Node {
+            id: "n1".into(),
+            drain_strategy: Some(DrainStrategy { force_deadline_ms, ..Default::default() }),
+            ..Default::default()
+        };
+        st.nodes.insert("n1".into(), node.clone());
+        let job = Job {
+            id: "j".into(),
+            namespace: "default".into(),
+            groups: vec![TaskGroup { name: "g".into(), count: 4, migrate: mp.map(|m| MigrateStrategy { max_parallel: m }), ..Default::default() }],
+            ..Default::default()
+        };
+        st.jobs.insert("default/j".into(), job);
+        for i in 0..4 {
+            let a = alloc(&format!("a{i}"), "n1", i, alloc_client::RUNNING);
+            st.allocs.insert(a.id.clone(), a);
+        }
+        st.rebuild_indexes();
+        (st, node)
+    }
+
+    #[test]
+    fn drain_moves_at_most_max_parallel_per_group() {
+        let (mut st, node) = draining(None, 0);
+        assert_eq!(drain_step(&st, &node, 0).migrate, ["a0"], "default max_parallel is 1");
+        // a0 is marked: nothing more until its replacement runs.
+        if let Some(a) = st.allocs.get_mut("a0") {
+            a.desired_migrate = true;
+        }
+        assert!(drain_step(&st, &node, 0).migrate.is_empty());
+        // The scheduler stopped a0 and placed b0 elsewhere, still pending: still nothing.
+        if let Some(a) = st.allocs.get_mut("a0") {
+            a.desired_status = alloc_desired::STOP.into();
+        }
+        let b0 = alloc("b0", "n2", 0, alloc_client::PENDING);
+        st.allocs.insert(b0.id.clone(), b0);
+        st.rebuild_indexes();
+        assert!(drain_step(&st, &node, 0).migrate.is_empty());
+        // b0 runs: the next one goes.
+        if let Some(a) = st.allocs.get_mut("b0") {
+            a.client_status = alloc_client::RUNNING.into();
+        }
+        assert_eq!(drain_step(&st, &node, 0).migrate, ["a1"]);
+
+        let (st, node) = draining(Some(3), 0);
+        assert_eq!(drain_step(&st, &node, 0).migrate, ["a0", "a1", "a2"]);
+    }
+
+    #[test]
+    fn drain_forces_at_the_deadline_and_completes_when_empty() {
+        let (mut st, node) = draining(Some(1), 5_000);
+        assert_eq!(drain_step(&st, &node, 4_999).migrate.len(), 1);
+        let forced = drain_step(&st, &node, 5_000);
+        assert!(forced.forced);
+        assert_eq!(forced.migrate.len(), 4);
+        for a in st.allocs.values_mut() {
+            a.client_status = alloc_client::COMPLETE.into();
+        }
+        let done = drain_step(&st, &node, 6_000);
+        assert!(done.done && done.migrate.is_empty());
+    }
 }

@@ -1,6 +1,7 @@
 //! mlp server: the Raft-replicated cluster state, the scheduler, the leader's evaluation and
 //! plan loops, and the gRPC and HTTP APIs.
 
+pub mod c1m;
 pub mod raft;
 pub mod scheduler;
 pub mod sim;
@@ -10,6 +11,7 @@ pub mod grpc;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod plan_apply;
 pub mod server;
 
 pub use server::{ClusterSettings, Server, ServerConfig, ServerError};

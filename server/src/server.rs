@@ -33,6 +33,8 @@ pub struct ServerConfig {
     pub advertise_addr: Option<String>,
     pub raft: RaftSettings,
     pub heartbeat: HeartbeatSettings,
+    /// Scheduler settings (preemption per job type and its priority delta).
+    pub scheduler: crate::scheduler::Options,
 }
 
 /// Start-up failures.
@@ -177,6 +179,7 @@ impl Server {
             heartbeats,
             settings: config.heartbeat,
             in_flight: std::sync::Mutex::new(Default::default()),
+            options: config.scheduler,
         });
         let mut rx = shutdown_rx;
         tasks.push(tokio::spawn(async move {

@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use mlp_proto::consts::{alloc_client, alloc_desired, eval_status, job_status, job_type, node_status};
-use mlp_proto::v1::{AllocClientUpdate, Allocation, Evaluation, Job, Node};
+use mlp_proto::consts::eval_trigger;
+use mlp_proto::v1::{AllocClientUpdate, Allocation, DrainStrategy, Evaluation, Job, Node, NodeEvent};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
 
@@ -42,6 +43,20 @@ pub enum Command {
     UpdateAllocsFromClient { node_id: String, updates: Vec<AllocClientUpdate> },
     /// Create or update evaluations (e.g. re-queue a blocked one).
     UpsertEvals { evals: Vec<Evaluation> },
+    // ---- node drain, rescheduling, snapshot restore (issue 5); new variants go last so older
+    // logs still decode ----
+    /// Start (`drain` set: the node becomes ineligible at once) or end a drain. Ending it with
+    /// `mark_eligible` (a cancelled drain) makes the node eligible again; a completed drain
+    /// leaves it ineligible.
+    UpdateNodeDrain { node_id: String, drain: Option<DrainStrategy>, mark_eligible: bool, message: String },
+    /// Scheduling eligibility of a node (refused while it drains and `eligible` is asked).
+    UpdateNodeEligibility { node_id: String, eligible: bool },
+    /// The drainer asks the scheduler to move these allocations (`desired_migrate`), with the
+    /// evaluations of their jobs.
+    MarkAllocsMigrate { alloc_ids: Vec<String>, evals: Vec<Evaluation> },
+    /// Replace the whole state with a saved one (serde_json of `ClusterState`, as
+    /// `SnapshotSave` returns it). Every server applies the same bytes, so all converge.
+    RestoreState { state: String },
 }
 
 /// What the plan applier commits: placements that fit, stops, and the evaluation's outcome.
@@ -51,7 +66,25 @@ pub struct PlanResult {
     pub placements: Vec<Allocation>,
     pub stops: Vec<AllocStop>,
     pub new_evals: Vec<Evaluation>,
+    /// Rescheduling notes on existing allocations (follow-up evaluation, why not replaced).
+    #[serde(default)]
+    pub annotations: Vec<AllocAnnotation>,
+    /// Evictions for higher-priority placements: each victim records its preemptor (the
+    /// preemptor's allocation carries `preempted_allocations` itself).
+    #[serde(default)]
+    pub preemptions: Vec<crate::scheduler::Preempted>,
 }
+
+/// A note the scheduler writes on an allocation it did not (yet) replace.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AllocAnnotation {
+    pub alloc_id: String,
+    pub follow_up_eval_id: Option<String>,
+    pub reschedule_description: Option<String>,
+}
+
+/// How many node events are kept per node.
+pub const MAX_NODE_EVENTS: usize = 20;
 
 /// An allocation the scheduler wants stopped (or marked lost).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -237,6 +270,8 @@ impl ClusterState {
                     Some(prev) => {
                         node.create_index = prev.create_index;
                         node.eligible = prev.eligible;
+                        node.drain_strategy = prev.drain_strategy;
+                        node.events = prev.events.clone();
                     }
                     None => {
                         node.create_index = index;
@@ -283,6 +318,12 @@ impl ClusterState {
                         effects.push(Effect::CapacityChanged);
                     }
                 }
+                for p in &plan.preemptions {
+                    if let Some(a) = self.allocs.get_mut(&p.victim) {
+                        a.preempted_by_allocation = p.by_alloc.clone();
+                        a.preempted_by_job = p.by_job.clone();
+                    }
+                }
                 for p in &plan.placements {
                     let mut a = p.clone();
                     a.create_index = index;
@@ -297,7 +338,26 @@ impl ClusterState {
                         a.desired_status = alloc_desired::RUN.to_string();
                     }
                     touched.insert(job_key(&a.namespace, &a.job_id));
+                    if !a.previous_allocation.is_empty() {
+                        if let Some(prev) = self.allocs.get_mut(&a.previous_allocation) {
+                            prev.next_allocation = a.id.clone();
+                            prev.follow_up_eval_id.clear();
+                            prev.reschedule_description.clear();
+                            prev.modify_index = index;
+                        }
+                    }
                     self.insert_alloc(a);
+                }
+                for note in &plan.annotations {
+                    if let Some(a) = self.allocs.get_mut(&note.alloc_id) {
+                        if let Some(e) = &note.follow_up_eval_id {
+                            a.follow_up_eval_id = e.clone();
+                        }
+                        if let Some(d) = &note.reschedule_description {
+                            a.reschedule_description = d.clone();
+                        }
+                        a.modify_index = index;
+                    }
                 }
                 if let Some(e) = &plan.eval {
                     self.insert_eval(index, now, e.clone(), effects);
@@ -311,6 +371,7 @@ impl ClusterState {
             }
             Command::UpdateAllocsFromClient { node_id, updates } => {
                 let mut touched = BTreeSet::new();
+                let mut failed_jobs = BTreeSet::new();
                 for u in updates {
                     let Some(a) = self.allocs.get_mut(&u.alloc_id) else { continue };
                     if &a.node_id != node_id {
@@ -320,6 +381,15 @@ impl ClusterState {
                     if was_terminal && a.client_status == alloc_client::LOST {
                         continue; // lost is final: the node's late word doesn't revive it
                     }
+                    if a.client_status == alloc_client::PREEMPTED {
+                        // Preempted is final too, but the tasks' last states are still news.
+                        if a.task_states != u.task_states {
+                            a.task_states = u.task_states.clone();
+                            a.modify_index = index;
+                            a.modify_time_ms = now;
+                        }
+                        continue;
+                    }
                     a.client_status = u.client_status.clone();
                     a.client_description = u.client_description.clone();
                     a.task_states = u.task_states.clone();
@@ -327,17 +397,113 @@ impl ClusterState {
                     a.modify_time_ms = now;
                     if !was_terminal && alloc_client::is_terminal(&a.client_status) {
                         effects.push(Effect::CapacityChanged);
+                        if a.client_status == alloc_client::FAILED && a.desired_status == alloc_desired::RUN {
+                            failed_jobs.insert((a.namespace.clone(), a.job_id.clone()));
+                        }
                     }
                     touched.insert(job_key(&a.namespace, &a.job_id));
                 }
                 for key in touched {
                     self.refresh_job_status(&key);
                 }
+                // A failed allocation is rescheduled per its group's policy: the scheduler
+                // decides, on an `alloc-failure` evaluation (id derived from the entry, so
+                // every replica creates the same one).
+                for (n, (ns, job_id)) in failed_jobs.into_iter().enumerate() {
+                    let Some(job) = self.job(&ns, &job_id) else { continue };
+                    if job.stop {
+                        continue;
+                    }
+                    let eval = Evaluation {
+                        id: derived_id(&format!("alloc-failure/{index}/{n}/{ns}/{job_id}")),
+                        namespace: ns.clone(),
+                        job_id: job_id.clone(),
+                        priority: job.priority,
+                        r#type: job.r#type.clone(),
+                        triggered_by: eval_trigger::ALLOC_FAILURE.to_string(),
+                        node_id: node_id.clone(),
+                        status: eval_status::PENDING.to_string(),
+                        job_modify_index: job.job_modify_index,
+                        ..Default::default()
+                    };
+                    self.insert_eval(index, now, eval, effects);
+                }
             }
             Command::UpsertEvals { evals } => {
                 for e in evals {
                     self.insert_eval(index, now, e.clone(), effects);
                 }
+            }
+            Command::UpdateNodeDrain { node_id, drain, mark_eligible, message } => {
+                let Some(node) = self.nodes.get_mut(node_id) else {
+                    resp.error = Some(format!("node {node_id:?} not found"));
+                    return resp;
+                };
+                match drain {
+                    Some(d) => {
+                        node.drain_strategy = Some(*d);
+                        node.eligible = false;
+                    }
+                    None => {
+                        node.drain_strategy = None;
+                        if *mark_eligible {
+                            node.eligible = true;
+                            effects.push(Effect::CapacityChanged);
+                        }
+                    }
+                }
+                node.modify_index = index;
+                push_node_event(node, now, "drain", message);
+            }
+            Command::UpdateNodeEligibility { node_id, eligible } => {
+                let Some(node) = self.nodes.get_mut(node_id) else {
+                    resp.error = Some(format!("node {node_id:?} not found"));
+                    return resp;
+                };
+                if *eligible && node.drain_strategy.is_some() {
+                    resp.error = Some(format!("node {} is draining; cancel the drain (`mlp node drain --disable`) to make it eligible", node.name));
+                    return resp;
+                }
+                if node.eligible != *eligible {
+                    node.eligible = *eligible;
+                    node.modify_index = index;
+                    let msg = if *eligible { "node marked eligible for scheduling" } else { "node marked ineligible for scheduling" };
+                    push_node_event(node, now, "eligibility", msg);
+                    if *eligible {
+                        effects.push(Effect::CapacityChanged);
+                    }
+                }
+            }
+            Command::MarkAllocsMigrate { alloc_ids, evals } => {
+                for id in alloc_ids {
+                    if let Some(a) = self.allocs.get_mut(id) {
+                        if a.desired_status == alloc_desired::RUN && !alloc_client::is_terminal(&a.client_status) {
+                            a.desired_migrate = true;
+                            a.modify_index = index;
+                        }
+                    }
+                }
+                for e in evals {
+                    self.insert_eval(index, now, e.clone(), effects);
+                }
+            }
+            Command::RestoreState { state } => {
+                let mut restored: ClusterState = match serde_json::from_str(state) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        resp.error = Some(format!("the saved state does not decode: {e}"));
+                        return resp;
+                    }
+                };
+                restored.rebuild_indexes();
+                restored.index = index;
+                // Every allocation counts as changed, so agents' partial streams carry it.
+                for a in restored.allocs.values_mut() {
+                    a.modify_index = index;
+                }
+                *self = restored;
+                effects.push(Effect::Reset);
+                effects.push(Effect::CapacityChanged);
             }
         }
         resp
@@ -423,9 +589,31 @@ impl ClusterState {
         let ended = self
             .allocs_for_job(ns, id)
             .filter(|a| a.job_version == job.version && alloc_client::is_terminal(&a.client_status))
+            // A preempted allocation is requeued, not ended.
+            .filter(|a| a.client_status != alloc_client::PREEMPTED)
             .count();
         wanted > 0 && ended >= wanted
     }
+}
+
+/// Appends a node event, keeping the newest `MAX_NODE_EVENTS`.
+fn push_node_event(node: &mut Node, now: u64, subsystem: &str, message: &str) {
+    node.events.push(NodeEvent { time_ms: now, subsystem: subsystem.to_string(), message: message.to_string() });
+    if node.events.len() > MAX_NODE_EVENTS {
+        let excess = node.events.len() - MAX_NODE_EVENTS;
+        node.events.drain(..excess);
+    }
+}
+
+/// A uuid-shaped id derived from `seed` (FNV-1a, 128 bits): ids created inside `apply` must be
+/// the same on every replica.
+pub fn derived_id(seed: &str) -> String {
+    let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
+    for b in seed.bytes() {
+        h ^= u128::from(b);
+        h = h.wrapping_mul(0x0000000001000000000000000000013B);
+    }
+    uuid::Uuid::from_u128(h).to_string()
 }
 
 /// Whether two job versions have the same user-visible spec (server-set fields ignored).
@@ -521,7 +709,14 @@ impl StateHandle {
                     }
                 }
             }
+            let restore = matches!(req.command, Command::RestoreState { .. });
+            if restore {
+                nodes.extend(st.nodes.keys().cloned());
+            }
             let r = st.apply(index, req, &mut effects);
+            if restore {
+                nodes.extend(st.nodes.keys().cloned());
+            }
             if !nodes.is_empty() {
                 let _ = self.node_changes.send(Arc::new(nodes));
             }
@@ -709,6 +904,53 @@ mod tests {
         assert_eq!(st.index, 2);
         assert_eq!(st.allocs_for_node("n1").count(), 1);
         assert_eq!(st.allocs_for_job("default", "a").count(), 1);
+    }
+
+    #[test]
+    fn drain_makes_ineligible_and_completion_keeps_it_so() {
+        let mut st = ClusterState::default();
+        let mut fx = Vec::new();
+        st.apply(1, &req(Command::UpsertNode { node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() } }), &mut fx);
+        assert!(st.nodes["n1"].eligible);
+        let drain = mlp_proto::v1::DrainStrategy { started_at_ms: 1000, ..Default::default() };
+        let start = Command::UpdateNodeDrain { node_id: "n1".into(), drain: Some(drain), mark_eligible: false, message: "drain started".into() };
+        st.apply(2, &req(start), &mut fx);
+        assert!(!st.nodes["n1"].eligible && st.nodes["n1"].drain_strategy.is_some());
+        // Eligibility can't be turned on while draining; a re-registration keeps the drain.
+        let r = st.apply(3, &req(Command::UpdateNodeEligibility { node_id: "n1".into(), eligible: true }), &mut fx);
+        assert!(r.error.is_some_and(|e| e.contains("draining")));
+        st.apply(4, &req(Command::UpsertNode { node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() } }), &mut fx);
+        assert!(st.nodes["n1"].drain_strategy.is_some() && !st.nodes["n1"].eligible);
+        let done = Command::UpdateNodeDrain { node_id: "n1".into(), drain: None, mark_eligible: false, message: "drain complete".into() };
+        st.apply(5, &req(done), &mut fx);
+        assert!(st.nodes["n1"].drain_strategy.is_none() && !st.nodes["n1"].eligible);
+        assert_eq!(st.nodes["n1"].events.last().map(|e| e.message.as_str()), Some("drain complete"));
+        st.apply(6, &req(Command::UpdateNodeEligibility { node_id: "n1".into(), eligible: true }), &mut fx);
+        assert!(st.nodes["n1"].eligible);
+    }
+
+    #[test]
+    fn restore_replaces_the_state_and_a_bad_one_changes_nothing() {
+        let mut st = ClusterState::default();
+        let mut fx = Vec::new();
+        st.apply(1, &req(Command::RegisterJob { job: job("a", 1), eval: eval("e1", "a") }), &mut fx);
+        let saved = serde_json::to_string(&st).unwrap_or_default();
+        st.apply(2, &req(Command::RegisterJob { job: job("b", 1), eval: eval("e2", "b") }), &mut fx);
+        let r = st.apply(3, &req(Command::RestoreState { state: "{not json".into() }), &mut fx);
+        assert!(r.error.is_some());
+        assert!(st.job("default", "b").is_some(), "a bad restore changes nothing");
+        fx.clear();
+        st.apply(4, &req(Command::RestoreState { state: saved }), &mut fx);
+        assert!(st.job("default", "a").is_some() && st.job("default", "b").is_none());
+        assert_eq!(st.index, 4, "the restored state continues at the log's index");
+        assert!(fx.contains(&Effect::Reset));
+    }
+
+    #[test]
+    fn derived_ids_are_stable_and_distinct() {
+        assert_eq!(derived_id("x"), derived_id("x"));
+        assert_ne!(derived_id("x"), derived_id("y"));
+        assert_eq!(derived_id("x").len(), 36);
     }
 
     #[test]

@@ -17,7 +17,8 @@ async fn start(dir: &std::path::Path) -> Server {
         http_listener: std::net::TcpListener::bind("127.0.0.1:0").expect("bind"),
         advertise_addr: None,
         raft: RaftSettings::default(),
-        heartbeat: HeartbeatSettings { ttl: Duration::from_secs(60), failover_grace: Duration::from_secs(60) },
+        heartbeat: HeartbeatSettings { ttl: Duration::from_secs(60), failover_grace: Duration::from_secs(60), ..Default::default() },
+        scheduler: Default::default(),
     };
     Server::start(config).await.expect("server starts")
 }
@@ -106,7 +107,8 @@ async fn concurrent_plans_never_overcommit_and_blocked_work_gets_freed_capacity_
     assert_eq!(blocked, 15, "the rest waits as blocked evaluations");
 
     // A high-priority job submitted last must get the first capacity that frees.
-    server.api.register_job(Some(job("urgent", 90, 100))).await.expect("registered");
+    // (Priority 55 is within the preemption delta of the running jobs' 50: it waits.)
+    server.api.register_job(Some(job("urgent", 55, 100))).await.expect("registered");
     let (_, blocked) = settle(&server).await;
     assert_eq!(blocked, 16);
     let victim = {

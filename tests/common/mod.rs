@@ -36,12 +36,28 @@ pub struct Dev {
     pub dir: tempfile::TempDir,
     pub grpc: String,
     pub http: String,
+    /// Flags added to every `mlp dev` start of this guard (`Dev::start_with`).
+    pub extra_args: Vec<String>,
 }
 
 impl Dev {
     pub fn start() -> Dev {
-        let dir = tempfile::Builder::new().prefix("mlp-test-").tempdir().expect("tempdir");
-        let mut dev = Dev { child: None, dir, grpc: String::new(), http: String::new() };
+        Dev::start_with(&[])
+    }
+
+    /// A dev cluster started with these extra `mlp dev` flags.
+    pub fn start_with(extra_args: &[&str]) -> Dev {
+        let dir = tempfile::Builder::new()
+            .prefix("mlp-test-")
+            .tempdir()
+            .expect("tempdir");
+        let mut dev = Dev {
+            child: None,
+            dir,
+            grpc: String::new(),
+            http: String::new(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+        };
         dev.spawn();
         dev
     }
@@ -56,8 +72,16 @@ impl Dev {
             // A relative --data-dir, as in the README's quick start (`./mlp-data` by default);
             // the process runs from the temp dir's parent so that its own cwd is not inside
             // the cluster's dir (where `processes_under` looks for task processes).
-            .args(["dev", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "dev",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(Path::new(self.dir.path().file_name().expect("temp dir name")).join("data"))
+            .args(&self.extra_args)
             .current_dir(self.dir.path().parent().expect("temp dir parent"))
             .env("MLP_LOG", "info,openraft=warn")
             .stdout(Stdio::piped())
@@ -145,7 +169,13 @@ impl Dev {
     }
 
     /// Waits until the job's allocations satisfy `pred`, returns them.
-    pub fn wait_allocs(&self, job: &str, what: &str, timeout: Duration, pred: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
+    pub fn wait_allocs(
+        &self,
+        job: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
         wait_for(what, timeout, || {
             let v = self.job(job);
             let allocs = v["allocations"].as_array().cloned().unwrap_or_default();
@@ -161,15 +191,31 @@ impl Dev {
     }
 
     /// A raw HTTP/1.1 request to the HTTP API; returns (status, body).
-    pub fn http(&self, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> (u16, String) {
         http_request(&self.http, method, path, content_type, body)
     }
 }
 
-pub fn http_request(addr: &str, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect http");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     if let Some(ct) = content_type {
         head.push_str(&format!("Content-Type: {ct}\r\n"));
     }
@@ -179,8 +225,15 @@ pub fn http_request(addr: &str, method: &str, path: &str, content_type: Option<&
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
     let text = String::from_utf8_lossy(&resp).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, dechunk(&body))
 }
 
@@ -189,8 +242,12 @@ fn dechunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;
     loop {
-        let Some((size, after)) = rest.split_once("\r\n") else { return body.to_string() };
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { return body.to_string() };
+        let Some((size, after)) = rest.split_once("\r\n") else {
+            return body.to_string();
+        };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            return body.to_string();
+        };
         if n == 0 {
             return out;
         }
@@ -214,7 +271,9 @@ pub fn tail(s: &str, n: usize) -> &str {
 /// Whether a process exists (and is not a zombie).
 pub fn pid_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -229,7 +288,9 @@ pub fn pgid_of(pid: i32) -> Option<i32> {
 /// Ids of the allocations of every agent data dir under `dir` (`<...>/allocs/<id>`).
 pub fn alloc_ids_under(dir: &Path) -> Vec<String> {
     fn walk(dir: &Path, depth: u32, out: &mut Vec<String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
         for e in entries.flatten() {
             let path = e.path();
             if !path.is_dir() || path.is_symlink() {
@@ -237,7 +298,11 @@ pub fn alloc_ids_under(dir: &Path) -> Vec<String> {
             }
             if e.file_name() == "allocs" {
                 if let Ok(allocs) = std::fs::read_dir(&path) {
-                    out.extend(allocs.flatten().map(|a| a.file_name().to_string_lossy().into_owned()));
+                    out.extend(
+                        allocs
+                            .flatten()
+                            .map(|a| a.file_name().to_string_lossy().into_owned()),
+                    );
                 }
             } else if depth > 0 {
                 walk(&path, depth - 1, out);
@@ -254,20 +319,27 @@ pub fn environ_var(pid: i32, key: &str) -> Option<String> {
     let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
     env.split(|b| *b == 0).find_map(|kv| {
         let kv = String::from_utf8_lossy(kv);
-        kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')).map(str::to_string)
+        kv.strip_prefix(key)
+            .and_then(|r| r.strip_prefix('='))
+            .map(str::to_string)
     })
 }
 
 /// Pids of the task processes of a test cluster under `dir`: processes whose working directory
-/// is inside `dir` (raw_exec tasks, exec tasks' shims) or whose `MLP_ALLOC_ID` names one of its
+/// is inside `dir` (raw_exec tasks, task supervisors) or whose `MLP_ALLOC_ID` names one of its
 /// allocations (exec tasks, whose working directory is inside their own root).
 pub fn processes_under(dir: &Path) -> Vec<i32> {
     let mut out = Vec::new();
     let allocs = alloc_ids_under(dir);
-    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let by_cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir));
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let by_cwd =
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir));
         let by_env = || environ_var(pid, "MLP_ALLOC_ID").is_some_and(|id| allocs.contains(&id));
         if (by_cwd || by_env()) && pid_alive(pid) {
             out.push(pid);
@@ -285,7 +357,9 @@ pub fn cgroups_under(dir: &Path) -> Vec<PathBuf> {
     }
     let mut out = Vec::new();
     for parent in parents {
-        let Ok(entries) = std::fs::read_dir(&parent) else { continue };
+        let Ok(entries) = std::fs::read_dir(&parent) else {
+            continue;
+        };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if allocs.iter().any(|a| name.starts_with(&format!("{a}."))) {
@@ -301,15 +375,24 @@ impl Drop for Dev {
         self.kill9();
         // Tasks run in their own sessions: kill whatever still runs inside this cluster's dir.
         for pid in processes_under(self.dir.path()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         // exec tasks' cgroups outlive a killed agent: empty them and remove them.
         let deadline = Instant::now() + Duration::from_secs(5);
         for cg in cgroups_under(self.dir.path()) {
             while std::fs::remove_dir(&cg).is_err() && cg.exists() && Instant::now() < deadline {
-                for pid in std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default().lines() {
+                for pid in std::fs::read_to_string(cg.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                {
                     if let Ok(pid) = pid.trim().parse::<i32>() {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
                     }
                 }
                 std::thread::sleep(Duration::from_millis(20));

@@ -23,7 +23,11 @@ pub const CFS_PERIOD_US: u64 = 100_000;
 
 /// A limit that could not be written (or a statistic not read) in the controller at `dir`.
 pub(crate) fn limit_err(dir: &Path, what: &'static str, e: impl std::fmt::Display) -> CgroupError {
-    CgroupError::Limit { what, path: dir.to_path_buf(), message: e.to_string() }
+    CgroupError::Limit {
+        what,
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    }
 }
 
 /// Errors from cgroup operations.
@@ -193,6 +197,51 @@ pub fn create(
     Ok(cg)
 }
 
+/// The `cgroup.procs` files [`create`] makes for `mlp/<name>` (nothing is created), so that a
+/// start can hand them to the task's init while the cgroup is still being created.
+pub fn procs_files_for(
+    layout: &Layout,
+    name: &str,
+    limits: &Limits,
+) -> Result<Vec<PathBuf>, CgroupError> {
+    match layout {
+        Layout::V1 { .. } => v1::V1Cgroup::procs_files_for(name, limits.cores.is_some()),
+        Layout::V2 { root } => Ok(vec![root.join(PARENT).join(name).join("cgroup.procs")]),
+    }
+}
+
+/// Opens the existing task cgroup `name` (a task started by a previous agent run) without
+/// touching its limits; an error when it does not exist.
+pub fn open_existing(layout: &Layout, name: &str) -> Result<Box<dyn TaskCgroup>, CgroupError> {
+    if name.is_empty() {
+        return Err(CgroupError::Unavailable("no cgroup name recorded".into()));
+    }
+    match layout {
+        Layout::V1 { .. } => {
+            let hier = cgroups_rs::fs::hierarchies::V1::new();
+            let exists = hier
+                .get_mount_point(cgroups_rs::fs::Controllers::Pids)
+                .is_some_and(|(mount, _)| mount.join(PARENT).join(name).is_dir());
+            if !exists {
+                return Err(CgroupError::Unavailable(format!(
+                    "cgroup {name} does not exist"
+                )));
+            }
+            // Creating is idempotent on existing directories (no limits are written).
+            Ok(Box::new(v1::V1Cgroup::create(name, false)?))
+        }
+        Layout::V2 { root } => {
+            let dir = root.join(PARENT).join(name);
+            if !dir.is_dir() {
+                return Err(CgroupError::Unavailable(format!(
+                    "cgroup {name} does not exist"
+                )));
+            }
+            Ok(Box::new(v2::V2Cgroup::at(root, &dir)))
+        }
+    }
+}
+
 /// Caps the processes of every task together, on the agent-owned parent `mlp/`.
 pub fn set_parent_pids(layout: &Layout, max: u64) -> Result<(), CgroupError> {
     let parent = match layout {
@@ -288,7 +337,8 @@ pub(crate) fn rmdir(path: &Path) -> Result<(), CgroupError> {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(source) => {
-                if Instant::now() > deadline {
+                // Only EBUSY passes; anything else (ENOTDIR, EACCES) will not.
+                if Instant::now() > deadline || source.raw_os_error() != Some(libc::EBUSY) {
                     return Err(CgroupError::Fs {
                         action: "removing",
                         path: path.to_path_buf(),

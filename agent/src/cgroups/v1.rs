@@ -28,9 +28,8 @@ pub struct V1Cgroup {
 }
 
 impl V1Cgroup {
-    /// Creates `mlp/<name>` in the memory, cpu, cpuacct and pids hierarchies (and cpuset when
-    /// the task pins cores).
-    pub fn create(name: &str, with_cpuset: bool) -> Result<V1Cgroup, CgroupError> {
+    /// The directories [`V1Cgroup::create`] makes, one per hierarchy (nothing is created).
+    fn dirs(name: &str, with_cpuset: bool) -> Result<Vec<Dir>, CgroupError> {
         let hier = V1::new();
         let mut wanted = vec![
             Controllers::Mem,
@@ -55,6 +54,21 @@ impl V1Cgroup {
             }
             dirs.push(Dir { ctrl, mount, path });
         }
+        Ok(dirs)
+    }
+
+    /// The `cgroup.procs` files of `mlp/<name>` as [`V1Cgroup::create`] would make it.
+    pub fn procs_files_for(name: &str, with_cpuset: bool) -> Result<Vec<PathBuf>, CgroupError> {
+        Ok(Self::dirs(name, with_cpuset)?
+            .into_iter()
+            .map(|d| d.path.join("cgroup.procs"))
+            .collect())
+    }
+
+    /// Creates `mlp/<name>` in the memory, cpu, cpuacct and pids hierarchies (and cpuset when
+    /// the task pins cores).
+    pub fn create(name: &str, with_cpuset: bool) -> Result<V1Cgroup, CgroupError> {
+        let dirs = Self::dirs(name, with_cpuset)?;
         let cg = V1Cgroup { dirs };
         for d in &cg.dirs {
             let result = mkdir(&d.path).and_then(|()| {

@@ -1,27 +1,21 @@
-//! The `exec` driver: starts a task through the shim ([`super::init`]) in its own namespaces,
-//! root filesystem and cgroup, and hands back a [`TaskHandle`] that waits for it, reports OOM
-//! kills, reads its cgroup statistics and, when it ends, kills whatever is left in its cgroup
-//! and removes the cgroup.
-#![allow(unsafe_code)]
+//! The `exec` driver: starts a task through its supervisor ([`crate::supervisor`], which forks
+//! the namespace's init, [`super::init`]) in its own namespaces, root filesystem and cgroup,
+//! and hands back a [`TaskHandle`] that waits for it, reports OOM kills, reads its cgroup
+//! statistics and, when it ends, kills whatever is left in its cgroup and removes the cgroup.
+//! The same handle is rebuilt for a task a previous agent run started ([`Driver::reattach`]).
 
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use mlp_proto::consts::driver as driver_names;
 use nix::sys::signal::Signal;
 use tokio::task::JoinHandle;
 
-use super::{hostname_for, lookup_user, rootfs, InitConfig, IsolationSettings, User, INIT_ARG};
+use super::{hostname_for, lookup_user, rootfs, InitConfig, IsolationSettings, User};
 use crate::cgroups::{self, Layout, TaskCgroup};
-use crate::driver::{pump, signal_group, Driver, DriverError, ExitStatus, TaskHandle, TaskSpec};
-
-/// How long the shim may take to report that the task started.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::driver::{Driver, DriverError, ExitStatus, TaskHandle, TaskSpec};
+use crate::supervisor::{self, Supervised, TaskKind, TaskRecord};
 /// The task's PATH when it sets none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -48,6 +42,39 @@ impl ExecDriver {
             (Some(_), None) => {}
         }
         ExecDriver { settings, layout }
+    }
+
+    /// The task's directories (owned by its user) and the steps that build its root.
+    fn prepare(
+        &self,
+        spec: &TaskSpec,
+        user: &User,
+        root: &Path,
+        hostname: &str,
+    ) -> Result<Vec<rootfs::Step>, DriverError> {
+        // The task's user owns its own directories; the shared alloc/ is sticky and writable
+        // by all since the group's tasks may run as different users. Host users get no
+        // further than the allocation directory (traverse only), so alloc/ is not theirs.
+        chown(&spec.work_dir, user)?;
+        set_mode(&spec.work_dir, 0o700)?;
+        set_mode(&spec.alloc_shared_dir, 0o1777)?;
+        if let Some(alloc_dir) = spec.alloc_shared_dir.parent() {
+            set_mode(alloc_dir, 0o711)?;
+        }
+        std::fs::create_dir_all(root)
+            .map_err(|e| DriverError::Isolation(format!("creating {}: {e}", root.display())))?;
+        let dirs = rootfs::TaskDirs {
+            local: spec.work_dir.clone(),
+            alloc: spec.alloc_shared_dir.clone(),
+        };
+        Ok(rootfs::plan(
+            rootfs::probe_host,
+            &dirs,
+            user,
+            hostname,
+            &self.settings.extra_ro_paths,
+            &self.settings.hidden_paths,
+        ))
     }
 
     fn user(&self, asked: &str) -> Result<User, DriverError> {
@@ -117,172 +144,145 @@ impl Driver for ExecDriver {
     }
 
     async fn start(&self, spec: &TaskSpec) -> Result<Box<dyn TaskHandle>, DriverError> {
+        let mut phases = supervisor::Phases::start();
         let user = self.user(&spec.user)?;
+        phases.mark("user");
         let layout = self.layout.as_ref().ok_or_else(|| {
             DriverError::Isolation("no usable cgroup hierarchy on this node".into())
         })?;
-        // The task's user owns its own directories; the shared alloc/ is sticky and writable
-        // by all since the group's tasks may run as different users. Host users get no
-        // further than the allocation directory (traverse only), so alloc/ is not theirs.
-        chown(&spec.work_dir, &user)?;
-        set_mode(&spec.work_dir, 0o700)?;
-        set_mode(&spec.alloc_shared_dir, 0o1777)?;
-        if let Some(alloc_dir) = spec.alloc_shared_dir.parent() {
-            set_mode(alloc_dir, 0o711)?;
-        }
-        let root = spec.task_dir.join("root");
-        std::fs::create_dir_all(&root)
-            .map_err(|e| DriverError::Isolation(format!("creating {}: {e}", root.display())))?;
-
+        // The cgroup (directories and limit files, in each v1 hierarchy) is created on a
+        // blocking thread while this one prepares the task and starts its supervisor, which
+        // waits for `ready` on a pipe before it starts the init that joins the cgroup.
         let res = spec.resources.clone().unwrap_or_default();
         let limits =
             cgroups::limits_for(&res, self.settings.mhz_per_core, self.settings.default_pids);
         let cg_name = format!("{}.{}", spec.alloc_id, spec.name);
-        let cgroup = {
+        let cgroup_procs = cgroups::procs_files_for(layout, &cg_name, &limits)
+            .map_err(|e| DriverError::Isolation(format!("creating the task cgroup: {e}")))?;
+        phases.mark("cgroup_paths");
+        let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| DriverError::Isolation(format!("pipe: {e}")))?;
+        let creating = {
             let layout = layout.clone();
             let limits = limits.clone();
-            tokio::task::spawn_blocking(move || cgroups::create(&layout, &cg_name, &limits))
-                .await
-                .map_err(|e| DriverError::Isolation(format!("creating the task cgroup: {e}")))?
-                .map_err(|e| DriverError::Isolation(format!("creating the task cgroup: {e}")))?
-        };
-        let mut guard = StartGuard {
-            cgroup: Some(cgroup),
-            child: None,
-        };
-
-        let hostname = if spec.hostname.is_empty() {
-            hostname_for(&spec.name, 0, &spec.alloc_id)
-        } else {
-            spec.hostname.clone()
-        };
-        let dirs = rootfs::TaskDirs {
-            local: spec.work_dir.clone(),
-            alloc: spec.alloc_shared_dir.clone(),
-        };
-        let config = InitConfig {
-            root: root.clone(),
-            steps: rootfs::plan(
-                rootfs::probe_host,
-                &dirs,
-                &user,
-                &hostname,
-                &self.settings.extra_ro_paths,
-            ),
-            hostname,
-            network_none: spec.network_mode == "none",
-            user: user.clone(),
-            command: spec.command.clone(),
-            args: spec.args.clone(),
-            env: task_env(spec, &user),
-            work_dir: PathBuf::from("/local"),
-            cgroup_procs: guard
-                .cgroup
-                .as_ref()
-                .map(|c| c.procs_files())
-                .unwrap_or_default(),
-        };
-        let config_path = spec.task_dir.join("init.json");
-        let json = serde_json::to_vec_pretty(&config)
-            .map_err(|e| DriverError::Isolation(format!("encoding the init config: {e}")))?;
-        std::fs::write(&config_path, json)
-            .and_then(|_| {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o600))
-            })
-            .map_err(|e| {
-                DriverError::Isolation(format!("writing {}: {e}", config_path.display()))
-            })?;
-
-        let (out_w, err_w) = crate::driver::open_log_writers(spec)?;
-
-        let exe = std::env::current_exe()
-            .map_err(|e| DriverError::Isolation(format!("finding the mlp binary: {e}")))?;
-        let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| DriverError::Isolation(format!("pipe: {e}")))?;
-        let status_w_raw = status_w.as_raw_fd();
-        let mut cmd = tokio::process::Command::new(&exe);
-        cmd.arg(INIT_ARG)
-            .arg(&config_path)
-            .env_clear()
-            .current_dir(&spec.task_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(false);
-        // SAFETY: runs in the forked child before exec and only calls setsid(2) and dup2(2),
-        // which are async-signal-safe; dup2 onto fd 3 clears close-on-exec for the shim.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setsid() == -1 || libc::dup2(status_w_raw, 3) == -1 {
-                    return Err(std::io::Error::last_os_error());
+            let cg_name = cg_name.clone();
+            tokio::task::spawn_blocking(move || {
+                let created = cgroups::create(&layout, &cg_name, &limits);
+                if created.is_ok() {
+                    use std::io::Write;
+                    let _ = std::fs::File::from(ready_w).write_all(b"ready");
                 }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(|source| DriverError::Spawn {
-            command: exe.display().to_string(),
-            source,
-        })?;
-        drop(status_w);
-        let pid = child.id().unwrap_or(0);
-        let mut pumps = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            pumps.push(pump(out, out_w));
-        }
-        if let Some(err) = child.stderr.take() {
-            pumps.push(pump(err, err_w));
-        }
-        guard.child = Some(pid);
-        let read = tokio::task::spawn_blocking(move || {
-            let mut text = String::new();
-            let _ = std::fs::File::from(status_r).read_to_string(&mut text);
-            text
-        });
-        let started = match tokio::time::timeout(START_TIMEOUT, read).await {
-            Ok(Ok(text)) => text,
-            Ok(Err(e)) => format!("err reading the start status: {e}"),
-            Err(_) => format!("err the task did not start within {START_TIMEOUT:?}"),
+                created
+            })
         };
-        if started.trim() != "ok" {
-            let message = started
-                .trim()
-                .strip_prefix("err ")
-                .unwrap_or("the task's init exited without a status")
-                .to_string();
-            let _ = signal_group(pid, Signal::SIGKILL);
-            let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
-            tracing::warn!(task = %spec.name, error = %message, "isolated task failed to start");
-            return Err(DriverError::Isolation(message));
-        }
-        guard.child = None;
+        let started = async {
+            let root = spec.task_dir.join("root");
+            let hostname = if spec.hostname.is_empty() {
+                hostname_for(&spec.name, 0, &spec.alloc_id)
+            } else {
+                spec.hostname.clone()
+            };
+            let steps = self.prepare(spec, &user, &root, &hostname)?;
+            let config = InitConfig {
+                root: root.clone(),
+                steps,
+                hostname,
+                network_none: spec.network_mode == "none",
+                user: user.clone(),
+                command: spec.command.clone(),
+                args: spec.args.clone(),
+                env: task_env(spec, &user),
+                work_dir: PathBuf::from("/local"),
+                cgroup_procs,
+            };
+            let exe = supervisor::supervisor_exe(self.settings.supervisor_exe.as_deref())?;
+            let memory_limit_mib = limits.memory_bytes.map(|b| b / (1024 * 1024));
+            let mut phases = phases;
+            phases.mark("root_planned");
+            let sup = supervisor::start(
+                &exe,
+                driver_names::EXEC,
+                spec,
+                TaskKind::Isolated(Box::new(config)),
+                cg_name.clone(),
+                memory_limit_mib,
+                supervisor::StartWith {
+                    phases,
+                    ready: Some(ready_r),
+                },
+            )
+            .await?;
+            Ok::<_, DriverError>((sup, root))
+        };
+        let (created, started) = tokio::join!(creating, started);
+        let created = created
+            .map_err(|e| DriverError::Isolation(format!("creating the task cgroup: {e}")))
+            .and_then(|c| {
+                c.map_err(|e| DriverError::Isolation(format!("creating the task cgroup: {e}")))
+            });
+        // Whatever happens next, the cgroup goes away unless the task runs in it. (A failed
+        // creation never wrote `ready`, so the supervisor failed that start.)
+        let mut guard = StartGuard {
+            cgroup: Some(created?),
+        };
+        let (sup, root) = started?;
         let cgroup = guard.cgroup.take();
-        tracing::debug!(task = %spec.name, pid, user = %user.name, "isolated task started");
+        tracing::debug!(task = %spec.name, pid = sup.record.pid, user = %user.name, "isolated task started");
         Ok(Box::new(IsolatedHandle {
-            child,
-            pid,
-            pumps,
-            exit: None,
+            sup,
             cgroup,
-            memory_limit_mib: limits.memory_bytes.map(|b| b / (1024 * 1024)),
-            config_path,
+            cg_name,
+            layout: layout.clone(),
             root,
+            cleanup: None,
+        }))
+    }
+
+    fn reattach(
+        &self,
+        task_dir: &Path,
+        record: &TaskRecord,
+    ) -> Result<Box<dyn TaskHandle>, DriverError> {
+        let err = |reason: String| DriverError::Reattach {
+            dir: task_dir.to_path_buf(),
+            reason,
+        };
+        let layout = self
+            .layout
+            .as_ref()
+            .ok_or_else(|| err("no usable cgroup hierarchy on this node".into()))?;
+        let cgroup = match cgroups::open_existing(layout, &record.cgroup) {
+            Ok(cg) => Some(cg),
+            Err(e) => {
+                tracing::warn!(dir = %task_dir.display(), error = %e, "the reattached task's cgroup is gone");
+                None
+            }
+        };
+        let sup = match supervisor::reattach(task_dir, record) {
+            Ok(sup) => sup,
+            Err(e) => {
+                cgroups::remove_leftover(layout, &record.cgroup);
+                return Err(err(e.to_string()));
+            }
+        };
+        Ok(Box::new(IsolatedHandle {
+            sup,
+            cgroup,
+            cg_name: record.cgroup.clone(),
+            layout: layout.clone(),
+            root: task_dir.join("root"),
             cleanup: None,
         }))
     }
 }
 
-/// Undoes a start that failed half-way: the shim's group and the cgroup go away.
+/// Undoes a start that failed half-way: the cgroup (and whatever joined it) goes away.
 struct StartGuard {
     cgroup: Option<Box<dyn TaskCgroup>>,
-    child: Option<u32>,
 }
 
 impl Drop for StartGuard {
     fn drop(&mut self) {
-        if let Some(pid) = self.child {
-            let _ = signal_group(pid, Signal::SIGKILL);
-        }
         if let Some(cg) = self.cgroup.take() {
             if let Err(e) = cgroups::kill_and_remove(cg.as_ref()) {
                 tracing::warn!(error = %e, "removing the cgroup of a task that failed to start");
@@ -291,15 +291,13 @@ impl Drop for StartGuard {
     }
 }
 
-/// A task started by [`ExecDriver`]; `pid` is the shim's, the leader of the task's group.
+/// A task started (or reattached) by [`ExecDriver`]; its pid is the init's, the leader of the
+/// task's process group and the process whose namespaces are the task's.
 struct IsolatedHandle {
-    child: tokio::process::Child,
-    pid: u32,
-    pumps: Vec<JoinHandle<()>>,
-    exit: Option<ExitStatus>,
+    sup: Supervised,
     cgroup: Option<Box<dyn TaskCgroup>>,
-    memory_limit_mib: Option<u64>,
-    config_path: PathBuf,
+    cg_name: String,
+    layout: Layout,
     root: PathBuf,
     cleanup: Option<JoinHandle<Result<(), cgroups::CgroupError>>>,
 }
@@ -307,34 +305,41 @@ struct IsolatedHandle {
 #[async_trait]
 impl TaskHandle for IsolatedHandle {
     fn pid(&self) -> u32 {
-        self.pid
+        self.sup.record.pid
     }
 
     async fn wait(&mut self) -> ExitStatus {
-        if self.exit.is_none() {
-            // Only `child.wait()` may be cancelled (it is cancel-safe); everything up to
-            // `self.exit = ...` runs without an await, so the OOM check is never lost.
-            let mut status = crate::driver::wait_and_reap_group(&mut self.child, self.pid).await;
-            if let Some(cg) = self.cgroup.take() {
+        let first = !self.sup.exited();
+        // Only the supervisor wait may be cancelled (it is cancel-safe); everything after it
+        // runs without an await, so the OOM check is never lost.
+        let mut status = self.sup.wait().await;
+        if first {
+            self.sup.forget();
+            let cg = self.cgroup.take();
+            if let Some(cg) = &cg {
                 if !status.success() && cg.stats().oom_kills > 0 {
-                    status.oom_limit_mib = self.memory_limit_mib;
+                    status.oom_limit_mib = self.sup.record.memory_limit_mib;
                 }
-                // Nothing of the task may outlive it: whatever escaped the process group is
-                // still in the cgroup.
-                self.cleanup = Some(tokio::task::spawn_blocking(move || {
-                    cgroups::kill_and_remove(cg.as_ref())
-                }));
             }
-            let _ = std::fs::remove_file(&self.config_path);
-            self.exit = Some(status);
+            // Nothing of the task may outlive it: whatever escaped the process group is still
+            // in the cgroup (in every hierarchy, also those a reattached handle did not open).
+            let (layout, name) = (self.layout.clone(), self.cg_name.clone());
+            self.cleanup = Some(tokio::task::spawn_blocking(move || {
+                let result = cg
+                    .as_deref()
+                    .map(cgroups::kill_and_remove)
+                    .unwrap_or(Ok(()));
+                cgroups::remove_leftover(&layout, &name);
+                result
+            }));
         }
         if let Some(cleanup) = self.cleanup.as_mut() {
             match cleanup.await {
                 Ok(Err(e)) => {
-                    tracing::warn!(pid = self.pid, error = %e, "removing the task cgroup failed")
+                    tracing::warn!(pid = self.sup.record.pid, error = %e, "removing the task cgroup failed")
                 }
                 Err(e) => {
-                    tracing::warn!(pid = self.pid, error = %e, "removing the task cgroup failed")
+                    tracing::warn!(pid = self.sup.record.pid, error = %e, "removing the task cgroup failed")
                 }
                 Ok(Ok(())) => {}
             }
@@ -342,15 +347,11 @@ impl TaskHandle for IsolatedHandle {
             // The root's mounts died with the task's mount namespace; the directory is empty.
             let _ = std::fs::remove_dir(&self.root);
         }
-        crate::driver::drain_pumps(&mut self.pumps).await;
-        self.exit.unwrap_or_default()
+        status
     }
 
     fn signal(&self, sig: Signal) -> Result<(), DriverError> {
-        if self.exit.is_some() {
-            return Ok(());
-        }
-        signal_group(self.pid, sig)
+        self.sup.signal(sig)
     }
 
     fn stats(&self) -> Option<cgroups::Stats> {

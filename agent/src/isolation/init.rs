@@ -1,165 +1,243 @@
-//! The task shim and the task's init, both run from a freshly exec'd `mlp __task-init <config>`
-//! (single-threaded, so forking and unsharing are safe).
+//! The task's init, forked by the task's supervisor ([`crate::supervisor`], a freshly exec'd
+//! `mlp __mlp-supervise <config>`, single-threaded until the task runs, so forking and
+//! unsharing are safe).
 //!
-//! * The **shim** stays in the host's namespaces: it joins the task's cgroup (so everything
-//!   after it is inside), unshares a PID namespace and forks the init. It exits the way the task
-//!   did (same code, or the same signal), so the agent sees the task's status.
-//! * The **init** is PID 1 of the new PID namespace: it unshares mount, UTS, IPC (and network)
-//!   namespaces, builds the root and pivots into it, forks the task as the task's user with an
-//!   emptied capability bounding set and `no_new_privs`, reaps every zombie, and reports the
-//!   task's status to the shim. When the task ends the init exits, and the kernel kills whatever
-//!   is left in the namespace.
+//! * The **supervisor** stays in the host's namespaces and outside the task's cgroup: it
+//!   unshares a PID namespace and forks the init ([`start_init`]), moves the init into the
+//!   task's cgroup (a v1 move waits for an RCU grace period, so it runs while the init builds
+//!   the root instead of before), owns the task's output, and records how the task ended
+//!   ([`decode_report`]).
+//! * The **init** is PID 1 of the new PID namespace: it starts its own session (the process
+//!   group the agent signals), unshares mount, UTS, IPC (and network) namespaces, builds the
+//!   root and pivots into it, waits until the supervisor reports it inside the task's cgroup
+//!   (so the task and everything it starts are inside), forks the task as the task's user with an emptied capability bounding set and
+//!   `no_new_privs`, reaps every zombie, and reports the task's status to the supervisor. When
+//!   the task ends the init exits, and the kernel kills whatever is left in the namespace; when
+//!   the supervisor dies, the init gets SIGKILL (parent-death signal), and so does the task.
 //!
-//! Signals: the agent signals the whole process group (shim, init, task tree). The shim and the
-//! init catch TERM, INT, HUP and QUIT with a handler that does nothing, so they stay to collect
-//! the status while the task handles (or dies of) the signal itself.
+//! Signals: the agent signals the init's process group (init, task tree). The init catches
+//! TERM, INT, HUP and QUIT with a handler that does nothing, so it stays to collect the status
+//! while the task handles (or dies of) the signal itself.
 //!
-//! The agent learns the outcome of the start from fd 3, a pipe: `ok` once the task's process
-//! exists, or `err <message>` (mount failures, a missing command, ...).
+//! The supervisor learns the outcome of the start from a pipe: `ok [phase=<ns> ...]` once the
+//! task's process exists, or `err <message>` (mount failures, a missing command, ...).
 #![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 
 use nix::sched::{unshare, CloneFlags};
-use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
 use super::{rootfs, InitConfig};
+use crate::supervisor::{catch_stop_signals, report, Phases, Running};
 
 /// Capabilities a root task keeps in its bounding set (Docker's default set); every other
 /// task keeps none.
 pub const ROOT_CAPS: &[u32] = &[0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31];
 
-/// The fd the agent passes the start-status pipe on.
-const STATUS_FD: i32 = 3;
+/// The fd the agent passes its start-status pipe on (the init must not keep it open).
+const AGENT_STATUS_FD: i32 = 3;
 
-extern "C" fn ignore_signal(_: libc::c_int) {}
-
-fn catch_stop_signals() {
-    let act = SigAction::new(
-        SigHandler::Handler(ignore_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ] {
-        // SAFETY: the handler does nothing, which is async-signal-safe; a handled (not ignored)
-        // signal is reset to its default by exec, so the task starts with default handlers.
-        let _ = unsafe { nix::sys::signal::sigaction(sig, &act) };
-    }
-}
-
-fn report(status: &mut Option<File>, line: &str) {
-    if let Some(mut f) = status.take() {
-        let _ = f.write_all(line.as_bytes());
-    }
-}
-
-/// The shim's entry point; never returns.
-pub fn run_shim(config_path: &Path) -> ! {
-    // SAFETY: the agent dup2'd the status pipe onto fd 3 of this freshly exec'd process and
-    // nothing else here owns that fd; a missing fd 3 only makes the writes fail.
-    let status_fd = unsafe { OwnedFd::from_raw_fd(STATUS_FD) };
-    let _ = nix::fcntl::fcntl(
-        status_fd.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    );
-    let mut status = Some(File::from(status_fd));
-    match shim(config_path, &mut status) {
-        Ok(code) => std::process::exit(code),
-        Err(message) => {
-            report(&mut status, &format!("err {message}"));
-            std::process::exit(127)
-        }
-    }
-}
-
-fn shim(config_path: &Path, status: &mut Option<File>) -> Result<i32, String> {
-    let cfg = InitConfig::load(config_path)
-        .map_err(|e| format!("reading {}: {e}", config_path.display()))?;
-    let me = std::process::id().to_string();
-    for procs in &cfg.cgroup_procs {
-        std::fs::write(procs, &me)
-            .map_err(|e| format!("joining cgroup {}: {e}", procs.display()))?;
-    }
-    catch_stop_signals();
-    let (report_r, report_w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+/// Forks the task's init into a new PID namespace with `stdout`/`stderr` as its output;
+/// returns once the task runs. Call only while the process is single-threaded.
+pub(crate) fn start_init(
+    cfg: &InitConfig,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    phases: &mut Phases,
+) -> Result<Running, String> {
+    let (start_r, start_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (report_r, report_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    // The supervisor says on this pipe that it moved the init into the task's cgroup.
+    let (joined_r, joined_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    // The supervisor goes back to its own PID namespace for later children after the fork: a
+    // process whose children go to another namespace cannot start threads (EINVAL).
+    let own_pid_ns = std::fs::File::open("/proc/self/ns/pid")
+        .map_err(|e| format!("opening /proc/self/ns/pid: {e}"))?;
     unshare(CloneFlags::CLONE_NEWPID).map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?;
-    // SAFETY: the shim is single-threaded (a fresh exec that starts no threads), so the child
-    // may run any code.
+    // SAFETY: the supervisor is single-threaded (a fresh exec that has started no threads
+    // yet), so the child may run any code.
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
+            drop(own_pid_ns);
+            drop(start_r);
             drop(report_r);
-            let code = match ns_init(&cfg, status, report_w) {
+            drop(joined_w);
+            // The agent waits for EOF on its status pipe: only the supervisor may hold it.
+            let _ = nix::unistd::close(AGENT_STATUS_FD);
+            let mut status = Some(File::from(start_w));
+            let mut phases = Phases::default();
+            phases.mark("init_forked");
+            // Into the task's cgroup first thing, where the init can move itself cheaply.
+            if let Err(e) = join_own_cgroup(cfg) {
+                report(&mut status, &format!("err {e}"));
+                std::process::exit(127);
+            }
+            phases.mark("init_joined_itself");
+            let code = match into_init(&stdout, &stderr, &mut phases).and_then(|()| {
+                drop(stdout);
+                drop(stderr);
+                ns_init(cfg, &mut status, report_w, joined_r, phases)
+            }) {
                 Ok(()) => 0,
                 Err(message) => {
-                    report(status, &format!("err {message}"));
+                    report(&mut status, &format!("err {message}"));
                     127
                 }
             };
             std::process::exit(code)
         }
         ForkResult::Parent { child } => {
+            if let Err(e) = nix::sched::setns(&own_pid_ns, CloneFlags::CLONE_NEWPID) {
+                let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                let _ = waitpid(child, None);
+                return Err(format!("setns back to the host PID namespace: {e}"));
+            }
+            drop(own_pid_ns);
+            drop(start_w);
             drop(report_w);
-            // Our copy of the status pipe must close, or the agent never sees its end.
-            status.take();
-            let init_status = loop {
-                match waitpid(child, None) {
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    other => break other,
-                }
-            };
+            drop(joined_r);
+            drop(stdout);
+            drop(stderr);
+            // Moving another process between cgroups waits for an RCU grace period
+            // (milliseconds): what the init could not join itself (v2) is done here, while the
+            // init builds the task's root. The init forks the task only once it is inside.
+            if let Err(e) = join_cgroup(cfg, child) {
+                let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                let _ = waitpid(child, None);
+                return Err(e);
+            }
+            let _ = File::from(joined_w).write_all(b"joined");
+            phases.mark("supervisor_moved_init");
             let mut text = String::new();
-            let _ = File::from(report_r).read_to_string(&mut text);
-            Ok(mirror(text.trim(), init_status))
+            let _ = File::from(start_r).read_to_string(&mut text);
+            let text = text.trim();
+            if let Some(words) = text
+                .strip_prefix("ok")
+                .filter(|w| w.is_empty() || w.starts_with(' '))
+            {
+                phases.extend(words);
+                return Ok(Running {
+                    pid: child,
+                    report: Some(report_r),
+                });
+            }
+            let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+            let _ = waitpid(child, None);
+            Err(text
+                .strip_prefix("err ")
+                .unwrap_or("the task's init exited without a status")
+                .to_string())
         }
     }
 }
 
-/// Ends the shim the way the task ended: its exit code, or death by the same signal.
-fn mirror(report: &str, init_status: nix::Result<WaitStatus>) -> i32 {
-    let signal = match report.split_once(' ') {
-        Some(("exit", code)) => return code.parse().unwrap_or(1),
-        Some(("signal", sig)) => sig.parse::<i32>().ok(),
-        _ => match init_status {
-            Ok(WaitStatus::Exited(_, code)) => return code,
-            Ok(WaitStatus::Signaled(_, sig, _)) => Some(sig as i32),
-            _ => None,
+/// The init's first steps: its output, its own session, death with the supervisor.
+fn into_init(stdout: &OwnedFd, stderr: &OwnedFd, phases: &mut Phases) -> Result<(), String> {
+    for (pipe, target) in [(stdout, 1), (stderr, 2)] {
+        // SAFETY: dup2 onto a standard fd of this (single-threaded) child; both fds are open
+        // and nothing else in this process uses the standard fds' old targets.
+        if unsafe { libc::dup2(pipe.as_raw_fd(), target) } == -1 {
+            return Err(format!("dup2: {}", std::io::Error::last_os_error()));
+        }
+    }
+    phases.mark("init_output");
+    nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+    // If the supervisor dies, so does this namespace.
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+        .map_err(|e| format!("prctl(PR_SET_PDEATHSIG): {e}"))?;
+    catch_stop_signals();
+    Ok(())
+}
+
+/// The `tasks` file beside a v1 `cgroup.procs` (None on v2, which has none).
+fn v1_tasks_file(procs: &std::path::Path) -> Option<std::path::PathBuf> {
+    let tasks = procs.with_file_name("tasks");
+    tasks.exists().then_some(tasks)
+}
+
+/// The init moves itself into the v1 hierarchies of its cgroup: "0" written to `tasks` moves the
+/// writing thread (the init's only one, so the whole process), which the kernel does without
+/// the global threadgroup lock whose write side waits for an RCU grace period (milliseconds),
+/// unlike a move through `cgroup.procs`.
+fn join_own_cgroup(cfg: &InitConfig) -> Result<(), String> {
+    for tasks in cfg.cgroup_procs.iter().filter_map(|p| v1_tasks_file(p)) {
+        std::fs::write(&tasks, "0")
+            .map_err(|e| format!("joining cgroup {}: {e}", tasks.display()))?;
+    }
+    Ok(())
+}
+
+/// The supervisor moves the init (`pid` in the supervisor's PID namespace) into the
+/// hierarchies it could not join itself (v2's `cgroup.procs`), while the init builds the root.
+fn join_cgroup(cfg: &InitConfig, pid: Pid) -> Result<(), String> {
+    for procs in cfg
+        .cgroup_procs
+        .iter()
+        .filter(|p| v1_tasks_file(p).is_none())
+    {
+        std::fs::write(procs, pid.as_raw().to_string())
+            .map_err(|e| format!("moving the init into cgroup {}: {e}", procs.display()))?;
+    }
+    Ok(())
+}
+
+/// Blocks until the supervisor reports that the init is in the task's cgroup.
+fn wait_joined(joined_r: OwnedFd) -> Result<(), String> {
+    let mut text = String::new();
+    let _ = File::from(joined_r).read_to_string(&mut text);
+    if text == "joined" {
+        Ok(())
+    } else {
+        Err("the supervisor did not move the init into the task's cgroup".into())
+    }
+}
+
+/// How the task ended from the init's report ("exit N" / "signal N"), or from the init's own
+/// wait status when it reported nothing: (exit code, signal).
+pub(crate) fn decode_report(
+    report: &str,
+    init_status: nix::Result<WaitStatus>,
+) -> (Option<i32>, Option<i32>) {
+    match report.split_once(' ') {
+        Some(("exit", code)) => (Some(code.parse().unwrap_or(1)), None),
+        Some(("signal", sig)) => match sig.parse::<i32>() {
+            Ok(s) => (None, Some(s)),
+            Err(_) => (Some(1), None),
         },
-    };
-    let Some(sig) = signal.and_then(|s| Signal::try_from(s).ok()) else {
-        return 1;
-    };
-    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
-    // SAFETY: restoring the default disposition installs no handler code.
-    let _ = unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) };
-    let mut set = SigSet::empty();
-    set.add(sig);
-    let _ = set.thread_unblock();
-    let _ = nix::sys::signal::raise(sig);
-    128 + sig as i32
+        _ => match init_status {
+            Ok(WaitStatus::Exited(_, code)) => (Some(code), None),
+            Ok(WaitStatus::Signaled(_, sig, _)) => (None, Some(sig as i32)),
+            _ => (None, None),
+        },
+    }
 }
 
 /// PID 1 of the task's namespace.
-fn ns_init(cfg: &InitConfig, status: &mut Option<File>, report_w: OwnedFd) -> Result<(), String> {
-    // If the shim dies, so does this namespace.
-    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+fn ns_init(
+    cfg: &InitConfig,
+    status: &mut Option<File>,
+    report_w: OwnedFd,
+    joined_r: OwnedFd,
+    mut phases: Phases,
+) -> Result<(), String> {
     let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
     if cfg.network_none {
         flags |= CloneFlags::CLONE_NEWNET;
     }
     unshare(flags).map_err(|e| format!("unshare: {e}"))?;
     nix::unistd::sethostname(&cfg.hostname).map_err(|e| format!("sethostname: {e}"))?;
-    rootfs::enter(&cfg.root, &cfg.steps).map_err(|e| format!("building the task root: {e}"))?;
+    phases.mark("init_unshared");
+    rootfs::enter(&cfg.root, &cfg.steps, &mut phases)
+        .map_err(|e| format!("building the task root: {e}"))?;
     let last_cap: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -213,11 +291,15 @@ fn ns_init(cfg: &InitConfig, status: &mut Option<File>, report_w: OwnedFd) -> Re
             Ok(())
         });
     }
+    // Nothing of the task may run outside its cgroup.
+    wait_joined(joined_r)?;
+    phases.mark("init_in_cgroup");
     let child = cmd
         .spawn()
         .map_err(|e| format!("starting {:?}: {e}", cfg.command))?;
     let task = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
-    report(status, "ok");
+    phases.mark("task_exec");
+    report(status, &format!("ok{}", phases.words()));
     // Reap every child (orphans are re-parented to us) until the task itself ends.
     let line = loop {
         match waitpid(Pid::from_raw(-1), None) {

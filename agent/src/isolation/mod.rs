@@ -2,13 +2,14 @@
 //! unprivileged user with no capabilities and `no_new_privs`, and a cgroup with limits.
 //!
 //! How a task starts: the agent builds an [`InitConfig`] (the root filesystem plan from
-//! [`rootfs`], the user, the cgroup to join), writes it next to the task and runs its own binary
-//! as `mlp __task-init <config>` (the "shim", [`init`]). The shim joins the cgroup, unshares a
-//! PID namespace and forks the namespace's PID 1 (the "init"), which unshares mount, UTS, IPC
-//! (and network) namespaces, builds the root and `pivot_root`s into it, forks the task as an
-//! unprivileged user, reaps zombies, and reports the task's exit status back to the shim, which
-//! exits the same way. The agent only ever sees the shim: a fresh process, not a fork of the
-//! multi-threaded agent, and the place where a supervisor that outlives the agent will live.
+//! [`rootfs`], the user, the cgroup to join) and starts the task's supervisor
+//! ([`crate::supervisor`], its own binary as `mlp __mlp-supervise <config>`, detached from the
+//! agent). The supervisor unshares a PID namespace and forks the namespace's PID 1 (the
+//! "init", [`init`]), which joins the cgroup, unshares mount, UTS, IPC (and network)
+//! namespaces, builds the root and `pivot_root`s into it, forks the task as an unprivileged
+//! user, reaps zombies, and reports the task's exit status back to the supervisor, which
+//! records it. The agent never forks itself: the supervisor is a fresh process, not a fork of
+//! the multi-threaded agent, and it outlives an agent restart.
 
 pub mod exec;
 pub mod init;
@@ -18,9 +19,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-
-/// The first argument that makes `mlp` run as a task's shim instead of the CLI.
-pub const INIT_ARG: &str = "__mlp-task-init";
 
 /// Agent-wide isolation settings.
 #[derive(Debug, Clone)]
@@ -35,8 +33,14 @@ pub struct IsolationSettings {
     pub agent_pids_max: Option<u64>,
     /// Extra host paths bound read-only into every task root (same path inside).
     pub extra_ro_paths: Vec<PathBuf>,
+    /// Host paths of the default root left out of every task root (`--exec-hide`; see
+    /// [`rootfs::hideable`]).
+    pub hidden_paths: Vec<PathBuf>,
     /// MHz of one core, to turn `cpu` into a CFS quota.
     pub mhz_per_core: u64,
+    /// The binary run as `<exe> __mlp-supervise <config>` for every task (both drivers);
+    /// None = the running binary (`mlp`). Library tests point it at a helper binary.
+    pub supervisor_exe: Option<PathBuf>,
 }
 
 impl Default for IsolationSettings {
@@ -47,7 +51,9 @@ impl Default for IsolationSettings {
             default_pids: 4096,
             agent_pids_max: None,
             extra_ro_paths: Vec::new(),
+            hidden_paths: Vec::new(),
             mhz_per_core: 1000,
+            supervisor_exe: None,
         }
     }
 }
@@ -102,7 +108,7 @@ pub fn hostname_for(group: &str, index: u32, alloc_id: &str) -> String {
     h
 }
 
-/// Everything the shim and init need, written as JSON next to the task.
+/// Everything the init needs, part of the supervisor's config (`supervise.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InitConfig {
     /// Host path of the (empty) directory the task's root is mounted on.
@@ -123,7 +129,7 @@ pub struct InitConfig {
     pub env: BTreeMap<String, String>,
     /// Working directory inside the root.
     pub work_dir: PathBuf,
-    /// `cgroup.procs` files the shim joins before anything else.
+    /// `cgroup.procs` files the init joins before anything else.
     pub cgroup_procs: Vec<PathBuf>,
 }
 
@@ -136,16 +142,16 @@ impl InitConfig {
     }
 }
 
-/// When this process was started as a task shim (`mlp __task-init <config>`), runs it and never
-/// returns; otherwise returns at once. Call first thing in `main`, before any thread starts:
-/// the shim must be single-threaded to unshare namespaces.
+/// When this process was started as a task supervisor (`mlp __mlp-supervise <config>`), runs
+/// it and never returns; otherwise returns at once. Call first thing in `main`, before any
+/// thread starts: the supervisor must be single-threaded to unshare namespaces and fork.
 pub fn maybe_run_init() {
     let mut args = std::env::args_os();
-    if args.nth(1).as_deref() != Some(std::ffi::OsStr::new(INIT_ARG)) {
+    if args.nth(1).as_deref() != Some(std::ffi::OsStr::new(crate::supervisor::SUPERVISE_ARG)) {
         return;
     }
     let config = args.next().map(PathBuf::from).unwrap_or_default();
-    init::run_shim(&config)
+    crate::supervisor::run(&config)
 }
 
 #[cfg(test)]

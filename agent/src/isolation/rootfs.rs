@@ -15,6 +15,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use serde::{Deserialize, Serialize};
 
 use super::User;
+use crate::supervisor::Phases;
 
 /// Host directories bound read-only into every root (symlinks are recreated instead).
 pub const SYSTEM_DIRS: &[&str] = &[
@@ -117,6 +118,14 @@ pub enum Step {
         /// Path inside the root.
         path: PathBuf,
     },
+    /// Hides a host path inside a bound directory (`--exec-hide`): an empty read-only tmpfs
+    /// over a directory, `/dev/null` bound read-only over a file.
+    Mask {
+        /// Path inside the root.
+        path: PathBuf,
+        /// It is a directory.
+        dir: bool,
+    },
     /// A file with these contents, mode 0644.
     Write {
         /// Path inside the root.
@@ -124,6 +133,23 @@ pub enum Step {
         /// Contents.
         contents: String,
     },
+}
+
+impl Step {
+    /// The step's kind, for timing (`bind`, `copy`, ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Step::Dir { .. } => "dir",
+            Step::Symlink { .. } => "symlink",
+            Step::Bind { .. } => "bind",
+            Step::Tmpfs { .. } => "tmpfs",
+            Step::Proc { .. } => "proc",
+            Step::Devpts { .. } => "devpts",
+            Step::Copy { .. } => "copy",
+            Step::Write { .. } => "write",
+            Step::Mask { .. } => "mask",
+        }
+    }
 }
 
 /// Where the task's own directories are on the host.
@@ -139,17 +165,45 @@ fn p(s: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// The steps that build a task's root. `probe` says what the host has (see [`probe_host`]).
+/// Whether `path` is one the default root holds (a system directory or anything under it, one
+/// of [`ETC_FILES`], one of [`ETC_DIRS`] or anything under it), so that `--exec-hide` can
+/// hide it. `path` must be absolute and plain (no `.` or `..`).
+pub fn hideable(path: &Path) -> bool {
+    use std::path::Component;
+    if !path.is_absolute()
+        || path
+            .components()
+            .any(|c| matches!(c, Component::CurDir | Component::ParentDir))
+    {
+        return false;
+    }
+    SYSTEM_DIRS
+        .iter()
+        .chain(ETC_DIRS)
+        .any(|d| path.starts_with(d))
+        || ETC_FILES.iter().any(|f| path == Path::new(f))
+}
+
+/// The steps that build a task's root. `probe` says what the host has (see [`probe_host`]);
+/// `extra_ro` are host paths added read-only, `hidden` host paths of the default root left out
+/// (a path the root would bind, copy or link is simply not; one inside a bound directory is
+/// masked, see [`Step::Mask`]).
 pub fn plan(
     probe: impl Fn(&Path) -> Option<HostEntry>,
     dirs: &TaskDirs,
     user: &User,
     hostname: &str,
     extra_ro: &[PathBuf],
+    hidden: &[PathBuf],
 ) -> Vec<Step> {
     let mut steps = Vec::new();
-    let ro_bind = |src: &Path, is_dir: bool, steps: &mut Vec<Step>| {
-        let _ = is_dir;
+    let is_hidden = |path: &Path| hidden.iter().any(|h| path.starts_with(h));
+    // Directories bound as a whole: a hidden path under one of them is masked.
+    let mut bound: Vec<PathBuf> = Vec::new();
+    let mut ro_bind = |src: &Path, is_dir: bool, steps: &mut Vec<Step>| {
+        if is_dir {
+            bound.push(src.to_path_buf());
+        }
         steps.push(Step::Bind {
             src: src.to_path_buf(),
             path: src.to_path_buf(),
@@ -158,6 +212,9 @@ pub fn plan(
         });
     };
     for d in SYSTEM_DIRS {
+        if is_hidden(Path::new(d)) {
+            continue;
+        }
         match probe(Path::new(d)) {
             Some(HostEntry::Symlink(target)) => steps.push(Step::Symlink { target, path: p(d) }),
             Some(HostEntry::Dir) => ro_bind(Path::new(d), true, &mut steps),
@@ -166,7 +223,7 @@ pub fn plan(
     }
     steps.push(Step::Dir { path: p("/etc") });
     for f in ETC_FILES {
-        if probe(Path::new(f)).is_some() {
+        if !is_hidden(Path::new(f)) && probe(Path::new(f)).is_some() {
             steps.push(Step::Copy {
                 src: p(f),
                 path: p(f),
@@ -182,15 +239,8 @@ pub fn plan(
         contents: format!("{hostname}\n"),
     });
     for d in ETC_DIRS {
-        if probe(Path::new(d)) == Some(HostEntry::Dir) {
+        if !is_hidden(Path::new(d)) && probe(Path::new(d)) == Some(HostEntry::Dir) {
             ro_bind(Path::new(d), true, &mut steps);
-        }
-    }
-    for extra in extra_ro {
-        match probe(extra) {
-            Some(HostEntry::Dir) => ro_bind(extra, true, &mut steps),
-            Some(HostEntry::File) => ro_bind(extra, false, &mut steps),
-            _ => {}
         }
     }
     steps.push(Step::Tmpfs {
@@ -251,6 +301,34 @@ pub fn plan(
         path: p("/secrets"),
         options: format!("mode=0700,uid={},gid={},size=1m", user.uid, user.gid),
     });
+    // Last, so that a path under /tmp or /dev is not covered by the root's own mounts.
+    for extra in extra_ro {
+        if is_hidden(extra) {
+            continue;
+        }
+        match probe(extra) {
+            Some(HostEntry::Dir) => ro_bind(extra, true, &mut steps),
+            Some(HostEntry::File) => ro_bind(extra, false, &mut steps),
+            _ => {}
+        }
+    }
+    for h in hidden {
+        if !bound.iter().any(|b| h.starts_with(b) && h != b) {
+            continue;
+        }
+        match probe(h) {
+            Some(HostEntry::Dir) => steps.push(Step::Mask {
+                path: h.clone(),
+                dir: true,
+            }),
+            // A file by /dev/null; a symlink is left as it is (hide what it points to).
+            Some(HostEntry::File) => steps.push(Step::Mask {
+                path: h.clone(),
+                dir: false,
+            }),
+            _ => {}
+        }
+    }
     steps
 }
 
@@ -299,7 +377,7 @@ const NONE: Option<&str> = None;
 
 /// Carries out `steps` under `root` and `pivot_root`s into it. Must run in a fresh mount
 /// namespace (and, for `/proc`, as a process of the task's PID namespace).
-pub fn enter(root: &Path, steps: &[Step]) -> Result<(), RootfsError> {
+pub fn enter(root: &Path, steps: &[Step], phases: &mut Phases) -> Result<(), RootfsError> {
     // Nothing we mount may propagate back to the host.
     mount(NONE, "/", NONE, MsFlags::MS_REC | MsFlags::MS_PRIVATE, NONE)
         .map_err(sys("making private", Path::new("/")))?;
@@ -311,10 +389,22 @@ pub fn enter(root: &Path, steps: &[Step]) -> Result<(), RootfsError> {
         Some("mode=0755,size=16m"),
     )
     .map_err(sys("mounting the root tmpfs on", root))?;
+    phases.mark("root_tmpfs");
+    // One phase per run of steps of the same kind.
+    let mut run: Option<&'static str> = None;
     for step in steps {
+        let kind = step.kind();
+        if run.is_some_and(|r| r != kind) {
+            phases.mark(run.unwrap_or_default());
+        }
+        run = Some(kind);
         apply(root, step)?;
     }
+    if let Some(r) = run {
+        phases.mark(r);
+    }
     pivot(root)?;
+    phases.mark("pivot_root");
     // The root itself is read-only: a task can write only to /local, /alloc, /secrets, /tmp.
     mount(
         NONE,
@@ -413,6 +503,32 @@ fn apply(root: &Path, step: &Step) -> Result<(), RootfsError> {
             std::fs::copy(src, &at).map_err(io("copying to", &at))?;
             set_mode(&at, 0o644)
         }
+        Step::Mask { path, dir } => {
+            let at = inside(root, path);
+            let ro =
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
+            if *dir {
+                mount(
+                    Some("tmpfs"),
+                    &at,
+                    Some("tmpfs"),
+                    ro,
+                    Some("mode=0755,size=4k"),
+                )
+                .map_err(sys("masking", &at))
+            } else {
+                mount(Some("/dev/null"), &at, NONE, MsFlags::MS_BIND, NONE)
+                    .map_err(sys("masking", &at))?;
+                mount(
+                    NONE,
+                    &at,
+                    NONE,
+                    MsFlags::MS_REMOUNT | MsFlags::MS_BIND | ro,
+                    NONE,
+                )
+                .map_err(sys("masking", &at))
+            }
+        }
         Step::Write { path, contents } => {
             let at = inside(root, path);
             parent_dir(&at)?;
@@ -500,6 +616,7 @@ mod tests {
             &user,
             "g-0-abcd",
             &[PathBuf::from("/opt/models")],
+            &[],
         );
         let has = |s: &Step| steps.contains(s);
         assert!(has(&Step::Symlink {
@@ -552,5 +669,75 @@ mod tests {
             .iter()
             .position(|s| matches!(s, Step::Bind { path, .. } if path == Path::new("/dev/null")));
         assert!(dev < null);
+    }
+
+    #[test]
+    fn hidden_paths_are_left_out_or_masked() {
+        let probe = |path: &Path| -> Option<HostEntry> {
+            match path.to_str()? {
+                "/usr" | "/usr/local" | "/etc/ssl" | "/lib" => Some(HostEntry::Dir),
+                "/usr/bin/sudo" | "/etc/passwd" | "/etc/group" => Some(HostEntry::File),
+                _ => None,
+            }
+        };
+        let dirs = TaskDirs {
+            local: "/l".into(),
+            alloc: "/a".into(),
+        };
+        let user = User {
+            name: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+            home: "/".into(),
+        };
+        let hidden: Vec<PathBuf> = [
+            "/etc/ssl",
+            "/lib",
+            "/etc/group",
+            "/usr/local",
+            "/usr/bin/sudo",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        let steps = plan(probe, &dirs, &user, "h", &[], &hidden);
+        let binds: Vec<&Path> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Bind { src, .. } | Step::Copy { src, .. } => Some(src.as_path()),
+                _ => None,
+            })
+            .collect();
+        for gone in ["/etc/ssl", "/lib", "/etc/group"] {
+            assert!(
+                !binds.contains(&Path::new(gone)),
+                "{gone} still in the root"
+            );
+        }
+        assert!(binds.contains(&Path::new("/usr")));
+        assert!(binds.contains(&Path::new("/etc/passwd")));
+        // Inside the bound /usr: masked, after /usr is bound.
+        let usr = steps
+            .iter()
+            .position(|s| matches!(s, Step::Bind { src, .. } if src == Path::new("/usr")));
+        let local = steps.iter().position(|s| {
+            *s == Step::Mask {
+                path: "/usr/local".into(),
+                dir: true,
+            }
+        });
+        assert!(usr.is_some() && local.is_some() && usr < local, "{steps:?}");
+        assert!(steps.contains(&Step::Mask {
+            path: "/usr/bin/sudo".into(),
+            dir: false
+        }));
+        // Only what the default root holds can be hidden.
+        assert!(hideable(Path::new("/usr/local")));
+        assert!(hideable(Path::new("/etc/ssl/certs")));
+        assert!(hideable(Path::new("/etc/passwd")));
+        assert!(!hideable(Path::new("/etc/shadow")));
+        assert!(!hideable(Path::new("/proc")));
+        assert!(!hideable(Path::new("usr/local")));
+        assert!(!hideable(Path::new("/usr/../proc")));
     }
 }

@@ -12,7 +12,7 @@ use hcl_edit::Span;
 use super::{line_col, parse_duration, Loc};
 use crate::consts::{job_type, restart_mode};
 use crate::v1::{
-    Constraint, GpuRequest, Job, Resources, RestartPolicy, Task, TaskConfig, TaskGroup,
+    Constraint, GpuRequest, Job, MigrateStrategy, ReschedulePolicy, Resources, RestartPolicy, Task, TaskConfig, TaskGroup,
 };
 
 pub(crate) const DEFAULT_NAMESPACE: &str = "default";
@@ -31,7 +31,19 @@ const JOB_FIELDS: &[&str] = &[
     "constraint",
     "group",
 ];
-const GROUP_FIELDS: &[&str] = &["count", "constraint", "meta", "restart", "task"];
+const GROUP_FIELDS: &[&str] = &[
+    "count",
+    "constraint",
+    "meta",
+    "restart",
+    "task",
+    "gang",
+    "min_count",
+    "gang_topology",
+    "gang_timeout",
+    "migrate",
+    "reschedule",
+];
 const TASK_FIELDS: &[&str] = &[
     "driver",
     "config",
@@ -57,6 +69,8 @@ const RESOURCES_FIELDS: &[&str] = &[
 ];
 const GPU_FIELDS: &[&str] = &["count", "model", "memory", "share"];
 const RESTART_FIELDS: &[&str] = &["attempts", "interval", "delay", "mode"];
+const MIGRATE_FIELDS: &[&str] = &["max_parallel"];
+const RESCHEDULE_FIELDS: &[&str] = &["attempts", "interval", "delay", "delay_function", "max_delay", "unlimited"];
 const CONSTRAINT_FIELDS: &[&str] = &["attribute", "operator", "value"];
 
 /// A problem found while decoding (or later, while validating), before it gets a line number.
@@ -704,6 +718,36 @@ impl Decoder<'_> {
                         group.count = v;
                     }
                 }
+                ("gang", Structure::Attribute(a)) => {
+                    if let Some(v) = self.bool(&a.value, &floc) {
+                        group.gang = v;
+                    }
+                }
+                ("min_count", Structure::Attribute(a)) => {
+                    if let Some(v) = self.unsigned(&a.value, &floc) {
+                        group.min_count = v;
+                    }
+                }
+                ("gang_topology", Structure::Attribute(a)) => {
+                    if let Some(v) = self.constraint_string(&a.value, &floc) {
+                        group.gang_topology = v;
+                    }
+                }
+                ("gang_timeout", Structure::Attribute(a)) => {
+                    if let Some(v) = self.duration(&a.value, &floc) {
+                        group.gang_timeout_ms = v;
+                    }
+                }
+                ("migrate", Structure::Block(b)) => {
+                    if self.first_time(&mut seen, s, &loc) {
+                        group.migrate = Some(self.migrate(b, &floc));
+                    }
+                }
+                ("reschedule", Structure::Block(b)) => {
+                    if self.first_time(&mut seen, s, &loc) {
+                        group.reschedule = Some(self.reschedule(b, &floc, batch));
+                    }
+                }
                 _ if GROUP_FIELDS.contains(&name) => self.wrong_form(s, &loc),
                 _ => self.unknown(s, &loc, GROUP_FIELDS),
             }
@@ -745,6 +789,81 @@ impl Decoder<'_> {
             }
         }
         policy
+    }
+
+    /// `migrate { max_parallel = N }`: how many of the group's allocations a drain moves at once.
+    fn migrate(&mut self, block: &Block, loc: &Loc) -> MigrateStrategy {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut m = MigrateStrategy { max_parallel: 1 };
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            match (name, s) {
+                ("max_parallel", Structure::Attribute(a)) => {
+                    if let Some(v) = self.unsigned(&a.value, &floc) {
+                        m.max_parallel = v;
+                    }
+                }
+                _ if MIGRATE_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, MIGRATE_FIELDS),
+            }
+        }
+        m
+    }
+
+    /// `reschedule { … }`; missing fields keep the job type's defaults (Nomad's behaviour).
+    fn reschedule(&mut self, block: &Block, loc: &Loc, batch: bool) -> ReschedulePolicy {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut p = default_reschedule(batch);
+        let mut attempts_set = false;
+        let mut unlimited_set = false;
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            match (name, s) {
+                ("attempts", Structure::Attribute(a)) => {
+                    if let Some(v) = self.unsigned(&a.value, &floc) {
+                        p.attempts = v;
+                        attempts_set = true;
+                    }
+                }
+                ("interval", Structure::Attribute(a)) => {
+                    if let Some(v) = self.duration(&a.value, &floc) {
+                        p.interval_ms = v;
+                    }
+                }
+                ("delay", Structure::Attribute(a)) => {
+                    if let Some(v) = self.duration(&a.value, &floc) {
+                        p.delay_ms = v;
+                    }
+                }
+                ("delay_function", Structure::Attribute(a)) => {
+                    if let Some(v) = self.string(&a.value, &floc) {
+                        p.delay_function = v;
+                    }
+                }
+                ("max_delay", Structure::Attribute(a)) => {
+                    if let Some(v) = self.duration(&a.value, &floc) {
+                        p.max_delay_ms = v;
+                    }
+                }
+                ("unlimited", Structure::Attribute(a)) => {
+                    if let Some(v) = self.bool(&a.value, &floc) {
+                        p.unlimited = v;
+                        unlimited_set = true;
+                    }
+                }
+                _ if RESCHEDULE_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, RESCHEDULE_FIELDS),
+            }
+        }
+        // Giving `attempts` without `unlimited` means a bounded policy, also for services.
+        if attempts_set && !unlimited_set {
+            p.unlimited = false;
+        }
+        p
     }
 
     fn task(&mut self, block: &Block, group: &Loc, index: usize) -> Task {
@@ -978,6 +1097,30 @@ pub(crate) fn default_restart(batch: bool) -> RestartPolicy {
         interval_ms,
         delay_ms: 15_000,
         mode: restart_mode::FAIL.to_string(),
+    }
+}
+
+/// Nomad's reschedule defaults: services are replaced without limit with a growing delay; batch
+/// work once a day after 5 s.
+pub fn default_reschedule(batch: bool) -> ReschedulePolicy {
+    if batch {
+        ReschedulePolicy {
+            attempts: 1,
+            interval_ms: 24 * 3_600_000,
+            delay_ms: 5_000,
+            delay_function: "constant".to_string(),
+            max_delay_ms: 0,
+            unlimited: false,
+        }
+    } else {
+        ReschedulePolicy {
+            attempts: 0,
+            interval_ms: 0,
+            delay_ms: 30_000,
+            delay_function: "exponential".to_string(),
+            max_delay_ms: 3_600_000,
+            unlimited: true,
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use std::path::Path;
 
 use crate::v1::Job;
 
+pub use decode::default_reschedule;
 pub use duration::parse_duration;
 
 /// Every problem found in a job spec; `Display` prints one diagnostic per line.
@@ -158,6 +159,11 @@ pub fn apply_defaults(job: &mut Job) {
     for group in &mut job.groups {
         if group.restart.is_none() {
             group.restart = Some(decode::default_restart(batch));
+        }
+        if let Some(r) = &mut group.reschedule {
+            if r.delay_function.is_empty() {
+                r.delay_function = decode::default_reschedule(batch).delay_function;
+            }
         }
         for task in &mut group.tasks {
             if task.resources.is_none() {

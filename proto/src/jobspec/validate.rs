@@ -177,6 +177,8 @@ impl Checker {
                 format!("must be between 0 and {MAX_COUNT}, found {}", group.count),
             );
         }
+        self.gang(loc, group);
+        self.migrate_reschedule(loc, group);
         if let Some(restart) = &group.restart {
             let rloc = loc.field("restart");
             self.one_of(
@@ -203,6 +205,71 @@ impl Checker {
                 );
             }
             self.task(&tloc, task);
+        }
+    }
+
+    /// `migrate.max_parallel` at least 1; `reschedule` with a known delay function and sane
+    /// numbers.
+    fn migrate_reschedule(&mut self, loc: &Loc, group: &TaskGroup) {
+        if let Some(m) = &group.migrate {
+            if m.max_parallel == 0 || m.max_parallel > MAX_COUNT {
+                self.push(
+                    &loc.field("migrate").field("max_parallel"),
+                    format!("must be between 1 and {MAX_COUNT}, found {}", m.max_parallel),
+                );
+            }
+        }
+        if let Some(r) = &group.reschedule {
+            let rloc = loc.field("reschedule");
+            self.one_of(&rloc.field("delay_function"), "delay function", &r.delay_function, DELAY_FUNCTIONS);
+            if !r.unlimited && r.attempts > 0 && r.interval_ms == 0 {
+                self.push(&rloc.field("interval"), "a bounded number of attempts needs an interval above 0");
+            }
+            if r.max_delay_ms > 0 && r.max_delay_ms < r.delay_ms {
+                self.push(
+                    &rloc.field("max_delay"),
+                    format!("must be at least delay ({}), found {}", format_ms(r.delay_ms), format_ms(r.max_delay_ms)),
+                );
+            }
+        }
+    }
+
+    /// Gang fields: `gang` needs members, `min_count` at most `count`, a topology needs a gang,
+    /// and the timeout is bounded.
+    fn gang(&mut self, loc: &Loc, group: &TaskGroup) {
+        let is_gang = group.gang || group.min_count > 0;
+        if group.gang && group.count == 0 {
+            self.push(&loc.field("gang"), "a gang needs members; count must be at least 1, found 0");
+        }
+        if group.min_count > group.count {
+            self.push(
+                &loc.field("min_count"),
+                format!("must be at most count ({}), found {}", group.count, group.min_count),
+            );
+        }
+        if !is_gang && !group.gang_topology.is_empty() {
+            self.push(&loc.field("gang_topology"), "only a gang can ask for a shared topology; set `gang = true` or `min_count`");
+        }
+        if !is_gang && group.gang_timeout_ms > 0 {
+            self.push(&loc.field("gang_timeout"), "only a gang waits with a timeout; set `gang = true` or `min_count`");
+        }
+        if group.gang_timeout_ms > MAX_GANG_TIMEOUT_MS {
+            self.push(
+                &loc.field("gang_timeout"),
+                format!(
+                    "must be at most {}, found {}",
+                    format_ms(MAX_GANG_TIMEOUT_MS),
+                    format_ms(group.gang_timeout_ms)
+                ),
+            );
+        }
+        let attr = group.gang_topology.trim();
+        let interpolated = attr.starts_with("${") && attr.ends_with('}');
+        if !(attr.is_empty() || interpolated || is_attribute_name(attr)) {
+            self.push(
+                &loc.field("gang_topology"),
+                format!("must be a node attribute such as \"${{meta.rack}}\" or \"meta.rack\", found {attr:?}"),
+            );
         }
     }
 
@@ -270,6 +337,20 @@ impl Checker {
             );
         }
     }
+}
+
+/// `reschedule.delay_function` values.
+pub(crate) const DELAY_FUNCTIONS: &[&str] = &["constant", "exponential", "fibonacci"];
+
+/// Longest a gang may wait for capacity before it is reported unplaceable.
+pub(crate) const MAX_GANG_TIMEOUT_MS: u64 = 7 * 24 * 3_600_000;
+
+/// `attr.x`, `node.x` or `meta.x` written without `${}`.
+fn is_attribute_name(s: &str) -> bool {
+    ["attr.", "node.", "meta."].iter().any(|p| {
+        s.strip_prefix(p)
+            .is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_alphanumeric() || "_.-".contains(c)))
+    })
 }
 
 /// Network modes a task may ask for (`host` is the default).

@@ -549,6 +549,35 @@ impl ClusterService for ClusterGrpc {
         Ok(tonic::Response::new(SnapshotSaveResponse { state, index }))
     }
 
+    /// Disaster recovery: checks the checksum and that the state decodes, then commits a
+    /// `RestoreState` through Raft (forwarded to the leader), so every server converges on it.
+    /// A bad file changes nothing.
+    async fn snapshot_restore(&self, req: tonic::Request<SnapshotRestoreRequest>) -> GrpcResult<SnapshotRestoreResponse> {
+        let req = req.into_inner();
+        let actual = crc32fast::hash(&req.state);
+        if actual != req.crc32 {
+            return Err(tonic::Status::invalid_argument(format!(
+                "snapshot state is corrupt: crc32 {actual:08x}, expected {:08x}; nothing was changed",
+                req.crc32
+            )));
+        }
+        let text = String::from_utf8(req.state)
+            .map_err(|e| tonic::Status::invalid_argument(format!("snapshot state is not UTF-8 JSON: {e}; nothing was changed")))?;
+        if let Err(e) = serde_json::from_str::<crate::state::ClusterState>(&text) {
+            return Err(tonic::Status::invalid_argument(format!(
+                "snapshot state does not decode as a cluster state: {e}; nothing was changed"
+            )));
+        }
+        let bytes = text.len();
+        let resp = self
+            .node
+            .submit(Request { now_ms: crate::leader::now_ms(), command: crate::state::Command::RestoreState { state: text } })
+            .await
+            .map_err(to_status)?;
+        tracing::warn!(index = resp.index, bytes, "cluster state replaced from an operator's snapshot");
+        Ok(tonic::Response::new(SnapshotRestoreResponse { index: resp.index }))
+    }
+
     async fn trigger_elect(&self, _req: tonic::Request<TriggerElectRequest>) -> GrpcResult<TriggerElectResponse> {
         self.node.raft.trigger().elect().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         Ok(tonic::Response::new(TriggerElectResponse {}))

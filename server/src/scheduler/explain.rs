@@ -6,6 +6,9 @@ use mlp_proto::v1::AllocMetric;
 /// Coalesced failures are left to the caller, which knows how many allocations were queued.
 pub fn explain(metric: &AllocMetric) -> Vec<String> {
     let mut lines = Vec::new();
+    if !metric.gang_failure.is_empty() {
+        lines.push(format!("Gang: {}", metric.gang_failure));
+    }
     if metric.nodes_evaluated == 0 {
         lines.push("No nodes were eligible for evaluation".to_string());
     }

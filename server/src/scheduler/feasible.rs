@@ -79,6 +79,17 @@ fn resolve(target: &str, node: &Node) -> Option<String> {
     }
 }
 
+/// The value of a gang's topology attribute on `node`: `${meta.rack}` or the bare `meta.rack`.
+/// None when the node does not set it.
+pub fn topology_value(attribute: &str, node: &Node) -> Option<String> {
+    let attribute = attribute.trim();
+    if attribute.starts_with("${") {
+        resolve(attribute, node)
+    } else {
+        resolve(&format!("${{{attribute}}}"), node)
+    }
+}
+
 /// Whether constraint `c` holds on `node`. Unknown operators never hold (fail closed).
 pub fn holds(c: &Constraint, node: &Node) -> bool {
     let l = resolve(&c.attribute, node);

@@ -8,12 +8,18 @@
 //! * `resources` — resource arithmetic shared with the plan applier (`check_node_fit`);
 //! * `gpu` — GPU devices, shares and the placement policies (FGD and mlp's default), shared
 //!   with the trace simulator (`crate::sim`);
+//! * `place` — one group's placements: plain, gangs (all or nothing, per topology domain) and
+//!   preemption of lower-priority allocations;
 //! * `rank` — the swappable `Scorer` (the GPU policy's cost, then bin-packing, by default);
+//! * `candidates` — which feasible nodes a placement scores (all, or a seeded sample of the
+//!   GPU-less nodes on large clusters);
 //! * `explain` — human lines for placement failures.
 
+pub mod candidates;
 mod explain;
 pub mod feasible;
 pub mod gpu;
+pub mod place;
 pub mod rank;
 mod reconcile;
 mod regex;
@@ -25,11 +31,12 @@ use mlp_proto::consts::{alloc_client, alloc_desired};
 use mlp_proto::v1::{AllocMetric, AllocatedResources, Allocation, Evaluation, Job, Node};
 
 pub use explain::explain;
+pub use place::Preemption;
 pub use rank::{BinPack, Fragmentation, RankInput, Scorer};
 
 use crate::state::{AllocStop, ClusterState};
 use reconcile::Want;
-use resources::{Ask, Usage};
+use resources::Ask;
 
 /// What one scheduling pass wants to change.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -37,45 +44,85 @@ pub struct Plan {
     pub eval_id: String,
     /// New allocations, with ids, node ids and resources filled in.
     pub placements: Vec<Allocation>,
-    /// Allocations to stop (or mark lost).
+    /// Allocations to stop (or mark lost, or evict for a preemptor).
     pub stops: Vec<AllocStop>,
     /// Per task group: why placements failed.
     pub failed_tg_allocs: BTreeMap<String, AllocMetric>,
     /// Per task group: how many allocations could not be placed.
     pub queued_allocations: BTreeMap<String, u32>,
+    /// Placement ids that the plan applier accepts or rejects together (one gang each).
+    pub atomic: Vec<Vec<String>>,
+    /// Evictions: each victim's stop stands only if its preemptor's placement is accepted.
+    pub preemptions: Vec<Preempted>,
+    /// Follow-up evaluations (delayed rescheduling, `wait_until_ms`).
+    pub new_evals: Vec<Evaluation>,
+    /// Rescheduling notes on allocations not (yet) replaced.
+    pub annotations: Vec<crate::state::AllocAnnotation>,
+}
+
+/// One allocation evicted for a higher-priority placement.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Preempted {
+    pub victim: String,
+    pub by_alloc: String,
+    /// `namespace/job` of the preemptor.
+    pub by_job: String,
+}
+
+/// Scheduler settings that come from the server's configuration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    pub preemption: Preemption,
 }
 
 /// Computes the plan for `eval` against `state`. `job` is the job to schedule (None when it was purged).
 /// The default scorer plans GPUs against the workload already running on the cluster.
 pub fn schedule(state: &ClusterState, job: Option<&Job>, eval: &Evaluation, now_ms: u64) -> Plan {
-    let scorer = Fragmentation { policy: gpu::Policy::default(), workload: resources::live_workload(state) };
-    schedule_with(state, job, eval, now_ms, &scorer)
+    schedule_opts(state, job, eval, now_ms, Options::default())
 }
 
-/// `schedule` with a chosen scorer.
-///
-/// Capacity freed by this plan's own stops is not reused by its placements: the plan applier
-/// re-checks placements against the state before the stops apply (`check_node_fit`), and a
-/// blocked evaluation retries once the capacity is really free.
+/// `schedule` with explicit options (preemption settings).
+pub fn schedule_opts(state: &ClusterState, job: Option<&Job>, eval: &Evaluation, now_ms: u64, opts: Options) -> Plan {
+    let scorer = Fragmentation { policy: gpu::Policy::default(), workload: resources::live_workload(state) };
+    schedule_full(state, job, eval, now_ms, &scorer, opts)
+}
+
+/// `schedule` with a chosen scorer (and no preemption, as in the trace simulator).
 pub fn schedule_with(state: &ClusterState, job: Option<&Job>, eval: &Evaluation, now_ms: u64, scorer: &dyn Scorer) -> Plan {
+    schedule_full(state, job, eval, now_ms, scorer, Options { preemption: Preemption::off() })
+}
+
+/// The scheduler proper.
+///
+/// Capacity freed by this plan's own reconcile stops is not reused by its placements (a
+/// blocked evaluation retries once it is really free); capacity freed by its evictions is, and
+/// the plan applier counts both as freed when it re-checks the plan.
+pub fn schedule_full(state: &ClusterState, job: Option<&Job>, eval: &Evaluation, now_ms: u64, scorer: &dyn Scorer, opts: Options) -> Plan {
     let (namespace, job_id) = match job {
         Some(j) => (j.namespace.as_str(), j.id.as_str()),
         None => (eval.namespace.as_str(), eval.job_id.as_str()),
     };
-    let rec = reconcile::reconcile(state, job, namespace, job_id);
-    let mut plan = Plan { eval_id: eval.id.clone(), stops: rec.stops, ..Default::default() };
+    let rec = reconcile::reconcile_at(state, job, namespace, job_id, now_ms);
+    let mut plan = Plan {
+        eval_id: eval.id.clone(),
+        stops: rec.stops,
+        new_evals: rec.follow_ups,
+        annotations: rec.annotations,
+        ..Default::default()
+    };
     let Some(job) = job.filter(|j| !j.stop) else { return plan };
+    let stopping: BTreeSet<&str> = plan.stops.iter().map(|s| s.alloc_id.as_str()).collect();
 
     let candidates: Vec<&Node> = state.nodes.values().filter(|n| feasible::node_usable(n)).collect();
-    let mut usage: BTreeMap<&str, Usage> = BTreeMap::new();
-    let no_workload = gpu::Workload::default();
+    let mut pass = place::Pass::new(state);
+    let preemption = opts.preemption.allowed_for(&job.r#type).then_some(opts.preemption);
+    let mut new_stops = Vec::new();
     for tg in &job.groups {
         plan.queued_allocations.insert(tg.name.clone(), 0);
         let wants: Vec<&Want<'_>> = rec.place.iter().filter(|w| w.group.name == tg.name).collect();
         if wants.is_empty() {
             continue;
         }
-        let ask = Ask::for_group(tg);
         let mut base = AllocMetric {
             nodes_evaluated: candidates.len() as u32,
             nodes_available: candidates.len() as u32,
@@ -92,41 +139,113 @@ pub fn schedule_with(state: &ClusterState, job: Option<&Job>, eval: &Evaluation,
                 }
             })
             .collect();
+        let ctx = place::GroupCtx { job, tg, ask: Ask::for_group(tg), scorer, preemption };
 
-        for (i, want) in wants.iter().enumerate() {
-            let mut metric = base.clone();
-            let mut best: Option<(f64, &Node, AllocatedResources, Usage)> = None;
-            for node in &feasible {
-                let before = usage
-                    .entry(node.id.as_str())
-                    .or_insert_with(|| Usage::live_on(state, &node.id, &BTreeSet::new()));
-                match resources::try_fit_with(node, before, &ask, scorer.gpu_policy(), scorer.workload().unwrap_or(&no_workload)) {
-                    Err(dim) => {
-                        metric.nodes_exhausted += 1;
-                        *metric.dimension_exhausted.entry(dim.as_str().to_string()).or_default() += 1;
-                    }
-                    Ok(resources::Fit { resources: res, after, gpu_cost }) => {
-                        let input = RankInput { job, group: tg, node, before, after: &after, resources: &res, gpu_cost };
-                        let score = scorer.score(&input);
-                        if best.as_ref().is_none_or(|(s, n, ..)| rank::better((score, &node.id), (*s, &n.id))) {
-                            best = Some((score, node, res, after));
-                        }
-                    }
+        let gang = place::gang_size(tg);
+        let (chosen, failure) = if gang == 0 {
+            let a = place::attempt(&ctx, pass.clone(), &feasible, &wants, &base);
+            (Some((a.placed, a.pass)), a.failure)
+        } else {
+            // Members already running count toward the gang and pin its topology domain.
+            let live: Vec<&Allocation> = state
+                .allocs_for_job(&job.namespace, &job.id)
+                .filter(|a| a.task_group == tg.name && resources::is_live(a) && !stopping.contains(a.id.as_str()))
+                .collect();
+            let need = (gang as usize).saturating_sub(live.len()).min(wants.len());
+            let pinned = live
+                .iter()
+                .find_map(|a| state.nodes.get(&a.node_id))
+                .and_then(|n| feasible::topology_value(&tg.gang_topology, n))
+                .filter(|_| !tg.gang_topology.trim().is_empty());
+            let domains = place::domains(tg, &feasible, pinned.as_deref(), &mut base);
+            place_gang(&ctx, &pass, &domains, &wants, &base, need, gang)
+        };
+        let mut placed_here = 0usize;
+        if let Some((placed, new_pass)) = chosen {
+            pass = new_pass;
+            let mut ids = Vec::new();
+            for p in placed {
+                let mut alloc = new_alloc(job, wants[p.want], p.node, p.resources, eval, now_ms);
+                let by_job = crate::state::job_key(&job.namespace, &job.id);
+                for v in &p.victims {
+                    let victim_job = state.allocs.get(v).map(|a| a.job_id.clone()).unwrap_or_default();
+                    new_stops.push(AllocStop {
+                        alloc_id: v.clone(),
+                        description: format!("preempted by allocation {} of job {} (priority {})", alloc.id, job.id, job.priority),
+                        client_status: Some(alloc_client::PREEMPTED.to_string()),
+                    });
+                    plan.preemptions.push(Preempted { victim: v.clone(), by_alloc: alloc.id.clone(), by_job: by_job.clone() });
+                    tracing::debug!(victim = %v, victim_job, preemptor = %alloc.id, "preempting");
                 }
+                alloc.preempted_allocations = p.victims;
+                ids.push(alloc.id.clone());
+                plan.placements.push(alloc);
+                placed_here += 1;
             }
-            let Some((_, node, res, after)) = best else {
-                // Later placements of this group ask for the same and would fail the same way.
-                let unplaced = (wants.len() - i) as u32;
-                metric.coalesced_failures = unplaced - 1;
-                plan.failed_tg_allocs.insert(tg.name.clone(), metric);
-                plan.queued_allocations.insert(tg.name.clone(), unplaced);
-                break;
-            };
-            usage.insert(node.id.as_str(), after);
-            plan.placements.push(new_alloc(job, want, node, res, eval, now_ms));
+            if gang > 0 && !ids.is_empty() {
+                plan.atomic.push(ids);
+            }
+        }
+        let unplaced = (wants.len() - placed_here) as u32;
+        if unplaced > 0 {
+            let mut metric = failure.unwrap_or_else(|| base.clone());
+            // Later placements of this group ask for the same and would fail the same way.
+            metric.coalesced_failures = unplaced - 1;
+            plan.failed_tg_allocs.insert(tg.name.clone(), metric);
+            plan.queued_allocations.insert(tg.name.clone(), unplaced);
         }
     }
+    plan.stops.extend(new_stops);
     plan
+}
+
+/// A gang's placement: the domain where most members fit (at least `need`; ties by total score,
+/// then domain name), first without preemption, then with it. None (with the best domain's
+/// failure, explained) when no domain can hold `need` members at once.
+#[allow(clippy::type_complexity)]
+fn place_gang<'a, 's>(
+    ctx: &place::GroupCtx<'a>,
+    pass: &place::Pass<'s>,
+    domains: &[(String, Vec<&'a Node>)],
+    wants: &[&Want<'_>],
+    base: &AllocMetric,
+    need: usize,
+    gang: u32,
+) -> (Option<(Vec<place::Placed<'a>>, place::Pass<'s>)>, Option<AllocMetric>) {
+    let no_preempt = place::GroupCtx { job: ctx.job, tg: ctx.tg, ask: ctx.ask.clone(), scorer: ctx.scorer, preemption: None };
+    let mut most = (0usize, String::new(), 0usize, None::<AllocMetric>);
+    let tries: Vec<&place::GroupCtx<'a>> = if ctx.preemption.is_some() { vec![&no_preempt, ctx] } else { vec![&no_preempt] };
+    for c in tries {
+        let mut best: Option<(usize, f64, place::Attempt<'a, 's>)> = None;
+        for (value, nodes) in domains {
+            let a = place::attempt(c, pass.clone(), nodes, wants, base);
+            let n = a.placed.len();
+            let score: f64 = a.placed.iter().map(|p| p.score).sum();
+            if most.3.is_none() || n > most.0 {
+                most = (n, value.clone(), nodes.len(), a.failure.clone());
+            }
+            if n >= need && best.as_ref().is_none_or(|(bn, bs, _)| n > *bn || (n == *bn && score > *bs)) {
+                best = Some((n, score, a));
+            }
+        }
+        if let Some((_, _, a)) = best {
+            return (Some((a.placed, a.pass)), a.failure);
+        }
+    }
+    let mut metric = most.3.unwrap_or_else(|| base.clone());
+    let (fit, value, nodes) = (most.0, most.1, most.2);
+    let topology = ctx.tg.gang_topology.trim();
+    metric.gang_failure = if domains.is_empty() {
+        format!("gang of {gang} needs {need} placed at once; no feasible node sets {topology}")
+    } else if topology.is_empty() {
+        format!("gang of {gang} needs {need} placed at once; only {fit} fit on the {nodes} feasible nodes")
+    } else {
+        format!(
+            "gang of {gang} needs {need} placed at once; only {fit} fit in {topology} = {value} ({nodes} feasible nodes there), the best of {} domains",
+            domains.len()
+        )
+    };
+    (None, Some(metric))
 }
 
 fn new_alloc(job: &Job, want: &Want<'_>, node: &Node, resources: AllocatedResources, eval: &Evaluation, now_ms: u64) -> Allocation {
@@ -146,20 +265,28 @@ fn new_alloc(job: &Job, want: &Want<'_>, node: &Node, resources: AllocatedResour
         client_status: alloc_client::PENDING.to_string(),
         create_time_ms: now_ms,
         modify_time_ms: now_ms,
+        previous_allocation: want.previous_allocation.clone(),
+        reschedule_tracker: want.reschedule_tracker.clone(),
         ..Default::default()
     }
 }
 
 /// Whether `node` can hold its current live allocations plus `extra`. Err names the exhausted dimension.
 pub fn check_node_fit(state: &ClusterState, node: &Node, extra: &[&Allocation]) -> Result<(), String> {
+    check_node_fit_freeing(state, node, extra, &BTreeSet::new())
+}
+
+/// `check_node_fit` with the allocations in `freed` (stopped or evicted by the same plan) no
+/// longer counted.
+pub fn check_node_fit_freeing(state: &ClusterState, node: &Node, extra: &[&Allocation], freed: &BTreeSet<&str>) -> Result<(), String> {
     let name = if node.name.is_empty() { &node.id } else { &node.name };
     if !feasible::node_usable(node) {
         let why = if node.eligible { format!("status {}", node.status) } else { "ineligible".to_string() };
         return Err(format!("node {name} is not available ({why})"));
     }
     // An extra allocation already in the state (a retried plan) must not count twice.
-    let skip: BTreeSet<&str> = extra.iter().map(|a| a.id.as_str()).collect();
-    let mut usage = Usage::live_on(state, &node.id, &skip);
+    let skip: BTreeSet<&str> = extra.iter().map(|a| a.id.as_str()).chain(freed.iter().copied()).collect();
+    let mut usage = resources::Usage::live_on(state, &node.id, &skip);
     for a in extra {
         if let Some(r) = &a.resources {
             usage.add(r);

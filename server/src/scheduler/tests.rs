@@ -2,6 +2,7 @@
 //! updates are applied as Raft commands so that the scheduler sees the state it will see live.
 
 use super::*;
+use resources::Usage;
 use mlp_proto::consts::{eval_status, job_type, node_status};
 use mlp_proto::v1::{AllocClientUpdate, Constraint, GpuDevice, GpuRequest, NodeResources, Resources, Task, TaskConfig, TaskGroup};
 
@@ -40,14 +41,13 @@ impl Cluster {
     fn schedule(&mut self, id: &str) -> Plan {
         let job = self.job(id);
         let plan = schedule(&self.st, job.as_ref(), &eval_for(id), 5000);
-        for p in &plan.placements {
-            let node = self.st.nodes.get(&p.node_id).cloned().unwrap_or_default();
-            let extra: Vec<&Allocation> = plan.placements.iter().filter(|a| a.node_id == p.node_id).collect();
-            assert_eq!(check_node_fit(&self.st, &node, &extra), Ok(()), "plan must pass the re-check");
-        }
+        let checked = crate::plan_apply::check_plan(&self.st, plan.clone(), &Default::default());
+        assert_eq!(checked.rejected, 0, "plan must pass the re-check");
+        assert_eq!(checked.accepted, plan.placements);
         self.apply(Command::ApplyPlan(PlanResult {
-            placements: plan.placements.clone(),
-            stops: plan.stops.clone(),
+            placements: checked.accepted,
+            stops: checked.stops,
+            preemptions: checked.preemptions,
             ..Default::default()
         }));
         plan
@@ -374,7 +374,10 @@ fn stopping_or_purging_a_job_stops_live_allocs() {
 fn node_down_marks_lost_and_replaces_elsewhere() {
     let mut c = Cluster::new();
     c.node(node("n1", 100_000, 100_000));
-    c.register(job("j", job_type::SERVICE, vec![group("g", 2, 100, 100)]));
+    // Lost allocations follow the reschedule policy: this one replaces them at once.
+    let mut g = group("g", 2, 100, 100);
+    g.reschedule = Some(mlp_proto::v1::ReschedulePolicy { unlimited: true, delay_function: "constant".into(), ..Default::default() });
+    c.register(job("j", job_type::SERVICE, vec![g]));
     c.schedule("j");
     assert!(c.live("j").iter().all(|(_, n)| n == "n1"));
     c.node(node("n2", 1000, 1000));
@@ -685,4 +688,237 @@ fn gpu_model_constraints_filter_devices() {
     c.register(job("b", job_type::BATCH, vec![share_group("s", 1, 500, &["A100"])]));
     let plan = c.schedule("b");
     assert_eq!(plan.queued_allocations["s"], 1);
+}
+
+// ---- gangs, preemption, the plan applier (issue 4) ---------------------------------------
+
+fn gang(mut g: TaskGroup, topology: &str) -> TaskGroup {
+    g.gang = true;
+    g.gang_topology = topology.into();
+    g
+}
+
+fn racked(id: &str, cpu: u64, rack: &str) -> Node {
+    let mut n = node(id, cpu, 100_000);
+    n.meta.insert("rack".into(), rack.into());
+    n
+}
+
+fn prio(mut j: Job, priority: i32) -> Job {
+    j.priority = priority;
+    j
+}
+
+#[test]
+fn gang_is_placed_whole_or_not_at_all() {
+    let mut c = Cluster::new();
+    for i in 0..3 {
+        c.node(node(&format!("n{i}"), 1000, 10_000));
+    }
+    c.register(job("big", job_type::BATCH, vec![gang(group("w", 4, 1000, 10), "")]));
+    let plan = c.schedule("big");
+    assert!(plan.placements.is_empty(), "a gang of 4 on 3 nodes must not be partially placed");
+    assert_eq!(plan.queued_allocations["w"], 4);
+    let m = &plan.failed_tg_allocs["w"];
+    assert_eq!(m.gang_failure, "gang of 4 needs 4 placed at once; only 3 fit on the 3 feasible nodes");
+    assert!(explain(m).iter().any(|l| l.starts_with("Gang: gang of 4")), "{:?}", explain(m));
+
+    c.register(job("fits", job_type::BATCH, vec![gang(group("w", 3, 1000, 10), "")]));
+    let plan = c.schedule("fits");
+    assert_eq!(plan.placements.len(), 3);
+    assert_eq!(plan.atomic.len(), 1);
+    assert_eq!(plan.atomic[0].len(), 3);
+}
+
+#[test]
+fn gang_topology_keeps_members_in_one_rack() {
+    let mut c = Cluster::new();
+    for (id, rack) in [("a1", "r1"), ("a2", "r1"), ("b1", "r2"), ("b2", "r2"), ("b3", "r2"), ("x", "")] {
+        let mut n = racked(id, 1000, rack);
+        if rack.is_empty() {
+            n.meta.clear();
+        }
+        c.node(n);
+    }
+    c.register(job("g3", job_type::BATCH, vec![gang(group("w", 3, 1000, 10), "${meta.rack}")]));
+    let plan = c.schedule("g3");
+    let mut nodes: Vec<&str> = plan.placements.iter().map(|a| a.node_id.as_str()).collect();
+    nodes.sort();
+    assert_eq!(nodes, ["b1", "b2", "b3"], "only rack r2 holds 3 members");
+
+    // r1 has 2 free nodes, r2 none: a gang of 3 waits, and says where it came closest.
+    c.register(job("g3b", job_type::BATCH, vec![gang(group("w", 3, 1000, 10), "meta.rack")]));
+    let plan = c.schedule("g3b");
+    assert!(plan.placements.is_empty());
+    let m = &plan.failed_tg_allocs["w"];
+    assert_eq!(
+        m.gang_failure,
+        "gang of 3 needs 3 placed at once; only 2 fit in meta.rack = r1 (2 feasible nodes there), the best of 2 domains"
+    );
+    assert_eq!(m.constraint_filtered.get("gang_topology meta.rack is_set"), Some(&1));
+}
+
+#[test]
+fn min_count_gang_places_at_least_the_minimum() {
+    let mut c = Cluster::new();
+    for i in 0..4 {
+        c.node(node(&format!("n{i}"), 1000, 10_000));
+    }
+    let mut g = group("w", 6, 1000, 10);
+    g.min_count = 5;
+    c.register(job("elastic", job_type::BATCH, vec![g.clone()]));
+    assert!(c.schedule("elastic").placements.is_empty(), "5 at once do not fit on 4 nodes");
+
+    g.min_count = 3;
+    c.register(job("elastic", job_type::BATCH, vec![g]));
+    let plan = c.schedule("elastic");
+    assert_eq!(plan.placements.len(), 4, "at least 3 at once, the rest as capacity allows");
+    assert_eq!(plan.queued_allocations["w"], 2);
+}
+
+#[test]
+fn higher_priority_preempts_lower_and_both_record_it() {
+    let mut c = Cluster::new();
+    c.node(node("n1", 1000, 10_000));
+    c.register(prio(job("low", job_type::BATCH, vec![group("g", 2, 500, 10)]), 20));
+    assert_eq!(c.schedule("low").placements.len(), 2);
+
+    // Priority 25 is within the delta of 10: no preemption, it waits.
+    c.register(prio(job("near", job_type::BATCH, vec![group("g", 1, 400, 10)]), 25));
+    let plan = c.schedule("near");
+    assert!(plan.placements.is_empty() && plan.preemptions.is_empty());
+
+    c.register(prio(job("high", job_type::SERVICE, vec![group("g", 1, 400, 10)]), 60));
+    let plan = c.schedule("high");
+    assert_eq!(plan.placements.len(), 1);
+    assert_eq!(plan.preemptions.len(), 1, "one victim frees enough");
+    let victim = plan.preemptions[0].victim.clone();
+    let preemptor = &plan.placements[0];
+    assert_eq!(preemptor.preempted_allocations, vec![victim.clone()]);
+    let v = &c.st.allocs[&victim];
+    assert_eq!(v.client_status, alloc_client::PREEMPTED);
+    assert_eq!(v.desired_status, alloc_desired::STOP);
+    assert_eq!(v.preempted_by_allocation, preemptor.id);
+    assert_eq!(v.preempted_by_job, "default/high");
+    assert!(v.desired_description.starts_with("preempted by allocation"), "{}", v.desired_description);
+
+    // The agent's late report does not turn the eviction into a completion.
+    c.set_client_status(&victim, alloc_client::COMPLETE);
+    assert_eq!(c.st.allocs[&victim].client_status, alloc_client::PREEMPTED);
+    // The batch victim is requeued, not finished: its job is still pending with one to place.
+    assert_ne!(c.job("low").map(|j| j.status), Some(mlp_proto::consts::job_status::DEAD.to_string()));
+    let again = c.schedule("low");
+    assert_eq!(again.queued_allocations["g"], 1, "the preempted index waits for capacity");
+}
+
+#[test]
+fn preemption_never_evicts_equal_or_higher_priority() {
+    let mut c = Cluster::new();
+    c.node(node("n1", 1000, 10_000));
+    c.register(prio(job("a", job_type::SERVICE, vec![group("g", 1, 1000, 10)]), 50));
+    c.schedule("a");
+    for p in [50, 55, 59] {
+        c.register(prio(job("b", job_type::SERVICE, vec![group("g", 1, 100, 10)]), p));
+        let plan = c.schedule("b");
+        assert!(plan.preemptions.is_empty(), "priority {p} must not evict priority 50");
+    }
+}
+
+#[test]
+fn preemption_takes_the_lowest_priority_then_the_smallest_sufficient() {
+    let mut c = Cluster::new();
+    c.node(node("n1", 1000, 10_000));
+    c.node(node("n2", 1000, 10_000));
+    // n1: priority 10 (600) + priority 30 (400); n2: priority 20 (300) + 20 (300) + 30 (400).
+    c.register(prio(job("p10", job_type::BATCH, vec![group("g", 1, 600, 10)]), 10));
+    c.schedule("p10");
+    let on_n1 = c.st.allocs.values().next().map(|a| a.node_id.clone()).unwrap_or_default();
+    let other = if on_n1 == "n1" { "n2" } else { "n1" };
+    c.register(prio(job("p30", job_type::BATCH, vec![group("g", 2, 400, 10)]), 30));
+    c.schedule("p30");
+    c.register(prio(job("p20", job_type::BATCH, vec![group("g", 2, 300, 10)]), 20));
+    c.schedule("p20");
+    assert_eq!(c.live("p20").iter().filter(|(_, n)| n == other).count(), 2);
+    // Asking for 500: on the p10 node one priority-10 victim (600) suffices; elsewhere it takes
+    // priority 20s. Lowest priority first wins.
+    c.register(prio(job("hi", job_type::BATCH, vec![group("g", 1, 500, 10)]), 90));
+    let plan = c.schedule("hi");
+    assert_eq!(plan.preemptions.len(), 1);
+    assert_eq!(c.st.allocs[&plan.preemptions[0].victim].job_id, "p10");
+    assert_eq!(plan.placements[0].node_id, on_n1);
+}
+
+#[test]
+fn gang_may_preempt_all_or_nothing() {
+    let mut c = Cluster::new();
+    for i in 0..3 {
+        c.node(node(&format!("n{i}"), 1000, 10_000));
+    }
+    c.register(prio(job("low", job_type::BATCH, vec![group("g", 2, 1000, 10)]), 10));
+    c.register(prio(job("mid", job_type::BATCH, vec![group("g", 1, 1000, 10)]), 70));
+    c.schedule("low");
+    c.schedule("mid");
+    // A gang of 3 at priority 75 can evict only the two priority-10 allocations: never partial.
+    c.register(prio(job("g", job_type::BATCH, vec![gang(group("w", 3, 1000, 10), "")]), 75));
+    let plan = c.schedule("g");
+    assert!(plan.placements.is_empty() && plan.preemptions.is_empty() && plan.stops.is_empty());
+    // At priority 90 the gang evicts all three.
+    c.register(prio(job("g", job_type::BATCH, vec![gang(group("w", 3, 1000, 10), "")]), 90));
+    let plan = c.schedule("g");
+    assert_eq!(plan.placements.len(), 3);
+    assert_eq!(plan.preemptions.len(), 3);
+}
+
+#[test]
+fn plan_applier_rejects_a_gang_whole_and_drops_evictions_of_rejected_preemptors() {
+    let mut c = Cluster::new();
+    for i in 0..3 {
+        c.node(node(&format!("n{i}"), 1000, 10_000));
+    }
+    c.register(job("g", job_type::BATCH, vec![gang(group("w", 3, 600, 10), "")]));
+    let plan = schedule(&c.st, c.job("g").as_ref(), &eval_for("g"), 5000);
+    assert_eq!(plan.placements.len(), 3);
+    // Meanwhile another plan took most of one node.
+    c.register(job("other", job_type::BATCH, vec![group("g", 1, 900, 10)]));
+    c.schedule("other");
+    let checked = crate::plan_apply::check_plan(&c.st, plan, &Default::default());
+    assert_eq!(checked.rejected, 3, "one member's node is full: the whole gang is rejected");
+    assert!(checked.accepted.is_empty());
+
+    // A preemptor whose node filled up keeps its victim running.
+    let mut c = Cluster::new();
+    c.node(node("n1", 1000, 10_000));
+    c.register(prio(job("low", job_type::BATCH, vec![group("g", 1, 500, 10)]), 10));
+    c.schedule("low");
+    c.register(prio(job("hi", job_type::BATCH, vec![group("g", 1, 1000, 10)]), 90));
+    let plan = schedule(&c.st, c.job("hi").as_ref(), &eval_for("hi"), 5000);
+    assert_eq!(plan.preemptions.len(), 1);
+    let mut in_flight = BTreeMap::new();
+    let mut squatter = plan.placements[0].clone();
+    squatter.id = "squatter".into();
+    squatter.resources = Some(AllocatedResources { cpu_mhz: 500, ..Default::default() });
+    in_flight.insert(squatter.id.clone(), squatter);
+    let checked = crate::plan_apply::check_plan(&c.st, plan.clone(), &in_flight);
+    assert_eq!((checked.rejected, checked.stops.len(), checked.preemptions.len()), (1, 0, 0));
+    // Without the squatter the eviction stands and its capacity counts as freed.
+    let checked = crate::plan_apply::check_plan(&c.st, plan, &BTreeMap::new());
+    assert_eq!((checked.rejected, checked.stops.len(), checked.preemptions.len()), (0, 1, 1));
+}
+
+#[test]
+fn preemption_follows_the_per_type_switches() {
+    let mut c = Cluster::new();
+    c.node(node("n1", 1000, 10_000));
+    c.register(prio(job("low", job_type::BATCH, vec![group("g", 1, 1000, 10)]), 10));
+    c.schedule("low");
+    c.register(prio(job("hi", job_type::BATCH, vec![group("g", 1, 500, 10)]), 90));
+    let hi = c.job("hi");
+    let off = Options { preemption: Preemption { batch: false, service: true, delta: 10 } };
+    let plan = schedule_opts(&c.st, hi.as_ref(), &eval_for("hi"), 5000, off);
+    assert!(plan.placements.is_empty() && plan.preemptions.is_empty(), "batch preemption is off");
+    let wide = Options { preemption: Preemption { batch: true, service: true, delta: 81 } };
+    let plan = schedule_opts(&c.st, hi.as_ref(), &eval_for("hi"), 5000, wide);
+    assert!(plan.preemptions.is_empty(), "a delta of 81 protects priority 10 from priority 90");
+    let plan = schedule_opts(&c.st, hi.as_ref(), &eval_for("hi"), 5000, Options::default());
+    assert_eq!(plan.preemptions.len(), 1);
 }

@@ -1,0 +1,10 @@
+//! `mlp-supervise-helper`: only the task supervisor of the `mlp` binary
+//! (`mlp-supervise-helper __mlp-supervise <config>`), for the agent crate's own tests, which
+//! run the agent inside a test binary that cannot supervise tasks itself
+//! (`IsolationSettings::supervisor_exe`). Production agents use the `mlp` binary.
+
+fn main() {
+    mlp_agent::isolation::maybe_run_init();
+    eprintln!("usage: mlp-supervise-helper __mlp-supervise <config> (started by the mlp agent)");
+    std::process::exit(2);
+}

@@ -1,0 +1,906 @@
+//! The per-task supervisor: a small process (`mlp __mlp-supervise <config>`, a fresh exec of the
+//! agent's binary in its own session, stdio not connected to the agent) that starts one task,
+//! owns its stdout/stderr (written into the size-rotated log files), waits for it and writes
+//! how it ended into `<task dir>/exit.json` (atomically). It does not depend on the agent: when
+//! the agent dies the supervisor and its task run on, and a new agent reattaches
+//! ([`reattach`]) from the record the supervisor wrote before it reported the start
+//! (`<task dir>/run.json`).
+//!
+//! * `raw_exec`: the supervisor spawns the task in its own session (so the agent can signal
+//!   the task's process group) with `PR_SET_PDEATHSIG` = SIGKILL: a task never outlives its
+//!   supervisor. When the task's main process ends, the supervisor kills what is left of its
+//!   group.
+//! * `exec`: the supervisor unshares a PID namespace (then `setns`es back) and forks the
+//!   namespace's PID 1 ([`crate::isolation::init`]), which joins the task's cgroup first
+//!   thing, then builds the task's namespaces and root and forks the task. The supervisor
+//!   itself stays outside the task's cgroup and namespaces, so killing the cgroup never kills
+//!   the supervisor before it recorded the exit.
+//!
+//! The agent learns the outcome of the start on fd 3, a pipe: `ok <pid> [phase=<ns> ...]` (the
+//! task's pid for `raw_exec`, the init's host pid for `exec`; then when each phase of the start
+//! ended, see [`Phases`]) or `err <message>`. Signals go from the agent
+//! straight to the task's process group (verified by pid and start time); waiting is on the
+//! supervisor process (its `Child` after a start, a pidfd after a reattach), after which the
+//! agent reads `exit.json`.
+#![allow(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+
+use crate::driver::{proc_start_time, signal_group, DriverError, ExitStatus, TaskSpec};
+use crate::isolation::InitConfig;
+use crate::logs::{log_base, RotatingWriter};
+
+/// The first argument that makes `mlp` run as a task's supervisor instead of the CLI.
+pub const SUPERVISE_ARG: &str = "__mlp-supervise";
+/// The supervisor's configuration, written by the agent into the task dir.
+pub const CONFIG_FILE: &str = "supervise.json";
+/// What the agent runs in a task dir (written at start, read at reattach).
+pub const RECORD_FILE: &str = "run.json";
+/// How the task ended, written by the supervisor.
+pub const EXIT_FILE: &str = "exit.json";
+/// The supervisor's own diagnostics (its stderr).
+pub const LOG_FILE: &str = "supervisor.log";
+/// The fd the agent passes the start-status pipe on.
+const STATUS_FD: i32 = 3;
+/// The fd the agent passes the cgroup-ready pipe on (`SuperviseConfig::wait_ready`).
+const READY_FD: i32 = 4;
+/// How long the supervisor may take to report that the task started.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the supervisor runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum TaskKind {
+    /// An unisolated process (`raw_exec`).
+    Raw {
+        /// Command (a path, or a name looked up in PATH).
+        command: String,
+        /// Arguments.
+        args: Vec<String>,
+        /// The whole environment.
+        env: BTreeMap<String, String>,
+        /// Working directory.
+        work_dir: PathBuf,
+    },
+    /// An isolated task (`exec`): the init's configuration.
+    Isolated(Box<InitConfig>),
+}
+
+/// The supervisor's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SuperviseConfig {
+    /// Identifies this run of the task (matches the record and the exit file).
+    pub run_id: String,
+    /// Driver name (for the record).
+    pub driver: String,
+    /// The task's cgroup name under `mlp/` (for the record), empty for none.
+    pub cgroup: String,
+    /// The task's memory limit (for the record).
+    pub memory_limit_mib: Option<u64>,
+    /// The task's directory (exit file).
+    pub task_dir: PathBuf,
+    /// Log directory.
+    pub log_dir: PathBuf,
+    /// Task name (log file prefix).
+    pub log_name: String,
+    /// Rotate a log file at this size.
+    pub log_max_file_bytes: u64,
+    /// Log files kept per stream.
+    pub log_max_files: u32,
+    /// What to run.
+    pub task: TaskKind,
+    /// Wait for `ready` on fd 4 before starting the task (the agent creates the task's cgroup
+    /// while the supervisor starts); EOF without it fails the start.
+    #[serde(default)]
+    pub wait_ready: bool,
+}
+
+/// What runs in a task dir (`<task dir>/run.json`), written by the supervisor before it reports
+/// the start (so a run is never unrecorded, even when the agent dies during the start) and read
+/// by the agent to reattach to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TaskRecord {
+    /// Driver name.
+    pub driver: String,
+    /// Identifies this run (also in the exit file).
+    pub run_id: String,
+    /// The supervisor's pid.
+    pub supervisor_pid: u32,
+    /// Its start time (field 22 of /proc/<pid>/stat).
+    pub supervisor_start_time: u64,
+    /// The task's pid (`raw_exec`: the task, `exec`: the namespace's init), also the process
+    /// group the agent signals.
+    pub pid: u32,
+    /// Its start time.
+    pub start_time: u64,
+    /// The task's cgroup name under `mlp/` (`exec`), empty for none.
+    pub cgroup: String,
+    /// The task's memory limit, to report an OOM kill.
+    pub memory_limit_mib: Option<u64>,
+}
+
+/// How the task ended, as the supervisor saw it (`<task dir>/exit.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExitRecord {
+    /// The run it belongs to.
+    pub run_id: String,
+    /// Exit code, when it exited.
+    pub code: Option<i32>,
+    /// Signal number, when a signal killed it.
+    pub signal: Option<i32>,
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        // No fsync: the files only need to survive the agent's death, not the machine's (the
+        // tasks would not survive that either).
+        f.write_all(data)?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<T> {
+    let bytes = std::fs::read(path)?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Writes the task record atomically.
+pub fn save_record(task_dir: &Path, record: &TaskRecord) -> std::io::Result<()> {
+    let data = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    write_atomic(&task_dir.join(RECORD_FILE), &data)
+}
+
+/// Reads a task record; None when there is none.
+pub fn load_record(task_dir: &Path) -> std::io::Result<Option<TaskRecord>> {
+    match read_json(&task_dir.join(RECORD_FILE)) {
+        Ok(r) => Ok(Some(r)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads the exit file of `run_id`; None when there is none (or it belongs to another run).
+pub fn load_exit(task_dir: &Path, run_id: &str) -> Option<ExitRecord> {
+    let r: ExitRecord = read_json(&task_dir.join(EXIT_FILE)).ok()?;
+    (r.run_id == run_id).then_some(r)
+}
+
+/// Forgets a finished run: its record, exit file and supervisor config.
+pub fn remove_run_files(task_dir: &Path) {
+    for f in [RECORD_FILE, EXIT_FILE, CONFIG_FILE] {
+        let _ = std::fs::remove_file(task_dir.join(f));
+    }
+}
+
+/// A fresh run id.
+fn new_run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{nanos:x}-{:x}", std::process::id())
+}
+
+/// The supervisor binary: the agent's own unless configured (library tests use a helper).
+pub fn supervisor_exe(configured: Option<&Path>) -> Result<PathBuf, DriverError> {
+    match configured {
+        Some(p) => Ok(p.to_path_buf()),
+        None => std::env::current_exe()
+            .map_err(|e| DriverError::Isolation(format!("finding the mlp binary: {e}"))),
+    }
+}
+
+/// How the agent waits for a supervisor.
+enum Waiter {
+    /// The agent started it: its child.
+    Child(tokio::process::Child),
+    /// Reattached: a pidfd, readable once it exited.
+    Pidfd(AsyncFd<OwnedFd>),
+    /// It already exited.
+    Done,
+}
+
+/// A task run by a supervisor, as the agent sees it: waits for the supervisor, then reads the
+/// exit file. Shared by both drivers.
+pub(crate) struct Supervised {
+    /// What runs.
+    pub record: TaskRecord,
+    task_dir: PathBuf,
+    waiter: Waiter,
+    exit: Option<ExitStatus>,
+}
+
+impl Supervised {
+    /// Waits for the supervisor to end and returns the task's status (cancel-safe: only the
+    /// wait itself awaits). An exit the supervisor could not record (it was killed) is an
+    /// unknown status, and whatever is left of the task's group is killed.
+    pub async fn wait(&mut self) -> ExitStatus {
+        if let Some(ex) = self.exit {
+            return ex;
+        }
+        match &mut self.waiter {
+            Waiter::Child(child) => {
+                if let Err(e) = child.wait().await {
+                    tracing::warn!(pid = self.record.supervisor_pid, error = %e, "waiting for the supervisor failed");
+                }
+            }
+            Waiter::Pidfd(fd) => match fd.readable().await {
+                // A pidfd stays readable once the process exited.
+                Ok(mut guard) => guard.retain_ready(),
+                Err(e) => {
+                    tracing::warn!(pid = self.record.supervisor_pid, error = %e, "polling the supervisor's pidfd failed");
+                }
+            },
+            Waiter::Done => {}
+        }
+        self.waiter = Waiter::Done;
+        let ex = match load_exit(&self.task_dir, &self.record.run_id) {
+            Some(r) => ExitStatus {
+                code: r.code,
+                signal: r.signal,
+                oom_limit_mib: None,
+            },
+            None => {
+                tracing::warn!(dir = %self.task_dir.display(), "the task's supervisor ended without recording an exit status");
+                if let Err(e) = signal_group(self.record.pid, Signal::SIGKILL) {
+                    tracing::warn!(pid = self.record.pid, error = %e, "killing leftover processes failed");
+                }
+                ExitStatus::default()
+            }
+        };
+        self.exit = Some(ex);
+        ex
+    }
+
+    /// Whether the task's status is known.
+    pub fn exited(&self) -> bool {
+        self.exit.is_some()
+    }
+
+    /// Sends a signal to the task's process group while it runs.
+    pub fn signal(&self, sig: Signal) -> Result<(), DriverError> {
+        if self.exit.is_some() || proc_start_time(self.record.pid) != Some(self.record.start_time) {
+            // Ended (or its pid belongs to someone else now): nothing to signal.
+            return Ok(());
+        }
+        signal_group(self.record.pid, sig)
+    }
+
+    /// Forgets the run's files once its end was consumed.
+    pub fn forget(&self) {
+        remove_run_files(&self.task_dir);
+    }
+}
+
+/// How a start is timed and synchronized.
+pub(crate) struct StartWith {
+    /// The start's phases so far (the driver's).
+    pub phases: Phases,
+    /// `exec`: the read end of the cgroup-ready pipe (see `SuperviseConfig::wait_ready`).
+    pub ready: Option<OwnedFd>,
+}
+
+/// Starts a supervisor for `spec` running `task`; returns once the task runs (or failed to).
+pub(crate) async fn start(
+    exe: &Path,
+    driver: &str,
+    spec: &TaskSpec,
+    task: TaskKind,
+    cgroup: String,
+    memory_limit_mib: Option<u64>,
+    how: StartWith,
+) -> Result<Supervised, DriverError> {
+    let StartWith { mut phases, ready } = how;
+    let task_dir = spec.task_dir.clone();
+    std::fs::create_dir_all(&task_dir)
+        .map_err(|e| DriverError::Isolation(format!("creating {}: {e}", task_dir.display())))?;
+    remove_run_files(&task_dir);
+    let run_id = new_run_id();
+    let config = SuperviseConfig {
+        run_id: run_id.clone(),
+        driver: driver.to_string(),
+        cgroup,
+        memory_limit_mib,
+        task_dir: task_dir.clone(),
+        log_dir: spec.log_dir.clone(),
+        log_name: spec.name.clone(),
+        log_max_file_bytes: spec.log_max_file_bytes,
+        log_max_files: spec.log_max_files,
+        task,
+        wait_ready: ready.is_some(),
+    };
+    let config_path = task_dir.join(CONFIG_FILE);
+    let json = serde_json::to_vec(&config)
+        .map_err(|e| DriverError::Isolation(format!("encoding the supervisor config: {e}")))?;
+    write_atomic(&config_path, &json)
+        .map_err(|e| DriverError::Isolation(format!("writing {}: {e}", config_path.display())))?;
+    phases.mark("config_written");
+    let diag = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(task_dir.join(LOG_FILE))
+        .map_err(|source| DriverError::Logs {
+            dir: task_dir.clone(),
+            source,
+        })?;
+
+    let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| DriverError::Isolation(format!("pipe: {e}")))?;
+    let status_w_raw = status_w.as_raw_fd();
+    let ready_raw = ready.as_ref().map(|r| r.as_raw_fd());
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg(SUPERVISE_ARG)
+        .arg(&config_path)
+        .env_clear()
+        .current_dir(&task_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(diag))
+        .kill_on_drop(false);
+    // SAFETY: runs in the forked child before exec and only calls setsid(2) and dup2(2),
+    // which are async-signal-safe; dup2 onto fds 3 and 4 clears close-on-exec for the
+    // supervisor.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() == -1 || libc::dup2(status_w_raw, STATUS_FD) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(r) = ready_raw {
+                if libc::dup2(r, READY_FD) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| DriverError::Spawn {
+        command: exe.display().to_string(),
+        source,
+    })?;
+    drop(status_w);
+    drop(ready);
+    phases.mark("supervisor_spawned");
+    let supervisor_pid = child.id().unwrap_or(0);
+    let supervisor_start_time = proc_start_time(supervisor_pid).unwrap_or(0);
+    // Read on the runtime (no blocking-thread round trip): the pipe until EOF.
+    let read = async move {
+        use tokio::io::AsyncReadExt;
+        let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(status_r)?;
+        let mut text = String::new();
+        pipe.read_to_string(&mut text).await?;
+        Ok::<_, std::io::Error>(text)
+    };
+    let started = match tokio::time::timeout(START_TIMEOUT, read).await {
+        Ok(Ok(text)) => text,
+        Ok(Err(e)) => format!("err reading the start status: {e}"),
+        Err(_) => format!("err the task did not start within {START_TIMEOUT:?}"),
+    };
+    let started = started.trim();
+    let mut ok = started.strip_prefix("ok ").map(str::split_whitespace);
+    let pid = ok
+        .as_mut()
+        .and_then(|words| words.next())
+        .and_then(|p| p.parse::<u32>().ok());
+    if let Some(words) = ok {
+        phases.extend(&words.collect::<Vec<_>>().join(" "));
+        phases.mark("started");
+        tracing::debug!(task = %spec.name, driver, phases = %phases.describe(), "task start phases");
+    }
+    let Some(pid) = pid else {
+        let message = started
+            .strip_prefix("err ")
+            .unwrap_or("the task's supervisor exited without a status")
+            .to_string();
+        // The supervisor exits after reporting an error; kill it if it hangs.
+        if let Some(raw) = i32::try_from(supervisor_pid).ok().filter(|p| *p > 1) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(raw), Signal::SIGKILL);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+        remove_run_files(&task_dir);
+        if let Some(source) = spawn_error(&message) {
+            return Err(DriverError::Spawn {
+                command: spec.command.clone(),
+                source,
+            });
+        }
+        return Err(DriverError::Isolation(message));
+    };
+    let record = match load_record(&task_dir) {
+        Ok(Some(r)) if r.run_id == run_id && r.pid == pid => r,
+        other => {
+            // The supervisor writes the record before it reports a start.
+            tracing::warn!(dir = %task_dir.display(), record = ?other, "the supervisor's run record is missing");
+            TaskRecord {
+                driver: driver.to_string(),
+                run_id,
+                supervisor_pid,
+                supervisor_start_time,
+                pid,
+                start_time: proc_start_time(pid).unwrap_or(0),
+                cgroup: String::new(),
+                memory_limit_mib: None,
+            }
+        }
+    };
+    Ok(Supervised {
+        record,
+        task_dir,
+        waiter: Waiter::Child(child),
+        exit: None,
+    })
+}
+
+/// `raw_exec` start errors come back as `err spawn <errno> <message>`: the same
+/// [`DriverError::Spawn`] as an in-process spawn (a missing binary is `NotFound`).
+fn spawn_error(message: &str) -> Option<std::io::Error> {
+    let rest = message.strip_prefix("spawn ")?;
+    let (code, _) = rest.split_once(' ')?;
+    Some(std::io::Error::from_raw_os_error(code.parse().ok()?))
+}
+
+/// Opens a pidfd for `pid` if it is still the process that started at `start_time`.
+fn pidfd_of(pid: u32, start_time: u64) -> Option<OwnedFd> {
+    let raw = i32::try_from(pid).ok().filter(|p| *p > 1)?;
+    if proc_start_time(pid) != Some(start_time) || is_zombie(pid) {
+        return None;
+    }
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is shared.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: the kernel just returned this fd to us and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // The pid may have been reused between the check and the open: check again.
+    (proc_start_time(pid) == Some(start_time)).then_some(fd)
+}
+
+/// Whether `pid` has exited and waits to be reaped.
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .is_some_and(|s| {
+            s.rfind(')')
+                .is_some_and(|i| s[i + 1..].trim_start().starts_with(['Z', 'X']))
+        })
+}
+
+/// Why a task could not be reattached.
+#[derive(Debug, thiserror::Error)]
+pub enum ReattachError {
+    /// Neither a live supervisor nor a recorded exit.
+    #[error("the task's supervisor is gone and recorded no exit status")]
+    Lost,
+    /// The pidfd could not be registered with the runtime.
+    #[error("watching the supervisor: {0}")]
+    Watch(std::io::Error),
+}
+
+/// Reattaches to the run recorded in `task_dir`: a live supervisor (same pid and start time)
+/// is watched through a pidfd; a supervisor that ended while the agent was down left its
+/// exit file, which the handle reports at once. Anything else is lost: its leftovers are
+/// killed and an error returned.
+pub(crate) fn reattach(task_dir: &Path, record: &TaskRecord) -> Result<Supervised, ReattachError> {
+    let waiter = match pidfd_of(record.supervisor_pid, record.supervisor_start_time) {
+        Some(fd) => {
+            // SAFETY: the AsyncFd owns the OwnedFd, which stays open and unchanged until the
+            // AsyncFd is dropped.
+            let registered =
+                unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
+            Waiter::Pidfd(
+                registered
+                    .map_err(|e| ReattachError::Watch(std::io::Error::other(e.to_string())))?,
+            )
+        }
+        None if load_exit(task_dir, &record.run_id).is_some() => Waiter::Done,
+        None => {
+            if record.pid > 1 && proc_start_time(record.pid) == Some(record.start_time) {
+                let _ = signal_group(record.pid, Signal::SIGKILL);
+            }
+            return Err(ReattachError::Lost);
+        }
+    };
+    Ok(Supervised {
+        record: record.clone(),
+        task_dir: task_dir.to_path_buf(),
+        waiter,
+        exit: None,
+    })
+}
+
+/// Nanoseconds on the system-wide monotonic clock (the same in every process), to time a
+/// start's phases across the agent, the supervisor and the init.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// When each phase of a start ended (`name=<mono_ns>` words), carried from the init through
+/// the supervisor to the agent on the start-status pipes and logged there at debug level
+/// (`RUST_LOG=mlp_agent=debug`): where a task's start time goes.
+#[derive(Debug, Default, Clone)]
+pub struct Phases {
+    since: u64,
+    words: String,
+}
+
+impl Phases {
+    /// Phases counted from now.
+    pub fn start() -> Phases {
+        Phases {
+            since: mono_ns(),
+            words: String::new(),
+        }
+    }
+    /// Notes that `name` ended now.
+    pub fn mark(&mut self, name: &str) {
+        self.words.push_str(&format!(" {name}={}", mono_ns()));
+    }
+    /// Adds phases reported by another process.
+    pub fn extend(&mut self, words: &str) {
+        for w in words.split_whitespace() {
+            self.words.push(' ');
+            self.words.push_str(w);
+        }
+    }
+    /// The words, each prefixed by a space.
+    pub fn words(&self) -> &str {
+        &self.words
+    }
+    /// Each phase's duration after the previous one, in microseconds: `name=+123us ...`.
+    pub fn describe(&self) -> String {
+        let mut prev = self.since;
+        let mut out = String::new();
+        for w in self.words.split_whitespace() {
+            let Some((name, at)) = w.split_once('=') else {
+                continue;
+            };
+            let Ok(at) = at.parse::<u64>() else {
+                continue;
+            };
+            out.push_str(&format!("{name}=+{}us ", at.saturating_sub(prev) / 1000));
+            prev = at.max(prev);
+        }
+        out.push_str(&format!(
+            "total={}us",
+            prev.saturating_sub(self.since) / 1000
+        ));
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The supervisor process.
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// TERM, INT, HUP and QUIT get a handler that does nothing (reset to default by exec).
+pub(crate) fn catch_stop_signals() {
+    let act = SigAction::new(
+        SigHandler::Handler(ignore_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        // SAFETY: the handler does nothing, which is async-signal-safe; a handled (not ignored)
+        // signal is reset to its default by exec, so the task starts with default handlers.
+        let _ = unsafe { nix::sys::signal::sigaction(sig, &act) };
+    }
+}
+
+/// Writes one line to a report pipe (once).
+pub(crate) fn report(status: &mut Option<File>, line: &str) {
+    if let Some(mut f) = status.take() {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
+
+/// The supervisor's entry point; never returns.
+pub fn run(config_path: &Path) -> ! {
+    // SAFETY: the agent dup2'd the status pipe onto fd 3 of this freshly exec'd process and
+    // nothing else here owns that fd; a missing fd 3 only makes the writes fail.
+    let status_fd = unsafe { OwnedFd::from_raw_fd(STATUS_FD) };
+    let _ = nix::fcntl::fcntl(
+        status_fd.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
+    let mut status = Some(File::from(status_fd));
+    let mut phases = Phases::default();
+    phases.mark("supervisor_main");
+    match supervise(config_path, &mut status, phases) {
+        Ok(()) => std::process::exit(0),
+        Err(message) => {
+            eprintln!("mlp supervisor: {message}");
+            report(&mut status, &format!("err {message}"));
+            std::process::exit(127)
+        }
+    }
+}
+
+/// Waits for the agent's `ready` on fd 4 (its cgroup exists).
+fn wait_ready() -> Result<(), String> {
+    // SAFETY: the agent dup2'd the ready pipe onto fd 4 of this freshly exec'd process (the
+    // config says so) and nothing else here owns that fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(READY_FD) };
+    let mut text = String::new();
+    let _ = File::from(fd).read_to_string(&mut text);
+    if text == "ready" {
+        Ok(())
+    } else {
+        Err("the agent could not create the task's cgroup".into())
+    }
+}
+
+/// The task's running main process: its pid, and how to learn its end.
+pub(crate) struct Running {
+    /// The task's pid (`exec`: the init's).
+    pub(crate) pid: Pid,
+    /// `exec`: the init's report pipe ("exit N" / "signal N").
+    pub(crate) report: Option<OwnedFd>,
+}
+
+fn supervise(
+    config_path: &Path,
+    status: &mut Option<File>,
+    mut phases: Phases,
+) -> Result<(), String> {
+    let cfg: SuperviseConfig =
+        read_json(config_path).map_err(|e| format!("reading {}: {e}", config_path.display()))?;
+    phases.mark("supervisor_config");
+    catch_stop_signals();
+    let open = |stderr| {
+        RotatingWriter::open(
+            &cfg.log_dir,
+            &log_base(&cfg.log_name, stderr),
+            cfg.log_max_file_bytes,
+            cfg.log_max_files,
+        )
+        .map_err(|e| format!("opening the log files in {}: {e}", cfg.log_dir.display()))
+    };
+    let (out_w, err_w) = (open(false)?, open(true)?);
+    let (out_r, out_pipe) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (err_r, err_pipe) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    phases.mark("supervisor_logs");
+    let running = match &cfg.task {
+        TaskKind::Raw {
+            command,
+            args,
+            env,
+            work_dir,
+        } => {
+            let mut cmd = std::process::Command::new(command);
+            cmd.args(args)
+                .env_clear()
+                .envs(env)
+                .current_dir(work_dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(out_pipe))
+                .stderr(Stdio::from(err_pipe));
+            // SAFETY: runs in the forked child of this single-threaded process before exec;
+            // setsid(2) and prctl(2) are async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() == -1
+                        || libc::prctl(
+                            libc::PR_SET_PDEATHSIG,
+                            libc::SIGKILL as libc::c_ulong,
+                            0,
+                            0,
+                            0,
+                        ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn().map_err(|e| {
+                format!(
+                    "spawn {} starting {command:?}: {e}",
+                    e.raw_os_error().unwrap_or(0)
+                )
+            })?;
+            // The Child is not waited through std (waitpid below); dropping it leaves the
+            // process alone.
+            let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
+            drop(child);
+            phases.mark("task_spawned");
+            Running { pid, report: None }
+        }
+        TaskKind::Isolated(init) => {
+            if cfg.wait_ready {
+                wait_ready()?;
+                phases.mark("cgroup_ready");
+            }
+            crate::isolation::init::start_init(init, out_pipe, err_pipe, &mut phases)?
+        }
+    };
+    // Record the run before reporting it, so that an agent that dies now still finds it.
+    let task_pid = running.pid.as_raw().unsigned_abs();
+    let record = TaskRecord {
+        driver: cfg.driver.clone(),
+        run_id: cfg.run_id.clone(),
+        supervisor_pid: std::process::id(),
+        supervisor_start_time: proc_start_time(std::process::id()).unwrap_or(0),
+        pid: task_pid,
+        start_time: proc_start_time(task_pid).unwrap_or(0),
+        cgroup: cfg.cgroup.clone(),
+        memory_limit_mib: cfg.memory_limit_mib,
+    };
+    if let Err(e) = save_record(&cfg.task_dir, &record) {
+        let _ = signal_group(task_pid, Signal::SIGKILL);
+        let _ = waitpid(running.pid, None);
+        return Err(format!(
+            "writing {}: {e}",
+            cfg.task_dir.join(RECORD_FILE).display()
+        ));
+    }
+    phases.mark("record_written");
+    report(status, &format!("ok {}{}", running.pid, phases.words()));
+    // The task runs: from here on, threads are fine (nothing forks any more).
+    let pumps = [pump_thread(out_r, out_w), pump_thread(err_r, err_w)];
+    let wait = loop {
+        match waitpid(running.pid, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
+        }
+    };
+    let (code, signal) = match running.report {
+        Some(report) => {
+            let mut text = String::new();
+            let _ = File::from(report).read_to_string(&mut text);
+            crate::isolation::init::decode_report(text.trim(), wait)
+        }
+        None => {
+            // No process of a task may outlive it.
+            let _ = signal_group(running.pid.as_raw().unsigned_abs(), Signal::SIGKILL);
+            match wait {
+                Ok(WaitStatus::Exited(_, code)) => (Some(code), None),
+                Ok(WaitStatus::Signaled(_, sig, _)) => (None, Some(sig as i32)),
+                _ => (None, None),
+            }
+        }
+    };
+    // Drain the output (bounded: a process that escaped may hold the pipes open).
+    let (tx, rx) = std::sync::mpsc::channel();
+    for p in pumps {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let _ = p.join();
+            let _ = tx.send(());
+        });
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    for _ in 0..2 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if rx.recv_timeout(left).is_err() {
+            break;
+        }
+    }
+    let exit = ExitRecord {
+        run_id: cfg.run_id.clone(),
+        code,
+        signal,
+    };
+    let data = serde_json::to_vec(&exit).map_err(|e| format!("encoding the exit status: {e}"))?;
+    write_atomic(&cfg.task_dir.join(EXIT_FILE), &data)
+        .map_err(|e| format!("writing {}: {e}", cfg.task_dir.join(EXIT_FILE).display()))?;
+    Ok(())
+}
+
+/// Copies a pipe into a log file until EOF, on its own thread.
+fn pump_thread(pipe: OwnedFd, mut writer: RotatingWriter) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = File::from(pipe);
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if let Err(e) = writer.write_all(&buf[..n]) {
+                        eprintln!("mlp supervisor: writing the task log failed: {e}");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    eprintln!("mlp supervisor: reading the task output failed: {e}");
+                    break;
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_roundtrip_and_stale_exits_are_ignored() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        assert_eq!(load_record(dir.path())?, None);
+        let r = TaskRecord {
+            driver: "raw_exec".into(),
+            run_id: "r1".into(),
+            pid: 5,
+            ..Default::default()
+        };
+        save_record(dir.path(), &r)?;
+        assert_eq!(load_record(dir.path())?, Some(r));
+        let exit = ExitRecord {
+            run_id: "r0".into(),
+            code: Some(3),
+            signal: None,
+        };
+        write_atomic(&dir.path().join(EXIT_FILE), &serde_json::to_vec(&exit)?)?;
+        assert_eq!(
+            load_exit(dir.path(), "r1"),
+            None,
+            "an exit of an earlier run"
+        );
+        assert_eq!(load_exit(dir.path(), "r0"), Some(exit));
+        remove_run_files(dir.path());
+        assert_eq!(load_record(dir.path())?, None);
+        assert!(!dir.path().join(EXIT_FILE).exists());
+        Ok(())
+    }
+
+    #[test]
+    fn phases_describe_each_step_after_the_previous() {
+        let mut p = Phases {
+            since: 1_000_000,
+            words: String::new(),
+        };
+        p.extend("a=3000000 b=3500000  junk c=nope");
+        p.extend("d=3200000");
+        // d ended before b (another process's clock reading): counted as 0, not negative.
+        assert_eq!(p.describe(), "a=+2000us b=+500us d=+0us total=2500us");
+        let mut q = Phases::start();
+        q.mark("x");
+        assert!(q.words().starts_with(" x="), "{}", q.words());
+    }
+
+    #[test]
+    fn spawn_errors_keep_their_errno() {
+        let e = spawn_error("spawn 2 starting \"/nope\": No such file or directory (os error 2)");
+        assert_eq!(e.map(|e| e.kind()), Some(std::io::ErrorKind::NotFound));
+        assert!(spawn_error("mount failed").is_none());
+    }
+}

@@ -1,0 +1,280 @@
+//! The task supervisor behind both drivers, with real processes: exit codes and logs, killing a
+//! whole tree, and reattaching after the agent's handle is gone (the agent died): a task that
+//! runs on is watched again with its pid and logs, one that ended meanwhile reports its exit
+//! code, one whose supervisor died is reported lost and leaves nothing.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mlp_agent::driver::{
+    proc_start_time, signal_group, Driver, DriverError, ProcessDriver, TaskSpec,
+};
+use mlp_agent::logs::LogReader;
+use mlp_agent::supervisor::{load_record, EXIT_FILE};
+use nix::sys::signal::Signal;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn driver() -> ProcessDriver {
+    ProcessDriver::with_supervisor(Some(env!("CARGO_BIN_EXE_mlp-supervise-helper").into()))
+}
+
+fn spec(dir: &Path, cmd: &str, args: &[&str]) -> TaskSpec {
+    let task_dir = dir.join("t");
+    let local = task_dir.join("local");
+    let logs = task_dir.join("logs");
+    let _ = std::fs::create_dir_all(&local);
+    let _ = std::fs::create_dir_all(&logs);
+    TaskSpec {
+        name: "t".into(),
+        command: cmd.into(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        env: BTreeMap::new(),
+        work_dir: local,
+        log_dir: logs,
+        log_max_file_bytes: 1 << 20,
+        log_max_files: 3,
+        task_dir,
+        ..Default::default()
+    }
+}
+
+/// Kills process groups and processes when dropped, so a failing test leaves nothing behind.
+#[derive(Default)]
+struct Guard(Vec<u32>);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = signal_group(*pid, Signal::SIGKILL);
+            if let Ok(raw) = i32::try_from(*pid) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie still answers kill(0); look at /proc state too.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rfind(')')
+            .and_then(|i| s[i + 1..].split_whitespace().next().map(|st| st != "Z"))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+fn group_members(pgid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                if let Some(i) = s.rfind(')') {
+                    let f: Vec<&str> = s[i + 1..].split_whitespace().collect();
+                    // fields after ')' : state(3) ppid(4) pgrp(5)
+                    if f.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid)
+                        && f.first() != Some(&"Z")
+                    {
+                        out.push(pid);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn stdout(s: &TaskSpec) -> Result<String, std::io::Error> {
+    Ok(
+        String::from_utf8_lossy(&LogReader::new(&s.log_dir, "t.stdout", 0, 0)?.read_to_end()?)
+            .into_owned(),
+    )
+}
+
+async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        if Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn exit_code_and_logs() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let s = spec(
+        dir.path(),
+        "/bin/sh",
+        &["-c", "echo out; echo err >&2; exit 3"],
+    );
+    let mut h = driver().start(&s).await?;
+    let _g = Guard(vec![h.pid()]);
+    let st = tokio::time::timeout(Duration::from_secs(10), h.wait()).await?;
+    assert_eq!(st.code, Some(3));
+    assert!(!st.success());
+    let err = LogReader::new(&s.log_dir, "t.stderr", 0, 0)?.read_to_end()?;
+    assert_eq!(stdout(&s)?, "out\n");
+    assert_eq!(String::from_utf8_lossy(&err), "err\n");
+    assert!(s.log_dir.join("t.stdout.0").exists());
+    // The run is forgotten once its end was reported.
+    assert_eq!(load_record(&s.task_dir)?, None);
+    assert!(!s.task_dir.join(EXIT_FILE).exists());
+    Ok(())
+}
+
+#[tokio::test]
+async fn process_tree_is_killed() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let s = spec(
+        dir.path(),
+        "/bin/sh",
+        &[
+            "-c",
+            "sleep 100 & sleep 100 & trap '' TERM; echo ready; wait",
+        ],
+    );
+    let mut h = driver().start(&s).await?;
+    let pgid = h.pid();
+    let _g = Guard(vec![pgid]);
+    until("the task and both sleeps", 10, || {
+        stdout(&s).unwrap_or_default().starts_with("ready") && group_members(pgid).len() >= 3
+    })
+    .await?;
+    let members = group_members(pgid);
+    // The same sequence the task runner uses: SIGTERM, SIGKILL after the kill timeout.
+    h.signal(Signal::SIGTERM)?;
+    let st = match tokio::time::timeout(Duration::from_millis(300), h.wait()).await {
+        Ok(st) => st,
+        Err(_) => {
+            h.signal(Signal::SIGKILL)?;
+            tokio::time::timeout(Duration::from_secs(10), h.wait()).await?
+        }
+    };
+    assert!(st.code.is_some() || st.signal.is_some(), "{st:?}");
+    until("every process of the group gone", 5, || {
+        members.iter().all(|p| !alive(*p))
+    })
+    .await?;
+    assert!(group_members(pgid).is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn missing_binary_is_an_error() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let s = spec(dir.path(), "/nonexistent/definitely-not-here", &[]);
+    match driver().start(&s).await {
+        Err(DriverError::Spawn { source, .. }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound)
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("started a missing binary"),
+    }
+    assert_eq!(
+        load_record(&s.task_dir)?,
+        None,
+        "a failed start leaves no record"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_reattached_task_keeps_its_pid_and_logs_and_reports_its_exit() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let gate = dir.path().join("gate");
+    let script = format!(
+        "echo before; while [ ! -e {g} ]; do sleep 0.05; done; echo after; exit 7",
+        g = gate.display()
+    );
+    let s = spec(dir.path(), "/bin/sh", &["-c", &script]);
+    let h = driver().start(&s).await?;
+    let pid = h.pid();
+    let record = load_record(&s.task_dir)?.ok_or("no run record")?;
+    let _g = Guard(vec![pid, record.supervisor_pid]);
+    assert_eq!(record.pid, pid);
+    assert_eq!(record.driver, "raw_exec");
+    until("first output", 10, || {
+        stdout(&s).unwrap_or_default() == "before\n"
+    })
+    .await?;
+    // The agent dies: its handle goes, the task and its supervisor stay.
+    drop(h);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(alive(pid), "the task outlives the agent's handle");
+    assert!(
+        alive(record.supervisor_pid),
+        "the supervisor outlives the agent's handle"
+    );
+
+    // A new agent (a new driver) reattaches from the record.
+    let record = load_record(&s.task_dir)?.ok_or("no run record")?;
+    let mut h = driver().reattach(&s.task_dir, &record)?;
+    assert_eq!(h.pid(), pid, "same process, not restarted");
+    assert_eq!(proc_start_time(pid), Some(record.start_time));
+    std::fs::write(&gate, "")?;
+    let st = tokio::time::timeout(Duration::from_secs(10), h.wait()).await?;
+    assert_eq!(st.code, Some(7));
+    assert_eq!(stdout(&s)?, "before\nafter\n", "logs kept flowing");
+    assert_eq!(load_record(&s.task_dir)?, None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_task_that_ended_while_detached_reports_its_exit_code() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let gate = dir.path().join("gate");
+    let script = format!(
+        "while [ ! -e {g} ]; do sleep 0.05; done; echo done; exit 5",
+        g = gate.display()
+    );
+    let s = spec(dir.path(), "/bin/sh", &["-c", &script]);
+    let h = driver().start(&s).await?;
+    let record = load_record(&s.task_dir)?.ok_or("no run record")?;
+    let _g = Guard(vec![record.pid, record.supervisor_pid]);
+    drop(h);
+    std::fs::write(&gate, "")?;
+    until("the exit file", 10, || s.task_dir.join(EXIT_FILE).exists()).await?;
+    until("the supervisor to exit", 10, || {
+        !alive(record.supervisor_pid)
+    })
+    .await?;
+    let mut h = driver().reattach(&s.task_dir, &record)?;
+    let st = tokio::time::timeout(Duration::from_secs(10), h.wait()).await?;
+    assert_eq!(st.code, Some(5));
+    assert_eq!(stdout(&s)?, "done\n");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_task_whose_supervisor_died_is_lost_and_leaves_nothing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let s = spec(dir.path(), "/bin/sh", &["-c", "echo up; sleep 100"]);
+    let h = driver().start(&s).await?;
+    let record = load_record(&s.task_dir)?.ok_or("no run record")?;
+    let _g = Guard(vec![record.pid, record.supervisor_pid]);
+    until("the task", 10, || stdout(&s).unwrap_or_default() == "up\n").await?;
+    drop(h);
+    let sup = nix::unistd::Pid::from_raw(i32::try_from(record.supervisor_pid)?);
+    nix::sys::signal::kill(sup, Signal::SIGKILL)?;
+    until("the supervisor to die", 10, || {
+        !alive(record.supervisor_pid)
+    })
+    .await?;
+    match driver().reattach(&s.task_dir, &record) {
+        Err(DriverError::Reattach { .. }) => {}
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("reattached to a task without a supervisor"),
+    }
+    until("the task's group gone", 10, || {
+        group_members(record.pid).is_empty()
+    })
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! High-availability benchmarks (issue 5), each against real `mlp` processes:
+//!
+//! * `regs`: job registrations per second on a 3-server cluster on loopback (Raft on, every
+//!   log append fsync'd before it is acknowledged), with `MLP_BENCH_CLIENTS` (default 500)
+//!   concurrent gRPC clients spread over the three servers (followers forward to the leader),
+//!   for `MLP_BENCH_SECS` (default 20) seconds; the same shape as etcd's `check perf --load=l`
+//!   (500 clients against a 3-member cluster), which `scripts/bench-ha.sh` runs next to it.
+//! * `failover`: 3 servers, each in its own network namespace; kill -9 the leader under a
+//!   stream of registrations and time until a write that started after the kill is
+//!   acknowledged; `MLP_FAILOVER_TRIALS` (default 20) trials. Needs root.
+//! * `nodeloss`: a server with a 2 s heartbeat TTL and two agents, each in its own namespace;
+//!   cut the link of the agent that runs a service allocation and time until the replacement
+//!   runs on the other node; reconnect, wait until the stale copy is stopped, repeat
+//!   `MLP_NODELOSS_TRIALS` (default 10) times. Needs root.
+//!
+//! Run: `cargo bench --bench ha -- [regs] [failover] [nodeloss]` (default: all three).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "../tests/multihost/mod.rs"]
+mod multihost;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{channel, env_or, main_with, pct, start_mlp};
+use mlp_proto::v1::job_service_client::JobServiceClient;
+use mlp_proto::v1::status_service_client::StatusServiceClient;
+use mlp_proto::v1::*;
+use multihost::{alive, assert_all_once, wait_for, wait_leader, Net, Writer, GRPC_PORT};
+
+/// A job registration as small as etcd's put: a service job with no instances.
+fn tiny_job(name: &str) -> Job {
+    Job {
+        id: name.into(),
+        name: name.into(),
+        namespace: "default".into(),
+        r#type: "service".into(),
+        priority: 50,
+        groups: vec![TaskGroup {
+            name: "g".into(),
+            count: 0,
+            tasks: vec![Task {
+                name: "t".into(),
+                driver: "raw_exec".into(),
+                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![] }),
+                resources: Some(Resources { cpu_mhz: 10, memory_mib: 8, ..Default::default() }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+async fn regs(out: &mut BTreeMap<String, f64>) -> Result<(), String> {
+    let clients = env_or("MLP_BENCH_CLIENTS", 500);
+    let secs = env_or("MLP_BENCH_SECS", 20) as u64;
+    let base = env_or("MLP_BENCH_HA_PORT", 27640);
+    let addrs: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", base + i)).collect();
+    let join = addrs.join(",");
+    // Started together: each waits for the others before the cluster bootstraps.
+    let starts: Vec<_> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let (a, join) = (a.clone(), join.clone());
+            std::thread::spawn(move || {
+                start_mlp(
+                    &["server", "--grpc-addr", &a, "--http-addr", "127.0.0.1:0", "--bootstrap-expect", "3", "--join", &join],
+                    common::bench_dir(&format!("ha-s{i}")),
+                )
+            })
+        })
+        .collect();
+    let mut servers = Vec::new();
+    for s in starts {
+        servers.push(s.join().map_err(|_| "server start panicked")??);
+    }
+    // Until the cluster has a leader that commits.
+    let mut c0 = JobServiceClient::new(channel(&addrs[0]).await?);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c0.register(RegisterJobRequest { job: Some(tiny_job("warm-0")) }).await.is_err() {
+        if Instant::now() > deadline {
+            return Err("no leader committed within 60s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let leader = StatusServiceClient::new(channel(&addrs[0]).await?)
+        .leader(LeaderRequest {})
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    eprintln!("regs: 3 servers {join}, leader {leader:?}; {clients} clients for {secs}s");
+    // 8 HTTP/2 connections per server, clients spread round-robin over all of them.
+    let mut chans = Vec::new();
+    for a in &addrs {
+        for _ in 0..8 {
+            chans.push(channel(a).await?);
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let lat = Arc::new(Mutex::new(Vec::new()));
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for ci in 0..clients {
+        let mut c = JobServiceClient::new(chans[ci % chans.len()].clone());
+        let (stop, lat, errors) = (stop.clone(), lat.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                match c.register(RegisterJobRequest { job: Some(tiny_job(&format!("r-{ci}-{i}"))) }).await {
+                    Ok(_) => mine.push(t.elapsed().as_secs_f64() * 1000.0),
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                i += 1;
+            }
+            lat.lock().map(|mut l| l.extend(mine)).ok();
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let mut lat = lat.lock().map(|l| l.clone()).unwrap_or_default();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    out.insert("ha3_clients".into(), clients as f64);
+    out.insert("ha3_registrations".into(), lat.len() as f64);
+    out.insert("ha3_registrations_per_sec".into(), lat.len() as f64 / elapsed);
+    out.insert("ha3_latency_p50_ms".into(), pct(&lat, 0.5));
+    out.insert("ha3_latency_p99_ms".into(), pct(&lat, 0.99));
+    out.insert("ha3_errors".into(), errors.load(Ordering::Relaxed) as f64);
+    drop(servers);
+    Ok(())
+}
+
+/// Raft timing of the failover benchmark: heartbeat 150 ms, election timeout 300–600 ms. An
+/// openraft 0.9 follower calls an election only after the leader lease (= the maximum election
+/// timeout) plus its election timeout, so failover is 0.9–1.2 s of timers plus the vote, the
+/// new leader's first commit and the client's retry. (openraft 0.9 also times AppendEntries
+/// out after one heartbeat interval, so heartbeats shorter than a slow fsync make a
+/// catching-up follower's appends time out, as seen with 50 ms on a loaded machine.)
+const FAILOVER_RAFT_FLAGS: [&str; 6] =
+    ["--raft-heartbeat-ms", "150", "--raft-election-min-ms", "300", "--raft-election-max-ms", "600"];
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn summarize(out: &mut BTreeMap<String, f64>, prefix: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    let v: Vec<f64> = samples.iter().map(|d| ms(*d)).collect();
+    out.insert(format!("{prefix}_trials"), v.len() as f64);
+    out.insert(format!("{prefix}_p50_ms"), pct(&v, 0.5));
+    out.insert(format!("{prefix}_min_ms"), pct(&v, 0.0));
+    out.insert(format!("{prefix}_max_ms"), pct(&v, 1.0));
+}
+
+fn failover(out: &mut BTreeMap<String, f64>) {
+    let trials = env_or("MLP_FAILOVER_TRIALS", 20);
+    let mut net = Net::new();
+    for i in 0..3 {
+        net.add_host(&format!("server{i}"));
+    }
+    let client = net.add_host("client");
+    let procs = multihost::start_servers_with(&mut net, 3, &FAILOVER_RAFT_FLAGS);
+    let addrs: Vec<String> = (0..3).map(|i| format!("{}:{GRPC_PORT}", net.hosts[i].ip)).collect();
+    let form = Duration::from_secs(30);
+    let mut leader = wait_leader(&net, client, &addrs, 3, form);
+    // Several writers, so that some request starts soon after the kill whatever the others
+    // are waiting on; each is a CLI process, as a user's would be.
+    let writers: Vec<Writer> =
+        ["b0", "b1", "b2"].into_iter().map(|p| Writer::start(net.client(client), addrs.join(","), p)).collect();
+    let total = |ws: &[Writer]| ws.iter().map(Writer::count).sum::<usize>();
+    let mut samples = Vec::new();
+    for trial in 0..trials {
+        let before = total(&writers);
+        wait_for("writes before the kill", Duration::from_secs(30), || (total(&writers) >= before + 3).then_some(()));
+        let idx = procs[addrs.iter().position(|a| *a == leader).expect("leader is a known server")];
+        let killed_at = Instant::now();
+        net.procs[idx].kill9();
+        let acked_at = wait_for("an acknowledged write after the kill", Duration::from_secs(15), || {
+            let acks: Vec<Instant> = writers.iter().filter_map(|w| w.first_ack_started_after(killed_at)).collect();
+            // Wait until every writer had its chance, then take the earliest.
+            (acks.len() == writers.len()).then(|| acks.into_iter().min()).flatten()
+        });
+        samples.push(acked_at - killed_at);
+        eprintln!("failover trial {trial}: killed {leader}; next acknowledged write after {:?}", acked_at - killed_at);
+        net.restart(idx);
+        leader = wait_leader(&net, client, &addrs, 3, form);
+    }
+    let acked: Vec<String> = writers.into_iter().flat_map(Writer::finish).collect();
+    // Read on the leader: a follower restarted many times may still be catching up.
+    let ids = wait_for("the final read", Duration::from_secs(60), || net.client(client).job_ids(&leader, false));
+    assert_all_once(&acked, &ids);
+    summarize(out, "failover", samples);
+    out.insert("failover_acked_writes".into(), acked.len() as f64);
+    out.insert("failover_raft_heartbeat_ms".into(), 150.0);
+    out.insert("failover_raft_election_min_ms".into(), 300.0);
+    out.insert("failover_raft_election_max_ms".into(), 600.0);
+}
+
+fn nodeloss(out: &mut BTreeMap<String, f64>) {
+    const TTL_SECS: &str = "2";
+    let trials = env_or("MLP_NODELOSS_TRIALS", 10);
+    let mut net = Net::new();
+    let server = net.add_host("server");
+    let agents = [net.add_host("agent-a"), net.add_host("agent-b")];
+    let client = net.add_host("client");
+    let addr = multihost::start_single_server(&mut net, server, TTL_SECS);
+    for (i, h) in agents.iter().enumerate() {
+        multihost::start_agent(&mut net, *h, &addr, i);
+    }
+    let c = net.client(client);
+    let bound = Duration::from_secs(60);
+    multihost::wait_ready_nodes(&c, &addr, 2, bound);
+    let spec = net.path("svc.hcl");
+    std::fs::write(&spec, multihost::SLEEP_SERVICE_JOB).expect("job file");
+    let run = c.mlp(&["job", "run", "--detach", "--address", &addr, &spec.display().to_string()], Duration::from_secs(20));
+    assert!(run.is_some_and(|o| o.status.success()), "job run failed");
+    let mut samples = Vec::new();
+    for trial in 0..trials {
+        let (id, node, _, _, pid) =
+            wait_for("the allocation running", bound, || c.allocs(&addr, "svc")?.into_iter().find(|a| a.2 == "running" && a.4 != 0));
+        let name = multihost::nodes(&c, &addr).and_then(|ns| ns.into_iter().find(|n| n.0 == node)).expect("node of the alloc").1;
+        let host = if name == "agent-0" { agents[0] } else { agents[1] };
+        net.link(host, false);
+        let cut_at = Instant::now();
+        wait_for("a replacement running on the other node", bound, || {
+            let list = c.allocs(&addr, "svc")?;
+            list.iter().any(|a| a.0 != id && a.1 != node && a.2 == "running").then_some(())
+        });
+        let took = cut_at.elapsed();
+        eprintln!("node loss trial {trial}: replacement running after {took:?} (TTL {TTL_SECS}s)");
+        samples.push(took);
+        net.link(host, true);
+        wait_for("the stale copy stopped after reconnecting", bound, || (!alive(pid)).then_some(()));
+        multihost::wait_ready_nodes(&c, &addr, 2, bound);
+    }
+    summarize(out, "nodeloss", samples);
+    out.insert("nodeloss_heartbeat_ttl_ms".into(), 2000.0);
+}
+
+async fn run(modes: Vec<String>) -> Result<BTreeMap<String, f64>, String> {
+    let mut out = BTreeMap::new();
+    let all = modes.is_empty();
+    let wants = |m: &str| all || modes.iter().any(|x| x == m);
+    if wants("regs") {
+        regs(&mut out).await?;
+    }
+    let needs_netns = wants("failover") || wants("nodeloss");
+    if needs_netns && !multihost::available() {
+        return Err("failover/nodeloss need network namespaces (root and iproute2)".into());
+    }
+    if wants("failover") {
+        tokio::task::block_in_place(|| failover(&mut out));
+    }
+    if wants("nodeloss") {
+        tokio::task::block_in_place(|| nodeloss(&mut out));
+    }
+    Ok(out)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; the rest names the modes.
+    let modes: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    main_with(run(modes));
+}

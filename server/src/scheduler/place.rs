@@ -1,0 +1,438 @@
+//! Placement of one task group's missing allocations: plain groups place what fits, gangs
+//! place all their members (or `min_count` of them) in one plan or none, optionally inside one
+//! topology domain (nodes sharing an attribute value), and both may preempt lower-priority
+//! allocations when the job's type allows it.
+//!
+//! Preemption rule (documented in docs/scheduler.md): only allocations of other jobs whose
+//! priority is at least `delta` below the job's are candidates; on each node the candidates are
+//! taken lowest priority first, then smallest on the dimension that blocks, until the ask fits;
+//! then every victim that is not needed after all is dropped again (last taken first). Among the
+//! nodes the one whose victims have the lowest highest-priority wins, then the fewest victims,
+//! then the least freed, then the node id. Members of gangs are never victims (evicting one would
+//! break its gang).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use mlp_proto::v1::{AllocMetric, AllocatedResources, Allocation, Job, Node, TaskGroup};
+
+use super::rank::{self, RankInput, Scorer};
+use super::reconcile::Want;
+use super::resources::{self, Ask, Dimension, Usage};
+use super::{candidates, feasible, gpu};
+use crate::state::ClusterState;
+
+/// Preemption settings: whether each job type may preempt, and the priority gap it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preemption {
+    pub batch: bool,
+    pub service: bool,
+    /// A victim's job priority must be at most the preemptor's minus this.
+    pub delta: i32,
+}
+
+impl Default for Preemption {
+    fn default() -> Self {
+        Preemption {
+            batch: true,
+            service: true,
+            delta: 10,
+        }
+    }
+}
+
+impl Preemption {
+    /// Preemption turned off for every job type.
+    pub fn off() -> Self {
+        Preemption {
+            batch: false,
+            service: false,
+            delta: 10,
+        }
+    }
+
+    /// Whether a job of `job_type` may preempt.
+    pub fn allowed_for(&self, job_type: &str) -> bool {
+        match job_type {
+            mlp_proto::consts::job_type::BATCH => self.batch,
+            mlp_proto::consts::job_type::SERVICE => self.service,
+            _ => false,
+        }
+    }
+
+    /// Whether an allocation of a job with `victim` priority may be evicted for one with `by`.
+    pub fn may_evict(&self, by: i32, victim: i32) -> bool {
+        victim <= by.saturating_sub(self.delta.max(1))
+    }
+}
+
+/// The gang rules of a group: how many members must be placed at once (0 = not a gang).
+pub fn gang_size(tg: &TaskGroup) -> u32 {
+    if tg.gang {
+        tg.count
+    } else {
+        tg.min_count.min(tg.count)
+    }
+}
+
+/// What is used on each node during one scheduling pass: the state's live allocations minus the
+/// ones this plan evicts, plus this plan's placements.
+#[derive(Clone)]
+pub struct Pass<'s> {
+    state: &'s ClusterState,
+    usage: BTreeMap<String, Usage>,
+    planned: BTreeMap<String, Vec<AllocatedResources>>,
+    /// Allocations this plan evicts (victim id → preemptor allocation id, filled on commit).
+    pub evicted: BTreeSet<String>,
+}
+
+impl<'s> Pass<'s> {
+    pub fn new(state: &'s ClusterState) -> Self {
+        Pass {
+            state,
+            usage: BTreeMap::new(),
+            planned: BTreeMap::new(),
+            evicted: BTreeSet::new(),
+        }
+    }
+
+    fn usage(&mut self, node_id: &str) -> &Usage {
+        if !self.usage.contains_key(node_id) {
+            let u = self.compute(node_id, &BTreeSet::new());
+            self.usage.insert(node_id.to_string(), u);
+        }
+        &self.usage[node_id]
+    }
+
+    /// The node's usage with `also_evicted` gone as well as this pass's evictions.
+    fn compute(&self, node_id: &str, also_evicted: &BTreeSet<&str>) -> Usage {
+        let skip: BTreeSet<&str> = self
+            .evicted
+            .iter()
+            .map(String::as_str)
+            .chain(also_evicted.iter().copied())
+            .collect();
+        let mut u = Usage::live_on(self.state, node_id, &skip);
+        for r in self.planned.get(node_id).into_iter().flatten() {
+            u.add(r);
+        }
+        u
+    }
+
+    fn commit(
+        &mut self,
+        node_id: &str,
+        res: &AllocatedResources,
+        after: Usage,
+        victims: &[&Allocation],
+    ) {
+        self.evicted.extend(victims.iter().map(|v| v.id.clone()));
+        self.planned
+            .entry(node_id.to_string())
+            .or_default()
+            .push(res.clone());
+        if victims.is_empty() {
+            self.usage.insert(node_id.to_string(), after);
+        } else {
+            // Recomputed from scratch: the victims are gone and the placement is added.
+            let u = self.compute(node_id, &BTreeSet::new());
+            self.usage.insert(node_id.to_string(), u);
+        }
+    }
+}
+
+/// One member placed by an attempt.
+#[derive(Clone)]
+pub struct Placed<'a> {
+    pub want: usize,
+    pub node: &'a Node,
+    pub resources: AllocatedResources,
+    pub victims: Vec<String>,
+    pub score: f64,
+}
+
+/// The outcome of placing a group's wants on a set of nodes.
+pub struct Attempt<'a, 's> {
+    pub placed: Vec<Placed<'a>>,
+    /// Why the first unplaced want did not fit (None when all were placed).
+    pub failure: Option<AllocMetric>,
+    pub pass: Pass<'s>,
+}
+
+/// Everything an attempt needs to know about the job and group.
+pub struct GroupCtx<'a> {
+    pub job: &'a Job,
+    pub tg: &'a TaskGroup,
+    pub ask: Ask,
+    pub scorer: &'a dyn Scorer,
+    /// Some when this job may preempt.
+    pub preemption: Option<Preemption>,
+}
+
+/// Places `wants` one by one on `nodes` (the best-scoring fit each; when none fits and
+/// preemption is allowed, the cheapest eviction). Stops at the first want that cannot be placed.
+pub fn attempt<'a, 's>(
+    ctx: &GroupCtx<'a>,
+    mut pass: Pass<'s>,
+    nodes: &[&'a Node],
+    wants: &[&Want<'_>],
+    base: &AllocMetric,
+) -> Attempt<'a, 's> {
+    let no_workload = gpu::Workload::default();
+    let workload = ctx.scorer.workload().unwrap_or(&no_workload);
+    let mut placed = Vec::new();
+    // Which nodes each placement scores: all, or a seeded sample on large clusters (candidates.rs).
+    let seed = candidates::seed(
+        &[&ctx.job.namespace, &ctx.job.id, &ctx.tg.name],
+        pass.state.index,
+    );
+    let mut order = candidates::Candidates::new(nodes, &ctx.ask, seed);
+    for (i, _) in wants.iter().enumerate() {
+        let mut metric = base.clone();
+        let mut best: Option<(f64, &'a Node, AllocatedResources, Usage)> = None;
+        let mut blocked: Vec<(&'a Node, Dimension)> = Vec::new();
+        order.visit(|node| {
+            let before = pass.usage(&node.id).clone();
+            match resources::try_fit_with(
+                node,
+                &before,
+                &ctx.ask,
+                ctx.scorer.gpu_policy(),
+                workload,
+            ) {
+                Err(dim) => {
+                    metric.nodes_exhausted += 1;
+                    *metric
+                        .dimension_exhausted
+                        .entry(dim.as_str().to_string())
+                        .or_default() += 1;
+                    blocked.push((node, dim));
+                    false
+                }
+                Ok(resources::Fit {
+                    resources: res,
+                    after,
+                    gpu_cost,
+                }) => {
+                    let input = RankInput {
+                        job: ctx.job,
+                        group: ctx.tg,
+                        node,
+                        before: &before,
+                        after: &after,
+                        resources: &res,
+                        gpu_cost,
+                    };
+                    let score = ctx.scorer.score(&input);
+                    if best
+                        .as_ref()
+                        .is_none_or(|(s, n, ..)| rank::better((score, &node.id), (*s, &n.id)))
+                    {
+                        best = Some((score, node, res, after));
+                    }
+                    true
+                }
+            }
+        });
+        if let Some((score, node, res, after)) = best {
+            pass.commit(&node.id, &res, after, &[]);
+            placed.push(Placed {
+                want: i,
+                node,
+                resources: res,
+                victims: Vec::new(),
+                score,
+            });
+            continue;
+        }
+        if let Some(p) = ctx.preemption {
+            if let Some((node, victims, res, score)) =
+                cheapest_eviction(ctx, &pass, &blocked, p, workload)
+            {
+                let state = pass.state;
+                let refs: Vec<&Allocation> = victims
+                    .iter()
+                    .filter_map(|id| state.allocs.get(id))
+                    .collect();
+                pass.commit(&node.id, &res, Usage::default(), &refs);
+                placed.push(Placed {
+                    want: i,
+                    node,
+                    resources: res,
+                    victims,
+                    score,
+                });
+                continue;
+            }
+        }
+        return Attempt {
+            placed,
+            failure: Some(metric),
+            pass,
+        };
+    }
+    Attempt {
+        placed,
+        failure: None,
+        pass,
+    }
+}
+
+/// A candidate victim on a node, with its job's priority and its size on the blocking dimension.
+struct Candidate<'s> {
+    alloc: &'s Allocation,
+    priority: i32,
+    size: u64,
+}
+
+fn size_on(r: &AllocatedResources, dim: Dimension) -> u64 {
+    match dim {
+        Dimension::Cpu => r.cpu_mhz,
+        Dimension::Memory => r.memory_mib,
+        Dimension::Disk => r.disk_mib,
+        Dimension::Cores => u64::from(r.cores),
+        Dimension::Gpu => {
+            if r.gpus.is_empty() {
+                r.gpu_ids.len() as u64 * u64::from(gpu::WHOLE)
+            } else {
+                r.gpus.iter().map(|g| u64::from(g.milli)).sum()
+            }
+        }
+    }
+}
+
+/// How an eviction option ranks (smaller is better): the highest victim priority, the number
+/// of victims, what they free on the blocking dimension, the node id.
+type EvictionKey = (i32, usize, u64, String);
+
+/// The cheapest set of evictions (see the module rule) that lets the ask fit on one of the
+/// `blocked` nodes: (node, victim ids, resources, score).
+fn cheapest_eviction<'a>(
+    ctx: &GroupCtx<'a>,
+    pass: &Pass<'_>,
+    blocked: &[(&'a Node, Dimension)],
+    p: Preemption,
+    workload: &gpu::Workload,
+) -> Option<(&'a Node, Vec<String>, AllocatedResources, f64)> {
+    let state = pass.state;
+    // (max victim priority, victims, freed, node id) → smaller is better.
+    let mut best: Option<(EvictionKey, &'a Node, Vec<String>, AllocatedResources, f64)> = None;
+    for &(node, dim) in blocked {
+        let mut cands: Vec<Candidate<'_>> = state
+            .allocs_for_node(&node.id)
+            .filter(|a| resources::is_live(a) && !pass.evicted.contains(&a.id))
+            .filter(|a| !(a.namespace == ctx.job.namespace && a.job_id == ctx.job.id))
+            .filter_map(|a| {
+                let job = state.job(&a.namespace, &a.job_id)?;
+                // A gang member is never evicted alone: that would break its gang.
+                if job
+                    .groups
+                    .iter()
+                    .any(|g| g.name == a.task_group && gang_size(g) > 0)
+                {
+                    return None;
+                }
+                let priority = job.priority;
+                let size = a.resources.as_ref().map_or(0, |r| size_on(r, dim));
+                p.may_evict(ctx.job.priority, priority)
+                    .then_some(Candidate {
+                        alloc: a,
+                        priority,
+                        size,
+                    })
+            })
+            .collect();
+        if cands.is_empty() {
+            continue;
+        }
+        cands.sort_by(|a, b| {
+            (a.priority, a.size, &a.alloc.id).cmp(&(b.priority, b.size, &b.alloc.id))
+        });
+        let fits = |gone: &BTreeSet<&str>| {
+            let before = pass.compute(&node.id, gone);
+            resources::try_fit_with(node, &before, &ctx.ask, ctx.scorer.gpu_policy(), workload)
+                .ok()
+                .map(|f| (before, f))
+        };
+        let mut gone: BTreeSet<&str> = BTreeSet::new();
+        let mut taken: Vec<&Candidate<'_>> = Vec::new();
+        let mut fit = None;
+        for c in &cands {
+            gone.insert(c.alloc.id.as_str());
+            taken.push(c);
+            if let Some(f) = fits(&gone) {
+                fit = Some(f);
+                break;
+            }
+        }
+        if fit.is_none() {
+            continue;
+        }
+        // Drop victims that turned out not to be needed, last taken first.
+        for i in (0..taken.len()).rev() {
+            let id = taken[i].alloc.id.as_str();
+            gone.remove(id);
+            match fits(&gone) {
+                Some(f) => {
+                    fit = Some(f);
+                    taken.remove(i);
+                }
+                None => {
+                    gone.insert(id);
+                }
+            }
+        }
+        let Some((before, f)) = fit.or_else(|| fits(&gone)) else {
+            continue;
+        };
+        let key = (
+            taken.iter().map(|c| c.priority).max().unwrap_or(i32::MIN),
+            taken.len(),
+            taken.iter().map(|c| c.size).sum::<u64>(),
+            node.id.clone(),
+        );
+        if best.as_ref().is_none_or(|(k, ..)| key < *k) {
+            let input = RankInput {
+                job: ctx.job,
+                group: ctx.tg,
+                node,
+                before: &before,
+                after: &f.after,
+                resources: &f.resources,
+                gpu_cost: f.gpu_cost,
+            };
+            let score = ctx.scorer.score(&input);
+            let ids = taken.iter().map(|c| c.alloc.id.clone()).collect();
+            best = Some((key, node, ids, f.resources, score));
+        }
+    }
+    best.map(|(_, node, ids, res, score)| (node, ids, res, score))
+}
+
+/// The topology domains of a gang: feasible nodes grouped by the attribute's value (one domain
+/// of all feasible nodes without a topology). Nodes without the attribute are left out and
+/// counted in `base`. `pinned` restricts the domains to one value (where live members run).
+pub fn domains<'a>(
+    tg: &TaskGroup,
+    feasible: &[&'a Node],
+    pinned: Option<&str>,
+    base: &mut AllocMetric,
+) -> Vec<(String, Vec<&'a Node>)> {
+    if tg.gang_topology.trim().is_empty() {
+        return vec![(String::new(), feasible.to_vec())];
+    }
+    let mut by_value: BTreeMap<String, Vec<&'a Node>> = BTreeMap::new();
+    for &n in feasible {
+        match feasible::topology_value(&tg.gang_topology, n) {
+            Some(v) if pinned.is_none_or(|p| p == v) => by_value.entry(v).or_default().push(n),
+            Some(_) => {}
+            None => {
+                base.nodes_filtered += 1;
+                *base
+                    .constraint_filtered
+                    .entry(format!("gang_topology {} is_set", tg.gang_topology.trim()))
+                    .or_default() += 1;
+            }
+        }
+    }
+    by_value.into_iter().collect()
+}

@@ -1,0 +1,488 @@
+//! Property tests of the scheduler and the plan applier together: random clusters and jobs,
+//! several plans computed on one snapshot (as the leader's concurrent workers do), re-checked by
+//! the real plan applier (`plan_apply::check_plan`) in a random order with random commit points.
+//! After every commit: no node is overcommitted on any dimension, no gang is partially placed,
+//! no constraint is violated, and no preemption evicted work within the priority delta.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+
+use mlp_proto::consts::{alloc_client, eval_status, job_type, node_status};
+use mlp_proto::v1::*;
+use mlp_server::plan_apply::{check_plan, Checked};
+use mlp_server::scheduler::{self, feasible, place::gang_size, resources, Options, Preemption};
+use mlp_server::state::{ClusterState, Command, PlanResult, Request};
+use proptest::prelude::*;
+
+const DELTA: i32 = 10;
+
+#[derive(Debug, Clone)]
+struct NodeSpec {
+    cpu: u64,
+    gpus: usize,
+    rack: u8,
+    windows: bool,
+}
+
+#[derive(Debug, Clone)]
+struct JobSpec {
+    priority: i32,
+    batch: bool,
+    count: u32,
+    cpu: u64,
+    gpu: u8,  // 0 none, 1 whole, 2 half share, 3 quarter share
+    gang: u8, // 0 no, 1 gang, 2 gang with rack topology, 3 min_count
+    linux_only: bool,
+}
+
+fn node_spec() -> impl Strategy<Value = NodeSpec> {
+    (
+        prop::sample::select(vec![1000u64, 2000, 4000]),
+        0usize..3,
+        0u8..2,
+        prop::bool::weighted(0.2),
+    )
+        .prop_map(|(cpu, gpus, rack, windows)| NodeSpec {
+            cpu,
+            gpus,
+            rack,
+            windows,
+        })
+}
+
+fn job_spec() -> impl Strategy<Value = JobSpec> {
+    (
+        prop::sample::select(vec![10i32, 15, 20, 25, 50, 55, 60, 90]),
+        any::<bool>(),
+        1u32..5,
+        prop::sample::select(vec![250u64, 500, 1000, 1500]),
+        0u8..4,
+        0u8..4,
+        prop::bool::weighted(0.3),
+    )
+        .prop_map(
+            |(priority, batch, count, cpu, gpu, gang, linux_only)| JobSpec {
+                priority,
+                batch,
+                count,
+                cpu,
+                gpu,
+                gang,
+                linux_only,
+            },
+        )
+}
+
+/// One step of the interleaving: which jobs' plans are computed on the same snapshot, the order
+/// in which the applier checks them, and after how many checks everything in flight commits.
+#[derive(Debug, Clone)]
+struct Round {
+    jobs: Vec<usize>,
+    order_seed: u64,
+    commit_every: usize,
+    /// Non-gang allocations to finish before the round (frees capacity), as indexes.
+    finish: Vec<usize>,
+}
+
+fn round(n_jobs: usize) -> impl Strategy<Value = Round> {
+    (
+        prop::collection::vec(0..n_jobs, 1..3),
+        any::<u64>(),
+        1usize..4,
+        prop::collection::vec(0usize..50, 0..3),
+    )
+        .prop_map(|(jobs, order_seed, commit_every, finish)| Round {
+            jobs,
+            order_seed,
+            commit_every,
+            finish,
+        })
+}
+
+fn make_node(i: usize, s: &NodeSpec) -> Node {
+    let id = format!("n{i}");
+    Node {
+        id: id.clone(),
+        name: id.clone(),
+        status: node_status::READY.into(),
+        drivers: vec!["exec".into()],
+        attributes: [(
+            "kernel.name".to_string(),
+            if s.windows { "windows" } else { "linux" }.to_string(),
+        )]
+        .into_iter()
+        .collect(),
+        meta: [("rack".to_string(), format!("r{}", s.rack))]
+            .into_iter()
+            .collect(),
+        resources: Some(NodeResources {
+            cpu_cores: 4,
+            cpu_mhz_per_core: s.cpu / 4,
+            cpu_total_mhz: s.cpu,
+            memory_mib: 8192,
+            disk_mib: 100_000,
+            gpus: (0..s.gpus)
+                .map(|g| GpuDevice {
+                    id: format!("{id}-g{g}"),
+                    model: "A100".into(),
+                    memory_mib: 40_960,
+                    ..Default::default()
+                })
+                .collect(),
+        }),
+        ..Default::default()
+    }
+}
+
+fn make_job(i: usize, s: &JobSpec) -> Job {
+    let gpu = match s.gpu {
+        1 => Some(GpuRequest {
+            count: 1,
+            ..Default::default()
+        }),
+        2 => Some(GpuRequest {
+            count: 1,
+            share_milli: 500,
+            ..Default::default()
+        }),
+        3 => Some(GpuRequest {
+            count: 1,
+            share_milli: 250,
+            ..Default::default()
+        }),
+        _ => None,
+    };
+    let constraints = if s.linux_only {
+        vec![Constraint {
+            attribute: "${attr.kernel.name}".into(),
+            operator: "=".into(),
+            value: "linux".into(),
+        }]
+    } else {
+        vec![]
+    };
+    Job {
+        id: format!("j{i}"),
+        name: format!("j{i}"),
+        namespace: "default".into(),
+        r#type: if s.batch {
+            job_type::BATCH
+        } else {
+            job_type::SERVICE
+        }
+        .into(),
+        priority: s.priority,
+        groups: vec![TaskGroup {
+            name: "g".into(),
+            count: s.count,
+            constraints,
+            gang: matches!(s.gang, 1 | 2),
+            gang_topology: if s.gang == 2 {
+                "${meta.rack}".into()
+            } else {
+                String::new()
+            },
+            min_count: if s.gang == 3 { s.count.div_ceil(2) } else { 0 },
+            tasks: vec![Task {
+                name: "t".into(),
+                driver: "exec".into(),
+                config: Some(TaskConfig {
+                    command: "/bin/true".into(),
+                    args: vec![],
+                }),
+                resources: Some(Resources {
+                    cpu_mhz: s.cpu,
+                    memory_mib: 512,
+                    gpu,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+struct World {
+    st: ClusterState,
+    index: u64,
+}
+
+impl World {
+    fn apply(&mut self, command: Command) {
+        self.index += 1;
+        let resp = self.st.apply(
+            self.index,
+            &Request {
+                now_ms: 1_000 + self.index,
+                command,
+            },
+            &mut Vec::new(),
+        );
+        assert_eq!(resp.error, None);
+    }
+}
+
+fn eval_for(job: &Job, n: u64) -> Evaluation {
+    Evaluation {
+        id: format!("e-{}-{n}", job.id),
+        namespace: job.namespace.clone(),
+        job_id: job.id.clone(),
+        priority: job.priority,
+        r#type: job.r#type.clone(),
+        status: eval_status::PENDING.into(),
+        ..Default::default()
+    }
+}
+
+/// Every invariant, on the committed state.
+fn check_invariants(st: &ClusterState) -> Result<(), String> {
+    for node in st.nodes.values() {
+        let usage = resources::Usage::live_on(st, &node.id, &Default::default());
+        if let Some(dim) = resources::exhausted(node, &usage) {
+            return Err(format!(
+                "node {} overcommitted on {dim}: {usage:?}",
+                node.id
+            ));
+        }
+        for (dev, milli) in &usage.gpu_milli {
+            if *milli > 1000 {
+                return Err(format!("device {dev} carries {milli} milli-GPUs"));
+            }
+        }
+    }
+    for job in st.jobs.values() {
+        for tg in &job.groups {
+            let live: Vec<&Allocation> = st
+                .allocs_for_job(&job.namespace, &job.id)
+                .filter(|a| a.task_group == tg.name && resources::is_live(a))
+                .collect();
+            for a in &live {
+                let node = &st.nodes[&a.node_id];
+                if feasible::check(job, tg, node).is_err() {
+                    return Err(format!(
+                        "{} placed on {} against a constraint",
+                        a.name, node.id
+                    ));
+                }
+            }
+            let size = gang_size(tg) as usize;
+            if size > 0 && !live.is_empty() && live.len() < size {
+                return Err(format!(
+                    "gang {}.{} partially placed: {} of {size}",
+                    job.id,
+                    tg.name,
+                    live.len()
+                ));
+            }
+            if !tg.gang_topology.is_empty() {
+                let racks: std::collections::BTreeSet<Option<String>> = live
+                    .iter()
+                    .map(|a| feasible::topology_value(&tg.gang_topology, &st.nodes[&a.node_id]))
+                    .collect();
+                if racks.len() > 1 {
+                    return Err(format!("gang {} spans racks {racks:?}", job.id));
+                }
+            }
+        }
+    }
+    for a in st
+        .allocs
+        .values()
+        .filter(|a| a.client_status == alloc_client::PREEMPTED)
+    {
+        let victim = st
+            .job(&a.namespace, &a.job_id)
+            .map(|j| j.priority)
+            .unwrap_or(0);
+        let by = st
+            .jobs
+            .get(&a.preempted_by_job)
+            .map(|j| j.priority)
+            .ok_or(format!("{} preempted by unknown job", a.id))?;
+        if victim > by - DELTA {
+            return Err(format!(
+                "{} (priority {victim}) preempted by priority {by}",
+                a.id
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A deterministic shuffle (xorshift) so that proptest shrinks the seed, not a permutation.
+fn shuffled(mut v: Vec<usize>, mut seed: u64) -> Vec<usize> {
+    for i in (1..v.len()).rev() {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        v.swap(i, (seed % (i as u64 + 1)) as usize);
+    }
+    v
+}
+
+fn run(nodes: Vec<NodeSpec>, jobs: Vec<JobSpec>, rounds: Vec<Round>) -> Result<(), TestCaseError> {
+    let mut w = World {
+        st: ClusterState::default(),
+        index: 0,
+    };
+    for (i, n) in nodes.iter().enumerate() {
+        w.apply(Command::UpsertNode {
+            node: make_node(i, n),
+        });
+    }
+    let jobs: Vec<Job> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| make_job(i, s))
+        .collect();
+    for j in &jobs {
+        w.apply(Command::RegisterJob {
+            job: j.clone(),
+            eval: eval_for(j, 0),
+        });
+    }
+    let opts = Options {
+        preemption: Preemption {
+            batch: true,
+            service: true,
+            delta: DELTA,
+        },
+    };
+    let mut n = 0;
+    for r in rounds {
+        // Some non-gang allocations finish: capacity frees between rounds.
+        let finishable: Vec<(String, String)> =
+            w.st.allocs
+                .values()
+                .filter(|a| resources::is_live(a))
+                .filter(|a| {
+                    w.st.job(&a.namespace, &a.job_id)
+                        .is_some_and(|j| j.groups.iter().all(|g| gang_size(g) == 0))
+                })
+                .map(|a| (a.id.clone(), a.node_id.clone()))
+                .collect();
+        for k in &r.finish {
+            if let Some((id, node_id)) = finishable.get(*k % finishable.len().max(1)) {
+                let update = AllocClientUpdate {
+                    alloc_id: id.clone(),
+                    client_status: alloc_client::COMPLETE.into(),
+                    ..Default::default()
+                };
+                w.apply(Command::UpdateAllocsFromClient {
+                    node_id: node_id.clone(),
+                    updates: vec![update],
+                });
+            }
+        }
+        // Plans computed concurrently on one snapshot (one per job, as the leader does).
+        let snapshot = w.st.clone();
+        let mut picked = r.jobs.clone();
+        picked.sort();
+        picked.dedup();
+        let mut plans = Vec::new();
+        for &j in &picked {
+            let job = snapshot.job("default", &jobs[j % jobs.len()].id).cloned();
+            n += 1;
+            plans.push(scheduler::schedule_opts(
+                &snapshot,
+                job.as_ref(),
+                &eval_for(&jobs[j % jobs.len()], n),
+                5_000,
+                opts,
+            ));
+        }
+        let mut in_flight: BTreeMap<String, Allocation> = BTreeMap::new();
+        let mut pending: Vec<Checked> = Vec::new();
+        for (k, i) in shuffled((0..plans.len()).collect(), r.order_seed | 1)
+            .into_iter()
+            .enumerate()
+        {
+            let plan = plans[i].clone();
+            let checked = check_plan(&w.st, plan.clone(), &in_flight);
+            // A gang stands or falls whole.
+            for gang in &plan.atomic {
+                let accepted = gang
+                    .iter()
+                    .filter(|id| checked.accepted.iter().any(|a| &&a.id == id))
+                    .count();
+                prop_assert!(
+                    accepted == 0 || accepted == gang.len(),
+                    "gang split by the applier: {accepted} of {}",
+                    gang.len()
+                );
+            }
+            for a in &checked.accepted {
+                in_flight.insert(a.id.clone(), a.clone());
+            }
+            pending.push(checked);
+            if (k + 1) % r.commit_every == 0 {
+                for c in pending.drain(..) {
+                    for a in &c.accepted {
+                        in_flight.remove(&a.id);
+                    }
+                    w.apply(Command::ApplyPlan(PlanResult {
+                        placements: c.accepted,
+                        stops: c.stops,
+                        preemptions: c.preemptions,
+                        ..Default::default()
+                    }));
+                    check_invariants(&w.st).map_err(TestCaseError::fail)?;
+                }
+            }
+        }
+        for c in pending.drain(..) {
+            w.apply(Command::ApplyPlan(PlanResult {
+                placements: c.accepted,
+                stops: c.stops,
+                preemptions: c.preemptions,
+                ..Default::default()
+            }));
+            check_invariants(&w.st).map_err(TestCaseError::fail)?;
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn no_interleaving_overcommits_splits_a_gang_or_breaks_a_rule(
+        nodes in prop::collection::vec(node_spec(), 1..6),
+        jobs in prop::collection::vec(job_spec(), 1..7),
+        rounds in prop::collection::vec(round(7), 3..8),
+    ) {
+        run(nodes, jobs, rounds)?;
+    }
+}
+
+/// The property holds on a hand-made case where concurrent plans conflict for sure: two jobs
+/// planned on the same snapshot both want the only free node.
+#[test]
+fn conflicting_concurrent_plans_are_cut_by_the_applier() {
+    let nodes = vec![NodeSpec {
+        cpu: 1000,
+        gpus: 0,
+        rack: 0,
+        windows: false,
+    }];
+    let spec = |priority| JobSpec {
+        priority,
+        batch: true,
+        count: 1,
+        cpu: 1000,
+        gpu: 0,
+        gang: 0,
+        linux_only: false,
+    };
+    let rounds = vec![Round {
+        jobs: vec![0, 1],
+        order_seed: 7,
+        commit_every: 3,
+        finish: vec![],
+    }];
+    run(nodes, vec![spec(50), spec(50)], rounds).unwrap();
+}
