@@ -347,6 +347,13 @@ pub struct RaftTimingArgs {
     /// Upper bound of the randomized election timeout in milliseconds.
     #[arg(long, default_value_t = 2000)]
     pub raft_election_max_ms: u64,
+    /// Build a state snapshot (and compact the log) after this many log entries.
+    #[arg(long, default_value_t = 5000)]
+    pub raft_snapshot_logs: u64,
+    /// Log entries kept behind a snapshot, so a slightly lagging follower catches up from the
+    /// log; one further behind (or a new server) gets the snapshot.
+    #[arg(long, default_value_t = 1000)]
+    pub raft_keep_logs: u64,
 }
 
 #[derive(Debug, Subcommand)]

@@ -90,10 +90,15 @@ fn raft_settings(t: &RaftTimingArgs) -> anyhow::Result<RaftSettings> {
             t.raft_election_max_ms
         );
     }
+    if t.raft_snapshot_logs == 0 {
+        anyhow::bail!("--raft-snapshot-logs must be at least 1");
+    }
     Ok(RaftSettings {
         heartbeat_ms: t.raft_heartbeat_ms,
         election_min_ms: t.raft_election_min_ms,
         election_max_ms: t.raft_election_max_ms,
+        snapshot_logs: t.raft_snapshot_logs,
+        max_in_snapshot_log_to_keep: t.raft_keep_logs,
         ..RaftSettings::default()
     })
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use multihost::{alive, assert_all_once, list_peers, wait_for, wait_leader, Net, Writer, GRPC_PORT};
 
 /// How many times the leader is killed in a row.
-const KILL_ROUNDS: usize = 4;
+const KILL_ROUNDS: usize = 10;
 /// A new leader must acknowledge a write within this after the old one is killed.
 const FAILOVER_BOUND: Duration = Duration::from_secs(15);
 /// Forming a cluster from scratch.
@@ -303,4 +303,80 @@ fn ha_packet_loss_at_the_leader_loses_no_acknowledged_write() {
             acked.iter().all(|n| ids.contains(n)).then_some(())
         });
     }
+}
+
+/// A follower that was down while the leader compacted its log past the follower's position
+/// catches up from a snapshot (there are no log entries left to send it), over the network.
+#[test]
+fn ha_lagging_follower_catches_up_from_a_snapshot() {
+    require_netns!();
+    let mut flags: Vec<&str> = multihost::RAFT_FLAGS.to_vec();
+    flags.extend(["--raft-snapshot-logs", "8", "--raft-keep-logs", "2"]);
+    let (mut net, procs, addrs, client) = cluster_with(3, &flags);
+    let leader = wait_leader(&net, client, &addrs, 3, FORM_BOUND);
+    let c = net.client(client);
+    let f = addrs.iter().position(|a| *a != leader).expect("a follower");
+    net.procs[procs[f]].kill9();
+    // Several snapshots' worth of writes while it is down; each purges all but 2 entries.
+    let written: Vec<String> = (0..30).map(|i| format!("while-down-{i}")).collect();
+    for name in &written {
+        assert!(c.register(&leader, name, Duration::from_secs(20)), "register {name}");
+    }
+    net.restart(procs[f]);
+    wait_for("the restarted follower to have every job", FORM_BOUND, || {
+        let ids = c.job_ids(&addrs[f], true)?;
+        written.iter().all(|n| ids.contains(n)).then_some(())
+    });
+    let log = net.log_tail(procs[f], 5000);
+    assert!(log.contains("installed raft snapshot"), "the follower caught up without a snapshot:\n{}", net.log_tail(procs[f], 40));
+}
+
+/// An agent that knows all three servers keeps its node ready and its task running (same
+/// allocation, same PID, no replacement) when the leader is killed, and runs new work placed
+/// by the next leader.
+#[test]
+fn ha_agent_fails_over_between_servers_and_keeps_its_tasks() {
+    require_netns!();
+    let mut flags: Vec<&str> = multihost::RAFT_FLAGS.to_vec();
+    flags.extend(["--heartbeat-ttl", "2"]);
+    let (mut net, procs, addrs, client) = cluster_with(3, &flags);
+    let agent = net.add_host("agent");
+    let all = addrs.join(",");
+    let leader = wait_leader(&net, client, &addrs, 3, FORM_BOUND);
+    multihost::start_agent(&mut net, agent, &all, 0);
+    let c = net.client(client);
+    multihost::wait_ready_nodes(&c, &all, 1, FORM_BOUND);
+    let spec = net.path("svc.hcl");
+    std::fs::write(&spec, multihost::SLEEP_SERVICE_JOB).unwrap();
+    let out = c.mlp(&["job", "run", "--detach", "--address", &all, &spec.display().to_string()], Duration::from_secs(20)).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (id, _, _, _, pid) =
+        wait_for("the allocation running", FORM_BOUND, || c.allocs(&all, "svc")?.into_iter().find(|a| a.2 == "running" && a.4 != 0));
+
+    net.procs[procs[server_index(&addrs, &leader)]].kill9();
+    let survivors: Vec<String> = addrs.iter().filter(|a| **a != leader).cloned().collect();
+    let new_leader = wait_for("a new leader", FORM_BOUND, || {
+        survivors.iter().find_map(|a| list_peers(&net, client, a)?.into_iter().find(|p| p.leader && p.address != leader))
+    });
+    let rest = survivors.join(",");
+    // Three heartbeat TTLs after the new leader took over: still one ready node, the same
+    // allocation running with the same process, nothing lost or replaced.
+    let settle = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < settle {
+        if let Some(nodes) = multihost::nodes(&c, &rest) {
+            assert!(nodes.iter().all(|n| n.2 == "ready"), "node not ready after the failover: {nodes:?}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let list = wait_for("the allocations", FORM_BOUND, || c.allocs(&rest, "svc"));
+    assert_eq!(list.len(), 1, "a replacement was made: {list:?}");
+    assert_eq!((list[0].0.as_str(), list[0].2.as_str(), list[0].4), (id.as_str(), "running", pid), "{list:?}");
+    assert!(alive(pid), "the task died with the leader");
+    // New work placed by the new leader runs on the agent.
+    let job2 = c.dir.join("after.hcl");
+    std::fs::write(&job2, multihost::SLEEP_SERVICE_JOB.replace("job \"svc\"", "job \"after\"")).unwrap();
+    let out = c.mlp(&["job", "run", "--detach", "--address", &rest, &job2.display().to_string()], Duration::from_secs(20)).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for("the new job running after the failover", FORM_BOUND, || c.allocs(&rest, "after")?.into_iter().find(|a| a.2 == "running"));
+    eprintln!("agent failover: leader {leader} killed, new leader {}", new_leader.address);
 }
