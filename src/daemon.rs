@@ -99,7 +99,6 @@ fn raft_settings(t: &RaftTimingArgs) -> anyhow::Result<RaftSettings> {
         election_max_ms: t.raft_election_max_ms,
         snapshot_logs: t.raft_snapshot_logs,
         max_in_snapshot_log_to_keep: t.raft_keep_logs,
-        ..RaftSettings::default()
     })
 }
 
