@@ -56,10 +56,21 @@ pub enum StorageError {
 /// and the state machine store sharing it. A persisted snapshot, if any, is loaded into `state`.
 pub fn open_storage(data_dir: &Path, state: Arc<StateHandle>) -> Result<(LogStore, StateMachineStore), StorageError> {
     let path = data_dir.join("raft");
-    let db = sled::Config::new()
-        .path(&path)
-        .open()
-        .map_err(|source| StorageError::Open { path: path.display().to_string(), source })?;
+    // sled holds an exclusive file lock until the last handle of a closed store is gone; the
+    // flush tasks of a store just dropped in this process may hold one for a moment, so a
+    // reopen waits for the lock (bounded) instead of failing. Another process holding it
+    // still fails after the wait.
+    let mut tries = 0;
+    let db = loop {
+        match sled::Config::new().path(&path).open() {
+            Ok(db) => break db,
+            Err(sled::Error::Io(e)) if tries < 100 && e.to_string().contains("could not acquire lock") => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(source) => return Err(StorageError::Open { path: path.display().to_string(), source }),
+        }
+    };
     let tree = |name: &'static str| db.open_tree(name).map_err(|source| StorageError::Tree { tree: name, source });
     let logs = tree("logs")?;
     let meta = tree("meta")?;
