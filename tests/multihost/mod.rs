@@ -373,6 +373,10 @@ impl Drop for Net {
             p.signal(nix::sys::signal::Signal::SIGCONT);
             p.kill9();
         }
+        // Tasks outlive their agents (each under its own supervisor, in its own session):
+        // kill every process started for this net, found by a command line naming its dir
+        // (the supervisors) or a working directory inside it (the tasks).
+        kill_processes_under(self.dir.path());
         for h in &self.hosts {
             let _ = Command::new("ip").args(["netns", "del", &h.ns]).output();
         }
@@ -390,6 +394,28 @@ impl Drop for Net {
                 }
             }
         }
+    }
+}
+
+/// SIGKILLs every process whose command line names `dir` or whose cwd is inside it (two
+/// passes: supervisors first, then anything their death left behind).
+pub fn kill_processes_under(dir: &Path) {
+    let needle = dir.display().to_string();
+    for _ in 0..2 {
+        let Ok(entries) = std::fs::read_dir("/proc") else { return };
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            if pid == std::process::id() as i32 {
+                continue;
+            }
+            let by_cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle));
+            let by_cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir));
+            if by_cmd || by_cwd {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
