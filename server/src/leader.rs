@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mlp_proto::consts::{alloc_client, eval_status, eval_trigger, node_status};
+use mlp_proto::consts::{alloc_client, alloc_desired, eval_status, eval_trigger, node_status};
 use mlp_proto::v1::{AllocMetric, Allocation, Evaluation};
 use tokio::sync::mpsc;
 
@@ -736,12 +736,24 @@ pub fn drain_step(st: &crate::state::ClusterState, node: &mlp_proto::v1::Node, n
             continue;
         };
         let max_parallel = tg.migrate.as_ref().map(|m| m.max_parallel).unwrap_or(1).max(1) as usize;
-        let in_flight = st
-            .allocs_for_job(&ns, &job_id)
-            .filter(|a| a.task_group == group && scheduler::resources::is_live(a))
+        let in_group: Vec<&Allocation> = st.allocs_for_job(&ns, &job_id).filter(|a| a.task_group == group).collect();
+        let in_flight = in_group
+            .iter()
+            .filter(|a| scheduler::resources::is_live(a))
             .filter(|a| a.desired_migrate || a.client_status != alloc_client::RUNNING)
             .count();
-        let budget = max_parallel.saturating_sub(in_flight);
+        // A migrated allocation already stopped whose index no live allocation holds (its
+        // replacement could not be placed: the cluster is full) is still in flight; without
+        // counting it a drain onto a full cluster would stop the whole group. (Until the
+        // deadline, which moves everything.)
+        let unreplaced = in_group
+            .iter()
+            .filter(|a| a.desired_migrate && a.desired_status != alloc_desired::RUN && (a.index as usize) < tg.count as usize)
+            .filter(|a| !in_group.iter().any(|b| b.index == a.index && scheduler::resources::is_live(b)))
+            .map(|a| a.index)
+            .collect::<std::collections::BTreeSet<u32>>()
+            .len();
+        let budget = max_parallel.saturating_sub(in_flight + unreplaced);
         step.migrate.extend(allocs.iter().take(budget).map(|a| a.id.clone()));
     }
     step
@@ -810,7 +822,7 @@ pub fn explain_failures(failed: &BTreeMap<String, AllocMetric>) -> Vec<String> {
 mod drain_and_ttl_tests {
     use super::*;
     use crate::state::ClusterState;
-    use mlp_proto::consts::alloc_desired;
+
     use mlp_proto::v1::{DrainStrategy, Job, MigrateStrategy, Node, TaskGroup};
 
     #[test]
@@ -876,7 +888,8 @@ mod drain_and_ttl_tests {
         if let Some(a) = st.allocs.get_mut("a0") {
             a.desired_status = alloc_desired::STOP.into();
         }
-        let b0 = alloc("b0", "n2", 0, alloc_client::PENDING);
+        let mut b0 = alloc("b0", "n2", 0, alloc_client::PENDING);
+        b0.previous_allocation = "a0".into();
         st.allocs.insert(b0.id.clone(), b0);
         st.rebuild_indexes();
         assert!(drain_step(&st, &node, 0).migrate.is_empty());
@@ -888,6 +901,28 @@ mod drain_and_ttl_tests {
 
         let (st, node) = draining(Some(3), 0);
         assert_eq!(drain_step(&st, &node, 0).migrate, ["a0", "a1", "a2"]);
+    }
+
+    #[test]
+    fn drain_waits_while_a_replacement_cannot_be_placed() {
+        let (mut st, node) = draining(Some(1), 0);
+        // a0 was stopped for migration and its replacement found no room: nothing else moves.
+        if let Some(a) = st.allocs.get_mut("a0") {
+            a.desired_migrate = true;
+            a.desired_status = alloc_desired::STOP.into();
+        }
+        st.rebuild_indexes();
+        assert!(drain_step(&st, &node, 0).migrate.is_empty(), "the group is one short; the drain must wait");
+        // Until the deadline, when everything left moves.
+        let (mut st, node) = draining(Some(1), 5_000);
+        if let Some(a) = st.allocs.get_mut("a0") {
+            a.desired_migrate = true;
+            a.desired_status = alloc_desired::STOP.into();
+            a.client_status = alloc_client::COMPLETE.into();
+        }
+        st.rebuild_indexes();
+        assert!(drain_step(&st, &node, 1_000).migrate.is_empty());
+        assert_eq!(drain_step(&st, &node, 5_000).migrate, ["a1", "a2", "a3"]);
     }
 
     #[test]
