@@ -1125,37 +1125,7 @@ fn run_command(cfg: &EnterConfig) -> String {
         cmd.pre_exec(move || {
             let err = std::io::Error::last_os_error;
             if let Some((uid, gid)) = ids {
-                if libc::prctl(
-                    libc::PR_CAP_AMBIENT,
-                    libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                    0,
-                    0,
-                    0,
-                ) != 0
-                {
-                    let e = err();
-                    if e.raw_os_error() != Some(libc::EINVAL) {
-                        return Err(e);
-                    }
-                }
-                for cap in &drop_caps {
-                    if libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(*cap), 0, 0, 0) != 0 {
-                        let e = err();
-                        if e.raw_os_error() != Some(libc::EINVAL) {
-                            return Err(e);
-                        }
-                    }
-                }
-                let groups = [gid];
-                if libc::setgroups(1, groups.as_ptr()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(err());
-                }
-                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                    return Err(err());
-                }
+                crate::isolation::init::drop_privileges(uid, gid, &drop_caps)?;
             }
             // After the credentials changed (which clears it): die with the helper.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {

@@ -254,42 +254,7 @@ fn ns_init(
     // SAFETY: runs in the forked child of this single-threaded process before exec; it only
     // makes syscalls (prctl, setgroups, setgid, setuid) on values computed beforehand.
     unsafe {
-        cmd.pre_exec(move || {
-            let err = std::io::Error::last_os_error;
-            if libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                // Kernels without ambient capabilities have nothing to clear.
-                let e = err();
-                if e.raw_os_error() != Some(libc::EINVAL) {
-                    return Err(e);
-                }
-            }
-            for cap in &drop_caps {
-                if libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(*cap), 0, 0, 0) != 0 {
-                    let e = err();
-                    if e.raw_os_error() != Some(libc::EINVAL) {
-                        return Err(e);
-                    }
-                }
-            }
-            let groups = [gid];
-            if libc::setgroups(1, groups.as_ptr()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(err());
-            }
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                return Err(err());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || drop_privileges(uid, gid, &drop_caps));
     }
     // Nothing of the task may run outside its cgroup.
     wait_joined(joined_r)?;
@@ -312,5 +277,41 @@ fn ns_init(
         }
     };
     let _ = File::from(report_w).write_all(line.as_bytes());
+    Ok(())
+}
+
+/// Becomes `uid`:`gid` with no ambient capabilities, the capabilities in `drop_caps` removed
+/// from the bounding set, and `no_new_privs` set: the credentials of a task (and of a command
+/// `mlp alloc exec` runs inside one). Meant for a `pre_exec` hook: it only makes syscalls.
+///
+/// # Safety
+/// Call only in a forked child (or a single-threaded process) right before exec.
+pub(crate) unsafe fn drop_privileges(uid: u32, gid: u32, drop_caps: &[u32]) -> std::io::Result<()> {
+    let err = std::io::Error::last_os_error;
+    // SAFETY: plain syscalls on values owned by the caller; see the function's contract.
+    unsafe {
+        if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 {
+            // Kernels without ambient capabilities have nothing to clear.
+            let e = err();
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+        }
+        for cap in drop_caps {
+            if libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(*cap), 0, 0, 0) != 0 {
+                let e = err();
+                if e.raw_os_error() != Some(libc::EINVAL) {
+                    return Err(e);
+                }
+            }
+        }
+        let groups = [gid];
+        if libc::setgroups(1, groups.as_ptr()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+            return Err(err());
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(err());
+        }
+    }
     Ok(())
 }
