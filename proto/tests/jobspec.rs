@@ -519,7 +519,8 @@ fn gpu_models_memory_and_share_decode() {
             count: 1,
             models: vec!["V100M16".into(), "V100M32".into()],
             memory_mib: 16384,
-            share_milli: 250
+            share_milli: 250,
+            mig_profile: String::new(),
         })
     );
     // One model as a plain string; whole GPUs leave share_milli at 0.

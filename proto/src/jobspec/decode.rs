@@ -67,7 +67,7 @@ const RESOURCES_FIELDS: &[&str] = &[
     "pids",
     "cpu_hard_limit",
 ];
-const GPU_FIELDS: &[&str] = &["count", "model", "memory", "share"];
+const GPU_FIELDS: &[&str] = &["count", "model", "memory", "share", "mig"];
 const RESTART_FIELDS: &[&str] = &["attempts", "interval", "delay", "mode"];
 const MIGRATE_FIELDS: &[&str] = &["max_parallel"];
 const RESCHEDULE_FIELDS: &[&str] = &["attempts", "interval", "delay", "delay_function", "max_delay", "unlimited"];
@@ -1045,6 +1045,10 @@ impl Decoder<'_> {
                 }
                 ("share", Structure::Attribute(a)) => {
                     req.share_milli = self.share(&a.value, &floc).unwrap_or(0);
+                }
+                // MIG instances of one profile (checked by the validator, with the other fields).
+                ("mig", Structure::Attribute(a)) => {
+                    req.mig_profile = self.string(&a.value, &floc).unwrap_or_default();
                 }
                 _ if GPU_FIELDS.contains(&name) => self.wrong_form(s, loc),
                 _ => self.unknown(s, loc, GPU_FIELDS),

@@ -314,6 +314,20 @@ impl Checker {
                         format!("a shared GPU (`share`) is one GPU; count must be 1, found {}", gpu.count),
                     );
                 }
+                if !gpu.mig_profile.is_empty() {
+                    if !is_mig_profile(&gpu.mig_profile) {
+                        self.push(
+                            &gloc.field("mig"),
+                            format!(
+                                "must be a MIG profile such as \"1g.10gb\", \"3g.40gb\" or \"1g.10gb+me\", found {:?}",
+                                gpu.mig_profile
+                            ),
+                        );
+                    }
+                    if gpu.share_milli > 0 {
+                        self.push(&gloc.field("share"), "a MIG instance is not shared; use `mig` or `share`, not both");
+                    }
+                }
             }
         }
         if !task.network_mode.is_empty() && !NETWORK_MODES.contains(&task.network_mode.as_str()) {
@@ -368,4 +382,35 @@ fn is_namespace(s: &str) -> bool {
     (1..=63).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// A MIG profile name: `<slices>g.<memory>gb`, optionally with a `+me`/`+gfx` style suffix
+/// (as NVML names them: 1g.5gb, 1g.10gb+me, 3g.40gb, 7g.80gb).
+pub fn is_mig_profile(s: &str) -> bool {
+    let (base, suffix) = match s.split_once('+') {
+        Some((b, x)) => (b, Some(x)),
+        None => (s, None),
+    };
+    if suffix.is_some_and(|x| x.is_empty() || !x.bytes().all(|c| c.is_ascii_lowercase())) {
+        return false;
+    }
+    let Some((slices, mem)) = base.split_once("g.") else { return false };
+    let Some(mem) = mem.strip_suffix("gb") else { return false };
+    let number = |t: &str| !t.is_empty() && t.len() <= 4 && t.bytes().all(|c| c.is_ascii_digit()) && !t.starts_with('0');
+    number(slices) && number(mem)
+}
+
+#[cfg(test)]
+mod mig_tests {
+    use super::is_mig_profile;
+
+    #[test]
+    fn mig_profile_names() {
+        for ok in ["1g.5gb", "1g.10gb", "1g.10gb+me", "2g.20gb", "3g.40gb", "7g.80gb", "1g.18gb+gfx"] {
+            assert!(is_mig_profile(ok), "{ok}");
+        }
+        for bad in ["", "1g", "g.10gb", "1g.10", "1g.10GB", "01g.5gb", "1g.5gb+", "1g.5gb+ME", "a100", "1c.3g.40gb"] {
+            assert!(!is_mig_profile(bad), "{bad}");
+        }
+    }
 }
