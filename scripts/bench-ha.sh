@@ -9,30 +9,22 @@
 #      MLP_NODELOSS_TRIALS (10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib-bench.sh
 peers=../shared/peers
 out=$(mktemp -d /tmp/mlp-bench-ha.XXXXXX)
 trap 'rm -rf "$out"' EXIT
 modes=("$@")
 [ ${#modes[@]} -eq 0 ] && modes=(regs failover nodeloss)
 
-echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+machine_line
 echo "== mlp (release build): ${modes[*]}"
 cargo bench --bench ha -- "${modes[@]}" 2>&1 | grep -E '^(ha3_|failover|nodeloss|benchmark failed|thread .* panicked)' | tee "$out/mlp.txt"
 
 if printf '%s\n' "${modes[@]}" | grep -qx regs; then
   echo "== etcd ($peers/etcd-baseline.sh)"
   bash "$peers/etcd-baseline.sh" | tee "$out/etcd.txt"
-  python3 - "$out/mlp.txt" "$out/etcd.txt" <<'PY'
-import sys
-def read(p):
-    d = {}
-    for line in open(p):
-        parts = line.split()
-        if len(parts) == 2:
-            try: d[parts[0]] = float(parts[1])
-            except ValueError: pass
-    return d
-m, e = read(sys.argv[1]), read(sys.argv[2])
+  compare_kv "$out/mlp.txt" "$out/etcd.txt" <<'PY'
+e = o
 if 'ha3_registrations_per_sec' in m and e.get('etcd_writes_per_sec'):
     r = m['ha3_registrations_per_sec'] / e['etcd_writes_per_sec']
     print(f"== 3 servers, same run: mlp {m['ha3_registrations_per_sec']:.0f} registrations/s vs etcd {e['etcd_writes_per_sec']:.0f} writes/s: {r:.2f}x etcd")

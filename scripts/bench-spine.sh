@@ -4,28 +4,20 @@
 # Usage: scripts/bench-spine.sh            (MLP_BENCH_LATENCY_JOBS=200 by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib-bench.sh
 peers=../shared/peers
 out=$(mktemp -d /tmp/mlp-bench.XXXXXX)
 trap 'rm -rf "$out"' EXIT
 
-echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+machine_line
 echo "== mlp (release build)"
 MLP_BENCH_OUT="$out/mlp.json" cargo bench --bench spine 2>&1 | grep -E '^(mlp_|benchmark failed)' | tee "$out/mlp.txt"
 
 echo "== slurm ($peers/slurm-baseline.sh)"
 bash "$peers/slurm-baseline.sh" | tee "$out/slurm.txt"
 
-python3 - "$out/mlp.txt" "$out/slurm.txt" <<'PY'
-import sys
-def read(p):
-    d = {}
-    for line in open(p):
-        parts = line.split()
-        if len(parts) == 2:
-            try: d[parts[0]] = float(parts[1])
-            except ValueError: pass
-    return d
-m, s = read(sys.argv[1]), read(sys.argv[2])
+compare_kv "$out/mlp.txt" "$out/slurm.txt" <<'PY'
+s = o
 print("== ratios (same run)")
 if 'slurm_srun_p50_ms' in s and 'mlp_submit_to_running_p50_ms' in m:
     r = s['slurm_srun_p50_ms'] / m['mlp_submit_to_running_p50_ms']
