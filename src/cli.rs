@@ -133,6 +133,10 @@ pub struct AgentArgs {
     /// Node metadata, repeatable: --meta rack=r1
     #[arg(long, value_parser = parse_kv)]
     pub meta: Vec<(String, String)>,
+    /// JSON file of simulated GPUs this node registers (a device list or a generator; see
+    /// README "Simulated GPUs"); they are marked simulated everywhere.
+    #[arg(long, value_name = "FILE")]
+    pub simulated_gpus: Option<PathBuf>,
     #[command(flatten)]
     pub exec: ExecIsolationArgs,
 }
@@ -177,6 +181,9 @@ pub struct DevArgs {
     /// Node heartbeat TTL in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub heartbeat_ttl: f64,
+    /// JSON file of simulated GPUs the built-in agent registers (as `mlp agent --simulated-gpus`).
+    #[arg(long, value_name = "FILE")]
+    pub simulated_gpus: Option<PathBuf>,
     #[command(flatten)]
     pub exec: ExecIsolationArgs,
     #[command(flatten)]

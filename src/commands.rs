@@ -79,7 +79,8 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
                     println!("Scheduler dry-run: nothing to place or stop.");
                 }
                 for p in &resp.placements {
-                    println!("  + place {} on node {} ({})", p.alloc_name, p.node_name, short(&p.node_id));
+                    let pref = p.preference.map(|v| format!(", preference {v:+.2}")).unwrap_or_default();
+                    println!("  + place {} on node {} ({}{pref})", p.alloc_name, p.node_name, short(&p.node_id));
                 }
                 for s in &resp.stops {
                     println!("  - stop allocation {}", short(s));
@@ -343,7 +344,10 @@ async fn alloc(addr: &str, cmd: AllocCommand) -> anyhow::Result<ExitCode> {
             println!("Desired Status      = {}{}", a.desired_status, desc(&a.desired_description));
             println!("Client Status       = {}{}", a.client_status, desc(&a.client_description));
             if let Some(r) = &a.resources {
-                println!("Resources           = cpu {} MHz, memory {} MiB{}", r.cpu_mhz, r.memory_mib, if r.gpu_ids.is_empty() { String::new() } else { format!(", gpus {}", r.gpu_ids.join(",")) });
+                println!("Resources           = cpu {} MHz, memory {} MiB", r.cpu_mhz, r.memory_mib);
+                if let Some(gpus) = alloc_gpus(r) {
+                    println!("GPUs                = {gpus}");
+                }
             }
             println!("Created             = {}", ago(a.create_time_ms));
             for line in crate::output::preemption_lines(&a) {
@@ -397,6 +401,48 @@ async fn alloc(addr: &str, cmd: AllocCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// An allocation's GPUs for `alloc status`: "sim-gpu-0 (whole), sim-gpu-1 (0.500)", a MIG
+/// instance with its profile, then the locality of multi-GPU asks; None without GPUs.
+/// Allocations from before GPU shares carry only `gpu_ids` (whole devices).
+fn alloc_gpus(r: &AllocatedResources) -> Option<String> {
+    let share = |milli: u32| if milli >= 1000 { "whole".to_string() } else { format!("{:.3}", f64::from(milli) / 1000.0) };
+    let parts: Vec<String> = if r.gpus.is_empty() {
+        r.gpu_ids.iter().map(|id| format!("{id} ({})", share(1000))).collect()
+    } else {
+        r.gpus
+            .iter()
+            .map(|g| match r.gpu_mig.get(&g.id) {
+                Some(profile) => format!("{} (MIG {profile})", g.id),
+                None => format!("{} ({})", g.id, share(g.milli)),
+            })
+            .collect()
+    };
+    if parts.is_empty() {
+        return None;
+    }
+    let locality = if r.gpu_locality.is_empty() { String::new() } else { format!("; locality {}", r.gpu_locality) };
+    Some(format!("{}{locality}", parts.join(", ")))
+}
+
+/// A node's GPU devices for `node status ID`: one row per device (a MIG instance names its
+/// profile and parent GPU).
+fn gpu_table(gpus: &[GpuDevice]) -> String {
+    let mut t = Table::new(&["ID", "Model", "Memory", "MIG", "NVLink peers", "PCIe switch", "NUMA", "Kind"]);
+    for g in gpus {
+        t.row(vec![
+            g.id.clone(),
+            g.model.clone(),
+            format!("{} MiB", g.memory_mib),
+            if g.mig_profile.is_empty() { "-".into() } else { format!("{} of {}", g.mig_profile, g.parent_id) },
+            if g.nvlink_peers.is_empty() { "-".into() } else { g.nvlink_peers.join(",") },
+            if g.pci_switch.is_empty() { "-".into() } else { g.pci_switch.clone() },
+            g.numa_node.map_or_else(|| "-".into(), |n| n.to_string()),
+            if g.simulated { "(simulated)".into() } else { "physical".into() },
+        ]);
+    }
+    t.render()
+}
+
 async fn node(addr: &str, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
     let mut c = connect(addr).await?;
     match cmd {
@@ -444,7 +490,11 @@ async fn node(addr: &str, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
             println!("Address     = {}", n.rpc_addr);
             println!("Heartbeat   = {}", ago(n.last_heartbeat_ms));
             if let Some(r) = &n.resources {
-                println!("Resources   = {} cores × {} MHz = {} MHz, {} MiB memory, {} MiB disk, {} GPUs", r.cpu_cores, r.cpu_mhz_per_core, r.cpu_total_mhz, r.memory_mib, r.disk_mib, r.gpus.len());
+                println!("Resources   = {} cores × {} MHz = {} MHz, {} MiB memory, {} MiB disk, {} GPU devices", r.cpu_cores, r.cpu_mhz_per_core, r.cpu_total_mhz, r.memory_mib, r.disk_mib, r.gpus.len());
+                if !r.gpus.is_empty() {
+                    println!("\nGPUs");
+                    print!("{}", gpu_table(&r.gpus));
+                }
             }
             println!("\nAttributes");
             for (k, v) in &n.attributes {

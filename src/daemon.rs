@@ -207,12 +207,23 @@ fn agent_config(
     Ok(config)
 }
 
+/// The devices of `--simulated-gpus FILE`, checked (none without the flag).
+fn simulated_gpus(file: Option<&Path>) -> anyhow::Result<Vec<mlp_proto::v1::GpuDevice>> {
+    match file {
+        None => Ok(Vec::new()),
+        Some(f) => mlp_agent::gpu_sim::load(f).map_err(|e| anyhow::anyhow!("--simulated-gpus:\n{e}")),
+    }
+}
+
 pub async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     init_logging();
     if args.servers.is_empty() || args.servers.iter().any(|s| s.trim().is_empty()) {
         anyhow::bail!("--servers needs at least one server address");
     }
+    // A bad GPU file fails before anything is bound or written.
+    let gpus = simulated_gpus(args.simulated_gpus.as_deref())?;
     let mut config = agent_config(&args.data_dir, args.servers, args.node_name, &args.rpc_addr, &args.exec)?;
+    config.simulated_gpus = gpus;
     config.datacenter = args.datacenter;
     config.node_pool = args.node_pool;
     config.meta = args.meta.into_iter().collect::<BTreeMap<_, _>>();
@@ -229,8 +240,9 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     init_logging();
-    // Bad isolation flags fail before anything starts.
+    // Bad isolation flags or GPU file fail before anything starts.
     isolation_settings(&args.exec)?;
+    let gpus = simulated_gpus(args.simulated_gpus.as_deref())?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let server = start_server(
         &args.data_dir.join("server"),
@@ -243,7 +255,8 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         &args.preemption,
     )
     .await?;
-    let config = agent_config(&args.data_dir.join("agent"), vec![server.grpc_addr().to_string()], args.node_name, "127.0.0.1:0", &args.exec)?;
+    let mut config = agent_config(&args.data_dir.join("agent"), vec![server.grpc_addr().to_string()], args.node_name, "127.0.0.1:0", &args.exec)?;
+    config.simulated_gpus = gpus;
     let agent = Agent::start(config).await.context("starting the agent")?;
     let grpc = server.grpc_addr();
     println!("==> mlp dev cluster running (one server, one agent, embedded storage)");

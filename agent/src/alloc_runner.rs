@@ -29,6 +29,8 @@ pub struct RunnerEnv {
     pub log_max_files: u32,
     /// Registry read by the Logs RPC.
     pub registry: AllocRegistry,
+    /// The node's GPU devices (to tell tasks whether theirs are simulated).
+    pub gpus: Vec<mlp_proto::v1::GpuDevice>,
 }
 
 /// A running alloc runner.
@@ -249,6 +251,7 @@ async fn run_alloc(
             driver: env.drivers.get(&task.driver).cloned(),
             log_max_file_bytes: env.log_max_file_bytes,
             log_max_files: env.log_max_files,
+            gpus: crate::gpu_sim::task_gpus(&group, &task.name, alloc.resources.as_ref(), &env.gpus),
         };
         let initial = rep.persisted.task_states.get(&task.name).cloned();
         joins.push(AbortOnDrop(tokio::spawn(run_task_attached(

@@ -1,5 +1,5 @@
-//! Node fingerprinting: CPU, memory, disk, OS, kernel, cgroup version and drivers, turned into
-//! a [`Node`] with Nomad-like attribute keys. Parsers work on strings so they can be tested on
+//! Node fingerprinting: CPU, memory, disk, OS, kernel, cgroup version, drivers and the configured
+//! simulated GPUs, turned into a [`Node`] with Nomad-like attribute keys. Parsers work on strings so they can be tested on
 //! fixtures.
 
 use std::collections::BTreeMap;
@@ -204,6 +204,9 @@ pub fn fingerprint(config: &AgentConfig) -> Node {
     attrs.insert("cgroup.version".into(), cg);
     attrs.insert("unique.storage.bytesfree".into(), disk_free.to_string());
     attrs.insert("unique.storage.bytestotal".into(), disk_total.to_string());
+    // GPUs: only simulated ones from the agent's configuration (`--simulated-gpus`); they are
+    // marked so in every device and in `gpu.simulated`.
+    attrs.extend(crate::gpu_sim::attributes(&config.simulated_gpus));
     let mut drivers = Vec::new();
     // raw_exec only forks/execs, which always works on Linux; exec needs root (namespaces,
     // mounts, switching users) and a cgroup hierarchy with controllers.
@@ -232,7 +235,7 @@ pub fn fingerprint(config: &AgentConfig) -> Node {
             cpu_total_mhz: u64::from(cores) * mhz,
             memory_mib: mem_bytes / (1024 * 1024),
             disk_mib: disk_free / (1024 * 1024),
-            gpus: Vec::new(),
+            gpus: config.simulated_gpus.clone(),
         }),
         attributes: attrs,
         meta: config.meta.clone(),
@@ -305,6 +308,7 @@ mod tests {
             Some("1")
         );
         assert_eq!(n.drivers, vec!["exec".to_string(), "raw_exec".to_string()]);
+        assert!(r.gpus.is_empty() && !n.attributes.contains_key("gpu.simulated"));
         for k in [
             "cpu.numcores",
             "cpu.frequency",
@@ -317,6 +321,27 @@ mod tests {
         ] {
             assert!(n.attributes.contains_key(k), "missing {k}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn simulated_gpus_are_registered() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let gpus = crate::gpu_sim::parse(
+            "g.json",
+            r#"{"generate": {"count": 2, "model": "H100-SXM5-80GB", "memory_mib": 81920, "nvlink": "all"}}"#,
+        )?;
+        let cfg = AgentConfig {
+            data_dir: dir.path().to_path_buf(),
+            simulated_gpus: gpus.clone(),
+            ..Default::default()
+        };
+        let n = fingerprint(&cfg);
+        assert_eq!(n.resources.unwrap_or_default().gpus, gpus);
+        let attr = |k: &str| n.attributes.get(k).map(String::as_str);
+        assert_eq!(attr("gpu.simulated"), Some("true"));
+        assert_eq!(attr("gpu.count"), Some("2"));
+        assert_eq!(attr("gpu.model"), Some("H100-SXM5-80GB"));
         Ok(())
     }
 }

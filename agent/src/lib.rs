@@ -8,6 +8,7 @@ pub mod client;
 pub mod driver;
 pub mod exec_session;
 pub mod fingerprint;
+pub mod gpu_sim;
 pub mod isolation;
 pub mod logs;
 pub mod manager;
@@ -84,6 +85,8 @@ pub struct AgentConfig {
     pub drivers_enabled: Vec<String>,
     /// Isolation of `exec` tasks (default user, refused users, default pids limit, ...).
     pub isolation: isolation::IsolationSettings,
+    /// Simulated GPUs this node registers (`gpu_sim::load`); empty = no GPUs.
+    pub simulated_gpus: Vec<mlp_proto::v1::GpuDevice>,
 }
 
 impl Default for AgentConfig {
@@ -104,6 +107,7 @@ impl Default for AgentConfig {
                 mlp_proto::consts::driver::RAW_EXEC.to_string(),
             ],
             isolation: isolation::IsolationSettings::default(),
+            simulated_gpus: Vec::new(),
         }
     }
 }
@@ -164,6 +168,7 @@ impl Agent {
     /// Fingerprints the node, restores what a previous run left, binds the ClientService
     /// listener and spawns the background loops (registration may still be retrying).
     pub async fn start(mut config: AgentConfig) -> Result<Agent, AgentError> {
+        gpu_sim::check_devices(&config.simulated_gpus).map_err(AgentError::Config)?;
         std::fs::create_dir_all(config.data_dir.join("allocs"))
             .map_err(AgentError::io(format!("creating {}", config.data_dir.display())))?;
         // Isolated tasks start in their own directories and read their config by path, so every
@@ -209,6 +214,7 @@ impl Agent {
             log_max_file_bytes: config.log_max_file_bytes,
             log_max_files: config.log_max_files,
             registry: registry.clone(),
+            gpus: node.resources.as_ref().map(|r| r.gpus.clone()).unwrap_or_default(),
         };
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
         let mut manager = AllocManager::new(env, updates_tx);

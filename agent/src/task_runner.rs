@@ -109,6 +109,8 @@ pub struct TaskContext {
     pub log_max_file_bytes: u64,
     /// Log files kept per stream.
     pub log_max_files: u32,
+    /// The task's GPUs, out of its allocation's (`gpu_sim::task_gpus`).
+    pub gpus: crate::gpu_sim::TaskGpus,
 }
 
 impl TaskContext {
@@ -135,6 +137,10 @@ impl TaskContext {
             // exec overrides the two directories with their paths inside the task's root.
             ("MLP_TASK_DIR", local.to_string_lossy().into_owned()),
         ] {
+            env.insert(k.to_string(), v);
+        }
+        // Over the task's own env: a task cannot widen its GPU assignment.
+        for (k, v) in crate::gpu_sim::gpu_env(&self.gpus) {
             env.insert(k.to_string(), v);
         }
         let config = self.task.config.clone().unwrap_or_default();

@@ -93,6 +93,7 @@ impl Harness {
             log_max_file_bytes: 1 << 20,
             log_max_files: 2,
             registry: registry.clone(),
+            gpus: Vec::new(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = spawn_alloc_runner(a, None, env, tx);

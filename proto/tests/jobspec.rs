@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use mlp_proto::jobspec::{parse_duration, parse_file, parse_str, validate_job, JobspecError};
-use mlp_proto::v1::{GpuRequest, Job, RestartPolicy};
+use mlp_proto::v1::{Affinity, GpuRequest, Job, RestartPolicy, Spread, SpreadTarget};
 
 fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -178,6 +178,10 @@ fn bad_cases() -> Vec<(&'static str, String)> {
         (
             "migrate_reschedule_invalid",
             format!("job \"j\" {{\n  group \"a\" {{\n    migrate {{\n      max_parallel = 0\n      max_paralel  = 2\n    }}\n    reschedule {{\n      attempts       = 3\n      interval       = \"0s\"\n      delay          = \"1m\"\n      delay_function = \"linear\"\n      max_delay      = \"10s\"\n      unlimited      = \"no\"\n    }}\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n}}\n"),
+        ),
+        (
+            "affinity_spread_invalid",
+            format!("job \"j\" {{\n  affinity {{\n    attribute = \"rack\"\n    operator  = \"~\"\n    weight    = 0\n  }}\n  spread {{\n    attribute = \"${{meta.rack}}\"\n    weight    = 101\n    target \"r1\" {{\n      percent = 70\n    }}\n    target \"r1\" {{\n      percent = 40\n    }}\n    target {{\n      percent = 120\n      share   = 1\n    }}\n  }}\n  group \"g\" {{\n    affinity {{\n      attribute = \"${{meta.rack}}\"\n      value     = \"r1\"\n      weight    = -150\n    }}\n    spread {{\n      weight = -1\n    }}\n    spread \"x\" {{\n      attribute = \"${{env.HOME}}\"\n      weight    = 0\n    }}\n    task \"t\" {{\n{TASK_OK}      affinity {{\n        attribute = \"${{attr.gpu.model}}\"\n        value     = \"H100\"\n        wieght    = 10\n      }}\n      affinity {{\n        attribute = \"${{node.pool}}\"\n        operator  = \"is_set\"\n        weight    = \"high\"\n      }}\n    }}\n  }}\n}}\n"),
         ),
         (
             "unknown_top_level",
@@ -571,4 +575,52 @@ fn migrate_and_reschedule_decode_with_type_defaults() {
     assert!(job.groups[1].migrate.is_none() && job.groups[1].reschedule.is_none());
     let svc = mlp_proto::jobspec::default_reschedule(false);
     assert!(svc.unlimited && svc.delay_function == "exponential" && svc.delay_ms == 30_000 && svc.max_delay_ms == 3_600_000);
+}
+
+#[test]
+fn affinity_and_spread_decode_with_nomad_defaults() {
+    let src = format!("job \"j\" {{\n  affinity {{\n    attribute = \"${{node.datacenter}}\"\n    value     = \"dc1\"\n  }}\n  spread {{\n    attribute = \"${{node.datacenter}}\"\n  }}\n  group \"g\" {{\n    affinity {{\n      attribute = \"${{meta.rack}}\"\n      operator  = \"!=\"\n      value     = \"r9\"\n      weight    = -20\n    }}\n    spread {{\n      attribute = \"${{meta.rack}}\"\n      weight    = 100\n      target \"r1\" {{\n        percent = 70\n      }}\n      target \"r2\" {{\n        percent = 30\n      }}\n    }}\n    task \"t\" {{\n{TASK_OK}      affinity {{\n        attribute = \"${{attr.gpu.model}}\"\n        value     = \"H100\"\n        weight    = 100\n      }}\n      affinity {{\n        attribute = \"${{meta.nvlink}}\"\n        operator  = \"is_set\"\n      }}\n    }}\n  }}\n}}\n");
+    let job = parse_str(&src, "prefs.hcl").unwrap();
+    let aff = |attribute: &str, operator: &str, value: &str, weight: i32| Affinity {
+        attribute: attribute.into(),
+        operator: operator.into(),
+        value: value.into(),
+        weight,
+    };
+    assert_eq!(job.affinities, vec![aff("${node.datacenter}", "=", "dc1", 50)]);
+    assert_eq!(job.spreads, vec![Spread { attribute: "${node.datacenter}".into(), weight: 50, targets: vec![] }]);
+    let g = &job.groups[0];
+    assert_eq!(g.affinities, vec![aff("${meta.rack}", "!=", "r9", -20)]);
+    let target = |value: &str, percent: u32| SpreadTarget { value: value.into(), percent };
+    assert_eq!(
+        g.spreads,
+        vec![Spread { attribute: "${meta.rack}".into(), weight: 100, targets: vec![target("r1", 70), target("r2", 30)] }]
+    );
+    assert_eq!(
+        g.tasks[0].affinities,
+        vec![aff("${attr.gpu.model}", "=", "H100", 100), aff("${meta.nvlink}", "is_set", "", 50)]
+    );
+}
+
+#[test]
+fn affinity_and_spread_rules_apply_to_json_jobs() {
+    let mut job = parse_str(&with_task(TASK_OK), "ok.hcl").unwrap();
+    job.groups[0].affinities =
+        vec![Affinity { attribute: "${meta.rack}".into(), value: "r1".into(), weight: 0, ..Default::default() }];
+    job.spreads = vec![Spread {
+        attribute: "meta.rack".into(),
+        weight: 0,
+        targets: vec![SpreadTarget { value: "a".into(), percent: 60 }, SpreadTarget { value: "b".into(), percent: 60 }],
+    }];
+    insta::assert_snapshot!("validate_job_affinity_spread", validate_job(&job).unwrap_err().to_string());
+    job.groups[0].affinities[0].weight = -100;
+    job.spreads[0].attribute = "${meta.rack}".into();
+    job.spreads[0].weight = 1;
+    job.spreads[0].targets[1].percent = 40;
+    validate_job(&job).unwrap();
+    job.groups[0].tasks[0].affinities = (0..33)
+        .map(|i| Affinity { attribute: "${meta.rack}".into(), value: format!("r{i}"), weight: 1, ..Default::default() })
+        .collect();
+    let err = validate_job(&job).unwrap_err().to_string();
+    assert_eq!(err, "job.j.group.g.task.t.affinity[32]: at most 32 affinity blocks here, found 33");
 }

@@ -174,6 +174,7 @@ impl Api {
                 alloc_name: a.name.clone(),
                 node_id: a.node_id.clone(),
                 node_name: st.nodes.get(&a.node_id).map(|n| n.name.clone()).unwrap_or_default(),
+                preference: plan.preferences.get(&a.id).copied(),
             })
             .collect();
         Ok(PlanJobResponse {

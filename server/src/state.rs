@@ -130,6 +130,9 @@ pub struct ClusterState {
     pub allocs_by_node: BTreeMap<String, BTreeSet<String>>,
     #[serde(skip)]
     pub allocs_by_job: BTreeMap<String, BTreeSet<String>>,
+    /// Evaluation ids by `job_key` (an evaluation's job never changes).
+    #[serde(skip)]
+    pub evals_by_job: BTreeMap<String, BTreeSet<String>>,
 }
 
 /// How many versions of one job are kept.
@@ -140,12 +143,16 @@ impl ClusterState {
     pub fn rebuild_indexes(&mut self) {
         self.allocs_by_node.clear();
         self.allocs_by_job.clear();
+        self.evals_by_job.clear();
         for a in self.allocs.values() {
             self.allocs_by_node.entry(a.node_id.clone()).or_default().insert(a.id.clone());
             self.allocs_by_job
                 .entry(job_key(&a.namespace, &a.job_id))
                 .or_default()
                 .insert(a.id.clone());
+        }
+        for e in self.evals.values() {
+            self.evals_by_job.entry(job_key(&e.namespace, &e.job_id)).or_default().insert(e.id.clone());
         }
     }
 
@@ -175,9 +182,14 @@ impl ClusterState {
             .filter_map(|id| self.allocs.get(id))
     }
 
+    /// The job's evaluations, through the `evals_by_job` index (this runs for every evaluation the
+    /// leader processes, so a scan over all evaluations would make each one O(evaluations)).
     pub fn evals_for_job<'a>(&'a self, namespace: &str, job_id: &str) -> impl Iterator<Item = &'a Evaluation> + 'a {
-        let (ns, id) = (namespace.to_string(), job_id.to_string());
-        self.evals.values().filter(move |e| e.namespace == ns && e.job_id == id)
+        self.evals_by_job
+            .get(&job_key(namespace, job_id))
+            .into_iter()
+            .flat_map(|ids| ids.iter())
+            .filter_map(|id| self.evals.get(id))
     }
 
     /// Finds an allocation by full id or unique prefix.
@@ -534,6 +546,7 @@ impl ClusterState {
         if eval.status == eval_status::PENDING {
             effects.push(Effect::EvalsPending(vec![eval.id.clone()]));
         }
+        self.evals_by_job.entry(job_key(&eval.namespace, &eval.job_id)).or_default().insert(eval.id.clone());
         self.evals.insert(eval.id.clone(), eval);
     }
 
@@ -622,6 +635,8 @@ pub fn same_spec(a: &Job, b: &Job) -> bool {
         && a.priority == b.priority
         && a.meta == b.meta
         && a.constraints == b.constraints
+        && a.affinities == b.affinities
+        && a.spreads == b.spreads
         && a.groups == b.groups
 }
 
@@ -904,6 +919,26 @@ mod tests {
         assert_eq!(st.index, 2);
         assert_eq!(st.allocs_for_node("n1").count(), 1);
         assert_eq!(st.allocs_for_job("default", "a").count(), 1);
+        assert_eq!(st.evals_for_job("default", "a").map(|e| e.id.as_str()).collect::<Vec<_>>(), ["e1"]);
+    }
+
+    #[test]
+    fn evals_for_job_uses_its_index_and_survives_restore() {
+        let mut st = ClusterState::default();
+        let mut fx = Vec::new();
+        st.apply(1, &req(Command::RegisterJob { job: job("a", 1), eval: eval("e1", "a") }), &mut fx);
+        st.apply(2, &req(Command::RegisterJob { job: job("ab", 1), eval: eval("e2", "ab") }), &mut fx);
+        st.apply(3, &req(Command::UpsertEvals { evals: vec![eval("e3", "a"), eval("e1", "a")] }), &mut fx);
+        let ids = |st: &ClusterState, j: &str| st.evals_for_job("default", j).map(|e| e.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&st, "a"), ["e1", "e3"], "an updated evaluation is listed once");
+        assert_eq!(ids(&st, "ab"), ["e2"]);
+        assert!(ids(&st, "b").is_empty());
+        assert!(st.evals_for_job("other", "a").next().is_none(), "namespaces are apart");
+        let saved = serde_json::to_string(&st).unwrap_or_default();
+        st.apply(4, &req(Command::RegisterJob { job: job("c", 1), eval: eval("e4", "c") }), &mut fx);
+        st.apply(5, &req(Command::RestoreState { state: saved }), &mut fx);
+        assert_eq!(ids(&st, "a"), ["e1", "e3"]);
+        assert!(ids(&st, "c").is_empty(), "the restored state's index has no evaluation it lacks");
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! several plans computed on one snapshot (as the leader's concurrent workers do), re-checked by
 //! the real plan applier (`plan_apply::check_plan`) in a random order with random commit points.
 //! After every commit: no node is overcommitted on any dimension, no gang is partially placed,
-//! no constraint is violated, and no preemption evicted work within the priority delta.
+//! no constraint is violated, and no preemption evicted work within the priority delta. Nodes may
+//! have MIG instances and GPU topology: no MIG instance is held twice, whole-GPU asks and shares
+//! never get one, and MIG asks get instances of their own profile only.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -23,6 +25,11 @@ struct NodeSpec {
     gpus: usize,
     rack: u8,
     windows: bool,
+    /// 0: no MIG; 1: a GPU split into 2 × 3g.40gb; 2: a GPU (listed too) split into
+    /// 1 × 3g.40gb and 3 × 1g.10gb.
+    mig: u8,
+    /// NVLink pairs, a PCIe switch per pair and a NUMA node per four whole GPUs.
+    topology: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -31,7 +38,7 @@ struct JobSpec {
     batch: bool,
     count: u32,
     cpu: u64,
-    gpu: u8,  // 0 none, 1 whole, 2 half share, 3 quarter share
+    gpu: u8,  // 0 none, 1 whole, 2 half share, 3 quarter share, 4 MIG 3g.40gb, 5 2 × MIG 1g.10gb, 6 2 whole
     gang: u8, // 0 no, 1 gang, 2 gang with rack topology, 3 min_count
     linux_only: bool,
 }
@@ -39,15 +46,19 @@ struct JobSpec {
 fn node_spec() -> impl Strategy<Value = NodeSpec> {
     (
         prop::sample::select(vec![1000u64, 2000, 4000]),
-        0usize..3,
+        0usize..4,
         0u8..2,
         prop::bool::weighted(0.2),
+        0u8..3,
+        any::<bool>(),
     )
-        .prop_map(|(cpu, gpus, rack, windows)| NodeSpec {
+        .prop_map(|(cpu, gpus, rack, windows, mig, topology)| NodeSpec {
             cpu,
             gpus,
             rack,
             windows,
+            mig,
+            topology,
         })
 }
 
@@ -57,7 +68,7 @@ fn job_spec() -> impl Strategy<Value = JobSpec> {
         any::<bool>(),
         1u32..5,
         prop::sample::select(vec![250u64, 500, 1000, 1500]),
-        0u8..4,
+        0u8..7,
         0u8..4,
         prop::bool::weighted(0.3),
     )
@@ -122,17 +133,57 @@ fn make_node(i: usize, s: &NodeSpec) -> Node {
             cpu_total_mhz: s.cpu,
             memory_mib: 8192,
             disk_mib: 100_000,
-            gpus: (0..s.gpus)
-                .map(|g| GpuDevice {
-                    id: format!("{id}-g{g}"),
-                    model: "A100".into(),
-                    memory_mib: 40_960,
-                    ..Default::default()
-                })
-                .collect(),
+            gpus: make_gpus(&id, s),
         }),
         ..Default::default()
     }
+}
+
+fn make_gpus(node: &str, s: &NodeSpec) -> Vec<GpuDevice> {
+    let mut gpus: Vec<GpuDevice> = (0..s.gpus)
+        .map(|g| GpuDevice {
+            id: format!("{node}-g{g}"),
+            model: "A100".into(),
+            memory_mib: 40_960,
+            nvlink_peers: if s.topology {
+                vec![format!("{node}-g{}", g ^ 1)]
+            } else {
+                vec![]
+            },
+            pci_switch: if s.topology {
+                format!("sw{}", g / 2)
+            } else {
+                String::new()
+            },
+            numa_node: s.topology.then_some((g / 4) as i32),
+            ..Default::default()
+        })
+        .collect();
+    let parent = format!("{node}-m");
+    let instance = |k: usize, profile: &str, memory_mib| GpuDevice {
+        id: format!("MIG-{node}-{k}"),
+        model: "A100".into(),
+        memory_mib,
+        mig_profile: profile.into(),
+        parent_id: parent.clone(),
+        ..Default::default()
+    };
+    match s.mig {
+        1 => gpus.extend([instance(0, "3g.40gb", 40_960), instance(1, "3g.40gb", 40_960)]),
+        2 => {
+            // The agent lists only instances, but a parent listed anyway must not be allocatable.
+            gpus.push(GpuDevice {
+                id: parent.clone(),
+                model: "A100".into(),
+                memory_mib: 81_920,
+                ..Default::default()
+            });
+            gpus.push(instance(0, "3g.40gb", 40_960));
+            gpus.extend((1..4).map(|k| instance(k, "1g.10gb", 10_240)));
+        }
+        _ => {}
+    }
+    gpus
 }
 
 fn make_job(i: usize, s: &JobSpec) -> Job {
@@ -149,6 +200,20 @@ fn make_job(i: usize, s: &JobSpec) -> Job {
         3 => Some(GpuRequest {
             count: 1,
             share_milli: 250,
+            ..Default::default()
+        }),
+        4 => Some(GpuRequest {
+            count: 1,
+            mig_profile: "3g.40gb".into(),
+            ..Default::default()
+        }),
+        5 => Some(GpuRequest {
+            count: 2,
+            mig_profile: "1g.10gb".into(),
+            ..Default::default()
+        }),
+        6 => Some(GpuRequest {
+            count: 2,
             ..Default::default()
         }),
         _ => None,
@@ -252,6 +317,7 @@ fn check_invariants(st: &ClusterState) -> Result<(), String> {
                 return Err(format!("device {dev} carries {milli} milli-GPUs"));
             }
         }
+        check_mig(st, node)?;
     }
     for job in st.jobs.values() {
         for tg in &job.groups {
@@ -310,6 +376,62 @@ fn check_invariants(st: &ClusterState) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// MIG rules on one node's committed live allocations: every MIG instance is held at most once,
+/// and only by a task that asked for its profile; whole GPUs and shares never get an instance nor
+/// a GPU in MIG mode; a multi-GPU ask's locality is recorded on nodes with topology.
+fn check_mig(st: &ClusterState, node: &Node) -> Result<(), String> {
+    let devices = node.resources.as_ref().map(|r| r.gpus.as_slice()).unwrap_or_default();
+    let mut holders: BTreeMap<&str, usize> = BTreeMap::new();
+    for a in st
+        .allocs_for_node(&node.id)
+        .filter(|a| resources::is_live(a))
+    {
+        let Some(r) = &a.resources else { continue };
+        let asked = st
+            .job(&a.namespace, &a.job_id)
+            .and_then(|j| j.groups.iter().find(|g| g.name == a.task_group))
+            .and_then(|g| g.tasks.first())
+            .and_then(|t| t.resources.as_ref())
+            .and_then(|r| r.gpu.clone())
+            .map(|g| g.mig_profile)
+            .unwrap_or_default();
+        for g in &r.gpus {
+            let d = devices
+                .iter()
+                .find(|d| d.id == g.id)
+                .ok_or(format!("{} holds unknown device {}", a.name, g.id))?;
+            if devices.iter().any(|i| i.parent_id == d.id) {
+                return Err(format!("{} holds {}, a GPU in MIG mode", a.name, d.id));
+            }
+            if d.mig_profile != asked {
+                return Err(format!(
+                    "{} asked for {asked:?} and got {} ({:?})",
+                    a.name, d.id, d.mig_profile
+                ));
+            }
+            if !d.mig_profile.is_empty() {
+                *holders.entry(d.id.as_str()).or_default() += 1;
+                if r.gpu_mig.get(&d.id) != Some(&d.mig_profile) {
+                    return Err(format!("{} holds {} without a MIG claim", a.name, d.id));
+                }
+            }
+        }
+        let topology = devices.iter().any(|d| d.numa_node.is_some());
+        if asked.is_empty() && r.gpus.len() >= 2 && topology == r.gpu_locality.is_empty() {
+            return Err(format!(
+                "{} got {} GPUs with locality {:?}",
+                a.name,
+                r.gpus.len(),
+                r.gpu_locality
+            ));
+        }
+    }
+    match holders.into_iter().find(|(_, n)| *n > 1) {
+        Some((id, n)) => Err(format!("MIG instance {id} held {n} times")),
+        None => Ok(()),
+    }
 }
 
 /// A deterministic shuffle (xorshift) so that proptest shrinks the seed, not a permutation.
@@ -468,6 +590,8 @@ fn conflicting_concurrent_plans_are_cut_by_the_applier() {
         gpus: 0,
         rack: 0,
         windows: false,
+        mig: 0,
+        topology: false,
     }];
     let spec = |priority| JobSpec {
         priority,
@@ -485,4 +609,91 @@ fn conflicting_concurrent_plans_are_cut_by_the_applier() {
         finish: vec![],
     }];
     run(nodes, vec![spec(50), spec(50)], rounds).unwrap();
+}
+
+/// Two jobs planned on one snapshot both want the node's two MIG instances: the applier accepts
+/// one plan and rejects the other; a placement that hands an instance to a non-MIG claim (its
+/// MIG claims stripped) is rejected too.
+#[test]
+fn the_applier_rejects_a_taken_or_misused_mig_instance() {
+    let mut w = World {
+        st: ClusterState::default(),
+        index: 0,
+    };
+    let spec = NodeSpec {
+        cpu: 4000,
+        gpus: 1,
+        rack: 0,
+        windows: false,
+        mig: 1,
+        topology: false,
+    };
+    w.apply(Command::UpsertNode {
+        node: make_node(0, &spec),
+    });
+    let job = |i| {
+        make_job(
+            i,
+            &JobSpec {
+                priority: 50,
+                batch: true,
+                count: 2,
+                cpu: 250,
+                gpu: 4,
+                gang: 0,
+                linux_only: false,
+            },
+        )
+    };
+    let jobs = [job(0), job(1)];
+    for j in &jobs {
+        w.apply(Command::RegisterJob {
+            job: j.clone(),
+            eval: eval_for(j, 0),
+        });
+    }
+    let snapshot = w.st.clone();
+    let plans: Vec<scheduler::Plan> = jobs
+        .iter()
+        .map(|j| {
+            scheduler::schedule_opts(
+                &snapshot,
+                snapshot.job("default", &j.id),
+                &eval_for(j, 1),
+                5_000,
+                Options::default(),
+            )
+        })
+        .collect();
+    for p in &plans {
+        let mut got: Vec<String> = p
+            .placements
+            .iter()
+            .flat_map(|a| a.resources.clone().unwrap_or_default().gpu_ids)
+            .collect();
+        got.sort();
+        assert_eq!(got, ["MIG-n0-0", "MIG-n0-1"]);
+    }
+    let first = check_plan(&w.st, plans[0].clone(), &BTreeMap::new());
+    assert_eq!((first.accepted.len(), first.rejected), (2, 0));
+    let in_flight: BTreeMap<String, Allocation> = first
+        .accepted
+        .iter()
+        .map(|a| (a.id.clone(), a.clone()))
+        .collect();
+    let second = check_plan(&w.st, plans[1].clone(), &in_flight);
+    assert_eq!((second.accepted.len(), second.rejected), (0, 2));
+    let mut forged = plans[1].clone();
+    for a in &mut forged.placements {
+        if let Some(r) = a.resources.as_mut() {
+            r.gpu_mig.clear();
+        }
+    }
+    let third = check_plan(&w.st, forged, &BTreeMap::new());
+    assert_eq!((third.accepted.len(), third.rejected), (0, 2));
+    w.apply(Command::ApplyPlan(PlanResult {
+        placements: first.accepted,
+        ..Default::default()
+    }));
+    check_invariants(&w.st).unwrap();
 }

@@ -12,7 +12,8 @@ use hcl_edit::Span;
 use super::{line_col, parse_duration, Loc};
 use crate::consts::{job_type, restart_mode};
 use crate::v1::{
-    Constraint, GpuRequest, Job, MigrateStrategy, ReschedulePolicy, Resources, RestartPolicy, Task, TaskConfig, TaskGroup,
+    Affinity, Constraint, GpuRequest, Job, MigrateStrategy, ReschedulePolicy, Resources, RestartPolicy, Spread, SpreadTarget,
+    Task, TaskConfig, TaskGroup,
 };
 
 pub(crate) const DEFAULT_NAMESPACE: &str = "default";
@@ -22,6 +23,9 @@ pub(crate) const DEFAULT_CPU_MHZ: u64 = 100;
 pub(crate) const DEFAULT_MEMORY_MIB: u64 = 300;
 pub(crate) const DEFAULT_KILL_TIMEOUT_MS: u64 = 5_000;
 const DEFAULT_GPU_COUNT: u32 = 1;
+/// Nomad's default weights for `affinity` and `spread`.
+pub(crate) const DEFAULT_AFFINITY_WEIGHT: i32 = 50;
+pub(crate) const DEFAULT_SPREAD_WEIGHT: u32 = 50;
 
 const JOB_FIELDS: &[&str] = &[
     "type",
@@ -29,11 +33,15 @@ const JOB_FIELDS: &[&str] = &[
     "namespace",
     "meta",
     "constraint",
+    "affinity",
+    "spread",
     "group",
 ];
 const GROUP_FIELDS: &[&str] = &[
     "count",
     "constraint",
+    "affinity",
+    "spread",
     "meta",
     "restart",
     "task",
@@ -54,6 +62,7 @@ const TASK_FIELDS: &[&str] = &[
     "meta",
     "user",
     "network",
+    "affinity",
 ];
 const NETWORK_FIELDS: &[&str] = &["mode"];
 const CONFIG_FIELDS: &[&str] = &["command", "args"];
@@ -72,6 +81,9 @@ const RESTART_FIELDS: &[&str] = &["attempts", "interval", "delay", "mode"];
 const MIGRATE_FIELDS: &[&str] = &["max_parallel"];
 const RESCHEDULE_FIELDS: &[&str] = &["attempts", "interval", "delay", "delay_function", "max_delay", "unlimited"];
 const CONSTRAINT_FIELDS: &[&str] = &["attribute", "operator", "value"];
+const AFFINITY_FIELDS: &[&str] = &["attribute", "operator", "value", "weight"];
+const SPREAD_FIELDS: &[&str] = &["attribute", "weight", "target"];
+const TARGET_FIELDS: &[&str] = &["percent"];
 
 /// A problem found while decoding (or later, while validating), before it gets a line number.
 #[derive(Debug)]
@@ -606,6 +618,14 @@ impl Decoder<'_> {
                     let cloc = loc.indexed("constraint", job.constraints.len());
                     job.constraints.push(self.constraint(b, &cloc));
                 }
+                ("affinity", Structure::Block(b)) => {
+                    let aloc = loc.indexed("affinity", job.affinities.len());
+                    job.affinities.push(self.affinity(b, &aloc));
+                }
+                ("spread", Structure::Block(b)) => {
+                    let sloc = loc.indexed("spread", job.spreads.len());
+                    job.spreads.push(self.spread(b, &sloc));
+                }
                 ("group", Structure::Block(b)) => {
                     let index = job.groups.len();
                     job.groups.push(self.group(b, &loc, index, batch));
@@ -679,6 +699,134 @@ impl Decoder<'_> {
         con
     }
 
+    /// `affinity { attribute = "${meta.rack}" operator = "=" value = "r1" weight = 50 }`;
+    /// operator and weight default as in Nomad ("=", 50).
+    fn affinity(&mut self, block: &Block, loc: &Loc) -> Affinity {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut aff = Affinity {
+            operator: "=".to_string(),
+            weight: DEFAULT_AFFINITY_WEIGHT,
+            ..Affinity::default()
+        };
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            if AFFINITY_FIELDS.contains(&name) && !self.first_time(&mut seen, s, loc) {
+                continue;
+            }
+            let floc = loc.field(name);
+            match (name, s) {
+                ("attribute", Structure::Attribute(a)) => {
+                    aff.attribute = self.constraint_string(&a.value, &floc).unwrap_or_default();
+                }
+                ("operator", Structure::Attribute(a)) => {
+                    if let Some(v) = self.string(&a.value, &floc) {
+                        aff.operator = v;
+                    }
+                }
+                ("value", Structure::Attribute(a)) => {
+                    aff.value = self.constraint_string(&a.value, &floc).unwrap_or_default();
+                }
+                ("weight", Structure::Attribute(a)) => {
+                    if let Some(v) = self.integer(&a.value, &floc) {
+                        // Out-of-i32 values still fail the validator's range check.
+                        aff.weight = i32::try_from(v).unwrap_or(if v < 0 { i32::MIN } else { i32::MAX });
+                    }
+                }
+                _ if AFFINITY_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, AFFINITY_FIELDS),
+            }
+        }
+        aff
+    }
+
+    /// `spread { attribute = "${meta.rack}" weight = 100 target "r1" { percent = 70 } }`;
+    /// the weight defaults as in Nomad (50).
+    fn spread(&mut self, block: &Block, loc: &Loc) -> Spread {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut spread = Spread {
+            weight: DEFAULT_SPREAD_WEIGHT,
+            ..Spread::default()
+        };
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            if name != "target" && SPREAD_FIELDS.contains(&name) && !self.first_time(&mut seen, s, loc) {
+                continue;
+            }
+            let floc = loc.field(name);
+            match (name, s) {
+                ("attribute", Structure::Attribute(a)) => {
+                    spread.attribute = self.constraint_string(&a.value, &floc).unwrap_or_default();
+                }
+                ("weight", Structure::Attribute(a)) => {
+                    if let Some(v) = self.unsigned(&a.value, &floc) {
+                        spread.weight = v;
+                    }
+                }
+                ("target", Structure::Block(b)) => {
+                    let index = spread.targets.len();
+                    spread.targets.push(self.target(b, loc, index));
+                }
+                _ if SPREAD_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, SPREAD_FIELDS),
+            }
+        }
+        spread
+    }
+
+    /// `target "VALUE" { percent = N }` inside a `spread`.
+    fn target(&mut self, block: &Block, spread: &Loc, index: usize) -> SpreadTarget {
+        let value = match block.labels.as_slice() {
+            [] => None,
+            [label, ..] => Some(label.as_str().to_string()),
+        };
+        let loc = spread.named("target", index, value.as_deref().unwrap_or(""));
+        self.mark(&loc, start(&block.ident));
+        let value_loc = loc.field("value");
+        match block.labels.as_slice() {
+            [] => self.fail(
+                start(&block.ident),
+                &value_loc,
+                "missing target value; write `target \"VALUE\" { percent = N }`".to_string(),
+            ),
+            [label, rest @ ..] => {
+                self.mark(&value_loc, start(label));
+                if let Some(extra) = rest.first() {
+                    self.problem(
+                        start(extra),
+                        &loc.path,
+                        format!("a target block takes one label, found {}", block.labels.len()),
+                    );
+                }
+            }
+        }
+        let mut target = SpreadTarget {
+            value: value.unwrap_or_default(),
+            percent: 0,
+        };
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            if TARGET_FIELDS.contains(&name) && !self.first_time(&mut seen, s, &loc) {
+                continue;
+            }
+            let floc = loc.field(name);
+            match (name, s) {
+                ("percent", Structure::Attribute(a)) => {
+                    if let Some(v) = self.unsigned(&a.value, &floc) {
+                        target.percent = v;
+                    }
+                }
+                _ if TARGET_FIELDS.contains(&name) => self.wrong_form(s, &loc),
+                _ => self.unknown(s, &loc, TARGET_FIELDS),
+            }
+        }
+        target
+    }
+
     fn group(&mut self, block: &Block, job: &Loc, index: usize, batch: bool) -> TaskGroup {
         let key_only = job.named("group", index, "");
         let name = self.label(block, &key_only);
@@ -698,6 +846,14 @@ impl Decoder<'_> {
                 ("constraint", Structure::Block(b)) => {
                     let cloc = loc.indexed("constraint", group.constraints.len());
                     group.constraints.push(self.constraint(b, &cloc));
+                }
+                ("affinity", Structure::Block(b)) => {
+                    let aloc = loc.indexed("affinity", group.affinities.len());
+                    group.affinities.push(self.affinity(b, &aloc));
+                }
+                ("spread", Structure::Block(b)) => {
+                    let sloc = loc.indexed("spread", group.spreads.len());
+                    group.spreads.push(self.spread(b, &sloc));
                 }
                 ("task", Structure::Block(b)) => {
                     let index = group.tasks.len();
@@ -884,7 +1040,8 @@ impl Decoder<'_> {
         let mut seen = HashMap::new();
         for s in block.body.iter() {
             let name = structure_name(s);
-            if TASK_FIELDS.contains(&name) && !self.first_time(&mut seen, s, &loc) {
+            // `affinity` is repeatable; every other task field appears once.
+            if TASK_FIELDS.contains(&name) && name != "affinity" && !self.first_time(&mut seen, s, &loc) {
                 continue;
             }
             let floc = loc.field(name);
@@ -911,6 +1068,10 @@ impl Decoder<'_> {
                 }
                 ("network", Structure::Block(b)) => {
                     task.network_mode = self.network(b, &floc);
+                }
+                ("affinity", Structure::Block(b)) => {
+                    let aloc = loc.indexed("affinity", task.affinities.len());
+                    task.affinities.push(self.affinity(b, &aloc));
                 }
                 _ if TASK_FIELDS.contains(&name) => self.wrong_form(s, &loc),
                 _ => self.unknown(s, &loc, TASK_FIELDS),

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use super::duration::format_ms;
 use super::Loc;
 use crate::consts::{driver, job_type, restart_mode};
-use crate::v1::{Constraint, Job, Task, TaskGroup};
+use crate::v1::{Affinity, Constraint, Job, Spread, Task, TaskGroup};
 
 /// Priority bounds (inclusive).
 pub(crate) const PRIORITY_RANGE: (i32, i32) = (1, 100);
@@ -31,6 +31,13 @@ pub(crate) const OPERATORS: &[&str] = &[
     "is_set",
     "is_not_set",
 ];
+
+/// Most `affinity` blocks at one level (job, group or task).
+pub(crate) const MAX_AFFINITIES: usize = 32;
+/// Most `spread` blocks at one level (job or group).
+pub(crate) const MAX_SPREADS: usize = 8;
+/// Most `target` blocks in one `spread`.
+pub(crate) const MAX_SPREAD_TARGETS: usize = 100;
 
 /// One broken rule: `key` locates it structurally (see [`Loc`]), `path` names it for people.
 #[derive(Debug)]
@@ -63,6 +70,8 @@ pub(crate) fn check_job(job: &Job) -> Vec<Issue> {
         );
     }
     c.constraints(&loc, &job.constraints);
+    c.affinities(&loc, &job.affinities);
+    c.spreads(&loc, &job.spreads);
     if job.groups.is_empty() {
         c.push(
             &loc,
@@ -169,6 +178,101 @@ impl Checker {
         }
     }
 
+    /// `affinity` blocks: an attribute reference, a constraint operator, a value unless the
+    /// operator is unary, a weight in -100..=100 other than 0.
+    fn affinities(&mut self, parent: &Loc, affinities: &[Affinity]) {
+        if affinities.len() > MAX_AFFINITIES {
+            self.push(
+                &parent.indexed("affinity", MAX_AFFINITIES),
+                format!("at most {MAX_AFFINITIES} affinity blocks here, found {}", affinities.len()),
+            );
+        }
+        for (i, aff) in affinities.iter().enumerate() {
+            let loc = parent.indexed("affinity", i);
+            self.attribute_reference(&loc.field("attribute"), &aff.attribute);
+            // An empty operator means the default, "=".
+            if !aff.operator.is_empty() && !OPERATORS.contains(&aff.operator.as_str()) {
+                self.push(
+                    &loc.field("operator"),
+                    format!("unknown operator {:?}; expected one of: {}", aff.operator, OPERATORS.join(", ")),
+                );
+            }
+            let unary = matches!(aff.operator.as_str(), "is_set" | "is_not_set");
+            if !unary && aff.value.is_empty() {
+                let op = if aff.operator.is_empty() { "=" } else { &aff.operator };
+                self.push(&loc.field("value"), format!("missing required field (operator {op:?} compares against a value)"));
+            }
+            if aff.weight == 0 || !(-100..=100).contains(&aff.weight) {
+                self.push(
+                    &loc.field("weight"),
+                    format!("must be between -100 and 100 and not 0, found {}", aff.weight),
+                );
+            }
+        }
+    }
+
+    /// `spread` blocks: an attribute reference, a weight in 1..=100, targets with distinct
+    /// values and percents in 0..=100 that sum to at most 100.
+    fn spreads(&mut self, parent: &Loc, spreads: &[Spread]) {
+        if spreads.len() > MAX_SPREADS {
+            self.push(
+                &parent.indexed("spread", MAX_SPREADS),
+                format!("at most {MAX_SPREADS} spread blocks here, found {}", spreads.len()),
+            );
+        }
+        for (i, spread) in spreads.iter().enumerate() {
+            let loc = parent.indexed("spread", i);
+            self.attribute_reference(&loc.field("attribute"), &spread.attribute);
+            if !(1..=100).contains(&spread.weight) {
+                self.push(&loc.field("weight"), format!("must be between 1 and 100, found {}", spread.weight));
+            }
+            if spread.targets.len() > MAX_SPREAD_TARGETS {
+                self.push(
+                    &loc.named("target", MAX_SPREAD_TARGETS, &spread.targets[MAX_SPREAD_TARGETS].value),
+                    format!("at most {MAX_SPREAD_TARGETS} targets in one spread, found {}", spread.targets.len()),
+                );
+            }
+            let mut seen = HashSet::new();
+            let mut sum = 0u64;
+            for (j, target) in spread.targets.iter().enumerate() {
+                let tloc = loc.named("target", j, &target.value);
+                if target.value.is_empty() {
+                    self.push(&tloc.field("value"), "missing target value");
+                } else if !seen.insert(target.value.as_str()) {
+                    self.push(&tloc.field("value"), format!("duplicate target value {:?}", target.value));
+                }
+                if target.percent > 100 {
+                    self.push(&tloc.field("percent"), format!("must be between 0 and 100, found {}", target.percent));
+                }
+                sum += u64::from(target.percent);
+            }
+            if sum > 100 {
+                let last = spread.targets.len() - 1;
+                self.push(
+                    &loc.named("target", last, &spread.targets[last].value).field("percent"),
+                    format!("the targets' percents sum to {sum}; at most 100"),
+                );
+            }
+        }
+    }
+
+    /// A required node attribute reference: `${attr.X}`, `${meta.X}` or `${node.X}`.
+    fn attribute_reference(&mut self, loc: &Loc, attribute: &str) {
+        if attribute.is_empty() {
+            self.push(loc, "missing required field");
+            return;
+        }
+        let inner = attribute.strip_prefix("${").and_then(|a| a.strip_suffix('}'));
+        if !inner.is_some_and(is_attribute_name) {
+            self.push(
+                loc,
+                format!(
+                    "must reference a node attribute such as \"${{meta.rack}}\" or \"${{attr.kernel.name}}\", found {attribute:?}"
+                ),
+            );
+        }
+    }
+
     fn group(&mut self, loc: &Loc, group: &TaskGroup) {
         self.name(loc, "group", &group.name);
         if group.count > MAX_COUNT {
@@ -189,6 +293,8 @@ impl Checker {
             );
         }
         self.constraints(loc, &group.constraints);
+        self.affinities(loc, &group.affinities);
+        self.spreads(loc, &group.spreads);
         if group.tasks.is_empty() {
             self.push(
                 loc,
@@ -340,6 +446,7 @@ impl Checker {
                 ),
             );
         }
+        self.affinities(loc, &task.affinities);
         if task.kill_timeout_ms > MAX_KILL_TIMEOUT_MS {
             self.push(
                 &loc.field("kill_timeout"),

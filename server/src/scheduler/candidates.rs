@@ -16,6 +16,9 @@
 //!   tried again before the placement is reported as failed, so "nothing fits" is always the
 //!   outcome of a check of every feasible node.
 //!
+//! Groups with affinities or spreads are never sampled ([`Candidates::all`]): their preference
+//! scores are compared over every feasible node.
+//!
 //! The seed comes from the job, the group and the state's Raft index: the same inputs give the
 //! same plan, and two evaluations planned at once (the leader runs several workers) mostly look
 //! at different nodes, so their plans rarely conflict in the plan applier.
@@ -70,14 +73,7 @@ impl<'a> Candidates<'a> {
         let has_gpus = |n: &Node| n.resources.as_ref().is_some_and(|r| !r.gpus.is_empty());
         let plain = nodes.iter().filter(|n| !has_gpus(n)).count();
         if !ask.gpus.is_empty() || plain <= SAMPLE_MIN_NODES {
-            return Candidates {
-                every: nodes.to_vec(),
-                sampled: Vec::new(),
-                skipped: Vec::new(),
-                cursor: 0,
-                limit: 0,
-                round: 0,
-            };
+            return Candidates::all(nodes);
         }
         let (mut sampled, every): (Vec<&'a Node>, Vec<&'a Node>) =
             nodes.iter().copied().partition(|n| !has_gpus(n));
@@ -89,6 +85,19 @@ impl<'a> Candidates<'a> {
             skipped,
             cursor: 0,
             limit: limit(plain),
+            round: 0,
+        }
+    }
+
+    /// Every node scored for every placement, no sampling (groups with affinities or spreads,
+    /// whose preference scores must be compared exactly).
+    pub fn all(nodes: &[&'a Node]) -> Candidates<'a> {
+        Candidates {
+            every: nodes.to_vec(),
+            sampled: Vec::new(),
+            skipped: Vec::new(),
+            cursor: 0,
+            limit: 0,
             round: 0,
         }
     }

@@ -16,11 +16,18 @@
 //!   that least increase the node's expected GPU fragmentation against the workload's pod types;
 //! * `mlp` (the default) — FGD's fragmentation gradient, with ties broken towards packing (see
 //!   [`Policy::Mlp`]).
+//!
+//! Two refinements apply only to nodes that report them, so nodes without (the trace
+//! simulator's) see exactly the rule above: multi-GPU asks on nodes with GPU topology get the
+//! best-connected devices and a locality penalty ([`super::topology`], [`Policy::evaluate_with`]), and
+//! MIG instances are placed by their own rule ([`mig_pick`]).
 
 use std::fmt;
 use std::str::FromStr;
 
 use mlp_proto::v1::GpuRequest;
+
+use super::topology::{Locality, Topology};
 
 /// One whole GPU, in milli-GPUs.
 pub const WHOLE: u32 = 1000;
@@ -153,6 +160,11 @@ fn whole_devices(free: &[u32], count: u32) -> Option<DeviceMask> {
     (left == 0).then_some(mask)
 }
 
+/// The fully free devices.
+fn whole_mask(free: &[u32]) -> DeviceMask {
+    free.iter().take(MAX_DEVICES).enumerate().filter(|(_, &f)| f >= WHOLE).fold(0, |m, (i, _)| m | (1 << i))
+}
+
 /// Applies `shape` on the devices in `mask` to a copy of `free`; returns the copy's length.
 fn apply(free: &[u32], mask: DeviceMask, milli: u32, out: &mut [u32; MAX_DEVICES]) -> usize {
     let n = free.len().min(MAX_DEVICES);
@@ -163,6 +175,83 @@ fn apply(free: &[u32], mask: DeviceMask, milli: u32, out: &mut [u32; MAX_DEVICES
         }
     }
     n
+}
+
+/// The cost of breaking into a MIG-partitioned GPU none of whose instances is in use, per GPU, in
+/// milli-GPUs (one GPU): outweighs the fill-level tie-break of [`mig_pick`].
+pub const MIG_FRESH_GPU: f64 = 1000.0;
+
+/// One MIG instance as [`mig_pick`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigSlot {
+    /// The physical GPU, as an id the caller interns (the instances of one GPU share it).
+    pub parent: u32,
+    /// The compute slices of the instance's profile (the 3 of `3g.40gb`; at least 1).
+    pub slices: u32,
+    /// Held by an allocation.
+    pub used: bool,
+    /// Free, of the asked profile, and of an accepted model and memory.
+    pub eligible: bool,
+}
+
+/// The compute slices of a MIG profile name (`"3g.40gb"` → 3); 1 when the name has none.
+pub fn mig_slices(profile: &str) -> u32 {
+    profile.split_once('g').and_then(|(n, _)| n.parse::<u32>().ok()).unwrap_or(1).max(1)
+}
+
+/// MIG placement: `count` eligible instances out of `slots` (indexed like the node's devices;
+/// None = not a MIG instance), and the cost. Instances are taken on the most used physical GPU
+/// first (the share of its slices in use, then the GPU's first device, then device order), so
+/// partly used GPUs fill up and fully free ones stay whole for other, larger profiles. The cost
+/// is [`MIG_FRESH_GPU`] per physical GPU the placement breaks into (none of its instances used
+/// before), plus 10⁻³ × the node's share of MIG slices left free: across nodes, the one with a
+/// partly used GPU wins, then the fuller one. None when fewer than `count` are eligible.
+pub fn mig_pick(slots: &[Option<MigSlot>], count: u32) -> Option<(f64, DeviceMask)> {
+    let slots = &slots[..slots.len().min(MAX_DEVICES)];
+    // Per physical GPU: (parent, first device index, used slices, all slices).
+    let mut parents: Vec<(u32, usize, u32, u32)> = Vec::new();
+    for (i, s) in slots.iter().enumerate() {
+        let Some(s) = s else { continue };
+        let k = match parents.iter().position(|p| p.0 == s.parent) {
+            Some(k) => k,
+            None => {
+                parents.push((s.parent, i, 0, 0));
+                parents.len() - 1
+            }
+        };
+        parents[k].3 += s.slices;
+        if s.used {
+            parents[k].2 += s.slices;
+        }
+    }
+    let mut eligible: Vec<(usize, usize)> = slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.filter(|s| s.eligible && !s.used).map(|s| (s.parent, i)))
+        .filter_map(|(parent, i)| parents.iter().position(|p| p.0 == parent).map(|k| (k, i)))
+        .collect();
+    if eligible.len() < count as usize {
+        return None;
+    }
+    // Most used first: used/all descending, compared exactly (a/b > c/d ⇔ a·d > c·b).
+    eligible.sort_by(|&(ka, ia), &(kb, ib)| {
+        let (pa, pb) = (parents[ka], parents[kb]);
+        (u64::from(pb.2) * u64::from(pa.3)).cmp(&(u64::from(pa.2) * u64::from(pb.3))).then(pa.1.cmp(&pb.1)).then(ia.cmp(&ib))
+    });
+    let mut mask: DeviceMask = 0;
+    let mut fresh: Vec<usize> = Vec::new();
+    let mut taken_slices = 0u32;
+    for &(k, i) in eligible.iter().take(count as usize) {
+        mask |= 1 << i;
+        taken_slices += slots[i].map_or(0, |s| s.slices);
+        if parents[k].2 == 0 && !fresh.contains(&k) {
+            fresh.push(k);
+        }
+    }
+    let all: u32 = parents.iter().map(|p| p.3).sum();
+    let used: u32 = parents.iter().map(|p| p.2).sum::<u32>() + taken_slices;
+    let left = if all > 0 { f64::from(all.saturating_sub(used)) / f64::from(all) } else { 0.0 };
+    Some((MIG_FRESH_GPU * fresh.len() as f64 + 1e-3 * left, mask))
 }
 
 /// The pod types a cluster expects, with their popularity: FGD's "target workload".
@@ -330,6 +419,22 @@ impl Policy {
     /// the same pod) and the devices it would get. None when it does not fit. `frag_before` is
     /// `self.baseline(node, workload)`, passed in so that callers can cache it per node state.
     pub fn evaluate(self, node: &NodeView<'_>, pod: &PodView, workload: &Workload, frag_before: f64) -> Option<(f64, DeviceMask)> {
+        self.evaluate_with(node, pod, workload, frag_before, None).map(|(cost, mask, _)| (cost, mask))
+    }
+
+    /// [`Policy::evaluate`] on a node whose devices (indexed like `node.gpu_free`) may carry a
+    /// [`Topology`]. With one, whole GPUs are chosen by [`Topology::choose`] (the best locality,
+    /// then the set that leaves the rest best connected) instead of in device order, and an ask
+    /// of two or more whole GPUs pays [`Locality::penalty`] and reports the locality it got.
+    /// Without one (`None`), this is exactly [`Policy::evaluate`] and the locality is None.
+    pub fn evaluate_with(
+        self,
+        node: &NodeView<'_>,
+        pod: &PodView,
+        workload: &Workload,
+        frag_before: f64,
+        topology: Option<&Topology>,
+    ) -> Option<(f64, DeviceMask, Option<Locality>)> {
         if !fits(node, pod) {
             return None;
         }
@@ -346,10 +451,18 @@ impl Policy {
                 best = Some((cost, mask));
             }
         };
+        let mut locality = None;
         if pod.gpu.count == 0 {
             consider(0, &mut buf);
         } else if pod.gpu.milli >= WHOLE {
-            consider(whole_devices(free, pod.gpu.count)?, &mut buf);
+            match topology {
+                Some(t) => {
+                    let (mask, loc) = t.choose(whole_mask(free), pod.gpu.count)?;
+                    consider(mask, &mut buf);
+                    locality = (pod.gpu.count >= 2).then_some(loc);
+                }
+                None => consider(whole_devices(free, pod.gpu.count)?, &mut buf),
+            }
         } else {
             let mut seen = [u32::MAX; 8];
             for (i, &f) in free.iter().enumerate() {
@@ -366,7 +479,7 @@ impl Policy {
                 consider(1 << i, &mut buf);
             }
         }
-        best
+        best.map(|(cost, mask)| (locality.map_or(cost, |l| cost + l.penalty()), mask, locality))
     }
 
     fn cost(self, before: &NodeView<'_>, after: &NodeView<'_>, mask: DeviceMask, pod: &PodView, workload: &Workload, frag_before: f64) -> f64 {
@@ -549,6 +662,45 @@ mod tests {
         assert!(cost(Policy::BestFit, &b) < cost(Policy::BestFit, &a));
         assert!(cost(Policy::GpuPacking, &b) < cost(Policy::GpuPacking, &a));
         assert!(cost(Policy::Fgd, &b) <= cost(Policy::Fgd, &a));
+    }
+
+    #[test]
+    fn mig_pick_fills_the_most_used_gpu() {
+        let slot = |parent, used| Some(MigSlot { parent, slices: 1, used, eligible: !used });
+        // GPU 7 (devices 0..=2): one of three used; GPU 9 (devices 4..=6): fresh; device 3: not MIG.
+        let slots = [slot(7, false), slot(7, true), slot(7, false), None, slot(9, false), slot(9, false), slot(9, false)];
+        let (cost, mask) = mig_pick(&slots, 2).unwrap_or_default();
+        assert_eq!(mask, 0b101);
+        assert!(cost < 1.0, "{cost}");
+        // Three: the third breaks into GPU 9 (first device first).
+        let (cost, mask) = mig_pick(&slots, 3).unwrap_or_default();
+        assert_eq!(mask, 0b1_0101);
+        assert!((MIG_FRESH_GPU..MIG_FRESH_GPU + 1.0).contains(&cost), "{cost}");
+        assert_eq!(mig_pick(&slots, 6), None);
+        // Ineligible instances (another profile) count for their GPU's use but are never taken.
+        let other = Some(MigSlot { parent: 9, slices: 1, used: false, eligible: false });
+        assert_eq!(mig_pick(&[other, slot(9, false)], 1).map(|c| c.1), Some(0b10));
+        // The fuller GPU by share of slices in use: GPU 2 (3 of 7 slices) before GPU 1 (1 of 7).
+        let big = |parent, slices, used| Some(MigSlot { parent, slices, used, eligible: !used });
+        let slots = [big(1, 1, true), big(1, 6, false), big(2, 3, true), big(2, 4, false)];
+        assert_eq!(mig_pick(&slots, 1).map(|c| c.1), Some(0b1000));
+        assert_eq!((mig_slices("3g.40gb"), mig_slices("1g.10gb+me"), mig_slices("odd")), (3, 1, 1));
+    }
+
+    #[test]
+    fn without_topology_evaluate_with_is_evaluate() {
+        let free = [1000, 400, 1000, 1000];
+        let n = view(64_000, &free);
+        let w = Workload::new([(pod(1000, GpuShape::share(500)), 3), (pod(1000, GpuShape::whole(2)), 1)]);
+        for p in Policy::ALL {
+            for shape in [GpuShape::whole(2), GpuShape::whole(3), GpuShape::share(300), GpuShape::NONE] {
+                let base = p.baseline(&n, &w);
+                let plain = p.evaluate(&n, &pod(1000, shape), &w, base);
+                let with = p.evaluate_with(&n, &pod(1000, shape), &w, base, None);
+                let with = with.map(|(c, m, l)| (c.to_bits(), m, l));
+                assert_eq!(with, plain.map(|(c, m)| (c.to_bits(), m, None)), "{p} {shape:?}");
+            }
+        }
     }
 
     #[test]

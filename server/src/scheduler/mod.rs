@@ -8,9 +8,12 @@
 //! * `resources` — resource arithmetic shared with the plan applier (`check_node_fit`);
 //! * `gpu` — GPU devices, shares and the placement policies (FGD and mlp's default), shared
 //!   with the trace simulator (`crate::sim`);
+//! * `topology` — GPU locality (NVLink, PCIe switch, NUMA) of a node's devices: which devices a
+//!   multi-GPU ask gets, and the penalty for a worse-connected set;
 //! * `place` — one group's placements: plain, gangs (all or nothing, per topology domain) and
 //!   preemption of lower-priority allocations;
 //! * `rank` — the swappable `Scorer` (the GPU policy's cost, then bin-packing, by default);
+//! * `preference` — affinities and spreads as a preference score that ranks before the scorer;
 //! * `candidates` — which feasible nodes a placement scores (all, or a seeded sample of the
 //!   GPU-less nodes on large clusters);
 //! * `explain` — human lines for placement failures.
@@ -20,10 +23,12 @@ mod explain;
 pub mod feasible;
 pub mod gpu;
 pub mod place;
+pub mod preference;
 pub mod rank;
 mod reconcile;
 mod regex;
 pub mod resources;
+pub mod topology;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -58,6 +63,9 @@ pub struct Plan {
     pub new_evals: Vec<Evaluation>,
     /// Rescheduling notes on allocations not (yet) replaced.
     pub annotations: Vec<crate::state::AllocAnnotation>,
+    /// Placement id → the preference score P its node had when chosen, for placements of
+    /// groups with affinities or spreads (shown by `mlp job plan`).
+    pub preferences: BTreeMap<String, f64>,
 }
 
 /// One allocation evicted for a higher-priority placement.
@@ -139,18 +147,25 @@ pub fn schedule_full(state: &ClusterState, job: Option<&Job>, eval: &Evaluation,
                 }
             })
             .collect();
-        let ctx = place::GroupCtx { job, tg, ask: Ask::for_group(tg), scorer, preemption };
-
         let gang = place::gang_size(tg);
+        // The group's allocations that stay: gang members already running, spread counts.
+        // Only looked up where needed (plain groups without preferences skip the scan).
+        let live: Vec<&Allocation> = if gang > 0 || preference::Preferences::wanted(job, tg) {
+            state
+                .allocs_for_job(&job.namespace, &job.id)
+                .filter(|a| a.task_group == tg.name && resources::is_live(a) && !stopping.contains(a.id.as_str()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let prefs = preference::Preferences::for_group(job, tg, &feasible, &live, |id| state.nodes.get(id));
+        let ctx = place::GroupCtx { job, tg, ask: Ask::for_group(tg), scorer, preemption, prefs: prefs.as_ref() };
+
         let (chosen, failure) = if gang == 0 {
             let a = place::attempt(&ctx, pass.clone(), &feasible, &wants, &base);
             (Some((a.placed, a.pass)), a.failure)
         } else {
             // Members already running count toward the gang and pin its topology domain.
-            let live: Vec<&Allocation> = state
-                .allocs_for_job(&job.namespace, &job.id)
-                .filter(|a| a.task_group == tg.name && resources::is_live(a) && !stopping.contains(a.id.as_str()))
-                .collect();
             let need = (gang as usize).saturating_sub(live.len()).min(wants.len());
             let pinned = live
                 .iter()
@@ -178,6 +193,9 @@ pub fn schedule_full(state: &ClusterState, job: Option<&Job>, eval: &Evaluation,
                     tracing::debug!(victim = %v, victim_job, preemptor = %alloc.id, "preempting");
                 }
                 alloc.preempted_allocations = p.victims;
+                if prefs.is_some() {
+                    plan.preferences.insert(alloc.id.clone(), p.preference);
+                }
                 ids.push(alloc.id.clone());
                 plan.placements.push(alloc);
                 placed_here += 1;
@@ -199,9 +217,10 @@ pub fn schedule_full(state: &ClusterState, job: Option<&Job>, eval: &Evaluation,
     plan
 }
 
-/// A gang's placement: the domain where most members fit (at least `need`; ties by total score,
-/// then domain name), first without preemption, then with it. None (with the best domain's
-/// failure, explained) when no domain can hold `need` members at once.
+/// A gang's placement: the domain where most members fit (at least `need`; ties by total
+/// preference score, then total score, then domain name), first without preemption, then with
+/// it. None (with the best domain's failure, explained) when no domain can hold `need` members
+/// at once.
 #[allow(clippy::type_complexity)]
 fn place_gang<'a, 's>(
     ctx: &place::GroupCtx<'a>,
@@ -212,23 +231,34 @@ fn place_gang<'a, 's>(
     need: usize,
     gang: u32,
 ) -> (Option<(Vec<place::Placed<'a>>, place::Pass<'s>)>, Option<AllocMetric>) {
-    let no_preempt = place::GroupCtx { job: ctx.job, tg: ctx.tg, ask: ctx.ask.clone(), scorer: ctx.scorer, preemption: None };
+    let no_preempt = place::GroupCtx {
+        job: ctx.job,
+        tg: ctx.tg,
+        ask: ctx.ask.clone(),
+        scorer: ctx.scorer,
+        preemption: None,
+        prefs: ctx.prefs,
+    };
     let mut most = (0usize, String::new(), 0usize, None::<AllocMetric>);
     let tries: Vec<&place::GroupCtx<'a>> = if ctx.preemption.is_some() { vec![&no_preempt, ctx] } else { vec![&no_preempt] };
     for c in tries {
-        let mut best: Option<(usize, f64, place::Attempt<'a, 's>)> = None;
+        let mut best: Option<(usize, f64, f64, place::Attempt<'a, 's>)> = None;
         for (value, nodes) in domains {
             let a = place::attempt(c, pass.clone(), nodes, wants, base);
             let n = a.placed.len();
             let score: f64 = a.placed.iter().map(|p| p.score).sum();
+            let pref: f64 = a.placed.iter().map(|p| p.preference).sum();
             if most.3.is_none() || n > most.0 {
                 most = (n, value.clone(), nodes.len(), a.failure.clone());
             }
-            if n >= need && best.as_ref().is_none_or(|(bn, bs, _)| n > *bn || (n == *bn && score > *bs)) {
-                best = Some((n, score, a));
+            let wins = |(bn, bp, bs, _): &(usize, f64, f64, place::Attempt<'a, 's>)| {
+                n > *bn || (n == *bn && (pref > *bp || (pref == *bp && score > *bs)))
+            };
+            if n >= need && best.as_ref().is_none_or(wins) {
+                best = Some((n, pref, score, a));
             }
         }
-        if let Some((_, _, a)) = best {
+        if let Some((_, _, _, a)) = best {
             return (Some((a.placed, a.pass)), a.failure);
         }
     }

@@ -7,14 +7,15 @@
 //! priority is at least `delta` below the job's are candidates; on each node the candidates are
 //! taken lowest priority first, then smallest on the dimension that blocks, until the ask fits;
 //! then every victim that is not needed after all is dropped again (last taken first). Among the
-//! nodes the one whose victims have the lowest highest-priority wins, then the fewest victims,
-//! then the least freed, then the node id. Members of gangs are never victims (evicting one would
-//! break its gang).
+//! nodes the one whose victims have the lowest highest-priority wins, then the higher preference
+//! score (affinities and spreads, `preference`), then the fewest victims, then the least freed,
+//! then the node id. Members of gangs are never victims (evicting one would break its gang).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use mlp_proto::v1::{AllocMetric, AllocatedResources, Allocation, Job, Node, TaskGroup};
 
+use super::preference::{Preferences, Tally};
 use super::rank::{self, RankInput, Scorer};
 use super::reconcile::Want;
 use super::resources::{self, Ask, Dimension, Usage};
@@ -148,6 +149,8 @@ pub struct Placed<'a> {
     pub resources: AllocatedResources,
     pub victims: Vec<String>,
     pub score: f64,
+    /// The preference score P of the node when it was chosen (0 without preferences).
+    pub preference: f64,
 }
 
 /// The outcome of placing a group's wants on a set of nodes.
@@ -166,6 +169,8 @@ pub struct GroupCtx<'a> {
     pub scorer: &'a dyn Scorer,
     /// Some when this job may preempt.
     pub preemption: Option<Preemption>,
+    /// The group's affinities and spreads; None when it has none (ranked exactly as before).
+    pub prefs: Option<&'a Preferences>,
 }
 
 /// Places `wants` one by one on `nodes` (the best-scoring fit each; when none fits and
@@ -185,10 +190,15 @@ pub fn attempt<'a, 's>(
         &[&ctx.job.namespace, &ctx.job.id, &ctx.tg.name],
         pass.state.index,
     );
-    let mut order = candidates::Candidates::new(nodes, &ctx.ask, seed);
+    // Preferences are compared over every feasible node, never a sample.
+    let mut order = match ctx.prefs {
+        Some(_) => candidates::Candidates::all(nodes),
+        None => candidates::Candidates::new(nodes, &ctx.ask, seed),
+    };
+    let mut tally = ctx.prefs.map(Preferences::tally);
     for (i, _) in wants.iter().enumerate() {
         let mut metric = base.clone();
-        let mut best: Option<(f64, &'a Node, AllocatedResources, Usage)> = None;
+        let mut best: Option<(f64, f64, &'a Node, AllocatedResources, Usage)> = None;
         let mut blocked: Vec<(&'a Node, Dimension)> = Vec::new();
         order.visit(|node| {
             let before = pass.usage(&node.id).clone();
@@ -203,7 +213,7 @@ pub fn attempt<'a, 's>(
                     metric.nodes_exhausted += 1;
                     *metric
                         .dimension_exhausted
-                        .entry(dim.as_str().to_string())
+                        .entry(resources::exhausted_key(&ctx.ask, dim))
                         .or_default() += 1;
                     blocked.push((node, dim));
                     false
@@ -223,30 +233,34 @@ pub fn attempt<'a, 's>(
                         gpu_cost,
                     };
                     let score = ctx.scorer.score(&input);
-                    if best
-                        .as_ref()
-                        .is_none_or(|(s, n, ..)| rank::better((score, &node.id), (*s, &n.id)))
-                    {
-                        best = Some((score, node, res, after));
+                    let pref = preference_of(ctx, tally.as_ref(), node);
+                    if best.as_ref().is_none_or(|(p, s, n, ..)| {
+                        rank::better_ranked((pref, score, &node.id), (*p, *s, &n.id))
+                    }) {
+                        best = Some((pref, score, node, res, after));
                     }
                     true
                 }
             }
         });
-        if let Some((score, node, res, after)) = best {
+        if let Some((preference, score, node, res, after)) = best {
             pass.commit(&node.id, &res, after, &[]);
+            if let (Some(p), Some(t)) = (ctx.prefs, tally.as_mut()) {
+                p.record(node, t);
+            }
             placed.push(Placed {
                 want: i,
                 node,
                 resources: res,
                 victims: Vec::new(),
                 score,
+                preference,
             });
             continue;
         }
         if let Some(p) = ctx.preemption {
             if let Some((node, victims, res, score)) =
-                cheapest_eviction(ctx, &pass, &blocked, p, workload)
+                cheapest_eviction(ctx, &pass, &blocked, p, workload, tally.as_ref())
             {
                 let state = pass.state;
                 let refs: Vec<&Allocation> = victims
@@ -254,12 +268,17 @@ pub fn attempt<'a, 's>(
                     .filter_map(|id| state.allocs.get(id))
                     .collect();
                 pass.commit(&node.id, &res, Usage::default(), &refs);
+                let preference = preference_of(ctx, tally.as_ref(), node);
+                if let (Some(p), Some(t)) = (ctx.prefs, tally.as_mut()) {
+                    p.record(node, t);
+                }
                 placed.push(Placed {
                     want: i,
                     node,
                     resources: res,
                     victims,
                     score,
+                    preference,
                 });
                 continue;
             }
@@ -274,6 +293,14 @@ pub fn attempt<'a, 's>(
         placed,
         failure: None,
         pass,
+    }
+}
+
+/// The preference score P of `node` for the next placement (0 when the group has none).
+fn preference_of(ctx: &GroupCtx<'_>, tally: Option<&Tally>, node: &Node) -> f64 {
+    match (ctx.prefs, tally) {
+        (Some(p), Some(t)) => p.score(node, t),
+        _ => 0.0,
     }
 }
 
@@ -301,8 +328,28 @@ fn size_on(r: &AllocatedResources, dim: Dimension) -> u64 {
 }
 
 /// How an eviction option ranks (smaller is better): the highest victim priority, the number
-/// of victims, what they free on the blocking dimension, the node id.
+/// of victims, what they free on the blocking dimension, the node id. The node's preference
+/// score ranks right after the highest victim priority (see `evicts_better`).
 type EvictionKey = (i32, usize, u64, String);
+
+/// One eviction option: its key, the node's preference score, the node, the victims, the
+/// resources the placement gets and its score.
+type EvictionOption<'a> = (EvictionKey, f64, &'a Node, Vec<String>, AllocatedResources, f64);
+
+/// Whether eviction option `a` (key, preference) beats `b`: the lower highest victim priority,
+/// then the higher preference score, then the rest of the key. Without preferences every
+/// option has preference 0 and this is the plain key order.
+fn evicts_better(a: (&EvictionKey, f64), b: (&EvictionKey, f64)) -> bool {
+    match a.0 .0.cmp(&b.0 .0) {
+        std::cmp::Ordering::Less => return true,
+        std::cmp::Ordering::Greater => return false,
+        std::cmp::Ordering::Equal => {}
+    }
+    if a.1 != b.1 {
+        return a.1 > b.1;
+    }
+    a.0 < b.0
+}
 
 /// The cheapest set of evictions (see the module rule) that lets the ask fit on one of the
 /// `blocked` nodes: (node, victim ids, resources, score).
@@ -312,10 +359,11 @@ fn cheapest_eviction<'a>(
     blocked: &[(&'a Node, Dimension)],
     p: Preemption,
     workload: &gpu::Workload,
+    tally: Option<&Tally>,
 ) -> Option<(&'a Node, Vec<String>, AllocatedResources, f64)> {
     let state = pass.state;
-    // (max victim priority, victims, freed, node id) → smaller is better.
-    let mut best: Option<(EvictionKey, &'a Node, Vec<String>, AllocatedResources, f64)> = None;
+    // (max victim priority, victims, freed, node id) → smaller is better; see `evicts_better`.
+    let mut best: Option<EvictionOption<'a>> = None;
     for &(node, dim) in blocked {
         let mut cands: Vec<Candidate<'_>> = state
             .allocs_for_node(&node.id)
@@ -390,7 +438,8 @@ fn cheapest_eviction<'a>(
             taken.iter().map(|c| c.size).sum::<u64>(),
             node.id.clone(),
         );
-        if best.as_ref().is_none_or(|(k, ..)| key < *k) {
+        let pref = preference_of(ctx, tally, node);
+        if best.as_ref().is_none_or(|(k, bp, ..)| evicts_better((&key, pref), (k, *bp))) {
             let input = RankInput {
                 job: ctx.job,
                 group: ctx.tg,
@@ -402,10 +451,10 @@ fn cheapest_eviction<'a>(
             };
             let score = ctx.scorer.score(&input);
             let ids = taken.iter().map(|c| c.alloc.id.clone()).collect();
-            best = Some((key, node, ids, f.resources, score));
+            best = Some((key, pref, node, ids, f.resources, score));
         }
     }
-    best.map(|(_, node, ids, res, score)| (node, ids, res, score))
+    best.map(|(_, _, node, ids, res, score)| (node, ids, res, score))
 }
 
 /// The topology domains of a gang: feasible nodes grouped by the attribute's value (one domain

@@ -96,6 +96,17 @@ pub fn better(a: (f64, &str), b: (f64, &str)) -> bool {
     }
 }
 
+/// Whether candidate `a` beats candidate `b` when placement preferences are ranked first:
+/// higher preference score P (`preference`), then higher score, then lower node id. With P = 0
+/// for every candidate (a group without preferences) this is exactly [`better`].
+/// Preferences compare as numbers (-0.0 equals 0.0).
+pub fn better_ranked(a: (f64, f64, &str), b: (f64, f64, &str)) -> bool {
+    if a.0 != b.0 {
+        return a.0 > b.0;
+    }
+    better((a.1, a.2), (b.1, b.2))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +133,14 @@ mod tests {
         assert!(better((1.0, "b"), (0.5, "a")));
         assert!(better((1.0, "a"), (1.0, "b")));
         assert!(!better((1.0, "b"), (1.0, "a")));
+    }
+
+    #[test]
+    fn preference_ranks_before_score() {
+        assert!(better_ranked((0.5, -10.0, "b"), (0.0, 10.0, "a")));
+        assert!(!better_ranked((-0.5, 10.0, "a"), (0.0, -10.0, "b")));
+        assert!(better_ranked((0.0, 1.0, "b"), (0.0, 0.5, "a")));
+        assert!(better_ranked((0.0, 1.0, "a"), (0.0, 1.0, "b")));
+        assert!(better_ranked((-0.0, 1.0, "b"), (0.0, 0.5, "a")), "-0.0 is no worse than 0.0");
     }
 }

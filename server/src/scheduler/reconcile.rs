@@ -325,10 +325,13 @@ fn spec_changed(state: &ClusterState, job: &Job, tg: &TaskGroup, a: &Allocation)
     if a.job_version == job.version {
         return false;
     }
-    let old = state
-        .job_version(&job.namespace, &job.id, a.job_version)
-        .and_then(|j| j.groups.iter().find(|g| g.name == tg.name));
-    match old {
+    let Some(old_job) = state.job_version(&job.namespace, &job.id, a.job_version) else { return true };
+    // Job-level preferences apply to every group, so changing them replaces allocations too (as in
+    // Nomad, which compares job-level affinities and spreads along with the group's).
+    if old_job.affinities != job.affinities || old_job.spreads != job.spreads {
+        return true;
+    }
+    match old_job.groups.iter().find(|g| g.name == tg.name) {
         None => true,
         Some(old) => {
             let (mut old, mut new) = (old.clone(), tg.clone());

@@ -5,6 +5,12 @@
 //! GPUs are accounted per device in milli-GPUs: a whole device is 1000, a shared one carries the
 //! sum of its shares, and a device over 1000 (or one the node does not have) is exhausted. The
 //! choice of devices is left to the GPU policy (`gpu::Policy`), the same one the simulator runs.
+//!
+//! MIG: a device with a `mig_profile` is one MIG instance, its own kind of device. An ask with a
+//! `mig_profile` gets `count` whole instances of exactly that profile (chosen by
+//! `gpu::mig_pick`); whole-GPU asks and shares never get an instance, and a device that is some
+//! instance's `parent_id` is not allocatable at all. Allocations list their instances in
+//! `AllocatedResources.gpu_mig`, so the re-check can tell a MIG claim from any other.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -12,7 +18,8 @@ use std::fmt;
 use mlp_proto::consts::{alloc_client, alloc_desired};
 use mlp_proto::v1::{AllocatedResources, Allocation, GpuAssignment, GpuDevice, Node, NodeResources, TaskGroup};
 
-use super::gpu::{self, GpuShape, ModelSet, NodeView, PodView, Policy, Workload, WHOLE};
+use super::topology::{Locality, Topology};
+use super::gpu::{self, DeviceMask, GpuShape, MigSlot, ModelSet, NodeView, PodView, Policy, Workload, WHOLE};
 use crate::state::ClusterState;
 
 /// A resource dimension, in the order in which exhaustion is reported.
@@ -52,10 +59,14 @@ pub struct GpuAsk {
     pub models: Vec<String>,
     /// Minimum device memory; 0 = any.
     pub memory_mib: u64,
+    /// A MIG profile: `shape.count` instances of exactly this profile. "" = whole GPUs or a share.
+    pub mig_profile: String,
 }
 
 impl GpuAsk {
-    /// Whether `device` may serve this ask (model and memory constraints).
+    /// Whether `device` may serve this ask (model and memory constraints; for a MIG ask, of the
+    /// instance). Whether the device is of the right kind (MIG instance of the profile, or a
+    /// whole GPU) is decided by the caller (`try_fit_with`).
     pub fn accepts(&self, device: &GpuDevice) -> bool {
         (self.models.is_empty() || self.models.iter().any(|m| m == &device.model)) && device.memory_mib >= self.memory_mib
     }
@@ -83,7 +94,8 @@ impl Ask {
             if let Some(g) = &r.gpu {
                 let shape = GpuShape::from_request(g);
                 if shape.count > 0 {
-                    ask.gpus.push(GpuAsk { shape, models: g.models.clone(), memory_mib: g.memory_mib });
+                    let (models, mig_profile) = (g.models.clone(), g.mig_profile.clone());
+                    ask.gpus.push(GpuAsk { shape, models, memory_mib: g.memory_mib, mig_profile });
                 }
             }
         }
@@ -107,6 +119,8 @@ pub struct Usage {
     pub gpu_milli: BTreeMap<String, u32>,
     /// GPU asks that could not be backed by free devices (only while trying a placement).
     pub gpu_shortfall: u32,
+    /// MIG claims per device id: the profile each claim asked for (`AllocatedResources.gpu_mig`).
+    pub mig_claims: BTreeMap<String, Vec<String>>,
 }
 
 /// Whether an allocation holds resources on its node: the scheduler wants it running and the
@@ -146,6 +160,9 @@ impl Usage {
                 *used = used.saturating_add(g.milli);
             }
         }
+        for (id, profile) in &r.gpu_mig {
+            self.mig_claims.entry(id.clone()).or_default().push(profile.clone());
+        }
     }
 
     /// Free milli-GPUs of `device` under this usage.
@@ -156,7 +173,8 @@ impl Usage {
 
 /// The first dimension in which `usage` exceeds the node's capacity, if any. GPUs are exhausted
 /// when a device carries more than one whole GPU, a claimed id is not one of the node's
-/// devices, or a request could not be backed by a free device.
+/// devices, a request could not be backed by a free device, or a MIG rule is broken (see
+/// [`mig_misuse`]).
 pub fn exhausted(node: &Node, usage: &Usage) -> Option<Dimension> {
     let empty = NodeResources::default();
     let cap = node.resources.as_ref().unwrap_or(&empty);
@@ -176,10 +194,140 @@ pub fn exhausted(node: &Node, usage: &Usage) -> Option<Dimension> {
         .gpu_milli
         .iter()
         .any(|(id, &milli)| milli > WHOLE || !cap.gpus.iter().any(|g| &g.id == id));
-    if usage.gpu_shortfall > 0 || bad_device {
+    if usage.gpu_shortfall > 0 || bad_device || mig_misuse(&cap.gpus, usage).is_some() {
         return Some(Dimension::Gpu);
     }
     None
+}
+
+/// The first MIG rule that `usage` breaks on `devices`, as a message naming the device: a MIG
+/// instance used by anything but one claim of its own profile (two allocations, a whole GPU or
+/// a share), a MIG claim on a device that is not an instance of that profile, or any use of a
+/// physical GPU whose MIG instances are listed. None on nodes without MIG (the fast path).
+pub fn mig_misuse(devices: &[GpuDevice], usage: &Usage) -> Option<String> {
+    let has_mig = devices.iter().any(|d| !d.mig_profile.is_empty());
+    if !has_mig && usage.mig_claims.is_empty() {
+        return None;
+    }
+    let device = |id: &str| devices.iter().find(|d| d.id == id);
+    for (id, profiles) in &usage.mig_claims {
+        match device(id) {
+            Some(d) if d.mig_profile.is_empty() => return Some(format!("MIG claim on {id}, which is not a MIG instance")),
+            Some(d) => {
+                if let Some(p) = profiles.iter().find(|p| **p != d.mig_profile) {
+                    return Some(format!("MIG instance {id} is {}, claimed as {p}", d.mig_profile));
+                }
+                if profiles.len() > 1 {
+                    return Some(format!("MIG instance {id} claimed {} times", profiles.len()));
+                }
+            }
+            None => return Some(format!("MIG claim on unknown device {id}")),
+        }
+    }
+    for (id, &milli) in usage.gpu_milli.iter().filter(|(_, &m)| m > 0) {
+        if let Some(d) = device(id).filter(|d| !d.mig_profile.is_empty()) {
+            if !usage.mig_claims.contains_key(id) {
+                return Some(format!("MIG instance {id} ({}) given to a non-MIG ask", d.mig_profile));
+            }
+            if milli > WHOLE {
+                return Some(format!("MIG instance {id} carries {milli} milli-GPUs"));
+            }
+        }
+        if devices.iter().any(|d| !d.mig_profile.is_empty() && d.parent_id == *id) {
+            return Some(format!("{id} is in MIG mode (its instances are listed); it is not allocatable itself"));
+        }
+    }
+    None
+}
+
+/// Which devices of a node an ask may use: MIG instances only for MIG asks of their profile,
+/// whole devices only for the others, and never a GPU in MIG mode itself.
+struct Devices<'a> {
+    all: &'a [GpuDevice],
+    /// Physical GPUs with MIG instances listed (empty on nodes without MIG).
+    mig_parents: BTreeSet<&'a str>,
+    has_mig: bool,
+}
+
+impl<'a> Devices<'a> {
+    fn new(all: &'a [GpuDevice]) -> Devices<'a> {
+        let has_mig = all.iter().any(|d| !d.mig_profile.is_empty());
+        let mig_parents = if has_mig {
+            all.iter().filter(|d| !d.mig_profile.is_empty() && !d.parent_id.is_empty()).map(|d| d.parent_id.as_str()).collect()
+        } else {
+            BTreeSet::new()
+        };
+        Devices { all, mig_parents, has_mig }
+    }
+
+    /// Whether `d` is a whole, allocatable GPU (not a MIG instance, not in MIG mode).
+    fn whole(&self, d: &GpuDevice) -> bool {
+        !self.has_mig || (d.mig_profile.is_empty() && !self.mig_parents.contains(d.id.as_str()))
+    }
+
+    /// The MIG view for `ask` (a MIG ask) on top of `usage`, indexed like the devices.
+    fn mig_slots(&self, ask: &GpuAsk, usage: &Usage) -> Vec<Option<MigSlot>> {
+        let mut parents: Vec<&str> = Vec::new();
+        self.all
+            .iter()
+            .take(gpu::MAX_DEVICES)
+            .map(|d| {
+                if d.mig_profile.is_empty() {
+                    return None;
+                }
+                let parent = if d.parent_id.is_empty() { d.id.as_str() } else { d.parent_id.as_str() };
+                let k = parents.iter().position(|p| *p == parent).unwrap_or_else(|| {
+                    parents.push(parent);
+                    parents.len() - 1
+                });
+                let free = usage.gpu_free(&d.id) >= WHOLE && !usage.mig_claims.contains_key(&d.id);
+                Some(MigSlot {
+                    parent: k as u32,
+                    slices: gpu::mig_slices(&d.mig_profile),
+                    used: !free,
+                    eligible: free && d.mig_profile == ask.mig_profile && ask.accepts(d),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Records the devices of `mask` as the allocation's (each `milli`; MIG instances of `mig`).
+fn assign(devices: &[GpuDevice], mask: DeviceMask, milli: u32, mig: &str, res: &mut AllocatedResources, after: &mut Usage) {
+    for (j, d) in devices.iter().enumerate().take(gpu::MAX_DEVICES) {
+        if mask & (1 << j) == 0 {
+            continue;
+        }
+        res.gpu_ids.push(d.id.clone());
+        res.gpus.push(GpuAssignment { id: d.id.clone(), milli });
+        let used = after.gpu_milli.entry(d.id.clone()).or_default();
+        *used = used.saturating_add(milli);
+        if !mig.is_empty() {
+            res.gpu_mig.insert(d.id.clone(), mig.to_string());
+            after.mig_claims.entry(d.id.clone()).or_default().push(mig.to_string());
+        }
+    }
+}
+
+/// The key under which a node that failed on `dim` is counted in
+/// `AllocMetric.dimension_exhausted`: the dimension's name, and for GPU failures of an ask with
+/// MIG profiles, which instances were missing (`gpu: no free MIG 3g.40gb instance`).
+pub fn exhausted_key(ask: &Ask, dim: Dimension) -> String {
+    let mut profiles: Vec<&str> = ask.gpus.iter().filter(|g| !g.mig_profile.is_empty()).map(|g| g.mig_profile.as_str()).collect();
+    profiles.dedup();
+    if dim != Dimension::Gpu || profiles.is_empty() {
+        return dim.as_str().to_string();
+    }
+    let plain = ask.gpus.iter().any(|g| g.mig_profile.is_empty());
+    let what = match profiles.as_slice() {
+        [one] => format!("MIG {one} instance"),
+        many => format!("MIG {} instances", many.join("/")),
+    };
+    if plain {
+        format!("gpu: not enough free GPUs or {what}s")
+    } else {
+        format!("gpu: no free {what}")
+    }
 }
 
 /// A placement that fits: what the allocation gets, the node's usage afterwards, and the GPU
@@ -213,13 +361,19 @@ pub fn try_fit_with(node: &Node, usage: &Usage, ask: &Ask, policy: Policy, workl
     let mut after = usage.clone();
     let mut gpu_cost = 0.0;
     let mut free: Vec<u32> = Vec::with_capacity(cap.gpus.len());
+    let devices = Devices::new(&cap.gpus);
+    // Built on the first multi-device whole ask; None when the node reports no topology.
+    let mut topology: Option<Option<Topology>> = None;
+    let mut locality: Option<Locality> = None;
     // A CPU-only ask is still costed by the policy: its CPU and memory can strand GPUs.
     let cpu_only = [GpuAsk::default()];
     let asks: &[GpuAsk] = if ask.gpus.is_empty() { &cpu_only } else { &ask.gpus };
     for (i, g) in asks.iter().enumerate() {
-        // Devices this task may not use look full to the policy.
+        let mig = !g.mig_profile.is_empty();
+        // Devices this task may not use look full to the policy; a MIG ask's view holds the
+        // whole GPUs, for its CPU's effect on them.
         free.clear();
-        free.extend(cap.gpus.iter().map(|d| if g.accepts(d) { after.gpu_free(&d.id) } else { 0 }));
+        free.extend(cap.gpus.iter().map(|d| if devices.whole(d) && (mig || g.accepts(d)) { after.gpu_free(&d.id) } else { 0 }));
         // CPU and memory are checked as a whole below; the view only carries them so that the
         // policy's fragmentation sees what the node has left.
         let (cpu, mem) = if i == 0 { (ask.cpu_mhz, ask.memory_mib) } else { (0, 0) };
@@ -230,23 +384,37 @@ pub fn try_fit_with(node: &Node, usage: &Usage, ask: &Ask, policy: Policy, workl
             model: 0,
             gpu_free: &free,
         };
-        let pod = PodView { cpu, mem, gpu: g.shape, models: ModelSet::ANY };
+        let shape = if mig { GpuShape::NONE } else { g.shape };
+        let pod = PodView { cpu, mem, gpu: shape, models: ModelSet::ANY };
         let frag_before = policy.baseline(&view, workload);
-        match policy.evaluate(&view, &pod, workload, frag_before) {
+        let topo = if shape.count > 0 && shape.milli >= WHOLE {
+            topology.get_or_insert_with(|| Topology::from_devices(&cap.gpus)).as_ref()
+        } else {
+            None
+        };
+        let Some((cost, mask, loc)) = policy.evaluate_with(&view, &pod, workload, frag_before, topo) else {
+            after.gpu_shortfall = after.gpu_shortfall.saturating_add(g.shape.count);
+            continue;
+        };
+        gpu_cost += cost;
+        if let Some(l) = loc {
+            locality = Some(locality.map_or(l, |worst| worst.max(l)));
+        }
+        if !mig {
+            if shape.count > 0 {
+                assign(&cap.gpus, mask, shape.milli, "", &mut res, &mut after);
+            }
+            continue;
+        }
+        match gpu::mig_pick(&devices.mig_slots(g, &after), g.shape.count) {
             Some((cost, mask)) => {
                 gpu_cost += cost;
-                for (j, d) in cap.gpus.iter().enumerate().take(gpu::MAX_DEVICES).filter(|_| g.shape.count > 0) {
-                    if mask & (1 << j) != 0 {
-                        res.gpu_ids.push(d.id.clone());
-                        res.gpus.push(GpuAssignment { id: d.id.clone(), milli: g.shape.milli });
-                        let used = after.gpu_milli.entry(d.id.clone()).or_default();
-                        *used = used.saturating_add(g.shape.milli);
-                    }
-                }
+                assign(&cap.gpus, mask, WHOLE, &g.mig_profile, &mut res, &mut after);
             }
             None => after.gpu_shortfall = after.gpu_shortfall.saturating_add(g.shape.count),
         }
     }
+    res.gpu_locality = locality.map(|l| l.as_str().to_string()).unwrap_or_default();
     after.cpu_mhz = after.cpu_mhz.saturating_add(res.cpu_mhz);
     after.memory_mib = after.memory_mib.saturating_add(res.memory_mib);
     after.disk_mib = after.disk_mib.saturating_add(res.disk_mib);
@@ -264,14 +432,18 @@ const WORKLOAD_SAMPLE: usize = 10_000;
 /// The workload seen on the cluster: one pod type per live allocation's shape, FGD's target
 /// distribution for the server (the trace simulator uses the trace's pod types instead). At most
 /// [`WORKLOAD_SAMPLE`] allocations are looked at; allocation ids are random UUIDs, so the first
-/// ones in id order are a uniform (and deterministic) sample.
+/// ones in id order are a uniform (and deterministic) sample. MIG instances are left out of the
+/// shapes (whole GPUs and shares never compete for them; an allocation with only MIG instances
+/// counts as CPU-only, which the workload drops).
 pub fn live_workload(state: &ClusterState) -> Workload {
     let mut counts: BTreeMap<PodView, u64> = BTreeMap::new();
     for a in state.allocs.values().filter(|a| is_live(a)).take(WORKLOAD_SAMPLE) {
         let Some(r) = &a.resources else { continue };
-        let shape = match r.gpus.first() {
-            Some(g) => GpuShape { count: r.gpus.len() as u32, milli: g.milli },
-            None => GpuShape::whole(r.gpu_ids.len() as u32),
+        let mut plain = r.gpus.iter().filter(|g| !r.gpu_mig.contains_key(&g.id));
+        let shape = match plain.next() {
+            Some(g) => GpuShape { count: 1 + plain.count() as u32, milli: g.milli },
+            None if r.gpus.is_empty() => GpuShape::whole(r.gpu_ids.len() as u32),
+            None => GpuShape::NONE,
         };
         let pod = PodView { cpu: r.cpu_mhz, mem: r.memory_mib, gpu: shape, models: ModelSet::ANY };
         *counts.entry(pod).or_default() += 1;
@@ -324,7 +496,8 @@ mod tests {
         };
         let ask = Ask::for_group(&tg);
         assert_eq!((ask.cpu_mhz, ask.memory_mib, ask.gpu_count()), (150, 20, 2));
-        assert_eq!(ask.gpus[1], GpuAsk { shape: GpuShape::share(250), models: vec!["V100M16".into()], memory_mib: 16_384 });
+        let want = GpuAsk { shape: GpuShape::share(250), models: vec!["V100M16".into()], memory_mib: 16_384, ..Default::default() };
+        assert_eq!(ask.gpus[1], want);
     }
 
     #[test]
@@ -388,7 +561,12 @@ mod tests {
             r.gpus[1].memory_mib = 32_768;
         }
         let ask = |models: &[&str], memory_mib| Ask {
-            gpus: vec![GpuAsk { shape: GpuShape::whole(1), models: models.iter().map(|m| m.to_string()).collect(), memory_mib }],
+            gpus: vec![GpuAsk {
+                shape: GpuShape::whole(1),
+                models: models.iter().map(|m| m.to_string()).collect(),
+                memory_mib,
+                ..Default::default()
+            }],
             ..Default::default()
         };
         let ids = |a: &Ask| try_fit(&n, &Usage::default(), a).map(|(r, _)| r.gpu_ids);
@@ -396,6 +574,246 @@ mod tests {
         assert_eq!(ids(&ask(&[], 41_000)), Err(Dimension::Gpu));
         assert_eq!(ids(&ask(&[], 40_000)), Ok(vec!["g0".to_string()]));
         assert_eq!(ids(&ask(&["H100"], 0)), Err(Dimension::Gpu));
+    }
+
+    /// An A100 80GB `g0` split into two 3g.40gb instances, and a whole A100 `g1`.
+    fn mig_node() -> Node {
+        let mut n = node(64_000, 64_000, &["g1"]);
+        if let Some(r) = n.resources.as_mut() {
+            for id in ["MIG-a", "MIG-b"] {
+                let (model, mig_profile, parent_id) = ("A100".into(), "3g.40gb".into(), "g0".into());
+                r.gpus.push(GpuDevice { id: id.into(), model, memory_mib: 40_960, mig_profile, parent_id, ..Default::default() });
+            }
+        }
+        n
+    }
+
+    fn mig(profile: &str, count: u32) -> Vec<GpuAsk> {
+        vec![GpuAsk { shape: GpuShape::whole(count), mig_profile: profile.into(), ..Default::default() }]
+    }
+
+    fn ids(res: &AllocatedResources) -> Vec<&str> {
+        res.gpus.iter().map(|g| g.id.as_str()).collect()
+    }
+
+    #[test]
+    fn mig_asks_get_instances_of_their_profile_only() {
+        let n = mig_node();
+        let fit = |u: &Usage, gpus: Vec<GpuAsk>| try_fit(&n, u, &Ask { gpus, ..Default::default() });
+        let (res, after) = fit(&Usage::default(), mig("3g.40gb", 2)).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!(ids(&res), ["MIG-a", "MIG-b"]);
+        assert_eq!(res.gpus.iter().map(|g| g.milli).collect::<Vec<_>>(), [1000, 1000]);
+        assert_eq!(res.gpu_mig.get("MIG-a").map(String::as_str), Some("3g.40gb"));
+        assert_eq!(res.gpu_locality, "");
+        assert_eq!(exhausted(&n, &after), None);
+        // Both instances are taken: a third fails; the whole GPU is still free for whole asks.
+        assert_eq!(fit(&after, mig("3g.40gb", 1)).err(), Some(Dimension::Gpu));
+        let (res, _) = fit(&after, whole(1)).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!((ids(&res), res.gpu_mig.len()), (vec!["g1"], 0));
+        // Whole asks and shares never get an instance, nor the MIG-mode GPU g0 itself.
+        let (res, after) = fit(&Usage::default(), whole(1)).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!(ids(&res), ["g1"]);
+        assert_eq!(fit(&after, whole(1)).err(), Some(Dimension::Gpu));
+        assert_eq!(fit(&after, share(100)).err(), Some(Dimension::Gpu));
+        assert_eq!(fit(&Usage::default(), whole(2)).err(), Some(Dimension::Gpu));
+        // Other profiles, and the model and memory constraints apply to the instance.
+        assert_eq!(fit(&Usage::default(), mig("1g.10gb", 1)).err(), Some(Dimension::Gpu));
+        let constrained = |models: &[&str], memory_mib| {
+            let g = GpuAsk { models: models.iter().map(|m| m.to_string()).collect(), memory_mib, ..mig("3g.40gb", 1).remove(0) };
+            fit(&Usage::default(), vec![g]).map(|(r, _)| r.gpu_ids)
+        };
+        assert_eq!(constrained(&["A100"], 40_960), Ok(vec!["MIG-a".to_string()]));
+        assert_eq!(constrained(&["H100"], 0), Err(Dimension::Gpu));
+        assert_eq!(constrained(&[], 80_000), Err(Dimension::Gpu));
+    }
+
+    #[test]
+    fn mig_instances_fill_the_most_used_gpu_and_node_first() {
+        // Two physical GPUs, each split into two 3g.40gb instances.
+        let two = |name: &str| {
+            let mut n = node(64_000, 64_000, &[]);
+            n.id = name.into();
+            if let Some(r) = n.resources.as_mut() {
+                for (parent, inst) in [("p0", "a"), ("p0", "b"), ("p1", "c"), ("p1", "d")] {
+                    let id = format!("{name}-{inst}");
+                    let (model, mig_profile, parent_id) = ("A100".into(), "3g.40gb".into(), format!("{name}-{parent}"));
+                    r.gpus.push(GpuDevice { id, model, memory_mib: 40_960, mig_profile, parent_id, ..Default::default() });
+                }
+            }
+            n
+        };
+        let (x, y) = (two("x"), two("y"));
+        let ask = Ask { gpus: mig("3g.40gb", 1), ..Default::default() };
+        let mut used = Usage::default();
+        used.add(&AllocatedResources {
+            gpus: vec![GpuAssignment { id: "x-c".into(), milli: 1000 }],
+            gpu_mig: [("x-c".to_string(), "3g.40gb".to_string())].into_iter().collect(),
+            ..Default::default()
+        });
+        // Within the node: the instance next to the used one (x-d), not the first in order (x-a).
+        let on_x = try_fit_with(&x, &used, &ask, Policy::Mlp, &Workload::default()).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!(ids(&on_x.resources), ["x-d"]);
+        // Across nodes: x (a partly used GPU) costs less than the untouched y.
+        let on_y = try_fit_with(&y, &Usage::default(), &ask, Policy::Mlp, &Workload::default()).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!(ids(&on_y.resources), ["y-a"]);
+        assert!(on_x.gpu_cost + gpu::MIG_FRESH_GPU / 2.0 < on_y.gpu_cost, "{} vs {}", on_x.gpu_cost, on_y.gpu_cost);
+    }
+
+    #[test]
+    fn recheck_rejects_mig_misuse() {
+        let n = mig_node();
+        let claim = |id: &str, profile: &str| AllocatedResources {
+            gpu_ids: vec![id.into()],
+            gpus: vec![GpuAssignment { id: id.into(), milli: 1000 }],
+            gpu_mig: [(id.to_string(), profile.to_string())].into_iter().collect(),
+            ..Default::default()
+        };
+        let plain = |id: &str, milli| AllocatedResources {
+            gpu_ids: vec![id.into()],
+            gpus: vec![GpuAssignment { id: id.into(), milli }],
+            ..Default::default()
+        };
+        let check = |rs: &[AllocatedResources]| {
+            let mut u = Usage::default();
+            rs.iter().for_each(|r| u.add(r));
+            (exhausted(&n, &u), mig_misuse(&n.resources.clone().unwrap_or_default().gpus, &u))
+        };
+        assert_eq!(check(&[claim("MIG-a", "3g.40gb"), claim("MIG-b", "3g.40gb"), plain("g1", 1000)]), (None, None));
+        let cases: Vec<(Vec<AllocatedResources>, &str)> = vec![
+            (vec![claim("MIG-a", "3g.40gb"), claim("MIG-a", "3g.40gb")], "carries 2000"),
+            (vec![plain("MIG-a", 1000)], "non-MIG ask"),
+            (vec![plain("MIG-a", 300)], "non-MIG ask"),
+            (vec![claim("MIG-a", "1g.10gb")], "claimed as 1g.10gb"),
+            (vec![claim("g1", "3g.40gb")], "not a MIG instance"),
+            (vec![plain("g0", 1000)], "MIG mode"),
+        ];
+        for (rs, why) in cases {
+            let (dim, msg) = check(&rs);
+            assert_eq!(dim, Some(Dimension::Gpu), "{rs:?}");
+            let msg = msg.unwrap_or_default();
+            // The double claim is caught by the milli sum or the claim count, whichever is first.
+            assert!(msg.contains(why) || (why == "carries 2000" && msg.contains("claimed 2 times")), "{why}: {msg}");
+        }
+        // A node without MIG takes the fast path and keeps its old verdicts.
+        let plain_node = node(1000, 1000, &["g0"]);
+        let mut u = Usage::default();
+        u.add(&plain("g0", 1000));
+        assert_eq!(exhausted(&plain_node, &u), None);
+    }
+
+    #[test]
+    fn exhausted_keys_name_the_mig_profile() {
+        let ask = |gpus: Vec<GpuAsk>| Ask { gpus, ..Default::default() };
+        assert_eq!(exhausted_key(&ask(mig("3g.40gb", 2)), Dimension::Gpu), "gpu: no free MIG 3g.40gb instance");
+        assert_eq!(exhausted_key(&ask(mig("3g.40gb", 2)), Dimension::Memory), "memory");
+        assert_eq!(exhausted_key(&ask(whole(2)), Dimension::Gpu), "gpu");
+        let mixed = ask([whole(1), mig("1g.10gb", 1)].concat());
+        assert_eq!(exhausted_key(&mixed, Dimension::Gpu), "gpu: not enough free GPUs or MIG 1g.10gb instances");
+        // What the scheduler reports for a node without the profile.
+        assert_eq!(try_fit(&mig_node(), &Usage::default(), &ask(mig("1g.10gb", 1))).err(), Some(Dimension::Gpu));
+    }
+
+    #[test]
+    fn live_workload_leaves_mig_instances_out() {
+        let mut st = ClusterState::default();
+        let alloc = |id: &str, r: AllocatedResources| Allocation {
+            id: id.into(),
+            desired_status: alloc_desired::RUN.into(),
+            client_status: alloc_client::RUNNING.into(),
+            resources: Some(r),
+            ..Default::default()
+        };
+        let mig_only = AllocatedResources {
+            gpus: vec![GpuAssignment { id: "MIG-a".into(), milli: 1000 }],
+            gpu_mig: [("MIG-a".to_string(), "3g.40gb".to_string())].into_iter().collect(),
+            ..Default::default()
+        };
+        st.allocs.insert("a".into(), alloc("a", mig_only));
+        assert!(live_workload(&st).is_empty());
+        let mixed = AllocatedResources {
+            gpus: vec![GpuAssignment { id: "MIG-b".into(), milli: 1000 }, GpuAssignment { id: "g1".into(), milli: 250 }],
+            gpu_mig: [("MIG-b".to_string(), "3g.40gb".to_string())].into_iter().collect(),
+            ..Default::default()
+        };
+        st.allocs.insert("b".into(), alloc("b", mixed));
+        let want = Workload::new([(PodView { cpu: 0, mem: 0, gpu: GpuShape::share(250), models: ModelSet::ANY }, 1)]);
+        assert_eq!(live_workload(&st), want);
+    }
+
+    /// A DGX-like node: NVLink islands {0..3} and {4..7}, PCIe switches per pair, NUMA per island.
+    fn dgx(name: &str) -> Node {
+        let mut n = node(256_000, 1 << 20, &[]);
+        n.id = name.into();
+        if let Some(r) = n.resources.as_mut() {
+            r.gpus = (0..8)
+                .map(|i: usize| GpuDevice {
+                    id: format!("{name}-{i}"),
+                    model: "H100".into(),
+                    memory_mib: 81_920,
+                    nvlink_peers: (0..8).filter(|&j| j != i && j / 4 == i / 4).map(|j| format!("{name}-{j}")).collect(),
+                    pci_switch: format!("sw{}", i / 2),
+                    numa_node: Some((i / 4) as i32),
+                    ..Default::default()
+                })
+                .collect();
+        }
+        n
+    }
+
+    fn holding(ids: &[String]) -> Usage {
+        let mut u = Usage::default();
+        u.add(&AllocatedResources { gpu_ids: ids.to_vec(), ..Default::default() });
+        u
+    }
+
+    #[test]
+    fn multi_gpu_asks_get_one_nvlink_island() {
+        let n = dgx("d");
+        let id = |i: usize| format!("d-{i}");
+        let ask = |count| Ask { gpus: whole(count), ..Default::default() };
+        let (res, after) = try_fit(&n, &Usage::default(), &ask(4)).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!((res.gpu_ids.clone(), res.gpu_locality.as_str()), ((0..4).map(id).collect(), "nvlink"));
+        let (res, _) = try_fit(&n, &after, &ask(4)).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!((res.gpu_ids, res.gpu_locality.as_str()), ((4..8).map(id).collect(), "nvlink"));
+        // Device 0 in use: two GPUs come from its broken island, leaving the other intact.
+        let (res, _) = try_fit(&n, &holding(&[id(0)]), &ask(2)).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!((res.gpu_ids, res.gpu_locality.as_str()), (vec![id(1), id(2)], "nvlink"));
+        // Only 2 + 2 free across the islands: four still place, as "system"; one GPU gets no locality.
+        let scattered = holding(&[id(0), id(1), id(4), id(5)]);
+        let (res, _) = try_fit(&n, &scattered, &ask(4)).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!((res.gpu_ids, res.gpu_locality.as_str()), (vec![id(2), id(3), id(6), id(7)], "system"));
+        let (res, _) = try_fit(&n, &scattered, &ask(1)).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!(res.gpu_locality, "");
+    }
+
+    #[test]
+    fn a_node_with_an_intact_island_beats_scattered_free_gpus() {
+        let (a, b) = (dgx("a"), dgx("b"));
+        // a: one island used, the other intact (4 free). b: 2 + 2 free across the islands, which
+        // packing and fragmentation alone would prefer (b is no emptier, its GPUs are stranded).
+        let used_a = holding(&(0..4).map(|i| format!("a-{i}")).collect::<Vec<_>>());
+        let used_b = holding(&[0, 1, 4, 5].map(|i| format!("b-{i}")));
+        let ask = Ask { cpu_mhz: 1000, gpus: whole(4), ..Default::default() };
+        let w = Workload::new([(PodView { cpu: 1000, mem: 0, gpu: GpuShape::whole(1), models: ModelSet::ANY }, 3)]);
+        for policy in Policy::ALL {
+            let cost = |n: &Node, u: &Usage| try_fit_with(n, u, &ask, policy, &w).map(|f| f.gpu_cost).unwrap_or(f64::INFINITY);
+            let (ca, cb) = (cost(&a, &used_a), cost(&b, &used_b));
+            assert!(ca + Locality::System.penalty() / 2.0 < cb, "{policy}: {ca} vs {cb}");
+        }
+        // Without topology data the penalty is 0: the same usage costs the same on both.
+        let strip = |mut n: Node| {
+            if let Some(r) = n.resources.as_mut() {
+                for g in &mut r.gpus {
+                    (g.nvlink_peers, g.pci_switch, g.numa_node) = (vec![], String::new(), None);
+                }
+            }
+            n
+        };
+        let (a, b) = (strip(a), strip(b));
+        let fa = try_fit_with(&a, &used_a, &ask, Policy::Mlp, &w).unwrap_or_else(|d| panic!("{d}"));
+        let fb = try_fit_with(&b, &used_b, &ask, Policy::Mlp, &w).unwrap_or_else(|d| panic!("{d}"));
+        assert!((fa.gpu_cost - fb.gpu_cost).abs() < 1.0, "{} vs {}", fa.gpu_cost, fb.gpu_cost);
+        assert_eq!((fa.resources.gpu_locality.as_str(), fb.resources.gpu_ids.len()), ("", 4));
     }
 
     #[test]

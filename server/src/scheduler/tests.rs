@@ -922,3 +922,291 @@ fn preemption_follows_the_per_type_switches() {
     let plan = schedule_opts(&c.st, hi.as_ref(), &eval_for("hi"), 5000, Options::default());
     assert_eq!(plan.preemptions.len(), 1);
 }
+
+// ---- preferences: affinity and spread ------------------------------------------------------
+
+fn affinity(attribute: &str, operator: &str, value: &str, weight: i32) -> mlp_proto::v1::Affinity {
+    mlp_proto::v1::Affinity { attribute: attribute.into(), operator: operator.into(), value: value.into(), weight }
+}
+
+fn spread(attribute: &str, weight: u32, targets: &[(&str, u32)]) -> mlp_proto::v1::Spread {
+    mlp_proto::v1::Spread {
+        attribute: attribute.into(),
+        weight,
+        targets: targets
+            .iter()
+            .map(|(v, p)| mlp_proto::v1::SpreadTarget { value: (*v).into(), percent: *p })
+            .collect(),
+    }
+}
+
+/// Live allocations of `job` per rack, sorted by rack.
+fn per_rack(c: &Cluster, job: &str) -> Vec<(String, usize)> {
+    let mut m: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, node_id) in c.live(job) {
+        let rack = c.st.nodes[&node_id].meta.get("rack").cloned().unwrap_or_default();
+        *m.entry(rack).or_default() += 1;
+    }
+    m.into_iter().collect()
+}
+
+fn counts(pairs: &[(&str, usize)]) -> Vec<(String, usize)> {
+    pairs.iter().map(|(r, n)| (r.to_string(), *n)).collect()
+}
+
+#[test]
+fn affinity_picks_the_matching_node_over_a_fuller_one() {
+    let mut c = Cluster::new();
+    c.node(racked("a", 4000, "r1"));
+    c.node(racked("b", 4000, "r2"));
+    // Make b the fuller node: bin-packing alone would choose it.
+    let mut other = group("o", 1, 2000, 10);
+    other.constraints = vec![Constraint { attribute: "${meta.rack}".into(), operator: "=".into(), value: "r2".into() }];
+    c.register(job("other", job_type::SERVICE, vec![other]));
+    c.schedule("other");
+
+    c.register(job("plain", job_type::SERVICE, vec![group("g", 1, 500, 10)]));
+    let plan = c.schedule("plain");
+    assert_eq!(plan.placements[0].node_id, "b", "without an affinity, bin-packing picks the fuller node");
+    assert!(plan.preferences.is_empty(), "no preference scores for a group without preferences");
+
+    let mut j = job("pref", job_type::SERVICE, vec![group("g", 2, 500, 10)]);
+    j.groups[0].affinities = vec![affinity("${meta.rack}", "", "r1", 50)];
+    c.register(j);
+    let plan = c.schedule("pref");
+    assert_eq!(plan.placements.iter().map(|a| a.node_id.as_str()).collect::<Vec<_>>(), ["a", "a"]);
+    assert!(plan.placements.iter().all(|a| plan.preferences.get(&a.id) == Some(&1.0)), "{:?}", plan.preferences);
+}
+
+#[test]
+fn negative_affinity_avoids_and_task_affinities_count_for_the_group() {
+    let mut c = Cluster::new();
+    c.node(racked("a", 4000, "r1"));
+    c.node(racked("b", 4000, "r2"));
+    let mut g = group("g", 1, 500, 10);
+    g.tasks[0].affinities = vec![affinity("${meta.rack}", "regexp", "^r1$", -100)];
+    c.register(job("avoid", job_type::SERVICE, vec![g]));
+    let plan = c.schedule("avoid");
+    assert_eq!(plan.placements[0].node_id, "b", "a tie by id would pick a; the negative affinity avoids it");
+    assert_eq!(plan.preferences.get(&plan.placements[0].id), Some(&0.0));
+
+    // Still placed on the avoided node when nothing else fits: an affinity is no constraint.
+    let mut g = group("g", 1, 3800, 10);
+    g.tasks[0].affinities = vec![affinity("${meta.rack}", "=", "r2", 100)];
+    c.register(job("big", job_type::SERVICE, vec![g]));
+    let plan = c.schedule("big");
+    assert_eq!(plan.placements[0].node_id, "a");
+    assert_eq!(plan.preferences.get(&plan.placements[0].id), Some(&0.0));
+}
+
+fn three_racks(c: &mut Cluster) {
+    for (id, rack) in [("a1", "r1"), ("a2", "r1"), ("b1", "r2"), ("b2", "r2"), ("c1", "r3"), ("c2", "r3")] {
+        c.node(racked(id, 100_000, rack));
+    }
+}
+
+#[test]
+fn even_spread_of_six_over_three_racks_is_two_each() {
+    let mut c = Cluster::new();
+    three_racks(&mut c);
+    let mut j = job("s", job_type::SERVICE, vec![group("g", 6, 100, 10)]);
+    j.spreads = vec![spread("${meta.rack}", 50, &[])];
+    c.register(j.clone());
+    c.schedule("s");
+    assert_eq!(per_rack(&c, "s"), counts(&[("r1", 2), ("r2", 2), ("r3", 2)]));
+
+    // Without the spread, bin-packing puts all six on one node.
+    j.id = "packed".into();
+    j.name = "packed".into();
+    j.spreads.clear();
+    c.register(j);
+    c.schedule("packed");
+    assert_eq!(per_rack(&c, "packed"), counts(&[("r1", 6)]));
+}
+
+#[test]
+fn even_spread_counts_the_allocations_already_running() {
+    let mut c = Cluster::new();
+    three_racks(&mut c);
+    let mut g = group("g", 1, 100, 10);
+    g.spreads = vec![spread("meta.rack", 100, &[])];
+    c.register(job("s", job_type::SERVICE, vec![g.clone()]));
+    c.schedule("s");
+    assert_eq!(per_rack(&c, "s"), counts(&[("r1", 1)]));
+    g.count = 6;
+    c.register(job("s", job_type::SERVICE, vec![g]));
+    let plan = c.schedule("s");
+    assert_eq!(plan.placements.len(), 5);
+    assert!(plan.stops.is_empty());
+    assert_eq!(per_rack(&c, "s"), counts(&[("r1", 2), ("r2", 2), ("r3", 2)]));
+}
+
+#[test]
+fn spread_targets_seventy_thirty_of_ten() {
+    let mut c = Cluster::new();
+    three_racks(&mut c);
+    let mut g = group("g", 10, 100, 10);
+    g.spreads = vec![spread("${meta.rack}", 100, &[("r2", 70), ("r3", 30)])];
+    c.register(job("t", job_type::BATCH, vec![g]));
+    c.schedule("t");
+    assert_eq!(per_rack(&c, "t"), counts(&[("r2", 7), ("r3", 3)]));
+}
+
+#[test]
+fn a_node_without_the_spread_attribute_loses() {
+    let mut c = Cluster::new();
+    let mut bare = node("a", 4000, 10_000);
+    bare.meta.clear();
+    c.node(bare);
+    c.node(racked("b", 4000, "r1"));
+    let mut g = group("g", 2, 100, 10);
+    g.spreads = vec![spread("${meta.rack}", 50, &[])];
+    c.register(job("m", job_type::SERVICE, vec![g]));
+    let plan = c.schedule("m");
+    assert!(plan.placements.iter().all(|a| a.node_id == "b"), "{:?}", c.live("m"));
+
+    // With room only on the bare node, it still gets the allocation: a spread is no constraint.
+    let mut g = group("g", 1, 3900, 10);
+    g.spreads = vec![spread("${meta.rack}", 50, &[])];
+    c.register(job("big", job_type::SERVICE, vec![g]));
+    let plan = c.schedule("big");
+    assert_eq!(plan.placements[0].node_id, "a");
+    assert_eq!(plan.preferences.get(&plan.placements[0].id), Some(&-1.0));
+}
+
+#[test]
+fn groups_without_preferences_place_exactly_as_before() {
+    // A known placement (bin-packing on mixed node sizes; the same with and without this
+    // module's changes, checked when it was written).
+    let mut c = Cluster::new();
+    c.node(node("n1", 2000, 4096));
+    c.node(node("n2", 3000, 4096));
+    c.node(node("n3", 1500, 2048));
+    let mut j = job("mix", job_type::SERVICE, vec![group("a", 4, 700, 512), group("b", 3, 400, 1024)]);
+    c.register(j.clone());
+    let plan = c.schedule("mix");
+    let placed: Vec<(String, String)> = plan.placements.iter().map(|a| (a.name.clone(), a.node_id.clone())).collect();
+    let want = [
+        ("mix.a[0]", "n3"),
+        ("mix.a[1]", "n3"),
+        ("mix.a[2]", "n1"),
+        ("mix.a[3]", "n1"),
+        ("mix.b[0]", "n1"),
+        ("mix.b[1]", "n2"),
+        ("mix.b[2]", "n2"),
+    ];
+    assert_eq!(placed, want.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>());
+    assert!(plan.preferences.is_empty());
+
+    // A preference on one group leaves the other group's placements alone.
+    j.id = "mix2".into();
+    j.name = "mix2".into();
+    j.groups[1].affinities = vec![affinity("${node.name}", "=", "n3", 10)];
+    let mut c2 = Cluster::new();
+    c2.node(node("n1", 2000, 4096));
+    c2.node(node("n2", 3000, 4096));
+    c2.node(node("n3", 1500, 2048));
+    c2.register(j);
+    let plan = c2.schedule("mix2");
+    let a: Vec<&str> = plan.placements.iter().filter(|p| p.task_group == "a").map(|p| p.node_id.as_str()).collect();
+    assert_eq!(a, ["n3", "n3", "n1", "n1"]);
+}
+
+#[test]
+fn preferences_see_every_node_on_large_clusters() {
+    // 300 CPU-only nodes would be sampled (16 compared per placement); an affinity to one node
+    // must still find it.
+    let mut c = Cluster::new();
+    for i in 0..300 {
+        let mut n = node(&format!("n{i:03}"), 4000, 4096);
+        if i == 287 {
+            n.meta.insert("special".into(), "yes".into());
+        }
+        c.node(n);
+    }
+    let mut g = group("g", 3, 100, 10);
+    g.affinities = vec![affinity("${meta.special}", "=", "yes", 100)];
+    c.register(job("find", job_type::SERVICE, vec![g]));
+    let plan = c.schedule("find");
+    assert!(plan.placements.iter().all(|a| a.node_id == "n287"), "{:?}", c.live("find"));
+}
+
+#[test]
+fn a_gang_with_a_spread_spreads_its_members() {
+    let mut c = Cluster::new();
+    three_racks(&mut c);
+    let mut g = gang(group("w", 6, 1000, 10), "");
+    g.spreads = vec![spread("${meta.rack}", 100, &[])];
+    c.register(job("gs", job_type::BATCH, vec![g]));
+    let plan = c.schedule("gs");
+    assert_eq!(plan.atomic.len(), 1);
+    assert_eq!(per_rack(&c, "gs"), counts(&[("r1", 2), ("r2", 2), ("r3", 2)]));
+}
+
+#[test]
+fn gang_domains_tie_on_count_break_by_preference() {
+    let mut c = Cluster::new();
+    three_racks(&mut c);
+    let mut g = gang(group("w", 2, 1000, 10), "${meta.rack}");
+    g.affinities = vec![affinity("${meta.rack}", "=", "r3", 50)];
+    c.register(job("gd", job_type::BATCH, vec![g]));
+    c.schedule("gd");
+    assert_eq!(per_rack(&c, "gd"), counts(&[("r3", 2)]), "every rack holds the gang; the affinity picks r3");
+}
+
+#[test]
+fn preemption_prefers_the_preferred_node_among_equal_victims() {
+    let mut c = Cluster::new();
+    c.node(racked("a", 1000, "r1"));
+    c.node(racked("b", 1000, "r2"));
+    c.register(prio(job("low", job_type::BATCH, vec![group("g", 2, 1000, 10)]), 20));
+    assert_eq!(c.schedule("low").placements.len(), 2);
+
+    let mut g = group("g", 1, 500, 10);
+    g.affinities = vec![affinity("${meta.rack}", "=", "r2", 50)];
+    c.register(prio(job("high", job_type::SERVICE, vec![g]), 60));
+    let plan = c.schedule("high");
+    assert_eq!(plan.preemptions.len(), 1);
+    assert_eq!(plan.placements[0].node_id, "b", "equal victims on a and b; the affinity picks b over the id order");
+}
+
+#[test]
+fn job_level_preferences_are_part_of_the_spec() {
+    let mut c = Cluster::new();
+    c.node(racked("a", 4000, "r1"));
+    let mut j = job("v", job_type::SERVICE, vec![group("g", 1, 100, 10)]);
+    c.register(j.clone());
+    assert_eq!(c.job("v").map(|j| j.version), Some(0));
+    j.affinities = vec![affinity("${meta.rack}", "=", "r1", 50)];
+    c.register(j.clone());
+    let stored = c.job("v").unwrap_or_else(|| panic!("job v"));
+    assert_eq!((stored.version, stored.affinities.len()), (1, 1), "an affinity change is a new version");
+    j.spreads = vec![spread("${meta.rack}", 50, &[])];
+    c.register(j);
+    let stored = c.job("v").unwrap_or_else(|| panic!("job v"));
+    assert_eq!((stored.version, stored.spreads.len()), (2, 1), "a spread change is a new version");
+}
+
+#[test]
+fn a_job_level_preference_change_replaces_running_allocations() {
+    let mut c = Cluster::new();
+    c.node(racked("a", 4000, "r1"));
+    c.node(racked("b", 4000, "r2"));
+    let mut j = job("v", job_type::SERVICE, vec![group("g", 1, 100, 10)]);
+    c.register(j.clone());
+    let first = c.schedule("v");
+    assert_eq!(first.placements.len(), 1);
+    // A meta-only change is a new version too, but changes nothing the allocations run with.
+    j.meta.insert("owner".into(), "ml-platform".into());
+    c.register(j.clone());
+    let same = c.schedule("v");
+    assert!(same.stops.is_empty() && same.placements.is_empty(), "{same:?}");
+    let other = if first.placements[0].node_id == "a" { "r2" } else { "r1" };
+    j.affinities = vec![affinity("${meta.rack}", "=", other, 100)];
+    c.register(j);
+    let plan = c.schedule("v");
+    assert_eq!(plan.stops.len(), 1, "the old allocation is replaced: {plan:?}");
+    assert_eq!(plan.placements.len(), 1);
+    let want = if other == "r2" { "b" } else { "a" };
+    assert_eq!(plan.placements[0].node_id, want, "the replacement follows the new affinity");
+}
