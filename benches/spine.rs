@@ -7,7 +7,8 @@
 //! It prints `key value` lines (and writes them as JSON to $MLP_BENCH_OUT if set) so that
 //! `scripts/bench-spine.sh` can put them next to Slurm's figures from the same run.
 //!
-//! Run: `cargo bench --bench spine` (or `scripts/bench-spine.sh` for the Slurm comparison).
+//! Run: `cargo bench --bench spine` (or `scripts/bench-spine.sh` for the Slurm comparison);
+//! `MLP_BENCH_ONLY=latency,batch,rss,regs` picks parts.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -144,8 +145,11 @@ async fn registrations(addr: &str, clients: usize, per_client: usize, tag: &str)
 
 async fn run() -> Result<BTreeMap<String, f64>, String> {
     let n_lat: usize = std::env::var("MLP_BENCH_LATENCY_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    // MLP_BENCH_ONLY=latency,batch,rss,regs runs only those parts (default: all).
+    let only = std::env::var("MLP_BENCH_ONLY").unwrap_or_default();
+    let part = |name: &str| only.is_empty() || only.split(',').any(|p| p.trim() == name);
     let mut out = BTreeMap::new();
-    {
+    if part("latency") {
         let (_dev, addr) = start_dev()?;
         // `exec` runs with full isolation (namespaces, pivot_root, cgroups); `raw_exec` is a
         // plain spawn: the difference is the isolation overhead.
@@ -158,18 +162,18 @@ async fn run() -> Result<BTreeMap<String, f64>, String> {
         out.insert("mlp_submit_to_running_raw_exec_p99_ms".into(), pct(&raw, 0.99));
         out.insert("mlp_isolation_overhead_p50_ms".into(), pct(&lat, 0.5) - pct(&raw, 0.5));
     }
-    {
+    if part("batch") {
         let (_dev, addr) = start_dev()?;
         let secs = batch_500(&addr, "exec").await?;
         out.insert("mlp_batch500_s".into(), secs);
         out.insert("mlp_batch500_jobs_per_sec".into(), 500.0 / secs);
     }
-    {
+    if part("batch") {
         let (_dev, addr) = start_dev()?;
         let secs = batch_500(&addr, "raw_exec").await?;
         out.insert("mlp_batch500_raw_exec_s".into(), secs);
     }
-    {
+    if part("rss") {
         // The agent alone, idle: registered with a server, heartbeating, nothing to run.
         let server = start_mlp(&["server", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"], common::bench_dir("spine-server"))?;
         let agent = start_mlp(&["agent", "--servers", &server.grpc], common::bench_dir("spine-agent"))?;
@@ -177,7 +181,7 @@ async fn run() -> Result<BTreeMap<String, f64>, String> {
         out.insert("mlp_agent_idle_rss_mib".into(), common::rss_mib(agent.child.id()).ok_or("agent not running after 10s")?);
         out.insert("mlp_server_idle_rss_mib".into(), common::rss_mib(server.child.id()).ok_or("server not running after 10s")?);
     }
-    {
+    if part("regs") {
         let (_dev, addr) = start_dev()?;
         // Warm up connections and the leader's loop.
         registrations(&addr, 4, 25, "warm").await?;
