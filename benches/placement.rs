@@ -5,7 +5,9 @@
 //! until every allocation is placed, and until every one is acknowledged running.
 //!
 //! Run: `cargo bench --bench placement` (defaults 500 nodes, 100 jobs × 100 tasks; override with
-//! MLP_BENCH_NODES, MLP_BENCH_JOBS, MLP_BENCH_TASKS).
+//! MLP_BENCH_NODES, MLP_BENCH_JOBS, MLP_BENCH_TASKS). With MLP_BENCH_PREFERENCES=1 the nodes sit
+//! in 10 racks (`meta.rack`) and every job spreads over the racks and prefers rack r1 (affinity),
+//! which measures what preferences cost (every feasible node is then scored, no sampling).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,8 +57,10 @@ fn start_server() -> Result<(common::MlpProc, String, String), String> {
     Ok((p, grpc, http))
 }
 
-fn node(i: usize) -> Node {
+fn node(i: usize, racks: bool) -> Node {
+    let meta = if racks { [("rack".to_string(), format!("r{}", i % 10))].into_iter().collect() } else { Default::default() };
     Node {
+        meta,
         id: format!("sim-node-{i:05}"),
         name: format!("sim-{i:05}"),
         datacenter: "dc1".into(),
@@ -90,7 +94,16 @@ async fn fake_agent(ch: Channel, n: Node, acked: Arc<AtomicU64>, ready: tokio::s
     Ok(())
 }
 
-fn job(name: &str, tasks: u32) -> Job {
+fn job(name: &str, tasks: u32, preferences: bool) -> Job {
+    let (affinities, spreads) = if preferences {
+        let rack = "${meta.rack}".to_string();
+        (
+            vec![Affinity { attribute: rack.clone(), operator: "=".into(), value: "r1".into(), weight: 50 }],
+            vec![Spread { attribute: rack, weight: 100, targets: vec![] }],
+        )
+    } else {
+        (vec![], vec![])
+    };
     Job {
         id: name.into(),
         name: name.into(),
@@ -109,6 +122,8 @@ fn job(name: &str, tasks: u32) -> Job {
                 kill_timeout_ms: 1000,
                 ..Default::default()
             }],
+            affinities,
+            spreads,
             ..Default::default()
         }],
         ..Default::default()
@@ -117,6 +132,7 @@ fn job(name: &str, tasks: u32) -> Job {
 
 async fn run() -> Result<BTreeMap<String, f64>, String> {
     let (nodes, jobs, tasks) = (env_or("MLP_BENCH_NODES", 500), env_or("MLP_BENCH_JOBS", 100), env_or("MLP_BENCH_TASKS", 100));
+    let preferences = env_or("MLP_BENCH_PREFERENCES", 0) == 1;
     let (_server, addr, http) = start_server()?;
     let acked = Arc::new(AtomicU64::new(0));
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(nodes);
@@ -129,7 +145,7 @@ async fn run() -> Result<BTreeMap<String, f64>, String> {
     for i in 0..nodes {
         let (ch, acked, ready) = (chans[i % chans.len()].clone(), acked.clone(), ready_tx.clone());
         tokio::spawn(async move {
-            if let Err(e) = fake_agent(ch, node(i), acked, ready).await {
+            if let Err(e) = fake_agent(ch, node(i, preferences), acked, ready).await {
                 if !DONE.load(Ordering::Relaxed) {
                     eprintln!("fake node {i}: {e}");
                 }
@@ -147,7 +163,8 @@ async fn run() -> Result<BTreeMap<String, f64>, String> {
     let mut submit = Vec::new();
     for j in 0..jobs {
         let mut c = jc.clone();
-        submit.push(tokio::spawn(async move { c.register(RegisterJobRequest { job: Some(job(&format!("p{j:04}"), tasks as u32)) }).await.map(|_| ()) }));
+        let spec = job(&format!("p{j:04}"), tasks as u32, preferences);
+        submit.push(tokio::spawn(async move { c.register(RegisterJobRequest { job: Some(spec) }).await.map(|_| ()) }));
     }
     for s in submit {
         s.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
@@ -176,6 +193,7 @@ async fn run() -> Result<BTreeMap<String, f64>, String> {
     DONE.store(true, Ordering::Relaxed);
     let mut out: BTreeMap<String, f64> = [
         ("placement_nodes".into(), nodes as f64),
+        ("placement_preferences".into(), if preferences { 1.0 } else { 0.0 }),
         ("placement_allocs".into(), total as f64),
         ("placement_node_register_s".into(), reg_s),
         ("placement_submit_s".into(), submit_s),

@@ -31,10 +31,10 @@ use mlp_proto::v1::{AllocatedResources, GpuAssignment, GpuDevice, Task, TaskGrou
 use serde::Deserialize;
 
 /// Most devices (whole GPUs and MIG instances together) a node may register: the scheduler
-/// tracks a node's devices in a 64-bit mask.
-pub const MAX_DEVICES: usize = 64;
+/// tracks a node's devices in a 64-bit mask (the server's limit, [`mlp_proto::gpu::MAX_GPU_DEVICES`]).
+pub const MAX_DEVICES: usize = mlp_proto::gpu::MAX_GPU_DEVICES;
 /// Compute slices of one GPU that its MIG instances may use together.
-pub const MIG_SLICES_PER_GPU: u64 = 7;
+pub const MIG_SLICES_PER_GPU: u64 = mlp_proto::gpu::MIG_SLICES_PER_GPU as u64;
 /// Every simulated device id starts with this.
 pub const ID_PREFIX: &str = "sim-";
 /// Largest device memory accepted (16 TiB), to catch unit mistakes.
@@ -191,11 +191,17 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<GpuDevice>, GpuSimError> {
             None => Vec::new(),
         },
     };
-    if check.problems.is_empty() {
-        Ok(devices)
-    } else {
-        Err(GpuSimError::Invalid(check.problems))
+    if !check.problems.is_empty() {
+        return Err(GpuSimError::Invalid(check.problems));
     }
+    // The server's own check of what it is sent: the rules above are stricter, so this only
+    // fails when the two disagree, which must show here rather than as a refused registration.
+    let mut devices = devices;
+    if let Err(e) = mlp_proto::gpu::check_gpu_devices("registered devices", &mut devices) {
+        check.push("", format!("the devices built from this file fail the server's check: {e}"));
+        return Err(GpuSimError::Invalid(check.problems));
+    }
+    Ok(devices)
 }
 
 struct Checker<'a> {
@@ -477,7 +483,8 @@ pub fn attributes(devices: &[GpuDevice]) -> BTreeMap<String, String> {
 }
 
 /// Checks devices handed to the agent directly (not through [`load`]): unique, well-formed
-/// ids, at most [`MAX_DEVICES`], all simulated (the agent cannot drive real GPUs yet).
+/// ids, at most [`MAX_DEVICES`], all simulated (the agent cannot drive real GPUs yet), and
+/// everything the server checks on registration ([`mlp_proto::gpu::check_gpu_devices`]).
 pub fn check_devices(devices: &[GpuDevice]) -> Result<(), String> {
     if devices.len() > MAX_DEVICES {
         return Err(format!("{} GPU devices; a node may have at most {MAX_DEVICES}", devices.len()));
@@ -494,7 +501,8 @@ pub fn check_devices(devices: &[GpuDevice]) -> Result<(), String> {
             return Err(format!("duplicate GPU id {:?}", d.id));
         }
     }
-    Ok(())
+    // A copy: the check normalises a negative NUMA node, which the server does again anyway.
+    mlp_proto::gpu::check_gpu_devices("simulated_gpus", &mut devices.to_vec()).map_err(|e| e.to_string())
 }
 
 /// The GPUs one task gets out of its allocation's assignment.
@@ -907,5 +915,19 @@ mod tests {
         let old = AllocatedResources { gpu_ids: vec!["sim-gpu-0".into()], ..Default::default() };
         assert_eq!(task_gpus(&group, "b", Some(&old), &node).devices, [asg("sim-gpu-0", 1000)]);
         assert_eq!(task_gpus(&group, "cpu", Some(&old), &node), TaskGpus::default());
+    }
+
+    #[test]
+    fn devices_given_directly_pass_the_servers_check_too() -> Result<(), String> {
+        let sim = |id: &str| GpuDevice { id: id.into(), simulated: true, ..Default::default() };
+        let instance = |id: &str, parent: &str| GpuDevice { mig_profile: "1g.10gb".into(), parent_id: parent.into(), ..sim(id) };
+        check_devices(&[sim("sim-gpu-0"), instance("sim-gpu-1-mig-0", "sim-gpu-1")])?;
+        // Well-formed, unique, simulated ids, but a MIG instance that is its own parent.
+        let err = check_devices(&[sim("sim-gpu-0"), instance("sim-gpu-1", "sim-gpu-1")]).err().unwrap_or_default();
+        assert_eq!(err, "simulated_gpus[1].parent_id: \"sim-gpu-1\" is the instance itself");
+        let dangling = GpuDevice { nvlink_peers: vec!["sim-gpu-9".into()], ..sim("sim-gpu-0") };
+        let err = check_devices(&[dangling]).err().unwrap_or_default();
+        assert_eq!(err, "simulated_gpus[0].nvlink_peers[0]: no registered device has the id \"sim-gpu-9\"");
+        Ok(())
     }
 }

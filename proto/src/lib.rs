@@ -7,6 +7,7 @@ pub mod v1 {
 }
 
 pub mod consts;
+pub mod gpu;
 pub mod jobspec;
 
 pub use v1::*;

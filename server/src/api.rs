@@ -392,10 +392,13 @@ impl Api {
         if node.name.is_empty() {
             return Err(ApiError::InvalidArgument("node.name is required".into()));
         }
-        let res = node.resources.as_ref().ok_or_else(|| ApiError::InvalidArgument("node.resources is required".into()))?;
+        let res = node.resources.as_mut().ok_or_else(|| ApiError::InvalidArgument("node.resources is required".into()))?;
         if res.cpu_total_mhz == 0 || res.memory_mib == 0 {
             return Err(ApiError::InvalidArgument("node.resources must report cpu_total_mhz and memory_mib above 0".into()));
         }
+        // GPUs: the shared check (also run by the agent); a negative NUMA node becomes unknown.
+        mlp_proto::gpu::check_gpu_devices("node.resources.gpus", &mut res.gpus)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         if node.datacenter.is_empty() {
             node.datacenter = "dc1".into();
         }

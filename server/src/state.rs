@@ -184,12 +184,16 @@ impl ClusterState {
 
     /// The job's evaluations, through the `evals_by_job` index (this runs for every evaluation the
     /// leader processes, so a scan over all evaluations would make each one O(evaluations)).
+    /// An evaluation re-upserted under another job (never done by mlp itself) is filtered out
+    /// rather than listed under its old job.
     pub fn evals_for_job<'a>(&'a self, namespace: &str, job_id: &str) -> impl Iterator<Item = &'a Evaluation> + 'a {
+        let (ns, id) = (namespace.to_string(), job_id.to_string());
         self.evals_by_job
             .get(&job_key(namespace, job_id))
             .into_iter()
             .flat_map(|ids| ids.iter())
             .filter_map(|id| self.evals.get(id))
+            .filter(move |e| e.namespace == ns && e.job_id == id)
     }
 
     /// Finds an allocation by full id or unique prefix.

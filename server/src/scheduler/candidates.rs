@@ -16,12 +16,19 @@
 //!   tried again before the placement is reported as failed, so "nothing fits" is always the
 //!   outcome of a check of every feasible node.
 //!
-//! Groups with affinities or spreads are never sampled ([`Candidates::all`]): their preference
-//! scores are compared over every feasible node.
+//! Groups with affinities or spreads ([`Candidates::preferring`]) follow Nomad's rule instead:
+//! a placement compares the first [`preference_limit`]`(count)` = `max(count, 100)` fitting
+//! GPU-less nodes (scoring a spread over every node for every placement is quadratic). Their
+//! shuffled order is interleaved by stratum (the node's affinity sum and spread values), round
+//! robin, so that every affinity level and spread value that has nodes is near the front of the
+//! order and in the compared window; the same skip-and-retry rule keeps failures exact.
 //!
 //! The seed comes from the job, the group and the state's Raft index: the same inputs give the
 //! same plan, and two evaluations planned at once (the leader runs several workers) mostly look
 //! at different nodes, so their plans rarely conflict in the plan applier.
+
+use std::collections::HashMap;
+use std::hash::Hash;
 
 use mlp_proto::v1::Node;
 
@@ -38,6 +45,15 @@ pub const SAMPLE_FLOOR: usize = 16;
 pub fn limit(n: usize) -> usize {
     let log2 = usize::BITS - n.saturating_sub(1).leading_zeros();
     SAMPLE_FLOOR.max(log2 as usize)
+}
+
+/// The fewest fitting nodes compared per placement of a group with preferences (Nomad's 100).
+pub const PREFERENCE_FLOOR: usize = 100;
+
+/// How many fitting nodes a placement of a group with preferences compares: `max(count, 100)`
+/// (Nomad's `limit` for groups with affinities or spreads, scheduler/stack.go).
+pub fn preference_limit(count: u32) -> usize {
+    PREFERENCE_FLOOR.max(usize::try_from(count).unwrap_or(usize::MAX))
 }
 
 /// A deterministic seed for one group's order (FNV-1a over the parts, then the index).
@@ -70,7 +86,6 @@ pub struct Candidates<'a> {
 impl<'a> Candidates<'a> {
     /// The order for `nodes` (the group's feasible nodes) and `ask`.
     pub fn new(nodes: &[&'a Node], ask: &Ask, seed: u64) -> Candidates<'a> {
-        let has_gpus = |n: &Node| n.resources.as_ref().is_some_and(|r| !r.gpus.is_empty());
         let plain = nodes.iter().filter(|n| !has_gpus(n)).count();
         if !ask.gpus.is_empty() || plain <= SAMPLE_MIN_NODES {
             return Candidates::all(nodes);
@@ -78,19 +93,44 @@ impl<'a> Candidates<'a> {
         let (mut sampled, every): (Vec<&'a Node>, Vec<&'a Node>) =
             nodes.iter().copied().partition(|n| !has_gpus(n));
         SplitMix64::new(seed).shuffle(&mut sampled);
+        Candidates::sampling(every, sampled, limit(plain))
+    }
+
+    /// The order for a group with preferences (`count` allocations wanted): like [`Candidates::new`]
+    /// but comparing [`preference_limit`]`(count)` fitting nodes, sampled only when more GPU-less
+    /// nodes than that are feasible, and with the shuffled order interleaved round robin over the
+    /// strata that `stratum` names, so that every stratum is among the first nodes.
+    pub fn preferring<K: Eq + Hash>(
+        nodes: &[&'a Node],
+        ask: &Ask,
+        seed: u64,
+        count: u32,
+        stratum: impl Fn(&Node) -> K,
+    ) -> Candidates<'a> {
+        let limit = preference_limit(count);
+        let plain = nodes.iter().filter(|n| !has_gpus(n)).count();
+        if !ask.gpus.is_empty() || plain <= limit.max(SAMPLE_MIN_NODES) {
+            return Candidates::all(nodes);
+        }
+        let (mut sampled, every): (Vec<&'a Node>, Vec<&'a Node>) =
+            nodes.iter().copied().partition(|n| !has_gpus(n));
+        SplitMix64::new(seed).shuffle(&mut sampled);
+        Candidates::sampling(every, interleave(sampled, stratum), limit)
+    }
+
+    fn sampling(every: Vec<&'a Node>, sampled: Vec<&'a Node>, limit: usize) -> Candidates<'a> {
         let skipped = vec![0; sampled.len()];
         Candidates {
             every,
             sampled,
             skipped,
             cursor: 0,
-            limit: limit(plain),
+            limit,
             round: 0,
         }
     }
 
-    /// Every node scored for every placement, no sampling (groups with affinities or spreads,
-    /// whose preference scores must be compared exactly).
+    /// Every node scored for every placement, no sampling.
     pub fn all(nodes: &[&'a Node]) -> Candidates<'a> {
         Candidates {
             every: nodes.to_vec(),
@@ -148,6 +188,38 @@ impl<'a> Candidates<'a> {
             }
         }
     }
+}
+
+fn has_gpus(n: &Node) -> bool {
+    n.resources.as_ref().is_some_and(|r| !r.gpus.is_empty())
+}
+
+/// `nodes` reordered round robin over their strata: the first node of every stratum, then the
+/// second of every stratum that has one, and so on; within a stratum the given order is kept,
+/// and the strata go largest first (ties: first seen first). O(n).
+fn interleave<'a, K: Eq + Hash>(nodes: Vec<&'a Node>, stratum: impl Fn(&Node) -> K) -> Vec<&'a Node> {
+    let total = nodes.len();
+    let mut index: HashMap<K, usize> = HashMap::new();
+    let mut strata: Vec<Vec<&'a Node>> = Vec::new();
+    for node in nodes {
+        let i = *index.entry(stratum(node)).or_insert_with(|| {
+            strata.push(Vec::new());
+            strata.len() - 1
+        });
+        strata[i].push(node);
+    }
+    // Stable: equal sizes keep their first-seen order. Largest first, so that round r only
+    // walks the prefix of strata that still have an r-th node.
+    strata.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut out = Vec::with_capacity(total);
+    let mut round = 0;
+    while out.len() < total {
+        for s in strata.iter().take_while(|s| s.len() > round) {
+            out.push(s[round]);
+        }
+        round += 1;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -305,6 +377,30 @@ mod tests {
         let metric = &plan.failed_tg_allocs["g"];
         assert_eq!((metric.nodes_exhausted, metric.nodes_filtered), (200, 200));
         assert_eq!(plan.queued_allocations["g"] as u64, 5000 - capacity);
+    }
+
+    #[test]
+    fn preferences_compare_max_count_100_and_every_stratum_is_in_front() {
+        let all = nodes(1000, 0);
+        let refs: Vec<&Node> = all.iter().collect();
+        // Stratum: 3 of the 1,000 nodes are "rare"; they are among the first four offered.
+        let rare = |n: &Node| matches!(n.id.as_str(), "n00007" | "n00500" | "n00993");
+        let mut c = Candidates::preferring(&refs, &Ask::default(), 5, 10, rare);
+        assert!(c.is_sampling());
+        let seen = visited(&mut c, |_| true);
+        assert_eq!(seen.len(), preference_limit(10));
+        assert_eq!(preference_limit(10), PREFERENCE_FLOOR);
+        let ids: Vec<&str> = seen.iter().map(String::as_str).collect();
+        let first: BTreeSet<&str> = ids[..6].iter().copied().filter(|id| ["n00007", "n00500", "n00993"].contains(id)).collect();
+        assert_eq!(first.len(), 3, "{:?}", &ids[..6]);
+        // Round robin, the larger stratum first: common, rare, common, rare, common, rare.
+        assert!(ids[..6].iter().enumerate().all(|(i, id)| (i % 2 == 1) == rare(&all[id[1..].parse::<usize>().unwrap_or(0)])));
+
+        // A count at least the GPU-less node count: no sampling, every node.
+        let mut c = Candidates::preferring(&refs, &Ask::default(), 5, 1000, rare);
+        assert!(!c.is_sampling());
+        assert_eq!(visited(&mut c, |_| true).len(), 1000);
+        assert_eq!(preference_limit(1001), 1001);
     }
 
     #[test]

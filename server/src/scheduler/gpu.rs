@@ -19,7 +19,8 @@
 //!
 //! Two refinements apply only to nodes that report them, so nodes without (the trace
 //! simulator's) see exactly the rule above: multi-GPU asks on nodes with GPU topology get the
-//! best-connected devices and a locality penalty ([`super::topology`], [`Policy::evaluate_with`]), and
+//! best-connected devices and report their locality, ranked as its own key ([`super::topology`],
+//! [`Policy::evaluate_with`]), and
 //! MIG instances are placed by their own rule ([`mig_pick`]).
 
 use std::fmt;
@@ -194,9 +195,11 @@ pub struct MigSlot {
     pub eligible: bool,
 }
 
-/// The compute slices of a MIG profile name (`"3g.40gb"` → 3); 1 when the name has none.
+/// The compute slices of a MIG profile name (`"3g.40gb"` → 3); 1 when the name has none, at
+/// most [`mlp_proto::gpu::MIG_SLICES_PER_GPU`] (a GPU's all) whatever the name says.
 pub fn mig_slices(profile: &str) -> u32 {
-    profile.split_once('g').and_then(|(n, _)| n.parse::<u32>().ok()).unwrap_or(1).max(1)
+    let n = profile.split_once('g').and_then(|(n, _)| n.parse::<u32>().ok()).unwrap_or(1);
+    n.clamp(1, mlp_proto::gpu::MIG_SLICES_PER_GPU)
 }
 
 /// MIG placement: `count` eligible instances out of `slots` (indexed like the node's devices;
@@ -219,9 +222,10 @@ pub fn mig_pick(slots: &[Option<MigSlot>], count: u32) -> Option<(f64, DeviceMas
                 parents.len() - 1
             }
         };
-        parents[k].3 += s.slices;
+        // Saturating: slots may come from devices no check has bounded.
+        parents[k].3 = parents[k].3.saturating_add(s.slices);
         if s.used {
-            parents[k].2 += s.slices;
+            parents[k].2 = parents[k].2.saturating_add(s.slices);
         }
     }
     let mut eligible: Vec<(usize, usize)> = slots
@@ -243,13 +247,13 @@ pub fn mig_pick(slots: &[Option<MigSlot>], count: u32) -> Option<(f64, DeviceMas
     let mut taken_slices = 0u32;
     for &(k, i) in eligible.iter().take(count as usize) {
         mask |= 1 << i;
-        taken_slices += slots[i].map_or(0, |s| s.slices);
+        taken_slices = taken_slices.saturating_add(slots[i].map_or(0, |s| s.slices));
         if parents[k].2 == 0 && !fresh.contains(&k) {
             fresh.push(k);
         }
     }
-    let all: u32 = parents.iter().map(|p| p.3).sum();
-    let used: u32 = parents.iter().map(|p| p.2).sum::<u32>() + taken_slices;
+    let all = parents.iter().fold(0u32, |a, p| a.saturating_add(p.3));
+    let used = parents.iter().fold(taken_slices, |a, p| a.saturating_add(p.2));
     let left = if all > 0 { f64::from(all.saturating_sub(used)) / f64::from(all) } else { 0.0 };
     Some((MIG_FRESH_GPU * fresh.len() as f64 + 1e-3 * left, mask))
 }
@@ -425,8 +429,9 @@ impl Policy {
     /// [`Policy::evaluate`] on a node whose devices (indexed like `node.gpu_free`) may carry a
     /// [`Topology`]. With one, whole GPUs are chosen by [`Topology::choose`] (the best locality,
     /// then the set that leaves the rest best connected) instead of in device order, and an ask
-    /// of two or more whole GPUs pays [`Locality::penalty`] and reports the locality it got.
-    /// Without one (`None`), this is exactly [`Policy::evaluate`] and the locality is None.
+    /// of two or more whole GPUs reports the locality it got (not added to the cost: the scheduler
+    /// ranks it as its own key, `Topology::rank_level`). Without one (`None`), this is exactly
+    /// [`Policy::evaluate`] and the locality is None.
     pub fn evaluate_with(
         self,
         node: &NodeView<'_>,
@@ -479,7 +484,7 @@ impl Policy {
                 consider(1 << i, &mut buf);
             }
         }
-        best.map(|(cost, mask)| (locality.map_or(cost, |l| cost + l.penalty()), mask, locality))
+        best.map(|(cost, mask)| (cost, mask, locality))
     }
 
     fn cost(self, before: &NodeView<'_>, after: &NodeView<'_>, mask: DeviceMask, pod: &PodView, workload: &Workload, frag_before: f64) -> f64 {
@@ -685,6 +690,17 @@ mod tests {
         let slots = [big(1, 1, true), big(1, 6, false), big(2, 3, true), big(2, 4, false)];
         assert_eq!(mig_pick(&slots, 1).map(|c| c.1), Some(0b1000));
         assert_eq!((mig_slices("3g.40gb"), mig_slices("1g.10gb+me"), mig_slices("odd")), (3, 1, 1));
+    }
+
+    #[test]
+    fn mig_slices_are_capped_and_mig_pick_sums_saturate() {
+        assert_eq!((mig_slices("9999g.1gb"), mig_slices("4294967295g.1gb"), mig_slices("7g.80gb")), (7, 7, 7));
+        // Slices no registration check bounded: the sums saturate instead of overflowing.
+        let huge = |parent, used| Some(MigSlot { parent, slices: u32::MAX, used, eligible: !used });
+        let slots = [huge(1, true), huge(1, false), huge(2, false), huge(2, false)];
+        let (cost, mask) = mig_pick(&slots, 3).unwrap_or_default();
+        assert_eq!(mask, 0b1110);
+        assert!(cost.is_finite() && cost >= MIG_FRESH_GPU, "{cost}");
     }
 
     #[test]

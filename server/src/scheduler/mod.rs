@@ -9,7 +9,7 @@
 //! * `gpu` — GPU devices, shares and the placement policies (FGD and mlp's default), shared
 //!   with the trace simulator (`crate::sim`);
 //! * `topology` — GPU locality (NVLink, PCIe switch, NUMA) of a node's devices: which devices a
-//!   multi-GPU ask gets, and the penalty for a worse-connected set;
+//!   multi-GPU ask gets, and its locality rank (ranked before the score);
 //! * `place` — one group's placements: plain, gangs (all or nothing, per topology domain) and
 //!   preemption of lower-priority allocations;
 //! * `rank` — the swappable `Scorer` (the GPU policy's cost, then bin-packing, by default);
@@ -323,6 +323,13 @@ pub fn check_node_fit_freeing(state: &ClusterState, node: &Node, extra: &[&Alloc
         }
     }
     match resources::exhausted(node, &usage) {
+        Some(resources::Dimension::Gpu) => {
+            let gpus = node.resources.as_ref().map(|r| r.gpus.as_slice()).unwrap_or_default();
+            match resources::mig_misuse(gpus, &usage) {
+                Some(why) => Err(format!("gpu exhausted on node {name}: {why}")),
+                None => Err(format!("gpu exhausted on node {name}")),
+            }
+        }
         Some(dim) => Err(format!("{dim} exhausted on node {name}")),
         None => Ok(()),
     }

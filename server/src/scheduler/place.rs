@@ -190,20 +190,22 @@ pub fn attempt<'a, 's>(
         &[&ctx.job.namespace, &ctx.job.id, &ctx.tg.name],
         pass.state.index,
     );
-    // Preferences are compared over every feasible node, never a sample.
+    // Preferences: Nomad's max(count, 100) nodes, every affinity level and spread value among them.
     let mut order = match ctx.prefs {
-        Some(_) => candidates::Candidates::all(nodes),
+        Some(p) => candidates::Candidates::preferring(nodes, &ctx.ask, seed, ctx.tg.count, |n| p.stratum(n)),
         None => candidates::Candidates::new(nodes, &ctx.ask, seed),
     };
     let mut tally = ctx.prefs.map(Preferences::tally);
+    // Each visited node's devices, indexed once for all the wants (topology included).
+    let mut gpus: BTreeMap<&'a str, resources::NodeGpus<'a>> = BTreeMap::new();
     for (i, _) in wants.iter().enumerate() {
         let mut metric = base.clone();
-        let mut best: Option<(f64, f64, &'a Node, AllocatedResources, Usage)> = None;
+        let mut best: Option<(f64, u32, f64, &'a Node, AllocatedResources, Usage)> = None;
         let mut blocked: Vec<(&'a Node, Dimension)> = Vec::new();
         order.visit(|node| {
             let before = pass.usage(&node.id).clone();
-            match resources::try_fit_with(
-                node,
+            match resources::try_fit_on(
+                gpus.entry(node.id.as_str()).or_insert_with(|| resources::NodeGpus::new(node)),
                 &before,
                 &ctx.ask,
                 ctx.scorer.gpu_policy(),
@@ -222,6 +224,7 @@ pub fn attempt<'a, 's>(
                     resources: res,
                     after,
                     gpu_cost,
+                    locality_rank: loc,
                 }) => {
                     let input = RankInput {
                         job: ctx.job,
@@ -234,16 +237,16 @@ pub fn attempt<'a, 's>(
                     };
                     let score = ctx.scorer.score(&input);
                     let pref = preference_of(ctx, tally.as_ref(), node);
-                    if best.as_ref().is_none_or(|(p, s, n, ..)| {
-                        rank::better_ranked((pref, score, &node.id), (*p, *s, &n.id))
+                    if best.as_ref().is_none_or(|(p, l, s, n, ..)| {
+                        rank::better_ranked((pref, loc, score, &node.id), (*p, *l, *s, &n.id))
                     }) {
-                        best = Some((pref, score, node, res, after));
+                        best = Some((pref, loc, score, node, res, after));
                     }
                     true
                 }
             }
         });
-        if let Some((preference, score, node, res, after)) = best {
+        if let Some((preference, _, score, node, res, after)) = best {
             pass.commit(&node.id, &res, after, &[]);
             if let (Some(p), Some(t)) = (ctx.prefs, tally.as_mut()) {
                 p.record(node, t);
@@ -395,9 +398,10 @@ fn cheapest_eviction<'a>(
         cands.sort_by(|a, b| {
             (a.priority, a.size, &a.alloc.id).cmp(&(b.priority, b.size, &b.alloc.id))
         });
+        let gpus = resources::NodeGpus::new(node);
         let fits = |gone: &BTreeSet<&str>| {
             let before = pass.compute(&node.id, gone);
-            resources::try_fit_with(node, &before, &ctx.ask, ctx.scorer.gpu_policy(), workload)
+            resources::try_fit_on(&gpus, &before, &ctx.ask, ctx.scorer.gpu_policy(), workload)
                 .ok()
                 .map(|f| (before, f))
         };

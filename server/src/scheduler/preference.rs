@@ -13,7 +13,10 @@
 //!   - a node without the attribute gets -1 (as in Nomad).
 //!
 //!   `used` counts the job's live allocations of the group that this plan does not stop, plus
-//!   the placements made so far in the pass ([`Tally`]).
+//!   the placements made so far in the pass ([`Tally`]). The tally keeps, per spread, the
+//!   running total of the unlisted values and a count-of-counts of the even spread's values, so
+//!   scoring a node costs O(spreads + affinities) and recording a placement O(spreads) map operations,
+//!   however many values a spread has.
 //! * P = (Σ weights of the affinities that hold + Σ spread weight × boost) /
 //!   (Σ |affinity weights| + Σ spread weights).
 //!
@@ -22,7 +25,7 @@
 //! at all, so their placements (and their cost) are exactly what they were before.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use mlp_proto::v1::{Allocation, Constraint, Job, Node, Spread, TaskGroup};
 
@@ -45,8 +48,9 @@ struct SpreadPref {
     weight: f64,
     /// None = even spread.
     targets: Option<Targets>,
-    /// Even spread: the values the feasible nodes have.
-    values: BTreeSet<String>,
+    /// Even spread: the values the feasible nodes have (only they count for the least and most
+    /// used value).
+    values: HashSet<String>,
     /// The attribute's value on each feasible node (resolved once).
     by_node: HashMap<String, Option<String>>,
 }
@@ -59,11 +63,9 @@ impl SpreadPref {
         }
     }
 
-    /// The least and most used of `values` (even spread), given `counts`.
-    fn range(&self, counts: &BTreeMap<String, u32>) -> Option<(u32, u32)> {
-        self.values.iter().map(|v| counts.get(v).copied().unwrap_or(0)).fold(None, |r, n| {
-            Some(r.map_or((n, n), |(lo, hi): (u32, u32)| (lo.min(n), hi.max(n))))
-        })
+    /// The value of the spread's attribute on `node` when it is a feasible node (resolved once).
+    fn known_value(&self, node: &Node) -> Option<&str> {
+        self.by_node.get(&node.id).and_then(|v| v.as_deref())
     }
 }
 
@@ -79,10 +81,70 @@ struct Targets {
 /// placements. Cloned for each attempt (a gang tries several domains from the same start).
 #[derive(Debug, Clone, Default)]
 pub struct Tally {
-    counts: Vec<BTreeMap<String, u32>>,
-    /// Per spread: the least and most used value (even spreads; kept with the counts so that a
-    /// score does not walk every value, e.g. a spread over `${node.id}`).
-    ranges: Vec<Option<(u32, u32)>>,
+    spreads: Vec<SpreadTally>,
+}
+
+/// One spread's share of a [`Tally`], kept incrementally so that neither a score nor a record
+/// walks the spread's values (a spread over `${node.id}` has one per node).
+#[derive(Debug, Clone, Default)]
+struct SpreadTally {
+    counts: HashMap<String, u32>,
+    /// Targets: the allocations on values not listed, together.
+    unlisted: u32,
+    /// Even spread: how many of the spread's values (`SpreadPref::values`) hold each count; the
+    /// first and last keys are the least and most used counts.
+    levels: BTreeMap<u32, usize>,
+}
+
+impl SpreadTally {
+    fn new(spread: &SpreadPref) -> SpreadTally {
+        let mut levels = BTreeMap::new();
+        if spread.targets.is_none() && !spread.values.is_empty() {
+            levels.insert(0, spread.values.len());
+        }
+        SpreadTally { counts: HashMap::new(), unlisted: 0, levels }
+    }
+
+    /// Counts one more allocation on `value`.
+    fn add(&mut self, spread: &SpreadPref, value: &str) {
+        let before = match self.counts.get_mut(value) {
+            Some(n) => {
+                *n += 1;
+                *n - 1
+            }
+            None => {
+                self.counts.insert(value.to_string(), 1);
+                0
+            }
+        };
+        match &spread.targets {
+            Some(t) => {
+                if !t.desired.contains_key(value) {
+                    self.unlisted += 1;
+                }
+            }
+            None => {
+                if spread.values.contains(value) {
+                    if let Some(n) = self.levels.get_mut(&before) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.levels.remove(&before);
+                        }
+                    }
+                    *self.levels.entry(before + 1).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+
+    fn used(&self, value: &str) -> u32 {
+        self.counts.get(value).copied().unwrap_or(0)
+    }
+
+    /// Even spread: the least and most used of the spread's values; None when it has none.
+    fn range(&self) -> Option<(u32, u32)> {
+        Some((*self.levels.keys().next()?, *self.levels.keys().next_back()?))
+    }
 }
 
 impl Preferences {
@@ -142,17 +204,16 @@ impl Preferences {
                 });
                 let by_node: HashMap<String, Option<String>> =
                     feasible.iter().map(|n| (n.id.clone(), feasible::topology_value(&s.attribute, n))).collect();
-                let values = if targets.is_none() { by_node.values().flatten().cloned().collect() } else { BTreeSet::new() };
+                let values = if targets.is_none() { by_node.values().flatten().cloned().collect() } else { HashSet::new() };
                 SpreadPref { attribute: s.attribute.clone(), weight: f64::from(s.weight), targets, values, by_node }
             })
             .collect();
-        let mut base = Tally { counts: vec![BTreeMap::new(); spreads.len()], ranges: Vec::new() };
+        let mut base = Tally { spreads: spreads.iter().map(SpreadTally::new).collect() };
         for a in live {
             if let Some(node) = node_of(&a.node_id) {
-                count_in(&spreads, node, &mut base);
+                record_in(&spreads, node, &mut base);
             }
         }
-        base.ranges = spreads.iter().zip(&base.counts).map(|(s, c)| s.range(c)).collect();
         Some(Preferences { affinity, spreads, total, base })
     }
 
@@ -170,6 +231,14 @@ impl Preferences {
         self.base.clone()
     }
 
+    /// The sampling stratum of `node` (`candidates::Candidates::preferring`): the sum of the
+    /// affinity weights that hold there and its value of every spread attribute, so that every
+    /// affinity level and spread value of the feasible nodes is represented near the front.
+    pub fn stratum(&self, node: &Node) -> (u64, Vec<Option<&str>>) {
+        let affinity = self.affinity.get(&node.id).copied().unwrap_or(0.0) + 0.0;
+        (affinity.to_bits(), self.spreads.iter().map(|s| s.known_value(node)).collect())
+    }
+
     /// Counts one more allocation of the group on `node`.
     pub fn record(&self, node: &Node, tally: &mut Tally) {
         record_in(&self.spreads, node, tally);
@@ -183,15 +252,12 @@ impl Preferences {
             None => 0.0,
         };
         for (i, s) in self.spreads.iter().enumerate() {
-            let counts = tally.counts.get(i);
+            let counts = tally.spreads.get(i);
             let boost = match s.value_on(node) {
                 None => -1.0,
                 Some(v) => match &s.targets {
                     Some(t) => target_boost(t, &v, counts),
-                    None => {
-                        let used = counts.and_then(|c| c.get(v.as_ref())).copied().unwrap_or(0);
-                        even_boost(tally.ranges.get(i).copied().flatten(), used)
-                    }
+                    None => even_boost(counts.and_then(SpreadTally::range), counts.map_or(0, |c| c.used(&v))),
                 },
             };
             sum += s.weight * boost;
@@ -201,45 +267,24 @@ impl Preferences {
     }
 }
 
-/// Counts one allocation on `node` (the ranges are left to the caller).
-fn count_in(spreads: &[SpreadPref], node: &Node, tally: &mut Tally) {
-    if tally.counts.len() < spreads.len() {
-        tally.counts.resize(spreads.len(), BTreeMap::new());
-    }
-    for (s, counts) in spreads.iter().zip(tally.counts.iter_mut()) {
-        if let Some(v) = s.value_on(node) {
-            match counts.get_mut(v.as_ref()) {
-                Some(n) => *n += 1,
-                None => {
-                    counts.insert(v.into_owned(), 1);
-                }
-            }
-        }
-    }
-}
-
-/// Counts one allocation on `node` and updates the ranges of the spreads it touched.
+/// Counts one allocation on `node`, in every spread whose attribute it has.
 fn record_in(spreads: &[SpreadPref], node: &Node, tally: &mut Tally) {
-    count_in(spreads, node, tally);
-    if tally.ranges.len() < spreads.len() {
-        tally.ranges.resize(spreads.len(), None);
+    if tally.spreads.len() < spreads.len() {
+        tally.spreads.extend(spreads[tally.spreads.len()..].iter().map(SpreadTally::new));
     }
-    for (i, s) in spreads.iter().enumerate() {
-        if s.targets.is_none() {
-            tally.ranges[i] = s.range(&tally.counts[i]);
+    for (s, t) in spreads.iter().zip(tally.spreads.iter_mut()) {
+        if let Some(v) = s.value_on(node) {
+            t.add(s, &v);
         }
     }
 }
 
 /// Targets: how far the value (or, unlisted, all unlisted values together) is below its
 /// desired count, relative to it; -1 where nothing is desired.
-fn target_boost(t: &Targets, value: &str, counts: Option<&BTreeMap<String, u32>>) -> f64 {
+fn target_boost(t: &Targets, value: &str, counts: Option<&SpreadTally>) -> f64 {
     let (desired, used) = match t.desired.get(value) {
-        Some(d) => (*d, counts.and_then(|c| c.get(value)).copied().unwrap_or(0)),
-        None => {
-            let used = counts.map_or(0, |c| c.iter().filter(|(v, _)| !t.desired.contains_key(*v)).map(|(_, n)| *n).sum());
-            (t.rest, used)
-        }
+        Some(d) => (*d, counts.map_or(0, |c| c.used(value))),
+        None => (t.rest, counts.map_or(0, |c| c.unlisted)),
     };
     if desired <= 0.0 {
         return -1.0;
@@ -335,5 +380,49 @@ mod tests {
         // r3 and r4 share the remaining 50% (5 allocations); r3 already holds one.
         assert!((p.score(&d, &t) - 0.8).abs() < 1e-12);
         assert_eq!(p.score(&c, &t), p.score(&d, &t));
+    }
+
+    /// The incremental tally (running unlisted totals, count-of-counts) scores exactly as a
+    /// recount of every value from scratch would, over a long pseudo-random run.
+    #[test]
+    fn incremental_tally_matches_a_recount() {
+        let racks: Vec<Node> = (0..12).map(|i| node(&format!("n{i}"), Some(&format!("r{}", i % 6)))).collect();
+        // A live allocation on a node that is no longer feasible: counted, but its value is not
+        // one of the even spread's values.
+        let gone = node("gone", Some("rx"));
+        let feasible: Vec<&Node> = racks.iter().collect();
+        let even = TaskGroup { count: 40, spreads: vec![spread(30, &[])], ..Default::default() };
+        let targets = TaskGroup { count: 40, spreads: vec![spread(70, &[("r1", 40), ("r2", 10)])], ..Default::default() };
+        let live = [Allocation { node_id: "gone".into(), ..Default::default() }];
+        for tg in [even, targets] {
+            let p = Preferences::for_group(&Job::default(), &tg, &feasible, &[&live[0]], |_| Some(&gone))
+                .unwrap_or_else(|| panic!("prefs"));
+            let mut t = p.tally();
+            let mut recount: BTreeMap<String, u32> = [("rx".to_string(), 1)].into_iter().collect();
+            let mut x: u64 = 12345;
+            for step in 0..200 {
+                for n in &racks {
+                    let v = n.meta["rack"].as_str();
+                    let used = recount.get(v).copied().unwrap_or(0);
+                    let boost = if tg.spreads[0].targets.is_empty() {
+                        let all = (0..6).map(|r| recount.get(&format!("r{r}")).copied().unwrap_or(0));
+                        let (lo, hi) = (all.clone().min().unwrap_or(0), all.max().unwrap_or(0));
+                        if hi == lo { 0.0 } else { 1.0 - 2.0 * f64::from(used - lo) / f64::from(hi - lo) }
+                    } else {
+                        let (desired, used) = match v {
+                            "r1" => (16.0, used),
+                            "r2" => (4.0, used),
+                            _ => (20.0, recount.iter().filter(|(k, _)| *k != "r1" && *k != "r2").map(|(_, n)| *n).sum()),
+                        };
+                        ((desired - f64::from(used)) / desired).clamp(-1.0, 1.0)
+                    };
+                    assert!((p.score(n, &t) - boost).abs() < 1e-12, "step {step}, {v}: {} vs {boost}", p.score(n, &t));
+                }
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                let n = &racks[usize::try_from(x >> 33).unwrap_or(0) % racks.len()];
+                p.record(n, &mut t);
+                *recount.entry(n.meta["rack"].clone()).or_default() += 1;
+            }
+        }
     }
 }

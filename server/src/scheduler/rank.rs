@@ -96,15 +96,22 @@ pub fn better(a: (f64, &str), b: (f64, &str)) -> bool {
     }
 }
 
-/// Whether candidate `a` beats candidate `b` when placement preferences are ranked first:
-/// higher preference score P (`preference`), then higher score, then lower node id. With P = 0
-/// for every candidate (a group without preferences) this is exactly [`better`].
-/// Preferences compare as numbers (-0.0 equals 0.0).
-pub fn better_ranked(a: (f64, f64, &str), b: (f64, f64, &str)) -> bool {
+/// Whether candidate `a` beats candidate `b`, each (preference score P, locality rank, score,
+/// node id): higher P (`preference`), then the lower locality rank (`resources::Fit::locality_rank`:
+/// how far a multi-GPU ask's devices fall below the best connection the node reports), then
+/// [`better`] (higher score, then lower node id). Locality is its own key rather than part of
+/// the score, so that the score's bin-packing tie-break still orders placements of equal
+/// locality. With P = 0 and rank 0 for every candidate (no preferences, no topology data, as in
+/// the trace simulator) this is exactly [`better`]. Preferences compare as numbers (-0.0
+/// equals 0.0).
+pub fn better_ranked(a: (f64, u32, f64, &str), b: (f64, u32, f64, &str)) -> bool {
     if a.0 != b.0 {
         return a.0 > b.0;
     }
-    better((a.1, a.2), (b.1, b.2))
+    if a.1 != b.1 {
+        return a.1 < b.1;
+    }
+    better((a.2, a.3), (b.2, b.3))
 }
 
 #[cfg(test)]
@@ -137,10 +144,32 @@ mod tests {
 
     #[test]
     fn preference_ranks_before_score() {
-        assert!(better_ranked((0.5, -10.0, "b"), (0.0, 10.0, "a")));
-        assert!(!better_ranked((-0.5, 10.0, "a"), (0.0, -10.0, "b")));
-        assert!(better_ranked((0.0, 1.0, "b"), (0.0, 0.5, "a")));
-        assert!(better_ranked((0.0, 1.0, "a"), (0.0, 1.0, "b")));
-        assert!(better_ranked((-0.0, 1.0, "b"), (0.0, 0.5, "a")), "-0.0 is no worse than 0.0");
+        assert!(better_ranked((0.5, 3, -10.0, "b"), (0.0, 0, 10.0, "a")));
+        assert!(!better_ranked((-0.5, 0, 10.0, "a"), (0.0, 0, -10.0, "b")));
+        assert!(better_ranked((0.0, 0, 1.0, "b"), (0.0, 0, 0.5, "a")));
+        assert!(better_ranked((0.0, 0, 1.0, "a"), (0.0, 0, 1.0, "b")));
+        assert!(better_ranked((-0.0, 0, 1.0, "b"), (0.0, 0, 0.5, "a")), "-0.0 is no worse than 0.0");
+    }
+
+    #[test]
+    fn locality_ranks_between_preference_and_score() {
+        // The better-connected placement wins whatever the score; the preference still comes first.
+        assert!(better_ranked((0.0, 0, -1e5, "b"), (0.0, 1, 0.0, "a")));
+        assert!(better_ranked((0.5, 3, 0.0, "b"), (0.0, 0, 0.0, "a")));
+        // Among placements of equal locality the bin-packing tie-break decides (a locality
+        // penalty of 10⁶ in the cost left it only a few float steps).
+        let node = Node {
+            resources: Some(NodeResources { cpu_total_mhz: 1000, memory_mib: 1000, ..Default::default() }),
+            ..Default::default()
+        };
+        let (job, group, res) = (Job::default(), TaskGroup::default(), AllocatedResources::default());
+        let score = |used| {
+            let after = Usage { cpu_mhz: used, memory_mib: used, ..Default::default() };
+            let (before, resources) = (&after, &res);
+            let input = RankInput { job: &job, group: &group, node: &node, before, after: &after, resources, gpu_cost: 2500.0 };
+            Fragmentation::default().score(&input)
+        };
+        assert!(score(900) > score(100), "{} vs {}", score(900), score(100));
+        assert!(better_ranked((0.0, 3, score(900), "b"), (0.0, 3, score(100), "a")));
     }
 }

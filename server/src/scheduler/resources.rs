@@ -12,7 +12,8 @@
 //! instance's `parent_id` is not allocatable at all. Allocations list their instances in
 //! `AllocatedResources.gpu_mig`, so the re-check can tell a MIG claim from any other.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::OnceCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 use mlp_proto::consts::{alloc_client, alloc_desired};
@@ -174,30 +175,9 @@ impl Usage {
 /// The first dimension in which `usage` exceeds the node's capacity, if any. GPUs are exhausted
 /// when a device carries more than one whole GPU, a claimed id is not one of the node's
 /// devices, a request could not be backed by a free device, or a MIG rule is broken (see
-/// [`mig_misuse`]).
+/// [`mig_misuse`]). The plan applier's re-check; O(devices + ids in use) hash lookups.
 pub fn exhausted(node: &Node, usage: &Usage) -> Option<Dimension> {
-    let empty = NodeResources::default();
-    let cap = node.resources.as_ref().unwrap_or(&empty);
-    if usage.cpu_mhz > cap.cpu_total_mhz {
-        return Some(Dimension::Cpu);
-    }
-    if usage.memory_mib > cap.memory_mib {
-        return Some(Dimension::Memory);
-    }
-    if usage.disk_mib > cap.disk_mib {
-        return Some(Dimension::Disk);
-    }
-    if usage.cores > u64::from(cap.cpu_cores) {
-        return Some(Dimension::Cores);
-    }
-    let bad_device = usage
-        .gpu_milli
-        .iter()
-        .any(|(id, &milli)| milli > WHOLE || !cap.gpus.iter().any(|g| &g.id == id));
-    if usage.gpu_shortfall > 0 || bad_device || mig_misuse(&cap.gpus, usage).is_some() {
-        return Some(Dimension::Gpu);
-    }
-    None
+    NodeGpus::new(node).exhausted(usage)
 }
 
 /// The first MIG rule that `usage` breaks on `devices`, as a message naming the device: a MIG
@@ -205,59 +185,121 @@ pub fn exhausted(node: &Node, usage: &Usage) -> Option<Dimension> {
 /// a share), a MIG claim on a device that is not an instance of that profile, or any use of a
 /// physical GPU whose MIG instances are listed. None on nodes without MIG (the fast path).
 pub fn mig_misuse(devices: &[GpuDevice], usage: &Usage) -> Option<String> {
-    let has_mig = devices.iter().any(|d| !d.mig_profile.is_empty());
-    if !has_mig && usage.mig_claims.is_empty() {
-        return None;
-    }
-    let device = |id: &str| devices.iter().find(|d| d.id == id);
-    for (id, profiles) in &usage.mig_claims {
-        match device(id) {
-            Some(d) if d.mig_profile.is_empty() => return Some(format!("MIG claim on {id}, which is not a MIG instance")),
-            Some(d) => {
-                if let Some(p) = profiles.iter().find(|p| **p != d.mig_profile) {
-                    return Some(format!("MIG instance {id} is {}, claimed as {p}", d.mig_profile));
-                }
-                if profiles.len() > 1 {
-                    return Some(format!("MIG instance {id} claimed {} times", profiles.len()));
-                }
-            }
-            None => return Some(format!("MIG claim on unknown device {id}")),
-        }
-    }
-    for (id, &milli) in usage.gpu_milli.iter().filter(|(_, &m)| m > 0) {
-        if let Some(d) = device(id).filter(|d| !d.mig_profile.is_empty()) {
-            if !usage.mig_claims.contains_key(id) {
-                return Some(format!("MIG instance {id} ({}) given to a non-MIG ask", d.mig_profile));
-            }
-            if milli > WHOLE {
-                return Some(format!("MIG instance {id} carries {milli} milli-GPUs"));
-            }
-        }
-        if devices.iter().any(|d| !d.mig_profile.is_empty() && d.parent_id == *id) {
-            return Some(format!("{id} is in MIG mode (its instances are listed); it is not allocatable itself"));
-        }
-    }
-    None
+    NodeGpus::of(devices).mig_misuse(usage)
 }
 
-/// Which devices of a node an ask may use: MIG instances only for MIG asks of their profile,
-/// whole devices only for the others, and never a GPU in MIG mode itself.
-struct Devices<'a> {
+/// One node's GPU devices indexed for many fits: device id → index, the physical GPUs in MIG
+/// mode, and the GPU topology (built on the first whole-GPU ask that needs it). A scheduling
+/// pass builds one per node it visits (`place::attempt`) and passes it to [`try_fit_on`], so
+/// that neither the index nor `Topology::from_devices` is rebuilt on every fit.
+pub struct NodeGpus<'a> {
+    node: &'a Node,
     all: &'a [GpuDevice],
+    /// Device id → index in `all` (the first device of a duplicated id).
+    index: HashMap<&'a str, usize>,
     /// Physical GPUs with MIG instances listed (empty on nodes without MIG).
-    mig_parents: BTreeSet<&'a str>,
+    mig_parents: HashSet<&'a str>,
     has_mig: bool,
+    topology: OnceCell<Option<Topology>>,
 }
 
-impl<'a> Devices<'a> {
-    fn new(all: &'a [GpuDevice]) -> Devices<'a> {
+static NO_NODE: std::sync::LazyLock<Node> = std::sync::LazyLock::new(Node::default);
+
+impl<'a> NodeGpus<'a> {
+    /// Indexes `node`'s devices (none when it reports no resources).
+    pub fn new(node: &'a Node) -> NodeGpus<'a> {
+        let all = node.resources.as_ref().map_or(&[][..], |r| r.gpus.as_slice());
+        NodeGpus::build(node, all)
+    }
+
+    /// Indexes a bare device list (for [`mig_misuse`]).
+    fn of(devices: &'a [GpuDevice]) -> NodeGpus<'a> {
+        NodeGpus::build(&NO_NODE, devices)
+    }
+
+    fn build(node: &'a Node, all: &'a [GpuDevice]) -> NodeGpus<'a> {
+        let mut index = HashMap::with_capacity(all.len());
+        for (i, d) in all.iter().enumerate() {
+            index.entry(d.id.as_str()).or_insert(i);
+        }
         let has_mig = all.iter().any(|d| !d.mig_profile.is_empty());
         let mig_parents = if has_mig {
             all.iter().filter(|d| !d.mig_profile.is_empty() && !d.parent_id.is_empty()).map(|d| d.parent_id.as_str()).collect()
         } else {
-            BTreeSet::new()
+            HashSet::new()
         };
-        Devices { all, mig_parents, has_mig }
+        NodeGpus { node, all, index, mig_parents, has_mig, topology: OnceCell::new() }
+    }
+
+    /// The node these devices belong to.
+    pub fn node(&self) -> &'a Node {
+        self.node
+    }
+
+    fn device(&self, id: &str) -> Option<&'a GpuDevice> {
+        self.index.get(id).map(|&i| &self.all[i])
+    }
+
+    fn topology(&self) -> Option<&Topology> {
+        self.topology.get_or_init(|| Topology::from_devices(self.all)).as_ref()
+    }
+
+    /// [`exhausted`] on these devices.
+    pub fn exhausted(&self, usage: &Usage) -> Option<Dimension> {
+        let empty = NodeResources::default();
+        let cap = self.node.resources.as_ref().unwrap_or(&empty);
+        if usage.cpu_mhz > cap.cpu_total_mhz {
+            return Some(Dimension::Cpu);
+        }
+        if usage.memory_mib > cap.memory_mib {
+            return Some(Dimension::Memory);
+        }
+        if usage.disk_mib > cap.disk_mib {
+            return Some(Dimension::Disk);
+        }
+        if usage.cores > u64::from(cap.cpu_cores) {
+            return Some(Dimension::Cores);
+        }
+        let bad_device = usage.gpu_milli.iter().any(|(id, &milli)| milli > WHOLE || !self.index.contains_key(id.as_str()));
+        if usage.gpu_shortfall > 0 || bad_device || self.mig_misuse(usage).is_some() {
+            return Some(Dimension::Gpu);
+        }
+        None
+    }
+
+    /// [`mig_misuse`] on these devices: one hash lookup per id in use or claimed.
+    fn mig_misuse(&self, usage: &Usage) -> Option<String> {
+        if !self.has_mig && usage.mig_claims.is_empty() {
+            return None;
+        }
+        for (id, profiles) in &usage.mig_claims {
+            match self.device(id) {
+                Some(d) if d.mig_profile.is_empty() => return Some(format!("MIG claim on {id}, which is not a MIG instance")),
+                Some(d) => {
+                    if let Some(p) = profiles.iter().find(|p| **p != d.mig_profile) {
+                        return Some(format!("MIG instance {id} is {}, claimed as {p}", d.mig_profile));
+                    }
+                    if profiles.len() > 1 {
+                        return Some(format!("MIG instance {id} claimed {} times", profiles.len()));
+                    }
+                }
+                None => return Some(format!("MIG claim on unknown device {id}")),
+            }
+        }
+        for (id, &milli) in usage.gpu_milli.iter().filter(|(_, &m)| m > 0) {
+            if let Some(d) = self.device(id).filter(|d| !d.mig_profile.is_empty()) {
+                if !usage.mig_claims.contains_key(id) {
+                    return Some(format!("MIG instance {id} ({}) given to a non-MIG ask", d.mig_profile));
+                }
+                if milli > WHOLE {
+                    return Some(format!("MIG instance {id} carries {milli} milli-GPUs"));
+                }
+            }
+            if self.mig_parents.contains(id.as_str()) {
+                return Some(format!("{id} is in MIG mode (its instances are listed); it is not allocatable itself"));
+            }
+        }
+        None
     }
 
     /// Whether `d` is a whole, allocatable GPU (not a MIG instance, not in MIG mode).
@@ -330,13 +372,17 @@ pub fn exhausted_key(ask: &Ask, dim: Dimension) -> String {
     }
 }
 
-/// A placement that fits: what the allocation gets, the node's usage afterwards, and the GPU
-/// policy's cost (lower is better; 0 without GPUs).
+/// A placement that fits: what the allocation gets, the node's usage afterwards, the GPU
+/// policy's cost (lower is better; 0 without GPUs) and the locality rank of its multi-GPU asks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fit {
     pub resources: AllocatedResources,
     pub after: Usage,
     pub gpu_cost: f64,
+    /// `Topology::rank_level` of the worst locality its multi-GPU asks got (lower is better):
+    /// 0 on nodes without topology data and for asks of at most one whole GPU. Ranked before
+    /// the score (`rank::better_ranked`), never added to `gpu_cost`.
+    pub locality_rank: u32,
 }
 
 /// Tries to place `ask` on `node` on top of `usage` with the default policy and no workload
@@ -347,10 +393,16 @@ pub fn try_fit(node: &Node, usage: &Usage, ask: &Ask) -> Result<(AllocatedResour
 
 /// Tries to place `ask` on `node` on top of `usage`: each GPU task's devices are chosen by
 /// `policy` (`gpu::Policy::evaluate`, the simulator's rule) among the devices that accept it.
-/// Returns the fit or the first exhausted dimension.
+/// Returns the fit or the first exhausted dimension. Indexes the node's devices each call: a
+/// caller fitting many asks on one node should build a [`NodeGpus`] once and use [`try_fit_on`].
 pub fn try_fit_with(node: &Node, usage: &Usage, ask: &Ask, policy: Policy, workload: &Workload) -> Result<Fit, Dimension> {
+    try_fit_on(&NodeGpus::new(node), usage, ask, policy, workload)
+}
+
+/// [`try_fit_with`] on a node whose devices are already indexed.
+pub fn try_fit_on(devices: &NodeGpus<'_>, usage: &Usage, ask: &Ask, policy: Policy, workload: &Workload) -> Result<Fit, Dimension> {
     let empty = NodeResources::default();
-    let cap = node.resources.as_ref().unwrap_or(&empty);
+    let cap = devices.node().resources.as_ref().unwrap_or(&empty);
     let mut res = AllocatedResources {
         cpu_mhz: ask.cpu_mhz,
         cores: ask.cores,
@@ -361,9 +413,6 @@ pub fn try_fit_with(node: &Node, usage: &Usage, ask: &Ask, policy: Policy, workl
     let mut after = usage.clone();
     let mut gpu_cost = 0.0;
     let mut free: Vec<u32> = Vec::with_capacity(cap.gpus.len());
-    let devices = Devices::new(&cap.gpus);
-    // Built on the first multi-device whole ask; None when the node reports no topology.
-    let mut topology: Option<Option<Topology>> = None;
     let mut locality: Option<Locality> = None;
     // A CPU-only ask is still costed by the policy: its CPU and memory can strand GPUs.
     let cpu_only = [GpuAsk::default()];
@@ -387,11 +436,7 @@ pub fn try_fit_with(node: &Node, usage: &Usage, ask: &Ask, policy: Policy, workl
         let shape = if mig { GpuShape::NONE } else { g.shape };
         let pod = PodView { cpu, mem, gpu: shape, models: ModelSet::ANY };
         let frag_before = policy.baseline(&view, workload);
-        let topo = if shape.count > 0 && shape.milli >= WHOLE {
-            topology.get_or_insert_with(|| Topology::from_devices(&cap.gpus)).as_ref()
-        } else {
-            None
-        };
+        let topo = if shape.count > 0 && shape.milli >= WHOLE { devices.topology() } else { None };
         let Some((cost, mask, loc)) = policy.evaluate_with(&view, &pod, workload, frag_before, topo) else {
             after.gpu_shortfall = after.gpu_shortfall.saturating_add(g.shape.count);
             continue;
@@ -415,13 +460,17 @@ pub fn try_fit_with(node: &Node, usage: &Usage, ask: &Ask, policy: Policy, workl
         }
     }
     res.gpu_locality = locality.map(|l| l.as_str().to_string()).unwrap_or_default();
+    let locality_rank = match (locality, devices.topology.get()) {
+        (Some(l), Some(Some(t))) => t.rank_level(l),
+        _ => 0,
+    };
     after.cpu_mhz = after.cpu_mhz.saturating_add(res.cpu_mhz);
     after.memory_mib = after.memory_mib.saturating_add(res.memory_mib);
     after.disk_mib = after.disk_mib.saturating_add(res.disk_mib);
     after.cores = after.cores.saturating_add(u64::from(res.cores));
-    match exhausted(node, &after) {
+    match devices.exhausted(&after) {
         Some(dim) => Err(dim),
-        None => Ok(Fit { resources: res, after, gpu_cost }),
+        None => Ok(Fit { resources: res, after, gpu_cost, locality_rank }),
     }
 }
 
@@ -796,11 +845,10 @@ mod tests {
         let ask = Ask { cpu_mhz: 1000, gpus: whole(4), ..Default::default() };
         let w = Workload::new([(PodView { cpu: 1000, mem: 0, gpu: GpuShape::whole(1), models: ModelSet::ANY }, 3)]);
         for policy in Policy::ALL {
-            let cost = |n: &Node, u: &Usage| try_fit_with(n, u, &ask, policy, &w).map(|f| f.gpu_cost).unwrap_or(f64::INFINITY);
-            let (ca, cb) = (cost(&a, &used_a), cost(&b, &used_b));
-            assert!(ca + Locality::System.penalty() / 2.0 < cb, "{policy}: {ca} vs {cb}");
+            let rank = |n: &Node, u: &Usage| try_fit_with(n, u, &ask, policy, &w).map(|f| f.locality_rank).unwrap_or(u32::MAX);
+            assert_eq!((rank(&a, &used_a), rank(&b, &used_b)), (0, Locality::System.level()), "{policy}");
         }
-        // Without topology data the penalty is 0: the same usage costs the same on both.
+        // Without topology data the rank is 0: the same usage ranks and costs the same on both.
         let strip = |mut n: Node| {
             if let Some(r) = n.resources.as_mut() {
                 for g in &mut r.gpus {
@@ -813,6 +861,7 @@ mod tests {
         let fa = try_fit_with(&a, &used_a, &ask, Policy::Mlp, &w).unwrap_or_else(|d| panic!("{d}"));
         let fb = try_fit_with(&b, &used_b, &ask, Policy::Mlp, &w).unwrap_or_else(|d| panic!("{d}"));
         assert!((fa.gpu_cost - fb.gpu_cost).abs() < 1.0, "{} vs {}", fa.gpu_cost, fb.gpu_cost);
+        assert_eq!((fa.locality_rank, fb.locality_rank), (0, 0));
         assert_eq!((fa.resources.gpu_locality.as_str(), fb.resources.gpu_ids.len()), ("", 4));
     }
 
@@ -827,5 +876,94 @@ mod tests {
         let mut u = Usage::default();
         u.add(&AllocatedResources { gpu_ids: vec!["nope".into()], ..Default::default() });
         assert_eq!(exhausted(&n, &u), Some(Dimension::Gpu));
+    }
+
+    #[test]
+    fn indexed_devices_agree_with_the_fits_and_cache_the_topology() {
+        let n = dgx("d");
+        let gpus = NodeGpus::new(&n);
+        let ask = Ask { gpus: whole(2), ..Default::default() };
+        // A CPU-only ask never builds the topology; the first whole-GPU ask builds it once.
+        let cpu = Ask { cpu_mhz: 10, ..Default::default() };
+        let f = try_fit_on(&gpus, &Usage::default(), &cpu, Policy::Mlp, &Workload::default()).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!((f.locality_rank, gpus.topology.get().is_none()), (0, true));
+        let mut u = Usage::default();
+        for _ in 0..4 {
+            let on = try_fit_on(&gpus, &u, &ask, Policy::Mlp, &Workload::default()).unwrap_or_else(|d| panic!("{d}"));
+            assert_eq!(Ok(&on), try_fit_with(&n, &u, &ask, Policy::Mlp, &Workload::default()).as_ref());
+            u = on.after;
+        }
+        assert!(gpus.topology.get().is_some_and(|t| t.is_some()));
+        assert_eq!(try_fit_on(&gpus, &u, &ask, Policy::Mlp, &Workload::default()).err(), Some(Dimension::Gpu));
+        // The indexed re-check still sees an unknown id and an overcommitted device.
+        let mut bad = Usage::default();
+        bad.add(&AllocatedResources { gpu_ids: vec!["nope".into()], ..Default::default() });
+        assert_eq!(gpus.exhausted(&bad), Some(Dimension::Gpu));
+    }
+
+    #[test]
+    fn numa_only_node_ranks_with_a_node_without_topology() {
+        // Four GPUs on one NUMA node: nothing known is bad there, like a node that reports nothing.
+        let numa_only = {
+            let mut n = dgx("a");
+            if let Some(r) = n.resources.as_mut() {
+                for g in &mut r.gpus {
+                    (g.nvlink_peers, g.pci_switch) = (vec![], String::new());
+                }
+            }
+            n
+        };
+        let plain = node(256_000, 1 << 20, &["p0", "p1", "p2", "p3"]);
+        let ask = Ask { gpus: whole(4), ..Default::default() };
+        let fit_on = |n: &Node, u: &Usage| try_fit_with(n, u, &ask, Policy::Mlp, &Workload::default()).unwrap_or_else(|d| panic!("{d}"));
+        let fit = |n: &Node| fit_on(n, &Usage::default());
+        let (on_numa, on_plain) = (fit(&numa_only), fit(&plain));
+        assert_eq!((on_numa.resources.gpu_locality.as_str(), on_numa.locality_rank, on_plain.locality_rank), ("numa", 0, 0));
+        // Across its NUMA nodes it ranks 1, below the plain node.
+        let scattered = holding(&[0, 1, 4, 5].map(|i| format!("a-{i}")));
+        let across = fit_on(&numa_only, &scattered);
+        assert_eq!((across.resources.gpu_locality.as_str(), across.locality_rank), ("system", 1));
+    }
+
+    #[test]
+    fn a_full_mig_node_is_checked_by_index() {
+        // 8 GPUs × 7 used 1g.10gb instances (the review's 31 µs case): every id is one lookup.
+        let mut n = node(64_000, 64_000, &[]);
+        let mut u = Usage::default();
+        if let Some(r) = n.resources.as_mut() {
+            for (p, k) in (0..8).flat_map(|p| (0..7).map(move |k| (p, k))) {
+                let (id, mig_profile, parent_id) = (format!("MIG-{p}-{k}"), "1g.10gb".to_string(), format!("g{p}"));
+                u.add(&AllocatedResources {
+                    gpus: vec![GpuAssignment { id: id.clone(), milli: 1000 }],
+                    gpu_mig: [(id.clone(), mig_profile.clone())].into_iter().collect(),
+                    ..Default::default()
+                });
+                let model = "A100".to_string();
+                r.gpus.push(GpuDevice { id, model, memory_mib: 10_240, mig_profile, parent_id, ..Default::default() });
+            }
+        }
+        let gpus = NodeGpus::new(&n);
+        assert_eq!(gpus.exhausted(&u), None);
+        let cpu = Ask { cpu_mhz: 100, ..Default::default() };
+        assert!(try_fit_on(&gpus, &u, &cpu, Policy::Mlp, &Workload::default()).is_ok());
+        let one = Ask { gpus: mig("1g.10gb", 1), ..Default::default() };
+        assert_eq!(try_fit_on(&gpus, &u, &one, Policy::Mlp, &Workload::default()).err(), Some(Dimension::Gpu));
+        // Timing, printed only (debug build: a relative indication, never asserted).
+        let start = std::time::Instant::now();
+        for _ in 0..100 {
+            std::hint::black_box(gpus.exhausted(&u));
+        }
+        println!("exhausted, 56 used MIG instances, indexed: {:?} per call", start.elapsed() / 100);
+        // The scans the index replaced (find per claimed id, find + any per used id), for scale.
+        let devices = &n.resources.as_ref().map_or(&[][..], |r| r.gpus.as_slice());
+        let start = std::time::Instant::now();
+        for _ in 0..100 {
+            let claims = u.mig_claims.keys().filter(|id| devices.iter().any(|d| &d.id == *id)).count();
+            let used = u.gpu_milli.keys().filter(|id| {
+                devices.iter().any(|d| &d.id == *id) && !devices.iter().any(|d| !d.mig_profile.is_empty() && &d.parent_id == *id)
+            });
+            std::hint::black_box((claims, used.count()));
+        }
+        println!("the same by linear scans (before): {:?} per call", start.elapsed() / 100);
     }
 }

@@ -1113,9 +1113,10 @@ fn groups_without_preferences_place_exactly_as_before() {
 }
 
 #[test]
-fn preferences_see_every_node_on_large_clusters() {
-    // 300 CPU-only nodes would be sampled (16 compared per placement); an affinity to one node
-    // must still find it.
+fn a_rare_preferred_node_is_in_the_sample_on_large_clusters() {
+    // 300 CPU-only nodes: a group with preferences compares max(count, 100) = 100 of them per
+    // placement; the sample is stratified by affinity sum, so the one node the affinity prefers
+    // is always among them.
     let mut c = Cluster::new();
     for i in 0..300 {
         let mut n = node(&format!("n{i:03}"), 4000, 4096);
@@ -1129,6 +1130,82 @@ fn preferences_see_every_node_on_large_clusters() {
     c.register(job("find", job_type::SERVICE, vec![g]));
     let plan = c.schedule("find");
     assert!(plan.placements.iter().all(|a| a.node_id == "n287"), "{:?}", c.live("find"));
+}
+
+/// 1,000 CPU-only nodes, four 500 MHz allocations each: racks r0..r8 with 110 nodes, r9 with 10.
+fn thousand_racked_nodes(c: &mut Cluster) {
+    for i in 0..1000 {
+        let rack = if i % 100 == 0 { "r9".to_string() } else { format!("r{}", i % 9) };
+        c.node(racked(&format!("n{i:04}"), 2000, &rack));
+    }
+}
+
+#[test]
+fn a_spread_over_ten_racks_on_a_thousand_nodes_stays_within_one() {
+    // 100 allocations compare 100 of the 1,000 nodes per placement; r9 has 1% of the nodes
+    // (about one in an unstratified sample of 100) and still gets its tenth.
+    let mut c = Cluster::new();
+    thousand_racked_nodes(&mut c);
+    let mut j = job("wide", job_type::SERVICE, vec![group("g", 100, 500, 10)]);
+    j.spreads = vec![spread("${meta.rack}", 100, &[])];
+    c.register(j.clone());
+    let plan = c.schedule("wide");
+    assert_eq!(plan.placements.len(), 100, "{:?}", plan.failed_tg_allocs);
+    let racks = per_rack(&c, "wide");
+    assert_eq!(racks.len(), 10, "{racks:?}");
+    assert!(racks.iter().all(|(_, n)| *n == 10), "{racks:?}");
+
+    // Scaled to 257 (3 of 10 racks get one more): still within ±1, counting those running.
+    j.groups[0].count = 257;
+    c.register(j);
+    let plan = c.schedule("wide");
+    assert_eq!(plan.placements.len(), 157, "{:?}", plan.failed_tg_allocs);
+    let racks = per_rack(&c, "wide");
+    let (lo, hi) = racks.iter().fold((usize::MAX, 0), |(lo, hi), (_, n)| (lo.min(*n), hi.max(*n)));
+    assert!(hi - lo <= 1 && racks.len() == 10, "{racks:?}");
+}
+
+#[test]
+fn a_spread_on_a_thousand_nodes_visits_a_bounded_number_of_nodes() {
+    // The placement loop of `place::attempt`, counting the nodes offered: a bounded sample of
+    // max(count, 100) fitting nodes per placement, plus each node skipped once as it fills.
+    let mut c = Cluster::new();
+    thousand_racked_nodes(&mut c);
+    let mut tg = group("g", 100, 500, 10);
+    tg.spreads = vec![spread("${meta.rack}", 100, &[])];
+    let j = job("count", job_type::SERVICE, vec![tg.clone()]);
+    let nodes: Vec<&Node> = c.st.nodes.values().collect();
+    let prefs = preference::Preferences::for_group(&j, &tg, &nodes, &[], |_| None).unwrap_or_else(|| panic!("prefs"));
+    let mut order = candidates::Candidates::preferring(&nodes, &resources::Ask::default(), 7, tg.count, |n| prefs.stratum(n));
+    assert!(order.is_sampling());
+    let mut tally = prefs.tally();
+    let mut used: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut visits = 0usize;
+    for _ in 0..tg.count {
+        let mut best: Option<(f64, &Node)> = None;
+        order.visit(|n| {
+            visits += 1;
+            if used.get(n.id.as_str()).copied().unwrap_or(0) >= 2 {
+                return false;
+            }
+            let p = prefs.score(n, &tally);
+            if best.is_none_or(|(bp, bn)| p > bp || (p == bp && n.id < bn.id)) {
+                best = Some((p, n));
+            }
+            true
+        });
+        let Some((_, n)) = best else { panic!("nothing fits after {visits} visits") };
+        *used.entry(n.id.as_str()).or_default() += 1;
+        prefs.record(n, &mut tally);
+    }
+    let limit = candidates::preference_limit(tg.count);
+    assert_eq!(limit, 100);
+    assert!(visits <= 100 * limit + 1000, "{visits} nodes visited for 100 placements");
+    let mut per: BTreeMap<&str, u32> = BTreeMap::new();
+    for (id, n) in &used {
+        *per.entry(c.st.nodes[*id].meta["rack"].as_str()).or_default() += n;
+    }
+    assert!(per.len() == 10 && per.values().all(|n| *n == 10), "{per:?}");
 }
 
 #[test]
@@ -1209,4 +1286,36 @@ fn a_job_level_preference_change_replaces_running_allocations() {
     assert_eq!(plan.placements.len(), 1);
     let want = if other == "r2" { "b" } else { "a" };
     assert_eq!(plan.placements[0].node_id, want, "the replacement follows the new affinity");
+}
+
+#[test]
+fn locality_ranks_before_the_score_and_numa_only_nodes_are_not_penalised() {
+    // a: a DGX-like node (NVLink islands of 4, one NUMA node per island); b: reports only NUMA
+    // nodes (all on one); c: reports nothing. Five GPUs span both islands of a ("system");
+    // b's NUMA node is the best it can report, so it ranks with c, and wins by node id.
+    let mut c = Cluster::new();
+    let mut a = gpu_node("a", 8);
+    let mut b = gpu_node("b", 8);
+    for (n, dgx) in [(&mut a, true), (&mut b, false)] {
+        if let Some(r) = n.resources.as_mut() {
+            let ids: Vec<String> = r.gpus.iter().map(|g| g.id.clone()).collect();
+            for (i, g) in r.gpus.iter_mut().enumerate() {
+                g.numa_node = Some(if dgx { (i / 4) as i32 } else { 0 });
+                if dgx {
+                    g.nvlink_peers = (0..8).filter(|&j| j != i && j / 4 == i / 4).map(|j| ids[j].clone()).collect();
+                }
+            }
+        }
+    }
+    c.node(a);
+    c.node(b);
+    c.node(gpu_node("c", 8));
+    c.register(job("five", job_type::BATCH, vec![gpu_group("g", 1, 5)]));
+    let plan = c.schedule("five");
+    let got: Vec<(&str, String)> = plan
+        .placements
+        .iter()
+        .map(|p| (p.node_id.as_str(), p.resources.as_ref().map(|r| r.gpu_locality.clone()).unwrap_or_default()))
+        .collect();
+    assert_eq!(got, [("b", "numa".to_string())]);
 }

@@ -7,14 +7,17 @@
 //! locality, the one that leaves the node's remaining free devices best connected (the most
 //! NVLinked pairs left, then pairs under one switch, then pairs on one NUMA node), so an intact
 //! NVLink island or switch is not broken when a broken one will do; then the first in device
-//! order. The search is exact up to [`EXACT_LIMIT`] free devices and greedy beyond (see
-//! [`Topology::choose`]).
+//! order. The search is exact while there are at most [`EXACT_SUBSETS`] candidate sets
+//! (C(free, count)) and greedy beyond (see [`Topology::choose`]).
+//!
+//! Locality is not a cost: it ranks as its own key between the placement preference and the
+//! policy's score ([`Topology::rank_level`], `rank::better_ranked`).
 //!
 //! Nodes whose devices report no topology get no [`Topology`] at all: their device choice and
 //! cost are exactly those of `gpu::Policy::evaluate` (so the trace simulator, whose nodes have no
 //! topology, is unaffected).
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fmt;
 
 use mlp_proto::v1::GpuDevice;
@@ -34,14 +37,28 @@ pub enum Locality {
     System,
 }
 
-/// The GPU cost added per locality level below `nvlink` for a multi-GPU ask on a node with
-/// topology data, in the policies' unit (milli-GPUs for `fgd` and `mlp`). A node's
-/// fragmentation measure is at most 2 × 64 devices × 1000 milli, so one level outweighs any
-/// difference in fragmentation (and the `best-fit` / `gpu-packing` costs, which are below 16).
-pub const LOCALITY_STEP: f64 = 1e6;
+/// The most candidate sets (C(free devices, count)) for which [`Topology::choose`] tries every
+/// set; beyond, it is greedy. Each set costs O(free devices) mask operations, so one exact
+/// search is at most ~64k of them (e.g. 8 of 13 free: C(13, 8) = 1,287 > 1,024, greedy;
+/// 4 of 14: 1,001, exact).
+pub const EXACT_SUBSETS: u64 = 1024;
 
-/// Free devices up to which [`Topology::choose`] tries every set (C(16, 8) = 12,870 at most).
-pub const EXACT_LIMIT: u32 = 16;
+/// C(n, k), or `cap + 1` when it exceeds `cap` (computed without overflow).
+pub fn subsets(n: u32, k: u32, cap: u64) -> u64 {
+    if k > n {
+        return 0;
+    }
+    let k = u64::from(k.min(n - k));
+    let mut c: u64 = 1;
+    for i in 0..k {
+        // c · (n − i) / (i + 1) is exact at every step (a binomial coefficient).
+        c = c.saturating_mul(u64::from(n) - i) / (i + 1);
+        if c > cap {
+            return cap.saturating_add(1);
+        }
+    }
+    c
+}
 
 impl Locality {
     /// The name recorded in `AllocatedResources.gpu_locality`.
@@ -54,15 +71,14 @@ impl Locality {
         }
     }
 
-    /// The cost penalty of this locality: 0 for `nvlink`, one [`LOCALITY_STEP`] per level below.
-    pub fn penalty(self) -> f64 {
-        let level = match self {
-            Locality::NvLink => 0.0,
-            Locality::PciSwitch => 1.0,
-            Locality::Numa => 2.0,
-            Locality::System => 3.0,
-        };
-        level * LOCALITY_STEP
+    /// 0 for `nvlink` up to 3 for `system`.
+    pub fn level(self) -> u32 {
+        match self {
+            Locality::NvLink => 0,
+            Locality::PciSwitch => 1,
+            Locality::Numa => 2,
+            Locality::System => 3,
+        }
     }
 }
 
@@ -82,6 +98,9 @@ pub struct Topology {
     switch: Vec<DeviceMask>,
     /// Per device: the devices on the same NUMA node, itself included (itself only if unknown).
     numa: Vec<DeviceMask>,
+    /// The best locality the node's data can express: `nvlink` when some device lists NVLink
+    /// peers, else `pci-switch` when some device names its switch, else `numa`.
+    reported: Locality,
 }
 
 /// Pairs left connected at each level: (NVLinked, under one switch, on one NUMA node). Compared
@@ -106,7 +125,7 @@ fn indexes(mut mask: DeviceMask) -> impl Iterator<Item = usize> {
 
 impl Topology {
     /// The topology of `devices`, or None when none of them reports any (no NVLink peers, PCIe
-    /// switch or NUMA node): such a node gets the plain device choice and no locality penalty.
+    /// switch or NUMA node): such a node gets the plain device choice and locality rank 0.
     /// NVLink peers that are not devices of the node are ignored.
     pub fn from_devices(devices: &[GpuDevice]) -> Option<Topology> {
         let devices = &devices[..devices.len().min(MAX_DEVICES)];
@@ -114,35 +133,50 @@ impl Topology {
         if !known {
             return None;
         }
-        let index: BTreeMap<&str, usize> = devices.iter().enumerate().map(|(i, d)| (d.id.as_str(), i)).collect();
         let n = devices.len();
-        let mut t = Topology { nvlink: vec![0; n], switch: vec![0; n], numa: vec![0; n] };
+        let reported = if devices.iter().any(|d| !d.nvlink_peers.is_empty()) {
+            Locality::NvLink
+        } else if devices.iter().any(|d| !d.pci_switch.is_empty()) {
+            Locality::PciSwitch
+        } else {
+            Locality::Numa
+        };
+        let mut t = Topology { nvlink: vec![0; n], switch: vec![0; n], numa: vec![0; n], reported };
+        // One hash lookup per listed peer, and switches and NUMA nodes grouped by hashing: no
+        // pairwise string comparisons.
+        let index: HashMap<&str, usize> = devices.iter().enumerate().map(|(i, d)| (d.id.as_str(), i)).collect();
+        let mut switches: HashMap<&str, DeviceMask> = HashMap::new();
+        let mut numas: HashMap<i32, DeviceMask> = HashMap::new();
         for (i, d) in devices.iter().enumerate() {
             for j in d.nvlink_peers.iter().filter_map(|p| index.get(p.as_str()).copied()).filter(|&j| j != i) {
                 t.nvlink[i] |= bit(j);
                 t.nvlink[j] |= bit(i);
             }
-            t.switch[i] = bit(i);
-            t.numa[i] = bit(i);
-        }
-        for i in 0..n {
-            for j in (i + 1)..n {
-                let (a, b) = (&devices[i], &devices[j]);
-                if !a.pci_switch.is_empty() && a.pci_switch == b.pci_switch {
-                    t.switch[i] |= bit(j);
-                    t.switch[j] |= bit(i);
-                }
-                if a.numa_node.is_some() && a.numa_node == b.numa_node {
-                    t.numa[i] |= bit(j);
-                    t.numa[j] |= bit(i);
-                }
+            if !d.pci_switch.is_empty() {
+                *switches.entry(d.pci_switch.as_str()).or_default() |= bit(i);
             }
+            if let Some(numa) = d.numa_node {
+                *numas.entry(numa).or_default() |= bit(i);
+            }
+        }
+        for (i, d) in devices.iter().enumerate() {
+            t.switch[i] = switches.get(d.pci_switch.as_str()).copied().filter(|_| !d.pci_switch.is_empty()).unwrap_or(0) | bit(i);
+            t.numa[i] = d.numa_node.and_then(|numa| numas.get(&numa).copied()).unwrap_or(0) | bit(i);
         }
         Some(t)
     }
 
     fn len(&self) -> usize {
         self.nvlink.len()
+    }
+
+    /// The locality rank of a placement that got `loc` on this node (lower is better): the levels
+    /// `loc` falls below the best the node's data can express ([`Locality::level`] difference).
+    /// A node without topology data, or a single-GPU ask, ranks 0, as does a placement that got
+    /// all the node could report (e.g. one NUMA node on a node that reports only NUMA nodes):
+    /// unknown locality is not bad locality.
+    pub fn rank_level(&self, loc: Locality) -> u32 {
+        loc.level().saturating_sub(self.reported.level())
     }
 
     /// The locality of the device set `set` (a single device or the empty set: `nvlink`).
@@ -190,7 +224,7 @@ impl Topology {
     /// best locality, leaving the rest best connected (see the module doc), and that locality.
     /// None when `free` has fewer than `count` devices.
     ///
-    /// With more than [`EXACT_LIMIT`] free devices the search is greedy: an NVLink clique grown
+    /// With more than [`EXACT_SUBSETS`] candidate sets the search is greedy: an NVLink clique grown
     /// from each free device (adding the device that keeps the most candidates, then the one
     /// whose removal breaks the fewest remaining pairs); failing that, within each PCIe switch,
     /// then each NUMA node, then the whole node, devices taken one at a time, each the one whose
@@ -203,10 +237,15 @@ impl Topology {
         if count == 0 {
             return Some((0, Locality::NvLink));
         }
-        if free.count_ones() <= EXACT_LIMIT {
+        if Topology::exact_search(free, count) {
             return Some(self.exact(free, count as usize));
         }
         Some(self.greedy(free, count as usize))
+    }
+
+    /// Whether [`Topology::choose`] tries every set: at most [`EXACT_SUBSETS`] of them.
+    fn exact_search(free: DeviceMask, count: u32) -> bool {
+        subsets(free.count_ones(), count, EXACT_SUBSETS) <= EXACT_SUBSETS
     }
 
     /// Every `count`-subset of `free`, in lexicographic order of device indexes (so the first of
@@ -420,14 +459,73 @@ mod tests {
         let (set, loc) = pick(&t, free, 4);
         assert_eq!(loc, Locality::NvLink);
         assert_eq!(set & !0xfe, 0, "from the broken island 0: {set:#x}");
-        // Five free per island (20 > EXACT_LIMIT): six GPUs have no NVLink clique but one NUMA node.
+        // Five free per island (C(20, 6) sets: greedy): six GPUs have no NVLink clique but one NUMA node.
         let five: DeviceMask = (0..4).fold(0, |m, island| m | (0x1f << (8 * island)));
-        assert!(five.count_ones() > EXACT_LIMIT);
+        assert!(!Topology::exact_search(five, 6));
         let (set, loc) = pick(&t, five, 6);
         assert_eq!((set.count_ones(), loc), (6, Locality::Numa), "{set:#x}");
         // Seventeen GPUs span both NUMA nodes.
         let (set, loc) = pick(&t, five, 17);
         assert_eq!((set.count_ones(), loc), (17, Locality::System));
         assert_eq!(t.choose(all, 33), None);
+    }
+
+    #[test]
+    fn exact_search_is_bounded_by_the_number_of_sets() {
+        assert_eq!((subsets(16, 8, u64::MAX), subsets(64, 2, u64::MAX)), (12_870, 2016));
+        assert_eq!((subsets(5, 0, 10), subsets(3, 4, 10)), (1, 0));
+        assert_eq!(subsets(64, 32, EXACT_SUBSETS), EXACT_SUBSETS + 1, "capped, no overflow");
+        let free = |n: u32| if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+        // 8 of 16 (12,870 sets, 1.6 ms per node before) is greedy; 4 of 14 (1,001) exact; a single
+        // GPU or all but one of 64 (64 sets) exact.
+        assert!(!Topology::exact_search(free(16), 8));
+        assert!(Topology::exact_search(free(14), 4));
+        assert!(!Topology::exact_search(free(14), 5));
+        assert!(Topology::exact_search(free(64), 1) && Topology::exact_search(free(64), 63));
+        // Greedy on a 16-GPU node with two NVLink islands of 8: eight GPUs still get one island.
+        let devices: Vec<GpuDevice> = (0..16)
+            .map(|i: usize| GpuDevice {
+                id: format!("g{i}"),
+                nvlink_peers: (0..16).filter(|&j| j != i && j / 8 == i / 8).map(|j| format!("g{j}")).collect(),
+                numa_node: Some((i / 8) as i32),
+                ..Default::default()
+            })
+            .collect();
+        let t = topo(&devices);
+        assert_eq!(pick(&t, free(16), 8), (0xff, Locality::NvLink));
+        assert_eq!(pick(&t, free(16) & !1, 8), (0xff00, Locality::NvLink));
+        // Timing, printed only (debug build: a relative indication, never asserted).
+        let start = std::time::Instant::now();
+        for _ in 0..100 {
+            std::hint::black_box(t.choose(free(16), 8));
+        }
+        println!("choose 8 of 16 (greedy): {:?} per call", start.elapsed() / 100);
+        let start = std::time::Instant::now();
+        for _ in 0..10 {
+            std::hint::black_box(t.exact(free(16), 8));
+        }
+        println!("the same by exact search (the old path, 12,870 sets): {:?} per call", start.elapsed() / 10);
+        let start = std::time::Instant::now();
+        for _ in 0..100 {
+            std::hint::black_box(Topology::from_devices(&devices));
+        }
+        println!("from_devices (16): {:?} per call", start.elapsed() / 100);
+    }
+
+    #[test]
+    fn rank_level_counts_only_levels_the_node_reports() {
+        let t = topo(&dgx(false));
+        assert_eq!([Locality::NvLink, Locality::Numa, Locality::System].map(|l| t.rank_level(l)), [0, 2, 3]);
+        // NUMA data only: one NUMA node is the best this node can tell, so it ranks like an
+        // NVLink set elsewhere (and like a node without any data); crossing NUMA nodes ranks 1.
+        let numa_only: Vec<GpuDevice> =
+            dgx(false).into_iter().map(|d| GpuDevice { nvlink_peers: vec![], pci_switch: String::new(), ..d }).collect();
+        let t = topo(&numa_only);
+        let (set, loc) = pick(&t, mask(&[0, 1, 2, 3, 4, 5, 6, 7]), 4);
+        assert_eq!((set, loc, t.rank_level(loc)), (mask(&[0, 1, 2, 3]), Locality::Numa, 0));
+        assert_eq!(t.rank_level(Locality::System), 1);
+        // Switches but no NVLink: one switch ranks 0.
+        let switches: Vec<GpuDevice> = dgx(false).into_iter().map(|d| GpuDevice { nvlink_peers: vec![], ..d }).collect();
+        assert_eq!(topo(&switches).rank_level(Locality::PciSwitch), 0);
     }
 }
