@@ -9,43 +9,11 @@ use std::time::{Duration, Instant};
 
 use mlp_proto::consts::{alloc_client, eval_status, job_type};
 use mlp_proto::v1::*;
-use mlp_server::leader::HeartbeatSettings;
-use mlp_server::raft::node::RaftSettings;
-use mlp_server::{Server, ServerConfig};
+use mlp_server::Server;
 
-async fn start(dir: &std::path::Path) -> Server {
-    let config = ServerConfig {
-        data_dir: dir.to_path_buf(),
-        grpc_listener: std::net::TcpListener::bind("127.0.0.1:0").expect("bind"),
-        http_listener: std::net::TcpListener::bind("127.0.0.1:0").expect("bind"),
-        advertise_addr: None,
-        raft: RaftSettings::default(),
-        heartbeat: HeartbeatSettings {
-            ttl: Duration::from_secs(60),
-            failover_grace: Duration::from_secs(60),
-            ..Default::default()
-        },
-        scheduler: Default::default(),
-    };
-    Server::start(config).await.expect("server starts")
-}
+mod common;
 
-fn node(id: &str, mhz: u64) -> Node {
-    Node {
-        id: id.into(),
-        name: id.into(),
-        drivers: vec!["exec".into()],
-        resources: Some(NodeResources {
-            cpu_cores: 1,
-            cpu_mhz_per_core: mhz,
-            cpu_total_mhz: mhz,
-            memory_mib: 100_000,
-            disk_mib: 100_000,
-            gpus: vec![],
-        }),
-        ..Default::default()
-    }
-}
+use common::{node, start};
 
 fn job(name: &str, kind: &str, priority: i32, cpu: u64) -> Job {
     Job {

@@ -3,46 +3,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
-
 use mlp_proto::v1::*;
 use mlp_server::api::ApiError;
-use mlp_server::leader::HeartbeatSettings;
-use mlp_server::raft::node::RaftSettings;
-use mlp_server::{Server, ServerConfig};
 
-async fn start(dir: &std::path::Path) -> Server {
-    let config = ServerConfig {
-        data_dir: dir.to_path_buf(),
-        grpc_listener: std::net::TcpListener::bind("127.0.0.1:0").expect("bind"),
-        http_listener: std::net::TcpListener::bind("127.0.0.1:0").expect("bind"),
-        advertise_addr: None,
-        raft: RaftSettings::default(),
-        heartbeat: HeartbeatSettings {
-            ttl: Duration::from_secs(60),
-            failover_grace: Duration::from_secs(60),
-            ..Default::default()
-        },
-        scheduler: Default::default(),
-    };
-    Server::start(config).await.expect("server starts")
-}
+mod common;
 
+use common::start;
+
+/// A 1,000 MHz node with these GPUs.
 fn node(id: &str, gpus: Vec<GpuDevice>) -> Node {
-    Node {
-        id: id.into(),
-        name: id.into(),
-        drivers: vec!["exec".into()],
-        resources: Some(NodeResources {
-            cpu_cores: 1,
-            cpu_mhz_per_core: 1000,
-            cpu_total_mhz: 1000,
-            memory_mib: 100_000,
-            disk_mib: 100_000,
-            gpus,
-        }),
-        ..Default::default()
-    }
+    common::node_with_gpus(id, 1000, gpus)
 }
 
 fn gpu(id: &str) -> GpuDevice {
