@@ -42,7 +42,7 @@ fn tiny_job(name: &str) -> Job {
         priority: 50,
         groups: vec![TaskGroup {
             name: "g".into(),
-            count: 0,
+            count: Some(0),
             tasks: vec![Task {
                 name: "t".into(),
                 driver: "raw_exec".into(),

@@ -98,8 +98,8 @@ fn job(name: &str, tasks: u32, preferences: bool) -> Job {
     let (affinities, spreads) = if preferences {
         let rack = "${meta.rack}".to_string();
         (
-            vec![Affinity { attribute: rack.clone(), operator: "=".into(), value: "r1".into(), weight: 50 }],
-            vec![Spread { attribute: rack, weight: 100, targets: vec![] }],
+            vec![Affinity { attribute: rack.clone(), operator: "=".into(), value: "r1".into(), weight: Some(50) }],
+            vec![Spread { attribute: rack, weight: Some(100), targets: vec![] }],
         )
     } else {
         (vec![], vec![])
@@ -112,7 +112,7 @@ fn job(name: &str, tasks: u32, preferences: bool) -> Job {
         priority: 50,
         groups: vec![TaskGroup {
             name: "g".into(),
-            count: tasks,
+            count: Some(tasks),
             restart: Some(RestartPolicy { attempts: 1, interval_ms: 60_000, delay_ms: 1000, mode: "fail".into() }),
             tasks: vec![Task {
                 name: "t".into(),

@@ -41,7 +41,7 @@ fn job_with_driver(name: &str, ty: &str, count: u32, command: &str, args: &[&str
         priority: 50,
         groups: vec![TaskGroup {
             name: "g".into(),
-            count,
+            count: Some(count),
             restart: Some(RestartPolicy { attempts: 0, interval_ms: 60_000, delay_ms: 1000, mode: "fail".into() }),
             tasks: vec![Task {
                 name: "t".into(),

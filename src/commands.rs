@@ -145,7 +145,7 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
             } else {
                 let mut t = Table::new(&["Version", "Stop", "Submitted", "Groups"]);
                 for v in &resp.versions {
-                    let groups: Vec<String> = v.groups.iter().map(|g| format!("{}×{}", g.name, g.count)).collect();
+                    let groups: Vec<String> = v.groups.iter().map(|g| format!("{}×{}", g.name, g.effective_count())).collect();
                     t.row(vec![v.version.to_string(), v.stop.to_string(), ago(v.submit_time_ms), groups.join(", ")]);
                 }
                 print!("{}", t.render());
@@ -278,7 +278,7 @@ fn print_job_status(resp: &GetJobResponse) {
         let tasks: Vec<&str> = g.tasks.iter().map(|t| t.name.as_str()).collect();
         t.row(vec![
             g.name.clone(),
-            g.count.to_string(),
+            g.effective_count().to_string(),
             tasks.join(","),
             count(alloc_client::PENDING),
             count(alloc_client::RUNNING),

@@ -521,7 +521,7 @@ fn devices_asked(task: &Task) -> usize {
     match task.resources.as_ref().and_then(|r| r.gpu.as_ref()) {
         None => 0,
         Some(g) if g.mig_profile.is_empty() && (1..1000).contains(&g.share_milli) => 1,
-        Some(g) => g.count as usize,
+        Some(g) => g.effective_count() as usize,
     }
 }
 
@@ -875,10 +875,10 @@ mod tests {
     fn tasks_get_their_own_devices_and_env() {
         let group = TaskGroup {
             tasks: vec![
-                task("a", Some(GpuRequest { count: 1, ..Default::default() })),
+                task("a", Some(GpuRequest { count: Some(1), ..Default::default() })),
                 task("cpu", None),
-                task("b", Some(GpuRequest { count: 2, ..Default::default() })),
-                task("s", Some(GpuRequest { count: 1, share_milli: 250, ..Default::default() })),
+                task("b", Some(GpuRequest { count: Some(2), ..Default::default() })),
+                task("s", Some(GpuRequest { count: Some(1), share_milli: 250, ..Default::default() })),
             ],
             ..Default::default()
         };

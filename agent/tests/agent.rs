@@ -143,7 +143,7 @@ fn alloc(id: &str, job_type: &str, cmd: &str, desired: &str) -> Allocation {
             r#type: job_type.into(),
             groups: vec![TaskGroup {
                 name: "g".into(),
-                count: 1,
+                count: Some(1),
                 tasks: vec![Task {
                     name: "t".into(),
                     driver: "raw_exec".into(), // exec needs a cgroup hierarchy and root

@@ -65,7 +65,7 @@ fn alloc(job_type: &str, restart: Option<RestartPolicy>, tasks: Vec<Task>) -> Al
             r#type: job_type.into(),
             groups: vec![TaskGroup {
                 name: "g".into(),
-                count: 1,
+                count: Some(1),
                 restart,
                 tasks,
                 ..Default::default()

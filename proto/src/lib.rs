@@ -9,5 +9,6 @@ pub mod v1 {
 pub mod consts;
 pub mod gpu;
 pub mod jobspec;
+pub mod matcher;
 
 pub use v1::*;

@@ -254,7 +254,7 @@ fn minimal_job_gets_defaults() {
     assert_eq!(job.version, 0);
     assert!(job.status.is_empty());
     let group = &job.groups[0];
-    assert_eq!(group.count, 1);
+    assert_eq!(group.count, Some(1));
     assert_eq!(
         group.restart,
         Some(RestartPolicy {
@@ -314,7 +314,7 @@ fn full_job_decodes_every_field() {
 
     let group = &job.groups[0];
     assert_eq!(group.name, "workers");
-    assert_eq!(group.count, 3);
+    assert_eq!(group.count, Some(3));
     assert_eq!(group.constraints[0].attribute, "${node.datacenter}");
     assert_eq!(group.constraints[0].operator, "!=");
     assert_eq!(
@@ -360,14 +360,14 @@ fn full_job_decodes_every_field() {
         (res.cpu_mhz, res.cores, res.memory_mib, res.disk_mib),
         (2000, 2, 4096, 10240)
     );
-    assert_eq!(res.gpu, Some(GpuRequest { count: 2, ..Default::default() }));
+    assert_eq!(res.gpu, Some(GpuRequest { count: Some(2), ..Default::default() }));
     assert_eq!(main.kill_timeout_ms, 90_000);
     assert_eq!(main.max_run_duration_ms, 5_410_000);
     assert_eq!(main.meta.get("owner").map(String::as_str), Some("alice"));
 
     let sidecar = &group.tasks[1];
     let res = sidecar.resources.as_ref().unwrap();
-    assert_eq!(res.gpu, Some(GpuRequest { count: 1, ..Default::default() }));
+    assert_eq!(res.gpu, Some(GpuRequest { count: Some(1), ..Default::default() }));
     // Defaults for the fields a partial resources block leaves out.
     assert_eq!((res.cpu_mhz, res.memory_mib), (100, 300));
 
@@ -383,7 +383,7 @@ fn example_train_parses() {
     assert_eq!(job.name, "train");
     assert_eq!(job.r#type, "batch");
     let group = &job.groups[0];
-    assert_eq!((group.name.as_str(), group.count), ("trainer", 1));
+    assert_eq!((group.name.as_str(), group.effective_count()), ("trainer", 1));
     assert_eq!(group.restart.as_ref().unwrap().attempts, 1);
     let task = &group.tasks[0];
     assert_eq!(
@@ -413,7 +413,7 @@ fn example_serve_parses() {
     assert_eq!(job.name, "serve");
     assert_eq!(job.r#type, "service");
     let group = &job.groups[0];
-    assert_eq!((group.name.as_str(), group.count), ("api", 2));
+    assert_eq!((group.name.as_str(), group.effective_count()), ("api", 2));
     let task = &group.tasks[0];
     assert_eq!(
         (task.name.as_str(), task.driver.as_str()),
@@ -459,7 +459,7 @@ fn validate_job_reports_paths_without_positions() {
     let mut job = parse_str(&with_task(TASK_OK), "").unwrap();
     validate_job(&job).unwrap();
     job.priority = 0;
-    job.groups[0].count = 10_001;
+    job.groups[0].count = Some(10_001);
     job.groups[0].restart.as_mut().unwrap().mode = "never".into();
     let task = &mut job.groups[0].tasks[0];
     task.driver = "docker".into();
@@ -520,7 +520,7 @@ fn gpu_models_memory_and_share_decode() {
     assert_eq!(
         res.gpu,
         Some(GpuRequest {
-            count: 1,
+            count: Some(1),
             models: vec!["V100M16".into(), "V100M32".into()],
             memory_mib: 16384,
             share_milli: 250,
@@ -533,16 +533,16 @@ fn gpu_models_memory_and_share_decode() {
     ));
     let job = parse_str(&src, "test.hcl").unwrap();
     let gpu = job.groups[0].tasks[0].resources.as_ref().unwrap().gpu.clone().unwrap();
-    assert_eq!((gpu.count, gpu.models, gpu.share_milli), (2, vec!["A100".to_string()], 0));
+    assert_eq!((gpu.effective_count(), gpu.models, gpu.share_milli), (2, vec!["A100".to_string()], 0));
     // JSON submissions get the same rules.
     let mut bad = job.clone();
     if let Some(r) = bad.groups[0].tasks[0].resources.as_mut() {
-        r.gpu = Some(GpuRequest { count: 2, share_milli: 500, ..Default::default() });
+        r.gpu = Some(GpuRequest { count: Some(2), share_milli: 500, ..Default::default() });
     }
     let err = validate_job(&bad).unwrap_err().to_string();
     assert!(err.contains("count must be 1"), "{err}");
     if let Some(r) = bad.groups[0].tasks[0].resources.as_mut() {
-        r.gpu = Some(GpuRequest { count: 1, share_milli: 1000, ..Default::default() });
+        r.gpu = Some(GpuRequest { count: Some(1), share_milli: 1000, ..Default::default() });
     }
     let err = validate_job(&bad).unwrap_err().to_string();
     assert!(err.contains("share_milli must be between 1 and 999"), "{err}");
@@ -553,11 +553,11 @@ fn gang_fields_decode() {
     let src = format!("job \"j\" {{\n  type = \"batch\"\n  group \"workers\" {{\n    count         = 16\n    gang          = true\n    gang_topology = \"${{meta.rack}}\"\n    gang_timeout  = \"10m\"\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n  group \"elastic\" {{\n    count     = 8\n    min_count = 4\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n}}\n");
     let job = parse_str(&src, "gang.hcl").unwrap();
     let g = &job.groups[0];
-    assert_eq!((g.count, g.gang, g.min_count), (16, true, 0));
+    assert_eq!((g.effective_count(), g.gang, g.min_count), (16, true, 0));
     assert_eq!(g.gang_topology, "${meta.rack}");
     assert_eq!(g.gang_timeout_ms, 600_000);
     let e = &job.groups[1];
-    assert_eq!((e.count, e.gang, e.min_count, e.gang_timeout_ms), (8, false, 4, 0));
+    assert_eq!((e.effective_count(), e.gang, e.min_count, e.gang_timeout_ms), (8, false, 4, 0));
     assert!(e.gang_topology.is_empty());
 }
 
@@ -585,16 +585,16 @@ fn affinity_and_spread_decode_with_nomad_defaults() {
         attribute: attribute.into(),
         operator: operator.into(),
         value: value.into(),
-        weight,
+        weight: Some(weight),
     };
     assert_eq!(job.affinities, vec![aff("${node.datacenter}", "=", "dc1", 50)]);
-    assert_eq!(job.spreads, vec![Spread { attribute: "${node.datacenter}".into(), weight: 50, targets: vec![] }]);
+    assert_eq!(job.spreads, vec![Spread { attribute: "${node.datacenter}".into(), weight: Some(50), targets: vec![] }]);
     let g = &job.groups[0];
     assert_eq!(g.affinities, vec![aff("${meta.rack}", "!=", "r9", -20)]);
     let target = |value: &str, percent: u32| SpreadTarget { value: value.into(), percent };
     assert_eq!(
         g.spreads,
-        vec![Spread { attribute: "${meta.rack}".into(), weight: 100, targets: vec![target("r1", 70), target("r2", 30)] }]
+        vec![Spread { attribute: "${meta.rack}".into(), weight: Some(100), targets: vec![target("r1", 70), target("r2", 30)] }]
     );
     assert_eq!(
         g.tasks[0].affinities,
@@ -606,20 +606,20 @@ fn affinity_and_spread_decode_with_nomad_defaults() {
 fn affinity_and_spread_rules_apply_to_json_jobs() {
     let mut job = parse_str(&with_task(TASK_OK), "ok.hcl").unwrap();
     job.groups[0].affinities =
-        vec![Affinity { attribute: "${meta.rack}".into(), value: "r1".into(), weight: 0, ..Default::default() }];
+        vec![Affinity { attribute: "${meta.rack}".into(), value: "r1".into(), weight: Some(0), ..Default::default() }];
     job.spreads = vec![Spread {
         attribute: "meta.rack".into(),
-        weight: 0,
+        weight: Some(0),
         targets: vec![SpreadTarget { value: "a".into(), percent: 60 }, SpreadTarget { value: "b".into(), percent: 60 }],
     }];
     insta::assert_snapshot!("validate_job_affinity_spread", validate_job(&job).unwrap_err().to_string());
-    job.groups[0].affinities[0].weight = -100;
+    job.groups[0].affinities[0].weight = Some(-100);
     job.spreads[0].attribute = "${meta.rack}".into();
-    job.spreads[0].weight = 1;
+    job.spreads[0].weight = Some(1);
     job.spreads[0].targets[1].percent = 40;
     validate_job(&job).unwrap();
     job.groups[0].tasks[0].affinities = (0..33)
-        .map(|i| Affinity { attribute: "${meta.rack}".into(), value: format!("r{i}"), weight: 1, ..Default::default() })
+        .map(|i| Affinity { attribute: "${meta.rack}".into(), value: format!("r{i}"), weight: Some(1), ..Default::default() })
         .collect();
     let err = validate_job(&job).unwrap_err().to_string();
     assert_eq!(err, "job.j.group.g.task.t.affinity[32]: at most 32 affinity blocks here, found 33");

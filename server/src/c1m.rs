@@ -309,7 +309,7 @@ pub fn job(cfg: &Config, j: usize) -> Job {
         priority: 50,
         groups: vec![TaskGroup {
             name: "g".into(),
-            count: cfg.tasks_per_job,
+            count: Some(cfg.tasks_per_job),
             tasks: vec![Task {
                 name: "t".into(),
                 driver: "exec".into(),

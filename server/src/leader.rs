@@ -748,7 +748,7 @@ pub fn drain_step(st: &crate::state::ClusterState, node: &mlp_proto::v1::Node, n
         // deadline, which moves everything.)
         let unreplaced = in_group
             .iter()
-            .filter(|a| a.desired_migrate && a.desired_status != alloc_desired::RUN && (a.index as usize) < tg.count as usize)
+            .filter(|a| a.desired_migrate && a.desired_status != alloc_desired::RUN && (a.index as usize) < tg.effective_count() as usize)
             .filter(|a| !in_group.iter().any(|b| b.index == a.index && scheduler::resources::is_live(b)))
             .map(|a| a.index)
             .collect::<std::collections::BTreeSet<u32>>()
@@ -863,7 +863,7 @@ mod drain_and_ttl_tests {
         let job = Job {
             id: "j".into(),
             namespace: "default".into(),
-            groups: vec![TaskGroup { name: "g".into(), count: 4, migrate: mp.map(|m| MigrateStrategy { max_parallel: m }), ..Default::default() }],
+            groups: vec![TaskGroup { name: "g".into(), count: Some(4), migrate: mp.map(|m| MigrateStrategy { max_parallel: m }), ..Default::default() }],
             ..Default::default()
         };
         st.jobs.insert("default/j".into(), job);

@@ -579,7 +579,7 @@ impl ClusterState {
                 complete += 1;
             }
         }
-        let wanted: usize = job.groups.iter().map(|g| g.count as usize).sum();
+        let wanted: usize = job.groups.iter().map(|g| g.effective_count() as usize).sum();
         let status = if live > 0 {
             if any_running {
                 job_status::RUNNING
@@ -827,7 +827,7 @@ mod tests {
             priority: 50,
             groups: vec![TaskGroup {
                 name: "g".into(),
-                count,
+                count: Some(count),
                 tasks: vec![Task { name: "t".into(), driver: "exec".into(), ..Default::default() }],
                 ..Default::default()
             }],

@@ -24,7 +24,7 @@ fn job(name: &str, kind: &str, priority: i32, cpu: u64) -> Job {
         priority,
         groups: vec![TaskGroup {
             name: "g".into(),
-            count: 1,
+            count: Some(1),
             restart: Some(RestartPolicy {
                 attempts: 1,
                 interval_ms: 60_000,
@@ -256,7 +256,7 @@ async fn a_gang_that_never_fits_is_reported_unplaceable_after_its_timeout() {
             .expect("node");
     }
     let mut j = job("gang", job_type::BATCH, 50, 1000);
-    j.groups[0].count = 3;
+    j.groups[0].count = Some(3);
     j.groups[0].gang = true;
     j.groups[0].gang_timeout_ms = 500;
     server.api.register_job(Some(j)).await.expect("job");

@@ -21,7 +21,7 @@ fn job(name: &str, priority: i32, cpu: u64) -> Job {
         priority,
         groups: vec![TaskGroup {
             name: "g".into(),
-            count: 1,
+            count: Some(1),
             restart: Some(RestartPolicy { attempts: 1, interval_ms: 60_000, delay_ms: 1000, mode: "fail".into() }),
             tasks: vec![Task {
                 name: "t".into(),

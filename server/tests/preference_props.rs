@@ -66,9 +66,9 @@ fn job(id: &str, count: u32, cpu: u64, spread: bool) -> Job {
         priority: 50,
         groups: vec![TaskGroup {
             name: "g".into(),
-            count,
+            count: Some(count),
             spreads: if spread {
-                vec![Spread { attribute: "${meta.rack}".into(), weight: 50, targets: vec![] }]
+                vec![Spread { attribute: "${meta.rack}".into(), weight: Some(50), targets: vec![] }]
             } else {
                 vec![]
             },

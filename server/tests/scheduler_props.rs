@@ -189,31 +189,31 @@ fn make_gpus(node: &str, s: &NodeSpec) -> Vec<GpuDevice> {
 fn make_job(i: usize, s: &JobSpec) -> Job {
     let gpu = match s.gpu {
         1 => Some(GpuRequest {
-            count: 1,
+            count: Some(1),
             ..Default::default()
         }),
         2 => Some(GpuRequest {
-            count: 1,
+            count: Some(1),
             share_milli: 500,
             ..Default::default()
         }),
         3 => Some(GpuRequest {
-            count: 1,
+            count: Some(1),
             share_milli: 250,
             ..Default::default()
         }),
         4 => Some(GpuRequest {
-            count: 1,
+            count: Some(1),
             mig_profile: "3g.40gb".into(),
             ..Default::default()
         }),
         5 => Some(GpuRequest {
-            count: 2,
+            count: Some(2),
             mig_profile: "1g.10gb".into(),
             ..Default::default()
         }),
         6 => Some(GpuRequest {
-            count: 2,
+            count: Some(2),
             ..Default::default()
         }),
         _ => None,
@@ -240,7 +240,7 @@ fn make_job(i: usize, s: &JobSpec) -> Job {
         priority: s.priority,
         groups: vec![TaskGroup {
             name: "g".into(),
-            count: s.count,
+            count: Some(s.count),
             constraints,
             gang: matches!(s.gang, 1 | 2),
             gang_topology: if s.gang == 2 {

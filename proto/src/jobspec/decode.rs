@@ -18,11 +18,11 @@ use crate::v1::{
 
 pub(crate) const DEFAULT_NAMESPACE: &str = "default";
 pub(crate) const DEFAULT_PRIORITY: i32 = 50;
-const DEFAULT_COUNT: u32 = 1;
+pub(crate) const DEFAULT_COUNT: u32 = 1;
 pub(crate) const DEFAULT_CPU_MHZ: u64 = 100;
 pub(crate) const DEFAULT_MEMORY_MIB: u64 = 300;
 pub(crate) const DEFAULT_KILL_TIMEOUT_MS: u64 = 5_000;
-const DEFAULT_GPU_COUNT: u32 = 1;
+pub(crate) const DEFAULT_GPU_COUNT: u32 = 1;
 /// Nomad's default weights for `affinity` and `spread`.
 pub(crate) const DEFAULT_AFFINITY_WEIGHT: i32 = 50;
 pub(crate) const DEFAULT_SPREAD_WEIGHT: u32 = 50;
@@ -706,7 +706,7 @@ impl Decoder<'_> {
         self.no_labels(block, loc);
         let mut aff = Affinity {
             operator: "=".to_string(),
-            weight: DEFAULT_AFFINITY_WEIGHT,
+            weight: Some(DEFAULT_AFFINITY_WEIGHT),
             ..Affinity::default()
         };
         let mut seen = HashMap::new();
@@ -731,7 +731,7 @@ impl Decoder<'_> {
                 ("weight", Structure::Attribute(a)) => {
                     if let Some(v) = self.integer(&a.value, &floc) {
                         // Out-of-i32 values still fail the validator's range check.
-                        aff.weight = i32::try_from(v).unwrap_or(if v < 0 { i32::MIN } else { i32::MAX });
+                        aff.weight = Some(i32::try_from(v).unwrap_or(if v < 0 { i32::MIN } else { i32::MAX }));
                     }
                 }
                 _ if AFFINITY_FIELDS.contains(&name) => self.wrong_form(s, loc),
@@ -747,7 +747,7 @@ impl Decoder<'_> {
         self.mark(loc, start(&block.ident));
         self.no_labels(block, loc);
         let mut spread = Spread {
-            weight: DEFAULT_SPREAD_WEIGHT,
+            weight: Some(DEFAULT_SPREAD_WEIGHT),
             ..Spread::default()
         };
         let mut seen = HashMap::new();
@@ -763,7 +763,7 @@ impl Decoder<'_> {
                 }
                 ("weight", Structure::Attribute(a)) => {
                     if let Some(v) = self.unsigned(&a.value, &floc) {
-                        spread.weight = v;
+                        spread.weight = Some(v);
                     }
                 }
                 ("target", Structure::Block(b)) => {
@@ -834,7 +834,7 @@ impl Decoder<'_> {
         self.mark(&loc, start(&block.ident));
         let mut group = TaskGroup {
             name,
-            count: DEFAULT_COUNT,
+            count: Some(DEFAULT_COUNT),
             restart: Some(default_restart(batch)),
             ..TaskGroup::default()
         };
@@ -871,7 +871,7 @@ impl Decoder<'_> {
                 }
                 ("count", Structure::Attribute(a)) => {
                     if let Some(v) = self.unsigned(&a.value, &floc) {
-                        group.count = v;
+                        group.count = Some(v);
                     }
                 }
                 ("gang", Structure::Attribute(a)) => {
@@ -1166,7 +1166,7 @@ impl Decoder<'_> {
                     res.gpu = self
                         .unsigned(&a.value, &floc)
                         .filter(|&count| count > 0)
-                        .map(|count| GpuRequest { count, ..Default::default() });
+                        .map(|count| GpuRequest { count: Some(count), ..Default::default() });
                 }
                 ("gpu", Structure::Block(b)) => {
                     res.gpu = self.gpu(b, &floc);
@@ -1181,7 +1181,7 @@ impl Decoder<'_> {
     fn gpu(&mut self, block: &Block, loc: &Loc) -> Option<GpuRequest> {
         self.mark(loc, start(&block.ident));
         self.no_labels(block, loc);
-        let mut req = GpuRequest { count: DEFAULT_GPU_COUNT, ..Default::default() };
+        let mut req = GpuRequest { count: Some(DEFAULT_GPU_COUNT), ..Default::default() };
         // Where `count` was written, to point at it when it contradicts `share`.
         let mut count_at: Option<&Expression> = None;
         for s in block.body.iter() {
@@ -1190,7 +1190,7 @@ impl Decoder<'_> {
             match (name, s) {
                 ("count", Structure::Attribute(a)) => {
                     if let Some(v) = self.unsigned(&a.value, &floc) {
-                        req.count = v;
+                        req.count = Some(v);
                         count_at = Some(&a.value);
                     }
                 }
@@ -1216,16 +1216,16 @@ impl Decoder<'_> {
             }
         }
         if req.share_milli > 0 {
-            if let Some(expr) = count_at.filter(|_| req.count != 1) {
+            if let Some(expr) = count_at.filter(|_| req.effective_count() != 1) {
                 self.fail(
                     start(expr),
                     &loc.field("count"),
-                    format!("a shared GPU (`share`) is one GPU; count must be 1, found {}", req.count),
+                    format!("a shared GPU (`share`) is one GPU; count must be 1, found {}", req.effective_count()),
                 );
             }
-            req.count = 1;
+            req.count = Some(1);
         }
-        (req.count > 0).then_some(req)
+        (req.effective_count() > 0).then_some(req)
     }
 
     /// `share`: a decimal fraction of one GPU, 0 < share < 1, in steps of 0.001; returned in milli.

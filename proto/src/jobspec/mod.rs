@@ -9,6 +9,7 @@
 
 mod decode;
 mod duration;
+pub mod limits;
 mod validate;
 
 use std::fmt;
@@ -88,6 +89,13 @@ pub fn parse_file(path: &Path) -> Result<Job, JobspecError> {
 /// Reports every problem in the file, not just the first, sorted by position.
 pub fn parse_str(src: &str, file_name: &str) -> Result<Job, JobspecError> {
     let file = (!file_name.is_empty()).then(|| file_name.to_string());
+    // The parser and the decoder recurse on nesting; bound it before either runs.
+    if let Some((offset, message)) = too_big_or_deep(src) {
+        let (line, column) = line_col(src, offset);
+        return Err(JobspecError {
+            diagnostics: vec![Diagnostic { file, line, column, path: String::new(), message }],
+        });
+    }
     let body = match hcl_edit::parser::parse_body(src) {
         Ok(body) => body,
         Err(err) => {
@@ -143,9 +151,35 @@ pub fn parse_str(src: &str, file_name: &str) -> Result<Job, JobspecError> {
     }
 }
 
-/// Fills the defaults a job file would get for fields a JSON submission left empty: type,
-/// priority, namespace, restart policies, task resources and kill timeouts. Fields that have a
-/// meaningful zero (a group's `count`) are left as they are.
+/// The size limit and the nesting limit of a job spec file, checked on the raw text: the byte
+/// offset and message of the first violation. Every opening bracket, brace, parenthesis and
+/// template interpolation (`${`, `%{`) counts as one level, inside strings too; this may count a
+/// string's unbalanced brackets as nesting, which only a spec far from any real one reaches.
+fn too_big_or_deep(src: &str) -> Option<(usize, String)> {
+    use limits::{MAX_NESTING, MAX_SPEC_BYTES};
+    if src.len() > MAX_SPEC_BYTES {
+        return Some((0, format!("the job spec is {} bytes; at most {MAX_SPEC_BYTES} (limit: job spec size)", src.len())));
+    }
+    let mut depth = 0usize;
+    for (i, b) in src.bytes().enumerate() {
+        match b {
+            b'{' | b'[' | b'(' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Some((i, format!("nested more than {MAX_NESTING} levels deep (limit: nesting depth)")));
+                }
+            }
+            b'}' | b']' | b')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Fills the defaults a job file would get for fields a submission left out, so that a job means
+/// the same whichever door it came in by: type, priority, namespace, a group's `count` (1),
+/// affinity and spread weights (50), a GPU ask's count (1), restart policies, task resources and
+/// kill timeouts.
 pub fn apply_defaults(job: &mut Job) {
     if job.r#type.is_empty() {
         job.r#type = crate::consts::job_type::SERVICE.to_string();
@@ -157,7 +191,21 @@ pub fn apply_defaults(job: &mut Job) {
         job.namespace = decode::DEFAULT_NAMESPACE.to_string();
     }
     let batch = job.r#type == crate::consts::job_type::BATCH;
+    let default_weights = |affinities: &mut Vec<crate::v1::Affinity>| {
+        for a in affinities {
+            a.weight.get_or_insert(decode::DEFAULT_AFFINITY_WEIGHT);
+        }
+    };
+    default_weights(&mut job.affinities);
+    for s in &mut job.spreads {
+        s.weight.get_or_insert(decode::DEFAULT_SPREAD_WEIGHT);
+    }
     for group in &mut job.groups {
+        group.count.get_or_insert(decode::DEFAULT_COUNT);
+        default_weights(&mut group.affinities);
+        for s in &mut group.spreads {
+            s.weight.get_or_insert(decode::DEFAULT_SPREAD_WEIGHT);
+        }
         if group.restart.is_none() {
             group.restart = Some(decode::default_restart(batch));
         }
@@ -167,6 +215,10 @@ pub fn apply_defaults(job: &mut Job) {
             }
         }
         for task in &mut group.tasks {
+            default_weights(&mut task.affinities);
+            if let Some(gpu) = task.resources.as_mut().and_then(|r| r.gpu.as_mut()) {
+                gpu.count.get_or_insert(decode::DEFAULT_GPU_COUNT);
+            }
             if task.resources.is_none() {
                 task.resources = Some(crate::v1::Resources {
                     cpu_mhz: decode::DEFAULT_CPU_MHZ,
@@ -269,4 +321,35 @@ pub(crate) fn line_col(src: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     (line, before[line_start..].chars().count() + 1)
+}
+
+// Fields a submission may leave out, read with the default a job file would get. After
+// `apply_defaults` every job in the cluster state has them set; these keep any code path that
+// reads a job before that (or an old state) from reading "absent" as 0.
+impl crate::v1::TaskGroup {
+    /// `count`, 1 when absent.
+    pub fn effective_count(&self) -> u32 {
+        self.count.unwrap_or(decode::DEFAULT_COUNT)
+    }
+}
+
+impl crate::v1::GpuRequest {
+    /// `count`, 1 when absent.
+    pub fn effective_count(&self) -> u32 {
+        self.count.unwrap_or(decode::DEFAULT_GPU_COUNT)
+    }
+}
+
+impl crate::v1::Affinity {
+    /// `weight`, 50 when absent.
+    pub fn effective_weight(&self) -> i32 {
+        self.weight.unwrap_or(decode::DEFAULT_AFFINITY_WEIGHT)
+    }
+}
+
+impl crate::v1::Spread {
+    /// `weight`, 50 when absent.
+    pub fn effective_weight(&self) -> u32 {
+        self.weight.unwrap_or(decode::DEFAULT_SPREAD_WEIGHT)
+    }
 }

@@ -3,15 +3,19 @@
 
 use std::collections::HashSet;
 
+use std::collections::BTreeMap;
+
+use prost::Message;
+
 use super::duration::format_ms;
+use super::limits::*;
 use super::Loc;
 use crate::consts::{driver, job_type, restart_mode};
+use crate::matcher;
 use crate::v1::{Affinity, Constraint, Job, Spread, Task, TaskGroup};
 
 /// Priority bounds (inclusive).
 pub(crate) const PRIORITY_RANGE: (i32, i32) = (1, 100);
-/// Most allocations one group may ask for.
-pub(crate) const MAX_COUNT: u32 = 10_000;
 /// Longest SIGTERM → SIGKILL grace period; longer ones would stall drains and stops.
 pub(crate) const MAX_KILL_TIMEOUT_MS: u64 = 3_600_000;
 
@@ -27,17 +31,14 @@ pub(crate) const OPERATORS: &[&str] = &[
     "<",
     "<=",
     "regexp",
+    "version",
+    "semver",
     "set_contains",
+    "set_contains_all",
+    "set_contains_any",
     "is_set",
     "is_not_set",
 ];
-
-/// Most `affinity` blocks at one level (job, group or task).
-pub(crate) const MAX_AFFINITIES: usize = 32;
-/// Most `spread` blocks at one level (job or group).
-pub(crate) const MAX_SPREADS: usize = 8;
-/// Most `target` blocks in one `spread`.
-pub(crate) const MAX_SPREAD_TARGETS: usize = 100;
 
 /// One broken rule: `key` locates it structurally (see [`Loc`]), `path` names it for people.
 #[derive(Debug)]
@@ -62,6 +63,16 @@ pub(crate) fn check_job(job: &Job) -> Vec<Issue> {
         );
     }
     c.one_of(&loc.field("type"), "job type", &job.r#type, JOB_TYPES);
+    let size = job.encoded_len();
+    if size > MAX_JOB_BYTES {
+        c.push(&loc, format!("the job is {size} bytes encoded; at most {MAX_JOB_BYTES} (limit: job size)"));
+    }
+    c.map(&loc.field("meta"), "meta", &job.meta);
+    c.at_most(&loc.indexed("group", MAX_GROUPS), "groups per job", job.groups.len(), MAX_GROUPS);
+    let total: u64 = job.groups.iter().map(|g| u64::from(g.effective_count())).sum();
+    if total > MAX_JOB_ALLOCS {
+        c.push(&loc, format!("the groups' counts sum to {total}; at most {MAX_JOB_ALLOCS} (limit: allocations per job)"));
+    }
     let (lo, hi) = PRIORITY_RANGE;
     if !(lo..=hi).contains(&job.priority) {
         c.push(
@@ -144,12 +155,61 @@ impl Checker {
         }
     }
 
+    /// At most `max` of something; the finding names the limit.
+    fn at_most(&mut self, loc: &Loc, what: &str, found: usize, max: usize) {
+        if found > max {
+            self.push(loc, format!("at most {max} {what}, found {found} (limit: {what})"));
+        }
+    }
+
+    /// A string no longer than `max` bytes and without NUL (which no process argument,
+    /// environment entry or path can carry).
+    fn text(&mut self, loc: &Loc, what: &str, s: &str, max: usize) {
+        if s.len() > max {
+            self.push(loc, format!("{what} is {} bytes; at most {max} (limit: {what} length)", s.len()));
+        } else if s.contains('\0') {
+            self.push(loc, format!("{what} contains a NUL character"));
+        }
+    }
+
+    /// An `env` or `meta` map: bounded entries, keys and values.
+    fn map(&mut self, loc: &Loc, what: &str, map: &BTreeMap<String, String>) {
+        self.at_most(loc, &format!("{what} entries"), map.len(), MAX_MAP_ENTRIES);
+        for (k, v) in map.iter().take(MAX_MAP_ENTRIES) {
+            let kloc = loc.field(&printable_key(k));
+            if k.is_empty() {
+                self.push(&kloc, format!("empty {what} key"));
+            }
+            self.text(&kloc, &format!("{what} key"), k, MAX_KEY_BYTES);
+            if what == "env" && k.contains('=') {
+                self.push(&kloc, "env key contains `=`");
+            }
+            self.text(&kloc, &format!("{what} value"), v, MAX_VALUE_BYTES);
+        }
+    }
+
+    /// The operand of a `regexp`, `version` or `semver` operator must compile.
+    fn operand(&mut self, loc: &Loc, operator: &str, value: &str) {
+        let checked = match operator {
+            "regexp" => matcher::compile_regex(value).map(drop),
+            "version" | "semver" => matcher::parse_version_req(operator, value).map(drop),
+            _ => Ok(()),
+        };
+        if let Err(e) = checked {
+            self.push(loc, e.to_string());
+        }
+    }
+
     fn constraints(&mut self, parent: &Loc, constraints: &[Constraint]) {
-        for (i, con) in constraints.iter().enumerate() {
+        self.at_most(&parent.indexed("constraint", MAX_CONSTRAINTS), "constraints here", constraints.len(), MAX_CONSTRAINTS);
+        for (i, con) in constraints.iter().enumerate().take(MAX_CONSTRAINTS) {
             let loc = parent.indexed("constraint", i);
             if con.attribute.is_empty() {
                 self.push(&loc.field("attribute"), "missing required field");
             }
+            self.text(&loc.field("attribute"), "attribute", &con.attribute, MAX_KEY_BYTES);
+            self.text(&loc.field("value"), "value", &con.value, matcher::MAX_PATTERN_BYTES);
+            self.operand(&loc.field("value"), &con.operator, &con.value);
             // An empty operator means the default, "=".
             if !con.operator.is_empty() && !OPERATORS.contains(&con.operator.as_str()) {
                 self.push(
@@ -187,9 +247,11 @@ impl Checker {
                 format!("at most {MAX_AFFINITIES} affinity blocks here, found {}", affinities.len()),
             );
         }
-        for (i, aff) in affinities.iter().enumerate() {
+        for (i, aff) in affinities.iter().enumerate().take(MAX_AFFINITIES) {
             let loc = parent.indexed("affinity", i);
             self.attribute_reference(&loc.field("attribute"), &aff.attribute);
+            self.text(&loc.field("value"), "value", &aff.value, matcher::MAX_PATTERN_BYTES);
+            self.operand(&loc.field("value"), &aff.operator, &aff.value);
             // An empty operator means the default, "=".
             if !aff.operator.is_empty() && !OPERATORS.contains(&aff.operator.as_str()) {
                 self.push(
@@ -202,11 +264,9 @@ impl Checker {
                 let op = if aff.operator.is_empty() { "=" } else { &aff.operator };
                 self.push(&loc.field("value"), format!("missing required field (operator {op:?} compares against a value)"));
             }
-            if aff.weight == 0 || !(-100..=100).contains(&aff.weight) {
-                self.push(
-                    &loc.field("weight"),
-                    format!("must be between -100 and 100 and not 0, found {}", aff.weight),
-                );
+            let weight = aff.effective_weight();
+            if weight == 0 || !(-100..=100).contains(&weight) {
+                self.push(&loc.field("weight"), format!("must be between -100 and 100 and not 0, found {weight}"));
             }
         }
     }
@@ -220,11 +280,12 @@ impl Checker {
                 format!("at most {MAX_SPREADS} spread blocks here, found {}", spreads.len()),
             );
         }
-        for (i, spread) in spreads.iter().enumerate() {
+        for (i, spread) in spreads.iter().enumerate().take(MAX_SPREADS) {
             let loc = parent.indexed("spread", i);
             self.attribute_reference(&loc.field("attribute"), &spread.attribute);
-            if !(1..=100).contains(&spread.weight) {
-                self.push(&loc.field("weight"), format!("must be between 1 and 100, found {}", spread.weight));
+            let weight = spread.effective_weight();
+            if !(1..=100).contains(&weight) {
+                self.push(&loc.field("weight"), format!("must be between 1 and 100, found {weight}"));
             }
             if spread.targets.len() > MAX_SPREAD_TARGETS {
                 self.push(
@@ -234,8 +295,9 @@ impl Checker {
             }
             let mut seen = HashSet::new();
             let mut sum = 0u64;
-            for (j, target) in spread.targets.iter().enumerate() {
+            for (j, target) in spread.targets.iter().enumerate().take(MAX_SPREAD_TARGETS) {
                 let tloc = loc.named("target", j, &target.value);
+                self.text(&tloc.field("value"), "target value", &target.value, MAX_KEY_BYTES);
                 if target.value.is_empty() {
                     self.push(&tloc.field("value"), "missing target value");
                 } else if !seen.insert(target.value.as_str()) {
@@ -262,6 +324,10 @@ impl Checker {
             self.push(loc, "missing required field");
             return;
         }
+        if attribute.len() > MAX_KEY_BYTES {
+            self.text(loc, "attribute", attribute, MAX_KEY_BYTES);
+            return;
+        }
         let inner = attribute.strip_prefix("${").and_then(|a| a.strip_suffix('}'));
         if !inner.is_some_and(is_attribute_name) {
             self.push(
@@ -275,12 +341,11 @@ impl Checker {
 
     fn group(&mut self, loc: &Loc, group: &TaskGroup) {
         self.name(loc, "group", &group.name);
-        if group.count > MAX_COUNT {
-            self.push(
-                &loc.field("count"),
-                format!("must be between 0 and {MAX_COUNT}, found {}", group.count),
-            );
+        if group.effective_count() > MAX_COUNT {
+            self.push(&loc.field("count"), format!("must be between 0 and {MAX_COUNT}, found {} (limit: count per group)", group.effective_count()));
         }
+        self.map(&loc.field("meta"), "meta", &group.meta);
+        self.at_most(&loc.indexed("task", MAX_TASKS), "tasks per group", group.tasks.len(), MAX_TASKS);
         self.gang(loc, group);
         self.migrate_reschedule(loc, group);
         if let Some(restart) = &group.restart {
@@ -302,7 +367,7 @@ impl Checker {
             );
         }
         let mut seen = HashSet::new();
-        for (i, task) in group.tasks.iter().enumerate() {
+        for (i, task) in group.tasks.iter().enumerate().take(MAX_TASKS) {
             let tloc = loc.named("task", i, &task.name);
             if !task.name.is_empty() && !seen.insert(task.name.as_str()) {
                 self.push(
@@ -344,14 +409,11 @@ impl Checker {
     /// and the timeout is bounded.
     fn gang(&mut self, loc: &Loc, group: &TaskGroup) {
         let is_gang = group.gang || group.min_count > 0;
-        if group.gang && group.count == 0 {
+        if group.gang && group.effective_count() == 0 {
             self.push(&loc.field("gang"), "a gang needs members; count must be at least 1, found 0");
         }
-        if group.min_count > group.count {
-            self.push(
-                &loc.field("min_count"),
-                format!("must be at most count ({}), found {}", group.count, group.min_count),
-            );
+        if group.min_count > group.effective_count() {
+            self.push(&loc.field("min_count"), format!("must be at most count ({}), found {}", group.effective_count(), group.min_count));
         }
         if !is_gang && !group.gang_topology.is_empty() {
             self.push(&loc.field("gang_topology"), "only a gang can ask for a shared topology; set `gang = true` or `min_count`");
@@ -383,12 +445,20 @@ impl Checker {
         self.name(loc, "task", &task.name);
         self.one_of(&loc.field("driver"), "driver", &task.driver, DRIVERS);
         let command = task.config.as_ref().map_or("", |c| c.command.as_str());
+        let cloc = loc.field("config");
         if command.is_empty() {
-            self.push(
-                &loc.field("config").field("command"),
-                "missing required field",
-            );
+            self.push(&cloc.field("command"), "missing required field");
         }
+        self.text(&cloc.field("command"), "command", command, MAX_VALUE_BYTES);
+        if let Some(config) = &task.config {
+            self.at_most(&cloc.field("args"), "args", config.args.len(), MAX_ARGS);
+            for (i, arg) in config.args.iter().enumerate().take(MAX_ARGS) {
+                self.text(&cloc.field(&format!("args[{i}]")), "argument", arg, MAX_VALUE_BYTES);
+            }
+        }
+        self.map(&loc.field("env"), "env", &task.env);
+        self.map(&loc.field("meta"), "meta", &task.meta);
+        self.text(&loc.field("user"), "user", &task.user, MAX_KEY_BYTES);
         if let Some(res) = &task.resources {
             let rloc = loc.field("resources");
             if res.cpu_mhz < 1 {
@@ -409,16 +479,17 @@ impl Checker {
             // JSON submissions bypass the HCL decoder's checks on `share`.
             if let Some(gpu) = &res.gpu {
                 let gloc = rloc.field("gpu");
+                self.at_most(&gloc.field("model"), "GPU models", gpu.models.len(), MAX_GPU_MODELS);
+                for m in gpu.models.iter().take(MAX_GPU_MODELS) {
+                    self.text(&gloc.field("model"), "GPU model", m, MAX_KEY_BYTES);
+                }
                 if gpu.share_milli > 999 {
                     self.push(
                         &gloc.field("share"),
                         format!("share_milli must be between 1 and 999 (a fraction of one GPU), found {}", gpu.share_milli),
                     );
-                } else if gpu.share_milli > 0 && gpu.count != 1 {
-                    self.push(
-                        &gloc.field("count"),
-                        format!("a shared GPU (`share`) is one GPU; count must be 1, found {}", gpu.count),
-                    );
+                } else if gpu.share_milli > 0 && gpu.effective_count() != 1 {
+                    self.push(&gloc.field("count"), format!("a shared GPU (`share`) is one GPU; count must be 1, found {}", gpu.effective_count()));
                 }
                 if !gpu.mig_profile.is_empty() {
                     if !is_mig_profile(&gpu.mig_profile) {
@@ -472,6 +543,16 @@ fn is_attribute_name(s: &str) -> bool {
         s.strip_prefix(p)
             .is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_alphanumeric() || "_.-".contains(c)))
     })
+}
+
+/// A map key as a path segment: as it is when it is short and printable, else cut.
+fn printable_key(k: &str) -> String {
+    if k.len() <= 64 && k.chars().all(|c| !c.is_control()) {
+        k.to_string()
+    } else {
+        let cut: String = k.chars().filter(|c| !c.is_control()).take(32).collect();
+        format!("{cut}…")
+    }
 }
 
 /// Network modes a task may ask for (`host` is the default).

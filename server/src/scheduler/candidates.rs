@@ -311,7 +311,7 @@ mod tests {
             }],
             groups: vec![TaskGroup {
                 name: "g".into(),
-                count: 600,
+                count: Some(600),
                 tasks: vec![Task {
                     name: "t".into(),
                     driver: "exec".into(),
@@ -371,7 +371,7 @@ mod tests {
             .map(|i| (1000 + (i % 7) * 500) / 300)
             .sum();
         let mut big = st.job("default", "j").cloned().unwrap_or_default();
-        big.groups[0].count = 5000;
+        big.groups[0].count = Some(5000);
         let plan = schedule(&st, Some(&big), &eval, 1);
         assert_eq!(plan.placements.len() as u64, capacity);
         let metric = &plan.failed_tg_allocs["g"];

@@ -1,12 +1,13 @@
 //! Feasibility: whether a node can run a task group at all, resources aside (node readiness,
 //! drivers, job and group constraints), and the bookkeeping of why nodes were filtered.
 
+use std::cell::RefCell;
 use std::cmp::Ordering;
+use std::collections::HashMap;
 
 use mlp_proto::consts::node_status;
+use mlp_proto::matcher;
 use mlp_proto::v1::{AllocMetric, Constraint, Job, Node, TaskGroup};
-
-use super::regex;
 
 /// Whether the scheduler may place anything on `node` (ready and eligible).
 pub fn node_usable(node: &Node) -> bool {
@@ -107,7 +108,10 @@ pub fn holds(c: &Constraint, node: &Node) -> bool {
                 "<=" => compare(&l, &r) != Ordering::Greater,
                 ">" => compare(&l, &r) == Ordering::Greater,
                 ">=" => compare(&l, &r) != Ordering::Less,
-                "regexp" => regex::is_match(&r, &l).unwrap_or(false),
+                "regexp" => with_compiled(op, &r, |m| matches!(m, Compiled::Regex(re) if re.is_match(&l))),
+                "version" | "semver" => with_compiled(op, &r, |m| {
+                    matches!(m, Compiled::Version(req) if matcher::parse_version(op, &l).is_some_and(|v| req.matches(&v)))
+                }),
                 "set_contains" | "set_contains_all" => {
                     let have = set(&l);
                     set(&r).iter().all(|v| have.contains(v))
@@ -120,6 +124,41 @@ pub fn holds(c: &Constraint, node: &Node) -> bool {
             }
         }
     }
+}
+
+/// A compiled operand; `Invalid` for one that does not compile (never holds; the validator
+/// refuses such jobs, but an older state may hold one).
+enum Compiled {
+    Regex(regex::Regex),
+    Version(semver::VersionReq),
+    Invalid,
+}
+
+/// Compiled operands kept per scheduler thread: a constraint is checked against every candidate
+/// node, and compiling its pattern each time would cost more than the match. Bounded: cleared
+/// when full.
+const COMPILED_CACHE_ENTRIES: usize = 512;
+
+thread_local! {
+    static COMPILED: RefCell<HashMap<(String, String), Compiled>> = RefCell::new(HashMap::new());
+}
+
+fn with_compiled(op: &str, operand: &str, f: impl FnOnce(&Compiled) -> bool) -> bool {
+    COMPILED.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        let key = (op.to_string(), operand.to_string());
+        if !cache.contains_key(&key) {
+            if cache.len() >= COMPILED_CACHE_ENTRIES {
+                cache.clear();
+            }
+            let compiled = match op {
+                "regexp" => matcher::compile_regex(operand).map_or(Compiled::Invalid, Compiled::Regex),
+                _ => matcher::parse_version_req(op, operand).map_or(Compiled::Invalid, Compiled::Version),
+            };
+            cache.insert(key.clone(), compiled);
+        }
+        cache.get(&key).is_some_and(f)
+    })
 }
 
 /// Numeric when both sides parse as numbers, else lexical.
@@ -190,7 +229,12 @@ mod tests {
             ("${meta.rack}", "is_set", "", true),
             ("${meta.zone}", "is_set", "", false),
             ("${meta.zone}", "is_not_set", "", true),
-            ("${attr.kernel.name}", "version", "1.0", false), // unknown operator fails closed
+            ("${attr.kernel.name}", "version", ">= 1.0", false), // not a version: never holds
+            ("${attr.os.version}", "version", ">= 20.4, < 23", true),
+            ("${attr.os.version}", "version", "~> 22.10", false),
+            ("${attr.os.version}", "semver", ">= 20.0.0", false), // "22.04" is not strict semver
+            ("${attr.kernel.name}", "bogus", "x", false), // unknown operator fails closed
+            ("${attr.kernel.name}", "regexp", "^(a+)+$", false), // linear time, no blow-up
         ];
         for (a, op, v, want) in cases {
             assert_eq!(holds(&c(a, op, v), &n), *want, "{a} {op} {v}");

@@ -70,7 +70,7 @@ impl GpuShape {
         if (1..WHOLE).contains(&r.share_milli) {
             GpuShape::share(r.share_milli)
         } else {
-            GpuShape::whole(r.count)
+            GpuShape::whole(r.effective_count())
         }
     }
 
@@ -577,9 +577,9 @@ mod tests {
     #[test]
     fn shapes_from_requests() {
         let r = |count, share_milli| GpuRequest { count, share_milli, ..Default::default() };
-        assert_eq!(GpuShape::from_request(&r(2, 0)), GpuShape { count: 2, milli: 1000 });
-        assert_eq!(GpuShape::from_request(&r(1, 250)), GpuShape { count: 1, milli: 250 });
-        assert_eq!(GpuShape::from_request(&r(0, 0)), GpuShape::NONE);
+        assert_eq!(GpuShape::from_request(&r(Some(2), 0)), GpuShape { count: 2, milli: 1000 });
+        assert_eq!(GpuShape::from_request(&r(Some(1), 250)), GpuShape { count: 1, milli: 250 });
+        assert_eq!(GpuShape::from_request(&r(Some(0), 0)), GpuShape::NONE);
         assert_eq!(GpuShape::share(1000), GpuShape::whole(1));
     }
 

@@ -4,7 +4,7 @@
 //!
 //! Module map:
 //! * `reconcile` — existing allocations vs. the job: what to stop, which indexes to place;
-//! * `feasible` — node readiness, drivers and constraints (with `regex` for `regexp`);
+//! * `feasible` — node readiness, drivers and constraints (`regexp`, `version` and `semver` through `mlp_proto::matcher`);
 //! * `resources` — resource arithmetic shared with the plan applier (`check_node_fit`);
 //! * `gpu` — GPU devices, shares and the placement policies (FGD and mlp's default), shared
 //!   with the trace simulator (`crate::sim`);
@@ -26,7 +26,6 @@ pub mod place;
 pub mod preference;
 pub mod rank;
 mod reconcile;
-mod regex;
 pub mod resources;
 pub mod topology;
 

@@ -69,9 +69,9 @@ impl Preemption {
 /// The gang rules of a group: how many members must be placed at once (0 = not a gang).
 pub fn gang_size(tg: &TaskGroup) -> u32 {
     if tg.gang {
-        tg.count
+        tg.effective_count()
     } else {
-        tg.min_count.min(tg.count)
+        tg.min_count.min(tg.effective_count())
     }
 }
 
@@ -192,7 +192,7 @@ pub fn attempt<'a, 's>(
     );
     // Preferences: Nomad's max(count, 100) nodes, every affinity level and spread value among them.
     let mut order = match ctx.prefs {
-        Some(p) => candidates::Candidates::preferring(nodes, &ctx.ask, seed, ctx.tg.count, |n| p.stratum(n)),
+        Some(p) => candidates::Candidates::preferring(nodes, &ctx.ask, seed, ctx.tg.effective_count(), |n| p.stratum(n)),
         None => candidates::Candidates::new(nodes, &ctx.ask, seed),
     };
     let mut tally = ctx.prefs.map(Preferences::tally);

@@ -167,19 +167,19 @@ impl Preferences {
             .iter()
             .chain(&tg.affinities)
             .chain(tg.tasks.iter().flat_map(|t| &t.affinities))
-            .filter(|a| a.weight != 0)
+            .filter(|a| a.effective_weight() != 0)
             .map(|a| {
                 let operator = if a.operator.is_empty() { "=".to_string() } else { a.operator.clone() };
                 let c = Constraint { attribute: a.attribute.clone(), operator, value: a.value.clone() };
-                (c, f64::from(a.weight))
+                (c, f64::from(a.effective_weight()))
             })
             .collect();
-        let spreads: Vec<&Spread> = tg.spreads.iter().chain(&job.spreads).filter(|s| s.weight > 0).collect();
+        let spreads: Vec<&Spread> = tg.spreads.iter().chain(&job.spreads).filter(|s| s.effective_weight() > 0).collect();
         if affinities.is_empty() && spreads.is_empty() {
             return None;
         }
         let total = affinities.iter().map(|(_, w)| w.abs()).sum::<f64>()
-            + spreads.iter().map(|s| f64::from(s.weight)).sum::<f64>();
+            + spreads.iter().map(|s| f64::from(s.effective_weight())).sum::<f64>();
         let affinity = if affinities.is_empty() {
             HashMap::new()
         } else {
@@ -191,7 +191,7 @@ impl Preferences {
                 })
                 .collect()
         };
-        let count = f64::from(tg.count);
+        let count = f64::from(tg.effective_count());
         let spreads: Vec<SpreadPref> = spreads
             .into_iter()
             .map(|s| {
@@ -205,7 +205,7 @@ impl Preferences {
                 let by_node: HashMap<String, Option<String>> =
                     feasible.iter().map(|n| (n.id.clone(), feasible::topology_value(&s.attribute, n))).collect();
                 let values = if targets.is_none() { by_node.values().flatten().cloned().collect() } else { HashSet::new() };
-                SpreadPref { attribute: s.attribute.clone(), weight: f64::from(s.weight), targets, values, by_node }
+                SpreadPref { attribute: s.attribute.clone(), weight: f64::from(s.effective_weight()), targets, values, by_node }
             })
             .collect();
         let mut base = Tally { spreads: spreads.iter().map(SpreadTally::new).collect() };
@@ -320,18 +320,18 @@ mod tests {
     fn spread(weight: u32, targets: &[(&str, u32)]) -> Spread {
         Spread {
             attribute: "${meta.rack}".into(),
-            weight,
+            weight: Some(weight),
             targets: targets.iter().map(|(v, p)| SpreadTarget { value: (*v).into(), percent: *p }).collect(),
         }
     }
 
     fn affinity(value: &str, weight: i32) -> Affinity {
-        Affinity { attribute: "${meta.rack}".into(), operator: String::new(), value: value.into(), weight }
+        Affinity { attribute: "${meta.rack}".into(), operator: String::new(), value: value.into(), weight: Some(weight) }
     }
 
     #[test]
     fn no_preferences_means_none() {
-        let tg = TaskGroup { count: 3, ..Default::default() };
+        let tg = TaskGroup { count: Some(3), ..Default::default() };
         let n = node("a", Some("r1"));
         assert!(Preferences::for_group(&Job::default(), &tg, &[&n], &[], |_| None).is_none());
     }
@@ -340,7 +340,7 @@ mod tests {
     fn affinity_weights_are_normalised_over_job_group_and_tasks() {
         let job = Job { affinities: vec![affinity("r1", 50)], ..Default::default() };
         let tg = TaskGroup {
-            count: 1,
+            count: Some(1),
             affinities: vec![affinity("r2", -50)],
             tasks: vec![Task { affinities: vec![affinity("r1", 100)], ..Default::default() }],
             ..Default::default()
@@ -355,7 +355,7 @@ mod tests {
 
     #[test]
     fn even_spread_prefers_the_least_used_value_and_punishes_missing() {
-        let tg = TaskGroup { count: 6, spreads: vec![spread(100, &[])], ..Default::default() };
+        let tg = TaskGroup { count: Some(6), spreads: vec![spread(100, &[])], ..Default::default() };
         let (a, b, c) = (node("a", Some("r1")), node("b", Some("r2")), node("c", None));
         let p = Preferences::for_group(&Job::default(), &tg, &[&a, &b, &c], &[], |_| None).unwrap_or_else(|| panic!("prefs"));
         let mut t = p.tally();
@@ -368,7 +368,7 @@ mod tests {
 
     #[test]
     fn targets_boost_values_below_their_share_and_pool_the_rest() {
-        let tg = TaskGroup { count: 10, spreads: vec![spread(50, &[("r1", 50), ("r2", 0)])], ..Default::default() };
+        let tg = TaskGroup { count: Some(10), spreads: vec![spread(50, &[("r1", 50), ("r2", 0)])], ..Default::default() };
         let (a, b, c, d) = (node("a", Some("r1")), node("b", Some("r2")), node("c", Some("r3")), node("d", Some("r4")));
         let live = [Allocation { node_id: "c".into(), ..Default::default() }];
         let nodes = [&a, &b, &c, &d];
@@ -391,8 +391,8 @@ mod tests {
         // one of the even spread's values.
         let gone = node("gone", Some("rx"));
         let feasible: Vec<&Node> = racks.iter().collect();
-        let even = TaskGroup { count: 40, spreads: vec![spread(30, &[])], ..Default::default() };
-        let targets = TaskGroup { count: 40, spreads: vec![spread(70, &[("r1", 40), ("r2", 10)])], ..Default::default() };
+        let even = TaskGroup { count: Some(40), spreads: vec![spread(30, &[])], ..Default::default() };
+        let targets = TaskGroup { count: Some(40), spreads: vec![spread(70, &[("r1", 40), ("r2", 10)])], ..Default::default() };
         let live = [Allocation { node_id: "gone".into(), ..Default::default() }];
         for tg in [even, targets] {
             let p = Preferences::for_group(&Job::default(), &tg, &feasible, &[&live[0]], |_| Some(&gone))

@@ -182,7 +182,7 @@ pub fn reconcile_at<'a>(state: &ClusterState, job: Option<&'a Job>, namespace: &
 
         // Count reduced: stop the highest indexes (ties: highest id, for determinism).
         live.sort_by(|a, b| (a.index, &a.id).cmp(&(b.index, &b.id)));
-        let want = tg.count as usize;
+        let want = tg.effective_count() as usize;
         while live.len() > want {
             if let Some(a) = live.pop() {
                 out.stops.push(stop(a, "count reduced"));
@@ -335,8 +335,8 @@ fn spec_changed(state: &ClusterState, job: &Job, tg: &TaskGroup, a: &Allocation)
         None => true,
         Some(old) => {
             let (mut old, mut new) = (old.clone(), tg.clone());
-            old.count = 0;
-            new.count = 0;
+            old.count = Some(0);
+            new.count = Some(0);
             old != new
         }
     }
@@ -457,7 +457,7 @@ mod tests {
             priority: 50,
             groups: vec![TaskGroup {
                 name: "g".into(),
-                count: 1,
+                count: Some(1),
                 reschedule: Some(policy),
                 tasks: vec![Task { name: "t".into(), driver: "raw_exec".into(), ..Default::default() }],
                 ..Default::default()

@@ -537,8 +537,8 @@ mod tests {
         };
         let tg = TaskGroup {
             tasks: vec![
-                task(100, Some(GpuRequest { count: 1, ..Default::default() })),
-                task(50, Some(GpuRequest { count: 1, share_milli: 250, models: vec!["V100M16".into()], memory_mib: 16_384, ..Default::default() })),
+                task(100, Some(GpuRequest { count: Some(1), ..Default::default() })),
+                task(50, Some(GpuRequest { count: Some(1), share_milli: 250, models: vec!["V100M16".into()], memory_mib: 16_384, ..Default::default() })),
                 Task::default(),
             ],
             ..Default::default()

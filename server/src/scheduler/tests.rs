@@ -133,7 +133,7 @@ fn gpu_node(id: &str, gpus: usize) -> Node {
 fn group(name: &str, count: u32, cpu: u64, mem: u64) -> TaskGroup {
     TaskGroup {
         name: name.into(),
-        count,
+        count: Some(count),
         tasks: vec![Task {
             name: "t".into(),
             driver: "exec".into(),
@@ -148,7 +148,7 @@ fn group(name: &str, count: u32, cpu: u64, mem: u64) -> TaskGroup {
 fn gpu_group(name: &str, count: u32, gpus: u32) -> TaskGroup {
     let mut g = group(name, count, 100, 100);
     if let Some(r) = g.tasks[0].resources.as_mut() {
-        r.gpu = Some(GpuRequest { count: gpus, ..Default::default() });
+        r.gpu = Some(GpuRequest { count: Some(gpus), ..Default::default() });
     }
     g
 }
@@ -245,7 +245,7 @@ fn exhaustion_records_the_dimension() {
     for case in cases {
         let mut c = Cluster::new();
         c.node(case.node);
-        let count = case.group.count;
+        let count = case.group.effective_count();
         c.register(job("j", job_type::BATCH, vec![case.group]));
         let plan = c.schedule("j");
         let unplaced = 1;
@@ -628,7 +628,7 @@ fn count_reduction_keeps_running_allocs_over_finished_ones() {
 fn share_group(name: &str, count: u32, share_milli: u32, models: &[&str]) -> TaskGroup {
     let mut g = group(name, count, 100, 100);
     if let Some(r) = g.tasks[0].resources.as_mut() {
-        r.gpu = Some(GpuRequest { count: 1, share_milli, models: models.iter().map(|m| m.to_string()).collect(), ..Default::default() });
+        r.gpu = Some(GpuRequest { count: Some(1), share_milli, models: models.iter().map(|m| m.to_string()).collect(), ..Default::default() });
     }
     g
 }
@@ -926,13 +926,13 @@ fn preemption_follows_the_per_type_switches() {
 // ---- preferences: affinity and spread ------------------------------------------------------
 
 fn affinity(attribute: &str, operator: &str, value: &str, weight: i32) -> mlp_proto::v1::Affinity {
-    mlp_proto::v1::Affinity { attribute: attribute.into(), operator: operator.into(), value: value.into(), weight }
+    mlp_proto::v1::Affinity { attribute: attribute.into(), operator: operator.into(), value: value.into(), weight: Some(weight) }
 }
 
 fn spread(attribute: &str, weight: u32, targets: &[(&str, u32)]) -> mlp_proto::v1::Spread {
     mlp_proto::v1::Spread {
         attribute: attribute.into(),
-        weight,
+        weight: Some(weight),
         targets: targets
             .iter()
             .map(|(v, p)| mlp_proto::v1::SpreadTarget { value: (*v).into(), percent: *p })
@@ -1033,7 +1033,7 @@ fn even_spread_counts_the_allocations_already_running() {
     c.register(job("s", job_type::SERVICE, vec![g.clone()]));
     c.schedule("s");
     assert_eq!(per_rack(&c, "s"), counts(&[("r1", 1)]));
-    g.count = 6;
+    g.count = Some(6);
     c.register(job("s", job_type::SERVICE, vec![g]));
     let plan = c.schedule("s");
     assert_eq!(plan.placements.len(), 5);
@@ -1156,7 +1156,7 @@ fn a_spread_over_ten_racks_on_a_thousand_nodes_stays_within_one() {
     assert!(racks.iter().all(|(_, n)| *n == 10), "{racks:?}");
 
     // Scaled to 257 (3 of 10 racks get one more): still within ±1, counting those running.
-    j.groups[0].count = 257;
+    j.groups[0].count = Some(257);
     c.register(j);
     let plan = c.schedule("wide");
     assert_eq!(plan.placements.len(), 157, "{:?}", plan.failed_tg_allocs);
@@ -1176,12 +1176,12 @@ fn a_spread_on_a_thousand_nodes_visits_a_bounded_number_of_nodes() {
     let j = job("count", job_type::SERVICE, vec![tg.clone()]);
     let nodes: Vec<&Node> = c.st.nodes.values().collect();
     let prefs = preference::Preferences::for_group(&j, &tg, &nodes, &[], |_| None).unwrap_or_else(|| panic!("prefs"));
-    let mut order = candidates::Candidates::preferring(&nodes, &resources::Ask::default(), 7, tg.count, |n| prefs.stratum(n));
+    let mut order = candidates::Candidates::preferring(&nodes, &resources::Ask::default(), 7, tg.effective_count(), |n| prefs.stratum(n));
     assert!(order.is_sampling());
     let mut tally = prefs.tally();
     let mut used: BTreeMap<&str, u32> = BTreeMap::new();
     let mut visits = 0usize;
-    for _ in 0..tg.count {
+    for _ in 0..tg.effective_count() {
         let mut best: Option<(f64, &Node)> = None;
         order.visit(|n| {
             visits += 1;
@@ -1198,7 +1198,7 @@ fn a_spread_on_a_thousand_nodes_visits_a_bounded_number_of_nodes() {
         *used.entry(n.id.as_str()).or_default() += 1;
         prefs.record(n, &mut tally);
     }
-    let limit = candidates::preference_limit(tg.count);
+    let limit = candidates::preference_limit(tg.effective_count());
     assert_eq!(limit, 100);
     assert!(visits <= 100 * limit + 1000, "{visits} nodes visited for 100 placements");
     let mut per: BTreeMap<&str, u32> = BTreeMap::new();

@@ -1,0 +1,41 @@
+//! Bounds on every repeatable or sized part of a job, whichever door it came in by (HCL file,
+//! JSON over HTTP, protobuf over gRPC). They are far above what a real job needs and exist so
+//! that no submission can make a server spend unbounded memory, CPU or stack; each one has its
+//! own error naming it. `docs/jobspec.md` lists them.
+
+/// Largest job spec file (HCL text) accepted, in bytes.
+pub const MAX_SPEC_BYTES: usize = 1024 * 1024;
+/// Largest job accepted, as its protobuf encoding, in bytes (the JSON and HCL forms are checked
+/// against their own limits first).
+pub const MAX_JOB_BYTES: usize = 1024 * 1024;
+/// Deepest nesting of blocks, lists, objects, parentheses and template interpolations in a job
+/// spec file (a real one nests about 6 levels).
+pub const MAX_NESTING: usize = 64;
+
+/// Task groups in one job.
+pub const MAX_GROUPS: usize = 100;
+/// Tasks in one group.
+pub const MAX_TASKS: usize = 100;
+/// Allocations one group may ask for (`count`).
+pub const MAX_COUNT: u32 = 10_000;
+/// Allocations of one job, all groups together.
+pub const MAX_JOB_ALLOCS: u64 = 20_000;
+/// `constraint` blocks at one level (job, group or task).
+pub const MAX_CONSTRAINTS: usize = 64;
+/// `affinity` blocks at one level (job, group or task).
+pub const MAX_AFFINITIES: usize = 32;
+/// `spread` blocks at one level (job or group).
+pub const MAX_SPREADS: usize = 8;
+/// `target` blocks in one `spread`.
+pub const MAX_SPREAD_TARGETS: usize = 100;
+/// Entries in one `env` or `meta` map.
+pub const MAX_MAP_ENTRIES: usize = 1_000;
+/// Arguments of one task (`config.args`).
+pub const MAX_ARGS: usize = 1_000;
+/// Allowed GPU models in one `gpu` block.
+pub const MAX_GPU_MODELS: usize = 32;
+
+/// Keys of `env` and `meta`, constraint attributes, users, GPU models.
+pub const MAX_KEY_BYTES: usize = 256;
+/// Values of `env` and `meta`, each argument, the command.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
