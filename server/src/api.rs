@@ -77,6 +77,12 @@ fn default_namespace(ns: &str) -> &str {
     }
 }
 
+/// Plans computed at once by `plan_job`; more wait for a slot (within their deadline).
+const PLAN_CONCURRENCY: usize = 2;
+static PLAN_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(PLAN_CONCURRENCY);
+/// How long `plan_job` may take, waiting for a slot included.
+pub const PLAN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The longest drain deadline accepted.
 pub const MAX_DRAIN_DEADLINE_MS: u64 = 30 * 24 * 3_600_000;
 
@@ -151,10 +157,29 @@ impl Api {
     }
 
     /// What registering `job` would do, computed by the real scheduler on the current state.
+    ///
+    /// The scheduler runs on a blocking thread, at most [`PLAN_CONCURRENCY`] at a time, and the
+    /// caller gets an error after [`PLAN_DEADLINE`] (the job limits bound the work, so the thread
+    /// ends soon after); a panic in the scheduler fails this request, not the server.
     pub async fn plan_job(&self, job: Option<Job>) -> Result<PlanJobResponse, ApiError> {
-        let mut job = Self::prepare_job(job)?;
+        let job = Self::prepare_job(job)?;
         self.read_barrier(false).await?;
-        let st = self.state.read();
+        let work = async {
+            let _slot = PLAN_SLOTS.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+            let state = self.state.clone();
+            tokio::task::spawn_blocking(move || Self::plan_on(&state, job)).await.map_err(|e| {
+                let why = if e.is_panic() { crate::leader::panic_message(e.into_panic().as_ref()) } else { e.to_string() };
+                tracing::error!(error = %why, "the scheduler failed while planning a job");
+                ApiError::Internal(format!("the scheduler failed on this job: {why}"))
+            })?
+        };
+        tokio::time::timeout(PLAN_DEADLINE, work)
+            .await
+            .map_err(|_| ApiError::Unavailable(format!("planning took longer than {}s; try again later", PLAN_DEADLINE.as_secs())))?
+    }
+
+    fn plan_on(state: &StateHandle, mut job: Job) -> Result<PlanJobResponse, ApiError> {
+        let st = state.read();
         let existing = st.job(&job.namespace, &job.id).cloned();
         let diff_type = match &existing {
             None => "added",

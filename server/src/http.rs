@@ -55,6 +55,43 @@ impl From<JsonRejection> for HttpError {
 
 type HttpResult = Result<Response, HttpError>;
 
+/// A JSON request body decoded strictly, as a job file is: a field the API does not know is an
+/// error (serde alone would drop it silently), and every error names the field's path.
+pub struct StrictJson<T>(pub T);
+
+#[axum::async_trait]
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for StrictJson<T> {
+    type Rejection = HttpError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| HttpError(e.status(), format!("invalid request body: {}", e.body_text())))?;
+        decode_strict(&bytes).map(StrictJson)
+    }
+}
+
+/// Decodes `bytes` as `T`, refusing unknown fields; errors name the field path
+/// (`job.groups[0].tasks[0].confg`).
+pub fn decode_strict<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, HttpError> {
+    let mut unknown = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let mut note = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let value: T = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(&mut de, &mut note))
+        .map_err(|e| {
+            let at = e.path().to_string();
+            let at = if at == "." { String::new() } else { format!("{at}: ") };
+            let code = if e.inner().is_data() { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::BAD_REQUEST };
+            HttpError(code, format!("invalid request body: {at}{}", e.inner()))
+        })?;
+    de.end().map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")))?;
+    if let Some(first) = unknown.first() {
+        let more = if unknown.len() > 1 { format!(" (and {} more)", unknown.len() - 1) } else { String::new() };
+        return Err(HttpError(StatusCode::UNPROCESSABLE_ENTITY, format!("invalid request body: {first}: unknown field{more}")));
+    }
+    Ok(value)
+}
+
 fn ok<T: serde::Serialize>(v: T) -> HttpResult {
     Ok(Json(v).into_response())
 }
@@ -121,8 +158,7 @@ async fn list_jobs(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> Http
     ok(api.list_jobs(ListJobsRequest { namespace: p.namespace, stale: p.stale }).await?.jobs)
 }
 
-async fn submit_job(State(api): State<Arc<Api>>, body: Result<Json<SubmitJob>, JsonRejection>) -> HttpResult {
-    let Json(body) = body?;
+async fn submit_job(State(api): State<Arc<Api>>, StrictJson(body): StrictJson<SubmitJob>) -> HttpResult {
     let job = match (body.job, body.hcl) {
         (Some(job), None) => job,
         (None, Some(src)) => mlp_proto::jobspec::parse_str(&src, "<request>")
@@ -173,6 +209,7 @@ async fn get_node(State(api): State<Arc<Api>>, Path(id): Path<String>) -> HttpRe
 
 /// `POST /v1/node/{id}/drain` with `{"enable": true, "deadline_ms": 3600000, "ignore_system": false}`.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DrainBody {
     enable: bool,
     #[serde(default)]
@@ -181,20 +218,19 @@ struct DrainBody {
     ignore_system: bool,
 }
 
-async fn node_drain(State(api): State<Arc<Api>>, Path(id): Path<String>, body: Result<Json<DrainBody>, JsonRejection>) -> HttpResult {
-    let Json(b) = body?;
+async fn node_drain(State(api): State<Arc<Api>>, Path(id): Path<String>, StrictJson(b): StrictJson<DrainBody>) -> HttpResult {
     let req = mlp_proto::v1::NodeDrainRequest { node_id: id, enable: b.enable, deadline_ms: b.deadline_ms, ignore_system: b.ignore_system };
     ok(api.update_drain(req).await?)
 }
 
 /// `POST /v1/node/{id}/eligibility` with `{"eligible": false}`.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct EligibilityBody {
     eligible: bool,
 }
 
-async fn node_eligibility(State(api): State<Arc<Api>>, Path(id): Path<String>, body: Result<Json<EligibilityBody>, JsonRejection>) -> HttpResult {
-    let Json(b) = body?;
+async fn node_eligibility(State(api): State<Arc<Api>>, Path(id): Path<String>, StrictJson(b): StrictJson<EligibilityBody>) -> HttpResult {
     ok(api.update_eligibility(mlp_proto::v1::NodeEligibilityRequest { node_id: id, eligible: b.eligible }).await?)
 }
 

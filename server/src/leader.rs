@@ -484,14 +484,21 @@ impl Leader {
     async fn run_eval(&self, eval_id: &str) -> EvalReport {
         let mut report = EvalReport::default();
         let started = Instant::now();
-        let computed = {
+        let computed = 'compute: {
             let st = self.state.read();
             let Some(eval) = st.evals.get(eval_id).cloned() else { return report };
             if eval.status != eval_status::PENDING && eval.status != eval_status::BLOCKED {
                 return report;
             }
             let job = st.job(&eval.namespace, &eval.job_id).cloned();
-            let plan = scheduler::schedule_opts(&st, job.as_ref(), &eval, now_ms(), self.options);
+            // One evaluation that trips the scheduler fails alone; the worker and server go on.
+            let scheduled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                scheduler::schedule_opts(&st, job.as_ref(), &eval, now_ms(), self.options)
+            }));
+            let plan = match scheduled {
+                Ok(plan) => plan,
+                Err(panic) => break 'compute Err((eval, panic_message(panic.as_ref()))),
+            };
             // Other blocked evaluations of the same job are superseded by this one.
             let superseded: Vec<Evaluation> = st
                 .evals_for_job(&eval.namespace, &eval.job_id)
@@ -503,9 +510,12 @@ impl Leader {
                     e
                 })
                 .collect();
-            (eval, plan, superseded)
+            Ok((eval, plan, superseded))
         };
-        let (mut eval, mut plan, superseded) = computed;
+        let (mut eval, mut plan, superseded) = match computed {
+            Ok(computed) => computed,
+            Err((eval, why)) => return self.fail_eval(eval, why, report).await,
+        };
         let (failed, mut queued) = (std::mem::take(&mut plan.failed_tg_allocs), std::mem::take(&mut plan.queued_allocations));
         let (follow_ups, annotations) = (std::mem::take(&mut plan.new_evals), std::mem::take(&mut plan.annotations));
         let gang_timeout = gang_wait(&self.state, &eval, &queued);
@@ -636,6 +646,34 @@ impl Leader {
             }
         }
         report
+    }
+}
+
+impl Leader {
+    /// Commits `eval` as failed because the scheduler could not process it; `mlp eval status`
+    /// shows why.
+    async fn fail_eval(&self, mut eval: Evaluation, why: String, mut report: EvalReport) -> EvalReport {
+        tracing::error!(eval_id = %eval.id, job_id = %eval.job_id, error = %why, "the scheduler failed on an evaluation; marking it failed");
+        Metrics::inc(&self.metrics.evals_processed);
+        eval.status = eval_status::FAILED.to_string();
+        eval.status_description = format!("the scheduler failed on this evaluation: {why}");
+        let req = Request { now_ms: now_ms(), command: Command::ApplyPlan(PlanResult { eval: Some(eval), ..Default::default() }) };
+        if let Err(e) = self.raft.write(req).await {
+            tracing::warn!(error = %e, "could not commit the failed evaluation; it stays pending");
+        }
+        report.outcome = Some(EvalOutcome::Done);
+        report
+    }
+}
+
+/// The text of a caught panic (its `&str` or `String` payload).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic without a message".to_string()
     }
 }
 

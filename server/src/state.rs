@@ -732,7 +732,16 @@ impl StateHandle {
             if restore {
                 nodes.extend(st.nodes.keys().cloned());
             }
-            let r = st.apply(index, req, &mut effects);
+            // A committed entry that trips `apply` is applied the same way on every replica and
+            // on every restart; skipping it (every replica alike, since `apply` is deterministic)
+            // keeps the servers up instead of taking each one down in turn.
+            let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| st.apply(index, req, &mut effects)));
+            let r = applied.unwrap_or_else(|panic| {
+                let why = crate::leader::panic_message(panic.as_ref());
+                tracing::error!(index, error = %why, "applying a committed entry failed; it changed nothing further");
+                st.index = index;
+                CommandResponse { index, job_version: None, error: Some(format!("internal error while applying: {why}")) }
+            });
             if restore {
                 nodes.extend(st.nodes.keys().cloned());
             }
