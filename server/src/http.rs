@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -41,18 +40,6 @@ impl From<ApiError> for HttpError {
     }
 }
 
-impl From<JsonRejection> for HttpError {
-    fn from(r: JsonRejection) -> Self {
-        let code = match &r {
-            JsonRejection::JsonDataError(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            JsonRejection::JsonSyntaxError(_) => StatusCode::BAD_REQUEST,
-            JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            _ => r.status(),
-        };
-        HttpError(code, format!("invalid request body: {}", r.body_text()))
-    }
-}
-
 type HttpResult = Result<Response, HttpError>;
 
 /// A JSON request body decoded strictly, as a job file is: a field the API does not know is an
@@ -64,6 +51,14 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
     type Rejection = HttpError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")));
+        if !json {
+            return Err(HttpError(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid request body: expected `Content-Type: application/json`".into()));
+        }
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| HttpError(e.status(), format!("invalid request body: {}", e.body_text())))?;
@@ -76,7 +71,8 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
 pub fn decode_strict<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, HttpError> {
     let mut unknown = Vec::new();
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let mut note = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    // serde_ignored writes `?` for the step into an `Option`; users never see that level.
+    let mut note = |path: serde_ignored::Path<'_>| unknown.push(path.to_string().replace(".?", ""));
     let value: T = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(&mut de, &mut note))
         .map_err(|e| {
             let at = e.path().to_string();

@@ -11,6 +11,9 @@ pub const MAX_JOB_BYTES: usize = 1024 * 1024;
 /// Deepest nesting of blocks, lists, objects, parentheses and template interpolations in a job
 /// spec file (a real one nests about 6 levels).
 pub const MAX_NESTING: usize = 64;
+/// Operator characters (`!`, `-`, `+`, `?`, `<`, …) outside string text in a job spec file; a
+/// real one has next to none, and long chains make the parser recurse.
+pub const MAX_OPERATORS: usize = 1_000;
 
 /// Task groups in one job.
 pub const MAX_GROUPS: usize = 100;

@@ -89,13 +89,40 @@ pub fn parse_file(path: &Path) -> Result<Job, JobspecError> {
 /// Reports every problem in the file, not just the first, sorted by position.
 pub fn parse_str(src: &str, file_name: &str) -> Result<Job, JobspecError> {
     let file = (!file_name.is_empty()).then(|| file_name.to_string());
-    // The parser and the decoder recurse on nesting; bound it before either runs.
+    // The parser and the decoder recurse on nesting and operator chains: bound both before
+    // either runs, and run them on a thread whose stack holds the deepest input the bounds allow
+    // (callers such as a server's request handler run on small stacks).
     if let Some((offset, message)) = too_big_or_deep(src) {
         let (line, column) = line_col(src, offset);
         return Err(JobspecError {
             diagnostics: vec![Diagnostic { file, line, column, path: String::new(), message }],
         });
     }
+    let parsed = std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("jobspec-parse".into())
+            .stack_size(PARSE_STACK_BYTES)
+            .spawn_scoped(scope, || parse_bounded(src, file.clone()))
+            .map(|t| t.join())
+    });
+    match parsed {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) | Err(_) => Err(JobspecError {
+            diagnostics: vec![Diagnostic {
+                file,
+                line: 0,
+                column: 0,
+                path: String::new(),
+                message: "internal error: the job spec parser failed".into(),
+            }],
+        }),
+    }
+}
+
+/// Stack for the parser thread: the bounds of `too_big_or_deep` need a few MiB in a debug build.
+const PARSE_STACK_BYTES: usize = 32 * 1024 * 1024;
+
+fn parse_bounded(src: &str, file: Option<String>) -> Result<Job, JobspecError> {
     let body = match hcl_edit::parser::parse_body(src) {
         Ok(body) => body,
         Err(err) => {
@@ -151,27 +178,89 @@ pub fn parse_str(src: &str, file_name: &str) -> Result<Job, JobspecError> {
     }
 }
 
-/// The size limit and the nesting limit of a job spec file, checked on the raw text: the byte
-/// offset and message of the first violation. Every opening bracket, brace, parenthesis and
-/// template interpolation (`${`, `%{`) counts as one level, inside strings too; this may count a
-/// string's unbalanced brackets as nesting, which only a spec far from any real one reaches.
+/// The size, nesting and operator limits of a job spec file, checked on the raw text before the
+/// parser (which recurses on nesting and on operator chains such as `!!!!x` or `1+1+…`) sees it:
+/// the byte offset and message of the first violation.
+///
+/// A small scanner that knows strings (with `${…}` / `%{…}` templates), heredocs and comments
+/// counts every open bracket, brace, parenthesis, string inside a template, and template as one
+/// level, and every operator character outside string text as one operator.
 fn too_big_or_deep(src: &str) -> Option<(usize, String)> {
-    use limits::{MAX_NESTING, MAX_SPEC_BYTES};
+    use limits::{MAX_NESTING, MAX_OPERATORS, MAX_SPEC_BYTES};
+    enum Frame {
+        Open,
+        Template,
+        Str,
+        Heredoc(String),
+    }
     if src.len() > MAX_SPEC_BYTES {
         return Some((0, format!("the job spec is {} bytes; at most {MAX_SPEC_BYTES} (limit: job spec size)", src.len())));
     }
-    let mut depth = 0usize;
-    for (i, b) in src.bytes().enumerate() {
-        match b {
-            b'{' | b'[' | b'(' => {
-                depth += 1;
-                if depth > MAX_NESTING {
-                    return Some((i, format!("nested more than {MAX_NESTING} levels deep (limit: nesting depth)")));
+    let b = src.as_bytes();
+    let deep = |i: usize| Some((i, format!("nested more than {MAX_NESTING} levels deep (limit: nesting depth)")));
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut operators = 0usize;
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let next = b.get(i + 1).copied();
+        match stack.last() {
+            Some(Frame::Str) => match c {
+                b'\\' => i += 1,
+                b'"' => {
+                    stack.pop();
+                }
+                b'$' | b'%' if next == Some(b'$') || next == Some(b'%') => i += 1, // `$${` is literal
+                b'$' | b'%' if next == Some(b'{') => {
+                    stack.push(Frame::Template);
+                    i += 1;
+                }
+                _ => {}
+            },
+            Some(Frame::Heredoc(delim)) => {
+                let line_start = i == 0 || b[i - 1] == b'\n';
+                let line_end = src[i..].find('\n').map_or(b.len(), |n| i + n);
+                if line_start && src[i..line_end].trim() == delim {
+                    stack.pop();
+                    i = line_end;
+                } else if (c == b'$' || c == b'%') && next == Some(b'{') {
+                    stack.push(Frame::Template);
+                    i += 1;
                 }
             }
-            b'}' | b']' | b')' => depth = depth.saturating_sub(1),
-            _ => {}
+            _ => match c {
+                b'"' => stack.push(Frame::Str),
+                b'#' => i = src[i..].find('\n').map_or(b.len(), |n| i + n),
+                b'/' if next == Some(b'/') => i = src[i..].find('\n').map_or(b.len(), |n| i + n),
+                b'/' if next == Some(b'*') => i = src[i + 2..].find("*/").map_or(b.len(), |n| i + 2 + n + 1),
+                b'<' if next == Some(b'<') => {
+                    let rest = &src[i + 2..];
+                    let rest = rest.strip_prefix('-').unwrap_or(rest);
+                    let ident: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                    let line_end = src[i..].find('\n').map_or(b.len(), |n| i + n);
+                    if ident.is_empty() {
+                        operators += 2;
+                        i += 1;
+                    } else {
+                        stack.push(Frame::Heredoc(ident));
+                        i = line_end;
+                    }
+                }
+                b'{' | b'[' | b'(' => stack.push(Frame::Open),
+                b'}' | b']' | b')' => {
+                    stack.pop();
+                }
+                b'!' | b'-' | b'+' | b'*' | b'/' | b'%' | b'?' | b'<' | b'>' | b'&' | b'|' => operators += 1,
+                _ => {}
+            },
         }
+        if stack.len() > MAX_NESTING {
+            return deep(i.min(b.len().saturating_sub(1)));
+        }
+        if operators > MAX_OPERATORS {
+            return Some((i, format!("more than {MAX_OPERATORS} operators in one job spec (limit: operators)")));
+        }
+        i += 1;
     }
     None
 }
