@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use mlp_agent::driver::{Driver, TaskSpec};
-use mlp_agent::isolation::exec::ExecDriver;
+use mlp_agent::driver::exec::ExecDriver;
 use mlp_agent::isolation::IsolationSettings;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;

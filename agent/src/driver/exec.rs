@@ -1,6 +1,6 @@
-//! The `exec` driver: starts a task through its supervisor ([`crate::supervisor`], which forks
-//! the namespace's init, [`super::init`]) in its own namespaces, root filesystem and cgroup,
-//! and hands back a [`TaskHandle`] that waits for it, reports OOM kills, reads its cgroup
+//! The `exec` driver: starts a task through its supervisor ([`super::supervised`]; the
+//! supervisor process forks the namespace's init, [`crate::isolation::init`]) in its own
+//! namespaces, root filesystem and cgroup, and hands back a [`TaskHandle`] that waits for it, reports OOM kills, reads its cgroup
 //! statistics and, when it ends, kills whatever is left in its cgroup and removes the cgroup.
 //! The same handle is rebuilt for a task a previous agent run started ([`Driver::reattach`]).
 
@@ -12,10 +12,12 @@ use mlp_proto::consts::driver as driver_names;
 use nix::sys::signal::Signal;
 use tokio::task::JoinHandle;
 
-use super::{hostname_for, lookup_user, rootfs, InitConfig, IsolationSettings, User};
-use crate::cgroups::{self, Layout, TaskCgroup};
-use crate::driver::{Driver, DriverError, ExitStatus, TaskHandle, TaskSpec};
-use crate::supervisor::{self, Supervised, TaskKind, TaskRecord};
+use super::supervised::{self, Supervised, TaskKind, TaskRecord};
+use super::{Driver, DriverError, ExitStatus, TaskHandle, TaskSpec};
+use crate::isolation::cgroups::{self, Layout, TaskCgroup};
+use crate::isolation::phases::Phases;
+use crate::isolation::{hostname_for, lookup_user, rootfs, InitConfig, IsolationSettings, User};
+
 /// The task's PATH when it sets none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -144,7 +146,7 @@ impl Driver for ExecDriver {
     }
 
     async fn start(&self, spec: &TaskSpec) -> Result<Box<dyn TaskHandle>, DriverError> {
-        let mut phases = supervisor::Phases::start();
+        let mut phases = Phases::start();
         let user = self.user(&spec.user)?;
         phases.mark("user");
         let layout = self.layout.as_ref().ok_or_else(|| {
@@ -195,18 +197,18 @@ impl Driver for ExecDriver {
                 work_dir: PathBuf::from("/local"),
                 cgroup_procs,
             };
-            let exe = supervisor::supervisor_exe(self.settings.supervisor_exe.as_deref())?;
+            let exe = supervised::supervisor_exe(self.settings.supervisor_exe.as_deref())?;
             let memory_limit_mib = limits.memory_bytes.map(|b| b / (1024 * 1024));
             let mut phases = phases;
             phases.mark("root_planned");
-            let sup = supervisor::start(
+            let sup = supervised::start(
                 &exe,
                 driver_names::EXEC,
                 spec,
                 TaskKind::Isolated(Box::new(config)),
                 cg_name.clone(),
                 memory_limit_mib,
-                supervisor::StartWith {
+                supervised::StartWith {
                     phases,
                     ready: Some(ready_r),
                 },
@@ -258,7 +260,7 @@ impl Driver for ExecDriver {
                 None
             }
         };
-        let sup = match supervisor::reattach(task_dir, record) {
+        let sup = match supervised::reattach(task_dir, record) {
             Ok(sup) => sup,
             Err(e) => {
                 cgroups::remove_leftover(layout, &record.cgroup);

@@ -11,14 +11,14 @@ use mlp_proto::v1::{AllocClientUpdate, Allocation};
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
-use crate::alloc_runner::{
+use super::runner::{
     finish_persisted, kill_handles, spawn_alloc_runner_attached, update_from_persisted,
     AllocHandle, RunnerEnv,
 };
+use super::state::{self, AllocView, PersistedAlloc};
+use crate::driver::supervised;
 use crate::driver::{proc_start_time, signal_group, TaskHandle};
-use crate::state::{self, AllocView, PersistedAlloc};
-use crate::supervisor;
-use crate::task_runner::push_event;
+use crate::task::runner::push_event;
 
 /// Tracks every allocation this agent runs or remembers.
 pub struct AllocManager {
@@ -86,12 +86,12 @@ impl AllocManager {
         let mut out = BTreeMap::new();
         for task in names {
             let task_dir = dir.join(&task);
-            let record = match supervisor::load_record(&task_dir) {
+            let record = match supervised::load_record(&task_dir) {
                 Ok(Some(r)) => r,
                 Ok(None) => continue,
                 Err(e) => {
                     tracing::warn!(dir = %task_dir.display(), error = %e, "unreadable task record; ignored");
-                    supervisor::remove_run_files(&task_dir);
+                    supervised::remove_run_files(&task_dir);
                     continue;
                 }
             };
@@ -115,11 +115,11 @@ impl AllocManager {
                         }
                     }
                     if let (Some(layout), false) =
-                        (crate::cgroups::host_layout(), record.cgroup.is_empty())
+                        (crate::isolation::cgroups::host_layout(), record.cgroup.is_empty())
                     {
-                        crate::cgroups::remove_leftover(&layout, &record.cgroup);
+                        crate::isolation::cgroups::remove_leftover(&layout, &record.cgroup);
                     }
-                    supervisor::remove_run_files(&task_dir);
+                    supervised::remove_run_files(&task_dir);
                 }
             }
         }
@@ -167,8 +167,8 @@ impl AllocManager {
                         tracing::warn!(pid = proc.pid, error = %e, "killing leftover task failed");
                     }
                 }
-                if let Some(layout) = crate::cgroups::host_layout() {
-                    crate::cgroups::remove_leftover(&layout, &format!("{}.{task}", p.alloc_id));
+                if let Some(layout) = crate::isolation::cgroups::host_layout() {
+                    crate::isolation::cgroups::remove_leftover(&layout, &format!("{}.{task}", p.alloc_id));
                 }
             }
             if alloc_client::is_terminal(&p.client_status) {

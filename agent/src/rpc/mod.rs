@@ -1,7 +1,9 @@
 //! `ClientService` served by the agent on its rpc listener: `Logs` streams a task's stdout or
 //! stderr from the rotated log files, optionally following it until the task is dead and the
 //! allocation terminal; `Exec` runs a command inside a running task
-//! ([`crate::exec_session`]).
+//! ([`crate::rpc::exec_session`]).
+
+pub mod exec_session;
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -14,8 +16,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::logs::{log_base, LogReader, MAX_CHUNK};
-use crate::state::{AllocRegistry, AllocView};
+use crate::alloc::state::{AllocRegistry, AllocView};
+use crate::task::logs::{log_base, LogReader, MAX_CHUNK};
 
 /// How often a follower polls for new bytes.
 const FOLLOW_POLL: Duration = Duration::from_millis(100);
@@ -106,7 +108,7 @@ impl ClientService for ClientRpc {
         request: Request<Streaming<ExecRequest>>,
     ) -> Result<Response<ExecStream>, Status> {
         let stream =
-            crate::exec_session::serve(self.registry.clone(), request.into_inner()).await?;
+            crate::rpc::exec_session::serve(self.registry.clone(), request.into_inner()).await?;
         Ok(Response::new(stream))
     }
 

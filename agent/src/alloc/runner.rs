@@ -11,10 +11,10 @@ use mlp_proto::v1::{AllocClientUpdate, Allocation, TaskGroup, TaskState};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::state::{self, AllocRegistry, AllocView, PersistedAlloc};
 use crate::driver::{Driver, TaskHandle};
-use crate::restart::default_policy;
-use crate::state::{self, AllocRegistry, AllocView, PersistedAlloc};
-use crate::task_runner::{now_ms, push_event, run_task_attached, TaskContext, TaskUpdate};
+use crate::task::restart::default_policy;
+use crate::task::runner::{now_ms, push_event, run_task_attached, TaskContext, TaskUpdate};
 
 /// What every alloc runner shares.
 #[derive(Clone)]
@@ -251,7 +251,7 @@ async fn run_alloc(
             driver: env.drivers.get(&task.driver).cloned(),
             log_max_file_bytes: env.log_max_file_bytes,
             log_max_files: env.log_max_files,
-            gpus: crate::gpu_sim::task_gpus(&group, &task.name, alloc.resources.as_ref(), &env.gpus),
+            gpus: crate::gpu::task_gpus(&group, &task.name, alloc.resources.as_ref(), &env.gpus),
         };
         let initial = rep.persisted.task_states.get(&task.name).cloned();
         joins.push(AbortOnDrop(tokio::spawn(run_task_attached(
