@@ -12,6 +12,7 @@
 //! driver/     Driver/TaskHandle, raw_exec, exec, supervisor launch uses isolation
 //! isolation/  namespaces, rootfs, init, cgroups/, start phases     uses nothing of the crate
 //! gpu/        GpuSource, simulated GPUs, a task's GPU environment uses nothing of the crate
+//! paths.rs    checks of names that become paths                  uses nothing of the crate
 //! ```
 //!
 //! A driver starts the task's supervisor as a separate process (`mlp __mlp-supervise`, code in
@@ -24,6 +25,7 @@ pub mod driver;
 pub mod fingerprint;
 pub mod gpu;
 pub mod isolation;
+pub mod paths;
 pub mod rpc;
 pub mod task;
 

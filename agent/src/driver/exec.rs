@@ -146,6 +146,9 @@ impl Driver for ExecDriver {
     }
 
     async fn start(&self, spec: &TaskSpec) -> Result<Box<dyn TaskHandle>, DriverError> {
+        // Both name the task's cgroup, `mlp/<alloc>.<task>`, and its log files.
+        crate::paths::check_alloc_id(&spec.alloc_id)?;
+        crate::paths::check_task_name(&spec.name)?;
         let mut phases = Phases::start();
         let user = self.user(&spec.user)?;
         phases.mark("user");

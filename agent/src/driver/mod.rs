@@ -76,6 +76,9 @@ pub enum DriverError {
     /// command could not be started inside it.
     #[error("{0}")]
     Isolation(String),
+    /// A name the task's paths or cgroup would be built from is unsafe.
+    #[error(transparent)]
+    Name(#[from] crate::paths::UnsafeName),
     /// A task left by a previous agent run cannot be reattached.
     #[error("cannot reattach to the task in {dir}: {reason}")]
     Reattach {

@@ -45,6 +45,8 @@ impl Driver for ProcessDriver {
     }
 
     async fn start(&self, spec: &TaskSpec) -> Result<Box<dyn TaskHandle>, DriverError> {
+        // It names the task's log files.
+        crate::paths::check_task_name(&spec.name)?;
         let exe = supervised::supervisor_exe(self.supervisor_exe.as_deref())?;
         // The task gets the agent's environment plus its own, as a child of the agent would.
         let mut env: BTreeMap<String, String> = std::env::vars().collect();
