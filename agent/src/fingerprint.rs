@@ -140,13 +140,23 @@ pub fn default_node_name() -> String {
 /// filled by the agent.
 pub fn fingerprint(config: &AgentConfig) -> Node {
     let cpu = parse_cpuinfo(&read("/proc/cpuinfo"));
-    let cores = if cpu.cores > 0 {
+    let mut cores = if cpu.cores > 0 {
         cpu.cores
     } else {
         std::thread::available_parallelism()
             .map(|n| u32::try_from(n.get()).unwrap_or(1))
             .unwrap_or(1)
     };
+    // The servers count `cores` against this total; the exec driver can pin tasks only to the
+    // CPUs the agent's cgroup parent allows, so that is the node's total where it is smaller.
+    let pool = crate::isolation::cgroups::host_layout()
+        .map(|l| crate::isolation::cgroups::cpu_pool(&l).len())
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(0);
+    if pool > 0 && pool < cores {
+        tracing::warn!(cpus = cores, allowed = pool, "the agent's cpuset allows fewer CPUs than the machine has; registering those");
+        cores = pool;
+    }
     let mhz = cpu
         .mhz
         .or_else(|| {

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use mlp_proto::consts::driver as driver_names;
@@ -14,6 +15,7 @@ use tokio::task::JoinHandle;
 
 use super::supervised::{self, Supervised, TaskKind, TaskRecord};
 use super::{Driver, DriverError, ExitStatus, TaskHandle, TaskSpec};
+use crate::isolation::cgroups::cpuset::CoreAllocator;
 use crate::isolation::cgroups::{self, Layout, TaskCgroup};
 use crate::isolation::phases::Phases;
 use crate::isolation::{hostname_for, lookup_user, rootfs, InitConfig, IsolationSettings, User};
@@ -26,6 +28,8 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 pub struct ExecDriver {
     settings: IsolationSettings,
     layout: Option<Layout>,
+    /// The CPUs pinned to `cores = N` tasks, shared with their handles (which free them).
+    cores: Arc<CoreAllocator>,
 }
 
 impl ExecDriver {
@@ -43,7 +47,17 @@ impl ExecDriver {
             }
             (Some(_), None) => {}
         }
-        ExecDriver { settings, layout }
+        let pool = layout.as_ref().map(cgroups::cpu_pool).unwrap_or_default();
+        ExecDriver {
+            settings,
+            layout,
+            cores: Arc::new(CoreAllocator::new(pool)),
+        }
+    }
+
+    /// The CPUs this driver pins `cores = N` tasks to, and which task holds which.
+    pub fn cores(&self) -> &CoreAllocator {
+        &self.cores
     }
 
     /// The task's directories (owned by its user) and the steps that build its root.
@@ -159,9 +173,21 @@ impl Driver for ExecDriver {
         // blocking thread while this one prepares the task and starts its supervisor, which
         // waits for `ready` on a pipe before it starts the init that joins the cgroup.
         let res = spec.resources.clone().unwrap_or_default();
-        let limits =
+        let mut limits =
             cgroups::limits_for(&res, self.settings.mhz_per_core, self.settings.default_pids);
         let cg_name = format!("{}.{}", spec.alloc_id, spec.name);
+        // CPUs of its own (the servers only counted them); freed again unless the task starts.
+        let mut hold = match limits.cores {
+            Some(n) => {
+                limits.cpus = self.cores.take(&cg_name, n)?;
+                Some(CoreHold {
+                    cores: &self.cores,
+                    task: cg_name.clone(),
+                    keep: false,
+                })
+            }
+            None => None,
+        };
         let cgroup_procs = cgroups::procs_files_for(layout, &cg_name, &limits)
             .map_err(|e| DriverError::Isolation(format!("creating the task cgroup: {e}")))?;
         phases.mark("cgroup_paths");
@@ -232,6 +258,9 @@ impl Driver for ExecDriver {
         };
         let (sup, root) = started?;
         let cgroup = guard.cgroup.take();
+        if let Some(hold) = hold.as_mut() {
+            hold.keep = true;
+        }
         tracing::debug!(task = %spec.name, pid = sup.record.pid, user = %user.name, "isolated task started");
         Ok(Box::new(IsolatedHandle {
             sup,
@@ -240,6 +269,7 @@ impl Driver for ExecDriver {
             layout: layout.clone(),
             root,
             cleanup: None,
+            cores: self.cores.clone(),
         }))
     }
 
@@ -270,6 +300,12 @@ impl Driver for ExecDriver {
                 return Err(err(e.to_string()));
             }
         };
+        // The task keeps the CPUs its cgroup pins it to, and no new task gets them.
+        let cpus = cgroups::pinned_cpus(layout, &record.cgroup);
+        let clash = self.cores.claim(&record.cgroup, &cpus);
+        if !clash.is_empty() {
+            tracing::warn!(cgroup = %record.cgroup, cpus = ?clash, "a reattached task shares pinned CPUs with another task");
+        }
         Ok(Box::new(IsolatedHandle {
             sup,
             cgroup,
@@ -277,7 +313,23 @@ impl Driver for ExecDriver {
             layout: layout.clone(),
             root: task_dir.join("root"),
             cleanup: None,
+            cores: self.cores.clone(),
         }))
+    }
+}
+
+/// Frees a start's CPUs unless the task started (`keep`).
+struct CoreHold<'a> {
+    cores: &'a CoreAllocator,
+    task: String,
+    keep: bool,
+}
+
+impl Drop for CoreHold<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            self.cores.release(&self.task);
+        }
     }
 }
 
@@ -305,6 +357,9 @@ struct IsolatedHandle {
     layout: Layout,
     root: PathBuf,
     cleanup: Option<JoinHandle<Result<(), cgroups::CgroupError>>>,
+    /// Freed once the task ended and its cgroup is gone (not on drop: a dropped handle's
+    /// task runs on).
+    cores: Arc<CoreAllocator>,
 }
 
 #[async_trait]
@@ -349,6 +404,7 @@ impl TaskHandle for IsolatedHandle {
                 Ok(Ok(())) => {}
             }
             self.cleanup = None;
+            self.cores.release(&self.cg_name);
             // The root's mounts died with the task's mount namespace; the directory is empty.
             let _ = std::fs::remove_dir(&self.root);
         }

@@ -76,6 +76,9 @@ pub enum DriverError {
     /// command could not be started inside it.
     #[error("{0}")]
     Isolation(String),
+    /// The task asks for more cores than are free on this node.
+    #[error(transparent)]
+    Cores(#[from] crate::isolation::cgroups::cpuset::CoreError),
     /// A name the task's paths or cgroup would be built from is unsafe.
     #[error(transparent)]
     Name(#[from] crate::paths::UnsafeName),
