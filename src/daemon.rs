@@ -158,23 +158,7 @@ fn isolation_settings(a: &ExecIsolationArgs) -> anyhow::Result<mlp_agent::isolat
     }
     let mut hidden = Vec::new();
     for p in &a.exec_hide {
-        if !mlp_agent::isolation::rootfs::hideable(p) {
-            anyhow::bail!(
-                "--exec-hide {}: must be an absolute path the default task root holds (under {}, or one of {})",
-                p.display(),
-                mlp_agent::isolation::rootfs::SYSTEM_DIRS.iter().chain(mlp_agent::isolation::rootfs::ETC_DIRS).copied().collect::<Vec<_>>().join(" "),
-                mlp_agent::isolation::rootfs::ETC_FILES.join(" ")
-            );
-        }
-        // Through symlinked parents (/bin -> usr/bin) to where the root binds it.
-        let real = match (p.parent().map(std::fs::canonicalize), p.file_name()) {
-            (Some(Ok(parent)), Some(name)) => parent.join(name),
-            _ => p.clone(),
-        };
-        if !mlp_agent::isolation::rootfs::hideable(&real) {
-            anyhow::bail!("--exec-hide {}: resolves to {}, outside the default task root", p.display(), real.display());
-        }
-        hidden.push(real);
+        hidden.push(mlp_agent::isolation::check_hidden_path(p).map_err(|e| anyhow::anyhow!("--exec-hide {e}"))?);
     }
     Ok(mlp_agent::isolation::IsolationSettings {
         hidden_paths: hidden,
@@ -211,7 +195,7 @@ fn agent_config(
 fn simulated_gpus(file: Option<&Path>) -> anyhow::Result<Vec<mlp_proto::v1::GpuDevice>> {
     match file {
         None => Ok(Vec::new()),
-        Some(f) => mlp_agent::gpu_sim::load(f).map_err(|e| anyhow::anyhow!("--simulated-gpus:\n{e}")),
+        Some(f) => mlp_agent::gpu::simulated::load(f).map_err(|e| anyhow::anyhow!("--simulated-gpus:\n{e}")),
     }
 }
 

@@ -14,11 +14,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // `mlp __mlp-supervise <config>` is a task's supervisor (see mlp_agent::supervisor), which
-    // also forks an exec task's namespaces; it must run before anything starts a thread.
-    mlp_agent::isolation::maybe_run_init();
+    // `mlp __mlp-supervise <config>` is a task's supervisor (see mlp_agent::task::supervisor),
+    // which also forks an exec task's namespaces; it must run before anything starts a thread.
+    mlp_agent::task::supervisor::maybe_run_supervisor();
     // `mlp __mlp-exec-enter` is an `mlp alloc exec` session entering a task (single-threaded too).
-    mlp_agent::exec_session::maybe_run_enter();
+    mlp_agent::rpc::exec_session::maybe_run_enter();
     let cli = cli::Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

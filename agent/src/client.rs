@@ -17,7 +17,7 @@ use tokio::time::{sleep, timeout, Instant};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
-use crate::manager::AllocManager;
+use crate::alloc::manager::AllocManager;
 use crate::AgentError;
 
 /// Timeout of each unary RPC.

@@ -140,13 +140,23 @@ pub fn default_node_name() -> String {
 /// filled by the agent.
 pub fn fingerprint(config: &AgentConfig) -> Node {
     let cpu = parse_cpuinfo(&read("/proc/cpuinfo"));
-    let cores = if cpu.cores > 0 {
+    let mut cores = if cpu.cores > 0 {
         cpu.cores
     } else {
         std::thread::available_parallelism()
             .map(|n| u32::try_from(n.get()).unwrap_or(1))
             .unwrap_or(1)
     };
+    // The servers count `cores` against this total; the exec driver can pin tasks only to the
+    // CPUs the agent's cgroup parent allows, so that is the node's total where it is smaller.
+    let pool = crate::isolation::cgroups::host_layout()
+        .map(|l| crate::isolation::cgroups::cpu_pool(&l).len())
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(0);
+    if pool > 0 && pool < cores {
+        tracing::warn!(cpus = cores, allowed = pool, "the agent's cpuset allows fewer CPUs than the machine has; registering those");
+        cores = pool;
+    }
     let mhz = cpu
         .mhz
         .or_else(|| {
@@ -204,13 +214,19 @@ pub fn fingerprint(config: &AgentConfig) -> Node {
     attrs.insert("cgroup.version".into(), cg);
     attrs.insert("unique.storage.bytesfree".into(), disk_free.to_string());
     attrs.insert("unique.storage.bytestotal".into(), disk_total.to_string());
-    // GPUs: only simulated ones from the agent's configuration (`--simulated-gpus`); they are
-    // marked so in every device and in `gpu.simulated`.
-    attrs.extend(crate::gpu_sim::attributes(&config.simulated_gpus));
+    // GPUs from the configured source (today only simulated ones, `--simulated-gpus`, marked so
+    // in every device and in `gpu.simulated`). The agent refuses to start on devices the source
+    // rejects, so an error here only drops the GPUs.
+    let gpu_source = config.gpu_source();
+    let gpus = gpu_source.devices().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "GPU devices rejected; registering none");
+        Vec::new()
+    });
+    attrs.extend(gpu_source.attributes(&gpus));
     let mut drivers = Vec::new();
     // raw_exec only forks/execs, which always works on Linux; exec needs root (namespaces,
     // mounts, switching users) and a cgroup hierarchy with controllers.
-    let exec_ok = nix::unistd::geteuid().is_root() && crate::cgroups::host_layout().is_some();
+    let exec_ok = nix::unistd::geteuid().is_root() && crate::isolation::cgroups::host_layout().is_some();
     for d in &config.drivers_enabled {
         if d == mlp_proto::consts::driver::EXEC && !exec_ok {
             tracing::warn!("the exec driver needs root and cgroups; not offered on this node");
@@ -235,7 +251,7 @@ pub fn fingerprint(config: &AgentConfig) -> Node {
             cpu_total_mhz: u64::from(cores) * mhz,
             memory_mib: mem_bytes / (1024 * 1024),
             disk_mib: disk_free / (1024 * 1024),
-            gpus: config.simulated_gpus.clone(),
+            gpus,
         }),
         attributes: attrs,
         meta: config.meta.clone(),
@@ -327,7 +343,7 @@ mod tests {
     #[test]
     fn simulated_gpus_are_registered() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
-        let gpus = crate::gpu_sim::parse(
+        let gpus = crate::gpu::simulated::parse(
             "g.json",
             r#"{"generate": {"count": 2, "model": "H100-SXM5-80GB", "memory_mib": 81920, "nvlink": "all"}}"#,
         )?;

@@ -1,22 +1,33 @@
 //! mlp agent: fingerprints the node, registers and heartbeats with the servers, runs the
 //! allocations the servers assign (alloc and task runners over drivers), reports their status,
 //! and serves task logs (`ClientService`) on its own gRPC address.
+//!
+//! Layering (a folder uses only the folders below it, never one above; check with
+//! `grep -rn "use crate::" agent/src`):
+//!
+//! ```text
+//! lib.rs, client.rs, fingerprint.rs, rpc/   wiring, servers' streams, node facts, ClientService
+//! alloc/      allocations: manager, runner, state registry        uses task, driver, gpu, isolation
+//! task/       one task: runner, restart, supervisor process, logs uses driver, gpu, isolation
+//! driver/     Driver/TaskHandle, raw_exec, exec, supervisor launch uses isolation
+//! isolation/  namespaces, rootfs, init, cgroups/, start phases     uses nothing of the crate
+//! gpu/        GpuSource, simulated GPUs, a task's GPU environment uses nothing of the crate
+//! paths.rs    checks of names that become paths                  uses nothing of the crate
+//! ```
+//!
+//! A driver starts the task's supervisor as a separate process (`mlp __mlp-supervise`, code in
+//! `task::supervisor`) and talks to it only through files and pipes (`driver::supervised`), so
+//! the driver never imports the task layer; isolation knows nothing of drivers or tasks.
 
-pub mod alloc_runner;
-pub mod cgroups;
+pub mod alloc;
 pub mod client;
 pub mod driver;
-pub mod exec_session;
 pub mod fingerprint;
-pub mod gpu_sim;
+pub mod gpu;
 pub mod isolation;
-pub mod logs;
-pub mod manager;
-pub mod restart;
+pub mod paths;
 pub mod rpc;
-pub mod state;
-pub mod supervisor;
-pub mod task_runner;
+pub mod task;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -29,10 +40,10 @@ use tokio::sync::{mpsc, watch, Mutex};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::alloc_runner::RunnerEnv;
+use crate::alloc::manager::AllocManager;
+use crate::alloc::runner::RunnerEnv;
+use crate::alloc::state::AllocRegistry;
 use crate::client::ServerPool;
-use crate::manager::AllocManager;
-use crate::state::AllocRegistry;
 
 /// Errors starting the agent.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +96,7 @@ pub struct AgentConfig {
     pub drivers_enabled: Vec<String>,
     /// Isolation of `exec` tasks (default user, refused users, default pids limit, ...).
     pub isolation: isolation::IsolationSettings,
-    /// Simulated GPUs this node registers (`gpu_sim::load`); empty = no GPUs.
+    /// Simulated GPUs this node registers (`gpu::simulated::load`); empty = no GPUs.
     pub simulated_gpus: Vec<mlp_proto::v1::GpuDevice>,
 }
 
@@ -109,6 +120,13 @@ impl Default for AgentConfig {
             isolation: isolation::IsolationSettings::default(),
             simulated_gpus: Vec::new(),
         }
+    }
+}
+
+impl AgentConfig {
+    /// Where this node's GPUs come from.
+    pub fn gpu_source(&self) -> Box<dyn gpu::GpuSource> {
+        Box::new(gpu::simulated::SimulatedGpus::new(self.simulated_gpus.clone()))
     }
 }
 
@@ -168,7 +186,7 @@ impl Agent {
     /// Fingerprints the node, restores what a previous run left, binds the ClientService
     /// listener and spawns the background loops (registration may still be retrying).
     pub async fn start(mut config: AgentConfig) -> Result<Agent, AgentError> {
-        gpu_sim::check_devices(&config.simulated_gpus).map_err(AgentError::Config)?;
+        config.gpu_source().devices().map_err(|e| AgentError::Config(e.to_string()))?;
         std::fs::create_dir_all(config.data_dir.join("allocs"))
             .map_err(AgentError::io(format!("creating {}", config.data_dir.display())))?;
         // Isolated tasks start in their own directories and read their config by path, so every

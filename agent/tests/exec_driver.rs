@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use mlp_agent::driver::exec::ExecDriver;
 use mlp_agent::driver::{Driver, TaskSpec};
-use mlp_agent::isolation::exec::ExecDriver;
 use mlp_agent::isolation::IsolationSettings;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -55,9 +55,10 @@ async fn a_cgroup_that_cannot_be_created_fails_the_start_and_leaves_nothing() ->
         supervisor_exe: Some(env!("CARGO_BIN_EXE_mlp-supervise-helper").into()),
         ..Default::default()
     });
-    // `mlp/cgroup.procs` is a file, so no cgroup directory can be made under it.
-    let alloc_id = format!("cgroup.procs/startfail-{}", std::process::id());
-    let s = spec(dir.path(), alloc_id);
+    // Task `procs` of allocation `cgroup` would live in `mlp/cgroup.procs`, which is the
+    // parent's file, so the cgroup cannot be made (both names pass the agent's path checks).
+    let mut s = spec(dir.path(), "cgroup".into());
+    s.name = "procs".into();
     let err = match driver.start(&s).await {
         Ok(mut h) => {
             h.signal(nix::sys::signal::Signal::SIGKILL)?;

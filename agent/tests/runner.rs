@@ -5,11 +5,11 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use mlp_agent::alloc_runner::{spawn_alloc_runner, AllocHandle, RunnerEnv};
+use mlp_agent::alloc::runner::{spawn_alloc_runner, AllocHandle, RunnerEnv};
+use mlp_agent::alloc::state::AllocRegistry;
 use mlp_agent::driver::{drivers_with, signal_group};
 use mlp_agent::isolation::IsolationSettings;
 use mlp_agent::rpc::ClientRpc;
-use mlp_agent::state::AllocRegistry;
 use mlp_proto::consts::{alloc_client, task_event, task_state};
 use mlp_proto::v1::client_service_server::ClientService;
 use mlp_proto::v1::{

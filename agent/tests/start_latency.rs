@@ -19,7 +19,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mlp_agent::driver::{signal_group, Driver, ProcessDriver, TaskSpec};
-use mlp_agent::isolation::exec::ExecDriver;
+use mlp_agent::driver::exec::ExecDriver;
 use mlp_agent::isolation::IsolationSettings;
 use nix::sys::signal::Signal;
 

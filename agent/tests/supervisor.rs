@@ -7,11 +7,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use mlp_agent::driver::supervised::{load_record, EXIT_FILE};
 use mlp_agent::driver::{
     proc_start_time, signal_group, Driver, DriverError, ProcessDriver, TaskSpec,
 };
-use mlp_agent::logs::LogReader;
-use mlp_agent::supervisor::{load_record, EXIT_FILE};
+use mlp_agent::task::logs::LogReader;
 use nix::sys::signal::Signal;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;

@@ -1,7 +1,6 @@
 //! mlp server: the Raft-replicated cluster state, the scheduler, the leader's evaluation and
 //! plan loops, and the gRPC and HTTP APIs.
 
-pub mod c1m;
 pub mod raft;
 pub mod scheduler;
 pub mod sim;

@@ -4,7 +4,7 @@
 //! (`IsolationSettings::supervisor_exe`). Production agents use the `mlp` binary.
 
 fn main() {
-    mlp_agent::isolation::maybe_run_init();
+    mlp_agent::task::supervisor::maybe_run_supervisor();
     eprintln!("usage: mlp-supervise-helper __mlp-supervise <config> (started by the mlp agent)");
     std::process::exit(2);
 }

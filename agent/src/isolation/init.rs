@@ -1,4 +1,4 @@
-//! The task's init, forked by the task's supervisor ([`crate::supervisor`], a freshly exec'd
+//! The task's init, forked by the task's supervisor (`crate::task::supervisor`, a freshly exec'd
 //! `mlp __mlp-supervise <config>`, single-threaded until the task runs, so forking and
 //! unsharing are safe).
 //!
@@ -29,12 +29,12 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 
 use nix::sched::{unshare, CloneFlags};
-use nix::sys::signal::Signal;
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
+use super::phases::Phases;
 use super::{rootfs, InitConfig};
-use crate::supervisor::{catch_stop_signals, report, Phases, Running};
 
 /// Capabilities a root task keeps in its bounding set (Docker's default set); every other
 /// task keeps none.
@@ -314,4 +314,40 @@ pub(crate) unsafe fn drop_privileges(uid: u32, gid: u32, drop_caps: &[u32]) -> s
         }
     }
     Ok(())
+}
+
+/// The task's running main process: its pid, and how to learn its end.
+pub(crate) struct Running {
+    /// The task's pid (`exec`: the init's).
+    pub(crate) pid: Pid,
+    /// `exec`: the init's report pipe ("exit N" / "signal N").
+    pub(crate) report: Option<OwnedFd>,
+}
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// TERM, INT, HUP and QUIT get a handler that does nothing (reset to default by exec).
+pub(crate) fn catch_stop_signals() {
+    let act = SigAction::new(
+        SigHandler::Handler(ignore_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        // SAFETY: the handler does nothing, which is async-signal-safe; a handled (not ignored)
+        // signal is reset to its default by exec, so the task starts with default handlers.
+        let _ = unsafe { nix::sys::signal::sigaction(sig, &act) };
+    }
+}
+
+/// Writes one line to a report pipe (once).
+pub(crate) fn report(status: &mut Option<File>, line: &str) {
+    if let Some(mut f) = status.take() {
+        let _ = f.write_all(line.as_bytes());
+    }
 }

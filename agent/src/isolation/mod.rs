@@ -2,18 +2,20 @@
 //! unprivileged user with no capabilities and `no_new_privs`, and a cgroup with limits.
 //!
 //! How a task starts: the agent builds an [`InitConfig`] (the root filesystem plan from
-//! [`rootfs`], the user, the cgroup to join) and starts the task's supervisor
-//! ([`crate::supervisor`], its own binary as `mlp __mlp-supervise <config>`, detached from the
-//! agent). The supervisor unshares a PID namespace and forks the namespace's PID 1 (the
-//! "init", [`init`]), which joins the cgroup, unshares mount, UTS, IPC (and network)
-//! namespaces, builds the root and `pivot_root`s into it, forks the task as an unprivileged
+//! [`rootfs`], the user, the cgroup to join) and starts the task's supervisor (its own binary
+//! as `mlp __mlp-supervise <config>`, detached from the agent; `crate::task::supervisor`). The
+//! supervisor unshares a PID namespace and forks the namespace's PID 1 (the "init", [`init`]),
+//! which joins the cgroup, unshares mount, UTS, IPC (and network) namespaces, builds the root and `pivot_root`s into it, forks the task as an unprivileged
 //! user, reaps zombies, and reports the task's exit status back to the supervisor, which
 //! records it. The agent never forks itself: the supervisor is a fresh process, not a fork of
 //! the multi-threaded agent, and it outlives an agent restart.
 
-pub mod exec;
+pub mod cgroups;
 pub mod init;
+pub mod phases;
 pub mod rootfs;
+
+pub use rootfs::{check_hidden_path, HideError};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -140,18 +142,6 @@ impl InitConfig {
         serde_json::from_slice(&bytes)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
-}
-
-/// When this process was started as a task supervisor (`mlp __mlp-supervise <config>`), runs
-/// it and never returns; otherwise returns at once. Call first thing in `main`, before any
-/// thread starts: the supervisor must be single-threaded to unshare namespaces and fork.
-pub fn maybe_run_init() {
-    let mut args = std::env::args_os();
-    if args.nth(1).as_deref() != Some(std::ffi::OsStr::new(crate::supervisor::SUPERVISE_ARG)) {
-        return;
-    }
-    let config = args.next().map(PathBuf::from).unwrap_or_default();
-    crate::supervisor::run(&config)
 }
 
 #[cfg(test)]

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use serde::{Deserialize, Serialize};
 
+use super::phases::Phases;
 use super::User;
-use crate::supervisor::Phases;
 
 /// Host directories bound read-only into every root (symlinks are recreated instead).
 pub const SYSTEM_DIRS: &[&str] = &[
@@ -182,6 +182,47 @@ pub fn hideable(path: &Path) -> bool {
         .chain(ETC_DIRS)
         .any(|d| path.starts_with(d))
         || ETC_FILES.iter().any(|f| path == Path::new(f))
+}
+
+/// Why a path cannot be hidden from task roots (`--exec-hide`).
+#[derive(Debug, thiserror::Error)]
+pub enum HideError {
+    /// Not a path of the default root (relative, with `.` or `..`, or elsewhere).
+    #[error("{}: must be an absolute path the default task root holds (under {}, or one of {})",
+        .path.display(), SYSTEM_DIRS.iter().chain(ETC_DIRS).copied().collect::<Vec<_>>().join(" "), ETC_FILES.join(" "))]
+    NotInRoot {
+        /// The path asked for.
+        path: PathBuf,
+    },
+    /// Its parents are symlinks that lead out of the default root.
+    #[error("{}: resolves to {}, outside the default task root", .path.display(), .real.display())]
+    ResolvesOutside {
+        /// The path asked for.
+        path: PathBuf,
+        /// Where it leads on this host.
+        real: PathBuf,
+    },
+}
+
+/// Checks a path to hide from every task root (`--exec-hide`) and returns it as the root holds
+/// it: through symlinked parents (`/bin -> usr/bin`) to where the root binds it.
+pub fn check_hidden_path(path: &Path) -> Result<PathBuf, HideError> {
+    if !hideable(path) {
+        return Err(HideError::NotInRoot {
+            path: path.to_path_buf(),
+        });
+    }
+    let real = match (path.parent().map(std::fs::canonicalize), path.file_name()) {
+        (Some(Ok(parent)), Some(name)) => parent.join(name),
+        _ => path.to_path_buf(),
+    };
+    if !hideable(&real) {
+        return Err(HideError::ResolvesOutside {
+            path: path.to_path_buf(),
+            real,
+        });
+    }
+    Ok(real)
 }
 
 /// The steps that build a task's root. `probe` says what the host has (see [`probe_host`]);

@@ -1,14 +1,20 @@
 //! Task drivers: the [`Driver`] trait that starts a task's process and the [`TaskHandle`] that
 //! waits for and signals it.
 //!
-//! Every task runs under its own supervisor ([`crate::supervisor`]), a detached process that
-//! owns the task's output and records its exit, so tasks outlive an agent restart and a new
-//! agent reattaches to them ([`Driver::reattach`]).
+//! Every task runs under its own supervisor (`mlp __mlp-supervise <config>`: the process side is
+//! `crate::task::supervisor`, the agent side [`supervised`]), a detached process that owns the
+//! task's output and records its exit, so tasks outlive an agent restart and a new agent
+//! reattaches to them ([`Driver::reattach`]). Drivers reach it only through its config and
+//! record files and its status pipe, never by calling into it.
 //!
-//! `raw_exec` is [`ProcessDriver`]: the task runs in its own session/process group
+//! `raw_exec` is [`raw_exec::ProcessDriver`]: the task runs in its own session/process group
 //! (`setsid`), stdin is /dev/null, and stdout/stderr go into size-rotated log files.
-//! `exec` is [`crate::isolation::exec::ExecDriver`]: the same contract, with namespaces, a task
-//! root, an unprivileged user and a cgroup.
+//! `exec` is [`exec::ExecDriver`]: the same contract, with namespaces, a task root, an
+//! unprivileged user and a cgroup (all of it from [`crate::isolation`]).
+
+pub mod exec;
+pub mod raw_exec;
+pub mod supervised;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,9 +25,11 @@ use mlp_proto::v1::Resources;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::isolation::exec::ExecDriver;
 use crate::isolation::IsolationSettings;
-use crate::supervisor::{self, Supervised, TaskKind, TaskRecord};
+pub use exec::ExecDriver;
+pub use raw_exec::ProcessDriver;
+use supervised::TaskRecord;
+
 
 /// Errors from a driver.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +76,12 @@ pub enum DriverError {
     /// command could not be started inside it.
     #[error("{0}")]
     Isolation(String),
+    /// The task asks for more cores than are free on this node.
+    #[error(transparent)]
+    Cores(#[from] crate::isolation::cgroups::cpuset::CoreError),
+    /// A name the task's paths or cgroup would be built from is unsafe.
+    #[error(transparent)]
+    Name(#[from] crate::paths::UnsafeName),
     /// A task left by a previous agent run cannot be reattached.
     #[error("cannot reattach to the task in {dir}: {reason}")]
     Reattach {
@@ -173,7 +187,7 @@ pub trait TaskHandle: Send {
     /// Sends a signal to the task's whole process group.
     fn signal(&self, sig: Signal) -> Result<(), DriverError>;
     /// Resource usage from the task's cgroup; None for unisolated tasks.
-    fn stats(&self) -> Option<crate::cgroups::Stats> {
+    fn stats(&self) -> Option<crate::isolation::cgroups::Stats> {
         None
     }
 }
@@ -207,31 +221,6 @@ pub fn parse_stat_start_time(stat: &str) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// The unisolated `raw_exec` driver.
-#[derive(Debug, Clone)]
-pub struct ProcessDriver {
-    name: &'static str,
-    supervisor_exe: Option<PathBuf>,
-}
-
-impl ProcessDriver {
-    /// The `raw_exec` driver (never isolated), supervised by the running binary.
-    pub fn raw_exec() -> Self {
-        ProcessDriver {
-            name: driver_names::RAW_EXEC,
-            supervisor_exe: None,
-        }
-    }
-
-    /// The `raw_exec` driver with `exe` as the supervisor binary.
-    pub fn with_supervisor(exe: Option<PathBuf>) -> Self {
-        ProcessDriver {
-            supervisor_exe: exe,
-            ..Self::raw_exec()
-        }
-    }
-}
-
 /// Drivers by name, for the enabled names, with the default isolation settings.
 pub fn drivers_for(enabled: &[String]) -> BTreeMap<String, std::sync::Arc<dyn Driver>> {
     drivers_with(enabled, &IsolationSettings::default())
@@ -263,78 +252,6 @@ pub fn drivers_with(
         }
     }
     out
-}
-
-#[async_trait]
-impl Driver for ProcessDriver {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    async fn start(&self, spec: &TaskSpec) -> Result<Box<dyn TaskHandle>, DriverError> {
-        let exe = supervisor::supervisor_exe(self.supervisor_exe.as_deref())?;
-        // The task gets the agent's environment plus its own, as a child of the agent would.
-        let mut env: BTreeMap<String, String> = std::env::vars().collect();
-        env.extend(spec.env.clone());
-        let task = TaskKind::Raw {
-            command: spec.command.clone(),
-            args: spec.args.clone(),
-            env,
-            work_dir: spec.work_dir.clone(),
-        };
-        let sup = supervisor::start(
-            &exe,
-            self.name,
-            spec,
-            task,
-            String::new(),
-            None,
-            supervisor::StartWith {
-                phases: supervisor::Phases::start(),
-                ready: None,
-            },
-        )
-        .await?;
-        tracing::debug!(task = %spec.name, pid = sup.record.pid, driver = self.name, "task process started");
-        Ok(Box::new(ProcessHandle { sup }))
-    }
-
-    fn reattach(
-        &self,
-        task_dir: &Path,
-        record: &TaskRecord,
-    ) -> Result<Box<dyn TaskHandle>, DriverError> {
-        let sup = supervisor::reattach(task_dir, record).map_err(|e| DriverError::Reattach {
-            dir: task_dir.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        Ok(Box::new(ProcessHandle { sup }))
-    }
-}
-
-/// A task started (or reattached) by [`ProcessDriver`].
-struct ProcessHandle {
-    sup: Supervised,
-}
-
-#[async_trait]
-impl TaskHandle for ProcessHandle {
-    fn pid(&self) -> u32 {
-        self.sup.record.pid
-    }
-
-    async fn wait(&mut self) -> ExitStatus {
-        let first = !self.sup.exited();
-        let ex = self.sup.wait().await;
-        if first {
-            self.sup.forget();
-        }
-        ex
-    }
-
-    fn signal(&self, sig: Signal) -> Result<(), DriverError> {
-        self.sup.signal(sig)
-    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! `ClientService` served by the agent on its rpc listener: `Logs` streams a task's stdout or
 //! stderr from the rotated log files, optionally following it until the task is dead and the
 //! allocation terminal; `Exec` runs a command inside a running task
-//! ([`crate::exec_session`]).
+//! ([`crate::rpc::exec_session`]).
+
+pub mod exec_session;
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -14,8 +16,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::logs::{log_base, LogReader, MAX_CHUNK};
-use crate::state::{AllocRegistry, AllocView};
+use crate::alloc::state::{AllocRegistry, AllocView};
+use crate::task::logs::{log_base, LogReader, MAX_CHUNK};
 
 /// How often a follower polls for new bytes.
 const FOLLOW_POLL: Duration = Duration::from_millis(100);
@@ -58,6 +60,11 @@ pub fn resolve_task(
     alloc_id: &str,
     task: &str,
 ) -> Result<(String, AllocView, String), Status> {
+    // Both end up in paths (the task's dir and log files): refused before any lookup.
+    crate::paths::check_alloc_id(alloc_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if !task.is_empty() {
+        crate::paths::check_task_name(task).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    }
     let id = match registry.resolve(alloc_id) {
         Ok(id) => id,
         Err(0) => {
@@ -106,7 +113,7 @@ impl ClientService for ClientRpc {
         request: Request<Streaming<ExecRequest>>,
     ) -> Result<Response<ExecStream>, Status> {
         let stream =
-            crate::exec_session::serve(self.registry.clone(), request.into_inner()).await?;
+            crate::rpc::exec_session::serve(self.registry.clone(), request.into_inner()).await?;
         Ok(Response::new(stream))
     }
 
@@ -153,5 +160,35 @@ impl ClientService for ClientRpc {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ids and task names that could name a path are refused before any lookup, with
+    /// `InvalidArgument`, for both the Logs and the Exec RPC (both resolve through here).
+    #[test]
+    fn hostile_ids_and_task_names_are_invalid_arguments() {
+        let registry = AllocRegistry::default();
+        registry.put(
+            "a1",
+            AllocView {
+                dir: std::path::PathBuf::from("/nonexistent/allocs/a1"),
+                tasks: vec!["t".into()],
+                ..Default::default()
+            },
+        );
+        for v in crate::paths::tests::hostile() {
+            let e = resolve_task(&registry, &v, "t").err();
+            assert_eq!(e.map(|e| e.code()), Some(tonic::Code::InvalidArgument), "id {v:?}");
+            if !v.is_empty() {
+                let e = resolve_task(&registry, "a1", &v).err();
+                assert_eq!(e.map(|e| e.code()), Some(tonic::Code::InvalidArgument), "task {v:?}");
+            }
+        }
+        let ok = resolve_task(&registry, "a1", "").map(|(id, _, task)| (id, task));
+        assert_eq!(ok.ok(), Some(("a1".to_string(), "t".to_string())));
     }
 }

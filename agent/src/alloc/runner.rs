@@ -11,10 +11,10 @@ use mlp_proto::v1::{AllocClientUpdate, Allocation, TaskGroup, TaskState};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::state::{self, AllocRegistry, AllocView, PersistedAlloc};
 use crate::driver::{Driver, TaskHandle};
-use crate::restart::default_policy;
-use crate::state::{self, AllocRegistry, AllocView, PersistedAlloc};
-use crate::task_runner::{now_ms, push_event, run_task_attached, TaskContext, TaskUpdate};
+use crate::task::restart::default_policy;
+use crate::task::runner::{now_ms, push_event, run_task_attached, TaskContext, TaskUpdate};
 
 /// What every alloc runner shares.
 #[derive(Clone)]
@@ -96,6 +96,17 @@ fn find_group(alloc: &Allocation) -> Option<(TaskGroup, String, String)> {
     Some((g.clone(), job.name.clone(), job.r#type.clone()))
 }
 
+/// The update that refuses an allocation whose names cannot be used in paths: failed, with
+/// the reason, and no task states (nothing ran, nothing was written).
+pub fn refused_update(alloc_id: &str, why: &crate::paths::UnsafeName) -> AllocClientUpdate {
+    AllocClientUpdate {
+        alloc_id: alloc_id.to_string(),
+        client_status: alloc_client::FAILED.into(),
+        client_description: format!("refused by the agent: {why}"),
+        task_states: BTreeMap::new(),
+    }
+}
+
 /// Starts an alloc runner. `prior` is the state remembered from before an agent restart.
 pub fn spawn_alloc_runner(
     alloc: Allocation,
@@ -171,6 +182,20 @@ async fn run_alloc(
     mut stop: watch::Receiver<bool>,
     updates: mpsc::UnboundedSender<AllocClientUpdate>,
 ) -> PersistedAlloc {
+    if let Err(e) = crate::paths::check_allocation(&alloc) {
+        // Refused before any path is built from it (the manager refuses these first; this
+        // guards the runner's own callers).
+        tracing::warn!(error = %e, "refusing an allocation with an unsafe name");
+        let refused = refused_update(&alloc.id, &e);
+        let _ = updates.send(refused.clone());
+        kill_handles(attached).await;
+        return PersistedAlloc {
+            alloc_id: alloc.id.clone(),
+            client_status: refused.client_status,
+            client_description: refused.client_description,
+            ..Default::default()
+        };
+    }
     let dir = env.alloc_root.join(&alloc.id);
     let group = find_group(&alloc);
     let tasks: Vec<String> = group
@@ -251,7 +276,7 @@ async fn run_alloc(
             driver: env.drivers.get(&task.driver).cloned(),
             log_max_file_bytes: env.log_max_file_bytes,
             log_max_files: env.log_max_files,
-            gpus: crate::gpu_sim::task_gpus(&group, &task.name, alloc.resources.as_ref(), &env.gpus),
+            gpus: crate::gpu::task_gpus(&group, &task.name, alloc.resources.as_ref(), &env.gpus),
         };
         let initial = rep.persisted.task_states.get(&task.name).cloned();
         joins.push(AbortOnDrop(tokio::spawn(run_task_attached(

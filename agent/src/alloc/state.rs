@@ -9,17 +9,10 @@ use std::sync::{Arc, Mutex};
 use mlp_proto::v1::{Allocation, TaskState};
 use serde::{Deserialize, Serialize};
 
+pub use crate::task::runner::ProcRecord;
+
 /// File name of the persisted state inside an alloc dir.
 pub const STATE_FILE: &str = "state.json";
-
-/// A running task's process, recognisable after an agent restart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct ProcRecord {
-    /// Pid (= process group id).
-    pub pid: u32,
-    /// Field 22 of /proc/<pid>/stat at start.
-    pub start_time: u64,
-}
 
 /// What the agent remembers about an allocation.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -9,7 +9,8 @@
 //! and never run anything). Planning runs on `workers` threads like the leader's workers;
 //! commits are serialized like Raft's apply.
 //!
-//! `benches/c1m.rs` runs it at full size; the tests run it small.
+//! Built only from `mlp_server`'s public API. `benches/c1m/main.rs` runs it at full size;
+//! `tests/c1m.rs` runs it small.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -19,11 +20,11 @@ use std::time::{Duration, Instant};
 use mlp_proto::consts::{eval_status, eval_trigger, job_type, node_status};
 use mlp_proto::v1::{Allocation, Evaluation, Job, Node, NodeResources, Resources, Task, TaskGroup};
 
-use crate::leader::now_ms;
-use crate::plan_apply::{self, Checked};
-use crate::scheduler;
-use crate::scheduler::resources::is_live;
-use crate::state::{derived_id, Command, PlanResult, Request, StateHandle};
+use mlp_server::leader::now_ms;
+use mlp_server::plan_apply::{self, Checked};
+use mlp_server::scheduler;
+use mlp_server::scheduler::resources::is_live;
+use mlp_server::state::{derived_id, Command, PlanResult, Request, StateHandle};
 
 /// The shape of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -473,56 +474,4 @@ pub fn run(cfg: &Config) -> Result<Report, C1mError> {
         rejected: run.rejected.load(Ordering::Relaxed),
         nodes_used,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The C1M path at a size a debug build runs quickly: sampling is on (200 GPU-less nodes),
-    /// two workers plan at once, and every task must end placed on a node that holds it.
-    #[test]
-    fn small_c1m_places_every_task_without_overcommit() {
-        let cfg = Config {
-            nodes: 200,
-            jobs: 20,
-            tasks_per_job: 100,
-            workers: 2,
-            ..Config::default()
-        };
-        let report = run(&cfg).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(report.placements, 2000);
-        assert!(report.evals_run >= 20);
-        assert!(report.nodes_used > 0);
-    }
-
-    /// Tight capacity: nodes hold 10 tasks each and the jobs need 90% of the cluster, so many
-    /// nodes fill up during a plan and conflicting plans get rejected and retried.
-    #[test]
-    fn tight_c1m_fills_nodes_without_overcommit() {
-        let cfg = Config {
-            nodes: 150,
-            jobs: 27,
-            tasks_per_job: 50,
-            workers: 3,
-            node_cpu_mhz: 1000,
-            node_memory_mib: 4096,
-            task_cpu_mhz: 100,
-            task_memory_mib: 128,
-        };
-        let report = run(&cfg).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(report.placements, 1350);
-        assert!(report.nodes_used >= 135, "{} nodes used", report.nodes_used);
-    }
-
-    #[test]
-    fn impossible_shapes_are_refused() {
-        let cfg = Config {
-            nodes: 1,
-            jobs: 1,
-            tasks_per_job: 1000,
-            ..Config::default()
-        };
-        assert!(matches!(run(&cfg), Err(C1mError::Config(_))));
-    }
 }

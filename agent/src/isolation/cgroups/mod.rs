@@ -76,6 +76,9 @@ pub struct Limits {
     pub cpu_quota_us: Option<u64>,
     /// Pin to this many cores (cpuset); None = any core.
     pub cores: Option<u32>,
+    /// The CPUs chosen for `cores` (by the exec driver's [`cpuset::CoreAllocator`]); a cgroup
+    /// with `cores` but without as many CPUs here is refused.
+    pub cpus: Vec<u32>,
     /// Hard memory limit in bytes.
     pub memory_bytes: Option<u64>,
     /// Soft memory target in bytes (when a burst limit is above it).
@@ -242,6 +245,43 @@ pub fn open_existing(layout: &Layout, name: &str) -> Result<Box<dyn TaskCgroup>,
     }
 }
 
+/// The agent-owned parent `mlp/` in the hierarchy that holds cpuset, and the file there
+/// that lists the CPUs its children may use.
+fn cpuset_parent(layout: &Layout) -> Option<(PathBuf, &'static str)> {
+    match layout {
+        Layout::V2 { root } => Some((root.join(PARENT), "cpuset.cpus.effective")),
+        Layout::V1 { .. } => cgroups_rs::fs::hierarchies::V1::new()
+            .get_mount_point(cgroups_rs::fs::Controllers::CpuSet)
+            .map(|(mount, _)| (mount.join(PARENT), "cpuset.cpus")),
+    }
+}
+
+/// The CPUs tasks may be pinned to: those the `mlp/` parent may use (its own parent's before
+/// the first pinned task created it). Empty when the layout has no cpuset.
+pub fn cpu_pool(layout: &Layout) -> Vec<u32> {
+    let Some((parent, file)) = cpuset_parent(layout) else {
+        return Vec::new();
+    };
+    let read = |dir: &Path| cpuset::parse_list(&std::fs::read_to_string(dir.join(file)).unwrap_or_default());
+    let own = read(&parent);
+    if !own.is_empty() {
+        return own;
+    }
+    parent.parent().map(read).unwrap_or_default()
+}
+
+/// The CPUs the task cgroup `mlp/<name>` is pinned to (its own `cpuset.cpus`); empty when it is
+/// not pinned or does not exist.
+pub fn pinned_cpus(layout: &Layout, name: &str) -> Vec<u32> {
+    if name.is_empty() {
+        return Vec::new();
+    }
+    let Some((parent, _)) = cpuset_parent(layout) else {
+        return Vec::new();
+    };
+    cpuset::parse_list(&std::fs::read_to_string(parent.join(name).join("cpuset.cpus")).unwrap_or_default())
+}
+
 /// Caps the processes of every task together, on the agent-owned parent `mlp/`.
 pub fn set_parent_pids(layout: &Layout, max: u64) -> Result<(), CgroupError> {
     let parent = match layout {
@@ -394,6 +434,7 @@ pub fn limits_for(res: &mlp_proto::v1::Resources, mhz_per_core: u64, default_pid
         cpu_quota_us: (res.cpu_hard_limit && res.cpu_mhz > 0)
             .then(|| (CFS_PERIOD_US * res.cpu_mhz / mhz_per_core.max(1)).max(1000)),
         cores: (res.cores > 0).then_some(res.cores),
+        cpus: Vec::new(),
         memory_bytes: (memory > 0).then_some(memory * 1024 * 1024),
         memory_soft_bytes: burst.then_some(res.memory_mib * 1024 * 1024),
         pids: Some(if res.pids > 0 {

@@ -54,8 +54,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
+use crate::alloc::state::AllocRegistry;
 use crate::isolation::{init::ROOT_CAPS, User};
-use crate::state::AllocRegistry;
 
 /// The first argument that makes `mlp` run as an exec session's enter helper.
 pub const ENTER_ARG: &str = "__mlp-exec-enter";
@@ -78,7 +78,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bytes read from the command's output at a time.
 const READ_CHUNK: usize = 32 * 1024;
 
-/// Where an `exec` task starts inside its root (see `isolation::exec`); sessions start there.
+/// Where an `exec` task starts inside its root (see `driver::exec`); sessions start there.
 const EXEC_WORK_DIR: &str = "/local";
 
 /// fd the helper reads its config from.
@@ -216,7 +216,7 @@ fn target(registry: &AllocRegistry, start: &ExecStart) -> Result<Target, Status>
     if st.state != task_state::RUNNING || st.pid == 0 {
         return Err(not_running(&alloc_id, &task, &st.state));
     }
-    let persisted = crate::state::load(&view.dir)
+    let persisted = crate::alloc::state::load(&view.dir)
         .map_err(|e| Status::internal(format!("reading the state of allocation {alloc_id}: {e}")))?
         .and_then(|p| p.alloc)
         .ok_or_else(|| Status::internal(format!("allocation {alloc_id} has no saved spec")))?;
@@ -392,7 +392,7 @@ pub fn cgroup_procs_from(proc_cgroup: &str, mountinfo: &str) -> Vec<PathBuf> {
         let (Some(_), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
             continue;
         };
-        if !path.starts_with(&format!("/{}/", crate::cgroups::PARENT)) {
+        if !path.starts_with(&format!("/{}/", crate::isolation::cgroups::PARENT)) {
             continue;
         }
         let mount = mounts.iter().find(|(fstype, _, _, opts)| {

@@ -11,14 +11,14 @@ use mlp_proto::v1::{AllocClientUpdate, Allocation};
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
-use crate::alloc_runner::{
-    finish_persisted, kill_handles, spawn_alloc_runner_attached, update_from_persisted,
-    AllocHandle, RunnerEnv,
+use super::runner::{
+    finish_persisted, kill_handles, refused_update, spawn_alloc_runner_attached,
+    update_from_persisted, AllocHandle, RunnerEnv,
 };
+use super::state::{self, AllocView, PersistedAlloc};
+use crate::driver::supervised;
 use crate::driver::{proc_start_time, signal_group, TaskHandle};
-use crate::state::{self, AllocView, PersistedAlloc};
-use crate::supervisor;
-use crate::task_runner::push_event;
+use crate::task::runner::push_event;
 
 /// Tracks every allocation this agent runs or remembers.
 pub struct AllocManager {
@@ -86,12 +86,12 @@ impl AllocManager {
         let mut out = BTreeMap::new();
         for task in names {
             let task_dir = dir.join(&task);
-            let record = match supervisor::load_record(&task_dir) {
+            let record = match supervised::load_record(&task_dir) {
                 Ok(Some(r)) => r,
                 Ok(None) => continue,
                 Err(e) => {
                     tracing::warn!(dir = %task_dir.display(), error = %e, "unreadable task record; ignored");
-                    supervisor::remove_run_files(&task_dir);
+                    supervised::remove_run_files(&task_dir);
                     continue;
                 }
             };
@@ -115,11 +115,11 @@ impl AllocManager {
                         }
                     }
                     if let (Some(layout), false) =
-                        (crate::cgroups::host_layout(), record.cgroup.is_empty())
+                        (crate::isolation::cgroups::host_layout(), record.cgroup.is_empty())
                     {
-                        crate::cgroups::remove_leftover(&layout, &record.cgroup);
+                        crate::isolation::cgroups::remove_leftover(&layout, &record.cgroup);
                     }
-                    supervisor::remove_run_files(&task_dir);
+                    supervised::remove_run_files(&task_dir);
                 }
             }
         }
@@ -153,6 +153,16 @@ impl AllocManager {
             if p.alloc_id.is_empty() {
                 p.alloc_id = entry.file_name().to_string_lossy().into_owned();
             }
+            // Written by an agent that checked it, but the dir is all this run trusts.
+            let checked = crate::paths::check_alloc_id(&p.alloc_id).and_then(|()| {
+                p.alloc.as_ref().map_or(Ok(()), crate::paths::check_allocation)
+            });
+            if let Err(e) = checked.and_then(|()| {
+                p.task_states.keys().chain(p.procs.keys()).try_for_each(|t| crate::paths::check_task_name(t))
+            }) {
+                tracing::warn!(dir = %dir.display(), error = %e, "alloc state with an unsafe name; ignored");
+                continue;
+            }
             let handles = self.reattach_tasks(&dir, &p);
             // Processes recorded without a run record (or whose reattach failed and were
             // killed above) are not the tasks' any more.
@@ -167,8 +177,8 @@ impl AllocManager {
                         tracing::warn!(pid = proc.pid, error = %e, "killing leftover task failed");
                     }
                 }
-                if let Some(layout) = crate::cgroups::host_layout() {
-                    crate::cgroups::remove_leftover(&layout, &format!("{}.{task}", p.alloc_id));
+                if let Some(layout) = crate::isolation::cgroups::host_layout() {
+                    crate::isolation::cgroups::remove_leftover(&layout, &format!("{}.{task}", p.alloc_id));
                 }
             }
             if alloc_client::is_terminal(&p.client_status) {
@@ -248,6 +258,14 @@ impl AllocManager {
 
     /// Starts, stops or reports one allocation the servers sent.
     fn apply_one(&mut self, a: Allocation) {
+        if let Err(e) = crate::paths::check_allocation(&a) {
+            // Never touches disk or the registry: reported failed until the servers know.
+            if a.client_status != alloc_client::FAILED {
+                tracing::warn!(error = %e, "refusing an allocation with an unsafe name");
+                let _ = self.updates.send(refused_update(&a.id, &e));
+            }
+            return;
+        }
         let stop = a.desired_status == alloc_desired::STOP;
         if let Some(h) = self.runners.get(&a.id) {
             if stop {
@@ -330,6 +348,12 @@ impl AllocManager {
             .cloned()
             .collect();
         for id in gone {
+            if crate::paths::check_alloc_id(&id).is_err() {
+                // Never a dir of ours: do not build a path from it.
+                self.finished.remove(&id);
+                self.restored.remove(&id);
+                continue;
+            }
             self.finished.remove(&id);
             self.restored.remove(&id);
             if let Some(handles) = self.attached.remove(&id) {
@@ -359,5 +383,92 @@ impl AllocManager {
     /// Ids of running alloc runners.
     pub fn running(&self) -> Vec<String> {
         self.runners.keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alloc::state::AllocRegistry;
+    use mlp_proto::v1::{Job, Task, TaskGroup};
+
+    fn tree(root: &Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        let mut todo = vec![root.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    todo.push(p.clone());
+                }
+                out.push(p);
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn alloc(id: &str, group: &str, task: &str) -> Allocation {
+        Allocation {
+            id: id.into(),
+            task_group: group.into(),
+            desired_status: alloc_desired::RUN.into(),
+            job: Some(Job {
+                groups: vec![TaskGroup {
+                    name: group.into(),
+                    tasks: vec![Task { name: task.into(), driver: "raw_exec".into(), ..Default::default() }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Hostile ids, group and task names are refused as failed, and nothing in or next to the
+    /// data dir is created or removed, also when the servers drop them again (GC).
+    #[tokio::test]
+    async fn hostile_names_are_refused_and_touch_nothing() -> Result<(), Box<dyn std::error::Error>> {
+        let tmp = tempfile::tempdir()?;
+        let root = tmp.path().join("data").join("allocs");
+        std::fs::create_dir_all(&root)?;
+        std::fs::create_dir_all(tmp.path().join("etc"))?;
+        std::fs::write(tmp.path().join("etc").join("passwd"), "keep")?;
+        let before = tree(tmp.path());
+        let registry = AllocRegistry::default();
+        let env = RunnerEnv {
+            alloc_root: root.clone(),
+            drivers: crate::driver::drivers_for(&["raw_exec".to_string()]),
+            log_max_file_bytes: 1024,
+            log_max_files: 1,
+            registry: registry.clone(),
+            gpus: Vec::new(),
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut m = AllocManager::new(env, tx);
+        let mut allocs = Vec::new();
+        for (i, v) in crate::paths::tests::hostile().into_iter().enumerate() {
+            allocs.push(alloc(&v, "g", "t"));
+            allocs.push(alloc(&format!("ok-task-{i}"), "g", &v));
+            if !v.is_empty() {
+                allocs.push(alloc(&format!("ok-group-{i}"), &v, "t"));
+            }
+        }
+        let n = allocs.len();
+        m.sync(allocs);
+        let mut failed = 0;
+        while let Ok(u) = rx.try_recv() {
+            assert_eq!(u.client_status, alloc_client::FAILED, "{u:?}");
+            assert!(u.client_description.starts_with("refused by the agent: invalid "), "{u:?}");
+            failed += 1;
+        }
+        assert_eq!(failed, n);
+        assert!(m.running().is_empty());
+        assert!(registry.resolve("ok").is_err(), "nothing registered");
+        // Dropped by the servers: garbage collection builds no path from them either.
+        m.sync(Vec::new());
+        assert_eq!(tree(tmp.path()), before);
+        assert_eq!(std::fs::read_to_string(tmp.path().join("etc").join("passwd"))?, "keep");
+        Ok(())
     }
 }

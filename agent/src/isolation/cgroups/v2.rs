@@ -148,13 +148,14 @@ mod tests {
             cpu_shares: 1024,
             cpu_quota_us: Some(50_000),
             cores: Some(2),
+            cpus: vec![1, 3],
             memory_bytes: Some(256 << 20),
             memory_soft_bytes: Some(128 << 20),
             pids: Some(64),
         })?;
         assert_eq!(read(&dir, "cpu.weight"), "39");
         assert_eq!(read(&dir, "cpu.max"), "50000 100000");
-        assert_eq!(read(&dir, "cpuset.cpus"), "0,1");
+        assert_eq!(read(&dir, "cpuset.cpus"), "1,3", "the CPUs the allocator chose");
         assert_eq!(read(&dir, "memory.max"), (256u64 << 20).to_string());
         assert_eq!(read(&dir, "memory.swap.max"), "0");
         assert_eq!(read(&dir, "memory.low"), (128u64 << 20).to_string());

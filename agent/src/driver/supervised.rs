@@ -1,20 +1,8 @@
-//! The per-task supervisor: a small process (`mlp __mlp-supervise <config>`, a fresh exec of the
-//! agent's binary in its own session, stdio not connected to the agent) that starts one task,
-//! owns its stdout/stderr (written into the size-rotated log files), waits for it and writes
-//! how it ended into `<task dir>/exit.json` (atomically). It does not depend on the agent: when
-//! the agent dies the supervisor and its task run on, and a new agent reattaches
-//! ([`reattach`]) from the record the supervisor wrote before it reported the start
-//! (`<task dir>/run.json`).
-//!
-//! * `raw_exec`: the supervisor spawns the task in its own session (so the agent can signal
-//!   the task's process group) with `PR_SET_PDEATHSIG` = SIGKILL: a task never outlives its
-//!   supervisor. When the task's main process ends, the supervisor kills what is left of its
-//!   group.
-//! * `exec`: the supervisor unshares a PID namespace (then `setns`es back) and forks the
-//!   namespace's PID 1 ([`crate::isolation::init`]), which joins the task's cgroup first
-//!   thing, then builds the task's namespaces and root and forks the task. The supervisor
-//!   itself stays outside the task's cgroup and namespaces, so killing the cgroup never kills
-//!   the supervisor before it recorded the exit.
+//! The agent's side of a task's supervisor, shared by both drivers: the files and pipes the
+//! agent and the supervisor process (`crate::task::supervisor`, started as
+//! `mlp __mlp-supervise <config>`) agree on, [`start`] which launches one and waits for its
+//! start report, and [`reattach`] which finds a running one again after an agent restart.
+//! [`Supervised`] waits for the supervisor and reads how the task ended.
 //!
 //! The agent learns the outcome of the start on fd 3, a pipe: `ok <pid> [phase=<ns> ...]` (the
 //! task's pid for `raw_exec`, the init's host pid for `exec`; then when each phase of the start
@@ -25,23 +13,20 @@
 #![allow(unsafe_code)]
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 
-use crate::driver::{proc_start_time, signal_group, DriverError, ExitStatus, TaskSpec};
+use super::{proc_start_time, signal_group, DriverError, ExitStatus, TaskSpec};
+use crate::isolation::phases::Phases;
 use crate::isolation::InitConfig;
-use crate::logs::{log_base, RotatingWriter};
 
 /// The first argument that makes `mlp` run as a task's supervisor instead of the CLI.
 pub const SUPERVISE_ARG: &str = "__mlp-supervise";
@@ -54,9 +39,9 @@ pub const EXIT_FILE: &str = "exit.json";
 /// The supervisor's own diagnostics (its stderr).
 pub const LOG_FILE: &str = "supervisor.log";
 /// The fd the agent passes the start-status pipe on.
-const STATUS_FD: i32 = 3;
+pub(crate) const STATUS_FD: i32 = 3;
 /// The fd the agent passes the cgroup-ready pipe on (`SuperviseConfig::wait_ready`).
-const READY_FD: i32 = 4;
+pub(crate) const READY_FD: i32 = 4;
 /// How long the supervisor may take to report that the task started.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -144,7 +129,7 @@ pub struct ExitRecord {
     pub signal: Option<i32>,
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -163,7 +148,7 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<T> {
+pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<T> {
     let bytes = std::fs::read(path)?;
     serde_json::from_slice(&bytes)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
@@ -530,324 +515,6 @@ pub(crate) fn reattach(task_dir: &Path, record: &TaskRecord) -> Result<Supervise
         exit: None,
     })
 }
-
-/// Nanoseconds on the system-wide monotonic clock (the same in every process), to time a
-/// start's phases across the agent, the supervisor and the init.
-pub fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
-        return 0;
-    }
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
-/// When each phase of a start ended (`name=<mono_ns>` words), carried from the init through
-/// the supervisor to the agent on the start-status pipes and logged there at debug level
-/// (`RUST_LOG=mlp_agent=debug`): where a task's start time goes.
-#[derive(Debug, Default, Clone)]
-pub struct Phases {
-    since: u64,
-    words: String,
-}
-
-impl Phases {
-    /// Phases counted from now.
-    pub fn start() -> Phases {
-        Phases {
-            since: mono_ns(),
-            words: String::new(),
-        }
-    }
-    /// Notes that `name` ended now.
-    pub fn mark(&mut self, name: &str) {
-        self.words.push_str(&format!(" {name}={}", mono_ns()));
-    }
-    /// Adds phases reported by another process.
-    pub fn extend(&mut self, words: &str) {
-        for w in words.split_whitespace() {
-            self.words.push(' ');
-            self.words.push_str(w);
-        }
-    }
-    /// The words, each prefixed by a space.
-    pub fn words(&self) -> &str {
-        &self.words
-    }
-    /// Each phase's duration after the previous one, in microseconds: `name=+123us ...`.
-    pub fn describe(&self) -> String {
-        let mut prev = self.since;
-        let mut out = String::new();
-        for w in self.words.split_whitespace() {
-            let Some((name, at)) = w.split_once('=') else {
-                continue;
-            };
-            let Ok(at) = at.parse::<u64>() else {
-                continue;
-            };
-            out.push_str(&format!("{name}=+{}us ", at.saturating_sub(prev) / 1000));
-            prev = at.max(prev);
-        }
-        out.push_str(&format!(
-            "total={}us",
-            prev.saturating_sub(self.since) / 1000
-        ));
-        out
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The supervisor process.
-
-extern "C" fn ignore_signal(_: libc::c_int) {}
-
-/// TERM, INT, HUP and QUIT get a handler that does nothing (reset to default by exec).
-pub(crate) fn catch_stop_signals() {
-    let act = SigAction::new(
-        SigHandler::Handler(ignore_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ] {
-        // SAFETY: the handler does nothing, which is async-signal-safe; a handled (not ignored)
-        // signal is reset to its default by exec, so the task starts with default handlers.
-        let _ = unsafe { nix::sys::signal::sigaction(sig, &act) };
-    }
-}
-
-/// Writes one line to a report pipe (once).
-pub(crate) fn report(status: &mut Option<File>, line: &str) {
-    if let Some(mut f) = status.take() {
-        let _ = f.write_all(line.as_bytes());
-    }
-}
-
-/// The supervisor's entry point; never returns.
-pub fn run(config_path: &Path) -> ! {
-    // SAFETY: the agent dup2'd the status pipe onto fd 3 of this freshly exec'd process and
-    // nothing else here owns that fd; a missing fd 3 only makes the writes fail.
-    let status_fd = unsafe { OwnedFd::from_raw_fd(STATUS_FD) };
-    let _ = nix::fcntl::fcntl(
-        status_fd.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    );
-    let mut status = Some(File::from(status_fd));
-    let mut phases = Phases::default();
-    phases.mark("supervisor_main");
-    match supervise(config_path, &mut status, phases) {
-        Ok(()) => std::process::exit(0),
-        Err(message) => {
-            eprintln!("mlp supervisor: {message}");
-            report(&mut status, &format!("err {message}"));
-            std::process::exit(127)
-        }
-    }
-}
-
-/// Waits for the agent's `ready` on fd 4 (its cgroup exists).
-fn wait_ready() -> Result<(), String> {
-    // SAFETY: the agent dup2'd the ready pipe onto fd 4 of this freshly exec'd process (the
-    // config says so) and nothing else here owns that fd.
-    let fd = unsafe { OwnedFd::from_raw_fd(READY_FD) };
-    let mut text = String::new();
-    let _ = File::from(fd).read_to_string(&mut text);
-    if text == "ready" {
-        Ok(())
-    } else {
-        Err("the agent could not create the task's cgroup".into())
-    }
-}
-
-/// The task's running main process: its pid, and how to learn its end.
-pub(crate) struct Running {
-    /// The task's pid (`exec`: the init's).
-    pub(crate) pid: Pid,
-    /// `exec`: the init's report pipe ("exit N" / "signal N").
-    pub(crate) report: Option<OwnedFd>,
-}
-
-fn supervise(
-    config_path: &Path,
-    status: &mut Option<File>,
-    mut phases: Phases,
-) -> Result<(), String> {
-    let cfg: SuperviseConfig =
-        read_json(config_path).map_err(|e| format!("reading {}: {e}", config_path.display()))?;
-    phases.mark("supervisor_config");
-    catch_stop_signals();
-    let open = |stderr| {
-        RotatingWriter::open(
-            &cfg.log_dir,
-            &log_base(&cfg.log_name, stderr),
-            cfg.log_max_file_bytes,
-            cfg.log_max_files,
-        )
-        .map_err(|e| format!("opening the log files in {}: {e}", cfg.log_dir.display()))
-    };
-    let (out_w, err_w) = (open(false)?, open(true)?);
-    let (out_r, out_pipe) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    let (err_r, err_pipe) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    phases.mark("supervisor_logs");
-    let running = match &cfg.task {
-        TaskKind::Raw {
-            command,
-            args,
-            env,
-            work_dir,
-        } => {
-            let mut cmd = std::process::Command::new(command);
-            cmd.args(args)
-                .env_clear()
-                .envs(env)
-                .current_dir(work_dir)
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(out_pipe))
-                .stderr(Stdio::from(err_pipe));
-            // SAFETY: runs in the forked child of this single-threaded process before exec;
-            // setsid(2) and prctl(2) are async-signal-safe.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::setsid() == -1
-                        || libc::prctl(
-                            libc::PR_SET_PDEATHSIG,
-                            libc::SIGKILL as libc::c_ulong,
-                            0,
-                            0,
-                            0,
-                        ) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            let child = cmd.spawn().map_err(|e| {
-                format!(
-                    "spawn {} starting {command:?}: {e}",
-                    e.raw_os_error().unwrap_or(0)
-                )
-            })?;
-            // The Child is not waited through std (waitpid below); dropping it leaves the
-            // process alone.
-            let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
-            drop(child);
-            phases.mark("task_spawned");
-            Running { pid, report: None }
-        }
-        TaskKind::Isolated(init) => {
-            if cfg.wait_ready {
-                wait_ready()?;
-                phases.mark("cgroup_ready");
-            }
-            crate::isolation::init::start_init(init, out_pipe, err_pipe, &mut phases)?
-        }
-    };
-    // Record the run before reporting it, so that an agent that dies now still finds it.
-    let task_pid = running.pid.as_raw().unsigned_abs();
-    let record = TaskRecord {
-        driver: cfg.driver.clone(),
-        run_id: cfg.run_id.clone(),
-        supervisor_pid: std::process::id(),
-        supervisor_start_time: proc_start_time(std::process::id()).unwrap_or(0),
-        pid: task_pid,
-        start_time: proc_start_time(task_pid).unwrap_or(0),
-        cgroup: cfg.cgroup.clone(),
-        memory_limit_mib: cfg.memory_limit_mib,
-    };
-    if let Err(e) = save_record(&cfg.task_dir, &record) {
-        let _ = signal_group(task_pid, Signal::SIGKILL);
-        let _ = waitpid(running.pid, None);
-        return Err(format!(
-            "writing {}: {e}",
-            cfg.task_dir.join(RECORD_FILE).display()
-        ));
-    }
-    phases.mark("record_written");
-    report(status, &format!("ok {}{}", running.pid, phases.words()));
-    // The task runs: from here on, threads are fine (nothing forks any more).
-    let pumps = [pump_thread(out_r, out_w), pump_thread(err_r, err_w)];
-    let wait = loop {
-        match waitpid(running.pid, None) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            other => break other,
-        }
-    };
-    let (code, signal) = match running.report {
-        Some(report) => {
-            let mut text = String::new();
-            let _ = File::from(report).read_to_string(&mut text);
-            crate::isolation::init::decode_report(text.trim(), wait)
-        }
-        None => {
-            // No process of a task may outlive it.
-            let _ = signal_group(running.pid.as_raw().unsigned_abs(), Signal::SIGKILL);
-            match wait {
-                Ok(WaitStatus::Exited(_, code)) => (Some(code), None),
-                Ok(WaitStatus::Signaled(_, sig, _)) => (None, Some(sig as i32)),
-                _ => (None, None),
-            }
-        }
-    };
-    // Drain the output (bounded: a process that escaped may hold the pipes open).
-    let (tx, rx) = std::sync::mpsc::channel();
-    for p in pumps {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            let _ = p.join();
-            let _ = tx.send(());
-        });
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    for _ in 0..2 {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if rx.recv_timeout(left).is_err() {
-            break;
-        }
-    }
-    let exit = ExitRecord {
-        run_id: cfg.run_id.clone(),
-        code,
-        signal,
-    };
-    let data = serde_json::to_vec(&exit).map_err(|e| format!("encoding the exit status: {e}"))?;
-    write_atomic(&cfg.task_dir.join(EXIT_FILE), &data)
-        .map_err(|e| format!("writing {}: {e}", cfg.task_dir.join(EXIT_FILE).display()))?;
-    Ok(())
-}
-
-/// Copies a pipe into a log file until EOF, on its own thread.
-fn pump_thread(pipe: OwnedFd, mut writer: RotatingWriter) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut reader = File::from(pipe);
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if let Err(e) = writer.write_all(&buf[..n]) {
-                        eprintln!("mlp supervisor: writing the task log failed: {e}");
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    eprintln!("mlp supervisor: reading the task output failed: {e}");
-                    break;
-                }
-            }
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -880,21 +547,6 @@ mod tests {
         assert_eq!(load_record(dir.path())?, None);
         assert!(!dir.path().join(EXIT_FILE).exists());
         Ok(())
-    }
-
-    #[test]
-    fn phases_describe_each_step_after_the_previous() {
-        let mut p = Phases {
-            since: 1_000_000,
-            words: String::new(),
-        };
-        p.extend("a=3000000 b=3500000  junk c=nope");
-        p.extend("d=3200000");
-        // d ended before b (another process's clock reading): counted as 0, not negative.
-        assert_eq!(p.describe(), "a=+2000us b=+500us d=+0us total=2500us");
-        let mut q = Phases::start();
-        q.mark("x");
-        assert!(q.words().starts_with(" x="), "{}", q.words());
     }
 
     #[test]

@@ -8,11 +8,21 @@ use std::time::Duration;
 use mlp_proto::consts::{task_event, task_state};
 use mlp_proto::v1::{RestartPolicy, Task, TaskEvent, TaskState};
 use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
+use super::restart::{decide, fmt_duration_ms, RestartDecision, RestartTracker};
 use crate::driver::{proc_start_time, Driver, ExitStatus, TaskHandle, TaskSpec};
-use crate::restart::{decide, fmt_duration_ms, RestartDecision, RestartTracker};
-use crate::state::ProcRecord;
+
+/// A running task's process, recognisable after an agent restart (persisted with its
+/// allocation's state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ProcRecord {
+    /// Pid (= process group id).
+    pub pid: u32,
+    /// Field 22 of /proc/<pid>/stat at start.
+    pub start_time: u64,
+}
 
 /// Events kept per task.
 pub const MAX_EVENTS: usize = 20;
@@ -22,7 +32,7 @@ pub const USAGE_INTERVAL: Duration = Duration::from_secs(10);
 /// A usage report from cgroup statistics; `last` carries the previous CPU sample so the CPU
 /// percentage covers the interval since.
 pub fn usage_of(
-    stats: &crate::cgroups::Stats,
+    stats: &crate::isolation::cgroups::Stats,
     last: &mut Option<(u64, std::time::Instant)>,
 ) -> mlp_proto::v1::TaskUsage {
     let now = std::time::Instant::now();
@@ -109,8 +119,8 @@ pub struct TaskContext {
     pub log_max_file_bytes: u64,
     /// Log files kept per stream.
     pub log_max_files: u32,
-    /// The task's GPUs, out of its allocation's (`gpu_sim::task_gpus`).
-    pub gpus: crate::gpu_sim::TaskGpus,
+    /// The task's GPUs, out of its allocation's (`crate::gpu::task_gpus`).
+    pub gpus: crate::gpu::TaskGpus,
 }
 
 impl TaskContext {
@@ -140,7 +150,7 @@ impl TaskContext {
             env.insert(k.to_string(), v);
         }
         // Over the task's own env: a task cannot widen its GPU assignment.
-        for (k, v) in crate::gpu_sim::gpu_env(&self.gpus) {
+        for (k, v) in crate::gpu::gpu_env(&self.gpus) {
             env.insert(k.to_string(), v);
         }
         let config = self.task.config.clone().unwrap_or_default();

@@ -1,18 +1,20 @@
 //! The C1M-shaped scheduling run (`cargo bench --bench c1m`): 5,000 simulated nodes, 1,000 jobs
 //! × 1,000 small CPU/memory tasks, each job's evaluation planned by `scheduler::schedule`,
 //! re-checked by the plan applier and applied through `StateHandle::apply`, the state machine's
-//! own apply (no Raft log, fsync or agents: see `mlp_server::c1m`). Prints the wall time,
+//! own apply (no Raft log, fsync or agents: see `harness.rs`). Prints the wall time,
 //! placements/s and the split between schedule, check and apply.
 //!
 //! Sizes and workers: `MLP_C1M_NODES`, `MLP_C1M_JOBS`, `MLP_C1M_TASKS`, `MLP_C1M_WORKERS`
 //! (default 2, one per core of the reference machine). `MLP_BENCH_OUT=FILE` also writes the
 //! results as JSON.
 
+#[path = "../common/mod.rs"]
 mod common;
+mod harness;
 
 use std::collections::BTreeMap;
 
-use mlp_server::c1m::{self, Config};
+use harness::Config;
 
 fn main() {
     let d = Config::default();
@@ -29,7 +31,7 @@ fn main() {
     );
     common::main_with(async move {
         // The run is synchronous (its own threads); keep it off the runtime's workers.
-        let report = tokio::task::spawn_blocking(move || c1m::run(&cfg))
+        let report = tokio::task::spawn_blocking(move || harness::run(&cfg))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;

@@ -1,4 +1,4 @@
-//! GPUs of the node and the GPUs a task sees.
+//! Simulated GPUs: the node's devices declared in a file instead of probed.
 //!
 //! The agent has no NVML probe: the only GPUs it registers are *simulated* ones, declared in a
 //! JSON file (`--simulated-gpus FILE`), either as an explicit device list or as a short
@@ -20,15 +20,16 @@
 //! a GPU in MIG mode cannot be handed out whole; NVLink peers that are split this way are left
 //! out of the other devices' `nvlink_peers`.
 //!
-//! Tasks: [`task_gpus`] picks a task's devices out of its allocation's assignment and
-//! [`gpu_env`] turns them into `NVIDIA_VISIBLE_DEVICES` / `CUDA_VISIBLE_DEVICES` / `MLP_GPU_*`.
+//! [`SimulatedGpus`] is the [`GpuSource`] over such a list.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 
-use mlp_proto::v1::{AllocatedResources, GpuAssignment, GpuDevice, Task, TaskGroup};
+use mlp_proto::v1::GpuDevice;
 use serde::Deserialize;
+
+use super::{GpuError, GpuSource};
 
 /// Most devices (whole GPUs and MIG instances together) a node may register: the scheduler
 /// tracks a node's devices in a 64-bit mask (the server's limit, [`mlp_proto::gpu::MAX_GPU_DEVICES`]).
@@ -456,30 +457,29 @@ fn is_device_id(s: &str) -> bool {
     s.starts_with(ID_PREFIX) && s.len() > ID_PREFIX.len() && is_device_id_chars(s) && !s.contains(':')
 }
 
-/// Node attributes for these devices: `gpu.simulated`, `gpu.count` (physical GPUs),
-/// `gpu.model` (the model, or the models comma separated when they differ), `gpu.models` (the
-/// distinct models, comma separated, for `set_contains`) and `gpu.mig_instances` when some GPUs
-/// are split. Empty without devices.
-pub fn attributes(devices: &[GpuDevice]) -> BTreeMap<String, String> {
-    let mut attrs = BTreeMap::new();
-    if devices.is_empty() {
-        return attrs;
+/// The simulated GPUs of `--simulated-gpus FILE` ([`load`]) or handed over directly, as a
+/// [`GpuSource`].
+#[derive(Debug, Clone, Default)]
+pub struct SimulatedGpus {
+    devices: Vec<GpuDevice>,
+}
+
+impl SimulatedGpus {
+    /// A source that registers exactly these devices (checked by [`GpuSource::devices`]).
+    pub fn new(devices: Vec<GpuDevice>) -> Self {
+        SimulatedGpus { devices }
     }
-    let physical: BTreeSet<&str> =
-        devices.iter().map(|d| if d.parent_id.is_empty() { d.id.as_str() } else { d.parent_id.as_str() }).collect();
-    let models: BTreeSet<&str> = devices.iter().map(|d| d.model.as_str()).collect();
-    let models = models.into_iter().collect::<Vec<_>>().join(",");
-    let mig = devices.iter().filter(|d| !d.mig_profile.is_empty()).count();
-    if devices.iter().all(|d| d.simulated) {
-        attrs.insert("gpu.simulated".into(), "true".into());
+}
+
+impl GpuSource for SimulatedGpus {
+    fn name(&self) -> &'static str {
+        "simulated"
     }
-    attrs.insert("gpu.count".into(), physical.len().to_string());
-    attrs.insert("gpu.model".into(), models.clone());
-    attrs.insert("gpu.models".into(), models);
-    if mig > 0 {
-        attrs.insert("gpu.mig_instances".into(), mig.to_string());
+
+    fn devices(&self) -> Result<Vec<GpuDevice>, GpuError> {
+        check_devices(&self.devices).map_err(|reason| GpuError::Invalid { source_name: self.name(), reason })?;
+        Ok(self.devices.clone())
     }
-    attrs
 }
 
 /// Checks devices handed to the agent directly (not through [`load`]): unique, well-formed
@@ -503,77 +503,6 @@ pub fn check_devices(devices: &[GpuDevice]) -> Result<(), String> {
     }
     // A copy: the check normalises a negative NUMA node, which the server does again anyway.
     mlp_proto::gpu::check_gpu_devices("simulated_gpus", &mut devices.to_vec()).map_err(|e| e.to_string())
-}
-
-/// The GPUs one task gets out of its allocation's assignment.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct TaskGpus {
-    /// Devices and shares, in assignment order.
-    pub devices: Vec<GpuAssignment>,
-    /// Every device is a simulated one of this node.
-    pub simulated: bool,
-}
-
-/// How many of its allocation's GPU assignments a task takes: a share is one device, a MIG ask
-/// or a whole-GPU ask `count` devices (the scheduler's order: one entry per device, task by task
-/// in the group's order, tasks without GPUs skipped).
-fn devices_asked(task: &Task) -> usize {
-    match task.resources.as_ref().and_then(|r| r.gpu.as_ref()) {
-        None => 0,
-        Some(g) if g.mig_profile.is_empty() && (1..1000).contains(&g.share_milli) => 1,
-        Some(g) => g.effective_count() as usize,
-    }
-}
-
-/// The devices of `task_name` in an allocation of `group` with `resources`, on a node with
-/// `node_gpus`. The allocation lists its devices task by task in the group's order; when that
-/// list does not match the tasks' asks (an allocation from an older scheduler), every task that
-/// asked for GPUs sees all of them.
-pub fn task_gpus(group: &TaskGroup, task_name: &str, resources: Option<&AllocatedResources>, node_gpus: &[GpuDevice]) -> TaskGpus {
-    let Some(r) = resources else { return TaskGpus::default() };
-    let all: Vec<GpuAssignment> = if r.gpus.is_empty() {
-        r.gpu_ids.iter().map(|id| GpuAssignment { id: id.clone(), milli: 1000 }).collect()
-    } else {
-        r.gpus.clone()
-    };
-    let Some(task) = group.tasks.iter().find(|t| t.name == task_name) else { return TaskGpus::default() };
-    let asked = devices_asked(task);
-    if asked == 0 || all.is_empty() {
-        return TaskGpus::default();
-    }
-    let total: usize = group.tasks.iter().map(devices_asked).sum();
-    let devices = if total == all.len() {
-        let offset: usize = group.tasks.iter().take_while(|t| t.name != task_name).map(devices_asked).sum();
-        all[offset..offset + asked].to_vec()
-    } else {
-        tracing::warn!(task = task_name, asked = total, assigned = all.len(), "GPU assignment does not match the tasks' asks; the task sees all of the allocation's GPUs");
-        all
-    };
-    let simulated = devices.iter().all(|a| node_gpus.iter().any(|d| d.id == a.id && d.simulated));
-    TaskGpus { devices, simulated }
-}
-
-/// The environment variables that expose a task's GPUs (set over the task's own `env`): the
-/// device ids in `NVIDIA_VISIBLE_DEVICES`, `CUDA_VISIBLE_DEVICES` and `MLP_GPU_IDS`, the
-/// per-device milli shares in `MLP_GPU_MILLI`, `MLP_GPUS_SIMULATED=1` for simulated devices. A
-/// task without GPUs gets `NVIDIA_VISIBLE_DEVICES=void` and an empty `CUDA_VISIBLE_DEVICES`, so
-/// that it sees none of a real GPU host's devices.
-pub fn gpu_env(gpus: &TaskGpus) -> Vec<(&'static str, String)> {
-    if gpus.devices.is_empty() {
-        return vec![("NVIDIA_VISIBLE_DEVICES", "void".into()), ("CUDA_VISIBLE_DEVICES", String::new())];
-    }
-    let ids = gpus.devices.iter().map(|a| a.id.as_str()).collect::<Vec<_>>().join(",");
-    let milli = gpus.devices.iter().map(|a| a.milli.to_string()).collect::<Vec<_>>().join(",");
-    let mut env = vec![
-        ("NVIDIA_VISIBLE_DEVICES", ids.clone()),
-        ("CUDA_VISIBLE_DEVICES", ids.clone()),
-        ("MLP_GPU_IDS", ids),
-        ("MLP_GPU_MILLI", milli),
-    ];
-    if gpus.simulated {
-        env.push(("MLP_GPUS_SIMULATED", "1".into()));
-    }
-    env
 }
 
 /// Where each value of a JSON text starts, by field path (`devices[0].id`), so that problems
@@ -731,7 +660,7 @@ impl Scanner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mlp_proto::v1::{GpuRequest, Resources};
+    use crate::gpu::attributes;
 
     fn problems(text: &str) -> Vec<String> {
         match parse("gpus.json", text) {
@@ -865,56 +794,6 @@ mod tests {
         // 10 GPUs × 7 instances = 70 devices.
         let p = problems(r#"{"generate": {"count": 10, "model": "A", "memory_mib": 81920, "mig": {"count": 10, "profiles": ["1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb"]}}}"#);
         assert!(p[0].contains("registers 70 devices"), "{p:?}");
-    }
-
-    fn task(name: &str, gpu: Option<GpuRequest>) -> Task {
-        Task { name: name.into(), resources: Some(Resources { gpu, ..Default::default() }), ..Default::default() }
-    }
-
-    #[test]
-    fn tasks_get_their_own_devices_and_env() {
-        let group = TaskGroup {
-            tasks: vec![
-                task("a", Some(GpuRequest { count: Some(1), ..Default::default() })),
-                task("cpu", None),
-                task("b", Some(GpuRequest { count: Some(2), ..Default::default() })),
-                task("s", Some(GpuRequest { count: Some(1), share_milli: 250, ..Default::default() })),
-            ],
-            ..Default::default()
-        };
-        let asg = |id: &str, milli| GpuAssignment { id: id.into(), milli };
-        let res = AllocatedResources {
-            gpus: vec![asg("sim-gpu-0", 1000), asg("sim-gpu-1", 1000), asg("sim-gpu-2", 1000), asg("sim-gpu-3", 250)],
-            ..Default::default()
-        };
-        let node: Vec<GpuDevice> =
-            (0..4).map(|i| GpuDevice { id: format!("sim-gpu-{i}"), simulated: true, ..Default::default() }).collect();
-        let b = task_gpus(&group, "b", Some(&res), &node);
-        assert_eq!(b.devices, [asg("sim-gpu-1", 1000), asg("sim-gpu-2", 1000)]);
-        assert!(b.simulated);
-        let env: BTreeMap<_, _> = gpu_env(&b).into_iter().collect();
-        assert_eq!(env["NVIDIA_VISIBLE_DEVICES"], "sim-gpu-1,sim-gpu-2");
-        assert_eq!(env["CUDA_VISIBLE_DEVICES"], "sim-gpu-1,sim-gpu-2");
-        assert_eq!(env["MLP_GPU_IDS"], "sim-gpu-1,sim-gpu-2");
-        assert_eq!(env["MLP_GPU_MILLI"], "1000,1000");
-        assert_eq!(env["MLP_GPUS_SIMULATED"], "1");
-        let s = task_gpus(&group, "s", Some(&res), &node);
-        assert_eq!(s.devices, [asg("sim-gpu-3", 250)]);
-        assert_eq!(task_gpus(&group, "a", Some(&res), &node).devices, [asg("sim-gpu-0", 1000)]);
-        let cpu = task_gpus(&group, "cpu", Some(&res), &node);
-        assert_eq!(cpu, TaskGpus::default());
-        let env: BTreeMap<_, _> = gpu_env(&cpu).into_iter().collect();
-        assert_eq!(env["NVIDIA_VISIBLE_DEVICES"], "void");
-        assert_eq!(env["CUDA_VISIBLE_DEVICES"], "");
-        assert!(!env.contains_key("MLP_GPUS_SIMULATED"));
-        // A device this node does not know as simulated: no MLP_GPUS_SIMULATED.
-        let real = task_gpus(&group, "a", Some(&res), &node[1..]);
-        assert!(!real.simulated);
-        assert!(!gpu_env(&real).iter().any(|(k, _)| *k == "MLP_GPUS_SIMULATED"));
-        // An old allocation with ids only, not matching the asks: every GPU task sees them all.
-        let old = AllocatedResources { gpu_ids: vec!["sim-gpu-0".into()], ..Default::default() };
-        assert_eq!(task_gpus(&group, "b", Some(&old), &node).devices, [asg("sim-gpu-0", 1000)]);
-        assert_eq!(task_gpus(&group, "cpu", Some(&old), &node), TaskGpus::default());
     }
 
     #[test]

@@ -1,21 +1,25 @@
-//! The `exec` driver: starts a task through its supervisor ([`crate::supervisor`], which forks
-//! the namespace's init, [`super::init`]) in its own namespaces, root filesystem and cgroup,
-//! and hands back a [`TaskHandle`] that waits for it, reports OOM kills, reads its cgroup
+//! The `exec` driver: starts a task through its supervisor ([`super::supervised`]; the
+//! supervisor process forks the namespace's init, [`crate::isolation::init`]) in its own
+//! namespaces, root filesystem and cgroup, and hands back a [`TaskHandle`] that waits for it, reports OOM kills, reads its cgroup
 //! statistics and, when it ends, kills whatever is left in its cgroup and removes the cgroup.
 //! The same handle is rebuilt for a task a previous agent run started ([`Driver::reattach`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use mlp_proto::consts::driver as driver_names;
 use nix::sys::signal::Signal;
 use tokio::task::JoinHandle;
 
-use super::{hostname_for, lookup_user, rootfs, InitConfig, IsolationSettings, User};
-use crate::cgroups::{self, Layout, TaskCgroup};
-use crate::driver::{Driver, DriverError, ExitStatus, TaskHandle, TaskSpec};
-use crate::supervisor::{self, Supervised, TaskKind, TaskRecord};
+use super::supervised::{self, Supervised, TaskKind, TaskRecord};
+use super::{Driver, DriverError, ExitStatus, TaskHandle, TaskSpec};
+use crate::isolation::cgroups::cpuset::CoreAllocator;
+use crate::isolation::cgroups::{self, Layout, TaskCgroup};
+use crate::isolation::phases::Phases;
+use crate::isolation::{hostname_for, lookup_user, rootfs, InitConfig, IsolationSettings, User};
+
 /// The task's PATH when it sets none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -24,6 +28,8 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 pub struct ExecDriver {
     settings: IsolationSettings,
     layout: Option<Layout>,
+    /// The CPUs pinned to `cores = N` tasks, shared with their handles (which free them).
+    cores: Arc<CoreAllocator>,
 }
 
 impl ExecDriver {
@@ -41,7 +47,17 @@ impl ExecDriver {
             }
             (Some(_), None) => {}
         }
-        ExecDriver { settings, layout }
+        let pool = layout.as_ref().map(cgroups::cpu_pool).unwrap_or_default();
+        ExecDriver {
+            settings,
+            layout,
+            cores: Arc::new(CoreAllocator::new(pool)),
+        }
+    }
+
+    /// The CPUs this driver pins `cores = N` tasks to, and which task holds which.
+    pub fn cores(&self) -> &CoreAllocator {
+        &self.cores
     }
 
     /// The task's directories (owned by its user) and the steps that build its root.
@@ -144,7 +160,10 @@ impl Driver for ExecDriver {
     }
 
     async fn start(&self, spec: &TaskSpec) -> Result<Box<dyn TaskHandle>, DriverError> {
-        let mut phases = supervisor::Phases::start();
+        // Both name the task's cgroup, `mlp/<alloc>.<task>`, and its log files.
+        crate::paths::check_alloc_id(&spec.alloc_id)?;
+        crate::paths::check_task_name(&spec.name)?;
+        let mut phases = Phases::start();
         let user = self.user(&spec.user)?;
         phases.mark("user");
         let layout = self.layout.as_ref().ok_or_else(|| {
@@ -154,9 +173,21 @@ impl Driver for ExecDriver {
         // blocking thread while this one prepares the task and starts its supervisor, which
         // waits for `ready` on a pipe before it starts the init that joins the cgroup.
         let res = spec.resources.clone().unwrap_or_default();
-        let limits =
+        let mut limits =
             cgroups::limits_for(&res, self.settings.mhz_per_core, self.settings.default_pids);
         let cg_name = format!("{}.{}", spec.alloc_id, spec.name);
+        // CPUs of its own (the servers only counted them); freed again unless the task starts.
+        let mut hold = match limits.cores {
+            Some(n) => {
+                limits.cpus = self.cores.take(&cg_name, n)?;
+                Some(CoreHold {
+                    cores: &self.cores,
+                    task: cg_name.clone(),
+                    keep: false,
+                })
+            }
+            None => None,
+        };
         let cgroup_procs = cgroups::procs_files_for(layout, &cg_name, &limits)
             .map_err(|e| DriverError::Isolation(format!("creating the task cgroup: {e}")))?;
         phases.mark("cgroup_paths");
@@ -195,18 +226,18 @@ impl Driver for ExecDriver {
                 work_dir: PathBuf::from("/local"),
                 cgroup_procs,
             };
-            let exe = supervisor::supervisor_exe(self.settings.supervisor_exe.as_deref())?;
+            let exe = supervised::supervisor_exe(self.settings.supervisor_exe.as_deref())?;
             let memory_limit_mib = limits.memory_bytes.map(|b| b / (1024 * 1024));
             let mut phases = phases;
             phases.mark("root_planned");
-            let sup = supervisor::start(
+            let sup = supervised::start(
                 &exe,
                 driver_names::EXEC,
                 spec,
                 TaskKind::Isolated(Box::new(config)),
                 cg_name.clone(),
                 memory_limit_mib,
-                supervisor::StartWith {
+                supervised::StartWith {
                     phases,
                     ready: Some(ready_r),
                 },
@@ -227,6 +258,9 @@ impl Driver for ExecDriver {
         };
         let (sup, root) = started?;
         let cgroup = guard.cgroup.take();
+        if let Some(hold) = hold.as_mut() {
+            hold.keep = true;
+        }
         tracing::debug!(task = %spec.name, pid = sup.record.pid, user = %user.name, "isolated task started");
         Ok(Box::new(IsolatedHandle {
             sup,
@@ -235,6 +269,7 @@ impl Driver for ExecDriver {
             layout: layout.clone(),
             root,
             cleanup: None,
+            cores: self.cores.clone(),
         }))
     }
 
@@ -258,13 +293,19 @@ impl Driver for ExecDriver {
                 None
             }
         };
-        let sup = match supervisor::reattach(task_dir, record) {
+        let sup = match supervised::reattach(task_dir, record) {
             Ok(sup) => sup,
             Err(e) => {
                 cgroups::remove_leftover(layout, &record.cgroup);
                 return Err(err(e.to_string()));
             }
         };
+        // The task keeps the CPUs its cgroup pins it to, and no new task gets them.
+        let cpus = cgroups::pinned_cpus(layout, &record.cgroup);
+        let clash = self.cores.claim(&record.cgroup, &cpus);
+        if !clash.is_empty() {
+            tracing::warn!(cgroup = %record.cgroup, cpus = ?clash, "a reattached task shares pinned CPUs with another task");
+        }
         Ok(Box::new(IsolatedHandle {
             sup,
             cgroup,
@@ -272,7 +313,23 @@ impl Driver for ExecDriver {
             layout: layout.clone(),
             root: task_dir.join("root"),
             cleanup: None,
+            cores: self.cores.clone(),
         }))
+    }
+}
+
+/// Frees a start's CPUs unless the task started (`keep`).
+struct CoreHold<'a> {
+    cores: &'a CoreAllocator,
+    task: String,
+    keep: bool,
+}
+
+impl Drop for CoreHold<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            self.cores.release(&self.task);
+        }
     }
 }
 
@@ -300,6 +357,9 @@ struct IsolatedHandle {
     layout: Layout,
     root: PathBuf,
     cleanup: Option<JoinHandle<Result<(), cgroups::CgroupError>>>,
+    /// Freed once the task ended and its cgroup is gone (not on drop: a dropped handle's
+    /// task runs on).
+    cores: Arc<CoreAllocator>,
 }
 
 #[async_trait]
@@ -344,6 +404,7 @@ impl TaskHandle for IsolatedHandle {
                 Ok(Ok(())) => {}
             }
             self.cleanup = None;
+            self.cores.release(&self.cg_name);
             // The root's mounts died with the task's mount namespace; the directory is empty.
             let _ = std::fs::remove_dir(&self.root);
         }

@@ -1,0 +1,190 @@
+//! GPUs of the node and the GPUs a task sees: a [`GpuSource`] finds the node's devices and
+//! their `gpu.*` attributes (today only [`simulated::SimulatedGpus`]; a probe of real devices,
+//! e.g. through NVML, is another implementation), and [`task_gpus`] / [`gpu_env`] give a task
+//! its own devices out of its allocation's and the environment that exposes them
+//! (`NVIDIA_VISIBLE_DEVICES` / `CUDA_VISIBLE_DEVICES` / `MLP_GPU_*`).
+
+pub mod simulated;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use mlp_proto::v1::{AllocatedResources, GpuAssignment, GpuDevice, Task, TaskGroup};
+
+/// Why a source's devices cannot be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// The devices are malformed or break a limit the servers enforce.
+    #[error("{source_name} GPUs: {reason}")]
+    Invalid {
+        /// The source (`simulated`, ...).
+        source_name: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Where a node's GPUs come from.
+pub trait GpuSource: Send + Sync {
+    /// The source's name, for logs and errors (`simulated`).
+    fn name(&self) -> &'static str;
+    /// The devices this node registers (whole GPUs and MIG instances), checked against what
+    /// the servers accept; empty without GPUs.
+    fn devices(&self) -> Result<Vec<GpuDevice>, GpuError>;
+    /// The node attributes for `devices` (`gpu.count`, `gpu.model`, ...).
+    fn attributes(&self, devices: &[GpuDevice]) -> BTreeMap<String, String> {
+        attributes(devices)
+    }
+}
+
+/// Node attributes for these devices: `gpu.simulated`, `gpu.count` (physical GPUs),
+/// `gpu.model` (the model, or the models comma separated when they differ), `gpu.models` (the
+/// distinct models, comma separated, for `set_contains`) and `gpu.mig_instances` when some GPUs
+/// are split. Empty without devices.
+pub fn attributes(devices: &[GpuDevice]) -> BTreeMap<String, String> {
+    let mut attrs = BTreeMap::new();
+    if devices.is_empty() {
+        return attrs;
+    }
+    let physical: BTreeSet<&str> =
+        devices.iter().map(|d| if d.parent_id.is_empty() { d.id.as_str() } else { d.parent_id.as_str() }).collect();
+    let models: BTreeSet<&str> = devices.iter().map(|d| d.model.as_str()).collect();
+    let models = models.into_iter().collect::<Vec<_>>().join(",");
+    let mig = devices.iter().filter(|d| !d.mig_profile.is_empty()).count();
+    if devices.iter().all(|d| d.simulated) {
+        attrs.insert("gpu.simulated".into(), "true".into());
+    }
+    attrs.insert("gpu.count".into(), physical.len().to_string());
+    attrs.insert("gpu.model".into(), models.clone());
+    attrs.insert("gpu.models".into(), models);
+    if mig > 0 {
+        attrs.insert("gpu.mig_instances".into(), mig.to_string());
+    }
+    attrs
+}
+
+/// The GPUs one task gets out of its allocation's assignment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskGpus {
+    /// Devices and shares, in assignment order.
+    pub devices: Vec<GpuAssignment>,
+    /// Every device is a simulated one of this node.
+    pub simulated: bool,
+}
+
+/// How many of its allocation's GPU assignments a task takes: a share is one device, a MIG ask
+/// or a whole-GPU ask `count` devices (the scheduler's order: one entry per device, task by task
+/// in the group's order, tasks without GPUs skipped).
+fn devices_asked(task: &Task) -> usize {
+    match task.resources.as_ref().and_then(|r| r.gpu.as_ref()) {
+        None => 0,
+        Some(g) if g.mig_profile.is_empty() && (1..1000).contains(&g.share_milli) => 1,
+        Some(g) => g.effective_count() as usize,
+    }
+}
+
+/// The devices of `task_name` in an allocation of `group` with `resources`, on a node with
+/// `node_gpus`. The allocation lists its devices task by task in the group's order; when that
+/// list does not match the tasks' asks (an allocation from an older scheduler), every task that
+/// asked for GPUs sees all of them.
+pub fn task_gpus(group: &TaskGroup, task_name: &str, resources: Option<&AllocatedResources>, node_gpus: &[GpuDevice]) -> TaskGpus {
+    let Some(r) = resources else { return TaskGpus::default() };
+    let all: Vec<GpuAssignment> = if r.gpus.is_empty() {
+        r.gpu_ids.iter().map(|id| GpuAssignment { id: id.clone(), milli: 1000 }).collect()
+    } else {
+        r.gpus.clone()
+    };
+    let Some(task) = group.tasks.iter().find(|t| t.name == task_name) else { return TaskGpus::default() };
+    let asked = devices_asked(task);
+    if asked == 0 || all.is_empty() {
+        return TaskGpus::default();
+    }
+    let total: usize = group.tasks.iter().map(devices_asked).sum();
+    let devices = if total == all.len() {
+        let offset: usize = group.tasks.iter().take_while(|t| t.name != task_name).map(devices_asked).sum();
+        all[offset..offset + asked].to_vec()
+    } else {
+        tracing::warn!(task = task_name, asked = total, assigned = all.len(), "GPU assignment does not match the tasks' asks; the task sees all of the allocation's GPUs");
+        all
+    };
+    let simulated = devices.iter().all(|a| node_gpus.iter().any(|d| d.id == a.id && d.simulated));
+    TaskGpus { devices, simulated }
+}
+
+/// The environment variables that expose a task's GPUs (set over the task's own `env`): the
+/// device ids in `NVIDIA_VISIBLE_DEVICES`, `CUDA_VISIBLE_DEVICES` and `MLP_GPU_IDS`, the
+/// per-device milli shares in `MLP_GPU_MILLI`, `MLP_GPUS_SIMULATED=1` for simulated devices. A
+/// task without GPUs gets `NVIDIA_VISIBLE_DEVICES=void` and an empty `CUDA_VISIBLE_DEVICES`, so
+/// that it sees none of a real GPU host's devices.
+pub fn gpu_env(gpus: &TaskGpus) -> Vec<(&'static str, String)> {
+    if gpus.devices.is_empty() {
+        return vec![("NVIDIA_VISIBLE_DEVICES", "void".into()), ("CUDA_VISIBLE_DEVICES", String::new())];
+    }
+    let ids = gpus.devices.iter().map(|a| a.id.as_str()).collect::<Vec<_>>().join(",");
+    let milli = gpus.devices.iter().map(|a| a.milli.to_string()).collect::<Vec<_>>().join(",");
+    let mut env = vec![
+        ("NVIDIA_VISIBLE_DEVICES", ids.clone()),
+        ("CUDA_VISIBLE_DEVICES", ids.clone()),
+        ("MLP_GPU_IDS", ids),
+        ("MLP_GPU_MILLI", milli),
+    ];
+    if gpus.simulated {
+        env.push(("MLP_GPUS_SIMULATED", "1".into()));
+    }
+    env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlp_proto::v1::{GpuRequest, Resources};
+
+    fn task(name: &str, gpu: Option<GpuRequest>) -> Task {
+        Task { name: name.into(), resources: Some(Resources { gpu, ..Default::default() }), ..Default::default() }
+    }
+
+    #[test]
+    fn tasks_get_their_own_devices_and_env() {
+        let group = TaskGroup {
+            tasks: vec![
+                task("a", Some(GpuRequest { count: Some(1), ..Default::default() })),
+                task("cpu", None),
+                task("b", Some(GpuRequest { count: Some(2), ..Default::default() })),
+                task("s", Some(GpuRequest { count: Some(1), share_milli: 250, ..Default::default() })),
+            ],
+            ..Default::default()
+        };
+        let asg = |id: &str, milli| GpuAssignment { id: id.into(), milli };
+        let res = AllocatedResources {
+            gpus: vec![asg("sim-gpu-0", 1000), asg("sim-gpu-1", 1000), asg("sim-gpu-2", 1000), asg("sim-gpu-3", 250)],
+            ..Default::default()
+        };
+        let node: Vec<GpuDevice> =
+            (0..4).map(|i| GpuDevice { id: format!("sim-gpu-{i}"), simulated: true, ..Default::default() }).collect();
+        let b = task_gpus(&group, "b", Some(&res), &node);
+        assert_eq!(b.devices, [asg("sim-gpu-1", 1000), asg("sim-gpu-2", 1000)]);
+        assert!(b.simulated);
+        let env: BTreeMap<_, _> = gpu_env(&b).into_iter().collect();
+        assert_eq!(env["NVIDIA_VISIBLE_DEVICES"], "sim-gpu-1,sim-gpu-2");
+        assert_eq!(env["CUDA_VISIBLE_DEVICES"], "sim-gpu-1,sim-gpu-2");
+        assert_eq!(env["MLP_GPU_IDS"], "sim-gpu-1,sim-gpu-2");
+        assert_eq!(env["MLP_GPU_MILLI"], "1000,1000");
+        assert_eq!(env["MLP_GPUS_SIMULATED"], "1");
+        let s = task_gpus(&group, "s", Some(&res), &node);
+        assert_eq!(s.devices, [asg("sim-gpu-3", 250)]);
+        assert_eq!(task_gpus(&group, "a", Some(&res), &node).devices, [asg("sim-gpu-0", 1000)]);
+        let cpu = task_gpus(&group, "cpu", Some(&res), &node);
+        assert_eq!(cpu, TaskGpus::default());
+        let env: BTreeMap<_, _> = gpu_env(&cpu).into_iter().collect();
+        assert_eq!(env["NVIDIA_VISIBLE_DEVICES"], "void");
+        assert_eq!(env["CUDA_VISIBLE_DEVICES"], "");
+        assert!(!env.contains_key("MLP_GPUS_SIMULATED"));
+        // A device this node does not know as simulated: no MLP_GPUS_SIMULATED.
+        let real = task_gpus(&group, "a", Some(&res), &node[1..]);
+        assert!(!real.simulated);
+        assert!(!gpu_env(&real).iter().any(|(k, _)| *k == "MLP_GPUS_SIMULATED"));
+        // An old allocation with ids only, not matching the asks: every GPU task sees them all.
+        let old = AllocatedResources { gpu_ids: vec!["sim-gpu-0".into()], ..Default::default() };
+        assert_eq!(task_gpus(&group, "b", Some(&old), &node).devices, [asg("sim-gpu-0", 1000)]);
+        assert_eq!(task_gpus(&group, "cpu", Some(&old), &node), TaskGpus::default());
+    }
+}

@@ -1,0 +1,262 @@
+//! The per-task supervisor process: `mlp __mlp-supervise <config>`, a fresh exec of the
+//! agent's binary in its own session, stdio not connected to the agent, that starts one task,
+//! owns its stdout/stderr (written into the size-rotated log files), waits for it and writes
+//! how it ended into `<task dir>/exit.json` (atomically). It does not depend on the agent: when
+//! the agent dies the supervisor and its task run on, and a new agent reattaches
+//! (`crate::driver::supervised::reattach`) from the record the supervisor wrote before it
+//! reported the start (`<task dir>/run.json`). The drivers launch it and read its files
+//! (`crate::driver::supervised`); they never call into this module.
+//!
+//! * `raw_exec`: the supervisor spawns the task in its own session (so the agent can signal
+//!   the task's process group) with `PR_SET_PDEATHSIG` = SIGKILL: a task never outlives its
+//!   supervisor. When the task's main process ends, the supervisor kills what is left of its
+//!   group.
+//! * `exec`: the supervisor unshares a PID namespace (then `setns`es back) and forks the
+//!   namespace's PID 1 ([`crate::isolation::init`]), which joins the task's cgroup first
+//!   thing, then builds the task's namespaces and root and forks the task. The supervisor
+//!   itself stays outside the task's cgroup and namespaces, so killing the cgroup never kills
+//!   the supervisor before it recorded the exit.
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+
+use super::logs::{log_base, RotatingWriter};
+use crate::driver::supervised::{
+    read_json, save_record, write_atomic, ExitRecord, SuperviseConfig, TaskKind, TaskRecord,
+    EXIT_FILE, READY_FD, RECORD_FILE, STATUS_FD, SUPERVISE_ARG,
+};
+use crate::driver::{proc_start_time, signal_group};
+use crate::isolation::init::{catch_stop_signals, report, Running};
+use crate::isolation::phases::Phases;
+
+/// When this process was started as a task supervisor (`mlp __mlp-supervise <config>`), runs
+/// it and never returns; otherwise returns at once. Call first thing in `main`, before any
+/// thread starts: the supervisor must be single-threaded to unshare namespaces and fork.
+pub fn maybe_run_supervisor() {
+    let mut args = std::env::args_os();
+    if args.nth(1).as_deref() != Some(std::ffi::OsStr::new(SUPERVISE_ARG)) {
+        return;
+    }
+    let config = args.next().map(PathBuf::from).unwrap_or_default();
+    run(&config)
+}
+
+/// The supervisor's entry point; never returns.
+pub fn run(config_path: &Path) -> ! {
+    // SAFETY: the agent dup2'd the status pipe onto fd 3 of this freshly exec'd process and
+    // nothing else here owns that fd; a missing fd 3 only makes the writes fail.
+    let status_fd = unsafe { OwnedFd::from_raw_fd(STATUS_FD) };
+    let _ = nix::fcntl::fcntl(
+        status_fd.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
+    let mut status = Some(File::from(status_fd));
+    let mut phases = Phases::default();
+    phases.mark("supervisor_main");
+    match supervise(config_path, &mut status, phases) {
+        Ok(()) => std::process::exit(0),
+        Err(message) => {
+            eprintln!("mlp supervisor: {message}");
+            report(&mut status, &format!("err {message}"));
+            std::process::exit(127)
+        }
+    }
+}
+
+/// Waits for the agent's `ready` on fd 4 (its cgroup exists).
+fn wait_ready() -> Result<(), String> {
+    // SAFETY: the agent dup2'd the ready pipe onto fd 4 of this freshly exec'd process (the
+    // config says so) and nothing else here owns that fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(READY_FD) };
+    let mut text = String::new();
+    let _ = File::from(fd).read_to_string(&mut text);
+    if text == "ready" {
+        Ok(())
+    } else {
+        Err("the agent could not create the task's cgroup".into())
+    }
+}
+
+fn supervise(
+    config_path: &Path,
+    status: &mut Option<File>,
+    mut phases: Phases,
+) -> Result<(), String> {
+    let cfg: SuperviseConfig =
+        read_json(config_path).map_err(|e| format!("reading {}: {e}", config_path.display()))?;
+    phases.mark("supervisor_config");
+    catch_stop_signals();
+    let open = |stderr| {
+        RotatingWriter::open(
+            &cfg.log_dir,
+            &log_base(&cfg.log_name, stderr),
+            cfg.log_max_file_bytes,
+            cfg.log_max_files,
+        )
+        .map_err(|e| format!("opening the log files in {}: {e}", cfg.log_dir.display()))
+    };
+    let (out_w, err_w) = (open(false)?, open(true)?);
+    let (out_r, out_pipe) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (err_r, err_pipe) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    phases.mark("supervisor_logs");
+    let running = match &cfg.task {
+        TaskKind::Raw {
+            command,
+            args,
+            env,
+            work_dir,
+        } => {
+            let mut cmd = std::process::Command::new(command);
+            cmd.args(args)
+                .env_clear()
+                .envs(env)
+                .current_dir(work_dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(out_pipe))
+                .stderr(Stdio::from(err_pipe));
+            // SAFETY: runs in the forked child of this single-threaded process before exec;
+            // setsid(2) and prctl(2) are async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() == -1
+                        || libc::prctl(
+                            libc::PR_SET_PDEATHSIG,
+                            libc::SIGKILL as libc::c_ulong,
+                            0,
+                            0,
+                            0,
+                        ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn().map_err(|e| {
+                format!(
+                    "spawn {} starting {command:?}: {e}",
+                    e.raw_os_error().unwrap_or(0)
+                )
+            })?;
+            // The Child is not waited through std (waitpid below); dropping it leaves the
+            // process alone.
+            let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
+            drop(child);
+            phases.mark("task_spawned");
+            Running { pid, report: None }
+        }
+        TaskKind::Isolated(init) => {
+            if cfg.wait_ready {
+                wait_ready()?;
+                phases.mark("cgroup_ready");
+            }
+            crate::isolation::init::start_init(init, out_pipe, err_pipe, &mut phases)?
+        }
+    };
+    // Record the run before reporting it, so that an agent that dies now still finds it.
+    let task_pid = running.pid.as_raw().unsigned_abs();
+    let record = TaskRecord {
+        driver: cfg.driver.clone(),
+        run_id: cfg.run_id.clone(),
+        supervisor_pid: std::process::id(),
+        supervisor_start_time: proc_start_time(std::process::id()).unwrap_or(0),
+        pid: task_pid,
+        start_time: proc_start_time(task_pid).unwrap_or(0),
+        cgroup: cfg.cgroup.clone(),
+        memory_limit_mib: cfg.memory_limit_mib,
+    };
+    if let Err(e) = save_record(&cfg.task_dir, &record) {
+        let _ = signal_group(task_pid, Signal::SIGKILL);
+        let _ = waitpid(running.pid, None);
+        return Err(format!(
+            "writing {}: {e}",
+            cfg.task_dir.join(RECORD_FILE).display()
+        ));
+    }
+    phases.mark("record_written");
+    report(status, &format!("ok {}{}", running.pid, phases.words()));
+    // The task runs: from here on, threads are fine (nothing forks any more).
+    let pumps = [pump_thread(out_r, out_w), pump_thread(err_r, err_w)];
+    let wait = loop {
+        match waitpid(running.pid, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
+        }
+    };
+    let (code, signal) = match running.report {
+        Some(report) => {
+            let mut text = String::new();
+            let _ = File::from(report).read_to_string(&mut text);
+            crate::isolation::init::decode_report(text.trim(), wait)
+        }
+        None => {
+            // No process of a task may outlive it.
+            let _ = signal_group(running.pid.as_raw().unsigned_abs(), Signal::SIGKILL);
+            match wait {
+                Ok(WaitStatus::Exited(_, code)) => (Some(code), None),
+                Ok(WaitStatus::Signaled(_, sig, _)) => (None, Some(sig as i32)),
+                _ => (None, None),
+            }
+        }
+    };
+    // Drain the output (bounded: a process that escaped may hold the pipes open).
+    let (tx, rx) = std::sync::mpsc::channel();
+    for p in pumps {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let _ = p.join();
+            let _ = tx.send(());
+        });
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    for _ in 0..2 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if rx.recv_timeout(left).is_err() {
+            break;
+        }
+    }
+    let exit = ExitRecord {
+        run_id: cfg.run_id.clone(),
+        code,
+        signal,
+    };
+    let data = serde_json::to_vec(&exit).map_err(|e| format!("encoding the exit status: {e}"))?;
+    write_atomic(&cfg.task_dir.join(EXIT_FILE), &data)
+        .map_err(|e| format!("writing {}: {e}", cfg.task_dir.join(EXIT_FILE).display()))?;
+    Ok(())
+}
+
+/// Copies a pipe into a log file until EOF, on its own thread.
+fn pump_thread(pipe: OwnedFd, mut writer: RotatingWriter) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = File::from(pipe);
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if let Err(e) = writer.write_all(&buf[..n]) {
+                        eprintln!("mlp supervisor: writing the task log failed: {e}");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    eprintln!("mlp supervisor: reading the task output failed: {e}");
+                    break;
+                }
+            }
+        }
+    })
+}
