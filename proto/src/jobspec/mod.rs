@@ -196,7 +196,9 @@ fn too_big_or_deep(src: &str) -> Option<(usize, String)> {
     if src.len() > MAX_SPEC_BYTES {
         return Some((0, format!("the job spec is {} bytes; at most {MAX_SPEC_BYTES} (limit: job spec size)", src.len())));
     }
+    // Bytes, not `str` slices: a skip may land inside a multi-byte character.
     let b = src.as_bytes();
+    let line_end = |i: usize| b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |n| i + n);
     let deep = |i: usize| Some((i, format!("nested more than {MAX_NESTING} levels deep (limit: nesting depth)")));
     let mut stack: Vec<Frame> = Vec::new();
     let mut operators = 0usize;
@@ -219,10 +221,10 @@ fn too_big_or_deep(src: &str) -> Option<(usize, String)> {
             },
             Some(Frame::Heredoc(delim)) => {
                 let line_start = i == 0 || b[i - 1] == b'\n';
-                let line_end = src[i..].find('\n').map_or(b.len(), |n| i + n);
-                if line_start && src[i..line_end].trim() == delim {
+                let end = line_end(i);
+                if line_start && b[i..end].trim_ascii() == delim.as_bytes() {
                     stack.pop();
-                    i = line_end;
+                    i = end;
                 } else if (c == b'$' || c == b'%') && next == Some(b'{') {
                     stack.push(Frame::Template);
                     i += 1;
@@ -230,20 +232,21 @@ fn too_big_or_deep(src: &str) -> Option<(usize, String)> {
             }
             _ => match c {
                 b'"' => stack.push(Frame::Str),
-                b'#' => i = src[i..].find('\n').map_or(b.len(), |n| i + n),
-                b'/' if next == Some(b'/') => i = src[i..].find('\n').map_or(b.len(), |n| i + n),
-                b'/' if next == Some(b'*') => i = src[i + 2..].find("*/").map_or(b.len(), |n| i + 2 + n + 1),
+                b'#' => i = line_end(i),
+                b'/' if next == Some(b'/') => i = line_end(i),
+                b'/' if next == Some(b'*') => {
+                    i = b[i + 2..].windows(2).position(|w| w == b"*/").map_or(b.len(), |n| i + 2 + n + 1);
+                }
                 b'<' if next == Some(b'<') => {
-                    let rest = &src[i + 2..];
-                    let rest = rest.strip_prefix('-').unwrap_or(rest);
-                    let ident: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-                    let line_end = src[i..].find('\n').map_or(b.len(), |n| i + n);
+                    let rest = &b[i + 2..];
+                    let rest = rest.strip_prefix(b"-").unwrap_or(rest);
+                    let ident: Vec<u8> = rest.iter().copied().take_while(|c| c.is_ascii_alphanumeric() || *c == b'_').collect();
                     if ident.is_empty() {
                         operators += 2;
                         i += 1;
                     } else {
-                        stack.push(Frame::Heredoc(ident));
-                        i = line_end;
+                        stack.push(Frame::Heredoc(String::from_utf8_lossy(&ident).into_owned()));
+                        i = line_end(i);
                     }
                 }
                 b'{' | b'[' | b'(' => stack.push(Frame::Open),
