@@ -17,7 +17,9 @@ use crate::cli::{AgentArgs, DevArgs, ExecIsolationArgs, RaftTimingArgs, ServerAr
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MLP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,tower=warn,hyper=warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Colour codes only on a terminal: a log file or journal would keep them as noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
 fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {

@@ -14,6 +14,9 @@ use crate::cli::{OperatorCommand, RaftCommand, ServerAction, SnapshotCommand};
 use crate::client::{connect, status_err};
 use crate::output::{print_json, Table};
 
+/// Chunk size of a snapshot upload.
+const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+
 /// One peer as `list-peers --json` prints it.
 #[derive(Serialize)]
 struct PeerJson {
@@ -93,9 +96,14 @@ pub async fn operator(addr: &str, cmd: OperatorCommand) -> anyhow::Result<ExitCo
         }
         OperatorCommand::Snapshot(SnapshotCommand::Save { file }) => {
             let mut c = connect(addr).await?;
-            let resp = c.cluster.snapshot_save(SnapshotSaveRequest {}).await.map_err(status_err)?.into_inner();
-            let crc = write_snapshot(&file, resp.index, &resp.state)?;
-            println!("Saved the cluster state at index {} to {} ({} bytes, crc32 {crc:08x}).", resp.index, file.display(), resp.state.len());
+            let mut stream = c.cluster.snapshot_save(SnapshotSaveRequest {}).await.map_err(status_err)?.into_inner();
+            let (mut state, mut index) = (Vec::new(), 0);
+            while let Some(chunk) = stream.message().await.map_err(status_err)? {
+                index = chunk.index;
+                state.extend_from_slice(&chunk.state);
+            }
+            let crc = write_snapshot(&file, index, &state)?;
+            println!("Saved the cluster state at index {index} to {} ({} bytes, crc32 {crc:08x}).", file.display(), state.len());
         }
         OperatorCommand::Snapshot(SnapshotCommand::Restore { file }) => {
             // Checked here first (clear error, nothing sent), and again by the server.
@@ -103,7 +111,13 @@ pub async fn operator(addr: &str, cmd: OperatorCommand) -> anyhow::Result<ExitCo
             let mut c = connect(addr).await?;
             let resp = c
                 .cluster
-                .snapshot_restore(SnapshotRestoreRequest { state, crc32: header.crc32 })
+                .snapshot_restore(futures::stream::iter(
+                    state
+                        .chunks(SNAPSHOT_CHUNK_BYTES)
+                        .enumerate()
+                        .map(|(i, c)| SnapshotRestoreRequest { state: c.to_vec(), crc32: if i == 0 { header.crc32 } else { 0 } })
+                        .collect::<Vec<_>>(),
+                ))
                 .await
                 .map_err(status_err)?
                 .into_inner();

@@ -121,6 +121,7 @@ fn hostile_jobs_are_refused_at_every_door_and_change_nothing() {
     let names: Vec<&str> = jobs.as_array().expect("list").iter().filter_map(|j| j["name"].as_str()).collect();
     assert_eq!(names, vec!["backtrack"], "only the acceptable job was registered");
     assert!(!dev.log().contains("panicked"), "the server logged a panic:\n{}", common::tail(&dev.log(), 4000));
+    assert!(!dev.log().contains('\u{1b}'), "colour codes in a log that is not a terminal");
 
     // The committed state replays cleanly.
     dev.kill9();

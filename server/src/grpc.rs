@@ -269,6 +269,7 @@ impl agent_service_server::AgentService for GrpcApi {
             }
             loop {
                 let msg = match changes.recv().await {
+                    Ok(nodes) if nodes.contains(crate::state::RESEND_FULL_SETS) => api.node_allocations(&node_id),
                     Ok(nodes) if nodes.contains(&node_id) => api.node_allocations_since(&node_id, Some(last)),
                     Ok(_) => continue,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => api.node_allocations(&node_id),

@@ -671,6 +671,10 @@ fn find_by_prefix<'a, T>(map: &'a BTreeMap<String, T>, prefix: &str, kind: &'sta
     }
 }
 
+/// A marker in a node-change notification: every allocation stream sends its node's full set
+/// (after a snapshot restore, allocations may have disappeared). Not a valid node id.
+pub const RESEND_FULL_SETS: &str = "*resend-full-sets*";
+
 /// The state shared between the Raft state machine (which writes it) and everything that reads
 /// it: API handlers, the scheduler, agents' allocation streams.
 pub struct StateHandle {
@@ -744,6 +748,9 @@ impl StateHandle {
             });
             if restore {
                 nodes.extend(st.nodes.keys().cloned());
+                // Allocations the restored state no longer has must reach agents as absent,
+                // which only a full set can say.
+                nodes.insert(RESEND_FULL_SETS.to_string());
             }
             if !nodes.is_empty() {
                 let _ = self.node_changes.send(Arc::new(nodes));

@@ -433,6 +433,12 @@ pub struct ClusterGrpc {
 }
 
 /// The service to mount on a server's gRPC listener.
+/// Chunk size of snapshot streams.
+const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+/// Largest state a restore accepts: it travels as one Raft entry (whose transport allows 256 MiB,
+/// and JSON escaping grows it).
+pub const MAX_SNAPSHOT_BYTES: usize = 96 * 1024 * 1024;
+
 pub fn cluster_grpc_service(node: Arc<RaftNode>, bootstrap_expect: usize) -> ClusterServiceServer<ClusterGrpc> {
     ClusterServiceServer::new(ClusterGrpc { node, bootstrap_expect })
         .max_decoding_message_size(crate::server::MAX_GRPC_MESSAGE_BYTES)
@@ -534,9 +540,13 @@ impl ClusterService for ClusterGrpc {
         Ok(tonic::Response::new(TransferLeadershipResponse { leader_id }))
     }
 
-    async fn snapshot_save(&self, req: tonic::Request<SnapshotSaveRequest>) -> GrpcResult<SnapshotSaveResponse> {
+    type SnapshotSaveStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<SnapshotSaveResponse, tonic::Status>> + Send>>;
+
+    /// Streams the state in chunks, so a state larger than one gRPC message saves.
+    async fn snapshot_save(&self, req: tonic::Request<SnapshotSaveRequest>) -> GrpcResult<Self::SnapshotSaveStream> {
         if let Some(mut leader) = self.leader_client()? {
-            return leader.snapshot_save(with_timeout(req.into_inner(), JOIN_TIMEOUT)).await;
+            let stream = leader.snapshot_save(with_timeout(req.into_inner(), JOIN_TIMEOUT)).await?.into_inner();
+            return Ok(tonic::Response::new(Box::pin(stream)));
         }
         // Everything acknowledged before the call is in the saved state.
         self.node.linearizable_read().await.map_err(to_status)?;
@@ -546,22 +556,47 @@ impl ClusterService for ClusterGrpc {
             (bytes, st.index)
         };
         tracing::info!(index, bytes = state.len(), "state snapshot saved for an operator");
-        Ok(tonic::Response::new(SnapshotSaveResponse { state, index }))
+        let chunks: Vec<Result<SnapshotSaveResponse, tonic::Status>> = if state.is_empty() {
+            vec![Ok(SnapshotSaveResponse { state, index })]
+        } else {
+            state.chunks(SNAPSHOT_CHUNK_BYTES).map(|c| Ok(SnapshotSaveResponse { state: c.to_vec(), index })).collect()
+        };
+        Ok(tonic::Response::new(Box::pin(futures::stream::iter(chunks))))
     }
 
-    /// Disaster recovery: checks the checksum and that the state decodes, then commits a
-    /// `RestoreState` through Raft (forwarded to the leader), so every server converges on it.
-    /// A bad file changes nothing.
-    async fn snapshot_restore(&self, req: tonic::Request<SnapshotRestoreRequest>) -> GrpcResult<SnapshotRestoreResponse> {
-        let req = req.into_inner();
-        let actual = crc32fast::hash(&req.state);
-        if actual != req.crc32 {
+    /// Disaster recovery: collects the streamed state (at most [`MAX_SNAPSHOT_BYTES`]), checks
+    /// the checksum and that the state decodes, then commits a `RestoreState` through Raft on the
+    /// leader (a follower passes the chunks on to it), so every server converges on it. A bad
+    /// file changes nothing.
+    async fn snapshot_restore(&self, req: tonic::Request<tonic::Streaming<SnapshotRestoreRequest>>) -> GrpcResult<SnapshotRestoreResponse> {
+        let mut stream = req.into_inner();
+        let mut state = Vec::new();
+        let mut crc32 = None;
+        while let Some(chunk) = stream.message().await? {
+            crc32.get_or_insert(chunk.crc32);
+            if state.len() + chunk.state.len() > MAX_SNAPSHOT_BYTES {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "snapshot state is larger than {MAX_SNAPSHOT_BYTES} bytes; nothing was changed"
+                )));
+            }
+            state.extend_from_slice(&chunk.state);
+        }
+        let expected = crc32.unwrap_or(0);
+        let actual = crc32fast::hash(&state);
+        if actual != expected {
             return Err(tonic::Status::invalid_argument(format!(
-                "snapshot state is corrupt: crc32 {actual:08x}, expected {:08x}; nothing was changed",
-                req.crc32
+                "snapshot state is corrupt: crc32 {actual:08x}, expected {expected:08x}; nothing was changed"
             )));
         }
-        let text = String::from_utf8(req.state)
+        if let Some(mut leader) = self.leader_client()? {
+            let chunks: Vec<SnapshotRestoreRequest> = state
+                .chunks(SNAPSHOT_CHUNK_BYTES)
+                .enumerate()
+                .map(|(i, c)| SnapshotRestoreRequest { state: c.to_vec(), crc32: if i == 0 { expected } else { 0 } })
+                .collect();
+            return leader.snapshot_restore(futures::stream::iter(chunks)).await;
+        }
+        let text = String::from_utf8(state)
             .map_err(|e| tonic::Status::invalid_argument(format!("snapshot state is not UTF-8 JSON: {e}; nothing was changed")))?;
         if let Err(e) = serde_json::from_str::<crate::state::ClusterState>(&text) {
             return Err(tonic::Status::invalid_argument(format!(
@@ -571,7 +606,7 @@ impl ClusterService for ClusterGrpc {
         let bytes = text.len();
         let resp = self
             .node
-            .submit(Request { now_ms: crate::leader::now_ms(), command: crate::state::Command::RestoreState { state: text } })
+            .write(Request { now_ms: crate::leader::now_ms(), command: crate::state::Command::RestoreState { state: text } })
             .await
             .map_err(to_status)?;
         tracing::warn!(index = resp.index, bytes, "cluster state replaced from an operator's snapshot");
