@@ -162,11 +162,11 @@ fn bases(n: u64) -> Vec<Vec<u8>> {
         RegisterJobRequest { job: Some(job(&name)) }.encode_to_vec(),
         PlanJobRequest { job: Some(job(&name)) }.encode_to_vec(),
         GetJobRequest { job_id: name.clone(), ..Default::default() }.encode_to_vec(),
-        StopJobRequest { job_id: name.clone(), purge: n % 2 == 0, ..Default::default() }.encode_to_vec(),
+        StopJobRequest { job_id: name.clone(), purge: n.is_multiple_of(2), ..Default::default() }.encode_to_vec(),
         ListAllocsRequest { job_id: name.clone(), ..Default::default() }.encode_to_vec(),
         NodeDrainRequest { node_id: name.clone(), enable: true, deadline_ms: 1000, ignore_system: false }.encode_to_vec(),
         LogsRequest { alloc_id: name.clone(), task: "t".into(), ..Default::default() }.encode_to_vec(),
-        HeartbeatRequest { node_id: name, ..Default::default() }.encode_to_vec(),
+        HeartbeatRequest { node_id: name }.encode_to_vec(),
     ]
 }
 

@@ -30,7 +30,7 @@ fn node(i: usize) -> Node {
         status: node_status::READY.into(),
         eligible: true,
         drivers: vec!["exec".into(), "raw_exec".into()],
-        attributes: [("kernel.name", "linux"), ("os.version", if i % 2 == 0 { "22.04" } else { "20.04.6" }), ("gpu.models", "A100")]
+        attributes: [("kernel.name", "linux"), ("os.version", if i.is_multiple_of(2) { "22.04" } else { "20.04.6" }), ("gpu.models", "A100")]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),

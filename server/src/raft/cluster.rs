@@ -556,12 +556,12 @@ impl ClusterService for ClusterGrpc {
             (bytes, st.index)
         };
         tracing::info!(index, bytes = state.len(), "state snapshot saved for an operator");
-        let chunks: Vec<Result<SnapshotSaveResponse, tonic::Status>> = if state.is_empty() {
-            vec![Ok(SnapshotSaveResponse { state, index })]
+        let chunks: Vec<SnapshotSaveResponse> = if state.is_empty() {
+            vec![SnapshotSaveResponse { state, index }]
         } else {
-            state.chunks(SNAPSHOT_CHUNK_BYTES).map(|c| Ok(SnapshotSaveResponse { state: c.to_vec(), index })).collect()
+            state.chunks(SNAPSHOT_CHUNK_BYTES).map(|c| SnapshotSaveResponse { state: c.to_vec(), index }).collect()
         };
-        Ok(tonic::Response::new(Box::pin(futures::stream::iter(chunks))))
+        Ok(tonic::Response::new(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)))))
     }
 
     /// Disaster recovery: collects the streamed state (at most [`MAX_SNAPSHOT_BYTES`]), checks
