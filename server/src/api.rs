@@ -86,6 +86,41 @@ pub const PLAN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30
 /// The longest drain deadline accepted.
 pub const MAX_DRAIN_DEADLINE_MS: u64 = 30 * 24 * 3_600_000;
 
+/// Entries in a node's `attributes` or `meta`.
+pub const MAX_NODE_MAP_ENTRIES: usize = 1_000;
+/// Names, keys, addresses, drivers of a node.
+pub const MAX_NODE_KEY_BYTES: usize = 256;
+/// A node attribute's or meta entry's value.
+pub const MAX_NODE_VALUE_BYTES: usize = 4096;
+/// Drivers one node may report.
+pub const MAX_NODE_DRIVERS: usize = 32;
+
+/// Bounds on what an agent registers: every field ends up in the replicated state and in every
+/// scheduling pass.
+fn check_node_shape(node: &Node) -> Result<(), ApiError> {
+    let bad = |m: String| Err(ApiError::InvalidArgument(m));
+    for (field, value) in [("name", &node.name), ("datacenter", &node.datacenter), ("node_pool", &node.node_pool), ("rpc_addr", &node.rpc_addr)] {
+        if value.len() > MAX_NODE_KEY_BYTES || value.chars().any(char::is_control) {
+            return bad(format!("node.{field}: at most {MAX_NODE_KEY_BYTES} bytes without control characters (limit: node field length)"));
+        }
+    }
+    for (field, map) in [("attributes", &node.attributes), ("meta", &node.meta)] {
+        if map.len() > MAX_NODE_MAP_ENTRIES {
+            return bad(format!("node.{field}: at most {MAX_NODE_MAP_ENTRIES} entries, found {} (limit: node {field})", map.len()));
+        }
+        if let Some((k, _)) = map.iter().find(|(k, v)| k.is_empty() || k.len() > MAX_NODE_KEY_BYTES || v.len() > MAX_NODE_VALUE_BYTES) {
+            let k: String = k.chars().take(64).collect();
+            return bad(format!(
+                "node.{field}.{k}: keys are 1-{MAX_NODE_KEY_BYTES} bytes and values at most {MAX_NODE_VALUE_BYTES} (limit: node {field} size)"
+            ));
+        }
+    }
+    if node.drivers.len() > MAX_NODE_DRIVERS || node.drivers.iter().any(|d| d.len() > MAX_NODE_KEY_BYTES) {
+        return bad(format!("node.drivers: at most {MAX_NODE_DRIVERS} drivers of at most {MAX_NODE_KEY_BYTES} bytes (limit: node drivers)"));
+    }
+    Ok(())
+}
+
 /// An id that must be present and sane before it is used as a key.
 fn require_id(what: &str, id: &str) -> Result<(), ApiError> {
     if id.is_empty() {
@@ -417,6 +452,7 @@ impl Api {
         if node.name.is_empty() {
             return Err(ApiError::InvalidArgument("node.name is required".into()));
         }
+        check_node_shape(&node)?;
         let res = node.resources.as_mut().ok_or_else(|| ApiError::InvalidArgument("node.resources is required".into()))?;
         if res.cpu_total_mhz == 0 || res.memory_mib == 0 {
             return Err(ApiError::InvalidArgument("node.resources must report cpu_total_mhz and memory_mib above 0".into()));

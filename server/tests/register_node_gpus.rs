@@ -67,3 +67,25 @@ async fn bad_gpus_are_refused_with_the_field_path_and_change_nothing() {
     assert_eq!(numa, [None, Some(1), None, None]);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_node_registrations_are_refused_with_the_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(dir.path()).await;
+    let many: std::collections::BTreeMap<String, String> = (0..1001).map(|i| (format!("k{i}"), "v".into())).collect();
+    let cases: Vec<(Node, &str)> = vec![
+        (Node { attributes: many.clone(), ..node("n1", vec![]) }, "node.attributes: at most 1000 entries"),
+        (Node { meta: many, ..node("n1", vec![]) }, "node.meta: at most 1000 entries"),
+        (Node { meta: [("rack".to_string(), "x".repeat(5000))].into(), ..node("n1", vec![]) }, "node.meta.rack: keys are"),
+        (Node { name: "n".repeat(300), ..node("n1", vec![]) }, "node.name: at most 256 bytes"),
+        (Node { drivers: (0..40).map(|i| format!("d{i}")).collect(), ..node("n1", vec![]) }, "node.drivers: at most 32"),
+    ];
+    for (n, want) in cases {
+        match server.api.register_node(Some(n)).await {
+            Err(ApiError::InvalidArgument(msg)) => assert!(msg.starts_with(want), "got {msg:?}, want it to start with {want:?}"),
+            other => panic!("want InvalidArgument starting with {want:?}, got {other:?}"),
+        }
+    }
+    assert!(!server.api.state.read().nodes.contains_key("n1"), "a refused registration writes nothing");
+    server.shutdown().await;
+}
