@@ -51,6 +51,9 @@ fn nothing_left(dev: &Dev) {
 
 #[test]
 fn exec_task_sees_only_its_own_processes_hostname_and_root() {
+    if !common::require_exec() {
+        return;
+    }
     let dev = Dev::start();
     let outside = dev.dir.path().join("escape");
     let script = format!(
@@ -127,6 +130,9 @@ EOF
 
 #[test]
 fn root_is_refused_for_exec() {
+    if !common::require_exec() {
+        return;
+    }
     let dev = Dev::start();
     run(
         &dev,
@@ -150,6 +156,9 @@ fn root_is_refused_for_exec() {
 
 #[test]
 fn fork_bomb_is_stopped_by_the_pids_limit_and_the_agent_answers() {
+    if !common::require_exec() {
+        return;
+    }
     let dev = Dev::start();
     // The shell retries its `sleep` until a fork succeeds, then says it survived.
     run(
@@ -204,6 +213,9 @@ fn fork_bomb_is_stopped_by_the_pids_limit_and_the_agent_answers() {
 
 #[test]
 fn memory_hog_is_oom_killed_and_reported_while_a_neighbour_runs_on() {
+    if !common::require_exec() {
+        return;
+    }
     let dev = Dev::start();
     run(
         &dev,
@@ -279,6 +291,9 @@ fn cpu_ns(dirs: &[PathBuf]) -> Option<u64> {
 
 #[test]
 fn cpu_hard_cap_holds() {
+    if !common::require_exec() {
+        return;
+    }
     let dev = Dev::start();
     let nodes = dev.json(&["node", "status", "--json"]);
     let mhz: f64 = nodes[0]["attributes"]["cpu.frequency"].as_str().and_then(|s| s.parse().ok()).unwrap_or(1000.0);
@@ -326,6 +341,9 @@ fn cpu_hard_cap_holds() {
 
 #[test]
 fn stop_kills_a_tree_that_ignores_sigterm_and_leaves_nothing() {
+    if !common::require_exec() {
+        return;
+    }
     let dev = Dev::start();
     run(
         &dev,
@@ -366,6 +384,9 @@ fn ticks(out: &str) -> Vec<u64> {
 
 #[test]
 fn tasks_survive_an_agent_kill9_and_are_reattached_with_their_logs_and_exit_codes() {
+    if !common::require_exec() {
+        return;
+    }
     let mut dev = Dev::start();
     let counter = r#"i=0; while true; do echo "tick $i"; i=$((i+1)); sleep 0.1; done"#;
     for (name, driver) in [("keep", "exec"), ("rawkeep", "raw_exec")] {
@@ -470,6 +491,9 @@ fn tasks_survive_an_agent_kill9_and_are_reattached_with_their_logs_and_exit_code
 
 #[test]
 fn agent_config_adds_and_hides_host_paths() {
+    if !common::require_exec() {
+        return;
+    }
     // A host directory added read-only, two default paths hidden: /usr/local (inside the bound
     // /usr: masked, empty) and /etc/ssl (a bind of its own: left out).
     let shared = tempfile::Builder::new().prefix("mlp-shared-").tempdir().expect("tempdir");

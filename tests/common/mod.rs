@@ -11,6 +11,16 @@ use std::time::{Duration, Instant};
 
 pub const MLP: &str = env!("CARGO_BIN_EXE_mlp");
 
+#[path = "../prereq/mod.rs"]
+pub mod prereq;
+
+/// What a test that runs `exec` tasks needs (root and a cgroup hierarchy); see
+/// [`prereq::require`]: `false` (skip) only under `MLP_TEST_ALLOW_SKIP=1`, else a failure that
+/// names what is missing.
+pub fn require_exec() -> bool {
+    prereq::require(&[prereq::Need::Root, prereq::Need::Cgroups])
+}
+
 /// An allocation's `client_status` from its JSON view.
 pub fn status(a: &serde_json::Value) -> &str {
     a["client_status"].as_str().unwrap_or("")
