@@ -489,6 +489,76 @@ fn tasks_survive_an_agent_kill9_and_are_reattached_with_their_logs_and_exit_code
     nothing_left(&dev);
 }
 
+/// kill -9 the agent alone (an `mlp server` and a separate `mlp agent`, not `mlp dev`), start
+/// it again on the same data dir: the `exec` and `raw_exec` tasks ran on with the same PIDs,
+/// the new agent reattaches them (same allocations, running, not restarted), and a later stop
+/// of the jobs still stops them and leaves nothing behind.
+#[test]
+fn tasks_survive_an_agent_only_crash_with_the_same_pids_and_stop_later() {
+    if !common::require_exec() {
+        return;
+    }
+    let mut dev = Dev::start_split();
+    for (name, driver) in [("keep", "exec"), ("rawkeep", "raw_exec")] {
+        run(
+            &dev,
+            name,
+            &format!(
+                r#"job "{name}" {{
+  type = "service"
+  group "g" {{
+    task "t" {{
+      driver = "{driver}"
+      config {{
+        command = "/bin/sh"
+        args    = ["-c", "while true; do sleep 0.2; done"]
+      }}
+    }}
+  }}
+}}
+"#
+            ),
+        );
+    }
+    let pid = |a: &Value| a["task_states"]["t"]["pid"].as_i64().unwrap_or(0) as i32;
+    let before: Vec<Value> = ["keep", "rawkeep"]
+        .into_iter()
+        .map(|job| one_alloc(&dev, job, "task running", |a| status(a) == "running" && pid(a) > 0))
+        .collect();
+
+    let old_agent = dev.kill9_agent().expect("the agent ran");
+    for a in &before {
+        assert!(common::pid_alive(pid(a)), "task {} died with the agent", a["name"]);
+    }
+    // The server stays up and answers while the agent is down.
+    dev.ok(&["node", "status"]);
+    dev.spawn_agent();
+    assert_ne!(dev.agent.as_ref().map(|c| c.id()), Some(old_agent));
+    for (job, a) in ["keep", "rawkeep"].into_iter().zip(&before) {
+        // The new agent says it reattached this very process (its log is appended to).
+        wait_for("the new agent to reattach the task", Duration::from_secs(60), || {
+            dev.agent_log().lines().any(|l| l.contains("task reattached") && l.contains(&format!("pid={}", pid(a)))).then_some(())
+        });
+        let now = one_alloc(&dev, job, "the same task running", |x| status(x) == "running" && pid(x) == pid(a));
+        assert_eq!(now["id"], a["id"], "a replacement allocation for {job}");
+        let ts = &now["task_states"]["t"];
+        assert_eq!(ts["restarts"], 0, "{ts}");
+        let events = ts["events"].as_array().cloned().unwrap_or_default();
+        assert_eq!(events.iter().filter(|e| e["type"] == "started").count(), 1, "started again: {ts}");
+        assert!(common::pid_alive(pid(a)), "{job}: the task died across the agent restart");
+    }
+    let nodes = dev.json(&["node", "status", "--json"]);
+    assert_eq!(nodes.as_array().map(|n| n.len()), Some(1), "{nodes}");
+    assert_eq!(nodes[0]["status"], "ready", "{nodes}");
+    // The reattached tasks still answer to the agent: stopping the jobs stops them.
+    for (job, a) in ["keep", "rawkeep"].into_iter().zip(&before) {
+        dev.ok(&["job", "stop", job]);
+        one_alloc(&dev, job, "stopped", |x| status(x) == "complete");
+        wait_for("the reattached task gone", Duration::from_secs(20), || (!common::pid_alive(pid(a))).then_some(()));
+    }
+    nothing_left(&dev);
+}
+
 #[test]
 fn agent_config_adds_and_hides_host_paths() {
     if !common::require_exec() {
