@@ -91,7 +91,7 @@ async fn regs(out: &mut BTreeMap<String, f64>) -> Result<(), String> {
     // Until the cluster has a leader that commits.
     let mut c0 = JobServiceClient::new(channel(&addrs[0]).await?);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while c0.register(RegisterJobRequest { job: Some(tiny_job("warm-0")) }).await.is_err() {
+    while c0.register(RegisterJobRequest { job: Some(tiny_job("warm-0")), ..Default::default() }).await.is_err() {
         if Instant::now() > deadline {
             return Err("no leader committed within 60s".into());
         }
@@ -123,7 +123,7 @@ async fn regs(out: &mut BTreeMap<String, f64>) -> Result<(), String> {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                match c.register(RegisterJobRequest { job: Some(tiny_job(&format!("r-{ci}-{i}"))) }).await {
+                match c.register(RegisterJobRequest { job: Some(tiny_job(&format!("r-{ci}-{i}"))), ..Default::default() }).await {
                     Ok(_) => mine.push(t.elapsed().as_secs_f64() * 1000.0),
                     Err(_) => {
                         errors.fetch_add(1, Ordering::Relaxed);

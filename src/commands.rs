@@ -50,7 +50,11 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
         }
         JobCommand::Run { file, detach, json } => {
             let job = load_job(&file)?;
-            let (mut c, resp) = crate::client::register_with_failover(addr, RegisterJobRequest { job: Some(job.clone()) }).await?;
+            let (mut c, resp) = crate::client::register_with_failover(
+                addr,
+                // One id for this registration and all its retries: applied at most once.
+                RegisterJobRequest { job: Some(job.clone()), request_id: uuid::Uuid::new_v4().to_string() },
+            ).await?;
             if json {
                 print_json(&resp)?;
                 return Ok(ExitCode::SUCCESS);

@@ -390,7 +390,7 @@ fn ha_paused_leader_acknowledges_nothing_it_did_not_commit() {
     let elected_at = rec.now();
     let before = clients.acked();
     wait_for("writes acknowledged by the new leader", Duration::from_secs(60), || {
-        (clients.acked() >= before + 6 && acked_write_after(&rec, elected_at)).then_some(())
+        (clients.acked() >= before + 12 && acked_write_after(&rec, elected_at)).then_some(())
     });
     eprintln!("paused {leader} (id {old_id}); {} (id {}) leads after {:?}", new.address, new.id, paused.elapsed());
     net.procs[procs[li]].signal(nix::sys::signal::Signal::SIGCONT);

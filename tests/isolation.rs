@@ -154,47 +154,79 @@ fn root_is_refused_for_exec() {
     assert!(events.contains("refused"), "{events}");
 }
 
+/// The agent's pids limit for an `exec` task whose resources set none (`--exec-default-pids`).
+const DEFAULT_PIDS: u64 = 4096;
+
 #[test]
 fn fork_bomb_is_stopped_by_the_pids_limit_and_the_agent_answers() {
     if !common::require_exec() {
         return;
     }
+    fork_bomb_is_contained(Some(40));
+}
+
+/// The same bomb with no `pids` in its resources: the agent's default limit contains it.
+#[test]
+fn fork_bomb_is_stopped_by_the_default_pids_limit() {
+    if !common::require_exec() {
+        return;
+    }
+    fork_bomb_is_contained(None);
+}
+
+/// Runs a fork bomb (with `pids = N` in its resources, or none) and watches it from the host
+/// while the agent and the server keep answering: it never outgrows its limit, hits it, and
+/// its shell survives to say so; nothing is left afterwards.
+fn fork_bomb_is_contained(pids: Option<u64>) {
     let dev = Dev::start();
+    let limit = pids.unwrap_or(DEFAULT_PIDS);
+    // Memory enough for the default limit's thousands of shells, so that the pids limit, not
+    // the memory limit, is what stops the bomb.
+    let resources = match pids {
+        Some(n) => format!("pids = {n}"),
+        None => "memory = 2048".to_string(),
+    };
     // The shell retries its `sleep` until a fork succeeds, then says it survived.
     run(
         &dev,
         "bomb",
-        r#"job "bomb" {
+        &format!(
+            r#"job "bomb" {{
   type = "batch"
-  group "g" {
-    restart {
+  group "g" {{
+    restart {{
       attempts = 0
       mode     = "fail"
-    }
-    task "t" {
+    }}
+    task "t" {{
       driver = "exec"
-      config {
+      config {{
         command = "/bin/sh"
-        args    = ["-c", "b() { b | b & }; b; until sleep 3; do :; done 2>/dev/null; echo survived"]
-      }
-      resources {
-        pids = 40
-      }
-    }
-  }
-}
-"#,
+        args    = ["-c", "b() {{ b | b & }}; b; until sleep 3; do :; done 2>/dev/null; echo survived"]
+      }}
+      resources {{
+        {resources}
+      }}
+    }}
+  }}
+}}
+"#
+        ),
     );
     // Watch the bomb from the host while the agent and the server keep answering.
-    let (mut most, mut refused) = (0u64, 0u64);
+    let (mut most, mut refused, mut max_seen) = (0u64, 0u64, None);
     let started = Instant::now();
-    // At least 3 s of watching, and (on a loaded machine, where the task may start late) until
-    // the bomb has hit its limit, within 30 s.
-    while started.elapsed() < Duration::from_secs(30) && (refused == 0 || started.elapsed() < Duration::from_secs(3)) {
+    // At least 3 s of watching, and (on a loaded machine, where the task may start late, and
+    // the default limit takes thousands of forks to reach) until the bomb has hit its limit,
+    // within 60 s.
+    while started.elapsed() < Duration::from_secs(60) && (refused == 0 || started.elapsed() < Duration::from_secs(3)) {
         dev.ok(&["node", "status"]);
         for d in cgroups_under(dev.dir.path()) {
             let n = std::fs::read_to_string(d.join("pids.current")).ok().and_then(|s| s.trim().parse().ok());
             most = most.max(n.unwrap_or(0));
+            if let Ok(max) = std::fs::read_to_string(d.join("pids.max")) {
+                max_seen = Some(max.trim().to_string());
+            }
             // pids.events: "max N", the forks refused at the limit (v1 and v2).
             let events = std::fs::read_to_string(d.join("pids.events")).unwrap_or_default();
             let n = events.lines().find_map(|l| l.strip_prefix("max ")).and_then(|v| v.trim().parse().ok());
@@ -202,10 +234,14 @@ fn fork_bomb_is_stopped_by_the_pids_limit_and_the_agent_answers() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(most <= 40, "the bomb outgrew its limit: {most} processes");
-    assert!(refused > 0, "the bomb never hit the limit ({most} processes at most)");
-    let a = one_alloc(&dev, "bomb", "bomb task to end", |a| matches!(status(a), "complete" | "failed"));
-    let id = a["id"].as_str().unwrap_or_default();
+    eprintln!("fork bomb, pids limit {limit}: {most} processes at most, {refused} forks refused");
+    assert_eq!(max_seen.as_deref(), Some(limit.to_string().as_str()), "the task cgroup's pids.max");
+    assert!(most <= limit, "the bomb outgrew its limit {limit}: {most} processes");
+    assert!(refused > 0, "the bomb never hit the limit {limit} ({most} processes at most)");
+    let a = dev.wait_allocs("bomb", "bomb task to end", Duration::from_secs(120), |a| {
+        a.len() == 1 && matches!(status(&a[0]), "complete" | "failed")
+    });
+    let id = a[0]["id"].as_str().unwrap_or_default();
     let out = logs(&dev, id, "t", false);
     assert!(out.contains("survived"), "{out}\n{}", logs(&dev, id, "t", true));
     nothing_left(&dev);
