@@ -227,7 +227,10 @@ fn failover_cli_defaults(out: &mut BTreeMap<String, f64>) {
         net.add_host(&format!("server{i}"));
     }
     let client = net.add_host("client");
-    let procs = multihost::start_servers_with(&mut net, 3, &[]);
+    // MLP_BENCH_RAFT_FLAGS (space separated) tries other timings against the same measure.
+    let flags = std::env::var("MLP_BENCH_RAFT_FLAGS").unwrap_or_default();
+    let flags: Vec<&str> = flags.split_whitespace().collect();
+    let procs = multihost::start_servers_with(&mut net, 3, &flags);
     let addrs: Vec<String> = (0..3).map(|i| format!("{}:{GRPC_PORT}", net.hosts[i].ip)).collect();
     let all = addrs.join(",");
     let form = Duration::from_secs(60);
