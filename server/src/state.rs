@@ -223,15 +223,21 @@ impl ClusterState {
             Command::RegisterJob { job, eval } => {
                 let key = job_key(&job.namespace, &job.id);
                 // The same request delivered again (a forwarding retry, or a client's retry with
-                // its request id): it was applied once already; applying it again could put an
-                // old spec back over a newer one.
+                // its request id): its evaluation exists and the version it produced has this
+                // spec. Applying it again could put an old spec back over a newer one.
                 if let Some(prev) = self.evals.get(&eval.id) {
                     if prev.job_id != job.id || prev.namespace != job.namespace {
                         resp.error = Some(format!("evaluation id {:?} belongs to another job", eval.id));
-                    } else {
-                        resp.job_version = self.jobs.get(&key).map(|j| j.version);
+                        return resp;
                     }
-                    return resp;
+                    let produced = self
+                        .job_versions
+                        .get(&key)
+                        .and_then(|vs| vs.iter().rev().find(|v| v.job_modify_index == prev.job_modify_index));
+                    if produced.is_some_and(|v| same_spec(v, job)) {
+                        resp.job_version = self.jobs.get(&key).map(|j| j.version);
+                        return resp;
+                    }
                 }
                 let mut job = job.clone();
                 let prev = self.jobs.get(&key);
@@ -271,10 +277,6 @@ impl ClusterState {
             }
             Command::StopJob { namespace, job_id, purge, eval } => {
                 let key = job_key(namespace, job_id);
-                // Delivered again (see RegisterJob): already applied once.
-                if self.evals.contains_key(&eval.id) {
-                    return resp;
-                }
                 let Some(prev) = self.jobs.get(&key).cloned() else {
                     resp.error = Some(format!("job {job_id:?} not found in namespace {namespace:?}"));
                     return resp;
