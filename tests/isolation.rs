@@ -180,11 +180,12 @@ fn fork_bomb_is_stopped_by_the_default_pids_limit() {
 fn fork_bomb_is_contained(pids: Option<u64>) {
     let dev = Dev::start();
     let limit = pids.unwrap_or(DEFAULT_PIDS);
-    // Memory enough for the default limit's thousands of shells, so that the pids limit, not
-    // the memory limit, is what stops the bomb.
+    // Memory enough for the default limit's thousands of shells (about 0.8 MiB each counted
+    // by the memory controller; with 2 GiB the bomb stalled near 2,500 under a loaded run), so
+    // that the pids limit, not the memory limit, is what stops the bomb.
     let resources = match pids {
         Some(n) => format!("pids = {n}"),
-        None => "memory = 2048".to_string(),
+        None => "memory = 8192".to_string(),
     };
     // The shell retries its `sleep` until a fork succeeds, then says it survived.
     run(
