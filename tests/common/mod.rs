@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 pub const MLP: &str = env!("CARGO_BIN_EXE_mlp");
 
+// Also loaded by the other harness in tests that use both (`ha_ops`).
+#[allow(clippy::duplicate_mod)]
 #[path = "../prereq/mod.rs"]
 pub mod prereq;
 

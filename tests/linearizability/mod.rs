@@ -95,11 +95,7 @@ impl Checker {
         // Failed writes never happened; failed or unknown reads tell nothing.
         let mut ops: Vec<Op> = ops
             .into_iter()
-            .filter(|o| match (o.kind, o.outcome) {
-                (_, Outcome::Failed) => false,
-                (Kind::Read(_), Outcome::Unknown) => false,
-                _ => true,
-            })
+            .filter(|o| !matches!((o.kind, o.outcome), (_, Outcome::Failed) | (Kind::Read(_), Outcome::Unknown)))
             .collect();
         ops.sort_by_key(|o| (o.call, o.ret));
         let n = ops.len();

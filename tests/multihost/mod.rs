@@ -25,6 +25,8 @@ pub const MLP: &str = env!("CARGO_BIN_EXE_mlp");
 
 static NET_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+// Also loaded by the other harness in tests that use both (`ha_ops`).
+#[allow(clippy::duplicate_mod)]
 #[path = "../prereq/mod.rs"]
 pub mod prereq;
 
