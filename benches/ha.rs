@@ -13,7 +13,15 @@
 //!   runs on the other node; reconnect, wait until the stale copy is stopped, repeat
 //!   `MLP_NODELOSS_TRIALS` (default 10) times. Needs root.
 //!
-//! Run: `cargo bench --bench ha -- [regs] [failover] [nodeloss]` (default: all three).
+//! * `failover-cli-defaults`: 3 servers in network namespaces with the *default* Raft flags;
+//!   each trial kills the leader with SIGKILL and at once runs one `mlp job run --detach
+//!   --address A,B,C` (a whole CLI process, as a user would), timing from the kill until that
+//!   command exits acknowledged (the CLI fails over by itself; a failed exit is counted and run
+//!   again). `MLP_FAILOVER_TRIALS` (default 20) trials; prints p50/p90/max. Needs root. Not
+//!   part of the default set: name it.
+//!
+//! Run: `cargo bench --bench ha -- [regs] [failover] [nodeloss] [failover-cli-defaults]`
+//! (default: the first three).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -83,7 +91,7 @@ async fn regs(out: &mut BTreeMap<String, f64>) -> Result<(), String> {
     // Until the cluster has a leader that commits.
     let mut c0 = JobServiceClient::new(channel(&addrs[0]).await?);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while c0.register(RegisterJobRequest { job: Some(tiny_job("warm-0")) }).await.is_err() {
+    while c0.register(RegisterJobRequest { job: Some(tiny_job("warm-0")), ..Default::default() }).await.is_err() {
         if Instant::now() > deadline {
             return Err("no leader committed within 60s".into());
         }
@@ -115,7 +123,7 @@ async fn regs(out: &mut BTreeMap<String, f64>) -> Result<(), String> {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                match c.register(RegisterJobRequest { job: Some(tiny_job(&format!("r-{ci}-{i}"))) }).await {
+                match c.register(RegisterJobRequest { job: Some(tiny_job(&format!("r-{ci}-{i}"))), ..Default::default() }).await {
                     Ok(_) => mine.push(t.elapsed().as_secs_f64() * 1000.0),
                     Err(_) => {
                         errors.fetch_add(1, Ordering::Relaxed);
@@ -210,6 +218,62 @@ fn failover(out: &mut BTreeMap<String, f64>) {
     out.insert("failover_raft_election_max_ms".into(), 600.0);
 }
 
+/// Kill -9 the leader, then one `mlp job run --detach` through all three servers, with the
+/// servers' default Raft timing: what a user sees end to end.
+fn failover_cli_defaults(out: &mut BTreeMap<String, f64>) {
+    let trials = env_or("MLP_FAILOVER_TRIALS", 20);
+    let mut net = Net::new();
+    for i in 0..3 {
+        net.add_host(&format!("server{i}"));
+    }
+    let client = net.add_host("client");
+    // MLP_BENCH_RAFT_FLAGS (space separated) tries other timings against the same measure.
+    let flags = std::env::var("MLP_BENCH_RAFT_FLAGS").unwrap_or_default();
+    let flags: Vec<&str> = flags.split_whitespace().collect();
+    let procs = multihost::start_servers_with(&mut net, 3, &flags);
+    let addrs: Vec<String> = (0..3).map(|i| format!("{}:{GRPC_PORT}", net.hosts[i].ip)).collect();
+    let all = addrs.join(",");
+    let form = Duration::from_secs(60);
+    let c = net.client(client);
+    let mut leader = wait_leader(&net, client, &addrs, 3, form);
+    let (mut samples, mut failed_runs, mut acked) = (Vec::new(), 0usize, Vec::new());
+    for trial in 0..trials {
+        let name = format!("cli-{trial}");
+        let file = c.job_file(&name).display().to_string();
+        let idx = procs[addrs.iter().position(|a| *a == leader).expect("leader is a known server")];
+        let killed_at = Instant::now();
+        net.procs[idx].kill9();
+        // Bounded: each run is killed after 30 s, and at most 10 runs.
+        let mut ok = false;
+        for _ in 0..10 {
+            let run = c.mlp(&["job", "run", "--detach", "--address", &all, &file], Duration::from_secs(30));
+            if run.as_ref().is_some_and(|o| o.status.success()) {
+                ok = true;
+                break;
+            }
+            failed_runs += 1;
+            eprintln!("failover-cli-defaults trial {trial}: a run failed: {:?}", run.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()));
+        }
+        assert!(ok, "no acknowledged `mlp job run` after killing {leader}");
+        let took = killed_at.elapsed();
+        acked.push(name);
+        samples.push(took);
+        eprintln!("failover-cli-defaults trial {trial}: killed {leader}; `mlp job run --detach` acknowledged after {took:?}");
+        net.restart(idx);
+        leader = wait_leader(&net, client, &addrs, 3, form);
+    }
+    let ids = wait_for("the final read", Duration::from_secs(60), || c.job_ids(&leader, false));
+    assert_all_once(&acked, &ids);
+    samples.sort();
+    let v: Vec<f64> = samples.iter().map(|d| ms(*d)).collect();
+    out.insert("failover_cli_defaults_trials".into(), v.len() as f64);
+    out.insert("failover_cli_defaults_p50_ms".into(), pct(&v, 0.5));
+    out.insert("failover_cli_defaults_p90_ms".into(), pct(&v, 0.9));
+    out.insert("failover_cli_defaults_min_ms".into(), pct(&v, 0.0));
+    out.insert("failover_cli_defaults_max_ms".into(), pct(&v, 1.0));
+    out.insert("failover_cli_defaults_failed_runs".into(), failed_runs as f64);
+}
+
 fn nodeloss(out: &mut BTreeMap<String, f64>) {
     const TTL_SECS: &str = "2";
     let trials = env_or("MLP_NODELOSS_TRIALS", 10);
@@ -254,13 +318,16 @@ fn nodeloss(out: &mut BTreeMap<String, f64>) {
 async fn run(modes: Vec<String>) -> Result<BTreeMap<String, f64>, String> {
     let mut out = BTreeMap::new();
     let all = modes.is_empty();
-    let wants = |m: &str| all || modes.iter().any(|x| x == m);
+    let wants = |m: &str| (all && m != "failover-cli-defaults") || modes.iter().any(|x| x == m);
     if wants("regs") {
         regs(&mut out).await?;
     }
-    let needs_netns = wants("failover") || wants("nodeloss");
+    let needs_netns = wants("failover") || wants("nodeloss") || wants("failover-cli-defaults");
     if needs_netns && !multihost::available() {
         return Err("failover/nodeloss need network namespaces (root and iproute2)".into());
+    }
+    if wants("failover-cli-defaults") {
+        tokio::task::block_in_place(|| failover_cli_defaults(&mut out));
     }
     if wants("failover") {
         tokio::task::block_in_place(|| failover(&mut out));

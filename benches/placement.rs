@@ -164,7 +164,7 @@ async fn run() -> Result<BTreeMap<String, f64>, String> {
     for j in 0..jobs {
         let mut c = jc.clone();
         let spec = job(&format!("p{j:04}"), tasks as u32, preferences);
-        submit.push(tokio::spawn(async move { c.register(RegisterJobRequest { job: Some(spec) }).await.map(|_| ()) }));
+        submit.push(tokio::spawn(async move { c.register(RegisterJobRequest { job: Some(spec), ..Default::default() }).await.map(|_| ()) }));
     }
     for s in submit {
         s.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;

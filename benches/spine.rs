@@ -69,7 +69,7 @@ async fn submit_to_running(addr: &str, n: usize, driver: &str) -> Result<Vec<f64
     for i in 0..n {
         let name = format!("lat-{driver}-{i}");
         let t0 = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?;
-        c.register(RegisterJobRequest { job: Some(job_with_driver(&name, "batch", 1, "/bin/true", &[], driver)) }).await.map_err(|e| e.to_string())?;
+        c.register(RegisterJobRequest { job: Some(job_with_driver(&name, "batch", 1, "/bin/true", &[], driver)), ..Default::default() }).await.map_err(|e| e.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let r = c
@@ -97,7 +97,7 @@ async fn batch_500(addr: &str, driver: &str) -> Result<f64, String> {
     let mut c = connect(addr).await?;
     let t0 = Instant::now();
     for i in 0..500 {
-        c.register(RegisterJobRequest { job: Some(job_with_driver(&format!("b{i}"), "batch", 1, "/bin/true", &[], driver)) })
+        c.register(RegisterJobRequest { job: Some(job_with_driver(&format!("b{i}"), "batch", 1, "/bin/true", &[], driver)), ..Default::default() })
             .await
             .map_err(|e| e.to_string())?;
     }
@@ -132,7 +132,7 @@ async fn registrations(addr: &str, clients: usize, per_client: usize, tag: &str)
         tasks.push(tokio::spawn(async move {
             for i in 0..per_client {
                 let j = job(&format!("r{tag}-{ci}-{i}"), "service", 0, "/bin/true", &[]);
-                c.register(RegisterJobRequest { job: Some(j) }).await.map_err(|e| e.to_string())?;
+                c.register(RegisterJobRequest { job: Some(j), ..Default::default() }).await.map_err(|e| e.to_string())?;
             }
             Ok::<(), String>(())
         }));

@@ -3,8 +3,11 @@
 #   * job registrations/s on 3 mlp servers (fsync on, 500 concurrent clients) and, in the same
 #     run, a 3-member etcd 3.4's writes/s from ../shared/peers/etcd-baseline.sh (500 clients);
 #   * leader failover: kill -9 → next acknowledged write, p50/max over 20 trials;
-#   * node loss → replacement running, p50 over 10 trials with a 2 s heartbeat TTL.
-# Usage: scripts/bench-ha.sh [regs] [failover] [nodeloss]   (default: all)
+#   * node loss → replacement running, p50 over 10 trials with a 2 s heartbeat TTL;
+#   * failover-cli-defaults (only when named): default Raft flags, kill -9 the leader → one
+#     `mlp job run --detach --address A,B,C` acknowledged, p50/p90/max over 20 kills.
+# Usage: scripts/bench-ha.sh [regs] [failover] [nodeloss] [failover-cli-defaults]
+#        (default: regs failover nodeloss)
 # Env: MLP_BENCH_CLIENTS (500), MLP_BENCH_SECS (20), MLP_FAILOVER_TRIALS (20),
 #      MLP_NODELOSS_TRIALS (10).
 set -euo pipefail

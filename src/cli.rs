@@ -343,16 +343,27 @@ pub enum EvalCommand {
 // ---- high availability (issue 5) ----
 
 /// Raft timing; shorter timeouts fail over faster but need a responsive network and disks.
+///
+/// An openraft 0.9 follower calls an election only after hearing nothing from the leader for
+/// the leader lease (= the maximum election timeout) *plus* its own election timeout, so the
+/// defaults (100 ms heartbeats, 250–500 ms) give 0.75–1 s of silence, seven to ten missed
+/// heartbeats, before an election: a CLI write is acknowledged about 1 s after the leader dies
+/// (docs/benchmarks.md), while a short stall stays far from a spurious election. A lost vote
+/// (split, or a candidate with a shorter log, which also waits 2 × the maximum) costs another
+/// 250–500 ms. openraft times an AppendEntries out after one heartbeat interval: keep the
+/// heartbeat above the disk's worst fsync (the multi-host tests run 100 ms on a shared 2-core
+/// machine; 50 ms was too short there).
 #[derive(Debug, Clone, Args)]
 pub struct RaftTimingArgs {
     /// Leader heartbeat interval in milliseconds.
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 100)]
     pub raft_heartbeat_ms: u64,
     /// Lower bound of the randomized election timeout in milliseconds.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 250)]
     pub raft_election_min_ms: u64,
-    /// Upper bound of the randomized election timeout in milliseconds.
-    #[arg(long, default_value_t = 2000)]
+    /// Upper bound of the randomized election timeout in milliseconds (also openraft's leader
+    /// lease, which a follower waits out first).
+    #[arg(long, default_value_t = 500)]
     pub raft_election_max_ms: u64,
     /// Build a state snapshot (and compact the log) after this many log entries.
     #[arg(long, default_value_t = 5000)]

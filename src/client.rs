@@ -12,10 +12,15 @@ use mlp_proto::v1::{
 };
 use tonic::transport::{Channel, Endpoint};
 
+/// HTTP/2 pings on the CLI's connection, and how long an unanswered one may take.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Largest message the CLI accepts.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// One connection, one client per service.
+/// One connection, one client per service (cheap to clone: they share the connection).
+#[derive(Clone)]
 pub struct Clients {
     pub jobs: JobServiceClient<Channel>,
     pub allocs: AllocServiceClient<Channel>,
@@ -60,6 +65,12 @@ async fn connect_one(address: &str) -> anyhow::Result<Clients> {
     let channel = Endpoint::from_shared(uri.clone())
         .with_context(|| format!("invalid --address {address:?}"))?
         .connect_timeout(std::time::Duration::from_secs(5))
+        // A server that stops answering (frozen, or its host gone) fails the call within
+        // about 3 s instead of hanging it, so the request fails over to the next server; a
+        // live server answers pings even while it holds a write waiting for a new leader.
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .connect()
         .await
         .with_context(|| format!("cannot reach the mlp server at {uri} (set --address or MLP_ADDR)"))?;
@@ -221,41 +232,71 @@ mod terminal {
     }
 }
 
-/// Registers a job through the servers of `addresses`, failing over: a server that cannot be
-/// reached, is shutting down, or has no leader (gRPC unavailable / unknown transport errors) is
-/// skipped for the next one, round robin, for up to `RETRY_WINDOW`. Registration is idempotent
-/// (an unchanged spec keeps its version), so a retry after a lost answer is safe. Returns the
-/// clients of the server that answered, for what follows.
-pub async fn register_with_failover(
-    addresses: &str,
-    req: mlp_proto::v1::RegisterJobRequest,
-) -> anyhow::Result<(Clients, mlp_proto::v1::RegisterJobResponse)> {
-    const RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long the CLI keeps retrying a request across a leader change or unreachable servers.
+const RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
+/// First pause after a full pass over `--address` found no server able to answer; doubles up to
+/// [`RETRY_PAUSE_MAX`]. Short, because a follower already holds a write until a new leader is
+/// elected: a pass only fails when the servers tried are down or answered "no leader".
+const RETRY_PAUSE_MIN: std::time::Duration = std::time::Duration::from_millis(25);
+const RETRY_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(400);
+
+/// Whether a request that failed with `s` may be sent again, to this or another server: the
+/// server could not take it (no leader, shutting down, unreachable, connection lost mid-call).
+fn retryable(s: &tonic::Status) -> bool {
+    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
+}
+
+/// Runs one request against the servers of `addresses`, failing over by itself: a server that
+/// cannot be reached, is shutting down, or has no leader (gRPC unavailable / unknown transport
+/// errors) is skipped for the next one, round robin, with a short growing pause after each full
+/// pass, for up to [`RETRY_WINDOW`]. Callers only send requests that are safe to repeat (reads;
+/// registrations, which are idempotent by job id; stops). With one address only its answers are
+/// retried (it may be a follower waiting for a new leader); a connection error fails at once.
+/// Returns the clients of the server that answered, for what follows.
+pub async fn with_failover<T, F, Fut>(addresses: &str, mut op: F) -> anyhow::Result<(Clients, T)>
+where
+    F: FnMut(Clients) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
     let list: Vec<&str> = addresses.split(',').map(str::trim).filter(|a| !a.is_empty()).collect();
-    if list.len() <= 1 {
-        let mut c = connect(addresses).await?;
-        let resp = c.jobs.register(req).await.map_err(status_err)?.into_inner();
-        return Ok((c, resp));
+    if list.is_empty() {
+        anyhow::bail!("--address is empty (set --address or MLP_ADDR)");
     }
     let deadline = std::time::Instant::now() + RETRY_WINDOW;
+    let mut pause = RETRY_PAUSE_MIN;
     let mut attempt = 0usize;
     loop {
         let address = list[attempt % list.len()];
         attempt += 1;
         let last = std::time::Instant::now() >= deadline;
         match connect_one(address).await {
-            Ok(mut c) => match c.jobs.register(req.clone()).await {
-                Ok(resp) => return Ok((c, resp.into_inner())),
-                Err(s) if !last && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled) => {
-                    tracing::debug!(%address, error = %s.message(), "server could not take the registration; trying the next one");
+            Ok(c) => match op(c.clone()).await {
+                Ok(v) => return Ok((c, v)),
+                Err(s) if !last && retryable(&s) => {
+                    tracing::debug!(%address, error = %s.message(), "server could not take the request; trying again");
                 }
                 Err(s) => return Err(status_err(s)),
             },
+            Err(e) if list.len() == 1 => return Err(e),
             Err(e) if last => return Err(e.context(format!("none of the {} servers in --address answered", list.len()))),
             Err(e) => tracing::debug!(%address, error = %e, "server unreachable; trying the next one"),
         }
         if attempt.is_multiple_of(list.len()) {
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RETRY_PAUSE_MAX);
         }
     }
+}
+
+/// Registers a job through the servers of `addresses` with [`with_failover`]. Registration is
+/// idempotent (an unchanged spec keeps its version), so a retry after a lost answer is safe.
+pub async fn register_with_failover(
+    addresses: &str,
+    req: mlp_proto::v1::RegisterJobRequest,
+) -> anyhow::Result<(Clients, mlp_proto::v1::RegisterJobResponse)> {
+    with_failover(addresses, |mut c| {
+        let req = req.clone();
+        async move { c.jobs.register(req).await.map(tonic::Response::into_inner) }
+    })
+    .await
 }

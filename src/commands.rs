@@ -12,7 +12,7 @@ use mlp_proto::jobspec;
 use mlp_proto::v1::*;
 
 use crate::cli::{AllocCommand, Cli, Command, EvalCommand, JobCommand, NodeCommand, ServerArgs};
-use crate::client::{connect, status_err};
+use crate::client::{connect, status_err, with_failover};
 use crate::output::{ago, clock, print_json, short, Table};
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -50,7 +50,11 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
         }
         JobCommand::Run { file, detach, json } => {
             let job = load_job(&file)?;
-            let (mut c, resp) = crate::client::register_with_failover(addr, RegisterJobRequest { job: Some(job.clone()) }).await?;
+            let (mut c, resp) = crate::client::register_with_failover(
+                addr,
+                // One id for this registration and all its retries: applied at most once.
+                RegisterJobRequest { job: Some(job.clone()), request_id: uuid::Uuid::new_v4().to_string() },
+            ).await?;
             if json {
                 print_json(&resp)?;
                 return Ok(ExitCode::SUCCESS);
@@ -64,8 +68,12 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
         }
         JobCommand::Plan { file, json } => {
             let job = load_job(&file)?;
-            let mut c = connect(addr).await?;
-            let resp = c.jobs.plan(PlanJobRequest { job: Some(job.clone()) }).await.map_err(status_err)?.into_inner();
+            let req = PlanJobRequest { job: Some(job.clone()) };
+            let (_, resp) = with_failover(addr, |mut c| {
+                let req = req.clone();
+                async move { c.jobs.plan(req).await.map(tonic::Response::into_inner) }
+            })
+            .await?;
             if json {
                 print_json(&resp)?;
             } else {
@@ -97,8 +105,12 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
             Ok(if resp.failed_tg_allocs.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         JobCommand::Status { name: None, json, namespace, stale } => {
-            let mut c = connect(addr).await?;
-            let resp = c.jobs.list(ListJobsRequest { namespace, stale }).await.map_err(status_err)?.into_inner();
+            let req = ListJobsRequest { namespace, stale };
+            let (_, resp) = with_failover(addr, |mut c| {
+                let req = req.clone();
+                async move { c.jobs.list(req).await.map(tonic::Response::into_inner) }
+            })
+            .await?;
             if json {
                 print_json(&resp.jobs)?;
             } else if resp.jobs.is_empty() {
@@ -114,8 +126,12 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         JobCommand::Status { name: Some(name), json, namespace, stale } => {
-            let mut c = connect(addr).await?;
-            let resp = c.jobs.get(GetJobRequest { job_id: name, namespace, stale }).await.map_err(status_err)?.into_inner();
+            let req = GetJobRequest { job_id: name, namespace, stale };
+            let (_, resp) = with_failover(addr, |mut c| {
+                let req = req.clone();
+                async move { c.jobs.get(req).await.map(tonic::Response::into_inner) }
+            })
+            .await?;
             if json {
                 print_json(&resp)?;
             } else {
@@ -124,13 +140,12 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         JobCommand::Stop { name, purge, namespace, detach } => {
-            let mut c = connect(addr).await?;
-            let resp = c
-                .jobs
-                .stop(StopJobRequest { job_id: name.clone(), namespace: namespace.clone(), purge })
-                .await
-                .map_err(status_err)?
-                .into_inner();
+            let req = StopJobRequest { job_id: name.clone(), namespace: namespace.clone(), purge };
+            let (mut c, resp) = with_failover(addr, |mut c| {
+                let req = req.clone();
+                async move { c.jobs.stop(req).await.map(tonic::Response::into_inner) }
+            })
+            .await?;
             println!("==> Job {name:?} stopped{}, evaluation {}", if purge { " and purged" } else { "" }, short(&resp.eval_id));
             if detach {
                 return Ok(ExitCode::SUCCESS);
@@ -138,8 +153,12 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
             wait_stopped(&mut c, &name, &namespace, &resp.eval_id).await
         }
         JobCommand::History { name, json, namespace } => {
-            let mut c = connect(addr).await?;
-            let resp = c.jobs.versions(GetJobRequest { job_id: name, namespace, stale: false }).await.map_err(status_err)?.into_inner();
+            let req = GetJobRequest { job_id: name, namespace, stale: false };
+            let (_, resp) = with_failover(addr, |mut c| {
+                let req = req.clone();
+                async move { c.jobs.versions(req).await.map(tonic::Response::into_inner) }
+            })
+            .await?;
             if json {
                 print_json(&resp.versions)?;
             } else {

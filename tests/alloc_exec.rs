@@ -118,6 +118,9 @@ fn numeric_lines(s: &str) -> usize {
 
 #[test]
 fn exec_enters_an_exec_task() {
+    if !common::require_exec() {
+        return;
+    }
     let dev = Dev::start();
     let id = start_job(
         &dev,
@@ -311,6 +314,9 @@ fn exec_enters_an_exec_task() {
 
 #[test]
 fn exec_sessions_leave_no_process_behind() {
+    if !common::require_exec() {
+        return;
+    }
     let dev = Dev::start();
     let id = start_job(&dev, "bg", "exec", "exec sleep 3600");
 
@@ -580,6 +586,9 @@ impl Pty {
 
 #[test]
 fn exec_tty_follows_the_local_terminal() {
+    if !common::require_exec() {
+        return;
+    }
     use std::os::unix::process::CommandExt;
     let dev = Dev::start();
     let id = start_job(&dev, "term", "exec", "exec sleep 3600");

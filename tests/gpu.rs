@@ -71,6 +71,9 @@ fn wait_one(dev: &Dev, job: &str, state: &str) -> Value {
 
 #[test]
 fn gpu_task_sees_its_simulated_device_and_a_cpu_task_sees_none() {
+    if !common::require_exec() {
+        return;
+    }
     let dev = dev_with(&h100x8());
     // ${attr.gpu.*} constraints hold on the simulated node.
     let gpu_job = job("gpu", "batch", &[("t", "exec", "gpu { count = 1 }", PRINT_ENV)]).replace(

@@ -54,6 +54,9 @@ fn example_batch_job_completes_and_its_logs_are_readable() {
 
 #[test]
 fn failing_service_restarts_per_policy_then_fails() {
+    if !common::require_exec() {
+        return;
+    }
     let dev = Dev::start();
     let file = dev.write_job(
         "crash.hcl",
@@ -98,6 +101,9 @@ fn failing_service_restarts_per_policy_then_fails() {
 
 #[test]
 fn job_stop_kills_the_whole_task_tree() {
+    if !common::require_exec() {
+        return;
+    }
     let dev = Dev::start();
     let file = dev.write_job(
         "stubborn.hcl",
@@ -167,6 +173,9 @@ fn max_run_duration_kills_an_overrunning_batch_task() {
 
 #[test]
 fn kill9_and_restart_keeps_every_acknowledged_job_allocation_and_node() {
+    if !common::require_exec() {
+        return;
+    }
     let mut dev = Dev::start();
     let node_before = dev.json(&["node", "status", "--json"]);
     assert_eq!(node_before.as_array().map(|a| a.len()), Some(1));
@@ -228,6 +237,9 @@ fn kill9_and_restart_keeps_every_acknowledged_job_allocation_and_node() {
 
 #[test]
 fn job_plan_shows_placements_and_changes_nothing() {
+    if !common::require_exec() {
+        return;
+    }
     let dev = Dev::start();
     let train = repo_root().join("examples/train.hcl");
     let out = dev.ok(&["job", "plan", train.to_str().unwrap_or_default()]);
@@ -258,6 +270,9 @@ fn job_plan_shows_placements_and_changes_nothing() {
 
 #[test]
 fn unplaceable_job_waits_blocked_and_says_why() {
+    if !common::require_exec() {
+        return;
+    }
     let dev = Dev::start();
     let file = dev.write_job(
         "big.hcl",

@@ -23,6 +23,9 @@ use mlp_agent::driver::exec::ExecDriver;
 use mlp_agent::isolation::IsolationSettings;
 use nix::sys::signal::Signal;
 
+#[path = "../../tests/prereq/mod.rs"]
+mod prereq;
+
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 fn helper() -> std::path::PathBuf {
@@ -99,6 +102,9 @@ async fn run(driver: &dyn Driver, dir: &Path, n: usize) -> Result<Vec<Duration>,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_and_raw_exec_start_latency() -> TestResult {
+    if !prereq::require(&[prereq::Need::Root, prereq::Need::Cgroups]) {
+        return Ok(());
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()

@@ -183,8 +183,21 @@ impl Api {
     }
 
     pub async fn register_job(&self, job: Option<Job>) -> Result<RegisterJobResponse, ApiError> {
+        self.register_job_once(job, "").await
+    }
+
+    /// [`Self::register_job`] with the client's `request_id` (a UUID, or empty for none): it
+    /// becomes the evaluation's id, and the state machine applies a registration whose
+    /// evaluation already exists as a no-op, so a client's retry of the same request is applied
+    /// at most once (like the servers' own forwarding retries, which resend the same entry).
+    pub async fn register_job_once(&self, job: Option<Job>, request_id: &str) -> Result<RegisterJobResponse, ApiError> {
         let job = Self::prepare_job(job)?;
-        let eval = Self::new_eval(&job, eval_trigger::JOB_REGISTER);
+        let mut eval = Self::new_eval(&job, eval_trigger::JOB_REGISTER);
+        if !request_id.is_empty() {
+            let id = uuid::Uuid::parse_str(request_id)
+                .map_err(|_| ApiError::InvalidArgument(format!("request_id must be a UUID, found {request_id:?}")))?;
+            eval.id = id.hyphenated().to_string();
+        }
         let eval_id = eval.id.clone();
         let resp = self.raft.submit(Request { now_ms: now_ms(), command: Command::RegisterJob { job, eval } }).await?;
         Metrics::inc(&self.metrics.job_registrations);

@@ -30,7 +30,8 @@ impl GrpcApi {
 impl job_service_server::JobService for GrpcApi {
     async fn register(&self, req: Request<RegisterJobRequest>) -> GrpcResult<RegisterJobResponse> {
         self.count();
-        Ok(Response::new(self.api.register_job(req.into_inner().job).await?))
+        let req = req.into_inner();
+        Ok(Response::new(self.api.register_job_once(req.job, &req.request_id).await?))
     }
     async fn plan(&self, req: Request<PlanJobRequest>) -> GrpcResult<PlanJobResponse> {
         self.count();

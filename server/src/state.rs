@@ -222,6 +222,23 @@ impl ClusterState {
         match &req.command {
             Command::RegisterJob { job, eval } => {
                 let key = job_key(&job.namespace, &job.id);
+                // The same request delivered again (a forwarding retry, or a client's retry with
+                // its request id): its evaluation exists and the version it produced has this
+                // spec. Applying it again could put an old spec back over a newer one.
+                if let Some(prev) = self.evals.get(&eval.id) {
+                    if prev.job_id != job.id || prev.namespace != job.namespace {
+                        resp.error = Some(format!("evaluation id {:?} belongs to another job", eval.id));
+                        return resp;
+                    }
+                    let produced = self
+                        .job_versions
+                        .get(&key)
+                        .and_then(|vs| vs.iter().rev().find(|v| v.job_modify_index == prev.job_modify_index));
+                    if produced.is_some_and(|v| same_spec(v, job)) {
+                        resp.job_version = self.jobs.get(&key).map(|j| j.version);
+                        return resp;
+                    }
+                }
                 let mut job = job.clone();
                 let prev = self.jobs.get(&key);
                 let unchanged = prev.is_some_and(|p| !p.stop && same_spec(p, &job));
@@ -878,6 +895,24 @@ mod tests {
         assert_eq!(st.job_versions["default/a"].len(), 2);
         assert_eq!(st.evals.len(), 3);
         assert_eq!(fx.iter().filter(|e| matches!(e, Effect::EvalsPending(_))).count(), 3);
+    }
+
+    #[test]
+    fn a_registration_delivered_again_is_applied_once() {
+        let mut st = ClusterState::default();
+        let mut fx = Vec::new();
+        st.apply(1, &req(Command::RegisterJob { job: job("a", 1), eval: eval("e1", "a") }), &mut fx);
+        st.apply(2, &req(Command::RegisterJob { job: job("a", 2), eval: eval("e2", "a") }), &mut fx);
+        // A retry of the first request (same evaluation id) after the second was applied.
+        let r = st.apply(3, &req(Command::RegisterJob { job: job("a", 1), eval: eval("e1", "a") }), &mut fx);
+        assert_eq!(r.error, None);
+        assert_eq!(r.job_version, Some(1));
+        assert!(same_spec(&st.jobs["default/a"], &job("a", 2)), "the old spec came back");
+        assert_eq!(st.job_versions["default/a"].len(), 2);
+        // An evaluation id of another job is refused.
+        let r = st.apply(4, &req(Command::RegisterJob { job: job("b", 1), eval: eval("e1", "a") }), &mut fx);
+        assert!(r.error.is_some());
+        assert!(!st.jobs.contains_key("default/b"));
     }
 
     #[test]

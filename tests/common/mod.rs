@@ -11,6 +11,18 @@ use std::time::{Duration, Instant};
 
 pub const MLP: &str = env!("CARGO_BIN_EXE_mlp");
 
+// Also loaded by the other harness in tests that use both (`ha_ops`).
+#[allow(clippy::duplicate_mod)]
+#[path = "../prereq/mod.rs"]
+pub mod prereq;
+
+/// What a test that runs `exec` tasks needs (root and a cgroup hierarchy); see
+/// [`prereq::require`]: `false` (skip) only under `MLP_TEST_ALLOW_SKIP=1`, else a failure that
+/// names what is missing.
+pub fn require_exec() -> bool {
+    prereq::require(&[prereq::Need::Root, prereq::Need::Cgroups])
+}
+
 /// An allocation's `client_status` from its JSON view.
 pub fn status(a: &serde_json::Value) -> &str {
     a["client_status"].as_str().unwrap_or("")
@@ -30,9 +42,13 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
-/// A `mlp dev` process on its own data dir.
+/// A `mlp dev` process on its own data dir; or ([`Dev::start_split`]) an `mlp server` and a
+/// separate `mlp agent` on the same layout (`data/server`, `data/agent`), so that the agent can
+/// crash alone.
 pub struct Dev {
     pub child: Option<Child>,
+    /// The separate agent of a split cluster.
+    pub agent: Option<Child>,
     pub dir: tempfile::TempDir,
     pub grpc: String,
     pub http: String,
@@ -53,6 +69,7 @@ impl Dev {
             .expect("tempdir");
         let mut dev = Dev {
             child: None,
+            agent: None,
             dir,
             grpc: String::new(),
             http: String::new(),
@@ -120,6 +137,113 @@ impl Dev {
             }
             other => panic!("mlp dev did not start: {other:?}\n{}", self.log()),
         }
+    }
+
+    /// `mlp server` (one node) plus `mlp agent`, each its own process.
+    pub fn start_split() -> Dev {
+        let dir = tempfile::Builder::new()
+            .prefix("mlp-test-")
+            .tempdir()
+            .expect("tempdir");
+        let mut dev = Dev {
+            child: None,
+            agent: None,
+            dir,
+            grpc: String::new(),
+            http: String::new(),
+            extra_args: Vec::new(),
+        };
+        let data = Path::new(dev.dir.path().file_name().expect("temp dir name")).join("data");
+        let mut child = Command::new(MLP)
+            .args(["server", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(data.join("server"))
+            .current_dir(dev.dir.path().parent().expect("temp dir parent"))
+            .env("MLP_LOG", "info,openraft=warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(dev.log_file("server.log")))
+            .spawn()
+            .expect("spawn mlp server");
+        let stdout = child.stdout.take().expect("stdout");
+        dev.child = Some(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut grpc, mut http) = (None, None);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(v) = line.trim().strip_prefix("gRPC:") {
+                    grpc = Some(v.trim().to_string());
+                }
+                if let Some(v) = line.trim().strip_prefix("HTTP:") {
+                    http = Some(v.trim().trim_start_matches("http://").to_string());
+                }
+                if grpc.is_some() && http.is_some() {
+                    let _ = tx.send((grpc.take(), http.take()));
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok((Some(g), Some(h))) => {
+                dev.grpc = g;
+                dev.http = h;
+            }
+            other => panic!("mlp server did not start: {other:?}\n{}", std::fs::read_to_string(dev.dir.path().join("server.log")).unwrap_or_default()),
+        }
+        dev.spawn_agent();
+        dev
+    }
+
+    fn log_file(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(name))
+            .expect("log file")
+    }
+
+    /// Starts (or restarts) the split cluster's agent on its data dir; its log is appended to
+    /// `agent.log`.
+    pub fn spawn_agent(&mut self) {
+        let data = Path::new(self.dir.path().file_name().expect("temp dir name")).join("data");
+        let child = Command::new(MLP)
+            .args(["agent", "--servers", &self.grpc, "--node-name", "split", "--rpc-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(data.join("agent"))
+            .current_dir(self.dir.path().parent().expect("temp dir parent"))
+            .env("MLP_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(self.log_file("agent.log")))
+            .stderr(Stdio::from(self.log_file("agent.log")))
+            .spawn()
+            .expect("spawn mlp agent");
+        self.agent = Some(child);
+    }
+
+    /// kill -9 the split cluster's agent alone; returns its pid.
+    pub fn kill9_agent(&mut self) -> Option<u32> {
+        let mut c = self.agent.take()?;
+        let pid = c.id();
+        let _ = c.kill();
+        let _ = c.wait();
+        Some(pid)
+    }
+
+    /// The split agent's log, without terminal colour codes.
+    pub fn agent_log(&self) -> String {
+        let raw = std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default();
+        let mut out = String::with_capacity(raw.len());
+        let mut chars = raw.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                // CSI sequence: ESC [ … final byte in @..~
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) && c != '[' {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
     }
 
     pub fn log(&self) -> String {
@@ -372,6 +496,7 @@ pub fn cgroups_under(dir: &Path) -> Vec<PathBuf> {
 
 impl Drop for Dev {
     fn drop(&mut self) {
+        self.kill9_agent();
         self.kill9();
         // Tasks run in their own sessions: kill whatever still runs inside this cluster's dir.
         for pid in processes_under(self.dir.path()) {

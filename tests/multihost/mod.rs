@@ -25,8 +25,13 @@ pub const MLP: &str = env!("CARGO_BIN_EXE_mlp");
 
 static NET_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// Whether this machine lets us create network namespaces (root, `ip` present). Tests skip
-/// with a message where it does not.
+// Also loaded by the other harness in tests that use both (`ha_ops`).
+#[allow(clippy::duplicate_mod)]
+#[path = "../prereq/mod.rs"]
+pub mod prereq;
+
+/// Whether this machine lets us create network namespaces (root, `ip` present), for the
+/// benchmarks; tests call [`require_netns`], which fails with what is missing instead.
 pub fn available() -> bool {
     let probe = format!("mlpprobe-{}", std::process::id());
     let ok = Command::new("ip")
@@ -39,6 +44,15 @@ pub fn available() -> bool {
         let _ = Command::new("ip").args(["netns", "del", &probe]).status();
     }
     ok
+}
+
+/// What every multi-host test needs (root, iproute2, network namespaces) plus `extra`; see
+/// [`prereq::require`]: fails the test with what is missing, or returns `false` (skip) only
+/// under `MLP_TEST_ALLOW_SKIP=1`.
+pub fn require_netns(extra: &[prereq::Need]) -> bool {
+    let mut needs = vec![prereq::Need::Root, prereq::Need::NetNs];
+    needs.extend_from_slice(extra);
+    prereq::require(&needs)
 }
 
 fn run(args: &[&str]) {
