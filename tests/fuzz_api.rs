@@ -159,7 +159,7 @@ fn registered_key(job: Job) -> (String, String) {
 fn bases(n: u64) -> Vec<Vec<u8>> {
     let name = format!("fuzz-{n}");
     vec![
-        RegisterJobRequest { job: Some(job(&name)) }.encode_to_vec(),
+        RegisterJobRequest { job: Some(job(&name)), ..Default::default() }.encode_to_vec(),
         PlanJobRequest { job: Some(job(&name)) }.encode_to_vec(),
         GetJobRequest { job_id: name.clone(), ..Default::default() }.encode_to_vec(),
         StopJobRequest { job_id: name.clone(), purge: n.is_multiple_of(2), ..Default::default() }.encode_to_vec(),

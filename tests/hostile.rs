@@ -82,7 +82,7 @@ fn hostile_jobs_are_refused_at_every_door_and_change_nothing() {
         let value: serde_json::Value = serde_json::from_str(&text).expect("job_ cases are JSON");
         let job: Job = serde_json::from_value(value["job"].clone()).expect("job_ cases decode");
         let err = rt
-            .block_on(client.register(RegisterJobRequest { job: Some(job.clone()) }))
+            .block_on(client.register(RegisterJobRequest { job: Some(job.clone()), ..Default::default() }))
             .expect_err(&format!("{name}: gRPC Register must refuse"));
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{name}: {err}");
         assert!(err.message().contains(&expect), "{name} over gRPC Register: expected {expect:?} in {}", err.message());
