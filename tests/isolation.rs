@@ -422,6 +422,25 @@ fn stop_kills_a_tree_that_ignores_sigterm_and_leaves_nothing() {
 }
 
 /// The `tick N` numbers a task printed, in order (complete lines only).
+/// A one-task service job running `script` under `/bin/sh -c` with `driver`.
+fn looping_service(name: &str, driver: &str, script: &str) -> String {
+    format!(
+        r#"job "{name}" {{
+  type = "service"
+  group "g" {{
+    task "t" {{
+      driver = "{driver}"
+      config {{
+        command = "/bin/sh"
+        args    = ["-c", {script:?}]
+      }}
+    }}
+  }}
+}}
+"#
+    )
+}
+
 fn ticks(out: &str) -> Vec<u64> {
     out.split_inclusive('\n')
         .filter_map(|l| l.strip_suffix('\n')?.strip_prefix("tick ")?.trim().parse().ok())
@@ -436,25 +455,7 @@ fn tasks_survive_an_agent_kill9_and_are_reattached_with_their_logs_and_exit_code
     let mut dev = Dev::start();
     let counter = r#"i=0; while true; do echo "tick $i"; i=$((i+1)); sleep 0.1; done"#;
     for (name, driver) in [("keep", "exec"), ("rawkeep", "raw_exec")] {
-        run(
-            &dev,
-            name,
-            &format!(
-                r#"job "{name}" {{
-  type = "service"
-  group "g" {{
-    task "t" {{
-      driver = "{driver}"
-      config {{
-        command = "/bin/sh"
-        args    = ["-c", {counter:?}]
-      }}
-    }}
-  }}
-}}
-"#
-            ),
-        );
+        run(&dev, name, &looping_service(name, driver, counter));
     }
     // Ends with exit code 3 once its gate file exists (while the agent is down).
     run(
@@ -546,25 +547,7 @@ fn tasks_survive_an_agent_only_crash_with_the_same_pids_and_stop_later() {
     }
     let mut dev = Dev::start_split();
     for (name, driver) in [("keep", "exec"), ("rawkeep", "raw_exec")] {
-        run(
-            &dev,
-            name,
-            &format!(
-                r#"job "{name}" {{
-  type = "service"
-  group "g" {{
-    task "t" {{
-      driver = "{driver}"
-      config {{
-        command = "/bin/sh"
-        args    = ["-c", "while true; do sleep 0.2; done"]
-      }}
-    }}
-  }}
-}}
-"#
-            ),
-        );
+        run(&dev, name, &looping_service(name, driver, "while true; do sleep 0.2; done"));
     }
     let pid = |a: &Value| a["task_states"]["t"]["pid"].as_i64().unwrap_or(0) as i32;
     let before: Vec<Value> = ["keep", "rawkeep"]

@@ -63,20 +63,25 @@ impl Dev {
 
     /// A dev cluster started with these extra `mlp dev` flags.
     pub fn start_with(extra_args: &[&str]) -> Dev {
+        let mut dev = Dev::unstarted(extra_args);
+        dev.spawn();
+        dev
+    }
+
+    /// The guard on a fresh temp dir, nothing started yet.
+    fn unstarted(extra_args: &[&str]) -> Dev {
         let dir = tempfile::Builder::new()
             .prefix("mlp-test-")
             .tempdir()
             .expect("tempdir");
-        let mut dev = Dev {
+        Dev {
             child: None,
             agent: None,
             dir,
             grpc: String::new(),
             http: String::new(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
-        };
-        dev.spawn();
-        dev
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -141,18 +146,7 @@ impl Dev {
 
     /// `mlp server` (one node) plus `mlp agent`, each its own process.
     pub fn start_split() -> Dev {
-        let dir = tempfile::Builder::new()
-            .prefix("mlp-test-")
-            .tempdir()
-            .expect("tempdir");
-        let mut dev = Dev {
-            child: None,
-            agent: None,
-            dir,
-            grpc: String::new(),
-            http: String::new(),
-            extra_args: Vec::new(),
-        };
+        let mut dev = Dev::unstarted(&[]);
         let data = Path::new(dev.dir.path().file_name().expect("temp dir name")).join("data");
         let mut child = Command::new(MLP)
             .args(["server", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--data-dir"])
