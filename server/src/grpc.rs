@@ -237,6 +237,14 @@ impl status_service_server::StatusService for GrpcApi {
 }
 
 #[tonic::async_trait]
+impl system_service_server::SystemService for GrpcApi {
+    async fn garbage_collect(&self, _req: Request<SystemGcRequest>) -> GrpcResult<SystemGcResponse> {
+        self.count();
+        Ok(Response::new(self.api.system_gc().await?))
+    }
+}
+
+#[tonic::async_trait]
 impl agent_service_server::AgentService for GrpcApi {
     async fn register(&self, req: Request<RegisterNodeRequest>) -> GrpcResult<RegisterNodeResponse> {
         Ok(Response::new(self.api.register_node(req.into_inner().node).await?))
