@@ -597,17 +597,17 @@ impl ClusterState {
             n.evals += eval_ids.len() as u64;
             n.jobs += 1;
         }
-        // Evaluations that remaining allocations of the same jobs were placed by stay.
-        let mut referenced: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        // Per job, once: the evaluations its remaining allocations were placed by (they stay)
+        // and its latest evaluation (it stays too). Removing other evaluations changes neither.
+        let mut per_job: BTreeMap<String, (BTreeSet<String>, Option<String>)> = BTreeMap::new();
         for id in evals {
             let Some(e) = self.evals.get(id) else { continue };
             let key = job_key(&e.namespace, &e.job_id);
-            if !referenced.contains_key(&key) {
+            let (refs, latest) = per_job.entry(key).or_insert_with(|| {
                 let refs = self.allocs_for_job(&e.namespace, &e.job_id).map(|a| a.eval_id.clone()).collect();
-                referenced.insert(key.clone(), refs);
-            }
-            let refs: BTreeSet<&str> = referenced.get(&key).map(|r| r.iter().map(String::as_str).collect()).unwrap_or_default();
-            if gc::eval_collectable(self, e, &refs) {
+                (refs, gc::latest_eval_of_job(self, &e.namespace, &e.job_id).map(String::from))
+            });
+            if gc::eval_collectable(e, refs.contains(id), latest.as_deref()) {
                 self.remove_eval(id);
                 n.evals += 1;
             }

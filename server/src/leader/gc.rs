@@ -185,12 +185,10 @@ pub fn latest_eval_of_job<'a>(st: &'a ClusterState, namespace: &str, job_id: &st
     st.evals_for_job(namespace, job_id).max_by(|a, b| (a.create_index, &a.id).cmp(&(b.create_index, &b.id))).map(|e| e.id.as_str())
 }
 
-/// Whether evaluation `e` may go (age aside), given the evaluation ids that remaining
-/// allocations were placed by.
-pub fn eval_collectable(st: &ClusterState, e: &Evaluation, referenced: &BTreeSet<&str>) -> bool {
-    eval_terminal(e)
-        && !referenced.contains(e.id.as_str())
-        && latest_eval_of_job(st, &e.namespace, &e.job_id) != Some(e.id.as_str())
+/// Whether evaluation `e` may go (age aside), given whether a remaining allocation was placed
+/// by it and its job's latest evaluation (`latest_eval_of_job`).
+pub fn eval_collectable(e: &Evaluation, referenced: bool, latest: Option<&str>) -> bool {
+    eval_terminal(e) && !referenced && latest != Some(e.id.as_str())
 }
 
 /// Whether node `n` may go (age aside): down, with no allocation left.
@@ -225,14 +223,11 @@ pub fn gc_candidates(st: &ClusterState, now_ms: u64, t: &GcThresholds) -> GcCand
     let mut latest: BTreeMap<String, Option<&str>> = BTreeMap::new();
     for e in st.evals.values() {
         let key = job_key(&e.namespace, &e.job_id);
-        if jobs_out.contains(&key) || !eval_terminal(e) || referenced.contains(e.id.as_str()) {
-            continue;
-        }
-        if !old_enough(now_ms, e.modify_time_ms, t.eval) {
+        if jobs_out.contains(&key) || !eval_terminal(e) || !old_enough(now_ms, e.modify_time_ms, t.eval) {
             continue;
         }
         let last = *latest.entry(key).or_insert_with(|| latest_eval_of_job(st, &e.namespace, &e.job_id));
-        if last != Some(e.id.as_str()) {
+        if eval_collectable(e, referenced.contains(e.id.as_str()), last) {
             out.evals.push(e.id.clone());
         }
     }
