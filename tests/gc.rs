@@ -115,6 +115,12 @@ fn system_gc_removes_finished_jobs_keeps_live_ones_and_survives_a_restart() {
     for id in &batch_allocs {
         assert!(!dev.cli(&["alloc", "status", id]).status.success(), "allocation {id} is gone");
     }
+    // The agent hears of it (a smaller set comes whole) and deletes their directories.
+    let allocs_dir = dev.data_dir().join("agent/allocs");
+    wait_for("the agent to delete the collected allocations' dirs", Duration::from_secs(30), || {
+        batch_allocs.iter().all(|id| !allocs_dir.join(id).exists()).then_some(())
+    });
+    assert!(allocs_dir.join(&running).exists(), "the live allocation's dir stays");
     assert_eq!(live_alloc(&dev), running, "the live job's allocation is untouched");
     let job = dev.job("live");
     assert_eq!(job["job"]["status"], "running");

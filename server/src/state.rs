@@ -849,6 +849,16 @@ impl StateHandle {
                     }
                 }
             }
+            if let Command::GarbageCollect { allocs, jobs, .. } = &req.command {
+                // Their agents' streams notice the smaller set and send it whole, so that the
+                // agents let go of (and delete the directories of) what was collected.
+                let job_allocs = jobs.iter().filter_map(|k| st.allocs_by_job.get(k)).flatten();
+                for id in allocs.iter().chain(job_allocs) {
+                    if let Some(a) = st.allocs.get(id) {
+                        nodes.insert(a.node_id.clone());
+                    }
+                }
+            }
             let restore = matches!(req.command, Command::RestoreState { .. });
             if restore {
                 nodes.extend(st.nodes.keys().cloned());
