@@ -82,11 +82,11 @@ fn scheduler_options(p: &crate::cli::PreemptionArgs) -> anyhow::Result<mlp_serve
     })
 }
 
-/// Garbage collection from the flags: an interval of at least a second; thresholds of any age
-/// (0 collects terminal objects as soon as the next collection runs).
+/// Garbage collection from the flags: an interval between a second and 30 days; thresholds of
+/// any age (0 collects terminal objects as soon as the next collection runs).
 fn gc_settings(g: &crate::cli::GcArgs) -> anyhow::Result<mlp_server::leader::gc::GcSettings> {
-    if g.gc_interval < Duration::from_secs(1) {
-        anyhow::bail!("--gc-interval must be at least 1s, got {:?}", g.gc_interval);
+    if g.gc_interval < Duration::from_secs(1) || g.gc_interval > Duration::from_secs(30 * 24 * 3600) {
+        anyhow::bail!("--gc-interval must be between 1s and 720h, got {:?}", g.gc_interval);
     }
     Ok(mlp_server::leader::gc::GcSettings {
         interval: g.gc_interval,

@@ -142,3 +142,23 @@ fn system_gc_removes_finished_jobs_keeps_live_ones_and_survives_a_restart() {
     assert_eq!(eval_jobs(&dev), ["live"]);
     assert_eq!(live_alloc(&dev), running, "the live task was reattached, not replaced");
 }
+
+#[test]
+fn bad_gc_flags_are_refused() {
+    for (flags, says) in [
+        (&["--gc-interval", "0s"][..], "--gc-interval must be between 1s and 720h"),
+        (&["--gc-interval", "1000h"][..], "--gc-interval must be between 1s and 720h"),
+        (&["--eval-gc-threshold", "soon"][..], "--eval-gc-threshold"),
+        (&["--job-gc-threshold=-1h"][..], "--job-gc-threshold"),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = std::process::Command::new(common::MLP)
+            .args(["dev", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(flags)
+            .output()
+            .expect("run mlp dev");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{flags:?}: {err}");
+    }
+}
