@@ -47,6 +47,9 @@ pub enum Command {
     #[command(subcommand)]
     Operator(OperatorCommand),
     // ---- end high availability ----
+    /// Cluster-wide maintenance: garbage collection.
+    #[command(subcommand)]
+    System(SystemCommand),
     /// Replay a production trace (openb CSV) against a simulated cluster with the scheduler's
     /// placement policies: GPU allocation ratio, failed pods, placements/s.
     Sim(SimArgs),
@@ -96,6 +99,33 @@ pub struct ServerArgs {
     pub max_heartbeats_per_second: f64,
     #[command(flatten)]
     pub preemption: PreemptionArgs,
+    #[command(flatten)]
+    pub gc: GcArgs,
+}
+
+/// Garbage collection (Nomad's core scheduler): how often the leader collects, and how old
+/// terminal evaluations and allocations, dead jobs and down nodes must be. Durations like
+/// `90s`, `30m`, `1h`.
+#[derive(Debug, Args, Clone)]
+pub struct GcArgs {
+    /// How often the leader collects garbage (`mlp system gc` collects at once).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub gc_interval: std::time::Duration,
+    /// Terminal evaluations and allocations older than this are collected (those the
+    /// scheduler still needs never are).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub eval_gc_threshold: std::time::Duration,
+    /// Dead jobs (stopped, or batch jobs that finished) whose evaluations and allocations are
+    /// all terminal and older than this are collected with them.
+    #[arg(long, default_value = "4h", value_parser = parse_duration)]
+    pub job_gc_threshold: std::time::Duration,
+    /// Down nodes without allocations whose last heartbeat is older than this are collected.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub node_gc_threshold: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    mlp_proto::jobspec::parse_duration(s)
 }
 
 /// Preemption: which job types may evict lower-priority allocations, and the priority gap.
@@ -188,6 +218,8 @@ pub struct DevArgs {
     pub exec: ExecIsolationArgs,
     #[command(flatten)]
     pub preemption: PreemptionArgs,
+    #[command(flatten)]
+    pub gc: GcArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -335,6 +367,17 @@ pub enum EvalCommand {
     /// Show one evaluation, or list them.
     Status {
         id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SystemCommand {
+    /// Collect garbage now: terminal evaluations and allocations the scheduler no longer
+    /// needs, dead jobs with everything of theirs, down nodes without allocations, whatever
+    /// their age. Prints what was removed.
+    Gc {
         #[arg(long)]
         json: bool,
     },

@@ -11,7 +11,7 @@ use mlp_proto::consts::{alloc_client, eval_status};
 use mlp_proto::jobspec;
 use mlp_proto::v1::*;
 
-use crate::cli::{AllocCommand, Cli, Command, EvalCommand, JobCommand, NodeCommand, ServerArgs};
+use crate::cli::{AllocCommand, Cli, Command, EvalCommand, JobCommand, NodeCommand, ServerArgs, SystemCommand};
 use crate::client::{connect, status_err, with_failover};
 use crate::output::{ago, clock, print_json, short, Table};
 
@@ -29,6 +29,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Alloc(c) => alloc(&addr, c).await,
         Command::Node(c) => node(&addr, c).await,
         Command::Eval(c) => eval(&addr, c).await,
+        Command::System(c) => system(&addr, c).await,
         Command::Sim(a) => crate::sim::run(&a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "mlp", &mut std::io::stdout());
@@ -620,6 +621,21 @@ async fn eval(addr: &str, cmd: EvalCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `mlp system gc`: collect now, print what went.
+async fn system(addr: &str, cmd: SystemCommand) -> anyhow::Result<ExitCode> {
+    let mut c = connect(addr).await?;
+    let SystemCommand::Gc { json } = cmd;
+    let r = c.system.garbage_collect(mlp_proto::v1::SystemGcRequest {}).await.map_err(status_err)?.into_inner();
+    if json {
+        print_json(&r)?;
+    } else if r.evals + r.allocs + r.jobs + r.nodes == 0 {
+        println!("Nothing to collect.");
+    } else {
+        println!("Garbage collected: {} jobs, {} evaluations, {} allocations, {} nodes.", r.jobs, r.evals, r.allocs, r.nodes);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -59,6 +59,7 @@ async fn start_server(
     raft: RaftSettings,
     cluster: ClusterSettings,
     preemption: &crate::cli::PreemptionArgs,
+    gc: &crate::cli::GcArgs,
 ) -> anyhow::Result<Server> {
     let config = ServerConfig {
         data_dir: data_dir.to_path_buf(),
@@ -68,6 +69,7 @@ async fn start_server(
         raft,
         heartbeat: heartbeat(ttl)?,
         scheduler: scheduler_options(preemption)?,
+        gc: gc_settings(gc)?,
     };
     Server::start_clustered(config, cluster).await.context("starting the server")
 }
@@ -79,6 +81,22 @@ fn scheduler_options(p: &crate::cli::PreemptionArgs) -> anyhow::Result<mlp_serve
     }
     Ok(mlp_server::scheduler::Options {
         preemption: mlp_server::scheduler::Preemption { batch: p.preempt_batch, service: p.preempt_service, delta: p.preemption_delta },
+    })
+}
+
+/// Garbage collection from the flags: an interval between a second and 30 days; thresholds of
+/// any age (0 collects terminal objects as soon as the next collection runs).
+fn gc_settings(g: &crate::cli::GcArgs) -> anyhow::Result<mlp_server::leader::gc::GcSettings> {
+    if g.gc_interval < Duration::from_secs(1) || g.gc_interval > Duration::from_secs(30 * 24 * 3600) {
+        anyhow::bail!("--gc-interval must be between 1s and 720h, got {:?}", g.gc_interval);
+    }
+    Ok(mlp_server::leader::gc::GcSettings {
+        interval: g.gc_interval,
+        thresholds: mlp_server::leader::gc::GcThresholds {
+            eval: g.eval_gc_threshold,
+            job: g.job_gc_threshold,
+            node: g.node_gc_threshold,
+        },
     })
 }
 
@@ -118,7 +136,7 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let cluster = ClusterSettings { bootstrap_expect: args.bootstrap_expect, join: args.join.clone() };
     let raft = raft_settings(&args.raft)?;
     let server =
-        start_server(&args.data_dir, &args.grpc_addr, &args.http_addr, args.advertise, (args.heartbeat_ttl, args.max_heartbeats_per_second), raft, cluster, &args.preemption).await?;
+        start_server(&args.data_dir, &args.grpc_addr, &args.http_addr, args.advertise, (args.heartbeat_ttl, args.max_heartbeats_per_second), raft, cluster, &args.preemption, &args.gc).await?;
     println!("==> mlp server running");
     println!("    node id:  {}", server.api.raft.node_id);
     println!("    gRPC:     {}", server.grpc_addr());
@@ -239,6 +257,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         RaftSettings::default(),
         ClusterSettings::default(),
         &args.preemption,
+        &args.gc,
     )
     .await?;
     let mut config = agent_config(&args.data_dir.join("agent"), vec![server.grpc_addr().to_string()], args.node_name, "127.0.0.1:0", &args.exec)?;

@@ -1,7 +1,8 @@
 //! At least 10,000 random and mutated requests against a running `mlp dev`, over gRPC (every
 //! service and method in `proto/mlp.proto`, raw bytes on the wire) and over HTTP (every route,
 //! random methods, bodies and ids), in a bounded loop. Afterwards the server answers, lists
-//! exactly the jobs whose registration it acknowledged (less those it acknowledged purging),
+//! exactly the jobs whose registration it acknowledged (less those it acknowledged purging, and
+//! those it acknowledged stopping once a garbage collection ran),
 //! logged no panic, and comes back with the same jobs after a kill -9 and restart.
 //!
 //! Left out: `ClusterService/Join`, which makes the server dial the address in the request (a
@@ -140,7 +141,7 @@ fn methods() -> Vec<Method> {
 fn job(name: &str) -> Job {
     jobspec::parse_str(
         &format!(
-            "job \"{name}\" {{\n  type = \"batch\"\n  group \"g\" {{\n    count = 0\n    task \"t\" {{\n      driver = \"exec\"\n      config {{\n        command = \"/bin/true\"\n      }}\n    }}\n  }}\n}}\n"
+            "job \"{name}\" {{\n  type = \"service\"\n  group \"g\" {{\n    count = 0\n    task \"t\" {{\n      driver = \"exec\"\n      config {{\n        command = \"/bin/true\"\n      }}\n    }}\n  }}\n}}\n"
         ),
         "",
     )
@@ -172,6 +173,9 @@ fn bases(n: u64) -> Vec<Vec<u8>> {
 
 struct Ledger {
     acked: BTreeSet<(String, String)>,
+    /// Acknowledged jobs whose last acknowledged change was a stop: garbage collection
+    /// (`SystemService.GarbageCollect`, which the fuzzer calls too) may remove them.
+    stopped: BTreeSet<(String, String)>,
     ok: usize,
     refused: usize,
     timed_out: usize,
@@ -184,14 +188,20 @@ impl Ledger {
         match path {
             "/mlp.v1.JobService/Register" => {
                 if let Some(job) = RegisterJobRequest::decode(payload).ok().and_then(|r| r.job) {
-                    self.acked.insert(registered_key(job));
+                    let key = registered_key(job);
+                    self.stopped.remove(&key);
+                    self.acked.insert(key);
                 }
             }
             "/mlp.v1.JobService/Stop" => {
                 if let Ok(r) = StopJobRequest::decode(payload) {
+                    let ns = if r.namespace.is_empty() { "default".to_string() } else { r.namespace };
+                    let key = (ns, r.job_id);
                     if r.purge {
-                        let ns = if r.namespace.is_empty() { "default".to_string() } else { r.namespace };
-                        self.acked.remove(&(ns, r.job_id));
+                        self.acked.remove(&key);
+                        self.stopped.remove(&key);
+                    } else if self.acked.contains(&key) {
+                        self.stopped.insert(key);
                     }
                 }
             }
@@ -265,7 +275,7 @@ fn ten_thousand_hostile_requests_change_nothing_unacknowledged() {
         .block_on(tonic::transport::Endpoint::from_shared(format!("http://{}", dev.grpc)).expect("endpoint").connect())
         .expect("connect");
     let mut rng = Rng(0x5eed_1234_9876_abcd);
-    let mut ledger = Ledger { acked: BTreeSet::new(), ok: 0, refused: 0, timed_out: 0 };
+    let mut ledger = Ledger { acked: BTreeSet::new(), stopped: BTreeSet::new(), ok: 0, refused: 0, timed_out: 0 };
     let started = Instant::now();
     let mut per_method = std::collections::BTreeMap::<String, usize>::new();
     for n in 0..REQUESTS as u64 {
@@ -278,11 +288,22 @@ fn ten_thousand_hostile_requests_change_nothing_unacknowledged() {
             if method == "POST" && path == "/v1/jobs" && code == 200 {
                 let v: serde_json::Value = serde_json::from_slice(&body).expect("acknowledged body is JSON");
                 let job: Job = serde_json::from_value(v["job"].clone()).expect("acknowledged job decodes");
-                ledger.acked.insert(registered_key(job));
+                let key = registered_key(job);
+                ledger.stopped.remove(&key);
+                ledger.acked.insert(key);
                 ledger.ok += 1;
-            } else if method == "DELETE" && path.starts_with("/v1/job/") && path.ends_with("?purge=true") && code == 200 {
-                let id = path.trim_start_matches("/v1/job/").trim_end_matches("?purge=true");
-                ledger.acked.remove(&("default".to_string(), id.to_string()));
+            } else if method == "DELETE" && path.starts_with("/v1/job/") && code == 200 {
+                let (id, purge) = match path.trim_start_matches("/v1/job/").split_once('?') {
+                    Some((id, q)) => (id, q == "purge=true"),
+                    None => (path.trim_start_matches("/v1/job/"), false),
+                };
+                let key = ("default".to_string(), id.to_string());
+                if purge {
+                    ledger.acked.remove(&key);
+                    ledger.stopped.remove(&key);
+                } else if ledger.acked.contains(&key) {
+                    ledger.stopped.insert(key);
+                }
             }
             continue;
         }
@@ -323,18 +344,30 @@ fn ten_thousand_hostile_requests_change_nothing_unacknowledged() {
     assert!(untouched.is_empty(), "methods never called: {untouched:?}");
     assert!(!ledger.acked.is_empty(), "no registration was acknowledged: the fuzzer never reached the state");
 
+    // Stopped jobs go at the next collection once their evaluations finished: settle, collect,
+    // and what is left is exactly the acknowledged, not stopped jobs.
+    common::wait_for("evaluations to settle", Duration::from_secs(60), || {
+        let (_, body) = common::http_request(&dev.http, "GET", "/v1/evaluations", None, b"");
+        let evals: serde_json::Value = serde_json::from_str(&body).ok()?;
+        evals.as_array()?.iter().all(|e| e["status"] != "pending").then_some(())
+    });
+    dev.ok(&["system", "gc"]);
+    let expected: BTreeSet<(String, String)> = ledger.acked.difference(&ledger.stopped).cloned().collect();
+
     let listed = |dev: &Dev| -> BTreeSet<(String, String)> {
-        let jobs = dev.json(&["job", "status", "--json"]);
+        // Every namespace (the CLI lists one).
+        let (_, body) = common::http_request(&dev.http, "GET", "/v1/jobs", None, b"");
+        let jobs: serde_json::Value = serde_json::from_str(&body).expect("job list");
         jobs.as_array()
             .expect("job list")
             .iter()
             .map(|j| (j["namespace"].as_str().unwrap_or("default").to_string(), j["name"].as_str().unwrap_or_default().to_string()))
             .collect()
     };
-    assert_eq!(listed(&dev), ledger.acked, "the server lists exactly the acknowledged jobs");
+    assert_eq!(listed(&dev), expected, "the server lists exactly the acknowledged jobs (less those stopped and collected)");
     assert!(!dev.log().contains("panicked"), "the server logged a panic:\n{}", common::tail(&dev.log(), 4000));
 
     dev.kill9();
     dev.spawn();
-    assert_eq!(listed(&dev), ledger.acked, "the same jobs after a restart on the same data dir");
+    assert_eq!(listed(&dev), expected, "the same jobs after a restart on the same data dir");
 }

@@ -446,6 +446,16 @@ impl Api {
         Ok(self.state.read().find_eval(id)?.clone())
     }
 
+    /// `mlp system gc`: collects now everything eligible, whatever its age, after a
+    /// linearizable read (so that what this server computes from is current), and commits it
+    /// through the leader.
+    pub async fn system_gc(&self) -> Result<SystemGcResponse, ApiError> {
+        self.read_barrier(false).await?;
+        let (n, index) =
+            crate::leader::gc::collect(&self.raft, &self.state, &self.metrics, &crate::leader::gc::GcThresholds::FORCE, true).await?;
+        Ok(SystemGcResponse { evals: n.evals, allocs: n.allocs, jobs: n.jobs, nodes: n.nodes, index })
+    }
+
     pub fn leader(&self) -> LeaderResponse {
         let m = self.raft.metrics();
         LeaderResponse {
@@ -539,21 +549,15 @@ impl Api {
         NodeAllocations { allocations, index: st.index, partial: since.is_some() }
     }
 
-    pub async fn update_allocs(&self, req: UpdateAllocsRequest) -> Result<UpdateAllocsResponse, ApiError> {
+    pub async fn update_allocs(&self, mut req: UpdateAllocsRequest) -> Result<UpdateAllocsResponse, ApiError> {
         require_id("node_id", &req.node_id)?;
-        {
+        let index = {
             let st = self.state.read();
             if !st.nodes.contains_key(&req.node_id) {
                 return Err(ApiError::NotFound(format!("node {:?} is not registered", req.node_id)));
             }
             for u in &req.updates {
-                let a = st
-                    .allocs
-                    .get(&u.alloc_id)
-                    .ok_or_else(|| ApiError::NotFound(format!("allocation {:?} not found", u.alloc_id)))?;
-                if a.node_id != req.node_id {
-                    return Err(ApiError::InvalidArgument(format!("allocation {} belongs to another node", u.alloc_id)));
-                }
+                require_id("updates[].alloc_id", &u.alloc_id)?;
                 if !matches!(
                     u.client_status.as_str(),
                     alloc_client::PENDING | alloc_client::RUNNING | alloc_client::COMPLETE | alloc_client::FAILED
@@ -563,10 +567,27 @@ impl Api {
                         u.alloc_id, u.client_status
                     )));
                 }
+                if let Some(a) = st.allocs.get(&u.alloc_id) {
+                    if a.node_id != req.node_id {
+                        return Err(ApiError::InvalidArgument(format!("allocation {} belongs to another node", u.alloc_id)));
+                    }
+                }
             }
-        }
+            // An allocation the state no longer has was garbage-collected (only terminal ones
+            // are): the agent's word on it is no news. Refusing the batch instead would have the
+            // agent retry it, and its other updates, forever.
+            let before = req.updates.len();
+            req.updates.retain(|u| st.allocs.contains_key(&u.alloc_id));
+            if req.updates.len() < before {
+                tracing::debug!(node_id = req.node_id, dropped = before - req.updates.len(), "updates for allocations no longer in the state dropped");
+            }
+            st.index
+        };
         let ttl = self.heartbeat.ttl_in(&self.state.read());
         self.heartbeats.touch(&req.node_id, ttl);
+        if req.updates.is_empty() {
+            return Ok(UpdateAllocsResponse { index });
+        }
         Metrics::add(&self.metrics.alloc_updates, req.updates.len() as u64);
         let resp = self
             .raft

@@ -238,6 +238,14 @@ impl status_service_server::StatusService for GrpcApi {
 }
 
 #[tonic::async_trait]
+impl system_service_server::SystemService for GrpcApi {
+    async fn garbage_collect(&self, _req: Request<SystemGcRequest>) -> GrpcResult<SystemGcResponse> {
+        self.count();
+        Ok(Response::new(self.api.system_gc().await?))
+    }
+}
+
+#[tonic::async_trait]
 impl agent_service_server::AgentService for GrpcApi {
     async fn register(&self, req: Request<RegisterNodeRequest>) -> GrpcResult<RegisterNodeResponse> {
         Ok(Response::new(self.api.register_node(req.into_inner().node).await?))
@@ -265,15 +273,34 @@ impl agent_service_server::AgentService for GrpcApi {
             // notification, `Lagged`, falls back to the full set).
             let first = api.node_allocations(&node_id);
             let mut last = first.index;
+            // Allocations leave a node's set only when garbage collection removes them (terminal
+            // ones): a smaller set than the last message's is sent whole, so the agent lets go.
+            let count = || api.state.read().allocs_by_node.get(&node_id).map_or(0, |s| s.len());
+            let mut last_count = first.allocations.len();
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
             loop {
                 let msg = match changes.recv().await {
-                    Ok(nodes) if nodes.contains(crate::state::RESEND_FULL_SETS) => api.node_allocations(&node_id),
-                    Ok(nodes) if nodes.contains(&node_id) => api.node_allocations_since(&node_id, Some(last)),
+                    Ok(nodes) if nodes.contains(crate::state::RESEND_FULL_SETS) => {
+                        last_count = count();
+                        api.node_allocations(&node_id)
+                    }
+                    Ok(nodes) if nodes.contains(&node_id) => {
+                        let now = count();
+                        let shrunk = now < last_count;
+                        last_count = now;
+                        if shrunk {
+                            api.node_allocations(&node_id)
+                        } else {
+                            api.node_allocations_since(&node_id, Some(last))
+                        }
+                    }
                     Ok(_) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => api.node_allocations(&node_id),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        last_count = count();
+                        api.node_allocations(&node_id)
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
                 last = msg.index;

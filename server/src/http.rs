@@ -127,6 +127,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/evaluation/:id", get(get_eval))
         .route("/v1/status/leader", get(leader))
         .route("/v1/metrics", get(metrics))
+        .route("/v1/system/gc", axum::routing::post(system_gc))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(api.clone(), count_requests))
@@ -237,6 +238,11 @@ async fn list_evals(State(api): State<Arc<Api>>, Query(q): Query<HashMap<String,
 
 async fn get_eval(State(api): State<Arc<Api>>, Path(id): Path<String>) -> HttpResult {
     ok(api.get_eval(&id).await?)
+}
+
+/// `POST /v1/system/gc` (no body): collect everything eligible now; answers the counts.
+async fn system_gc(State(api): State<Arc<Api>>) -> HttpResult {
+    ok(api.system_gc().await?)
 }
 
 async fn leader(State(api): State<Arc<Api>>) -> HttpResult {

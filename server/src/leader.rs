@@ -1,11 +1,13 @@
 //! What only the leader does: run pending evaluations through the scheduler, re-check and commit
 //! their plans (the plan applier), keep blocked evaluations until capacity frees, and mark nodes
 //! that miss their heartbeat TTL as down, run delayed (rescheduling) evaluations when they are
-//! due, and drive node drains (the drainer).
+//! due, and drive node drains (the drainer). Garbage collection is its own loop, in `gc.rs`.
 //!
 //! Everything here is rebuilt from the replicated state whenever this server becomes leader, so a
 //! leader change loses nothing: pending evaluations are in the state, blocked ones too, and
 //! heartbeat deadlines restart with a grace period.
+
+pub mod gc;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};

@@ -24,6 +24,13 @@ pub struct Metrics {
     pub http_requests: AtomicU64,
     pub http_errors: AtomicU64,
     pub grpc_requests: AtomicU64,
+    /// Garbage collections that removed something, and what they removed (counted by the
+    /// server that ran them: the leader's loop, or the server that took `mlp system gc`).
+    pub gc_runs: AtomicU64,
+    pub gc_evals_collected: AtomicU64,
+    pub gc_allocs_collected: AtomicU64,
+    pub gc_jobs_collected: AtomicU64,
+    pub gc_nodes_collected: AtomicU64,
 }
 
 /// Raft figures that the metrics page shows.
@@ -47,7 +54,7 @@ impl Metrics {
     /// Renders the Prometheus text exposition format.
     pub fn render(&self, state: &ClusterState, raft: RaftFigures) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64); 14] = [
+        let counters: [(&str, &str, &AtomicU64); 19] = [
             ("mlp_job_registrations_total", "Job registrations committed.", &self.job_registrations),
             ("mlp_job_stops_total", "Job stops committed.", &self.job_stops),
             ("mlp_evals_processed_total", "Evaluations processed by the scheduler.", &self.evals_processed),
@@ -62,6 +69,11 @@ impl Metrics {
             ("mlp_http_requests_total", "HTTP API requests.", &self.http_requests),
             ("mlp_http_errors_total", "HTTP API requests answered with an error.", &self.http_errors),
             ("mlp_grpc_requests_total", "gRPC API requests.", &self.grpc_requests),
+            ("mlp_gc_runs_total", "Garbage collections that removed something.", &self.gc_runs),
+            ("mlp_gc_evals_collected_total", "Evaluations removed by garbage collection.", &self.gc_evals_collected),
+            ("mlp_gc_allocs_collected_total", "Allocations removed by garbage collection.", &self.gc_allocs_collected),
+            ("mlp_gc_jobs_collected_total", "Jobs removed by garbage collection.", &self.gc_jobs_collected),
+            ("mlp_gc_nodes_collected_total", "Nodes removed by garbage collection.", &self.gc_nodes_collected),
         ];
         for (name, help, c) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.load(Ordering::Relaxed));

@@ -8,6 +8,7 @@ use mlp_proto::v1::{
     agent_service_server::AgentServiceServer, alloc_service_server::AllocServiceServer,
     eval_service_server::EvalServiceServer, job_service_server::JobServiceServer,
     node_service_server::NodeServiceServer, status_service_server::StatusServiceServer,
+    system_service_server::SystemServiceServer,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -35,6 +36,8 @@ pub struct ServerConfig {
     pub heartbeat: HeartbeatSettings,
     /// Scheduler settings (preemption per job type and its priority delta).
     pub scheduler: crate::scheduler::Options,
+    /// Garbage collection: interval and age thresholds.
+    pub gc: crate::leader::gc::GcSettings,
 }
 
 /// Start-up failures.
@@ -130,6 +133,7 @@ impl Server {
             .add_service(NodeServiceServer::new(grpc.clone()))
             .add_service(EvalServiceServer::new(grpc.clone()))
             .add_service(StatusServiceServer::new(grpc.clone()))
+            .add_service(SystemServiceServer::new(grpc.clone()))
             .add_service(
                 AgentServiceServer::new(grpc.clone())
                     .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
@@ -169,6 +173,15 @@ impl Server {
             };
             if let Err(e) = axum::serve(http_listener, app).with_graceful_shutdown(stop).await {
                 tracing::error!(error = %e, "HTTP server failed");
+            }
+        }));
+
+        let gc_loop = crate::leader::gc::run(raft.clone(), state.clone(), metrics.clone(), config.gc);
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = gc_loop => {}
+                _ = rx.wait_for(|s| *s) => {}
             }
         }));
 

@@ -57,6 +57,21 @@ pub enum Command {
     /// Replace the whole state with a saved one (serde_json of `ClusterState`, as
     /// `SnapshotSave` returns it). Every server applies the same bytes, so all converge.
     RestoreState { state: String },
+    // ---- garbage collection (issue 10) ----
+    /// Forget terminal evaluations and allocations, dead jobs (with their versions, evaluations
+    /// and allocations) and down nodes (`leader::gc`). Each id is re-checked against the state
+    /// at this entry (every rule but the age); one that no longer qualifies is skipped.
+    GarbageCollect {
+        #[serde(default)]
+        evals: Vec<String>,
+        #[serde(default)]
+        allocs: Vec<String>,
+        /// `job_key`s.
+        #[serde(default)]
+        jobs: Vec<String>,
+        #[serde(default)]
+        nodes: Vec<String>,
+    },
 }
 
 /// What the plan applier commits: placements that fit, stops, and the evaluation's outcome.
@@ -101,6 +116,28 @@ pub struct CommandResponse {
     pub index: u64,
     pub job_version: Option<u64>,
     pub error: Option<String>,
+    /// What a `GarbageCollect` entry removed.
+    #[serde(default)]
+    pub collected: Option<GcCounts>,
+}
+
+/// Counts of what garbage collection removed; a job's own evaluations and allocations are
+/// counted with the evaluations and allocations.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GcCounts {
+    pub evals: u64,
+    pub allocs: u64,
+    pub jobs: u64,
+    pub nodes: u64,
+}
+
+impl GcCounts {
+    pub fn add(&mut self, o: &GcCounts) {
+        self.evals += o.evals;
+        self.allocs += o.allocs;
+        self.jobs += o.jobs;
+        self.nodes += o.nodes;
+    }
 }
 
 /// Side effects of applying a command that the leader's scheduling loop reacts to.
@@ -538,8 +575,81 @@ impl ClusterState {
                 effects.push(Effect::Reset);
                 effects.push(Effect::CapacityChanged);
             }
+            Command::GarbageCollect { evals, allocs, jobs, nodes } => {
+                resp.collected = Some(self.garbage_collect(evals, allocs, jobs, nodes));
+            }
         }
         resp
+    }
+
+    /// Removes what still qualifies under `leader::gc`'s rules (the age is not re-checked: the
+    /// proposer measured it). Order matters: allocations first, so that an evaluation whose
+    /// allocations go in the same entry can go too; nodes last.
+    fn garbage_collect(&mut self, evals: &[String], allocs: &[String], jobs: &[String], nodes: &[String]) -> GcCounts {
+        use crate::leader::gc;
+        let mut n = GcCounts::default();
+        for id in allocs {
+            if self.allocs.get(id).is_some_and(|a| gc::alloc_collectable(self, a)) {
+                self.remove_alloc(id);
+                n.allocs += 1;
+            }
+        }
+        for key in jobs {
+            let Some(job) = self.jobs.get(key) else { continue };
+            if gc::job_collectable(self, job).is_none() {
+                continue;
+            }
+            let (ns, id) = (job.namespace.clone(), job.id.clone());
+            let alloc_ids: Vec<String> = self.allocs_for_job(&ns, &id).map(|a| a.id.clone()).collect();
+            let eval_ids: Vec<String> = self.evals_for_job(&ns, &id).map(|e| e.id.clone()).collect();
+            for a in &alloc_ids {
+                self.remove_alloc(a);
+            }
+            for e in &eval_ids {
+                self.remove_eval(e);
+            }
+            self.jobs.remove(key);
+            self.job_versions.remove(key);
+            n.allocs += alloc_ids.len() as u64;
+            n.evals += eval_ids.len() as u64;
+            n.jobs += 1;
+        }
+        // Per job, once: the evaluations its remaining allocations were placed by (they stay)
+        // and its latest evaluation (it stays too). Removing other evaluations changes neither.
+        let mut per_job: BTreeMap<String, (BTreeSet<String>, Option<String>)> = BTreeMap::new();
+        for id in evals {
+            let Some(e) = self.evals.get(id) else { continue };
+            let key = job_key(&e.namespace, &e.job_id);
+            let (refs, latest) = per_job.entry(key).or_insert_with(|| {
+                let refs = self.allocs_for_job(&e.namespace, &e.job_id).map(|a| a.eval_id.clone()).collect();
+                (refs, gc::latest_eval_of_job(self, &e.namespace, &e.job_id).map(String::from))
+            });
+            if gc::eval_collectable(e, refs.contains(id), latest.as_deref()) {
+                self.remove_eval(id);
+                n.evals += 1;
+            }
+        }
+        for id in nodes {
+            if self.nodes.get(id).is_some_and(|node| gc::node_collectable(self, node)) {
+                self.nodes.remove(id);
+                self.allocs_by_node.remove(id);
+                n.nodes += 1;
+            }
+        }
+        n
+    }
+
+    /// Removes an allocation and its index entries.
+    fn remove_alloc(&mut self, id: &str) {
+        let Some(a) = self.allocs.remove(id) else { return };
+        remove_from_index(&mut self.allocs_by_node, &a.node_id, id);
+        remove_from_index(&mut self.allocs_by_job, &job_key(&a.namespace, &a.job_id), id);
+    }
+
+    /// Removes an evaluation and its index entry.
+    fn remove_eval(&mut self, id: &str) {
+        let Some(e) = self.evals.remove(id) else { return };
+        remove_from_index(&mut self.evals_by_job, &job_key(&e.namespace, &e.job_id), id);
     }
 
     fn push_version(&mut self, key: &str, job: Job) {
@@ -627,6 +737,17 @@ impl ClusterState {
             .filter(|a| a.client_status != alloc_client::PREEMPTED)
             .count();
         wanted > 0 && ended >= wanted
+    }
+}
+
+/// Takes `id` out of `index[key]`, dropping the key once its set is empty (a collected job or
+/// node leaves no empty set behind).
+fn remove_from_index(index: &mut BTreeMap<String, BTreeSet<String>>, key: &str, id: &str) {
+    if let Some(ids) = index.get_mut(key) {
+        ids.remove(id);
+        if ids.is_empty() {
+            index.remove(key);
+        }
     }
 }
 
@@ -749,6 +870,16 @@ impl StateHandle {
                     }
                 }
             }
+            if let Command::GarbageCollect { allocs, jobs, .. } = &req.command {
+                // Their agents' streams notice the smaller set and send it whole, so that the
+                // agents let go of (and delete the directories of) what was collected.
+                let job_allocs = jobs.iter().filter_map(|k| st.allocs_by_job.get(k)).flatten();
+                for id in allocs.iter().chain(job_allocs) {
+                    if let Some(a) = st.allocs.get(id) {
+                        nodes.insert(a.node_id.clone());
+                    }
+                }
+            }
             let restore = matches!(req.command, Command::RestoreState { .. });
             if restore {
                 nodes.extend(st.nodes.keys().cloned());
@@ -761,7 +892,7 @@ impl StateHandle {
                 let why = crate::leader::panic_message(panic.as_ref());
                 tracing::error!(index, error = %why, "applying a committed entry failed; it changed nothing further");
                 st.index = index;
-                CommandResponse { index, job_version: None, error: Some(format!("internal error while applying: {why}")) }
+                CommandResponse { index, job_version: None, error: Some(format!("internal error while applying: {why}")), collected: None }
             });
             if restore {
                 nodes.extend(st.nodes.keys().cloned());

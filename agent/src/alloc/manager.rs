@@ -244,8 +244,9 @@ impl AllocManager {
     }
 
     /// Applies a partial update: only allocations that changed since the previous message of
-    /// the stream. Absent allocations are unchanged, not removed (the servers never delete an
-    /// allocation between two messages of one stream without sending it first).
+    /// the stream. Absent allocations are unchanged, not removed: the servers delete only
+    /// terminal allocations (garbage collection), which have nothing left to run here; the next
+    /// full set drops them.
     pub fn sync_partial(&mut self, allocs: Vec<Allocation>) {
         for a in allocs {
             if let Some(seen) = &mut self.last_seen {

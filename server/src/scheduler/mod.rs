@@ -37,6 +37,7 @@ use mlp_proto::v1::{AllocMetric, AllocatedResources, Allocation, Evaluation, Job
 pub use explain::explain;
 pub use place::Preemption;
 pub use rank::{BinPack, Fragmentation, RankInput, Scorer};
+pub use reconcile::holds_index;
 
 use crate::state::{AllocStop, ClusterState};
 use reconcile::Want;

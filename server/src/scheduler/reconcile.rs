@@ -319,6 +319,24 @@ pub fn fmt_ms(ms: u64) -> String {
 /// How many reschedule events an allocation carries at most.
 pub const MAX_RESCHEDULE_EVENTS: usize = 32;
 
+/// Whether reconciliation of `job` (not stopped) still counts on allocation `a`: it holds its
+/// index (a finished batch allocation, which must not run again) or is a failed or lost one
+/// whose replacement `decide` has yet to make (now, later or never). Garbage collection keeps
+/// these, or the next evaluation of the job would place the index afresh. Mirrors the
+/// classification in `reconcile_at`; keep the two together.
+pub fn holds_index(state: &ClusterState, job: &Job, a: &Allocation) -> bool {
+    let Some(tg) = job.groups.iter().find(|g| g.name == a.task_group) else { return false };
+    if !a.next_allocation.is_empty() || spec_changed(state, job, tg, a) {
+        return false;
+    }
+    if a.desired_status != alloc_desired::RUN {
+        // Lost and never replaced: a reschedule candidate. Anything else stopped frees its index.
+        return a.client_status == alloc_client::LOST;
+    }
+    // Live, done (complete), or failed and not yet replaced.
+    a.client_status != alloc_client::LOST
+}
+
 /// Whether `a` was made from a job version whose spec for `tg` differs from the current one.
 /// The count is ignored (scaling is not an update); an unknown old version counts as changed.
 fn spec_changed(state: &ClusterState, job: &Job, tg: &TaskGroup, a: &Allocation) -> bool {

@@ -25,6 +25,7 @@ pub async fn start(dir: &std::path::Path) -> Server {
             ..Default::default()
         },
         scheduler: Default::default(),
+        gc: Default::default(),
     };
     Server::start(config).await.expect("server starts")
 }
