@@ -97,11 +97,8 @@ async fn regs(out: &mut BTreeMap<String, f64>) -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let leader = StatusServiceClient::new(channel(&addrs[0]).await?)
-        .leader(LeaderRequest {})
-        .await
-        .map_err(|e| e.to_string())?
-        .into_inner();
+    let leader =
+        StatusServiceClient::new(channel(&addrs[0]).await?).leader(LeaderRequest {}).await.map_err(|e| e.to_string())?.into_inner();
     eprintln!("regs: 3 servers {join}, leader {leader:?}; {clients} clients for {secs}s");
     // 8 HTTP/2 connections per server, clients spread round-robin over all of them.
     let mut chans = Vec::new();
@@ -158,8 +155,7 @@ async fn regs(out: &mut BTreeMap<String, f64>) -> Result<(), String> {
 /// new leader's first commit and the client's retry. (openraft 0.9 also times AppendEntries
 /// out after one heartbeat interval, so heartbeats shorter than a slow fsync make a
 /// catching-up follower's appends time out, as seen with 50 ms on a loaded machine.)
-const FAILOVER_RAFT_FLAGS: [&str; 6] =
-    ["--raft-heartbeat-ms", "150", "--raft-election-min-ms", "300", "--raft-election-max-ms", "600"];
+const FAILOVER_RAFT_FLAGS: [&str; 6] = ["--raft-heartbeat-ms", "150", "--raft-election-min-ms", "300", "--raft-election-max-ms", "600"];
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -187,8 +183,7 @@ fn failover(out: &mut BTreeMap<String, f64>) {
     let mut leader = wait_leader(&net, client, &addrs, 3, form);
     // Several writers, so that some request starts soon after the kill whatever the others
     // are waiting on; each is a CLI process, as a user's would be.
-    let writers: Vec<Writer> =
-        ["b0", "b1", "b2"].into_iter().map(|p| Writer::start(net.client(client), addrs.join(","), p)).collect();
+    let writers: Vec<Writer> = ["b0", "b1", "b2"].into_iter().map(|p| Writer::start(net.client(client), addrs.join(","), p)).collect();
     let total = |ws: &[Writer]| ws.iter().map(Writer::count).sum::<usize>();
     let mut samples = Vec::new();
     for trial in 0..trials {
@@ -252,7 +247,10 @@ fn failover_cli_defaults(out: &mut BTreeMap<String, f64>) {
                 break;
             }
             failed_runs += 1;
-            eprintln!("failover-cli-defaults trial {trial}: a run failed: {:?}", run.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()));
+            eprintln!(
+                "failover-cli-defaults trial {trial}: a run failed: {:?}",
+                run.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+            );
         }
         assert!(ok, "no acknowledged `mlp job run` after killing {leader}");
         let took = killed_at.elapsed();

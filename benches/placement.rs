@@ -66,7 +66,14 @@ fn node(i: usize, racks: bool) -> Node {
         datacenter: "dc1".into(),
         drivers: vec!["exec".into(), "raw_exec".into()],
         attributes: [("kernel.name".to_string(), "linux".to_string())].into_iter().collect(),
-        resources: Some(NodeResources { cpu_cores: 32, cpu_mhz_per_core: 2500, cpu_total_mhz: 80_000, memory_mib: 256 * 1024, disk_mib: 1 << 20, gpus: vec![] }),
+        resources: Some(NodeResources {
+            cpu_cores: 32,
+            cpu_mhz_per_core: 2500,
+            cpu_total_mhz: 80_000,
+            memory_mib: 256 * 1024,
+            disk_mib: 1 << 20,
+            gpus: vec![],
+        }),
         ..Default::default()
     }
 }
@@ -164,7 +171,8 @@ async fn run() -> Result<BTreeMap<String, f64>, String> {
     for j in 0..jobs {
         let mut c = jc.clone();
         let spec = job(&format!("p{j:04}"), tasks as u32, preferences);
-        submit.push(tokio::spawn(async move { c.register(RegisterJobRequest { job: Some(spec), ..Default::default() }).await.map(|_| ()) }));
+        submit
+            .push(tokio::spawn(async move { c.register(RegisterJobRequest { job: Some(spec), ..Default::default() }).await.map(|_| ()) }));
     }
     for s in submit {
         s.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
@@ -207,7 +215,13 @@ async fn run() -> Result<BTreeMap<String, f64>, String> {
     // Where the time went: scheduler CPU time vs the rest (Raft, streams, acks).
     out.extend(scrape(
         &http,
-        &["mlp_scheduler_micros_total", "mlp_evals_processed_total", "mlp_plans_applied_total", "mlp_plan_placements_rejected_total", "mlp_raft_applied_index"],
+        &[
+            "mlp_scheduler_micros_total",
+            "mlp_evals_processed_total",
+            "mlp_plans_applied_total",
+            "mlp_plan_placements_rejected_total",
+            "mlp_raft_applied_index",
+        ],
     ));
     Ok(out)
 }

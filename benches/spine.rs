@@ -69,7 +69,9 @@ async fn submit_to_running(addr: &str, n: usize, driver: &str) -> Result<Vec<f64
     for i in 0..n {
         let name = format!("lat-{driver}-{i}");
         let t0 = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?;
-        c.register(RegisterJobRequest { job: Some(job_with_driver(&name, "batch", 1, "/bin/true", &[], driver)), ..Default::default() }).await.map_err(|e| e.to_string())?;
+        c.register(RegisterJobRequest { job: Some(job_with_driver(&name, "batch", 1, "/bin/true", &[], driver)), ..Default::default() })
+            .await
+            .map_err(|e| e.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let r = c
@@ -97,9 +99,12 @@ async fn batch_500(addr: &str, driver: &str) -> Result<f64, String> {
     let mut c = connect(addr).await?;
     let t0 = Instant::now();
     for i in 0..500 {
-        c.register(RegisterJobRequest { job: Some(job_with_driver(&format!("b{i}"), "batch", 1, "/bin/true", &[], driver)), ..Default::default() })
-            .await
-            .map_err(|e| e.to_string())?;
+        c.register(RegisterJobRequest {
+            job: Some(job_with_driver(&format!("b{i}"), "batch", 1, "/bin/true", &[], driver)),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
     }
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {

@@ -6,9 +6,8 @@
 
 use anyhow::Context;
 use mlp_proto::v1::{
-    alloc_service_client::AllocServiceClient, cluster_service_client::ClusterServiceClient,
-    eval_service_client::EvalServiceClient, job_service_client::JobServiceClient,
-    node_service_client::NodeServiceClient, system_service_client::SystemServiceClient,
+    alloc_service_client::AllocServiceClient, cluster_service_client::ClusterServiceClient, eval_service_client::EvalServiceClient,
+    job_service_client::JobServiceClient, node_service_client::NodeServiceClient, system_service_client::SystemServiceClient,
 };
 use tonic::transport::{Channel, Endpoint};
 

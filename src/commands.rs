@@ -55,7 +55,8 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
                 addr,
                 // One id for this registration and all its retries: applied at most once.
                 RegisterJobRequest { job: Some(job.clone()), request_id: uuid::Uuid::new_v4().to_string() },
-            ).await?;
+            )
+            .await?;
             if json {
                 print_json(&resp)?;
                 return Ok(ExitCode::SUCCESS);
@@ -120,7 +121,15 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
                 let mut t = Table::new(&["ID", "Type", "Priority", "Status", "Version", "Allocations", "Submitted"]);
                 for j in &resp.jobs {
                     let counts: Vec<String> = j.alloc_counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    t.row(vec![j.id.clone(), j.r#type.clone(), j.priority.to_string(), j.status.clone(), j.version.to_string(), counts.join(","), ago(j.submit_time_ms)]);
+                    t.row(vec![
+                        j.id.clone(),
+                        j.r#type.clone(),
+                        j.priority.to_string(),
+                        j.status.clone(),
+                        j.version.to_string(),
+                        counts.join(","),
+                        ago(j.submit_time_ms),
+                    ]);
                 }
                 print!("{}", t.render());
             }
@@ -406,7 +415,8 @@ async fn alloc(addr: &str, cmd: AllocCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         AllocCommand::Logs { id, task, follow, stderr, tail } => {
-            let req = LogsRequest { alloc_id: id, task: task.unwrap_or_default(), stderr, follow, offset: 0, tail_bytes: tail.unwrap_or(0) };
+            let req =
+                LogsRequest { alloc_id: id, task: task.unwrap_or_default(), stderr, follow, offset: 0, tail_bytes: tail.unwrap_or(0) };
             let mut stream = c.allocs.logs(req).await.map_err(status_err)?.into_inner();
             let mut out = std::io::stdout();
             while let Some(chunk) = stream.message().await.map_err(status_err)? {
@@ -416,7 +426,8 @@ async fn alloc(addr: &str, cmd: AllocCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         AllocCommand::Exec { tty, interactive, task, id, command } => {
-            crate::client::exec(&mut c, crate::client::ExecArgs { alloc_id: id, task: task.unwrap_or_default(), command, tty, interactive }).await
+            crate::client::exec(&mut c, crate::client::ExecArgs { alloc_id: id, task: task.unwrap_or_default(), command, tty, interactive })
+                .await
         }
     }
 }
@@ -502,7 +513,9 @@ async fn node(addr: &str, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
             println!("Status      = {}{}", n.status, desc(&n.status_description));
             println!("Eligibility = {}", if n.eligible { "eligible" } else { "ineligible" });
             match &n.drain_strategy {
-                Some(d) if d.force_deadline_ms > 0 => println!("Drain       = draining since {}, deadline {}", ago(d.started_at_ms), clock(d.force_deadline_ms)),
+                Some(d) if d.force_deadline_ms > 0 => {
+                    println!("Drain       = draining since {}, deadline {}", ago(d.started_at_ms), clock(d.force_deadline_ms))
+                }
                 Some(d) => println!("Drain       = draining since {}, no deadline", ago(d.started_at_ms)),
                 None => println!("Drain       = false"),
             }
@@ -510,7 +523,15 @@ async fn node(addr: &str, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
             println!("Address     = {}", n.rpc_addr);
             println!("Heartbeat   = {}", ago(n.last_heartbeat_ms));
             if let Some(r) = &n.resources {
-                println!("Resources   = {} cores × {} MHz = {} MHz, {} MiB memory, {} MiB disk, {} GPU devices", r.cpu_cores, r.cpu_mhz_per_core, r.cpu_total_mhz, r.memory_mib, r.disk_mib, r.gpus.len());
+                println!(
+                    "Resources   = {} cores × {} MHz = {} MHz, {} MiB memory, {} MiB disk, {} GPU devices",
+                    r.cpu_cores,
+                    r.cpu_mhz_per_core,
+                    r.cpu_total_mhz,
+                    r.memory_mib,
+                    r.disk_mib,
+                    r.gpus.len()
+                );
                 if !r.gpus.is_empty() {
                     println!("\nGPUs");
                     print!("{}", gpu_table(&r.gpus));
@@ -531,7 +552,13 @@ async fn node(addr: &str, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
             println!("\nAllocations");
             let mut t = Table::new(&["ID", "Job", "Group", "Desired", "Status"]);
             for a in &resp.allocations {
-                t.row(vec![short(&a.id).to_string(), a.job_id.clone(), a.task_group.clone(), a.desired_status.clone(), a.client_status.clone()]);
+                t.row(vec![
+                    short(&a.id).to_string(),
+                    a.job_id.clone(),
+                    a.task_group.clone(),
+                    a.desired_status.clone(),
+                    a.client_status.clone(),
+                ]);
             }
             print!("{}", t.render());
         }
@@ -601,7 +628,13 @@ async fn eval(addr: &str, cmd: EvalCommand) -> anyhow::Result<ExitCode> {
             } else {
                 let mut t = Table::new(&["ID", "Job", "Triggered By", "Status", "Placement Failures"]);
                 for e in &evals {
-                    t.row(vec![short(&e.id).to_string(), e.job_id.clone(), e.triggered_by.clone(), e.status.clone(), (!e.failed_tg_allocs.is_empty()).to_string()]);
+                    t.row(vec![
+                        short(&e.id).to_string(),
+                        e.job_id.clone(),
+                        e.triggered_by.clone(),
+                        e.status.clone(),
+                        (!e.failed_tg_allocs.is_empty()).to_string(),
+                    ]);
                 }
                 print!("{}", t.render());
             }

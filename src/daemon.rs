@@ -92,11 +92,7 @@ fn gc_settings(g: &crate::cli::GcArgs) -> anyhow::Result<mlp_server::leader::gc:
     }
     Ok(mlp_server::leader::gc::GcSettings {
         interval: g.gc_interval,
-        thresholds: mlp_server::leader::gc::GcThresholds {
-            eval: g.eval_gc_threshold,
-            job: g.job_gc_threshold,
-            node: g.node_gc_threshold,
-        },
+        thresholds: mlp_server::leader::gc::GcThresholds { eval: g.eval_gc_threshold, job: g.job_gc_threshold, node: g.node_gc_threshold },
     })
 }
 
@@ -135,8 +131,18 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<ExitCode> {
     }
     let cluster = ClusterSettings { bootstrap_expect: args.bootstrap_expect, join: args.join.clone() };
     let raft = raft_settings(&args.raft)?;
-    let server =
-        start_server(&args.data_dir, &args.grpc_addr, &args.http_addr, args.advertise, (args.heartbeat_ttl, args.max_heartbeats_per_second), raft, cluster, &args.preemption, &args.gc).await?;
+    let server = start_server(
+        &args.data_dir,
+        &args.grpc_addr,
+        &args.http_addr,
+        args.advertise,
+        (args.heartbeat_ttl, args.max_heartbeats_per_second),
+        raft,
+        cluster,
+        &args.preemption,
+        &args.gc,
+    )
+    .await?;
     println!("==> mlp server running");
     println!("    node id:  {}", server.api.raft.node_id);
     println!("    gRPC:     {}", server.grpc_addr());
@@ -260,7 +266,8 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         &args.gc,
     )
     .await?;
-    let mut config = agent_config(&args.data_dir.join("agent"), vec![server.grpc_addr().to_string()], args.node_name, "127.0.0.1:0", &args.exec)?;
+    let mut config =
+        agent_config(&args.data_dir.join("agent"), vec![server.grpc_addr().to_string()], args.node_name, "127.0.0.1:0", &args.exec)?;
     config.simulated_gpus = gpus;
     let agent = Agent::start(config).await.context("starting the agent")?;
     let grpc = server.grpc_addr();

@@ -7,7 +7,9 @@ use std::io::Write as _;
 use std::path::Path;
 
 use anyhow::Context;
-use mlp_proto::v1::{ListPeersRequest, RaftPeer, RemovePeerRequest, SnapshotRestoreRequest, SnapshotSaveRequest, TransferLeadershipRequest};
+use mlp_proto::v1::{
+    ListPeersRequest, RaftPeer, RemovePeerRequest, SnapshotRestoreRequest, SnapshotSaveRequest, TransferLeadershipRequest,
+};
 use serde::Serialize;
 
 use crate::cli::{OperatorCommand, RaftCommand, ServerAction, SnapshotCommand};
@@ -56,7 +58,13 @@ fn print_peers(peers: Vec<RaftPeer>, applied: u64, json: bool) -> anyhow::Result
     }
     let mut t = Table::new(&["ID", "Address", "State", "Voter", "Matched index"]);
     for p in peers {
-        let state = if p.leader { "leader" } else if p.voter { "follower" } else { "learner" };
+        let state = if p.leader {
+            "leader"
+        } else if p.voter {
+            "follower"
+        } else {
+            "learner"
+        };
         t.row(vec![p.id.to_string(), p.address, state.to_string(), p.voter.to_string(), p.matched_index.to_string()]);
     }
     print!("{}", t.render());
@@ -121,7 +129,12 @@ pub async fn operator(addr: &str, cmd: OperatorCommand) -> anyhow::Result<ExitCo
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            println!("Restored the cluster state saved at index {} from {} (committed at index {}).", header.index, file.display(), resp.index);
+            println!(
+                "Restored the cluster state saved at index {} from {} (committed at index {}).",
+                header.index,
+                file.display(),
+                resp.index
+            );
         }
         OperatorCommand::Snapshot(SnapshotCommand::Inspect { file, json }) => {
             let (header, state) = read_snapshot(&file)?;
@@ -140,7 +153,10 @@ pub async fn operator(addr: &str, cmd: OperatorCommand) -> anyhow::Result<ExitCo
                 print_json(&summary)?;
             } else {
                 println!("Snapshot {} is intact (crc32 {}).", file.display(), summary.crc32);
-                println!("  index {}, {} bytes: {} jobs, {} nodes, {} allocations, {} evaluations", summary.index, summary.bytes, summary.jobs, summary.nodes, summary.allocations, summary.evaluations);
+                println!(
+                    "  index {}, {} bytes: {} jobs, {} nodes, {} allocations, {} evaluations",
+                    summary.index, summary.bytes, summary.jobs, summary.nodes, summary.allocations, summary.evaluations
+                );
             }
         }
     }

@@ -18,9 +18,8 @@ impl Table {
 
     pub fn render(&self) -> String {
         let cols = self.rows.iter().map(|r| r.len()).max().unwrap_or(0);
-        let widths: Vec<usize> = (0..cols)
-            .map(|c| self.rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
-            .collect();
+        let widths: Vec<usize> =
+            (0..cols).map(|c| self.rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
         let mut out = String::new();
         for r in &self.rows {
             let line: Vec<String> = r
@@ -94,7 +93,12 @@ pub fn job_preemption_and_gang_lines(evals: &[mlp_proto::v1::Evaluation], allocs
     }
     for a in allocs {
         if !a.preempted_by_allocation.is_empty() {
-            out.push(format!("Allocation {} was preempted by allocation {} (job {})", short(&a.id), short(&a.preempted_by_allocation), a.preempted_by_job));
+            out.push(format!(
+                "Allocation {} was preempted by allocation {} (job {})",
+                short(&a.id),
+                short(&a.preempted_by_allocation),
+                a.preempted_by_job
+            ));
         }
         if !a.preempted_allocations.is_empty() {
             let ids: Vec<&str> = a.preempted_allocations.iter().map(|id| short(id)).collect();

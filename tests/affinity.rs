@@ -107,13 +107,7 @@ fn spread_and_affinity_place_by_rack() {
     dev.ok(&["job", "run", "--detach", file.to_str().expect("path")]);
     let placed = per_node(&dev, "spread", 4);
     let want: BTreeMap<String, usize> = [("rack-r1".to_string(), 2), ("rack-r2".to_string(), 2)].into_iter().collect();
-    assert_eq!(
-        placed,
-        want,
-        "agent logs:\n{}\n{}",
-        log_tail(dev.dir.path(), "r1"),
-        log_tail(dev.dir.path(), "r2")
-    );
+    assert_eq!(placed, want, "agent logs:\n{}\n{}", log_tail(dev.dir.path(), "r1"), log_tail(dev.dir.path(), "r2"));
 
     let affinity = "    affinity {\n      attribute = \"${meta.rack}\"\n      value     = \"r2\"\n      weight    = 100\n    }\n";
     let file = dev.write_job("affinity.hcl", &sleeper("affinity", 2, affinity));

@@ -85,9 +85,7 @@ fn start_job(dev: &Dev, name: &str, driver: &str, script: &str) -> String {
     );
     let file = dev.write_job(&format!("{name}.hcl"), &body);
     dev.ok(&["job", "run", "--detach", file.to_str().unwrap_or_default()]);
-    let allocs = dev.wait_allocs(name, "the task to run", Duration::from_secs(60), |a| {
-        a.len() == 1 && status(&a[0]) == "running"
-    });
+    let allocs = dev.wait_allocs(name, "the task to run", Duration::from_secs(60), |a| a.len() == 1 && status(&a[0]) == "running");
     allocs[0]["id"].as_str().unwrap_or_default().to_string()
 }
 
@@ -111,9 +109,7 @@ fn host_processes_with(needle: &str) -> Vec<i32> {
 }
 
 fn numeric_lines(s: &str) -> usize {
-    s.lines()
-        .filter(|l| !l.trim().is_empty() && l.trim().chars().all(|c| c.is_ascii_digit()))
-        .count()
+    s.lines().filter(|l| !l.trim().is_empty() && l.trim().chars().all(|c| c.is_ascii_digit())).count()
 }
 
 #[test]
@@ -122,24 +118,13 @@ fn exec_enters_an_exec_task() {
         return;
     }
     let dev = Dev::start();
-    let id = start_job(
-        &dev,
-        "box",
-        "exec",
-        "echo from-task > /local/note; exec sleep 3600",
-    );
+    let id = start_job(&dev, "box", "exec", "echo from-task > /local/note; exec sleep 3600");
     let short: String = id.chars().filter(|c| *c != '-').take(8).collect();
 
     // The task's UTS namespace.
-    assert_eq!(
-        exec_ok(&dev, &[&id, "--", "hostname"]).trim(),
-        format!("grp-0-{short}")
-    );
+    assert_eq!(exec_ok(&dev, &[&id, "--", "hostname"]).trim(), format!("grp-0-{short}"));
     // A unique prefix works like the full id.
-    assert_eq!(
-        exec_ok(&dev, &[&id[..8], "--", "cat", "/proc/sys/kernel/hostname"]).trim(),
-        format!("grp-0-{short}")
-    );
+    assert_eq!(exec_ok(&dev, &[&id[..8], "--", "cat", "/proc/sys/kernel/hostname"]).trim(), format!("grp-0-{short}"));
 
     // The task's PID namespace: its init, the task's sleep and the exec'd ps, nothing else
     // (once the task's shell has exec'd its sleep).
@@ -151,79 +136,37 @@ fn exec_enters_an_exec_task() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let comms: Vec<&str> = ps
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .collect();
+    let comms: Vec<&str> = ps.lines().filter_map(|l| l.split_whitespace().nth(1)).collect();
     assert_eq!(comms.len(), 3, "ps in the task:\n{ps}");
-    assert!(
-        comms.contains(&"sleep") && comms.contains(&"ps"),
-        "ps in the task:\n{ps}"
-    );
-    assert!(
-        ps.lines().any(|l| l.split_whitespace().next() == Some("1")),
-        "no PID 1:\n{ps}"
-    );
+    assert!(comms.contains(&"sleep") && comms.contains(&"ps"), "ps in the task:\n{ps}");
+    assert!(ps.lines().any(|l| l.split_whitespace().next() == Some("1")), "no PID 1:\n{ps}");
     let ls = exec_ok(&dev, &[&id, "--", "ls", "/proc"]);
     assert_eq!(numeric_lines(&ls), 3, "ls /proc in the task:\n{ls}");
 
     // The task's root: what it wrote under /local, and no host paths.
-    assert_eq!(
-        exec_until(&dev, &[&id, "--", "cat", "/local/note"], "from-task"),
-        "from-task"
-    );
+    assert_eq!(exec_until(&dev, &[&id, "--", "cat", "/local/note"], "from-task"), "from-task");
     let outside = dev.dir.path().join("dev.log");
-    let out = exec(
-        &dev,
-        &[&id, "--", "ls", outside.to_str().unwrap_or_default()],
-        b"",
-    );
-    assert!(
-        !out.status.success(),
-        "the host's {} is visible inside the task",
-        outside.display()
-    );
+    let out = exec(&dev, &[&id, "--", "ls", outside.to_str().unwrap_or_default()], b"");
+    assert!(!out.status.success(), "the host's {} is visible inside the task", outside.display());
     // The task's working directory and environment.
     assert_eq!(exec_ok(&dev, &[&id, "--", "pwd"]).trim(), "/local");
-    assert_eq!(
-        exec_ok(
-            &dev,
-            &[&id, "--", "sh", "-c", "echo $MLP_ALLOC_ID $MLP_TASK_NAME"]
-        )
-        .trim(),
-        format!("{id} main")
-    );
+    assert_eq!(exec_ok(&dev, &[&id, "--", "sh", "-c", "echo $MLP_ALLOC_ID $MLP_TASK_NAME"]).trim(), format!("{id} main"));
 
     // The task's user, capabilities, no_new_privs and cgroup.
-    let ids = exec_ok(
-        &dev,
-        &[
-            &id,
-            "--",
-            "sh",
-            "-c",
-            "id -u; grep -E '^(CapBnd|CapEff|NoNewPrivs)' /proc/self/status; cat /proc/self/cgroup",
-        ],
-    );
+    let ids =
+        exec_ok(&dev, &[&id, "--", "sh", "-c", "id -u; grep -E '^(CapBnd|CapEff|NoNewPrivs)' /proc/self/status; cat /proc/self/cgroup"]);
     assert!(ids.lines().next() == Some("65534"), "{ids}");
     assert!(ids.contains("CapBnd:\t0000000000000000"), "{ids}");
     assert!(ids.contains("CapEff:\t0000000000000000"), "{ids}");
     assert!(ids.contains("NoNewPrivs:\t1"), "{ids}");
-    assert!(
-        ids.contains(&format!("/mlp/{id}.main")),
-        "not in the task's cgroup:\n{ids}"
-    );
+    assert!(ids.contains(&format!("/mlp/{id}.main")), "not in the task's cgroup:\n{ids}");
 
     // stdin round trip, stdout and stderr apart, the exit code.
     let input = b"line one\nline two\n\x00binary\xff\n";
     let out = exec(&dev, &[&id, "--", "cat"], input);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(out.stdout, input);
-    let out = exec(
-        &dev,
-        &[&id, "--", "sh", "-c", "echo out; echo err >&2; exit 7"],
-        b"",
-    );
+    let out = exec(&dev, &[&id, "--", "sh", "-c", "echo out; echo err >&2; exit 7"], b"");
     assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "out\n");
     assert_eq!(text(&out.stderr), "err\n");
@@ -236,65 +179,26 @@ fn exec_enters_an_exec_task() {
     assert_eq!(out.status.code(), Some(137), "{}", text(&out.stderr));
 
     // TTY mode: stdin and stdout are a terminal of the default size; without -t they are not.
-    let out = exec_ok(
-        &dev,
-        &[
-            "-t",
-            &id,
-            "--",
-            "sh",
-            "-c",
-            "test -t 0 && test -t 1 && echo is-a-tty; stty size",
-        ],
-    );
+    let out = exec_ok(&dev, &["-t", &id, "--", "sh", "-c", "test -t 0 && test -t 1 && echo is-a-tty; stty size"]);
     assert!(out.contains("is-a-tty"), "{out:?}");
     assert!(out.contains("24 80"), "{out:?}");
-    let out = exec_ok(
-        &dev,
-        &[
-            &id,
-            "--",
-            "sh",
-            "-c",
-            "test -t 0 || test -t 1 || echo no-tty",
-        ],
-    );
+    let out = exec_ok(&dev, &[&id, "--", "sh", "-c", "test -t 0 || test -t 1 || echo no-tty"]);
     assert_eq!(out.trim(), "no-tty");
     // A terminal carries input too (echoed back by the terminal's line discipline).
-    let out = exec(
-        &dev,
-        &["-t", &id, "--", "sh", "-c", "read line; echo got:$line"],
-        b"typed\n",
-    );
+    let out = exec(&dev, &["-t", &id, "--", "sh", "-c", "read line; echo got:$line"], b"typed\n");
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("got:typed"),
-        "{:?}",
-        text(&out.stdout)
-    );
+    assert!(text(&out.stdout).contains("got:typed"), "{:?}", text(&out.stdout));
 
     // Errors, each with a message that names what is wrong.
     let out = exec(&dev, &[&id, "--", "/no/such/binary"], b"");
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("/no/such/binary"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("/no/such/binary"), "{}", text(&out.stderr));
     let out = exec(&dev, &["--task", "nope", &id, "--", "true"], b"");
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains(r#"task "nope" not in allocation"#),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains(r#"task "nope" not in allocation"#), "{}", text(&out.stderr));
     let out = exec(&dev, &["ffffffff-0000", "--", "true"], b"");
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains(r#"no allocation with id or prefix "ffffffff-0000""#),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains(r#"no allocation with id or prefix "ffffffff-0000""#), "{}", text(&out.stderr));
     let out = exec(&dev, &[&id], b"");
     assert!(!out.status.success(), "a command is required");
 
@@ -323,56 +227,29 @@ fn exec_sessions_leave_no_process_behind() {
     // A background process of a finished command dies with its session.
     let out = exec_ok(&dev, &[&id, "--", "sh", "-c", "sleep 1001 & echo started"]);
     assert_eq!(out.trim(), "started");
-    wait_for(
-        "the session's background process to go",
-        Duration::from_secs(15),
-        || host_processes_with("sleep 1001").is_empty().then_some(()),
-    );
+    wait_for("the session's background process to go", Duration::from_secs(15), || {
+        host_processes_with("sleep 1001").is_empty().then_some(())
+    });
 
     // A client that goes away (kill -9) ends its session and the whole tree.
     let mut cli = Command::new(MLP)
-        .args([
-            "alloc",
-            "exec",
-            &id,
-            "--",
-            "sh",
-            "-c",
-            "sleep 1002 & sleep 1003",
-        ])
+        .args(["alloc", "exec", &id, "--", "sh", "-c", "sleep 1002 & sleep 1003"])
         .env("MLP_ADDR", &dev.grpc)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("run mlp alloc exec");
-    wait_for(
-        "the exec'd commands to run",
-        Duration::from_secs(30),
-        || {
-            (!host_processes_with("sleep 1002").is_empty()
-                && !host_processes_with("sleep 1003").is_empty())
-            .then_some(())
-        },
-    );
+    wait_for("the exec'd commands to run", Duration::from_secs(30), || {
+        (!host_processes_with("sleep 1002").is_empty() && !host_processes_with("sleep 1003").is_empty()).then_some(())
+    });
     let _ = cli.kill();
     let _ = cli.wait();
-    wait_for(
-        "the aborted session's processes to go",
-        Duration::from_secs(15),
-        || {
-            (host_processes_with("sleep 1002").is_empty()
-                && host_processes_with("sleep 1003").is_empty())
-            .then_some(())
-        },
-    );
+    wait_for("the aborted session's processes to go", Duration::from_secs(15), || {
+        (host_processes_with("sleep 1002").is_empty() && host_processes_with("sleep 1003").is_empty()).then_some(())
+    });
     // The task itself is untouched.
-    let allocs = dev.wait_allocs(
-        "bg",
-        "the task to keep running",
-        Duration::from_secs(5),
-        |a| a.len() == 1,
-    );
+    let allocs = dev.wait_allocs("bg", "the task to keep running", Duration::from_secs(5), |a| a.len() == 1);
     assert_eq!(status(&allocs[0]), "running");
 
     // A session ends when its task stops.
@@ -384,73 +261,32 @@ fn exec_sessions_leave_no_process_behind() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run mlp alloc exec");
-    wait_for("the exec'd command to run", Duration::from_secs(30), || {
-        (!host_processes_with("sleep 1004").is_empty()).then_some(())
-    });
+    wait_for("the exec'd command to run", Duration::from_secs(30), || (!host_processes_with("sleep 1004").is_empty()).then_some(()));
     dev.ok(&["job", "stop", "bg"]);
-    let code = wait_for(
-        "the session to end with its task",
-        Duration::from_secs(30),
-        || cli.try_wait().ok().flatten(),
-    );
-    assert!(
-        !code.success(),
-        "a session cut by its task's stop reports failure"
-    );
+    let code = wait_for("the session to end with its task", Duration::from_secs(30), || cli.try_wait().ok().flatten());
+    assert!(!code.success(), "a session cut by its task's stop reports failure");
     assert!(host_processes_with("sleep 1004").is_empty());
     // A stopped allocation refuses new sessions.
-    dev.wait_allocs(
-        "bg",
-        "the allocation to stop",
-        Duration::from_secs(30),
-        |a| a.len() == 1 && status(&a[0]) != "running",
-    );
+    dev.wait_allocs("bg", "the allocation to stop", Duration::from_secs(30), |a| a.len() == 1 && status(&a[0]) != "running");
     let out = exec(&dev, &[&id, "--", "true"], b"");
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("not running"),
-        "{}",
-        text(&out.stderr)
-    );
-    wait_for("no task process left", Duration::from_secs(15), || {
-        processes_under(dev.dir.path()).is_empty().then_some(())
-    });
+    assert!(text(&out.stderr).contains("not running"), "{}", text(&out.stderr));
+    wait_for("no task process left", Duration::from_secs(15), || processes_under(dev.dir.path()).is_empty().then_some(()));
 }
 
 #[test]
 fn exec_runs_beside_a_raw_exec_task() {
     let dev = Dev::start();
-    let id = start_job(
-        &dev,
-        "raw",
-        "raw_exec",
-        "echo raw-task > marker; exec sleep 3600",
-    );
-    let local = dev
-        .data_dir()
-        .join("agent/allocs")
-        .join(&id)
-        .join("main/local");
+    let id = start_job(&dev, "raw", "raw_exec", "echo raw-task > marker; exec sleep 3600");
+    let local = dev.data_dir().join("agent/allocs").join(&id).join("main/local");
     let local = std::fs::canonicalize(&local).unwrap_or(local);
-    assert_eq!(
-        exec_ok(&dev, &[&id, "--", "pwd"]).trim(),
-        local.to_string_lossy()
-    );
-    assert_eq!(
-        exec_until(&dev, &[&id, "--", "cat", "marker"], "raw-task"),
-        "raw-task"
-    );
-    assert_eq!(
-        exec_ok(&dev, &[&id, "--", "sh", "-c", "echo $MLP_ALLOC_ID"]).trim(),
-        id
-    );
+    assert_eq!(exec_ok(&dev, &[&id, "--", "pwd"]).trim(), local.to_string_lossy());
+    assert_eq!(exec_until(&dev, &[&id, "--", "cat", "marker"], "raw-task"), "raw-task");
+    assert_eq!(exec_ok(&dev, &[&id, "--", "sh", "-c", "echo $MLP_ALLOC_ID"]).trim(), id);
     let out = exec(&dev, &[&id, "--", "sh", "-c", "cat; exit 3"], b"piped\n");
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "piped\n");
-    let out = exec_ok(
-        &dev,
-        &["-t", &id, "--", "sh", "-c", "test -t 0 && echo is-a-tty"],
-    );
+    let out = exec_ok(&dev, &["-t", &id, "--", "sh", "-c", "test -t 0 && echo is-a-tty"]);
     assert!(out.contains("is-a-tty"), "{out:?}");
 
     // A group of two tasks: the task must be named.
@@ -476,25 +312,13 @@ fn exec_runs_beside_a_raw_exec_task() {
 "#;
     let file = dev.write_job("pair.hcl", body);
     dev.ok(&["job", "run", "--detach", file.to_str().unwrap_or_default()]);
-    let allocs = dev.wait_allocs("pair", "both tasks to run", Duration::from_secs(60), |a| {
-        a.len() == 1 && status(&a[0]) == "running"
-    });
+    let allocs = dev.wait_allocs("pair", "both tasks to run", Duration::from_secs(60), |a| a.len() == 1 && status(&a[0]) == "running");
     let pair = allocs[0]["id"].as_str().unwrap_or_default().to_string();
     let out = exec(&dev, &[&pair, "--", "true"], b"");
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("has 2 tasks; name one of: a, b"),
-        "{}",
-        text(&out.stderr)
-    );
-    assert_eq!(
-        exec_until(&dev, &["--task", "b", &pair, "--", "cat", "who"], "task-b"),
-        "task-b"
-    );
-    assert_eq!(
-        exec_until(&dev, &["--task", "a", &pair, "--", "cat", "who"], "task-a"),
-        "task-a"
-    );
+    assert!(text(&out.stderr).contains("has 2 tasks; name one of: a, b"), "{}", text(&out.stderr));
+    assert_eq!(exec_until(&dev, &["--task", "b", &pair, "--", "cat", "who"], "task-b"), "task-b");
+    assert_eq!(exec_until(&dev, &["--task", "a", &pair, "--", "cat", "who"], "task-a"), "task-a");
 }
 
 /// A pseudo-terminal pair opened by the test, standing in for the user's terminal.
@@ -513,19 +337,10 @@ impl Pty {
         let master = unsafe { std::os::fd::OwnedFd::from_raw_fd(m) };
         let mut name = [0 as libc::c_char; 128];
         // SAFETY: `m` is a pty master; ptsname_r writes a NUL-terminated path into `name`.
-        let ok = unsafe {
-            libc::grantpt(m) == 0
-                && libc::unlockpt(m) == 0
-                && libc::ptsname_r(m, name.as_mut_ptr(), name.len()) == 0
-        };
+        let ok = unsafe { libc::grantpt(m) == 0 && libc::unlockpt(m) == 0 && libc::ptsname_r(m, name.as_mut_ptr(), name.len()) == 0 };
         assert!(ok, "pty setup: {}", std::io::Error::last_os_error());
         // SAFETY: `name` holds the NUL-terminated path ptsname_r wrote.
-        let s = unsafe {
-            libc::open(
-                name.as_ptr(),
-                libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-            )
-        };
+        let s = unsafe { libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
         assert!(s >= 0, "open slave: {}", std::io::Error::last_os_error());
         // SAFETY: open just returned this descriptor.
         let slave = unsafe { std::os::fd::OwnedFd::from_raw_fd(s) };
@@ -537,12 +352,7 @@ impl Pty {
     /// Sets the size; the kernel sends SIGWINCH to the terminal's foreground process group.
     fn resize(&self, rows: u16, cols: u16) {
         use std::os::fd::AsRawFd;
-        let ws = libc::winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
+        let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
         // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which lives across the call.
         let rc = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
         assert_eq!(rc, 0, "TIOCSWINSZ: {}", std::io::Error::last_os_error());
@@ -616,15 +426,9 @@ fn exec_tty_follows_the_local_terminal() {
     let mut cli = cmd.spawn().expect("run mlp alloc exec -t");
     let shows = |what: &str| String::from_utf8_lossy(&seen.lock().expect("lock")).contains(what);
     // The command's terminal starts with the local terminal's size.
-    wait_for("the initial size inside", Duration::from_secs(30), || {
-        shows("30 100").then_some(())
-    });
+    wait_for("the initial size inside", Duration::from_secs(30), || shows("30 100").then_some(()));
     // The local terminal is in raw mode while the session runs.
-    assert_eq!(
-        pty.lflag() & (libc::ICANON | libc::ECHO),
-        0,
-        "not in raw mode"
-    );
+    assert_eq!(pty.lflag() & (libc::ICANON | libc::ECHO), 0, "not in raw mode");
     // Resizing the local terminal resizes the command's.
     pty.resize(40, 120);
     wait_for("the new size inside", Duration::from_secs(30), || {
@@ -634,23 +438,8 @@ fn exec_tty_follows_the_local_terminal() {
     });
     // Typed input reaches the command; its exit code is the CLI's; the terminal is restored.
     pty.write(b"q\r");
-    let code = wait_for("the CLI to exit", Duration::from_secs(30), || {
-        cli.try_wait().ok().flatten()
-    });
-    assert_eq!(
-        code.code(),
-        Some(5),
-        "terminal showed: {:?}",
-        String::from_utf8_lossy(&seen.lock().expect("lock"))
-    );
-    assert_ne!(
-        pty.lflag() & libc::ICANON,
-        0,
-        "the terminal was left in raw mode"
-    );
-    assert_ne!(
-        pty.lflag() & libc::ECHO,
-        0,
-        "the terminal was left without echo"
-    );
+    let code = wait_for("the CLI to exit", Duration::from_secs(30), || cli.try_wait().ok().flatten());
+    assert_eq!(code.code(), Some(5), "terminal showed: {:?}", String::from_utf8_lossy(&seen.lock().expect("lock")));
+    assert_ne!(pty.lflag() & libc::ICANON, 0, "the terminal was left in raw mode");
+    assert_ne!(pty.lflag() & libc::ECHO, 0, "the terminal was left without echo");
 }

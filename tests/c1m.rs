@@ -11,13 +11,7 @@ use harness::{run, C1mError, Config};
 /// two workers plan at once, and every task must end placed on a node that holds it.
 #[test]
 fn small_c1m_places_every_task_without_overcommit() {
-    let cfg = Config {
-        nodes: 200,
-        jobs: 20,
-        tasks_per_job: 100,
-        workers: 2,
-        ..Config::default()
-    };
+    let cfg = Config { nodes: 200, jobs: 20, tasks_per_job: 100, workers: 2, ..Config::default() };
     let report = run(&cfg).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(report.placements, 2000);
     assert!(report.evals_run >= 20);
@@ -45,11 +39,6 @@ fn tight_c1m_fills_nodes_without_overcommit() {
 
 #[test]
 fn impossible_shapes_are_refused() {
-    let cfg = Config {
-        nodes: 1,
-        jobs: 1,
-        tasks_per_job: 1000,
-        ..Config::default()
-    };
+    let cfg = Config { nodes: 1, jobs: 1, tasks_per_job: 1000, ..Config::default() };
     assert!(matches!(run(&cfg), Err(C1mError::Config(_))));
 }

@@ -271,9 +271,8 @@ fn ten_thousand_hostile_requests_change_nothing_unacknowledged() {
     let mut dev = Dev::start();
     let methods = methods();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let channel = rt
-        .block_on(tonic::transport::Endpoint::from_shared(format!("http://{}", dev.grpc)).expect("endpoint").connect())
-        .expect("connect");
+    let channel =
+        rt.block_on(tonic::transport::Endpoint::from_shared(format!("http://{}", dev.grpc)).expect("endpoint").connect()).expect("connect");
     let mut rng = Rng(0x5eed_1234_9876_abcd);
     let mut ledger = Ledger { acked: BTreeSet::new(), stopped: BTreeSet::new(), ok: 0, refused: 0, timed_out: 0 };
     let started = Instant::now();

@@ -67,9 +67,7 @@ fn eval_jobs(dev: &Dev) -> Vec<String> {
 
 /// The live job's one running allocation id.
 fn live_alloc(dev: &Dev) -> String {
-    let allocs = dev.wait_allocs("live", "the live job to run", Duration::from_secs(60), |a| {
-        a.len() == 1 && status(&a[0]) == "running"
-    });
+    let allocs = dev.wait_allocs("live", "the live job to run", Duration::from_secs(60), |a| a.len() == 1 && status(&a[0]) == "running");
     allocs[0]["id"].as_str().unwrap_or_default().to_string()
 }
 
@@ -84,9 +82,8 @@ fn system_gc_removes_finished_jobs_keeps_live_ones_and_survives_a_restart() {
         dev.ok(&["job", "run", "--detach", f.to_str().unwrap_or_default()]);
     }
     for name in BATCH {
-        let allocs = dev.wait_allocs(name, "the batch job to complete", Duration::from_secs(60), |a| {
-            a.len() == 1 && status(&a[0]) == "complete"
-        });
+        let allocs =
+            dev.wait_allocs(name, "the batch job to complete", Duration::from_secs(60), |a| a.len() == 1 && status(&a[0]) == "complete");
         batch_allocs.push(allocs[0]["id"].as_str().unwrap_or_default().to_string());
         wait_for("the batch job to be dead", Duration::from_secs(30), || (dev.job(name)["job"]["status"] == "dead").then_some(()));
     }

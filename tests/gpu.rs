@@ -102,10 +102,8 @@ fn gpu_task_sees_its_simulated_device_and_a_cpu_task_sees_none() {
     assert_eq!((env["NV"].as_str(), env["CUDA"].as_str(), env["SIM"].as_str()), ("void", "", ""), "{env:?}");
 
     // A constraint on another model finds no node.
-    let other = job("other", "batch", &[("t", "raw_exec", "gpu { count = 1 }", "true")]).replace(
-        "  group \"g\" {",
-        "  constraint {\n    attribute = \"${attr.gpu.model}\"\n    value = \"A100\"\n  }\n  group \"g\" {",
-    );
+    let other = job("other", "batch", &[("t", "raw_exec", "gpu { count = 1 }", "true")])
+        .replace("  group \"g\" {", "  constraint {\n    attribute = \"${attr.gpu.model}\"\n    value = \"A100\"\n  }\n  group \"g\" {");
     // Without --detach, `job run` returns once the evaluation is done (here: blocked).
     let file = dev.write_job("other.hcl", &other);
     let out = dev.cli(&["job", "run", file.to_str().unwrap_or_default()]);
@@ -209,7 +207,11 @@ fn mig_instances_and_a_whole_island_on_one_node() {
     )
     .expect("write");
     let dev = dev_with(&file.to_string_lossy());
-    run(&dev, "mig", &job("mig", "service", &[("t", "raw_exec", "gpu {\n  count = 2\n  mig = \"3g.40gb\"\n}", &format!("{PRINT_ENV}; sleep 600"))]));
+    run(
+        &dev,
+        "mig",
+        &job("mig", "service", &[("t", "raw_exec", "gpu {\n  count = 2\n  mig = \"3g.40gb\"\n}", &format!("{PRINT_ENV}; sleep 600"))]),
+    );
     run(&dev, "four", &job("four", "service", &[("t", "raw_exec", "gpu { count = 4 }", "sleep 600")]));
     let mig = wait_one(&dev, "mig", "running");
     let mut mig_ids = ids(&mig);
@@ -280,7 +282,8 @@ fn a_bad_gpu_file_stops_dev_and_agent_before_they_start() {
     assert!(!dir.path().join("agent-data").exists(), "nothing written");
 
     let unknown = dir.path().join("unknown.json");
-    std::fs::write(&unknown, "{\"generate\": {\"count\": 2, \"model\": \"H100\", \"memory_mib\": 1, \"nvlinks\": \"all\"}}").expect("write");
+    std::fs::write(&unknown, "{\"generate\": {\"count\": 2, \"model\": \"H100\", \"memory_mib\": 1, \"nvlinks\": \"all\"}}")
+        .expect("write");
     let err = refused(&["agent", "--servers", "127.0.0.1:1", "--data-dir", "agent-data", "--simulated-gpus", "unknown.json"], dir.path());
     assert!(err.contains("unknown.json:1:") && err.contains("unknown field `nvlinks`"), "{}", tail(&err, 2000));
     let err = refused(&["agent", "--servers", "127.0.0.1:1", "--data-dir", "agent-data", "--simulated-gpus", "missing.json"], dir.path());

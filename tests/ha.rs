@@ -82,7 +82,8 @@ fn ha_cluster_forms_forwards_and_changes_membership() {
         .mlp(client, &["operator", "snapshot", "save", &snap.display().to_string(), "--address", followers[0]], Duration::from_secs(20))
         .expect("snapshot save finishes");
     assert!(out.status.success(), "snapshot save: {}", String::from_utf8_lossy(&out.stderr));
-    let out = net.mlp(client, &["operator", "snapshot", "inspect", "--json", &snap.display().to_string()], Duration::from_secs(10)).unwrap();
+    let out =
+        net.mlp(client, &["operator", "snapshot", "inspect", "--json", &snap.display().to_string()], Duration::from_secs(10)).unwrap();
     assert!(out.status.success(), "snapshot inspect: {}", String::from_utf8_lossy(&out.stderr));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["jobs"], 1, "{summary}");
@@ -102,9 +103,7 @@ fn ha_cluster_forms_forwards_and_changes_membership() {
     assert_ne!(new_leader, leader, "leadership did not move: {}", String::from_utf8_lossy(&out.stdout));
 
     // Remove a follower, then add a fresh server that joins the running cluster.
-    let victim = wait_for("a follower to remove", FORM_BOUND, || {
-        list_peers(&net, client, &new_leader)?.into_iter().find(|p| !p.leader)
-    });
+    let victim = wait_for("a follower to remove", FORM_BOUND, || list_peers(&net, client, &new_leader)?.into_iter().find(|p| !p.leader));
     let out = net
         .mlp(client, &["operator", "raft", "remove-peer", &victim.id.to_string(), "--address", &new_leader], Duration::from_secs(30))
         .expect("remove-peer finishes");
@@ -181,7 +180,10 @@ fn read_register(c: &Client, rec: &Recorder, who: usize, addresses: &str, key: &
     let call = rec.now();
     let out = c.mlp(&args, Duration::from_secs(20))?;
     let value = if out.status.success() {
-        Some(register_value(&out.stdout).unwrap_or_else(|| panic!("job status of {key} without meta.v: {}", String::from_utf8_lossy(&out.stdout))))
+        Some(
+            register_value(&out.stdout)
+                .unwrap_or_else(|| panic!("job status of {key} without meta.v: {}", String::from_utf8_lossy(&out.stdout))),
+        )
     } else if String::from_utf8_lossy(&out.stderr).contains("not found") {
         None
     } else {
@@ -210,7 +212,8 @@ impl RegisterClients {
             .iter()
             .enumerate()
             .map(|(i, addrs)| {
-                let (c, rec, stop, acked, addrs, keys) = (c.clone(), rec.clone(), stop.clone(), acked.clone(), addrs.clone(), keys.to_vec());
+                let (c, rec, stop, acked, addrs, keys) =
+                    (c.clone(), rec.clone(), stop.clone(), acked.clone(), addrs.clone(), keys.to_vec());
                 let who = first + i;
                 std::thread::spawn(move || {
                     // Bounded: stopped by the test; every CLI call has a timeout.
@@ -349,7 +352,12 @@ fn ha_leader_kill9_repeatedly_stays_linearizable() {
         let survivors: Vec<String> = addrs.iter().filter(|a| **a != leader).cloned().collect();
         let new = new_leader_among(&net, client, &survivors, old_id, FAILOVER_BOUND);
         wait_for("an acknowledged write after the kill", FAILOVER_BOUND, || acked_write_after(&rec, killed_at).then_some(()));
-        eprintln!("round {round}: killed leader {leader} (id {old_id}); {} (id {}) leads; a write acknowledged after {:?}", new.address, new.id, killed.elapsed());
+        eprintln!(
+            "round {round}: killed leader {leader} (id {old_id}); {} (id {}) leads; a write acknowledged after {:?}",
+            new.address,
+            new.id,
+            killed.elapsed()
+        );
         // Bring the killed server back on its data dir: it rejoins without bootstrapping.
         net.restart(idx);
         leader = wait_leader(&net, client, &addrs, 3, FORM_BOUND);
@@ -478,9 +486,8 @@ fn ha_node_loss_replaces_allocations_and_stops_stale_copies() {
     std::fs::write(&spec, multihost::SLEEP_SERVICE_JOB).unwrap();
     let out = c.mlp(&["job", "run", "--detach", "--address", &addr, &spec.display().to_string()], Duration::from_secs(20)).unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (first_id, first_node, _, _, first_pid) = wait_for("the allocation running", FORM_BOUND, || {
-        c.allocs(&addr, "svc")?.into_iter().find(|a| a.2 == "running" && a.4 != 0)
-    });
+    let (first_id, first_node, _, _, first_pid) =
+        wait_for("the allocation running", FORM_BOUND, || c.allocs(&addr, "svc")?.into_iter().find(|a| a.2 == "running" && a.4 != 0));
     // Which agent host runs it: ask the nodes list for the node's name.
     let name = multihost::nodes(&c, &addr).unwrap().into_iter().find(|n| n.0 == first_node).unwrap().1;
     let lost_host = if name == "agent-0" { agents[0] } else { agents[1] };

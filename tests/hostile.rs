@@ -68,9 +68,7 @@ fn hostile_jobs_are_refused_at_every_door_and_change_nothing() {
     }
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let mut client = rt
-        .block_on(JobServiceClient::connect(format!("http://{}", dev.grpc)))
-        .expect("connect gRPC");
+    let mut client = rt.block_on(JobServiceClient::connect(format!("http://{}", dev.grpc))).expect("connect gRPC");
     for (name, text, expect) in cases("json") {
         let (code, resp) = dev.http("POST", "/v1/jobs", json, text.as_bytes());
         assert!((400..500).contains(&code), "{name} over HTTP (JSON): expected 4xx, got {code}: {resp}");
@@ -86,9 +84,7 @@ fn hostile_jobs_are_refused_at_every_door_and_change_nothing() {
             .expect_err(&format!("{name}: gRPC Register must refuse"));
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{name}: {err}");
         assert!(err.message().contains(&expect), "{name} over gRPC Register: expected {expect:?} in {}", err.message());
-        let err = rt
-            .block_on(client.plan(PlanJobRequest { job: Some(job) }))
-            .expect_err(&format!("{name}: gRPC Plan must refuse"));
+        let err = rt.block_on(client.plan(PlanJobRequest { job: Some(job) })).expect_err(&format!("{name}: gRPC Plan must refuse"));
         assert!(err.message().contains(&expect), "{name} over gRPC Plan: expected {expect:?} in {}", err.message());
     }
 

@@ -26,9 +26,7 @@ fn logs(dev: &Dev, alloc: &str, task: &str, stderr: bool) -> String {
 
 /// The value of a `key=value` line printed by a task.
 fn field<'a>(out: &'a str, key: &str) -> &'a str {
-    out.lines()
-        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
-        .unwrap_or("")
+    out.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('='))).unwrap_or("")
 }
 
 fn host_mounts_under(dir: &Path) -> Vec<String> {
@@ -239,11 +237,7 @@ fn fork_bomb_is_contained(pids: Option<u64>) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    eprintln!(
-        "fork bomb: cgroup after {:?}, watched {:?}",
-        cgroup_at.map(|t| t.duration_since(begun)),
-        begun.elapsed()
-    );
+    eprintln!("fork bomb: cgroup after {:?}, watched {:?}", cgroup_at.map(|t| t.duration_since(begun)), begun.elapsed());
     eprintln!("fork bomb, pids limit {limit}: {most} processes at most, {refused} forks refused");
     assert_eq!(max_seen.as_deref(), Some(limit.to_string().as_str()), "the task cgroup's pids.max");
     assert!(most <= limit, "the bomb outgrew its limit {limit}: {most} processes");
@@ -442,9 +436,7 @@ fn looping_service(name: &str, driver: &str, script: &str) -> String {
 }
 
 fn ticks(out: &str) -> Vec<u64> {
-    out.split_inclusive('\n')
-        .filter_map(|l| l.strip_suffix('\n')?.strip_prefix("tick ")?.trim().parse().ok())
-        .collect()
+    out.split_inclusive('\n').filter_map(|l| l.strip_suffix('\n')?.strip_prefix("tick ")?.trim().parse().ok()).collect()
 }
 
 #[test]
@@ -490,7 +482,8 @@ fn tasks_survive_an_agent_kill9_and_are_reattached_with_their_logs_and_exit_code
     wait_for("a few ticks", Duration::from_secs(20), || (ticks(&logs(&dev, &keep_id, "t", false)).len() >= 3).then_some(()));
 
     dev.kill9();
-    let ticks_at_kill = std::fs::read_to_string(dev.data_dir().join("agent/allocs").join(&keep_id).join("t/logs/t.stdout.0")).unwrap_or_default();
+    let ticks_at_kill =
+        std::fs::read_to_string(dev.data_dir().join("agent/allocs").join(&keep_id).join("t/logs/t.stdout.0")).unwrap_or_default();
     for a in &before {
         assert!(common::pid_alive(pid(a)), "task {} died with the agent", a["name"]);
     }
@@ -550,10 +543,8 @@ fn tasks_survive_an_agent_only_crash_with_the_same_pids_and_stop_later() {
         run(&dev, name, &looping_service(name, driver, "while true; do sleep 0.2; done"));
     }
     let pid = |a: &Value| a["task_states"]["t"]["pid"].as_i64().unwrap_or(0) as i32;
-    let before: Vec<Value> = ["keep", "rawkeep"]
-        .into_iter()
-        .map(|job| one_alloc(&dev, job, "task running", |a| status(a) == "running" && pid(a) > 0))
-        .collect();
+    let before: Vec<Value> =
+        ["keep", "rawkeep"].into_iter().map(|job| one_alloc(&dev, job, "task running", |a| status(a) == "running" && pid(a) > 0)).collect();
 
     let old_agent = dev.kill9_agent().expect("the agent ran");
     for a in &before {

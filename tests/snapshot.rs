@@ -47,7 +47,9 @@ fn snapshots_stream_and_a_restore_stops_what_the_state_no_longer_has() {
     dev.ok(&["job", "run", job.to_str().expect("path")]);
     let running = wait_for("the sleeper's process", Duration::from_secs(30), || {
         let pids = common::processes_under(dev.dir.path());
-        pids.iter().any(|&p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.starts_with("/bin/sleep"))).then_some(pids)
+        pids.iter()
+            .any(|&p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.starts_with("/bin/sleep")))
+            .then_some(pids)
     });
     assert!(!running.is_empty());
 

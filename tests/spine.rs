@@ -9,10 +9,7 @@ use common::{pid_alive, processes_under, repo_root, status, wait_for, Dev};
 use serde_json::Value;
 
 fn event_types(task_state: &Value) -> Vec<String> {
-    task_state["events"]
-        .as_array()
-        .map(|es| es.iter().filter_map(|e| e["type"].as_str().map(String::from)).collect())
-        .unwrap_or_default()
+    task_state["events"].as_array().map(|es| es.iter().filter_map(|e| e["type"].as_str().map(String::from)).collect()).unwrap_or_default()
 }
 
 #[test]
@@ -22,9 +19,7 @@ fn example_batch_job_completes_and_its_logs_are_readable() {
     let out = dev.ok(&["job", "run", train.to_str().unwrap_or_default()]);
     assert!(out.contains("Allocation"), "job run shows allocations: {out}");
 
-    let allocs = dev.wait_allocs("train", "train to complete", Duration::from_secs(60), |a| {
-        a.len() == 1 && status(&a[0]) == "complete"
-    });
+    let allocs = dev.wait_allocs("train", "train to complete", Duration::from_secs(60), |a| a.len() == 1 && status(&a[0]) == "complete");
     let a = &allocs[0];
     assert!(!a["node_id"].as_str().unwrap_or("").is_empty());
     let ts = &a["task_states"]["train"];
@@ -81,9 +76,7 @@ fn failing_service_restarts_per_policy_then_fails() {
 "#,
     );
     dev.cli(&["job", "run", file.to_str().unwrap_or_default()]);
-    let allocs = dev.wait_allocs("crash", "crash to fail", Duration::from_secs(60), |a| {
-        a.len() == 1 && status(&a[0]) == "failed"
-    });
+    let allocs = dev.wait_allocs("crash", "crash to fail", Duration::from_secs(60), |a| a.len() == 1 && status(&a[0]) == "failed");
     let ts = &allocs[0]["task_states"]["server"];
     assert_eq!(ts["restarts"], 2, "{ts}");
     assert_eq!(ts["failed"], true);
@@ -163,9 +156,7 @@ fn max_run_duration_kills_an_overrunning_batch_task() {
 "#,
     );
     dev.ok(&["job", "run", file.to_str().unwrap_or_default()]);
-    let allocs = dev.wait_allocs("slow", "task killed for overrun", Duration::from_secs(30), |a| {
-        a.len() == 1 && status(&a[0]) == "failed"
-    });
+    let allocs = dev.wait_allocs("slow", "task killed for overrun", Duration::from_secs(30), |a| a.len() == 1 && status(&a[0]) == "failed");
     let ts = &allocs[0]["task_states"]["t"];
     assert_eq!(ts["failed"], true);
     assert!(event_types(ts).contains(&"max-run-duration-exceeded".to_string()), "{ts}");

@@ -8,10 +8,7 @@ use std::time::Duration;
 
 use mlp_proto::consts::node_status;
 use mlp_proto::v1::agent_service_client::AgentServiceClient;
-use mlp_proto::v1::{
-    AllocClientUpdate, HeartbeatRequest, Node, RegisterNodeRequest, UpdateAllocsRequest,
-    WatchAllocationsRequest,
-};
+use mlp_proto::v1::{AllocClientUpdate, HeartbeatRequest, Node, RegisterNodeRequest, UpdateAllocsRequest, WatchAllocationsRequest};
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio::time::{sleep, timeout, Instant};
 use tonic::transport::{Channel, Endpoint};
@@ -62,11 +59,7 @@ impl ServerPool {
     pub fn new(servers: &[String]) -> Result<Self, AgentError> {
         let mut channels = Vec::new();
         for s in servers {
-            let uri = if s.contains("://") {
-                s.clone()
-            } else {
-                format!("http://{s}")
-            };
+            let uri = if s.contains("://") { s.clone() } else { format!("http://{s}") };
             let ep = Endpoint::from_shared(uri)
                 .map_err(|e| AgentError::Config(format!("bad server address {s:?}: {e}")))?
                 .connect_timeout(Duration::from_secs(3))
@@ -75,11 +68,7 @@ impl ServerPool {
                 .keep_alive_timeout(Duration::from_secs(10));
             channels.push(ep.connect_lazy());
         }
-        Ok(ServerPool {
-            servers: servers.to_vec(),
-            channels,
-            current: AtomicUsize::new(0),
-        })
+        Ok(ServerPool { servers: servers.to_vec(), channels, current: AtomicUsize::new(0) })
     }
 
     /// Whether there is any server to talk to.
@@ -100,11 +89,7 @@ impl ServerPool {
     pub fn failover(&self, idx: usize) {
         if self.channels.len() > 1 {
             let next = (idx + 1) % self.channels.len();
-            if self
-                .current
-                .compare_exchange(idx, next, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-            {
+            if self.current.compare_exchange(idx, next, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
                 tracing::info!(
                     from = %self.servers[idx],
                     to = %self.servers[next],
@@ -138,10 +123,7 @@ where
 /// How long to wait before the next heartbeat: about half the TTL the server gave (which grows
 /// with the cluster's size), less up to 30 % jitter so that nodes spread out.
 fn heartbeat_interval(ttl: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     let jitter = f64::from(nanos % 1000) / 1000.0; // 0..1
     ttl.mul_f64(0.5 - 0.15 * jitter)
 }
@@ -154,9 +136,7 @@ pub async fn node_loop(pool: Arc<ServerPool>, node: Node, registered: watch::Sen
         let mut node = node.clone();
         node.status = node_status::READY.into();
         let ttl = loop {
-            let req = RegisterNodeRequest {
-                node: Some(node.clone()),
-            };
+            let req = RegisterNodeRequest { node: Some(node.clone()) };
             match unary(&pool, |mut c| async move { c.register(req).await }).await {
                 Ok(resp) => break resp.heartbeat_ttl_ms,
                 Err(st) => {
@@ -173,9 +153,7 @@ pub async fn node_loop(pool: Arc<ServerPool>, node: Node, registered: watch::Sen
         let mut next = Instant::now() + heartbeat_interval(ttl);
         loop {
             tokio::time::sleep_until(next).await;
-            let req = HeartbeatRequest {
-                node_id: node.id.clone(),
-            };
+            let req = HeartbeatRequest { node_id: node.id.clone() };
             match unary(&pool, |mut c| async move { c.heartbeat(req).await }).await {
                 Ok(resp) => {
                     if resp.heartbeat_ttl_ms > 0 {
@@ -200,12 +178,7 @@ pub async fn node_loop(pool: Arc<ServerPool>, node: Node, registered: watch::Sen
 
 /// Watches the node's allocations (reconnecting with backoff, failing over) and hands every
 /// full set to the manager.
-pub async fn watch_loop(
-    pool: Arc<ServerPool>,
-    node_id: String,
-    mut registered: watch::Receiver<bool>,
-    manager: Arc<Mutex<AllocManager>>,
-) {
+pub async fn watch_loop(pool: Arc<ServerPool>, node_id: String, mut registered: watch::Receiver<bool>, manager: Arc<Mutex<AllocManager>>) {
     if registered.wait_for(|r| *r).await.is_err() {
         return;
     }
@@ -214,9 +187,7 @@ pub async fn watch_loop(
         let Some((idx, mut client)) = pool.client() else {
             return;
         };
-        let req = WatchAllocationsRequest {
-            node_id: node_id.clone(),
-        };
+        let req = WatchAllocationsRequest { node_id: node_id.clone() };
         match timeout(RPC_TIMEOUT, client.watch_allocations(req)).await {
             Ok(Ok(resp)) => {
                 let mut stream = resp.into_inner();
@@ -224,11 +195,7 @@ pub async fn watch_loop(
                     match stream.message().await {
                         Ok(Some(msg)) => {
                             backoff.reset();
-                            tracing::debug!(
-                                count = msg.allocations.len(),
-                                index = msg.index,
-                                "allocations received"
-                            );
+                            tracing::debug!(count = msg.allocations.len(), index = msg.index, "allocations received");
                             let mut m = manager.lock().await;
                             if msg.partial {
                                 m.sync_partial(msg.allocations);
@@ -267,11 +234,7 @@ pub async fn watch_loop(
 
 /// Sends alloc status changes: batches what arrives within [`COALESCE`] of the first change
 /// into one UpdateAllocs, keeps only the latest state per alloc, and retries until sent.
-pub async fn update_loop(
-    pool: Arc<ServerPool>,
-    node_id: String,
-    mut rx: mpsc::UnboundedReceiver<AllocClientUpdate>,
-) {
+pub async fn update_loop(pool: Arc<ServerPool>, node_id: String, mut rx: mpsc::UnboundedReceiver<AllocClientUpdate>) {
     let mut pending: BTreeMap<String, AllocClientUpdate> = BTreeMap::new();
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     let mut open = true;
@@ -294,10 +257,7 @@ pub async fn update_loop(
                 }
             }
         }
-        let req = UpdateAllocsRequest {
-            node_id: node_id.clone(),
-            updates: pending.values().cloned().collect(),
-        };
+        let req = UpdateAllocsRequest { node_id: node_id.clone(), updates: pending.values().cloned().collect() };
         match unary(&pool, |mut c| async move { c.update_allocs(req).await }).await {
             Ok(_) => {
                 pending.clear();

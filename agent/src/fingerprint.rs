@@ -31,16 +31,8 @@ pub fn parse_cpuinfo(text: &str) -> CpuInfo {
         let (k, v) = (k.trim(), v.trim());
         match k {
             "processor" => info.cores += 1,
-            "model name" | "Model Name" if info.model_name.is_empty() => {
-                info.model_name = v.to_string()
-            }
-            "cpu MHz" if info.mhz.is_none() => {
-                info.mhz = v
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|m| *m > 0.0)
-                    .map(|m| m.round() as u64)
-            }
+            "model name" | "Model Name" if info.model_name.is_empty() => info.model_name = v.to_string(),
+            "cpu MHz" if info.mhz.is_none() => info.mhz = v.parse::<f64>().ok().filter(|m| *m > 0.0).map(|m| m.round() as u64),
             _ => {}
         }
     }
@@ -54,11 +46,7 @@ pub fn parse_meminfo_total(text: &str) -> Option<u64> {
             let mut it = rest.split_whitespace();
             let n: u64 = it.next()?.parse().ok()?;
             let unit = it.next().unwrap_or("kB");
-            return Some(if unit.eq_ignore_ascii_case("kb") {
-                n * 1024
-            } else {
-                n
-            });
+            return Some(if unit.eq_ignore_ascii_case("kb") { n * 1024 } else { n });
         }
     }
     None
@@ -72,11 +60,7 @@ pub fn parse_os_release(text: &str) -> (String, String) {
             vars.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
         }
     }
-    let name = vars
-        .get("ID")
-        .or_else(|| vars.get("NAME"))
-        .cloned()
-        .unwrap_or_default();
+    let name = vars.get("ID").or_else(|| vars.get("NAME")).cloned().unwrap_or_default();
     let version = vars.get("VERSION_ID").cloned().unwrap_or_default();
     (name, version)
 }
@@ -125,10 +109,7 @@ fn read(path: impl AsRef<Path>) -> String {
 }
 
 fn hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".into())
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
 }
 
 /// The default node name: the hostname.
@@ -143,9 +124,7 @@ pub fn fingerprint(config: &AgentConfig) -> Node {
     let mut cores = if cpu.cores > 0 {
         cpu.cores
     } else {
-        std::thread::available_parallelism()
-            .map(|n| u32::try_from(n.get()).unwrap_or(1))
-            .unwrap_or(1)
+        std::thread::available_parallelism().map(|n| u32::try_from(n.get()).unwrap_or(1)).unwrap_or(1)
     };
     // The servers count `cores` against this total; the exec driver can pin tasks only to the
     // CPUs the agent's cgroup parent allows, so that is the node's total where it is smaller.
@@ -159,13 +138,7 @@ pub fn fingerprint(config: &AgentConfig) -> Node {
     }
     let mhz = cpu
         .mhz
-        .or_else(|| {
-            read("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
-                .trim()
-                .parse::<u64>()
-                .ok()
-                .map(|khz| khz / 1000)
-        })
+        .or_else(|| read("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").trim().parse::<u64>().ok().map(|khz| khz / 1000))
         .filter(|m| *m > 0)
         .unwrap_or(1000);
     let mem_bytes = parse_meminfo_total(&read("/proc/meminfo")).unwrap_or(0);
@@ -190,19 +163,12 @@ pub fn fingerprint(config: &AgentConfig) -> Node {
         None => ("linux".into(), String::new(), std::env::consts::ARCH.into()),
     };
     let unified = cgroups_rs::fs::hierarchies::is_cgroup2_unified_mode();
-    let cg = cgroup_version(
-        unified,
-        &read("/sys/fs/cgroup/cgroup.controllers"),
-        &read("/proc/self/mountinfo"),
-    );
+    let cg = cgroup_version(unified, &read("/sys/fs/cgroup/cgroup.controllers"), &read("/proc/self/mountinfo"));
 
     let mut attrs = BTreeMap::new();
     attrs.insert("cpu.numcores".into(), cores.to_string());
     attrs.insert("cpu.frequency".into(), mhz.to_string());
-    attrs.insert(
-        "cpu.totalcompute".into(),
-        (u64::from(cores) * mhz).to_string(),
-    );
+    attrs.insert("cpu.totalcompute".into(), (u64::from(cores) * mhz).to_string());
     attrs.insert("cpu.modelname".into(), cpu.model_name.clone());
     attrs.insert("cpu.arch".into(), arch);
     attrs.insert("memory.totalbytes".into(), mem_bytes.to_string());
@@ -298,31 +264,21 @@ mod tests {
         assert_eq!(cgroup_version(true, "cpu memory io", v2), "v2");
         let v1 = "30 24 0:26 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
         assert_eq!(cgroup_version(false, "", v1), "v1");
-        let hybrid =
-            format!("{v1}29 24 0:25 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw,nsdelegate\n");
+        let hybrid = format!("{v1}29 24 0:25 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw,nsdelegate\n");
         assert_eq!(cgroup_version(false, "", &hybrid), "hybrid");
     }
 
     #[test]
     fn fingerprint_this_machine() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
-        let cfg = AgentConfig {
-            data_dir: dir.path().to_path_buf(),
-            ..Default::default()
-        };
+        let cfg = AgentConfig { data_dir: dir.path().to_path_buf(), ..Default::default() };
         let n = fingerprint(&cfg);
         assert_eq!(n.status, node_status::INITIALIZING);
         let r = n.resources.clone().unwrap_or_default();
         assert!(r.cpu_cores > 0 && r.cpu_mhz_per_core > 0);
         assert_eq!(r.cpu_total_mhz, u64::from(r.cpu_cores) * r.cpu_mhz_per_core);
-        assert_eq!(
-            n.attributes.get("kernel.name").map(String::as_str),
-            Some("linux")
-        );
-        assert_eq!(
-            n.attributes.get("driver.exec").map(String::as_str),
-            Some("1")
-        );
+        assert_eq!(n.attributes.get("kernel.name").map(String::as_str), Some("linux"));
+        assert_eq!(n.attributes.get("driver.exec").map(String::as_str), Some("1"));
         assert_eq!(n.drivers, vec!["exec".to_string(), "raw_exec".to_string()]);
         assert!(r.gpus.is_empty() && !n.attributes.contains_key("gpu.simulated"));
         for k in [
@@ -347,11 +303,7 @@ mod tests {
             "g.json",
             r#"{"generate": {"count": 2, "model": "H100-SXM5-80GB", "memory_mib": 81920, "nvlink": "all"}}"#,
         )?;
-        let cfg = AgentConfig {
-            data_dir: dir.path().to_path_buf(),
-            simulated_gpus: gpus.clone(),
-            ..Default::default()
-        };
+        let cfg = AgentConfig { data_dir: dir.path().to_path_buf(), simulated_gpus: gpus.clone(), ..Default::default() };
         let n = fingerprint(&cfg);
         assert_eq!(n.resources.unwrap_or_default().gpus, gpus);
         let attr = |k: &str| n.attributes.get(k).map(String::as_str);

@@ -113,10 +113,7 @@ impl Default for AgentConfig {
             advertise_addr: None,
             log_max_file_bytes: 10 * 1024 * 1024,
             log_max_files: 5,
-            drivers_enabled: vec![
-                mlp_proto::consts::driver::EXEC.to_string(),
-                mlp_proto::consts::driver::RAW_EXEC.to_string(),
-            ],
+            drivers_enabled: vec![mlp_proto::consts::driver::EXEC.to_string(), mlp_proto::consts::driver::RAW_EXEC.to_string()],
             isolation: isolation::IsolationSettings::default(),
             simulated_gpus: Vec::new(),
         }
@@ -161,12 +158,7 @@ fn new_id() -> String {
     for i in 0..2u64 {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(i);
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0),
-        );
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
         h.write_u32(std::process::id());
         out.push_str(&format!("{:016x}", h.finish()));
     }
@@ -191,38 +183,25 @@ impl Agent {
             .map_err(AgentError::io(format!("creating {}", config.data_dir.display())))?;
         // Isolated tasks start in their own directories and read their config by path, so every
         // path the agent hands out must be absolute (`--data-dir ./mlp-data` is the default).
-        config.data_dir = std::fs::canonicalize(&config.data_dir)
-            .map_err(AgentError::io(format!("resolving {}", config.data_dir.display())))?;
+        config.data_dir =
+            std::fs::canonicalize(&config.data_dir).map_err(AgentError::io(format!("resolving {}", config.data_dir.display())))?;
         let data_dir = config.data_dir.clone();
         let node_id = load_or_create_node_id(&data_dir)?;
 
         let std_listener = match config.rpc_listener.take() {
             Some(l) => l,
-            None => std::net::TcpListener::bind("127.0.0.1:0")
-                .map_err(AgentError::io("binding the rpc listener"))?,
+            None => std::net::TcpListener::bind("127.0.0.1:0").map_err(AgentError::io("binding the rpc listener"))?,
         };
-        std_listener
-            .set_nonblocking(true)
-            .map_err(AgentError::io("configuring the rpc listener"))?;
-        let rpc_addr = std_listener
-            .local_addr()
-            .map_err(AgentError::io("reading the rpc listener address"))?;
-        let listener = tokio::net::TcpListener::from_std(std_listener)
-            .map_err(AgentError::io("registering the rpc listener"))?;
+        std_listener.set_nonblocking(true).map_err(AgentError::io("configuring the rpc listener"))?;
+        let rpc_addr = std_listener.local_addr().map_err(AgentError::io("reading the rpc listener address"))?;
+        let listener = tokio::net::TcpListener::from_std(std_listener).map_err(AgentError::io("registering the rpc listener"))?;
 
         let mut node = fingerprint::fingerprint(&config);
-        if let Some(mhz) = node
-            .attributes
-            .get("cpu.frequency")
-            .and_then(|v| v.parse().ok())
-        {
+        if let Some(mhz) = node.attributes.get("cpu.frequency").and_then(|v| v.parse().ok()) {
             config.isolation.mhz_per_core = mhz;
         }
         node.id = node_id.clone();
-        node.rpc_addr = config
-            .advertise_addr
-            .clone()
-            .unwrap_or_else(|| rpc_addr.to_string());
+        node.rpc_addr = config.advertise_addr.clone().unwrap_or_else(|| rpc_addr.to_string());
 
         let pool = Arc::new(ServerPool::new(&config.servers)?);
         let registry = AllocRegistry::default();
@@ -255,18 +234,9 @@ impl Agent {
         }));
 
         let (reg_tx, reg_rx) = watch::channel(false);
-        loops.push(spawn_cancellable(
-            &cancel,
-            client::node_loop(pool.clone(), node, reg_tx),
-        ));
-        loops.push(spawn_cancellable(
-            &cancel,
-            client::watch_loop(pool.clone(), node_id.clone(), reg_rx, manager.clone()),
-        ));
-        loops.push(spawn_cancellable(
-            &cancel,
-            client::update_loop(pool, node_id.clone(), updates_rx),
-        ));
+        loops.push(spawn_cancellable(&cancel, client::node_loop(pool.clone(), node, reg_tx)));
+        loops.push(spawn_cancellable(&cancel, client::watch_loop(pool.clone(), node_id.clone(), reg_rx, manager.clone())));
+        loops.push(spawn_cancellable(&cancel, client::update_loop(pool, node_id.clone(), updates_rx)));
         let reap_manager = manager.clone();
         loops.push(spawn_cancellable(&cancel, async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -276,13 +246,7 @@ impl Agent {
             }
         }));
         tracing::info!(node_id = %node_id, rpc_addr = %rpc_addr, "agent started");
-        Ok(Agent {
-            node_id,
-            rpc_addr,
-            cancel,
-            loops,
-            manager,
-        })
+        Ok(Agent { node_id, rpc_addr, cancel, loops, manager })
     }
 
     /// This node's id.
@@ -300,10 +264,7 @@ impl Agent {
         self.cancel.cancel();
         self.manager.lock().await.abort_all();
         for l in self.loops {
-            if tokio::time::timeout(Duration::from_secs(5), l)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(Duration::from_secs(5), l).await.is_err() {
                 tracing::warn!("an agent loop did not stop in time");
             }
         }

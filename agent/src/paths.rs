@@ -31,11 +31,7 @@ pub fn check_component(field: &'static str, value: &str, max: usize) -> Result<(
         if shown.len() < value.len() {
             shown.push('…');
         }
-        Err(UnsafeName {
-            field,
-            shown: format!("{shown:?}"),
-            reason,
-        })
+        Err(UnsafeName { field, shown: format!("{shown:?}"), reason })
     };
     if value.is_empty() {
         return fail("must not be empty".into());
@@ -46,13 +42,8 @@ pub fn check_component(field: &'static str, value: &str, max: usize) -> Result<(
     if value == "." || value == ".." {
         return fail("must not be . or ..".into());
     }
-    if let Some(c) = value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
-    {
-        return fail(format!(
-            "contains {c:?}; only A-Z, a-z, 0-9, _, . and - are allowed"
-        ));
+    if let Some(c) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))) {
+        return fail(format!("contains {c:?}; only A-Z, a-z, 0-9, _, . and - are allowed"));
     }
     Ok(())
 }
@@ -119,10 +110,7 @@ pub(crate) mod tests {
             assert!(e.is_some(), "{v:?} accepted as a task name");
         }
         let e = check_task_name("../../etc").err().map(|e| e.to_string());
-        assert_eq!(
-            e.as_deref(),
-            Some("invalid task name \"../../etc\": contains '/'; only A-Z, a-z, 0-9, _, . and - are allowed")
-        );
+        assert_eq!(e.as_deref(), Some("invalid task name \"../../etc\": contains '/'; only A-Z, a-z, 0-9, _, . and - are allowed"));
         let long = check_alloc_id(&"x".repeat(10 * 1024)).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(long.contains("10240 bytes; at most 64") && long.len() < 200, "{long}");
         let nul = check_alloc_id("a\0b").err().map(|e| e.to_string()).unwrap_or_default();

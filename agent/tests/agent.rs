@@ -14,9 +14,8 @@ use mlp_agent::{Agent, AgentConfig};
 use mlp_proto::consts::{alloc_client, task_event};
 use mlp_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use mlp_proto::v1::{
-    AllocClientUpdate, Allocation, HeartbeatRequest, HeartbeatResponse, Job, Node, NodeAllocations,
-    RegisterNodeRequest, RegisterNodeResponse, Task, TaskConfig, TaskGroup, UpdateAllocsRequest,
-    UpdateAllocsResponse, WatchAllocationsRequest,
+    AllocClientUpdate, Allocation, HeartbeatRequest, HeartbeatResponse, Job, Node, NodeAllocations, RegisterNodeRequest,
+    RegisterNodeResponse, Task, TaskConfig, TaskGroup, UpdateAllocsRequest, UpdateAllocsResponse, WatchAllocationsRequest,
 };
 use nix::sys::signal::Signal;
 use tokio::sync::watch;
@@ -35,46 +34,22 @@ struct Fake {
 
 #[tonic::async_trait]
 impl AgentService for Fake {
-    async fn register(
-        &self,
-        r: Request<RegisterNodeRequest>,
-    ) -> Result<Response<RegisterNodeResponse>, Status> {
+    async fn register(&self, r: Request<RegisterNodeRequest>) -> Result<Response<RegisterNodeResponse>, Status> {
         if let (Ok(mut n), Some(node)) = (self.nodes.lock(), r.into_inner().node) {
             n.push(node);
         }
-        Ok(Response::new(RegisterNodeResponse {
-            heartbeat_ttl_ms: 900,
-            index: 1,
-        }))
+        Ok(Response::new(RegisterNodeResponse { heartbeat_ttl_ms: 900, index: 1 }))
     }
-    async fn heartbeat(
-        &self,
-        _: Request<HeartbeatRequest>,
-    ) -> Result<Response<HeartbeatResponse>, Status> {
-        Ok(Response::new(HeartbeatResponse {
-            heartbeat_ttl_ms: 900,
-        }))
+    async fn heartbeat(&self, _: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        Ok(Response::new(HeartbeatResponse { heartbeat_ttl_ms: 900 }))
     }
-    type WatchAllocationsStream =
-        Pin<Box<dyn Stream<Item = Result<NodeAllocations, Status>> + Send>>;
+    type WatchAllocationsStream = Pin<Box<dyn Stream<Item = Result<NodeAllocations, Status>> + Send>>;
     #[allow(clippy::result_large_err)]
-    async fn watch_allocations(
-        &self,
-        _: Request<WatchAllocationsRequest>,
-    ) -> Result<Response<Self::WatchAllocationsStream>, Status> {
-        let s = WatchStream::new(self.allocs.subscribe()).map(|allocations| {
-            Ok(NodeAllocations {
-                allocations,
-                index: 1,
-                partial: false,
-            })
-        });
+    async fn watch_allocations(&self, _: Request<WatchAllocationsRequest>) -> Result<Response<Self::WatchAllocationsStream>, Status> {
+        let s = WatchStream::new(self.allocs.subscribe()).map(|allocations| Ok(NodeAllocations { allocations, index: 1, partial: false }));
         Ok(Response::new(Box::pin(s)))
     }
-    async fn update_allocs(
-        &self,
-        r: Request<UpdateAllocsRequest>,
-    ) -> Result<Response<UpdateAllocsResponse>, Status> {
+    async fn update_allocs(&self, r: Request<UpdateAllocsRequest>) -> Result<Response<UpdateAllocsResponse>, Status> {
         if let Ok(mut u) = self.updates.lock() {
             u.extend(r.into_inner().updates);
         }
@@ -84,13 +59,7 @@ impl AgentService for Fake {
 
 impl Fake {
     fn latest(&self, id: &str) -> Option<AllocClientUpdate> {
-        self.updates
-            .lock()
-            .ok()?
-            .iter()
-            .rev()
-            .find(|u| u.alloc_id == id)
-            .cloned()
+        self.updates.lock().ok()?.iter().rev().find(|u| u.alloc_id == id).cloned()
     }
     fn pids(&self) -> BTreeSet<u32> {
         let mut out = BTreeSet::new();
@@ -147,10 +116,7 @@ fn alloc(id: &str, job_type: &str, cmd: &str, desired: &str) -> Allocation {
                 tasks: vec![Task {
                     name: "t".into(),
                     driver: "raw_exec".into(), // exec needs a cgroup hierarchy and root
-                    config: Some(TaskConfig {
-                        command: "/bin/sh".into(),
-                        args: vec!["-c".into(), cmd.into()],
-                    }),
+                    config: Some(TaskConfig { command: "/bin/sh".into(), args: vec!["-c".into(), cmd.into()] }),
                     kill_timeout_ms: 500,
                     ..Default::default()
                 }],
@@ -163,10 +129,7 @@ fn alloc(id: &str, job_type: &str, cmd: &str, desired: &str) -> Allocation {
 }
 
 fn count(u: &AllocClientUpdate, kind: &str) -> usize {
-    u.task_states
-        .get("t")
-        .map(|s| s.events.iter().filter(|e| e.r#type == kind).count())
-        .unwrap_or(0)
+    u.task_states.get("t").map(|s| s.events.iter().filter(|e| e.r#type == kind).count()).unwrap_or(0)
 }
 
 async fn start_agent(dir: &Path, server: &str) -> Result<Agent, Box<dyn std::error::Error>> {
@@ -188,19 +151,13 @@ async fn start_agent(dir: &Path, server: &str) -> Result<Agent, Box<dyn std::err
 #[tokio::test]
 async fn agent_runs_reports_restores_and_gcs() -> TestResult {
     let (tx, _rx) = watch::channel(Vec::new());
-    let fake = Fake {
-        nodes: Arc::default(),
-        updates: Arc::default(),
-        allocs: tx,
-    };
+    let fake = Fake { nodes: Arc::default(), updates: Arc::default(), allocs: tx };
     let _guard = PidGuard(fake.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let server_addr = listener.local_addr()?.to_string();
     let svc = AgentServiceServer::new(fake.clone());
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        tonic::transport::Server::builder().add_service(svc).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let dir = tempfile::tempdir()?;
 
@@ -209,84 +166,42 @@ async fn agent_runs_reports_restores_and_gcs() -> TestResult {
     let node = poll(15, || fake.nodes.lock().ok()?.first().cloned()).await?;
     assert_eq!(node.id, node_id);
     assert_eq!(node.rpc_addr, agent.rpc_addr().to_string());
-    assert_eq!(
-        node.attributes.get("driver.exec").map(String::as_str),
-        Some("1")
-    );
+    assert_eq!(node.attributes.get("driver.exec").map(String::as_str), Some("1"));
 
     let batch = alloc("aaaa0001", "batch", "echo hi", "run");
     let service = alloc("bbbb0002", "service", "sleep 100", "run");
     // Ends with exit code 3 once the gate file exists (while the agent is down), and is not
     // restarted.
     let gate = dir.path().join("gate");
-    let mut gated = alloc(
-        "cccc0003",
-        "batch",
-        &format!(
-            "while [ ! -e {} ]; do sleep 0.05; done; exit 3",
-            gate.display()
-        ),
-        "run",
-    );
+    let mut gated = alloc("cccc0003", "batch", &format!("while [ ! -e {} ]; do sleep 0.05; done; exit 3", gate.display()), "run");
     if let Some(g) = gated.job.as_mut().and_then(|j| j.groups.first_mut()) {
-        g.restart = Some(mlp_proto::v1::RestartPolicy {
-            attempts: 0,
-            interval_ms: 60_000,
-            delay_ms: 100,
-            mode: "fail".into(),
-        });
+        g.restart = Some(mlp_proto::v1::RestartPolicy { attempts: 0, interval_ms: 60_000, delay_ms: 100, mode: "fail".into() });
     }
-    fake.allocs
-        .send_replace(vec![batch.clone(), service.clone(), gated.clone()]);
-    poll(15, || {
-        fake.latest("aaaa0001")
-            .filter(|u| u.client_status == alloc_client::COMPLETE)
-    })
-    .await?;
-    let running = poll(15, || {
-        fake.latest("bbbb0002")
-            .filter(|u| u.client_status == alloc_client::RUNNING)
-    })
-    .await?;
+    fake.allocs.send_replace(vec![batch.clone(), service.clone(), gated.clone()]);
+    poll(15, || fake.latest("aaaa0001").filter(|u| u.client_status == alloc_client::COMPLETE)).await?;
+    let running = poll(15, || fake.latest("bbbb0002").filter(|u| u.client_status == alloc_client::RUNNING)).await?;
     let old_pid = running.task_states["t"].pid;
     assert!(old_pid > 0);
-    let gated_pid = poll(15, || {
-        fake.latest("cccc0003")
-            .filter(|u| u.client_status == alloc_client::RUNNING)
-            .map(|u| u.task_states["t"].pid)
-    })
-    .await?;
+    let gated_pid =
+        poll(15, || fake.latest("cccc0003").filter(|u| u.client_status == alloc_client::RUNNING).map(|u| u.task_states["t"].pid)).await?;
 
     // Agent restart: the running task is reattached (same pid, not restarted), the finished
     // one is not run again.
     agent.shutdown().await;
-    assert!(
-        Path::new(&format!("/proc/{old_pid}")).exists(),
-        "shutdown must not kill tasks"
-    );
+    assert!(Path::new(&format!("/proc/{old_pid}")).exists(), "shutdown must not kill tasks");
     std::fs::write(&gate, "")?;
-    poll(15, || {
-        (!Path::new(&format!("/proc/{gated_pid}")).exists()).then_some(())
-    })
-    .await?;
+    poll(15, || (!Path::new(&format!("/proc/{gated_pid}")).exists()).then_some(())).await?;
     fake.updates.lock().map_err(|e| e.to_string())?.clear();
     let agent = start_agent(dir.path(), &server_addr).await?;
     assert_eq!(agent.node_id(), node_id);
     // The task that ended while the agent was down: its exit code is collected and reported.
-    let ended = poll(15, || {
-        fake.latest("cccc0003")
-            .filter(|u| alloc_client::is_terminal(&u.client_status))
-    })
-    .await?;
+    let ended = poll(15, || fake.latest("cccc0003").filter(|u| alloc_client::is_terminal(&u.client_status))).await?;
     assert_eq!(ended.client_status, alloc_client::FAILED, "{ended:?}");
     assert_eq!(ended.task_states["t"].exit_code, Some(3));
     assert_eq!(count(&ended, task_event::STARTED), 1);
     assert_eq!(ended.task_states["t"].restarts, 0);
-    let reattached = poll(15, || {
-        fake.latest("bbbb0002")
-            .filter(|u| u.client_status == alloc_client::RUNNING && u.task_states["t"].pid > 0)
-    })
-    .await?;
+    let reattached =
+        poll(15, || fake.latest("bbbb0002").filter(|u| u.client_status == alloc_client::RUNNING && u.task_states["t"].pid > 0)).await?;
     assert_eq!(reattached.task_states["t"].pid, old_pid, "the same process");
     assert_eq!(reattached.task_states["t"].restarts, 0);
     assert_eq!(count(&reattached, task_event::STARTED), 1);
@@ -298,22 +213,14 @@ async fn agent_runs_reports_restores_and_gcs() -> TestResult {
     // Desired stop, then the server drops both: tasks killed, dirs garbage-collected.
     let mut stop = service.clone();
     stop.desired_status = "stop".into();
-    fake.allocs
-        .send_replace(vec![batch.clone(), stop, gated.clone()]);
-    let stopped = poll(15, || {
-        fake.latest("bbbb0002")
-            .filter(|u| alloc_client::is_terminal(&u.client_status))
-    })
-    .await?;
+    fake.allocs.send_replace(vec![batch.clone(), stop, gated.clone()]);
+    let stopped = poll(15, || fake.latest("bbbb0002").filter(|u| alloc_client::is_terminal(&u.client_status))).await?;
     assert_eq!(stopped.client_status, alloc_client::COMPLETE);
     assert_eq!(count(&stopped, task_event::KILLED), 1);
     fake.allocs.send_replace(vec![]);
     let allocs = dir.path().join("allocs");
     poll(15, || {
-        (!allocs.join("aaaa0001").exists()
-            && !allocs.join("bbbb0002").exists()
-            && !allocs.join("cccc0003").exists())
-        .then_some(())
+        (!allocs.join("aaaa0001").exists() && !allocs.join("bbbb0002").exists() && !allocs.join("cccc0003").exists()).then_some(())
     })
     .await?;
     agent.shutdown().await;

@@ -17,10 +17,7 @@ use nix::sys::signal::Signal;
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 fn driver() -> ExecDriver {
-    ExecDriver::new(IsolationSettings {
-        supervisor_exe: Some(env!("CARGO_BIN_EXE_mlp-supervise-helper").into()),
-        ..Default::default()
-    })
+    ExecDriver::new(IsolationSettings { supervisor_exe: Some(env!("CARGO_BIN_EXE_mlp-supervise-helper").into()), ..Default::default() })
 }
 
 fn spec(dir: &Path, alloc_id: &str, task: &str, cores: u32) -> TaskSpec {
@@ -40,11 +37,7 @@ fn spec(dir: &Path, alloc_id: &str, task: &str, cores: u32) -> TaskSpec {
         log_dir: logs,
         log_max_file_bytes: 1 << 20,
         log_max_files: 2,
-        resources: Some(Resources {
-            cores,
-            memory_mib: 64,
-            ..Default::default()
-        }),
+        resources: Some(Resources { cores, memory_mib: 64, ..Default::default() }),
         alloc_id: alloc_id.into(),
         task_dir,
         alloc_shared_dir: shared,
@@ -93,10 +86,7 @@ async fn cores_are_pinned_per_task_and_survive_an_agent_restart() -> TestResult 
     let dir = tempfile::tempdir()?;
     let id = |k: &str| format!("cores-{k}-{}", std::process::id());
     let (a, b) = (spec(dir.path(), &id("a"), "t", 1), spec(dir.path(), &id("b"), "t", 1));
-    let mut cleanup = Cleanup {
-        layout: layout.clone(),
-        tasks: Vec::new(),
-    };
+    let mut cleanup = Cleanup { layout: layout.clone(), tasks: Vec::new() };
 
     let mut ha = first.start(&a).await?;
     cleanup.tasks.push((ha.pid(), format!("{}.t", a.alloc_id)));

@@ -75,15 +75,9 @@ async fn a_cgroup_that_cannot_be_created_fails_the_start_and_leaves_nothing() ->
     };
     assert!(err.contains("creating the task cgroup"), "{err}");
     let config = s.task_dir.join("supervise.json");
-    assert!(
-        processes_mentioning(&config.to_string_lossy()).is_empty(),
-        "a supervisor is left"
-    );
+    assert!(processes_mentioning(&config.to_string_lossy()).is_empty(), "a supervisor is left");
     assert!(!s.task_dir.join("run.json").exists(), "a run was recorded");
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    assert!(
-        !mountinfo.contains(&*dir.path().to_string_lossy()),
-        "a mount is left under the task dir"
-    );
+    assert!(!mountinfo.contains(&*dir.path().to_string_lossy()), "a mount is left under the task dir");
     Ok(())
 }

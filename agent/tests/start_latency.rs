@@ -18,8 +18,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mlp_agent::driver::{signal_group, Driver, ProcessDriver, TaskSpec};
 use mlp_agent::driver::exec::ExecDriver;
+use mlp_agent::driver::{signal_group, Driver, ProcessDriver, TaskSpec};
 use mlp_agent::isolation::IsolationSettings;
 use nix::sys::signal::Signal;
 
@@ -82,15 +82,11 @@ async fn run(driver: &dyn Driver, dir: &Path, n: usize) -> Result<Vec<Duration>,
     for i in 0..n {
         let s = spec(dir, i);
         let t0 = Instant::now();
-        let mut h = driver
-            .start(&s)
-            .await
-            .map_err(|e| format!("{} start {i}: {e}", driver.name()))?;
+        let mut h = driver.start(&s).await.map_err(|e| format!("{} start {i}: {e}", driver.name()))?;
         times.push(t0.elapsed());
         guard.0.push(h.pid());
-        let st = tokio::time::timeout(Duration::from_secs(20), h.wait())
-            .await
-            .map_err(|_| format!("{} task {i} did not end", driver.name()))?;
+        let st =
+            tokio::time::timeout(Duration::from_secs(20), h.wait()).await.map_err(|_| format!("{} task {i} did not end", driver.name()))?;
         if st.code != Some(0) {
             return Err(format!("{} task {i} ended with {st:?}", driver.name()));
         }
@@ -105,20 +101,10 @@ async fn exec_and_raw_exec_start_latency() -> TestResult {
     if !prereq::require(&[prereq::Need::Root, prereq::Need::Cgroups]) {
         return Ok(());
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let n: usize = std::env::var("MLP_START_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5)
-        .max(1);
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    let n: usize = std::env::var("MLP_START_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(5).max(1);
     let dir = tempfile::tempdir()?;
-    let exec = ExecDriver::new(IsolationSettings {
-        supervisor_exe: Some(helper()),
-        ..Default::default()
-    });
+    let exec = ExecDriver::new(IsolationSettings { supervisor_exe: Some(helper()), ..Default::default() });
     let raw = ProcessDriver::with_supervisor(Some(helper()));
     // One warm-up start each (page cache, first cgroup directories).
     run(&exec, &dir.path().join("warm-exec"), 1).await?;

@@ -8,9 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mlp_agent::driver::supervised::{load_record, EXIT_FILE};
-use mlp_agent::driver::{
-    proc_start_time, signal_group, Driver, DriverError, ProcessDriver, TaskSpec,
-};
+use mlp_agent::driver::{proc_start_time, signal_group, Driver, DriverError, ProcessDriver, TaskSpec};
 use mlp_agent::task::logs::LogReader;
 use nix::sys::signal::Signal;
 
@@ -57,10 +55,7 @@ impl Drop for Guard {
 fn alive(pid: u32) -> bool {
     // A zombie still answers kill(0); look at /proc state too.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rfind(')')
-            .and_then(|i| s[i + 1..].split_whitespace().next().map(|st| st != "Z"))
-            .unwrap_or(false),
+        Ok(s) => s.rfind(')').and_then(|i| s[i + 1..].split_whitespace().next().map(|st| st != "Z")).unwrap_or(false),
         Err(_) => false,
     }
 }
@@ -76,9 +71,7 @@ fn group_members(pgid: u32) -> Vec<u32> {
                 if let Some(i) = s.rfind(')') {
                     let f: Vec<&str> = s[i + 1..].split_whitespace().collect();
                     // fields after ')' : state(3) ppid(4) pgrp(5)
-                    if f.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid)
-                        && f.first() != Some(&"Z")
-                    {
+                    if f.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid) && f.first() != Some(&"Z") {
                         out.push(pid);
                     }
                 }
@@ -89,10 +82,7 @@ fn group_members(pgid: u32) -> Vec<u32> {
 }
 
 fn stdout(s: &TaskSpec) -> Result<String, std::io::Error> {
-    Ok(
-        String::from_utf8_lossy(&LogReader::new(&s.log_dir, "t.stdout", 0, 0)?.read_to_end()?)
-            .into_owned(),
-    )
+    Ok(String::from_utf8_lossy(&LogReader::new(&s.log_dir, "t.stdout", 0, 0)?.read_to_end()?).into_owned())
 }
 
 async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Result<(), String> {
@@ -109,11 +99,7 @@ async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Result<(),
 #[tokio::test]
 async fn exit_code_and_logs() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let s = spec(
-        dir.path(),
-        "/bin/sh",
-        &["-c", "echo out; echo err >&2; exit 3"],
-    );
+    let s = spec(dir.path(), "/bin/sh", &["-c", "echo out; echo err >&2; exit 3"]);
     let mut h = driver().start(&s).await?;
     let _g = Guard(vec![h.pid()]);
     let st = tokio::time::timeout(Duration::from_secs(10), h.wait()).await?;
@@ -132,21 +118,11 @@ async fn exit_code_and_logs() -> TestResult {
 #[tokio::test]
 async fn process_tree_is_killed() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let s = spec(
-        dir.path(),
-        "/bin/sh",
-        &[
-            "-c",
-            "sleep 100 & sleep 100 & trap '' TERM; echo ready; wait",
-        ],
-    );
+    let s = spec(dir.path(), "/bin/sh", &["-c", "sleep 100 & sleep 100 & trap '' TERM; echo ready; wait"]);
     let mut h = driver().start(&s).await?;
     let pgid = h.pid();
     let _g = Guard(vec![pgid]);
-    until("the task and both sleeps", 10, || {
-        stdout(&s).unwrap_or_default().starts_with("ready") && group_members(pgid).len() >= 3
-    })
-    .await?;
+    until("the task and both sleeps", 10, || stdout(&s).unwrap_or_default().starts_with("ready") && group_members(pgid).len() >= 3).await?;
     let members = group_members(pgid);
     // The same sequence the task runner uses: SIGTERM, SIGKILL after the kill timeout.
     h.signal(Signal::SIGTERM)?;
@@ -158,10 +134,7 @@ async fn process_tree_is_killed() -> TestResult {
         }
     };
     assert!(st.code.is_some() || st.signal.is_some(), "{st:?}");
-    until("every process of the group gone", 5, || {
-        members.iter().all(|p| !alive(*p))
-    })
-    .await?;
+    until("every process of the group gone", 5, || members.iter().all(|p| !alive(*p))).await?;
     assert!(group_members(pgid).is_empty());
     Ok(())
 }
@@ -177,11 +150,7 @@ async fn missing_binary_is_an_error() -> TestResult {
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("started a missing binary"),
     }
-    assert_eq!(
-        load_record(&s.task_dir)?,
-        None,
-        "a failed start leaves no record"
-    );
+    assert_eq!(load_record(&s.task_dir)?, None, "a failed start leaves no record");
     Ok(())
 }
 
@@ -189,10 +158,7 @@ async fn missing_binary_is_an_error() -> TestResult {
 async fn a_reattached_task_keeps_its_pid_and_logs_and_reports_its_exit() -> TestResult {
     let dir = tempfile::tempdir()?;
     let gate = dir.path().join("gate");
-    let script = format!(
-        "echo before; while [ ! -e {g} ]; do sleep 0.05; done; echo after; exit 7",
-        g = gate.display()
-    );
+    let script = format!("echo before; while [ ! -e {g} ]; do sleep 0.05; done; echo after; exit 7", g = gate.display());
     let s = spec(dir.path(), "/bin/sh", &["-c", &script]);
     let h = driver().start(&s).await?;
     let pid = h.pid();
@@ -200,18 +166,12 @@ async fn a_reattached_task_keeps_its_pid_and_logs_and_reports_its_exit() -> Test
     let _g = Guard(vec![pid, record.supervisor_pid]);
     assert_eq!(record.pid, pid);
     assert_eq!(record.driver, "raw_exec");
-    until("first output", 10, || {
-        stdout(&s).unwrap_or_default() == "before\n"
-    })
-    .await?;
+    until("first output", 10, || stdout(&s).unwrap_or_default() == "before\n").await?;
     // The agent dies: its handle goes, the task and its supervisor stay.
     drop(h);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(alive(pid), "the task outlives the agent's handle");
-    assert!(
-        alive(record.supervisor_pid),
-        "the supervisor outlives the agent's handle"
-    );
+    assert!(alive(record.supervisor_pid), "the supervisor outlives the agent's handle");
 
     // A new agent (a new driver) reattaches from the record.
     let record = load_record(&s.task_dir)?.ok_or("no run record")?;
@@ -230,10 +190,7 @@ async fn a_reattached_task_keeps_its_pid_and_logs_and_reports_its_exit() -> Test
 async fn a_task_that_ended_while_detached_reports_its_exit_code() -> TestResult {
     let dir = tempfile::tempdir()?;
     let gate = dir.path().join("gate");
-    let script = format!(
-        "while [ ! -e {g} ]; do sleep 0.05; done; echo done; exit 5",
-        g = gate.display()
-    );
+    let script = format!("while [ ! -e {g} ]; do sleep 0.05; done; echo done; exit 5", g = gate.display());
     let s = spec(dir.path(), "/bin/sh", &["-c", &script]);
     let h = driver().start(&s).await?;
     let record = load_record(&s.task_dir)?.ok_or("no run record")?;
@@ -241,10 +198,7 @@ async fn a_task_that_ended_while_detached_reports_its_exit_code() -> TestResult 
     drop(h);
     std::fs::write(&gate, "")?;
     until("the exit file", 10, || s.task_dir.join(EXIT_FILE).exists()).await?;
-    until("the supervisor to exit", 10, || {
-        !alive(record.supervisor_pid)
-    })
-    .await?;
+    until("the supervisor to exit", 10, || !alive(record.supervisor_pid)).await?;
     let mut h = driver().reattach(&s.task_dir, &record)?;
     let st = tokio::time::timeout(Duration::from_secs(10), h.wait()).await?;
     assert_eq!(st.code, Some(5));
@@ -263,18 +217,12 @@ async fn a_task_whose_supervisor_died_is_lost_and_leaves_nothing() -> TestResult
     drop(h);
     let sup = nix::unistd::Pid::from_raw(i32::try_from(record.supervisor_pid)?);
     nix::sys::signal::kill(sup, Signal::SIGKILL)?;
-    until("the supervisor to die", 10, || {
-        !alive(record.supervisor_pid)
-    })
-    .await?;
+    until("the supervisor to die", 10, || !alive(record.supervisor_pid)).await?;
     match driver().reattach(&s.task_dir, &record) {
         Err(DriverError::Reattach { .. }) => {}
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("reattached to a task without a supervisor"),
     }
-    until("the task's group gone", 10, || {
-        group_members(record.pid).is_empty()
-    })
-    .await?;
+    until("the task's group gone", 10, || group_members(record.pid).is_empty()).await?;
     Ok(())
 }

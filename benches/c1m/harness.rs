@@ -92,12 +92,7 @@ pub enum C1mError {
     #[error("applying {what} failed: {why}")]
     Apply { what: String, why: String },
     #[error("{placed} of {wanted} tasks placed; job {job}: {why}")]
-    Unplaced {
-        placed: u64,
-        wanted: u64,
-        job: String,
-        why: String,
-    },
+    Unplaced { placed: u64, wanted: u64, job: String, why: String },
     #[error("node {node} is overcommitted: {why}")]
     Overcommitted { node: String, why: String },
 }
@@ -123,19 +118,10 @@ impl Run {
     fn commit(&self, what: &str, command: Command) -> Result<(), C1mError> {
         let mut index = lock(&self.index);
         *index += 1;
-        let resp = self.state.apply(
-            *index,
-            &Request {
-                now_ms: now_ms(),
-                command,
-            },
-        );
+        let resp = self.state.apply(*index, &Request { now_ms: now_ms(), command });
         match resp.error {
             None => Ok(()),
-            Some(why) => Err(C1mError::Apply {
-                what: what.to_string(),
-                why,
-            }),
+            Some(why) => Err(C1mError::Apply { what: what.to_string(), why }),
         }
     }
 
@@ -174,9 +160,7 @@ impl Run {
                     }
                 }
                 // A retried evaluation may still be pushed back by a busy worker.
-                None if self.busy.load(Ordering::SeqCst) > 0 => {
-                    std::thread::sleep(Duration::from_micros(200))
-                }
+                None if self.busy.load(Ordering::SeqCst) > 0 => std::thread::sleep(Duration::from_micros(200)),
                 None => return,
             }
         }
@@ -198,20 +182,9 @@ impl Run {
         };
         let checking = Instant::now();
         add(&self.schedule_ns, checking - started);
-        let (failed, queued) = (
-            std::mem::take(&mut plan.failed_tg_allocs),
-            std::mem::take(&mut plan.queued_allocations),
-        );
-        let (new_evals, annotations) = (
-            std::mem::take(&mut plan.new_evals),
-            std::mem::take(&mut plan.annotations),
-        );
-        let Checked {
-            accepted,
-            stops,
-            preemptions,
-            rejected,
-        } = {
+        let (failed, queued) = (std::mem::take(&mut plan.failed_tg_allocs), std::mem::take(&mut plan.queued_allocations));
+        let (new_evals, annotations) = (std::mem::take(&mut plan.new_evals), std::mem::take(&mut plan.annotations));
+        let Checked { accepted, stops, preemptions, rejected } = {
             let mut in_flight = lock(&self.in_flight);
             let st = self.state.read();
             let checked = plan_apply::check_plan(&st, plan, &in_flight);
@@ -228,8 +201,7 @@ impl Run {
         if rejected > 0 {
             self.rejected.fetch_add(rejected as u64, Ordering::Relaxed);
             eval.status = eval_status::PENDING.to_string();
-            eval.status_description =
-                format!("{rejected} placements conflicted with newer state; retrying");
+            eval.status_description = format!("{rejected} placements conflicted with newer state; retrying");
         } else if unplaced > 0 {
             // Never expected in this run; the check after the run reports it.
             eval.status = eval_status::BLOCKED.to_string();
@@ -242,14 +214,7 @@ impl Run {
         }
         let retry = rejected > 0;
         let committed: Vec<String> = accepted.iter().map(|a| a.id.clone()).collect();
-        let command = Command::ApplyPlan(PlanResult {
-            eval: Some(eval),
-            placements: accepted,
-            stops,
-            new_evals,
-            annotations,
-            preemptions,
-        });
+        let command = Command::ApplyPlan(PlanResult { eval: Some(eval), placements: accepted, stops, new_evals, annotations, preemptions });
         let result = self.commit("a plan", command);
         {
             let mut in_flight = lock(&self.in_flight);
@@ -286,9 +251,7 @@ pub fn node(cfg: &Config, i: usize) -> Node {
         node_pool: "default".into(),
         status: node_status::READY.into(),
         drivers: vec!["exec".into()],
-        attributes: [("kernel.name".to_string(), "linux".to_string())]
-            .into_iter()
-            .collect(),
+        attributes: [("kernel.name".to_string(), "linux".to_string())].into_iter().collect(),
         resources: Some(NodeResources {
             cpu_cores: 32,
             cpu_total_mhz: cfg.node_cpu_mhz,
@@ -314,11 +277,7 @@ pub fn job(cfg: &Config, j: usize) -> Job {
             tasks: vec![Task {
                 name: "t".into(),
                 driver: "exec".into(),
-                resources: Some(Resources {
-                    cpu_mhz: cfg.task_cpu_mhz,
-                    memory_mib: cfg.task_memory_mib,
-                    ..Default::default()
-                }),
+                resources: Some(Resources { cpu_mhz: cfg.task_cpu_mhz, memory_mib: cfg.task_memory_mib, ..Default::default() }),
                 ..Default::default()
             }],
             ..Default::default()
@@ -335,21 +294,12 @@ pub fn run(cfg: &Config) -> Result<Report, C1mError> {
         .node_cpu_mhz
         .checked_div(cfg.task_cpu_mhz)
         .unwrap_or(u64::MAX)
-        .min(
-            cfg.node_memory_mib
-                .checked_div(cfg.task_memory_mib)
-                .unwrap_or(u64::MAX),
-        );
+        .min(cfg.node_memory_mib.checked_div(cfg.task_memory_mib).unwrap_or(u64::MAX));
     if cfg.workers == 0 || cfg.nodes == 0 {
-        return Err(C1mError::Config(
-            "nodes and workers must be at least 1".into(),
-        ));
+        return Err(C1mError::Config("nodes and workers must be at least 1".into()));
     }
     if room.saturating_mul(cfg.nodes as u64) < wanted {
-        return Err(C1mError::Config(format!(
-            "{wanted} tasks do not fit {} nodes of {room} tasks each",
-            cfg.nodes
-        )));
+        return Err(C1mError::Config(format!("{wanted} tasks do not fit {} nodes of {room} tasks each", cfg.nodes)));
     }
     let (state, _events) = StateHandle::new();
     let run = Run {
@@ -368,10 +318,7 @@ pub fn run(cfg: &Config) -> Result<Report, C1mError> {
 
     let setup = Instant::now();
     for i in 0..cfg.nodes {
-        run.commit(
-            "a node registration",
-            Command::UpsertNode { node: node(cfg, i) },
-        )?;
+        run.commit("a node registration", Command::UpsertNode { node: node(cfg, i) })?;
     }
     for j in 0..cfg.jobs {
         let job = job(cfg, j);
@@ -406,15 +353,8 @@ pub fn run(cfg: &Config) -> Result<Report, C1mError> {
     let mut placed = 0u64;
     for j in 0..cfg.jobs {
         let id = format!("c1m-{j:05}");
-        let indexes: BTreeSet<u32> = st
-            .allocs_for_job("default", &id)
-            .filter(|a| is_live(a))
-            .map(|a| a.index)
-            .collect();
-        let live = st
-            .allocs_for_job("default", &id)
-            .filter(|a| is_live(a))
-            .count();
+        let indexes: BTreeSet<u32> = st.allocs_for_job("default", &id).filter(|a| is_live(a)).map(|a| a.index).collect();
+        let live = st.allocs_for_job("default", &id).filter(|a| is_live(a)).count();
         placed += live as u64;
         if live != cfg.tasks_per_job as usize || indexes.len() != live {
             let why = st
@@ -426,10 +366,7 @@ pub fn run(cfg: &Config) -> Result<Report, C1mError> {
                 placed,
                 wanted,
                 job: id,
-                why: format!(
-                    "{live} live allocations, {} distinct indexes; {why}",
-                    indexes.len()
-                ),
+                why: format!("{live} live allocations, {} distinct indexes; {why}", indexes.len()),
             });
         }
     }
@@ -445,20 +382,11 @@ pub fn run(cfg: &Config) -> Result<Report, C1mError> {
         }
         let cap = n.resources.clone().unwrap_or_default();
         if cpu > cap.cpu_total_mhz || mem > cap.memory_mib {
-            let why = format!(
-                "{count} allocations use {cpu} MHz and {mem} MiB of {} MHz and {} MiB",
-                cap.cpu_total_mhz, cap.memory_mib
-            );
-            return Err(C1mError::Overcommitted {
-                node: n.name.clone(),
-                why,
-            });
+            let why = format!("{count} allocations use {cpu} MHz and {mem} MiB of {} MHz and {} MiB", cap.cpu_total_mhz, cap.memory_mib);
+            return Err(C1mError::Overcommitted { node: n.name.clone(), why });
         }
         if let Err(why) = scheduler::check_node_fit(&st, n, &[]) {
-            return Err(C1mError::Overcommitted {
-                node: n.name.clone(),
-                why,
-            });
+            return Err(C1mError::Overcommitted { node: n.name.clone(), why });
         }
         nodes_used += usize::from(count > 0);
     }

@@ -31,33 +31,22 @@ fn main() {
     );
     common::main_with(async move {
         // The run is synchronous (its own threads); keep it off the runtime's workers.
-        let report = tokio::task::spawn_blocking(move || harness::run(&cfg))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let report =
+            tokio::task::spawn_blocking(move || harness::run(&cfg)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
         let mut out = BTreeMap::new();
         out.insert("c1m_nodes".to_string(), cfg.nodes as f64);
         out.insert("c1m_jobs".to_string(), cfg.jobs as f64);
-        out.insert(
-            "c1m_tasks_per_job".to_string(),
-            f64::from(cfg.tasks_per_job),
-        );
+        out.insert("c1m_tasks_per_job".to_string(), f64::from(cfg.tasks_per_job));
         out.insert("c1m_workers".to_string(), cfg.workers as f64);
         out.insert("c1m_placements".to_string(), report.placements as f64);
         out.insert("c1m_wall_s".to_string(), report.wall.as_secs_f64());
-        out.insert(
-            "c1m_placements_per_sec".to_string(),
-            report.placements_per_sec(),
-        );
+        out.insert("c1m_placements_per_sec".to_string(), report.placements_per_sec());
         out.insert("c1m_schedule_s".to_string(), report.schedule.as_secs_f64());
         out.insert("c1m_check_s".to_string(), report.check.as_secs_f64());
         out.insert("c1m_apply_s".to_string(), report.apply.as_secs_f64());
         out.insert("c1m_setup_s".to_string(), report.setup.as_secs_f64());
         out.insert("c1m_evals_run".to_string(), report.evals_run as f64);
-        out.insert(
-            "c1m_rejected_placements".to_string(),
-            report.rejected as f64,
-        );
+        out.insert("c1m_rejected_placements".to_string(), report.rejected as f64);
         out.insert("c1m_nodes_used".to_string(), report.nodes_used as f64);
         Ok(out)
     });

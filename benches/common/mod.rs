@@ -52,12 +52,7 @@ pub fn start_mlp(args: &[&str], dir: PathBuf) -> Result<MlpProc, String> {
         .spawn()
         .map_err(|e| format!("spawn mlp {args:?}: {e}"))?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut p = MlpProc {
-        child,
-        dir,
-        grpc: String::new(),
-        http: String::new(),
-    };
+    let mut p = MlpProc { child, dir, grpc: String::new(), http: String::new() };
     let mut lines = BufReader::new(stdout).lines();
     while let Some(line) = lines.next() {
         let line = line.map_err(|e| e.to_string())?;
@@ -69,10 +64,7 @@ pub fn start_mlp(args: &[&str], dir: PathBuf) -> Result<MlpProc, String> {
             p.http = v.trim().trim_start_matches("http://").to_string();
         }
         // Servers and dev clusters end their addresses with HTTP, agents print only RPC.
-        let agent_ready = line
-            .strip_prefix("RPC:")
-            .map(|v| p.grpc = v.trim().to_string())
-            .is_some();
+        let agent_ready = line.strip_prefix("RPC:").map(|v| p.grpc = v.trim().to_string()).is_some();
         if !p.http.is_empty() || agent_ready {
             if p.grpc.is_empty() {
                 return Err("no gRPC line before the HTTP line".into());
@@ -88,11 +80,7 @@ pub fn start_mlp(args: &[&str], dir: PathBuf) -> Result<MlpProc, String> {
 
 /// A connected gRPC channel to `addr` (host:port).
 pub async fn channel(addr: &str) -> Result<Channel, String> {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| e.to_string())
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?.connect().await.map_err(|e| e.to_string())
 }
 
 /// The `p` quantile (0..=1) of sorted samples; NaN when there are none.
@@ -106,10 +94,7 @@ pub fn pct(sorted: &[f64], p: f64) -> f64 {
 
 /// An integer from the environment, or `default`.
 pub fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// Runs a benchmark on a multi-threaded runtime, prints its results as `key value` lines (and
@@ -118,10 +103,7 @@ pub fn main_with<F>(run: F)
 where
     F: Future<Output = Result<BTreeMap<String, f64>, String>>,
 {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("runtime: {e}");
@@ -150,13 +132,6 @@ where
 /// Resident set size of process `pid` in MiB (VmRSS), if it runs.
 pub fn rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
+    let kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kb / 1024.0)
 }

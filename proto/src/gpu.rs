@@ -80,10 +80,7 @@ pub fn check_gpu_devices(path: &str, devices: &mut [GpuDevice]) -> Result<(), Gp
             return err(at("model"), message);
         }
         if !d.pci_switch.is_empty() && !is_id(&d.pci_switch) {
-            return err(
-                at("pci_switch"),
-                format!("must be empty or 1 to {MAX_ID_LEN} {ID_CHARS}, found {:?}", d.pci_switch),
-            );
+            return err(at("pci_switch"), format!("must be empty or 1 to {MAX_ID_LEN} {ID_CHARS}, found {:?}", d.pci_switch));
         }
         if d.nvlink_peers.len() > MAX_NVLINK_PEERS {
             return err(at("nvlink_peers"), format!("lists {} peers; at most {MAX_NVLINK_PEERS}", d.nvlink_peers.len()));
@@ -109,10 +106,7 @@ pub fn check_gpu_devices(path: &str, devices: &mut [GpuDevice]) -> Result<(), Gp
                 return err(at("parent_id"), "is required on a MIG instance: the id of its physical GPU".to_string());
             }
             if !is_id(&d.parent_id) {
-                return err(
-                    at("parent_id"),
-                    format!("must be 1 to {MAX_ID_LEN} {ID_CHARS}, found {:?}", d.parent_id),
-                );
+                return err(at("parent_id"), format!("must be 1 to {MAX_ID_LEN} {ID_CHARS}, found {:?}", d.parent_id));
             }
             if d.parent_id == d.id {
                 return err(at("parent_id"), format!("{:?} is the instance itself", d.parent_id));
@@ -255,10 +249,7 @@ mod tests {
         assert_eq!(check_gpu_devices(P, &mut ok), Ok(()));
         let (path, message) = refused(vec![mig("i0", "g", "3g.40gb"), mig("j0", "h", "7g.80gb"), mig("i1", "g", "5g.40gb")]);
         assert_eq!(path, "node.resources.gpus[2].mig_profile");
-        assert_eq!(
-            message,
-            "the MIG instances of GPU \"g\" (node.resources.gpus[0] on) use 8 compute slices; a GPU has 7"
-        );
+        assert_eq!(message, "the MIG instances of GPU \"g\" (node.resources.gpus[0] on) use 8 compute slices; a GPU has 7");
         assert_eq!(refused(vec![mig("i0", "g", "8g.80gb")]).0, "node.resources.gpus[0].mig_profile");
     }
 

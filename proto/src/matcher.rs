@@ -124,7 +124,8 @@ mod tests {
 
     #[test]
     fn versions() {
-        let holds = |op: &str, req: &str, v: &str| parse_version_req(op, req).ok().zip(parse_version(op, v)).is_some_and(|(r, v)| r.matches(&v));
+        let holds =
+            |op: &str, req: &str, v: &str| parse_version_req(op, req).ok().zip(parse_version(op, v)).is_some_and(|(r, v)| r.matches(&v));
         assert!(holds("version", ">= 1.2, < 2.0", "1.5"));
         assert!(!holds("version", ">= 1.2, < 2.0", "2.0"));
         assert!(holds("version", "~> 1.2", "1.9.3"));

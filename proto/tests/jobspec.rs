@@ -9,15 +9,11 @@ use mlp_proto::jobspec::{parse_duration, parse_file, parse_str, validate_job, Jo
 use mlp_proto::v1::{Affinity, GpuRequest, Job, RestartPolicy, Spread, SpreadTarget};
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
 }
 
 fn example(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(name)
 }
 
 /// Parses `src` and returns the full error text; panics if it parses.
@@ -33,8 +29,7 @@ fn with_task(task_body: &str) -> String {
     format!("job \"j\" {{\n  group \"g\" {{\n    task \"t\" {{\n{task_body}    }}\n  }}\n}}\n")
 }
 
-const TASK_OK: &str =
-    "      driver = \"exec\"\n      config {\n        command = \"/bin/true\"\n      }\n";
+const TASK_OK: &str = "      driver = \"exec\"\n      config {\n        command = \"/bin/true\"\n      }\n";
 
 // ---- bad files ----------------------------------------------------------------------------
 
@@ -203,9 +198,7 @@ fn bad_specs_report_positioned_errors() {
 fn multiple_errors_in_one_file_are_all_reported_in_order() {
     let path = fixture("bad/multiple_errors.hcl");
     let err = parse_file(&path).unwrap_err();
-    let text = err
-        .to_string()
-        .replace(&path.display().to_string(), "multiple_errors.hcl");
+    let text = err.to_string().replace(&path.display().to_string(), "multiple_errors.hcl");
     insta::assert_snapshot!("multiple_errors_fixture", text);
     let positions: Vec<_> = err.diagnostics.iter().map(|d| (d.line, d.column)).collect();
     let mut sorted = positions.clone();
@@ -216,9 +209,7 @@ fn multiple_errors_in_one_file_are_all_reported_in_order() {
 
 #[test]
 fn diagnostics_carry_structured_fields() {
-    let src = with_task(&format!(
-        "{TASK_OK}      resources {{\n        memory = 0\n      }}\n"
-    ));
+    let src = with_task(&format!("{TASK_OK}      resources {{\n        memory = 0\n      }}\n"));
     let err = parse_str(&src, "f.hcl").unwrap_err();
     let d = &err.diagnostics[0];
     assert_eq!(d.file.as_deref(), Some("f.hcl"));
@@ -226,19 +217,13 @@ fn diagnostics_carry_structured_fields() {
     assert_eq!(d.path, "job.j.group.g.task.t.resources.memory");
     // Without a file name the position stays, the file goes.
     let err = parse_str(&src, "").unwrap_err();
-    assert!(err
-        .to_string()
-        .starts_with("9:18: job.j.group.g.task.t.resources.memory: "));
+    assert!(err.to_string().starts_with("9:18: job.j.group.g.task.t.resources.memory: "));
 }
 
 #[test]
 fn missing_file_is_an_error() {
     let err = parse_file(Path::new("/nonexistent/job.hcl")).unwrap_err();
-    assert!(
-        err.to_string()
-            .starts_with("/nonexistent/job.hcl: cannot read job spec"),
-        "{err}"
-    );
+    assert!(err.to_string().starts_with("/nonexistent/job.hcl: cannot read job spec"), "{err}");
 }
 
 // ---- good files ---------------------------------------------------------------------------
@@ -255,15 +240,7 @@ fn minimal_job_gets_defaults() {
     assert!(job.status.is_empty());
     let group = &job.groups[0];
     assert_eq!(group.count, Some(1));
-    assert_eq!(
-        group.restart,
-        Some(RestartPolicy {
-            attempts: 2,
-            interval_ms: 30 * 60_000,
-            delay_ms: 15_000,
-            mode: "fail".into()
-        })
-    );
+    assert_eq!(group.restart, Some(RestartPolicy { attempts: 2, interval_ms: 30 * 60_000, delay_ms: 15_000, mode: "fail".into() }));
     let task = &group.tasks[0];
     assert_eq!(task.driver, "exec");
     assert_eq!(task.config.as_ref().unwrap().command, "/bin/true");
@@ -271,10 +248,7 @@ fn minimal_job_gets_defaults() {
     assert_eq!(task.kill_timeout_ms, 5_000);
     assert_eq!(task.max_run_duration_ms, 0);
     let res = task.resources.as_ref().unwrap();
-    assert_eq!(
-        (res.cpu_mhz, res.memory_mib, res.cores, res.disk_mib),
-        (100, 300, 0, 0)
-    );
+    assert_eq!((res.cpu_mhz, res.memory_mib, res.cores, res.disk_mib), (100, 300, 0, 0));
     assert_eq!(res.gpu, None);
 }
 
@@ -287,12 +261,7 @@ fn batch_restart_defaults_fill_partial_blocks() {
     let job = parse_str(&src, "").unwrap();
     assert_eq!(
         job.groups[0].restart,
-        Some(RestartPolicy {
-            attempts: 7,
-            interval_ms: 24 * 3_600_000,
-            delay_ms: 15_000,
-            mode: "fail".into()
-        })
+        Some(RestartPolicy { attempts: 7, interval_ms: 24 * 3_600_000, delay_ms: 15_000, mode: "fail".into() })
     );
     assert_eq!(job.groups[1].restart.as_ref().unwrap().attempts, 3);
 }
@@ -317,49 +286,20 @@ fn full_job_decodes_every_field() {
     assert_eq!(group.count, Some(3));
     assert_eq!(group.constraints[0].attribute, "${node.datacenter}");
     assert_eq!(group.constraints[0].operator, "!=");
-    assert_eq!(
-        group.meta.get("stage").map(String::as_str),
-        Some("pretrain")
-    );
+    assert_eq!(group.meta.get("stage").map(String::as_str), Some("pretrain"));
     assert_eq!(group.meta.get("shard-count").map(String::as_str), Some("8"));
     // Partial restart block: batch defaults for the rest.
-    assert_eq!(
-        group.restart,
-        Some(RestartPolicy {
-            attempts: 5,
-            interval_ms: 86_400_000,
-            delay_ms: 15_000,
-            mode: "delay".into()
-        })
-    );
+    assert_eq!(group.restart, Some(RestartPolicy { attempts: 5, interval_ms: 86_400_000, delay_ms: 15_000, mode: "delay".into() }));
 
     let main = &group.tasks[0];
     assert_eq!(main.driver, "raw_exec");
     let config = main.config.as_ref().unwrap();
     assert_eq!(config.command, "/usr/bin/python3");
-    assert_eq!(
-        config.args,
-        ["train.py", "--epochs", "10", "--dry-run=${DRY}"]
-    );
-    let env: Vec<_> = main
-        .env
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    assert_eq!(
-        env,
-        [
-            ("BATCH", "64"),
-            ("LR", "0.001"),
-            ("NAME", "resnet"),
-            ("VERBOSE", "true")
-        ]
-    );
+    assert_eq!(config.args, ["train.py", "--epochs", "10", "--dry-run=${DRY}"]);
+    let env: Vec<_> = main.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(env, [("BATCH", "64"), ("LR", "0.001"), ("NAME", "resnet"), ("VERBOSE", "true")]);
     let res = main.resources.as_ref().unwrap();
-    assert_eq!(
-        (res.cpu_mhz, res.cores, res.memory_mib, res.disk_mib),
-        (2000, 2, 4096, 10240)
-    );
+    assert_eq!((res.cpu_mhz, res.cores, res.memory_mib, res.disk_mib), (2000, 2, 4096, 10240));
     assert_eq!(res.gpu, Some(GpuRequest { count: Some(2), ..Default::default() }));
     assert_eq!(main.kill_timeout_ms, 90_000);
     assert_eq!(main.max_run_duration_ms, 5_410_000);
@@ -386,23 +326,13 @@ fn example_train_parses() {
     assert_eq!((group.name.as_str(), group.effective_count()), ("trainer", 1));
     assert_eq!(group.restart.as_ref().unwrap().attempts, 1);
     let task = &group.tasks[0];
-    assert_eq!(
-        (task.name.as_str(), task.driver.as_str()),
-        ("train", "exec")
-    );
+    assert_eq!((task.name.as_str(), task.driver.as_str()), ("train", "exec"));
     let config = task.config.as_ref().unwrap();
     assert_eq!(config.command, "/bin/sh");
     assert_eq!(config.args[0], "-c");
-    assert!(
-        config.args[1].contains("training complete"),
-        "{}",
-        config.args[1]
-    );
+    assert!(config.args[1].contains("training complete"), "{}", config.args[1]);
     assert!(config.args[1].contains("epoch $i/5 loss=$loss"));
-    assert_eq!(
-        task.env.get("LEARNING_RATE").map(String::as_str),
-        Some("0.01")
-    );
+    assert_eq!(task.env.get("LEARNING_RATE").map(String::as_str), Some("0.01"));
     let res = task.resources.as_ref().unwrap();
     assert_eq!((res.cpu_mhz, res.memory_mib), (500, 256));
 }
@@ -415,20 +345,11 @@ fn example_serve_parses() {
     let group = &job.groups[0];
     assert_eq!((group.name.as_str(), group.effective_count()), ("api", 2));
     let task = &group.tasks[0];
-    assert_eq!(
-        (task.name.as_str(), task.driver.as_str()),
-        ("server", "exec")
-    );
+    assert_eq!((task.name.as_str(), task.driver.as_str()), ("server", "exec"));
     assert_eq!(task.kill_timeout_ms, 5_000);
     let script = &task.config.as_ref().unwrap().args[1];
-    assert!(
-        script.starts_with("trap 'echo shutting down; exit 0' TERM\n"),
-        "{script}"
-    );
-    assert!(
-        script.contains("$$"),
-        "shell PID variable survives: {script}"
-    );
+    assert!(script.starts_with("trap 'echo shutting down; exit 0' TERM\n"), "{script}");
+    assert!(script.contains("$$"), "shell PID variable survives: {script}");
 }
 
 #[test]
@@ -438,11 +359,7 @@ fn example_scripts_run() {
     let job = parse_file(&example("train.hcl")).unwrap();
     let task = &job.groups[0].tasks[0];
     let config = task.config.as_ref().unwrap();
-    let out = std::process::Command::new(&config.command)
-        .args(&config.args)
-        .envs(&task.env)
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(&config.command).args(&config.args).envs(&task.env).output().unwrap();
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("epoch 1/5 loss=0.9000"), "{stdout}");
@@ -466,10 +383,7 @@ fn validate_job_reports_paths_without_positions() {
     task.kill_timeout_ms = 3_600_001;
     job.groups.push(job.groups[0].clone());
     let err: JobspecError = validate_job(&job).unwrap_err();
-    assert!(err
-        .diagnostics
-        .iter()
-        .all(|d| d.line == 0 && d.column == 0 && d.file.is_none()));
+    assert!(err.diagnostics.iter().all(|d| d.line == 0 && d.column == 0 && d.file.is_none()));
     insta::assert_snapshot!("validate_job_errors", err.to_string());
 }
 
@@ -483,10 +397,7 @@ fn validate_job_accepts_a_json_job() {
     let job: Job = serde_json::from_str(json).unwrap();
     validate_job(&job).unwrap();
     let empty = Job::default();
-    insta::assert_snapshot!(
-        "validate_job_empty",
-        validate_job(&empty).unwrap_err().to_string()
-    );
+    insta::assert_snapshot!("validate_job_empty", validate_job(&empty).unwrap_err().to_string());
 }
 
 #[test]
@@ -594,10 +505,7 @@ fn affinity_and_spread_decode_with_nomad_defaults() {
         g.spreads,
         vec![Spread { attribute: "${meta.rack}".into(), weight: Some(100), targets: vec![target("r1", 70), target("r2", 30)] }]
     );
-    assert_eq!(
-        g.tasks[0].affinities,
-        vec![aff("${attr.gpu.model}", "=", "H100", 100), aff("${meta.nvlink}", "is_set", "", 50)]
-    );
+    assert_eq!(g.tasks[0].affinities, vec![aff("${attr.gpu.model}", "=", "H100", 100), aff("${meta.nvlink}", "is_set", "", 50)]);
 }
 
 #[test]

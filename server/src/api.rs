@@ -8,7 +8,7 @@ use mlp_proto::consts::{alloc_client, eval_status, eval_trigger, node_status};
 use mlp_proto::jobspec;
 use mlp_proto::v1::*;
 
-use crate::leader::{now_ms, Heartbeats, HeartbeatSettings};
+use crate::leader::{now_ms, HeartbeatSettings, Heartbeats};
 use crate::metrics::{Metrics, RaftFigures};
 use crate::raft::node::{RaftNode, WriteError};
 use crate::scheduler;
@@ -99,7 +99,9 @@ pub const MAX_NODE_DRIVERS: usize = 32;
 /// scheduling pass.
 fn check_node_shape(node: &Node) -> Result<(), ApiError> {
     let bad = |m: String| Err(ApiError::InvalidArgument(m));
-    for (field, value) in [("name", &node.name), ("datacenter", &node.datacenter), ("node_pool", &node.node_pool), ("rpc_addr", &node.rpc_addr)] {
+    for (field, value) in
+        [("name", &node.name), ("datacenter", &node.datacenter), ("node_pool", &node.node_pool), ("rpc_addr", &node.rpc_addr)]
+    {
         if value.len() > MAX_NODE_KEY_BYTES || value.chars().any(char::is_control) {
             return bad(format!("node.{field}: at most {MAX_NODE_KEY_BYTES} bytes without control characters (limit: node field length)"));
         }
@@ -116,7 +118,9 @@ fn check_node_shape(node: &Node) -> Result<(), ApiError> {
         }
     }
     if node.drivers.len() > MAX_NODE_DRIVERS || node.drivers.iter().any(|d| d.len() > MAX_NODE_KEY_BYTES) {
-        return bad(format!("node.drivers: at most {MAX_NODE_DRIVERS} drivers of at most {MAX_NODE_KEY_BYTES} bytes (limit: node drivers)"));
+        return bad(format!(
+            "node.drivers: at most {MAX_NODE_DRIVERS} drivers of at most {MAX_NODE_KEY_BYTES} bytes (limit: node drivers)"
+        ));
     }
     Ok(())
 }
@@ -434,8 +438,7 @@ impl Api {
     pub async fn list_evals(&self, job_id: &str) -> Result<ListEvalsResponse, ApiError> {
         self.read_barrier(false).await?;
         let st = self.state.read();
-        let mut evaluations: Vec<Evaluation> =
-            st.evals.values().filter(|e| job_id.is_empty() || e.job_id == job_id).cloned().collect();
+        let mut evaluations: Vec<Evaluation> = st.evals.values().filter(|e| job_id.is_empty() || e.job_id == job_id).cloned().collect();
         evaluations.sort_by_key(|e| e.create_index);
         Ok(ListEvalsResponse { evaluations })
     }
@@ -481,8 +484,7 @@ impl Api {
             return Err(ApiError::InvalidArgument("node.resources must report cpu_total_mhz and memory_mib above 0".into()));
         }
         // GPUs: the shared check (also run by the agent); a negative NUMA node becomes unknown.
-        mlp_proto::gpu::check_gpu_devices("node.resources.gpus", &mut res.gpus)
-            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        mlp_proto::gpu::check_gpu_devices("node.resources.gpus", &mut res.gpus).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         if node.datacenter.is_empty() {
             node.datacenter = "dc1".into();
         }
@@ -505,7 +507,10 @@ impl Api {
         }
         let status = {
             let st = self.state.read();
-            st.nodes.get(node_id).map(|n| n.status.clone()).ok_or_else(|| ApiError::NotFound(format!("node {node_id:?} is not registered")))?
+            st.nodes
+                .get(node_id)
+                .map(|n| n.status.clone())
+                .ok_or_else(|| ApiError::NotFound(format!("node {node_id:?} is not registered")))?
         };
         let ttl = self.heartbeat.ttl_in(&self.state.read());
         self.heartbeats.touch(node_id, ttl);
@@ -579,7 +584,11 @@ impl Api {
             let before = req.updates.len();
             req.updates.retain(|u| st.allocs.contains_key(&u.alloc_id));
             if req.updates.len() < before {
-                tracing::debug!(node_id = req.node_id, dropped = before - req.updates.len(), "updates for allocations no longer in the state dropped");
+                tracing::debug!(
+                    node_id = req.node_id,
+                    dropped = before - req.updates.len(),
+                    "updates for allocations no longer in the state dropped"
+                );
             }
             st.index
         };

@@ -84,10 +84,7 @@ impl alloc_service_server::AllocService for GrpcApi {
         req.alloc_id = alloc.id;
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| Status::internal(format!("bad agent address {addr:?}: {e}")))?;
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| Status::unavailable(format!("agent at {addr} unreachable: {e}")))?;
+        let channel = endpoint.connect().await.map_err(|e| Status::unavailable(format!("agent at {addr} unreachable: {e}")))?;
         let mut client = client_service_client::ClientServiceClient::new(channel);
         let mut upstream = client.logs(req).await?.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -118,14 +115,9 @@ impl alloc_service_server::AllocService for GrpcApi {
     async fn exec(&self, req: Request<tonic::Streaming<ExecRequest>>) -> GrpcResult<Self::ExecStream> {
         self.count();
         let mut inbound = req.into_inner();
-        let mut first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("exec: the stream ended before its first message"))?;
-        let start = first
-            .start
-            .as_mut()
-            .ok_or_else(|| Status::invalid_argument("exec: the first message must carry `start`"))?;
+        let mut first =
+            inbound.message().await?.ok_or_else(|| Status::invalid_argument("exec: the stream ended before its first message"))?;
+        let start = first.start.as_mut().ok_or_else(|| Status::invalid_argument("exec: the first message must carry `start`"))?;
         if start.command.is_empty() {
             return Err(Status::invalid_argument("exec: start.command is empty: name a command to run"));
         }
@@ -188,10 +180,7 @@ impl GrpcApi {
         }
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| Status::internal(format!("bad agent address {addr:?}: {e}")))?;
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| Status::unavailable(format!("agent at {addr} unreachable: {e}")))?;
+        let channel = endpoint.connect().await.map_err(|e| Status::unavailable(format!("agent at {addr} unreachable: {e}")))?;
         Ok(client_service_client::ClientServiceClient::new(channel))
     }
 }

@@ -57,7 +57,10 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")));
         if !json {
-            return Err(HttpError(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid request body: expected `Content-Type: application/json`".into()));
+            return Err(HttpError(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid request body: expected `Content-Type: application/json`".into(),
+            ));
         }
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
@@ -73,13 +76,12 @@ pub fn decode_strict<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, 
     let mut de = serde_json::Deserializer::from_slice(bytes);
     // serde_ignored writes `?` for the step into an `Option`; users never see that level.
     let mut note = |path: serde_ignored::Path<'_>| unknown.push(path.to_string().replace(".?", ""));
-    let value: T = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(&mut de, &mut note))
-        .map_err(|e| {
-            let at = e.path().to_string();
-            let at = if at == "." { String::new() } else { format!("{at}: ") };
-            let code = if e.inner().is_data() { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::BAD_REQUEST };
-            HttpError(code, format!("invalid request body: {at}{}", e.inner()))
-        })?;
+    let value: T = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(&mut de, &mut note)).map_err(|e| {
+        let at = e.path().to_string();
+        let at = if at == "." { String::new() } else { format!("{at}: ") };
+        let code = if e.inner().is_data() { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::BAD_REQUEST };
+        HttpError(code, format!("invalid request body: {at}{}", e.inner()))
+    })?;
     de.end().map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")))?;
     if let Some(first) = unknown.first() {
         let more = if unknown.len() > 1 { format!(" (and {} more)", unknown.len() - 1) } else { String::new() };
@@ -134,11 +136,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .with_state(api)
 }
 
-async fn count_requests(
-    State(api): State<Arc<Api>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
+async fn count_requests(State(api): State<Arc<Api>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     Metrics::inc(&api.metrics.http_requests);
     let resp = next.run(req).await;
     if resp.status().is_client_error() || resp.status().is_server_error() {
@@ -158,8 +156,9 @@ async fn list_jobs(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> Http
 async fn submit_job(State(api): State<Arc<Api>>, StrictJson(body): StrictJson<SubmitJob>) -> HttpResult {
     let job = match (body.job, body.hcl) {
         (Some(job), None) => job,
-        (None, Some(src)) => mlp_proto::jobspec::parse_str(&src, "<request>")
-            .map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?,
+        (None, Some(src)) => {
+            mlp_proto::jobspec::parse_str(&src, "<request>").map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?
+        }
         _ => return Err(HttpError(StatusCode::BAD_REQUEST, "give exactly one of \"job\" (JSON) or \"hcl\" (job spec text)".into())),
     };
     ok(api.register_job(Some(job)).await?)
@@ -186,10 +185,7 @@ async fn job_evals(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p)
 }
 
 async fn list_allocs(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> HttpResult {
-    ok(api
-        .list_allocs(ListAllocsRequest { job_id: p.job_id, node_id: p.node_id, namespace: p.namespace })
-        .await?
-        .allocations)
+    ok(api.list_allocs(ListAllocsRequest { job_id: p.job_id, node_id: p.node_id, namespace: p.namespace }).await?.allocations)
 }
 
 async fn get_alloc(State(api): State<Arc<Api>>, Path(id): Path<String>) -> HttpResult {

@@ -19,8 +19,8 @@ use mlp_proto::v1::{AllocMetric, Allocation, Evaluation};
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
-use crate::raft::node::RaftNode;
 use crate::plan_apply::{check_plan, Checked};
+use crate::raft::node::RaftNode;
 use crate::scheduler;
 use crate::state::{Command, Effect, PlanResult, Request, StateHandle};
 
@@ -70,10 +70,7 @@ impl HeartbeatSettings {
 
 /// Milliseconds since the Unix epoch, the clock written into commands.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Heartbeat deadlines, shared with the agent RPCs that refresh them.
@@ -353,18 +350,14 @@ impl Leader {
             }
         }
         let deadline = Instant::now() + self.settings.ttl_in(&st) + self.settings.failover_grace;
-        self.heartbeats.reset(
-            st.nodes.values().filter(|n| n.status != node_status::DOWN).map(|n| n.id.clone()),
-            deadline,
-        );
+        self.heartbeats.reset(st.nodes.values().filter(|n| n.status != node_status::DOWN).map(|n| n.id.clone()), deadline);
     }
 
     /// Re-runs blocked evaluations in priority, then submit, order (only those of priority at
     /// least `floor`, when given). Runs that place nothing write nothing, so a long blocked
     /// queue costs scheduler time only, not Raft writes.
     async fn unblock(&self, q: &mut Queues, floor: Option<i32>) {
-        let order: Vec<BlockedKey> =
-            q.blocked.iter().filter(|k| floor.is_none_or(|f| k.0 .0 >= f)).cloned().collect();
+        let order: Vec<BlockedKey> = q.blocked.iter().filter(|k| floor.is_none_or(|f| k.0 .0 >= f)).cloned().collect();
         // Requests that failed for lack of capacity in this pass: a later evaluation asking for
         // at least as much in every dimension can't fit either.
         let mut exhausted: Vec<[u64; 4]> = Vec::new();
@@ -619,14 +612,7 @@ impl Leader {
         new_evals.extend(follow_ups);
         let req = Request {
             now_ms: now_ms(),
-            command: Command::ApplyPlan(PlanResult {
-                eval: Some(eval),
-                placements: accepted,
-                stops,
-                new_evals,
-                annotations,
-                preemptions,
-            }),
+            command: Command::ApplyPlan(PlanResult { eval: Some(eval), placements: accepted, stops, new_evals, annotations, preemptions }),
         };
         let result = self.raft.write(req).await;
         self.release(&committed);
@@ -758,7 +744,9 @@ pub fn drain_step(st: &crate::state::ClusterState, node: &mlp_proto::v1::Node, n
         return step;
     }
     remaining.retain(|a| !a.desired_migrate);
-    remaining.sort_by(|a, b| (&a.namespace, &a.job_id, &a.task_group, a.index, &a.id).cmp(&(&b.namespace, &b.job_id, &b.task_group, b.index, &b.id)));
+    remaining.sort_by(|a, b| {
+        (&a.namespace, &a.job_id, &a.task_group, a.index, &a.id).cmp(&(&b.namespace, &b.job_id, &b.task_group, b.index, &b.id))
+    });
     if drain.force_deadline_ms > 0 && now >= drain.force_deadline_ms {
         step.forced = true;
         step.migrate = remaining.iter().map(|a| a.id.clone()).collect();
@@ -850,7 +838,10 @@ pub fn node_evals(st: &crate::state::ClusterState, node_id: &str) -> Vec<Evaluat
 pub fn explain_failures(failed: &BTreeMap<String, AllocMetric>) -> Vec<String> {
     let mut out = Vec::new();
     for (group, m) in failed {
-        out.push(format!("task group {group:?}: {} nodes evaluated, {} filtered, {} exhausted", m.nodes_evaluated, m.nodes_filtered, m.nodes_exhausted));
+        out.push(format!(
+            "task group {group:?}: {} nodes evaluated, {} filtered, {} exhausted",
+            m.nodes_evaluated, m.nodes_filtered, m.nodes_exhausted
+        ));
         for line in scheduler::explain(m) {
             out.push(format!("  * {line}"));
         }
@@ -894,16 +885,18 @@ mod drain_and_ttl_tests {
     /// Node n1 draining with allocations a0..a3 of job j (max_parallel `mp`).
     fn draining(mp: Option<u32>, force_deadline_ms: u64) -> (ClusterState, Node) {
         let mut st = ClusterState::default();
-        let node = Node {
-            id: "n1".into(),
-            drain_strategy: Some(DrainStrategy { force_deadline_ms, ..Default::default() }),
-            ..Default::default()
-        };
+        let node =
+            Node { id: "n1".into(), drain_strategy: Some(DrainStrategy { force_deadline_ms, ..Default::default() }), ..Default::default() };
         st.nodes.insert("n1".into(), node.clone());
         let job = Job {
             id: "j".into(),
             namespace: "default".into(),
-            groups: vec![TaskGroup { name: "g".into(), count: Some(4), migrate: mp.map(|m| MigrateStrategy { max_parallel: m }), ..Default::default() }],
+            groups: vec![TaskGroup {
+                name: "g".into(),
+                count: Some(4),
+                migrate: mp.map(|m| MigrateStrategy { max_parallel: m }),
+                ..Default::default()
+            }],
             ..Default::default()
         };
         st.jobs.insert("default/j".into(), job);

@@ -1,16 +1,16 @@
 //! mlp server: the Raft-replicated cluster state, the scheduler, the leader's evaluation and
 //! plan loops, and the gRPC and HTTP APIs.
 
-pub mod raft;
-pub mod scheduler;
-pub mod sim;
-pub mod state;
 pub mod api;
 pub mod grpc;
 pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod plan_apply;
+pub mod raft;
+pub mod scheduler;
 pub mod server;
+pub mod sim;
+pub mod state;
 
 pub use server::{ClusterSettings, Server, ServerConfig, ServerError};

@@ -109,7 +109,10 @@ impl Metrics {
             let _ = writeln!(out, "{name}{{status=\"{}\"}} {v}", escape_label(label));
         }
         let live = state.allocs.values().filter(|a| !alloc_client::is_terminal(&a.client_status)).count();
-        let _ = writeln!(out, "# HELP mlp_allocations_live Allocations not yet terminal.\n# TYPE mlp_allocations_live gauge\nmlp_allocations_live {live}");
+        let _ = writeln!(
+            out,
+            "# HELP mlp_allocations_live Allocations not yet terminal.\n# TYPE mlp_allocations_live gauge\nmlp_allocations_live {live}"
+        );
         render_task_usage(&mut out, state);
         out
     }

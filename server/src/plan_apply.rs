@@ -31,34 +31,15 @@ pub struct Checked {
 
 /// Re-checks `plan` against `st` plus `in_flight` (accepted placements of other plans that are
 /// not committed yet). See the module rules.
-pub fn check_plan(
-    st: &ClusterState,
-    plan: Plan,
-    in_flight: &BTreeMap<String, Allocation>,
-) -> Checked {
-    let Plan {
-        placements,
-        stops,
-        atomic,
-        preemptions,
-        ..
-    } = plan;
+pub fn check_plan(st: &ClusterState, plan: Plan, in_flight: &BTreeMap<String, Allocation>) -> Checked {
+    let Plan { placements, stops, atomic, preemptions, .. } = plan;
     let victims: BTreeSet<String> = preemptions.iter().map(|p| p.victim.clone()).collect();
     // Evictions of allocations that ended meanwhile evict nothing.
     let live_victim = |id: &str| st.allocs.get(id).is_some_and(resources::is_live);
     let mut rejected: BTreeSet<String> = BTreeSet::new();
     loop {
-        let mut freed: BTreeSet<&str> = stops
-            .iter()
-            .map(|s| s.alloc_id.as_str())
-            .filter(|id| !victims.contains(*id))
-            .collect();
-        freed.extend(
-            preemptions
-                .iter()
-                .filter(|p| !rejected.contains(&p.by_alloc) && live_victim(&p.victim))
-                .map(|p| p.victim.as_str()),
-        );
+        let mut freed: BTreeSet<&str> = stops.iter().map(|s| s.alloc_id.as_str()).filter(|id| !victims.contains(*id)).collect();
+        freed.extend(preemptions.iter().filter(|p| !rejected.contains(&p.by_alloc) && live_victim(&p.victim)).map(|p| p.victim.as_str()));
         let mut by_node: BTreeMap<&str, Vec<&Allocation>> = BTreeMap::new();
         for p in placements.iter().filter(|p| !rejected.contains(&p.id)) {
             by_node.entry(p.node_id.as_str()).or_default().push(p);
@@ -67,11 +48,8 @@ pub fn check_plan(
         for (node_id, allocs) in by_node {
             let fits = match st.nodes.get(node_id) {
                 Some(node) => {
-                    let refs: Vec<&Allocation> = in_flight
-                        .values()
-                        .filter(|a| a.node_id == node_id)
-                        .chain(allocs.iter().copied())
-                        .collect();
+                    let refs: Vec<&Allocation> =
+                        in_flight.values().filter(|a| a.node_id == node_id).chain(allocs.iter().copied()).collect();
                     scheduler::check_node_fit_freeing(st, node, &refs, &freed)
                 }
                 None => Err(format!("node {node_id} is gone")),
@@ -82,10 +60,7 @@ pub fn check_plan(
             }
         }
         for gang in &atomic {
-            if gang
-                .iter()
-                .any(|id| newly.contains(id) || rejected.contains(id))
-            {
+            if gang.iter().any(|id| newly.contains(id) || rejected.contains(id)) {
                 newly.extend(gang.iter().cloned());
             }
         }
@@ -95,32 +70,21 @@ pub fn check_plan(
         }
         rejected.extend(newly);
     }
-    let kept: Vec<Preempted> = preemptions
-        .into_iter()
-        .filter(|p| !rejected.contains(&p.by_alloc) && live_victim(&p.victim))
-        .collect();
+    let kept: Vec<Preempted> = preemptions.into_iter().filter(|p| !rejected.contains(&p.by_alloc) && live_victim(&p.victim)).collect();
     let kept_victims: BTreeSet<&str> = kept.iter().map(|p| p.victim.as_str()).collect();
-    let stops: Vec<AllocStop> = stops
-        .into_iter()
-        .filter(|s| !victims.contains(&s.alloc_id) || kept_victims.contains(s.alloc_id.as_str()))
-        .collect();
+    let stops: Vec<AllocStop> =
+        stops.into_iter().filter(|s| !victims.contains(&s.alloc_id) || kept_victims.contains(s.alloc_id.as_str())).collect();
     let mut accepted = Vec::new();
     let mut count = 0;
     for mut p in placements {
         if rejected.contains(&p.id) {
             count += 1;
         } else {
-            p.preempted_allocations
-                .retain(|v| kept_victims.contains(v.as_str()));
+            p.preempted_allocations.retain(|v| kept_victims.contains(v.as_str()));
             accepted.push(p);
         }
     }
-    Checked {
-        accepted,
-        stops,
-        preemptions: kept,
-        rejected: count,
-    }
+    Checked { accepted, stops, preemptions: kept, rejected: count }
 }
 
 /// Evaluations for the jobs whose allocations a plan evicts, so that each gets its replacement
@@ -133,10 +97,7 @@ pub fn victim_evals(st: &ClusterState, preemptions: &[Preempted]) -> Vec<Evaluat
         }
     }
     jobs.into_iter()
-        .filter_map(|(ns, id)| {
-            st.job(&ns, &id)
-                .map(|j| (ns, id, j.priority, j.r#type.clone()))
-        })
+        .filter_map(|(ns, id)| st.job(&ns, &id).map(|j| (ns, id, j.priority, j.r#type.clone())))
         .map(|(namespace, job_id, priority, r#type)| Evaluation {
             id: uuid::Uuid::new_v4().to_string(),
             namespace,

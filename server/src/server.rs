@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use mlp_proto::v1::{
-    agent_service_server::AgentServiceServer, alloc_service_server::AllocServiceServer,
-    eval_service_server::EvalServiceServer, job_service_server::JobServiceServer,
-    node_service_server::NodeServiceServer, status_service_server::StatusServiceServer,
+    agent_service_server::AgentServiceServer, alloc_service_server::AllocServiceServer, eval_service_server::EvalServiceServer,
+    job_service_server::JobServiceServer, node_service_server::NodeServiceServer, status_service_server::StatusServiceServer,
     system_service_server::SystemServiceServer,
 };
 use tokio::sync::watch;
@@ -94,8 +93,7 @@ impl Server {
     /// single-voter server returns once it leads, a clustered one right away (formation goes
     /// on in the background).
     pub async fn start_clustered(config: ServerConfig, cluster: ClusterSettings) -> Result<Server, ServerError> {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
         config.grpc_listener.set_nonblocking(true).map_err(ServerError::Listener)?;
         config.http_listener.set_nonblocking(true).map_err(ServerError::Listener)?;
         let grpc_addr = config.grpc_listener.local_addr().map_err(ServerError::Listener)?;

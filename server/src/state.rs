@@ -8,8 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-use mlp_proto::consts::{alloc_client, alloc_desired, eval_status, job_status, job_type, node_status};
 use mlp_proto::consts::eval_trigger;
+use mlp_proto::consts::{alloc_client, alloc_desired, eval_status, job_status, job_type, node_status};
 use mlp_proto::v1::{AllocClientUpdate, Allocation, DrainStrategy, Evaluation, Job, Node, NodeEvent};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -183,10 +183,7 @@ impl ClusterState {
         self.evals_by_job.clear();
         for a in self.allocs.values() {
             self.allocs_by_node.entry(a.node_id.clone()).or_default().insert(a.id.clone());
-            self.allocs_by_job
-                .entry(job_key(&a.namespace, &a.job_id))
-                .or_default()
-                .insert(a.id.clone());
+            self.allocs_by_job.entry(job_key(&a.namespace, &a.job_id)).or_default().insert(a.id.clone());
         }
         for e in self.evals.values() {
             self.evals_by_job.entry(job_key(&e.namespace, &e.job_id)).or_default().insert(e.id.clone());
@@ -198,25 +195,15 @@ impl ClusterState {
     }
 
     pub fn job_version(&self, namespace: &str, job_id: &str, version: u64) -> Option<&Job> {
-        self.job_versions
-            .get(&job_key(namespace, job_id))
-            .and_then(|vs| vs.iter().find(|j| j.version == version))
+        self.job_versions.get(&job_key(namespace, job_id)).and_then(|vs| vs.iter().find(|j| j.version == version))
     }
 
     pub fn allocs_for_job<'a>(&'a self, namespace: &str, job_id: &str) -> impl Iterator<Item = &'a Allocation> + 'a {
-        self.allocs_by_job
-            .get(&job_key(namespace, job_id))
-            .into_iter()
-            .flat_map(|ids| ids.iter())
-            .filter_map(|id| self.allocs.get(id))
+        self.allocs_by_job.get(&job_key(namespace, job_id)).into_iter().flat_map(|ids| ids.iter()).filter_map(|id| self.allocs.get(id))
     }
 
     pub fn allocs_for_node<'a>(&'a self, node_id: &str) -> impl Iterator<Item = &'a Allocation> + 'a {
-        self.allocs_by_node
-            .get(node_id)
-            .into_iter()
-            .flat_map(|ids| ids.iter())
-            .filter_map(|id| self.allocs.get(id))
+        self.allocs_by_node.get(node_id).into_iter().flat_map(|ids| ids.iter()).filter_map(|id| self.allocs.get(id))
     }
 
     /// The job's evaluations, through the `evals_by_job` index (this runs for every evaluation the
@@ -267,10 +254,8 @@ impl ClusterState {
                         resp.error = Some(format!("evaluation id {:?} belongs to another job", eval.id));
                         return resp;
                     }
-                    let produced = self
-                        .job_versions
-                        .get(&key)
-                        .and_then(|vs| vs.iter().rev().find(|v| v.job_modify_index == prev.job_modify_index));
+                    let produced =
+                        self.job_versions.get(&key).and_then(|vs| vs.iter().rev().find(|v| v.job_modify_index == prev.job_modify_index));
                     if produced.is_some_and(|v| same_spec(v, job)) {
                         resp.job_version = self.jobs.get(&key).map(|j| j.version);
                         return resp;
@@ -531,7 +516,8 @@ impl ClusterState {
                     return resp;
                 };
                 if *eligible && node.drain_strategy.is_some() {
-                    resp.error = Some(format!("node {} is draining; cancel the drain (`mlp node drain --disable`) to make it eligible", node.name));
+                    resp.error =
+                        Some(format!("node {} is draining; cancel the drain (`mlp node drain --disable`) to make it eligible", node.name));
                     return resp;
                 }
                 if node.eligible != *eligible {
@@ -683,10 +669,7 @@ impl ClusterState {
 
     fn insert_alloc(&mut self, a: Allocation) {
         self.allocs_by_node.entry(a.node_id.clone()).or_default().insert(a.id.clone());
-        self.allocs_by_job
-            .entry(job_key(&a.namespace, &a.job_id))
-            .or_default()
-            .insert(a.id.clone());
+        self.allocs_by_job.entry(job_key(&a.namespace, &a.job_id)).or_default().insert(a.id.clone());
         self.allocs.insert(a.id.clone(), a);
     }
 
@@ -713,8 +696,7 @@ impl ClusterState {
             } else {
                 job_status::PENDING
             }
-        } else if job.stop
-            || (job.r#type == job_type::BATCH && (complete >= wanted || self.job_has_only_terminal_allocs(&ns, &id, wanted)))
+        } else if job.stop || (job.r#type == job_type::BATCH && (complete >= wanted || self.job_has_only_terminal_allocs(&ns, &id, wanted)))
         {
             job_status::DEAD
         } else {
@@ -833,12 +815,7 @@ impl StateHandle {
         let (applied, _) = watch::channel(0);
         let (effects_tx, effects_rx) = mpsc::unbounded_channel();
         let (node_changes, _) = broadcast::channel(1024);
-        let handle = Arc::new(StateHandle {
-            state: RwLock::new(ClusterState::default()),
-            applied,
-            effects: effects_tx,
-            node_changes,
-        });
+        let handle = Arc::new(StateHandle { state: RwLock::new(ClusterState::default()), applied, effects: effects_tx, node_changes });
         (handle, StateEvents { effects: effects_rx })
     }
 
@@ -1051,15 +1028,27 @@ mod tests {
         let mut st = ClusterState::default();
         let mut fx = Vec::new();
         st.apply(1, &req(Command::RegisterJob { job: job("a", 1), eval: eval("e1", "a") }), &mut fx);
-        let r = st.apply(2, &req(Command::StopJob { namespace: "default".into(), job_id: "a".into(), purge: false, eval: eval("e2", "a") }), &mut fx);
+        let r = st.apply(
+            2,
+            &req(Command::StopJob { namespace: "default".into(), job_id: "a".into(), purge: false, eval: eval("e2", "a") }),
+            &mut fx,
+        );
         assert!(r.error.is_none());
         let j = st.job("default", "a").cloned().unwrap_or_default();
         assert!(j.stop);
         assert_eq!(j.version, 1);
         assert_eq!(j.status, job_status::DEAD);
-        st.apply(3, &req(Command::StopJob { namespace: "default".into(), job_id: "a".into(), purge: true, eval: eval("e3", "a") }), &mut fx);
+        st.apply(
+            3,
+            &req(Command::StopJob { namespace: "default".into(), job_id: "a".into(), purge: true, eval: eval("e3", "a") }),
+            &mut fx,
+        );
         assert!(st.job("default", "a").is_none());
-        let r = st.apply(4, &req(Command::StopJob { namespace: "default".into(), job_id: "zz".into(), purge: false, eval: eval("e4", "zz") }), &mut fx);
+        let r = st.apply(
+            4,
+            &req(Command::StopJob { namespace: "default".into(), job_id: "zz".into(), purge: false, eval: eval("e4", "zz") }),
+            &mut fx,
+        );
         assert!(r.error.is_some());
     }
 
@@ -1096,7 +1085,8 @@ mod tests {
     fn snapshot_round_trip_rebuilds_indexes() {
         let (h, _ev) = StateHandle::new();
         h.apply(1, &req(Command::RegisterJob { job: job("a", 1), eval: eval("e1", "a") }));
-        let alloc = Allocation { id: "al1".into(), node_id: "n1".into(), job_id: "a".into(), namespace: "default".into(), ..Default::default() };
+        let alloc =
+            Allocation { id: "al1".into(), node_id: "n1".into(), job_id: "a".into(), namespace: "default".into(), ..Default::default() };
         h.apply(2, &req(Command::ApplyPlan(PlanResult { placements: vec![alloc], ..Default::default() })));
         let bytes = h.to_snapshot_bytes().unwrap_or_default();
         let (h2, _ev2) = StateHandle::new();
@@ -1134,7 +1124,8 @@ mod tests {
         st.apply(1, &req(Command::UpsertNode { node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() } }), &mut fx);
         assert!(st.nodes["n1"].eligible);
         let drain = mlp_proto::v1::DrainStrategy { started_at_ms: 1000, ..Default::default() };
-        let start = Command::UpdateNodeDrain { node_id: "n1".into(), drain: Some(drain), mark_eligible: false, message: "drain started".into() };
+        let start =
+            Command::UpdateNodeDrain { node_id: "n1".into(), drain: Some(drain), mark_eligible: false, message: "drain started".into() };
         st.apply(2, &req(start), &mut fx);
         assert!(!st.nodes["n1"].eligible && st.nodes["n1"].drain_strategy.is_some());
         // Eligibility can't be turned on while draining; a re-registration keeps the drain.

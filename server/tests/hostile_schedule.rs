@@ -17,11 +17,15 @@ use proptest::prelude::*;
 
 const PER_PLAN: Duration = Duration::from_secs(20);
 
-const ATTRIBUTES: &[&str] = &["${attr.kernel.name}", "${attr.os.version}", "${meta.rack}", "${node.id}", "${attr.gpu.models}", "${attr.missing}"];
-const OPERATORS: &[&str] = &["", "=", "!=", "<", ">=", "regexp", "version", "semver", "set_contains", "set_contains_any", "is_set", "is_not_set"];
-const VALUES: &[&str] = &["linux", "22.04", ">= 20.4, < 23", "~> 22.1", ">= 1.0.0", "^(a+)+$", "^l.*x$", "r1", "r1,r2", "A100,H100", "é", "a{1000}"];
+const ATTRIBUTES: &[&str] =
+    &["${attr.kernel.name}", "${attr.os.version}", "${meta.rack}", "${node.id}", "${attr.gpu.models}", "${attr.missing}"];
+const OPERATORS: &[&str] =
+    &["", "=", "!=", "<", ">=", "regexp", "version", "semver", "set_contains", "set_contains_any", "is_set", "is_not_set"];
+const VALUES: &[&str] =
+    &["linux", "22.04", ">= 20.4, < 23", "~> 22.1", ">= 1.0.0", "^(a+)+$", "^l.*x$", "r1", "r1,r2", "A100,H100", "é", "a{1000}"];
 /// Operands the validator must refuse (or that only some operators accept).
-const HOSTILE_VALUES: &[&str] = &["(", "", "\u{0}", "99999999999999999999", "((((((((((((((((((((((((((((((((((a))))))))))))))))))))))))))))))))))"];
+const HOSTILE_VALUES: &[&str] =
+    &["(", "", "\u{0}", "99999999999999999999", "((((((((((((((((((((((((((((((((((a))))))))))))))))))))))))))))))))))"];
 
 fn node(i: usize) -> Node {
     Node {
@@ -30,10 +34,14 @@ fn node(i: usize) -> Node {
         status: node_status::READY.into(),
         eligible: true,
         drivers: vec!["exec".into(), "raw_exec".into()],
-        attributes: [("kernel.name", "linux"), ("os.version", if i.is_multiple_of(2) { "22.04" } else { "20.04.6" }), ("gpu.models", "A100")]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        attributes: [
+            ("kernel.name", "linux"),
+            ("os.version", if i.is_multiple_of(2) { "22.04" } else { "20.04.6" }),
+            ("gpu.models", "A100"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
         meta: [("rack".to_string(), format!("r{}", i % 3))].into_iter().collect(),
         resources: Some(NodeResources {
             cpu_cores: 8,
@@ -62,29 +70,28 @@ fn constraint() -> impl Strategy<Value = Constraint> {
 }
 
 fn affinity() -> impl Strategy<Value = Affinity> {
-    (pick(ATTRIBUTES), pick(OPERATORS), value(), prop::option::of(prop_oneof![9 => -100i32..=100, 1 => any::<i32>()])).prop_map(|(attribute, operator, value, weight)| Affinity {
-        attribute,
-        operator,
-        value,
-        weight,
-    })
+    (pick(ATTRIBUTES), pick(OPERATORS), value(), prop::option::of(prop_oneof![9 => -100i32..=100, 1 => any::<i32>()]))
+        .prop_map(|(attribute, operator, value, weight)| Affinity { attribute, operator, value, weight })
 }
 
 fn spread() -> impl Strategy<Value = Spread> {
-    (pick(ATTRIBUTES), prop::option::of(prop_oneof![9 => 1u32..=100, 1 => any::<u32>()]), prop::collection::vec((value(), 0u32..40), 0..3)).prop_map(|(attribute, weight, targets)| Spread {
-        attribute,
-        weight,
-        targets: targets.into_iter().map(|(value, percent)| SpreadTarget { value, percent }).collect(),
-    })
+    (pick(ATTRIBUTES), prop::option::of(prop_oneof![9 => 1u32..=100, 1 => any::<u32>()]), prop::collection::vec((value(), 0u32..40), 0..3))
+        .prop_map(|(attribute, weight, targets)| Spread {
+            attribute,
+            weight,
+            targets: targets.into_iter().map(|(value, percent)| SpreadTarget { value, percent }).collect(),
+        })
 }
 
 fn gpu() -> impl Strategy<Value = Option<GpuRequest>> {
-    prop::option::of((prop::option::of(0u32..6), prop_oneof![3 => Just(0u32), 1 => 0u32..1200], prop::bool::ANY).prop_map(|(count, share_milli, model)| GpuRequest {
-        count: if share_milli > 0 { Some(1) } else { count },
-        share_milli,
-        models: if model { vec!["A100".into()] } else { vec![] },
-        ..Default::default()
-    }))
+    prop::option::of((prop::option::of(0u32..6), prop_oneof![3 => Just(0u32), 1 => 0u32..1200], prop::bool::ANY).prop_map(
+        |(count, share_milli, model)| GpuRequest {
+            count: if share_milli > 0 { Some(1) } else { count },
+            share_milli,
+            models: if model { vec!["A100".into()] } else { vec![] },
+            ..Default::default()
+        },
+    ))
 }
 
 prop_compose! {

@@ -67,11 +67,7 @@ fn job(id: &str, count: u32, cpu: u64, spread: bool) -> Job {
         groups: vec![TaskGroup {
             name: "g".into(),
             count: Some(count),
-            spreads: if spread {
-                vec![Spread { attribute: "${meta.rack}".into(), weight: Some(50), targets: vec![] }]
-            } else {
-                vec![]
-            },
+            spreads: if spread { vec![Spread { attribute: "${meta.rack}".into(), weight: Some(50), targets: vec![] }] } else { vec![] },
             tasks: vec![Task {
                 name: "t".into(),
                 driver: "exec".into(),

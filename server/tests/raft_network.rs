@@ -16,18 +16,12 @@ use tokio::net::TcpListener;
 fn serve(raft: MlpRaft, listener: TcpListener) -> tokio::task::JoinHandle<()> {
     let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None).unwrap();
     tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(raft_grpc_service(raft))
-            .serve_with_incoming(incoming)
-            .await;
+        let _ = tonic::transport::Server::builder().add_service(raft_grpc_service(raft)).serve_with_incoming(incoming).await;
     })
 }
 
 fn upsert(i: usize) -> Request {
-    Request {
-        now_ms: 1_000 + i as u64,
-        command: Command::UpsertNode { node: Node { id: format!("node-{i:04}"), ..Default::default() } },
-    }
+    Request { now_ms: 1_000 + i as u64, command: Command::UpsertNode { node: Node { id: format!("node-{i:04}"), ..Default::default() } } }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,19 +34,12 @@ async fn raft_network_learner_catches_up_over_grpc() {
     let addr_a = listener_a.local_addr().unwrap().to_string();
     let (state_a, _ev_a) = StateHandle::new();
     let settings = RaftSettings { snapshot_logs: 20, max_in_snapshot_log_to_keep: 5, ..Default::default() };
-    let a = tokio::time::timeout(Duration::from_secs(30), start(dir_a.path(), addr_a, settings, state_a))
-        .await
-        .unwrap()
-        .unwrap();
+    let a = tokio::time::timeout(Duration::from_secs(30), start(dir_a.path(), addr_a, settings, state_a)).await.unwrap().unwrap();
     let server_a = serve(a.raft.clone(), listener_a);
     for i in 0..60 {
         a.write(upsert(i)).await.unwrap();
     }
-    a.raft
-        .wait(Some(Duration::from_secs(10)))
-        .metrics(|m| m.purged.is_some(), "log purged")
-        .await
-        .unwrap();
+    a.raft.wait(Some(Duration::from_secs(10))).metrics(|m| m.purged.is_some(), "log purged").await.unwrap();
 
     // Learner: an uninitialized Raft built from the same pieces.
     let listener_b = TcpListener::bind("127.0.0.1:0").await.unwrap();

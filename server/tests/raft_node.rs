@@ -39,18 +39,14 @@ async fn stop_node(node: RaftNode, server: JoinHandle<()>) {
 fn upsert(i: usize) -> Request {
     Request {
         now_ms: 1_000 + i as u64,
-        command: Command::UpsertNode {
-            node: Node { id: format!("node-{i:04}"), name: format!("n{i}"), ..Default::default() },
-        },
+        command: Command::UpsertNode { node: Node { id: format!("node-{i:04}"), name: format!("n{i}"), ..Default::default() } },
     }
 }
 
 async fn write_range(node: &RaftNode, range: std::ops::Range<usize>) {
     for i in range {
-        let resp = tokio::time::timeout(Duration::from_secs(10), node.write(upsert(i)))
-            .await
-            .expect("write timed out")
-            .expect("write failed");
+        let resp =
+            tokio::time::timeout(Duration::from_secs(10), node.write(upsert(i))).await.expect("write timed out").expect("write failed");
         assert!(resp.index > 0);
     }
 }
@@ -66,10 +62,7 @@ async fn raft_node_writes_survive_restart() {
     assert!(node.is_leader());
     // The watch follows the Raft metrics from a task of its own: it may trail `is_leader` briefly.
     let mut watch = node.leader_watch();
-    tokio::time::timeout(Duration::from_secs(5), watch.wait_for(|l| *l))
-        .await
-        .expect("leader watch turns true")
-        .expect("watch open");
+    tokio::time::timeout(Duration::from_secs(5), watch.wait_for(|l| *l)).await.expect("leader watch turns true").expect("watch open");
     assert!(node.leader_addr().is_some());
     let first_id = node.node_id;
     write_range(&node, 0..50).await;

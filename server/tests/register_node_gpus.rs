@@ -38,10 +38,7 @@ async fn bad_gpus_are_refused_with_the_field_path_and_change_nothing() {
             "node.resources.gpus[1].mig_profile: the MIG instances of GPU \"g0\"",
         ),
         (vec![mig("i0", "i0", "1g.10gb")], "node.resources.gpus[0].parent_id: \"i0\" is the instance itself"),
-        (
-            vec![mig("i0", "g0", "1g.10gb"), mig("i1", "i0", "1g.10gb")],
-            "node.resources.gpus[1].parent_id: \"i0\" is a MIG instance",
-        ),
+        (vec![mig("i0", "g0", "1g.10gb"), mig("i1", "i0", "1g.10gb")], "node.resources.gpus[1].parent_id: \"i0\" is a MIG instance"),
         (vec![linked, gpu("g1")], "node.resources.gpus[0].nvlink_peers[1]: no registered device has the id \"g9\""),
     ];
     let nodes_before = server.api.state.read().nodes.len();

@@ -44,22 +44,8 @@ struct JobSpec {
 }
 
 fn node_spec() -> impl Strategy<Value = NodeSpec> {
-    (
-        prop::sample::select(vec![1000u64, 2000, 4000]),
-        0usize..4,
-        0u8..2,
-        prop::bool::weighted(0.2),
-        0u8..3,
-        any::<bool>(),
-    )
-        .prop_map(|(cpu, gpus, rack, windows, mig, topology)| NodeSpec {
-            cpu,
-            gpus,
-            rack,
-            windows,
-            mig,
-            topology,
-        })
+    (prop::sample::select(vec![1000u64, 2000, 4000]), 0usize..4, 0u8..2, prop::bool::weighted(0.2), 0u8..3, any::<bool>())
+        .prop_map(|(cpu, gpus, rack, windows, mig, topology)| NodeSpec { cpu, gpus, rack, windows, mig, topology })
 }
 
 fn job_spec() -> impl Strategy<Value = JobSpec> {
@@ -72,17 +58,15 @@ fn job_spec() -> impl Strategy<Value = JobSpec> {
         0u8..4,
         prop::bool::weighted(0.3),
     )
-        .prop_map(
-            |(priority, batch, count, cpu, gpu, gang, linux_only)| JobSpec {
-                priority,
-                batch,
-                count,
-                cpu,
-                gpu,
-                gang,
-                linux_only,
-            },
-        )
+        .prop_map(|(priority, batch, count, cpu, gpu, gang, linux_only)| JobSpec {
+            priority,
+            batch,
+            count,
+            cpu,
+            gpu,
+            gang,
+            linux_only,
+        })
 }
 
 /// One step of the interleaving: which jobs' plans are computed on the same snapshot, the order
@@ -97,18 +81,8 @@ struct Round {
 }
 
 fn round(n_jobs: usize) -> impl Strategy<Value = Round> {
-    (
-        prop::collection::vec(0..n_jobs, 1..3),
-        any::<u64>(),
-        1usize..4,
-        prop::collection::vec(0usize..50, 0..3),
-    )
-        .prop_map(|(jobs, order_seed, commit_every, finish)| Round {
-            jobs,
-            order_seed,
-            commit_every,
-            finish,
-        })
+    (prop::collection::vec(0..n_jobs, 1..3), any::<u64>(), 1usize..4, prop::collection::vec(0usize..50, 0..3))
+        .prop_map(|(jobs, order_seed, commit_every, finish)| Round { jobs, order_seed, commit_every, finish })
 }
 
 fn make_node(i: usize, s: &NodeSpec) -> Node {
@@ -118,15 +92,8 @@ fn make_node(i: usize, s: &NodeSpec) -> Node {
         name: id.clone(),
         status: node_status::READY.into(),
         drivers: vec!["exec".into()],
-        attributes: [(
-            "kernel.name".to_string(),
-            if s.windows { "windows" } else { "linux" }.to_string(),
-        )]
-        .into_iter()
-        .collect(),
-        meta: [("rack".to_string(), format!("r{}", s.rack))]
-            .into_iter()
-            .collect(),
+        attributes: [("kernel.name".to_string(), if s.windows { "windows" } else { "linux" }.to_string())].into_iter().collect(),
+        meta: [("rack".to_string(), format!("r{}", s.rack))].into_iter().collect(),
         resources: Some(NodeResources {
             cpu_cores: 4,
             cpu_mhz_per_core: s.cpu / 4,
@@ -145,16 +112,8 @@ fn make_gpus(node: &str, s: &NodeSpec) -> Vec<GpuDevice> {
             id: format!("{node}-g{g}"),
             model: "A100".into(),
             memory_mib: 40_960,
-            nvlink_peers: if s.topology {
-                vec![format!("{node}-g{}", g ^ 1)]
-            } else {
-                vec![]
-            },
-            pci_switch: if s.topology {
-                format!("sw{}", g / 2)
-            } else {
-                String::new()
-            },
+            nvlink_peers: if s.topology { vec![format!("{node}-g{}", g ^ 1)] } else { vec![] },
+            pci_switch: if s.topology { format!("sw{}", g / 2) } else { String::new() },
             numa_node: s.topology.then_some((g / 4) as i32),
             ..Default::default()
         })
@@ -172,12 +131,7 @@ fn make_gpus(node: &str, s: &NodeSpec) -> Vec<GpuDevice> {
         1 => gpus.extend([instance(0, "3g.40gb", 40_960), instance(1, "3g.40gb", 40_960)]),
         2 => {
             // The agent lists only instances, but a parent listed anyway must not be allocatable.
-            gpus.push(GpuDevice {
-                id: parent.clone(),
-                model: "A100".into(),
-                memory_mib: 81_920,
-                ..Default::default()
-            });
+            gpus.push(GpuDevice { id: parent.clone(), model: "A100".into(), memory_mib: 81_920, ..Default::default() });
             gpus.push(instance(0, "3g.40gb", 40_960));
             gpus.extend((1..4).map(|k| instance(k, "1g.10gb", 10_240)));
         }
@@ -188,42 +142,16 @@ fn make_gpus(node: &str, s: &NodeSpec) -> Vec<GpuDevice> {
 
 fn make_job(i: usize, s: &JobSpec) -> Job {
     let gpu = match s.gpu {
-        1 => Some(GpuRequest {
-            count: Some(1),
-            ..Default::default()
-        }),
-        2 => Some(GpuRequest {
-            count: Some(1),
-            share_milli: 500,
-            ..Default::default()
-        }),
-        3 => Some(GpuRequest {
-            count: Some(1),
-            share_milli: 250,
-            ..Default::default()
-        }),
-        4 => Some(GpuRequest {
-            count: Some(1),
-            mig_profile: "3g.40gb".into(),
-            ..Default::default()
-        }),
-        5 => Some(GpuRequest {
-            count: Some(2),
-            mig_profile: "1g.10gb".into(),
-            ..Default::default()
-        }),
-        6 => Some(GpuRequest {
-            count: Some(2),
-            ..Default::default()
-        }),
+        1 => Some(GpuRequest { count: Some(1), ..Default::default() }),
+        2 => Some(GpuRequest { count: Some(1), share_milli: 500, ..Default::default() }),
+        3 => Some(GpuRequest { count: Some(1), share_milli: 250, ..Default::default() }),
+        4 => Some(GpuRequest { count: Some(1), mig_profile: "3g.40gb".into(), ..Default::default() }),
+        5 => Some(GpuRequest { count: Some(2), mig_profile: "1g.10gb".into(), ..Default::default() }),
+        6 => Some(GpuRequest { count: Some(2), ..Default::default() }),
         _ => None,
     };
     let constraints = if s.linux_only {
-        vec![Constraint {
-            attribute: "${attr.kernel.name}".into(),
-            operator: "=".into(),
-            value: "linux".into(),
-        }]
+        vec![Constraint { attribute: "${attr.kernel.name}".into(), operator: "=".into(), value: "linux".into() }]
     } else {
         vec![]
     };
@@ -231,37 +159,20 @@ fn make_job(i: usize, s: &JobSpec) -> Job {
         id: format!("j{i}"),
         name: format!("j{i}"),
         namespace: "default".into(),
-        r#type: if s.batch {
-            job_type::BATCH
-        } else {
-            job_type::SERVICE
-        }
-        .into(),
+        r#type: if s.batch { job_type::BATCH } else { job_type::SERVICE }.into(),
         priority: s.priority,
         groups: vec![TaskGroup {
             name: "g".into(),
             count: Some(s.count),
             constraints,
             gang: matches!(s.gang, 1 | 2),
-            gang_topology: if s.gang == 2 {
-                "${meta.rack}".into()
-            } else {
-                String::new()
-            },
+            gang_topology: if s.gang == 2 { "${meta.rack}".into() } else { String::new() },
             min_count: if s.gang == 3 { s.count.div_ceil(2) } else { 0 },
             tasks: vec![Task {
                 name: "t".into(),
                 driver: "exec".into(),
-                config: Some(TaskConfig {
-                    command: "/bin/true".into(),
-                    args: vec![],
-                }),
-                resources: Some(Resources {
-                    cpu_mhz: s.cpu,
-                    memory_mib: 512,
-                    gpu,
-                    ..Default::default()
-                }),
+                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![] }),
+                resources: Some(Resources { cpu_mhz: s.cpu, memory_mib: 512, gpu, ..Default::default() }),
                 ..Default::default()
             }],
             ..Default::default()
@@ -278,14 +189,7 @@ struct World {
 impl World {
     fn apply(&mut self, command: Command) {
         self.index += 1;
-        let resp = self.st.apply(
-            self.index,
-            &Request {
-                now_ms: 1_000 + self.index,
-                command,
-            },
-            &mut Vec::new(),
-        );
+        let resp = self.st.apply(self.index, &Request { now_ms: 1_000 + self.index, command }, &mut Vec::new());
         assert_eq!(resp.error, None);
     }
 }
@@ -307,10 +211,7 @@ fn check_invariants(st: &ClusterState) -> Result<(), String> {
     for node in st.nodes.values() {
         let usage = resources::Usage::live_on(st, &node.id, &Default::default());
         if let Some(dim) = resources::exhausted(node, &usage) {
-            return Err(format!(
-                "node {} overcommitted on {dim}: {usage:?}",
-                node.id
-            ));
+            return Err(format!("node {} overcommitted on {dim}: {usage:?}", node.id));
         }
         for (dev, milli) in &usage.gpu_milli {
             if *milli > 1000 {
@@ -321,58 +222,32 @@ fn check_invariants(st: &ClusterState) -> Result<(), String> {
     }
     for job in st.jobs.values() {
         for tg in &job.groups {
-            let live: Vec<&Allocation> = st
-                .allocs_for_job(&job.namespace, &job.id)
-                .filter(|a| a.task_group == tg.name && resources::is_live(a))
-                .collect();
+            let live: Vec<&Allocation> =
+                st.allocs_for_job(&job.namespace, &job.id).filter(|a| a.task_group == tg.name && resources::is_live(a)).collect();
             for a in &live {
                 let node = &st.nodes[&a.node_id];
                 if feasible::check(job, tg, node).is_err() {
-                    return Err(format!(
-                        "{} placed on {} against a constraint",
-                        a.name, node.id
-                    ));
+                    return Err(format!("{} placed on {} against a constraint", a.name, node.id));
                 }
             }
             let size = gang_size(tg) as usize;
             if size > 0 && !live.is_empty() && live.len() < size {
-                return Err(format!(
-                    "gang {}.{} partially placed: {} of {size}",
-                    job.id,
-                    tg.name,
-                    live.len()
-                ));
+                return Err(format!("gang {}.{} partially placed: {} of {size}", job.id, tg.name, live.len()));
             }
             if !tg.gang_topology.is_empty() {
-                let racks: std::collections::BTreeSet<Option<String>> = live
-                    .iter()
-                    .map(|a| feasible::topology_value(&tg.gang_topology, &st.nodes[&a.node_id]))
-                    .collect();
+                let racks: std::collections::BTreeSet<Option<String>> =
+                    live.iter().map(|a| feasible::topology_value(&tg.gang_topology, &st.nodes[&a.node_id])).collect();
                 if racks.len() > 1 {
                     return Err(format!("gang {} spans racks {racks:?}", job.id));
                 }
             }
         }
     }
-    for a in st
-        .allocs
-        .values()
-        .filter(|a| a.client_status == alloc_client::PREEMPTED)
-    {
-        let victim = st
-            .job(&a.namespace, &a.job_id)
-            .map(|j| j.priority)
-            .unwrap_or(0);
-        let by = st
-            .jobs
-            .get(&a.preempted_by_job)
-            .map(|j| j.priority)
-            .ok_or(format!("{} preempted by unknown job", a.id))?;
+    for a in st.allocs.values().filter(|a| a.client_status == alloc_client::PREEMPTED) {
+        let victim = st.job(&a.namespace, &a.job_id).map(|j| j.priority).unwrap_or(0);
+        let by = st.jobs.get(&a.preempted_by_job).map(|j| j.priority).ok_or(format!("{} preempted by unknown job", a.id))?;
         if victim > by - DELTA {
-            return Err(format!(
-                "{} (priority {victim}) preempted by priority {by}",
-                a.id
-            ));
+            return Err(format!("{} (priority {victim}) preempted by priority {by}", a.id));
         }
     }
     Ok(())
@@ -384,10 +259,7 @@ fn check_invariants(st: &ClusterState) -> Result<(), String> {
 fn check_mig(st: &ClusterState, node: &Node) -> Result<(), String> {
     let devices = node.resources.as_ref().map(|r| r.gpus.as_slice()).unwrap_or_default();
     let mut holders: BTreeMap<&str, usize> = BTreeMap::new();
-    for a in st
-        .allocs_for_node(&node.id)
-        .filter(|a| resources::is_live(a))
-    {
+    for a in st.allocs_for_node(&node.id).filter(|a| resources::is_live(a)) {
         let Some(r) = &a.resources else { continue };
         let asked = st
             .job(&a.namespace, &a.job_id)
@@ -398,18 +270,12 @@ fn check_mig(st: &ClusterState, node: &Node) -> Result<(), String> {
             .map(|g| g.mig_profile)
             .unwrap_or_default();
         for g in &r.gpus {
-            let d = devices
-                .iter()
-                .find(|d| d.id == g.id)
-                .ok_or(format!("{} holds unknown device {}", a.name, g.id))?;
+            let d = devices.iter().find(|d| d.id == g.id).ok_or(format!("{} holds unknown device {}", a.name, g.id))?;
             if devices.iter().any(|i| i.parent_id == d.id) {
                 return Err(format!("{} holds {}, a GPU in MIG mode", a.name, d.id));
             }
             if d.mig_profile != asked {
-                return Err(format!(
-                    "{} asked for {asked:?} and got {} ({:?})",
-                    a.name, d.id, d.mig_profile
-                ));
+                return Err(format!("{} asked for {asked:?} and got {} ({:?})", a.name, d.id, d.mig_profile));
             }
             if !d.mig_profile.is_empty() {
                 *holders.entry(d.id.as_str()).or_default() += 1;
@@ -420,12 +286,7 @@ fn check_mig(st: &ClusterState, node: &Node) -> Result<(), String> {
         }
         let topology = devices.iter().any(|d| d.numa_node.is_some());
         if asked.is_empty() && r.gpus.len() >= 2 && topology == r.gpu_locality.is_empty() {
-            return Err(format!(
-                "{} got {} GPUs with locality {:?}",
-                a.name,
-                r.gpus.len(),
-                r.gpu_locality
-            ));
+            return Err(format!("{} got {} GPUs with locality {:?}", a.name, r.gpus.len(), r.gpu_locality));
         }
     }
     match holders.into_iter().find(|(_, n)| *n > 1) {
@@ -446,33 +307,15 @@ fn shuffled(mut v: Vec<usize>, mut seed: u64) -> Vec<usize> {
 }
 
 fn run(nodes: Vec<NodeSpec>, jobs: Vec<JobSpec>, rounds: Vec<Round>) -> Result<(), TestCaseError> {
-    let mut w = World {
-        st: ClusterState::default(),
-        index: 0,
-    };
+    let mut w = World { st: ClusterState::default(), index: 0 };
     for (i, n) in nodes.iter().enumerate() {
-        w.apply(Command::UpsertNode {
-            node: make_node(i, n),
-        });
+        w.apply(Command::UpsertNode { node: make_node(i, n) });
     }
-    let jobs: Vec<Job> = jobs
-        .iter()
-        .enumerate()
-        .map(|(i, s)| make_job(i, s))
-        .collect();
+    let jobs: Vec<Job> = jobs.iter().enumerate().map(|(i, s)| make_job(i, s)).collect();
     for j in &jobs {
-        w.apply(Command::RegisterJob {
-            job: j.clone(),
-            eval: eval_for(j, 0),
-        });
+        w.apply(Command::RegisterJob { job: j.clone(), eval: eval_for(j, 0) });
     }
-    let opts = Options {
-        preemption: Preemption {
-            batch: true,
-            service: true,
-            delta: DELTA,
-        },
-    };
+    let opts = Options { preemption: Preemption { batch: true, service: true, delta: DELTA } };
     let mut n = 0;
     for r in rounds {
         // Some non-gang allocations finish: capacity frees between rounds.
@@ -480,23 +323,13 @@ fn run(nodes: Vec<NodeSpec>, jobs: Vec<JobSpec>, rounds: Vec<Round>) -> Result<(
             w.st.allocs
                 .values()
                 .filter(|a| resources::is_live(a))
-                .filter(|a| {
-                    w.st.job(&a.namespace, &a.job_id)
-                        .is_some_and(|j| j.groups.iter().all(|g| gang_size(g) == 0))
-                })
+                .filter(|a| w.st.job(&a.namespace, &a.job_id).is_some_and(|j| j.groups.iter().all(|g| gang_size(g) == 0)))
                 .map(|a| (a.id.clone(), a.node_id.clone()))
                 .collect();
         for k in &r.finish {
             if let Some((id, node_id)) = finishable.get(*k % finishable.len().max(1)) {
-                let update = AllocClientUpdate {
-                    alloc_id: id.clone(),
-                    client_status: alloc_client::COMPLETE.into(),
-                    ..Default::default()
-                };
-                w.apply(Command::UpdateAllocsFromClient {
-                    node_id: node_id.clone(),
-                    updates: vec![update],
-                });
+                let update = AllocClientUpdate { alloc_id: id.clone(), client_status: alloc_client::COMPLETE.into(), ..Default::default() };
+                w.apply(Command::UpdateAllocsFromClient { node_id: node_id.clone(), updates: vec![update] });
             }
         }
         // Plans computed concurrently on one snapshot (one per job, as the leader does).
@@ -508,33 +341,17 @@ fn run(nodes: Vec<NodeSpec>, jobs: Vec<JobSpec>, rounds: Vec<Round>) -> Result<(
         for &j in &picked {
             let job = snapshot.job("default", &jobs[j % jobs.len()].id).cloned();
             n += 1;
-            plans.push(scheduler::schedule_opts(
-                &snapshot,
-                job.as_ref(),
-                &eval_for(&jobs[j % jobs.len()], n),
-                5_000,
-                opts,
-            ));
+            plans.push(scheduler::schedule_opts(&snapshot, job.as_ref(), &eval_for(&jobs[j % jobs.len()], n), 5_000, opts));
         }
         let mut in_flight: BTreeMap<String, Allocation> = BTreeMap::new();
         let mut pending: Vec<Checked> = Vec::new();
-        for (k, i) in shuffled((0..plans.len()).collect(), r.order_seed | 1)
-            .into_iter()
-            .enumerate()
-        {
+        for (k, i) in shuffled((0..plans.len()).collect(), r.order_seed | 1).into_iter().enumerate() {
             let plan = plans[i].clone();
             let checked = check_plan(&w.st, plan.clone(), &in_flight);
             // A gang stands or falls whole.
             for gang in &plan.atomic {
-                let accepted = gang
-                    .iter()
-                    .filter(|id| checked.accepted.iter().any(|a| &&a.id == id))
-                    .count();
-                prop_assert!(
-                    accepted == 0 || accepted == gang.len(),
-                    "gang split by the applier: {accepted} of {}",
-                    gang.len()
-                );
+                let accepted = gang.iter().filter(|id| checked.accepted.iter().any(|a| &&a.id == id)).count();
+                prop_assert!(accepted == 0 || accepted == gang.len(), "gang split by the applier: {accepted} of {}", gang.len());
             }
             for a in &checked.accepted {
                 in_flight.insert(a.id.clone(), a.clone());
@@ -585,29 +402,9 @@ proptest! {
 /// planned on the same snapshot both want the only free node.
 #[test]
 fn conflicting_concurrent_plans_are_cut_by_the_applier() {
-    let nodes = vec![NodeSpec {
-        cpu: 1000,
-        gpus: 0,
-        rack: 0,
-        windows: false,
-        mig: 0,
-        topology: false,
-    }];
-    let spec = |priority| JobSpec {
-        priority,
-        batch: true,
-        count: 1,
-        cpu: 1000,
-        gpu: 0,
-        gang: 0,
-        linux_only: false,
-    };
-    let rounds = vec![Round {
-        jobs: vec![0, 1],
-        order_seed: 7,
-        commit_every: 3,
-        finish: vec![],
-    }];
+    let nodes = vec![NodeSpec { cpu: 1000, gpus: 0, rack: 0, windows: false, mig: 0, topology: false }];
+    let spec = |priority| JobSpec { priority, batch: true, count: 1, cpu: 1000, gpu: 0, gang: 0, linux_only: false };
+    let rounds = vec![Round { jobs: vec![0, 1], order_seed: 7, commit_every: 3, finish: vec![] }];
     run(nodes, vec![spec(50), spec(50)], rounds).unwrap();
 }
 
@@ -616,71 +413,27 @@ fn conflicting_concurrent_plans_are_cut_by_the_applier() {
 /// MIG claims stripped) is rejected too.
 #[test]
 fn the_applier_rejects_a_taken_or_misused_mig_instance() {
-    let mut w = World {
-        st: ClusterState::default(),
-        index: 0,
-    };
-    let spec = NodeSpec {
-        cpu: 4000,
-        gpus: 1,
-        rack: 0,
-        windows: false,
-        mig: 1,
-        topology: false,
-    };
-    w.apply(Command::UpsertNode {
-        node: make_node(0, &spec),
-    });
-    let job = |i| {
-        make_job(
-            i,
-            &JobSpec {
-                priority: 50,
-                batch: true,
-                count: 2,
-                cpu: 250,
-                gpu: 4,
-                gang: 0,
-                linux_only: false,
-            },
-        )
-    };
+    let mut w = World { st: ClusterState::default(), index: 0 };
+    let spec = NodeSpec { cpu: 4000, gpus: 1, rack: 0, windows: false, mig: 1, topology: false };
+    w.apply(Command::UpsertNode { node: make_node(0, &spec) });
+    let job = |i| make_job(i, &JobSpec { priority: 50, batch: true, count: 2, cpu: 250, gpu: 4, gang: 0, linux_only: false });
     let jobs = [job(0), job(1)];
     for j in &jobs {
-        w.apply(Command::RegisterJob {
-            job: j.clone(),
-            eval: eval_for(j, 0),
-        });
+        w.apply(Command::RegisterJob { job: j.clone(), eval: eval_for(j, 0) });
     }
     let snapshot = w.st.clone();
     let plans: Vec<scheduler::Plan> = jobs
         .iter()
-        .map(|j| {
-            scheduler::schedule_opts(
-                &snapshot,
-                snapshot.job("default", &j.id),
-                &eval_for(j, 1),
-                5_000,
-                Options::default(),
-            )
-        })
+        .map(|j| scheduler::schedule_opts(&snapshot, snapshot.job("default", &j.id), &eval_for(j, 1), 5_000, Options::default()))
         .collect();
     for p in &plans {
-        let mut got: Vec<String> = p
-            .placements
-            .iter()
-            .flat_map(|a| a.resources.clone().unwrap_or_default().gpu_ids)
-            .collect();
+        let mut got: Vec<String> = p.placements.iter().flat_map(|a| a.resources.clone().unwrap_or_default().gpu_ids).collect();
         got.sort();
         assert_eq!(got, ["MIG-n0-0", "MIG-n0-1"]);
     }
     let first = check_plan(&w.st, plans[0].clone(), &BTreeMap::new());
     assert_eq!((first.accepted.len(), first.rejected), (2, 0));
-    let in_flight: BTreeMap<String, Allocation> = first
-        .accepted
-        .iter()
-        .map(|a| (a.id.clone(), a.clone()))
-        .collect();
+    let in_flight: BTreeMap<String, Allocation> = first.accepted.iter().map(|a| (a.id.clone(), a.clone())).collect();
     let second = check_plan(&w.st, plans[1].clone(), &in_flight);
     assert_eq!((second.accepted.len(), second.rejected), (0, 2));
     let mut forged = plans[1].clone();
@@ -691,9 +444,6 @@ fn the_applier_rejects_a_taken_or_misused_mig_instance() {
     }
     let third = check_plan(&w.st, forged, &BTreeMap::new());
     assert_eq!((third.accepted.len(), third.rejected), (0, 2));
-    w.apply(Command::ApplyPlan(PlanResult {
-        placements: first.accepted,
-        ..Default::default()
-    }));
+    w.apply(Command::ApplyPlan(PlanResult { placements: first.accepted, ..Default::default() }));
     check_invariants(&w.st).unwrap();
 }

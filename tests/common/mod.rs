@@ -70,10 +70,7 @@ impl Dev {
 
     /// The guard on a fresh temp dir, nothing started yet.
     fn unstarted(extra_args: &[&str]) -> Dev {
-        let dir = tempfile::Builder::new()
-            .prefix("mlp-test-")
-            .tempdir()
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("mlp-test-").tempdir().expect("tempdir");
         Dev {
             child: None,
             agent: None,
@@ -94,25 +91,14 @@ impl Dev {
             // A relative --data-dir, as in the README's quick start (`./mlp-data` by default);
             // the process runs from the temp dir's parent so that its own cwd is not inside
             // the cluster's dir (where `processes_under` looks for task processes).
-            .args([
-                "dev",
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--http-addr",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
+            .args(["dev", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--data-dir"])
             .arg(Path::new(self.dir.path().file_name().expect("temp dir name")).join("data"))
             .args(&self.extra_args)
             .current_dir(self.dir.path().parent().expect("temp dir parent"))
             .env("MLP_LOG", "info,openraft=warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(self.dir.path().join("dev.log"))
-                    .expect("log file"),
+                std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("dev.log")).expect("log file"),
             ))
             .spawn()
             .expect("spawn mlp dev");
@@ -180,18 +166,17 @@ impl Dev {
                 dev.grpc = g;
                 dev.http = h;
             }
-            other => panic!("mlp server did not start: {other:?}\n{}", std::fs::read_to_string(dev.dir.path().join("server.log")).unwrap_or_default()),
+            other => panic!(
+                "mlp server did not start: {other:?}\n{}",
+                std::fs::read_to_string(dev.dir.path().join("server.log")).unwrap_or_default()
+            ),
         }
         dev.spawn_agent();
         dev
     }
 
     fn log_file(&self, name: &str) -> std::fs::File {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(name))
-            .expect("log file")
+        std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(name)).expect("log file")
     }
 
     /// Starts (or restarts) the split cluster's agent on its data dir; its log is appended to
@@ -254,12 +239,7 @@ impl Dev {
 
     /// Runs the CLI against this cluster.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(MLP)
-            .args(args)
-            .env("MLP_ADDR", &self.grpc)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run mlp")
+        Command::new(MLP).args(args).env("MLP_ADDR", &self.grpc).stdin(Stdio::null()).output().expect("run mlp")
     }
 
     /// Runs the CLI and insists on success; returns stdout.
@@ -309,31 +289,15 @@ impl Dev {
     }
 
     /// A raw HTTP/1.1 request to the HTTP API; returns (status, body).
-    pub fn http(
-        &self,
-        method: &str,
-        path: &str,
-        content_type: Option<&str>,
-        body: &[u8],
-    ) -> (u16, String) {
+    pub fn http(&self, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
         http_request(&self.http, method, path, content_type, body)
     }
 }
 
-pub fn http_request(
-    addr: &str,
-    method: &str,
-    path: &str,
-    content_type: Option<&str>,
-    body: &[u8],
-) -> (u16, String) {
+pub fn http_request(addr: &str, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect http");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     if let Some(ct) = content_type {
         head.push_str(&format!("Content-Type: {ct}\r\n"));
     }
@@ -343,15 +307,8 @@ pub fn http_request(
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
     let text = String::from_utf8_lossy(&resp).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, dechunk(&body))
 }
 
@@ -389,9 +346,7 @@ pub fn tail(s: &str, n: usize) -> &str {
 /// Whether a process exists (and is not a zombie).
 pub fn pid_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -416,11 +371,7 @@ pub fn alloc_ids_under(dir: &Path) -> Vec<String> {
             }
             if e.file_name() == "allocs" {
                 if let Ok(allocs) = std::fs::read_dir(&path) {
-                    out.extend(
-                        allocs
-                            .flatten()
-                            .map(|a| a.file_name().to_string_lossy().into_owned()),
-                    );
+                    out.extend(allocs.flatten().map(|a| a.file_name().to_string_lossy().into_owned()));
                 }
             } else if depth > 0 {
                 walk(&path, depth - 1, out);
@@ -437,9 +388,7 @@ pub fn environ_var(pid: i32, key: &str) -> Option<String> {
     let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
     env.split(|b| *b == 0).find_map(|kv| {
         let kv = String::from_utf8_lossy(kv);
-        kv.strip_prefix(key)
-            .and_then(|r| r.strip_prefix('='))
-            .map(str::to_string)
+        kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')).map(str::to_string)
     })
 }
 
@@ -456,8 +405,7 @@ pub fn processes_under(dir: &Path) -> Vec<i32> {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        let by_cwd =
-            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir));
+        let by_cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir));
         let by_env = || environ_var(pid, "MLP_ALLOC_ID").is_some_and(|id| allocs.contains(&id));
         if (by_cwd || by_env()) && pid_alive(pid) {
             out.push(pid);
@@ -494,24 +442,15 @@ impl Drop for Dev {
         self.kill9();
         // Tasks run in their own sessions: kill whatever still runs inside this cluster's dir.
         for pid in processes_under(self.dir.path()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
         // exec tasks' cgroups outlive a killed agent: empty them and remove them.
         let deadline = Instant::now() + Duration::from_secs(5);
         for cg in cgroups_under(self.dir.path()) {
             while std::fs::remove_dir(&cg).is_err() && cg.exists() && Instant::now() < deadline {
-                for pid in std::fs::read_to_string(cg.join("cgroup.procs"))
-                    .unwrap_or_default()
-                    .lines()
-                {
+                for pid in std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default().lines() {
                     if let Ok(pid) = pid.trim().parse::<i32>() {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
                     }
                 }
                 std::thread::sleep(Duration::from_millis(20));

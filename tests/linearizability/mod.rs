@@ -56,9 +56,15 @@ pub struct Op {
 pub enum Verdict {
     Linearizable,
     /// The key whose history has no linearization, with that history (in invocation order).
-    NotLinearizable { key: String, history: Vec<Op> },
+    NotLinearizable {
+        key: String,
+        history: Vec<Op>,
+    },
     /// The bound on explored states was reached for this key.
-    Inconclusive { key: String, states: usize },
+    Inconclusive {
+        key: String,
+        states: usize,
+    },
 }
 
 /// The search and its bound.
@@ -93,10 +99,8 @@ impl Checker {
 
     fn check_key(&self, ops: Vec<Op>) -> KeyVerdict {
         // Failed writes never happened; failed or unknown reads tell nothing.
-        let mut ops: Vec<Op> = ops
-            .into_iter()
-            .filter(|o| !matches!((o.kind, o.outcome), (_, Outcome::Failed) | (Kind::Read(_), Outcome::Unknown)))
-            .collect();
+        let mut ops: Vec<Op> =
+            ops.into_iter().filter(|o| !matches!((o.kind, o.outcome), (_, Outcome::Failed) | (Kind::Read(_), Outcome::Unknown))).collect();
         ops.sort_by_key(|o| (o.call, o.ret));
         let n = ops.len();
         // An unknown write may happen at any time after its call: it has no response.
@@ -292,13 +296,7 @@ mod tests {
         assert!(!ok(&[w(0, 1, 0, 50), w(1, 2, 10, 60), r(2, Some(2), 70, 80), r(3, Some(1), 90, 95)]));
         // Reads during the overlap may see 2 then 1 (2 linearized first), not 1, 2, then 1.
         assert!(ok(&[w(0, 1, 0, 50), w(1, 2, 10, 60), r(2, Some(2), 20, 25), r(3, Some(1), 30, 35)]));
-        assert!(!ok(&[
-            w(0, 1, 0, 50),
-            w(1, 2, 10, 60),
-            r(2, Some(1), 15, 18),
-            r(2, Some(2), 20, 25),
-            r(3, Some(1), 30, 35)
-        ]));
+        assert!(!ok(&[w(0, 1, 0, 50), w(1, 2, 10, 60), r(2, Some(1), 15, 18), r(2, Some(2), 20, 25), r(3, Some(1), 30, 35)]));
     }
 
     #[test]
@@ -310,7 +308,14 @@ mod tests {
         // But it happens at most once, and not before it was invoked.
         assert!(!ok(&[unknown(w(0, 1, 0, 10)), r(1, Some(1), 20, 30), r(1, None, 40, 50)]));
         assert!(!ok(&[r(1, Some(1), 0, 5), unknown(w(0, 1, 10, 20))]));
-        assert!(!ok(&[w(0, 5, 0, 1), unknown(w(0, 1, 2, 3)), r(1, Some(1), 4, 5), w(2, 6, 6, 7), r(1, Some(6), 8, 9), r(1, Some(1), 10, 11)]));
+        assert!(!ok(&[
+            w(0, 5, 0, 1),
+            unknown(w(0, 1, 2, 3)),
+            r(1, Some(1), 4, 5),
+            w(2, 6, 6, 7),
+            r(1, Some(6), 8, 9),
+            r(1, Some(1), 10, 11)
+        ]));
         // A write known to have failed never happened.
         assert!(!ok(&[failed(w(0, 1, 0, 10)), r(1, Some(1), 20, 30)]));
         // A failed or unknown read says nothing.

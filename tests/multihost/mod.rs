@@ -34,12 +34,7 @@ pub mod prereq;
 /// benchmarks; tests call [`require_netns`], which fails with what is missing instead.
 pub fn available() -> bool {
     let probe = format!("mlpprobe-{}", std::process::id());
-    let ok = Command::new("ip")
-        .args(["netns", "add", &probe])
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
+    let ok = Command::new("ip").args(["netns", "add", &probe]).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
     if ok {
         let _ = Command::new("ip").args(["netns", "del", &probe]).status();
     }
@@ -56,15 +51,8 @@ pub fn require_netns(extra: &[prereq::Need]) -> bool {
 }
 
 fn run(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Polls `f` every 50 ms until it returns Some or `timeout` passes.
@@ -74,10 +62,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -144,23 +129,11 @@ impl Net {
     pub fn new() -> Net {
         let n = NET_COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("{}-{n}", std::process::id());
-        let dir = tempfile::Builder::new()
-            .prefix("mlp-multihost-")
-            .tempdir()
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("mlp-multihost-").tempdir().expect("tempdir");
         let bridge_ns = format!("mlpbr-{id}");
-        let net = Net {
-            id,
-            bridge_ns: bridge_ns.clone(),
-            hosts: Vec::new(),
-            procs: Vec::new(),
-            dir,
-            subnet: (n % 250) as u8,
-        };
+        let net = Net { id, bridge_ns: bridge_ns.clone(), hosts: Vec::new(), procs: Vec::new(), dir, subnet: (n % 250) as u8 };
         run(&["ip", "netns", "add", &bridge_ns]);
-        run(&[
-            "ip", "-n", &bridge_ns, "link", "add", "br0", "type", "bridge",
-        ]);
+        run(&["ip", "-n", &bridge_ns, "link", "add", "br0", "type", "bridge"]);
         run(&["ip", "-n", &bridge_ns, "link", "set", "br0", "up"]);
         run(&["ip", "-n", &bridge_ns, "link", "set", "lo", "up"]);
         net
@@ -174,50 +147,12 @@ impl Net {
         let ip = format!("198.18.{}.{}", self.subnet, i + 1);
         run(&["ip", "netns", "add", &ns]);
         // Created inside the bridge namespace, so parallel tests never clash on names.
-        run(&[
-            "ip",
-            "-n",
-            &self.bridge_ns,
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &ns,
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            &self.bridge_ns,
-            "link",
-            "set",
-            &port,
-            "master",
-            "br0",
-            "up",
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            "eth0",
-        ]);
+        run(&["ip", "-n", &self.bridge_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+        run(&["ip", "-n", &self.bridge_ns, "link", "set", &port, "master", "br0", "up"]);
+        run(&["ip", "-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         run(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
         run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-        self.hosts.push(Host {
-            name: name.to_string(),
-            ns,
-            ip,
-            port,
-        });
+        self.hosts.push(Host { name: name.to_string(), ns, ip, port });
         i
     }
 
@@ -229,13 +164,7 @@ impl Net {
     pub fn spawn(&mut self, name: &str, host: usize, args: &[String]) -> usize {
         let log = self.path(&format!("{name}.log"));
         let child = self.start_child(host, args, &log);
-        self.procs.push(Proc {
-            name: name.to_string(),
-            host,
-            args: args.to_vec(),
-            child: Some(child),
-            log,
-        });
+        self.procs.push(Proc { name: name.to_string(), host, args: args.to_vec(), child: Some(child), log });
         self.procs.len() - 1
     }
 
@@ -251,20 +180,12 @@ impl Net {
     }
 
     fn start_child(&self, host: usize, args: &[String], log: &Path) -> Child {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log file");
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
         let err = file.try_clone().expect("log file");
         Command::new("ip")
             .args(["netns", "exec", &self.hosts[host].ns, MLP])
             .args(args)
-            .env(
-                "MLP_LOG",
-                std::env::var("MLP_TEST_SERVER_LOG")
-                    .unwrap_or_else(|_| "info,openraft=warn,mlp_server::raft=debug".into()),
-            )
+            .env("MLP_LOG", std::env::var("MLP_TEST_SERVER_LOG").unwrap_or_else(|_| "info,openraft=warn,mlp_server::raft=debug".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(err))
@@ -279,55 +200,26 @@ impl Net {
 
     /// A handle for running the CLI in host `host` from another thread.
     pub fn client(&self, host: usize) -> Client {
-        Client {
-            ns: self.hosts[host].ns.clone(),
-            dir: self.dir.path().to_path_buf(),
-        }
+        Client { ns: self.hosts[host].ns.clone(), dir: self.dir.path().to_path_buf() }
     }
 
     // ---- faults ----
 
     /// Cuts (or restores) a host's link at the bridge: a partition of that host.
     pub fn link(&self, host: usize, up: bool) {
-        run(&[
-            "ip",
-            "-n",
-            &self.bridge_ns,
-            "link",
-            "set",
-            &self.hosts[host].port,
-            if up { "up" } else { "down" },
-        ]);
+        run(&["ip", "-n", &self.bridge_ns, "link", "set", &self.hosts[host].port, if up { "up" } else { "down" }]);
     }
 
     /// Drops `percent`% of the packets a host receives (nftables in the host's namespace);
     /// `0` removes the rule. Needs the `nft` binary.
     pub fn packet_loss(&self, host: usize, percent: u8) {
         let ns = &self.hosts[host].ns;
-        let _ = Command::new("ip")
-            .args([
-                "netns", "exec", ns, "nft", "delete", "table", "inet", "mlpfault",
-            ])
-            .output();
+        let _ = Command::new("ip").args(["netns", "exec", ns, "nft", "delete", "table", "inet", "mlpfault"]).output();
         if percent == 0 {
             return;
         }
-        run(&[
-            "ip", "netns", "exec", ns, "nft", "add", "table", "inet", "mlpfault",
-        ]);
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            "nft",
-            "add",
-            "chain",
-            "inet",
-            "mlpfault",
-            "input",
-            "{ type filter hook input priority 0; }",
-        ]);
+        run(&["ip", "netns", "exec", ns, "nft", "add", "table", "inet", "mlpfault"]);
+        run(&["ip", "netns", "exec", ns, "nft", "add", "chain", "inet", "mlpfault", "input", "{ type filter hook input priority 0; }"]);
         run(&[
             "ip",
             "netns",
@@ -352,15 +244,11 @@ impl Net {
     /// Limits a host's egress bandwidth with a token bucket (`tc tbf`); `None` removes it.
     pub fn bandwidth(&self, host: usize, rate: Option<&str>) {
         let ns = &self.hosts[host].ns;
-        let _ = Command::new("ip")
-            .args([
-                "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root",
-            ])
-            .output();
+        let _ = Command::new("ip").args(["netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root"]).output();
         if let Some(rate) = rate {
             run(&[
-                "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
-                "rate", rate, "burst", "32kbit", "latency", "400ms",
+                "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "32kbit", "latency",
+                "400ms",
             ]);
         }
     }
@@ -394,9 +282,7 @@ impl Drop for Net {
         for h in &self.hosts {
             let _ = Command::new("ip").args(["netns", "del", &h.ns]).output();
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.bridge_ns])
-            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.bridge_ns]).output();
         // MLP_KEEP_LOGS=DIR keeps every process log for a post-mortem.
         if let Ok(keep) = std::env::var("MLP_KEEP_LOGS") {
             let dest = Path::new(&keep).join(&self.id);
@@ -422,8 +308,7 @@ pub fn kill_processes_under(dir: &Path) {
             if pid == std::process::id() as i32 {
                 continue;
             }
-            let by_cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle));
+            let by_cmd = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle));
             let by_cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir));
             if by_cmd || by_cwd {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
@@ -463,25 +348,13 @@ impl Client {
                 buf
             })
         };
-        let out = drain(
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        );
-        let err = drain(
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        );
+        let out = drain(child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>));
+        let err = drain(child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>));
         let deadline = Instant::now() + timeout;
         let status = loop {
             match child.try_wait() {
                 Ok(Some(status)) => break Some(status),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
                 _ => {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -489,15 +362,8 @@ impl Client {
                 }
             }
         };
-        let (stdout, stderr) = (
-            out.join().unwrap_or_default(),
-            err.join().unwrap_or_default(),
-        );
-        status.map(|status| Output {
-            status,
-            stdout,
-            stderr,
-        })
+        let (stdout, stderr) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
+        status.map(|status| Output { status, stdout, stderr })
     }
 
     /// Writes a batch job spec named `name` and returns its path.
@@ -514,10 +380,7 @@ impl Client {
     /// when the registration was acknowledged.
     pub fn register(&self, addresses: &str, name: &str, timeout: Duration) -> bool {
         let file = self.job_file(name).display().to_string();
-        match self.mlp(
-            &["job", "run", "--json", "--address", addresses, &file],
-            timeout,
-        ) {
+        match self.mlp(&["job", "run", "--json", "--address", addresses, &file], timeout) {
             Some(out) => out.status.success(),
             None => false,
         }
@@ -525,10 +388,7 @@ impl Client {
 
     /// Allocations of job `name`.
     pub fn allocs(&self, addr: &str, name: &str) -> Option<Vec<AllocRow>> {
-        let out = self.mlp(
-            &["job", "status", name, "--json", "--address", addr],
-            Duration::from_secs(10),
-        )?;
+        let out = self.mlp(&["job", "status", name, "--json", "--address", addr], Duration::from_secs(10))?;
         if !out.status.success() {
             return None;
         }
@@ -537,23 +397,9 @@ impl Client {
         Some(
             list.iter()
                 .map(|a| {
-                    let s = |k: &str| {
-                        a.get(k)
-                            .and_then(|x| x.as_str())
-                            .unwrap_or_default()
-                            .to_string()
-                    };
-                    let pid = a
-                        .pointer("/task_states/t/pid")
-                        .and_then(|p| p.as_u64())
-                        .unwrap_or(0);
-                    (
-                        s("id"),
-                        s("node_id"),
-                        s("client_status"),
-                        s("desired_status"),
-                        pid,
-                    )
+                    let s = |k: &str| a.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
+                    let pid = a.pointer("/task_states/t/pid").and_then(|p| p.as_u64()).unwrap_or(0);
+                    (s("id"), s("node_id"), s("client_status"), s("desired_status"), pid)
                 })
                 .collect(),
         )
@@ -570,27 +416,17 @@ impl Client {
             return None;
         };
         if !out.status.success() {
-            eprintln!(
-                "job status via {addr}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            eprintln!("job status via {addr}: {}", String::from_utf8_lossy(&out.stderr).trim());
             return None;
         }
         let jobs: Vec<serde_json::Value> = match serde_json::from_slice(&out.stdout) {
             Ok(j) => j,
             Err(e) => {
-                eprintln!(
-                    "job status via {addr}: bad JSON ({e}): {} bytes",
-                    out.stdout.len()
-                );
+                eprintln!("job status via {addr}: bad JSON ({e}): {} bytes", out.stdout.len());
                 return None;
             }
         };
-        Some(
-            jobs.iter()
-                .filter_map(|j| j.get("id").and_then(|v| v.as_str()).map(String::from))
-                .collect(),
-        )
+        Some(jobs.iter().filter_map(|j| j.get("id").and_then(|v| v.as_str()).map(String::from)).collect())
     }
 }
 
@@ -601,11 +437,7 @@ pub type AllocRow = (String, String, String, String, u64);
 pub fn alive(pid: u64) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // Field 3 is the state; a zombie has exited.
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .map(|rest| !rest.trim_start().starts_with('Z'))
-            .unwrap_or(false),
+        Ok(stat) => stat.rsplit(')').next().map(|rest| !rest.trim_start().starts_with('Z')).unwrap_or(false),
         Err(_) => false,
     }
 }
@@ -635,11 +467,7 @@ impl Writer {
                 n += 1;
             }
         });
-        Writer {
-            acked,
-            stop,
-            handle: Some(handle),
-        }
+        Writer { acked, stop, handle: Some(handle) }
     }
 
     pub fn count(&self) -> usize {
@@ -648,12 +476,7 @@ impl Writer {
 
     /// When the first write that started after `t` was acknowledged.
     pub fn first_ack_started_after(&self, t: Instant) -> Option<Instant> {
-        self.acked
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(_, started, _)| *started > t)
-            .map(|(_, _, at)| *at)
+        self.acked.lock().unwrap().iter().find(|(_, started, _)| *started > t).map(|(_, _, at)| *at)
     }
 
     pub fn finish(mut self) -> Vec<String> {
@@ -661,12 +484,7 @@ impl Writer {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
-        self.acked
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(n, _, _)| n.clone())
-            .collect()
+        self.acked.lock().unwrap().iter().map(|(n, _, _)| n.clone()).collect()
     }
 }
 
@@ -684,28 +502,14 @@ pub fn assert_all_once(acked: &[String], ids: &[String]) {
     }
     let dup: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).collect();
     assert!(dup.is_empty(), "duplicated jobs: {dup:?}");
-    let lost: Vec<_> = acked
-        .iter()
-        .filter(|a| !counts.contains_key(a.as_str()))
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged registrations lost: {lost:?}",
-        lost.len()
-    );
+    let lost: Vec<_> = acked.iter().filter(|a| !counts.contains_key(a.as_str())).collect();
+    assert!(lost.is_empty(), "{} acknowledged registrations lost: {lost:?}", lost.len());
 }
 
 // ---- an mlp server cluster on top of a Net ----
 
 /// Fast Raft timing for tests: failover in about a second.
-pub const RAFT_FLAGS: [&str; 6] = [
-    "--raft-heartbeat-ms",
-    "100",
-    "--raft-election-min-ms",
-    "500",
-    "--raft-election-max-ms",
-    "1000",
-];
+pub const RAFT_FLAGS: [&str; 6] = ["--raft-heartbeat-ms", "100", "--raft-election-min-ms", "500", "--raft-election-max-ms", "1000"];
 
 pub const GRPC_PORT: u16 = 7647;
 pub const HTTP_PORT: u16 = 7646;
@@ -718,9 +522,7 @@ pub fn start_servers(net: &mut Net, n: usize) -> Vec<usize> {
 
 /// [`start_servers`] with other Raft timing flags.
 pub fn start_servers_with(net: &mut Net, n: usize, raft_flags: &[&str]) -> Vec<usize> {
-    let addrs: Vec<String> = (0..n)
-        .map(|i| format!("{}:{GRPC_PORT}", net.hosts[i].ip))
-        .collect();
+    let addrs: Vec<String> = (0..n).map(|i| format!("{}:{GRPC_PORT}", net.hosts[i].ip)).collect();
     let mut procs = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
         let data = net.path(&format!("server{i}"));
@@ -756,18 +558,7 @@ pub struct Peer {
 
 /// `list-peers --json` asked of the server at `addr`, from host `from`.
 pub fn list_peers(net: &Net, from: usize, addr: &str) -> Option<Vec<Peer>> {
-    let out = net.mlp(
-        from,
-        &[
-            "operator",
-            "raft",
-            "list-peers",
-            "--json",
-            "--address",
-            addr,
-        ],
-        Duration::from_secs(5),
-    )?;
+    let out = net.mlp(from, &["operator", "raft", "list-peers", "--json", "--address", addr], Duration::from_secs(5))?;
     if !out.status.success() {
         return None;
     }
@@ -777,13 +568,7 @@ pub fn list_peers(net: &Net, from: usize, addr: &str) -> Option<Vec<Peer>> {
 /// The leader's address, once every server in `addrs` answers and all name the same leader
 /// with `voters` voters. (A server restarted from a log where it led believes it leads until
 /// it hears a higher term; one server's word alone is not enough.)
-pub fn wait_leader(
-    net: &Net,
-    from: usize,
-    addrs: &[String],
-    voters: usize,
-    timeout: Duration,
-) -> String {
+pub fn wait_leader(net: &Net, from: usize, addrs: &[String], voters: usize, timeout: Duration) -> String {
     wait_for("a leader all servers agree on", timeout, || {
         let mut leader: Option<String> = None;
         for a in addrs {
@@ -809,19 +594,11 @@ pub const SLEEP_SERVICE_JOB: &str = "job \"svc\" {\n  type = \"service\"\n  grou
 /// its gRPC address.
 pub fn start_single_server(net: &mut Net, host: usize, ttl_secs: &str) -> String {
     let addr = format!("{}:{GRPC_PORT}", net.hosts[host].ip);
-    let mut args: Vec<String> = [
-        "server",
-        "--grpc-addr",
-        &addr,
-        "--http-addr",
-        &format!("{}:0", net.hosts[host].ip),
-        "--heartbeat-ttl",
-        ttl_secs,
-        "--data-dir",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args: Vec<String> =
+        ["server", "--grpc-addr", &addr, "--http-addr", &format!("{}:0", net.hosts[host].ip), "--heartbeat-ttl", ttl_secs, "--data-dir"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     args.push(net.path("server").display().to_string());
     net.spawn("server", host, &args);
     addr
@@ -846,28 +623,13 @@ pub fn start_agent(net: &mut Net, host: usize, servers: &str, i: usize) -> usize
 
 /// `mlp node status --json` as (id, name, status) rows.
 pub fn nodes(c: &Client, addr: &str) -> Option<Vec<(String, String, String)>> {
-    let out = c.mlp(
-        &["node", "status", "--json", "--address", addr],
-        Duration::from_secs(5),
-    )?;
+    let out = c.mlp(&["node", "status", "--json", "--address", addr], Duration::from_secs(5))?;
     let nodes: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
-    let s = |n: &serde_json::Value, k: &str| {
-        n.get(k)
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
-    Some(
-        nodes
-            .iter()
-            .map(|n| (s(n, "id"), s(n, "name"), s(n, "status")))
-            .collect(),
-    )
+    let s = |n: &serde_json::Value, k: &str| n.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    Some(nodes.iter().map(|n| (s(n, "id"), s(n, "name"), s(n, "status"))).collect())
 }
 
 /// Waits until `n` nodes are `ready`.
 pub fn wait_ready_nodes(c: &Client, addr: &str, n: usize, timeout: Duration) {
-    wait_for("ready nodes", timeout, || {
-        (nodes(c, addr)?.iter().filter(|r| r.2 == "ready").count() == n).then_some(())
-    });
+    wait_for("ready nodes", timeout, || (nodes(c, addr)?.iter().filter(|r| r.2 == "ready").count() == n).then_some(()));
 }

@@ -27,8 +27,9 @@ impl Need {
     /// `None` when present, else what is missing and how to get it.
     fn missing(self) -> Option<String> {
         match self {
-            Need::Root => (!nix::unistd::geteuid().is_root())
-                .then(|| format!("root (running as uid {}); run the tests as root, e.g. `sudo -E cargo nextest run`", nix::unistd::geteuid())),
+            Need::Root => (!nix::unistd::geteuid().is_root()).then(|| {
+                format!("root (running as uid {}); run the tests as root, e.g. `sudo -E cargo nextest run`", nix::unistd::geteuid())
+            }),
             Need::NetNs => {
                 if !binary_runs("ip", &["-V"]) {
                     return Some("the `ip` command (iproute2); install it with `apt-get install iproute2`".into());
@@ -49,8 +50,9 @@ impl Need {
             }
             Need::Nft => (!binary_runs("nft", &["--version"]))
                 .then(|| "the `nft` command (nftables); install it with `apt-get install nftables`".into()),
-            Need::Tc => (!binary_runs("tc", &["-V"]))
-                .then(|| "the `tc` command (iproute2); install it with `apt-get install iproute2`".into()),
+            Need::Tc => {
+                (!binary_runs("tc", &["-V"])).then(|| "the `tc` command (iproute2); install it with `apt-get install iproute2`".into())
+            }
             Need::Cgroups => (!cgroups_mounted()).then(|| {
                 "a cgroup hierarchy (cgroup2 mounted at /sys/fs/cgroup, or cgroup v1 with the cpu, memory and pids \
                  controllers); mount one (`mount -t cgroup2 none /sys/fs/cgroup`) or run on a host or privileged container that has it"
@@ -79,13 +81,7 @@ fn cgroups_mounted() -> bool {
 }
 
 fn binary_runs(name: &str, args: &[&str]) -> bool {
-    Command::new(name)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    Command::new(name).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
 /// Checks `needs`. Returns `true` when all are present. When something is missing it panics

@@ -12,8 +12,7 @@ use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
 use super::runner::{
-    finish_persisted, kill_handles, refused_update, spawn_alloc_runner_attached,
-    update_from_persisted, AllocHandle, RunnerEnv,
+    finish_persisted, kill_handles, refused_update, spawn_alloc_runner_attached, update_from_persisted, AllocHandle, RunnerEnv,
 };
 use super::state::{self, AllocView, PersistedAlloc};
 use crate::driver::supervised;
@@ -45,12 +44,7 @@ fn view_of(dir: &Path, p: &PersistedAlloc) -> AllocView {
             Some(g.tasks.iter().map(|t| t.name.clone()).collect::<Vec<_>>())
         })
         .unwrap_or_else(|| p.task_states.keys().cloned().collect());
-    AllocView {
-        dir: dir.to_path_buf(),
-        tasks,
-        client_status: p.client_status.clone(),
-        task_states: p.task_states.clone(),
-    }
+    AllocView { dir: dir.to_path_buf(), tasks, client_status: p.client_status.clone(), task_states: p.task_states.clone() }
 }
 
 impl AllocManager {
@@ -70,11 +64,7 @@ impl AllocManager {
     /// Reattaches to the tasks of `p` that a previous agent run started (a run record in the
     /// task's dir): by task name. A task that cannot be reattached is killed (its supervisor
     /// and process group) and its cgroup removed.
-    fn reattach_tasks(
-        &self,
-        dir: &Path,
-        p: &PersistedAlloc,
-    ) -> BTreeMap<String, Box<dyn TaskHandle>> {
+    fn reattach_tasks(&self, dir: &Path, p: &PersistedAlloc) -> BTreeMap<String, Box<dyn TaskHandle>> {
         let mut names: BTreeSet<String> = p.task_states.keys().cloned().collect();
         names.extend(p.procs.keys().cloned());
         if let Some(job) = p.alloc.as_ref().and_then(|a| {
@@ -106,17 +96,12 @@ impl AllocManager {
                 }
                 Err(e) => {
                     tracing::warn!(alloc = %p.alloc_id, task = %task, error = %e, "cannot reattach; killing what is left of the task");
-                    for (pid, start) in [
-                        (record.pid, record.start_time),
-                        (record.supervisor_pid, record.supervisor_start_time),
-                    ] {
+                    for (pid, start) in [(record.pid, record.start_time), (record.supervisor_pid, record.supervisor_start_time)] {
                         if pid > 1 && proc_start_time(pid) == Some(start) {
                             let _ = signal_group(pid, Signal::SIGKILL);
                         }
                     }
-                    if let (Some(layout), false) =
-                        (crate::isolation::cgroups::host_layout(), record.cgroup.is_empty())
-                    {
+                    if let (Some(layout), false) = (crate::isolation::cgroups::host_layout(), record.cgroup.is_empty()) {
                         crate::isolation::cgroups::remove_leftover(&layout, &record.cgroup);
                     }
                     supervised::remove_run_files(&task_dir);
@@ -154,12 +139,11 @@ impl AllocManager {
                 p.alloc_id = entry.file_name().to_string_lossy().into_owned();
             }
             // Written by an agent that checked it, but the dir is all this run trusts.
-            let checked = crate::paths::check_alloc_id(&p.alloc_id).and_then(|()| {
-                p.alloc.as_ref().map_or(Ok(()), crate::paths::check_allocation)
-            });
-            if let Err(e) = checked.and_then(|()| {
-                p.task_states.keys().chain(p.procs.keys()).try_for_each(|t| crate::paths::check_task_name(t))
-            }) {
+            let checked =
+                crate::paths::check_alloc_id(&p.alloc_id).and_then(|()| p.alloc.as_ref().map_or(Ok(()), crate::paths::check_allocation));
+            if let Err(e) =
+                checked.and_then(|()| p.task_states.keys().chain(p.procs.keys()).try_for_each(|t| crate::paths::check_task_name(t)))
+            {
                 tracing::warn!(dir = %dir.display(), error = %e, "alloc state with an unsafe name; ignored");
                 continue;
             }
@@ -200,11 +184,7 @@ impl AllocManager {
                 if st.state == task_state::RUNNING || had_procs.contains(name) {
                     st.state = task_state::PENDING.into();
                     st.pid = 0;
-                    push_event(
-                        st,
-                        task_event::RESTARTING,
-                        "agent restarted; task restarted",
-                    );
+                    push_event(st, task_event::RESTARTING, "agent restarted; task restarted");
                 }
             }
             p.procs.retain(|task, _| handles.contains_key(task));
@@ -287,13 +267,7 @@ impl AllocManager {
             let prior = self.restored.remove(&a.id);
             tracing::info!(alloc = %a.id, name = %a.name, restored = prior.is_some(), reattached = attached.len(), "starting allocation");
             let id = a.id.clone();
-            let h = spawn_alloc_runner_attached(
-                a,
-                prior,
-                attached,
-                self.env.clone(),
-                self.updates.clone(),
-            );
+            let h = spawn_alloc_runner_attached(a, prior, attached, self.env.clone(), self.updates.clone());
             if stop {
                 h.stop();
             }
@@ -302,14 +276,11 @@ impl AllocManager {
         }
         // Asked to stop something that is not running here.
         let dir = self.env.alloc_root.join(&a.id);
-        let mut p = self
-            .restored
-            .remove(&a.id)
-            .unwrap_or_else(|| PersistedAlloc {
-                alloc_id: a.id.clone(),
-                alloc: Some(a.clone()),
-                ..Default::default()
-            });
+        let mut p = self.restored.remove(&a.id).unwrap_or_else(|| PersistedAlloc {
+            alloc_id: a.id.clone(),
+            alloc: Some(a.clone()),
+            ..Default::default()
+        });
         finish_persisted(&mut p, "Task stopped (agent restarted)");
         if p.task_states.is_empty() {
             p.client_status = alloc_client::COMPLETE.into();
@@ -326,12 +297,7 @@ impl AllocManager {
 
     /// Collects finished runners and removes terminal allocations the servers dropped.
     pub fn reap(&mut self) {
-        let done: Vec<String> = self
-            .runners
-            .iter()
-            .filter(|(_, h)| h.is_finished())
-            .map(|(id, _)| id.clone())
-            .collect();
+        let done: Vec<String> = self.runners.iter().filter(|(_, h)| h.is_finished()).map(|(id, _)| id.clone()).collect();
         for id in done {
             if let Some(h) = self.runners.remove(&id) {
                 // Finished: the join handle is ready, so this does not block.
@@ -341,13 +307,7 @@ impl AllocManager {
             }
         }
         let Some(seen) = &self.last_seen else { return };
-        let gone: Vec<String> = self
-            .finished
-            .keys()
-            .chain(self.restored.keys())
-            .filter(|id| !seen.contains(*id))
-            .cloned()
-            .collect();
+        let gone: Vec<String> = self.finished.keys().chain(self.restored.keys()).filter(|id| !seen.contains(*id)).cloned().collect();
         for id in gone {
             if crate::paths::check_alloc_id(&id).is_err() {
                 // Never a dir of ours: do not build a path from it.

@@ -59,29 +59,20 @@ impl AllocHandle {
 }
 
 /// The allocation's client status and description, derived from its task states.
-pub fn client_status(
-    tasks: &[String],
-    states: &BTreeMap<String, TaskState>,
-) -> (&'static str, String) {
+pub fn client_status(tasks: &[String], states: &BTreeMap<String, TaskState>) -> (&'static str, String) {
     let get = |t: &String| states.get(t).cloned().unwrap_or_default();
     let failed: Vec<&String> = tasks.iter().filter(|t| get(t).failed).collect();
     let all_dead = tasks.iter().all(|t| get(t).state == task_state::DEAD);
     if !failed.is_empty() {
         let names: Vec<&str> = failed.iter().map(|s| s.as_str()).collect();
-        return (
-            alloc_client::FAILED,
-            format!("Failed tasks: {}", names.join(", ")),
-        );
+        return (alloc_client::FAILED, format!("Failed tasks: {}", names.join(", ")));
     }
     if all_dead {
         return (alloc_client::COMPLETE, "All tasks have completed".into());
     }
     let all_started = tasks.iter().all(|t| {
         let s = get(t);
-        s.state == task_state::RUNNING
-            || s.started_at_ms > 0
-            || s.restarts > 0
-            || s.state == task_state::DEAD
+        s.state == task_state::RUNNING || s.started_at_ms > 0 || s.restarts > 0 || s.state == task_state::DEAD
     });
     if all_started {
         (alloc_client::RUNNING, "Tasks are running".into())
@@ -128,10 +119,7 @@ pub fn spawn_alloc_runner_attached(
 ) -> AllocHandle {
     let (stop_tx, stop_rx) = watch::channel(false);
     let join = tokio::spawn(run_alloc(alloc, prior, attached, env, stop_rx, updates));
-    AllocHandle {
-        stop: stop_tx,
-        join,
-    }
+    AllocHandle { stop: stop_tx, join }
 }
 
 struct Reporter {
@@ -198,10 +186,7 @@ async fn run_alloc(
     }
     let dir = env.alloc_root.join(&alloc.id);
     let group = find_group(&alloc);
-    let tasks: Vec<String> = group
-        .as_ref()
-        .map(|(g, _, _)| g.tasks.iter().map(|t| t.name.clone()).collect())
-        .unwrap_or_default();
+    let tasks: Vec<String> = group.as_ref().map(|(g, _, _)| g.tasks.iter().map(|t| t.name.clone()).collect()).unwrap_or_default();
     let mut persisted = prior.unwrap_or_default();
     persisted.alloc_id = alloc.id.clone();
     persisted.alloc = Some(alloc.clone());
@@ -218,16 +203,14 @@ async fn run_alloc(
     let mut setup = std::fs::create_dir_all(dir.join("alloc"));
     for t in &tasks {
         if setup.is_ok() {
-            setup = std::fs::create_dir_all(dir.join(t).join("local"))
-                .and_then(|_| std::fs::create_dir_all(dir.join(t).join("logs")));
+            setup = std::fs::create_dir_all(dir.join(t).join("local")).and_then(|_| std::fs::create_dir_all(dir.join(t).join("logs")));
         }
     }
     let Some((group, job_name, job_type)) = group else {
         tracing::warn!(alloc = %alloc.id, group = %alloc.task_group, "task group not found in the allocation's job");
         let _ = std::fs::create_dir_all(&dir);
         rep.persisted.client_status = alloc_client::FAILED.into();
-        rep.persisted.client_description =
-            format!("task group {:?} not found in job", alloc.task_group);
+        rep.persisted.client_description = format!("task group {:?} not found in job", alloc.task_group);
         let _ = state::save(&dir, &rep.persisted);
         let _ = rep.updates.send(AllocClientUpdate {
             alloc_id: alloc.id.clone(),
@@ -244,21 +227,14 @@ async fn run_alloc(
             let st = rep.persisted.task_states.entry(t.clone()).or_default();
             st.state = task_state::DEAD.into();
             st.failed = true;
-            push_event(
-                st,
-                task_event::DRIVER_FAILURE,
-                format!("failed to create alloc dir: {e}"),
-            );
+            push_event(st, task_event::DRIVER_FAILURE, format!("failed to create alloc dir: {e}"));
         }
         rep.publish();
         kill_handles(std::mem::take(&mut attached)).await;
         return rep.persisted;
     }
 
-    let restart = group
-        .restart
-        .clone()
-        .unwrap_or_else(|| default_policy(&job_type));
+    let restart = group.restart.clone().unwrap_or_else(|| default_policy(&job_type));
     let (kill_tx, kill_rx) = watch::channel(false);
     let (tx, mut rx) = mpsc::unbounded_channel::<TaskUpdate>();
     let mut joins = Vec::new();
@@ -279,13 +255,7 @@ async fn run_alloc(
             gpus: crate::gpu::task_gpus(&group, &task.name, alloc.resources.as_ref(), &env.gpus),
         };
         let initial = rep.persisted.task_states.get(&task.name).cloned();
-        joins.push(AbortOnDrop(tokio::spawn(run_task_attached(
-            ctx,
-            initial,
-            attached.remove(&task.name),
-            kill_rx.clone(),
-            tx.clone(),
-        ))));
+        joins.push(AbortOnDrop(tokio::spawn(run_task_attached(ctx, initial, attached.remove(&task.name), kill_rx.clone(), tx.clone()))));
     }
     drop(tx);
     drop(kill_rx);
@@ -401,58 +371,21 @@ mod tests {
     use super::*;
 
     fn st(state: &str, failed: bool, started: u64) -> TaskState {
-        TaskState {
-            state: state.into(),
-            failed,
-            started_at_ms: started,
-            ..Default::default()
-        }
+        TaskState { state: state.into(), failed, started_at_ms: started, ..Default::default() }
     }
 
     #[test]
     fn status_table() {
         let tasks = vec!["a".to_string(), "b".to_string()];
         let cases = [
-            (
-                st("pending", false, 0),
-                st("pending", false, 0),
-                alloc_client::PENDING,
-            ),
-            (
-                st("running", false, 1),
-                st("pending", false, 0),
-                alloc_client::PENDING,
-            ),
-            (
-                st("running", false, 1),
-                st("running", false, 1),
-                alloc_client::RUNNING,
-            ),
-            (
-                st("dead", false, 1),
-                st("running", false, 1),
-                alloc_client::RUNNING,
-            ),
-            (
-                st("pending", false, 1),
-                st("running", false, 1),
-                alloc_client::RUNNING,
-            ),
-            (
-                st("dead", false, 1),
-                st("dead", false, 1),
-                alloc_client::COMPLETE,
-            ),
-            (
-                st("dead", true, 1),
-                st("running", false, 1),
-                alloc_client::FAILED,
-            ),
-            (
-                st("dead", true, 0),
-                st("dead", false, 1),
-                alloc_client::FAILED,
-            ),
+            (st("pending", false, 0), st("pending", false, 0), alloc_client::PENDING),
+            (st("running", false, 1), st("pending", false, 0), alloc_client::PENDING),
+            (st("running", false, 1), st("running", false, 1), alloc_client::RUNNING),
+            (st("dead", false, 1), st("running", false, 1), alloc_client::RUNNING),
+            (st("pending", false, 1), st("running", false, 1), alloc_client::RUNNING),
+            (st("dead", false, 1), st("dead", false, 1), alloc_client::COMPLETE),
+            (st("dead", true, 1), st("running", false, 1), alloc_client::FAILED),
+            (st("dead", true, 0), st("dead", false, 1), alloc_client::FAILED),
         ];
         for (i, (a, b, want)) in cases.into_iter().enumerate() {
             let mut m = BTreeMap::new();

@@ -43,9 +43,7 @@ pub fn save(alloc_dir: &Path, state: &PersistedAlloc) -> io::Result<()> {
 /// Reads `state.json` from `alloc_dir`; None when there is none.
 pub fn load(alloc_dir: &Path) -> io::Result<Option<PersistedAlloc>> {
     match std::fs::read(alloc_dir.join(STATE_FILE)) {
-        Ok(data) => serde_json::from_slice(&data)
-            .map(Some)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        Ok(data) => serde_json::from_slice(&data).map(Some).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
@@ -111,26 +109,9 @@ mod tests {
     fn roundtrip() -> io::Result<()> {
         let dir = tempfile::tempdir()?;
         assert_eq!(load(dir.path())?, None);
-        let mut s = PersistedAlloc {
-            alloc_id: "a1".into(),
-            client_status: "running".into(),
-            ..Default::default()
-        };
-        s.procs.insert(
-            "t".into(),
-            ProcRecord {
-                pid: 5,
-                start_time: 9,
-            },
-        );
-        s.task_states.insert(
-            "t".into(),
-            TaskState {
-                state: "running".into(),
-                exit_code: Some(0),
-                ..Default::default()
-            },
-        );
+        let mut s = PersistedAlloc { alloc_id: "a1".into(), client_status: "running".into(), ..Default::default() };
+        s.procs.insert("t".into(), ProcRecord { pid: 5, start_time: 9 });
+        s.task_states.insert("t".into(), TaskState { state: "running".into(), exit_code: Some(0), ..Default::default() });
         save(dir.path(), &s)?;
         assert_eq!(load(dir.path())?, Some(s));
         assert!(!dir.path().join("state.json.tmp").exists());

@@ -48,11 +48,7 @@ impl ExecDriver {
             (Some(_), None) => {}
         }
         let pool = layout.as_ref().map(cgroups::cpu_pool).unwrap_or_default();
-        ExecDriver {
-            settings,
-            layout,
-            cores: Arc::new(CoreAllocator::new(pool)),
-        }
+        ExecDriver { settings, layout, cores: Arc::new(CoreAllocator::new(pool)) }
     }
 
     /// The CPUs this driver pins `cores = N` tasks to, and which task holds which.
@@ -61,13 +57,7 @@ impl ExecDriver {
     }
 
     /// The task's directories (owned by its user) and the steps that build its root.
-    fn prepare(
-        &self,
-        spec: &TaskSpec,
-        user: &User,
-        root: &Path,
-        hostname: &str,
-    ) -> Result<Vec<rootfs::Step>, DriverError> {
+    fn prepare(&self, spec: &TaskSpec, user: &User, root: &Path, hostname: &str) -> Result<Vec<rootfs::Step>, DriverError> {
         // The task's user owns its own directories; the shared alloc/ is sticky and writable
         // by all since the group's tasks may run as different users. Host users get no
         // further than the allocation directory (traverse only), so alloc/ is not theirs.
@@ -77,41 +67,17 @@ impl ExecDriver {
         if let Some(alloc_dir) = spec.alloc_shared_dir.parent() {
             set_mode(alloc_dir, 0o711)?;
         }
-        std::fs::create_dir_all(root)
-            .map_err(|e| DriverError::Isolation(format!("creating {}: {e}", root.display())))?;
-        let dirs = rootfs::TaskDirs {
-            local: spec.work_dir.clone(),
-            alloc: spec.alloc_shared_dir.clone(),
-        };
-        Ok(rootfs::plan(
-            rootfs::probe_host,
-            &dirs,
-            user,
-            hostname,
-            &self.settings.extra_ro_paths,
-            &self.settings.hidden_paths,
-        ))
+        std::fs::create_dir_all(root).map_err(|e| DriverError::Isolation(format!("creating {}: {e}", root.display())))?;
+        let dirs = rootfs::TaskDirs { local: spec.work_dir.clone(), alloc: spec.alloc_shared_dir.clone() };
+        Ok(rootfs::plan(rootfs::probe_host, &dirs, user, hostname, &self.settings.extra_ro_paths, &self.settings.hidden_paths))
     }
 
     fn user(&self, asked: &str) -> Result<User, DriverError> {
-        let name = if asked.is_empty() {
-            self.settings.default_user.as_str()
-        } else {
-            asked
-        };
-        let err = |reason: &str| DriverError::User {
-            user: name.to_string(),
-            reason: reason.to_string(),
-        };
-        let passwd = std::fs::read_to_string("/etc/passwd")
-            .map_err(|e| err(&format!("reading /etc/passwd: {e}")))?;
+        let name = if asked.is_empty() { self.settings.default_user.as_str() } else { asked };
+        let err = |reason: &str| DriverError::User { user: name.to_string(), reason: reason.to_string() };
+        let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| err(&format!("reading /etc/passwd: {e}")))?;
         let user = lookup_user(&passwd, name).ok_or_else(|| err("no such user on this node"))?;
-        if self
-            .settings
-            .refused_users
-            .iter()
-            .any(|r| *r == user.name || *r == user.uid.to_string())
-        {
+        if self.settings.refused_users.iter().any(|r| *r == user.name || *r == user.uid.to_string()) {
             return Err(err("refused by the agent's configuration"));
         }
         Ok(user)
@@ -119,12 +85,8 @@ impl ExecDriver {
 }
 
 fn chown(path: &std::path::Path, user: &User) -> Result<(), DriverError> {
-    nix::unistd::chown(
-        path,
-        Some(nix::unistd::Uid::from_raw(user.uid)),
-        Some(nix::unistd::Gid::from_raw(user.gid)),
-    )
-    .map_err(|e| DriverError::Isolation(format!("chown {}: {e}", path.display())))
+    nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(user.uid)), Some(nix::unistd::Gid::from_raw(user.gid)))
+        .map_err(|e| DriverError::Isolation(format!("chown {}: {e}", path.display())))
 }
 
 fn set_mode(path: &std::path::Path, mode: u32) -> Result<(), DriverError> {
@@ -136,20 +98,13 @@ fn set_mode(path: &std::path::Path, mode: u32) -> Result<(), DriverError> {
 /// The task's environment as it sees it: paths inside its root, a PATH, its identity.
 fn task_env(spec: &TaskSpec, user: &User) -> BTreeMap<String, String> {
     let mut env = spec.env.clone();
-    for (k, v) in [
-        ("MLP_TASK_DIR", "/local"),
-        ("MLP_ALLOC_DIR", "/alloc"),
-        ("MLP_SECRETS_DIR", "/secrets"),
-    ] {
+    for (k, v) in [("MLP_TASK_DIR", "/local"), ("MLP_ALLOC_DIR", "/alloc"), ("MLP_SECRETS_DIR", "/secrets")] {
         env.insert(k.to_string(), v.to_string());
     }
-    env.entry("PATH".into())
-        .or_insert_with(|| DEFAULT_PATH.into());
+    env.entry("PATH".into()).or_insert_with(|| DEFAULT_PATH.into());
     env.entry("HOME".into()).or_insert_with(|| "/local".into());
-    env.entry("USER".into())
-        .or_insert_with(|| user.name.clone());
-    env.entry("HOSTNAME".into())
-        .or_insert_with(|| spec.hostname.clone());
+    env.entry("USER".into()).or_insert_with(|| user.name.clone());
+    env.entry("HOSTNAME".into()).or_insert_with(|| spec.hostname.clone());
     env
 }
 
@@ -166,33 +121,26 @@ impl Driver for ExecDriver {
         let mut phases = Phases::start();
         let user = self.user(&spec.user)?;
         phases.mark("user");
-        let layout = self.layout.as_ref().ok_or_else(|| {
-            DriverError::Isolation("no usable cgroup hierarchy on this node".into())
-        })?;
+        let layout = self.layout.as_ref().ok_or_else(|| DriverError::Isolation("no usable cgroup hierarchy on this node".into()))?;
         // The cgroup (directories and limit files, in each v1 hierarchy) is created on a
         // blocking thread while this one prepares the task and starts its supervisor, which
         // waits for `ready` on a pipe before it starts the init that joins the cgroup.
         let res = spec.resources.clone().unwrap_or_default();
-        let mut limits =
-            cgroups::limits_for(&res, self.settings.mhz_per_core, self.settings.default_pids);
+        let mut limits = cgroups::limits_for(&res, self.settings.mhz_per_core, self.settings.default_pids);
         let cg_name = format!("{}.{}", spec.alloc_id, spec.name);
         // CPUs of its own (the servers only counted them); freed again unless the task starts.
         let mut hold = match limits.cores {
             Some(n) => {
                 limits.cpus = self.cores.take(&cg_name, n)?;
-                Some(CoreHold {
-                    cores: &self.cores,
-                    task: cg_name.clone(),
-                    keep: false,
-                })
+                Some(CoreHold { cores: &self.cores, task: cg_name.clone(), keep: false })
             }
             None => None,
         };
         let cgroup_procs = cgroups::procs_files_for(layout, &cg_name, &limits)
             .map_err(|e| DriverError::Isolation(format!("creating the task cgroup: {e}")))?;
         phases.mark("cgroup_paths");
-        let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| DriverError::Isolation(format!("pipe: {e}")))?;
+        let (ready_r, ready_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| DriverError::Isolation(format!("pipe: {e}")))?;
         let creating = {
             let layout = layout.clone();
             let limits = limits.clone();
@@ -208,11 +156,7 @@ impl Driver for ExecDriver {
         };
         let started = async {
             let root = spec.task_dir.join("root");
-            let hostname = if spec.hostname.is_empty() {
-                hostname_for(&spec.name, 0, &spec.alloc_id)
-            } else {
-                spec.hostname.clone()
-            };
+            let hostname = if spec.hostname.is_empty() { hostname_for(&spec.name, 0, &spec.alloc_id) } else { spec.hostname.clone() };
             let steps = self.prepare(spec, &user, &root, &hostname)?;
             let config = InitConfig {
                 root: root.clone(),
@@ -237,10 +181,7 @@ impl Driver for ExecDriver {
                 TaskKind::Isolated(Box::new(config)),
                 cg_name.clone(),
                 memory_limit_mib,
-                supervised::StartWith {
-                    phases,
-                    ready: Some(ready_r),
-                },
+                supervised::StartWith { phases, ready: Some(ready_r) },
             )
             .await?;
             Ok::<_, DriverError>((sup, root))
@@ -248,44 +189,22 @@ impl Driver for ExecDriver {
         let (created, started) = tokio::join!(creating, started);
         let created = created
             .map_err(|e| DriverError::Isolation(format!("creating the task cgroup: {e}")))
-            .and_then(|c| {
-                c.map_err(|e| DriverError::Isolation(format!("creating the task cgroup: {e}")))
-            });
+            .and_then(|c| c.map_err(|e| DriverError::Isolation(format!("creating the task cgroup: {e}"))));
         // Whatever happens next, the cgroup goes away unless the task runs in it. (A failed
         // creation never wrote `ready`, so the supervisor failed that start.)
-        let mut guard = StartGuard {
-            cgroup: Some(created?),
-        };
+        let mut guard = StartGuard { cgroup: Some(created?) };
         let (sup, root) = started?;
         let cgroup = guard.cgroup.take();
         if let Some(hold) = hold.as_mut() {
             hold.keep = true;
         }
         tracing::debug!(task = %spec.name, pid = sup.record.pid, user = %user.name, "isolated task started");
-        Ok(Box::new(IsolatedHandle {
-            sup,
-            cgroup,
-            cg_name,
-            layout: layout.clone(),
-            root,
-            cleanup: None,
-            cores: self.cores.clone(),
-        }))
+        Ok(Box::new(IsolatedHandle { sup, cgroup, cg_name, layout: layout.clone(), root, cleanup: None, cores: self.cores.clone() }))
     }
 
-    fn reattach(
-        &self,
-        task_dir: &Path,
-        record: &TaskRecord,
-    ) -> Result<Box<dyn TaskHandle>, DriverError> {
-        let err = |reason: String| DriverError::Reattach {
-            dir: task_dir.to_path_buf(),
-            reason,
-        };
-        let layout = self
-            .layout
-            .as_ref()
-            .ok_or_else(|| err("no usable cgroup hierarchy on this node".into()))?;
+    fn reattach(&self, task_dir: &Path, record: &TaskRecord) -> Result<Box<dyn TaskHandle>, DriverError> {
+        let err = |reason: String| DriverError::Reattach { dir: task_dir.to_path_buf(), reason };
+        let layout = self.layout.as_ref().ok_or_else(|| err("no usable cgroup hierarchy on this node".into()))?;
         let cgroup = match cgroups::open_existing(layout, &record.cgroup) {
             Ok(cg) => Some(cg),
             Err(e) => {
@@ -385,10 +304,7 @@ impl TaskHandle for IsolatedHandle {
             // in the cgroup (in every hierarchy, also those a reattached handle did not open).
             let (layout, name) = (self.layout.clone(), self.cg_name.clone());
             self.cleanup = Some(tokio::task::spawn_blocking(move || {
-                let result = cg
-                    .as_deref()
-                    .map(cgroups::kill_and_remove)
-                    .unwrap_or(Ok(()));
+                let result = cg.as_deref().map(cgroups::kill_and_remove).unwrap_or(Ok(()));
                 cgroups::remove_leftover(&layout, &name);
                 result
             }));

@@ -30,7 +30,6 @@ pub use exec::ExecDriver;
 pub use raw_exec::ProcessDriver;
 use supervised::TaskRecord;
 
-
 /// Errors from a driver.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -168,11 +167,7 @@ pub trait Driver: Send + Sync {
     /// Reattaches to a task a previous agent run started (`record`, read from `task_dir`): a
     /// running task is watched again, one that ended meanwhile reports its recorded exit
     /// status from `wait`. What cannot be reattached is killed and an error returned.
-    fn reattach(
-        &self,
-        task_dir: &Path,
-        record: &TaskRecord,
-    ) -> Result<Box<dyn TaskHandle>, DriverError>;
+    fn reattach(&self, task_dir: &Path, record: &TaskRecord) -> Result<Box<dyn TaskHandle>, DriverError>;
 }
 
 /// A running task. Dropping a handle leaves the task running (agent shutdown); only
@@ -227,26 +222,15 @@ pub fn drivers_for(enabled: &[String]) -> BTreeMap<String, std::sync::Arc<dyn Dr
 }
 
 /// Drivers by name, for the enabled names; `exec` isolates with `settings`.
-pub fn drivers_with(
-    enabled: &[String],
-    settings: &IsolationSettings,
-) -> BTreeMap<String, std::sync::Arc<dyn Driver>> {
+pub fn drivers_with(enabled: &[String], settings: &IsolationSettings) -> BTreeMap<String, std::sync::Arc<dyn Driver>> {
     let mut out: BTreeMap<String, std::sync::Arc<dyn Driver>> = BTreeMap::new();
     for name in enabled {
         match name.as_str() {
             driver_names::EXEC => {
-                out.insert(
-                    name.clone(),
-                    std::sync::Arc::new(ExecDriver::new(settings.clone())),
-                );
+                out.insert(name.clone(), std::sync::Arc::new(ExecDriver::new(settings.clone())));
             }
             driver_names::RAW_EXEC => {
-                out.insert(
-                    name.clone(),
-                    std::sync::Arc::new(ProcessDriver::with_supervisor(
-                        settings.supervisor_exe.clone(),
-                    )),
-                );
+                out.insert(name.clone(), std::sync::Arc::new(ProcessDriver::with_supervisor(settings.supervisor_exe.clone())));
             }
             other => tracing::warn!(driver = other, "unknown driver in config; ignored"),
         }

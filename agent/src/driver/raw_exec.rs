@@ -23,18 +23,12 @@ pub struct ProcessDriver {
 impl ProcessDriver {
     /// The `raw_exec` driver (never isolated), supervised by the running binary.
     pub fn raw_exec() -> Self {
-        ProcessDriver {
-            name: driver_names::RAW_EXEC,
-            supervisor_exe: None,
-        }
+        ProcessDriver { name: driver_names::RAW_EXEC, supervisor_exe: None }
     }
 
     /// The `raw_exec` driver with `exe` as the supervisor binary.
     pub fn with_supervisor(exe: Option<PathBuf>) -> Self {
-        ProcessDriver {
-            supervisor_exe: exe,
-            ..Self::raw_exec()
-        }
+        ProcessDriver { supervisor_exe: exe, ..Self::raw_exec() }
     }
 }
 
@@ -51,12 +45,7 @@ impl Driver for ProcessDriver {
         // The task gets the agent's environment plus its own, as a child of the agent would.
         let mut env: BTreeMap<String, String> = std::env::vars().collect();
         env.extend(spec.env.clone());
-        let task = TaskKind::Raw {
-            command: spec.command.clone(),
-            args: spec.args.clone(),
-            env,
-            work_dir: spec.work_dir.clone(),
-        };
+        let task = TaskKind::Raw { command: spec.command.clone(), args: spec.args.clone(), env, work_dir: spec.work_dir.clone() };
         let sup = supervised::start(
             &exe,
             self.name,
@@ -64,25 +53,16 @@ impl Driver for ProcessDriver {
             task,
             String::new(),
             None,
-            supervised::StartWith {
-                phases: Phases::start(),
-                ready: None,
-            },
+            supervised::StartWith { phases: Phases::start(), ready: None },
         )
         .await?;
         tracing::debug!(task = %spec.name, pid = sup.record.pid, driver = self.name, "task process started");
         Ok(Box::new(ProcessHandle { sup }))
     }
 
-    fn reattach(
-        &self,
-        task_dir: &Path,
-        record: &TaskRecord,
-    ) -> Result<Box<dyn TaskHandle>, DriverError> {
-        let sup = supervised::reattach(task_dir, record).map_err(|e| DriverError::Reattach {
-            dir: task_dir.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+    fn reattach(&self, task_dir: &Path, record: &TaskRecord) -> Result<Box<dyn TaskHandle>, DriverError> {
+        let sup = supervised::reattach(task_dir, record)
+            .map_err(|e| DriverError::Reattach { dir: task_dir.to_path_buf(), reason: e.to_string() })?;
         Ok(Box::new(ProcessHandle { sup }))
     }
 }

@@ -135,12 +135,7 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let tmp = PathBuf::from(tmp);
     {
         use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp)?;
         // No fsync: the files only need to survive the agent's death, not the machine's (the
         // tasks would not survive that either).
         f.write_all(data)?;
@@ -150,8 +145,7 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
 
 pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<T> {
     let bytes = std::fs::read(path)?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    serde_json::from_slice(&bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// Writes the task record atomically.
@@ -184,10 +178,7 @@ pub fn remove_run_files(task_dir: &Path) {
 
 /// A fresh run id.
 fn new_run_id() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{nanos:x}-{:x}", std::process::id())
 }
 
@@ -195,8 +186,7 @@ fn new_run_id() -> String {
 pub fn supervisor_exe(configured: Option<&Path>) -> Result<PathBuf, DriverError> {
     match configured {
         Some(p) => Ok(p.to_path_buf()),
-        None => std::env::current_exe()
-            .map_err(|e| DriverError::Isolation(format!("finding the mlp binary: {e}"))),
+        None => std::env::current_exe().map_err(|e| DriverError::Isolation(format!("finding the mlp binary: {e}"))),
     }
 }
 
@@ -245,11 +235,7 @@ impl Supervised {
         }
         self.waiter = Waiter::Done;
         let ex = match load_exit(&self.task_dir, &self.record.run_id) {
-            Some(r) => ExitStatus {
-                code: r.code,
-                signal: r.signal,
-                oom_limit_mib: None,
-            },
+            Some(r) => ExitStatus { code: r.code, signal: r.signal, oom_limit_mib: None },
             None => {
                 tracing::warn!(dir = %self.task_dir.display(), "the task's supervisor ended without recording an exit status");
                 if let Err(e) = signal_group(self.record.pid, Signal::SIGKILL) {
@@ -302,8 +288,7 @@ pub(crate) async fn start(
 ) -> Result<Supervised, DriverError> {
     let StartWith { mut phases, ready } = how;
     let task_dir = spec.task_dir.clone();
-    std::fs::create_dir_all(&task_dir)
-        .map_err(|e| DriverError::Isolation(format!("creating {}: {e}", task_dir.display())))?;
+    std::fs::create_dir_all(&task_dir).map_err(|e| DriverError::Isolation(format!("creating {}: {e}", task_dir.display())))?;
     remove_run_files(&task_dir);
     let run_id = new_run_id();
     let config = SuperviseConfig {
@@ -320,22 +305,17 @@ pub(crate) async fn start(
         wait_ready: ready.is_some(),
     };
     let config_path = task_dir.join(CONFIG_FILE);
-    let json = serde_json::to_vec(&config)
-        .map_err(|e| DriverError::Isolation(format!("encoding the supervisor config: {e}")))?;
-    write_atomic(&config_path, &json)
-        .map_err(|e| DriverError::Isolation(format!("writing {}: {e}", config_path.display())))?;
+    let json = serde_json::to_vec(&config).map_err(|e| DriverError::Isolation(format!("encoding the supervisor config: {e}")))?;
+    write_atomic(&config_path, &json).map_err(|e| DriverError::Isolation(format!("writing {}: {e}", config_path.display())))?;
     phases.mark("config_written");
     let diag = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(task_dir.join(LOG_FILE))
-        .map_err(|source| DriverError::Logs {
-            dir: task_dir.clone(),
-            source,
-        })?;
+        .map_err(|source| DriverError::Logs { dir: task_dir.clone(), source })?;
 
-    let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| DriverError::Isolation(format!("pipe: {e}")))?;
+    let (status_r, status_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| DriverError::Isolation(format!("pipe: {e}")))?;
     let status_w_raw = status_w.as_raw_fd();
     let ready_raw = ready.as_ref().map(|r| r.as_raw_fd());
     let mut cmd = tokio::process::Command::new(exe);
@@ -363,10 +343,7 @@ pub(crate) async fn start(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|source| DriverError::Spawn {
-        command: exe.display().to_string(),
-        source,
-    })?;
+    let mut child = cmd.spawn().map_err(|source| DriverError::Spawn { command: exe.display().to_string(), source })?;
     drop(status_w);
     drop(ready);
     phases.mark("supervisor_spawned");
@@ -387,20 +364,14 @@ pub(crate) async fn start(
     };
     let started = started.trim();
     let mut ok = started.strip_prefix("ok ").map(str::split_whitespace);
-    let pid = ok
-        .as_mut()
-        .and_then(|words| words.next())
-        .and_then(|p| p.parse::<u32>().ok());
+    let pid = ok.as_mut().and_then(|words| words.next()).and_then(|p| p.parse::<u32>().ok());
     if let Some(words) = ok {
         phases.extend(&words.collect::<Vec<_>>().join(" "));
         phases.mark("started");
         tracing::debug!(task = %spec.name, driver, phases = %phases.describe(), "task start phases");
     }
     let Some(pid) = pid else {
-        let message = started
-            .strip_prefix("err ")
-            .unwrap_or("the task's supervisor exited without a status")
-            .to_string();
+        let message = started.strip_prefix("err ").unwrap_or("the task's supervisor exited without a status").to_string();
         // The supervisor exits after reporting an error; kill it if it hangs.
         if let Some(raw) = i32::try_from(supervisor_pid).ok().filter(|p| *p > 1) {
             let _ = nix::sys::signal::kill(Pid::from_raw(raw), Signal::SIGKILL);
@@ -408,10 +379,7 @@ pub(crate) async fn start(
         let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
         remove_run_files(&task_dir);
         if let Some(source) = spawn_error(&message) {
-            return Err(DriverError::Spawn {
-                command: spec.command.clone(),
-                source,
-            });
+            return Err(DriverError::Spawn { command: spec.command.clone(), source });
         }
         return Err(DriverError::Isolation(message));
     };
@@ -432,12 +400,7 @@ pub(crate) async fn start(
             }
         }
     };
-    Ok(Supervised {
-        record,
-        task_dir,
-        waiter: Waiter::Child(child),
-        exit: None,
-    })
+    Ok(Supervised { record, task_dir, waiter: Waiter::Child(child), exit: None })
 }
 
 /// `raw_exec` start errors come back as `err spawn <errno> <message>`: the same
@@ -467,10 +430,7 @@ fn pidfd_of(pid: u32, start_time: u64) -> Option<OwnedFd> {
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .is_some_and(|s| {
-            s.rfind(')')
-                .is_some_and(|i| s[i + 1..].trim_start().starts_with(['Z', 'X']))
-        })
+        .is_some_and(|s| s.rfind(')').is_some_and(|i| s[i + 1..].trim_start().starts_with(['Z', 'X'])))
 }
 
 /// Why a task could not be reattached.
@@ -493,12 +453,8 @@ pub(crate) fn reattach(task_dir: &Path, record: &TaskRecord) -> Result<Supervise
         Some(fd) => {
             // SAFETY: the AsyncFd owns the OwnedFd, which stays open and unchanged until the
             // AsyncFd is dropped.
-            let registered =
-                unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
-            Waiter::Pidfd(
-                registered
-                    .map_err(|e| ReattachError::Watch(std::io::Error::other(e.to_string())))?,
-            )
+            let registered = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
+            Waiter::Pidfd(registered.map_err(|e| ReattachError::Watch(std::io::Error::other(e.to_string())))?)
         }
         None if load_exit(task_dir, &record.run_id).is_some() => Waiter::Done,
         None => {
@@ -508,12 +464,7 @@ pub(crate) fn reattach(task_dir: &Path, record: &TaskRecord) -> Result<Supervise
             return Err(ReattachError::Lost);
         }
     };
-    Ok(Supervised {
-        record: record.clone(),
-        task_dir: task_dir.to_path_buf(),
-        waiter,
-        exit: None,
-    })
+    Ok(Supervised { record: record.clone(), task_dir: task_dir.to_path_buf(), waiter, exit: None })
 }
 #[cfg(test)]
 mod tests {
@@ -523,25 +474,12 @@ mod tests {
     fn records_roundtrip_and_stale_exits_are_ignored() -> std::io::Result<()> {
         let dir = tempfile::tempdir()?;
         assert_eq!(load_record(dir.path())?, None);
-        let r = TaskRecord {
-            driver: "raw_exec".into(),
-            run_id: "r1".into(),
-            pid: 5,
-            ..Default::default()
-        };
+        let r = TaskRecord { driver: "raw_exec".into(), run_id: "r1".into(), pid: 5, ..Default::default() };
         save_record(dir.path(), &r)?;
         assert_eq!(load_record(dir.path())?, Some(r));
-        let exit = ExitRecord {
-            run_id: "r0".into(),
-            code: Some(3),
-            signal: None,
-        };
+        let exit = ExitRecord { run_id: "r0".into(), code: Some(3), signal: None };
         write_atomic(&dir.path().join(EXIT_FILE), &serde_json::to_vec(&exit)?)?;
-        assert_eq!(
-            load_exit(dir.path(), "r1"),
-            None,
-            "an exit of an earlier run"
-        );
+        assert_eq!(load_exit(dir.path(), "r1"), None, "an exit of an earlier run");
         assert_eq!(load_exit(dir.path(), "r0"), Some(exit));
         remove_run_files(dir.path());
         assert_eq!(load_record(dir.path())?, None);

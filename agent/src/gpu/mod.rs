@@ -88,11 +88,8 @@ fn devices_asked(task: &Task) -> usize {
 /// asked for GPUs sees all of them.
 pub fn task_gpus(group: &TaskGroup, task_name: &str, resources: Option<&AllocatedResources>, node_gpus: &[GpuDevice]) -> TaskGpus {
     let Some(r) = resources else { return TaskGpus::default() };
-    let all: Vec<GpuAssignment> = if r.gpus.is_empty() {
-        r.gpu_ids.iter().map(|id| GpuAssignment { id: id.clone(), milli: 1000 }).collect()
-    } else {
-        r.gpus.clone()
-    };
+    let all: Vec<GpuAssignment> =
+        if r.gpus.is_empty() { r.gpu_ids.iter().map(|id| GpuAssignment { id: id.clone(), milli: 1000 }).collect() } else { r.gpus.clone() };
     let Some(task) = group.tasks.iter().find(|t| t.name == task_name) else { return TaskGpus::default() };
     let asked = devices_asked(task);
     if asked == 0 || all.is_empty() {
@@ -103,7 +100,12 @@ pub fn task_gpus(group: &TaskGroup, task_name: &str, resources: Option<&Allocate
         let offset: usize = group.tasks.iter().take_while(|t| t.name != task_name).map(devices_asked).sum();
         all[offset..offset + asked].to_vec()
     } else {
-        tracing::warn!(task = task_name, asked = total, assigned = all.len(), "GPU assignment does not match the tasks' asks; the task sees all of the allocation's GPUs");
+        tracing::warn!(
+            task = task_name,
+            asked = total,
+            assigned = all.len(),
+            "GPU assignment does not match the tasks' asks; the task sees all of the allocation's GPUs"
+        );
         all
     };
     let simulated = devices.iter().all(|a| node_gpus.iter().any(|d| d.id == a.id && d.simulated));

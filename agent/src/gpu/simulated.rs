@@ -214,13 +214,7 @@ struct Checker<'a> {
 impl Checker<'_> {
     fn push(&mut self, path: &str, message: impl Into<String>) {
         let (line, column) = self.positions.of(path);
-        self.problems.push(Problem {
-            file: self.file.to_string(),
-            line,
-            column,
-            path: path.to_string(),
-            message: message.into(),
-        });
+        self.problems.push(Problem { file: self.file.to_string(), line, column, path: path.to_string(), message: message.into() });
     }
 
     /// The generator's parameters, checked, as an explicit list (None when they are wrong).
@@ -324,11 +318,8 @@ impl Checker<'_> {
         let explicit = path == "devices";
         // Problems in a generated list point at the generator's fields.
         let at = |i: usize, field: &str| if explicit { format!("devices[{i}].{field}") } else { format!("generate.{field}") };
-        let ids: Vec<String> = list
-            .iter()
-            .enumerate()
-            .map(|(i, d)| d.id.clone().unwrap_or_else(|| format!("{ID_PREFIX}gpu-{i}")))
-            .collect();
+        let ids: Vec<String> =
+            list.iter().enumerate().map(|(i, d)| d.id.clone().unwrap_or_else(|| format!("{ID_PREFIX}gpu-{i}"))).collect();
         let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
         let mut registered = 0usize;
         for (i, (d, id)) in list.iter().zip(&ids).enumerate() {
@@ -383,10 +374,9 @@ impl Checker<'_> {
                 } else {
                     match seen.get(p.as_str()) {
                         None => self.push(&ppath, format!("no device has the id {p:?}")),
-                        Some(&j) if !list[j].nvlink_peers.iter().any(|q| q == id) => self.push(
-                            &ppath,
-                            format!("the link is one-way: {p:?} (devices[{j}]) does not list {id:?} in its nvlink_peers"),
-                        ),
+                        Some(&j) if !list[j].nvlink_peers.iter().any(|q| q == id) => {
+                            self.push(&ppath, format!("the link is one-way: {p:?} (devices[{j}]) does not list {id:?} in its nvlink_peers"))
+                        }
                         Some(_) => {}
                     }
                 }
@@ -719,7 +709,10 @@ mod tests {
             "g.json",
             r#"{"generate": {"count": 4, "model": "A", "memory_mib": 81920, "mig": {"count": 1, "profiles": ["1g.10gb", "2g.20gb"]}}}"#,
         )?;
-        assert_eq!(g.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(), ["sim-gpu-0", "sim-gpu-1", "sim-gpu-2", "sim-gpu-3-mig-0", "sim-gpu-3-mig-1"]);
+        assert_eq!(
+            g.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(),
+            ["sim-gpu-0", "sim-gpu-1", "sim-gpu-2", "sim-gpu-3-mig-0", "sim-gpu-3-mig-1"]
+        );
         let attrs = attributes(&g);
         assert_eq!(attrs.get("gpu.count").map(String::as_str), Some("4"));
         assert_eq!(attrs.get("gpu.mig_instances").map(String::as_str), Some("2"));
@@ -730,10 +723,7 @@ mod tests {
 
     #[test]
     fn default_ids_and_attributes() -> Result<(), GpuSimError> {
-        let d = parse(
-            "d.json",
-            r#"{"devices": [{"model": "B", "memory_mib": 1}, {"model": "A", "memory_mib": 2}]}"#,
-        )?;
+        let d = parse("d.json", r#"{"devices": [{"model": "B", "memory_mib": 1}, {"model": "A", "memory_mib": 2}]}"#)?;
         assert_eq!(d[1].id, "sim-gpu-1");
         let attrs = attributes(&d);
         assert_eq!(attrs.get("gpu.model").map(String::as_str), Some("A,B"));
@@ -769,7 +759,9 @@ mod tests {
         assert!(p[0].contains("devices[0].mig: MIG instances use 8 compute slices"), "{p:?}");
         let p = problems(r#"{"devices": [{"model": "A", "memory_mib": 40960, "mig": ["3g.40gb", "3g.40gb", "big"]}]}"#);
         assert!(p[0].contains("devices[0].mig[2]: must be a MIG profile") && p[1].contains("hold 81920 MiB"), "{p:?}");
-        let p = problems(r#"{"devices": [{"model": "A", "memory_mib": 1, "mig": ["1g.5gb"]}, {"id": "sim-gpu-0-mig-0", "model": "A", "memory_mib": 1}]}"#);
+        let p = problems(
+            r#"{"devices": [{"model": "A", "memory_mib": 1, "mig": ["1g.5gb"]}, {"id": "sim-gpu-0-mig-0", "model": "A", "memory_mib": 1}]}"#,
+        );
         assert!(p.iter().any(|p| p.contains("devices[1].id: \"sim-gpu-0-mig-0\" is also the id of a MIG instance")), "{p:?}");
         let p = problems(r#"{"devices": [{"model": "", "memory_mib": 0, "numa_node": -1, "pci_switch": "a b"}]}"#);
         assert_eq!(p.len(), 4, "{p:?}");
@@ -792,7 +784,9 @@ mod tests {
         let p = problems(r#"{"generate": {"count": 2, "model": "A", "memory_mib": 1}, "devices": []}"#);
         assert!(p[0].contains("not both"), "{p:?}");
         // 10 GPUs × 7 instances = 70 devices.
-        let p = problems(r#"{"generate": {"count": 10, "model": "A", "memory_mib": 81920, "mig": {"count": 10, "profiles": ["1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb"]}}}"#);
+        let p = problems(
+            r#"{"generate": {"count": 10, "model": "A", "memory_mib": 81920, "mig": {"count": 10, "profiles": ["1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb", "1g.10gb"]}}}"#,
+        );
         assert!(p[0].contains("registers 70 devices"), "{p:?}");
     }
 

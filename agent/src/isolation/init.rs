@@ -45,23 +45,14 @@ const AGENT_STATUS_FD: i32 = 3;
 
 /// Forks the task's init into a new PID namespace with `stdout`/`stderr` as its output;
 /// returns once the task runs. Call only while the process is single-threaded.
-pub(crate) fn start_init(
-    cfg: &InitConfig,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-    phases: &mut Phases,
-) -> Result<Running, String> {
-    let (start_r, start_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    let (report_r, report_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+pub(crate) fn start_init(cfg: &InitConfig, stdout: OwnedFd, stderr: OwnedFd, phases: &mut Phases) -> Result<Running, String> {
+    let (start_r, start_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (report_r, report_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     // The supervisor says on this pipe that it moved the init into the task's cgroup.
-    let (joined_r, joined_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (joined_r, joined_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     // The supervisor goes back to its own PID namespace for later children after the fork: a
     // process whose children go to another namespace cannot start threads (EINVAL).
-    let own_pid_ns = std::fs::File::open("/proc/self/ns/pid")
-        .map_err(|e| format!("opening /proc/self/ns/pid: {e}"))?;
+    let own_pid_ns = std::fs::File::open("/proc/self/ns/pid").map_err(|e| format!("opening /proc/self/ns/pid: {e}"))?;
     unshare(CloneFlags::CLONE_NEWPID).map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?;
     // SAFETY: the supervisor is single-threaded (a fresh exec that has started no threads
     // yet), so the child may run any code.
@@ -120,22 +111,13 @@ pub(crate) fn start_init(
             let mut text = String::new();
             let _ = File::from(start_r).read_to_string(&mut text);
             let text = text.trim();
-            if let Some(words) = text
-                .strip_prefix("ok")
-                .filter(|w| w.is_empty() || w.starts_with(' '))
-            {
+            if let Some(words) = text.strip_prefix("ok").filter(|w| w.is_empty() || w.starts_with(' ')) {
                 phases.extend(words);
-                return Ok(Running {
-                    pid: child,
-                    report: Some(report_r),
-                });
+                return Ok(Running { pid: child, report: Some(report_r) });
             }
             let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
             let _ = waitpid(child, None);
-            Err(text
-                .strip_prefix("err ")
-                .unwrap_or("the task's init exited without a status")
-                .to_string())
+            Err(text.strip_prefix("err ").unwrap_or("the task's init exited without a status").to_string())
         }
     }
 }
@@ -152,8 +134,7 @@ fn into_init(stdout: &OwnedFd, stderr: &OwnedFd, phases: &mut Phases) -> Result<
     phases.mark("init_output");
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
     // If the supervisor dies, so does this namespace.
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
-        .map_err(|e| format!("prctl(PR_SET_PDEATHSIG): {e}"))?;
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| format!("prctl(PR_SET_PDEATHSIG): {e}"))?;
     catch_stop_signals();
     Ok(())
 }
@@ -170,8 +151,7 @@ fn v1_tasks_file(procs: &std::path::Path) -> Option<std::path::PathBuf> {
 /// unlike a move through `cgroup.procs`.
 fn join_own_cgroup(cfg: &InitConfig) -> Result<(), String> {
     for tasks in cfg.cgroup_procs.iter().filter_map(|p| v1_tasks_file(p)) {
-        std::fs::write(&tasks, "0")
-            .map_err(|e| format!("joining cgroup {}: {e}", tasks.display()))?;
+        std::fs::write(&tasks, "0").map_err(|e| format!("joining cgroup {}: {e}", tasks.display()))?;
     }
     Ok(())
 }
@@ -179,13 +159,8 @@ fn join_own_cgroup(cfg: &InitConfig) -> Result<(), String> {
 /// The supervisor moves the init (`pid` in the supervisor's PID namespace) into the
 /// hierarchies it could not join itself (v2's `cgroup.procs`), while the init builds the root.
 fn join_cgroup(cfg: &InitConfig, pid: Pid) -> Result<(), String> {
-    for procs in cfg
-        .cgroup_procs
-        .iter()
-        .filter(|p| v1_tasks_file(p).is_none())
-    {
-        std::fs::write(procs, pid.as_raw().to_string())
-            .map_err(|e| format!("moving the init into cgroup {}: {e}", procs.display()))?;
+    for procs in cfg.cgroup_procs.iter().filter(|p| v1_tasks_file(p).is_none()) {
+        std::fs::write(procs, pid.as_raw().to_string()).map_err(|e| format!("moving the init into cgroup {}: {e}", procs.display()))?;
     }
     Ok(())
 }
@@ -203,10 +178,7 @@ fn wait_joined(joined_r: OwnedFd) -> Result<(), String> {
 
 /// How the task ended from the init's report ("exit N" / "signal N"), or from the init's own
 /// wait status when it reported nothing: (exit code, signal).
-pub(crate) fn decode_report(
-    report: &str,
-    init_status: nix::Result<WaitStatus>,
-) -> (Option<i32>, Option<i32>) {
+pub(crate) fn decode_report(report: &str, init_status: nix::Result<WaitStatus>) -> (Option<i32>, Option<i32>) {
     match report.split_once(' ') {
         Some(("exit", code)) => (Some(code.parse().unwrap_or(1)), None),
         Some(("signal", sig)) => match sig.parse::<i32>() {
@@ -222,13 +194,7 @@ pub(crate) fn decode_report(
 }
 
 /// PID 1 of the task's namespace.
-fn ns_init(
-    cfg: &InitConfig,
-    status: &mut Option<File>,
-    report_w: OwnedFd,
-    joined_r: OwnedFd,
-    mut phases: Phases,
-) -> Result<(), String> {
+fn ns_init(cfg: &InitConfig, status: &mut Option<File>, report_w: OwnedFd, joined_r: OwnedFd, mut phases: Phases) -> Result<(), String> {
     let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
     if cfg.network_none {
         flags |= CloneFlags::CLONE_NEWNET;
@@ -236,21 +202,12 @@ fn ns_init(
     unshare(flags).map_err(|e| format!("unshare: {e}"))?;
     nix::unistd::sethostname(&cfg.hostname).map_err(|e| format!("sethostname: {e}"))?;
     phases.mark("init_unshared");
-    rootfs::enter(&cfg.root, &cfg.steps, &mut phases)
-        .map_err(|e| format!("building the task root: {e}"))?;
-    let last_cap: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(40);
-    let drop_caps: Vec<u32> = (0..=last_cap)
-        .filter(|c| !(cfg.user.uid == 0 && ROOT_CAPS.contains(c)))
-        .collect();
+    rootfs::enter(&cfg.root, &cfg.steps, &mut phases).map_err(|e| format!("building the task root: {e}"))?;
+    let last_cap: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(40);
+    let drop_caps: Vec<u32> = (0..=last_cap).filter(|c| !(cfg.user.uid == 0 && ROOT_CAPS.contains(c))).collect();
     let (uid, gid) = (cfg.user.uid, cfg.user.gid);
     let mut cmd = std::process::Command::new(&cfg.command);
-    cmd.args(&cfg.args)
-        .env_clear()
-        .envs(&cfg.env)
-        .current_dir(&cfg.work_dir);
+    cmd.args(&cfg.args).env_clear().envs(&cfg.env).current_dir(&cfg.work_dir);
     // SAFETY: runs in the forked child of this single-threaded process before exec; it only
     // makes syscalls (prctl, setgroups, setgid, setuid) on values computed beforehand.
     unsafe {
@@ -259,9 +216,7 @@ fn ns_init(
     // Nothing of the task may run outside its cgroup.
     wait_joined(joined_r)?;
     phases.mark("init_in_cgroup");
-    let child = cmd
-        .spawn()
-        .map_err(|e| format!("starting {:?}: {e}", cfg.command))?;
+    let child = cmd.spawn().map_err(|e| format!("starting {:?}: {e}", cfg.command))?;
     let task = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
     phases.mark("task_exec");
     report(status, &format!("ok{}", phases.words()));
@@ -269,9 +224,7 @@ fn ns_init(
     let line = loop {
         match waitpid(Pid::from_raw(-1), None) {
             Ok(WaitStatus::Exited(pid, code)) if pid == task => break format!("exit {code}"),
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == task => {
-                break format!("signal {}", sig as i32)
-            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == task => break format!("signal {}", sig as i32),
             Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => break format!("exit {}", 128 + e as i32),
         }
@@ -328,17 +281,8 @@ extern "C" fn ignore_signal(_: libc::c_int) {}
 
 /// TERM, INT, HUP and QUIT get a handler that does nothing (reset to default by exec).
 pub(crate) fn catch_stop_signals() {
-    let act = SigAction::new(
-        SigHandler::Handler(ignore_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ] {
+    let act = SigAction::new(SigHandler::Handler(ignore_signal), SaFlags::SA_RESTART, SigSet::empty());
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT] {
         // SAFETY: the handler does nothing, which is async-signal-safe; a handled (not ignored)
         // signal is reset to its default by exec, so the task starts with default handlers.
         let _ = unsafe { nix::sys::signal::sigaction(sig, &act) };

@@ -83,28 +83,14 @@ pub fn lookup_user(passwd: &str, name: &str) -> Option<User> {
         if f[0] != name && f[2] != name {
             return None;
         }
-        Some(User {
-            name: f[0].to_string(),
-            uid: f[2].parse().ok()?,
-            gid: f[3].parse().ok()?,
-            home: f[5].to_string(),
-        })
+        Some(User { name: f[0].to_string(), uid: f[2].parse().ok()?, gid: f[3].parse().ok()?, home: f[5].to_string() })
     })
 }
 
 /// The task's hostname: `<group>-<index>-<first 8 chars of the alloc id>`, cut to 63 bytes.
 pub fn hostname_for(group: &str, index: u32, alloc_id: &str) -> String {
     let short: String = alloc_id.chars().filter(|c| *c != '-').take(8).collect();
-    let clean: String = group
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect();
+    let clean: String = group.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c.to_ascii_lowercase() } else { '-' }).collect();
     let mut h = format!("{clean}-{index}-{short}");
     h.truncate(63);
     h
@@ -139,8 +125,7 @@ impl InitConfig {
     /// Reads a config written by the agent.
     pub fn load(path: &Path) -> Result<InitConfig, std::io::Error> {
         let bytes = std::fs::read(path)?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        serde_json::from_slice(&bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 }
 
@@ -152,18 +137,9 @@ mod tests {
     fn users_and_hostnames() {
         let passwd = "root:x:0:0:root:/root:/bin/bash\n# comment\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
         let nobody = lookup_user(passwd, "nobody");
-        assert_eq!(
-            nobody.as_ref().map(|u| (u.uid, u.gid)),
-            Some((65534, 65534))
-        );
-        assert_eq!(
-            lookup_user(passwd, "0").map(|u| u.name),
-            Some("root".to_string())
-        );
+        assert_eq!(nobody.as_ref().map(|u| (u.uid, u.gid)), Some((65534, 65534)));
+        assert_eq!(lookup_user(passwd, "0").map(|u| u.name), Some("root".to_string()));
         assert_eq!(lookup_user(passwd, "ghost"), None);
-        assert_eq!(
-            hostname_for("Web_1", 3, "0a1b2c3d-4e5f-6789"),
-            "web-1-3-0a1b2c3d"
-        );
+        assert_eq!(hostname_for("Web_1", 3, "0a1b2c3d-4e5f-6789"), "web-1-3-0a1b2c3d");
     }
 }

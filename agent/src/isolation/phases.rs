@@ -5,10 +5,7 @@
 /// Nanoseconds on the system-wide monotonic clock (the same in every process), to time a
 /// start's phases across the agent, the supervisor and the init.
 pub fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
     if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
         return 0;
@@ -28,10 +25,7 @@ pub struct Phases {
 impl Phases {
     /// Phases counted from now.
     pub fn start() -> Phases {
-        Phases {
-            since: mono_ns(),
-            words: String::new(),
-        }
+        Phases { since: mono_ns(), words: String::new() }
     }
     /// Notes that `name` ended now.
     pub fn mark(&mut self, name: &str) {
@@ -62,10 +56,7 @@ impl Phases {
             out.push_str(&format!("{name}=+{}us ", at.saturating_sub(prev) / 1000));
             prev = at.max(prev);
         }
-        out.push_str(&format!(
-            "total={}us",
-            prev.saturating_sub(self.since) / 1000
-        ));
+        out.push_str(&format!("total={}us", prev.saturating_sub(self.since) / 1000));
         out
     }
 }
@@ -76,10 +67,7 @@ mod tests {
 
     #[test]
     fn phases_describe_each_step_after_the_previous() {
-        let mut p = Phases {
-            since: 1_000_000,
-            words: String::new(),
-        };
+        let mut p = Phases { since: 1_000_000, words: String::new() };
         p.extend("a=3000000 b=3500000  junk c=nope");
         p.extend("d=3200000");
         // d ended before b (another process's clock reading): counted as 0, not negative.
@@ -88,5 +76,4 @@ mod tests {
         q.mark("x");
         assert!(q.words().starts_with(" x="), "{}", q.words());
     }
-
 }

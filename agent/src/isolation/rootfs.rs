@@ -18,9 +18,7 @@ use super::phases::Phases;
 use super::User;
 
 /// Host directories bound read-only into every root (symlinks are recreated instead).
-pub const SYSTEM_DIRS: &[&str] = &[
-    "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr",
-];
+pub const SYSTEM_DIRS: &[&str] = &["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr"];
 /// Host files copied into the task's `/etc` when present.
 pub const ETC_FILES: &[&str] = &[
     "/etc/passwd",
@@ -35,12 +33,7 @@ pub const ETC_FILES: &[&str] = &[
 ];
 /// Host directories of `/etc` bound read-only when present (certificates; Debian's
 /// alternatives, which `awk` and friends resolve through).
-pub const ETC_DIRS: &[&str] = &[
-    "/etc/ssl",
-    "/etc/pki",
-    "/etc/ca-certificates",
-    "/etc/alternatives",
-];
+pub const ETC_DIRS: &[&str] = &["/etc/ssl", "/etc/pki", "/etc/ca-certificates", "/etc/alternatives"];
 /// Device nodes bound from the host into the task's `/dev`.
 pub const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
@@ -61,11 +54,7 @@ pub fn probe_host(path: &Path) -> Option<HostEntry> {
     if meta.file_type().is_symlink() {
         return std::fs::read_link(path).ok().map(HostEntry::Symlink);
     }
-    Some(if meta.is_dir() {
-        HostEntry::Dir
-    } else {
-        HostEntry::File
-    })
+    Some(if meta.is_dir() { HostEntry::Dir } else { HostEntry::File })
 }
 
 /// One step of building the root; paths are absolute inside the task's root.
@@ -170,18 +159,10 @@ fn p(s: &str) -> PathBuf {
 /// hide it. `path` must be absolute and plain (no `.` or `..`).
 pub fn hideable(path: &Path) -> bool {
     use std::path::Component;
-    if !path.is_absolute()
-        || path
-            .components()
-            .any(|c| matches!(c, Component::CurDir | Component::ParentDir))
-    {
+    if !path.is_absolute() || path.components().any(|c| matches!(c, Component::CurDir | Component::ParentDir)) {
         return false;
     }
-    SYSTEM_DIRS
-        .iter()
-        .chain(ETC_DIRS)
-        .any(|d| path.starts_with(d))
-        || ETC_FILES.iter().any(|f| path == Path::new(f))
+    SYSTEM_DIRS.iter().chain(ETC_DIRS).any(|d| path.starts_with(d)) || ETC_FILES.iter().any(|f| path == Path::new(f))
 }
 
 /// Why a path cannot be hidden from task roots (`--exec-hide`).
@@ -208,19 +189,14 @@ pub enum HideError {
 /// it: through symlinked parents (`/bin -> usr/bin`) to where the root binds it.
 pub fn check_hidden_path(path: &Path) -> Result<PathBuf, HideError> {
     if !hideable(path) {
-        return Err(HideError::NotInRoot {
-            path: path.to_path_buf(),
-        });
+        return Err(HideError::NotInRoot { path: path.to_path_buf() });
     }
     let real = match (path.parent().map(std::fs::canonicalize), path.file_name()) {
         (Some(Ok(parent)), Some(name)) => parent.join(name),
         _ => path.to_path_buf(),
     };
     if !hideable(&real) {
-        return Err(HideError::ResolvesOutside {
-            path: path.to_path_buf(),
-            real,
-        });
+        return Err(HideError::ResolvesOutside { path: path.to_path_buf(), real });
     }
     Ok(real)
 }
@@ -245,12 +221,7 @@ pub fn plan(
         if is_dir {
             bound.push(src.to_path_buf());
         }
-        steps.push(Step::Bind {
-            src: src.to_path_buf(),
-            path: src.to_path_buf(),
-            readonly: true,
-            device: false,
-        });
+        steps.push(Step::Bind { src: src.to_path_buf(), path: src.to_path_buf(), readonly: true, device: false });
     };
     for d in SYSTEM_DIRS {
         if is_hidden(Path::new(d)) {
@@ -265,83 +236,42 @@ pub fn plan(
     steps.push(Step::Dir { path: p("/etc") });
     for f in ETC_FILES {
         if !is_hidden(Path::new(f)) && probe(Path::new(f)).is_some() {
-            steps.push(Step::Copy {
-                src: p(f),
-                path: p(f),
-            });
+            steps.push(Step::Copy { src: p(f), path: p(f) });
         }
     }
     steps.push(Step::Write {
         path: p("/etc/hosts"),
         contents: format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"),
     });
-    steps.push(Step::Write {
-        path: p("/etc/hostname"),
-        contents: format!("{hostname}\n"),
-    });
+    steps.push(Step::Write { path: p("/etc/hostname"), contents: format!("{hostname}\n") });
     for d in ETC_DIRS {
         if !is_hidden(Path::new(d)) && probe(Path::new(d)) == Some(HostEntry::Dir) {
             ro_bind(Path::new(d), true, &mut steps);
         }
     }
-    steps.push(Step::Tmpfs {
-        path: p("/dev"),
-        options: "mode=0755,size=64k".into(),
-    });
+    steps.push(Step::Tmpfs { path: p("/dev"), options: "mode=0755,size=64k".into() });
     for dev in DEVICES {
         let host = Path::new("/dev").join(dev);
         if probe(&host).is_some() {
-            steps.push(Step::Bind {
-                src: host.clone(),
-                path: host,
-                readonly: false,
-                device: true,
-            });
+            steps.push(Step::Bind { src: host.clone(), path: host, readonly: false, device: true });
         }
     }
-    steps.push(Step::Devpts {
-        path: p("/dev/pts"),
-    });
-    steps.push(Step::Symlink {
-        target: p("pts/ptmx"),
-        path: p("/dev/ptmx"),
-    });
-    steps.push(Step::Tmpfs {
-        path: p("/dev/shm"),
-        options: "mode=1777".into(),
-    });
+    steps.push(Step::Devpts { path: p("/dev/pts") });
+    steps.push(Step::Symlink { target: p("pts/ptmx"), path: p("/dev/ptmx") });
+    steps.push(Step::Tmpfs { path: p("/dev/shm"), options: "mode=1777".into() });
     for (target, link) in [
         ("/proc/self/fd", "/dev/fd"),
         ("/proc/self/fd/0", "/dev/stdin"),
         ("/proc/self/fd/1", "/dev/stdout"),
         ("/proc/self/fd/2", "/dev/stderr"),
     ] {
-        steps.push(Step::Symlink {
-            target: p(target),
-            path: p(link),
-        });
+        steps.push(Step::Symlink { target: p(target), path: p(link) });
     }
     steps.push(Step::Proc { path: p("/proc") });
-    steps.push(Step::Tmpfs {
-        path: p("/tmp"),
-        options: "mode=1777".into(),
-    });
-    steps.push(Step::Bind {
-        src: dirs.local.clone(),
-        path: p("/local"),
-        readonly: false,
-        device: false,
-    });
-    steps.push(Step::Bind {
-        src: dirs.alloc.clone(),
-        path: p("/alloc"),
-        readonly: false,
-        device: false,
-    });
-    steps.push(Step::Tmpfs {
-        path: p("/secrets"),
-        options: format!("mode=0700,uid={},gid={},size=1m", user.uid, user.gid),
-    });
+    steps.push(Step::Tmpfs { path: p("/tmp"), options: "mode=1777".into() });
+    steps.push(Step::Bind { src: dirs.local.clone(), path: p("/local"), readonly: false, device: false });
+    steps.push(Step::Bind { src: dirs.alloc.clone(), path: p("/alloc"), readonly: false, device: false });
+    steps.push(Step::Tmpfs { path: p("/secrets"), options: format!("mode=0700,uid={},gid={},size=1m", user.uid, user.gid) });
     // Last, so that a path under /tmp or /dev is not covered by the root's own mounts.
     for extra in extra_ro {
         if is_hidden(extra) {
@@ -358,15 +288,9 @@ pub fn plan(
             continue;
         }
         match probe(h) {
-            Some(HostEntry::Dir) => steps.push(Step::Mask {
-                path: h.clone(),
-                dir: true,
-            }),
+            Some(HostEntry::Dir) => steps.push(Step::Mask { path: h.clone(), dir: true }),
             // A file by /dev/null; a symlink is left as it is (hide what it points to).
-            Some(HostEntry::File) => steps.push(Step::Mask {
-                path: h.clone(),
-                dir: false,
-            }),
+            Some(HostEntry::File) => steps.push(Step::Mask { path: h.clone(), dir: false }),
             _ => {}
         }
     }
@@ -420,16 +344,9 @@ const NONE: Option<&str> = None;
 /// namespace (and, for `/proc`, as a process of the task's PID namespace).
 pub fn enter(root: &Path, steps: &[Step], phases: &mut Phases) -> Result<(), RootfsError> {
     // Nothing we mount may propagate back to the host.
-    mount(NONE, "/", NONE, MsFlags::MS_REC | MsFlags::MS_PRIVATE, NONE)
-        .map_err(sys("making private", Path::new("/")))?;
-    mount(
-        Some("tmpfs"),
-        root,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=0755,size=16m"),
-    )
-    .map_err(sys("mounting the root tmpfs on", root))?;
+    mount(NONE, "/", NONE, MsFlags::MS_REC | MsFlags::MS_PRIVATE, NONE).map_err(sys("making private", Path::new("/")))?;
+    mount(Some("tmpfs"), root, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755,size=16m"))
+        .map_err(sys("mounting the root tmpfs on", root))?;
     phases.mark("root_tmpfs");
     // One phase per run of steps of the same kind.
     let mut run: Option<&'static str> = None;
@@ -447,18 +364,8 @@ pub fn enter(root: &Path, steps: &[Step], phases: &mut Phases) -> Result<(), Roo
     pivot(root)?;
     phases.mark("pivot_root");
     // The root itself is read-only: a task can write only to /local, /alloc, /secrets, /tmp.
-    mount(
-        NONE,
-        "/",
-        NONE,
-        MsFlags::MS_REMOUNT
-            | MsFlags::MS_BIND
-            | MsFlags::MS_RDONLY
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV,
-        NONE,
-    )
-    .map_err(sys("remounting read-only", Path::new("/")))
+    mount(NONE, "/", NONE, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV, NONE)
+        .map_err(sys("remounting read-only", Path::new("/")))
 }
 
 fn apply(root: &Path, step: &Step) -> Result<(), RootfsError> {
@@ -472,12 +379,7 @@ fn apply(root: &Path, step: &Step) -> Result<(), RootfsError> {
             parent_dir(&at)?;
             std::os::unix::fs::symlink(target, &at).map_err(io("creating symlink", &at))
         }
-        Step::Bind {
-            src,
-            path,
-            readonly,
-            device,
-        } => {
+        Step::Bind { src, path, readonly, device } => {
             let at = inside(root, path);
             if src.is_dir() {
                 std::fs::create_dir_all(&at).map_err(io("creating", &at))?;
@@ -485,14 +387,7 @@ fn apply(root: &Path, step: &Step) -> Result<(), RootfsError> {
                 parent_dir(&at)?;
                 std::fs::File::create(&at).map_err(io("creating", &at))?;
             }
-            mount(
-                Some(src.as_path()),
-                &at,
-                NONE,
-                MsFlags::MS_BIND | MsFlags::MS_REC,
-                NONE,
-            )
-            .map_err(sys("binding", &at))?;
+            mount(Some(src.as_path()), &at, NONE, MsFlags::MS_BIND | MsFlags::MS_REC, NONE).map_err(sys("binding", &at))?;
             let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID;
             if !device {
                 flags |= MsFlags::MS_NODEV;
@@ -505,38 +400,20 @@ fn apply(root: &Path, step: &Step) -> Result<(), RootfsError> {
         Step::Tmpfs { path, options } => {
             let at = inside(root, path);
             std::fs::create_dir_all(&at).map_err(io("creating", &at))?;
-            mount(
-                Some("tmpfs"),
-                &at,
-                Some("tmpfs"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                Some(options.as_str()),
-            )
-            .map_err(sys("mounting tmpfs on", &at))
+            mount(Some("tmpfs"), &at, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(options.as_str()))
+                .map_err(sys("mounting tmpfs on", &at))
         }
         Step::Proc { path } => {
             let at = inside(root, path);
             std::fs::create_dir_all(&at).map_err(io("creating", &at))?;
-            mount(
-                Some("proc"),
-                &at,
-                Some("proc"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-                NONE,
-            )
-            .map_err(sys("mounting proc on", &at))
+            mount(Some("proc"), &at, Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, NONE)
+                .map_err(sys("mounting proc on", &at))
         }
         Step::Devpts { path } => {
             let at = inside(root, path);
             std::fs::create_dir_all(&at).map_err(io("creating", &at))?;
-            mount(
-                Some("devpts"),
-                &at,
-                Some("devpts"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-                Some("newinstance,ptmxmode=0666,mode=0620"),
-            )
-            .map_err(sys("mounting devpts on", &at))
+            mount(Some("devpts"), &at, Some("devpts"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620"))
+                .map_err(sys("mounting devpts on", &at))
         }
         Step::Copy { src, path } => {
             let at = inside(root, path);
@@ -546,28 +423,12 @@ fn apply(root: &Path, step: &Step) -> Result<(), RootfsError> {
         }
         Step::Mask { path, dir } => {
             let at = inside(root, path);
-            let ro =
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
+            let ro = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
             if *dir {
-                mount(
-                    Some("tmpfs"),
-                    &at,
-                    Some("tmpfs"),
-                    ro,
-                    Some("mode=0755,size=4k"),
-                )
-                .map_err(sys("masking", &at))
+                mount(Some("tmpfs"), &at, Some("tmpfs"), ro, Some("mode=0755,size=4k")).map_err(sys("masking", &at))
             } else {
-                mount(Some("/dev/null"), &at, NONE, MsFlags::MS_BIND, NONE)
-                    .map_err(sys("masking", &at))?;
-                mount(
-                    NONE,
-                    &at,
-                    NONE,
-                    MsFlags::MS_REMOUNT | MsFlags::MS_BIND | ro,
-                    NONE,
-                )
-                .map_err(sys("masking", &at))
+                mount(Some("/dev/null"), &at, NONE, MsFlags::MS_BIND, NONE).map_err(sys("masking", &at))?;
+                mount(NONE, &at, NONE, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | ro, NONE).map_err(sys("masking", &at))
             }
         }
         Step::Write { path, contents } => {
@@ -598,26 +459,14 @@ fn set_mode(at: &Path, mode: u32) -> Result<(), RootfsError> {
 fn pivot(root: &Path) -> Result<(), RootfsError> {
     use nix::fcntl::{open, OFlag};
     use nix::sys::stat::Mode;
-    let old = open(
-        "/",
-        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(sys("opening", Path::new("/")))?;
-    let new = open(
-        root,
-        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(sys("opening", root))?;
+    let old = open("/", OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).map_err(sys("opening", Path::new("/")))?;
+    let new = open(root, OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).map_err(sys("opening", root))?;
     let result = (|| {
         nix::unistd::fchdir(new).map_err(sys("chdir", root))?;
         nix::unistd::pivot_root(".", ".").map_err(sys("pivot_root into", root))?;
         nix::unistd::fchdir(old).map_err(sys("chdir to the old root", Path::new("/")))?;
-        mount(NONE, ".", NONE, MsFlags::MS_SLAVE | MsFlags::MS_REC, NONE)
-            .map_err(sys("making the old root a slave", Path::new("/")))?;
-        umount2(".", MntFlags::MNT_DETACH)
-            .map_err(sys("detaching the old root", Path::new("/")))?;
+        mount(NONE, ".", NONE, MsFlags::MS_SLAVE | MsFlags::MS_REC, NONE).map_err(sys("making the old root a slave", Path::new("/")))?;
+        umount2(".", MntFlags::MNT_DETACH).map_err(sys("detaching the old root", Path::new("/")))?;
         nix::unistd::chdir("/").map_err(sys("chdir", Path::new("/")))
     })();
     let _ = nix::unistd::close(old);
@@ -641,74 +490,22 @@ mod tests {
                 _ => None,
             }
         };
-        let dirs = TaskDirs {
-            local: "/data/a/t/local".into(),
-            alloc: "/data/a/alloc".into(),
-        };
-        let user = User {
-            name: "nobody".into(),
-            uid: 65534,
-            gid: 65534,
-            home: "/".into(),
-        };
-        let steps = plan(
-            probe,
-            &dirs,
-            &user,
-            "g-0-abcd",
-            &[PathBuf::from("/opt/models")],
-            &[],
-        );
+        let dirs = TaskDirs { local: "/data/a/t/local".into(), alloc: "/data/a/alloc".into() };
+        let user = User { name: "nobody".into(), uid: 65534, gid: 65534, home: "/".into() };
+        let steps = plan(probe, &dirs, &user, "g-0-abcd", &[PathBuf::from("/opt/models")], &[]);
         let has = |s: &Step| steps.contains(s);
-        assert!(has(&Step::Symlink {
-            target: "usr/bin".into(),
-            path: "/bin".into()
-        }));
-        assert!(has(&Step::Bind {
-            src: "/usr".into(),
-            path: "/usr".into(),
-            readonly: true,
-            device: false
-        }));
-        assert!(has(&Step::Bind {
-            src: "/opt/models".into(),
-            path: "/opt/models".into(),
-            readonly: true,
-            device: false
-        }));
-        assert!(has(&Step::Copy {
-            src: "/etc/passwd".into(),
-            path: "/etc/passwd".into()
-        }));
-        assert!(has(&Step::Bind {
-            src: "/dev/null".into(),
-            path: "/dev/null".into(),
-            readonly: false,
-            device: true
-        }));
-        assert!(has(&Step::Bind {
-            src: "/data/a/t/local".into(),
-            path: "/local".into(),
-            readonly: false,
-            device: false
-        }));
-        assert!(has(&Step::Tmpfs {
-            path: "/secrets".into(),
-            options: "mode=0700,uid=65534,gid=65534,size=1m".into()
-        }));
-        assert!(!steps
-            .iter()
-            .any(|s| matches!(s, Step::Bind { path, .. } if path == Path::new("/lib32"))));
-        assert!(!steps
-            .iter()
-            .any(|s| matches!(s, Step::Bind { path, .. } if path == Path::new("/dev/tty"))));
+        assert!(has(&Step::Symlink { target: "usr/bin".into(), path: "/bin".into() }));
+        assert!(has(&Step::Bind { src: "/usr".into(), path: "/usr".into(), readonly: true, device: false }));
+        assert!(has(&Step::Bind { src: "/opt/models".into(), path: "/opt/models".into(), readonly: true, device: false }));
+        assert!(has(&Step::Copy { src: "/etc/passwd".into(), path: "/etc/passwd".into() }));
+        assert!(has(&Step::Bind { src: "/dev/null".into(), path: "/dev/null".into(), readonly: false, device: true }));
+        assert!(has(&Step::Bind { src: "/data/a/t/local".into(), path: "/local".into(), readonly: false, device: false }));
+        assert!(has(&Step::Tmpfs { path: "/secrets".into(), options: "mode=0700,uid=65534,gid=65534,size=1m".into() }));
+        assert!(!steps.iter().any(|s| matches!(s, Step::Bind { path, .. } if path == Path::new("/lib32"))));
+        assert!(!steps.iter().any(|s| matches!(s, Step::Bind { path, .. } if path == Path::new("/dev/tty"))));
         // /dev is mounted before the devices bound into it.
-        let dev = steps
-            .iter()
-            .position(|s| matches!(s, Step::Tmpfs { path, .. } if path == Path::new("/dev")));
-        let null = steps
-            .iter()
-            .position(|s| matches!(s, Step::Bind { path, .. } if path == Path::new("/dev/null")));
+        let dev = steps.iter().position(|s| matches!(s, Step::Tmpfs { path, .. } if path == Path::new("/dev")));
+        let null = steps.iter().position(|s| matches!(s, Step::Bind { path, .. } if path == Path::new("/dev/null")));
         assert!(dev < null);
     }
 
@@ -721,26 +518,9 @@ mod tests {
                 _ => None,
             }
         };
-        let dirs = TaskDirs {
-            local: "/l".into(),
-            alloc: "/a".into(),
-        };
-        let user = User {
-            name: "nobody".into(),
-            uid: 65534,
-            gid: 65534,
-            home: "/".into(),
-        };
-        let hidden: Vec<PathBuf> = [
-            "/etc/ssl",
-            "/lib",
-            "/etc/group",
-            "/usr/local",
-            "/usr/bin/sudo",
-        ]
-        .iter()
-        .map(PathBuf::from)
-        .collect();
+        let dirs = TaskDirs { local: "/l".into(), alloc: "/a".into() };
+        let user = User { name: "nobody".into(), uid: 65534, gid: 65534, home: "/".into() };
+        let hidden: Vec<PathBuf> = ["/etc/ssl", "/lib", "/etc/group", "/usr/local", "/usr/bin/sudo"].iter().map(PathBuf::from).collect();
         let steps = plan(probe, &dirs, &user, "h", &[], &hidden);
         let binds: Vec<&Path> = steps
             .iter()
@@ -750,28 +530,15 @@ mod tests {
             })
             .collect();
         for gone in ["/etc/ssl", "/lib", "/etc/group"] {
-            assert!(
-                !binds.contains(&Path::new(gone)),
-                "{gone} still in the root"
-            );
+            assert!(!binds.contains(&Path::new(gone)), "{gone} still in the root");
         }
         assert!(binds.contains(&Path::new("/usr")));
         assert!(binds.contains(&Path::new("/etc/passwd")));
         // Inside the bound /usr: masked, after /usr is bound.
-        let usr = steps
-            .iter()
-            .position(|s| matches!(s, Step::Bind { src, .. } if src == Path::new("/usr")));
-        let local = steps.iter().position(|s| {
-            *s == Step::Mask {
-                path: "/usr/local".into(),
-                dir: true,
-            }
-        });
+        let usr = steps.iter().position(|s| matches!(s, Step::Bind { src, .. } if src == Path::new("/usr")));
+        let local = steps.iter().position(|s| *s == Step::Mask { path: "/usr/local".into(), dir: true });
         assert!(usr.is_some() && local.is_some() && usr < local, "{steps:?}");
-        assert!(steps.contains(&Step::Mask {
-            path: "/usr/bin/sudo".into(),
-            dir: false
-        }));
+        assert!(steps.contains(&Step::Mask { path: "/usr/bin/sudo".into(), dir: false }));
         // Only what the default root holds can be hidden.
         assert!(hideable(Path::new("/usr/local")));
         assert!(hideable(Path::new("/etc/ssl/certs")));

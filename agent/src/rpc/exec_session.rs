@@ -118,14 +118,10 @@ type ExecStream = Pin<Box<dyn Stream<Item = Result<ExecResponse, Status>> + Send
 /// Checks the first message of a session: a command, bounded argument sizes, a sane size.
 pub fn validate_start(start: &ExecStart) -> Result<(), Status> {
     let Some(cmd) = start.command.first() else {
-        return Err(Status::invalid_argument(
-            "exec: start.command is empty: name a command to run",
-        ));
+        return Err(Status::invalid_argument("exec: start.command is empty: name a command to run"));
     };
     if cmd.is_empty() {
-        return Err(Status::invalid_argument(
-            "exec: start.command[0] is an empty string",
-        ));
+        return Err(Status::invalid_argument("exec: start.command[0] is an empty string"));
     }
     if start.command.len() > MAX_ARGS {
         return Err(Status::invalid_argument(format!(
@@ -135,14 +131,10 @@ pub fn validate_start(start: &ExecStart) -> Result<(), Status> {
     }
     let total: usize = start.command.iter().map(|a| a.len() + 1).sum();
     if total > MAX_ARGV_BYTES {
-        return Err(Status::invalid_argument(format!(
-            "exec: start.command is {total} bytes; at most {MAX_ARGV_BYTES} are allowed"
-        )));
+        return Err(Status::invalid_argument(format!("exec: start.command is {total} bytes; at most {MAX_ARGV_BYTES} are allowed")));
     }
     if let Some(i) = start.command.iter().position(|a| a.contains('\0')) {
-        return Err(Status::invalid_argument(format!(
-            "exec: start.command[{i}] contains a NUL byte"
-        )));
+        return Err(Status::invalid_argument(format!("exec: start.command[{i}] contains a NUL byte")));
     }
     if let Some(size) = &start.size {
         check_size(size, "start.size")?;
@@ -163,9 +155,7 @@ fn check_size(size: &TerminalSize, field: &str) -> Result<(), Status> {
 /// Checks a later message of a session.
 fn validate_request(req: &ExecRequest, tty: bool) -> Result<(), Status> {
     if req.start.is_some() {
-        return Err(Status::invalid_argument(
-            "exec: only the first message of a session may carry `start`",
-        ));
+        return Err(Status::invalid_argument("exec: only the first message of a session may carry `start`"));
     }
     if req.stdin.len() > MAX_STDIN_CHUNK {
         return Err(Status::invalid_argument(format!(
@@ -175,9 +165,7 @@ fn validate_request(req: &ExecRequest, tty: bool) -> Result<(), Status> {
     }
     if let Some(size) = &req.resize {
         if !tty {
-            return Err(Status::invalid_argument(
-                "exec: resize is only valid in a tty session",
-            ));
+            return Err(Status::invalid_argument("exec: resize is only valid in a tty session"));
         }
         check_size(size, "resize")?;
     }
@@ -203,11 +191,7 @@ fn not_running(alloc_id: &str, task: &str, state: &str) -> Status {
 
 /// Whether the task still runs with the same process.
 fn task_running(registry: &AllocRegistry, alloc_id: &str, task: &str, pid: u32) -> bool {
-    registry.get(alloc_id).is_some_and(|v| {
-        v.task_states
-            .get(task)
-            .is_some_and(|s| s.state == task_state::RUNNING && s.pid == pid)
-    })
+    registry.get(alloc_id).is_some_and(|v| v.task_states.get(task).is_some_and(|s| s.state == task_state::RUNNING && s.pid == pid))
 }
 
 fn target(registry: &AllocRegistry, start: &ExecStart) -> Result<Target, Status> {
@@ -225,11 +209,7 @@ fn target(registry: &AllocRegistry, start: &ExecStart) -> Result<Target, Status>
         .as_ref()
         .and_then(|j| j.groups.iter().find(|g| g.name == persisted.task_group))
         .and_then(|g| g.tasks.iter().find(|t| t.name == task))
-        .ok_or_else(|| {
-            Status::internal(format!(
-                "task {task:?} not in the spec of allocation {alloc_id}"
-            ))
-        })?;
+        .ok_or_else(|| Status::internal(format!("task {task:?} not in the spec of allocation {alloc_id}")))?;
     let command = start.command.first().cloned().unwrap_or_default();
     let args = start.command.iter().skip(1).cloned().collect();
     let task_dir = view.dir.join(&task);
@@ -246,20 +226,13 @@ fn target(registry: &AllocRegistry, start: &ExecStart) -> Result<Target, Status>
             let (uid, gid) = proc_ids(main).ok_or_else(gone)?;
             let cgroup_procs = cgroup_procs_of(ns_pid);
             if cgroup_procs.is_empty() {
-                return Err(Status::internal(format!(
-                    "task {task:?} of allocation {alloc_id}: its cgroup was not found"
-                )));
+                return Err(Status::internal(format!("task {task:?} of allocation {alloc_id}: its cgroup was not found")));
             }
             EnterConfig {
                 ns_pid: Some(ns_pid),
                 ns_pid_start_time,
                 cgroup_procs,
-                user: Some(User {
-                    name: uid.to_string(),
-                    uid,
-                    gid,
-                    home: String::new(),
-                }),
+                user: Some(User { name: uid.to_string(), uid, gid, home: String::new() }),
                 command,
                 args,
                 env: proc_environ(main).ok_or_else(gone)?,
@@ -274,23 +247,13 @@ fn target(registry: &AllocRegistry, start: &ExecStart) -> Result<Target, Status>
             user: None,
             command,
             args,
-            env: proc_environ(st.pid)
-                .ok_or_else(|| not_running(&alloc_id, &task, "process gone"))?,
+            env: proc_environ(st.pid).ok_or_else(|| not_running(&alloc_id, &task, "process gone"))?,
             work_dir: task_dir.join("local"),
             tty: start.tty,
         },
-        other => {
-            return Err(Status::failed_precondition(format!(
-                "task {task:?} uses driver {other:?}, which exec does not support"
-            )))
-        }
+        other => return Err(Status::failed_precondition(format!("task {task:?} uses driver {other:?}, which exec does not support"))),
     };
-    Ok(Target {
-        alloc_id,
-        task,
-        task_pid: st.pid,
-        config,
-    })
+    Ok(Target { alloc_id, task, task_pid: st.pid, config })
 }
 
 /// The environment a process started with.
@@ -315,11 +278,7 @@ pub fn parse_nspid(status: &str) -> Vec<u32> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("NSpid:"))
-        .map(|rest| {
-            rest.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect()
-        })
+        .map(|rest| rest.split_whitespace().filter_map(|p| p.parse().ok()).collect())
         .unwrap_or_default()
 }
 
@@ -331,15 +290,7 @@ fn is_ns_init(pid: u32) -> bool {
 
 /// Real uid and gid from /proc/<pid>/status text.
 pub fn parse_ids(status: &str) -> Option<(u32, u32)> {
-    let field = |key: &str| -> Option<u32> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    };
+    let field = |key: &str| -> Option<u32> { status.lines().find_map(|l| l.strip_prefix(key))?.split_whitespace().next()?.parse().ok() };
     Some((field("Uid:")?, field("Gid:")?))
 }
 
@@ -405,14 +356,8 @@ pub fn cgroup_procs_from(proc_cgroup: &str, mountinfo: &str) -> Vec<PathBuf> {
         let Some((_, root, mount_point, _)) = mount else {
             continue;
         };
-        let rel = if *root == "/" {
-            path
-        } else {
-            path.strip_prefix(root).unwrap_or(path)
-        };
-        let file = PathBuf::from(mount_point)
-            .join(rel.trim_start_matches('/'))
-            .join("cgroup.procs");
+        let rel = if *root == "/" { path } else { path.strip_prefix(root).unwrap_or(path) };
+        let file = PathBuf::from(mount_point).join(rel.trim_start_matches('/')).join("cgroup.procs");
         if !out.contains(&file) {
             out.push(file);
         }
@@ -443,11 +388,7 @@ pub fn find_ns_init(pid: u32) -> Option<u32> {
         let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        if let Some(pp) = std::fs::read_to_string(format!("/proc/{p}/stat"))
-            .ok()
-            .as_deref()
-            .and_then(parse_ppid)
-        {
+        if let Some(pp) = std::fs::read_to_string(format!("/proc/{p}/stat")).ok().as_deref().and_then(parse_ppid) {
             children.entry(pp).or_default().push(p);
         }
     }
@@ -473,14 +414,8 @@ pub fn find_ns_init(pid: u32) -> Option<u32> {
 
 /// The command's I/O as the agent holds it.
 enum Io {
-    Pipes {
-        stdin: Option<tokio::process::ChildStdin>,
-        stdout: tokio::process::ChildStdout,
-        stderr: tokio::process::ChildStderr,
-    },
-    Tty {
-        master: Arc<AsyncFd<OwnedFd>>,
-    },
+    Pipes { stdin: Option<tokio::process::ChildStdin>, stdout: tokio::process::ChildStdout, stderr: tokio::process::ChildStderr },
+    Tty { master: Arc<AsyncFd<OwnedFd>> },
 }
 
 /// A started session.
@@ -493,28 +428,14 @@ struct Session {
 /// Serves one `Exec` call: reads the first message, checks it, starts the command in the task,
 /// and returns the response stream (stdout, stderr, then the exit status). Every error before
 /// the command runs is the call's status.
-pub async fn serve(
-    registry: AllocRegistry,
-    mut inbound: Streaming<ExecRequest>,
-) -> Result<ExecStream, Status> {
+pub async fn serve(registry: AllocRegistry, mut inbound: Streaming<ExecRequest>) -> Result<ExecStream, Status> {
     let first = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, inbound.message()).await {
-        Err(_) => {
-            return Err(Status::deadline_exceeded(
-                "exec: no first message within 30s",
-            ))
-        }
+        Err(_) => return Err(Status::deadline_exceeded("exec: no first message within 30s")),
         Ok(Err(s)) => return Err(s),
-        Ok(Ok(None)) => {
-            return Err(Status::invalid_argument(
-                "exec: the stream ended before its first message",
-            ))
-        }
+        Ok(Ok(None)) => return Err(Status::invalid_argument("exec: the stream ended before its first message")),
         Ok(Ok(Some(m))) => m,
     };
-    let start = first
-        .start
-        .clone()
-        .ok_or_else(|| Status::invalid_argument("exec: the first message must carry `start`"))?;
+    let start = first.start.clone().ok_or_else(|| Status::invalid_argument("exec: the first message must carry `start`"))?;
     validate_start(&start)?;
     let target = target(&registry, &start)?;
     let size = start.size.unwrap_or(TerminalSize { rows: 24, cols: 80 });
@@ -522,10 +443,7 @@ pub async fn serve(
     tracing::info!(alloc = %target.alloc_id, task = %target.task, command = %target.config.command, tty = start.tty, pid = session.pid, "exec session started");
     let (tx, rx) = mpsc::channel::<Result<ExecResponse, Status>>(16);
     // Stdin sent in the first message, if any.
-    let early = (!first.stdin.is_empty() || first.stdin_eof).then_some(ExecRequest {
-        start: None,
-        ..first
-    });
+    let early = (!first.stdin.is_empty() || first.stdin_eof).then_some(ExecRequest { start: None, ..first });
     tokio::spawn(drive(session, target, registry, inbound, early, tx));
     Ok(Box::pin(ReceiverStream::new(rx)))
 }
@@ -540,35 +458,25 @@ fn dup_high(fd: OwnedFd) -> Result<OwnedFd, Status> {
 }
 
 async fn spawn(config: &EnterConfig, size: &TerminalSize) -> Result<Session, Status> {
-    let internal =
-        |what: &str, e: &dyn std::fmt::Display| Status::internal(format!("exec: {what}: {e}"));
+    let internal = |what: &str, e: &dyn std::fmt::Display| Status::internal(format!("exec: {what}: {e}"));
     let exe = std::env::current_exe().map_err(|e| internal("finding the mlp binary", &e))?;
-    let (cfg_r, cfg_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| internal("pipe", &e))?;
-    let (st_r, st_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| internal("pipe", &e))?;
+    let (cfg_r, cfg_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| internal("pipe", &e))?;
+    let (st_r, st_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| internal("pipe", &e))?;
     // The originals close here: only the helper may hold the write end of the status pipe,
     // or its end is never seen.
     let (cfg_r, st_w) = (dup_high(cfg_r)?, dup_high(st_w)?);
     let (cfg_raw, st_raw) = (cfg_r.as_raw_fd(), st_w.as_raw_fd());
 
     let mut cmd = tokio::process::Command::new(&exe);
-    cmd.arg(ENTER_ARG)
-        .env_clear()
-        .current_dir("/")
-        .kill_on_drop(true);
+    cmd.arg(ENTER_ARG).env_clear().current_dir("/").kill_on_drop(true);
     let mut master = None;
     if config.tty {
         let (m, slave) = open_pty(size).map_err(|e| internal("opening a pseudo-terminal", &e))?;
         let clone = |f: &OwnedFd| f.try_clone().map_err(|e| internal("dup", &e));
-        cmd.stdin(Stdio::from(clone(&slave)?))
-            .stdout(Stdio::from(clone(&slave)?))
-            .stderr(Stdio::from(slave));
+        cmd.stdin(Stdio::from(clone(&slave)?)).stdout(Stdio::from(clone(&slave)?)).stderr(Stdio::from(slave));
         master = Some(m);
     } else {
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     }
     // SAFETY: runs in the forked child before exec and only calls dup2(2), which is
     // async-signal-safe; both sources are ≥ 10, so neither is overwritten by the other dup2,
@@ -581,9 +489,7 @@ async fn spawn(config: &EnterConfig, size: &TerminalSize) -> Result<Session, Sta
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| internal("starting the enter helper", &e))?;
+    let mut child = cmd.spawn().map_err(|e| internal("starting the enter helper", &e))?;
     // The command itself holds the slave (and its pipe ends) now.
     drop(cmd);
     drop((cfg_r, st_w));
@@ -607,11 +513,7 @@ async fn spawn(config: &EnterConfig, size: &TerminalSize) -> Result<Session, Sta
         // The helper reaps the command's failed process and exits by itself; killing it first
         // would leave that process for the task's init to reap.
         finish(&mut child).await;
-        let message = report
-            .trim()
-            .strip_prefix("err ")
-            .unwrap_or(report.trim())
-            .to_string();
+        let message = report.trim().strip_prefix("err ").unwrap_or(report.trim()).to_string();
         return Err(if message.starts_with("starting ") {
             Status::invalid_argument(format!("exec: {message}"))
         } else if message.starts_with("the task's init") {
@@ -626,16 +528,10 @@ async fn spawn(config: &EnterConfig, size: &TerminalSize) -> Result<Session, Sta
             // SAFETY: `m` is an OwnedFd: its descriptor stays open and the same until the
             // AsyncFd (which owns it) is dropped.
             let registered = unsafe { AsyncFd::register(m) };
-            Io::Tty {
-                master: Arc::new(registered.map_err(|e| internal("registering the terminal", &e))?),
-            }
+            Io::Tty { master: Arc::new(registered.map_err(|e| internal("registering the terminal", &e))?) }
         }
         None => match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
-            (stdin, Some(stdout), Some(stderr)) => Io::Pipes {
-                stdin,
-                stdout,
-                stderr,
-            },
+            (stdin, Some(stdout), Some(stderr)) => Io::Pipes { stdin, stdout, stderr },
             _ => return Err(Status::internal("exec: the command's pipes are missing")),
         },
     };
@@ -661,21 +557,12 @@ fn open_pty(size: &TerminalSize) -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut name = [0 as libc::c_char; 128];
     // SAFETY: `master` is a valid pty master; ptsname_r writes at most `name.len()` bytes,
     // NUL-terminated, into the buffer.
-    let ok = unsafe {
-        libc::grantpt(m) == 0
-            && libc::unlockpt(m) == 0
-            && libc::ptsname_r(m, name.as_mut_ptr(), name.len()) == 0
-    };
+    let ok = unsafe { libc::grantpt(m) == 0 && libc::unlockpt(m) == 0 && libc::ptsname_r(m, name.as_mut_ptr(), name.len()) == 0 };
     if !ok {
         return Err(err());
     }
     // SAFETY: ptsname_r succeeded, so `name` holds a NUL-terminated path.
-    let s = unsafe {
-        libc::open(
-            name.as_ptr(),
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-        )
-    };
+    let s = unsafe { libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
     if s < 0 {
         return Err(err());
     }
@@ -701,11 +588,7 @@ fn resize(master: &impl AsRawFd, size: &TerminalSize) -> std::io::Result<()> {
 }
 
 /// Copies a pipe into response messages until EOF.
-async fn pump_pipe<R: AsyncRead + Unpin>(
-    mut r: R,
-    stderr: bool,
-    tx: mpsc::Sender<Result<ExecResponse, Status>>,
-) {
+async fn pump_pipe<R: AsyncRead + Unpin>(mut r: R, stderr: bool, tx: mpsc::Sender<Result<ExecResponse, Status>>) {
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
         match r.read(&mut buf).await {
@@ -713,15 +596,9 @@ async fn pump_pipe<R: AsyncRead + Unpin>(
             Ok(n) => {
                 let data = buf[..n].to_vec();
                 let msg = if stderr {
-                    ExecResponse {
-                        stderr: data,
-                        ..Default::default()
-                    }
+                    ExecResponse { stderr: data, ..Default::default() }
                 } else {
-                    ExecResponse {
-                        stdout: data,
-                        ..Default::default()
-                    }
+                    ExecResponse { stdout: data, ..Default::default() }
                 };
                 if tx.send(Ok(msg)).await.is_err() {
                     return;
@@ -738,17 +615,12 @@ async fn pump_tty(master: Arc<AsyncFd<OwnedFd>>, tx: mpsc::Sender<Result<ExecRes
         let Ok(mut guard) = master.readable().await else {
             return;
         };
-        match guard
-            .try_io(|fd| nix::unistd::read(fd.as_raw_fd(), &mut buf).map_err(std::io::Error::from))
-        {
+        match guard.try_io(|fd| nix::unistd::read(fd.as_raw_fd(), &mut buf).map_err(std::io::Error::from)) {
             Err(_would_block) => continue,
             // EIO: the last slave closed.
             Ok(Ok(0)) | Ok(Err(_)) => return,
             Ok(Ok(n)) => {
-                let msg = ExecResponse {
-                    stdout: buf[..n].to_vec(),
-                    ..Default::default()
-                };
+                let msg = ExecResponse { stdout: buf[..n].to_vec(), ..Default::default() };
                 if tx.send(Ok(msg)).await.is_err() {
                     return;
                 }
@@ -760,9 +632,7 @@ async fn pump_tty(master: Arc<AsyncFd<OwnedFd>>, tx: mpsc::Sender<Result<ExecRes
 async fn write_tty(master: &AsyncFd<OwnedFd>, mut data: &[u8]) -> std::io::Result<()> {
     while !data.is_empty() {
         let mut guard = master.writable().await?;
-        match guard
-            .try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(std::io::Error::from))
-        {
+        match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(std::io::Error::from)) {
             Err(_would_block) => continue,
             Ok(Ok(n)) => data = &data[n..],
             Ok(Err(e)) => return Err(e),
@@ -829,11 +699,7 @@ async fn drive(
 ) {
     let mut pumps = Vec::new();
     let (stdin, master) = match session.io {
-        Io::Pipes {
-            stdin,
-            stdout,
-            stderr,
-        } => {
+        Io::Pipes { stdin, stdout, stderr } => {
             pumps.push(tokio::spawn(pump_pipe(stdout, false, tx.clone())));
             pumps.push(tokio::spawn(pump_pipe(stderr, true, tx.clone())));
             (stdin, None)
@@ -884,22 +750,11 @@ async fn drive(
     }
     use std::os::unix::process::ExitStatusExt;
     let exit = match status {
-        Some(st) => ExecExit {
-            code: st.code().unwrap_or(0),
-            signal: st.signal().unwrap_or(0),
-        },
-        None => ExecExit {
-            code: -1,
-            signal: 0,
-        },
+        Some(st) => ExecExit { code: st.code().unwrap_or(0), signal: st.signal().unwrap_or(0) },
+        None => ExecExit { code: -1, signal: 0 },
     };
     tracing::info!(alloc = %target.alloc_id, task = %target.task, code = exit.code, signal = exit.signal, "exec session ended");
-    let _ = tx
-        .send(Ok(ExecResponse {
-            exit: Some(exit),
-            ..Default::default()
-        }))
-        .await;
+    let _ = tx.send(Ok(ExecResponse { exit: Some(exit), ..Default::default() })).await;
 }
 
 /// Asks the helper to kill the command's process group.
@@ -939,12 +794,7 @@ extern "C" fn kill_command(_: libc::c_int) {
     }
 }
 
-const STOP_SIGNALS: [Signal; 4] = [
-    Signal::SIGTERM,
-    Signal::SIGINT,
-    Signal::SIGHUP,
-    Signal::SIGQUIT,
-];
+const STOP_SIGNALS: [Signal; 4] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT];
 
 fn stop_set() -> SigSet {
     let mut set = SigSet::empty();
@@ -963,17 +813,9 @@ pub fn maybe_run_enter() {
     }
     // SAFETY: the agent dup2'd the config pipe onto fd 3 and the status pipe onto fd 4 of this
     // freshly exec'd process; nothing else here owns them. A missing fd only fails the I/O.
-    let (config, status) = unsafe {
-        (
-            OwnedFd::from_raw_fd(CONFIG_FD),
-            OwnedFd::from_raw_fd(STATUS_FD),
-        )
-    };
+    let (config, status) = unsafe { (OwnedFd::from_raw_fd(CONFIG_FD), OwnedFd::from_raw_fd(STATUS_FD)) };
     for fd in [&config, &status] {
-        let _ = nix::fcntl::fcntl(
-            fd.as_raw_fd(),
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        );
+        let _ = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
     }
     let mut status = Some(File::from(status));
     match enter(File::from(config), &mut status) {
@@ -989,12 +831,9 @@ pub fn maybe_run_enter() {
 
 fn enter(mut config: File, status: &mut Option<File>) -> Result<WaitStatus, String> {
     let mut json = Vec::new();
-    config
-        .read_to_end(&mut json)
-        .map_err(|e| format!("reading the config: {e}"))?;
+    config.read_to_end(&mut json).map_err(|e| format!("reading the config: {e}"))?;
     drop(config);
-    let cfg: EnterConfig =
-        serde_json::from_slice(&json).map_err(|e| format!("decoding the config: {e}"))?;
+    let cfg: EnterConfig = serde_json::from_slice(&json).map_err(|e| format!("decoding the config: {e}"))?;
     // Everything under /proc/<init> is opened before any setns: afterwards /proc is the task's.
     let mut namespaces = Vec::new();
     let mut root = None;
@@ -1009,8 +848,7 @@ fn enter(mut config: File, status: &mut Option<File>) -> Result<WaitStatus, Stri
             let path = format!("/proc/{pid}/ns/{name}");
             let f = File::open(&path).map_err(|e| format!("opening {path}: {e}"))?;
             let theirs = f.metadata().map_err(|e| format!("stat {path}: {e}"))?;
-            let mine = std::fs::metadata(format!("/proc/self/ns/{name}"))
-                .map_err(|e| format!("stat /proc/self/ns/{name}: {e}"))?;
+            let mine = std::fs::metadata(format!("/proc/self/ns/{name}")).map_err(|e| format!("stat /proc/self/ns/{name}: {e}"))?;
             if (theirs.dev(), theirs.ino()) != (mine.dev(), mine.ino()) {
                 namespaces.push((name, flag, f));
             }
@@ -1020,22 +858,18 @@ fn enter(mut config: File, status: &mut Option<File>) -> Result<WaitStatus, Stri
         // Everything above was opened from the task's init only if it is still the same
         // process (pid and start time), so a reused pid is never entered.
         if crate::driver::proc_start_time(pid) != Some(cfg.ns_pid_start_time) {
-            return Err(format!(
-                "the task's init (pid {pid}) is gone; is the task running?"
-            ));
+            return Err(format!("the task's init (pid {pid}) is gone; is the task running?"));
         }
     }
     let me = std::process::id().to_string();
     for procs in &cfg.cgroup_procs {
-        std::fs::write(procs, &me)
-            .map_err(|e| format!("joining cgroup {}: {e}", procs.display()))?;
+        std::fs::write(procs, &me).map_err(|e| format!("joining cgroup {}: {e}", procs.display()))?;
     }
     for (name, flag, f) in &namespaces {
         nix::sched::setns(f, *flag).map_err(|e| format!("entering the {name} namespace: {e}"))?;
     }
     if let Some(root) = root {
-        nix::unistd::fchdir(root.as_raw_fd())
-            .map_err(|e| format!("entering the task's root: {e}"))?;
+        nix::unistd::fchdir(root.as_raw_fd()).map_err(|e| format!("entering the task's root: {e}"))?;
         nix::unistd::chroot(".").map_err(|e| format!("chroot into the task's root: {e}"))?;
     }
     // Stop signals wait until the handler knows the command's pid.
@@ -1062,11 +896,7 @@ fn enter(mut config: File, status: &mut Option<File>) -> Result<WaitStatus, Stri
                     let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
                 }
             }
-            let act = SigAction::new(
-                SigHandler::Handler(kill_command),
-                SaFlags::SA_RESTART,
-                SigSet::empty(),
-            );
+            let act = SigAction::new(SigHandler::Handler(kill_command), SaFlags::SA_RESTART, SigSet::empty());
             for sig in STOP_SIGNALS {
                 // SAFETY: the handler only calls kill(2), which is async-signal-safe.
                 let _ = unsafe { nix::sys::signal::sigaction(sig, &act) };
@@ -1096,29 +926,18 @@ fn run_command(cfg: &EnterConfig) -> String {
     if cfg.tty {
         // SAFETY: TIOCSCTTY takes an integer argument; fd 0 is the terminal's slave.
         if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
-            return format!(
-                "making the terminal controlling: {}",
-                std::io::Error::last_os_error()
-            );
+            return format!("making the terminal controlling: {}", std::io::Error::last_os_error());
         }
     }
     let user = cfg.user.clone();
-    let last_cap: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(40);
+    let last_cap: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(40);
     let drop_caps: Vec<u32> = match &user {
-        Some(u) => (0..=last_cap)
-            .filter(|c| !(u.uid == 0 && ROOT_CAPS.contains(c)))
-            .collect(),
+        Some(u) => (0..=last_cap).filter(|c| !(u.uid == 0 && ROOT_CAPS.contains(c))).collect(),
         None => Vec::new(),
     };
     let ids = user.as_ref().map(|u| (u.uid, u.gid));
     let mut cmd = std::process::Command::new(&cfg.command);
-    cmd.args(&cfg.args)
-        .env_clear()
-        .envs(&cfg.env)
-        .current_dir(&cfg.work_dir);
+    cmd.args(&cfg.args).env_clear().envs(&cfg.env).current_dir(&cfg.work_dir);
     // SAFETY: runs in this single-threaded process right before exec; it only makes syscalls
     // (prctl, setgroups, setgid, setuid) on values computed beforehand.
     unsafe {
@@ -1168,59 +987,34 @@ mod tests {
     }
 
     fn start(cmd: &[&str]) -> ExecStart {
-        ExecStart {
-            alloc_id: "a".into(),
-            command: cmd.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }
+        ExecStart { alloc_id: "a".into(), command: cmd.iter().map(|s| s.to_string()).collect(), ..Default::default() }
     }
 
     #[test]
     fn start_validation() {
         assert!(validate_start(&start(&["ls", "-l"])).is_ok());
-        let e = validate_start(&start(&[]))
-            .err()
-            .unwrap_or_else(|| Status::ok(""));
+        let e = validate_start(&start(&[])).err().unwrap_or_else(|| Status::ok(""));
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
-        assert!(
-            e.message().contains("start.command is empty"),
-            "{}",
-            e.message()
-        );
+        assert!(e.message().contains("start.command is empty"), "{}", e.message());
         assert!(message(validate_start(&start(&[""]))).contains("command[0]"));
         assert!(message(validate_start(&start(&["a", "b\0c"]))).contains("command[1]"));
         let big = "x".repeat(MAX_ARGV_BYTES);
         assert!(validate_start(&start(&["echo", &big])).is_err());
         let mut s = start(&["sh"]);
-        s.size = Some(TerminalSize {
-            rows: 20_000,
-            cols: 80,
-        });
+        s.size = Some(TerminalSize { rows: 20_000, cols: 80 });
         assert!(message(validate_start(&s)).contains("start.size"));
     }
 
     #[test]
     fn request_validation() {
-        let ok = ExecRequest {
-            stdin: vec![0; MAX_STDIN_CHUNK],
-            ..Default::default()
-        };
+        let ok = ExecRequest { stdin: vec![0; MAX_STDIN_CHUNK], ..Default::default() };
         assert!(validate_request(&ok, false).is_ok());
-        let big = ExecRequest {
-            stdin: vec![0; MAX_STDIN_CHUNK + 1],
-            ..Default::default()
-        };
+        let big = ExecRequest { stdin: vec![0; MAX_STDIN_CHUNK + 1], ..Default::default() };
         assert!(message(validate_request(&big, false)).contains("stdin"));
-        let resize = ExecRequest {
-            resize: Some(TerminalSize { rows: 10, cols: 10 }),
-            ..Default::default()
-        };
+        let resize = ExecRequest { resize: Some(TerminalSize { rows: 10, cols: 10 }), ..Default::default() };
         assert!(validate_request(&resize, true).is_ok());
         assert!(validate_request(&resize, false).is_err());
-        let again = ExecRequest {
-            start: Some(start(&["x"])),
-            ..Default::default()
-        };
+        let again = ExecRequest { start: Some(start(&["x"])), ..Default::default() };
         assert!(validate_request(&again, false).is_err());
     }
 
@@ -1240,10 +1034,7 @@ mod tests {
 
     #[test]
     fn ids_and_cgroups() {
-        assert_eq!(
-            parse_ids("Name:\tx\nUid:\t65534\t65534\t65534\t65534\nGid:\t100\t100\t100\t100\n"),
-            Some((65534, 100))
-        );
+        assert_eq!(parse_ids("Name:\tx\nUid:\t65534\t65534\t65534\t65534\nGid:\t100\t100\t100\t100\n"), Some((65534, 100)));
         assert_eq!(parse_ids("Name:\tx\n"), None);
         let mountinfo = "\
 30 24 0:26 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory
@@ -1272,16 +1063,8 @@ mod tests {
 
     #[tokio::test]
     async fn pty_pair_has_the_asked_size() -> Result<(), Box<dyn std::error::Error>> {
-        let (master, slave) = open_pty(&TerminalSize {
-            rows: 33,
-            cols: 101,
-        })?;
-        let mut ws = libc::winsize {
-            ws_row: 0,
-            ws_col: 0,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
+        let (master, slave) = open_pty(&TerminalSize { rows: 33, cols: 101 })?;
+        let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
         // SAFETY: TIOCGWINSZ writes one winsize into the pointer, which lives across the call.
         let rc = unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
         assert_eq!(rc, 0);

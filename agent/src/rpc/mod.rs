@@ -38,11 +38,7 @@ impl ClientRpc {
         match self.registry.get(alloc_id) {
             None => true,
             Some(v) => {
-                alloc_client::is_terminal(&v.client_status)
-                    && v.task_states
-                        .get(task)
-                        .map(|s| s.state == task_state::DEAD)
-                        .unwrap_or(true)
+                alloc_client::is_terminal(&v.client_status) && v.task_states.get(task).map(|s| s.state == task_state::DEAD).unwrap_or(true)
             }
         }
     }
@@ -55,11 +51,7 @@ type ExecStream = Pin<Box<dyn Stream<Item = Result<ExecResponse, Status>> + Send
 /// on this node: (full id, the allocation's view, task name), or a status that says which
 /// part is wrong.
 #[allow(clippy::result_large_err)] // the RPC's own status, built once per failed call
-pub fn resolve_task(
-    registry: &AllocRegistry,
-    alloc_id: &str,
-    task: &str,
-) -> Result<(String, AllocView, String), Status> {
+pub fn resolve_task(registry: &AllocRegistry, alloc_id: &str, task: &str) -> Result<(String, AllocView, String), Status> {
     // Both end up in paths (the task's dir and log files): refused before any lookup.
     crate::paths::check_alloc_id(alloc_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
     if !task.is_empty() {
@@ -67,38 +59,21 @@ pub fn resolve_task(
     }
     let id = match registry.resolve(alloc_id) {
         Ok(id) => id,
-        Err(0) => {
-            return Err(Status::not_found(format!(
-                "allocation {alloc_id:?} not found on this node"
-            )))
-        }
-        Err(n) => {
-            return Err(Status::invalid_argument(format!(
-                "allocation prefix {alloc_id:?} matches {n} allocations"
-            )))
-        }
+        Err(0) => return Err(Status::not_found(format!("allocation {alloc_id:?} not found on this node"))),
+        Err(n) => return Err(Status::invalid_argument(format!("allocation prefix {alloc_id:?} matches {n} allocations"))),
     };
-    let view = registry
-        .get(&id)
-        .ok_or_else(|| Status::not_found(format!("allocation {id:?} not found")))?;
+    let view = registry.get(&id).ok_or_else(|| Status::not_found(format!("allocation {id:?} not found")))?;
     let task = if task.is_empty() {
         match view.tasks.as_slice() {
             [one] => one.clone(),
             many => {
-                return Err(Status::invalid_argument(format!(
-                    "allocation {id} has {} tasks; name one of: {}",
-                    many.len(),
-                    many.join(", ")
-                )))
+                return Err(Status::invalid_argument(format!("allocation {id} has {} tasks; name one of: {}", many.len(), many.join(", "))))
             }
         }
     } else if view.tasks.iter().any(|t| t == task) {
         task.to_string()
     } else {
-        return Err(Status::invalid_argument(format!(
-            "task {task:?} not in allocation {id}; tasks: {}",
-            view.tasks.join(", ")
-        )));
+        return Err(Status::invalid_argument(format!("task {task:?} not in allocation {id}; tasks: {}", view.tasks.join(", "))));
     };
     Ok((id, view, task))
 }
@@ -108,12 +83,8 @@ impl ClientService for ClientRpc {
     type LogsStream = LogStream;
     type ExecStream = ExecStream;
 
-    async fn exec(
-        &self,
-        request: Request<Streaming<ExecRequest>>,
-    ) -> Result<Response<ExecStream>, Status> {
-        let stream =
-            crate::rpc::exec_session::serve(self.registry.clone(), request.into_inner()).await?;
+    async fn exec(&self, request: Request<Streaming<ExecRequest>>) -> Result<Response<ExecStream>, Status> {
+        let stream = crate::rpc::exec_session::serve(self.registry.clone(), request.into_inner()).await?;
         Ok(Response::new(stream))
     }
 
@@ -122,8 +93,8 @@ impl ClientService for ClientRpc {
         let (id, view, task) = resolve_task(&self.registry, &req.alloc_id, &req.task)?;
         let dir = view.dir.join(&task).join("logs");
         let base = log_base(&task, req.stderr);
-        let mut reader = LogReader::new(&dir, &base, req.offset, req.tail_bytes)
-            .map_err(|e| Status::internal(format!("reading logs: {e}")))?;
+        let mut reader =
+            LogReader::new(&dir, &base, req.offset, req.tail_bytes).map_err(|e| Status::internal(format!("reading logs: {e}")))?;
         let (tx, rx) = mpsc::channel::<Result<LogChunk, Status>>(8);
         let this = self.clone();
         let follow = req.follow;
@@ -151,9 +122,7 @@ impl ClientService for ClientRpc {
                         }
                     }
                     Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::internal(format!("reading logs: {e}"))))
-                            .await;
+                        let _ = tx.send(Err(Status::internal(format!("reading logs: {e}")))).await;
                         return;
                     }
                 }
@@ -174,11 +143,7 @@ mod tests {
         let registry = AllocRegistry::default();
         registry.put(
             "a1",
-            AllocView {
-                dir: std::path::PathBuf::from("/nonexistent/allocs/a1"),
-                tasks: vec!["t".into()],
-                ..Default::default()
-            },
+            AllocView { dir: std::path::PathBuf::from("/nonexistent/allocs/a1"), tasks: vec!["t".into()], ..Default::default() },
         );
         for v in crate::paths::tests::hostile() {
             let e = resolve_task(&registry, &v, "t").err();

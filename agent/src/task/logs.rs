@@ -59,10 +59,7 @@ impl RotatingWriter {
         fs::create_dir_all(dir)?;
         let existing = list_files(dir, base)?;
         let (index, size) = existing.last().map(|(i, _, s)| (*i, *s)).unwrap_or((0, 0));
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(format!("{base}.{index}")))?;
+        let file = OpenOptions::new().create(true).append(true).open(dir.join(format!("{base}.{index}")))?;
         let mut w = RotatingWriter {
             dir: dir.to_path_buf(),
             base: base.to_string(),
@@ -79,10 +76,7 @@ impl RotatingWriter {
     fn rotate(&mut self) -> io::Result<()> {
         self.file.flush()?;
         self.index += 1;
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("{}.{}", self.base, self.index)))?;
+        self.file = OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{}.{}", self.base, self.index)))?;
         self.size = 0;
         self.prune()
     }
@@ -140,35 +134,21 @@ impl LogReader {
     pub fn new(dir: &Path, base: &str, offset: u64, tail_bytes: u64) -> io::Result<Self> {
         let files = list_files(dir, base)?;
         let total: u64 = files.iter().map(|(_, _, s)| *s).sum();
-        let start = if tail_bytes > 0 {
-            total.saturating_sub(tail_bytes)
-        } else {
-            offset
-        };
+        let start = if tail_bytes > 0 { total.saturating_sub(tail_bytes) } else { offset };
         let mut pos = None;
         let mut acc = 0u64;
         for (idx, _, size) in &files {
             if start < acc + size {
-                pos = Some(LogPos {
-                    index: *idx,
-                    offset: start - acc,
-                });
+                pos = Some(LogPos { index: *idx, offset: start - acc });
                 break;
             }
             acc += size;
         }
         if pos.is_none() {
             // At (or past) the end: continue after the newest file's end.
-            pos = files.last().map(|(idx, _, size)| LogPos {
-                index: *idx,
-                offset: *size,
-            });
+            pos = files.last().map(|(idx, _, size)| LogPos { index: *idx, offset: *size });
         }
-        Ok(LogReader {
-            dir: dir.to_path_buf(),
-            base: base.to_string(),
-            pos,
-        })
+        Ok(LogReader { dir: dir.to_path_buf(), base: base.to_string(), pos })
     }
 
     /// The current position (None before any file exists).
@@ -185,16 +165,10 @@ impl LogReader {
             let Some(first) = files.first() else {
                 return Ok(None);
             };
-            let mut pos = self.pos.unwrap_or(LogPos {
-                index: first.0,
-                offset: 0,
-            });
+            let mut pos = self.pos.unwrap_or(LogPos { index: first.0, offset: 0 });
             // The file we were reading was rotated away: go to the oldest retained.
             if pos.index < first.0 {
-                pos = LogPos {
-                    index: first.0,
-                    offset: 0,
-                };
+                pos = LogPos { index: first.0, offset: 0 };
             }
             let cur = files.iter().find(|(i, _, _)| *i == pos.index);
             if let Some((_, path, size)) = cur {
@@ -207,11 +181,7 @@ impl LogReader {
                     if n > 0 {
                         pos.offset += n as u64;
                         self.pos = Some(pos);
-                        let name = path
-                            .file_name()
-                            .and_then(|n| n.to_str())
-                            .unwrap_or_default()
-                            .to_string();
+                        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
                         return Ok(Some((buf, name)));
                     }
                 }
@@ -219,10 +189,7 @@ impl LogReader {
             // Current file exhausted (or missing): move to the next newer file, if any.
             match files.iter().find(|(i, _, _)| *i > pos.index) {
                 Some((idx, _, _)) => {
-                    self.pos = Some(LogPos {
-                        index: *idx,
-                        offset: 0,
-                    });
+                    self.pos = Some(LogPos { index: *idx, offset: 0 });
                 }
                 None => {
                     self.pos = Some(pos);
@@ -260,10 +227,7 @@ mod tests {
         assert_eq!(idx, vec![2, 3, 4]);
         let sizes: Vec<u64> = files.iter().map(|f| f.2).collect();
         assert_eq!(sizes, vec![10, 10, 5]);
-        assert_eq!(
-            fs::read(dir.path().join("t.stdout.4"))?,
-            data[40..].to_vec()
-        );
+        assert_eq!(fs::read(dir.path().join("t.stdout.4"))?, data[40..].to_vec());
 
         let mut r = LogReader::new(dir.path(), &base, 0, 0)?;
         assert_eq!(r.read_to_end()?, data[20..].to_vec());

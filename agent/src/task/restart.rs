@@ -34,19 +34,9 @@ pub enum RestartDecision {
 /// 15 s delay, mode fail.
 pub fn default_policy(job_type_name: &str) -> RestartPolicy {
     if job_type_name == job_type::BATCH {
-        RestartPolicy {
-            attempts: 3,
-            interval_ms: 24 * 3600 * 1000,
-            delay_ms: 15_000,
-            mode: restart_mode::FAIL.to_string(),
-        }
+        RestartPolicy { attempts: 3, interval_ms: 24 * 3600 * 1000, delay_ms: 15_000, mode: restart_mode::FAIL.to_string() }
     } else {
-        RestartPolicy {
-            attempts: 2,
-            interval_ms: 30 * 60 * 1000,
-            delay_ms: 15_000,
-            mode: restart_mode::FAIL.to_string(),
-        }
+        RestartPolicy { attempts: 2, interval_ms: 30 * 60 * 1000, delay_ms: 15_000, mode: restart_mode::FAIL.to_string() }
     }
 }
 
@@ -65,46 +55,23 @@ pub fn decide(
     let mut t = tracker;
     // interval 0 = one window that never ends.
     if policy.interval_ms > 0 && now_ms.saturating_sub(t.interval_start_ms) >= policy.interval_ms {
-        t = RestartTracker {
-            count: 0,
-            interval_start_ms: now_ms,
-        };
+        t = RestartTracker { count: 0, interval_start_ms: now_ms };
     }
     if t.count < policy.attempts {
         t.count += 1;
-        return (
-            RestartDecision::Restart {
-                delay_ms: policy.delay_ms,
-            },
-            t,
-        );
+        return (RestartDecision::Restart { delay_ms: policy.delay_ms }, t);
     }
     if policy.mode == restart_mode::DELAY {
         if policy.interval_ms == 0 {
-            return (
-                RestartDecision::Restart {
-                    delay_ms: policy.delay_ms,
-                },
-                t,
-            );
+            return (RestartDecision::Restart { delay_ms: policy.delay_ms }, t);
         }
         let end = t.interval_start_ms.saturating_add(policy.interval_ms);
         let wait = end.saturating_sub(now_ms).max(policy.delay_ms);
-        return (
-            RestartDecision::Restart { delay_ms: wait },
-            RestartTracker {
-                count: 1,
-                interval_start_ms: now_ms.saturating_add(wait),
-            },
-        );
+        return (RestartDecision::Restart { delay_ms: wait }, RestartTracker { count: 1, interval_start_ms: now_ms.saturating_add(wait) });
     }
     (
         RestartDecision::Fail {
-            message: format!(
-                "exceeded allowed attempts {} in interval {}",
-                policy.attempts,
-                fmt_duration_ms(policy.interval_ms)
-            ),
+            message: format!("exceeded allowed attempts {} in interval {}", policy.attempts, fmt_duration_ms(policy.interval_ms)),
         },
         t,
     )
@@ -143,19 +110,11 @@ mod tests {
     use super::*;
 
     fn pol(attempts: u32, interval_ms: u64, delay_ms: u64, mode: &str) -> RestartPolicy {
-        RestartPolicy {
-            attempts,
-            interval_ms,
-            delay_ms,
-            mode: mode.to_string(),
-        }
+        RestartPolicy { attempts, interval_ms, delay_ms, mode: mode.to_string() }
     }
 
     fn tr(count: u32, start: u64) -> RestartTracker {
-        RestartTracker {
-            count,
-            interval_start_ms: start,
-        }
+        RestartTracker { count, interval_start_ms: start }
     }
 
     #[test]
@@ -163,45 +122,13 @@ mod tests {
         use RestartDecision::*;
         let fail = restart_mode::FAIL;
         let delay = restart_mode::DELAY;
-        let cases: Vec<(
-            &str,
-            bool,
-            RestartPolicy,
-            RestartTracker,
-            u64,
-            RestartDecision,
-            RestartTracker,
-        )> = vec![
+        let cases: Vec<(&str, bool, RestartPolicy, RestartTracker, u64, RestartDecision, RestartTracker)> = vec![
             // batch success: done, tracker unchanged
-            (
-                "batch",
-                true,
-                pol(2, 1000, 10, fail),
-                tr(0, 0),
-                5,
-                Done,
-                tr(0, 0),
-            ),
+            ("batch", true, pol(2, 1000, 10, fail), tr(0, 0), 5, Done, tr(0, 0)),
             // batch failure: restart
-            (
-                "batch",
-                false,
-                pol(2, 1000, 10, fail),
-                tr(0, 0),
-                5,
-                Restart { delay_ms: 10 },
-                tr(1, 0),
-            ),
+            ("batch", false, pol(2, 1000, 10, fail), tr(0, 0), 5, Restart { delay_ms: 10 }, tr(1, 0)),
             // service success: restart too
-            (
-                "service",
-                true,
-                pol(2, 1000, 10, fail),
-                tr(1, 0),
-                5,
-                Restart { delay_ms: 10 },
-                tr(2, 0),
-            ),
+            ("service", true, pol(2, 1000, 10, fail), tr(1, 0), 5, Restart { delay_ms: 10 }, tr(2, 0)),
             // attempts exhausted within the interval, mode fail
             (
                 "service",
@@ -209,21 +136,11 @@ mod tests {
                 pol(2, 1_800_000, 10, fail),
                 tr(2, 0),
                 5,
-                Fail {
-                    message: "exceeded allowed attempts 2 in interval 30m0s".into(),
-                },
+                Fail { message: "exceeded allowed attempts 2 in interval 30m0s".into() },
                 tr(2, 0),
             ),
             // attempts exhausted but interval elapsed: reset and restart
-            (
-                "service",
-                false,
-                pol(2, 1000, 10, fail),
-                tr(2, 0),
-                1500,
-                Restart { delay_ms: 10 },
-                tr(1, 1500),
-            ),
+            ("service", false, pol(2, 1000, 10, fail), tr(2, 0), 1500, Restart { delay_ms: 10 }, tr(1, 1500)),
             // attempts 0, mode fail: fail at once
             (
                 "batch",
@@ -231,31 +148,13 @@ mod tests {
                 pol(0, 1000, 10, fail),
                 tr(0, 0),
                 5,
-                Fail {
-                    message: "exceeded allowed attempts 0 in interval 1s".into(),
-                },
+                Fail { message: "exceeded allowed attempts 0 in interval 1s".into() },
                 tr(0, 0),
             ),
             // mode delay: wait until the interval ends
-            (
-                "service",
-                false,
-                pol(1, 1000, 10, delay),
-                tr(1, 0),
-                300,
-                Restart { delay_ms: 700 },
-                tr(1, 1000),
-            ),
+            ("service", false, pol(1, 1000, 10, delay), tr(1, 0), 300, Restart { delay_ms: 700 }, tr(1, 1000)),
             // mode delay with delay longer than the rest of the interval
-            (
-                "service",
-                false,
-                pol(1, 1000, 900, delay),
-                tr(1, 0),
-                300,
-                Restart { delay_ms: 900 },
-                tr(1, 1200),
-            ),
+            ("service", false, pol(1, 1000, 900, delay), tr(1, 0), 300, Restart { delay_ms: 900 }, tr(1, 1200)),
             // interval 0: never resets
             (
                 "service",
@@ -263,9 +162,7 @@ mod tests {
                 pol(1, 0, 10, fail),
                 tr(1, 0),
                 1_000_000,
-                Fail {
-                    message: "exceeded allowed attempts 1 in interval 0s".into(),
-                },
+                Fail { message: "exceeded allowed attempts 1 in interval 0s".into() },
                 tr(1, 0),
             ),
         ];

@@ -31,10 +31,7 @@ pub const USAGE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A usage report from cgroup statistics; `last` carries the previous CPU sample so the CPU
 /// percentage covers the interval since.
-pub fn usage_of(
-    stats: &crate::isolation::cgroups::Stats,
-    last: &mut Option<(u64, std::time::Instant)>,
-) -> mlp_proto::v1::TaskUsage {
+pub fn usage_of(stats: &crate::isolation::cgroups::Stats, last: &mut Option<(u64, std::time::Instant)>) -> mlp_proto::v1::TaskUsage {
     let now = std::time::Instant::now();
     let cpu_percent = match *last {
         Some((cpu, at)) => {
@@ -72,18 +69,8 @@ pub fn now_ms() -> u64 {
 }
 
 /// Appends an event, keeping the newest [`MAX_EVENTS`].
-pub fn push_event<'a>(
-    st: &'a mut TaskState,
-    kind: &str,
-    message: impl Into<String>,
-) -> &'a mut TaskEvent {
-    st.events.push(TaskEvent {
-        r#type: kind.to_string(),
-        time_ms: now_ms(),
-        message: message.into(),
-        exit_code: None,
-        signal: 0,
-    });
+pub fn push_event<'a>(st: &'a mut TaskState, kind: &str, message: impl Into<String>) -> &'a mut TaskEvent {
+    st.events.push(TaskEvent { r#type: kind.to_string(), time_ms: now_ms(), message: message.into(), exit_code: None, signal: 0 });
     if st.events.len() > MAX_EVENTS {
         let extra = st.events.len() - MAX_EVENTS;
         st.events.drain(..extra);
@@ -167,11 +154,7 @@ impl TaskContext {
             alloc_id: self.alloc_id.clone(),
             task_dir,
             alloc_shared_dir: alloc_shared,
-            hostname: crate::isolation::hostname_for(
-                &self.group_name,
-                self.alloc_index,
-                &self.alloc_id,
-            ),
+            hostname: crate::isolation::hostname_for(&self.group_name, self.alloc_index, &self.alloc_id),
             user: self.task.user.clone(),
             network_mode: self.task.network_mode.clone(),
         }
@@ -249,11 +232,7 @@ pub async fn run_task_attached(
 ) -> TaskState {
     let name = ctx.task.name.clone();
     let emit = |st: &TaskState, proc: Option<ProcRecord>| {
-        let _ = tx.send(TaskUpdate {
-            task: name.clone(),
-            state: st.clone(),
-            proc,
-        });
+        let _ = tx.send(TaskUpdate { task: name.clone(), state: st.clone(), proc });
     };
     let mut st = initial.unwrap_or_default();
     if st.state == task_state::DEAD && attached.is_none() {
@@ -265,20 +244,13 @@ pub async fn run_task_attached(
         push_event(&mut st, task_event::RECEIVED, "Task received by client");
         emit(&st, None);
     }
-    let mut tracker = RestartTracker {
-        count: 0,
-        interval_start_ms: now_ms(),
-    };
+    let mut tracker = RestartTracker { count: 0, interval_start_ms: now_ms() };
     loop {
         if attached.is_none() && *stop.borrow() {
             st.state = task_state::DEAD.into();
             st.pid = 0;
             st.finished_at_ms = now_ms();
-            push_event(
-                &mut st,
-                task_event::KILLED,
-                "Task stopped before it started",
-            );
+            push_event(&mut st, task_event::KILLED, "Task stopped before it started");
             emit(&st, None);
             return st;
         }
@@ -338,10 +310,7 @@ pub async fn run_task_attached(
                 }
             };
             tokio::pin!(max_run_timer);
-            let mut sample = tokio::time::interval_at(
-                tokio::time::Instant::now() + USAGE_INTERVAL,
-                USAGE_INTERVAL,
-            );
+            let mut sample = tokio::time::interval_at(tokio::time::Instant::now() + USAGE_INTERVAL, USAGE_INTERVAL);
             let mut last_cpu: Option<(u64, std::time::Instant)> = None;
             loop {
                 tokio::select! {
@@ -362,20 +331,9 @@ pub async fn run_task_attached(
             Outcome::Stop | Outcome::MaxRun => {
                 let failed = matches!(outcome, Outcome::MaxRun);
                 if failed {
-                    push_event(
-                        &mut st,
-                        task_event::MAX_RUN_DURATION,
-                        format!("exceeded max_run_duration of {}", fmt_duration_ms(max_run)),
-                    );
+                    push_event(&mut st, task_event::MAX_RUN_DURATION, format!("exceeded max_run_duration of {}", fmt_duration_ms(max_run)));
                 }
-                push_event(
-                    &mut st,
-                    task_event::KILLING,
-                    format!(
-                        "sent SIGTERM, kill_timeout {}",
-                        fmt_duration_ms(kill_timeout)
-                    ),
-                );
+                push_event(&mut st, task_event::KILLING, format!("sent SIGTERM, kill_timeout {}", fmt_duration_ms(kill_timeout)));
                 emit(&st, proc);
                 let ex = kill_task(handle.as_mut(), kill_timeout).await;
                 st.usage = None;
@@ -398,18 +356,13 @@ pub async fn run_task_attached(
                 st.finished_at_ms = now_ms();
                 let message = match ex.oom_limit_mib {
                     Some(_) => ex.to_string(),
-                    None => format!(
-                        "Exit Code: {}, Signal: {}",
-                        ex.code.unwrap_or(-1),
-                        ex.signal.unwrap_or(0)
-                    ),
+                    None => format!("Exit Code: {}, Signal: {}", ex.code.unwrap_or(-1), ex.signal.unwrap_or(0)),
                 };
                 let ev = push_event(&mut st, task_event::EXITED, message);
                 ev.exit_code = ex.code;
                 ev.signal = ex.signal.unwrap_or(0);
                 tracing::info!(alloc = %ctx.alloc_id, task = %name, status = %ex, "task exited");
-                let (decision, next) =
-                    decide(&ctx.job_type, ex.success(), &ctx.restart, tracker, now_ms());
+                let (decision, next) = decide(&ctx.job_type, ex.success(), &ctx.restart, tracker, now_ms());
                 tracker = next;
                 match decision {
                     RestartDecision::Done => {
@@ -426,11 +379,7 @@ pub async fn run_task_attached(
                     }
                     RestartDecision::Restart { delay_ms } => {
                         st.state = task_state::PENDING.into();
-                        push_event(
-                            &mut st,
-                            task_event::RESTARTING,
-                            format!("restarting in {}", fmt_duration_ms(delay_ms)),
-                        );
+                        push_event(&mut st, task_event::RESTARTING, format!("restarting in {}", fmt_duration_ms(delay_ms)));
                         emit(&st, None);
                         let stop_now = tokio::select! {
                             _ = tokio::time::sleep(Duration::from_millis(delay_ms)) => false,
@@ -438,11 +387,7 @@ pub async fn run_task_attached(
                         };
                         if stop_now {
                             st.state = task_state::DEAD.into();
-                            push_event(
-                                &mut st,
-                                task_event::KILLED,
-                                "Task stopped while waiting to restart",
-                            );
+                            push_event(&mut st, task_event::KILLED, "Task stopped while waiting to restart");
                             emit(&st, None);
                             return st;
                         }
@@ -454,11 +399,7 @@ pub async fn run_task_attached(
     }
 }
 
-fn fail_start(
-    st: &mut TaskState,
-    message: String,
-    emit: &impl Fn(&TaskState, Option<ProcRecord>),
-) -> TaskState {
+fn fail_start(st: &mut TaskState, message: String, emit: &impl Fn(&TaskState, Option<ProcRecord>)) -> TaskState {
     st.state = task_state::DEAD.into();
     st.failed = true;
     st.pid = 0;

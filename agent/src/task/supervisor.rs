@@ -32,8 +32,8 @@ use nix::unistd::Pid;
 
 use super::logs::{log_base, RotatingWriter};
 use crate::driver::supervised::{
-    read_json, save_record, write_atomic, ExitRecord, SuperviseConfig, TaskKind, TaskRecord,
-    EXIT_FILE, READY_FD, RECORD_FILE, STATUS_FD, SUPERVISE_ARG,
+    read_json, save_record, write_atomic, ExitRecord, SuperviseConfig, TaskKind, TaskRecord, EXIT_FILE, READY_FD, RECORD_FILE, STATUS_FD,
+    SUPERVISE_ARG,
 };
 use crate::driver::{proc_start_time, signal_group};
 use crate::isolation::init::{catch_stop_signals, report, Running};
@@ -56,10 +56,7 @@ pub fn run(config_path: &Path) -> ! {
     // SAFETY: the agent dup2'd the status pipe onto fd 3 of this freshly exec'd process and
     // nothing else here owns that fd; a missing fd 3 only makes the writes fail.
     let status_fd = unsafe { OwnedFd::from_raw_fd(STATUS_FD) };
-    let _ = nix::fcntl::fcntl(
-        status_fd.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    );
+    let _ = nix::fcntl::fcntl(status_fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
     let mut status = Some(File::from(status_fd));
     let mut phases = Phases::default();
     phases.mark("supervisor_main");
@@ -87,37 +84,20 @@ fn wait_ready() -> Result<(), String> {
     }
 }
 
-fn supervise(
-    config_path: &Path,
-    status: &mut Option<File>,
-    mut phases: Phases,
-) -> Result<(), String> {
-    let cfg: SuperviseConfig =
-        read_json(config_path).map_err(|e| format!("reading {}: {e}", config_path.display()))?;
+fn supervise(config_path: &Path, status: &mut Option<File>, mut phases: Phases) -> Result<(), String> {
+    let cfg: SuperviseConfig = read_json(config_path).map_err(|e| format!("reading {}: {e}", config_path.display()))?;
     phases.mark("supervisor_config");
     catch_stop_signals();
     let open = |stderr| {
-        RotatingWriter::open(
-            &cfg.log_dir,
-            &log_base(&cfg.log_name, stderr),
-            cfg.log_max_file_bytes,
-            cfg.log_max_files,
-        )
-        .map_err(|e| format!("opening the log files in {}: {e}", cfg.log_dir.display()))
+        RotatingWriter::open(&cfg.log_dir, &log_base(&cfg.log_name, stderr), cfg.log_max_file_bytes, cfg.log_max_files)
+            .map_err(|e| format!("opening the log files in {}: {e}", cfg.log_dir.display()))
     };
     let (out_w, err_w) = (open(false)?, open(true)?);
-    let (out_r, out_pipe) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    let (err_r, err_pipe) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (out_r, out_pipe) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (err_r, err_pipe) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     phases.mark("supervisor_logs");
     let running = match &cfg.task {
-        TaskKind::Raw {
-            command,
-            args,
-            env,
-            work_dir,
-        } => {
+        TaskKind::Raw { command, args, env, work_dir } => {
             let mut cmd = std::process::Command::new(command);
             cmd.args(args)
                 .env_clear()
@@ -130,26 +110,13 @@ fn supervise(
             // setsid(2) and prctl(2) are async-signal-safe.
             unsafe {
                 cmd.pre_exec(|| {
-                    if libc::setsid() == -1
-                        || libc::prctl(
-                            libc::PR_SET_PDEATHSIG,
-                            libc::SIGKILL as libc::c_ulong,
-                            0,
-                            0,
-                            0,
-                        ) != 0
-                    {
+                    if libc::setsid() == -1 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
                 });
             }
-            let child = cmd.spawn().map_err(|e| {
-                format!(
-                    "spawn {} starting {command:?}: {e}",
-                    e.raw_os_error().unwrap_or(0)
-                )
-            })?;
+            let child = cmd.spawn().map_err(|e| format!("spawn {} starting {command:?}: {e}", e.raw_os_error().unwrap_or(0)))?;
             // The Child is not waited through std (waitpid below); dropping it leaves the
             // process alone.
             let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
@@ -180,10 +147,7 @@ fn supervise(
     if let Err(e) = save_record(&cfg.task_dir, &record) {
         let _ = signal_group(task_pid, Signal::SIGKILL);
         let _ = waitpid(running.pid, None);
-        return Err(format!(
-            "writing {}: {e}",
-            cfg.task_dir.join(RECORD_FILE).display()
-        ));
+        return Err(format!("writing {}: {e}", cfg.task_dir.join(RECORD_FILE).display()));
     }
     phases.mark("record_written");
     report(status, &format!("ok {}{}", running.pid, phases.words()));
@@ -227,14 +191,9 @@ fn supervise(
             break;
         }
     }
-    let exit = ExitRecord {
-        run_id: cfg.run_id.clone(),
-        code,
-        signal,
-    };
+    let exit = ExitRecord { run_id: cfg.run_id.clone(), code, signal };
     let data = serde_json::to_vec(&exit).map_err(|e| format!("encoding the exit status: {e}"))?;
-    write_atomic(&cfg.task_dir.join(EXIT_FILE), &data)
-        .map_err(|e| format!("writing {}: {e}", cfg.task_dir.join(EXIT_FILE).display()))?;
+    write_atomic(&cfg.task_dir.join(EXIT_FILE), &data).map_err(|e| format!("writing {}: {e}", cfg.task_dir.join(EXIT_FILE).display()))?;
     Ok(())
 }
 

@@ -12,8 +12,8 @@ use hcl_edit::Span;
 use super::{line_col, parse_duration, Loc};
 use crate::consts::{job_type, restart_mode};
 use crate::v1::{
-    Affinity, Constraint, GpuRequest, Job, MigrateStrategy, ReschedulePolicy, Resources, RestartPolicy, Spread, SpreadTarget,
-    Task, TaskConfig, TaskGroup,
+    Affinity, Constraint, GpuRequest, Job, MigrateStrategy, ReschedulePolicy, Resources, RestartPolicy, Spread, SpreadTarget, Task,
+    TaskConfig, TaskGroup,
 };
 
 pub(crate) const DEFAULT_NAMESPACE: &str = "default";
@@ -27,16 +27,7 @@ pub(crate) const DEFAULT_GPU_COUNT: u32 = 1;
 pub(crate) const DEFAULT_AFFINITY_WEIGHT: i32 = 50;
 pub(crate) const DEFAULT_SPREAD_WEIGHT: u32 = 50;
 
-const JOB_FIELDS: &[&str] = &[
-    "type",
-    "priority",
-    "namespace",
-    "meta",
-    "constraint",
-    "affinity",
-    "spread",
-    "group",
-];
+const JOB_FIELDS: &[&str] = &["type", "priority", "namespace", "meta", "constraint", "affinity", "spread", "group"];
 const GROUP_FIELDS: &[&str] = &[
     "count",
     "constraint",
@@ -52,30 +43,11 @@ const GROUP_FIELDS: &[&str] = &[
     "migrate",
     "reschedule",
 ];
-const TASK_FIELDS: &[&str] = &[
-    "driver",
-    "config",
-    "env",
-    "resources",
-    "kill_timeout",
-    "max_run_duration",
-    "meta",
-    "user",
-    "network",
-    "affinity",
-];
+const TASK_FIELDS: &[&str] =
+    &["driver", "config", "env", "resources", "kill_timeout", "max_run_duration", "meta", "user", "network", "affinity"];
 const NETWORK_FIELDS: &[&str] = &["mode"];
 const CONFIG_FIELDS: &[&str] = &["command", "args"];
-const RESOURCES_FIELDS: &[&str] = &[
-    "cpu",
-    "cores",
-    "memory",
-    "disk",
-    "gpu",
-    "memory_max",
-    "pids",
-    "cpu_hard_limit",
-];
+const RESOURCES_FIELDS: &[&str] = &["cpu", "cores", "memory", "disk", "gpu", "memory_max", "pids", "cpu_hard_limit"];
 const GPU_FIELDS: &[&str] = &["count", "model", "memory", "share", "mig"];
 const RESTART_FIELDS: &[&str] = &["attempts", "interval", "delay", "mode"];
 const MIGRATE_FIELDS: &[&str] = &["max_parallel"];
@@ -123,12 +95,7 @@ impl Decoded {
 
 /// Decodes a whole file body, which must hold exactly one `job` block.
 pub(crate) fn decode(src: &str, body: &Body) -> Decoded {
-    let mut d = Decoder {
-        src,
-        problems: Vec::new(),
-        failed: HashSet::new(),
-        spans: HashMap::new(),
-    };
+    let mut d = Decoder { src, problems: Vec::new(), failed: HashSet::new(), spans: HashMap::new() };
     let mut job = None;
     let mut first_job_at = 0;
     for structure in body.iter() {
@@ -139,13 +106,7 @@ pub(crate) fn decode(src: &str, body: &Body) -> Decoded {
                     job = Some(d.job(block));
                 } else {
                     let (line, _) = line_col(src, first_job_at);
-                    d.problem(
-                        start(block),
-                        "",
-                        format!(
-                            "only one job block is allowed per file (the first is at line {line})"
-                        ),
-                    );
+                    d.problem(start(block), "", format!("only one job block is allowed per file (the first is at line {line})"));
                 }
             }
             other => {
@@ -159,18 +120,9 @@ pub(crate) fn decode(src: &str, body: &Body) -> Decoded {
         }
     }
     if job.is_none() {
-        d.problem(
-            0,
-            "",
-            "no job block found; expected `job \"NAME\" { ... }`".to_string(),
-        );
+        d.problem(0, "", "no job block found; expected `job \"NAME\" { ... }`".to_string());
     }
-    Decoded {
-        job,
-        problems: d.problems,
-        failed: d.failed,
-        spans: d.spans,
-    }
+    Decoded { job, problems: d.problems, failed: d.failed, spans: d.spans }
 }
 
 struct Decoder<'s> {
@@ -201,11 +153,7 @@ fn structure_start(s: &Structure) -> usize {
 
 impl Decoder<'_> {
     fn problem(&mut self, offset: usize, path: &str, message: String) {
-        self.problems.push(Problem {
-            offset,
-            path: path.to_string(),
-            message,
-        });
+        self.problems.push(Problem { offset, path: path.to_string(), message });
     }
 
     /// Reports a problem with the field at `loc`, which then keeps its default value.
@@ -220,11 +168,7 @@ impl Decoder<'_> {
 
     /// The source text of a node, shortened for messages.
     fn snippet(&self, node: &impl Span) -> String {
-        let text = node
-            .span()
-            .and_then(|r| self.src.get(r))
-            .unwrap_or("")
-            .trim();
+        let text = node.span().and_then(|r| self.src.get(r)).unwrap_or("").trim();
         let mut short: String = text.chars().take(40).collect();
         if short.len() < text.len() {
             short.push('…');
@@ -253,10 +197,7 @@ impl Decoder<'_> {
         let message = if is_literal(expr) {
             format!("expected {expected}, found {}", self.describe(expr))
         } else {
-            format!(
-                "expressions are not supported; expected {expected} literal, found `{}`",
-                self.snippet(expr)
-            )
+            format!("expressions are not supported; expected {expected} literal, found `{}`", self.snippet(expr))
         };
         self.fail(start(expr), loc, message);
     }
@@ -284,21 +225,12 @@ impl Decoder<'_> {
     }
 
     /// Whether a non-repeatable field appears for the first time; reports repeats.
-    fn first_time<'a>(
-        &mut self,
-        seen: &mut HashMap<&'a str, usize>,
-        s: &'a Structure,
-        loc: &Loc,
-    ) -> bool {
+    fn first_time<'a>(&mut self, seen: &mut HashMap<&'a str, usize>, s: &'a Structure, loc: &Loc) -> bool {
         let name = structure_name(s);
         let at = structure_start(s);
         if let Some(&first) = seen.get(name) {
             let (line, _) = line_col(self.src, first);
-            self.fail(
-                at,
-                &loc.field(name),
-                format!("duplicate field {name:?} (first set at line {line})"),
-            );
+            self.fail(at, &loc.field(name), format!("duplicate field {name:?} (first set at line {line})"));
             return false;
         }
         seen.insert(name, at);
@@ -308,30 +240,16 @@ impl Decoder<'_> {
     /// The single name label of a `job`, `group` or `task` block.
     fn label(&mut self, block: &Block, loc: &Loc) -> String {
         let kind = block.ident.as_str();
-        let name_loc = Loc {
-            key: format!("{}.name", loc.key),
-            path: loc.path.clone(),
-        };
+        let name_loc = Loc { key: format!("{}.name", loc.key), path: loc.path.clone() };
         match block.labels.as_slice() {
             [] => {
-                self.fail(
-                    start(&block.ident),
-                    &name_loc,
-                    format!("missing {kind} name; write `{kind} \"NAME\" {{ ... }}`"),
-                );
+                self.fail(start(&block.ident), &name_loc, format!("missing {kind} name; write `{kind} \"NAME\" {{ ... }}`"));
                 String::new()
             }
             [label, rest @ ..] => {
                 self.mark(&name_loc, start(label));
                 if let Some(extra) = rest.first() {
-                    self.problem(
-                        start(extra),
-                        &loc.path,
-                        format!(
-                            "a {kind} block takes one label, found {}",
-                            block.labels.len()
-                        ),
-                    );
+                    self.problem(start(extra), &loc.path, format!("a {kind} block takes one label, found {}", block.labels.len()));
                 }
                 label.as_str().to_string()
             }
@@ -340,11 +258,7 @@ impl Decoder<'_> {
 
     fn no_labels(&mut self, block: &Block, loc: &Loc) {
         if let Some(label) = block.labels.first() {
-            self.problem(
-                start(label),
-                &loc.path,
-                format!("a {} block takes no labels", block.ident.as_str()),
-            );
+            self.problem(start(label), &loc.path, format!("a {} block takes no labels", block.ident.as_str()));
         }
     }
 
@@ -367,10 +281,7 @@ impl Decoder<'_> {
                 self.fail(
                     start(expr),
                     loc,
-                    format!(
-                        "interpolation is not supported here (found {}); write `$${{` for a literal `${{`",
-                        self.snippet(expr)
-                    ),
+                    format!("interpolation is not supported here (found {}); write `$${{` for a literal `${{`", self.snippet(expr)),
                 );
                 None
             }
@@ -393,12 +304,9 @@ impl Decoder<'_> {
                 Element::Interpolation(i) => {
                     let inner = self.snippet(&i.expr);
                     ["attr.", "node.", "meta."].iter().any(|p| {
-                        inner.strip_prefix(p).is_some_and(|rest| {
-                            !rest.is_empty()
-                                && rest
-                                    .chars()
-                                    .all(|c| c.is_alphanumeric() || "_.-".contains(c))
-                        })
+                        inner
+                            .strip_prefix(p)
+                            .is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_alphanumeric() || "_.-".contains(c)))
                     })
                 }
                 Element::Directive(_) => false,
@@ -416,13 +324,7 @@ impl Decoder<'_> {
             }
         }
         let quoted = expr.span().and_then(|r| self.src.get(r)).unwrap_or("\"\"");
-        Some(
-            quoted
-                .strip_prefix('"')
-                .and_then(|s| s.strip_suffix('"'))
-                .unwrap_or(quoted)
-                .to_string(),
-        )
+        Some(quoted.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(quoted).to_string())
     }
 
     /// Strings, numbers and bools, as a string (env values, meta, args).
@@ -436,9 +338,7 @@ impl Decoder<'_> {
                 self.mark(loc, start(expr));
                 Some(b.value().to_string())
             }
-            Expression::String(_)
-            | Expression::StringTemplate(_)
-            | Expression::HeredocTemplate(_) => self.string(expr, loc),
+            Expression::String(_) | Expression::StringTemplate(_) | Expression::HeredocTemplate(_) => self.string(expr, loc),
             _ => {
                 self.mark(loc, start(expr));
                 self.type_error(expr, loc, "a string, number or bool");
@@ -457,11 +357,7 @@ impl Decoder<'_> {
         if let Some(i) = n.as_i64() {
             return Some(i);
         }
-        let message = if n.as_u64().is_some() {
-            format!("number {n} is too large")
-        } else {
-            format!("expected a whole number, found {n}")
-        };
+        let message = if n.as_u64().is_some() { format!("number {n} is too large") } else { format!("expected a whole number, found {n}") };
         self.fail(start(expr), loc, message);
         None
     }
@@ -482,11 +378,7 @@ impl Decoder<'_> {
     fn unsigned<T: TryFrom<i64>>(&mut self, expr: &Expression, loc: &Loc) -> Option<T> {
         let value = self.integer(expr, loc)?;
         if value < 0 {
-            self.fail(
-                start(expr),
-                loc,
-                format!("must not be negative, found {value}"),
-            );
+            self.fail(start(expr), loc, format!("must not be negative, found {value}"));
             return None;
         }
         match T::try_from(value) {
@@ -523,10 +415,7 @@ impl Decoder<'_> {
         };
         let mut out = Vec::new();
         for (i, item) in items.iter().enumerate() {
-            let item_loc = Loc {
-                key: format!("{}[{i}]", loc.key),
-                path: format!("{}[{i}]", loc.path),
-            };
+            let item_loc = Loc { key: format!("{}[{i}]", loc.key), path: format!("{}[{i}]", loc.path) };
             if let Some(s) = self.scalar(item, &item_loc) {
                 out.push(s);
             }
@@ -549,11 +438,9 @@ impl Decoder<'_> {
                                 out.insert(key.to_string(), v);
                             }
                         }
-                        Structure::Block(b) => self.fail(
-                            start(&b.ident),
-                            &loc.field(key),
-                            format!("{key:?} must be an attribute: `{key} = \"...\"`"),
-                        ),
+                        Structure::Block(b) => {
+                            self.fail(start(&b.ident), &loc.field(key), format!("{key:?} must be an attribute: `{key} = \"...\"`"))
+                        }
                     }
                 }
             }
@@ -574,11 +461,7 @@ impl Decoder<'_> {
                     if let Some(name) = name {
                         if let Some(v) = self.scalar(value.expr(), &loc.field(&name)) {
                             if out.insert(name.clone(), v).is_some() {
-                                self.fail(
-                                    start(key),
-                                    &loc.field(&name),
-                                    format!("duplicate key {name:?}"),
-                                );
+                                self.fail(start(key), &loc.field(&name), format!("duplicate key {name:?}"));
                             }
                         }
                     }
@@ -596,11 +479,7 @@ impl Decoder<'_> {
         let loc = Loc::job(&name);
         self.mark(&loc, start(&block.ident));
         // Restart defaults depend on the type, which may be written after the groups.
-        let batch = block
-            .body
-            .get_attribute("type")
-            .and_then(|a| a.value.as_str())
-            == Some(job_type::BATCH);
+        let batch = block.body.get_attribute("type").and_then(|a| a.value.as_str()) == Some(job_type::BATCH);
         let mut job = Job {
             id: name.clone(),
             name,
@@ -653,11 +532,7 @@ impl Decoder<'_> {
                         "priority" => {
                             if let Some(v) = self.integer(&attr.value, &floc) {
                                 // Out-of-i32 values still fail the validator's range check.
-                                job.priority = i32::try_from(v).unwrap_or(if v < 0 {
-                                    i32::MIN
-                                } else {
-                                    i32::MAX
-                                });
+                                job.priority = i32::try_from(v).unwrap_or(if v < 0 { i32::MIN } else { i32::MAX });
                             }
                         }
                         _ => self.wrong_form(s, &loc),
@@ -673,10 +548,7 @@ impl Decoder<'_> {
     fn constraint(&mut self, block: &Block, loc: &Loc) -> Constraint {
         self.mark(loc, start(&block.ident));
         self.no_labels(block, loc);
-        let mut con = Constraint {
-            operator: "=".to_string(),
-            ..Constraint::default()
-        };
+        let mut con = Constraint { operator: "=".to_string(), ..Constraint::default() };
         for s in block.body.iter() {
             let name = structure_name(s);
             let floc = loc.field(name);
@@ -704,11 +576,7 @@ impl Decoder<'_> {
     fn affinity(&mut self, block: &Block, loc: &Loc) -> Affinity {
         self.mark(loc, start(&block.ident));
         self.no_labels(block, loc);
-        let mut aff = Affinity {
-            operator: "=".to_string(),
-            weight: Some(DEFAULT_AFFINITY_WEIGHT),
-            ..Affinity::default()
-        };
+        let mut aff = Affinity { operator: "=".to_string(), weight: Some(DEFAULT_AFFINITY_WEIGHT), ..Affinity::default() };
         let mut seen = HashMap::new();
         for s in block.body.iter() {
             let name = structure_name(s);
@@ -746,10 +614,7 @@ impl Decoder<'_> {
     fn spread(&mut self, block: &Block, loc: &Loc) -> Spread {
         self.mark(loc, start(&block.ident));
         self.no_labels(block, loc);
-        let mut spread = Spread {
-            weight: Some(DEFAULT_SPREAD_WEIGHT),
-            ..Spread::default()
-        };
+        let mut spread = Spread { weight: Some(DEFAULT_SPREAD_WEIGHT), ..Spread::default() };
         let mut seen = HashMap::new();
         for s in block.body.iter() {
             let name = structure_name(s);
@@ -787,26 +652,15 @@ impl Decoder<'_> {
         self.mark(&loc, start(&block.ident));
         let value_loc = loc.field("value");
         match block.labels.as_slice() {
-            [] => self.fail(
-                start(&block.ident),
-                &value_loc,
-                "missing target value; write `target \"VALUE\" { percent = N }`".to_string(),
-            ),
+            [] => self.fail(start(&block.ident), &value_loc, "missing target value; write `target \"VALUE\" { percent = N }`".to_string()),
             [label, rest @ ..] => {
                 self.mark(&value_loc, start(label));
                 if let Some(extra) = rest.first() {
-                    self.problem(
-                        start(extra),
-                        &loc.path,
-                        format!("a target block takes one label, found {}", block.labels.len()),
-                    );
+                    self.problem(start(extra), &loc.path, format!("a target block takes one label, found {}", block.labels.len()));
                 }
             }
         }
-        let mut target = SpreadTarget {
-            value: value.unwrap_or_default(),
-            percent: 0,
-        };
+        let mut target = SpreadTarget { value: value.unwrap_or_default(), percent: 0 };
         let mut seen = HashMap::new();
         for s in block.body.iter() {
             let name = structure_name(s);
@@ -832,12 +686,7 @@ impl Decoder<'_> {
         let name = self.label(block, &key_only);
         let loc = job.named("group", index, &name);
         self.mark(&loc, start(&block.ident));
-        let mut group = TaskGroup {
-            name,
-            count: Some(DEFAULT_COUNT),
-            restart: Some(default_restart(batch)),
-            ..TaskGroup::default()
-        };
+        let mut group = TaskGroup { name, count: Some(DEFAULT_COUNT), restart: Some(default_restart(batch)), ..TaskGroup::default() };
         let mut seen = HashMap::new();
         for s in block.body.iter() {
             let name = structure_name(s);
@@ -1030,11 +879,7 @@ impl Decoder<'_> {
         let mut task = Task {
             name,
             kill_timeout_ms: DEFAULT_KILL_TIMEOUT_MS,
-            resources: Some(Resources {
-                cpu_mhz: DEFAULT_CPU_MHZ,
-                memory_mib: DEFAULT_MEMORY_MIB,
-                ..Resources::default()
-            }),
+            resources: Some(Resources { cpu_mhz: DEFAULT_CPU_MHZ, memory_mib: DEFAULT_MEMORY_MIB, ..Resources::default() }),
             ..Task::default()
         };
         let mut seen = HashMap::new();
@@ -1123,11 +968,7 @@ impl Decoder<'_> {
     fn resources(&mut self, block: &Block, loc: &Loc) -> Resources {
         self.mark(loc, start(&block.ident));
         self.no_labels(block, loc);
-        let mut res = Resources {
-            cpu_mhz: DEFAULT_CPU_MHZ,
-            memory_mib: DEFAULT_MEMORY_MIB,
-            ..Resources::default()
-        };
+        let mut res = Resources { cpu_mhz: DEFAULT_CPU_MHZ, memory_mib: DEFAULT_MEMORY_MIB, ..Resources::default() };
         let mut seen = HashMap::new();
         for s in block.body.iter() {
             let name = structure_name(s);
@@ -1252,17 +1093,8 @@ impl Decoder<'_> {
 
 /// Nomad's restart defaults: batch work retries harder, over a longer window.
 pub(crate) fn default_restart(batch: bool) -> RestartPolicy {
-    let (attempts, interval_ms) = if batch {
-        (3, 24 * 3_600_000)
-    } else {
-        (2, 30 * 60_000)
-    };
-    RestartPolicy {
-        attempts,
-        interval_ms,
-        delay_ms: 15_000,
-        mode: restart_mode::FAIL.to_string(),
-    }
+    let (attempts, interval_ms) = if batch { (3, 24 * 3_600_000) } else { (2, 30 * 60_000) };
+    RestartPolicy { attempts, interval_ms, delay_ms: 15_000, mode: restart_mode::FAIL.to_string() }
 }
 
 /// Nomad's reschedule defaults: services are replaced without limit with a growing delay; batch
@@ -1318,12 +1150,7 @@ fn is_literal(expr: &Expression) -> bool {
 
 /// The known name closest to `name`, if it is a plausible typo (edit distance ≤ 2).
 fn suggest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
-    known
-        .iter()
-        .map(|k| (edit_distance(name, k), *k))
-        .filter(|&(d, _)| d <= 2)
-        .min_by_key(|&(d, _)| d)
-        .map(|(_, k)| k)
+    known.iter().map(|k| (edit_distance(name, k), *k)).filter(|&(d, _)| d <= 2).min_by_key(|&(d, _)| d).map(|(_, k)| k)
 }
 
 /// Levenshtein distance, in characters.

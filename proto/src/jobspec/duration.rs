@@ -22,16 +22,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let mut total: u128 = 0;
     let mut rest = body;
     while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
         let (number, after) = rest.split_at(num_len);
         if number.is_empty() || number == "." || number.matches('.').count() > 1 {
             return Err(fail(format!("expected a number at {rest:?}")));
         }
-        let unit_len = after
-            .find(|c: char| !c.is_alphabetic())
-            .unwrap_or(after.len());
+        let unit_len = after.find(|c: char| !c.is_alphabetic()).unwrap_or(after.len());
         let (unit, after) = after.split_at(unit_len);
         let scale: u128 = match unit {
             "ns" => 1,
@@ -40,11 +36,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "s" => 1_000_000_000,
             "m" => 60_000_000_000,
             "h" => 3_600_000_000_000,
-            "" => {
-                return Err(fail(format!(
-                    "missing unit after {number:?} (units: {UNITS})"
-                )))
-            }
+            "" => return Err(fail(format!("missing unit after {number:?} (units: {UNITS})"))),
             other => return Err(fail(format!("unknown unit {other:?} (units: {UNITS})"))),
         };
         total = total
@@ -103,34 +95,17 @@ mod tests {
             ("0s", 0),
         ];
         for (text, ms) in ok {
-            assert_eq!(
-                parse_duration(text).map(|d| d.as_millis()),
-                Ok(ms),
-                "{text}"
-            );
+            assert_eq!(parse_duration(text).map(|d| d.as_millis()), Ok(ms), "{text}");
         }
         assert_eq!(parse_duration("10us"), Ok(Duration::from_micros(10)));
     }
 
     #[test]
     fn rejects_bad_durations() {
-        for text in [
-            "",
-            "-5s",
-            "5",
-            "5 parsecs",
-            "5parsecs",
-            "s",
-            "1..5s",
-            "1m 30s",
-            "h5",
-        ] {
+        for text in ["", "-5s", "5", "5 parsecs", "5parsecs", "s", "1..5s", "1m 30s", "h5"] {
             assert!(parse_duration(text).is_err(), "{text:?} should be rejected");
         }
-        assert_eq!(
-            parse_duration("5x"),
-            Err(r#"invalid duration "5x": unknown unit "x" (units: ns, us, ms, s, m, h)"#.into())
-        );
+        assert_eq!(parse_duration("5x"), Err(r#"invalid duration "5x": unknown unit "x" (units: ns, us, ms, s, m, h)"#.into()));
     }
 
     #[test]

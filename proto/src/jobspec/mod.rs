@@ -60,11 +60,7 @@ impl fmt::Display for Diagnostic {
 }
 
 fn join_lines(diagnostics: &[Diagnostic]) -> String {
-    diagnostics
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("\n")
+    diagnostics.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
 }
 
 /// Reads and parses a job spec file; diagnostics carry the path as their file name.
@@ -94,9 +90,7 @@ pub fn parse_str(src: &str, file_name: &str) -> Result<Job, JobspecError> {
     // (callers such as a server's request handler run on small stacks).
     if let Some((offset, message)) = too_big_or_deep(src) {
         let (line, column) = line_col(src, offset);
-        return Err(JobspecError {
-            diagnostics: vec![Diagnostic { file, line, column, path: String::new(), message }],
-        });
+        return Err(JobspecError { diagnostics: vec![Diagnostic { file, line, column, path: String::new(), message }] });
     }
     let parsed = std::thread::scope(|scope| {
         std::thread::Builder::new()
@@ -147,11 +141,7 @@ fn parse_bounded(src: &str, file: Option<String>) -> Result<Job, JobspecError> {
             if decoded.failed.iter().any(|k| is_within(&issue.key, k)) {
                 continue;
             }
-            found.push(decode::Problem {
-                offset: decoded.position_of(&issue.key),
-                path: issue.path,
-                message: issue.message,
-            });
+            found.push(decode::Problem { offset: decoded.position_of(&issue.key), path: issue.path, message: issue.message });
         }
     }
 
@@ -164,13 +154,7 @@ fn parse_bounded(src: &str, file: Option<String>) -> Result<Job, JobspecError> {
                 .into_iter()
                 .map(|p| {
                     let (line, column) = line_col(src, p.offset);
-                    Diagnostic {
-                        file: file.clone(),
-                        line,
-                        column,
-                        path: p.path,
-                        message: p.message,
-                    }
+                    Diagnostic { file: file.clone(), line, column, path: p.path, message: p.message }
                 })
                 .collect();
             Err(JobspecError { diagnostics })
@@ -330,13 +314,7 @@ pub fn apply_defaults(job: &mut Job) {
 pub fn validate_job(job: &Job) -> Result<(), JobspecError> {
     let diagnostics: Vec<Diagnostic> = validate::check_job(job)
         .into_iter()
-        .map(|issue| Diagnostic {
-            file: None,
-            line: 0,
-            column: 0,
-            path: issue.path,
-            message: issue.message,
-        })
+        .map(|issue| Diagnostic { file: None, line: 0, column: 0, path: issue.path, message: issue.message })
         .collect();
     if diagnostics.is_empty() {
         Ok(())
@@ -356,51 +334,30 @@ pub(crate) struct Loc {
 
 impl Loc {
     pub fn job(name: &str) -> Loc {
-        let path = if name.is_empty() {
-            "job".to_string()
-        } else {
-            format!("job.{name}")
-        };
-        Loc {
-            key: "job".to_string(),
-            path,
-        }
+        let path = if name.is_empty() { "job".to_string() } else { format!("job.{name}") };
+        Loc { key: "job".to_string(), path }
     }
 
     /// A plain field or sub-block.
     pub fn field(&self, name: &str) -> Loc {
-        Loc {
-            key: format!("{}.{name}", self.key),
-            path: format!("{}.{name}", self.path),
-        }
+        Loc { key: format!("{}.{name}", self.key), path: format!("{}.{name}", self.path) }
     }
 
     /// A named, repeatable block (`group`, `task`); unnamed ones are shown by index.
     pub fn named(&self, kind: &str, index: usize, name: &str) -> Loc {
-        let path = if name.is_empty() {
-            format!("{}.{kind}[{index}]", self.path)
-        } else {
-            format!("{}.{kind}.{name}", self.path)
-        };
-        Loc {
-            key: format!("{}.{}{index}", self.key, &kind[..1]),
-            path,
-        }
+        let path = if name.is_empty() { format!("{}.{kind}[{index}]", self.path) } else { format!("{}.{kind}.{name}", self.path) };
+        Loc { key: format!("{}.{}{index}", self.key, &kind[..1]), path }
     }
 
     /// A repeatable block without a name (`constraint`).
     pub fn indexed(&self, kind: &str, index: usize) -> Loc {
-        Loc {
-            key: format!("{}.{}{index}", self.key, &kind[..1]),
-            path: format!("{}.{kind}[{index}]", self.path),
-        }
+        Loc { key: format!("{}.{}{index}", self.key, &kind[..1]), path: format!("{}.{kind}[{index}]", self.path) }
     }
 }
 
 /// Whether `key` is `prefix` itself or a field below it.
 fn is_within(key: &str, prefix: &str) -> bool {
-    key.strip_prefix(prefix)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+    key.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
 }
 
 /// 1-based line and column (in characters) of a byte offset.

@@ -54,13 +54,7 @@ pub(crate) fn check_job(job: &Job) -> Vec<Issue> {
     let loc = Loc::job(&job.name);
     c.name(&loc, "job", &job.name);
     if !job.namespace.is_empty() && !is_namespace(&job.namespace) {
-        c.push(
-            &loc.field("namespace"),
-            format!(
-                "invalid namespace {:?}: must be 1-63 characters of a-z, 0-9 or -",
-                job.namespace
-            ),
-        );
+        c.push(&loc.field("namespace"), format!("invalid namespace {:?}: must be 1-63 characters of a-z, 0-9 or -", job.namespace));
     }
     c.one_of(&loc.field("type"), "job type", &job.r#type, JOB_TYPES);
     let size = job.encoded_len();
@@ -75,28 +69,19 @@ pub(crate) fn check_job(job: &Job) -> Vec<Issue> {
     }
     let (lo, hi) = PRIORITY_RANGE;
     if !(lo..=hi).contains(&job.priority) {
-        c.push(
-            &loc.field("priority"),
-            format!("must be between {lo} and {hi}, found {}", job.priority),
-        );
+        c.push(&loc.field("priority"), format!("must be between {lo} and {hi}, found {}", job.priority));
     }
     c.constraints(&loc, &job.constraints);
     c.affinities(&loc, &job.affinities);
     c.spreads(&loc, &job.spreads);
     if job.groups.is_empty() {
-        c.push(
-            &loc,
-            "job has no groups; at least one `group` block is required",
-        );
+        c.push(&loc, "job has no groups; at least one `group` block is required");
     }
     let mut seen = HashSet::new();
     for (i, group) in job.groups.iter().enumerate() {
         let gloc = loc.named("group", i, &group.name);
         if !group.name.is_empty() && !seen.insert(group.name.as_str()) {
-            c.push(
-                &gloc.field("name"),
-                format!("duplicate group name {:?}", group.name),
-            );
+            c.push(&gloc.field("name"), format!("duplicate group name {:?}", group.name));
         }
         c.group(&gloc, group);
     }
@@ -110,48 +95,24 @@ struct Checker {
 
 impl Checker {
     fn push(&mut self, loc: &Loc, message: impl Into<String>) {
-        self.issues.push(Issue {
-            key: loc.key.clone(),
-            path: loc.path.clone(),
-            message: message.into(),
-        });
+        self.issues.push(Issue { key: loc.key.clone(), path: loc.path.clone(), message: message.into() });
     }
 
     /// Job, group and task names end up in allocation names, log paths and URLs.
     fn name(&mut self, loc: &Loc, kind: &str, name: &str) {
-        let at = Loc {
-            key: format!("{}.name", loc.key),
-            path: loc.path.clone(),
-        };
+        let at = Loc { key: format!("{}.name", loc.key), path: loc.path.clone() };
         if name.is_empty() {
             self.push(&at, format!("missing {kind} name"));
         } else if !is_name(name) {
-            self.push(
-                &at,
-                format!(
-                    "invalid {kind} name {name:?}: must be 1-128 characters of A-Z, a-z, 0-9, _ or -"
-                ),
-            );
+            self.push(&at, format!("invalid {kind} name {name:?}: must be 1-128 characters of A-Z, a-z, 0-9, _ or -"));
         }
     }
 
     fn one_of(&mut self, loc: &Loc, what: &str, value: &str, allowed: &[&str]) {
         if value.is_empty() {
-            self.push(
-                loc,
-                format!(
-                    "missing required field; expected one of: {}",
-                    allowed.join(", ")
-                ),
-            );
+            self.push(loc, format!("missing required field; expected one of: {}", allowed.join(", ")));
         } else if !allowed.contains(&value) {
-            self.push(
-                loc,
-                format!(
-                    "unknown {what} {value:?}; expected one of: {}",
-                    allowed.join(", ")
-                ),
-            );
+            self.push(loc, format!("unknown {what} {value:?}; expected one of: {}", allowed.join(", ")));
         }
     }
 
@@ -214,11 +175,7 @@ impl Checker {
             if !con.operator.is_empty() && !OPERATORS.contains(&con.operator.as_str()) {
                 self.push(
                     &loc.field("operator"),
-                    format!(
-                        "unknown operator {:?}; expected one of: {}",
-                        con.operator,
-                        OPERATORS.join(", ")
-                    ),
+                    format!("unknown operator {:?}; expected one of: {}", con.operator, OPERATORS.join(", ")),
                 );
             }
             let unary = matches!(con.operator.as_str(), "is_set" | "is_not_set");
@@ -227,11 +184,7 @@ impl Checker {
                     &loc.field("value"),
                     format!(
                         "missing required field (operator {:?} compares against a value)",
-                        if con.operator.is_empty() {
-                            "="
-                        } else {
-                            &con.operator
-                        }
+                        if con.operator.is_empty() { "=" } else { &con.operator }
                     ),
                 );
             }
@@ -275,10 +228,7 @@ impl Checker {
     /// values and percents in 0..=100 that sum to at most 100.
     fn spreads(&mut self, parent: &Loc, spreads: &[Spread]) {
         if spreads.len() > MAX_SPREADS {
-            self.push(
-                &parent.indexed("spread", MAX_SPREADS),
-                format!("at most {MAX_SPREADS} spread blocks here, found {}", spreads.len()),
-            );
+            self.push(&parent.indexed("spread", MAX_SPREADS), format!("at most {MAX_SPREADS} spread blocks here, found {}", spreads.len()));
         }
         for (i, spread) in spreads.iter().enumerate().take(MAX_SPREADS) {
             let loc = parent.indexed("spread", i);
@@ -332,9 +282,7 @@ impl Checker {
         if !inner.is_some_and(is_attribute_name) {
             self.push(
                 loc,
-                format!(
-                    "must reference a node attribute such as \"${{meta.rack}}\" or \"${{attr.kernel.name}}\", found {attribute:?}"
-                ),
+                format!("must reference a node attribute such as \"${{meta.rack}}\" or \"${{attr.kernel.name}}\", found {attribute:?}"),
             );
         }
     }
@@ -342,7 +290,10 @@ impl Checker {
     fn group(&mut self, loc: &Loc, group: &TaskGroup) {
         self.name(loc, "group", &group.name);
         if group.effective_count() > MAX_COUNT {
-            self.push(&loc.field("count"), format!("must be between 0 and {MAX_COUNT}, found {} (limit: count per group)", group.effective_count()));
+            self.push(
+                &loc.field("count"),
+                format!("must be between 0 and {MAX_COUNT}, found {} (limit: count per group)", group.effective_count()),
+            );
         }
         self.map(&loc.field("meta"), "meta", &group.meta);
         self.at_most(&loc.indexed("task", MAX_TASKS), "tasks per group", group.tasks.len(), MAX_TASKS);
@@ -350,30 +301,19 @@ impl Checker {
         self.migrate_reschedule(loc, group);
         if let Some(restart) = &group.restart {
             let rloc = loc.field("restart");
-            self.one_of(
-                &rloc.field("mode"),
-                "restart mode",
-                &restart.mode,
-                RESTART_MODES,
-            );
+            self.one_of(&rloc.field("mode"), "restart mode", &restart.mode, RESTART_MODES);
         }
         self.constraints(loc, &group.constraints);
         self.affinities(loc, &group.affinities);
         self.spreads(loc, &group.spreads);
         if group.tasks.is_empty() {
-            self.push(
-                loc,
-                "group has no tasks; at least one `task` block is required",
-            );
+            self.push(loc, "group has no tasks; at least one `task` block is required");
         }
         let mut seen = HashSet::new();
         for (i, task) in group.tasks.iter().enumerate().take(MAX_TASKS) {
             let tloc = loc.named("task", i, &task.name);
             if !task.name.is_empty() && !seen.insert(task.name.as_str()) {
-                self.push(
-                    &tloc.field("name"),
-                    format!("duplicate task name {:?} in this group", task.name),
-                );
+                self.push(&tloc.field("name"), format!("duplicate task name {:?} in this group", task.name));
             }
             self.task(&tloc, task);
         }
@@ -424,11 +364,7 @@ impl Checker {
         if group.gang_timeout_ms > MAX_GANG_TIMEOUT_MS {
             self.push(
                 &loc.field("gang_timeout"),
-                format!(
-                    "must be at most {}, found {}",
-                    format_ms(MAX_GANG_TIMEOUT_MS),
-                    format_ms(group.gang_timeout_ms)
-                ),
+                format!("must be at most {}, found {}", format_ms(MAX_GANG_TIMEOUT_MS), format_ms(group.gang_timeout_ms)),
             );
         }
         let attr = group.gang_topology.trim();
@@ -470,10 +406,7 @@ impl Checker {
             if res.memory_max_mib > 0 && res.memory_max_mib < res.memory_mib {
                 self.push(
                     &rloc.field("memory_max"),
-                    format!(
-                        "must be at least memory ({} MiB), found {}",
-                        res.memory_mib, res.memory_max_mib
-                    ),
+                    format!("must be at least memory ({} MiB), found {}", res.memory_mib, res.memory_max_mib),
                 );
             }
             // JSON submissions bypass the HCL decoder's checks on `share`.
@@ -489,7 +422,10 @@ impl Checker {
                         format!("share_milli must be between 1 and 999 (a fraction of one GPU), found {}", gpu.share_milli),
                     );
                 } else if gpu.share_milli > 0 && gpu.effective_count() != 1 {
-                    self.push(&gloc.field("count"), format!("a shared GPU (`share`) is one GPU; count must be 1, found {}", gpu.effective_count()));
+                    self.push(
+                        &gloc.field("count"),
+                        format!("a shared GPU (`share`) is one GPU; count must be 1, found {}", gpu.effective_count()),
+                    );
                 }
                 if !gpu.mig_profile.is_empty() {
                     if !is_mig_profile(&gpu.mig_profile) {
@@ -510,22 +446,14 @@ impl Checker {
         if !task.network_mode.is_empty() && !NETWORK_MODES.contains(&task.network_mode.as_str()) {
             self.push(
                 &loc.field("network").field("mode"),
-                format!(
-                    "must be one of {}, found {:?}",
-                    NETWORK_MODES.join(", "),
-                    task.network_mode
-                ),
+                format!("must be one of {}, found {:?}", NETWORK_MODES.join(", "), task.network_mode),
             );
         }
         self.affinities(loc, &task.affinities);
         if task.kill_timeout_ms > MAX_KILL_TIMEOUT_MS {
             self.push(
                 &loc.field("kill_timeout"),
-                format!(
-                    "must be at most {}, found {}",
-                    format_ms(MAX_KILL_TIMEOUT_MS),
-                    format_ms(task.kill_timeout_ms)
-                ),
+                format!("must be at most {}, found {}", format_ms(MAX_KILL_TIMEOUT_MS), format_ms(task.kill_timeout_ms)),
             );
         }
     }
@@ -539,10 +467,9 @@ pub(crate) const MAX_GANG_TIMEOUT_MS: u64 = 7 * 24 * 3_600_000;
 
 /// `attr.x`, `node.x` or `meta.x` written without `${}`.
 fn is_attribute_name(s: &str) -> bool {
-    ["attr.", "node.", "meta."].iter().any(|p| {
-        s.strip_prefix(p)
-            .is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_alphanumeric() || "_.-".contains(c)))
-    })
+    ["attr.", "node.", "meta."]
+        .iter()
+        .any(|p| s.strip_prefix(p).is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_alphanumeric() || "_.-".contains(c))))
 }
 
 /// A map key as a path segment: as it is when it is short and printable, else cut.
@@ -560,16 +487,12 @@ const NETWORK_MODES: &[&str] = &["host", "none"];
 
 /// `[A-Za-z0-9_-]{1,128}`.
 pub(crate) fn is_name(s: &str) -> bool {
-    (1..=128).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// `[a-z0-9-]{1,63}`, the shape of a DNS label.
 fn is_namespace(s: &str) -> bool {
-    (1..=63).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    (1..=63).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// A MIG profile name: `<slices>g.<memory>gb`, optionally with a `+me`/`+gfx` style suffix

@@ -58,11 +58,7 @@ impl GcThresholds {
 impl Default for GcThresholds {
     /// Nomad's defaults.
     fn default() -> Self {
-        GcThresholds {
-            eval: Duration::from_secs(3600),
-            job: Duration::from_secs(4 * 3600),
-            node: Duration::from_secs(24 * 3600),
-        }
+        GcThresholds { eval: Duration::from_secs(3600), job: Duration::from_secs(4 * 3600), node: Duration::from_secs(24 * 3600) }
     }
 }
 

@@ -200,11 +200,8 @@ impl RaftNode {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let matched: BTreeMap<NodeId, u64> = m
-            .replication
-            .as_ref()
-            .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0))).collect())
-            .unwrap_or_default();
+        let matched: BTreeMap<NodeId, u64> =
+            m.replication.as_ref().map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0))).collect()).unwrap_or_default();
         let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
         let peers = membership
             .nodes()
@@ -243,15 +240,9 @@ impl RaftNode {
             return Ok(());
         }
         tracing::info!(node_id = id, %addr, "adding server as learner");
-        self.raft
-            .add_learner(id, BasicNode { addr: addr.clone() }, true)
-            .await
-            .map_err(map_membership_error)?;
+        self.raft.add_learner(id, BasicNode { addr: addr.clone() }, true).await.map_err(map_membership_error)?;
         tracing::info!(node_id = id, %addr, "promoting server to voter");
-        self.raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-            .await
-            .map_err(map_membership_error)?;
+        self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await.map_err(map_membership_error)?;
         Ok(())
     }
 
@@ -267,11 +258,8 @@ impl RaftNode {
         if !known {
             return Err(WriteError::Rejected(format!("server {id} is not a member")));
         }
-        let change = if is_voter {
-            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
-        } else {
-            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
-        };
+        let change =
+            if is_voter { ChangeMembers::RemoveVoters(BTreeSet::from([id])) } else { ChangeMembers::RemoveNodes(BTreeSet::from([id])) };
         self.raft.change_membership(change, false).await.map_err(map_membership_error)?;
         tracing::info!(node_id = id, "server removed from the cluster");
         Ok(())
@@ -329,9 +317,7 @@ impl RaftNode {
 
 fn map_membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> WriteError {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-            WriteError::NotLeader { leader_addr: f.leader_node.map(|n| n.addr) }
-        }
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => WriteError::NotLeader { leader_addr: f.leader_node.map(|n| n.addr) },
         RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(e))) => {
             WriteError::Unreachable(format!("another membership change is in progress: {e}"))
         }
@@ -410,8 +396,7 @@ async fn formation_round(node: &RaftNode, expect: usize, join: &[String], logged
     }
     // Everybody computes the same initializer from the same lowest ids, so exactly one
     // bootstraps; the others learn the membership from its replication.
-    let members: BTreeMap<NodeId, BasicNode> =
-        known.into_iter().take(expect).map(|(id, addr)| (id, BasicNode { addr })).collect();
+    let members: BTreeMap<NodeId, BasicNode> = known.into_iter().take(expect).map(|(id, addr)| (id, BasicNode { addr })).collect();
     if members.keys().next() != Some(&node.node_id) {
         return None;
     }

@@ -13,8 +13,7 @@ use mlp_proto::v1::RaftPayload;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
@@ -101,12 +100,7 @@ impl GrpcNetwork {
     }
 
     /// Sends one RPC: `call` picks the gRPC method; the reply decodes to the remote's result.
-    async fn send<Req, Resp, E, F, Fut>(
-        &mut self,
-        req: &Req,
-        option: &RPCOption,
-        call: F,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
+    async fn send<Req, Resp, E, F, Fut>(&mut self, req: &Req, option: &RPCOption, call: F) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -134,8 +128,8 @@ impl GrpcNetwork {
                 });
             }
         };
-        let result: Result<Resp, E> = serde_json::from_slice(&reply.data)
-            .map_err(|e| RPCError::Network(NetworkError::new(&TransportError::Codec(e))))?;
+        let result: Result<Resp, E> =
+            serde_json::from_slice(&reply.data).map_err(|e| RPCError::Network(NetworkError::new(&TransportError::Codec(e))))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.target_node.clone(), e)))
     }
 }
@@ -157,8 +151,7 @@ impl RaftNetwork<TypeConfig> for GrpcNetwork {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
-    {
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>> {
         self.send(&rpc, &option, |mut c, r| async move { c.install_snapshot(r).await }).await
     }
 
@@ -193,8 +186,7 @@ pub fn raft_grpc_service(raft: MlpRaft) -> RaftServiceServer<RaftGrpcService> {
 // `tonic::Status` is what the generated service trait returns; boxing it here buys nothing.
 #[allow(clippy::result_large_err)]
 fn decode<T: DeserializeOwned>(request: tonic::Request<RaftPayload>) -> Result<T, tonic::Status> {
-    serde_json::from_slice(&request.into_inner().data)
-        .map_err(|e| tonic::Status::invalid_argument(format!("decoding raft request: {e}")))
+    serde_json::from_slice(&request.into_inner().data).map_err(|e| tonic::Status::invalid_argument(format!("decoding raft request: {e}")))
 }
 
 #[allow(clippy::result_large_err)]
@@ -205,10 +197,7 @@ fn encode<T: Serialize>(result: &T) -> Result<tonic::Response<RaftPayload>, toni
 
 #[tonic::async_trait]
 impl RaftService for RaftGrpcService {
-    async fn append_entries(
-        &self,
-        request: tonic::Request<RaftPayload>,
-    ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+    async fn append_entries(&self, request: tonic::Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
         let req: AppendEntriesRequest<TypeConfig> = decode(request)?;
         encode(&self.raft.append_entries(req).await)
     }
@@ -218,10 +207,7 @@ impl RaftService for RaftGrpcService {
         encode(&self.raft.vote(req).await)
     }
 
-    async fn install_snapshot(
-        &self,
-        request: tonic::Request<RaftPayload>,
-    ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+    async fn install_snapshot(&self, request: tonic::Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
         let req: InstallSnapshotRequest<TypeConfig> = decode(request)?;
         encode(&self.raft.install_snapshot(req).await)
     }

@@ -174,9 +174,7 @@ pub async fn open(
     // Retry a dead peer about once per heartbeat, so a restarted server hears from the leader
     // well within its election timeout (see `GrpcNetworkFactory::with_backoff`).
     let network = GrpcNetworkFactory::with_backoff(Duration::from_millis(settings.heartbeat_ms.max(10)));
-    let raft = MlpRaft::new(node_id, Arc::new(config), network, log_store, sm)
-        .await
-        .map_err(|e| RaftStartError::Raft(e.to_string()))?;
+    let raft = MlpRaft::new(node_id, Arc::new(config), network, log_store, sm).await.map_err(|e| RaftStartError::Raft(e.to_string()))?;
 
     let leader_rx = spawn_leader_watch(&raft, node_id);
     let writes = spawn_write_batcher(raft.clone());
@@ -233,9 +231,7 @@ fn spawn_write_batcher(raft: MlpRaft) -> mpsc::Sender<(Request, WriteReply)> {
 
 fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> WriteError {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-            WriteError::NotLeader { leader_addr: f.leader_node.map(|n| n.addr) }
-        }
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => WriteError::NotLeader { leader_addr: f.leader_node.map(|n| n.addr) },
         RaftError::APIError(e) => WriteError::Raft(e.to_string()),
         RaftError::Fatal(e) => WriteError::Stopped(e.to_string()),
     }
@@ -244,9 +240,7 @@ fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) ->
 /// Publishes "this node leads" on a watch channel, following the Raft metrics.
 fn spawn_leader_watch(raft: &MlpRaft, node_id: NodeId) -> watch::Receiver<bool> {
     let mut metrics = raft.metrics();
-    let leads = move |m: &openraft::RaftMetrics<NodeId, BasicNode>| {
-        m.current_leader == Some(node_id) && m.state == ServerState::Leader
-    };
+    let leads = move |m: &openraft::RaftMetrics<NodeId, BasicNode>| m.current_leader == Some(node_id) && m.state == ServerState::Leader;
     let (tx, rx) = watch::channel(leads(&metrics.borrow()));
     tokio::spawn(async move {
         // Ends when the Raft shuts down (metrics sender dropped) or nobody listens any more.
@@ -292,17 +286,16 @@ fn is_lock_error(e: &std::io::Error) -> bool {
 fn load_or_create_node_id(data_dir: &Path) -> Result<NodeId, RaftStartError> {
     let path = data_dir.join("node-id");
     match std::fs::read_to_string(&path) {
-        Ok(content) => content
-            .trim()
-            .parse::<NodeId>()
-            .map_err(|_| RaftStartError::BadNodeId { path: path.clone(), content }),
+        Ok(content) => content.trim().parse::<NodeId>().map_err(|_| RaftStartError::BadNodeId { path: path.clone(), content }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = random_node_id();
             // Write-then-rename so a crash never leaves a half-written id behind.
             let tmp = data_dir.join("node-id.tmp");
-            std::fs::write(&tmp, format!("{id}\n"))
-                .and_then(|()| std::fs::rename(&tmp, &path))
-                .map_err(|source| RaftStartError::Io { what: "writing", path: path.clone(), source })?;
+            std::fs::write(&tmp, format!("{id}\n")).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|source| RaftStartError::Io {
+                what: "writing",
+                path: path.clone(),
+                source,
+            })?;
             tracing::info!(node_id = id, "generated raft node id");
             Ok(id)
         }
@@ -345,10 +338,7 @@ impl RaftNode {
         };
         let leader = raft
             .wait(Some(START_TIMEOUT))
-            .metrics(
-                |m| if sole_voter { m.current_leader == Some(node_id) } else { m.current_leader.is_some() },
-                "leader elected",
-            )
+            .metrics(|m| if sole_voter { m.current_leader == Some(node_id) } else { m.current_leader.is_some() }, "leader elected")
             .await;
         if let Err(e) = leader {
             if sole_voter {
@@ -360,10 +350,7 @@ impl RaftNode {
         }
         let caught_up = raft
             .wait(Some(START_TIMEOUT))
-            .metrics(
-                |m| m.current_leader != Some(node_id) || m.last_applied.map(|l| l.index) >= m.last_log_index,
-                "log applied",
-            )
+            .metrics(|m| m.current_leader != Some(node_id) || m.last_applied.map(|l| l.index) >= m.last_log_index, "log applied")
             .await;
         if let Err(e) = caught_up {
             tracing::warn!(error = %e, "raft log not fully applied yet");

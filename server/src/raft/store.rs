@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, BasicNode, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
-    StorageIOError, StoredMembership, Vote,
+    AnyError, BasicNode, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageIOError,
+    StoredMembership, Vote,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -374,9 +374,7 @@ impl StateMachineStore {
         let mut batch = sled::Batch::default();
         batch.insert(KEY_SNAPSHOT_META, to_json(meta).map_err(|e| StorageIOError::write_snapshot(sig.clone(), e))?);
         batch.insert(KEY_SNAPSHOT_DATA, data);
-        self.snapshot
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), io_err(&e)))?;
+        self.snapshot.apply_batch(batch).map_err(|e| StorageIOError::write_snapshot(sig.clone(), io_err(&e)))?;
         self.db.flush_async().await.map_err(|e| StorageIOError::write_snapshot(sig, io_err(&e)))?;
         Ok(())
     }
@@ -393,11 +391,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 Some(id) => format!("{}-{}-{}", id.leader_id.term, id.index, now_ms()),
                 None => format!("0-0-{}", now_ms()),
             };
-            let meta = SnapshotMeta {
-                last_log_id: applied.last_applied,
-                last_membership: applied.membership.clone(),
-                snapshot_id,
-            };
+            let meta = SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone(), snapshot_id };
             (meta, data)
         };
         self.persist_snapshot(&meta, &data).await?;
@@ -408,18 +402,13 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
 
 /// Milliseconds since the epoch, only to make snapshot ids unique.
 fn now_ms() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or_default()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or_default()
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = StateMachineStore;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), RaftStorageError> {
+    async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), RaftStorageError> {
         let applied = lock(&self.applied);
         Ok((applied.last_applied, applied.membership.clone()))
     }
@@ -470,9 +459,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let data = snapshot.into_inner();
         {
             let mut applied = lock(&self.applied);
-            self.state
-                .install_snapshot_bytes(&data)
-                .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+            self.state.install_snapshot_bytes(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
             applied.last_applied = meta.last_log_id;
             applied.membership = meta.last_membership.clone();
         }

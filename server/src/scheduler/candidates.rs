@@ -90,8 +90,7 @@ impl<'a> Candidates<'a> {
         if !ask.gpus.is_empty() || plain <= SAMPLE_MIN_NODES {
             return Candidates::all(nodes);
         }
-        let (mut sampled, every): (Vec<&'a Node>, Vec<&'a Node>) =
-            nodes.iter().copied().partition(|n| !has_gpus(n));
+        let (mut sampled, every): (Vec<&'a Node>, Vec<&'a Node>) = nodes.iter().copied().partition(|n| !has_gpus(n));
         SplitMix64::new(seed).shuffle(&mut sampled);
         Candidates::sampling(every, sampled, limit(plain))
     }
@@ -100,46 +99,25 @@ impl<'a> Candidates<'a> {
     /// but comparing [`preference_limit`]`(count)` fitting nodes, sampled only when more GPU-less
     /// nodes than that are feasible, and with the shuffled order interleaved round robin over the
     /// strata that `stratum` names, so that every stratum is among the first nodes.
-    pub fn preferring<K: Eq + Hash>(
-        nodes: &[&'a Node],
-        ask: &Ask,
-        seed: u64,
-        count: u32,
-        stratum: impl Fn(&Node) -> K,
-    ) -> Candidates<'a> {
+    pub fn preferring<K: Eq + Hash>(nodes: &[&'a Node], ask: &Ask, seed: u64, count: u32, stratum: impl Fn(&Node) -> K) -> Candidates<'a> {
         let limit = preference_limit(count);
         let plain = nodes.iter().filter(|n| !has_gpus(n)).count();
         if !ask.gpus.is_empty() || plain <= limit.max(SAMPLE_MIN_NODES) {
             return Candidates::all(nodes);
         }
-        let (mut sampled, every): (Vec<&'a Node>, Vec<&'a Node>) =
-            nodes.iter().copied().partition(|n| !has_gpus(n));
+        let (mut sampled, every): (Vec<&'a Node>, Vec<&'a Node>) = nodes.iter().copied().partition(|n| !has_gpus(n));
         SplitMix64::new(seed).shuffle(&mut sampled);
         Candidates::sampling(every, interleave(sampled, stratum), limit)
     }
 
     fn sampling(every: Vec<&'a Node>, sampled: Vec<&'a Node>, limit: usize) -> Candidates<'a> {
         let skipped = vec![0; sampled.len()];
-        Candidates {
-            every,
-            sampled,
-            skipped,
-            cursor: 0,
-            limit,
-            round: 0,
-        }
+        Candidates { every, sampled, skipped, cursor: 0, limit, round: 0 }
     }
 
     /// Every node scored for every placement, no sampling.
     pub fn all(nodes: &[&'a Node]) -> Candidates<'a> {
-        Candidates {
-            every: nodes.to_vec(),
-            sampled: Vec::new(),
-            skipped: Vec::new(),
-            cursor: 0,
-            limit: 0,
-            round: 0,
-        }
+        Candidates { every: nodes.to_vec(), sampled: Vec::new(), skipped: Vec::new(), cursor: 0, limit: 0, round: 0 }
     }
 
     /// Whether placements compare a sample of the nodes rather than all of them.
@@ -235,12 +213,7 @@ mod tests {
             .map(|i| Node {
                 id: format!("n{i:05}"),
                 resources: Some(NodeResources {
-                    gpus: (0..gpus)
-                        .map(|g| GpuDevice {
-                            id: format!("g{g}"),
-                            ..Default::default()
-                        })
-                        .collect(),
+                    gpus: (0..gpus).map(|g| GpuDevice { id: format!("g{g}"), ..Default::default() }).collect(),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -281,12 +254,7 @@ mod tests {
                 name: format!("n{i:04}"),
                 status: node_status::READY.into(),
                 drivers: vec!["exec".into()],
-                meta: [(
-                    "rack".to_string(),
-                    if i % 2 == 0 { "a" } else { "b" }.to_string(),
-                )]
-                .into_iter()
-                .collect(),
+                meta: [("rack".to_string(), if i % 2 == 0 { "a" } else { "b" }.to_string())].into_iter().collect(),
                 resources: Some(NodeResources {
                     cpu_cores: 8,
                     cpu_total_mhz: 1000 + (i % 7) * 500,
@@ -304,22 +272,14 @@ mod tests {
             namespace: "default".into(),
             r#type: job_type::BATCH.into(),
             priority: 50,
-            constraints: vec![Constraint {
-                attribute: "${meta.rack}".into(),
-                operator: "=".into(),
-                value: "a".into(),
-            }],
+            constraints: vec![Constraint { attribute: "${meta.rack}".into(), operator: "=".into(), value: "a".into() }],
             groups: vec![TaskGroup {
                 name: "g".into(),
                 count: Some(600),
                 tasks: vec![Task {
                     name: "t".into(),
                     driver: "exec".into(),
-                    resources: Some(Resources {
-                        cpu_mhz: 300,
-                        memory_mib: 128,
-                        ..Default::default()
-                    }),
+                    resources: Some(Resources { cpu_mhz: 300, memory_mib: 128, ..Default::default() }),
                     ..Default::default()
                 }],
                 ..Default::default()
@@ -333,13 +293,7 @@ mod tests {
             status: eval_status::PENDING.into(),
             ..Default::default()
         };
-        apply(
-            &mut st,
-            Command::RegisterJob {
-                job,
-                eval: eval.clone(),
-            },
-        );
+        apply(&mut st, Command::RegisterJob { job, eval: eval.clone() });
         let job = st.job("default", "j").cloned();
         let plan = schedule(&st, job.as_ref(), &eval, 1);
         assert_eq!(plan.placements.len(), 600, "{:?}", plan.failed_tg_allocs);
@@ -353,12 +307,7 @@ mod tests {
             assert_eq!(check_node_fit(&st, node, allocs), Ok(()), "{id}");
         }
         let again = schedule(&st, job.as_ref(), &eval, 1);
-        let nodes = |p: &crate::scheduler::Plan| {
-            p.placements
-                .iter()
-                .map(|a| a.node_id.clone())
-                .collect::<Vec<_>>()
-        };
+        let nodes = |p: &crate::scheduler::Plan| p.placements.iter().map(|a| a.node_id.clone()).collect::<Vec<_>>();
         assert_eq!(nodes(&plan), nodes(&again), "same inputs, same nodes");
         // 200 rack-a nodes hold 2..=6 tasks each (1,000..4,000 MHz): 600 tasks need more than
         // the 16 compared per placement, so the walk went past nodes as they filled up.
@@ -366,10 +315,7 @@ mod tests {
 
         // More tasks than rack a holds: sampling still fills every node before it gives up, and
         // the failure is explained over all 200 feasible nodes.
-        let capacity: u64 = (0..400u64)
-            .step_by(2)
-            .map(|i| (1000 + (i % 7) * 500) / 300)
-            .sum();
+        let capacity: u64 = (0..400u64).step_by(2).map(|i| (1000 + (i % 7) * 500) / 300).sum();
         let mut big = st.job("default", "j").cloned().unwrap_or_default();
         big.groups[0].count = Some(5000);
         let plan = schedule(&st, Some(&big), &eval, 1);
@@ -421,13 +367,7 @@ mod tests {
 
         let big = nodes(1000, 0);
         let refs: Vec<&Node> = big.iter().collect();
-        let gpu_ask = Ask {
-            gpus: vec![GpuAsk {
-                shape: GpuShape::whole(1),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
+        let gpu_ask = Ask { gpus: vec![GpuAsk { shape: GpuShape::whole(1), ..Default::default() }], ..Default::default() };
         let mut c = Candidates::new(&refs, &gpu_ask, 1);
         assert!(!c.is_sampling());
         assert_eq!(visited(&mut c, |_| true).len(), 1000);
@@ -446,10 +386,7 @@ mod tests {
         assert!(c.is_sampling());
         let seen = visited(&mut c, |_| true);
         assert_eq!(seen.iter().filter(|id| id.starts_with("gpu-")).count(), 300);
-        assert_eq!(
-            seen.iter().filter(|id| !id.starts_with("gpu-")).count(),
-            limit(1000)
-        );
+        assert_eq!(seen.iter().filter(|id| !id.starts_with("gpu-")).count(), limit(1000));
         let unique: BTreeSet<&String> = seen.iter().collect();
         assert_eq!(unique.len(), seen.len(), "no node twice in one placement");
     }
@@ -473,16 +410,9 @@ mod tests {
         // Only even nodes fit at first: the sample is made of fitting nodes, odd ones skipped.
         let even = |n: &Node| n.id[1..].parse::<u32>().unwrap_or(1) % 2 == 0;
         let first = visited(&mut c, even);
-        let fit: Vec<&String> = first
-            .iter()
-            .filter(|id| id[1..].parse::<u32>().unwrap_or(1) % 2 == 0)
-            .collect();
+        let fit: Vec<&String> = first.iter().filter(|id| id[1..].parse::<u32>().unwrap_or(1) % 2 == 0).collect();
         assert_eq!(fit.len(), limit(1000));
-        let odd_seen: BTreeSet<String> = first
-            .iter()
-            .filter(|id| id[1..].parse::<u32>().unwrap_or(0) % 2 == 1)
-            .cloned()
-            .collect();
+        let odd_seen: BTreeSet<String> = first.iter().filter(|id| id[1..].parse::<u32>().unwrap_or(0) % 2 == 1).cloned().collect();
         // The next placement does not offer the skipped odd nodes again.
         let second = visited(&mut c, even);
         assert!(second.iter().all(|id| !odd_seen.contains(id)));
@@ -498,10 +428,6 @@ mod tests {
         let target = skipped_first[500].clone();
         let again = visited(&mut c, |n| n.id == target);
         assert_eq!(again.iter().filter(|id| **id == target).count(), 1);
-        assert_eq!(
-            visited(&mut c, |n| n.id == target),
-            vec![target.clone()],
-            "revived: the only node offered"
-        );
+        assert_eq!(visited(&mut c, |n| n.id == target), vec![target.clone()], "revived: the only node offered");
     }
 }

@@ -51,12 +51,7 @@ pub fn check(job: &Job, tg: &TaskGroup, node: &Node) -> Result<(), Rejection> {
 
 /// The constraint as the user wrote it, e.g. `${attr.kernel.name} = linux`.
 pub fn constraint_text(c: &Constraint) -> String {
-    [c.attribute.as_str(), c.operator.as_str(), c.value.as_str()]
-        .iter()
-        .filter(|s| !s.is_empty())
-        .copied()
-        .collect::<Vec<_>>()
-        .join(" ")
+    [c.attribute.as_str(), c.operator.as_str(), c.value.as_str()].iter().filter(|s| !s.is_empty()).copied().collect::<Vec<_>>().join(" ")
 }
 
 /// Resolves `${attr.X}`, `${meta.X}`, `${node.*}`; anything else is a literal. None when the
@@ -109,9 +104,11 @@ pub fn holds(c: &Constraint, node: &Node) -> bool {
                 ">" => compare(&l, &r) == Ordering::Greater,
                 ">=" => compare(&l, &r) != Ordering::Less,
                 "regexp" => with_compiled(op, &r, |m| matches!(m, Compiled::Regex(re) if re.is_match(&l))),
-                "version" | "semver" => with_compiled(op, &r, |m| {
-                    matches!(m, Compiled::Version(req) if matcher::parse_version(op, &l).is_some_and(|v| req.matches(&v)))
-                }),
+                "version" | "semver" => with_compiled(
+                    op,
+                    &r,
+                    |m| matches!(m, Compiled::Version(req) if matcher::parse_version(op, &l).is_some_and(|v| req.matches(&v))),
+                ),
                 "set_contains" | "set_contains_all" => {
                     let have = set(&l);
                     set(&r).iter().all(|v| have.contains(v))
@@ -233,8 +230,8 @@ mod tests {
             ("${attr.os.version}", "version", ">= 20.4, < 23", true),
             ("${attr.os.version}", "version", "~> 22.10", false),
             ("${attr.os.version}", "semver", ">= 20.0.0", false), // "22.04" is not strict semver
-            ("${attr.kernel.name}", "bogus", "x", false), // unknown operator fails closed
-            ("${attr.kernel.name}", "regexp", "^(a+)+$", false), // linear time, no blow-up
+            ("${attr.kernel.name}", "bogus", "x", false),         // unknown operator fails closed
+            ("${attr.kernel.name}", "regexp", "^(a+)+$", false),  // linear time, no blow-up
         ];
         for (a, op, v, want) in cases {
             assert_eq!(holds(&c(a, op, v), &n), *want, "{a} {op} {v}");
@@ -258,9 +255,6 @@ mod tests {
             Err(Rejection::Constraint("${meta.zone} is_set".into()))
         );
         let windows = Job { constraints: vec![c("${attr.kernel.name}", "=", "windows")], ..Default::default() };
-        assert_eq!(
-            check(&windows, &tg("raw_exec", vec![]), &n),
-            Err(Rejection::Constraint("${attr.kernel.name} = windows".into()))
-        );
+        assert_eq!(check(&windows, &tg("raw_exec", vec![]), &n), Err(Rejection::Constraint("${attr.kernel.name} = windows".into())));
     }
 }

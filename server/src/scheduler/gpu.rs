@@ -304,11 +304,7 @@ impl Workload {
         }
         let mut frag = 0.0;
         for (pod, weight) in &self.types {
-            let lost = if fits(node, pod) {
-                free.iter().filter(|&&f| f < pod.gpu.milli).sum::<u32>()
-            } else {
-                total
-            };
+            let lost = if fits(node, pod) { free.iter().filter(|&&f| f < pod.gpu.milli).sum::<u32>() } else { total };
             frag += weight * f64::from(lost);
         }
         frag
@@ -487,7 +483,15 @@ impl Policy {
         best.map(|(cost, mask)| (cost, mask, locality))
     }
 
-    fn cost(self, before: &NodeView<'_>, after: &NodeView<'_>, mask: DeviceMask, pod: &PodView, workload: &Workload, frag_before: f64) -> f64 {
+    fn cost(
+        self,
+        before: &NodeView<'_>,
+        after: &NodeView<'_>,
+        mask: DeviceMask,
+        pod: &PodView,
+        workload: &Workload,
+        frag_before: f64,
+    ) -> f64 {
         let gpu_total = (before.gpu_free.len().min(MAX_DEVICES) as f64) * f64::from(WHOLE);
         let gpu_left = if gpu_total > 0.0 { after.gpu_free_total() as f64 / gpu_total } else { 0.0 };
         let cpu_left = if before.cpu_total > 0 { after.cpu_free as f64 / before.cpu_total as f64 } else { 0.0 };
@@ -496,8 +500,7 @@ impl Policy {
             Policy::GpuPacking => {
                 // Tier 0: the share lands on a device already in use; 1: the node already has
                 // GPUs in use; 2: an idle node. Within a tier, best fit.
-                let used_device = (0..before.gpu_free.len().min(MAX_DEVICES))
-                    .any(|i| mask & (1 << i) != 0 && before.gpu_free[i] < WHOLE);
+                let used_device = (0..before.gpu_free.len().min(MAX_DEVICES)).any(|i| mask & (1 << i) != 0 && before.gpu_free[i] < WHOLE);
                 let active = before.gpu_free.iter().take(MAX_DEVICES).any(|&f| f < WHOLE);
                 let tier = if pod.gpu.count > 0 && used_device {
                     0.0
@@ -515,9 +518,9 @@ impl Policy {
                 // that they only order placements whose gradients are (nearly) equal: the
                 // fuller node, then the fuller device (a share onto a device already in use).
                 let device_left = match pod.gpu {
-                    g if g.count == 1 && g.milli < WHOLE => {
-                        (0..after.gpu_free.len()).find(|&i| mask & (1 << i) != 0).map_or(0.0, |i| f64::from(after.gpu_free[i]) / f64::from(WHOLE))
-                    }
+                    g if g.count == 1 && g.milli < WHOLE => (0..after.gpu_free.len())
+                        .find(|&i| mask & (1 << i) != 0)
+                        .map_or(0.0, |i| f64::from(after.gpu_free[i]) / f64::from(WHOLE)),
                     _ => 0.0,
                 };
                 grad + 1e-3 * gpu_left + 5e-4 * cpu_left + 1e-4 * device_left
@@ -654,7 +657,11 @@ mod tests {
         let choose = |p: Policy| {
             let ca = p.evaluate(&a, &share, &w, p.baseline(&a, &w)).map(|c| c.0).unwrap_or(f64::INFINITY);
             let (cb, mb) = p.evaluate(&b, &share, &w, p.baseline(&b, &w)).unwrap_or((f64::INFINITY, 0));
-            if cb < ca { ("b", mb) } else { ("a", 0) }
+            if cb < ca {
+                ("b", mb)
+            } else {
+                ("a", 0)
+            }
         };
         // Every policy fills the half-used device of b: packing and FGD alike.
         for p in Policy::ALL {

@@ -111,13 +111,8 @@ pub fn schedule_full(state: &ClusterState, job: Option<&Job>, eval: &Evaluation,
         None => (eval.namespace.as_str(), eval.job_id.as_str()),
     };
     let rec = reconcile::reconcile_at(state, job, namespace, job_id, now_ms);
-    let mut plan = Plan {
-        eval_id: eval.id.clone(),
-        stops: rec.stops,
-        new_evals: rec.follow_ups,
-        annotations: rec.annotations,
-        ..Default::default()
-    };
+    let mut plan =
+        Plan { eval_id: eval.id.clone(), stops: rec.stops, new_evals: rec.follow_ups, annotations: rec.annotations, ..Default::default() };
     let Some(job) = job.filter(|j| !j.stop) else { return plan };
     let stopping: BTreeSet<&str> = plan.stops.iter().map(|s| s.alloc_id.as_str()).collect();
 
@@ -131,11 +126,8 @@ pub fn schedule_full(state: &ClusterState, job: Option<&Job>, eval: &Evaluation,
         if wants.is_empty() {
             continue;
         }
-        let mut base = AllocMetric {
-            nodes_evaluated: candidates.len() as u32,
-            nodes_available: candidates.len() as u32,
-            ..Default::default()
-        };
+        let mut base =
+            AllocMetric { nodes_evaluated: candidates.len() as u32, nodes_available: candidates.len() as u32, ..Default::default() };
         let feasible: Vec<&Node> = candidates
             .iter()
             .copied()
@@ -231,14 +223,8 @@ fn place_gang<'a, 's>(
     need: usize,
     gang: u32,
 ) -> (Option<(Vec<place::Placed<'a>>, place::Pass<'s>)>, Option<AllocMetric>) {
-    let no_preempt = place::GroupCtx {
-        job: ctx.job,
-        tg: ctx.tg,
-        ask: ctx.ask.clone(),
-        scorer: ctx.scorer,
-        preemption: None,
-        prefs: ctx.prefs,
-    };
+    let no_preempt =
+        place::GroupCtx { job: ctx.job, tg: ctx.tg, ask: ctx.ask.clone(), scorer: ctx.scorer, preemption: None, prefs: ctx.prefs };
     let mut most = (0usize, String::new(), 0usize, None::<AllocMetric>);
     let tries: Vec<&place::GroupCtx<'a>> = if ctx.preemption.is_some() { vec![&no_preempt, ctx] } else { vec![&no_preempt] };
     for c in tries {

@@ -33,22 +33,14 @@ pub struct Preemption {
 
 impl Default for Preemption {
     fn default() -> Self {
-        Preemption {
-            batch: true,
-            service: true,
-            delta: 10,
-        }
+        Preemption { batch: true, service: true, delta: 10 }
     }
 }
 
 impl Preemption {
     /// Preemption turned off for every job type.
     pub fn off() -> Self {
-        Preemption {
-            batch: false,
-            service: false,
-            delta: 10,
-        }
+        Preemption { batch: false, service: false, delta: 10 }
     }
 
     /// Whether a job of `job_type` may preempt.
@@ -88,12 +80,7 @@ pub struct Pass<'s> {
 
 impl<'s> Pass<'s> {
     pub fn new(state: &'s ClusterState) -> Self {
-        Pass {
-            state,
-            usage: BTreeMap::new(),
-            planned: BTreeMap::new(),
-            evicted: BTreeSet::new(),
-        }
+        Pass { state, usage: BTreeMap::new(), planned: BTreeMap::new(), evicted: BTreeSet::new() }
     }
 
     fn usage(&mut self, node_id: &str) -> &Usage {
@@ -106,12 +93,7 @@ impl<'s> Pass<'s> {
 
     /// The node's usage with `also_evicted` gone as well as this pass's evictions.
     fn compute(&self, node_id: &str, also_evicted: &BTreeSet<&str>) -> Usage {
-        let skip: BTreeSet<&str> = self
-            .evicted
-            .iter()
-            .map(String::as_str)
-            .chain(also_evicted.iter().copied())
-            .collect();
+        let skip: BTreeSet<&str> = self.evicted.iter().map(String::as_str).chain(also_evicted.iter().copied()).collect();
         let mut u = Usage::live_on(self.state, node_id, &skip);
         for r in self.planned.get(node_id).into_iter().flatten() {
             u.add(r);
@@ -119,18 +101,9 @@ impl<'s> Pass<'s> {
         u
     }
 
-    fn commit(
-        &mut self,
-        node_id: &str,
-        res: &AllocatedResources,
-        after: Usage,
-        victims: &[&Allocation],
-    ) {
+    fn commit(&mut self, node_id: &str, res: &AllocatedResources, after: Usage, victims: &[&Allocation]) {
         self.evicted.extend(victims.iter().map(|v| v.id.clone()));
-        self.planned
-            .entry(node_id.to_string())
-            .or_default()
-            .push(res.clone());
+        self.planned.entry(node_id.to_string()).or_default().push(res.clone());
         if victims.is_empty() {
             self.usage.insert(node_id.to_string(), after);
         } else {
@@ -186,10 +159,7 @@ pub fn attempt<'a, 's>(
     let workload = ctx.scorer.workload().unwrap_or(&no_workload);
     let mut placed = Vec::new();
     // Which nodes each placement scores: all, or a seeded sample on large clusters (candidates.rs).
-    let seed = candidates::seed(
-        &[&ctx.job.namespace, &ctx.job.id, &ctx.tg.name],
-        pass.state.index,
-    );
+    let seed = candidates::seed(&[&ctx.job.namespace, &ctx.job.id, &ctx.tg.name], pass.state.index);
     // Preferences: Nomad's max(count, 100) nodes, every affinity level and spread value among them.
     let mut order = match ctx.prefs {
         Some(p) => candidates::Candidates::preferring(nodes, &ctx.ask, seed, ctx.tg.effective_count(), |n| p.stratum(n)),
@@ -213,33 +183,15 @@ pub fn attempt<'a, 's>(
             ) {
                 Err(dim) => {
                     metric.nodes_exhausted += 1;
-                    *metric
-                        .dimension_exhausted
-                        .entry(resources::exhausted_key(&ctx.ask, dim))
-                        .or_default() += 1;
+                    *metric.dimension_exhausted.entry(resources::exhausted_key(&ctx.ask, dim)).or_default() += 1;
                     blocked.push((node, dim));
                     false
                 }
-                Ok(resources::Fit {
-                    resources: res,
-                    after,
-                    gpu_cost,
-                    locality_rank: loc,
-                }) => {
-                    let input = RankInput {
-                        job: ctx.job,
-                        group: ctx.tg,
-                        node,
-                        before: &before,
-                        after: &after,
-                        resources: &res,
-                        gpu_cost,
-                    };
+                Ok(resources::Fit { resources: res, after, gpu_cost, locality_rank: loc }) => {
+                    let input = RankInput { job: ctx.job, group: ctx.tg, node, before: &before, after: &after, resources: &res, gpu_cost };
                     let score = ctx.scorer.score(&input);
                     let pref = preference_of(ctx, tally.as_ref(), node);
-                    if best.as_ref().is_none_or(|(p, l, s, n, ..)| {
-                        rank::better_ranked((pref, loc, score, &node.id), (*p, *l, *s, &n.id))
-                    }) {
+                    if best.as_ref().is_none_or(|(p, l, s, n, ..)| rank::better_ranked((pref, loc, score, &node.id), (*p, *l, *s, &n.id))) {
                         best = Some((pref, loc, score, node, res, after));
                     }
                     true
@@ -251,52 +203,25 @@ pub fn attempt<'a, 's>(
             if let (Some(p), Some(t)) = (ctx.prefs, tally.as_mut()) {
                 p.record(node, t);
             }
-            placed.push(Placed {
-                want: i,
-                node,
-                resources: res,
-                victims: Vec::new(),
-                score,
-                preference,
-            });
+            placed.push(Placed { want: i, node, resources: res, victims: Vec::new(), score, preference });
             continue;
         }
         if let Some(p) = ctx.preemption {
-            if let Some((node, victims, res, score)) =
-                cheapest_eviction(ctx, &pass, &blocked, p, workload, tally.as_ref())
-            {
+            if let Some((node, victims, res, score)) = cheapest_eviction(ctx, &pass, &blocked, p, workload, tally.as_ref()) {
                 let state = pass.state;
-                let refs: Vec<&Allocation> = victims
-                    .iter()
-                    .filter_map(|id| state.allocs.get(id))
-                    .collect();
+                let refs: Vec<&Allocation> = victims.iter().filter_map(|id| state.allocs.get(id)).collect();
                 pass.commit(&node.id, &res, Usage::default(), &refs);
                 let preference = preference_of(ctx, tally.as_ref(), node);
                 if let (Some(p), Some(t)) = (ctx.prefs, tally.as_mut()) {
                     p.record(node, t);
                 }
-                placed.push(Placed {
-                    want: i,
-                    node,
-                    resources: res,
-                    victims,
-                    score,
-                    preference,
-                });
+                placed.push(Placed { want: i, node, resources: res, victims, score, preference });
                 continue;
             }
         }
-        return Attempt {
-            placed,
-            failure: Some(metric),
-            pass,
-        };
+        return Attempt { placed, failure: Some(metric), pass };
     }
-    Attempt {
-        placed,
-        failure: None,
-        pass,
-    }
+    Attempt { placed, failure: None, pass }
 }
 
 /// The preference score P of `node` for the next placement (0 when the group has none).
@@ -375,35 +300,22 @@ fn cheapest_eviction<'a>(
             .filter_map(|a| {
                 let job = state.job(&a.namespace, &a.job_id)?;
                 // A gang member is never evicted alone: that would break its gang.
-                if job
-                    .groups
-                    .iter()
-                    .any(|g| g.name == a.task_group && gang_size(g) > 0)
-                {
+                if job.groups.iter().any(|g| g.name == a.task_group && gang_size(g) > 0) {
                     return None;
                 }
                 let priority = job.priority;
                 let size = a.resources.as_ref().map_or(0, |r| size_on(r, dim));
-                p.may_evict(ctx.job.priority, priority)
-                    .then_some(Candidate {
-                        alloc: a,
-                        priority,
-                        size,
-                    })
+                p.may_evict(ctx.job.priority, priority).then_some(Candidate { alloc: a, priority, size })
             })
             .collect();
         if cands.is_empty() {
             continue;
         }
-        cands.sort_by(|a, b| {
-            (a.priority, a.size, &a.alloc.id).cmp(&(b.priority, b.size, &b.alloc.id))
-        });
+        cands.sort_by(|a, b| (a.priority, a.size, &a.alloc.id).cmp(&(b.priority, b.size, &b.alloc.id)));
         let gpus = resources::NodeGpus::new(node);
         let fits = |gone: &BTreeSet<&str>| {
             let before = pass.compute(&node.id, gone);
-            resources::try_fit_on(&gpus, &before, &ctx.ask, ctx.scorer.gpu_policy(), workload)
-                .ok()
-                .map(|f| (before, f))
+            resources::try_fit_on(&gpus, &before, &ctx.ask, ctx.scorer.gpu_policy(), workload).ok().map(|f| (before, f))
         };
         let mut gone: BTreeSet<&str> = BTreeSet::new();
         let mut taken: Vec<&Candidate<'_>> = Vec::new();
@@ -464,12 +376,7 @@ fn cheapest_eviction<'a>(
 /// The topology domains of a gang: feasible nodes grouped by the attribute's value (one domain
 /// of all feasible nodes without a topology). Nodes without the attribute are left out and
 /// counted in `base`. `pinned` restricts the domains to one value (where live members run).
-pub fn domains<'a>(
-    tg: &TaskGroup,
-    feasible: &[&'a Node],
-    pinned: Option<&str>,
-    base: &mut AllocMetric,
-) -> Vec<(String, Vec<&'a Node>)> {
+pub fn domains<'a>(tg: &TaskGroup, feasible: &[&'a Node], pinned: Option<&str>, base: &mut AllocMetric) -> Vec<(String, Vec<&'a Node>)> {
     if tg.gang_topology.trim().is_empty() {
         return vec![(String::new(), feasible.to_vec())];
     }
@@ -480,10 +387,7 @@ pub fn domains<'a>(
             Some(_) => {}
             None => {
                 base.nodes_filtered += 1;
-                *base
-                    .constraint_filtered
-                    .entry(format!("gang_topology {} is_set", tg.gang_topology.trim()))
-                    .or_default() += 1;
+                *base.constraint_filtered.entry(format!("gang_topology {} is_set", tg.gang_topology.trim())).or_default() += 1;
             }
         }
     }

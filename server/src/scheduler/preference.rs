@@ -178,8 +178,8 @@ impl Preferences {
         if affinities.is_empty() && spreads.is_empty() {
             return None;
         }
-        let total = affinities.iter().map(|(_, w)| w.abs()).sum::<f64>()
-            + spreads.iter().map(|s| f64::from(s.effective_weight())).sum::<f64>();
+        let total =
+            affinities.iter().map(|(_, w)| w.abs()).sum::<f64>() + spreads.iter().map(|s| f64::from(s.effective_weight())).sum::<f64>();
         let affinity = if affinities.is_empty() {
             HashMap::new()
         } else {
@@ -395,8 +395,8 @@ mod tests {
         let targets = TaskGroup { count: Some(40), spreads: vec![spread(70, &[("r1", 40), ("r2", 10)])], ..Default::default() };
         let live = [Allocation { node_id: "gone".into(), ..Default::default() }];
         for tg in [even, targets] {
-            let p = Preferences::for_group(&Job::default(), &tg, &feasible, &[&live[0]], |_| Some(&gone))
-                .unwrap_or_else(|| panic!("prefs"));
+            let p =
+                Preferences::for_group(&Job::default(), &tg, &feasible, &[&live[0]], |_| Some(&gone)).unwrap_or_else(|| panic!("prefs"));
             let mut t = p.tally();
             let mut recount: BTreeMap<String, u32> = [("rx".to_string(), 1)].into_iter().collect();
             let mut x: u64 = 12345;
@@ -407,7 +407,11 @@ mod tests {
                     let boost = if tg.spreads[0].targets.is_empty() {
                         let all = (0..6).map(|r| recount.get(&format!("r{r}")).copied().unwrap_or(0));
                         let (lo, hi) = (all.clone().min().unwrap_or(0), all.max().unwrap_or(0));
-                        if hi == lo { 0.0 } else { 1.0 - 2.0 * f64::from(used - lo) / f64::from(hi - lo) }
+                        if hi == lo {
+                            0.0
+                        } else {
+                            1.0 - 2.0 * f64::from(used - lo) / f64::from(hi - lo)
+                        }
                     } else {
                         let (desired, used) = match v {
                             "r1" => (16.0, used),

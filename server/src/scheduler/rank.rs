@@ -120,14 +120,20 @@ mod tests {
 
     #[test]
     fn binpack_prefers_fuller_nodes() {
-        let node = Node {
-            resources: Some(NodeResources { cpu_total_mhz: 1000, memory_mib: 1000, ..Default::default() }),
-            ..Default::default()
-        };
+        let node =
+            Node { resources: Some(NodeResources { cpu_total_mhz: 1000, memory_mib: 1000, ..Default::default() }), ..Default::default() };
         let (job, group, res) = (Job::default(), TaskGroup::default(), AllocatedResources::default());
         let score = |cpu, mem| {
             let after = Usage { cpu_mhz: cpu, memory_mib: mem, ..Default::default() };
-            BinPack.score(&RankInput { job: &job, group: &group, node: &node, before: &after, after: &after, resources: &res, gpu_cost: 0.0 })
+            BinPack.score(&RankInput {
+                job: &job,
+                group: &group,
+                node: &node,
+                before: &after,
+                after: &after,
+                resources: &res,
+                gpu_cost: 0.0,
+            })
         };
         assert!((score(0, 0) - 0.0).abs() < 1e-9);
         assert!((score(1000, 1000) - 18.0).abs() < 1e-9);
@@ -158,10 +164,8 @@ mod tests {
         assert!(better_ranked((0.5, 3, 0.0, "b"), (0.0, 0, 0.0, "a")));
         // Among placements of equal locality the bin-packing tie-break decides (a locality
         // penalty of 10⁶ in the cost left it only a few float steps).
-        let node = Node {
-            resources: Some(NodeResources { cpu_total_mhz: 1000, memory_mib: 1000, ..Default::default() }),
-            ..Default::default()
-        };
+        let node =
+            Node { resources: Some(NodeResources { cpu_total_mhz: 1000, memory_mib: 1000, ..Default::default() }), ..Default::default() };
         let (job, group, res) = (Job::default(), TaskGroup::default(), AllocatedResources::default());
         let score = |used| {
             let after = Usage { cpu_mhz: used, memory_mib: used, ..Default::default() };

@@ -56,9 +56,7 @@ pub struct Reconciled<'a> {
 
 /// The group's reschedule policy, or the job type's default.
 pub fn policy_for(job: &Job, tg: &TaskGroup) -> ReschedulePolicy {
-    tg.reschedule
-        .clone()
-        .unwrap_or_else(|| mlp_proto::jobspec::default_reschedule(job.r#type == job_type::BATCH))
+    tg.reschedule.clone().unwrap_or_else(|| mlp_proto::jobspec::default_reschedule(job.r#type == job_type::BATCH))
 }
 
 /// When a failed or lost allocation is replaced.
@@ -98,10 +96,9 @@ pub fn next_delay(policy: &ReschedulePolicy, events: &[RescheduleEvent]) -> u64 
 /// Whether and when an allocation that ended (failed or lost) at `ended_ms` is replaced.
 pub fn decide(policy: &ReschedulePolicy, events: &[RescheduleEvent], ended_ms: u64, now_ms: u64) -> Decision {
     if !policy.unlimited {
-        let recent = events
-            .iter()
-            .filter(|e| policy.interval_ms == 0 || e.reschedule_time_ms.saturating_add(policy.interval_ms) > now_ms)
-            .count() as u64;
+        let recent =
+            events.iter().filter(|e| policy.interval_ms == 0 || e.reschedule_time_ms.saturating_add(policy.interval_ms) > now_ms).count()
+                as u64;
         if recent >= u64::from(policy.attempts) {
             return Decision::Exhausted(format!(
                 "not rescheduled: {} of {} reschedule attempts within {} used",
@@ -215,7 +212,9 @@ pub fn reconcile_at<'a>(state: &ClusterState, job: Option<&'a Job>, namespace: &
 
         // Failed and lost allocations, per the reschedule policy; the newest attempt of an
         // index decides.
-        ended.sort_by(|(a, _), (b, _)| (a.index, std::cmp::Reverse(a.create_index), &a.id).cmp(&(b.index, std::cmp::Reverse(b.create_index), &b.id)));
+        ended.sort_by(|(a, _), (b, _)| {
+            (a.index, std::cmp::Reverse(a.create_index), &a.id).cmp(&(b.index, std::cmp::Reverse(b.create_index), &b.id))
+        });
         for (a, ended_ms) in ended {
             if (a.index as usize) >= want || taken.contains(&a.index) {
                 continue;
@@ -245,11 +244,7 @@ pub fn reconcile_at<'a>(state: &ClusterState, job: Option<&'a Job>, namespace: &
                     });
                 }
                 Decision::Later { at_ms, delay_ms } => {
-                    let description = format!(
-                        "rescheduling after a delay of {} (attempt {})",
-                        fmt_ms(delay_ms),
-                        events.len() + 1
-                    );
+                    let description = format!("rescheduling after a delay of {} (attempt {})", fmt_ms(delay_ms), events.len() + 1);
                     if a.follow_up_eval_id.is_empty() {
                         let eval = Evaluation {
                             id: uuid::Uuid::new_v4().to_string(),

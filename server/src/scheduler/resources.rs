@@ -19,8 +19,8 @@ use std::fmt;
 use mlp_proto::consts::{alloc_client, alloc_desired};
 use mlp_proto::v1::{AllocatedResources, Allocation, GpuAssignment, GpuDevice, Node, NodeResources, TaskGroup};
 
-use super::topology::{Locality, Topology};
 use super::gpu::{self, DeviceMask, GpuShape, MigSlot, ModelSet, NodeView, PodView, Policy, Workload, WHOLE};
+use super::topology::{Locality, Topology};
 use crate::state::ClusterState;
 
 /// A resource dimension, in the order in which exhaustion is reported.
@@ -514,7 +514,10 @@ mod tests {
                 cpu_total_mhz: cpu,
                 memory_mib: mem,
                 disk_mib: 1000,
-                gpus: gpus.iter().map(|id| GpuDevice { id: (*id).into(), model: "A100".into(), memory_mib: 40_960, ..Default::default() }).collect(),
+                gpus: gpus
+                    .iter()
+                    .map(|id| GpuDevice { id: (*id).into(), model: "A100".into(), memory_mib: 40_960, ..Default::default() })
+                    .collect(),
                 ..Default::default()
             }),
             ..Default::default()
@@ -538,7 +541,16 @@ mod tests {
         let tg = TaskGroup {
             tasks: vec![
                 task(100, Some(GpuRequest { count: Some(1), ..Default::default() })),
-                task(50, Some(GpuRequest { count: Some(1), share_milli: 250, models: vec!["V100M16".into()], memory_mib: 16_384, ..Default::default() })),
+                task(
+                    50,
+                    Some(GpuRequest {
+                        count: Some(1),
+                        share_milli: 250,
+                        models: vec!["V100M16".into()],
+                        memory_mib: 16_384,
+                        ..Default::default()
+                    }),
+                ),
                 Task::default(),
             ],
             ..Default::default()
@@ -598,7 +610,11 @@ mod tests {
         assert!(try_fit(&n, &u, &Ask { gpus: share(600), ..Default::default() }).is_ok());
         // The re-check uses the same arithmetic: one more milli on g0 is an overcommit.
         let mut over = u.clone();
-        over.add(&AllocatedResources { gpus: vec![GpuAssignment { id: "g0".into(), milli: 1 }], gpu_ids: vec!["g0".into()], ..Default::default() });
+        over.add(&AllocatedResources {
+            gpus: vec![GpuAssignment { id: "g0".into(), milli: 1 }],
+            gpu_ids: vec!["g0".into()],
+            ..Default::default()
+        });
         assert_eq!(exhausted(&n, &over), Some(Dimension::Gpu));
     }
 

@@ -2,9 +2,9 @@
 //! updates are applied as Raft commands so that the scheduler sees the state it will see live.
 
 use super::*;
-use resources::Usage;
 use mlp_proto::consts::{eval_status, job_type, node_status};
 use mlp_proto::v1::{AllocClientUpdate, Constraint, GpuDevice, GpuRequest, NodeResources, Resources, Task, TaskConfig, TaskGroup};
+use resources::Usage;
 
 use crate::state::{Command, PlanResult, Request};
 
@@ -62,22 +62,13 @@ impl Cluster {
     }
 
     fn set_node_status(&mut self, node_id: &str, status: &str) {
-        self.apply(Command::UpdateNodeStatus {
-            node_id: node_id.into(),
-            status: status.into(),
-            description: String::new(),
-            evals: vec![],
-        });
+        self.apply(Command::UpdateNodeStatus { node_id: node_id.into(), status: status.into(), description: String::new(), evals: vec![] });
     }
 
     /// Live allocations of a job: (name, node id), sorted.
     fn live(&self, job: &str) -> Vec<(String, String)> {
-        let mut v: Vec<_> = self
-            .st
-            .allocs_for_job("default", job)
-            .filter(|a| resources::is_live(a))
-            .map(|a| (a.name.clone(), a.node_id.clone()))
-            .collect();
+        let mut v: Vec<_> =
+            self.st.allocs_for_job("default", job).filter(|a| resources::is_live(a)).map(|a| (a.name.clone(), a.node_id.clone())).collect();
         v.sort();
         v
     }
@@ -154,15 +145,7 @@ fn gpu_group(name: &str, count: u32, gpus: u32) -> TaskGroup {
 }
 
 fn job(id: &str, kind: &str, groups: Vec<TaskGroup>) -> Job {
-    Job {
-        id: id.into(),
-        name: id.into(),
-        namespace: "default".into(),
-        r#type: kind.into(),
-        priority: 50,
-        groups,
-        ..Default::default()
-    }
+    Job { id: id.into(), name: id.into(), namespace: "default".into(), r#type: kind.into(), priority: 50, groups, ..Default::default() }
 }
 
 fn names(plan: &Plan) -> Vec<String> {
@@ -292,10 +275,7 @@ fn constraints_and_drivers_filter_nodes_with_counts() {
     assert_eq!((m.nodes_evaluated, m.nodes_filtered, m.nodes_exhausted, m.coalesced_failures), (4, 4, 0, 1));
     assert_eq!(
         explain(m),
-        [
-            "Class: missing driver \"exec\" filtered 1 node",
-            "Constraint \"${attr.kernel.name} = windows\" filtered 3 nodes",
-        ]
+        ["Class: missing driver \"exec\" filtered 1 node", "Constraint \"${attr.kernel.name} = windows\" filtered 3 nodes",]
     );
 
     // A group constraint narrowing to one node places there.
@@ -501,13 +481,8 @@ fn gpu_ids_are_never_double_assigned() {
     assert_eq!(plan.placements.len(), 2, "{plan:?}");
     assert_eq!(plan.queued_allocations["h"], 1);
     assert_eq!(plan.failed_tg_allocs["h"].dimension_exhausted["gpu"], 1);
-    let mut ids: Vec<String> = c
-        .st
-        .allocs
-        .values()
-        .filter(|a| resources::is_live(a))
-        .flat_map(|a| a.resources.iter().flat_map(|r| r.gpu_ids.clone()))
-        .collect();
+    let mut ids: Vec<String> =
+        c.st.allocs.values().filter(|a| resources::is_live(a)).flat_map(|a| a.resources.iter().flat_map(|r| r.gpu_ids.clone())).collect();
     ids.sort();
     assert_eq!(ids, ["g1-gpu0", "g1-gpu1", "g1-gpu2"]);
     // Once a's GPU is free again, h fits on the freed device plus the last one.
@@ -628,7 +603,8 @@ fn count_reduction_keeps_running_allocs_over_finished_ones() {
 fn share_group(name: &str, count: u32, share_milli: u32, models: &[&str]) -> TaskGroup {
     let mut g = group(name, count, 100, 100);
     if let Some(r) = g.tasks[0].resources.as_mut() {
-        r.gpu = Some(GpuRequest { count: Some(1), share_milli, models: models.iter().map(|m| m.to_string()).collect(), ..Default::default() });
+        r.gpu =
+            Some(GpuRequest { count: Some(1), share_milli, models: models.iter().map(|m| m.to_string()).collect(), ..Default::default() });
     }
     g
 }
@@ -933,10 +909,7 @@ fn spread(attribute: &str, weight: u32, targets: &[(&str, u32)]) -> mlp_proto::v
     mlp_proto::v1::Spread {
         attribute: attribute.into(),
         weight: Some(weight),
-        targets: targets
-            .iter()
-            .map(|(v, p)| mlp_proto::v1::SpreadTarget { value: (*v).into(), percent: *p })
-            .collect(),
+        targets: targets.iter().map(|(v, p)| mlp_proto::v1::SpreadTarget { value: (*v).into(), percent: *p }).collect(),
     }
 }
 

@@ -117,7 +117,15 @@ fn policies_choose_as_designed_on_a_tiny_cluster() {
 
 #[test]
 fn mean_averages_seeds() {
-    let r = |a: f64| SimResult { seed: 0, alloc_ratio_100: a, alloc_ratio_130: a, failed_pods: 2, pods: 10, placements_per_sec: a, curve: vec![a, a] };
+    let r = |a: f64| SimResult {
+        seed: 0,
+        alloc_ratio_100: a,
+        alloc_ratio_130: a,
+        failed_pods: 2,
+        pods: 10,
+        placements_per_sec: a,
+        curve: vec![a, a],
+    };
     let m = mean(&[r(1.0), r(3.0)]).unwrap_or_else(|| r(0.0));
     assert_eq!((m.alloc_ratio_100, m.alloc_ratio_130, m.curve), (2.0, 2.0, vec![2.0, 2.0]));
     assert!(mean(&[]).is_none());

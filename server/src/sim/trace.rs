@@ -95,8 +95,7 @@ impl<'a> Table<'a> {
 
     fn number(&self, line: usize, row: &[&'a str], col: usize, name: &str) -> Result<u64, TraceError> {
         let text = self.field(line, row, col, name)?;
-        text.parse::<u64>()
-            .map_err(|_| self.err(line, format!("{name}: expected a non-negative integer, found {text:?}")))
+        text.parse::<u64>().map_err(|_| self.err(line, format!("{name}: expected a non-negative integer, found {text:?}")))
     }
 }
 
@@ -117,7 +116,10 @@ pub fn parse_nodes(path: &Path, text: &str) -> Result<Vec<TraceNode>, TraceError
             model: t.field(*line, row, model, "model")?.to_string(),
         };
         if node.gpus as usize > crate::scheduler::gpu::MAX_DEVICES {
-            return Err(t.err(*line, format!("gpu: at most {} GPUs per node are supported, found {}", crate::scheduler::gpu::MAX_DEVICES, node.gpus)));
+            return Err(t.err(
+                *line,
+                format!("gpu: at most {} GPUs per node are supported, found {}", crate::scheduler::gpu::MAX_DEVICES, node.gpus),
+            ));
         }
         if node.gpus > 0 && node.model.is_empty() {
             return Err(t.err(*line, "model: a node with GPUs needs a GPU model"));
@@ -146,9 +148,7 @@ pub fn parse_pods(path: &Path, text: &str) -> Result<Vec<TracePod>, TraceError> 
         let gpu = match (count, milli) {
             (0, _) => GpuShape::NONE,
             (1, m) if (1..=u64::from(WHOLE)).contains(&m) => GpuShape::share(m as u32),
-            (n, m) if n > 1 && m == u64::from(WHOLE) => {
-                GpuShape::whole(u32::try_from(n).map_err(|_| t.err(*line, "num_gpu: too large"))?)
-            }
+            (n, m) if n > 1 && m == u64::from(WHOLE) => GpuShape::whole(u32::try_from(n).map_err(|_| t.err(*line, "num_gpu: too large"))?),
             (n, m) => {
                 return Err(t.err(
                     *line,
@@ -186,7 +186,10 @@ mod tests {
         assert_eq!(nodes.len(), 2);
         assert_eq!(nodes[0], TraceNode { name: "n0".into(), cpu_milli: 64000, memory_mib: 262144, gpus: 2, model: "P100".into() });
         let bad = |text: &str| parse_nodes(p(), text).map(|_| ()).map_err(|e| e.to_string());
-        assert_eq!(bad("sn,cpu_milli,memory_mib,gpu,model\nn0,64000,x,2,P100\n"), Err("t.csv:2: memory_mib: expected a non-negative integer, found \"x\"".into()));
+        assert_eq!(
+            bad("sn,cpu_milli,memory_mib,gpu,model\nn0,64000,x,2,P100\n"),
+            Err("t.csv:2: memory_mib: expected a non-negative integer, found \"x\"".into())
+        );
         assert_eq!(bad("sn,cpu_milli,memory_mib,gpu,model\nn0,1,1,2,P100\nn1,1,1\n"), Err("t.csv:3: expected 5 fields, found 3".into()));
         assert_eq!(bad("sn,cpu_milli,memory_mib,gpu,model\nn0,1,1,2,\n"), Err("t.csv:2: model: a node with GPUs needs a GPU model".into()));
         assert!(bad("sn,cpu,memory_mib,gpu,model\n").is_err_and(|e| e.starts_with("t.csv:1: missing column \"cpu_milli\"")));

@@ -19,11 +19,7 @@ pub async fn start(dir: &std::path::Path) -> Server {
         http_listener: std::net::TcpListener::bind("127.0.0.1:0").expect("bind"),
         advertise_addr: None,
         raft: RaftSettings::default(),
-        heartbeat: HeartbeatSettings {
-            ttl: Duration::from_secs(60),
-            failover_grace: Duration::from_secs(60),
-            ..Default::default()
-        },
+        heartbeat: HeartbeatSettings { ttl: Duration::from_secs(60), failover_grace: Duration::from_secs(60), ..Default::default() },
         scheduler: Default::default(),
         gc: Default::default(),
     };

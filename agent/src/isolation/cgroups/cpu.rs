@@ -10,19 +10,13 @@ use super::{limit_err as err, shares_to_weight, CgroupError, Limits, CFS_PERIOD_
 /// Writes the weight (v1 `cpu.shares`, v2 `cpu.weight`) and the hard cap, if any.
 pub fn apply(dir: &Path, root: &Path, v2: bool, limits: &Limits) -> Result<(), CgroupError> {
     let ctrl = CpuController::new(dir.to_path_buf(), root.to_path_buf(), v2);
-    let share = if v2 {
-        shares_to_weight(limits.cpu_shares)
-    } else {
-        limits.cpu_shares
-    };
+    let share = if v2 { shares_to_weight(limits.cpu_shares) } else { limits.cpu_shares };
     if share > 0 {
-        ctrl.set_shares(share)
-            .map_err(|e| err(dir, "cpu weight", e))?;
+        ctrl.set_shares(share).map_err(|e| err(dir, "cpu weight", e))?;
     }
     if let Some(quota) = limits.cpu_quota_us {
         let quota = i64::try_from(quota).unwrap_or(i64::MAX);
-        ctrl.set_cfs_quota_and_period(Some(quota), Some(CFS_PERIOD_US))
-            .map_err(|e| err(dir, "cpu quota", e))?;
+        ctrl.set_cfs_quota_and_period(Some(quota), Some(CFS_PERIOD_US)).map_err(|e| err(dir, "cpu quota", e))?;
     }
     Ok(())
 }
@@ -41,15 +35,10 @@ pub fn stats(dir: &Path, acct_dir: &Path, v2: bool) -> (u64, u64) {
     let stat = std::fs::read_to_string(dir.join("cpu.stat")).unwrap_or_default();
     if v2 {
         let usage = keyed(&stat, "usage_usec").unwrap_or(0).saturating_mul(1000);
-        let throttled = keyed(&stat, "throttled_usec")
-            .unwrap_or(0)
-            .saturating_mul(1000);
+        let throttled = keyed(&stat, "throttled_usec").unwrap_or(0).saturating_mul(1000);
         (usage, throttled)
     } else {
-        let usage = std::fs::read_to_string(acct_dir.join("cpuacct.usage"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
+        let usage = std::fs::read_to_string(acct_dir.join("cpuacct.usage")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
         (usage, keyed(&stat, "throttled_time").unwrap_or(0))
     }
 }

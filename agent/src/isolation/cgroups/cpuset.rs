@@ -39,10 +39,7 @@ impl CoreAllocator {
     /// An allocator over `pool`, the CPUs tasks may be pinned to.
     pub fn new(pool: Vec<u32>) -> Self {
         let pool: BTreeSet<u32> = pool.into_iter().collect();
-        CoreAllocator {
-            pool: pool.into_iter().collect(),
-            taken: Mutex::new(BTreeMap::new()),
-        }
+        CoreAllocator { pool: pool.into_iter().collect(), taken: Mutex::new(BTreeMap::new()) }
     }
 
     /// The CPUs tasks may be pinned to.
@@ -65,12 +62,7 @@ impl CoreAllocator {
         let free: Vec<u32> = self.pool.iter().copied().filter(|c| !used.contains(c)).collect();
         let want = usize::try_from(n).unwrap_or(usize::MAX);
         if want == 0 || free.len() < want {
-            return Err(CoreError::NotEnough {
-                task: task.to_string(),
-                asked: n,
-                free: free.len(),
-                total: self.pool.len(),
-            });
+            return Err(CoreError::NotEnough { task: task.to_string(), asked: n, free: free.len(), total: self.pool.len() });
         }
         let chosen: Vec<u32> = free.into_iter().take(want).collect();
         taken.insert(task.to_string(), chosen.clone());
@@ -173,12 +165,11 @@ pub fn apply(dir: &Path, root: &Path, v2: bool, limits: &Limits) -> Result<(), C
         });
     }
     let ctrl = CpuSetController::new(dir.to_path_buf(), root.to_path_buf(), v2);
-    ctrl.set_cpus(&format_list(&limits.cpus))
-        .map_err(|e| CgroupError::Limit {
-            what: "cpuset.cpus",
-            path: dir.to_path_buf(),
-            message: e.to_string(),
-        })
+    ctrl.set_cpus(&format_list(&limits.cpus)).map_err(|e| CgroupError::Limit {
+        what: "cpuset.cpus",
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -201,10 +192,7 @@ mod tests {
         assert_eq!(a.take("x.t", 1), Ok(vec![0]));
         assert_eq!(a.take("y.t", 2), Ok(vec![1, 2]));
         let e = a.take("z.t", 2).err();
-        assert_eq!(
-            e,
-            Some(CoreError::NotEnough { task: "z.t".into(), asked: 2, free: 1, total: 4 })
-        );
+        assert_eq!(e, Some(CoreError::NotEnough { task: "z.t".into(), asked: 2, free: 1, total: 4 }));
         assert!(e.map(|e| e.to_string()).unwrap_or_default().contains("only 1 of this node's 4 CPUs are free"));
         // A failed take holds nothing.
         assert!(!a.taken().contains_key("z.t"));

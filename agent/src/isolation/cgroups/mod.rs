@@ -23,11 +23,7 @@ pub const CFS_PERIOD_US: u64 = 100_000;
 
 /// A limit that could not be written (or a statistic not read) in the controller at `dir`.
 pub(crate) fn limit_err(dir: &Path, what: &'static str, e: impl std::fmt::Display) -> CgroupError {
-    CgroupError::Limit {
-        what,
-        path: dir.to_path_buf(),
-        message: e.to_string(),
-    }
+    CgroupError::Limit { what, path: dir.to_path_buf(), message: e.to_string() }
 }
 
 /// Errors from cgroup operations.
@@ -139,10 +135,7 @@ pub enum Layout {
 }
 
 /// Decides the layout from /proc/self/mountinfo and the unified root's `cgroup.controllers`.
-pub fn detect_layout(
-    mountinfo: &str,
-    unified_controllers: impl Fn(&Path) -> String,
-) -> Option<Layout> {
+pub fn detect_layout(mountinfo: &str, unified_controllers: impl Fn(&Path) -> String) -> Option<Layout> {
     let mut v1_memory = false;
     let mut unified: Option<PathBuf> = None;
     for line in mountinfo.lines() {
@@ -168,9 +161,7 @@ pub fn detect_layout(
         }
     }
     if v1_memory {
-        return Some(Layout::V1 {
-            hybrid: unified.is_some(),
-        });
+        return Some(Layout::V1 { hybrid: unified.is_some() });
     }
     None
 }
@@ -178,17 +169,11 @@ pub fn detect_layout(
 /// This machine's layout.
 pub fn host_layout() -> Option<Layout> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    detect_layout(&mountinfo, |root| {
-        std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default()
-    })
+    detect_layout(&mountinfo, |root| std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default())
 }
 
 /// Creates the cgroup `mlp/<name>` for a task on this machine's layout and applies `limits`.
-pub fn create(
-    layout: &Layout,
-    name: &str,
-    limits: &Limits,
-) -> Result<Box<dyn TaskCgroup>, CgroupError> {
+pub fn create(layout: &Layout, name: &str, limits: &Limits) -> Result<Box<dyn TaskCgroup>, CgroupError> {
     let cg: Box<dyn TaskCgroup> = match layout {
         Layout::V1 { .. } => Box::new(v1::V1Cgroup::create(name, limits.cores.is_some())?),
         Layout::V2 { root } => Box::new(v2::V2Cgroup::create(root, name)?),
@@ -202,11 +187,7 @@ pub fn create(
 
 /// The `cgroup.procs` files [`create`] makes for `mlp/<name>` (nothing is created), so that a
 /// start can hand them to the task's init while the cgroup is still being created.
-pub fn procs_files_for(
-    layout: &Layout,
-    name: &str,
-    limits: &Limits,
-) -> Result<Vec<PathBuf>, CgroupError> {
+pub fn procs_files_for(layout: &Layout, name: &str, limits: &Limits) -> Result<Vec<PathBuf>, CgroupError> {
     match layout {
         Layout::V1 { .. } => v1::V1Cgroup::procs_files_for(name, limits.cores.is_some()),
         Layout::V2 { root } => Ok(vec![root.join(PARENT).join(name).join("cgroup.procs")]),
@@ -222,13 +203,10 @@ pub fn open_existing(layout: &Layout, name: &str) -> Result<Box<dyn TaskCgroup>,
     match layout {
         Layout::V1 { .. } => {
             let hier = cgroups_rs::fs::hierarchies::V1::new();
-            let exists = hier
-                .get_mount_point(cgroups_rs::fs::Controllers::Pids)
-                .is_some_and(|(mount, _)| mount.join(PARENT).join(name).is_dir());
+            let exists =
+                hier.get_mount_point(cgroups_rs::fs::Controllers::Pids).is_some_and(|(mount, _)| mount.join(PARENT).join(name).is_dir());
             if !exists {
-                return Err(CgroupError::Unavailable(format!(
-                    "cgroup {name} does not exist"
-                )));
+                return Err(CgroupError::Unavailable(format!("cgroup {name} does not exist")));
             }
             // Creating is idempotent on existing directories (no limits are written).
             Ok(Box::new(v1::V1Cgroup::create(name, false)?))
@@ -236,9 +214,7 @@ pub fn open_existing(layout: &Layout, name: &str) -> Result<Box<dyn TaskCgroup>,
         Layout::V2 { root } => {
             let dir = root.join(PARENT).join(name);
             if !dir.is_dir() {
-                return Err(CgroupError::Unavailable(format!(
-                    "cgroup {name} does not exist"
-                )));
+                return Err(CgroupError::Unavailable(format!("cgroup {name} does not exist")));
             }
             Ok(Box::new(v2::V2Cgroup::at(root, &dir)))
         }
@@ -352,20 +328,12 @@ impl TaskCgroup for Leftover {
 
 /// Reads the pids listed in a `cgroup.procs` file.
 pub(crate) fn read_pids(procs_file: &Path) -> Vec<u32> {
-    std::fs::read_to_string(procs_file)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
+    std::fs::read_to_string(procs_file).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
 /// Creates a directory (and parents) for a cgroup.
 pub(crate) fn mkdir(path: &Path) -> Result<(), CgroupError> {
-    std::fs::create_dir_all(path).map_err(|source| CgroupError::Fs {
-        action: "creating",
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::create_dir_all(path).map_err(|source| CgroupError::Fs { action: "creating", path: path.to_path_buf(), source })
 }
 
 /// Removes a cgroup directory; the kernel may report EBUSY for a moment after the last process
@@ -379,11 +347,7 @@ pub(crate) fn rmdir(path: &Path) -> Result<(), CgroupError> {
             Err(source) => {
                 // Only EBUSY passes; anything else (ENOTDIR, EACCES) will not.
                 if Instant::now() > deadline || source.raw_os_error() != Some(libc::EBUSY) {
-                    return Err(CgroupError::Fs {
-                        action: "removing",
-                        path: path.to_path_buf(),
-                        source,
-                    });
+                    return Err(CgroupError::Fs { action: "removing", path: path.to_path_buf(), source });
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -401,17 +365,11 @@ pub fn kill_and_remove(cg: &dyn TaskCgroup) -> Result<(), CgroupError> {
             break;
         }
         if Instant::now() > deadline {
-            return Err(CgroupError::Busy {
-                path: cg.paths().first().cloned().unwrap_or_default(),
-                pids,
-            });
+            return Err(CgroupError::Busy { path: cg.paths().first().cloned().unwrap_or_default(), pids });
         }
         for pid in pids {
             if let Ok(raw) = i32::try_from(pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(raw),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), nix::sys::signal::Signal::SIGKILL);
             }
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -431,17 +389,12 @@ pub fn limits_for(res: &mlp_proto::v1::Resources, mhz_per_core: u64, default_pid
     let burst = res.memory_max_mib > res.memory_mib;
     Limits {
         cpu_shares: res.cpu_mhz.clamp(2, 262_144),
-        cpu_quota_us: (res.cpu_hard_limit && res.cpu_mhz > 0)
-            .then(|| (CFS_PERIOD_US * res.cpu_mhz / mhz_per_core.max(1)).max(1000)),
+        cpu_quota_us: (res.cpu_hard_limit && res.cpu_mhz > 0).then(|| (CFS_PERIOD_US * res.cpu_mhz / mhz_per_core.max(1)).max(1000)),
         cores: (res.cores > 0).then_some(res.cores),
         cpus: Vec::new(),
         memory_bytes: (memory > 0).then_some(memory * 1024 * 1024),
         memory_soft_bytes: burst.then_some(res.memory_mib * 1024 * 1024),
-        pids: Some(if res.pids > 0 {
-            u64::from(res.pids)
-        } else {
-            default_pids
-        }),
+        pids: Some(if res.pids > 0 { u64::from(res.pids) } else { default_pids }),
     }
 }
 
@@ -457,32 +410,16 @@ mod tests {
         let none = |_: &Path| String::new();
         let mem = |_: &Path| "cpuset cpu io memory pids".to_string();
         assert_eq!(detect_layout(v1, none), Some(Layout::V1 { hybrid: false }));
-        assert_eq!(
-            detect_layout(&hybrid, none),
-            Some(Layout::V1 { hybrid: true })
-        );
-        assert_eq!(
-            detect_layout(&hybrid, mem),
-            Some(Layout::V1 { hybrid: true })
-        );
-        assert_eq!(
-            detect_layout(v2, mem),
-            Some(Layout::V2 {
-                root: "/sys/fs/cgroup".into()
-            })
-        );
+        assert_eq!(detect_layout(&hybrid, none), Some(Layout::V1 { hybrid: true }));
+        assert_eq!(detect_layout(&hybrid, mem), Some(Layout::V1 { hybrid: true }));
+        assert_eq!(detect_layout(v2, mem), Some(Layout::V2 { root: "/sys/fs/cgroup".into() }));
         assert_eq!(detect_layout(v2, none), None);
     }
 
     #[test]
     fn limits_from_resources() {
-        let res = mlp_proto::v1::Resources {
-            cpu_mhz: 500,
-            memory_mib: 256,
-            memory_max_mib: 512,
-            cpu_hard_limit: true,
-            ..Default::default()
-        };
+        let res =
+            mlp_proto::v1::Resources { cpu_mhz: 500, memory_mib: 256, memory_max_mib: 512, cpu_hard_limit: true, ..Default::default() };
         let l = limits_for(&res, 2000, 4096);
         assert_eq!(l.cpu_shares, 500);
         assert_eq!(l.cpu_quota_us, Some(25_000));

@@ -14,18 +14,14 @@ pub fn apply(dir: &Path, root: &Path, v2: bool, limits: &Limits) -> Result<(), C
         return Ok(());
     };
     let ctrl = PidController::new(dir.to_path_buf(), root.to_path_buf(), v2);
-    ctrl.set_pid_max(MaxValue::Value(i64::try_from(max).unwrap_or(i64::MAX)))
-        .map_err(|e| CgroupError::Limit {
-            what: "pids.max",
-            path: dir.to_path_buf(),
-            message: e.to_string(),
-        })
+    ctrl.set_pid_max(MaxValue::Value(i64::try_from(max).unwrap_or(i64::MAX))).map_err(|e| CgroupError::Limit {
+        what: "pids.max",
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 /// `pids.current`.
 pub fn current(dir: &Path) -> u64 {
-    std::fs::read_to_string(dir.join("pids.current"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+    std::fs::read_to_string(dir.join("pids.current")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
 }

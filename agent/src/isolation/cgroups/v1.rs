@@ -8,10 +8,7 @@ use std::path::PathBuf;
 use cgroups_rs::fs::hierarchies::V1;
 use cgroups_rs::fs::Controllers;
 
-use super::{
-    cpu, cpuset, memory, mkdir, pids, read_pids, rmdir, CgroupError, Limits, Stats, TaskCgroup,
-    PARENT,
-};
+use super::{cpu, cpuset, memory, mkdir, pids, read_pids, rmdir, CgroupError, Limits, Stats, TaskCgroup, PARENT};
 
 /// One controller's directory in its hierarchy.
 #[derive(Debug, Clone)]
@@ -31,21 +28,14 @@ impl V1Cgroup {
     /// The directories [`V1Cgroup::create`] makes, one per hierarchy (nothing is created).
     fn dirs(name: &str, with_cpuset: bool) -> Result<Vec<Dir>, CgroupError> {
         let hier = V1::new();
-        let mut wanted = vec![
-            Controllers::Mem,
-            Controllers::Cpu,
-            Controllers::CpuAcct,
-            Controllers::Pids,
-        ];
+        let mut wanted = vec![Controllers::Mem, Controllers::Cpu, Controllers::CpuAcct, Controllers::Pids];
         if with_cpuset {
             wanted.push(Controllers::CpuSet);
         }
         let mut dirs: Vec<Dir> = Vec::new();
         for ctrl in wanted {
             let Some((mount, _root)) = hier.get_mount_point(ctrl.clone()) else {
-                return Err(CgroupError::Unavailable(format!(
-                    "no v1 hierarchy for {ctrl}"
-                )));
+                return Err(CgroupError::Unavailable(format!("no v1 hierarchy for {ctrl}")));
             };
             let path = mount.join(PARENT).join(name);
             if dirs.iter().any(|d| d.path == path) {
@@ -59,10 +49,7 @@ impl V1Cgroup {
 
     /// The `cgroup.procs` files of `mlp/<name>` as [`V1Cgroup::create`] would make it.
     pub fn procs_files_for(name: &str, with_cpuset: bool) -> Result<Vec<PathBuf>, CgroupError> {
-        Ok(Self::dirs(name, with_cpuset)?
-            .into_iter()
-            .map(|d| d.path.join("cgroup.procs"))
-            .collect())
+        Ok(Self::dirs(name, with_cpuset)?.into_iter().map(|d| d.path.join("cgroup.procs")).collect())
     }
 
     /// Creates `mlp/<name>` in the memory, cpu, cpuacct and pids hierarchies (and cpuset when
@@ -97,19 +84,13 @@ impl V1Cgroup {
         if let Some(d) = self.dir(ctrl) {
             return Some(d.path.clone());
         }
-        self.dirs
-            .iter()
-            .find(|d| d.path.join(file).exists())
-            .map(|d| d.path.clone())
+        self.dirs.iter().find(|d| d.path.join(file).exists()).map(|d| d.path.clone())
     }
 }
 
 impl TaskCgroup for V1Cgroup {
     fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs
-            .iter()
-            .map(|d| d.path.join("cgroup.procs"))
-            .collect()
+        self.dirs.iter().map(|d| d.path.join("cgroup.procs")).collect()
     }
 
     fn apply(&self, limits: &Limits) -> Result<(), CgroupError> {
@@ -126,28 +107,18 @@ impl TaskCgroup for V1Cgroup {
     }
 
     fn pids(&self) -> Vec<u32> {
-        let all: BTreeSet<u32> = self
-            .procs_files()
-            .iter()
-            .flat_map(|f| read_pids(f))
-            .collect();
+        let all: BTreeSet<u32> = self.procs_files().iter().flat_map(|f| read_pids(f)).collect();
         all.into_iter().collect()
     }
 
     fn stats(&self) -> Stats {
         let mut s = Stats::default();
         if let Some(cpu_dir) = self.path_for(Controllers::Cpu, "cpu.stat") {
-            let acct = self
-                .path_for(Controllers::CpuAcct, "cpuacct.usage")
-                .unwrap_or_else(|| cpu_dir.clone());
+            let acct = self.path_for(Controllers::CpuAcct, "cpuacct.usage").unwrap_or_else(|| cpu_dir.clone());
             (s.cpu_total_ns, s.cpu_throttled_ns) = cpu::stats(&cpu_dir, &acct, false);
         }
         if let Some(mem) = self.dir(Controllers::Mem) {
-            (
-                s.memory_rss_bytes,
-                s.memory_cache_bytes,
-                s.memory_max_usage_bytes,
-            ) = memory::stats(&mem.path, false);
+            (s.memory_rss_bytes, s.memory_cache_bytes, s.memory_max_usage_bytes) = memory::stats(&mem.path, false);
             s.oom_kills = memory::oom_kills(&mem.path, false);
         }
         if let Some(p) = self.dir(Controllers::Pids) {

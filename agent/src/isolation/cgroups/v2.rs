@@ -3,10 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{
-    cpu, cpuset, memory, mkdir, pids, read_pids, rmdir, CgroupError, Limits, Stats, TaskCgroup,
-    PARENT,
-};
+use super::{cpu, cpuset, memory, mkdir, pids, read_pids, rmdir, CgroupError, Limits, Stats, TaskCgroup, PARENT};
 
 /// Controllers a task cgroup needs from its parents.
 const CONTROLLERS: &[&str] = &["cpu", "cpuset", "memory", "pids"];
@@ -28,18 +25,12 @@ impl V2Cgroup {
         }
         let dir = parent.join(name);
         mkdir(&dir)?;
-        Ok(V2Cgroup {
-            root: root.to_path_buf(),
-            dir,
-        })
+        Ok(V2Cgroup { root: root.to_path_buf(), dir })
     }
 
     /// An existing cgroup directory (fixture directories in tests).
     pub fn at(root: &Path, dir: &Path) -> V2Cgroup {
-        V2Cgroup {
-            root: root.to_path_buf(),
-            dir: dir.to_path_buf(),
-        }
+        V2Cgroup { root: root.to_path_buf(), dir: dir.to_path_buf() }
     }
 }
 
@@ -49,9 +40,7 @@ fn enable_controllers(dir: &Path) {
     let available = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
     let enabled = std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
     for c in CONTROLLERS {
-        if available.split_whitespace().any(|a| a == *c)
-            && !enabled.split_whitespace().any(|e| e == *c)
-        {
+        if available.split_whitespace().any(|a| a == *c) && !enabled.split_whitespace().any(|e| e == *c) {
             if let Err(e) = std::fs::write(dir.join("cgroup.subtree_control"), format!("+{c}")) {
                 tracing::warn!(dir = %dir.display(), controller = c, error = %e, "enabling cgroup controller failed");
             }
@@ -78,11 +67,7 @@ impl TaskCgroup for V2Cgroup {
     fn stats(&self) -> Stats {
         let mut s = Stats::default();
         (s.cpu_total_ns, s.cpu_throttled_ns) = cpu::stats(&self.dir, &self.dir, true);
-        (
-            s.memory_rss_bytes,
-            s.memory_cache_bytes,
-            s.memory_max_usage_bytes,
-        ) = memory::stats(&self.dir, true);
+        (s.memory_rss_bytes, s.memory_cache_bytes, s.memory_max_usage_bytes) = memory::stats(&self.dir, true);
         s.oom_kills = memory::oom_kills(&self.dir, true);
         s.pids = pids::current(&self.dir);
         s
@@ -134,10 +119,7 @@ mod tests {
     }
 
     fn read(dir: &Path, f: &str) -> String {
-        std::fs::read_to_string(dir.join(f))
-            .unwrap_or_default()
-            .trim()
-            .to_string()
+        std::fs::read_to_string(dir.join(f)).unwrap_or_default().trim().to_string()
     }
 
     #[test]

@@ -132,11 +132,7 @@ fn candidates_follow_the_rules() {
         },
         Case {
             name: "an evaluation stays while an allocation it placed stays",
-            st: state(
-                vec![],
-                vec![eval("e1", "gone", E_COMPLETE, 1, OLD)],
-                vec![alloc("a1", "gone", "e1", RUNNING, STOP, OLD)],
-            ),
+            st: state(vec![], vec![eval("e1", "gone", E_COMPLETE, 1, OLD)], vec![alloc("a1", "gone", "e1", RUNNING, STOP, OLD)]),
             t: d,
             want: cands(&[], &[], &[], &[]),
         },
@@ -185,7 +181,10 @@ fn candidates_follow_the_rules() {
                 let mut st = state(
                     vec![Job { version: 1, ..running_batch() }],
                     vec![eval("e1", "b", E_COMPLETE, 1, OLD), eval("e2", "b", E_COMPLETE, 2, OLD)],
-                    vec![alloc("a1", "b", "e1", COMPLETE, RUN, OLD), Allocation { job_version: 1, ..alloc("a2", "b", "e2", RUNNING, RUN, OLD) }],
+                    vec![
+                        alloc("a1", "b", "e1", COMPLETE, RUN, OLD),
+                        Allocation { job_version: 1, ..alloc("a2", "b", "e2", RUNNING, RUN, OLD) },
+                    ],
                 );
                 let mut v0 = running_batch();
                 v0.groups[0].tasks[0].driver = "exec".into();
@@ -249,7 +248,13 @@ fn candidates_follow_the_rules() {
             name: "a down node without allocations goes after the node threshold",
             st: {
                 let mut st = state(vec![], vec![], vec![alloc("a1", "gone", "e1", LOST, STOP, ANCIENT)]);
-                let down = |id: &str, hb: u64| Node { id: id.into(), name: id.into(), status: node_status::DOWN.into(), last_heartbeat_ms: hb, ..Default::default() };
+                let down = |id: &str, hb: u64| Node {
+                    id: id.into(),
+                    name: id.into(),
+                    status: node_status::DOWN.into(),
+                    last_heartbeat_ms: hb,
+                    ..Default::default()
+                };
                 st.nodes.insert("n1".into(), down("n1", NOW - 25 * HOUR)); // its only allocation goes now too
                 st.nodes.insert("n2".into(), down("n2", NOW - 23 * HOUR)); // too recent
                 st.nodes.insert("n3".into(), Node { status: node_status::READY.into(), ..down("n3", 0) });
@@ -262,7 +267,11 @@ fn candidates_follow_the_rules() {
         Case {
             name: "a down node with a live allocation stays",
             st: {
-                let mut st = state(vec![running_batch()], vec![eval("e1", "b", E_COMPLETE, 1, OLD)], vec![alloc("a1", "b", "e1", RUNNING, RUN, OLD)]);
+                let mut st = state(
+                    vec![running_batch()],
+                    vec![eval("e1", "b", E_COMPLETE, 1, OLD)],
+                    vec![alloc("a1", "b", "e1", RUNNING, RUN, OLD)],
+                );
                 if let Some(n) = st.nodes.get_mut("n1") {
                     n.status = node_status::DOWN.into();
                 }
@@ -311,10 +320,24 @@ fn applied_state() -> ClusterState {
     st.apply(1, &req(t0, Command::UpsertNode { node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() } }), &mut fx);
     for (i, name) in ["done", "live"].into_iter().enumerate() {
         let base = 10 * (i as u64 + 1);
-        st.apply(base, &req(t0, Command::RegisterJob { job: job(name, job_type::BATCH, "", false), eval: eval(&format!("{name}-e1"), name, eval_status::PENDING, 0, 0) }), &mut fx);
+        st.apply(
+            base,
+            &req(
+                t0,
+                Command::RegisterJob {
+                    job: job(name, job_type::BATCH, "", false),
+                    eval: eval(&format!("{name}-e1"), name, eval_status::PENDING, 0, 0),
+                },
+            ),
+            &mut fx,
+        );
         let placed = Allocation { index: 0, ..alloc(&format!("{name}-a1"), name, &format!("{name}-e1"), "", "", 0) };
         let done_eval = eval(&format!("{name}-e1"), name, eval_status::COMPLETE, 0, 0);
-        st.apply(base + 1, &req(t0, Command::ApplyPlan(PlanResult { eval: Some(done_eval), placements: vec![placed], ..Default::default() })), &mut fx);
+        st.apply(
+            base + 1,
+            &req(t0, Command::ApplyPlan(PlanResult { eval: Some(done_eval), placements: vec![placed], ..Default::default() })),
+            &mut fx,
+        );
         let status = if name == "done" { alloc_client::COMPLETE } else { alloc_client::RUNNING };
         let upd = mlp_proto::v1::AllocClientUpdate { alloc_id: format!("{name}-a1"), client_status: status.into(), ..Default::default() };
         st.apply(base + 2, &req(t0, Command::UpdateAllocsFromClient { node_id: "n1".into(), updates: vec![upd] }), &mut fx);
@@ -368,7 +391,11 @@ fn apply_rechecks_and_skips_what_no_longer_qualifies() {
     assert_eq!(st.nodes.len(), 1);
     assert!(st.evals.contains_key("live-e2"));
     // The finished job's allocation holds its index while the job is kept, so alone it stays.
-    let r = st.apply(101, &req(NOW, Command::GarbageCollect { evals: vec![], allocs: ids(&["done-a1"]), jobs: vec![], nodes: vec![] }), &mut fx);
+    let r = st.apply(
+        101,
+        &req(NOW, Command::GarbageCollect { evals: vec![], allocs: ids(&["done-a1"]), jobs: vec![], nodes: vec![] }),
+        &mut fx,
+    );
     assert_eq!(r.collected, Some(GcCounts::default()));
     assert_indexes_consistent(&st);
 }
@@ -378,9 +405,26 @@ fn an_evaluation_goes_with_its_allocations_in_one_entry() {
     let mut st = applied_state();
     let mut fx = Vec::new();
     // Stop "live": its allocation ends, then a newer evaluation exists.
-    st.apply(200, &req(NOW - 3 * HOUR, Command::StopJob { namespace: "default".into(), job_id: "live".into(), purge: false, eval: eval("live-e2", "live", eval_status::PENDING, 0, 0) }), &mut fx);
-    st.apply(201, &req(NOW - 3 * HOUR, Command::UpsertEvals { evals: vec![eval("live-e2", "live", eval_status::COMPLETE, 0, 0)] }), &mut fx);
-    let upd = mlp_proto::v1::AllocClientUpdate { alloc_id: "live-a1".into(), client_status: alloc_client::COMPLETE.into(), ..Default::default() };
+    st.apply(
+        200,
+        &req(
+            NOW - 3 * HOUR,
+            Command::StopJob {
+                namespace: "default".into(),
+                job_id: "live".into(),
+                purge: false,
+                eval: eval("live-e2", "live", eval_status::PENDING, 0, 0),
+            },
+        ),
+        &mut fx,
+    );
+    st.apply(
+        201,
+        &req(NOW - 3 * HOUR, Command::UpsertEvals { evals: vec![eval("live-e2", "live", eval_status::COMPLETE, 0, 0)] }),
+        &mut fx,
+    );
+    let upd =
+        mlp_proto::v1::AllocClientUpdate { alloc_id: "live-a1".into(), client_status: alloc_client::COMPLETE.into(), ..Default::default() };
     st.apply(202, &req(NOW - 3 * HOUR, Command::UpdateAllocsFromClient { node_id: "n1".into(), updates: vec![upd] }), &mut fx);
     let c = gc_candidates(&st, NOW, &GcThresholds::default());
     assert_eq!(c, cands(&["live-e1"], &["live-a1"], &["default/done"], &[]), "the stopped job is younger than the job threshold");
