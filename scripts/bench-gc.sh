@@ -13,7 +13,7 @@
 #      server and data dir: server RSS.
 #
 # Usage: scripts/bench-gc.sh [N]     (N = 2000 by default; MLP_BENCH_LIVE_JOBS=10000,
-#                                     MLP_BENCH_ROUND=200)
+#                                     MLP_BENCH_ROUND=200, MLP_BIN=path for another binary)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib-bench.sh
@@ -22,8 +22,11 @@ N=${1:-2000}
 LIVE=${MLP_BENCH_LIVE_JOBS:-10000}
 ROUND=${MLP_BENCH_ROUND:-200}
 
-cargo build --release --bin mlp >&2
-MLP=$PWD/target/release/mlp
+# MLP_BIN=path runs a given binary instead (A/B comparisons); else the release build.
+if [ -z "${MLP_BIN:-}" ]; then
+  cargo build --release --bin mlp >&2
+fi
+MLP=${MLP_BIN:-$PWD/target/release/mlp}
 out=$(mktemp -d /tmp/mlp-bench-gc.XXXXXX)
 pids=()
 cleanup() {
