@@ -156,9 +156,11 @@ async fn list_jobs(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> Http
 async fn submit_job(State(api): State<Arc<Api>>, StrictJson(body): StrictJson<SubmitJob>) -> HttpResult {
     let job = match (body.job, body.hcl) {
         (Some(job), None) => job,
-        (None, Some(src)) => {
-            mlp_proto::jobspec::parse_str(&src, "<request>").map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?
-        }
+        // Parsing up to 1 MiB of text is blocking work; keep it off the request threads.
+        (None, Some(src)) => tokio::task::spawn_blocking(move || mlp_proto::jobspec::parse_str(&src, "<request>"))
+            .await
+            .map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, format!("the job spec parser failed: {e}")))?
+            .map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?,
         _ => return Err(HttpError(StatusCode::BAD_REQUEST, "give exactly one of \"job\" (JSON) or \"hcl\" (job spec text)".into())),
     };
     ok(api.register_job(Some(job)).await?)
