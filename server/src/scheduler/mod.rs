@@ -100,12 +100,21 @@ pub fn schedule_with(state: &ClusterState, job: Option<&Job>, eval: &Evaluation,
     schedule_full(state, job, eval, now_ms, scorer, Options { preemption: Preemption::off() })
 }
 
+/// With the `fault-injection` feature (test builds), a job whose meta has this key makes the
+/// scheduler panic.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_INJECTION_PANIC: &str = "mlp.fault-injection.panic";
+
 /// The scheduler proper.
 ///
 /// Capacity freed by this plan's own reconcile stops is not reused by its placements (a
 /// blocked evaluation retries once it is really free); capacity freed by its evictions is, and
 /// the plan applier counts both as freed when it re-checks the plan.
 pub fn schedule_full(state: &ClusterState, job: Option<&Job>, eval: &Evaluation, now_ms: u64, scorer: &dyn Scorer, opts: Options) -> Plan {
+    #[cfg(feature = "fault-injection")]
+    if job.is_some_and(|j| j.meta.contains_key(FAULT_INJECTION_PANIC)) {
+        panic!("fault injection: {FAULT_INJECTION_PANIC} is set on job {:?}", job.map(|j| &j.id));
+    }
     let (namespace, job_id) = match job {
         Some(j) => (j.namespace.as_str(), j.id.as_str()),
         None => (eval.namespace.as_str(), eval.job_id.as_str()),
