@@ -1,7 +1,8 @@
 //! `cores = N` with real cgroups: two `exec` tasks asking for one core each are pinned to
 //! different CPUs, a task that asks for more than is free fails to start with a clear error, a
 //! restarted agent (a new driver reattaching to the running tasks) keeps their CPUs taken, and
-//! the CPUs are free again once the tasks end. Needs root and a cgroup cpuset; skipped without.
+//! the CPUs are free again once the tasks end. Needs root, a cgroup hierarchy and two CPUs the
+//! agent may use; fails naming what is missing (`tests/prereq`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,9 @@ use mlp_agent::isolation::cgroups::{self, Layout};
 use mlp_agent::isolation::IsolationSettings;
 use mlp_proto::v1::Resources;
 use nix::sys::signal::Signal;
+
+#[path = "../../tests/prereq/mod.rs"]
+mod prereq;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -73,16 +77,13 @@ async fn stop(h: &mut Box<dyn TaskHandle>) -> TestResult {
 
 #[tokio::test]
 async fn cores_are_pinned_per_task_and_survive_an_agent_restart() -> TestResult {
-    let Some(layout) = cgroups::host_layout().filter(|_| nix::unistd::geteuid().is_root()) else {
-        eprintln!("skipped: needs root and cgroups");
-        return Ok(());
-    };
-    let first = driver();
-    let pool = first.cores().pool().to_vec();
-    if pool.len() < 2 {
-        eprintln!("skipped: needs 2 CPUs for tasks, have {pool:?}");
+    if !prereq::require(&[prereq::Need::Root, prereq::Need::Cgroups]) {
         return Ok(());
     }
+    let layout = cgroups::host_layout().ok_or("this test cannot run: no cgroup layout the agent can use")?;
+    let first = driver();
+    let pool = first.cores().pool().to_vec();
+    assert!(pool.len() >= 2, "this test cannot run: it needs 2 CPUs the agent may pin tasks to, the cpuset allows {pool:?}");
     let dir = tempfile::tempdir()?;
     let id = |k: &str| format!("cores-{k}-{}", std::process::id());
     let (a, b) = (spec(dir.path(), &id("a"), "t", 1), spec(dir.path(), &id("b"), "t", 1));
