@@ -104,29 +104,13 @@ impl Dev {
             .expect("spawn mlp dev");
         let stdout = child.stdout.take().expect("stdout");
         self.child = Some(child);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut grpc = None;
-            let mut http = None;
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(v) = line.trim().strip_prefix("gRPC:") {
-                    grpc = Some(v.trim().to_string());
-                }
-                if let Some(v) = line.trim().strip_prefix("HTTP:") {
-                    http = Some(v.trim().trim_start_matches("http://").to_string());
-                }
-                if line.contains("==> try:") {
-                    let _ = tx.send((grpc.take(), http.take()));
-                }
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok((Some(g), Some(h))) => {
+        // `mlp dev` prints its addresses, then "==> try:" once its agent is up too.
+        match announced_addresses(stdout, |line, _| line.contains("==> try:")) {
+            Some((g, h)) => {
                 self.grpc = g;
                 self.http = h;
             }
-            other => panic!("mlp dev did not start: {other:?}\n{}", self.log()),
+            None => panic!("mlp dev did not start:\n{}", self.log()),
         }
     }
 
@@ -145,31 +129,12 @@ impl Dev {
             .expect("spawn mlp server");
         let stdout = child.stdout.take().expect("stdout");
         dev.child = Some(child);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let (mut grpc, mut http) = (None, None);
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(v) = line.trim().strip_prefix("gRPC:") {
-                    grpc = Some(v.trim().to_string());
-                }
-                if let Some(v) = line.trim().strip_prefix("HTTP:") {
-                    http = Some(v.trim().trim_start_matches("http://").to_string());
-                }
-                if grpc.is_some() && http.is_some() {
-                    let _ = tx.send((grpc.take(), http.take()));
-                }
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok((Some(g), Some(h))) => {
+        match announced_addresses(stdout, |_, both| both) {
+            Some((g, h)) => {
                 dev.grpc = g;
                 dev.http = h;
             }
-            other => panic!(
-                "mlp server did not start: {other:?}\n{}",
-                std::fs::read_to_string(dev.dir.path().join("server.log")).unwrap_or_default()
-            ),
+            None => panic!("mlp server did not start:\n{}", std::fs::read_to_string(dev.dir.path().join("server.log")).unwrap_or_default()),
         }
         dev.spawn_agent();
         dev
@@ -292,6 +257,29 @@ impl Dev {
     pub fn http(&self, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
         http_request(&self.http, method, path, content_type, body)
     }
+}
+
+/// The gRPC and HTTP addresses a starting `mlp dev` or `mlp server` prints on stdout, once
+/// `ready(line, both_seen)` says it is up; None if that does not happen within 60 s. The
+/// reader thread keeps draining stdout afterwards, so the process never blocks on it.
+fn announced_addresses(stdout: std::process::ChildStdout, ready: fn(&str, bool) -> bool) -> Option<(String, String)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut grpc, mut http) = (None, None);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(v) = line.trim().strip_prefix("gRPC:") {
+                grpc = Some(v.trim().to_string());
+            }
+            if let Some(v) = line.trim().strip_prefix("HTTP:") {
+                http = Some(v.trim().trim_start_matches("http://").to_string());
+            }
+            if ready(&line, grpc.is_some() && http.is_some()) {
+                let _ = tx.send(grpc.take().zip(http.take()));
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60)).ok().flatten()
 }
 
 pub fn http_request(addr: &str, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
