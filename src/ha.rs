@@ -7,17 +7,12 @@ use std::io::Write as _;
 use std::path::Path;
 
 use anyhow::Context;
-use mlp_proto::v1::{
-    ListPeersRequest, RaftPeer, RemovePeerRequest, SnapshotRestoreRequest, SnapshotSaveRequest, TransferLeadershipRequest,
-};
+use mlp_proto::v1::{ListPeersRequest, RaftPeer, RemovePeerRequest, SnapshotSaveRequest, TransferLeadershipRequest};
 use serde::Serialize;
 
 use crate::cli::{OperatorCommand, RaftCommand, ServerAction, SnapshotCommand};
 use crate::client::{connect, status_err};
 use crate::output::{print_json, Table};
-
-/// Chunk size of a snapshot upload.
-const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// One peer as `list-peers --json` prints it.
 #[derive(Serialize)]
@@ -119,13 +114,7 @@ pub async fn operator(addr: &str, cmd: OperatorCommand) -> anyhow::Result<ExitCo
             let mut c = connect(addr).await?;
             let resp = c
                 .cluster
-                .snapshot_restore(futures::stream::iter(
-                    state
-                        .chunks(SNAPSHOT_CHUNK_BYTES)
-                        .enumerate()
-                        .map(|(i, c)| SnapshotRestoreRequest { state: c.to_vec(), crc32: if i == 0 { header.crc32 } else { 0 } })
-                        .collect::<Vec<_>>(),
-                ))
+                .snapshot_restore(futures::stream::iter(mlp_proto::snapshot::restore_chunks(&state, header.crc32)))
                 .await
                 .map_err(status_err)?
                 .into_inner();

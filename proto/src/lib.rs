@@ -10,5 +10,6 @@ pub mod consts;
 pub mod gpu;
 pub mod jobspec;
 pub mod matcher;
+pub mod snapshot;
 
 pub use v1::*;

@@ -418,8 +418,6 @@ pub struct ClusterGrpc {
 }
 
 /// The service to mount on a server's gRPC listener.
-/// Chunk size of snapshot streams.
-const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 /// Largest state a restore accepts: it travels as one Raft entry (whose transport allows 256 MiB,
 /// and JSON escaping grows it).
 pub const MAX_SNAPSHOT_BYTES: usize = 96 * 1024 * 1024;
@@ -541,11 +539,7 @@ impl ClusterService for ClusterGrpc {
             (bytes, st.index)
         };
         tracing::info!(index, bytes = state.len(), "state snapshot saved for an operator");
-        let chunks: Vec<SnapshotSaveResponse> = if state.is_empty() {
-            vec![SnapshotSaveResponse { state, index }]
-        } else {
-            state.chunks(SNAPSHOT_CHUNK_BYTES).map(|c| SnapshotSaveResponse { state: c.to_vec(), index }).collect()
-        };
+        let chunks = mlp_proto::snapshot::save_chunks(&state, index);
         Ok(tonic::Response::new(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)))))
     }
 
@@ -574,12 +568,7 @@ impl ClusterService for ClusterGrpc {
             )));
         }
         if let Some(mut leader) = self.leader_client()? {
-            let chunks: Vec<SnapshotRestoreRequest> = state
-                .chunks(SNAPSHOT_CHUNK_BYTES)
-                .enumerate()
-                .map(|(i, c)| SnapshotRestoreRequest { state: c.to_vec(), crc32: if i == 0 { expected } else { 0 } })
-                .collect();
-            return leader.snapshot_restore(futures::stream::iter(chunks)).await;
+            return leader.snapshot_restore(futures::stream::iter(mlp_proto::snapshot::restore_chunks(&state, expected))).await;
         }
         let text = String::from_utf8(state)
             .map_err(|e| tonic::Status::invalid_argument(format!("snapshot state is not UTF-8 JSON: {e}; nothing was changed")))?;
