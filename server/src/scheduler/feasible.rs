@@ -136,25 +136,30 @@ enum Compiled {
 /// when full.
 const COMPILED_CACHE_ENTRIES: usize = 512;
 
+/// The operators with compiled operands, in the order of the cache's maps.
+const COMPILED_OPERATORS: [&str; 3] = ["regexp", "version", "semver"];
+
 thread_local! {
-    static COMPILED: RefCell<HashMap<(String, String), Compiled>> = RefCell::new(HashMap::new());
+    /// One map per operator, keyed by operand, so that a lookup (once per node and constraint)
+    /// borrows the operand instead of allocating a key.
+    static COMPILED: RefCell<[HashMap<String, Compiled>; 3]> = RefCell::new(Default::default());
 }
 
 fn with_compiled(op: &str, operand: &str, f: impl FnOnce(&Compiled) -> bool) -> bool {
+    let Some(slot) = COMPILED_OPERATORS.iter().position(|o| *o == op) else { return false };
     COMPILED.with(|cache| {
-        let mut cache = cache.borrow_mut();
-        let key = (op.to_string(), operand.to_string());
-        if !cache.contains_key(&key) {
-            if cache.len() >= COMPILED_CACHE_ENTRIES {
-                cache.clear();
+        let mut maps = cache.borrow_mut();
+        if !maps[slot].contains_key(operand) {
+            if maps.iter().map(HashMap::len).sum::<usize>() >= COMPILED_CACHE_ENTRIES {
+                maps.iter_mut().for_each(HashMap::clear);
             }
             let compiled = match op {
                 "regexp" => matcher::compile_regex(operand).map_or(Compiled::Invalid, Compiled::Regex),
                 _ => matcher::parse_version_req(op, operand).map_or(Compiled::Invalid, Compiled::Version),
             };
-            cache.insert(key.clone(), compiled);
+            maps[slot].insert(operand.to_string(), compiled);
         }
-        cache.get(&key).is_some_and(f)
+        maps[slot].get(operand).is_some_and(f)
     })
 }
 
