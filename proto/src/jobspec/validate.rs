@@ -169,25 +169,23 @@ impl Checker {
                 self.push(&loc.field("attribute"), "missing required field");
             }
             self.text(&loc.field("attribute"), "attribute", &con.attribute, MAX_KEY_BYTES);
-            self.text(&loc.field("value"), "value", &con.value, matcher::MAX_PATTERN_BYTES);
-            self.operand(&loc.field("value"), &con.operator, &con.value);
-            // An empty operator means the default, "=".
-            if !con.operator.is_empty() && !OPERATORS.contains(&con.operator.as_str()) {
-                self.push(
-                    &loc.field("operator"),
-                    format!("unknown operator {:?}; expected one of: {}", con.operator, OPERATORS.join(", ")),
-                );
-            }
-            let unary = matches!(con.operator.as_str(), "is_set" | "is_not_set");
-            if !unary && con.value.is_empty() {
-                self.push(
-                    &loc.field("value"),
-                    format!(
-                        "missing required field (operator {:?} compares against a value)",
-                        if con.operator.is_empty() { "=" } else { &con.operator }
-                    ),
-                );
-            }
+            self.operator_and_value(&loc, &con.operator, &con.value);
+        }
+    }
+
+    /// The operator and value of a constraint or an affinity: a known operator (empty means
+    /// "="), a bounded value that compiles for `regexp` / `version` / `semver`, and present
+    /// unless the operator is unary.
+    fn operator_and_value(&mut self, loc: &Loc, operator: &str, value: &str) {
+        self.text(&loc.field("value"), "value", value, matcher::MAX_PATTERN_BYTES);
+        self.operand(&loc.field("value"), operator, value);
+        if !operator.is_empty() && !OPERATORS.contains(&operator) {
+            self.push(&loc.field("operator"), format!("unknown operator {operator:?}; expected one of: {}", OPERATORS.join(", ")));
+        }
+        let unary = matches!(operator, "is_set" | "is_not_set");
+        if !unary && value.is_empty() {
+            let op = if operator.is_empty() { "=" } else { operator };
+            self.push(&loc.field("value"), format!("missing required field (operator {op:?} compares against a value)"));
         }
     }
 
@@ -203,20 +201,7 @@ impl Checker {
         for (i, aff) in affinities.iter().enumerate().take(MAX_AFFINITIES) {
             let loc = parent.indexed("affinity", i);
             self.attribute_reference(&loc.field("attribute"), &aff.attribute);
-            self.text(&loc.field("value"), "value", &aff.value, matcher::MAX_PATTERN_BYTES);
-            self.operand(&loc.field("value"), &aff.operator, &aff.value);
-            // An empty operator means the default, "=".
-            if !aff.operator.is_empty() && !OPERATORS.contains(&aff.operator.as_str()) {
-                self.push(
-                    &loc.field("operator"),
-                    format!("unknown operator {:?}; expected one of: {}", aff.operator, OPERATORS.join(", ")),
-                );
-            }
-            let unary = matches!(aff.operator.as_str(), "is_set" | "is_not_set");
-            if !unary && aff.value.is_empty() {
-                let op = if aff.operator.is_empty() { "=" } else { &aff.operator };
-                self.push(&loc.field("value"), format!("missing required field (operator {op:?} compares against a value)"));
-            }
+            self.operator_and_value(&loc, &aff.operator, &aff.value);
             let weight = aff.effective_weight();
             if weight == 0 || !(-100..=100).contains(&weight) {
                 self.push(&loc.field("weight"), format!("must be between -100 and 100 and not 0, found {weight}"));
