@@ -262,34 +262,17 @@ impl agent_service_server::AgentService for GrpcApi {
             // notification, `Lagged`, falls back to the full set).
             let first = api.node_allocations(&node_id);
             let mut last = first.index;
-            // Allocations leave a node's set only when garbage collection removes them (terminal
-            // ones): a smaller set than the last message's is sent whole, so the agent lets go.
-            let count = || api.state.read().allocs_by_node.get(&node_id).map_or(0, |s| s.len());
-            let mut last_count = first.allocations.len();
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
             loop {
                 let msg = match changes.recv().await {
-                    Ok(nodes) if nodes.contains(crate::state::RESEND_FULL_SETS) => {
-                        last_count = count();
-                        api.node_allocations(&node_id)
-                    }
-                    Ok(nodes) if nodes.contains(&node_id) => {
-                        let now = count();
-                        let shrunk = now < last_count;
-                        last_count = now;
-                        if shrunk {
-                            api.node_allocations(&node_id)
-                        } else {
-                            api.node_allocations_since(&node_id, Some(last))
-                        }
-                    }
+                    // The node's set may have lost allocations (garbage collection, a restore):
+                    // only the full set tells the agent to let go of them.
+                    Ok(c) if c.resend.contains(&node_id) => api.node_allocations(&node_id),
+                    Ok(c) if c.changed.contains(&node_id) => api.node_allocations_since(&node_id, Some(last)),
                     Ok(_) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        last_count = count();
-                        api.node_allocations(&node_id)
-                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => api.node_allocations(&node_id),
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
                 last = msg.index;

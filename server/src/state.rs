@@ -791,9 +791,23 @@ fn find_by_prefix<'a, T>(map: &'a BTreeMap<String, T>, prefix: &str, kind: &'sta
     }
 }
 
-/// A marker in a node-change notification: every allocation stream sends its node's full set
-/// (after a snapshot restore, allocations may have disappeared). Not a valid node id.
-pub const RESEND_FULL_SETS: &str = "*resend-full-sets*";
+/// Which nodes' allocations one applied entry (or snapshot install) changed, for the agents'
+/// allocation streams.
+#[derive(Debug, Default)]
+pub struct NodeChanges {
+    /// Nodes with new or modified allocations: their streams send what changed.
+    pub changed: BTreeSet<String>,
+    /// Nodes whose set may have lost allocations (garbage collection, a restore, a snapshot
+    /// install): their streams send the full set, since only a full set can say that an
+    /// allocation is gone, and the agent lets go of it.
+    pub resend: BTreeSet<String>,
+}
+
+impl NodeChanges {
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty() && self.resend.is_empty()
+    }
+}
 
 /// The state shared between the Raft state machine (which writes it) and everything that reads
 /// it: API handlers, the scheduler, agents' allocation streams.
@@ -802,7 +816,7 @@ pub struct StateHandle {
     applied: watch::Sender<u64>,
     effects: mpsc::UnboundedSender<Effect>,
     /// Node ids whose allocations changed, for the agents' allocation streams.
-    node_changes: broadcast::Sender<Arc<BTreeSet<String>>>,
+    node_changes: broadcast::Sender<Arc<NodeChanges>>,
 }
 
 /// Receivers for what the state machine announces.
@@ -847,19 +861,20 @@ impl StateHandle {
                     }
                 }
             }
+            let mut resend = BTreeSet::new();
             if let Command::GarbageCollect { allocs, jobs, .. } = &req.command {
-                // Their agents' streams notice the smaller set and send it whole, so that the
-                // agents let go of (and delete the directories of) what was collected.
+                // Their agents get the smaller set whole, so that they let go of (and delete the
+                // directories of) what was collected.
                 let job_allocs = jobs.iter().filter_map(|k| st.allocs_by_job.get(k)).flatten();
                 for id in allocs.iter().chain(job_allocs) {
                     if let Some(a) = st.allocs.get(id) {
-                        nodes.insert(a.node_id.clone());
+                        resend.insert(a.node_id.clone());
                     }
                 }
             }
             let restore = matches!(req.command, Command::RestoreState { .. });
             if restore {
-                nodes.extend(st.nodes.keys().cloned());
+                resend.extend(st.nodes.keys().cloned());
             }
             // A committed entry that trips `apply` is applied the same way on every replica and
             // on every restart; skipping it (every replica alike, since `apply` is deterministic)
@@ -872,13 +887,12 @@ impl StateHandle {
                 CommandResponse { index, job_version: None, error: Some(format!("internal error while applying: {why}")), collected: None }
             });
             if restore {
-                nodes.extend(st.nodes.keys().cloned());
-                // Allocations the restored state no longer has must reach agents as absent,
-                // which only a full set can say.
-                nodes.insert(RESEND_FULL_SETS.to_string());
+                // Allocations the restored state no longer has must reach agents as absent.
+                resend.extend(st.nodes.keys().cloned());
             }
-            if !nodes.is_empty() {
-                let _ = self.node_changes.send(Arc::new(nodes));
+            let changes = NodeChanges { changed: nodes, resend };
+            if !changes.is_empty() {
+                let _ = self.node_changes.send(Arc::new(changes));
             }
             r
         };
@@ -919,7 +933,8 @@ impl StateHandle {
             };
             *guard = st;
         }
-        let _ = self.node_changes.send(Arc::new(nodes));
+        // Allocations may be gone from the installed state: every stream sends its full set.
+        let _ = self.node_changes.send(Arc::new(NodeChanges { changed: BTreeSet::new(), resend: nodes }));
         let _ = self.effects.send(Effect::Reset);
         self.applied.send_replace(index);
         Ok(())
@@ -930,7 +945,7 @@ impl StateHandle {
         self.applied.subscribe()
     }
 
-    pub fn node_changes(&self) -> broadcast::Receiver<Arc<BTreeSet<String>>> {
+    pub fn node_changes(&self) -> broadcast::Receiver<Arc<NodeChanges>> {
         self.node_changes.subscribe()
     }
 }
