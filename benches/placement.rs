@@ -182,7 +182,7 @@ async fn run() -> Result<BTreeMap<String, f64>, String> {
     let mut placed_s = None;
     loop {
         if placed_s.is_none() {
-            let list = jc.list(ListJobsRequest { namespace: String::new(), stale: true }).await.map_err(|e| e.to_string())?.into_inner();
+            let list = jc.list(ListJobsRequest { stale: true, ..Default::default() }).await.map_err(|e| e.to_string())?.into_inner();
             let placed: u64 = list.jobs.iter().map(|j| j.alloc_counts.values().map(|v| u64::from(*v)).sum::<u64>()).sum();
             if placed >= total {
                 placed_s = Some(t0.elapsed().as_secs_f64());

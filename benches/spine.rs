@@ -75,7 +75,7 @@ async fn submit_to_running(addr: &str, n: usize, driver: &str) -> Result<Vec<f64
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let r = c
-                .get(GetJobRequest { job_id: name.clone(), namespace: String::new(), stale: true })
+                .get(GetJobRequest { job_id: name.clone(), stale: true, ..Default::default() })
                 .await
                 .map_err(|e| e.to_string())?
                 .into_inner();
@@ -108,7 +108,7 @@ async fn batch_500(addr: &str, driver: &str) -> Result<f64, String> {
     }
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let jobs = c.list(ListJobsRequest { namespace: String::new(), stale: true }).await.map_err(|e| e.to_string())?.into_inner().jobs;
+        let jobs = c.list(ListJobsRequest { stale: true, ..Default::default() }).await.map_err(|e| e.to_string())?.into_inner().jobs;
         let done = jobs
             .iter()
             .filter(|j| j.name.starts_with('b') && j.status == job_status::DEAD && j.alloc_counts.get(alloc_client::COMPLETE) == Some(&1))

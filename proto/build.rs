@@ -13,6 +13,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .btree_map(["."])
         .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")
         .type_attribute(".", "#[serde(default)]")
+        // An event carries one payload: the JSON stream (`/v1/event/stream`) leaves out the others.
+        .field_attribute("mlp.v1.Event.job", "#[serde(skip_serializing_if = \"Option::is_none\")]")
+        .field_attribute("mlp.v1.Event.evaluation", "#[serde(skip_serializing_if = \"Option::is_none\")]")
+        .field_attribute("mlp.v1.Event.allocation", "#[serde(skip_serializing_if = \"Option::is_none\")]")
+        .field_attribute("mlp.v1.Event.node", "#[serde(skip_serializing_if = \"Option::is_none\")]")
         .compile_protos(&["proto/mlp.proto"], &["proto"])?;
     Ok(())
 }

@@ -25,3 +25,49 @@ m, o = read(sys.argv[1]), read(sys.argv[2])
 $body
 PY
 }
+
+# slurm_up DIR: a one-node Slurm 22.05 (Debian's slurm-wlm, installed if missing) configured as
+# ../shared/peers/slurm-baseline.sh configures it (munge auth, cons_tres, OverSubscribe=FORCE:50),
+# its state under DIR; sets SLURM_PIDS. slurm_down stops it. Writes /etc/slurm/slurm.conf.
+slurm_up() {
+  local W=$1 H
+  command -v slurmctld >/dev/null || { apt-get update -qq && apt-get install -y -qq slurm-wlm >/dev/null; }
+  H=$(hostname)
+  mkdir -p "$W/d" "$W/ctld" /run/munge /etc/slurm; chown munge:munge /run/munge
+  cat > /etc/slurm/slurm.conf <<CONF
+ClusterName=baseline
+SlurmctldHost=$H
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmctldPidFile=$W/slurmctld.pid
+SlurmdPidFile=$W/slurmd.pid
+SlurmdSpoolDir=$W/d
+StateSaveLocation=$W/ctld
+SlurmUser=root
+ReturnToService=2
+MpiDefault=none
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/none
+SlurmctldLogFile=$W/ctld.log
+SlurmdLogFile=$W/d.log
+NodeName=$H CPUs=$(nproc) RealMemory=16000 State=UNKNOWN
+PartitionName=main Nodes=$H Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:50
+CONF
+  pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
+  SLURM_PIDS=()
+  slurmctld -D -i >"$W/ctld.out" 2>&1 & SLURM_PIDS+=($!)
+  for _ in $(seq 1 50); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.2; done
+  slurmd -D >"$W/d.out" 2>&1 & SLURM_PIDS+=($!)
+  for _ in $(seq 1 50); do sinfo -h -o %t 2>/dev/null | grep -q idle && break; sleep 0.2; done
+  sinfo -h -o %t | grep -q idle || { echo "slurm did not come up (see $W/*.log)" >&2; return 1; }
+}
+
+slurm_down() {
+  for p in "${SLURM_PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null; done
+  [ -f /run/munge/munged.pid ] && kill "$(cat /run/munge/munged.pid)" 2>/dev/null
+  return 0
+}

@@ -47,6 +47,9 @@ pub enum Command {
     #[command(subcommand)]
     Operator(OperatorCommand),
     // ---- end high availability ----
+    /// Follow the cluster's event stream.
+    #[command(subcommand)]
+    Event(EventCommand),
     /// Cluster-wide maintenance: garbage collection.
     #[command(subcommand)]
     System(SystemCommand),
@@ -122,6 +125,10 @@ pub struct GcArgs {
     /// Down nodes without allocations whose last heartbeat is older than this are collected.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub node_gc_threshold: std::time::Duration,
+    /// Events each server keeps so that event-stream clients can resume after a reconnect
+    /// (`--index`); a client further behind must read the state again.
+    #[arg(long, default_value_t = mlp_server::events::DEFAULT_BUFFER_EVENTS)]
+    pub event_buffer: usize,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -223,13 +230,34 @@ pub struct DevArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum EventCommand {
+    /// Print events as they happen, one JSON batch per line.
+    Stream {
+        /// Topic to follow: Job, Evaluation, Allocation or Node, optionally `Topic:key` (a job,
+        /// evaluation, allocation or node id; an allocation also matches its job's and node's
+        /// id). Repeatable; none: every topic.
+        #[arg(long = "topic")]
+        topics: Vec<String>,
+        /// Only this namespace (node events always pass); empty: every namespace.
+        #[arg(long, default_value = "")]
+        namespace: String,
+        /// Start after this Raft index (0: from now on).
+        #[arg(long, default_value_t = 0)]
+        index: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum JobCommand {
     /// Register a job from a spec file and follow its placement.
     Run {
         file: PathBuf,
         /// Return right after registration.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "wait")]
         detach: bool,
+        /// Follow the job to its end and exit with its task's exit code (like `srun`).
+        #[arg(long)]
+        wait: bool,
         /// Print the registration result as JSON (implies --detach).
         #[arg(long)]
         json: bool,

@@ -7,7 +7,8 @@
 use anyhow::Context;
 use mlp_proto::v1::{
     alloc_service_client::AllocServiceClient, cluster_service_client::ClusterServiceClient, eval_service_client::EvalServiceClient,
-    job_service_client::JobServiceClient, node_service_client::NodeServiceClient, system_service_client::SystemServiceClient,
+    event_service_client::EventServiceClient, job_service_client::JobServiceClient, node_service_client::NodeServiceClient,
+    system_service_client::SystemServiceClient,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -27,6 +28,7 @@ pub struct Clients {
     pub evals: EvalServiceClient<Channel>,
     pub cluster: ClusterServiceClient<Channel>,
     pub system: SystemServiceClient<Channel>,
+    pub events: EventServiceClient<Channel>,
 }
 
 pub fn endpoint_uri(address: &str) -> String {
@@ -80,7 +82,8 @@ async fn connect_one(address: &str) -> anyhow::Result<Clients> {
         nodes: NodeServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
         evals: EvalServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
         cluster: ClusterServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        system: SystemServiceClient::new(channel),
+        system: SystemServiceClient::new(channel.clone()),
+        events: EventServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
     })
 }
 

@@ -3,7 +3,6 @@
 use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::CommandFactory;
@@ -11,8 +10,9 @@ use mlp_proto::consts::{alloc_client, eval_status};
 use mlp_proto::jobspec;
 use mlp_proto::v1::*;
 
-use crate::cli::{AllocCommand, Cli, Command, EvalCommand, JobCommand, NodeCommand, ServerArgs, SystemCommand};
+use crate::cli::{AllocCommand, Cli, Command, EvalCommand, EventCommand, JobCommand, NodeCommand, ServerArgs, SystemCommand};
 use crate::client::{connect, status_err, with_failover};
+use crate::follow::desc;
 use crate::output::{ago, clock, print_json, short, Table};
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -30,6 +30,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Node(c) => node(&addr, c).await,
         Command::Eval(c) => eval(&addr, c).await,
         Command::System(c) => system(&addr, c).await,
+        Command::Event(c) => event(&addr, c).await,
         Command::Sim(a) => crate::sim::run(&a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "mlp", &mut std::io::stdout());
@@ -49,7 +50,7 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
             println!("Job spec {} is valid: job {:?} ({}), {} group(s)", file.display(), job.name, job.r#type, job.groups.len());
             Ok(ExitCode::SUCCESS)
         }
-        JobCommand::Run { file, detach, json } => {
+        JobCommand::Run { file, detach, wait, json } => {
             let job = load_job(&file)?;
             let (mut c, resp) = crate::client::register_with_failover(
                 addr,
@@ -66,7 +67,8 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
                 println!("    Evaluation ID: {}", resp.eval_id);
                 return Ok(ExitCode::SUCCESS);
             }
-            monitor(&mut c, &job, &resp.eval_id).await
+            let until = if wait { crate::follow::Until::Finished } else { crate::follow::Until::Started };
+            crate::follow::job_run(&mut c, &job, &resp.eval_id, resp.job_version, resp.index, until).await
         }
         JobCommand::Plan { file, json } => {
             let job = load_job(&file)?;
@@ -107,7 +109,7 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
             Ok(if resp.failed_tg_allocs.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         JobCommand::Status { name: None, json, namespace, stale } => {
-            let req = ListJobsRequest { namespace, stale };
+            let req = ListJobsRequest { namespace, stale, ..Default::default() };
             let (_, resp) = with_failover(addr, |mut c| {
                 let req = req.clone();
                 async move { c.jobs.list(req).await.map(tonic::Response::into_inner) }
@@ -136,7 +138,7 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         JobCommand::Status { name: Some(name), json, namespace, stale } => {
-            let req = GetJobRequest { job_id: name, namespace, stale };
+            let req = GetJobRequest { job_id: name, namespace, stale, ..Default::default() };
             let (_, resp) = with_failover(addr, |mut c| {
                 let req = req.clone();
                 async move { c.jobs.get(req).await.map(tonic::Response::into_inner) }
@@ -160,10 +162,10 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
             if detach {
                 return Ok(ExitCode::SUCCESS);
             }
-            wait_stopped(&mut c, &name, &namespace, &resp.eval_id).await
+            crate::follow::job_stopped(&mut c, &name, &namespace, &resp.eval_id, resp.index).await
         }
         JobCommand::History { name, json, namespace } => {
-            let req = GetJobRequest { job_id: name, namespace, stale: false };
+            let req = GetJobRequest { job_id: name, namespace, ..Default::default() };
             let (_, resp) = with_failover(addr, |mut c| {
                 let req = req.clone();
                 async move { c.jobs.versions(req).await.map(tonic::Response::into_inner) }
@@ -181,108 +183,6 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-    }
-}
-
-/// Follows a registration like Nomad's monitor: evaluation → placements → allocations running.
-async fn monitor(c: &mut crate::client::Clients, job: &Job, eval_id: &str) -> anyhow::Result<ExitCode> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let eval = loop {
-        let e = c.evals.get(GetEvalRequest { eval_id: eval_id.to_string() }).await.map_err(status_err)?.into_inner().evaluation;
-        if let Some(e) = e {
-            if e.status != eval_status::PENDING {
-                break e;
-            }
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!("evaluation {eval_id} still pending after 60s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    println!("==> Evaluation {} finished with status {:?}", short(&eval.id), eval.status);
-    let resp = c
-        .jobs
-        .get(GetJobRequest { job_id: job.id.clone(), namespace: job.namespace.clone(), stale: false })
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    let ours: Vec<&Allocation> = resp.allocations.iter().filter(|a| a.eval_id == eval.id).collect();
-    for a in &ours {
-        println!("    Allocation {} created: node {}, group {:?}", short(&a.id), short(&a.node_id), a.task_group);
-    }
-    if !eval.failed_tg_allocs.is_empty() {
-        println!("==> Some allocations could not be placed; they wait for capacity (evaluation {} is blocked):", short(&eval.blocked_eval));
-        for line in mlp_server::leader::explain_failures(&eval.failed_tg_allocs) {
-            println!("    {line}");
-        }
-        return Ok(ExitCode::from(2));
-    }
-    if ours.is_empty() {
-        println!("==> No new allocations (the job is already placed as specified).");
-        return Ok(ExitCode::SUCCESS);
-    }
-    // Follow until every new allocation has started (or ended).
-    let ids: BTreeSet<String> = ours.iter().map(|a| a.id.clone()).collect();
-    let mut last = std::collections::BTreeMap::<String, String>::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let resp = c
-            .allocs
-            .list(ListAllocsRequest { job_id: job.id.clone(), node_id: String::new(), namespace: job.namespace.clone() })
-            .await
-            .map_err(status_err)?
-            .into_inner();
-        let mut settled = true;
-        let mut failed = false;
-        for a in resp.allocations.iter().filter(|a| ids.contains(&a.id)) {
-            if last.get(&a.id) != Some(&a.client_status) {
-                println!("    Allocation {} {}{}", short(&a.id), a.client_status, desc(&a.client_description));
-                last.insert(a.id.clone(), a.client_status.clone());
-            }
-            settled &= a.client_status != alloc_client::PENDING;
-            failed |= a.client_status == alloc_client::FAILED;
-        }
-        if settled {
-            println!("==> Deployed: {} allocation(s) of job {:?}{}", ids.len(), job.name, if failed { " (some failed)" } else { "" });
-            return Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS });
-        }
-        if Instant::now() > deadline {
-            println!("==> Allocations still pending after 120s; follow with `mlp job status {}`", job.name);
-            return Ok(ExitCode::from(2));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn desc(d: &str) -> String {
-    if d.is_empty() {
-        String::new()
-    } else {
-        format!(" ({d})")
-    }
-}
-
-async fn wait_stopped(c: &mut crate::client::Clients, name: &str, namespace: &str, eval_id: &str) -> anyhow::Result<ExitCode> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let e = c.evals.get(GetEvalRequest { eval_id: eval_id.to_string() }).await.map_err(status_err)?.into_inner().evaluation;
-        let evaluated = e.is_some_and(|e| e.status != eval_status::PENDING);
-        let resp = c
-            .allocs
-            .list(ListAllocsRequest { job_id: name.to_string(), node_id: String::new(), namespace: namespace.to_string() })
-            .await
-            .map_err(status_err)?
-            .into_inner();
-        let live = resp.allocations.iter().filter(|a| !alloc_client::is_terminal(&a.client_status)).count();
-        if evaluated && live == 0 {
-            println!("==> All allocations of {name:?} have stopped");
-            return Ok(ExitCode::SUCCESS);
-        }
-        if Instant::now() > deadline {
-            println!("==> {live} allocation(s) still stopping after 120s");
-            return Ok(ExitCode::from(2));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -360,7 +260,7 @@ async fn alloc(addr: &str, cmd: AllocCommand) -> anyhow::Result<ExitCode> {
     let mut c = connect(addr).await?;
     match cmd {
         AllocCommand::Status { id, json } => {
-            let a = c.allocs.get(GetAllocRequest { alloc_id: id }).await.map_err(status_err)?.into_inner().allocation;
+            let a = c.allocs.get(GetAllocRequest { alloc_id: id, ..Default::default() }).await.map_err(status_err)?.into_inner().allocation;
             let a = a.context("server returned no allocation")?;
             if json {
                 print_json(&a)?;
@@ -478,7 +378,7 @@ async fn node(addr: &str, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
     let mut c = connect(addr).await?;
     match cmd {
         NodeCommand::Status { id: None, json } => {
-            let nodes = c.nodes.list(ListNodesRequest {}).await.map_err(status_err)?.into_inner().nodes;
+            let nodes = c.nodes.list(ListNodesRequest::default()).await.map_err(status_err)?.into_inner().nodes;
             if json {
                 print_json(&nodes)?;
             } else if nodes.is_empty() {
@@ -501,7 +401,7 @@ async fn node(addr: &str, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
             }
         }
         NodeCommand::Status { id: Some(id), json } => {
-            let resp = c.nodes.get(GetNodeRequest { node_id: id }).await.map_err(status_err)?.into_inner();
+            let resp = c.nodes.get(GetNodeRequest { node_id: id, ..Default::default() }).await.map_err(status_err)?.into_inner();
             if json {
                 print_json(&resp)?;
                 return Ok(ExitCode::SUCCESS);
@@ -600,8 +500,13 @@ async fn node(addr: &str, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
 /// Follows a drain until it completes (or is cancelled), printing each allocation that moves.
 async fn drain_monitor(c: &mut crate::client::Clients, node_id: &str) -> anyhow::Result<ExitCode> {
     let mut seen: BTreeSet<String> = BTreeSet::new();
+    let mut index = 0;
     loop {
-        let resp = c.nodes.get(GetNodeRequest { node_id: node_id.to_string() }).await.map_err(status_err)?.into_inner();
+        // A blocking query: answers at once the first time, then when the node or one of its
+        // allocations changes after `index`.
+        let req = GetNodeRequest { node_id: node_id.to_string(), min_index: index, wait_ms: 60_000 };
+        let resp = c.nodes.get(req).await.map_err(status_err)?.into_inner();
+        index = resp.index;
         let node = resp.node.context("server returned no node")?;
         for a in &resp.allocations {
             if a.desired_status == mlp_proto::consts::alloc_desired::STOP && seen.insert(a.id.clone()) && a.desired_migrate {
@@ -613,7 +518,6 @@ async fn drain_monitor(c: &mut crate::client::Clients, node_id: &str) -> anyhow:
             println!("Node {node_id}: {last}.");
             return Ok(ExitCode::SUCCESS);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -622,7 +526,7 @@ async fn eval(addr: &str, cmd: EvalCommand) -> anyhow::Result<ExitCode> {
     let EvalCommand::Status { id, json } = cmd;
     match id {
         None => {
-            let evals = c.evals.list(ListEvalsRequest { job_id: String::new() }).await.map_err(status_err)?.into_inner().evaluations;
+            let evals = c.evals.list(ListEvalsRequest::default()).await.map_err(status_err)?.into_inner().evaluations;
             if json {
                 print_json(&evals)?;
             } else {
@@ -640,7 +544,7 @@ async fn eval(addr: &str, cmd: EvalCommand) -> anyhow::Result<ExitCode> {
             }
         }
         Some(id) => {
-            let e = c.evals.get(GetEvalRequest { eval_id: id }).await.map_err(status_err)?.into_inner().evaluation;
+            let e = c.evals.get(GetEvalRequest { eval_id: id, ..Default::default() }).await.map_err(status_err)?.into_inner().evaluation;
             let e = e.context("server returned no evaluation")?;
             if json {
                 print_json(&e)?;
@@ -688,4 +592,33 @@ fn print_task_usage(ts: &mlp_proto::v1::TaskState) {
         mib(u.memory_max_usage_bytes),
         u.pids
     );
+}
+
+async fn event(addr: &str, cmd: EventCommand) -> anyhow::Result<ExitCode> {
+    let EventCommand::Stream { topics, namespace, index } = cmd;
+    let c = connect(addr).await?;
+    let pairs: Vec<(String, String)> = topics
+        .iter()
+        .map(|t| match t.split_once(':') {
+            Some((topic, key)) => (topic.to_string(), key.to_string()),
+            None => (t.clone(), String::new()),
+        })
+        .collect();
+    let refs: Vec<(&str, &str)> = pairs.iter().map(|(t, k)| (t.as_str(), k.as_str())).collect();
+    let mut f = crate::follow::Follower::new(&c, &refs, &namespace, index);
+    let mut out = std::io::stdout().lock();
+    loop {
+        match f.next().await? {
+            crate::follow::Next::Batch(b) => {
+                serde_json::to_writer(&mut out, &b)?;
+                writeln!(out)?;
+                out.flush()?;
+            }
+            crate::follow::Next::Resync => {
+                anyhow::bail!(
+                    "the server no longer has the events after index {index} (or its state was replaced); start again without --index"
+                )
+            }
+        }
+    }
 }

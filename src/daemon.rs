@@ -70,6 +70,7 @@ async fn start_server(
         heartbeat: heartbeat(ttl)?,
         scheduler: scheduler_options(preemption)?,
         gc: gc_settings(gc)?,
+        event_buffer: event_buffer(gc.event_buffer)?,
     };
     Server::start_clustered(config, cluster).await.context("starting the server")
 }
@@ -94,6 +95,13 @@ fn gc_settings(g: &crate::cli::GcArgs) -> anyhow::Result<mlp_server::leader::gc:
         interval: g.gc_interval,
         thresholds: mlp_server::leader::gc::GcThresholds { eval: g.eval_gc_threshold, job: g.job_gc_threshold, node: g.node_gc_threshold },
     })
+}
+
+fn event_buffer(n: usize) -> anyhow::Result<usize> {
+    if !(1..=1_000_000).contains(&n) {
+        anyhow::bail!("--event-buffer must be between 1 and 1000000 events, got {n}");
+    }
+    Ok(n)
 }
 
 /// Raft timing from the flags, checked so that elections can work at all.

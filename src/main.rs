@@ -5,6 +5,7 @@ mod cli;
 mod client;
 mod commands;
 mod daemon;
+mod follow;
 mod ha;
 mod output;
 mod sim;

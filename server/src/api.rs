@@ -1,13 +1,14 @@
 //! The API's logic, shared by the gRPC services (the API of record) and the HTTP JSON mirror:
 //! validation, reads (linearizable unless `stale`), and writes through Raft.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use mlp_proto::consts::{alloc_client, eval_status, eval_trigger, node_status};
 use mlp_proto::jobspec;
 use mlp_proto::v1::*;
 
+use crate::events;
 use crate::leader::{now_ms, HeartbeatSettings, Heartbeats};
 use crate::metrics::{Metrics, RaftFigures};
 use crate::raft::node::{RaftNode, WriteError};
@@ -59,6 +60,19 @@ impl From<ApiError> for tonic::Status {
         }
     }
 }
+
+/// A blocking query's wait (Nomad's `index` and `wait`): with `min_index` > 0, a read waits
+/// until an entry after it changed what the read covers, or `wait_ms` passes (0: the default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Block {
+    pub min_index: u64,
+    pub wait_ms: u64,
+}
+
+/// How long a blocking query waits when it names no wait (Nomad's default).
+pub const DEFAULT_BLOCK_WAIT_MS: u64 = 5 * 60 * 1000;
+/// The longest wait a blocking query may ask for.
+pub const MAX_BLOCK_WAIT_MS: u64 = 10 * 60 * 1000;
 
 /// Everything the handlers need.
 pub struct Api {
@@ -264,7 +278,41 @@ impl Api {
         })
     }
 
+    /// A blocking query's wait: returns once an entry after `b.min_index` produced an event
+    /// matching `topics` (topic, key; key "" for all) in `namespace` ("" for all), or the wait
+    /// ran out. Returns at once without a `min_index`, or when the events since it are no longer
+    /// buffered (something may have changed: the caller reads and answers).
+    async fn block(&self, b: Block, topics: &[(&str, &str)], namespace: &str) -> Result<(), ApiError> {
+        if b.min_index == 0 {
+            return Ok(());
+        }
+        if b.wait_ms > MAX_BLOCK_WAIT_MS {
+            return Err(ApiError::InvalidArgument(format!("wait is {} ms, at most {MAX_BLOCK_WAIT_MS} (10 minutes)", b.wait_ms)));
+        }
+        let wait = std::time::Duration::from_millis(if b.wait_ms == 0 { DEFAULT_BLOCK_WAIT_MS } else { b.wait_ms });
+        let topics: Vec<EventTopic> = topics.iter().map(|(t, k)| EventTopic { topic: t.to_string(), key: k.to_string() }).collect();
+        let filter = events::Filter::new(&topics, namespace).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let Ok(mut sub) = self.state.events().subscribe(b.min_index, filter) else { return Ok(()) };
+        Metrics::inc(&self.metrics.blocking_queries);
+        // A match, a timeout, a reset or being cut off all end the wait the same way: read now.
+        let _ = tokio::time::timeout(wait, sub.next()).await;
+        Ok(())
+    }
+
+    /// Opens an event stream subscription (validated: topics, namespace, index).
+    pub fn subscribe_events(&self, req: &EventsRequest) -> Result<events::Subscription, events::EventError> {
+        if req.namespace.len() > 256 {
+            return Err(events::EventError::Invalid(format!("namespace is {} bytes, at most 256", req.namespace.len())));
+        }
+        let filter = events::Filter::from_request(req)?;
+        let sub = self.state.events().subscribe(req.index, filter)?;
+        Metrics::inc(&self.metrics.event_subscriptions);
+        Ok(sub)
+    }
+
     pub async fn list_jobs(&self, req: ListJobsRequest) -> Result<ListJobsResponse, ApiError> {
+        let b = Block { min_index: req.min_index, wait_ms: req.wait_ms };
+        self.block(b, &[(events::TOPIC_JOB, ""), (events::TOPIC_ALLOCATION, "")], &req.namespace).await?;
         self.read_barrier(req.stale).await?;
         let st = self.state.read();
         let jobs = st
@@ -294,6 +342,10 @@ impl Api {
 
     pub async fn get_job(&self, req: GetJobRequest) -> Result<GetJobResponse, ApiError> {
         require_id("job_id", &req.job_id)?;
+        let b = Block { min_index: req.min_index, wait_ms: req.wait_ms };
+        let id = req.job_id.as_str();
+        let topics = [(events::TOPIC_JOB, id), (events::TOPIC_ALLOCATION, id), (events::TOPIC_EVALUATION, id)];
+        self.block(b, &topics, default_namespace(&req.namespace)).await?;
         self.read_barrier(req.stale).await?;
         let st = self.state.read();
         let ns = default_namespace(&req.namespace);
@@ -310,6 +362,8 @@ impl Api {
 
     pub async fn job_versions(&self, req: GetJobRequest) -> Result<JobVersionsResponse, ApiError> {
         require_id("job_id", &req.job_id)?;
+        let b = Block { min_index: req.min_index, wait_ms: req.wait_ms };
+        self.block(b, &[(events::TOPIC_JOB, req.job_id.as_str())], default_namespace(&req.namespace)).await?;
         self.read_barrier(req.stale).await?;
         let st = self.state.read();
         let ns = default_namespace(&req.namespace);
@@ -342,6 +396,13 @@ impl Api {
     }
 
     pub async fn list_allocs(&self, req: ListAllocsRequest) -> Result<ListAllocsResponse, ApiError> {
+        let b = Block { min_index: req.min_index, wait_ms: req.wait_ms };
+        let (key, ns) = if !req.job_id.is_empty() {
+            (req.job_id.as_str(), default_namespace(&req.namespace))
+        } else {
+            (req.node_id.as_str(), req.namespace.as_str())
+        };
+        self.block(b, &[(events::TOPIC_ALLOCATION, key)], ns).await?;
         self.read_barrier(false).await?;
         let st = self.state.read();
         let mut allocations: Vec<Allocation> = if !req.job_id.is_empty() {
@@ -355,8 +416,12 @@ impl Api {
         Ok(ListAllocsResponse { allocations, index: st.index })
     }
 
-    pub async fn get_alloc(&self, id: &str) -> Result<Allocation, ApiError> {
+    pub async fn get_alloc(&self, id: &str, b: Block) -> Result<Allocation, ApiError> {
         require_id("alloc_id", id)?;
+        if b.min_index > 0 {
+            let full = self.state.read().find_alloc(id).map(|a| a.id.clone()).unwrap_or_default();
+            self.block(b, &[(events::TOPIC_ALLOCATION, full.as_str())], "").await?;
+        }
         self.read_barrier(false).await?;
         let st = self.state.read();
         let mut a = st.find_alloc(id)?.clone();
@@ -366,18 +431,24 @@ impl Api {
         Ok(a)
     }
 
-    pub async fn list_nodes(&self) -> Result<ListNodesResponse, ApiError> {
+    pub async fn list_nodes(&self, b: Block) -> Result<ListNodesResponse, ApiError> {
+        self.block(b, &[(events::TOPIC_NODE, "")], "").await?;
         self.read_barrier(false).await?;
-        Ok(ListNodesResponse { nodes: self.state.read().nodes.values().cloned().collect() })
+        let st = self.state.read();
+        Ok(ListNodesResponse { nodes: st.nodes.values().cloned().collect(), index: st.index })
     }
 
-    pub async fn get_node(&self, id: &str) -> Result<GetNodeResponse, ApiError> {
+    pub async fn get_node(&self, id: &str, b: Block) -> Result<GetNodeResponse, ApiError> {
         require_id("node_id", id)?;
+        if b.min_index > 0 {
+            let full = self.state.read().find_node(id).map(|n| n.id.clone()).unwrap_or_default();
+            self.block(b, &[(events::TOPIC_NODE, full.as_str()), (events::TOPIC_ALLOCATION, full.as_str())], "").await?;
+        }
         self.read_barrier(false).await?;
         let st = self.state.read();
         let node = st.find_node(id)?.clone();
         let allocations = st.allocs_for_node(&node.id).cloned().collect();
-        Ok(GetNodeResponse { node: Some(node), allocations })
+        Ok(GetNodeResponse { node: Some(node), allocations, index: st.index })
     }
 
     /// Starts or cancels a node drain. Starting makes the node ineligible at once; the leader's
@@ -435,18 +506,25 @@ impl Api {
         Ok(NodeEligibilityResponse { index: resp.index, node_id })
     }
 
-    pub async fn list_evals(&self, job_id: &str) -> Result<ListEvalsResponse, ApiError> {
+    pub async fn list_evals(&self, job_id: &str, b: Block) -> Result<ListEvalsResponse, ApiError> {
+        self.block(b, &[(events::TOPIC_EVALUATION, job_id)], "").await?;
         self.read_barrier(false).await?;
         let st = self.state.read();
         let mut evaluations: Vec<Evaluation> = st.evals.values().filter(|e| job_id.is_empty() || e.job_id == job_id).cloned().collect();
         evaluations.sort_by_key(|e| e.create_index);
-        Ok(ListEvalsResponse { evaluations })
+        Ok(ListEvalsResponse { evaluations, index: st.index })
     }
 
-    pub async fn get_eval(&self, id: &str) -> Result<Evaluation, ApiError> {
+    /// An evaluation and the state's index.
+    pub async fn get_eval(&self, id: &str, b: Block) -> Result<(Evaluation, u64), ApiError> {
         require_id("eval_id", id)?;
+        if b.min_index > 0 {
+            let full = self.state.read().find_eval(id).map(|e| e.id.clone()).unwrap_or_default();
+            self.block(b, &[(events::TOPIC_EVALUATION, full.as_str())], "").await?;
+        }
         self.read_barrier(false).await?;
-        Ok(self.state.read().find_eval(id)?.clone())
+        let st = self.state.read();
+        Ok((st.find_eval(id)?.clone(), st.index))
     }
 
     /// `mlp system gc`: collects now everything eligible, whatever its age, after a
@@ -534,24 +612,18 @@ impl Api {
 
     /// All allocations the node should know, with the job version each runs.
     pub fn node_allocations(&self, node_id: &str) -> NodeAllocations {
-        self.node_allocations_since(node_id, None)
+        let st = self.state.read();
+        let allocations = st.allocs_for_node(node_id).map(|a| with_job(&st, a)).collect();
+        NodeAllocations { allocations, index: st.index, partial: false }
     }
 
-    /// With `since = Some(i)`, only the allocations modified at index `i` or later (a partial
-    /// message); `i` itself is included because one Raft entry carries a batch of requests that
-    /// share its index, and a reader may have seen part of that batch.
-    pub fn node_allocations_since(&self, node_id: &str, since: Option<u64>) -> NodeAllocations {
+    /// The given allocations of the node (those one entry changed), as a partial message:
+    /// O(changes), however many allocations the node has had.
+    pub fn node_allocations_changed(&self, node_id: &str, ids: &BTreeSet<String>) -> NodeAllocations {
         let st = self.state.read();
-        let allocations = st
-            .allocs_for_node(node_id)
-            .filter(|a| since.is_none_or(|i| a.modify_index >= i))
-            .map(|a| {
-                let mut a = a.clone();
-                a.job = st.job_version(&a.namespace, &a.job_id, a.job_version).cloned();
-                a
-            })
-            .collect();
-        NodeAllocations { allocations, index: st.index, partial: since.is_some() }
+        let allocations =
+            ids.iter().filter_map(|id| st.allocs.get(id)).filter(|a| a.node_id == node_id).map(|a| with_job(&st, a)).collect();
+        NodeAllocations { allocations, index: st.index, partial: true }
     }
 
     pub async fn update_allocs(&self, mut req: UpdateAllocsRequest) -> Result<UpdateAllocsResponse, ApiError> {
@@ -604,4 +676,11 @@ impl Api {
             .await?;
         Ok(UpdateAllocsResponse { index: resp.index })
     }
+}
+
+/// An allocation with the job version it runs attached (the state keeps jobs apart).
+fn with_job(st: &crate::state::ClusterState, a: &Allocation) -> Allocation {
+    let mut a = a.clone();
+    a.job = st.job_version(&a.namespace, &a.job_id, a.job_version).cloned();
+    a
 }

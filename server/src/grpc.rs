@@ -8,7 +8,8 @@ use mlp_proto::v1::*;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::api::Api;
+use crate::api::{Api, Block};
+use crate::events::EventError;
 use crate::metrics::Metrics;
 
 type GrpcResult<T> = Result<Response<T>, Status>;
@@ -63,8 +64,10 @@ impl alloc_service_server::AllocService for GrpcApi {
     }
     async fn get(&self, req: Request<GetAllocRequest>) -> GrpcResult<GetAllocResponse> {
         self.count();
-        let a = self.api.get_alloc(&req.into_inner().alloc_id).await?;
-        Ok(Response::new(GetAllocResponse { allocation: Some(a) }))
+        let req = req.into_inner();
+        let a = self.api.get_alloc(&req.alloc_id, Block { min_index: req.min_index, wait_ms: req.wait_ms }).await?;
+        let index = self.api.state.read().index;
+        Ok(Response::new(GetAllocResponse { allocation: Some(a), index }))
     }
 
     type LogsStream = BoxStream<LogChunk>;
@@ -73,7 +76,7 @@ impl alloc_service_server::AllocService for GrpcApi {
     async fn logs(&self, req: Request<LogsRequest>) -> GrpcResult<Self::LogsStream> {
         self.count();
         let mut req = req.into_inner();
-        let alloc = self.api.get_alloc(&req.alloc_id).await?;
+        let alloc = self.api.get_alloc(&req.alloc_id, Block::default()).await?;
         let addr = {
             let st = self.api.state.read();
             st.nodes.get(&alloc.node_id).map(|n| n.rpc_addr.clone()).unwrap_or_default()
@@ -121,7 +124,7 @@ impl alloc_service_server::AllocService for GrpcApi {
         if start.command.is_empty() {
             return Err(Status::invalid_argument("exec: start.command is empty: name a command to run"));
         }
-        let alloc = self.api.get_alloc(&start.alloc_id).await?;
+        let alloc = self.api.get_alloc(&start.alloc_id, Block::default()).await?;
         if alloc.client_status != mlp_proto::consts::alloc_client::RUNNING {
             return Err(Status::failed_precondition(format!(
                 "allocation {} is {}, not running",
@@ -187,13 +190,15 @@ impl GrpcApi {
 
 #[tonic::async_trait]
 impl node_service_server::NodeService for GrpcApi {
-    async fn list(&self, _req: Request<ListNodesRequest>) -> GrpcResult<ListNodesResponse> {
+    async fn list(&self, req: Request<ListNodesRequest>) -> GrpcResult<ListNodesResponse> {
         self.count();
-        Ok(Response::new(self.api.list_nodes().await?))
+        let req = req.into_inner();
+        Ok(Response::new(self.api.list_nodes(Block { min_index: req.min_index, wait_ms: req.wait_ms }).await?))
     }
     async fn get(&self, req: Request<GetNodeRequest>) -> GrpcResult<GetNodeResponse> {
         self.count();
-        Ok(Response::new(self.api.get_node(&req.into_inner().node_id).await?))
+        let req = req.into_inner();
+        Ok(Response::new(self.api.get_node(&req.node_id, Block { min_index: req.min_index, wait_ms: req.wait_ms }).await?))
     }
     async fn update_drain(&self, req: Request<NodeDrainRequest>) -> GrpcResult<NodeDrainResponse> {
         self.count();
@@ -209,12 +214,65 @@ impl node_service_server::NodeService for GrpcApi {
 impl eval_service_server::EvalService for GrpcApi {
     async fn list(&self, req: Request<ListEvalsRequest>) -> GrpcResult<ListEvalsResponse> {
         self.count();
-        Ok(Response::new(self.api.list_evals(&req.into_inner().job_id).await?))
+        let req = req.into_inner();
+        Ok(Response::new(self.api.list_evals(&req.job_id, Block { min_index: req.min_index, wait_ms: req.wait_ms }).await?))
     }
     async fn get(&self, req: Request<GetEvalRequest>) -> GrpcResult<GetEvalResponse> {
         self.count();
-        let e = self.api.get_eval(&req.into_inner().eval_id).await?;
-        Ok(Response::new(GetEvalResponse { evaluation: Some(e) }))
+        let req = req.into_inner();
+        let (e, index) = self.api.get_eval(&req.eval_id, Block { min_index: req.min_index, wait_ms: req.wait_ms }).await?;
+        Ok(Response::new(GetEvalResponse { evaluation: Some(e), index }))
+    }
+}
+
+#[tonic::async_trait]
+impl event_service_server::EventService for GrpcApi {
+    type EventsStream = BoxStream<EventBatch>;
+
+    /// Batches of matching events as entries are applied, with an empty batch (index 0) as a
+    /// heartbeat every `EVENT_HEARTBEAT`. Ends with an error status when the subscriber falls
+    /// behind, the state is replaced, or the server stops.
+    async fn events(&self, req: Request<EventsRequest>) -> GrpcResult<Self::EventsStream> {
+        self.count();
+        let mut sub = self.api.subscribe_events(&req.into_inner()).map_err(event_status)?;
+        let metrics = self.api.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut heartbeat = tokio::time::interval(crate::events::HEARTBEAT);
+            heartbeat.tick().await;
+            loop {
+                let item = tokio::select! {
+                    b = sub.next() => b.map_err(|e| {
+                        if matches!(e, EventError::Lagged { .. }) {
+                            Metrics::inc(&metrics.metrics.event_subscribers_cut);
+                        }
+                        event_status(e)
+                    }),
+                    _ = heartbeat.tick() => Ok(EventBatch::default()),
+                    _ = tx.closed() => return,
+                };
+                let end = item.is_err();
+                // A client that takes no message for this long is cut off, like one that falls
+                // behind: the state machine never waits for it either way.
+                match tokio::time::timeout(crate::events::SEND_TIMEOUT, tx.send(item)).await {
+                    Ok(Ok(())) if !end => {}
+                    _ => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The gRPC status for an event stream error.
+pub fn event_status(e: EventError) -> Status {
+    let msg = e.to_string();
+    match e {
+        EventError::Gone { .. } => Status::out_of_range(msg),
+        EventError::Lagged { .. } => Status::resource_exhausted(msg),
+        EventError::Reset { .. } => Status::aborted(msg),
+        EventError::Closed => Status::unavailable(msg),
+        EventError::Invalid(_) => Status::invalid_argument(msg),
     }
 }
 
@@ -261,7 +319,6 @@ impl agent_service_server::AgentService for GrpcApi {
             // The full set first, then only what changed since the previous message (a missed
             // notification, `Lagged`, falls back to the full set).
             let first = api.node_allocations(&node_id);
-            let mut last = first.index;
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
@@ -270,12 +327,13 @@ impl agent_service_server::AgentService for GrpcApi {
                     // The node's set may have lost allocations (garbage collection, a restore):
                     // only the full set tells the agent to let go of them.
                     Ok(c) if c.resend.contains(&node_id) => api.node_allocations(&node_id),
-                    Ok(c) if c.changed.contains(&node_id) => api.node_allocations_since(&node_id, Some(last)),
-                    Ok(_) => continue,
+                    Ok(c) => match c.changed.get(&node_id) {
+                        Some(ids) => api.node_allocations_changed(&node_id, ids),
+                        None => continue,
+                    },
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => api.node_allocations(&node_id),
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
-                last = msg.index;
                 if msg.partial && msg.allocations.is_empty() {
                     continue;
                 }

@@ -1,7 +1,6 @@
 //! The HTTP JSON API: a mirror of the gRPC API for reads and job submission, plus Prometheus
 //! metrics. Every error is JSON `{"error": "..."}` with a 4xx/5xx status.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -9,11 +8,12 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use mlp_proto::v1::{GetJobRequest, Job, ListAllocsRequest, ListJobsRequest, StopJobRequest};
+use mlp_proto::v1::{EventTopic, EventsRequest, GetJobRequest, Job, ListAllocsRequest, ListJobsRequest, StopJobRequest};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::api::{Api, ApiError};
+use crate::api::{Api, ApiError, Block};
+use crate::events::EventError;
 use crate::metrics::Metrics;
 
 /// Largest request body accepted (job specs are small).
@@ -94,6 +94,14 @@ fn ok<T: serde::Serialize>(v: T) -> HttpResult {
     Ok(Json(v).into_response())
 }
 
+/// A read's answer with the state's index in `X-Mlp-Index` (the next blocking query's `index`).
+fn ok_at<T: serde::Serialize>(v: T, index: u64) -> HttpResult {
+    Ok(([(INDEX_HEADER, index.to_string())], Json(v)).into_response())
+}
+
+/// The response header that carries a read's index.
+pub const INDEX_HEADER: &str = "x-mlp-index";
+
 /// `POST /v1/jobs` body: a job as JSON, or a job spec in HCL.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -110,6 +118,24 @@ struct Params {
     purge: bool,
     job_id: String,
     node_id: String,
+    /// Blocking query: wait for a change after this index ...
+    index: u64,
+    /// ... for at most this long (`500ms`, `30s`, `5m`; default 5m, at most 10m).
+    wait: Option<String>,
+}
+
+impl Params {
+    fn block(&self) -> Result<Block, HttpError> {
+        let wait_ms = match &self.wait {
+            None => 0,
+            Some(w) => mlp_proto::jobspec::parse_duration(w)
+                .map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("query parameter wait: {e}")))?
+                .as_millis()
+                .try_into()
+                .unwrap_or(u64::MAX),
+        };
+        Ok(Block { min_index: self.index, wait_ms })
+    }
 }
 
 pub fn router(api: Arc<Api>) -> Router {
@@ -128,6 +154,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/evaluations", get(list_evals))
         .route("/v1/evaluation/:id", get(get_eval))
         .route("/v1/status/leader", get(leader))
+        .route("/v1/event/stream", get(event_stream))
         .route("/v1/metrics", get(metrics))
         .route("/v1/system/gc", axum::routing::post(system_gc))
         .fallback(not_found)
@@ -150,7 +177,9 @@ async fn not_found(uri: axum::http::Uri) -> HttpError {
 }
 
 async fn list_jobs(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> HttpResult {
-    ok(api.list_jobs(ListJobsRequest { namespace: p.namespace, stale: p.stale }).await?.jobs)
+    let b = p.block()?;
+    let r = api.list_jobs(ListJobsRequest { namespace: p.namespace, stale: p.stale, min_index: b.min_index, wait_ms: b.wait_ms }).await?;
+    ok_at(r.jobs, r.index)
 }
 
 async fn submit_job(State(api): State<Arc<Api>>, StrictJson(body): StrictJson<SubmitJob>) -> HttpResult {
@@ -166,8 +195,15 @@ async fn submit_job(State(api): State<Arc<Api>>, StrictJson(body): StrictJson<Su
     ok(api.register_job(Some(job)).await?)
 }
 
+fn get_job_request(id: String, p: Params) -> Result<GetJobRequest, HttpError> {
+    let b = p.block()?;
+    Ok(GetJobRequest { job_id: id, namespace: p.namespace, stale: p.stale, min_index: b.min_index, wait_ms: b.wait_ms })
+}
+
 async fn get_job(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
-    ok(api.get_job(GetJobRequest { job_id: id, namespace: p.namespace, stale: p.stale }).await?)
+    let r = api.get_job(get_job_request(id, p)?).await?;
+    let index = r.index;
+    ok_at(r, index)
 }
 
 async fn stop_job(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
@@ -175,31 +211,42 @@ async fn stop_job(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p):
 }
 
 async fn job_allocs(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
-    ok(api.get_job(GetJobRequest { job_id: id, namespace: p.namespace, stale: p.stale }).await?.allocations)
+    let r = api.get_job(get_job_request(id, p)?).await?;
+    ok_at(r.allocations, r.index)
 }
 
 async fn job_versions(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
-    ok(api.job_versions(GetJobRequest { job_id: id, namespace: p.namespace, stale: p.stale }).await?.versions)
+    ok(api.job_versions(get_job_request(id, p)?).await?.versions)
 }
 
 async fn job_evals(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
-    ok(api.get_job(GetJobRequest { job_id: id, namespace: p.namespace, stale: p.stale }).await?.evaluations)
+    let r = api.get_job(get_job_request(id, p)?).await?;
+    ok_at(r.evaluations, r.index)
 }
 
 async fn list_allocs(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> HttpResult {
-    ok(api.list_allocs(ListAllocsRequest { job_id: p.job_id, node_id: p.node_id, namespace: p.namespace }).await?.allocations)
+    let b = p.block()?;
+    let req =
+        ListAllocsRequest { job_id: p.job_id, node_id: p.node_id, namespace: p.namespace, min_index: b.min_index, wait_ms: b.wait_ms };
+    let r = api.list_allocs(req).await?;
+    ok_at(r.allocations, r.index)
 }
 
-async fn get_alloc(State(api): State<Arc<Api>>, Path(id): Path<String>) -> HttpResult {
-    ok(api.get_alloc(&id).await?)
+async fn get_alloc(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
+    let a = api.get_alloc(&id, p.block()?).await?;
+    let index = api.state.read().index;
+    ok_at(a, index)
 }
 
-async fn list_nodes(State(api): State<Arc<Api>>) -> HttpResult {
-    ok(api.list_nodes().await?.nodes)
+async fn list_nodes(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> HttpResult {
+    let r = api.list_nodes(p.block()?).await?;
+    ok_at(r.nodes, r.index)
 }
 
-async fn get_node(State(api): State<Arc<Api>>, Path(id): Path<String>) -> HttpResult {
-    ok(api.get_node(&id).await?)
+async fn get_node(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
+    let r = api.get_node(&id, p.block()?).await?;
+    let index = r.index;
+    ok_at(r, index)
 }
 
 /// `POST /v1/node/{id}/drain` with `{"enable": true, "deadline_ms": 3600000, "ignore_system": false}`.
@@ -229,13 +276,71 @@ async fn node_eligibility(State(api): State<Arc<Api>>, Path(id): Path<String>, S
     ok(api.update_eligibility(mlp_proto::v1::NodeEligibilityRequest { node_id: id, eligible: b.eligible }).await?)
 }
 
-async fn list_evals(State(api): State<Arc<Api>>, Query(q): Query<HashMap<String, String>>) -> HttpResult {
-    let job = q.get("job_id").cloned().unwrap_or_default();
-    ok(api.list_evals(&job).await?.evaluations)
+async fn list_evals(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> HttpResult {
+    let r = api.list_evals(&p.job_id, p.block()?).await?;
+    ok_at(r.evaluations, r.index)
 }
 
-async fn get_eval(State(api): State<Arc<Api>>, Path(id): Path<String>) -> HttpResult {
-    ok(api.get_eval(&id).await?)
+async fn get_eval(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
+    let (e, index) = api.get_eval(&id, p.block()?).await?;
+    ok_at(e, index)
+}
+
+/// `GET /v1/event/stream?topic=Job&topic=Allocation:<job id>&namespace=N&index=I`: newline-
+/// delimited JSON, one `EventBatch` per line (`{"index":…,"events":[…]}`), `{}` as a heartbeat
+/// every 10 s; a stream that ends early ends with a line `{"error": "..."}`.
+async fn event_stream(State(api): State<Arc<Api>>, Query(q): Query<Vec<(String, String)>>) -> HttpResult {
+    let mut req = EventsRequest::default();
+    for (k, v) in q {
+        match k.as_str() {
+            "topic" => {
+                let (topic, key) = v.split_once(':').unwrap_or((v.as_str(), ""));
+                req.topics.push(EventTopic { topic: topic.to_string(), key: key.to_string() });
+            }
+            "namespace" => req.namespace = v,
+            "index" => {
+                req.index =
+                    v.parse().map_err(|_| HttpError(StatusCode::BAD_REQUEST, format!("query parameter index: {v:?} is not a number")))?
+            }
+            other => {
+                return Err(HttpError(StatusCode::BAD_REQUEST, format!("unknown query parameter {other:?} (topic, namespace, index)")))
+            }
+        }
+    }
+    let mut sub = api.subscribe_events(&req).map_err(|e| {
+        let code = match e {
+            EventError::Gone { .. } => StatusCode::GONE,
+            EventError::Invalid(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        HttpError(code, e.to_string())
+    })?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::convert::Infallible>>(16);
+    tokio::spawn(async move {
+        let mut heartbeat = tokio::time::interval(crate::events::HEARTBEAT);
+        heartbeat.tick().await;
+        loop {
+            let (line, end) = tokio::select! {
+                b = sub.next() => match b {
+                    Ok(batch) => (serde_json::to_string(&batch).unwrap_or_else(|e| json!({ "error": e.to_string() }).to_string()), false),
+                    Err(e) => {
+                        if matches!(e, EventError::Lagged { .. }) {
+                            Metrics::inc(&api.metrics.event_subscribers_cut);
+                        }
+                        (json!({ "error": e.to_string() }).to_string(), true)
+                    }
+                },
+                _ = heartbeat.tick() => ("{}".to_string(), false),
+                _ = tx.closed() => return,
+            };
+            match tokio::time::timeout(crate::events::SEND_TIMEOUT, tx.send(Ok(line + "\n"))).await {
+                Ok(Ok(())) if !end => {}
+                _ => return,
+            }
+        }
+    });
+    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
 }
 
 /// `POST /v1/system/gc` (no body): collect everything eligible now; answers the counts.
@@ -250,7 +355,7 @@ async fn leader(State(api): State<Arc<Api>>) -> HttpResult {
 async fn metrics(State(api): State<Arc<Api>>) -> Response {
     let text = {
         let st = api.state.read();
-        api.metrics.render(&st, api.raft_figures())
+        api.metrics.render(&st, api.raft_figures(), api.state.events())
     };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -738,7 +738,7 @@ pub struct DrainStep {
 pub fn drain_step(st: &crate::state::ClusterState, node: &mlp_proto::v1::Node, now: u64) -> DrainStep {
     let mut step = DrainStep::default();
     let Some(drain) = &node.drain_strategy else { return step };
-    let mut remaining: Vec<&Allocation> = st.allocs_for_node(&node.id).filter(|a| scheduler::resources::is_live(a)).collect();
+    let mut remaining: Vec<&Allocation> = st.live_allocs_for_node(&node.id).collect();
     if remaining.is_empty() {
         step.done = true;
         return step;

@@ -2,6 +2,7 @@
 //! plan loops, and the gRPC and HTTP APIs.
 
 pub mod api;
+pub mod events;
 pub mod grpc;
 pub mod http;
 pub mod leader;

@@ -24,6 +24,11 @@ pub struct Metrics {
     pub http_requests: AtomicU64,
     pub http_errors: AtomicU64,
     pub grpc_requests: AtomicU64,
+    /// Reads that waited as blocking queries (`min_index` given).
+    pub blocking_queries: AtomicU64,
+    /// Event stream subscriptions opened, and those cut off for falling behind.
+    pub event_subscriptions: AtomicU64,
+    pub event_subscribers_cut: AtomicU64,
     /// Garbage collections that removed something, and what they removed (counted by the
     /// server that ran them: the leader's loop, or the server that took `mlp system gc`).
     pub gc_runs: AtomicU64,
@@ -52,9 +57,9 @@ impl Metrics {
     }
 
     /// Renders the Prometheus text exposition format.
-    pub fn render(&self, state: &ClusterState, raft: RaftFigures) -> String {
+    pub fn render(&self, state: &ClusterState, raft: RaftFigures, events: &crate::events::EventBroker) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64); 19] = [
+        let counters: [(&str, &str, &AtomicU64); 22] = [
             ("mlp_job_registrations_total", "Job registrations committed.", &self.job_registrations),
             ("mlp_job_stops_total", "Job stops committed.", &self.job_stops),
             ("mlp_evals_processed_total", "Evaluations processed by the scheduler.", &self.evals_processed),
@@ -69,6 +74,9 @@ impl Metrics {
             ("mlp_http_requests_total", "HTTP API requests.", &self.http_requests),
             ("mlp_http_errors_total", "HTTP API requests answered with an error.", &self.http_errors),
             ("mlp_grpc_requests_total", "gRPC API requests.", &self.grpc_requests),
+            ("mlp_blocking_queries_total", "Reads that waited as blocking queries.", &self.blocking_queries),
+            ("mlp_event_subscriptions_total", "Event stream subscriptions opened.", &self.event_subscriptions),
+            ("mlp_event_subscribers_cut_total", "Event stream subscribers cut off for falling behind.", &self.event_subscribers_cut),
             ("mlp_gc_runs_total", "Garbage collections that removed something.", &self.gc_runs),
             ("mlp_gc_evals_collected_total", "Evaluations removed by garbage collection.", &self.gc_evals_collected),
             ("mlp_gc_allocs_collected_total", "Allocations removed by garbage collection.", &self.gc_allocs_collected),
@@ -83,6 +91,8 @@ impl Metrics {
             ("mlp_raft_term", "Current Raft term.", raft.term),
             ("mlp_raft_commit_index", "Last committed Raft log index.", raft.commit_index),
             ("mlp_raft_applied_index", "Last applied Raft log index.", raft.applied_index),
+            ("mlp_event_subscribers", "Open event stream subscriptions (and blocking queries waiting).", events.subscribers() as u64),
+            ("mlp_event_buffer_events", "Events buffered for subscribers that resume.", events.buffered().1 as u64),
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use mlp_proto::v1::{
     agent_service_server::AgentServiceServer, alloc_service_server::AllocServiceServer, eval_service_server::EvalServiceServer,
-    job_service_server::JobServiceServer, node_service_server::NodeServiceServer, status_service_server::StatusServiceServer,
-    system_service_server::SystemServiceServer,
+    event_service_server::EventServiceServer, job_service_server::JobServiceServer, node_service_server::NodeServiceServer,
+    status_service_server::StatusServiceServer, system_service_server::SystemServiceServer,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -37,6 +37,8 @@ pub struct ServerConfig {
     pub scheduler: crate::scheduler::Options,
     /// Garbage collection: interval and age thresholds.
     pub gc: crate::leader::gc::GcSettings,
+    /// Events kept for event-stream clients that resume (`events::DEFAULT_BUFFER_EVENTS`).
+    pub event_buffer: usize,
 }
 
 /// Start-up failures.
@@ -102,7 +104,7 @@ impl Server {
         let http_listener = tokio::net::TcpListener::from_std(config.http_listener).map_err(ServerError::Listener)?;
         let advertise = config.advertise_addr.unwrap_or_else(|| grpc_addr.to_string());
 
-        let (state, events) = StateHandle::new();
+        let (state, events) = StateHandle::with_event_buffer(config.event_buffer);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
 
@@ -130,6 +132,7 @@ impl Server {
             .add_service(limits_alloc(AllocServiceServer::new(grpc.clone())))
             .add_service(NodeServiceServer::new(grpc.clone()))
             .add_service(EvalServiceServer::new(grpc.clone()))
+            .add_service(EventServiceServer::new(grpc.clone()))
             .add_service(StatusServiceServer::new(grpc.clone()))
             .add_service(SystemServiceServer::new(grpc.clone()))
             .add_service(

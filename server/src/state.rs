@@ -14,6 +14,8 @@ use mlp_proto::v1::{AllocClientUpdate, Allocation, DrainStrategy, Evaluation, Jo
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
 
+use crate::events::EventBroker;
+
 /// `namespace/id`, the key of a job in every map.
 pub fn job_key(namespace: &str, job_id: &str) -> String {
     format!("{namespace}/{job_id}")
@@ -165,11 +167,40 @@ pub struct ClusterState {
     pub index: u64,
     #[serde(skip)]
     pub allocs_by_node: BTreeMap<String, BTreeSet<String>>,
+    /// The allocations that hold resources on each node (`scheduler::resources::is_live`): the
+    /// scheduler's per-node usage reads these, not a node's whole history.
+    #[serde(skip)]
+    pub live_allocs_by_node: BTreeMap<String, BTreeSet<String>>,
     #[serde(skip)]
     pub allocs_by_job: BTreeMap<String, BTreeSet<String>>,
     /// Evaluation ids by `job_key` (an evaluation's job never changes).
     #[serde(skip)]
     pub evals_by_job: BTreeMap<String, BTreeSet<String>>,
+    /// What the entry being applied changed; `StateHandle::apply` takes it after each entry.
+    #[serde(skip)]
+    pub touched: Touched,
+}
+
+/// The objects one applied entry created, modified or removed: the event stream's events and the
+/// agents' allocation-stream messages are made from it, so neither walks the state.
+#[derive(Debug, Clone, Default)]
+pub struct Touched {
+    /// Job keys (`job_key`).
+    pub jobs: BTreeSet<String>,
+    pub evals: BTreeSet<String>,
+    pub allocs: BTreeSet<String>,
+    pub nodes: BTreeSet<String>,
+    /// Objects removed (purged or garbage-collected), with what a deletion event names.
+    pub deleted: Vec<Deleted>,
+}
+
+/// A removed object, as the event stream reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deleted {
+    pub topic: &'static str,
+    pub key: String,
+    pub namespace: String,
+    pub filter_keys: Vec<String>,
 }
 
 /// How many versions of one job are kept.
@@ -179,10 +210,14 @@ impl ClusterState {
     /// Rebuilds the secondary indexes (after deserializing a snapshot).
     pub fn rebuild_indexes(&mut self) {
         self.allocs_by_node.clear();
+        self.live_allocs_by_node.clear();
         self.allocs_by_job.clear();
         self.evals_by_job.clear();
         for a in self.allocs.values() {
             self.allocs_by_node.entry(a.node_id.clone()).or_default().insert(a.id.clone());
+            if crate::scheduler::resources::is_live(a) {
+                self.live_allocs_by_node.entry(a.node_id.clone()).or_default().insert(a.id.clone());
+            }
             self.allocs_by_job.entry(job_key(&a.namespace, &a.job_id)).or_default().insert(a.id.clone());
         }
         for e in self.evals.values() {
@@ -204,6 +239,24 @@ impl ClusterState {
 
     pub fn allocs_for_node<'a>(&'a self, node_id: &str) -> impl Iterator<Item = &'a Allocation> + 'a {
         self.allocs_by_node.get(node_id).into_iter().flat_map(|ids| ids.iter()).filter_map(|id| self.allocs.get(id))
+    }
+
+    /// The node's allocations that hold resources (desired to run, not finished), through the
+    /// `live_allocs_by_node` index: O(live), however long the node's history.
+    pub fn live_allocs_for_node<'a>(&'a self, node_id: &str) -> impl Iterator<Item = &'a Allocation> + 'a {
+        self.live_allocs_by_node.get(node_id).into_iter().flat_map(|ids| ids.iter()).filter_map(|id| self.allocs.get(id))
+    }
+
+    /// Brings `live_allocs_by_node` up to date for the allocations the entry touched.
+    fn refresh_live_index(&mut self) {
+        for id in &self.touched.allocs {
+            let Some(a) = self.allocs.get(id) else { continue };
+            if crate::scheduler::resources::is_live(a) {
+                self.live_allocs_by_node.entry(a.node_id.clone()).or_default().insert(id.clone());
+            } else {
+                remove_from_index(&mut self.live_allocs_by_node, &a.node_id, id);
+            }
+        }
     }
 
     /// The job's evaluations, through the `evals_by_job` index (this runs for every evaluation the
@@ -238,8 +291,16 @@ impl ClusterState {
         find_by_prefix(&self.evals, id_or_prefix, "evaluation")
     }
 
-    /// Applies one committed entry. Deterministic: see the module invariant.
+    /// Applies one committed entry. Deterministic: see the module invariant. What it changed is
+    /// left in `touched` until the next entry.
     pub fn apply(&mut self, index: u64, req: &Request, effects: &mut Vec<Effect>) -> CommandResponse {
+        self.touched = Touched::default();
+        let resp = self.apply_command(index, req, effects);
+        self.refresh_live_index();
+        resp
+    }
+
+    fn apply_command(&mut self, index: u64, req: &Request, effects: &mut Vec<Effect>) -> CommandResponse {
         self.index = index;
         let now = req.now_ms;
         let mut resp = CommandResponse { index, ..Default::default() };
@@ -290,6 +351,7 @@ impl ClusterState {
                 resp.job_version = Some(job.version);
                 if !unchanged {
                     self.push_version(&key, job.clone());
+                    self.touched.jobs.insert(key.clone());
                 }
                 self.jobs.insert(key.clone(), job.clone());
                 let mut eval = eval.clone();
@@ -306,6 +368,13 @@ impl ClusterState {
                 if *purge {
                     self.jobs.remove(&key);
                     self.job_versions.remove(&key);
+                    self.touched.jobs.remove(&key);
+                    self.touched.deleted.push(Deleted {
+                        topic: "Job",
+                        key: prev.id.clone(),
+                        namespace: prev.namespace.clone(),
+                        filter_keys: Vec::new(),
+                    });
                 } else if !prev.stop {
                     let mut job = prev.clone();
                     job.stop = true;
@@ -315,6 +384,7 @@ impl ClusterState {
                     job.submit_time_ms = now;
                     self.push_version(&key, job.clone());
                     self.jobs.insert(key.clone(), job);
+                    self.touched.jobs.insert(key.clone());
                     self.refresh_job_status(&key);
                 }
                 self.insert_eval(index, now, eval.clone(), effects);
@@ -338,6 +408,7 @@ impl ClusterState {
                 if node.status.is_empty() {
                     node.status = node_status::READY.to_string();
                 }
+                self.touched.nodes.insert(node.id.clone());
                 self.nodes.insert(node.id.clone(), node);
                 effects.push(Effect::CapacityChanged);
             }
@@ -349,6 +420,7 @@ impl ClusterState {
                 node.status = status.clone();
                 node.status_description = description.clone();
                 node.modify_index = index;
+                self.touched.nodes.insert(node_id.clone());
                 if status == node_status::READY {
                     node.last_heartbeat_ms = now;
                     effects.push(Effect::CapacityChanged);
@@ -370,6 +442,7 @@ impl ClusterState {
                         a.modify_index = index;
                         a.modify_time_ms = now;
                         touched.insert(job_key(&a.namespace, &a.job_id));
+                        self.touched.allocs.insert(a.id.clone());
                         effects.push(Effect::CapacityChanged);
                     }
                 }
@@ -377,6 +450,7 @@ impl ClusterState {
                     if let Some(a) = self.allocs.get_mut(&p.victim) {
                         a.preempted_by_allocation = p.by_alloc.clone();
                         a.preempted_by_job = p.by_job.clone();
+                        self.touched.allocs.insert(a.id.clone());
                     }
                 }
                 for p in &plan.placements {
@@ -399,6 +473,7 @@ impl ClusterState {
                             prev.follow_up_eval_id.clear();
                             prev.reschedule_description.clear();
                             prev.modify_index = index;
+                            self.touched.allocs.insert(prev.id.clone());
                         }
                     }
                     self.insert_alloc(a);
@@ -412,6 +487,7 @@ impl ClusterState {
                             a.reschedule_description = d.clone();
                         }
                         a.modify_index = index;
+                        self.touched.allocs.insert(a.id.clone());
                     }
                 }
                 if let Some(e) = &plan.eval {
@@ -442,6 +518,7 @@ impl ClusterState {
                             a.task_states = u.task_states.clone();
                             a.modify_index = index;
                             a.modify_time_ms = now;
+                            self.touched.allocs.insert(a.id.clone());
                         }
                         continue;
                     }
@@ -450,6 +527,7 @@ impl ClusterState {
                     a.task_states = u.task_states.clone();
                     a.modify_index = index;
                     a.modify_time_ms = now;
+                    self.touched.allocs.insert(a.id.clone());
                     if !was_terminal && alloc_client::is_terminal(&a.client_status) {
                         effects.push(Effect::CapacityChanged);
                         if a.client_status == alloc_client::FAILED && a.desired_status == alloc_desired::RUN {
@@ -509,6 +587,7 @@ impl ClusterState {
                 }
                 node.modify_index = index;
                 push_node_event(node, now, "drain", message);
+                self.touched.nodes.insert(node_id.clone());
             }
             Command::UpdateNodeEligibility { node_id, eligible } => {
                 let Some(node) = self.nodes.get_mut(node_id) else {
@@ -523,6 +602,7 @@ impl ClusterState {
                 if node.eligible != *eligible {
                     node.eligible = *eligible;
                     node.modify_index = index;
+                    self.touched.nodes.insert(node_id.clone());
                     let msg = if *eligible { "node marked eligible for scheduling" } else { "node marked ineligible for scheduling" };
                     push_node_event(node, now, "eligibility", msg);
                     if *eligible {
@@ -536,6 +616,7 @@ impl ClusterState {
                         if a.desired_status == alloc_desired::RUN && !alloc_client::is_terminal(&a.client_status) {
                             a.desired_migrate = true;
                             a.modify_index = index;
+                            self.touched.allocs.insert(a.id.clone());
                         }
                     }
                 }
@@ -596,6 +677,8 @@ impl ClusterState {
             }
             self.jobs.remove(key);
             self.job_versions.remove(key);
+            self.touched.jobs.remove(key);
+            self.touched.deleted.push(Deleted { topic: "Job", key: id, namespace: ns, filter_keys: Vec::new() });
             n.allocs += alloc_ids.len() as u64;
             n.evals += eval_ids.len() as u64;
             n.jobs += 1;
@@ -619,6 +702,9 @@ impl ClusterState {
             if self.nodes.get(id).is_some_and(|node| gc::node_collectable(self, node)) {
                 self.nodes.remove(id);
                 self.allocs_by_node.remove(id);
+                self.live_allocs_by_node.remove(id);
+                self.touched.nodes.remove(id);
+                self.touched.deleted.push(Deleted { topic: "Node", key: id.clone(), namespace: String::new(), filter_keys: Vec::new() });
                 n.nodes += 1;
             }
         }
@@ -629,13 +715,23 @@ impl ClusterState {
     fn remove_alloc(&mut self, id: &str) {
         let Some(a) = self.allocs.remove(id) else { return };
         remove_from_index(&mut self.allocs_by_node, &a.node_id, id);
+        remove_from_index(&mut self.live_allocs_by_node, &a.node_id, id);
         remove_from_index(&mut self.allocs_by_job, &job_key(&a.namespace, &a.job_id), id);
+        self.touched.allocs.remove(id);
+        self.touched.deleted.push(Deleted {
+            topic: "Allocation",
+            key: a.id,
+            namespace: a.namespace,
+            filter_keys: vec![a.job_id, a.node_id],
+        });
     }
 
     /// Removes an evaluation and its index entry.
     fn remove_eval(&mut self, id: &str) {
         let Some(e) = self.evals.remove(id) else { return };
         remove_from_index(&mut self.evals_by_job, &job_key(&e.namespace, &e.job_id), id);
+        self.touched.evals.remove(id);
+        self.touched.deleted.push(Deleted { topic: "Evaluation", key: e.id, namespace: e.namespace, filter_keys: vec![e.job_id] });
     }
 
     fn push_version(&mut self, key: &str, job: Job) {
@@ -664,12 +760,14 @@ impl ClusterState {
             effects.push(Effect::EvalsPending(vec![eval.id.clone()]));
         }
         self.evals_by_job.entry(job_key(&eval.namespace, &eval.job_id)).or_default().insert(eval.id.clone());
+        self.touched.evals.insert(eval.id.clone());
         self.evals.insert(eval.id.clone(), eval);
     }
 
     fn insert_alloc(&mut self, a: Allocation) {
         self.allocs_by_node.entry(a.node_id.clone()).or_default().insert(a.id.clone());
         self.allocs_by_job.entry(job_key(&a.namespace, &a.job_id)).or_default().insert(a.id.clone());
+        self.touched.allocs.insert(a.id.clone());
         self.allocs.insert(a.id.clone(), a);
     }
 
@@ -705,6 +803,7 @@ impl ClusterState {
         if let Some(job) = self.jobs.get_mut(key) {
             if job.status != status {
                 job.status = status.to_string();
+                self.touched.jobs.insert(key.to_string());
             }
         }
     }
@@ -795,8 +894,9 @@ fn find_by_prefix<'a, T>(map: &'a BTreeMap<String, T>, prefix: &str, kind: &'sta
 /// allocation streams.
 #[derive(Debug, Default)]
 pub struct NodeChanges {
-    /// Nodes with new or modified allocations: their streams send what changed.
-    pub changed: BTreeSet<String>,
+    /// Nodes with new or modified allocations, and those allocations' ids: their streams send
+    /// just these.
+    pub changed: BTreeMap<String, BTreeSet<String>>,
     /// Nodes whose set may have lost allocations (garbage collection, a restore, a snapshot
     /// install): their streams send the full set, since only a full set can say that an
     /// allocation is gone, and the agent lets go of it.
@@ -817,6 +917,8 @@ pub struct StateHandle {
     effects: mpsc::UnboundedSender<Effect>,
     /// Node ids whose allocations changed, for the agents' allocation streams.
     node_changes: broadcast::Sender<Arc<NodeChanges>>,
+    /// Every applied change, for the event stream and blocking queries.
+    events: EventBroker,
 }
 
 /// Receivers for what the state machine announces.
@@ -826,10 +928,21 @@ pub struct StateEvents {
 
 impl StateHandle {
     pub fn new() -> (Arc<StateHandle>, StateEvents) {
+        StateHandle::with_event_buffer(crate::events::DEFAULT_BUFFER_EVENTS)
+    }
+
+    /// A state whose event broker keeps `events` events for resuming subscribers.
+    pub fn with_event_buffer(events: usize) -> (Arc<StateHandle>, StateEvents) {
         let (applied, _) = watch::channel(0);
         let (effects_tx, effects_rx) = mpsc::unbounded_channel();
         let (node_changes, _) = broadcast::channel(1024);
-        let handle = Arc::new(StateHandle { state: RwLock::new(ClusterState::default()), applied, effects: effects_tx, node_changes });
+        let handle = Arc::new(StateHandle {
+            state: RwLock::new(ClusterState::default()),
+            applied,
+            effects: effects_tx,
+            node_changes,
+            events: EventBroker::new(events),
+        });
         (handle, StateEvents { effects: effects_rx })
     }
 
@@ -844,23 +957,11 @@ impl StateHandle {
     /// Applies one committed entry and announces its effects.
     pub fn apply(&self, index: u64, req: &Request) -> CommandResponse {
         let mut effects = Vec::new();
-        let changed_nodes = nodes_touched(req);
         let resp = {
             let mut st = match self.state.write() {
                 Ok(g) => g,
                 Err(poisoned) => poisoned.into_inner(),
             };
-            let mut nodes = changed_nodes;
-            if let Command::UpdateAllocsFromClient { .. } = req.command {
-                nodes.clear(); // the agent already knows what it reported
-            }
-            if let Command::ApplyPlan(plan) = &req.command {
-                for s in &plan.stops {
-                    if let Some(a) = st.allocs.get(&s.alloc_id) {
-                        nodes.insert(a.node_id.clone());
-                    }
-                }
-            }
             let mut resend = BTreeSet::new();
             if let Command::GarbageCollect { allocs, jobs, .. } = &req.command {
                 // Their agents get the smaller set whole, so that they let go of (and delete the
@@ -886,11 +987,24 @@ impl StateHandle {
                 st.index = index;
                 CommandResponse { index, job_version: None, error: Some(format!("internal error while applying: {why}")), collected: None }
             });
+            let touched = std::mem::take(&mut st.touched);
+            let mut changed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            // The agent already knows what it reported itself.
+            if !matches!(req.command, Command::UpdateAllocsFromClient { .. }) {
+                for id in &touched.allocs {
+                    if let Some(a) = st.allocs.get(id) {
+                        changed.entry(a.node_id.clone()).or_default().insert(id.clone());
+                    }
+                }
+            }
             if restore {
                 // Allocations the restored state no longer has must reach agents as absent.
                 resend.extend(st.nodes.keys().cloned());
+                self.events.reset(index);
+            } else {
+                self.events.publish(crate::events::batch_for(&st, index, &req.command, &touched));
             }
-            let changes = NodeChanges { changed: nodes, resend };
+            let changes = NodeChanges { changed, resend };
             if !changes.is_empty() {
                 let _ = self.node_changes.send(Arc::new(changes));
             }
@@ -934,7 +1048,8 @@ impl StateHandle {
             *guard = st;
         }
         // Allocations may be gone from the installed state: every stream sends its full set.
-        let _ = self.node_changes.send(Arc::new(NodeChanges { changed: BTreeSet::new(), resend: nodes }));
+        let _ = self.node_changes.send(Arc::new(NodeChanges { changed: BTreeMap::new(), resend: nodes }));
+        self.events.reset(index);
         let _ = self.effects.send(Effect::Reset);
         self.applied.send_replace(index);
         Ok(())
@@ -948,25 +1063,11 @@ impl StateHandle {
     pub fn node_changes(&self) -> broadcast::Receiver<Arc<NodeChanges>> {
         self.node_changes.subscribe()
     }
-}
 
-fn nodes_touched(req: &Request) -> BTreeSet<String> {
-    let mut s = BTreeSet::new();
-    match &req.command {
-        Command::ApplyPlan(p) => {
-            for a in &p.placements {
-                s.insert(a.node_id.clone());
-            }
-        }
-        Command::UpsertNode { node } => {
-            s.insert(node.id.clone());
-        }
-        Command::UpdateNodeStatus { node_id, .. } => {
-            s.insert(node_id.clone());
-        }
-        _ => {}
+    /// The event stream's broker.
+    pub fn events(&self) -> &EventBroker {
+        &self.events
     }
-    s
 }
 
 #[cfg(test)]
@@ -1065,6 +1166,45 @@ mod tests {
             &mut fx,
         );
         assert!(r.error.is_some());
+    }
+
+    #[test]
+    fn live_index_and_touched_follow_placements_updates_and_stops() {
+        let mut st = ClusterState::default();
+        let mut fx = Vec::new();
+        st.apply(1, &req(Command::RegisterJob { job: job("a", 2), eval: eval("e1", "a") }), &mut fx);
+        assert_eq!(st.touched.jobs.iter().collect::<Vec<_>>(), ["default/a"]);
+        assert_eq!(st.touched.evals.iter().collect::<Vec<_>>(), ["e1"]);
+        let alloc = |id: &str| Allocation {
+            id: id.into(),
+            node_id: "n1".into(),
+            job_id: "a".into(),
+            namespace: "default".into(),
+            task_group: "g".into(),
+            ..Default::default()
+        };
+        st.apply(2, &req(Command::ApplyPlan(PlanResult { placements: vec![alloc("x1"), alloc("x2")], ..Default::default() })), &mut fx);
+        let live = |st: &ClusterState| st.live_allocs_for_node("n1").map(|a| a.id.clone()).collect::<Vec<_>>();
+        assert_eq!(live(&st), ["x1", "x2"]);
+        assert_eq!(st.touched.allocs.len(), 2, "the entry's placements, and only they");
+        assert!(st.touched.evals.is_empty(), "touched is per entry");
+        let done = Command::UpdateAllocsFromClient {
+            node_id: "n1".into(),
+            updates: vec![AllocClientUpdate { alloc_id: "x1".into(), client_status: alloc_client::COMPLETE.into(), ..Default::default() }],
+        };
+        st.apply(3, &req(done), &mut fx);
+        assert_eq!(live(&st), ["x2"]);
+        let stop = AllocStop { alloc_id: "x2".into(), description: "stopped".into(), client_status: None };
+        st.apply(4, &req(Command::ApplyPlan(PlanResult { stops: vec![stop], ..Default::default() })), &mut fx);
+        assert!(live(&st).is_empty(), "a stopped allocation holds nothing");
+        assert_eq!(st.allocs_for_node("n1").count(), 2, "the node's history keeps both");
+        let mut fresh = st.clone();
+        fresh.rebuild_indexes();
+        assert_eq!(st.live_allocs_by_node, fresh.live_allocs_by_node);
+        // A purge reports the job as deleted.
+        st.apply(5, &req(Command::StopJob { namespace: "default".into(), job_id: "a".into(), purge: true, eval: eval("e2", "a") }), &mut fx);
+        assert_eq!(st.touched.deleted.len(), 1);
+        assert_eq!((st.touched.deleted[0].topic, st.touched.deleted[0].key.as_str()), ("Job", "a"));
     }
 
     #[test]

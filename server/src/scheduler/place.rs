@@ -294,8 +294,8 @@ fn cheapest_eviction<'a>(
     let mut best: Option<EvictionOption<'a>> = None;
     for &(node, dim) in blocked {
         let mut cands: Vec<Candidate<'_>> = state
-            .allocs_for_node(&node.id)
-            .filter(|a| resources::is_live(a) && !pass.evicted.contains(&a.id))
+            .live_allocs_for_node(&node.id)
+            .filter(|a| !pass.evicted.contains(&a.id))
             .filter(|a| !(a.namespace == ctx.job.namespace && a.job_id == ctx.job.id))
             .filter_map(|a| {
                 let job = state.job(&a.namespace, &a.job_id)?;

@@ -135,7 +135,7 @@ impl Usage {
     /// that the caller is about to add itself).
     pub fn live_on(state: &ClusterState, node_id: &str, skip: &BTreeSet<&str>) -> Usage {
         let mut u = Usage::default();
-        for a in state.allocs_for_node(node_id).filter(|a| is_live(a) && !skip.contains(a.id.as_str())) {
+        for a in state.live_allocs_for_node(node_id).filter(|a| !skip.contains(a.id.as_str())) {
             if let Some(r) = &a.resources {
                 u.add(r);
             }

@@ -22,6 +22,7 @@ pub async fn start(dir: &std::path::Path) -> Server {
         heartbeat: HeartbeatSettings { ttl: Duration::from_secs(60), failover_grace: Duration::from_secs(60), ..Default::default() },
         scheduler: Default::default(),
         gc: Default::default(),
+        event_buffer: mlp_server::events::DEFAULT_BUFFER_EVENTS,
     };
     Server::start(config).await.expect("server starts")
 }

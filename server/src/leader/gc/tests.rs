@@ -304,6 +304,7 @@ fn assert_indexes_consistent(st: &ClusterState) {
     let mut fresh = st.clone();
     fresh.rebuild_indexes();
     assert_eq!(st.allocs_by_node, fresh.allocs_by_node, "allocs_by_node");
+    assert_eq!(st.live_allocs_by_node, fresh.live_allocs_by_node, "live_allocs_by_node");
     assert_eq!(st.allocs_by_job, fresh.allocs_by_job, "allocs_by_job");
     assert_eq!(st.evals_by_job, fresh.evals_by_job, "evals_by_job");
 }

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# mlp against Slurm, the same work through each one's command-line tool, in one run (issue 11 §3).
+# Root; installs slurm-wlm if missing. Release build of mlp (or MLP_BIN=path).
+#
+#   latency     `mlp job run --wait` of an isolated `exec` /bin/true batch job (a new job each
+#               time) vs `srun -n1 true`, each a whole CLI call, interleaved, N_LAT each: p50, p99.
+#   throughput  500 jobs as 500 sequential CLI calls, first submit → all complete:
+#               `mlp job run --detach` vs `sbatch --wrap true`. Also, labelled as such, 500 jobs
+#               registered through one API client (one keep-alive HTTP connection).
+#
+# Both sides run on this one machine: mlp as `mlp dev` (server + agent, fsync on), Slurm as
+# slurmctld + slurmd configured as ../shared/peers/slurm-baseline.sh does. Jobs ask for 50 MHz
+# and 16 MiB on mlp, one CPU (oversubscribed up to 50 per CPU) on Slurm: up to ~100 at once on
+# both sides of this 2-core machine.
+#
+# Usage: scripts/bench-vs-slurm.sh        (MLP_BENCH_LAT=200, MLP_BENCH_TP=500)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib-bench.sh
+
+N_LAT=${MLP_BENCH_LAT:-200}
+N_TP=${MLP_BENCH_TP:-500}
+if [ -z "${MLP_BIN:-}" ]; then
+  cargo build --release --bin mlp >&2
+fi
+MLP=${MLP_BIN:-$PWD/target/release/mlp}
+out=$(mktemp -d /tmp/mlp-bench-slurm.XXXXXX)
+dev_pid=
+cleanup() {
+  [ -n "$dev_pid" ] && kill "$dev_pid" 2>/dev/null && wait "$dev_pid" 2>/dev/null
+  slurm_down
+  rm -rf "$out"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+GRPC=127.0.0.1:$(free_port)
+HTTP=127.0.0.1:$(free_port)
+
+machine_line
+slurm_up "$out/slurm"
+MLP_LOG=warn "$MLP" dev --data-dir "$out/mlp" --grpc-addr "$GRPC" --http-addr "$HTTP" >"$out/dev.log" 2>&1 &
+dev_pid=$!
+for _ in $(seq 1 100); do grep -q "==> try:" "$out/dev.log" 2>/dev/null && break; sleep 0.1; done
+grep -q "==> try:" "$out/dev.log" || { cat "$out/dev.log"; exit 1; }
+
+MLP="$MLP" MLP_ADDR="$GRPC" HTTP="$HTTP" OUT="$out" N_LAT="$N_LAT" N_TP="$N_TP" python3 - <<'PY'
+import http.client, json, os, subprocess, time
+
+MLP, HTTP, OUT = os.environ["MLP"], os.environ["HTTP"], os.environ["OUT"]
+N_LAT, N_TP = int(os.environ["N_LAT"]), int(os.environ["N_TP"])
+
+def job(name):
+    return f'''job "{name}" {{
+  type = "batch"
+  group "g" {{
+    restart {{
+      attempts = 0
+      mode = "fail"
+    }}
+    task "t" {{
+      driver = "exec"
+      config {{
+        command = "/bin/true"
+      }}
+      resources {{
+        cpu = 50
+        memory = 16
+      }}
+    }}
+  }}
+}}
+'''
+
+def write(name):
+    p = os.path.join(OUT, name + ".hcl")
+    with open(p, "w") as f:
+        f.write(job(name))
+    return p
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+def timed(cmd):
+    t = time.perf_counter()
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    dt = (time.perf_counter() - t) * 1000
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.decode()[-500:]}")
+    return dt
+
+def jobs_dead(prefix):
+    """Count of jobs named prefix* that are dead, through a blocking query on the job list."""
+    c = http.client.HTTPConnection(HTTP, timeout=60)
+    index, deadline = 0, time.time() + 600
+    while time.time() < deadline:
+        c.request("GET", f"/v1/jobs?index={index}&wait=5s")
+        r = c.getresponse()
+        body = json.loads(r.read())
+        index = int(r.getheader("x-mlp-index") or 0)
+        jobs = [j for j in body if j["id"].startswith(prefix)]
+        if len(jobs) == N_TP and all(j["status"] == "dead" for j in jobs):
+            return
+    raise SystemExit(f"{prefix}: not all {N_TP} jobs finished in 600 s")
+
+# ---- latency: interleaved, after a few warm-up calls on each side
+for i in range(5):
+    timed(["srun", "-n1", "true"])
+    timed([MLP, "job", "run", "--wait", write(f"warm-{i}")])
+lat_s, lat_m = [], []
+files = [write(f"lat-{i}") for i in range(N_LAT)]
+for f in files:
+    lat_s.append(timed(["srun", "-n1", "true"]))
+    lat_m.append(timed([MLP, "job", "run", "--wait", f]))
+print(f"slurm_srun_p50_ms {pct(lat_s, 0.5):.1f}")
+print(f"slurm_srun_p99_ms {pct(lat_s, 0.99):.1f}")
+print(f"mlp_run_wait_p50_ms {pct(lat_m, 0.5):.1f}")
+print(f"mlp_run_wait_p99_ms {pct(lat_m, 0.99):.1f}")
+
+# ---- throughput: N_TP sequential CLI calls each, first submit -> all complete
+files = [write(f"tp-{i}") for i in range(N_TP)]
+t = time.perf_counter()
+for f in files:
+    r = subprocess.run([MLP, "job", "run", "--detach", f], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if r.returncode != 0:
+        raise SystemExit(f"mlp job run --detach failed: {r.stderr.decode()[-500:]}")
+submitted = time.perf_counter() - t
+jobs_dead("tp-")
+mlp_tp = time.perf_counter() - t
+print(f"mlp_cli{N_TP}_submit_s {submitted:.2f}")
+print(f"mlp_cli{N_TP}_s {mlp_tp:.2f}")
+
+t = time.perf_counter()
+for _ in range(N_TP):
+    subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "true"], capture_output=True, check=True)
+submitted = time.perf_counter() - t
+while subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split():
+    if time.perf_counter() - t > 600:
+        raise SystemExit("slurm: jobs still queued after 600 s")
+    time.sleep(0.05)
+slurm_tp = time.perf_counter() - t
+print(f"slurm_sbatch{N_TP}_submit_s {submitted:.2f}")
+print(f"slurm_sbatch{N_TP}_s {slurm_tp:.2f}")
+
+# ---- one API client (labelled: not a CLI figure)
+c = http.client.HTTPConnection(HTTP, timeout=60)
+t = time.perf_counter()
+for i in range(N_TP):
+    c.request("POST", "/v1/jobs", body=json.dumps({"hcl": job(f"api-{i}")}), headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    r.read()
+    if r.status != 200:
+        raise SystemExit(f"POST /v1/jobs: {r.status}")
+jobs_dead("api-")
+print(f"mlp_api{N_TP}_s {time.perf_counter() - t:.2f}")
+
+print("== ratios (same run)")
+r_lat = pct(lat_s, 0.5) / pct(lat_m, 0.5)
+print(f"latency p50: mlp {pct(lat_m, 0.5):.1f} ms vs srun {pct(lat_s, 0.5):.1f} ms: mlp at {1 / r_lat:.2f} of Slurm's "
+      f"({'meets' if r_lat >= 2 else 'MISSES'} the floor: at most half)")
+r_tp = slurm_tp / mlp_tp
+print(f"throughput: {N_TP} CLI calls to all complete: mlp {mlp_tp:.2f} s vs sbatch {slurm_tp:.2f} s: {r_tp:.2f}x "
+      f"({'meets' if r_tp >= 5 else 'MISSES'} the floor: 5x)")
+PY
