@@ -33,7 +33,8 @@ fn cpu_s(pid: u32) -> f64 {
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks: f64 =
+        f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // SAFETY: sysconf only reads a configuration value.
     #[allow(unsafe_code)]
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
@@ -56,7 +57,12 @@ fn job(name: &str) -> Job {
 }
 
 /// Registers `n` jobs one at a time; returns (acknowledged-at per job name, server CPU seconds).
-async fn register(jobs: &mut JobServiceClient<tonic::transport::Channel>, prefix: &str, n: usize, pid: u32) -> Result<(BTreeMap<String, Instant>, f64), String> {
+async fn register(
+    jobs: &mut JobServiceClient<tonic::transport::Channel>,
+    prefix: &str,
+    n: usize,
+    pid: u32,
+) -> Result<(BTreeMap<String, Instant>, f64), String> {
     let mut acked = BTreeMap::new();
     let cpu0 = cpu_s(pid);
     for i in 0..n {
@@ -163,5 +169,8 @@ async fn metric(http: &str, name: &str) -> f64 {
     let _ = s.write_all(format!("GET /v1/metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").as_bytes()).await;
     let mut body = String::new();
     let _ = s.read_to_string(&mut body).await;
-    body.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' '))).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN)
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN)
 }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::events::EventBroker;
+use mlp_proto::v1::EventBatch;
 
 /// `namespace/id`, the key of a job in every map.
 pub fn job_key(namespace: &str, job_id: &str) -> String {
@@ -954,67 +955,101 @@ impl StateHandle {
         }
     }
 
-    /// Applies one committed entry and announces its effects.
+    /// Applies one committed entry holding one request and announces its effects.
     pub fn apply(&self, index: u64, req: &Request) -> CommandResponse {
+        let mut out = self.apply_entry(index, std::slice::from_ref(req));
+        out.pop().unwrap_or_else(|| CommandResponse { index, ..Default::default() })
+    }
+
+    /// Applies one committed entry (a batch of requests, in order, all at the entry's index) and
+    /// announces its effects: one event batch for the whole entry, so that a subscriber that
+    /// saw index `i` saw all of it, and the applied index moves once the whole entry is in.
+    pub fn apply_entry(&self, index: u64, reqs: &[Request]) -> Vec<CommandResponse> {
         let mut effects = Vec::new();
-        let resp = {
+        let mut responses = Vec::with_capacity(reqs.len());
+        {
             let mut st = match self.state.write() {
                 Ok(g) => g,
                 Err(poisoned) => poisoned.into_inner(),
             };
-            let mut resend = BTreeSet::new();
-            if let Command::GarbageCollect { allocs, jobs, .. } = &req.command {
-                // Their agents get the smaller set whole, so that they let go of (and delete the
-                // directories of) what was collected.
-                let job_allocs = jobs.iter().filter_map(|k| st.allocs_by_job.get(k)).flatten();
-                for id in allocs.iter().chain(job_allocs) {
-                    if let Some(a) = st.allocs.get(id) {
-                        resend.insert(a.node_id.clone());
-                    }
-                }
+            let mut events = Vec::new();
+            let mut changes = NodeChanges::default();
+            let mut reset = false;
+            for req in reqs {
+                responses.push(self.apply_one(&mut st, index, req, &mut effects, &mut events, &mut changes, &mut reset));
             }
-            let restore = matches!(req.command, Command::RestoreState { .. });
-            if restore {
-                resend.extend(st.nodes.keys().cloned());
-            }
-            // A committed entry that trips `apply` is applied the same way on every replica and
-            // on every restart; skipping it (every replica alike, since `apply` is deterministic)
-            // keeps the servers up instead of taking each one down in turn.
-            let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| st.apply(index, req, &mut effects)));
-            let r = applied.unwrap_or_else(|panic| {
-                let why = crate::leader::panic_message(panic.as_ref());
-                tracing::error!(index, error = %why, "applying a committed entry failed; it changed nothing further");
-                st.index = index;
-                CommandResponse { index, job_version: None, error: Some(format!("internal error while applying: {why}")), collected: None }
-            });
-            let touched = std::mem::take(&mut st.touched);
-            let mut changed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-            // The agent already knows what it reported itself.
-            if !matches!(req.command, Command::UpdateAllocsFromClient { .. }) {
-                for id in &touched.allocs {
-                    if let Some(a) = st.allocs.get(id) {
-                        changed.entry(a.node_id.clone()).or_default().insert(id.clone());
-                    }
-                }
-            }
-            if restore {
-                // Allocations the restored state no longer has must reach agents as absent.
-                resend.extend(st.nodes.keys().cloned());
+            if reset {
+                // The state was replaced: what came before it in the entry is moot too.
                 self.events.reset(index);
             } else {
-                self.events.publish(crate::events::batch_for(&st, index, &req.command, &touched));
+                self.events.publish(EventBatch { index, events });
             }
-            let changes = NodeChanges { changed, resend };
             if !changes.is_empty() {
                 let _ = self.node_changes.send(Arc::new(changes));
             }
-            r
-        };
+        }
         for e in effects {
             let _ = self.effects.send(e);
         }
         self.applied.send_replace(index);
-        resp
+        responses
+    }
+
+    /// One request of an entry: applied, with its events and allocation changes added to the
+    /// entry's.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_one(
+        &self,
+        st: &mut ClusterState,
+        index: u64,
+        req: &Request,
+        effects: &mut Vec<Effect>,
+        events: &mut Vec<mlp_proto::v1::Event>,
+        changes: &mut NodeChanges,
+        reset: &mut bool,
+    ) -> CommandResponse {
+        if let Command::GarbageCollect { allocs, jobs, .. } = &req.command {
+            // Their agents get the smaller set whole, so that they let go of (and delete the
+            // directories of) what was collected.
+            let job_allocs = jobs.iter().filter_map(|k| st.allocs_by_job.get(k)).flatten();
+            for id in allocs.iter().chain(job_allocs) {
+                if let Some(a) = st.allocs.get(id) {
+                    changes.resend.insert(a.node_id.clone());
+                }
+            }
+        }
+        let restore = matches!(req.command, Command::RestoreState { .. });
+        if restore {
+            changes.resend.extend(st.nodes.keys().cloned());
+        }
+        // A committed entry that trips `apply` is applied the same way on every replica and
+        // on every restart; skipping it (every replica alike, since `apply` is deterministic)
+        // keeps the servers up instead of taking each one down in turn.
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| st.apply(index, req, effects)));
+        let r = applied.unwrap_or_else(|panic| {
+            let why = crate::leader::panic_message(panic.as_ref());
+            tracing::error!(index, error = %why, "applying a committed entry failed; it changed nothing further");
+            st.index = index;
+            CommandResponse { index, job_version: None, error: Some(format!("internal error while applying: {why}")), collected: None }
+        });
+        let touched = std::mem::take(&mut st.touched);
+        // The agent already knows what it reported itself.
+        if !matches!(req.command, Command::UpdateAllocsFromClient { .. }) {
+            for id in &touched.allocs {
+                if let Some(a) = st.allocs.get(id) {
+                    changes.changed.entry(a.node_id.clone()).or_default().insert(id.clone());
+                }
+            }
+        }
+        if restore {
+            // Allocations the restored state no longer has must reach agents as absent.
+            changes.resend.extend(st.nodes.keys().cloned());
+            events.clear();
+            *reset = true;
+        } else {
+            events.extend(crate::events::batch_for(st, index, &req.command, &touched).events);
+        }
+        r
     }
 
     /// Marks an entry without a command (blank or membership) as applied.
@@ -1202,7 +1237,11 @@ mod tests {
         fresh.rebuild_indexes();
         assert_eq!(st.live_allocs_by_node, fresh.live_allocs_by_node);
         // A purge reports the job as deleted.
-        st.apply(5, &req(Command::StopJob { namespace: "default".into(), job_id: "a".into(), purge: true, eval: eval("e2", "a") }), &mut fx);
+        st.apply(
+            5,
+            &req(Command::StopJob { namespace: "default".into(), job_id: "a".into(), purge: true, eval: eval("e2", "a") }),
+            &mut fx,
+        );
         assert_eq!(st.touched.deleted.len(), 1);
         assert_eq!((st.touched.deleted[0].topic, st.touched.deleted[0].key.as_str()), ("Job", "a"));
     }

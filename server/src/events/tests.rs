@@ -121,3 +121,36 @@ async fn a_reset_ends_every_subscription_and_the_buffer() {
     assert!(matches!(broker.subscribe(1, all()), Err(EventError::Gone { .. })));
     assert!(broker.subscribe(9, all()).is_ok());
 }
+
+#[tokio::test]
+async fn one_entry_of_several_requests_is_one_batch() {
+    use crate::state::{Request, StateHandle};
+    use mlp_proto::v1::{Evaluation, Job};
+    let (state, _events) = StateHandle::new();
+    let mut sub = state.events().subscribe(0, all()).expect("subscribe");
+    let register = |id: &str| Request {
+        now_ms: 1,
+        command: Command::RegisterJob {
+            job: Job { id: id.into(), name: id.into(), namespace: "default".into(), r#type: "service".into(), ..Default::default() },
+            eval: Evaluation {
+                id: format!("e-{id}"),
+                namespace: "default".into(),
+                job_id: id.into(),
+                status: "pending".into(),
+                ..Default::default()
+            },
+        },
+    };
+    // Two requests batched into entry 7 (as the Raft write batcher does), then entry 8.
+    state.apply_entry(7, &[register("a"), register("b")]);
+    state.apply_entry(8, &[register("c")]);
+    let b = sub.next().await.expect("entry 7");
+    assert_eq!(b.index, 7);
+    let jobs: Vec<&str> = b.events.iter().filter(|e| e.topic == "Job").map(|e| e.key.as_str()).collect();
+    assert_eq!(jobs, ["a", "b"], "both requests' events in the entry's one batch");
+    let b = sub.next().await.expect("entry 8");
+    assert_eq!(b.index, 8);
+    // A subscriber resuming from 7 gets entry 8 only.
+    let mut again = state.events().subscribe(7, all()).expect("resume");
+    assert_eq!(again.next().await.expect("entry 8").index, 8);
+}

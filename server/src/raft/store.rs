@@ -424,9 +424,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let index = entry.log_id.index;
             let resp = match &entry.payload {
                 // Every request of a batch is applied at the entry's index, in order.
-                EntryPayload::Normal(batch) if !batch.0.is_empty() => {
-                    BatchResponse(batch.0.iter().map(|req| self.state.apply(index, req)).collect())
-                }
+                EntryPayload::Normal(batch) if !batch.0.is_empty() => BatchResponse(self.state.apply_entry(index, &batch.0)),
                 EntryPayload::Normal(_) | EntryPayload::Blank => {
                     self.state.apply_noop(index);
                     BatchResponse::default()
