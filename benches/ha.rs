@@ -1,10 +1,11 @@
 //! High-availability benchmarks (issue 5), each against real `mlp` processes:
 //!
 //! * `regs`: job registrations per second on a 3-server cluster on loopback (Raft on, every
-//!   log append fsync'd before it is acknowledged), with `MLP_BENCH_CLIENTS` (default 500)
-//!   concurrent gRPC clients spread over the three servers (followers forward to the leader),
-//!   for `MLP_BENCH_SECS` (default 20) seconds; the same shape as etcd's `check perf --load=l`
-//!   (500 clients against a 3-member cluster), which `scripts/bench-ha.sh` runs next to it.
+//!   log append fsync'd before it is acknowledged), the shape of etcd's `check perf --load=l`
+//!   (which `scripts/bench-ha.sh` runs next to it): `MLP_BENCH_CLIENTS` (default 500) clients,
+//!   each on its own gRPC connection, spread over the three servers (followers forward to the
+//!   leader), each registering realistic job specs (at least etcd's 256-byte key + 1 KiB value
+//!   when encoded) back to back for `MLP_BENCH_SECS` (default 20) seconds.
 //! * `failover`: 3 servers, each in its own network namespace; kill -9 the leader under a
 //!   stream of registrations and time until a write that started after the kill is
 //!   acknowledged; `MLP_FAILOVER_TRIALS` (default 20) trials. Needs root.
@@ -64,6 +65,65 @@ fn tiny_job(name: &str) -> Job {
     }
 }
 
+/// A job spec as a training team writes one (the shape of `examples/train.hcl`: a script in its
+/// args, env, meta, a constraint, resources, restart and timeouts), with `count = 0` so that
+/// registering it is a Raft write and an evaluation but places nothing: the write path, as
+/// etcd's puts are. Its protobuf encoding is at least etcd's `check perf` key + value (256 +
+/// 1,024 bytes); `regs` checks that.
+fn realistic_job(name: &str) -> Job {
+    let script = "set -e\n\
+        echo \"starting training run $MLP_ALLOC_ID lr=$LEARNING_RATE batch=$BATCH_SIZE\"\n\
+        python3 -m trainer.main --data /mnt/datasets/imagenet-1k --epochs \"$EPOCHS\" \\\n\
+          --lr \"$LEARNING_RATE\" --batch-size \"$BATCH_SIZE\" --checkpoint-dir \"$MLP_ALLOC_DIR/checkpoints\" \\\n\
+          --resume-from-latest --log-every 50 --eval-every 1000 --mixed-precision bf16\n\
+        echo \"training complete\"\n";
+    let env: BTreeMap<String, String> = [
+        ("LEARNING_RATE", "0.0003"),
+        ("BATCH_SIZE", "256"),
+        ("EPOCHS", "90"),
+        ("WANDB_PROJECT", "resnet50-baseline"),
+        ("NCCL_DEBUG", "WARN"),
+        ("OMP_NUM_THREADS", "8"),
+        ("HF_HOME", "/mnt/cache/huggingface"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let meta: BTreeMap<String, String> = [
+        ("team", "vision"),
+        ("owner", "ml-platform@example.com"),
+        ("cost-center", "research-42"),
+        ("git-sha", "3f9c2d1e8b7a6f5e4d3c2b1a0f9e8d7c6b5a4f3e"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    Job {
+        id: name.into(),
+        name: name.into(),
+        namespace: "default".into(),
+        r#type: "service".into(),
+        priority: 50,
+        meta,
+        constraints: vec![Constraint { attribute: "${attr.kernel.name}".into(), operator: "=".into(), value: "linux".into() }],
+        groups: vec![TaskGroup {
+            name: "trainer".into(),
+            count: Some(0),
+            tasks: vec![Task {
+                name: "train".into(),
+                driver: "raw_exec".into(),
+                config: Some(TaskConfig { command: "/bin/sh".into(), args: vec!["-c".into(), script.into()] }),
+                env,
+                resources: Some(Resources { cpu_mhz: 4000, memory_mib: 16384, ..Default::default() }),
+                kill_timeout_ms: 30_000,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
 async fn regs(out: &mut BTreeMap<String, f64>) -> Result<(), String> {
     let clients = env_or("MLP_BENCH_CLIENTS", 500);
     let secs = env_or("MLP_BENCH_SECS", 20) as u64;
@@ -100,12 +160,15 @@ async fn regs(out: &mut BTreeMap<String, f64>) -> Result<(), String> {
     let leader =
         StatusServiceClient::new(channel(&addrs[0]).await?).leader(LeaderRequest {}).await.map_err(|e| e.to_string())?.into_inner();
     eprintln!("regs: 3 servers {join}, leader {leader:?}; {clients} clients for {secs}s");
-    // 8 HTTP/2 connections per server, clients spread round-robin over all of them.
+    let spec_bytes = prost::Message::encoded_len(&realistic_job("r-499-99999"));
+    if spec_bytes < 256 + 1024 {
+        return Err(format!("the job spec encodes to {spec_bytes} bytes, less than etcd's check perf key + value"));
+    }
+    // As etcd's `check perf`: every client its own connection (its own clientv3 client there),
+    // the clients spread over the three servers.
     let mut chans = Vec::new();
-    for a in &addrs {
-        for _ in 0..8 {
-            chans.push(channel(a).await?);
-        }
+    for ci in 0..clients {
+        chans.push(channel(&addrs[ci % addrs.len()]).await?);
     }
     let stop = Arc::new(AtomicBool::new(false));
     let lat = Arc::new(Mutex::new(Vec::new()));
@@ -120,7 +183,7 @@ async fn regs(out: &mut BTreeMap<String, f64>) -> Result<(), String> {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                match c.register(RegisterJobRequest { job: Some(tiny_job(&format!("r-{ci}-{i}"))), ..Default::default() }).await {
+                match c.register(RegisterJobRequest { job: Some(realistic_job(&format!("r-{ci}-{i}"))), ..Default::default() }).await {
                     Ok(_) => mine.push(t.elapsed().as_secs_f64() * 1000.0),
                     Err(_) => {
                         errors.fetch_add(1, Ordering::Relaxed);
@@ -140,6 +203,8 @@ async fn regs(out: &mut BTreeMap<String, f64>) -> Result<(), String> {
     let mut lat = lat.lock().map(|l| l.clone()).unwrap_or_default();
     lat.sort_by(|a, b| a.total_cmp(b));
     out.insert("ha3_clients".into(), clients as f64);
+    out.insert("ha3_connections".into(), chans.len() as f64);
+    out.insert("ha3_job_spec_bytes".into(), spec_bytes as f64);
     out.insert("ha3_registrations".into(), lat.len() as f64);
     out.insert("ha3_registrations_per_sec".into(), lat.len() as f64 / elapsed);
     out.insert("ha3_latency_p50_ms".into(), pct(&lat, 0.5));

@@ -32,6 +32,10 @@ pub struct AllocManager {
     attached: BTreeMap<String, BTreeMap<String, Box<dyn TaskHandle>>>,
     /// Ids in the last set from the servers (None before the first).
     last_seen: Option<BTreeSet<String>>,
+    /// A full set arrived since the last `reap`: every finished allocation is checked against
+    /// it. Otherwise only those that finished since are (a partial message removes nothing), so
+    /// a message costs O(changes), not O(allocations the node ever ran).
+    scan_gone: bool,
 }
 
 fn view_of(dir: &Path, p: &PersistedAlloc) -> AllocView {
@@ -58,6 +62,7 @@ impl AllocManager {
             restored: BTreeMap::new(),
             attached: BTreeMap::new(),
             last_seen: None,
+            scan_gone: false,
         }
     }
 
@@ -220,6 +225,7 @@ impl AllocManager {
             }
         }
         self.last_seen = Some(seen);
+        self.scan_gone = true;
         self.reap();
     }
 
@@ -298,16 +304,23 @@ impl AllocManager {
     /// Collects finished runners and removes terminal allocations the servers dropped.
     pub fn reap(&mut self) {
         let done: Vec<String> = self.runners.iter().filter(|(_, h)| h.is_finished()).map(|(id, _)| id.clone()).collect();
+        let mut just_finished = Vec::with_capacity(done.len());
         for id in done {
             if let Some(h) = self.runners.remove(&id) {
                 // Finished: the join handle is ready, so this does not block.
                 if let Some(Some(p)) = futures::FutureExt::now_or_never(h.wait()) {
-                    self.finished.insert(id, p);
+                    self.finished.insert(id.clone(), p);
+                    just_finished.push(id);
                 }
             }
         }
+        let scan_all = std::mem::take(&mut self.scan_gone);
         let Some(seen) = &self.last_seen else { return };
-        let gone: Vec<String> = self.finished.keys().chain(self.restored.keys()).filter(|id| !seen.contains(*id)).cloned().collect();
+        let gone: Vec<String> = if scan_all {
+            self.finished.keys().chain(self.restored.keys()).filter(|id| !seen.contains(*id)).cloned().collect()
+        } else {
+            just_finished.into_iter().filter(|id| !seen.contains(id)).collect()
+        };
         for id in gone {
             if crate::paths::check_alloc_id(&id).is_err() {
                 // Never a dir of ours: do not build a path from it.
