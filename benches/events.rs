@@ -49,7 +49,12 @@ fn job(name: &str) -> Job {
         groups: vec![TaskGroup {
             name: "g".into(),
             count: Some(0),
-            tasks: vec![Task { name: "t".into(), driver: "raw_exec".into(), ..Default::default() }],
+            tasks: vec![Task {
+                name: "t".into(),
+                driver: "raw_exec".into(),
+                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![] }),
+                ..Default::default()
+            }],
             ..Default::default()
         }],
         ..Default::default()
@@ -148,8 +153,9 @@ async fn run() -> Result<BTreeMap<String, f64>, String> {
     let mut stuck_client = EventServiceClient::new(channel(&server.grpc).await?);
     let stuck = stuck_client.events(EventsRequest::default()).await.map_err(|e| e.to_string())?.into_inner();
     let t = Instant::now();
-    register(&mut jobs, "stuck", n_jobs * 10, pid).await?;
-    out.insert("registrations_per_s_with_a_stuck_subscriber".into(), (n_jobs * 10) as f64 / t.elapsed().as_secs_f64());
+    // Enough events to fill the HTTP/2 windows (several MiB) between the server and it.
+    register(&mut jobs, "stuck", n_jobs * 25, pid).await?;
+    out.insert("registrations_per_s_with_a_stuck_subscriber".into(), (n_jobs * 25) as f64 / t.elapsed().as_secs_f64());
     // It is cut once it has taken nothing for `events::SEND_TIMEOUT` (30 s) with events waiting.
     let deadline = Instant::now() + Duration::from_secs(45);
     let mut cut = metric(&server.http, "mlp_event_subscribers_cut_total").await;

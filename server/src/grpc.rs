@@ -256,7 +256,11 @@ impl event_service_server::EventService for GrpcApi {
                 // behind: the state machine never waits for it either way.
                 match tokio::time::timeout(crate::events::SEND_TIMEOUT, tx.send(item)).await {
                     Ok(Ok(())) if !end => {}
-                    _ => return,
+                    Ok(_) => return,
+                    Err(_) => {
+                        Metrics::inc(&metrics.metrics.event_subscribers_cut);
+                        return;
+                    }
                 }
             }
         });

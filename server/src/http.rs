@@ -335,7 +335,11 @@ async fn event_stream(State(api): State<Arc<Api>>, Query(q): Query<Vec<(String, 
             };
             match tokio::time::timeout(crate::events::SEND_TIMEOUT, tx.send(Ok(line + "\n"))).await {
                 Ok(Ok(())) if !end => {}
-                _ => return,
+                Ok(_) => return,
+                Err(_) => {
+                    Metrics::inc(&api.metrics.event_subscribers_cut);
+                    return;
+                }
             }
         }
     });
