@@ -124,6 +124,10 @@ pub struct TaskSpec {
     pub user: String,
     /// Network mode: "" or "host" = the host's, "none" = an empty namespace (`exec`).
     pub network_mode: String,
+    /// The start's phases before the driver (the allocation's receipt, the alloc and task
+    /// runners), continued by the driver and logged with its own; empty = timed from the
+    /// driver's start.
+    pub phases: crate::isolation::phases::Phases,
 }
 
 /// How a process ended.

@@ -368,7 +368,14 @@ pub(crate) async fn start(
     if let Some(words) = ok {
         phases.extend(&words.collect::<Vec<_>>().join(" "));
         phases.mark("started");
-        tracing::debug!(task = %spec.name, driver, phases = %phases.describe(), "task start phases");
+        tracing::debug!(
+            alloc = %spec.alloc_id,
+            task = %spec.name,
+            driver,
+            phases = %phases.describe(),
+            at = %phases.words().trim_start(),
+            "task start phases"
+        );
     }
     let Some(pid) = pid else {
         let message = started.strip_prefix("err ").unwrap_or("the task's supervisor exited without a status").to_string();
