@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
+use nix::sys::signal::{SigHandler, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
@@ -35,6 +35,7 @@ use crate::driver::supervised::{
     read_json, save_record, write_atomic, ExitRecord, SuperviseConfig, TaskKind, TaskRecord, EXIT_FILE, READY_FD, RECORD_FILE, STATUS_FD,
     SUPERVISE_ARG,
 };
+use crate::driver::zygote::{CONTROL_FD, MAX_REQUEST, ZYGOTE_ARG};
 use crate::driver::{proc_start_time, signal_group};
 use crate::isolation::init::{catch_stop_signals, report, Running};
 use crate::isolation::phases::Phases;
@@ -44,22 +45,147 @@ use crate::isolation::phases::Phases;
 /// thread starts: the supervisor must be single-threaded to unshare namespaces and fork.
 pub fn maybe_run_supervisor() {
     let mut args = std::env::args_os();
-    if args.nth(1).as_deref() != Some(std::ffi::OsStr::new(SUPERVISE_ARG)) {
-        return;
+    match args.nth(1) {
+        Some(a) if a == SUPERVISE_ARG => {
+            let config = args.next().map(PathBuf::from).unwrap_or_default();
+            run(&config)
+        }
+        Some(a) if a == ZYGOTE_ARG => run_zygote(),
+        _ => {}
     }
-    let config = args.next().map(PathBuf::from).unwrap_or_default();
-    run(&config)
 }
 
-/// The supervisor's entry point; never returns.
+/// The supervisor's entry point (an exec'd `__mlp-supervise <config>`); never returns.
 pub fn run(config_path: &Path) -> ! {
-    // SAFETY: the agent dup2'd the status pipe onto fd 3 of this freshly exec'd process and
+    let mut phases = Phases::default();
+    phases.mark("supervisor_main");
+    run_with(config_path, phases)
+}
+
+/// The agent's zygote (`__mlp-supervise-zygote`, request socket on fd 3; see
+/// `crate::driver::zygote`): forks one supervisor per request until the agent closes its end;
+/// never returns.
+fn run_zygote() -> ! {
+    // SAFETY: the agent dup2'd its request socket onto fd 3 of this freshly exec'd process and
+    // nothing else here owns that fd.
+    let on_3 = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
+    // Off fd 3, which every supervisor gets its status pipe on.
+    let control = match on_3.try_clone() {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("mlp supervisor zygote: no request socket on fd {CONTROL_FD}: {e}");
+            std::process::exit(2)
+        }
+    };
+    drop(on_3);
+    // Supervisors are reaped by the kernel (each restores the default for its own children).
+    // SAFETY: SIG_IGN installs no handler; this process is single-threaded.
+    if let Err(e) = unsafe { nix::sys::signal::signal(Signal::SIGCHLD, SigHandler::SigIgn) } {
+        eprintln!("mlp supervisor zygote: ignoring SIGCHLD: {e}");
+        std::process::exit(2)
+    }
+    let mut buf = vec![0u8; MAX_REQUEST];
+    loop {
+        let (path, fds) = match receive(&control, &mut buf) {
+            Ok(Some(request)) => request,
+            // The agent is gone: its supervisors run on without us.
+            Ok(None) => std::process::exit(0),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                eprintln!("mlp supervisor zygote: receiving a request: {e}");
+                std::process::exit(1)
+            }
+        };
+        if fds.len() < 2 {
+            eprintln!("mlp supervisor zygote: a request without its pipes; ignored");
+            continue;
+        }
+        // SAFETY: this process is single-threaded (it starts no threads), so the child may run
+        // any code.
+        match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Child) => {
+                drop(control);
+                into_supervisor(&path, fds)
+            }
+            Ok(nix::unistd::ForkResult::Parent { .. }) => drop(fds),
+            Err(e) => {
+                // The agent learns it on the status pipe, as any failed start.
+                let status = fds.into_iter().next().map(File::from);
+                report(&mut { status }, &format!("err fork: {e}"));
+            }
+        }
+    }
+}
+
+/// One request: the config path and the fds that came with it; None at EOF.
+fn receive(control: &OwnedFd, buf: &mut [u8]) -> nix::Result<Option<(PathBuf, Vec<OwnedFd>)>> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 3]);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg =
+        nix::sys::socket::recvmsg::<()>(control.as_raw_fd(), &mut iov, Some(&mut cmsg), nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: the kernel just installed these fds in this process for this message;
+            // nothing else owns them.
+            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+    }
+    let n = msg.bytes;
+    if n == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    let path = PathBuf::from(std::ffi::OsStr::from_bytes(iov[0].get(..n).unwrap_or_default()));
+    Ok(Some((path, fds)))
+}
+
+/// The child the zygote forked for one request becomes that task's supervisor: the same
+/// process an exec of `__mlp-supervise <config>` would be (own session, status pipe on fd 3,
+/// cgroup-ready pipe on fd 4, stderr into the task dir's `supervisor.log`, cwd the task dir,
+/// default `SIGCHLD`); never returns.
+fn into_supervisor(config: &Path, fds: Vec<OwnedFd>) -> ! {
+    let mut phases = Phases::default();
+    phases.mark("supervisor_main");
+    // SAFETY: SIG_DFL installs no handler; this process is single-threaded.
+    let _ = unsafe { nix::sys::signal::signal(Signal::SIGCHLD, SigHandler::SigDfl) };
+    let _ = nix::unistd::setsid();
+    // Each fd goes to a number above the targets first, so that no dup2 is onto itself (which
+    // would keep close-on-exec) and none overwrites another before it was moved.
+    let mut moved = Vec::new();
+    for fd in fds {
+        match nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(16)) {
+            // SAFETY: fcntl just returned this new fd; nothing else owns it.
+            Ok(raw) => moved.push(unsafe { OwnedFd::from_raw_fd(raw) }),
+            Err(e) => {
+                eprintln!("mlp supervisor: moving a received fd: {e}");
+                std::process::exit(127)
+            }
+        }
+    }
+    let targets = [STATUS_FD, libc::STDERR_FILENO, READY_FD];
+    for (fd, target) in moved.iter().zip(targets) {
+        // SAFETY: dup2 of an fd this process owns onto a standard number of this
+        // single-threaded child; the old targets are not in use.
+        if unsafe { libc::dup2(fd.as_raw_fd(), target) } == -1 {
+            eprintln!("mlp supervisor: dup2: {}", std::io::Error::last_os_error());
+            std::process::exit(127)
+        }
+    }
+    drop(moved);
+    if let Some(dir) = config.parent() {
+        let _ = std::env::set_current_dir(dir);
+    }
+    run_with(config, phases)
+}
+
+/// The supervisor with its status pipe on fd 3; never returns.
+fn run_with(config_path: &Path, phases: Phases) -> ! {
+    // SAFETY: the agent (or the zygote) put the status pipe onto fd 3 of this process and
     // nothing else here owns that fd; a missing fd 3 only makes the writes fail.
     let status_fd = unsafe { OwnedFd::from_raw_fd(STATUS_FD) };
     let _ = nix::fcntl::fcntl(status_fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
     let mut status = Some(File::from(status_fd));
-    let mut phases = Phases::default();
-    phases.mark("supervisor_main");
     match supervise(config_path, &mut status, phases) {
         Ok(()) => std::process::exit(0),
         Err(message) => {
