@@ -1,5 +1,7 @@
-//! The per-task supervisor process: `mlp __mlp-supervise <config>`, a fresh exec of the
-//! agent's binary in its own session, stdio not connected to the agent, that starts one task,
+//! The per-task supervisor process, forked by the agent's zygote (`mlp __mlp-supervise-zygote`,
+//! one single-threaded exec of the agent's binary per agent, see `crate::driver::zygote`;
+//! `mlp __mlp-supervise <config>` runs the same supervisor from a fresh exec), in its own
+//! session, stdio not connected to the agent, that starts one task,
 //! owns its stdout/stderr (written into the size-rotated log files), waits for it and writes
 //! how it ended into `<task dir>/exit.json` (atomically). It does not depend on the agent: when
 //! the agent dies the supervisor and its task run on, and a new agent reattaches
