@@ -138,7 +138,7 @@ STAGES = [
     ("namespaces (mnt/uts/ipc unshare)", ["init_unshared"]),
     ("task root (mounts, pivot_root)", ["root_tmpfs", "dir", "symlink", "bind", "tmpfs", "proc", "devpts", "copy", "write", "mask", "pivot_root"]),
     ("task exec (fork, drop privileges, exec)", ["init_in_cgroup", "task_exec"]),
-    ("start reported to the agent", ["record_written", "started"]),
+    ("start reported to the agent", ["logs_opened", "record_written", "started"]),
 ]
 OTHER = "other"
 name_to_stage = {p: s for s, ps in STAGES for p in ps}
@@ -155,6 +155,7 @@ for label in labels:
         _, alloc, ns = line.split()
         submits[alloc] = int(ns)
     stages = {}
+    phases = {}
     totals_first = []
     totals_all = []
     n = 0
@@ -177,6 +178,7 @@ for label in labels:
         for t, k in marks:
             st = name_to_stage.get(k, OTHER)
             acc[st] = acc.get(st, 0) + max(0, t - prev)
+            phases.setdefault(k, []).append(max(0, t - prev) / 1e6)
             prev = max(prev, t)
             if k == "task_exec":
                 first_instr = t
@@ -187,7 +189,7 @@ for label in labels:
             totals_first.append((first_instr - recv) / 1e6)
             totals_all.append((first_instr - submits[m.group(1)]) / 1e6)
         n += 1
-    results[label] = (n, stages, totals_first, totals_all)
+    results[label] = (n, stages, totals_first, totals_all, phases)
 names = [s for s, _ in STAGES] + [OTHER]
 hdr = "| stage | " + " | ".join(f"{l} p50 / p99 (ms)" for l in labels) + " |"
 print(hdr)
@@ -203,6 +205,19 @@ for s in names:
 for title, idx in [("**alloc received → task's first instruction**", 2), ("submit → task's first instruction", 3)]:
     cells = [f"{pct(results[l][idx], .5):.2f} / {pct(results[l][idx], .99):.2f}" for l in labels]
     print(f"| {title} | " + " | ".join(cells) + " |")
+print()
+print("Each phase (time since the phase that ended before it), p50 / p99 ms:")
+order = []
+for l in labels:
+    for k in results[l][4]:
+        if k not in order:
+            order.append(k)
+for k in order:
+    cells = []
+    for l in labels:
+        v = results[l][4].get(k, [])
+        cells.append(f"{pct(v, .5):6.2f} / {pct(v, .99):6.2f}" if v else "      –       ")
+    print(f"  {k:24} " + "   ".join(f"{l}: {c}" for l, c in zip(labels, cells)))
 print("starts measured: " + ", ".join(f"{l} {results[l][0]}" for l in labels))
 for l in labels:
     if results[l][0] == 0:

@@ -220,10 +220,8 @@ fn supervise(config_path: &Path, status: &mut Option<File>, mut phases: Phases) 
         RotatingWriter::open(&cfg.log_dir, &log_base(&cfg.log_name, stderr), cfg.log_max_file_bytes, cfg.log_max_files)
             .map_err(|e| format!("opening the log files in {}: {e}", cfg.log_dir.display()))
     };
-    let (out_w, err_w) = (open(false)?, open(true)?);
     let (out_r, out_pipe) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let (err_r, err_pipe) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    phases.mark("supervisor_logs");
     let running = match &cfg.task {
         TaskKind::Raw { command, args, env, work_dir } => {
             let mut cmd = std::process::Command::new(command);
@@ -260,8 +258,21 @@ fn supervise(config_path: &Path, status: &mut Option<File>, mut phases: Phases) 
             crate::isolation::init::start_init(init, out_pipe, err_pipe, &mut phases)?
         }
     };
-    // Record the run before reporting it, so that an agent that dies now still finds it.
     let task_pid = running.pid.as_raw().unsigned_abs();
+    // A start that fails from here on takes the task down with it.
+    let abandon = |message: String| {
+        let _ = signal_group(task_pid, Signal::SIGKILL);
+        let _ = waitpid(running.pid, None);
+        Err(message)
+    };
+    // The log files (a directory scan each, for rotation) are opened once the task runs, off
+    // the start's path: until the pumps run, its output waits in the pipes.
+    let (out_w, err_w) = match open(false).and_then(|out| Ok((out, open(true)?))) {
+        Ok(writers) => writers,
+        Err(message) => return abandon(message),
+    };
+    phases.mark("logs_opened");
+    // Record the run before reporting it, so that an agent that dies now still finds it.
     let record = TaskRecord {
         driver: cfg.driver.clone(),
         run_id: cfg.run_id.clone(),
@@ -273,9 +284,7 @@ fn supervise(config_path: &Path, status: &mut Option<File>, mut phases: Phases) 
         memory_limit_mib: cfg.memory_limit_mib,
     };
     if let Err(e) = save_record(&cfg.task_dir, &record) {
-        let _ = signal_group(task_pid, Signal::SIGKILL);
-        let _ = waitpid(running.pid, None);
-        return Err(format!("writing {}: {e}", cfg.task_dir.join(RECORD_FILE).display()));
+        return abandon(format!("writing {}: {e}", cfg.task_dir.join(RECORD_FILE).display()));
     }
     phases.mark("record_written");
     report(status, &format!("ok {}{}", running.pid, phases.words()));
