@@ -141,6 +141,9 @@ STAGES = [
     ("start reported to the agent", ["logs_opened", "record_written", "started"]),
 ]
 OTHER = "other"
+# Work done beside the start's path (not part of the partition above): its own duration.
+PARALLEL = {"(beside the path) cgroup creation, agent thread": ("cgroup_creating", "cgroup_created")}
+PARALLEL_MARKS = {m for pair in PARALLEL.values() for m in pair}
 name_to_stage = {p: s for s, ps in STAGES for p in ps}
 line_re = re.compile(r'alloc=(\S+).*?at=(.*?) (?:task start phases|$)')
 def pct(v, p):
@@ -175,7 +178,13 @@ for label in labels:
         prev = submits[m.group(1)]
         acc = {}
         first_instr = None
+        at = dict((k, t) for t, k in marks)
+        for name, (a, b) in PARALLEL.items():
+            if a in at and b in at:
+                stages.setdefault(name, []).append((at[b] - at[a]) / 1e6)
         for t, k in marks:
+            if k in PARALLEL_MARKS:
+                continue
             st = name_to_stage.get(k, OTHER)
             acc[st] = acc.get(st, 0) + max(0, t - prev)
             phases.setdefault(k, []).append(max(0, t - prev) / 1e6)
@@ -190,7 +199,7 @@ for label in labels:
             totals_all.append((first_instr - submits[m.group(1)]) / 1e6)
         n += 1
     results[label] = (n, stages, totals_first, totals_all, phases)
-names = [s for s, _ in STAGES] + [OTHER]
+names = [s for s, _ in STAGES] + [OTHER] + list(PARALLEL)
 hdr = "| stage | " + " | ".join(f"{l} p50 / p99 (ms)" for l in labels) + " |"
 print(hdr)
 print("|---" * (len(labels) + 1) + "|")

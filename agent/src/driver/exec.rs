@@ -17,6 +17,7 @@ use super::supervised::{self, Supervised, TaskKind, TaskRecord};
 use super::{Driver, DriverError, ExitStatus, TaskHandle, TaskSpec};
 use crate::isolation::cgroups::cpuset::CoreAllocator;
 use crate::isolation::cgroups::{self, Layout, TaskCgroup};
+use crate::isolation::phases::mono_ns;
 use crate::isolation::{hostname_for, lookup_user, rootfs, InitConfig, IsolationSettings, User};
 
 /// The task's PATH when it sets none.
@@ -145,10 +146,13 @@ impl Driver for ExecDriver {
             let limits = limits.clone();
             let cg_name = cg_name.clone();
             tokio::task::spawn_blocking(move || {
+                let began = mono_ns();
                 let created = cgroups::create(&layout, &cg_name, &limits);
                 if created.is_ok() {
                     use std::io::Write;
-                    let _ = std::fs::File::from(ready_w).write_all(b"ready");
+                    // With when the creation ran, for the start's phases.
+                    let ready = format!("ready cgroup_creating={began} cgroup_created={}", mono_ns());
+                    let _ = std::fs::File::from(ready_w).write_all(ready.as_bytes());
                 }
                 created
             })

@@ -198,17 +198,20 @@ fn run_with(config_path: &Path, phases: Phases) -> ! {
     }
 }
 
-/// Waits for the agent's `ready` on fd 4 (its cgroup exists).
-fn wait_ready() -> Result<(), String> {
+/// Waits for the agent's `ready` on fd 4 (its cgroup exists), followed by the phases of the
+/// cgroup's creation.
+fn wait_ready(phases: &mut Phases) -> Result<(), String> {
     // SAFETY: the agent dup2'd the ready pipe onto fd 4 of this freshly exec'd process (the
     // config says so) and nothing else here owns that fd.
     let fd = unsafe { OwnedFd::from_raw_fd(READY_FD) };
     let mut text = String::new();
     let _ = File::from(fd).read_to_string(&mut text);
-    if text == "ready" {
-        Ok(())
-    } else {
-        Err("the agent could not create the task's cgroup".into())
+    match text.strip_prefix("ready") {
+        Some(words) if words.is_empty() || words.starts_with(' ') => {
+            phases.extend(words);
+            Ok(())
+        }
+        _ => Err("the agent could not create the task's cgroup".into()),
     }
 }
 
@@ -252,7 +255,7 @@ fn supervise(config_path: &Path, status: &mut Option<File>, mut phases: Phases) 
         }
         TaskKind::Isolated(init) => {
             if cfg.wait_ready {
-                wait_ready()?;
+                wait_ready(&mut phases)?;
                 phases.mark("cgroup_ready");
             }
             crate::isolation::init::start_init(init, out_pipe, err_pipe, &mut phases)?
