@@ -16,6 +16,7 @@
 #   MLP_BIN=path         the binary measured ("after"); default: cargo build --release
 #   MLP_BIN_BEFORE=path  also measure this binary ("before") in the same run, first
 #   MLP_BENCH_ROUNDS=k   alternate before/after k times, N/k jobs each (default 1)
+# Then scripts/bench-start-spawn.py: the supervisor's start alone, zygote fork against fork + exec.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib-bench.sh
@@ -232,3 +233,9 @@ for l in labels:
     if results[l][0] == 0:
         sys.exit(f"no 'task start phases' lines for {l}: is the binary logging them (MLP_LOG debug)?")
 PY
+
+echo
+echo "Supervisor start alone (scripts/bench-start-spawn.py, 200 each, alternated), p50 / p99 ms:"
+echo "| how | p50 / p99 (ms) |"
+echo "|---|---|"
+python3 scripts/bench-start-spawn.py "$AFTER" 200
