@@ -8,7 +8,10 @@
 //! per start, the supervisor's config path as bytes, with the start-status pipe, the
 //! supervisor's diagnostics file and (`exec`) the cgroup-ready pipe passed as `SCM_RIGHTS`. The
 //! zygote answers nothing: the supervisor it forks reports on the status pipe exactly as an
-//! exec'd one did (a failed fork is reported there too). Supervisors are the zygote's children
+//! exec'd one did. The zygote keeps one supervisor forked ahead, the *spare*, which receives
+//! the next request itself (a start wakes a sleeping process instead of waiting for a fork and
+//! the child's first run) and tells the zygote to fork the next one; a spare dies with the
+//! zygote until it took a request. Supervisors are the zygote's children
 //! in their own sessions; it ignores `SIGCHLD`, so the kernel reaps them, and the agent waits
 //! for them through pidfds. When the agent dies the zygote reads EOF and exits, and the
 //! supervisors (and their tasks) run on, re-parented, until a new agent reattaches.

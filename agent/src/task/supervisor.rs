@@ -21,7 +21,7 @@
 #![allow(unsafe_code)]
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -86,6 +86,58 @@ fn run_zygote() -> ! {
         eprintln!("mlp supervisor zygote: ignoring SIGCHLD: {e}");
         std::process::exit(2)
     }
+    // One supervisor is always forked ahead (the *spare*), waiting for the next request itself:
+    // a start wakes a process that exists instead of waiting for a fork and for the new
+    // child's first run. The zygote forks the next spare once the spare took a request.
+    loop {
+        let (taken_r, taken_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+            Ok(pipe) => pipe,
+            Err(e) => {
+                eprintln!("mlp supervisor zygote: pipe: {e}");
+                std::process::exit(1)
+            }
+        };
+        let zygote = nix::unistd::getpid();
+        // SAFETY: this process is single-threaded (it starts no threads), so the child may run
+        // any code.
+        match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Child) => {
+                drop(taken_r);
+                spare(zygote, control, taken_w)
+            }
+            Ok(nix::unistd::ForkResult::Parent { .. }) => {
+                drop(taken_w);
+                let mut byte = [0u8; 1];
+                let took = loop {
+                    match nix::unistd::read(taken_r.as_raw_fd(), &mut byte) {
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        other => break other,
+                    }
+                };
+                // Nothing: the spare saw the agent go (or failed); so does the zygote.
+                if took != Ok(1) {
+                    std::process::exit(0)
+                }
+            }
+            Err(e) => {
+                // The agent's next request fails (nobody reads it) and starts another zygote.
+                eprintln!("mlp supervisor zygote: fork: {e}");
+                std::process::exit(1)
+            }
+        }
+    }
+}
+
+/// The spare supervisor: waits for one request, tells the zygote on `taken` (so that it forks
+/// the next spare), and becomes that task's supervisor; exits when the agent is gone. Until it
+/// took a request it dies with the zygote, so that no request reaches a spare nobody replaces
+/// (the agent's next request then fails, and it starts another zygote).
+fn spare(zygote: nix::unistd::Pid, control: OwnedFd, taken: OwnedFd) -> ! {
+    // SAFETY: prctl(2) with integer arguments only.
+    let deathsig = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
+    if deathsig != 0 || nix::unistd::getppid() != zygote {
+        std::process::exit(0)
+    }
     let mut buf = vec![0u8; MAX_REQUEST];
     loop {
         let (path, fds) = match receive(&control, &mut buf) {
@@ -102,20 +154,12 @@ fn run_zygote() -> ! {
             eprintln!("mlp supervisor zygote: a request without its pipes; ignored");
             continue;
         }
-        // SAFETY: this process is single-threaded (it starts no threads), so the child may run
-        // any code.
-        match unsafe { nix::unistd::fork() } {
-            Ok(nix::unistd::ForkResult::Child) => {
-                drop(control);
-                into_supervisor(&path, fds)
-            }
-            Ok(nix::unistd::ForkResult::Parent { .. }) => drop(fds),
-            Err(e) => {
-                // The agent learns it on the status pipe, as any failed start.
-                let status = fds.into_iter().next().map(File::from);
-                report(&mut { status }, &format!("err fork: {e}"));
-            }
-        }
+        // A supervisor outlives the zygote (and the agent).
+        // SAFETY: prctl(2) with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) };
+        drop(control);
+        let _ = File::from(taken).write_all(b"t");
+        into_supervisor(&path, fds)
     }
 }
 
