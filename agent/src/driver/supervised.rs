@@ -374,8 +374,14 @@ pub(crate) async fn start(
         Some(fd) => {
             // SAFETY: the AsyncFd owns the OwnedFd, which stays open and unchanged until the
             // AsyncFd is dropped.
-            let registered = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
-            Waiter::Pidfd(registered.map_err(|e| DriverError::Isolation(format!("watching the supervisor: {e}")))?)
+            match unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) } {
+                Ok(registered) => Waiter::Pidfd(registered),
+                Err(e) => {
+                    // Unwatchable: the start fails, and takes the task with it.
+                    let _ = signal_group(record.pid, Signal::SIGKILL);
+                    return Err(DriverError::Isolation(format!("watching the supervisor: {e}")));
+                }
+            }
         }
         None => Waiter::Done,
     };

@@ -65,8 +65,8 @@ pub fn run(config_path: &Path) -> ! {
 }
 
 /// The agent's zygote (`__mlp-supervise-zygote`, request socket on fd 3; see
-/// `crate::driver::zygote`): forks one supervisor per request until the agent closes its end;
-/// never returns.
+/// `crate::driver::zygote`): keeps one spare supervisor forked ahead until the agent closes
+/// its end; never returns.
 fn run_zygote() -> ! {
     // SAFETY: the agent dup2'd its request socket onto fd 3 of this freshly exec'd process and
     // nothing else here owns that fd.
@@ -186,7 +186,7 @@ fn receive(control: &OwnedFd, buf: &mut [u8]) -> nix::Result<Option<(PathBuf, Ve
     Ok(Some((path, fds)))
 }
 
-/// The child the zygote forked for one request becomes that task's supervisor: the same
+/// The spare that took a request becomes that task's supervisor: the same
 /// process an exec of `__mlp-supervise <config>` would be (own session, status pipe on fd 3,
 /// cgroup-ready pipe on fd 4, stderr into the task dir's `supervisor.log`, cwd the task dir,
 /// default `SIGCHLD`); never returns.
