@@ -15,8 +15,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // `mlp __mlp-supervise <config>` is a task's supervisor (see mlp_agent::task::supervisor),
-    // which also forks an exec task's namespaces; it must run before anything starts a thread.
+    // `mlp __mlp-supervise-zygote` is the agent's zygote, which forks task supervisors, and
+    // `mlp __mlp-supervise <config>` one supervisor (see mlp_agent::task::supervisor); a
+    // supervisor forks an exec task's namespaces, so both must run before anything starts a
+    // thread.
     mlp_agent::task::supervisor::maybe_run_supervisor();
     // `mlp __mlp-exec-enter` is an `mlp alloc exec` session entering a task (single-threaded too).
     mlp_agent::rpc::exec_session::maybe_run_enter();

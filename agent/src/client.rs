@@ -194,9 +194,11 @@ pub async fn watch_loop(pool: Arc<ServerPool>, node_id: String, mut registered: 
                 loop {
                     match stream.message().await {
                         Ok(Some(msg)) => {
+                            let received = crate::isolation::phases::mono_ns();
                             backoff.reset();
                             tracing::debug!(count = msg.allocations.len(), index = msg.index, "allocations received");
                             let mut m = manager.lock().await;
+                            m.received_at(received);
                             if msg.partial {
                                 m.sync_partial(msg.allocations);
                             } else {

@@ -1,7 +1,8 @@
 //! The task supervisor behind both drivers, with real processes: exit codes and logs, killing a
 //! whole tree, and reattaching after the agent's handle is gone (the agent died): a task that
 //! runs on is watched again with its pid and logs, one that ended meanwhile reports its exit
-//! code, one whose supervisor died is reported lost and leaves nothing.
+//! code, one whose supervisor died is reported lost and leaves nothing; supervisors come from
+//! one zygote per agent, outlive it, and a zygote that is gone is replaced.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -224,5 +225,58 @@ async fn a_task_whose_supervisor_died_is_lost_and_leaves_nothing() -> TestResult
         Ok(_) => panic!("reattached to a task without a supervisor"),
     }
     until("the task's group gone", 10, || group_members(record.pid).is_empty()).await?;
+    Ok(())
+}
+
+/// Fields 4 (ppid) and 6 (session) of `/proc/<pid>/stat`.
+fn parent_and_session(pid: u32) -> Option<(u32, u32)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<&str> = s[s.rfind(')')? + 1..].split_whitespace().collect();
+    Some((f.get(1)?.parse().ok()?, f.get(3)?.parse().ok()?))
+}
+
+/// The supervisor zygote this test process started: its live child running
+/// `__mlp-supervise-zygote`.
+fn zygote_pid() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let ours = parent_and_session(pid).is_some_and(|(ppid, _)| ppid == std::process::id());
+        (ours && alive(pid) && String::from_utf8_lossy(&cmdline).contains("__mlp-supervise-zygote")).then_some(pid)
+    })
+}
+
+#[tokio::test]
+async fn supervisors_are_forked_by_one_zygote_outlive_it_and_a_gone_zygote_is_replaced() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let d = driver();
+    let s1 = spec(&dir.path().join("a"), "/bin/sh", &["-c", "sleep 1; echo one; exit 4"]);
+    let mut h1 = d.start(&s1).await?;
+    let mut g = Guard(vec![h1.pid()]);
+    let zygote = zygote_pid().ok_or("no supervisor zygote runs as a child of the agent (this test)")?;
+    let rec1 = load_record(&s1.task_dir)?.ok_or("no run record")?;
+    g.0.push(rec1.supervisor_pid);
+    // The supervisor is the zygote's child, in a session of its own.
+    assert_eq!(parent_and_session(rec1.supervisor_pid), Some((zygote, rec1.supervisor_pid)));
+    // The zygote dies (as it does when the agent dies): the supervisor and the task run on, and
+    // the handle still learns the exit code.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(zygote)?), Signal::SIGKILL)?;
+    until("the zygote's death", 10, || !alive(zygote)).await?;
+    assert!(alive(rec1.supervisor_pid) && alive(h1.pid()), "the task died with the zygote");
+    // The next start replaces the zygote.
+    let s2 = spec(&dir.path().join("b"), "/bin/sh", &["-c", "echo two; exit 5"]);
+    let mut h2 = d.start(&s2).await?;
+    g.0.push(h2.pid());
+    let replaced = zygote_pid().ok_or("no zygote after the second start")?;
+    assert_ne!(replaced, zygote);
+    let rec2 = load_record(&s2.task_dir)?.ok_or("no run record")?;
+    assert_eq!(tokio::time::timeout(Duration::from_secs(10), h2.wait()).await?.code, Some(5));
+    assert_eq!(stdout(&s2)?, "two\n");
+    assert_eq!(tokio::time::timeout(Duration::from_secs(10), h1.wait()).await?.code, Some(4));
+    assert_eq!(stdout(&s1)?, "one\n");
+    // Ended supervisors are reaped (the zygote ignores SIGCHLD), not left as zombies.
+    for sup in [rec1.supervisor_pid, rec2.supervisor_pid] {
+        until("the supervisor reaped", 10, || !Path::new(&format!("/proc/{sup}")).exists()).await?;
+    }
     Ok(())
 }

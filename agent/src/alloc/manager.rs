@@ -17,6 +17,7 @@ use super::runner::{
 use super::state::{self, AllocView, PersistedAlloc};
 use crate::driver::supervised;
 use crate::driver::{proc_start_time, signal_group, TaskHandle};
+use crate::isolation::phases::Phases;
 use crate::task::runner::push_event;
 
 /// Tracks every allocation this agent runs or remembers.
@@ -36,6 +37,8 @@ pub struct AllocManager {
     /// it. Otherwise only those that finished since are (a partial message removes nothing), so
     /// a message costs O(changes), not O(allocations the node ever ran).
     scan_gone: bool,
+    /// When the allocations being applied arrived (`mono_ns`; 0 = unknown, now).
+    received_ns: u64,
 }
 
 fn view_of(dir: &Path, p: &PersistedAlloc) -> AllocView {
@@ -63,6 +66,7 @@ impl AllocManager {
             attached: BTreeMap::new(),
             last_seen: None,
             scan_gone: false,
+            received_ns: 0,
         }
     }
 
@@ -211,6 +215,12 @@ impl AllocManager {
         );
     }
 
+    /// Notes when the next allocations to apply arrived on the servers' stream (their tasks'
+    /// start phases are timed from it).
+    pub fn received_at(&mut self, at_ns: u64) {
+        self.received_ns = at_ns;
+    }
+
     /// Applies a full allocation set from the servers.
     pub fn sync(&mut self, allocs: Vec<Allocation>) {
         let mut seen = BTreeSet::new();
@@ -273,7 +283,11 @@ impl AllocManager {
             let prior = self.restored.remove(&a.id);
             tracing::info!(alloc = %a.id, name = %a.name, restored = prior.is_some(), reattached = attached.len(), "starting allocation");
             let id = a.id.clone();
-            let h = spawn_alloc_runner_attached(a, prior, attached, self.env.clone(), self.updates.clone());
+            let received = match self.received_ns {
+                0 => Phases::start(),
+                at => Phases::starting_at("alloc_received", at),
+            };
+            let h = spawn_alloc_runner_attached(a, prior, attached, self.env.clone(), self.updates.clone(), received);
             if stop {
                 h.stop();
             }

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use super::state::{self, AllocRegistry, AllocView, PersistedAlloc};
 use crate::driver::{Driver, TaskHandle};
+use crate::isolation::phases::Phases;
 use crate::task::restart::default_policy;
 use crate::task::runner::{now_ms, push_event, run_task_attached, TaskContext, TaskUpdate};
 
@@ -105,20 +106,22 @@ pub fn spawn_alloc_runner(
     env: RunnerEnv,
     updates: mpsc::UnboundedSender<AllocClientUpdate>,
 ) -> AllocHandle {
-    spawn_alloc_runner_attached(alloc, prior, BTreeMap::new(), env, updates)
+    spawn_alloc_runner_attached(alloc, prior, BTreeMap::new(), env, updates, Phases::start())
 }
 
 /// [`spawn_alloc_runner`] with the handles of tasks a previous agent run started (reattached,
-/// by task name): those tasks are watched, not started again.
+/// by task name): those tasks are watched, not started again. `received` times the tasks'
+/// first starts (from the allocation's receipt; see [`Phases`]).
 pub fn spawn_alloc_runner_attached(
     alloc: Allocation,
     prior: Option<PersistedAlloc>,
     attached: BTreeMap<String, Box<dyn TaskHandle>>,
     env: RunnerEnv,
     updates: mpsc::UnboundedSender<AllocClientUpdate>,
+    received: Phases,
 ) -> AllocHandle {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let join = tokio::spawn(run_alloc(alloc, prior, attached, env, stop_rx, updates));
+    let join = tokio::spawn(run_alloc(alloc, prior, attached, env, stop_rx, updates, received));
     AllocHandle { stop: stop_tx, join }
 }
 
@@ -169,7 +172,9 @@ async fn run_alloc(
     env: RunnerEnv,
     mut stop: watch::Receiver<bool>,
     updates: mpsc::UnboundedSender<AllocClientUpdate>,
+    mut phases: Phases,
 ) -> PersistedAlloc {
+    phases.mark("alloc_runner");
     if let Err(e) = crate::paths::check_allocation(&alloc) {
         // Refused before any path is built from it (the manager refuses these first; this
         // guards the runner's own callers).
@@ -234,6 +239,7 @@ async fn run_alloc(
         return rep.persisted;
     }
 
+    phases.mark("alloc_dirs");
     let restart = group.restart.clone().unwrap_or_else(|| default_policy(&job_type));
     let (kill_tx, kill_rx) = watch::channel(false);
     let (tx, mut rx) = mpsc::unbounded_channel::<TaskUpdate>();
@@ -253,6 +259,7 @@ async fn run_alloc(
             log_max_file_bytes: env.log_max_file_bytes,
             log_max_files: env.log_max_files,
             gpus: crate::gpu::task_gpus(&group, &task.name, alloc.resources.as_ref(), &env.gpus),
+            phases: phases.clone(),
         };
         let initial = rep.persisted.task_states.get(&task.name).cloned();
         joins.push(AbortOnDrop(tokio::spawn(run_task_attached(ctx, initial, attached.remove(&task.name), kill_rx.clone(), tx.clone()))));

@@ -1,5 +1,5 @@
-//! `mlp-supervise-helper`: only the task supervisor of the `mlp` binary
-//! (`mlp-supervise-helper __mlp-supervise <config>`), for the agent crate's own tests, which
+//! `mlp-supervise-helper`: only the task supervisor and its zygote of the `mlp` binary
+//! (`mlp-supervise-helper __mlp-supervise-zygote` / `__mlp-supervise <config>`), for the agent crate's own tests, which
 //! run the agent inside a test binary that cannot supervise tasks itself
 //! (`IsolationSettings::supervisor_exe`). Production agents use the `mlp` binary.
 

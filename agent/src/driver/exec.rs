@@ -17,7 +17,7 @@ use super::supervised::{self, Supervised, TaskKind, TaskRecord};
 use super::{Driver, DriverError, ExitStatus, TaskHandle, TaskSpec};
 use crate::isolation::cgroups::cpuset::CoreAllocator;
 use crate::isolation::cgroups::{self, Layout, TaskCgroup};
-use crate::isolation::phases::Phases;
+use crate::isolation::phases::mono_ns;
 use crate::isolation::{hostname_for, lookup_user, rootfs, InitConfig, IsolationSettings, User};
 
 /// The task's PATH when it sets none.
@@ -118,7 +118,7 @@ impl Driver for ExecDriver {
         // Both name the task's cgroup, `mlp/<alloc>.<task>`, and its log files.
         crate::paths::check_alloc_id(&spec.alloc_id)?;
         crate::paths::check_task_name(&spec.name)?;
-        let mut phases = Phases::start();
+        let mut phases = spec.phases.clone().or_start();
         let user = self.user(&spec.user)?;
         phases.mark("user");
         let layout = self.layout.as_ref().ok_or_else(|| DriverError::Isolation("no usable cgroup hierarchy on this node".into()))?;
@@ -146,10 +146,13 @@ impl Driver for ExecDriver {
             let limits = limits.clone();
             let cg_name = cg_name.clone();
             tokio::task::spawn_blocking(move || {
+                let began = mono_ns();
                 let created = cgroups::create(&layout, &cg_name, &limits);
                 if created.is_ok() {
                     use std::io::Write;
-                    let _ = std::fs::File::from(ready_w).write_all(b"ready");
+                    // With when the creation ran, for the start's phases.
+                    let ready = format!("ready cgroup_creating={began} cgroup_created={}", mono_ns());
+                    let _ = std::fs::File::from(ready_w).write_all(ready.as_bytes());
                 }
                 created
             })

@@ -15,6 +15,7 @@
 pub mod exec;
 pub mod raw_exec;
 pub mod supervised;
+pub mod zygote;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -124,6 +125,10 @@ pub struct TaskSpec {
     pub user: String,
     /// Network mode: "" or "host" = the host's, "none" = an empty namespace (`exec`).
     pub network_mode: String,
+    /// The start's phases before the driver (the allocation's receipt, the alloc and task
+    /// runners), continued by the driver and logged with its own; empty = timed from the
+    /// driver's start.
+    pub phases: crate::isolation::phases::Phases,
 }
 
 /// How a process ended.
@@ -221,7 +226,8 @@ pub fn drivers_for(enabled: &[String]) -> BTreeMap<String, std::sync::Arc<dyn Dr
     drivers_with(enabled, &IsolationSettings::default())
 }
 
-/// Drivers by name, for the enabled names; `exec` isolates with `settings`.
+/// Drivers by name, for the enabled names; `exec` isolates with `settings`. Starts the
+/// supervisor zygote ([`zygote`]) when any driver is enabled.
 pub fn drivers_with(enabled: &[String], settings: &IsolationSettings) -> BTreeMap<String, std::sync::Arc<dyn Driver>> {
     let mut out: BTreeMap<String, std::sync::Arc<dyn Driver>> = BTreeMap::new();
     for name in enabled {
@@ -233,6 +239,12 @@ pub fn drivers_with(enabled: &[String], settings: &IsolationSettings) -> BTreeMa
                 out.insert(name.clone(), std::sync::Arc::new(ProcessDriver::with_supervisor(settings.supervisor_exe.clone())));
             }
             other => tracing::warn!(driver = other, "unknown driver in config; ignored"),
+        }
+    }
+    // Both drivers start supervisors through the zygote: started now, off the first start.
+    if !out.is_empty() {
+        if let Ok(exe) = supervised::supervisor_exe(settings.supervisor_exe.as_deref()) {
+            zygote::prestart(&exe);
         }
     }
     out

@@ -11,7 +11,6 @@ use nix::sys::signal::Signal;
 
 use super::supervised::{self, Supervised, TaskKind, TaskRecord};
 use super::{Driver, DriverError, ExitStatus, TaskHandle, TaskSpec};
-use crate::isolation::phases::Phases;
 
 /// The unisolated `raw_exec` driver.
 #[derive(Debug, Clone)]
@@ -53,7 +52,7 @@ impl Driver for ProcessDriver {
             task,
             String::new(),
             None,
-            supervised::StartWith { phases: Phases::start(), ready: None },
+            supervised::StartWith { phases: spec.phases.clone().or_start(), ready: None },
         )
         .await?;
         tracing::debug!(task = %spec.name, pid = sup.record.pid, driver = self.name, "task process started");

@@ -14,9 +14,8 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -192,9 +191,8 @@ pub fn supervisor_exe(configured: Option<&Path>) -> Result<PathBuf, DriverError>
 
 /// How the agent waits for a supervisor.
 enum Waiter {
-    /// The agent started it: its child.
-    Child(tokio::process::Child),
-    /// Reattached: a pidfd, readable once it exited.
+    /// A pidfd, readable once it exited (the supervisor is the zygote's child, not the
+    /// agent's, after a start as after a reattach).
     Pidfd(AsyncFd<OwnedFd>),
     /// It already exited.
     Done,
@@ -219,11 +217,6 @@ impl Supervised {
             return ex;
         }
         match &mut self.waiter {
-            Waiter::Child(child) => {
-                if let Err(e) = child.wait().await {
-                    tracing::warn!(pid = self.record.supervisor_pid, error = %e, "waiting for the supervisor failed");
-                }
-            }
             Waiter::Pidfd(fd) => match fd.readable().await {
                 // A pidfd stays readable once the process exited.
                 Ok(mut guard) => guard.retain_ready(),
@@ -316,39 +309,12 @@ pub(crate) async fn start(
 
     let (status_r, status_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| DriverError::Isolation(format!("pipe: {e}")))?;
-    let status_w_raw = status_w.as_raw_fd();
-    let ready_raw = ready.as_ref().map(|r| r.as_raw_fd());
-    let mut cmd = tokio::process::Command::new(exe);
-    cmd.arg(SUPERVISE_ARG)
-        .arg(&config_path)
-        .env_clear()
-        .current_dir(&task_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(diag))
-        .kill_on_drop(false);
-    // SAFETY: runs in the forked child before exec and only calls setsid(2) and dup2(2),
-    // which are async-signal-safe; dup2 onto fds 3 and 4 clears close-on-exec for the
-    // supervisor.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() == -1 || libc::dup2(status_w_raw, STATUS_FD) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some(r) = ready_raw {
-                if libc::dup2(r, READY_FD) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().map_err(|source| DriverError::Spawn { command: exe.display().to_string(), source })?;
+    // The agent's zygote forks the supervisor (fd 3: status_w, fd 4: ready, stderr: diag).
+    super::zygote::launch(exe, &config_path, status_w.as_fd(), diag.as_fd(), ready.as_ref().map(|r| r.as_fd()))?;
     drop(status_w);
     drop(ready);
+    drop(diag);
     phases.mark("supervisor_spawned");
-    let supervisor_pid = child.id().unwrap_or(0);
-    let supervisor_start_time = proc_start_time(supervisor_pid).unwrap_or(0);
     // Read on the runtime (no blocking-thread round trip): the pipe until EOF.
     let read = async move {
         use tokio::io::AsyncReadExt;
@@ -368,15 +334,26 @@ pub(crate) async fn start(
     if let Some(words) = ok {
         phases.extend(&words.collect::<Vec<_>>().join(" "));
         phases.mark("started");
-        tracing::debug!(task = %spec.name, driver, phases = %phases.describe(), "task start phases");
+        tracing::debug!(
+            alloc = %spec.alloc_id,
+            task = %spec.name,
+            driver,
+            phases = %phases.describe(),
+            at = %phases.words().trim_start(),
+            "task start phases"
+        );
     }
     let Some(pid) = pid else {
         let message = started.strip_prefix("err ").unwrap_or("the task's supervisor exited without a status").to_string();
-        // The supervisor exits after reporting an error; kill it if it hangs.
-        if let Some(raw) = i32::try_from(supervisor_pid).ok().filter(|p| *p > 1) {
-            let _ = nix::sys::signal::kill(Pid::from_raw(raw), Signal::SIGKILL);
+        // The supervisor exits after reporting an error (the zygote's children are reaped by
+        // the kernel); one that reported nothing in time is killed if its record names it.
+        if let Ok(Some(r)) = load_record(&task_dir) {
+            if r.run_id == run_id && r.supervisor_pid > 1 && proc_start_time(r.supervisor_pid) == Some(r.supervisor_start_time) {
+                if let Ok(raw) = i32::try_from(r.supervisor_pid) {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(raw), Signal::SIGKILL);
+                }
+            }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
         remove_run_files(&task_dir);
         if let Some(source) = spawn_error(&message) {
             return Err(DriverError::Spawn { command: spec.command.clone(), source });
@@ -388,19 +365,27 @@ pub(crate) async fn start(
         other => {
             // The supervisor writes the record before it reports a start.
             tracing::warn!(dir = %task_dir.display(), record = ?other, "the supervisor's run record is missing");
-            TaskRecord {
-                driver: driver.to_string(),
-                run_id,
-                supervisor_pid,
-                supervisor_start_time,
-                pid,
-                start_time: proc_start_time(pid).unwrap_or(0),
-                cgroup: String::new(),
-                memory_limit_mib: None,
-            }
+            TaskRecord { driver: driver.to_string(), run_id, pid, start_time: proc_start_time(pid).unwrap_or(0), ..Default::default() }
         }
     };
-    Ok(Supervised { record, task_dir, waiter: Waiter::Child(child), exit: None })
+    // The supervisor is not the agent's child: it is waited on through a pidfd, as after a
+    // reattach (one that already ended left its exit file, or is reported as lost by `wait`).
+    let waiter = match pidfd_of(record.supervisor_pid, record.supervisor_start_time) {
+        Some(fd) => {
+            // SAFETY: the AsyncFd owns the OwnedFd, which stays open and unchanged until the
+            // AsyncFd is dropped.
+            match unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) } {
+                Ok(registered) => Waiter::Pidfd(registered),
+                Err(e) => {
+                    // Unwatchable: the start fails, and takes the task with it.
+                    let _ = signal_group(record.pid, Signal::SIGKILL);
+                    return Err(DriverError::Isolation(format!("watching the supervisor: {e}")));
+                }
+            }
+        }
+        None => Waiter::Done,
+    };
+    Ok(Supervised { record, task_dir, waiter, exit: None })
 }
 
 /// `raw_exec` start errors come back as `err spawn <errno> <message>`: the same

@@ -27,6 +27,19 @@ impl Phases {
     pub fn start() -> Phases {
         Phases { since: mono_ns(), words: String::new() }
     }
+    /// Phases counted from `name`, which ended at `at_ns` (another part of the agent's clock
+    /// reading, e.g. when the allocation arrived on the servers' stream).
+    pub fn starting_at(name: &str, at_ns: u64) -> Phases {
+        Phases { since: at_ns, words: format!(" {name}={at_ns}") }
+    }
+    /// These phases if any were noted, else phases counted from now.
+    pub fn or_start(self) -> Phases {
+        if self.words.is_empty() {
+            Phases::start()
+        } else {
+            self
+        }
+    }
     /// Notes that `name` ended now.
     pub fn mark(&mut self, name: &str) {
         self.words.push_str(&format!(" {name}={}", mono_ns()));
@@ -75,5 +88,8 @@ mod tests {
         let mut q = Phases::start();
         q.mark("x");
         assert!(q.words().starts_with(" x="), "{}", q.words());
+        let r = Phases::starting_at("got", 5_000_000).or_start();
+        assert_eq!(r.words(), " got=5000000");
+        assert!(Phases::default().or_start().since > 0);
     }
 }

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::restart::{decide, fmt_duration_ms, RestartDecision, RestartTracker};
 use crate::driver::{proc_start_time, Driver, ExitStatus, TaskHandle, TaskSpec};
+use crate::isolation::phases::Phases;
 
 /// A running task's process, recognisable after an agent restart (persisted with its
 /// allocation's state).
@@ -108,6 +109,9 @@ pub struct TaskContext {
     pub log_max_files: u32,
     /// The task's GPUs, out of its allocation's (`crate::gpu::task_gpus`).
     pub gpus: crate::gpu::TaskGpus,
+    /// Its first start's phases so far (the allocation's receipt, the alloc runner), which
+    /// the driver continues; later starts are timed from the task runner.
+    pub phases: Phases,
 }
 
 impl TaskContext {
@@ -157,6 +161,7 @@ impl TaskContext {
             hostname: crate::isolation::hostname_for(&self.group_name, self.alloc_index, &self.alloc_id),
             user: self.task.user.clone(),
             network_mode: self.task.network_mode.clone(),
+            phases: Phases::default(),
         }
     }
 
@@ -245,6 +250,7 @@ pub async fn run_task_attached(
         emit(&st, None);
     }
     let mut tracker = RestartTracker { count: 0, interval_start_ms: now_ms() };
+    let mut first_phases = Some(ctx.phases.clone());
     loop {
         if attached.is_none() && *stop.borrow() {
             st.state = task_state::DEAD.into();
@@ -274,7 +280,10 @@ pub async fn run_task_attached(
                     let msg = format!("driver {:?} is not available on this node", ctx.task.driver);
                     return fail_start(&mut st, msg, &emit);
                 };
-                let spec = ctx.spec();
+                let mut spec = ctx.spec();
+                let mut phases = first_phases.take().unwrap_or_else(Phases::start);
+                phases.mark("task_runner");
+                spec.phases = phases;
                 let handle = match driver.start(&spec).await {
                     Ok(h) => h,
                     Err(e) => {

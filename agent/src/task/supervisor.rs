@@ -1,5 +1,7 @@
-//! The per-task supervisor process: `mlp __mlp-supervise <config>`, a fresh exec of the
-//! agent's binary in its own session, stdio not connected to the agent, that starts one task,
+//! The per-task supervisor process, forked by the agent's zygote (`mlp __mlp-supervise-zygote`,
+//! one single-threaded exec of the agent's binary per agent, see `crate::driver::zygote`;
+//! `mlp __mlp-supervise <config>` runs the same supervisor from a fresh exec), in its own
+//! session, stdio not connected to the agent, that starts one task,
 //! owns its stdout/stderr (written into the size-rotated log files), waits for it and writes
 //! how it ended into `<task dir>/exit.json` (atomically). It does not depend on the agent: when
 //! the agent dies the supervisor and its task run on, and a new agent reattaches
@@ -19,14 +21,14 @@
 #![allow(unsafe_code)]
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
+use nix::sys::signal::{SigHandler, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
@@ -35,6 +37,7 @@ use crate::driver::supervised::{
     read_json, save_record, write_atomic, ExitRecord, SuperviseConfig, TaskKind, TaskRecord, EXIT_FILE, READY_FD, RECORD_FILE, STATUS_FD,
     SUPERVISE_ARG,
 };
+use crate::driver::zygote::{CONTROL_FD, MAX_REQUEST, ZYGOTE_ARG};
 use crate::driver::{proc_start_time, signal_group};
 use crate::isolation::init::{catch_stop_signals, report, Running};
 use crate::isolation::phases::Phases;
@@ -44,22 +47,191 @@ use crate::isolation::phases::Phases;
 /// thread starts: the supervisor must be single-threaded to unshare namespaces and fork.
 pub fn maybe_run_supervisor() {
     let mut args = std::env::args_os();
-    if args.nth(1).as_deref() != Some(std::ffi::OsStr::new(SUPERVISE_ARG)) {
-        return;
+    match args.nth(1) {
+        Some(a) if a == SUPERVISE_ARG => {
+            let config = args.next().map(PathBuf::from).unwrap_or_default();
+            run(&config)
+        }
+        Some(a) if a == ZYGOTE_ARG => run_zygote(),
+        _ => {}
     }
-    let config = args.next().map(PathBuf::from).unwrap_or_default();
-    run(&config)
 }
 
-/// The supervisor's entry point; never returns.
+/// The supervisor's entry point (an exec'd `__mlp-supervise <config>`); never returns.
 pub fn run(config_path: &Path) -> ! {
-    // SAFETY: the agent dup2'd the status pipe onto fd 3 of this freshly exec'd process and
+    let mut phases = Phases::default();
+    phases.mark("supervisor_main");
+    run_with(config_path, phases)
+}
+
+/// The agent's zygote (`__mlp-supervise-zygote`, request socket on fd 3; see
+/// `crate::driver::zygote`): keeps one spare supervisor forked ahead until the agent closes
+/// its end; never returns.
+fn run_zygote() -> ! {
+    // SAFETY: the agent dup2'd its request socket onto fd 3 of this freshly exec'd process and
+    // nothing else here owns that fd.
+    let on_3 = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
+    // Off fd 3, which every supervisor gets its status pipe on.
+    let control = match on_3.try_clone() {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("mlp supervisor zygote: no request socket on fd {CONTROL_FD}: {e}");
+            std::process::exit(2)
+        }
+    };
+    drop(on_3);
+    // Supervisors are reaped by the kernel (each restores the default for its own children).
+    // SAFETY: SIG_IGN installs no handler; this process is single-threaded.
+    if let Err(e) = unsafe { nix::sys::signal::signal(Signal::SIGCHLD, SigHandler::SigIgn) } {
+        eprintln!("mlp supervisor zygote: ignoring SIGCHLD: {e}");
+        std::process::exit(2)
+    }
+    // One supervisor is always forked ahead (the *spare*), waiting for the next request itself:
+    // a start wakes a process that exists instead of waiting for a fork and for the new
+    // child's first run. The zygote forks the next spare once the spare took a request.
+    loop {
+        let (taken_r, taken_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+            Ok(pipe) => pipe,
+            Err(e) => {
+                eprintln!("mlp supervisor zygote: pipe: {e}");
+                std::process::exit(1)
+            }
+        };
+        let zygote = nix::unistd::getpid();
+        // SAFETY: this process is single-threaded (it starts no threads), so the child may run
+        // any code.
+        match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Child) => {
+                drop(taken_r);
+                spare(zygote, control, taken_w)
+            }
+            Ok(nix::unistd::ForkResult::Parent { .. }) => {
+                drop(taken_w);
+                let mut byte = [0u8; 1];
+                let took = loop {
+                    match nix::unistd::read(taken_r.as_raw_fd(), &mut byte) {
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        other => break other,
+                    }
+                };
+                // Nothing: the spare saw the agent go (or failed); so does the zygote.
+                if took != Ok(1) {
+                    std::process::exit(0)
+                }
+            }
+            Err(e) => {
+                // The agent's next request fails (nobody reads it) and starts another zygote.
+                eprintln!("mlp supervisor zygote: fork: {e}");
+                std::process::exit(1)
+            }
+        }
+    }
+}
+
+/// The spare supervisor: waits for one request, tells the zygote on `taken` (so that it forks
+/// the next spare), and becomes that task's supervisor; exits when the agent is gone. Until it
+/// took a request it dies with the zygote, so that no request reaches a spare nobody replaces
+/// (the agent's next request then fails, and it starts another zygote).
+fn spare(zygote: nix::unistd::Pid, control: OwnedFd, taken: OwnedFd) -> ! {
+    // SAFETY: prctl(2) with integer arguments only.
+    let deathsig = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
+    if deathsig != 0 || nix::unistd::getppid() != zygote {
+        std::process::exit(0)
+    }
+    let mut buf = vec![0u8; MAX_REQUEST];
+    loop {
+        let (path, fds) = match receive(&control, &mut buf) {
+            Ok(Some(request)) => request,
+            // The agent is gone: its supervisors run on without us.
+            Ok(None) => std::process::exit(0),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                eprintln!("mlp supervisor zygote: receiving a request: {e}");
+                std::process::exit(1)
+            }
+        };
+        if fds.len() < 2 {
+            eprintln!("mlp supervisor zygote: a request without its pipes; ignored");
+            continue;
+        }
+        // A supervisor outlives the zygote (and the agent).
+        // SAFETY: prctl(2) with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) };
+        drop(control);
+        let _ = File::from(taken).write_all(b"t");
+        into_supervisor(&path, fds)
+    }
+}
+
+/// One request: the config path and the fds that came with it; None at EOF.
+fn receive(control: &OwnedFd, buf: &mut [u8]) -> nix::Result<Option<(PathBuf, Vec<OwnedFd>)>> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 3]);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg =
+        nix::sys::socket::recvmsg::<()>(control.as_raw_fd(), &mut iov, Some(&mut cmsg), nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: the kernel just installed these fds in this process for this message;
+            // nothing else owns them.
+            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+    }
+    let n = msg.bytes;
+    if n == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    let path = PathBuf::from(std::ffi::OsStr::from_bytes(iov[0].get(..n).unwrap_or_default()));
+    Ok(Some((path, fds)))
+}
+
+/// The spare that took a request becomes that task's supervisor: the same
+/// process an exec of `__mlp-supervise <config>` would be (own session, status pipe on fd 3,
+/// cgroup-ready pipe on fd 4, stderr into the task dir's `supervisor.log`, cwd the task dir,
+/// default `SIGCHLD`); never returns.
+fn into_supervisor(config: &Path, fds: Vec<OwnedFd>) -> ! {
+    let mut phases = Phases::default();
+    phases.mark("supervisor_main");
+    // SAFETY: SIG_DFL installs no handler; this process is single-threaded.
+    let _ = unsafe { nix::sys::signal::signal(Signal::SIGCHLD, SigHandler::SigDfl) };
+    let _ = nix::unistd::setsid();
+    // Each fd goes to a number above the targets first, so that no dup2 is onto itself (which
+    // would keep close-on-exec) and none overwrites another before it was moved.
+    let mut moved = Vec::new();
+    for fd in fds {
+        match nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(16)) {
+            // SAFETY: fcntl just returned this new fd; nothing else owns it.
+            Ok(raw) => moved.push(unsafe { OwnedFd::from_raw_fd(raw) }),
+            Err(e) => {
+                eprintln!("mlp supervisor: moving a received fd: {e}");
+                std::process::exit(127)
+            }
+        }
+    }
+    let targets = [STATUS_FD, libc::STDERR_FILENO, READY_FD];
+    for (fd, target) in moved.iter().zip(targets) {
+        // SAFETY: dup2 of an fd this process owns onto a standard number of this
+        // single-threaded child; the old targets are not in use.
+        if unsafe { libc::dup2(fd.as_raw_fd(), target) } == -1 {
+            eprintln!("mlp supervisor: dup2: {}", std::io::Error::last_os_error());
+            std::process::exit(127)
+        }
+    }
+    drop(moved);
+    if let Some(dir) = config.parent() {
+        let _ = std::env::set_current_dir(dir);
+    }
+    run_with(config, phases)
+}
+
+/// The supervisor with its status pipe on fd 3; never returns.
+fn run_with(config_path: &Path, phases: Phases) -> ! {
+    // SAFETY: the agent (or the zygote) put the status pipe onto fd 3 of this process and
     // nothing else here owns that fd; a missing fd 3 only makes the writes fail.
     let status_fd = unsafe { OwnedFd::from_raw_fd(STATUS_FD) };
     let _ = nix::fcntl::fcntl(status_fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
     let mut status = Some(File::from(status_fd));
-    let mut phases = Phases::default();
-    phases.mark("supervisor_main");
     match supervise(config_path, &mut status, phases) {
         Ok(()) => std::process::exit(0),
         Err(message) => {
@@ -70,17 +242,20 @@ pub fn run(config_path: &Path) -> ! {
     }
 }
 
-/// Waits for the agent's `ready` on fd 4 (its cgroup exists).
-fn wait_ready() -> Result<(), String> {
+/// Waits for the agent's `ready` on fd 4 (its cgroup exists), followed by the phases of the
+/// cgroup's creation.
+fn wait_ready(phases: &mut Phases) -> Result<(), String> {
     // SAFETY: the agent dup2'd the ready pipe onto fd 4 of this freshly exec'd process (the
     // config says so) and nothing else here owns that fd.
     let fd = unsafe { OwnedFd::from_raw_fd(READY_FD) };
     let mut text = String::new();
     let _ = File::from(fd).read_to_string(&mut text);
-    if text == "ready" {
-        Ok(())
-    } else {
-        Err("the agent could not create the task's cgroup".into())
+    match text.strip_prefix("ready") {
+        Some(words) if words.is_empty() || words.starts_with(' ') => {
+            phases.extend(words);
+            Ok(())
+        }
+        _ => Err("the agent could not create the task's cgroup".into()),
     }
 }
 
@@ -92,10 +267,8 @@ fn supervise(config_path: &Path, status: &mut Option<File>, mut phases: Phases) 
         RotatingWriter::open(&cfg.log_dir, &log_base(&cfg.log_name, stderr), cfg.log_max_file_bytes, cfg.log_max_files)
             .map_err(|e| format!("opening the log files in {}: {e}", cfg.log_dir.display()))
     };
-    let (out_w, err_w) = (open(false)?, open(true)?);
     let (out_r, out_pipe) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let (err_r, err_pipe) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    phases.mark("supervisor_logs");
     let running = match &cfg.task {
         TaskKind::Raw { command, args, env, work_dir } => {
             let mut cmd = std::process::Command::new(command);
@@ -126,14 +299,27 @@ fn supervise(config_path: &Path, status: &mut Option<File>, mut phases: Phases) 
         }
         TaskKind::Isolated(init) => {
             if cfg.wait_ready {
-                wait_ready()?;
+                wait_ready(&mut phases)?;
                 phases.mark("cgroup_ready");
             }
             crate::isolation::init::start_init(init, out_pipe, err_pipe, &mut phases)?
         }
     };
-    // Record the run before reporting it, so that an agent that dies now still finds it.
     let task_pid = running.pid.as_raw().unsigned_abs();
+    // A start that fails from here on takes the task down with it.
+    let abandon = |message: String| {
+        let _ = signal_group(task_pid, Signal::SIGKILL);
+        let _ = waitpid(running.pid, None);
+        Err(message)
+    };
+    // The log files (a directory scan each, for rotation) are opened once the task runs, off
+    // the start's path: until the pumps run, its output waits in the pipes.
+    let (out_w, err_w) = match open(false).and_then(|out| Ok((out, open(true)?))) {
+        Ok(writers) => writers,
+        Err(message) => return abandon(message),
+    };
+    phases.mark("logs_opened");
+    // Record the run before reporting it, so that an agent that dies now still finds it.
     let record = TaskRecord {
         driver: cfg.driver.clone(),
         run_id: cfg.run_id.clone(),
@@ -145,9 +331,7 @@ fn supervise(config_path: &Path, status: &mut Option<File>, mut phases: Phases) 
         memory_limit_mib: cfg.memory_limit_mib,
     };
     if let Err(e) = save_record(&cfg.task_dir, &record) {
-        let _ = signal_group(task_pid, Signal::SIGKILL);
-        let _ = waitpid(running.pid, None);
-        return Err(format!("writing {}: {e}", cfg.task_dir.join(RECORD_FILE).display()));
+        return abandon(format!("writing {}: {e}", cfg.task_dir.join(RECORD_FILE).display()));
     }
     phases.mark("record_written");
     report(status, &format!("ok {}{}", running.pid, phases.words()));

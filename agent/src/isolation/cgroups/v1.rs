@@ -18,6 +18,21 @@ struct Dir {
     path: PathBuf,
 }
 
+/// The controllers a task cgroup uses, in the order of [`mount_point`]'s cache.
+const CONTROLLERS: [Controllers; 5] = [Controllers::Mem, Controllers::Cpu, Controllers::CpuAcct, Controllers::Pids, Controllers::CpuSet];
+
+/// Where `ctrl`'s v1 hierarchy is mounted: read from `/proc/self/mountinfo` once per process
+/// (like the driver's layout), not on every start.
+fn mount_point(ctrl: &Controllers) -> Option<PathBuf> {
+    static MOUNTS: std::sync::OnceLock<Vec<Option<PathBuf>>> = std::sync::OnceLock::new();
+    let mounts = MOUNTS.get_or_init(|| {
+        let hier = V1::new();
+        CONTROLLERS.iter().map(|c| hier.get_mount_point(c.clone()).map(|(mount, _root)| mount)).collect()
+    });
+    let i = CONTROLLERS.iter().position(|c| c == ctrl)?;
+    mounts.get(i).cloned().flatten()
+}
+
 /// A task cgroup on v1 hierarchies.
 #[derive(Debug)]
 pub struct V1Cgroup {
@@ -27,14 +42,13 @@ pub struct V1Cgroup {
 impl V1Cgroup {
     /// The directories [`V1Cgroup::create`] makes, one per hierarchy (nothing is created).
     fn dirs(name: &str, with_cpuset: bool) -> Result<Vec<Dir>, CgroupError> {
-        let hier = V1::new();
         let mut wanted = vec![Controllers::Mem, Controllers::Cpu, Controllers::CpuAcct, Controllers::Pids];
         if with_cpuset {
             wanted.push(Controllers::CpuSet);
         }
         let mut dirs: Vec<Dir> = Vec::new();
         for ctrl in wanted {
-            let Some((mount, _root)) = hier.get_mount_point(ctrl.clone()) else {
+            let Some(mount) = mount_point(&ctrl) else {
                 return Err(CgroupError::Unavailable(format!("no v1 hierarchy for {ctrl}")));
             };
             let path = mount.join(PARENT).join(name);
