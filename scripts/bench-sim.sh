@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The scheduler benchmark on the openb production trace (docs/benchmarks.md, "Scheduler on the
-# openb trace"): every trace × every policy × 10 seeds with `mlp sim` (release build), one JSON
+# openb trace"): every trace × every policy × 10 seeds with `mlp sim --online` (release build:
+# fgd and mlp each with the foresight workload and the learned, online one), one JSON
 # file per trace in OUT, then the table (and plot, if matplotlib is available) from
 # scripts/bench-sim-report.py.
 #
@@ -17,6 +18,6 @@ for trace in default cpu050 gpushare40 multigpu20 gpuspec10; do
   # taskset pins the run to one core where available: placements/s is a one-core figure.
   pin=(); command -v taskset >/dev/null && pin=(taskset -c 0)
   "${pin[@]}" ./target/release/mlp sim --nodes "$DATA/openb_node_list_gpu_node.csv" \
-    --pods "$DATA/openb_pod_list_$trace.csv" --seeds "$SEEDS" --policy all --json > "$OUT/$trace.json"
+    --pods "$DATA/openb_pod_list_$trace.csv" --seeds "$SEEDS" --policy all --online --json > "$OUT/$trace.json"
 done
 python3 scripts/bench-sim-report.py "$OUT"

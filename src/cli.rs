@@ -529,7 +529,12 @@ pub struct SimArgs {
     /// comma separated or repeated.
     #[arg(long, value_delimiter = ',', default_value = "mlp")]
     pub policy: Vec<String>,
-    /// Print JSON (one object per policy; an array when several).
+    /// Also run each workload-aware policy (fgd, mlp) with the server's rule: plan for the
+    /// learned workload of the pods arrived so far (no foresight), next to the trace's whole pod
+    /// mix known in advance (the paper's method).
+    #[arg(long)]
+    pub online: bool,
+    /// Print JSON (one object per policy and workload rule; an array when several).
     #[arg(long)]
     pub json: bool,
 }

@@ -35,14 +35,19 @@ pub fn run(args: &SimArgs) -> anyhow::Result<ExitCode> {
     }
     let mut reports = Vec::new();
     for policy in policies {
-        let results: Vec<SimResult> = (args.first_seed..args.first_seed + args.seeds)
-            .map(|seed| simulation.run(&SimConfig { policy, inflate: args.inflate, seed }))
-            .collect();
-        let mean = sim::mean(&results).context("no results")?;
-        if !args.json {
-            print_table(policy, &results, &mean);
+        // Best-fit and gpu-packing ignore the workload: the online rule would repeat them.
+        let online = [false, true].into_iter().filter(|&o| !o || (args.online && matches!(policy, Policy::Fgd | Policy::Mlp)));
+        for online in online.collect::<Vec<_>>() {
+            let results: Vec<SimResult> = (args.first_seed..args.first_seed + args.seeds)
+                .map(|seed| simulation.run(&SimConfig { policy, inflate: args.inflate, seed, online }))
+                .collect();
+            let mean = sim::mean(&results).context("no results")?;
+            let rule = if online { "online" } else { "foresight" };
+            if !args.json {
+                print_table(policy, rule, &results, &mean);
+            }
+            reports.push(report(policy, rule, &results, &mean));
         }
-        reports.push(report(policy, &results, &mean));
     }
     if args.json {
         let value = if reports.len() == 1 { reports.remove(0) } else { serde_json::Value::Array(reports) };
@@ -65,8 +70,8 @@ fn parse_policies(names: &[String]) -> anyhow::Result<Vec<Policy>> {
     Ok(out)
 }
 
-fn print_table(policy: Policy, results: &[SimResult], mean: &SimResult) {
-    println!("\nPolicy {policy}");
+fn print_table(policy: Policy, rule: &str, results: &[SimResult], mean: &SimResult) {
+    println!("\nPolicy {policy}, workload: {rule}");
     let mut t = Table::new(&["Seed", "Alloc@100%", "Alloc@130%", "Failed pods", "Pods", "Placements/s"]);
     let row = |label: String, r: &SimResult| {
         vec![
@@ -94,10 +99,11 @@ fn numbers(r: &SimResult) -> serde_json::Value {
     })
 }
 
-fn report(policy: Policy, results: &[SimResult], mean: &SimResult) -> serde_json::Value {
+fn report(policy: Policy, rule: &str, results: &[SimResult], mean: &SimResult) -> serde_json::Value {
     let mut v = numbers(mean);
     if let Some(o) = v.as_object_mut() {
         o.insert("policy".into(), json!(policy.as_str()));
+        o.insert("workload".into(), json!(rule));
         let seeds: Vec<serde_json::Value> = results
             .iter()
             .map(|r| {

@@ -43,6 +43,35 @@ fn json_reports_every_policy_and_is_deterministic() {
 }
 
 #[test]
+fn online_adds_the_learned_workload_rule_for_fgd_and_mlp() {
+    let (ok, stdout, stderr) = sim(&["--seeds", "2", "--policy", "all", "--online", "--json"]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let runs: Vec<(String, String)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["policy"].as_str().unwrap().to_string(), r["workload"].as_str().unwrap().to_string()))
+        .collect();
+    let want = [
+        ("best-fit", "foresight"),
+        ("gpu-packing", "foresight"),
+        ("fgd", "foresight"),
+        ("fgd", "online"),
+        ("mlp", "foresight"),
+        ("mlp", "online"),
+    ];
+    assert_eq!(runs, want.map(|(p, w)| (p.to_string(), w.to_string())));
+    let (_, again, _) = sim(&["--seeds", "2", "--policy", "all", "--online", "--json"]);
+    let w: serde_json::Value = serde_json::from_str(&again).unwrap();
+    for (a, b) in v.as_array().unwrap().iter().zip(w.as_array().unwrap()) {
+        assert_eq!((&a["alloc_ratio_130"], &a["failed_pods"], &a["curve"]), (&b["alloc_ratio_130"], &b["failed_pods"], &b["curve"]));
+    }
+    let (ok, stdout, _) = sim(&["--seeds", "1", "--policy", "mlp", "--online"]);
+    assert!(ok && stdout.contains("Policy mlp, workload: online"), "{stdout}");
+}
+
+#[test]
 fn table_output_and_single_policy_json() {
     let (ok, stdout, stderr) = sim(&["--seeds", "1", "--policy", "fgd"]);
     assert!(ok, "{stderr}");

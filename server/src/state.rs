@@ -10,12 +10,42 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use mlp_proto::consts::eval_trigger;
 use mlp_proto::consts::{alloc_client, alloc_desired, eval_status, job_status, job_type, node_status};
+use mlp_proto::v1::EventBatch;
 use mlp_proto::v1::{AllocClientUpdate, Allocation, DrainStrategy, Evaluation, Job, Node, NodeEvent};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::events::EventBroker;
-use mlp_proto::v1::EventBatch;
+use crate::scheduler::gpu::ModelSet;
+use crate::scheduler::learned::{Arrival, LearnedWorkload};
+use crate::scheduler::resources::Ask;
+
+/// Feeds a registered job's new group instances to the learned workload: per group, the
+/// instances added since `prev` (all of them when the group is new or its GPU asks changed), each
+/// one arrival of the group's GPU tasks (MIG instances left out, as in `resources::live_workload`;
+/// the group's CPU and memory go with its first GPU task, as `resources::try_fit_on` sees them).
+fn learn_job(learned: &mut LearnedWorkload, prev: Option<&Job>, job: &Job) {
+    for tg in &job.groups {
+        let asks = group_arrivals(tg);
+        if asks.is_empty() {
+            continue;
+        }
+        let old = prev.and_then(|p| p.groups.iter().find(|g| g.name == tg.name)).filter(|g| group_arrivals(g) == asks);
+        let n = tg.effective_count().saturating_sub(old.map_or(0, |g| g.effective_count()));
+        learned.observe(&asks, u64::from(n));
+    }
+}
+
+/// One group instance's GPU asks as the learned workload sees them.
+fn group_arrivals(tg: &mlp_proto::v1::TaskGroup) -> Vec<Arrival> {
+    let ask = Ask::for_group(tg);
+    let mut out: Vec<Arrival> = Vec::new();
+    for g in ask.gpus.iter().filter(|g| g.mig_profile.is_empty() && g.shape.count > 0) {
+        let (cpu, mem) = if out.is_empty() { (ask.cpu_mhz, ask.memory_mib) } else { (0, 0) };
+        out.push(Arrival { gpu: g.shape, models: ModelSet::ANY, cpu, mem });
+    }
+    out
+}
 
 /// `namespace/id`, the key of a job in every map.
 pub fn job_key(namespace: &str, job_id: &str) -> String {
@@ -166,6 +196,11 @@ pub struct ClusterState {
     pub nodes: BTreeMap<String, Node>,
     /// Raft index of the last applied entry.
     pub index: u64,
+    /// The decayed histogram of the GPU asks of recently registered groups, which the scheduler
+    /// plans for (`scheduler::learned`). Replicated, not derived: it remembers jobs that GC has
+    /// since removed. Absent in older snapshots (then empty).
+    #[serde(default)]
+    pub learned: LearnedWorkload,
     #[serde(skip)]
     pub allocs_by_node: BTreeMap<String, BTreeSet<String>>,
     /// The allocations that hold resources on each node (`scheduler::resources::is_live`): the
@@ -351,6 +386,7 @@ impl ClusterState {
                 }
                 resp.job_version = Some(job.version);
                 if !unchanged {
+                    learn_job(&mut self.learned, self.jobs.get(&key).filter(|p| !p.stop), &job);
                     self.push_version(&key, job.clone());
                     self.touched.jobs.insert(key.clone());
                 }
@@ -1368,5 +1404,104 @@ mod tests {
         assert!(st.find_alloc("bc").is_ok());
         assert!(matches!(st.find_alloc("abc"), Err(LookupError::Ambiguous { count: 2, .. })));
         assert!(matches!(st.find_alloc("x"), Err(LookupError::NotFound { .. })));
+    }
+}
+
+#[cfg(test)]
+mod learned_tests {
+    use super::*;
+    use mlp_proto::v1::{GpuRequest, Resources, Task, TaskGroup};
+
+    fn gpu_job(name: &str, count: u32, gpus: u32, share_milli: u32) -> Job {
+        let gpu = GpuRequest { count: Some(gpus), share_milli, ..Default::default() };
+        let resources = Resources { cpu_mhz: 2000, memory_mib: 4096, gpu: Some(gpu), ..Default::default() };
+        let task = Task { name: "t".into(), driver: "exec".into(), resources: Some(resources), ..Default::default() };
+        let group = TaskGroup { name: "g".into(), count: Some(count), tasks: vec![task], ..Default::default() };
+        Job {
+            id: name.into(),
+            name: name.into(),
+            namespace: "default".into(),
+            r#type: job_type::BATCH.into(),
+            groups: vec![group],
+            ..Default::default()
+        }
+    }
+
+    fn register(st: &mut ClusterState, index: u64, job: Job) {
+        let eval = Evaluation { id: format!("e{index}"), namespace: "default".into(), job_id: job.id.clone(), ..Default::default() };
+        let r = st.apply(index, &Request { now_ms: 1000, command: Command::RegisterJob { job, eval } }, &mut Vec::new());
+        assert_eq!(r.error, None);
+    }
+
+    fn entries() -> Vec<Job> {
+        (0..40u32).map(|i| gpu_job(&format!("j{}", i % 9), 1 + i % 4, 1 + i % 3, if i % 2 == 0 { 250 * (i % 4) } else { 0 })).collect()
+    }
+
+    fn weights(st: &ClusterState) -> Vec<(u32, u32, u64)> {
+        st.learned.buckets().iter().map(|b| (b.count, b.milli, b.weight)).collect()
+    }
+
+    #[test]
+    fn replicas_applying_the_same_entries_learn_the_same_and_snapshots_keep_it() {
+        let build = || {
+            let mut st = ClusterState::default();
+            for (i, j) in entries().into_iter().enumerate() {
+                register(&mut st, i as u64 + 1, j);
+            }
+            st
+        };
+        let (a, b) = (build(), build());
+        assert!(!a.learned.is_empty());
+        assert_eq!(a.learned, b.learned);
+        // A snapshot round-trips the histogram exactly; one taken before it existed decodes empty.
+        let mut restored: ClusterState = serde_json::from_str(&serde_json::to_string(&a).unwrap_or_default()).unwrap_or_default();
+        restored.rebuild_indexes();
+        assert_eq!(restored.learned, a.learned);
+        let mut old = serde_json::to_value(&a).unwrap_or_default();
+        if let Some(o) = old.as_object_mut() {
+            o.remove("learned");
+        }
+        let old: ClusterState = serde_json::from_value(old).unwrap_or_default();
+        assert!(old.learned.is_empty() && old.jobs.len() == a.jobs.len());
+        // Collecting every job leaves what was learned.
+        let mut gc = a.clone();
+        let jobs: Vec<String> = gc.jobs.keys().cloned().collect();
+        for (i, k) in jobs.iter().enumerate() {
+            let (ns, id) = k.split_once('/').unwrap_or_default();
+            let eval = Evaluation { id: format!("stop{i}"), namespace: ns.into(), job_id: id.into(), ..Default::default() };
+            let stop = Command::StopJob { namespace: ns.into(), job_id: id.into(), purge: true, eval };
+            gc.apply(100 + i as u64, &Request { now_ms: 1000, command: stop }, &mut Vec::new());
+        }
+        assert!(gc.jobs.is_empty());
+        assert_eq!(gc.learned, a.learned);
+    }
+
+    #[test]
+    fn only_new_instances_are_learned() {
+        let mut st = ClusterState::default();
+        register(&mut st, 1, gpu_job("a", 3, 2, 0));
+        let once = weights(&st);
+        assert_eq!(once.len(), 1);
+        // The same spec again (a retry or an unchanged re-run): nothing new arrives.
+        register(&mut st, 2, gpu_job("a", 3, 2, 0));
+        assert_eq!(weights(&st), once);
+        // Scaled from 3 to 5: two more arrivals of the same shape, as if registered one by one.
+        register(&mut st, 3, gpu_job("a", 5, 2, 0));
+        let mut by_one = ClusterState::default();
+        for i in 0..5 {
+            register(&mut by_one, i + 1, gpu_job(&format!("x{i}"), 1, 2, 0));
+        }
+        let (w, w1) = (weights(&st)[0].2, weights(&by_one)[0].2);
+        assert!(w > once[0].2 && w.abs_diff(w1) <= 8, "{w} {w1}");
+        // A changed ask: every instance is new; CPU-only groups teach nothing.
+        register(&mut st, 4, gpu_job("a", 5, 1, 500));
+        assert_eq!(weights(&st).iter().map(|b| (b.0, b.1)).collect::<Vec<_>>(), [(1, 500), (2, 1000)]);
+        let before = st.learned.clone();
+        let mut cpu_only = gpu_job("c", 10, 0, 0);
+        if let Some(r) = cpu_only.groups[0].tasks[0].resources.as_mut() {
+            r.gpu = None;
+        }
+        register(&mut st, 5, cpu_only);
+        assert_eq!(st.learned, before);
     }
 }

@@ -8,6 +8,8 @@
 //! * `resources` — resource arithmetic shared with the plan applier (`check_node_fit`);
 //! * `gpu` — GPU devices, shares and the placement policies (FGD and mlp's default), shared
 //!   with the trace simulator (`crate::sim`);
+//! * `learned` — the learned workload: a decayed histogram of recent GPU asks, kept in the
+//!   replicated state, that the GPU policy plans for (shared with `mlp sim --online`);
 //! * `topology` — GPU locality (NVLink, PCIe switch, NUMA) of a node's devices: which devices a
 //!   multi-GPU ask gets, and its locality rank (ranked before the score);
 //! * `place` — one group's placements: plain, gangs (all or nothing, per topology domain) and
@@ -22,6 +24,7 @@ pub mod candidates;
 mod explain;
 pub mod feasible;
 pub mod gpu;
+pub mod learned;
 pub mod place;
 pub mod preference;
 pub mod rank;
@@ -84,15 +87,26 @@ pub struct Options {
 }
 
 /// Computes the plan for `eval` against `state`. `job` is the job to schedule (None when it was purged).
-/// The default scorer plans GPUs against the workload already running on the cluster.
+/// The default scorer plans GPUs against the learned workload ([`planned_workload`]).
 pub fn schedule(state: &ClusterState, job: Option<&Job>, eval: &Evaluation, now_ms: u64) -> Plan {
     schedule_opts(state, job, eval, now_ms, Options::default())
 }
 
 /// `schedule` with explicit options (preemption settings).
 pub fn schedule_opts(state: &ClusterState, job: Option<&Job>, eval: &Evaluation, now_ms: u64, opts: Options) -> Plan {
-    let scorer = Fragmentation { policy: gpu::Policy::default(), workload: resources::live_workload(state) };
+    let scorer = Fragmentation { policy: gpu::Policy::default(), workload: planned_workload(state) };
     schedule_full(state, job, eval, now_ms, &scorer, opts)
+}
+
+/// The workload the default scorer plans GPUs for: the learned histogram of recent GPU asks
+/// (`learned`, the rule `mlp sim --online` measures); on a state that has learned nothing yet
+/// (one restored from before the histogram existed), the shapes of the live allocations.
+pub fn planned_workload(state: &ClusterState) -> gpu::Workload {
+    if state.learned.is_empty() {
+        resources::live_workload(state)
+    } else {
+        state.learned.workload()
+    }
 }
 
 /// `schedule` with a chosen scorer (and no preemption, as in the trace simulator).

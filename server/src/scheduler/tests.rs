@@ -1292,3 +1292,35 @@ fn locality_ranks_before_the_score_and_numa_only_nodes_are_not_penalised() {
         .collect();
     assert_eq!(got, [("b", "numa".to_string())]);
 }
+
+#[test]
+fn the_scheduler_plans_for_the_learned_workload() {
+    // A fresh cluster: a 2-GPU node and a 4-GPU node, nothing running. A 0.5 share alone (the
+    // only ask learned) goes to the smaller node (the fuller one after the placement). After the
+    // cluster has seen many 2-GPU asks, the same share goes to the 4-GPU node: on the 2-GPU node
+    // it would leave no room for a 2-GPU ask, on the 4-GPU node two whole pairs minus one GPU.
+    let placed_on = |learn: bool| {
+        let mut c = Cluster::new();
+        c.node(gpu_node("a", 2));
+        c.node(gpu_node("b", 4));
+        if learn {
+            // Registered (learned) but too big to place: the cluster stays empty.
+            c.register(job("pairs", job_type::BATCH, vec![gpu_group("g", 50, 2)]));
+            c.apply(Command::StopJob {
+                namespace: "default".into(),
+                job_id: "pairs".into(),
+                purge: true,
+                eval: Evaluation { id: "stop-pairs".into(), ..eval_for("pairs") },
+            });
+        }
+        assert!(c.st.allocs.is_empty());
+        c.register(job("s", job_type::BATCH, vec![share_group("s", 1, 500, &[])]));
+        let learned: Vec<(u32, u32)> = c.st.learned.buckets().iter().map(|b| (b.count, b.milli)).collect();
+        assert_eq!(learned, if learn { vec![(1, 500), (2, 1000)] } else { vec![(1, 500)] });
+        let plan = c.schedule("s");
+        assert_eq!(plan.placements.len(), 1, "{plan:?}");
+        plan.placements[0].node_id.clone()
+    };
+    assert_eq!(placed_on(false), "a");
+    assert_eq!(placed_on(true), "b");
+}

@@ -11,6 +11,11 @@
 //! 3. record the GPU allocation ratio (allocated milli-GPUs / total) at every 1% of arrived GPU
 //!    demand.
 //!
+//! The workload the policies plan for (FGD's "target workload") is, by default, the trace's whole
+//! pod mix, known in advance (foresight, as in the paper). With [`SimConfig::online`], it is the
+//! server's rule instead: the learned histogram of `scheduler::learned`, which observes each pod
+//! as it arrives (no foresight) and is decayed the same way as in the server's state machine.
+//!
 //! Speed: the cost of a (node, pod type) pair only changes when the node changes, so it is
 //! cached per node generation, and identical node states (most nodes early on) share one
 //! evaluation through a memo keyed by the node's state.
@@ -23,6 +28,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Instant;
 
 use crate::scheduler::gpu::{ModelSet, NodeView, PodView, Policy, Workload, WHOLE};
+use crate::scheduler::learned::{Arrival, LearnedWorkload};
 use rng::SplitMix64;
 use trace::{TraceNode, TracePod};
 
@@ -33,6 +39,9 @@ pub struct SimConfig {
     /// Arrived GPU demand at the end, as a multiple of the cluster's GPUs (1.3 in the paper).
     pub inflate: f64,
     pub seed: u64,
+    /// Plan for the learned workload of the pods arrived so far (the server's rule) instead of
+    /// the trace's whole pod mix.
+    pub online: bool,
 }
 
 /// The outcome of one seeded run.
@@ -167,6 +176,8 @@ impl Simulation {
     pub fn run(&self, config: &SimConfig) -> SimResult {
         let arrivals = self.arrivals(config.seed, config.inflate);
         let mut state = State::new(self);
+        let mut learned = LearnedWorkload::default();
+        let mut workload = if config.online { Workload::default() } else { self.workload.clone() };
         let points = (config.inflate * 100.0).round() as usize;
         let mut curve = Vec::with_capacity(points + 1);
         curve.push(0.0);
@@ -176,7 +187,16 @@ impl Simulation {
         let started = Instant::now();
         for &t in &arrivals {
             arrived += self.demand(t);
-            match state.place(self, config.policy, t) {
+            if config.online {
+                // The pod's own registration is committed before it is scheduled.
+                learned.observe(&[Arrival::from(self.types[t as usize])], 1);
+                let now = learned.workload();
+                if now != workload {
+                    workload = now;
+                    state.forget_costs();
+                }
+            }
+            match state.place(self, config.policy, &workload, t) {
                 true => allocated += self.demand(t),
                 false => failed += 1,
             }
@@ -296,8 +316,16 @@ impl State {
         }
     }
 
+    /// Drops every cached cost (the workload changed).
+    fn forget_costs(&mut self) {
+        for g in &mut self.generation {
+            *g = g.wrapping_add(1).max(1);
+        }
+        self.memo.clear();
+    }
+
     /// Evaluates pod type `t` on node `i` through the memo.
-    fn evaluate(&mut self, sim: &Simulation, policy: Policy, t: u32, i: usize) -> Option<(f64, u64)> {
+    fn evaluate(&mut self, sim: &Simulation, policy: Policy, workload: &Workload, t: u32, i: usize) -> Option<(f64, u64)> {
         // Built from the fields (not `self.view`) so that the caches stay mutable.
         let view = NodeView {
             cpu_free: self.cpu_free[i],
@@ -324,10 +352,10 @@ impl State {
             return *hit;
         }
         if self.frag[i].0 != self.generation[i] {
-            self.frag[i] = (self.generation[i], policy.baseline(&view, &sim.workload));
+            self.frag[i] = (self.generation[i], policy.baseline(&view, workload));
         }
         let frag_before = self.frag[i].1;
-        let out = policy.evaluate(&view, pod, &sim.workload, frag_before);
+        let out = policy.evaluate(&view, pod, workload, frag_before);
         if let Some(k) = key {
             if self.memo.len() >= MEMO_LIMIT {
                 self.memo.clear();
@@ -338,7 +366,7 @@ impl State {
     }
 
     /// Places one pod of type `t` on the cheapest node (lowest index on ties); false if none fits.
-    fn place(&mut self, sim: &Simulation, policy: Policy, t: u32) -> bool {
+    fn place(&mut self, sim: &Simulation, policy: Policy, workload: &Workload, t: u32) -> bool {
         let n = sim.nodes.len();
         let base = t as usize * n;
         let mut best: Option<(f64, usize, u64)> = None;
@@ -347,7 +375,7 @@ impl State {
             let c = if c.generation == self.generation[i] {
                 c
             } else {
-                let fresh = match self.evaluate(sim, policy, t, i) {
+                let fresh = match self.evaluate(sim, policy, workload, t, i) {
                     Some((cost, mask)) => Cached { generation: self.generation[i], cost, mask },
                     None => Cached { generation: self.generation[i], cost: f64::INFINITY, mask: 0 },
                 };

@@ -54,7 +54,7 @@ fn runs_never_overcommit_and_respect_models() {
         let mut st = State::new(&sim);
         for &t in &arrivals {
             let before: Vec<u32> = st.gpu_free.clone();
-            let placed = st.place(&sim, policy, t);
+            let placed = st.place(&sim, policy, &sim.workload, t);
             let p = sim.types[t as usize];
             if placed && p.gpu.count > 0 {
                 // Find the node that changed and check the model constraint.
@@ -65,7 +65,7 @@ fn runs_never_overcommit_and_respect_models() {
             }
         }
         assert!(st.gpu_free.iter().all(|&f| f <= WHOLE), "{policy}");
-        let result = sim.run(&SimConfig { policy, inflate: 1.3, seed: 7 });
+        let result = sim.run(&SimConfig { policy, inflate: 1.3, seed: 7, online: false });
         assert_eq!(result.curve.len(), 131, "{policy}");
         assert!(result.alloc_ratio_130 <= 100.0 && result.alloc_ratio_130 >= result.alloc_ratio_100 - 1e-9);
         assert!(result.curve.windows(2).all(|w| w[0] <= w[1]), "allocation never decreases");
@@ -79,17 +79,17 @@ fn cache_and_memo_agree_with_direct_evaluation() {
     let (nodes, pods) = trace();
     let sim = Simulation::new(&nodes, &pods);
     for policy in Policy::ALL {
-        let a = sim.run(&SimConfig { policy, inflate: 1.3, seed: 3 });
-        let b = sim.run(&SimConfig { policy, inflate: 1.3, seed: 3 });
+        let a = sim.run(&SimConfig { policy, inflate: 1.3, seed: 3, online: false });
+        let b = sim.run(&SimConfig { policy, inflate: 1.3, seed: 3, online: false });
         assert_eq!((a.alloc_ratio_130, a.failed_pods, &a.curve), (b.alloc_ratio_130, b.failed_pods, &b.curve));
         let arrivals = sim.arrivals(3, 1.3);
         let mut cached = State::new(&sim);
         let mut direct = State::new(&sim);
         for &t in &arrivals {
-            cached.place(&sim, policy, t);
+            cached.place(&sim, policy, &sim.workload, t);
             direct.memo.clear();
             direct.cache.iter_mut().for_each(|c| c.generation = 0);
-            direct.place(&sim, policy, t);
+            direct.place(&sim, policy, &sim.workload, t);
             assert_eq!(cached.gpu_free, direct.gpu_free, "{policy}");
         }
     }
@@ -104,14 +104,39 @@ fn policies_choose_as_designed_on_a_tiny_cluster() {
     let (share, whole) = (0u32, 1u32);
     for policy in Policy::ALL {
         let mut st = State::new(&sim);
-        assert!(st.place(&sim, policy, share));
+        assert!(st.place(&sim, policy, &sim.workload, share));
         assert_eq!(st.gpu_free, [500, 1000, 1000, 1000], "{policy}: first pod on node a, device 0");
         // A second share fills the used device for every policy (packing and FGD alike).
-        assert!(st.place(&sim, policy, share));
+        assert!(st.place(&sim, policy, &sim.workload, share));
         assert_eq!(st.gpu_free, [0, 1000, 1000, 1000], "{policy}");
         // A whole GPU: onto a's free device; b stays whole for 2-GPU asks.
-        assert!(st.place(&sim, policy, whole));
+        assert!(st.place(&sim, policy, &sim.workload, whole));
         assert_eq!(st.gpu_free, [0, 0, 1000, 1000], "{policy}");
+    }
+}
+
+#[test]
+fn online_runs_learn_the_workload_as_pods_arrive() {
+    let (nodes, pods) = trace();
+    let sim = Simulation::new(&nodes, &pods);
+    for policy in [Policy::Fgd, Policy::Mlp] {
+        let config = SimConfig { policy, inflate: 1.3, seed: 5, online: true };
+        let (a, b) = (sim.run(&config), sim.run(&config));
+        assert_eq!((a.alloc_ratio_130, a.failed_pods, &a.curve), (b.alloc_ratio_130, b.failed_pods, &b.curve), "{policy}");
+        // The online run places with the workload the learned histogram held at each arrival
+        // (the arrival itself included), the same as a run that rebuilds every cost each time.
+        let arrivals = sim.arrivals(5, 1.3);
+        let mut learned = LearnedWorkload::default();
+        let mut st = State::new(&sim);
+        let mut placed = 0;
+        for &t in &arrivals {
+            learned.observe(&[Arrival::from(sim.types[t as usize])], 1);
+            st.memo.clear();
+            st.cache.iter_mut().for_each(|c| c.generation = 0);
+            st.frag.iter_mut().for_each(|f| f.0 = 0);
+            placed += u64::from(st.place(&sim, policy, &learned.workload(), t));
+        }
+        assert_eq!(placed, a.pods - a.failed_pods, "{policy}");
     }
 }
 
