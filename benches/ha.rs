@@ -76,6 +76,9 @@ fn realistic_job(name: &str) -> Job {
         python3 -m trainer.main --data /mnt/datasets/imagenet-1k --epochs \"$EPOCHS\" \\\n\
           --lr \"$LEARNING_RATE\" --batch-size \"$BATCH_SIZE\" --checkpoint-dir \"$MLP_ALLOC_DIR/checkpoints\" \\\n\
           --resume-from-latest --log-every 50 --eval-every 1000 --mixed-precision bf16\n\
+        python3 -m trainer.export --checkpoint \"$MLP_ALLOC_DIR/checkpoints/latest.pt\" --format onnx \\\n\
+          --opset 17 --output \"$MLP_ALLOC_DIR/model.onnx\" --dynamic-batch --validate-against imagenet-val-5k\n\
+        python3 -m trainer.report --run \"$MLP_ALLOC_ID\" --metrics top1,top5,loss --upload s3://ml-results/resnet50\n\
         echo \"training complete\"\n";
     let env: BTreeMap<String, String> = [
         ("LEARNING_RATE", "0.0003"),
@@ -85,6 +88,8 @@ fn realistic_job(name: &str) -> Job {
         ("NCCL_DEBUG", "WARN"),
         ("OMP_NUM_THREADS", "8"),
         ("HF_HOME", "/mnt/cache/huggingface"),
+        ("TORCH_CUDNN_V8_API_ENABLED", "1"),
+        ("DATASET_URI", "s3://ml-datasets/imagenet-1k/train/shards-{00000..01023}.tar"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -94,6 +99,10 @@ fn realistic_job(name: &str) -> Job {
         ("owner", "ml-platform@example.com"),
         ("cost-center", "research-42"),
         ("git-sha", "3f9c2d1e8b7a6f5e4d3c2b1a0f9e8d7c6b5a4f3e"),
+        (
+            "description",
+            "ResNet-50 baseline on ImageNet-1k, 90 epochs, bf16, cosine schedule; nightly regression run for the vision platform",
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
