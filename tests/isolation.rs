@@ -185,7 +185,10 @@ fn fork_bomb_is_contained(pids: Option<u64>) {
         Some(n) => format!("pids = {n}"),
         None => "memory = 8192".to_string(),
     };
-    // The shell retries its `sleep` until a fork succeeds, then says it survived.
+    // The bomb forks until the test drops `stop` into the task dir; its shell meanwhile only
+    // runs builtins (dash exits when a fork of its own fails, so it must not fork while the
+    // bomb holds every slot), then says it survived. Without the stop the bomb's population
+    // sustains itself at the limit and the task would not end.
     run(
         &dev,
         "bomb",
@@ -201,7 +204,7 @@ fn fork_bomb_is_contained(pids: Option<u64>) {
       driver = "exec"
       config {{
         command = "/bin/sh"
-        args    = ["-c", "b() {{ b | b & }}; b; until sleep 3; do :; done 2>/dev/null; echo survived"]
+        args    = ["-c", "b() {{ [ -e \"$MLP_TASK_DIR/stop\" ] || {{ b | b & }}; }}; b; until [ -e \"$MLP_TASK_DIR/stop\" ]; do :; done; echo survived"]
       }}
       resources {{
         {resources}
@@ -242,6 +245,9 @@ fn fork_bomb_is_contained(pids: Option<u64>) {
     assert_eq!(max_seen.as_deref(), Some(limit.to_string().as_str()), "the task cgroup's pids.max");
     assert!(most <= limit, "the bomb outgrew its limit {limit}: {most} processes");
     assert!(refused > 0, "the bomb never hit the limit {limit} ({most} processes at most)");
+    let bomb = dev.job("bomb");
+    let id = bomb["allocations"][0]["id"].as_str().unwrap_or_default().to_string();
+    std::fs::write(dev.data_dir().join("agent/allocs").join(&id).join("t/local/stop"), b"").expect("stop the bomb");
     let a = dev.wait_allocs("bomb", "bomb task to end", Duration::from_secs(120), |a| {
         a.len() == 1 && matches!(status(&a[0]), "complete" | "failed")
     });
