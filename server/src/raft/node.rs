@@ -29,6 +29,8 @@ const OPEN_RETRY_FOR: Duration = Duration::from_secs(5);
 const MAX_BATCH: usize = 256;
 /// Writes queued for the batcher before `write` callers wait for room (back-pressure).
 const WRITE_QUEUE: usize = 4096;
+/// Raft entries the write batcher has in flight at once.
+const WRITES_IN_FLIGHT: usize = 4;
 
 type WriteReply = oneshot::Sender<Result<CommandResponse, WriteError>>;
 
@@ -193,37 +195,60 @@ pub async fn open(
 }
 
 /// Group commit: takes everything queued (up to [`MAX_BATCH`]) and commits it as one entry, so
-/// concurrent writers share one append and one fsync. While a batch is in flight the next one
-/// accumulates. Ends when the [`RaftNode`] (the last sender) is dropped.
+/// concurrent writers share one append and one fsync. Up to [`WRITES_IN_FLIGHT`] entries are in
+/// flight at once (handed to openraft in order, so the log keeps the submission order): a write
+/// that arrives while another entry is being fsync'd goes out at once instead of waiting for
+/// that entry's commit and apply. Ends when the [`RaftNode`] (the last sender) is dropped.
 fn spawn_write_batcher(raft: MlpRaft) -> mpsc::Sender<(Request, WriteReply)> {
     let (tx, mut rx) = mpsc::channel::<(Request, WriteReply)>(WRITE_QUEUE);
     tokio::spawn(async move {
+        let window = Arc::new(tokio::sync::Semaphore::new(WRITES_IN_FLIGHT));
         let mut queued = Vec::with_capacity(MAX_BATCH);
         while rx.recv_many(&mut queued, MAX_BATCH).await > 0 {
-            let (requests, replies): (Vec<Request>, Vec<WriteReply>) = queued.drain(..).unzip();
-            let n = requests.len();
-            match raft.client_write(RequestBatch(requests)).await {
-                Ok(resp) => {
-                    let mut responses = resp.data.0.into_iter();
-                    for reply in replies {
-                        let result = match responses.next() {
-                            Some(CommandResponse { error: Some(e), .. }) => Err(WriteError::Rejected(e)),
-                            Some(r) => Ok(r),
-                            // Can't happen: apply answers every request of a batch.
-                            None => Err(WriteError::Raft(format!("no response for a request of a batch of {n}"))),
-                        };
-                        // The caller may have given up waiting; nothing to do then.
-                        let _ = reply.send(result);
-                    }
-                }
-                Err(e) => {
-                    let err = map_write_error(e);
-                    tracing::debug!(error = %err, batch = n, "raft write failed");
-                    for reply in replies {
-                        let _ = reply.send(Err(err.clone()));
-                    }
+            let Ok(permit) = window.clone().acquire_owned().await else { return };
+            // Everything that queued while waiting for a slot goes in this entry too.
+            while queued.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(w) => queued.push(w),
+                    Err(_) => break,
                 }
             }
+            let (requests, replies): (Vec<Request>, Vec<WriteReply>) = queued.drain(..).unzip();
+            let n = requests.len();
+            // Sent to openraft's core here, in order; the answer is awaited on its own task.
+            let sent = raft.client_write_ff(RequestBatch(requests)).await;
+            tokio::spawn(async move {
+                let _permit = permit;
+                let result: Result<Vec<CommandResponse>, WriteError> = match sent {
+                    Err(fatal) => Err(WriteError::Stopped(fatal.to_string())),
+                    Ok(rx) => match rx.await {
+                        Err(_) => Err(WriteError::Stopped("the raft core stopped before answering".into())),
+                        Ok(Err(e)) => Err(map_write_error(RaftError::APIError(e))),
+                        Ok(Ok(resp)) => Ok(resp.data.0),
+                    },
+                };
+                match result {
+                    Ok(responses) => {
+                        let mut responses = responses.into_iter();
+                        for reply in replies {
+                            let result = match responses.next() {
+                                Some(CommandResponse { error: Some(e), .. }) => Err(WriteError::Rejected(e)),
+                                Some(r) => Ok(r),
+                                // Can't happen: apply answers every request of a batch.
+                                None => Err(WriteError::Raft(format!("no response for a request of a batch of {n}"))),
+                            };
+                            // The caller may have given up waiting; nothing to do then.
+                            let _ = reply.send(result);
+                        }
+                    }
+                    Err(err) => {
+                        tracing::debug!(error = %err, batch = n, "raft write failed");
+                        for reply in replies {
+                            let _ = reply.send(Err(err.clone()));
+                        }
+                    }
+                }
+            });
         }
     });
     tx
