@@ -41,26 +41,6 @@ fn cpu_s(pid: u32) -> f64 {
     ticks / hz.max(1.0)
 }
 
-fn job(name: &str) -> Job {
-    Job {
-        id: name.into(),
-        name: name.into(),
-        r#type: "service".into(),
-        groups: vec![TaskGroup {
-            name: "g".into(),
-            count: Some(0),
-            tasks: vec![Task {
-                name: "t".into(),
-                driver: "raw_exec".into(),
-                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![] }),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
-}
-
 /// Registers `n` jobs one at a time; returns (acknowledged-at per job name, server CPU seconds).
 async fn register(
     jobs: &mut JobServiceClient<tonic::transport::Channel>,
@@ -72,7 +52,9 @@ async fn register(
     let cpu0 = cpu_s(pid);
     for i in 0..n {
         let name = format!("{prefix}-{i}");
-        jobs.register(RegisterJobRequest { job: Some(job(&name)), request_id: String::new() }).await.map_err(|e| e.to_string())?;
+        jobs.register(RegisterJobRequest { job: Some(common::tiny_job(&name)), request_id: String::new() })
+            .await
+            .map_err(|e| e.to_string())?;
         acked.insert(name, Instant::now());
     }
     Ok((acked, cpu_s(pid) - cpu0))

@@ -41,30 +41,6 @@ use mlp_proto::v1::status_service_client::StatusServiceClient;
 use mlp_proto::v1::*;
 use multihost::{alive, assert_all_once, wait_for, wait_leader, Net, Writer, GRPC_PORT};
 
-/// A job registration as small as etcd's put: a service job with no instances.
-fn tiny_job(name: &str) -> Job {
-    Job {
-        id: name.into(),
-        name: name.into(),
-        namespace: "default".into(),
-        r#type: "service".into(),
-        priority: 50,
-        groups: vec![TaskGroup {
-            name: "g".into(),
-            count: Some(0),
-            tasks: vec![Task {
-                name: "t".into(),
-                driver: "raw_exec".into(),
-                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![] }),
-                resources: Some(Resources { cpu_mhz: 10, memory_mib: 8, ..Default::default() }),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
-}
-
 /// A job spec as a training team writes one (the shape of `examples/train.hcl`: a script in its
 /// args, env, meta, a constraint, resources, restart and timeouts), with `count = 0` so that
 /// registering it is a Raft write and an evaluation but places nothing: the write path, as
@@ -160,7 +136,7 @@ async fn regs(out: &mut BTreeMap<String, f64>) -> Result<(), String> {
     // Until the cluster has a leader that commits.
     let mut c0 = JobServiceClient::new(channel(&addrs[0]).await?);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while c0.register(RegisterJobRequest { job: Some(tiny_job("warm-0")), ..Default::default() }).await.is_err() {
+    while c0.register(RegisterJobRequest { job: Some(common::tiny_job("warm-0")), ..Default::default() }).await.is_err() {
         if Instant::now() > deadline {
             return Err("no leader committed within 60s".into());
         }

@@ -110,6 +110,18 @@ struct JobView {
 }
 
 impl JobView {
+    /// The job as a read sees it, and the read's index (to follow the stream from).
+    async fn read(c: &mut Clients, job_id: &str, namespace: &str) -> anyhow::Result<(JobView, u64)> {
+        let req = GetJobRequest { job_id: job_id.to_string(), namespace: namespace.to_string(), ..Default::default() };
+        let r = c.jobs.get(req).await.map_err(status_err)?.into_inner();
+        let view = JobView {
+            job: r.job,
+            evals: r.evaluations.into_iter().map(|e| (e.id.clone(), e)).collect(),
+            allocs: r.allocations.into_iter().map(|a| (a.id.clone(), a)).collect(),
+        };
+        Ok((view, r.index))
+    }
+
     fn apply(&mut self, b: &EventBatch) {
         for e in &b.events {
             match (e.topic.as_str(), e.r#type.ends_with("Deleted")) {
@@ -168,16 +180,9 @@ pub async fn job_run(
         match next {
             Next::Batch(b) => view.apply(&b),
             Next::Resync => {
-                let r = c
-                    .jobs
-                    .get(GetJobRequest { job_id: job.id.clone(), namespace: ns.to_string(), ..Default::default() })
-                    .await
-                    .map_err(status_err)?
-                    .into_inner();
-                view.job = r.job;
-                view.evals = r.evaluations.into_iter().map(|e| (e.id.clone(), e)).collect();
-                view.allocs = r.allocations.into_iter().map(|a| (a.id.clone(), a)).collect();
-                f.resume(r.index);
+                let (fresh, index) = JobView::read(c, &job.id, ns).await?;
+                view = fresh;
+                f.resume(index);
             }
         }
         if !evaluated {
@@ -237,17 +242,12 @@ pub async fn job_run(
                 let already = evaluated && placed_by_eval.is_empty() && view.job.is_none();
                 if dead || already {
                     if already {
-                        let r = c
-                            .jobs
-                            .get(GetJobRequest { job_id: job.id.clone(), namespace: ns.to_string(), ..Default::default() })
-                            .await
-                            .map_err(status_err)?
-                            .into_inner();
-                        if r.job.as_ref().is_some_and(|j| j.status != job_status::DEAD) {
-                            view.job = r.job;
+                        let (fresh, _) = JobView::read(c, &job.id, ns).await?;
+                        if fresh.job.as_ref().is_some_and(|j| j.status != job_status::DEAD) {
+                            view.job = fresh.job;
                             continue;
                         }
-                        view.allocs = r.allocations.into_iter().map(|a| (a.id.clone(), a)).collect();
+                        view.allocs = fresh.allocs;
                     }
                     let code = exit_code(view.allocs.values().filter(|a| a.job_version == version));
                     println!("==> Job {:?} finished: exit code {code}", job.name);
@@ -298,15 +298,8 @@ pub async fn job_stopped(
     use std::process::ExitCode;
     let deadline = Instant::now() + Duration::from_secs(120);
     // The allocations as of the stop's index, then their changes.
-    let r = c
-        .jobs
-        .get(GetJobRequest { job_id: name.to_string(), namespace: namespace.to_string(), ..Default::default() })
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    let mut view = JobView { job: r.job, evals: BTreeMap::new(), allocs: r.allocations.into_iter().map(|a| (a.id.clone(), a)).collect() };
-    view.evals = r.evaluations.into_iter().map(|e| (e.id.clone(), e)).collect();
-    let mut f = Follower::new(c, &[("Evaluation", name), ("Allocation", name)], namespace, r.index.max(index));
+    let (mut view, read_at) = JobView::read(c, name, namespace).await?;
+    let mut f = Follower::new(c, &[("Evaluation", name), ("Allocation", name)], namespace, read_at.max(index));
     loop {
         let evaluated = view.evals.get(eval_id).is_some_and(|e| e.status != eval_status::PENDING);
         let live = view.allocs.values().filter(|a| !alloc_client::is_terminal(&a.client_status)).count();
@@ -323,15 +316,9 @@ pub async fn job_stopped(
             Ok(next) => match next? {
                 Next::Batch(b) => view.apply(&b),
                 Next::Resync => {
-                    let r = c
-                        .jobs
-                        .get(GetJobRequest { job_id: name.to_string(), namespace: namespace.to_string(), ..Default::default() })
-                        .await
-                        .map_err(status_err)?
-                        .into_inner();
-                    view.allocs = r.allocations.into_iter().map(|a| (a.id.clone(), a)).collect();
-                    view.evals = r.evaluations.into_iter().map(|e| (e.id.clone(), e)).collect();
-                    f.resume(r.index);
+                    let (fresh, read_at) = JobView::read(c, name, namespace).await?;
+                    view = fresh;
+                    f.resume(read_at);
                 }
             },
         }

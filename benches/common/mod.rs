@@ -135,3 +135,29 @@ pub fn rss_mib(pid: u32) -> Option<f64> {
     let kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kb / 1024.0)
 }
+
+/// A service job with no instances (`count = 0`): registering it is a Raft write and an
+/// evaluation, and nothing runs.
+pub fn tiny_job(name: &str) -> mlp_proto::v1::Job {
+    use mlp_proto::v1::{Job, Resources, Task, TaskConfig, TaskGroup};
+    Job {
+        id: name.into(),
+        name: name.into(),
+        namespace: "default".into(),
+        r#type: "service".into(),
+        priority: 50,
+        groups: vec![TaskGroup {
+            name: "g".into(),
+            count: Some(0),
+            tasks: vec![Task {
+                name: "t".into(),
+                driver: "raw_exec".into(),
+                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![] }),
+                resources: Some(Resources { cpu_mhz: 10, memory_mib: 8, ..Default::default() }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}

@@ -299,6 +299,43 @@ impl Api {
         Ok(())
     }
 
+    /// Feeds a subscription to a client: its batches, an empty batch as a heartbeat every
+    /// `events::HEARTBEAT`, and the error that ends it, each made a message by `encode`, into a
+    /// small channel whose other end is the client's stream. Ends after an error, when the client
+    /// is gone, or when it has taken nothing for `events::SEND_TIMEOUT` (cut off, like one that
+    /// falls behind: the state machine never waits for it either way).
+    pub fn pump_events<T: Send + 'static>(
+        api: Arc<Api>,
+        mut sub: events::Subscription,
+        encode: impl Fn(Result<EventBatch, events::EventError>) -> T + Send + 'static,
+    ) -> tokio::sync::mpsc::Receiver<T> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut heartbeat = tokio::time::interval(events::HEARTBEAT);
+            heartbeat.tick().await;
+            loop {
+                let item = tokio::select! {
+                    b = sub.next() => b,
+                    _ = heartbeat.tick() => Ok(EventBatch::default()),
+                    _ = tx.closed() => return,
+                };
+                let end = item.is_err();
+                if matches!(item, Err(events::EventError::Lagged { .. })) {
+                    Metrics::inc(&api.metrics.event_subscribers_cut);
+                }
+                match tokio::time::timeout(events::SEND_TIMEOUT, tx.send(encode(item))).await {
+                    Ok(Ok(())) if !end => {}
+                    Ok(_) => return,
+                    Err(_) => {
+                        Metrics::inc(&api.metrics.event_subscribers_cut);
+                        return;
+                    }
+                }
+            }
+        });
+        rx
+    }
+
     /// Opens an event stream subscription (validated: topics, namespace, index).
     pub fn subscribe_events(&self, req: &EventsRequest) -> Result<events::Subscription, events::EventError> {
         if req.namespace.len() > 256 {
@@ -416,7 +453,9 @@ impl Api {
         Ok(ListAllocsResponse { allocations, index: st.index })
     }
 
-    pub async fn get_alloc(&self, id: &str, b: Block) -> Result<Allocation, ApiError> {
+    /// An allocation and the state's index, read together (a blocking query's next `min_index`
+    /// must not be newer than what it read).
+    pub async fn get_alloc(&self, id: &str, b: Block) -> Result<(Allocation, u64), ApiError> {
         require_id("alloc_id", id)?;
         if b.min_index > 0 {
             let full = self.state.read().find_alloc(id).map(|a| a.id.clone()).unwrap_or_default();
@@ -428,7 +467,7 @@ impl Api {
         if a.node_name.is_empty() {
             a.node_name = st.nodes.get(&a.node_id).map(|n| n.name.clone()).unwrap_or_default();
         }
-        Ok(a)
+        Ok((a, st.index))
     }
 
     pub async fn list_nodes(&self, b: Block) -> Result<ListNodesResponse, ApiError> {

@@ -65,8 +65,7 @@ impl alloc_service_server::AllocService for GrpcApi {
     async fn get(&self, req: Request<GetAllocRequest>) -> GrpcResult<GetAllocResponse> {
         self.count();
         let req = req.into_inner();
-        let a = self.api.get_alloc(&req.alloc_id, Block { min_index: req.min_index, wait_ms: req.wait_ms }).await?;
-        let index = self.api.state.read().index;
+        let (a, index) = self.api.get_alloc(&req.alloc_id, Block { min_index: req.min_index, wait_ms: req.wait_ms }).await?;
         Ok(Response::new(GetAllocResponse { allocation: Some(a), index }))
     }
 
@@ -76,7 +75,7 @@ impl alloc_service_server::AllocService for GrpcApi {
     async fn logs(&self, req: Request<LogsRequest>) -> GrpcResult<Self::LogsStream> {
         self.count();
         let mut req = req.into_inner();
-        let alloc = self.api.get_alloc(&req.alloc_id, Block::default()).await?;
+        let (alloc, _) = self.api.get_alloc(&req.alloc_id, Block::default()).await?;
         let addr = {
             let st = self.api.state.read();
             st.nodes.get(&alloc.node_id).map(|n| n.rpc_addr.clone()).unwrap_or_default()
@@ -124,7 +123,7 @@ impl alloc_service_server::AllocService for GrpcApi {
         if start.command.is_empty() {
             return Err(Status::invalid_argument("exec: start.command is empty: name a command to run"));
         }
-        let alloc = self.api.get_alloc(&start.alloc_id, Block::default()).await?;
+        let (alloc, _) = self.api.get_alloc(&start.alloc_id, Block::default()).await?;
         if alloc.client_status != mlp_proto::consts::alloc_client::RUNNING {
             return Err(Status::failed_precondition(format!(
                 "allocation {} is {}, not running",
@@ -234,38 +233,16 @@ impl event_service_server::EventService for GrpcApi {
     /// behind, the state is replaced, or the server stops.
     async fn events(&self, req: Request<EventsRequest>) -> GrpcResult<Self::EventsStream> {
         self.count();
-        let mut sub = self.api.subscribe_events(&req.into_inner()).map_err(event_status)?;
-        let metrics = self.api.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(async move {
-            let mut heartbeat = tokio::time::interval(crate::events::HEARTBEAT);
-            heartbeat.tick().await;
-            loop {
-                let item = tokio::select! {
-                    b = sub.next() => b.map_err(|e| {
-                        if matches!(e, EventError::Lagged { .. }) {
-                            Metrics::inc(&metrics.metrics.event_subscribers_cut);
-                        }
-                        event_status(e)
-                    }),
-                    _ = heartbeat.tick() => Ok(EventBatch::default()),
-                    _ = tx.closed() => return,
-                };
-                let end = item.is_err();
-                // A client that takes no message for this long is cut off, like one that falls
-                // behind: the state machine never waits for it either way.
-                match tokio::time::timeout(crate::events::SEND_TIMEOUT, tx.send(item)).await {
-                    Ok(Ok(())) if !end => {}
-                    Ok(_) => return,
-                    Err(_) => {
-                        Metrics::inc(&metrics.metrics.event_subscribers_cut);
-                        return;
-                    }
-                }
-            }
-        });
+        let sub = self.api.subscribe_events(&req.into_inner()).map_err(event_status)?;
+        let rx = Api::pump_events(self.api.clone(), sub, stream_item);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// One message of the `Events` stream (tonic's item type, `Status` and all).
+#[allow(clippy::result_large_err)]
+fn stream_item(item: Result<EventBatch, EventError>) -> Result<EventBatch, Status> {
+    item.map_err(event_status)
 }
 
 /// The gRPC status for an event stream error.

@@ -233,8 +233,7 @@ async fn list_allocs(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> Ht
 }
 
 async fn get_alloc(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
-    let a = api.get_alloc(&id, p.block()?).await?;
-    let index = api.state.read().index;
+    let (a, index) = api.get_alloc(&id, p.block()?).await?;
     ok_at(a, index)
 }
 
@@ -307,7 +306,7 @@ async fn event_stream(State(api): State<Arc<Api>>, Query(q): Query<Vec<(String, 
             }
         }
     }
-    let mut sub = api.subscribe_events(&req).map_err(|e| {
+    let sub = api.subscribe_events(&req).map_err(|e| {
         let code = match e {
             EventError::Gone { .. } => StatusCode::GONE,
             EventError::Invalid(_) => StatusCode::BAD_REQUEST,
@@ -315,33 +314,14 @@ async fn event_stream(State(api): State<Arc<Api>>, Query(q): Query<Vec<(String, 
         };
         HttpError(code, e.to_string())
     })?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::convert::Infallible>>(16);
-    tokio::spawn(async move {
-        let mut heartbeat = tokio::time::interval(crate::events::HEARTBEAT);
-        heartbeat.tick().await;
-        loop {
-            let (line, end) = tokio::select! {
-                b = sub.next() => match b {
-                    Ok(batch) => (serde_json::to_string(&batch).unwrap_or_else(|e| json!({ "error": e.to_string() }).to_string()), false),
-                    Err(e) => {
-                        if matches!(e, EventError::Lagged { .. }) {
-                            Metrics::inc(&api.metrics.event_subscribers_cut);
-                        }
-                        (json!({ "error": e.to_string() }).to_string(), true)
-                    }
-                },
-                _ = heartbeat.tick() => ("{}".to_string(), false),
-                _ = tx.closed() => return,
-            };
-            match tokio::time::timeout(crate::events::SEND_TIMEOUT, tx.send(Ok(line + "\n"))).await {
-                Ok(Ok(())) if !end => {}
-                Ok(_) => return,
-                Err(_) => {
-                    Metrics::inc(&api.metrics.event_subscribers_cut);
-                    return;
-                }
-            }
-        }
+    let rx = Api::pump_events(api.clone(), sub, |item| {
+        let line = match item {
+            // A batch is never empty; an empty one is the heartbeat.
+            Ok(batch) if batch.events.is_empty() => "{}".to_string(),
+            Ok(batch) => serde_json::to_string(&batch).unwrap_or_else(|e| json!({ "error": e.to_string() }).to_string()),
+            Err(e) => json!({ "error": e.to_string() }).to_string(),
+        };
+        Ok::<_, std::convert::Infallible>(line + "\n")
     });
     let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
