@@ -24,7 +24,11 @@ fn main() -> ExitCode {
     mlp_agent::rpc::exec_session::maybe_run_enter();
     return_large_blocks_to_the_system();
     let cli = cli::Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The daemons need the worker pool; a CLI call is one request and a few awaits, and a
+    // single-threaded runtime saves it starting (and, at exit, joining) a thread per core.
+    let daemon = matches!(cli.command, cli::Command::Server(cli::ServerArgs { action: None, .. }) | cli::Command::Agent(_) | cli::Command::Dev(_));
+    let mut builder = if daemon { tokio::runtime::Builder::new_multi_thread() } else { tokio::runtime::Builder::new_current_thread() };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("Error: cannot start the async runtime: {e}");

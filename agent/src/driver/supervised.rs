@@ -182,9 +182,16 @@ fn new_run_id() -> String {
 }
 
 /// The supervisor binary: the agent's own unless configured (library tests use a helper).
+///
+/// The agent's own is `/proc/self/exe`, not the path it was started from: when the `mlp` binary
+/// on disk is replaced under a running agent (an upgrade), the path names the new binary or
+/// nothing (`… (deleted)`), while a supervisor must be the agent's own version, and a zygote
+/// that died must still be restartable.
 pub fn supervisor_exe(configured: Option<&Path>) -> Result<PathBuf, DriverError> {
+    const SELF_EXE: &str = "/proc/self/exe";
     match configured {
         Some(p) => Ok(p.to_path_buf()),
+        None if Path::new(SELF_EXE).exists() => Ok(PathBuf::from(SELF_EXE)),
         None => std::env::current_exe().map_err(|e| DriverError::Isolation(format!("finding the mlp binary: {e}"))),
     }
 }

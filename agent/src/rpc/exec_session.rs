@@ -459,7 +459,7 @@ fn dup_high(fd: OwnedFd) -> Result<OwnedFd, Status> {
 
 async fn spawn(config: &EnterConfig, size: &TerminalSize) -> Result<Session, Status> {
     let internal = |what: &str, e: &dyn std::fmt::Display| Status::internal(format!("exec: {what}: {e}"));
-    let exe = std::env::current_exe().map_err(|e| internal("finding the mlp binary", &e))?;
+    let exe = crate::driver::supervised::supervisor_exe(None).map_err(|e| internal("finding the mlp binary", &e))?;
     let (cfg_r, cfg_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| internal("pipe", &e))?;
     let (st_r, st_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| internal("pipe", &e))?;
     // The originals close here: only the helper may hold the write end of the status pipe,
