@@ -175,7 +175,54 @@ pub struct AgentArgs {
     #[arg(long, value_name = "FILE")]
     pub simulated_gpus: Option<PathBuf>,
     #[command(flatten)]
+    pub gpu: GpuArgs,
+    #[command(flatten)]
     pub exec: ExecIsolationArgs,
+}
+
+/// Real GPUs: where NVML and the driver's files are (issue 12).
+#[derive(Debug, Args, Clone)]
+pub struct GpuArgs {
+    /// Look for real GPUs through NVML: auto (when the library is found), nvml (warn when it is
+    /// not), none (never). `--simulated-gpus` replaces real ones.
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = ["auto", "nvml", "none"])]
+    pub gpus: String,
+    /// The NVML library to load (default: searched in the loader's paths, the driver root and
+    /// common prefixes such as /usr/local/nvidia).
+    #[arg(long, value_name = "PATH")]
+    pub nvml_library: Option<PathBuf>,
+    /// A prefix holding the NVIDIA driver's user-space files (e.g. /usr/local/nvidia).
+    #[arg(long, value_name = "DIR")]
+    pub nvidia_driver_root: Option<PathBuf>,
+    /// Where the NVIDIA device nodes are.
+    #[arg(long, value_name = "DIR", default_value = "/dev")]
+    pub nvidia_dev_dir: PathBuf,
+    /// XIDs that do not mark a device unhealthy, besides 13, 31, 43, 45, 68 and 109
+    /// (comma separated).
+    #[arg(long, value_name = "XIDS", value_delimiter = ',')]
+    pub ignore_xids: Vec<u64>,
+    /// The MPS control binary (default: nvidia-cuda-mps-control in the driver root or PATH).
+    #[arg(long, value_name = "PATH")]
+    pub mps_control: Option<PathBuf>,
+}
+
+impl GpuArgs {
+    /// The agent's GPU settings.
+    pub fn settings(&self) -> mlp_agent::gpu::GpuSettings {
+        use mlp_agent::gpu::GpuMode;
+        mlp_agent::gpu::GpuSettings {
+            mode: match self.gpus.as_str() {
+                "nvml" => GpuMode::Nvml,
+                "none" => GpuMode::None,
+                _ => GpuMode::Auto,
+            },
+            nvml_library: self.nvml_library.clone(),
+            driver_root: self.nvidia_driver_root.clone(),
+            dev_dir: self.nvidia_dev_dir.clone(),
+            ignored_xids: self.ignore_xids.clone(),
+            mps_control: self.mps_control.clone(),
+        }
+    }
 }
 
 /// How the `exec` driver isolates tasks (docs/security.md).
@@ -221,6 +268,8 @@ pub struct DevArgs {
     /// JSON file of simulated GPUs the built-in agent registers (as `mlp agent --simulated-gpus`).
     #[arg(long, value_name = "FILE")]
     pub simulated_gpus: Option<PathBuf>,
+    #[command(flatten)]
+    pub gpu: GpuArgs,
     #[command(flatten)]
     pub exec: ExecIsolationArgs,
     #[command(flatten)]

@@ -242,6 +242,7 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let gpus = simulated_gpus(args.simulated_gpus.as_deref())?;
     let mut config = agent_config(&args.data_dir, args.servers, args.node_name, &args.rpc_addr, &args.exec)?;
     config.simulated_gpus = gpus;
+    config.gpu = args.gpu.settings();
     config.datacenter = args.datacenter;
     config.node_pool = args.node_pool;
     config.meta = args.meta.into_iter().collect::<BTreeMap<_, _>>();
@@ -277,6 +278,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     let mut config =
         agent_config(&args.data_dir.join("agent"), vec![server.grpc_addr().to_string()], args.node_name, "127.0.0.1:0", &args.exec)?;
     config.simulated_gpus = gpus;
+    config.gpu = args.gpu.settings();
     let agent = Agent::start(config).await.context("starting the agent")?;
     let grpc = server.grpc_addr();
     println!("==> mlp dev cluster running (one server, one agent, embedded storage)");

@@ -167,7 +167,7 @@ fn bases(n: u64) -> Vec<Vec<u8>> {
         ListAllocsRequest { job_id: name.clone(), ..Default::default() }.encode_to_vec(),
         NodeDrainRequest { node_id: name.clone(), enable: true, deadline_ms: 1000, ignore_system: false }.encode_to_vec(),
         LogsRequest { alloc_id: name.clone(), task: "t".into(), ..Default::default() }.encode_to_vec(),
-        HeartbeatRequest { node_id: name }.encode_to_vec(),
+        HeartbeatRequest { node_id: name, gpu_stats: Vec::new() }.encode_to_vec(),
     ]
 }
 

@@ -153,7 +153,7 @@ pub async fn node_loop(pool: Arc<ServerPool>, node: Node, registered: watch::Sen
         let mut next = Instant::now() + heartbeat_interval(ttl);
         loop {
             tokio::time::sleep_until(next).await;
-            let req = HeartbeatRequest { node_id: node.id.clone() };
+            let req = HeartbeatRequest { node_id: node.id.clone(), gpu_stats: Vec::new() };
             match unary(&pool, |mut c| async move { c.heartbeat(req).await }).await {
                 Ok(resp) => {
                     if resp.heartbeat_ttl_ms > 0 {

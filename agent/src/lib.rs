@@ -96,8 +96,10 @@ pub struct AgentConfig {
     pub drivers_enabled: Vec<String>,
     /// Isolation of `exec` tasks (default user, refused users, default pids limit, ...).
     pub isolation: isolation::IsolationSettings,
-    /// Simulated GPUs this node registers (`gpu::simulated::load`); empty = no GPUs.
+    /// Simulated GPUs this node registers (`gpu::simulated::load`); empty = real ones, if any.
     pub simulated_gpus: Vec<mlp_proto::v1::GpuDevice>,
+    /// How real GPUs are found, isolated and shared.
+    pub gpu: gpu::GpuSettings,
 }
 
 impl Default for AgentConfig {
@@ -116,6 +118,7 @@ impl Default for AgentConfig {
             drivers_enabled: vec![mlp_proto::consts::driver::EXEC.to_string(), mlp_proto::consts::driver::RAW_EXEC.to_string()],
             isolation: isolation::IsolationSettings::default(),
             simulated_gpus: Vec::new(),
+            gpu: gpu::GpuSettings::default(),
         }
     }
 }

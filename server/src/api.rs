@@ -487,7 +487,7 @@ impl Api {
         let st = self.state.read();
         let node = st.find_node(id)?.clone();
         let allocations = st.allocs_for_node(&node.id).cloned().collect();
-        Ok(GetNodeResponse { node: Some(node), allocations, index: st.index })
+        Ok(GetNodeResponse { node: Some(node), allocations, index: st.index, gpu_stats: Vec::new() })
     }
 
     /// Starts or cancels a node drain. Starting makes the node ineligible at once; the leader's

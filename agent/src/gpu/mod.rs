@@ -7,8 +7,70 @@
 pub mod simulated;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 
 use mlp_proto::v1::{AllocatedResources, GpuAssignment, GpuDevice, Task, TaskGroup};
+
+/// Where the agent looks for real GPUs (`mlp agent --gpus …`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GpuMode {
+    /// NVML's devices when the library loads; no GPUs (and the reason in the node's
+    /// `gpu.unavailable` attribute) when it does not.
+    #[default]
+    Auto,
+    /// The same, but the agent's log warns when no library is found: a GPU node expected to
+    /// have them.
+    Nvml,
+    /// Never look: no GPUs (unless simulated ones are configured).
+    None,
+}
+
+/// How the agent finds and exposes real GPUs (issue 12). The defaults fit a host with the
+/// NVIDIA driver installed the usual way.
+#[derive(Debug, Clone)]
+pub struct GpuSettings {
+    /// Whether to look for NVML at all.
+    pub mode: GpuMode,
+    /// `libnvidia-ml.so.1` to load (`--nvml-library`); None searches the loader's paths, then
+    /// the driver root, then common prefixes.
+    pub nvml_library: Option<PathBuf>,
+    /// A prefix the driver's user-space files live under (`--nvidia-driver-root`, e.g.
+    /// `/usr/local/nvidia`): searched for the NVML library, the libraries bound into tasks and
+    /// `nvidia-smi` / `nvidia-cuda-mps-control`.
+    pub driver_root: Option<PathBuf>,
+    /// Where the device nodes (`nvidiaN`, `nvidiactl`, `nvidia-uvm`, `nvidia-caps/`) are; `/dev`
+    /// on a real host, a directory of stand-in nodes in tests.
+    pub dev_dir: PathBuf,
+    /// XIDs that do not make a device unhealthy, added to [`DEFAULT_IGNORED_XIDS`].
+    pub ignored_xids: Vec<u64>,
+    /// `nvidia-cuda-mps-control` (None: found next to `nvidia-smi` in the driver root or PATH).
+    pub mps_control: Option<PathBuf>,
+}
+
+/// XIDs that are the application's fault or informational, not the device's (the NVIDIA device
+/// plugin's list): 13 graphics engine exception, 31 GPU memory page fault, 43 GPU stopped
+/// processing, 45 preemptive cleanup, 68 video processor exception, 109 context switch timeout.
+pub const DEFAULT_IGNORED_XIDS: &[u64] = &[13, 31, 43, 45, 68, 109];
+
+impl Default for GpuSettings {
+    fn default() -> Self {
+        GpuSettings {
+            mode: GpuMode::Auto,
+            nvml_library: None,
+            driver_root: None,
+            dev_dir: PathBuf::from("/dev"),
+            ignored_xids: Vec::new(),
+            mps_control: None,
+        }
+    }
+}
+
+impl GpuSettings {
+    /// Whether `xid` leaves a device healthy.
+    pub fn xid_ignored(&self, xid: u64) -> bool {
+        DEFAULT_IGNORED_XIDS.contains(&xid) || self.ignored_xids.contains(&xid)
+    }
+}
 
 /// Why a source's devices cannot be registered.
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +151,7 @@ fn devices_asked(task: &Task) -> usize {
 pub fn task_gpus(group: &TaskGroup, task_name: &str, resources: Option<&AllocatedResources>, node_gpus: &[GpuDevice]) -> TaskGpus {
     let Some(r) = resources else { return TaskGpus::default() };
     let all: Vec<GpuAssignment> =
-        if r.gpus.is_empty() { r.gpu_ids.iter().map(|id| GpuAssignment { id: id.clone(), milli: 1000 }).collect() } else { r.gpus.clone() };
+        if r.gpus.is_empty() { r.gpu_ids.iter().map(|id| GpuAssignment { id: id.clone(), milli: 1000, memory_mib: 0 }).collect() } else { r.gpus.clone() };
     let Some(task) = group.tasks.iter().find(|t| t.name == task_name) else { return TaskGpus::default() };
     let asked = devices_asked(task);
     if asked == 0 || all.is_empty() {

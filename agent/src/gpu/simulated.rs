@@ -415,6 +415,7 @@ impl Checker<'_> {
                     nvlink_peers: Vec::new(),
                     pci_switch: d.pci_switch.clone(),
                     numa_node: d.numa_node,
+                    ..Default::default()
                 });
             }
         }

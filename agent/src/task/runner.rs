@@ -55,6 +55,7 @@ pub fn usage_of(stats: &crate::isolation::cgroups::Stats, last: &mut Option<(u64
         memory_cache_bytes: stats.memory_cache_bytes,
         memory_max_usage_bytes: stats.memory_max_usage_bytes,
         pids: stats.pids,
+        ..Default::default()
     }
 }
 

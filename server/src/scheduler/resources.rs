@@ -341,7 +341,7 @@ fn assign(devices: &[GpuDevice], mask: DeviceMask, milli: u32, mig: &str, res: &
             continue;
         }
         res.gpu_ids.push(d.id.clone());
-        res.gpus.push(GpuAssignment { id: d.id.clone(), milli });
+        res.gpus.push(GpuAssignment { id: d.id.clone(), milli, memory_mib: 0 });
         let used = after.gpu_milli.entry(d.id.clone()).or_default();
         *used = used.saturating_add(milli);
         if !mig.is_empty() {
