@@ -130,10 +130,17 @@ fn heartbeat_interval(ttl: Duration) -> Duration {
 
 /// Registers the node, then heartbeats at about ttl/2 (with jitter); registers again when a server no longer
 /// knows the node. Sets `registered` after each successful registration.
-pub async fn node_loop(pool: Arc<ServerPool>, node: Node, registered: watch::Sender<bool>) {
+/// Registers the node (again whenever its fingerprint in `node` changes: a GPU became
+/// unhealthy) and heartbeats, carrying the GPUs' measurements when `nvml` has them.
+pub async fn node_loop(
+    pool: Arc<ServerPool>,
+    mut node_rx: watch::Receiver<Node>,
+    registered: watch::Sender<bool>,
+    nvml: Option<crate::gpu::nvml::NvmlGpus>,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
-        let mut node = node.clone();
+        let mut node = node_rx.borrow_and_update().clone();
         node.status = node_status::READY.into();
         let ttl = loop {
             let req = RegisterNodeRequest { node: Some(node.clone()) };
@@ -152,8 +159,25 @@ pub async fn node_loop(pool: Arc<ServerPool>, node: Node, registered: watch::Sen
         let mut ttl = Duration::from_millis(if ttl == 0 { 10_000 } else { ttl });
         let mut next = Instant::now() + heartbeat_interval(ttl);
         loop {
-            tokio::time::sleep_until(next).await;
-            let req = HeartbeatRequest { node_id: node.id.clone(), gpu_stats: Vec::new() };
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                changed = node_rx.changed() => {
+                    if changed.is_ok() {
+                        tracing::info!("node fingerprint changed; registering again");
+                        break;
+                    }
+                    // The agent is going away; heartbeat on until it cancels this loop.
+                    tokio::time::sleep_until(next).await;
+                }
+            }
+            let gpu_stats = match &nvml {
+                Some(n) => {
+                    let n = n.clone();
+                    tokio::task::spawn_blocking(move || n.sample()).await.unwrap_or_default()
+                }
+                None => Vec::new(),
+            };
+            let req = HeartbeatRequest { node_id: node.id.clone(), gpu_stats };
             match unary(&pool, |mut c| async move { c.heartbeat(req).await }).await {
                 Ok(resp) => {
                     if resp.heartbeat_ttl_ms > 0 {

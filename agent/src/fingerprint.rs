@@ -119,7 +119,7 @@ pub fn default_node_name() -> String {
 
 /// Fingerprints this machine. The node has status `initializing`; `id` and `rpc_addr` are
 /// filled by the agent.
-pub fn fingerprint(config: &AgentConfig) -> Node {
+pub fn fingerprint(config: &AgentConfig, gpu: &crate::gpu::Backend) -> Node {
     let cpu = parse_cpuinfo(&read("/proc/cpuinfo"));
     let mut cores = if cpu.cores > 0 {
         cpu.cores
@@ -183,12 +183,17 @@ pub fn fingerprint(config: &AgentConfig) -> Node {
     // GPUs from the configured source (today only simulated ones, `--simulated-gpus`, marked so
     // in every device and in `gpu.simulated`). The agent refuses to start on devices the source
     // rejects, so an error here only drops the GPUs.
-    let gpu_source = config.gpu_source();
-    let gpus = gpu_source.devices().unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "GPU devices rejected; registering none");
-        Vec::new()
-    });
-    attrs.extend(gpu_source.attributes(&gpus));
+    let gpus = match gpu.devices() {
+        Ok(gpus) => {
+            attrs.extend(gpu.attributes(&gpus));
+            gpus
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "GPU devices rejected; registering none");
+            attrs.insert("gpu.unavailable".into(), e.to_string());
+            Vec::new()
+        }
+    };
     let mut drivers = Vec::new();
     // raw_exec only forks/execs, which always works on Linux; exec needs root (namespaces,
     // mounts, switching users) and a cgroup hierarchy with controllers.
@@ -272,7 +277,7 @@ mod tests {
     fn fingerprint_this_machine() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let cfg = AgentConfig { data_dir: dir.path().to_path_buf(), ..Default::default() };
-        let n = fingerprint(&cfg);
+        let n = fingerprint(&cfg, &cfg.gpu_backend());
         assert_eq!(n.status, node_status::INITIALIZING);
         let r = n.resources.clone().unwrap_or_default();
         assert!(r.cpu_cores > 0 && r.cpu_mhz_per_core > 0);
@@ -304,7 +309,7 @@ mod tests {
             r#"{"generate": {"count": 2, "model": "H100-SXM5-80GB", "memory_mib": 81920, "nvlink": "all"}}"#,
         )?;
         let cfg = AgentConfig { data_dir: dir.path().to_path_buf(), simulated_gpus: gpus.clone(), ..Default::default() };
-        let n = fingerprint(&cfg);
+        let n = fingerprint(&cfg, &cfg.gpu_backend());
         assert_eq!(n.resources.unwrap_or_default().gpus, gpus);
         let attr = |k: &str| n.attributes.get(k).map(String::as_str);
         assert_eq!(attr("gpu.simulated"), Some("true"));

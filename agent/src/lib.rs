@@ -124,9 +124,10 @@ impl Default for AgentConfig {
 }
 
 impl AgentConfig {
-    /// Where this node's GPUs come from.
-    pub fn gpu_source(&self) -> Box<dyn gpu::GpuSource> {
-        Box::new(gpu::simulated::SimulatedGpus::new(self.simulated_gpus.clone()))
+    /// This node's GPUs: the simulated ones, or NVML's, or none (opened anew on each call;
+    /// the agent opens them once).
+    pub fn gpu_backend(&self) -> gpu::Backend {
+        gpu::Backend::open(&self.simulated_gpus, &self.gpu)
     }
 }
 
@@ -181,7 +182,12 @@ impl Agent {
     /// Fingerprints the node, restores what a previous run left, binds the ClientService
     /// listener and spawns the background loops (registration may still be retrying).
     pub async fn start(mut config: AgentConfig) -> Result<Agent, AgentError> {
-        config.gpu_source().devices().map_err(|e| AgentError::Config(e.to_string()))?;
+        let gpu = config.gpu_backend();
+        // Simulated devices are configuration: bad ones refuse the start. Real ones that NVML
+        // cannot describe leave the node without GPUs (the reason is in its attributes).
+        if let gpu::Backend::Simulated(_) = &gpu {
+            gpu.devices().map_err(|e| AgentError::Config(e.to_string()))?;
+        }
         std::fs::create_dir_all(config.data_dir.join("allocs"))
             .map_err(AgentError::io(format!("creating {}", config.data_dir.display())))?;
         // Isolated tasks start in their own directories and read their config by path, so every
@@ -199,13 +205,15 @@ impl Agent {
         let rpc_addr = std_listener.local_addr().map_err(AgentError::io("reading the rpc listener address"))?;
         let listener = tokio::net::TcpListener::from_std(std_listener).map_err(AgentError::io("registering the rpc listener"))?;
 
-        let mut node = fingerprint::fingerprint(&config);
+        let mut node = fingerprint::fingerprint(&config, &gpu);
         if let Some(mhz) = node.attributes.get("cpu.frequency").and_then(|v| v.parse().ok()) {
             config.isolation.mhz_per_core = mhz;
         }
         node.id = node_id.clone();
         node.rpc_addr = config.advertise_addr.clone().unwrap_or_else(|| rpc_addr.to_string());
 
+        // GPU health: devices NVML reports unhealthy, for the tasks using them.
+        let (health_tx, health_rx) = watch::channel(BTreeMap::<String, String>::new());
         let pool = Arc::new(ServerPool::new(&config.servers)?);
         let registry = AllocRegistry::default();
         let env = RunnerEnv {
@@ -215,6 +223,8 @@ impl Agent {
             log_max_files: config.log_max_files,
             registry: registry.clone(),
             gpus: node.resources.as_ref().map(|r| r.gpus.clone()).unwrap_or_default(),
+            nvml: gpu.nvml().cloned(),
+            gpu_health: health_rx,
         };
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
         let mut manager = AllocManager::new(env, updates_tx);
@@ -239,7 +249,11 @@ impl Agent {
         }));
 
         let (reg_tx, reg_rx) = watch::channel(false);
-        loops.push(spawn_cancellable(&cancel, client::node_loop(pool.clone(), node, reg_tx)));
+        let (node_tx, node_rx) = watch::channel(node);
+        if let Some(nvml) = gpu.nvml() {
+            loops.push(spawn_cancellable(&cancel, gpu_health_loop(nvml.clone(), gpu.clone(), node_tx, health_tx)));
+        }
+        loops.push(spawn_cancellable(&cancel, client::node_loop(pool.clone(), node_rx, reg_tx, gpu.nvml().cloned())));
         loops.push(spawn_cancellable(&cancel, client::watch_loop(pool.clone(), node_id.clone(), reg_rx, manager.clone())));
         loops.push(spawn_cancellable(&cancel, client::update_loop(pool, node_id.clone(), updates_rx)));
         let reap_manager = manager.clone();
@@ -274,6 +288,39 @@ impl Agent {
             }
         }
         tracing::info!(node_id = %self.node_id, "agent stopped");
+    }
+}
+
+/// Follows NVML's health events: each device that becomes unhealthy is published to the tasks
+/// (`health`) and the node's fingerprint is taken again and re-registered (`node`), so the
+/// scheduler stops placing on it.
+async fn gpu_health_loop(
+    nvml: gpu::nvml::NvmlGpus,
+    backend: gpu::Backend,
+    node: watch::Sender<mlp_proto::v1::Node>,
+    health: watch::Sender<BTreeMap<String, String>>,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if let Err(e) = nvml.spawn_health_watcher(tx) {
+        tracing::warn!(error = %e, "cannot start the GPU health watcher");
+        return;
+    }
+    while let Some(ev) = rx.recv().await {
+        health.send_modify(|m| {
+            m.insert(ev.device.clone(), ev.reason.clone());
+        });
+        let b = backend.clone();
+        let Ok(devices) = tokio::task::spawn_blocking(move || b.devices().map(|d| (b.attributes(&d), d))).await else { continue };
+        match devices {
+            Ok((attrs, devices)) => node.send_modify(|n| {
+                n.attributes.retain(|k, _| !k.starts_with("gpu."));
+                n.attributes.extend(attrs);
+                if let Some(r) = n.resources.as_mut() {
+                    r.gpus = devices;
+                }
+            }),
+            Err(e) => tracing::warn!(error = %e, "fingerprinting the GPUs after a health event failed"),
+        }
     }
 }
 

@@ -83,6 +83,8 @@ impl Harness {
             log_max_files: 2,
             registry: registry.clone(),
             gpus: Vec::new(),
+            nvml: None,
+            gpu_health: tokio::sync::watch::channel(Default::default()).1,
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = spawn_alloc_runner(a, None, env, tx);

@@ -54,6 +54,7 @@ pub mod task_event {
     pub const DRIVER_FAILURE: &str = "driver-failure";
     pub const MAX_RUN_DURATION: &str = "max-run-duration-exceeded";
     pub const TERMINATED: &str = "terminated";
+    pub const GPU_UNHEALTHY: &str = "gpu-unhealthy";
 }
 
 pub mod eval_status {

@@ -29,6 +29,12 @@ pub const MAX_GPU_DEVICES: usize = 64;
 pub const MIG_SLICES_PER_GPU: u32 = 7;
 /// Most NVLink peers one device may list: every other device of a full node.
 pub const MAX_NVLINK_PEERS: usize = MAX_GPU_DEVICES - 1;
+/// Device nodes one device may name (a MIG instance: its parent's node and two capabilities).
+pub const MAX_DEVICE_PATHS: usize = 8;
+/// The longest device node path.
+pub const MAX_PATH_LEN: usize = 256;
+/// The longest health description.
+pub const MAX_HEALTH_LEN: usize = 512;
 /// Longest device id, parent id, PCIe switch or model name, in bytes.
 pub const MAX_ID_LEN: usize = 128;
 
@@ -84,6 +90,27 @@ pub fn check_gpu_devices(path: &str, devices: &mut [GpuDevice]) -> Result<(), Gp
         }
         if d.nvlink_peers.len() > MAX_NVLINK_PEERS {
             return err(at("nvlink_peers"), format!("lists {} peers; at most {MAX_NVLINK_PEERS}", d.nvlink_peers.len()));
+        }
+        if d.device_paths.len() > MAX_DEVICE_PATHS {
+            return err(at("device_paths"), format!("lists {} device nodes; at most {MAX_DEVICE_PATHS}", d.device_paths.len()));
+        }
+        for (k, p) in d.device_paths.iter().enumerate() {
+            let bad = !p.starts_with('/')
+                || p.len() > MAX_PATH_LEN
+                || p.chars().any(char::is_control)
+                || p.split('/').any(|c| c == "..");
+            if bad {
+                let message = format!("must be an absolute path of at most {MAX_PATH_LEN} bytes without `..`, found {p:?}");
+                return err(format!("{path}[{i}].device_paths[{k}]"), message);
+            }
+        }
+        for (field, v) in [("compute_capability", &d.compute_capability), ("pci_bus_id", &d.pci_bus_id)] {
+            if v.len() > MAX_ID_LEN || v.chars().any(char::is_control) {
+                return err(at(field), format!("must be at most {MAX_ID_LEN} bytes without control characters, found {v:?}"));
+            }
+        }
+        if d.health.len() > MAX_HEALTH_LEN || d.health.chars().any(char::is_control) {
+            return err(at("health"), format!("must be at most {MAX_HEALTH_LEN} bytes without control characters"));
         }
     }
     // Slices in use per physical GPU, and the path of its first instance.

@@ -431,6 +431,8 @@ mod tests {
             log_max_files: 1,
             registry: registry.clone(),
             gpus: Vec::new(),
+            nvml: None,
+            gpu_health: tokio::sync::watch::channel(Default::default()).1,
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut m = AllocManager::new(env, tx);

@@ -32,6 +32,10 @@ pub struct RunnerEnv {
     pub registry: AllocRegistry,
     /// The node's GPU devices (to tell tasks whether theirs are simulated).
     pub gpus: Vec<mlp_proto::v1::GpuDevice>,
+    /// NVML, when the node's GPUs are real (tasks' GPU usage).
+    pub nvml: Option<crate::gpu::nvml::NvmlGpus>,
+    /// Devices NVML reported unhealthy: id → reason.
+    pub gpu_health: tokio::sync::watch::Receiver<std::collections::BTreeMap<String, String>>,
 }
 
 /// A running alloc runner.
@@ -259,6 +263,8 @@ async fn run_alloc(
             log_max_file_bytes: env.log_max_file_bytes,
             log_max_files: env.log_max_files,
             gpus: crate::gpu::task_gpus(&group, &task.name, alloc.resources.as_ref(), &env.gpus),
+            nvml: env.nvml.clone(),
+            gpu_health: env.gpu_health.clone(),
             phases: phases.clone(),
         };
         let initial = rep.persisted.task_states.get(&task.name).cloned();

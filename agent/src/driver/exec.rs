@@ -337,4 +337,8 @@ impl TaskHandle for IsolatedHandle {
     fn stats(&self) -> Option<cgroups::Stats> {
         self.cgroup.as_ref().map(|c| c.stats())
     }
+
+    fn pids(&self) -> Vec<u32> {
+        self.cgroup.as_ref().map_or_else(|| super::process_group_members(self.pid()), |c| c.pids())
+    }
 }

@@ -190,6 +190,25 @@ pub trait TaskHandle: Send {
     fn stats(&self) -> Option<crate::isolation::cgroups::Stats> {
         None
     }
+    /// The task's processes (host pids): its cgroup's, or its process group's for unisolated
+    /// tasks (found by scanning /proc; only asked for tasks with real GPUs).
+    fn pids(&self) -> Vec<u32> {
+        process_group_members(self.pid())
+    }
+}
+
+/// The processes whose process group is `pgid` (field 5 of /proc/<pid>/stat).
+pub fn process_group_members(pgid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return vec![pgid] };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(2).map(str::to_string)))
+                .and_then(|g| g.parse::<u32>().ok())
+                == Some(pgid)
+        })
+        .collect()
 }
 
 /// Sends `sig` to process group `pgid`; a group that no longer exists is not an error.

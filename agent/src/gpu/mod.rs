@@ -4,6 +4,7 @@
 //! its own devices out of its allocation's and the environment that exposes them
 //! (`NVIDIA_VISIBLE_DEVICES` / `CUDA_VISIBLE_DEVICES` / `MLP_GPU_*`).
 
+pub mod nvml;
 pub mod simulated;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -72,6 +73,16 @@ impl GpuSettings {
     }
 }
 
+/// Now, for a health reason ("Sat, 05 Dec 2026 09:20:00 GMT").
+pub(crate) fn now_http_date() -> String {
+    httpdate::fmt_http_date(std::time::SystemTime::now())
+}
+
+/// Now in milliseconds since the epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Why a source's devices cannot be registered.
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -95,6 +106,69 @@ pub trait GpuSource: Send + Sync {
     /// The node attributes for `devices` (`gpu.count`, `gpu.model`, ...).
     fn attributes(&self, devices: &[GpuDevice]) -> BTreeMap<String, String> {
         attributes(devices)
+    }
+}
+
+/// The node's GPUs, opened once when the agent starts: simulated ones when configured (they
+/// replace real ones), else NVML's, else none with the reason.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// `--simulated-gpus`.
+    Simulated(simulated::SimulatedGpus),
+    /// Real devices through NVML.
+    Nvml(nvml::NvmlGpus),
+    /// No GPUs; why, when the agent looked for them (shown as the `gpu.unavailable` attribute).
+    Absent(Option<String>),
+}
+
+impl Backend {
+    /// Opens the backend `simulated` and `settings` ask for. Never fails: NVML that is missing
+    /// or broken gives [`Backend::Absent`] with the reason.
+    pub fn open(simulated: &[GpuDevice], settings: &GpuSettings) -> Backend {
+        if !simulated.is_empty() {
+            return Backend::Simulated(simulated::SimulatedGpus::new(simulated.to_vec()));
+        }
+        if settings.mode == GpuMode::None {
+            return Backend::Absent(None);
+        }
+        match nvml::probe(settings) {
+            nvml::Probe::Found(g) => Backend::Nvml(g),
+            nvml::Probe::Unavailable(why) => {
+                if settings.mode == GpuMode::Nvml {
+                    tracing::warn!(reason = %why, "--gpus nvml: no usable NVML library; this node registers no GPUs");
+                } else {
+                    tracing::info!(reason = %why, "no NVML library; this node registers no GPUs");
+                }
+                Backend::Absent(Some(why))
+            }
+        }
+    }
+
+    /// The NVML backend, when that is what this is.
+    pub fn nvml(&self) -> Option<&nvml::NvmlGpus> {
+        match self {
+            Backend::Nvml(g) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// The devices to register (checked as the servers check them).
+    pub fn devices(&self) -> Result<Vec<GpuDevice>, GpuError> {
+        match self {
+            Backend::Simulated(s) => s.devices(),
+            Backend::Nvml(n) => n.devices(),
+            Backend::Absent(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// The node attributes for `devices`.
+    pub fn attributes(&self, devices: &[GpuDevice]) -> BTreeMap<String, String> {
+        match self {
+            Backend::Simulated(s) => s.attributes(devices),
+            Backend::Nvml(n) => n.attributes(devices),
+            Backend::Absent(None) => BTreeMap::new(),
+            Backend::Absent(Some(why)) => BTreeMap::from([("gpu.unavailable".to_string(), why.clone())]),
+        }
     }
 }
 
@@ -217,7 +291,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let asg = |id: &str, milli| GpuAssignment { id: id.into(), milli };
+        let asg = |id: &str, milli| GpuAssignment { id: id.into(), milli, memory_mib: 0 };
         let res = AllocatedResources {
             gpus: vec![asg("sim-gpu-0", 1000), asg("sim-gpu-1", 1000), asg("sim-gpu-2", 1000), asg("sim-gpu-3", 250)],
             ..Default::default()

@@ -1,6 +1,7 @@
 //! The task runner: drives one task through its lifecycle (received → started → exited →
 //! restart decision, stop, max run duration) via a [`Driver`], and emits every state change.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,6 +111,10 @@ pub struct TaskContext {
     pub log_max_files: u32,
     /// The task's GPUs, out of its allocation's (`crate::gpu::task_gpus`).
     pub gpus: crate::gpu::TaskGpus,
+    /// NVML, when the node's GPUs are real (the task's GPU usage).
+    pub nvml: Option<crate::gpu::nvml::NvmlGpus>,
+    /// Devices NVML reported unhealthy: id → reason.
+    pub gpu_health: tokio::sync::watch::Receiver<std::collections::BTreeMap<String, String>>,
     /// Its first start's phases so far (the allocation's receipt, the alloc runner), which
     /// the driver continues; later starts are timed from the task runner.
     pub phases: Phases,
@@ -322,14 +327,52 @@ pub async fn run_task_attached(
             tokio::pin!(max_run_timer);
             let mut sample = tokio::time::interval_at(tokio::time::Instant::now() + USAGE_INTERVAL, USAGE_INTERVAL);
             let mut last_cpu: Option<(u64, std::time::Instant)> = None;
+            let gpu_ids: Vec<String> = ctx.gpus.devices.iter().map(|a| a.id.clone()).collect();
+            // None once the agent's health publisher is gone (nothing more will change).
+            let mut health = (!gpu_ids.is_empty()).then(|| ctx.gpu_health.clone());
+            let mut reported: BTreeSet<String> = BTreeSet::new();
             loop {
+                // A device of this task that became unhealthy is an event on the task.
+                let bad: Vec<(String, String)> = match health.as_mut() {
+                    Some(h) => h
+                        .borrow_and_update()
+                        .iter()
+                        .filter(|(id, _)| gpu_ids.contains(id) && !reported.contains(*id))
+                        .map(|(id, why)| (id.clone(), why.clone()))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                for (id, why) in bad {
+                    push_event(&mut st, task_event::GPU_UNHEALTHY, format!("GPU {id} is unhealthy: {why}"));
+                    reported.insert(id);
+                    emit(&st, proc);
+                }
                 tokio::select! {
                     ex = handle.wait() => break Outcome::Exited(ex),
                     _ = stopped(&mut stop) => break Outcome::Stop,
                     _ = &mut max_run_timer => break Outcome::MaxRun,
+                    changed = async {
+                        match health.as_mut() {
+                            Some(h) => h.changed().await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        if changed.is_err() {
+                            health = None;
+                        }
+                    }
                     _ = sample.tick() => {
                         if let Some(stats) = handle.stats() {
-                            st.usage = Some(usage_of(&stats, &mut last_cpu));
+                            let mut usage = usage_of(&stats, &mut last_cpu);
+                            if let (Some(nvml), false) = (&ctx.nvml, gpu_ids.is_empty() || ctx.gpus.simulated) {
+                                let pids: BTreeSet<u32> = handle.pids().into_iter().collect();
+                                let (nvml, ids) = (nvml.clone(), gpu_ids.clone());
+                                if let Ok((util, mem)) = tokio::task::spawn_blocking(move || nvml.usage_of(&ids, &pids)).await {
+                                    usage.gpu_utilization_percent = util;
+                                    usage.gpu_memory_used_mib = mem;
+                                }
+                            }
+                            st.usage = Some(usage);
                             emit(&st, proc);
                         }
                     }

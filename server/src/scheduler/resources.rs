@@ -600,9 +600,9 @@ mod tests {
             placed.push(res.gpus.clone());
             u = after;
         }
-        assert_eq!(placed[0], [GpuAssignment { id: "g0".into(), milli: 600 }]);
-        assert_eq!(placed[1], [GpuAssignment { id: "g0".into(), milli: 400 }]);
-        assert_eq!(placed[2], [GpuAssignment { id: "g1".into(), milli: 400 }]);
+        assert_eq!(placed[0], [GpuAssignment { id: "g0".into(), milli: 600, memory_mib: 0 }]);
+        assert_eq!(placed[1], [GpuAssignment { id: "g0".into(), milli: 400, memory_mib: 0 }]);
+        assert_eq!(placed[2], [GpuAssignment { id: "g1".into(), milli: 400, memory_mib: 0 }]);
         assert_eq!(u.gpu_milli["g0"], 1000);
         // g1 has 600 free: a 0.7 share and a whole GPU no longer fit.
         assert_eq!(try_fit(&n, &u, &Ask { gpus: share(700), ..Default::default() }).err(), Some(Dimension::Gpu));
@@ -611,7 +611,7 @@ mod tests {
         // The re-check uses the same arithmetic: one more milli on g0 is an overcommit.
         let mut over = u.clone();
         over.add(&AllocatedResources {
-            gpus: vec![GpuAssignment { id: "g0".into(), milli: 1 }],
+            gpus: vec![GpuAssignment { id: "g0".into(), milli: 1, memory_mib: 0 }],
             gpu_ids: vec!["g0".into()],
             ..Default::default()
         });
@@ -711,7 +711,7 @@ mod tests {
         let ask = Ask { gpus: mig("3g.40gb", 1), ..Default::default() };
         let mut used = Usage::default();
         used.add(&AllocatedResources {
-            gpus: vec![GpuAssignment { id: "x-c".into(), milli: 1000 }],
+            gpus: vec![GpuAssignment { id: "x-c".into(), milli: 1000, memory_mib: 0 }],
             gpu_mig: [("x-c".to_string(), "3g.40gb".to_string())].into_iter().collect(),
             ..Default::default()
         });
@@ -729,13 +729,13 @@ mod tests {
         let n = mig_node();
         let claim = |id: &str, profile: &str| AllocatedResources {
             gpu_ids: vec![id.into()],
-            gpus: vec![GpuAssignment { id: id.into(), milli: 1000 }],
+            gpus: vec![GpuAssignment { id: id.into(), milli: 1000, memory_mib: 0 }],
             gpu_mig: [(id.to_string(), profile.to_string())].into_iter().collect(),
             ..Default::default()
         };
         let plain = |id: &str, milli| AllocatedResources {
             gpu_ids: vec![id.into()],
-            gpus: vec![GpuAssignment { id: id.into(), milli }],
+            gpus: vec![GpuAssignment { id: id.into(), milli, memory_mib: 0 }],
             ..Default::default()
         };
         let check = |rs: &[AllocatedResources]| {
@@ -789,14 +789,14 @@ mod tests {
             ..Default::default()
         };
         let mig_only = AllocatedResources {
-            gpus: vec![GpuAssignment { id: "MIG-a".into(), milli: 1000 }],
+            gpus: vec![GpuAssignment { id: "MIG-a".into(), milli: 1000, memory_mib: 0 }],
             gpu_mig: [("MIG-a".to_string(), "3g.40gb".to_string())].into_iter().collect(),
             ..Default::default()
         };
         st.allocs.insert("a".into(), alloc("a", mig_only));
         assert!(live_workload(&st).is_empty());
         let mixed = AllocatedResources {
-            gpus: vec![GpuAssignment { id: "MIG-b".into(), milli: 1000 }, GpuAssignment { id: "g1".into(), milli: 250 }],
+            gpus: vec![GpuAssignment { id: "MIG-b".into(), milli: 1000, memory_mib: 0 }, GpuAssignment { id: "g1".into(), milli: 250, memory_mib: 0 }],
             gpu_mig: [("MIG-b".to_string(), "3g.40gb".to_string())].into_iter().collect(),
             ..Default::default()
         };
@@ -950,7 +950,7 @@ mod tests {
             for (p, k) in (0..8).flat_map(|p| (0..7).map(move |k| (p, k))) {
                 let (id, mig_profile, parent_id) = (format!("MIG-{p}-{k}"), "1g.10gb".to_string(), format!("g{p}"));
                 u.add(&AllocatedResources {
-                    gpus: vec![GpuAssignment { id: id.clone(), milli: 1000 }],
+                    gpus: vec![GpuAssignment { id: id.clone(), milli: 1000, memory_mib: 0 }],
                     gpu_mig: [(id.clone(), mig_profile.clone())].into_iter().collect(),
                     ..Default::default()
                 });
