@@ -305,7 +305,7 @@ async fn alloc(addr: &str, cmd: AllocCommand) -> anyhow::Result<ExitCode> {
                     ts.restarts,
                     if ts.pid > 0 { format!(", pid {}", ts.pid) } else { String::new() }
                 );
-                print_task_usage(ts);
+                print_task_usage(ts, a.resources.as_ref().is_some_and(|r| !r.gpus.is_empty() || !r.gpu_ids.is_empty()));
                 let mut t = Table::new(&["Time", "Type", "Description"]);
                 for e in ts.events.iter().rev() {
                     t.row(vec![clock(e.time_ms), e.r#type.clone(), e.message.clone()]);
@@ -358,7 +358,7 @@ fn alloc_gpus(r: &AllocatedResources) -> Option<String> {
 /// A node's GPU devices for `node status ID`: one row per device (a MIG instance names its
 /// profile and parent GPU).
 fn gpu_table(gpus: &[GpuDevice]) -> String {
-    let mut t = Table::new(&["ID", "Model", "Memory", "MIG", "NVLink peers", "PCIe switch", "NUMA", "Kind"]);
+    let mut t = Table::new(&["ID", "Model", "Memory", "MIG", "NVLink peers", "PCIe switch", "NUMA", "Kind", "Health"]);
     for g in gpus {
         t.row(vec![
             g.id.clone(),
@@ -369,6 +369,24 @@ fn gpu_table(gpus: &[GpuDevice]) -> String {
             if g.pci_switch.is_empty() { "-".into() } else { g.pci_switch.clone() },
             g.numa_node.map_or_else(|| "-".into(), |n| n.to_string()),
             if g.simulated { "(simulated)".into() } else { "physical".into() },
+            if g.unhealthy { format!("unhealthy: {}", g.health) } else { "healthy".into() },
+        ]);
+    }
+    t.render()
+}
+
+/// The latest GPU measurements a node's heartbeats carried.
+fn gpu_stats_table(stats: &[mlp_proto::v1::GpuStats]) -> String {
+    let mut t = Table::new(&["ID", "Util", "Memory used", "Power", "Temp", "ECC corr/uncorr", "Sampled"]);
+    for g in stats {
+        t.row(vec![
+            g.id.clone(),
+            format!("{}%", g.utilization_percent),
+            format!("{} / {} MiB", g.memory_used_mib, g.memory_total_mib),
+            format!("{:.0} W", f64::from(g.power_mw) / 1000.0),
+            format!("{} C", g.temperature_c),
+            format!("{}/{}", g.ecc_corrected, g.ecc_uncorrected),
+            ago(g.sampled_at_ms),
         ]);
     }
     t.render()
@@ -436,6 +454,13 @@ async fn node(addr: &str, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
                     println!("\nGPUs");
                     print!("{}", gpu_table(&r.gpus));
                 }
+            }
+            if let Some(why) = n.attributes.get("gpu.unavailable") {
+                println!("GPUs        = none: {why}");
+            }
+            if !resp.gpu_stats.is_empty() {
+                println!("\nGPU usage");
+                print!("{}", gpu_stats_table(&resp.gpu_stats));
             }
             println!("\nAttributes");
             for (k, v) in &n.attributes {
@@ -580,7 +605,7 @@ async fn system(addr: &str, cmd: SystemCommand) -> anyhow::Result<ExitCode> {
 // ---- task resource usage (isolation: sampled from the task's cgroup by the agent) ----------
 
 /// One line of a running task's latest resource usage, when the agent reported one.
-fn print_task_usage(ts: &mlp_proto::v1::TaskState) {
+fn print_task_usage(ts: &mlp_proto::v1::TaskState, gpus: bool) {
     let Some(u) = ts.usage.as_ref().filter(|_| ts.state == "running") else { return };
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     println!(
@@ -592,6 +617,9 @@ fn print_task_usage(ts: &mlp_proto::v1::TaskState) {
         mib(u.memory_max_usage_bytes),
         u.pids
     );
+    if gpus {
+        println!("GPU usage: {}% (its processes, busiest device), {} MiB device memory", u.gpu_utilization_percent, u.gpu_memory_used_mib);
+    }
 }
 
 async fn event(addr: &str, cmd: EventCommand) -> anyhow::Result<ExitCode> {

@@ -83,6 +83,27 @@ pub struct Api {
     pub heartbeat: HeartbeatSettings,
 }
 
+/// GPU measurements a heartbeat may carry: at most one per device a node may register, ids
+/// like device ids.
+fn check_gpu_stats(stats: &[mlp_proto::v1::GpuStats]) -> Result<(), ApiError> {
+    if stats.len() > mlp_proto::gpu::MAX_GPU_DEVICES {
+        return Err(ApiError::InvalidArgument(format!(
+            "gpu_stats: {} entries; at most {}",
+            stats.len(),
+            mlp_proto::gpu::MAX_GPU_DEVICES
+        )));
+    }
+    for (i, g) in stats.iter().enumerate() {
+        if g.id.is_empty() || g.id.len() > 256 || g.id.chars().any(char::is_control) {
+            return Err(ApiError::InvalidArgument(format!("gpu_stats[{i}].id: must be 1 to 256 bytes without control characters")));
+        }
+        if g.utilization_percent > 100 {
+            return Err(ApiError::InvalidArgument(format!("gpu_stats[{i}].utilization_percent: {} is above 100", g.utilization_percent)));
+        }
+    }
+    Ok(())
+}
+
 fn default_namespace(ns: &str) -> &str {
     if ns.is_empty() {
         "default"
@@ -487,7 +508,8 @@ impl Api {
         let st = self.state.read();
         let node = st.find_node(id)?.clone();
         let allocations = st.allocs_for_node(&node.id).cloned().collect();
-        Ok(GetNodeResponse { node: Some(node), allocations, index: st.index, gpu_stats: Vec::new() })
+        let gpu_stats = self.heartbeats.gpu_stats(&node.id);
+        Ok(GetNodeResponse { node: Some(node), allocations, index: st.index, gpu_stats })
     }
 
     /// Starts or cancels a node drain. Starting makes the node ineligible at once; the leader's
@@ -618,7 +640,13 @@ impl Api {
     }
 
     pub async fn heartbeat(&self, node_id: &str) -> Result<HeartbeatResponse, ApiError> {
+        self.heartbeat_with(node_id, Vec::new()).await
+    }
+
+    /// A heartbeat carrying the node's GPU measurements (kept in this server's memory).
+    pub async fn heartbeat_with(&self, node_id: &str, gpu_stats: Vec<mlp_proto::v1::GpuStats>) -> Result<HeartbeatResponse, ApiError> {
         require_id("node_id", node_id)?;
+        check_gpu_stats(&gpu_stats)?;
         if !self.raft.is_leader() {
             return Err(ApiError::NotLeader(self.raft.leader_addr()));
         }
@@ -631,6 +659,7 @@ impl Api {
         };
         let ttl = self.heartbeat.ttl_in(&self.state.read());
         self.heartbeats.touch(node_id, ttl);
+        self.heartbeats.record_gpu_stats(node_id, gpu_stats);
         Metrics::inc(&self.metrics.node_heartbeats);
         if status != node_status::READY {
             let evals = crate::leader::node_evals(&self.state.read(), node_id);

@@ -279,7 +279,8 @@ impl agent_service_server::AgentService for GrpcApi {
         Ok(Response::new(self.api.register_node(req.into_inner().node).await?))
     }
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> GrpcResult<HeartbeatResponse> {
-        Ok(Response::new(self.api.heartbeat(&req.into_inner().node_id).await?))
+        let req = req.into_inner();
+        Ok(Response::new(self.api.heartbeat_with(&req.node_id, req.gpu_stats).await?))
     }
 
     type WatchAllocationsStream = BoxStream<NodeAllocations>;

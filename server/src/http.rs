@@ -339,7 +339,7 @@ async fn leader(State(api): State<Arc<Api>>) -> HttpResult {
 async fn metrics(State(api): State<Arc<Api>>) -> Response {
     let text = {
         let st = api.state.read();
-        api.metrics.render(&st, api.raft_figures(), api.state.events())
+        api.metrics.render(&st, api.raft_figures(), api.state.events(), &api.heartbeats.all_gpu_stats())
     };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -77,9 +77,32 @@ pub fn now_ms() -> u64 {
 #[derive(Debug, Default)]
 pub struct Heartbeats {
     deadlines: std::sync::Mutex<HashMap<String, Instant>>,
+    /// Each node's last GPU measurements, from its heartbeats (memory only, never in Raft).
+    gpu_stats: std::sync::Mutex<HashMap<String, Vec<mlp_proto::v1::GpuStats>>>,
 }
 
 impl Heartbeats {
+    /// Keeps `stats` as node `node_id`'s latest GPU measurements (none: forgets them).
+    pub fn record_gpu_stats(&self, node_id: &str, stats: Vec<mlp_proto::v1::GpuStats>) {
+        if let Ok(mut m) = self.gpu_stats.lock() {
+            if stats.is_empty() {
+                m.remove(node_id);
+            } else {
+                m.insert(node_id.to_string(), stats);
+            }
+        }
+    }
+
+    /// Node `node_id`'s latest GPU measurements as this server got them.
+    pub fn gpu_stats(&self, node_id: &str) -> Vec<mlp_proto::v1::GpuStats> {
+        self.gpu_stats.lock().ok().and_then(|m| m.get(node_id).cloned()).unwrap_or_default()
+    }
+
+    /// Every node's latest GPU measurements.
+    pub fn all_gpu_stats(&self) -> Vec<(String, Vec<mlp_proto::v1::GpuStats>)> {
+        self.gpu_stats.lock().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
+    }
+
     pub fn touch(&self, node_id: &str, ttl: Duration) {
         if let Ok(mut d) = self.deadlines.lock() {
             d.insert(node_id.to_string(), Instant::now() + ttl);

@@ -57,7 +57,13 @@ impl Metrics {
     }
 
     /// Renders the Prometheus text exposition format.
-    pub fn render(&self, state: &ClusterState, raft: RaftFigures, events: &crate::events::EventBroker) -> String {
+    pub fn render(
+        &self,
+        state: &ClusterState,
+        raft: RaftFigures,
+        events: &crate::events::EventBroker,
+        gpu_stats: &[(String, Vec<mlp_proto::v1::GpuStats>)],
+    ) -> String {
         let mut out = String::with_capacity(4096);
         let counters: [(&str, &str, &AtomicU64); 22] = [
             ("mlp_job_registrations_total", "Job registrations committed.", &self.job_registrations),
@@ -124,7 +130,60 @@ impl Metrics {
             "# HELP mlp_allocations_live Allocations not yet terminal.\n# TYPE mlp_allocations_live gauge\nmlp_allocations_live {live}"
         );
         render_task_usage(&mut out, state);
+        render_gpus(&mut out, state, gpu_stats);
         out
+    }
+}
+
+// ---- GPUs (issue 12): devices from the replicated node list, measurements from heartbeats ----
+
+/// Per device: health and model from the node's registration (every server has them), and
+/// the measurements of the latest heartbeat this server received (the leader has them).
+fn render_gpus(out: &mut String, state: &ClusterState, stats: &[(String, Vec<mlp_proto::v1::GpuStats>)]) {
+    let name_of = |node_id: &str| state.nodes.get(node_id).map(|n| n.name.clone()).unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "# HELP mlp_gpu_healthy 1 while a node's GPU (or MIG instance) takes placements, 0 once NVML reported it unhealthy.\n# TYPE mlp_gpu_healthy gauge"
+    );
+    for n in state.nodes.values() {
+        for d in n.resources.as_ref().map(|r| r.gpus.as_slice()).unwrap_or_default() {
+            let _ = writeln!(
+                out,
+                "mlp_gpu_healthy{{node=\"{}\",node_name=\"{}\",gpu=\"{}\",model=\"{}\",simulated=\"{}\"}} {}",
+                escape_label(&n.id),
+                escape_label(&n.name),
+                escape_label(&d.id),
+                escape_label(&d.model),
+                d.simulated,
+                u8::from(!d.unhealthy)
+            );
+        }
+    }
+    type Pick = fn(&mlp_proto::v1::GpuStats) -> f64;
+    let gauges: [(&str, &str, Pick); 7] = [
+        ("mlp_gpu_utilization_percent", "GPU utilisation (SM busy), percent, as NVML last sampled it.", |g| f64::from(g.utilization_percent)),
+        ("mlp_gpu_memory_used_bytes", "GPU memory in use.", |g| (g.memory_used_mib * 1024 * 1024) as f64),
+        ("mlp_gpu_memory_total_bytes", "GPU memory.", |g| (g.memory_total_mib * 1024 * 1024) as f64),
+        ("mlp_gpu_power_watts", "GPU power draw.", |g| f64::from(g.power_mw) / 1000.0),
+        ("mlp_gpu_temperature_celsius", "GPU temperature.", |g| f64::from(g.temperature_c)),
+        ("mlp_gpu_ecc_errors_corrected", "Corrected (single-bit) ECC errors since the driver loaded.", |g| g.ecc_corrected as f64),
+        ("mlp_gpu_ecc_errors_uncorrected", "Uncorrected (double-bit) ECC errors since the driver loaded.", |g| g.ecc_uncorrected as f64),
+    ];
+    for (name, help, pick) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (node, devices) in stats {
+            let node_name = name_of(node);
+            for g in devices {
+                let _ = writeln!(
+                    out,
+                    "{name}{{node=\"{}\",node_name=\"{}\",gpu=\"{}\"}} {}",
+                    escape_label(node),
+                    escape_label(&node_name),
+                    escape_label(&g.id),
+                    pick(g)
+                );
+            }
+        }
     }
 }
 
@@ -137,8 +196,12 @@ fn escape_label(s: &str) -> String {
 /// Gauges of every running task's latest usage sample, labelled by allocation, job and task.
 fn render_task_usage(out: &mut String, state: &ClusterState) {
     type Pick = fn(&mlp_proto::v1::TaskUsage) -> f64;
-    let gauges: [(&str, &str, Pick); 6] = [
+    let gauges: [(&str, &str, Pick); 8] = [
         ("mlp_task_cpu_percent", "CPU use of a running task, percent of one core.", |u| u.cpu_percent),
+        ("mlp_task_gpu_utilization_percent", "GPU (SM) use of a running task's processes on its busiest GPU, percent.", |u| {
+            f64::from(u.gpu_utilization_percent)
+        }),
+        ("mlp_task_gpu_memory_used_bytes", "GPU memory held by a running task's processes.", |u| (u.gpu_memory_used_mib * 1024 * 1024) as f64),
         ("mlp_task_cpu_throttled_seconds", "Time a running task was throttled by its CPU cap.", |u| u.cpu_throttled_ns as f64 / 1e9),
         ("mlp_task_memory_rss_bytes", "Resident memory of a running task.", |u| u.memory_rss_bytes as f64),
         ("mlp_task_memory_cache_bytes", "Page cache charged to a running task.", |u| u.memory_cache_bytes as f64),
