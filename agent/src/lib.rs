@@ -9,9 +9,9 @@
 //! lib.rs, client.rs, fingerprint.rs, rpc/   wiring, servers' streams, node facts, ClientService
 //! alloc/      allocations: manager, runner, state registry        uses task, driver, gpu, isolation
 //! task/       one task: runner, restart, supervisor process, logs uses driver, gpu, isolation
-//! driver/     Driver/TaskHandle, raw_exec, exec, supervisor launch uses isolation
-//! isolation/  namespaces, rootfs, init, cgroups/, start phases     uses nothing of the crate
-//! gpu/        GpuSource, simulated GPUs, a task's GPU environment uses nothing of the crate
+//! driver/     Driver/TaskHandle, raw_exec, exec, supervisor launch uses isolation, gpu
+//! isolation/  namespaces, rootfs, devices, init, cgroups/, phases uses nothing of the crate
+//! gpu/        GpuSource, simulated GPUs, task GPUs, driver files  uses nothing of the crate
 //! paths.rs    checks of names that become paths                  uses nothing of the crate
 //! ```
 //!
@@ -218,7 +218,7 @@ impl Agent {
         let registry = AllocRegistry::default();
         let env = RunnerEnv {
             alloc_root: data_dir.join("allocs"),
-            drivers: driver::drivers_with(&config.drivers_enabled, &config.isolation),
+            drivers: driver::drivers_with_gpu(&config.drivers_enabled, &config.isolation, &config.gpu),
             log_max_file_bytes: config.log_max_file_bytes,
             log_max_files: config.log_max_files,
             registry: registry.clone(),

@@ -3,6 +3,11 @@
 //! namespaces, root filesystem and cgroup, and hands back a [`TaskHandle`] that waits for it, reports OOM kills, reads its cgroup
 //! statistics and, when it ends, kills whatever is left in its cgroup and removes the cgroup.
 //! The same handle is rebuilt for a task a previous agent run started ([`Driver::reattach`]).
+//!
+//! Devices: every task's cgroup denies all device nodes but those its root has (the standard
+//! nodes, pseudo-terminals); a task with real GPUs also gets its GPUs' nodes, the driver's
+//! control nodes and the driver's user-space files ([`rootfs::GpuRoot`]), and only those GPU
+//! nodes are allowed (`crate::isolation::devices`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,10 +20,12 @@ use tokio::task::JoinHandle;
 
 use super::supervised::{self, Supervised, TaskKind, TaskRecord};
 use super::{Driver, DriverError, ExitStatus, TaskHandle, TaskSpec};
+use crate::gpu::driver_files::{self, DriverFiles};
+use crate::gpu::GpuSettings;
 use crate::isolation::cgroups::cpuset::CoreAllocator;
 use crate::isolation::cgroups::{self, Layout, TaskCgroup};
 use crate::isolation::phases::mono_ns;
-use crate::isolation::{hostname_for, lookup_user, rootfs, InitConfig, IsolationSettings, User};
+use crate::isolation::{devices, hostname_for, lookup_user, rootfs, InitConfig, IsolationSettings, User};
 
 /// The task's PATH when it sets none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -27,14 +34,27 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 #[derive(Debug)]
 pub struct ExecDriver {
     settings: IsolationSettings,
+    /// Where the host's NVIDIA device nodes and driver files are.
+    gpu: GpuSettings,
     layout: Option<Layout>,
     /// The CPUs pinned to `cores = N` tasks, shared with their handles (which free them).
     cores: Arc<CoreAllocator>,
 }
 
 impl ExecDriver {
-    /// A driver with these settings, on this machine's cgroup layout.
+    /// A driver with these settings, on this machine's cgroup layout, with the default GPU
+    /// settings.
     pub fn new(settings: IsolationSettings) -> Self {
+        Self::with_gpu(settings, GpuSettings::default())
+    }
+
+    /// A driver with these settings that exposes real GPUs as `gpu` says.
+    pub fn with_gpu(settings: IsolationSettings, gpu: GpuSettings) -> Self {
+        // On a GPU host, find the driver's files now rather than on the first GPU task's start.
+        if gpu.mode != crate::gpu::GpuMode::None && gpu.dev_dir.join("nvidiactl").exists() {
+            let gpu = gpu.clone();
+            std::thread::spawn(move || driver_files::discover(&gpu));
+        }
         let layout = cgroups::host_layout();
         match (&layout, settings.agent_pids_max) {
             (None, _) => {
@@ -48,7 +68,7 @@ impl ExecDriver {
             (Some(_), None) => {}
         }
         let pool = layout.as_ref().map(cgroups::cpu_pool).unwrap_or_default();
-        ExecDriver { settings, layout, cores: Arc::new(CoreAllocator::new(pool)) }
+        ExecDriver { settings, gpu, layout, cores: Arc::new(CoreAllocator::new(pool)) }
     }
 
     /// The CPUs this driver pins `cores = N` tasks to, and which task holds which.
@@ -56,8 +76,33 @@ impl ExecDriver {
         &self.cores
     }
 
+    /// What a task with real GPUs gets in its root (nothing for any other task), and the
+    /// driver's files it was built from.
+    async fn gpu_root(&self, spec: &TaskSpec) -> (rootfs::GpuRoot, Option<&'static DriverFiles>) {
+        if !spec.gpus.real() {
+            return (rootfs::GpuRoot::default(), None);
+        }
+        let nodes = devices::gpu_node_binds(&self.gpu.dev_dir, &spec.gpus.device_paths(), |p| p.exists());
+        let gpu = self.gpu.clone();
+        let files = match tokio::task::spawn_blocking(move || driver_files::discover(&gpu)).await {
+            Ok(files) => Some(files),
+            Err(e) => {
+                tracing::debug!(error = %e, "finding the NVIDIA driver files failed");
+                None
+            }
+        };
+        (rootfs::GpuRoot { nodes, files: files.map(|f| f.files.clone()).unwrap_or_default() }, files)
+    }
+
     /// The task's directories (owned by its user) and the steps that build its root.
-    fn prepare(&self, spec: &TaskSpec, user: &User, root: &Path, hostname: &str) -> Result<Vec<rootfs::Step>, DriverError> {
+    fn prepare(
+        &self,
+        spec: &TaskSpec,
+        user: &User,
+        root: &Path,
+        hostname: &str,
+        gpu: &rootfs::GpuRoot,
+    ) -> Result<Vec<rootfs::Step>, DriverError> {
         // The task's user owns its own directories; the shared alloc/ is sticky and writable
         // by all since the group's tasks may run as different users. Host users get no
         // further than the allocation directory (traverse only), so alloc/ is not theirs.
@@ -69,7 +114,7 @@ impl ExecDriver {
         }
         std::fs::create_dir_all(root).map_err(|e| DriverError::Isolation(format!("creating {}: {e}", root.display())))?;
         let dirs = rootfs::TaskDirs { local: spec.work_dir.clone(), alloc: spec.alloc_shared_dir.clone() };
-        Ok(rootfs::plan(rootfs::probe_host, &dirs, user, hostname, &self.settings.extra_ro_paths, &self.settings.hidden_paths))
+        Ok(rootfs::plan(rootfs::probe_host, &dirs, user, hostname, &self.settings.extra_ro_paths, &self.settings.hidden_paths, gpu))
     }
 
     fn user(&self, asked: &str) -> Result<User, DriverError> {
@@ -95,8 +140,9 @@ fn set_mode(path: &std::path::Path, mode: u32) -> Result<(), DriverError> {
         .map_err(|e| DriverError::Isolation(format!("chmod {}: {e}", path.display())))
 }
 
-/// The task's environment as it sees it: paths inside its root, a PATH, its identity.
-fn task_env(spec: &TaskSpec, user: &User) -> BTreeMap<String, String> {
+/// The task's environment as it sees it: paths inside its root, a PATH, its identity, and the
+/// driver's directories the loader and PATH do not know (`files`, for a task with real GPUs).
+fn task_env(spec: &TaskSpec, user: &User, files: Option<&DriverFiles>) -> BTreeMap<String, String> {
     let mut env = spec.env.clone();
     for (k, v) in [("MLP_TASK_DIR", "/local"), ("MLP_ALLOC_DIR", "/alloc"), ("MLP_SECRETS_DIR", "/secrets")] {
         env.insert(k.to_string(), v.to_string());
@@ -105,6 +151,21 @@ fn task_env(spec: &TaskSpec, user: &User) -> BTreeMap<String, String> {
     env.entry("HOME".into()).or_insert_with(|| "/local".into());
     env.entry("USER".into()).or_insert_with(|| user.name.clone());
     env.entry("HOSTNAME".into()).or_insert_with(|| spec.hostname.clone());
+    if let Some(files) = files {
+        let join = |dirs: &[PathBuf]| dirs.iter().map(|d| d.to_string_lossy().into_owned()).collect::<Vec<_>>().join(":");
+        if !files.lib_dirs.is_empty() {
+            // First: the libraries must be the ones of the host's kernel driver.
+            let mut value = join(&files.lib_dirs);
+            if let Some(own) = env.get("LD_LIBRARY_PATH").filter(|v| !v.is_empty()) {
+                value = format!("{value}:{own}");
+            }
+            env.insert("LD_LIBRARY_PATH".into(), value);
+        }
+        if !files.bin_dirs.is_empty() {
+            let path = env.get("PATH").cloned().unwrap_or_default();
+            env.insert("PATH".into(), format!("{path}:{}", join(&files.bin_dirs)));
+        }
+    }
     env
 }
 
@@ -127,6 +188,10 @@ impl Driver for ExecDriver {
         // waits for `ready` on a pipe before it starts the init that joins the cgroup.
         let res = spec.resources.clone().unwrap_or_default();
         let mut limits = cgroups::limits_for(&res, self.settings.mhz_per_core, self.settings.default_pids);
+        // The only device nodes the task may open: those its root has.
+        let (gpu_root, driver_files) = self.gpu_root(spec).await;
+        let gpu_numbers: Vec<(u32, u32)> = gpu_root.nodes.iter().filter_map(|(host, _)| devices::char_dev(host)).collect();
+        limits.devices = Some(devices::allow_list(devices::standard_nodes(), &gpu_numbers));
         let cg_name = format!("{}.{}", spec.alloc_id, spec.name);
         // CPUs of its own (the servers only counted them); freed again unless the task starts.
         let mut hold = match limits.cores {
@@ -160,7 +225,7 @@ impl Driver for ExecDriver {
         let started = async {
             let root = spec.task_dir.join("root");
             let hostname = if spec.hostname.is_empty() { hostname_for(&spec.name, 0, &spec.alloc_id) } else { spec.hostname.clone() };
-            let steps = self.prepare(spec, &user, &root, &hostname)?;
+            let steps = self.prepare(spec, &user, &root, &hostname, &gpu_root)?;
             let config = InitConfig {
                 root: root.clone(),
                 steps,
@@ -169,7 +234,7 @@ impl Driver for ExecDriver {
                 user: user.clone(),
                 command: spec.command.clone(),
                 args: spec.args.clone(),
-                env: task_env(spec, &user),
+                env: task_env(spec, &user, driver_files),
                 work_dir: PathBuf::from("/local"),
                 cgroup_procs,
             };

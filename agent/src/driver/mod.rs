@@ -125,6 +125,9 @@ pub struct TaskSpec {
     pub user: String,
     /// Network mode: "" or "host" = the host's, "none" = an empty namespace (`exec`).
     pub network_mode: String,
+    /// The task's GPUs (`exec` binds real ones' device nodes and the driver's files into its
+    /// root and allows them in its cgroup).
+    pub gpus: crate::gpu::TaskGpus,
     /// The start's phases before the driver (the allocation's receipt, the alloc and task
     /// runners), continued by the driver and logged with its own; empty = timed from the
     /// driver's start.
@@ -245,14 +248,24 @@ pub fn drivers_for(enabled: &[String]) -> BTreeMap<String, std::sync::Arc<dyn Dr
     drivers_with(enabled, &IsolationSettings::default())
 }
 
-/// Drivers by name, for the enabled names; `exec` isolates with `settings`. Starts the
-/// supervisor zygote ([`zygote`]) when any driver is enabled.
+/// Drivers by name, for the enabled names; `exec` isolates with `settings` (and the default
+/// GPU settings).
 pub fn drivers_with(enabled: &[String], settings: &IsolationSettings) -> BTreeMap<String, std::sync::Arc<dyn Driver>> {
+    drivers_with_gpu(enabled, settings, &crate::gpu::GpuSettings::default())
+}
+
+/// Drivers by name, for the enabled names; `exec` isolates with `settings` and exposes real
+/// GPUs as `gpu` says. Starts the supervisor zygote ([`zygote`]) when any driver is enabled.
+pub fn drivers_with_gpu(
+    enabled: &[String],
+    settings: &IsolationSettings,
+    gpu: &crate::gpu::GpuSettings,
+) -> BTreeMap<String, std::sync::Arc<dyn Driver>> {
     let mut out: BTreeMap<String, std::sync::Arc<dyn Driver>> = BTreeMap::new();
     for name in enabled {
         match name.as_str() {
             driver_names::EXEC => {
-                out.insert(name.clone(), std::sync::Arc::new(ExecDriver::new(settings.clone())));
+                out.insert(name.clone(), std::sync::Arc::new(ExecDriver::with_gpu(settings.clone(), gpu.clone())));
             }
             driver_names::RAW_EXEC => {
                 out.insert(name.clone(), std::sync::Arc::new(ProcessDriver::with_supervisor(settings.supervisor_exe.clone())));

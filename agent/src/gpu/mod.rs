@@ -1,9 +1,11 @@
 //! GPUs of the node and the GPUs a task sees: a [`GpuSource`] finds the node's devices and
-//! their `gpu.*` attributes (today only [`simulated::SimulatedGpus`]; a probe of real devices,
-//! e.g. through NVML, is another implementation), and [`task_gpus`] / [`gpu_env`] give a task
+//! their `gpu.*` attributes ([`simulated::SimulatedGpus`], or real devices through NVML,
+//! [`nvml::NvmlGpus`]; [`Backend`] is the one an agent opened), and [`task_gpus`] / [`gpu_env`] give a task
 //! its own devices out of its allocation's and the environment that exposes them
-//! (`NVIDIA_VISIBLE_DEVICES` / `CUDA_VISIBLE_DEVICES` / `MLP_GPU_*`).
+//! (`NVIDIA_VISIBLE_DEVICES` / `CUDA_VISIBLE_DEVICES` / `MLP_GPU_*`); [`driver_files`] finds the
+//! driver's user-space files that tasks with real GPUs get.
 
+pub mod driver_files;
 pub mod nvml;
 pub mod simulated;
 
@@ -205,6 +207,31 @@ pub struct TaskGpus {
     pub devices: Vec<GpuAssignment>,
     /// Every device is a simulated one of this node.
     pub simulated: bool,
+    /// This node's record of each device of `devices` it knows, in the same order (index,
+    /// device nodes).
+    pub node_devices: Vec<GpuDevice>,
+}
+
+impl TaskGpus {
+    /// The host device nodes of the task's real devices (deduplicated: MIG instances of one GPU
+    /// share its node); empty for simulated devices and tasks without GPUs.
+    pub fn device_paths(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = Vec::new();
+        for d in self.node_devices.iter().filter(|d| !d.simulated) {
+            for p in &d.device_paths {
+                let p = PathBuf::from(p);
+                if !out.contains(&p) {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether the task has devices and they are real ones (bound into its root).
+    pub fn real(&self) -> bool {
+        !self.devices.is_empty() && !self.simulated
+    }
 }
 
 /// How many of its allocation's GPU assignments a task takes: a share is one device, a MIG ask
@@ -224,8 +251,11 @@ fn devices_asked(task: &Task) -> usize {
 /// asked for GPUs sees all of them.
 pub fn task_gpus(group: &TaskGroup, task_name: &str, resources: Option<&AllocatedResources>, node_gpus: &[GpuDevice]) -> TaskGpus {
     let Some(r) = resources else { return TaskGpus::default() };
-    let all: Vec<GpuAssignment> =
-        if r.gpus.is_empty() { r.gpu_ids.iter().map(|id| GpuAssignment { id: id.clone(), milli: 1000, memory_mib: 0 }).collect() } else { r.gpus.clone() };
+    let all: Vec<GpuAssignment> = if r.gpus.is_empty() {
+        r.gpu_ids.iter().map(|id| GpuAssignment { id: id.clone(), milli: 1000, memory_mib: 0 }).collect()
+    } else {
+        r.gpus.clone()
+    };
     let Some(task) = group.tasks.iter().find(|t| t.name == task_name) else { return TaskGpus::default() };
     let asked = devices_asked(task);
     if asked == 0 || all.is_empty() {
@@ -245,12 +275,15 @@ pub fn task_gpus(group: &TaskGroup, task_name: &str, resources: Option<&Allocate
         all
     };
     let simulated = devices.iter().all(|a| node_gpus.iter().any(|d| d.id == a.id && d.simulated));
-    TaskGpus { devices, simulated }
+    let node_devices = devices.iter().filter_map(|a| node_gpus.iter().find(|d| d.id == a.id).cloned()).collect();
+    TaskGpus { devices, simulated, node_devices }
 }
 
 /// The environment variables that expose a task's GPUs (set over the task's own `env`): the
-/// device ids in `NVIDIA_VISIBLE_DEVICES`, `CUDA_VISIBLE_DEVICES` and `MLP_GPU_IDS`, the
-/// per-device milli shares in `MLP_GPU_MILLI`, `MLP_GPUS_SIMULATED=1` for simulated devices. A
+/// device ids (UUIDs for real devices) in `NVIDIA_VISIBLE_DEVICES`, `CUDA_VISIBLE_DEVICES` and
+/// `MLP_GPU_IDS`, their NVML indices in `MLP_GPU_INDEX` (a simulated device's position in the
+/// list), the per-device milli shares in `MLP_GPU_MILLI`, `MLP_GPUS_SIMULATED=1` for simulated
+/// devices. A
 /// task without GPUs gets `NVIDIA_VISIBLE_DEVICES=void` and an empty `CUDA_VISIBLE_DEVICES`, so
 /// that it sees none of a real GPU host's devices.
 pub fn gpu_env(gpus: &TaskGpus) -> Vec<(&'static str, String)> {
@@ -259,10 +292,21 @@ pub fn gpu_env(gpus: &TaskGpus) -> Vec<(&'static str, String)> {
     }
     let ids = gpus.devices.iter().map(|a| a.id.as_str()).collect::<Vec<_>>().join(",");
     let milli = gpus.devices.iter().map(|a| a.milli.to_string()).collect::<Vec<_>>().join(",");
+    let index = gpus
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(pos, a)| match gpus.node_devices.iter().find(|d| d.id == a.id) {
+            Some(d) if !d.simulated => d.index.to_string(),
+            _ => pos.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",");
     let mut env = vec![
         ("NVIDIA_VISIBLE_DEVICES", ids.clone()),
         ("CUDA_VISIBLE_DEVICES", ids.clone()),
         ("MLP_GPU_IDS", ids),
+        ("MLP_GPU_INDEX", index),
         ("MLP_GPU_MILLI", milli),
     ];
     if gpus.simulated {
@@ -306,12 +350,14 @@ mod tests {
         assert_eq!(env["CUDA_VISIBLE_DEVICES"], "sim-gpu-1,sim-gpu-2");
         assert_eq!(env["MLP_GPU_IDS"], "sim-gpu-1,sim-gpu-2");
         assert_eq!(env["MLP_GPU_MILLI"], "1000,1000");
+        assert_eq!(env["MLP_GPU_INDEX"], "0,1", "simulated: positions");
         assert_eq!(env["MLP_GPUS_SIMULATED"], "1");
         let s = task_gpus(&group, "s", Some(&res), &node);
         assert_eq!(s.devices, [asg("sim-gpu-3", 250)]);
         assert_eq!(task_gpus(&group, "a", Some(&res), &node).devices, [asg("sim-gpu-0", 1000)]);
         let cpu = task_gpus(&group, "cpu", Some(&res), &node);
         assert_eq!(cpu, TaskGpus::default());
+        assert!(!cpu.real() && !b.real() && b.device_paths().is_empty());
         let env: BTreeMap<_, _> = gpu_env(&cpu).into_iter().collect();
         assert_eq!(env["NVIDIA_VISIBLE_DEVICES"], "void");
         assert_eq!(env["CUDA_VISIBLE_DEVICES"], "");
@@ -320,6 +366,23 @@ mod tests {
         let real = task_gpus(&group, "a", Some(&res), &node[1..]);
         assert!(!real.simulated);
         assert!(!gpu_env(&real).iter().any(|(k, _)| *k == "MLP_GPUS_SIMULATED"));
+        // Real devices: UUIDs, NVML indices, their nodes (a MIG instance shares its GPU's).
+        let uuid = |i: u32| format!("GPU-0000000{i}-aaaa-bbbb-cccc-dddddddddddd");
+        let real_node: Vec<GpuDevice> = (0..4)
+            .map(|i| GpuDevice { id: uuid(i), index: i, device_paths: vec![format!("/dev/nvidia{}", i.min(2))], ..Default::default() })
+            .collect();
+        let res = AllocatedResources {
+            gpus: vec![asg(&uuid(3), 1000), asg(&uuid(2), 1000), asg(&uuid(1), 1000), asg(&uuid(0), 250)],
+            ..Default::default()
+        };
+        let b = task_gpus(&group, "b", Some(&res), &real_node);
+        assert!(b.real());
+        assert_eq!(b.device_paths(), [PathBuf::from("/dev/nvidia2"), PathBuf::from("/dev/nvidia1")]);
+        let env: BTreeMap<_, _> = gpu_env(&b).into_iter().collect();
+        assert_eq!(env["CUDA_VISIBLE_DEVICES"], format!("{},{}", uuid(2), uuid(1)));
+        assert_eq!(env["MLP_GPU_INDEX"], "2,1");
+        let a = task_gpus(&group, "a", Some(&res), &real_node);
+        assert_eq!(a.device_paths(), [PathBuf::from("/dev/nvidia2")], "devices 2 and 3 share a node here");
         // An old allocation with ids only, not matching the asks: every GPU task sees them all.
         let old = AllocatedResources { gpu_ids: vec!["sim-gpu-0".into()], ..Default::default() };
         assert_eq!(task_gpus(&group, "b", Some(&old), &node).devices, [asg("sim-gpu-0", 1000)]);

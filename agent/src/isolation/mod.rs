@@ -11,6 +11,7 @@
 //! the multi-threaded agent, and it outlives an agent restart.
 
 pub mod cgroups;
+pub mod devices;
 pub mod init;
 pub mod phases;
 pub mod rootfs;

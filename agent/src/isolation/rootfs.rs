@@ -6,7 +6,9 @@
 //! the host's `/bin /sbin /lib* /usr` (symlinks such as Debian's `/bin -> usr/bin` are
 //! recreated as symlinks), a minimal `/etc`, a fresh `/proc`, a minimal `/dev`, a private
 //! `/tmp`, and the task's directories: `/local` (private), `/alloc` (shared by the group) and
-//! `/secrets` (tmpfs, 0700). Every mount lives in the task's own mount namespace, so nothing
+//! `/secrets` (tmpfs, 0700). A task with real GPUs also gets its GPUs' device nodes, the
+//! driver's control nodes and the driver's user-space files ([`GpuRoot`]); no other task sees
+//! any NVIDIA node. Every mount lives in the task's own mount namespace, so nothing
 //! has to be unmounted on the host when the task ends.
 
 use std::path::{Path, PathBuf};
@@ -141,6 +143,23 @@ impl Step {
     }
 }
 
+/// What a task with real GPUs gets in its root; empty (the default) for every other task.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuRoot {
+    /// Device nodes as (host path, path under the task's `/dev`): its GPUs' and the driver's
+    /// control nodes (`crate::isolation::devices::gpu_node_binds`), bound read-write as devices.
+    pub nodes: Vec<(PathBuf, PathBuf)>,
+    /// The driver's user-space files (libraries, binaries), bound read-only at the same path
+    /// where the root's system directories do not show them already (a symlink is recreated).
+    pub files: Vec<PathBuf>,
+}
+
+/// Whether the root shows `path` through the host's system directories it binds (or links),
+/// e.g. `/usr/lib/x86_64-linux-gnu/libcuda.so.1`, `/lib64/libcuda.so.1`.
+pub fn in_system_dirs(path: &Path) -> bool {
+    SYSTEM_DIRS.iter().any(|d| path.starts_with(d))
+}
+
 /// Where the task's own directories are on the host.
 #[derive(Debug, Clone)]
 pub struct TaskDirs {
@@ -204,7 +223,7 @@ pub fn check_hidden_path(path: &Path) -> Result<PathBuf, HideError> {
 /// The steps that build a task's root. `probe` says what the host has (see [`probe_host`]);
 /// `extra_ro` are host paths added read-only, `hidden` host paths of the default root left out
 /// (a path the root would bind, copy or link is simply not; one inside a bound directory is
-/// masked, see [`Step::Mask`]).
+/// masked, see [`Step::Mask`]); `gpu` what a task with real GPUs gets besides.
 pub fn plan(
     probe: impl Fn(&Path) -> Option<HostEntry>,
     dirs: &TaskDirs,
@@ -212,6 +231,7 @@ pub fn plan(
     hostname: &str,
     extra_ro: &[PathBuf],
     hidden: &[PathBuf],
+    gpu: &GpuRoot,
 ) -> Vec<Step> {
     let mut steps = Vec::new();
     let is_hidden = |path: &Path| hidden.iter().any(|h| path.starts_with(h));
@@ -256,6 +276,9 @@ pub fn plan(
             steps.push(Step::Bind { src: host.clone(), path: host, readonly: false, device: true });
         }
     }
+    for (host, inside) in &gpu.nodes {
+        steps.push(Step::Bind { src: host.clone(), path: inside.clone(), readonly: false, device: true });
+    }
     steps.push(Step::Devpts { path: p("/dev/pts") });
     steps.push(Step::Symlink { target: p("pts/ptmx"), path: p("/dev/ptmx") });
     steps.push(Step::Tmpfs { path: p("/dev/shm"), options: "mode=1777".into() });
@@ -280,6 +303,16 @@ pub fn plan(
         match probe(extra) {
             Some(HostEntry::Dir) => ro_bind(extra, true, &mut steps),
             Some(HostEntry::File) => ro_bind(extra, false, &mut steps),
+            _ => {}
+        }
+    }
+    for file in &gpu.files {
+        if in_system_dirs(file) || is_hidden(file) || extra_ro.iter().any(|e| file.starts_with(e)) {
+            continue;
+        }
+        match probe(file) {
+            Some(HostEntry::Symlink(target)) => steps.push(Step::Symlink { target, path: file.clone() }),
+            Some(HostEntry::File) => ro_bind(file, false, &mut steps),
             _ => {}
         }
     }
@@ -492,7 +525,7 @@ mod tests {
         };
         let dirs = TaskDirs { local: "/data/a/t/local".into(), alloc: "/data/a/alloc".into() };
         let user = User { name: "nobody".into(), uid: 65534, gid: 65534, home: "/".into() };
-        let steps = plan(probe, &dirs, &user, "g-0-abcd", &[PathBuf::from("/opt/models")], &[]);
+        let steps = plan(probe, &dirs, &user, "g-0-abcd", &[PathBuf::from("/opt/models")], &[], &GpuRoot::default());
         let has = |s: &Step| steps.contains(s);
         assert!(has(&Step::Symlink { target: "usr/bin".into(), path: "/bin".into() }));
         assert!(has(&Step::Bind { src: "/usr".into(), path: "/usr".into(), readonly: true, device: false }));
@@ -507,6 +540,57 @@ mod tests {
         let dev = steps.iter().position(|s| matches!(s, Step::Tmpfs { path, .. } if path == Path::new("/dev")));
         let null = steps.iter().position(|s| matches!(s, Step::Bind { path, .. } if path == Path::new("/dev/null")));
         assert!(dev < null);
+        // No GPUs: no NVIDIA node, no driver file.
+        assert!(!format!("{steps:?}").contains("nvidia"), "{steps:?}");
+    }
+
+    #[test]
+    fn gpu_nodes_and_driver_files() {
+        let probe = |path: &Path| -> Option<HostEntry> {
+            match path.to_str()? {
+                "/usr" | "/opt/models" => Some(HostEntry::Dir),
+                "/dev/null" | "/opt/nv/lib/libcuda.so.550.1" | "/opt/nv/bin/nvidia-smi" | "/opt/models/libnvidia-ml.so.1" => {
+                    Some(HostEntry::File)
+                }
+                "/opt/nv/lib/libcuda.so.1" => Some(HostEntry::Symlink("libcuda.so.550.1".into())),
+                _ => None,
+            }
+        };
+        let dirs = TaskDirs { local: "/l".into(), alloc: "/a".into() };
+        let user = User { name: "nobody".into(), uid: 65534, gid: 65534, home: "/".into() };
+        let gpu = GpuRoot {
+            nodes: vec![
+                ("/host/dev/nvidia1".into(), "/dev/nvidia1".into()),
+                ("/host/dev/nvidia-caps/nvidia-cap21".into(), "/dev/nvidia-caps/nvidia-cap21".into()),
+                ("/host/dev/nvidiactl".into(), "/dev/nvidiactl".into()),
+            ],
+            files: [
+                "/usr/lib/x86_64-linux-gnu/libcuda.so.1",
+                "/opt/nv/lib/libcuda.so.1",
+                "/opt/nv/lib/libcuda.so.550.1",
+                "/opt/nv/bin/nvidia-smi",
+                "/opt/models/libnvidia-ml.so.1",
+            ]
+            .iter()
+            .map(PathBuf::from)
+            .collect(),
+        };
+        let steps = plan(probe, &dirs, &user, "h", &[PathBuf::from("/opt/models")], &[], &gpu);
+        let dev = steps.iter().position(|s| matches!(s, Step::Tmpfs { path, .. } if path == Path::new("/dev")));
+        for (src, path) in &gpu.nodes {
+            let at = steps.iter().position(|s| *s == Step::Bind { src: src.clone(), path: path.clone(), readonly: false, device: true });
+            assert!(at.is_some() && dev < at, "{} bound as a device after /dev: {steps:?}", path.display());
+        }
+        let ro = |f: &str| Step::Bind { src: f.into(), path: f.into(), readonly: true, device: false };
+        assert!(steps.contains(&ro("/opt/nv/lib/libcuda.so.550.1")));
+        assert!(steps.contains(&ro("/opt/nv/bin/nvidia-smi")));
+        assert!(steps.contains(&Step::Symlink { target: "libcuda.so.550.1".into(), path: "/opt/nv/lib/libcuda.so.1".into() }));
+        // Shown by /usr or by an extra read-only directory already: not bound again.
+        let text = format!("{steps:?}");
+        assert!(!text.contains("x86_64-linux-gnu"), "{text}");
+        assert_eq!(text.matches("libnvidia-ml").count(), 0, "{text}");
+        assert!(in_system_dirs(Path::new("/lib64/libcuda.so.1")));
+        assert!(!in_system_dirs(Path::new("/opt/nv/lib/libcuda.so.1")));
     }
 
     #[test]
@@ -521,7 +605,7 @@ mod tests {
         let dirs = TaskDirs { local: "/l".into(), alloc: "/a".into() };
         let user = User { name: "nobody".into(), uid: 65534, gid: 65534, home: "/".into() };
         let hidden: Vec<PathBuf> = ["/etc/ssl", "/lib", "/etc/group", "/usr/local", "/usr/bin/sudo"].iter().map(PathBuf::from).collect();
-        let steps = plan(probe, &dirs, &user, "h", &[], &hidden);
+        let steps = plan(probe, &dirs, &user, "h", &[], &hidden, &GpuRoot::default());
         let binds: Vec<&Path> = steps
             .iter()
             .filter_map(|s| match s {

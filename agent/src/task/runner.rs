@@ -167,6 +167,7 @@ impl TaskContext {
             hostname: crate::isolation::hostname_for(&self.group_name, self.alloc_index, &self.alloc_id),
             user: self.task.user.clone(),
             network_mode: self.task.network_mode.clone(),
+            gpus: self.gpus.clone(),
             phases: Phases::default(),
         }
     }

@@ -1,13 +1,15 @@
 //! Task cgroups: one [`TaskCgroup`] trait with a v1 ([`v1::V1Cgroup`]) and a v2
 //! ([`v2::V2Cgroup`]) implementation. Each controller lives in its own file (`cpu.rs`,
-//! `memory.rs`, `pids.rs`, `cpuset.rs`) that knows how to apply its limits and read its stats
+//! `memory.rs`, `pids.rs`, `cpuset.rs`, `devices.rs` with `bpf.rs` for v2) that knows how to apply its limits and read its stats
 //! for both versions, through cgroups-rs's controllers pointed at explicit directories (which
 //! is also what lets the v2 path be tested against fixture directories).
 //!
 //! Every task cgroup lives under one agent-owned parent, `mlp/`, in each hierarchy.
 
+pub mod bpf;
 pub mod cpu;
 pub mod cpuset;
+pub mod devices;
 pub mod memory;
 pub mod pids;
 pub mod v1;
@@ -81,6 +83,9 @@ pub struct Limits {
     pub memory_soft_bytes: Option<u64>,
     /// Maximum number of processes (threads count too).
     pub pids: Option<u64>,
+    /// The only device nodes the task may open or make (`crate::isolation::devices`); None
+    /// leaves the cgroup's devices as they are.
+    pub devices: Option<Vec<crate::isolation::devices::DeviceRule>>,
 }
 
 /// What a cgroup reports about its tasks.
@@ -175,7 +180,7 @@ pub fn host_layout() -> Option<Layout> {
 /// Creates the cgroup `mlp/<name>` for a task on this machine's layout and applies `limits`.
 pub fn create(layout: &Layout, name: &str, limits: &Limits) -> Result<Box<dyn TaskCgroup>, CgroupError> {
     let cg: Box<dyn TaskCgroup> = match layout {
-        Layout::V1 { .. } => Box::new(v1::V1Cgroup::create(name, limits.cores.is_some())?),
+        Layout::V1 { .. } => Box::new(v1::V1Cgroup::create(name, limits.cores.is_some(), limits.devices.is_some())?),
         Layout::V2 { root } => Box::new(v2::V2Cgroup::create(root, name)?),
     };
     if let Err(e) = cg.apply(limits) {
@@ -189,7 +194,7 @@ pub fn create(layout: &Layout, name: &str, limits: &Limits) -> Result<Box<dyn Ta
 /// start can hand them to the task's init while the cgroup is still being created.
 pub fn procs_files_for(layout: &Layout, name: &str, limits: &Limits) -> Result<Vec<PathBuf>, CgroupError> {
     match layout {
-        Layout::V1 { .. } => v1::V1Cgroup::procs_files_for(name, limits.cores.is_some()),
+        Layout::V1 { .. } => v1::V1Cgroup::procs_files_for(name, limits.cores.is_some(), limits.devices.is_some()),
         Layout::V2 { root } => Ok(vec![root.join(PARENT).join(name).join("cgroup.procs")]),
     }
 }
@@ -209,7 +214,10 @@ pub fn open_existing(layout: &Layout, name: &str) -> Result<Box<dyn TaskCgroup>,
                 return Err(CgroupError::Unavailable(format!("cgroup {name} does not exist")));
             }
             // Creating is idempotent on existing directories (no limits are written).
-            Ok(Box::new(v1::V1Cgroup::create(name, false)?))
+            let devices = cgroups_rs::fs::hierarchies::V1::new()
+                .get_mount_point(cgroups_rs::fs::Controllers::Devices)
+                .is_some_and(|(mount, _)| mount.join(PARENT).join(name).is_dir());
+            Ok(Box::new(v1::V1Cgroup::create(name, false, devices)?))
         }
         Layout::V2 { root } => {
             let dir = root.join(PARENT).join(name);
@@ -395,6 +403,7 @@ pub fn limits_for(res: &mlp_proto::v1::Resources, mhz_per_core: u64, default_pid
         memory_bytes: (memory > 0).then_some(memory * 1024 * 1024),
         memory_soft_bytes: burst.then_some(res.memory_mib * 1024 * 1024),
         pids: Some(if res.pids > 0 { u64::from(res.pids) } else { default_pids }),
+        devices: None,
     }
 }
 

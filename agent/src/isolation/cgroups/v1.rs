@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use cgroups_rs::fs::hierarchies::V1;
 use cgroups_rs::fs::Controllers;
 
-use super::{cpu, cpuset, memory, mkdir, pids, read_pids, rmdir, CgroupError, Limits, Stats, TaskCgroup, PARENT};
+use super::{cpu, cpuset, devices, memory, mkdir, pids, read_pids, rmdir, CgroupError, Limits, Stats, TaskCgroup, PARENT};
 
 /// One controller's directory in its hierarchy.
 #[derive(Debug, Clone)]
@@ -19,7 +19,8 @@ struct Dir {
 }
 
 /// The controllers a task cgroup uses, in the order of [`mount_point`]'s cache.
-const CONTROLLERS: [Controllers; 5] = [Controllers::Mem, Controllers::Cpu, Controllers::CpuAcct, Controllers::Pids, Controllers::CpuSet];
+const CONTROLLERS: [Controllers; 6] =
+    [Controllers::Mem, Controllers::Cpu, Controllers::CpuAcct, Controllers::Pids, Controllers::CpuSet, Controllers::Devices];
 
 /// Where `ctrl`'s v1 hierarchy is mounted: read from `/proc/self/mountinfo` once per process
 /// (like the driver's layout), not on every start.
@@ -41,10 +42,13 @@ pub struct V1Cgroup {
 
 impl V1Cgroup {
     /// The directories [`V1Cgroup::create`] makes, one per hierarchy (nothing is created).
-    fn dirs(name: &str, with_cpuset: bool) -> Result<Vec<Dir>, CgroupError> {
+    fn dirs(name: &str, with_cpuset: bool, with_devices: bool) -> Result<Vec<Dir>, CgroupError> {
         let mut wanted = vec![Controllers::Mem, Controllers::Cpu, Controllers::CpuAcct, Controllers::Pids];
         if with_cpuset {
             wanted.push(Controllers::CpuSet);
+        }
+        if with_devices {
+            wanted.push(Controllers::Devices);
         }
         let mut dirs: Vec<Dir> = Vec::new();
         for ctrl in wanted {
@@ -62,14 +66,14 @@ impl V1Cgroup {
     }
 
     /// The `cgroup.procs` files of `mlp/<name>` as [`V1Cgroup::create`] would make it.
-    pub fn procs_files_for(name: &str, with_cpuset: bool) -> Result<Vec<PathBuf>, CgroupError> {
-        Ok(Self::dirs(name, with_cpuset)?.into_iter().map(|d| d.path.join("cgroup.procs")).collect())
+    pub fn procs_files_for(name: &str, with_cpuset: bool, with_devices: bool) -> Result<Vec<PathBuf>, CgroupError> {
+        Ok(Self::dirs(name, with_cpuset, with_devices)?.into_iter().map(|d| d.path.join("cgroup.procs")).collect())
     }
 
-    /// Creates `mlp/<name>` in the memory, cpu, cpuacct and pids hierarchies (and cpuset when
-    /// the task pins cores).
-    pub fn create(name: &str, with_cpuset: bool) -> Result<V1Cgroup, CgroupError> {
-        let dirs = Self::dirs(name, with_cpuset)?;
+    /// Creates `mlp/<name>` in the memory, cpu, cpuacct and pids hierarchies (cpuset when the
+    /// task pins cores, devices when it has a device allow-list).
+    pub fn create(name: &str, with_cpuset: bool, with_devices: bool) -> Result<V1Cgroup, CgroupError> {
+        let dirs = Self::dirs(name, with_cpuset, with_devices)?;
         let cg = V1Cgroup { dirs };
         for d in &cg.dirs {
             let result = mkdir(&d.path).and_then(|()| {
@@ -114,6 +118,7 @@ impl TaskCgroup for V1Cgroup {
                 Controllers::Cpu => cpu::apply(&d.path, &d.mount, false, limits)?,
                 Controllers::Pids => pids::apply(&d.path, &d.mount, false, limits)?,
                 Controllers::CpuSet => cpuset::apply(&d.path, &d.mount, false, limits)?,
+                Controllers::Devices => devices::apply(&d.path, &d.mount, false, limits)?,
                 _ => {}
             }
         }

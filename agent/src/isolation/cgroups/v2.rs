@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{cpu, cpuset, memory, mkdir, pids, read_pids, rmdir, CgroupError, Limits, Stats, TaskCgroup, PARENT};
+use super::{cpu, cpuset, devices, memory, mkdir, pids, read_pids, rmdir, CgroupError, Limits, Stats, TaskCgroup, PARENT};
 
 /// Controllers a task cgroup needs from its parents.
 const CONTROLLERS: &[&str] = &["cpu", "cpuset", "memory", "pids"];
@@ -57,7 +57,8 @@ impl TaskCgroup for V2Cgroup {
         memory::apply(&self.dir, &self.root, true, limits)?;
         cpu::apply(&self.dir, &self.root, true, limits)?;
         pids::apply(&self.dir, &self.root, true, limits)?;
-        cpuset::apply(&self.dir, &self.root, true, limits)
+        cpuset::apply(&self.dir, &self.root, true, limits)?;
+        devices::apply(&self.dir, &self.root, true, limits)
     }
 
     fn pids(&self) -> Vec<u32> {
@@ -134,6 +135,7 @@ mod tests {
             memory_bytes: Some(256 << 20),
             memory_soft_bytes: Some(128 << 20),
             pids: Some(64),
+            devices: None,
         })?;
         assert_eq!(read(&dir, "cpu.weight"), "39");
         assert_eq!(read(&dir, "cpu.max"), "50000 100000");
