@@ -363,19 +363,30 @@ pub async fn run_task_attached(
                         }
                     }
                     _ = sample.tick() => {
-                        if let Some(stats) = handle.stats() {
-                            let mut usage = usage_of(&stats, &mut last_cpu);
-                            if let (Some(nvml), false) = (&ctx.nvml, gpu_ids.is_empty() || ctx.gpus.simulated) {
+                        // The cgroup's figures (isolated tasks), and NVML's for a task with
+                        // real GPUs (raw_exec ones too: their processes are found by group).
+                        let stats = handle.stats();
+                        let gpu = match (&ctx.nvml, gpu_ids.is_empty() || ctx.gpus.simulated) {
+                            (Some(nvml), false) => {
                                 let pids: BTreeSet<u32> = handle.pids().into_iter().collect();
                                 let (nvml, ids) = (nvml.clone(), gpu_ids.clone());
-                                if let Ok((util, mem)) = tokio::task::spawn_blocking(move || nvml.usage_of(&ids, &pids)).await {
-                                    usage.gpu_utilization_percent = util;
-                                    usage.gpu_memory_used_mib = mem;
-                                }
+                                tokio::task::spawn_blocking(move || nvml.usage_of(&ids, &pids)).await.ok()
                             }
-                            st.usage = Some(usage);
-                            emit(&st, proc);
+                            _ => None,
+                        };
+                        if stats.is_none() && gpu.is_none() {
+                            continue;
                         }
+                        let mut usage = match &stats {
+                            Some(stats) => usage_of(stats, &mut last_cpu),
+                            None => mlp_proto::v1::TaskUsage { sampled_at_ms: now_ms(), ..Default::default() },
+                        };
+                        if let Some((util, mem)) = gpu {
+                            usage.gpu_utilization_percent = util;
+                            usage.gpu_memory_used_mib = mem;
+                        }
+                        st.usage = Some(usage);
+                        emit(&st, proc);
                     }
                 }
             }
