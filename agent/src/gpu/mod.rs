@@ -217,7 +217,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let asg = |id: &str, milli| GpuAssignment { id: id.into(), milli };
+        let asg = |id: &str, milli| GpuAssignment { id: id.into(), milli, memory_mib: 0 };
         let res = AllocatedResources {
             gpus: vec![asg("sim-gpu-0", 1000), asg("sim-gpu-1", 1000), asg("sim-gpu-2", 1000), asg("sim-gpu-3", 250)],
             ..Default::default()

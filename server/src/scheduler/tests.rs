@@ -635,7 +635,7 @@ fn gpu_shares_pack_devices_and_never_exceed_one() {
         id: "x".into(),
         resources: Some(AllocatedResources {
             gpu_ids: vec!["g1-gpu0".into()],
-            gpus: vec![mlp_proto::v1::GpuAssignment { id: "g1-gpu0".into(), milli: 300 }],
+            gpus: vec![mlp_proto::v1::GpuAssignment { id: "g1-gpu0".into(), milli: 300, memory_mib: 0 }],
             ..Default::default()
         }),
         desired_status: alloc_desired::RUN.into(),
