@@ -208,6 +208,7 @@ impl Agent {
 
         let pool = Arc::new(ServerPool::new(&config.servers)?);
         let registry = AllocRegistry::default();
+        let mps = Arc::new(gpu::mps::MpsManager::new(&config.gpu, &data_dir));
         let env = RunnerEnv {
             alloc_root: data_dir.join("allocs"),
             drivers: driver::drivers_with(&config.drivers_enabled, &config.isolation),
@@ -215,10 +216,13 @@ impl Agent {
             log_max_files: config.log_max_files,
             registry: registry.clone(),
             gpus: node.resources.as_ref().map(|r| r.gpus.clone()).unwrap_or_default(),
+            mps: Some(mps.clone()),
         };
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
         let mut manager = AllocManager::new(env, updates_tx);
         manager.restore();
+        // MPS daemons of the previous run: kept for the reattached share tasks, stopped otherwise.
+        mps.recover(&manager.attached_gpu_shares()).await;
         let manager = Arc::new(Mutex::new(manager));
 
         let cancel = CancellationToken::new();

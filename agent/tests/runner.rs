@@ -83,6 +83,7 @@ impl Harness {
             log_max_files: 2,
             registry: registry.clone(),
             gpus: Vec::new(),
+            mps: None,
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = spawn_alloc_runner(a, None, env, tx);

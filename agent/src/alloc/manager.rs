@@ -215,6 +215,25 @@ impl AllocManager {
         );
     }
 
+    /// The real devices that reattached tasks share through MPS
+    /// (`crate::gpu::mps::shared_device`): their daemons are kept on agent start.
+    pub fn attached_gpu_shares(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for (alloc_id, handles) in &self.attached {
+            let Some(alloc) = self.restored.get(alloc_id).and_then(|p| p.alloc.as_ref()) else { continue };
+            let Some(group) = alloc.job.as_ref().and_then(|j| j.groups.iter().find(|g| g.name == alloc.task_group)) else {
+                continue;
+            };
+            for task in handles.keys() {
+                let gpus = crate::gpu::task_gpus(group, task, alloc.resources.as_ref(), &self.env.gpus);
+                if let Some(uuid) = crate::gpu::mps::shared_device(&gpus) {
+                    out.insert(uuid.to_string());
+                }
+            }
+        }
+        out
+    }
+
     /// Notes when the next allocations to apply arrived on the servers' stream (their tasks'
     /// start phases are timed from it).
     pub fn received_at(&mut self, at_ns: u64) {
@@ -431,6 +450,7 @@ mod tests {
             log_max_files: 1,
             registry: registry.clone(),
             gpus: Vec::new(),
+            mps: None,
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut m = AllocManager::new(env, tx);

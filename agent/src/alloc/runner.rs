@@ -32,6 +32,9 @@ pub struct RunnerEnv {
     pub registry: AllocRegistry,
     /// The node's GPU devices (to tell tasks whether theirs are simulated).
     pub gpus: Vec<mlp_proto::v1::GpuDevice>,
+    /// The MPS daemons of shared real devices; None: a share task of a real device fails to
+    /// start (it never runs unenforced).
+    pub mps: Option<Arc<crate::gpu::mps::MpsManager>>,
 }
 
 /// A running alloc runner.
@@ -259,6 +262,7 @@ async fn run_alloc(
             log_max_file_bytes: env.log_max_file_bytes,
             log_max_files: env.log_max_files,
             gpus: crate::gpu::task_gpus(&group, &task.name, alloc.resources.as_ref(), &env.gpus),
+            mps: env.mps.clone(),
             phases: phases.clone(),
         };
         let initial = rep.persisted.task_states.get(&task.name).cloned();

@@ -125,6 +125,9 @@ pub struct TaskSpec {
     pub user: String,
     /// Network mode: "" or "host" = the host's, "none" = an empty namespace (`exec`).
     pub network_mode: String,
+    /// Host directories bound read-write into the task's root at the same path (`exec`; the
+    /// MPS pipe directory of a GPU share). Other drivers see the host's paths anyway.
+    pub rw_paths: Vec<std::path::PathBuf>,
     /// The start's phases before the driver (the allocation's receipt, the alloc and task
     /// runners), continued by the driver and logged with its own; empty = timed from the
     /// driver's start.
