@@ -239,6 +239,24 @@ pub fn share_overcommit(devices: &[GpuDevice], usage: &Usage) -> Option<String> 
     NodeGpus::of(devices).share_overcommit(usage)
 }
 
+/// Why `placement` may not be placed on `node`: it claims a device the node reports unhealthy
+/// that the state does not already record this allocation holding (a plan computed before the
+/// device turned unhealthy). None when it claims none. The plan applier's re-check.
+pub fn unhealthy_claim(state: &ClusterState, node: &Node, placement: &Allocation) -> Option<String> {
+    let devices = node.resources.as_ref().map(|r| r.gpus.as_slice()).unwrap_or_default();
+    if !devices.iter().any(|d| d.unhealthy) {
+        return None;
+    }
+    let r = placement.resources.as_ref()?;
+    let held = |id: &str| {
+        state.allocs.get(&placement.id).and_then(|a| a.resources.as_ref()).is_some_and(|old| old.gpu_ids.iter().any(|g| g == id))
+    };
+    r.gpu_ids.iter().chain(r.gpus.iter().map(|g| &g.id)).find_map(|id| {
+        let d = devices.iter().find(|d| d.id == *id && d.unhealthy)?;
+        (!held(id)).then(|| format!("gpu {id} is unhealthy ({})", if d.health.is_empty() { "no reason given" } else { &d.health }))
+    })
+}
+
 /// One node's GPU devices indexed for many fits: device id → index, the physical GPUs in MIG
 /// mode, and the GPU topology (built on the first whole-GPU ask that needs it). A scheduling
 /// pass builds one per node it visits (`place::attempt`) and passes it to [`try_fit_on`], so
