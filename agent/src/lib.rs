@@ -216,6 +216,7 @@ impl Agent {
         let (health_tx, health_rx) = watch::channel(BTreeMap::<String, String>::new());
         let pool = Arc::new(ServerPool::new(&config.servers)?);
         let registry = AllocRegistry::default();
+        let mps = Arc::new(gpu::mps::MpsManager::new(&config.gpu, &data_dir));
         let env = RunnerEnv {
             alloc_root: data_dir.join("allocs"),
             drivers: driver::drivers_with_gpu(&config.drivers_enabled, &config.isolation, &config.gpu),
@@ -225,10 +226,13 @@ impl Agent {
             gpus: node.resources.as_ref().map(|r| r.gpus.clone()).unwrap_or_default(),
             nvml: gpu.nvml().cloned(),
             gpu_health: health_rx,
+            mps: Some(mps.clone()),
         };
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
         let mut manager = AllocManager::new(env, updates_tx);
         manager.restore();
+        // MPS daemons of the previous run: kept for the reattached share tasks, stopped otherwise.
+        mps.recover(&manager.attached_gpu_shares()).await;
         let manager = Arc::new(Mutex::new(manager));
 
         let cancel = CancellationToken::new();

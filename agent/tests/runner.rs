@@ -85,6 +85,7 @@ impl Harness {
             gpus: Vec::new(),
             nvml: None,
             gpu_health: tokio::sync::watch::channel(Default::default()).1,
+            mps: None,
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = spawn_alloc_runner(a, None, env, tx);

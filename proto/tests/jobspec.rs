@@ -455,6 +455,18 @@ fn gpu_models_memory_and_share_decode() {
     }
     let err = validate_job(&bad).unwrap_err().to_string();
     assert!(err.contains("share_milli must be between 1 and 999"), "{err}");
+    // A share's memory is what it reserves: written as 0 it is an error at its position; a
+    // memory larger than any device is still a valid spec (it cannot be placed).
+    let src = with_task(&format!(
+        "{TASK_OK}      resources {{\n        gpu {{\n          share  = 0.5\n          memory = 0\n        }}\n      }}\n"
+    ));
+    let err = parse_str(&src, "test.hcl").unwrap_err().to_string();
+    assert!(err.contains("resources.gpu.memory: a shared GPU's memory is the device memory it reserves"), "{err}");
+    let src = with_task(&format!(
+        "{TASK_OK}      resources {{\n        gpu {{\n          share  = 0.5\n          memory = 10000000\n        }}\n      }}\n"
+    ));
+    let gpu = parse_str(&src, "test.hcl").unwrap().groups[0].tasks[0].resources.clone().unwrap().gpu.unwrap();
+    assert_eq!((gpu.share_milli, gpu.memory_mib), (500, 10_000_000));
 }
 
 #[test]

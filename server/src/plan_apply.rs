@@ -57,6 +57,14 @@ pub fn check_plan(st: &ClusterState, plan: Plan, in_flight: &BTreeMap<String, Al
             if let Err(why) = fits {
                 tracing::debug!(node_id, why, "plan applier rejected placements");
                 newly.extend(allocs.iter().map(|a| a.id.clone()));
+            } else if let Some(node) = st.nodes.get(node_id) {
+                // A device that turned unhealthy after the plan was computed takes nothing new.
+                for a in &allocs {
+                    if let Some(why) = resources::unhealthy_claim(st, node, a) {
+                        tracing::debug!(node_id, alloc = %a.id, why, "plan applier rejected a placement");
+                        newly.insert(a.id.clone());
+                    }
+                }
             }
         }
         for gang in &atomic {

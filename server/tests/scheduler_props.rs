@@ -447,3 +447,32 @@ fn the_applier_rejects_a_taken_or_misused_mig_instance() {
     w.apply(Command::ApplyPlan(PlanResult { placements: first.accepted, ..Default::default() }));
     check_invariants(&w.st).unwrap();
 }
+
+/// A device that turns unhealthy between planning and applying takes none of the plan's
+/// placements; the plan's other placements stand, and so would one already holding it.
+#[test]
+fn the_applier_rejects_placements_on_a_device_that_turned_unhealthy() {
+    let mut w = World { st: ClusterState::default(), index: 0 };
+    let spec = NodeSpec { cpu: 4000, gpus: 2, rack: 0, windows: false, mig: 0, topology: false };
+    w.apply(Command::UpsertNode { node: make_node(0, &spec) });
+    let j = make_job(0, &JobSpec { priority: 50, batch: true, count: 2, cpu: 250, gpu: 1, gang: 0, linux_only: false });
+    w.apply(Command::RegisterJob { job: j.clone(), eval: eval_for(&j, 0) });
+    let plan = scheduler::schedule_opts(&w.st, w.st.job("default", &j.id), &eval_for(&j, 1), 5_000, Options::default());
+    assert_eq!(plan.placements.len(), 2);
+    let sick = plan.placements[0].resources.clone().unwrap_or_default().gpu_ids[0].clone();
+    let mut node = w.st.nodes.values().next().cloned().unwrap();
+    for d in node.resources.as_mut().unwrap().gpus.iter_mut().filter(|d| d.id == sick) {
+        (d.unhealthy, d.health) = (true, "XID 79".into());
+    }
+    let healthy = check_plan(&w.st, plan.clone(), &BTreeMap::new());
+    assert_eq!((healthy.accepted.len(), healthy.rejected), (2, 0));
+    w.apply(Command::UpsertNode { node });
+    let checked = check_plan(&w.st, plan.clone(), &BTreeMap::new());
+    assert_eq!((checked.accepted.len(), checked.rejected), (1, 1));
+    assert!(checked.accepted.iter().all(|a| a.resources.as_ref().is_some_and(|r| !r.gpu_ids.contains(&sick))));
+    // The scheduler itself no longer plans onto it.
+    let replan = scheduler::schedule_opts(&w.st, w.st.job("default", &j.id), &eval_for(&j, 2), 5_000, Options::default());
+    let ids: Vec<String> = replan.placements.iter().flat_map(|a| a.resources.clone().unwrap_or_default().gpu_ids).collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert!(!ids.contains(&sick));
+}

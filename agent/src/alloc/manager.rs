@@ -215,6 +215,25 @@ impl AllocManager {
         );
     }
 
+    /// The real devices that reattached tasks share through MPS
+    /// (`crate::gpu::mps::shared_device`): their daemons are kept on agent start.
+    pub fn attached_gpu_shares(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for (alloc_id, handles) in &self.attached {
+            let Some(alloc) = self.restored.get(alloc_id).and_then(|p| p.alloc.as_ref()) else { continue };
+            let Some(group) = alloc.job.as_ref().and_then(|j| j.groups.iter().find(|g| g.name == alloc.task_group)) else {
+                continue;
+            };
+            for task in handles.keys() {
+                let gpus = crate::gpu::task_gpus(group, task, alloc.resources.as_ref(), &self.env.gpus);
+                if let Some(uuid) = crate::gpu::mps::shared_device(&gpus) {
+                    out.insert(uuid.to_string());
+                }
+            }
+        }
+        out
+    }
+
     /// Notes when the next allocations to apply arrived on the servers' stream (their tasks'
     /// start phases are timed from it).
     pub fn received_at(&mut self, at_ns: u64) {
@@ -433,6 +452,7 @@ mod tests {
             gpus: Vec::new(),
             nvml: None,
             gpu_health: tokio::sync::watch::channel(Default::default()).1,
+            mps: None,
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut m = AllocManager::new(env, tx);

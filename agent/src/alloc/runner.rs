@@ -36,6 +36,9 @@ pub struct RunnerEnv {
     pub nvml: Option<crate::gpu::nvml::NvmlGpus>,
     /// Devices NVML reported unhealthy: id → reason.
     pub gpu_health: tokio::sync::watch::Receiver<std::collections::BTreeMap<String, String>>,
+    /// The MPS daemons of shared real devices; None: a share task of a real device fails to
+    /// start (it never runs unenforced).
+    pub mps: Option<Arc<crate::gpu::mps::MpsManager>>,
 }
 
 /// A running alloc runner.
@@ -265,6 +268,7 @@ async fn run_alloc(
             gpus: crate::gpu::task_gpus(&group, &task.name, alloc.resources.as_ref(), &env.gpus),
             nvml: env.nvml.clone(),
             gpu_health: env.gpu_health.clone(),
+            mps: env.mps.clone(),
             phases: phases.clone(),
         };
         let initial = rep.persisted.task_states.get(&task.name).cloned();

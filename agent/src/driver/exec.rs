@@ -114,7 +114,16 @@ impl ExecDriver {
         }
         std::fs::create_dir_all(root).map_err(|e| DriverError::Isolation(format!("creating {}: {e}", root.display())))?;
         let dirs = rootfs::TaskDirs { local: spec.work_dir.clone(), alloc: spec.alloc_shared_dir.clone() };
-        Ok(rootfs::plan(rootfs::probe_host, &dirs, user, hostname, &self.settings.extra_ro_paths, &self.settings.hidden_paths, gpu))
+        let mut steps =
+            rootfs::plan(rootfs::probe_host, &dirs, user, hostname, &self.settings.extra_ro_paths, &self.settings.hidden_paths, gpu);
+        // After the root's own mounts, like `extra_ro`: the task's read-write host directories.
+        for dir in &spec.rw_paths {
+            if !dir.is_absolute() || !dir.is_dir() {
+                return Err(DriverError::Isolation(format!("{}: not an absolute directory to bind into the task", dir.display())));
+            }
+            steps.push(rootfs::Step::Bind { src: dir.clone(), path: dir.clone(), readonly: false, device: false });
+        }
+        Ok(steps)
     }
 
     fn user(&self, asked: &str) -> Result<User, DriverError> {

@@ -128,6 +128,9 @@ pub struct TaskSpec {
     /// The task's GPUs (`exec` binds real ones' device nodes and the driver's files into its
     /// root and allows them in its cgroup).
     pub gpus: crate::gpu::TaskGpus,
+    /// Host directories bound read-write into the task's root at the same path (`exec`; the
+    /// MPS pipe directory of a GPU share). Other drivers see the host's paths anyway.
+    pub rw_paths: Vec<std::path::PathBuf>,
     /// The start's phases before the driver (the allocation's receipt, the alloc and task
     /// runners), continued by the driver and logged with its own; empty = timed from the
     /// driver's start.

@@ -2,10 +2,12 @@
 //! their `gpu.*` attributes ([`simulated::SimulatedGpus`], or real devices through NVML,
 //! [`nvml::NvmlGpus`]; [`Backend`] is the one an agent opened), and [`task_gpus`] / [`gpu_env`] give a task
 //! its own devices out of its allocation's and the environment that exposes them
-//! (`NVIDIA_VISIBLE_DEVICES` / `CUDA_VISIBLE_DEVICES` / `MLP_GPU_*`); [`driver_files`] finds the
+//! (`NVIDIA_VISIBLE_DEVICES` / `CUDA_VISIBLE_DEVICES` / `MLP_GPU_*`, and for a share the
+//! `CUDA_MPS_*` limits that [`mps`] enforces on real devices); [`driver_files`] finds the
 //! driver's user-space files that tasks with real GPUs get.
 
 pub mod driver_files;
+pub mod mps;
 pub mod nvml;
 pub mod simulated;
 
@@ -13,6 +15,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use mlp_proto::v1::{AllocatedResources, GpuAssignment, GpuDevice, Task, TaskGroup};
+
+/// One whole GPU in milli-GPUs (`GpuAssignment.milli`).
+pub const WHOLE_MILLI: u32 = 1000;
 
 /// Where the agent looks for real GPUs (`mlp agent --gpus …`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -283,8 +288,11 @@ pub fn task_gpus(group: &TaskGroup, task_name: &str, resources: Option<&Allocate
 /// device ids (UUIDs for real devices) in `NVIDIA_VISIBLE_DEVICES`, `CUDA_VISIBLE_DEVICES` and
 /// `MLP_GPU_IDS`, their NVML indices in `MLP_GPU_INDEX` (a simulated device's position in the
 /// list), the per-device milli shares in `MLP_GPU_MILLI`, `MLP_GPUS_SIMULATED=1` for simulated
-/// devices. A
-/// task without GPUs gets `NVIDIA_VISIBLE_DEVICES=void` and an empty `CUDA_VISIBLE_DEVICES`, so
+/// devices. A share of one device also gets its MPS limits: `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`
+/// (its milli rounded up to a percentage of the SMs) and `CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=<MiB>M`
+/// (device 0: the task sees its one device), on simulated devices too so that they can be
+/// tested; the daemon's directories come from [`mps::MpsClient::env`]. A task without GPUs gets
+/// `NVIDIA_VISIBLE_DEVICES=void` and an empty `CUDA_VISIBLE_DEVICES`, so
 /// that it sees none of a real GPU host's devices.
 pub fn gpu_env(gpus: &TaskGpus) -> Vec<(&'static str, String)> {
     if gpus.devices.is_empty() {
@@ -311,6 +319,14 @@ pub fn gpu_env(gpus: &TaskGpus) -> Vec<(&'static str, String)> {
     ];
     if gpus.simulated {
         env.push(("MLP_GPUS_SIMULATED", "1".into()));
+    }
+    if let [share] = gpus.devices.as_slice() {
+        if share.milli < WHOLE_MILLI {
+            env.push(("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", share.milli.div_ceil(10).max(1).to_string()));
+            if share.memory_mib > 0 {
+                env.push(("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", format!("0={}M", share.memory_mib)));
+            }
+        }
     }
     env
 }
@@ -354,6 +370,15 @@ mod tests {
         assert_eq!(env["MLP_GPUS_SIMULATED"], "1");
         let s = task_gpus(&group, "s", Some(&res), &node);
         assert_eq!(s.devices, [asg("sim-gpu-3", 250)]);
+        // A share gets its MPS limits (here without reserved memory: no memory limit).
+        let env: BTreeMap<_, _> = gpu_env(&s).into_iter().collect();
+        assert_eq!(env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"], "25");
+        assert!(!env.contains_key("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"));
+        let share = TaskGpus { devices: vec![GpuAssignment { id: "g".into(), milli: 333, memory_mib: 13_640 }], simulated: false };
+        let env: BTreeMap<_, _> = gpu_env(&share).into_iter().collect();
+        assert_eq!(env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"], "34");
+        assert_eq!(env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"], "0=13640M");
+        assert!(!gpu_env(&b).iter().any(|(k, _)| k.starts_with("CUDA_MPS_")));
         assert_eq!(task_gpus(&group, "a", Some(&res), &node).devices, [asg("sim-gpu-0", 1000)]);
         let cpu = task_gpus(&group, "cpu", Some(&res), &node);
         assert_eq!(cpu, TaskGpus::default());

@@ -115,6 +115,9 @@ pub struct TaskContext {
     pub nvml: Option<crate::gpu::nvml::NvmlGpus>,
     /// Devices NVML reported unhealthy: id → reason.
     pub gpu_health: tokio::sync::watch::Receiver<std::collections::BTreeMap<String, String>>,
+    /// The agent's MPS daemons: a share of a real device runs as a client of its device's
+    /// (`crate::gpu::mps::shared_device`); None fails such a task's start.
+    pub mps: Option<Arc<crate::gpu::mps::MpsManager>>,
     /// Its first start's phases so far (the allocation's receipt, the alloc runner), which
     /// the driver continues; later starts are timed from the task runner.
     pub phases: Phases,
@@ -168,6 +171,7 @@ impl TaskContext {
             user: self.task.user.clone(),
             network_mode: self.task.network_mode.clone(),
             gpus: self.gpus.clone(),
+            rw_paths: Vec::new(),
             phases: Phases::default(),
         }
     }
@@ -235,12 +239,54 @@ pub async fn run_task(
 /// [`run_task`] for a task that may already run: `attached` is the handle of a task a previous
 /// agent run started (reattached), which the runner watches instead of starting the task (its
 /// state, restart count included, carries on from `initial`).
+///
+/// A share of a real device holds its device's MPS daemon from its first start (or reattach)
+/// until it ends for good (restarts keep it), so that the daemon outlives none of its clients
+/// and stops after the last.
 pub async fn run_task_attached(
     ctx: TaskContext,
+    initial: Option<TaskState>,
+    attached: Option<Box<dyn TaskHandle>>,
+    stop: watch::Receiver<bool>,
+    tx: mpsc::UnboundedSender<TaskUpdate>,
+) -> TaskState {
+    let mut mps: Option<MpsHold> = None;
+    let st = run_task_holding(&ctx, initial, attached, stop, tx, &mut mps).await;
+    if let Some(hold) = mps {
+        hold.manager.release(&hold.uuid).await;
+    }
+    st
+}
+
+/// A task's hold on its device's MPS daemon.
+struct MpsHold {
+    manager: Arc<crate::gpu::mps::MpsManager>,
+    uuid: String,
+    client: crate::gpu::mps::MpsClient,
+}
+
+/// Takes the task's hold on its device's MPS daemon if it shares a real device and holds none
+/// yet. Err: why the task cannot start.
+async fn hold_mps(ctx: &TaskContext, mps: &mut Option<MpsHold>) -> Result<(), String> {
+    let Some(uuid) = crate::gpu::mps::shared_device(&ctx.gpus) else { return Ok(()) };
+    if mps.is_some() {
+        return Ok(());
+    }
+    let Some(manager) = ctx.mps.clone() else {
+        return Err(format!("GPU share of {uuid} needs MPS, and this agent runs no MPS manager"));
+    };
+    let client = manager.acquire(uuid).await.map_err(|e| e.to_string())?;
+    *mps = Some(MpsHold { manager, uuid: uuid.to_string(), client });
+    Ok(())
+}
+
+async fn run_task_holding(
+    ctx: &TaskContext,
     initial: Option<TaskState>,
     mut attached: Option<Box<dyn TaskHandle>>,
     mut stop: watch::Receiver<bool>,
     tx: mpsc::UnboundedSender<TaskUpdate>,
+    mps: &mut Option<MpsHold>,
 ) -> TaskState {
     let name = ctx.task.name.clone();
     let emit = |st: &TaskState, proc: Option<ProcRecord>| {
@@ -267,6 +313,14 @@ pub async fn run_task_attached(
             emit(&st, None);
             return st;
         }
+        if let Err(why) = hold_mps(ctx, mps).await {
+            tracing::warn!(alloc = %ctx.alloc_id, task = %name, why, "task cannot start");
+            if let Some(mut h) = attached.take() {
+                // A reattached share whose daemon is gone runs unenforced: it is stopped.
+                let _ = kill_task(h.as_mut(), ctx.kill_timeout_ms()).await;
+            }
+            return fail_start(&mut st, why, &emit);
+        }
         let mut handle = match attached.take() {
             Some(handle) => {
                 // Reattached after an agent restart: the task kept running (or ended meanwhile,
@@ -288,6 +342,12 @@ pub async fn run_task_attached(
                     return fail_start(&mut st, msg, &emit);
                 };
                 let mut spec = ctx.spec();
+                if let Some(hold) = mps.as_ref() {
+                    for (k, v) in hold.client.env() {
+                        spec.env.insert(k.to_string(), v);
+                    }
+                    spec.rw_paths.push(hold.client.pipe_dir.clone());
+                }
                 let mut phases = first_phases.take().unwrap_or_else(Phases::start);
                 phases.mark("task_runner");
                 spec.phases = phases;

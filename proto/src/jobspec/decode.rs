@@ -1023,8 +1023,9 @@ impl Decoder<'_> {
         self.mark(loc, start(&block.ident));
         self.no_labels(block, loc);
         let mut req = GpuRequest { count: Some(DEFAULT_GPU_COUNT), ..Default::default() };
-        // Where `count` was written, to point at it when it contradicts `share`.
+        // Where `count` and `memory` were written, to point at them when they contradict `share`.
         let mut count_at: Option<&Expression> = None;
+        let mut memory_at: Option<&Expression> = None;
         for s in block.body.iter() {
             let name = structure_name(s);
             let floc = loc.field(name);
@@ -1043,7 +1044,9 @@ impl Decoder<'_> {
                     };
                 }
                 ("memory", Structure::Attribute(a)) => {
-                    req.memory_mib = self.unsigned(&a.value, &floc).unwrap_or(0);
+                    let memory = self.unsigned(&a.value, &floc);
+                    req.memory_mib = memory.unwrap_or(0);
+                    memory_at = memory.map(|_| &a.value);
                 }
                 ("share", Structure::Attribute(a)) => {
                     req.share_milli = self.share(&a.value, &floc).unwrap_or(0);
@@ -1062,6 +1065,16 @@ impl Decoder<'_> {
                     start(expr),
                     &loc.field("count"),
                     format!("a shared GPU (`share`) is one GPU; count must be 1, found {}", req.effective_count()),
+                );
+            }
+            // A share's memory is the device memory it reserves (and MPS enforces): a share of
+            // nothing cannot run. Leaving `memory` out reserves the share's fraction instead.
+            if let Some(expr) = memory_at.filter(|_| req.memory_mib == 0) {
+                self.fail(
+                    start(expr),
+                    &loc.field("memory"),
+                    "a shared GPU's memory is the device memory it reserves; must be at least 1 (MiB), found 0 (leave it out to reserve the share's fraction of the device's memory)"
+                        .to_string(),
                 );
             }
             req.count = Some(1);

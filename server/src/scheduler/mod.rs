@@ -339,6 +339,13 @@ pub fn check_node_fit_freeing(state: &ClusterState, node: &Node, extra: &[&Alloc
                 None => Err(format!("gpu exhausted on node {name}")),
             }
         }
+        Some(resources::Dimension::GpuMemory) => {
+            let gpus = node.resources.as_ref().map(|r| r.gpus.as_slice()).unwrap_or_default();
+            match resources::share_overcommit(gpus, &usage) {
+                Some(why) => Err(format!("gpu-memory exhausted on node {name}: {why}")),
+                None => Err(format!("gpu-memory exhausted on node {name}")),
+            }
+        }
         Some(dim) => Err(format!("{dim} exhausted on node {name}")),
         None => Ok(()),
     }

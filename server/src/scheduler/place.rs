@@ -252,6 +252,7 @@ fn size_on(r: &AllocatedResources, dim: Dimension) -> u64 {
                 r.gpus.iter().map(|g| u64::from(g.milli)).sum()
             }
         }
+        Dimension::GpuMemory => r.gpus.iter().filter(|g| g.milli < gpu::WHOLE).map(|g| g.memory_mib).sum(),
     }
 }
 

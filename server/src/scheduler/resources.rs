@@ -6,6 +6,14 @@
 //! sum of its shares, and a device over 1000 (or one the node does not have) is exhausted. The
 //! choice of devices is left to the GPU policy (`gpu::Policy`), the same one the simulator runs.
 //!
+//! A share also reserves device memory (`GpuAssignment.memory_mib`, which the agent enforces
+//! through MPS): the ask's `memory_mib`, or its fraction of the device's memory when that is 0.
+//! A device takes a share only while its shares' milli-GPUs stay within 1000 and their reserved
+//! memory within its `memory_mib` (exhausted as [`Dimension::GpuMemory`]).
+//!
+//! Health: a device marked `unhealthy` (or a MIG instance of one) gets no new placements of any
+//! kind; the allocations already on it are left alone.
+//!
 //! MIG: a device with a `mig_profile` is one MIG instance, its own kind of device. An ask with a
 //! `mig_profile` gets `count` whole instances of exactly that profile (chosen by
 //! `gpu::mig_pick`); whole-GPU asks and shares never get an instance, and a device that is some
@@ -31,6 +39,8 @@ pub enum Dimension {
     Disk,
     Cores,
     Gpu,
+    /// Device memory reserved by GPU shares.
+    GpuMemory,
 }
 
 impl Dimension {
@@ -42,6 +52,7 @@ impl Dimension {
             Dimension::Disk => "disk",
             Dimension::Cores => "cores",
             Dimension::Gpu => "gpu",
+            Dimension::GpuMemory => "gpu-memory",
         }
     }
 }
@@ -58,7 +69,8 @@ pub struct GpuAsk {
     pub shape: GpuShape,
     /// Allowed device models; empty = any.
     pub models: Vec<String>,
-    /// Minimum device memory; 0 = any.
+    /// Minimum device memory; 0 = any. For a share, also the device memory it reserves (0: its
+    /// fraction of the device's memory, see [`GpuAsk::share_memory_mib`]).
     pub memory_mib: u64,
     /// A MIG profile: `shape.count` instances of exactly this profile. "" = whole GPUs or a share.
     pub mig_profile: String,
@@ -70,6 +82,22 @@ impl GpuAsk {
     /// whole GPU) is decided by the caller (`try_fit_with`).
     pub fn accepts(&self, device: &GpuDevice) -> bool {
         (self.models.is_empty() || self.models.iter().any(|m| m == &device.model)) && device.memory_mib >= self.memory_mib
+    }
+
+    /// Whether this is a share of one device (not whole GPUs, not MIG).
+    pub fn is_share(&self) -> bool {
+        self.shape.count > 0 && self.shape.milli < WHOLE && self.mig_profile.is_empty()
+    }
+
+    /// The device memory a share reserves on `device`: the ask's `memory_mib` when set, else
+    /// `ceil(milli / 1000 × device memory)`.
+    pub fn share_memory_mib(&self, device: &GpuDevice) -> u64 {
+        if self.memory_mib > 0 {
+            return self.memory_mib;
+        }
+        let milli = u128::from(self.shape.milli);
+        let mib = (milli * u128::from(device.memory_mib)).div_ceil(u128::from(WHOLE));
+        u64::try_from(mib).unwrap_or(u64::MAX)
     }
 }
 
@@ -122,6 +150,12 @@ pub struct Usage {
     pub gpu_shortfall: u32,
     /// MIG claims per device id: the profile each claim asked for (`AllocatedResources.gpu_mig`).
     pub mig_claims: BTreeMap<String, Vec<String>>,
+    /// Device memory reserved by shares per device id (`GpuAssignment.memory_mib` of the
+    /// assignments under 1000 milli; shares placed before memory was reserved carry 0).
+    pub gpu_share_mib: BTreeMap<String, u64>,
+    /// Share asks that found a device with the milli-GPUs but not the memory free (only while
+    /// trying a placement).
+    pub gpu_memory_shortfall: u32,
 }
 
 /// Whether an allocation holds resources on its node: the scheduler wants it running and the
@@ -159,6 +193,10 @@ impl Usage {
             for g in &r.gpus {
                 let used = self.gpu_milli.entry(g.id.clone()).or_default();
                 *used = used.saturating_add(g.milli);
+                if g.milli < WHOLE && g.memory_mib > 0 {
+                    let mib = self.gpu_share_mib.entry(g.id.clone()).or_default();
+                    *mib = mib.saturating_add(g.memory_mib);
+                }
             }
         }
         for (id, profile) in &r.gpu_mig {
@@ -170,12 +208,19 @@ impl Usage {
     pub fn gpu_free(&self, device: &str) -> u32 {
         WHOLE.saturating_sub(self.gpu_milli.get(device).copied().unwrap_or(0))
     }
+
+    /// Device memory of `device` not reserved by shares under this usage.
+    pub fn share_mib_free(&self, device: &GpuDevice) -> u64 {
+        device.memory_mib.saturating_sub(self.gpu_share_mib.get(&device.id).copied().unwrap_or(0))
+    }
 }
 
 /// The first dimension in which `usage` exceeds the node's capacity, if any. GPUs are exhausted
 /// when a device carries more than one whole GPU, a claimed id is not one of the node's
 /// devices, a request could not be backed by a free device, or a MIG rule is broken (see
-/// [`mig_misuse`]). The plan applier's re-check; O(devices + ids in use) hash lookups.
+/// [`mig_misuse`]); GPU memory when the shares on a device reserve more than its memory (see
+/// [`share_overcommit`]) or a share found no device with its memory free. The plan applier's
+/// re-check; O(devices + ids in use) hash lookups.
 pub fn exhausted(node: &Node, usage: &Usage) -> Option<Dimension> {
     NodeGpus::new(node).exhausted(usage)
 }
@@ -186,6 +231,30 @@ pub fn exhausted(node: &Node, usage: &Usage) -> Option<Dimension> {
 /// physical GPU whose MIG instances are listed. None on nodes without MIG (the fast path).
 pub fn mig_misuse(devices: &[GpuDevice], usage: &Usage) -> Option<String> {
     NodeGpus::of(devices).mig_misuse(usage)
+}
+
+/// The first device of `devices` whose shares reserve more memory than it has under `usage`,
+/// as a message naming it.
+pub fn share_overcommit(devices: &[GpuDevice], usage: &Usage) -> Option<String> {
+    NodeGpus::of(devices).share_overcommit(usage)
+}
+
+/// Why `placement` may not be placed on `node`: it claims a device the node reports unhealthy
+/// that the state does not already record this allocation holding (a plan computed before the
+/// device turned unhealthy). None when it claims none. The plan applier's re-check.
+pub fn unhealthy_claim(state: &ClusterState, node: &Node, placement: &Allocation) -> Option<String> {
+    let devices = node.resources.as_ref().map(|r| r.gpus.as_slice()).unwrap_or_default();
+    if !devices.iter().any(|d| d.unhealthy) {
+        return None;
+    }
+    let r = placement.resources.as_ref()?;
+    let held = |id: &str| {
+        state.allocs.get(&placement.id).and_then(|a| a.resources.as_ref()).is_some_and(|old| old.gpu_ids.iter().any(|g| g == id))
+    };
+    r.gpu_ids.iter().chain(r.gpus.iter().map(|g| &g.id)).find_map(|id| {
+        let d = devices.iter().find(|d| d.id == *id && d.unhealthy)?;
+        (!held(id)).then(|| format!("gpu {id} is unhealthy ({})", if d.health.is_empty() { "no reason given" } else { &d.health }))
+    })
 }
 
 /// One node's GPU devices indexed for many fits: device id → index, the physical GPUs in MIG
@@ -264,7 +333,24 @@ impl<'a> NodeGpus<'a> {
         if usage.gpu_shortfall > 0 || bad_device || self.mig_misuse(usage).is_some() {
             return Some(Dimension::Gpu);
         }
+        if usage.gpu_memory_shortfall > 0 || self.share_overcommit(usage).is_some() {
+            return Some(Dimension::GpuMemory);
+        }
         None
+    }
+
+    /// [`share_overcommit`] on these devices.
+    fn share_overcommit(&self, usage: &Usage) -> Option<String> {
+        usage.gpu_share_mib.iter().find_map(|(id, &mib)| {
+            let d = self.device(id)?;
+            (mib > d.memory_mib).then(|| format!("shares on {id} reserve {mib} MiB of its {} MiB", d.memory_mib))
+        })
+    }
+
+    /// Whether `d` may get new placements: neither it nor (for a MIG instance) its physical GPU
+    /// is marked unhealthy.
+    fn healthy(&self, d: &GpuDevice) -> bool {
+        !d.unhealthy && (d.parent_id.is_empty() || self.device(&d.parent_id).is_none_or(|p| !p.unhealthy))
     }
 
     /// [`mig_misuse`] on these devices: one hash lookup per id in use or claimed.
@@ -327,23 +413,41 @@ impl<'a> NodeGpus<'a> {
                     parent: k as u32,
                     slices: gpu::mig_slices(&d.mig_profile),
                     used: !free,
-                    eligible: free && d.mig_profile == ask.mig_profile && ask.accepts(d),
+                    eligible: free && d.mig_profile == ask.mig_profile && ask.accepts(d) && self.healthy(d),
                 })
             })
             .collect()
     }
 }
 
-/// Records the devices of `mask` as the allocation's (each `milli`; MIG instances of `mig`).
-fn assign(devices: &[GpuDevice], mask: DeviceMask, milli: u32, mig: &str, res: &mut AllocatedResources, after: &mut Usage) {
+/// Records the devices of `mask` as the allocation's (each `milli`, reserving the memory of
+/// `share` when it is one; MIG instances of `mig`).
+fn assign(
+    devices: &[GpuDevice],
+    mask: DeviceMask,
+    milli: u32,
+    share: Option<&GpuAsk>,
+    mig: &str,
+    res: &mut AllocatedResources,
+    after: &mut Usage,
+) {
     for (j, d) in devices.iter().enumerate().take(gpu::MAX_DEVICES) {
         if mask & (1 << j) == 0 {
             continue;
         }
         res.gpu_ids.push(d.id.clone());
-        res.gpus.push(GpuAssignment { id: d.id.clone(), milli, memory_mib: 0 });
+        // A share reserves device memory; whole GPUs and MIG instances hold all of theirs.
+        let memory_mib = match share {
+            Some(g) if milli < WHOLE => g.share_memory_mib(d),
+            _ => 0,
+        };
+        res.gpus.push(GpuAssignment { id: d.id.clone(), milli, memory_mib });
         let used = after.gpu_milli.entry(d.id.clone()).or_default();
         *used = used.saturating_add(milli);
+        if memory_mib > 0 {
+            let mib = after.gpu_share_mib.entry(d.id.clone()).or_default();
+            *mib = mib.saturating_add(memory_mib);
+        }
         if !mig.is_empty() {
             res.gpu_mig.insert(d.id.clone(), mig.to_string());
             after.mig_claims.entry(d.id.clone()).or_default().push(mig.to_string());
@@ -353,8 +457,12 @@ fn assign(devices: &[GpuDevice], mask: DeviceMask, milli: u32, mig: &str, res: &
 
 /// The key under which a node that failed on `dim` is counted in
 /// `AllocMetric.dimension_exhausted`: the dimension's name, and for GPU failures of an ask with
-/// MIG profiles, which instances were missing (`gpu: no free MIG 3g.40gb instance`).
+/// MIG profiles, which instances were missing (`gpu: no free MIG 3g.40gb instance`); for GPU
+/// memory, that a share's memory was missing.
 pub fn exhausted_key(ask: &Ask, dim: Dimension) -> String {
+    if dim == Dimension::GpuMemory {
+        return "gpu-memory: no device with the milli-GPUs free has the memory a share reserves left".to_string();
+    }
     let mut profiles: Vec<&str> = ask.gpus.iter().filter(|g| !g.mig_profile.is_empty()).map(|g| g.mig_profile.as_str()).collect();
     profiles.dedup();
     if dim != Dimension::Gpu || profiles.is_empty() {
@@ -422,7 +530,20 @@ pub fn try_fit_on(devices: &NodeGpus<'_>, usage: &Usage, ask: &Ask, policy: Poli
         // Devices this task may not use look full to the policy; a MIG ask's view holds the
         // whole GPUs, for its CPU's effect on them.
         free.clear();
-        free.extend(cap.gpus.iter().map(|d| if devices.whole(d) && (mig || g.accepts(d)) { after.gpu_free(&d.id) } else { 0 }));
+        // A share also needs its memory unreserved on the device; unhealthy devices take nothing.
+        let share = g.is_share();
+        let mut memory_short = false;
+        free.extend(cap.gpus.iter().map(|d| {
+            if !(devices.whole(d) && devices.healthy(d) && (mig || g.accepts(d))) {
+                return 0;
+            }
+            let milli = after.gpu_free(&d.id);
+            if share && after.share_mib_free(d) < g.share_memory_mib(d) {
+                memory_short |= milli >= g.shape.milli;
+                return 0;
+            }
+            milli
+        }));
         // CPU and memory are checked as a whole below; the view only carries them so that the
         // policy's fragmentation sees what the node has left.
         let (cpu, mem) = if i == 0 { (ask.cpu_mhz, ask.memory_mib) } else { (0, 0) };
@@ -438,7 +559,12 @@ pub fn try_fit_on(devices: &NodeGpus<'_>, usage: &Usage, ask: &Ask, policy: Poli
         let frag_before = policy.baseline(&view, workload);
         let topo = if shape.count > 0 && shape.milli >= WHOLE { devices.topology() } else { None };
         let Some((cost, mask, loc)) = policy.evaluate_with(&view, &pod, workload, frag_before, topo) else {
-            after.gpu_shortfall = after.gpu_shortfall.saturating_add(g.shape.count);
+            // Memory is the reason only when some device had the milli-GPUs free.
+            if memory_short {
+                after.gpu_memory_shortfall = after.gpu_memory_shortfall.saturating_add(1);
+            } else {
+                after.gpu_shortfall = after.gpu_shortfall.saturating_add(g.shape.count);
+            }
             continue;
         };
         gpu_cost += cost;
@@ -447,14 +573,14 @@ pub fn try_fit_on(devices: &NodeGpus<'_>, usage: &Usage, ask: &Ask, policy: Poli
         }
         if !mig {
             if shape.count > 0 {
-                assign(&cap.gpus, mask, shape.milli, "", &mut res, &mut after);
+                assign(&cap.gpus, mask, shape.milli, share.then_some(g), "", &mut res, &mut after);
             }
             continue;
         }
         match gpu::mig_pick(&devices.mig_slots(g, &after), g.shape.count) {
             Some((cost, mask)) => {
                 gpu_cost += cost;
-                assign(&cap.gpus, mask, WHOLE, &g.mig_profile, &mut res, &mut after);
+                assign(&cap.gpus, mask, WHOLE, None, &g.mig_profile, &mut res, &mut after);
             }
             None => after.gpu_shortfall = after.gpu_shortfall.saturating_add(g.shape.count),
         }
@@ -600,9 +726,9 @@ mod tests {
             placed.push(res.gpus.clone());
             u = after;
         }
-        assert_eq!(placed[0], [GpuAssignment { id: "g0".into(), milli: 600, memory_mib: 0 }]);
-        assert_eq!(placed[1], [GpuAssignment { id: "g0".into(), milli: 400, memory_mib: 0 }]);
-        assert_eq!(placed[2], [GpuAssignment { id: "g1".into(), milli: 400, memory_mib: 0 }]);
+        assert_eq!(placed[0], [GpuAssignment { id: "g0".into(), milli: 600, memory_mib: 24_576 }]);
+        assert_eq!(placed[1], [GpuAssignment { id: "g0".into(), milli: 400, memory_mib: 16_384 }]);
+        assert_eq!(placed[2], [GpuAssignment { id: "g1".into(), milli: 400, memory_mib: 16_384 }]);
         assert_eq!(u.gpu_milli["g0"], 1000);
         // g1 has 600 free: a 0.7 share and a whole GPU no longer fit.
         assert_eq!(try_fit(&n, &u, &Ask { gpus: share(700), ..Default::default() }).err(), Some(Dimension::Gpu));
@@ -616,6 +742,88 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(exhausted(&n, &over), Some(Dimension::Gpu));
+    }
+
+    fn share_of(milli: u32, memory_mib: u64) -> Vec<GpuAsk> {
+        vec![GpuAsk { shape: GpuShape::share(milli), memory_mib, ..Default::default() }]
+    }
+
+    #[test]
+    fn shares_reserve_device_memory() {
+        let n = node(1000, 1000, &["g0"]);
+        let fit = |u: &Usage, gpus: Vec<GpuAsk>| try_fit(&n, u, &Ask { gpus, ..Default::default() });
+        // Without memory_mib a share reserves its fraction of the device's 40960 MiB, rounded up.
+        let (res, u) = fit(&Usage::default(), share(333)).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!(res.gpus, [GpuAssignment { id: "g0".into(), milli: 333, memory_mib: 13_640 }]);
+        assert_eq!(u.gpu_share_mib["g0"], 13_640);
+        // A share with memory_mib reserves exactly that: 0.1 GPU with 27000 MiB leaves 320 MiB.
+        let (res, u) = fit(&u, share_of(100, 27_000)).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!(res.gpus[0].memory_mib, 27_000);
+        assert_eq!(u.gpu_share_mib["g0"], 40_640);
+        assert_eq!(exhausted(&n, &u), None);
+        // 567 milli are still free, but not the memory: the memory dimension is exhausted.
+        assert_eq!(u.gpu_free("g0"), 567);
+        assert_eq!(fit(&u, share(100)).err(), Some(Dimension::GpuMemory));
+        assert_eq!(fit(&u, share_of(100, 321)).err(), Some(Dimension::GpuMemory));
+        let (res, _) = fit(&u, share_of(100, 320)).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!(res.gpus[0].memory_mib, 320);
+        // Out of milli-GPUs too: that is the GPU dimension, as before.
+        assert_eq!(fit(&u, share_of(600, 1)).err(), Some(Dimension::Gpu));
+        // An ask no device could ever give is placed nowhere (the device is too small).
+        assert_eq!(fit(&Usage::default(), share_of(100, 50_000)).err(), Some(Dimension::Gpu));
+        // The re-check: shares reserving more than the device has are a GPU memory overcommit.
+        let mut over = u.clone();
+        over.add(&AllocatedResources {
+            gpus: vec![GpuAssignment { id: "g0".into(), milli: 1, memory_mib: 321 }],
+            gpu_ids: vec!["g0".into()],
+            ..Default::default()
+        });
+        assert_eq!(exhausted(&n, &over), Some(Dimension::GpuMemory));
+        let devices = n.resources.as_ref().map(|r| r.gpus.clone()).unwrap_or_default();
+        assert_eq!(share_overcommit(&devices, &over).as_deref(), Some("shares on g0 reserve 40961 MiB of its 40960 MiB"));
+        // Whole GPUs and MIG instances reserve no share memory.
+        let (res, u) = fit(&Usage::default(), whole(1)).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!((res.gpus[0].memory_mib, u.gpu_share_mib.len()), (0, 0));
+        let key = exhausted_key(&Ask { gpus: share(100), ..Default::default() }, Dimension::GpuMemory);
+        assert!(key.starts_with("gpu-memory: "), "{key}");
+    }
+
+    #[test]
+    fn unhealthy_devices_get_no_new_placements() {
+        let mut n = node(1000, 1000, &["g0", "g1"]);
+        if let Some(r) = n.resources.as_mut() {
+            r.gpus[0].unhealthy = true;
+            r.gpus[0].health = "XID 79".into();
+        }
+        let fit = |n: &Node, u: &Usage, gpus: Vec<GpuAsk>| try_fit(n, u, &Ask { gpus, ..Default::default() });
+        let (res, u) = fit(&n, &Usage::default(), whole(1)).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!(ids(&res), ["g1"]);
+        assert_eq!(fit(&n, &u, whole(1)).err(), Some(Dimension::Gpu));
+        assert_eq!(fit(&n, &u, share(100)).err(), Some(Dimension::Gpu));
+        assert_eq!(fit(&n, &Usage::default(), whole(2)).err(), Some(Dimension::Gpu));
+        let (res, _) = fit(&n, &Usage::default(), share(500)).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!(ids(&res), ["g1"]);
+        // What is already on the unhealthy device stays: the re-check does not count it against the node.
+        let mut held = Usage::default();
+        held.add(&AllocatedResources {
+            gpus: vec![GpuAssignment { id: "g0".into(), milli: 1000, memory_mib: 0 }],
+            gpu_ids: vec!["g0".into()],
+            ..Default::default()
+        });
+        assert_eq!(exhausted(&n, &held), None);
+        // MIG: an unhealthy instance, and every instance of an unhealthy physical GPU, get nothing.
+        let mut m = mig_node();
+        if let Some(r) = m.resources.as_mut() {
+            r.gpus.iter_mut().filter(|d| d.id == "MIG-a").for_each(|d| d.unhealthy = true);
+        }
+        let (res, _) = fit(&m, &Usage::default(), mig("3g.40gb", 1)).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!(ids(&res), ["MIG-b"]);
+        assert_eq!(fit(&m, &Usage::default(), mig("3g.40gb", 2)).err(), Some(Dimension::Gpu));
+        let mut m = mig_node();
+        if let Some(r) = m.resources.as_mut() {
+            r.gpus.push(GpuDevice { id: "g0".into(), model: "A100".into(), memory_mib: 81_920, unhealthy: true, ..Default::default() });
+        }
+        assert_eq!(fit(&m, &Usage::default(), mig("3g.40gb", 1)).err(), Some(Dimension::Gpu));
     }
 
     #[test]
@@ -796,7 +1004,10 @@ mod tests {
         st.allocs.insert("a".into(), alloc("a", mig_only));
         assert!(live_workload(&st).is_empty());
         let mixed = AllocatedResources {
-            gpus: vec![GpuAssignment { id: "MIG-b".into(), milli: 1000, memory_mib: 0 }, GpuAssignment { id: "g1".into(), milli: 250, memory_mib: 0 }],
+            gpus: vec![
+                GpuAssignment { id: "MIG-b".into(), milli: 1000, memory_mib: 0 },
+                GpuAssignment { id: "g1".into(), milli: 250, memory_mib: 0 },
+            ],
             gpu_mig: [("MIG-b".to_string(), "3g.40gb".to_string())].into_iter().collect(),
             ..Default::default()
         };

@@ -219,7 +219,27 @@ fn exhaustion_records_the_dimension() {
     if let Some(r) = disk_group.tasks[0].resources.as_mut() {
         r.disk_mib = 11;
     }
+    // One GPU of 1000 MiB: two 0.2 shares of 400 MiB fit, a third has milli-GPUs but no memory.
+    let mut small_gpu = gpu_node("n1", 1);
+    if let Some(r) = small_gpu.resources.as_mut() {
+        r.gpus[0].memory_mib = 1000;
+    }
+    let mut share_group = gpu_group("g", 3, 1);
+    if let Some(g) = share_group.tasks[0].resources.as_mut().and_then(|r| r.gpu.as_mut()) {
+        (g.share_milli, g.memory_mib) = (200, 400);
+    }
+    // Two GPUs, one unhealthy: one whole-GPU allocation of two is placed.
+    let mut sick = gpu_node("n1", 2);
+    if let Some(r) = sick.resources.as_mut() {
+        (r.gpus[1].unhealthy, r.gpus[1].health) = (true, "XID 79".into());
+    }
     let cases = [
+        Case {
+            node: small_gpu,
+            group: share_group,
+            dim: "gpu-memory: no device with the milli-GPUs free has the memory a share reserves left",
+        },
+        Case { node: sick, group: gpu_group("g", 2, 1), dim: "gpu" },
         Case { node: node("n1", 4000, 1024), group: group("g", 3, 100, 512), dim: "memory" },
         Case { node: node("n1", 1000, 8192), group: group("g", 3, 400, 100), dim: "cpu" },
         Case { node: gpu_node("n1", 2), group: gpu_group("g", 3, 1), dim: "gpu" },
