@@ -26,7 +26,8 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     // The daemons need the worker pool; a CLI call is one request and a few awaits, and a
     // single-threaded runtime saves it starting (and, at exit, joining) a thread per core.
-    let daemon = matches!(cli.command, cli::Command::Server(cli::ServerArgs { action: None, .. }) | cli::Command::Agent(_) | cli::Command::Dev(_));
+    let daemon =
+        matches!(cli.command, cli::Command::Server(cli::ServerArgs { action: None, .. }) | cli::Command::Agent(_) | cli::Command::Dev(_));
     let mut builder = if daemon { tokio::runtime::Builder::new_multi_thread() } else { tokio::runtime::Builder::new_current_thread() };
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,

@@ -65,8 +65,7 @@ fn machine(xids: Value, processes: Value) -> Value {
 /// A directory of stand-in device nodes: `nvidia0`..`nvidia3`, `nvidiactl`, `nvidia-uvm`.
 fn stand_in_nodes(dir: &Path) {
     std::fs::create_dir_all(dir).expect("dev dir");
-    let nodes: [(&str, u64); 6] =
-        [("nvidia0", 0), ("nvidia1", 1), ("nvidia2", 2), ("nvidia3", 3), ("nvidiactl", 255), ("nvidia-uvm", 254)];
+    let nodes: [(&str, u64); 6] = [("nvidia0", 0), ("nvidia1", 1), ("nvidia2", 2), ("nvidia3", 3), ("nvidiactl", 255), ("nvidia-uvm", 254)];
     for (name, minor) in nodes {
         nix::sys::stat::mknod(
             &dir.join(name),
@@ -204,8 +203,16 @@ fn nvml_devices_are_fingerprinted_isolated_watched_and_measured() {
     assert_eq!(s3["ecc_corrected"], 3);
     let (code, metrics) = dev.http("GET", "/v1/metrics", None, b"");
     assert_eq!(code, 200);
-    assert!(metrics.contains(&format!("mlp_gpu_utilization_percent{{node=")) && metrics.contains(&format!("gpu=\"{GPU3}\"}} 33")), "{}", tail(&metrics, 4000));
-    assert!(metrics.contains(&format!("gpu=\"{GPU1}\",model=\"NVIDIA H100 80GB HBM3\",simulated=\"false\"}} 1")), "{}", tail(&metrics, 4000));
+    assert!(
+        metrics.contains("mlp_gpu_utilization_percent{node=") && metrics.contains(&format!("gpu=\"{GPU3}\"}} 33")),
+        "{}",
+        tail(&metrics, 4000)
+    );
+    assert!(
+        metrics.contains(&format!("gpu=\"{GPU1}\",model=\"NVIDIA H100 80GB HBM3\",simulated=\"false\"}} 1")),
+        "{}",
+        tail(&metrics, 4000)
+    );
     let text = dev.ok(&["node", "status", node["node"]["id"].as_str().unwrap_or_default()]);
     assert!(text.contains("GPU usage") && text.contains("healthy") && text.contains("physical"), "{text}");
 
@@ -258,7 +265,11 @@ fn nvml_devices_are_fingerprinted_isolated_watched_and_measured() {
         events.iter().any(|e| e["type"] == "gpu-unhealthy" && e["message"].as_str().unwrap_or("").contains(GPU3)).then_some(())
     });
     let (_, metrics) = dev.http("GET", "/v1/metrics", None, b"");
-    assert!(metrics.contains(&format!("gpu=\"{GPU3}\",model=\"NVIDIA H100 80GB HBM3\",simulated=\"false\"}} 0")), "{}", tail(&metrics, 4000));
+    assert!(
+        metrics.contains(&format!("gpu=\"{GPU3}\",model=\"NVIDIA H100 80GB HBM3\",simulated=\"false\"}} 0")),
+        "{}",
+        tail(&metrics, 4000)
+    );
 
     // ---- per-task GPU usage: the stand-in reports the holder's process on GPU 0.
     let pid = held["task_states"]["t"]["pid"].as_u64().expect("task pid");
@@ -277,10 +288,13 @@ fn nvml_devices_are_fingerprinted_isolated_watched_and_measured() {
     // ---- scheduling: nothing new lands on the unhealthy GPU.
     dev.ok(&["job", "stop", "hold"]);
     dev.wait_allocs("hold", "hold stopped", Duration::from_secs(60), |a| a.iter().all(|x| status(x) != "running"));
-    run(dev, "two", &job("two", "service", "raw_exec", "gpu { count = 1 }", "exec sleep 300").replace("group \"g\" {", "group \"g\" {\n    count = 3"));
-    let allocs = dev.wait_allocs("two", "two GPUs placed", Duration::from_secs(60), |a| {
-        a.iter().filter(|x| status(x) == "running").count() == 2
-    });
+    run(
+        dev,
+        "two",
+        &job("two", "service", "raw_exec", "gpu { count = 1 }", "exec sleep 300").replace("group \"g\" {", "group \"g\" {\n    count = 3"),
+    );
+    let allocs =
+        dev.wait_allocs("two", "two GPUs placed", Duration::from_secs(60), |a| a.iter().filter(|x| status(x) == "running").count() == 2);
     std::thread::sleep(Duration::from_secs(1));
     let all: Vec<String> = dev.job("two")["allocations"].as_array().cloned().unwrap_or(allocs).iter().flat_map(assigned).collect();
     assert!(!all.contains(&GPU3.to_string()), "placed on the unhealthy GPU: {all:?}");

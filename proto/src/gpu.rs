@@ -95,10 +95,7 @@ pub fn check_gpu_devices(path: &str, devices: &mut [GpuDevice]) -> Result<(), Gp
             return err(at("device_paths"), format!("lists {} device nodes; at most {MAX_DEVICE_PATHS}", d.device_paths.len()));
         }
         for (k, p) in d.device_paths.iter().enumerate() {
-            let bad = !p.starts_with('/')
-                || p.len() > MAX_PATH_LEN
-                || p.chars().any(char::is_control)
-                || p.split('/').any(|c| c == "..");
+            let bad = !p.starts_with('/') || p.len() > MAX_PATH_LEN || p.chars().any(char::is_control) || p.split('/').any(|c| c == "..");
             if bad {
                 let message = format!("must be an absolute path of at most {MAX_PATH_LEN} bytes without `..`, found {p:?}");
                 return err(format!("{path}[{i}].device_paths[{k}]"), message);

@@ -87,11 +87,7 @@ pub struct Api {
 /// like device ids.
 fn check_gpu_stats(stats: &[mlp_proto::v1::GpuStats]) -> Result<(), ApiError> {
     if stats.len() > mlp_proto::gpu::MAX_GPU_DEVICES {
-        return Err(ApiError::InvalidArgument(format!(
-            "gpu_stats: {} entries; at most {}",
-            stats.len(),
-            mlp_proto::gpu::MAX_GPU_DEVICES
-        )));
+        return Err(ApiError::InvalidArgument(format!("gpu_stats: {} entries; at most {}", stats.len(), mlp_proto::gpu::MAX_GPU_DEVICES)));
     }
     for (i, g) in stats.iter().enumerate() {
         if g.id.is_empty() || g.id.len() > 256 || g.id.chars().any(char::is_control) {

@@ -161,7 +161,9 @@ fn render_gpus(out: &mut String, state: &ClusterState, stats: &[(String, Vec<mlp
     }
     type Pick = fn(&mlp_proto::v1::GpuStats) -> f64;
     let gauges: [(&str, &str, Pick); 7] = [
-        ("mlp_gpu_utilization_percent", "GPU utilisation (SM busy), percent, as NVML last sampled it.", |g| f64::from(g.utilization_percent)),
+        ("mlp_gpu_utilization_percent", "GPU utilisation (SM busy), percent, as NVML last sampled it.", |g| {
+            f64::from(g.utilization_percent)
+        }),
         ("mlp_gpu_memory_used_bytes", "GPU memory in use.", |g| (g.memory_used_mib * 1024 * 1024) as f64),
         ("mlp_gpu_memory_total_bytes", "GPU memory.", |g| (g.memory_total_mib * 1024 * 1024) as f64),
         ("mlp_gpu_power_watts", "GPU power draw.", |g| f64::from(g.power_mw) / 1000.0),
@@ -201,7 +203,9 @@ fn render_task_usage(out: &mut String, state: &ClusterState) {
         ("mlp_task_gpu_utilization_percent", "GPU (SM) use of a running task's processes on its busiest GPU, percent.", |u| {
             f64::from(u.gpu_utilization_percent)
         }),
-        ("mlp_task_gpu_memory_used_bytes", "GPU memory held by a running task's processes.", |u| (u.gpu_memory_used_mib * 1024 * 1024) as f64),
+        ("mlp_task_gpu_memory_used_bytes", "GPU memory held by a running task's processes.", |u| {
+            (u.gpu_memory_used_mib * 1024 * 1024) as f64
+        }),
         ("mlp_task_cpu_throttled_seconds", "Time a running task was throttled by its CPU cap.", |u| u.cpu_throttled_ns as f64 / 1e9),
         ("mlp_task_memory_rss_bytes", "Resident memory of a running task.", |u| u.memory_rss_bytes as f64),
         ("mlp_task_memory_cache_bytes", "Page cache charged to a running task.", |u| u.memory_cache_bytes as f64),

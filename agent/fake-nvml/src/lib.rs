@@ -12,6 +12,9 @@
 // The functions are an ABI contract with NVML's callers: their safety requirements are NVML's
 // (valid, writable out-pointers of the documented types), not ours to restate per function.
 #![allow(clippy::missing_safety_doc)]
+// They are called from C through `dlsym`, where `unsafe` on the Rust signature means nothing;
+// each dereference checks for null and carries its SAFETY note.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 use std::ffi::{c_char, c_int, c_uint, c_ulonglong, CStr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -273,15 +276,8 @@ pub extern "C" fn nvmlDeviceGetCudaComputeCapability(device: nvmlDevice_t, major
 }
 
 fn pci_info(bus_id: &str) -> nvmlPciInfo_t {
-    let mut info = nvmlPciInfo_t {
-        busIdLegacy: [0; 16],
-        domain: 0,
-        bus: 0,
-        device: 0,
-        pciDeviceId: 0x2330_10de,
-        pciSubSystemId: 0,
-        busId: [0; 32],
-    };
+    let mut info =
+        nvmlPciInfo_t { busIdLegacy: [0; 16], domain: 0, bus: 0, device: 0, pciDeviceId: 0x2330_10de, pciSubSystemId: 0, busId: [0; 32] };
     for (dst, src) in info.busId.iter_mut().zip(bus_id.bytes().take(31)) {
         *dst = src as c_char;
     }
@@ -359,7 +355,11 @@ pub extern "C" fn nvmlDeviceGetComputeInstanceId(device: nvmlDevice_t, id: *mut 
 }
 
 #[no_mangle]
-pub extern "C" fn nvmlDeviceGetTopologyCommonAncestor(a: nvmlDevice_t, b: nvmlDevice_t, level: *mut nvmlGpuTopologyLevel_t) -> nvmlReturn_t {
+pub extern "C" fn nvmlDeviceGetTopologyCommonAncestor(
+    a: nvmlDevice_t,
+    b: nvmlDevice_t,
+    level: *mut nvmlGpuTopologyLevel_t,
+) -> nvmlReturn_t {
     let (c, i, _) = device_or_return!(a);
     let (_, j, _) = device_or_return!(b);
     let (x, y) = (&c.devices[i], &c.devices[j]);
@@ -426,7 +426,11 @@ pub extern "C" fn nvmlDeviceGetTotalEccErrors(
 }
 
 #[no_mangle]
-pub extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(device: nvmlDevice_t, count: *mut c_uint, infos: *mut nvmlProcessInfo_t) -> nvmlReturn_t {
+pub extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
+    device: nvmlDevice_t,
+    count: *mut c_uint,
+    infos: *mut nvmlProcessInfo_t,
+) -> nvmlReturn_t {
     let (c, i, _) = device_or_return!(device);
     let procs = &c.devices[i].processes;
     if count.is_null() {

@@ -374,7 +374,11 @@ mod tests {
         let env: BTreeMap<_, _> = gpu_env(&s).into_iter().collect();
         assert_eq!(env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"], "25");
         assert!(!env.contains_key("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"));
-        let share = TaskGpus { devices: vec![GpuAssignment { id: "g".into(), milli: 333, memory_mib: 13_640 }], simulated: false };
+        let share = TaskGpus {
+            devices: vec![GpuAssignment { id: "g".into(), milli: 333, memory_mib: 13_640 }],
+            simulated: false,
+            ..Default::default()
+        };
         let env: BTreeMap<_, _> = gpu_env(&share).into_iter().collect();
         assert_eq!(env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"], "34");
         assert_eq!(env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"], "0=13640M");

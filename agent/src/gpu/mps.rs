@@ -340,7 +340,7 @@ mod tests {
     #[test]
     fn only_a_share_of_one_real_device_needs_mps() {
         let asg = |id: &str, milli| GpuAssignment { id: id.into(), milli, memory_mib: 0 };
-        let gpus = |devices: Vec<GpuAssignment>, simulated| TaskGpus { devices, simulated };
+        let gpus = |devices: Vec<GpuAssignment>, simulated| TaskGpus { devices, simulated, ..Default::default() };
         assert_eq!(shared_device(&gpus(vec![asg("GPU-a", 500)], false)), Some("GPU-a"));
         assert_eq!(shared_device(&gpus(vec![asg("GPU-a", 500)], true)), None);
         assert_eq!(shared_device(&gpus(vec![asg("GPU-a", 1000)], false)), None);

@@ -470,7 +470,7 @@ impl NvmlGpus {
             let Ok(d) = nvml.device_by_index(i) else { continue };
             let Ok(id) = d.uuid() else { continue };
             // A task with a MIG instance of this GPU counts its processes on the parent.
-            let mine = ids.iter().any(|x| *x == id) || self.is_parent_of(&d, ids);
+            let mine = ids.contains(&id) || self.is_parent_of(&d, ids);
             if !mine {
                 continue;
             }
@@ -481,7 +481,8 @@ impl NvmlGpus {
                     }
                 }
             }
-            let sm: u32 = d.process_utilization_stats(0).unwrap_or_default().iter().filter(|s| pids.contains(&s.pid)).map(|s| s.sm_util).sum();
+            let sm: u32 =
+                d.process_utilization_stats(0).unwrap_or_default().iter().filter(|s| pids.contains(&s.pid)).map(|s| s.sm_util).sum();
             util = util.max(sm.min(100));
         }
         (util, mem)
