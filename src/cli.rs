@@ -204,6 +204,9 @@ pub struct GpuArgs {
     /// The MPS control binary (default: nvidia-cuda-mps-control in the driver root or PATH).
     #[arg(long, value_name = "PATH")]
     pub mps_control: Option<PathBuf>,
+    /// The driver's MIG capability minors file (tests point it at a stand-in).
+    #[arg(long, value_name = "FILE", default_value = "/proc/driver/nvidia-caps/mig-minors", hide = true)]
+    pub nvidia_mig_minors: PathBuf,
 }
 
 impl GpuArgs {
@@ -221,6 +224,7 @@ impl GpuArgs {
             dev_dir: self.nvidia_dev_dir.clone(),
             ignored_xids: self.ignore_xids.clone(),
             mps_control: self.mps_control.clone(),
+            mig_minors: self.nvidia_mig_minors.clone(),
         }
     }
 }

@@ -28,6 +28,9 @@ fn main() -> ExitCode {
     // single-threaded runtime saves it starting (and, at exit, joining) a thread per core.
     let daemon =
         matches!(cli.command, cli::Command::Server(cli::ServerArgs { action: None, .. }) | cli::Command::Agent(_) | cli::Command::Dev(_));
+    if !daemon {
+        restore_sigpipe();
+    }
     let mut builder = if daemon { tokio::runtime::Builder::new_multi_thread() } else { tokio::runtime::Builder::new_current_thread() };
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
@@ -42,6 +45,18 @@ fn main() -> ExitCode {
             eprintln!("Error: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// A CLI call whose output goes to a pipe that closed (`mlp node status | head -1`, `grep -q`)
+/// ends quietly, as Unix tools do, instead of panicking on the failed write: Rust ignores
+/// SIGPIPE by default, which is right for the daemons (a client gone mid-response) only.
+#[allow(unsafe_code)]
+fn restore_sigpipe() {
+    // SAFETY: `signal` with SIG_DFL only resets a disposition; no handler runs our code, and
+    // no other thread exists yet.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

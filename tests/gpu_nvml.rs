@@ -333,3 +333,117 @@ fn without_a_usable_nvml_library_the_node_has_no_gpus_and_says_why() {
     let nodes = dev.json(&["node", "status", "--json"]);
     assert!(nodes[0]["attributes"].get("gpu.unavailable").is_none(), "{nodes:#}");
 }
+
+/// A stand-in `nvidia-cuda-mps-control` that logs its calls to `<dir>/mps.log` (`-d` returns at
+/// once, as the real one does after daemonizing).
+fn mps_stand_in(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let log = dir.join("mps.log");
+    let script = format!(
+        "#!/bin/sh\nif [ \"$1\" = \"-d\" ]; then echo \"start cvd=$CUDA_VISIBLE_DEVICES pipe=$CUDA_MPS_PIPE_DIRECTORY\" >> {log}; exit 0; fi\n\
+         input=$(cat); echo \"control cvd=$CUDA_VISIBLE_DEVICES stdin=$input\" >> {log}\n",
+        log = log.display()
+    );
+    let path = dir.join("nvidia-cuda-mps-control");
+    std::fs::write(&path, script).expect("write stand-in");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+#[test]
+fn mig_instances_get_their_capability_nodes_and_shares_run_under_mps() {
+    if !common::require_exec() {
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("mlp-nvml-").tempdir().expect("tempdir");
+    let config = dir.path().join("nvml.json");
+    std::fs::write(&config, machine(json!([]), json!({})).to_string()).expect("write config");
+    let devdir = dir.path().join("dev");
+    stand_in_nodes(&devdir);
+    std::fs::create_dir_all(devdir.join("nvidia-caps")).expect("caps dir");
+    for minor in [21u64, 22, 31, 32] {
+        nix::sys::stat::mknod(
+            &devdir.join(format!("nvidia-caps/nvidia-cap{minor}")),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o444),
+            nix::sys::stat::makedev(236, minor),
+        )
+        .expect("mknod cap");
+    }
+    // GPU 2's two instances: GPU instances 1 and 2, compute instance 0 in each.
+    let minors = dir.path().join("mig-minors");
+    std::fs::write(
+        &minors,
+        "config 1\nmonitor 2\ngpu2/gi1/access 21\ngpu2/gi1/ci0/access 22\ngpu2/gi2/access 31\ngpu2/gi2/ci0/access 32\n",
+    )
+    .expect("write minors");
+    let control = mps_stand_in(dir.path());
+    std::env::set_var("MLP_FAKE_NVML", &config);
+    let lib = fake_library();
+    let dev = Dev::start_with(&[
+        "--nvml-library",
+        lib.to_str().unwrap_or_default(),
+        "--nvidia-dev-dir",
+        devdir.to_str().unwrap_or_default(),
+        "--nvidia-mig-minors",
+        minors.to_str().unwrap_or_default(),
+        "--mps-control",
+        control.to_str().unwrap_or_default(),
+    ]);
+    let nodes = dev.json(&["node", "status", "--json"]);
+    let node = dev.json(&["node", "status", nodes[0]["id"].as_str().unwrap_or_default(), "--json"]);
+    let mig = device(&node, MIG_B);
+    let paths: Vec<String> =
+        mig["device_paths"].as_array().cloned().unwrap_or_default().iter().filter_map(|p| p.as_str().map(String::from)).collect();
+    let want: Vec<String> =
+        ["nvidia2", "nvidia-caps/nvidia-cap31", "nvidia-caps/nvidia-cap32"].iter().map(|p| devdir.join(p).display().to_string()).collect();
+    assert_eq!(paths, want, "{mig:#}");
+
+    // An exec task given a MIG instance sees its parent's node and exactly its own capabilities.
+    run(
+        &dev,
+        "mig",
+        &job(
+            "mig",
+            "batch",
+            "exec",
+            "gpu {\n  count = 1\n  mig = \"3g.40gb\"\n}",
+            "echo CAPS=$(ls /dev/nvidia-caps | tr '\\n' ' '); echo NODES=$(ls /dev | grep '^nvidia[0-9]' | tr '\\n' ' '); echo CUDA=$CUDA_VISIBLE_DEVICES",
+        ),
+    );
+    let a = wait_one(&dev, "mig", "complete");
+    let mine = assigned(&a);
+    assert_eq!(mine.len(), 1);
+    let (c1, c2) = if mine[0] == MIG_A { ("nvidia-cap21", "nvidia-cap22") } else { ("nvidia-cap31", "nvidia-cap32") };
+    let out = String::from_utf8_lossy(&dev.cli(&["alloc", "logs", a["id"].as_str().unwrap_or_default(), "t"]).stdout).into_owned();
+    assert!(out.lines().any(|l| l == format!("CAPS={c1} {c2}")), "{out}");
+    assert!(out.lines().any(|l| l == "NODES=nvidia2"), "{out}");
+    assert!(out.contains(&format!("CUDA={}", mine[0])), "{out}");
+
+    // Two half shares land on one real device, under one MPS daemon, with their limits.
+    for name in ["s1", "s2"] {
+        run(
+            &dev,
+            name,
+            &job(name, "batch", "exec", "gpu {\n  share = 0.5\n  memory = 20000\n}", "echo PCT=$CUDA_MPS_ACTIVE_THREAD_PERCENTAGE MEM=$CUDA_MPS_PINNED_DEVICE_MEM_LIMIT PIPE=$CUDA_MPS_PIPE_DIRECTORY; ls -d $CUDA_MPS_PIPE_DIRECTORY; sleep 2"),
+        );
+    }
+    let s1 = wait_one(&dev, "s1", "complete");
+    let s2 = wait_one(&dev, "s2", "complete");
+    let (d1, d2) = (assigned(&s1), assigned(&s2));
+    assert_eq!(d1, d2, "two halves share one device");
+    assert!(d1[0].starts_with("GPU-"), "{d1:?}");
+    for a in [&s1, &s2] {
+        let out = String::from_utf8_lossy(&dev.cli(&["alloc", "logs", a["id"].as_str().unwrap_or_default(), "t"]).stdout).into_owned();
+        assert!(out.contains("PCT=50 MEM=0=20000M PIPE=/"), "{out}");
+        let pipe = out.split("PIPE=").nth(1).and_then(|r| r.lines().next()).unwrap_or_default().to_string();
+        assert!(out.lines().any(|l| l == pipe), "the pipe directory is not visible in the task: {out}");
+    }
+    let log = wait_for("the daemon to be told to quit", Duration::from_secs(20), || {
+        let log = std::fs::read_to_string(dir.path().join("mps.log")).unwrap_or_default();
+        log.contains("stdin=quit").then_some(log)
+    });
+    let starts: Vec<&str> = log.lines().filter(|l| l.starts_with("start")).collect();
+    assert_eq!(starts.len(), 1, "one daemon for both shares: {log}");
+    assert!(starts[0].contains(&format!("cvd={}", d1[0])), "{log}");
+}

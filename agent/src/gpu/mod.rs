@@ -53,6 +53,9 @@ pub struct GpuSettings {
     pub ignored_xids: Vec<u64>,
     /// `nvidia-cuda-mps-control` (None: found next to `nvidia-smi` in the driver root or PATH).
     pub mps_control: Option<PathBuf>,
+    /// The driver's list of MIG capability minors (`/proc/driver/nvidia-caps/mig-minors`): a
+    /// MIG instance's `nvidia-caps/nvidia-capN` nodes come from it.
+    pub mig_minors: PathBuf,
 }
 
 /// XIDs that are the application's fault or informational, not the device's (the NVIDIA device
@@ -69,6 +72,7 @@ impl Default for GpuSettings {
             dev_dir: PathBuf::from("/dev"),
             ignored_xids: Vec::new(),
             mps_control: None,
+            mig_minors: PathBuf::from(nvml::MIG_MINORS),
         }
     }
 }

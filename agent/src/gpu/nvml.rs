@@ -42,7 +42,7 @@ const COMMON_PREFIXES: &[&str] = &[
     "/opt/nvidia/lib64",
 ];
 /// Where the driver lists the minors of MIG capability nodes.
-const MIG_MINORS: &str = "/proc/driver/nvidia-caps/mig-minors";
+pub const MIG_MINORS: &str = "/proc/driver/nvidia-caps/mig-minors";
 /// NVLink links per device, at most (NVML_NVLINK_MAX_LINKS).
 const MAX_LINKS: u32 = 18;
 const MIB: u64 = 1024 * 1024;
@@ -258,7 +258,7 @@ impl NvmlGpus {
     pub fn fingerprint(&self) -> Result<Vec<GpuDevice>, String> {
         let nvml = self.nvml();
         let count = nvml.device_count().map_err(|e| format!("counting devices: {}", describe(&e)))?;
-        let minors = std::fs::read_to_string(MIG_MINORS).map(|t| mig_minors(&t)).unwrap_or_default();
+        let minors = std::fs::read_to_string(&self.settings.mig_minors).map(|t| mig_minors(&t)).unwrap_or_default();
         // Whole devices first (their topology needs all of them), MIG instances after.
         let mut whole: Vec<(GpuDevice, bool)> = Vec::new();
         let mut handles = Vec::new();

@@ -90,13 +90,15 @@ impl GpuAsk {
     }
 
     /// The device memory a share reserves on `device`: the ask's `memory_mib` when set, else
-    /// `ceil(milli / 1000 × device memory)`.
+    /// `floor(milli / 1000 × device memory)`, rounded down so that shares whose millis fit one
+    /// device also fit its memory (two halves of an 81,559 MiB H100 reserve 40,779 MiB each;
+    /// rounding up would make them 1 MiB too many for one device).
     pub fn share_memory_mib(&self, device: &GpuDevice) -> u64 {
         if self.memory_mib > 0 {
             return self.memory_mib;
         }
         let milli = u128::from(self.shape.milli);
-        let mib = (milli * u128::from(device.memory_mib)).div_ceil(u128::from(WHOLE));
+        let mib = (milli * u128::from(device.memory_mib)) / u128::from(WHOLE);
         u64::try_from(mib).unwrap_or(u64::MAX)
     }
 }
@@ -752,21 +754,21 @@ mod tests {
     fn shares_reserve_device_memory() {
         let n = node(1000, 1000, &["g0"]);
         let fit = |u: &Usage, gpus: Vec<GpuAsk>| try_fit(&n, u, &Ask { gpus, ..Default::default() });
-        // Without memory_mib a share reserves its fraction of the device's 40960 MiB, rounded up.
+        // Without memory_mib a share reserves its fraction of the device's 40960 MiB, rounded down.
         let (res, u) = fit(&Usage::default(), share(333)).unwrap_or_else(|d| panic!("{d}"));
-        assert_eq!(res.gpus, [GpuAssignment { id: "g0".into(), milli: 333, memory_mib: 13_640 }]);
-        assert_eq!(u.gpu_share_mib["g0"], 13_640);
-        // A share with memory_mib reserves exactly that: 0.1 GPU with 27000 MiB leaves 320 MiB.
+        assert_eq!(res.gpus, [GpuAssignment { id: "g0".into(), milli: 333, memory_mib: 13_639 }]);
+        assert_eq!(u.gpu_share_mib["g0"], 13_639);
+        // A share with memory_mib reserves exactly that: 0.1 GPU with 27000 MiB leaves 321 MiB.
         let (res, u) = fit(&u, share_of(100, 27_000)).unwrap_or_else(|d| panic!("{d}"));
         assert_eq!(res.gpus[0].memory_mib, 27_000);
-        assert_eq!(u.gpu_share_mib["g0"], 40_640);
+        assert_eq!(u.gpu_share_mib["g0"], 40_639);
         assert_eq!(exhausted(&n, &u), None);
         // 567 milli are still free, but not the memory: the memory dimension is exhausted.
         assert_eq!(u.gpu_free("g0"), 567);
         assert_eq!(fit(&u, share(100)).err(), Some(Dimension::GpuMemory));
-        assert_eq!(fit(&u, share_of(100, 321)).err(), Some(Dimension::GpuMemory));
-        let (res, _) = fit(&u, share_of(100, 320)).unwrap_or_else(|d| panic!("{d}"));
-        assert_eq!(res.gpus[0].memory_mib, 320);
+        assert_eq!(fit(&u, share_of(100, 322)).err(), Some(Dimension::GpuMemory));
+        let (res, _) = fit(&u, share_of(100, 321)).unwrap_or_else(|d| panic!("{d}"));
+        assert_eq!(res.gpus[0].memory_mib, 321);
         // Out of milli-GPUs too: that is the GPU dimension, as before.
         assert_eq!(fit(&u, share_of(600, 1)).err(), Some(Dimension::Gpu));
         // An ask no device could ever give is placed nowhere (the device is too small).
@@ -774,7 +776,7 @@ mod tests {
         // The re-check: shares reserving more than the device has are a GPU memory overcommit.
         let mut over = u.clone();
         over.add(&AllocatedResources {
-            gpus: vec![GpuAssignment { id: "g0".into(), milli: 1, memory_mib: 321 }],
+            gpus: vec![GpuAssignment { id: "g0".into(), milli: 1, memory_mib: 322 }],
             gpu_ids: vec!["g0".into()],
             ..Default::default()
         });
@@ -786,6 +788,13 @@ mod tests {
         assert_eq!((res.gpus[0].memory_mib, u.gpu_share_mib.len()), (0, 0));
         let key = exhausted_key(&Ask { gpus: share(100), ..Default::default() }, Dimension::GpuMemory);
         assert!(key.starts_with("gpu-memory: "), "{key}");
+        // Shares whose millis fit a device fit its memory too, whatever its size: two halves
+        // of an H100's 81,559 MiB (rounding up would need 81,560).
+        let h100 = GpuDevice { id: "h".into(), memory_mib: 81_559, ..Default::default() };
+        for milli in [500, 333, 250, 125, 1] {
+            let each = share(milli)[0].share_memory_mib(&h100);
+            assert!(each * (1000 / u64::from(milli)) <= 81_559, "{milli}: {each}");
+        }
     }
 
     #[test]
