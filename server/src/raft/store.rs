@@ -259,14 +259,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        // One insert per entry, not a sled batch: a batch reserves a manifest in sled's log that
+        // goes to disk as a write (and a sync) of its own, and takes sled's global write lock.
+        // Atomicity is not needed here: the entries are acknowledged only after the flush below,
+        // and what a crash can leave of them is a prefix in index order (sled recovers its log
+        // in order), which is a valid Raft log.
         let mut appended = Vec::new();
         for entry in entries {
             let value = to_json(&entry).map_err(StorageIOError::write_logs)?;
-            batch.insert(&key(entry.log_id.index), value);
+            self.logs.insert(key(entry.log_id.index), value).map_err(|e| StorageIOError::write_logs(io_err(&e)))?;
             appended.push(entry);
         }
-        self.logs.apply_batch(batch).map_err(|e| StorageIOError::write_logs(io_err(&e)))?;
 
         {
             let mut cache = lock(&self.cache);
