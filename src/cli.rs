@@ -225,6 +225,7 @@ impl GpuArgs {
             ignored_xids: self.ignore_xids.clone(),
             mps_control: self.mps_control.clone(),
             mig_minors: self.nvidia_mig_minors.clone(),
+            health_file: None,
         }
     }
 }

@@ -89,18 +89,20 @@ impl Gpus {
         let config = dir.path().join("nvml.json");
         std::fs::write(&config, machine(json!([]), json!({})).to_string()).expect("write config");
         stand_in_nodes(&dir.path().join("dev"));
-        // The agent (inside `mlp dev`) reads the stand-in's file through this variable.
-        std::env::set_var("MLP_FAKE_NVML", &config);
         let lib = fake_library();
         let devdir = dir.path().join("dev");
-        let dev = Dev::start_with(&[
-            "--nvml-library",
-            lib.to_str().unwrap_or_default(),
-            "--nvidia-dev-dir",
-            devdir.to_str().unwrap_or_default(),
-            "--heartbeat-ttl",
-            "2",
-        ]);
+        // The agent (inside `mlp dev`) reads the stand-in's file through MLP_FAKE_NVML.
+        let dev = Dev::start_with_env(
+            &[
+                "--nvml-library",
+                lib.to_str().unwrap_or_default(),
+                "--nvidia-dev-dir",
+                devdir.to_str().unwrap_or_default(),
+                "--heartbeat-ttl",
+                "2",
+            ],
+            &[("MLP_FAKE_NVML", config.to_str().unwrap_or_default())],
+        );
         Gpus { dev, config, _dir: dir }
     }
 
@@ -116,6 +118,12 @@ impl Gpus {
         let id = nodes[0]["id"].as_str().expect("node id").to_string();
         self.dev.json(&["node", "status", &id, "--json"])
     }
+}
+
+/// The machine with GPU 3 fallen off the bus.
+fn lost3(mut m: Value) -> Value {
+    m["devices"][3]["lost"] = json!(true);
+    m
 }
 
 fn device<'a>(node: &'a Value, id: &str) -> &'a Value {
@@ -246,12 +254,14 @@ fn nvml_devices_are_fingerprinted_isolated_watched_and_measured() {
 
     // ---- health: a job holding GPUs 0, 1 and 3; XID 13 (the application's fault) on GPU 0
     // is ignored, XID 79 (fallen off the bus) on GPU 3 takes it out and is an event on the task.
+    // GPU 3 is then lost for NVML too (every query of it fails): it stays registered, from its
+    // last known record, marked unhealthy.
     run(dev, "hold", &job("hold", "service", "raw_exec", "gpu { count = 3 }", "exec sleep 300"));
     let held = wait_one(dev, "hold", "running");
     let mut held_ids = assigned(&held);
     held_ids.sort();
     assert_eq!(held_ids, [GPU0, GPU1, GPU3], "{held:#}");
-    g.rewrite(machine(json!([{"device": 0, "xid": 13}, {"device": 3, "xid": 79}]), json!({})));
+    g.rewrite(lost3(machine(json!([{"device": 0, "xid": 13}, {"device": 3, "xid": 79}]), json!({}))));
     let node = wait_for("GPU 3 unhealthy", Duration::from_secs(30), || {
         let n = g.node();
         (device(&n, GPU3)["unhealthy"] == true).then_some(n)
@@ -259,6 +269,8 @@ fn nvml_devices_are_fingerprinted_isolated_watched_and_measured() {
     assert!(device(&node, GPU3)["health"].as_str().unwrap_or("").contains("XID 79"), "{node:#}");
     assert!(device(&node, GPU0)["unhealthy"] != true, "XID 13 is not the device's fault: {node:#}");
     assert_eq!(node["node"]["attributes"]["gpu.unhealthy"], "1");
+    let health = std::fs::read_to_string(dev.data_dir().join("agent/gpu-health.json")).unwrap_or_default();
+    assert!(health.contains(GPU3) && health.contains("XID 79") && !health.contains(GPU0), "kept across restarts: {health}");
     wait_for("the task's GPU event", Duration::from_secs(20), || {
         let allocs = dev.job("hold")["allocations"].clone();
         let events = allocs[0]["task_states"]["t"]["events"].as_array().cloned().unwrap_or_default();
@@ -273,10 +285,10 @@ fn nvml_devices_are_fingerprinted_isolated_watched_and_measured() {
 
     // ---- per-task GPU usage: the stand-in reports the holder's process on GPU 0.
     let pid = held["task_states"]["t"]["pid"].as_u64().expect("task pid");
-    g.rewrite(machine(
+    g.rewrite(lost3(machine(
         json!([{"device": 0, "xid": 13}, {"device": 3, "xid": 79}]),
         json!({"0": [{"pid": pid, "used_mib": 2048, "sm_util": 55}]}),
-    ));
+    )));
     wait_for("the task's GPU usage", Duration::from_secs(30), || {
         let allocs = dev.job("hold")["allocations"].clone();
         let u = allocs[0]["task_states"]["t"]["usage"].clone();
@@ -321,9 +333,11 @@ fn without_a_usable_nvml_library_the_node_has_no_gpus_and_says_why() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("nvml.json");
     std::fs::write(&config, json!({"init_error": 9}).to_string()).expect("write config");
-    std::env::set_var("MLP_FAKE_NVML", &config);
     let lib = fake_library();
-    let dev = Dev::start_with(&["--nvml-library", lib.to_str().unwrap_or_default()]);
+    let dev = Dev::start_with_env(
+        &["--nvml-library", lib.to_str().unwrap_or_default()],
+        &[("MLP_FAKE_NVML", config.to_str().unwrap_or_default())],
+    );
     let nodes = dev.json(&["node", "status", "--json"]);
     assert!(nodes[0]["attributes"]["gpu.unavailable"].as_str().unwrap_or("").contains("driver is not loaded"), "{nodes:#}");
     drop(dev);
@@ -378,18 +392,20 @@ fn mig_instances_get_their_capability_nodes_and_shares_run_under_mps() {
     )
     .expect("write minors");
     let control = mps_stand_in(dir.path());
-    std::env::set_var("MLP_FAKE_NVML", &config);
     let lib = fake_library();
-    let dev = Dev::start_with(&[
-        "--nvml-library",
-        lib.to_str().unwrap_or_default(),
-        "--nvidia-dev-dir",
-        devdir.to_str().unwrap_or_default(),
-        "--nvidia-mig-minors",
-        minors.to_str().unwrap_or_default(),
-        "--mps-control",
-        control.to_str().unwrap_or_default(),
-    ]);
+    let dev = Dev::start_with_env(
+        &[
+            "--nvml-library",
+            lib.to_str().unwrap_or_default(),
+            "--nvidia-dev-dir",
+            devdir.to_str().unwrap_or_default(),
+            "--nvidia-mig-minors",
+            minors.to_str().unwrap_or_default(),
+            "--mps-control",
+            control.to_str().unwrap_or_default(),
+        ],
+        &[("MLP_FAKE_NVML", config.to_str().unwrap_or_default())],
+    );
     let nodes = dev.json(&["node", "status", "--json"]);
     let node = dev.json(&["node", "status", nodes[0]["id"].as_str().unwrap_or_default(), "--json"]);
     let mig = device(&node, MIG_B);
@@ -420,13 +436,19 @@ fn mig_instances_get_their_capability_nodes_and_shares_run_under_mps() {
     assert!(out.lines().any(|l| l == "NODES=nvidia2"), "{out}");
     assert!(out.contains(&format!("CUDA={}", mine[0])), "{out}");
 
-    // Two half shares land on one real device, under one MPS daemon, with their limits.
+    // Two half shares land on one real device, under one MPS daemon, with their limits. They
+    // are raw_exec tasks so that they can meet in a host directory: each waits (bounded) until
+    // both run, so the daemon is shared whatever the machine's speed. (The pipe directory's
+    // bind into an exec task's root is tested in agent/tests/mps.rs.)
+    let meet = dir.path().join("meet");
+    std::fs::create_dir_all(&meet).expect("meet dir");
     for name in ["s1", "s2"] {
-        run(
-            &dev,
-            name,
-            &job(name, "batch", "exec", "gpu {\n  share = 0.5\n  memory = 20000\n}", "echo PCT=$CUDA_MPS_ACTIVE_THREAD_PERCENTAGE MEM=$CUDA_MPS_PINNED_DEVICE_MEM_LIMIT PIPE=$CUDA_MPS_PIPE_DIRECTORY; ls -d $CUDA_MPS_PIPE_DIRECTORY; sleep 2"),
+        let script = format!(
+            "echo PCT=$CUDA_MPS_ACTIVE_THREAD_PERCENTAGE MEM=$CUDA_MPS_PINNED_DEVICE_MEM_LIMIT PIPE=$CUDA_MPS_PIPE_DIRECTORY; ls -d $CUDA_MPS_PIPE_DIRECTORY; \
+             touch {m}/$MLP_ALLOC_ID; i=0; while [ $(ls {m} | wc -l) -lt 2 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done",
+            m = meet.display()
         );
+        run(&dev, name, &job(name, "batch", "raw_exec", "gpu {\n  share = 0.5\n  memory = 20000\n}", &script));
     }
     let s1 = wait_one(&dev, "s1", "complete");
     let s2 = wait_one(&dev, "s2", "complete");

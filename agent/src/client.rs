@@ -131,12 +131,12 @@ fn heartbeat_interval(ttl: Duration) -> Duration {
 /// Registers the node, then heartbeats at about ttl/2 (with jitter); registers again when a server no longer
 /// knows the node. Sets `registered` after each successful registration.
 /// Registers the node (again whenever its fingerprint in `node` changes: a GPU became
-/// unhealthy) and heartbeats, carrying the GPUs' measurements when `nvml` has them.
+/// unhealthy) and heartbeats, carrying the GPUs' latest measurements (`gpu_stats`).
 pub async fn node_loop(
     pool: Arc<ServerPool>,
     mut node_rx: watch::Receiver<Node>,
     registered: watch::Sender<bool>,
-    nvml: Option<crate::gpu::nvml::NvmlGpus>,
+    gpu_stats: watch::Receiver<Vec<mlp_proto::v1::GpuStats>>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
@@ -170,14 +170,7 @@ pub async fn node_loop(
                     tokio::time::sleep_until(next).await;
                 }
             }
-            let gpu_stats = match &nvml {
-                Some(n) => {
-                    let n = n.clone();
-                    tokio::task::spawn_blocking(move || n.sample()).await.unwrap_or_default()
-                }
-                None => Vec::new(),
-            };
-            let req = HeartbeatRequest { node_id: node.id.clone(), gpu_stats };
+            let req = HeartbeatRequest { node_id: node.id.clone(), gpu_stats: gpu_stats.borrow().clone() };
             match unary(&pool, |mut c| async move { c.heartbeat(req).await }).await {
                 Ok(resp) => {
                     if resp.heartbeat_ttl_ms > 0 {

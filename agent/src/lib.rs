@@ -182,6 +182,9 @@ impl Agent {
     /// Fingerprints the node, restores what a previous run left, binds the ClientService
     /// listener and spawns the background loops (registration may still be retrying).
     pub async fn start(mut config: AgentConfig) -> Result<Agent, AgentError> {
+        if config.gpu.health_file.is_none() {
+            config.gpu.health_file = Some(config.data_dir.join("gpu-health.json"));
+        }
         let gpu = config.gpu_backend();
         // Simulated devices are configuration: bad ones refuse the start. Real ones that NVML
         // cannot describe leave the node without GPUs (the reason is in its attributes).
@@ -257,7 +260,13 @@ impl Agent {
         if let Some(nvml) = gpu.nvml() {
             loops.push(spawn_cancellable(&cancel, gpu_health_loop(nvml.clone(), gpu.clone(), node_tx, health_tx)));
         }
-        loops.push(spawn_cancellable(&cancel, client::node_loop(pool.clone(), node_rx, reg_tx, gpu.nvml().cloned())));
+        // GPU measurements are taken apart from the heartbeats, which send the latest: a GPU
+        // whose NVML calls hang must not stop the node's heartbeats.
+        let (stats_tx, stats_rx) = watch::channel(Vec::new());
+        if let Some(nvml) = gpu.nvml() {
+            loops.push(spawn_cancellable(&cancel, gpu_stats_loop(nvml.clone(), stats_tx)));
+        }
+        loops.push(spawn_cancellable(&cancel, client::node_loop(pool.clone(), node_rx, reg_tx, stats_rx)));
         loops.push(spawn_cancellable(&cancel, client::watch_loop(pool.clone(), node_id.clone(), reg_rx, manager.clone())));
         loops.push(spawn_cancellable(&cancel, client::update_loop(pool, node_id.clone(), updates_rx)));
         let reap_manager = manager.clone();
@@ -314,7 +323,10 @@ async fn gpu_health_loop(
             m.insert(ev.device.clone(), ev.reason.clone());
         });
         let b = backend.clone();
-        let Ok(devices) = tokio::task::spawn_blocking(move || b.devices().map(|d| (b.attributes(&d), d))).await else { continue };
+        let devices = tokio::task::spawn_blocking(move || b.devices().map(|d| (b.attributes(&d), d)))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
         match devices {
             Ok((attrs, devices)) => node.send_modify(|n| {
                 n.attributes.retain(|k, _| !k.starts_with("gpu."));
@@ -323,7 +335,44 @@ async fn gpu_health_loop(
                     r.gpus = devices;
                 }
             }),
-            Err(e) => tracing::warn!(error = %e, "fingerprinting the GPUs after a health event failed"),
+            Err(e) => {
+                // NVML cannot describe the devices any more: mark the one that failed (and its
+                // MIG instances) in the node as registered, so the scheduler still stops.
+                tracing::warn!(error = %e, "fingerprinting the GPUs after a health event failed; marking the device in the last fingerprint");
+                node.send_modify(|n| {
+                    for d in n.resources.iter_mut().flat_map(|r| r.gpus.iter_mut()) {
+                        if d.id == ev.device || d.parent_id == ev.device {
+                            d.unhealthy = true;
+                            d.health = ev.reason.clone();
+                        }
+                    }
+                    let bad = n.resources.as_ref().map_or(0, |r| r.gpus.iter().filter(|d| d.unhealthy).count());
+                    n.attributes.insert("gpu.unhealthy".into(), bad.to_string());
+                });
+            }
+        }
+    }
+}
+
+/// How often the GPUs are measured for the heartbeats.
+const GPU_STATS_INTERVAL: Duration = Duration::from_secs(5);
+/// A measurement that takes longer is abandoned (its thread finishes on its own).
+const GPU_STATS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Measures the GPUs every few seconds on a blocking thread, publishing the latest for the
+/// heartbeats; a measurement that hangs (a wedged GPU) is given up after a while, and the
+/// heartbeats carry the previous one meanwhile.
+async fn gpu_stats_loop(nvml: gpu::nvml::NvmlGpus, out: watch::Sender<Vec<mlp_proto::v1::GpuStats>>) {
+    let mut tick = tokio::time::interval(GPU_STATS_INTERVAL);
+    loop {
+        tick.tick().await;
+        let n = nvml.clone();
+        match tokio::time::timeout(GPU_STATS_TIMEOUT, tokio::task::spawn_blocking(move || n.sample())).await {
+            Ok(Ok(stats)) => {
+                let _ = out.send(stats);
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "measuring the GPUs failed"),
+            Err(_) => tracing::warn!(timeout = ?GPU_STATS_TIMEOUT, "measuring the GPUs hangs; heartbeats carry the last measurement"),
         }
     }
 }

@@ -655,7 +655,7 @@ impl Api {
         };
         let ttl = self.heartbeat.ttl_in(&self.state.read());
         self.heartbeats.touch(node_id, ttl);
-        self.heartbeats.record_gpu_stats(node_id, gpu_stats);
+        self.heartbeats.record_gpu_stats(node_id, gpu_stats, ttl);
         Metrics::inc(&self.metrics.node_heartbeats);
         if status != node_status::READY {
             let evals = crate::leader::node_evals(&self.state.read(), node_id);

@@ -78,29 +78,45 @@ pub fn now_ms() -> u64 {
 pub struct Heartbeats {
     deadlines: std::sync::Mutex<HashMap<String, Instant>>,
     /// Each node's last GPU measurements, from its heartbeats (memory only, never in Raft).
-    gpu_stats: std::sync::Mutex<HashMap<String, Vec<mlp_proto::v1::GpuStats>>>,
+    gpu_stats: std::sync::Mutex<HashMap<String, (Instant, Vec<mlp_proto::v1::GpuStats>)>>,
 }
+
+/// GPU measurements older than this many heartbeat TTLs are dropped (the node is down, gone,
+/// or heartbeats another server now).
+const GPU_STATS_TTLS: u32 = 3;
 
 impl Heartbeats {
     /// Keeps `stats` as node `node_id`'s latest GPU measurements (none: forgets them).
-    pub fn record_gpu_stats(&self, node_id: &str, stats: Vec<mlp_proto::v1::GpuStats>) {
+    pub fn record_gpu_stats(&self, node_id: &str, stats: Vec<mlp_proto::v1::GpuStats>, ttl: Duration) {
         if let Ok(mut m) = self.gpu_stats.lock() {
+            let now = Instant::now();
+            m.retain(|_, (until, _)| *until > now);
             if stats.is_empty() {
                 m.remove(node_id);
             } else {
-                m.insert(node_id.to_string(), stats);
+                m.insert(node_id.to_string(), (now + ttl * GPU_STATS_TTLS, stats));
             }
         }
     }
 
-    /// Node `node_id`'s latest GPU measurements as this server got them.
+    /// Node `node_id`'s latest GPU measurements as this server got them (none once they are
+    /// older than a few heartbeat TTLs).
     pub fn gpu_stats(&self, node_id: &str) -> Vec<mlp_proto::v1::GpuStats> {
-        self.gpu_stats.lock().ok().and_then(|m| m.get(node_id).cloned()).unwrap_or_default()
+        let now = Instant::now();
+        self.gpu_stats
+            .lock()
+            .ok()
+            .and_then(|m| m.get(node_id).filter(|(until, _)| *until > now).map(|(_, s)| s.clone()))
+            .unwrap_or_default()
     }
 
-    /// Every node's latest GPU measurements.
+    /// Every node's latest GPU measurements that are still current.
     pub fn all_gpu_stats(&self) -> Vec<(String, Vec<mlp_proto::v1::GpuStats>)> {
-        self.gpu_stats.lock().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
+        let now = Instant::now();
+        self.gpu_stats
+            .lock()
+            .map(|m| m.iter().filter(|(_, (until, _))| *until > now).map(|(k, (_, v))| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
     }
 
     pub fn touch(&self, node_id: &str, ttl: Duration) {

@@ -54,6 +54,8 @@ pub struct Dev {
     pub http: String,
     /// Flags added to every `mlp dev` start of this guard (`Dev::start_with`).
     pub extra_args: Vec<String>,
+    /// Environment variables of the `mlp dev` process (`Dev::start_with_env`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Dev {
@@ -63,7 +65,13 @@ impl Dev {
 
     /// A dev cluster started with these extra `mlp dev` flags.
     pub fn start_with(extra_args: &[&str]) -> Dev {
+        Dev::start_with_env(extra_args, &[])
+    }
+
+    /// A dev cluster started with these extra flags and environment variables.
+    pub fn start_with_env(extra_args: &[&str], env: &[(&str, &str)]) -> Dev {
         let mut dev = Dev::unstarted(extra_args);
+        dev.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         dev.spawn();
         dev
     }
@@ -78,6 +86,7 @@ impl Dev {
             grpc: String::new(),
             http: String::new(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            env: Vec::new(),
         }
     }
 
@@ -94,6 +103,7 @@ impl Dev {
             .args(["dev", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--data-dir"])
             .arg(Path::new(self.dir.path().file_name().expect("temp dir name")).join("data"))
             .args(&self.extra_args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .current_dir(self.dir.path().parent().expect("temp dir parent"))
             .env("MLP_LOG", "info,openraft=warn")
             .stdout(Stdio::piped())

@@ -67,6 +67,8 @@ pub struct FakeDevice {
     pub ecc_corrected: u64,
     pub ecc_uncorrected: u64,
     pub processes: Vec<FakeProcess>,
+    /// Fallen off the bus: every query of it answers NVML_ERROR_GPU_IS_LOST.
+    pub lost: bool,
 }
 
 /// One MIG instance.
@@ -109,16 +111,21 @@ fn config() -> Option<Config> {
     serde_json::from_str(&text).ok()
 }
 
-/// The device (and MIG instance) a handle names, with the config it came from.
-fn resolve(handle: nvmlDevice_t) -> Option<(Config, usize, Option<usize>)> {
+/// The device (and MIG instance) a handle names, with the config it came from; a lost device
+/// answers NVML_ERROR_GPU_IS_LOST.
+fn resolve(handle: nvmlDevice_t) -> Result<(Config, usize, Option<usize>), nvmlReturn_t> {
+    let invalid = nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT;
     let raw = handle as usize;
-    let (index, mig) = ((raw >> 8).checked_sub(1)?, (raw & 0xff).checked_sub(1));
-    let cfg = config()?;
-    let d = cfg.devices.get(index)?;
-    if let Some(k) = mig {
-        d.mig.get(k)?;
+    let (index, mig) = ((raw >> 8).checked_sub(1).ok_or(invalid)?, (raw & 0xff).checked_sub(1));
+    let cfg = config().ok_or(nvmlReturn_enum_NVML_ERROR_UNINITIALIZED)?;
+    let d = cfg.devices.get(index).ok_or(invalid)?;
+    if d.lost {
+        return Err(nvmlReturn_enum_NVML_ERROR_GPU_IS_LOST);
     }
-    Some((cfg, index, mig))
+    if let Some(k) = mig {
+        d.mig.get(k).ok_or(invalid)?;
+    }
+    Ok((cfg, index, mig))
 }
 
 fn handle_of(index: usize, mig: Option<usize>) -> nvmlDevice_t {
@@ -154,8 +161,8 @@ fn put<T>(p: *mut T, v: T) -> nvmlReturn_t {
 macro_rules! device_or_return {
     ($handle:expr) => {
         match resolve($handle) {
-            Some(found) => found,
-            None => return nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT,
+            Ok(found) => found,
+            Err(code) => return code,
         }
     };
 }
@@ -188,6 +195,7 @@ pub extern "C" fn nvmlErrorString(result: nvmlReturn_t) -> *const c_char {
         7 => c"Insufficient Size",
         9 => c"Driver Not Loaded",
         10 => c"Timeout",
+        15 => c"GPU is lost",
         _ => c"Unknown Error",
     };
     s.as_ptr()
@@ -214,10 +222,11 @@ pub extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> nvmlReturn_t {
 #[no_mangle]
 pub extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, device: *mut nvmlDevice_t) -> nvmlReturn_t {
     let Some(c) = config() else { return nvmlReturn_enum_NVML_ERROR_UNINITIALIZED };
-    if index as usize >= c.devices.len() {
-        return nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT;
+    match c.devices.get(index as usize) {
+        None => nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT,
+        Some(d) if d.lost => nvmlReturn_enum_NVML_ERROR_GPU_IS_LOST,
+        Some(_) => put(device, handle_of(index as usize, None)),
     }
-    put(device, handle_of(index as usize, None))
 }
 
 #[no_mangle]

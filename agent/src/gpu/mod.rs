@@ -56,6 +56,9 @@ pub struct GpuSettings {
     /// The driver's list of MIG capability minors (`/proc/driver/nvidia-caps/mig-minors`): a
     /// MIG instance's `nvidia-caps/nvidia-capN` nodes come from it.
     pub mig_minors: PathBuf,
+    /// Where the devices marked unhealthy are kept across agent restarts (the agent sets
+    /// `<data_dir>/gpu-health.json`; None keeps them in memory only).
+    pub health_file: Option<PathBuf>,
 }
 
 /// XIDs that are the application's fault or informational, not the device's (the NVIDIA device
@@ -73,6 +76,7 @@ impl Default for GpuSettings {
             ignored_xids: Vec::new(),
             mps_control: None,
             mig_minors: PathBuf::from(nvml::MIG_MINORS),
+            health_file: None,
         }
     }
 }
@@ -237,9 +241,14 @@ impl TaskGpus {
         out
     }
 
-    /// Whether the task has devices and they are real ones (bound into its root).
+    /// Whether the task has devices and they are real ones (bound into its root): every one a
+    /// non-simulated device of this node's own fingerprint (an id the node does not know gets
+    /// no device node, control node or MPS daemon).
     pub fn real(&self) -> bool {
-        !self.devices.is_empty() && !self.simulated
+        !self.devices.is_empty()
+            && !self.simulated
+            && self.node_devices.len() == self.devices.len()
+            && self.node_devices.iter().all(|d| !d.simulated)
     }
 }
 

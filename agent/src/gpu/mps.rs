@@ -89,7 +89,7 @@ impl MpsClient {
 /// real device. MIG instances are assigned whole (1000) and simulated devices enforce nothing.
 pub fn shared_device(gpus: &TaskGpus) -> Option<&str> {
     match gpus.devices.as_slice() {
-        [one] if one.milli < super::WHOLE_MILLI && !gpus.simulated => Some(one.id.as_str()),
+        [one] if one.milli < super::WHOLE_MILLI && gpus.real() => Some(one.id.as_str()),
         _ => None,
     }
 }
@@ -325,7 +325,7 @@ fn remove_dir(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mlp_proto::v1::GpuAssignment;
+    use mlp_proto::v1::{GpuAssignment, GpuDevice};
 
     #[test]
     fn dir_names_are_plain() {
@@ -340,8 +340,15 @@ mod tests {
     #[test]
     fn only_a_share_of_one_real_device_needs_mps() {
         let asg = |id: &str, milli| GpuAssignment { id: id.into(), milli, memory_mib: 0 };
-        let gpus = |devices: Vec<GpuAssignment>, simulated| TaskGpus { devices, simulated, ..Default::default() };
+        // The node's own records of the devices (a real one unless the task's are simulated).
+        let gpus = |devices: Vec<GpuAssignment>, simulated| {
+            let node_devices = devices.iter().map(|a| GpuDevice { id: a.id.clone(), simulated, ..Default::default() }).collect();
+            TaskGpus { devices, simulated, node_devices }
+        };
         assert_eq!(shared_device(&gpus(vec![asg("GPU-a", 500)], false)), Some("GPU-a"));
+        // An id this node does not know is no real device of it: no daemon for it.
+        let unknown = TaskGpus { devices: vec![asg("GPU-x", 500)], simulated: false, node_devices: Vec::new() };
+        assert_eq!(shared_device(&unknown), None);
         assert_eq!(shared_device(&gpus(vec![asg("GPU-a", 500)], true)), None);
         assert_eq!(shared_device(&gpus(vec![asg("GPU-a", 1000)], false)), None);
         assert_eq!(shared_device(&gpus(vec![asg("MIG-a", 1000)], false)), None);

@@ -69,8 +69,35 @@ pub struct NvmlGpus {
     /// The library that loaded.
     pub library: PathBuf,
     settings: GpuSettings,
-    /// Devices marked unhealthy since the agent started: id → reason.
+    /// Devices marked unhealthy: id → reason (kept in `settings.health_file` across restarts).
     unhealthy: Arc<Mutex<BTreeMap<String, String>>>,
+    /// The last fingerprint, and each whole device's NVML handle → UUID: a device that NVML
+    /// can no longer answer for (fallen off the bus) is still known by them.
+    last: Arc<Mutex<Known>>,
+}
+
+/// What the last fingerprint found.
+#[derive(Default)]
+struct Known {
+    devices: Vec<GpuDevice>,
+    /// Handle address → UUID of the whole devices.
+    handles: BTreeMap<usize, String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The health file's devices (`{"GPU-…": "XID 79 at …"}`); none when it is missing or unreadable.
+fn load_health(path: Option<&Path>) -> BTreeMap<String, String> {
+    let Some(path) = path else { return BTreeMap::new() };
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
+            tracing::warn!(file = %path.display(), error = %e, "unreadable GPU health file; starting with every device healthy");
+            BTreeMap::new()
+        }),
+        Err(_) => BTreeMap::new(),
+    }
 }
 
 impl std::fmt::Debug for NvmlGpus {
@@ -119,11 +146,16 @@ pub fn probe(settings: &GpuSettings) -> Probe {
                 let raw = unsafe { NvmlLib::new(path.as_os_str()) }.ok();
                 let loaded = Loaded { nvml, raw };
                 tracing::info!(library = %path.display(), "NVML loaded");
+                let unhealthy = load_health(settings.health_file.as_deref());
+                if !unhealthy.is_empty() {
+                    tracing::warn!(devices = ?unhealthy.keys().collect::<Vec<_>>(), "GPUs marked unhealthy before this start stay unhealthy (remove the health file after a repair)");
+                }
                 return Probe::Found(NvmlGpus {
                     loaded: Arc::new(loaded),
                     library: path,
                     settings: settings.clone(),
-                    unhealthy: Arc::default(),
+                    unhealthy: Arc::new(Mutex::new(unhealthy)),
+                    last: Arc::default(),
                 });
             }
             Ok(Err(e)) => tried.push(format!("{}: {}", path.display(), describe(&e))),
@@ -262,9 +294,28 @@ impl NvmlGpus {
         // Whole devices first (their topology needs all of them), MIG instances after.
         let mut whole: Vec<(GpuDevice, bool)> = Vec::new();
         let mut handles = Vec::new();
+        // Devices NVML no longer answers for: their last known records, marked unhealthy.
+        let mut lost: Vec<GpuDevice> = Vec::new();
+        let known = lock(&self.last).devices.clone();
         for i in 0..count {
-            let d = nvml.device_by_index(i).map_err(|e| format!("device {i}: {}", describe(&e)))?;
-            let uuid = d.uuid().map_err(|e| format!("device {i}: uuid: {}", describe(&e)))?;
+            let found = nvml.device_by_index(i).and_then(|d| d.uuid().map(|u| (d, u)));
+            let (d, uuid) = match found {
+                Ok(x) => x,
+                Err(e) => {
+                    let why = format!("NVML cannot read the device: {}", describe(&e));
+                    let before: Vec<GpuDevice> = known.iter().filter(|k| k.index == i).cloned().collect();
+                    if before.is_empty() {
+                        tracing::warn!(device = i, reason = %why, "a GPU NVML cannot read is left out");
+                        continue;
+                    }
+                    let id = before.iter().find(|k| k.parent_id.is_empty()).map_or_else(|| before[0].parent_id.clone(), |k| k.id.clone());
+                    if self.mark_unhealthy(&id, format!("{why} at {}", crate::gpu::now_http_date())) {
+                        tracing::error!(gpu = %id, reason = %why, "GPU unhealthy");
+                    }
+                    lost.extend(before);
+                    continue;
+                }
+            };
             let bus_id = d.pci_info().map(|p| normalize_bus_id(&p.bus_id)).unwrap_or_default();
             let minor = d.minor_number().unwrap_or(i);
             let mig_on = matches!(d.mig_mode(), Ok(m) if m.current == 1);
@@ -332,12 +383,13 @@ impl NvmlGpus {
                 out.push(dev.clone());
             }
         }
+        out.extend(lost);
         // MIG instances have no NVLink peers of their own; peers that are now split are gone.
         let ids: BTreeSet<String> = out.iter().map(|d| d.id.clone()).collect();
         for d in &mut out {
             d.nvlink_peers.retain(|p| ids.contains(p));
         }
-        let unhealthy = self.unhealthy.lock().unwrap_or_else(|p| p.into_inner());
+        let unhealthy = lock(&self.unhealthy);
         for d in &mut out {
             let reason = unhealthy.get(&d.id).or_else(|| (!d.parent_id.is_empty()).then(|| unhealthy.get(&d.parent_id)).flatten());
             if let Some(r) = reason {
@@ -345,16 +397,67 @@ impl NvmlGpus {
                 d.health = r.clone();
             }
         }
+        drop(unhealthy);
+        let mut last = lock(&self.last);
+        last.devices = out.clone();
+        for (k, (dev, _)) in whole.iter().enumerate() {
+            // SAFETY: reading the handle's address only, to recognise it in later events.
+            let h = unsafe { handles[k].0.handle() } as usize;
+            last.handles.insert(h, dev.id.clone());
+        }
         Ok(out)
+    }
+
+    /// The UUID of the device behind an event, also when NVML can no longer read it.
+    fn event_device_id(&self, device: &Device<'_>) -> Option<String> {
+        if let Ok(id) = device.uuid() {
+            return Some(id);
+        }
+        // SAFETY: reading the handle's address only.
+        let h = unsafe { device.handle() } as usize;
+        lock(&self.last).handles.get(&h).cloned()
+    }
+
+    /// Whole devices of the last fingerprint that NVML can no longer read, with the error.
+    fn find_lost(&self) -> Vec<(String, String)> {
+        let nvml = self.nvml();
+        let known = lock(&self.last).devices.clone();
+        let mut out = Vec::new();
+        let mut seen = BTreeSet::new();
+        for k in known {
+            let id = if k.parent_id.is_empty() { k.id.clone() } else { k.parent_id.clone() };
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            let check = nvml.device_by_index(k.index).and_then(|d| d.uuid().and_then(|u| d.memory_info().map(|_| u)));
+            match check {
+                Ok(u) if u == id => {}
+                Ok(_) => out.push((id, "the device at its index changed".to_string())),
+                Err(e) => out.push((id, describe(&e))),
+            }
+        }
+        out
     }
 
     /// Marks the device `id` (and its MIG instances) unhealthy; false when it already was.
     pub fn mark_unhealthy(&self, id: &str, reason: String) -> bool {
-        let mut u = self.unhealthy.lock().unwrap_or_else(|p| p.into_inner());
+        let mut u = lock(&self.unhealthy);
         if u.contains_key(id) {
             return false;
         }
         u.insert(id.to_string(), reason);
+        // Kept across agent restarts: a device with a fatal error does not take placements
+        // again because the agent restarted (an operator removes the file after a repair).
+        if let Some(path) = &self.settings.health_file {
+            let tmp = path.with_extension("tmp");
+            let written = serde_json::to_vec_pretty(&*u)
+                .map_err(std::io::Error::other)
+                .and_then(|b| std::fs::write(&tmp, b))
+                .and_then(|()| std::fs::rename(&tmp, path));
+            if let Err(e) = written {
+                tracing::warn!(file = %path.display(), error = %e, "cannot save GPU health; it is kept until the agent restarts");
+            }
+        }
         true
     }
 
@@ -396,10 +499,15 @@ impl NvmlGpus {
             break set;
         };
         tracing::info!(devices = count, "watching GPU health (XID and ECC events)");
+        let mut failures = 0u32;
         while !events.is_closed() {
             match set.wait(1000) {
                 Ok(ev) => {
-                    let Ok(id) = ev.device.uuid() else { continue };
+                    failures = 0;
+                    let Some(id) = self.event_device_id(&ev.device) else {
+                        tracing::warn!("an NVML event for a device this agent does not know; ignored");
+                        continue;
+                    };
                     let at = crate::gpu::now_http_date();
                     let reason = if ev.event_type.contains(EventTypes::CRITICAL_XID_ERROR) {
                         let xid = match ev.event_data {
@@ -422,10 +530,23 @@ impl NvmlGpus {
                         return;
                     }
                 }
-                Err(NvmlError::Timeout) => {}
+                Err(NvmlError::Timeout) => failures = 0,
                 Err(e) => {
-                    tracing::warn!(error = %describe(&e), "waiting for NVML events failed; GPU health is no longer watched");
-                    return;
+                    // A lost GPU can fail the wait itself: find which device went and mark it,
+                    // then keep watching the others.
+                    for (id, why) in self.find_lost() {
+                        let reason = format!("{why} at {}", crate::gpu::now_http_date());
+                        tracing::error!(gpu = %id, %reason, "GPU lost");
+                        if self.mark_unhealthy(&id, reason.clone()) && events.send(HealthEvent { device: id, reason }).is_err() {
+                            return;
+                        }
+                    }
+                    failures += 1;
+                    if failures >= 30 {
+                        tracing::warn!(error = %describe(&e), "waiting for NVML events keeps failing; GPU health is no longer watched");
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_secs(1));
                 }
             }
         }
@@ -435,7 +556,7 @@ impl NvmlGpus {
     pub fn sample(&self) -> Vec<GpuStats> {
         let nvml = self.nvml();
         let now = crate::gpu::now_ms();
-        let unhealthy = self.unhealthy.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let unhealthy = lock(&self.unhealthy).clone();
         let mut out = Vec::new();
         for i in 0..nvml.device_count().unwrap_or(0) {
             let Ok(d) = nvml.device_by_index(i) else { continue };
@@ -481,9 +602,16 @@ impl NvmlGpus {
                     }
                 }
             }
-            let sm: u32 =
-                d.process_utilization_stats(0).unwrap_or_default().iter().filter(|s| pids.contains(&s.pid)).map(|s| s.sm_util).sum();
-            util = util.max(sm.min(100));
+            // The driver keeps a buffer of samples: only the last 15 s, one figure per process
+            // (its highest), summed over the task's processes.
+            let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
+            let since = u64::try_from(now_us.saturating_sub(15_000_000)).unwrap_or(0);
+            let mut per_pid: BTreeMap<u32, u32> = BTreeMap::new();
+            for s in d.process_utilization_stats(since).unwrap_or_default().iter().filter(|s| pids.contains(&s.pid)) {
+                let e = per_pid.entry(s.pid).or_default();
+                *e = (*e).max(s.sm_util);
+            }
+            util = util.max(per_pid.values().sum::<u32>().min(100));
         }
         (util, mem)
     }

@@ -389,6 +389,13 @@ async fn run_task_holding(
             let mut sample = tokio::time::interval_at(tokio::time::Instant::now() + USAGE_INTERVAL, USAGE_INTERVAL);
             let mut last_cpu: Option<(u64, std::time::Instant)> = None;
             let gpu_ids: Vec<String> = ctx.gpus.devices.iter().map(|a| a.id.clone()).collect();
+            // Health is published per device and, for a lost GPU, per physical GPU: a task on
+            // one of its MIG instances watches the parent too.
+            let watched: BTreeSet<String> = gpu_ids
+                .iter()
+                .cloned()
+                .chain(ctx.gpus.node_devices.iter().filter(|d| !d.parent_id.is_empty()).map(|d| d.parent_id.clone()))
+                .collect();
             // None once the agent's health publisher is gone (nothing more will change).
             let mut health = (!gpu_ids.is_empty()).then(|| ctx.gpu_health.clone());
             let mut reported: BTreeSet<String> = BTreeSet::new();
@@ -398,7 +405,7 @@ async fn run_task_holding(
                     Some(h) => h
                         .borrow_and_update()
                         .iter()
-                        .filter(|(id, _)| gpu_ids.contains(id) && !reported.contains(*id))
+                        .filter(|(id, _)| watched.contains(*id) && !reported.contains(*id))
                         .map(|(id, why)| (id.clone(), why.clone()))
                         .collect(),
                     None => Vec::new(),
@@ -430,7 +437,9 @@ async fn run_task_holding(
                             (Some(nvml), false) => {
                                 let pids: BTreeSet<u32> = handle.pids().into_iter().collect();
                                 let (nvml, ids) = (nvml.clone(), gpu_ids.clone());
-                                tokio::task::spawn_blocking(move || nvml.usage_of(&ids, &pids)).await.ok()
+                                // A hung NVML call must not hold up stops and kills: give up on it.
+                                let query = tokio::task::spawn_blocking(move || nvml.usage_of(&ids, &pids));
+                                tokio::time::timeout(Duration::from_secs(2), query).await.ok().and_then(Result::ok)
                             }
                             _ => None,
                         };
