@@ -586,12 +586,18 @@ impl NvmlGpus {
             return (0, 0);
         }
         let nvml = self.nvml();
+        let parents: BTreeSet<String> = lock(&self.last)
+            .devices
+            .iter()
+            .filter(|d| !d.parent_id.is_empty() && ids.contains(&d.id))
+            .map(|d| d.parent_id.clone())
+            .collect();
         let (mut util, mut mem) = (0u32, 0u64);
         for i in 0..nvml.device_count().unwrap_or(0) {
             let Ok(d) = nvml.device_by_index(i) else { continue };
             let Ok(id) = d.uuid() else { continue };
             // A task with a MIG instance of this GPU counts its processes on the parent.
-            let mine = ids.contains(&id) || self.is_parent_of(&d, ids);
+            let mine = ids.contains(&id) || parents.contains(&id);
             if !mine {
                 continue;
             }
@@ -614,34 +620,6 @@ impl NvmlGpus {
             util = util.max(per_pid.values().sum::<u32>().min(100));
         }
         (util, mem)
-    }
-
-    fn is_parent_of(&self, d: &Device<'_>, ids: &[String]) -> bool {
-        ids.iter().any(|x| x.starts_with("MIG-")) && self.fingerprint_parent_ids(d).iter().any(|m| ids.contains(m))
-    }
-
-    /// The MIG instance ids of `d` (empty when MIG is off).
-    fn fingerprint_parent_ids(&self, d: &Device<'_>) -> Vec<String> {
-        let Some(raw) = &self.loaded.raw else { return Vec::new() };
-        let (Ok(max), Ok(get)) = (raw.nvmlDeviceGetMaxMigDeviceCount.as_ref(), raw.nvmlDeviceGetMigDeviceHandleByIndex.as_ref()) else {
-            return Vec::new();
-        };
-        let mut count = 0u32;
-        // SAFETY: a live device handle and a valid out-pointer.
-        if unsafe { max(d.handle(), &mut count) } != 0 {
-            return Vec::new();
-        }
-        (0..count.min(64))
-            .filter_map(|k| {
-                let mut h: nvmlDevice_t = std::ptr::null_mut();
-                // SAFETY: as above; a missing instance leaves `h` null.
-                if unsafe { get(d.handle(), k, &mut h) } != 0 || h.is_null() {
-                    return None;
-                }
-                // SAFETY: a MIG device handle the library just gave out.
-                unsafe { Device::new(h, self.nvml()) }.uuid().ok()
-            })
-            .collect()
     }
 }
 
