@@ -114,10 +114,18 @@ impl Gpus {
     }
 
     fn node(&self) -> Value {
-        let nodes = self.dev.json(&["node", "status", "--json"]);
-        let id = nodes[0]["id"].as_str().expect("node id").to_string();
+        let id = first_node(&self.dev)["id"].as_str().unwrap_or_default().to_string();
         self.dev.json(&["node", "status", &id, "--json"])
     }
+}
+
+/// The cluster's node once the agent registered it (`mlp dev` announces itself before the
+/// registration is committed).
+fn first_node(dev: &Dev) -> Value {
+    wait_for("the node to register", Duration::from_secs(30), || {
+        let nodes = dev.json(&["node", "status", "--json"]);
+        nodes.get(0).filter(|n| n["id"].is_string()).cloned()
+    })
 }
 
 /// The machine with GPU 3 fallen off the bus.
@@ -318,8 +326,7 @@ fn nvml_devices_are_fingerprinted_isolated_watched_and_measured() {
 fn without_a_usable_nvml_library_the_node_has_no_gpus_and_says_why() {
     // A path that does not exist.
     let dev = Dev::start_with(&["--nvml-library", "/nonexistent/libnvidia-ml.so.1"]);
-    let nodes = dev.json(&["node", "status", "--json"]);
-    let n = &nodes[0];
+    let n = &first_node(&dev);
     assert!(n["resources"]["gpus"].as_array().is_none_or(Vec::is_empty), "{n:#}");
     assert!(n["attributes"]["gpu.unavailable"].as_str().unwrap_or("").contains("not found"), "{n:#}");
     let text = dev.ok(&["node", "status", n["id"].as_str().unwrap_or_default()]);
@@ -338,14 +345,14 @@ fn without_a_usable_nvml_library_the_node_has_no_gpus_and_says_why() {
         &["--nvml-library", lib.to_str().unwrap_or_default()],
         &[("MLP_FAKE_NVML", config.to_str().unwrap_or_default())],
     );
-    let nodes = dev.json(&["node", "status", "--json"]);
-    assert!(nodes[0]["attributes"]["gpu.unavailable"].as_str().unwrap_or("").contains("driver is not loaded"), "{nodes:#}");
+    let n = first_node(&dev);
+    assert!(n["attributes"]["gpu.unavailable"].as_str().unwrap_or("").contains("driver is not loaded"), "{n:#}");
     drop(dev);
 
     // `--gpus none`: not looked for, nothing said.
     let dev = Dev::start_with(&["--gpus", "none"]);
-    let nodes = dev.json(&["node", "status", "--json"]);
-    assert!(nodes[0]["attributes"].get("gpu.unavailable").is_none(), "{nodes:#}");
+    let n = first_node(&dev);
+    assert!(n["attributes"].get("gpu.unavailable").is_none(), "{n:#}");
 }
 
 /// A stand-in `nvidia-cuda-mps-control` that logs its calls to `<dir>/mps.log` (`-d` returns at
@@ -406,8 +413,7 @@ fn mig_instances_get_their_capability_nodes_and_shares_run_under_mps() {
         ],
         &[("MLP_FAKE_NVML", config.to_str().unwrap_or_default())],
     );
-    let nodes = dev.json(&["node", "status", "--json"]);
-    let node = dev.json(&["node", "status", nodes[0]["id"].as_str().unwrap_or_default(), "--json"]);
+    let node = dev.json(&["node", "status", first_node(&dev)["id"].as_str().unwrap_or_default(), "--json"]);
     let mig = device(&node, MIG_B);
     let paths: Vec<String> =
         mig["device_paths"].as_array().cloned().unwrap_or_default().iter().filter_map(|p| p.as_str().map(String::from)).collect();
