@@ -33,6 +33,16 @@ pub const ETC_FILES: &[&str] = &[
     "/etc/services",
     "/etc/protocols",
 ];
+/// A bridge-mode allocation's `/etc/hosts` and `/etc/resolv.conf` in place of the plan's.
+pub fn use_network_files(steps: &mut Vec<Step>, hosts: &str, resolv_conf: &str) {
+    let (hosts_path, resolv_path) = (p("/etc/hosts"), p("/etc/resolv.conf"));
+    steps.retain(|s| !matches!(s, Step::Copy { path, .. } | Step::Write { path, .. } if *path == hosts_path || *path == resolv_path));
+    // Right after `/etc` is made.
+    let at = steps.iter().position(|s| matches!(s, Step::Dir { path } if *path == p("/etc"))).map_or(steps.len(), |i| i + 1);
+    steps.insert(at, Step::Write { path: hosts_path, contents: hosts.to_string() });
+    steps.insert(at + 1, Step::Write { path: resolv_path, contents: resolv_conf.to_string() });
+}
+
 /// Host directories of `/etc` bound read-only when present (certificates; Debian's
 /// alternatives, which `awk` and friends resolve through).
 pub const ETC_DIRS: &[&str] = &["/etc/ssl", "/etc/pki", "/etc/ca-certificates", "/etc/alternatives"];
