@@ -236,6 +236,14 @@ job "train" {
         args    = ["-c", "env > /local/env.txt; sleep 1"]
       }
     }
+    # raw_exec tasks of a bridge group run in the allocation's namespace too.
+    task "probe" {
+      driver = "raw_exec"
+      config {
+        command = "/bin/sh"
+        args    = ["-c", "cat /proc/net/dev > net_dev.txt; env > env.txt"]
+      }
+    }
   }
 }
 "#;
@@ -256,6 +264,18 @@ job "train" {
         assert_eq!(env["MASTER_ADDR"], leader["MLP_IP_rdzv"], "rank {rank}");
         assert_eq!(env["MASTER_PORT"], "29400", "rank {rank}");
         assert_eq!(env["MLP_GANG_LEADER_ADDR"], format!("{}:29400", leader["MLP_IP_rdzv"]));
+    }
+    for a in &allocs {
+        let id = a["id"].as_str().expect("id");
+        let (exec_env, raw_env) = (env_of(&dev, id, "rank"), env_of(&dev, id, "probe"));
+        assert_eq!(raw_env["MLP_ALLOC_IP"], exec_env["MLP_ALLOC_IP"]);
+        assert_eq!(raw_env["RANK"], exec_env["RANK"]);
+        let dev_file = dev.data_dir().join("agent").join("allocs").join(id).join("probe").join("local").join("net_dev.txt");
+        let links = std::fs::read_to_string(&dev_file).unwrap_or_default();
+        assert!(
+            links.contains("eth0:") && !links.contains(&format!("{}:", net.bridge)),
+            "raw_exec task outside the allocation's namespace:\n{links}"
+        );
     }
     assert_eq!(by_rank.len(), 3);
 }
