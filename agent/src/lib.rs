@@ -237,6 +237,7 @@ impl Agent {
             mps: Some(mps.clone()),
             network: Some(network.clone()),
             node_address,
+            node_id: node_id.clone(),
         };
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
         let mut manager = AllocManager::new(env, updates_tx);

@@ -88,6 +88,7 @@ impl Harness {
             mps: None,
             network: None,
             node_address: "127.0.0.1".into(),
+            node_id: String::new(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = spawn_alloc_runner(a, None, env, tx);

@@ -465,6 +465,7 @@ mod tests {
             mps: None,
             network: None,
             node_address: "127.0.0.1".into(),
+            node_id: String::new(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut m = AllocManager::new(env, tx);

@@ -43,6 +43,8 @@ pub struct RunnerEnv {
     pub network: Option<Arc<crate::network::NetworkManager>>,
     /// The node's address (where its host ports are reached): `MLP_IP_*` in host mode.
     pub node_address: String,
+    /// This node's id (a gang's leader on this node is reached at its allocation address).
+    pub node_id: String,
 }
 
 /// A running alloc runner.
@@ -369,7 +371,7 @@ async fn network_for(
         // A leader in bridge mode on this node is reached at its own address; give its network
         // a moment to exist (its allocation starts at the same time as this one).
         let leader = match &env.network {
-            Some(m) if rv.leader_ip == env.node_address && rv.leader_alloc_id != alloc.id && bridge => {
+            Some(m) if rv.leader_node_id == env.node_id && rv.leader_alloc_id != alloc.id && bridge => {
                 m.leader_of(rv, std::time::Duration::from_secs(10)).await
             }
             Some(m) if rv.leader_alloc_id == alloc.id => m.leader_of(rv, std::time::Duration::ZERO).await,

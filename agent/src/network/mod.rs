@@ -361,10 +361,14 @@ impl NetworkManager {
     /// Sets up `alloc_id`'s network, or returns the one a previous agent run set up (untouched).
     /// Returns the network and how long the set-up took (zero for a reattach).
     pub async fn setup(&self, alloc_id: &str, ports: &[AllocatedPort]) -> Result<(AllocNetwork, std::time::Duration), NetworkError> {
-        if let Some(net) = self.load(alloc_id).filter(|n| netns::exists(&n.netns)) {
-            self.lock_used().insert(alloc_id.to_string(), net.ip);
-            tracing::debug!(alloc = %alloc_id, ip = %net.ip, "reattached to the allocation's network");
-            return Ok((net, std::time::Duration::ZERO));
+        if let Some(net) = self.load(alloc_id) {
+            if netns::exists(&net.netns) {
+                self.lock_used().insert(alloc_id.to_string(), net.ip);
+                tracing::debug!(alloc = %alloc_id, ip = %net.ip, "reattached to the allocation's network");
+                return Ok((net, std::time::Duration::ZERO));
+            }
+            // A record whose namespace is gone (a reboot): remove what it names, set up anew.
+            self.teardown(alloc_id).await;
         }
         let began = Instant::now();
         self.node_ready().await?;

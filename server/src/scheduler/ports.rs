@@ -75,7 +75,14 @@ pub fn fill_rendezvous<'a>(placed: &mut [Allocation], live: &[&Allocation], size
     let Some(leader) = leader else { return };
     let leader_ip = node_of(&leader.node_id).map(node_address).unwrap_or_default();
     let leader_port = leader.resources.as_ref().and_then(|r| r.ports.first()).map_or(DEFAULT_RENDEZVOUS_PORT, |p| p.host_port);
-    let rv = GangRendezvous { rank: 0, size, leader_ip, leader_port, leader_alloc_id: leader.id.clone() };
+    let rv = GangRendezvous {
+        rank: 0,
+        size,
+        leader_ip,
+        leader_port,
+        leader_alloc_id: leader.id.clone(),
+        leader_node_id: leader.node_id.clone(),
+    };
     for a in placed.iter_mut() {
         a.rendezvous = Some(GangRendezvous { rank: a.index, ..rv.clone() });
     }

@@ -1468,6 +1468,7 @@ fn gang_members_get_the_rendezvous_of_rank_zero() {
         assert_eq!((rv.rank, rv.size), (a.index, 3));
         assert_eq!(rv.leader_ip, leader_node.rpc_addr.trim_end_matches(":4648"));
         assert_eq!((rv.leader_port, rv.leader_alloc_id.as_str()), (leader_port, leader.id.as_str()));
+        assert_eq!(rv.leader_node_id, leader.node_id);
     }
     // Without ports the leader's port is PyTorch's default.
     c.register(job("plain", job_type::BATCH, vec![gang(group("w", 2, 10, 10), "")]));
