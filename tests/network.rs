@@ -109,7 +109,7 @@ job "web" {
       driver = "exec"
       config {
         command = "/bin/sh"
-        args    = ["-c", "env > /local/env.txt; exec /usr/bin/python3 -m http.server 8080 --bind 0.0.0.0 --directory /local"]
+        args    = ["-c", "cat /etc/hosts > /local/hosts.txt; env > /local/env.txt; exec /usr/bin/python3 -m http.server 8080 --bind 0.0.0.0 --directory /local"]
       }
     }
   }
@@ -136,6 +136,10 @@ fn bridge_service_is_reachable_survives_an_agent_kill_and_leaves_nothing() {
     let port: u32 = host_port.parse().expect("host port");
     assert!((20_000..=32_000).contains(&port), "dynamic host port {port}");
     assert_eq!(env["MLP_PORT_spare"], env["MLP_HOST_PORT_spare"], "a port without `to` listens on its host port");
+    let hosts =
+        std::fs::read_to_string(dev.data_dir().join("agent").join("allocs").join(&web_id).join("srv").join("local").join("hosts.txt"))
+            .unwrap_or_default();
+    assert!(hosts.lines().any(|l| l.starts_with(&format!("{ip}\t"))), "/etc/hosts names the allocation's address:\n{hosts}");
 
     // From the host: 127.0.0.1:<host port> (DNAT in the output hook).
     let host_addr = format!("127.0.0.1:{host_port}");

@@ -522,6 +522,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_bridge_allocation_gets_its_own_hosts_and_resolv_conf() {
+        let probe = |path: &Path| -> Option<HostEntry> { (path == Path::new("/etc/resolv.conf")).then_some(HostEntry::File) };
+        let dirs = TaskDirs { local: "/l".into(), alloc: "/a".into() };
+        let user = User { name: "nobody".into(), uid: 65534, gid: 65534, home: "/".into() };
+        let mut steps = plan(probe, &dirs, &user, "h", &[], &[], &GpuRoot::default());
+        use_network_files(&mut steps, "172.26.64.2\th\n", "nameserver 10.0.0.1\n");
+        let etc: Vec<&Step> = steps.iter().filter(|s| matches!(s, Step::Copy { path, .. } | Step::Write { path, .. } if path.starts_with("/etc/hosts") || path.starts_with("/etc/resolv.conf"))).collect();
+        assert_eq!(
+            etc,
+            [
+                &Step::Write { path: "/etc/hosts".into(), contents: "172.26.64.2\th\n".into() },
+                &Step::Write { path: "/etc/resolv.conf".into(), contents: "nameserver 10.0.0.1\n".into() },
+            ]
+        );
+        let dir = steps.iter().position(|s| *s == Step::Dir { path: "/etc".into() });
+        assert_eq!(dir.map(|i| i + 1), steps.iter().position(|s| matches!(s, Step::Write { path, .. } if path == Path::new("/etc/hosts"))));
+    }
+
+    #[test]
     fn plan_follows_the_host() {
         // A Debian-like host: /bin and /lib are symlinks into /usr, no /lib32.
         let probe = |path: &Path| -> Option<HostEntry> {
