@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,9 +23,24 @@ use mlp_proto::v1::AllocatedPort;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-/// Runs `f` on a thread inside a fresh network namespace (with `lo` up), on a current-thread
-/// runtime; the namespace goes when the thread ends.
+/// Runs `f` with a data dir on a thread inside a fresh network namespace (with `lo` up), on a
+/// current-thread runtime; the namespace goes when the thread ends, and the namespaces' bind
+/// mounts under the data dir are unmounted afterwards even when `f` failed.
 fn in_fresh_netns<F, Fut>(f: F) -> TestResult
+where
+    F: FnOnce(PathBuf) -> Fut + Send + 'static,
+    Fut: Future<Output = TestResult>,
+{
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().to_path_buf();
+    let result = run_in_fresh_netns(move || f(data));
+    for ns in std::fs::read_dir(dir.path().join("netns")).into_iter().flatten().flatten() {
+        let _ = netns::remove(&ns.path());
+    }
+    result
+}
+
+fn run_in_fresh_netns<F, Fut>(f: F) -> TestResult
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = TestResult>,
@@ -146,9 +161,8 @@ fn allocations_are_reachable_by_host_port_and_address_and_leave_nothing() -> Tes
     if !prereq::require(&[prereq::Need::Root, prereq::Need::Nft]) {
         return Ok(());
     }
-    in_fresh_netns(|| async {
-        let dir = tempfile::tempdir()?;
-        let m = NetworkManager::new(settings(), dir.path());
+    in_fresh_netns(|dir| async move {
+        let m = NetworkManager::new(settings(), &dir);
         let (a, _) = m.setup("alloc-a", &[port("http", 20_000, 8080)]).await?;
         let (b, _) = m.setup("alloc-b", &[]).await?;
         assert_eq!((a.ip, b.ip), (Ipv4Addr::new(172, 26, 64, 2), Ipv4Addr::new(172, 26, 64, 3)));
@@ -181,15 +195,14 @@ fn a_restarted_agent_reattaches_untouched_and_removes_what_is_gone() -> TestResu
     if !prereq::require(&[prereq::Need::Root, prereq::Need::Nft]) {
         return Ok(());
     }
-    in_fresh_netns(|| async {
-        let dir = tempfile::tempdir()?;
-        let first = NetworkManager::new(settings(), dir.path());
+    in_fresh_netns(|dir| async move {
+        let first = NetworkManager::new(settings(), &dir);
         let (kept, _) = first.setup("kept", &[port("http", 20_001, 8080)]).await?;
         let (gone, _) = first.setup("gone", &[port("http", 20_002, 8080)]).await?;
         let _server = Server::start(&kept.netns, 8080, "still here")?;
         drop(first);
         // A new agent run: "kept" is still running, "gone" ended meanwhile.
-        let second = NetworkManager::new(settings(), dir.path());
+        let second = NetworkManager::new(settings(), &dir);
         second.remove_leftovers(&BTreeSet::from(["kept".to_string()])).await;
         let (again, took) = second.setup("kept", &[port("http", 20_001, 8080)]).await?;
         assert_eq!((again, took), (kept.clone(), Duration::ZERO), "reattached, not set up again");
@@ -212,9 +225,8 @@ fn setup_time_per_allocation() -> TestResult {
         return Ok(());
     }
     let n: usize = std::env::var("MLP_NET_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
-    in_fresh_netns(move || async move {
-        let dir = tempfile::tempdir()?;
-        let m = NetworkManager::new(settings(), dir.path());
+    in_fresh_netns(move |dir| async move {
+        let m = NetworkManager::new(settings(), &dir);
         // The first set-up also makes the bridge and the table: not counted.
         m.setup("warm", &[port("p", 20_999, 80)]).await?;
         let mut times = Vec::with_capacity(n);
