@@ -73,6 +73,7 @@ fn node(i: usize, racks: bool) -> Node {
             memory_mib: 256 * 1024,
             disk_mib: 1 << 20,
             gpus: vec![],
+            ..Default::default()
         }),
         ..Default::default()
     }

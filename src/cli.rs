@@ -178,6 +178,8 @@ pub struct AgentArgs {
     pub gpu: GpuArgs,
     #[command(flatten)]
     pub exec: ExecIsolationArgs,
+    #[command(flatten)]
+    pub network: NetworkArgs,
 }
 
 /// Real GPUs: where NVML and the driver's files are (issue 12).
@@ -230,6 +232,43 @@ impl GpuArgs {
     }
 }
 
+/// Bridge-mode networking of allocations (docs/ARCHITECTURE.md, "Network model").
+#[derive(Debug, Args, Clone)]
+pub struct NetworkArgs {
+    /// The node bridge bridge-mode allocations hang off (created on demand).
+    #[arg(long, default_value = "mlp0")]
+    pub network_bridge: String,
+    /// The node's allocation subnet; the bridge gets its first address.
+    #[arg(long, default_value = "172.26.64.0/20")]
+    pub network_subnet: String,
+    /// MTU of the bridge and the allocations' veth pairs.
+    #[arg(long, default_value_t = 1500)]
+    pub network_mtu: u32,
+    /// Dynamic host ports the scheduler picks from on this node: LOW-HIGH.
+    #[arg(long, default_value = "20000-32000")]
+    pub network_port_range: String,
+}
+
+impl NetworkArgs {
+    pub fn settings(&self) -> anyhow::Result<mlp_agent::network::NetworkSettings> {
+        let subnet = mlp_agent::network::Subnet::parse(&self.network_subnet).map_err(|e| anyhow::anyhow!("--network-subnet: {e}"))?;
+        let (lo, hi) = self
+            .network_port_range
+            .split_once('-')
+            .and_then(|(lo, hi)| Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?)))
+            .ok_or_else(|| anyhow::anyhow!("--network-port-range {:?}: write it as LOW-HIGH, e.g. 20000-32000", self.network_port_range))?;
+        let settings = mlp_agent::network::NetworkSettings {
+            bridge: self.network_bridge.clone(),
+            subnet,
+            mtu: self.network_mtu,
+            min_dynamic_port: lo,
+            max_dynamic_port: hi,
+        };
+        settings.check().map_err(|e| anyhow::anyhow!("--network-*: {e}"))?;
+        Ok(settings)
+    }
+}
+
 /// How the `exec` driver isolates tasks (docs/security.md).
 #[derive(Debug, Args, Clone)]
 pub struct ExecIsolationArgs {
@@ -277,6 +316,8 @@ pub struct DevArgs {
     pub gpu: GpuArgs,
     #[command(flatten)]
     pub exec: ExecIsolationArgs,
+    #[command(flatten)]
+    pub network: NetworkArgs,
     #[command(flatten)]
     pub preemption: PreemptionArgs,
     #[command(flatten)]

@@ -277,6 +277,13 @@ async fn alloc(addr: &str, cmd: AllocCommand) -> anyhow::Result<ExitCode> {
                 if let Some(gpus) = alloc_gpus(r) {
                     println!("GPUs                = {gpus}");
                 }
+                if !r.ports.is_empty() {
+                    let ports: Vec<String> = r.ports.iter().map(|p| format!("{} {} -> {}", p.label, p.host_port, p.to)).collect();
+                    println!("Ports               = {}", ports.join(", "));
+                }
+            }
+            if let Some(rv) = &a.rendezvous {
+                println!("Gang Rank           = {} of {} (leader {}:{})", rv.rank, rv.size, rv.leader_ip, rv.leader_port);
             }
             println!("Created             = {}", ago(a.create_time_ms));
             for line in crate::output::preemption_lines(&a) {

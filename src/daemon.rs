@@ -243,6 +243,7 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let mut config = agent_config(&args.data_dir, args.servers, args.node_name, &args.rpc_addr, &args.exec)?;
     config.simulated_gpus = gpus;
     config.gpu = args.gpu.settings();
+    config.network = args.network.settings()?;
     config.datacenter = args.datacenter;
     config.node_pool = args.node_pool;
     config.meta = args.meta.into_iter().collect::<BTreeMap<_, _>>();
@@ -261,6 +262,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     init_logging();
     // Bad isolation flags or GPU file fail before anything starts.
     isolation_settings(&args.exec)?;
+    let network = args.network.settings()?;
     let gpus = simulated_gpus(args.simulated_gpus.as_deref())?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let server = start_server(
@@ -279,6 +281,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         agent_config(&args.data_dir.join("agent"), vec![server.grpc_addr().to_string()], args.node_name, "127.0.0.1:0", &args.exec)?;
     config.simulated_gpus = gpus;
     config.gpu = args.gpu.settings();
+    config.network = network;
     let agent = Agent::start(config).await.context("starting the agent")?;
     let grpc = server.grpc_addr();
     println!("==> mlp dev cluster running (one server, one agent, embedded storage)");

@@ -223,6 +223,8 @@ pub fn fingerprint(config: &AgentConfig, gpu: &crate::gpu::Backend) -> Node {
             memory_mib: mem_bytes / (1024 * 1024),
             disk_mib: disk_free / (1024 * 1024),
             gpus,
+            min_dynamic_port: config.network.min_dynamic_port,
+            max_dynamic_port: config.network.max_dynamic_port,
         }),
         attributes: attrs,
         meta: config.meta.clone(),

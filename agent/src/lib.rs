@@ -12,6 +12,7 @@
 //! driver/     Driver/TaskHandle, raw_exec, exec, supervisor launch uses isolation, gpu
 //! isolation/  namespaces, rootfs, devices, init, cgroups/, phases uses nothing of the crate
 //! gpu/        GpuSource, simulated GPUs, task GPUs, driver files  uses nothing of the crate
+//! network/    bridge mode: netns, veth, addresses, nftables ports uses nothing of the crate
 //! paths.rs    checks of names that become paths                  uses nothing of the crate
 //! ```
 //!
@@ -25,6 +26,7 @@ pub mod driver;
 pub mod fingerprint;
 pub mod gpu;
 pub mod isolation;
+pub mod network;
 pub mod paths;
 pub mod rpc;
 pub mod task;
@@ -100,6 +102,8 @@ pub struct AgentConfig {
     pub simulated_gpus: Vec<mlp_proto::v1::GpuDevice>,
     /// How real GPUs are found, isolated and shared.
     pub gpu: gpu::GpuSettings,
+    /// Bridge-mode networking: bridge, subnet, MTU, dynamic port range.
+    pub network: network::NetworkSettings,
 }
 
 impl Default for AgentConfig {
@@ -119,6 +123,7 @@ impl Default for AgentConfig {
             isolation: isolation::IsolationSettings::default(),
             simulated_gpus: Vec::new(),
             gpu: gpu::GpuSettings::default(),
+            network: network::NetworkSettings::default(),
         }
     }
 }
@@ -220,6 +225,9 @@ impl Agent {
         let pool = Arc::new(ServerPool::new(&config.servers)?);
         let registry = AllocRegistry::default();
         let mps = Arc::new(gpu::mps::MpsManager::new(&config.gpu, &data_dir));
+        config.network.check().map_err(|e| AgentError::Config(e.to_string()))?;
+        let network = Arc::new(network::NetworkManager::new(config.network.clone(), &data_dir));
+        let node_address = mlp_proto::node_address(&node.rpc_addr);
         let env = RunnerEnv {
             alloc_root: data_dir.join("allocs"),
             drivers: driver::drivers_with_gpu(&config.drivers_enabled, &config.isolation, &config.gpu),
@@ -230,12 +238,17 @@ impl Agent {
             nvml: gpu.nvml().cloned(),
             gpu_health: health_rx,
             mps: Some(mps.clone()),
+            network: Some(network.clone()),
+            node_address,
+            node_id: node_id.clone(),
         };
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
         let mut manager = AllocManager::new(env, updates_tx);
         manager.restore();
         // MPS daemons of the previous run: kept for the reattached share tasks, stopped otherwise.
         mps.recover(&manager.attached_gpu_shares()).await;
+        // Networks of allocations that are gone (ended or GC'd while the agent was down).
+        network.remove_leftovers(&manager.unfinished()).await;
         let manager = Arc::new(Mutex::new(manager));
 
         let cancel = CancellationToken::new();

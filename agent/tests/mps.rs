@@ -111,6 +111,9 @@ impl Harness {
             registry: AllocRegistry::default(),
             gpus,
             mps: Some(mps),
+            network: None,
+            node_address: "127.0.0.1".into(),
+            node_id: String::new(),
             nvml: None,
             gpu_health: tokio::sync::watch::channel(Default::default()).1,
         };

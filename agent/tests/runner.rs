@@ -86,6 +86,9 @@ impl Harness {
             nvml: None,
             gpu_health: tokio::sync::watch::channel(Default::default()).1,
             mps: None,
+            network: None,
+            node_address: "127.0.0.1".into(),
+            node_id: String::new(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = spawn_alloc_runner(a, None, env, tx);

@@ -13,3 +13,12 @@ pub mod matcher;
 pub mod snapshot;
 
 pub use v1::*;
+
+/// The address part of a node's `rpc_addr` ("10.0.0.5:4648" → "10.0.0.5", "[::1]:1" → "::1"):
+/// where the node's host ports are reached.
+pub fn node_address(rpc_addr: &str) -> String {
+    match rpc_addr.parse::<std::net::SocketAddr>() {
+        Ok(sa) => sa.ip().to_string(),
+        Err(_) => rpc_addr.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(rpc_addr).to_string(),
+    }
+}

@@ -179,6 +179,10 @@ fn bad_cases() -> Vec<(&'static str, String)> {
             format!("job \"j\" {{\n  affinity {{\n    attribute = \"rack\"\n    operator  = \"~\"\n    weight    = 0\n  }}\n  spread {{\n    attribute = \"${{meta.rack}}\"\n    weight    = 101\n    target \"r1\" {{\n      percent = 70\n    }}\n    target \"r1\" {{\n      percent = 40\n    }}\n    target {{\n      percent = 120\n      share   = 1\n    }}\n  }}\n  group \"g\" {{\n    affinity {{\n      attribute = \"${{meta.rack}}\"\n      value     = \"r1\"\n      weight    = -150\n    }}\n    spread {{\n      weight = -1\n    }}\n    spread \"x\" {{\n      attribute = \"${{env.HOME}}\"\n      weight    = 0\n    }}\n    task \"t\" {{\n{TASK_OK}      affinity {{\n        attribute = \"${{attr.gpu.model}}\"\n        value     = \"H100\"\n        wieght    = 10\n      }}\n      affinity {{\n        attribute = \"${{node.pool}}\"\n        operator  = \"is_set\"\n        weight    = \"high\"\n      }}\n    }}\n  }}\n}}\n"),
         ),
         (
+            "group_network_invalid",
+            format!("job \"j\" {{\n  group \"a\" {{\n    network {{\n      mode = \"overlay\"\n      port \"http\" {{\n        to = 70000\n      }}\n      port \"http\" {{\n        static = 9000\n      }}\n      port \"1st\" {{\n        static = 9000\n        from   = 1\n      }}\n      port \"z\" {{\n        static = 0\n      }}\n    }}\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n  group \"b\" {{\n    network {{\n      mode = \"bridge\"\n    }}\n    task \"t\" {{\n{TASK_OK}      network {{\n        mode = \"none\"\n      }}\n    }}\n  }}\n  group \"c\" {{\n    network {{\n      mode = \"none\"\n      port \"p\" {{}}\n    }}\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n  group \"d\" {{\n    network {{\n      port \"p\" {{\n        to = 80\n      }}\n    }}\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n}}\n"),
+        ),
+        (
             "unknown_top_level",
             "variable \"x\" {\n}\n\nregion = \"eu\"\n".to_string(),
         ),
@@ -480,6 +484,33 @@ fn gang_fields_decode() {
     let e = &job.groups[1];
     assert_eq!((e.effective_count(), e.gang, e.min_count, e.gang_timeout_ms), (8, false, 4, 0));
     assert!(e.gang_topology.is_empty());
+}
+
+#[test]
+fn group_network_decodes_nomad_shape() {
+    let src = format!("job \"j\" {{\n  group \"g\" {{\n    network {{\n      mode = \"bridge\"\n      port \"http\" {{\n        to = 8080\n      }}\n      port \"metrics\" {{}}\n      port \"admin\" {{\n        static = 9000\n        to     = 9000\n      }}\n    }}\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n}}\n");
+    let job = parse_str(&src, "net.hcl").unwrap();
+    let network = job.groups[0].network.clone().unwrap();
+    assert_eq!(network.mode, "bridge");
+    let ports: Vec<_> = network.ports.iter().map(|p| (p.label.as_str(), p.static_port, p.to)).collect();
+    assert_eq!(ports, [("http", 0, 8080), ("metrics", 0, 0), ("admin", 9000, 9000)]);
+    // Host mode (the default) with a static port and no `to`.
+    let src = format!("job \"j\" {{\n  group \"g\" {{\n    network {{\n      port \"db\" {{\n        static = 5432\n      }}\n    }}\n    task \"t\" {{\n{TASK_OK}      network {{\n        mode = \"none\"\n      }}\n    }}\n  }}\n}}\n");
+    let job = parse_str(&src, "net.hcl").unwrap();
+    assert_eq!(job.groups[0].network.as_ref().unwrap().ports[0].static_port, 5432);
+}
+
+#[test]
+fn group_network_rules_apply_to_json_jobs() {
+    let src = format!("job \"j\" {{\n  group \"g\" {{\n    network {{\n      mode = \"bridge\"\n      port \"a\" {{}}\n    }}\n    task \"t\" {{\n{TASK_OK}    }}\n  }}\n}}\n");
+    let mut job = parse_str(&src, "net.hcl").unwrap();
+    let network = job.groups[0].network.as_mut().unwrap();
+    network.ports[0].to = 65536;
+    network.ports.push(network.ports[0].clone());
+    network.ports[1].label = "a-b".into();
+    let err = validate_job(&job).unwrap_err().to_string();
+    assert!(err.contains("job.j.group.g.network.port.a.to: must be a port number between 1 and 65535, found 65536"), "{err}");
+    assert!(err.contains("job.j.group.g.network.port.a-b.name: port label must be"), "{err}");
 }
 
 #[test]

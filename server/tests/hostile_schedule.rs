@@ -52,6 +52,7 @@ fn node(i: usize) -> Node {
             gpus: (0..(i % 3) * 2)
                 .map(|g| GpuDevice { id: format!("n{i}-gpu{g}"), model: "A100".into(), memory_mib: 40_000, ..Default::default() })
                 .collect(),
+            ..Default::default()
         }),
         ..Default::default()
     }

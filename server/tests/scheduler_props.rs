@@ -101,6 +101,7 @@ fn make_node(i: usize, s: &NodeSpec) -> Node {
             memory_mib: 8192,
             disk_mib: 100_000,
             gpus: make_gpus(&id, s),
+            ..Default::default()
         }),
         ..Default::default()
     }

@@ -367,6 +367,10 @@ impl AllocManager {
                 tokio::spawn(kill_handles(handles));
             }
             self.env.registry.remove(&id);
+            if let Some(network) = self.env.network.clone() {
+                let id = id.clone();
+                tokio::spawn(async move { network.teardown(&id).await });
+            }
             let dir = self.env.alloc_root.join(&id);
             tracing::info!(alloc = %id, "garbage-collecting allocation dir");
             if let Err(e) = std::fs::remove_dir_all(&dir) {
@@ -385,6 +389,12 @@ impl AllocManager {
         }
         self.runners.clear();
         self.attached.clear();
+    }
+
+    /// Ids of the restored allocations that are not finished (they run again or were
+    /// reattached): their networks are kept on agent start.
+    pub fn unfinished(&self) -> BTreeSet<String> {
+        self.restored.keys().cloned().collect()
     }
 
     /// Ids of running alloc runners.
@@ -453,6 +463,9 @@ mod tests {
             nvml: None,
             gpu_health: tokio::sync::watch::channel(Default::default()).1,
             mps: None,
+            network: None,
+            node_address: "127.0.0.1".into(),
+            node_id: String::new(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut m = AllocManager::new(env, tx);

@@ -39,6 +39,12 @@ pub struct RunnerEnv {
     /// The MPS daemons of shared real devices; None: a share task of a real device fails to
     /// start (it never runs unenforced).
     pub mps: Option<Arc<crate::gpu::mps::MpsManager>>,
+    /// Bridge-mode networks; None: a bridge-mode allocation fails (tests without one).
+    pub network: Option<Arc<crate::network::NetworkManager>>,
+    /// The node's address (where its host ports are reached): `MLP_IP_*` in host mode.
+    pub node_address: String,
+    /// This node's id (a gang's leader on this node is reached at its allocation address).
+    pub node_id: String,
 }
 
 /// A running alloc runner.
@@ -247,6 +253,22 @@ async fn run_alloc(
     }
 
     phases.mark("alloc_dirs");
+    let (net_env, task_network, bridge) = match network_for(&alloc, &group, &env).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(alloc = %alloc.id, error = %e, "allocation network set-up failed");
+            for t in &tasks {
+                let st = rep.persisted.task_states.entry(t.clone()).or_default();
+                st.state = task_state::DEAD.into();
+                st.failed = true;
+                push_event(st, task_event::DRIVER_FAILURE, format!("network set-up failed: {e}"));
+            }
+            rep.publish();
+            kill_handles(std::mem::take(&mut attached)).await;
+            return rep.persisted;
+        }
+    };
+    phases.mark("alloc_network");
     let restart = group.restart.clone().unwrap_or_else(|| default_policy(&job_type));
     let (kill_tx, kill_rx) = watch::channel(false);
     let (tx, mut rx) = mpsc::unbounded_channel::<TaskUpdate>();
@@ -270,6 +292,8 @@ async fn run_alloc(
             gpu_health: env.gpu_health.clone(),
             mps: env.mps.clone(),
             phases: phases.clone(),
+            net_env: net_env.clone(),
+            network: task_network.as_ref().map(|n| n.task_network(&crate::isolation::hostname_for(&group.name, alloc.index, &alloc.id))),
         };
         let initial = rep.persisted.task_states.get(&task.name).cloned();
         joins.push(AbortOnDrop(tokio::spawn(run_task_attached(ctx, initial, attached.remove(&task.name), kill_rx.clone(), tx.clone()))));
@@ -313,9 +337,49 @@ async fn run_alloc(
         let _ = (&mut j.0).await;
     }
     rep.persisted.procs.clear();
+    if bridge {
+        if let Some(network) = &env.network {
+            network.teardown(&alloc.id).await;
+        }
+    }
     rep.publish();
     tracing::info!(alloc = %alloc.id, status = %rep.persisted.client_status, "allocation finished");
     rep.persisted
+}
+
+/// The allocation's network: the environment its ports and gang rendezvous give every task,
+/// its bridge-mode network (set up now, or reattached), and whether it is in bridge mode.
+async fn network_for(
+    alloc: &Allocation,
+    group: &TaskGroup,
+    env: &RunnerEnv,
+) -> Result<(BTreeMap<String, String>, Option<crate::network::AllocNetwork>, bool), String> {
+    let ports = alloc.resources.as_ref().map(|r| r.ports.clone()).unwrap_or_default();
+    let bridge = group.network.as_ref().is_some_and(|n| n.mode == "bridge");
+    let mut vars = BTreeMap::new();
+    let mut net = None;
+    if bridge {
+        let manager = env.network.as_ref().ok_or("this agent has no bridge networking")?;
+        let (made, _took) = manager.setup(&alloc.id, &ports).await.map_err(|e| e.to_string())?;
+        vars.extend(crate::network::port_env(&ports, &made.ip.to_string(), true));
+        vars.insert("MLP_ALLOC_IP".into(), made.ip.to_string());
+        net = Some(made);
+    } else {
+        vars.extend(crate::network::port_env(&ports, &env.node_address, false));
+    }
+    if let Some(rv) = &alloc.rendezvous {
+        // A leader in bridge mode on this node is reached at its own address; give its network
+        // a moment to exist (its allocation starts at the same time as this one).
+        let leader = match &env.network {
+            Some(m) if rv.leader_node_id == env.node_id && rv.leader_alloc_id != alloc.id && bridge => {
+                m.leader_of(rv, std::time::Duration::from_secs(10)).await
+            }
+            Some(m) if rv.leader_alloc_id == alloc.id => m.leader_of(rv, std::time::Duration::ZERO).await,
+            _ => (rv.leader_ip.clone(), rv.leader_port),
+        };
+        vars.extend(crate::network::rendezvous_env(rv, leader));
+    }
+    Ok((vars, net, bridge))
 }
 
 /// Kills reattached tasks that nothing will run any more, and waits for them (which cleans up

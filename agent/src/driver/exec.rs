@@ -123,6 +123,9 @@ impl ExecDriver {
             }
             steps.push(rootfs::Step::Bind { src: dir.clone(), path: dir.clone(), readonly: false, device: false });
         }
+        if let Some(net) = &spec.network {
+            rootfs::use_network_files(&mut steps, &net.hosts, &net.resolv_conf);
+        }
         Ok(steps)
     }
 
@@ -239,7 +242,8 @@ impl Driver for ExecDriver {
                 root: root.clone(),
                 steps,
                 hostname,
-                network_none: spec.network_mode == "none",
+                network_none: spec.network_mode == "none" && spec.network.is_none(),
+                netns: spec.network.as_ref().map(|n| n.netns.clone()),
                 user: user.clone(),
                 command: spec.command.clone(),
                 args: spec.args.clone(),

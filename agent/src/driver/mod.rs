@@ -125,6 +125,9 @@ pub struct TaskSpec {
     pub user: String,
     /// Network mode: "" or "host" = the host's, "none" = an empty namespace (`exec`).
     pub network_mode: String,
+    /// The allocation's bridge-mode network: the task joins its namespace, and an `exec` task's
+    /// root gets its `/etc/hosts` and `/etc/resolv.conf`.
+    pub network: Option<crate::network::TaskNetwork>,
     /// The task's GPUs (`exec` binds real ones' device nodes and the driver's files into its
     /// root and allows them in its cgroup).
     pub gpus: crate::gpu::TaskGpus,

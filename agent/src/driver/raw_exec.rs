@@ -44,7 +44,8 @@ impl Driver for ProcessDriver {
         // The task gets the agent's environment plus its own, as a child of the agent would.
         let mut env: BTreeMap<String, String> = std::env::vars().collect();
         env.extend(spec.env.clone());
-        let task = TaskKind::Raw { command: spec.command.clone(), args: spec.args.clone(), env, work_dir: spec.work_dir.clone() };
+        let netns = spec.network.as_ref().map(|n| n.netns.clone());
+        let task = TaskKind::Raw { command: spec.command.clone(), args: spec.args.clone(), env, work_dir: spec.work_dir.clone(), netns };
         let sup = supervised::start(
             &exe,
             self.name,

@@ -57,6 +57,10 @@ pub enum TaskKind {
         env: BTreeMap<String, String>,
         /// Working directory.
         work_dir: PathBuf,
+        /// A network namespace the supervisor joins before it starts the task (the task of a
+        /// bridge-mode allocation).
+        #[serde(default)]
+        netns: Option<PathBuf>,
     },
     /// An isolated task (`exec`): the init's configuration.
     Isolated(Box<InitConfig>),

@@ -196,7 +196,10 @@ pub(crate) fn decode_report(report: &str, init_status: nix::Result<WaitStatus>) 
 /// PID 1 of the task's namespace.
 fn ns_init(cfg: &InitConfig, status: &mut Option<File>, report_w: OwnedFd, joined_r: OwnedFd, mut phases: Phases) -> Result<(), String> {
     let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
-    if cfg.network_none {
+    if let Some(netns) = &cfg.netns {
+        let f = std::fs::File::open(netns).map_err(|e| format!("opening the allocation's network namespace {}: {e}", netns.display()))?;
+        nix::sched::setns(&f, CloneFlags::CLONE_NEWNET).map_err(|e| format!("joining the allocation's network namespace: {e}"))?;
+    } else if cfg.network_none {
         flags |= CloneFlags::CLONE_NEWNET;
     }
     unshare(flags).map_err(|e| format!("unshare: {e}"))?;

@@ -108,6 +108,9 @@ pub struct InitConfig {
     pub hostname: String,
     /// Give the task an empty network namespace.
     pub network_none: bool,
+    /// Join this network namespace (a bridge-mode allocation's) instead.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
     /// The user the task runs as.
     pub user: User,
     /// Command (a path, or a name looked up in the task's PATH inside its root).

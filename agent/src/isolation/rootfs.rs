@@ -33,6 +33,16 @@ pub const ETC_FILES: &[&str] = &[
     "/etc/services",
     "/etc/protocols",
 ];
+/// A bridge-mode allocation's `/etc/hosts` and `/etc/resolv.conf` in place of the plan's.
+pub fn use_network_files(steps: &mut Vec<Step>, hosts: &str, resolv_conf: &str) {
+    let (hosts_path, resolv_path) = (p("/etc/hosts"), p("/etc/resolv.conf"));
+    steps.retain(|s| !matches!(s, Step::Copy { path, .. } | Step::Write { path, .. } if *path == hosts_path || *path == resolv_path));
+    // Right after `/etc` is made.
+    let at = steps.iter().position(|s| matches!(s, Step::Dir { path } if *path == p("/etc"))).map_or(steps.len(), |i| i + 1);
+    steps.insert(at, Step::Write { path: hosts_path, contents: hosts.to_string() });
+    steps.insert(at + 1, Step::Write { path: resolv_path, contents: resolv_conf.to_string() });
+}
+
 /// Host directories of `/etc` bound read-only when present (certificates; Debian's
 /// alternatives, which `awk` and friends resolve through).
 pub const ETC_DIRS: &[&str] = &["/etc/ssl", "/etc/pki", "/etc/ca-certificates", "/etc/alternatives"];
@@ -510,6 +520,25 @@ fn pivot(root: &Path) -> Result<(), RootfsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bridge_allocation_gets_its_own_hosts_and_resolv_conf() {
+        let probe = |path: &Path| -> Option<HostEntry> { (path == Path::new("/etc/resolv.conf")).then_some(HostEntry::File) };
+        let dirs = TaskDirs { local: "/l".into(), alloc: "/a".into() };
+        let user = User { name: "nobody".into(), uid: 65534, gid: 65534, home: "/".into() };
+        let mut steps = plan(probe, &dirs, &user, "h", &[], &[], &GpuRoot::default());
+        use_network_files(&mut steps, "172.26.64.2\th\n", "nameserver 10.0.0.1\n");
+        let etc: Vec<&Step> = steps.iter().filter(|s| matches!(s, Step::Copy { path, .. } | Step::Write { path, .. } if path.starts_with("/etc/hosts") || path.starts_with("/etc/resolv.conf"))).collect();
+        assert_eq!(
+            etc,
+            [
+                &Step::Write { path: "/etc/hosts".into(), contents: "172.26.64.2\th\n".into() },
+                &Step::Write { path: "/etc/resolv.conf".into(), contents: "nameserver 10.0.0.1\n".into() },
+            ]
+        );
+        let dir = steps.iter().position(|s| *s == Step::Dir { path: "/etc".into() });
+        assert_eq!(dir.map(|i| i + 1), steps.iter().position(|s| matches!(s, Step::Write { path, .. } if path == Path::new("/etc/hosts"))));
+    }
 
     #[test]
     fn plan_follows_the_host() {

@@ -121,6 +121,10 @@ pub struct TaskContext {
     /// Its first start's phases so far (the allocation's receipt, the alloc runner), which
     /// the driver continues; later starts are timed from the task runner.
     pub phases: Phases,
+    /// Variables of the allocation's ports and gang rendezvous (`MLP_PORT_*`, `RANK`, ...).
+    pub net_env: std::collections::BTreeMap<String, String>,
+    /// The allocation's bridge-mode network, which the task joins.
+    pub network: Option<crate::network::TaskNetwork>,
 }
 
 impl TaskContext {
@@ -149,6 +153,9 @@ impl TaskContext {
         ] {
             env.insert(k.to_string(), v);
         }
+        for (k, v) in &self.net_env {
+            env.insert(k.clone(), v.clone());
+        }
         // Over the task's own env: a task cannot widen its GPU assignment.
         for (k, v) in crate::gpu::gpu_env(&self.gpus) {
             env.insert(k.to_string(), v);
@@ -170,6 +177,7 @@ impl TaskContext {
             hostname: crate::isolation::hostname_for(&self.group_name, self.alloc_index, &self.alloc_id),
             user: self.task.user.clone(),
             network_mode: self.task.network_mode.clone(),
+            network: self.network.clone(),
             gpus: self.gpus.clone(),
             rw_paths: Vec::new(),
             phases: Phases::default(),

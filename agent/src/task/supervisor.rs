@@ -270,7 +270,11 @@ fn supervise(config_path: &Path, status: &mut Option<File>, mut phases: Phases) 
     let (out_r, out_pipe) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let (err_r, err_pipe) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let running = match &cfg.task {
-        TaskKind::Raw { command, args, env, work_dir } => {
+        TaskKind::Raw { command, args, env, work_dir, netns } => {
+            // The supervisor is single-threaded: joining moves the process, and the task with it.
+            if let Some(ns) = netns {
+                crate::network::netns::enter(ns).map_err(|e| format!("spawn 0 joining the allocation's network: {e}"))?;
+            }
             let mut cmd = std::process::Command::new(command);
             cmd.args(args)
                 .env_clear()

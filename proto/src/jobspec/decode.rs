@@ -12,8 +12,8 @@ use hcl_edit::Span;
 use super::{line_col, parse_duration, Loc};
 use crate::consts::{job_type, restart_mode};
 use crate::v1::{
-    Affinity, Constraint, GpuRequest, Job, MigrateStrategy, ReschedulePolicy, Resources, RestartPolicy, Spread, SpreadTarget, Task,
-    TaskConfig, TaskGroup,
+    Affinity, Constraint, GpuRequest, GroupNetwork, Job, MigrateStrategy, PortSpec, ReschedulePolicy, Resources, RestartPolicy, Spread,
+    SpreadTarget, Task, TaskConfig, TaskGroup,
 };
 
 pub(crate) const DEFAULT_NAMESPACE: &str = "default";
@@ -42,10 +42,13 @@ const GROUP_FIELDS: &[&str] = &[
     "gang_timeout",
     "migrate",
     "reschedule",
+    "network",
 ];
 const TASK_FIELDS: &[&str] =
     &["driver", "config", "env", "resources", "kill_timeout", "max_run_duration", "meta", "user", "network", "affinity"];
 const NETWORK_FIELDS: &[&str] = &["mode"];
+const GROUP_NETWORK_FIELDS: &[&str] = &["mode", "port"];
+const PORT_FIELDS: &[&str] = &["static", "to"];
 const CONFIG_FIELDS: &[&str] = &["command", "args"];
 const RESOURCES_FIELDS: &[&str] = &["cpu", "cores", "memory", "disk", "gpu", "memory_max", "pids", "cpu_hard_limit"];
 const GPU_FIELDS: &[&str] = &["count", "model", "memory", "share", "mig"];
@@ -753,6 +756,11 @@ impl Decoder<'_> {
                         group.reschedule = Some(self.reschedule(b, &floc, batch));
                     }
                 }
+                ("network", Structure::Block(b)) => {
+                    if self.first_time(&mut seen, s, &loc) {
+                        group.network = Some(self.group_network(b, &floc));
+                    }
+                }
                 _ if GROUP_FIELDS.contains(&name) => self.wrong_form(s, &loc),
                 _ => self.unknown(s, &loc, GROUP_FIELDS),
             }
@@ -923,6 +931,71 @@ impl Decoder<'_> {
             }
         }
         task
+    }
+
+    /// A group's `network { mode = "..." port "LABEL" { static = N to = M } }`.
+    fn group_network(&mut self, block: &Block, loc: &Loc) -> GroupNetwork {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut network = GroupNetwork::default();
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            match (name, s) {
+                ("mode", Structure::Attribute(a)) => {
+                    if self.first_time(&mut seen, s, loc) {
+                        network.mode = self.string(&a.value, &floc).unwrap_or_default();
+                    }
+                }
+                ("port", Structure::Block(b)) => {
+                    let index = network.ports.len();
+                    network.ports.push(self.port(b, loc, index));
+                }
+                _ if GROUP_NETWORK_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, GROUP_NETWORK_FIELDS),
+            }
+        }
+        network
+    }
+
+    /// `port "LABEL" { static = N  to = M }` (both optional).
+    fn port(&mut self, block: &Block, network: &Loc, index: usize) -> PortSpec {
+        let key_only = network.named("port", index, "");
+        let label = self.label(block, &key_only);
+        let loc = network.named("port", index, &label);
+        self.mark(&loc, start(&block.ident));
+        let mut port = PortSpec { label, ..PortSpec::default() };
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            match (name, s) {
+                ("static", Structure::Attribute(a)) => {
+                    if self.first_time(&mut seen, s, &loc) {
+                        port.static_port = self.port_number(&a.value, &floc);
+                    }
+                }
+                ("to", Structure::Attribute(a)) => {
+                    if self.first_time(&mut seen, s, &loc) {
+                        port.to = self.port_number(&a.value, &floc);
+                    }
+                }
+                _ if PORT_FIELDS.contains(&name) => self.wrong_form(s, &loc),
+                _ => self.unknown(s, &loc, PORT_FIELDS),
+            }
+        }
+        port
+    }
+
+    /// A port number: 1..=65535 (0 is refused here, since it means "not set" in the proto).
+    fn port_number(&mut self, expr: &Expression, loc: &Loc) -> u32 {
+        let Some(v) = self.integer(expr, loc) else { return 0 };
+        if !(1..=65535).contains(&v) {
+            self.fail(start(expr), loc, format!("must be a port number between 1 and 65535, found {v}"));
+            return 0;
+        }
+        u32::try_from(v).unwrap_or_default()
     }
 
     /// `network { mode = "..." }`: only the mode for now.

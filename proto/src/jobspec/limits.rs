@@ -17,6 +17,8 @@ pub const MAX_OPERATORS: usize = 1_000;
 
 /// Task groups in one job.
 pub const MAX_GROUPS: usize = 100;
+/// `port` blocks in one group's `network`.
+pub const MAX_PORTS: usize = 64;
 /// Tasks in one group.
 pub const MAX_TASKS: usize = 100;
 /// Allocations one group may ask for (`count`).

@@ -1,7 +1,7 @@
 //! Semantic rules for jobs (names, ranges, drivers, restart modes, required fields), checked on
 //! the decoded `Job` so that HCL files and JSON submissions obey exactly the same rules.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use std::collections::BTreeMap;
 
@@ -284,6 +284,7 @@ impl Checker {
         self.at_most(&loc.indexed("task", MAX_TASKS), "tasks per group", group.tasks.len(), MAX_TASKS);
         self.gang(loc, group);
         self.migrate_reschedule(loc, group);
+        self.network(loc, group);
         if let Some(restart) = &group.restart {
             let rloc = loc.field("restart");
             self.one_of(&rloc.field("mode"), "restart mode", &restart.mode, RESTART_MODES);
@@ -301,6 +302,74 @@ impl Checker {
                 self.push(&tloc.field("name"), format!("duplicate task name {:?} in this group", task.name));
             }
             self.task(&tloc, task);
+        }
+    }
+
+    /// The group's `network`: a known mode, ports with identifier labels (they become parts of
+    /// environment variable names) that are unique, port numbers in range, no static port twice,
+    /// and no task whose own `network.mode` contradicts the group's.
+    fn network(&mut self, loc: &Loc, group: &TaskGroup) {
+        let Some(network) = &group.network else { return };
+        let nloc = loc.field("network");
+        let mode = network.mode.as_str();
+        if !mode.is_empty() && !GROUP_NETWORK_MODES.contains(&mode) {
+            self.push(&nloc.field("mode"), format!("must be one of {}, found {mode:?}", GROUP_NETWORK_MODES.join(", ")));
+        }
+        self.at_most(&nloc.indexed("port", MAX_PORTS), "ports per group", network.ports.len(), MAX_PORTS);
+        if mode == "none" && !network.ports.is_empty() {
+            self.push(
+                &nloc.named("port", 0, &network.ports[0].label),
+                "a group with network mode \"none\" has no ports to map; remove the `port` blocks or use \"bridge\"",
+            );
+        }
+        let mut labels = HashSet::new();
+        let mut statics = HashMap::new();
+        for (i, port) in network.ports.iter().enumerate().take(MAX_PORTS) {
+            let ploc = nloc.named("port", i, &port.label);
+            if !is_port_label(&port.label) {
+                self.push(
+                    &ploc.field("name"),
+                    format!(
+                        "port label must be 1-64 characters of A-Z, a-z, 0-9 or _ not starting with a digit, found {:?}",
+                        printable_key(&port.label)
+                    ),
+                );
+            } else if !labels.insert(port.label.as_str()) {
+                self.push(&ploc.field("name"), format!("duplicate port label {:?} in this group", port.label));
+            }
+            for (field, value) in [("static", port.static_port), ("to", port.to)] {
+                if value > 65535 {
+                    self.push(&ploc.field(field), format!("must be a port number between 1 and 65535, found {value}"));
+                }
+            }
+            if port.static_port > 0 {
+                if let Some(first) = statics.insert(port.static_port, port.label.as_str()) {
+                    self.push(
+                        &ploc.field("static"),
+                        format!("static port {} is already used by port {first:?} of this group", port.static_port),
+                    );
+                }
+            }
+            if mode != "bridge" && port.to > 0 && port.to != port.static_port {
+                self.push(
+                    &ploc.field("to"),
+                    "only bridge mode maps ports; in host mode a task listens on its host port itself (MLP_HOST_PORT_<label>), so `to` may only repeat `static`",
+                );
+            }
+        }
+        for (i, task) in group.tasks.iter().enumerate().take(MAX_TASKS) {
+            let task_mode = task.network_mode.as_str();
+            let conflict = match mode {
+                "bridge" => !task_mode.is_empty(),
+                "none" => task_mode == "host",
+                _ => false,
+            };
+            if conflict {
+                self.push(
+                    &loc.named("task", i, &task.name).field("network").field("mode"),
+                    format!("the group's network mode is {mode:?}; a task of it cannot ask for {task_mode:?} (remove the task's `network` block)"),
+                );
+            }
         }
     }
 
@@ -469,6 +538,13 @@ fn printable_key(k: &str) -> String {
 
 /// Network modes a task may ask for (`host` is the default).
 const NETWORK_MODES: &[&str] = &["host", "none"];
+/// Network modes of a group's `network` block (`host` is the default).
+const GROUP_NETWORK_MODES: &[&str] = &["bridge", "host", "none"];
+
+/// A port label: it becomes part of `MLP_PORT_<label>` and friends, so an identifier.
+fn is_port_label(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') && !s.as_bytes()[0].is_ascii_digit()
+}
 
 /// `[A-Za-z0-9_-]{1,128}`.
 pub(crate) fn is_name(s: &str) -> bool {

@@ -18,6 +18,8 @@
 //! * `preference` — affinities and spreads as a preference score that ranks before the scorer;
 //! * `candidates` — which feasible nodes a placement scores (all, or a seeded sample of the
 //!   GPU-less nodes on large clusters);
+//! * `ports` — host ports as a node resource: static ports checked, dynamic ones picked from the
+//!   node's range; the rendezvous of gang members (rank 0's address and port);
 //! * `explain` — human lines for placement failures.
 
 pub mod candidates;
@@ -26,6 +28,7 @@ pub mod feasible;
 pub mod gpu;
 pub mod learned;
 pub mod place;
+pub mod ports;
 pub mod preference;
 pub mod rank;
 mod reconcile;
@@ -217,6 +220,9 @@ pub fn schedule_full(state: &ClusterState, job: Option<&Job>, eval: &Evaluation,
             }
             if gang > 0 && !ids.is_empty() {
                 plan.atomic.push(ids);
+                let start = plan.placements.len() - placed_here;
+                let size = tg.effective_count();
+                ports::fill_rendezvous(&mut plan.placements[start..], &live, size, |id| state.nodes.get(id));
             }
         }
         let unplaced = (wants.len() - placed_here) as u32;

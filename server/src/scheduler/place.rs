@@ -253,6 +253,7 @@ fn size_on(r: &AllocatedResources, dim: Dimension) -> u64 {
             }
         }
         Dimension::GpuMemory => r.gpus.iter().filter(|g| g.milli < gpu::WHOLE).map(|g| g.memory_mib).sum(),
+        Dimension::Port | Dimension::DynamicPort => r.ports.len() as u64,
     }
 }
 

@@ -25,9 +25,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 use mlp_proto::consts::{alloc_client, alloc_desired};
-use mlp_proto::v1::{AllocatedResources, Allocation, GpuAssignment, GpuDevice, Node, NodeResources, TaskGroup};
+use mlp_proto::v1::{AllocatedResources, Allocation, GpuAssignment, GpuDevice, Node, NodeResources, PortSpec, TaskGroup};
 
 use super::gpu::{self, DeviceMask, GpuShape, MigSlot, ModelSet, NodeView, PodView, Policy, Workload, WHOLE};
+use super::ports;
 use super::topology::{Locality, Topology};
 use crate::state::ClusterState;
 
@@ -41,6 +42,10 @@ pub enum Dimension {
     Gpu,
     /// Device memory reserved by GPU shares.
     GpuMemory,
+    /// A static host port that another allocation on the node holds.
+    Port,
+    /// No free host port left in the node's dynamic range.
+    DynamicPort,
 }
 
 impl Dimension {
@@ -53,6 +58,7 @@ impl Dimension {
             Dimension::Cores => "cores",
             Dimension::Gpu => "gpu",
             Dimension::GpuMemory => "gpu-memory",
+            Dimension::Port | Dimension::DynamicPort => "network",
         }
     }
 }
@@ -105,13 +111,15 @@ impl GpuAsk {
 
 /// What one allocation of a task group asks for: the sum of its tasks' resources, and each GPU
 /// task's own GPU ask (shares of different tasks may land on different devices).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Ask {
     pub cpu_mhz: u64,
     pub memory_mib: u64,
     pub disk_mib: u64,
     pub cores: u32,
     pub gpus: Vec<GpuAsk>,
+    /// The group's `network` ports; empty for groups without any (they skip the port work).
+    pub ports: Vec<PortSpec>,
 }
 
 impl Ask {
@@ -129,6 +137,9 @@ impl Ask {
                     ask.gpus.push(GpuAsk { shape, models, memory_mib: g.memory_mib, mig_profile });
                 }
             }
+        }
+        if let Some(network) = &tg.network {
+            ask.ports = network.ports.clone();
         }
         ask
     }
@@ -158,6 +169,12 @@ pub struct Usage {
     /// Share asks that found a device with the milli-GPUs but not the memory free (only while
     /// trying a placement).
     pub gpu_memory_shortfall: u32,
+    /// Host ports held on the node (`AllocatedResources.ports`).
+    pub ports: BTreeSet<u32>,
+    /// Host ports added while already held: two allocations on one port.
+    pub port_conflicts: u32,
+    /// Dynamic ports that found no free port in the node's range (only while trying a placement).
+    pub port_shortfall: u32,
 }
 
 /// Whether an allocation holds resources on its node: the scheduler wants it running and the
@@ -203,6 +220,11 @@ impl Usage {
         }
         for (id, profile) in &r.gpu_mig {
             self.mig_claims.entry(id.clone()).or_default().push(profile.clone());
+        }
+        for p in &r.ports {
+            if !self.ports.insert(p.host_port) {
+                self.port_conflicts = self.port_conflicts.saturating_add(1);
+            }
         }
     }
 
@@ -338,6 +360,12 @@ impl<'a> NodeGpus<'a> {
         if usage.gpu_memory_shortfall > 0 || self.share_overcommit(usage).is_some() {
             return Some(Dimension::GpuMemory);
         }
+        if usage.port_conflicts > 0 {
+            return Some(Dimension::Port);
+        }
+        if usage.port_shortfall > 0 {
+            return Some(Dimension::DynamicPort);
+        }
         None
     }
 
@@ -462,6 +490,17 @@ fn assign(
 /// MIG profiles, which instances were missing (`gpu: no free MIG 3g.40gb instance`); for GPU
 /// memory, that a share's memory was missing.
 pub fn exhausted_key(ask: &Ask, dim: Dimension) -> String {
+    match dim {
+        Dimension::Port => {
+            let statics: Vec<String> = ask.ports.iter().filter(|p| p.static_port > 0).map(|p| p.static_port.to_string()).collect();
+            return match statics.as_slice() {
+                [one] => format!("network: port {one} in use"),
+                many => format!("network: one of ports {} in use", many.join(", ")),
+            };
+        }
+        Dimension::DynamicPort => return "network: no free dynamic port".to_string(),
+        _ => {}
+    }
     if dim == Dimension::GpuMemory {
         return "gpu-memory: no device with the milli-GPUs free has the memory a share reserves left".to_string();
     }
@@ -596,6 +635,9 @@ pub fn try_fit_on(devices: &NodeGpus<'_>, usage: &Usage, ask: &Ask, policy: Poli
     after.memory_mib = after.memory_mib.saturating_add(res.memory_mib);
     after.disk_mib = after.disk_mib.saturating_add(res.disk_mib);
     after.cores = after.cores.saturating_add(u64::from(res.cores));
+    if !ask.ports.is_empty() {
+        res.ports = ports::assign(cap, &ask.ports, &mut after);
+    }
     match devices.exhausted(&after) {
         Some(dim) => Err(dim),
         None => Ok(Fit { resources: res, after, gpu_cost, locality_rank }),

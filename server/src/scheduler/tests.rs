@@ -108,6 +108,7 @@ fn node(id: &str, cpu: u64, mem: u64) -> Node {
             memory_mib: mem,
             disk_mib: 100_000,
             gpus: vec![],
+            ..Default::default()
         }),
         ..Default::default()
     }
@@ -1343,4 +1344,134 @@ fn the_scheduler_plans_for_the_learned_workload() {
     };
     assert_eq!(placed_on(false), "a");
     assert_eq!(placed_on(true), "b");
+}
+
+// ---- host ports (issue 13) ------------------------------------------------------------------
+
+fn with_ports(mut g: TaskGroup, mode: &str, ports: &[(&str, u32, u32)]) -> TaskGroup {
+    let ports = ports.iter().map(|&(label, static_port, to)| mlp_proto::v1::PortSpec { label: label.into(), static_port, to }).collect();
+    g.network = Some(mlp_proto::v1::GroupNetwork { mode: mode.into(), ports });
+    g
+}
+
+/// (label, host port, to) of each port of an allocation.
+type PortTriples = Vec<(String, u32, u32)>;
+
+fn ports_of(c: &Cluster, job: &str) -> Vec<(String, PortTriples)> {
+    let mut v: Vec<_> =
+        c.st.allocs_for_job("default", job)
+            .filter(|a| resources::is_live(a))
+            .map(|a| {
+                let r = a.resources.clone().unwrap_or_default();
+                (a.name.clone(), r.ports.iter().map(|p| (p.label.clone(), p.host_port, p.to)).collect())
+            })
+            .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn dynamic_ports_are_picked_from_the_node_range_and_never_collide() {
+    let mut c = Cluster::new();
+    let mut n = node("n1", 100_000, 100_000);
+    if let Some(r) = n.resources.as_mut() {
+        (r.min_dynamic_port, r.max_dynamic_port) = (21_000, 21_005);
+    }
+    c.node(n);
+    c.register(job("a", job_type::SERVICE, vec![with_ports(group("web", 2, 10, 10), "bridge", &[("http", 0, 8080), ("metrics", 0, 0)])]));
+    c.schedule("a");
+    let want = |h: u32, m: u32| vec![("http".to_string(), h, 8080), ("metrics".to_string(), m, m)];
+    assert_eq!(ports_of(&c, "a"), [("a.web[0]".to_string(), want(21_000, 21_001)), ("a.web[1]".to_string(), want(21_002, 21_003))]);
+    // A second job gets what is left; a third finds the range exhausted.
+    c.register(job("b", job_type::SERVICE, vec![with_ports(group("web", 1, 10, 10), "bridge", &[("http", 0, 8080), ("x", 0, 0)])]));
+    c.schedule("b");
+    assert_eq!(ports_of(&c, "b")[0].1.iter().map(|p| p.1).collect::<Vec<_>>(), [21_004, 21_005]);
+    c.register(job("c", job_type::SERVICE, vec![with_ports(group("web", 1, 10, 10), "bridge", &[("http", 0, 0)])]));
+    let plan = c.schedule("c");
+    assert!(plan.placements.is_empty());
+    let m = &plan.failed_tg_allocs["web"];
+    assert_eq!(m.dimension_exhausted, [("network: no free dynamic port".to_string(), 1)].into_iter().collect());
+    // Once "a" stops, its ports are free again and "c" takes the lowest.
+    for id in c.st.allocs_for_job("default", "a").map(|a| a.id.clone()).collect::<Vec<_>>() {
+        c.set_client_status(&id, alloc_client::COMPLETE);
+    }
+    c.schedule("c");
+    assert_eq!(ports_of(&c, "c")[0].1, [("http".to_string(), 21_000, 21_000)]);
+}
+
+#[test]
+fn static_ports_conflict_with_other_allocations_on_the_node() {
+    let mut c = Cluster::new();
+    c.node(node("n1", 100_000, 100_000));
+    c.node(node("n2", 100_000, 100_000));
+    let admin = |count| with_ports(group("g", count, 10, 10), "host", &[("admin", 9000, 0)]);
+    c.register(job("a", job_type::SERVICE, vec![admin(2)]));
+    c.schedule("a");
+    let nodes: BTreeSet<String> = c.live("a").into_iter().map(|(_, n)| n).collect();
+    assert_eq!(nodes.len(), 2, "two allocations of one static port need two nodes");
+    c.register(job("b", job_type::SERVICE, vec![admin(1)]));
+    let plan = c.schedule("b");
+    assert!(plan.placements.is_empty());
+    let m = &plan.failed_tg_allocs["g"];
+    assert_eq!(m.dimension_exhausted, [("network: port 9000 in use".to_string(), 2)].into_iter().collect());
+    assert_eq!(explain(m).last().cloned(), Some("Dimension \"network: port 9000 in use\" exhausted on 2 nodes".to_string()));
+}
+
+#[test]
+fn the_plan_applier_rejects_a_port_held_twice() {
+    let mut c = Cluster::new();
+    c.node(node("n1", 100_000, 100_000));
+    c.register(job("a", job_type::SERVICE, vec![with_ports(group("g", 1, 10, 10), "bridge", &[("http", 0, 80)])]));
+    c.schedule("a");
+    let n1 = c.st.nodes["n1"].clone();
+    let held = ports_of(&c, "a")[0].1[0].1;
+    let extra = |port: u32| Allocation {
+        id: format!("x-{port}"),
+        node_id: "n1".into(),
+        resources: Some(AllocatedResources {
+            ports: vec![mlp_proto::v1::AllocatedPort { label: "p".into(), host_port: port, to: port }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    assert_eq!(check_node_fit(&c.st, &n1, &[&extra(held)]), Err("network exhausted on node n1".into()));
+    assert_eq!(check_node_fit(&c.st, &n1, &[&extra(held + 1)]), Ok(()));
+}
+
+#[test]
+fn groups_without_ports_are_placed_as_before() {
+    let mut c = Cluster::new();
+    c.node(node("n1", 100_000, 100_000));
+    c.register(job("a", job_type::SERVICE, vec![group("g", 3, 10, 10)]));
+    c.schedule("a");
+    assert!(ports_of(&c, "a").iter().all(|(_, p)| p.is_empty()));
+    assert!(c.st.allocs.values().all(|a| a.rendezvous.is_none()));
+}
+
+#[test]
+fn gang_members_get_the_rendezvous_of_rank_zero() {
+    let mut c = Cluster::new();
+    for i in 0..3 {
+        let mut n = node(&format!("n{i}"), 1000, 10_000);
+        n.rpc_addr = format!("10.0.0.{i}:4648");
+        c.node(n);
+    }
+    let g = with_ports(gang(group("w", 3, 1000, 10), ""), "bridge", &[("rdzv", 0, 29_400)]);
+    c.register(job("train", job_type::BATCH, vec![g]));
+    let plan = c.schedule("train");
+    assert_eq!(plan.placements.len(), 3);
+    let leader = plan.placements.iter().find(|a| a.index == 0).cloned().unwrap_or_default();
+    let leader_node = &c.st.nodes[&leader.node_id];
+    let leader_port = leader.resources.as_ref().map(|r| r.ports[0].host_port).unwrap_or_default();
+    for a in &plan.placements {
+        let rv = a.rendezvous.clone().unwrap_or_default();
+        assert_eq!((rv.rank, rv.size), (a.index, 3));
+        assert_eq!(rv.leader_ip, leader_node.rpc_addr.trim_end_matches(":4648"));
+        assert_eq!((rv.leader_port, rv.leader_alloc_id.as_str()), (leader_port, leader.id.as_str()));
+        assert_eq!(rv.leader_node_id, leader.node_id);
+    }
+    // Without ports the leader's port is PyTorch's default.
+    c.register(job("plain", job_type::BATCH, vec![gang(group("w", 2, 10, 10), "")]));
+    let plan = c.schedule("plain");
+    assert!(plan.placements.iter().all(|a| a.rendezvous.as_ref().is_some_and(|r| r.leader_port == super::ports::DEFAULT_RENDEZVOUS_PORT)));
 }

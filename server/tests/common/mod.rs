@@ -45,6 +45,7 @@ pub fn node_with_gpus(id: &str, mhz: u64, gpus: Vec<GpuDevice>) -> Node {
             memory_mib: 100_000,
             disk_mib: 100_000,
             gpus,
+            ..Default::default()
         }),
         ..Default::default()
     }
