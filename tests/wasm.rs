@@ -106,3 +106,46 @@ fn wasm_job_runs_from_the_cli_with_logs_exit_code_and_cache() {
     });
     assert_eq!(files, 1);
 }
+
+/// Sleeps in a host call, forever (a service that never ends by itself).
+const SLEEP_FOREVER: &str = r#"(module
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll_oneoff (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (i32.store (i32.const 16) (i32.const 1))
+    (i64.store (i32.const 24) (i64.const 3600000000000))
+    (loop $l
+      (drop (call $poll_oneoff (i32.const 0) (i32.const 256) (i32.const 1) (i32.const 512)))
+      (br $l))))"#;
+
+#[test]
+fn a_running_wasm_task_is_restarted_after_an_agent_crash() {
+    let mut dev = Dev::start_split();
+    let module = dev.dir.path().join("sleep.wasm");
+    std::fs::write(&module, wat::parse_str(SLEEP_FOREVER).expect("valid WAT")).expect("write module");
+    let file = dev.write_job(
+        "svc.hcl",
+        &format!(
+            "job \"svc\" {{\n  type = \"service\"\n  group \"g\" {{\n    task \"t\" {{\n      driver = \"wasm\"\n      config {{\n        module = \"{}\"\n      }}\n    }}\n  }}\n}}\n",
+            module.display()
+        ),
+    );
+    dev.ok(&["job", "run", "--detach", file.to_str().unwrap_or_default()]);
+    let running = |a: &serde_json::Value| common::status(a) == "running" && a["task_states"]["t"]["state"] == "running";
+    dev.wait_allocs("svc", "the wasm task running", Duration::from_secs(30), |a| a.len() == 1 && running(&a[0]));
+
+    // The task lived in the agent: it dies with it, and the next agent starts it again.
+    dev.kill9_agent().expect("the agent ran");
+    dev.spawn_agent();
+    let allocs = dev.wait_allocs("svc", "the wasm task restarted", Duration::from_secs(60), |a| {
+        a.len() == 1
+            && running(&a[0])
+            && a[0]["task_states"]["t"]["events"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| e["message"] == "agent restarted; task restarted"))
+    });
+    let events: Vec<&str> =
+        allocs[0]["task_states"]["t"]["events"].as_array().into_iter().flatten().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(events.iter().filter(|e| **e == "started").count(), 2, "{events:?}");
+    dev.ok(&["job", "stop", "svc"]);
+}
