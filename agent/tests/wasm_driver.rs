@@ -339,6 +339,24 @@ async fn growing_past_memory_fails_as_oom_with_reason() -> TestResult {
     Ok(())
 }
 
+/// Two memories of 10 MiB each: 20 MiB together.
+const TWO_MEMORIES: &str = r#"(module (memory 160) (memory 160) (func (export "_start")))"#;
+
+#[tokio::test]
+async fn memories_count_together_against_the_cap() -> TestResult {
+    let mut h = Harness::new()?;
+    let module = write_module(h.dir.path(), "two.wasm", TWO_MEMORIES)?;
+    let mut t = wasm_task("m", module.to_str().ok_or("path")?, &[]);
+    t.resources = Some(Resources { cpu_mhz: 100, memory_mib: 16, ..Default::default() });
+    h.run(alloc(t))?;
+    let u = h.terminal().await?;
+    assert_eq!(u.client_status, alloc_client::FAILED);
+    let (kind, message) = last_event(&u, "m");
+    assert_eq!(kind, task_event::DRIVER_FAILURE);
+    assert!(message.contains("memory limit of 16 MiB reached: the module asked for 20 MiB"), "{message}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn exit_codes_and_traps() -> TestResult {
     let mut h = Harness::new()?;

@@ -15,8 +15,8 @@
 //!   directory: wasi-libc resolves relative paths from `/`, so a module names `/local/...`.
 //!   No sockets (no network), stdin is empty, stdout and stderr go into the task's size-rotated
 //!   log files.
-//! * **Limits**: the linear memories together may not grow past the task's `memory` (or
-//!   `memory_max`); a growth past it traps and the task ends as OOM-killed at that limit.
+//! * **Limits**: the module's linear memories together may not grow past the task's `memory`
+//!   (or `memory_max`); a growth past it traps and the task ends as OOM-killed at that limit.
 //!   An engine-wide ticker thread advances the epoch every [`EPOCH_TICK`]; at every tick a
 //!   running module yields to its thread's executor, and a module whose task was signalled
 //!   (stop, kill, `max_run_duration`) is interrupted there, also while it waits in a host call.
@@ -85,11 +85,13 @@ struct WasmTask {
     limits: MemoryCap,
 }
 
-/// Caps the linear memories a module grows; records a refused growth.
+/// Caps the linear memories of a module, all of them together; records a refused growth.
 struct MemoryCap {
     max_bytes: usize,
     limit_mib: u64,
-    /// Set to the size asked for when a growth past the cap was refused.
+    /// Bytes of linear memory granted so far, over every memory of the instance.
+    used: usize,
+    /// Set to the total asked for when a growth past the cap was refused.
     refused: Arc<AtomicU64>,
 }
 
@@ -102,11 +104,13 @@ struct MemoryLimit {
 }
 
 impl ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
-            self.refused.store(desired as u64, Ordering::SeqCst);
-            return Err(wasmtime::Error::new(MemoryLimit { limit_mib: self.limit_mib, asked_mib: (desired as u64).div_ceil(1 << 20) }));
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.used.saturating_add(desired.saturating_sub(current));
+        if total > self.max_bytes {
+            self.refused.store(total as u64, Ordering::SeqCst);
+            return Err(wasmtime::Error::new(MemoryLimit { limit_mib: self.limit_mib, asked_mib: (total as u64).div_ceil(1 << 20) }));
         }
+        self.used = total;
         Ok(true)
     }
 
@@ -353,6 +357,7 @@ impl Driver for WasmDriver {
         let limits = MemoryCap {
             max_bytes: usize::try_from(limit_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
             limit_mib,
+            used: 0,
             refused: refused.clone(),
         };
         let (sig_tx, sig_rx) = watch::channel(0i32);
