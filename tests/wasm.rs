@@ -132,7 +132,13 @@ fn a_running_wasm_task_is_restarted_after_an_agent_crash() {
     );
     dev.ok(&["job", "run", "--detach", file.to_str().unwrap_or_default()]);
     let running = |a: &serde_json::Value| common::status(a) == "running" && a["task_states"]["t"]["state"] == "running";
-    dev.wait_allocs("svc", "the wasm task running", Duration::from_secs(30), |a| a.len() == 1 && running(&a[0]));
+    let allocs = dev.wait_allocs("svc", "the wasm task running", Duration::from_secs(30), |a| a.len() == 1 && running(&a[0]));
+
+    // `mlp alloc exec` has no process to enter, and says so.
+    let id = allocs[0]["id"].as_str().unwrap_or_default();
+    let out = dev.cli(&["alloc", "exec", id, "--", "/bin/true"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("has no process to enter"), "{stderr}");
 
     // The task lived in the agent: it dies with it, and the next agent starts it again.
     dev.kill9_agent().expect("the agent ran");
