@@ -17,9 +17,10 @@
 //!   log files.
 //! * **Limits**: the module's linear memories together may not grow past the task's `memory`
 //!   (or `memory_max`); a growth past it traps and the task ends as OOM-killed at that limit.
-//!   An engine-wide ticker thread advances the epoch every [`EPOCH_TICK`]; at every tick a
-//!   running module yields to its thread's executor, and a module whose task was signalled
-//!   (stop, kill, `max_run_duration`) is interrupted there, also while it waits in a host call.
+//!   An engine-wide ticker thread advances the epoch every [`EPOCH_TICK`] while a module runs
+//!   (it sleeps while none does); at every tick a running module yields to its thread's
+//!   executor, and a module whose task was signalled (stop, kill, `max_run_duration`) is
+//!   interrupted there, also while it waits in a host call.
 //! * **Exit**: `proc_exit(n)` is exit code `n`, a return from `_start` is 0, a signal (SIGTERM,
 //!   SIGKILL: both end the module at once, it cannot catch them) is that signal, a trap has no
 //!   code and its reason is [`TaskHandle::exit_reason`].
@@ -77,6 +78,56 @@ struct Inner {
     cache_dir: Option<PathBuf>,
     compiled: AtomicU64,
     cached: AtomicU64,
+    ticker: Arc<Ticker>,
+}
+
+/// Wakes the epoch ticker only while modules run: an idle agent's ticker sleeps.
+#[derive(Default)]
+struct Ticker {
+    running: Mutex<usize>,
+    wake: std::sync::Condvar,
+}
+
+impl Ticker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts a running module for as long as the guard lives.
+    fn hold(self: &Arc<Self>) -> TickerHold {
+        *self.lock() += 1;
+        self.wake.notify_all();
+        TickerHold(self.clone())
+    }
+
+    /// The ticker thread: every [`EPOCH_TICK`] while a module runs, the engine's epoch
+    /// advances; it ends once the engine is gone.
+    fn run(&self, engine: wasmtime::EngineWeak) {
+        loop {
+            let mut running = self.lock();
+            while *running == 0 {
+                running = self.wake.wait_timeout(running, Duration::from_secs(1)).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+                if engine.upgrade().is_none() {
+                    return;
+                }
+            }
+            drop(running);
+            std::thread::sleep(EPOCH_TICK);
+            match engine.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => return,
+            }
+        }
+    }
+}
+
+struct TickerHold(Arc<Ticker>);
+
+impl Drop for TickerHold {
+    fn drop(&mut self) {
+        let mut running = self.0.lock();
+        *running = running.saturating_sub(1);
+    }
 }
 
 /// A store's data: the module's WASI context and its memory cap.
@@ -125,8 +176,8 @@ fn wasm_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> DriverEr
 
 impl WasmDriver {
     /// A driver whose compiled modules are cached in `cache_dir` (created on first use; None
-    /// compiles every start). Starts the engine's epoch ticker thread, which ends with the
-    /// last user of the engine.
+    /// compiles every start). Starts the engine's epoch ticker thread, which ticks only while a
+    /// module runs and ends with the last user of the engine.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, DriverError> {
         let mut config = Config::new();
         config.epoch_interruption(true);
@@ -134,18 +185,15 @@ impl WasmDriver {
         let mut linker: Linker<WasmTask> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |t: &mut WasmTask| &mut t.wasi)
             .map_err(|e| wasm_err("linking WASI preview 1", e))?;
-        let weak = engine.weak();
+        let (weak, ticker) = (engine.weak(), Arc::new(Ticker::default()));
+        let t = ticker.clone();
         std::thread::Builder::new()
             .name("wasm-epoch".into())
-            .spawn(move || loop {
-                std::thread::sleep(EPOCH_TICK);
-                match weak.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => return,
-                }
-            })
+            .spawn(move || t.run(weak))
             .map_err(|e| wasm_err("starting the epoch ticker", e))?;
-        Ok(WasmDriver { inner: Arc::new(Inner { engine, linker, cache_dir, compiled: AtomicU64::new(0), cached: AtomicU64::new(0) }) })
+        Ok(WasmDriver {
+            inner: Arc::new(Inner { engine, linker, cache_dir, compiled: AtomicU64::new(0), cached: AtomicU64::new(0), ticker }),
+        })
     }
 
     /// How many modules this driver compiled and how many it loaded from its cache.
@@ -364,9 +412,11 @@ impl Driver for WasmDriver {
         let (done_tx, done_rx) = watch::channel::<Option<Done>>(None);
         let (started_tx, started_rx) = oneshot::channel::<Result<(), String>>();
         let run = Run { engine: self.inner.engine.clone(), pre, data: WasmTask { wasi, limits }, signal: sig_rx, refused, limit_mib };
+        let ticker = self.inner.ticker.clone();
         std::thread::Builder::new()
             .name(format!("wasm-{}", spec.name))
             .spawn(move || {
+                let _ticking = ticker.hold();
                 let done = run.run(started_tx);
                 done_tx.send_replace(Some(done));
             })
