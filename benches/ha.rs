@@ -97,7 +97,7 @@ fn realistic_job(name: &str) -> Job {
             tasks: vec![Task {
                 name: "train".into(),
                 driver: "raw_exec".into(),
-                config: Some(TaskConfig { command: "/bin/sh".into(), args: vec!["-c".into(), script.into()] }),
+                config: Some(TaskConfig { command: "/bin/sh".into(), args: vec!["-c".into(), script.into()], ..Default::default() }),
                 env,
                 resources: Some(Resources { cpu_mhz: 4000, memory_mib: 16384, ..Default::default() }),
                 kill_timeout_ms: 30_000,

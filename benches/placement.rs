@@ -125,7 +125,7 @@ fn job(name: &str, tasks: u32, preferences: bool) -> Job {
             tasks: vec![Task {
                 name: "t".into(),
                 driver: "exec".into(),
-                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![] }),
+                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![], ..Default::default() }),
                 resources: Some(Resources { cpu_mhz: 100, memory_mib: 128, ..Default::default() }),
                 kill_timeout_ms: 1000,
                 ..Default::default()

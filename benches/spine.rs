@@ -46,7 +46,11 @@ fn job_with_driver(name: &str, ty: &str, count: u32, command: &str, args: &[&str
             tasks: vec![Task {
                 name: "t".into(),
                 driver: driver.into(),
-                config: Some(TaskConfig { command: command.into(), args: args.iter().map(|s| s.to_string()).collect() }),
+                config: Some(TaskConfig {
+                    command: command.into(),
+                    args: args.iter().map(|s| s.to_string()).collect(),
+                    ..Default::default()
+                }),
                 resources: Some(Resources { cpu_mhz: 10, memory_mib: 10, ..Default::default() }),
                 kill_timeout_ms: 1000,
                 ..Default::default()

@@ -286,7 +286,8 @@ mod tests {
         assert_eq!(r.cpu_total_mhz, u64::from(r.cpu_cores) * r.cpu_mhz_per_core);
         assert_eq!(n.attributes.get("kernel.name").map(String::as_str), Some("linux"));
         assert_eq!(n.attributes.get("driver.exec").map(String::as_str), Some("1"));
-        assert_eq!(n.drivers, vec!["exec".to_string(), "raw_exec".to_string()]);
+        assert_eq!(n.attributes.get("driver.wasm").map(String::as_str), Some("1"));
+        assert_eq!(n.drivers, vec!["exec".to_string(), "raw_exec".to_string(), "wasm".to_string()]);
         assert!(r.gpus.is_empty() && !n.attributes.contains_key("gpu.simulated"));
         for k in [
             "cpu.numcores",

@@ -8,8 +8,9 @@
 //! ```text
 //! lib.rs, client.rs, fingerprint.rs, rpc/   wiring, servers' streams, node facts, ClientService
 //! alloc/      allocations: manager, runner, state registry        uses task, driver, gpu, isolation
-//! task/       one task: runner, restart, supervisor process, logs uses driver, gpu, isolation
-//! driver/     Driver/TaskHandle, raw_exec, exec, supervisor launch uses isolation, gpu
+//! task/       one task: runner, restart, supervisor process       uses driver, gpu, isolation
+//! driver/     Driver/TaskHandle, raw_exec, exec, wasm, supervisor  uses isolation, gpu
+//!             launch, task log files
 //! isolation/  namespaces, rootfs, devices, init, cgroups/, phases uses nothing of the crate
 //! gpu/        GpuSource, simulated GPUs, task GPUs, driver files  uses nothing of the crate
 //! network/    bridge mode: netns, veth, addresses, nftables ports uses nothing of the crate
@@ -94,7 +95,7 @@ pub struct AgentConfig {
     pub log_max_file_bytes: u64,
     /// Log files kept per task stream (default 5).
     pub log_max_files: u32,
-    /// Enabled drivers (default exec, raw_exec).
+    /// Enabled drivers (default exec, raw_exec, wasm).
     pub drivers_enabled: Vec<String>,
     /// Isolation of `exec` tasks (default user, refused users, default pids limit, ...).
     pub isolation: isolation::IsolationSettings,
@@ -119,7 +120,11 @@ impl Default for AgentConfig {
             advertise_addr: None,
             log_max_file_bytes: 10 * 1024 * 1024,
             log_max_files: 5,
-            drivers_enabled: vec![mlp_proto::consts::driver::EXEC.to_string(), mlp_proto::consts::driver::RAW_EXEC.to_string()],
+            drivers_enabled: vec![
+                mlp_proto::consts::driver::EXEC.to_string(),
+                mlp_proto::consts::driver::RAW_EXEC.to_string(),
+                mlp_proto::consts::driver::WASM.to_string(),
+            ],
             isolation: isolation::IsolationSettings::default(),
             simulated_gpus: Vec::new(),
             gpu: gpu::GpuSettings::default(),
@@ -230,7 +235,7 @@ impl Agent {
         let node_address = mlp_proto::node_address(&node.rpc_addr);
         let env = RunnerEnv {
             alloc_root: data_dir.join("allocs"),
-            drivers: driver::drivers_with_gpu(&config.drivers_enabled, &config.isolation, &config.gpu),
+            drivers: driver::drivers_in(&config.drivers_enabled, &config.isolation, &config.gpu, Some(&data_dir.join("wasm-cache"))),
             log_max_file_bytes: config.log_max_file_bytes,
             log_max_files: config.log_max_files,
             registry: registry.clone(),

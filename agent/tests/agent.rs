@@ -116,7 +116,7 @@ fn alloc(id: &str, job_type: &str, cmd: &str, desired: &str) -> Allocation {
                 tasks: vec![Task {
                     name: "t".into(),
                     driver: "raw_exec".into(), // exec needs a cgroup hierarchy and root
-                    config: Some(TaskConfig { command: "/bin/sh".into(), args: vec!["-c".into(), cmd.into()] }),
+                    config: Some(TaskConfig { command: "/bin/sh".into(), args: vec!["-c".into(), cmd.into()], ..Default::default() }),
                     kill_timeout_ms: 500,
                     ..Default::default()
                 }],

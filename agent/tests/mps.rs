@@ -155,7 +155,7 @@ fn share_task(name: &str, driver: &str, peers: &[&str]) -> Task {
     Task {
         name: name.into(),
         driver: driver.into(),
-        config: Some(TaskConfig { command: "/bin/sh".into(), args: vec!["-c".into(), script] }),
+        config: Some(TaskConfig { command: "/bin/sh".into(), args: vec!["-c".into(), script], ..Default::default() }),
         kill_timeout_ms: 500,
         resources: Some(Resources {
             cpu_mhz: 100,

@@ -42,7 +42,7 @@ fn task(name: &str, cmd: &str, args: &[&str]) -> Task {
     Task {
         name: name.into(),
         driver: "raw_exec".into(),
-        config: Some(TaskConfig { command: cmd.into(), args: args.iter().map(|s| s.to_string()).collect() }),
+        config: Some(TaskConfig { command: cmd.into(), args: args.iter().map(|s| s.to_string()).collect(), ..Default::default() }),
         kill_timeout_ms: 500,
         ..Default::default()
     }

@@ -121,3 +121,86 @@ async fn exec_and_raw_exec_start_latency() -> TestResult {
     );
     Ok(())
 }
+
+/// Prints "hello, world\n" and returns.
+const HELLO_WAT: &str = r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "hello, world\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const 13))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#;
+
+/// Starts `n` tasks of `spec_of(i)` one after the other, each to its end; returns the sorted
+/// durations of `Driver::start` and of start → exit.
+async fn run_to_exit(driver: &dyn Driver, n: usize, spec_of: impl Fn(usize) -> TaskSpec) -> Result<(Vec<Duration>, Vec<Duration>), String> {
+    let (mut starts, mut totals) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut guard = Guard::default();
+    for i in 0..n {
+        let s = spec_of(i);
+        let t0 = Instant::now();
+        let mut h = driver.start(&s).await.map_err(|e| format!("{} start {i}: {e}", driver.name()))?;
+        starts.push(t0.elapsed());
+        guard.0.push(h.pid());
+        let st =
+            tokio::time::timeout(Duration::from_secs(20), h.wait()).await.map_err(|_| format!("{} task {i} did not end", driver.name()))?;
+        totals.push(t0.elapsed());
+        if st.code != Some(0) {
+            return Err(format!("{} task {i} ended with {st:?}", driver.name()));
+        }
+        guard.0.pop();
+    }
+    starts.sort();
+    totals.sort();
+    Ok((starts, totals))
+}
+
+/// The wasm driver's first start (the module compiled by Cranelift: a driver without a cache)
+/// against a cached start (the compiled module mapped back from `<cache>/<sha256>.cwasm`), and a
+/// hello-world module's start → exit against an `exec` of `/bin/true` (`raw_exec` too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasm_first_and_cached_start_against_exec() -> TestResult {
+    if !prereq::require(&[prereq::Need::Root, prereq::Need::Cgroups]) {
+        return Ok(());
+    }
+    let n: usize = std::env::var("MLP_START_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(5).max(1);
+    let dir = tempfile::tempdir()?;
+    let module = dir.path().join("hello.wasm");
+    std::fs::write(&module, wat::parse_str(HELLO_WAT)?)?;
+    let wasm_spec = |sub: &str, i: usize| {
+        let mut s = spec(&dir.path().join(sub), i);
+        s.command = String::new();
+        s.module = module.to_string_lossy().into_owned();
+        s
+    };
+    let compiling = mlp_agent::driver::WasmDriver::new(None)?;
+    let cached = mlp_agent::driver::WasmDriver::new(Some(dir.path().join("wasm-cache")))?;
+    let exec = ExecDriver::new(IsolationSettings { supervisor_exe: Some(helper()), ..Default::default() });
+    let raw = ProcessDriver::with_supervisor(Some(helper()));
+    // Warm-ups: the cache file written, page cache, first cgroup directories.
+    run_to_exit(&cached, 1, |i| wasm_spec("warm-wasm", i)).await?;
+    run(&exec, &dir.path().join("warm-exec"), 1).await?;
+    run(&raw, &dir.path().join("warm-raw"), 1).await?;
+    let (fs, ft) = run_to_exit(&compiling, n, |i| wasm_spec("first", i)).await?;
+    let (cs, ct) = run_to_exit(&cached, n, |i| wasm_spec("cached", i)).await?;
+    let (es, et) = run_to_exit(&exec, n, |i| spec(&dir.path().join("exec"), i)).await?;
+    let (rs, rt) = run_to_exit(&raw, n, |i| spec(&dir.path().join("raw"), i)).await?;
+    assert_eq!(compiling.cache_stats().compiled, n as u64);
+    assert_eq!(cached.cache_stats(), mlp_agent::driver::wasm::CacheStats { compiled: 1, cached: n as u64 });
+    let line = |what: &str, s: &[Duration], t: &[Duration]| {
+        println!(
+            "{what:<34} start p50 {:>7.2} ms p99 {:>7.2} ms | start->exit p50 {:>7.2} ms p99 {:>7.2} ms",
+            percentile(s, 0.5),
+            percentile(s, 0.99),
+            percentile(t, 0.5),
+            percentile(t, 0.99)
+        )
+    };
+    println!("over {n} starts each:");
+    line("wasm hello, first start (compile)", &fs, &ft);
+    line("wasm hello, cached start", &cs, &ct);
+    line("exec /bin/true", &es, &et);
+    line("raw_exec /bin/true", &rs, &rt);
+    Ok(())
+}

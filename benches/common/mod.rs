@@ -152,7 +152,7 @@ pub fn tiny_job(name: &str) -> mlp_proto::v1::Job {
             tasks: vec![Task {
                 name: "t".into(),
                 driver: "raw_exec".into(),
-                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![] }),
+                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![], ..Default::default() }),
                 resources: Some(Resources { cpu_mhz: 10, memory_mib: 8, ..Default::default() }),
                 ..Default::default()
             }],

@@ -83,4 +83,5 @@ pub mod restart_mode {
 pub mod driver {
     pub const EXEC: &str = "exec";
     pub const RAW_EXEC: &str = "raw_exec";
+    pub const WASM: &str = "wasm";
 }

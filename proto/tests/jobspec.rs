@@ -70,6 +70,17 @@ fn bad_cases() -> Vec<(&'static str, String)> {
             with_task("      config {\n        command = \"/bin/true\"\n      }\n"),
         ),
         ("missing_config", with_task("      driver = \"exec\"\n")),
+        ("wasm_missing_module", with_task("      driver = \"wasm\"\n      config {\n        args = [\"a\"]\n      }\n")),
+        (
+            "wasm_config_invalid",
+            with_task(
+                "      driver = \"wasm\"\n      config {\n        command = \"/bin/true\"\n        module = \"local/../../x.wasm\"\n        env = { \"A=B\" = \"c\" }\n      }\n      network {\n        mode = \"host\"\n      }\n",
+            ),
+        ),
+        (
+            "wasm_fields_on_exec",
+            with_task("      driver = \"exec\"\n      config {\n        command = \"/bin/true\"\n        module = \"app.wasm\"\n        env = { A = \"b\" }\n      }\n"),
+        ),
         (
             "empty_command",
             with_task("      driver = \"exec\"\n      config {\n        command = \"\"\n      }\n"),
@@ -572,4 +583,25 @@ fn affinity_and_spread_rules_apply_to_json_jobs() {
         .collect();
     let err = validate_job(&job).unwrap_err().to_string();
     assert_eq!(err, "job.j.group.g.task.t.affinity[32]: at most 32 affinity blocks here, found 33");
+}
+
+#[test]
+fn wasm_task_decodes_module_args_and_env() {
+    let src = with_task(
+        "      driver = \"wasm\"\n      config {\n        module = \"local/app.wasm\"\n        args = [\"--n\", \"3\"]\n        env = { MODE = \"fast\" }\n      }\n",
+    );
+    let job = parse_str(&src, "wasm.hcl").unwrap();
+    let task = &job.groups[0].tasks[0];
+    assert_eq!(task.driver, "wasm");
+    let config = task.config.as_ref().unwrap();
+    assert_eq!(config.module, "local/app.wasm");
+    assert_eq!(config.args, vec!["--n", "3"]);
+    assert_eq!(config.env.get("MODE").map(String::as_str), Some("fast"));
+    assert!(config.command.is_empty());
+    // An absolute path on the node, and the block form of `env`.
+    let src = with_task("      driver = \"wasm\"\n      config {\n        module = \"/opt/m.wasm\"\n        env {\n          A = \"1\"\n        }\n      }\n");
+    let job = parse_str(&src, "wasm.hcl").unwrap();
+    let config = job.groups[0].tasks[0].config.as_ref().unwrap();
+    assert_eq!(config.module, "/opt/m.wasm");
+    assert_eq!(config.env.get("A").map(String::as_str), Some("1"));
 }

@@ -127,7 +127,7 @@ prop_compose! {
                 tasks: vec![Task {
                     name: "t".into(),
                     driver: "exec".into(),
-                    config: Some(TaskConfig { command: "/bin/true".into(), args: vec![] }),
+                    config: Some(TaskConfig { command: "/bin/true".into(), args: vec![], ..Default::default() }),
                     resources: Some(Resources { cpu_mhz: cpu, memory_mib: 100, cores, gpu, ..Default::default() }),
                     ..Default::default()
                 }],

@@ -26,7 +26,7 @@ fn job(name: &str, priority: i32, cpu: u64) -> Job {
             tasks: vec![Task {
                 name: "t".into(),
                 driver: "exec".into(),
-                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![] }),
+                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![], ..Default::default() }),
                 resources: Some(Resources { cpu_mhz: cpu, memory_mib: 10, ..Default::default() }),
                 kill_timeout_ms: 1000,
                 ..Default::default()

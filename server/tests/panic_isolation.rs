@@ -24,7 +24,7 @@ fn job(name: &str, poison: bool) -> Job {
             tasks: vec![Task {
                 name: "t".into(),
                 driver: "exec".into(),
-                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![] }),
+                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![], ..Default::default() }),
                 ..Default::default()
             }],
             ..Default::default()

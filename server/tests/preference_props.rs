@@ -71,7 +71,7 @@ fn job(id: &str, count: u32, cpu: u64, spread: bool) -> Job {
             tasks: vec![Task {
                 name: "t".into(),
                 driver: "exec".into(),
-                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![] }),
+                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![], ..Default::default() }),
                 resources: Some(Resources { cpu_mhz: cpu, memory_mib: 10, ..Default::default() }),
                 ..Default::default()
             }],

@@ -172,7 +172,7 @@ fn make_job(i: usize, s: &JobSpec) -> Job {
             tasks: vec![Task {
                 name: "t".into(),
                 driver: "exec".into(),
-                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![] }),
+                config: Some(TaskConfig { command: "/bin/true".into(), args: vec![], ..Default::default() }),
                 resources: Some(Resources { cpu_mhz: s.cpu, memory_mib: 512, gpu, ..Default::default() }),
                 ..Default::default()
             }],

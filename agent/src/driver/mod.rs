@@ -11,10 +11,14 @@
 //! (`setsid`), stdin is /dev/null, and stdout/stderr go into size-rotated log files.
 //! `exec` is [`exec::ExecDriver`]: the same contract, with namespaces, a task root, an
 //! unprivileged user and a cgroup (all of it from [`crate::isolation`]).
+//! `wasm` is [`wasm::WasmDriver`]: a WebAssembly module run by wasmtime on a thread of the agent,
+//! confined by the wasm sandbox alone (no supervisor, no cgroup; it ends with the agent).
 
 pub mod exec;
+pub mod logs;
 pub mod raw_exec;
 pub mod supervised;
+pub mod wasm;
 pub mod zygote;
 
 use std::collections::BTreeMap;
@@ -30,6 +34,7 @@ use crate::isolation::IsolationSettings;
 pub use exec::ExecDriver;
 pub use raw_exec::ProcessDriver;
 use supervised::TaskRecord;
+pub use wasm::WasmDriver;
 
 /// Errors from a driver.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +87,9 @@ pub enum DriverError {
     /// A name the task's paths or cgroup would be built from is unsafe.
     #[error(transparent)]
     Name(#[from] crate::paths::UnsafeName),
+    /// The wasm driver could not load, link or instantiate the module.
+    #[error("wasm: {0}")]
+    Wasm(String),
     /// A task left by a previous agent run cannot be reattached.
     #[error("cannot reattach to the task in {dir}: {reason}")]
     Reattach {
@@ -101,6 +109,8 @@ pub struct TaskSpec {
     pub command: String,
     /// Arguments.
     pub args: Vec<String>,
+    /// The module to run (`wasm`): a path in the task dir or an absolute one on the node.
+    pub module: String,
     /// Environment added to the agent's (task env and MLP_* variables).
     pub env: BTreeMap<String, String>,
     /// Working directory (the task's `local/`).
@@ -204,6 +214,10 @@ pub trait TaskHandle: Send {
     fn pids(&self) -> Vec<u32> {
         process_group_members(self.pid())
     }
+    /// Why the task ended, beyond its status, once it ended: a trap or a limit (`wasm`).
+    fn exit_reason(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The processes whose process group is `pgid` (field 5 of /proc/<pid>/stat).
@@ -261,11 +275,24 @@ pub fn drivers_with(enabled: &[String], settings: &IsolationSettings) -> BTreeMa
 }
 
 /// Drivers by name, for the enabled names; `exec` isolates with `settings` and exposes real
-/// GPUs as `gpu` says. Starts the supervisor zygote ([`zygote`]) when any driver is enabled.
+/// GPUs as `gpu` says; `wasm` compiles every start (no module cache).
 pub fn drivers_with_gpu(
     enabled: &[String],
     settings: &IsolationSettings,
     gpu: &crate::gpu::GpuSettings,
+) -> BTreeMap<String, std::sync::Arc<dyn Driver>> {
+    drivers_in(enabled, settings, gpu, None)
+}
+
+/// Drivers by name, for the enabled names; `exec` isolates with `settings` and exposes real
+/// GPUs as `gpu` says; `wasm` caches compiled modules in `wasm_cache` (the agent's
+/// `<data_dir>/wasm-cache`). Starts the supervisor zygote ([`zygote`]) when `exec` or
+/// `raw_exec` is enabled.
+pub fn drivers_in(
+    enabled: &[String],
+    settings: &IsolationSettings,
+    gpu: &crate::gpu::GpuSettings,
+    wasm_cache: Option<&Path>,
 ) -> BTreeMap<String, std::sync::Arc<dyn Driver>> {
     let mut out: BTreeMap<String, std::sync::Arc<dyn Driver>> = BTreeMap::new();
     for name in enabled {
@@ -276,11 +303,17 @@ pub fn drivers_with_gpu(
             driver_names::RAW_EXEC => {
                 out.insert(name.clone(), std::sync::Arc::new(ProcessDriver::with_supervisor(settings.supervisor_exe.clone())));
             }
+            driver_names::WASM => match WasmDriver::new(wasm_cache.map(Path::to_path_buf)) {
+                Ok(d) => {
+                    out.insert(name.clone(), std::sync::Arc::new(d));
+                }
+                Err(e) => tracing::warn!(error = %e, "the wasm driver cannot start; not offered"),
+            },
             other => tracing::warn!(driver = other, "unknown driver in config; ignored"),
         }
     }
-    // Both drivers start supervisors through the zygote: started now, off the first start.
-    if !out.is_empty() {
+    // Both process drivers start supervisors through the zygote: started now, off the first start.
+    if out.keys().any(|d| d == driver_names::EXEC || d == driver_names::RAW_EXEC) {
         if let Ok(exe) = supervised::supervisor_exe(settings.supervisor_exe.as_deref()) {
             zygote::prestart(&exe);
         }

@@ -197,7 +197,7 @@ fn task_running(registry: &AllocRegistry, alloc_id: &str, task: &str, pid: u32) 
 fn target(registry: &AllocRegistry, start: &ExecStart) -> Result<Target, Status> {
     let (alloc_id, view, task) = crate::rpc::resolve_task(registry, &start.alloc_id, &start.task)?;
     let st = view.task_states.get(&task).cloned().unwrap_or_default();
-    if st.state != task_state::RUNNING || st.pid == 0 {
+    if st.state != task_state::RUNNING {
         return Err(not_running(&alloc_id, &task, &st.state));
     }
     let persisted = crate::alloc::state::load(&view.dir)
@@ -210,6 +210,14 @@ fn target(registry: &AllocRegistry, start: &ExecStart) -> Result<Target, Status>
         .and_then(|j| j.groups.iter().find(|g| g.name == persisted.task_group))
         .and_then(|g| g.tasks.iter().find(|t| t.name == task))
         .ok_or_else(|| Status::internal(format!("task {task:?} not in the spec of allocation {alloc_id}")))?;
+    if spec.driver == driver_names::WASM {
+        return Err(Status::failed_precondition(format!(
+            "task {task:?} uses driver \"wasm\": its module runs inside the agent and has no process to enter"
+        )));
+    }
+    if st.pid == 0 {
+        return Err(not_running(&alloc_id, &task, &st.state));
+    }
     let command = start.command.first().cloned().unwrap_or_default();
     let args = start.command.iter().skip(1).cloned().collect();
     let task_dir = view.dir.join(&task);

@@ -161,10 +161,15 @@ impl TaskContext {
             env.insert(k.to_string(), v);
         }
         let config = self.task.config.clone().unwrap_or_default();
+        // The driver config's env (wasm) lies under the task's own and the MLP_* variables.
+        for (k, v) in config.env {
+            env.entry(k).or_insert(v);
+        }
         TaskSpec {
             name: self.task.name.clone(),
             command: config.command,
             args: config.args,
+            module: config.module,
             env,
             work_dir: local,
             log_dir,
@@ -496,10 +501,13 @@ async fn run_task_holding(
                 st.usage = None;
                 st.exit_code = ex.code;
                 st.finished_at_ms = now_ms();
-                let message = match ex.oom_limit_mib {
+                let mut message = match ex.oom_limit_mib {
                     Some(_) => ex.to_string(),
                     None => format!("Exit Code: {}, Signal: {}", ex.code.unwrap_or(-1), ex.signal.unwrap_or(0)),
                 };
+                if let Some(reason) = handle.exit_reason() {
+                    message = format!("{message}: {reason}");
+                }
                 let ev = push_event(&mut st, task_event::EXITED, message);
                 ev.exit_code = ex.code;
                 ev.signal = ex.signal.unwrap_or(0);

@@ -32,7 +32,7 @@ use nix::sys::signal::{SigHandler, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
-use super::logs::{log_base, RotatingWriter};
+use crate::driver::logs::{log_base, RotatingWriter};
 use crate::driver::supervised::{
     read_json, save_record, write_atomic, ExitRecord, SuperviseConfig, TaskKind, TaskRecord, EXIT_FILE, READY_FD, RECORD_FILE, STATUS_FD,
     SUPERVISE_ARG,

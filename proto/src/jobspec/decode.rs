@@ -49,7 +49,7 @@ const TASK_FIELDS: &[&str] =
 const NETWORK_FIELDS: &[&str] = &["mode"];
 const GROUP_NETWORK_FIELDS: &[&str] = &["mode", "port"];
 const PORT_FIELDS: &[&str] = &["static", "to"];
-const CONFIG_FIELDS: &[&str] = &["command", "args"];
+const CONFIG_FIELDS: &[&str] = &["command", "args", "module", "env"];
 const RESOURCES_FIELDS: &[&str] = &["cpu", "cores", "memory", "disk", "gpu", "memory_max", "pids", "cpu_hard_limit"];
 const GPU_FIELDS: &[&str] = &["count", "model", "memory", "share", "mig"];
 const RESTART_FIELDS: &[&str] = &["attempts", "interval", "delay", "mode"];
@@ -1031,6 +1031,10 @@ impl Decoder<'_> {
                 ("args", Structure::Attribute(a)) => {
                     config.args = self.string_list(&a.value, &floc);
                 }
+                ("module", Structure::Attribute(a)) => {
+                    config.module = self.string(&a.value, &floc).unwrap_or_default();
+                }
+                ("env", _) => config.env = self.string_map(s, &floc),
                 _ if CONFIG_FIELDS.contains(&name) => self.wrong_form(s, loc),
                 _ => self.unknown(s, loc, CONFIG_FIELDS),
             }

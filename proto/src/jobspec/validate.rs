@@ -19,7 +19,7 @@ pub(crate) const PRIORITY_RANGE: (i32, i32) = (1, 100);
 /// Longest SIGTERM → SIGKILL grace period; longer ones would stall drains and stops.
 pub(crate) const MAX_KILL_TIMEOUT_MS: u64 = 3_600_000;
 
-pub(crate) const DRIVERS: &[&str] = &[driver::EXEC, driver::RAW_EXEC];
+pub(crate) const DRIVERS: &[&str] = &[driver::EXEC, driver::RAW_EXEC, driver::WASM];
 pub(crate) const JOB_TYPES: &[&str] = &[job_type::BATCH, job_type::SERVICE];
 pub(crate) const RESTART_MODES: &[&str] = &[restart_mode::FAIL, restart_mode::DELAY];
 pub(crate) const OPERATORS: &[&str] = &[
@@ -431,13 +431,64 @@ impl Checker {
         }
     }
 
+    /// `driver = "wasm"`: `config.module` is required, a path in the task dir (`local/app.wasm`,
+    /// no `..`) or an absolute path on the node; no `command`; the module gets no network and
+    /// no GPU.
+    fn wasm_config(&mut self, loc: &Loc, task: &Task) {
+        let cloc = loc.field("config");
+        let Some(config) = &task.config else {
+            self.push(&cloc.field("module"), "missing required field");
+            return;
+        };
+        let mloc = cloc.field("module");
+        let module = config.module.as_str();
+        if module.is_empty() {
+            self.push(&mloc, "missing required field");
+        } else if module.split('/').any(|part| part == "..") {
+            self.push(
+                &mloc,
+                format!(
+                    "must not contain `..`: a path in the task dir (\"local/app.wasm\") or an absolute path on the node, found {module:?}"
+                ),
+            );
+        } else if module.contains('\0') {
+            self.push(&mloc, "must not contain a NUL byte");
+        }
+        self.text(&mloc, "module", module, MAX_VALUE_BYTES);
+        if !config.command.is_empty() {
+            self.push(&cloc.field("command"), "the wasm driver runs `module`, not `command`");
+        }
+        self.map(&cloc.field("env"), "env", &config.env);
+        if task.network_mode == "host" {
+            self.push(&loc.field("network").field("mode"), "the wasm driver gives a module no network; leave `network` out");
+        }
+        if task.resources.as_ref().is_some_and(|r| r.gpu.is_some()) {
+            self.push(&loc.field("resources").field("gpu"), "the wasm driver cannot give a module a GPU");
+        }
+    }
+
     fn task(&mut self, loc: &Loc, task: &Task) {
         self.name(loc, "task", &task.name);
         self.one_of(&loc.field("driver"), "driver", &task.driver, DRIVERS);
         let command = task.config.as_ref().map_or("", |c| c.command.as_str());
         let cloc = loc.field("config");
-        if command.is_empty() {
-            self.push(&cloc.field("command"), "missing required field");
+        if task.driver == driver::WASM {
+            self.wasm_config(loc, task);
+        } else {
+            if command.is_empty() {
+                self.push(&cloc.field("command"), "missing required field");
+            }
+            if let Some(config) = &task.config {
+                if !config.module.is_empty() {
+                    self.push(
+                        &cloc.field("module"),
+                        format!("only the wasm driver runs a module; driver {:?} runs `command`", task.driver),
+                    );
+                }
+                if !config.env.is_empty() {
+                    self.push(&cloc.field("env"), "only the wasm driver takes `env` in `config`; use the task's `env`");
+                }
+            }
         }
         self.text(&cloc.field("command"), "command", command, MAX_VALUE_BYTES);
         if let Some(config) = &task.config {

@@ -129,7 +129,7 @@ fn group(name: &str, count: u32, cpu: u64, mem: u64) -> TaskGroup {
         tasks: vec![Task {
             name: "t".into(),
             driver: "exec".into(),
-            config: Some(TaskConfig { command: "/bin/true".into(), args: vec![] }),
+            config: Some(TaskConfig { command: "/bin/true".into(), args: vec![], ..Default::default() }),
             resources: Some(Resources { cpu_mhz: cpu, memory_mib: mem, ..Default::default() }),
             ..Default::default()
         }],
