@@ -15,7 +15,6 @@
 #![allow(unsafe_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -663,12 +662,6 @@ impl GpuSource for NvmlGpus {
         }
         attrs
     }
-}
-
-/// The library path a probe would report for `settings` when nothing is configured: for
-/// messages only.
-pub fn library_hint(settings: &GpuSettings) -> &OsStr {
-    settings.nvml_library.as_deref().map_or(OsStr::new(LIBRARY), |p| p.as_os_str())
 }
 
 #[cfg(test)]
