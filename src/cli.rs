@@ -42,6 +42,9 @@ pub enum Command {
     /// Inspect evaluations.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Inspect services (registered from jobs' `service` blocks) and their health.
+    #[command(subcommand)]
+    Service(ServiceCommand),
     // ---- high availability (issue 5): cluster operations ----
     /// Cluster operations: Raft peers, leadership.
     #[command(subcommand)]
@@ -180,6 +183,8 @@ pub struct AgentArgs {
     pub exec: ExecIsolationArgs,
     #[command(flatten)]
     pub network: NetworkArgs,
+    #[command(flatten)]
+    pub dns: DnsArgs,
 }
 
 /// Real GPUs: where NVML and the driver's files are (issue 12).
@@ -318,6 +323,8 @@ pub struct DevArgs {
     pub exec: ExecIsolationArgs,
     #[command(flatten)]
     pub network: NetworkArgs,
+    #[command(flatten)]
+    pub dns: DnsArgs,
     #[command(flatten)]
     pub preemption: PreemptionArgs,
     #[command(flatten)]
@@ -483,6 +490,52 @@ pub enum NodeCommand {
         #[arg(long)]
         disable: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// List services with their instance counts.
+    List {
+        /// Only this namespace (default: every namespace).
+        #[arg(long, default_value = "")]
+        namespace: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a service's instances: allocation, address, health, last check output.
+    Info {
+        /// Service name.
+        name: String,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Passing instances only.
+        #[arg(long)]
+        passing: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The agent's DNS responder (issue 13 §3).
+#[derive(Debug, Args, Clone)]
+pub struct DnsArgs {
+    /// Where the DNS responder forwards names outside service.mlp (IP or IP:PORT, repeatable;
+    /// default: the name servers of /etc/resolv.conf).
+    #[arg(long = "dns-upstream", value_name = "ADDR")]
+    pub dns_upstreams: Vec<String>,
+}
+
+impl DnsArgs {
+    pub fn upstreams(&self) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+        self.dns_upstreams
+            .iter()
+            .map(|s| {
+                s.parse::<std::net::SocketAddr>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| std::net::SocketAddr::new(ip, 53)))
+                    .map_err(|_| anyhow::anyhow!("--dns-upstream {s:?}: write it as IP or IP:PORT"))
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,6 +8,7 @@ mod daemon;
 mod follow;
 mod ha;
 mod output;
+mod services;
 mod sim;
 
 use std::process::ExitCode;

@@ -13,6 +13,7 @@
 //!             launch, task log files
 //! isolation/  namespaces, rootfs, devices, init, cgroups/, phases uses nothing of the crate
 //! gpu/        GpuSource, simulated GPUs, task GPUs, driver files  uses nothing of the crate
+//! services/   service checks, registrations, the DNS responder       uses alloc (state), network
 //! network/    bridge mode: netns, veth, addresses, nftables ports uses nothing of the crate
 //! paths.rs    checks of names that become paths                  uses nothing of the crate
 //! ```
@@ -30,6 +31,7 @@ pub mod isolation;
 pub mod network;
 pub mod paths;
 pub mod rpc;
+pub mod services;
 pub mod task;
 
 use std::collections::BTreeMap;
@@ -105,6 +107,9 @@ pub struct AgentConfig {
     pub gpu: gpu::GpuSettings,
     /// Bridge-mode networking: bridge, subnet, MTU, dynamic port range.
     pub network: network::NetworkSettings,
+    /// Where the DNS responder forwards names outside `service.mlp` (empty: the host's
+    /// `/etc/resolv.conf` name servers).
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
 }
 
 impl Default for AgentConfig {
@@ -129,6 +134,7 @@ impl Default for AgentConfig {
             simulated_gpus: Vec::new(),
             gpu: gpu::GpuSettings::default(),
             network: network::NetworkSettings::default(),
+            dns_upstreams: Vec::new(),
         }
     }
 }
@@ -248,6 +254,13 @@ impl Agent {
             node_id: node_id.clone(),
         };
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
+        // Service discovery sees every allocation update too (services/mod.rs).
+        let (updates_rx, service_updates) = services::tee(updates_rx);
+        let services_env = Arc::new(services::ServicesEnv {
+            alloc_root: env.alloc_root.clone(),
+            node_address: env.node_address.clone(),
+            network: Some(network.clone()),
+        });
         let mut manager = AllocManager::new(env, updates_tx);
         manager.restore();
         // MPS daemons of the previous run: kept for the reattached share tasks, stopped otherwise.
@@ -286,7 +299,8 @@ impl Agent {
         }
         loops.push(spawn_cancellable(&cancel, client::node_loop(pool.clone(), node_rx, reg_tx, stats_rx)));
         loops.push(spawn_cancellable(&cancel, client::watch_loop(pool.clone(), node_id.clone(), reg_rx, manager.clone())));
-        loops.push(spawn_cancellable(&cancel, client::update_loop(pool, node_id.clone(), updates_rx)));
+        loops.push(spawn_cancellable(&cancel, client::update_loop(pool.clone(), node_id.clone(), updates_rx)));
+        start_services(&cancel, &mut loops, &config, services_env, service_updates, pool, &node_id);
         let reap_manager = manager.clone();
         loops.push(spawn_cancellable(&cancel, async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -325,6 +339,36 @@ impl Agent {
 /// Follows NVML's health events: each device that becomes unhealthy is published to the tasks
 /// (`health`) and the node's fingerprint is taken again and re-registered (`node`), so the
 /// scheduler stops placing on it.
+/// Service discovery's loops: the check watchers' manager, the registrations' sender, the
+/// cluster's passing instances, and the DNS responder on the bridge's gateway.
+fn start_services(
+    cancel: &CancellationToken,
+    loops: &mut Vec<JoinHandle<()>>,
+    config: &AgentConfig,
+    env: Arc<services::ServicesEnv>,
+    updates: mpsc::UnboundedReceiver<mlp_proto::v1::AllocClientUpdate>,
+    pool: Arc<ServerPool>,
+    node_id: &str,
+) {
+    let (regs_tx, regs_rx) = mpsc::unbounded_channel();
+    loops.push(spawn_cancellable(cancel, services::manager_loop(env, updates, regs_tx, cancel.child_token())));
+    loops.push(spawn_cancellable(cancel, services::send_loop(pool.clone(), node_id.to_string(), regs_rx)));
+    let (table_tx, table_rx) = watch::channel(Arc::new(services::dns::DnsTable::default()));
+    loops.push(spawn_cancellable(cancel, services::watch_loop(pool, node_id.to_string(), table_tx)));
+    let upstreams = if config.dns_upstreams.is_empty() {
+        services::dns::nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
+    } else {
+        config.dns_upstreams.clone()
+    };
+    let responder = Arc::new(services::dns::Responder { table: table_rx, upstreams });
+    let addr = services::dns_addr(&config.network);
+    loops.push(spawn_cancellable(cancel, async move {
+        if let Err(e) = services::dns::serve(addr, responder).await {
+            tracing::warn!(error = %e, "no DNS responder: bridge-mode tasks cannot resolve service names");
+        }
+    }));
+}
+
 async fn gpu_health_loop(
     nvml: gpu::nvml::NvmlGpus,
     backend: gpu::Backend,

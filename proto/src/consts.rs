@@ -85,3 +85,17 @@ pub mod driver {
     pub const RAW_EXEC: &str = "raw_exec";
     pub const WASM: &str = "wasm";
 }
+
+/// Health of a service instance (`ServiceRegistration.health`).
+pub mod service_health {
+    pub const PASSING: &str = "passing";
+    pub const CRITICAL: &str = "critical";
+}
+
+/// Types of a service's `check` block.
+pub mod check_type {
+    pub const HTTP: &str = "http";
+    pub const TCP: &str = "tcp";
+    pub const SCRIPT: &str = "script";
+    pub const ALL: &[&str] = &[HTTP, TCP, SCRIPT];
+}

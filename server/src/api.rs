@@ -157,7 +157,7 @@ fn check_node_shape(node: &Node) -> Result<(), ApiError> {
 }
 
 /// An id that must be present and sane before it is used as a key.
-fn require_id(what: &str, id: &str) -> Result<(), ApiError> {
+pub(crate) fn require_id(what: &str, id: &str) -> Result<(), ApiError> {
     if id.is_empty() {
         return Err(ApiError::InvalidArgument(format!("{what} is required")));
     }
@@ -168,7 +168,7 @@ fn require_id(what: &str, id: &str) -> Result<(), ApiError> {
 }
 
 impl Api {
-    async fn read_barrier(&self, stale: bool) -> Result<(), ApiError> {
+    pub(crate) async fn read_barrier(&self, stale: bool) -> Result<(), ApiError> {
         if stale {
             return Ok(());
         }
@@ -299,7 +299,7 @@ impl Api {
     /// matching `topics` (topic, key; key "" for all) in `namespace` ("" for all), or the wait
     /// ran out. Returns at once without a `min_index`, or when the events since it are no longer
     /// buffered (something may have changed: the caller reads and answers).
-    async fn block(&self, b: Block, topics: &[(&str, &str)], namespace: &str) -> Result<(), ApiError> {
+    pub(crate) async fn block(&self, b: Block, topics: &[(&str, &str)], namespace: &str) -> Result<(), ApiError> {
         if b.min_index == 0 {
             return Ok(());
         }

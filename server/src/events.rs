@@ -24,7 +24,9 @@ pub const TOPIC_JOB: &str = "Job";
 pub const TOPIC_EVALUATION: &str = "Evaluation";
 pub const TOPIC_ALLOCATION: &str = "Allocation";
 pub const TOPIC_NODE: &str = "Node";
-pub const TOPICS: [&str; 4] = [TOPIC_JOB, TOPIC_EVALUATION, TOPIC_ALLOCATION, TOPIC_NODE];
+/// Service instances (issue 13 §3): key = service name, payload = its instances after the entry.
+pub const TOPIC_SERVICE: &str = "Service";
+pub const TOPICS: [&str; 5] = [TOPIC_JOB, TOPIC_EVALUATION, TOPIC_ALLOCATION, TOPIC_NODE, TOPIC_SERVICE];
 
 /// Batches one subscriber may have queued before it is cut off.
 pub const SUBSCRIBER_QUEUE: usize = 1024;
@@ -299,6 +301,17 @@ pub fn batch_for(st: &ClusterState, index: u64, command: &Command, touched: &Tou
             key: n.id.clone(),
             index,
             node: Some(n.clone()),
+            ..Default::default()
+        });
+    }
+    for (namespace, name) in &touched.services {
+        events.push(Event {
+            topic: TOPIC_SERVICE.into(),
+            r#type: "ServiceUpdated".into(),
+            key: name.clone(),
+            namespace: namespace.clone(),
+            index,
+            services: st.service_instances(namespace, name, false),
             ..Default::default()
         });
     }

@@ -330,4 +330,35 @@ impl agent_service_server::AgentService for GrpcApi {
     async fn update_allocs(&self, req: Request<UpdateAllocsRequest>) -> GrpcResult<UpdateAllocsResponse> {
         Ok(Response::new(self.api.update_allocs(req.into_inner()).await?))
     }
+
+    async fn update_services(&self, req: Request<UpdateServicesRequest>) -> GrpcResult<UpdateServicesResponse> {
+        Ok(Response::new(self.api.update_services(req.into_inner()).await?))
+    }
+
+    type WatchServicesStream = BoxStream<ServiceInstances>;
+
+    /// Every passing service instance of the cluster now and after every change (the agents'
+    /// DNS responders answer from it).
+    async fn watch_services(&self, req: Request<WatchServicesRequest>) -> GrpcResult<Self::WatchServicesStream> {
+        let node_id = req.into_inner().node_id;
+        crate::api::require_id("node_id", &node_id)?;
+        if !self.api.state.read().nodes.contains_key(&node_id) {
+            return Err(Status::not_found(format!("node {node_id:?} is not registered")));
+        }
+        let rx = Api::watch_services(self.api.clone());
+        let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), |r| r.map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[tonic::async_trait]
+impl service_service_server::ServiceService for GrpcApi {
+    async fn list(&self, req: Request<ListServicesRequest>) -> GrpcResult<ListServicesResponse> {
+        self.count();
+        Ok(Response::new(self.api.list_services(req.into_inner()).await?))
+    }
+    async fn get(&self, req: Request<GetServiceRequest>) -> GrpcResult<GetServiceResponse> {
+        self.count();
+        Ok(Response::new(self.api.get_service(req.into_inner()).await?))
+    }
 }

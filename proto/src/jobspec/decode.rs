@@ -12,8 +12,8 @@ use hcl_edit::Span;
 use super::{line_col, parse_duration, Loc};
 use crate::consts::{job_type, restart_mode};
 use crate::v1::{
-    Affinity, Constraint, GpuRequest, GroupNetwork, Job, MigrateStrategy, PortSpec, ReschedulePolicy, Resources, RestartPolicy, Spread,
-    SpreadTarget, Task, TaskConfig, TaskGroup,
+    Affinity, Constraint, GpuRequest, GroupNetwork, Job, MigrateStrategy, PortSpec, ReschedulePolicy, Resources, RestartPolicy,
+    ServiceCheck, ServiceSpec, Spread, SpreadTarget, Task, TaskConfig, TaskGroup,
 };
 
 pub(crate) const DEFAULT_NAMESPACE: &str = "default";
@@ -43,9 +43,12 @@ const GROUP_FIELDS: &[&str] = &[
     "migrate",
     "reschedule",
     "network",
+    "service",
 ];
 const TASK_FIELDS: &[&str] =
-    &["driver", "config", "env", "resources", "kill_timeout", "max_run_duration", "meta", "user", "network", "affinity"];
+    &["driver", "config", "env", "resources", "kill_timeout", "max_run_duration", "meta", "user", "network", "affinity", "service"];
+const SERVICE_FIELDS: &[&str] = &["name", "port", "tags", "check"];
+const CHECK_FIELDS: &[&str] = &["type", "path", "command", "args", "interval", "timeout", "name", "port"];
 const NETWORK_FIELDS: &[&str] = &["mode"];
 const GROUP_NETWORK_FIELDS: &[&str] = &["mode", "port"];
 const PORT_FIELDS: &[&str] = &["static", "to"];
@@ -761,6 +764,10 @@ impl Decoder<'_> {
                         group.network = Some(self.group_network(b, &floc));
                     }
                 }
+                ("service", Structure::Block(b)) => {
+                    let sloc = loc.service(group.services.len());
+                    group.services.push(self.service(b, &sloc));
+                }
                 _ if GROUP_FIELDS.contains(&name) => self.wrong_form(s, &loc),
                 _ => self.unknown(s, &loc, GROUP_FIELDS),
             }
@@ -893,8 +900,8 @@ impl Decoder<'_> {
         let mut seen = HashMap::new();
         for s in block.body.iter() {
             let name = structure_name(s);
-            // `affinity` is repeatable; every other task field appears once.
-            if TASK_FIELDS.contains(&name) && name != "affinity" && !self.first_time(&mut seen, s, &loc) {
+            // `affinity` and `service` are repeatable; every other task field appears once.
+            if TASK_FIELDS.contains(&name) && name != "affinity" && name != "service" && !self.first_time(&mut seen, s, &loc) {
                 continue;
             }
             let floc = loc.field(name);
@@ -926,11 +933,82 @@ impl Decoder<'_> {
                     let aloc = loc.indexed("affinity", task.affinities.len());
                     task.affinities.push(self.affinity(b, &aloc));
                 }
+                ("service", Structure::Block(b)) => {
+                    let sloc = loc.service(task.services.len());
+                    task.services.push(self.service(b, &sloc));
+                }
                 _ if TASK_FIELDS.contains(&name) => self.wrong_form(s, &loc),
                 _ => self.unknown(s, &loc, TASK_FIELDS),
             }
         }
         task
+    }
+
+    /// `service { name = "web"  port = "http"  tags = [..]  check { .. } }` (group or task).
+    fn service(&mut self, block: &Block, loc: &Loc) -> ServiceSpec {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut svc = ServiceSpec::default();
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            if name != "check" && SERVICE_FIELDS.contains(&name) && !self.first_time(&mut seen, s, loc) {
+                continue;
+            }
+            match (name, s) {
+                ("name", Structure::Attribute(a)) => svc.name = self.string(&a.value, &floc).unwrap_or_default(),
+                ("port", Structure::Attribute(a)) => svc.port = self.scalar(&a.value, &floc).unwrap_or_default(),
+                ("tags", Structure::Attribute(a)) => svc.tags = self.string_list(&a.value, &floc),
+                ("check", Structure::Block(b)) => {
+                    let cloc = loc.check(svc.checks.len());
+                    svc.checks.push(self.check(b, &cloc));
+                }
+                _ if SERVICE_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, SERVICE_FIELDS),
+            }
+        }
+        svc
+    }
+
+    /// `check { type = "http"  path = "/"  interval = "10s"  timeout = "2s" }`.
+    fn check(&mut self, block: &Block, loc: &Loc) -> ServiceCheck {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut check = ServiceCheck {
+            interval_ms: super::limits::DEFAULT_CHECK_INTERVAL_MS,
+            timeout_ms: super::limits::DEFAULT_CHECK_TIMEOUT_MS,
+            ..ServiceCheck::default()
+        };
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            if CHECK_FIELDS.contains(&name) && !self.first_time(&mut seen, s, loc) {
+                continue;
+            }
+            match (name, s) {
+                ("type", Structure::Attribute(a)) => check.r#type = self.string(&a.value, &floc).unwrap_or_default(),
+                ("path", Structure::Attribute(a)) => check.path = self.string(&a.value, &floc).unwrap_or_default(),
+                ("command", Structure::Attribute(a)) => check.command = self.string(&a.value, &floc).unwrap_or_default(),
+                ("args", Structure::Attribute(a)) => check.args = self.string_list(&a.value, &floc),
+                ("name", Structure::Attribute(a)) => check.name = self.string(&a.value, &floc).unwrap_or_default(),
+                ("port", Structure::Attribute(a)) => check.port = self.scalar(&a.value, &floc).unwrap_or_default(),
+                ("interval", Structure::Attribute(a)) => {
+                    if let Some(v) = self.duration(&a.value, &floc) {
+                        check.interval_ms = v;
+                    }
+                }
+                ("timeout", Structure::Attribute(a)) => {
+                    if let Some(v) = self.duration(&a.value, &floc) {
+                        check.timeout_ms = v;
+                    }
+                }
+                _ if CHECK_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, CHECK_FIELDS),
+            }
+        }
+        check
     }
 
     /// A group's `network { mode = "..." port "LABEL" { static = N to = M } }`.

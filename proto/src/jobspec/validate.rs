@@ -10,9 +10,9 @@ use prost::Message;
 use super::duration::format_ms;
 use super::limits::*;
 use super::Loc;
-use crate::consts::{driver, job_type, restart_mode};
+use crate::consts::{check_type, driver, job_type, restart_mode};
 use crate::matcher;
-use crate::v1::{Affinity, Constraint, Job, Spread, Task, TaskGroup};
+use crate::v1::{Affinity, Constraint, Job, ServiceSpec, Spread, Task, TaskGroup};
 
 /// Priority bounds (inclusive).
 pub(crate) const PRIORITY_RANGE: (i32, i32) = (1, 100);
@@ -285,6 +285,7 @@ impl Checker {
         self.gang(loc, group);
         self.migrate_reschedule(loc, group);
         self.network(loc, group);
+        self.services(loc, group);
         if let Some(restart) = &group.restart {
             let rloc = loc.field("restart");
             self.one_of(&rloc.field("mode"), "restart mode", &restart.mode, RESTART_MODES);
@@ -302,6 +303,119 @@ impl Checker {
                 self.push(&tloc.field("name"), format!("duplicate task name {:?} in this group", task.name));
             }
             self.task(&tloc, task);
+        }
+    }
+
+    /// The `service` blocks of the group and its tasks: DNS-label names, unique per group or
+    /// task, ports that are labels of the group's network or numbers, bounded tags, checks of a
+    /// known type with what their type needs and sane durations.
+    fn services(&mut self, loc: &Loc, group: &TaskGroup) {
+        let total = group.services.len() + group.tasks.iter().map(|t| t.services.len()).sum::<usize>();
+        self.at_most(&loc.service(MAX_SERVICES), "services per group", total, MAX_SERVICES);
+        let labels: HashSet<&str> = group.network.iter().flat_map(|n| n.ports.iter()).map(|p| p.label.as_str()).collect();
+        self.service_list(loc, &group.services, &labels);
+        for (i, task) in group.tasks.iter().enumerate().take(MAX_TASKS) {
+            self.service_list(&loc.named("task", i, &task.name), &task.services, &labels);
+        }
+    }
+
+    fn service_list(&mut self, parent: &Loc, services: &[ServiceSpec], labels: &HashSet<&str>) {
+        let mut names = HashSet::new();
+        for (i, svc) in services.iter().enumerate().take(MAX_SERVICES) {
+            let sloc = parent.service(i);
+            if svc.name.is_empty() {
+                self.push(&sloc.field("name"), "missing service name");
+            } else if !is_dns_label(&svc.name) {
+                self.push(
+                    &sloc.field("name"),
+                    format!(
+                        "invalid service name {:?}: must be a DNS label, 1-63 characters of a-z, 0-9 or - (not first or last)",
+                        printable_key(&svc.name)
+                    ),
+                );
+            } else if !names.insert(svc.name.as_str()) {
+                self.push(&sloc.field("name"), format!("duplicate service name {:?} here", svc.name));
+            }
+            self.port_ref(&sloc.field("port"), &svc.port, labels);
+            self.at_most(&sloc.field("tags"), "tags per service", svc.tags.len(), MAX_TAGS);
+            for (t, tag) in svc.tags.iter().enumerate().take(MAX_TAGS) {
+                let tloc = Loc { key: format!("{}.tags[{t}]", sloc.key), path: format!("{}.tags[{t}]", sloc.path) };
+                if tag.is_empty() || tag.len() > MAX_TAG_BYTES || tag.chars().any(|c| c.is_control()) {
+                    self.push(&tloc, format!("a tag must be 1-{MAX_TAG_BYTES} bytes without control characters"));
+                }
+            }
+            self.at_most(&sloc.check(MAX_CHECKS), "checks per service", svc.checks.len(), MAX_CHECKS);
+            for (c, check) in svc.checks.iter().enumerate().take(MAX_CHECKS) {
+                let cloc = sloc.check(c);
+                self.one_of(&cloc.field("type"), "check type", &check.r#type, check_type::ALL);
+                self.port_ref(&cloc.field("port"), &check.port, labels);
+                self.text(&cloc.field("name"), "check name", &check.name, MAX_KEY_BYTES);
+                let t = check.r#type.as_str();
+                if (t == check_type::HTTP || t == check_type::TCP) && check.port.is_empty() && svc.port.is_empty() {
+                    self.push(&cloc.field("port"), format!("a {t} check needs a port: set the service's `port` or the check's"));
+                }
+                if t == check_type::HTTP {
+                    let path = &check.path;
+                    if !path.starts_with('/')
+                        || path.len() > MAX_CHECK_PATH_BYTES
+                        || path.chars().any(|c| c.is_control() || c.is_whitespace())
+                    {
+                        self.push(
+                            &cloc.field("path"),
+                            format!("must be a URL path starting with / (at most {MAX_CHECK_PATH_BYTES} bytes, no spaces), found {path:?}"),
+                        );
+                    }
+                } else if !check.path.is_empty() {
+                    self.push(&cloc.field("path"), format!("only http checks have a path; this is a {t:?} check"));
+                }
+                if t == check_type::SCRIPT {
+                    if check.command.is_empty() {
+                        self.push(&cloc.field("command"), "a script check needs a command");
+                    }
+                    self.text(&cloc.field("command"), "command", &check.command, MAX_VALUE_BYTES);
+                    self.at_most(&cloc.field("args"), "args", check.args.len(), MAX_ARGS);
+                    for a in check.args.iter().take(MAX_ARGS) {
+                        self.text(&cloc.field("args"), "argument", a, MAX_VALUE_BYTES);
+                    }
+                } else if !check.command.is_empty() || !check.args.is_empty() {
+                    self.push(&cloc.field("command"), format!("only script checks run a command; this is a {t:?} check"));
+                }
+                let (lo, hi) = (MIN_CHECK_INTERVAL_MS, MAX_CHECK_INTERVAL_MS);
+                if !(lo..=hi).contains(&check.interval_ms) {
+                    self.push(
+                        &cloc.field("interval"),
+                        format!("must be between {} and {}, found {}", format_ms(lo), format_ms(hi), format_ms(check.interval_ms)),
+                    );
+                }
+                if check.timeout_ms == 0 || check.timeout_ms > check.interval_ms.max(lo) {
+                    self.push(
+                        &cloc.field("timeout"),
+                        format!(
+                            "must be above 0 and at most the interval ({}), found {}",
+                            format_ms(check.interval_ms),
+                            format_ms(check.timeout_ms)
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    /// A service's or check's `port`: empty, a port number, or a port label of the group.
+    fn port_ref(&mut self, loc: &Loc, port: &str, labels: &HashSet<&str>) {
+        if port.is_empty() {
+            return;
+        }
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            if !matches!(port.parse::<u32>(), Ok(1..=65535)) {
+                self.push(loc, format!("must be a port number between 1 and 65535 or a port label, found {port}"));
+            }
+        } else if !labels.contains(port) {
+            let mut known: Vec<&str> = labels.iter().copied().collect();
+            known.sort_unstable();
+            let known =
+                if known.is_empty() { "the group's network has no ports".to_string() } else { format!("known: {}", known.join(", ")) };
+            self.push(loc, format!("no port labelled {:?} in the group's network ({known})", printable_key(port)));
         }
     }
 
@@ -600,6 +714,11 @@ fn is_port_label(s: &str) -> bool {
 /// `[A-Za-z0-9_-]{1,128}`.
 pub(crate) fn is_name(s: &str) -> bool {
     (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A DNS label as service names use it: `[a-z0-9-]{1,63}`, no `-` first or last.
+pub fn is_dns_label(s: &str) -> bool {
+    is_namespace(s) && !s.starts_with('-') && !s.ends_with('-')
 }
 
 /// `[a-z0-9-]{1,63}`, the shape of a DNS label.
