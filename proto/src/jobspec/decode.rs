@@ -1008,6 +1008,9 @@ impl Decoder<'_> {
                 _ => self.unknown(s, loc, CHECK_FIELDS),
             }
         }
+        if check.r#type == crate::consts::check_type::HTTP && check.path.is_empty() {
+            check.path = "/".to_string();
+        }
         check
     }
 
