@@ -335,9 +335,9 @@ pub struct DevArgs {
 pub enum EventCommand {
     /// Print events as they happen, one JSON batch per line.
     Stream {
-        /// Topic to follow: Job, Evaluation, Allocation or Node, optionally `Topic:key` (a job,
-        /// evaluation, allocation or node id; an allocation also matches its job's and node's
-        /// id). Repeatable; none: every topic.
+        /// Topic to follow: Job, Evaluation, Allocation, Node or Service, optionally `Topic:key`
+        /// (a job, evaluation, allocation or node id, or a service name; an allocation also
+        /// matches its job's and node's id). Repeatable; none: every topic.
         #[arg(long = "topic")]
         topics: Vec<String>,
         /// Only this namespace (node events always pass); empty: every namespace.

@@ -113,6 +113,32 @@ fn instances(dev: &Dev, query: &str) -> Vec<serde_json::Value> {
     }
 }
 
+/// The HTTP address of the dev cluster.
+fn dev_http_addr(dev: &Dev) -> String {
+    dev.http.clone()
+}
+
+/// GET `path` with the body and the `X-Mlp-Index` header.
+fn get_with_index(dev: &Dev, path: &str) -> (String, u64) {
+    get_with_index_at(&dev_http_addr(dev), path)
+}
+
+fn get_with_index_at(addr: &str, path: &str) -> (String, u64) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect http");
+    s.set_read_timeout(Some(Duration::from_secs(90))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    let index = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-mlp-index:").map(|v| v.trim().parse::<u64>().expect("index")))
+        .unwrap_or_else(|| panic!("no X-Mlp-Index in {head}"));
+    (body.to_string(), index)
+}
+
 const WEB: &str = r#"
 job "web" {
   type = "service"
@@ -220,6 +246,15 @@ job "client" {
         std::fs::read_to_string(&out_path).unwrap_or_else(|e| panic!("{}: {e}\n{}", out_path.display(), common::tail(&dev.log(), 3000)));
     assert!(out.starts_with(&format!("{ip} {ip} ")), "the task resolved web.service.mlp (and web, by the search domain) to {ip}: {out}");
 
+    // A blocking query from the current index returns once the instance changes (below).
+    let (_, index) = get_with_index(&dev, "/v1/service/web");
+    let http_addr = dev_http_addr(&dev);
+    let blocked = std::thread::spawn(move || {
+        let t = Instant::now();
+        let (body, next) = get_with_index_at(&http_addr, &format!("/v1/service/web?index={index}&wait=60s"));
+        (body, next, t.elapsed())
+    });
+
     // The check starts failing: out of DNS and the passing API within two intervals. The bound
     // is 2 × 1 s plus 8 s of slack for a loaded machine (a check run, one Raft entry, the
     // stream to the agent); the figure this asserts is "gone", not how fast.
@@ -236,6 +271,11 @@ job "client" {
     assert_eq!(all.len(), 1, "the instance is still registered, as critical: {all:?}");
     assert_eq!(all[0]["health"], "critical");
     assert!(all[0]["output"].as_str().unwrap_or("").contains("404"), "{}", all[0]);
+    let (body, next, took) = blocked.join().expect("the blocking query");
+    assert!(next > index, "the blocking query answered at a later index ({next} > {index})");
+    assert!(took < Duration::from_secs(50), "it returned on the change, not at the end of its wait ({took:?})");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v[0]["health"], "critical", "{body}");
 
     // Healthy again, back in DNS.
     std::fs::write(&health, "ok\n").expect("restore the health file");

@@ -345,9 +345,20 @@ impl agent_service_server::AgentService for GrpcApi {
         if !self.api.state.read().nodes.contains_key(&node_id) {
             return Err(Status::not_found(format!("node {node_id:?} is not registered")));
         }
-        let rx = Api::watch_services(self.api.clone());
-        let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), |r| r.map_err(Status::from));
-        Ok(Response::new(Box::pin(stream)))
+        let mut rx = Api::watch_services(self.api.clone());
+        let (tx, out) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some(item) = rx.recv().await {
+                let item = match item {
+                    Ok(m) => Ok(m),
+                    Err(e) => Err(Status::from(e)),
+                };
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
 }
 

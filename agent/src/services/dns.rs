@@ -266,7 +266,11 @@ pub async fn serve(addr: SocketAddr, responder: Arc<Responder>) -> Result<(), Dn
     let r = responder.clone();
     let tcp_task = tokio::spawn(async move {
         loop {
-            let Ok((mut conn, _)) = tcp.accept().await else { continue };
+            let Ok((mut conn, _)) = tcp.accept().await else {
+                // Out of descriptors or the like: let it pass rather than spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
             let r = r.clone();
             tokio::spawn(async move {
                 // Length-prefixed messages until the client closes (or idles 10 s).
