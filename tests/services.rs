@@ -179,6 +179,10 @@ fn a_service_with_an_http_check_is_found_by_api_and_dns_and_leaves_when_unhealth
     if !common::require_exec() || !prereq::require(&[prereq::Need::Nft, prereq::Need::NetNs]) {
         return;
     }
+    assert!(
+        std::path::Path::new("/usr/bin/python3").exists(),
+        "this test cannot run: missing /usr/bin/python3 (the service's HTTP server); install it with `apt-get install python3` (.ci/run does)"
+    );
     let net = TestNet::new();
     let upstream = fake_upstream();
     let subnet = net.subnet();
