@@ -105,11 +105,15 @@ fn a_records(m: &Message) -> Vec<String> {
 
 /// The instances of `name` from the HTTP API (empty when it has none: 404).
 fn instances(dev: &Dev, query: &str) -> Vec<serde_json::Value> {
-    let (code, body) = dev.http("GET", &format!("/v1/service/web{query}"), None, b"");
+    instances_of(dev, "web", query)
+}
+
+fn instances_of(dev: &Dev, name: &str, query: &str) -> Vec<serde_json::Value> {
+    let (code, body) = dev.http("GET", &format!("/v1/service/{name}{query}"), None, b"");
     match code {
         200 => serde_json::from_str::<serde_json::Value>(&body).expect("json").as_array().cloned().unwrap_or_default(),
         404 => Vec::new(),
-        _ => panic!("GET /v1/service/web{query}: {code} {body}"),
+        _ => panic!("GET /v1/service/{name}{query}: {code} {body}"),
     }
 }
 
@@ -166,6 +170,22 @@ job "web" {
         command = "/bin/sh"
         args    = ["-c", "echo ok > /local/health; exec /usr/bin/python3 -m http.server 8080 --bind 0.0.0.0 --directory /local"]
       }
+      # A task-level service whose script check connects to 127.0.0.1:8080: it passes only
+      # when the check runs in the allocation's network namespace (nothing listens on the host's).
+      service {
+        name = "web-local"
+        check {
+          type     = "script"
+          command  = "/usr/bin/python3"
+          args     = ["-c", "import socket; socket.create_connection(('127.0.0.1', 8080), 1)"]
+          interval = "1s"
+          timeout  = "1s"
+        }
+      }
+      service {
+        name = "web-nocheck"
+        port = 8080
+      }
     }
   }
 }
@@ -202,6 +222,20 @@ fn a_service_with_an_http_check_is_found_by_api_and_dns_and_leaves_when_unhealth
     assert_eq!(inst["tags"], serde_json::json!(["v1", "blue"]));
     assert!(inst["output"].as_str().unwrap_or("").contains("200"), "{inst}");
     let alloc_id = inst["alloc_id"].as_str().expect("alloc id").to_string();
+
+    // Task-level services: a script check run in the allocation's namespace, and no check
+    // (passing while the task runs).
+    for name in ["web-local", "web-nocheck"] {
+        let i = wait_for(&format!("a passing instance of {name}"), Duration::from_secs(30), || {
+            let v = instances_of(&dev, name, "?passing=true");
+            (v.len() == 1).then(|| v[0].clone())
+        });
+        assert_eq!((i["task"].as_str(), i["address"].as_str()), (Some("srv"), Some(ip.as_str())), "{i}");
+    }
+    assert!(
+        std::net::TcpStream::connect_timeout(&"127.0.0.1:8080".parse().expect("addr"), Duration::from_secs(1)).is_err(),
+        "nothing listens on the host's 127.0.0.1:8080, so the script check did run in the allocation's namespace"
+    );
 
     // The CLI.
     let list = dev.ok(&["service", "list"]);
@@ -289,7 +323,9 @@ job "client" {
 
     // Stopping the job deregisters it everywhere.
     dev.ok(&["job", "stop", "web"]);
-    wait_for("web to be deregistered", Duration::from_secs(30), || instances(&dev, "").is_empty().then_some(()));
+    wait_for("web to be deregistered", Duration::from_secs(30), || {
+        ["web", "web-local", "web-nocheck"].iter().all(|n| instances_of(&dev, n, "").is_empty()).then_some(())
+    });
     wait_for("web out of DNS", Duration::from_secs(10), || {
         (dns(gw, "web.service.mlp.", RecordType::A).response_code() == ResponseCode::NXDomain).then_some(())
     });
