@@ -231,8 +231,17 @@ impl Agent {
         let registry = AllocRegistry::default();
         let mps = Arc::new(gpu::mps::MpsManager::new(&config.gpu, &data_dir));
         config.network.check().map_err(|e| AgentError::Config(e.to_string()))?;
-        let network = Arc::new(network::NetworkManager::new(config.network.clone(), &data_dir));
         let node_address = mlp_proto::node_address(&node.rpc_addr);
+        // The overlay: this node's underlay address (a loopback one cannot be reached from other
+        // nodes, so such a node takes no part) and the fixed subnet it asks for, if any.
+        if config.network.vtep_addr.is_none() {
+            config.network.vtep_addr = node_address.parse::<std::net::Ipv4Addr>().ok().filter(|a| !a.is_loopback() && !a.is_unspecified());
+        }
+        node.overlay = Some(mlp_proto::v1::OverlayLease {
+            subnet: if config.network.fixed_subnet { config.network.subnet.to_string() } else { String::new() },
+            vtep_addr: config.network.vtep_addr.map(|a| a.to_string()).unwrap_or_default(),
+        });
+        let network = Arc::new(network::NetworkManager::new(config.network.clone(), &data_dir));
         let env = RunnerEnv {
             alloc_root: data_dir.join("allocs"),
             drivers: driver::drivers_in(&config.drivers_enabled, &config.isolation, &config.gpu, Some(&data_dir.join("wasm-cache"))),
@@ -284,7 +293,8 @@ impl Agent {
         if let Some(nvml) = gpu.nvml() {
             loops.push(spawn_cancellable(&cancel, gpu_stats_loop(nvml.clone(), stats_tx)));
         }
-        loops.push(spawn_cancellable(&cancel, client::node_loop(pool.clone(), node_rx, reg_tx, stats_rx)));
+        loops.push(spawn_cancellable(&cancel, client::node_loop(pool.clone(), node_rx, reg_tx, stats_rx, Some(network.clone()))));
+        loops.push(spawn_cancellable(&cancel, client::overlay_loop(pool.clone(), node_id.clone(), reg_rx.clone(), network.clone())));
         loops.push(spawn_cancellable(&cancel, client::watch_loop(pool.clone(), node_id.clone(), reg_rx, manager.clone())));
         loops.push(spawn_cancellable(&cancel, client::update_loop(pool, node_id.clone(), updates_rx)));
         let reap_manager = manager.clone();
