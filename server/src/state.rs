@@ -1456,6 +1456,44 @@ mod tests {
     }
 
     #[test]
+    fn node_subnets_are_leased_sticky_and_never_overlap() {
+        let mut st = ClusterState::default();
+        let mut fx = Vec::new();
+        let pool = Some(OverlayPool { cluster_cidr: "10.9.0.0/23".into(), node_prefix: 24 });
+        let node = |id: &str, asked: &str| Node {
+            id: id.into(),
+            name: id.into(),
+            overlay: Some(mlp_proto::v1::OverlayLease { subnet: asked.into(), vtep_addr: "198.18.0.9".into() }),
+            ..Default::default()
+        };
+        let subnet = |st: &ClusterState, id: &str| st.nodes.get(id).and_then(|n| n.overlay.clone()).map(|o| o.subnet).unwrap_or_default();
+        let r = st.apply(1, &req(Command::UpsertNode { node: node("n1", ""), overlay: pool.clone() }), &mut fx);
+        assert!(r.error.is_none(), "{r:?}");
+        st.apply(2, &req(Command::UpsertNode { node: node("n2", ""), overlay: pool.clone() }), &mut fx);
+        assert_eq!((subnet(&st, "n1"), subnet(&st, "n2")), ("10.9.0.0/24".into(), "10.9.1.0/24".into()));
+        assert_eq!(st.nodes["n1"].overlay.as_ref().map(|o| o.vtep_addr.as_str()), Some("198.18.0.9"), "the agent's VTEP is kept");
+        // The pool is full: a third node is refused, and nothing changes.
+        let r = st.apply(3, &req(Command::UpsertNode { node: node("n3", ""), overlay: pool.clone() }), &mut fx);
+        assert!(r.error.as_deref().is_some_and(|e| e.contains("no free /24")), "{r:?}");
+        assert!(!st.nodes.contains_key("n3"));
+        // A re-registration keeps the lease, also without a pool (a leader without the flags).
+        st.apply(4, &req(Command::UpsertNode { node: node("n2", ""), overlay: None }), &mut fx);
+        st.apply(5, &req(Command::UpsertNode { node: node("n2", ""), overlay: pool.clone() }), &mut fx);
+        assert_eq!(subnet(&st, "n2"), "10.9.1.0/24");
+        // A fixed subnet is granted unless it overlaps another node's.
+        let r = st.apply(6, &req(Command::UpsertNode { node: node("n4", "10.9.0.128/25"), overlay: pool.clone() }), &mut fx);
+        assert!(r.error.as_deref().is_some_and(|e| e.contains("overlaps 10.9.0.0/24")), "{r:?}");
+        let r = st.apply(7, &req(Command::UpsertNode { node: node("n4", "10.20.0.0/24"), overlay: pool.clone() }), &mut fx);
+        assert!(r.error.is_none(), "{r:?}");
+        assert_eq!(subnet(&st, "n4"), "10.20.0.0/24");
+        // Entries written before the overlay (no `overlay` key) still decode.
+        let old = r#"{"now_ms":1,"command":{"UpsertNode":{"node":{"id":"n5","name":"n5"}}}}"#;
+        let decoded: Result<Request, _> = serde_json::from_str(old);
+        assert!(decoded.is_ok_and(|r| matches!(r.command, Command::UpsertNode { overlay: None, .. })));
+        assert!(OverlayPool::parse("10.0.0.0/16", 8).is_err() && OverlayPool::parse("10.0.0.1/16", 24).is_err());
+    }
+
+    #[test]
     fn drain_makes_ineligible_and_completion_keeps_it_so() {
         let mut st = ClusterState::default();
         let mut fx = Vec::new();
