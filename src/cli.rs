@@ -104,6 +104,8 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 50.0)]
     pub max_heartbeats_per_second: f64,
     #[command(flatten)]
+    pub overlay: OverlayArgs,
+    #[command(flatten)]
     pub preemption: PreemptionArgs,
     #[command(flatten)]
     pub gc: GcArgs,
@@ -237,37 +239,89 @@ impl GpuArgs {
     }
 }
 
-/// Bridge-mode networking of allocations (docs/ARCHITECTURE.md, "Network model").
+/// The cluster overlay on the servers (docs/ARCHITECTURE.md, "Network model"): where node
+/// subnets are leased from.
+#[derive(Debug, Args, Clone)]
+pub struct OverlayArgs {
+    /// The cluster's allocation network: every node leases a subnet of it, and allocations on
+    /// different nodes reach each other inside it without NAT. `none` turns the overlay off
+    /// (agents then use their own --network-subnet).
+    #[arg(long, default_value = "172.26.0.0/16")]
+    pub network_cluster_cidr: String,
+    /// Prefix length of each node's subnet (24: 253 allocation addresses per node).
+    #[arg(long, default_value_t = 24)]
+    pub network_node_prefix: u8,
+}
+
+impl OverlayArgs {
+    pub fn pool(&self) -> anyhow::Result<Option<mlp_server::state::OverlayPool>> {
+        if self.network_cluster_cidr == "none" {
+            return Ok(None);
+        }
+        let (pool, _) = mlp_server::state::OverlayPool::parse(&self.network_cluster_cidr, self.network_node_prefix)
+            .map_err(|e| anyhow::anyhow!("--network-cluster-cidr/--network-node-prefix: {e}"))?;
+        Ok(Some(pool))
+    }
+}
+
+/// Bridge-mode networking of allocations and this node's end of the overlay
+/// (docs/ARCHITECTURE.md, "Network model").
 #[derive(Debug, Args, Clone)]
 pub struct NetworkArgs {
     /// The node bridge bridge-mode allocations hang off (created on demand).
     #[arg(long, default_value = "mlp0")]
     pub network_bridge: String,
-    /// The node's allocation subnet; the bridge gets its first address.
-    #[arg(long, default_value = "172.26.64.0/20")]
-    pub network_subnet: String,
-    /// MTU of the bridge and the allocations' veth pairs.
-    #[arg(long, default_value_t = 1500)]
+    /// A fixed allocation subnet for this node, asked of the servers (registration fails when
+    /// another node holds an overlapping one). Default: the subnet the servers lease out of
+    /// their --network-cluster-cidr, or 172.26.64.0/20 when the overlay is off.
+    #[arg(long)]
+    pub network_subnet: Option<String>,
+    /// MTU of the bridge, the allocations' veth pairs and the VXLAN device: the underlay's
+    /// MTU less VXLAN's 50 bytes.
+    #[arg(long, default_value_t = 1450)]
     pub network_mtu: u32,
     /// Dynamic host ports the scheduler picks from on this node: LOW-HIGH.
     #[arg(long, default_value = "20000-32000")]
     pub network_port_range: String,
+    /// This node's underlay address, where other nodes send its VXLAN packets (default: the
+    /// address in --advertise, else the agent's RPC address).
+    #[arg(long)]
+    pub network_vtep_addr: Option<String>,
+    /// VXLAN network identifier of the overlay (the same on every node).
+    #[arg(long, default_value_t = 4242)]
+    pub network_vni: u32,
+    /// UDP port of the overlay's VXLAN packets (the same on every node).
+    #[arg(long, default_value_t = 4789)]
+    pub network_vxlan_port: u16,
 }
 
 impl NetworkArgs {
     pub fn settings(&self) -> anyhow::Result<mlp_agent::network::NetworkSettings> {
-        let subnet = mlp_agent::network::Subnet::parse(&self.network_subnet).map_err(|e| anyhow::anyhow!("--network-subnet: {e}"))?;
+        let fixed = match &self.network_subnet {
+            Some(s) => Some(mlp_agent::network::Subnet::parse(s).map_err(|e| anyhow::anyhow!("--network-subnet: {e}"))?),
+            None => None,
+        };
         let (lo, hi) = self
             .network_port_range
             .split_once('-')
             .and_then(|(lo, hi)| Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?)))
             .ok_or_else(|| anyhow::anyhow!("--network-port-range {:?}: write it as LOW-HIGH, e.g. 20000-32000", self.network_port_range))?;
+        let vtep = match &self.network_vtep_addr {
+            Some(a) => Some(a.parse().map_err(|_| anyhow::anyhow!("--network-vtep-addr {a:?}: not an IPv4 address"))?),
+            None => None,
+        };
+        let defaults = mlp_agent::network::NetworkSettings::default();
         let settings = mlp_agent::network::NetworkSettings {
             bridge: self.network_bridge.clone(),
-            subnet,
+            subnet: fixed.unwrap_or(defaults.subnet),
+            fixed_subnet: fixed.is_some(),
             mtu: self.network_mtu,
             min_dynamic_port: lo,
             max_dynamic_port: hi,
+            vtep_addr: vtep,
+            vni: self.network_vni,
+            vxlan_port: self.network_vxlan_port,
+            cluster_cidr: None,
         };
         settings.check().map_err(|e| anyhow::anyhow!("--network-*: {e}"))?;
         Ok(settings)
@@ -325,6 +379,8 @@ pub struct DevArgs {
     pub network: NetworkArgs,
     #[command(flatten)]
     pub dns: DnsArgs,
+    #[command(flatten)]
+    pub overlay: OverlayArgs,
     #[command(flatten)]
     pub preemption: PreemptionArgs,
     #[command(flatten)]

@@ -447,6 +447,11 @@ async fn node(addr: &str, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
             }
             println!("Drivers     = {}", n.drivers.join(", "));
             println!("Address     = {}", n.rpc_addr);
+            match n.overlay.as_ref().filter(|o| !o.subnet.is_empty()) {
+                Some(o) if o.vtep_addr.is_empty() => println!("Subnet      = {} (not on the overlay: no reachable VTEP address)", o.subnet),
+                Some(o) => println!("Subnet      = {} (overlay VTEP {})", o.subnet, o.vtep_addr),
+                None => println!("Subnet      = none (the overlay is off)"),
+            }
             println!("Heartbeat   = {}", ago(n.last_heartbeat_ms));
             if let Some(r) = &n.resources {
                 println!(

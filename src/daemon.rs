@@ -60,6 +60,7 @@ async fn start_server(
     cluster: ClusterSettings,
     preemption: &crate::cli::PreemptionArgs,
     gc: &crate::cli::GcArgs,
+    overlay: &crate::cli::OverlayArgs,
 ) -> anyhow::Result<Server> {
     let config = ServerConfig {
         data_dir: data_dir.to_path_buf(),
@@ -71,6 +72,7 @@ async fn start_server(
         scheduler: scheduler_options(preemption)?,
         gc: gc_settings(gc)?,
         event_buffer: event_buffer(gc.event_buffer)?,
+        overlay: overlay.pool()?,
     };
     Server::start_clustered(config, cluster).await.context("starting the server")
 }
@@ -149,6 +151,7 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<ExitCode> {
         cluster,
         &args.preemption,
         &args.gc,
+        &args.overlay,
     )
     .await?;
     println!("==> mlp server running");
@@ -277,6 +280,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         ClusterSettings::default(),
         &args.preemption,
         &args.gc,
+        &args.overlay,
     )
     .await?;
     let mut config =

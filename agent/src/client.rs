@@ -137,6 +137,7 @@ pub async fn node_loop(
     mut node_rx: watch::Receiver<Node>,
     registered: watch::Sender<bool>,
     gpu_stats: watch::Receiver<Vec<mlp_proto::v1::GpuStats>>,
+    network: Option<Arc<crate::network::NetworkManager>>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
@@ -145,7 +146,15 @@ pub async fn node_loop(
         let ttl = loop {
             let req = RegisterNodeRequest { node: Some(node.clone()) };
             match unary(&pool, |mut c| async move { c.register(req).await }).await {
-                Ok(resp) => break resp.heartbeat_ttl_ms,
+                Ok(resp) => {
+                    // The leased subnet is in place before any allocation arrives (the
+                    // allocation stream starts once `registered` is set).
+                    if let Some(net) = &network {
+                        let parse = |s: &str| if s.is_empty() { None } else { crate::network::Subnet::parse(s).ok() };
+                        net.apply_lease(parse(&resp.overlay_subnet), parse(&resp.overlay_cluster_cidr));
+                    }
+                    break resp.heartbeat_ttl_ms;
+                }
                 Err(st) => {
                     let d = backoff.next_delay();
                     tracing::warn!(code = ?st.code(), error = %st.message(), retry_in = ?d, "node registration failed");
@@ -190,6 +199,60 @@ pub async fn node_loop(
                 }
             }
         }
+    }
+}
+
+/// Follows the node's overlay peers (issue 13 §2), reconnecting with backoff and failing over,
+/// and hands every set to the network manager.
+pub async fn overlay_loop(
+    pool: Arc<ServerPool>,
+    node_id: String,
+    mut registered: watch::Receiver<bool>,
+    network: Arc<crate::network::NetworkManager>,
+) {
+    if registered.wait_for(|r| *r).await.is_err() {
+        return;
+    }
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let Some((idx, mut client)) = pool.client() else {
+            return;
+        };
+        let req = mlp_proto::v1::WatchOverlayRequest { node_id: node_id.clone() };
+        match timeout(RPC_TIMEOUT, client.watch_overlay(req)).await {
+            Ok(Ok(resp)) => {
+                let mut stream = resp.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(msg)) => {
+                            backoff.reset();
+                            let peers = msg.peers.iter().filter_map(crate::network::overlay::Peer::from_proto).collect();
+                            network.set_peers(peers).await;
+                        }
+                        Ok(None) => break,
+                        Err(st) => {
+                            tracing::debug!(code = ?st.code(), error = %st.message(), "overlay stream failed; reconnecting");
+                            if st.code() != Code::NotFound {
+                                pool.failover(idx);
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            Ok(Err(st)) => {
+                tracing::debug!(code = ?st.code(), error = %st.message(), "watching the overlay failed");
+                if st.code() == Code::Unimplemented {
+                    // Servers older than the overlay: nothing to follow.
+                    return;
+                }
+                if st.code() != Code::NotFound {
+                    pool.failover(idx);
+                }
+            }
+            Err(_) => pool.failover(idx),
+        }
+        sleep(backoff.next_delay()).await;
     }
 }
 

@@ -237,8 +237,17 @@ impl Agent {
         let registry = AllocRegistry::default();
         let mps = Arc::new(gpu::mps::MpsManager::new(&config.gpu, &data_dir));
         config.network.check().map_err(|e| AgentError::Config(e.to_string()))?;
-        let network = Arc::new(network::NetworkManager::new(config.network.clone(), &data_dir));
         let node_address = mlp_proto::node_address(&node.rpc_addr);
+        // The overlay: this node's underlay address (a loopback one cannot be reached from other
+        // nodes, so such a node takes no part) and the fixed subnet it asks for, if any.
+        if config.network.vtep_addr.is_none() {
+            config.network.vtep_addr = node_address.parse::<std::net::Ipv4Addr>().ok().filter(|a| !a.is_loopback() && !a.is_unspecified());
+        }
+        node.overlay = Some(mlp_proto::v1::OverlayLease {
+            subnet: if config.network.fixed_subnet { config.network.subnet.to_string() } else { String::new() },
+            vtep_addr: config.network.vtep_addr.map(|a| a.to_string()).unwrap_or_default(),
+        });
+        let network = Arc::new(network::NetworkManager::new(config.network.clone(), &data_dir));
         let env = RunnerEnv {
             alloc_root: data_dir.join("allocs"),
             drivers: driver::drivers_in(&config.drivers_enabled, &config.isolation, &config.gpu, Some(&data_dir.join("wasm-cache"))),
@@ -297,10 +306,14 @@ impl Agent {
         if let Some(nvml) = gpu.nvml() {
             loops.push(spawn_cancellable(&cancel, gpu_stats_loop(nvml.clone(), stats_tx)));
         }
-        loops.push(spawn_cancellable(&cancel, client::node_loop(pool.clone(), node_rx, reg_tx, stats_rx)));
+        loops.push(spawn_cancellable(&cancel, client::node_loop(pool.clone(), node_rx, reg_tx, stats_rx, Some(network.clone()))));
+        loops.push(spawn_cancellable(&cancel, client::overlay_loop(pool.clone(), node_id.clone(), reg_rx.clone(), network.clone())));
+        let services_registered = reg_rx.clone();
         loops.push(spawn_cancellable(&cancel, client::watch_loop(pool.clone(), node_id.clone(), reg_rx, manager.clone())));
         loops.push(spawn_cancellable(&cancel, client::update_loop(pool.clone(), node_id.clone(), updates_rx)));
-        start_services(&cancel, &mut loops, &config, services_env, service_updates, pool, &node_id);
+        let services_wiring =
+            ServicesWiring { env: services_env, updates: service_updates, registered: services_registered, network: network.clone() };
+        start_services(&cancel, &mut loops, &config, services_wiring, pool, &node_id);
         let reap_manager = manager.clone();
         loops.push(spawn_cancellable(&cancel, async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -341,17 +354,24 @@ impl Agent {
 /// scheduler stops placing on it.
 /// Service discovery's loops: the check watchers' manager, the registrations' sender, the
 /// cluster's passing instances, and the DNS responder on the bridge's gateway.
+struct ServicesWiring {
+    env: Arc<services::ServicesEnv>,
+    updates: mpsc::UnboundedReceiver<mlp_proto::v1::AllocClientUpdate>,
+    /// Set on every registration (the leased subnet, and so the DNS address, is known then).
+    registered: watch::Receiver<bool>,
+    network: Arc<network::NetworkManager>,
+}
+
 fn start_services(
     cancel: &CancellationToken,
     loops: &mut Vec<JoinHandle<()>>,
     config: &AgentConfig,
-    env: Arc<services::ServicesEnv>,
-    updates: mpsc::UnboundedReceiver<mlp_proto::v1::AllocClientUpdate>,
+    w: ServicesWiring,
     pool: Arc<ServerPool>,
     node_id: &str,
 ) {
     let (regs_tx, regs_rx) = mpsc::unbounded_channel();
-    loops.push(spawn_cancellable(cancel, services::manager_loop(env, updates, regs_tx, cancel.child_token())));
+    loops.push(spawn_cancellable(cancel, services::manager_loop(w.env, w.updates, regs_tx, cancel.child_token())));
     loops.push(spawn_cancellable(cancel, services::send_loop(pool.clone(), node_id.to_string(), regs_rx)));
     let (table_tx, table_rx) = watch::channel(Arc::new(services::dns::DnsTable::default()));
     loops.push(spawn_cancellable(cancel, services::watch_loop(pool, node_id.to_string(), table_tx)));
@@ -361,12 +381,7 @@ fn start_services(
         config.dns_upstreams.clone()
     };
     let responder = Arc::new(services::dns::Responder { table: table_rx, upstreams });
-    let addr = services::dns_addr(&config.network);
-    loops.push(spawn_cancellable(cancel, async move {
-        if let Err(e) = services::dns::serve(addr, responder).await {
-            tracing::warn!(error = %e, "no DNS responder: bridge-mode tasks cannot resolve service names");
-        }
-    }));
+    loops.push(spawn_cancellable(cancel, services::dns_loop(w.network, w.registered, responder)));
 }
 
 async fn gpu_health_loop(

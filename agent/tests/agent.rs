@@ -14,9 +14,9 @@ use mlp_agent::{Agent, AgentConfig};
 use mlp_proto::consts::{alloc_client, task_event};
 use mlp_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use mlp_proto::v1::{
-    AllocClientUpdate, Allocation, HeartbeatRequest, HeartbeatResponse, Job, Node, NodeAllocations, RegisterNodeRequest,
+    AllocClientUpdate, Allocation, HeartbeatRequest, HeartbeatResponse, Job, Node, NodeAllocations, OverlayPeers, RegisterNodeRequest,
     RegisterNodeResponse, ServiceInstances, Task, TaskConfig, TaskGroup, UpdateAllocsRequest, UpdateAllocsResponse, UpdateServicesRequest,
-    UpdateServicesResponse, WatchAllocationsRequest, WatchServicesRequest,
+    UpdateServicesResponse, WatchAllocationsRequest, WatchOverlayRequest, WatchServicesRequest,
 };
 use nix::sys::signal::Signal;
 use tokio::sync::watch;
@@ -39,7 +39,7 @@ impl AgentService for Fake {
         if let (Ok(mut n), Some(node)) = (self.nodes.lock(), r.into_inner().node) {
             n.push(node);
         }
-        Ok(Response::new(RegisterNodeResponse { heartbeat_ttl_ms: 900, index: 1 }))
+        Ok(Response::new(RegisterNodeResponse { heartbeat_ttl_ms: 900, index: 1, ..Default::default() }))
     }
     async fn heartbeat(&self, _: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         Ok(Response::new(HeartbeatResponse { heartbeat_ttl_ms: 900 }))
@@ -63,6 +63,10 @@ impl AgentService for Fake {
     #[allow(clippy::result_large_err)]
     async fn watch_services(&self, _: Request<WatchServicesRequest>) -> Result<Response<Self::WatchServicesStream>, Status> {
         Ok(Response::new(Box::pin(futures::stream::pending())))
+    }
+    type WatchOverlayStream = Pin<Box<dyn Stream<Item = Result<OverlayPeers, Status>> + Send>>;
+    async fn watch_overlay(&self, _: Request<WatchOverlayRequest>) -> Result<Response<Self::WatchOverlayStream>, Status> {
+        Err(Status::unimplemented("this fake runs no overlay"))
     }
 }
 

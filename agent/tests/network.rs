@@ -150,8 +150,11 @@ async fn leftovers(m: &NetworkManager, nets: &[&AllocNetwork]) -> Result<Vec<Str
     for l in mlp_agent::network::links::bridge_ports(&m.settings().bridge).await? {
         found.push(format!("veth {l}"));
     }
-    for mapping in nft::mapped(m.settings())? {
+    for mapping in nft::mapped(&m.settings())? {
         found.push(format!("port mapping {mapping}"));
+    }
+    for owner in nft::isolation_rule_owners(&m.settings())? {
+        found.push(format!("isolation rule of {owner}"));
     }
     Ok(found)
 }
@@ -163,8 +166,8 @@ fn allocations_are_reachable_by_host_port_and_address_and_leave_nothing() -> Tes
     }
     in_fresh_netns(|dir| async move {
         let m = NetworkManager::new(settings(), &dir);
-        let (a, _) = m.setup("alloc-a", &[port("http", 20_000, 8080)]).await?;
-        let (b, _) = m.setup("alloc-b", &[]).await?;
+        let (a, _) = m.setup("alloc-a", "default", &[port("http", 20_000, 8080)]).await?;
+        let (b, _) = m.setup("alloc-b", "default", &[]).await?;
         assert_eq!((a.ip, b.ip), (Ipv4Addr::new(172, 26, 64, 2), Ipv4Addr::new(172, 26, 64, 3)));
         assert!(netns::exists(&a.netns));
         let _server = Server::start(&a.netns, 8080, "hello from a")?;
@@ -183,9 +186,38 @@ fn allocations_are_reachable_by_host_port_and_address_and_leave_nothing() -> Tes
         m.teardown("alloc-b").await;
         assert_eq!(leftovers(&m, &[&a, &b]).await?, Vec::<String>::new());
         // The next allocation gets the lowest address again.
-        let (c, _) = m.setup("alloc-c", &[]).await?;
+        let (c, _) = m.setup("alloc-c", "default", &[]).await?;
         assert_eq!(c.ip, a.ip);
         m.teardown("alloc-c").await;
+        Ok(())
+    })
+}
+
+#[test]
+fn allocations_of_different_namespaces_cannot_reach_each_other() -> TestResult {
+    if !prereq::require(&[prereq::Need::Root, prereq::Need::Nft]) {
+        return Ok(());
+    }
+    in_fresh_netns(|dir| async move {
+        let m = NetworkManager::new(settings(), &dir);
+        let (srv, _) = m.setup("alloc-srv", "team-a", &[]).await?;
+        let (same, _) = m.setup("alloc-same", "team-a", &[]).await?;
+        let (other, _) = m.setup("alloc-other", "team-b", &[]).await?;
+        assert_ne!(nft::namespace_tag("team-a"), nft::namespace_tag("team-b"));
+        let _server = Server::start(&srv.netns, 8080, "hello from team-a")?;
+        let addr = SocketAddr::from((srv.ip, 8080));
+        assert_eq!(fetch_from(&same.netns, addr)?, "hello from team-a", "same namespace");
+        assert_eq!(fetch(addr).map_err(|e| e.to_string())?, "hello from team-a", "from the node itself");
+        let refused = fetch_from(&other.netns, addr);
+        assert!(refused.is_err(), "team-b reached team-a's allocation: {refused:?}");
+        // Removing an allocation removes its isolation rules, and only its own.
+        m.teardown("alloc-other").await;
+        let owners = nft::isolation_rule_owners(&m.settings())?;
+        assert!(!owners.iter().any(|o| o == "alloc-other") && owners.iter().any(|o| o == "alloc-srv"), "{owners:?}");
+        drop(_server);
+        m.teardown("alloc-srv").await;
+        m.teardown("alloc-same").await;
+        assert_eq!(leftovers(&m, &[&srv, &same, &other]).await?, Vec::<String>::new());
         Ok(())
     })
 }
@@ -197,20 +229,20 @@ fn a_restarted_agent_reattaches_untouched_and_removes_what_is_gone() -> TestResu
     }
     in_fresh_netns(|dir| async move {
         let first = NetworkManager::new(settings(), &dir);
-        let (kept, _) = first.setup("kept", &[port("http", 20_001, 8080)]).await?;
-        let (gone, _) = first.setup("gone", &[port("http", 20_002, 8080)]).await?;
+        let (kept, _) = first.setup("kept", "default", &[port("http", 20_001, 8080)]).await?;
+        let (gone, _) = first.setup("gone", "default", &[port("http", 20_002, 8080)]).await?;
         let _server = Server::start(&kept.netns, 8080, "still here")?;
         drop(first);
         // A new agent run: "kept" is still running, "gone" ended meanwhile.
         let second = NetworkManager::new(settings(), &dir);
         second.remove_leftovers(&BTreeSet::from(["kept".to_string()])).await;
-        let (again, took) = second.setup("kept", &[port("http", 20_001, 8080)]).await?;
+        let (again, took) = second.setup("kept", "default", &[port("http", 20_001, 8080)]).await?;
         assert_eq!((again, took), (kept.clone(), Duration::ZERO), "reattached, not set up again");
         assert_eq!(fetch(SocketAddr::from(([127, 0, 0, 1], 20_001)))?, "still here");
         assert!(!gone.netns.exists());
         assert!(fetch(SocketAddr::from(([127, 0, 0, 1], 20_002))).is_err(), "the gone allocation's port is unmapped");
         // A new address never collides with the kept one.
-        let (other, _) = second.setup("other", &[]).await?;
+        let (other, _) = second.setup("other", "default", &[]).await?;
         assert_ne!(other.ip, kept.ip);
         drop(_server);
         second.remove_leftovers(&BTreeSet::new()).await;
@@ -228,12 +260,12 @@ fn setup_time_per_allocation() -> TestResult {
     in_fresh_netns(move |dir| async move {
         let m = NetworkManager::new(settings(), &dir);
         // The first set-up also makes the bridge and the table: not counted.
-        m.setup("warm", &[port("p", 20_999, 80)]).await?;
+        m.setup("warm", "default", &[port("p", 20_999, 80)]).await?;
         let mut times = Vec::with_capacity(n);
         let began = Instant::now();
         for i in 0..n {
             let ports = [port("http", 21_000 + i as u32, 8080)];
-            let (_, took) = m.setup(&format!("alloc-{i}"), &ports).await?;
+            let (_, took) = m.setup(&format!("alloc-{i}"), "default", &ports).await?;
             times.push(took);
         }
         let total = began.elapsed();

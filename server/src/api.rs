@@ -81,6 +81,8 @@ pub struct Api {
     pub metrics: Arc<Metrics>,
     pub heartbeats: Arc<Heartbeats>,
     pub heartbeat: HeartbeatSettings,
+    /// Where node subnets are leased from; `None`: the overlay is off (issue 13 §2).
+    pub overlay: Option<crate::state::OverlayPool>,
 }
 
 /// GPU measurements a heartbeat may carry: at most one per device a node may register, ids
@@ -626,13 +628,50 @@ impl Api {
         if node.node_pool.is_empty() {
             node.node_pool = "default".into();
         }
+        if let Some(o) = &node.overlay {
+            if !o.vtep_addr.is_empty() && o.vtep_addr.parse::<std::net::Ipv4Addr>().is_err() {
+                return Err(ApiError::InvalidArgument(format!("node.overlay.vtep_addr: {:?} is not an IPv4 address", o.vtep_addr)));
+            }
+            if !o.subnet.is_empty() {
+                crate::state::parse_subnet(&o.subnet).map_err(|e| ApiError::InvalidArgument(format!("node.overlay.subnet: {e}")))?;
+            }
+        }
         node.status = node_status::READY.to_string();
         node.status_description = "registered".into();
-        let resp = self.raft.submit(Request { now_ms: now_ms(), command: Command::UpsertNode { node: node.clone() } }).await?;
-        let ttl = self.heartbeat.ttl_in(&self.state.read());
+        let command = Command::UpsertNode { node: node.clone(), overlay: self.overlay.clone() };
+        let resp = self.raft.submit(Request { now_ms: now_ms(), command }).await?;
+        if let Some(e) = resp.error {
+            return Err(ApiError::InvalidArgument(e));
+        }
+        let (ttl, overlay_subnet) = {
+            let st = self.state.read();
+            let subnet = st.nodes.get(&node.id).and_then(|n| n.overlay.as_ref()).map(|o| o.subnet.clone()).unwrap_or_default();
+            (self.heartbeat.ttl_in(&st), subnet)
+        };
         self.heartbeats.touch(&node.id, ttl);
-        tracing::info!(node_id = node.id, name = node.name, "node registered");
-        Ok(RegisterNodeResponse { heartbeat_ttl_ms: ttl.as_millis() as u64, index: resp.index })
+        tracing::info!(node_id = node.id, name = node.name, subnet = overlay_subnet, "node registered");
+        let overlay_cluster_cidr = self.overlay.as_ref().map(|p| p.cluster_cidr.clone()).unwrap_or_default();
+        Ok(RegisterNodeResponse { heartbeat_ttl_ms: ttl.as_millis() as u64, index: resp.index, overlay_subnet, overlay_cluster_cidr })
+    }
+
+    /// Node `node_id`'s overlay peers: every other node that holds a subnet and is not down.
+    pub fn overlay_peers(&self, node_id: &str) -> mlp_proto::v1::OverlayPeers {
+        let st = self.state.read();
+        let peers = st
+            .nodes
+            .values()
+            .filter(|n| n.id != node_id && n.status != node_status::DOWN)
+            .filter_map(|n| {
+                let o = n.overlay.as_ref().filter(|o| !o.subnet.is_empty() && !o.vtep_addr.is_empty())?;
+                Some(mlp_proto::v1::OverlayPeer {
+                    node_id: n.id.clone(),
+                    node_name: n.name.clone(),
+                    subnet: o.subnet.clone(),
+                    vtep_addr: o.vtep_addr.clone(),
+                })
+            })
+            .collect();
+        mlp_proto::v1::OverlayPeers { peers, index: st.index }
     }
 
     pub async fn heartbeat(&self, node_id: &str) -> Result<HeartbeatResponse, ApiError> {

@@ -360,6 +360,42 @@ impl agent_service_server::AgentService for GrpcApi {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
+
+    type WatchOverlayStream = BoxStream<OverlayPeers>;
+
+    /// The node's overlay peers: the whole set first, then again whenever it changes (node
+    /// registrations, status changes and removals are rare, so a whole set is cheap).
+    async fn watch_overlay(&self, req: Request<WatchOverlayRequest>) -> GrpcResult<Self::WatchOverlayStream> {
+        let node_id = req.into_inner().node_id;
+        if !self.api.state.read().nodes.contains_key(&node_id) {
+            return Err(Status::not_found(format!("node {node_id:?} is not registered")));
+        }
+        let mut changes = self.api.state.node_changes();
+        let api = self.api.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut last = api.overlay_peers(&node_id);
+            if tx.send(Ok(last.clone())).await.is_err() {
+                return;
+            }
+            loop {
+                match changes.recv().await {
+                    Ok(c) if !c.nodes && c.resend.is_empty() => continue,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+                let next = api.overlay_peers(&node_id);
+                if next.peers == last.peers {
+                    continue;
+                }
+                last = next;
+                if tx.send(Ok(last.clone())).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 }
 
 #[tonic::async_trait]

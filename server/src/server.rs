@@ -38,6 +38,8 @@ pub struct ServerConfig {
     pub gc: crate::leader::gc::GcSettings,
     /// Events kept for event-stream clients that resume (`events::DEFAULT_BUFFER_EVENTS`).
     pub event_buffer: usize,
+    /// Where node subnets are leased from (issue 13 §2); `None` turns the overlay off.
+    pub overlay: Option<crate::state::OverlayPool>,
 }
 
 /// Start-up failures.
@@ -121,6 +123,7 @@ impl Server {
             metrics: metrics.clone(),
             heartbeats: heartbeats.clone(),
             heartbeat: config.heartbeat,
+            overlay: config.overlay.clone(),
         });
         let grpc = GrpcApi { api: api.clone() };
 

@@ -59,6 +59,44 @@ pub struct Request {
     pub command: Command,
 }
 
+/// Where node subnets are leased from: the cluster CIDR and each node's prefix length
+/// (`mlp server --network-cluster-cidr`, `--network-node-prefix`). Carried in the registration
+/// entry so that every replica leases exactly what the leader did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OverlayPool {
+    /// "172.26.0.0/16".
+    pub cluster_cidr: String,
+    /// 24: every node gets a /24.
+    pub node_prefix: u8,
+}
+
+impl OverlayPool {
+    /// Checks the settings: a CIDR without host bits, a node prefix inside it that leaves
+    /// addresses to hand out.
+    pub fn parse(cluster_cidr: &str, node_prefix: u8) -> Result<(OverlayPool, ipnet::Ipv4Net), String> {
+        let net = parse_subnet(cluster_cidr)?;
+        if node_prefix < net.prefix_len() || node_prefix > 30 {
+            return Err(format!(
+                "node prefix /{node_prefix} must lie between the cluster CIDR's /{} and /30 (a node subnet needs addresses to hand out)",
+                net.prefix_len()
+            ));
+        }
+        Ok((OverlayPool { cluster_cidr: net.to_string(), node_prefix }, net))
+    }
+}
+
+/// An IPv4 subnet written `A.B.C.D/N`, host bits zero, N in 8..=30.
+pub fn parse_subnet(s: &str) -> Result<ipnet::Ipv4Net, String> {
+    let net: ipnet::Ipv4Net = s.parse().map_err(|_| format!("{s:?} is not an IPv4 subnet (write it as 172.26.0.0/16)"))?;
+    if net.trunc() != net {
+        return Err(format!("{s:?} has host bits set (did you mean {}?)", net.trunc()));
+    }
+    if !(8..=30).contains(&net.prefix_len()) {
+        return Err(format!("{s:?}: the prefix length must be between 8 and 30"));
+    }
+    Ok(net)
+}
+
 /// Every state change in mlp is one of these, committed through Raft.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum Command {
@@ -66,8 +104,14 @@ pub enum Command {
     RegisterJob { job: Job, eval: Evaluation },
     /// Mark a job stopped (a new version with `stop = true`), or delete it with `purge`.
     StopJob { namespace: String, job_id: String, purge: bool, eval: Evaluation },
-    /// Register or re-register a node (the agent's fingerprint).
-    UpsertNode { node: Node },
+    /// Register or re-register a node (the agent's fingerprint). `overlay`: the proposing
+    /// leader's overlay settings, which the node's subnet is leased from (issue 13 §2); absent
+    /// in entries written before the overlay and when it is off.
+    UpsertNode {
+        node: Node,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        overlay: Option<OverlayPool>,
+    },
     /// A node's status changed (ready, down), with the evaluations that follow from it.
     UpdateNodeStatus { node_id: String, status: String, description: String, evals: Vec<Evaluation> },
     /// The outcome of one scheduling pass, already checked by the leader's plan applier.
@@ -438,8 +482,21 @@ impl ClusterState {
                 }
                 self.insert_eval(index, now, eval.clone(), effects);
             }
-            Command::UpsertNode { node } => {
+            Command::UpsertNode { node, overlay } => {
                 let mut node = node.clone();
+                match self.lease_subnet(&node, overlay.as_ref()) {
+                    Ok(subnet) => {
+                        if let Some(o) = node.overlay.as_mut() {
+                            o.subnet = subnet;
+                        } else if !subnet.is_empty() {
+                            node.overlay = Some(mlp_proto::v1::OverlayLease { subnet, vtep_addr: String::new() });
+                        }
+                    }
+                    Err(e) => {
+                        resp.error = Some(e);
+                        return resp;
+                    }
+                }
                 match self.nodes.get(&node.id) {
                     Some(prev) => {
                         node.create_index = prev.create_index;
@@ -761,6 +818,51 @@ impl ClusterState {
         n
     }
 
+    /// The subnet node `node` gets (issue 13 §2): the fixed one it asks for, if no other node
+    /// holds an overlapping one; else the one it already holds, while that still fits the pool;
+    /// else the lowest free subnet of the pool; "" when there is no pool (the overlay is off).
+    /// Deterministic in the state and the entry, as `apply` must be.
+    fn lease_subnet(&self, node: &Node, pool: Option<&OverlayPool>) -> Result<String, String> {
+        let held: Vec<(ipnet::Ipv4Net, &str)> = self
+            .nodes
+            .values()
+            .filter(|n| n.id != node.id)
+            .filter_map(|n| Some((n.overlay.as_ref()?.subnet.parse::<ipnet::Ipv4Net>().ok()?, n.name.as_str())))
+            .collect();
+        let overlaps = |s: &ipnet::Ipv4Net| held.iter().find(|(h, _)| h.contains(s) || s.contains(h)).map(|(h, name)| (*h, *name));
+        let asked = node.overlay.as_ref().map(|o| o.subnet.as_str()).unwrap_or_default();
+        if !asked.is_empty() {
+            let s = parse_subnet(asked).map_err(|e| format!("node.overlay.subnet: {e}"))?;
+            if let Some((h, name)) = overlaps(&s) {
+                return Err(format!("node.overlay.subnet: {s} overlaps {h}, the subnet of node {name:?}"));
+            }
+            return Ok(s.to_string());
+        }
+        let Some(pool) = pool else {
+            // No pool on this leader: keep what the node holds (a lease is never taken away by a
+            // re-registration).
+            return Ok(self.nodes.get(&node.id).and_then(|n| n.overlay.as_ref()).map(|o| o.subnet.clone()).unwrap_or_default());
+        };
+        let (_, cidr) = OverlayPool::parse(&pool.cluster_cidr, pool.node_prefix)?;
+        let prev = self.nodes.get(&node.id).and_then(|n| n.overlay.as_ref()).and_then(|o| o.subnet.parse::<ipnet::Ipv4Net>().ok());
+        if let Some(p) = prev.filter(|p| cidr.contains(p) && p.prefix_len() == pool.node_prefix && overlaps(p).is_none()) {
+            return Ok(p.to_string());
+        }
+        let subnets = cidr.subnets(pool.node_prefix).map_err(|e| format!("overlay pool {}: {e}", pool.cluster_cidr))?;
+        for s in subnets {
+            if overlaps(&s).is_none() {
+                return Ok(s.to_string());
+            }
+        }
+        Err(format!(
+            "the cluster CIDR {} has no free /{} subnet left for node {:?} ({} nodes hold subnets); widen --network-cluster-cidr or remove old nodes",
+            pool.cluster_cidr,
+            pool.node_prefix,
+            node.name,
+            held.len()
+        ))
+    }
+
     /// Removes an allocation and its index entries.
     fn remove_alloc(&mut self, id: &str) {
         let Some(a) = self.allocs.remove(id) else { return };
@@ -951,11 +1053,14 @@ pub struct NodeChanges {
     /// install): their streams send the full set, since only a full set can say that an
     /// allocation is gone, and the agent lets go of it.
     pub resend: BTreeSet<String>,
+    /// A node was registered, changed status or was removed: the overlay streams recompute
+    /// their peer sets.
+    pub nodes: bool,
 }
 
 impl NodeChanges {
     pub fn is_empty(&self) -> bool {
-        self.changed.is_empty() && self.resend.is_empty()
+        self.changed.is_empty() && self.resend.is_empty() && !self.nodes
     }
 }
 
@@ -1082,6 +1187,9 @@ impl StateHandle {
             CommandResponse { index, job_version: None, error: Some(format!("internal error while applying: {why}")), collected: None }
         });
         let touched = std::mem::take(&mut st.touched);
+        if !touched.nodes.is_empty() || touched.deleted.iter().any(|d| d.topic == "Node") {
+            changes.nodes = true;
+        }
         // The agent already knows what it reported itself.
         if !matches!(req.command, Command::UpdateAllocsFromClient { .. }) {
             for id in &touched.allocs {
@@ -1132,7 +1240,7 @@ impl StateHandle {
             *guard = st;
         }
         // Allocations may be gone from the installed state: every stream sends its full set.
-        let _ = self.node_changes.send(Arc::new(NodeChanges { changed: BTreeMap::new(), resend: nodes }));
+        let _ = self.node_changes.send(Arc::new(NodeChanges { changed: BTreeMap::new(), resend: nodes, nodes: true }));
         self.events.reset(index);
         let _ = self.effects.send(Effect::Reset);
         self.applied.send_replace(index);
@@ -1361,10 +1469,52 @@ mod tests {
     }
 
     #[test]
+    fn node_subnets_are_leased_sticky_and_never_overlap() {
+        let mut st = ClusterState::default();
+        let mut fx = Vec::new();
+        let pool = Some(OverlayPool { cluster_cidr: "10.9.0.0/23".into(), node_prefix: 24 });
+        let node = |id: &str, asked: &str| Node {
+            id: id.into(),
+            name: id.into(),
+            overlay: Some(mlp_proto::v1::OverlayLease { subnet: asked.into(), vtep_addr: "198.18.0.9".into() }),
+            ..Default::default()
+        };
+        let subnet = |st: &ClusterState, id: &str| st.nodes.get(id).and_then(|n| n.overlay.clone()).map(|o| o.subnet).unwrap_or_default();
+        let r = st.apply(1, &req(Command::UpsertNode { node: node("n1", ""), overlay: pool.clone() }), &mut fx);
+        assert!(r.error.is_none(), "{r:?}");
+        st.apply(2, &req(Command::UpsertNode { node: node("n2", ""), overlay: pool.clone() }), &mut fx);
+        assert_eq!((subnet(&st, "n1"), subnet(&st, "n2")), ("10.9.0.0/24".into(), "10.9.1.0/24".into()));
+        assert_eq!(st.nodes["n1"].overlay.as_ref().map(|o| o.vtep_addr.as_str()), Some("198.18.0.9"), "the agent's VTEP is kept");
+        // The pool is full: a third node is refused, and nothing changes.
+        let r = st.apply(3, &req(Command::UpsertNode { node: node("n3", ""), overlay: pool.clone() }), &mut fx);
+        assert!(r.error.as_deref().is_some_and(|e| e.contains("no free /24")), "{r:?}");
+        assert!(!st.nodes.contains_key("n3"));
+        // A re-registration keeps the lease, also without a pool (a leader without the flags).
+        st.apply(4, &req(Command::UpsertNode { node: node("n2", ""), overlay: None }), &mut fx);
+        st.apply(5, &req(Command::UpsertNode { node: node("n2", ""), overlay: pool.clone() }), &mut fx);
+        assert_eq!(subnet(&st, "n2"), "10.9.1.0/24");
+        // A fixed subnet is granted unless it overlaps another node's.
+        let r = st.apply(6, &req(Command::UpsertNode { node: node("n4", "10.9.0.128/25"), overlay: pool.clone() }), &mut fx);
+        assert!(r.error.as_deref().is_some_and(|e| e.contains("overlaps 10.9.0.0/24")), "{r:?}");
+        let r = st.apply(7, &req(Command::UpsertNode { node: node("n4", "10.20.0.0/24"), overlay: pool.clone() }), &mut fx);
+        assert!(r.error.is_none(), "{r:?}");
+        assert_eq!(subnet(&st, "n4"), "10.20.0.0/24");
+        // Entries written before the overlay (no `overlay` key) still decode.
+        let old = r#"{"now_ms":1,"command":{"UpsertNode":{"node":{"id":"n5","name":"n5"}}}}"#;
+        let decoded: Result<Request, _> = serde_json::from_str(old);
+        assert!(decoded.is_ok_and(|r| matches!(r.command, Command::UpsertNode { overlay: None, .. })));
+        assert!(OverlayPool::parse("10.0.0.0/16", 8).is_err() && OverlayPool::parse("10.0.0.1/16", 24).is_err());
+    }
+
+    #[test]
     fn drain_makes_ineligible_and_completion_keeps_it_so() {
         let mut st = ClusterState::default();
         let mut fx = Vec::new();
-        st.apply(1, &req(Command::UpsertNode { node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() } }), &mut fx);
+        st.apply(
+            1,
+            &req(Command::UpsertNode { node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() }, overlay: None }),
+            &mut fx,
+        );
         assert!(st.nodes["n1"].eligible);
         let drain = mlp_proto::v1::DrainStrategy { started_at_ms: 1000, ..Default::default() };
         let start =
@@ -1374,7 +1524,11 @@ mod tests {
         // Eligibility can't be turned on while draining; a re-registration keeps the drain.
         let r = st.apply(3, &req(Command::UpdateNodeEligibility { node_id: "n1".into(), eligible: true }), &mut fx);
         assert!(r.error.is_some_and(|e| e.contains("draining")));
-        st.apply(4, &req(Command::UpsertNode { node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() } }), &mut fx);
+        st.apply(
+            4,
+            &req(Command::UpsertNode { node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() }, overlay: None }),
+            &mut fx,
+        );
         assert!(st.nodes["n1"].drain_strategy.is_some() && !st.nodes["n1"].eligible);
         let done = Command::UpdateNodeDrain { node_id: "n1".into(), drain: None, mark_eligible: false, message: "drain complete".into() };
         st.apply(5, &req(done), &mut fx);

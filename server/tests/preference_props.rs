@@ -117,6 +117,7 @@ proptest! {
                     }),
                     ..Default::default()
                 },
+                overlay: None,
             });
         }
         // Other work makes some nodes fuller, so bin-packing alone would favour them.

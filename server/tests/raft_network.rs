@@ -21,7 +21,10 @@ fn serve(raft: MlpRaft, listener: TcpListener) -> tokio::task::JoinHandle<()> {
 }
 
 fn upsert(i: usize) -> Request {
-    Request { now_ms: 1_000 + i as u64, command: Command::UpsertNode { node: Node { id: format!("node-{i:04}"), ..Default::default() } } }
+    Request {
+        now_ms: 1_000 + i as u64,
+        command: Command::UpsertNode { node: Node { id: format!("node-{i:04}"), ..Default::default() }, overlay: None },
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,7 +39,10 @@ async fn stop_node(node: RaftNode, server: JoinHandle<()>) {
 fn upsert(i: usize) -> Request {
     Request {
         now_ms: 1_000 + i as u64,
-        command: Command::UpsertNode { node: Node { id: format!("node-{i:04}"), name: format!("n{i}"), ..Default::default() } },
+        command: Command::UpsertNode {
+            node: Node { id: format!("node-{i:04}"), name: format!("n{i}"), ..Default::default() },
+            overlay: None,
+        },
     }
 }
 

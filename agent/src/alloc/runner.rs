@@ -360,7 +360,7 @@ async fn network_for(
     let mut net = None;
     if bridge {
         let manager = env.network.as_ref().ok_or("this agent has no bridge networking")?;
-        let (made, _took) = manager.setup(&alloc.id, &ports).await.map_err(|e| e.to_string())?;
+        let (made, _took) = manager.setup(&alloc.id, &alloc.namespace, &ports).await.map_err(|e| e.to_string())?;
         vars.extend(crate::network::port_env(&ports, &made.ip.to_string(), true));
         vars.insert("MLP_ALLOC_IP".into(), made.ip.to_string());
         net = Some(made);

@@ -10,25 +10,25 @@ use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use super::{netns, AllocNetwork, NetworkError, NetworkSettings};
 
-fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkError {
+pub(super) fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkError {
     let what = what.into();
     move |source| NetworkError::Netlink { what, source }
 }
 
-fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+pub(super) fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -errno)
 }
 
 /// A netlink connection in the calling thread's network namespace, driven on the current
 /// runtime.
-fn connect() -> Result<Handle, NetworkError> {
+pub(super) fn connect() -> Result<Handle, NetworkError> {
     let (conn, handle, _) = rtnetlink::new_connection().map_err(NetworkError::io("opening a netlink socket"))?;
     tokio::spawn(conn);
     Ok(handle)
 }
 
 /// The link called `name`, if there is one.
-async fn find(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, NetworkError> {
+pub(super) async fn find(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, NetworkError> {
     match handle.link().get().match_name(name.to_string()).execute().try_next().await {
         Ok(found) => Ok(found),
         Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
@@ -36,11 +36,17 @@ async fn find(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, Networ
     }
 }
 
-async fn index_of(handle: &Handle, name: &str) -> Result<u32, NetworkError> {
+pub(super) async fn index_of(handle: &Handle, name: &str) -> Result<u32, NetworkError> {
     find(handle, name).await?.map(|l| l.header.index).ok_or_else(|| NetworkError::Io {
         what: format!("link {name}"),
         source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such link"),
     })
+}
+
+/// Whether a link called `name` exists.
+pub async fn exists(name: &str) -> Result<bool, NetworkError> {
+    let handle = connect()?;
+    Ok(find(&handle, name).await?.is_some())
 }
 
 /// Creates the node bridge with the subnet's first host as its address, unless it exists, and

@@ -25,6 +25,7 @@
 pub mod links;
 pub mod netns;
 pub mod nft;
+pub mod overlay;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -80,7 +81,7 @@ impl NetworkError {
 }
 
 /// An IPv4 subnet: its network address and prefix length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Subnet {
     /// The network address (host bits zero).
     pub network: Ipv4Addr,
@@ -138,14 +139,25 @@ impl std::fmt::Display for Subnet {
 pub struct NetworkSettings {
     /// The node bridge (created on demand).
     pub bridge: String,
-    /// The node's allocation subnet; the bridge gets its first host.
+    /// The node's allocation subnet; the bridge gets its first host. Replaced by the subnet
+    /// the servers lease when they run the overlay.
     pub subnet: Subnet,
-    /// MTU of the bridge and the veth pairs.
+    /// `subnet` was given (`--network-subnet`): the node asks the servers for exactly it.
+    pub fixed_subnet: bool,
+    /// MTU of the bridge, the veth pairs and the VXLAN device.
     pub mtu: u32,
     /// The range the scheduler picks dynamic host ports from (reported in `NodeResources`).
     pub min_dynamic_port: u32,
     /// Inclusive upper end of that range.
     pub max_dynamic_port: u32,
+    /// The node's underlay address for VXLAN; `None`: the node's advertised address.
+    pub vtep_addr: Option<Ipv4Addr>,
+    /// The overlay's VXLAN network identifier.
+    pub vni: u32,
+    /// The overlay's UDP port.
+    pub vxlan_port: u16,
+    /// The servers' cluster CIDR, once registered with servers that run the overlay.
+    pub cluster_cidr: Option<Subnet>,
 }
 
 impl Default for NetworkSettings {
@@ -153,9 +165,14 @@ impl Default for NetworkSettings {
         NetworkSettings {
             bridge: "mlp0".into(),
             subnet: Subnet { network: Ipv4Addr::new(172, 26, 64, 0), prefix: 20 },
-            mtu: 1500,
+            fixed_subnet: false,
+            mtu: 1450,
             min_dynamic_port: 20_000,
             max_dynamic_port: 32_000,
+            vtep_addr: None,
+            vni: 4242,
+            vxlan_port: 4789,
+            cluster_cidr: None,
         }
     }
 }
@@ -171,8 +188,20 @@ impl NetworkSettings {
         }
     }
 
+    /// The overlay's VXLAN device: the bridge's name (at most 13 bytes of it) and `vx`.
+    pub fn vxlan(&self) -> String {
+        let b: String = self.bridge.chars().take(13).collect();
+        format!("{b}vx")
+    }
+
     /// Checks the settings (the bridge name is an interface name, the MTU and ports sane).
     pub fn check(&self) -> Result<(), NetworkError> {
+        if self.vni == 0 || self.vni >= 1 << 24 {
+            return Err(NetworkError::Setting(format!("vni {} must be between 1 and 16777215", self.vni)));
+        }
+        if self.vxlan_port == 0 {
+            return Err(NetworkError::Setting("the VXLAN port must not be 0".into()));
+        }
         let b = &self.bridge;
         if b.is_empty() || b.len() > 15 || !b.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.') {
             return Err(NetworkError::Setting(format!("bridge name {b:?}: 1-15 characters of A-Z, a-z, 0-9, - _ .")));
@@ -207,6 +236,9 @@ pub struct AllocNetwork {
     pub netns: PathBuf,
     /// Host port → allocation port mappings.
     pub ports: Vec<AllocatedPort>,
+    /// The allocation's namespace (its traffic's isolation tag, `nft::namespace_tag`).
+    #[serde(default)]
+    pub namespace: String,
 }
 
 /// What a task of a bridge-mode allocation needs from its network.
@@ -282,9 +314,13 @@ pub fn host_veth_name(alloc_id: &str) -> String {
     format!("mv{:013x}", h & 0x000f_ffff_ffff_ffff)
 }
 
-/// Owns the node's allocation networks: addresses in use, set-up, removal, leftovers.
+/// Owns the node's allocation networks: addresses in use, set-up, removal, leftovers, and the
+/// node's end of the overlay.
 pub struct NetworkManager {
-    settings: NetworkSettings,
+    /// The settings, with the leased subnet and the cluster CIDR once registered.
+    settings: std::sync::RwLock<NetworkSettings>,
+    /// The overlay's peers as the servers last sent them, and what is programmed.
+    overlay: tokio::sync::Mutex<overlay::OverlayState>,
     state_dir: PathBuf,
     netns_dir: PathBuf,
     /// Addresses in use by allocation id (also those being set up).
@@ -297,7 +333,8 @@ impl NetworkManager {
     /// A manager keeping its records under `data_dir`; nothing is created until a set-up.
     pub fn new(settings: NetworkSettings, data_dir: &Path) -> NetworkManager {
         NetworkManager {
-            settings,
+            settings: std::sync::RwLock::new(settings),
+            overlay: tokio::sync::Mutex::new(overlay::OverlayState::default()),
             state_dir: data_dir.join("network"),
             netns_dir: data_dir.join("netns"),
             used: Mutex::new(BTreeMap::new()),
@@ -305,9 +342,36 @@ impl NetworkManager {
         }
     }
 
-    /// The settings.
-    pub fn settings(&self) -> &NetworkSettings {
-        &self.settings
+    /// The settings (with the leased subnet once registered).
+    pub fn settings(&self) -> NetworkSettings {
+        self.settings.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Registration: the subnet the servers leased to this node (`None`: they lease none, the
+    /// overlay is off, and the configured subnet stays) and their cluster CIDR.
+    pub fn apply_lease(&self, subnet: Option<Subnet>, cluster_cidr: Option<Subnet>) {
+        let mut s = self.settings.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(subnet) = subnet {
+            if subnet != s.subnet {
+                tracing::info!(subnet = %subnet, "allocation subnet leased by the servers");
+            }
+            s.subnet = subnet;
+        }
+        s.cluster_cidr = cluster_cidr;
+    }
+
+    /// The overlay's peers changed (the servers' stream): program them when this node's
+    /// network exists, else keep them for its first set-up.
+    pub async fn set_peers(&self, peers: Vec<overlay::Peer>) {
+        let settings = self.settings();
+        let mut ov = self.overlay.lock().await;
+        ov.desired = peers;
+        let built = self.node_ready.initialized() || links::exists(&settings.bridge).await.unwrap_or(false);
+        if built {
+            if let Err(e) = ov.sync(&settings).await {
+                tracing::warn!(error = %e, "programming the overlay failed; retried on the next change");
+            }
+        }
     }
 
     fn record_path(&self, alloc_id: &str) -> PathBuf {
@@ -343,10 +407,17 @@ impl NetworkManager {
     async fn node_ready(&self) -> Result<(), NetworkError> {
         self.node_ready
             .get_or_try_init(|| async {
-                links::ensure_bridge(&self.settings).await?;
-                links::enable_forwarding(&self.settings.bridge)?;
-                let settings = self.settings.clone();
-                blocking(move || nft::ensure_table(&settings)).await
+                let settings = self.settings();
+                links::ensure_bridge(&settings).await?;
+                links::enable_forwarding(&settings.bridge)?;
+                let s = settings.clone();
+                blocking(move || nft::ensure_table(&s)).await?;
+                // The overlay's routes to the peers known so far (none yet on a fresh cluster).
+                let mut ov = self.overlay.lock().await;
+                if let Err(e) = ov.sync(&settings).await {
+                    tracing::warn!(error = %e, "programming the overlay failed; retried on the next change");
+                }
+                Ok::<(), NetworkError>(())
             })
             .await
             .map(|_| ())
@@ -354,7 +425,12 @@ impl NetworkManager {
 
     /// Sets up `alloc_id`'s network, or returns the one a previous agent run set up (untouched).
     /// Returns the network and how long the set-up took (zero for a reattach).
-    pub async fn setup(&self, alloc_id: &str, ports: &[AllocatedPort]) -> Result<(AllocNetwork, std::time::Duration), NetworkError> {
+    pub async fn setup(
+        &self,
+        alloc_id: &str,
+        namespace: &str,
+        ports: &[AllocatedPort],
+    ) -> Result<(AllocNetwork, std::time::Duration), NetworkError> {
         if let Some(net) = self.load(alloc_id) {
             if netns::exists(&net.netns) {
                 self.lock_used().insert(alloc_id.to_string(), net.ip);
@@ -366,36 +442,35 @@ impl NetworkManager {
         }
         let began = Instant::now();
         self.node_ready().await?;
+        let settings = self.settings();
         let ip = {
             let mut used = self.lock_used();
             let taken: BTreeSet<Ipv4Addr> = used.iter().filter(|(id, _)| *id != alloc_id).map(|(_, ip)| *ip).collect();
-            let ip = self
-                .settings
+            let ip = settings
                 .subnet
                 .hosts()
                 .find(|ip| !taken.contains(ip))
-                .ok_or_else(|| NetworkError::SubnetFull(self.settings.subnet.to_string()))?;
+                .ok_or_else(|| NetworkError::SubnetFull(settings.subnet.to_string()))?;
             used.insert(alloc_id.to_string(), ip);
             ip
         };
         let net = AllocNetwork {
             alloc_id: alloc_id.to_string(),
             ip,
-            prefix: self.settings.subnet.prefix,
-            gateway: self.settings.subnet.gateway(),
+            prefix: settings.subnet.prefix,
+            gateway: settings.subnet.gateway(),
             host_veth: host_veth_name(alloc_id),
             netns: self.netns_dir.join(alloc_id),
             ports: ports.to_vec(),
+            namespace: namespace.to_string(),
         };
         // Recorded first: a crash from here on leaves something the next start can remove.
         let made = async {
             self.save(&net)?;
             std::fs::create_dir_all(&self.netns_dir).map_err(NetworkError::io(format!("creating {}", self.netns_dir.display())))?;
-            links::create_alloc_links(&self.settings, &net).await?;
-            if !net.ports.is_empty() {
-                let (settings, n) = (self.settings.clone(), net.clone());
-                blocking(move || nft::add_ports(&settings, &n)).await?;
-            }
+            links::create_alloc_links(&settings, &net).await?;
+            let (settings, n) = (settings.clone(), net.clone());
+            blocking(move || nft::add_alloc(&settings, &n)).await?;
             Ok::<(), NetworkError>(())
         };
         if let Err(e) = made.await {
@@ -419,11 +494,9 @@ impl NetworkManager {
             self.lock_used().remove(alloc_id);
             return;
         };
-        if !net.ports.is_empty() {
-            let (settings, n) = (self.settings.clone(), net.clone());
-            if let Err(e) = blocking(move || nft::remove_ports(&settings, &n)).await {
-                tracing::warn!(alloc = %alloc_id, error = %e, "removing the port mappings failed");
-            }
+        let (settings, n) = (self.settings(), net.clone());
+        if let Err(e) = blocking(move || nft::remove_alloc(&settings, &n)).await {
+            tracing::warn!(alloc = %alloc_id, error = %e, "removing the allocation's rules failed");
         }
         if let Err(e) = links::delete_link(&net.host_veth).await {
             tracing::warn!(alloc = %alloc_id, error = %e, "removing the veth pair failed");
@@ -463,7 +536,8 @@ impl NetworkManager {
                 }
             }
         }
-        match links::bridge_ports(&self.settings.bridge).await {
+        let settings = self.settings();
+        match links::bridge_ports(&settings.bridge).await {
             Ok(ports) => {
                 for name in ports.into_iter().filter(|n| n.starts_with("mv") && !kept_veths.contains(n)) {
                     tracing::info!(veth = %name, "removing a leftover veth");
@@ -474,7 +548,11 @@ impl NetworkManager {
             }
             Err(e) => tracing::debug!(error = %e, "no bridge to clean"),
         }
-        let settings = self.settings.clone();
+        let kept: BTreeSet<String> = self.lock_used().keys().cloned().collect();
+        let s = settings.clone();
+        if let Err(e) = blocking(move || nft::remove_isolation_except(&s, &kept)).await {
+            tracing::debug!(error = %e, "no isolation rules to clean");
+        }
         if let Err(e) = blocking(move || nft::remove_ports_except(&settings, &kept_ips)).await {
             tracing::debug!(error = %e, "no port mappings to clean");
         }

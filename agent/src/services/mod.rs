@@ -409,6 +409,43 @@ pub fn dns_addr(settings: &crate::network::NetworkSettings) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(settings.subnet.gateway()), 53)
 }
 
+/// Serves DNS on the gateway of the node's subnet: once the node is registered (the servers
+/// may lease it another subnet than the configured one), and again on the new gateway if a
+/// later registration changes the lease.
+pub async fn dns_loop(network: Arc<crate::network::NetworkManager>, mut registered: watch::Receiver<bool>, responder: Arc<dns::Responder>) {
+    if registered.wait_for(|r| *r).await.is_err() {
+        return;
+    }
+    loop {
+        let addr = dns_addr(&network.settings());
+        let serving = dns::serve(addr, responder.clone());
+        tokio::pin!(serving);
+        loop {
+            tokio::select! {
+                r = &mut serving => {
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "no DNS responder: bridge-mode tasks cannot resolve service names");
+                    }
+                    // Not serving: try again after the next registration.
+                    if registered.changed().await.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                changed = registered.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if dns_addr(&network.settings()) != addr {
+                        tracing::info!(from = %addr, "the node's subnet changed; moving the DNS responder");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

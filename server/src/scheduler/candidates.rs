@@ -264,7 +264,7 @@ mod tests {
                 }),
                 ..Default::default()
             };
-            apply(&mut st, Command::UpsertNode { node });
+            apply(&mut st, Command::UpsertNode { node, overlay: None });
         }
         let job = Job {
             id: "j".into(),

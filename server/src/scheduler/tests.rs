@@ -25,7 +25,7 @@ impl Cluster {
     }
 
     fn node(&mut self, n: Node) {
-        self.apply(Command::UpsertNode { node: n });
+        self.apply(Command::UpsertNode { node: n, overlay: None });
     }
 
     fn register(&mut self, job: Job) {

@@ -23,6 +23,7 @@ pub async fn start(dir: &std::path::Path) -> Server {
         scheduler: Default::default(),
         gc: Default::default(),
         event_buffer: mlp_server::events::DEFAULT_BUFFER_EVENTS,
+        overlay: None,
     };
     Server::start(config).await.expect("server starts")
 }

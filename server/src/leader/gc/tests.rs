@@ -318,7 +318,11 @@ fn applied_state() -> ClusterState {
     let mut st = ClusterState::default();
     let mut fx: Vec<Effect> = Vec::new();
     let t0 = NOW - 5 * HOUR;
-    st.apply(1, &req(t0, Command::UpsertNode { node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() } }), &mut fx);
+    st.apply(
+        1,
+        &req(t0, Command::UpsertNode { node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() }, overlay: None }),
+        &mut fx,
+    );
     for (i, name) in ["done", "live"].into_iter().enumerate() {
         let base = 10 * (i as u64 + 1);
         st.apply(
