@@ -2,7 +2,8 @@
 //! `service` block and an http check becomes a passing instance in `/v1/service/NAME`, in
 //! `mlp service info` and in the agent's DNS responder (queried on the bridge's gateway, and by
 //! name from another bridge-mode task through its resolv.conf); a failing check takes it out of
-//! DNS and the API within two check intervals (plus slack); stopping the job deregisters it; a
+//! DNS and the API within two check intervals (plus slack); a kill -9 and restart of `mlp dev`
+//! keeps a healthy instance unchanged and still watched; stopping the job deregisters it; a
 //! name outside service.mlp is forwarded to the upstream resolver (a fake one the test runs).
 //!
 //! DNS queries are built and parsed with `hickory-proto`, the library the responder itself
@@ -207,7 +208,7 @@ fn a_service_with_an_http_check_is_found_by_api_and_dns_and_leaves_when_unhealth
     let upstream = fake_upstream();
     let subnet = net.subnet();
     let up = upstream.to_string();
-    let dev = Dev::start_with(&["--network-bridge", &net.bridge, "--network-subnet", &subnet, "--dns-upstream", &up]);
+    let mut dev = Dev::start_with(&["--network-bridge", &net.bridge, "--network-subnet", &subnet, "--dns-upstream", &up]);
     let _ns = NetnsGuard(dev.data_dir());
     dev.ok(&["job", "run", dev.write_job("web.hcl", WEB).to_str().expect("path")]);
 
@@ -320,6 +321,28 @@ job "client" {
     wait_for("web back in DNS", Duration::from_secs(20), || {
         (a_records(&dns(gw, "web.service.mlp.", RecordType::A)) == vec![ip.clone()]).then_some(())
     });
+
+    // kill -9 of `mlp dev` and a restart: the restarted agent re-checks the reattached
+    // allocation at once and registers the same passing instance, which is no change on the
+    // server (its modify index stays), and its DNS responder answers again.
+    let before = instances(&dev, "?passing=true");
+    assert_eq!(before.len(), 1, "{before:?}");
+    dev.kill9();
+    dev.spawn();
+    wait_for("web in DNS after the restart", Duration::from_secs(30), || {
+        std::panic::catch_unwind(|| a_records(&dns(gw, "web.service.mlp.", RecordType::A))).ok().filter(|a| *a == vec![ip.clone()])
+    });
+    // A few check intervals for the agent's re-registration to have landed.
+    std::thread::sleep(3 * INTERVAL);
+    let after = instances(&dev, "?passing=true");
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0]["modify_index"], before[0]["modify_index"], "re-registering a healthy instance changed it: {after:?}");
+    // ... and the restarted agent does watch it: a failing check takes it out again.
+    std::fs::remove_file(&health).expect("remove the health file");
+    wait_for("web to leave DNS after the restart", bound, || {
+        (dns(gw, "web.service.mlp.", RecordType::A).response_code() == ResponseCode::NXDomain).then_some(())
+    });
+    std::fs::write(&health, "ok\n").expect("restore the health file");
 
     // Stopping the job deregisters it everywhere.
     dev.ok(&["job", "stop", "web"]);
