@@ -21,9 +21,9 @@ use mlp_proto::consts::{alloc_client, task_event};
 use mlp_proto::v1::{AllocClientUpdate, Allocation, Job, RegistryAuth, Resources, RestartPolicy, Task, TaskConfig, TaskGroup};
 use tokio::sync::mpsc;
 
+mod oci_registry;
 #[path = "../../tests/prereq/mod.rs"]
 mod prereq;
-mod oci_registry;
 use oci_registry::{busybox_layer, layer_tar, Compression, CuttingProxy, Entry, Registry, Res, TestImage};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;

@@ -138,15 +138,9 @@ impl ExecDriver {
                 }
                 rootfs::plan_image(rootfs::probe_host, &dirs, user, hostname, gpu)
             }
-            None => rootfs::plan(
-                rootfs::probe_host,
-                &dirs,
-                user,
-                hostname,
-                &self.settings.extra_ro_paths,
-                &self.settings.hidden_paths,
-                gpu,
-            ),
+            None => {
+                rootfs::plan(rootfs::probe_host, &dirs, user, hostname, &self.settings.extra_ro_paths, &self.settings.hidden_paths, gpu)
+            }
         };
         // After the root's own mounts, like `extra_ro`: the task's read-write host directories.
         for dir in &spec.rw_paths {
@@ -308,7 +302,8 @@ impl ExecDriver {
                 overlay: None,
             };
             if let Some(image) = &image {
-                let (command, args) = image.argv.split_first().ok_or_else(|| DriverError::Isolation("the image gives no command".into()))?;
+                let (command, args) =
+                    image.argv.split_first().ok_or_else(|| DriverError::Isolation("the image gives no command".into()))?;
                 config.command = command.clone();
                 config.args = args.to_vec();
                 // The image's variables lie under the task's; the driver's defaults (PATH, HOME,
@@ -330,9 +325,11 @@ impl ExecDriver {
             let memory_limit_mib = limits.memory_bytes.map(|b| b / (1024 * 1024));
             let mut phases = phases;
             phases.mark("root_planned");
+            // The record names the driver that reattaches the task after an agent restart.
+            let driver_name = if image.is_some() { driver_names::OCI } else { driver_names::EXEC };
             let sup = supervised::start(
                 &exe,
-                driver_names::EXEC,
+                driver_name,
                 spec,
                 TaskKind::Isolated(Box::new(config)),
                 cg_name.clone(),

@@ -202,7 +202,8 @@ mod tests {
 
     #[test]
     fn argv_from_image_and_overrides() {
-        let image = RunConfig { entrypoint: vec!["/bin/ep".into()], cmd: vec!["a".into()], working_dir: "/w".into(), ..RunConfig::default() };
+        let image =
+            RunConfig { entrypoint: vec!["/bin/ep".into()], cmd: vec!["a".into()], working_dir: "/w".into(), ..RunConfig::default() };
         let mut spec = TaskSpec { image: "x".into(), ..TaskSpec::default() };
         assert_eq!(process_of(&spec, &image).unwrap(), (vec!["/bin/ep".to_string(), "a".into()], PathBuf::from("/w")));
         spec.args = vec!["b".into()];

@@ -488,7 +488,12 @@ impl ImageStore {
         // running the wrong image is what a pin exists to prevent.
         if let Some(pinned) = reference.digest() {
             if pinned != digest && list_digest.as_deref() != Some(pinned) {
-                return Err(ImageError::Digest { image: whole.to_string(), what: "the manifest".into(), expected: pinned.into(), actual: digest });
+                return Err(ImageError::Digest {
+                    image: whole.to_string(),
+                    what: "the manifest".into(),
+                    expected: pinned.into(),
+                    actual: digest,
+                });
             }
         }
         if digest_hex(&digest).is_none() {
@@ -503,7 +508,12 @@ impl ImageStore {
             .await?;
         let actual = format!("sha256:{}", hex(&Sha256::digest(&config_bytes)));
         if actual != manifest.config.digest {
-            return Err(ImageError::Digest { image: whole.to_string(), what: "the config".into(), expected: manifest.config.digest.clone(), actual });
+            return Err(ImageError::Digest {
+                image: whole.to_string(),
+                what: "the config".into(),
+                expected: manifest.config.digest.clone(),
+                actual,
+            });
         }
         let (config, diff_ids) = parse_config(whole, &config_bytes)?;
         if diff_ids.len() != manifest.layers.len() {
@@ -517,7 +527,8 @@ impl ImageStore {
             self.layer(reference, whole, &client, layer, diff_id, (i + 1, total), progress).await?;
         }
         let mut refs = vec![whole.to_string()];
-        let mut last = ImageRecord { manifest_digest: digest.clone(), list_digest, refs: Vec::new(), config, diff_ids, last_used_ms: now_ms() };
+        let mut last =
+            ImageRecord { manifest_digest: digest.clone(), list_digest, refs: Vec::new(), config, diff_ids, last_used_ms: now_ms() };
         let _gc = self.gc_lock.lock().await;
         // A reference moves to the image it names now.
         for mut other in self.records() {
@@ -562,8 +573,10 @@ impl ImageStore {
         std::fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
         let blob = blobs.join(blob_hex);
         let size = u64::try_from(layer.size).unwrap_or(0);
-        self.with_retries(whole, &format!("layer {}", layer.digest), || self.download(client, reference, layer, &blob, size, (n, total), progress))
-            .await?;
+        self.with_retries(whole, &format!("layer {}", layer.digest), || {
+            self.download(client, reference, layer, &blob, size, (n, total), progress)
+        })
+        .await?;
         // Unpack under tmp/, then rename: a directory in layers/ is always complete.
         let tmp_root = self.root.join("tmp");
         std::fs::create_dir_all(&tmp_root).map_err(io_err(&tmp_root))?;
@@ -573,7 +586,11 @@ impl ImageStore {
         progress(format!("Layer {n}/{total} {short}: unpacking"));
         let (blob2, tmp2, diff) = (blob.clone(), tmp.clone(), diff_id.to_string());
         let unpacked = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::open(&blob2).map_err(|e| unpack::UnpackError::Io { what: "opening", path: blob2.display().to_string(), source: e })?;
+            let file = std::fs::File::open(&blob2).map_err(|e| unpack::UnpackError::Io {
+                what: "opening",
+                path: blob2.display().to_string(),
+                source: e,
+            })?;
             unpack::unpack_layer(file, &tmp2.join("root"), &diff)
         })
         .await
@@ -672,10 +689,7 @@ impl ImageStore {
     }
 
     fn layer_size(&self, diff_id: &str) -> u64 {
-        self.layer_dir(diff_id)
-            .and_then(|d| std::fs::read_to_string(d.join("size")).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
+        self.layer_dir(diff_id).and_then(|d| std::fs::read_to_string(d.join("size")).ok()).and_then(|s| s.trim().parse().ok()).unwrap_or(0)
     }
 
     /// Removes images no task holds, least recently used first, while the layers of the

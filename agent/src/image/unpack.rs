@@ -80,8 +80,11 @@ fn decompressed<'a, R: BufRead + 'a>(mut reader: R) -> Result<Box<dyn Read + 'a>
     if head.starts_with(&[0x1f, 0x8b]) {
         Ok(Box::new(flate2::bufread::MultiGzDecoder::new(reader)))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        let dec = ruzstd::decoding::StreamingDecoder::new(reader)
-            .map_err(|e| UnpackError::Io { what: "reading the zstd frame of", path: "the layer".into(), source: io::Error::other(e) })?;
+        let dec = ruzstd::decoding::StreamingDecoder::new(reader).map_err(|e| UnpackError::Io {
+            what: "reading the zstd frame of",
+            path: "the layer".into(),
+            source: io::Error::other(e),
+        })?;
         Ok(Box::new(dec))
     } else {
         Ok(Box::new(reader))
@@ -97,7 +100,9 @@ pub fn clean_path(raw: &Path) -> Result<PathBuf, UnpackError> {
         match part {
             Component::Normal(name) => out.push(name),
             Component::CurDir => {}
-            Component::RootDir | Component::Prefix(_) => return Err(UnpackError::Escape { path: text, reason: "absolute paths are refused" }),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(UnpackError::Escape { path: text, reason: "absolute paths are refused" })
+            }
             Component::ParentDir => return Err(UnpackError::Escape { path: text, reason: "`..` is refused" }),
         }
     }
@@ -137,8 +142,11 @@ fn clear(path: &Path, keep_dir: bool) -> Result<(), UnpackError> {
 }
 
 fn mknod(path: &Path, kind: nix::sys::stat::SFlag, mode: u32, dev: u64) -> Result<(), UnpackError> {
-    nix::sys::stat::mknod(path, kind, nix::sys::stat::Mode::from_bits_truncate(mode), dev)
-        .map_err(|e| UnpackError::Io { what: "mknod", path: path.display().to_string(), source: io::Error::from(e) })
+    nix::sys::stat::mknod(path, kind, nix::sys::stat::Mode::from_bits_truncate(mode), dev).map_err(|e| UnpackError::Io {
+        what: "mknod",
+        path: path.display().to_string(),
+        source: io::Error::from(e),
+    })
 }
 
 fn lchown(path: &Path, uid: u64, gid: u64) -> Result<(), UnpackError> {
@@ -223,30 +231,27 @@ fn unpack_entry<R: Read>(entry: &mut tar::Entry<'_, R>, dest: &Path) -> Result<(
         }
         EntryType::Regular | EntryType::Continuous => {
             clear(&at, false)?;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&at)
-                .map_err(io_err("creating", at.display().to_string()))?;
+            let mut file =
+                std::fs::OpenOptions::new().write(true).create_new(true).open(&at).map_err(io_err("creating", at.display().to_string()))?;
             io::copy(entry, &mut file).map_err(io_err("writing", at.display().to_string()))?;
             lchown(&at, uid, gid)?;
             // After chown, which clears set-id bits.
             std::fs::set_permissions(&at, std::fs::Permissions::from_mode(mode)).map_err(io_err("chmod", at.display().to_string()))
         }
         EntryType::Symlink => {
-            let target = entry.link_name().map_err(io_err("reading the link of", raw.clone()))?.ok_or(UnpackError::Escape {
-                path: raw.clone(),
-                reason: "a symlink without a target",
-            })?;
+            let target = entry
+                .link_name()
+                .map_err(io_err("reading the link of", raw.clone()))?
+                .ok_or(UnpackError::Escape { path: raw.clone(), reason: "a symlink without a target" })?;
             clear(&at, false)?;
             std::os::unix::fs::symlink(&target, &at).map_err(io_err("creating symlink", at.display().to_string()))?;
             lchown(&at, uid, gid)
         }
         EntryType::Link => {
-            let target = entry.link_name().map_err(io_err("reading the link of", raw.clone()))?.ok_or(UnpackError::Escape {
-                path: raw.clone(),
-                reason: "a hard link without a target",
-            })?;
+            let target = entry
+                .link_name()
+                .map_err(io_err("reading the link of", raw.clone()))?
+                .ok_or(UnpackError::Escape { path: raw.clone(), reason: "a hard link without a target" })?;
             let target_rel = clean_path(&target)?;
             let target_raw = target.to_string_lossy().into_owned();
             if target_rel.as_os_str().is_empty() {

@@ -173,9 +173,7 @@ impl TaskContext {
             image: config.image,
             entrypoint: config.entrypoint,
             image_work_dir: config.work_dir,
-            registry_auth: config
-                .auth
-                .map(|a| crate::image::Credentials { username: a.username, password: a.password }),
+            registry_auth: config.auth.map(|a| crate::image::Credentials { username: a.username, password: a.password }),
             progress: None,
             env,
             work_dir: local,

@@ -317,11 +317,8 @@ impl TestImage {
     }
 
     pub fn manifest(&self) -> Vec<u8> {
-        let layers: Vec<serde_json::Value> = self
-            .layers
-            .iter()
-            .map(|(b, media, _)| serde_json::json!({"mediaType": media, "digest": sha256(b), "size": b.len()}))
-            .collect();
+        let layers: Vec<serde_json::Value> =
+            self.layers.iter().map(|(b, media, _)| serde_json::json!({"mediaType": media, "digest": sha256(b), "size": b.len()})).collect();
         let m = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",

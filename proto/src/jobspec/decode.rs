@@ -12,8 +12,8 @@ use hcl_edit::Span;
 use super::{line_col, parse_duration, Loc};
 use crate::consts::{job_type, restart_mode};
 use crate::v1::{
-    Affinity, Constraint, GpuRequest, GroupNetwork, Job, MigrateStrategy, PortSpec, ReschedulePolicy, Resources, RestartPolicy, Spread,
-    RegistryAuth, SpreadTarget, Task, TaskConfig, TaskGroup,
+    Affinity, Constraint, GpuRequest, GroupNetwork, Job, MigrateStrategy, PortSpec, RegistryAuth, ReschedulePolicy, Resources,
+    RestartPolicy, Spread, SpreadTarget, Task, TaskConfig, TaskGroup,
 };
 
 pub(crate) const DEFAULT_NAMESPACE: &str = "default";
