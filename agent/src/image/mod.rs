@@ -684,7 +684,7 @@ impl ImageStore {
                 last_used_ms: r.last_used_ms,
             })
             .collect();
-        out.sort_by(|a, b| b.last_used_ms.cmp(&a.last_used_ms));
+        out.sort_by_key(|i| std::cmp::Reverse(i.last_used_ms));
         out
     }
 

@@ -298,6 +298,7 @@ fn xattr_set(path: &Path, name: &str, value: &[u8]) -> Result<(), UnpackError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::os::unix::fs::FileTypeExt;

@@ -685,21 +685,6 @@ pub fn is_mig_profile(s: &str) -> bool {
     number(slices) && number(mem)
 }
 
-#[cfg(test)]
-mod mig_tests {
-    use super::is_mig_profile;
-
-    #[test]
-    fn mig_profile_names() {
-        for ok in ["1g.5gb", "1g.10gb", "1g.10gb+me", "2g.20gb", "3g.40gb", "7g.80gb", "1g.18gb+gfx"] {
-            assert!(is_mig_profile(ok), "{ok}");
-        }
-        for bad in ["", "1g", "g.10gb", "1g.10", "1g.10GB", "01g.5gb", "1g.5gb+", "1g.5gb+ME", "a100", "1c.3g.40gb"] {
-            assert!(!is_mig_profile(bad), "{bad}");
-        }
-    }
-}
-
 /// Checks an image reference: `[registry[:port]/]repository[:tag][@sha256:<64 hex>]`, where the
 /// repository is lowercase path components (`a-z 0-9 . _ -`), the tag up to 128 characters of
 /// `A-Z a-z 0-9 _ . -` (not starting with `.` or `-`). Returns why not.
@@ -752,4 +737,19 @@ pub fn check_image_reference(image: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod mig_tests {
+    use super::is_mig_profile;
+
+    #[test]
+    fn mig_profile_names() {
+        for ok in ["1g.5gb", "1g.10gb", "1g.10gb+me", "2g.20gb", "3g.40gb", "7g.80gb", "1g.18gb+gfx"] {
+            assert!(is_mig_profile(ok), "{ok}");
+        }
+        for bad in ["", "1g", "g.10gb", "1g.10", "1g.10GB", "01g.5gb", "1g.5gb+", "1g.5gb+ME", "a100", "1c.3g.40gb"] {
+            assert!(!is_mig_profile(bad), "{bad}");
+        }
+    }
 }
