@@ -65,6 +65,9 @@ fn oci_job_runs_from_the_cli_with_logs_pull_events_and_a_redacted_password() {
 
     let file = dev.write_job("box.hcl", &job("box", &format!("{}/team/box:v1", reg.addr), "pull-s3cret"));
     let out = dev.cli(&["job", "run", "--wait", file.to_str().unwrap_or_default()]);
+    // `mlp job run` shows the pull while it waits.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("task \"main\": Pulling image") && stdout.contains("Layer 1/1"), "{stdout}");
     assert_eq!(
         out.status.code(),
         Some(0),

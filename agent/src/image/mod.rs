@@ -310,8 +310,15 @@ fn install_crypto() {
 }
 
 impl ImageStore {
-    /// A store under `root` (created on first use).
+    /// A store under `root` (created on first use). Unpacks a previous agent left unfinished
+    /// (under `tmp/`) and partial downloads are removed.
     pub fn new(root: PathBuf, settings: ImageSettings) -> Self {
+        let _ = std::fs::remove_dir_all(root.join("tmp"));
+        if let Ok(dir) = std::fs::read_dir(root.join("blobs").join("sha256")) {
+            for e in dir.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         ImageStore {
             root,
             settings,
