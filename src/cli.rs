@@ -199,6 +199,10 @@ pub struct OciArgs {
     /// Longest an image pull may take, in seconds.
     #[arg(long, default_value_t = 600)]
     pub oci_pull_timeout: u64,
+    /// JSON file of registry credentials used when a job gives none:
+    /// {"HOST:PORT": {"username": "...", "password": "..."}}.
+    #[arg(long, value_name = "FILE")]
+    pub oci_auth_file: Option<std::path::PathBuf>,
 }
 
 impl OciArgs {
@@ -213,7 +217,12 @@ impl OciArgs {
         if self.oci_pull_timeout == 0 {
             anyhow::bail!("--oci-pull-timeout must be at least 1 (seconds)");
         }
+        let credentials = match &self.oci_auth_file {
+            Some(f) => mlp_agent::image::load_credentials(f).map_err(|e| anyhow::anyhow!("--oci-auth-file {e}"))?,
+            None => Default::default(),
+        };
         Ok(mlp_agent::image::ImageSettings {
+            credentials,
             insecure_registries: self.oci_insecure_registry.clone(),
             budget_bytes: self.oci_image_budget_mib.saturating_mul(1024 * 1024),
             pull_timeout: std::time::Duration::from_secs(self.oci_pull_timeout),

@@ -295,6 +295,19 @@ async fn oci_a_registry_with_auth_needs_the_credentials() -> TestResult {
     assert_eq!(u.client_status, alloc_client::COMPLETE, "{:?}", events(&u));
     assert!(run.log().starts_with("hello from-the-image\n"), "{}", run.log());
     assert!(!format!("{:?}", events(&u)).contains("s3cret"));
+
+    // The agent's own credentials for the registry (`--oci-auth-file`), when the job has none.
+    let file = data.path().join("auth.json");
+    std::fs::write(&file, format!(r#"{{"{}": {{"username": "trainer", "password": "s3cret"}}}}"#, reg.addr))?;
+    let credentials = mlp_agent::image::load_credentials(&file)?;
+    let other = tempfile::tempdir()?;
+    let store = Arc::new(ImageStore::new(other.path().join("oci"), ImageSettings { credentials, ..settings(u64::MAX) }));
+    let mut run = Run::start(&store, oci_task(&image, "", &[], None))?;
+    let u = run.terminal().await?;
+    assert_eq!(u.client_status, alloc_client::COMPLETE, "{:?}", events(&u));
+    std::fs::write(&file, r#"{"r:1": {"username": "a:b", "password": "hidden-pw"}}"#)?;
+    let err = mlp_agent::image::load_credentials(&file).unwrap_err();
+    assert!(err.contains("username") && !err.contains("hidden-pw"), "{err}");
     Ok(())
 }
 

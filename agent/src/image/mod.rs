@@ -54,6 +54,9 @@ pub struct ImageSettings {
     pub tries: u32,
     /// Wait before the second try; doubled for every further one.
     pub backoff: Duration,
+    /// Credentials by registry (`host:port` as in image references), used when a job gives
+    /// none (`--oci-auth-file`).
+    pub credentials: BTreeMap<String, Credentials>,
 }
 
 impl Default for ImageSettings {
@@ -64,6 +67,7 @@ impl Default for ImageSettings {
             pull_timeout: Duration::from_secs(600),
             tries: 4,
             backoff: Duration::from_millis(500),
+            credentials: BTreeMap::new(),
         }
     }
 }
@@ -209,6 +213,29 @@ impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Credentials {{ username: {:?}, password: <redacted> }}", self.username)
     }
+}
+
+/// Reads an agent's registry credentials file (`--oci-auth-file`): a JSON object from registry
+/// (`host:port`) to `{"username": ..., "password": ...}`. Errors name the file and the entry,
+/// never a password.
+pub fn load_credentials(path: &Path) -> Result<BTreeMap<String, Credentials>, String> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Entry {
+        username: String,
+        password: String,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let raw: BTreeMap<String, Entry> = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: expected {{\"host:port\": {{\"username\": ..., \"password\": ...}}}}: {e}", path.display()))?;
+    let mut out = BTreeMap::new();
+    for (registry, entry) in raw {
+        if registry.is_empty() || entry.username.is_empty() || entry.username.contains(':') {
+            return Err(format!("{}: entry {registry:?}: needs a registry name and a username without ':'", path.display()));
+        }
+        out.insert(registry, Credentials { username: entry.username, password: entry.password });
+    }
+    Ok(out)
 }
 
 /// Where pull progress goes (allocation events).
@@ -484,7 +511,8 @@ impl ImageStore {
     ) -> Result<ImageRecord, ImageError> {
         let began = Instant::now();
         let client = self.client(reference);
-        let auth = match auth {
+        // The job's credentials, else the agent's for this registry.
+        let auth = match auth.or_else(|| self.settings.credentials.get(reference.resolve_registry())) {
             Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
             None => RegistryAuth::Anonymous,
         };
