@@ -398,3 +398,28 @@ async fn oci_concurrent_pulls_share_the_work_and_gc_keeps_the_budget() -> TestRe
     assert_eq!(removed, vec![digest_b]);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oci_an_image_symlink_never_leads_the_root_onto_the_host() -> TestResult {
+    require();
+    let reg = Registry::start(None)?;
+    // /etc in the image points at a host directory: building the root would write the task's
+    // /etc/hosts there if the agent followed it before pivot_root.
+    let host = tempfile::tempdir()?;
+    let target: &'static str = Box::leak(host.path().to_string_lossy().into_owned().into_boxed_str());
+    let image = TestImage::new(
+        vec![(busybox_layer(vec![Entry::Symlink("etc", target)]), Compression::Gzip)],
+        serde_json::json!({"Env": ["PATH=/bin"], "Cmd": ["true"]}),
+    );
+    reg.push_image("team/evil", "1", &image)?;
+    let data = tempfile::tempdir()?;
+    let store = store_in(data.path(), u64::MAX);
+    let mut run = Run::start(&store, oci_task(&format!("{}/team/evil:1", reg.addr), "", &[], None))?;
+    let u = run.terminal().await?;
+    assert_eq!(u.client_status, alloc_client::FAILED, "{:?}", events(&u));
+    let (kind, message) = events(&u).last().cloned().unwrap_or_default();
+    assert_eq!(kind, task_event::DRIVER_FAILURE);
+    assert!(message.contains("/etc") && message.contains("symlink"), "{message}");
+    assert_eq!(std::fs::read_dir(host.path())?.count(), 0, "the agent wrote into the host directory");
+    Ok(())
+}
