@@ -201,6 +201,19 @@ async fn oci_runs_an_image_by_tag_and_by_digest() -> TestResult {
         assert!(!layer.join("root/bin/new").exists());
     }
 
+    // A multi-platform index, by tag and pinned by the index's digest: its linux/amd64 image.
+    let decoy = TestImage::new(
+        vec![(busybox_layer(vec![]), Compression::Gzip)],
+        serde_json::json!({"Env": ["PATH=/bin"], "Cmd": ["echo", "the arm64 entry"]}),
+    );
+    let index = reg.push_index("team/multi", "2", &image, &decoy)?;
+    for reference in [format!("{}/team/multi:2", reg.addr), format!("{}/team/multi@{index}", reg.addr)] {
+        let mut run = Run::start(&store, oci_task(&reference, "", &[], None))?;
+        let u = run.terminal().await?;
+        assert_eq!(u.client_status, alloc_client::COMPLETE, "{reference}: {:?}", events(&u));
+        assert_eq!(run.log(), "hello from-the-image\n65534\n/bin\n", "{reference}");
+    }
+
     // A pinned digest the registry does not have is refused.
     let wrong = format!("{}/team/hello@sha256:{}", reg.addr, "0".repeat(64));
     let mut run = Run::start(&store, oci_task(&wrong, "", &[], None))?;

@@ -157,6 +157,36 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Pushes `image` and `decoy` and an OCI index naming `decoy` linux/arm64 (first) and
+    /// `image` linux/amd64 as `repo:tag`; returns the index's digest.
+    pub fn push_index(&self, repo: &str, tag: &str, image: &TestImage, decoy: &TestImage) -> Res<String> {
+        let digest = self.push_image(repo, "amd64-only", image)?;
+        let decoy_digest = self.push_image(repo, "arm64-only", decoy)?;
+        let manifest = image.manifest();
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": decoy_digest,
+                 "size": decoy.manifest().len(), "platform": {"architecture": "arm64", "os": "linux"}},
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": manifest.len(),
+                 "platform": {"architecture": "amd64", "os": "linux"}},
+            ],
+        }))?;
+        let r = self.request(
+            "PUT",
+            &format!("/v2/{repo}/manifests/{tag}"),
+            &[("Content-Type", "application/vnd.oci.image.index.v1+json")],
+            &index,
+        )?;
+        if r.status != 201 {
+            return Err(format!("pushing the index: HTTP {} {}", r.status, String::from_utf8_lossy(&r.body)).into());
+        }
+        Ok(sha256(&index))
+    }
+}
+
 impl Drop for Registry {
     fn drop(&mut self) {
         self.kill();
