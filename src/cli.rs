@@ -187,6 +187,53 @@ pub struct AgentArgs {
     pub network: NetworkArgs,
     #[command(flatten)]
     pub dns: DnsArgs,
+    #[command(flatten)]
+    pub oci: OciArgs,
+}
+
+/// The `oci` driver's image store (docs/jobspec.md, "driver = oci").
+#[derive(Debug, Args, Clone)]
+pub struct OciArgs {
+    /// Registry (HOST:PORT) reached over plain HTTP, besides those on loopback; repeatable.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub oci_insecure_registry: Vec<String>,
+    /// Disk budget of the node's image layers, in MiB: unused images beyond it are removed,
+    /// least recently used first.
+    #[arg(long, default_value_t = 20480)]
+    pub oci_image_budget_mib: u64,
+    /// Longest an image pull may take, in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub oci_pull_timeout: u64,
+    /// JSON file of registry credentials used when a job gives none:
+    /// {"HOST:PORT": {"username": "...", "password": "..."}}.
+    #[arg(long, value_name = "FILE")]
+    pub oci_auth_file: Option<std::path::PathBuf>,
+}
+
+impl OciArgs {
+    /// The image store's settings, checked.
+    pub fn settings(&self) -> anyhow::Result<mlp_agent::image::ImageSettings> {
+        for r in &self.oci_insecure_registry {
+            let ok = !r.is_empty() && r.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+            if !ok {
+                anyhow::bail!("--oci-insecure-registry {r:?}: must be HOST or HOST:PORT");
+            }
+        }
+        if self.oci_pull_timeout == 0 {
+            anyhow::bail!("--oci-pull-timeout must be at least 1 (seconds)");
+        }
+        let credentials = match &self.oci_auth_file {
+            Some(f) => mlp_agent::image::load_credentials(f).map_err(|e| anyhow::anyhow!("--oci-auth-file {e}"))?,
+            None => Default::default(),
+        };
+        Ok(mlp_agent::image::ImageSettings {
+            credentials,
+            insecure_registries: self.oci_insecure_registry.clone(),
+            budget_bytes: self.oci_image_budget_mib.saturating_mul(1024 * 1024),
+            pull_timeout: std::time::Duration::from_secs(self.oci_pull_timeout),
+            ..Default::default()
+        })
+    }
 }
 
 /// Real GPUs: where NVML and the driver's files are (issue 12).
@@ -385,6 +432,8 @@ pub struct DevArgs {
     pub preemption: PreemptionArgs,
     #[command(flatten)]
     pub gc: GcArgs,
+    #[command(flatten)]
+    pub oci: OciArgs,
 }
 
 #[derive(Debug, Subcommand)]

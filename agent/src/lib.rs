@@ -9,8 +9,9 @@
 //! lib.rs, client.rs, fingerprint.rs, rpc/   wiring, servers' streams, node facts, ClientService
 //! alloc/      allocations: manager, runner, state registry        uses task, driver, gpu, isolation
 //! task/       one task: runner, restart, supervisor process       uses driver, gpu, isolation
-//! driver/     Driver/TaskHandle, raw_exec, exec, wasm, supervisor  uses isolation, gpu
-//!             launch, task log files
+//! driver/     Driver/TaskHandle, raw_exec, exec, wasm, oci,        uses isolation, gpu, image
+//!             supervisor launch, task log files
+//! image/      OCI images: registry pulls, layer store, unpack, GC  uses nothing of the crate
 //! isolation/  namespaces, rootfs, devices, init, cgroups/, phases uses nothing of the crate
 //! gpu/        GpuSource, simulated GPUs, task GPUs, driver files  uses nothing of the crate
 //! services/   service checks, registrations, the DNS responder       uses alloc (state), network
@@ -27,6 +28,7 @@ pub mod client;
 pub mod driver;
 pub mod fingerprint;
 pub mod gpu;
+pub mod image;
 pub mod isolation;
 pub mod network;
 pub mod paths;
@@ -97,7 +99,7 @@ pub struct AgentConfig {
     pub log_max_file_bytes: u64,
     /// Log files kept per task stream (default 5).
     pub log_max_files: u32,
-    /// Enabled drivers (default exec, raw_exec, wasm).
+    /// Enabled drivers (default exec, raw_exec, wasm, oci).
     pub drivers_enabled: Vec<String>,
     /// Isolation of `exec` tasks (default user, refused users, default pids limit, ...).
     pub isolation: isolation::IsolationSettings,
@@ -110,6 +112,8 @@ pub struct AgentConfig {
     /// Where the DNS responder forwards names outside `service.mlp` (empty: the host's
     /// `/etc/resolv.conf` name servers).
     pub dns_upstreams: Vec<std::net::SocketAddr>,
+    /// The `oci` driver's image store: insecure registries, disk budget, pull timeout.
+    pub images: image::ImageSettings,
 }
 
 impl Default for AgentConfig {
@@ -129,12 +133,14 @@ impl Default for AgentConfig {
                 mlp_proto::consts::driver::EXEC.to_string(),
                 mlp_proto::consts::driver::RAW_EXEC.to_string(),
                 mlp_proto::consts::driver::WASM.to_string(),
+                mlp_proto::consts::driver::OCI.to_string(),
             ],
             isolation: isolation::IsolationSettings::default(),
             simulated_gpus: Vec::new(),
             gpu: gpu::GpuSettings::default(),
             network: network::NetworkSettings::default(),
             dns_upstreams: Vec::new(),
+            images: image::ImageSettings::default(),
         }
     }
 }
@@ -230,6 +236,11 @@ impl Agent {
         }
         node.id = node_id.clone();
         node.rpc_addr = config.advertise_addr.clone().unwrap_or_else(|| rpc_addr.to_string());
+        let images = Arc::new(image::ImageStore::new(data_dir.join("oci"), config.images.clone()));
+        if config.drivers_enabled.iter().any(|d| d == mlp_proto::consts::driver::OCI) {
+            // The images on this node when the agent started (`mlp node status`).
+            node.attributes.insert("driver.oci.images".into(), images.list().len().to_string());
+        }
 
         // GPU health: devices NVML reports unhealthy, for the tasks using them.
         let (health_tx, health_rx) = watch::channel(BTreeMap::<String, String>::new());
@@ -250,7 +261,13 @@ impl Agent {
         let network = Arc::new(network::NetworkManager::new(config.network.clone(), &data_dir));
         let env = RunnerEnv {
             alloc_root: data_dir.join("allocs"),
-            drivers: driver::drivers_in(&config.drivers_enabled, &config.isolation, &config.gpu, Some(&data_dir.join("wasm-cache"))),
+            drivers: driver::drivers_with_images(
+                &config.drivers_enabled,
+                &config.isolation,
+                &config.gpu,
+                Some(&data_dir.join("wasm-cache")),
+                Some(images.clone()),
+            ),
             log_max_file_bytes: config.log_max_file_bytes,
             log_max_files: config.log_max_files,
             registry: registry.clone(),

@@ -55,6 +55,8 @@ pub mod task_event {
     pub const MAX_RUN_DURATION: &str = "max-run-duration-exceeded";
     pub const TERMINATED: &str = "terminated";
     pub const GPU_UNHEALTHY: &str = "gpu-unhealthy";
+    /// A driver's progress before the task starts (`oci`: the image pull, bytes per layer).
+    pub const DRIVER: &str = "driver";
 }
 
 pub mod eval_status {
@@ -84,6 +86,7 @@ pub mod driver {
     pub const EXEC: &str = "exec";
     pub const RAW_EXEC: &str = "raw_exec";
     pub const WASM: &str = "wasm";
+    pub const OCI: &str = "oci";
 }
 
 /// Health of a service instance (`ServiceRegistration.health`).

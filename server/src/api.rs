@@ -405,11 +405,13 @@ impl Api {
         self.read_barrier(req.stale).await?;
         let st = self.state.read();
         let ns = default_namespace(&req.namespace);
-        let job = st
+        let mut job = st
             .job(ns, &req.job_id)
             .cloned()
             .ok_or_else(|| ApiError::NotFound(format!("job {:?} not found in namespace {ns:?}", req.job_id)))?;
+        mlp_proto::redact::job(&mut job);
         let mut allocations: Vec<Allocation> = st.allocs_for_job(ns, &req.job_id).cloned().collect();
+        allocations.iter_mut().for_each(mlp_proto::redact::alloc);
         allocations.sort_by_key(|a| (a.create_index, a.index));
         let mut evaluations: Vec<Evaluation> = st.evals_for_job(ns, &req.job_id).cloned().collect();
         evaluations.sort_by_key(|e| e.create_index);
@@ -428,7 +430,9 @@ impl Api {
             .get(&job_key(ns, &req.job_id))
             .cloned()
             .ok_or_else(|| ApiError::NotFound(format!("job {:?} not found in namespace {ns:?}", req.job_id)))?;
-        Ok(JobVersionsResponse { versions: versions.into_iter().rev().collect() })
+        let mut versions: Vec<Job> = versions.into_iter().rev().collect();
+        versions.iter_mut().for_each(mlp_proto::redact::job);
+        Ok(JobVersionsResponse { versions })
     }
 
     pub async fn stop_job(&self, req: StopJobRequest) -> Result<StopJobResponse, ApiError> {
@@ -469,6 +473,7 @@ impl Api {
             st.allocs.values().cloned().collect()
         };
         allocations.sort_by_key(|a| a.create_index);
+        allocations.iter_mut().for_each(mlp_proto::redact::alloc);
         Ok(ListAllocsResponse { allocations, index: st.index })
     }
 
@@ -483,6 +488,7 @@ impl Api {
         self.read_barrier(false).await?;
         let st = self.state.read();
         let mut a = st.find_alloc(id)?.clone();
+        mlp_proto::redact::alloc(&mut a);
         if a.node_name.is_empty() {
             a.node_name = st.nodes.get(&a.node_id).map(|n| n.name.clone()).unwrap_or_default();
         }

@@ -256,7 +256,11 @@ pub fn batch_for(st: &ClusterState, index: u64, command: &Command, touched: &Tou
             key: job.id.clone(),
             namespace: job.namespace.clone(),
             index,
-            job: Some(job.clone()),
+            job: Some({
+                let mut job = job.clone();
+                mlp_proto::redact::job(&mut job);
+                job
+            }),
             ..Default::default()
         });
     }
@@ -283,7 +287,11 @@ pub fn batch_for(st: &ClusterState, index: u64, command: &Command, touched: &Tou
             namespace: a.namespace.clone(),
             filter_keys: vec![a.job_id.clone(), a.node_id.clone()],
             index,
-            allocation: Some(a.clone()),
+            allocation: Some({
+                let mut a = a.clone();
+                mlp_proto::redact::alloc(&mut a);
+                a
+            }),
             ..Default::default()
         });
     }

@@ -170,6 +170,11 @@ impl TaskContext {
             command: config.command,
             args: config.args,
             module: config.module,
+            image: config.image,
+            entrypoint: config.entrypoint,
+            image_work_dir: config.work_dir,
+            registry_auth: config.auth.map(|a| crate::image::Credentials { username: a.username, password: a.password }),
+            progress: None,
             env,
             work_dir: local,
             log_dir,
@@ -364,7 +369,26 @@ async fn run_task_holding(
                 let mut phases = first_phases.take().unwrap_or_else(Phases::start);
                 phases.mark("task_runner");
                 spec.phases = phases;
-                let handle = match driver.start(&spec).await {
+                // What the driver reports before the task runs (an image pull) becomes events.
+                let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<String>();
+                spec.progress = Some(progress_tx);
+                let started = {
+                    let start = driver.start(&spec);
+                    tokio::pin!(start);
+                    loop {
+                        tokio::select! {
+                            r = &mut start => break r,
+                            Some(message) = progress_rx.recv() => {
+                                push_event(&mut st, task_event::DRIVER, message);
+                                emit(&st, None);
+                            }
+                        }
+                    }
+                };
+                while let Ok(message) = progress_rx.try_recv() {
+                    push_event(&mut st, task_event::DRIVER, message);
+                }
+                let handle = match started {
                     Ok(h) => h,
                     Err(e) => {
                         tracing::warn!(alloc = %ctx.alloc_id, task = %name, error = %e, "task failed to start");

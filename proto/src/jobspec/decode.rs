@@ -12,8 +12,8 @@ use hcl_edit::Span;
 use super::{line_col, parse_duration, Loc};
 use crate::consts::{job_type, restart_mode};
 use crate::v1::{
-    Affinity, Constraint, GpuRequest, GroupNetwork, Job, MigrateStrategy, PortSpec, ReschedulePolicy, Resources, RestartPolicy,
-    ServiceCheck, ServiceSpec, Spread, SpreadTarget, Task, TaskConfig, TaskGroup,
+    Affinity, Constraint, GpuRequest, GroupNetwork, Job, MigrateStrategy, PortSpec, RegistryAuth, ReschedulePolicy, Resources,
+    RestartPolicy, ServiceCheck, ServiceSpec, Spread, SpreadTarget, Task, TaskConfig, TaskGroup,
 };
 
 pub(crate) const DEFAULT_NAMESPACE: &str = "default";
@@ -52,7 +52,8 @@ const CHECK_FIELDS: &[&str] = &["type", "path", "command", "args", "interval", "
 const NETWORK_FIELDS: &[&str] = &["mode"];
 const GROUP_NETWORK_FIELDS: &[&str] = &["mode", "port"];
 const PORT_FIELDS: &[&str] = &["static", "to"];
-const CONFIG_FIELDS: &[&str] = &["command", "args", "module", "env"];
+const CONFIG_FIELDS: &[&str] = &["command", "args", "module", "env", "image", "entrypoint", "work_dir", "auth"];
+const AUTH_FIELDS: &[&str] = &["username", "password"];
 const RESOURCES_FIELDS: &[&str] = &["cpu", "cores", "memory", "disk", "gpu", "memory_max", "pids", "cpu_hard_limit"];
 const GPU_FIELDS: &[&str] = &["count", "model", "memory", "share", "mig"];
 const RESTART_FIELDS: &[&str] = &["attempts", "interval", "delay", "mode"];
@@ -1116,11 +1117,39 @@ impl Decoder<'_> {
                     config.module = self.string(&a.value, &floc).unwrap_or_default();
                 }
                 ("env", _) => config.env = self.string_map(s, &floc),
+                ("image", Structure::Attribute(a)) => {
+                    config.image = self.string(&a.value, &floc).unwrap_or_default();
+                }
+                ("entrypoint", Structure::Attribute(a)) => {
+                    config.entrypoint = self.string_list(&a.value, &floc);
+                }
+                ("work_dir", Structure::Attribute(a)) => {
+                    config.work_dir = self.string(&a.value, &floc).unwrap_or_default();
+                }
+                ("auth", Structure::Block(b)) => config.auth = Some(self.registry_auth(b, &floc)),
                 _ if CONFIG_FIELDS.contains(&name) => self.wrong_form(s, loc),
                 _ => self.unknown(s, loc, CONFIG_FIELDS),
             }
         }
         config
+    }
+
+    /// `auth { username = "..." password = "..." }` of an `oci` task's config.
+    fn registry_auth(&mut self, block: &Block, loc: &Loc) -> RegistryAuth {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut auth = RegistryAuth::default();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            match (name, s) {
+                ("username", Structure::Attribute(a)) => auth.username = self.string(&a.value, &floc).unwrap_or_default(),
+                ("password", Structure::Attribute(a)) => auth.password = self.string(&a.value, &floc).unwrap_or_default(),
+                _ if AUTH_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, AUTH_FIELDS),
+            }
+        }
+        auth
     }
 
     fn resources(&mut self, block: &Block, loc: &Loc) -> Resources {

@@ -19,7 +19,7 @@ pub(crate) const PRIORITY_RANGE: (i32, i32) = (1, 100);
 /// Longest SIGTERM → SIGKILL grace period; longer ones would stall drains and stops.
 pub(crate) const MAX_KILL_TIMEOUT_MS: u64 = 3_600_000;
 
-pub(crate) const DRIVERS: &[&str] = &[driver::EXEC, driver::RAW_EXEC, driver::WASM];
+pub(crate) const DRIVERS: &[&str] = &[driver::EXEC, driver::RAW_EXEC, driver::WASM, driver::OCI];
 pub(crate) const JOB_TYPES: &[&str] = &[job_type::BATCH, job_type::SERVICE];
 pub(crate) const RESTART_MODES: &[&str] = &[restart_mode::FAIL, restart_mode::DELAY];
 pub(crate) const OPERATORS: &[&str] = &[
@@ -581,13 +581,75 @@ impl Checker {
         }
     }
 
+    /// `driver = "oci"`: `config.image` is required, a valid image reference
+    /// ([`check_image_reference`]); `command`, `args`, `entrypoint` and `work_dir` override the
+    /// image's; `auth` needs a username; no `module` and no `env` in `config`.
+    fn oci_config(&mut self, loc: &Loc, task: &Task) {
+        let cloc = loc.field("config");
+        let Some(config) = &task.config else {
+            self.push(&cloc.field("image"), "missing required field");
+            return;
+        };
+        let iloc = cloc.field("image");
+        if config.image.is_empty() {
+            self.push(&iloc, "missing required field");
+        } else if let Err(why) = check_image_reference(&config.image) {
+            self.push(&iloc, why);
+        }
+        self.at_most(&cloc.field("entrypoint"), "entrypoint", config.entrypoint.len(), MAX_ARGS);
+        for (i, arg) in config.entrypoint.iter().enumerate().take(MAX_ARGS) {
+            self.text(&cloc.field(&format!("entrypoint[{i}]")), "argument", arg, MAX_VALUE_BYTES);
+        }
+        let wloc = cloc.field("work_dir");
+        let wd = config.work_dir.as_str();
+        if !wd.is_empty() && (!wd.starts_with('/') || wd.split('/').any(|p| p == "..") || wd.contains('\0')) {
+            self.push(&wloc, format!("must be an absolute path inside the image without `..`, found {wd:?}"));
+        }
+        self.text(&wloc, "work_dir", wd, MAX_VALUE_BYTES);
+        if let Some(auth) = &config.auth {
+            let aloc = cloc.field("auth");
+            if auth.username.is_empty() {
+                self.push(&aloc.field("username"), "missing required field");
+            }
+            if auth.username.contains(':') {
+                self.push(&aloc.field("username"), "must not contain `:`");
+            }
+            // The value is never echoed: it is a secret.
+            if auth.password.len() > MAX_VALUE_BYTES || auth.username.len() > MAX_KEY_BYTES {
+                self.push(&aloc, format!("username at most {MAX_KEY_BYTES} bytes and password at most {MAX_VALUE_BYTES} bytes"));
+            }
+        }
+        if !config.module.is_empty() {
+            self.push(&cloc.field("module"), "only the wasm driver runs a module; the oci driver runs `image`");
+        }
+        if !config.env.is_empty() {
+            self.push(&cloc.field("env"), "only the wasm driver takes `env` in `config`; use the task's `env`");
+        }
+    }
+
     fn task(&mut self, loc: &Loc, task: &Task) {
         self.name(loc, "task", &task.name);
         self.one_of(&loc.field("driver"), "driver", &task.driver, DRIVERS);
         let command = task.config.as_ref().map_or("", |c| c.command.as_str());
         let cloc = loc.field("config");
+        if task.driver != driver::OCI {
+            if let Some(config) = &task.config {
+                for (field, set) in [
+                    ("image", !config.image.is_empty()),
+                    ("entrypoint", !config.entrypoint.is_empty()),
+                    ("work_dir", !config.work_dir.is_empty()),
+                    ("auth", config.auth.is_some()),
+                ] {
+                    if set {
+                        self.push(&cloc.field(field), format!("only the oci driver takes `{field}`; driver {:?} does not", task.driver));
+                    }
+                }
+            }
+        }
         if task.driver == driver::WASM {
             self.wasm_config(loc, task);
+        } else if task.driver == driver::OCI {
+            self.oci_config(loc, task);
         } else {
             if command.is_empty() {
                 self.push(&cloc.field("command"), "missing required field");
@@ -740,6 +802,60 @@ pub fn is_mig_profile(s: &str) -> bool {
     let Some(mem) = mem.strip_suffix("gb") else { return false };
     let number = |t: &str| !t.is_empty() && t.len() <= 4 && t.bytes().all(|c| c.is_ascii_digit()) && !t.starts_with('0');
     number(slices) && number(mem)
+}
+
+/// Checks an image reference: `[registry[:port]/]repository[:tag][@sha256:<64 hex>]`, where the
+/// repository is lowercase path components (`a-z 0-9 . _ -`), the tag up to 128 characters of
+/// `A-Z a-z 0-9 _ . -` (not starting with `.` or `-`). Returns why not.
+pub fn check_image_reference(image: &str) -> Result<(), String> {
+    const MAX_LEN: usize = 512;
+    if image.len() > MAX_LEN {
+        return Err(format!("must be at most {MAX_LEN} bytes, found {}", image.len()));
+    }
+    let bad = |why: &str| Err(format!("invalid image reference {image:?}: {why}"));
+    let (name_tag, digest) = match image.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (image, None),
+    };
+    if let Some(d) = digest {
+        let Some(hex) = d.strip_prefix("sha256:") else {
+            return bad("the digest must be sha256:<64 hex digits>");
+        };
+        if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
+            return bad("the digest must be sha256:<64 lowercase hex digits>");
+        }
+    }
+    // A tag follows the last ':' after the last '/'.
+    let last_slash = name_tag.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match name_tag[last_slash..].rfind(':') {
+        Some(i) => (&name_tag[..last_slash + i], Some(&name_tag[last_slash + i + 1..])),
+        None => (name_tag, None),
+    };
+    if let Some(tag) = tag {
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+        if tag.is_empty() || tag.len() > 128 || !tag.chars().all(ok_char) || tag.starts_with(['.', '-']) {
+            return bad("a tag is 1 to 128 of A-Z a-z 0-9 _ . - (not starting with . or -)");
+        }
+    }
+    let mut parts: Vec<&str> = name.split('/').collect();
+    // The first part is a registry when it has a '.', a ':' or is "localhost".
+    if parts.len() > 1 && (parts[0].contains(['.', ':']) || parts[0] == "localhost") {
+        let registry = parts.remove(0);
+        let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']');
+        if registry.is_empty() || !registry.chars().all(ok) {
+            return bad("the registry must be a host name or address with an optional :port");
+        }
+    }
+    if parts.is_empty() || parts.iter().any(|p| p.is_empty()) {
+        return bad("empty repository path component");
+    }
+    let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-');
+    for p in &parts {
+        if !p.chars().all(ok) || p.starts_with(['.', '_', '-']) || p.ends_with(['.', '_', '-']) {
+            return bad("repository path components are lowercase letters, digits and . _ - separators");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
