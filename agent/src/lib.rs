@@ -23,6 +23,7 @@
 //! the driver never imports the task layer; isolation knows nothing of drivers or tasks.
 
 pub mod alloc;
+pub mod artifact;
 pub mod client;
 pub mod driver;
 pub mod fingerprint;
@@ -109,6 +110,8 @@ pub struct AgentConfig {
     pub network: network::NetworkSettings,
     /// The `oci` driver's image store: insecure registries, disk budget, pull timeout.
     pub images: image::ImageSettings,
+    /// Where tasks' `artifact` blocks may fetch from, and the limits.
+    pub artifacts: artifact::ArtifactSettings,
 }
 
 impl Default for AgentConfig {
@@ -135,6 +138,7 @@ impl Default for AgentConfig {
             gpu: gpu::GpuSettings::default(),
             network: network::NetworkSettings::default(),
             images: image::ImageSettings::default(),
+            artifacts: artifact::ArtifactSettings::default(),
         }
     }
 }
@@ -263,6 +267,7 @@ impl Agent {
             network: Some(network.clone()),
             node_address,
             node_id: node_id.clone(),
+            artifacts: Arc::new(config.artifacts.clone()),
         };
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
         let mut manager = AllocManager::new(env, updates_tx);
