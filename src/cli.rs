@@ -189,6 +189,8 @@ pub struct AgentArgs {
     pub dns: DnsArgs,
     #[command(flatten)]
     pub oci: OciArgs,
+    #[command(flatten)]
+    pub artifacts: ArtifactArgs,
 }
 
 /// The `oci` driver's image store (docs/jobspec.md, "driver = oci").
@@ -232,6 +234,39 @@ impl OciArgs {
             budget_bytes: self.oci_image_budget_mib.saturating_mul(1024 * 1024),
             pull_timeout: std::time::Duration::from_secs(self.oci_pull_timeout),
             ..Default::default()
+        })
+    }
+}
+
+/// Tasks' `artifact` blocks (docs/jobspec.md, "artifact").
+#[derive(Debug, Args, Clone)]
+pub struct ArtifactArgs {
+    /// Directory `file://` artifact sources may name files under; repeatable. Without one,
+    /// `file://` sources are refused (a job must not read any file of the node).
+    #[arg(long, value_name = "DIR")]
+    pub artifact_file_root: Vec<std::path::PathBuf>,
+    /// Longest one artifact may take to fetch, all attempts together, in seconds.
+    #[arg(long, default_value_t = 1800)]
+    pub artifact_timeout: u64,
+    /// Largest artifact fetched, in MiB (as downloaded, before unpacking).
+    #[arg(long, default_value_t = 20480)]
+    pub artifact_max_mib: u64,
+}
+
+impl ArtifactArgs {
+    pub fn settings(&self) -> anyhow::Result<mlp_agent::artifact::ArtifactSettings> {
+        if self.artifact_timeout == 0 || self.artifact_max_mib == 0 {
+            anyhow::bail!("--artifact-timeout and --artifact-max-mib must be at least 1");
+        }
+        for r in &self.artifact_file_root {
+            if !r.is_absolute() || !r.is_dir() {
+                anyhow::bail!("--artifact-file-root {}: must be an existing directory, given as an absolute path", r.display());
+            }
+        }
+        Ok(mlp_agent::artifact::ArtifactSettings {
+            file_roots: self.artifact_file_root.clone(),
+            timeout: std::time::Duration::from_secs(self.artifact_timeout),
+            max_bytes: self.artifact_max_mib.saturating_mul(1024 * 1024),
         })
     }
 }
@@ -434,6 +469,8 @@ pub struct DevArgs {
     pub gc: GcArgs,
     #[command(flatten)]
     pub oci: OciArgs,
+    #[command(flatten)]
+    pub artifacts: ArtifactArgs,
 }
 
 #[derive(Debug, Subcommand)]

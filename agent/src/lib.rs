@@ -24,6 +24,7 @@
 //! the driver never imports the task layer; isolation knows nothing of drivers or tasks.
 
 pub mod alloc;
+pub mod artifact;
 pub mod client;
 pub mod driver;
 pub mod fingerprint;
@@ -114,6 +115,8 @@ pub struct AgentConfig {
     pub dns_upstreams: Vec<std::net::SocketAddr>,
     /// The `oci` driver's image store: insecure registries, disk budget, pull timeout.
     pub images: image::ImageSettings,
+    /// Where tasks' `artifact` blocks may fetch from, and the limits.
+    pub artifacts: artifact::ArtifactSettings,
 }
 
 impl Default for AgentConfig {
@@ -141,6 +144,7 @@ impl Default for AgentConfig {
             network: network::NetworkSettings::default(),
             dns_upstreams: Vec::new(),
             images: image::ImageSettings::default(),
+            artifacts: artifact::ArtifactSettings::default(),
         }
     }
 }
@@ -278,6 +282,7 @@ impl Agent {
             network: Some(network.clone()),
             node_address,
             node_id: node_id.clone(),
+            artifacts: Arc::new(config.artifacts.clone()),
         };
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
         // Service discovery sees every allocation update too (services/mod.rs).

@@ -57,6 +57,10 @@ pub mod task_event {
     pub const GPU_UNHEALTHY: &str = "gpu-unhealthy";
     /// A driver's progress before the task starts (`oci`: the image pull, bytes per layer).
     pub const DRIVER: &str = "driver";
+    /// The task's `artifact` blocks being fetched, and each one fetched.
+    pub const DOWNLOADING_ARTIFACTS: &str = "downloading-artifacts";
+    /// An artifact could not be fetched or failed its checksum: the task does not start.
+    pub const ARTIFACT_FAILED: &str = "failed-artifact-download";
 }
 
 pub mod eval_status {

@@ -51,7 +51,17 @@ fn bad_cases() -> Vec<(&'static str, String)> {
         ),
         (
             "unknown_field_without_suggestion",
+            with_task(&format!("{TASK_OK}      template {{\n        data = \"x\"\n      }}\n")),
+        ),
+        (
+            "artifact_bad_source",
             with_task(&format!("{TASK_OK}      artifact {{\n        source = \"x\"\n      }}\n")),
+        ),
+        (
+            "artifact_escaping_destination",
+            with_task(&format!(
+                "{TASK_OK}      artifact {{\n        source      = \"https://h/m.tar.gz\"\n        destination = \"../../etc\"\n      }}\n"
+            )),
         ),
         (
             "wrong_type",

@@ -125,6 +125,8 @@ pub struct TaskContext {
     pub net_env: std::collections::BTreeMap<String, String>,
     /// The allocation's bridge-mode network, which the task joins.
     pub network: Option<crate::network::TaskNetwork>,
+    /// Where the task's `artifact` blocks may fetch from, and the limits.
+    pub artifacts: std::sync::Arc<crate::artifact::ArtifactSettings>,
 }
 
 impl TaskContext {
@@ -322,6 +324,9 @@ async fn run_task_holding(
     }
     let mut tracker = RestartTracker { count: 0, interval_start_ms: now_ms() };
     let mut first_phases = Some(ctx.phases.clone());
+    // Artifacts are fetched once per run of the task (not again on a restart), and never for a
+    // task reattached after an agent restart (it has them).
+    let mut artifacts_fetched = attached.is_some() || ctx.task.artifacts.is_empty();
     loop {
         if attached.is_none() && *stop.borrow() {
             st.state = task_state::DEAD.into();
@@ -359,6 +364,30 @@ async fn run_task_holding(
                     let msg = format!("driver {:?} is not available on this node", ctx.task.driver);
                     return fail_start(&mut st, msg, &emit);
                 };
+                if !artifacts_fetched {
+                    push_event(&mut st, task_event::DOWNLOADING_ARTIFACTS, format!("fetching {} artifact(s)", ctx.task.artifacts.len()));
+                    emit(&st, None);
+                    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+                    let report = move |line: String| {
+                        let _ = lines_tx.send(line);
+                    };
+                    let task_dir = ctx.alloc_dir.join(&ctx.task.name);
+                    let fetched = crate::artifact::fetch_all(&ctx.artifacts, &task_dir, &ctx.task.artifacts, &report).await;
+                    while let Ok(line) = lines_rx.try_recv() {
+                        push_event(&mut st, task_event::DOWNLOADING_ARTIFACTS, line);
+                    }
+                    if let Err(e) = fetched {
+                        tracing::warn!(alloc = %ctx.alloc_id, task = %name, error = %e, "artifact download failed");
+                        st.state = task_state::DEAD.into();
+                        st.failed = true;
+                        st.pid = 0;
+                        st.finished_at_ms = now_ms();
+                        push_event(&mut st, task_event::ARTIFACT_FAILED, e.to_string());
+                        emit(&st, None);
+                        return st;
+                    }
+                    artifacts_fetched = true;
+                }
                 let mut spec = ctx.spec();
                 if let Some(hold) = mps.as_ref() {
                     for (k, v) in hold.client.env() {

@@ -12,8 +12,8 @@ use hcl_edit::Span;
 use super::{line_col, parse_duration, Loc};
 use crate::consts::{job_type, restart_mode};
 use crate::v1::{
-    Affinity, Constraint, GpuRequest, GroupNetwork, Job, MigrateStrategy, PortSpec, RegistryAuth, ReschedulePolicy, Resources,
-    RestartPolicy, ServiceCheck, ServiceSpec, Spread, SpreadTarget, Task, TaskConfig, TaskGroup,
+    Affinity, Artifact, Constraint, GpuRequest, GroupNetwork, Job, MigrateStrategy, PortSpec, RegistryAuth, ReschedulePolicy,
+    Resources, RestartPolicy, ServiceCheck, ServiceSpec, Spread, SpreadTarget, Task, TaskConfig, TaskGroup,
 };
 
 pub(crate) const DEFAULT_NAMESPACE: &str = "default";
@@ -46,9 +46,11 @@ const GROUP_FIELDS: &[&str] = &[
     "service",
 ];
 const TASK_FIELDS: &[&str] =
-    &["driver", "config", "env", "resources", "kill_timeout", "max_run_duration", "meta", "user", "network", "affinity", "service"];
+    &["driver", "config", "env", "resources", "kill_timeout", "max_run_duration", "meta", "user", "network", "affinity", "service", "artifact"];
 const SERVICE_FIELDS: &[&str] = &["name", "port", "tags", "check"];
 const CHECK_FIELDS: &[&str] = &["type", "path", "command", "args", "interval", "timeout", "name", "port"];
+const ARTIFACT_FIELDS: &[&str] = &["source", "destination", "mode", "options"];
+const ARTIFACT_OPTIONS_FIELDS: &[&str] = &["checksum"];
 const NETWORK_FIELDS: &[&str] = &["mode"];
 const GROUP_NETWORK_FIELDS: &[&str] = &["mode", "port"];
 const PORT_FIELDS: &[&str] = &["static", "to"];
@@ -616,6 +618,46 @@ impl Decoder<'_> {
         aff
     }
 
+    /// `artifact { source = "…" destination = "local/…" mode = "any" options { checksum = "sha256:…" } }`.
+    fn artifact(&mut self, block: &Block, loc: &Loc) -> Artifact {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut art = Artifact::default();
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            if ARTIFACT_FIELDS.contains(&name) && !self.first_time(&mut seen, s, loc) {
+                continue;
+            }
+            let floc = loc.field(name);
+            match (name, s) {
+                ("source", Structure::Attribute(a)) => art.source = self.string(&a.value, &floc).unwrap_or_default(),
+                ("destination", Structure::Attribute(a)) => art.destination = self.string(&a.value, &floc).unwrap_or_default(),
+                ("mode", Structure::Attribute(a)) => art.mode = self.string(&a.value, &floc).unwrap_or_default(),
+                ("options", Structure::Block(b)) => {
+                    self.mark(&floc, start(&b.ident));
+                    self.no_labels(b, &floc);
+                    let mut seen_opt = HashMap::new();
+                    for o in b.body.iter() {
+                        let oname = structure_name(o);
+                        match (oname, o) {
+                            ("checksum", Structure::Attribute(a)) => {
+                                if self.first_time(&mut seen_opt, o, &floc) {
+                                    art.checksum = self.string(&a.value, &floc.field("checksum")).unwrap_or_default();
+                                }
+                            }
+                            _ if ARTIFACT_OPTIONS_FIELDS.contains(&oname) => self.wrong_form(o, &floc),
+                            _ => self.unknown(o, &floc, ARTIFACT_OPTIONS_FIELDS),
+                        }
+                    }
+                }
+                _ if ARTIFACT_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, ARTIFACT_FIELDS),
+            }
+        }
+        art
+    }
+
     /// `spread { attribute = "${meta.rack}" weight = 100 target "r1" { percent = 70 } }`;
     /// the weight defaults as in Nomad (50).
     fn spread(&mut self, block: &Block, loc: &Loc) -> Spread {
@@ -901,8 +943,9 @@ impl Decoder<'_> {
         let mut seen = HashMap::new();
         for s in block.body.iter() {
             let name = structure_name(s);
-            // `affinity` and `service` are repeatable; every other task field appears once.
-            if TASK_FIELDS.contains(&name) && name != "affinity" && name != "service" && !self.first_time(&mut seen, s, &loc) {
+            // `affinity`, `service` and `artifact` are repeatable; every other task field appears once.
+            let repeatable = matches!(name, "affinity" | "service" | "artifact");
+            if TASK_FIELDS.contains(&name) && !repeatable && !self.first_time(&mut seen, s, &loc) {
                 continue;
             }
             let floc = loc.field(name);
@@ -937,6 +980,10 @@ impl Decoder<'_> {
                 ("service", Structure::Block(b)) => {
                     let sloc = loc.service(task.services.len());
                     task.services.push(self.service(b, &sloc));
+                }
+                ("artifact", Structure::Block(b)) => {
+                    let aloc = loc.indexed("artifact", task.artifacts.len());
+                    task.artifacts.push(self.artifact(b, &aloc));
                 }
                 _ if TASK_FIELDS.contains(&name) => self.wrong_form(s, &loc),
                 _ => self.unknown(s, &loc, TASK_FIELDS),

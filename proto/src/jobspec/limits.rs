@@ -37,6 +37,8 @@ pub const MAX_SPREAD_TARGETS: usize = 100;
 pub const MAX_MAP_ENTRIES: usize = 1_000;
 /// Arguments of one task (`config.args`).
 pub const MAX_ARGS: usize = 1_000;
+/// `artifact` blocks in one task.
+pub const MAX_ARTIFACTS: usize = 32;
 /// Allowed GPU models in one `gpu` block.
 pub const MAX_GPU_MODELS: usize = 32;
 

@@ -7,6 +7,7 @@
 //! it names each problem by a structural key that the decoder maps back to a source position,
 //! so the rules live in one place and still come out as `FILE:LINE:COL` diagnostics.
 
+pub mod artifact;
 mod decode;
 mod duration;
 pub mod limits;

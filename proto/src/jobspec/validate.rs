@@ -676,6 +676,13 @@ impl Checker {
         self.map(&loc.field("env"), "env", &task.env);
         self.map(&loc.field("meta"), "meta", &task.meta);
         self.text(&loc.field("user"), "user", &task.user, MAX_KEY_BYTES);
+        self.at_most(&loc.field("artifact"), "artifact blocks", task.artifacts.len(), MAX_ARTIFACTS);
+        for (i, a) in task.artifacts.iter().enumerate().take(MAX_ARTIFACTS) {
+            let aloc = loc.indexed("artifact", i);
+            if let Err(e) = crate::jobspec::artifact::check(a) {
+                self.push(&aloc.field(e.field), e.message);
+            }
+        }
         if let Some(res) = &task.resources {
             let rloc = loc.field("resources");
             if res.cpu_mhz < 1 {
