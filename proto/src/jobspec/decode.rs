@@ -12,8 +12,8 @@ use hcl_edit::Span;
 use super::{line_col, parse_duration, Loc};
 use crate::consts::{job_type, restart_mode};
 use crate::v1::{
-    Affinity, Artifact, Constraint, GpuRequest, GroupNetwork, Job, MigrateStrategy, PortSpec, RegistryAuth, ReschedulePolicy,
-    Resources, RestartPolicy, ServiceCheck, ServiceSpec, Spread, SpreadTarget, Task, TaskConfig, TaskGroup,
+    Affinity, Artifact, Constraint, GpuRequest, GroupNetwork, Job, MigrateStrategy, PortSpec, RegistryAuth, ReschedulePolicy, Resources,
+    RestartPolicy, ServiceCheck, ServiceSpec, Spread, SpreadTarget, Task, TaskConfig, TaskGroup,
 };
 
 pub(crate) const DEFAULT_NAMESPACE: &str = "default";
@@ -45,8 +45,20 @@ const GROUP_FIELDS: &[&str] = &[
     "network",
     "service",
 ];
-const TASK_FIELDS: &[&str] =
-    &["driver", "config", "env", "resources", "kill_timeout", "max_run_duration", "meta", "user", "network", "affinity", "service", "artifact"];
+const TASK_FIELDS: &[&str] = &[
+    "driver",
+    "config",
+    "env",
+    "resources",
+    "kill_timeout",
+    "max_run_duration",
+    "meta",
+    "user",
+    "network",
+    "affinity",
+    "service",
+    "artifact",
+];
 const SERVICE_FIELDS: &[&str] = &["name", "port", "tags", "check"];
 const CHECK_FIELDS: &[&str] = &["type", "path", "command", "args", "interval", "timeout", "name", "port"];
 const ARTIFACT_FIELDS: &[&str] = &["source", "destination", "mode", "options"];
