@@ -13,5 +13,6 @@ pub mod scheduler;
 pub mod server;
 pub mod sim;
 pub mod state;
+pub mod tracking;
 
 pub use server::{ClusterSettings, Server, ServerConfig, ServerError};

@@ -149,6 +149,10 @@ pub enum Command {
         #[serde(default)]
         nodes: Vec<String>,
     },
+    // ---- MLflow tracking and model registry (issue 17) ----
+    /// A change to experiments, runs, models or versions (`tracking::state`). Its ids and
+    /// timestamps were chosen by the proposer; applying it reads neither clock nor randomness.
+    Tracking(crate::tracking::TrackingCommand),
 }
 
 /// What the plan applier commits: placements that fit, stops, and the evaluation's outcome.
@@ -196,6 +200,9 @@ pub struct CommandResponse {
     /// What a `GarbageCollect` entry removed.
     #[serde(default)]
     pub collected: Option<GcCounts>,
+    /// What a `Tracking` entry created, when its proposer needs it (a model version's number).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
 }
 
 /// Counts of what garbage collection removed; a job's own evaluations and allocations are
@@ -245,6 +252,10 @@ pub struct ClusterState {
     /// since removed. Absent in older snapshots (then empty).
     #[serde(default)]
     pub learned: LearnedWorkload,
+    /// MLflow tracking and registry state (issue 17). Absent in older snapshots (then only
+    /// the Default experiment).
+    #[serde(default)]
+    pub tracking: crate::tracking::TrackingState,
     #[serde(skip)]
     pub allocs_by_node: BTreeMap<String, BTreeSet<String>>,
     /// The allocations that hold resources on each node (`scheduler::resources::is_live`): the
@@ -739,6 +750,14 @@ impl ClusterState {
             Command::GarbageCollect { evals, allocs, jobs, nodes } => {
                 resp.collected = Some(self.garbage_collect(evals, allocs, jobs, nodes));
             }
+            Command::Tracking(cmd) => {
+                let now = i64::try_from(now).unwrap_or(i64::MAX);
+                match self.tracking.apply(now, cmd) {
+                    Ok(created) => resp.created = created,
+                    // `"<CODE>: <message>"`, parsed back by the tracking API.
+                    Err(e) => resp.error = Some(e.to_string()),
+                }
+            }
         }
         resp
     }
@@ -1171,7 +1190,13 @@ impl StateHandle {
             let why = crate::leader::panic_message(panic.as_ref());
             tracing::error!(index, error = %why, "applying a committed entry failed; it changed nothing further");
             st.index = index;
-            CommandResponse { index, job_version: None, error: Some(format!("internal error while applying: {why}")), collected: None }
+            CommandResponse {
+                index,
+                job_version: None,
+                error: Some(format!("internal error while applying: {why}")),
+                collected: None,
+                created: None,
+            }
         });
         let touched = std::mem::take(&mut st.touched);
         if !touched.nodes.is_empty() || touched.deleted.iter().any(|d| d.topic == "Node") {
