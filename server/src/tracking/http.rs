@@ -446,6 +446,16 @@ async fn dispatch(t: &Tracking, method: &Method, endpoint: &str, a: &Args) -> TR
             let (points, token): (Vec<Value>, _) = page(points, a, usize::MAX, usize::MAX)?;
             Ok(with_token(json!({ "metrics": points }), token))
         }
+        // MLflow 3's client looks for logged models of a run when it lists or downloads the
+        // run's artifacts; mlp has no logged models yet, so the answer is always none.
+        "logged-models/search" => {
+            let ids = a.list("experiment_ids")?;
+            if ids.len() > 1000 {
+                return Err(TrackingError::invalid("At most 1000 experiment_ids"));
+            }
+            search::parse_filter::<search::NoFields>(&a.opt_str("filter")?.unwrap_or_default())?;
+            Ok(json!({ "models": [] }))
+        }
         // ---- model registry ----
         "registered-models/create" => {
             let name = a.str("name")?;

@@ -496,12 +496,41 @@ impl Searchable for RegisteredModel {
     }
     fn field(&self, entity: Entity, key: &str) -> Field<'_> {
         match (entity, key) {
-            (Entity::Tag, k) => self.tags.get(k).map_or(Field::Missing, |v| Field::Str(v)),
+            (Entity::Tag, k) => registry_tag(&self.tags, k),
             (Entity::Attribute, "name") => Field::Str(&self.name),
             (Entity::Attribute, "creation_timestamp") => Field::Num(self.creation_timestamp as f64),
             (Entity::Attribute, "last_updated_timestamp" | "timestamp") => Field::Num(self.last_updated_timestamp as f64),
             _ => Field::Missing,
         }
+    }
+}
+
+/// The tag MLflow's registry marks prompts with. MLflow 3's client adds
+/// ``tags.`mlflow.prompt.is_prompt` != 'true'`` to every registry search, and MLflow's server
+/// treats a model without the tag as not a prompt: so does mlp.
+pub const IS_PROMPT_TAG: &str = "mlflow.prompt.is_prompt";
+
+fn registry_tag<'a>(tags: &'a std::collections::BTreeMap<String, String>, key: &str) -> Field<'a> {
+    match tags.get(key) {
+        Some(v) => Field::Str(v),
+        None if key == IS_PROMPT_TAG => Field::Str("false"),
+        None => Field::Missing,
+    }
+}
+
+/// What a logged model's filter may name (mlp has no logged models yet: the filter is only
+/// checked).
+pub struct NoFields;
+
+impl Searchable for NoFields {
+    fn attributes() -> &'static [(&'static str, bool)] {
+        &[("name", false), ("model_id", false), ("source_run_id", false), ("status", false), ("creation_timestamp", true)]
+    }
+    fn entities() -> &'static [Entity] {
+        &[Entity::Metric, Entity::Param, Entity::Tag]
+    }
+    fn field(&self, _: Entity, _: &str) -> Field<'_> {
+        Field::Missing
     }
 }
 
@@ -529,7 +558,7 @@ impl Searchable for VersionOf<'_> {
     }
     fn field(&self, entity: Entity, key: &str) -> Field<'_> {
         match (entity, key) {
-            (Entity::Tag, k) => self.version.tags.get(k).map_or(Field::Missing, |v| Field::Str(v)),
+            (Entity::Tag, k) => registry_tag(&self.version.tags, k),
             (Entity::Attribute, "name") => Field::Str(&self.model.name),
             (Entity::Attribute, "run_id") => Field::Str(&self.version.run_id),
             (Entity::Attribute, "source_path") => Field::Str(&self.version.source),
@@ -641,6 +670,27 @@ mod tests {
         let ids: Vec<&str> = sorted.iter().map(|r| r.run_id.as_str()).collect();
         assert_eq!(ids, vec!["a", "b", "d", "c"]);
         assert!(parse_order_by::<Run>(&["metrics.acc sideways".to_string()]).is_err());
+    }
+
+    #[test]
+    fn tracking_registry_search_treats_untagged_models_as_not_prompts() {
+        let model = |name: &str, prompt: Option<&str>| RegisteredModel {
+            name: name.into(),
+            creation_timestamp: 0,
+            last_updated_timestamp: 0,
+            description: String::new(),
+            tags: prompt.map(|p| BTreeMap::from([(IS_PROMPT_TAG.to_string(), p.to_string())])).unwrap_or_default(),
+            aliases: BTreeMap::new(),
+            versions: BTreeMap::new(),
+            last_version: 0,
+        };
+        let models = [model("plain", None), model("prompt", Some("true")), model("other", None)];
+        // What MLflow 3's client sends with every registry search.
+        let c = parse_filter::<RegisteredModel>("name LIKE '%' AND tags.`mlflow.prompt.is_prompt` != 'true'").expect("parses");
+        let names: Vec<&str> = models.iter().filter(|m| c.iter().all(|c| c.matches(*m))).map(|m| m.name.as_str()).collect();
+        assert_eq!(names, vec!["plain", "other"]);
+        let c = parse_filter::<RegisteredModel>("tags.other != 'x'").expect("parses");
+        assert!(!c[0].matches(&models[0]), "other missing tags match nothing, as in runs");
     }
 
     #[test]
