@@ -368,6 +368,10 @@ impl TrackingState {
         use TrackingCommand as C;
         match cmd {
             C::CreateExperiment { experiment_id, name, artifact_location, tags } => {
+                // The same entry again (a forwarding retry resends it): already done.
+                if self.experiments.get(experiment_id).is_some_and(|e| &e.name == name) {
+                    return Ok(None);
+                }
                 if self.experiment_by_name(name).is_some() {
                     return Err(TrackingError::exists(format!("Experiment '{name}' already exists.")));
                 }
@@ -422,7 +426,11 @@ impl TrackingState {
                         e.lifecycle_stage
                     )));
                 }
-                if self.runs.contains_key(run_id) {
+                if let Some(run) = self.runs.get(run_id) {
+                    if &run.experiment_id == experiment_id && run.start_time == *start_time {
+                        // The same entry again (a forwarding retry): already done.
+                        return Ok(None);
+                    }
                     return Err(TrackingError::exists(format!("Run with id={run_id} already exists")));
                 }
                 let artifact_uri = format!("{}/{run_id}/artifacts", e.artifact_location.trim_end_matches('/'));
@@ -778,6 +786,10 @@ mod tests {
     fn tracking_deleted_runs_refuse_logging_and_model_versions_count_up() {
         let mut st = TrackingState::default();
         create_run(&mut st, "r1");
+        // A resent create (a forwarding retry) is a no-op, not an error.
+        let before = st.clone();
+        create_run(&mut st, "r1");
+        assert_eq!(st, before);
         st.apply(2, &TrackingCommand::DeleteRun { run_id: "r1".into() }).expect("delete");
         let err = st.apply(3, &batch("r1", vec![metric("m", 1.0, 1, 0)], &[], &[])).expect_err("deleted");
         assert_eq!(err.code, super::super::ErrorCode::InvalidParameterValue);
