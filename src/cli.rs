@@ -42,6 +42,9 @@ pub enum Command {
     /// Inspect evaluations.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Inspect services (registered from jobs' `service` blocks) and their health.
+    #[command(subcommand)]
+    Service(ServiceCommand),
     // ---- high availability (issue 5): cluster operations ----
     /// Cluster operations: Raft peers, leadership.
     #[command(subcommand)]
@@ -182,6 +185,90 @@ pub struct AgentArgs {
     pub exec: ExecIsolationArgs,
     #[command(flatten)]
     pub network: NetworkArgs,
+    #[command(flatten)]
+    pub dns: DnsArgs,
+    #[command(flatten)]
+    pub oci: OciArgs,
+    #[command(flatten)]
+    pub artifacts: ArtifactArgs,
+}
+
+/// The `oci` driver's image store (docs/jobspec.md, "driver = oci").
+#[derive(Debug, Args, Clone)]
+pub struct OciArgs {
+    /// Registry (HOST:PORT) reached over plain HTTP, besides those on loopback; repeatable.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub oci_insecure_registry: Vec<String>,
+    /// Disk budget of the node's image layers, in MiB: unused images beyond it are removed,
+    /// least recently used first.
+    #[arg(long, default_value_t = 20480)]
+    pub oci_image_budget_mib: u64,
+    /// Longest an image pull may take, in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub oci_pull_timeout: u64,
+    /// JSON file of registry credentials used when a job gives none:
+    /// {"HOST:PORT": {"username": "...", "password": "..."}}.
+    #[arg(long, value_name = "FILE")]
+    pub oci_auth_file: Option<std::path::PathBuf>,
+}
+
+impl OciArgs {
+    /// The image store's settings, checked.
+    pub fn settings(&self) -> anyhow::Result<mlp_agent::image::ImageSettings> {
+        for r in &self.oci_insecure_registry {
+            let ok = !r.is_empty() && r.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+            if !ok {
+                anyhow::bail!("--oci-insecure-registry {r:?}: must be HOST or HOST:PORT");
+            }
+        }
+        if self.oci_pull_timeout == 0 {
+            anyhow::bail!("--oci-pull-timeout must be at least 1 (seconds)");
+        }
+        let credentials = match &self.oci_auth_file {
+            Some(f) => mlp_agent::image::load_credentials(f).map_err(|e| anyhow::anyhow!("--oci-auth-file {e}"))?,
+            None => Default::default(),
+        };
+        Ok(mlp_agent::image::ImageSettings {
+            credentials,
+            insecure_registries: self.oci_insecure_registry.clone(),
+            budget_bytes: self.oci_image_budget_mib.saturating_mul(1024 * 1024),
+            pull_timeout: std::time::Duration::from_secs(self.oci_pull_timeout),
+            ..Default::default()
+        })
+    }
+}
+
+/// Tasks' `artifact` blocks (docs/jobspec.md, "artifact").
+#[derive(Debug, Args, Clone)]
+pub struct ArtifactArgs {
+    /// Directory `file://` artifact sources may name files under; repeatable. Without one,
+    /// `file://` sources are refused (a job must not read any file of the node).
+    #[arg(long, value_name = "DIR")]
+    pub artifact_file_root: Vec<std::path::PathBuf>,
+    /// Longest one artifact may take to fetch, all attempts together, in seconds.
+    #[arg(long, default_value_t = 1800)]
+    pub artifact_timeout: u64,
+    /// Largest artifact fetched, in MiB (as downloaded, before unpacking).
+    #[arg(long, default_value_t = 20480)]
+    pub artifact_max_mib: u64,
+}
+
+impl ArtifactArgs {
+    pub fn settings(&self) -> anyhow::Result<mlp_agent::artifact::ArtifactSettings> {
+        if self.artifact_timeout == 0 || self.artifact_max_mib == 0 {
+            anyhow::bail!("--artifact-timeout and --artifact-max-mib must be at least 1");
+        }
+        for r in &self.artifact_file_root {
+            if !r.is_absolute() || !r.is_dir() {
+                anyhow::bail!("--artifact-file-root {}: must be an existing directory, given as an absolute path", r.display());
+            }
+        }
+        Ok(mlp_agent::artifact::ArtifactSettings {
+            file_roots: self.artifact_file_root.clone(),
+            timeout: std::time::Duration::from_secs(self.artifact_timeout),
+            max_bytes: self.artifact_max_mib.saturating_mul(1024 * 1024),
+        })
+    }
 }
 
 /// Real GPUs: where NVML and the driver's files are (issue 12).
@@ -373,20 +460,26 @@ pub struct DevArgs {
     #[command(flatten)]
     pub network: NetworkArgs,
     #[command(flatten)]
+    pub dns: DnsArgs,
+    #[command(flatten)]
     pub overlay: OverlayArgs,
     #[command(flatten)]
     pub preemption: PreemptionArgs,
     #[command(flatten)]
     pub gc: GcArgs,
+    #[command(flatten)]
+    pub oci: OciArgs,
+    #[command(flatten)]
+    pub artifacts: ArtifactArgs,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum EventCommand {
     /// Print events as they happen, one JSON batch per line.
     Stream {
-        /// Topic to follow: Job, Evaluation, Allocation or Node, optionally `Topic:key` (a job,
-        /// evaluation, allocation or node id; an allocation also matches its job's and node's
-        /// id). Repeatable; none: every topic.
+        /// Topic to follow: Job, Evaluation, Allocation, Node or Service, optionally `Topic:key`
+        /// (a job, evaluation, allocation or node id, or a service name; an allocation also
+        /// matches its job's and node's id). Repeatable; none: every topic.
         #[arg(long = "topic")]
         topics: Vec<String>,
         /// Only this namespace (node events always pass); empty: every namespace.
@@ -539,6 +632,52 @@ pub enum NodeCommand {
         #[arg(long)]
         disable: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// List services with their instance counts.
+    List {
+        /// Only this namespace (default: every namespace).
+        #[arg(long, default_value = "")]
+        namespace: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a service's instances: allocation, address, health, last check output.
+    Info {
+        /// Service name.
+        name: String,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Passing instances only.
+        #[arg(long)]
+        passing: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The agent's DNS responder (issue 13 §3).
+#[derive(Debug, Args, Clone)]
+pub struct DnsArgs {
+    /// Where the DNS responder forwards names outside service.mlp (IP or IP:PORT, repeatable;
+    /// default: the name servers of /etc/resolv.conf).
+    #[arg(long = "dns-upstream", value_name = "ADDR")]
+    pub dns_upstreams: Vec<String>,
+}
+
+impl DnsArgs {
+    pub fn upstreams(&self) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+        self.dns_upstreams
+            .iter()
+            .map(|s| {
+                s.parse::<std::net::SocketAddr>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| std::net::SocketAddr::new(ip, 53)))
+                    .map_err(|_| anyhow::anyhow!("--dns-upstream {s:?}: write it as IP or IP:PORT"))
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Subcommand)]

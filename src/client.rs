@@ -29,6 +29,7 @@ pub struct Clients {
     pub cluster: ClusterServiceClient<Channel>,
     pub system: SystemServiceClient<Channel>,
     pub events: EventServiceClient<Channel>,
+    pub services: mlp_proto::v1::service_service_client::ServiceServiceClient<Channel>,
 }
 
 pub fn endpoint_uri(address: &str) -> String {
@@ -83,7 +84,8 @@ async fn connect_one(address: &str) -> anyhow::Result<Clients> {
         evals: EvalServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
         cluster: ClusterServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
         system: SystemServiceClient::new(channel.clone()),
-        events: EventServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        events: EventServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        services: mlp_proto::v1::service_service_client::ServiceServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
     })
 }
 

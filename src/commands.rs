@@ -29,6 +29,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Alloc(c) => alloc(&addr, c).await,
         Command::Node(c) => node(&addr, c).await,
         Command::Eval(c) => eval(&addr, c).await,
+        Command::Service(c) => crate::services::service(&addr, c).await,
         Command::System(c) => system(&addr, c).await,
         Command::Event(c) => event(&addr, c).await,
         Command::Sim(a) => crate::sim::run(&a),

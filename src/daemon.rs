@@ -247,6 +247,9 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     config.simulated_gpus = gpus;
     config.gpu = args.gpu.settings();
     config.network = args.network.settings()?;
+    config.dns_upstreams = args.dns.upstreams()?;
+    config.images = args.oci.settings()?;
+    config.artifacts = args.artifacts.settings()?;
     config.datacenter = args.datacenter;
     config.node_pool = args.node_pool;
     config.meta = args.meta.into_iter().collect::<BTreeMap<_, _>>();
@@ -266,6 +269,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     // Bad isolation flags or GPU file fail before anything starts.
     isolation_settings(&args.exec)?;
     let network = args.network.settings()?;
+    let dns_upstreams = args.dns.upstreams()?;
     let gpus = simulated_gpus(args.simulated_gpus.as_deref())?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let server = start_server(
@@ -286,6 +290,9 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     config.simulated_gpus = gpus;
     config.gpu = args.gpu.settings();
     config.network = network;
+    config.dns_upstreams = dns_upstreams;
+    config.images = args.oci.settings()?;
+    config.artifacts = args.artifacts.settings()?;
     let agent = Agent::start(config).await.context("starting the agent")?;
     let grpc = server.grpc_addr();
     println!("==> mlp dev cluster running (one server, one agent, embedded storage)");

@@ -162,6 +162,8 @@ pub async fn job_run(
     let mut f = Follower::new(c, &[("Job", &job.id), ("Evaluation", &job.id), ("Allocation", &job.id)], ns, index);
     let mut view = JobView::default();
     let mut printed: BTreeMap<String, String> = BTreeMap::new();
+    // Driver events already shown (an image pull's progress): allocation, task, time, message.
+    let mut progress_shown: std::collections::BTreeSet<(String, String, u64, String)> = Default::default();
     let mut evaluated = false;
     let mut placed_by_eval: Vec<String> = Vec::new();
     // Without --wait the CLI gives up after this long (the job keeps going).
@@ -210,6 +212,16 @@ pub async fn job_run(
             if placed_by_eval.is_empty() && until == Until::Started {
                 println!("==> No new allocations (the job is already placed as specified).");
                 return Ok(ExitCode::SUCCESS);
+            }
+        }
+        // What a driver reports before its task starts (an image pull), as it comes.
+        for a in view.allocs.values().filter(|a| a.job_version == version) {
+            for (task, st) in &a.task_states {
+                for e in st.events.iter().filter(|e| e.r#type == mlp_proto::consts::task_event::DRIVER) {
+                    if progress_shown.insert((a.id.clone(), task.clone(), e.time_ms, e.message.clone())) {
+                        println!("    Allocation {} task {task:?}: {}", short(&a.id), e.message);
+                    }
+                }
             }
         }
         // Status lines for this version's allocations as they change.

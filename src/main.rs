@@ -8,6 +8,7 @@ mod daemon;
 mod follow;
 mod ha;
 mod output;
+mod services;
 mod sim;
 
 use std::process::ExitCode;
@@ -39,13 +40,19 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(commands::run(cli)) {
+    let code = match rt.block_on(commands::run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("Error: {e:#}");
             ExitCode::from(1)
         }
+    };
+    // A CLI call is done once its output is written: the process exits without waiting for
+    // the runtime's idle blocking threads (file reads) to be woken and joined.
+    if !daemon {
+        rt.shutdown_background();
     }
+    code
 }
 
 /// A CLI call whose output goes to a pipe that closed (`mlp node status | head -1`, `grep -q`)

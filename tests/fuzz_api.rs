@@ -242,6 +242,8 @@ const HTTP_PATHS: &[&str] = &[
     "/v1/node/{id}/eligibility",
     "/v1/evaluations",
     "/v1/evaluation/{id}",
+    "/v1/services",
+    "/v1/service/{id}",
     "/v1/status/leader",
     "/v1/metrics",
     "/v1/{id}",

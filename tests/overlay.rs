@@ -56,6 +56,35 @@ fn http_from(ns: &str, url: &str) -> Result<String, String> {
     }
 }
 
+/// The A records `server` (port 53) answers for `name`, asked from inside `ns` (the test's
+/// own small DNS client in Python's standard library: one UDP query, names skipped whether
+/// compressed or not).
+fn dns_a_from(ns: &str, server: &str, name: &str) -> Result<Vec<String>, String> {
+    let script = format!(
+        r#"import socket, struct
+q = struct.pack('>HHHHHH', 7, 0x0100, 1, 0, 0, 0) + b''.join(bytes([len(l)]) + l.encode() for l in '{name}'.split('.')) + b'\0' + struct.pack('>HH', 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3); s.sendto(q, ('{server}', 53)); r = s.recv(4096)
+def skip(i):
+    while True:
+        n = r[i]
+        if n == 0: return i + 1
+        if n >= 0xC0: return i + 2
+        i += n + 1
+an = struct.unpack('>H', r[6:8])[0]; i = skip(12) + 4; out = []
+for _ in range(an):
+    i = skip(i); t, c, ttl, ln = struct.unpack('>HHIH', r[i:i + 10]); i += 10
+    if t == 1: out.append('.'.join(str(b) for b in r[i:i + 4]))
+    i += ln
+print(' '.join(out), end='')"#
+    );
+    let out = run_in(ns, &["/usr/bin/python3", "-c", &script], Duration::from_secs(8)).ok_or("could not run python3")?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or_default().to_string())
+    }
+}
+
 /// The first `env.txt` a task `task` of a `job` allocation wrote under an agent's data dir.
 fn task_env(agent_dir: &Path, task: &str) -> Option<std::collections::BTreeMap<String, String>> {
     for alloc in std::fs::read_dir(agent_dir.join("allocs")).ok()?.flatten() {
@@ -114,6 +143,16 @@ fn server_job(node: &str, namespace: &str) -> String {
       mode = "bridge"
       port "http" {{
         to = 8080
+      }}
+    }}
+    service {{
+      name = "srv"
+      port = "http"
+      check {{
+        type     = "http"
+        path     = "/index.html"
+        interval = "1s"
+        timeout  = "1s"
       }}
     }}
     task "srv" {{
@@ -247,6 +286,21 @@ fn allocations_reach_each_other_across_hosts_by_address_and_namespaces_stay_apar
     let b_ip = c.net.hosts[c.hosts[1]].ip.clone();
     let by_port = format!("http://{b_ip}:{host_port}/index.html");
     assert_eq!(http_from(&a_ns, &by_port).as_deref(), Ok("hello-from-b\n"), "host A → {by_port}");
+
+    // Service discovery across nodes (issue 13 §3): host A's DNS responder, on its bridge's
+    // gateway, answers the name of the instance on host B (registered by host B's agent once its
+    // http check passed), and the answer reaches it.
+    let a_subnet = nodes
+        .iter()
+        .find(|n| n["name"] == "agent-0")
+        .and_then(|n| n.pointer("/overlay/subnet").and_then(|s| s.as_str()).map(str::to_string))
+        .expect("host A's subnet");
+    let a_gateway = format!("{}.1", a_subnet.trim_end_matches(".0/24"));
+    wait_for("host A's DNS to answer srv.service.mlp with host B's instance", Duration::from_secs(30), || {
+        (dns_a_from(&a_ns, &a_gateway, "srv.service.mlp").ok()? == vec![ip.clone()]).then_some(())
+    });
+    let by_name = format!("http://{ip}:8080/index.html");
+    assert_eq!(http_from(&a_ns, &by_name).as_deref(), Ok("hello-from-b\n"), "host A → the address DNS gave");
 
     // Another namespace on host A cannot reach it by its address.
     let out = job_run(&c.net, c.server, &c.addr, "other.hcl", &client_job("intruder", "agent-0", "other", &url), true);

@@ -199,11 +199,13 @@ pub fn fingerprint(config: &AgentConfig, gpu: &crate::gpu::Backend) -> Node {
     // mounts, switching users) and a cgroup hierarchy with controllers.
     let exec_ok = nix::unistd::geteuid().is_root() && crate::isolation::cgroups::host_layout().is_some();
     for d in &config.drivers_enabled {
-        if d == mlp_proto::consts::driver::EXEC && !exec_ok {
-            tracing::warn!("the exec driver needs root and cgroups; not offered on this node");
+        let isolated = d == mlp_proto::consts::driver::EXEC || d == mlp_proto::consts::driver::OCI;
+        if isolated && !exec_ok {
+            tracing::warn!(driver = %d, "the driver needs root and cgroups; not offered on this node");
             continue;
         }
-        if crate::driver::drivers_for(std::slice::from_ref(d)).contains_key(d) {
+        // oci needs the agent's image store, which the agent makes at start.
+        if d == mlp_proto::consts::driver::OCI || crate::driver::drivers_for(std::slice::from_ref(d)).contains_key(d) {
             attrs.insert(format!("driver.{d}"), "1".into());
             drivers.push(d.clone());
         }
@@ -287,7 +289,8 @@ mod tests {
         assert_eq!(n.attributes.get("kernel.name").map(String::as_str), Some("linux"));
         assert_eq!(n.attributes.get("driver.exec").map(String::as_str), Some("1"));
         assert_eq!(n.attributes.get("driver.wasm").map(String::as_str), Some("1"));
-        assert_eq!(n.drivers, vec!["exec".to_string(), "raw_exec".to_string(), "wasm".to_string()]);
+        assert_eq!(n.attributes.get("driver.oci").map(String::as_str), Some("1"));
+        assert_eq!(n.drivers, vec!["exec".to_string(), "raw_exec".to_string(), "wasm".to_string(), "oci".to_string()]);
         assert!(r.gpus.is_empty() && !n.attributes.contains_key("gpu.simulated"));
         for k in [
             "cpu.numcores",

@@ -9,10 +9,12 @@
 //! lib.rs, client.rs, fingerprint.rs, rpc/   wiring, servers' streams, node facts, ClientService
 //! alloc/      allocations: manager, runner, state registry        uses task, driver, gpu, isolation
 //! task/       one task: runner, restart, supervisor process       uses driver, gpu, isolation
-//! driver/     Driver/TaskHandle, raw_exec, exec, wasm, supervisor  uses isolation, gpu
-//!             launch, task log files
+//! driver/     Driver/TaskHandle, raw_exec, exec, wasm, oci,        uses isolation, gpu, image
+//!             supervisor launch, task log files
+//! image/      OCI images: registry pulls, layer store, unpack, GC  uses nothing of the crate
 //! isolation/  namespaces, rootfs, devices, init, cgroups/, phases uses nothing of the crate
 //! gpu/        GpuSource, simulated GPUs, task GPUs, driver files  uses nothing of the crate
+//! services/   service checks, registrations, the DNS responder       uses alloc (state), network
 //! network/    bridge mode: netns, veth, addresses, nftables ports uses nothing of the crate
 //! paths.rs    checks of names that become paths                  uses nothing of the crate
 //! ```
@@ -22,14 +24,17 @@
 //! the driver never imports the task layer; isolation knows nothing of drivers or tasks.
 
 pub mod alloc;
+pub mod artifact;
 pub mod client;
 pub mod driver;
 pub mod fingerprint;
 pub mod gpu;
+pub mod image;
 pub mod isolation;
 pub mod network;
 pub mod paths;
 pub mod rpc;
+pub mod services;
 pub mod task;
 
 use std::collections::BTreeMap;
@@ -95,7 +100,7 @@ pub struct AgentConfig {
     pub log_max_file_bytes: u64,
     /// Log files kept per task stream (default 5).
     pub log_max_files: u32,
-    /// Enabled drivers (default exec, raw_exec, wasm).
+    /// Enabled drivers (default exec, raw_exec, wasm, oci).
     pub drivers_enabled: Vec<String>,
     /// Isolation of `exec` tasks (default user, refused users, default pids limit, ...).
     pub isolation: isolation::IsolationSettings,
@@ -105,6 +110,13 @@ pub struct AgentConfig {
     pub gpu: gpu::GpuSettings,
     /// Bridge-mode networking: bridge, subnet, MTU, dynamic port range.
     pub network: network::NetworkSettings,
+    /// Where the DNS responder forwards names outside `service.mlp` (empty: the host's
+    /// `/etc/resolv.conf` name servers).
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
+    /// The `oci` driver's image store: insecure registries, disk budget, pull timeout.
+    pub images: image::ImageSettings,
+    /// Where tasks' `artifact` blocks may fetch from, and the limits.
+    pub artifacts: artifact::ArtifactSettings,
 }
 
 impl Default for AgentConfig {
@@ -124,11 +136,15 @@ impl Default for AgentConfig {
                 mlp_proto::consts::driver::EXEC.to_string(),
                 mlp_proto::consts::driver::RAW_EXEC.to_string(),
                 mlp_proto::consts::driver::WASM.to_string(),
+                mlp_proto::consts::driver::OCI.to_string(),
             ],
             isolation: isolation::IsolationSettings::default(),
             simulated_gpus: Vec::new(),
             gpu: gpu::GpuSettings::default(),
             network: network::NetworkSettings::default(),
+            dns_upstreams: Vec::new(),
+            images: image::ImageSettings::default(),
+            artifacts: artifact::ArtifactSettings::default(),
         }
     }
 }
@@ -224,6 +240,11 @@ impl Agent {
         }
         node.id = node_id.clone();
         node.rpc_addr = config.advertise_addr.clone().unwrap_or_else(|| rpc_addr.to_string());
+        let images = Arc::new(image::ImageStore::new(data_dir.join("oci"), config.images.clone()));
+        if config.drivers_enabled.iter().any(|d| d == mlp_proto::consts::driver::OCI) {
+            // The images on this node when the agent started (`mlp node status`).
+            node.attributes.insert("driver.oci.images".into(), images.list().len().to_string());
+        }
 
         // GPU health: devices NVML reports unhealthy, for the tasks using them.
         let (health_tx, health_rx) = watch::channel(BTreeMap::<String, String>::new());
@@ -244,7 +265,13 @@ impl Agent {
         let network = Arc::new(network::NetworkManager::new(config.network.clone(), &data_dir));
         let env = RunnerEnv {
             alloc_root: data_dir.join("allocs"),
-            drivers: driver::drivers_in(&config.drivers_enabled, &config.isolation, &config.gpu, Some(&data_dir.join("wasm-cache"))),
+            drivers: driver::drivers_with_images(
+                &config.drivers_enabled,
+                &config.isolation,
+                &config.gpu,
+                Some(&data_dir.join("wasm-cache")),
+                Some(images.clone()),
+            ),
             log_max_file_bytes: config.log_max_file_bytes,
             log_max_files: config.log_max_files,
             registry: registry.clone(),
@@ -255,8 +282,16 @@ impl Agent {
             network: Some(network.clone()),
             node_address,
             node_id: node_id.clone(),
+            artifacts: Arc::new(config.artifacts.clone()),
         };
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
+        // Service discovery sees every allocation update too (services/mod.rs).
+        let (updates_rx, service_updates) = services::tee(updates_rx);
+        let services_env = Arc::new(services::ServicesEnv {
+            alloc_root: env.alloc_root.clone(),
+            node_address: env.node_address.clone(),
+            network: Some(network.clone()),
+        });
         let mut manager = AllocManager::new(env, updates_tx);
         manager.restore();
         // MPS daemons of the previous run: kept for the reattached share tasks, stopped otherwise.
@@ -295,8 +330,12 @@ impl Agent {
         }
         loops.push(spawn_cancellable(&cancel, client::node_loop(pool.clone(), node_rx, reg_tx, stats_rx, Some(network.clone()))));
         loops.push(spawn_cancellable(&cancel, client::overlay_loop(pool.clone(), node_id.clone(), reg_rx.clone(), network.clone())));
+        let services_registered = reg_rx.clone();
         loops.push(spawn_cancellable(&cancel, client::watch_loop(pool.clone(), node_id.clone(), reg_rx, manager.clone())));
-        loops.push(spawn_cancellable(&cancel, client::update_loop(pool, node_id.clone(), updates_rx)));
+        loops.push(spawn_cancellable(&cancel, client::update_loop(pool.clone(), node_id.clone(), updates_rx)));
+        let services_wiring =
+            ServicesWiring { env: services_env, updates: service_updates, registered: services_registered, network: network.clone() };
+        start_services(&cancel, &mut loops, &config, services_wiring, pool, &node_id);
         let reap_manager = manager.clone();
         loops.push(spawn_cancellable(&cancel, async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -335,6 +374,38 @@ impl Agent {
 /// Follows NVML's health events: each device that becomes unhealthy is published to the tasks
 /// (`health`) and the node's fingerprint is taken again and re-registered (`node`), so the
 /// scheduler stops placing on it.
+/// Service discovery's loops: the check watchers' manager, the registrations' sender, the
+/// cluster's passing instances, and the DNS responder on the bridge's gateway.
+struct ServicesWiring {
+    env: Arc<services::ServicesEnv>,
+    updates: mpsc::UnboundedReceiver<mlp_proto::v1::AllocClientUpdate>,
+    /// Set on every registration (the leased subnet, and so the DNS address, is known then).
+    registered: watch::Receiver<bool>,
+    network: Arc<network::NetworkManager>,
+}
+
+fn start_services(
+    cancel: &CancellationToken,
+    loops: &mut Vec<JoinHandle<()>>,
+    config: &AgentConfig,
+    w: ServicesWiring,
+    pool: Arc<ServerPool>,
+    node_id: &str,
+) {
+    let (regs_tx, regs_rx) = mpsc::unbounded_channel();
+    loops.push(spawn_cancellable(cancel, services::manager_loop(w.env, w.updates, regs_tx, cancel.child_token())));
+    loops.push(spawn_cancellable(cancel, services::send_loop(pool.clone(), node_id.to_string(), regs_rx)));
+    let (table_tx, table_rx) = watch::channel(Arc::new(services::dns::DnsTable::default()));
+    loops.push(spawn_cancellable(cancel, services::watch_loop(pool, node_id.to_string(), table_tx)));
+    let upstreams = if config.dns_upstreams.is_empty() {
+        services::dns::nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
+    } else {
+        config.dns_upstreams.clone()
+    };
+    let responder = Arc::new(services::dns::Responder { table: table_rx, upstreams });
+    loops.push(spawn_cancellable(cancel, services::dns_loop(w.network, w.registered, responder)));
+}
+
 async fn gpu_health_loop(
     nvml: gpu::nvml::NvmlGpus,
     backend: gpu::Backend,

@@ -15,8 +15,8 @@ use mlp_proto::consts::{alloc_client, task_event};
 use mlp_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use mlp_proto::v1::{
     AllocClientUpdate, Allocation, HeartbeatRequest, HeartbeatResponse, Job, Node, NodeAllocations, OverlayPeers, RegisterNodeRequest,
-    RegisterNodeResponse, Task, TaskConfig, TaskGroup, UpdateAllocsRequest, UpdateAllocsResponse, WatchAllocationsRequest,
-    WatchOverlayRequest,
+    RegisterNodeResponse, ServiceInstances, Task, TaskConfig, TaskGroup, UpdateAllocsRequest, UpdateAllocsResponse, UpdateServicesRequest,
+    UpdateServicesResponse, WatchAllocationsRequest, WatchOverlayRequest, WatchServicesRequest,
 };
 use nix::sys::signal::Signal;
 use tokio::sync::watch;
@@ -55,6 +55,14 @@ impl AgentService for Fake {
             u.extend(r.into_inner().updates);
         }
         Ok(Response::new(UpdateAllocsResponse { index: 1 }))
+    }
+    async fn update_services(&self, _: Request<UpdateServicesRequest>) -> Result<Response<UpdateServicesResponse>, Status> {
+        Ok(Response::new(UpdateServicesResponse { index: 1 }))
+    }
+    type WatchServicesStream = Pin<Box<dyn Stream<Item = Result<ServiceInstances, Status>> + Send>>;
+    #[allow(clippy::result_large_err)]
+    async fn watch_services(&self, _: Request<WatchServicesRequest>) -> Result<Response<Self::WatchServicesStream>, Status> {
+        Ok(Response::new(Box::pin(futures::stream::pending())))
     }
     type WatchOverlayStream = Pin<Box<dyn Stream<Item = Result<OverlayPeers, Status>> + Send>>;
     async fn watch_overlay(&self, _: Request<WatchOverlayRequest>) -> Result<Response<Self::WatchOverlayStream>, Status> {

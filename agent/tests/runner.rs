@@ -89,6 +89,7 @@ impl Harness {
             network: None,
             node_address: "127.0.0.1".into(),
             node_id: String::new(),
+            artifacts: Default::default(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = spawn_alloc_runner(a, None, env, tx);

@@ -55,6 +55,12 @@ pub mod task_event {
     pub const MAX_RUN_DURATION: &str = "max-run-duration-exceeded";
     pub const TERMINATED: &str = "terminated";
     pub const GPU_UNHEALTHY: &str = "gpu-unhealthy";
+    /// A driver's progress before the task starts (`oci`: the image pull, bytes per layer).
+    pub const DRIVER: &str = "driver";
+    /// The task's `artifact` blocks being fetched, and each one fetched.
+    pub const DOWNLOADING_ARTIFACTS: &str = "downloading-artifacts";
+    /// An artifact could not be fetched or failed its checksum: the task does not start.
+    pub const ARTIFACT_FAILED: &str = "failed-artifact-download";
 }
 
 pub mod eval_status {
@@ -84,4 +90,19 @@ pub mod driver {
     pub const EXEC: &str = "exec";
     pub const RAW_EXEC: &str = "raw_exec";
     pub const WASM: &str = "wasm";
+    pub const OCI: &str = "oci";
+}
+
+/// Health of a service instance (`ServiceRegistration.health`).
+pub mod service_health {
+    pub const PASSING: &str = "passing";
+    pub const CRITICAL: &str = "critical";
+}
+
+/// Types of a service's `check` block.
+pub mod check_type {
+    pub const HTTP: &str = "http";
+    pub const TCP: &str = "tcp";
+    pub const SCRIPT: &str = "script";
+    pub const ALL: &[&str] = &[HTTP, TCP, SCRIPT];
 }

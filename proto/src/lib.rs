@@ -22,3 +22,31 @@ pub fn node_address(rpc_addr: &str) -> String {
         Err(_) => rpc_addr.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(rpc_addr).to_string(),
     }
 }
+
+/// Secrets a job carries for the agent (an `oci` task's registry `auth`) replaced by
+/// [`REDACTED`] wherever a job leaves the servers through the API (reads, versions, events);
+/// only the agent that runs the task gets them.
+pub mod redact {
+    use crate::v1::{Allocation, Job};
+
+    /// What a secret reads as in the API.
+    pub const REDACTED: &str = "<redacted>";
+
+    /// Redacts the job's secrets in place.
+    pub fn job(job: &mut Job) {
+        for group in &mut job.groups {
+            for task in &mut group.tasks {
+                if let Some(auth) = task.config.as_mut().and_then(|c| c.auth.as_mut()) {
+                    auth.password = REDACTED.to_string();
+                }
+            }
+        }
+    }
+
+    /// Redacts the secrets of the job an allocation carries, if any.
+    pub fn alloc(alloc: &mut Allocation) {
+        if let Some(j) = alloc.job.as_mut() {
+            job(j);
+        }
+    }
+}

@@ -51,7 +51,17 @@ fn bad_cases() -> Vec<(&'static str, String)> {
         ),
         (
             "unknown_field_without_suggestion",
+            with_task(&format!("{TASK_OK}      template {{\n        data = \"x\"\n      }}\n")),
+        ),
+        (
+            "artifact_bad_source",
             with_task(&format!("{TASK_OK}      artifact {{\n        source = \"x\"\n      }}\n")),
+        ),
+        (
+            "artifact_escaping_destination",
+            with_task(&format!(
+                "{TASK_OK}      artifact {{\n        source      = \"https://h/m.tar.gz\"\n        destination = \"../../etc\"\n      }}\n"
+            )),
         ),
         (
             "wrong_type",
@@ -75,6 +85,23 @@ fn bad_cases() -> Vec<(&'static str, String)> {
             "wasm_config_invalid",
             with_task(
                 "      driver = \"wasm\"\n      config {\n        command = \"/bin/true\"\n        module = \"local/../../x.wasm\"\n        env = { \"A=B\" = \"c\" }\n      }\n      network {\n        mode = \"host\"\n      }\n",
+            ),
+        ),
+        ("oci_missing_image", with_task("      driver = \"oci\"\n      config {\n        args = [\"a\"]\n      }\n")),
+        (
+            "oci_config_invalid",
+            with_task(
+                "      driver = \"oci\"\n      config {\n        image = \"Registry.example:5000/Team/x:bad tag\"\n        work_dir = \"relative/dir\"\n        module = \"m.wasm\"\n        auth {\n          password = \"hunter2\"\n        }\n      }\n",
+            ),
+        ),
+        (
+            "oci_bad_digest",
+            with_task("      driver = \"oci\"\n      config {\n        image = \"r:5000/x@sha256:abc\"\n      }\n"),
+        ),
+        (
+            "oci_fields_on_exec",
+            with_task(
+                "      driver = \"exec\"\n      config {\n        command = \"/bin/true\"\n        image = \"busybox:1\"\n        entrypoint = [\"sh\"]\n      }\n",
             ),
         ),
         (
@@ -604,4 +631,30 @@ fn wasm_task_decodes_module_args_and_env() {
     let config = job.groups[0].tasks[0].config.as_ref().unwrap();
     assert_eq!(config.module, "/opt/m.wasm");
     assert_eq!(config.env.get("A").map(String::as_str), Some("1"));
+}
+
+#[test]
+fn oci_task_decodes_image_overrides_and_auth() {
+    let src = with_task(
+        "      driver = \"oci\"\n      config {\n        image = \"127.0.0.1:5000/team/trainer:1.4\"\n        entrypoint = [\"/bin/sh\", \"-c\"]\n        command = \"echo\"\n        args = [\"hi\"]\n        work_dir = \"/srv\"\n        auth {\n          username = \"u\"\n          password = \"p\"\n        }\n      }\n",
+    );
+    let job = parse_str(&src, "oci.hcl").unwrap();
+    let task = &job.groups[0].tasks[0];
+    assert_eq!(task.driver, "oci");
+    let config = task.config.as_ref().unwrap();
+    assert_eq!(config.image, "127.0.0.1:5000/team/trainer:1.4");
+    assert_eq!(config.entrypoint, vec!["/bin/sh", "-c"]);
+    assert_eq!((config.command.as_str(), config.args.clone()), ("echo", vec!["hi".to_string()]));
+    assert_eq!(config.work_dir, "/srv");
+    let auth = config.auth.as_ref().unwrap();
+    assert_eq!((auth.username.as_str(), auth.password.as_str()), ("u", "p"));
+    // A pinned digest; the redaction the API applies to every read.
+    let digest = format!("busybox@sha256:{}", "a".repeat(64));
+    assert!(mlp_proto::jobspec::check_image_reference(&digest).is_ok());
+    assert!(mlp_proto::jobspec::check_image_reference("localhost/a/b-c_d.e:v1.0-rc").is_ok());
+    assert!(mlp_proto::jobspec::check_image_reference("a//b").is_err());
+    let mut job = job;
+    mlp_proto::redact::job(&mut job);
+    let auth = job.groups[0].tasks[0].config.as_ref().unwrap().auth.as_ref().unwrap();
+    assert_eq!(auth.password, mlp_proto::redact::REDACTED);
 }

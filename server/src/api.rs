@@ -159,7 +159,7 @@ fn check_node_shape(node: &Node) -> Result<(), ApiError> {
 }
 
 /// An id that must be present and sane before it is used as a key.
-fn require_id(what: &str, id: &str) -> Result<(), ApiError> {
+pub(crate) fn require_id(what: &str, id: &str) -> Result<(), ApiError> {
     if id.is_empty() {
         return Err(ApiError::InvalidArgument(format!("{what} is required")));
     }
@@ -170,7 +170,7 @@ fn require_id(what: &str, id: &str) -> Result<(), ApiError> {
 }
 
 impl Api {
-    async fn read_barrier(&self, stale: bool) -> Result<(), ApiError> {
+    pub(crate) async fn read_barrier(&self, stale: bool) -> Result<(), ApiError> {
         if stale {
             return Ok(());
         }
@@ -301,7 +301,7 @@ impl Api {
     /// matching `topics` (topic, key; key "" for all) in `namespace` ("" for all), or the wait
     /// ran out. Returns at once without a `min_index`, or when the events since it are no longer
     /// buffered (something may have changed: the caller reads and answers).
-    async fn block(&self, b: Block, topics: &[(&str, &str)], namespace: &str) -> Result<(), ApiError> {
+    pub(crate) async fn block(&self, b: Block, topics: &[(&str, &str)], namespace: &str) -> Result<(), ApiError> {
         if b.min_index == 0 {
             return Ok(());
         }
@@ -405,11 +405,13 @@ impl Api {
         self.read_barrier(req.stale).await?;
         let st = self.state.read();
         let ns = default_namespace(&req.namespace);
-        let job = st
+        let mut job = st
             .job(ns, &req.job_id)
             .cloned()
             .ok_or_else(|| ApiError::NotFound(format!("job {:?} not found in namespace {ns:?}", req.job_id)))?;
+        mlp_proto::redact::job(&mut job);
         let mut allocations: Vec<Allocation> = st.allocs_for_job(ns, &req.job_id).cloned().collect();
+        allocations.iter_mut().for_each(mlp_proto::redact::alloc);
         allocations.sort_by_key(|a| (a.create_index, a.index));
         let mut evaluations: Vec<Evaluation> = st.evals_for_job(ns, &req.job_id).cloned().collect();
         evaluations.sort_by_key(|e| e.create_index);
@@ -428,7 +430,9 @@ impl Api {
             .get(&job_key(ns, &req.job_id))
             .cloned()
             .ok_or_else(|| ApiError::NotFound(format!("job {:?} not found in namespace {ns:?}", req.job_id)))?;
-        Ok(JobVersionsResponse { versions: versions.into_iter().rev().collect() })
+        let mut versions: Vec<Job> = versions.into_iter().rev().collect();
+        versions.iter_mut().for_each(mlp_proto::redact::job);
+        Ok(JobVersionsResponse { versions })
     }
 
     pub async fn stop_job(&self, req: StopJobRequest) -> Result<StopJobResponse, ApiError> {
@@ -469,6 +473,7 @@ impl Api {
             st.allocs.values().cloned().collect()
         };
         allocations.sort_by_key(|a| a.create_index);
+        allocations.iter_mut().for_each(mlp_proto::redact::alloc);
         Ok(ListAllocsResponse { allocations, index: st.index })
     }
 
@@ -483,6 +488,7 @@ impl Api {
         self.read_barrier(false).await?;
         let st = self.state.read();
         let mut a = st.find_alloc(id)?.clone();
+        mlp_proto::redact::alloc(&mut a);
         if a.node_name.is_empty() {
             a.node_name = st.nodes.get(&a.node_id).map(|n| n.name.clone()).unwrap_or_default();
         }

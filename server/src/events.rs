@@ -24,7 +24,9 @@ pub const TOPIC_JOB: &str = "Job";
 pub const TOPIC_EVALUATION: &str = "Evaluation";
 pub const TOPIC_ALLOCATION: &str = "Allocation";
 pub const TOPIC_NODE: &str = "Node";
-pub const TOPICS: [&str; 4] = [TOPIC_JOB, TOPIC_EVALUATION, TOPIC_ALLOCATION, TOPIC_NODE];
+/// Service instances (issue 13 §3): key = service name, payload = its instances after the entry.
+pub const TOPIC_SERVICE: &str = "Service";
+pub const TOPICS: [&str; 5] = [TOPIC_JOB, TOPIC_EVALUATION, TOPIC_ALLOCATION, TOPIC_NODE, TOPIC_SERVICE];
 
 /// Batches one subscriber may have queued before it is cut off.
 pub const SUBSCRIBER_QUEUE: usize = 1024;
@@ -254,7 +256,11 @@ pub fn batch_for(st: &ClusterState, index: u64, command: &Command, touched: &Tou
             key: job.id.clone(),
             namespace: job.namespace.clone(),
             index,
-            job: Some(job.clone()),
+            job: Some({
+                let mut job = job.clone();
+                mlp_proto::redact::job(&mut job);
+                job
+            }),
             ..Default::default()
         });
     }
@@ -281,7 +287,11 @@ pub fn batch_for(st: &ClusterState, index: u64, command: &Command, touched: &Tou
             namespace: a.namespace.clone(),
             filter_keys: vec![a.job_id.clone(), a.node_id.clone()],
             index,
-            allocation: Some(a.clone()),
+            allocation: Some({
+                let mut a = a.clone();
+                mlp_proto::redact::alloc(&mut a);
+                a
+            }),
             ..Default::default()
         });
     }
@@ -299,6 +309,17 @@ pub fn batch_for(st: &ClusterState, index: u64, command: &Command, touched: &Tou
             key: n.id.clone(),
             index,
             node: Some(n.clone()),
+            ..Default::default()
+        });
+    }
+    for (namespace, name) in &touched.services {
+        events.push(Event {
+            topic: TOPIC_SERVICE.into(),
+            r#type: "ServiceUpdated".into(),
+            key: name.clone(),
+            namespace: namespace.clone(),
+            index,
+            services: st.service_instances(namespace, name, false),
             ..Default::default()
         });
     }

@@ -331,6 +331,36 @@ impl agent_service_server::AgentService for GrpcApi {
         Ok(Response::new(self.api.update_allocs(req.into_inner()).await?))
     }
 
+    async fn update_services(&self, req: Request<UpdateServicesRequest>) -> GrpcResult<UpdateServicesResponse> {
+        Ok(Response::new(self.api.update_services(req.into_inner()).await?))
+    }
+
+    type WatchServicesStream = BoxStream<ServiceInstances>;
+
+    /// Every passing service instance of the cluster now and after every change (the agents'
+    /// DNS responders answer from it).
+    async fn watch_services(&self, req: Request<WatchServicesRequest>) -> GrpcResult<Self::WatchServicesStream> {
+        let node_id = req.into_inner().node_id;
+        crate::api::require_id("node_id", &node_id)?;
+        if !self.api.state.read().nodes.contains_key(&node_id) {
+            return Err(Status::not_found(format!("node {node_id:?} is not registered")));
+        }
+        let mut rx = Api::watch_services(self.api.clone());
+        let (tx, out) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some(item) = rx.recv().await {
+                let item = match item {
+                    Ok(m) => Ok(m),
+                    Err(e) => Err(Status::from(e)),
+                };
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+
     type WatchOverlayStream = BoxStream<OverlayPeers>;
 
     /// The node's overlay peers: the whole set first, then again whenever it changes (node
@@ -365,5 +395,17 @@ impl agent_service_server::AgentService for GrpcApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl service_service_server::ServiceService for GrpcApi {
+    async fn list(&self, req: Request<ListServicesRequest>) -> GrpcResult<ListServicesResponse> {
+        self.count();
+        Ok(Response::new(self.api.list_services(req.into_inner()).await?))
+    }
+    async fn get(&self, req: Request<GetServiceRequest>) -> GrpcResult<GetServiceResponse> {
+        self.count();
+        Ok(Response::new(self.api.get_service(req.into_inner()).await?))
     }
 }

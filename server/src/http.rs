@@ -8,7 +8,10 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use mlp_proto::v1::{EventTopic, EventsRequest, GetJobRequest, Job, ListAllocsRequest, ListJobsRequest, StopJobRequest};
+use mlp_proto::v1::{
+    EventTopic, EventsRequest, GetJobRequest, GetServiceRequest, Job, ListAllocsRequest, ListJobsRequest, ListServicesRequest,
+    StopJobRequest,
+};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -122,6 +125,8 @@ struct Params {
     index: u64,
     /// ... for at most this long (`500ms`, `30s`, `5m`; default 5m, at most 10m).
     wait: Option<String>,
+    /// `GET /v1/service/NAME?passing=true`: passing instances only.
+    passing: bool,
 }
 
 impl Params {
@@ -153,6 +158,8 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/node/:id/eligibility", axum::routing::post(node_eligibility))
         .route("/v1/evaluations", get(list_evals))
         .route("/v1/evaluation/:id", get(get_eval))
+        .route("/v1/services", get(list_services))
+        .route("/v1/service/:name", get(get_service))
         .route("/v1/status/leader", get(leader))
         .route("/v1/event/stream", get(event_stream))
         .route("/v1/metrics", get(metrics))
@@ -273,6 +280,19 @@ struct EligibilityBody {
 
 async fn node_eligibility(State(api): State<Arc<Api>>, Path(id): Path<String>, StrictJson(b): StrictJson<EligibilityBody>) -> HttpResult {
     ok(api.update_eligibility(mlp_proto::v1::NodeEligibilityRequest { node_id: id, eligible: b.eligible }).await?)
+}
+
+async fn list_services(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> HttpResult {
+    let b = p.block()?;
+    let r = api.list_services(ListServicesRequest { namespace: p.namespace, min_index: b.min_index, wait_ms: b.wait_ms }).await?;
+    ok_at(r.services, r.index)
+}
+
+async fn get_service(State(api): State<Arc<Api>>, Path(name): Path<String>, Query(p): Query<Params>) -> HttpResult {
+    let b = p.block()?;
+    let req = GetServiceRequest { name, namespace: p.namespace, min_index: b.min_index, wait_ms: b.wait_ms, passing: p.passing };
+    let r = api.get_service(req).await?;
+    ok_at(r.instances, r.index)
 }
 
 async fn list_evals(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> HttpResult {

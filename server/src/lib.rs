@@ -11,6 +11,7 @@ pub mod plan_apply;
 pub mod raft;
 pub mod scheduler;
 pub mod server;
+pub mod services;
 pub mod sim;
 pub mod state;
 pub mod tracking;

@@ -149,6 +149,10 @@ pub enum Command {
         #[serde(default)]
         nodes: Vec<String>,
     },
+    // ---- service discovery (issue 13 §3) ----
+    /// An agent's service registrations: each allocation's replace what was held for it (an
+    /// empty list deregisters it). Only live allocations of `node_id` are taken.
+    UpdateServices { node_id: String, allocs: Vec<mlp_proto::v1::AllocServices> },
     // ---- MLflow tracking and model registry (issue 17) ----
     /// A change to experiments, runs, models or versions (`tracking::state`). Its ids and
     /// timestamps were chosen by the proposer; applying it reads neither clock nor randomness.
@@ -270,6 +274,11 @@ pub struct ClusterState {
     /// What the entry being applied changed; `StateHandle::apply` takes it after each entry.
     #[serde(skip)]
     pub touched: Touched,
+    /// Service registrations by allocation id (`services.rs`): only live allocations have
+    /// them; `apply` drops an allocation's as soon as it stops being live or is removed.
+    /// Absent in older snapshots (then empty).
+    #[serde(default)]
+    pub services: BTreeMap<String, Vec<mlp_proto::v1::ServiceRegistration>>,
 }
 
 /// The objects one applied entry created, modified or removed: the event stream's events and the
@@ -283,6 +292,8 @@ pub struct Touched {
     pub nodes: BTreeSet<String>,
     /// Objects removed (purged or garbage-collected), with what a deletion event names.
     pub deleted: Vec<Deleted>,
+    /// Services (namespace, name) whose instances changed.
+    pub services: BTreeSet<(String, String)>,
 }
 
 /// A removed object, as the event stream reports it.
@@ -388,6 +399,7 @@ impl ClusterState {
         self.touched = Touched::default();
         let resp = self.apply_command(index, req, effects);
         self.refresh_live_index();
+        self.drop_dead_services();
         resp
     }
 
@@ -750,6 +762,7 @@ impl ClusterState {
             Command::GarbageCollect { evals, allocs, jobs, nodes } => {
                 resp.collected = Some(self.garbage_collect(evals, allocs, jobs, nodes));
             }
+            Command::UpdateServices { node_id, allocs } => self.update_services(index, node_id, allocs),
             Command::Tracking(cmd) => {
                 let now = i64::try_from(now).unwrap_or(i64::MAX);
                 match self.tracking.apply(now, cmd) {

@@ -34,7 +34,11 @@ impl Need {
                 if !binary_runs("ip", &["-V"]) {
                     return Some("the `ip` command (iproute2); install it with `apt-get install iproute2`".into());
                 }
-                let probe = format!("mlpprobe-{}", std::process::id());
+                // One name per probe: the tests of one binary probe in parallel (with one name
+                // per process, a second `ip netns add` saw the first's file and failed).
+                static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let probe = format!("mlpprobe-{}-{n}", std::process::id());
                 let out = Command::new("ip").args(["netns", "add", &probe]).stdin(Stdio::null()).output();
                 match out {
                     Ok(o) if o.status.success() => {

@@ -466,6 +466,7 @@ mod tests {
             network: None,
             node_address: "127.0.0.1".into(),
             node_id: String::new(),
+            artifacts: Default::default(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut m = AllocManager::new(env, tx);

@@ -45,6 +45,8 @@ pub struct RunnerEnv {
     pub node_address: String,
     /// This node's id (a gang's leader on this node is reached at its allocation address).
     pub node_id: String,
+    /// Where tasks' `artifact` blocks may fetch from, and the limits.
+    pub artifacts: Arc<crate::artifact::ArtifactSettings>,
 }
 
 /// A running alloc runner.
@@ -294,6 +296,7 @@ async fn run_alloc(
             phases: phases.clone(),
             net_env: net_env.clone(),
             network: task_network.as_ref().map(|n| n.task_network(&crate::isolation::hostname_for(&group.name, alloc.index, &alloc.id))),
+            artifacts: env.artifacts.clone(),
         };
         let initial = rep.persisted.task_states.get(&task.name).cloned();
         joins.push(AbortOnDrop(tokio::spawn(run_task_attached(ctx, initial, attached.remove(&task.name), kill_rx.clone(), tx.clone()))));

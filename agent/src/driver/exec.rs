@@ -30,6 +30,22 @@ use crate::isolation::{devices, hostname_for, lookup_user, rootfs, InitConfig, I
 /// The task's PATH when it sets none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// What an `oci` task runs instead of the host-derived root and its `command`: the image's
+/// overlay, and the process the image and the job's overrides make.
+#[derive(Debug, Clone)]
+pub struct ImageRoot {
+    /// The overlay mounted as the task's root.
+    pub overlay: rootfs::Overlay,
+    /// argv (the resolved entrypoint and command).
+    pub argv: Vec<String>,
+    /// The image's environment (`KEY=value`), under the task's own.
+    pub env: BTreeMap<String, String>,
+    /// Working directory inside the image.
+    pub work_dir: PathBuf,
+    /// The user resolved against the image's `/etc/passwd`; None = the agent's default.
+    pub user: Option<User>,
+}
+
 /// The isolating `exec` driver.
 #[derive(Debug)]
 pub struct ExecDriver {
@@ -102,6 +118,7 @@ impl ExecDriver {
         root: &Path,
         hostname: &str,
         gpu: &rootfs::GpuRoot,
+        image: Option<&ImageRoot>,
     ) -> Result<Vec<rootfs::Step>, DriverError> {
         // The task's user owns its own directories; the shared alloc/ is sticky and writable
         // by all since the group's tasks may run as different users. Host users get no
@@ -114,8 +131,17 @@ impl ExecDriver {
         }
         std::fs::create_dir_all(root).map_err(|e| DriverError::Isolation(format!("creating {}: {e}", root.display())))?;
         let dirs = rootfs::TaskDirs { local: spec.work_dir.clone(), alloc: spec.alloc_shared_dir.clone() };
-        let mut steps =
-            rootfs::plan(rootfs::probe_host, &dirs, user, hostname, &self.settings.extra_ro_paths, &self.settings.hidden_paths, gpu);
+        let mut steps = match image {
+            Some(image) => {
+                for dir in [&image.overlay.upper, &image.overlay.work] {
+                    std::fs::create_dir_all(dir).map_err(|e| DriverError::Isolation(format!("creating {}: {e}", dir.display())))?;
+                }
+                rootfs::plan_image(rootfs::probe_host, &dirs, user, hostname, gpu)
+            }
+            None => {
+                rootfs::plan(rootfs::probe_host, &dirs, user, hostname, &self.settings.extra_ro_paths, &self.settings.hidden_paths, gpu)
+            }
+        };
         // After the root's own mounts, like `extra_ro`: the task's read-write host directories.
         for dir in &spec.rw_paths {
             if !dir.is_absolute() || !dir.is_dir() {
@@ -127,6 +153,14 @@ impl ExecDriver {
             rootfs::use_network_files(&mut steps, &net.hosts, &net.resolv_conf);
         }
         Ok(steps)
+    }
+
+    /// Checks a user an image names against the agent's refused users.
+    fn allowed(&self, user: User) -> Result<User, DriverError> {
+        if self.settings.refused_users.iter().any(|r| *r == user.name || *r == user.uid.to_string()) {
+            return Err(DriverError::User { user: user.name, reason: "refused by the agent's configuration".into() });
+        }
+        Ok(user)
     }
 
     fn user(&self, asked: &str) -> Result<User, DriverError> {
@@ -188,11 +222,26 @@ impl Driver for ExecDriver {
     }
 
     async fn start(&self, spec: &TaskSpec) -> Result<Box<dyn TaskHandle>, DriverError> {
+        self.start_in(spec, None).await
+    }
+
+    fn reattach(&self, task_dir: &Path, record: &TaskRecord) -> Result<Box<dyn TaskHandle>, DriverError> {
+        self.reattach_task(task_dir, record)
+    }
+}
+
+impl ExecDriver {
+    /// Starts a task in the host-derived root, or in an image's root (`image`, the `oci`
+    /// driver's).
+    pub async fn start_in(&self, spec: &TaskSpec, image: Option<ImageRoot>) -> Result<Box<dyn TaskHandle>, DriverError> {
         // Both name the task's cgroup, `mlp/<alloc>.<task>`, and its log files.
         crate::paths::check_alloc_id(&spec.alloc_id)?;
         crate::paths::check_task_name(&spec.name)?;
         let mut phases = spec.phases.clone().or_start();
-        let user = self.user(&spec.user)?;
+        let user = match image.as_ref().and_then(|i| i.user.clone()) {
+            Some(u) if spec.user.is_empty() => self.allowed(u)?,
+            _ => self.user(&spec.user)?,
+        };
         phases.mark("user");
         let layout = self.layout.as_ref().ok_or_else(|| DriverError::Isolation("no usable cgroup hierarchy on this node".into()))?;
         // The cgroup (directories and limit files, in each v1 hierarchy) is created on a
@@ -237,8 +286,8 @@ impl Driver for ExecDriver {
         let started = async {
             let root = spec.task_dir.join("root");
             let hostname = if spec.hostname.is_empty() { hostname_for(&spec.name, 0, &spec.alloc_id) } else { spec.hostname.clone() };
-            let steps = self.prepare(spec, &user, &root, &hostname, &gpu_root)?;
-            let config = InitConfig {
+            let steps = self.prepare(spec, &user, &root, &hostname, &gpu_root, image.as_ref())?;
+            let mut config = InitConfig {
                 root: root.clone(),
                 steps,
                 hostname,
@@ -250,14 +299,37 @@ impl Driver for ExecDriver {
                 env: task_env(spec, &user, driver_files),
                 work_dir: PathBuf::from("/local"),
                 cgroup_procs,
+                overlay: None,
             };
+            if let Some(image) = &image {
+                let (command, args) =
+                    image.argv.split_first().ok_or_else(|| DriverError::Isolation("the image gives no command".into()))?;
+                config.command = command.clone();
+                config.args = args.to_vec();
+                // The image's variables lie under the task's; the driver's defaults (PATH, HOME,
+                // USER, HOSTNAME) only fill what neither sets.
+                let mut env = image.env.clone();
+                for (k, v) in std::mem::take(&mut config.env) {
+                    let default_only = matches!(k.as_str(), "PATH" | "HOME" | "USER" | "HOSTNAME") && !spec.env.contains_key(&k);
+                    if default_only {
+                        env.entry(k).or_insert(v);
+                    } else {
+                        env.insert(k, v);
+                    }
+                }
+                config.env = env;
+                config.work_dir = image.work_dir.clone();
+                config.overlay = Some(image.overlay.clone());
+            }
             let exe = supervised::supervisor_exe(self.settings.supervisor_exe.as_deref())?;
             let memory_limit_mib = limits.memory_bytes.map(|b| b / (1024 * 1024));
             let mut phases = phases;
             phases.mark("root_planned");
+            // The record names the driver that reattaches the task after an agent restart.
+            let driver_name = if image.is_some() { driver_names::OCI } else { driver_names::EXEC };
             let sup = supervised::start(
                 &exe,
-                driver_names::EXEC,
+                driver_name,
                 spec,
                 TaskKind::Isolated(Box::new(config)),
                 cg_name.clone(),
@@ -283,7 +355,8 @@ impl Driver for ExecDriver {
         Ok(Box::new(IsolatedHandle { sup, cgroup, cg_name, layout: layout.clone(), root, cleanup: None, cores: self.cores.clone() }))
     }
 
-    fn reattach(&self, task_dir: &Path, record: &TaskRecord) -> Result<Box<dyn TaskHandle>, DriverError> {
+    /// Reattaches a task a previous agent run started (both roots).
+    pub fn reattach_task(&self, task_dir: &Path, record: &TaskRecord) -> Result<Box<dyn TaskHandle>, DriverError> {
         let err = |reason: String| DriverError::Reattach { dir: task_dir.to_path_buf(), reason };
         let layout = self.layout.as_ref().ok_or_else(|| err("no usable cgroup hierarchy on this node".into()))?;
         let cgroup = match cgroups::open_existing(layout, &record.cgroup) {

@@ -13,9 +13,12 @@
 //! unprivileged user and a cgroup (all of it from [`crate::isolation`]).
 //! `wasm` is [`wasm::WasmDriver`]: a WebAssembly module run by wasmtime on a thread of the agent,
 //! confined by the wasm sandbox alone (no supervisor, no cgroup; it ends with the agent).
+//! `oci` is [`oci::OciDriver`]: `exec`'s isolation with a container image's layers (from the
+//! node's [`crate::image::ImageStore`]) as the task's root.
 
 pub mod exec;
 pub mod logs;
+pub mod oci;
 pub mod raw_exec;
 pub mod supervised;
 pub mod wasm;
@@ -32,6 +35,7 @@ use nix::unistd::Pid;
 
 use crate::isolation::IsolationSettings;
 pub use exec::ExecDriver;
+pub use oci::OciDriver;
 pub use raw_exec::ProcessDriver;
 use supervised::TaskRecord;
 pub use wasm::WasmDriver;
@@ -90,6 +94,9 @@ pub enum DriverError {
     /// The wasm driver could not load, link or instantiate the module.
     #[error("wasm: {0}")]
     Wasm(String),
+    /// The oci driver could not get the task's image.
+    #[error("{0}")]
+    Image(String),
     /// A task left by a previous agent run cannot be reattached.
     #[error("cannot reattach to the task in {dir}: {reason}")]
     Reattach {
@@ -144,6 +151,17 @@ pub struct TaskSpec {
     /// Host directories bound read-write into the task's root at the same path (`exec`; the
     /// MPS pipe directory of a GPU share). Other drivers see the host's paths anyway.
     pub rw_paths: Vec<std::path::PathBuf>,
+    /// The image to run (`oci`).
+    pub image: String,
+    /// The image's entrypoint replaced (`oci`).
+    pub entrypoint: Vec<String>,
+    /// The image's working directory replaced (`oci`).
+    pub image_work_dir: String,
+    /// Credentials for the image's registry (`oci`).
+    pub registry_auth: Option<crate::image::Credentials>,
+    /// Where a driver reports progress before the task starts (`oci`: the pull), as task
+    /// events.
+    pub progress: Option<tokio::sync::mpsc::UnboundedSender<String>>,
     /// The start's phases before the driver (the allocation's receipt, the alloc and task
     /// runners), continued by the driver and logged with its own; empty = timed from the
     /// driver's start.
@@ -294,12 +312,33 @@ pub fn drivers_in(
     gpu: &crate::gpu::GpuSettings,
     wasm_cache: Option<&Path>,
 ) -> BTreeMap<String, std::sync::Arc<dyn Driver>> {
+    drivers_with_images(enabled, settings, gpu, wasm_cache, None)
+}
+
+/// [`drivers_in`], with `oci` taking its images from `images` (the agent's
+/// `<data_dir>/oci`); without a store `oci` is not offered. `oci` shares `exec`'s driver
+/// (one CPU allocator for both).
+pub fn drivers_with_images(
+    enabled: &[String],
+    settings: &IsolationSettings,
+    gpu: &crate::gpu::GpuSettings,
+    wasm_cache: Option<&Path>,
+    images: Option<std::sync::Arc<crate::image::ImageStore>>,
+) -> BTreeMap<String, std::sync::Arc<dyn Driver>> {
     let mut out: BTreeMap<String, std::sync::Arc<dyn Driver>> = BTreeMap::new();
+    let mut exec: Option<std::sync::Arc<ExecDriver>> = None;
+    let mut exec_driver = || exec.get_or_insert_with(|| std::sync::Arc::new(ExecDriver::with_gpu(settings.clone(), gpu.clone()))).clone();
     for name in enabled {
         match name.as_str() {
             driver_names::EXEC => {
-                out.insert(name.clone(), std::sync::Arc::new(ExecDriver::with_gpu(settings.clone(), gpu.clone())));
+                out.insert(name.clone(), exec_driver());
             }
+            driver_names::OCI => match &images {
+                Some(store) => {
+                    out.insert(name.clone(), std::sync::Arc::new(OciDriver::new(exec_driver(), store.clone())));
+                }
+                None => tracing::warn!("the oci driver needs an image store; not offered"),
+            },
             driver_names::RAW_EXEC => {
                 out.insert(name.clone(), std::sync::Arc::new(ProcessDriver::with_supervisor(settings.supervisor_exe.clone())));
             }
@@ -313,7 +352,7 @@ pub fn drivers_in(
         }
     }
     // Both process drivers start supervisors through the zygote: started now, off the first start.
-    if out.keys().any(|d| d == driver_names::EXEC || d == driver_names::RAW_EXEC) {
+    if out.keys().any(|d| d == driver_names::EXEC || d == driver_names::RAW_EXEC || d == driver_names::OCI) {
         if let Ok(exe) = supervised::supervisor_exe(settings.supervisor_exe.as_deref()) {
             zygote::prestart(&exe);
         }

@@ -205,7 +205,7 @@ fn ns_init(cfg: &InitConfig, status: &mut Option<File>, report_w: OwnedFd, joine
     unshare(flags).map_err(|e| format!("unshare: {e}"))?;
     nix::unistd::sethostname(&cfg.hostname).map_err(|e| format!("sethostname: {e}"))?;
     phases.mark("init_unshared");
-    rootfs::enter(&cfg.root, &cfg.steps, &mut phases).map_err(|e| format!("building the task root: {e}"))?;
+    rootfs::enter(&cfg.root, &cfg.steps, cfg.overlay.as_ref(), &mut phases).map_err(|e| format!("building the task root: {e}"))?;
     let last_cap: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(40);
     let drop_caps: Vec<u32> = (0..=last_cap).filter(|c| !(cfg.user.uid == 0 && ROOT_CAPS.contains(c))).collect();
     let (uid, gid) = (cfg.user.uid, cfg.user.gid);

@@ -123,6 +123,9 @@ pub struct InitConfig {
     pub work_dir: PathBuf,
     /// `cgroup.procs` files the init joins before anything else.
     pub cgroup_procs: Vec<PathBuf>,
+    /// An image's root (`oci`): an overlay mounted on `root` instead of the tmpfs.
+    #[serde(default)]
+    pub overlay: Option<rootfs::Overlay>,
 }
 
 impl InitConfig {

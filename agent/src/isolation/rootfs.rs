@@ -340,9 +340,122 @@ pub fn plan(
     steps
 }
 
+/// An image's root (`oci`): an overlay of read-only layer directories under a private
+/// writable directory, mounted on the task's root instead of the tmpfs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Overlay {
+    /// Layer directories, the top-most first (overlayfs' `lowerdir` order).
+    pub lower: Vec<PathBuf>,
+    /// The task's private upper directory.
+    pub upper: PathBuf,
+    /// Overlayfs' work directory (same filesystem as `upper`).
+    pub work: PathBuf,
+}
+
+/// Longest overlay mount data the kernel takes (one page, less the other options).
+const MAX_OVERLAY_OPTIONS: usize = 4000;
+
+impl Overlay {
+    /// The mount data: `lowerdir=...,upperdir=...,workdir=...`; paths with `:` or `,` (which
+    /// overlayfs would split) and data longer than a page are refused.
+    pub fn options(&self) -> Result<String, String> {
+        let all = self.lower.iter().chain([&self.upper, &self.work]);
+        for path in all {
+            let text = path.to_str().ok_or_else(|| format!("{}: not UTF-8", path.display()))?;
+            if text.contains([':', ',']) || !path.is_absolute() {
+                return Err(format!("{text}: overlay paths must be absolute and free of ':' and ','"));
+            }
+        }
+        if self.lower.is_empty() {
+            return Err("an image root needs at least one layer".into());
+        }
+        let lower: Vec<String> = self.lower.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+        let data = format!("lowerdir={},upperdir={},workdir={}", lower.join(":"), self.upper.display(), self.work.display());
+        if data.len() > MAX_OVERLAY_OPTIONS {
+            return Err(format!("the image has too many layers for one overlay mount ({} bytes of options)", data.len()));
+        }
+        Ok(data)
+    }
+}
+
+/// The steps that build an image's root (`oci`) on top of its overlay: the image brings its
+/// own `/bin`, `/usr`, `/etc`; the task gets a fresh `/dev` (standard nodes, its GPUs),
+/// `/proc`, `/tmp`, its `/local`, `/alloc` and `/secrets`, and `/etc/hosts`, `/etc/hostname`
+/// and the host's `/etc/resolv.conf`.
+pub fn plan_image(probe: impl Fn(&Path) -> Option<HostEntry>, dirs: &TaskDirs, user: &User, hostname: &str, gpu: &GpuRoot) -> Vec<Step> {
+    let mut steps = vec![
+        Step::Dir { path: p("/etc") },
+        Step::Write {
+            path: p("/etc/hosts"),
+            contents: format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"),
+        },
+        Step::Write { path: p("/etc/hostname"), contents: format!("{hostname}\n") },
+    ];
+    if probe(Path::new("/etc/resolv.conf")).is_some() {
+        steps.push(Step::Copy { src: p("/etc/resolv.conf"), path: p("/etc/resolv.conf") });
+    }
+    steps.push(Step::Tmpfs { path: p("/dev"), options: "mode=0755,size=64k".into() });
+    for dev in DEVICES {
+        let host = Path::new("/dev").join(dev);
+        if probe(&host).is_some() {
+            steps.push(Step::Bind { src: host.clone(), path: host, readonly: false, device: true });
+        }
+    }
+    for (host, inside) in &gpu.nodes {
+        steps.push(Step::Bind { src: host.clone(), path: inside.clone(), readonly: false, device: true });
+    }
+    steps.push(Step::Devpts { path: p("/dev/pts") });
+    steps.push(Step::Symlink { target: p("pts/ptmx"), path: p("/dev/ptmx") });
+    steps.push(Step::Tmpfs { path: p("/dev/shm"), options: "mode=1777".into() });
+    for (target, link) in [
+        ("/proc/self/fd", "/dev/fd"),
+        ("/proc/self/fd/0", "/dev/stdin"),
+        ("/proc/self/fd/1", "/dev/stdout"),
+        ("/proc/self/fd/2", "/dev/stderr"),
+    ] {
+        steps.push(Step::Symlink { target: p(target), path: p(link) });
+    }
+    steps.push(Step::Proc { path: p("/proc") });
+    steps.push(Step::Tmpfs { path: p("/tmp"), options: "mode=1777".into() });
+    steps.push(Step::Bind { src: dirs.local.clone(), path: p("/local"), readonly: false, device: false });
+    steps.push(Step::Bind { src: dirs.alloc.clone(), path: p("/alloc"), readonly: false, device: false });
+    steps.push(Step::Tmpfs { path: p("/secrets"), options: format!("mode=0700,uid={},gid={},size=1m", user.uid, user.gid) });
+    steps
+}
+
+/// Refuses a step's path whose existing components inside `root` include a symlink: an
+/// image's root is the image's to shape, and before `pivot_root` a symlink would lead the
+/// agent's mounts and writes onto the host.
+fn no_symlink_on_path(root: &Path, path: &Path) -> Result<(), RootfsError> {
+    let mut at = root.to_path_buf();
+    for part in path.components() {
+        use std::path::Component;
+        match part {
+            Component::Normal(name) => at.push(name),
+            Component::RootDir | Component::CurDir => continue,
+            _ => return Err(RootfsError::Escape { path: path.to_path_buf() }),
+        }
+        match std::fs::symlink_metadata(&at) {
+            Ok(meta) if meta.file_type().is_symlink() => return Err(RootfsError::Escape { path: path.to_path_buf() }),
+            Ok(_) => {}
+            Err(_) => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
 /// Errors building the root.
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
+    /// A path the root's steps touch is (or runs through) a symlink of the image.
+    #[error("{path}: the image has a symlink on this path, which the task root mounts or writes over; refused", path = .path.display())]
+    Escape {
+        /// Path inside the root.
+        path: PathBuf,
+    },
+    /// The overlay's options are unusable.
+    #[error("the image root: {0}")]
+    Overlay(String),
     /// A mount or another syscall failed.
     #[error("{what} {path}: {source}")]
     Sys {
@@ -385,12 +498,23 @@ const NONE: Option<&str> = None;
 
 /// Carries out `steps` under `root` and `pivot_root`s into it. Must run in a fresh mount
 /// namespace (and, for `/proc`, as a process of the task's PID namespace).
-pub fn enter(root: &Path, steps: &[Step], phases: &mut Phases) -> Result<(), RootfsError> {
+pub fn enter(root: &Path, steps: &[Step], overlay: Option<&Overlay>, phases: &mut Phases) -> Result<(), RootfsError> {
     // Nothing we mount may propagate back to the host.
     mount(NONE, "/", NONE, MsFlags::MS_REC | MsFlags::MS_PRIVATE, NONE).map_err(sys("making private", Path::new("/")))?;
-    mount(Some("tmpfs"), root, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755,size=16m"))
-        .map_err(sys("mounting the root tmpfs on", root))?;
-    phases.mark("root_tmpfs");
+    match overlay {
+        Some(o) => {
+            let data = o.options().map_err(RootfsError::Overlay)?;
+            // nodev: device nodes an image carries are inert (overlay's whiteouts still work).
+            mount(Some("overlay"), root, Some("overlay"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(data.as_str()))
+                .map_err(sys("mounting the image overlay on", root))?;
+            phases.mark("root_overlay");
+        }
+        None => {
+            mount(Some("tmpfs"), root, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755,size=16m"))
+                .map_err(sys("mounting the root tmpfs on", root))?;
+            phases.mark("root_tmpfs");
+        }
+    }
     // One phase per run of steps of the same kind.
     let mut run: Option<&'static str> = None;
     for step in steps {
@@ -399,6 +523,9 @@ pub fn enter(root: &Path, steps: &[Step], phases: &mut Phases) -> Result<(), Roo
             phases.mark(run.unwrap_or_default());
         }
         run = Some(kind);
+        if overlay.is_some() {
+            no_symlink_on_path(root, step_path(step))?;
+        }
         apply(root, step)?;
     }
     if let Some(r) = run {
@@ -406,9 +533,27 @@ pub fn enter(root: &Path, steps: &[Step], phases: &mut Phases) -> Result<(), Roo
     }
     pivot(root)?;
     phases.mark("pivot_root");
+    if overlay.is_some() {
+        // An image's root stays writable (into the task's private upper directory).
+        return Ok(());
+    }
     // The root itself is read-only: a task can write only to /local, /alloc, /secrets, /tmp.
     mount(NONE, "/", NONE, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV, NONE)
         .map_err(sys("remounting read-only", Path::new("/")))
+}
+
+fn step_path(step: &Step) -> &Path {
+    match step {
+        Step::Dir { path }
+        | Step::Symlink { path, .. }
+        | Step::Bind { path, .. }
+        | Step::Tmpfs { path, .. }
+        | Step::Proc { path }
+        | Step::Devpts { path }
+        | Step::Copy { path, .. }
+        | Step::Mask { path, .. }
+        | Step::Write { path, .. } => path,
+    }
 }
 
 fn apply(root: &Path, step: &Step) -> Result<(), RootfsError> {

@@ -19,7 +19,8 @@
 //!
 //! Seams for what comes next: the subnet is a setting today; the overlay (issue 13 §2) leases it
 //! from the servers and adds routes to other nodes' subnets on the same bridge. The resolver
-//! written into `/etc/resolv.conf` is the host's; the agent's DNS responder (§3) replaces it.
+//! written into `/etc/resolv.conf` is the agent's DNS responder on the bridge's gateway (§3,
+//! `services/dns.rs`), which forwards names outside `service.mlp` to the host's resolvers.
 
 pub mod links;
 pub mod netns;
@@ -252,28 +253,21 @@ pub struct TaskNetwork {
 }
 
 impl AllocNetwork {
-    /// The task's view: namespace, `/etc/hosts` (its hostname on its address), and the host's
-    /// resolvers (those on a loopback address, which do not answer inside the namespace, are
-    /// replaced by systemd-resolved's upstream list when there is one).
+    /// The task's view: namespace, `/etc/hosts` (its hostname on its address), and the agent's
+    /// DNS responder on the gateway as its resolver.
     pub fn task_network(&self, hostname: &str) -> TaskNetwork {
         TaskNetwork {
             netns: self.netns.clone(),
             hosts: format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{hostname}\n", self.ip),
-            resolv_conf: resolv_conf(),
+            resolv_conf: dns_resolv_conf(self.gateway),
         }
     }
 }
 
-fn resolv_conf() -> String {
-    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    let loopback_only =
-        host.lines().filter_map(|l| l.trim().strip_prefix("nameserver")).all(|ns| ns.trim().starts_with("127.") || ns.trim() == "::1");
-    if loopback_only {
-        if let Ok(upstream) = std::fs::read_to_string("/run/systemd/resolve/resolv.conf") {
-            return upstream;
-        }
-    }
-    host
+/// A bridge-mode task's `/etc/resolv.conf`: the agent's DNS responder on the bridge's gateway
+/// (services/dns.rs), which answers `*.service.mlp` and forwards every other name.
+pub fn dns_resolv_conf(gateway: Ipv4Addr) -> String {
+    format!("nameserver {gateway}\nsearch service.mlp\noptions ndots:1\n")
 }
 
 /// The environment a task gets from its allocation's ports (`MLP_IP_<label>`,

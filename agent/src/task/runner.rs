@@ -125,6 +125,8 @@ pub struct TaskContext {
     pub net_env: std::collections::BTreeMap<String, String>,
     /// The allocation's bridge-mode network, which the task joins.
     pub network: Option<crate::network::TaskNetwork>,
+    /// Where the task's `artifact` blocks may fetch from, and the limits.
+    pub artifacts: std::sync::Arc<crate::artifact::ArtifactSettings>,
 }
 
 impl TaskContext {
@@ -170,6 +172,11 @@ impl TaskContext {
             command: config.command,
             args: config.args,
             module: config.module,
+            image: config.image,
+            entrypoint: config.entrypoint,
+            image_work_dir: config.work_dir,
+            registry_auth: config.auth.map(|a| crate::image::Credentials { username: a.username, password: a.password }),
+            progress: None,
             env,
             work_dir: local,
             log_dir,
@@ -317,6 +324,9 @@ async fn run_task_holding(
     }
     let mut tracker = RestartTracker { count: 0, interval_start_ms: now_ms() };
     let mut first_phases = Some(ctx.phases.clone());
+    // Artifacts are fetched once per run of the task (not again on a restart), and never for a
+    // task reattached after an agent restart (it has them).
+    let mut artifacts_fetched = attached.is_some() || ctx.task.artifacts.is_empty();
     loop {
         if attached.is_none() && *stop.borrow() {
             st.state = task_state::DEAD.into();
@@ -354,6 +364,30 @@ async fn run_task_holding(
                     let msg = format!("driver {:?} is not available on this node", ctx.task.driver);
                     return fail_start(&mut st, msg, &emit);
                 };
+                if !artifacts_fetched {
+                    push_event(&mut st, task_event::DOWNLOADING_ARTIFACTS, format!("fetching {} artifact(s)", ctx.task.artifacts.len()));
+                    emit(&st, None);
+                    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+                    let report = move |line: String| {
+                        let _ = lines_tx.send(line);
+                    };
+                    let task_dir = ctx.alloc_dir.join(&ctx.task.name);
+                    let fetched = crate::artifact::fetch_all(&ctx.artifacts, &task_dir, &ctx.task.artifacts, &report).await;
+                    while let Ok(line) = lines_rx.try_recv() {
+                        push_event(&mut st, task_event::DOWNLOADING_ARTIFACTS, line);
+                    }
+                    if let Err(e) = fetched {
+                        tracing::warn!(alloc = %ctx.alloc_id, task = %name, error = %e, "artifact download failed");
+                        st.state = task_state::DEAD.into();
+                        st.failed = true;
+                        st.pid = 0;
+                        st.finished_at_ms = now_ms();
+                        push_event(&mut st, task_event::ARTIFACT_FAILED, e.to_string());
+                        emit(&st, None);
+                        return st;
+                    }
+                    artifacts_fetched = true;
+                }
                 let mut spec = ctx.spec();
                 if let Some(hold) = mps.as_ref() {
                     for (k, v) in hold.client.env() {
@@ -364,7 +398,26 @@ async fn run_task_holding(
                 let mut phases = first_phases.take().unwrap_or_else(Phases::start);
                 phases.mark("task_runner");
                 spec.phases = phases;
-                let handle = match driver.start(&spec).await {
+                // What the driver reports before the task runs (an image pull) becomes events.
+                let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<String>();
+                spec.progress = Some(progress_tx);
+                let started = {
+                    let start = driver.start(&spec);
+                    tokio::pin!(start);
+                    loop {
+                        tokio::select! {
+                            r = &mut start => break r,
+                            Some(message) = progress_rx.recv() => {
+                                push_event(&mut st, task_event::DRIVER, message);
+                                emit(&st, None);
+                            }
+                        }
+                    }
+                };
+                while let Ok(message) = progress_rx.try_recv() {
+                    push_event(&mut st, task_event::DRIVER, message);
+                }
+                let handle = match started {
                     Ok(h) => h,
                     Err(e) => {
                         tracing::warn!(alloc = %ctx.alloc_id, task = %name, error = %e, "task failed to start");

@@ -12,8 +12,8 @@ use hcl_edit::Span;
 use super::{line_col, parse_duration, Loc};
 use crate::consts::{job_type, restart_mode};
 use crate::v1::{
-    Affinity, Constraint, GpuRequest, GroupNetwork, Job, MigrateStrategy, PortSpec, ReschedulePolicy, Resources, RestartPolicy, Spread,
-    SpreadTarget, Task, TaskConfig, TaskGroup,
+    Affinity, Artifact, Constraint, GpuRequest, GroupNetwork, Job, MigrateStrategy, PortSpec, RegistryAuth, ReschedulePolicy, Resources,
+    RestartPolicy, ServiceCheck, ServiceSpec, Spread, SpreadTarget, Task, TaskConfig, TaskGroup,
 };
 
 pub(crate) const DEFAULT_NAMESPACE: &str = "default";
@@ -43,13 +43,31 @@ const GROUP_FIELDS: &[&str] = &[
     "migrate",
     "reschedule",
     "network",
+    "service",
 ];
-const TASK_FIELDS: &[&str] =
-    &["driver", "config", "env", "resources", "kill_timeout", "max_run_duration", "meta", "user", "network", "affinity"];
+const TASK_FIELDS: &[&str] = &[
+    "driver",
+    "config",
+    "env",
+    "resources",
+    "kill_timeout",
+    "max_run_duration",
+    "meta",
+    "user",
+    "network",
+    "affinity",
+    "service",
+    "artifact",
+];
+const SERVICE_FIELDS: &[&str] = &["name", "port", "tags", "check"];
+const CHECK_FIELDS: &[&str] = &["type", "path", "command", "args", "interval", "timeout", "name", "port"];
+const ARTIFACT_FIELDS: &[&str] = &["source", "destination", "mode", "options"];
+const ARTIFACT_OPTIONS_FIELDS: &[&str] = &["checksum"];
 const NETWORK_FIELDS: &[&str] = &["mode"];
 const GROUP_NETWORK_FIELDS: &[&str] = &["mode", "port"];
 const PORT_FIELDS: &[&str] = &["static", "to"];
-const CONFIG_FIELDS: &[&str] = &["command", "args", "module", "env"];
+const CONFIG_FIELDS: &[&str] = &["command", "args", "module", "env", "image", "entrypoint", "work_dir", "auth"];
+const AUTH_FIELDS: &[&str] = &["username", "password"];
 const RESOURCES_FIELDS: &[&str] = &["cpu", "cores", "memory", "disk", "gpu", "memory_max", "pids", "cpu_hard_limit"];
 const GPU_FIELDS: &[&str] = &["count", "model", "memory", "share", "mig"];
 const RESTART_FIELDS: &[&str] = &["attempts", "interval", "delay", "mode"];
@@ -612,6 +630,46 @@ impl Decoder<'_> {
         aff
     }
 
+    /// `artifact { source = "…" destination = "local/…" mode = "any" options { checksum = "sha256:…" } }`.
+    fn artifact(&mut self, block: &Block, loc: &Loc) -> Artifact {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut art = Artifact::default();
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            if ARTIFACT_FIELDS.contains(&name) && !self.first_time(&mut seen, s, loc) {
+                continue;
+            }
+            let floc = loc.field(name);
+            match (name, s) {
+                ("source", Structure::Attribute(a)) => art.source = self.string(&a.value, &floc).unwrap_or_default(),
+                ("destination", Structure::Attribute(a)) => art.destination = self.string(&a.value, &floc).unwrap_or_default(),
+                ("mode", Structure::Attribute(a)) => art.mode = self.string(&a.value, &floc).unwrap_or_default(),
+                ("options", Structure::Block(b)) => {
+                    self.mark(&floc, start(&b.ident));
+                    self.no_labels(b, &floc);
+                    let mut seen_opt = HashMap::new();
+                    for o in b.body.iter() {
+                        let oname = structure_name(o);
+                        match (oname, o) {
+                            ("checksum", Structure::Attribute(a)) => {
+                                if self.first_time(&mut seen_opt, o, &floc) {
+                                    art.checksum = self.string(&a.value, &floc.field("checksum")).unwrap_or_default();
+                                }
+                            }
+                            _ if ARTIFACT_OPTIONS_FIELDS.contains(&oname) => self.wrong_form(o, &floc),
+                            _ => self.unknown(o, &floc, ARTIFACT_OPTIONS_FIELDS),
+                        }
+                    }
+                }
+                _ if ARTIFACT_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, ARTIFACT_FIELDS),
+            }
+        }
+        art
+    }
+
     /// `spread { attribute = "${meta.rack}" weight = 100 target "r1" { percent = 70 } }`;
     /// the weight defaults as in Nomad (50).
     fn spread(&mut self, block: &Block, loc: &Loc) -> Spread {
@@ -761,6 +819,10 @@ impl Decoder<'_> {
                         group.network = Some(self.group_network(b, &floc));
                     }
                 }
+                ("service", Structure::Block(b)) => {
+                    let sloc = loc.service(group.services.len());
+                    group.services.push(self.service(b, &sloc));
+                }
                 _ if GROUP_FIELDS.contains(&name) => self.wrong_form(s, &loc),
                 _ => self.unknown(s, &loc, GROUP_FIELDS),
             }
@@ -893,8 +955,9 @@ impl Decoder<'_> {
         let mut seen = HashMap::new();
         for s in block.body.iter() {
             let name = structure_name(s);
-            // `affinity` is repeatable; every other task field appears once.
-            if TASK_FIELDS.contains(&name) && name != "affinity" && !self.first_time(&mut seen, s, &loc) {
+            // `affinity`, `service` and `artifact` are repeatable; every other task field appears once.
+            let repeatable = matches!(name, "affinity" | "service" | "artifact");
+            if TASK_FIELDS.contains(&name) && !repeatable && !self.first_time(&mut seen, s, &loc) {
                 continue;
             }
             let floc = loc.field(name);
@@ -926,11 +989,89 @@ impl Decoder<'_> {
                     let aloc = loc.indexed("affinity", task.affinities.len());
                     task.affinities.push(self.affinity(b, &aloc));
                 }
+                ("service", Structure::Block(b)) => {
+                    let sloc = loc.service(task.services.len());
+                    task.services.push(self.service(b, &sloc));
+                }
+                ("artifact", Structure::Block(b)) => {
+                    let aloc = loc.indexed("artifact", task.artifacts.len());
+                    task.artifacts.push(self.artifact(b, &aloc));
+                }
                 _ if TASK_FIELDS.contains(&name) => self.wrong_form(s, &loc),
                 _ => self.unknown(s, &loc, TASK_FIELDS),
             }
         }
         task
+    }
+
+    /// `service { name = "web"  port = "http"  tags = [..]  check { .. } }` (group or task).
+    fn service(&mut self, block: &Block, loc: &Loc) -> ServiceSpec {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut svc = ServiceSpec::default();
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            if name != "check" && SERVICE_FIELDS.contains(&name) && !self.first_time(&mut seen, s, loc) {
+                continue;
+            }
+            match (name, s) {
+                ("name", Structure::Attribute(a)) => svc.name = self.string(&a.value, &floc).unwrap_or_default(),
+                ("port", Structure::Attribute(a)) => svc.port = self.scalar(&a.value, &floc).unwrap_or_default(),
+                ("tags", Structure::Attribute(a)) => svc.tags = self.string_list(&a.value, &floc),
+                ("check", Structure::Block(b)) => {
+                    let cloc = loc.check(svc.checks.len());
+                    svc.checks.push(self.check(b, &cloc));
+                }
+                _ if SERVICE_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, SERVICE_FIELDS),
+            }
+        }
+        svc
+    }
+
+    /// `check { type = "http"  path = "/"  interval = "10s"  timeout = "2s" }`.
+    fn check(&mut self, block: &Block, loc: &Loc) -> ServiceCheck {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut check = ServiceCheck {
+            interval_ms: super::limits::DEFAULT_CHECK_INTERVAL_MS,
+            timeout_ms: super::limits::DEFAULT_CHECK_TIMEOUT_MS,
+            ..ServiceCheck::default()
+        };
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            if CHECK_FIELDS.contains(&name) && !self.first_time(&mut seen, s, loc) {
+                continue;
+            }
+            match (name, s) {
+                ("type", Structure::Attribute(a)) => check.r#type = self.string(&a.value, &floc).unwrap_or_default(),
+                ("path", Structure::Attribute(a)) => check.path = self.string(&a.value, &floc).unwrap_or_default(),
+                ("command", Structure::Attribute(a)) => check.command = self.string(&a.value, &floc).unwrap_or_default(),
+                ("args", Structure::Attribute(a)) => check.args = self.string_list(&a.value, &floc),
+                ("name", Structure::Attribute(a)) => check.name = self.string(&a.value, &floc).unwrap_or_default(),
+                ("port", Structure::Attribute(a)) => check.port = self.scalar(&a.value, &floc).unwrap_or_default(),
+                ("interval", Structure::Attribute(a)) => {
+                    if let Some(v) = self.duration(&a.value, &floc) {
+                        check.interval_ms = v;
+                    }
+                }
+                ("timeout", Structure::Attribute(a)) => {
+                    if let Some(v) = self.duration(&a.value, &floc) {
+                        check.timeout_ms = v;
+                    }
+                }
+                _ if CHECK_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, CHECK_FIELDS),
+            }
+        }
+        if check.r#type == crate::consts::check_type::HTTP && check.path.is_empty() {
+            check.path = "/".to_string();
+        }
+        check
     }
 
     /// A group's `network { mode = "..." port "LABEL" { static = N to = M } }`.
@@ -1035,11 +1176,39 @@ impl Decoder<'_> {
                     config.module = self.string(&a.value, &floc).unwrap_or_default();
                 }
                 ("env", _) => config.env = self.string_map(s, &floc),
+                ("image", Structure::Attribute(a)) => {
+                    config.image = self.string(&a.value, &floc).unwrap_or_default();
+                }
+                ("entrypoint", Structure::Attribute(a)) => {
+                    config.entrypoint = self.string_list(&a.value, &floc);
+                }
+                ("work_dir", Structure::Attribute(a)) => {
+                    config.work_dir = self.string(&a.value, &floc).unwrap_or_default();
+                }
+                ("auth", Structure::Block(b)) => config.auth = Some(self.registry_auth(b, &floc)),
                 _ if CONFIG_FIELDS.contains(&name) => self.wrong_form(s, loc),
                 _ => self.unknown(s, loc, CONFIG_FIELDS),
             }
         }
         config
+    }
+
+    /// `auth { username = "..." password = "..." }` of an `oci` task's config.
+    fn registry_auth(&mut self, block: &Block, loc: &Loc) -> RegistryAuth {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut auth = RegistryAuth::default();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            match (name, s) {
+                ("username", Structure::Attribute(a)) => auth.username = self.string(&a.value, &floc).unwrap_or_default(),
+                ("password", Structure::Attribute(a)) => auth.password = self.string(&a.value, &floc).unwrap_or_default(),
+                _ if AUTH_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, AUTH_FIELDS),
+            }
+        }
+        auth
     }
 
     fn resources(&mut self, block: &Block, loc: &Loc) -> Resources {

@@ -37,6 +37,8 @@ pub const MAX_SPREAD_TARGETS: usize = 100;
 pub const MAX_MAP_ENTRIES: usize = 1_000;
 /// Arguments of one task (`config.args`).
 pub const MAX_ARGS: usize = 1_000;
+/// `artifact` blocks in one task.
+pub const MAX_ARTIFACTS: usize = 32;
 /// Allowed GPU models in one `gpu` block.
 pub const MAX_GPU_MODELS: usize = 32;
 
@@ -44,3 +46,20 @@ pub const MAX_GPU_MODELS: usize = 32;
 pub const MAX_KEY_BYTES: usize = 256;
 /// Values of `env` and `meta`, each argument, the command.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+/// `service` blocks per group (its own and its tasks' together).
+pub const MAX_SERVICES: usize = 32;
+/// `check` blocks per service.
+pub const MAX_CHECKS: usize = 8;
+/// Tags per service.
+pub const MAX_TAGS: usize = 32;
+/// Bytes of one tag.
+pub const MAX_TAG_BYTES: usize = 128;
+/// Bytes of an http check's path.
+pub const MAX_CHECK_PATH_BYTES: usize = 1024;
+/// Shortest check interval.
+pub const MIN_CHECK_INTERVAL_MS: u64 = 100;
+/// Longest check interval (and timeout).
+pub const MAX_CHECK_INTERVAL_MS: u64 = 60 * 60 * 1000;
+/// A check's default interval and timeout.
+pub const DEFAULT_CHECK_INTERVAL_MS: u64 = 10_000;
+pub const DEFAULT_CHECK_TIMEOUT_MS: u64 = 2_000;

@@ -7,6 +7,7 @@
 //! it names each problem by a structural key that the decoder maps back to a source position,
 //! so the rules live in one place and still come out as `FILE:LINE:COL` diagnostics.
 
+pub mod artifact;
 mod decode;
 mod duration;
 pub mod limits;
@@ -19,7 +20,7 @@ use crate::v1::Job;
 
 pub use decode::default_reschedule;
 pub use duration::parse_duration;
-pub use validate::is_mig_profile;
+pub use validate::{check_image_reference, is_dns_label, is_mig_profile};
 
 /// Every problem found in a job spec; `Display` prints one diagnostic per line.
 #[derive(Debug, thiserror::Error)]
@@ -276,7 +277,24 @@ pub fn apply_defaults(job: &mut Job) {
     for s in &mut job.spreads {
         s.weight.get_or_insert(decode::DEFAULT_SPREAD_WEIGHT);
     }
+    let default_checks = |services: &mut Vec<crate::v1::ServiceSpec>| {
+        for c in services.iter_mut().flat_map(|s| s.checks.iter_mut()) {
+            if c.interval_ms == 0 {
+                c.interval_ms = limits::DEFAULT_CHECK_INTERVAL_MS;
+            }
+            if c.timeout_ms == 0 {
+                c.timeout_ms = limits::DEFAULT_CHECK_TIMEOUT_MS.min(c.interval_ms);
+            }
+            if c.r#type == crate::consts::check_type::HTTP && c.path.is_empty() {
+                c.path = "/".to_string();
+            }
+        }
+    };
     for group in &mut job.groups {
+        default_checks(&mut group.services);
+        for task in &mut group.tasks {
+            default_checks(&mut task.services);
+        }
         group.count.get_or_insert(decode::DEFAULT_COUNT);
         default_weights(&mut group.affinities);
         for s in &mut group.spreads {
@@ -347,6 +365,16 @@ impl Loc {
     pub fn named(&self, kind: &str, index: usize, name: &str) -> Loc {
         let path = if name.is_empty() { format!("{}.{kind}[{index}]", self.path) } else { format!("{}.{kind}.{name}", self.path) };
         Loc { key: format!("{}.{}{index}", self.key, &kind[..1]), path }
+    }
+
+    /// The `index`th `service` block (its own key prefix: `s` is `spread`'s).
+    pub fn service(&self, index: usize) -> Loc {
+        Loc { key: format!("{}.svc{index}", self.key), path: format!("{}.service[{index}]", self.path) }
+    }
+
+    /// The `index`th `check` block of a service.
+    pub fn check(&self, index: usize) -> Loc {
+        Loc { key: format!("{}.chk{index}", self.key), path: format!("{}.check[{index}]", self.path) }
     }
 
     /// A repeatable block without a name (`constraint`).

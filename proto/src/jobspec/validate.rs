@@ -10,16 +10,16 @@ use prost::Message;
 use super::duration::format_ms;
 use super::limits::*;
 use super::Loc;
-use crate::consts::{driver, job_type, restart_mode};
+use crate::consts::{check_type, driver, job_type, restart_mode};
 use crate::matcher;
-use crate::v1::{Affinity, Constraint, Job, Spread, Task, TaskGroup};
+use crate::v1::{Affinity, Constraint, Job, ServiceSpec, Spread, Task, TaskGroup};
 
 /// Priority bounds (inclusive).
 pub(crate) const PRIORITY_RANGE: (i32, i32) = (1, 100);
 /// Longest SIGTERM → SIGKILL grace period; longer ones would stall drains and stops.
 pub(crate) const MAX_KILL_TIMEOUT_MS: u64 = 3_600_000;
 
-pub(crate) const DRIVERS: &[&str] = &[driver::EXEC, driver::RAW_EXEC, driver::WASM];
+pub(crate) const DRIVERS: &[&str] = &[driver::EXEC, driver::RAW_EXEC, driver::WASM, driver::OCI];
 pub(crate) const JOB_TYPES: &[&str] = &[job_type::BATCH, job_type::SERVICE];
 pub(crate) const RESTART_MODES: &[&str] = &[restart_mode::FAIL, restart_mode::DELAY];
 pub(crate) const OPERATORS: &[&str] = &[
@@ -285,6 +285,7 @@ impl Checker {
         self.gang(loc, group);
         self.migrate_reschedule(loc, group);
         self.network(loc, group);
+        self.services(loc, group);
         if let Some(restart) = &group.restart {
             let rloc = loc.field("restart");
             self.one_of(&rloc.field("mode"), "restart mode", &restart.mode, RESTART_MODES);
@@ -302,6 +303,119 @@ impl Checker {
                 self.push(&tloc.field("name"), format!("duplicate task name {:?} in this group", task.name));
             }
             self.task(&tloc, task);
+        }
+    }
+
+    /// The `service` blocks of the group and its tasks: DNS-label names, unique per group or
+    /// task, ports that are labels of the group's network or numbers, bounded tags, checks of a
+    /// known type with what their type needs and sane durations.
+    fn services(&mut self, loc: &Loc, group: &TaskGroup) {
+        let total = group.services.len() + group.tasks.iter().map(|t| t.services.len()).sum::<usize>();
+        self.at_most(&loc.service(MAX_SERVICES), "services per group", total, MAX_SERVICES);
+        let labels: HashSet<&str> = group.network.iter().flat_map(|n| n.ports.iter()).map(|p| p.label.as_str()).collect();
+        self.service_list(loc, &group.services, &labels);
+        for (i, task) in group.tasks.iter().enumerate().take(MAX_TASKS) {
+            self.service_list(&loc.named("task", i, &task.name), &task.services, &labels);
+        }
+    }
+
+    fn service_list(&mut self, parent: &Loc, services: &[ServiceSpec], labels: &HashSet<&str>) {
+        let mut names = HashSet::new();
+        for (i, svc) in services.iter().enumerate().take(MAX_SERVICES) {
+            let sloc = parent.service(i);
+            if svc.name.is_empty() {
+                self.push(&sloc.field("name"), "missing service name");
+            } else if !is_dns_label(&svc.name) {
+                self.push(
+                    &sloc.field("name"),
+                    format!(
+                        "invalid service name {:?}: must be a DNS label, 1-63 characters of a-z, 0-9 or - (not first or last)",
+                        printable_key(&svc.name)
+                    ),
+                );
+            } else if !names.insert(svc.name.as_str()) {
+                self.push(&sloc.field("name"), format!("duplicate service name {:?} here", svc.name));
+            }
+            self.port_ref(&sloc.field("port"), &svc.port, labels);
+            self.at_most(&sloc.field("tags"), "tags per service", svc.tags.len(), MAX_TAGS);
+            for (t, tag) in svc.tags.iter().enumerate().take(MAX_TAGS) {
+                let tloc = Loc { key: format!("{}.tags[{t}]", sloc.key), path: format!("{}.tags[{t}]", sloc.path) };
+                if tag.is_empty() || tag.len() > MAX_TAG_BYTES || tag.chars().any(|c| c.is_control()) {
+                    self.push(&tloc, format!("a tag must be 1-{MAX_TAG_BYTES} bytes without control characters"));
+                }
+            }
+            self.at_most(&sloc.check(MAX_CHECKS), "checks per service", svc.checks.len(), MAX_CHECKS);
+            for (c, check) in svc.checks.iter().enumerate().take(MAX_CHECKS) {
+                let cloc = sloc.check(c);
+                self.one_of(&cloc.field("type"), "check type", &check.r#type, check_type::ALL);
+                self.port_ref(&cloc.field("port"), &check.port, labels);
+                self.text(&cloc.field("name"), "check name", &check.name, MAX_KEY_BYTES);
+                let t = check.r#type.as_str();
+                if (t == check_type::HTTP || t == check_type::TCP) && check.port.is_empty() && svc.port.is_empty() {
+                    self.push(&cloc.field("port"), format!("a {t} check needs a port: set the service's `port` or the check's"));
+                }
+                if t == check_type::HTTP {
+                    let path = &check.path;
+                    if !path.starts_with('/')
+                        || path.len() > MAX_CHECK_PATH_BYTES
+                        || path.chars().any(|c| c.is_control() || c.is_whitespace())
+                    {
+                        self.push(
+                            &cloc.field("path"),
+                            format!("must be a URL path starting with / (at most {MAX_CHECK_PATH_BYTES} bytes, no spaces), found {path:?}"),
+                        );
+                    }
+                } else if !check.path.is_empty() {
+                    self.push(&cloc.field("path"), format!("only http checks have a path; this is a {t:?} check"));
+                }
+                if t == check_type::SCRIPT {
+                    if check.command.is_empty() {
+                        self.push(&cloc.field("command"), "a script check needs a command");
+                    }
+                    self.text(&cloc.field("command"), "command", &check.command, MAX_VALUE_BYTES);
+                    self.at_most(&cloc.field("args"), "args", check.args.len(), MAX_ARGS);
+                    for a in check.args.iter().take(MAX_ARGS) {
+                        self.text(&cloc.field("args"), "argument", a, MAX_VALUE_BYTES);
+                    }
+                } else if !check.command.is_empty() || !check.args.is_empty() {
+                    self.push(&cloc.field("command"), format!("only script checks run a command; this is a {t:?} check"));
+                }
+                let (lo, hi) = (MIN_CHECK_INTERVAL_MS, MAX_CHECK_INTERVAL_MS);
+                if !(lo..=hi).contains(&check.interval_ms) {
+                    self.push(
+                        &cloc.field("interval"),
+                        format!("must be between {} and {}, found {}", format_ms(lo), format_ms(hi), format_ms(check.interval_ms)),
+                    );
+                }
+                if check.timeout_ms == 0 || check.timeout_ms > check.interval_ms.max(lo) {
+                    self.push(
+                        &cloc.field("timeout"),
+                        format!(
+                            "must be above 0 and at most the interval ({}), found {}",
+                            format_ms(check.interval_ms),
+                            format_ms(check.timeout_ms)
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    /// A service's or check's `port`: empty, a port number, or a port label of the group.
+    fn port_ref(&mut self, loc: &Loc, port: &str, labels: &HashSet<&str>) {
+        if port.is_empty() {
+            return;
+        }
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            if !matches!(port.parse::<u32>(), Ok(1..=65535)) {
+                self.push(loc, format!("must be a port number between 1 and 65535 or a port label, found {port}"));
+            }
+        } else if !labels.contains(port) {
+            let mut known: Vec<&str> = labels.iter().copied().collect();
+            known.sort_unstable();
+            let known =
+                if known.is_empty() { "the group's network has no ports".to_string() } else { format!("known: {}", known.join(", ")) };
+            self.push(loc, format!("no port labelled {:?} in the group's network ({known})", printable_key(port)));
         }
     }
 
@@ -467,13 +581,75 @@ impl Checker {
         }
     }
 
+    /// `driver = "oci"`: `config.image` is required, a valid image reference
+    /// ([`check_image_reference`]); `command`, `args`, `entrypoint` and `work_dir` override the
+    /// image's; `auth` needs a username; no `module` and no `env` in `config`.
+    fn oci_config(&mut self, loc: &Loc, task: &Task) {
+        let cloc = loc.field("config");
+        let Some(config) = &task.config else {
+            self.push(&cloc.field("image"), "missing required field");
+            return;
+        };
+        let iloc = cloc.field("image");
+        if config.image.is_empty() {
+            self.push(&iloc, "missing required field");
+        } else if let Err(why) = check_image_reference(&config.image) {
+            self.push(&iloc, why);
+        }
+        self.at_most(&cloc.field("entrypoint"), "entrypoint", config.entrypoint.len(), MAX_ARGS);
+        for (i, arg) in config.entrypoint.iter().enumerate().take(MAX_ARGS) {
+            self.text(&cloc.field(&format!("entrypoint[{i}]")), "argument", arg, MAX_VALUE_BYTES);
+        }
+        let wloc = cloc.field("work_dir");
+        let wd = config.work_dir.as_str();
+        if !wd.is_empty() && (!wd.starts_with('/') || wd.split('/').any(|p| p == "..") || wd.contains('\0')) {
+            self.push(&wloc, format!("must be an absolute path inside the image without `..`, found {wd:?}"));
+        }
+        self.text(&wloc, "work_dir", wd, MAX_VALUE_BYTES);
+        if let Some(auth) = &config.auth {
+            let aloc = cloc.field("auth");
+            if auth.username.is_empty() {
+                self.push(&aloc.field("username"), "missing required field");
+            }
+            if auth.username.contains(':') {
+                self.push(&aloc.field("username"), "must not contain `:`");
+            }
+            // The value is never echoed: it is a secret.
+            if auth.password.len() > MAX_VALUE_BYTES || auth.username.len() > MAX_KEY_BYTES {
+                self.push(&aloc, format!("username at most {MAX_KEY_BYTES} bytes and password at most {MAX_VALUE_BYTES} bytes"));
+            }
+        }
+        if !config.module.is_empty() {
+            self.push(&cloc.field("module"), "only the wasm driver runs a module; the oci driver runs `image`");
+        }
+        if !config.env.is_empty() {
+            self.push(&cloc.field("env"), "only the wasm driver takes `env` in `config`; use the task's `env`");
+        }
+    }
+
     fn task(&mut self, loc: &Loc, task: &Task) {
         self.name(loc, "task", &task.name);
         self.one_of(&loc.field("driver"), "driver", &task.driver, DRIVERS);
         let command = task.config.as_ref().map_or("", |c| c.command.as_str());
         let cloc = loc.field("config");
+        if task.driver != driver::OCI {
+            if let Some(config) = &task.config {
+                for (field, set) in [
+                    ("image", !config.image.is_empty()),
+                    ("entrypoint", !config.entrypoint.is_empty()),
+                    ("work_dir", !config.work_dir.is_empty()),
+                    ("auth", config.auth.is_some()),
+                ] {
+                    if set {
+                        self.push(&cloc.field(field), format!("only the oci driver takes `{field}`; driver {:?} does not", task.driver));
+                    }
+                }
+            }
+        }
         if task.driver == driver::WASM {
             self.wasm_config(loc, task);
+        } else if task.driver == driver::OCI {
+            self.oci_config(loc, task);
         } else {
             if command.is_empty() {
                 self.push(&cloc.field("command"), "missing required field");
@@ -500,6 +676,13 @@ impl Checker {
         self.map(&loc.field("env"), "env", &task.env);
         self.map(&loc.field("meta"), "meta", &task.meta);
         self.text(&loc.field("user"), "user", &task.user, MAX_KEY_BYTES);
+        self.at_most(&loc.field("artifact"), "artifact blocks", task.artifacts.len(), MAX_ARTIFACTS);
+        for (i, a) in task.artifacts.iter().enumerate().take(MAX_ARTIFACTS) {
+            let aloc = loc.indexed("artifact", i);
+            if let Err(e) = crate::jobspec::artifact::check(a) {
+                self.push(&aloc.field(e.field), e.message);
+            }
+        }
         if let Some(res) = &task.resources {
             let rloc = loc.field("resources");
             if res.cpu_mhz < 1 {
@@ -602,6 +785,11 @@ pub(crate) fn is_name(s: &str) -> bool {
     (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// A DNS label as service names use it: `[a-z0-9-]{1,63}`, no `-` first or last.
+pub fn is_dns_label(s: &str) -> bool {
+    is_namespace(s) && !s.starts_with('-') && !s.ends_with('-')
+}
+
 /// `[a-z0-9-]{1,63}`, the shape of a DNS label.
 fn is_namespace(s: &str) -> bool {
     (1..=63).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -621,6 +809,60 @@ pub fn is_mig_profile(s: &str) -> bool {
     let Some(mem) = mem.strip_suffix("gb") else { return false };
     let number = |t: &str| !t.is_empty() && t.len() <= 4 && t.bytes().all(|c| c.is_ascii_digit()) && !t.starts_with('0');
     number(slices) && number(mem)
+}
+
+/// Checks an image reference: `[registry[:port]/]repository[:tag][@sha256:<64 hex>]`, where the
+/// repository is lowercase path components (`a-z 0-9 . _ -`), the tag up to 128 characters of
+/// `A-Z a-z 0-9 _ . -` (not starting with `.` or `-`). Returns why not.
+pub fn check_image_reference(image: &str) -> Result<(), String> {
+    const MAX_LEN: usize = 512;
+    if image.len() > MAX_LEN {
+        return Err(format!("must be at most {MAX_LEN} bytes, found {}", image.len()));
+    }
+    let bad = |why: &str| Err(format!("invalid image reference {image:?}: {why}"));
+    let (name_tag, digest) = match image.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (image, None),
+    };
+    if let Some(d) = digest {
+        let Some(hex) = d.strip_prefix("sha256:") else {
+            return bad("the digest must be sha256:<64 hex digits>");
+        };
+        if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
+            return bad("the digest must be sha256:<64 lowercase hex digits>");
+        }
+    }
+    // A tag follows the last ':' after the last '/'.
+    let last_slash = name_tag.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match name_tag[last_slash..].rfind(':') {
+        Some(i) => (&name_tag[..last_slash + i], Some(&name_tag[last_slash + i + 1..])),
+        None => (name_tag, None),
+    };
+    if let Some(tag) = tag {
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+        if tag.is_empty() || tag.len() > 128 || !tag.chars().all(ok_char) || tag.starts_with(['.', '-']) {
+            return bad("a tag is 1 to 128 of A-Z a-z 0-9 _ . - (not starting with . or -)");
+        }
+    }
+    let mut parts: Vec<&str> = name.split('/').collect();
+    // The first part is a registry when it has a '.', a ':' or is "localhost".
+    if parts.len() > 1 && (parts[0].contains(['.', ':']) || parts[0] == "localhost") {
+        let registry = parts.remove(0);
+        let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']');
+        if registry.is_empty() || !registry.chars().all(ok) {
+            return bad("the registry must be a host name or address with an optional :port");
+        }
+    }
+    if parts.is_empty() || parts.iter().any(|p| p.is_empty()) {
+        return bad("empty repository path component");
+    }
+    let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-');
+    for p in &parts {
+        if !p.chars().all(ok) || p.starts_with(['.', '_', '-']) || p.ends_with(['.', '_', '-']) {
+            return bad("repository path components are lowercase letters, digits and . _ - separators");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
