@@ -14,5 +14,6 @@ pub mod server;
 pub mod services;
 pub mod sim;
 pub mod state;
+pub mod tracking;
 
 pub use server::{ClusterSettings, Server, ServerConfig, ServerError};

@@ -172,7 +172,8 @@ impl Server {
             tasks.push(tokio::spawn(crate::raft::cluster::form_cluster(node, cluster.bootstrap_expect, cluster.join, stop)));
         }
 
-        let app = crate::http::router(api.clone());
+        // MLflow's tracking, registry and artifact API (issue 17) beside mlp's own.
+        let app = crate::tracking::http::router(api.clone(), config.data_dir.join("artifacts")).merge(crate::http::router(api.clone()));
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let stop = async move {

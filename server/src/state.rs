@@ -153,6 +153,10 @@ pub enum Command {
     /// An agent's service registrations: each allocation's replace what was held for it (an
     /// empty list deregisters it). Only live allocations of `node_id` are taken.
     UpdateServices { node_id: String, allocs: Vec<mlp_proto::v1::AllocServices> },
+    // ---- MLflow tracking and model registry (issue 17) ----
+    /// A change to experiments, runs, models or versions (`tracking::state`). Its ids and
+    /// timestamps were chosen by the proposer; applying it reads neither clock nor randomness.
+    Tracking(crate::tracking::TrackingCommand),
 }
 
 /// What the plan applier commits: placements that fit, stops, and the evaluation's outcome.
@@ -200,6 +204,9 @@ pub struct CommandResponse {
     /// What a `GarbageCollect` entry removed.
     #[serde(default)]
     pub collected: Option<GcCounts>,
+    /// What a `Tracking` entry created, when its proposer needs it (a model version's number).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
 }
 
 /// Counts of what garbage collection removed; a job's own evaluations and allocations are
@@ -249,6 +256,10 @@ pub struct ClusterState {
     /// since removed. Absent in older snapshots (then empty).
     #[serde(default)]
     pub learned: LearnedWorkload,
+    /// MLflow tracking and registry state (issue 17). Absent in older snapshots (then only
+    /// the Default experiment).
+    #[serde(default)]
+    pub tracking: crate::tracking::TrackingState,
     #[serde(skip)]
     pub allocs_by_node: BTreeMap<String, BTreeSet<String>>,
     /// The allocations that hold resources on each node (`scheduler::resources::is_live`): the
@@ -752,6 +763,14 @@ impl ClusterState {
                 resp.collected = Some(self.garbage_collect(evals, allocs, jobs, nodes));
             }
             Command::UpdateServices { node_id, allocs } => self.update_services(index, node_id, allocs),
+            Command::Tracking(cmd) => {
+                let now = i64::try_from(now).unwrap_or(i64::MAX);
+                match self.tracking.apply(now, cmd) {
+                    Ok(created) => resp.created = created,
+                    // `"<CODE>: <message>"`, parsed back by the tracking API.
+                    Err(e) => resp.error = Some(e.to_string()),
+                }
+            }
         }
         resp
     }
@@ -1184,7 +1203,13 @@ impl StateHandle {
             let why = crate::leader::panic_message(panic.as_ref());
             tracing::error!(index, error = %why, "applying a committed entry failed; it changed nothing further");
             st.index = index;
-            CommandResponse { index, job_version: None, error: Some(format!("internal error while applying: {why}")), collected: None }
+            CommandResponse {
+                index,
+                job_version: None,
+                error: Some(format!("internal error while applying: {why}")),
+                collected: None,
+                created: None,
+            }
         });
         let touched = std::mem::take(&mut st.touched);
         if !touched.nodes.is_empty() || touched.deleted.iter().any(|d| d.topic == "Node") {

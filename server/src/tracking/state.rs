@@ -1,0 +1,817 @@
+//! The replicated tracking state and the commands that change it. `apply` is deterministic:
+//! everything random or clock-derived (ids, run names, timestamps) is chosen by the proposer
+//! and carried in the command or in the entry's `now_ms`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::TrackingError;
+
+pub const LIFECYCLE_ACTIVE: &str = "active";
+pub const LIFECYCLE_DELETED: &str = "deleted";
+/// The experiment every cluster starts with (MLflow's "Default", id 0).
+pub const DEFAULT_EXPERIMENT_ID: &str = "0";
+/// The tag MLflow keeps equal to a run's name.
+pub const RUN_NAME_TAG: &str = "mlflow.runName";
+pub const RUN_STATUSES: [&str; 5] = ["RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED"];
+
+/// A metric's value: any double. Non-finite values are written as MLflow's JSON does
+/// (`"NaN"`, `"Infinity"`, `"-Infinity"`), so that snapshots (serde_json) keep them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MetricValue(pub f64);
+
+impl Serialize for MetricValue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let v = self.0;
+        if v.is_finite() {
+            s.serialize_f64(v)
+        } else if v.is_nan() {
+            s.serialize_str("NaN")
+        } else if v > 0.0 {
+            s.serialize_str("Infinity")
+        } else {
+            s.serialize_str("-Infinity")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MetricValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(f64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(v) => Ok(MetricValue(v)),
+            Raw::S(s) => parse_metric_value(&s).map(MetricValue).ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not a number"))),
+        }
+    }
+}
+
+/// A metric value written as a string (`"NaN"`, `"Infinity"`, `"1.5"`).
+pub fn parse_metric_value(s: &str) -> Option<f64> {
+    match s.trim() {
+        "NaN" | "nan" => Some(f64::NAN),
+        "Infinity" | "inf" | "+Infinity" => Some(f64::INFINITY),
+        "-Infinity" | "-inf" => Some(f64::NEG_INFINITY),
+        t => t.parse().ok(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MetricPoint {
+    pub value: MetricValue,
+    pub timestamp: i64,
+    pub step: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Metric {
+    pub key: String,
+    pub value: MetricValue,
+    pub timestamp: i64,
+    pub step: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Experiment {
+    pub experiment_id: String,
+    pub name: String,
+    pub artifact_location: String,
+    pub lifecycle_stage: String,
+    pub creation_time: i64,
+    pub last_update_time: i64,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Run {
+    pub run_id: String,
+    pub experiment_id: String,
+    pub run_name: String,
+    pub user_id: String,
+    pub status: String,
+    pub start_time: i64,
+    pub end_time: Option<i64>,
+    pub artifact_uri: String,
+    pub lifecycle_stage: String,
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Every point logged, per key, in the order logged (append-only).
+    #[serde(default)]
+    pub metrics: BTreeMap<String, Vec<MetricPoint>>,
+}
+
+impl Run {
+    /// A metric's latest point as MLflow defines it: the largest step, then the latest
+    /// timestamp, then the largest value.
+    pub fn latest(&self, key: &str) -> Option<&MetricPoint> {
+        self.metrics.get(key)?.iter().max_by(|a, b| (a.step, a.timestamp).cmp(&(b.step, b.timestamp)).then(a.value.0.total_cmp(&b.value.0)))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ModelVersion {
+    pub version: u64,
+    pub creation_timestamp: i64,
+    pub last_updated_timestamp: i64,
+    pub description: String,
+    pub source: String,
+    pub run_id: String,
+    pub run_link: String,
+    pub current_stage: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegisteredModel {
+    pub name: String,
+    pub creation_timestamp: i64,
+    pub last_updated_timestamp: i64,
+    pub description: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Alias -> version.
+    #[serde(default)]
+    pub aliases: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub versions: BTreeMap<u64, ModelVersion>,
+    /// The last version number handed out (numbers are never reused).
+    #[serde(default)]
+    pub last_version: u64,
+}
+
+/// Everything tracking keeps in the replicated state (`ClusterState::tracking`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TrackingState {
+    pub experiments: BTreeMap<String, Experiment>,
+    pub runs: BTreeMap<String, Run>,
+    pub models: BTreeMap<String, RegisteredModel>,
+}
+
+impl Default for TrackingState {
+    fn default() -> Self {
+        let default = Experiment {
+            experiment_id: DEFAULT_EXPERIMENT_ID.into(),
+            name: "Default".into(),
+            artifact_location: artifact_location_for(DEFAULT_EXPERIMENT_ID),
+            lifecycle_stage: LIFECYCLE_ACTIVE.into(),
+            creation_time: 0,
+            last_update_time: 0,
+            tags: BTreeMap::new(),
+        };
+        TrackingState {
+            experiments: BTreeMap::from([(DEFAULT_EXPERIMENT_ID.to_string(), default)]),
+            runs: BTreeMap::new(),
+            models: BTreeMap::new(),
+        }
+    }
+}
+
+/// Where an experiment's artifacts go when its creator names no location: through mlp's own
+/// artifact endpoints, so clients need no object-store credentials.
+pub fn artifact_location_for(experiment_id: &str) -> String {
+    format!("mlflow-artifacts:/{experiment_id}")
+}
+
+/// The tracking changes committed through Raft (`Command::Tracking`). New variants go last so
+/// that older logs still decode.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum TrackingCommand {
+    CreateExperiment {
+        experiment_id: String,
+        name: String,
+        artifact_location: String,
+        tags: Vec<(String, String)>,
+    },
+    RenameExperiment {
+        experiment_id: String,
+        new_name: String,
+    },
+    DeleteExperiment {
+        experiment_id: String,
+    },
+    RestoreExperiment {
+        experiment_id: String,
+    },
+    SetExperimentTag {
+        experiment_id: String,
+        key: String,
+        value: String,
+    },
+    CreateRun {
+        run_id: String,
+        experiment_id: String,
+        run_name: String,
+        user_id: String,
+        start_time: i64,
+        tags: Vec<(String, String)>,
+    },
+    UpdateRun {
+        run_id: String,
+        status: Option<String>,
+        end_time: Option<i64>,
+        run_name: Option<String>,
+    },
+    DeleteRun {
+        run_id: String,
+    },
+    RestoreRun {
+        run_id: String,
+    },
+    /// log-metric, log-parameter, set-tag and log-batch: all or nothing.
+    LogBatch {
+        run_id: String,
+        metrics: Vec<Metric>,
+        params: Vec<(String, String)>,
+        tags: Vec<(String, String)>,
+    },
+    DeleteRunTag {
+        run_id: String,
+        key: String,
+    },
+    CreateRegisteredModel {
+        name: String,
+        description: String,
+        tags: Vec<(String, String)>,
+    },
+    RenameRegisteredModel {
+        name: String,
+        new_name: String,
+    },
+    UpdateRegisteredModel {
+        name: String,
+        description: String,
+    },
+    DeleteRegisteredModel {
+        name: String,
+    },
+    SetRegisteredModelTag {
+        name: String,
+        key: String,
+        value: String,
+    },
+    DeleteRegisteredModelTag {
+        name: String,
+        key: String,
+    },
+    SetAlias {
+        name: String,
+        alias: String,
+        version: u64,
+    },
+    DeleteAlias {
+        name: String,
+        alias: String,
+    },
+    /// Answers the new version's number.
+    CreateModelVersion {
+        name: String,
+        source: String,
+        run_id: String,
+        run_link: String,
+        description: String,
+        tags: Vec<(String, String)>,
+    },
+    UpdateModelVersion {
+        name: String,
+        version: u64,
+        description: String,
+    },
+    DeleteModelVersion {
+        name: String,
+        version: u64,
+    },
+    SetModelVersionTag {
+        name: String,
+        version: u64,
+        key: String,
+        value: String,
+    },
+    DeleteModelVersionTag {
+        name: String,
+        version: u64,
+        key: String,
+    },
+}
+
+fn run_not_found(id: &str) -> TrackingError {
+    TrackingError::not_found(format!("Run with id={id} not found"))
+}
+
+fn model_not_found(name: &str) -> TrackingError {
+    TrackingError::not_found(format!("Registered Model with name={name} not found"))
+}
+
+impl TrackingState {
+    pub fn experiment(&self, id: &str) -> Result<&Experiment, TrackingError> {
+        self.experiments.get(id).ok_or_else(|| TrackingError::not_found(format!("No Experiment with id={id} exists")))
+    }
+
+    pub fn experiment_by_name(&self, name: &str) -> Option<&Experiment> {
+        self.experiments.values().find(|e| e.name == name)
+    }
+
+    pub fn run(&self, id: &str) -> Result<&Run, TrackingError> {
+        self.runs.get(id).ok_or_else(|| run_not_found(id))
+    }
+
+    pub fn model(&self, name: &str) -> Result<&RegisteredModel, TrackingError> {
+        self.models.get(name).ok_or_else(|| model_not_found(name))
+    }
+
+    pub fn model_version(&self, name: &str, version: u64) -> Result<&ModelVersion, TrackingError> {
+        self.model(name)?
+            .versions
+            .get(&version)
+            .ok_or_else(|| TrackingError::not_found(format!("Model Version (name={name}, version={version}) not found")))
+    }
+
+    fn experiment_mut(&mut self, id: &str) -> Result<&mut Experiment, TrackingError> {
+        self.experiments.get_mut(id).ok_or_else(|| TrackingError::not_found(format!("No Experiment with id={id} exists")))
+    }
+
+    fn active_run_mut(&mut self, id: &str) -> Result<&mut Run, TrackingError> {
+        let run = self.runs.get_mut(id).ok_or_else(|| run_not_found(id))?;
+        if run.lifecycle_stage != LIFECYCLE_ACTIVE {
+            return Err(TrackingError::invalid(format!(
+                "The run {id} must be in the 'active' state. Current state is {}.",
+                run.lifecycle_stage
+            )));
+        }
+        Ok(run)
+    }
+
+    fn model_mut(&mut self, name: &str) -> Result<&mut RegisteredModel, TrackingError> {
+        self.models.get_mut(name).ok_or_else(|| model_not_found(name))
+    }
+
+    fn version_mut(&mut self, name: &str, version: u64) -> Result<&mut ModelVersion, TrackingError> {
+        self.model_mut(name)?
+            .versions
+            .get_mut(&version)
+            .ok_or_else(|| TrackingError::not_found(format!("Model Version (name={name}, version={version}) not found")))
+    }
+
+    /// Applies one command at the entry's time `now` (the proposer's clock). On error nothing
+    /// changed. `Ok(Some(x))`: what the command created (a model version's number).
+    pub fn apply(&mut self, now: i64, cmd: &TrackingCommand) -> Result<Option<String>, TrackingError> {
+        use TrackingCommand as C;
+        match cmd {
+            C::CreateExperiment { experiment_id, name, artifact_location, tags } => {
+                // The same entry again (a forwarding retry resends it): already done.
+                if self.experiments.get(experiment_id).is_some_and(|e| &e.name == name) {
+                    return Ok(None);
+                }
+                if self.experiment_by_name(name).is_some() {
+                    return Err(TrackingError::exists(format!("Experiment '{name}' already exists.")));
+                }
+                if self.experiments.contains_key(experiment_id) {
+                    return Err(TrackingError::exists(format!("Experiment with id={experiment_id} already exists.")));
+                }
+                let location = if artifact_location.is_empty() { artifact_location_for(experiment_id) } else { artifact_location.clone() };
+                let e = Experiment {
+                    experiment_id: experiment_id.clone(),
+                    name: name.clone(),
+                    artifact_location: location,
+                    lifecycle_stage: LIFECYCLE_ACTIVE.into(),
+                    creation_time: now,
+                    last_update_time: now,
+                    tags: tags.iter().cloned().collect(),
+                };
+                self.experiments.insert(experiment_id.clone(), e);
+            }
+            C::RenameExperiment { experiment_id, new_name } => {
+                if self.experiment_by_name(new_name).is_some_and(|e| &e.experiment_id != experiment_id) {
+                    return Err(TrackingError::exists(format!("Experiment '{new_name}' already exists.")));
+                }
+                let e = self.experiment_mut(experiment_id)?;
+                if e.lifecycle_stage != LIFECYCLE_ACTIVE {
+                    return Err(TrackingError::invalid("Cannot rename a non-active experiment."));
+                }
+                e.name = new_name.clone();
+                e.last_update_time = now;
+            }
+            C::DeleteExperiment { experiment_id } => {
+                let e = self.experiment_mut(experiment_id)?;
+                e.lifecycle_stage = LIFECYCLE_DELETED.into();
+                e.last_update_time = now;
+            }
+            C::RestoreExperiment { experiment_id } => {
+                let e = self.experiment_mut(experiment_id)?;
+                e.lifecycle_stage = LIFECYCLE_ACTIVE.into();
+                e.last_update_time = now;
+            }
+            C::SetExperimentTag { experiment_id, key, value } => {
+                let e = self.experiment_mut(experiment_id)?;
+                if e.lifecycle_stage != LIFECYCLE_ACTIVE {
+                    return Err(TrackingError::invalid(format!("The experiment {experiment_id} must be in the 'active' state.")));
+                }
+                e.tags.insert(key.clone(), value.clone());
+            }
+            C::CreateRun { run_id, experiment_id, run_name, user_id, start_time, tags } => {
+                let e = self.experiment(experiment_id)?;
+                if e.lifecycle_stage != LIFECYCLE_ACTIVE {
+                    return Err(TrackingError::invalid(format!(
+                        "The experiment {experiment_id} must be in the 'active' state. Current state is {}.",
+                        e.lifecycle_stage
+                    )));
+                }
+                if let Some(run) = self.runs.get(run_id) {
+                    if &run.experiment_id == experiment_id && run.start_time == *start_time {
+                        // The same entry again (a forwarding retry): already done.
+                        return Ok(None);
+                    }
+                    return Err(TrackingError::exists(format!("Run with id={run_id} already exists")));
+                }
+                let artifact_uri = format!("{}/{run_id}/artifacts", e.artifact_location.trim_end_matches('/'));
+                let mut tags: BTreeMap<String, String> = tags.iter().cloned().collect();
+                tags.insert(RUN_NAME_TAG.into(), run_name.clone());
+                let run = Run {
+                    run_id: run_id.clone(),
+                    experiment_id: experiment_id.clone(),
+                    run_name: run_name.clone(),
+                    user_id: user_id.clone(),
+                    status: "RUNNING".into(),
+                    start_time: *start_time,
+                    end_time: None,
+                    artifact_uri,
+                    lifecycle_stage: LIFECYCLE_ACTIVE.into(),
+                    params: BTreeMap::new(),
+                    tags,
+                    metrics: BTreeMap::new(),
+                };
+                self.runs.insert(run_id.clone(), run);
+            }
+            C::UpdateRun { run_id, status, end_time, run_name } => {
+                let run = self.active_run_mut(run_id)?;
+                if let Some(s) = status {
+                    run.status = s.clone();
+                }
+                if end_time.is_some() {
+                    run.end_time = *end_time;
+                }
+                if let Some(n) = run_name.as_ref().filter(|n| !n.is_empty()) {
+                    run.run_name = n.clone();
+                    run.tags.insert(RUN_NAME_TAG.into(), n.clone());
+                }
+            }
+            C::DeleteRun { run_id } => {
+                let run = self.runs.get_mut(run_id).ok_or_else(|| run_not_found(run_id))?;
+                run.lifecycle_stage = LIFECYCLE_DELETED.into();
+            }
+            C::RestoreRun { run_id } => {
+                let run = self.runs.get_mut(run_id).ok_or_else(|| run_not_found(run_id))?;
+                run.lifecycle_stage = LIFECYCLE_ACTIVE.into();
+            }
+            C::LogBatch { run_id, metrics, params, tags } => {
+                let run = self.active_run_mut(run_id)?;
+                // Check everything first: a refused batch changes nothing.
+                let mut batch: BTreeMap<&str, &str> = BTreeMap::new();
+                for (k, v) in params {
+                    let old = run.params.get(k).map(String::as_str).or_else(|| batch.get(k.as_str()).copied());
+                    if let Some(old) = old.filter(|old| *old != v) {
+                        return Err(TrackingError::invalid(format!(
+                            "Changing param values is not allowed. Param with key='{k}' was already logged with value='{old}' \
+                             for run ID='{run_id}'. Attempted logging new value '{v}'."
+                        )));
+                    }
+                    batch.insert(k, v);
+                }
+                for (k, v) in params {
+                    run.params.insert(k.clone(), v.clone());
+                }
+                for m in metrics {
+                    run.metrics.entry(m.key.clone()).or_default().push(MetricPoint {
+                        value: m.value,
+                        timestamp: m.timestamp,
+                        step: m.step,
+                    });
+                }
+                for (k, v) in tags {
+                    if k == RUN_NAME_TAG && !v.is_empty() {
+                        run.run_name = v.clone();
+                    }
+                    run.tags.insert(k.clone(), v.clone());
+                }
+            }
+            C::DeleteRunTag { run_id, key } => {
+                let run = self.active_run_mut(run_id)?;
+                if run.tags.remove(key).is_none() {
+                    return Err(TrackingError::not_found(format!("No tag with name: {key} in run with id {run_id}")));
+                }
+            }
+            C::CreateRegisteredModel { name, description, tags } => {
+                if self.models.contains_key(name) {
+                    return Err(TrackingError::exists(format!("Registered Model (name={name}) already exists.")));
+                }
+                let m = RegisteredModel {
+                    name: name.clone(),
+                    creation_timestamp: now,
+                    last_updated_timestamp: now,
+                    description: description.clone(),
+                    tags: tags.iter().cloned().collect(),
+                    aliases: BTreeMap::new(),
+                    versions: BTreeMap::new(),
+                    last_version: 0,
+                };
+                self.models.insert(name.clone(), m);
+            }
+            C::RenameRegisteredModel { name, new_name } => {
+                if name != new_name && self.models.contains_key(new_name) {
+                    return Err(TrackingError::exists(format!("Registered Model (name={new_name}) already exists.")));
+                }
+                let mut m = self.models.remove(name).ok_or_else(|| model_not_found(name))?;
+                m.name = new_name.clone();
+                m.last_updated_timestamp = now;
+                self.models.insert(new_name.clone(), m);
+            }
+            C::UpdateRegisteredModel { name, description } => {
+                let m = self.model_mut(name)?;
+                m.description = description.clone();
+                m.last_updated_timestamp = now;
+            }
+            C::DeleteRegisteredModel { name } => {
+                self.models.remove(name).ok_or_else(|| model_not_found(name))?;
+            }
+            C::SetRegisteredModelTag { name, key, value } => {
+                self.model_mut(name)?.tags.insert(key.clone(), value.clone());
+            }
+            C::DeleteRegisteredModelTag { name, key } => {
+                self.model_mut(name)?.tags.remove(key);
+            }
+            C::SetAlias { name, alias, version } => {
+                self.model_version(name, *version)?;
+                let m = self.model_mut(name)?;
+                m.aliases.insert(alias.clone(), *version);
+            }
+            C::DeleteAlias { name, alias } => {
+                self.model_mut(name)?.aliases.remove(alias);
+            }
+            C::CreateModelVersion { name, source, run_id, run_link, description, tags } => {
+                let m = self.model_mut(name)?;
+                m.last_version += 1;
+                let version = m.last_version;
+                m.last_updated_timestamp = now;
+                m.versions.insert(
+                    version,
+                    ModelVersion {
+                        version,
+                        creation_timestamp: now,
+                        last_updated_timestamp: now,
+                        description: description.clone(),
+                        source: source.clone(),
+                        run_id: run_id.clone(),
+                        run_link: run_link.clone(),
+                        current_stage: "None".into(),
+                        tags: tags.iter().cloned().collect(),
+                    },
+                );
+                return Ok(Some(version.to_string()));
+            }
+            C::UpdateModelVersion { name, version, description } => {
+                let v = self.version_mut(name, *version)?;
+                v.description = description.clone();
+                v.last_updated_timestamp = now;
+            }
+            C::DeleteModelVersion { name, version } => {
+                self.model_version(name, *version)?;
+                let m = self.model_mut(name)?;
+                m.versions.remove(version);
+                m.aliases.retain(|_, v| v != version);
+                m.last_updated_timestamp = now;
+            }
+            C::SetModelVersionTag { name, version, key, value } => {
+                self.version_mut(name, *version)?.tags.insert(key.clone(), value.clone());
+            }
+            C::DeleteModelVersionTag { name, version, key } => {
+                self.version_mut(name, *version)?.tags.remove(key);
+            }
+        }
+        Ok(None)
+    }
+}
+
+// ---- MLflow's JSON views ----
+
+fn tags_json(tags: &BTreeMap<String, String>) -> Value {
+    Value::Array(tags.iter().map(|(k, v)| json!({ "key": k, "value": v })).collect())
+}
+
+pub fn metric_json(key: &str, p: &MetricPoint) -> Value {
+    json!({ "key": key, "value": p.value, "timestamp": p.timestamp, "step": p.step })
+}
+
+impl Experiment {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "experiment_id": self.experiment_id,
+            "name": self.name,
+            "artifact_location": self.artifact_location,
+            "lifecycle_stage": self.lifecycle_stage,
+            "creation_time": self.creation_time,
+            "last_update_time": self.last_update_time,
+            "tags": tags_json(&self.tags),
+        })
+    }
+}
+
+impl Run {
+    pub fn info_json(&self) -> Value {
+        let mut info = json!({
+            "run_id": self.run_id,
+            "run_uuid": self.run_id,
+            "run_name": self.run_name,
+            "experiment_id": self.experiment_id,
+            "user_id": self.user_id,
+            "status": self.status,
+            "start_time": self.start_time,
+            "artifact_uri": self.artifact_uri,
+            "lifecycle_stage": self.lifecycle_stage,
+        });
+        if let (Some(end), Some(o)) = (self.end_time, info.as_object_mut()) {
+            o.insert("end_time".into(), json!(end));
+        }
+        info
+    }
+
+    pub fn to_json(&self) -> Value {
+        let metrics: Vec<Value> = self.metrics.keys().filter_map(|k| self.latest(k).map(|p| metric_json(k, p))).collect();
+        let params: Vec<Value> = self.params.iter().map(|(k, v)| json!({ "key": k, "value": v })).collect();
+        json!({
+            "info": self.info_json(),
+            "data": { "metrics": metrics, "params": params, "tags": tags_json(&self.tags) },
+            "inputs": {},
+        })
+    }
+}
+
+impl ModelVersion {
+    pub fn to_json(&self, model: &RegisteredModel) -> Value {
+        let aliases: Vec<&String> = model.aliases.iter().filter(|(_, v)| **v == self.version).map(|(a, _)| a).collect();
+        json!({
+            "name": model.name,
+            "version": self.version.to_string(),
+            "creation_timestamp": self.creation_timestamp,
+            "last_updated_timestamp": self.last_updated_timestamp,
+            "current_stage": self.current_stage,
+            "description": self.description,
+            "source": self.source,
+            "run_id": self.run_id,
+            "run_link": self.run_link,
+            "status": "READY",
+            "tags": tags_json(&self.tags),
+            "aliases": aliases,
+        })
+    }
+}
+
+impl RegisteredModel {
+    pub fn to_json(&self) -> Value {
+        // The latest version per stage, as MLflow reports `latest_versions`.
+        let mut latest: BTreeMap<&str, &ModelVersion> = BTreeMap::new();
+        for v in self.versions.values() {
+            latest.insert(v.current_stage.as_str(), v);
+        }
+        let latest: Vec<Value> = latest.values().map(|v| v.to_json(self)).collect();
+        let aliases: Vec<Value> = self.aliases.iter().map(|(a, v)| json!({ "alias": a, "version": v.to_string() })).collect();
+        json!({
+            "name": self.name,
+            "creation_timestamp": self.creation_timestamp,
+            "last_updated_timestamp": self.last_updated_timestamp,
+            "description": self.description,
+            "latest_versions": latest,
+            "tags": tags_json(&self.tags),
+            "aliases": aliases,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create_run(st: &mut TrackingState, id: &str) {
+        let c = TrackingCommand::CreateRun {
+            run_id: id.into(),
+            experiment_id: DEFAULT_EXPERIMENT_ID.into(),
+            run_name: "r".into(),
+            user_id: "u".into(),
+            start_time: 1,
+            tags: vec![],
+        };
+        st.apply(1, &c).expect("create run");
+    }
+
+    fn batch(run: &str, metrics: Vec<Metric>, params: &[(&str, &str)], tags: &[(&str, &str)]) -> TrackingCommand {
+        let pairs = |v: &[(&str, &str)]| v.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        TrackingCommand::LogBatch { run_id: run.into(), metrics, params: pairs(params), tags: pairs(tags) }
+    }
+
+    fn metric(key: &str, value: f64, timestamp: i64, step: i64) -> Metric {
+        Metric { key: key.into(), value: MetricValue(value), timestamp, step }
+    }
+
+    #[test]
+    fn tracking_state_loads_from_older_snapshots_and_commands_keep_their_encoding() {
+        let old: crate::state::ClusterState =
+            serde_json::from_str(r#"{"jobs":{},"job_versions":{},"evals":{},"allocs":{},"nodes":{},"index":7}"#).expect("old snapshot");
+        assert_eq!(old.tracking.experiment(DEFAULT_EXPERIMENT_ID).expect("default").name, "Default");
+        let cmd = crate::state::Command::Tracking(TrackingCommand::DeleteRun { run_id: "r".into() });
+        let text = serde_json::to_string(&cmd).expect("encode");
+        assert_eq!(text, r#"{"Tracking":{"DeleteRun":{"run_id":"r"}}}"#);
+        assert_eq!(serde_json::from_str::<crate::state::Command>(&text).expect("decode"), cmd);
+        let older: crate::state::Command = serde_json::from_str(r#"{"UpsertEvals":{"evals":[]}}"#).expect("older entries decode");
+        assert!(matches!(older, crate::state::Command::UpsertEvals { .. }));
+        // Applied through the cluster state, a refusal comes back as `CODE: message`.
+        let mut st = crate::state::ClusterState::default();
+        let req = crate::state::Request { now_ms: 5, command: cmd };
+        let r = st.apply(1, &req, &mut Vec::new());
+        let err = super::super::TrackingError::from_wire(r.error.as_deref().expect("refused"));
+        assert_eq!(err.code, super::super::ErrorCode::ResourceDoesNotExist, "{err}");
+    }
+
+    #[test]
+    fn tracking_params_are_immutable_and_a_refused_batch_changes_nothing() {
+        let mut st = TrackingState::default();
+        create_run(&mut st, "r1");
+        st.apply(2, &batch("r1", vec![], &[("lr", "0.1")], &[])).expect("first");
+        // The same value again is fine.
+        st.apply(3, &batch("r1", vec![], &[("lr", "0.1")], &[])).expect("same value");
+        let before = st.clone();
+        let err = st
+            .apply(4, &batch("r1", vec![metric("m", 1.0, 1, 0)], &[("lr", "0.2")], &[("t", "x")]))
+            .expect_err("a different value is refused");
+        assert_eq!(err.code, super::super::ErrorCode::InvalidParameterValue);
+        assert!(err.message.contains("Changing param values is not allowed"), "{err}");
+        assert_eq!(st, before, "the refused batch must change nothing (no metric, no tag)");
+        // Two different values for one key inside one batch are refused too.
+        let err = st.apply(5, &batch("r1", vec![], &[("b", "1"), ("b", "2")], &[])).expect_err("conflict inside the batch");
+        assert_eq!(err.code, super::super::ErrorCode::InvalidParameterValue);
+        assert_eq!(st, before);
+    }
+
+    #[test]
+    fn tracking_tags_overwrite_and_metric_history_keeps_logged_order() {
+        let mut st = TrackingState::default();
+        create_run(&mut st, "r1");
+        st.apply(2, &batch("r1", vec![metric("loss", 3.0, 10, 0), metric("loss", 2.0, 11, 1)], &[], &[("t", "a")])).expect("1");
+        st.apply(3, &batch("r1", vec![metric("loss", 5.0, 9, 0), metric("loss", f64::NAN, 12, 2)], &[], &[("t", "b")])).expect("2");
+        let run = st.run("r1").expect("run");
+        assert_eq!(run.tags.get("t").map(String::as_str), Some("b"));
+        let hist: Vec<(i64, i64)> = run.metrics["loss"].iter().map(|p| (p.step, p.timestamp)).collect();
+        assert_eq!(hist, vec![(0, 10), (1, 11), (0, 9), (2, 12)], "append-only, in logged order");
+        let latest = run.latest("loss").expect("latest");
+        assert_eq!((latest.step, latest.timestamp), (2, 12));
+        assert!(latest.value.0.is_nan());
+        // NaN survives a snapshot round trip.
+        let text = serde_json::to_string(&st).expect("encode");
+        let back: TrackingState = serde_json::from_str(&text).expect("decode");
+        assert!(back.run("r1").expect("run").latest("loss").expect("latest").value.0.is_nan());
+        // The run name tag renames the run.
+        st.apply(4, &batch("r1", vec![], &[], &[(RUN_NAME_TAG, "renamed")])).expect("3");
+        assert_eq!(st.run("r1").expect("run").run_name, "renamed");
+    }
+
+    #[test]
+    fn tracking_deleted_runs_refuse_logging_and_model_versions_count_up() {
+        let mut st = TrackingState::default();
+        create_run(&mut st, "r1");
+        // A resent create (a forwarding retry) is a no-op, not an error.
+        let before = st.clone();
+        create_run(&mut st, "r1");
+        assert_eq!(st, before);
+        st.apply(2, &TrackingCommand::DeleteRun { run_id: "r1".into() }).expect("delete");
+        let err = st.apply(3, &batch("r1", vec![metric("m", 1.0, 1, 0)], &[], &[])).expect_err("deleted");
+        assert_eq!(err.code, super::super::ErrorCode::InvalidParameterValue);
+        let err = st.apply(3, &batch("nope", vec![], &[], &[])).expect_err("missing");
+        assert_eq!(err.code, super::super::ErrorCode::ResourceDoesNotExist);
+
+        let create = TrackingCommand::CreateRegisteredModel { name: "m".into(), description: String::new(), tags: vec![] };
+        st.apply(4, &create).expect("model");
+        assert_eq!(st.apply(5, &create).expect_err("twice").code, super::super::ErrorCode::ResourceAlreadyExists);
+        let v = TrackingCommand::CreateModelVersion {
+            name: "m".into(),
+            source: "s".into(),
+            run_id: String::new(),
+            run_link: String::new(),
+            description: String::new(),
+            tags: vec![],
+        };
+        assert_eq!(st.apply(6, &v).expect("v1"), Some("1".into()));
+        assert_eq!(st.apply(7, &v).expect("v2"), Some("2".into()));
+        st.apply(8, &TrackingCommand::SetAlias { name: "m".into(), alias: "champion".into(), version: 2 }).expect("alias");
+        st.apply(9, &TrackingCommand::DeleteModelVersion { name: "m".into(), version: 2 }).expect("delete v2");
+        assert!(st.model("m").expect("m").aliases.is_empty(), "an alias goes with its version");
+        assert_eq!(st.apply(10, &v).expect("v3"), Some("3".into()), "numbers are not reused");
+    }
+}

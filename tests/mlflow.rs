@@ -1,0 +1,168 @@
+//! MLflow's tracking, registry and artifact API on `mlp dev` (issue 17): the real client
+//! (mlflow-skinny from PyPI, in a virtualenv that `.ci/run` creates) drives it end to end, and
+//! raw HTTP checks MLflow's error shape, limits, and that refused input changes nothing.
+
+mod common;
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Dev;
+use serde_json::{json, Value};
+
+/// Where the virtualenv with mlflow-skinny lives (`.ci/run` creates it there).
+fn venv() -> PathBuf {
+    std::env::var_os("MLP_MLFLOW_VENV").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/cache/mlp-test/mlflow-venv"))
+}
+
+/// The venv's python, failing the test with what is missing and how to get it.
+fn mlflow_python() -> PathBuf {
+    let venv = venv();
+    let python = venv.join("bin").join("python");
+    let how = format!(
+        "create it with `python3 -m venv {v} && {v}/bin/pip install mlflow-skinny` (.ci/run does this; \
+         MLP_MLFLOW_VENV names another venv)",
+        v = venv.display()
+    );
+    assert!(python.exists(), "missing the mlflow-skinny virtualenv: {} does not exist; {how}", python.display());
+    let probe = Command::new(&python).args(["-c", "import mlflow, requests; print(mlflow.__version__)"]).output();
+    match probe {
+        Ok(o) if o.status.success() => python,
+        Ok(o) => panic!("mlflow-skinny is not installed in {}: {}; {how}", venv.display(), String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => panic!("{} does not run ({e}); {how}", python.display()),
+    }
+}
+
+#[test]
+fn mlflow_client_end_to_end() {
+    let python = mlflow_python();
+    let dev = Dev::start();
+    let script = common::repo_root().join("tests").join("mlflow").join("client.py");
+    let mut child = Command::new(&python)
+        .arg(&script)
+        .env("MLFLOW_TRACKING_URI", format!("http://{}", dev.http))
+        .env("MLFLOW_DISABLE_TELEMETRY", "true")
+        .env("DO_NOT_TRACK", "true")
+        .env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        .env("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        .env_remove("MLFLOW_REGISTRY_URI")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the client script");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    let _ = child.stdout.take().map(|mut s| s.read_to_string(&mut out));
+    let _ = child.stderr.take().map(|mut s| s.read_to_string(&mut err));
+    let ok = status.is_some_and(|s| s.success()) && out.contains("mlflow client e2e: ok");
+    assert!(
+        ok,
+        "the MLflow client script failed ({status:?}):\nstdout:\n{out}\nstderr:\n{}\nserver log:\n{}",
+        common::tail(&err, 8000),
+        common::tail(&dev.log(), 4000)
+    );
+}
+
+fn call(dev: &Dev, method: &str, endpoint: &str, body: &Value) -> (u16, Value) {
+    let (code, text) = dev.http(method, &format!("/api/2.0/mlflow/{endpoint}"), Some("application/json"), body.to_string().as_bytes());
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{endpoint}: not JSON ({e}): {text:?}"));
+    (code, v)
+}
+
+fn refused(dev: &Dev, endpoint: &str, body: &Value, status: u16, code: &str) -> String {
+    let (s, v) = call(dev, "POST", endpoint, body);
+    assert_eq!((s, v["error_code"].as_str()), (status, Some(code)), "{endpoint} {body}: {v}");
+    v["message"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn mlflow_http_errors_limits_and_refusals_change_nothing() {
+    let dev = Dev::start();
+    let (s, v) = call(&dev, "POST", "experiments/create", &json!({ "name": "limits" }));
+    assert_eq!(s, 200, "{v}");
+    let exp = v["experiment_id"].as_str().expect("experiment_id").to_string();
+    let (s, v) = call(&dev, "POST", "runs/create", &json!({ "experiment_id": exp, "start_time": 1 }));
+    assert_eq!(s, 200, "{v}");
+    let run = v["run"]["info"]["run_id"].as_str().expect("run_id").to_string();
+    assert_eq!(v["run"]["info"]["status"], "RUNNING");
+    let (s, _) = call(&dev, "POST", "runs/log-parameter", &json!({ "run_id": run, "key": "lr", "value": "0.1" }));
+    assert_eq!(s, 200);
+    let (_, before) = call(&dev, "GET", &format!("runs/get?run_id={run}"), &json!({}));
+
+    // Unknown paths: MLflow's JSON 404, never an HTML or empty one.
+    for path in ["/api/2.0/mlflow/nope", "/api/2.0/mlflow/runs/nope", "/api/2.0/mlflow-artifacts/nope", "/api/3.0/mlflow/traces/x"] {
+        let (s, text) = dev.http("GET", path, None, b"");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text:?}"));
+        assert_eq!((s, v["error_code"].as_str()), (404, Some("ENDPOINT_NOT_FOUND")), "{path}: {v}");
+    }
+    // Missing things.
+    refused(&dev, "runs/get", &json!({ "run_id": "nope" }), 404, "RESOURCE_DOES_NOT_EXIST");
+    refused(&dev, "experiments/get-by-name", &json!({ "experiment_name": "nope" }), 404, "RESOURCE_DOES_NOT_EXIST");
+    refused(&dev, "runs/log-metric", &json!({ "run_id": "nope", "key": "m", "value": 1, "timestamp": 1 }), 404, "RESOURCE_DOES_NOT_EXIST");
+    refused(&dev, "experiments/create", &json!({ "name": "limits" }), 400, "RESOURCE_ALREADY_EXISTS");
+    refused(&dev, "experiments/create", &json!({}), 400, "INVALID_PARAMETER_VALUE");
+    refused(&dev, "experiments/create", &json!({ "name": "x".repeat(251) }), 400, "INVALID_PARAMETER_VALUE");
+    refused(&dev, "runs/update", &json!({ "run_id": run, "status": "SLEEPY" }), 400, "INVALID_PARAMETER_VALUE");
+    refused(&dev, "runs/search", &json!({ "experiment_ids": [exp], "filter": "metrics.m > 'a'" }), 400, "INVALID_PARAMETER_VALUE");
+    // Params are immutable.
+    let m = refused(&dev, "runs/log-parameter", &json!({ "run_id": run, "key": "lr", "value": "0.2" }), 400, "INVALID_PARAMETER_VALUE");
+    assert!(m.contains("Changing param values is not allowed"), "{m}");
+    // log-batch limits: 1,000 metrics, 100 params, 100 tags, 1,000 items, 1 MB.
+    let metric = |i: usize| json!({ "key": format!("m{i}"), "value": 1.0, "timestamp": 1, "step": 0 });
+    let kv = |p: &str, i: usize| json!({ "key": format!("{p}{i}"), "value": "v" });
+    let metrics: Vec<Value> = (0..1001).map(metric).collect();
+    refused(&dev, "runs/log-batch", &json!({ "run_id": run, "metrics": metrics }), 400, "INVALID_PARAMETER_VALUE");
+    let params: Vec<Value> = (0..101).map(|i| kv("p", i)).collect();
+    refused(&dev, "runs/log-batch", &json!({ "run_id": run, "params": params }), 400, "INVALID_PARAMETER_VALUE");
+    let tags: Vec<Value> = (0..101).map(|i| kv("t", i)).collect();
+    refused(&dev, "runs/log-batch", &json!({ "run_id": run, "tags": tags }), 400, "INVALID_PARAMETER_VALUE");
+    let metrics: Vec<Value> = (0..950).map(metric).collect();
+    let params: Vec<Value> = (0..60).map(|i| kv("p", i)).collect();
+    refused(&dev, "runs/log-batch", &json!({ "run_id": run, "metrics": metrics, "params": params }), 400, "INVALID_PARAMETER_VALUE");
+    let big = "v".repeat(6001);
+    refused(&dev, "runs/log-parameter", &json!({ "run_id": run, "key": "big", "value": big }), 400, "INVALID_PARAMETER_VALUE");
+    let huge = json!({ "run_id": run, "tags": [kv("t", 1)], "padding": "x".repeat(1024 * 1024) });
+    let m = refused(&dev, "runs/log-batch", &huge, 400, "INVALID_PARAMETER_VALUE");
+    assert!(m.contains("larger than the limit"), "{m}");
+    // A batch whose param conflicts is refused whole: its metric and tag are not logged.
+    let mixed = json!({ "run_id": run, "metrics": [metric(7)], "params": [{ "key": "lr", "value": "0.5" }], "tags": [kv("t", 1)] });
+    refused(&dev, "runs/log-batch", &mixed, 400, "INVALID_PARAMETER_VALUE");
+    let (_, after) = call(&dev, "GET", &format!("runs/get?run_id={run}"), &json!({}));
+    assert_eq!(before, after, "refused requests changed the run");
+
+    // A full batch at the limits is accepted.
+    let metrics: Vec<Value> = (0..900).map(metric).collect();
+    let params: Vec<Value> = (0..50).map(|i| kv("p", i)).collect();
+    let tags: Vec<Value> = (0..50).map(|i| kv("t", i)).collect();
+    let (s, v) = call(&dev, "POST", "runs/log-batch", &json!({ "run_id": run, "metrics": metrics, "params": params, "tags": tags }));
+    assert_eq!(s, 200, "{v}");
+    let (_, got) = call(&dev, "GET", &format!("runs/get?run_id={run}"), &json!({}));
+    assert_eq!(got["run"]["data"]["metrics"].as_array().map(Vec::len), Some(900));
+    assert_eq!(got["run"]["data"]["params"].as_array().map(Vec::len), Some(51));
+
+    // Artifacts: paths that escape are refused; an upload reads back.
+    let (s, text) = dev.http("PUT", "/api/2.0/mlflow-artifacts/artifacts/a/../b", Some("text/plain"), b"x");
+    assert_eq!(s, 400, "{text}");
+    let (s, text) = dev.http("PUT", "/api/2.0/mlflow-artifacts/artifacts/0/r/f.txt", Some("text/plain"), b"data");
+    assert_eq!(s, 200, "{text}");
+    let (s, text) = dev.http("GET", "/api/2.0/mlflow-artifacts/artifacts/0/r/f.txt", None, b"");
+    assert_eq!((s, text.as_str()), (200, "data"));
+    let (s, text) = dev.http("GET", "/api/2.0/mlflow-artifacts/artifacts?path=0/r", None, b"");
+    assert_eq!(s, 200);
+    let v: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(v, json!({ "files": [{ "path": "f.txt", "is_dir": false, "file_size": 4 }] }));
+    let (s, text) = dev.http("GET", "/api/2.0/mlflow-artifacts/artifacts/0/r/missing", None, b"");
+    assert_eq!(s, 404, "{text}");
+}
