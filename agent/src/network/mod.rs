@@ -17,8 +17,9 @@
 //! ([`NetworkManager::remove_leftovers`]). The bridge, its address and the table's base chains
 //! stay (they are shared by all allocations and cost nothing idle).
 //!
-//! Seams for what comes next: the subnet is a setting today; the overlay (issue 13 §2) leases it
-//! from the servers and adds routes to other nodes' subnets on the same bridge. The resolver
+//! The subnet is the one the servers leased to the node (`apply_lease`, at registration), or
+//! `--network-subnet` when they run no overlay; `overlay.rs` routes to the other nodes' subnets
+//! through a VXLAN device (issue 13 §2). The resolver
 //! written into `/etc/resolv.conf` is the agent's DNS responder on the bridge's gateway (§3,
 //! `services/dns.rs`), which forwards names outside `service.mlp` to the host's resolvers.
 
