@@ -98,6 +98,15 @@ fn task_env(agent_dir: &Path, task: &str) -> Option<std::collections::BTreeMap<S
     None
 }
 
+/// The addresses of every `srv` allocation under an agent's data dir (newest copies included).
+fn server_ips(agent_dir: &Path) -> Vec<String> {
+    let allocs = std::fs::read_dir(agent_dir.join("allocs")).into_iter().flatten().flatten();
+    allocs
+        .filter_map(|a| std::fs::read_to_string(a.path().join("srv").join("local").join("env.txt")).ok())
+        .filter_map(|t| t.lines().find_map(|l| l.strip_prefix("MLP_IP_http=").map(str::to_string)))
+        .collect()
+}
+
 /// The standard output of every task `task` under an agent's data dir.
 fn task_logs(agent_dir: &Path, task: &str) -> Vec<String> {
     let allocs = std::fs::read_dir(agent_dir.join("allocs")).into_iter().flatten().flatten();
@@ -138,6 +147,10 @@ fn server_job(node: &str, namespace: &str) -> String {
     constraint {{
       attribute = "${{node.name}}"
       value     = "{node}"
+    }}
+    # Replaced at once when its node comes back after being lost (the service default waits 30 s).
+    reschedule {{
+      delay = "0s"
     }}
     network {{
       mode = "bridge"
@@ -324,7 +337,12 @@ fn allocations_reach_each_other_across_hosts_by_address_and_namespaces_stay_apar
     wait_for("host A to route to the returning node again", Duration::from_secs(30), || {
         overlay_routes(&a_ns).iter().any(|r| r.starts_with(b_subnet.as_deref().unwrap_or("-"))).then_some(())
     });
-    wait_for("the reattached allocation reachable again", Duration::from_secs(30), || http_from(&a_ns, &url).ok());
+    // While host B was down its allocation was marked lost; when it returns, the agent stops
+    // that copy and starts the replacement the servers placed there, whose address may differ:
+    // whichever copy runs must be reachable from host A over the overlay.
+    wait_for("the service on the returning node reachable again", Duration::from_secs(45), || {
+        server_ips(&c.agent_dir(1)).iter().find_map(|ip| http_from(&a_ns, &format!("http://{ip}:8080/index.html")).ok())
+    });
 
     // Stop everything: no allocation veth, namespace or rule is left on either host.
     for job in ["srv", "client"] {
