@@ -185,9 +185,11 @@ fn fork_bomb_is_contained(pids: Option<u64>) {
         Some(n) => format!("pids = {n}"),
         None => "memory = 8192".to_string(),
     };
-    // The bomb forks until the test drops `stop` into the task dir; its shell meanwhile only
-    // runs builtins (dash exits when a fork of its own fails, so it must not fork while the
-    // bomb holds every slot), then says it survived. Without the stop the bomb's population
+    // The bomb forks until the test drops `stop` into the task dir; its shell forks once, for
+    // the bomb's first process (`b &`), before any other exists, and meanwhile only runs builtins
+    // (dash exits when a fork of its own fails: with `b; ...` the shell itself forked the
+    // pipeline's second half after the first had started filling the limit, and under load that
+    // fork failed), then says it survived. Without the stop the bomb's population
     // sustains itself at the limit and the task would not end.
     run(
         &dev,
@@ -204,7 +206,7 @@ fn fork_bomb_is_contained(pids: Option<u64>) {
       driver = "exec"
       config {{
         command = "/bin/sh"
-        args    = ["-c", "b() {{ [ -e \"$MLP_TASK_DIR/stop\" ] || {{ b | b & }}; }}; b; until [ -e \"$MLP_TASK_DIR/stop\" ]; do :; done; echo survived"]
+        args    = ["-c", "b() {{ [ -e \"$MLP_TASK_DIR/stop\" ] || {{ b | b & }}; }}; b & until [ -e \"$MLP_TASK_DIR/stop\" ]; do :; done; echo survived"]
       }}
       resources {{
         {resources}
