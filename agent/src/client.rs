@@ -202,8 +202,66 @@ pub async fn node_loop(
     }
 }
 
-/// Follows the node's overlay peers (issue 13 §2), reconnecting with backoff and failing over,
-/// and hands every set to the network manager.
+/// Follows one server-streaming `AgentService` RPC for as long as the pool has servers: opens it
+/// with `open`, hands every message to `handle`, and on an error or the stream's end reconnects
+/// with backoff, failing over to the next server unless the server only did not know the node
+/// yet (`NotFound`: the node loop is registering it). Servers that lack the RPC
+/// (`Unimplemented`) end the loop. `what` names the stream in logs.
+pub async fn follow_stream<M, O, OF, H, HF>(pool: &ServerPool, what: &str, mut open: O, mut handle: H)
+where
+    O: FnMut(AgentServiceClient<Channel>) -> OF,
+    OF: std::future::Future<Output = Result<tonic::Response<tonic::Streaming<M>>, tonic::Status>>,
+    H: FnMut(M) -> HF,
+    HF: std::future::Future<Output = ()>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let Some((idx, client)) = pool.client() else {
+            return;
+        };
+        match timeout(RPC_TIMEOUT, open(client)).await {
+            Ok(Ok(resp)) => {
+                let mut stream = resp.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(msg)) => {
+                            backoff.reset();
+                            handle(msg).await;
+                        }
+                        Ok(None) => {
+                            tracing::info!(stream = what, "stream ended; reconnecting");
+                            break;
+                        }
+                        Err(st) => {
+                            tracing::warn!(stream = what, code = ?st.code(), error = %st.message(), "stream failed; reconnecting");
+                            if st.code() != Code::NotFound {
+                                pool.failover(idx);
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            Ok(Err(st)) if st.code() == Code::Unimplemented => {
+                tracing::info!(stream = what, "the servers do not offer this stream; not following it");
+                return;
+            }
+            Ok(Err(st)) => {
+                tracing::warn!(stream = what, code = ?st.code(), error = %st.message(), "opening the stream failed");
+                if st.code() != Code::NotFound {
+                    pool.failover(idx);
+                }
+            }
+            Err(_) => {
+                tracing::warn!(stream = what, "opening the stream timed out");
+                pool.failover(idx);
+            }
+        }
+        sleep(backoff.next_delay()).await;
+    }
+}
+
+/// Follows the node's overlay peers (issue 13 §2) and hands every set to the network manager.
 pub async fn overlay_loop(
     pool: Arc<ServerPool>,
     node_id: String,
@@ -213,105 +271,44 @@ pub async fn overlay_loop(
     if registered.wait_for(|r| *r).await.is_err() {
         return;
     }
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    loop {
-        let Some((idx, mut client)) = pool.client() else {
-            return;
-        };
+    let open = |mut c: AgentServiceClient<Channel>| {
         let req = mlp_proto::v1::WatchOverlayRequest { node_id: node_id.clone() };
-        match timeout(RPC_TIMEOUT, client.watch_overlay(req)).await {
-            Ok(Ok(resp)) => {
-                let mut stream = resp.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(msg)) => {
-                            backoff.reset();
-                            let peers = msg.peers.iter().filter_map(crate::network::overlay::Peer::from_proto).collect();
-                            network.set_peers(peers).await;
-                        }
-                        Ok(None) => break,
-                        Err(st) => {
-                            tracing::debug!(code = ?st.code(), error = %st.message(), "overlay stream failed; reconnecting");
-                            if st.code() != Code::NotFound {
-                                pool.failover(idx);
-                            }
-                            break;
-                        }
-                    }
-                }
-            }
-            Ok(Err(st)) => {
-                tracing::debug!(code = ?st.code(), error = %st.message(), "watching the overlay failed");
-                if st.code() == Code::Unimplemented {
-                    // Servers older than the overlay: nothing to follow.
-                    return;
-                }
-                if st.code() != Code::NotFound {
-                    pool.failover(idx);
-                }
-            }
-            Err(_) => pool.failover(idx),
+        async move { c.watch_overlay(req).await }
+    };
+    follow_stream(&pool, "overlay", open, |msg: mlp_proto::v1::OverlayPeers| {
+        let network = network.clone();
+        async move {
+            let peers = msg.peers.iter().filter_map(crate::network::overlay::Peer::from_proto).collect();
+            network.set_peers(peers).await;
         }
-        sleep(backoff.next_delay()).await;
-    }
+    })
+    .await;
 }
 
-/// Watches the node's allocations (reconnecting with backoff, failing over) and hands every
-/// full set to the manager.
+/// Watches the node's allocations and hands every set (whole or the changes) to the manager.
 pub async fn watch_loop(pool: Arc<ServerPool>, node_id: String, mut registered: watch::Receiver<bool>, manager: Arc<Mutex<AllocManager>>) {
     if registered.wait_for(|r| *r).await.is_err() {
         return;
     }
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    loop {
-        let Some((idx, mut client)) = pool.client() else {
-            return;
-        };
+    let open = |mut c: AgentServiceClient<Channel>| {
         let req = WatchAllocationsRequest { node_id: node_id.clone() };
-        match timeout(RPC_TIMEOUT, client.watch_allocations(req)).await {
-            Ok(Ok(resp)) => {
-                let mut stream = resp.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(msg)) => {
-                            let received = crate::isolation::phases::mono_ns();
-                            backoff.reset();
-                            tracing::debug!(count = msg.allocations.len(), index = msg.index, "allocations received");
-                            let mut m = manager.lock().await;
-                            m.received_at(received);
-                            if msg.partial {
-                                m.sync_partial(msg.allocations);
-                            } else {
-                                m.sync(msg.allocations);
-                            }
-                        }
-                        Ok(None) => {
-                            tracing::info!("allocation stream ended; reconnecting");
-                            break;
-                        }
-                        Err(st) => {
-                            tracing::warn!(code = ?st.code(), error = %st.message(), "allocation stream failed; reconnecting");
-                            if st.code() != Code::NotFound {
-                                pool.failover(idx);
-                            }
-                            break;
-                        }
-                    }
-                }
-            }
-            Ok(Err(st)) => {
-                tracing::warn!(code = ?st.code(), error = %st.message(), "watching allocations failed");
-                if st.code() != Code::NotFound {
-                    pool.failover(idx);
-                }
-            }
-            Err(_) => {
-                tracing::warn!("watching allocations timed out");
-                pool.failover(idx);
+        async move { c.watch_allocations(req).await }
+    };
+    follow_stream(&pool, "allocations", open, |msg: mlp_proto::v1::NodeAllocations| {
+        let manager = manager.clone();
+        async move {
+            let received = crate::isolation::phases::mono_ns();
+            tracing::debug!(count = msg.allocations.len(), index = msg.index, "allocations received");
+            let mut m = manager.lock().await;
+            m.received_at(received);
+            if msg.partial {
+                m.sync_partial(msg.allocations);
+            } else {
+                m.sync(msg.allocations);
             }
         }
-        sleep(backoff.next_delay()).await;
-    }
+    })
+    .await;
 }
 
 /// Sends alloc status changes: batches what arrives within [`COALESCE`] of the first change

@@ -362,46 +362,22 @@ pub async fn send_loop(pool: Arc<ServerPool>, node_id: String, mut rx: mpsc::Unb
 
 /// Follows `WatchServices` (reconnecting with backoff, failing over) into `table`.
 pub async fn watch_loop(pool: Arc<ServerPool>, node_id: String, table: watch::Sender<Arc<dns::DnsTable>>) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    loop {
-        let Some((idx, mut client)) = pool.client() else { return };
-        match tokio::time::timeout(RPC_TIMEOUT, client.watch_services(WatchServicesRequest { node_id: node_id.clone() })).await {
-            Ok(Ok(resp)) => {
-                let mut stream = resp.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(msg)) => {
-                            backoff.reset();
-                            let t = dns::DnsTable::from_instances(&msg.instances);
-                            table.send_if_modified(|cur| {
-                                if **cur == t {
-                                    return false;
-                                }
-                                *cur = Arc::new(t);
-                                true
-                            });
-                        }
-                        Ok(None) => break,
-                        Err(st) => {
-                            tracing::debug!(code = ?st.code(), error = %st.message(), "service stream failed; reconnecting");
-                            if st.code() != tonic::Code::NotFound {
-                                pool.failover(idx);
-                            }
-                            break;
-                        }
-                    }
-                }
+    let open = |mut c: mlp_proto::v1::agent_service_client::AgentServiceClient<tonic::transport::Channel>| {
+        let req = WatchServicesRequest { node_id: node_id.clone() };
+        async move { c.watch_services(req).await }
+    };
+    let table = &table;
+    crate::client::follow_stream(&pool, "services", open, |msg: mlp_proto::v1::ServiceInstances| async move {
+        let t = dns::DnsTable::from_instances(&msg.instances);
+        table.send_if_modified(|cur| {
+            if **cur == t {
+                return false;
             }
-            // Not registered yet (the node loop registers it): try again shortly.
-            Ok(Err(st)) => {
-                if st.code() != tonic::Code::NotFound {
-                    pool.failover(idx);
-                }
-            }
-            Err(_) => pool.failover(idx),
-        }
-        sleep(backoff.next_delay()).await;
-    }
+            *cur = Arc::new(t);
+            true
+        });
+    })
+    .await;
 }
 
 /// The DNS responder's address for bridge networking: the bridge's gateway, port 53.
