@@ -5,7 +5,7 @@
 //! agent may use; fails naming what is missing (`tests/prereq`).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use mlp_agent::driver::exec::ExecDriver;
 use mlp_agent::driver::supervised::load_record;
@@ -134,7 +134,9 @@ async fn cores_are_pinned_per_task_and_survive_an_agent_restart() -> TestResult 
     stop(&mut ha).await?;
     assert!(second.cores().taken().is_empty(), "{:?}", second.cores().taken());
     assert!(first.cores().taken().values().all(|c| *c != ca), "{:?}", first.cores().taken());
-    let all: Vec<PathBuf> = [&a, &b, &d].iter().map(|s| s.task_dir.join("run.json")).collect();
-    assert!(all.iter().all(|p| !p.exists()), "run files left");
+    // Every run is retired (nothing reattaches to it).
+    for s in [&a, &b, &d] {
+        assert_eq!(load_record(&s.task_dir)?, None, "run of {} not retired", s.task_dir.display());
+    }
     Ok(())
 }

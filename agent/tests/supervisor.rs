@@ -110,9 +110,11 @@ async fn exit_code_and_logs() -> TestResult {
     assert_eq!(stdout(&s)?, "out\n");
     assert_eq!(String::from_utf8_lossy(&err), "err\n");
     assert!(s.log_dir.join("t.stdout.0").exists());
-    // The run is forgotten once its end was reported.
+    // The run is forgotten once its end was reported: its record emptied in place (nothing
+    // reattaches to it), the exit file left for the next start or the allocation's collection.
     assert_eq!(load_record(&s.task_dir)?, None);
-    assert!(!s.task_dir.join(EXIT_FILE).exists());
+    assert_eq!(std::fs::metadata(s.task_dir.join("run.json"))?.len(), 0);
+    assert!(s.task_dir.join(EXIT_FILE).exists());
     Ok(())
 }
 

@@ -148,6 +148,9 @@ struct Reporter {
     registry: AllocRegistry,
     updates: mpsc::UnboundedSender<AllocClientUpdate>,
     last_sent: Option<AllocClientUpdate>,
+    /// What was last written to disk: a change the servers see (an event, a status) is saved,
+    /// a publish that changed nothing is not.
+    last_saved: Option<PersistedAlloc>,
 }
 
 impl Reporter {
@@ -155,8 +158,11 @@ impl Reporter {
         let (status, desc) = client_status(&self.tasks, &self.persisted.task_states);
         self.persisted.client_status = status.to_string();
         self.persisted.client_description = desc.clone();
-        if let Err(e) = state::save(&self.dir, &self.persisted) {
-            tracing::warn!(alloc = %self.alloc_id, error = %e, "persisting alloc state failed");
+        if self.last_saved.as_ref() != Some(&self.persisted) {
+            match state::save(&self.dir, &self.persisted) {
+                Ok(()) => self.last_saved = Some(self.persisted.clone()),
+                Err(e) => tracing::warn!(alloc = %self.alloc_id, error = %e, "persisting alloc state failed"),
+            }
         }
         self.registry.put(
             &self.alloc_id,
@@ -218,6 +224,7 @@ async fn run_alloc(
         registry: env.registry.clone(),
         updates,
         last_sent: None,
+        last_saved: None,
     };
 
     let mut setup = std::fs::create_dir_all(dir.join("alloc"));

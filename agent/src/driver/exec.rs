@@ -288,7 +288,7 @@ impl ExecDriver {
             let hostname = if spec.hostname.is_empty() { hostname_for(&spec.name, 0, &spec.alloc_id) } else { spec.hostname.clone() };
             let steps = self.prepare(spec, &user, &root, &hostname, &gpu_root, image.as_ref())?;
             let mut config = InitConfig {
-                root: root.clone(),
+                root,
                 steps,
                 hostname,
                 network_none: spec.network_mode == "none" && spec.network.is_none(),
@@ -337,7 +337,7 @@ impl ExecDriver {
                 supervised::StartWith { phases, ready: Some(ready_r) },
             )
             .await?;
-            Ok::<_, DriverError>((sup, root))
+            Ok::<_, DriverError>(sup)
         };
         let (created, started) = tokio::join!(creating, started);
         let created = created
@@ -346,13 +346,13 @@ impl ExecDriver {
         // Whatever happens next, the cgroup goes away unless the task runs in it. (A failed
         // creation never wrote `ready`, so the supervisor failed that start.)
         let mut guard = StartGuard { cgroup: Some(created?) };
-        let (sup, root) = started?;
+        let sup = started?;
         let cgroup = guard.cgroup.take();
         if let Some(hold) = hold.as_mut() {
             hold.keep = true;
         }
         tracing::debug!(task = %spec.name, pid = sup.record.pid, user = %user.name, "isolated task started");
-        Ok(Box::new(IsolatedHandle { sup, cgroup, cg_name, layout: layout.clone(), root, cleanup: None, cores: self.cores.clone() }))
+        Ok(Box::new(IsolatedHandle { sup, cgroup, cg_name, layout: layout.clone(), cleanup: None, cores: self.cores.clone() }))
     }
 
     /// Reattaches a task a previous agent run started (both roots).
@@ -384,7 +384,6 @@ impl ExecDriver {
             cgroup,
             cg_name: record.cgroup.clone(),
             layout: layout.clone(),
-            root: task_dir.join("root"),
             cleanup: None,
             cores: self.cores.clone(),
         }))
@@ -428,7 +427,6 @@ struct IsolatedHandle {
     cgroup: Option<Box<dyn TaskCgroup>>,
     cg_name: String,
     layout: Layout,
-    root: PathBuf,
     cleanup: Option<JoinHandle<Result<(), cgroups::CgroupError>>>,
     /// Freed once the task ended and its cgroup is gone (not on drop: a dropped handle's
     /// task runs on).
@@ -475,8 +473,8 @@ impl TaskHandle for IsolatedHandle {
             }
             self.cleanup = None;
             self.cores.release(&self.cg_name);
-            // The root's mounts died with the task's mount namespace; the directory is empty.
-            let _ = std::fs::remove_dir(&self.root);
+            // The root's mounts died with the task's mount namespace; the empty directory
+            // stays for a restart of the task and goes with the allocation's dir.
         }
         status
     }

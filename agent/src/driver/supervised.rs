@@ -157,12 +157,33 @@ pub fn save_record(task_dir: &Path, record: &TaskRecord) -> std::io::Result<()> 
     write_atomic(&task_dir.join(RECORD_FILE), &data)
 }
 
-/// Reads a task record; None when there is none.
+/// Reads a task record; None when there is none (or it was retired: an empty file).
 pub fn load_record(task_dir: &Path) -> std::io::Result<Option<TaskRecord>> {
-    match read_json(&task_dir.join(RECORD_FILE)) {
+    let path = task_dir.join(RECORD_FILE);
+    match std::fs::metadata(&path) {
+        Ok(m) if m.len() == 0 => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        _ => {}
+    }
+    match read_json(&path) {
         Ok(r) => Ok(Some(r)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+/// Retires a finished run whose end was consumed: its record is emptied in place, so no later
+/// agent run reattaches to it, and its exit file and config stay until the next start of the
+/// task (which removes them) or the allocation's garbage collection. Emptied rather than
+/// removed: a one-shot task then frees no inode before its allocation is collected (see
+/// `alloc::state` for why inode churn matters on the build machine's ext4).
+pub fn retire_run_files(task_dir: &Path) {
+    let path = task_dir.join(RECORD_FILE);
+    match std::fs::OpenOptions::new().write(true).truncate(true).open(&path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // Emptying failed: removing it retires it as well.
+        Err(_) => remove_run_files(task_dir),
     }
 }
 
@@ -266,9 +287,9 @@ impl Supervised {
         signal_group(self.record.pid, sig)
     }
 
-    /// Forgets the run's files once its end was consumed.
+    /// Forgets the run once its end was consumed: see [`retire_run_files`].
     pub fn forget(&self) {
-        remove_run_files(&self.task_dir);
+        retire_run_files(&self.task_dir);
     }
 }
 
@@ -480,6 +501,25 @@ mod tests {
         remove_run_files(dir.path());
         assert_eq!(load_record(dir.path())?, None);
         assert!(!dir.path().join(EXIT_FILE).exists());
+        Ok(())
+    }
+
+    #[test]
+    fn a_retired_run_is_not_a_record_and_frees_no_inode() -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir()?;
+        let r = TaskRecord { driver: "exec".into(), run_id: "r1".into(), pid: 5, ..Default::default() };
+        save_record(dir.path(), &r)?;
+        let ino = std::fs::metadata(dir.path().join(RECORD_FILE))?.ino();
+        retire_run_files(dir.path());
+        assert_eq!(load_record(dir.path())?, None, "a retired run is never reattached");
+        assert_eq!(std::fs::metadata(dir.path().join(RECORD_FILE))?.ino(), ino, "emptied in place");
+        // Retiring twice, or where there is nothing, is harmless.
+        retire_run_files(dir.path());
+        retire_run_files(&dir.path().join("nope"));
+        // The next run writes a record again.
+        save_record(dir.path(), &r)?;
+        assert_eq!(load_record(dir.path())?, Some(r));
         Ok(())
     }
 

@@ -36,7 +36,7 @@ use crate::client::{Backoff, ServerPool};
 
 /// What the watchers need from the agent.
 pub struct ServicesEnv {
-    /// `<data-dir>/allocs`: each allocation's `state.json` holds the allocation with its job.
+    /// `<data-dir>/allocs`: each allocation's state (`alloc::state`) holds the allocation with its job.
     pub alloc_root: PathBuf,
     /// The node's address (host-mode instances are registered on it).
     pub node_address: String,
