@@ -191,6 +191,8 @@ pub struct AgentArgs {
     pub oci: OciArgs,
     #[command(flatten)]
     pub artifacts: ArtifactArgs,
+    #[command(flatten)]
+    pub tracking: TrackingArgs,
 }
 
 /// The `oci` driver's image store (docs/jobspec.md, "driver = oci").
@@ -268,6 +270,24 @@ impl ArtifactArgs {
             timeout: std::time::Duration::from_secs(self.artifact_timeout),
             max_bytes: self.artifact_max_mib.saturating_mul(1024 * 1024),
         })
+    }
+}
+
+/// MLflow for tasks (docs/tracking.md, "From inside a job").
+#[derive(Debug, Args, Clone)]
+pub struct TrackingArgs {
+    /// MLFLOW_TRACKING_URI given to tasks that set none: an http(s):// URI, or `none` for none.
+    /// Default: the URI of the server the agent registered with (its HTTP address).
+    #[arg(long, value_name = "URI")]
+    pub tracking_uri: Option<String>,
+}
+
+impl TrackingArgs {
+    pub fn mode(&self) -> anyhow::Result<mlp_agent::tracking::TrackingMode> {
+        match &self.tracking_uri {
+            None => Ok(mlp_agent::tracking::TrackingMode::FromServers),
+            Some(flag) => mlp_agent::tracking::TrackingMode::parse(flag).map_err(|e| anyhow::anyhow!("--tracking-uri: {e}")),
+        }
     }
 }
 
@@ -471,6 +491,8 @@ pub struct DevArgs {
     pub oci: OciArgs,
     #[command(flatten)]
     pub artifacts: ArtifactArgs,
+    #[command(flatten)]
+    pub tracking: TrackingArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -250,6 +250,7 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     config.dns_upstreams = args.dns.upstreams()?;
     config.images = args.oci.settings()?;
     config.artifacts = args.artifacts.settings()?;
+    config.tracking = args.tracking.mode()?;
     config.datacenter = args.datacenter;
     config.node_pool = args.node_pool;
     config.meta = args.meta.into_iter().collect::<BTreeMap<_, _>>();
@@ -293,6 +294,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     config.dns_upstreams = dns_upstreams;
     config.images = args.oci.settings()?;
     config.artifacts = args.artifacts.settings()?;
+    config.tracking = args.tracking.mode()?;
     let agent = Agent::start(config).await.context("starting the agent")?;
     let grpc = server.grpc_addr();
     println!("==> mlp dev cluster running (one server, one agent, embedded storage)");

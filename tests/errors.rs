@@ -75,7 +75,7 @@ fn bad_job_files_give_exact_errors() {
 
 #[test]
 fn valid_example_files_validate() {
-    for f in ["examples/train.hcl", "examples/serve.hcl"] {
+    for f in ["examples/train.hcl", "examples/serve.hcl", "examples/mlflow-train.hcl"] {
         let out = Command::new(MLP).args(["job", "validate", f]).current_dir(common::repo_root()).output().expect("run");
         assert!(out.status.success(), "{f}: {}", String::from_utf8_lossy(&out.stderr));
         assert!(String::from_utf8_lossy(&out.stdout).contains("is valid"));

@@ -166,3 +166,112 @@ fn mlflow_http_errors_limits_and_refusals_change_nothing() {
     let (s, text) = dev.http("GET", "/api/2.0/mlflow-artifacts/artifacts/0/r/missing", None, b"");
     assert_eq!(s, 404, "{text}");
 }
+
+/// A job whose task logs with MLflow and has no tracking configuration (issue 17 §3): the
+/// agent gives it `MLFLOW_TRACKING_URI` (the server it registered with) and
+/// `MLFLOW_RUN_CONTEXT`, so the run lands on the cluster tagged with the job, its version, the
+/// allocation and the node that produced it. A task that sets its own variable keeps it.
+#[test]
+fn a_job_logs_to_the_cluster_with_lineage_and_no_configuration() {
+    let python = mlflow_python();
+    let dev = Dev::start();
+    let train = r#"
+import mlflow, os
+mlflow.set_experiment("from-a-job")
+with mlflow.start_run():
+    mlflow.log_param("lr", "0.01")
+    for step in range(3):
+        mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
+"#;
+    let job = format!(
+        r#"
+job "trainer" {{
+  type = "batch"
+  group "g" {{
+    restart {{
+      attempts = 0
+      mode     = "fail"
+    }}
+    task "train" {{
+      driver = "raw_exec"
+      config {{
+        command = "{python}"
+        args    = ["-c", {script}]
+      }}
+      env {{
+        MLFLOW_DISABLE_TELEMETRY = "true"
+        DO_NOT_TRACK             = "true"
+      }}
+    }}
+    task "own" {{
+      driver = "raw_exec"
+      config {{
+        command = "/bin/sh"
+        args    = ["-c", "echo \"$MLFLOW_TRACKING_URI\" > $MLP_TASK_DIR/uri"]
+      }}
+      env {{
+        MLFLOW_TRACKING_URI = "http://elsewhere.invalid:5000"
+      }}
+    }}
+  }}
+}}
+"#,
+        python = python.display(),
+        script = serde_json::to_string(train).expect("json string"),
+    );
+    dev.ok(&["job", "run", dev.write_job("trainer.hcl", &job).to_str().expect("path")]);
+    let done = dev.wait_allocs("trainer", "the training job to finish", Duration::from_secs(120), |a| {
+        a.len() == 1 && ["complete", "failed"].contains(&common::status(&a[0]))
+    });
+    let alloc = &done[0];
+    let alloc_id = alloc["id"].as_str().expect("alloc id").to_string();
+    let task_log = |task: &str, stream: &str| {
+        let p = dev.data_dir().join("agent").join("allocs").join(&alloc_id).join(task).join("logs").join(format!("{task}.{stream}.0"));
+        std::fs::read_to_string(&p).unwrap_or_default()
+    };
+    assert_eq!(
+        common::status(alloc),
+        "complete",
+        "the job failed: {alloc}\ntrain stderr:\n{}",
+        common::tail(&task_log("train", "stderr"), 4000)
+    );
+
+    // The run is on the cluster, with the job's lineage as tags.
+    let (s, v) = call(&dev, "POST", "experiments/get-by-name", &json!({ "experiment_name": "from-a-job" }));
+    assert_eq!(s, 200, "{v}");
+    let exp = v["experiment"]["experiment_id"].as_str().expect("experiment_id").to_string();
+    let (s, v) = call(&dev, "POST", "runs/search", &json!({ "experiment_ids": [exp], "filter": "tags.`mlp.job` = 'trainer'" }));
+    assert_eq!(s, 200, "{v}");
+    let runs = v["runs"].as_array().cloned().unwrap_or_default();
+    assert_eq!(runs.len(), 1, "{v}");
+    let tags: std::collections::BTreeMap<String, String> = runs[0]["data"]["tags"]
+        .as_array()
+        .expect("tags")
+        .iter()
+        .map(|t| (t["key"].as_str().unwrap_or_default().to_string(), t["value"].as_str().unwrap_or_default().to_string()))
+        .collect();
+    let node_id = alloc["node_id"].as_str().expect("node_id");
+    for (k, want) in [
+        ("mlp.job", "trainer"),
+        ("mlp.job_version", "0"),
+        ("mlp.namespace", "default"),
+        ("mlp.group", "g"),
+        ("mlp.task", "train"),
+        ("mlp.alloc", alloc_id.as_str()),
+        ("mlp.node", node_id),
+    ] {
+        assert_eq!(tags.get(k).map(String::as_str), Some(want), "tag {k}: {tags:?}");
+    }
+    let (_, hist) = call(
+        &dev,
+        "GET",
+        &format!("metrics/get-history?run_id={}&metric_key=loss", runs[0]["info"]["run_id"].as_str().unwrap_or_default()),
+        &json!({}),
+    );
+    assert_eq!(hist["metrics"].as_array().map(Vec::len), Some(3), "{hist}");
+
+    // The task that set its own tracking URI kept it.
+    let uri = std::fs::read_to_string(dev.data_dir().join("agent").join("allocs").join(&alloc_id).join("own").join("local").join("uri"))
+        .expect("the own task's output");
+    assert_eq!(uri.trim(), "http://elsewhere.invalid:5000");
+}

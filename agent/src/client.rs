@@ -138,6 +138,7 @@ pub async fn node_loop(
     registered: watch::Sender<bool>,
     gpu_stats: watch::Receiver<Vec<mlp_proto::v1::GpuStats>>,
     network: Option<Arc<crate::network::NetworkManager>>,
+    tracking: crate::tracking::TrackingUri,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
@@ -153,6 +154,7 @@ pub async fn node_loop(
                         let parse = |s: &str| if s.is_empty() { None } else { crate::network::Subnet::parse(s).ok() };
                         net.apply_lease(parse(&resp.overlay_subnet), parse(&resp.overlay_cluster_cidr));
                     }
+                    tracking.learn(&resp.tracking_uri);
                     break resp.heartbeat_ttl_ms;
                 }
                 Err(st) => {

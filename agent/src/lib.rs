@@ -36,6 +36,7 @@ pub mod paths;
 pub mod rpc;
 pub mod services;
 pub mod task;
+pub mod tracking;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -117,6 +118,8 @@ pub struct AgentConfig {
     pub images: image::ImageSettings,
     /// Where tasks' `artifact` blocks may fetch from, and the limits.
     pub artifacts: artifact::ArtifactSettings,
+    /// Where tasks' `MLFLOW_TRACKING_URI` comes from (default: the servers).
+    pub tracking: tracking::TrackingMode,
 }
 
 impl Default for AgentConfig {
@@ -145,6 +148,7 @@ impl Default for AgentConfig {
             dns_upstreams: Vec::new(),
             images: image::ImageSettings::default(),
             artifacts: artifact::ArtifactSettings::default(),
+            tracking: tracking::TrackingMode::default(),
         }
     }
 }
@@ -263,6 +267,7 @@ impl Agent {
             vtep_addr: config.network.vtep_addr.map(|a| a.to_string()).unwrap_or_default(),
         });
         let network = Arc::new(network::NetworkManager::new(config.network.clone(), &data_dir));
+        let tracking = tracking::TrackingUri::new(config.tracking.clone());
         let env = RunnerEnv {
             alloc_root: data_dir.join("allocs"),
             drivers: driver::drivers_with_images(
@@ -283,6 +288,7 @@ impl Agent {
             node_address,
             node_id: node_id.clone(),
             artifacts: Arc::new(config.artifacts.clone()),
+            tracking: tracking.clone(),
         };
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
         // Service discovery sees every allocation update too (services/mod.rs).
@@ -328,7 +334,7 @@ impl Agent {
         if let Some(nvml) = gpu.nvml() {
             loops.push(spawn_cancellable(&cancel, gpu_stats_loop(nvml.clone(), stats_tx)));
         }
-        loops.push(spawn_cancellable(&cancel, client::node_loop(pool.clone(), node_rx, reg_tx, stats_rx, Some(network.clone()))));
+        loops.push(spawn_cancellable(&cancel, client::node_loop(pool.clone(), node_rx, reg_tx, stats_rx, Some(network.clone()), tracking)));
         loops.push(spawn_cancellable(&cancel, client::overlay_loop(pool.clone(), node_id.clone(), reg_rx.clone(), network.clone())));
         let services_registered = reg_rx.clone();
         loops.push(spawn_cancellable(&cancel, client::watch_loop(pool.clone(), node_id.clone(), reg_rx, manager.clone())));

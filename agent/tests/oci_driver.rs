@@ -121,6 +121,7 @@ impl Run {
             node_address: "127.0.0.1".into(),
             node_id: String::new(),
             artifacts: Default::default(),
+            tracking: Default::default(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = spawn_alloc_runner(alloc(task), None, env, tx);

@@ -178,6 +178,7 @@ impl Harness {
             node_address: "127.0.0.1".into(),
             node_id: String::new(),
             artifacts: Default::default(),
+            tracking: Default::default(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         self.handle = Some(spawn_alloc_runner(a, None, env, tx));

@@ -83,6 +83,22 @@ pub struct Api {
     pub heartbeat: HeartbeatSettings,
     /// Where node subnets are leased from; `None`: the overlay is off (issue 13 §2).
     pub overlay: Option<crate::state::OverlayPool>,
+    /// This server's MLflow tracking URI, told to registering agents for their tasks
+    /// (issue 17 §3); see [`tracking_uri`].
+    pub tracking_uri: String,
+}
+
+/// The MLflow tracking URI tasks reach this server at: `http://` and its HTTP address, with
+/// the host of its advertised gRPC address when the HTTP listener is bound to every address
+/// (`0.0.0.0`, `::`), which a task cannot dial.
+pub fn tracking_uri(http_addr: std::net::SocketAddr, advertise: &str) -> String {
+    if !http_addr.ip().is_unspecified() {
+        return format!("http://{http_addr}");
+    }
+    let host = advertise.rsplit_once(':').map_or(advertise, |(h, _)| h);
+    let unspecified = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified());
+    let host = if host.is_empty() || unspecified { "127.0.0.1" } else { host };
+    format!("http://{host}:{}", http_addr.port())
 }
 
 /// GPU measurements a heartbeat may carry: at most one per device a node may register, ids
@@ -657,7 +673,13 @@ impl Api {
         self.heartbeats.touch(&node.id, ttl);
         tracing::info!(node_id = node.id, name = node.name, subnet = overlay_subnet, "node registered");
         let overlay_cluster_cidr = self.overlay.as_ref().map(|p| p.cluster_cidr.clone()).unwrap_or_default();
-        Ok(RegisterNodeResponse { heartbeat_ttl_ms: ttl.as_millis() as u64, index: resp.index, overlay_subnet, overlay_cluster_cidr })
+        Ok(RegisterNodeResponse {
+            heartbeat_ttl_ms: ttl.as_millis() as u64,
+            index: resp.index,
+            overlay_subnet,
+            overlay_cluster_cidr,
+            tracking_uri: self.tracking_uri.clone(),
+        })
     }
 
     /// Node `node_id`'s overlay peers: every other node that holds a subnet and is not down.
@@ -792,4 +814,22 @@ fn with_job(st: &crate::state::ClusterState, a: &Allocation) -> Allocation {
     let mut a = a.clone();
     a.job = st.job_version(&a.namespace, &a.job_id, a.job_version).cloned();
     a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tracking_uri;
+
+    #[test]
+    fn the_tracking_uri_is_a_dialable_http_address() {
+        let addr = |s: &str| s.parse::<std::net::SocketAddr>().expect("addr");
+        assert_eq!(tracking_uri(addr("127.0.0.1:7646"), "127.0.0.1:7647"), "http://127.0.0.1:7646");
+        assert_eq!(tracking_uri(addr("[::1]:7646"), "[::1]:7647"), "http://[::1]:7646");
+        // Bound to every address: the advertised host, with the HTTP port.
+        assert_eq!(tracking_uri(addr("0.0.0.0:7646"), "10.1.2.3:7647"), "http://10.1.2.3:7646");
+        assert_eq!(tracking_uri(addr("0.0.0.0:7646"), "server-1.dc1:7647"), "http://server-1.dc1:7646");
+        assert_eq!(tracking_uri(addr("[::]:7646"), "[fd00::5]:7647"), "http://[fd00::5]:7646");
+        // Nothing better known: loopback.
+        assert_eq!(tracking_uri(addr("0.0.0.0:7646"), "0.0.0.0:7647"), "http://127.0.0.1:7646");
+    }
 }

@@ -124,6 +124,7 @@ impl Server {
             heartbeats: heartbeats.clone(),
             heartbeat: config.heartbeat,
             overlay: config.overlay.clone(),
+            tracking_uri: crate::api::tracking_uri(http_addr, &advertise),
         });
         let grpc = GrpcApi { api: api.clone() };
 

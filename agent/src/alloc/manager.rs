@@ -467,6 +467,7 @@ mod tests {
             node_address: "127.0.0.1".into(),
             node_id: String::new(),
             artifacts: Default::default(),
+            tracking: Default::default(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut m = AllocManager::new(env, tx);

@@ -47,6 +47,8 @@ pub struct RunnerEnv {
     pub node_id: String,
     /// Where tasks' `artifact` blocks may fetch from, and the limits.
     pub artifacts: Arc<crate::artifact::ArtifactSettings>,
+    /// The MLflow tracking URI tasks get (issue 17 §3).
+    pub tracking: crate::tracking::TrackingUri,
 }
 
 /// A running alloc runner.
@@ -304,6 +306,21 @@ async fn run_alloc(
             net_env: net_env.clone(),
             network: task_network.as_ref().map(|n| n.task_network(&crate::isolation::hostname_for(&group.name, alloc.index, &alloc.id))),
             artifacts: env.artifacts.clone(),
+            tracking_env: {
+                let lineage = crate::tracking::Lineage {
+                    job: job_name.clone(),
+                    job_version: alloc.job_version,
+                    namespace: alloc.job.as_ref().map(|j| j.namespace.clone()).unwrap_or_default(),
+                    group: group.name.clone(),
+                    alloc_id: alloc.id.clone(),
+                    alloc_name: alloc.name.clone(),
+                    task: task.name.clone(),
+                    node_id: env.node_id.clone(),
+                };
+                let mut vars = BTreeMap::new();
+                crate::tracking::add_task_env(&mut vars, env.tracking.current(), &lineage);
+                vars
+            },
         };
         let initial = rep.persisted.task_states.get(&task.name).cloned();
         joins.push(AbortOnDrop(tokio::spawn(run_task_attached(ctx, initial, attached.remove(&task.name), kill_rx.clone(), tx.clone()))));

@@ -194,7 +194,8 @@ mod tests {
             save(dir.path(), &s)?;
             assert_eq!(load(dir.path())?, Some(s.clone()));
         }
-        let names: Vec<String> = std::fs::read_dir(dir.path())?.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned())).collect::<io::Result<_>>()?;
+        let names: Vec<String> =
+            std::fs::read_dir(dir.path())?.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned())).collect::<io::Result<_>>()?;
         let mut names = names;
         names.sort();
         assert_eq!(names, ["state.0", "state.1"]);

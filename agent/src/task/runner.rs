@@ -127,6 +127,9 @@ pub struct TaskContext {
     pub network: Option<crate::network::TaskNetwork>,
     /// Where the task's `artifact` blocks may fetch from, and the limits.
     pub artifacts: std::sync::Arc<crate::artifact::ArtifactSettings>,
+    /// `MLFLOW_TRACKING_URI` and `MLFLOW_RUN_CONTEXT` (`crate::tracking`), under the task's
+    /// own env.
+    pub tracking_env: std::collections::BTreeMap<String, String>,
 }
 
 impl TaskContext {
@@ -166,6 +169,9 @@ impl TaskContext {
         // The driver config's env (wasm) lies under the task's own and the MLP_* variables.
         for (k, v) in config.env {
             env.entry(k).or_insert(v);
+        }
+        for (k, v) in &self.tracking_env {
+            env.entry(k.clone()).or_insert_with(|| v.clone());
         }
         TaskSpec {
             name: self.task.name.clone(),
