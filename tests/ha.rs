@@ -618,3 +618,58 @@ fn ha_agent_fails_over_between_servers_and_keeps_its_tasks() {
     wait_for("the new job running after the failover", FORM_BOUND, || c.allocs(&rest, "after")?.into_iter().find(|a| a.2 == "running"));
     eprintln!("agent failover: leader {leader} killed, new leader {}", new_leader.address);
 }
+
+/// MLflow tracking is replicated state (issue 17 §4): a client logs metric points through all
+/// three servers' MLflow API while the leader is killed with kill -9; every point a server
+/// acknowledged is in the run's history afterwards, read from a survivor.
+#[test]
+fn ha_tracking_survives_a_leader_kill() {
+    require_netns!();
+    let (mut net, procs, addrs, client) = cluster(3);
+    let leader = wait_leader(&net, client, &addrs, 3, FORM_BOUND);
+    let http: Vec<String> = (0..3).map(|i| format!("{}:{}", net.hosts[i].ip, multihost::HTTP_PORT)).collect();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("mlflow").join("logger.py");
+    let stop = net.path("logger.stop");
+    let out = net.path("logger.out");
+    let mut logger = std::process::Command::new("ip")
+        .args(["netns", "exec", &net.hosts[client].ns, "python3"])
+        .arg(&script)
+        .arg(&stop)
+        .args(&http)
+        .stdout(std::fs::File::create(&out).expect("logger output"))
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start the logger (python3)");
+    let acked = || -> Vec<u64> {
+        std::fs::read_to_string(&out).unwrap_or_default().lines().filter_map(|l| l.strip_prefix("ack ")?.parse().ok()).collect()
+    };
+    wait_for("points logged before the kill", Duration::from_secs(60), || (acked().len() >= 30).then_some(()));
+    let before = acked().len();
+    let old_id = server_id(&net, client, &leader);
+    net.procs[procs[server_index(&addrs, &leader)]].kill9();
+    let survivors: Vec<String> = addrs.iter().filter(|a| **a != leader).cloned().collect();
+    new_leader_among(&net, client, &survivors, old_id, FAILOVER_BOUND);
+    wait_for("points logged after the kill", Duration::from_secs(60), || (acked().len() >= before + 30).then_some(()));
+    std::fs::write(&stop, b"").expect("stop file");
+    let status = wait_for("the logger to stop", Duration::from_secs(30), || logger.try_wait().ok().flatten());
+    assert!(status.success(), "the logger failed: {status:?}");
+    let text = std::fs::read_to_string(&out).expect("logger output");
+    let run_id = text.lines().find_map(|l| l.strip_prefix("run ")).expect("the run id").to_string();
+    let acked = acked();
+
+    let survivor_http: Vec<String> =
+        http.iter().filter(|h| !h.starts_with(&format!("{}:", leader.split(':').next().unwrap_or_default()))).cloned().collect();
+    let history = std::process::Command::new("ip")
+        .args(["netns", "exec", &net.hosts[client].ns, "python3"])
+        .arg(&script)
+        .args(["--history", &run_id])
+        .args(&survivor_http)
+        .output()
+        .expect("read the history");
+    assert!(history.status.success(), "{}", String::from_utf8_lossy(&history.stderr));
+    let logged: std::collections::BTreeSet<u64> =
+        String::from_utf8_lossy(&history.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect();
+    let lost: Vec<u64> = acked.iter().copied().filter(|s| !logged.contains(s)).collect();
+    assert!(lost.is_empty(), "acknowledged points missing after the leader kill: {lost:?} (of {} acknowledged)", acked.len());
+    eprintln!("{} points acknowledged ({before} before the kill), {} in the history", acked.len(), logged.len());
+}
