@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# mlp's MLflow API against MLflow's own server (issue 17 §4), the same client script
+# (scripts/bench-tracking-client.py, MLflow's MlflowClient) against each, one run, one machine.
+#
+#   MLflow: `mlflow server` with its SQLite backend store and a local artifact root (its
+#           defaults otherwise), from a virtualenv this script creates (pip install mlflow).
+#   mlp:    `mlp dev` (one server, fsync'd Raft log), its MLflow API on the HTTP address.
+#
+# Per backend, with THREADS client threads: runs logged per second (create + log-batch of 10
+# metrics + terminate), a filtered search_runs, and listing every run of the experiment, at
+# N_SMALL runs (both), then at 10,000 and 100,000 runs (mlp only: MLflow's server logs about a
+# dozen runs a second here, so 100,000 would take hours). Also RSS and disk after the run.
+#
+# The THREADS client threads run in PROCS processes (Python's GIL makes one client process the
+# bottleneck of a fast server), the same split for both backends.
+#
+# Usage: scripts/bench-tracking.sh   (MLP_BIN=path, N_SMALL=3000, THREADS=16, PROCS=4, BIG="10000 100000")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib-bench.sh
+
+N_SMALL=${N_SMALL:-3000}
+THREADS=${THREADS:-16}
+PROCS=${PROCS:-4}
+BIG=${BIG-"10000 100000"}
+VENV=${MLP_BENCH_MLFLOW_VENV:-/var/cache/mlp-bench/mlflow-server-venv}
+if [ -z "${MLP_BIN:-}" ]; then
+  cargo build --release --bin mlp >&2
+fi
+MLP=${MLP_BIN:-$PWD/target/release/mlp}
+if ! "$VENV/bin/python" -c "import mlflow.server" 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q mlflow >&2
+fi
+PY="$VENV/bin/python"
+out=$(mktemp -d /tmp/mlp-bench-tracking.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do pkill -TERM -P "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$out"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 1 300); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done; echo "not up: $1" >&2; return 1; }
+# RSS (KiB) of a process and its descendants.
+rss_tree() {
+  local total=0 p
+  for p in $1 $(pgrep -P "$1" || true) $(for c in $(pgrep -P "$1" || true); do pgrep -P "$c" || true; done); do
+    total=$((total + $(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
+client() { MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 \
+  "$PY" scripts/bench-tracking-client.py "$@" | tail -n 1; }
+
+machine_line
+mlflow_version=$("$PY" -c "import mlflow; print(mlflow.__version__)")
+echo "== MLflow $mlflow_version, mlp $("$MLP" --version)"
+
+# ---- MLflow's own server (SKIP_MLFLOW=1: mlp only) ----
+if [ -z "${SKIP_MLFLOW:-}" ]; then
+MP=$(free_port)
+"$PY" -m mlflow server --backend-store-uri "sqlite:///$out/mlflow.db" --default-artifact-root "$out/mlflow-artifacts" \
+  --host 127.0.0.1 --port "$MP" >"$out/mlflow.log" 2>&1 &
+pids+=($!)
+mlflow_pid=$!
+wait_http "http://127.0.0.1:$MP/health"
+echo "mlflow_small $(client "http://127.0.0.1:$MP" bench "$N_SMALL" "$THREADS" "$PROCS")"
+echo "mlflow_rss_kib $(rss_tree "$mlflow_pid")"
+echo "mlflow_disk_kib $(du -sk "$out/mlflow.db" | cut -f1)"
+kill "$mlflow_pid"; pkill -TERM -P "$mlflow_pid" 2>/dev/null || true
+fi
+
+# ---- mlp ----
+GRPC=127.0.0.1:$(free_port)
+HTTP=127.0.0.1:$(free_port)
+MLP_LOG=warn "$MLP" dev --data-dir "$out/mlp" --grpc-addr "$GRPC" --http-addr "$HTTP" >"$out/dev.log" 2>&1 &
+pids+=($!)
+mlp_pid=$!
+wait_http "http://$HTTP/v1/status/leader"
+echo "mlp_small $(client "http://$HTTP" bench "$N_SMALL" "$THREADS" "$PROCS")"
+echo "mlp_small_rss_kib $(rss_tree "$mlp_pid")"
+echo "mlp_small_disk_kib $(du -sk "$out/mlp" | cut -f1)"
+done_runs=$N_SMALL
+for n in $BIG; do
+  echo "mlp_$n $(client "http://$HTTP" bench $((n - done_runs)) "$THREADS" "$PROCS" "$done_runs")"
+  done_runs=$n
+  echo "mlp_${n}_rss_kib $(rss_tree "$mlp_pid")"
+  echo "mlp_${n}_disk_kib $(du -sk "$out/mlp" | cut -f1)"
+done
