@@ -19,6 +19,8 @@ pub mod gen;
 pub mod net;
 pub mod secret;
 
+pub use rustls_pki_types as pki_types;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 

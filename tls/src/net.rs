@@ -171,21 +171,31 @@ impl tower_service::Service<Uri> for TlsConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let config = self.tls.client_config(self.role);
-        let role = self.role;
+        let (tls, role) = (self.tls.clone(), self.role);
         Box::pin(async move {
             let host = uri.host().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("address {uri} has no host")))?;
             let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
             let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
-            // The name sent (SNI) is the role's; the verifier checks the role, not the address.
-            let name = rustls_pki_types::ServerName::try_from(role.dns_name())
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-            let stream = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
-            Ok(TokioIo::new(stream))
+            Ok(TokioIo::new(connect(&host, port, &tls, role).await?))
         })
     }
+}
+
+/// A TLS connection to `host:port`, whose certificate must hold `role`, presenting this
+/// process's certificate (TCP_NODELAY set).
+pub async fn connect(host: &str, port: u16, tls: &Tls, role: Role) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect((host, port)).await?;
+    tcp.set_nodelay(true)?;
+    // The name sent (SNI) is the role's; the verifier checks the role, not the address.
+    let name = rustls_pki_types::ServerName::try_from(role.dns_name()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    tokio_rustls::TlsConnector::from(tls.client_config(role)).connect(name, tcp).await
+}
+
+/// The certificate the peer at `host:port` presents now (operators' and tests' check that a
+/// rotation took effect).
+pub async fn peer_certificate(host: &str, port: u16, tls: &Tls, role: Role) -> io::Result<rustls_pki_types::CertificateDer<'static>> {
+    let s = connect(host, port, tls, role).await?;
+    s.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned()).ok_or_else(|| io::Error::other("the peer presented no certificate"))
 }
 
 /// A lazily connecting channel over `endpoint`: TLS to a peer holding `role` when `tls` is
