@@ -1553,6 +1553,31 @@ mod tests {
     }
 
     #[test]
+    fn a_node_id_is_claimed_once_and_its_secret_kept() {
+        let mut st = ClusterState::default();
+        let mut fx = Vec::new();
+        let n = || Node { id: "n1".into(), name: "n1".into(), ..Default::default() };
+        let claim = |h: &str| req(Command::UpsertNode { node: n(), overlay: None, secret_hash: Some(h.into()) });
+        assert!(st.apply(1, &claim("h1"), &mut fx).error.is_none());
+        assert_eq!(st.node_secrets.get("n1").map(String::as_str), Some("h1"));
+        // A second claim with another secret (two agents racing for one id) is refused and
+        // changes nothing; the holder's re-registration (no hash) keeps the secret.
+        let r = st.apply(2, &claim("h2"), &mut fx);
+        assert!(r.error.is_some_and(|e| e.contains("already registered by another agent")));
+        assert_eq!(st.nodes["n1"].modify_index, 1);
+        assert!(st.apply(3, &req(Command::UpsertNode { node: n(), overlay: None, secret_hash: None }), &mut fx).error.is_none());
+        assert_eq!(st.node_secrets.get("n1").map(String::as_str), Some("h1"));
+        // Not in the node the API serves; in snapshots, and absent from older ones.
+        assert!(!serde_json::to_string(&st.nodes["n1"]).unwrap_or_default().contains("h1"));
+        let json = serde_json::to_string(&st).unwrap_or_default();
+        let back: ClusterState = serde_json::from_str(&json).unwrap_or_default();
+        assert_eq!(back.node_secrets.get("n1").map(String::as_str), Some("h1"));
+        let old = json.replace(r#","node_secrets":{"n1":"h1"}"#, "");
+        assert!(!old.contains("node_secrets"));
+        assert!(serde_json::from_str::<ClusterState>(&old).is_ok_and(|s| s.node_secrets.is_empty()));
+    }
+
+    #[test]
     fn drain_makes_ineligible_and_completion_keeps_it_so() {
         let mut st = ClusterState::default();
         let mut fx = Vec::new();
