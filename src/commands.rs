@@ -21,7 +21,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // server, from the flags or MLP_CACERT / MLP_CLIENT_CERT / MLP_CLIENT_KEY.
     let talks_to_a_server = !matches!(
         cli.command,
-        Command::Server(ServerArgs { action: None, .. }) | Command::Agent(_) | Command::Dev(_) | Command::Tls(_) | Command::Sim(_) | Command::Completions { .. }
+        Command::Server(ServerArgs { action: None, .. })
+            | Command::Agent(_)
+            | Command::Dev(_)
+            | Command::Tls(_)
+            | Command::Sim(_)
+            | Command::Completions { .. }
     );
     if talks_to_a_server {
         crate::tls::init_cli(&conn)?;

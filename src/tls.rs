@@ -106,7 +106,12 @@ pub fn cli() -> Option<&'static Arc<Tls>> {
 /// A daemon's identity from its flags (no environment: MLP_CLIENT_CERT is the CLI's), checked
 /// to hold `role`.
 pub fn daemon(conn: &Conn, role: Role, what: &str) -> anyhow::Result<Option<Arc<Tls>>> {
-    let Some(files) = TlsFiles::from_flags(conn.ca_file.clone(), conn.cert_file.clone(), conn.key_file.clone(), ["--ca-file", "--cert-file", "--key-file"])?
+    let Some(files) = TlsFiles::from_flags(
+        conn.ca_file.clone(),
+        conn.cert_file.clone(),
+        conn.key_file.clone(),
+        ["--ca-file", "--cert-file", "--key-file"],
+    )?
     else {
         return Ok(None);
     };

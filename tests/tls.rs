@@ -204,7 +204,8 @@ fn tls_refuses_plaintext_and_callers_without_the_role_and_runs_a_job() {
     // the server over TLS.
     let job = dev.write_job("tls.hcl", JOB);
     dev.ok(&["job", "run", job.to_str().expect("path")]);
-    let allocs = dev.wait_allocs("tls-hello", "the job to run", Duration::from_secs(60), |a| a.iter().any(|a| common::status(a) == "running"));
+    let allocs =
+        dev.wait_allocs("tls-hello", "the job to run", Duration::from_secs(60), |a| a.iter().any(|a| common::status(a) == "running"));
     let id = allocs[0]["id"].as_str().expect("alloc id").to_string();
     wait_for("the task's output through the server", Duration::from_secs(20), || {
         dev.ok(&["alloc", "logs", &id]).contains("hello-over-tls").then_some(())
@@ -275,7 +276,11 @@ fn tls_certificates_rotate_on_sighup_while_requests_flow() {
                 if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ready") {
                     ok.fetch_add(1, Ordering::Relaxed);
                 } else {
-                    failures.lock().expect("lock").push(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+                    failures.lock().expect("lock").push(format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
                 }
             }
         })
@@ -304,7 +309,13 @@ fn tls_certificates_rotate_on_sighup_while_requests_flow() {
     stop.store(true, Ordering::Relaxed);
     load.join().expect("load thread");
     let failures = failures.lock().expect("lock");
-    assert!(failures.is_empty(), "{} of {} requests failed during the rotation: {:?}", failures.len(), ok.load(Ordering::Relaxed) + failures.len(), failures.first());
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed during the rotation: {:?}",
+        failures.len(),
+        ok.load(Ordering::Relaxed) + failures.len(),
+        failures.first()
+    );
 
     // The agent's listener presents its new certificate too, and the agent still heartbeats.
     let server = certs.identity("server");
@@ -379,7 +390,12 @@ fn node_secret_keeps_a_node_id_and_its_allocations_to_its_agent() {
         intruder.id = "intruder-node".into();
         intruder.name = "intruder".into();
         intruder.overlay = None;
-        let issued = agents.register(RegisterNodeRequest { node: Some(intruder) }).await.expect("a fresh node id registers").into_inner().node_secret;
+        let issued = agents
+            .register(RegisterNodeRequest { node: Some(intruder) })
+            .await
+            .expect("a fresh node id registers")
+            .into_inner()
+            .node_secret;
         assert_eq!(issued.len(), 64, "a fresh registration is issued a secret");
         let r = agents.watch_allocations(with_secret(WatchAllocationsRequest { node_id: node_id.clone() }, &issued)).await;
         assert_eq!(code(r), Code::PermissionDenied, "another node's allocation stream with this node's secret");
@@ -429,4 +445,55 @@ fn node_secret_keeps_a_node_id_and_its_allocations_to_its_agent() {
     wait_for("the restarted agent to register again", Duration::from_secs(30), || (registered(&dev.agent_log()) > before).then_some(()));
     assert!(!dev.agent_log().contains("registration refused"), "{}", dev.agent_log());
     assert_eq!(std::fs::read_to_string(&secret_file).expect("secret").trim(), secret, "the secret changed across a restart");
+}
+
+/// Free loopback ports (bound, then released for the servers to take).
+fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<std::net::TcpListener> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
+    ls.iter().map(|l| l.local_addr().expect("addr").port()).collect()
+}
+
+#[test]
+fn tls_three_servers_form_a_cluster_and_forward_over_tls() {
+    let certs = Certs::new();
+    let dir = tempfile::Builder::new().prefix("mlp-tls-ha-").tempdir().expect("tempdir");
+    let ports = free_ports(6);
+    let join: Vec<String> = ports[..3].iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let flags = certs.flags("server");
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        let log = std::fs::File::create(dir.path().join(format!("s{i}.log"))).expect("log");
+        let child = Command::new(MLP)
+            .args(["server", "--grpc-addr", &join[i], "--http-addr", &format!("127.0.0.1:{}", ports[3 + i]), "--bootstrap-expect", "3"])
+            .args(["--join", &join.join(","), "--data-dir"])
+            .arg(dir.path().join(format!("s{i}")))
+            .args(&flags)
+            .env("MLP_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn server");
+        servers.push(Guard(child));
+    }
+    let cli = |addr: &str, args: &[&str]| {
+        Command::new(MLP).args(args).env("MLP_ADDR", addr).envs(certs.cli_env()).stdin(Stdio::null()).output().expect("run mlp")
+    };
+    // Formation (Info, Raft votes and appends between the servers) runs over TLS.
+    let leader = wait_for("a leader among three TLS servers", Duration::from_secs(60), || {
+        let out = cli(&join[0], &["operator", "raft", "list-peers"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success() && text.lines().filter(|l| l.contains("true")).count() == 3)
+            .then(|| text.lines().find(|l| l.contains("leader")).and_then(|l| l.split_whitespace().nth(1)).map(str::to_string))
+            .flatten()
+    });
+    // A write sent to a follower is forwarded to the leader, a read confirmed with it.
+    let follower = join.iter().find(|a| **a != leader).expect("a follower").clone();
+    let job = dir.path().join("job.hcl");
+    std::fs::write(&job, JOB).expect("write job");
+    let out = cli(&follower, &["job", "run", "--detach", job.to_str().expect("path")]);
+    assert!(out.status.success(), "job run through a follower: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&follower, &["job", "status", "tls-hello"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("tls-hello"), "{}", String::from_utf8_lossy(&out.stderr));
+    drop(servers);
 }

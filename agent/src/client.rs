@@ -238,7 +238,9 @@ pub async fn node_loop(
                         // A claim of the node id: from now on every call carries this secret.
                         match pool.secret().set(&resp.node_secret) {
                             Ok(()) => tracing::info!(file = %pool.secret().path().display(), "node secret issued and kept"),
-                            Err(e) => tracing::error!(error = %e, "node secret issued but not kept: a restarted agent cannot act for this node"),
+                            Err(e) => {
+                                tracing::error!(error = %e, "node secret issued but not kept: a restarted agent cannot act for this node")
+                            }
                         }
                     }
                     // The leased subnet is in place before any allocation arrives (the

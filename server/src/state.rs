@@ -1540,9 +1540,11 @@ mod tests {
         st.apply(5, &req(Command::UpsertNode { node: node("n2", ""), overlay: pool.clone(), secret_hash: None }), &mut fx);
         assert_eq!(subnet(&st, "n2"), "10.9.1.0/24");
         // A fixed subnet is granted unless it overlaps another node's.
-        let r = st.apply(6, &req(Command::UpsertNode { node: node("n4", "10.9.0.128/25"), overlay: pool.clone(), secret_hash: None }), &mut fx);
+        let r =
+            st.apply(6, &req(Command::UpsertNode { node: node("n4", "10.9.0.128/25"), overlay: pool.clone(), secret_hash: None }), &mut fx);
         assert!(r.error.as_deref().is_some_and(|e| e.contains("overlaps 10.9.0.0/24")), "{r:?}");
-        let r = st.apply(7, &req(Command::UpsertNode { node: node("n4", "10.20.0.0/24"), overlay: pool.clone(), secret_hash: None }), &mut fx);
+        let r =
+            st.apply(7, &req(Command::UpsertNode { node: node("n4", "10.20.0.0/24"), overlay: pool.clone(), secret_hash: None }), &mut fx);
         assert!(r.error.is_none(), "{r:?}");
         assert_eq!(subnet(&st, "n4"), "10.20.0.0/24");
         // Entries written before the overlay (no `overlay` key) still decode.
@@ -1583,7 +1585,11 @@ mod tests {
         let mut fx = Vec::new();
         st.apply(
             1,
-            &req(Command::UpsertNode { node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() }, overlay: None, secret_hash: None }),
+            &req(Command::UpsertNode {
+                node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() },
+                overlay: None,
+                secret_hash: None,
+            }),
             &mut fx,
         );
         assert!(st.nodes["n1"].eligible);
@@ -1597,7 +1603,11 @@ mod tests {
         assert!(r.error.is_some_and(|e| e.contains("draining")));
         st.apply(
             4,
-            &req(Command::UpsertNode { node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() }, overlay: None, secret_hash: None }),
+            &req(Command::UpsertNode {
+                node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() },
+                overlay: None,
+                secret_hash: None,
+            }),
             &mut fx,
         );
         assert!(st.nodes["n1"].drain_strategy.is_some() && !st.nodes["n1"].eligible);

@@ -8,7 +8,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 
 use crate::{Role, TlsError};
@@ -145,7 +146,8 @@ mod tests {
         let (ca_path, _) = ca_paths(dir.path());
         write_new(&ca_path, &ca_pem, false)?;
         for role in Role::ALL {
-            let (c, k) = cert(&ca_pem, &ca_key, &CertRequest { role, days: 10, dns_names: vec!["node1.example".into()], ip_addresses: vec![] })?;
+            let (c, k) =
+                cert(&ca_pem, &ca_key, &CertRequest { role, days: 10, dns_names: vec!["node1.example".into()], ip_addresses: vec![] })?;
             let der = CertificateDer::from_pem_slice(c.as_bytes())?;
             assert_eq!(roles_of(&der), vec![role]);
             let (cp, kp) = free_cert_paths(dir.path(), role);
@@ -162,7 +164,11 @@ mod tests {
     #[test]
     fn a_role_name_cannot_be_added_to_another_role() -> Result<(), Box<dyn std::error::Error>> {
         let (ca_pem, ca_key) = ca("mlp test CA", 30)?;
-        let r = cert(&ca_pem, &ca_key, &CertRequest { role: Role::Client, days: 10, dns_names: vec!["server.mlp".into()], ip_addresses: vec![] });
+        let r = cert(
+            &ca_pem,
+            &ca_key,
+            &CertRequest { role: Role::Client, days: 10, dns_names: vec!["server.mlp".into()], ip_addresses: vec![] },
+        );
         assert!(r.is_err());
         Ok(())
     }

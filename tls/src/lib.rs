@@ -118,13 +118,21 @@ pub struct TlsFiles {
 impl TlsFiles {
     /// All three or none: `Ok(None)` when none is given, an error naming the missing ones when
     /// only some are.
-    pub fn from_flags(ca: Option<PathBuf>, cert: Option<PathBuf>, key: Option<PathBuf>, names: [&str; 3]) -> Result<Option<TlsFiles>, TlsError> {
+    pub fn from_flags(
+        ca: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        names: [&str; 3],
+    ) -> Result<Option<TlsFiles>, TlsError> {
         match (ca, cert, key) {
             (None, None, None) => Ok(None),
             (Some(ca_file), Some(cert_file), Some(key_file)) => Ok(Some(TlsFiles { ca_file, cert_file, key_file })),
             (ca, cert, key) => {
-                let missing: Vec<&str> =
-                    [(ca.is_none(), names[0]), (cert.is_none(), names[1]), (key.is_none(), names[2])].iter().filter(|(m, _)| *m).map(|(_, n)| *n).collect();
+                let missing: Vec<&str> = [(ca.is_none(), names[0]), (cert.is_none(), names[1]), (key.is_none(), names[2])]
+                    .iter()
+                    .filter(|(m, _)| *m)
+                    .map(|(_, n)| *n)
+                    .collect();
                 Err(TlsError::Config(format!("mutual TLS needs a CA, a certificate and a key: missing {}", missing.join(", "))))
             }
         }
@@ -226,7 +234,8 @@ fn load_material(files: &TlsFiles) -> Result<Material, TlsError> {
     }
     let chain = read_certs(&files.cert_file)?;
     let leaf = chain.first().cloned().ok_or_else(|| file_err(&files.cert_file, "no certificate in the file"))?;
-    let key = PrivateKeyDer::from_pem_file(&files.key_file).map_err(|e| file_err(&files.key_file, format!("no usable private key: {e}")))?;
+    let key =
+        PrivateKeyDer::from_pem_file(&files.key_file).map_err(|e| file_err(&files.key_file, format!("no usable private key: {e}")))?;
     let roots = Arc::new(roots);
     let roles = roles_of(&leaf);
 

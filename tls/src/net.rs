@@ -159,7 +159,8 @@ impl TlsConnector {
     }
 }
 
-type ConnectFuture = Pin<Box<dyn std::future::Future<Output = Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, io::Error>> + Send>>;
+type ConnectFuture =
+    Pin<Box<dyn std::future::Future<Output = Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, io::Error>> + Send>>;
 
 impl tower_service::Service<Uri> for TlsConnector {
     type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
@@ -187,7 +188,8 @@ pub async fn connect(host: &str, port: u16, tls: &Tls, role: Role) -> io::Result
     let tcp = TcpStream::connect((host, port)).await?;
     tcp.set_nodelay(true)?;
     // The name sent (SNI) is the role's; the verifier checks the role, not the address.
-    let name = rustls_pki_types::ServerName::try_from(role.dns_name()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let name =
+        rustls_pki_types::ServerName::try_from(role.dns_name()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     tokio_rustls::TlsConnector::from(tls.client_config(role)).connect(name, tcp).await
 }
 
@@ -195,7 +197,12 @@ pub async fn connect(host: &str, port: u16, tls: &Tls, role: Role) -> io::Result
 /// rotation took effect).
 pub async fn peer_certificate(host: &str, port: u16, tls: &Tls, role: Role) -> io::Result<rustls_pki_types::CertificateDer<'static>> {
     let s = connect(host, port, tls, role).await?;
-    s.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned()).ok_or_else(|| io::Error::other("the peer presented no certificate"))
+    s.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.clone().into_owned())
+        .ok_or_else(|| io::Error::other("the peer presented no certificate"))
 }
 
 /// A lazily connecting channel over `endpoint`: TLS to a peer holding `role` when `tls` is

@@ -102,9 +102,8 @@ impl GrpcNetwork {
         let endpoint = Endpoint::from_shared(mlp_tls::net::uri_for(&addr, self.tls.is_some()))
             .map_err(|source| TransportError::Address { addr: addr.clone(), source })?;
         let channel = mlp_tls::net::channel_lazy(endpoint, self.tls.as_ref(), mlp_tls::Role::Server);
-        let client = RaftServiceClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let client =
+            RaftServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES);
         self.client = Some(client.clone());
         Ok(client)
     }
