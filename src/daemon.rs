@@ -319,7 +319,14 @@ pub async fn dev(args: DevArgs, conn: &crate::cli::Conn) -> anyhow::Result<ExitC
     println!("    metrics:  {scheme}://{}/v1/metrics", server.http_addr());
     println!("    node:     {}", agent.node_id());
     println!("    data dir: {}", args.data_dir.display());
-    let addr_hint = if grpc.to_string() == "127.0.0.1:7647" { String::new() } else { format!("MLP_ADDR={grpc} ") };
+    let addr_hint = match &tls {
+        Some(t) => format!(
+            "MLP_ADDR=https://{grpc} MLP_CACERT={} MLP_CLIENT_CERT=<a client certificate> MLP_CLIENT_KEY=<its key> ",
+            t.files().ca_file.display()
+        ),
+        None if grpc.to_string() == "127.0.0.1:7647" => String::new(),
+        None => format!("MLP_ADDR={grpc} "),
+    };
     println!("==> try: {addr_hint}mlp job run examples/train.hcl");
     let sig = wait_for_signal().await?;
     tracing::info!(signal = sig, "shutting down; tasks keep running");
