@@ -245,6 +245,11 @@ fn simulated_gpus(file: Option<&Path>) -> anyhow::Result<Vec<mlp_proto::v1::GpuD
 pub async fn agent(args: AgentArgs, conn: &crate::cli::Conn) -> anyhow::Result<ExitCode> {
     init_logging();
     let tls = crate::tls::daemon(conn, mlp_tls::Role::Agent, "mlp agent")?;
+    if tls.is_none() {
+        if let Some(s) = args.servers.iter().find(|s| s.trim().starts_with("https://")) {
+            anyhow::bail!("--servers {s}: an https:// server needs mutual TLS: --ca-file, --cert-file and --key-file (an agent certificate)");
+        }
+    }
     if args.servers.is_empty() || args.servers.iter().any(|s| s.trim().is_empty()) {
         anyhow::bail!("--servers needs at least one server address");
     }
