@@ -247,7 +247,9 @@ pub async fn agent(args: AgentArgs, conn: &crate::cli::Conn) -> anyhow::Result<E
     let tls = crate::tls::daemon(conn, mlp_tls::Role::Agent, "mlp agent")?;
     if tls.is_none() {
         if let Some(s) = args.servers.iter().find(|s| s.trim().starts_with("https://")) {
-            anyhow::bail!("--servers {s}: an https:// server needs mutual TLS: --ca-file, --cert-file and --key-file (an agent certificate)");
+            anyhow::bail!(
+                "--servers {s}: an https:// server needs mutual TLS: --ca-file, --cert-file and --key-file (an agent certificate)"
+            );
         }
     }
     if args.servers.is_empty() || args.servers.iter().any(|s| s.trim().is_empty()) {
