@@ -82,8 +82,17 @@ fn node(i: usize, racks: bool) -> Node {
 /// One simulated node: registers, then acknowledges each new allocation as running.
 async fn fake_agent(ch: Channel, n: Node, acked: Arc<AtomicU64>, ready: tokio::sync::mpsc::Sender<()>) -> Result<(), String> {
     let mut c = AgentServiceClient::new(ch).max_decoding_message_size(256 * 1024 * 1024);
-    c.register(RegisterNodeRequest { node: Some(n.clone()) }).await.map_err(|e| e.to_string())?;
-    let mut stream = c.watch_allocations(WatchAllocationsRequest { node_id: n.id.clone() }).await.map_err(|e| e.to_string())?.into_inner();
+    let secret = c.register(RegisterNodeRequest { node: Some(n.clone()) }).await.map_err(|e| e.to_string())?.into_inner().node_secret;
+    // Every later agent RPC carries the node secret the registration issued (issue 15 §3).
+    let with_secret = |msg| {
+        let mut r = tonic::Request::new(msg);
+        if let Ok(v) = secret.parse() {
+            r.metadata_mut().insert(mlp_tls::secret::METADATA_KEY, v);
+        }
+        r
+    };
+    let mut stream =
+        c.watch_allocations(with_secret(WatchAllocationsRequest { node_id: n.id.clone() })).await.map_err(|e| e.to_string())?.into_inner();
     let _ = ready.send(()).await;
     let mut seen = BTreeSet::new();
     while let Some(msg) = stream.message().await.map_err(|e| e.to_string())? {
@@ -95,7 +104,11 @@ async fn fake_agent(ch: Channel, n: Node, acked: Arc<AtomicU64>, ready: tokio::s
             .collect();
         if !updates.is_empty() {
             let k = updates.len() as u64;
-            c.update_allocs(UpdateAllocsRequest { node_id: n.id.clone(), updates }).await.map_err(|e| e.to_string())?;
+            let mut r = tonic::Request::new(UpdateAllocsRequest { node_id: n.id.clone(), updates });
+            if let Ok(v) = secret.parse() {
+                r.metadata_mut().insert(mlp_tls::secret::METADATA_KEY, v);
+            }
+            c.update_allocs(r).await.map_err(|e| e.to_string())?;
             acked.fetch_add(k, Ordering::Relaxed);
         }
     }

@@ -20,6 +20,16 @@ pub struct Conn {
     /// gRPC address of any server; several, comma separated, are tried in order.
     #[arg(long, global = true, env = "MLP_ADDR", default_value = "127.0.0.1:7647")]
     pub address: String,
+    /// Mutual TLS (docs/security.md): the CA certificate(s) peers must chain to. For the CLI,
+    /// default $MLP_CACERT; for `mlp server`, `mlp agent` and `mlp dev`, this flag only.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// This process's certificate (PEM); the CLI's default is $MLP_CLIENT_CERT.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// The certificate's private key (PEM); the CLI's default is $MLP_CLIENT_KEY.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -59,6 +69,9 @@ pub enum Command {
     /// Replay a production trace (openb CSV) against a simulated cluster with the scheduler's
     /// placement policies: GPU allocation ratio, failed pods, placements/s.
     Sim(SimArgs),
+    /// Create a cluster CA and certificates for mutual TLS (PEM files in the current directory).
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// Print a shell completion script.
     Completions {
         /// bash, zsh, fish, elvish or powershell
@@ -154,8 +167,67 @@ pub struct PreemptionArgs {
     pub preemption_delta: i32,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// The cluster's certificate authority.
+    #[command(subcommand)]
+    Ca(TlsCaCommand),
+    /// Certificates signed by the CA.
+    #[command(subcommand)]
+    Cert(TlsCertCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsCaCommand {
+    /// Write a new CA: mlp-ca.pem and mlp-ca-key.pem (refuses to overwrite them).
+    Create {
+        /// Days the CA is valid.
+        #[arg(long, default_value_t = mlp_tls::gen::CA_DAYS)]
+        days: u32,
+        /// The CA's common name.
+        #[arg(long, default_value = "mlp CA")]
+        common_name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsCertCommand {
+    /// Write a certificate and key for one role (mlp-server.pem and mlp-server-key.pem, …;
+    /// numbered when taken). Roles: --server (server.mlp: Raft, joins, forwarding; also good for
+    /// anything else), --agent (agent.mlp: node registration and streams), --client
+    /// (client.mlp: the CLI and API users). Single-dash spellings (-server) work too.
+    #[command(group(clap::ArgGroup::new("role").required(true).args(["server", "agent", "client"])))]
+    Create {
+        #[arg(long)]
+        server: bool,
+        #[arg(long)]
+        agent: bool,
+        #[arg(long)]
+        client: bool,
+        /// The CA certificate.
+        #[arg(long = "ca", default_value = "mlp-ca.pem", value_name = "FILE")]
+        ca: PathBuf,
+        /// The CA's key.
+        #[arg(long = "key", default_value = "mlp-ca-key.pem", value_name = "FILE")]
+        key: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = mlp_tls::gen::CERT_DAYS)]
+        days: u32,
+        /// Another DNS name for the certificate; repeatable.
+        #[arg(long = "additional-dnsname", value_name = "NAME")]
+        additional_dnsname: Vec<String>,
+        /// Another IP address for the certificate; repeatable.
+        #[arg(long = "additional-ipaddress", value_name = "IP")]
+        additional_ipaddress: Vec<std::net::IpAddr>,
+    },
+}
+
 #[derive(Debug, Args)]
 pub struct AgentArgs {
+    /// Where the node secret the servers issue is kept (default: <data-dir>/node-secret).
+    /// Whoever holds it can act for this node: keep it private.
+    #[arg(long, value_name = "FILE")]
+    pub node_secret_file: Option<PathBuf>,
     /// Where the agent keeps allocation directories, logs and its node id.
     #[arg(long, default_value = "./mlp-data/agent")]
     pub data_dir: PathBuf,

@@ -33,11 +33,7 @@ pub struct Clients {
 }
 
 pub fn endpoint_uri(address: &str) -> String {
-    if address.starts_with("http://") || address.starts_with("https://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    }
+    mlp_tls::net::uri_for(address, crate::tls::cli().is_some())
 }
 
 /// Connects to the first server of the comma-separated `addresses` that accepts a connection.
@@ -65,7 +61,7 @@ pub async fn connect(addresses: &str) -> anyhow::Result<Clients> {
 
 async fn connect_one(address: &str) -> anyhow::Result<Clients> {
     let uri = endpoint_uri(address);
-    let channel = Endpoint::from_shared(uri.clone())
+    let endpoint = Endpoint::from_shared(uri.clone())
         .with_context(|| format!("invalid --address {address:?}"))?
         .connect_timeout(std::time::Duration::from_secs(5))
         // A server that stops answering (frozen, or its host gone) fails the call within
@@ -73,9 +69,11 @@ async fn connect_one(address: &str) -> anyhow::Result<Clients> {
         // live server answers pings even while it holds a write waiting for a new leader.
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .connect()
+        .keep_alive_while_idle(true);
+    // With TLS the server must hold the server role (mlp_tls::net); plaintext otherwise.
+    let channel = mlp_tls::net::channel(endpoint, crate::tls::cli(), mlp_tls::Role::Server)
         .await
+        .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))
         .with_context(|| format!("cannot reach the mlp server at {uri} (set --address or MLP_ADDR)"))?;
     Ok(Clients {
         jobs: JobServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
@@ -87,6 +85,19 @@ async fn connect_one(address: &str) -> anyhow::Result<Clients> {
         events: EventServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
         services: mlp_proto::v1::service_service_client::ServiceServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
     })
+}
+
+/// An error and its sources, `: `-joined (tonic's transport error alone says only "transport
+/// error", the TLS reason is in its sources).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
 }
 
 /// Turns a gRPC status into an error that reads well on a terminal.

@@ -16,15 +16,31 @@ use crate::follow::desc;
 use crate::output::{ago, clock, print_json, short, Table};
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let addr = cli.conn.address;
+    let conn = cli.conn;
+    // The daemons take their TLS identity from their flags; every other verb that talks to a
+    // server, from the flags or MLP_CACERT / MLP_CLIENT_CERT / MLP_CLIENT_KEY.
+    let talks_to_a_server = !matches!(
+        cli.command,
+        Command::Server(ServerArgs { action: None, .. })
+            | Command::Agent(_)
+            | Command::Dev(_)
+            | Command::Tls(_)
+            | Command::Sim(_)
+            | Command::Completions { .. }
+    );
+    if talks_to_a_server {
+        crate::tls::init_cli(&conn)?;
+    }
+    let addr = conn.address.clone();
     match cli.command {
         // ---- high availability (issue 5) ----
         Command::Server(ServerArgs { action: Some(action), .. }) => crate::ha::server_action(&addr, action).await,
         Command::Operator(c) => crate::ha::operator(&addr, c).await,
         // ---- end high availability ----
-        Command::Server(a) => crate::daemon::server(a).await,
-        Command::Agent(a) => crate::daemon::agent(a).await,
-        Command::Dev(a) => crate::daemon::dev(a).await,
+        Command::Server(a) => crate::daemon::server(a, &conn).await,
+        Command::Agent(a) => crate::daemon::agent(a, &conn).await,
+        Command::Dev(a) => crate::daemon::dev(a, &conn).await,
+        Command::Tls(c) => crate::tls::command(c),
         Command::Job(c) => job(&addr, c).await,
         Command::Alloc(c) => alloc(&addr, c).await,
         Command::Node(c) => node(&addr, c).await,

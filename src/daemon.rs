@@ -61,6 +61,7 @@ async fn start_server(
     preemption: &crate::cli::PreemptionArgs,
     gc: &crate::cli::GcArgs,
     overlay: &crate::cli::OverlayArgs,
+    tls: Option<std::sync::Arc<mlp_tls::Tls>>,
 ) -> anyhow::Result<Server> {
     let config = ServerConfig {
         data_dir: data_dir.to_path_buf(),
@@ -73,6 +74,7 @@ async fn start_server(
         gc: gc_settings(gc)?,
         event_buffer: event_buffer(gc.event_buffer)?,
         overlay: overlay.pool()?,
+        tls,
     };
     Server::start_clustered(config, cluster).await.context("starting the server")
 }
@@ -128,8 +130,9 @@ fn raft_settings(t: &RaftTimingArgs) -> anyhow::Result<RaftSettings> {
     })
 }
 
-pub async fn server(args: ServerArgs) -> anyhow::Result<ExitCode> {
+pub async fn server(args: ServerArgs, conn: &crate::cli::Conn) -> anyhow::Result<ExitCode> {
     init_logging();
+    let tls = crate::tls::daemon(conn, mlp_tls::Role::Server, "mlp server")?;
     if args.bootstrap_expect == 0 {
         anyhow::bail!("--bootstrap-expect must be at least 1");
     }
@@ -152,12 +155,15 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<ExitCode> {
         &args.preemption,
         &args.gc,
         &args.overlay,
+        tls.clone(),
     )
     .await?;
-    println!("==> mlp server running");
+    crate::tls::reload_on_sighup(tls.iter().cloned().collect())?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("==> mlp server running{}", if tls.is_some() { " (mutual TLS)" } else { "" });
     println!("    node id:  {}", server.api.raft.node_id);
     println!("    gRPC:     {}", server.grpc_addr());
-    println!("    HTTP:     http://{}", server.http_addr());
+    println!("    HTTP:     {scheme}://{}", server.http_addr());
     println!("    data dir: {}", args.data_dir.display());
     let sig = wait_for_signal().await?;
     tracing::info!(signal = sig, "shutting down");
@@ -236,8 +242,16 @@ fn simulated_gpus(file: Option<&Path>) -> anyhow::Result<Vec<mlp_proto::v1::GpuD
     }
 }
 
-pub async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
+pub async fn agent(args: AgentArgs, conn: &crate::cli::Conn) -> anyhow::Result<ExitCode> {
     init_logging();
+    let tls = crate::tls::daemon(conn, mlp_tls::Role::Agent, "mlp agent")?;
+    if tls.is_none() {
+        if let Some(s) = args.servers.iter().find(|s| s.trim().starts_with("https://")) {
+            anyhow::bail!(
+                "--servers {s}: an https:// server needs mutual TLS: --ca-file, --cert-file and --key-file (an agent certificate)"
+            );
+        }
+    }
     if args.servers.is_empty() || args.servers.iter().any(|s| s.trim().is_empty()) {
         anyhow::bail!("--servers needs at least one server address");
     }
@@ -254,7 +268,10 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     config.datacenter = args.datacenter;
     config.node_pool = args.node_pool;
     config.meta = args.meta.into_iter().collect::<BTreeMap<_, _>>();
+    config.tls = tls.clone();
+    config.node_secret_file = args.node_secret_file;
     let agent = Agent::start(config).await.context("starting the agent")?;
+    crate::tls::reload_on_sighup(tls.into_iter().collect())?;
     println!("==> mlp agent running");
     println!("    node:     {}", agent.node_id());
     println!("    RPC:      {}", agent.rpc_addr());
@@ -265,8 +282,10 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
+pub async fn dev(args: DevArgs, conn: &crate::cli::Conn) -> anyhow::Result<ExitCode> {
     init_logging();
+    // One identity for both halves: a server certificate (good for the agent role too).
+    let tls = crate::tls::daemon(conn, mlp_tls::Role::Server, "mlp dev (server and agent in one)")?;
     // Bad isolation flags or GPU file fail before anything starts.
     isolation_settings(&args.exec)?;
     let network = args.network.settings()?;
@@ -284,6 +303,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         &args.preemption,
         &args.gc,
         &args.overlay,
+        tls.clone(),
     )
     .await?;
     let mut config =
@@ -295,15 +315,25 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     config.images = args.oci.settings()?;
     config.artifacts = args.artifacts.settings()?;
     config.tracking = args.tracking.mode()?;
+    config.tls = tls.clone();
     let agent = Agent::start(config).await.context("starting the agent")?;
+    crate::tls::reload_on_sighup(tls.iter().cloned().collect())?;
     let grpc = server.grpc_addr();
-    println!("==> mlp dev cluster running (one server, one agent, embedded storage)");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("==> mlp dev cluster running (one server, one agent, embedded storage{})", if tls.is_some() { ", mutual TLS" } else { "" });
     println!("    gRPC:     {grpc}");
-    println!("    HTTP:     http://{}", server.http_addr());
-    println!("    metrics:  http://{}/v1/metrics", server.http_addr());
+    println!("    HTTP:     {scheme}://{}", server.http_addr());
+    println!("    metrics:  {scheme}://{}/v1/metrics", server.http_addr());
     println!("    node:     {}", agent.node_id());
     println!("    data dir: {}", args.data_dir.display());
-    let addr_hint = if grpc.to_string() == "127.0.0.1:7647" { String::new() } else { format!("MLP_ADDR={grpc} ") };
+    let addr_hint = match &tls {
+        Some(t) => format!(
+            "MLP_ADDR=https://{grpc} MLP_CACERT={} MLP_CLIENT_CERT=<a client certificate> MLP_CLIENT_KEY=<its key> ",
+            t.files().ca_file.display()
+        ),
+        None if grpc.to_string() == "127.0.0.1:7647" => String::new(),
+        None => format!("MLP_ADDR={grpc} "),
+    };
     println!("==> try: {addr_hint}mlp job run examples/train.hcl");
     let sig = wait_for_signal().await?;
     tracing::info!(signal = sig, "shutting down; tasks keep running");

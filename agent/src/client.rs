@@ -11,6 +11,7 @@ use mlp_proto::v1::agent_service_client::AgentServiceClient;
 use mlp_proto::v1::{AllocClientUpdate, HeartbeatRequest, Node, RegisterNodeRequest, UpdateAllocsRequest, WatchAllocationsRequest};
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio::time::{sleep, timeout, Instant};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
@@ -47,28 +48,113 @@ impl Backoff {
     }
 }
 
+/// The node secret (issue 15 §3): issued by the servers when the node id is first registered,
+/// kept in a file (0600) so that a restarted agent keeps its identity, and sent on every agent
+/// RPC as `x-mlp-node-secret` (the interceptor of every [`AgentClient`]).
+#[derive(Clone, Debug)]
+pub struct NodeSecret {
+    path: std::path::PathBuf,
+    value: Arc<std::sync::RwLock<Option<tonic::metadata::AsciiMetadataValue>>>,
+}
+
+impl NodeSecret {
+    /// The secret kept in `path`, if there is one (a missing file: none yet).
+    pub fn load(path: &std::path::Path) -> Result<NodeSecret, AgentError> {
+        let value = match std::fs::read_to_string(path) {
+            Ok(s) => {
+                let s = s.trim();
+                if !mlp_tls::secret::well_formed(s) {
+                    return Err(AgentError::Config(format!("{}: not a node secret (64 hex digits expected)", path.display())));
+                }
+                Some(s.parse().map_err(|_| AgentError::Config(format!("{}: not a node secret", path.display())))?)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(AgentError::io(format!("reading {}", path.display()))(e)),
+        };
+        Ok(NodeSecret { path: path.to_path_buf(), value: Arc::new(std::sync::RwLock::new(value)) })
+    }
+
+    /// A secret that lives in memory only (tests).
+    pub fn in_memory() -> NodeSecret {
+        NodeSecret { path: std::path::PathBuf::new(), value: Arc::new(std::sync::RwLock::new(None)) }
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.value.read().map(|v| v.is_some()).unwrap_or(false)
+    }
+
+    /// Takes the secret the servers issued and writes it to the file (temp file, 0600, rename).
+    pub fn set(&self, secret: &str) -> Result<(), AgentError> {
+        if !mlp_tls::secret::well_formed(secret) {
+            return Err(AgentError::Config("the servers issued a malformed node secret".into()));
+        }
+        let v: tonic::metadata::AsciiMetadataValue =
+            secret.parse().map_err(|_| AgentError::Config("the servers issued a malformed node secret".into()))?;
+        if let Ok(mut g) = self.value.write() {
+            *g = Some(v);
+        }
+        if self.path.as_os_str().is_empty() {
+            return Ok(());
+        }
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let tmp = self.path.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            f.write_all(format!("{secret}\n").as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        };
+        write().map_err(AgentError::io(format!("writing {}", self.path.display())))
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl tonic::service::Interceptor for NodeSecret {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Ok(g) = self.value.read() {
+            if let Some(v) = g.as_ref() {
+                req.metadata_mut().insert(mlp_tls::secret::METADATA_KEY, v.clone());
+            }
+        }
+        Ok(req)
+    }
+}
+
+/// A client of one server's `AgentService`, carrying the node secret.
+pub type AgentClient = AgentServiceClient<InterceptedService<Channel, NodeSecret>>;
+
 /// Connections to the servers, used in order; a failing one hands over to the next.
 pub struct ServerPool {
     servers: Vec<String>,
     channels: Vec<Channel>,
     current: AtomicUsize,
+    secret: NodeSecret,
 }
 
 impl ServerPool {
-    /// Lazily connecting channels to every server.
-    pub fn new(servers: &[String]) -> Result<Self, AgentError> {
+    /// Lazily connecting channels to every server: over mutual TLS with `tls` (the servers must
+    /// hold the server role) when given; every call carries `secret`.
+    pub fn new(servers: &[String], tls: Option<&Arc<mlp_tls::Tls>>, secret: NodeSecret) -> Result<Self, AgentError> {
         let mut channels = Vec::new();
         for s in servers {
-            let uri = if s.contains("://") { s.clone() } else { format!("http://{s}") };
-            let ep = Endpoint::from_shared(uri)
+            let ep = Endpoint::from_shared(mlp_tls::net::uri_for(s, tls.is_some()))
                 .map_err(|e| AgentError::Config(format!("bad server address {s:?}: {e}")))?
                 .connect_timeout(Duration::from_secs(3))
-                .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(10));
-            channels.push(ep.connect_lazy());
+            channels.push(mlp_tls::net::channel_lazy(ep, tls, mlp_tls::Role::Server));
         }
-        Ok(ServerPool { servers: servers.to_vec(), channels, current: AtomicUsize::new(0) })
+        Ok(ServerPool { servers: servers.to_vec(), channels, current: AtomicUsize::new(0), secret })
+    }
+
+    /// The node secret the pool's calls carry.
+    pub fn secret(&self) -> &NodeSecret {
+        &self.secret
     }
 
     /// Whether there is any server to talk to.
@@ -77,12 +163,12 @@ impl ServerPool {
     }
 
     /// The current server's index and a client for it.
-    pub fn client(&self) -> Option<(usize, AgentServiceClient<Channel>)> {
+    pub fn client(&self) -> Option<(usize, AgentClient)> {
         if self.channels.is_empty() {
             return None;
         }
         let idx = self.current.load(Ordering::Relaxed) % self.channels.len();
-        Some((idx, AgentServiceClient::new(self.channels[idx].clone())))
+        Some((idx, AgentServiceClient::with_interceptor(self.channels[idx].clone(), self.secret.clone())))
     }
 
     /// Server `idx` failed: move on to the next one (unless someone already did).
@@ -102,7 +188,7 @@ impl ServerPool {
 
 async fn unary<T, F, Fut>(pool: &ServerPool, f: F) -> Result<T, tonic::Status>
 where
-    F: FnOnce(AgentServiceClient<Channel>) -> Fut,
+    F: FnOnce(AgentClient) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let Some((idx, client)) = pool.client() else {
@@ -113,7 +199,7 @@ where
         Err(_) => Err(tonic::Status::deadline_exceeded("rpc timed out")),
     };
     if let Err(st) = &res {
-        if !matches!(st.code(), Code::NotFound | Code::InvalidArgument) {
+        if !matches!(st.code(), Code::NotFound | Code::InvalidArgument | Code::PermissionDenied) {
             pool.failover(idx);
         }
     }
@@ -148,6 +234,15 @@ pub async fn node_loop(
             let req = RegisterNodeRequest { node: Some(node.clone()) };
             match unary(&pool, |mut c| async move { c.register(req).await }).await {
                 Ok(resp) => {
+                    if !resp.node_secret.is_empty() {
+                        // A claim of the node id: from now on every call carries this secret.
+                        match pool.secret().set(&resp.node_secret) {
+                            Ok(()) => tracing::info!(file = %pool.secret().path().display(), "node secret issued and kept"),
+                            Err(e) => {
+                                tracing::error!(error = %e, "node secret issued but not kept: a restarted agent cannot act for this node")
+                            }
+                        }
+                    }
                     // The leased subnet is in place before any allocation arrives (the
                     // allocation stream starts once `registered` is set).
                     if let Some(net) = &network {
@@ -156,6 +251,11 @@ pub async fn node_loop(
                     }
                     tracking.learn(&resp.tracking_uri);
                     break resp.heartbeat_ttl_ms;
+                }
+                Err(st) if st.code() == Code::PermissionDenied => {
+                    let d = backoff.next_delay();
+                    tracing::error!(error = %st.message(), retry_in = ?d, "node registration refused");
+                    sleep(d).await;
                 }
                 Err(st) => {
                     let d = backoff.next_delay();
@@ -194,6 +294,11 @@ pub async fn node_loop(
                     tracing::warn!("server does not know this node; registering again");
                     break;
                 }
+                Err(st) if st.code() == Code::PermissionDenied => {
+                    tracing::warn!(error = %st.message(), "heartbeat refused; registering again");
+                    sleep(backoff.next_delay().min(ttl / 3)).await;
+                    break;
+                }
                 Err(st) => {
                     let d = backoff.next_delay().min(ttl / 3);
                     tracing::warn!(code = ?st.code(), error = %st.message(), retry_in = ?d, "heartbeat failed");
@@ -211,7 +316,7 @@ pub async fn node_loop(
 /// (`Unimplemented`) end the loop. `what` names the stream in logs.
 pub async fn follow_stream<M, O, OF, H, HF>(pool: &ServerPool, what: &str, mut open: O, mut handle: H)
 where
-    O: FnMut(AgentServiceClient<Channel>) -> OF,
+    O: FnMut(AgentClient) -> OF,
     OF: std::future::Future<Output = Result<tonic::Response<tonic::Streaming<M>>, tonic::Status>>,
     H: FnMut(M) -> HF,
     HF: std::future::Future<Output = ()>,
@@ -236,7 +341,7 @@ where
                         }
                         Err(st) => {
                             tracing::warn!(stream = what, code = ?st.code(), error = %st.message(), "stream failed; reconnecting");
-                            if st.code() != Code::NotFound {
+                            if !matches!(st.code(), Code::NotFound | Code::PermissionDenied) {
                                 pool.failover(idx);
                             }
                             break;
@@ -250,7 +355,7 @@ where
             }
             Ok(Err(st)) => {
                 tracing::warn!(stream = what, code = ?st.code(), error = %st.message(), "opening the stream failed");
-                if st.code() != Code::NotFound {
+                if !matches!(st.code(), Code::NotFound | Code::PermissionDenied) {
                     pool.failover(idx);
                 }
             }
@@ -273,7 +378,7 @@ pub async fn overlay_loop(
     if registered.wait_for(|r| *r).await.is_err() {
         return;
     }
-    let open = |mut c: AgentServiceClient<Channel>| {
+    let open = |mut c: AgentClient| {
         let req = mlp_proto::v1::WatchOverlayRequest { node_id: node_id.clone() };
         async move { c.watch_overlay(req).await }
     };
@@ -292,7 +397,7 @@ pub async fn watch_loop(pool: Arc<ServerPool>, node_id: String, mut registered: 
     if registered.wait_for(|r| *r).await.is_err() {
         return;
     }
-    let open = |mut c: AgentServiceClient<Channel>| {
+    let open = |mut c: AgentClient| {
         let req = WatchAllocationsRequest { node_id: node_id.clone() };
         async move { c.watch_allocations(req).await }
     };

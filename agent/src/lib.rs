@@ -120,6 +120,11 @@ pub struct AgentConfig {
     pub artifacts: artifact::ArtifactSettings,
     /// Where tasks' `MLFLOW_TRACKING_URI` comes from (default: the servers).
     pub tracking: tracking::TrackingMode,
+    /// Mutual TLS (issue 15 §1): to the servers (which must hold the server role) and on the
+    /// agent's own listener (which serves servers only). `None`: plaintext.
+    pub tls: Option<Arc<mlp_tls::Tls>>,
+    /// Where the node secret is kept (issue 15 §3); default `<data_dir>/node-secret`.
+    pub node_secret_file: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -149,6 +154,8 @@ impl Default for AgentConfig {
             images: image::ImageSettings::default(),
             artifacts: artifact::ArtifactSettings::default(),
             tracking: tracking::TrackingMode::default(),
+            tls: None,
+            node_secret_file: None,
         }
     }
 }
@@ -252,7 +259,8 @@ impl Agent {
 
         // GPU health: devices NVML reports unhealthy, for the tasks using them.
         let (health_tx, health_rx) = watch::channel(BTreeMap::<String, String>::new());
-        let pool = Arc::new(ServerPool::new(&config.servers)?);
+        let secret_file = config.node_secret_file.clone().unwrap_or_else(|| data_dir.join("node-secret"));
+        let pool = Arc::new(ServerPool::new(&config.servers, config.tls.as_ref(), client::NodeSecret::load(&secret_file)?)?);
         let registry = AllocRegistry::default();
         let mps = Arc::new(gpu::mps::MpsManager::new(&config.gpu, &data_dir));
         config.network.check().map_err(|e| AgentError::Config(e.to_string()))?;
@@ -309,12 +317,14 @@ impl Agent {
         let cancel = CancellationToken::new();
         let mut loops = Vec::new();
         let svc = ClientServiceServer::new(rpc::ClientRpc::new(registry));
-        // TCP_NODELAY, as on the servers: no 40 ms delayed-ACK stalls on small responses.
-        let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
-            .map_err(|e| AgentError::Io { context: "serving the rpc listener".into(), source: std::io::Error::other(e.to_string()) })?;
+        // TCP_NODELAY, as on the servers: no 40 ms delayed-ACK stalls on small responses. With
+        // TLS only servers may call (they proxy logs and exec sessions): mlp_tls::authz.
+        let incoming = mlp_tls::net::incoming(listener, config.tls.clone());
+        let authz = mlp_tls::authz::AuthorizeLayer::new(mlp_tls::authz::agent_rule, config.tls.is_some());
         let server_cancel = cancel.clone();
         loops.push(tokio::spawn(async move {
             if let Err(e) = tonic::transport::Server::builder()
+                .layer(authz)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, server_cancel.cancelled_owned())
                 .await

@@ -318,7 +318,7 @@ pub fn run(cfg: &Config) -> Result<Report, C1mError> {
 
     let setup = Instant::now();
     for i in 0..cfg.nodes {
-        run.commit("a node registration", Command::UpsertNode { node: node(cfg, i), overlay: None })?;
+        run.commit("a node registration", Command::UpsertNode { node: node(cfg, i), overlay: None, secret_hash: None })?;
     }
     for j in 0..cfg.jobs {
         let job = job(cfg, j);

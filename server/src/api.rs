@@ -28,6 +28,9 @@ pub enum ApiError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// The caller may not do this (a node secret missing or wrong).
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 impl From<WriteError> for ApiError {
@@ -57,6 +60,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::NotLeader(_) => tonic::Status::unavailable(e.to_string()),
             ApiError::Unavailable(m) => tonic::Status::unavailable(m.clone()),
             ApiError::Internal(m) => tonic::Status::internal(m.clone()),
+            ApiError::PermissionDenied(m) => tonic::Status::permission_denied(m.clone()),
         }
     }
 }
@@ -631,7 +635,40 @@ impl Api {
 
     // ---- agent RPCs ----
 
+    /// Registers a node as a fresh agent would (no node secret presented): claims a node id
+    /// nobody holds, refuses one that an agent holds (see [`Api::register_node_as`]).
     pub async fn register_node(&self, node: Option<Node>) -> Result<RegisterNodeResponse, ApiError> {
+        self.register_node_as(node, None).await
+    }
+
+    /// Checks that the caller presenting `secret` is the agent that holds `node_id` (issue 15
+    /// §3): `NotFound` when the node is not registered (the agent registers), `PermissionDenied`
+    /// when the secret is missing or wrong, or when the node has none yet (registered before node
+    /// secrets existed: its agent registers again and is issued one).
+    pub fn authenticate_node(&self, node_id: &str, secret: Option<&str>) -> Result<(), ApiError> {
+        require_id("node_id", node_id)?;
+        let st = self.state.read();
+        if !st.nodes.contains_key(node_id) {
+            return Err(ApiError::NotFound(format!("node {node_id:?} is not registered")));
+        }
+        match (st.node_secrets.get(node_id), secret) {
+            (Some(stored), Some(s)) if mlp_tls::secret::verify(s, stored) => Ok(()),
+            (Some(_), None) => Err(ApiError::PermissionDenied(format!(
+                "node {node_id:?}: this request carries no node secret ({}); only the agent that registered the node may act for it",
+                mlp_tls::secret::METADATA_KEY
+            ))),
+            (Some(_), Some(_)) => Err(ApiError::PermissionDenied(format!(
+                "node {node_id:?}: wrong node secret ({}); only the agent that registered the node may act for it",
+                mlp_tls::secret::METADATA_KEY
+            ))),
+            (None, _) => Err(ApiError::PermissionDenied(format!("node {node_id:?} has no node secret yet: register it again"))),
+        }
+    }
+
+    /// Registers (or re-registers) a node. The first registration of a node id claims it: the
+    /// answer carries a fresh node secret, whose hash is committed with the node. Later ones must
+    /// present that secret (`secret`), so a node id cannot be taken over.
+    pub async fn register_node_as(&self, node: Option<Node>, secret: Option<&str>) -> Result<RegisterNodeResponse, ApiError> {
         let mut node = node.ok_or_else(|| ApiError::InvalidArgument("node is required".into()))?;
         require_id("node.id", &node.id)?;
         if node.name.is_empty() {
@@ -660,9 +697,30 @@ impl Api {
         }
         node.status = node_status::READY.to_string();
         node.status_description = "registered".into();
-        let command = Command::UpsertNode { node: node.clone(), overlay: self.overlay.clone() };
+        let held = self.state.read().node_secrets.get(&node.id).cloned();
+        let (secret_hash, new_secret) = match held {
+            Some(_) => {
+                self.authenticate_node(&node.id, secret).map_err(|e| match e {
+                    ApiError::PermissionDenied(m) => ApiError::PermissionDenied(format!(
+                        "{m}: node id {:?} is registered by another agent (an agent keeps its node id and secret in its data dir)",
+                        node.id
+                    )),
+                    other => other,
+                })?;
+                (None, None)
+            }
+            None => {
+                let s = mlp_tls::secret::generate().map_err(|e| ApiError::Internal(e.to_string()))?;
+                (Some(mlp_tls::secret::hash(&s)), Some(s))
+            }
+        };
+        let command = Command::UpsertNode { node: node.clone(), overlay: self.overlay.clone(), secret_hash };
         let resp = self.raft.submit(Request { now_ms: now_ms(), command }).await?;
         if let Some(e) = resp.error {
+            // Two agents raced for a fresh node id: the other one's claim committed first.
+            if e.contains("already registered by another agent") {
+                return Err(ApiError::PermissionDenied(e));
+            }
             return Err(ApiError::InvalidArgument(e));
         }
         let (ttl, overlay_subnet) = {
@@ -679,6 +737,7 @@ impl Api {
             overlay_subnet,
             overlay_cluster_cidr,
             tracking_uri: self.tracking_uri.clone(),
+            node_secret: new_secret.unwrap_or_default(),
         })
     }
 

@@ -84,10 +84,7 @@ impl alloc_service_server::AllocService for GrpcApi {
             return Err(Status::unavailable(format!("node {} of allocation {} has no agent address", alloc.node_id, alloc.id)));
         }
         req.alloc_id = alloc.id;
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(format!("bad agent address {addr:?}: {e}")))?;
-        let channel = endpoint.connect().await.map_err(|e| Status::unavailable(format!("agent at {addr} unreachable: {e}")))?;
-        let mut client = client_service_client::ClientServiceClient::new(channel);
+        let mut client = self.agent_at(&addr).await?;
         let mut upstream = client.logs(req).await?.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
@@ -180,9 +177,18 @@ impl GrpcApi {
         if addr.is_empty() {
             return Err(Status::unavailable(format!("node {} of allocation {} has no agent address", alloc.node_id, alloc.id)));
         }
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        self.agent_at(&addr).await
+    }
+
+    /// A `ClientService` client to the agent at `addr`: over mutual TLS with this server's
+    /// certificate when TLS is on (the agent's certificate must hold the agent role).
+    async fn agent_at(&self, addr: &str) -> Result<client_service_client::ClientServiceClient<tonic::transport::Channel>, Status> {
+        let tls = self.api.raft.peers.tls();
+        let endpoint = tonic::transport::Endpoint::from_shared(mlp_tls::net::uri_for(addr, tls.is_some()))
             .map_err(|e| Status::internal(format!("bad agent address {addr:?}: {e}")))?;
-        let channel = endpoint.connect().await.map_err(|e| Status::unavailable(format!("agent at {addr} unreachable: {e}")))?;
+        let channel = mlp_tls::net::channel(endpoint, tls, mlp_tls::Role::Agent)
+            .await
+            .map_err(|e| Status::unavailable(format!("agent at {addr} unreachable: {e}")))?;
         Ok(client_service_client::ClientServiceClient::new(channel))
     }
 }
@@ -273,12 +279,29 @@ impl system_service_server::SystemService for GrpcApi {
     }
 }
 
+/// The node secret an agent RPC carries (`x-mlp-node-secret`), if any.
+fn node_secret<T>(req: &Request<T>) -> Option<String> {
+    req.metadata().get(mlp_tls::secret::METADATA_KEY).and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+impl GrpcApi {
+    /// Every agent RPC but `Register` acts for one node: only the agent holding the node's
+    /// secret may make it (issue 15 §3). With TLS, the authorization layer has already checked
+    /// that the caller holds an agent certificate.
+    #[allow(clippy::result_large_err)] // the RPC's own status
+    fn authenticate<T>(&self, req: &Request<T>, node_id: &str) -> Result<(), Status> {
+        self.api.authenticate_node(node_id, node_secret(req).as_deref()).map_err(Status::from)
+    }
+}
+
 #[tonic::async_trait]
 impl agent_service_server::AgentService for GrpcApi {
     async fn register(&self, req: Request<RegisterNodeRequest>) -> GrpcResult<RegisterNodeResponse> {
-        Ok(Response::new(self.api.register_node(req.into_inner().node).await?))
+        let secret = node_secret(&req);
+        Ok(Response::new(self.api.register_node_as(req.into_inner().node, secret.as_deref()).await?))
     }
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> GrpcResult<HeartbeatResponse> {
+        self.authenticate(&req, &req.get_ref().node_id)?;
         let req = req.into_inner();
         Ok(Response::new(self.api.heartbeat_with(&req.node_id, req.gpu_stats).await?))
     }
@@ -287,13 +310,9 @@ impl agent_service_server::AgentService for GrpcApi {
 
     /// Sends the node's full allocation set now and again after every change that touches it.
     async fn watch_allocations(&self, req: Request<WatchAllocationsRequest>) -> GrpcResult<Self::WatchAllocationsStream> {
+        // Only the node's own agent receives its allocations (job specs, env included).
+        self.authenticate(&req, &req.get_ref().node_id)?;
         let node_id = req.into_inner().node_id;
-        {
-            let st = self.api.state.read();
-            if !st.nodes.contains_key(&node_id) {
-                return Err(Status::not_found(format!("node {node_id:?} is not registered")));
-            }
-        }
         let mut changes = self.api.state.node_changes();
         let api = self.api.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -328,10 +347,12 @@ impl agent_service_server::AgentService for GrpcApi {
     }
 
     async fn update_allocs(&self, req: Request<UpdateAllocsRequest>) -> GrpcResult<UpdateAllocsResponse> {
+        self.authenticate(&req, &req.get_ref().node_id)?;
         Ok(Response::new(self.api.update_allocs(req.into_inner()).await?))
     }
 
     async fn update_services(&self, req: Request<UpdateServicesRequest>) -> GrpcResult<UpdateServicesResponse> {
+        self.authenticate(&req, &req.get_ref().node_id)?;
         Ok(Response::new(self.api.update_services(req.into_inner()).await?))
     }
 
@@ -340,11 +361,7 @@ impl agent_service_server::AgentService for GrpcApi {
     /// Every passing service instance of the cluster now and after every change (the agents'
     /// DNS responders answer from it).
     async fn watch_services(&self, req: Request<WatchServicesRequest>) -> GrpcResult<Self::WatchServicesStream> {
-        let node_id = req.into_inner().node_id;
-        crate::api::require_id("node_id", &node_id)?;
-        if !self.api.state.read().nodes.contains_key(&node_id) {
-            return Err(Status::not_found(format!("node {node_id:?} is not registered")));
-        }
+        self.authenticate(&req, &req.get_ref().node_id)?;
         let mut rx = Api::watch_services(self.api.clone());
         let (tx, out) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
@@ -366,10 +383,8 @@ impl agent_service_server::AgentService for GrpcApi {
     /// The node's overlay peers: the whole set first, then again whenever it changes (node
     /// registrations, status changes and removals are rare, so a whole set is cheap).
     async fn watch_overlay(&self, req: Request<WatchOverlayRequest>) -> GrpcResult<Self::WatchOverlayStream> {
+        self.authenticate(&req, &req.get_ref().node_id)?;
         let node_id = req.into_inner().node_id;
-        if !self.api.state.read().nodes.contains_key(&node_id) {
-            return Err(Status::not_found(format!("node {node_id:?} is not registered")));
-        }
         let mut changes = self.api.state.node_changes();
         let api = self.api.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);

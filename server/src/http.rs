@@ -38,6 +38,7 @@ impl From<ApiError> for HttpError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::NotLeader(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::PermissionDenied(_) => StatusCode::FORBIDDEN,
         };
         HttpError(code, e.to_string())
     }
@@ -362,4 +363,39 @@ async fn metrics(State(api): State<Arc<Api>>) -> Response {
         api.metrics.render(&st, api.raft_figures(), api.state.events(), &api.heartbeats.all_gpu_stats())
     };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Serves `app` on `listener` over mutual TLS (any certificate the CA signed; the HTTP API has
+/// no server-only routes) until `stop`. Each connection is HTTP/1.1 or HTTP/2 (ALPN or prior
+/// knowledge), on its own task; `axum::serve` only knows plain TCP listeners.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: std::sync::Arc<mlp_tls::Tls>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    use futures::StreamExt;
+    let mut incoming = Box::pin(mlp_tls::net::incoming(listener, Some(tls)));
+    let mut stop = Box::pin(stop);
+    loop {
+        let conn = tokio::select! {
+            c = incoming.next() => c,
+            _ = &mut stop => return,
+        };
+        let conn = match conn {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "HTTP connection failed");
+                continue;
+            }
+            None => return,
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            if let Err(e) = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(conn), svc).await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
 }

@@ -40,6 +40,9 @@ pub struct ServerConfig {
     pub event_buffer: usize,
     /// Where node subnets are leased from (issue 13 §2); `None` turns the overlay off.
     pub overlay: Option<crate::state::OverlayPool>,
+    /// Mutual TLS on both listeners and every outgoing connection (issue 15 §1); `None`:
+    /// plaintext, no role checks (`mlp dev`'s default).
+    pub tls: Option<Arc<mlp_tls::Tls>>,
 }
 
 /// Start-up failures.
@@ -110,7 +113,8 @@ impl Server {
         let mut tasks = Vec::new();
 
         // Opened without bootstrapping: peers must reach our gRPC listener before we join.
-        let raft = crate::raft::node::open(&config.data_dir, advertise.clone(), config.raft, state.clone())
+        let tls = config.tls.clone();
+        let raft = crate::raft::node::open_with_tls(&config.data_dir, advertise.clone(), config.raft, state.clone(), tls.clone())
             .await
             .map_err(|e| ServerError::Raft(e.to_string()))?;
         let raft = Arc::new(raft);
@@ -128,7 +132,10 @@ impl Server {
         });
         let grpc = GrpcApi { api: api.clone() };
 
+        // Every RPC is authorized by the caller's certificate role here, before any service runs
+        // (mlp_tls::authz; a pass-through without TLS).
         let router = tonic::transport::Server::builder()
+            .layer(mlp_tls::authz::AuthorizeLayer::new(mlp_tls::authz::server_rule, tls.is_some()))
             .add_service(crate::raft::network::raft_grpc_service(raft.raft.clone()))
             .add_service(crate::raft::cluster::cluster_grpc_service(raft.clone(), cluster.bootstrap_expect))
             .add_service(limits(JobServiceServer::new(grpc.clone())))
@@ -145,9 +152,9 @@ impl Server {
                     .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES),
             );
         // TCP_NODELAY on every accepted connection: without it a response written as two
-        // segments (HTTP/2 headers, then data) waits for the client's delayed ACK, 40 ms.
-        let grpc_incoming = tonic::transport::server::TcpIncoming::from_listener(grpc_listener, true, None)
-            .map_err(|e| ServerError::Listener(std::io::Error::other(e.to_string())))?;
+        // segments (HTTP/2 headers, then data) waits for the client's delayed ACK, 40 ms. With
+        // TLS a plaintext caller fails the handshake and is dropped.
+        let grpc_incoming = mlp_tls::net::incoming(grpc_listener, tls.clone());
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let stop = async move {
@@ -180,8 +187,13 @@ impl Server {
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            if let Err(e) = axum::serve(http_listener, app).tcp_nodelay(true).with_graceful_shutdown(stop).await {
-                tracing::error!(error = %e, "HTTP server failed");
+            match tls {
+                None => {
+                    if let Err(e) = axum::serve(http_listener, app).tcp_nodelay(true).with_graceful_shutdown(stop).await {
+                        tracing::error!(error = %e, "HTTP server failed");
+                    }
+                }
+                Some(tls) => crate::http::serve_tls(http_listener, app, tls, stop).await,
             }
         }));
 

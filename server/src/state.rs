@@ -111,6 +111,11 @@ pub enum Command {
         node: Node,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         overlay: Option<OverlayPool>,
+        /// The hash of the node secret the registering server issued when this entry claims the
+        /// node id (issue 15 §3); `None` keeps the node's secret. A claim of a node id that
+        /// already has another secret is refused. Absent in older entries.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secret_hash: Option<String>,
     },
     /// A node's status changed (ready, down), with the evaluations that follow from it.
     UpdateNodeStatus { node_id: String, status: String, description: String, evals: Vec<Evaluation> },
@@ -279,6 +284,12 @@ pub struct ClusterState {
     /// Absent in older snapshots (then empty).
     #[serde(default)]
     pub services: BTreeMap<String, Vec<mlp_proto::v1::ServiceRegistration>>,
+    /// SHA-256 of each node's secret, by node id (issue 15 §3; `mlp_tls::secret`): the agent
+    /// that registered the node id presents the secret on every agent RPC. Kept apart from
+    /// `nodes`, which the API serves. Absent in older snapshots (then the nodes' agents are
+    /// issued secrets when they next register).
+    #[serde(default)]
+    pub node_secrets: BTreeMap<String, String>,
 }
 
 /// The objects one applied entry created, modified or removed: the event stream's events and the
@@ -493,7 +504,13 @@ impl ClusterState {
                 }
                 self.insert_eval(index, now, eval.clone(), effects);
             }
-            Command::UpsertNode { node, overlay } => {
+            Command::UpsertNode { node, overlay, secret_hash } => {
+                if let Some(h) = secret_hash {
+                    if self.node_secrets.get(&node.id).is_some_and(|prev| prev != h) {
+                        resp.error = Some(format!("node {:?} is already registered by another agent", node.id));
+                        return resp;
+                    }
+                }
                 let mut node = node.clone();
                 match self.lease_subnet(&node, overlay.as_ref()) {
                     Ok(subnet) => {
@@ -526,6 +543,9 @@ impl ClusterState {
                     node.status = node_status::READY.to_string();
                 }
                 self.touched.nodes.insert(node.id.clone());
+                if let Some(h) = secret_hash {
+                    self.node_secrets.insert(node.id.clone(), h.clone());
+                }
                 self.nodes.insert(node.id.clone(), node);
                 effects.push(Effect::CapacityChanged);
             }
@@ -827,6 +847,7 @@ impl ClusterState {
         for id in nodes {
             if self.nodes.get(id).is_some_and(|node| gc::node_collectable(self, node)) {
                 self.nodes.remove(id);
+                self.node_secrets.remove(id);
                 self.allocs_by_node.remove(id);
                 self.live_allocs_by_node.remove(id);
                 self.touched.nodes.remove(id);
@@ -1505,23 +1526,25 @@ mod tests {
             ..Default::default()
         };
         let subnet = |st: &ClusterState, id: &str| st.nodes.get(id).and_then(|n| n.overlay.clone()).map(|o| o.subnet).unwrap_or_default();
-        let r = st.apply(1, &req(Command::UpsertNode { node: node("n1", ""), overlay: pool.clone() }), &mut fx);
+        let r = st.apply(1, &req(Command::UpsertNode { node: node("n1", ""), overlay: pool.clone(), secret_hash: None }), &mut fx);
         assert!(r.error.is_none(), "{r:?}");
-        st.apply(2, &req(Command::UpsertNode { node: node("n2", ""), overlay: pool.clone() }), &mut fx);
+        st.apply(2, &req(Command::UpsertNode { node: node("n2", ""), overlay: pool.clone(), secret_hash: None }), &mut fx);
         assert_eq!((subnet(&st, "n1"), subnet(&st, "n2")), ("10.9.0.0/24".into(), "10.9.1.0/24".into()));
         assert_eq!(st.nodes["n1"].overlay.as_ref().map(|o| o.vtep_addr.as_str()), Some("198.18.0.9"), "the agent's VTEP is kept");
         // The pool is full: a third node is refused, and nothing changes.
-        let r = st.apply(3, &req(Command::UpsertNode { node: node("n3", ""), overlay: pool.clone() }), &mut fx);
+        let r = st.apply(3, &req(Command::UpsertNode { node: node("n3", ""), overlay: pool.clone(), secret_hash: None }), &mut fx);
         assert!(r.error.as_deref().is_some_and(|e| e.contains("no free /24")), "{r:?}");
         assert!(!st.nodes.contains_key("n3"));
         // A re-registration keeps the lease, also without a pool (a leader without the flags).
-        st.apply(4, &req(Command::UpsertNode { node: node("n2", ""), overlay: None }), &mut fx);
-        st.apply(5, &req(Command::UpsertNode { node: node("n2", ""), overlay: pool.clone() }), &mut fx);
+        st.apply(4, &req(Command::UpsertNode { node: node("n2", ""), overlay: None, secret_hash: None }), &mut fx);
+        st.apply(5, &req(Command::UpsertNode { node: node("n2", ""), overlay: pool.clone(), secret_hash: None }), &mut fx);
         assert_eq!(subnet(&st, "n2"), "10.9.1.0/24");
         // A fixed subnet is granted unless it overlaps another node's.
-        let r = st.apply(6, &req(Command::UpsertNode { node: node("n4", "10.9.0.128/25"), overlay: pool.clone() }), &mut fx);
+        let r =
+            st.apply(6, &req(Command::UpsertNode { node: node("n4", "10.9.0.128/25"), overlay: pool.clone(), secret_hash: None }), &mut fx);
         assert!(r.error.as_deref().is_some_and(|e| e.contains("overlaps 10.9.0.0/24")), "{r:?}");
-        let r = st.apply(7, &req(Command::UpsertNode { node: node("n4", "10.20.0.0/24"), overlay: pool.clone() }), &mut fx);
+        let r =
+            st.apply(7, &req(Command::UpsertNode { node: node("n4", "10.20.0.0/24"), overlay: pool.clone(), secret_hash: None }), &mut fx);
         assert!(r.error.is_none(), "{r:?}");
         assert_eq!(subnet(&st, "n4"), "10.20.0.0/24");
         // Entries written before the overlay (no `overlay` key) still decode.
@@ -1532,12 +1555,41 @@ mod tests {
     }
 
     #[test]
+    fn a_node_id_is_claimed_once_and_its_secret_kept() {
+        let mut st = ClusterState::default();
+        let mut fx = Vec::new();
+        let n = || Node { id: "n1".into(), name: "n1".into(), ..Default::default() };
+        let claim = |h: &str| req(Command::UpsertNode { node: n(), overlay: None, secret_hash: Some(h.into()) });
+        assert!(st.apply(1, &claim("h1"), &mut fx).error.is_none());
+        assert_eq!(st.node_secrets.get("n1").map(String::as_str), Some("h1"));
+        // A second claim with another secret (two agents racing for one id) is refused and
+        // changes nothing; the holder's re-registration (no hash) keeps the secret.
+        let r = st.apply(2, &claim("h2"), &mut fx);
+        assert!(r.error.is_some_and(|e| e.contains("already registered by another agent")));
+        assert_eq!(st.nodes["n1"].modify_index, 1);
+        assert!(st.apply(3, &req(Command::UpsertNode { node: n(), overlay: None, secret_hash: None }), &mut fx).error.is_none());
+        assert_eq!(st.node_secrets.get("n1").map(String::as_str), Some("h1"));
+        // Not in the node the API serves; in snapshots, and absent from older ones.
+        assert!(!serde_json::to_string(&st.nodes["n1"]).unwrap_or_default().contains("h1"));
+        let json = serde_json::to_string(&st).unwrap_or_default();
+        let back: ClusterState = serde_json::from_str(&json).unwrap_or_default();
+        assert_eq!(back.node_secrets.get("n1").map(String::as_str), Some("h1"));
+        let old = json.replace(r#","node_secrets":{"n1":"h1"}"#, "");
+        assert!(!old.contains("node_secrets"));
+        assert!(serde_json::from_str::<ClusterState>(&old).is_ok_and(|s| s.node_secrets.is_empty()));
+    }
+
+    #[test]
     fn drain_makes_ineligible_and_completion_keeps_it_so() {
         let mut st = ClusterState::default();
         let mut fx = Vec::new();
         st.apply(
             1,
-            &req(Command::UpsertNode { node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() }, overlay: None }),
+            &req(Command::UpsertNode {
+                node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() },
+                overlay: None,
+                secret_hash: None,
+            }),
             &mut fx,
         );
         assert!(st.nodes["n1"].eligible);
@@ -1551,7 +1603,11 @@ mod tests {
         assert!(r.error.is_some_and(|e| e.contains("draining")));
         st.apply(
             4,
-            &req(Command::UpsertNode { node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() }, overlay: None }),
+            &req(Command::UpsertNode {
+                node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() },
+                overlay: None,
+                secret_hash: None,
+            }),
             &mut fx,
         );
         assert!(st.nodes["n1"].drain_strategy.is_some() && !st.nodes["n1"].eligible);

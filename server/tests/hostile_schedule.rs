@@ -156,7 +156,7 @@ proptest! {
             st.apply(index, &Request { now_ms: 1_000 + index, command }, &mut effects)
         };
         for i in 0..6 {
-            apply(&mut st, Command::UpsertNode { node: node(i), overlay: None });
+            apply(&mut st, Command::UpsertNode { node: node(i), overlay: None, secret_hash: None });
         }
         let eval = Evaluation {
             id: "e1".into(),

@@ -118,6 +118,7 @@ proptest! {
                     ..Default::default()
                 },
                 overlay: None,
+                secret_hash: None,
             });
         }
         // Other work makes some nodes fuller, so bin-packing alone would favour them.

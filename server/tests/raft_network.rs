@@ -23,7 +23,7 @@ fn serve(raft: MlpRaft, listener: TcpListener) -> tokio::task::JoinHandle<()> {
 fn upsert(i: usize) -> Request {
     Request {
         now_ms: 1_000 + i as u64,
-        command: Command::UpsertNode { node: Node { id: format!("node-{i:04}"), ..Default::default() }, overlay: None },
+        command: Command::UpsertNode { node: Node { id: format!("node-{i:04}"), ..Default::default() }, overlay: None, secret_hash: None },
     }
 }
 

@@ -42,6 +42,7 @@ fn upsert(i: usize) -> Request {
         command: Command::UpsertNode {
             node: Node { id: format!("node-{i:04}"), name: format!("n{i}"), ..Default::default() },
             overlay: None,
+            secret_hash: None,
         },
     }
 }

@@ -310,7 +310,7 @@ fn shuffled(mut v: Vec<usize>, mut seed: u64) -> Vec<usize> {
 fn run(nodes: Vec<NodeSpec>, jobs: Vec<JobSpec>, rounds: Vec<Round>) -> Result<(), TestCaseError> {
     let mut w = World { st: ClusterState::default(), index: 0 };
     for (i, n) in nodes.iter().enumerate() {
-        w.apply(Command::UpsertNode { node: make_node(i, n), overlay: None });
+        w.apply(Command::UpsertNode { node: make_node(i, n), overlay: None, secret_hash: None });
     }
     let jobs: Vec<Job> = jobs.iter().enumerate().map(|(i, s)| make_job(i, s)).collect();
     for j in &jobs {
@@ -416,7 +416,7 @@ fn conflicting_concurrent_plans_are_cut_by_the_applier() {
 fn the_applier_rejects_a_taken_or_misused_mig_instance() {
     let mut w = World { st: ClusterState::default(), index: 0 };
     let spec = NodeSpec { cpu: 4000, gpus: 1, rack: 0, windows: false, mig: 1, topology: false };
-    w.apply(Command::UpsertNode { node: make_node(0, &spec), overlay: None });
+    w.apply(Command::UpsertNode { node: make_node(0, &spec), overlay: None, secret_hash: None });
     let job = |i| make_job(i, &JobSpec { priority: 50, batch: true, count: 2, cpu: 250, gpu: 4, gang: 0, linux_only: false });
     let jobs = [job(0), job(1)];
     for j in &jobs {
@@ -455,7 +455,7 @@ fn the_applier_rejects_a_taken_or_misused_mig_instance() {
 fn the_applier_rejects_placements_on_a_device_that_turned_unhealthy() {
     let mut w = World { st: ClusterState::default(), index: 0 };
     let spec = NodeSpec { cpu: 4000, gpus: 2, rack: 0, windows: false, mig: 0, topology: false };
-    w.apply(Command::UpsertNode { node: make_node(0, &spec), overlay: None });
+    w.apply(Command::UpsertNode { node: make_node(0, &spec), overlay: None, secret_hash: None });
     let j = make_job(0, &JobSpec { priority: 50, batch: true, count: 2, cpu: 250, gpu: 1, gang: 0, linux_only: false });
     w.apply(Command::RegisterJob { job: j.clone(), eval: eval_for(&j, 0) });
     let plan = scheduler::schedule_opts(&w.st, w.st.job("default", &j.id), &eval_for(&j, 1), 5_000, Options::default());
@@ -467,7 +467,7 @@ fn the_applier_rejects_placements_on_a_device_that_turned_unhealthy() {
     }
     let healthy = check_plan(&w.st, plan.clone(), &BTreeMap::new());
     assert_eq!((healthy.accepted.len(), healthy.rejected), (2, 0));
-    w.apply(Command::UpsertNode { node, overlay: None });
+    w.apply(Command::UpsertNode { node, overlay: None, secret_hash: None });
     let checked = check_plan(&w.st, plan.clone(), &BTreeMap::new());
     assert_eq!((checked.accepted.len(), checked.rejected), (1, 1));
     assert!(checked.accepted.iter().all(|a| a.resources.as_ref().is_some_and(|r| !r.gpu_ids.contains(&sick))));

@@ -56,6 +56,10 @@ pub struct Dev {
     pub extra_args: Vec<String>,
     /// Environment variables of the `mlp dev` process (`Dev::start_with_env`).
     pub env: Vec<(String, String)>,
+    /// Flags added to every start of a split cluster's agent (`Dev::start_split_with`).
+    pub agent_args: Vec<String>,
+    /// Environment variables of every CLI call (`Dev::cli`), e.g. the TLS client's files.
+    pub cli_env: Vec<(String, String)>,
 }
 
 impl Dev {
@@ -87,6 +91,8 @@ impl Dev {
             http: String::new(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             env: Vec::new(),
+            agent_args: Vec::new(),
+            cli_env: Vec::new(),
         }
     }
 
@@ -126,11 +132,19 @@ impl Dev {
 
     /// `mlp server` (one node) plus `mlp agent`, each its own process.
     pub fn start_split() -> Dev {
+        Dev::start_split_with(&[], &[])
+    }
+
+    /// A split cluster whose server and agent get these extra flags (paths relative to the
+    /// temp dir's parent, the processes' working directory; absolute ones are simplest).
+    pub fn start_split_with(server_args: &[&str], agent_args: &[&str]) -> Dev {
         let mut dev = Dev::unstarted(&[]);
+        dev.agent_args = agent_args.iter().map(|a| a.to_string()).collect();
         let data = Path::new(dev.dir.path().file_name().expect("temp dir name")).join("data");
         let mut child = Command::new(MLP)
             .args(["server", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--data-dir"])
             .arg(data.join("server"))
+            .args(server_args)
             .current_dir(dev.dir.path().parent().expect("temp dir parent"))
             .env("MLP_LOG", "info,openraft=warn")
             .stdout(Stdio::piped())
@@ -161,6 +175,7 @@ impl Dev {
         let child = Command::new(MLP)
             .args(["agent", "--servers", &self.grpc, "--node-name", "split", "--rpc-addr", "127.0.0.1:0", "--data-dir"])
             .arg(data.join("agent"))
+            .args(&self.agent_args)
             .current_dir(self.dir.path().parent().expect("temp dir parent"))
             .env("MLP_LOG", "info")
             .stdin(Stdio::null())
@@ -214,7 +229,13 @@ impl Dev {
 
     /// Runs the CLI against this cluster.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(MLP).args(args).env("MLP_ADDR", &self.grpc).stdin(Stdio::null()).output().expect("run mlp")
+        Command::new(MLP)
+            .args(args)
+            .env("MLP_ADDR", &self.grpc)
+            .envs(self.cli_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mlp")
     }
 
     /// Runs the CLI and insists on success; returns stdout.
@@ -282,7 +303,7 @@ fn announced_addresses(stdout: std::process::ChildStdout, ready: fn(&str, bool) 
                 grpc = Some(v.trim().to_string());
             }
             if let Some(v) = line.trim().strip_prefix("HTTP:") {
-                http = Some(v.trim().trim_start_matches("http://").to_string());
+                http = Some(v.trim().trim_start_matches("https://").trim_start_matches("http://").to_string());
             }
             if ready(&line, grpc.is_some() && http.is_some()) {
                 let _ = tx.send(grpc.take().zip(http.take()));

@@ -362,7 +362,7 @@ pub async fn send_loop(pool: Arc<ServerPool>, node_id: String, mut rx: mpsc::Unb
 
 /// Follows `WatchServices` (reconnecting with backoff, failing over) into `table`.
 pub async fn watch_loop(pool: Arc<ServerPool>, node_id: String, table: watch::Sender<Arc<dns::DnsTable>>) {
-    let open = |mut c: mlp_proto::v1::agent_service_client::AgentServiceClient<tonic::transport::Channel>| {
+    let open = |mut c: crate::client::AgentClient| {
         let req = WatchServicesRequest { node_id: node_id.clone() };
         async move { c.watch_services(req).await }
     };

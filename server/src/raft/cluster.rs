@@ -47,20 +47,31 @@ const FORM_PAUSE: Duration = Duration::from_millis(300);
 #[derive(Default)]
 pub struct PeerClients {
     clients: std::sync::Mutex<HashMap<String, ClusterServiceClient<Channel>>>,
+    /// Mutual TLS to the other servers (which must hold the server role), when configured.
+    tls: Option<Arc<mlp_tls::Tls>>,
 }
 
 impl PeerClients {
+    /// Connections dialled over mutual TLS with `tls` when given.
+    pub fn new(tls: Option<Arc<mlp_tls::Tls>>) -> Self {
+        PeerClients { clients: Default::default(), tls }
+    }
+
+    /// This server's TLS identity, if any (for its other outgoing connections).
+    pub fn tls(&self) -> Option<&Arc<mlp_tls::Tls>> {
+        self.tls.as_ref()
+    }
+
     /// A client for `addr` (connected lazily, so an unreachable peer costs nothing here).
     pub fn get(&self, addr: &str) -> Result<ClusterServiceClient<Channel>, WriteError> {
         let mut map = self.clients.lock().map_err(|_| WriteError::Raft("peer client cache poisoned".into()))?;
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = Endpoint::from_shared(mlp_tls::net::uri_for(addr, self.tls.is_some()))
             .map_err(|e| WriteError::Unreachable(format!("invalid server address {addr:?}: {e}")))?
-            .connect_timeout(RPC_TIMEOUT)
-            .tcp_nodelay(true);
-        let client = ClusterServiceClient::new(endpoint.connect_lazy())
+            .connect_timeout(RPC_TIMEOUT);
+        let client = ClusterServiceClient::new(mlp_tls::net::channel_lazy(endpoint, self.tls.as_ref(), mlp_tls::Role::Server))
             .max_decoding_message_size(crate::server::MAX_GRPC_MESSAGE_BYTES)
             .max_encoding_message_size(crate::server::MAX_GRPC_MESSAGE_BYTES);
         map.insert(addr.to_string(), client.clone());

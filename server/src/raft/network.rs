@@ -5,6 +5,7 @@
 //! [`BasicNode`] carries, so adding members to the cluster needs nothing here. The reply blob
 //! is the remote's whole `Result<Resp, RaftError>`, so remote Raft errors come back typed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use mlp_proto::v1::raft_service_client::RaftServiceClient;
@@ -45,11 +46,13 @@ const DEFAULT_BACKOFF: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone)]
 pub struct GrpcNetworkFactory {
     backoff: Duration,
+    /// Mutual TLS to the peers (which must hold the server role), when configured.
+    tls: Option<Arc<mlp_tls::Tls>>,
 }
 
 impl Default for GrpcNetworkFactory {
     fn default() -> Self {
-        GrpcNetworkFactory { backoff: DEFAULT_BACKOFF }
+        GrpcNetworkFactory { backoff: DEFAULT_BACKOFF, tls: None }
     }
 }
 
@@ -62,7 +65,13 @@ impl GrpcNetworkFactory {
     /// restarted server that hears nothing from the leader for longer calls an election,
     /// which (once the leader lease has passed) deposes a healthy leader.
     pub fn with_backoff(backoff: Duration) -> Self {
-        GrpcNetworkFactory { backoff }
+        GrpcNetworkFactory { backoff, tls: None }
+    }
+
+    /// Dials peers over mutual TLS with this identity (`None`: plaintext).
+    pub fn with_tls(mut self, tls: Option<Arc<mlp_tls::Tls>>) -> Self {
+        self.tls = tls;
+        self
     }
 }
 
@@ -70,7 +79,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetworkFactory {
     type Network = GrpcNetwork;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        GrpcNetwork { target, target_node: node.clone(), client: None, backoff: self.backoff }
+        GrpcNetwork { target, target_node: node.clone(), client: None, backoff: self.backoff, tls: self.tls.clone() }
     }
 }
 
@@ -81,6 +90,7 @@ pub struct GrpcNetwork {
     target_node: BasicNode,
     client: Option<RaftServiceClient<Channel>>,
     backoff: Duration,
+    tls: Option<Arc<mlp_tls::Tls>>,
 }
 
 impl GrpcNetwork {
@@ -89,12 +99,11 @@ impl GrpcNetwork {
             return Ok(c.clone());
         }
         let addr = self.target_node.addr.clone();
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|source| TransportError::Address { addr: addr.clone(), source })?
-            .tcp_nodelay(true);
-        let client = RaftServiceClient::new(endpoint.connect_lazy())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let endpoint = Endpoint::from_shared(mlp_tls::net::uri_for(&addr, self.tls.is_some()))
+            .map_err(|source| TransportError::Address { addr: addr.clone(), source })?;
+        let channel = mlp_tls::net::channel_lazy(endpoint, self.tls.as_ref(), mlp_tls::Role::Server);
+        let client =
+            RaftServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES);
         self.client = Some(client.clone());
         Ok(client)
     }

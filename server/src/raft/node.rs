@@ -146,6 +146,17 @@ pub async fn open(
     settings: RaftSettings,
     state: Arc<StateHandle>,
 ) -> Result<RaftNode, RaftStartError> {
+    open_with_tls(data_dir, advertise_addr, settings, state, None).await
+}
+
+/// [`open`], dialling the other servers over mutual TLS with `tls` (the server role) when given.
+pub async fn open_with_tls(
+    data_dir: &Path,
+    advertise_addr: String,
+    settings: RaftSettings,
+    state: Arc<StateHandle>,
+    tls: Option<Arc<mlp_tls::Tls>>,
+) -> Result<RaftNode, RaftStartError> {
     std::fs::create_dir_all(data_dir).map_err(|source| RaftStartError::Io {
         what: "creating data dir",
         path: data_dir.to_path_buf(),
@@ -175,7 +186,7 @@ pub async fn open(
 
     // Retry a dead peer about once per heartbeat, so a restarted server hears from the leader
     // well within its election timeout (see `GrpcNetworkFactory::with_backoff`).
-    let network = GrpcNetworkFactory::with_backoff(Duration::from_millis(settings.heartbeat_ms.max(10)));
+    let network = GrpcNetworkFactory::with_backoff(Duration::from_millis(settings.heartbeat_ms.max(10))).with_tls(tls.clone());
     let raft = MlpRaft::new(node_id, Arc::new(config), network, log_store, sm).await.map_err(|e| RaftStartError::Raft(e.to_string()))?;
 
     let leader_rx = spawn_leader_watch(&raft, node_id);
@@ -189,7 +200,7 @@ pub async fn open(
         settings,
         leader_rx,
         writes,
-        peers: PeerClients::default(),
+        peers: PeerClients::new(tls),
         membership_lock: tokio::sync::Mutex::new(()),
     })
 }

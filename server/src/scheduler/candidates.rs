@@ -264,7 +264,7 @@ mod tests {
                 }),
                 ..Default::default()
             };
-            apply(&mut st, Command::UpsertNode { node, overlay: None });
+            apply(&mut st, Command::UpsertNode { node, overlay: None, secret_hash: None });
         }
         let job = Job {
             id: "j".into(),

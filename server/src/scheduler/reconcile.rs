@@ -461,7 +461,7 @@ mod tests {
             resources: Some(NodeResources { cpu_total_mhz: 1000, memory_mib: 1000, ..Default::default() }),
             ..Default::default()
         };
-        c.apply(1, Command::UpsertNode { node, overlay: None });
+        c.apply(1, Command::UpsertNode { node, overlay: None, secret_hash: None });
         let job = Job {
             id: "j".into(),
             name: "j".into(),

@@ -25,7 +25,7 @@ impl Cluster {
     }
 
     fn node(&mut self, n: Node) {
-        self.apply(Command::UpsertNode { node: n, overlay: None });
+        self.apply(Command::UpsertNode { node: n, overlay: None, secret_hash: None });
     }
 
     fn register(&mut self, job: Job) {

@@ -320,7 +320,14 @@ fn applied_state() -> ClusterState {
     let t0 = NOW - 5 * HOUR;
     st.apply(
         1,
-        &req(t0, Command::UpsertNode { node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() }, overlay: None }),
+        &req(
+            t0,
+            Command::UpsertNode {
+                node: Node { id: "n1".into(), name: "n1".into(), ..Default::default() },
+                overlay: None,
+                secret_hash: None,
+            },
+        ),
         &mut fx,
     );
     for (i, name) in ["done", "live"].into_iter().enumerate() {

@@ -1,0 +1,499 @@
+//! Mutual TLS and node identity end to end (issue 15 §1 and §3), on real `mlp server` and
+//! `mlp agent` processes with certificates made by `mlp tls`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{wait_for, Dev, MLP};
+use mlp_proto::v1::agent_service_client::AgentServiceClient;
+use mlp_proto::v1::client_service_client::ClientServiceClient;
+use mlp_proto::v1::cluster_service_client::ClusterServiceClient;
+use mlp_proto::v1::node_service_client::NodeServiceClient;
+use mlp_proto::v1::raft_service_client::RaftServiceClient;
+use mlp_proto::v1::{
+    ForwardRequest, GetNodeRequest, HeartbeatRequest, JoinRequest, ListNodesRequest, ListPeersRequest, LogsRequest, Node, RaftPayload,
+    RegisterNodeRequest, UpdateAllocsRequest, WatchAllocationsRequest,
+};
+use mlp_tls::{Role, Tls, TlsFiles};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+/// A CA and one certificate per role, made with `mlp tls` in a temp dir.
+struct Certs {
+    dir: tempfile::TempDir,
+}
+
+fn mlp_in(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(MLP).args(args).current_dir(dir).stdin(Stdio::null()).output().expect("run mlp");
+    assert!(out.status.success(), "mlp {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Certs {
+    fn new() -> Certs {
+        let dir = tempfile::Builder::new().prefix("mlp-tls-certs-").tempdir().expect("tempdir");
+        mlp_in(dir.path(), &["tls", "ca", "create"]);
+        // Nomad's single-dash spelling, and the long one.
+        let out = mlp_in(dir.path(), &["tls", "cert", "create", "-server"]);
+        assert!(out.contains("mlp-server.pem"), "{out}");
+        mlp_in(dir.path(), &["tls", "cert", "create", "--agent"]);
+        mlp_in(dir.path(), &["tls", "cert", "create", "-client"]);
+        Certs { dir }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn p(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+    /// `--ca-file … --cert-file … --key-file …` for a role's files.
+    fn flags(&self, role: &str) -> Vec<String> {
+        vec![
+            "--ca-file".into(),
+            self.p("mlp-ca.pem"),
+            "--cert-file".into(),
+            self.p(&format!("mlp-{role}.pem")),
+            "--key-file".into(),
+            self.p(&format!("mlp-{role}-key.pem")),
+        ]
+    }
+    fn cli_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("MLP_CACERT".into(), self.p("mlp-ca.pem")),
+            ("MLP_CLIENT_CERT".into(), self.p("mlp-client.pem")),
+            ("MLP_CLIENT_KEY".into(), self.p("mlp-client-key.pem")),
+        ]
+    }
+    fn identity(&self, role: &str) -> Arc<Tls> {
+        Tls::load(TlsFiles {
+            ca_file: self.path("mlp-ca.pem"),
+            cert_file: self.path(&format!("mlp-{role}.pem")),
+            key_file: self.path(&format!("mlp-{role}-key.pem")),
+        })
+        .expect("load identity")
+    }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// A split cluster (server + agent processes) with mutual TLS; the CLI calls carry the client
+/// certificate.
+fn tls_cluster(certs: &Certs) -> Dev {
+    let server = certs.flags("server");
+    let agent = certs.flags("agent");
+    let mut dev = Dev::start_split_with(&strs(&server), &strs(&agent));
+    dev.cli_env = certs.cli_env();
+    wait_for("the TLS agent's node to be ready", Duration::from_secs(60), || dev.ok(&["node", "status"]).contains("ready").then_some(()));
+    dev
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+async fn channel(addr: &str, tls: Option<&Arc<Tls>>, role: Role) -> Result<Channel, tonic::transport::Error> {
+    let ep = Endpoint::from_shared(mlp_tls::net::uri_for(addr, tls.is_some())).expect("endpoint").connect_timeout(Duration::from_secs(5));
+    mlp_tls::net::channel(ep, tls, role).await
+}
+
+fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    match r {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+fn host_port(addr: &str) -> (String, u16) {
+    let (h, p) = addr.rsplit_once(':').expect("host:port");
+    (h.to_string(), p.parse().expect("port"))
+}
+
+const JOB: &str = r#"
+job "tls-hello" {
+  type = "batch"
+  group "g" {
+    task "t" {
+      driver = "raw_exec"
+      config {
+        command = "/bin/sh"
+        args    = ["-c", "echo hello-over-tls; sleep 30"]
+      }
+      resources {
+        cpu    = 100
+        memory = 32
+      }
+    }
+  }
+}
+"#;
+
+#[test]
+fn tls_refuses_plaintext_and_callers_without_the_role_and_runs_a_job() {
+    let certs = Certs::new();
+    let dev = tls_cluster(&certs);
+    let rt = rt();
+
+    // Plaintext is refused: the CLI without certificates, and a plaintext HTTP request.
+    let out = Command::new(MLP).args(["node", "status"]).env("MLP_ADDR", &dev.grpc).stdin(Stdio::null()).output().expect("run mlp");
+    assert!(!out.status.success(), "a plaintext CLI call succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    let (status, _) = common::http_request(&dev.http, "GET", "/v1/status/leader", None, b"");
+    assert_ne!(status, 200, "the HTTP API answered plaintext");
+    // An https:// address without certificates says what to set.
+    let out = Command::new(MLP)
+        .args(["node", "status"])
+        .env("MLP_ADDR", format!("https://{}", dev.grpc))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mlp");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MLP_CLIENT_CERT"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The HTTP API over TLS with the client certificate.
+    let client = certs.identity("client");
+    let (host, port) = host_port(&dev.http);
+    let body = rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = mlp_tls::net::connect(&host, port, &client, Role::Server).await.expect("TLS to the HTTP API");
+        s.write_all(b"GET /v1/status/leader HTTP/1.1\r\nHost: mlp\r\nConnection: close\r\n\r\n").await.expect("write");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+
+    rt.block_on(async {
+        let ch = channel(&dev.grpc, Some(&client), Role::Server).await.expect("client certificate connects");
+        // Server-to-server RPCs refuse a client certificate: Raft, Join, a forged Forward.
+        let r = RaftServiceClient::new(ch.clone()).append_entries(RaftPayload { data: b"{}".to_vec() }).await;
+        assert_eq!(code(r), Code::PermissionDenied, "AppendEntries from a client certificate");
+        let r = ClusterServiceClient::new(ch.clone()).join(JoinRequest { id: 4242, addr: "127.0.0.1:1".into() }).await;
+        assert_eq!(code(r), Code::PermissionDenied, "Join from a client certificate");
+        let forged = br#"{"now_ms":1,"command":{"UpsertEvals":{"evals":[]}}}"#.to_vec();
+        let r = ClusterServiceClient::new(ch.clone()).forward(ForwardRequest { request: forged.clone() }).await;
+        assert_eq!(code(r), Code::PermissionDenied, "Forward from a client certificate");
+        // Agent RPCs need the agent role.
+        let r = AgentServiceClient::new(ch.clone()).register(RegisterNodeRequest { node: Some(Node::default()) }).await;
+        assert_eq!(code(r), Code::PermissionDenied, "Register from a client certificate");
+        // The operator's and the public API's RPCs take any certificate of the CA.
+        let r = ClusterServiceClient::new(ch.clone()).list_peers(ListPeersRequest {}).await;
+        assert_eq!(code(r), Code::Ok, "ListPeers from a client certificate");
+
+        // An agent certificate cannot forge a Forward either.
+        let agent = certs.identity("agent");
+        let ch = channel(&dev.grpc, Some(&agent), Role::Server).await.expect("agent certificate connects");
+        let r = ClusterServiceClient::new(ch).forward(ForwardRequest { request: forged }).await;
+        assert_eq!(code(r), Code::PermissionDenied, "Forward from an agent certificate");
+
+        // A certificate of another CA does not even connect.
+        let other = Certs::new();
+        let stranger = other.identity("server");
+        let r = match channel(&dev.grpc, Some(&stranger), Role::Server).await {
+            Err(_) => Code::Unavailable,
+            Ok(ch) => code(NodeServiceClient::new(ch).list(ListNodesRequest::default()).await),
+        };
+        assert_ne!(r, Code::Ok, "a certificate of another CA was accepted");
+    });
+
+    // An agent with its certificate registered and runs a job; logs and exec reach it through
+    // the server over TLS.
+    let job = dev.write_job("tls.hcl", JOB);
+    dev.ok(&["job", "run", job.to_str().expect("path")]);
+    let allocs =
+        dev.wait_allocs("tls-hello", "the job to run", Duration::from_secs(60), |a| a.iter().any(|a| common::status(a) == "running"));
+    let id = allocs[0]["id"].as_str().expect("alloc id").to_string();
+    wait_for("the task's output through the server", Duration::from_secs(20), || {
+        dev.ok(&["alloc", "logs", &id]).contains("hello-over-tls").then_some(())
+    });
+    let out = dev.ok(&["alloc", "exec", &id, "/bin/echo", "exec-over-tls"]);
+    assert!(out.contains("exec-over-tls"), "{out}");
+
+    // The agent's own listener serves servers only.
+    rt.block_on(async {
+        let ch = channel(&dev.grpc, Some(&client), Role::Server).await.expect("connect");
+        let nodes = NodeServiceClient::new(ch).list(ListNodesRequest::default()).await.expect("list nodes").into_inner().nodes;
+        let agent_addr = nodes[0].rpc_addr.clone();
+        let req = LogsRequest { alloc_id: id.clone(), ..Default::default() };
+        let ch = channel(&agent_addr, Some(&client), Role::Agent).await.expect("the agent's listener");
+        let r = ClientServiceClient::new(ch).logs(req.clone()).await;
+        assert_eq!(code(r), Code::PermissionDenied, "the agent served logs to a client certificate");
+        let server = certs.identity("server");
+        let ch = channel(&agent_addr, Some(&server), Role::Agent).await.expect("the agent's listener");
+        let r = ClientServiceClient::new(ch).logs(req).await;
+        assert_eq!(code(r), Code::Ok, "the agent refused a server certificate");
+    });
+    dev.ok(&["job", "stop", "tls-hello"]);
+}
+
+/// Replaces `dst` (cert and key) with `src`'s, each by an atomic rename.
+fn install(certs: &Certs, src: &str, dst: &str) {
+    for (s, d) in [(format!("{src}.pem"), format!("{dst}.pem")), (format!("{src}-key.pem"), format!("{dst}-key.pem"))] {
+        let tmp = certs.path(&format!("{d}.tmp"));
+        std::fs::copy(certs.path(&s), &tmp).expect("copy");
+        std::fs::rename(&tmp, certs.path(&d)).expect("rename");
+    }
+}
+
+fn der(path: &Path) -> Vec<u8> {
+    use mlp_tls::pki_types::pem::PemObject;
+    mlp_tls::pki_types::CertificateDer::from_pem_file(path).expect("certificate file").to_vec()
+}
+
+fn sighup(child: &Option<Child>) {
+    let pid = child.as_ref().expect("process").id();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+}
+
+#[test]
+fn tls_certificates_rotate_on_sighup_while_requests_flow() {
+    let certs = Certs::new();
+    let dev = tls_cluster(&certs);
+    let rt = rt();
+    let before = der(&certs.path("mlp-server.pem"));
+
+    // Requests keep flowing (a new CLI process, so a new TLS connection, each time).
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let load = {
+        let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+        let (grpc, env) = (dev.grpc.clone(), certs.cli_env());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let out = Command::new(MLP)
+                    .args(["node", "status"])
+                    .env("MLP_ADDR", &grpc)
+                    .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("run mlp");
+                if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ready") {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failures.lock().expect("lock").push(format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
+                }
+            }
+        })
+    };
+    wait_for("requests before the rotation", Duration::from_secs(30), || (ok.load(Ordering::Relaxed) >= 3).then_some(()));
+
+    // New server and agent certificates from the same CA, installed over the old files, then
+    // SIGHUP to both processes.
+    mlp_in(certs.dir.path(), &["tls", "cert", "create", "-server"]);
+    mlp_in(certs.dir.path(), &["tls", "cert", "create", "-agent"]);
+    install(&certs, "mlp-server-1", "mlp-server");
+    install(&certs, "mlp-agent-1", "mlp-agent");
+    let after = der(&certs.path("mlp-server.pem"));
+    assert_ne!(before, after);
+    sighup(&dev.child);
+    sighup(&dev.agent);
+
+    let client = certs.identity("client");
+    let (host, port) = host_port(&dev.grpc);
+    wait_for("the server to present its new certificate", Duration::from_secs(10), || {
+        let now = rt.block_on(mlp_tls::net::peer_certificate(&host, port, &client, Role::Server)).expect("TLS to the server");
+        (now.to_vec() == after).then_some(())
+    });
+    let n = ok.load(Ordering::Relaxed);
+    wait_for("requests after the rotation", Duration::from_secs(30), || (ok.load(Ordering::Relaxed) >= n + 3).then_some(()));
+    stop.store(true, Ordering::Relaxed);
+    load.join().expect("load thread");
+    let failures = failures.lock().expect("lock");
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed during the rotation: {:?}",
+        failures.len(),
+        ok.load(Ordering::Relaxed) + failures.len(),
+        failures.first()
+    );
+
+    // The agent's listener presents its new certificate too, and the agent still heartbeats.
+    let server = certs.identity("server");
+    let agent_addr = rt.block_on(async {
+        let ch = channel(&dev.grpc, Some(&client), Role::Server).await.expect("connect");
+        NodeServiceClient::new(ch).list(ListNodesRequest::default()).await.expect("list").into_inner().nodes[0].rpc_addr.clone()
+    });
+    let (ahost, aport) = host_port(&agent_addr);
+    let agent_now = rt.block_on(mlp_tls::net::peer_certificate(&ahost, aport, &server, Role::Agent)).expect("TLS to the agent");
+    assert_eq!(agent_now.to_vec(), der(&certs.path("mlp-agent.pem")));
+    assert!(dev.ok(&["node", "status"]).contains("ready"));
+}
+
+/// A process killed when the guard drops.
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn with_secret<T>(msg: T, secret: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(mlp_tls::secret::METADATA_KEY, secret.parse().expect("ascii"));
+    r
+}
+
+#[test]
+fn node_secret_keeps_a_node_id_and_its_allocations_to_its_agent() {
+    // No TLS: node secrets are issued and required all the same.
+    let mut dev = Dev::start_split();
+    wait_for("the agent's node to be ready", Duration::from_secs(60), || dev.ok(&["node", "status"]).contains("ready").then_some(()));
+    let agent_dir = dev.data_dir().join("agent");
+    let node_id = std::fs::read_to_string(agent_dir.join("node-id")).expect("node-id").trim().to_string();
+    let secret_file = agent_dir.join("node-secret");
+    // The agent writes it once the registration's answer arrives (the node may show ready first).
+    let secret = wait_for("the agent to keep its node secret", Duration::from_secs(10), || {
+        std::fs::read_to_string(&secret_file).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+    });
+    assert_eq!(secret.len(), 64, "{secret:?}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&secret_file).expect("stat").permissions().mode() & 0o777, 0o600);
+
+    let rt = rt();
+    rt.block_on(async {
+        let ch = channel(&dev.grpc, None, Role::Server).await.expect("connect");
+        let node: Node = NodeServiceClient::new(ch.clone())
+            .get(GetNodeRequest { node_id: node_id.clone(), ..Default::default() })
+            .await
+            .expect("get node")
+            .into_inner()
+            .node
+            .expect("node");
+        let mut agents = AgentServiceClient::new(ch.clone());
+        // Registering the node id again without its secret, or with a wrong one: refused.
+        let r = agents.register(RegisterNodeRequest { node: Some(node.clone()) }).await;
+        assert_eq!(code(r), Code::PermissionDenied, "a second registration of the node id without its secret");
+        let wrong = "0".repeat(64);
+        let r = agents.register(with_secret(RegisterNodeRequest { node: Some(node.clone()) }, &wrong)).await;
+        assert_eq!(code(r), Code::PermissionDenied, "a registration with a wrong secret");
+        // Heartbeats and the allocation stream need it too.
+        let hb = HeartbeatRequest { node_id: node_id.clone(), gpu_stats: vec![] };
+        assert_eq!(code(agents.heartbeat(hb.clone()).await), Code::PermissionDenied);
+        assert_eq!(code(agents.heartbeat(with_secret(hb.clone(), &wrong)).await), Code::PermissionDenied);
+        let r = agents.watch_allocations(WatchAllocationsRequest { node_id: node_id.clone() }).await;
+        assert_eq!(code(r), Code::PermissionDenied, "the node's allocation stream without its secret");
+
+        // Another node's agent, with its own valid secret, cannot read this node's allocations
+        // or report for it.
+        let mut intruder = node.clone();
+        intruder.id = "intruder-node".into();
+        intruder.name = "intruder".into();
+        intruder.overlay = None;
+        let issued = agents
+            .register(RegisterNodeRequest { node: Some(intruder) })
+            .await
+            .expect("a fresh node id registers")
+            .into_inner()
+            .node_secret;
+        assert_eq!(issued.len(), 64, "a fresh registration is issued a secret");
+        let r = agents.watch_allocations(with_secret(WatchAllocationsRequest { node_id: node_id.clone() }, &issued)).await;
+        assert_eq!(code(r), Code::PermissionDenied, "another node's allocation stream with this node's secret");
+        let r = agents.update_allocs(with_secret(UpdateAllocsRequest { node_id: node_id.clone(), updates: vec![] }, &issued)).await;
+        assert_eq!(code(r), Code::PermissionDenied, "updates for another node");
+        let mut own = agents
+            .watch_allocations(with_secret(WatchAllocationsRequest { node_id: "intruder-node".into() }, &issued))
+            .await
+            .expect("its own stream")
+            .into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), own.message()).await.expect("first message in time");
+        assert!(first.expect("stream").is_some());
+        // The real agent's secret works.
+        assert_eq!(code(agents.heartbeat(with_secret(hb, &secret)).await), Code::Ok);
+    });
+
+    // A second agent process claiming the node id (its node-id file, not its secret) is refused.
+    let twin_dir = dev.dir.path().join("twin");
+    std::fs::create_dir_all(&twin_dir).expect("mkdir");
+    std::fs::write(twin_dir.join("node-id"), format!("{node_id}\n")).expect("write node-id");
+    let twin_log = dev.dir.path().join("twin.log");
+    let log = std::fs::File::create(&twin_log).expect("log");
+    let _twin = Guard(
+        Command::new(MLP)
+            .args(["agent", "--servers", &dev.grpc, "--node-name", "twin", "--rpc-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(&twin_dir)
+            .env("MLP_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn twin agent"),
+    );
+    wait_for("the twin's registration to be refused", Duration::from_secs(30), || {
+        std::fs::read_to_string(&twin_log).unwrap_or_default().contains("node registration refused").then_some(())
+    });
+    let text = std::fs::read_to_string(&twin_log).unwrap_or_default();
+    assert!(!text.contains("node registered"), "the twin registered the node id:\n{text}");
+    assert!(!twin_dir.join("node-secret").exists());
+    drop(_twin);
+
+    // The real agent, restarted, keeps its identity (its secret file) and registers again.
+    let registered = |log: &str| log.matches("node registered").count();
+    let before = registered(&dev.agent_log());
+    dev.kill9_agent();
+    dev.spawn_agent();
+    wait_for("the restarted agent to register again", Duration::from_secs(30), || (registered(&dev.agent_log()) > before).then_some(()));
+    assert!(!dev.agent_log().contains("registration refused"), "{}", dev.agent_log());
+    assert_eq!(std::fs::read_to_string(&secret_file).expect("secret").trim(), secret, "the secret changed across a restart");
+}
+
+/// Free loopback ports (bound, then released for the servers to take).
+fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<std::net::TcpListener> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
+    ls.iter().map(|l| l.local_addr().expect("addr").port()).collect()
+}
+
+#[test]
+fn tls_three_servers_form_a_cluster_and_forward_over_tls() {
+    let certs = Certs::new();
+    let dir = tempfile::Builder::new().prefix("mlp-tls-ha-").tempdir().expect("tempdir");
+    let ports = free_ports(6);
+    let join: Vec<String> = ports[..3].iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let flags = certs.flags("server");
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        let log = std::fs::File::create(dir.path().join(format!("s{i}.log"))).expect("log");
+        let child = Command::new(MLP)
+            .args(["server", "--grpc-addr", &join[i], "--http-addr", &format!("127.0.0.1:{}", ports[3 + i]), "--bootstrap-expect", "3"])
+            .args(["--join", &join.join(","), "--data-dir"])
+            .arg(dir.path().join(format!("s{i}")))
+            .args(&flags)
+            .env("MLP_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn server");
+        servers.push(Guard(child));
+    }
+    let cli = |addr: &str, args: &[&str]| {
+        Command::new(MLP).args(args).env("MLP_ADDR", addr).envs(certs.cli_env()).stdin(Stdio::null()).output().expect("run mlp")
+    };
+    // Formation (Info, Raft votes and appends between the servers) runs over TLS.
+    let leader = wait_for("a leader among three TLS servers", Duration::from_secs(60), || {
+        let out = cli(&join[0], &["operator", "raft", "list-peers"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success() && text.lines().filter(|l| l.contains("true")).count() == 3)
+            .then(|| text.lines().find(|l| l.contains("leader")).and_then(|l| l.split_whitespace().nth(1)).map(str::to_string))
+            .flatten()
+    });
+    // A write sent to a follower is forwarded to the leader, a read confirmed with it.
+    let follower = join.iter().find(|a| **a != leader).expect("a follower").clone();
+    let job = dir.path().join("job.hcl");
+    std::fs::write(&job, JOB).expect("write job");
+    let out = cli(&follower, &["job", "run", "--detach", job.to_str().expect("path")]);
+    assert!(out.status.success(), "job run through a follower: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&follower, &["job", "status", "tls-hello"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("tls-hello"), "{}", String::from_utf8_lossy(&out.stderr));
+    drop(servers);
+}
