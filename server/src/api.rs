@@ -28,6 +28,15 @@ pub enum ApiError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// Refused by ACLs (issue 15 §2): gRPC `PermissionDenied`, HTTP 403.
+    #[error("{0}")]
+    PermissionDenied(String),
+}
+
+impl From<crate::acl::guard::Denied> for ApiError {
+    fn from(d: crate::acl::guard::Denied) -> Self {
+        ApiError::PermissionDenied(d.to_string())
+    }
 }
 
 impl From<WriteError> for ApiError {
@@ -57,6 +66,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::NotLeader(_) => tonic::Status::unavailable(e.to_string()),
             ApiError::Unavailable(m) => tonic::Status::unavailable(m.clone()),
             ApiError::Internal(m) => tonic::Status::internal(m.clone()),
+            ApiError::PermissionDenied(m) => tonic::Status::permission_denied(m.clone()),
         }
     }
 }
@@ -86,6 +96,8 @@ pub struct Api {
     /// This server's MLflow tracking URI, told to registering agents for their tasks
     /// (issue 17 §3); see [`tracking_uri`].
     pub tracking_uri: String,
+    /// ACL checks, env redaction and the audit log (issue 15 §2); off by default.
+    pub acl: Arc<crate::acl::Guard>,
 }
 
 /// The MLflow tracking URI tasks reach this server at: `http://` and its HTTP address, with

@@ -157,6 +157,9 @@ pub enum Command {
     /// A change to experiments, runs, models or versions (`tracking::state`). Its ids and
     /// timestamps were chosen by the proposer; applying it reads neither clock nor randomness.
     Tracking(crate::tracking::TrackingCommand),
+    // ---- ACL tokens and policies (issue 15 §2) ----
+    /// A change to ACL policies or tokens (`acl::state`); secrets arrive hashed.
+    Acl(crate::acl::state::AclCommand),
 }
 
 /// What the plan applier commits: placements that fit, stops, and the evaluation's outcome.
@@ -279,6 +282,10 @@ pub struct ClusterState {
     /// Absent in older snapshots (then empty).
     #[serde(default)]
     pub services: BTreeMap<String, Vec<mlp_proto::v1::ServiceRegistration>>,
+    /// ACL policies and hashed tokens (issue 15 §2). Absent in older snapshots (then none, not
+    /// bootstrapped).
+    #[serde(default)]
+    pub acl: crate::acl::state::AclState,
 }
 
 /// The objects one applied entry created, modified or removed: the event stream's events and the
@@ -755,6 +762,11 @@ impl ClusterState {
                 for a in restored.allocs.values_mut() {
                     a.modify_index = index;
                 }
+                // A snapshot saved before ACLs were bootstrapped keeps today's tokens and
+                // policies: restoring it must not reopen `mlp acl bootstrap` to anyone.
+                if !restored.acl.bootstrapped {
+                    restored.acl = std::mem::take(&mut self.acl);
+                }
                 *self = restored;
                 effects.push(Effect::Reset);
                 effects.push(Effect::CapacityChanged);
@@ -771,6 +783,10 @@ impl ClusterState {
                     Err(e) => resp.error = Some(e.to_string()),
                 }
             }
+            Command::Acl(cmd) => match self.acl.apply(index, cmd) {
+                Ok(created) => resp.created = created,
+                Err(e) => resp.error = Some(e),
+            },
         }
         resp
     }

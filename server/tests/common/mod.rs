@@ -24,6 +24,7 @@ pub async fn start(dir: &std::path::Path) -> Server {
         gc: Default::default(),
         event_buffer: mlp_server::events::DEFAULT_BUFFER_EVENTS,
         overlay: None,
+        acl_enabled: false,
     };
     Server::start(config).await.expect("server starts")
 }
