@@ -392,13 +392,18 @@ fn raw_exec_is_refused_unless_the_agent_enables_it() {
     let mut dev = Dev::start_split();
     dev.kill9_agent();
     dev.agent = Some(spawn_agent(&dev, &[]));
+    // The restarted agent re-registers its node without raw_exec.
+    wait_for("the node to re-register without raw_exec", Duration::from_secs(30), || {
+        let nodes = dev.json(&["node", "status", "--json"]);
+        let n = &nodes[0];
+        let offered = n["drivers"].as_array()?.iter().any(|d| d == "raw_exec");
+        (!offered && n["attributes"]["drivers.disabled"].as_str()?.contains("raw_exec")).then_some(())
+    });
     let file = dev.write_job("raw.hcl", RAW_JOB);
     dev.ok(&["job", "run", "--detach", file.to_str().unwrap()]);
     wait_for("a placement failure naming the disabled driver", Duration::from_secs(30), || {
         job_json(&dev).contains("driver raw_exec disabled on node split").then_some(())
     });
-    let nodes = dev.ok(&["node", "status", "--json"]);
-    assert!(nodes.contains("drivers.disabled"), "{nodes}");
 
     // The same agent restarted with a config file that enables raw_exec: the job runs.
     dev.kill9_agent();
