@@ -163,6 +163,9 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<ExitCode> {
     println!("    gRPC:     {}", server.grpc_addr());
     println!("    HTTP:     http://{}", server.http_addr());
     println!("    data dir: {}", args.data_dir.display());
+    if args.acl_enabled {
+        println!("    ACLs:     enabled (mlp acl bootstrap; audit log in the data dir)");
+    }
     let sig = wait_for_signal().await?;
     tracing::info!(signal = sig, "shutting down");
     server.shutdown().await;
@@ -332,8 +335,15 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     .await?;
     // `mlp dev` is a development mode: raw_exec stays on unless turned off (README).
     let drivers = drivers(&file, args.disable_raw_exec.then_some(false), true);
-    let mut config =
-        agent_config(&args.data_dir.join("agent"), vec![server.grpc_addr().to_string()], args.node_name, "127.0.0.1:0", &args.exec, &file, drivers)?;
+    let mut config = agent_config(
+        &args.data_dir.join("agent"),
+        vec![server.grpc_addr().to_string()],
+        args.node_name,
+        "127.0.0.1:0",
+        &args.exec,
+        &file,
+        drivers,
+    )?;
     config.simulated_gpus = gpus;
     config.gpu = args.gpu.settings();
     config.network = network;
@@ -349,6 +359,9 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     println!("    metrics:  http://{}/v1/metrics", server.http_addr());
     println!("    node:     {}", agent.node_id());
     println!("    data dir: {}", args.data_dir.display());
+    if args.acl_enabled {
+        println!("    ACLs:     enabled (mlp acl bootstrap, then MLP_TOKEN=<secret>)");
+    }
     let addr_hint = if grpc.to_string() == "127.0.0.1:7647" { String::new() } else { format!("MLP_ADDR={grpc} ") };
     println!("==> try: {addr_hint}mlp job run examples/train.hcl");
     let sig = wait_for_signal().await?;

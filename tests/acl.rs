@@ -81,7 +81,10 @@ const POLICIES: &[(&str, &str)] = &[
     ("submitter", "namespace \"default\" {\n  capabilities = [\"submit-job\", \"read-job\", \"list-jobs\", \"read-job-env\"]\n}\n"),
     ("logs", "namespace \"default\" { capabilities = [\"read-logs\", \"read-job\"] }\n"),
     ("exec", "namespace \"default\" { capabilities = [\"alloc-exec\", \"read-job\"] }\n"),
-    ("node-exec", "namespace \"default\" { capabilities = [\"alloc-exec\", \"alloc-node-exec\", \"read-job\"] }\nnode { policy = \"read\" }\n"),
+    (
+        "node-exec",
+        "namespace \"default\" { capabilities = [\"alloc-exec\", \"alloc-node-exec\", \"read-job\"] }\nnode { policy = \"read\" }\n",
+    ),
     ("other-ns", "namespace \"team-*\" { policy = \"write\" }\n"),
 ];
 
@@ -114,7 +117,13 @@ fn acl_tokens_policies_capabilities_redaction_and_audit() {
     denied_as(&dev, "", &["acl", "token", "list"]);
     let (code, _) = http_as(&dev.http, "", "GET", "/v1/jobs", None);
     assert_eq!(code, 403);
-    let (code, _) = http_as(&dev.http, "", "POST", "/v1/jobs", Some(r#"{"hcl": "job \"x\" { group \"g\" { task \"t\" { driver = \"raw_exec\"\n config { command = \"/bin/true\" } } } }"}"#));
+    let (code, _) = http_as(
+        &dev.http,
+        "",
+        "POST",
+        "/v1/jobs",
+        Some(r#"{"hcl": "job \"x\" { group \"g\" { task \"t\" { driver = \"raw_exec\"\n config { command = \"/bin/true\" } } } }"}"#),
+    );
     assert_eq!(code, 403, "an anonymous submission is refused");
     let (code, _) = http_as(&dev.http, "", "POST", "/api/2.0/mlflow/experiments/create", Some(r#"{"name": "e1"}"#));
     assert_eq!(code, 403, "MLflow writes need a token too");
@@ -241,11 +250,15 @@ fn acl_tokens_policies_capabilities_redaction_and_audit() {
     let lines: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).expect("audit line is JSON")).collect();
     assert!(lines.iter().any(|l| l["result"] == "denied" && l["accessor"] == "anonymous"), "{audit}");
     assert!(
-        lines.iter().any(|l| l["result"] == "allowed" && l["operation"].as_str().unwrap_or("").contains("alloc exec")
+        lines.iter().any(|l| l["result"] == "allowed"
+            && l["operation"].as_str().unwrap_or("").contains("alloc exec")
             && l["target"].as_str().unwrap_or("").contains(&alloc)),
         "no audit line for the exec: {audit}"
     );
-    assert!(lines.iter().any(|l| l["result"] == "allowed" && l["operation"].as_str().unwrap_or("").contains("AclService/TokenCreate")), "{audit}");
+    assert!(
+        lines.iter().any(|l| l["result"] == "allowed" && l["operation"].as_str().unwrap_or("").contains("AclService/TokenCreate")),
+        "{audit}"
+    );
     assert!(lines.iter().any(|l| l["operation"] == "acl bootstrap" && l["result"] == "allowed"), "{audit}");
     assert!(lines.iter().all(|l| l["time"].as_str().is_some_and(|t| t.ends_with('Z'))), "{audit}");
     for secret in tokens.values().chain([&root]) {

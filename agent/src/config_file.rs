@@ -39,12 +39,8 @@ use hcl_edit::Span;
 pub const MAX_CONFIG_BYTES: usize = 256 * 1024;
 
 /// Drivers the file may name.
-pub const KNOWN_DRIVERS: [&str; 4] = [
-    mlp_proto::consts::driver::EXEC,
-    mlp_proto::consts::driver::RAW_EXEC,
-    mlp_proto::consts::driver::WASM,
-    mlp_proto::consts::driver::OCI,
-];
+pub const KNOWN_DRIVERS: [&str; 4] =
+    [mlp_proto::consts::driver::EXEC, mlp_proto::consts::driver::RAW_EXEC, mlp_proto::consts::driver::WASM, mlp_proto::consts::driver::OCI];
 
 /// A host directory offered to tasks by name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,7 +117,8 @@ impl fmt::Display for ConfigError {
 /// Reads and checks a configuration file.
 pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
     let file = path.display().to_string();
-    let one = |message: String| ConfigError { file: file.clone(), problems: vec![Problem { line: 0, column: 0, path: String::new(), message }] };
+    let one =
+        |message: String| ConfigError { file: file.clone(), problems: vec![Problem { line: 0, column: 0, path: String::new(), message }] };
     let meta = std::fs::metadata(path).map_err(|e| one(format!("cannot read: {e}")))?;
     if meta.len() > MAX_CONFIG_BYTES as u64 {
         return Err(one(format!("{} bytes; at most {MAX_CONFIG_BYTES}", meta.len())));
@@ -292,7 +289,11 @@ impl Parser<'_> {
                 Structure::Block(b) if b.ident.as_str() == "isolation" => self.isolation(&b.body, cfg),
                 Structure::Block(b) if b.ident.as_str() == "host_volume" => {
                     let [label] = b.labels.as_slice() else {
-                        self.problem(start(&b.ident), "client.host_volume", "a host_volume block takes one label: host_volume \"NAME\" { ... }".into());
+                        self.problem(
+                            start(&b.ident),
+                            "client.host_volume",
+                            "a host_volume block takes one label: host_volume \"NAME\" { ... }".into(),
+                        );
                         continue;
                     };
                     let name = label.as_str().to_string();
@@ -311,11 +312,19 @@ impl Parser<'_> {
                 }
                 Structure::Attribute(a) => {
                     let name = a.key.as_str();
-                    self.problem(start(&a.key), &format!("client.{name}"), format!("unknown field {name:?} (refused_users, drivers, host_volume, isolation)"));
+                    self.problem(
+                        start(&a.key),
+                        &format!("client.{name}"),
+                        format!("unknown field {name:?} (refused_users, drivers, host_volume, isolation)"),
+                    );
                 }
                 Structure::Block(b) => {
                     let name = b.ident.as_str();
-                    self.problem(start(&b.ident), &format!("client.{name}"), format!("unknown block {name:?} (drivers, host_volume, isolation)"));
+                    self.problem(
+                        start(&b.ident),
+                        &format!("client.{name}"),
+                        format!("unknown block {name:?} (drivers, host_volume, isolation)"),
+                    );
                 }
             }
         }
@@ -326,7 +335,11 @@ impl Parser<'_> {
             let Structure::Block(b) = s else {
                 if let Structure::Attribute(a) = s {
                     let name = a.key.as_str();
-                    self.problem(start(&a.key), &format!("client.drivers.{name}"), format!("{name:?} must be a block: {name} {{ enabled = true }}"));
+                    self.problem(
+                        start(&a.key),
+                        &format!("client.drivers.{name}"),
+                        format!("{name:?} must be a block: {name} {{ enabled = true }}"),
+                    );
                 }
                 continue;
             };

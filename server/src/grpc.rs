@@ -212,7 +212,14 @@ impl alloc_service_server::AllocService for GrpcApi {
             self.api.acl.require_ns(authz.as_ref(), Capability::AllocNodeExec, &alloc.namespace, "alloc exec", &alloc.id)?;
         }
         if let Some(a) = &authz {
-            self.api.acl.record("grpc", "alloc exec", &format!("{} {}", alloc.id, start.command.join(" ")), Some(a), "allowed", "alloc-exec");
+            self.api.acl.record(
+                "grpc",
+                "alloc exec",
+                &format!("{} {}", alloc.id, start.command.join(" ")),
+                Some(a),
+                "allowed",
+                "alloc-exec",
+            );
         }
         if alloc.client_status != mlp_proto::consts::alloc_client::RUNNING {
             return Err(Status::failed_precondition(format!(

@@ -110,7 +110,15 @@ mod tests {
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
         let dir = tempfile::tempdir().expect("tempdir");
         let audit = Audit::new(Some(dir.path().join("audit.log")));
-        let r = Record { time: rfc3339(0), accessor: "acc", transport: "grpc", operation: "op", target: "t", result: "denied", reason: "no token" };
+        let r = Record {
+            time: rfc3339(0),
+            accessor: "acc",
+            transport: "grpc",
+            operation: "op",
+            target: "t",
+            result: "denied",
+            reason: "no token",
+        };
         audit.record(&r);
         audit.record(&Record { result: "allowed", ..r });
         let text = std::fs::read_to_string(dir.path().join("audit.log")).expect("read");

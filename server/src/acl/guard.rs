@@ -238,9 +238,7 @@ pub async fn http_middleware(
     let operation = format!("{method} {path}");
     let need = rules::http(&method, route.as_deref(), &path);
     let secret = req.headers().get(super::TOKEN_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let denied = |d: Denied| {
-        (axum::http::StatusCode::FORBIDDEN, axum::Json(serde_json::json!({ "error": d.to_string() }))).into_response()
-    };
+    let denied = |d: Denied| (axum::http::StatusCode::FORBIDDEN, axum::Json(serde_json::json!({ "error": d.to_string() }))).into_response();
     match guard.check("http", &operation, need, secret.as_deref()).await {
         Ok(Some(authz)) => {
             if let Some(Need::Ns(cap)) = need {

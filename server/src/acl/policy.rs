@@ -293,7 +293,11 @@ impl Parser<'_> {
                             let pattern = match b.labels.as_slice() {
                                 [l] => l.as_str().to_string(),
                                 _ => {
-                                    self.problem(start(&b.ident), "namespace", "a namespace block takes one label: `namespace \"default\" { ... }`".into());
+                                    self.problem(
+                                        start(&b.ident),
+                                        "namespace",
+                                        "a namespace block takes one label: `namespace \"default\" { ... }`".into(),
+                                    );
                                     continue;
                                 }
                             };

@@ -185,7 +185,8 @@ impl AclService for AclApi {
         }
         self.read().await?;
         let st = self.api.state.read();
-        let t = st.acl.token_by_accessor(&accessor).ok_or_else(|| Status::not_found(format!("no ACL token with accessor id {accessor:?}")))?;
+        let t =
+            st.acl.token_by_accessor(&accessor).ok_or_else(|| Status::not_found(format!("no ACL token with accessor id {accessor:?}")))?;
         Ok(Response::new(AclTokenGetResponse { token: Some(t.view()), index: st.index }))
     }
 

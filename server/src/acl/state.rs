@@ -106,15 +106,27 @@ pub struct AclState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AclCommand {
     /// The first management token; refused once the cluster is bootstrapped.
-    Bootstrap { token: StoredToken },
+    Bootstrap {
+        token: StoredToken,
+    },
     /// Create or replace a policy (parsed and validated by the proposer).
-    UpsertPolicy { policy: StoredPolicy },
-    DeletePolicy { name: String },
+    UpsertPolicy {
+        policy: StoredPolicy,
+    },
+    DeletePolicy {
+        name: String,
+    },
     /// A new token; every policy it names must exist.
-    CreateToken { token: StoredToken },
-    DeleteToken { accessor_id: String },
+    CreateToken {
+        token: StoredToken,
+    },
+    DeleteToken {
+        accessor_id: String,
+    },
     /// Forget the tokens expired at `now_ms` (the leader's garbage collection).
-    DeleteExpired { now_ms: u64 },
+    DeleteExpired {
+        now_ms: u64,
+    },
 }
 
 impl AclState {
@@ -206,7 +218,14 @@ mod tests {
         assert!(st.tokens.values().all(|t| t.accessor_id == "root" && t.management));
         let err = st.apply(3, &AclCommand::CreateToken { token: token("a", "s2", &["readers"], 0) }).expect_err("no policy");
         assert!(err.contains("readers"), "{err}");
-        let policy = StoredPolicy { name: "readers".into(), description: String::new(), rules: String::new(), parsed: Policy::default(), create_index: 0, modify_index: 0 };
+        let policy = StoredPolicy {
+            name: "readers".into(),
+            description: String::new(),
+            rules: String::new(),
+            parsed: Policy::default(),
+            create_index: 0,
+            modify_index: 0,
+        };
         st.apply(4, &AclCommand::UpsertPolicy { policy }).expect("policy");
         st.apply(5, &AclCommand::CreateToken { token: token("a", "s2", &["readers"], 0) }).expect("token");
         st.apply(6, &AclCommand::CreateToken { token: token("b", "s3", &["readers"], 100) }).expect("token");

@@ -253,7 +253,8 @@ pub async fn collect(
     let mut last_index = 0;
     // Expired ACL tokens (issue 15 §2): already refused at check time, forgotten here.
     if state.read().acl.has_expired(now) {
-        let req = Request { now_ms: now, command: crate::state::Command::Acl(crate::acl::state::AclCommand::DeleteExpired { now_ms: now }) };
+        let req =
+            Request { now_ms: now, command: crate::state::Command::Acl(crate::acl::state::AclCommand::DeleteExpired { now_ms: now }) };
         let resp = if forward { raft.submit(req).await? } else { raft.write(req).await? };
         last_index = resp.index;
         tracing::info!(tokens = resp.created.as_deref().unwrap_or("0"), "expired ACL tokens collected");

@@ -41,10 +41,8 @@ pub fn check(job: &Job, tg: &TaskGroup, node: &Node) -> Result<(), Rejection> {
         return Err(Rejection::Constraint(constraint_text(c)));
     }
     if let Some(t) = tg.tasks.iter().find(|t| !node.drivers.iter().any(|d| d == &t.driver)) {
-        let disabled = node
-            .attributes
-            .get(mlp_proto::consts::DRIVERS_DISABLED_ATTR)
-            .is_some_and(|list| list.split(',').any(|d| d == t.driver));
+        let disabled =
+            node.attributes.get(mlp_proto::consts::DRIVERS_DISABLED_ATTR).is_some_and(|list| list.split(',').any(|d| d == t.driver));
         if disabled {
             return Err(Rejection::Class(format!("driver {} disabled on node {}", t.driver, node.name)));
         }
