@@ -185,9 +185,13 @@ async fn not_found(uri: axum::http::Uri) -> HttpError {
     HttpError(StatusCode::NOT_FOUND, format!("no such endpoint: {}", uri.path()))
 }
 
-async fn list_jobs(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> HttpResult {
+async fn list_jobs(State(api): State<Arc<Api>>, authz: Token, Query(p): Query<Params>) -> HttpResult {
     let b = p.block()?;
-    let r = api.list_jobs(ListJobsRequest { namespace: p.namespace, stale: p.stale, min_index: b.min_index, wait_ms: b.wait_ms }).await?;
+    let mut r =
+        api.list_jobs(ListJobsRequest { namespace: p.namespace, stale: p.stale, min_index: b.min_index, wait_ms: b.wait_ms }).await?;
+    if let Some(a) = token(&authz) {
+        r.jobs.retain(|j| a.allows_ns(Capability::ListJobs, ns_or_default(&j.namespace)));
+    }
     ok_at(r.jobs, r.index)
 }
 
@@ -251,11 +255,14 @@ async fn job_evals(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p)
     ok_at(r.evaluations, r.index)
 }
 
-async fn list_allocs(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> HttpResult {
+async fn list_allocs(State(api): State<Arc<Api>>, authz: Token, Query(p): Query<Params>) -> HttpResult {
     let b = p.block()?;
     let req =
         ListAllocsRequest { job_id: p.job_id, node_id: p.node_id, namespace: p.namespace, min_index: b.min_index, wait_ms: b.wait_ms };
-    let r = api.list_allocs(req).await?;
+    let mut r = api.list_allocs(req).await?;
+    if let Some(a) = token(&authz) {
+        r.allocations.retain(|x| a.allows_ns(Capability::ReadJob, ns_or_default(&x.namespace)));
+    }
     ok_at(r.allocations, r.index)
 }
 
@@ -321,14 +328,26 @@ async fn get_service(State(api): State<Arc<Api>>, Path(name): Path<String>, Quer
     ok_at(r.instances, r.index)
 }
 
-async fn list_evals(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> HttpResult {
-    let r = api.list_evals(&p.job_id, p.block()?).await?;
+async fn list_evals(State(api): State<Arc<Api>>, authz: Token, Query(p): Query<Params>) -> HttpResult {
+    let mut r = api.list_evals(&p.job_id, p.block()?).await?;
+    if let Some(a) = token(&authz) {
+        r.evaluations.retain(|e| a.allows_ns(Capability::ReadJob, ns_or_default(&e.namespace)));
+    }
     ok_at(r.evaluations, r.index)
 }
 
-async fn get_eval(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
+async fn get_eval(State(api): State<Arc<Api>>, authz: Token, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
     let (e, index) = api.get_eval(&id, p.block()?).await?;
+    api.acl.require_ns(token(&authz), Capability::ReadJob, &e.namespace, "GET /v1/evaluation", &e.id).map_err(ApiError::from)?;
     ok_at(e, index)
+}
+
+fn ns_or_default(ns: &str) -> &str {
+    if ns.is_empty() {
+        "default"
+    } else {
+        ns
+    }
 }
 
 /// `GET /v1/event/stream?topic=Job&topic=Allocation:<job id>&namespace=N&index=I`: newline-

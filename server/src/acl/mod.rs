@@ -94,11 +94,7 @@ impl Authz {
                 None => {}
             }
         }
-        match (need, best) {
-            (_, Some(Access::Write)) => true,
-            (Access::Read, Some(Access::Read)) => true,
-            _ => false,
-        }
+        matches!((need, best), (_, Some(Access::Write)) | (Access::Read, Some(Access::Read)))
     }
 
     /// Whether the token satisfies `need` (namespace needs: in some namespace).

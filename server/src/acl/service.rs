@@ -27,6 +27,7 @@ pub struct AclApi {
     pub api: Arc<Api>,
 }
 
+#[allow(clippy::result_large_err)] // tonic's Status, as every handler returns
 fn enabled(api: &Api) -> Result<(), Status> {
     if api.acl.enabled {
         Ok(())
@@ -62,6 +63,7 @@ fn new_token(name: &str, policies: Vec<String>, ttl_ms: u64, management: bool) -
     (token, secret)
 }
 
+#[allow(clippy::result_large_err)] // tonic's Status, as every handler returns
 fn check_text(field: &str, v: &str, max: usize) -> Result<(), Status> {
     if v.len() > max || v.chars().any(char::is_control) {
         return Err(Status::invalid_argument(format!("{field}: at most {max} bytes without control characters")));
