@@ -1613,6 +1613,37 @@ mod tests {
         assert!(matches!(st.find_alloc("abc"), Err(LookupError::Ambiguous { count: 2, .. })));
         assert!(matches!(st.find_alloc("x"), Err(LookupError::NotFound { .. })));
     }
+
+    /// ACLs are replicated state; a snapshot saved before the bootstrap does not reopen it,
+    /// and an entry written before ACLs existed still decodes.
+    #[test]
+    fn acl_entries_apply_and_a_restore_without_acls_keeps_them() {
+        use crate::acl::state::{hash_secret, AclCommand, StoredToken};
+        let mut st = ClusterState::default();
+        let saved = serde_json::to_string(&st).expect("save");
+        let mut fx = Vec::new();
+        let token = StoredToken {
+            accessor_id: "a".into(),
+            secret_hash: hash_secret("s"),
+            name: String::new(),
+            management: true,
+            policies: Vec::new(),
+            create_time_ms: 1,
+            expiration_time_ms: 0,
+            create_index: 0,
+        };
+        let r = st.apply(1, &req(Command::Acl(AclCommand::Bootstrap { token: token.clone() })), &mut fx);
+        assert_eq!(r.error, None);
+        let r = st.apply(2, &req(Command::Acl(AclCommand::Bootstrap { token })), &mut fx);
+        assert!(r.error.is_some_and(|e| e.contains("already done")));
+        st.apply(3, &req(Command::RestoreState { state: saved }), &mut fx);
+        assert!(st.acl.bootstrapped && st.acl.tokens.contains_key(&hash_secret("s")));
+        // A state serialized before ACLs existed loads with none.
+        let mut old = serde_json::to_value(ClusterState::default()).expect("json");
+        old.as_object_mut().expect("object").remove("acl");
+        let loaded: ClusterState = serde_json::from_value(old).expect("old state decodes");
+        assert!(!loaded.acl.bootstrapped);
+    }
 }
 
 #[cfg(test)]
