@@ -12,7 +12,8 @@ use crate::output::{print_json, Table};
 /// Nomad spells these flags with one dash (`-policy`, `-ttl`); clap wants two. Rewrites them for
 /// `mlp acl ...` only, before clap sees the arguments.
 pub fn nomad_flags(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
-    let is_acl = args.iter().skip(1).find(|a| !a.to_string_lossy().starts_with('-')).is_some_and(|a| a == "acl");
+    // `mlp [--address A] acl ...`: the verb may follow global flags and their values.
+    let is_acl = args.iter().skip(1).take_while(|a| *a != "--").take(4).any(|a| a == "acl");
     if !is_acl {
         return args;
     }
@@ -161,5 +162,9 @@ mod tests {
             v(&["mlp", "acl", "token", "create", "--policy", "p", "--ttl=1h"])
         );
         assert_eq!(super::nomad_flags(v(&["mlp", "job", "run", "-name"])), v(&["mlp", "job", "run", "-name"]));
+        assert_eq!(
+            super::nomad_flags(v(&["mlp", "--address", "h:1", "acl", "token", "create", "-policy", "p"])),
+            v(&["mlp", "--address", "h:1", "acl", "token", "create", "--policy", "p"])
+        );
     }
 }
