@@ -143,7 +143,7 @@ PY
 machine_line
 echo "== mlp (release build): server + agent, N=$N batch jobs, LIVE=$LIVE count=0 service jobs"
 start_server
-MLP_LOG=warn "$MLP" agent --data-dir "$out/agent" --servers "$GRPC" >>"$out/agent.log" 2>&1 &
+MLP_LOG=warn "$MLP" agent --enable-raw-exec --data-dir "$out/agent" --servers "$GRPC" >>"$out/agent.log" 2>&1 &
 agent_pid=$!
 pids+=("$agent_pid")
 python3 - "$HTTP" <<'PY'

@@ -62,7 +62,7 @@ export MLP_LOG=warn
 ip netns exec ${ID}srv "$MLP" server --grpc-addr "$SRV" --http-addr 198.18.250.1:4646 --data-dir "$W/server" >"$W/server.log" 2>&1 &
 PIDS+=($!)
 for n in a b; do
-  ip netns exec "$ID$n" "$MLP" agent --servers "$SRV" --node-name "agent-$n" --rpc-addr "198.18.250.$([ $n = a ] && echo 2 || echo 3):0" \
+  ip netns exec "$ID$n" "$MLP" agent --enable-raw-exec --servers "$SRV" --node-name "agent-$n" --rpc-addr "198.18.250.$([ $n = a ] && echo 2 || echo 3):0" \
     --data-dir "$W/agent-$n" >"$W/agent-$n.log" 2>&1 &
   PIDS+=($!)
 done

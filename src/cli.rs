@@ -66,6 +66,10 @@ pub enum Command {
     /// Cluster-wide maintenance: garbage collection.
     #[command(subcommand)]
     System(SystemCommand),
+    /// ACL tokens and policies (servers started with --acl-enabled). The CLI sends the token
+    /// in MLP_TOKEN with every request.
+    #[command(subcommand)]
+    Acl(AclCommand),
     /// Replay a production trace (openb CSV) against a simulated cluster with the scheduler's
     /// placement policies: GPU allocation ratio, failed pods, placements/s.
     Sim(SimArgs),
@@ -122,6 +126,10 @@ pub struct ServerArgs {
     pub preemption: PreemptionArgs,
     #[command(flatten)]
     pub gc: GcArgs,
+    /// Require ACL tokens (docs/acl.md): every API request needs a token whose policies allow
+    /// it; agents' and servers' own RPCs are not token-checked.
+    #[arg(long)]
+    pub acl_enabled: bool,
 }
 
 /// Garbage collection (Nomad's core scheduler): how often the leader collects, and how old
@@ -265,6 +273,14 @@ pub struct AgentArgs {
     pub artifacts: ArtifactArgs,
     #[command(flatten)]
     pub tracking: TrackingArgs,
+    /// Agent configuration file (HCL, Nomad's `client { ... }` block: drivers, refused users,
+    /// host volumes, isolation; docs/agent-config.md). Flags given on the command line win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Offer the `raw_exec` driver (unisolated: tasks run as the agent's user, root). Off
+    /// unless this flag or the config file's `drivers { raw_exec { enabled = true } }` says so.
+    #[arg(long)]
+    pub enable_raw_exec: bool,
 }
 
 /// The `oci` driver's image store (docs/jobspec.md, "driver = oci").
@@ -505,15 +521,15 @@ impl NetworkArgs {
 /// How the `exec` driver isolates tasks (docs/security.md).
 #[derive(Debug, Args, Clone)]
 pub struct ExecIsolationArgs {
-    /// User an `exec` task runs as when its spec names none.
-    #[arg(long, default_value = "nobody")]
-    pub exec_default_user: String,
-    /// Users `exec` tasks may not run as, comma separated ("" refuses none).
-    #[arg(long, value_delimiter = ',', default_value = "root")]
-    pub exec_refused_users: Vec<String>,
-    /// pids limit of an `exec` task whose resources set none.
-    #[arg(long, default_value_t = 4096)]
-    pub exec_default_pids: u64,
+    /// User an `exec` task runs as when its spec names none [default: nobody].
+    #[arg(long)]
+    pub exec_default_user: Option<String>,
+    /// Users `exec` tasks may not run as, comma separated ("" refuses none) [default: root].
+    #[arg(long, value_delimiter = ',')]
+    pub exec_refused_users: Option<Vec<String>>,
+    /// pids limit of an `exec` task whose resources set none [default: 4096].
+    #[arg(long)]
+    pub exec_default_pids: Option<u64>,
     /// pids limit of all `exec` tasks of this node together (unset: none).
     #[arg(long)]
     pub exec_pids_max: Option<u64>,
@@ -565,6 +581,89 @@ pub struct DevArgs {
     pub artifacts: ArtifactArgs,
     #[command(flatten)]
     pub tracking: TrackingArgs,
+    /// Require ACL tokens (as `mlp server --acl-enabled`).
+    #[arg(long)]
+    pub acl_enabled: bool,
+    /// Configuration file of the built-in agent (as `mlp agent --config`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Leave the `raw_exec` driver off. `mlp dev` is a development mode and offers it unless
+    /// this flag or the config file (`raw_exec { enabled = false }`) turns it off; `mlp agent`
+    /// offers it only when asked.
+    #[arg(long)]
+    pub disable_raw_exec: bool,
+}
+
+// ---- ACLs (issue 15 §2) ----
+
+#[derive(Debug, Subcommand)]
+pub enum AclCommand {
+    /// Create the first management token; works once per cluster. Prints its secret (keep it:
+    /// it is shown only now) and accessor id.
+    Bootstrap {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage policies.
+    #[command(subcommand)]
+    Policy(AclPolicyCommand),
+    /// Manage tokens.
+    #[command(subcommand)]
+    Token(AclTokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AclPolicyCommand {
+    /// Create or replace policy NAME from an HCL file.
+    Apply {
+        name: String,
+        file: PathBuf,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List policies.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a policy and its rules.
+    Info {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a policy (tokens naming it lose what it granted).
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AclTokenCommand {
+    /// Create a token with the given policies; prints its secret (shown only now).
+    Create {
+        /// A policy of the token; repeatable (-policy a -policy b).
+        #[arg(long = "policy", required = true, value_name = "NAME")]
+        policies: Vec<String>,
+        /// Lifetime (`30m`, `1h`, `720h`); none: never expires.
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<std::time::Duration>,
+        #[arg(long, default_value = "")]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a token by accessor id (none: the caller's own).
+    Info {
+        accessor_id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a token by accessor id.
+    Delete { accessor_id: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -10,7 +10,37 @@ use mlp_proto::v1::{
     event_service_client::EventServiceClient, job_service_client::JobServiceClient, node_service_client::NodeServiceClient,
     system_service_client::SystemServiceClient,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+
+/// The connection every client uses: the server's channel, with the ACL token of `MLP_TOKEN`
+/// (if set) in each request's metadata (`x-mlp-token`).
+pub type Channel = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, TokenInterceptor>;
+
+/// Puts the ACL token into every request.
+#[derive(Clone)]
+pub struct TokenInterceptor(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl TokenInterceptor {
+    /// The token of `MLP_TOKEN`; empty or unset: none.
+    pub fn from_env() -> anyhow::Result<TokenInterceptor> {
+        match std::env::var("MLP_TOKEN") {
+            Ok(t) if !t.trim().is_empty() => {
+                let v = t.trim().parse().map_err(|_| anyhow::anyhow!("MLP_TOKEN is not a valid token (printable ASCII only)"))?;
+                Ok(TokenInterceptor(Some(v)))
+            }
+            _ => Ok(TokenInterceptor(None)),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert(mlp_server::acl::TOKEN_HEADER, t.clone());
+        }
+        Ok(req)
+    }
+}
 
 /// HTTP/2 pings on the CLI's connection, and how long an unanswered one may take.
 const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -30,6 +60,7 @@ pub struct Clients {
     pub system: SystemServiceClient<Channel>,
     pub events: EventServiceClient<Channel>,
     pub services: mlp_proto::v1::service_service_client::ServiceServiceClient<Channel>,
+    pub acl: mlp_proto::v1::acl_service_client::AclServiceClient<Channel>,
 }
 
 pub fn endpoint_uri(address: &str) -> String {
@@ -75,7 +106,9 @@ async fn connect_one(address: &str) -> anyhow::Result<Clients> {
         .await
         .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))
         .with_context(|| format!("cannot reach the mlp server at {uri} (set --address or MLP_ADDR)"))?;
+    let channel = tonic::service::interceptor::InterceptedService::new(channel, TokenInterceptor::from_env()?);
     Ok(Clients {
+        acl: mlp_proto::v1::acl_service_client::AclServiceClient::new(channel.clone()),
         jobs: JobServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
         allocs: AllocServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
         nodes: NodeServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),

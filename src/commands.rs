@@ -47,6 +47,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(c) => eval(&addr, c).await,
         Command::Service(c) => crate::services::service(&addr, c).await,
         Command::System(c) => system(&addr, c).await,
+        Command::Acl(c) => crate::acl::acl(&addr, c).await,
         Command::Event(c) => event(&addr, c).await,
         Command::Sim(a) => crate::sim::run(&a),
         Command::Completions { shell } => {

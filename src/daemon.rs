@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use mlp_agent::config_file::FileConfig;
 use mlp_agent::{Agent, AgentConfig};
 use mlp_server::leader::HeartbeatSettings;
 use mlp_server::raft::node::RaftSettings;
@@ -62,6 +63,7 @@ async fn start_server(
     gc: &crate::cli::GcArgs,
     overlay: &crate::cli::OverlayArgs,
     tls: Option<std::sync::Arc<mlp_tls::Tls>>,
+    acl_enabled: bool,
 ) -> anyhow::Result<Server> {
     let config = ServerConfig {
         data_dir: data_dir.to_path_buf(),
@@ -75,6 +77,7 @@ async fn start_server(
         event_buffer: event_buffer(gc.event_buffer)?,
         overlay: overlay.pool()?,
         tls,
+        acl_enabled,
     };
     Server::start_clustered(config, cluster).await.context("starting the server")
 }
@@ -156,6 +159,7 @@ pub async fn server(args: ServerArgs, conn: &crate::cli::Conn) -> anyhow::Result
         &args.gc,
         &args.overlay,
         tls.clone(),
+        args.acl_enabled,
     )
     .await?;
     crate::tls::reload_on_sighup(tls.iter().cloned().collect())?;
@@ -165,33 +169,51 @@ pub async fn server(args: ServerArgs, conn: &crate::cli::Conn) -> anyhow::Result
     println!("    gRPC:     {}", server.grpc_addr());
     println!("    HTTP:     {scheme}://{}", server.http_addr());
     println!("    data dir: {}", args.data_dir.display());
+    if args.acl_enabled {
+        println!("    ACLs:     enabled (mlp acl bootstrap; audit log in the data dir)");
+    }
     let sig = wait_for_signal().await?;
     tracing::info!(signal = sig, "shutting down");
     server.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
 
-/// The `exec` driver's isolation settings from the flags, checked: every bound path absolute
-/// and present, user names well-formed, pids limits positive.
-fn isolation_settings(a: &ExecIsolationArgs) -> anyhow::Result<mlp_agent::isolation::IsolationSettings> {
-    let user_ok = |u: &str| !u.is_empty() && u.len() <= 32 && u.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if !user_ok(&a.exec_default_user) {
-        anyhow::bail!("--exec-default-user: {:?} is not a user name", a.exec_default_user);
+/// The agent's configuration file (`--config`), checked; none: everything at its default.
+fn config_file(path: Option<&Path>) -> anyhow::Result<FileConfig> {
+    match path {
+        None => Ok(FileConfig::default()),
+        Some(p) => mlp_agent::config_file::load(p).map_err(|e| anyhow::anyhow!("--config:\n{e}")),
     }
-    let refused: Vec<String> = a.exec_refused_users.iter().map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
+}
+
+/// The `exec` driver's isolation settings from the flags, else the config file, else the
+/// defaults, checked: every bound path absolute and present, user names well-formed, pids
+/// limits positive.
+fn isolation_settings(a: &ExecIsolationArgs, file: &FileConfig) -> anyhow::Result<mlp_agent::isolation::IsolationSettings> {
+    let user_ok = |u: &str| !u.is_empty() && u.len() <= 32 && u.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    let defaults = mlp_agent::isolation::IsolationSettings::default();
+    let default_user = a.exec_default_user.clone().or_else(|| file.default_user.clone()).unwrap_or(defaults.default_user.clone());
+    if !user_ok(&default_user) {
+        anyhow::bail!("--exec-default-user: {default_user:?} is not a user name");
+    }
+    let refused_in = a.exec_refused_users.clone().or_else(|| file.refused_users.clone()).unwrap_or(defaults.refused_users.clone());
+    let refused: Vec<String> = refused_in.iter().map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
     if let Some(bad) = refused.iter().find(|u| !user_ok(u)) {
         anyhow::bail!("--exec-refused-users: {bad:?} is not a user name");
     }
-    if refused.contains(&a.exec_default_user) {
-        anyhow::bail!("--exec-default-user {} is also in --exec-refused-users", a.exec_default_user);
+    if refused.contains(&default_user) {
+        anyhow::bail!("--exec-default-user {default_user} is also in --exec-refused-users (or the config file's refused_users)");
     }
-    if a.exec_default_pids == 0 {
+    let default_pids = a.exec_default_pids.or(file.default_pids).unwrap_or(defaults.default_pids);
+    if default_pids == 0 {
         anyhow::bail!("--exec-default-pids must be at least 1");
     }
-    if a.exec_pids_max == Some(0) {
+    let pids_max = a.exec_pids_max.or(file.pids_max);
+    if pids_max == Some(0) {
         anyhow::bail!("--exec-pids-max must be at least 1");
     }
-    for p in &a.exec_bind_ro {
+    let bind_ro = if a.exec_bind_ro.is_empty() { file.bind_read_only.clone().unwrap_or_default() } else { a.exec_bind_ro.clone() };
+    for p in &bind_ro {
         if !p.is_absolute() {
             anyhow::bail!("--exec-bind-ro {}: must be an absolute path", p.display());
         }
@@ -199,19 +221,36 @@ fn isolation_settings(a: &ExecIsolationArgs) -> anyhow::Result<mlp_agent::isolat
             anyhow::bail!("--exec-bind-ro {}: no such file or directory on this host", p.display());
         }
     }
+    let hide = if a.exec_hide.is_empty() { file.hide.clone().unwrap_or_default() } else { a.exec_hide.clone() };
     let mut hidden = Vec::new();
-    for p in &a.exec_hide {
+    for p in &hide {
         hidden.push(mlp_agent::isolation::check_hidden_path(p).map_err(|e| anyhow::anyhow!("--exec-hide {e}"))?);
     }
     Ok(mlp_agent::isolation::IsolationSettings {
         hidden_paths: hidden,
-        default_user: a.exec_default_user.clone(),
+        default_user,
         refused_users: refused,
-        default_pids: a.exec_default_pids,
-        agent_pids_max: a.exec_pids_max,
-        extra_ro_paths: a.exec_bind_ro.clone(),
+        default_pids,
+        agent_pids_max: pids_max,
+        extra_ro_paths: bind_ro,
         ..Default::default()
     })
+}
+
+/// The drivers an agent offers: the config file's choice over the defaults (`raw_exec` on by
+/// default only when `raw_exec_default`), then the `raw_exec` flag's over both.
+fn drivers(file: &FileConfig, raw_exec: Option<bool>, raw_exec_default: bool) -> Vec<String> {
+    let mut drivers = file.drivers_enabled(raw_exec_default);
+    let raw = mlp_proto::consts::driver::RAW_EXEC;
+    match raw_exec {
+        Some(true) if !drivers.iter().any(|d| d == raw) => drivers.push(raw.to_string()),
+        Some(false) => drivers.retain(|d| d != raw),
+        _ => {}
+    }
+    if drivers.iter().any(|d| d == raw) {
+        tracing::warn!("the raw_exec driver is enabled: its tasks run unisolated, as the agent's user");
+    }
+    drivers
 }
 
 fn agent_config(
@@ -220,12 +259,16 @@ fn agent_config(
     node_name: Option<String>,
     rpc_addr: &str,
     exec: &ExecIsolationArgs,
+    file: &FileConfig,
+    drivers_enabled: Vec<String>,
 ) -> anyhow::Result<AgentConfig> {
     let mut config = AgentConfig {
-        isolation: isolation_settings(exec)?,
+        isolation: isolation_settings(exec, file)?,
         data_dir: data_dir.to_path_buf(),
         servers,
         rpc_listener: Some(bind(rpc_addr, "agent RPC")?),
+        drivers_enabled,
+        host_volumes: file.host_volumes.clone(),
         ..AgentConfig::default()
     };
     if let Some(n) = node_name {
@@ -257,7 +300,9 @@ pub async fn agent(args: AgentArgs, conn: &crate::cli::Conn) -> anyhow::Result<E
     }
     // A bad GPU file fails before anything is bound or written.
     let gpus = simulated_gpus(args.simulated_gpus.as_deref())?;
-    let mut config = agent_config(&args.data_dir, args.servers, args.node_name, &args.rpc_addr, &args.exec)?;
+    let file = config_file(args.config.as_deref())?;
+    let drivers = drivers(&file, args.enable_raw_exec.then_some(true), false);
+    let mut config = agent_config(&args.data_dir, args.servers, args.node_name, &args.rpc_addr, &args.exec, &file, drivers)?;
     config.simulated_gpus = gpus;
     config.gpu = args.gpu.settings();
     config.network = args.network.settings()?;
@@ -286,8 +331,9 @@ pub async fn dev(args: DevArgs, conn: &crate::cli::Conn) -> anyhow::Result<ExitC
     init_logging();
     // One identity for both halves: a server certificate (good for the agent role too).
     let tls = crate::tls::daemon(conn, mlp_tls::Role::Server, "mlp dev (server and agent in one)")?;
-    // Bad isolation flags or GPU file fail before anything starts.
-    isolation_settings(&args.exec)?;
+    // A bad config file, isolation flags or GPU file fail before anything starts.
+    let file = config_file(args.config.as_deref())?;
+    isolation_settings(&args.exec, &file)?;
     let network = args.network.settings()?;
     let dns_upstreams = args.dns.upstreams()?;
     let gpus = simulated_gpus(args.simulated_gpus.as_deref())?;
@@ -304,10 +350,20 @@ pub async fn dev(args: DevArgs, conn: &crate::cli::Conn) -> anyhow::Result<ExitC
         &args.gc,
         &args.overlay,
         tls.clone(),
+        args.acl_enabled,
     )
     .await?;
-    let mut config =
-        agent_config(&args.data_dir.join("agent"), vec![server.grpc_addr().to_string()], args.node_name, "127.0.0.1:0", &args.exec)?;
+    // `mlp dev` is a development mode: raw_exec stays on unless turned off (README).
+    let drivers = drivers(&file, args.disable_raw_exec.then_some(false), true);
+    let mut config = agent_config(
+        &args.data_dir.join("agent"),
+        vec![server.grpc_addr().to_string()],
+        args.node_name,
+        "127.0.0.1:0",
+        &args.exec,
+        &file,
+        drivers,
+    )?;
     config.simulated_gpus = gpus;
     config.gpu = args.gpu.settings();
     config.network = network;
@@ -326,6 +382,9 @@ pub async fn dev(args: DevArgs, conn: &crate::cli::Conn) -> anyhow::Result<ExitC
     println!("    metrics:  {scheme}://{}/v1/metrics", server.http_addr());
     println!("    node:     {}", agent.node_id());
     println!("    data dir: {}", args.data_dir.display());
+    if args.acl_enabled {
+        println!("    ACLs:     enabled (mlp acl bootstrap, then MLP_TOKEN=<secret>)");
+    }
     let addr_hint = match &tls {
         Some(t) => format!(
             "MLP_ADDR=https://{grpc} MLP_CACERT={} MLP_CLIENT_CERT=<a client certificate> MLP_CLIENT_KEY=<its key> ",

@@ -10,11 +10,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::client::Channel;
 use mlp_proto::consts::{alloc_client, eval_status, job_status};
 use mlp_proto::v1::{
     event_service_client::EventServiceClient, Allocation, Evaluation, EventBatch, EventTopic, EventsRequest, GetJobRequest, Job,
 };
-use tonic::transport::Channel;
 
 use crate::client::{status_err, Clients};
 use crate::output::short;

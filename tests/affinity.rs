@@ -25,7 +25,7 @@ impl Agents {
             let dir = dev.dir.path().join(format!("agent-{rack}"));
             let log = std::fs::File::create(dev.dir.path().join(format!("agent-{rack}.log"))).expect("agent log");
             let child = Command::new(MLP)
-                .args(["agent", "--servers", &dev.grpc, "--node-name", &format!("rack-{rack}")])
+                .args(["agent", "--servers", &dev.grpc, "--node-name", &format!("rack-{rack}"), "--enable-raw-exec"])
                 .args(["--meta", &format!("rack={rack}")])
                 .arg("--data-dir")
                 .arg(&dir)

@@ -211,6 +211,17 @@ pub fn fingerprint(config: &AgentConfig, gpu: &crate::gpu::Backend) -> Node {
         }
     }
 
+    // Drivers this agent knows but its configuration leaves off: the scheduler names them in
+    // placement failures ("driver raw_exec disabled on node X") instead of "missing driver".
+    let disabled: Vec<&str> =
+        crate::config_file::KNOWN_DRIVERS.iter().copied().filter(|d| !config.drivers_enabled.iter().any(|e| e == d)).collect();
+    if !disabled.is_empty() {
+        attrs.insert(mlp_proto::consts::DRIVERS_DISABLED_ATTR.into(), disabled.join(","));
+    }
+    for (name, v) in &config.host_volumes {
+        attrs.insert(format!("host_volume.{name}"), if v.read_only { "ro" } else { "rw" }.into());
+    }
+
     Node {
         id: String::new(),
         name: config.node_name.clone(),
@@ -290,7 +301,9 @@ mod tests {
         assert_eq!(n.attributes.get("driver.exec").map(String::as_str), Some("1"));
         assert_eq!(n.attributes.get("driver.wasm").map(String::as_str), Some("1"));
         assert_eq!(n.attributes.get("driver.oci").map(String::as_str), Some("1"));
-        assert_eq!(n.drivers, vec!["exec".to_string(), "raw_exec".to_string(), "wasm".to_string(), "oci".to_string()]);
+        // raw_exec is off by default (issue 15 §4), and named as disabled.
+        assert_eq!(n.drivers, vec!["exec".to_string(), "wasm".to_string(), "oci".to_string()]);
+        assert_eq!(n.attributes.get(mlp_proto::consts::DRIVERS_DISABLED_ATTR).map(String::as_str), Some("raw_exec"));
         assert!(r.gpus.is_empty() && !n.attributes.contains_key("gpu.simulated"));
         for k in [
             "cpu.numcores",

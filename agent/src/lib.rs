@@ -26,6 +26,7 @@
 pub mod alloc;
 pub mod artifact;
 pub mod client;
+pub mod config_file;
 pub mod driver;
 pub mod fingerprint;
 pub mod gpu;
@@ -101,8 +102,12 @@ pub struct AgentConfig {
     pub log_max_file_bytes: u64,
     /// Log files kept per task stream (default 5).
     pub log_max_files: u32,
-    /// Enabled drivers (default exec, raw_exec, wasm, oci).
+    /// Enabled drivers (default exec, wasm, oci: `raw_exec`, which runs tasks unisolated as
+    /// the agent's user, only when the configuration enables it; issue 15 §4).
     pub drivers_enabled: Vec<String>,
+    /// Host directories offered by name (`host_volume` blocks of the configuration file),
+    /// advertised as node attributes `host_volume.NAME` = `ro` | `rw`.
+    pub host_volumes: BTreeMap<String, config_file::HostVolume>,
     /// Isolation of `exec` tasks (default user, refused users, default pids limit, ...).
     pub isolation: isolation::IsolationSettings,
     /// Simulated GPUs this node registers (`gpu::simulated::load`); empty = real ones, if any.
@@ -142,10 +147,10 @@ impl Default for AgentConfig {
             log_max_files: 5,
             drivers_enabled: vec![
                 mlp_proto::consts::driver::EXEC.to_string(),
-                mlp_proto::consts::driver::RAW_EXEC.to_string(),
                 mlp_proto::consts::driver::WASM.to_string(),
                 mlp_proto::consts::driver::OCI.to_string(),
             ],
+            host_volumes: BTreeMap::new(),
             isolation: isolation::IsolationSettings::default(),
             simulated_gpus: Vec::new(),
             gpu: gpu::GpuSettings::default(),

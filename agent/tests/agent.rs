@@ -151,6 +151,8 @@ async fn start_agent(dir: &Path, server: &str) -> Result<Agent, Box<dyn std::err
         // The first server is dead: the agent must fail over.
         servers: vec!["127.0.0.1:1".into(), server.to_string()],
         node_name: "test-node".into(),
+        // raw_exec is off unless the configuration enables it (issue 15 §4).
+        drivers_enabled: vec!["exec".into(), "raw_exec".into()],
         isolation: mlp_agent::isolation::IsolationSettings {
             // The test binary cannot supervise tasks: the helper binary does.
             supervisor_exe: Some(env!("CARGO_BIN_EXE_mlp-supervise-helper").into()),

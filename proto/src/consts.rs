@@ -93,6 +93,10 @@ pub mod driver {
     pub const OCI: &str = "oci";
 }
 
+/// Node attribute listing the drivers an agent knows but its configuration turned off
+/// (comma separated), e.g. `raw_exec` (issue 15 §4).
+pub const DRIVERS_DISABLED_ATTR: &str = "drivers.disabled";
+
 /// Health of a service instance (`ServiceRegistration.health`).
 pub mod service_health {
     pub const PASSING: &str = "passing";

@@ -28,9 +28,16 @@ pub enum ApiError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
-    /// The caller may not do this (a node secret missing or wrong).
+    /// The caller may not do this: refused by ACLs (issue 15 §2) or a node secret missing or
+    /// wrong (§3). gRPC `PermissionDenied`, HTTP 403.
     #[error("{0}")]
     PermissionDenied(String),
+}
+
+impl From<crate::acl::guard::Denied> for ApiError {
+    fn from(d: crate::acl::guard::Denied) -> Self {
+        ApiError::PermissionDenied(d.to_string())
+    }
 }
 
 impl From<WriteError> for ApiError {
@@ -90,19 +97,21 @@ pub struct Api {
     /// This server's MLflow tracking URI, told to registering agents for their tasks
     /// (issue 17 §3); see [`tracking_uri`].
     pub tracking_uri: String,
+    /// ACL checks, env redaction and the audit log (issue 15 §2); off by default.
+    pub acl: Arc<crate::acl::Guard>,
 }
 
-/// The MLflow tracking URI tasks reach this server at: `http://` and its HTTP address, with
-/// the host of its advertised gRPC address when the HTTP listener is bound to every address
-/// (`0.0.0.0`, `::`), which a task cannot dial.
-pub fn tracking_uri(http_addr: std::net::SocketAddr, advertise: &str) -> String {
+/// The MLflow tracking URI tasks reach this server at: `scheme://` (`https` when the HTTP API
+/// is served over TLS) and its HTTP address, with the host of its advertised gRPC address when
+/// the HTTP listener is bound to every address (`0.0.0.0`, `::`), which a task cannot dial.
+pub fn tracking_uri(scheme: &str, http_addr: std::net::SocketAddr, advertise: &str) -> String {
     if !http_addr.ip().is_unspecified() {
-        return format!("http://{http_addr}");
+        return format!("{scheme}://{http_addr}");
     }
     let host = advertise.rsplit_once(':').map_or(advertise, |(h, _)| h);
     let unspecified = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified());
     let host = if host.is_empty() || unspecified { "127.0.0.1" } else { host };
-    format!("http://{host}:{}", http_addr.port())
+    format!("{scheme}://{host}:{}", http_addr.port())
 }
 
 /// GPU measurements a heartbeat may carry: at most one per device a node may register, ids
@@ -882,13 +891,14 @@ mod tests {
     #[test]
     fn the_tracking_uri_is_a_dialable_http_address() {
         let addr = |s: &str| s.parse::<std::net::SocketAddr>().expect("addr");
-        assert_eq!(tracking_uri(addr("127.0.0.1:7646"), "127.0.0.1:7647"), "http://127.0.0.1:7646");
-        assert_eq!(tracking_uri(addr("[::1]:7646"), "[::1]:7647"), "http://[::1]:7646");
+        assert_eq!(tracking_uri("http", addr("127.0.0.1:7646"), "127.0.0.1:7647"), "http://127.0.0.1:7646");
+        assert_eq!(tracking_uri("http", addr("[::1]:7646"), "[::1]:7647"), "http://[::1]:7646");
         // Bound to every address: the advertised host, with the HTTP port.
-        assert_eq!(tracking_uri(addr("0.0.0.0:7646"), "10.1.2.3:7647"), "http://10.1.2.3:7646");
-        assert_eq!(tracking_uri(addr("0.0.0.0:7646"), "server-1.dc1:7647"), "http://server-1.dc1:7646");
-        assert_eq!(tracking_uri(addr("[::]:7646"), "[fd00::5]:7647"), "http://[fd00::5]:7646");
+        assert_eq!(tracking_uri("http", addr("0.0.0.0:7646"), "10.1.2.3:7647"), "http://10.1.2.3:7646");
+        assert_eq!(tracking_uri("http", addr("0.0.0.0:7646"), "server-1.dc1:7647"), "http://server-1.dc1:7646");
+        assert_eq!(tracking_uri("http", addr("[::]:7646"), "[fd00::5]:7647"), "http://[fd00::5]:7646");
+        assert_eq!(tracking_uri("https", addr("127.0.0.1:7646"), "127.0.0.1:7647"), "https://127.0.0.1:7646");
         // Nothing better known: loopback.
-        assert_eq!(tracking_uri(addr("0.0.0.0:7646"), "0.0.0.0:7647"), "http://127.0.0.1:7646");
+        assert_eq!(tracking_uri("http", addr("0.0.0.0:7646"), "0.0.0.0:7647"), "http://127.0.0.1:7646");
     }
 }

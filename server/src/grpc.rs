@@ -8,6 +8,7 @@ use mlp_proto::v1::*;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::acl::{self, policy::Capability, Authz};
 use crate::api::{Api, Block};
 use crate::events::EventError;
 use crate::metrics::Metrics;
@@ -31,41 +32,113 @@ impl GrpcApi {
 impl job_service_server::JobService for GrpcApi {
     async fn register(&self, req: Request<RegisterJobRequest>) -> GrpcResult<RegisterJobResponse> {
         self.count();
+        let authz = authz_of(&req);
         let req = req.into_inner();
+        if let Some(j) = &req.job {
+            self.api.acl.require_ns(authz.as_ref(), Capability::SubmitJob, &j.namespace, "job register", &j.id)?;
+        }
         Ok(Response::new(self.api.register_job_once(req.job, &req.request_id).await?))
     }
     async fn plan(&self, req: Request<PlanJobRequest>) -> GrpcResult<PlanJobResponse> {
         self.count();
-        Ok(Response::new(self.api.plan_job(req.into_inner().job).await?))
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        if let Some(j) = &req.job {
+            self.api.acl.require_ns(authz.as_ref(), Capability::SubmitJob, &j.namespace, "job plan", &j.id)?;
+        }
+        Ok(Response::new(self.api.plan_job(req.job).await?))
     }
     async fn list(&self, req: Request<ListJobsRequest>) -> GrpcResult<ListJobsResponse> {
         self.count();
-        Ok(Response::new(self.api.list_jobs(req.into_inner()).await?))
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        if !req.namespace.is_empty() {
+            self.api.acl.require_ns(authz.as_ref(), Capability::ListJobs, &req.namespace, "job list", "")?;
+        }
+        let mut r = self.api.list_jobs(req).await?;
+        // No namespace asked: every namespace's jobs, as far as the token may list them.
+        if let Some(a) = &authz {
+            r.jobs.retain(|j| a.allows_ns(Capability::ListJobs, if j.namespace.is_empty() { "default" } else { &j.namespace }));
+        }
+        Ok(Response::new(r))
     }
     async fn get(&self, req: Request<GetJobRequest>) -> GrpcResult<GetJobResponse> {
         self.count();
-        Ok(Response::new(self.api.get_job(req.into_inner()).await?))
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        self.api.acl.require_ns(authz.as_ref(), Capability::ReadJob, &req.namespace, "job get", &req.job_id)?;
+        let mut r = self.api.get_job(req).await?;
+        if let Some(j) = r.job.as_mut() {
+            if !self.api.acl.shows_env(authz.as_ref(), &j.namespace) {
+                acl::redact_env(j);
+                r.allocations.iter_mut().filter_map(|a| a.job.as_mut()).for_each(acl::redact_env);
+            }
+        }
+        Ok(Response::new(r))
     }
     async fn versions(&self, req: Request<GetJobRequest>) -> GrpcResult<JobVersionsResponse> {
         self.count();
-        Ok(Response::new(self.api.job_versions(req.into_inner()).await?))
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        self.api.acl.require_ns(authz.as_ref(), Capability::ReadJob, &req.namespace, "job versions", &req.job_id)?;
+        let ns = req.namespace.clone();
+        let mut r = self.api.job_versions(req).await?;
+        if !self.api.acl.shows_env(authz.as_ref(), &ns) {
+            r.versions.iter_mut().for_each(acl::redact_env);
+        }
+        Ok(Response::new(r))
     }
     async fn stop(&self, req: Request<StopJobRequest>) -> GrpcResult<StopJobResponse> {
         self.count();
-        Ok(Response::new(self.api.stop_job(req.into_inner()).await?))
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        self.api.acl.require_ns(authz.as_ref(), Capability::SubmitJob, &req.namespace, "job stop", &req.job_id)?;
+        Ok(Response::new(self.api.stop_job(req).await?))
     }
+}
+
+/// The token the ACL guard resolved for this request (none: ACLs off).
+fn authz_of<T>(req: &Request<T>) -> Option<Authz> {
+    req.extensions().get::<Authz>().cloned()
+}
+
+/// An allocation as a token may see it: refused without `cap` in its namespace, its job's env
+/// redacted without `read-job-env`.
+fn alloc_for(api: &Api, authz: Option<&Authz>, cap: Capability, mut a: Allocation, op: &str) -> Result<Allocation, acl::guard::Denied> {
+    api.acl.require_ns(authz, cap, &a.namespace, op, &a.id)?;
+    if !api.acl.shows_env(authz, &a.namespace) {
+        if let Some(j) = a.job.as_mut() {
+            acl::redact_env(j);
+        }
+    }
+    Ok(a)
 }
 
 #[tonic::async_trait]
 impl alloc_service_server::AllocService for GrpcApi {
     async fn list(&self, req: Request<ListAllocsRequest>) -> GrpcResult<ListAllocsResponse> {
         self.count();
-        Ok(Response::new(self.api.list_allocs(req.into_inner()).await?))
+        let authz = authz_of(&req);
+        let mut r = self.api.list_allocs(req.into_inner()).await?;
+        if let Some(a) = &authz {
+            // Only the allocations of namespaces the token may read.
+            r.allocations.retain(|x| a.allows_ns(Capability::ReadJob, if x.namespace.is_empty() { "default" } else { &x.namespace }));
+            for x in &mut r.allocations {
+                if !self.api.acl.shows_env(Some(a), &x.namespace) {
+                    if let Some(j) = x.job.as_mut() {
+                        acl::redact_env(j);
+                    }
+                }
+            }
+        }
+        Ok(Response::new(r))
     }
     async fn get(&self, req: Request<GetAllocRequest>) -> GrpcResult<GetAllocResponse> {
         self.count();
+        let authz = authz_of(&req);
         let req = req.into_inner();
         let (a, index) = self.api.get_alloc(&req.alloc_id, Block { min_index: req.min_index, wait_ms: req.wait_ms }).await?;
+        let a = alloc_for(&self.api, authz.as_ref(), Capability::ReadJob, a, "alloc get")?;
         Ok(Response::new(GetAllocResponse { allocation: Some(a), index }))
     }
 
@@ -74,8 +147,10 @@ impl alloc_service_server::AllocService for GrpcApi {
     /// Proxies to the agent that runs the allocation.
     async fn logs(&self, req: Request<LogsRequest>) -> GrpcResult<Self::LogsStream> {
         self.count();
+        let authz = authz_of(&req);
         let mut req = req.into_inner();
         let (alloc, _) = self.api.get_alloc(&req.alloc_id, Block::default()).await?;
+        let alloc = alloc_for(&self.api, authz.as_ref(), Capability::ReadLogs, alloc, "alloc logs")?;
         let addr = {
             let st = self.api.state.read();
             st.nodes.get(&alloc.node_id).map(|n| n.rpc_addr.clone()).unwrap_or_default()
@@ -113,6 +188,7 @@ impl alloc_service_server::AllocService for GrpcApi {
     /// away the upstream call is dropped, which ends the session on the agent.
     async fn exec(&self, req: Request<tonic::Streaming<ExecRequest>>) -> GrpcResult<Self::ExecStream> {
         self.count();
+        let authz = authz_of(&req);
         let mut inbound = req.into_inner();
         let mut first =
             inbound.message().await?.ok_or_else(|| Status::invalid_argument("exec: the stream ended before its first message"))?;
@@ -121,6 +197,34 @@ impl alloc_service_server::AllocService for GrpcApi {
             return Err(Status::invalid_argument("exec: start.command is empty: name a command to run"));
         }
         let (alloc, _) = self.api.get_alloc(&start.alloc_id, Block::default()).await?;
+        let alloc = alloc_for(&self.api, authz.as_ref(), Capability::AllocExec, alloc, "alloc exec")?;
+        // A task of an unisolated driver runs as the agent's user on the host: exec into it
+        // also needs alloc-node-exec.
+        let unisolated = {
+            let st = self.api.state.read();
+            let job = alloc.job.as_ref().or_else(|| st.jobs.get(&crate::state::job_key(&alloc.namespace, &alloc.job_id)));
+            job.and_then(|j| j.groups.iter().find(|g| g.name == alloc.task_group))
+                .map(|g| {
+                    g.tasks
+                        .iter()
+                        .filter(|t| start.task.is_empty() || t.name == start.task)
+                        .any(|t| t.driver == mlp_proto::consts::driver::RAW_EXEC)
+                })
+                .unwrap_or(false)
+        };
+        if unisolated {
+            self.api.acl.require_ns(authz.as_ref(), Capability::AllocNodeExec, &alloc.namespace, "alloc exec", &alloc.id)?;
+        }
+        if let Some(a) = &authz {
+            self.api.acl.record(
+                "grpc",
+                "alloc exec",
+                &format!("{} {}", alloc.id, start.command.join(" ")),
+                Some(a),
+                "allowed",
+                "alloc-exec",
+            );
+        }
         if alloc.client_status != mlp_proto::consts::alloc_client::RUNNING {
             return Err(Status::failed_precondition(format!(
                 "allocation {} is {}, not running",
@@ -219,13 +323,20 @@ impl node_service_server::NodeService for GrpcApi {
 impl eval_service_server::EvalService for GrpcApi {
     async fn list(&self, req: Request<ListEvalsRequest>) -> GrpcResult<ListEvalsResponse> {
         self.count();
+        let authz = authz_of(&req);
         let req = req.into_inner();
-        Ok(Response::new(self.api.list_evals(&req.job_id, Block { min_index: req.min_index, wait_ms: req.wait_ms }).await?))
+        let mut r = self.api.list_evals(&req.job_id, Block { min_index: req.min_index, wait_ms: req.wait_ms }).await?;
+        if let Some(a) = &authz {
+            r.evaluations.retain(|e| a.allows_ns(Capability::ReadJob, if e.namespace.is_empty() { "default" } else { &e.namespace }));
+        }
+        Ok(Response::new(r))
     }
     async fn get(&self, req: Request<GetEvalRequest>) -> GrpcResult<GetEvalResponse> {
         self.count();
+        let authz = authz_of(&req);
         let req = req.into_inner();
         let (e, index) = self.api.get_eval(&req.eval_id, Block { min_index: req.min_index, wait_ms: req.wait_ms }).await?;
+        self.api.acl.require_ns(authz.as_ref(), Capability::ReadJob, &e.namespace, "eval get", &e.id)?;
         Ok(Response::new(GetEvalResponse { evaluation: Some(e), index }))
     }
 }
@@ -239,8 +350,19 @@ impl event_service_server::EventService for GrpcApi {
     /// behind, the state is replaced, or the server stops.
     async fn events(&self, req: Request<EventsRequest>) -> GrpcResult<Self::EventsStream> {
         self.count();
-        let sub = self.api.subscribe_events(&req.into_inner()).map_err(event_status)?;
-        let rx = Api::pump_events(self.api.clone(), sub, stream_item);
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        let ns = if req.namespace.is_empty() { "*" } else { req.namespace.as_str() };
+        self.api.acl.require_ns(authz.as_ref(), Capability::ReadJob, ns, "event stream", "")?;
+        let sub = self.api.subscribe_events(&req).map_err(event_status)?;
+        #[allow(clippy::result_large_err)] // tonic's stream item type
+        let rx = Api::pump_events(self.api.clone(), sub, move |item| {
+            let mut item = stream_item(item);
+            if let (Ok(batch), Some(a)) = (item.as_mut(), authz.as_ref()) {
+                acl::redact_batch(batch, a);
+            }
+            item
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -417,10 +539,17 @@ impl agent_service_server::AgentService for GrpcApi {
 impl service_service_server::ServiceService for GrpcApi {
     async fn list(&self, req: Request<ListServicesRequest>) -> GrpcResult<ListServicesResponse> {
         self.count();
-        Ok(Response::new(self.api.list_services(req.into_inner()).await?))
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        let ns = if req.namespace.is_empty() { "*" } else { req.namespace.as_str() };
+        self.api.acl.require_ns(authz.as_ref(), Capability::ReadJob, ns, "service list", "")?;
+        Ok(Response::new(self.api.list_services(req).await?))
     }
     async fn get(&self, req: Request<GetServiceRequest>) -> GrpcResult<GetServiceResponse> {
         self.count();
-        Ok(Response::new(self.api.get_service(req.into_inner()).await?))
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        self.api.acl.require_ns(authz.as_ref(), Capability::ReadJob, &req.namespace, "service get", &req.name)?;
+        Ok(Response::new(self.api.get_service(req).await?))
     }
 }

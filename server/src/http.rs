@@ -15,6 +15,7 @@ use mlp_proto::v1::{
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::acl::{self, policy::Capability, Authz};
 use crate::api::{Api, ApiError, Block};
 use crate::events::EventError;
 use crate::metrics::Metrics;
@@ -184,13 +185,24 @@ async fn not_found(uri: axum::http::Uri) -> HttpError {
     HttpError(StatusCode::NOT_FOUND, format!("no such endpoint: {}", uri.path()))
 }
 
-async fn list_jobs(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> HttpResult {
+async fn list_jobs(State(api): State<Arc<Api>>, authz: Token, Query(p): Query<Params>) -> HttpResult {
     let b = p.block()?;
-    let r = api.list_jobs(ListJobsRequest { namespace: p.namespace, stale: p.stale, min_index: b.min_index, wait_ms: b.wait_ms }).await?;
+    let mut r =
+        api.list_jobs(ListJobsRequest { namespace: p.namespace, stale: p.stale, min_index: b.min_index, wait_ms: b.wait_ms }).await?;
+    if let Some(a) = token(&authz) {
+        r.jobs.retain(|j| a.allows_ns(Capability::ListJobs, ns_or_default(&j.namespace)));
+    }
     ok_at(r.jobs, r.index)
 }
 
-async fn submit_job(State(api): State<Arc<Api>>, StrictJson(body): StrictJson<SubmitJob>) -> HttpResult {
+/// The token the ACL middleware resolved (absent: ACLs off).
+type Token = Option<axum::Extension<Authz>>;
+
+fn token(t: &Token) -> Option<&Authz> {
+    t.as_ref().map(|e| &e.0)
+}
+
+async fn submit_job(State(api): State<Arc<Api>>, authz: Token, StrictJson(body): StrictJson<SubmitJob>) -> HttpResult {
     let job = match (body.job, body.hcl) {
         (Some(job), None) => job,
         // Parsing up to 1 MiB of text is blocking work; keep it off the request threads.
@@ -200,6 +212,7 @@ async fn submit_job(State(api): State<Arc<Api>>, StrictJson(body): StrictJson<Su
             .map_err(|e| HttpError(StatusCode::BAD_REQUEST, e.to_string()))?,
         _ => return Err(HttpError(StatusCode::BAD_REQUEST, "give exactly one of \"job\" (JSON) or \"hcl\" (job spec text)".into())),
     };
+    api.acl.require_ns(token(&authz), Capability::SubmitJob, &job.namespace, "POST /v1/jobs", &job.id).map_err(ApiError::from)?;
     ok(api.register_job(Some(job)).await?)
 }
 
@@ -208,8 +221,13 @@ fn get_job_request(id: String, p: Params) -> Result<GetJobRequest, HttpError> {
     Ok(GetJobRequest { job_id: id, namespace: p.namespace, stale: p.stale, min_index: b.min_index, wait_ms: b.wait_ms })
 }
 
-async fn get_job(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
-    let r = api.get_job(get_job_request(id, p)?).await?;
+async fn get_job(State(api): State<Arc<Api>>, authz: Token, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
+    let mut r = api.get_job(get_job_request(id, p)?).await?;
+    if let Some(j) = r.job.as_mut() {
+        if !api.acl.shows_env(token(&authz), &j.namespace) {
+            acl::redact_env(j);
+        }
+    }
     let index = r.index;
     ok_at(r, index)
 }
@@ -223,8 +241,13 @@ async fn job_allocs(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p
     ok_at(r.allocations, r.index)
 }
 
-async fn job_versions(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
-    ok(api.job_versions(get_job_request(id, p)?).await?.versions)
+async fn job_versions(State(api): State<Arc<Api>>, authz: Token, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
+    let show = api.acl.shows_env(token(&authz), &p.namespace);
+    let mut versions = api.job_versions(get_job_request(id, p)?).await?.versions;
+    if !show {
+        versions.iter_mut().for_each(acl::redact_env);
+    }
+    ok(versions)
 }
 
 async fn job_evals(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
@@ -232,16 +255,25 @@ async fn job_evals(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p)
     ok_at(r.evaluations, r.index)
 }
 
-async fn list_allocs(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> HttpResult {
+async fn list_allocs(State(api): State<Arc<Api>>, authz: Token, Query(p): Query<Params>) -> HttpResult {
     let b = p.block()?;
     let req =
         ListAllocsRequest { job_id: p.job_id, node_id: p.node_id, namespace: p.namespace, min_index: b.min_index, wait_ms: b.wait_ms };
-    let r = api.list_allocs(req).await?;
+    let mut r = api.list_allocs(req).await?;
+    if let Some(a) = token(&authz) {
+        r.allocations.retain(|x| a.allows_ns(Capability::ReadJob, ns_or_default(&x.namespace)));
+    }
     ok_at(r.allocations, r.index)
 }
 
-async fn get_alloc(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
-    let (a, index) = api.get_alloc(&id, p.block()?).await?;
+async fn get_alloc(State(api): State<Arc<Api>>, authz: Token, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
+    let (mut a, index) = api.get_alloc(&id, p.block()?).await?;
+    api.acl.require_ns(token(&authz), Capability::ReadJob, &a.namespace, "GET /v1/allocation", &a.id).map_err(ApiError::from)?;
+    if !api.acl.shows_env(token(&authz), &a.namespace) {
+        if let Some(j) = a.job.as_mut() {
+            acl::redact_env(j);
+        }
+    }
     ok_at(a, index)
 }
 
@@ -296,20 +328,32 @@ async fn get_service(State(api): State<Arc<Api>>, Path(name): Path<String>, Quer
     ok_at(r.instances, r.index)
 }
 
-async fn list_evals(State(api): State<Arc<Api>>, Query(p): Query<Params>) -> HttpResult {
-    let r = api.list_evals(&p.job_id, p.block()?).await?;
+async fn list_evals(State(api): State<Arc<Api>>, authz: Token, Query(p): Query<Params>) -> HttpResult {
+    let mut r = api.list_evals(&p.job_id, p.block()?).await?;
+    if let Some(a) = token(&authz) {
+        r.evaluations.retain(|e| a.allows_ns(Capability::ReadJob, ns_or_default(&e.namespace)));
+    }
     ok_at(r.evaluations, r.index)
 }
 
-async fn get_eval(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
+async fn get_eval(State(api): State<Arc<Api>>, authz: Token, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
     let (e, index) = api.get_eval(&id, p.block()?).await?;
+    api.acl.require_ns(token(&authz), Capability::ReadJob, &e.namespace, "GET /v1/evaluation", &e.id).map_err(ApiError::from)?;
     ok_at(e, index)
+}
+
+fn ns_or_default(ns: &str) -> &str {
+    if ns.is_empty() {
+        "default"
+    } else {
+        ns
+    }
 }
 
 /// `GET /v1/event/stream?topic=Job&topic=Allocation:<job id>&namespace=N&index=I`: newline-
 /// delimited JSON, one `EventBatch` per line (`{"index":…,"events":[…]}`), `{}` as a heartbeat
 /// every 10 s; a stream that ends early ends with a line `{"error": "..."}`.
-async fn event_stream(State(api): State<Arc<Api>>, Query(q): Query<Vec<(String, String)>>) -> HttpResult {
+async fn event_stream(State(api): State<Arc<Api>>, authz: Token, Query(q): Query<Vec<(String, String)>>) -> HttpResult {
     let mut req = EventsRequest::default();
     for (k, v) in q {
         match k.as_str() {
@@ -327,6 +371,8 @@ async fn event_stream(State(api): State<Arc<Api>>, Query(q): Query<Vec<(String, 
             }
         }
     }
+    let ns = if req.namespace.is_empty() { "*" } else { req.namespace.as_str() };
+    api.acl.require_ns(token(&authz), Capability::ReadJob, ns, "GET /v1/event/stream", "").map_err(ApiError::from)?;
     let sub = api.subscribe_events(&req).map_err(|e| {
         let code = match e {
             EventError::Gone { .. } => StatusCode::GONE,
@@ -335,7 +381,11 @@ async fn event_stream(State(api): State<Arc<Api>>, Query(q): Query<Vec<(String, 
         };
         HttpError(code, e.to_string())
     })?;
-    let rx = Api::pump_events(api.clone(), sub, |item| {
+    let authz = authz.map(|e| e.0);
+    let rx = Api::pump_events(api.clone(), sub, move |mut item| {
+        if let (Ok(batch), Some(a)) = (item.as_mut(), authz.as_ref()) {
+            acl::redact_batch(batch, a);
+        }
         let line = match item {
             // A batch is never empty; an empty one is the heartbeat.
             Ok(batch) if batch.events.is_empty() => "{}".to_string(),

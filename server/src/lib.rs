@@ -1,6 +1,7 @@
 //! mlp server: the Raft-replicated cluster state, the scheduler, the leader's evaluation and
 //! plan loops, and the gRPC and HTTP APIs.
 
+pub mod acl;
 pub mod api;
 pub mod events;
 pub mod grpc;

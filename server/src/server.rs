@@ -43,6 +43,8 @@ pub struct ServerConfig {
     /// Mutual TLS on both listeners and every outgoing connection (issue 15 §1); `None`:
     /// plaintext, no role checks (`mlp dev`'s default).
     pub tls: Option<Arc<mlp_tls::Tls>>,
+    /// ACL tokens and policies (issue 15 §2): `--acl-enabled`. Off: nothing is checked.
+    pub acl_enabled: bool,
 }
 
 /// Start-up failures.
@@ -121,6 +123,12 @@ impl Server {
 
         let metrics = Arc::new(Metrics::default());
         let heartbeats = Arc::new(Heartbeats::default());
+        let guard = Arc::new(crate::acl::Guard::new(
+            config.acl_enabled,
+            crate::acl::audit::Audit::new(Some(config.data_dir.join("audit.log"))),
+            state.clone(),
+            raft.clone(),
+        ));
         let api = Arc::new(Api {
             raft: raft.clone(),
             state: state.clone(),
@@ -128,7 +136,8 @@ impl Server {
             heartbeats: heartbeats.clone(),
             heartbeat: config.heartbeat,
             overlay: config.overlay.clone(),
-            tracking_uri: crate::api::tracking_uri(http_addr, &advertise),
+            tracking_uri: crate::api::tracking_uri(if tls.is_some() { "https" } else { "http" }, http_addr, &advertise),
+            acl: guard.clone(),
         });
         let grpc = GrpcApi { api: api.clone() };
 
@@ -136,6 +145,8 @@ impl Server {
         // (mlp_tls::authz; a pass-through without TLS).
         let router = tonic::transport::Server::builder()
             .layer(mlp_tls::authz::AuthorizeLayer::new(mlp_tls::authz::server_rule, tls.is_some()))
+            .layer(crate::acl::AclLayer { guard: guard.clone() })
+            .add_service(mlp_proto::v1::acl_service_server::AclServiceServer::new(crate::acl::service::AclApi { api: api.clone() }))
             .add_service(crate::raft::network::raft_grpc_service(raft.raft.clone()))
             .add_service(crate::raft::cluster::cluster_grpc_service(raft.clone(), cluster.bootstrap_expect))
             .add_service(limits(JobServiceServer::new(grpc.clone())))
@@ -181,7 +192,9 @@ impl Server {
         }
 
         // MLflow's tracking, registry and artifact API (issue 17) beside mlp's own.
-        let app = crate::tracking::http::router(api.clone(), config.data_dir.join("artifacts")).merge(crate::http::router(api.clone()));
+        let app = crate::tracking::http::router(api.clone(), config.data_dir.join("artifacts"))
+            .merge(crate::http::router(api.clone()))
+            .route_layer(axum::middleware::from_fn_with_state(guard.clone(), crate::acl::guard::http_middleware));
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let stop = async move {

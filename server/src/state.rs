@@ -162,6 +162,9 @@ pub enum Command {
     /// A change to experiments, runs, models or versions (`tracking::state`). Its ids and
     /// timestamps were chosen by the proposer; applying it reads neither clock nor randomness.
     Tracking(crate::tracking::TrackingCommand),
+    // ---- ACL tokens and policies (issue 15 §2) ----
+    /// A change to ACL policies or tokens (`acl::state`); secrets arrive hashed.
+    Acl(crate::acl::state::AclCommand),
 }
 
 /// What the plan applier commits: placements that fit, stops, and the evaluation's outcome.
@@ -290,6 +293,10 @@ pub struct ClusterState {
     /// issued secrets when they next register).
     #[serde(default)]
     pub node_secrets: BTreeMap<String, String>,
+    /// ACL policies and hashed tokens (issue 15 §2). Absent in older snapshots (then none, not
+    /// bootstrapped).
+    #[serde(default)]
+    pub acl: crate::acl::state::AclState,
 }
 
 /// The objects one applied entry created, modified or removed: the event stream's events and the
@@ -775,6 +782,11 @@ impl ClusterState {
                 for a in restored.allocs.values_mut() {
                     a.modify_index = index;
                 }
+                // A snapshot saved before ACLs were bootstrapped keeps today's tokens and
+                // policies: restoring it must not reopen `mlp acl bootstrap` to anyone.
+                if !restored.acl.bootstrapped {
+                    restored.acl = std::mem::take(&mut self.acl);
+                }
                 *self = restored;
                 effects.push(Effect::Reset);
                 effects.push(Effect::CapacityChanged);
@@ -791,6 +803,10 @@ impl ClusterState {
                     Err(e) => resp.error = Some(e.to_string()),
                 }
             }
+            Command::Acl(cmd) => match self.acl.apply(index, cmd) {
+                Ok(created) => resp.created = created,
+                Err(e) => resp.error = Some(e),
+            },
         }
         resp
     }
@@ -1652,6 +1668,37 @@ mod tests {
         assert!(st.find_alloc("bc").is_ok());
         assert!(matches!(st.find_alloc("abc"), Err(LookupError::Ambiguous { count: 2, .. })));
         assert!(matches!(st.find_alloc("x"), Err(LookupError::NotFound { .. })));
+    }
+
+    /// ACLs are replicated state; a snapshot saved before the bootstrap does not reopen it,
+    /// and an entry written before ACLs existed still decodes.
+    #[test]
+    fn acl_entries_apply_and_a_restore_without_acls_keeps_them() {
+        use crate::acl::state::{hash_secret, AclCommand, StoredToken};
+        let mut st = ClusterState::default();
+        let saved = serde_json::to_string(&st).expect("save");
+        let mut fx = Vec::new();
+        let token = StoredToken {
+            accessor_id: "a".into(),
+            secret_hash: hash_secret("s"),
+            name: String::new(),
+            management: true,
+            policies: Vec::new(),
+            create_time_ms: 1,
+            expiration_time_ms: 0,
+            create_index: 0,
+        };
+        let r = st.apply(1, &req(Command::Acl(AclCommand::Bootstrap { token: token.clone() })), &mut fx);
+        assert_eq!(r.error, None);
+        let r = st.apply(2, &req(Command::Acl(AclCommand::Bootstrap { token })), &mut fx);
+        assert!(r.error.is_some_and(|e| e.contains("already done")));
+        st.apply(3, &req(Command::RestoreState { state: saved }), &mut fx);
+        assert!(st.acl.bootstrapped && st.acl.tokens.contains_key(&hash_secret("s")));
+        // A state serialized before ACLs existed loads with none.
+        let mut old = serde_json::to_value(ClusterState::default()).expect("json");
+        old.as_object_mut().expect("object").remove("acl");
+        let loaded: ClusterState = serde_json::from_value(old).expect("old state decodes");
+        assert!(!loaded.acl.bootstrapped);
     }
 }
 

@@ -173,7 +173,10 @@ impl Dev {
     pub fn spawn_agent(&mut self) {
         let data = Path::new(self.dir.path().file_name().expect("temp dir name")).join("data");
         let child = Command::new(MLP)
-            .args(["agent", "--servers", &self.grpc, "--node-name", "split", "--rpc-addr", "127.0.0.1:0", "--data-dir"])
+            .args(["agent", "--servers", &self.grpc, "--node-name", "split", "--rpc-addr", "127.0.0.1:0"])
+            // The tests run raw_exec tasks; an agent offers it only when asked (issue 15 §4).
+            .arg("--enable-raw-exec")
+            .arg("--data-dir")
             .arg(data.join("agent"))
             .args(&self.agent_args)
             .current_dir(self.dir.path().parent().expect("temp dir parent"))

@@ -617,6 +617,8 @@ pub fn start_agent(net: &mut Net, host: usize, servers: &str, i: usize) -> usize
         format!("{}:0", net.hosts[host].ip),
         "--data-dir".into(),
         net.path(&format!("agent{i}")).display().to_string(),
+        // The tests run raw_exec tasks; an agent offers it only when asked (issue 15 §4).
+        "--enable-raw-exec".into(),
     ];
     net.spawn(&format!("agent{i}"), host, &args)
 }

@@ -249,9 +249,17 @@ pub async fn collect(
     forward: bool,
 ) -> Result<(GcCounts, u64), WriteError> {
     let now = now_ms();
-    let candidates = gc_candidates(&state.read(), now, thresholds);
     let mut total = GcCounts::default();
     let mut last_index = 0;
+    // Expired ACL tokens (issue 15 §2): already refused at check time, forgotten here.
+    if state.read().acl.has_expired(now) {
+        let req =
+            Request { now_ms: now, command: crate::state::Command::Acl(crate::acl::state::AclCommand::DeleteExpired { now_ms: now }) };
+        let resp = if forward { raft.submit(req).await? } else { raft.write(req).await? };
+        last_index = resp.index;
+        tracing::info!(tokens = resp.created.as_deref().unwrap_or("0"), "expired ACL tokens collected");
+    }
+    let candidates = gc_candidates(&state.read(), now, thresholds);
     if candidates.is_empty() {
         return Ok((total, last_index));
     }

@@ -41,6 +41,11 @@ pub fn check(job: &Job, tg: &TaskGroup, node: &Node) -> Result<(), Rejection> {
         return Err(Rejection::Constraint(constraint_text(c)));
     }
     if let Some(t) = tg.tasks.iter().find(|t| !node.drivers.iter().any(|d| d == &t.driver)) {
+        let disabled =
+            node.attributes.get(mlp_proto::consts::DRIVERS_DISABLED_ATTR).is_some_and(|list| list.split(',').any(|d| d == t.driver));
+        if disabled {
+            return Err(Rejection::Class(format!("driver {} disabled on node {}", t.driver, node.name)));
+        }
         return Err(Rejection::Class(format!("missing driver {:?}", t.driver)));
     }
     if let Some(c) = tg.constraints.iter().find(|c| !holds(c, node)) {
@@ -255,6 +260,11 @@ mod tests {
         let job = Job { constraints: vec![c("${attr.kernel.name}", "=", "linux")], ..Default::default() };
         assert_eq!(check(&job, &tg("exec", vec![]), &n), Ok(()));
         assert_eq!(check(&job, &tg("raw_exec", vec![]), &n), Err(Rejection::Class("missing driver \"raw_exec\"".into())));
+        // A driver the agent's configuration turned off is named as such (issue 15 §4).
+        let mut off = n.clone();
+        off.name = "gpu-7".into();
+        off.attributes.insert(mlp_proto::consts::DRIVERS_DISABLED_ATTR.into(), "raw_exec,wasm".into());
+        assert_eq!(check(&job, &tg("raw_exec", vec![]), &off), Err(Rejection::Class("driver raw_exec disabled on node gpu-7".into())));
         assert_eq!(
             check(&job, &tg("exec", vec![c("${meta.zone}", "is_set", "")]), &n),
             Err(Rejection::Constraint("${meta.zone} is_set".into()))

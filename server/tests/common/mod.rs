@@ -25,6 +25,7 @@ pub async fn start(dir: &std::path::Path) -> Server {
         event_buffer: mlp_server::events::DEFAULT_BUFFER_EVENTS,
         overlay: None,
         tls: None,
+        acl_enabled: false,
     };
     Server::start(config).await.expect("server starts")
 }
