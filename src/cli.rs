@@ -55,6 +55,12 @@ pub enum Command {
     /// Inspect services (registered from jobs' `service` blocks) and their health.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// MLflow runs tracked by the cluster (docs/tracking.md).
+    #[command(subcommand)]
+    Run(RunCommand),
+    /// The model registry: registered models, versions and aliases.
+    #[command(subcommand)]
+    Model(ModelCommand),
     // ---- high availability (issue 5): cluster operations ----
     /// Cluster operations: Raft peers, leadership.
     #[command(subcommand)]
@@ -851,6 +857,55 @@ pub enum ServiceCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum RunCommand {
+    /// List runs, newest first.
+    List {
+        /// Only this experiment (name or id).
+        #[arg(long, default_value = "")]
+        experiment: String,
+        /// MLflow's filter grammar, e.g. "metrics.loss < 0.1 and tags.`mlp.job` = 'train'".
+        #[arg(long, default_value = "")]
+        filter: String,
+        /// At most this many runs.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a run: status, params, latest metrics, tags (the mlp.* lineage included).
+    Show {
+        run_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// List registered models.
+    List {
+        /// MLflow's filter grammar, e.g. "name LIKE 'resnet%'".
+        #[arg(long, default_value = "")]
+        filter: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a model: aliases and versions with the run each came from.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Point an alias (e.g. `champion`) at a version.
+    Alias {
+        name: String,
+        alias: String,
+        #[arg(value_name = "VERSION")]
+        model_version: u64,
+    },
+}
+
 /// The agent's DNS responder (issue 13 §3).
 #[derive(Debug, Args, Clone)]
 pub struct DnsArgs {
@@ -1020,4 +1075,17 @@ pub struct SimArgs {
     /// Print JSON (one object per policy and workload rule; an array when several).
     #[arg(long)]
     pub json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks its whole command tree only in debug builds and only for the subcommand
+    /// being parsed: a clash (two arguments named alike, e.g. one named `version`) would panic
+    /// the first user who types that subcommand. This walks every subcommand.
+    #[test]
+    fn the_command_tree_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -46,6 +46,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Node(c) => node(&addr, c).await,
         Command::Eval(c) => eval(&addr, c).await,
         Command::Service(c) => crate::services::service(&addr, c).await,
+        Command::Run(c) => crate::tracking::run(&addr, c).await,
+        Command::Model(c) => crate::tracking::model(&addr, c).await,
         Command::System(c) => system(&addr, c).await,
         Command::Acl(c) => crate::acl::acl(&addr, c).await,
         Command::Event(c) => event(&addr, c).await,

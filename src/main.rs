@@ -12,6 +12,7 @@ mod output;
 mod services;
 mod sim;
 mod tls;
+mod tracking;
 
 use std::process::ExitCode;
 

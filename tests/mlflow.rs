@@ -274,4 +274,45 @@ job "trainer" {{
     let uri = std::fs::read_to_string(dev.data_dir().join("agent").join("allocs").join(&alloc_id).join("own").join("local").join("uri"))
         .expect("the own task's output");
     assert_eq!(uri.trim(), "http://elsewhere.invalid:5000");
+
+    // The CLI views: `mlp run list|show`, `mlp model list|show|alias`.
+    let run_id = runs[0]["info"]["run_id"].as_str().expect("run_id").to_string();
+    let listed = dev.json(&["run", "list", "--experiment", "from-a-job", "--filter", "tags.`mlp.job` = 'trainer'", "--json"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["run_id"], run_id.as_str());
+    assert_eq!(listed[0]["tags"]["mlp.alloc"], alloc_id.as_str());
+    assert_eq!(listed[0]["metrics"]["loss"], json!(1.0 / 3.0));
+    let none = dev.json(&["run", "list", "--filter", "tags.`mlp.job` = 'nobody'", "--json"]);
+    assert_eq!(none.as_array().map(Vec::len), Some(0), "{none}");
+    let shown = dev.ok(&["run", "show", &run_id]);
+    assert!(shown.contains("mlp.node") && shown.contains(node_id) && shown.contains("lr") && shown.contains("0.01"), "{shown}");
+    let bad = dev.cli(&["run", "list", "--filter", "metrics.loss >"]);
+    assert!(!bad.status.success(), "a bad filter is refused");
+    assert!(String::from_utf8_lossy(&bad.stderr).to_lowercase().contains("filter") || !bad.stderr.is_empty());
+
+    let (s, v) = call(&dev, "POST", "registered-models/create", &json!({ "name": "trainer-model" }));
+    assert_eq!(s, 200, "{v}");
+    for _ in 0..2 {
+        let (s, v) = call(
+            &dev,
+            "POST",
+            "model-versions/create",
+            &json!({ "name": "trainer-model", "source": "mlflow-artifacts:/x", "run_id": run_id }),
+        );
+        assert_eq!(s, 200, "{v}");
+    }
+    let out = dev.ok(&["model", "alias", "trainer-model", "champion", "1"]);
+    assert!(out.contains("champion"), "{out}");
+    let m = dev.json(&["model", "show", "trainer-model", "--json"]);
+    assert_eq!(m["aliases"]["champion"], json!(1), "{m}");
+    assert_eq!(m["versions"][0]["version"], json!(2), "newest first: {m}");
+    assert_eq!(m["versions"][1]["run_id"], run_id.as_str(), "a version leads back to its run: {m}");
+    let listed = dev.json(&["model", "list", "--json"]);
+    assert!(listed.as_array().is_some_and(|a| a.iter().any(|m| m["name"] == "trainer-model")), "{listed}");
+    // Refused: a reserved alias, a version that does not exist; neither changes the model.
+    assert!(!dev.cli(&["model", "alias", "trainer-model", "latest", "1"]).status.success());
+    assert!(!dev.cli(&["model", "alias", "trainer-model", "champion", "9"]).status.success());
+    assert_eq!(dev.json(&["model", "show", "trainer-model", "--json"]), m);
+    let text = dev.ok(&["model", "show", "trainer-model"]);
+    assert!(text.contains("champion -> 1"), "{text}");
 }

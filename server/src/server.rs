@@ -157,6 +157,9 @@ impl Server {
             .add_service(StatusServiceServer::new(grpc.clone()))
             .add_service(SystemServiceServer::new(grpc.clone()))
             .add_service(mlp_proto::v1::service_service_server::ServiceServiceServer::new(grpc.clone()))
+            .add_service(mlp_proto::v1::tracking_service_server::TrackingServiceServer::new(crate::tracking::grpc::TrackingGrpc {
+                api: api.clone(),
+            }))
             .add_service(
                 AgentServiceServer::new(grpc.clone())
                     .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)

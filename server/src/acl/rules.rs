@@ -53,6 +53,9 @@ pub fn grpc(path: &str) -> Option<Need> {
         ("EvalService", "List" | "Get") => Need::Ns(ReadJob),
         ("EventService", "Events") => Need::Ns(ReadJob),
         ("ServiceService", "List" | "Get") => Need::Ns(ReadJob),
+        // MLflow tracking views, namespace `default` like the MLflow routes (below).
+        ("TrackingService", "ListRuns" | "GetRun" | "ListModels" | "GetModel") => Need::Ns(ReadJob),
+        ("TrackingService", "SetModelAlias") => Need::Ns(SubmitJob),
         ("StatusService", "Leader") => Need::None,
         ("SystemService", "GarbageCollect") => Need::Operator(Write),
         // Agents (node identity: issue 15 §3).

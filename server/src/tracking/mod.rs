@@ -7,9 +7,11 @@
 //!   like jobs (`ClusterState::tracking`). Ids and timestamps come from the proposer.
 //! * [`search`]: MLflow's filter and `order_by` grammar for `runs/search` and friends.
 //! * [`http`]: the REST handlers (validation and limits before anything reaches Raft).
+//! * [`grpc`]: `TrackingService`, the CLI's views (`mlp run`, `mlp model`).
 //! * [`artifacts`]: content-addressed artifact blobs on the server's disk (not replicated yet).
 
 pub mod artifacts;
+pub mod grpc;
 pub mod http;
 pub mod search;
 pub mod state;
