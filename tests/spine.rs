@@ -168,8 +168,11 @@ fn kill9_and_restart_keeps_every_acknowledged_job_allocation_and_node() {
         return;
     }
     let mut dev = Dev::start();
-    let node_before = dev.json(&["node", "status", "--json"]);
-    assert_eq!(node_before.as_array().map(|a| a.len()), Some(1));
+    // The agent registers right after `mlp dev` announces itself: under load, not yet.
+    let node_before = wait_for("the node to register", Duration::from_secs(30), || {
+        let v = dev.json(&["node", "status", "--json"]);
+        (v.as_array().map(|a| a.len()) == Some(1)).then_some(v)
+    });
     let mut acked = Vec::new();
     for i in 0..20 {
         let name = format!("job{i:02}");
