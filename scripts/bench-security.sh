@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# What mutual TLS and ACL checks cost (issue 15, goal < 10%), through the CLI as users run it:
+# `mlp dev` four ways (plain, TLS, ACLs, TLS + ACLs), one after the other in one run, each
+# measured the same way:
+#   latency     `mlp job run --wait` of an isolated exec /bin/true batch job, N_LAT calls: p50/p99
+#   submits     N_SUB sequential `mlp job run --detach` calls (distinct jobs): total seconds
+# With TLS the CLI presents a client certificate (MLP_CACERT/MLP_CLIENT_CERT/MLP_CLIENT_KEY); with
+# ACLs it sends a management token (MLP_TOKEN, from `mlp acl bootstrap`).
+#
+# Usage: scripts/bench-security.sh     (MLP_BIN=path, N_LAT=100, N_SUB=300)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib-bench.sh
+
+N_LAT=${N_LAT:-100}
+N_SUB=${N_SUB:-300}
+if [ -z "${MLP_BIN:-}" ]; then
+  cargo build --release --bin mlp >&2
+fi
+MLP=${MLP_BIN:-$PWD/target/release/mlp}
+out=$(mktemp -d /tmp/mlp-bench-security.XXXXXX)
+dev_pid=
+cleanup() {
+  [ -n "$dev_pid" ] && kill "$dev_pid" 2>/dev/null && wait "$dev_pid" 2>/dev/null
+  rm -rf "$out"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+(cd "$out" && "$MLP" tls ca create >/dev/null && "$MLP" tls cert create -server >/dev/null && "$MLP" tls cert create -client >/dev/null)
+machine_line
+
+for variant in plain tls acl tls+acl; do
+  GRPC=127.0.0.1:$(free_port)
+  HTTP=127.0.0.1:$(free_port)
+  flags=()
+  unset MLP_CACERT MLP_CLIENT_CERT MLP_CLIENT_KEY MLP_TOKEN
+  export MLP_ADDR=$GRPC
+  case $variant in *tls*)
+    flags+=(--ca-file "$out/mlp-ca.pem" --cert-file "$out/mlp-server.pem" --key-file "$out/mlp-server-key.pem")
+    export MLP_ADDR=https://$GRPC MLP_CACERT=$out/mlp-ca.pem MLP_CLIENT_CERT=$out/mlp-client.pem MLP_CLIENT_KEY=$out/mlp-client-key.pem ;;
+  esac
+  case $variant in *acl*) flags+=(--acl-enabled) ;; esac
+  rm -rf "$out/data"
+  MLP_LOG=warn "$MLP" dev --data-dir "$out/data" --grpc-addr "$GRPC" --http-addr "$HTTP" "${flags[@]}" >"$out/dev.log" 2>&1 &
+  dev_pid=$!
+  for _ in $(seq 1 100); do grep -q "==> try:" "$out/dev.log" 2>/dev/null && break; sleep 0.1; done
+  grep -q "==> try:" "$out/dev.log" || { cat "$out/dev.log"; exit 1; }
+  case $variant in *acl*)
+    MLP_TOKEN=$("$MLP" acl bootstrap | awk '/Secret ID/ {print $NF}')
+    [ -n "$MLP_TOKEN" ] || { echo "bootstrap gave no token" >&2; exit 1; }
+    export MLP_TOKEN ;;
+  esac
+  MLP="$MLP" OUT="$out" N_LAT="$N_LAT" N_SUB="$N_SUB" VARIANT="$variant" python3 - <<'PY'
+import os, statistics, subprocess, time
+MLP, OUT, V = os.environ["MLP"], os.environ["OUT"], os.environ["VARIANT"]
+N_LAT, N_SUB = int(os.environ["N_LAT"]), int(os.environ["N_SUB"])
+def job(name):
+    p = os.path.join(OUT, name + ".hcl")
+    with open(p, "w") as f:
+        f.write(f'''job "{name}" {{
+  type = "batch"
+  group "g" {{
+    restart {{
+      attempts = 0
+      mode = "fail"
+    }}
+    task "t" {{
+      driver = "exec"
+      config {{
+        command = "/bin/true"
+      }}
+      resources {{
+        cpu = 50
+        memory = 16
+      }}
+    }}
+  }}
+}}
+''')
+    return p
+lat = []
+for i in range(N_LAT + 5):
+    p = job(f"lat{i}")
+    t = time.perf_counter()
+    subprocess.run([MLP, "job", "run", "--wait", p], check=True, stdout=subprocess.DEVNULL)
+    if i >= 5:
+        lat.append(time.perf_counter() - t)
+lat.sort()
+files = [job(f"sub{i}") for i in range(N_SUB)]
+t = time.perf_counter()
+for p in files:
+    subprocess.run([MLP, "job", "run", "--detach", p], check=True, stdout=subprocess.DEVNULL)
+sub = time.perf_counter() - t
+key = V.replace("+", "_")
+print(f"{key}_run_wait_p50_ms {statistics.median(lat) * 1e3:.1f}")
+print(f"{key}_run_wait_p99_ms {lat[int(len(lat) * 0.99) - 1] * 1e3:.1f}")
+print(f"{key}_submits_{N_SUB}_s {sub:.2f}")
+PY
+  kill "$dev_pid"; wait "$dev_pid" 2>/dev/null || true; dev_pid=
+done
