@@ -393,6 +393,23 @@ pub async fn dev(args: DevArgs, conn: &crate::cli::Conn) -> anyhow::Result<ExitC
         None if grpc.to_string() == "127.0.0.1:7647" => String::new(),
         None => format!("MLP_ADDR={grpc} "),
     };
+    // The agent registers on its own task: announce the cluster once its node can take work,
+    // so that a job submitted right after "try:" finds it (bounded; a slow registration is
+    // logged by the agent and the node shows up later).
+    let registered = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        loop {
+            let ready =
+                server.api.state.read().nodes.get(agent.node_id()).is_some_and(|n| n.status == mlp_proto::consts::node_status::READY);
+            if ready {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    if registered.is_err() {
+        tracing::warn!(node = agent.node_id(), "the agent has not registered within 15 s; the node will show up once it does");
+    }
     println!("==> try: {addr_hint}mlp job run examples/train.hcl");
     let sig = wait_for_signal().await?;
     tracing::info!(signal = sig, "shutting down; tasks keep running");
