@@ -99,9 +99,7 @@ impl TrackingGrpc {
 
     /// A linearizable look at the tracking state.
     async fn read<T>(&self, f: impl FnOnce(&TrackingState) -> Result<T, TrackingError>) -> Result<T, Status> {
-        self.api.raft.linearizable_read().await.map_err(|e| Status::unavailable(e.to_string()))?;
-        let st = self.api.state.read();
-        f(&st.tracking).map_err(status)
+        super::http::read(&self.api, f).await.map_err(status)
     }
 }
 
@@ -172,11 +170,7 @@ impl TrackingService for TrackingGrpc {
         if alias.is_empty() || alias.len() > 255 || alias.chars().any(char::is_control) {
             return Err(Status::invalid_argument("alias: must be 1 to 255 characters without control characters"));
         }
-        let lower = alias.to_ascii_lowercase();
-        let versionish = lower.strip_prefix('v').is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
-        if lower == "latest" || versionish {
-            return Err(Status::invalid_argument(format!("alias: '{alias}' is reserved and cannot be used as an alias")));
-        }
+        super::check_alias_not_reserved(&alias).map_err(status)?;
         // Refused before Raft when the model or version is missing (apply checks it too).
         self.read(|s| s.model_version(&name, version).map(|_| ())).await?;
         let cmd = TrackingCommand::SetAlias { name: name.clone(), alias, version };

@@ -242,17 +242,18 @@ impl Tracking {
         Ok(r.created)
     }
 
-    /// Waits until this server's state includes every write committed before the call.
-    async fn barrier(&self) -> TResult<()> {
-        self.api.raft.linearizable_read().await.map_err(from_write)
-    }
-
     /// A linearizable look at the tracking state.
     async fn read<T>(&self, f: impl FnOnce(&state::TrackingState) -> TResult<T>) -> TResult<T> {
-        self.barrier().await?;
-        let st = self.api.state.read();
-        f(&st.tracking)
+        read(&self.api, f).await
     }
+}
+
+/// A linearizable look at the tracking state of `api`'s server (the REST handlers' and
+/// `TrackingService`'s).
+pub async fn read<T>(api: &Api, f: impl FnOnce(&state::TrackingState) -> TResult<T>) -> TResult<T> {
+    api.raft.linearizable_read().await.map_err(from_write)?;
+    let st = api.state.read();
+    f(&st.tracking)
 }
 
 fn now() -> i64 {
@@ -743,11 +744,7 @@ async fn alias(t: &Tracking, method: &Method, a: &Args) -> TResult<Value> {
         t.submit(C::DeleteAlias { name, alias }).await?;
         return Ok(json!({}));
     }
-    let lower = alias.to_ascii_lowercase();
-    let versionish = lower.strip_prefix('v').is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
-    if lower == "latest" || versionish {
-        return Err(TrackingError::invalid(format!("'{alias}' is reserved and cannot be used as an alias")));
-    }
+    super::check_alias_not_reserved(&alias)?;
     let version = a.version("version")?;
     t.submit(C::SetAlias { name, alias, version }).await?;
     Ok(json!({}))

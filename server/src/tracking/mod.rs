@@ -141,6 +141,16 @@ pub fn check_key(what: &str, s: &str, max: usize) -> Result<(), TrackingError> {
     Ok(())
 }
 
+/// An alias name MLflow reserves: `latest` and `v<digits>` (any case) name versions themselves.
+pub fn check_alias_not_reserved(alias: &str) -> Result<(), TrackingError> {
+    let lower = alias.to_ascii_lowercase();
+    let versionish = lower.strip_prefix('v').is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+    if lower == "latest" || versionish {
+        return Err(TrackingError::invalid(format!("'{alias}' is reserved and cannot be used as an alias")));
+    }
+    Ok(())
+}
+
 /// A value of at most `max` characters.
 pub fn check_value(what: &str, s: &str, max: usize) -> Result<(), TrackingError> {
     let n = s.chars().count();
