@@ -52,6 +52,10 @@ pub enum Command {
     /// Inspect evaluations.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Follow and steer the rollouts of service jobs (`update` blocks): promote canaries,
+    /// pause, resume, fail.
+    #[command(subcommand)]
+    Deployment(DeploymentCommand),
     /// Inspect services (registered from jobs' `service` blocks) and their health.
     #[command(subcommand)]
     Service(ServiceCommand),
@@ -736,13 +740,71 @@ pub enum JobCommand {
         #[arg(long)]
         detach: bool,
     },
-    /// Show a job's versions.
+    /// Show a job's versions, each with what changed from the one before.
     History {
         name: String,
         #[arg(long)]
         json: bool,
         #[arg(long, default_value = "default")]
         namespace: String,
+    },
+    /// Register an older version's spec as the job's next version (no canaries).
+    Revert {
+        name: String,
+        version: u64,
+        /// Refuse unless the job is at this version now.
+        #[arg(long)]
+        enforce_prior_version: Option<u64>,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+    },
+    /// Set a group's count (a new version that replaces nothing).
+    Scale {
+        name: String,
+        group: String,
+        count: u32,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeploymentCommand {
+    /// List deployments (newest first).
+    List {
+        /// Only this job's.
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long, default_value = "")]
+        namespace: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a deployment: per group progress, and its allocations' health.
+    Status {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Promote the canaries (of the named groups; all groups when none is named).
+    Promote {
+        id: String,
+        #[arg(long = "group")]
+        groups: Vec<String>,
+    },
+    /// Pause a running deployment: no more replacements until resumed.
+    Pause { id: String },
+    /// Resume a paused deployment.
+    Resume { id: String },
+    /// Fail a deployment (with auto_revert, the job goes back to its latest stable version).
+    Fail { id: String },
+    /// Mark allocations of a deployment healthy or unhealthy (health_check = "manual").
+    AllocHealth {
+        id: String,
+        #[arg(long = "healthy")]
+        healthy: Vec<String>,
+        #[arg(long = "unhealthy")]
+        unhealthy: Vec<String>,
     },
 }
 

@@ -45,6 +45,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Alloc(c) => alloc(&addr, c).await,
         Command::Node(c) => node(&addr, c).await,
         Command::Eval(c) => eval(&addr, c).await,
+        Command::Deployment(c) => crate::deployments::deployment(&addr, c).await,
         Command::Service(c) => crate::services::service(&addr, c).await,
         Command::Run(c) => crate::tracking::run(&addr, c).await,
         Command::Model(c) => crate::tracking::model(&addr, c).await,
@@ -107,6 +108,19 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
                     _ => "no change to the job spec".to_string(),
                 };
                 println!("Job {:?}: {change}", job.name);
+                if resp.diff_type == "edited" {
+                    let req = GetJobRequest { job_id: job.id.clone(), namespace: job.namespace.clone(), ..Default::default() };
+                    let current = with_failover(addr, |mut c| {
+                        let req = req.clone();
+                        async move { c.jobs.get(req).await.map(tonic::Response::into_inner) }
+                    })
+                    .await
+                    .ok()
+                    .and_then(|(_, r)| r.job);
+                    for line in current.map(|cur| crate::deployments::spec_diff(&cur, &job)).unwrap_or_default() {
+                        println!("  {line}");
+                    }
+                }
                 if resp.placements.is_empty() && resp.stops.is_empty() && resp.failed_tg_allocs.is_empty() {
                     println!("Scheduler dry-run: nothing to place or stop.");
                 }
@@ -184,6 +198,10 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
             }
             crate::follow::job_stopped(&mut c, &name, &namespace, &resp.eval_id, resp.index).await
         }
+        JobCommand::Revert { name, version, enforce_prior_version, namespace } => {
+            crate::deployments::revert(addr, name, version, enforce_prior_version, namespace).await
+        }
+        JobCommand::Scale { name, group, count, namespace } => crate::deployments::scale(addr, name, group, count, namespace).await,
         JobCommand::History { name, json, namespace } => {
             let req = GetJobRequest { job_id: name, namespace, ..Default::default() };
             let (_, resp) = with_failover(addr, |mut c| {
@@ -194,12 +212,28 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&resp.versions)?;
             } else {
-                let mut t = Table::new(&["Version", "Stop", "Submitted", "Groups"]);
+                let mut t = Table::new(&["Version", "Stable", "Stop", "Submitted", "Groups"]);
                 for v in &resp.versions {
                     let groups: Vec<String> = v.groups.iter().map(|g| format!("{}×{}", g.name, g.effective_count())).collect();
-                    t.row(vec![v.version.to_string(), v.stop.to_string(), ago(v.submit_time_ms), groups.join(", ")]);
+                    let stable = match v.revert_of {
+                        Some(r) => format!("{} (revert of {r})", v.stable),
+                        None => v.stable.to_string(),
+                    };
+                    t.row(vec![v.version.to_string(), stable, v.stop.to_string(), ago(v.submit_time_ms), groups.join(", ")]);
                 }
                 print!("{}", t.render());
+                // Newest first: each version against the one before it.
+                for pair in resp.versions.windows(2) {
+                    let (new, old) = (&pair[0], &pair[1]);
+                    println!("\nVersion {} (from {}):", new.version, old.version);
+                    let diff = crate::deployments::spec_diff(old, new);
+                    if diff.is_empty() {
+                        println!("  no change to the spec");
+                    }
+                    for line in diff {
+                        println!("  {line}");
+                    }
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -6,6 +6,7 @@ mod cli;
 mod client;
 mod commands;
 mod daemon;
+mod deployments;
 mod follow;
 mod ha;
 mod output;

@@ -79,6 +79,29 @@ pub mod eval_trigger {
     pub const QUEUED_ALLOCS: &str = "queued-allocs";
     pub const NODE_DRAIN: &str = "node-drain";
     pub const PREEMPTION: &str = "preemption";
+    pub const DEPLOYMENT_WATCHER: &str = "deployment-watcher";
+    pub const JOB_SCALE: &str = "job-scaling";
+}
+
+/// Deployment statuses (issue 16 §1).
+pub mod deployment_status {
+    pub const RUNNING: &str = "running";
+    pub const PAUSED: &str = "paused";
+    pub const SUCCESSFUL: &str = "successful";
+    pub const FAILED: &str = "failed";
+    pub const CANCELLED: &str = "cancelled";
+
+    /// Whether a deployment in this status still changes anything.
+    pub fn is_active(status: &str) -> bool {
+        status == RUNNING || status == PAUSED
+    }
+}
+
+/// `update { health_check = … }`.
+pub mod health_check {
+    pub const CHECKS: &str = "checks";
+    pub const TASK_STATES: &str = "task_states";
+    pub const MANUAL: &str = "manual";
 }
 
 pub mod restart_mode {

@@ -131,7 +131,7 @@ fn check_gpu_stats(stats: &[mlp_proto::v1::GpuStats]) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn default_namespace(ns: &str) -> &str {
+pub(crate) fn default_namespace(ns: &str) -> &str {
     if ns.is_empty() {
         "default"
     } else {
@@ -211,7 +211,7 @@ impl Api {
         RaftFigures { is_leader: self.raft.is_leader(), term: m.term, commit_index: m.commit_index, applied_index: m.applied_index }
     }
 
-    fn new_eval(job: &Job, trigger: &str) -> Evaluation {
+    pub(crate) fn new_eval(job: &Job, trigger: &str) -> Evaluation {
         Evaluation {
             id: uuid::Uuid::new_v4().to_string(),
             namespace: job.namespace.clone(),
@@ -225,7 +225,7 @@ impl Api {
     }
 
     /// Validates a submitted job and fills what the servers own.
-    fn prepare_job(job: Option<Job>) -> Result<Job, ApiError> {
+    pub(crate) fn prepare_job(job: Option<Job>) -> Result<Job, ApiError> {
         let mut job = job.ok_or_else(|| ApiError::InvalidArgument("job is required".into()))?;
         jobspec::apply_defaults(&mut job);
         if job.id.is_empty() {
@@ -245,6 +245,8 @@ impl Api {
         job.modify_index = 0;
         job.job_modify_index = 0;
         job.submit_time_ms = 0;
+        job.stable = false;
+        job.revert_of = None;
         Ok(job)
     }
 

@@ -95,6 +95,84 @@ impl job_service_server::JobService for GrpcApi {
         self.api.acl.require_ns(authz.as_ref(), Capability::SubmitJob, &req.namespace, "job stop", &req.job_id)?;
         Ok(Response::new(self.api.stop_job(req).await?))
     }
+    async fn revert(&self, req: Request<RevertJobRequest>) -> GrpcResult<RegisterJobResponse> {
+        self.count();
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        self.api.acl.require_ns(authz.as_ref(), Capability::SubmitJob, &req.namespace, "job revert", &req.job_id)?;
+        Ok(Response::new(self.api.revert_job(req).await?))
+    }
+    async fn scale(&self, req: Request<ScaleJobRequest>) -> GrpcResult<RegisterJobResponse> {
+        self.count();
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        self.api.acl.require_ns(authz.as_ref(), Capability::SubmitJob, &req.namespace, "job scale", &req.job_id)?;
+        Ok(Response::new(self.api.scale_job(req).await?))
+    }
+}
+
+impl GrpcApi {
+    /// The namespace of a deployment a request names, checked against the token.
+    fn deployment_ns(&self, authz: Option<&Authz>, cap: Capability, id: &str, op: &str) -> Result<(), Status> {
+        let ns = {
+            let st = self.api.state.read();
+            crate::deploy::find(&st, id).map(|d| d.namespace.clone()).unwrap_or_else(|_| "default".to_string())
+        };
+        self.api.acl.require_ns(authz, cap, &ns, op, id)?;
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl deployment_service_server::DeploymentService for GrpcApi {
+    async fn list(&self, req: Request<ListDeploymentsRequest>) -> GrpcResult<ListDeploymentsResponse> {
+        self.count();
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        if !req.namespace.is_empty() {
+            self.api.acl.require_ns(authz.as_ref(), Capability::ReadJob, &req.namespace, "deployment list", "")?;
+        }
+        let mut r = self.api.list_deployments(req).await?;
+        if let Some(a) = &authz {
+            r.deployments.retain(|d| a.allows_ns(Capability::ReadJob, &d.namespace));
+        }
+        Ok(Response::new(r))
+    }
+    async fn get(&self, req: Request<GetDeploymentRequest>) -> GrpcResult<GetDeploymentResponse> {
+        self.count();
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        self.deployment_ns(authz.as_ref(), Capability::ReadJob, &req.deployment_id, "deployment status")?;
+        Ok(Response::new(self.api.get_deployment(&req.deployment_id).await?))
+    }
+    async fn promote(&self, req: Request<DeploymentPromoteRequest>) -> GrpcResult<DeploymentUpdateResponse> {
+        self.count();
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        self.deployment_ns(authz.as_ref(), Capability::SubmitJob, &req.deployment_id, "deployment promote")?;
+        Ok(Response::new(self.api.promote_deployment(req).await?))
+    }
+    async fn pause(&self, req: Request<DeploymentPauseRequest>) -> GrpcResult<DeploymentUpdateResponse> {
+        self.count();
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        self.deployment_ns(authz.as_ref(), Capability::SubmitJob, &req.deployment_id, "deployment pause")?;
+        Ok(Response::new(self.api.pause_deployment(req).await?))
+    }
+    async fn fail(&self, req: Request<DeploymentFailRequest>) -> GrpcResult<DeploymentUpdateResponse> {
+        self.count();
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        self.deployment_ns(authz.as_ref(), Capability::SubmitJob, &req.deployment_id, "deployment fail")?;
+        Ok(Response::new(self.api.fail_deployment(req).await?))
+    }
+    async fn set_alloc_health(&self, req: Request<DeploymentAllocHealthRequest>) -> GrpcResult<DeploymentUpdateResponse> {
+        self.count();
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        self.deployment_ns(authz.as_ref(), Capability::SubmitJob, &req.deployment_id, "deployment alloc-health")?;
+        Ok(Response::new(self.api.set_alloc_health(req).await?))
+    }
 }
 
 /// The token the ACL guard resolved for this request (none: ACLs off).

@@ -9,8 +9,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use mlp_proto::v1::{
-    EventTopic, EventsRequest, GetJobRequest, GetServiceRequest, Job, ListAllocsRequest, ListJobsRequest, ListServicesRequest,
-    StopJobRequest,
+    DeploymentAllocHealthRequest, DeploymentFailRequest, DeploymentPauseRequest, DeploymentPromoteRequest, EventTopic, EventsRequest,
+    GetJobRequest, GetServiceRequest, Job, ListAllocsRequest, ListDeploymentsRequest, ListJobsRequest, ListServicesRequest,
+    RevertJobRequest, ScaleJobRequest, StopJobRequest,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -152,6 +153,16 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/job/:id/allocations", get(job_allocs))
         .route("/v1/job/:id/versions", get(job_versions))
         .route("/v1/job/:id/evaluations", get(job_evals))
+        .route("/v1/job/:id/deployments", get(job_deployments))
+        .route("/v1/job/:id/revert", axum::routing::post(job_revert))
+        .route("/v1/job/:id/scale", axum::routing::post(job_scale))
+        .route("/v1/deployments", get(list_deployments))
+        .route("/v1/deployment/:id", get(get_deployment))
+        .route("/v1/deployment/:id/promote", axum::routing::post(deployment_promote))
+        .route("/v1/deployment/:id/pause", axum::routing::post(deployment_pause))
+        .route("/v1/deployment/:id/resume", axum::routing::post(deployment_resume))
+        .route("/v1/deployment/:id/fail", axum::routing::post(deployment_fail))
+        .route("/v1/deployment/:id/allocation-health", axum::routing::post(deployment_alloc_health))
         .route("/v1/allocations", get(list_allocs))
         .route("/v1/allocation/:id", get(get_alloc))
         .route("/v1/nodes", get(list_nodes))
@@ -340,6 +351,132 @@ async fn get_eval(State(api): State<Arc<Api>>, authz: Token, Path(id): Path<Stri
     let (e, index) = api.get_eval(&id, p.block()?).await?;
     api.acl.require_ns(token(&authz), Capability::ReadJob, &e.namespace, "GET /v1/evaluation", &e.id).map_err(ApiError::from)?;
     ok_at(e, index)
+}
+
+// ---- deployments, revert and scale (issue 16 §1) ----
+
+async fn job_deployments(State(api): State<Arc<Api>>, authz: Token, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
+    let ns = ns_or_default(&p.namespace).to_string();
+    api.acl.require_ns(token(&authz), Capability::ReadJob, &ns, "GET /v1/job/deployments", &id).map_err(ApiError::from)?;
+    let r = api.list_deployments(ListDeploymentsRequest { namespace: ns, job_id: id, ..Default::default() }).await?;
+    ok_at(r.deployments, r.index)
+}
+
+/// `POST /v1/job/{id}/revert` with `{"version": N, "enforce_prior_version": M}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevertBody {
+    version: u64,
+    #[serde(default)]
+    enforce_prior_version: Option<u64>,
+}
+
+async fn job_revert(
+    State(api): State<Arc<Api>>,
+    authz: Token,
+    Path(id): Path<String>,
+    Query(p): Query<Params>,
+    StrictJson(b): StrictJson<RevertBody>,
+) -> HttpResult {
+    api.acl.require_ns(token(&authz), Capability::SubmitJob, ns_or_default(&p.namespace), "POST /v1/job/revert", &id).map_err(ApiError::from)?;
+    let req = RevertJobRequest { job_id: id, namespace: p.namespace, version: b.version, enforce_prior_version: b.enforce_prior_version };
+    ok(api.revert_job(req).await?)
+}
+
+/// `POST /v1/job/{id}/scale` with `{"group": "web", "count": 5}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScaleBody {
+    group: String,
+    count: u32,
+}
+
+async fn job_scale(
+    State(api): State<Arc<Api>>,
+    authz: Token,
+    Path(id): Path<String>,
+    Query(p): Query<Params>,
+    StrictJson(b): StrictJson<ScaleBody>,
+) -> HttpResult {
+    api.acl.require_ns(token(&authz), Capability::SubmitJob, ns_or_default(&p.namespace), "POST /v1/job/scale", &id).map_err(ApiError::from)?;
+    ok(api.scale_job(ScaleJobRequest { job_id: id, namespace: p.namespace, group: b.group, count: b.count }).await?)
+}
+
+async fn list_deployments(State(api): State<Arc<Api>>, authz: Token, Query(p): Query<Params>) -> HttpResult {
+    let mut r = api.list_deployments(ListDeploymentsRequest { namespace: p.namespace, job_id: p.job_id, ..Default::default() }).await?;
+    if let Some(a) = token(&authz) {
+        r.deployments.retain(|d| a.allows_ns(Capability::ReadJob, &d.namespace));
+    }
+    ok_at(r.deployments, r.index)
+}
+
+/// The namespace of the deployment `id` names, checked against the token.
+fn deployment_ns(api: &Api, authz: &Token, cap: Capability, id: &str, op: &str) -> Result<(), HttpError> {
+    let ns = {
+        let st = api.state.read();
+        crate::deploy::find(&st, id).map(|d| d.namespace.clone()).unwrap_or_else(|_| "default".to_string())
+    };
+    api.acl.require_ns(token(authz), cap, &ns, op, id).map_err(ApiError::from)?;
+    Ok(())
+}
+
+async fn get_deployment(State(api): State<Arc<Api>>, authz: Token, Path(id): Path<String>) -> HttpResult {
+    deployment_ns(&api, &authz, Capability::ReadJob, &id, "GET /v1/deployment")?;
+    let r = api.get_deployment(&id).await?;
+    let index = r.index;
+    ok_at(r, index)
+}
+
+/// `POST /v1/deployment/{id}/promote` with `{"groups": [...]}` (empty or absent: every group).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct PromoteBody {
+    groups: Vec<String>,
+}
+
+async fn deployment_promote(
+    State(api): State<Arc<Api>>,
+    authz: Token,
+    Path(id): Path<String>,
+    body: Option<StrictJson<PromoteBody>>,
+) -> HttpResult {
+    deployment_ns(&api, &authz, Capability::SubmitJob, &id, "POST /v1/deployment/promote")?;
+    let groups = body.map(|b| b.0.groups).unwrap_or_default();
+    ok(api.promote_deployment(DeploymentPromoteRequest { deployment_id: id, groups }).await?)
+}
+
+async fn deployment_pause(State(api): State<Arc<Api>>, authz: Token, Path(id): Path<String>) -> HttpResult {
+    deployment_ns(&api, &authz, Capability::SubmitJob, &id, "POST /v1/deployment/pause")?;
+    ok(api.pause_deployment(DeploymentPauseRequest { deployment_id: id, pause: true }).await?)
+}
+
+async fn deployment_resume(State(api): State<Arc<Api>>, authz: Token, Path(id): Path<String>) -> HttpResult {
+    deployment_ns(&api, &authz, Capability::SubmitJob, &id, "POST /v1/deployment/resume")?;
+    ok(api.pause_deployment(DeploymentPauseRequest { deployment_id: id, pause: false }).await?)
+}
+
+async fn deployment_fail(State(api): State<Arc<Api>>, authz: Token, Path(id): Path<String>) -> HttpResult {
+    deployment_ns(&api, &authz, Capability::SubmitJob, &id, "POST /v1/deployment/fail")?;
+    ok(api.fail_deployment(DeploymentFailRequest { deployment_id: id }).await?)
+}
+
+/// `POST /v1/deployment/{id}/allocation-health` with `{"healthy": [ids], "unhealthy": [ids]}`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct AllocHealthBody {
+    healthy: Vec<String>,
+    unhealthy: Vec<String>,
+}
+
+async fn deployment_alloc_health(
+    State(api): State<Arc<Api>>,
+    authz: Token,
+    Path(id): Path<String>,
+    StrictJson(b): StrictJson<AllocHealthBody>,
+) -> HttpResult {
+    deployment_ns(&api, &authz, Capability::SubmitJob, &id, "POST /v1/deployment/allocation-health")?;
+    let req = DeploymentAllocHealthRequest { deployment_id: id, healthy: b.healthy, unhealthy: b.unhealthy };
+    ok(api.set_alloc_health(req).await?)
 }
 
 fn ns_or_default(ns: &str) -> &str {

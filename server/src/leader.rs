@@ -296,6 +296,7 @@ impl Leader {
         let mut q = Queues::default();
         let mut workers: tokio::task::JoinSet<(String, EvalReport)> = tokio::task::JoinSet::new();
         let mut was_leader = false;
+        let mut health_clock = crate::deploy::HealthClock::default();
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -363,6 +364,7 @@ impl Leader {
                         self.check_heartbeats().await;
                         q.release_due(now_ms());
                         self.drain_nodes().await;
+                        self.watch_deployments(&mut health_clock).await;
                     }
                 }
             }
@@ -421,6 +423,27 @@ impl Leader {
                 if let Some(ask) = ask {
                     exhausted.push(ask);
                 }
+            }
+        }
+    }
+
+    /// The deployment watcher (`deploy::watch`): commits what the running deployments'
+    /// allocation health and deadlines call for.
+    async fn watch_deployments(&self, clock: &mut crate::deploy::HealthClock) {
+        let updates = {
+            let st = self.state.read();
+            if st.deployments.is_empty() {
+                return;
+            }
+            crate::deploy::watch(&st, now_ms(), clock)
+        };
+        for u in updates {
+            let id = u.deployment_id.clone();
+            if let Some(s) = &u.status {
+                tracing::info!(deployment = %id, status = %s, description = u.description.as_deref().unwrap_or(""), "deployment status");
+            }
+            if let Err(e) = self.raft.write(Request { now_ms: now_ms(), command: Command::UpdateDeployment(u) }).await {
+                tracing::warn!(deployment = %id, error = %e, "could not commit a deployment update");
             }
         }
     }
@@ -552,6 +575,7 @@ impl Leader {
         };
         let (failed, mut queued) = (std::mem::take(&mut plan.failed_tg_allocs), std::mem::take(&mut plan.queued_allocations));
         let (follow_ups, annotations) = (std::mem::take(&mut plan.new_evals), std::mem::take(&mut plan.annotations));
+        let (deployment, cancel_deployments) = (plan.deployment.take(), std::mem::take(&mut plan.cancel_deployments));
         let gang_timeout = gang_wait(&self.state, &eval, &queued);
         report.resources_only = resources_only(&self.state, &eval, &failed);
         let (checked, victim_evals) = self.admit(plan);
@@ -565,7 +589,7 @@ impl Leader {
         let unplaced: u32 = queued.values().sum();
         let was_blocked = eval.status == eval_status::BLOCKED;
         let mut new_evals = superseded;
-        let has_follow_ups = !follow_ups.is_empty() || !annotations.is_empty();
+        let has_follow_ups = !follow_ups.is_empty() || !annotations.is_empty() || deployment.is_some() || !cancel_deployments.is_empty();
         report.unblocked = new_evals.iter().map(|e| e.id.clone()).collect();
         let now = now_ms();
         let outcome;
@@ -651,7 +675,16 @@ impl Leader {
         new_evals.extend(follow_ups);
         let req = Request {
             now_ms: now_ms(),
-            command: Command::ApplyPlan(PlanResult { eval: Some(eval), placements: accepted, stops, new_evals, annotations, preemptions }),
+            command: Command::ApplyPlan(PlanResult {
+                eval: Some(eval),
+                placements: accepted,
+                stops,
+                new_evals,
+                annotations,
+                preemptions,
+                deployment,
+                cancel_deployments,
+            }),
         };
         let result = self.raft.write(req).await;
         self.release(&committed);

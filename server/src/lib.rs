@@ -3,6 +3,8 @@
 
 pub mod acl;
 pub mod api;
+pub mod deploy;
+mod deploy_api;
 pub mod events;
 pub mod grpc;
 pub mod http;

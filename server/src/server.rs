@@ -153,6 +153,7 @@ impl Server {
             .add_service(limits_alloc(AllocServiceServer::new(grpc.clone())))
             .add_service(NodeServiceServer::new(grpc.clone()))
             .add_service(EvalServiceServer::new(grpc.clone()))
+            .add_service(mlp_proto::v1::deployment_service_server::DeploymentServiceServer::new(grpc.clone()))
             .add_service(EventServiceServer::new(grpc.clone()))
             .add_service(StatusServiceServer::new(grpc.clone()))
             .add_service(SystemServiceServer::new(grpc.clone()))

@@ -165,6 +165,11 @@ pub enum Command {
     // ---- ACL tokens and policies (issue 15 §2) ----
     /// A change to ACL policies or tokens (`acl::state`); secrets arrive hashed.
     Acl(crate::acl::state::AclCommand),
+    // ---- deployments (issue 16 §1) ----
+    /// A deployment's progress or a user's decision on it (`deploy::DeploymentUpdate`):
+    /// allocation health, promotion, pause / resume / fail, success (the version becomes
+    /// stable), and an automatic revert.
+    UpdateDeployment(crate::deploy::DeploymentUpdate),
 }
 
 /// What the plan applier commits: placements that fit, stops, and the evaluation's outcome.
@@ -181,6 +186,13 @@ pub struct PlanResult {
     /// preemptor's allocation carries `preempted_allocations` itself).
     #[serde(default)]
     pub preemptions: Vec<crate::scheduler::Preempted>,
+    /// A deployment the scheduler created for the job's version (issue 16 §1); the plan's
+    /// placements for that version carry its id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<mlp_proto::v1::Deployment>,
+    /// Older deployments of the job this plan's deployment supersedes (cancelled).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cancel_deployments: Vec<String>,
 }
 
 /// A note the scheduler writes on an allocation it did not (yet) replace.
@@ -297,6 +309,9 @@ pub struct ClusterState {
     /// bootstrapped).
     #[serde(default)]
     pub acl: crate::acl::state::AclState,
+    /// Deployments of service jobs by id (issue 16 §1). Absent in older snapshots (then none).
+    #[serde(default)]
+    pub deployments: BTreeMap<String, mlp_proto::v1::Deployment>,
 }
 
 /// The objects one applied entry created, modified or removed: the event stream's events and the
@@ -426,61 +441,7 @@ impl ClusterState {
         let now = req.now_ms;
         let mut resp = CommandResponse { index, ..Default::default() };
         match &req.command {
-            Command::RegisterJob { job, eval } => {
-                let key = job_key(&job.namespace, &job.id);
-                // The same request delivered again (a forwarding retry, or a client's retry with
-                // its request id): its evaluation exists and the version it produced has this
-                // spec. Applying it again could put an old spec back over a newer one.
-                if let Some(prev) = self.evals.get(&eval.id) {
-                    if prev.job_id != job.id || prev.namespace != job.namespace {
-                        resp.error = Some(format!("evaluation id {:?} belongs to another job", eval.id));
-                        return resp;
-                    }
-                    let produced =
-                        self.job_versions.get(&key).and_then(|vs| vs.iter().rev().find(|v| v.job_modify_index == prev.job_modify_index));
-                    if produced.is_some_and(|v| same_spec(v, job)) {
-                        resp.job_version = self.jobs.get(&key).map(|j| j.version);
-                        return resp;
-                    }
-                }
-                let mut job = job.clone();
-                let prev = self.jobs.get(&key);
-                let unchanged = prev.is_some_and(|p| !p.stop && same_spec(p, &job));
-                match prev {
-                    Some(p) if unchanged => {
-                        job = p.clone();
-                    }
-                    Some(p) => {
-                        job.version = p.version + 1;
-                        job.create_index = p.create_index;
-                        job.modify_index = index;
-                        job.job_modify_index = index;
-                        job.submit_time_ms = now;
-                        job.stop = false;
-                        job.status = job_status::PENDING.to_string();
-                    }
-                    None => {
-                        job.version = 0;
-                        job.create_index = index;
-                        job.modify_index = index;
-                        job.job_modify_index = index;
-                        job.submit_time_ms = now;
-                        job.stop = false;
-                        job.status = job_status::PENDING.to_string();
-                    }
-                }
-                resp.job_version = Some(job.version);
-                if !unchanged {
-                    learn_job(&mut self.learned, self.jobs.get(&key).filter(|p| !p.stop), &job);
-                    self.push_version(&key, job.clone());
-                    self.touched.jobs.insert(key.clone());
-                }
-                self.jobs.insert(key.clone(), job.clone());
-                let mut eval = eval.clone();
-                eval.job_modify_index = job.job_modify_index;
-                self.insert_eval(index, now, eval, effects);
-                self.refresh_job_status(&key);
-            }
+            Command::RegisterJob { job, eval } => self.register_job(index, now, job, eval, effects, &mut resp),
             Command::StopJob { namespace, job_id, purge, eval } => {
                 let key = job_key(namespace, job_id);
                 let Some(prev) = self.jobs.get(&key).cloned() else {
@@ -488,6 +449,7 @@ impl ClusterState {
                     return resp;
                 };
                 if *purge {
+                    self.remove_deployments(namespace, job_id);
                     self.jobs.remove(&key);
                     self.job_versions.remove(&key);
                     self.touched.jobs.remove(&key);
@@ -640,6 +602,7 @@ impl ClusterState {
                 for e in &plan.new_evals {
                     self.insert_eval(index, now, e.clone(), effects);
                 }
+                crate::deploy::apply_plan(self, index, now, plan);
                 for key in touched {
                     self.refresh_job_status(&key);
                 }
@@ -807,6 +770,7 @@ impl ClusterState {
                 Ok(created) => resp.created = created,
                 Err(e) => resp.error = Some(e),
             },
+            Command::UpdateDeployment(update) => crate::deploy::apply_update(self, index, now, update, effects, &mut resp),
         }
         resp
     }
@@ -837,6 +801,7 @@ impl ClusterState {
             for e in &eval_ids {
                 self.remove_eval(e);
             }
+            self.remove_deployments(&ns, &id);
             self.jobs.remove(key);
             self.job_versions.remove(key);
             self.touched.jobs.remove(key);
@@ -940,6 +905,89 @@ impl ClusterState {
         remove_from_index(&mut self.evals_by_job, &job_key(&e.namespace, &e.job_id), id);
         self.touched.evals.remove(id);
         self.touched.deleted.push(Deleted { topic: "Evaluation", key: e.id, namespace: e.namespace, filter_keys: vec![e.job_id] });
+    }
+
+    /// Registers a new version of a job (or takes a re-submitted unchanged one), with its
+    /// evaluation: `RegisterJob`, and the revert of a failed deployment.
+    fn register_job(&mut self, index: u64, now: u64, job: &Job, eval: &Evaluation, effects: &mut Vec<Effect>, resp: &mut CommandResponse) {
+        let key = job_key(&job.namespace, &job.id);
+        // The same request delivered again (a forwarding retry, or a client's retry with
+        // its request id): its evaluation exists and the version it produced has this
+        // spec. Applying it again could put an old spec back over a newer one.
+        if let Some(prev) = self.evals.get(&eval.id) {
+            if prev.job_id != job.id || prev.namespace != job.namespace {
+                resp.error = Some(format!("evaluation id {:?} belongs to another job", eval.id));
+                return;
+            }
+            let produced =
+                self.job_versions.get(&key).and_then(|vs| vs.iter().rev().find(|v| v.job_modify_index == prev.job_modify_index));
+            if produced.is_some_and(|v| same_spec(v, job)) {
+                resp.job_version = self.jobs.get(&key).map(|j| j.version);
+                return;
+            }
+        }
+        let mut job = job.clone();
+        let prev = self.jobs.get(&key);
+        let unchanged = prev.is_some_and(|p| !p.stop && same_spec(p, &job));
+        match prev {
+            Some(p) if unchanged => {
+                job = p.clone();
+            }
+            Some(p) => {
+                job.stable = false;
+                job.version = p.version + 1;
+                job.create_index = p.create_index;
+                job.modify_index = index;
+                job.job_modify_index = index;
+                job.submit_time_ms = now;
+                job.stop = false;
+                job.status = job_status::PENDING.to_string();
+            }
+            None => {
+                job.stable = false;
+                job.version = 0;
+                job.create_index = index;
+                job.modify_index = index;
+                job.job_modify_index = index;
+                job.submit_time_ms = now;
+                job.stop = false;
+                job.status = job_status::PENDING.to_string();
+            }
+        }
+        resp.job_version = Some(job.version);
+        if !unchanged {
+            learn_job(&mut self.learned, self.jobs.get(&key).filter(|p| !p.stop), &job);
+            self.push_version(&key, job.clone());
+            self.touched.jobs.insert(key.clone());
+        }
+        self.jobs.insert(key.clone(), job.clone());
+        let mut eval = eval.clone();
+        eval.job_modify_index = job.job_modify_index;
+        self.insert_eval(index, now, eval, effects);
+        self.refresh_job_status(&key);
+    }
+
+    /// `register_job` for the deployment watcher's reverts (`deploy::apply_update`).
+    pub(crate) fn register_job_from(
+        &mut self,
+        index: u64,
+        now: u64,
+        job: &Job,
+        eval: &Evaluation,
+        effects: &mut Vec<Effect>,
+        resp: &mut CommandResponse,
+    ) {
+        self.register_job(index, now, job, eval, effects, resp)
+    }
+
+    /// `insert_eval` for `deploy::apply_update`.
+    pub(crate) fn upsert_eval(&mut self, index: u64, now: u64, eval: Evaluation, effects: &mut Vec<Effect>) {
+        self.insert_eval(index, now, eval, effects)
+    }
+
+    /// Removes a job's deployments (the job was purged or collected).
+    fn remove_deployments(&mut self, namespace: &str, job_id: &str) {
+        self.deployments.retain(|_, d| !(d.namespace == namespace && d.job_id == job_id));
     }
 
     fn push_version(&mut self, key: &str, job: Job) {
@@ -1069,6 +1117,7 @@ pub fn same_spec(a: &Job, b: &Job) -> bool {
         && a.affinities == b.affinities
         && a.spreads == b.spreads
         && a.groups == b.groups
+        && a.update == b.update
 }
 
 /// A lookup by id prefix that failed.

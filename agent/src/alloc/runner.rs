@@ -331,15 +331,30 @@ async fn run_alloc(
     kill_handles(std::mem::take(&mut attached)).await;
 
     let mut stop_seen = false;
+    // `shutdown_delay`: the servers deregister a stopped allocation's services when they stop
+    // it; its tasks are signalled this much later, so that clients stop sending it traffic first.
+    let shutdown_delay = std::time::Duration::from_millis(group.shutdown_delay_ms);
+    let mut kill_at: Option<tokio::time::Instant> = None;
     loop {
         let upd = tokio::select! {
             u = rx.recv() => u,
             r = stop.wait_for(|v| *v), if !stop_seen => {
                 stop_seen = true;
                 if r.is_ok() {
-                    tracing::info!(alloc = %alloc.id, "stopping allocation");
-                    let _ = kill_tx.send(true);
+                    if shutdown_delay.is_zero() {
+                        tracing::info!(alloc = %alloc.id, "stopping allocation");
+                        let _ = kill_tx.send(true);
+                    } else {
+                        tracing::info!(alloc = %alloc.id, delay_ms = group.shutdown_delay_ms, "stopping allocation after its shutdown delay");
+                        kill_at = Some(tokio::time::Instant::now() + shutdown_delay);
+                    }
                 }
+                continue;
+            }
+            _ = tokio::time::sleep_until(kill_at.unwrap_or_else(tokio::time::Instant::now)), if kill_at.is_some() => {
+                kill_at = None;
+                tracing::info!(alloc = %alloc.id, "stopping allocation");
+                let _ = kill_tx.send(true);
                 continue;
             }
         };

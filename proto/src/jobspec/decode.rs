@@ -10,10 +10,10 @@ use hcl_edit::template::{Element, Template};
 use hcl_edit::Span;
 
 use super::{line_col, parse_duration, Loc};
-use crate::consts::{job_type, restart_mode};
+use crate::consts::{health_check, job_type, restart_mode};
 use crate::v1::{
     Affinity, Artifact, Constraint, GpuRequest, GroupNetwork, Job, MigrateStrategy, PortSpec, RegistryAuth, ReschedulePolicy, Resources,
-    RestartPolicy, ServiceCheck, ServiceSpec, Spread, SpreadTarget, Task, TaskConfig, TaskGroup,
+    RestartPolicy, ServiceCheck, ServiceSpec, Spread, SpreadTarget, Task, TaskConfig, TaskGroup, UpdateStrategy,
 };
 
 pub(crate) const DEFAULT_NAMESPACE: &str = "default";
@@ -27,7 +27,7 @@ pub(crate) const DEFAULT_GPU_COUNT: u32 = 1;
 pub(crate) const DEFAULT_AFFINITY_WEIGHT: i32 = 50;
 pub(crate) const DEFAULT_SPREAD_WEIGHT: u32 = 50;
 
-const JOB_FIELDS: &[&str] = &["type", "priority", "namespace", "meta", "constraint", "affinity", "spread", "group"];
+const JOB_FIELDS: &[&str] = &["type", "priority", "namespace", "meta", "constraint", "affinity", "spread", "group", "update"];
 const GROUP_FIELDS: &[&str] = &[
     "count",
     "constraint",
@@ -44,6 +44,8 @@ const GROUP_FIELDS: &[&str] = &[
     "reschedule",
     "network",
     "service",
+    "update",
+    "shutdown_delay",
 ];
 const TASK_FIELDS: &[&str] = &[
     "driver",
@@ -72,6 +74,17 @@ const RESOURCES_FIELDS: &[&str] = &["cpu", "cores", "memory", "disk", "gpu", "me
 const GPU_FIELDS: &[&str] = &["count", "model", "memory", "share", "mig"];
 const RESTART_FIELDS: &[&str] = &["attempts", "interval", "delay", "mode"];
 const MIGRATE_FIELDS: &[&str] = &["max_parallel"];
+const UPDATE_FIELDS: &[&str] = &[
+    "max_parallel",
+    "health_check",
+    "min_healthy_time",
+    "healthy_deadline",
+    "progress_deadline",
+    "auto_revert",
+    "canary",
+    "auto_promote",
+    "stagger",
+];
 const RESCHEDULE_FIELDS: &[&str] = &["attempts", "interval", "delay", "delay_function", "max_delay", "unlimited"];
 const CONSTRAINT_FIELDS: &[&str] = &["attribute", "operator", "value"];
 const AFFINITY_FIELDS: &[&str] = &["attribute", "operator", "value", "weight"];
@@ -530,6 +543,11 @@ impl Decoder<'_> {
                     let index = job.groups.len();
                     job.groups.push(self.group(b, &loc, index, batch));
                 }
+                ("update", Structure::Block(b)) => {
+                    if self.first_time(&mut seen, s, &loc) {
+                        job.update = Some(self.update(b, &floc));
+                    }
+                }
                 ("meta", _) => {
                     if self.first_time(&mut seen, s, &loc) {
                         job.meta = self.string_map(s, &floc);
@@ -809,6 +827,18 @@ impl Decoder<'_> {
                         group.migrate = Some(self.migrate(b, &floc));
                     }
                 }
+                ("update", Structure::Block(b)) => {
+                    if self.first_time(&mut seen, s, &loc) {
+                        group.update = Some(self.update(b, &floc));
+                    }
+                }
+                ("shutdown_delay", Structure::Attribute(a)) => {
+                    if self.first_time(&mut seen, s, &loc) {
+                        if let Some(v) = self.duration(&a.value, &floc) {
+                            group.shutdown_delay_ms = v;
+                        }
+                    }
+                }
                 ("reschedule", Structure::Block(b)) => {
                     if self.first_time(&mut seen, s, &loc) {
                         group.reschedule = Some(self.reschedule(b, &floc, batch));
@@ -885,6 +915,36 @@ impl Decoder<'_> {
             }
         }
         m
+    }
+
+    /// `update { … }` (job or group level): only the fields written are set, so a group's block
+    /// overrides the job's field by field (`effective_update`).
+    fn update(&mut self, block: &Block, loc: &Loc) -> UpdateStrategy {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut u = UpdateStrategy::default();
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            if UPDATE_FIELDS.contains(&name) && !self.first_time(&mut seen, s, loc) {
+                continue;
+            }
+            let floc = loc.field(name);
+            match (name, s) {
+                ("max_parallel", Structure::Attribute(a)) => u.max_parallel = self.unsigned(&a.value, &floc),
+                ("canary", Structure::Attribute(a)) => u.canary = self.unsigned(&a.value, &floc),
+                ("health_check", Structure::Attribute(a)) => u.health_check = self.string(&a.value, &floc),
+                ("min_healthy_time", Structure::Attribute(a)) => u.min_healthy_time_ms = self.duration(&a.value, &floc),
+                ("healthy_deadline", Structure::Attribute(a)) => u.healthy_deadline_ms = self.duration(&a.value, &floc),
+                ("progress_deadline", Structure::Attribute(a)) => u.progress_deadline_ms = self.duration(&a.value, &floc),
+                ("stagger", Structure::Attribute(a)) => u.stagger_ms = self.duration(&a.value, &floc),
+                ("auto_revert", Structure::Attribute(a)) => u.auto_revert = self.bool(&a.value, &floc),
+                ("auto_promote", Structure::Attribute(a)) => u.auto_promote = self.bool(&a.value, &floc),
+                _ if UPDATE_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, UPDATE_FIELDS),
+            }
+        }
+        u
     }
 
     /// `reschedule { … }`; missing fields keep the job type's defaults (Nomad's behaviour).
@@ -1354,6 +1414,30 @@ impl Decoder<'_> {
 pub(crate) fn default_restart(batch: bool) -> RestartPolicy {
     let (attempts, interval_ms) = if batch { (3, 24 * 3_600_000) } else { (2, 30 * 60_000) };
     RestartPolicy { attempts, interval_ms, delay_ms: 15_000, mode: restart_mode::FAIL.to_string() }
+}
+
+/// A group's update strategy with every field set: the group's `update` fields over the job's
+/// over the defaults (Nomad's: max_parallel 1, checks, 10s, 5m, 10m, no revert, no canaries,
+/// stagger 30s). None when neither the job nor the group has an `update` block, or the
+/// resolved `max_parallel` is 0: then a changed allocation is replaced at once, without a
+/// deployment.
+pub fn effective_update(job: &Job, group: &TaskGroup) -> Option<UpdateStrategy> {
+    if job.update.is_none() && group.update.is_none() {
+        return None;
+    }
+    let (j, g) = (job.update.clone().unwrap_or_default(), group.update.clone().unwrap_or_default());
+    let u = UpdateStrategy {
+        max_parallel: Some(g.max_parallel.or(j.max_parallel).unwrap_or(1)),
+        health_check: Some(g.health_check.or(j.health_check).unwrap_or_else(|| health_check::CHECKS.to_string())),
+        min_healthy_time_ms: Some(g.min_healthy_time_ms.or(j.min_healthy_time_ms).unwrap_or(10_000)),
+        healthy_deadline_ms: Some(g.healthy_deadline_ms.or(j.healthy_deadline_ms).unwrap_or(300_000)),
+        progress_deadline_ms: Some(g.progress_deadline_ms.or(j.progress_deadline_ms).unwrap_or(600_000)),
+        auto_revert: Some(g.auto_revert.or(j.auto_revert).unwrap_or(false)),
+        canary: Some(g.canary.or(j.canary).unwrap_or(0)),
+        auto_promote: Some(g.auto_promote.or(j.auto_promote).unwrap_or(false)),
+        stagger_ms: Some(g.stagger_ms.or(j.stagger_ms).unwrap_or(30_000)),
+    };
+    (u.max_parallel != Some(0)).then_some(u)
 }
 
 /// Nomad's reschedule defaults: services are replaced without limit with a growing delay; batch

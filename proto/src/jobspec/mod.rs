@@ -18,7 +18,7 @@ use std::path::Path;
 
 use crate::v1::Job;
 
-pub use decode::default_reschedule;
+pub use decode::{default_reschedule, effective_update};
 pub use duration::parse_duration;
 pub use validate::{check_image_reference, is_dns_label, is_mig_profile};
 

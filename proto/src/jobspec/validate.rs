@@ -10,7 +10,7 @@ use prost::Message;
 use super::duration::format_ms;
 use super::limits::*;
 use super::Loc;
-use crate::consts::{check_type, driver, job_type, restart_mode};
+use crate::consts::{check_type, driver, health_check, job_type, restart_mode};
 use crate::matcher;
 use crate::v1::{Affinity, Constraint, Job, ServiceSpec, Spread, Task, TaskGroup};
 
@@ -22,6 +22,9 @@ pub(crate) const MAX_KILL_TIMEOUT_MS: u64 = 3_600_000;
 pub(crate) const DRIVERS: &[&str] = &[driver::EXEC, driver::RAW_EXEC, driver::WASM, driver::OCI];
 pub(crate) const JOB_TYPES: &[&str] = &[job_type::BATCH, job_type::SERVICE];
 pub(crate) const RESTART_MODES: &[&str] = &[restart_mode::FAIL, restart_mode::DELAY];
+pub(crate) const HEALTH_CHECKS: &[&str] = &[health_check::CHECKS, health_check::TASK_STATES, health_check::MANUAL];
+/// Longest `update` duration (min_healthy_time, deadlines, stagger): a day.
+pub(crate) const MAX_UPDATE_DURATION_MS: u64 = 24 * 3_600_000;
 pub(crate) const OPERATORS: &[&str] = &[
     "=",
     "==",
@@ -85,6 +88,7 @@ pub(crate) fn check_job(job: &Job) -> Vec<Issue> {
         }
         c.group(&gloc, group);
     }
+    c.update(&loc, job);
     c.issues
 }
 
@@ -303,6 +307,86 @@ impl Checker {
                 self.push(&tloc.field("name"), format!("duplicate task name {:?} in this group", task.name));
             }
             self.task(&tloc, task);
+        }
+    }
+
+    /// `update` blocks (issue 16 §1): only on service (and system) jobs; a known health check;
+    /// each group's resolved strategy with healthy_deadline > min_healthy_time and
+    /// progress_deadline > healthy_deadline (0 = no progress deadline); `shutdown_delay`
+    /// bounded like a kill timeout.
+    fn update(&mut self, loc: &Loc, job: &Job) {
+        let rolling_type = job.r#type == job_type::SERVICE || job.r#type == "system";
+        let blocks = std::iter::once((loc.field("update"), job.update.as_ref())).chain(
+            job.groups.iter().enumerate().map(|(i, g)| (loc.named("group", i, &g.name).field("update"), g.update.as_ref())),
+        );
+        for (uloc, u) in blocks {
+            let Some(u) = u else { continue };
+            if !rolling_type {
+                self.push(&uloc, format!("an `update` block applies to service and system jobs; this job's type is {:?}", job.r#type));
+                continue;
+            }
+            if let Some(hc) = &u.health_check {
+                self.one_of(&uloc.field("health_check"), "health check", hc, HEALTH_CHECKS);
+            }
+            for (field, v) in [("max_parallel", u.max_parallel), ("canary", u.canary)] {
+                if let Some(v) = v {
+                    if v > MAX_COUNT {
+                        self.push(&uloc.field(field), format!("must be between 0 and {MAX_COUNT}, found {v} (limit: count per group)"));
+                    }
+                }
+            }
+            for (field, v) in [
+                ("min_healthy_time", u.min_healthy_time_ms),
+                ("healthy_deadline", u.healthy_deadline_ms),
+                ("progress_deadline", u.progress_deadline_ms),
+                ("stagger", u.stagger_ms),
+            ] {
+                if v.is_some_and(|v| v > MAX_UPDATE_DURATION_MS) {
+                    self.push(&uloc.field(field), format!("at most {} (limit: update durations)", format_ms(MAX_UPDATE_DURATION_MS)));
+                }
+            }
+        }
+        for (i, g) in job.groups.iter().enumerate() {
+            let gloc = loc.named("group", i, &g.name);
+            if g.shutdown_delay_ms > MAX_KILL_TIMEOUT_MS {
+                self.push(
+                    &gloc.field("shutdown_delay"),
+                    format!("at most {}, found {}", format_ms(MAX_KILL_TIMEOUT_MS), format_ms(g.shutdown_delay_ms)),
+                );
+            }
+            if !rolling_type {
+                continue;
+            }
+            let Some(u) = super::effective_update(job, g) else { continue };
+            // Name the block that set the value: the group's when it has one, else the job's.
+            let uloc = if g.update.is_some() { gloc.field("update") } else { loc.field("update") };
+            let (min, healthy, progress) =
+                (u.min_healthy_time_ms.unwrap_or(0), u.healthy_deadline_ms.unwrap_or(0), u.progress_deadline_ms.unwrap_or(0));
+            if healthy <= min {
+                self.push(
+                    &uloc.field("healthy_deadline"),
+                    format!(
+                        "group {:?}: healthy_deadline ({}) must be greater than min_healthy_time ({})",
+                        g.name,
+                        format_ms(healthy),
+                        format_ms(min)
+                    ),
+                );
+            }
+            if progress != 0 && progress <= healthy {
+                self.push(
+                    &uloc.field("progress_deadline"),
+                    format!(
+                        "group {:?}: progress_deadline ({}) must be greater than healthy_deadline ({}), or 0 for none",
+                        g.name,
+                        format_ms(progress),
+                        format_ms(healthy)
+                    ),
+                );
+            }
+            if u.auto_promote == Some(true) && u.canary == Some(0) {
+                self.push(&uloc.field("auto_promote"), format!("group {:?}: auto_promote needs canary > 0", g.name));
+            }
         }
     }
 

@@ -42,7 +42,9 @@ pub fn grpc(path: &str) -> Option<Need> {
     use Capability::*;
     let (service, method) = path.strip_prefix("/mlp.v1.")?.split_once('/')?;
     Some(match (service, method) {
-        ("JobService", "Register" | "Plan" | "Stop") => Need::Ns(SubmitJob),
+        ("JobService", "Register" | "Plan" | "Stop" | "Revert" | "Scale") => Need::Ns(SubmitJob),
+        ("DeploymentService", "List" | "Get") => Need::Ns(ReadJob),
+        ("DeploymentService", "Promote" | "Pause" | "Fail" | "SetAllocHealth") => Need::Ns(SubmitJob),
         ("JobService", "List") => Need::Ns(ListJobs),
         ("JobService", "Get" | "Versions") => Need::Ns(ReadJob),
         ("AllocService", "List" | "Get") => Need::Ns(ReadJob),
@@ -103,7 +105,16 @@ pub fn http(method: &str, route: Option<&str>, path: &str) -> Option<Need> {
         ("/v1/jobs", false) => Need::Ns(SubmitJob),
         ("/v1/job/:id", true) => Need::Ns(ReadJob),
         ("/v1/job/:id", false) => Need::Ns(SubmitJob),
-        ("/v1/job/:id/allocations" | "/v1/job/:id/versions" | "/v1/job/:id/evaluations", true) => Need::Ns(ReadJob),
+        ("/v1/job/:id/allocations" | "/v1/job/:id/versions" | "/v1/job/:id/evaluations" | "/v1/job/:id/deployments", true) => {
+            Need::Ns(ReadJob)
+        }
+        ("/v1/job/:id/revert" | "/v1/job/:id/scale", false) => Need::Ns(SubmitJob),
+        ("/v1/deployments" | "/v1/deployment/:id", true) => Need::Ns(ReadJob),
+        (
+            "/v1/deployment/:id/promote" | "/v1/deployment/:id/pause" | "/v1/deployment/:id/resume" | "/v1/deployment/:id/fail"
+            | "/v1/deployment/:id/allocation-health",
+            false,
+        ) => Need::Ns(SubmitJob),
         ("/v1/allocations" | "/v1/allocation/:id", true) => Need::Ns(ReadJob),
         ("/v1/nodes" | "/v1/node/:id", true) => Need::Node(Read),
         ("/v1/node/:id/drain" | "/v1/node/:id/eligibility", false) => Need::Node(Write),

@@ -43,7 +43,7 @@ use mlp_proto::v1::{AllocMetric, AllocatedResources, Allocation, Evaluation, Job
 pub use explain::explain;
 pub use place::Preemption;
 pub use rank::{BinPack, Fragmentation, RankInput, Scorer};
-pub use reconcile::holds_index;
+pub use reconcile::{fmt_ms, holds_index};
 
 use crate::state::{AllocStop, ClusterState};
 use reconcile::Want;
@@ -72,6 +72,9 @@ pub struct Plan {
     /// Placement id → the preference score P its node had when chosen, for placements of
     /// groups with affinities or spreads (shown by `mlp job plan`).
     pub preferences: BTreeMap<String, f64>,
+    /// A deployment this pass starts (issue 16 §1), and the older ones it cancels.
+    pub deployment: Option<mlp_proto::v1::Deployment>,
+    pub cancel_deployments: Vec<String>,
 }
 
 /// One allocation evicted for a higher-priority placement.
@@ -137,8 +140,15 @@ pub fn schedule_full(state: &ClusterState, job: Option<&Job>, eval: &Evaluation,
         None => (eval.namespace.as_str(), eval.job_id.as_str()),
     };
     let rec = reconcile::reconcile_at(state, job, namespace, job_id, now_ms);
-    let mut plan =
-        Plan { eval_id: eval.id.clone(), stops: rec.stops, new_evals: rec.follow_ups, annotations: rec.annotations, ..Default::default() };
+    let mut plan = Plan {
+        eval_id: eval.id.clone(),
+        stops: rec.stops,
+        new_evals: rec.follow_ups,
+        annotations: rec.annotations,
+        deployment: rec.deployment,
+        cancel_deployments: rec.cancel_deployments,
+        ..Default::default()
+    };
     let Some(job) = job.filter(|j| !j.stop) else { return plan };
     let stopping: BTreeSet<&str> = plan.stops.iter().map(|s| s.alloc_id.as_str()).collect();
 
@@ -312,6 +322,9 @@ fn new_alloc(job: &Job, want: &Want<'_>, node: &Node, resources: AllocatedResour
         modify_time_ms: now_ms,
         previous_allocation: want.previous_allocation.clone(),
         reschedule_tracker: want.reschedule_tracker.clone(),
+        deployment_id: want.deployment_id.clone(),
+        deployment_status: (!want.deployment_id.is_empty())
+            .then(|| mlp_proto::v1::AllocDeploymentStatus { canary: want.canary, ..Default::default() }),
         ..Default::default()
     }
 }

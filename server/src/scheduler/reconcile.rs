@@ -17,10 +17,12 @@
 //! * anything else (stopped by the scheduler, or already replaced): its index is free and gets
 //!   a replacement if the count wants it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use mlp_proto::consts::{alloc_client, alloc_desired, eval_status, eval_trigger, job_type, node_status};
-use mlp_proto::v1::{Allocation, Evaluation, Job, RescheduleEvent, ReschedulePolicy, RescheduleTracker, TaskGroup};
+use mlp_proto::consts::{alloc_client, alloc_desired, deployment_status, eval_status, eval_trigger, job_type, node_status};
+use mlp_proto::v1::{
+    Allocation, Deployment, DeploymentGroup, Evaluation, Job, RescheduleEvent, ReschedulePolicy, RescheduleTracker, TaskGroup,
+};
 
 use super::resources::is_live;
 use crate::state::{AllocAnnotation, AllocStop, ClusterState};
@@ -34,11 +36,14 @@ pub struct Want<'a> {
     pub previous_allocation: String,
     /// The replacement's reschedule history (the previous one's plus this reschedule).
     pub reschedule_tracker: Option<RescheduleTracker>,
+    /// The deployment that places it ("" = none), and whether as a canary.
+    pub deployment_id: String,
+    pub canary: bool,
 }
 
 impl<'a> Want<'a> {
     pub fn fresh(group: &'a TaskGroup, index: u32) -> Want<'a> {
-        Want { group, index, previous_allocation: String::new(), reschedule_tracker: None }
+        Want { group, index, previous_allocation: String::new(), reschedule_tracker: None, deployment_id: String::new(), canary: false }
     }
 }
 
@@ -52,6 +57,10 @@ pub struct Reconciled<'a> {
     pub follow_ups: Vec<Evaluation>,
     /// Notes on allocations not (yet) replaced.
     pub annotations: Vec<AllocAnnotation>,
+    /// The deployment created for the job's version (issue 16 §1), when this pass starts one.
+    pub deployment: Option<Deployment>,
+    /// Active deployments of older versions (or of a stopped job), to cancel.
+    pub cancel_deployments: Vec<String>,
 }
 
 /// The group's reschedule policy, or the job type's default.
@@ -131,6 +140,8 @@ pub fn reconcile_at<'a>(state: &ClusterState, job: Option<&'a Job>, namespace: &
             for a in allocs.iter().filter(|a| is_live(a)) {
                 out.stops.push(stop_or_lost(a, node_down(a), why));
             }
+            out.cancel_deployments =
+                crate::deploy::for_job(state, namespace, job_id).filter(|d| deployment_status::is_active(&d.status)).map(|d| d.id.clone()).collect();
             return out;
         }
     };
@@ -139,8 +150,20 @@ pub fn reconcile_at<'a>(state: &ClusterState, job: Option<&'a Job>, namespace: &
         out.stops.push(stop_or_lost(a, node_down(a), "task group removed from job"));
     }
 
+    // Deployments (issue 16 §1): the version's own, or a new one if its groups roll.
+    out.cancel_deployments = crate::deploy::for_job(state, namespace, job_id)
+        .filter(|d| deployment_status::is_active(&d.status) && d.job_version != job.version)
+        .map(|d| d.id.clone())
+        .collect();
+    let existing = crate::deploy::for_version(state, namespace, job_id, job.version);
+    let new_id = uuid::Uuid::new_v4().to_string();
+    let mut new_groups: BTreeMap<String, DeploymentGroup> = BTreeMap::new();
+    let mut new_used = false;
+
     for tg in &job.groups {
         let policy = policy_for(job, tg);
+        let strategy = if crate::deploy::applies_to(job) { mlp_proto::jobspec::effective_update(job, tg) } else { None };
+        let mut outdated: Vec<&Allocation> = Vec::new();
         let mut live: Vec<&Allocation> = Vec::new();
         let mut done: Vec<&Allocation> = Vec::new();
         let mut migrating: Vec<&Allocation> = Vec::new();
@@ -162,6 +185,8 @@ pub fn reconcile_at<'a>(state: &ClusterState, job: Option<&'a Job>, namespace: &
                     if !changed && !replaced {
                         ended.push((a, now_ms));
                     }
+                } else if changed && strategy.is_some() && !a.desired_migrate {
+                    outdated.push(a);
                 } else if changed {
                     out.stops.push(stop(a, &format!("replaced by job version {}", job.version)));
                 } else if a.desired_migrate {
@@ -174,6 +199,73 @@ pub fn reconcile_at<'a>(state: &ClusterState, job: Option<&'a Job>, namespace: &
                 ended.push((a, a.modify_time_ms));
             } else if a.client_status != alloc_client::LOST && !changed && !replaced {
                 done.push(a);
+            }
+        }
+
+        // A rolling group: the deployment paces the replacement of the outdated allocations.
+        let mut roll: Option<(String, bool)> = None; // (deployment id, place canaries)
+        let mut canary_indexes: Vec<u32> = Vec::new();
+        let mut rolled = false; // replaced an outdated allocation in this pass
+        if let Some(s) = &strategy {
+            let (dep_id, status, group) = match existing {
+                Some(d) => (d.id.clone(), d.status.clone(), d.groups.get(&tg.name).cloned()),
+                None => {
+                    let canaries = if outdated.is_empty() || job.revert_of.is_some() { 0 } else { s.canary.unwrap_or(0) };
+                    let progress = s.progress_deadline_ms.unwrap_or(0);
+                    let g = DeploymentGroup {
+                        strategy: Some(s.clone()),
+                        desired_canaries: canaries,
+                        desired_total: tg.effective_count(),
+                        require_progress_by_ms: if progress > 0 { now_ms.saturating_add(progress) } else { 0 },
+                        ..Default::default()
+                    };
+                    new_groups.insert(tg.name.clone(), g.clone());
+                    (new_id.clone(), deployment_status::RUNNING.to_string(), Some(g))
+                }
+            };
+            let group = group.unwrap_or_default();
+            let active = deployment_status::is_active(&status);
+            let canary_phase = active && group.desired_canaries > 0 && !group.promoted;
+            let is_canary = |a: &Allocation| crate::deploy::is_canary(a, &dep_id);
+            let canaries: Vec<&Allocation> = live.iter().copied().filter(|a| is_canary(a)).collect();
+            live.retain(|a| !is_canary(a));
+            outdated.sort_by(|a, b| (a.index, &a.id).cmp(&(b.index, &b.id)));
+            if canary_phase {
+                // Canaries run beside the old allocations, on their indexes, replacing none yet.
+                let shadowed: BTreeSet<u32> = canaries.iter().map(|a| a.index).collect();
+                let need = (group.desired_canaries as usize).saturating_sub(canaries.len());
+                canary_indexes = outdated.iter().map(|a| a.index).filter(|i| !shadowed.contains(i)).take(need).collect();
+                live.extend(outdated.drain(..));
+            } else {
+                // A promoted canary replaces the old allocation at its index.
+                let shadowed: BTreeSet<u32> = canaries.iter().map(|a| a.index).collect();
+                for a in outdated.iter().filter(|a| shadowed.contains(&a.index)) {
+                    out.stops.push(stop(a, &format!("replaced by a canary of job version {}", job.version)));
+                }
+                outdated.retain(|a| !shadowed.contains(&a.index));
+                live.extend(canaries);
+                let unhealthy = live.iter().filter(|a| a.deployment_id == dep_id && !crate::deploy::is_healthy(a)).count();
+                let budget = if status == deployment_status::RUNNING {
+                    (s.max_parallel.unwrap_or(1) as usize).saturating_sub(unhealthy)
+                } else if status == deployment_status::SUCCESSFUL {
+                    usize::MAX
+                } else {
+                    0 // paused, failed or cancelled: no more replacements
+                };
+                let want = tg.effective_count() as usize;
+                let mut replaced = 0;
+                for a in outdated.drain(..) {
+                    if (a.index as usize) < want && replaced < budget {
+                        replaced += 1;
+                        rolled = true;
+                        out.stops.push(stop(a, &format!("replaced by job version {} (rolling update)", job.version)));
+                    } else {
+                        live.push(a);
+                    }
+                }
+            }
+            if active {
+                roll = Some((dep_id, canary_phase));
             }
         }
 
@@ -202,10 +294,9 @@ pub fn reconcile_at<'a>(state: &ClusterState, job: Option<&'a Job>, namespace: &
             if (a.index as usize) < want && taken.insert(a.index) {
                 held += 1;
                 out.place.push(Want {
-                    group: tg,
-                    index: a.index,
                     previous_allocation: a.id.clone(),
                     reschedule_tracker: a.reschedule_tracker.clone(),
+                    ..Want::fresh(tg, a.index)
                 });
             }
         }
@@ -237,10 +328,9 @@ pub fn reconcile_at<'a>(state: &ClusterState, job: Option<&'a Job>, namespace: &
                         tracker.events.drain(..excess);
                     }
                     out.place.push(Want {
-                        group: tg,
-                        index: a.index,
                         previous_allocation: a.id.clone(),
                         reschedule_tracker: Some(tracker),
+                        ..Want::fresh(tg, a.index)
                     });
                 }
                 Decision::Later { at_ms, delay_ms } => {
@@ -286,6 +376,38 @@ pub fn reconcile_at<'a>(state: &ClusterState, job: Option<&'a Job>, namespace: &
             }
             out.place.push(Want::fresh(tg, index));
             taken.insert(index);
+        }
+        if let Some((dep_id, _)) = &roll {
+            if existing.is_none() && (rolled || !canary_indexes.is_empty() || out.place.iter().any(|w| w.group.name == tg.name)) {
+                new_used = true;
+            }
+            for w in out.place.iter_mut().filter(|w| w.group.name == tg.name) {
+                w.deployment_id = dep_id.clone();
+            }
+            for i in canary_indexes {
+                out.place.push(Want { deployment_id: dep_id.clone(), canary: true, ..Want::fresh(tg, i) });
+            }
+        }
+    }
+    // A new deployment is recorded only when some group rolls (something to place or replace).
+    if existing.is_none() && new_used {
+        out.deployment = Some(Deployment {
+            id: new_id,
+            namespace: job.namespace.clone(),
+            job_id: job.id.clone(),
+            job_version: job.version,
+            job_modify_index: job.job_modify_index,
+            status: deployment_status::RUNNING.to_string(),
+            status_description: "running".to_string(),
+            groups: new_groups,
+            is_revert: job.revert_of.is_some(),
+            ..Default::default()
+        });
+    } else if existing.is_none() {
+        // Nothing rolls: the placements (if any) are not the deployment's.
+        for w in out.place.iter_mut() {
+            w.deployment_id.clear();
+            w.canary = false;
         }
     }
     out
@@ -347,9 +469,13 @@ fn spec_changed(state: &ClusterState, job: &Job, tg: &TaskGroup, a: &Allocation)
     match old_job.groups.iter().find(|g| g.name == tg.name) {
         None => true,
         Some(old) => {
+            // The count, the update strategy and the shutdown delay change in place.
             let (mut old, mut new) = (old.clone(), tg.clone());
-            old.count = Some(0);
-            new.count = Some(0);
+            for g in [&mut old, &mut new] {
+                g.count = Some(0);
+                g.update = None;
+                g.shutdown_delay_ms = 0;
+            }
             old != new
         }
     }

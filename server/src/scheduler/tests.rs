@@ -1475,3 +1475,5 @@ fn gang_members_get_the_rendezvous_of_rank_zero() {
     let plan = c.schedule("plain");
     assert!(plan.placements.iter().all(|a| a.rendezvous.as_ref().is_some_and(|r| r.leader_port == super::ports::DEFAULT_RENDEZVOUS_PORT)));
 }
+
+mod deploy;
