@@ -751,7 +751,9 @@ pub enum JobCommand {
     /// Register an older version's spec as the job's next version (no canaries).
     Revert {
         name: String,
-        version: u64,
+        /// The version whose spec to register again.
+        #[arg(value_name = "VERSION")]
+        to_version: u64,
         /// Refuse unless the job is at this version now.
         #[arg(long)]
         enforce_prior_version: Option<u64>,

@@ -198,8 +198,8 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
             }
             crate::follow::job_stopped(&mut c, &name, &namespace, &resp.eval_id, resp.index).await
         }
-        JobCommand::Revert { name, version, enforce_prior_version, namespace } => {
-            crate::deployments::revert(addr, name, version, enforce_prior_version, namespace).await
+        JobCommand::Revert { name, to_version, enforce_prior_version, namespace } => {
+            crate::deployments::revert(addr, name, to_version, enforce_prior_version, namespace).await
         }
         JobCommand::Scale { name, group, count, namespace } => crate::deployments::scale(addr, name, group, count, namespace).await,
         JobCommand::History { name, json, namespace } => {

@@ -13,14 +13,24 @@ use crate::cli::DeploymentCommand;
 use crate::client::with_failover;
 use crate::output::{ago, print_json, short, Table};
 
-pub async fn revert(addr: &str, name: String, version: u64, enforce_prior_version: Option<u64>, namespace: String) -> anyhow::Result<ExitCode> {
+pub async fn revert(
+    addr: &str,
+    name: String,
+    version: u64,
+    enforce_prior_version: Option<u64>,
+    namespace: String,
+) -> anyhow::Result<ExitCode> {
     let req = RevertJobRequest { job_id: name.clone(), namespace, version, enforce_prior_version };
     let (_, resp) = with_failover(addr, |mut c| {
         let req = req.clone();
         async move { c.jobs.revert(req).await.map(tonic::Response::into_inner) }
     })
     .await?;
-    println!("==> Job {name:?} reverted to the spec of version {version}: now version {}, evaluation {}", resp.job_version, short(&resp.eval_id));
+    println!(
+        "==> Job {name:?} reverted to the spec of version {version}: now version {}, evaluation {}",
+        resp.job_version,
+        short(&resp.eval_id)
+    );
     Ok(ExitCode::SUCCESS)
 }
 

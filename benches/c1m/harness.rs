@@ -214,7 +214,17 @@ impl Run {
         }
         let retry = rejected > 0;
         let committed: Vec<String> = accepted.iter().map(|a| a.id.clone()).collect();
-        let command = Command::ApplyPlan(PlanResult { eval: Some(eval), placements: accepted, stops, new_evals, annotations, preemptions });
+        // The c1m jobs are batch jobs: no deployments.
+        let command = Command::ApplyPlan(PlanResult {
+            eval: Some(eval),
+            placements: accepted,
+            stops,
+            new_evals,
+            annotations,
+            preemptions,
+            deployment: None,
+            cancel_deployments: Vec::new(),
+        });
         let result = self.commit("a plan", command);
         {
             let mut in_flight = lock(&self.in_flight);

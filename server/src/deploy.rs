@@ -96,8 +96,11 @@ pub fn find<'a>(st: &'a ClusterState, id_or_prefix: &str) -> Result<&'a Deployme
     if let Some(d) = st.deployments.get(id_or_prefix) {
         return Ok(d);
     }
-    let matches: Vec<&Deployment> =
-        if id_or_prefix.is_empty() { Vec::new() } else { st.deployments.range(id_or_prefix.to_string()..).take_while(|(k, _)| k.starts_with(id_or_prefix)).map(|(_, d)| d).collect() };
+    let matches: Vec<&Deployment> = if id_or_prefix.is_empty() {
+        Vec::new()
+    } else {
+        st.deployments.range(id_or_prefix.to_string()..).take_while(|(k, _)| k.starts_with(id_or_prefix)).map(|(_, d)| d).collect()
+    };
     match matches.as_slice() {
         [d] => Ok(d),
         [] => Err(LookupError::NotFound { kind: "deployment", prefix: id_or_prefix.to_string() }),
@@ -370,11 +373,18 @@ pub fn watch(st: &ClusterState, now: u64, clock: &mut HealthClock) -> Vec<Deploy
                     continue;
                 }
             }
-            let healthy = live_new.iter().filter(|a| healthy_now(a)).count() as u32;
-            let outdated = st
-                .allocs_for_job(&d.namespace, &d.job_id)
-                .filter(|a| a.task_group == *name && is_live(a) && a.job_version != d.job_version)
+            // Allocations of an older version with the same spec for the group (a revert, a
+            // count change) were healthy in their own deployment and stay: they count.
+            let Some(tg) = job.groups.iter().find(|g| g.name == *name) else { continue };
+            let group_live: Vec<&Allocation> =
+                st.allocs_for_job(&d.namespace, &d.job_id).filter(|a| a.task_group == *name && is_live(a)).collect();
+            let outdated = group_live.iter().filter(|a| crate::scheduler::spec_changed(st, job, tg, a)).count();
+            let kept = group_live
+                .iter()
+                .filter(|a| a.deployment_id != d.id && a.client_status == alloc_client::RUNNING)
+                .filter(|a| !crate::scheduler::spec_changed(st, job, tg, a))
                 .count();
+            let healthy = (live_new.iter().filter(|a| healthy_now(a)).count() + kept) as u32;
             if healthy < g.desired_total || outdated > 0 {
                 complete = false;
                 if g.require_progress_by_ms > 0 && now > g.require_progress_by_ms {
@@ -429,7 +439,11 @@ pub fn fail(st: &ClusterState, d: &Deployment, job: &Job, why: String, u: &mut D
 
 /// The latest stable version of `job` older than its current one and with another spec.
 pub fn revert_target<'a>(st: &'a ClusterState, job: &Job) -> Option<&'a Job> {
-    st.job_versions.get(&job_key(&job.namespace, &job.id))?.iter().rev().find(|v| v.stable && v.version < job.version && !v.stop && !same_spec(v, job))
+    st.job_versions
+        .get(&job_key(&job.namespace, &job.id))?
+        .iter()
+        .rev()
+        .find(|v| v.stable && v.version < job.version && !v.stop && !same_spec(v, job))
 }
 
 /// The registration that puts `target`'s spec back as a new version of `job`.

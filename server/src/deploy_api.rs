@@ -21,8 +21,9 @@ impl Api {
         self.read_barrier(false).await?;
         let spec = {
             let st = self.state.read();
-            let current =
-                st.job(&ns, &req.job_id).ok_or_else(|| ApiError::NotFound(format!("job {:?} not found in namespace {ns:?}", req.job_id)))?;
+            let current = st
+                .job(&ns, &req.job_id)
+                .ok_or_else(|| ApiError::NotFound(format!("job {:?} not found in namespace {ns:?}", req.job_id)))?;
             if let Some(prior) = req.enforce_prior_version {
                 if prior != current.version {
                     return Err(ApiError::InvalidArgument(format!(
@@ -110,7 +111,11 @@ impl Api {
         let st = self.state.read();
         let d = deploy::find(&st, id).map_err(|e| ApiError::NotFound(e.to_string()))?.clone();
         if !deployment_status::is_active(&d.status) {
-            return Err(ApiError::InvalidArgument(format!("deployment {} is {}; only a running or paused one can change", deploy::short(&d.id), d.status)));
+            return Err(ApiError::InvalidArgument(format!(
+                "deployment {} is {}; only a running or paused one can change",
+                deploy::short(&d.id),
+                d.status
+            )));
         }
         let job = st
             .job(&d.namespace, &d.job_id)

@@ -378,7 +378,9 @@ async fn job_revert(
     Query(p): Query<Params>,
     StrictJson(b): StrictJson<RevertBody>,
 ) -> HttpResult {
-    api.acl.require_ns(token(&authz), Capability::SubmitJob, ns_or_default(&p.namespace), "POST /v1/job/revert", &id).map_err(ApiError::from)?;
+    api.acl
+        .require_ns(token(&authz), Capability::SubmitJob, ns_or_default(&p.namespace), "POST /v1/job/revert", &id)
+        .map_err(ApiError::from)?;
     let req = RevertJobRequest { job_id: id, namespace: p.namespace, version: b.version, enforce_prior_version: b.enforce_prior_version };
     ok(api.revert_job(req).await?)
 }
@@ -398,7 +400,9 @@ async fn job_scale(
     Query(p): Query<Params>,
     StrictJson(b): StrictJson<ScaleBody>,
 ) -> HttpResult {
-    api.acl.require_ns(token(&authz), Capability::SubmitJob, ns_or_default(&p.namespace), "POST /v1/job/scale", &id).map_err(ApiError::from)?;
+    api.acl
+        .require_ns(token(&authz), Capability::SubmitJob, ns_or_default(&p.namespace), "POST /v1/job/scale", &id)
+        .map_err(ApiError::from)?;
     ok(api.scale_job(ScaleJobRequest { job_id: id, namespace: p.namespace, group: b.group, count: b.count }).await?)
 }
 

@@ -919,8 +919,7 @@ impl ClusterState {
                 resp.error = Some(format!("evaluation id {:?} belongs to another job", eval.id));
                 return;
             }
-            let produced =
-                self.job_versions.get(&key).and_then(|vs| vs.iter().rev().find(|v| v.job_modify_index == prev.job_modify_index));
+            let produced = self.job_versions.get(&key).and_then(|vs| vs.iter().rev().find(|v| v.job_modify_index == prev.job_modify_index));
             if produced.is_some_and(|v| same_spec(v, job)) {
                 resp.job_version = self.jobs.get(&key).map(|j| j.version);
                 return;

@@ -316,9 +316,8 @@ impl Checker {
     /// bounded like a kill timeout.
     fn update(&mut self, loc: &Loc, job: &Job) {
         let rolling_type = job.r#type == job_type::SERVICE || job.r#type == "system";
-        let blocks = std::iter::once((loc.field("update"), job.update.as_ref())).chain(
-            job.groups.iter().enumerate().map(|(i, g)| (loc.named("group", i, &g.name).field("update"), g.update.as_ref())),
-        );
+        let blocks = std::iter::once((loc.field("update"), job.update.as_ref()))
+            .chain(job.groups.iter().enumerate().map(|(i, g)| (loc.named("group", i, &g.name).field("update"), g.update.as_ref())));
         for (uloc, u) in blocks {
             let Some(u) = u else { continue };
             if !rolling_type {

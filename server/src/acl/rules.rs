@@ -111,7 +111,10 @@ pub fn http(method: &str, route: Option<&str>, path: &str) -> Option<Need> {
         ("/v1/job/:id/revert" | "/v1/job/:id/scale", false) => Need::Ns(SubmitJob),
         ("/v1/deployments" | "/v1/deployment/:id", true) => Need::Ns(ReadJob),
         (
-            "/v1/deployment/:id/promote" | "/v1/deployment/:id/pause" | "/v1/deployment/:id/resume" | "/v1/deployment/:id/fail"
+            "/v1/deployment/:id/promote"
+            | "/v1/deployment/:id/pause"
+            | "/v1/deployment/:id/resume"
+            | "/v1/deployment/:id/fail"
             | "/v1/deployment/:id/allocation-health",
             false,
         ) => Need::Ns(SubmitJob),

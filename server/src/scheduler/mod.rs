@@ -43,7 +43,7 @@ use mlp_proto::v1::{AllocMetric, AllocatedResources, Allocation, Evaluation, Job
 pub use explain::explain;
 pub use place::Preemption;
 pub use rank::{BinPack, Fragmentation, RankInput, Scorer};
-pub use reconcile::{fmt_ms, holds_index};
+pub use reconcile::{fmt_ms, holds_index, spec_changed};
 
 use crate::state::{AllocStop, ClusterState};
 use reconcile::Want;

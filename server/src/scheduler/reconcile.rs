@@ -140,8 +140,10 @@ pub fn reconcile_at<'a>(state: &ClusterState, job: Option<&'a Job>, namespace: &
             for a in allocs.iter().filter(|a| is_live(a)) {
                 out.stops.push(stop_or_lost(a, node_down(a), why));
             }
-            out.cancel_deployments =
-                crate::deploy::for_job(state, namespace, job_id).filter(|d| deployment_status::is_active(&d.status)).map(|d| d.id.clone()).collect();
+            out.cancel_deployments = crate::deploy::for_job(state, namespace, job_id)
+                .filter(|d| deployment_status::is_active(&d.status))
+                .map(|d| d.id.clone())
+                .collect();
             return out;
         }
     };
@@ -456,7 +458,7 @@ pub fn holds_index(state: &ClusterState, job: &Job, a: &Allocation) -> bool {
 
 /// Whether `a` was made from a job version whose spec for `tg` differs from the current one.
 /// The count is ignored (scaling is not an update); an unknown old version counts as changed.
-fn spec_changed(state: &ClusterState, job: &Job, tg: &TaskGroup, a: &Allocation) -> bool {
+pub fn spec_changed(state: &ClusterState, job: &Job, tg: &TaskGroup, a: &Allocation) -> bool {
     if a.job_version == job.version {
         return false;
     }
