@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .field_attribute("mlp.v1.Event.evaluation", "#[serde(skip_serializing_if = \"Option::is_none\")]")
         .field_attribute("mlp.v1.Event.allocation", "#[serde(skip_serializing_if = \"Option::is_none\")]")
         .field_attribute("mlp.v1.Event.node", "#[serde(skip_serializing_if = \"Option::is_none\")]")
+        .field_attribute("mlp.v1.Event.deployment", "#[serde(skip_serializing_if = \"Option::is_none\")]")
         .field_attribute("mlp.v1.Event.services", "#[serde(skip_serializing_if = \"Vec::is_empty\")]")
         .compile_protos(&["proto/mlp.proto"], &["proto"])?;
     Ok(())

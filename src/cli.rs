@@ -760,6 +760,16 @@ pub enum JobCommand {
         #[arg(long, default_value = "default")]
         namespace: String,
     },
+    /// Restart a job's allocations, rolling as each group's `update` block says (a new version
+    /// whose groups carry a new `mlp.restart` meta value).
+    Restart {
+        name: String,
+        /// Only these groups (repeatable; default: all).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+    },
     /// Set a group's count (a new version that replaces nothing).
     Scale {
         name: String,

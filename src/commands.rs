@@ -201,6 +201,7 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
         JobCommand::Revert { name, to_version, enforce_prior_version, namespace } => {
             crate::deployments::revert(addr, name, to_version, enforce_prior_version, namespace).await
         }
+        JobCommand::Restart { name, groups, namespace } => crate::deployments::restart(addr, name, groups, namespace).await,
         JobCommand::Scale { name, group, count, namespace } => crate::deployments::scale(addr, name, group, count, namespace).await,
         JobCommand::History { name, json, namespace } => {
             let req = GetJobRequest { job_id: name, namespace, ..Default::default() };

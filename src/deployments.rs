@@ -34,6 +34,18 @@ pub async fn revert(
     Ok(ExitCode::SUCCESS)
 }
 
+pub async fn restart(addr: &str, name: String, groups: Vec<String>, namespace: String) -> anyhow::Result<ExitCode> {
+    let req = mlp_proto::v1::RestartJobRequest { job_id: name.clone(), namespace, groups };
+    let (_, resp) = with_failover(addr, |mut c| {
+        let req = req.clone();
+        async move { c.jobs.restart(req).await.map(tonic::Response::into_inner) }
+    })
+    .await?;
+    println!("==> Job {name:?} restarting (version {}), evaluation {}", resp.job_version, short(&resp.eval_id));
+    println!("    Follow it with: mlp deployment list --job {name}");
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn scale(addr: &str, name: String, group: String, count: u32, namespace: String) -> anyhow::Result<ExitCode> {
     let req = ScaleJobRequest { job_id: name.clone(), namespace, group: group.clone(), count };
     let (_, resp) = with_failover(addr, |mut c| {
@@ -282,8 +294,8 @@ mod tests {
 }}"#
             )
         };
-        let old = mlp_proto::jobspec::parse_str(&src("\"10\"", 2), "a.hcl").unwrap();
-        let new = mlp_proto::jobspec::parse_str(&src("\"20\", \"x\"", 3), "a.hcl").unwrap();
+        let old = mlp_proto::jobspec::parse_str(&src("\"10\"", 2), "a.hcl").expect("valid job");
+        let new = mlp_proto::jobspec::parse_str(&src("\"20\", \"x\"", 3), "a.hcl").expect("valid job");
         let d = spec_diff(&old, &new);
         assert!(d.contains(&"~ groups[g].count: 2 => 3".to_string()), "{d:?}");
         assert!(d.contains(&"~ groups[g].tasks[t].config.args[0]: \"10\" => \"20\"".to_string()), "{d:?}");

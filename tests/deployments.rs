@@ -112,7 +112,7 @@ fn client(http: String, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) -> std::t
             if let Some(addr) = instances.get(n % instances.len().max(1)) {
                 n += 1;
                 let r = get(addr, "/");
-                let mut s = seen.lock().unwrap();
+                let mut s = seen.lock().expect("client results");
                 s.requests += 1;
                 match r {
                     Ok((200, v)) => {
@@ -196,7 +196,7 @@ fn a_rolling_update_under_traffic_fails_no_request() {
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::SeqCst);
     t.join().expect("client thread");
-    let seen = seen.lock().unwrap();
+    let seen = seen.lock().expect("client results");
     assert!(seen.failures.is_empty(), "{} of {} requests failed: {:?}", seen.failures.len(), seen.requests, seen.failures);
     assert!(seen.requests > 50, "the client sent requests the whole time ({})", seen.requests);
     assert!(
@@ -272,6 +272,26 @@ fn canaries_are_promoted_by_hand_and_a_broken_version_reverts_by_itself() {
     wait_for("three v1", Duration::from_secs(30), || (serving(&dev) == ["v1", "v1", "v1"]).then_some(()));
     let out = dev.cli(&["job", "scale", "web", "nope", "3"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no group \"nope\""));
+
+    // A rolling restart replaces every allocation through a deployment.
+    let before: Vec<String> = alloc_ids(&dev);
+    dev.ok(&["job", "restart", "web"]);
+    wait_deployment(&dev, 6, "successful", Duration::from_secs(60));
+    let after = alloc_ids(&dev);
+    assert_eq!(after.len(), 3);
+    assert!(after.iter().all(|a| !before.contains(a)), "every allocation was replaced: {before:?} -> {after:?}");
+}
+
+/// The ids of the job's live allocations.
+fn alloc_ids(dev: &Dev) -> Vec<String> {
+    let job = dev.job("web");
+    job["allocations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["desired_status"] == "run" && a["client_status"] == "running")
+        .filter_map(|a| a["id"].as_str().map(String::from))
+        .collect()
 }
 
 #[test]

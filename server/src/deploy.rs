@@ -135,6 +135,7 @@ pub(crate) fn apply_plan(st: &mut ClusterState, index: u64, now: u64, plan: &cra
                 d.status_description = "cancelled: a newer version of the job was registered".to_string();
                 d.modify_index = index;
                 d.modify_time_ms = now;
+                st.touched.deployments.insert(id.clone());
             }
         }
     }
@@ -150,6 +151,7 @@ pub(crate) fn apply_plan(st: &mut ClusterState, index: u64, now: u64, plan: &cra
         d.modify_index = index;
         d.modify_time_ms = now;
         let (ns, job_id) = (d.namespace.clone(), d.job_id.clone());
+        st.touched.deployments.insert(d.id.clone());
         st.deployments.insert(d.id.clone(), d);
         // Bounded history: the job's finished deployments beyond the newest ones go.
         let mut finished: Vec<(u64, String)> = for_job(st, &ns, &job_id)
@@ -159,7 +161,7 @@ pub(crate) fn apply_plan(st: &mut ClusterState, index: u64, now: u64, plan: &cra
         finished.sort();
         let excess = finished.len().saturating_sub(MAX_FINISHED_PER_JOB);
         for (_, id) in finished.into_iter().take(excess) {
-            st.deployments.remove(&id);
+            st.forget_deployment(&id);
         }
     }
     for a in &plan.placements {
@@ -173,6 +175,7 @@ pub(crate) fn apply_plan(st: &mut ClusterState, index: u64, now: u64, plan: &cra
                 g.placed_canaries.push(a.id.clone());
             }
             d.modify_index = index;
+            st.touched.deployments.insert(a.deployment_id.clone());
         }
     }
 }
@@ -281,6 +284,7 @@ pub(crate) fn apply_update(
     d.modify_index = index;
     d.modify_time_ms = now;
     let id = d.id.clone();
+    st.touched.deployments.insert(id.clone());
     st.deployments.insert(id.clone(), d);
     if let Some(e) = &u.eval {
         st.upsert_eval(index, now, e.clone(), effects);

@@ -4,13 +4,16 @@ use mlp_proto::consts::{deployment_status, eval_trigger};
 use mlp_proto::v1::{
     Deployment, DeploymentAllocHealthRequest, DeploymentFailRequest, DeploymentPauseRequest, DeploymentPromoteRequest,
     DeploymentUpdateResponse, GetDeploymentResponse, Job, ListDeploymentsRequest, ListDeploymentsResponse, RegisterJobResponse,
-    RevertJobRequest, ScaleJobRequest,
+    RestartJobRequest, RevertJobRequest, ScaleJobRequest,
 };
 
 use crate::api::{default_namespace, require_id, Api, ApiError};
 use crate::deploy::{self, DeploymentUpdate};
 use crate::leader::now_ms;
 use crate::state::{job_key, Command, Request};
+
+/// The group meta key `mlp job restart` sets (to the time of the restart, in ms).
+pub const RESTART_META: &str = "mlp.restart";
 
 impl Api {
     /// Registers an older version's spec as the job's next version (`mlp job revert`). Its
@@ -80,6 +83,39 @@ impl Api {
         Ok(RegisterJobResponse { eval_id, job_version: resp.job_version.unwrap_or(0), index: resp.index })
     }
 
+    /// A rolling restart (`mlp job restart`): a new version whose groups carry a new
+    /// `mlp.restart` meta value, replaced as the groups' `update` strategy says (all at once
+    /// for a group without one).
+    pub async fn restart_job(&self, req: RestartJobRequest) -> Result<RegisterJobResponse, ApiError> {
+        require_id("job_id", &req.job_id)?;
+        let ns = default_namespace(&req.namespace).to_string();
+        self.read_barrier(false).await?;
+        let now = now_ms();
+        let job: Job = {
+            let st = self.state.read();
+            let mut job = st
+                .job(&ns, &req.job_id)
+                .cloned()
+                .ok_or_else(|| ApiError::NotFound(format!("job {:?} not found in namespace {ns:?}", req.job_id)))?;
+            if job.stop {
+                return Err(ApiError::InvalidArgument(format!("job {:?} is stopped; run it again instead", req.job_id)));
+            }
+            let names: Vec<String> = job.groups.iter().map(|g| g.name.clone()).collect();
+            if let Some(g) = req.groups.iter().find(|g| !names.contains(g)) {
+                return Err(ApiError::NotFound(format!("job {:?} has no group {g:?}; its groups: {}", req.job_id, names.join(", "))));
+            }
+            for g in job.groups.iter_mut().filter(|g| req.groups.is_empty() || req.groups.contains(&g.name)) {
+                g.meta.insert(RESTART_META.to_string(), now.to_string());
+            }
+            job
+        };
+        mlp_proto::jobspec::validate_job(&job).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let eval = Self::new_eval(&job, eval_trigger::JOB_REGISTER);
+        let eval_id = eval.id.clone();
+        let resp = self.raft.submit(Request { now_ms: now, command: Command::RegisterJob { job, eval } }).await?;
+        Ok(RegisterJobResponse { eval_id, job_version: resp.job_version.unwrap_or(0), index: resp.index })
+    }
+
     pub async fn list_deployments(&self, req: ListDeploymentsRequest) -> Result<ListDeploymentsResponse, ApiError> {
         self.read_barrier(false).await?;
         let st = self.state.read();
@@ -127,7 +163,7 @@ impl Api {
     async fn submit_update(&self, u: DeploymentUpdate) -> Result<DeploymentUpdateResponse, ApiError> {
         let eval_id = u.eval.as_ref().map(|e| e.id.clone()).unwrap_or_default();
         let deployment_id = u.deployment_id.clone();
-        let resp = self.raft.submit(Request { now_ms: now_ms(), command: Command::UpdateDeployment(u) }).await?;
+        let resp = self.raft.submit(Request { now_ms: now_ms(), command: Command::UpdateDeployment(Box::new(u)) }).await?;
         let reverted = self.state.read().deployments.get(&deployment_id).map(|d| d.reverted_to_version).unwrap_or(0);
         Ok(DeploymentUpdateResponse { eval_id, index: resp.index, reverted_to_version: reverted })
     }

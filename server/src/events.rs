@@ -26,7 +26,9 @@ pub const TOPIC_ALLOCATION: &str = "Allocation";
 pub const TOPIC_NODE: &str = "Node";
 /// Service instances (issue 13 §3): key = service name, payload = its instances after the entry.
 pub const TOPIC_SERVICE: &str = "Service";
-pub const TOPICS: [&str; 5] = [TOPIC_JOB, TOPIC_EVALUATION, TOPIC_ALLOCATION, TOPIC_NODE, TOPIC_SERVICE];
+/// Deployments (issue 16 §1): key = deployment id, filter key = its job.
+pub const TOPIC_DEPLOYMENT: &str = "Deployment";
+pub const TOPICS: [&str; 6] = [TOPIC_JOB, TOPIC_EVALUATION, TOPIC_ALLOCATION, TOPIC_NODE, TOPIC_SERVICE, TOPIC_DEPLOYMENT];
 
 /// Batches one subscriber may have queued before it is cut off.
 pub const SUBSCRIBER_QUEUE: usize = 1024;
@@ -320,6 +322,26 @@ pub fn batch_for(st: &ClusterState, index: u64, command: &Command, touched: &Tou
             namespace: namespace.clone(),
             index,
             services: st.service_instances(namespace, name, false),
+            ..Default::default()
+        });
+    }
+    for id in &touched.deployments {
+        let Some(d) = st.deployments.get(id) else { continue };
+        let kind = match command {
+            Command::ApplyPlan(_) if d.create_index == index => "DeploymentCreated",
+            Command::UpdateDeployment(u) if u.status.is_some() => "DeploymentStatusUpdate",
+            Command::UpdateDeployment(u) if !u.promote.is_empty() => "DeploymentPromotion",
+            Command::UpdateDeployment(_) => "DeploymentAllocHealth",
+            _ => "DeploymentUpdated",
+        };
+        events.push(Event {
+            topic: TOPIC_DEPLOYMENT.into(),
+            r#type: kind.into(),
+            key: d.id.clone(),
+            namespace: d.namespace.clone(),
+            filter_keys: vec![d.job_id.clone()],
+            index,
+            deployment: Some(d.clone()),
             ..Default::default()
         });
     }

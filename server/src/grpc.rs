@@ -109,17 +109,23 @@ impl job_service_server::JobService for GrpcApi {
         self.api.acl.require_ns(authz.as_ref(), Capability::SubmitJob, &req.namespace, "job scale", &req.job_id)?;
         Ok(Response::new(self.api.scale_job(req).await?))
     }
+    async fn restart(&self, req: Request<RestartJobRequest>) -> GrpcResult<RegisterJobResponse> {
+        self.count();
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        self.api.acl.require_ns(authz.as_ref(), Capability::SubmitJob, &req.namespace, "job restart", &req.job_id)?;
+        Ok(Response::new(self.api.restart_job(req).await?))
+    }
 }
 
 impl GrpcApi {
     /// The namespace of a deployment a request names, checked against the token.
-    fn deployment_ns(&self, authz: Option<&Authz>, cap: Capability, id: &str, op: &str) -> Result<(), Status> {
+    fn deployment_ns(&self, authz: Option<&Authz>, cap: Capability, id: &str, op: &str) -> Result<(), acl::guard::Denied> {
         let ns = {
             let st = self.api.state.read();
             crate::deploy::find(&st, id).map(|d| d.namespace.clone()).unwrap_or_else(|_| "default".to_string())
         };
-        self.api.acl.require_ns(authz, cap, &ns, op, id)?;
-        Ok(())
+        self.api.acl.require_ns(authz, cap, &ns, op, id)
     }
 }
 

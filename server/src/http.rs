@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use mlp_proto::v1::{
     DeploymentAllocHealthRequest, DeploymentFailRequest, DeploymentPauseRequest, DeploymentPromoteRequest, EventTopic, EventsRequest,
     GetJobRequest, GetServiceRequest, Job, ListAllocsRequest, ListDeploymentsRequest, ListJobsRequest, ListServicesRequest,
-    RevertJobRequest, ScaleJobRequest, StopJobRequest,
+    RestartJobRequest, RevertJobRequest, ScaleJobRequest, StopJobRequest,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -156,6 +156,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/job/:id/deployments", get(job_deployments))
         .route("/v1/job/:id/revert", axum::routing::post(job_revert))
         .route("/v1/job/:id/scale", axum::routing::post(job_scale))
+        .route("/v1/job/:id/restart", axum::routing::post(job_restart))
         .route("/v1/deployments", get(list_deployments))
         .route("/v1/deployment/:id", get(get_deployment))
         .route("/v1/deployment/:id/promote", axum::routing::post(deployment_promote))
@@ -404,6 +405,21 @@ async fn job_scale(
         .require_ns(token(&authz), Capability::SubmitJob, ns_or_default(&p.namespace), "POST /v1/job/scale", &id)
         .map_err(ApiError::from)?;
     ok(api.scale_job(ScaleJobRequest { job_id: id, namespace: p.namespace, group: b.group, count: b.count }).await?)
+}
+
+/// `POST /v1/job/{id}/restart` with `{"groups": [...]}` (empty or absent: every group).
+async fn job_restart(
+    State(api): State<Arc<Api>>,
+    authz: Token,
+    Path(id): Path<String>,
+    Query(p): Query<Params>,
+    body: Option<StrictJson<PromoteBody>>,
+) -> HttpResult {
+    api.acl
+        .require_ns(token(&authz), Capability::SubmitJob, ns_or_default(&p.namespace), "POST /v1/job/restart", &id)
+        .map_err(ApiError::from)?;
+    let groups = body.map(|b| b.0.groups).unwrap_or_default();
+    ok(api.restart_job(RestartJobRequest { job_id: id, namespace: p.namespace, groups }).await?)
 }
 
 async fn list_deployments(State(api): State<Arc<Api>>, authz: Token, Query(p): Query<Params>) -> HttpResult {

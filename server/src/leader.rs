@@ -442,7 +442,7 @@ impl Leader {
             if let Some(s) = &u.status {
                 tracing::info!(deployment = %id, status = %s, description = u.description.as_deref().unwrap_or(""), "deployment status");
             }
-            if let Err(e) = self.raft.write(Request { now_ms: now_ms(), command: Command::UpdateDeployment(u) }).await {
+            if let Err(e) = self.raft.write(Request { now_ms: now_ms(), command: Command::UpdateDeployment(Box::new(u)) }).await {
                 tracing::warn!(deployment = %id, error = %e, "could not commit a deployment update");
             }
         }

@@ -169,7 +169,7 @@ pub enum Command {
     /// A deployment's progress or a user's decision on it (`deploy::DeploymentUpdate`):
     /// allocation health, promotion, pause / resume / fail, success (the version becomes
     /// stable), and an automatic revert.
-    UpdateDeployment(crate::deploy::DeploymentUpdate),
+    UpdateDeployment(Box<crate::deploy::DeploymentUpdate>),
 }
 
 /// What the plan applier commits: placements that fit, stops, and the evaluation's outcome.
@@ -327,6 +327,8 @@ pub struct Touched {
     pub deleted: Vec<Deleted>,
     /// Services (namespace, name) whose instances changed.
     pub services: BTreeSet<(String, String)>,
+    /// Deployments created or changed (issue 16 §1).
+    pub deployments: BTreeSet<String>,
 }
 
 /// A removed object, as the event stream reports it.
@@ -986,7 +988,23 @@ impl ClusterState {
 
     /// Removes a job's deployments (the job was purged or collected).
     fn remove_deployments(&mut self, namespace: &str, job_id: &str) {
-        self.deployments.retain(|_, d| !(d.namespace == namespace && d.job_id == job_id));
+        let ids: Vec<String> = crate::deploy::for_job(self, namespace, job_id).map(|d| d.id.clone()).collect();
+        for id in ids {
+            self.forget_deployment(&id);
+        }
+    }
+
+    /// Removes one deployment record, with its deletion event.
+    pub(crate) fn forget_deployment(&mut self, id: &str) {
+        if let Some(d) = self.deployments.remove(id) {
+            self.touched.deployments.remove(id);
+            self.touched.deleted.push(Deleted {
+                topic: crate::events::TOPIC_DEPLOYMENT,
+                key: d.id,
+                namespace: d.namespace,
+                filter_keys: vec![d.job_id],
+            });
+        }
     }
 
     fn push_version(&mut self, key: &str, job: Job) {

@@ -42,7 +42,7 @@ pub fn grpc(path: &str) -> Option<Need> {
     use Capability::*;
     let (service, method) = path.strip_prefix("/mlp.v1.")?.split_once('/')?;
     Some(match (service, method) {
-        ("JobService", "Register" | "Plan" | "Stop" | "Revert" | "Scale") => Need::Ns(SubmitJob),
+        ("JobService", "Register" | "Plan" | "Stop" | "Revert" | "Scale" | "Restart") => Need::Ns(SubmitJob),
         ("DeploymentService", "List" | "Get") => Need::Ns(ReadJob),
         ("DeploymentService", "Promote" | "Pause" | "Fail" | "SetAllocHealth") => Need::Ns(SubmitJob),
         ("JobService", "List") => Need::Ns(ListJobs),
@@ -108,7 +108,7 @@ pub fn http(method: &str, route: Option<&str>, path: &str) -> Option<Need> {
         ("/v1/job/:id/allocations" | "/v1/job/:id/versions" | "/v1/job/:id/evaluations" | "/v1/job/:id/deployments", true) => {
             Need::Ns(ReadJob)
         }
-        ("/v1/job/:id/revert" | "/v1/job/:id/scale", false) => Need::Ns(SubmitJob),
+        ("/v1/job/:id/revert" | "/v1/job/:id/scale" | "/v1/job/:id/restart", false) => Need::Ns(SubmitJob),
         ("/v1/deployments" | "/v1/deployment/:id", true) => Need::Ns(ReadJob),
         (
             "/v1/deployment/:id/promote"

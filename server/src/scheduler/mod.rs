@@ -127,8 +127,8 @@ pub const FAULT_INJECTION_PANIC: &str = "mlp.fault-injection.panic";
 
 /// The scheduler proper.
 ///
-/// Capacity freed by this plan's own reconcile stops is not reused by its placements (a
-/// blocked evaluation retries once it is really free); capacity freed by its evictions is, and
+/// Capacity freed by this plan's own reconcile stops (a destructive update's old allocations)
+/// and by its evictions is reused by its placements, except the stopped allocations' host ports;
 /// the plan applier counts both as freed when it re-checks the plan.
 pub fn schedule_full(state: &ClusterState, job: Option<&Job>, eval: &Evaluation, now_ms: u64, scorer: &dyn Scorer, opts: Options) -> Plan {
     #[cfg(feature = "fault-injection")]
@@ -153,7 +153,10 @@ pub fn schedule_full(state: &ClusterState, job: Option<&Job>, eval: &Evaluation,
     let stopping: BTreeSet<&str> = plan.stops.iter().map(|s| s.alloc_id.as_str()).collect();
 
     let candidates: Vec<&Node> = state.nodes.values().filter(|n| feasible::node_usable(n)).collect();
-    let mut pass = place::Pass::new(state);
+    // A destructive update's new allocations may take what its stopped ones held (the plan
+    // applier counts the plan's stops as freed too).
+    let freed: BTreeSet<String> = plan.stops.iter().filter(|s| s.client_status.is_none()).map(|s| s.alloc_id.clone()).collect();
+    let mut pass = place::Pass::freeing(state, freed);
     let preemption = opts.preemption.allowed_for(&job.r#type).then_some(opts.preemption);
     let mut new_stops = Vec::new();
     for tg in &job.groups {

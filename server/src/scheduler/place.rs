@@ -76,11 +76,20 @@ pub struct Pass<'s> {
     planned: BTreeMap<String, Vec<AllocatedResources>>,
     /// Allocations this plan evicts (victim id → preemptor allocation id, filled on commit).
     pub evicted: BTreeSet<String>,
+    /// Allocations this plan's reconciliation stops (a destructive update's old allocations):
+    /// their CPU, memory and devices are free for its placements; their host ports are not,
+    /// since the old task still serves on them until it is signalled (`shutdown_delay`).
+    freed: BTreeSet<String>,
 }
 
 impl<'s> Pass<'s> {
     pub fn new(state: &'s ClusterState) -> Self {
-        Pass { state, usage: BTreeMap::new(), planned: BTreeMap::new(), evicted: BTreeSet::new() }
+        Pass { state, usage: BTreeMap::new(), planned: BTreeMap::new(), evicted: BTreeSet::new(), freed: BTreeSet::new() }
+    }
+
+    /// A pass whose placements may use what the allocations in `freed` hold (but their ports).
+    pub fn freeing(state: &'s ClusterState, freed: BTreeSet<String>) -> Self {
+        Pass { freed, ..Pass::new(state) }
     }
 
     fn usage(&mut self, node_id: &str) -> &Usage {
@@ -93,8 +102,19 @@ impl<'s> Pass<'s> {
 
     /// The node's usage with `also_evicted` gone as well as this pass's evictions.
     fn compute(&self, node_id: &str, also_evicted: &BTreeSet<&str>) -> Usage {
-        let skip: BTreeSet<&str> = self.evicted.iter().map(String::as_str).chain(also_evicted.iter().copied()).collect();
+        let skip: BTreeSet<&str> = self
+            .evicted
+            .iter()
+            .map(String::as_str)
+            .chain(also_evicted.iter().copied())
+            .chain(self.freed.iter().map(String::as_str))
+            .collect();
         let mut u = Usage::live_on(self.state, node_id, &skip);
+        for id in &self.freed {
+            if let Some(a) = self.state.allocs.get(id).filter(|a| a.node_id == node_id) {
+                u.ports.extend(a.resources.iter().flat_map(|r| r.ports.iter()).map(|p| p.host_port));
+            }
+        }
         for r in self.planned.get(node_id).into_iter().flatten() {
             u.add(r);
         }

@@ -237,7 +237,7 @@ pub fn reconcile_at<'a>(state: &ClusterState, job: Option<&'a Job>, namespace: &
                 let shadowed: BTreeSet<u32> = canaries.iter().map(|a| a.index).collect();
                 let need = (group.desired_canaries as usize).saturating_sub(canaries.len());
                 canary_indexes = outdated.iter().map(|a| a.index).filter(|i| !shadowed.contains(i)).take(need).collect();
-                live.extend(outdated.drain(..));
+                live.append(&mut outdated);
             } else {
                 // A promoted canary replaces the old allocation at its index.
                 let shadowed: BTreeSet<u32> = canaries.iter().map(|a| a.index).collect();
