@@ -288,7 +288,10 @@ mod tests {
     count = {count}
     task "t" {{
       driver = "exec"
-      config {{ command = "/bin/sleep" args = [{args}] }}
+      config {{
+        command = "/bin/sleep"
+        args    = [{args}]
+      }}
     }}
   }}
 }}"#
