@@ -278,6 +278,24 @@ fn print_job_status(resp: &GetJobResponse) {
             println!("  {line}");
         }
     }
+    if let Some(d) = &resp.latest_deployment {
+        println!("\nLatest Deployment");
+        println!("  ID          = {}", short(&d.id));
+        println!("  Version     = {}", d.job_version);
+        println!("  Status      = {}", d.status);
+        println!("  Description = {}", d.status_description);
+        for (name, g) in &d.groups {
+            let canaries = if g.desired_canaries > 0 {
+                format!(", canaries {} ({})", g.desired_canaries, if g.promoted { "promoted" } else { "not promoted" })
+            } else {
+                String::new()
+            };
+            println!(
+                "  {name}: {} desired, {} placed, {} healthy, {} unhealthy{canaries}",
+                g.desired_total, g.placed_allocs, g.healthy_allocs, g.unhealthy_allocs
+            );
+        }
+    }
     let extra = crate::output::job_preemption_and_gang_lines(&resp.evaluations, &resp.allocations);
     if !extra.is_empty() {
         println!("\nPreemption and Gangs");

@@ -207,6 +207,8 @@ fn a_rolling_update_under_traffic_fails_no_request() {
     let group = &d["groups"]["web"];
     assert_eq!(group["healthy_allocs"], 3, "{d}");
     assert_eq!(group["placed_allocs"], 3, "{d}");
+    let job_status = dev.ok(&["job", "status", "web"]);
+    assert!(job_status.contains("Latest Deployment") && job_status.contains("3 healthy"), "{job_status}");
     let status = dev.ok(&["deployment", "status", d["id"].as_str().expect("id")]);
     assert!(status.contains("successful") && status.contains("healthy"), "{status}");
     // Version 1 became stable; the history shows what changed.

@@ -446,7 +446,8 @@ impl Api {
         allocations.sort_by_key(|a| (a.create_index, a.index));
         let mut evaluations: Vec<Evaluation> = st.evals_for_job(ns, &req.job_id).cloned().collect();
         evaluations.sort_by_key(|e| e.create_index);
-        Ok(GetJobResponse { job: Some(job), allocations, evaluations, index: st.index })
+        let latest_deployment = crate::deploy::latest(&st, ns, &req.job_id).cloned();
+        Ok(GetJobResponse { job: Some(job), allocations, evaluations, index: st.index, latest_deployment })
     }
 
     pub async fn job_versions(&self, req: GetJobRequest) -> Result<JobVersionsResponse, ApiError> {
