@@ -535,7 +535,9 @@ async fn dispatch(t: &Tracking, method: &Method, endpoint: &str, a: &Args) -> TR
             let description = a.opt_str("description")?.unwrap_or_default();
             check_value("description", &description, MAX_DESCRIPTION_CHARS)?;
             let tags = a.key_values("tags", MAX_CREATE_TAGS, MAX_MODEL_TAG_VALUE_CHARS)?;
-            let created = t.submit(C::CreateModelVersion { name: name.clone(), source, run_id, run_link, description, tags }).await?;
+            let request_id = uuid::Uuid::new_v4().to_string();
+            let created =
+                t.submit(C::CreateModelVersion { name: name.clone(), source, run_id, run_link, description, tags, request_id }).await?;
             let version: u64 =
                 created.and_then(|v| v.parse().ok()).ok_or_else(|| TrackingError::internal("the new version's number was not returned"))?;
             t.read(|s| {

@@ -129,6 +129,9 @@ pub struct ModelVersion {
     pub current_stage: String,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    /// The create request that made it (`TrackingCommand::CreateModelVersion::request_id`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request_id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -281,6 +284,11 @@ pub enum TrackingCommand {
         run_link: String,
         description: String,
         tags: Vec<(String, String)>,
+        /// Chosen by the proposer, once per client request: the same entry applied again (a
+        /// forwarding retry resends it) answers the version it created instead of adding one.
+        /// Absent in older entries.
+        #[serde(default)]
+        request_id: String,
     },
     UpdateModelVersion {
         name: String,
@@ -557,8 +565,13 @@ impl TrackingState {
             C::DeleteAlias { name, alias } => {
                 self.model_mut(name)?.aliases.remove(alias);
             }
-            C::CreateModelVersion { name, source, run_id, run_link, description, tags } => {
+            C::CreateModelVersion { name, source, run_id, run_link, description, tags, request_id } => {
                 let m = self.model_mut(name)?;
+                if !request_id.is_empty() {
+                    if let Some(v) = m.versions.values().find(|v| &v.request_id == request_id) {
+                        return Ok(Some(v.version.to_string()));
+                    }
+                }
                 m.last_version += 1;
                 let version = m.last_version;
                 m.last_updated_timestamp = now;
@@ -574,6 +587,7 @@ impl TrackingState {
                         run_link: run_link.clone(),
                         current_stage: "None".into(),
                         tags: tags.iter().cloned().collect(),
+                        request_id: request_id.clone(),
                     },
                 );
                 return Ok(Some(version.to_string()));
@@ -806,12 +820,28 @@ mod tests {
             run_link: String::new(),
             description: String::new(),
             tags: vec![],
+            request_id: String::new(),
         };
         assert_eq!(st.apply(6, &v).expect("v1"), Some("1".into()));
         assert_eq!(st.apply(7, &v).expect("v2"), Some("2".into()));
+        // A retried entry (same request id) answers the version it made; a new request adds one.
+        let retried = |id: &str| TrackingCommand::CreateModelVersion {
+            name: "m".into(),
+            source: "s".into(),
+            run_id: String::new(),
+            run_link: String::new(),
+            description: String::new(),
+            tags: vec![],
+            request_id: id.into(),
+        };
+        assert_eq!(st.apply(70, &retried("r1")).expect("v3"), Some("3".into()));
+        assert_eq!(st.apply(71, &retried("r1")).expect("v3 again"), Some("3".into()), "a retry adds no version");
+        assert_eq!(st.apply(72, &retried("r2")).expect("v4"), Some("4".into()));
+        st.apply(73, &TrackingCommand::DeleteModelVersion { name: "m".into(), version: 4 }).expect("delete v4");
+        st.apply(74, &TrackingCommand::DeleteModelVersion { name: "m".into(), version: 3 }).expect("delete v3");
         st.apply(8, &TrackingCommand::SetAlias { name: "m".into(), alias: "champion".into(), version: 2 }).expect("alias");
         st.apply(9, &TrackingCommand::DeleteModelVersion { name: "m".into(), version: 2 }).expect("delete v2");
         assert!(st.model("m").expect("m").aliases.is_empty(), "an alias goes with its version");
-        assert_eq!(st.apply(10, &v).expect("v3"), Some("3".into()), "numbers are not reused");
+        assert_eq!(st.apply(10, &v).expect("v5"), Some("5".into()), "numbers are not reused");
     }
 }
