@@ -14,18 +14,8 @@ cd "$(dirname "$0")/.."
 N=${N:-10}
 MIN_HEALTHY=${MIN_HEALTHY:-2s}
 RUNS=${RUNS:-3}
-if [ -z "${MLP_BIN:-}" ]; then
-  cargo build --release --bin mlp >&2
-fi
-MLP=${MLP_BIN:-$PWD/target/release/mlp}
-out=$(mktemp -d /tmp/mlp-bench-deploy.XXXXXX)
-dev_pid=
-cleanup() {
-  [ -n "$dev_pid" ] && kill "$dev_pid" 2>/dev/null && wait "$dev_pid" 2>/dev/null
-  rm -rf "$out"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+bench_setup deploy
+bench_teardown() { [ -n "${dev_pid:-}" ] && "$MLP" job stop --purge web >/dev/null 2>&1; }
 min_ms=$(python3 -c "import sys; s='$MIN_HEALTHY'; print(int(float(s[:-2]) if s.endswith('ms') else float(s[:-1])*1000))")
 
 job() { # VERSION

@@ -14,18 +14,7 @@ cd "$(dirname "$0")/.."
 
 N_LAT=${N_LAT:-100}
 N_SUB=${N_SUB:-300}
-if [ -z "${MLP_BIN:-}" ]; then
-  cargo build --release --bin mlp >&2
-fi
-MLP=${MLP_BIN:-$PWD/target/release/mlp}
-out=$(mktemp -d /tmp/mlp-bench-security.XXXXXX)
-dev_pid=
-cleanup() {
-  [ -n "$dev_pid" ] && kill "$dev_pid" 2>/dev/null && wait "$dev_pid" 2>/dev/null
-  rm -rf "$out"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+bench_setup security
 
 (cd "$out" && "$MLP" tls ca create >/dev/null && "$MLP" tls cert create -server >/dev/null && "$MLP" tls cert create -client >/dev/null)
 machine_line

@@ -5,6 +5,25 @@ machine_line() {
   echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 }
 
+# bench_setup NAME: MLP (the release build, built here unless MLP_BIN names a binary), `out` (a
+# temp dir removed on exit, with the `mlp dev` of `dev_pid` killed), and free_port.
+bench_setup() {
+  if [ -z "${MLP_BIN:-}" ]; then
+    cargo build --release --bin mlp >&2
+  fi
+  MLP=${MLP_BIN:-$PWD/target/release/mlp}
+  out=$(mktemp -d "/tmp/mlp-bench-$1.XXXXXX")
+  dev_pid=
+  trap bench_cleanup EXIT
+}
+bench_cleanup() {
+  # A script's own teardown first (stopping its jobs: tasks outlive their agent by design).
+  if declare -F bench_teardown >/dev/null; then bench_teardown || true; fi
+  [ -n "${dev_pid:-}" ] && kill "$dev_pid" 2>/dev/null && wait "$dev_pid" 2>/dev/null
+  rm -rf "$out"
+}
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
 # compare_kv MLP.txt OTHER.txt <<'PY' … PY
 # Runs the Python on stdin with `m` and `o` bound to the `key value` lines of the two files
 # (mlp's and the baseline's, as dicts of floats).

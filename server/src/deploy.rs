@@ -110,19 +110,11 @@ pub fn find<'a>(st: &'a ClusterState, id_or_prefix: &str) -> Result<&'a Deployme
 
 /// An evaluation of `job` that lets the scheduler take the rollout's next step.
 pub fn eval_for(job: &Job, deployment_id: &str, why: &str) -> Evaluation {
-    Evaluation {
-        id: uuid::Uuid::new_v4().to_string(),
-        namespace: job.namespace.clone(),
-        job_id: job.id.clone(),
-        priority: job.priority,
-        r#type: job.r#type.clone(),
-        triggered_by: eval_trigger::DEPLOYMENT_WATCHER.to_string(),
-        status: eval_status::PENDING.to_string(),
-        status_description: why.to_string(),
-        job_modify_index: job.job_modify_index,
-        deployment_id: deployment_id.to_string(),
-        ..Default::default()
-    }
+    let mut e = crate::api::Api::new_eval(job, eval_trigger::DEPLOYMENT_WATCHER);
+    e.status_description = why.to_string();
+    e.job_modify_index = job.job_modify_index;
+    e.deployment_id = deployment_id.to_string();
+    e
 }
 
 /// What `ApplyPlan` does for deployments: inserts the plan's new deployment, cancels the ones

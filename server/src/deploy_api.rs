@@ -16,6 +16,30 @@ use crate::state::{job_key, Command, Request};
 pub const RESTART_META: &str = "mlp.restart";
 
 impl Api {
+    /// The running (not stopped) job a request names, and the names of its groups; refused
+    /// when a named group is not one of them.
+    fn live_job(&self, ns: &str, job_id: &str, groups: &[String]) -> Result<Job, ApiError> {
+        let st = self.state.read();
+        let job = st.job(ns, job_id).cloned().ok_or_else(|| ApiError::NotFound(format!("job {job_id:?} not found in namespace {ns:?}")))?;
+        if job.stop {
+            return Err(ApiError::InvalidArgument(format!("job {job_id:?} is stopped; run it again first")));
+        }
+        let names: Vec<&str> = job.groups.iter().map(|g| g.name.as_str()).collect();
+        if let Some(g) = groups.iter().find(|g| !names.contains(&g.as_str())) {
+            return Err(ApiError::NotFound(format!("job {job_id:?} has no group {g:?}; its groups: {}", names.join(", "))));
+        }
+        Ok(job)
+    }
+
+    /// Validates and registers a changed version of a job the API made (scale, restart).
+    async fn register_changed(&self, job: Job, trigger: &str, now: u64) -> Result<RegisterJobResponse, ApiError> {
+        mlp_proto::jobspec::validate_job(&job).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let eval = Self::new_eval(&job, trigger);
+        let eval_id = eval.id.clone();
+        let resp = self.raft.submit(Request { now_ms: now, command: Command::RegisterJob { job, eval } }).await?;
+        Ok(RegisterJobResponse { eval_id, job_version: resp.job_version.unwrap_or(0), index: resp.index })
+    }
+
     /// Registers an older version's spec as the job's next version (`mlp job revert`). Its
     /// deployment places no canaries (nomad#10882).
     pub async fn revert_job(&self, req: RevertJobRequest) -> Result<RegisterJobResponse, ApiError> {
@@ -60,27 +84,11 @@ impl Api {
         require_id("group", &req.group)?;
         let ns = default_namespace(&req.namespace).to_string();
         self.read_barrier(false).await?;
-        let job: Job = {
-            let st = self.state.read();
-            let mut job = st
-                .job(&ns, &req.job_id)
-                .cloned()
-                .ok_or_else(|| ApiError::NotFound(format!("job {:?} not found in namespace {ns:?}", req.job_id)))?;
-            if job.stop {
-                return Err(ApiError::InvalidArgument(format!("job {:?} is stopped; run it again first", req.job_id)));
-            }
-            let names: Vec<String> = job.groups.iter().map(|g| g.name.clone()).collect();
-            let g = job.groups.iter_mut().find(|g| g.name == req.group).ok_or_else(|| {
-                ApiError::NotFound(format!("job {:?} has no group {:?}; its groups: {}", req.job_id, req.group, names.join(", ")))
-            })?;
+        let mut job = self.live_job(&ns, &req.job_id, std::slice::from_ref(&req.group))?;
+        for g in job.groups.iter_mut().filter(|g| g.name == req.group) {
             g.count = Some(req.count);
-            job
-        };
-        mlp_proto::jobspec::validate_job(&job).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-        let eval = Self::new_eval(&job, eval_trigger::JOB_SCALE);
-        let eval_id = eval.id.clone();
-        let resp = self.raft.submit(Request { now_ms: now_ms(), command: Command::RegisterJob { job, eval } }).await?;
-        Ok(RegisterJobResponse { eval_id, job_version: resp.job_version.unwrap_or(0), index: resp.index })
+        }
+        self.register_changed(job, eval_trigger::JOB_SCALE, now_ms()).await
     }
 
     /// A rolling restart (`mlp job restart`): a new version whose groups carry a new
@@ -91,29 +99,11 @@ impl Api {
         let ns = default_namespace(&req.namespace).to_string();
         self.read_barrier(false).await?;
         let now = now_ms();
-        let job: Job = {
-            let st = self.state.read();
-            let mut job = st
-                .job(&ns, &req.job_id)
-                .cloned()
-                .ok_or_else(|| ApiError::NotFound(format!("job {:?} not found in namespace {ns:?}", req.job_id)))?;
-            if job.stop {
-                return Err(ApiError::InvalidArgument(format!("job {:?} is stopped; run it again instead", req.job_id)));
-            }
-            let names: Vec<String> = job.groups.iter().map(|g| g.name.clone()).collect();
-            if let Some(g) = req.groups.iter().find(|g| !names.contains(g)) {
-                return Err(ApiError::NotFound(format!("job {:?} has no group {g:?}; its groups: {}", req.job_id, names.join(", "))));
-            }
-            for g in job.groups.iter_mut().filter(|g| req.groups.is_empty() || req.groups.contains(&g.name)) {
-                g.meta.insert(RESTART_META.to_string(), now.to_string());
-            }
-            job
-        };
-        mlp_proto::jobspec::validate_job(&job).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-        let eval = Self::new_eval(&job, eval_trigger::JOB_REGISTER);
-        let eval_id = eval.id.clone();
-        let resp = self.raft.submit(Request { now_ms: now, command: Command::RegisterJob { job, eval } }).await?;
-        Ok(RegisterJobResponse { eval_id, job_version: resp.job_version.unwrap_or(0), index: resp.index })
+        let mut job = self.live_job(&ns, &req.job_id, &req.groups)?;
+        for g in job.groups.iter_mut().filter(|g| req.groups.is_empty() || req.groups.contains(&g.name)) {
+            g.meta.insert(RESTART_META.to_string(), now.to_string());
+        }
+        self.register_changed(job, eval_trigger::JOB_REGISTER, now).await
     }
 
     pub async fn list_deployments(&self, req: ListDeploymentsRequest) -> Result<ListDeploymentsResponse, ApiError> {
