@@ -62,6 +62,7 @@ pub struct Clients {
     pub services: mlp_proto::v1::service_service_client::ServiceServiceClient<Channel>,
     pub acl: mlp_proto::v1::acl_service_client::AclServiceClient<Channel>,
     pub tracking: mlp_proto::v1::tracking_service_client::TrackingServiceClient<Channel>,
+    pub namespaces: mlp_proto::v1::namespace_service_client::NamespaceServiceClient<Channel>,
 }
 
 pub fn endpoint_uri(address: &str) -> String {
@@ -110,6 +111,7 @@ async fn connect_one(address: &str) -> anyhow::Result<Clients> {
     let channel = tonic::service::interceptor::InterceptedService::new(channel, TokenInterceptor::from_env()?);
     Ok(Clients {
         acl: mlp_proto::v1::acl_service_client::AclServiceClient::new(channel.clone()),
+        namespaces: mlp_proto::v1::namespace_service_client::NamespaceServiceClient::new(channel.clone()),
         tracking: mlp_proto::v1::tracking_service_client::TrackingServiceClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         jobs: JobServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),

@@ -553,7 +553,13 @@ impl Leader {
         let (failed, mut queued) = (std::mem::take(&mut plan.failed_tg_allocs), std::mem::take(&mut plan.queued_allocations));
         let (follow_ups, annotations) = (std::mem::take(&mut plan.new_evals), std::mem::take(&mut plan.annotations));
         let gang_timeout = gang_wait(&self.state, &eval, &queued);
-        report.resources_only = resources_only(&self.state, &eval, &failed);
+        // Blocked by its namespace's quota, not by capacity: another namespace may still fit.
+        let quota_reason = plan.quota_limit_reached.take();
+        report.resources_only = quota_reason.is_none() && resources_only(&self.state, &eval, &failed);
+        let waits_for = match &quota_reason {
+            Some(why) => format!("quota: {why}"),
+            None => "capacity".to_string(),
+        };
         let (checked, victim_evals) = self.admit(plan);
         let Checked { accepted, stops, preemptions, rejected } = checked;
         Metrics::add(&self.metrics.schedule_micros_total, started.elapsed().as_micros() as u64);
@@ -602,7 +608,8 @@ impl Leader {
             } else if was_blocked {
                 eval.queued_allocations = queued;
                 eval.failed_tg_allocs = failed;
-                eval.status_description = format!("{unplaced} allocations wait for capacity");
+                eval.status_description = format!("{unplaced} allocations wait for {waits_for}");
+                eval.quota_limit_reached = quota_reason.clone().unwrap_or_default();
                 report.blocked.push((Reverse(eval.priority), eval.create_index, eval.id.clone()));
                 if eval.wait_deadline_ms > 0 {
                     report.deadlines.push((eval.id.clone(), eval.wait_deadline_ms));
@@ -617,7 +624,8 @@ impl Leader {
                     r#type: eval.r#type.clone(),
                     triggered_by: eval_trigger::QUEUED_ALLOCS.to_string(),
                     status: eval_status::BLOCKED.to_string(),
-                    status_description: format!("{unplaced} allocations wait for capacity"),
+                    status_description: format!("{unplaced} allocations wait for {waits_for}"),
+                    quota_limit_reached: quota_reason.clone().unwrap_or_default(),
                     job_modify_index: eval.job_modify_index,
                     queued_allocations: queued.clone(),
                     failed_tg_allocs: failed.clone(),
@@ -635,6 +643,7 @@ impl Leader {
         } else {
             eval.status = eval_status::COMPLETE.to_string();
             eval.status_description.clear();
+            eval.quota_limit_reached.clear();
             eval.queued_allocations = queued;
             eval.failed_tg_allocs = BTreeMap::new();
             outcome = EvalOutcome::Done;

@@ -165,6 +165,15 @@ pub enum Command {
     // ---- ACL tokens and policies (issue 15 §2) ----
     /// A change to ACL policies or tokens (`acl::state`); secrets arrive hashed.
     Acl(crate::acl::state::AclCommand),
+    // ---- namespaces and quotas (issue 15 §5) ----
+    /// A job registration through the API: `RegisterJob`, refused unless the job's namespace
+    /// exists (`default` always does). Older entries are plain `RegisterJob`s, applied as
+    /// before.
+    RegisterJobInNamespace { job: Job, eval: Evaluation },
+    /// Create or replace a namespace (validated by the proposer and again here).
+    UpsertNamespace { namespace: mlp_proto::v1::Namespace },
+    /// Delete a namespace: refused for `default` and while it has jobs that are not dead.
+    DeleteNamespace { name: String },
 }
 
 /// What the plan applier commits: placements that fit, stops, and the evaluation's outcome.
@@ -297,6 +306,11 @@ pub struct ClusterState {
     /// bootstrapped).
     #[serde(default)]
     pub acl: crate::acl::state::AclState,
+    /// Namespaces by name (issue 15 §5); `default` exists whether or not it is listed here
+    /// (it is listed once applied, e.g. with a quota). Absent in older snapshots (then only
+    /// `default`).
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, mlp_proto::v1::Namespace>,
 }
 
 /// The objects one applied entry created, modified or removed: the event stream's events and the
@@ -426,60 +440,13 @@ impl ClusterState {
         let now = req.now_ms;
         let mut resp = CommandResponse { index, ..Default::default() };
         match &req.command {
-            Command::RegisterJob { job, eval } => {
-                let key = job_key(&job.namespace, &job.id);
-                // The same request delivered again (a forwarding retry, or a client's retry with
-                // its request id): its evaluation exists and the version it produced has this
-                // spec. Applying it again could put an old spec back over a newer one.
-                if let Some(prev) = self.evals.get(&eval.id) {
-                    if prev.job_id != job.id || prev.namespace != job.namespace {
-                        resp.error = Some(format!("evaluation id {:?} belongs to another job", eval.id));
-                        return resp;
-                    }
-                    let produced =
-                        self.job_versions.get(&key).and_then(|vs| vs.iter().rev().find(|v| v.job_modify_index == prev.job_modify_index));
-                    if produced.is_some_and(|v| same_spec(v, job)) {
-                        resp.job_version = self.jobs.get(&key).map(|j| j.version);
-                        return resp;
-                    }
+            Command::RegisterJob { job, eval } => self.register_job(index, now, job, eval, effects, &mut resp),
+            Command::RegisterJobInNamespace { job, eval } => {
+                if job.namespace != crate::namespace::DEFAULT && !self.namespaces.contains_key(&job.namespace) {
+                    resp.error = Some(crate::namespace::missing(&job.namespace));
+                    return resp;
                 }
-                let mut job = job.clone();
-                let prev = self.jobs.get(&key);
-                let unchanged = prev.is_some_and(|p| !p.stop && same_spec(p, &job));
-                match prev {
-                    Some(p) if unchanged => {
-                        job = p.clone();
-                    }
-                    Some(p) => {
-                        job.version = p.version + 1;
-                        job.create_index = p.create_index;
-                        job.modify_index = index;
-                        job.job_modify_index = index;
-                        job.submit_time_ms = now;
-                        job.stop = false;
-                        job.status = job_status::PENDING.to_string();
-                    }
-                    None => {
-                        job.version = 0;
-                        job.create_index = index;
-                        job.modify_index = index;
-                        job.job_modify_index = index;
-                        job.submit_time_ms = now;
-                        job.stop = false;
-                        job.status = job_status::PENDING.to_string();
-                    }
-                }
-                resp.job_version = Some(job.version);
-                if !unchanged {
-                    learn_job(&mut self.learned, self.jobs.get(&key).filter(|p| !p.stop), &job);
-                    self.push_version(&key, job.clone());
-                    self.touched.jobs.insert(key.clone());
-                }
-                self.jobs.insert(key.clone(), job.clone());
-                let mut eval = eval.clone();
-                eval.job_modify_index = job.job_modify_index;
-                self.insert_eval(index, now, eval, effects);
-                self.refresh_job_status(&key);
+                self.register_job(index, now, job, eval, effects, &mut resp);
             }
             Command::StopJob { namespace, job_id, purge, eval } => {
                 let key = job_key(namespace, job_id);
@@ -807,8 +774,82 @@ impl ClusterState {
                 Ok(created) => resp.created = created,
                 Err(e) => resp.error = Some(e),
             },
+            Command::UpsertNamespace { namespace } => {
+                if let Err(e) = crate::namespace::validate(namespace) {
+                    resp.error = Some(e);
+                    return resp;
+                }
+                let mut ns = namespace.clone();
+                ns.create_index = self.namespaces.get(&ns.name).map_or(index, |p| p.create_index);
+                ns.modify_index = index;
+                self.namespaces.insert(ns.name.clone(), ns);
+                // A raised (or removed) quota may let blocked evaluations place.
+                effects.push(Effect::CapacityChanged);
+            }
+            Command::DeleteNamespace { name } => match crate::namespace::deletable(self, name) {
+                Ok(()) => {
+                    self.namespaces.remove(name);
+                }
+                Err(e) => resp.error = Some(e),
+            },
         }
         resp
+    }
+
+    /// `RegisterJob` (and `RegisterJobInNamespace` once its namespace is known to exist).
+    fn register_job(&mut self, index: u64, now: u64, job: &Job, eval: &Evaluation, effects: &mut Vec<Effect>, resp: &mut CommandResponse) {
+        let key = job_key(&job.namespace, &job.id);
+        // The same request delivered again (a forwarding retry, or a client's retry with
+        // its request id): its evaluation exists and the version it produced has this
+        // spec. Applying it again could put an old spec back over a newer one.
+        if let Some(prev) = self.evals.get(&eval.id) {
+            if prev.job_id != job.id || prev.namespace != job.namespace {
+                resp.error = Some(format!("evaluation id {:?} belongs to another job", eval.id));
+                return;
+            }
+            let produced = self.job_versions.get(&key).and_then(|vs| vs.iter().rev().find(|v| v.job_modify_index == prev.job_modify_index));
+            if produced.is_some_and(|v| same_spec(v, job)) {
+                resp.job_version = self.jobs.get(&key).map(|j| j.version);
+                return;
+            }
+        }
+        let mut job = job.clone();
+        let prev = self.jobs.get(&key);
+        let unchanged = prev.is_some_and(|p| !p.stop && same_spec(p, &job));
+        match prev {
+            Some(p) if unchanged => {
+                job = p.clone();
+            }
+            Some(p) => {
+                job.version = p.version + 1;
+                job.create_index = p.create_index;
+                job.modify_index = index;
+                job.job_modify_index = index;
+                job.submit_time_ms = now;
+                job.stop = false;
+                job.status = job_status::PENDING.to_string();
+            }
+            None => {
+                job.version = 0;
+                job.create_index = index;
+                job.modify_index = index;
+                job.job_modify_index = index;
+                job.submit_time_ms = now;
+                job.stop = false;
+                job.status = job_status::PENDING.to_string();
+            }
+        }
+        resp.job_version = Some(job.version);
+        if !unchanged {
+            learn_job(&mut self.learned, self.jobs.get(&key).filter(|p| !p.stop), &job);
+            self.push_version(&key, job.clone());
+            self.touched.jobs.insert(key.clone());
+        }
+        self.jobs.insert(key.clone(), job.clone());
+        let mut eval = eval.clone();
+        eval.job_modify_index = job.job_modify_index;
+        self.insert_eval(index, now, eval, effects);
+        self.refresh_job_status(&key);
     }
 
     /// Removes what still qualifies under `leader::gc`'s rules (the age is not re-checked: the
