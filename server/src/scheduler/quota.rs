@@ -123,23 +123,39 @@ pub fn gpus_text(milli: u64) -> String {
     }
 }
 
-/// Whether `held` is within `q`; Err names the first exhausted dimension with what is held and
-/// the limit: `quota of namespace "team-a" exhausted: gpus 5/4`.
-pub fn check(namespace: &str, q: &QuotaSpec, held: &Held) -> Result<(), String> {
+/// Whether `after` is within `q`; Err names the first exhausted dimension with what is held
+/// (`before`), the limit, and what the placement asks more:
+/// `quota of namespace "team-a" exhausted: gpus 4/4 in use, 1 more asked`.
+pub fn check(namespace: &str, q: &QuotaSpec, before: &Held, after: &Held) -> Result<(), String> {
     let over = |what: String| Err(format!("quota of namespace {namespace:?} exhausted: {what}"));
-    if let Some(l) = q.cpu_mhz.filter(|l| held.cpu_mhz > *l) {
-        return over(format!("cpu {}/{l} MHz", held.cpu_mhz));
+    if let Some(l) = q.cpu_mhz.filter(|l| after.cpu_mhz > *l) {
+        return over(format!("cpu {}/{l} MHz in use, {} more asked", before.cpu_mhz, after.cpu_mhz.saturating_sub(before.cpu_mhz)));
     }
-    if let Some(l) = q.memory_mib.filter(|l| held.memory_mib > *l) {
-        return over(format!("memory {}/{l} MiB", held.memory_mib));
+    if let Some(l) = q.memory_mib.filter(|l| after.memory_mib > *l) {
+        return over(format!(
+            "memory {}/{l} MiB in use, {} more asked",
+            before.memory_mib,
+            after.memory_mib.saturating_sub(before.memory_mib)
+        ));
     }
-    if let Some(l) = gpu_limit(q).filter(|l| held.gpu_milli > *l) {
-        return over(format!("gpus {}/{}", gpus_text(held.gpu_milli), gpus_text(l)));
+    if let Some(l) = gpu_limit(q).filter(|l| after.gpu_milli > *l) {
+        return over(format!(
+            "gpus {}/{} in use, {} more asked",
+            gpus_text(before.gpu_milli),
+            gpus_text(l),
+            gpus_text(after.gpu_milli.saturating_sub(before.gpu_milli))
+        ));
     }
     for m in &q.gpu_models {
-        let used = held.gpu_milli_by_model.get(&m.model).copied().unwrap_or(0);
-        if let Some(l) = m.gpu_milli.filter(|l| used > *l) {
-            return over(format!("gpus of model {:?} {}/{}", m.model, gpus_text(used), gpus_text(l)));
+        let used = |h: &Held| h.gpu_milli_by_model.get(&m.model).copied().unwrap_or(0);
+        if let Some(l) = m.gpu_milli.filter(|l| used(after) > *l) {
+            return over(format!(
+                "gpus of model {:?} {}/{} in use, {} more asked",
+                m.model,
+                gpus_text(used(before)),
+                gpus_text(l),
+                gpus_text(used(after).saturating_sub(used(before)))
+            ));
         }
     }
     Ok(())
@@ -149,7 +165,7 @@ pub fn check(namespace: &str, q: &QuotaSpec, held: &Held) -> Result<(), String> 
 pub fn admits(namespace: &str, q: &QuotaSpec, held: &Held, extra: &AllocatedResources, node: Option<&Node>) -> Result<(), String> {
     let mut after = held.clone();
     after.add(extra, node);
-    check(namespace, q, &after)
+    check(namespace, q, held, &after)
 }
 
 /// The part of a group's ask the quota can judge before a node is chosen (cpu, memory, GPU
@@ -158,11 +174,18 @@ pub fn admits_ask(namespace: &str, q: &QuotaSpec, held: &Held, ask: &super::reso
     let mut after = held.clone();
     after.cpu_mhz = after.cpu_mhz.saturating_add(ask.cpu_mhz);
     after.memory_mib = after.memory_mib.saturating_add(ask.memory_mib);
-    let gpus: u64 = ask.gpus.iter().map(|g| g.shape.total_milli()).sum();
+    // MIG instances count what the instance's assignment says: checked per node.
+    let gpus: u64 = ask.gpus.iter().filter(|g| g.mig_profile.is_empty()).map(|g| g.shape.total_milli()).sum();
     after.gpu_milli = after.gpu_milli.saturating_add(gpus);
     // Model limits are checked per node (the devices decide the model).
     let q = QuotaSpec { gpu_models: Vec::new(), ..q.clone() };
-    check(namespace, &q, &after)
+    check(namespace, &q, held, &after)
+}
+
+/// Whether the namespace's live allocations are within its quota (what the property tests
+/// check after every plan).
+pub fn within(namespace: &str, q: &QuotaSpec, held: &Held) -> Result<(), String> {
+    check(namespace, q, held, held)
 }
 
 /// Whether `reason` (a placement failure's dimension) is a quota's.
