@@ -145,8 +145,7 @@ fn namespaces_quotas_block_and_unblock_and_delete_rules() {
     let v: Value = serde_json::from_str(&body).unwrap();
     let names: Vec<&str> = v["namespaces"].as_array().unwrap().iter().filter_map(|n| n["name"].as_str()).collect();
     assert_eq!(names, ["default", "team-b"], "{body}");
-    let (code, body) =
-        dev.http("PUT", "/v1/namespace/team-c", Some("application/json"), br#"{"quota": {"gpus": 1, "gpu_count": 2}}"#);
+    let (code, body) = dev.http("PUT", "/v1/namespace/team-c", Some("application/json"), br#"{"quota": {"gpus": 1, "gpu_count": 2}}"#);
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("unknown field `gpu_count`"), "{body}");
     let (code, body) = dev.http(

@@ -367,6 +367,6 @@ pub fn check_node_fit_freeing(state: &ClusterState, node: &Node, extra: &[&Alloc
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod quota_tests;
+#[cfg(test)]
+mod tests;

@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 
 use mlp_proto::consts::{alloc_client, eval_status, job_type, node_status};
 use mlp_proto::v1::{
-    AllocClientUpdate, Evaluation, GpuDevice, GpuModelQuota, GpuRequest, Job, Namespace, Node, NodeResources, QuotaSpec, Resources,
-    Task, TaskConfig, TaskGroup,
+    AllocClientUpdate, Evaluation, GpuDevice, GpuModelQuota, GpuRequest, Job, Namespace, Node, NodeResources, QuotaSpec, Resources, Task,
+    TaskConfig, TaskGroup,
 };
 use proptest::prelude::*;
 
@@ -83,7 +83,11 @@ impl Cluster {
         let node_id = self.st.allocs[alloc_id].node_id.clone();
         self.apply(Command::UpdateAllocsFromClient {
             node_id,
-            updates: vec![AllocClientUpdate { alloc_id: alloc_id.into(), client_status: alloc_client::COMPLETE.into(), ..Default::default() }],
+            updates: vec![AllocClientUpdate {
+                alloc_id: alloc_id.into(),
+                client_status: alloc_client::COMPLETE.into(),
+                ..Default::default()
+            }],
         });
     }
 
@@ -123,15 +127,7 @@ fn group(name: &str, count: u32, gpus: u32, share_milli: u32) -> TaskGroup {
 }
 
 fn job(ns: &str, id: &str, groups: Vec<TaskGroup>) -> Job {
-    Job {
-        id: id.into(),
-        name: id.into(),
-        namespace: ns.into(),
-        r#type: job_type::BATCH.into(),
-        priority: 50,
-        groups,
-        ..Default::default()
-    }
+    Job { id: id.into(), name: id.into(), namespace: ns.into(), r#type: job_type::BATCH.into(), priority: 50, groups, ..Default::default() }
 }
 
 fn gpus(n: u64) -> Option<QuotaSpec> {
@@ -229,7 +225,10 @@ fn shares_count_their_milli_and_cpu_memory_limits_hold() {
     c.register(job("team-b", "m", vec![group("g", 3, 0, 0)]));
     let plan = c.schedule("team-b", "m");
     assert_eq!(plan.placements.len(), 2);
-    assert_eq!(plan.quota_limit_reached.as_deref(), Some("quota of namespace \"team-b\" exhausted: memory 200/250 MiB in use, 100 more asked"));
+    assert_eq!(
+        plan.quota_limit_reached.as_deref(),
+        Some("quota of namespace \"team-b\" exhausted: memory 200/250 MiB in use, 100 more asked")
+    );
 }
 
 #[test]
@@ -277,7 +276,10 @@ fn the_plan_applier_refuses_two_plans_that_together_exceed_the_quota() {
 #[test]
 fn namespaces_with_jobs_that_are_not_dead_cannot_be_deleted() {
     let mut c = Cluster::new();
-    assert_eq!(c.try_apply(Command::DeleteNamespace { name: "default".into() }).as_deref(), Some("namespace \"default\" cannot be deleted"));
+    assert_eq!(
+        c.try_apply(Command::DeleteNamespace { name: "default".into() }).as_deref(),
+        Some("namespace \"default\" cannot be deleted")
+    );
     assert_eq!(c.try_apply(Command::DeleteNamespace { name: "nope".into() }).as_deref(), Some("namespace \"nope\" not found"));
     c.namespace("team-a", None);
     c.register(job("team-a", "a", vec![group("g", 1, 0, 0)]));
