@@ -584,7 +584,18 @@ impl Leader {
         } else if unplaced > 0 {
             Metrics::inc(&self.metrics.evals_blocked);
             let timed_out = was_blocked && eval.wait_deadline_ms > 0 && now >= eval.wait_deadline_ms;
-            if was_blocked && !timed_out && accepted.is_empty() && stops.is_empty() && new_evals.is_empty() && !has_follow_ups {
+            // A blocked evaluation whose cause switched between capacity and quota is written
+            // again, so that what it shows stays true; otherwise a re-run that places nothing
+            // writes nothing.
+            let same_cause = quota_reason.is_some() == !eval.quota_limit_reached.is_empty();
+            if was_blocked
+                && !timed_out
+                && same_cause
+                && accepted.is_empty()
+                && stops.is_empty()
+                && new_evals.is_empty()
+                && !has_follow_ups
+            {
                 report.blocked.push((Reverse(eval.priority), eval.create_index, eval.id.clone()));
                 if eval.wait_deadline_ms > 0 {
                     report.deadlines.push((eval.id.clone(), eval.wait_deadline_ms));

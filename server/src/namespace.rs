@@ -109,7 +109,8 @@ pub fn deletable(st: &ClusterState, name: &str) -> Result<(), String> {
     if !st.namespaces.contains_key(name) {
         return Err(format!("namespace {name:?} not found"));
     }
-    let live: Vec<&str> = st.jobs.values().filter(|j| j.namespace == name && j.status != job_status::DEAD).map(|j| j.id.as_str()).collect();
+    let live: Vec<&str> =
+        crate::scheduler::quota::jobs_in(st, name).filter(|j| j.status != job_status::DEAD).map(|j| j.id.as_str()).collect();
     if !live.is_empty() {
         let shown: Vec<&str> = live.iter().take(5).copied().collect();
         let more = if live.len() > shown.len() { format!(" and {} more", live.len() - shown.len()) } else { String::new() };
@@ -145,11 +146,9 @@ pub fn default_namespace() -> Namespace {
 /// What the namespace holds, how many jobs are not dead and how many evaluations are blocked.
 pub fn usage(st: &ClusterState, name: &str) -> mlp_proto::v1::NamespaceUsage {
     let mut u = crate::scheduler::quota::Held::of(st, name, &BTreeSet::new()).view();
-    u.jobs = st.jobs.values().filter(|j| j.namespace == name && j.status != job_status::DEAD).count() as u32;
-    u.blocked_evaluations = st
-        .jobs
-        .values()
-        .filter(|j| j.namespace == name)
+    let jobs = || crate::scheduler::quota::jobs_in(st, name);
+    u.jobs = jobs().filter(|j| j.status != job_status::DEAD).count() as u32;
+    u.blocked_evaluations = jobs()
         .flat_map(|j| st.evals_for_job(&j.namespace, &j.id))
         .filter(|e| e.status == eval_status::BLOCKED)
         .count() as u32;

@@ -89,14 +89,16 @@ impl Held {
     }
 }
 
+/// The jobs of a namespace: a range of `ClusterState::jobs` (keyed `namespace/job`; names
+/// hold no '/'), so O(the namespace's jobs).
+pub fn jobs_in<'a>(state: &'a ClusterState, namespace: &'a str) -> impl Iterator<Item = &'a mlp_proto::v1::Job> + 'a {
+    // '0' is the character after '/'.
+    state.jobs.range(format!("{namespace}/")..format!("{namespace}0")).map(|(_, j)| j).filter(move |j| j.namespace == namespace)
+}
+
 /// The live allocations of a namespace.
 pub fn live_allocs<'a>(state: &'a ClusterState, namespace: &'a str) -> impl Iterator<Item = &'a Allocation> + 'a {
-    state
-        .jobs
-        .values()
-        .filter(move |j| j.namespace == namespace)
-        .flat_map(move |j| state.allocs_for_job(&j.namespace, &j.id))
-        .filter(|a| is_live(a))
+    jobs_in(state, namespace).flat_map(move |j| state.allocs_for_job(&j.namespace, &j.id)).filter(|a| is_live(a))
 }
 
 /// The quota of `namespace`, if it has one (`default` has one only if it was applied with one).

@@ -360,3 +360,25 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn usage_counts_only_the_namespace_even_with_similar_names() {
+    let mut c = Cluster::new();
+    c.node("n1", 8, "A100");
+    for (ns, n) in [("team-a", 1), ("team-a-x", 2), ("team-ab", 3)] {
+        c.namespace(ns, gpus(8));
+        c.register(job(ns, "j", vec![group("g", n, 1, 0)]));
+        c.schedule(ns, "j");
+    }
+    assert_eq!(c.held("team-a").gpu_milli, 1000);
+    assert_eq!(c.held("team-a-x").gpu_milli, 2000);
+    assert_eq!(c.held("team-ab").gpu_milli, 3000);
+    let u = crate::namespace::usage(&c.st, "team-a");
+    assert_eq!((u.jobs, u.live_allocations, u.gpu_milli), (1, 1, 1000));
+    // `default` may carry a quota too.
+    c.namespace("default", gpus(1));
+    c.register(job("default", "d", vec![group("g", 2, 1, 0)]));
+    let plan = c.schedule("default", "d");
+    assert_eq!(plan.placements.len(), 1);
+    assert!(plan.quota_limit_reached.is_some_and(|r| r.starts_with("quota of namespace \"default\" exhausted: gpus 1/1")));
+}
