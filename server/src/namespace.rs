@@ -148,10 +148,8 @@ pub fn usage(st: &ClusterState, name: &str) -> mlp_proto::v1::NamespaceUsage {
     let mut u = crate::scheduler::quota::Held::of(st, name, &BTreeSet::new()).view();
     let jobs = || crate::scheduler::quota::jobs_in(st, name);
     u.jobs = jobs().filter(|j| j.status != job_status::DEAD).count() as u32;
-    u.blocked_evaluations = jobs()
-        .flat_map(|j| st.evals_for_job(&j.namespace, &j.id))
-        .filter(|e| e.status == eval_status::BLOCKED)
-        .count() as u32;
+    u.blocked_evaluations =
+        jobs().flat_map(|j| st.evals_for_job(&j.namespace, &j.id)).filter(|e| e.status == eval_status::BLOCKED).count() as u32;
     u
 }
 

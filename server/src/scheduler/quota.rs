@@ -181,7 +181,15 @@ pub fn admits_ask(namespace: &str, q: &QuotaSpec, held: &Held, ask: &super::reso
     after.gpu_milli = after.gpu_milli.saturating_add(gpus);
     // Model limits are checked per node (the devices decide the model).
     let q = QuotaSpec { gpu_models: Vec::new(), ..q.clone() };
-    check(namespace, &q, held, &after)
+    check(namespace, &q, held, &after).map_err(|why| {
+        // An ask that could never fit, even in an idle namespace, says so.
+        let alone = Held { cpu_mhz: ask.cpu_mhz, memory_mib: ask.memory_mib, gpu_milli: gpus, ..Default::default() };
+        if check(namespace, &q, &Held::default(), &alone).is_err() {
+            format!("{why}; one allocation of the group asks more than the whole quota")
+        } else {
+            why
+        }
+    })
 }
 
 /// Whether the namespace's live allocations are within its quota (what the property tests

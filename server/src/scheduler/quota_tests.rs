@@ -244,6 +244,30 @@ fn a_gang_over_its_quota_places_nothing() {
     assert_eq!(plan.queued_allocations["workers"], 4);
     assert!(plan.quota_limit_reached.is_some());
     assert_eq!(c.held("team-a"), Held::default());
+    // An allocation that asks more than the whole quota is told so.
+    c.register(job("team-a", "big", vec![group("g", 1, 4, 0)]));
+    let plan = c.schedule("team-a", "big");
+    assert_eq!(
+        plan.quota_limit_reached.as_deref(),
+        Some("quota of namespace \"team-a\" exhausted: gpus 0/3 in use, 4 more asked; one allocation of the group asks more than the whole quota")
+    );
+}
+
+#[test]
+fn metrics_show_usage_and_limits_per_namespace() {
+    let mut c = Cluster::new();
+    c.node("n1", 4, "A100");
+    let q =
+        QuotaSpec { gpus: Some(2), gpu_models: vec![GpuModelQuota { model: "A100".into(), gpu_milli: Some(1500) }], ..Default::default() };
+    c.namespace("team-a", Some(q));
+    c.register(job("team-a", "j", vec![group("g", 1, 1, 0)]));
+    c.schedule("team-a", "j");
+    let mut out = String::new();
+    crate::metrics::render_quotas_for_tests(&mut out, &c.st);
+    assert!(out.contains("mlp_namespace_quota_used{namespace=\"team-a\",dimension=\"gpu_milli\"} 1000"), "{out}");
+    assert!(out.contains("mlp_namespace_quota_limit{namespace=\"team-a\",dimension=\"gpu_milli\"} 2000"), "{out}");
+    assert!(out.contains("mlp_namespace_quota_limit{namespace=\"team-a\",dimension=\"gpu_milli:A100\"} 1500"), "{out}");
+    assert!(!out.contains("mlp_namespace_quota_limit{namespace=\"team-a\",dimension=\"cpu_mhz\"}"), "{out}");
 }
 
 #[test]
