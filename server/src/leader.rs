@@ -587,7 +587,7 @@ impl Leader {
             // A blocked evaluation whose cause switched between capacity and quota is written
             // again, so that what it shows stays true; otherwise a re-run that places nothing
             // writes nothing.
-            let same_cause = quota_reason.is_some() == !eval.quota_limit_reached.is_empty();
+            let same_cause = quota_reason.is_some() != eval.quota_limit_reached.is_empty();
             if was_blocked && !timed_out && same_cause && accepted.is_empty() && stops.is_empty() && new_evals.is_empty() && !has_follow_ups
             {
                 report.blocked.push((Reverse(eval.priority), eval.create_index, eval.id.clone()));
