@@ -406,3 +406,14 @@ fn usage_counts_only_the_namespace_even_with_similar_names() {
     assert_eq!(plan.placements.len(), 1);
     assert!(plan.quota_limit_reached.is_some_and(|r| r.starts_with("quota of namespace \"default\" exhausted: gpus 1/1")));
 }
+
+#[test]
+fn a_registration_through_the_api_is_a_job_registered_event() {
+    let mut c = Cluster::new();
+    let j = job("default", "a", vec![group("g", 1, 0, 0)]);
+    let cmd = Command::RegisterJobInNamespace { eval: eval_for(&j), job: j };
+    c.apply(cmd.clone());
+    let batch = crate::events::batch_for(&c.st, c.index, &cmd, &c.st.touched);
+    let types: Vec<&str> = batch.events.iter().filter(|e| e.topic == "Job").map(|e| e.r#type.as_str()).collect();
+    assert_eq!(types, ["JobRegistered"]);
+}
