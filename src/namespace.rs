@@ -13,8 +13,9 @@ use crate::output::{print_json, Table};
 
 #[derive(Debug, Subcommand)]
 pub enum NamespaceCommand {
-    /// Create or update namespace NAME. Without quota flags or a quota file an existing
-    /// namespace keeps its quota (and, without --description, its description).
+    /// Create or update namespace NAME. Quota flags change the limits they name and keep the
+    /// others; a quota file replaces the quota; without either an existing namespace keeps its
+    /// quota (and, without --description, its description).
     Apply {
         name: String,
         #[arg(long)]
@@ -93,6 +94,24 @@ fn parse_model_limit(s: &str) -> anyhow::Result<GpuModelQuota> {
     Ok(GpuModelQuota { model: model.to_string(), gpu_milli: Some(gpu_milli) })
 }
 
+/// The namespace's quota with the limits given as flags changed and the others kept: `gpus`
+/// and `gpu_milli` replace each other, a model's limit replaces that model's.
+fn merge(mut base: QuotaSpec, flags: QuotaSpec) -> QuotaSpec {
+    base.cpu_mhz = flags.cpu_mhz.or(base.cpu_mhz);
+    base.memory_mib = flags.memory_mib.or(base.memory_mib);
+    if flags.gpus.is_some() || flags.gpu_milli.is_some() {
+        base.gpus = flags.gpus;
+        base.gpu_milli = flags.gpu_milli;
+    }
+    for m in flags.gpu_models {
+        match base.gpu_models.iter_mut().find(|b| b.model == m.model) {
+            Some(b) => b.gpu_milli = m.gpu_milli,
+            None => base.gpu_models.push(m),
+        }
+    }
+    base
+}
+
 fn limit_text(v: Option<u64>, unit: &str) -> String {
     v.map_or("-".to_string(), |v| format!("{v}{unit}"))
 }
@@ -155,7 +174,8 @@ pub async fn namespace(addr: &str, cmd: NamespaceCommand) -> anyhow::Result<Exit
                 Some(mlp_server::namespace::parse_quota(&src, &file_name).map_err(|e| anyhow::anyhow!("{file_name} has errors:\n{e}"))?)
             } else if flags {
                 let gpu_models = gpu_model.iter().map(|s| parse_model_limit(s)).collect::<anyhow::Result<Vec<_>>>()?;
-                Some(QuotaSpec { cpu_mhz: cpu, memory_mib: memory, gpus, gpu_milli, gpu_models })
+                let base = existing.as_ref().and_then(|n| n.quota.clone()).unwrap_or_default();
+                Some(merge(base, QuotaSpec { cpu_mhz: cpu, memory_mib: memory, gpus, gpu_milli, gpu_models }))
             } else if no_quota {
                 None
             } else {
@@ -231,6 +251,26 @@ mod tests {
         assert_eq!(r[2], ["gpus".to_string(), "2.5".to_string(), "4".to_string()]);
         assert_eq!(r[3], ["gpus of A100".to_string(), "2".to_string(), "2".to_string()]);
         assert_eq!(quota_summary(Some(&q)), "gpus 4, A100 2");
+    }
+
+    #[test]
+    fn flags_change_only_the_limits_they_name() {
+        let base = QuotaSpec {
+            cpu_mhz: Some(1000),
+            gpu_milli: Some(2500),
+            gpu_models: vec![GpuModelQuota { model: "A100".into(), gpu_milli: Some(1000) }],
+            ..Default::default()
+        };
+        let q = merge(
+            base,
+            QuotaSpec { gpus: Some(4), gpu_models: vec![GpuModelQuota { model: "T4".into(), gpu_milli: Some(500) }], ..Default::default() },
+        );
+        assert_eq!(q.cpu_mhz, Some(1000));
+        assert_eq!((q.gpus, q.gpu_milli), (Some(4), None));
+        assert_eq!(q.gpu_models.len(), 2);
+        let q =
+            merge(q, QuotaSpec { gpu_models: vec![GpuModelQuota { model: "A100".into(), gpu_milli: Some(3000) }], ..Default::default() });
+        assert_eq!(q.gpu_models[0].gpu_milli, Some(3000));
     }
 
     #[test]

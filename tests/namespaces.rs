@@ -106,7 +106,9 @@ fn namespaces_quotas_block_and_unblock_and_delete_rules() {
     run(&dev, "other", &gpu_job("other", "default", 4, "exec sleep 600"));
     wait_for("default's four allocations", Duration::from_secs(60), || (live(&job_in(&dev, "default", "other")) == 4).then_some(()));
 
-    // Raising the quota unblocks the waiting allocation (the description is kept).
+    // Raising the quota unblocks the waiting allocation (the description and the limits not
+    // named are kept).
+    dev.ok(&["namespace", "apply", "team-a", "-cpu", "100000"]);
     dev.ok(&["namespace", "apply", "team-a", "-gpus", "3"]);
     wait_for("the third allocation after the quota was raised", Duration::from_secs(60), || {
         let j = job_in(&dev, "team-a", "train");
@@ -114,6 +116,8 @@ fn namespaces_quotas_block_and_unblock_and_delete_rules() {
     });
     let st = dev.json(&["namespace", "status", "team-a", "--json"]);
     assert_eq!(st["namespace"]["description"], "Team A", "{st}");
+    assert_eq!(st["namespace"]["quota"]["cpu_mhz"], 100000, "{st}");
+    assert_eq!(st["namespace"]["quota"]["gpus"], 3, "{st}");
 
     // An allocation of the namespace finishing unblocks the next one (quota of one GPU; each
     // task runs a few seconds).
