@@ -150,8 +150,11 @@ fn namespaces_quotas_block_and_unblock_and_delete_rules() {
     let names: Vec<&str> = v["namespaces"].as_array().unwrap().iter().filter_map(|n| n["name"].as_str()).collect();
     assert_eq!(names, ["default", "team-b"], "{body}");
     let (code, body) = dev.http("PUT", "/v1/namespace/team-c", Some("application/json"), br#"{"quota": {"gpus": 1, "gpu_count": 2}}"#);
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("invalid request body: quota.gpu_count: unknown field"), "{body}");
+    let (code, body) = dev.http("PUT", "/v1/namespace/team-c", Some("application/json"), br#"{"name": "team-x"}"#);
     assert_eq!(code, 400, "{body}");
-    assert!(body.contains("unknown field `gpu_count`"), "{body}");
+    assert!(body.contains("differs from the path"), "{body}");
     let (code, body) = dev.http(
         "PUT",
         "/v1/namespace/team-c",

@@ -493,9 +493,8 @@ use axum::{Extension, Json};
 use std::sync::Arc;
 
 /// `PUT`/`POST /v1/namespace/NAME` body: the namespace's description and quota. Unknown fields
-/// are refused (here and inside `quota`).
+/// are refused with their path (`quota.gpu_count`) by `http::StrictJson`.
 #[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ApplyBody {
     #[serde(default)]
     pub name: Option<String>,
@@ -507,7 +506,6 @@ pub struct ApplyBody {
 
 /// A quota in JSON (the fields of `QuotaSpec`).
 #[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct QuotaBody {
     #[serde(default)]
     pub cpu_mhz: Option<u64>,
@@ -522,7 +520,6 @@ pub struct QuotaBody {
 }
 
 #[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct GpuModelBody {
     pub model: String,
     #[serde(default)]
@@ -576,13 +573,15 @@ pub async fn http_get(
 }
 
 /// `POST`/`PUT /v1/namespace/NAME` with an [`ApplyBody`].
-pub async fn http_apply(State(api): State<Arc<Api>>, Path(name): Path<String>, body: axum::body::Bytes) -> HttpResult {
-    let b: ApplyBody = serde_json::from_slice(&body)
-        .map_err(|e| crate::http::HttpError(axum::http::StatusCode::BAD_REQUEST, format!("request body: {e}")))?;
+pub async fn http_apply(
+    State(api): State<Arc<Api>>,
+    Path(name): Path<String>,
+    crate::http::StrictJson(b): crate::http::StrictJson<ApplyBody>,
+) -> HttpResult {
     if let Some(n) = b.name.as_deref().filter(|n| *n != name) {
         return Err(crate::http::HttpError(
             axum::http::StatusCode::BAD_REQUEST,
-            format!("request body: name {n:?} differs from the path's {name:?}"),
+            format!("invalid request body: name: {n:?} differs from the path's {name:?}"),
         ));
     }
     let ns = Namespace { name, description: b.description, quota: b.quota.map(QuotaSpec::from), ..Default::default() };
