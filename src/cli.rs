@@ -80,6 +80,9 @@ pub enum Command {
     /// in MLP_TOKEN with every request.
     #[command(subcommand)]
     Acl(AclCommand),
+    /// Namespaces and their quotas (docs/namespaces.md).
+    #[command(subcommand)]
+    Namespace(crate::namespace::NamespaceCommand),
     /// Replay a production trace (openb CSV) against a simulated cluster with the scheduler's
     /// placement policies: GPU allocation ratio, failed pods, placements/s.
     Sim(SimArgs),

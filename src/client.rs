@@ -63,6 +63,7 @@ pub struct Clients {
     pub acl: mlp_proto::v1::acl_service_client::AclServiceClient<Channel>,
     pub tracking: mlp_proto::v1::tracking_service_client::TrackingServiceClient<Channel>,
     pub deployments: mlp_proto::v1::deployment_service_client::DeploymentServiceClient<Channel>,
+    pub namespaces: mlp_proto::v1::namespace_service_client::NamespaceServiceClient<Channel>,
 }
 
 pub fn endpoint_uri(address: &str) -> String {
@@ -113,6 +114,7 @@ async fn connect_one(address: &str) -> anyhow::Result<Clients> {
         acl: mlp_proto::v1::acl_service_client::AclServiceClient::new(channel.clone()),
         deployments: mlp_proto::v1::deployment_service_client::DeploymentServiceClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        namespaces: mlp_proto::v1::namespace_service_client::NamespaceServiceClient::new(channel.clone()),
         tracking: mlp_proto::v1::tracking_service_client::TrackingServiceClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         jobs: JobServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),

@@ -51,6 +51,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Model(c) => crate::tracking::model(&addr, c).await,
         Command::System(c) => system(&addr, c).await,
         Command::Acl(c) => crate::acl::acl(&addr, c).await,
+        Command::Namespace(c) => crate::namespace::namespace(&addr, c).await,
         Command::Event(c) => event(&addr, c).await,
         Command::Sim(a) => crate::sim::run(&a),
         Command::Completions { shell } => {

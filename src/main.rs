@@ -9,6 +9,7 @@ mod daemon;
 mod deployments;
 mod follow;
 mod ha;
+mod namespace;
 mod output;
 mod services;
 mod sim;
@@ -28,7 +29,7 @@ fn main() -> ExitCode {
     // `mlp __mlp-exec-enter` is an `mlp alloc exec` session entering a task (single-threaded too).
     mlp_agent::rpc::exec_session::maybe_run_enter();
     return_large_blocks_to_the_system();
-    let cli = cli::Cli::parse_from(acl::nomad_flags(tls::nomad_style_args(std::env::args_os().collect())));
+    let cli = cli::Cli::parse_from(namespace::nomad_flags(acl::nomad_flags(tls::nomad_style_args(std::env::args_os().collect()))));
     // The daemons need the worker pool; a CLI call is one request and a few awaits, and a
     // single-threaded runtime saves it starting (and, at exit, joining) a thread per core.
     let daemon =

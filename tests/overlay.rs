@@ -315,7 +315,10 @@ fn allocations_reach_each_other_across_hosts_by_address_and_namespaces_stay_apar
     let by_name = format!("http://{ip}:8080/index.html");
     assert_eq!(http_from(&a_ns, &by_name).as_deref(), Ok("hello-from-b\n"), "host A → the address DNS gave");
 
-    // Another namespace on host A cannot reach it by its address.
+    // Another namespace on host A cannot reach it by its address (namespaces exist before jobs
+    // go into them, issue 15 §5).
+    let out = c.net.mlp(c.server, &["namespace", "apply", "--address", &c.addr, "other"], Duration::from_secs(20));
+    assert!(out.is_some_and(|o| o.status.success()), "creating namespace other");
     let out = job_run(&c.net, c.server, &c.addr, "other.hcl", &client_job("intruder", "agent-0", "other", &url), true);
     let logs = task_logs(&c.agent_dir(0), "client");
     assert!(

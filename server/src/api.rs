@@ -267,7 +267,7 @@ impl Api {
             eval.id = id.hyphenated().to_string();
         }
         let eval_id = eval.id.clone();
-        let resp = self.raft.submit(Request { now_ms: now_ms(), command: Command::RegisterJob { job, eval } }).await?;
+        let resp = self.raft.submit(Request { now_ms: now_ms(), command: Command::RegisterJobInNamespace { job, eval } }).await?;
         Metrics::inc(&self.metrics.job_registrations);
         Ok(RegisterJobResponse { eval_id, job_version: resp.job_version.unwrap_or(0), index: resp.index })
     }

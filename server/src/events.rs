@@ -246,7 +246,7 @@ impl Filter {
 pub fn batch_for(st: &ClusterState, index: u64, command: &Command, touched: &Touched) -> EventBatch {
     let mut events = Vec::new();
     let job_type = match command {
-        Command::RegisterJob { .. } => "JobRegistered",
+        Command::RegisterJob { .. } | Command::RegisterJobInNamespace { .. } => "JobRegistered",
         Command::StopJob { .. } => "JobDeregistered",
         _ => "JobUpdated",
     };

@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// An HTTP error response.
-pub struct HttpError(StatusCode, String);
+pub struct HttpError(pub StatusCode, pub String);
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
@@ -178,6 +178,14 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/event/stream", get(event_stream))
         .route("/v1/metrics", get(metrics))
         .route("/v1/system/gc", axum::routing::post(system_gc))
+        .route("/v1/namespaces", get(crate::namespace::http_list))
+        .route(
+            "/v1/namespace/:name",
+            get(crate::namespace::http_get)
+                .post(crate::namespace::http_apply)
+                .put(crate::namespace::http_apply)
+                .delete(crate::namespace::http_delete),
+        )
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(api.clone(), count_requests))

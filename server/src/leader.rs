@@ -577,7 +577,13 @@ impl Leader {
         let (follow_ups, annotations) = (std::mem::take(&mut plan.new_evals), std::mem::take(&mut plan.annotations));
         let (deployment, cancel_deployments) = (plan.deployment.take(), std::mem::take(&mut plan.cancel_deployments));
         let gang_timeout = gang_wait(&self.state, &eval, &queued);
-        report.resources_only = resources_only(&self.state, &eval, &failed);
+        // Blocked by its namespace's quota, not by capacity: another namespace may still fit.
+        let quota_reason = plan.quota_limit_reached.take();
+        report.resources_only = quota_reason.is_none() && resources_only(&self.state, &eval, &failed);
+        let waits_for = match &quota_reason {
+            Some(why) => format!("quota: {why}"),
+            None => "capacity".to_string(),
+        };
         let (checked, victim_evals) = self.admit(plan);
         let Checked { accepted, stops, preemptions, rejected } = checked;
         Metrics::add(&self.metrics.schedule_micros_total, started.elapsed().as_micros() as u64);
@@ -602,7 +608,12 @@ impl Leader {
         } else if unplaced > 0 {
             Metrics::inc(&self.metrics.evals_blocked);
             let timed_out = was_blocked && eval.wait_deadline_ms > 0 && now >= eval.wait_deadline_ms;
-            if was_blocked && !timed_out && accepted.is_empty() && stops.is_empty() && new_evals.is_empty() && !has_follow_ups {
+            // A blocked evaluation whose cause switched between capacity and quota is written
+            // again, so that what it shows stays true; otherwise a re-run that places nothing
+            // writes nothing.
+            let same_cause = quota_reason.is_some() != eval.quota_limit_reached.is_empty();
+            if was_blocked && !timed_out && same_cause && accepted.is_empty() && stops.is_empty() && new_evals.is_empty() && !has_follow_ups
+            {
                 report.blocked.push((Reverse(eval.priority), eval.create_index, eval.id.clone()));
                 if eval.wait_deadline_ms > 0 {
                     report.deadlines.push((eval.id.clone(), eval.wait_deadline_ms));
@@ -626,7 +637,8 @@ impl Leader {
             } else if was_blocked {
                 eval.queued_allocations = queued;
                 eval.failed_tg_allocs = failed;
-                eval.status_description = format!("{unplaced} allocations wait for capacity");
+                eval.status_description = format!("{unplaced} allocations wait for {waits_for}");
+                eval.quota_limit_reached = quota_reason.clone().unwrap_or_default();
                 report.blocked.push((Reverse(eval.priority), eval.create_index, eval.id.clone()));
                 if eval.wait_deadline_ms > 0 {
                     report.deadlines.push((eval.id.clone(), eval.wait_deadline_ms));
@@ -641,7 +653,8 @@ impl Leader {
                     r#type: eval.r#type.clone(),
                     triggered_by: eval_trigger::QUEUED_ALLOCS.to_string(),
                     status: eval_status::BLOCKED.to_string(),
-                    status_description: format!("{unplaced} allocations wait for capacity"),
+                    status_description: format!("{unplaced} allocations wait for {waits_for}"),
+                    quota_limit_reached: quota_reason.clone().unwrap_or_default(),
                     job_modify_index: eval.job_modify_index,
                     queued_allocations: queued.clone(),
                     failed_tg_allocs: failed.clone(),
@@ -659,6 +672,7 @@ impl Leader {
         } else {
             eval.status = eval_status::COMPLETE.to_string();
             eval.status_description.clear();
+            eval.quota_limit_reached.clear();
             eval.queued_allocations = queued;
             eval.failed_tg_allocs = BTreeMap::new();
             outcome = EvalOutcome::Done;

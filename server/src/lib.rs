@@ -10,6 +10,7 @@ pub mod grpc;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod namespace;
 pub mod plan_apply;
 pub mod raft;
 pub mod scheduler;

@@ -131,7 +131,41 @@ impl Metrics {
         );
         render_task_usage(&mut out, state);
         render_gpus(&mut out, state, gpu_stats);
+        render_quotas(&mut out, state);
         out
+    }
+}
+
+// ---- namespace quotas (issue 15 §5) ----
+
+/// Per namespace with a quota: what it holds and its limit, per dimension (`cpu_mhz`,
+/// `memory_mib`, `gpu_milli`, `gpu_milli:MODEL`); a dimension without a limit has no limit
+/// sample.
+fn render_quotas(out: &mut String, state: &ClusterState) {
+    use crate::scheduler::quota;
+    let _ = writeln!(
+        out,
+        "# HELP mlp_namespace_quota_used What a namespace's live allocations hold, per quota dimension.\n# TYPE mlp_namespace_quota_used gauge\n\
+         # HELP mlp_namespace_quota_limit A namespace's quota, per dimension.\n# TYPE mlp_namespace_quota_limit gauge"
+    );
+    for (name, ns) in &state.namespaces {
+        let Some(q) = &ns.quota else { continue };
+        let held = quota::Held::of(state, name, &std::collections::BTreeSet::new());
+        let mut rows: Vec<(String, u64, Option<u64>)> = vec![
+            ("cpu_mhz".into(), held.cpu_mhz, q.cpu_mhz),
+            ("memory_mib".into(), held.memory_mib, q.memory_mib),
+            ("gpu_milli".into(), held.gpu_milli, quota::gpu_limit(q)),
+        ];
+        for m in &q.gpu_models {
+            rows.push((format!("gpu_milli:{}", m.model), held.gpu_milli_by_model.get(&m.model).copied().unwrap_or(0), m.gpu_milli));
+        }
+        for (dim, used, limit) in rows {
+            let labels = format!("namespace=\"{}\",dimension=\"{}\"", escape_label(name), escape_label(&dim));
+            let _ = writeln!(out, "mlp_namespace_quota_used{{{labels}}} {used}");
+            if let Some(l) = limit {
+                let _ = writeln!(out, "mlp_namespace_quota_limit{{{labels}}} {l}");
+            }
+        }
     }
 }
 
@@ -228,4 +262,10 @@ fn render_task_usage(out: &mut String, state: &ClusterState) {
             }
         }
     }
+}
+
+/// `render_quotas` for the scheduler's quota tests.
+#[cfg(test)]
+pub(crate) fn render_quotas_for_tests(out: &mut String, state: &ClusterState) {
+    render_quotas(out, state);
 }

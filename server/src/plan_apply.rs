@@ -10,6 +10,10 @@
 //! * An eviction stands only with its preemptor: a rejected placement's victims are not stopped
 //!   (and no longer count as freed), and an eviction of an allocation that is no longer live is
 //!   dropped. Rejections can free less capacity elsewhere, so the check repeats until stable.
+//! * Namespace quotas (issue 15 §5): the namespace's live allocations (less what the plan
+//!   frees) plus the in-flight placements of its other plans plus this plan's placements, in
+//!   order, must stay within its quota; a placement that would exceed it is rejected (with
+//!   its gang).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -67,6 +71,7 @@ pub fn check_plan(st: &ClusterState, plan: Plan, in_flight: &BTreeMap<String, Al
                 }
             }
         }
+        newly.extend(over_quota(st, &placements, &rejected, &newly, &freed, in_flight));
         for gang in &atomic {
             if gang.iter().any(|id| newly.contains(id) || rejected.contains(id)) {
                 newly.extend(gang.iter().cloned());
@@ -122,4 +127,45 @@ pub fn victim_evals(st: &ClusterState, preemptions: &[Preempted]) -> Vec<Evaluat
 /// Whether an allocation was evicted by preemption.
 pub fn is_preempted(a: &Allocation) -> bool {
     a.client_status == alloc_client::PREEMPTED
+}
+
+/// The placements (not yet rejected) that would take their namespace beyond its quota, counted
+/// in plan order on top of the namespace's live allocations (less `freed`) and the in-flight
+/// placements of other plans.
+fn over_quota(
+    st: &ClusterState,
+    placements: &[Allocation],
+    rejected: &BTreeSet<String>,
+    newly: &BTreeSet<String>,
+    freed: &BTreeSet<&str>,
+    in_flight: &BTreeMap<String, Allocation>,
+) -> BTreeSet<String> {
+    use crate::scheduler::quota;
+    let mut over = BTreeSet::new();
+    let namespaces: BTreeSet<&str> = placements.iter().map(|p| p.namespace.as_str()).collect();
+    for ns in namespaces {
+        let Some(spec) = quota::quota_of(st, ns) else { continue };
+        let mut skip: BTreeSet<&str> = freed.clone();
+        // Placements already in the state (a retried plan) are counted once, as placements.
+        skip.extend(placements.iter().map(|p| p.id.as_str()));
+        skip.extend(in_flight.keys().map(String::as_str));
+        let mut held = quota::Held::of(st, ns, &skip);
+        for a in in_flight.values().filter(|a| a.namespace == ns && !placements.iter().any(|p| p.id == a.id)) {
+            if let Some(r) = &a.resources {
+                held.add(r, st.nodes.get(&a.node_id));
+            }
+        }
+        for p in placements.iter().filter(|p| p.namespace == ns && !rejected.contains(&p.id) && !newly.contains(&p.id)) {
+            let Some(r) = &p.resources else { continue };
+            let node = st.nodes.get(&p.node_id);
+            match quota::admits(ns, spec, &held, r, node) {
+                Ok(()) => held.add(r, node),
+                Err(why) => {
+                    tracing::debug!(alloc = %p.id, why, "plan applier rejected a placement over its namespace's quota");
+                    over.insert(p.id.clone());
+                }
+            }
+        }
+    }
+    over
 }

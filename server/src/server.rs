@@ -157,6 +157,7 @@ impl Server {
             .add_service(EventServiceServer::new(grpc.clone()))
             .add_service(StatusServiceServer::new(grpc.clone()))
             .add_service(SystemServiceServer::new(grpc.clone()))
+            .add_service(mlp_proto::v1::namespace_service_server::NamespaceServiceServer::new(grpc.clone()))
             .add_service(mlp_proto::v1::service_service_server::ServiceServiceServer::new(grpc.clone()))
             .add_service(mlp_proto::v1::tracking_service_server::TrackingServiceServer::new(crate::tracking::grpc::TrackingGrpc {
                 api: api.clone(),

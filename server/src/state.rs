@@ -170,6 +170,15 @@ pub enum Command {
     /// allocation health, promotion, pause / resume / fail, success (the version becomes
     /// stable), and an automatic revert.
     UpdateDeployment(Box<crate::deploy::DeploymentUpdate>),
+    // ---- namespaces and quotas (issue 15 §5) ----
+    /// A job registration through the API: `RegisterJob`, refused unless the job's namespace
+    /// exists (`default` always does). Older entries are plain `RegisterJob`s, applied as
+    /// before.
+    RegisterJobInNamespace { job: Job, eval: Evaluation },
+    /// Create or replace a namespace (validated by the proposer and again here).
+    UpsertNamespace { namespace: mlp_proto::v1::Namespace },
+    /// Delete a namespace: refused for `default` and while it has jobs that are not dead.
+    DeleteNamespace { name: String },
 }
 
 /// What the plan applier commits: placements that fit, stops, and the evaluation's outcome.
@@ -312,6 +321,11 @@ pub struct ClusterState {
     /// Deployments of service jobs by id (issue 16 §1). Absent in older snapshots (then none).
     #[serde(default)]
     pub deployments: BTreeMap<String, mlp_proto::v1::Deployment>,
+    /// Namespaces by name (issue 15 §5); `default` exists whether or not it is listed here
+    /// (it is listed once applied, e.g. with a quota). Absent in older snapshots (then only
+    /// `default`).
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, mlp_proto::v1::Namespace>,
 }
 
 /// The objects one applied entry created, modified or removed: the event stream's events and the
@@ -444,6 +458,13 @@ impl ClusterState {
         let mut resp = CommandResponse { index, ..Default::default() };
         match &req.command {
             Command::RegisterJob { job, eval } => self.register_job(index, now, job, eval, effects, &mut resp),
+            Command::RegisterJobInNamespace { job, eval } => {
+                if job.namespace != crate::namespace::DEFAULT && !self.namespaces.contains_key(&job.namespace) {
+                    resp.error = Some(crate::namespace::missing(&job.namespace));
+                    return resp;
+                }
+                self.register_job(index, now, job, eval, effects, &mut resp);
+            }
             Command::StopJob { namespace, job_id, purge, eval } => {
                 let key = job_key(namespace, job_id);
                 let Some(prev) = self.jobs.get(&key).cloned() else {
@@ -773,6 +794,24 @@ impl ClusterState {
                 Err(e) => resp.error = Some(e),
             },
             Command::UpdateDeployment(update) => crate::deploy::apply_update(self, index, now, update, effects, &mut resp),
+            Command::UpsertNamespace { namespace } => {
+                if let Err(e) = crate::namespace::validate(namespace) {
+                    resp.error = Some(e);
+                    return resp;
+                }
+                let mut ns = namespace.clone();
+                ns.create_index = self.namespaces.get(&ns.name).map_or(index, |p| p.create_index);
+                ns.modify_index = index;
+                self.namespaces.insert(ns.name.clone(), ns);
+                // A raised (or removed) quota may let blocked evaluations place.
+                effects.push(Effect::CapacityChanged);
+            }
+            Command::DeleteNamespace { name } => match crate::namespace::deletable(self, name) {
+                Ok(()) => {
+                    self.namespaces.remove(name);
+                }
+                Err(e) => resp.error = Some(e),
+            },
         }
         resp
     }
@@ -910,7 +949,8 @@ impl ClusterState {
     }
 
     /// Registers a new version of a job (or takes a re-submitted unchanged one), with its
-    /// evaluation: `RegisterJob`, and the revert of a failed deployment.
+    /// evaluation: `RegisterJob`, `RegisterJobInNamespace` once its namespace is known to exist,
+    /// and the revert of a failed deployment.
     fn register_job(&mut self, index: u64, now: u64, job: &Job, eval: &Evaluation, effects: &mut Vec<Effect>, resp: &mut CommandResponse) {
         let key = job_key(&job.namespace, &job.id);
         // The same request delivered again (a forwarding retry, or a client's retry with

@@ -78,6 +78,10 @@ pub fn grpc(path: &str) -> Option<Need> {
         // handler checks.
         ("AclService", "TokenGet") => Need::Token,
         ("AclService", "PolicyApply" | "PolicyDelete" | "TokenCreate" | "TokenDelete") => Need::Acl(Write),
+        // Namespaces (issue 15 §5): any token lists and reads the namespaces it may read
+        // (the handler filters and checks `read-job` in the namespace); changes are operator's.
+        ("NamespaceService", "List" | "Get") => Need::Token,
+        ("NamespaceService", "Apply" | "Delete") => Need::Operator(Write),
         _ => return None,
     })
 }
@@ -127,6 +131,8 @@ pub fn http(method: &str, route: Option<&str>, path: &str) -> Option<Need> {
         ("/v1/event/stream", true) => Need::Ns(ReadJob),
         ("/v1/metrics", true) => Need::Operator(Read),
         ("/v1/system/gc", false) => Need::Operator(Write),
+        ("/v1/namespaces" | "/v1/namespace/:name", true) => Need::Token,
+        ("/v1/namespace/:name", false) => Need::Operator(Write),
         _ => return None,
     })
 }

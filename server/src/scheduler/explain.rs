@@ -22,6 +22,11 @@ pub fn explain(metric: &AllocMetric) -> Vec<String> {
         lines.push(format!("Resources exhausted on {}", nodes(metric.nodes_exhausted)));
     }
     for (dim, n) in &metric.dimension_exhausted {
+        if super::quota::is_quota_reason(dim) {
+            let on = if *n > 0 { format!(" (on {})", nodes(*n)) } else { String::new() };
+            lines.push(format!("Quota: {dim}{on}"));
+            continue;
+        }
         lines.push(format!("Dimension \"{dim}\" exhausted on {}", nodes(*n)));
     }
     lines

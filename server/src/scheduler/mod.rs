@@ -20,6 +20,8 @@
 //!   GPU-less nodes on large clusters);
 //! * `ports` — host ports as a node resource: static ports checked, dynamic ones picked from the
 //!   node's range; the rendezvous of gang members (rank 0's address and port);
+//! * `quota` — namespace quotas: what a namespace holds, and whether a placement stays within
+//!   its quota (the scheduler treats an over-quota fit as no fit; the plan applier re-checks);
 //! * `explain` — human lines for placement failures.
 
 pub mod candidates;
@@ -30,6 +32,7 @@ pub mod learned;
 pub mod place;
 pub mod ports;
 pub mod preference;
+pub mod quota;
 pub mod rank;
 mod reconcile;
 pub mod resources;
@@ -75,6 +78,9 @@ pub struct Plan {
     /// A deployment this pass starts (issue 16 §1), and the older ones it cancels.
     pub deployment: Option<mlp_proto::v1::Deployment>,
     pub cancel_deployments: Vec<String>,
+    /// Set when placements were left out because of the namespace's quota (not capacity): the
+    /// quota's reason, e.g. `quota of namespace "team-a" exhausted: gpus 4/4`.
+    pub quota_limit_reached: Option<String>,
 }
 
 /// One allocation evicted for a higher-priority placement.
@@ -154,9 +160,9 @@ pub fn schedule_full(state: &ClusterState, job: Option<&Job>, eval: &Evaluation,
 
     let candidates: Vec<&Node> = state.nodes.values().filter(|n| feasible::node_usable(n)).collect();
     // A destructive update's new allocations may take what its stopped ones held (the plan
-    // applier counts the plan's stops as freed too).
+    // applier counts the plan's stops as freed too), within the namespace's quota.
     let freed: BTreeSet<String> = plan.stops.iter().filter(|s| s.client_status.is_none()).map(|s| s.alloc_id.clone()).collect();
-    let mut pass = place::Pass::freeing(state, freed);
+    let mut pass = place::Pass::freeing_with_quota(state, &job.namespace, freed);
     let preemption = opts.preemption.allowed_for(&job.r#type).then_some(opts.preemption);
     let mut new_stops = Vec::new();
     for tg in &job.groups {
@@ -241,6 +247,9 @@ pub fn schedule_full(state: &ClusterState, job: Option<&Job>, eval: &Evaluation,
         let unplaced = (wants.len() - placed_here) as u32;
         if unplaced > 0 {
             let mut metric = failure.unwrap_or_else(|| base.clone());
+            if let Some(why) = metric.dimension_exhausted.keys().find(|k| quota::is_quota_reason(k)) {
+                plan.quota_limit_reached.get_or_insert_with(|| why.clone());
+            }
             // Later placements of this group ask for the same and would fail the same way.
             metric.coalesced_failures = unplaced - 1;
             plan.failed_tg_allocs.insert(tg.name.clone(), metric);
@@ -373,5 +382,7 @@ pub fn check_node_fit_freeing(state: &ClusterState, node: &Node, extra: &[&Alloc
     }
 }
 
+#[cfg(test)]
+mod quota_tests;
 #[cfg(test)]
 mod tests;

@@ -19,7 +19,7 @@ use super::preference::{Preferences, Tally};
 use super::rank::{self, RankInput, Scorer};
 use super::reconcile::Want;
 use super::resources::{self, Ask, Dimension, Usage};
-use super::{candidates, feasible, gpu};
+use super::{candidates, feasible, gpu, quota};
 use crate::state::ClusterState;
 
 /// Preemption settings: whether each job type may preempt, and the priority gap it needs.
@@ -80,16 +80,64 @@ pub struct Pass<'s> {
     /// their CPU, memory and devices are free for its placements; their host ports are not,
     /// since the old task still serves on them until it is signalled (`shutdown_delay`).
     freed: BTreeSet<String>,
+    /// The job's namespace quota, when it has one, with what the namespace holds (its live
+    /// allocations minus this pass's evictions and reconcile stops, plus its placements).
+    quota: Option<QuotaPass<'s>>,
+}
+
+/// A namespace's quota during one scheduling pass.
+#[derive(Clone)]
+struct QuotaPass<'s> {
+    namespace: &'s str,
+    spec: &'s mlp_proto::v1::QuotaSpec,
+    held: quota::Held,
 }
 
 impl<'s> Pass<'s> {
     pub fn new(state: &'s ClusterState) -> Self {
-        Pass { state, usage: BTreeMap::new(), planned: BTreeMap::new(), evicted: BTreeSet::new(), freed: BTreeSet::new() }
+        Pass { state, usage: BTreeMap::new(), planned: BTreeMap::new(), evicted: BTreeSet::new(), freed: BTreeSet::new(), quota: None }
     }
 
     /// A pass whose placements may use what the allocations in `freed` hold (but their ports).
     pub fn freeing(state: &'s ClusterState, freed: BTreeSet<String>) -> Self {
         Pass { freed, ..Pass::new(state) }
+    }
+
+    /// A pass that also keeps the placements of `namespace` within its quota (none: as `new`).
+    pub fn with_quota(state: &'s ClusterState, namespace: &'s str) -> Self {
+        Pass::freeing_with_quota(state, namespace, BTreeSet::new())
+    }
+
+    /// `freeing` and `with_quota` together: the freed allocations count neither on their nodes
+    /// nor against the quota.
+    pub fn freeing_with_quota(state: &'s ClusterState, namespace: &'s str, freed: BTreeSet<String>) -> Self {
+        let mut pass = Pass::freeing(state, freed);
+        if let Some((ns, spec)) = state.namespaces.get_key_value(namespace).and_then(|(k, n)| Some((k.as_str(), n.quota.as_ref()?))) {
+            let skip: BTreeSet<&str> = pass.freed.iter().map(String::as_str).collect();
+            let held = quota::Held::of(state, ns, &skip);
+            pass.quota = Some(QuotaPass { namespace: ns, spec, held });
+        }
+        pass
+    }
+
+    /// Err(the quota's reason) when the ask alone (before a node is chosen) exceeds the quota.
+    fn quota_admits_ask(&self, ask: &Ask) -> Result<(), String> {
+        match &self.quota {
+            Some(q) => quota::admits_ask(q.namespace, q.spec, &q.held, ask),
+            None => Ok(()),
+        }
+    }
+
+    /// Err(the quota's reason) when `res` on `node`, with `victims` evicted, exceeds the quota.
+    fn quota_admits(&self, res: &AllocatedResources, node: &Node, victims: &[&Allocation]) -> Result<(), String> {
+        let Some(q) = &self.quota else { return Ok(()) };
+        let mut held = q.held.clone();
+        for v in victims.iter().filter(|v| v.namespace == q.namespace) {
+            if let Some(r) = &v.resources {
+                held.sub(r, self.state.nodes.get(&v.node_id));
+            }
+        }
+        quota::admits(q.namespace, q.spec, &held, res, Some(node))
     }
 
     fn usage(&mut self, node_id: &str) -> &Usage {
@@ -122,6 +170,14 @@ impl<'s> Pass<'s> {
     }
 
     fn commit(&mut self, node_id: &str, res: &AllocatedResources, after: Usage, victims: &[&Allocation]) {
+        if let Some(q) = self.quota.as_mut() {
+            for v in victims.iter().filter(|v| v.namespace == q.namespace && !self.evicted.contains(&v.id)) {
+                if let Some(r) = &v.resources {
+                    q.held.sub(r, self.state.nodes.get(&v.node_id));
+                }
+            }
+            q.held.add(res, self.state.nodes.get(node_id));
+        }
         self.evicted.extend(victims.iter().map(|v| v.id.clone()));
         self.planned.entry(node_id.to_string()).or_default().push(res.clone());
         if victims.is_empty() {
@@ -190,6 +246,11 @@ pub fn attempt<'a, 's>(
     let mut gpus: BTreeMap<&'a str, resources::NodeGpus<'a>> = BTreeMap::new();
     for (i, _) in wants.iter().enumerate() {
         let mut metric = base.clone();
+        // Over the namespace's quota whatever the node: no node is tried.
+        if let Err(why) = pass.quota_admits_ask(&ctx.ask) {
+            metric.dimension_exhausted.insert(why, 0);
+            return Attempt { placed, failure: Some(metric), pass };
+        }
         let mut best: Option<(f64, u32, f64, &'a Node, AllocatedResources, Usage)> = None;
         let mut blocked: Vec<(&'a Node, Dimension)> = Vec::new();
         order.visit(|node| {
@@ -208,6 +269,11 @@ pub fn attempt<'a, 's>(
                     false
                 }
                 Ok(resources::Fit { resources: res, after, gpu_cost, locality_rank: loc }) => {
+                    // Devices of a model whose quota is spent do not fit (another model's may).
+                    if let Err(why) = pass.quota_admits(&res, node, &[]) {
+                        *metric.dimension_exhausted.entry(why).or_default() += 1;
+                        return false;
+                    }
                     let input = RankInput { job: ctx.job, group: ctx.tg, node, before: &before, after: &after, resources: &res, gpu_cost };
                     let score = ctx.scorer.score(&input);
                     let pref = preference_of(ctx, tally.as_ref(), node);
@@ -230,6 +296,10 @@ pub fn attempt<'a, 's>(
             if let Some((node, victims, res, score)) = cheapest_eviction(ctx, &pass, &blocked, p, workload, tally.as_ref()) {
                 let state = pass.state;
                 let refs: Vec<&Allocation> = victims.iter().filter_map(|id| state.allocs.get(id)).collect();
+                if let Err(why) = pass.quota_admits(&res, node, &refs) {
+                    *metric.dimension_exhausted.entry(why).or_default() += 1;
+                    return Attempt { placed, failure: Some(metric), pass };
+                }
                 pass.commit(&node.id, &res, Usage::default(), &refs);
                 let preference = preference_of(ctx, tally.as_ref(), node);
                 if let (Some(p), Some(t)) = (ctx.prefs, tally.as_mut()) {
