@@ -1002,7 +1002,7 @@ impl ClusterState {
             } else {
                 job_status::PENDING
             }
-        } else if job.stop || (job.r#type == job_type::BATCH && (complete >= wanted || self.job_has_only_terminal_allocs(&ns, &id, wanted)))
+        } else if job.stop || (job_type::is_batch(&job.r#type) && (complete >= wanted || self.job_has_only_terminal_allocs(&ns, &id, wanted)))
         {
             job_status::DEAD
         } else {

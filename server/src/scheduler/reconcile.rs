@@ -56,7 +56,7 @@ pub struct Reconciled<'a> {
 
 /// The group's reschedule policy, or the job type's default.
 pub fn policy_for(job: &Job, tg: &TaskGroup) -> ReschedulePolicy {
-    tg.reschedule.clone().unwrap_or_else(|| mlp_proto::jobspec::default_reschedule(job.r#type == job_type::BATCH))
+    tg.reschedule.clone().unwrap_or_else(|| mlp_proto::jobspec::default_reschedule(job_type::is_batch(&job.r#type)))
 }
 
 /// When a failed or lost allocation is replaced.
