@@ -1,6 +1,7 @@
 //! The HTTP JSON API: a mirror of the gRPC API for reads and job submission, plus Prometheus
 //! metrics. Every error is JSON `{"error": "..."}` with a 4xx/5xx status.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -9,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use mlp_proto::v1::{
-    EventTopic, EventsRequest, GetJobRequest, GetServiceRequest, Job, ListAllocsRequest, ListJobsRequest, ListServicesRequest,
-    StopJobRequest,
+    DispatchJobRequest, EventTopic, EventsRequest, GetJobRequest, GetServiceRequest, Job, JobChildrenRequest, ListAllocsRequest,
+    ListJobsRequest, ListServicesRequest, PeriodicForceRequest, StopJobRequest,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -152,6 +153,9 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/job/:id/allocations", get(job_allocs))
         .route("/v1/job/:id/versions", get(job_versions))
         .route("/v1/job/:id/evaluations", get(job_evals))
+        .route("/v1/job/:id/dispatch", axum::routing::post(dispatch_job))
+        .route("/v1/job/:id/periodic/force", axum::routing::post(periodic_force))
+        .route("/v1/job/:id/children", get(job_children))
         .route("/v1/allocations", get(list_allocs))
         .route("/v1/allocation/:id", get(get_alloc))
         .route("/v1/nodes", get(list_nodes))
@@ -248,6 +252,47 @@ async fn job_versions(State(api): State<Arc<Api>>, authz: Token, Path(id): Path<
         versions.iter_mut().for_each(acl::redact_env);
     }
     ok(versions)
+}
+
+/// `POST /v1/job/:id/dispatch` body (issue 16 §2): meta, and the payload as UTF-8 text (a
+/// binary payload goes through gRPC, as `mlp job dispatch` sends it).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchBody {
+    meta: BTreeMap<String, String>,
+    payload: String,
+    request_id: String,
+}
+
+async fn dispatch_job(
+    State(api): State<Arc<Api>>,
+    authz: Token,
+    Path(id): Path<String>,
+    Query(p): Query<Params>,
+    StrictJson(body): StrictJson<DispatchBody>,
+) -> HttpResult {
+    api.acl.require_ns(token(&authz), Capability::SubmitJob, &p.namespace, "POST /v1/job/:id/dispatch", &id).map_err(ApiError::from)?;
+    let req = DispatchJobRequest {
+        job_id: id,
+        namespace: p.namespace,
+        meta: body.meta,
+        payload: body.payload.into_bytes(),
+        request_id: body.request_id,
+    };
+    ok(api.dispatch_job(req).await?)
+}
+
+async fn periodic_force(State(api): State<Arc<Api>>, authz: Token, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
+    api.acl
+        .require_ns(token(&authz), Capability::SubmitJob, &p.namespace, "POST /v1/job/:id/periodic/force", &id)
+        .map_err(ApiError::from)?;
+    ok(api.periodic_force(PeriodicForceRequest { job_id: id, namespace: p.namespace }).await?)
+}
+
+async fn job_children(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
+    let r = api.job_children(JobChildrenRequest { job_id: id, namespace: p.namespace, stale: p.stale }).await?;
+    let index = r.index;
+    ok_at(r, index)
 }
 
 async fn job_evals(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {

@@ -8,6 +8,7 @@
 //! heartbeat deadlines restart with a grace period.
 
 pub mod gc;
+pub mod periodic;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};

@@ -6,6 +6,7 @@ pub mod api;
 pub mod events;
 pub mod grpc;
 pub mod http;
+pub mod jobtypes;
 pub mod leader;
 pub mod metrics;
 pub mod plan_apply;

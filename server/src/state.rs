@@ -165,6 +165,26 @@ pub enum Command {
     // ---- ACL tokens and policies (issue 15 §2) ----
     /// A change to ACL policies or tokens (`acl::state`); secrets arrive hashed.
     Acl(crate::acl::state::AclCommand),
+    // ---- job types (issue 16 §2) ----
+    /// Register a dispatched child of a parameterized job (`crate::jobtypes::child_job`).
+    /// `apply` re-checks that the parent exists, is parameterized and is not stopped; an
+    /// evaluation id already present (a client's retry with its request id) makes it a no-op
+    /// that answers the child it created (`CommandResponse.created`).
+    DispatchJob { child: Job, eval: Evaluation },
+    /// A periodic job's launch of the cron slot `launch_ms` (or, `forced`, of a launch asked for
+    /// now): records the launch per job (`ClusterState::periodic_launches`) and registers the
+    /// child. A slot at or before the recorded last launch is a duplicate and changes nothing,
+    /// so two leaders that both launch a slot launch it once. With `prohibit_overlap` and a
+    /// child still live, only the launch is recorded.
+    PeriodicLaunch {
+        namespace: String,
+        job_id: String,
+        launch_ms: u64,
+        #[serde(default)]
+        forced: bool,
+        child: Job,
+        eval: Evaluation,
+    },
 }
 
 /// What the plan applier commits: placements that fit, stops, and the evaluation's outcome.
@@ -297,6 +317,11 @@ pub struct ClusterState {
     /// bootstrapped).
     #[serde(default)]
     pub acl: crate::acl::state::AclState,
+    /// The last launch (a cron slot, unix ms) of each periodic job, by `job_key` (issue 16 §2):
+    /// what a new leader launches from, so a failover neither repeats nor loses a launch.
+    /// Absent in older snapshots (then empty).
+    #[serde(default)]
+    pub periodic_launches: BTreeMap<String, u64>,
 }
 
 /// The objects one applied entry created, modified or removed: the event stream's events and the
@@ -488,6 +513,7 @@ impl ClusterState {
                     return resp;
                 };
                 if *purge {
+                    self.periodic_launches.remove(&key);
                     self.jobs.remove(&key);
                     self.job_versions.remove(&key);
                     self.touched.jobs.remove(&key);
@@ -807,8 +833,94 @@ impl ClusterState {
                 Ok(created) => resp.created = created,
                 Err(e) => resp.error = Some(e),
             },
+            Command::DispatchJob { child, eval } => {
+                if let Some(prev) = self.evals.get(&eval.id) {
+                    if prev.namespace == child.namespace && self.job(&prev.namespace, &prev.job_id).is_some_and(|j| j.parent_id == child.parent_id) {
+                        resp.created = Some(prev.job_id.clone());
+                    } else {
+                        resp.error = Some(format!("evaluation id {:?} belongs to another job", eval.id));
+                    }
+                    return resp;
+                }
+                match self.job(&child.namespace, &child.parent_id) {
+                    Some(p) if p.parameterized.is_some() && !p.stop => {}
+                    Some(p) if p.stop => {
+                        resp.error = Some(format!("job {:?} is stopped; register it again to dispatch it", child.parent_id));
+                        return resp;
+                    }
+                    Some(_) => {
+                        resp.error = Some(format!("job {:?} is not parameterized (it has no `parameterized` block)", child.parent_id));
+                        return resp;
+                    }
+                    None => {
+                        resp.error = Some(format!("job {:?} not found in namespace {:?}", child.parent_id, child.namespace));
+                        return resp;
+                    }
+                }
+                if self.job(&child.namespace, &child.id).is_some() {
+                    resp.error = Some(format!("job {:?} already exists", child.id));
+                    return resp;
+                }
+                let reg = Request { now_ms: now, command: Command::RegisterJob { job: child.clone(), eval: eval.clone() } };
+                let mut r = self.apply_command(index, &reg, effects);
+                if r.error.is_none() {
+                    r.created = Some(child.id.clone());
+                }
+                return r;
+            }
+            Command::PeriodicLaunch { namespace, job_id, launch_ms, forced, child, eval } => {
+                let key = job_key(namespace, job_id);
+                let Some(parent) = self.jobs.get(&key) else {
+                    resp.error = Some(format!("job {job_id:?} not found in namespace {namespace:?}"));
+                    return resp;
+                };
+                let Some(periodic) = parent.periodic.clone() else {
+                    resp.error = Some(format!("job {job_id:?} is not periodic (it has no `periodic` block)"));
+                    return resp;
+                };
+                if parent.stop {
+                    resp.error = Some(format!("job {job_id:?} is stopped; register it again to launch it"));
+                    return resp;
+                }
+                let last = self.periodic_launches.get(&key).copied().unwrap_or(0);
+                if !forced && *launch_ms <= last {
+                    // Launched already (by this leader's retry or by an earlier leader).
+                    return resp;
+                }
+                if self.job(namespace, &child.id).is_some() {
+                    resp.error = Some(format!("job {:?} already exists", child.id));
+                    return resp;
+                }
+                // A forced launch leaves the schedule alone (a slot due right after still runs).
+                if !forced {
+                    self.periodic_launches.insert(key, *launch_ms);
+                }
+                if periodic.prohibit_overlap && !forced {
+                    let running = self.children_of(namespace, job_id).any(|c| !c.stop && c.status != job_status::DEAD);
+                    if running {
+                        return resp;
+                    }
+                }
+                let reg = Request { now_ms: now, command: Command::RegisterJob { job: child.clone(), eval: eval.clone() } };
+                let mut r = self.apply_command(index, &reg, effects);
+                if r.error.is_none() {
+                    r.created = Some(child.id.clone());
+                }
+                return r;
+            }
         }
         resp
+    }
+
+    /// The children of a parameterized or periodic job (`NAME/…` with `parent_id` = NAME).
+    pub fn children_of<'a>(&'a self, namespace: &str, job_id: &str) -> impl Iterator<Item = &'a Job> + 'a {
+        let prefix = format!("{}/", job_key(namespace, job_id));
+        let parent = job_id.to_string();
+        self.jobs
+            .range(prefix.clone()..)
+            .take_while(move |(k, _)| k.starts_with(&prefix))
+            .map(|(_, j)| j)
+            .filter(move |j| j.parent_id == parent)
     }
 
     /// Removes what still qualifies under `leader::gc`'s rules (the age is not re-checked: the
@@ -838,6 +950,7 @@ impl ClusterState {
                 self.remove_eval(e);
             }
             self.jobs.remove(key);
+            self.periodic_launches.remove(key);
             self.job_versions.remove(key);
             self.touched.jobs.remove(key);
             self.touched.deleted.push(Deleted { topic: "Job", key: id, namespace: ns, filter_keys: Vec::new() });
@@ -996,7 +1109,16 @@ impl ClusterState {
             }
         }
         let wanted: usize = job.groups.iter().map(|g| g.effective_count() as usize).sum();
-        let status = if live > 0 {
+        // A parameterized or periodic parent runs nothing itself: it is `running` (accepting
+        // dispatches, launching on time) until stopped.
+        let parent = mlp_proto::jobspec::jobtypes::is_parent(job);
+        let status = if parent {
+            if job.stop {
+                job_status::DEAD
+            } else {
+                job_status::RUNNING
+            }
+        } else if live > 0 {
             if any_running {
                 job_status::RUNNING
             } else {
@@ -1069,6 +1191,10 @@ pub fn same_spec(a: &Job, b: &Job) -> bool {
         && a.affinities == b.affinities
         && a.spreads == b.spreads
         && a.groups == b.groups
+        && a.parameterized == b.parameterized
+        && a.periodic == b.periodic
+        && a.parent_id == b.parent_id
+        && a.payload == b.payload
 }
 
 /// A lookup by id prefix that failed.
