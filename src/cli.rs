@@ -744,6 +744,11 @@ pub enum JobCommand {
         #[arg(long, default_value = "default")]
         namespace: String,
     },
+    /// Start a child of a parameterized job with a payload and meta.
+    Dispatch(crate::jobtypes::DispatchArgs),
+    /// Periodic jobs: launch one now.
+    #[command(subcommand)]
+    Periodic(crate::jobtypes::PeriodicCommand),
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,6 +8,7 @@ mod commands;
 mod daemon;
 mod follow;
 mod ha;
+mod jobtypes;
 mod output;
 mod services;
 mod sim;

@@ -4,7 +4,8 @@
 //!
 //! A parent (a job with `parameterized` or `periodic`) never places allocations itself
 //! (`scheduler::reconcile`); its children are ordinary jobs with `parent_id` set, ids under
-//! the parent's (`NAME/dispatch-<unix s>-<8 hex>`, `NAME/periodic-<unix s>`), and neither block.
+//! the parent's (`NAME/dispatch-<unix s>-<8 hex>`, `NAME/periodic-<unix s>`, a forced launch
+//! `NAME/periodic-<unix s>-<8 hex>`), and neither block.
 
 use std::collections::BTreeMap;
 
@@ -17,7 +18,7 @@ use crate::leader::now_ms;
 use crate::state::{Command, Request};
 
 /// A child of `parent`: its spec, without the parent's blocks, with `meta` laid over the
-/// parent's meta and the dispatch payload. Server-set fields are left for `apply`.
+/// parent's meta (and over groups' and tasks' values of the same keys) and the dispatch payload. Server-set fields are left for `apply`.
 pub fn child_job(parent: &Job, child_id: &str, meta: &BTreeMap<String, String>, payload: Vec<u8>) -> Job {
     let mut child = parent.clone();
     child.id = child_id.to_string();
@@ -26,8 +27,20 @@ pub fn child_job(parent: &Job, child_id: &str, meta: &BTreeMap<String, String>, 
     child.parameterized = None;
     child.periodic = None;
     child.payload = payload;
+    // The dispatch's meta wins over the job's, and over a group's or task's value of the same
+    // key (which would otherwise win in the task's MLP_META_* environment).
     for (k, v) in meta {
         child.meta.insert(k.clone(), v.clone());
+        for g in &mut child.groups {
+            if let Some(slot) = g.meta.get_mut(k) {
+                slot.clone_from(v);
+            }
+            for t in &mut g.tasks {
+                if let Some(slot) = t.meta.get_mut(k) {
+                    slot.clone_from(v);
+                }
+            }
+        }
     }
     child.version = 0;
     child.status = String::new();
@@ -65,9 +78,16 @@ pub fn child_eval(child: &Job, id: String) -> Evaluation {
 }
 
 /// The command that launches `parent`'s slot `launch_ms` (`forced`: a launch asked for now).
+/// A forced launch's child is `NAME/periodic-<unix s>-<8 hex of its evaluation id>`, so that it
+/// never takes a slot's id.
 pub fn launch_command(parent: &Job, launch_ms: u64, forced: bool) -> Command {
-    let child = child_job(parent, &periodic_id(&parent.id, launch_ms), &BTreeMap::new(), Vec::new());
-    let eval = child_eval(&child, uuid::Uuid::new_v4().to_string());
+    let eval_id = uuid::Uuid::new_v4().to_string();
+    let mut id = periodic_id(&parent.id, launch_ms);
+    if forced {
+        id = format!("{id}-{}", eval_id.chars().filter(|c| c.is_ascii_hexdigit()).take(8).collect::<String>());
+    }
+    let child = child_job(parent, &id, &BTreeMap::new(), Vec::new());
+    let eval = child_eval(&child, eval_id);
     Command::PeriodicLaunch { namespace: parent.namespace.clone(), job_id: parent.id.clone(), launch_ms, forced, child, eval }
 }
 
@@ -259,7 +279,7 @@ mod tests {
         assert_eq!(st.periodic_launches.get("default/train"), Some(&120_000));
         // A forced launch runs anyway.
         let r = apply(&mut st, 7, 121_000, launch_command(&q, 121_000, true));
-        assert_eq!(r.created.as_deref(), Some("train/periodic-121"));
+        assert!(r.created.unwrap_or_default().starts_with("train/periodic-121-"));
         // ... and leaves the schedule alone; the snapshot keeps the launch record.
         let json = serde_json::to_string(&st).unwrap_or_default();
         let back: ClusterState = serde_json::from_str(&json).unwrap_or_default();
