@@ -268,7 +268,11 @@ fn periodic_launches_across_a_leader_kill_without_duplicate_or_miss() {
         (s.contains(&(next_slot / 1000)) && s.last().is_some_and(|&l| l >= next_slot / 1000 + 10)).then_some(())
     });
     let slots = kids(&survivors_list);
-    eprintln!("slots launched: {slots:?}; leader killed 300 ms before {}", next_slot / 1000);
+    let child = format!("nightly/periodic-{}", next_slot / 1000);
+    let out = c.mlp(&["job", "status", &child, "--json", "--address", &survivors_list], Duration::from_secs(20)).expect("job status answers");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let late = v["job"]["submit_time_ms"].as_u64().unwrap_or(0).saturating_sub(next_slot);
+    eprintln!("slots launched: {slots:?}; leader killed 300 ms before {}, launched {late} ms late by the new leader", next_slot / 1000);
     let mut dedup = slots.clone();
     dedup.dedup();
     assert_eq!(dedup, slots, "a slot launched twice: {slots:?}");
