@@ -47,6 +47,16 @@ fn group_arrivals(tg: &mlp_proto::v1::TaskGroup) -> Vec<Arrival> {
     out
 }
 
+/// The node whose registration, status, eligibility or drain this command changes.
+fn node_change(cmd: &Command) -> Option<&str> {
+    match cmd {
+        Command::UpsertNode { node, .. } => Some(&node.id),
+        Command::UpdateNodeStatus { node_id, .. } | Command::UpdateNodeEligibility { node_id, .. } => Some(node_id),
+        Command::UpdateNodeDrain { node_id, drain: Some(_), .. } => Some(node_id),
+        _ => None,
+    }
+}
+
 /// `namespace/id`, the key of a job in every map.
 pub fn job_key(namespace: &str, job_id: &str) -> String {
     format!("{namespace}/{job_id}")
@@ -441,6 +451,11 @@ impl ClusterState {
     pub fn apply(&mut self, index: u64, req: &Request, effects: &mut Vec<Effect>) -> CommandResponse {
         self.touched = Touched::default();
         let resp = self.apply_command(index, req, effects);
+        if resp.error.is_none() {
+            if let Some(node_id) = node_change(&req.command) {
+                self.per_node_job_evals(index, req.now_ms, node_id, effects);
+            }
+        }
         self.refresh_live_index();
         self.drop_dead_services();
         resp
@@ -910,6 +925,35 @@ impl ClusterState {
             }
         }
         resp
+    }
+
+    /// An evaluation of every system and sysbatch job (not stopped, not a parent) after a
+    /// node's registration, status, eligibility or drain changed: a new or returning node gets
+    /// their allocations, a draining one loses them (issue 16 §2). Ids derive from the entry.
+    fn per_node_job_evals(&mut self, index: u64, now: u64, node_id: &str, effects: &mut Vec<Effect>) {
+        let jobs: Vec<(String, String, i32, String, u64)> = self
+            .jobs
+            .values()
+            .filter(|j| !j.stop && job_type::is_per_node(&j.r#type) && !mlp_proto::jobspec::jobtypes::is_parent(j))
+            .map(|j| (j.namespace.clone(), j.id.clone(), j.priority, j.r#type.clone(), j.job_modify_index))
+            .collect();
+        for (ns, job_id, priority, ty, jmi) in jobs {
+            let eval = Evaluation {
+                id: derived_id(&format!("node-update/{index}/{node_id}/{ns}/{job_id}")),
+                namespace: ns,
+                job_id,
+                priority,
+                r#type: ty,
+                triggered_by: eval_trigger::NODE_UPDATE.to_string(),
+                node_id: node_id.to_string(),
+                status: eval_status::PENDING.to_string(),
+                job_modify_index: jmi,
+                ..Default::default()
+            };
+            if !self.evals.contains_key(&eval.id) {
+                self.insert_eval(index, now, eval, effects);
+            }
+        }
     }
 
     /// The children of a parameterized or periodic job (`NAME/…` with `parent_id` = NAME).

@@ -20,7 +20,7 @@ pub(crate) const PRIORITY_RANGE: (i32, i32) = (1, 100);
 pub(crate) const MAX_KILL_TIMEOUT_MS: u64 = 3_600_000;
 
 pub(crate) const DRIVERS: &[&str] = &[driver::EXEC, driver::RAW_EXEC, driver::WASM, driver::OCI];
-pub(crate) const JOB_TYPES: &[&str] = &[job_type::BATCH, job_type::SERVICE];
+pub(crate) const JOB_TYPES: &[&str] = &[job_type::BATCH, job_type::SERVICE, job_type::SYSTEM, job_type::SYSBATCH];
 pub(crate) const PAYLOAD_MODES: &[&str] = &[dispatch_payload::OPTIONAL, dispatch_payload::REQUIRED, dispatch_payload::FORBIDDEN];
 pub(crate) const RESTART_MODES: &[&str] = &[restart_mode::FAIL, restart_mode::DELAY];
 pub(crate) const OPERATORS: &[&str] = &[
@@ -156,6 +156,21 @@ impl Checker {
     fn job_types(&mut self, loc: &Loc, job: &Job) {
         use super::jobtypes::{parse_cron, parse_time_zone, MAX_CRONS, MAX_DISPATCH_META_KEYS};
         let batch = job_type::is_batch(&job.r#type);
+        if job_type::is_per_node(&job.r#type) {
+            // One allocation per eligible node: a group's count and gangs mean nothing there.
+            for (i, g) in job.groups.iter().enumerate() {
+                let gloc = loc.named("group", i, &g.name);
+                if g.count.is_some_and(|c| c != 1) {
+                    self.push(
+                        &gloc.field("count"),
+                        format!("a {} job runs one allocation per eligible node; leave count out (or 1), found {}", job.r#type, g.count.unwrap_or(0)),
+                    );
+                }
+                if g.gang || g.min_count > 0 {
+                    self.push(&gloc.field("gang"), format!("a {} job cannot have gang groups", job.r#type));
+                }
+            }
+        }
         if let Some(p) = &job.parameterized {
             let ploc = loc.field("parameterized");
             if !batch {

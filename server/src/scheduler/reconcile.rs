@@ -339,7 +339,7 @@ pub fn holds_index(state: &ClusterState, job: &Job, a: &Allocation) -> bool {
 
 /// Whether `a` was made from a job version whose spec for `tg` differs from the current one.
 /// The count is ignored (scaling is not an update); an unknown old version counts as changed.
-fn spec_changed(state: &ClusterState, job: &Job, tg: &TaskGroup, a: &Allocation) -> bool {
+pub(crate) fn spec_changed(state: &ClusterState, job: &Job, tg: &TaskGroup, a: &Allocation) -> bool {
     if a.job_version == job.version {
         return false;
     }
