@@ -1,7 +1,8 @@
 //! Job types (issue 16 §2) end to end against real binaries: parameterized jobs dispatched with
 //! a payload and meta (and refused when the meta or payload do not fit), periodic jobs launched
-//! on time and forced, and periodic launches across a kill -9 of the Raft leader (multi-host
-//! harness) with no slot launched twice and none lost.
+//! on time and forced, periodic launches across a kill -9 of the Raft leader (multi-host
+//! harness) with no slot launched twice and none lost, and system / sysbatch jobs following
+//! agents that join, die and drain (multi-host harness).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -279,4 +280,121 @@ fn periodic_launches_across_a_leader_kill_without_duplicate_or_miss() {
     for w in slots.windows(2) {
         assert_eq!(w[1] - w[0], 5, "every 5 s slot launched once, none lost in the failover: {slots:?}");
     }
+}
+
+fn per_node_job(name: &str, kind: &str, command: &str, args: &str) -> String {
+    format!(
+        r#"
+job "{name}" {{
+  type = "{kind}"
+  group "g" {{
+    restart {{
+      attempts = 0
+      mode     = "fail"
+    }}
+    task "t" {{
+      driver = "raw_exec"
+      config {{
+        command = "{command}"
+        args    = [{args}]
+      }}
+      resources {{
+        cpu    = 10
+        memory = 8
+      }}
+    }}
+  }}
+}}
+"#
+    )
+}
+
+/// A system job runs on every agent's node, follows a node that joins and one that dies, stays
+/// on a node drained with --ignore-system and leaves one drained without it; a sysbatch job
+/// completes exactly once on every node, including one that joins later.
+#[test]
+fn system_follows_nodes_joining_and_leaving_and_sysbatch_runs_once_per_node() {
+    if !multihost::require_netns(&[]) {
+        return;
+    }
+    use multihost::{start_agent, start_single_server, wait_ready_nodes, Net};
+    let mut net = Net::new();
+    let server = net.add_host("server");
+    let agents: Vec<usize> = (0..3).map(|i| net.add_host(&format!("agent-{i}"))).collect();
+    let client = net.add_host("client");
+    let addr = start_single_server(&mut net, server, "2");
+    let mut procs = Vec::new();
+    for (i, h) in agents.iter().take(2).enumerate() {
+        procs.push(start_agent(&mut net, *h, &addr, i));
+    }
+    let c = net.client(client);
+    wait_ready_nodes(&c, &addr, 2, Duration::from_secs(30));
+    let run = |name: &str, spec: String| {
+        let file = c.dir.join(format!("{name}.hcl"));
+        std::fs::write(&file, spec).unwrap();
+        let out = c.mlp(&["job", "run", "--detach", "--address", &addr, file.to_str().unwrap()], Duration::from_secs(20)).unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    run("sys", per_node_job("sys", "system", "/bin/sleep", "\"600\""));
+    run("sb", per_node_job("sb", "sysbatch", "/bin/true", ""));
+    // (node, status) of every allocation of a job.
+    let placed = |job: &str| -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = c.allocs(&addr, job).unwrap_or_default().into_iter().map(|a| (a.1, a.2)).collect();
+        v.sort();
+        v
+    };
+    let nodes_with = |job: &str, status: &str| -> Vec<String> {
+        placed(job).into_iter().filter(|(_, s)| s == status).map(|(n, _)| n).collect()
+    };
+    let distinct = |v: &[String]| v.windows(2).all(|w| w[0] != w[1]);
+    let node_id = |name: &str| {
+        multihost::nodes(&c, &addr).unwrap_or_default().into_iter().find(|n| n.1 == name).map(|n| n.0).unwrap_or_default()
+    };
+    wait_for("the system job running on both nodes", Duration::from_secs(30), || {
+        let r = nodes_with("sys", "running");
+        (r.len() == 2 && distinct(&r)).then_some(())
+    });
+    wait_for("the sysbatch job complete on both nodes", Duration::from_secs(30), || {
+        (nodes_with("sb", "complete").len() == 2).then_some(())
+    });
+
+    // A node joins: both jobs reach it, the sysbatch once.
+    procs.push(start_agent(&mut net, agents[2], &addr, 2));
+    wait_ready_nodes(&c, &addr, 3, Duration::from_secs(30));
+    wait_for("the system job on the new node", Duration::from_secs(30), || {
+        let r = nodes_with("sys", "running");
+        (r.len() == 3 && distinct(&r)).then_some(())
+    });
+    wait_for("the sysbatch job complete on the new node", Duration::from_secs(30), || {
+        let done = nodes_with("sb", "complete");
+        (done.len() == 3 && distinct(&done)).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let sb = placed("sb");
+    assert_eq!(sb.len(), 3, "sysbatch ran exactly once per node: {sb:?}");
+
+    // A node dies: its system allocation is lost and not replaced on another node.
+    let dead = node_id("agent-1");
+    net.procs[procs[1]].kill9();
+    wait_for("the dead node's system allocation lost", Duration::from_secs(30), || {
+        placed("sys").iter().any(|(n, s)| *n == dead && s == "lost").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let r = nodes_with("sys", "running");
+    assert!(r.len() == 2 && distinct(&r) && !r.contains(&dead), "one per live node: {:?}", placed("sys"));
+
+    // Drained with --ignore-system: the system allocation stays.
+    let keep = node_id("agent-0");
+    let out = c.mlp(&["node", "drain", "--ignore-system", "--address", &addr, &keep], Duration::from_secs(60)).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(nodes_with("sys", "running").contains(&keep), "--ignore-system keeps it: {:?}", placed("sys"));
+    // Drained without it: the system allocation leaves the node.
+    let gone = node_id("agent-2");
+    let out = c.mlp(&["node", "drain", "--address", &addr, &gone], Duration::from_secs(60)).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for("the drained node's system allocation stopped", Duration::from_secs(30), || {
+        (!nodes_with("sys", "running").contains(&gone)).then_some(())
+    });
+    assert_eq!(nodes_with("sys", "running"), vec![keep], "{:?}", placed("sys"));
 }
