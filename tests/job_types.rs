@@ -127,17 +127,7 @@ fn dispatch_with_payload_and_meta_and_its_errors() {
     assert!(out.contains("runs only when dispatched"), "{out}");
     let payload = dev.write_job("payload.txt", "hello-payload");
 
-    let v = dev.json(&[
-        "job",
-        "dispatch",
-        "--json",
-        "--meta",
-        "dataset=imagenet",
-        "--meta",
-        "lr=0.1",
-        "train",
-        payload.to_str().unwrap(),
-    ]);
+    let v = dev.json(&["job", "dispatch", "--json", "--meta", "dataset=imagenet", "--meta", "lr=0.1", "train", payload.to_str().unwrap()]);
     let child = v["dispatched_job_id"].as_str().expect("a child id").to_string();
     assert!(child.starts_with("train/dispatch-"), "{child}");
     let allocs = dev.wait_allocs(&child, "the dispatched child to complete", Duration::from_secs(60), |a| {
@@ -270,7 +260,8 @@ fn periodic_launches_across_a_leader_kill_without_duplicate_or_miss() {
     });
     let slots = kids(&survivors_list);
     let child = format!("nightly/periodic-{}", next_slot / 1000);
-    let out = c.mlp(&["job", "status", &child, "--json", "--address", &survivors_list], Duration::from_secs(20)).expect("job status answers");
+    let out =
+        c.mlp(&["job", "status", &child, "--json", "--address", &survivors_list], Duration::from_secs(20)).expect("job status answers");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     let late = v["job"]["submit_time_ms"].as_u64().unwrap_or(0).saturating_sub(next_slot);
     eprintln!("slots launched: {slots:?}; leader killed 300 ms before {}, launched {late} ms late by the new leader", next_slot / 1000);
@@ -343,13 +334,11 @@ fn system_follows_nodes_joining_and_leaving_and_sysbatch_runs_once_per_node() {
         v.sort();
         v
     };
-    let nodes_with = |job: &str, status: &str| -> Vec<String> {
-        placed(job).into_iter().filter(|(_, s)| s == status).map(|(n, _)| n).collect()
-    };
+    let nodes_with =
+        |job: &str, status: &str| -> Vec<String> { placed(job).into_iter().filter(|(_, s)| s == status).map(|(n, _)| n).collect() };
     let distinct = |v: &[String]| v.windows(2).all(|w| w[0] != w[1]);
-    let node_id = |name: &str| {
-        multihost::nodes(&c, &addr).unwrap_or_default().into_iter().find(|n| n.1 == name).map(|n| n.0).unwrap_or_default()
-    };
+    let node_id =
+        |name: &str| multihost::nodes(&c, &addr).unwrap_or_default().into_iter().find(|n| n.1 == name).map(|n| n.0).unwrap_or_default();
     wait_for("the system job running on both nodes", Duration::from_secs(30), || {
         let r = nodes_with("sys", "running");
         (r.len() == 2 && distinct(&r)).then_some(())

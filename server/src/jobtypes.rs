@@ -187,7 +187,8 @@ impl Api {
         let ns = namespace_of(&req.namespace);
         self.read_barrier(req.stale).await?;
         let st = self.state.read();
-        let parent = st.job(ns, &req.job_id).ok_or_else(|| ApiError::NotFound(format!("job {:?} not found in namespace {ns:?}", req.job_id)))?;
+        let parent =
+            st.job(ns, &req.job_id).ok_or_else(|| ApiError::NotFound(format!("job {:?} not found in namespace {ns:?}", req.job_id)))?;
         let mut children: Vec<JobSummary> = st.children_of(ns, &req.job_id).map(|j| summary(&st, j)).collect();
         children.sort_by(|a, b| (b.submit_time_ms, &b.id).cmp(&(a.submit_time_ms, &a.id)));
         let key = crate::state::job_key(ns, &req.job_id);

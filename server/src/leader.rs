@@ -780,10 +780,8 @@ pub fn drain_step(st: &crate::state::ClusterState, node: &mlp_proto::v1::Node, n
     let Some(drain) = &node.drain_strategy else { return step };
     // System and sysbatch allocations are the system scheduler's: it stops them on a draining
     // node, unless the drain ignores them (`--ignore-system`: the drain is done without them).
-    let mut remaining: Vec<&Allocation> = st
-        .live_allocs_for_node(&node.id)
-        .filter(|a| !(drain.ignore_system && scheduler::system::is_per_node_alloc(st, a)))
-        .collect();
+    let mut remaining: Vec<&Allocation> =
+        st.live_allocs_for_node(&node.id).filter(|a| !(drain.ignore_system && scheduler::system::is_per_node_alloc(st, a))).collect();
     if remaining.is_empty() {
         step.done = true;
         return step;

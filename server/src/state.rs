@@ -850,7 +850,9 @@ impl ClusterState {
             },
             Command::DispatchJob { child, eval } => {
                 if let Some(prev) = self.evals.get(&eval.id) {
-                    if prev.namespace == child.namespace && self.job(&prev.namespace, &prev.job_id).is_some_and(|j| j.parent_id == child.parent_id) {
+                    if prev.namespace == child.namespace
+                        && self.job(&prev.namespace, &prev.job_id).is_some_and(|j| j.parent_id == child.parent_id)
+                    {
                         resp.created = Some(prev.job_id.clone());
                     } else {
                         resp.error = Some(format!("evaluation id {:?} belongs to another job", eval.id));
@@ -1168,7 +1170,8 @@ impl ClusterState {
             } else {
                 job_status::PENDING
             }
-        } else if job.stop || (job_type::is_batch(&job.r#type) && (complete >= wanted || self.job_has_only_terminal_allocs(&ns, &id, wanted)))
+        } else if job.stop
+            || (job_type::is_batch(&job.r#type) && (complete >= wanted || self.job_has_only_terminal_allocs(&ns, &id, wanted)))
         {
             job_status::DEAD
         } else {

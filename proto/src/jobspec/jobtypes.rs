@@ -110,9 +110,8 @@ pub fn check_dispatch(job_id: &str, p: &ParameterizedConfig, meta: &BTreeMap<Str
         dispatch_payload::REQUIRED if payload.is_empty() => {
             problems.push(format!("job {job_id:?} requires a payload (parameterized.payload = \"required\")"))
         }
-        dispatch_payload::FORBIDDEN if !payload.is_empty() => {
-            problems.push(format!("job {job_id:?} forbids a payload (parameterized.payload = \"forbidden\"), found {} bytes", payload.len()))
-        }
+        dispatch_payload::FORBIDDEN if !payload.is_empty() => problems
+            .push(format!("job {job_id:?} forbids a payload (parameterized.payload = \"forbidden\"), found {} bytes", payload.len())),
         _ => {}
     }
     if payload.len() > MAX_PAYLOAD_BYTES {
@@ -239,5 +238,27 @@ job "nightly" {
         let typo = bad.replace("time_zone", "timezone");
         let e = crate::jobspec::parse_str(&typo, "nightly.hcl").unwrap_err().to_string();
         assert!(e.contains("unknown field \"timezone\"; did you mean \"time_zone\"?"), "{e}");
+    }
+
+    #[test]
+    fn system_groups_take_no_count_and_no_gang() {
+        let spec = |kind: &str, extra: &str| {
+            format!(
+                "job \"s\" {{\n  type = \"{kind}\"\n  group \"g\" {{\n{extra}    task \"t\" {{\n      driver = \"raw_exec\"\n      config {{ command = \"/bin/true\" }}\n    }}\n  }}\n}}\n"
+            )
+        };
+        assert!(crate::jobspec::parse_str(&spec("system", ""), "s.hcl").is_ok());
+        assert!(crate::jobspec::parse_str(&spec("sysbatch", "    count = 1\n"), "s.hcl").is_ok());
+        let e = crate::jobspec::parse_str(&spec("system", "    count = 3\n"), "s.hcl").unwrap_err().to_string();
+        assert!(e.contains("s.hcl:4:13: job.s.group.g.count: a system job runs one allocation per eligible node"), "{e}");
+        let e = crate::jobspec::parse_str(&spec("sysbatch", "    gang = true\n"), "s.hcl").unwrap_err().to_string();
+        assert!(e.contains("a sysbatch job cannot have gang groups"), "{e}");
+        let e = crate::jobspec::parse_str(
+            &spec("system", "").replace("type = \"system\"", "type = \"system\"\n  periodic {\n    crons = [\"@daily\"]\n  }"),
+            "s.hcl",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("a periodic job must be of type batch or sysbatch, found \"system\""), "{e}");
     }
 }

@@ -163,7 +163,11 @@ impl Checker {
                 if g.count.is_some_and(|c| c != 1) {
                     self.push(
                         &gloc.field("count"),
-                        format!("a {} job runs one allocation per eligible node; leave count out (or 1), found {}", job.r#type, g.count.unwrap_or(0)),
+                        format!(
+                            "a {} job runs one allocation per eligible node; leave count out (or 1), found {}",
+                            job.r#type,
+                            g.count.unwrap_or(0)
+                        ),
                     );
                 }
                 if g.gang || g.min_count > 0 {

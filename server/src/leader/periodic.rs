@@ -43,12 +43,7 @@ pub fn due_launches(st: &ClusterState, now_ms: u64) -> Vec<Due> {
 
 /// The next slot of any periodic job after `now_ms`.
 pub fn next_due(st: &ClusterState, now_ms: u64) -> Option<u64> {
-    st.jobs
-        .values()
-        .filter(|j| !j.stop)
-        .filter_map(|j| j.periodic.as_ref())
-        .filter_map(|p| jobtypes::next_launch_after(p, now_ms))
-        .min()
+    st.jobs.values().filter(|j| !j.stop).filter_map(|j| j.periodic.as_ref()).filter_map(|p| jobtypes::next_launch_after(p, now_ms)).min()
 }
 
 /// Runs forever; launches only while this server leads.
@@ -73,10 +68,7 @@ pub async fn run(raft: Arc<RaftNode>, state: Arc<StateHandle>) {
             }
         }
         let now = now_ms();
-        let wait = next_due(&state.read(), now)
-            .map(|t| Duration::from_millis(t.saturating_sub(now)))
-            .unwrap_or(MAX_SLEEP)
-            .min(MAX_SLEEP);
+        let wait = next_due(&state.read(), now).map(|t| Duration::from_millis(t.saturating_sub(now))).unwrap_or(MAX_SLEEP).min(MAX_SLEEP);
         tokio::time::sleep(wait).await;
     }
 }

@@ -136,9 +136,9 @@ pub fn schedule_full(state: &ClusterState, job: Option<&Job>, eval: &Evaluation,
         panic!("fault injection: {FAULT_INJECTION_PANIC} is set on job {:?}", job.map(|j| &j.id));
     }
     // System and sysbatch jobs are reconciled per node (issue 16 §2).
-    if let Some(j) = job.filter(|j| {
-        !j.stop && mlp_proto::consts::job_type::is_per_node(&j.r#type) && !mlp_proto::jobspec::jobtypes::is_parent(j)
-    }) {
+    if let Some(j) =
+        job.filter(|j| !j.stop && mlp_proto::consts::job_type::is_per_node(&j.r#type) && !mlp_proto::jobspec::jobtypes::is_parent(j))
+    {
         return system::schedule(state, j, eval, now_ms, scorer, opts);
     }
     let (namespace, job_id) = match job {

@@ -25,11 +25,7 @@ use super::{feasible, new_alloc, place, Options, Plan, Scorer};
 use crate::state::{AllocStop, ClusterState};
 
 fn stop(a: &Allocation, why: &str, lost: bool) -> AllocStop {
-    AllocStop {
-        alloc_id: a.id.clone(),
-        description: why.to_string(),
-        client_status: lost.then(|| alloc_client::LOST.to_string()),
-    }
+    AllocStop { alloc_id: a.id.clone(), description: why.to_string(), client_status: lost.then(|| alloc_client::LOST.to_string()) }
 }
 
 /// The plan for a system or sysbatch `job` (not stopped, not a parent).

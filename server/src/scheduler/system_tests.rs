@@ -28,7 +28,13 @@ impl Cluster {
             status: node_status::READY.into(),
             drivers: vec!["exec".into()],
             meta: [("rack".to_string(), rack.to_string())].into(),
-            resources: Some(NodeResources { cpu_cores: 4, cpu_mhz_per_core: 1000, cpu_total_mhz: 4000, memory_mib: 4096, ..Default::default() }),
+            resources: Some(NodeResources {
+                cpu_cores: 4,
+                cpu_mhz_per_core: 1000,
+                cpu_total_mhz: 4000,
+                memory_mib: 4096,
+                ..Default::default()
+            }),
             ..Default::default()
         };
         self.apply(Command::UpsertNode { node: n, overlay: None, secret_hash: None });
@@ -58,7 +64,8 @@ impl Cluster {
 
     /// Nodes with a live allocation of `job`, sorted.
     fn nodes_of(&self, job: &str) -> Vec<String> {
-        let mut v: Vec<String> = self.st.allocs_for_job("default", job).filter(|a| resources::is_live(a)).map(|a| a.node_id.clone()).collect();
+        let mut v: Vec<String> =
+            self.st.allocs_for_job("default", job).filter(|a| resources::is_live(a)).map(|a| a.node_id.clone()).collect();
         v.sort();
         v
     }
@@ -143,7 +150,12 @@ fn a_system_job_leaves_down_and_drained_nodes_but_ignore_system_keeps_it() {
     c.schedule("agent");
     assert_eq!(c.nodes_of("agent"), vec!["n1", "n2", "n3"]);
     // n1 goes down: its allocation is lost and nothing replaces it elsewhere.
-    c.apply(Command::UpdateNodeStatus { node_id: "n1".into(), status: node_status::DOWN.into(), description: String::new(), evals: vec![] });
+    c.apply(Command::UpdateNodeStatus {
+        node_id: "n1".into(),
+        status: node_status::DOWN.into(),
+        description: String::new(),
+        evals: vec![],
+    });
     let plan = c.schedule("agent");
     assert_eq!(plan.stops.len(), 1);
     assert_eq!(plan.stops[0].client_status.as_deref(), Some("lost"));
@@ -164,7 +176,12 @@ fn a_system_job_leaves_down_and_drained_nodes_but_ignore_system_keeps_it() {
     assert_eq!(c.nodes_of("agent"), vec!["n3"]);
     assert!(crate::leader::drain_step(&c.st, &c.st.nodes["n3"], 2000).done, "nothing but system work left: the drain is done");
     // n1 comes back: it gets the system job again.
-    c.apply(Command::UpdateNodeStatus { node_id: "n1".into(), status: node_status::READY.into(), description: String::new(), evals: vec![] });
+    c.apply(Command::UpdateNodeStatus {
+        node_id: "n1".into(),
+        status: node_status::READY.into(),
+        description: String::new(),
+        evals: vec![],
+    });
     c.schedule("agent");
     assert_eq!(c.nodes_of("agent"), vec!["n1", "n3"]);
 }
