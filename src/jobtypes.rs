@@ -183,6 +183,7 @@ pub async fn print_children(addr: &str, job: &Job) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

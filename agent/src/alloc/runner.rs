@@ -479,6 +479,30 @@ pub fn finish_persisted(p: &mut PersistedAlloc, message: &str) {
     p.client_description = desc;
 }
 
+/// Writes a dispatch payload to `<local>/payload` (readable by the task's user, replaced
+/// whole: a restart of the agent writes the same bytes again).
+fn write_payload(local: &std::path::Path, payload: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = local.join("payload");
+    let tmp = local.join(".payload.tmp");
+    std::fs::write(&tmp, payload)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// `MLP_META_<key>` for the job's, then the group's, then the task's `meta` (a later one wins),
+/// as Nomad exports `NOMAD_META_*` (issue 16 §2).
+fn meta_env(job: Option<&mlp_proto::v1::Job>, group: &mlp_proto::v1::TaskGroup, task: &mlp_proto::v1::Task) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    let maps = job.map(|j| &j.meta).into_iter().chain([&group.meta, &task.meta]);
+    for m in maps {
+        for (k, v) in m {
+            env.insert(mlp_proto::jobspec::jobtypes::meta_env_name(k), v.clone());
+        }
+    }
+    env
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -507,28 +531,4 @@ mod tests {
             assert_eq!(client_status(&tasks, &m).0, want, "case {i}");
         }
     }
-}
-
-/// Writes a dispatch payload to `<local>/payload` (readable by the task's user, replaced
-/// whole: a restart of the agent writes the same bytes again).
-fn write_payload(local: &std::path::Path, payload: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = local.join("payload");
-    let tmp = local.join(".payload.tmp");
-    std::fs::write(&tmp, payload)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
-    std::fs::rename(&tmp, &path)
-}
-
-/// `MLP_META_<key>` for the job's, then the group's, then the task's `meta` (a later one wins),
-/// as Nomad exports `NOMAD_META_*` (issue 16 §2).
-fn meta_env(job: Option<&mlp_proto::v1::Job>, group: &mlp_proto::v1::TaskGroup, task: &mlp_proto::v1::Task) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::new();
-    let maps = job.map(|j| &j.meta).into_iter().chain([&group.meta, &task.meta]);
-    for m in maps {
-        for (k, v) in m {
-            env.insert(mlp_proto::jobspec::jobtypes::meta_env_name(k), v.clone());
-        }
-    }
-    env
 }
