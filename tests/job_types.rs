@@ -173,6 +173,10 @@ fn dispatch_with_payload_and_meta_and_its_errors() {
     let (code, body) = dev.http("POST", "/v1/job/train/dispatch", Some("application/json"), br#"{"meta":{},"payload":"p"}"#);
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("missing required meta"), "{body}");
+    // A child's id holds a '/': the HTTP API takes it percent-encoded.
+    let (code, body) = dev.http("GET", &format!("/v1/job/{}", child.replace('/', "%2F")), None, b"");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"parent_id\":\"train\""), "{body}");
     let (code, body) = dev.http("GET", "/v1/job/train/children", None, b"");
     assert_eq!(code, 200, "{body}");
     assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["children"].as_array().map(Vec::len), Some(2), "{body}");
