@@ -48,6 +48,7 @@ pub fn next_due(st: &ClusterState, now_ms: u64) -> Option<u64> {
 
 /// Runs forever; launches only while this server leads.
 pub async fn run(raft: Arc<RaftNode>, state: Arc<StateHandle>) {
+    let mut leader_rx = raft.leader_watch();
     loop {
         let now = now_ms();
         if raft.is_leader() {
@@ -69,7 +70,15 @@ pub async fn run(raft: Arc<RaftNode>, state: Arc<StateHandle>) {
         }
         let now = now_ms();
         let wait = next_due(&state.read(), now).map(|t| Duration::from_millis(t.saturating_sub(now))).unwrap_or(MAX_SLEEP).min(MAX_SLEEP);
-        tokio::time::sleep(wait).await;
+        // A server that just became leader looks at once (a slot missed in the election).
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            r = leader_rx.changed() => {
+                if r.is_err() {
+                    return;
+                }
+            }
+        }
     }
 }
 
