@@ -20,6 +20,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .field_attribute("mlp.v1.Event.node", "#[serde(skip_serializing_if = \"Option::is_none\")]")
         .field_attribute("mlp.v1.Event.deployment", "#[serde(skip_serializing_if = \"Option::is_none\")]")
         .field_attribute("mlp.v1.Event.services", "#[serde(skip_serializing_if = \"Vec::is_empty\")]")
+        // Job types (issue 16 §2): absent from a job's JSON unless set, so other jobs read as before.
+        .field_attribute("mlp.v1.Job.parameterized", "#[serde(skip_serializing_if = \"Option::is_none\")]")
+        .field_attribute("mlp.v1.Job.periodic", "#[serde(skip_serializing_if = \"Option::is_none\")]")
+        .field_attribute("mlp.v1.Job.parent_id", "#[serde(skip_serializing_if = \"String::is_empty\")]")
+        .field_attribute("mlp.v1.Job.payload", "#[serde(skip_serializing_if = \"Vec::is_empty\")]")
         .compile_protos(&["proto/mlp.proto"], &["proto"])?;
     Ok(())
 }

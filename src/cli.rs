@@ -781,6 +781,11 @@ pub enum JobCommand {
         #[arg(long, default_value = "default")]
         namespace: String,
     },
+    /// Start a child of a parameterized job with a payload and meta.
+    Dispatch(crate::jobtypes::DispatchArgs),
+    /// Periodic jobs: launch one now.
+    #[command(subcommand)]
+    Periodic(crate::jobtypes::PeriodicCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -892,7 +897,8 @@ pub enum NodeCommand {
         /// Stop whatever is left after this long (e.g. 30m, 1h); 0 = no deadline.
         #[arg(long, default_value = "1h")]
         deadline: String,
-        /// Leave system jobs running (mlp has no system jobs yet; accepted for compatibility).
+        /// Leave system and sysbatch jobs' allocations running on the node (without it the
+        /// drain stops them too); the drain is done once everything else has left.
         #[arg(long)]
         ignore_system: bool,
         /// Return once the drain started instead of following it to the end.

@@ -85,6 +85,9 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             println!("==> Job {:?} registered (version {}), evaluation {}", job.name, resp.job_version, short(&resp.eval_id));
+            if jobspec::jobtypes::is_parent(&job) {
+                return crate::jobtypes::registered_parent(addr, &job).await;
+            }
             if detach {
                 println!("    Evaluation ID: {}", resp.eval_id);
                 return Ok(ExitCode::SUCCESS);
@@ -183,9 +186,14 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
                 print_json(&resp)?;
             } else {
                 print_job_status(&resp);
+                if let Some(job) = resp.job.as_ref().filter(|j| jobspec::jobtypes::is_parent(j)) {
+                    crate::jobtypes::print_children(addr, job).await?;
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
+        JobCommand::Dispatch(a) => crate::jobtypes::dispatch(addr, a).await,
+        JobCommand::Periodic(c) => crate::jobtypes::periodic(addr, c).await,
         JobCommand::Stop { name, purge, namespace, detach } => {
             let req = StopJobRequest { job_id: name.clone(), namespace: namespace.clone(), purge };
             let (mut c, resp) = with_failover(addr, |mut c| {

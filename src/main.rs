@@ -9,6 +9,7 @@ mod daemon;
 mod deployments;
 mod follow;
 mod ha;
+mod jobtypes;
 mod namespace;
 mod output;
 mod services;

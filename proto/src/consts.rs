@@ -3,6 +3,27 @@
 pub mod job_type {
     pub const BATCH: &str = "batch";
     pub const SERVICE: &str = "service";
+    /// One allocation on every eligible node, kept running (issue 16 §2).
+    pub const SYSTEM: &str = "system";
+    /// A batch job run once on every eligible node (issue 16 §2).
+    pub const SYSBATCH: &str = "sysbatch";
+
+    /// Whether allocations of this type run to completion (batch and sysbatch).
+    pub fn is_batch(t: &str) -> bool {
+        t == BATCH || t == SYSBATCH
+    }
+
+    /// Whether this type places one allocation per eligible node (system and sysbatch).
+    pub fn is_per_node(t: &str) -> bool {
+        t == SYSTEM || t == SYSBATCH
+    }
+}
+
+/// `parameterized { payload = … }` (issue 16 §2).
+pub mod dispatch_payload {
+    pub const OPTIONAL: &str = "optional";
+    pub const REQUIRED: &str = "required";
+    pub const FORBIDDEN: &str = "forbidden";
 }
 
 pub mod job_status {

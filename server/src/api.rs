@@ -235,6 +235,11 @@ impl Api {
             job.name = job.id.clone();
         }
         jobspec::validate_job(&job).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        if !job.parent_id.is_empty() || !job.payload.is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "job.parent_id and job.payload are set by the servers on dispatched and periodic children; dispatch with `mlp job dispatch`".into(),
+            ));
+        }
         if job.id != job.name {
             return Err(ApiError::InvalidArgument(format!("job.id {:?} must equal job.name {:?}", job.id, job.name)));
         }

@@ -95,6 +95,28 @@ impl job_service_server::JobService for GrpcApi {
         self.api.acl.require_ns(authz.as_ref(), Capability::SubmitJob, &req.namespace, "job stop", &req.job_id)?;
         Ok(Response::new(self.api.stop_job(req).await?))
     }
+    // ---- job types (issue 16 §2) ----
+    async fn dispatch(&self, req: Request<DispatchJobRequest>) -> GrpcResult<DispatchJobResponse> {
+        self.count();
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        self.api.acl.require_ns(authz.as_ref(), Capability::SubmitJob, &req.namespace, "job dispatch", &req.job_id)?;
+        Ok(Response::new(self.api.dispatch_job(req).await?))
+    }
+    async fn periodic_force(&self, req: Request<PeriodicForceRequest>) -> GrpcResult<PeriodicForceResponse> {
+        self.count();
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        self.api.acl.require_ns(authz.as_ref(), Capability::SubmitJob, &req.namespace, "job periodic force", &req.job_id)?;
+        Ok(Response::new(self.api.periodic_force(req).await?))
+    }
+    async fn children(&self, req: Request<JobChildrenRequest>) -> GrpcResult<JobChildrenResponse> {
+        self.count();
+        let authz = authz_of(&req);
+        let req = req.into_inner();
+        self.api.acl.require_ns(authz.as_ref(), Capability::ReadJob, &req.namespace, "job children", &req.job_id)?;
+        Ok(Response::new(self.api.job_children(req).await?))
+    }
     async fn revert(&self, req: Request<RevertJobRequest>) -> GrpcResult<RegisterJobResponse> {
         self.count();
         let authz = authz_of(&req);

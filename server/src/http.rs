@@ -1,6 +1,7 @@
 //! The HTTP JSON API: a mirror of the gRPC API for reads and job submission, plus Prometheus
 //! metrics. Every error is JSON `{"error": "..."}` with a 4xx/5xx status.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -9,9 +10,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use mlp_proto::v1::{
-    DeploymentAllocHealthRequest, DeploymentFailRequest, DeploymentPauseRequest, DeploymentPromoteRequest, EventTopic, EventsRequest,
-    GetJobRequest, GetServiceRequest, Job, ListAllocsRequest, ListDeploymentsRequest, ListJobsRequest, ListServicesRequest,
-    RestartJobRequest, RevertJobRequest, ScaleJobRequest, StopJobRequest,
+    DeploymentAllocHealthRequest, DeploymentFailRequest, DeploymentPauseRequest, DeploymentPromoteRequest, DispatchJobRequest, EventTopic,
+    EventsRequest, GetJobRequest, GetServiceRequest, Job, JobChildrenRequest, ListAllocsRequest, ListDeploymentsRequest, ListJobsRequest,
+    ListServicesRequest, PeriodicForceRequest, RestartJobRequest, RevertJobRequest, ScaleJobRequest, StopJobRequest,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -164,6 +165,9 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/deployment/:id/resume", axum::routing::post(deployment_resume))
         .route("/v1/deployment/:id/fail", axum::routing::post(deployment_fail))
         .route("/v1/deployment/:id/allocation-health", axum::routing::post(deployment_alloc_health))
+        .route("/v1/job/:id/dispatch", axum::routing::post(dispatch_job))
+        .route("/v1/job/:id/periodic/force", axum::routing::post(periodic_force))
+        .route("/v1/job/:id/children", get(job_children))
         .route("/v1/allocations", get(list_allocs))
         .route("/v1/allocation/:id", get(get_alloc))
         .route("/v1/nodes", get(list_nodes))
@@ -268,6 +272,47 @@ async fn job_versions(State(api): State<Arc<Api>>, authz: Token, Path(id): Path<
         versions.iter_mut().for_each(acl::redact_env);
     }
     ok(versions)
+}
+
+/// `POST /v1/job/:id/dispatch` body (issue 16 §2): meta, and the payload as UTF-8 text (a
+/// binary payload goes through gRPC, as `mlp job dispatch` sends it).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchBody {
+    meta: BTreeMap<String, String>,
+    payload: String,
+    request_id: String,
+}
+
+async fn dispatch_job(
+    State(api): State<Arc<Api>>,
+    authz: Token,
+    Path(id): Path<String>,
+    Query(p): Query<Params>,
+    StrictJson(body): StrictJson<DispatchBody>,
+) -> HttpResult {
+    api.acl.require_ns(token(&authz), Capability::SubmitJob, &p.namespace, "POST /v1/job/:id/dispatch", &id).map_err(ApiError::from)?;
+    let req = DispatchJobRequest {
+        job_id: id,
+        namespace: p.namespace,
+        meta: body.meta,
+        payload: body.payload.into_bytes(),
+        request_id: body.request_id,
+    };
+    ok(api.dispatch_job(req).await?)
+}
+
+async fn periodic_force(State(api): State<Arc<Api>>, authz: Token, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
+    api.acl
+        .require_ns(token(&authz), Capability::SubmitJob, &p.namespace, "POST /v1/job/:id/periodic/force", &id)
+        .map_err(ApiError::from)?;
+    ok(api.periodic_force(PeriodicForceRequest { job_id: id, namespace: p.namespace }).await?)
+}
+
+async fn job_children(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {
+    let r = api.job_children(JobChildrenRequest { job_id: id, namespace: p.namespace, stale: p.stale }).await?;
+    let index = r.index;
+    ok_at(r, index)
 }
 
 async fn job_evals(State(api): State<Arc<Api>>, Path(id): Path<String>, Query(p): Query<Params>) -> HttpResult {

@@ -8,6 +8,7 @@
 //! heartbeat deadlines restart with a grace period.
 
 pub mod gc;
+pub mod periodic;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -824,12 +825,15 @@ pub struct DrainStep {
 pub fn drain_step(st: &crate::state::ClusterState, node: &mlp_proto::v1::Node, now: u64) -> DrainStep {
     let mut step = DrainStep::default();
     let Some(drain) = &node.drain_strategy else { return step };
-    let mut remaining: Vec<&Allocation> = st.live_allocs_for_node(&node.id).collect();
+    // System and sysbatch allocations are the system scheduler's: it stops them on a draining
+    // node, unless the drain ignores them (`--ignore-system`: the drain is done without them).
+    let mut remaining: Vec<&Allocation> =
+        st.live_allocs_for_node(&node.id).filter(|a| !(drain.ignore_system && scheduler::system::is_per_node_alloc(st, a))).collect();
     if remaining.is_empty() {
         step.done = true;
         return step;
     }
-    remaining.retain(|a| !a.desired_migrate);
+    remaining.retain(|a| !a.desired_migrate && !scheduler::system::is_per_node_alloc(st, a));
     remaining.sort_by(|a, b| {
         (&a.namespace, &a.job_id, &a.task_group, a.index, &a.id).cmp(&(&b.namespace, &b.job_id, &b.task_group, b.index, &b.id))
     });

@@ -8,6 +8,7 @@ mod deploy_api;
 pub mod events;
 pub mod grpc;
 pub mod http;
+pub mod jobtypes;
 pub mod leader;
 pub mod metrics;
 pub mod namespace;

@@ -224,6 +224,16 @@ impl Server {
             }
         }));
 
+        // Periodic jobs' launches (issue 16 §2), while this server leads.
+        let periodic_loop = crate::leader::periodic::run(raft.clone(), state.clone());
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = periodic_loop => {}
+                _ = rx.wait_for(|s| *s) => {}
+            }
+        }));
+
         let leader = Arc::new(Leader {
             raft: raft.clone(),
             state: state.clone(),

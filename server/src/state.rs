@@ -47,6 +47,16 @@ fn group_arrivals(tg: &mlp_proto::v1::TaskGroup) -> Vec<Arrival> {
     out
 }
 
+/// The node whose registration, status, eligibility or drain this command changes.
+fn node_change(cmd: &Command) -> Option<&str> {
+    match cmd {
+        Command::UpsertNode { node, .. } => Some(&node.id),
+        Command::UpdateNodeStatus { node_id, .. } | Command::UpdateNodeEligibility { node_id, .. } => Some(node_id),
+        Command::UpdateNodeDrain { node_id, drain: Some(_), .. } => Some(node_id),
+        _ => None,
+    }
+}
+
 /// `namespace/id`, the key of a job in every map.
 pub fn job_key(namespace: &str, job_id: &str) -> String {
     format!("{namespace}/{job_id}")
@@ -179,6 +189,26 @@ pub enum Command {
     UpsertNamespace { namespace: mlp_proto::v1::Namespace },
     /// Delete a namespace: refused for `default` and while it has jobs that are not dead.
     DeleteNamespace { name: String },
+    // ---- job types (issue 16 §2) ----
+    /// Register a dispatched child of a parameterized job (`crate::jobtypes::child_job`).
+    /// `apply` re-checks that the parent exists, is parameterized and is not stopped; an
+    /// evaluation id already present (a client's retry with its request id) makes it a no-op
+    /// that answers the child it created (`CommandResponse.created`).
+    DispatchJob { child: Job, eval: Evaluation },
+    /// A periodic job's launch of the cron slot `launch_ms` (or, `forced`, of a launch asked for
+    /// now): records the launch per job (`ClusterState::periodic_launches`) and registers the
+    /// child. A slot at or before the recorded last launch is a duplicate and changes nothing,
+    /// so two leaders that both launch a slot launch it once. With `prohibit_overlap` and a
+    /// child still live, only the launch is recorded.
+    PeriodicLaunch {
+        namespace: String,
+        job_id: String,
+        launch_ms: u64,
+        #[serde(default)]
+        forced: bool,
+        child: Job,
+        eval: Evaluation,
+    },
 }
 
 /// What the plan applier commits: placements that fit, stops, and the evaluation's outcome.
@@ -326,6 +356,11 @@ pub struct ClusterState {
     /// `default`).
     #[serde(default)]
     pub namespaces: BTreeMap<String, mlp_proto::v1::Namespace>,
+    /// The last launch (a cron slot, unix ms) of each periodic job, by `job_key` (issue 16 §2):
+    /// what a new leader launches from, so a failover neither repeats nor loses a launch.
+    /// Absent in older snapshots (then empty).
+    #[serde(default)]
+    pub periodic_launches: BTreeMap<String, u64>,
 }
 
 /// The objects one applied entry created, modified or removed: the event stream's events and the
@@ -447,6 +482,11 @@ impl ClusterState {
     pub fn apply(&mut self, index: u64, req: &Request, effects: &mut Vec<Effect>) -> CommandResponse {
         self.touched = Touched::default();
         let resp = self.apply_command(index, req, effects);
+        if resp.error.is_none() {
+            if let Some(node_id) = node_change(&req.command) {
+                self.per_node_job_evals(index, req.now_ms, node_id, effects);
+            }
+        }
         self.refresh_live_index();
         self.drop_dead_services();
         resp
@@ -473,6 +513,7 @@ impl ClusterState {
                 };
                 if *purge {
                     self.remove_deployments(namespace, job_id);
+                    self.periodic_launches.remove(&key);
                     self.jobs.remove(&key);
                     self.job_versions.remove(&key);
                     self.touched.jobs.remove(&key);
@@ -812,8 +853,125 @@ impl ClusterState {
                 }
                 Err(e) => resp.error = Some(e),
             },
+            Command::DispatchJob { child, eval } => {
+                if let Some(prev) = self.evals.get(&eval.id) {
+                    if prev.namespace == child.namespace
+                        && self.job(&prev.namespace, &prev.job_id).is_some_and(|j| j.parent_id == child.parent_id)
+                    {
+                        resp.created = Some(prev.job_id.clone());
+                    } else {
+                        resp.error = Some(format!("evaluation id {:?} belongs to another job", eval.id));
+                    }
+                    return resp;
+                }
+                match self.job(&child.namespace, &child.parent_id) {
+                    Some(p) if p.parameterized.is_some() && !p.stop => {}
+                    Some(p) if p.stop => {
+                        resp.error = Some(format!("job {:?} is stopped; register it again to dispatch it", child.parent_id));
+                        return resp;
+                    }
+                    Some(_) => {
+                        resp.error = Some(format!("job {:?} is not parameterized (it has no `parameterized` block)", child.parent_id));
+                        return resp;
+                    }
+                    None => {
+                        resp.error = Some(format!("job {:?} not found in namespace {:?}", child.parent_id, child.namespace));
+                        return resp;
+                    }
+                }
+                if self.job(&child.namespace, &child.id).is_some() {
+                    resp.error = Some(format!("job {:?} already exists", child.id));
+                    return resp;
+                }
+                let reg = Request { now_ms: now, command: Command::RegisterJob { job: child.clone(), eval: eval.clone() } };
+                let mut r = self.apply_command(index, &reg, effects);
+                if r.error.is_none() {
+                    r.created = Some(child.id.clone());
+                }
+                return r;
+            }
+            Command::PeriodicLaunch { namespace, job_id, launch_ms, forced, child, eval } => {
+                let key = job_key(namespace, job_id);
+                let Some(parent) = self.jobs.get(&key) else {
+                    resp.error = Some(format!("job {job_id:?} not found in namespace {namespace:?}"));
+                    return resp;
+                };
+                let Some(periodic) = parent.periodic.clone() else {
+                    resp.error = Some(format!("job {job_id:?} is not periodic (it has no `periodic` block)"));
+                    return resp;
+                };
+                if parent.stop {
+                    resp.error = Some(format!("job {job_id:?} is stopped; register it again to launch it"));
+                    return resp;
+                }
+                let last = self.periodic_launches.get(&key).copied().unwrap_or(0);
+                if !forced && *launch_ms <= last {
+                    // Launched already (by this leader's retry or by an earlier leader).
+                    return resp;
+                }
+                if self.job(namespace, &child.id).is_some() {
+                    resp.error = Some(format!("job {:?} already exists", child.id));
+                    return resp;
+                }
+                // A forced launch leaves the schedule alone (a slot due right after still runs).
+                if !forced {
+                    self.periodic_launches.insert(key, *launch_ms);
+                }
+                if periodic.prohibit_overlap && !forced {
+                    let running = self.children_of(namespace, job_id).any(|c| !c.stop && c.status != job_status::DEAD);
+                    if running {
+                        return resp;
+                    }
+                }
+                let reg = Request { now_ms: now, command: Command::RegisterJob { job: child.clone(), eval: eval.clone() } };
+                let mut r = self.apply_command(index, &reg, effects);
+                if r.error.is_none() {
+                    r.created = Some(child.id.clone());
+                }
+                return r;
+            }
         }
         resp
+    }
+
+    /// An evaluation of every system and sysbatch job (not stopped, not a parent) after a
+    /// node's registration, status, eligibility or drain changed: a new or returning node gets
+    /// their allocations, a draining one loses them (issue 16 §2). Ids derive from the entry.
+    fn per_node_job_evals(&mut self, index: u64, now: u64, node_id: &str, effects: &mut Vec<Effect>) {
+        let jobs: Vec<(String, String, i32, String, u64)> = self
+            .jobs
+            .values()
+            .filter(|j| !j.stop && job_type::is_per_node(&j.r#type) && !mlp_proto::jobspec::jobtypes::is_parent(j))
+            .map(|j| (j.namespace.clone(), j.id.clone(), j.priority, j.r#type.clone(), j.job_modify_index))
+            .collect();
+        for (ns, job_id, priority, ty, jmi) in jobs {
+            let eval = Evaluation {
+                id: derived_id(&format!("node-update/{index}/{node_id}/{ns}/{job_id}")),
+                namespace: ns,
+                job_id,
+                priority,
+                r#type: ty,
+                triggered_by: eval_trigger::NODE_UPDATE.to_string(),
+                node_id: node_id.to_string(),
+                status: eval_status::PENDING.to_string(),
+                job_modify_index: jmi,
+                ..Default::default()
+            };
+            if !self.evals.contains_key(&eval.id) {
+                self.insert_eval(index, now, eval, effects);
+            }
+        }
+    }
+
+    /// The children of a parameterized or periodic job (`NAME/…` with `parent_id` = NAME).
+    pub fn children_of<'a>(&'a self, namespace: &str, job_id: &str) -> impl Iterator<Item = &'a Job> + 'a {
+        let prefix = format!("{}/", job_key(namespace, job_id));
+        let parent = job_id.to_string();
+        self.jobs
+            .range(prefix.clone()..)
+            .take_while(move |(k, _)| k.starts_with(&prefix))
+            .map(|(_, j)| j)
+            .filter(move |j| j.parent_id == parent)
     }
 
     /// Removes what still qualifies under `leader::gc`'s rules (the age is not re-checked: the
@@ -844,6 +1002,7 @@ impl ClusterState {
             }
             self.remove_deployments(&ns, &id);
             self.jobs.remove(key);
+            self.periodic_launches.remove(key);
             self.job_versions.remove(key);
             self.touched.jobs.remove(key);
             self.touched.deleted.push(Deleted { topic: "Job", key: id, namespace: ns, filter_keys: Vec::new() });
@@ -1101,13 +1260,23 @@ impl ClusterState {
             }
         }
         let wanted: usize = job.groups.iter().map(|g| g.effective_count() as usize).sum();
-        let status = if live > 0 {
+        // A parameterized or periodic parent runs nothing itself: it is `running` (accepting
+        // dispatches, launching on time) until stopped.
+        let parent = mlp_proto::jobspec::jobtypes::is_parent(job);
+        let status = if parent {
+            if job.stop {
+                job_status::DEAD
+            } else {
+                job_status::RUNNING
+            }
+        } else if live > 0 {
             if any_running {
                 job_status::RUNNING
             } else {
                 job_status::PENDING
             }
-        } else if job.stop || (job.r#type == job_type::BATCH && (complete >= wanted || self.job_has_only_terminal_allocs(&ns, &id, wanted)))
+        } else if job.stop
+            || (job_type::is_batch(&job.r#type) && (complete >= wanted || self.job_has_only_terminal_allocs(&ns, &id, wanted)))
         {
             job_status::DEAD
         } else {
@@ -1175,6 +1344,10 @@ pub fn same_spec(a: &Job, b: &Job) -> bool {
         && a.spreads == b.spreads
         && a.groups == b.groups
         && a.update == b.update
+        && a.parameterized == b.parameterized
+        && a.periodic == b.periodic
+        && a.parent_id == b.parent_id
+        && a.payload == b.payload
 }
 
 /// A lookup by id prefix that failed.

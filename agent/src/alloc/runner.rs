@@ -234,6 +234,10 @@ async fn run_alloc(
         if setup.is_ok() {
             setup = std::fs::create_dir_all(dir.join(t).join("local")).and_then(|_| std::fs::create_dir_all(dir.join(t).join("logs")));
         }
+        // A dispatched job's payload (issue 16 §2), in every task's `local/payload`.
+        if let (Ok(()), Some(job)) = (&setup, alloc.job.as_ref().filter(|j| !j.payload.is_empty())) {
+            setup = write_payload(&dir.join(t).join("local"), &job.payload);
+        }
     }
     let Some((group, job_name, job_type)) = group else {
         tracing::warn!(alloc = %alloc.id, group = %alloc.task_group, "task group not found in the allocation's job");
@@ -304,6 +308,7 @@ async fn run_alloc(
             mps: env.mps.clone(),
             phases: phases.clone(),
             net_env: net_env.clone(),
+            meta_env: meta_env(alloc.job.as_ref(), &group, task),
             network: task_network.as_ref().map(|n| n.task_network(&crate::isolation::hostname_for(&group.name, alloc.index, &alloc.id))),
             artifacts: env.artifacts.clone(),
             tracking_env: {
@@ -487,6 +492,30 @@ pub fn finish_persisted(p: &mut PersistedAlloc, message: &str) {
     let (status, desc) = client_status(&tasks, &p.task_states);
     p.client_status = status.into();
     p.client_description = desc;
+}
+
+/// Writes a dispatch payload to `<local>/payload` (readable by the task's user, replaced
+/// whole: a restart of the agent writes the same bytes again).
+fn write_payload(local: &std::path::Path, payload: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = local.join("payload");
+    let tmp = local.join(".payload.tmp");
+    std::fs::write(&tmp, payload)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// `MLP_META_<key>` for the job's, then the group's, then the task's `meta` (a later one wins),
+/// as Nomad exports `NOMAD_META_*` (issue 16 §2).
+fn meta_env(job: Option<&mlp_proto::v1::Job>, group: &mlp_proto::v1::TaskGroup, task: &mlp_proto::v1::Task) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    let maps = job.map(|j| &j.meta).into_iter().chain([&group.meta, &task.meta]);
+    for m in maps {
+        for (k, v) in m {
+            env.insert(mlp_proto::jobspec::jobtypes::meta_env_name(k), v.clone());
+        }
+    }
+    env
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ pub enum RestartDecision {
 /// The policy Nomad uses when a group has none: batch 3 attempts in 24h, service 2 in 30m,
 /// 15 s delay, mode fail.
 pub fn default_policy(job_type_name: &str) -> RestartPolicy {
-    if job_type_name == job_type::BATCH {
+    if job_type::is_batch(job_type_name) {
         RestartPolicy { attempts: 3, interval_ms: 24 * 3600 * 1000, delay_ms: 15_000, mode: restart_mode::FAIL.to_string() }
     } else {
         RestartPolicy { attempts: 2, interval_ms: 30 * 60 * 1000, delay_ms: 15_000, mode: restart_mode::FAIL.to_string() }
@@ -49,7 +49,7 @@ pub fn decide(
     tracker: RestartTracker,
     now_ms: u64,
 ) -> (RestartDecision, RestartTracker) {
-    if job_type_name == job_type::BATCH && success {
+    if job_type::is_batch(job_type_name) && success {
         return (RestartDecision::Done, tracker);
     }
     let mut t = tracker;

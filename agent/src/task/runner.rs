@@ -123,6 +123,8 @@ pub struct TaskContext {
     pub phases: Phases,
     /// Variables of the allocation's ports and gang rendezvous (`MLP_PORT_*`, `RANK`, ...).
     pub net_env: std::collections::BTreeMap<String, String>,
+    /// `MLP_META_<key>` of the job's, group's and task's `meta` (issue 16 §2).
+    pub meta_env: std::collections::BTreeMap<String, String>,
     /// The allocation's bridge-mode network, which the task joins.
     pub network: Option<crate::network::TaskNetwork>,
     /// Where the task's `artifact` blocks may fetch from, and the limits.
@@ -158,7 +160,7 @@ impl TaskContext {
         ] {
             env.insert(k.to_string(), v);
         }
-        for (k, v) in &self.net_env {
+        for (k, v) in self.meta_env.iter().chain(&self.net_env) {
             env.insert(k.clone(), v.clone());
         }
         // Over the task's own env: a task cannot widen its GPU assignment.

@@ -12,8 +12,9 @@ use hcl_edit::Span;
 use super::{line_col, parse_duration, Loc};
 use crate::consts::{health_check, job_type, restart_mode};
 use crate::v1::{
-    Affinity, Artifact, Constraint, GpuRequest, GroupNetwork, Job, MigrateStrategy, PortSpec, RegistryAuth, ReschedulePolicy, Resources,
-    RestartPolicy, ServiceCheck, ServiceSpec, Spread, SpreadTarget, Task, TaskConfig, TaskGroup, UpdateStrategy,
+    Affinity, Artifact, Constraint, GpuRequest, GroupNetwork, Job, MigrateStrategy, ParameterizedConfig, PeriodicConfig, PortSpec,
+    RegistryAuth, ReschedulePolicy, Resources, RestartPolicy, ServiceCheck, ServiceSpec, Spread, SpreadTarget, Task, TaskConfig, TaskGroup,
+    UpdateStrategy,
 };
 
 pub(crate) const DEFAULT_NAMESPACE: &str = "default";
@@ -27,7 +28,10 @@ pub(crate) const DEFAULT_GPU_COUNT: u32 = 1;
 pub(crate) const DEFAULT_AFFINITY_WEIGHT: i32 = 50;
 pub(crate) const DEFAULT_SPREAD_WEIGHT: u32 = 50;
 
-const JOB_FIELDS: &[&str] = &["type", "priority", "namespace", "meta", "constraint", "affinity", "spread", "group", "update"];
+const JOB_FIELDS: &[&str] =
+    &["type", "priority", "namespace", "meta", "constraint", "affinity", "spread", "group", "parameterized", "periodic", "update"];
+const PARAMETERIZED_FIELDS: &[&str] = &["payload", "meta_required", "meta_optional"];
+const PERIODIC_FIELDS: &[&str] = &["crons", "cron", "prohibit_overlap", "time_zone"];
 const GROUP_FIELDS: &[&str] = &[
     "count",
     "constraint",
@@ -513,7 +517,7 @@ impl Decoder<'_> {
         let loc = Loc::job(&name);
         self.mark(&loc, start(&block.ident));
         // Restart defaults depend on the type, which may be written after the groups.
-        let batch = block.body.get_attribute("type").and_then(|a| a.value.as_str()) == Some(job_type::BATCH);
+        let batch = block.body.get_attribute("type").and_then(|a| a.value.as_str()).is_some_and(job_type::is_batch);
         let mut job = Job {
             id: name.clone(),
             name,
@@ -551,6 +555,16 @@ impl Decoder<'_> {
                 ("meta", _) => {
                     if self.first_time(&mut seen, s, &loc) {
                         job.meta = self.string_map(s, &floc);
+                    }
+                }
+                ("parameterized", Structure::Block(b)) => {
+                    if self.first_time(&mut seen, s, &loc) {
+                        job.parameterized = Some(self.parameterized(b, &floc));
+                    }
+                }
+                ("periodic", Structure::Block(b)) => {
+                    if self.first_time(&mut seen, s, &loc) {
+                        job.periodic = Some(self.periodic(b, &floc));
                     }
                 }
                 (_, Structure::Attribute(attr)) if JOB_FIELDS.contains(&name) => {
@@ -894,6 +908,84 @@ impl Decoder<'_> {
             }
         }
         policy
+    }
+
+    /// `parameterized { payload = "optional" meta_required = [..] meta_optional = [..] }`.
+    fn parameterized(&mut self, block: &Block, loc: &Loc) -> ParameterizedConfig {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut p = ParameterizedConfig { payload: crate::consts::dispatch_payload::OPTIONAL.to_string(), ..Default::default() };
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            match (name, s) {
+                (_, Structure::Attribute(a)) if PARAMETERIZED_FIELDS.contains(&name) => {
+                    if !self.first_time(&mut seen, s, loc) {
+                        continue;
+                    }
+                    match name {
+                        "payload" => {
+                            if let Some(v) = self.string(&a.value, &floc) {
+                                p.payload = v;
+                            }
+                        }
+                        "meta_required" => p.meta_required = self.string_list(&a.value, &floc),
+                        _ => p.meta_optional = self.string_list(&a.value, &floc),
+                    }
+                }
+                _ if PARAMETERIZED_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, PARAMETERIZED_FIELDS),
+            }
+        }
+        p
+    }
+
+    /// `periodic { crons = [..] prohibit_overlap = true time_zone = "UTC" }` (`cron = ".."`, one
+    /// expression, is Nomad's older spelling and accepted too).
+    fn periodic(&mut self, block: &Block, loc: &Loc) -> PeriodicConfig {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut p = PeriodicConfig::default();
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            match (name, s) {
+                (_, Structure::Attribute(a)) if PERIODIC_FIELDS.contains(&name) => {
+                    if !self.first_time(&mut seen, s, loc) {
+                        continue;
+                    }
+                    match name {
+                        "crons" => {
+                            let list = self.string_list(&a.value, &loc.field("crons"));
+                            p.crons.extend(list);
+                        }
+                        "cron" => {
+                            // Reported (and validated) as crons[i].
+                            let i = p.crons.len();
+                            let cloc = Loc { key: format!("{}[{i}]", loc.field("crons").key), path: floc.path.clone() };
+                            if let Some(v) = self.string(&a.value, &cloc) {
+                                p.crons.push(v);
+                            }
+                        }
+                        "prohibit_overlap" => {
+                            if let Some(v) = self.bool(&a.value, &floc) {
+                                p.prohibit_overlap = v;
+                            }
+                        }
+                        _ => {
+                            if let Some(v) = self.string(&a.value, &floc) {
+                                p.time_zone = v;
+                            }
+                        }
+                    }
+                }
+                _ if PERIODIC_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, PERIODIC_FIELDS),
+            }
+        }
+        p
     }
 
     /// `migrate { max_parallel = N }`: how many of the group's allocations a drain moves at once.

@@ -10,6 +10,7 @@
 pub mod artifact;
 mod decode;
 mod duration;
+pub mod jobtypes;
 pub mod limits;
 mod validate;
 
@@ -267,7 +268,7 @@ pub fn apply_defaults(job: &mut Job) {
     if job.namespace.is_empty() {
         job.namespace = decode::DEFAULT_NAMESPACE.to_string();
     }
-    let batch = job.r#type == crate::consts::job_type::BATCH;
+    let batch = crate::consts::job_type::is_batch(&job.r#type);
     let default_weights = |affinities: &mut Vec<crate::v1::Affinity>| {
         for a in affinities {
             a.weight.get_or_insert(decode::DEFAULT_AFFINITY_WEIGHT);

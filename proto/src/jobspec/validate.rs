@@ -10,7 +10,7 @@ use prost::Message;
 use super::duration::format_ms;
 use super::limits::*;
 use super::Loc;
-use crate::consts::{check_type, driver, health_check, job_type, restart_mode};
+use crate::consts::{check_type, dispatch_payload, driver, health_check, job_type, restart_mode};
 use crate::matcher;
 use crate::v1::{Affinity, Constraint, Job, ServiceSpec, Spread, Task, TaskGroup};
 
@@ -20,7 +20,8 @@ pub(crate) const PRIORITY_RANGE: (i32, i32) = (1, 100);
 pub(crate) const MAX_KILL_TIMEOUT_MS: u64 = 3_600_000;
 
 pub(crate) const DRIVERS: &[&str] = &[driver::EXEC, driver::RAW_EXEC, driver::WASM, driver::OCI];
-pub(crate) const JOB_TYPES: &[&str] = &[job_type::BATCH, job_type::SERVICE];
+pub(crate) const JOB_TYPES: &[&str] = &[job_type::BATCH, job_type::SERVICE, job_type::SYSTEM, job_type::SYSBATCH];
+pub(crate) const PAYLOAD_MODES: &[&str] = &[dispatch_payload::OPTIONAL, dispatch_payload::REQUIRED, dispatch_payload::FORBIDDEN];
 pub(crate) const RESTART_MODES: &[&str] = &[restart_mode::FAIL, restart_mode::DELAY];
 pub(crate) const HEALTH_CHECKS: &[&str] = &[health_check::CHECKS, health_check::TASK_STATES, health_check::MANUAL];
 /// Longest `update` duration (min_healthy_time, deadlines, stagger): a day.
@@ -74,6 +75,7 @@ pub(crate) fn check_job(job: &Job) -> Vec<Issue> {
     if !(lo..=hi).contains(&job.priority) {
         c.push(&loc.field("priority"), format!("must be between {lo} and {hi}, found {}", job.priority));
     }
+    c.job_types(&loc, job);
     c.constraints(&loc, &job.constraints);
     c.affinities(&loc, &job.affinities);
     c.spreads(&loc, &job.spreads);
@@ -150,6 +152,80 @@ impl Checker {
                 self.push(&kloc, "env key contains `=`");
             }
             self.text(&kloc, &format!("{what} value"), v, MAX_VALUE_BYTES);
+        }
+    }
+
+    /// `parameterized` and `periodic` (issue 16 §2): only on batch and sysbatch jobs, not both;
+    /// known payload mode, meta keys named once; at least one cron, each parses, a known zone.
+    fn job_types(&mut self, loc: &Loc, job: &Job) {
+        use super::jobtypes::{parse_cron, parse_time_zone, MAX_CRONS, MAX_DISPATCH_META_KEYS};
+        let batch = job_type::is_batch(&job.r#type);
+        if job_type::is_per_node(&job.r#type) {
+            // One allocation per eligible node: a group's count and gangs mean nothing there.
+            for (i, g) in job.groups.iter().enumerate() {
+                let gloc = loc.named("group", i, &g.name);
+                if g.count.is_some_and(|c| c != 1) {
+                    self.push(
+                        &gloc.field("count"),
+                        format!(
+                            "a {} job runs one allocation per eligible node; leave count out (or 1), found {}",
+                            job.r#type,
+                            g.count.unwrap_or(0)
+                        ),
+                    );
+                }
+                if g.gang || g.min_count > 0 {
+                    self.push(&gloc.field("gang"), format!("a {} job cannot have gang groups", job.r#type));
+                }
+            }
+        }
+        if let Some(p) = &job.parameterized {
+            let ploc = loc.field("parameterized");
+            if !batch {
+                self.push(&ploc, format!("a parameterized job must be of type batch or sysbatch, found {:?}", job.r#type));
+            }
+            if !p.payload.is_empty() {
+                self.one_of(&ploc.field("payload"), "payload mode", &p.payload, PAYLOAD_MODES);
+            }
+            let keys = p.meta_required.len() + p.meta_optional.len();
+            if keys > MAX_DISPATCH_META_KEYS {
+                self.push(&ploc, format!("at most {MAX_DISPATCH_META_KEYS} meta keys in meta_required and meta_optional, found {keys}"));
+            }
+            let mut seen = HashSet::new();
+            for (field, list) in [("meta_required", &p.meta_required), ("meta_optional", &p.meta_optional)] {
+                let floc = ploc.field(field);
+                for (i, k) in list.iter().enumerate().take(MAX_DISPATCH_META_KEYS) {
+                    let kloc = Loc { key: format!("{}[{i}]", floc.key), path: format!("{}[{i}]", floc.path) };
+                    if k.is_empty() {
+                        self.push(&kloc, "empty meta key");
+                    } else if !seen.insert(k.as_str()) {
+                        self.push(&kloc, format!("meta key {k:?} is listed twice (a key is required or optional, once)"));
+                    }
+                    self.text(&kloc, "meta key", k, MAX_KEY_BYTES);
+                }
+            }
+        }
+        if let Some(p) = &job.periodic {
+            let ploc = loc.field("periodic");
+            if !batch {
+                self.push(&ploc, format!("a periodic job must be of type batch or sysbatch, found {:?}", job.r#type));
+            }
+            if job.parameterized.is_some() {
+                self.push(&ploc, "a job is periodic or parameterized, not both");
+            }
+            let cloc = ploc.field("crons");
+            if p.crons.is_empty() {
+                self.push(&cloc, "at least one cron expression is required: `crons = [\"0 3 * * *\"]`");
+            }
+            self.at_most(&cloc, "cron expressions", p.crons.len(), MAX_CRONS);
+            for (i, c) in p.crons.iter().enumerate().take(MAX_CRONS) {
+                if let Err(e) = parse_cron(c) {
+                    self.push(&Loc { key: format!("{}[{i}]", cloc.key), path: format!("{}[{i}]", cloc.path) }, e.0);
+                }
+            }
+            if let Err(e) = parse_time_zone(&p.time_zone) {
+                self.push(&ploc.field("time_zone"), e.0);
+            }
         }
     }
 

@@ -47,6 +47,9 @@ pub fn grpc(path: &str) -> Option<Need> {
         ("DeploymentService", "Promote" | "Pause" | "Fail" | "SetAllocHealth") => Need::Ns(SubmitJob),
         ("JobService", "List") => Need::Ns(ListJobs),
         ("JobService", "Get" | "Versions") => Need::Ns(ReadJob),
+        // Job types (issue 16 §2).
+        ("JobService", "Dispatch" | "PeriodicForce") => Need::Ns(SubmitJob),
+        ("JobService", "Children") => Need::Ns(ReadJob),
         ("AllocService", "List" | "Get") => Need::Ns(ReadJob),
         ("AllocService", "Logs") => Need::Ns(ReadLogs),
         ("AllocService", "Exec") => Need::Ns(AllocExec),
@@ -122,6 +125,8 @@ pub fn http(method: &str, route: Option<&str>, path: &str) -> Option<Need> {
             | "/v1/deployment/:id/allocation-health",
             false,
         ) => Need::Ns(SubmitJob),
+        ("/v1/job/:id/dispatch" | "/v1/job/:id/periodic/force", false) => Need::Ns(SubmitJob),
+        ("/v1/job/:id/children", true) => Need::Ns(ReadJob),
         ("/v1/allocations" | "/v1/allocation/:id", true) => Need::Ns(ReadJob),
         ("/v1/nodes" | "/v1/node/:id", true) => Need::Node(Read),
         ("/v1/node/:id/drain" | "/v1/node/:id/eligibility", false) => Need::Node(Write),

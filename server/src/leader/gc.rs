@@ -137,7 +137,7 @@ fn eval_terminal(e: &Evaluation) -> bool {
 
 /// A stopped job, or a batch job that finished (its allocations may still be settling).
 fn job_dead(job: &Job) -> bool {
-    job.stop || (job.r#type == job_type::BATCH && job.status == job_status::DEAD)
+    job.stop || (job_type::is_batch(&job.r#type) && job.status == job_status::DEAD)
 }
 
 /// Whether `job` may go with everything of its own (age aside): dead, and every evaluation and

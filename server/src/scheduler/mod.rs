@@ -36,6 +36,9 @@ pub mod quota;
 pub mod rank;
 mod reconcile;
 pub mod resources;
+pub mod system;
+#[cfg(test)]
+mod system_tests;
 pub mod topology;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -140,6 +143,12 @@ pub fn schedule_full(state: &ClusterState, job: Option<&Job>, eval: &Evaluation,
     #[cfg(feature = "fault-injection")]
     if job.is_some_and(|j| j.meta.contains_key(FAULT_INJECTION_PANIC)) {
         panic!("fault injection: {FAULT_INJECTION_PANIC} is set on job {:?}", job.map(|j| &j.id));
+    }
+    // System and sysbatch jobs are reconciled per node (issue 16 §2).
+    if let Some(j) =
+        job.filter(|j| !j.stop && mlp_proto::consts::job_type::is_per_node(&j.r#type) && !mlp_proto::jobspec::jobtypes::is_parent(j))
+    {
+        return system::schedule(state, j, eval, now_ms, scorer, opts);
     }
     let (namespace, job_id) = match job {
         Some(j) => (j.namespace.as_str(), j.id.as_str()),

@@ -46,7 +46,7 @@ impl Preemption {
     /// Whether a job of `job_type` may preempt.
     pub fn allowed_for(&self, job_type: &str) -> bool {
         match job_type {
-            mlp_proto::consts::job_type::BATCH => self.batch,
+            mlp_proto::consts::job_type::BATCH | mlp_proto::consts::job_type::SYSBATCH => self.batch,
             mlp_proto::consts::job_type::SERVICE => self.service,
             _ => false,
         }

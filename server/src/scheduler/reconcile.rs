@@ -65,7 +65,7 @@ pub struct Reconciled<'a> {
 
 /// The group's reschedule policy, or the job type's default.
 pub fn policy_for(job: &Job, tg: &TaskGroup) -> ReschedulePolicy {
-    tg.reschedule.clone().unwrap_or_else(|| mlp_proto::jobspec::default_reschedule(job.r#type == job_type::BATCH))
+    tg.reschedule.clone().unwrap_or_else(|| mlp_proto::jobspec::default_reschedule(job_type::is_batch(&job.r#type)))
 }
 
 /// When a failed or lost allocation is replaced.
@@ -134,9 +134,14 @@ pub fn reconcile_at<'a>(state: &ClusterState, job: Option<&'a Job>, namespace: &
     let node_down = |a: &Allocation| on_down_node(state, a);
 
     let job = match job {
-        Some(j) if !j.stop => j,
+        Some(j) if !j.stop && !mlp_proto::jobspec::jobtypes::is_parent(j) => j,
         _ => {
-            let why = if job.is_some() { "job stopped" } else { "job purged" };
+            // A parameterized or periodic parent never places allocations: its children do.
+            let why = match job {
+                Some(j) if !j.stop => "a parameterized or periodic job runs only as its children",
+                Some(_) => "job stopped",
+                None => "job purged",
+            };
             for a in allocs.iter().filter(|a| is_live(a)) {
                 out.stops.push(stop_or_lost(a, node_down(a), why));
             }
