@@ -102,6 +102,7 @@ pub mod eval_trigger {
     pub const PREEMPTION: &str = "preemption";
     pub const DEPLOYMENT_WATCHER: &str = "deployment-watcher";
     pub const JOB_SCALE: &str = "job-scaling";
+    pub const ROLLING_UPDATE: &str = "rolling-update";
 }
 
 /// Deployment statuses (issue 16 §1).

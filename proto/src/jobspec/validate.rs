@@ -391,7 +391,7 @@ impl Checker {
     /// progress_deadline > healthy_deadline (0 = no progress deadline); `shutdown_delay`
     /// bounded like a kill timeout.
     fn update(&mut self, loc: &Loc, job: &Job) {
-        let rolling_type = job.r#type == job_type::SERVICE || job.r#type == "system";
+        let rolling_type = job.r#type == job_type::SERVICE || job.r#type == job_type::SYSTEM;
         let blocks = std::iter::once((loc.field("update"), job.update.as_ref()))
             .chain(job.groups.iter().enumerate().map(|(i, g)| (loc.named("group", i, &g.name).field("update"), g.update.as_ref())));
         for (uloc, u) in blocks {

@@ -11,6 +11,11 @@
 //!   new; so does a node that cannot fit the group (that node is reported in the plan's failures
 //!   and the evaluation blocks until capacity frees).
 //!
+//! * `update { max_parallel, stagger }` on a system job: an allocation of an older spec is
+//!   replaced on at most `max_parallel` nodes per batch, the next batch `stagger` after the
+//!   newest allocation of the version (a delayed follow-up evaluation); without it, everywhere
+//!   in one plan.
+//!
 //! New nodes, nodes coming back, eligibility and drain changes create an evaluation of every
 //! system and sysbatch job (`ClusterState::apply`, `per_node_job_evals`).
 
@@ -37,10 +42,16 @@ pub(crate) fn schedule(state: &ClusterState, job: &Job, eval: &Evaluation, now_m
         let down = state.nodes.get(&a.node_id).is_none_or(|n| n.status == node_status::DOWN);
         plan.stops.push(stop(a, "task group removed from job", down));
     }
-    let mut pass = place::Pass::new(state);
     let preemption = opts.preemption.allowed_for(&job.r#type).then_some(opts.preemption);
+    // First every group's stops (so that the placements may use what they free), then the
+    // placements.
+    let mut groups: Vec<(&mlp_proto::v1::TaskGroup, BTreeSet<&str>, u32)> = Vec::new();
     for tg in &job.groups {
         plan.queued_allocations.insert(tg.name.clone(), 0);
+        // `update { max_parallel, stagger }` (system jobs): an older spec is replaced on at most
+        // `max_parallel` nodes per batch, a batch every `stagger`; without it, on every node at once.
+        let strategy = if sysbatch { None } else { mlp_proto::jobspec::effective_update(job, tg) };
+        let mut outdated: Vec<&Allocation> = Vec::new();
         // Per node: is there a live allocation of this group that stays, or (sysbatch) one done?
         let mut covered: BTreeSet<&str> = BTreeSet::new();
         let mut next_index = 0u32;
@@ -61,8 +72,12 @@ pub(crate) fn schedule(state: &ClusterState, job: &Job, eval: &Evaluation, now_m
                     continue;
                 }
                 if spec_changed(state, job, tg, a) {
-                    plan.stops.push(stop(a, &format!("replaced by job version {}", job.version), false));
-                    continue;
+                    if strategy.is_some() {
+                        outdated.push(a);
+                    } else {
+                        plan.stops.push(stop(a, &format!("replaced by job version {}", job.version), false));
+                        continue;
+                    }
                 }
                 covered.insert(a.node_id.as_str());
             } else if sysbatch && a.job_version == job.version && alloc_client::is_terminal(&a.client_status) {
@@ -73,6 +88,52 @@ pub(crate) fn schedule(state: &ClusterState, job: &Job, eval: &Evaluation, now_m
                 }
             }
         }
+        if let (Some(s), false) = (&strategy, outdated.is_empty()) {
+            let stagger = s.stagger_ms.unwrap_or(30_000);
+            // The last batch: the newest allocation of this version in the group.
+            let last_batch = allocs
+                .iter()
+                .filter(|a| a.task_group == tg.name && a.job_version == job.version)
+                .map(|a| a.create_time_ms)
+                .max()
+                .unwrap_or(0);
+            let due = last_batch.saturating_add(stagger);
+            if last_batch == 0 || now_ms >= due {
+                outdated.sort_by(|a, b| (&a.node_id, &a.id).cmp(&(&b.node_id, &b.id)));
+                let batch = (s.max_parallel.unwrap_or(1) as usize).min(outdated.len());
+                for a in outdated.drain(..batch) {
+                    plan.stops.push(stop(a, &format!("replaced by job version {} (staggered update)", job.version), false));
+                    covered.remove(a.node_id.as_str());
+                }
+            }
+            if !outdated.is_empty() {
+                // The next batch, once its stagger has passed (one follow-up at a time).
+                let at = if last_batch == 0 || now_ms >= due { now_ms.saturating_add(stagger) } else { due };
+                let pending = state
+                    .evals_for_job(&job.namespace, &job.id)
+                    .any(|e| e.status == mlp_proto::consts::eval_status::PENDING && e.wait_until_ms > now_ms && e.id != eval.id);
+                if !pending && !plan.new_evals.iter().any(|e| e.wait_until_ms > 0) {
+                    plan.new_evals.push(Evaluation {
+                        id: uuid::Uuid::new_v4().to_string(),
+                        namespace: job.namespace.clone(),
+                        job_id: job.id.clone(),
+                        priority: job.priority,
+                        r#type: job.r#type.clone(),
+                        triggered_by: mlp_proto::consts::eval_trigger::ROLLING_UPDATE.to_string(),
+                        status: mlp_proto::consts::eval_status::PENDING.to_string(),
+                        status_description: format!("the next batch of a staggered update of version {}", job.version),
+                        job_modify_index: job.job_modify_index,
+                        wait_until_ms: at,
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        groups.push((tg, covered, next_index));
+    }
+    let freed: BTreeSet<String> = plan.stops.iter().filter(|s| s.client_status.is_none()).map(|s| s.alloc_id.clone()).collect();
+    let mut pass = place::Pass::freeing_with_quota(state, &job.namespace, freed);
+    for (tg, covered, mut next_index) in groups {
         let mut base = AllocMetric::default();
         let mut targets: Vec<&Node> = Vec::new();
         for n in state.nodes.values() {

@@ -225,3 +225,51 @@ fn a_changed_system_job_is_replaced_in_place() {
     assert!(c.schedule("agent").placements.is_empty());
     assert!(c.st.allocs_for_job("default", "agent").filter(|a| resources::is_live(a)).all(|a| a.job_version == 1));
 }
+
+#[test]
+fn a_system_job_update_is_staggered_max_parallel_nodes_at_a_time() {
+    let mut c = cluster(&[("n1", "a"), ("n2", "a"), ("n3", "a"), ("n4", "a")]);
+    let job = |command: &str| {
+        let mut j = per_node_job("agent", job_type::SYSTEM, vec![]);
+        j.groups[0].tasks[0].config = Some(TaskConfig { command: command.into(), ..Default::default() });
+        j.update = Some(mlp_proto::v1::UpdateStrategy { max_parallel: Some(2), stagger_ms: Some(10_000), ..Default::default() });
+        j
+    };
+    c.register(job("/bin/v0"));
+    assert_eq!(c.schedule("agent").placements.len(), 4, "a new system job is placed everywhere at once");
+    c.register(job("/bin/v1"));
+    let version = c.st.job("default", "agent").map(|j| j.version).unwrap_or_default();
+    let at = |c: &mut Cluster, now: u64| {
+        let job = c.st.job("default", "agent").cloned();
+        let eval = Evaluation { id: format!("s{now}"), namespace: "default".into(), job_id: "agent".into(), ..Default::default() };
+        let plan = schedule(&c.st, job.as_ref(), &eval, now);
+        let checked = crate::plan_apply::check_plan(&c.st, plan.clone(), &Default::default());
+        assert_eq!(checked.rejected, 0);
+        c.apply(Command::ApplyPlan(PlanResult {
+            placements: checked.accepted,
+            stops: checked.stops,
+            new_evals: plan.new_evals.clone(),
+            ..Default::default()
+        }));
+        plan
+    };
+    let first = at(&mut c, 5_000);
+    assert_eq!(first.stops.len(), 2, "max_parallel = 2: {:?}", first.stops);
+    assert_eq!(first.placements.len(), 2, "replaced on the same nodes in the same plan");
+    let mut same: Vec<&str> = first.stops.iter().filter_map(|s| c.st.allocs.get(&s.alloc_id)).map(|a| a.node_id.as_str()).collect();
+    let mut placed: Vec<&str> = first.placements.iter().map(|a| a.node_id.as_str()).collect();
+    same.sort();
+    placed.sort();
+    assert_eq!(same, placed);
+    let follow_up = first.new_evals.iter().find(|e| e.wait_until_ms > 0).expect("a follow-up for the next batch");
+    assert_eq!(follow_up.wait_until_ms, 15_000, "one stagger later");
+    // Before the stagger has passed: nothing more, and no second follow-up.
+    let early = at(&mut c, 8_000);
+    assert!(early.stops.is_empty() && early.placements.is_empty(), "{early:?}");
+    assert!(early.new_evals.is_empty(), "the pending follow-up covers it");
+    let created = c.st.allocs.values().filter(|a| a.job_version == version).map(|a| a.create_time_ms).max().unwrap_or_default();
+    let second = at(&mut c, created + 10_000);
+    assert_eq!(second.stops.len(), 2);
+    let versions: Vec<u64> = c.st.allocs.values().filter(|a| resources::is_live(a)).map(|a| a.job_version).collect();
+    assert_eq!(versions, vec![version; 4], "every node runs the new version");
+}
