@@ -8,23 +8,14 @@
 # Each dispatched child really runs (raw_exec /bin/true), so the agent and scheduler work while
 # the dispatches come in. Children are counted afterwards: every acknowledged dispatch must exist.
 #
-# Usage: scripts/bench-dispatch.sh    (MLP_BIN=path, default target/debug/mlp; N_CLI=100, N_API=500)
+# Usage: scripts/bench-dispatch.sh    (MLP_BIN=path, default the release build; N_CLI=100, N_API=500)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib-bench.sh
 
 N_CLI=${N_CLI:-100}
 N_API=${N_API:-500}
-MLP=${MLP_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/debug/mlp}
-[ -x "$MLP" ] || { echo "no mlp binary at $MLP (cargo build, or set MLP_BIN)" >&2; exit 1; }
-out=$(mktemp -d /tmp/mlp-bench-dispatch.XXXXXX)
-dev_pid=
-cleanup() {
-  [ -n "$dev_pid" ] && kill "$dev_pid" 2>/dev/null && wait "$dev_pid" 2>/dev/null
-  rm -rf "$out"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+bench_setup dispatch
 
 machine_line
 echo "== binary: $MLP"
