@@ -1,7 +1,7 @@
 //! The API's logic, shared by the gRPC services (the API of record) and the HTTP JSON mirror:
 //! validation, reads (linearizable unless `stale`), and writes through Raft.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use mlp_proto::consts::{alloc_client, eval_status, eval_trigger, node_status};
@@ -211,6 +211,15 @@ impl Api {
         RaftFigures { is_leader: self.raft.is_leader(), term: m.term, commit_index: m.commit_index, applied_index: m.applied_index }
     }
 
+    /// The job `namespace/job_id` as the state has it now, or NotFound.
+    pub(crate) fn current_job(&self, namespace: &str, job_id: &str) -> Result<Job, ApiError> {
+        self.state
+            .read()
+            .job(namespace, job_id)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("job {job_id:?} not found in namespace {namespace:?}")))
+    }
+
     pub(crate) fn new_eval(job: &Job, trigger: &str) -> Evaluation {
         Evaluation {
             id: uuid::Uuid::new_v4().to_string(),
@@ -411,23 +420,7 @@ impl Api {
             .jobs
             .values()
             .filter(|j| req.namespace.is_empty() || j.namespace == req.namespace)
-            .map(|j| {
-                let mut counts: BTreeMap<String, u32> = BTreeMap::new();
-                for a in st.allocs_for_job(&j.namespace, &j.id) {
-                    *counts.entry(a.client_status.clone()).or_default() += 1;
-                }
-                JobSummary {
-                    id: j.id.clone(),
-                    name: j.name.clone(),
-                    r#type: j.r#type.clone(),
-                    status: j.status.clone(),
-                    priority: j.priority,
-                    version: j.version,
-                    namespace: j.namespace.clone(),
-                    submit_time_ms: j.submit_time_ms,
-                    alloc_counts: counts,
-                }
-            })
+            .map(|j| crate::jobtypes::summary(&st, j))
             .collect();
         Ok(ListJobsResponse { jobs, index: st.index })
     }

@@ -19,8 +19,7 @@ impl Api {
     /// The running (not stopped) job a request names, and the names of its groups; refused
     /// when a named group is not one of them.
     fn live_job(&self, ns: &str, job_id: &str, groups: &[String]) -> Result<Job, ApiError> {
-        let st = self.state.read();
-        let job = st.job(ns, job_id).cloned().ok_or_else(|| ApiError::NotFound(format!("job {job_id:?} not found in namespace {ns:?}")))?;
+        let job = self.current_job(ns, job_id)?;
         if job.stop {
             return Err(ApiError::InvalidArgument(format!("job {job_id:?} is stopped; run it again first")));
         }

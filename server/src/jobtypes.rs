@@ -99,7 +99,8 @@ fn namespace_of(ns: &str) -> &str {
     }
 }
 
-fn summary(st: &crate::state::ClusterState, j: &Job) -> JobSummary {
+/// A job's line in a list (`mlp job status`, a parent's children).
+pub(crate) fn summary(st: &crate::state::ClusterState, j: &Job) -> JobSummary {
     let mut counts: BTreeMap<String, u32> = BTreeMap::new();
     for a in st.allocs_for_job(&j.namespace, &j.id) {
         *counts.entry(a.client_status.clone()).or_default() += 1;
@@ -124,12 +125,7 @@ impl Api {
         require_id("job_id", &req.job_id)?;
         let ns = namespace_of(&req.namespace).to_string();
         self.read_barrier(false).await?;
-        let parent = {
-            let st = self.state.read();
-            st.job(&ns, &req.job_id)
-                .cloned()
-                .ok_or_else(|| ApiError::NotFound(format!("job {:?} not found in namespace {ns:?}", req.job_id)))?
-        };
+        let parent = self.current_job(&ns, &req.job_id)?;
         let Some(p) = parent.parameterized.as_ref() else {
             return Err(ApiError::InvalidArgument(format!(
                 "job {:?} is not parameterized (it has no `parameterized` block); run it with `mlp job run`",
@@ -161,12 +157,7 @@ impl Api {
         require_id("job_id", &req.job_id)?;
         let ns = namespace_of(&req.namespace).to_string();
         self.read_barrier(false).await?;
-        let parent = {
-            let st = self.state.read();
-            st.job(&ns, &req.job_id)
-                .cloned()
-                .ok_or_else(|| ApiError::NotFound(format!("job {:?} not found in namespace {ns:?}", req.job_id)))?
-        };
+        let parent = self.current_job(&ns, &req.job_id)?;
         if parent.periodic.is_none() {
             return Err(ApiError::InvalidArgument(format!("job {:?} is not periodic (it has no `periodic` block)", req.job_id)));
         }
