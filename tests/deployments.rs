@@ -314,3 +314,24 @@ fn update_blocks_are_validated_with_positions() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("batch.hcl:3:") && err.contains("applies to service and system jobs"), "{err}");
 }
+
+#[test]
+fn manual_health_is_set_from_the_cli() {
+    let dev = dev();
+    let update =
+        "    max_parallel     = 1\n    health_check     = \"manual\"\n    min_healthy_time = \"1s\"\n    healthy_deadline = \"5m\"";
+    run(&dev, "v1.hcl", &web_job("v1", 1, update));
+    let d = wait_for("the deployment to place its allocation", Duration::from_secs(60), || {
+        deployment_of(&dev, 0).filter(|d| d["groups"]["web"]["placed_allocs"] == 1)
+    });
+    let id = d["id"].as_str().expect("id").to_string();
+    wait_for("the allocation to run", Duration::from_secs(30), || (alloc_ids(&dev).len() == 1).then_some(()));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(deployment_of(&dev, 0).expect("deployment")["status"], "running", "manual health: running tasks are not enough");
+    // Only the deployment's own allocations; then the person's word.
+    let out = dev.cli(&["deployment", "alloc-health", &id, "--healthy", "00000000"]);
+    assert!(!out.status.success(), "an unknown allocation is refused");
+    let alloc = alloc_ids(&dev).remove(0);
+    dev.ok(&["deployment", "alloc-health", &id, "--healthy", &alloc]);
+    wait_deployment(&dev, 0, "successful", Duration::from_secs(30));
+}
