@@ -299,11 +299,15 @@ pub fn short(id: &str) -> &str {
 #[derive(Debug, Default)]
 pub struct HealthClock {
     passing_since: HashMap<String, u64>,
+    /// After a `watch`: the earliest time an allocation's `min_healthy_time` runs out (the
+    /// leader wakes the watcher then, not only on its tick).
+    pub next_due_ms: Option<u64>,
 }
 
 /// The watcher: for every running deployment, the updates its allocations' health and its
 /// deadlines call for. Pure but for `clock`.
 pub fn watch(st: &ClusterState, now: u64, clock: &mut HealthClock) -> Vec<DeploymentUpdate> {
+    clock.next_due_ms = None;
     let mut out = Vec::new();
     let mut seen_allocs = Vec::new();
     for d in st.deployments.values().filter(|d| d.status == deployment_status::RUNNING) {
@@ -514,7 +518,12 @@ fn alloc_health(
         "its tasks ran"
     };
     let min = strategy.min_healthy_time_ms.unwrap_or(10_000);
-    (now.saturating_sub(since) >= min).then(|| (true, format!("{what} for {}", crate::scheduler::fmt_ms(min))))
+    if now.saturating_sub(since) < min {
+        let due = since.saturating_add(min);
+        clock.next_due_ms = Some(clock.next_due_ms.map_or(due, |d| d.min(due)));
+        return None;
+    }
+    Some((true, format!("{what} for {}", crate::scheduler::fmt_ms(min))))
 }
 
 /// Whether deployments apply to this job type (service jobs; system jobs pace by `stagger`).

@@ -298,6 +298,8 @@ impl Leader {
         let mut workers: tokio::task::JoinSet<(String, EvalReport)> = tokio::task::JoinSet::new();
         let mut was_leader = false;
         let mut health_clock = crate::deploy::HealthClock::default();
+        // When an allocation of a deployment reaches its min_healthy_time (besides the tick).
+        let mut deploy_wake: Option<tokio::time::Instant> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -359,13 +361,16 @@ impl Leader {
                 r = leader_rx.changed() => {
                     if r.is_err() { return; }
                 }
+                _ = tokio::time::sleep_until(deploy_wake.unwrap_or_else(tokio::time::Instant::now)), if deploy_wake.is_some() && is_leader => {
+                    deploy_wake = self.watch_deployments(&mut health_clock).await;
+                }
                 _ = tick.tick() => {
                     if is_leader {
                         q.expire(now_ms());
                         self.check_heartbeats().await;
                         q.release_due(now_ms());
                         self.drain_nodes().await;
-                        self.watch_deployments(&mut health_clock).await;
+                        deploy_wake = self.watch_deployments(&mut health_clock).await;
                     }
                 }
             }
@@ -430,13 +435,16 @@ impl Leader {
 
     /// The deployment watcher (`deploy::watch`): commits what the running deployments'
     /// allocation health and deadlines call for.
-    async fn watch_deployments(&self, clock: &mut crate::deploy::HealthClock) {
+    /// Returns when to run again for an allocation whose `min_healthy_time` runs out before
+    /// the next tick.
+    async fn watch_deployments(&self, clock: &mut crate::deploy::HealthClock) -> Option<tokio::time::Instant> {
+        let now = now_ms();
         let updates = {
             let st = self.state.read();
             if st.deployments.is_empty() {
-                return;
+                return None;
             }
-            crate::deploy::watch(&st, now_ms(), clock)
+            crate::deploy::watch(&st, now, clock)
         };
         for u in updates {
             let id = u.deployment_id.clone();
@@ -447,6 +455,8 @@ impl Leader {
                 tracing::warn!(deployment = %id, error = %e, "could not commit a deployment update");
             }
         }
+        // A few ms late, so that the allocation is past its min_healthy_time on the next look.
+        clock.next_due_ms.map(|due| tokio::time::Instant::now() + Duration::from_millis(due.saturating_sub(now) + 5))
     }
 
     async fn check_heartbeats(&self) {
