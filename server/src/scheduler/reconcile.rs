@@ -237,11 +237,18 @@ pub fn reconcile_at<'a>(state: &ClusterState, job: Option<&'a Job>, namespace: &
             let canaries: Vec<&Allocation> = live.iter().copied().filter(|a| is_canary(a)).collect();
             live.retain(|a| !is_canary(a));
             outdated.sort_by(|a, b| (a.index, &a.id).cmp(&(b.index, &b.id)));
+            // Canaries replace their old twins only once promoted: a failed or cancelled
+            // deployment's unpromoted canaries stay beside the old allocations, replacing none.
+            let unpromoted = group.desired_canaries > 0 && !group.promoted;
             if canary_phase {
-                // Canaries run beside the old allocations, on their indexes, replacing none yet.
+                // Canaries run beside the old allocations, on their indexes, replacing none yet
+                // (and a paused deployment places no more of them).
                 let shadowed: BTreeSet<u32> = canaries.iter().map(|a| a.index).collect();
-                let need = (group.desired_canaries as usize).saturating_sub(canaries.len());
+                let need =
+                    if status == deployment_status::RUNNING { (group.desired_canaries as usize).saturating_sub(canaries.len()) } else { 0 };
                 canary_indexes = outdated.iter().map(|a| a.index).filter(|i| !shadowed.contains(i)).take(need).collect();
+                live.append(&mut outdated);
+            } else if unpromoted {
                 live.append(&mut outdated);
             } else {
                 // A promoted canary replaces the old allocation at its index.

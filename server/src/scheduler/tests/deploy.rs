@@ -323,3 +323,21 @@ fn manual_health_waits_for_a_person() {
     let a = &c.st.allocs[&ids[0]];
     assert_eq!(a.deployment_status.as_ref().and_then(|s| s.healthy), Some(true));
 }
+
+#[test]
+fn a_failed_deployment_leaves_its_unpromoted_canary_beside_the_old_allocations() {
+    let s = UpdateStrategy { canary: Some(1), ..strategy() };
+    let mut c = stable_v0(s.clone());
+    c.register(rolling(3, "/bin/v1", s));
+    c.schedule_deploying("svc");
+    assert_eq!(c.versions_live("svc"), [0, 0, 0, 1]);
+    let d = c.deployment_of(1);
+    c.apply(Command::UpdateDeployment(Box::new(DeploymentUpdate {
+        deployment_id: d.id.clone(),
+        status: Some(deployment_status::FAILED.into()),
+        ..Default::default()
+    })));
+    let plan = c.schedule_deploying("svc");
+    assert!(plan.stops.is_empty() && plan.placements.is_empty(), "nothing replaced, nothing more placed: {plan:?}");
+    assert_eq!(c.versions_live("svc"), [0, 0, 0, 1], "the old version keeps every index");
+}
