@@ -17,11 +17,10 @@ use std::collections::BTreeSet;
 
 use hcl_edit::expr::Expression;
 use hcl_edit::structure::{Body, Structure};
-use hcl_edit::Span;
 use mlp_proto::consts::{eval_status, job_status};
 use mlp_proto::v1::{GpuModelQuota, Namespace, QuotaSpec};
 
-use crate::acl::policy::{PolicyError, Problem};
+use crate::acl::policy::{start, Parser, PolicyError};
 use crate::state::ClusterState;
 
 /// The namespace every cluster has; it cannot be deleted.
@@ -155,70 +154,18 @@ pub fn usage(st: &ClusterState, name: &str) -> mlp_proto::v1::NamespaceUsage {
 
 /// Parses a quota file (see the module doc); every problem as `file:line:column: field: message`.
 pub fn parse_quota(src: &str, file: &str) -> Result<QuotaSpec, PolicyError> {
-    let mut p = Parser { src, file, problems: Vec::new() };
-    if src.len() > MAX_QUOTA_FILE_BYTES {
-        p.problem(0, "", format!("the quota file is {} bytes; at most {MAX_QUOTA_FILE_BYTES}", src.len()));
-        return Err(PolicyError { problems: p.problems });
-    }
-    let mut depth = 0usize;
-    for (i, c) in src.char_indices() {
-        match c {
-            '{' | '[' | '(' => {
-                depth += 1;
-                if depth > 8 {
-                    p.problem(i, "", "nested more than 8 levels deep".into());
-                    return Err(PolicyError { problems: p.problems });
-                }
-            }
-            '}' | ']' | ')' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    let body = match hcl_edit::parser::parse_body(src) {
-        Ok(b) => b,
-        Err(e) => {
-            return Err(PolicyError {
-                problems: vec![Problem {
-                    file: file.to_string(),
-                    line: e.location().line(),
-                    column: e.location().column(),
-                    path: String::new(),
-                    message: format!("syntax error: {}", e.message()),
-                }],
-            })
-        }
-    };
+    let mut p = Parser::new(src, file);
+    let Some(body) = p.body("the quota file", MAX_QUOTA_FILE_BYTES, 8) else { return p.finish(QuotaSpec::default()) };
     let q = p.quota(&body);
     if p.problems.is_empty() {
         if let Err(e) = validate_quota(&q) {
             p.problem(0, "", e);
-            return Err(PolicyError { problems: p.problems });
         }
-        Ok(q)
-    } else {
-        Err(PolicyError { problems: p.problems })
     }
-}
-
-struct Parser<'a> {
-    src: &'a str,
-    file: &'a str,
-    problems: Vec<Problem>,
-}
-
-fn start(node: &impl Span) -> usize {
-    node.span().map_or(0, |r| r.start)
+    p.finish(q)
 }
 
 impl Parser<'_> {
-    fn problem(&mut self, offset: usize, path: &str, message: String) {
-        let offset = offset.min(self.src.len());
-        let before = self.src.get(..offset).unwrap_or("");
-        let line = before.matches('\n').count() + 1;
-        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        self.problems.push(Problem { file: self.file.to_string(), line, column, path: path.to_string(), message });
-    }
-
     fn number(&mut self, expr: &Expression, path: &str) -> Option<u64> {
         let n = match expr {
             Expression::Number(n) => n.value().as_u64(),

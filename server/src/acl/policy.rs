@@ -215,62 +215,81 @@ pub fn check_name(name: &str) -> Result<(), String> {
 
 /// Parses and validates a policy; `file` names it in problems.
 pub fn parse(src: &str, file: &str) -> Result<Policy, PolicyError> {
-    let mut p = Parser { src, file, problems: Vec::new() };
-    if src.len() > MAX_POLICY_BYTES {
-        p.problem(0, "", format!("the policy is {} bytes; at most {MAX_POLICY_BYTES}", src.len()));
-        return Err(PolicyError { problems: p.problems });
-    }
     // hcl-edit recurses on nesting; a policy nests two levels, so anything deep is refused
     // before the parser sees it.
-    let mut depth = 0usize;
-    for (i, c) in src.char_indices() {
-        match c {
-            '{' | '[' | '(' => {
-                depth += 1;
-                if depth > 16 {
-                    p.problem(i, "", "nested more than 16 levels deep".into());
-                    return Err(PolicyError { problems: p.problems });
-                }
-            }
-            '}' | ']' | ')' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    let body = match hcl_edit::parser::parse_body(src) {
-        Ok(b) => b,
-        Err(e) => {
-            p.problems.push(Problem {
-                file: file.to_string(),
-                line: e.location().line(),
-                column: e.location().column(),
-                path: String::new(),
-                message: format!("syntax error: {}", e.message()),
-            });
-            return Err(PolicyError { problems: p.problems });
-        }
-    };
+    let mut p = Parser::new(src, file);
+    let Some(body) = p.body("the policy", MAX_POLICY_BYTES, 16) else { return p.finish(Policy::default()) };
     let policy = p.policy(&body);
-    if p.problems.is_empty() {
-        Ok(policy)
-    } else {
-        Err(PolicyError { problems: p.problems })
-    }
+    p.finish(policy)
 }
 
-struct Parser<'a> {
+/// The reader of the servers' small HCL files (ACL policies here, quota files in
+/// `crate::namespace`): bounded size and nesting, every problem as `file:line:column: field:
+/// message`. Each language adds its own methods.
+pub(crate) struct Parser<'a> {
     src: &'a str,
     file: &'a str,
-    problems: Vec<Problem>,
+    pub(crate) problems: Vec<Problem>,
 }
 
-fn start(node: &impl Span) -> usize {
+pub(crate) fn start(node: &impl Span) -> usize {
     node.span().map_or(0, |r| r.start)
 }
 
-impl Parser<'_> {
-    fn problem(&mut self, offset: usize, path: &str, message: String) {
+impl<'a> Parser<'a> {
+    pub(crate) fn new(src: &'a str, file: &'a str) -> Self {
+        Parser { src, file, problems: Vec::new() }
+    }
+
+    pub(crate) fn problem(&mut self, offset: usize, path: &str, message: String) {
         let (line, column) = line_col(self.src, offset);
         self.problems.push(Problem { file: self.file.to_string(), line, column, path: path.to_string(), message });
+    }
+
+    /// The file's body: None (with the problem recorded) when it is over `max_bytes` (named
+    /// `what` in the message), nested deeper than `max_depth` (hcl-edit recurses on nesting),
+    /// or not HCL.
+    pub(crate) fn body(&mut self, what: &str, max_bytes: usize, max_depth: usize) -> Option<Body> {
+        if self.src.len() > max_bytes {
+            self.problem(0, "", format!("{what} is {} bytes; at most {max_bytes}", self.src.len()));
+            return None;
+        }
+        let mut depth = 0usize;
+        for (i, c) in self.src.char_indices() {
+            match c {
+                '{' | '[' | '(' => {
+                    depth += 1;
+                    if depth > max_depth {
+                        self.problem(i, "", format!("nested more than {max_depth} levels deep"));
+                        return None;
+                    }
+                }
+                '}' | ']' | ')' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        match hcl_edit::parser::parse_body(self.src) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                self.problems.push(Problem {
+                    file: self.file.to_string(),
+                    line: e.location().line(),
+                    column: e.location().column(),
+                    path: String::new(),
+                    message: format!("syntax error: {}", e.message()),
+                });
+                None
+            }
+        }
+    }
+
+    /// `value`, unless a problem was found.
+    pub(crate) fn finish<T>(self, value: T) -> Result<T, PolicyError> {
+        if self.problems.is_empty() {
+            Ok(value)
+        } else {
+            Err(PolicyError { problems: self.problems })
+        }
     }
 
     fn policy(&mut self, body: &Body) -> Policy {
