@@ -54,26 +54,9 @@ fn token_ids(out: &str) -> (String, String) {
 }
 
 fn http_as(addr: &str, token: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    // `http_request` sends no custom headers: build the request here.
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect http");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let body = body.unwrap_or("");
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    if !body.is_empty() {
-        head.push_str("Content-Type: application/json\r\n");
-    }
-    if !token.is_empty() {
-        head.push_str(&format!("X-MLP-Token: {token}\r\n"));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).expect("write");
-    s.write_all(body.as_bytes()).expect("write body");
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
-    let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (code, body)
+    let content_type = (!body.is_empty()).then_some("application/json");
+    common::http_request_as(addr, token, method, path, content_type, body.as_bytes())
 }
 
 const POLICIES: &[(&str, &str)] = &[

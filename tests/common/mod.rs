@@ -317,11 +317,19 @@ fn announced_addresses(stdout: std::process::ChildStdout, ready: fn(&str, bool) 
 }
 
 pub fn http_request(addr: &str, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
+    http_request_as(addr, "", method, path, content_type, body)
+}
+
+/// `http_request` with an ACL token in `X-MLP-Token` (none when empty).
+pub fn http_request_as(addr: &str, token: &str, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect http");
     s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     if let Some(ct) = content_type {
         head.push_str(&format!("Content-Type: {ct}\r\n"));
+    }
+    if !token.is_empty() {
+        head.push_str(&format!("X-MLP-Token: {token}\r\n"));
     }
     head.push_str("\r\n");
     s.write_all(head.as_bytes()).expect("write");
