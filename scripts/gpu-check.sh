@@ -52,8 +52,12 @@ BIND=()
 for p in $(python3 -c 'import sys, os, torch; print(sys.prefix, os.path.dirname(os.path.dirname(torch.__file__)))' 2>/dev/null); do
   case "$p" in /usr|/usr/*) ;; *) BIND+=(--exec-bind-ro "$p") ;; esac
 done
-PY3=$(readlink -f "$(command -v python3)")
-case "$PY3" in /usr/*) ;; *) BIND+=(--exec-bind-ro "$(dirname "$(dirname "$PY3")")") ;; esac
+# The task runs python3 by the path the PATH gives (a venv's bin/python3 is a link to its base
+# interpreter, and resolving it would lose the venv's site-packages: seen on the H100 machine,
+# /opt/torch/.venv); the interpreter the link points to is bound too where it is outside /usr.
+PY3=$(command -v python3)
+PY3_REAL=$(readlink -f "$PY3")
+case "$PY3_REAL" in /usr/*) ;; *) BIND+=(--exec-bind-ro "$(dirname "$(dirname "$PY3_REAL")")") ;; esac
 MLP_LOG=info "$MLP" dev --data-dir "$W/data" --grpc-addr "$GRPC" --http-addr "$HTTP" --gpus nvml "${BIND[@]}" >"$W/dev.log" 2>&1 &
 dev_pid=$!
 for _ in $(seq 1 150); do grep -q "==> try:" "$W/dev.log" 2>/dev/null && break; sleep 0.2; done

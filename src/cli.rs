@@ -416,6 +416,10 @@ pub struct GpuArgs {
     /// The MPS control binary (default: nvidia-cuda-mps-control in the driver root or PATH).
     #[arg(long, value_name = "PATH")]
     pub mps_control: Option<PathBuf>,
+    /// Where the MPS daemons keep their pipe and log directories (default: /run/mlp/mps/<hash
+    /// of the data dir>); every directory above it must be searchable by the tasks' users.
+    #[arg(long, value_name = "DIR")]
+    pub mps_dir: Option<PathBuf>,
     /// The driver's MIG capability minors file (tests point it at a stand-in).
     #[arg(long, value_name = "FILE", default_value = "/proc/driver/nvidia-caps/mig-minors", hide = true)]
     pub nvidia_mig_minors: PathBuf,
@@ -436,6 +440,7 @@ impl GpuArgs {
             dev_dir: self.nvidia_dev_dir.clone(),
             ignored_xids: self.ignore_xids.clone(),
             mps_control: self.mps_control.clone(),
+            mps_dir: self.mps_dir.clone(),
             mig_minors: self.nvidia_mig_minors.clone(),
             health_file: None,
         }

@@ -30,8 +30,8 @@ type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 const UUID: &str = "GPU-0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
 
-/// A temp dir with the stand-in control binary (`<dir>/bin/nvidia-cuda-mps-control`), its log
-/// (`<dir>/mps.log`) and the agent's data dir (`<dir>/data`).
+/// A temp dir (mode 0700) with the stand-in control binary (`<dir>/bin/nvidia-cuda-mps-control`),
+/// its log (`<dir>/mps.log`) and the agent's data dir (`<dir>/data`).
 struct Fixture {
     dir: tempfile::TempDir,
 }
@@ -40,13 +40,18 @@ impl Fixture {
     fn new() -> Result<Fixture, Box<dyn std::error::Error>> {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir()?;
+        // Like `mktemp -d`: other users cannot search it (an MPS server started as a task's
+        // user must still reach the pipe directory).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
         std::fs::create_dir_all(dir.path().join("bin"))?;
         std::fs::create_dir_all(dir.path().join("data"))?;
         let log = dir.path().join("mps.log");
         let script = format!(
             "#!/bin/sh\n\
              if [ \"$1\" = \"-d\" ]; then\n\
-             \x20 echo \"start args=$* cvd=$CUDA_VISIBLE_DEVICES pipe=$CUDA_MPS_PIPE_DIRECTORY log=$CUDA_MPS_LOG_DIRECTORY\" >> {log}\n\
+             \x20 d=$CUDA_MPS_PIPE_DIRECTORY; shut=\n\
+             \x20 while [ \"$d\" != / ]; do d=$(dirname \"$d\"); case $(stat -c %a \"$d\") in *[1357]) ;; *) shut=\"$shut $d\";; esac; done\n\
+             \x20 echo \"start args=$* cvd=$CUDA_VISIBLE_DEVICES pipe=$CUDA_MPS_PIPE_DIRECTORY log=$CUDA_MPS_LOG_DIRECTORY unsearchable=$shut\" >> {log}\n\
              \x20 exit 0\n\
              fi\n\
              input=$(cat)\n\
@@ -208,8 +213,8 @@ async fn two_shares_of_one_device(driver: &str) -> TestResult {
     let last = h.finish(30).await?;
     assert_eq!(last.client_status, alloc_client::COMPLETE, "{last:?}");
 
-    let pipe = f.data().join("mps").join(dir_name(UUID)).join("pipe");
-    let mps_log = f.data().join("mps").join(dir_name(UUID)).join("log");
+    let pipe = mps.root().join(dir_name(UUID)).join("pipe");
+    let mps_log = mps.root().join(dir_name(UUID)).join("log");
     for task in ["a", "b"] {
         let env = env_of(&f.data(), id, task)?;
         assert_eq!(env.get("CUDA_VISIBLE_DEVICES").map(String::as_str), Some(UUID), "{task}: {env:?}");
@@ -229,8 +234,8 @@ async fn two_shares_of_one_device(driver: &str) -> TestResult {
     let starts: Vec<&String> = lines.iter().filter(|l| l.starts_with("start ")).collect();
     assert_eq!(
         starts,
-        [&format!("start args=-d cvd={UUID} pipe={} log={}", pipe.display(), mps_log.display())],
-        "one daemon for the device: {lines:#?}"
+        [&format!("start args=-d cvd={UUID} pipe={} log={} unsearchable=", pipe.display(), mps_log.display())],
+        "one daemon for the device, whose pipe directory an MPS server of any user reaches (the data dir is under a 0700 temp dir): {lines:#?}"
     );
     let quits: Vec<usize> = lines.iter().enumerate().filter(|(_, l)| l.starts_with("control ")).map(|(i, _)| i).collect();
     assert_eq!(quits.len(), 1, "one quit: {lines:#?}");
@@ -303,14 +308,14 @@ async fn leftover_daemons_are_stopped_or_kept() -> TestResult {
     let mps = f.manager(Some(f.control()));
     let other = "GPU-11111111-2222-3333-4444-555555555555";
     for uuid in [UUID, other] {
-        let dir = f.data().join("mps").join(dir_name(uuid));
+        let dir = mps.root().join(dir_name(uuid));
         std::fs::create_dir_all(dir.join("pipe"))?;
         std::fs::write(dir.join("uuid"), format!("{uuid}\n"))?;
     }
     mps.recover(&[UUID.to_string()].into_iter().collect()).await;
-    let other_pipe = f.data().join("mps").join(dir_name(other)).join("pipe");
+    let other_pipe = mps.root().join(dir_name(other)).join("pipe");
     assert_eq!(f.log(), [format!("control args= cvd={other} pipe={} stdin=quit ended=", other_pipe.display())]);
-    assert!(!f.data().join("mps").join(dir_name(other)).exists());
+    assert!(!mps.root().join(dir_name(other)).exists());
     assert_eq!(mps.holders(UUID).await, Some(0));
     // The reattached task holds it again without a start; its end stops it.
     let client = mps.acquire(UUID).await?;
@@ -319,6 +324,22 @@ async fn leftover_daemons_are_stopped_or_kept() -> TestResult {
     let lines = f.log();
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(lines[1], format!("control args= cvd={UUID} pipe={} stdin=quit ended=", client.pipe_dir.display()));
-    assert!(!f.data().join("mps").join(dir_name(UUID)).exists());
+    assert!(!mps.root().join(dir_name(UUID)).exists());
+    Ok(())
+}
+
+/// An `--mps-dir` below a directory other users cannot search is refused before any daemon
+/// starts: the MPS server, started as the task's user, could not reach its pipe directory
+/// (CUDA error 805 in the task, as seen on a real H100 with the data dir under `mktemp -d`).
+#[tokio::test]
+async fn an_mps_dir_other_users_cannot_reach_is_refused() -> TestResult {
+    let f = Fixture::new()?;
+    let settings = GpuSettings { mps_control: Some(f.control()), mps_dir: Some(f.dir.path().join("mps")), ..Default::default() };
+    let mps = MpsManager::new(&settings, &f.data());
+    let e = mps.acquire(UUID).await.err().ok_or("acquired a daemon whose pipe directory is unreachable")?;
+    let text = e.to_string();
+    assert!(text.contains(&f.dir.path().display().to_string()) && text.contains("not searchable"), "{text}");
+    assert!(f.log().is_empty(), "no daemon started: {:?}", f.log());
+    assert_eq!(mps.holders(UUID).await, None);
     Ok(())
 }

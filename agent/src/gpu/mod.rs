@@ -53,6 +53,10 @@ pub struct GpuSettings {
     pub ignored_xids: Vec<u64>,
     /// `nvidia-cuda-mps-control` (None: found next to `nvidia-smi` in the driver root or PATH).
     pub mps_control: Option<PathBuf>,
+    /// Where the MPS daemons' pipe and log directories live (`--mps-dir`; None:
+    /// [`mps::default_root`], under `/run/mlp/mps`). Every directory above it must be
+    /// searchable by the tasks' users.
+    pub mps_dir: Option<PathBuf>,
     /// The driver's list of MIG capability minors (`/proc/driver/nvidia-caps/mig-minors`): a
     /// MIG instance's `nvidia-caps/nvidia-capN` nodes come from it.
     pub mig_minors: PathBuf,
@@ -75,6 +79,7 @@ impl Default for GpuSettings {
             dev_dir: PathBuf::from("/dev"),
             ignored_xids: Vec::new(),
             mps_control: None,
+            mps_dir: None,
             mig_minors: PathBuf::from(nvml::MIG_MINORS),
             health_file: None,
         }

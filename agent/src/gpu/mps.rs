@@ -6,7 +6,15 @@
 //! device memory) set from its assignment ([`super::gpu_env`]). The [`MpsManager`] counts the
 //! sharing tasks per device UUID: the first one starts the daemon (`nvidia-cuda-mps-control
 //! -d`), the last one to end stops it (`quit` on the control's stdin) and removes its
-//! directories, `<data_dir>/mps/<uuid>/{pipe,log}`.
+//! directories, `<mps root>/<uuid>/{pipe,log}`.
+//!
+//! The MPS root is `/run/mlp/mps/<hash of the data dir>` unless `--mps-dir` names one, and
+//! every directory above a pipe directory must be searchable by everyone: the control daemon
+//! starts each MPS server as the user of the client that asked for it (`nobody`, by default,
+//! for `exec` tasks), and a server that cannot reach the pipe directory exits at once, so the
+//! client fails with CUDA error 805. Seen on an H100 machine with the data dir under a
+//! `mktemp -d` (mode 0700) directory; NVIDIA's device plugin keeps its MPS root under
+//! `/run/nvidia/mps` for the same reason.
 //!
 //! A share task whose device cannot get a daemon (no `nvidia-cuda-mps-control` found, or it
 //! failed) fails to start with the reason: a share never runs unenforced. On agent start,
@@ -55,6 +63,18 @@ pub enum MpsError {
         source: std::io::Error,
     },
     /// `<control> -d` failed.
+    #[error(
+        "MPS for {uuid}: {} (mode {mode:o}) is not searchable by other users, so an MPS server started as a task's user cannot reach its pipe directory; choose another --mps-dir",
+        .path.display()
+    )]
+    Unreachable {
+        /// The device.
+        uuid: String,
+        /// The directory above the pipe directory that others cannot search.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     #[error("starting the MPS control daemon for {uuid} ({} -d) failed: {reason}", .control.display())]
     Start {
         /// The device.
@@ -134,9 +154,35 @@ pub fn find_control(settings: &GpuSettings) -> Result<PathBuf, String> {
     Err(format!("looked in {}", searched.join(", ")))
 }
 
+/// Where the MPS directories of the agent with `data_dir` live by default:
+/// `/run/mlp/mps/<first 16 hex digits of the SHA-256 of the data dir's path>` (one per agent,
+/// stable across its restarts, so that reattached share tasks find their daemon again).
+pub fn default_root(data_dir: &Path) -> PathBuf {
+    use sha2::Digest;
+    use std::os::unix::ffi::OsStrExt;
+    let digest = sha2::Sha256::digest(data_dir.as_os_str().as_bytes());
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    PathBuf::from(DEFAULT_PARENT).join(hex)
+}
+
+/// The parent of the default MPS roots (created searchable by everyone).
+pub const DEFAULT_PARENT: &str = "/run/mlp/mps";
+
+/// The first directory above `dir` (from `/` down) that other users cannot search, with its
+/// permission bits; None when every one can be.
+pub fn unsearchable_ancestor(dir: &Path) -> Option<(PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut ancestors: Vec<&Path> = dir.ancestors().skip(1).collect();
+    ancestors.reverse();
+    ancestors.into_iter().find_map(|a| {
+        let mode = std::fs::metadata(a).ok()?.permissions().mode() & 0o7777;
+        (mode & 0o001 == 0).then(|| (a.to_path_buf(), mode))
+    })
+}
+
 /// The MPS daemons of this agent, one per shared real device, counted by sharing task.
 pub struct MpsManager {
-    /// `<data_dir>/mps`.
+    /// `--mps-dir`, else [`default_root`].
     root: PathBuf,
     settings: GpuSettings,
     /// Devices with a running daemon → sharing tasks that hold it. Held across the control
@@ -145,9 +191,16 @@ pub struct MpsManager {
 }
 
 impl MpsManager {
-    /// A manager keeping its daemons' directories under `<data_dir>/mps`.
+    /// A manager keeping its daemons' directories under `settings.mps_dir`, else
+    /// [`default_root`] of `data_dir`.
     pub fn new(settings: &GpuSettings, data_dir: &Path) -> MpsManager {
-        MpsManager { root: data_dir.join("mps"), settings: settings.clone(), devices: Mutex::new(BTreeMap::new()) }
+        let root = settings.mps_dir.clone().unwrap_or_else(|| default_root(data_dir));
+        MpsManager { root, settings: settings.clone(), devices: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// The directory holding one directory per device with a daemon.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// The directories of `uuid`'s daemon.
@@ -192,7 +245,7 @@ impl MpsManager {
         self.stop(uuid, &self.client(uuid)).await;
     }
 
-    /// On agent start: the daemons a previous run left (directories under `<data_dir>/mps`)
+    /// On agent start: the daemons a previous run left (directories under the MPS root)
     /// are kept for the devices in `in_use` (reattached share tasks, which will
     /// [`acquire`](Self::acquire) them again) and stopped for the others.
     pub async fn recover(&self, in_use: &BTreeSet<String>) {
@@ -229,6 +282,15 @@ impl MpsManager {
         for dir in [&self.root, &client.pipe_dir, &client.log_dir] {
             std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
             set_mode(dir, 0o755).map_err(io("chmod", dir))?;
+        }
+        // The default root's parents are this program's own (`/run/mlp/mps`): made searchable.
+        if self.root.starts_with(DEFAULT_PARENT) {
+            for dir in Path::new(DEFAULT_PARENT).ancestors().take_while(|d| d.starts_with("/run/mlp")) {
+                set_mode(dir, 0o755).map_err(io("chmod", dir))?;
+            }
+        }
+        if let Some((path, mode)) = unsearchable_ancestor(&client.pipe_dir) {
+            return Err(MpsError::Unreachable { uuid: uuid.to_string(), path, mode });
         }
         if let Some(dev_dir) = client.pipe_dir.parent() {
             set_mode(dev_dir, 0o755).map_err(io("chmod", dev_dir))?;
@@ -275,6 +337,8 @@ impl MpsManager {
         if let Some(dev_dir) = client.pipe_dir.parent() {
             remove_dir(dev_dir);
         }
+        // The root goes with its last device (fails, and stays, while another one is there).
+        let _ = std::fs::remove_dir(&self.root);
     }
 
     async fn quit(&self, control: &Path, uuid: &str, client: &MpsClient) -> Result<(), String> {
@@ -326,6 +390,31 @@ fn remove_dir(dir: &Path) {
 mod tests {
     use super::*;
     use mlp_proto::v1::{GpuAssignment, GpuDevice};
+
+    #[test]
+    fn default_roots_are_per_data_dir_and_stable() {
+        let a = default_root(Path::new("/var/lib/mlp/agent"));
+        assert!(a.starts_with(DEFAULT_PARENT), "{}", a.display());
+        assert_eq!(a.file_name().map(|n| n.len()), Some(16));
+        assert_eq!(a, default_root(Path::new("/var/lib/mlp/agent")));
+        assert_ne!(a, default_root(Path::new("/var/lib/mlp/agent2")));
+    }
+
+    #[test]
+    fn an_unsearchable_directory_above_is_found() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let deep = dir.path().join("a").join("b");
+        std::fs::create_dir_all(&deep)?;
+        set_mode(dir.path(), 0o700)?;
+        assert_eq!(unsearchable_ancestor(&deep), Some((dir.path().to_path_buf(), 0o700)));
+        set_mode(dir.path(), 0o711)?;
+        set_mode(&dir.path().join("a"), 0o750)?;
+        assert_eq!(unsearchable_ancestor(&deep), Some((dir.path().join("a"), 0o750)));
+        set_mode(&dir.path().join("a"), 0o755)?;
+        // The temp dir's own parents (/tmp is 1777) are searchable.
+        assert_eq!(unsearchable_ancestor(&deep), None);
+        Ok(())
+    }
 
     #[test]
     fn dir_names_are_plain() {
