@@ -123,6 +123,17 @@ fn rows(q: Option<&QuotaSpec>, u: &NamespaceUsage) -> Vec<[String; 3]> {
         ["memory".to_string(), format!("{} MiB", u.memory_mib), limit_text(q.and_then(|q| q.memory_mib), " MiB")],
         ["gpus".to_string(), gpus_text(u.gpu_milli), q.and_then(gpu_limit).map_or("-".to_string(), gpus_text)],
     ];
+    // With borrowing the limit reads `quota (+ borrow)`.
+    if let Some(b) = q.and_then(|q| q.borrow.as_ref()) {
+        let more = |row: &mut [String; 3], v: Option<u64>, text: &dyn Fn(u64) -> String| {
+            if let Some(v) = v.filter(|v| *v > 0) {
+                row[2] = format!("{} (may borrow {})", row[2], text(v));
+            }
+        };
+        more(&mut out[0], b.cpu_mhz, &|v| format!("{v} MHz"));
+        more(&mut out[1], b.memory_mib, &|v| format!("{v} MiB"));
+        more(&mut out[2], q.map(mlp_server::scheduler::quota::gpu_borrow), &gpus_text);
+    }
     let mut models: std::collections::BTreeSet<&str> = u.gpu_milli_by_model.keys().map(String::as_str).collect();
     if let Some(q) = q {
         models.extend(q.gpu_models.iter().map(|m| m.model.as_str()));
@@ -150,6 +161,22 @@ fn quota_summary(q: Option<&QuotaSpec>) -> String {
     for m in &q.gpu_models {
         parts.push(format!("{} {}", m.model, m.gpu_milli.map_or("-".to_string(), gpus_text)));
     }
+    if let Some(b) = &q.borrow {
+        let mut more = Vec::new();
+        if let Some(c) = b.cpu_mhz {
+            more.push(format!("cpu {c} MHz"));
+        }
+        if let Some(m) = b.memory_mib {
+            more.push(format!("memory {m} MiB"));
+        }
+        let g = mlp_server::scheduler::quota::gpu_borrow(q);
+        if g > 0 {
+            more.push(format!("gpus {}", gpus_text(g)));
+        }
+        if !more.is_empty() {
+            parts.push(format!("may borrow {}", more.join(", ")));
+        }
+    }
     if parts.is_empty() {
         "none".to_string()
     } else {
@@ -175,7 +202,7 @@ pub async fn namespace(addr: &str, cmd: NamespaceCommand) -> anyhow::Result<Exit
             } else if flags {
                 let gpu_models = gpu_model.iter().map(|s| parse_model_limit(s)).collect::<anyhow::Result<Vec<_>>>()?;
                 let base = existing.as_ref().and_then(|n| n.quota.clone()).unwrap_or_default();
-                Some(merge(base, QuotaSpec { cpu_mhz: cpu, memory_mib: memory, gpus, gpu_milli, gpu_models }))
+                Some(merge(base, QuotaSpec { cpu_mhz: cpu, memory_mib: memory, gpus, gpu_milli, gpu_models, ..Default::default() }))
             } else if no_quota {
                 None
             } else {

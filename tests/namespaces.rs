@@ -236,3 +236,66 @@ fn http_as(addr: &str, token: &str, method: &str, path: &str, body: Option<&str>
     let content_type = (!body.is_empty()).then_some("application/json");
     common::http_request_as(addr, token, method, path, content_type, body.as_bytes())
 }
+
+/// The allocations of a job that were evicted (taken back by another namespace).
+fn evicted(job: &Value) -> usize {
+    job["allocations"].as_array().map_or(0, |a| a.iter().filter(|a| a["client_status"] == "preempted").count())
+}
+
+/// Fair share (issue 15 §6) on 8 simulated GPUs: two namespaces with a quota of 4 GPUs each
+/// and 4 more to borrow. team-a takes all 8 while team-b is idle; team-b's jobs take their 4
+/// back (team-a's borrowed allocations evicted, whatever the priorities), and the shares
+/// converge to 4 and 4. When team-b's job ends, the freed GPUs go first to the namespace with the
+/// smaller dominant share (team-b's newer job, not team-a's older blocked evaluation), so that
+/// nothing is evicted a second time.
+#[test]
+fn borrowed_gpus_are_taken_back_and_freed_ones_go_by_dominant_share() {
+    let dev = Dev::start_with(&["--simulated-gpus", &h100x8()]);
+    let q = dev.write_job("share.hcl", "gpus = 4\nborrow {\n  gpus = 4\n}\n");
+    for ns in ["team-a", "team-b"] {
+        dev.ok(&["namespace", "apply", ns, "-quota-file", q.to_str().unwrap()]);
+    }
+    let human = dev.ok(&["namespace", "status", "team-a"]);
+    assert!(human.contains("4 (may borrow 4)"), "{human}");
+    let list = dev.ok(&["namespace", "list"]);
+    assert!(list.contains("gpus 4, may borrow gpus 4"), "{list}");
+
+    // team-a borrows the idle half: 8 of 8, at a high priority.
+    let mut a = gpu_job("train", "team-a", 8, "sleep 600");
+    a = a.replace("type = \"batch\"", "type = \"batch\"\n  priority = 90");
+    run(&dev, "train", &a);
+    wait_for("team-a on all 8 GPUs", Duration::from_secs(60), || (live(&job_in(&dev, "team-a", "train")) == 8).then_some(()));
+
+    // team-b, at a low priority, takes its quota back: four of team-a's allocations go.
+    let b = gpu_job("eval", "team-b", 4, "sleep 600").replace("type = \"batch\"", "type = \"batch\"\n  priority = 10");
+    run(&dev, "eval", &b);
+    let share = |ns: &str| dev.json(&["namespace", "status", ns, "--json"])["usage"]["gpu_milli"].as_u64().unwrap_or(0);
+    wait_for("the shares converge to 4 and 4", Duration::from_secs(60), || {
+        let (ja, jb) = (job_in(&dev, "team-a", "train"), job_in(&dev, "team-b", "eval"));
+        (live(&ja) == 4 && live(&jb) == 4 && evicted(&ja) == 4).then_some(())
+    });
+    assert_eq!((share("team-a"), share("team-b")), (4000, 4000));
+    // team-a's evicted work waits, blocked (nothing is idle to borrow).
+    wait_for("team-a's replacements blocked", Duration::from_secs(30), || {
+        job_in(&dev, "team-a", "train")["evaluations"].as_array().is_some_and(|e| e.iter().any(|e| e["status"] == "blocked")).then_some(())
+    });
+
+    // team-b submits one more (it would borrow: blocked too), then its first job ends: four
+    // GPUs free. team-b's share (0) is below team-a's (4 of 8), so its newer job goes first and
+    // team-a borrows the other three; team-a loses nothing more.
+    // (Same priority as its first job, which it would otherwise preempt within team-b.)
+    run(&dev, "eval2", &gpu_job("eval2", "team-b", 1, "sleep 600").replace("type = \"batch\"", "type = \"batch\"\n  priority = 10"));
+    wait_for("team-b's second job blocked", Duration::from_secs(30), || {
+        job_in(&dev, "team-b", "eval2")["evaluations"].as_array().is_some_and(|e| e.iter().any(|e| e["status"] == "blocked")).then_some(())
+    });
+    dev.ok(&["job", "stop", "eval", "--namespace", "team-b", "--detach"]);
+    wait_for("team-b 1, team-a 7", Duration::from_secs(60), || {
+        (live(&job_in(&dev, "team-b", "eval2")) == 1 && live(&job_in(&dev, "team-a", "train")) == 7).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let ja = job_in(&dev, "team-a", "train");
+    assert_eq!(evicted(&ja), 4, "no second eviction: the freed GPUs went by dominant share: {ja}");
+    assert_eq!((share("team-a"), share("team-b")), (7000, 1000));
+    dev.ok(&["job", "stop", "train", "--namespace", "team-a", "--purge", "--detach"]);
+    dev.ok(&["job", "stop", "eval2", "--namespace", "team-b", "--purge", "--detach"]);
+}

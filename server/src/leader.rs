@@ -400,15 +400,39 @@ impl Leader {
         self.heartbeats.reset(st.nodes.values().filter(|n| n.status != node_status::DOWN).map(|n| n.id.clone()), deadline);
     }
 
-    /// Re-runs blocked evaluations in priority, then submit, order (only those of priority at
-    /// least `floor`, when given). Runs that place nothing write nothing, so a long blocked
+    /// Re-runs blocked evaluations, the namespace with the smallest dominant share first and
+    /// within a namespace in priority, then submit, order (only those of priority at least
+    /// `floor`, when given). Runs that place nothing write nothing, so a long blocked
     /// queue costs scheduler time only, not Raft writes.
     async fn unblock(&self, q: &mut Queues, floor: Option<i32>) {
-        let order: Vec<BlockedKey> = q.blocked.iter().filter(|k| floor.is_none_or(|f| k.0 .0 >= f)).cloned().collect();
+        let mut order: Vec<(String, BlockedKey)> = {
+            let st = self.state.read();
+            q.blocked
+                .iter()
+                .filter(|k| floor.is_none_or(|f| k.0 .0 >= f))
+                .map(|k| (st.evals.get(&k.2).map(|e| e.namespace.clone()).unwrap_or_default(), k.clone()))
+                .collect()
+        };
+        // Across namespaces, dominant-resource fair share: the namespace holding the smallest
+        // share of the cluster's most-used resource goes first (shares recomputed as its
+        // evaluations place); within one namespace, priority then submit order.
+        let mut shares: BTreeMap<String, f64> = BTreeMap::new();
+        let namespaces: BTreeSet<&str> = order.iter().map(|(ns, _)| ns.as_str()).collect();
+        if namespaces.len() > 1 {
+            let st = self.state.read();
+            let capacity = scheduler::quota::cluster_capacity(&st);
+            for ns in namespaces {
+                let held = scheduler::quota::Held::of(&st, ns, &BTreeSet::new());
+                shares.insert(ns.to_string(), scheduler::quota::dominant_share(&held, &capacity));
+            }
+        }
         // Requests that failed for lack of capacity in this pass: a later evaluation asking for
         // at least as much in every dimension can't fit either.
         let mut exhausted: Vec<[u64; 4]> = Vec::new();
-        for key in order {
+        while let Some(pos) =
+            scheduler::quota::next_fair(order.iter().map(|(ns, _)| ns.as_str()), |ns| shares.get(ns).copied().unwrap_or(0.0))
+        {
+            let (ns, key) = order.remove(pos);
             if !q.blocked.contains(&key) {
                 continue; // superseded during this pass
             }
@@ -425,6 +449,11 @@ impl Leader {
             let report = self.run_eval(&key.2).await;
             let still_blocked = report.outcome == Some(EvalOutcome::StillBlocked) && report.resources_only;
             q.record(report);
+            if let Some(share) = shares.get_mut(&ns) {
+                let st = self.state.read();
+                let held = scheduler::quota::Held::of(&st, &ns, &BTreeSet::new());
+                *share = scheduler::quota::dominant_share(&held, &scheduler::quota::cluster_capacity(&st));
+            }
             if still_blocked {
                 if let Some(ask) = ask {
                     exhausted.push(ask);

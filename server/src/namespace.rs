@@ -97,6 +97,28 @@ pub fn validate_quota(q: &QuotaSpec) -> Result<(), String> {
             Some(v) => limit(&format!("gpu_models[{i}].gpu_milli"), Some(v))?,
         }
     }
+    if let Some(b) = &q.borrow {
+        limit("borrow.cpu_mhz", b.cpu_mhz)?;
+        limit("borrow.memory_mib", b.memory_mib)?;
+        limit("borrow.gpus", b.gpus)?;
+        limit("borrow.gpu_milli", b.gpu_milli)?;
+        if b.gpus.is_some() && b.gpu_milli.is_some() {
+            return Err("quota.borrow: set gpus (whole GPUs) or gpu_milli (thousandths), not both".to_string());
+        }
+        // Borrowing beyond a dimension the quota does not limit means nothing: refused, so that
+        // a typo does not read as a limit.
+        let unlimited = |field: &str, set: bool, limited: bool| {
+            if set && !limited {
+                Err(format!("quota.borrow.{field}: the quota sets no {field} limit to borrow beyond"))
+            } else {
+                Ok(())
+            }
+        };
+        unlimited("cpu_mhz", b.cpu_mhz.is_some(), q.cpu_mhz.is_some())?;
+        unlimited("memory_mib", b.memory_mib.is_some(), q.memory_mib.is_some())?;
+        let gpu_field = if b.gpus.is_some() { "gpus" } else { "gpu_milli" };
+        unlimited(gpu_field, b.gpus.is_some() || b.gpu_milli.is_some(), q.gpus.is_some() || q.gpu_milli.is_some())?;
+    }
     Ok(())
 }
 
@@ -255,12 +277,48 @@ impl Parser<'_> {
                     }
                     q.gpu_models.push(GpuModelQuota { model, gpu_milli: milli });
                 }
+                Structure::Block(b) if b.ident.as_str() == "borrow" => {
+                    if q.borrow.is_some() {
+                        self.problem(start(&b.ident), "borrow", "borrow appears twice".into());
+                        continue;
+                    }
+                    if !b.labels.is_empty() {
+                        self.problem(start(&b.ident), "borrow", "a borrow block takes no label".into());
+                        continue;
+                    }
+                    let mut borrow = mlp_proto::v1::QuotaBorrow::default();
+                    let mut fields = BTreeSet::new();
+                    for s in b.body.iter() {
+                        let Structure::Attribute(a) = s else {
+                            self.problem(start(s), "borrow", "a borrow block holds cpu_mhz, memory_mib, gpus or gpu_milli".into());
+                            continue;
+                        };
+                        let name = a.key.as_str();
+                        let at = format!("borrow.{name}");
+                        if !fields.insert(name.to_string()) {
+                            self.problem(start(&a.key), &at, format!("{name} appears twice"));
+                            continue;
+                        }
+                        let slot = match name {
+                            "cpu_mhz" => &mut borrow.cpu_mhz,
+                            "memory_mib" => &mut borrow.memory_mib,
+                            "gpus" => &mut borrow.gpus,
+                            "gpu_milli" => &mut borrow.gpu_milli,
+                            other => {
+                                self.problem(start(&a.key), &at, format!("unknown field {other:?} (cpu_mhz, memory_mib, gpus, gpu_milli)"));
+                                continue;
+                            }
+                        };
+                        *slot = self.number(&a.value, &at);
+                    }
+                    q.borrow = Some(borrow);
+                }
                 Structure::Block(b) => {
                     let name = b.ident.as_str();
                     self.problem(
                         start(&b.ident),
                         name,
-                        format!("unknown block {name:?} (a quota file holds gpu \"MODEL\" {{ ... }} blocks)"),
+                        format!("unknown block {name:?} (a quota file holds gpu \"MODEL\" {{ ... }} and borrow {{ ... }} blocks)"),
                     );
                 }
             }
@@ -308,6 +366,18 @@ mod tests {
         assert!(e.to_string().contains("not both"), "{e}");
         let e = parse_quota("gpus = [\n", "q.hcl").expect_err("syntax");
         assert!(e.to_string().starts_with("q.hcl:"), "{e}");
+        // Borrowing limits (issue 15 §6).
+        let q = parse_quota("gpus = 4\ncpu_mhz = 1000\nborrow {\n  gpus = 2\n  cpu_mhz = 500\n}\n", "q.hcl").expect("parses");
+        let b = q.borrow.expect("borrow");
+        assert_eq!((b.gpus, b.cpu_mhz, b.memory_mib), (Some(2), Some(500), None));
+        assert_eq!(crate::scheduler::quota::hard_limit(&q).gpu_milli, Some(6000));
+        assert_eq!(crate::scheduler::quota::hard_limit(&q).cpu_mhz, Some(1500));
+        let e = parse_quota("gpus = 4\nborrow {\n  gpu = 2\n}\n", "q.hcl").expect_err("unknown");
+        assert!(e.to_string().contains("q.hcl:3:3: borrow.gpu: unknown field \"gpu\""), "{e}");
+        let e = parse_quota("gpus = 4\nborrow {\n  memory_mib = 2\n}\n", "q.hcl").expect_err("unlimited");
+        assert!(e.to_string().contains("quota.borrow.memory_mib: the quota sets no memory_mib limit"), "{e}");
+        let e = parse_quota("gpus = 4\nborrow {\n  gpus = 1\n  gpu_milli = 5\n}\n", "q.hcl").expect_err("both");
+        assert!(e.to_string().contains("quota.borrow: set gpus"), "{e}");
     }
 
     #[test]
@@ -464,6 +534,21 @@ pub struct QuotaBody {
     pub gpu_milli: Option<u64>,
     #[serde(default)]
     pub gpu_models: Vec<GpuModelBody>,
+    #[serde(default)]
+    pub borrow: Option<BorrowBody>,
+}
+
+/// A quota's borrowing limits in JSON (the fields of `QuotaBorrow`).
+#[derive(Debug, serde::Deserialize)]
+pub struct BorrowBody {
+    #[serde(default)]
+    pub cpu_mhz: Option<u64>,
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    #[serde(default)]
+    pub gpus: Option<u64>,
+    #[serde(default)]
+    pub gpu_milli: Option<u64>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -481,6 +566,12 @@ impl From<QuotaBody> for QuotaSpec {
             gpus: q.gpus,
             gpu_milli: q.gpu_milli,
             gpu_models: q.gpu_models.into_iter().map(|m| GpuModelQuota { model: m.model, gpu_milli: m.gpu_milli }).collect(),
+            borrow: q.borrow.map(|b| mlp_proto::v1::QuotaBorrow {
+                cpu_mhz: b.cpu_mhz,
+                memory_mib: b.memory_mib,
+                gpus: b.gpus,
+                gpu_milli: b.gpu_milli,
+            }),
         }
     }
 }

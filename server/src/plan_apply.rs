@@ -144,7 +144,7 @@ fn over_quota(
     let mut over = BTreeSet::new();
     let namespaces: BTreeSet<&str> = placements.iter().map(|p| p.namespace.as_str()).collect();
     for ns in namespaces {
-        let Some(spec) = quota::quota_of(st, ns) else { continue };
+        let Some(spec) = quota::quota_of(st, ns).map(quota::hard_limit) else { continue };
         let mut skip: BTreeSet<&str> = freed.clone();
         // Placements already in the state (a retried plan) are counted once, as placements.
         skip.extend(placements.iter().map(|p| p.id.as_str()));
@@ -158,7 +158,7 @@ fn over_quota(
         for p in placements.iter().filter(|p| p.namespace == ns && !rejected.contains(&p.id) && !newly.contains(&p.id)) {
             let Some(r) = &p.resources else { continue };
             let node = st.nodes.get(&p.node_id);
-            match quota::admits(ns, spec, &held, r, node) {
+            match quota::admits(ns, &spec, &held, r, node) {
                 Ok(()) => held.add(r, node),
                 Err(why) => {
                     tracing::debug!(alloc = %p.id, why, "plan applier rejected a placement over its namespace's quota");

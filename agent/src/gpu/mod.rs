@@ -136,7 +136,7 @@ pub enum Backend {
     /// `--simulated-gpus`.
     Simulated(simulated::SimulatedGpus),
     /// Real devices through NVML.
-    Nvml(nvml::NvmlGpus),
+    Nvml(Box<nvml::NvmlGpus>),
     /// No GPUs; why, when the agent looked for them (shown as the `gpu.unavailable` attribute).
     Absent(Option<String>),
 }

@@ -49,7 +49,7 @@ const MIB: u64 = 1024 * 1024;
 /// What looking for NVML found.
 pub enum Probe {
     /// The library loaded and initialised.
-    Found(NvmlGpus),
+    Found(Box<NvmlGpus>),
     /// Why there are no real GPUs on this node.
     Unavailable(String),
 }
@@ -149,13 +149,13 @@ pub fn probe(settings: &GpuSettings) -> Probe {
                 if !unhealthy.is_empty() {
                     tracing::warn!(devices = ?unhealthy.keys().collect::<Vec<_>>(), "GPUs marked unhealthy before this start stay unhealthy (remove the health file after a repair)");
                 }
-                return Probe::Found(NvmlGpus {
+                return Probe::Found(Box::new(NvmlGpus {
                     loaded: Arc::new(loaded),
                     library: path,
                     settings: settings.clone(),
                     unhealthy: Arc::new(Mutex::new(unhealthy)),
                     last: Arc::default(),
-                });
+                }));
             }
             Ok(Err(e)) => tried.push(format!("{}: {}", path.display(), describe(&e))),
             Err(_) => tried.push(format!("{}: NVML panicked while initialising", path.display())),

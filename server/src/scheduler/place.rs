@@ -9,7 +9,15 @@
 //! then every victim that is not needed after all is dropped again (last taken first). Among the
 //! nodes the one whose victims have the lowest highest-priority wins, then the higher preference
 //! score (affinities and spreads, `preference`), then the fewest victims, then the least freed,
-//! then the node id. Members of gangs are never victims (evicting one would break its gang).
+//! then the node id. Members of gangs are never evicted by priority (evicting one would break
+//! its gang).
+//!
+//! Fair share (issue 15 §6): an allocation of a namespace with a quota that holds no more than
+//! its quota is never evicted for another namespace's job, whatever the priorities. What a
+//! namespace holds beyond its quota (borrowed, up to its `borrow` limits) is taken back for a job
+//! of a namespace that stays within its own quota with the ask placed: any priority, lowest
+//! priority first, a gang whole (all its live members, wherever they run) or not at all, and
+//! only while the namespace taken from is still borrowing.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -89,7 +97,10 @@ pub struct Pass<'s> {
 #[derive(Clone)]
 struct QuotaPass<'s> {
     namespace: &'s str,
+    /// The quota itself (the namespace's nominal share).
     spec: &'s mlp_proto::v1::QuotaSpec,
+    /// What the namespace is held to: the quota plus its borrowing limits.
+    hard: mlp_proto::v1::QuotaSpec,
     held: quota::Held,
 }
 
@@ -115,7 +126,7 @@ impl<'s> Pass<'s> {
         if let Some((ns, spec)) = state.namespaces.get_key_value(namespace).and_then(|(k, n)| Some((k.as_str(), n.quota.as_ref()?))) {
             let skip: BTreeSet<&str> = pass.freed.iter().map(String::as_str).collect();
             let held = quota::Held::of(state, ns, &skip);
-            pass.quota = Some(QuotaPass { namespace: ns, spec, held });
+            pass.quota = Some(QuotaPass { namespace: ns, spec, hard: quota::hard_limit(spec), held });
         }
         pass
     }
@@ -123,9 +134,15 @@ impl<'s> Pass<'s> {
     /// Err(the quota's reason) when the ask alone (before a node is chosen) exceeds the quota.
     fn quota_admits_ask(&self, ask: &Ask) -> Result<(), String> {
         match &self.quota {
-            Some(q) => quota::admits_ask(q.namespace, q.spec, &q.held, ask),
+            Some(q) => quota::admits_ask(q.namespace, &q.hard, &q.held, ask),
             None => Ok(()),
         }
+    }
+
+    /// Whether the job's namespace may take borrowed capacity back from other namespaces for
+    /// `ask`: it has a quota and stays within it (not borrowing itself) with the ask placed.
+    fn may_reclaim(&self, ask: &Ask) -> bool {
+        self.quota.as_ref().is_some_and(|q| quota::admits_ask(q.namespace, q.spec, &q.held, ask).is_ok())
     }
 
     /// Err(the quota's reason) when `res` on `node`, with `victims` evicted, exceeds the quota.
@@ -137,7 +154,7 @@ impl<'s> Pass<'s> {
                 held.sub(r, self.state.nodes.get(&v.node_id));
             }
         }
-        quota::admits(q.namespace, q.spec, &held, res, Some(node))
+        quota::admits(q.namespace, &q.hard, &held, res, Some(node))
     }
 
     fn usage(&mut self, node_id: &str) -> &Usage {
@@ -322,11 +339,33 @@ fn preference_of(ctx: &GroupCtx<'_>, tally: Option<&Tally>, node: &Node) -> f64 
     }
 }
 
-/// A candidate victim on a node, with its job's priority and its size on the blocking dimension.
+/// A candidate victim on a node: one allocation, or a whole gang (every live member, wherever it
+/// runs) when borrowed capacity is taken back; its job's priority, its size on the blocking
+/// dimension on this node, and the namespace it is taken back from (None: evicted by priority).
 struct Candidate<'s> {
-    alloc: &'s Allocation,
+    allocs: Vec<&'s Allocation>,
     priority: i32,
     size: u64,
+    reclaimed_from: Option<&'s str>,
+}
+
+/// The quota and holdings of the namespaces met while looking for victims (None: no quota).
+type QuotaCache<'s> = BTreeMap<&'s str, Option<(&'s mlp_proto::v1::QuotaSpec, quota::Held)>>;
+
+fn quota_state<'c, 's>(
+    cache: &'c mut QuotaCache<'s>,
+    pass: &Pass<'s>,
+    namespace: &'s str,
+) -> Option<&'c (&'s mlp_proto::v1::QuotaSpec, quota::Held)> {
+    let state = pass.state;
+    cache
+        .entry(namespace)
+        .or_insert_with(|| {
+            let q = quota::quota_of(state, namespace)?;
+            let skip: BTreeSet<&str> = pass.evicted.iter().chain(pass.freed.iter()).map(String::as_str).collect();
+            Some((q, quota::Held::of(state, namespace, &skip)))
+        })
+        .as_ref()
 }
 
 fn size_on(r: &AllocatedResources, dim: Dimension) -> u64 {
@@ -384,26 +423,52 @@ fn cheapest_eviction<'a>(
     let state = pass.state;
     // (max victim priority, victims, freed, node id) → smaller is better; see `evicts_better`.
     let mut best: Option<EvictionOption<'a>> = None;
+    let reclaim = pass.may_reclaim(&ctx.ask);
+    let mut quotas: QuotaCache<'_> = BTreeMap::new();
     for &(node, dim) in blocked {
-        let mut cands: Vec<Candidate<'_>> = state
-            .live_allocs_for_node(&node.id)
-            .filter(|a| !pass.evicted.contains(&a.id))
-            .filter(|a| !(a.namespace == ctx.job.namespace && a.job_id == ctx.job.id))
-            .filter_map(|a| {
-                let job = state.job(&a.namespace, &a.job_id)?;
-                // A gang member is never evicted alone: that would break its gang.
-                if job.groups.iter().any(|g| g.name == a.task_group && gang_size(g) > 0) {
-                    return None;
+        let mut cands: Vec<Candidate<'_>> = Vec::new();
+        let mut gangs_seen: BTreeSet<(&str, &str, &str)> = BTreeSet::new();
+        for a in state.live_allocs_for_node(&node.id) {
+            if pass.evicted.contains(&a.id) || (a.namespace == ctx.job.namespace && a.job_id == ctx.job.id) {
+                continue;
+            }
+            let Some(job) = state.job(&a.namespace, &a.job_id) else { continue };
+            let gang = job.groups.iter().any(|g| g.name == a.task_group && gang_size(g) > 0);
+            let other_ns = a.namespace != ctx.job.namespace;
+            // A namespace with a quota that holds no more than it keeps what it holds against
+            // other namespaces' priorities; what it borrowed, others within their quotas take back.
+            let (protected, borrowed) = match quota_state(&mut quotas, pass, a.namespace.as_str()) {
+                Some((q, held)) if other_ns => {
+                    let b = quota::borrowing(q, held);
+                    (!b, b)
                 }
-                let priority = job.priority;
-                let size = a.resources.as_ref().map_or(0, |r| size_on(r, dim));
-                p.may_evict(ctx.job.priority, priority).then_some(Candidate { alloc: a, priority, size })
-            })
-            .collect();
+                _ => (false, false),
+            };
+            let by_priority = !gang && !protected && p.may_evict(ctx.job.priority, job.priority);
+            let by_reclaim = reclaim && other_ns && borrowed;
+            if !by_priority && !by_reclaim {
+                continue;
+            }
+            // A gang member is never evicted alone: a taken-back gang goes whole.
+            let allocs: Vec<&Allocation> = if gang {
+                if !gangs_seen.insert((a.namespace.as_str(), a.job_id.as_str(), a.task_group.as_str())) {
+                    continue;
+                }
+                state
+                    .allocs_for_job(&a.namespace, &a.job_id)
+                    .filter(|m| m.task_group == a.task_group && resources::is_live(m) && !pass.evicted.contains(&m.id))
+                    .collect()
+            } else {
+                vec![a]
+            };
+            let size = allocs.iter().filter(|m| m.node_id == node.id).filter_map(|m| m.resources.as_ref()).map(|r| size_on(r, dim)).sum();
+            let reclaimed_from = (!by_priority).then_some(a.namespace.as_str());
+            cands.push(Candidate { allocs, priority: job.priority, size, reclaimed_from });
+        }
         if cands.is_empty() {
             continue;
         }
-        cands.sort_by(|a, b| (a.priority, a.size, &a.alloc.id).cmp(&(b.priority, b.size, &b.alloc.id)));
+        cands.sort_by(|a, b| (a.priority, a.size, &a.allocs[0].id).cmp(&(b.priority, b.size, &b.allocs[0].id)));
         let gpus = resources::NodeGpus::new(node);
         let fits = |gone: &BTreeSet<&str>| {
             let before = pass.compute(&node.id, gone);
@@ -412,8 +477,23 @@ fn cheapest_eviction<'a>(
         let mut gone: BTreeSet<&str> = BTreeSet::new();
         let mut taken: Vec<&Candidate<'_>> = Vec::new();
         let mut fit = None;
+        // What each namespace taken back from holds as its victims are taken: only what it
+        // borrowed is taken back, never what its quota gives it.
+        let mut lenders: BTreeMap<&str, quota::Held> = BTreeMap::new();
         for c in &cands {
-            gone.insert(c.alloc.id.as_str());
+            if let Some(ns) = c.reclaimed_from {
+                let Some((q, held)) = quota_state(&mut quotas, pass, ns).cloned() else { continue };
+                let held = lenders.entry(ns).or_insert(held);
+                if !quota::borrowing(q, held) {
+                    continue;
+                }
+                for m in &c.allocs {
+                    if let Some(r) = &m.resources {
+                        held.sub(r, state.nodes.get(&m.node_id));
+                    }
+                }
+            }
+            gone.extend(c.allocs.iter().map(|m| m.id.as_str()));
             taken.push(c);
             if let Some(f) = fits(&gone) {
                 fit = Some(f);
@@ -425,15 +505,17 @@ fn cheapest_eviction<'a>(
         }
         // Drop victims that turned out not to be needed, last taken first.
         for i in (0..taken.len()).rev() {
-            let id = taken[i].alloc.id.as_str();
-            gone.remove(id);
+            let ids: Vec<&str> = taken[i].allocs.iter().map(|m| m.id.as_str()).collect();
+            for id in &ids {
+                gone.remove(id);
+            }
             match fits(&gone) {
                 Some(f) => {
                     fit = Some(f);
                     taken.remove(i);
                 }
                 None => {
-                    gone.insert(id);
+                    gone.extend(ids);
                 }
             }
         }
@@ -458,7 +540,7 @@ fn cheapest_eviction<'a>(
                 gpu_cost: f.gpu_cost,
             };
             let score = ctx.scorer.score(&input);
-            let ids = taken.iter().map(|c| c.alloc.id.clone()).collect();
+            let ids = taken.iter().flat_map(|c| c.allocs.iter().map(|m| m.id.clone())).collect();
             best = Some((key, pref, node, ids, f.resources, score));
         }
     }

@@ -6,6 +6,12 @@
 //! Dimensions: `cpu` (MHz), `memory` (MiB), `gpus` (in thousandths: a whole device is 1000, a
 //! share its milli, a MIG instance its milli) and `gpus of model M` (the devices whose
 //! fingerprinted model is M). A dimension the quota leaves unset does not limit.
+//!
+//! Borrowing (issue 15 §6, Kueue's cohorts with the whole cluster as the one cohort): a quota's
+//! `borrow` block lets the namespace go that far beyond its quota into idle capacity. The
+//! scheduler and the plan applier hold a namespace to its [`hard_limit`] (quota plus borrow);
+//! what it holds beyond its quota is borrowed ([`borrowing`]), and a namespace that stays
+//! within its own quota takes it back by preemption (`place::cheapest_eviction`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -106,6 +112,40 @@ pub fn quota_of<'a>(state: &'a ClusterState, namespace: &str) -> Option<&'a Quot
     state.namespaces.get(namespace).and_then(|n: &Namespace| n.quota.as_ref())
 }
 
+/// The borrowing limit of a quota's GPUs in thousandths (0 without a `borrow` block).
+pub fn gpu_borrow(q: &QuotaSpec) -> u64 {
+    match q.borrow.as_ref() {
+        Some(b) => match (b.gpus, b.gpu_milli) {
+            (Some(g), _) => g.saturating_mul(u64::from(gpu::WHOLE)),
+            (None, m) => m.unwrap_or(0),
+        },
+        None => 0,
+    }
+}
+
+/// The limits a namespace is held to: its quota plus what it may borrow, per dimension (the
+/// quota itself when it borrows nothing). Model limits are not borrowed.
+pub fn hard_limit(q: &QuotaSpec) -> QuotaSpec {
+    let Some(b) = q.borrow.as_ref() else { return q.clone() };
+    let plus = |limit: Option<u64>, more: Option<u64>| limit.map(|l| l.saturating_add(more.unwrap_or(0)));
+    QuotaSpec {
+        cpu_mhz: plus(q.cpu_mhz, b.cpu_mhz),
+        memory_mib: plus(q.memory_mib, b.memory_mib),
+        gpus: None,
+        gpu_milli: gpu_limit(q).map(|l| l.saturating_add(gpu_borrow(q))),
+        gpu_models: q.gpu_models.clone(),
+        borrow: None,
+    }
+}
+
+/// Whether `held` is beyond the quota itself on some dimension: the namespace holds borrowed
+/// capacity, which namespaces within their own quotas may take back.
+pub fn borrowing(q: &QuotaSpec, held: &Held) -> bool {
+    q.cpu_mhz.is_some_and(|l| held.cpu_mhz > l)
+        || q.memory_mib.is_some_and(|l| held.memory_mib > l)
+        || gpu_limit(q).is_some_and(|l| held.gpu_milli > l)
+}
+
 /// The GPU limit of a quota in thousandths (`gpus` whole devices or `gpu_milli`).
 pub fn gpu_limit(q: &QuotaSpec) -> Option<u64> {
     match (q.gpus, q.gpu_milli) {
@@ -196,6 +236,41 @@ pub fn admits_ask(namespace: &str, q: &QuotaSpec, held: &Held, ask: &super::reso
 /// check after every plan).
 pub fn within(namespace: &str, q: &QuotaSpec, held: &Held) -> Result<(), String> {
     check(namespace, q, held, held)
+}
+
+/// What the usable nodes offer in all (cpu MHz, memory MiB, GPUs in thousandths): the
+/// denominators of dominant-resource shares.
+pub fn cluster_capacity(state: &ClusterState) -> Held {
+    let mut cap = Held::default();
+    for n in state.nodes.values().filter(|n| n.status == mlp_proto::consts::node_status::READY) {
+        if let Some(r) = &n.resources {
+            cap.cpu_mhz = cap.cpu_mhz.saturating_add(r.cpu_total_mhz);
+            cap.memory_mib = cap.memory_mib.saturating_add(r.memory_mib);
+            cap.gpu_milli = cap.gpu_milli.saturating_add(r.gpus.len() as u64 * u64::from(gpu::WHOLE));
+        }
+    }
+    cap
+}
+
+/// A namespace's dominant share (DRF, Ghodsi et al. 2011): the largest fraction of the
+/// cluster's capacity it holds of any one resource (a resource the cluster has none of counts 0).
+pub fn dominant_share(held: &Held, capacity: &Held) -> f64 {
+    let frac = |h: u64, c: u64| if c == 0 { 0.0 } else { h as f64 / c as f64 };
+    frac(held.cpu_mhz, capacity.cpu_mhz).max(frac(held.memory_mib, capacity.memory_mib)).max(frac(held.gpu_milli, capacity.gpu_milli))
+}
+
+/// Which of `waiting` (each a namespace and its place in the priority-then-submit order) gets
+/// freed capacity next: the one of the namespace with the smallest dominant share, and within
+/// a namespace the first in that order (ties between namespaces: the first in that order).
+pub fn next_fair<'a>(waiting: impl IntoIterator<Item = &'a str>, share: impl Fn(&str) -> f64) -> Option<usize> {
+    let mut best: Option<(f64, usize)> = None;
+    for (i, ns) in waiting.into_iter().enumerate() {
+        let s = share(ns);
+        if best.is_none_or(|(b, _)| s < b) {
+            best = Some((s, i));
+        }
+    }
+    best.map(|(_, i)| i)
 }
 
 /// Whether `reason` (a placement failure's dimension) is a quota's.

@@ -373,7 +373,7 @@ proptest! {
             for n in names {
                 let q = quota::quota_of(&c.st, n).cloned().expect("quota");
                 let held = c.held(n);
-                prop_assert!(quota::within(n, &q, &held).is_ok(), "{n} over its quota {q:?}: {held:?}");
+                prop_assert!(quota::within(n, &quota::hard_limit(&q), &held).is_ok(), "{n} over its quota {q:?}: {held:?}");
             }
             if *finish {
                 if let Some(p) = plan.placements.first() {
@@ -416,4 +416,203 @@ fn a_registration_through_the_api_is_a_job_registered_event() {
     let batch = crate::events::batch_for(&c.st, c.index, &cmd, &c.st.touched);
     let types: Vec<&str> = batch.events.iter().filter(|e| e.topic == "Job").map(|e| e.r#type.as_str()).collect();
     assert_eq!(types, ["JobRegistered"]);
+}
+
+// ---- fair share: borrowing and taking back (issue 15 §6) ------------------------------------
+
+fn borrowing(quota_gpus: u64, borrow_gpus: u64) -> Option<QuotaSpec> {
+    Some(QuotaSpec {
+        gpus: Some(quota_gpus),
+        borrow: Some(mlp_proto::v1::QuotaBorrow { gpus: Some(borrow_gpus), ..Default::default() }),
+        ..Default::default()
+    })
+}
+
+fn prio(mut j: Job, priority: i32) -> Job {
+    j.priority = priority;
+    j
+}
+
+/// The live allocation ids of a job.
+fn live_of(c: &Cluster, ns: &str, id: &str) -> BTreeSet<String> {
+    c.st.allocs_for_job(ns, id).filter(|a| super::resources::is_live(a)).map(|a| a.id.clone()).collect()
+}
+
+#[test]
+fn a_namespace_borrows_idle_capacity_up_to_its_borrow_limit() {
+    let mut c = Cluster::new();
+    c.node("n1", 8, "A100");
+    c.namespace("team-a", borrowing(2, 4));
+    c.register(job("team-a", "a", vec![group("g", 8, 1, 0)]));
+    let plan = c.schedule("team-a", "a");
+    assert_eq!(plan.placements.len(), 6, "its quota of 2 and 4 borrowed");
+    let why = plan.failed_tg_allocs.get("g").expect("the rest is blocked").dimension_exhausted.keys().cloned().collect::<Vec<_>>();
+    assert!(why.iter().any(|w| w.contains("gpus 6/6")), "{why:?}");
+    let q = quota::quota_of(&c.st, "team-a").cloned().expect("quota");
+    assert!(quota::borrowing(&q, &c.held("team-a")));
+}
+
+#[test]
+fn an_owner_takes_its_share_back_from_a_borrower_whatever_the_priorities() {
+    let mut c = Cluster::new();
+    c.node("n1", 4, "A100");
+    c.namespace("team-a", borrowing(2, 2));
+    c.namespace("team-b", borrowing(2, 2));
+    c.register(prio(job("team-a", "a", vec![group("g", 4, 1, 0)]), 90));
+    assert_eq!(c.schedule("team-a", "a").placements.len(), 4, "team-a borrows the idle half");
+    // team-b's job, of lower priority, takes back what team-a borrowed, and no more.
+    c.register(prio(job("team-b", "b", vec![group("g", 3, 1, 0)]), 10));
+    let plan = c.schedule("team-b", "b");
+    assert_eq!(plan.placements.len(), 2, "{plan:?}");
+    assert_eq!(plan.preemptions.len(), 2, "{plan:?}");
+    assert_eq!(c.held("team-a").gpu_milli, 2000, "team-a keeps its quota");
+    assert_eq!(c.held("team-b").gpu_milli, 2000);
+    // team-b's third member would be borrowing, and nothing is idle: it waits; team-a keeps 2.
+    let again = c.schedule("team-b", "b");
+    assert!(again.placements.is_empty() && again.preemptions.is_empty(), "{again:?}");
+    assert_eq!(live_of(&c, "team-a", "a").len(), 2);
+}
+
+#[test]
+fn a_namespace_within_its_quota_keeps_it_against_other_namespaces_priorities() {
+    let mut c = Cluster::new();
+    c.node("n1", 4, "A100");
+    c.namespace("team-a", gpus(2));
+    c.register(prio(job("team-a", "a", vec![group("g", 2, 1, 0)]), 10));
+    c.register(prio(job("default", "low", vec![group("g", 2, 1, 0)]), 10));
+    assert_eq!(c.schedule("team-a", "a").placements.len(), 2);
+    assert_eq!(c.schedule("default", "low").placements.len(), 2);
+    // A high-priority job of a namespace without a quota may evict lower priorities of its own
+    // namespace (no quota there), never team-a's, which holds no more than its quota.
+    c.register(prio(job("default", "high", vec![group("g", 3, 1, 0)]), 100));
+    let plan = c.schedule("default", "high");
+    assert_eq!(plan.placements.len(), 2, "{plan:?}");
+    let victims: BTreeSet<String> = plan.preemptions.iter().map(|p| p.victim.clone()).collect();
+    assert!(victims.iter().all(|v| c.st.allocs[v].namespace == "default"), "{victims:?}");
+    assert_eq!(live_of(&c, "team-a", "a").len(), 2);
+}
+
+#[test]
+fn a_borrowed_gang_is_taken_back_whole_or_not_at_all() {
+    let mut c = Cluster::new();
+    c.node("n1", 2, "A100");
+    c.node("n2", 2, "A100");
+    c.namespace("team-a", borrowing(0, 4));
+    c.namespace("team-b", gpus(2));
+    let mut g = group("g", 4, 1, 0);
+    g.gang = true;
+    c.register(job("team-a", "gang", vec![g]));
+    assert_eq!(c.schedule("team-a", "gang").placements.len(), 4, "the gang borrows all four GPUs");
+    c.register(job("team-b", "b", vec![group("g", 1, 1, 0)]));
+    let plan = c.schedule("team-b", "b");
+    assert_eq!(plan.placements.len(), 1, "{plan:?}");
+    let victims: BTreeSet<String> = plan.preemptions.iter().map(|p| p.victim.clone()).collect();
+    assert_eq!(victims.len(), 4, "the whole gang, on both nodes, not one member: {victims:?}");
+    assert!(live_of(&c, "team-a", "gang").is_empty());
+}
+
+#[test]
+fn a_borrowing_gang_goes_whole_even_when_that_is_more_than_it_borrowed() {
+    let mut c = Cluster::new();
+    c.node("n1", 4, "A100");
+    // team-a's gang of 4 holds 2 of its own and 2 borrowed: taking it back whole would take
+    // team-a below its quota, and it may not be split.
+    c.namespace("team-a", borrowing(3, 1));
+    c.namespace("team-b", gpus(1));
+    let mut g = group("g", 4, 1, 0);
+    g.gang = true;
+    c.register(job("team-a", "gang", vec![g]));
+    assert_eq!(c.schedule("team-a", "gang").placements.len(), 4);
+    c.register(job("team-b", "b", vec![group("g", 1, 1, 0)]));
+    let plan = c.schedule("team-b", "b");
+    // Borrowing 1, team-a is still borrowing when its gang is looked at, so the gang goes, whole
+    // (never split, never one member for the one GPU asked).
+    let victims: BTreeSet<String> = plan.preemptions.iter().map(|p| p.victim.clone()).collect();
+    assert_eq!(victims.len(), 4, "{plan:?}");
+    assert_eq!(plan.placements.len(), 1);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Random GPU clusters, two namespaces with random GPU quotas and borrowing limits, random
+    /// jobs (whole GPUs, gangs, priorities) scheduled and applied, some finishing: after every
+    /// plan each namespace holds no more than its quota plus its borrowing limit, no gang is
+    /// split (its live members are none or all), and an allocation is evicted for another
+    /// namespace's job only if its own namespace was borrowing before the plan.
+    #[test]
+    fn borrowing_and_taking_back_keep_quotas_and_gangs(
+        nodes in prop::collection::vec(1usize..5, 1..4),
+        quotas in prop::collection::vec((0u64..5, 0u64..5), 2),
+        jobs in prop::collection::vec((0usize..2, 1u32..5, 1u32..3, any::<bool>(), 0i32..100, any::<bool>()), 1..12),
+    ) {
+        let mut c = Cluster::new();
+        for (i, gpus) in nodes.iter().enumerate() {
+            c.node(&format!("n{i}"), *gpus, "A100");
+        }
+        let names = ["team-a", "team-b"];
+        for (ns, (q, b)) in names.iter().zip(&quotas) {
+            c.namespace(ns, borrowing(*q, *b));
+        }
+        let mut gangs: Vec<(&str, String, usize)> = Vec::new();
+        for (j, (ns, count, gpus, gang, priority, finish)) in jobs.iter().enumerate() {
+            let ns = names[*ns];
+            let mut g = group("g", *count, *gpus, 0);
+            g.gang = *gang;
+            let id = format!("j{j}");
+            c.register(prio(job(ns, &id, vec![g]), *priority));
+            let borrowing_before: Vec<bool> = names
+                .iter()
+                .map(|n| quota::borrowing(&quota::quota_of(&c.st, n).cloned().expect("quota"), &c.held(n)))
+                .collect();
+            let plan = c.schedule(ns, &id);
+            for p in &plan.preemptions {
+                let victim_ns = c.st.allocs[&p.victim].namespace.clone();
+                if victim_ns != ns {
+                    let i = names.iter().position(|n| *n == victim_ns).expect("known namespace");
+                    prop_assert!(borrowing_before[i], "{victim_ns} lost {} to {ns} while within its quota", p.victim);
+                }
+            }
+            if *gang {
+                gangs.push((ns, id.clone(), *count as usize));
+            }
+            for (gns, gid, size) in &gangs {
+                let live = live_of(&c, gns, gid).len();
+                prop_assert!(live == 0 || live == *size, "gang {gns}/{gid} split: {live} of {size} live");
+            }
+            for n in names {
+                let q = quota::quota_of(&c.st, n).cloned().expect("quota");
+                let held = c.held(n);
+                prop_assert!(quota::within(n, &quota::hard_limit(&q), &held).is_ok(), "{n} over its hard limit {q:?}: {held:?}");
+            }
+            if *finish && !*gang {
+                if let Some(p) = plan.placements.first() {
+                    let id = p.id.clone();
+                    c.finish(&id);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn freed_capacity_goes_to_the_smallest_dominant_share_then_priority_order() {
+    let cap = Held { cpu_mhz: 10_000, memory_mib: 1000, gpu_milli: 8000, ..Default::default() };
+    // team-a's dominant resource is memory (50%), team-b's GPUs (25%).
+    let a = Held { cpu_mhz: 1000, memory_mib: 500, gpu_milli: 1000, ..Default::default() };
+    let b = Held { cpu_mhz: 1000, memory_mib: 100, gpu_milli: 2000, ..Default::default() };
+    assert!((quota::dominant_share(&a, &cap) - 0.5).abs() < 1e-9);
+    assert!((quota::dominant_share(&b, &cap) - 0.25).abs() < 1e-9);
+    assert_eq!(quota::dominant_share(&a, &Held::default()), 0.0, "a cluster with nothing counts nothing");
+    let share = |ns: &str| match ns {
+        "team-a" => 0.5,
+        "team-b" => 0.25,
+        _ => 0.0,
+    };
+    // The waiting evaluations in priority-then-submit order: team-b's first one wins over
+    // team-a's older ones; an empty namespace would win over both; ties keep the order.
+    assert_eq!(quota::next_fair(["team-a", "team-a", "team-b", "team-b"], share), Some(2));
+    assert_eq!(quota::next_fair(["team-a", "team-b", "idle"], share), Some(2));
+    assert_eq!(quota::next_fair(["team-a", "team-a"], share), Some(0));
+    assert_eq!(quota::next_fair(Vec::<&str>::new(), share), None);
 }
