@@ -2,6 +2,7 @@
 //! `mlp agent` processes with certificates made by `mlp tls`.
 
 mod common;
+mod prereq;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -9,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{wait_for, Dev, MLP};
+use common::{status, wait_for, Dev, MLP};
 use mlp_proto::v1::agent_service_client::AgentServiceClient;
 use mlp_proto::v1::client_service_client::ClientServiceClient;
 use mlp_proto::v1::cluster_service_client::ClusterServiceClient;
@@ -495,5 +496,168 @@ fn tls_three_servers_form_a_cluster_and_forward_over_tls() {
     assert!(out.status.success(), "job run through a follower: {}", String::from_utf8_lossy(&out.stderr));
     let out = cli(&follower, &["job", "status", "tls-hello"]);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("tls-hello"), "{}", String::from_utf8_lossy(&out.stderr));
+    drop(servers);
+}
+
+/// Issue 15's "done when": a three-server cluster with mutual TLS **and** ACLs on runs the main
+/// paths. Three `mlp server`s (TLS, `--acl-enabled`) and one `mlp agent` (agent certificate);
+/// every CLI call carries the client certificate and a token. ACLs are bootstrapped through a
+/// follower; a namespace with a CPU quota and a policy for it; with the team's token:
+/// `job run --wait` of an isolated `exec` batch job returns the task's exit code, logs, `alloc
+/// exec` into a running task, a job over the quota waits blocked with the reason; anonymous and
+/// out-of-namespace calls are refused. Then the leader is killed (-9): through a survivor the
+/// same token still works, and a new job runs to its exit code.
+#[test]
+fn three_servers_with_tls_and_acls_run_the_main_paths() {
+    assert!(prereq::require(&[prereq::Need::Root, prereq::Need::Cgroups]), "prerequisites missing");
+    let certs = Certs::new();
+    let dir = tempfile::Builder::new().prefix("mlp-tls-acl-ha-").tempdir().expect("tempdir");
+    let ports = free_ports(6);
+    let join: Vec<String> = ports[..3].iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut servers: Vec<Option<Guard>> = Vec::new();
+    for i in 0..3 {
+        let log = std::fs::File::create(dir.path().join(format!("s{i}.log"))).expect("log");
+        let child = Command::new(MLP)
+            .args(["server", "--grpc-addr", &join[i], "--http-addr", &format!("127.0.0.1:{}", ports[3 + i]), "--bootstrap-expect", "3"])
+            .args(["--join", &join.join(","), "--acl-enabled", "--data-dir"])
+            .arg(dir.path().join(format!("s{i}")))
+            .args(certs.flags("server"))
+            .env("MLP_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn server");
+        servers.push(Some(Guard(child)));
+    }
+    let agent_log = std::fs::File::create(dir.path().join("agent.log")).expect("log");
+    let _agent = Guard(
+        Command::new(MLP)
+            .args(["agent", "--servers", &join.join(","), "--node-name", "tls-acl", "--rpc-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("agent"))
+            .args(certs.flags("agent"))
+            .env("MLP_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(agent_log))
+            .spawn()
+            .expect("spawn agent"),
+    );
+    let cli = |addr: &str, token: &str, args: &[&str]| {
+        let mut c = Command::new(MLP);
+        c.args(args).env("MLP_ADDR", addr).envs(certs.cli_env()).env_remove("MLP_TOKEN").stdin(Stdio::null());
+        if !token.is_empty() {
+            c.env("MLP_TOKEN", token);
+        }
+        c.output().expect("run mlp")
+    };
+    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let ok = |addr: &str, token: &str, args: &[&str]| {
+        let out = cli(addr, token, args);
+        assert!(out.status.success(), "mlp {args:?} via {addr}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let field = |out: &str, name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().strip_prefix('=')).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("no {name} in {out}"))
+    };
+    // The leader as a server sees it (list-peers needs operator read: the management token).
+    let leader_via = |addr: &str, token: &str| {
+        let out = cli(addr, token, &["operator", "raft", "list-peers"]);
+        let t = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success() && t.lines().filter(|l| l.contains("true")).count() >= 2)
+            .then(|| t.lines().find(|l| l.contains("leader")).and_then(|l| l.split_whitespace().nth(1)).map(str::to_string))
+            .flatten()
+    };
+    // ACLs: bootstrapped (forwarded to the leader over TLS when join[0] is not it); then the
+    // rest goes through a follower. Anonymous calls are refused.
+    let root = wait_for("the ACL bootstrap once the cluster formed", Duration::from_secs(60), || {
+        let out = cli(&join[0], "", &["acl", "bootstrap"]);
+        out.status.success().then(|| field(&String::from_utf8_lossy(&out.stdout), "Secret ID"))
+    });
+    let first_leader = wait_for("the leader", Duration::from_secs(30), || leader_via(&join[0], &root));
+    let follower = join.iter().find(|a| **a != first_leader).expect("a follower").clone();
+    let anon = cli(&follower, "", &["job", "status"]);
+    assert!(!anon.status.success() && text(&anon).contains("permission denied"), "{}", text(&anon));
+    ok(&follower, &root, &["namespace", "apply", "team-a", "-cpu", "300"]);
+    let policy = dir.path().join("team-a.hcl");
+    std::fs::write(
+        &policy,
+        "namespace \"team-a\" {\n  capabilities = [\"submit-job\", \"read-job\", \"list-jobs\", \"read-logs\", \"alloc-exec\"]\n}\n",
+    )
+    .expect("policy");
+    ok(&follower, &root, &["acl", "policy", "apply", "team-a", policy.to_str().expect("path")]);
+    let team = field(&ok(&follower, &root, &["acl", "token", "create", "-policy", "team-a", "-name", "team-a"]), "Secret ID");
+    wait_for("the TLS agent's node to be ready", Duration::from_secs(60), || {
+        ok(&follower, &root, &["node", "status"]).contains("ready").then_some(())
+    });
+
+    let write_job = |name: &str, ty: &str, cpu: u32, script: &str| {
+        let path = dir.path().join(format!("{name}.hcl"));
+        let body = format!(
+            "job \"{name}\" {{\n  namespace = \"team-a\"\n  type = \"{ty}\"\n  group \"g\" {{\n    restart {{\n      attempts = 0\n      mode = \"fail\"\n    }}\n    \
+             task \"t\" {{\n      driver = \"exec\"\n      config {{\n        command = \"/bin/sh\"\n        args = [\"-c\", {script:?}]\n      }}\n      \
+             resources {{\n        cpu = {cpu}\n        memory = 32\n      }}\n    }}\n  }}\n}}\n"
+        );
+        std::fs::write(&path, body).expect("job file");
+        path.to_str().expect("path").to_string()
+    };
+    // `job run --wait` of an isolated batch job: the task's exit code is the CLI's.
+    let batch = write_job("main-path", "batch", 100, "echo main-path-output; exit 3");
+    let out = cli(&follower, &team, &["job", "run", "--wait", &batch]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&follower, &team, &["job", "status", "main-path", "--namespace", "team-a", "--json"])).expect("json");
+    let alloc = st["allocations"][0]["id"].as_str().expect("alloc id").to_string();
+    let logs = ok(&follower, &team, &["alloc", "logs", &alloc, "t"]);
+    assert!(logs.contains("main-path-output"), "{logs}");
+    // Out of its namespace the team's token is refused.
+    let other = cli(&follower, &team, &["job", "status", "--namespace", "default"]);
+    assert!(!other.status.success() && text(&other).contains("permission denied"), "{}", text(&other));
+
+    // alloc exec into a running task, through the servers to the agent, over TLS.
+    let svc = write_job("svc", "service", 100, "sleep 300");
+    ok(&follower, &team, &["job", "run", "--detach", &svc]);
+    let running = wait_for("svc running", Duration::from_secs(60), || {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&follower, &team, &["job", "status", "svc", "--namespace", "team-a", "--json"])).ok()?;
+        v["allocations"].as_array()?.iter().find(|a| status(a) == "running").and_then(|a| a["id"].as_str()).map(str::to_string)
+    });
+    let exec = ok(&follower, &team, &["alloc", "exec", "-i=false", &running, "--", "/bin/echo", "exec-with-tls-and-acls"]);
+    assert!(exec.contains("exec-with-tls-and-acls"), "{exec}");
+
+    // Over the namespace's CPU quota (100 held + 250 asked > 300): blocked, with the reason.
+    let big = write_job("too-big", "batch", 250, "true");
+    ok(&follower, &team, &["job", "run", "--detach", &big]);
+    wait_for("the over-quota job blocked on the quota", Duration::from_secs(60), || {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&follower, &team, &["job", "status", "too-big", "--namespace", "team-a", "--json"])).ok()?;
+        v["evaluations"]
+            .as_array()?
+            .iter()
+            .any(|e| e["status"] == "blocked" && e["quota_limit_reached"].as_str().is_some_and(|r| r.contains("cpu")))
+            .then_some(())
+    });
+
+    // kill -9 the leader: through a survivor, the same token works and a new job runs.
+    let i = join.iter().position(|a| *a == first_leader).expect("leader index");
+    if let Some(mut g) = servers[i].take() {
+        let _ = g.0.kill();
+        let _ = g.0.wait();
+        std::mem::forget(g);
+    }
+    let survivor = join.iter().find(|a| **a != first_leader).expect("survivor").clone();
+    wait_for("a new leader", Duration::from_secs(60), || leader_via(&survivor, &root).filter(|l| *l != first_leader));
+    let again = write_job("after-failover", "batch", 100, "echo after-failover; exit 5");
+    wait_for("job run --wait through a survivor with the same token", Duration::from_secs(60), || {
+        (cli(&survivor, &team, &["job", "run", "--wait", &again]).status.code() == Some(5)).then_some(())
+    });
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&survivor, &team, &["job", "status", "after-failover", "--namespace", "team-a", "--json"])).expect("json");
+    let alloc = st["allocations"][0]["id"].as_str().expect("alloc id").to_string();
+    assert!(ok(&survivor, &team, &["alloc", "logs", &alloc, "t"]).contains("after-failover"));
+    let anon = cli(&survivor, "", &["job", "status", "--namespace", "team-a"]);
+    assert!(!anon.status.success(), "ACLs are still on after the failover: {}", text(&anon));
     drop(servers);
 }
