@@ -196,6 +196,8 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
         JobCommand::Periodic(c) => crate::jobtypes::periodic(addr, c).await,
         JobCommand::Stop { name, purge, namespace, detach } => {
             let req = StopJobRequest { job_id: name.clone(), namespace: namespace.clone(), purge };
+            // A purge takes the job away: its allocations are read before, to follow them.
+            let before = if purge && !detach { crate::follow::before_stop(addr, &name, &namespace).await } else { None };
             let (mut c, resp) = with_failover(addr, |mut c| {
                 let req = req.clone();
                 async move { c.jobs.stop(req).await.map(tonic::Response::into_inner) }
@@ -205,7 +207,7 @@ async fn job(addr: &str, cmd: JobCommand) -> anyhow::Result<ExitCode> {
             if detach {
                 return Ok(ExitCode::SUCCESS);
             }
-            crate::follow::job_stopped(&mut c, &name, &namespace, &resp.eval_id, resp.index).await
+            crate::follow::job_stopped(&mut c, &name, &namespace, &resp.eval_id, resp.index, before).await
         }
         JobCommand::Revert { name, to_version, enforce_prior_version, namespace } => {
             crate::deployments::revert(addr, name, to_version, enforce_prior_version, namespace).await

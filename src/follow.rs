@@ -300,17 +300,31 @@ pub fn desc(d: &str) -> String {
 }
 
 /// Follows a stop until none of the job's allocations is live.
+/// A job's allocations read before a purge, which takes the job (and the read) away.
+pub struct BeforeStop(JobView, u64);
+
+/// Reads the job before it is purged (None when it cannot be read: the stop itself says why).
+pub async fn before_stop(addr: &str, name: &str, namespace: &str) -> Option<BeforeStop> {
+    let mut c = crate::client::connect(addr).await.ok()?;
+    JobView::read(&mut c, name, namespace).await.ok().map(|(v, i)| BeforeStop(v, i))
+}
+
 pub async fn job_stopped(
     c: &mut Clients,
     name: &str,
     namespace: &str,
     eval_id: &str,
     index: u64,
+    before: Option<BeforeStop>,
 ) -> anyhow::Result<std::process::ExitCode> {
     use std::process::ExitCode;
     let deadline = Instant::now() + Duration::from_secs(120);
-    // The allocations as of the stop's index, then their changes.
-    let (mut view, read_at) = JobView::read(c, name, namespace).await?;
+    // The allocations as of the stop's index (or, for a purge, as read before it), then their
+    // changes.
+    let (mut view, read_at) = match before {
+        Some(BeforeStop(view, at)) => (view, at),
+        None => JobView::read(c, name, namespace).await?,
+    };
     let mut f = Follower::new(c, &[("Evaluation", name), ("Allocation", name)], namespace, read_at.max(index));
     loop {
         let evaluated = view.evals.get(eval_id).is_some_and(|e| e.status != eval_status::PENDING);
@@ -327,11 +341,14 @@ pub async fn job_stopped(
             }
             Ok(next) => match next? {
                 Next::Batch(b) => view.apply(&b),
-                Next::Resync => {
-                    let (fresh, read_at) = JobView::read(c, name, namespace).await?;
-                    view = fresh;
-                    f.resume(read_at);
-                }
+                Next::Resync => match JobView::read(c, name, namespace).await {
+                    Ok((fresh, read_at)) => {
+                        view = fresh;
+                        f.resume(read_at);
+                    }
+                    // Purged: what is left to wait for is what the stream says.
+                    Err(_) => f.resume(index),
+                },
             },
         }
     }

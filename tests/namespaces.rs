@@ -296,6 +296,9 @@ fn borrowed_gpus_are_taken_back_and_freed_ones_go_by_dominant_share() {
     let ja = job_in(&dev, "team-a", "train");
     assert_eq!(evicted(&ja), 4, "no second eviction: the freed GPUs went by dominant share: {ja}");
     assert_eq!((share("team-a"), share("team-b")), (7000, 1000));
-    dev.ok(&["job", "stop", "train", "--namespace", "team-a", "--purge", "--detach"]);
+    // A purge followed to the end (no --detach): the job is gone, the command still succeeds
+    // once its allocations stopped.
+    let out = dev.ok(&["job", "stop", "train", "--namespace", "team-a", "--purge"]);
+    assert!(out.contains("All allocations of \"train\" have stopped"), "{out}");
     dev.ok(&["job", "stop", "eval2", "--namespace", "team-b", "--purge", "--detach"]);
 }
