@@ -688,7 +688,7 @@ pub enum AclTokenCommand {
 pub enum EventCommand {
     /// Print events as they happen, one JSON batch per line.
     Stream {
-        /// Topic to follow: Job, Evaluation, Allocation, Node or Service, optionally `Topic:key`
+        /// Topic to follow: Job, Evaluation, Allocation, Node, Service, Deployment or Namespace, optionally `Topic:key`
         /// (a job, evaluation, allocation or node id, or a service name; an allocation also
         /// matches its job's and node's id). Repeatable; none: every topic.
         #[arg(long = "topic")]

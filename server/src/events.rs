@@ -28,7 +28,9 @@ pub const TOPIC_NODE: &str = "Node";
 pub const TOPIC_SERVICE: &str = "Service";
 /// Deployments (issue 16 §1): key = deployment id, filter key = its job.
 pub const TOPIC_DEPLOYMENT: &str = "Deployment";
-pub const TOPICS: [&str; 6] = [TOPIC_JOB, TOPIC_EVALUATION, TOPIC_ALLOCATION, TOPIC_NODE, TOPIC_SERVICE, TOPIC_DEPLOYMENT];
+/// Namespaces (issue 15 §5): key = the namespace's name, payload = the namespace with its quota.
+pub const TOPIC_NAMESPACE: &str = "Namespace";
+pub const TOPICS: [&str; 7] = [TOPIC_JOB, TOPIC_EVALUATION, TOPIC_ALLOCATION, TOPIC_NODE, TOPIC_SERVICE, TOPIC_DEPLOYMENT, TOPIC_NAMESPACE];
 
 /// Batches one subscriber may have queued before it is cut off.
 pub const SUBSCRIBER_QUEUE: usize = 1024;
@@ -344,6 +346,22 @@ pub fn batch_for(st: &ClusterState, index: u64, command: &Command, touched: &Tou
             deployment: Some(d.clone()),
             ..Default::default()
         });
+    }
+    // Namespaces: the command names the one it changed (an entry the state refused changed none,
+    // and left its modify index elsewhere). A deletion is in `touched.deleted` (NamespaceDeleted),
+    // recorded only when it was applied.
+    if let Command::UpsertNamespace { namespace } = command {
+        if let Some(ns) = st.namespaces.get(&namespace.name).filter(|n| n.modify_index == index) {
+            events.push(Event {
+                topic: TOPIC_NAMESPACE.into(),
+                r#type: "NamespaceUpserted".into(),
+                key: ns.name.clone(),
+                namespace: ns.name.clone(),
+                index,
+                namespace_object: Some(ns.clone()),
+                ..Default::default()
+            });
+        }
     }
     for d in &touched.deleted {
         let kind = match command {

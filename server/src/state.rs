@@ -850,6 +850,12 @@ impl ClusterState {
             Command::DeleteNamespace { name } => match crate::namespace::deletable(self, name) {
                 Ok(()) => {
                     self.namespaces.remove(name);
+                    self.touched.deleted.push(Deleted {
+                        topic: crate::events::TOPIC_NAMESPACE,
+                        key: name.clone(),
+                        namespace: name.clone(),
+                        filter_keys: Vec::new(),
+                    });
                 }
                 Err(e) => resp.error = Some(e),
             },

@@ -616,3 +616,31 @@ fn freed_capacity_goes_to_the_smallest_dominant_share_then_priority_order() {
     assert_eq!(quota::next_fair(["team-a", "team-a"], share), Some(0));
     assert_eq!(quota::next_fair(Vec::<&str>::new(), share), None);
 }
+
+#[test]
+fn namespace_changes_are_events() {
+    let mut c = Cluster::new();
+    let cmd = Command::UpsertNamespace { namespace: Namespace { name: "team-a".into(), quota: gpus(2), ..Default::default() } };
+    c.apply(cmd.clone());
+    let batch = crate::events::batch_for(&c.st, c.index, &cmd, &c.st.touched);
+    let e = batch.events.iter().find(|e| e.topic == crate::events::TOPIC_NAMESPACE).expect("an upsert event");
+    assert_eq!((e.r#type.as_str(), e.key.as_str(), e.namespace.as_str()), ("NamespaceUpserted", "team-a", "team-a"));
+    assert_eq!(e.namespace_object.as_ref().and_then(|n| n.quota.as_ref()).and_then(|q| q.gpus), Some(2));
+    // A refused change (an invalid quota) is no event.
+    let bad = Command::UpsertNamespace {
+        namespace: Namespace {
+            name: "team-a".into(),
+            quota: Some(QuotaSpec { gpus: Some(1), gpu_milli: Some(5), ..Default::default() }),
+            ..Default::default()
+        },
+    };
+    assert!(c.try_apply(bad.clone()).is_some());
+    assert!(crate::events::batch_for(&c.st, c.index, &bad, &c.st.touched).events.is_empty());
+    let del = Command::DeleteNamespace { name: "team-a".into() };
+    c.apply(del.clone());
+    let batch = crate::events::batch_for(&c.st, c.index, &del, &c.st.touched);
+    assert_eq!(batch.events.iter().map(|e| (e.topic.as_str(), e.r#type.as_str())).collect::<Vec<_>>(), [("Namespace", "NamespaceDeleted")]);
+    // Deleting one that does not exist is refused and is no event.
+    assert!(c.try_apply(del.clone()).is_some());
+    assert!(crate::events::batch_for(&c.st, c.index, &del, &c.st.touched).events.is_empty());
+}
