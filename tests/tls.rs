@@ -16,7 +16,7 @@ use mlp_proto::v1::cluster_service_client::ClusterServiceClient;
 use mlp_proto::v1::node_service_client::NodeServiceClient;
 use mlp_proto::v1::raft_service_client::RaftServiceClient;
 use mlp_proto::v1::{
-    ForwardRequest, GetNodeRequest, HeartbeatRequest, JoinRequest, ListNodesRequest, ListPeersRequest, LogsRequest, Node, RaftPayload,
+    ForwardRequest, GetBlobRequest, GetNodeRequest, HeartbeatRequest, JoinRequest, ListNodesRequest, ListPeersRequest, LogsRequest, Node, RaftPayload,
     RegisterNodeRequest, UpdateAllocsRequest, WatchAllocationsRequest,
 };
 use mlp_tls::{Role, Tls, TlsFiles};
@@ -172,6 +172,9 @@ fn tls_refuses_plaintext_and_callers_without_the_role_and_runs_a_job() {
         // Server-to-server RPCs refuse a client certificate: Raft, Join, a forged Forward.
         let r = RaftServiceClient::new(ch.clone()).append_entries(RaftPayload { data: b"{}".to_vec() }).await;
         assert_eq!(code(r), Code::PermissionDenied, "AppendEntries from a client certificate");
+        // Artifact blobs travel between servers only.
+        let r = RaftServiceClient::new(ch.clone()).get_blob(GetBlobRequest { sha256: "0".repeat(64) }).await;
+        assert_eq!(code(r), Code::PermissionDenied, "GetBlob from a client certificate");
         let r = ClusterServiceClient::new(ch.clone()).join(JoinRequest { id: 4242, addr: "127.0.0.1:1".into() }).await;
         assert_eq!(code(r), Code::PermissionDenied, "Join from a client certificate");
         let forged = br#"{"now_ms":1,"command":{"UpsertEvals":{"evals":[]}}}"#.to_vec();
