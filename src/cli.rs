@@ -206,7 +206,8 @@ impl MlflowArtifactArgs {
                 anyhow::bail!("--s3-endpoint {e:?}: expected an http:// or https:// URL");
             }
         }
-        let store = StoreConfig::parse(&self.artifact_store, self.s3_endpoint.clone(), self.s3_region.clone()).map_err(anyhow::Error::msg)?;
+        let store =
+            StoreConfig::parse(&self.artifact_store, self.s3_endpoint.clone(), self.s3_region.clone()).map_err(anyhow::Error::msg)?;
         if matches!(store, StoreConfig::Disk) && (self.s3_endpoint.is_some() || self.s3_region.is_some()) {
             anyhow::bail!("--s3-endpoint and --s3-region need --artifact-store s3://...");
         }

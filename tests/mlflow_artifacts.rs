@@ -137,11 +137,7 @@ impl Cluster {
     }
 
     fn spawn(&mut self, i: usize) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("server{i}.log")))
-            .expect("log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("server{i}.log"))).expect("log");
         let child = Command::new(MLP)
             .args(["server", "--bootstrap-expect", "3", "--join", &self.grpc.join(",")])
             .args(["--grpc-addr", &self.grpc[i], "--http-addr", &self.http[i]])
@@ -299,7 +295,11 @@ fn venv_with_moto() -> (PathBuf, PathBuf) {
     let probe = Command::new(&python).args(["-c", "import mlflow, requests, moto, flask"]).output();
     match probe {
         Ok(o) if o.status.success() => {}
-        Ok(o) => panic!("mlflow-skinny or moto[server] is not installed in {}: {}; {how}", venv.display(), String::from_utf8_lossy(&o.stderr).trim()),
+        Ok(o) => panic!(
+            "mlflow-skinny or moto[server] is not installed in {}: {}; {how}",
+            venv.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
         Err(e) => panic!("{} does not run ({e}); {how}", python.display()),
     }
     assert!(moto.exists(), "missing {}: {how}", moto.display());

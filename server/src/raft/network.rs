@@ -218,7 +218,10 @@ fn encode<T: Serialize>(result: &T) -> Result<tonic::Response<RaftPayload>, toni
 impl RaftService for RaftGrpcService {
     type GetBlobStream = futures::stream::BoxStream<'static, Result<BlobChunk, tonic::Status>>;
 
-    async fn put_blob(&self, request: tonic::Request<tonic::Streaming<BlobChunk>>) -> Result<tonic::Response<PutBlobResponse>, tonic::Status> {
+    async fn put_blob(
+        &self,
+        request: tonic::Request<tonic::Streaming<BlobChunk>>,
+    ) -> Result<tonic::Response<PutBlobResponse>, tonic::Status> {
         let store = self.artifacts.as_ref().ok_or_else(|| tonic::Status::unimplemented("no artifact store"))?;
         store.receive_push(request.into_inner()).await.map(tonic::Response::new)
     }

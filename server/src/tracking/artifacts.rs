@@ -214,8 +214,7 @@ impl ArtifactIndex {
         let mut from = prefix.clone();
         // Each directory costs one range lookup, not one step per file under it: after a
         // directory `d`, go on from `d0` (`'0'` is the character after `'/'`).
-        loop {
-            let Some((k, p)) = self.files.range(from.clone()..).next() else { break };
+        while let Some((k, p)) = self.files.range(from.clone()..).next() {
             let Some(rest) = k.strip_prefix(&prefix) else { break };
             match rest.split_once('/') {
                 Some((dir, _)) => {
@@ -645,7 +644,7 @@ impl ArtifactService {
                     .await
                     .map_err(|s| ArtifactError::Upload(s.message().to_string()))?
                     .into_inner();
-                let mut data = stream.map(|c| c.map(|c| bytes::Bytes::from(c.data)));
+                let mut data = stream.map(|c| c.map(|c| bytes::Bytes::from(c.data)).map_err(|s| s.message().to_string()));
                 let staged = self.receive(&mut data, Some((&p.sha256, p.size))).await?;
                 self.install(&staged).await
             };
@@ -665,6 +664,8 @@ impl ArtifactService {
 
     /// `PutBlob`: a peer's push. The first chunk names the blob; a blob already here is
     /// acknowledged without reading the rest.
+    // `tonic::Status` is what the generated service trait returns; boxing it buys nothing.
+    #[allow(clippy::result_large_err)]
     pub async fn receive_push(&self, mut chunks: tonic::Streaming<BlobChunk>) -> Result<PutBlobResponse, tonic::Status> {
         if !matches!(self.backend, BlobBackend::Disk) {
             return Err(tonic::Status::failed_precondition("this server keeps artifact blobs in an object store"));
@@ -695,6 +696,7 @@ impl ArtifactService {
     }
 
     /// `GetBlob`: a local blob, in chunks (the first names it).
+    #[allow(clippy::result_large_err)]
     pub async fn serve_blob(
         &self,
         req: GetBlobRequest,
@@ -720,8 +722,7 @@ impl ArtifactService {
     /// period (and stale temporary files): on this server's disk; in the bucket when this
     /// server leads. Answers how many blobs went.
     pub async fn gc_once(&self) -> Result<usize, ArtifactError> {
-        let referenced: HashSet<String> =
-            self.state.read().tracking.artifacts.referenced().into_iter().map(str::to_string).collect();
+        let referenced: HashSet<String> = self.state.read().tracking.artifacts.referenced().into_iter().map(str::to_string).collect();
         let grace = self.settings.gc_grace;
         let old = |t: SystemTime| SystemTime::now().duration_since(t).is_ok_and(|age| age >= grace);
         let mut removed = 0;
@@ -769,9 +770,12 @@ impl ArtifactService {
         }
         if let Ok(mut rd) = tokio::fs::read_dir(self.tmp_dir()).await {
             while let Some(e) = rd.next_entry().await? {
-                if e.metadata().await.ok().and_then(|m| m.modified().ok()).is_some_and(|t| {
-                    SystemTime::now().duration_since(t).is_ok_and(|age| age >= grace.max(Duration::from_secs(24 * 3600)))
-                }) {
+                if e.metadata()
+                    .await
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .is_some_and(|t| SystemTime::now().duration_since(t).is_ok_and(|age| age >= grace.max(Duration::from_secs(24 * 3600))))
+                {
                     let _ = tokio::fs::remove_file(e.path()).await;
                 }
             }
@@ -815,9 +819,9 @@ async fn push(mut client: RaftServiceClient<Channel>, file: PathBuf, p: Pointer)
     let f = tokio::fs::File::open(&file).await.map_err(|e| format!("opening {}: {e}", file.display()))?;
     let head = futures::stream::iter([BlobChunk { sha256: p.sha256.clone(), size: p.size, data: Vec::new() }]);
     // A read error ends the stream early; the receiver then refuses the short blob.
-    let body = file_stream(f).take_while(|r| futures::future::ready(r.is_ok())).filter_map(|r| async move {
-        r.ok().map(|b| BlobChunk { sha256: String::new(), size: 0, data: b.to_vec() })
-    });
+    let body = file_stream(f)
+        .take_while(|r| futures::future::ready(r.is_ok()))
+        .filter_map(|r| async move { r.ok().map(|b| BlobChunk { sha256: String::new(), size: 0, data: b.to_vec() }) });
     client.put_blob(head.chain(body)).await.map(|_| ()).map_err(|s| format!("{:?}: {}", s.code(), s.message()))
 }
 
