@@ -275,6 +275,28 @@ fn mlflow_artifacts_survive_a_leader_kill_and_need_a_quorum() {
     assert_eq!(download(&c.http[a], &format!("{run}/notes.txt")).1, small);
 }
 
+#[test]
+fn mlflow_artifacts_of_an_older_version_are_imported() {
+    // What an mlp from before the replicated index left: a pointer file by path, the blob by hash.
+    let mut dev = Dev::start();
+    dev.kill9();
+    let data = bytes(70_000, 3);
+    let h = sha(&data);
+    let root = dev.data_dir().join("server").join("artifacts");
+    let blob = root.join("blobs").join(&h[..2]).join(&h);
+    std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
+    std::fs::write(&blob, &data).unwrap();
+    let pointer = root.join("paths").join("0").join("old").join("artifacts").join("m.bin");
+    std::fs::create_dir_all(pointer.parent().unwrap()).unwrap();
+    std::fs::write(&pointer, serde_json::json!({ "sha256": h, "size": data.len() }).to_string()).unwrap();
+    dev.spawn();
+    wait_for("the older artifact imported", Duration::from_secs(30), || {
+        (list(&dev.http, "0/old/artifacts") == vec![("m.bin".to_string(), false, Some(data.len() as u64))]).then_some(())
+    });
+    assert_eq!(download(&dev.http, "0/old/artifacts/m.bin"), (200, data));
+    wait_for("the pointer files removed", Duration::from_secs(10), || (!root.join("paths").exists()).then_some(()));
+}
+
 // ---- S3 through moto and MLflow's own client ----
 
 fn venv() -> PathBuf {

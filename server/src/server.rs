@@ -233,7 +233,14 @@ impl Server {
             }
         }));
 
-        let artifact_gc = artifacts.clone().gc_loop();
+        let (a, artifact_gc) = (artifacts.clone(), artifacts.clone().gc_loop());
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = a.import_legacy() => {}
+                _ = rx.wait_for(|s| *s) => {}
+            }
+        }));
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             tokio::select! {

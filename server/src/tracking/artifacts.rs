@@ -716,6 +716,86 @@ impl ArtifactService {
         Ok(head.chain(body).boxed())
     }
 
+    // ---- artifacts of older versions ----
+
+    /// Imports what an mlp from before the replicated index stored on this server alone
+    /// (pointer files under `<root>/paths/`, blobs in the same `blobs/` layout): each blob is
+    /// pushed to a quorum and its entry committed (unless the path is taken already), then the
+    /// pointer file goes. Retries while there is no leader or quorum; answers how many
+    /// artifacts were imported.
+    pub async fn import_legacy(&self) -> usize {
+        let paths = self.root.join("paths");
+        if tokio::fs::metadata(&paths).await.is_err() {
+            return 0;
+        }
+        let (mut imported, mut left) = (0, 0);
+        let mut stack = vec![paths.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(mut rd) = tokio::fs::read_dir(&dir).await else { continue };
+            while let Ok(Some(e)) = rd.next_entry().await {
+                let Ok(ft) = e.file_type().await else { continue };
+                if ft.is_dir() {
+                    stack.push(e.path());
+                    continue;
+                }
+                let Some(path) = e.path().strip_prefix(&paths).ok().and_then(|p| p.to_str()).map(str::to_string) else { continue };
+                let Ok(text) = tokio::fs::read(e.path()).await else { continue };
+                let Ok(p) = serde_json::from_slice::<Pointer>(&text) else { continue };
+                if !is_sha256(&p.sha256) || tokio::fs::metadata(self.blob_path(&p.sha256)).await.is_err() {
+                    tracing::warn!(path, "an older artifact's blob is missing: not imported");
+                    continue;
+                }
+                let mut pause = Duration::from_millis(500);
+                let mut done = false;
+                for _ in 0..30 {
+                    if self.state.read().tracking.artifacts.check_put(&path).is_err() {
+                        done = true;
+                        break;
+                    }
+                    let cmd = super::TrackingCommand::PutArtifact { path: path.clone(), sha256: p.sha256.clone(), size: p.size };
+                    let req = crate::state::Request { now_ms: crate::leader::now_ms(), command: crate::state::Command::Tracking(cmd) };
+                    let durable = match &self.backend {
+                        BlobBackend::Disk => self.replicate(&p).await,
+                        BlobBackend::S3 { store, prefix } => {
+                            let staged = Staged { tmp: self.blob_path(&p.sha256), sha256: p.sha256.clone(), size: p.size };
+                            self.s3_put(store.as_ref(), &Self::s3_key(prefix, &p.sha256), &staged).await
+                        }
+                    };
+                    let r = match durable {
+                        Ok(()) => self.raft.submit(req).await.map(|_| ()).map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    match r {
+                        Ok(()) => {
+                            imported += 1;
+                            done = true;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::debug!(path, error = e, "importing an older artifact: retrying");
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_secs(10));
+                        }
+                    }
+                }
+                if done {
+                    let _ = tokio::fs::remove_file(e.path()).await;
+                } else {
+                    left += 1;
+                }
+            }
+        }
+        if imported > 0 {
+            tracing::info!(artifacts = imported, "imported artifacts stored by an older version into the replicated index");
+        }
+        if left == 0 {
+            let _ = tokio::fs::remove_dir_all(&paths).await;
+        } else {
+            tracing::warn!(artifacts = left, "artifacts of an older version not imported yet (no quorum): retried at the next start");
+        }
+        imported
+    }
+
     // ---- GC ----
 
     /// One sweep: deletes the blobs no index entry names that are older than the grace
@@ -727,6 +807,9 @@ impl ArtifactService {
         let old = |t: SystemTime| SystemTime::now().duration_since(t).is_ok_and(|age| age >= grace);
         let mut removed = 0;
         match &self.backend {
+            // Not while artifacts of an older version wait to be imported: their blobs are
+            // named by no index entry yet.
+            BlobBackend::Disk if tokio::fs::metadata(self.root.join("paths")).await.is_ok() => {}
             BlobBackend::Disk => {
                 let root = self.root.join("blobs");
                 let mut fans = match tokio::fs::read_dir(&root).await {
