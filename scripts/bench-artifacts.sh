@@ -18,18 +18,20 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$out"
+  [ -n "${KEEP:-}" ] || rm -rf "$out"
 }
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-start() { # n servers; prints the first one's HTTP address
+start() { # n servers; sets ADDR to the first one's HTTP address
   local n=$1 grpc=() http=() i
   for ((i = 0; i < n; i++)); do grpc+=("127.0.0.1:$(port)"); http+=("127.0.0.1:$(port)"); done
   local join
   join=$(IFS=,; echo "${grpc[*]}")
   for ((i = 0; i < n; i++)); do
-    "$MLP" server --bootstrap-expect "$n" --join "$join" --grpc-addr "${grpc[$i]}" --http-addr "${http[$i]}" \
+    local j=()
+    [ "$n" -gt 1 ] && j=(--join "$join")
+    "$MLP" server --bootstrap-expect "$n" "${j[@]}" --grpc-addr "${grpc[$i]}" --http-addr "${http[$i]}" \
       --data-dir "$out/c$n-s$i" >"$out/c$n-s$i.log" 2>&1 &
     pids+=($!)
   done
@@ -37,19 +39,20 @@ start() { # n servers; prints the first one's HTTP address
     MLP_ADDR="$join" "$MLP" operator raft list-peers --json 2>/dev/null | grep -q '"leader": *true' && break
     sleep 0.1
   done
-  echo "${http[0]}"
+  ADDR="${http[0]}"
 }
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 bench() { # label http-addr
-  local label=$1 addr=$2 up=() down=() r
+  local label=$1 addr=$2 up=() down=() r name
+  name=${label// /-}
   for ((r = 0; r < ROUNDS; r++)); do
     head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom >"$out/blob"
     local t
-    t=$(curl -sS -o /dev/null -w '%{time_total}' --fail -T "$out/blob" "http://$addr/api/2.0/mlflow-artifacts/artifacts/0/bench/artifacts/$label-$r")
+    t=$(curl -sS -o /dev/null -w '%{time_total}' --fail -T "$out/blob" "http://$addr/api/2.0/mlflow-artifacts/artifacts/0/bench/artifacts/$name-$r")
     up+=("$(awk -v s="$SIZE_MIB" -v t="$t" 'BEGIN {printf "%.0f", s / t}')")
-    t=$(curl -sS -o /dev/null -w '%{time_total}' --fail "http://$addr/api/2.0/mlflow-artifacts/artifacts/0/bench/artifacts/$label-$r")
+    t=$(curl -sS -o /dev/null -w '%{time_total}' --fail "http://$addr/api/2.0/mlflow-artifacts/artifacts/0/bench/artifacts/$name-$r")
     down+=("$(awk -v s="$SIZE_MIB" -v t="$t" 'BEGIN {printf "%.0f", s / t}')")
   done
   printf '%-22s upload MiB/s: %-16s median %-6s download MiB/s: %-16s median %s\n' "$label" "${up[*]}" \
@@ -57,5 +60,7 @@ bench() { # label http-addr
 }
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); ${SIZE_MIB} MiB per artifact; $MLP"
-bench "1 server" "$(start 1)"
-bench "3 servers (quorum)" "$(start 3)"
+start 1
+bench "1 server" "$ADDR"
+start 3
+bench "3 servers (quorum)" "$ADDR"
