@@ -13,7 +13,9 @@
 //!   - `S3`: an S3-compatible bucket (`object_store`), key `<prefix>/<sha256>`; the servers'
 //!     disks only stage uploads while they are hashed.
 //! * GC ([`ArtifactService::gc_once`]): a blob no index entry names and older than the grace
-//!   period is deleted, by every server on its own disk, and by the leader in the bucket.
+//!   period is deleted, by every server on its own disk, and by the leader in the bucket; each
+//!   sweep first waits for a linearizable read, so that a server that restarted and has not
+//!   re-applied its log yet takes nothing for unreferenced.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
@@ -802,6 +804,12 @@ impl ArtifactService {
     /// period (and stale temporary files): on this server's disk; in the bucket when this
     /// server leads. Answers how many blobs went.
     pub async fn gc_once(&self) -> Result<usize, ArtifactError> {
+        // Only with a state as recent as the leader's commit index: a server that restarted and
+        // has not re-applied its log yet (or lags) must not take its blobs for unreferenced.
+        if let Err(e) = self.raft.linearizable_read().await {
+            tracing::debug!(error = %e, "artifact GC skipped: the local state is not known to be current");
+            return Ok(0);
+        }
         let referenced: HashSet<String> = self.state.read().tracking.artifacts.referenced().into_iter().map(str::to_string).collect();
         let grace = self.settings.gc_grace;
         let old = |t: SystemTime| SystemTime::now().duration_since(t).is_ok_and(|age| age >= grace);
@@ -868,7 +876,8 @@ impl ArtifactService {
 
     /// Sweeps every [`ArtifactSettings::gc_interval`], forever.
     pub async fn gc_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.settings.gc_interval());
+        let every = self.settings.gc_interval();
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
