@@ -66,12 +66,38 @@ fn upload(addr: &str, path: &str, body: &[u8]) -> (u16, String) {
     (s, String::from_utf8_lossy(&b).into_owned())
 }
 
+/// An upload expected to succeed: retried (for up to 30 s) while the server answers 503, as
+/// MLflow's client does (an upload is idempotent: same path, same bytes).
+fn upload_ok(addr: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, b) = upload(addr, path, body);
+        if s != 503 || Instant::now() > deadline {
+            return (s, b);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A read: retried (for up to 30 s) while the server answers 503, as MLflow's client retries
+/// `TEMPORARILY_UNAVAILABLE` (a leader briefly unsure of its quorum on a loaded machine).
+fn read(addr: &str, path: &str) -> (u16, Vec<u8>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, b) = http(addr, "GET", path, b"");
+        if s != 503 || Instant::now() > deadline {
+            return (s, b);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn download(addr: &str, path: &str) -> (u16, Vec<u8>) {
-    http(addr, "GET", &format!("{ART}/{path}"), b"")
+    read(addr, &format!("{ART}/{path}"))
 }
 
 fn list(addr: &str, dir: &str) -> Vec<(String, bool, Option<u64>)> {
-    let (s, b) = http(addr, "GET", &format!("{ART}?path={dir}"), b"");
+    let (s, b) = read(addr, &format!("{ART}?path={dir}"));
     assert_eq!(s, 200, "list {dir} on {addr}: {}", String::from_utf8_lossy(&b));
     let v: serde_json::Value = serde_json::from_slice(&b).expect("json");
     v["files"]
@@ -205,10 +231,18 @@ fn mlflow_artifacts_survive_a_leader_kill_and_need_a_quorum() {
     // Through a follower and through the leader; a 3 MiB file crosses many chunks.
     let big = bytes(3 * 1024 * 1024 + 17, 1);
     let small = b"hello from the follower".to_vec();
-    let (s, b) = upload(&c.http[follower], &format!("{run}/model/weights.bin"), &big);
+    let (s, b) = upload_ok(&c.http[follower], &format!("{run}/model/weights.bin"), &big);
     assert_eq!(s, 200, "upload through a follower: {b}\n{}", c.logs());
-    let (s, b) = upload(&c.http[leader], &format!("{run}/notes.txt"), &small);
+    let (s, b) = upload_ok(&c.http[leader], &format!("{run}/notes.txt"), &small);
     assert_eq!(s, 200, "upload through the leader: {b}\n{}", c.logs());
+    // The same bytes again, through the third server, all of whose peers have them already
+    // (they answer the push before reading it): one blob, two paths.
+    let third = (leader + 2) % 3;
+    let big_again = bytes(3 * 1024 * 1024 + 17, 1);
+    let (s, b) = upload_ok(&c.http[third], &format!("{run}/model/copy.bin"), &big_again);
+    assert_eq!(s, 200, "upload of known bytes: {b}\n{}", c.logs());
+    let (s, b) = http(&c.http[third], "DELETE", &format!("{ART}/{run}/model/copy.bin"), b"");
+    assert_eq!(s, 200, "delete the copy: {}", String::from_utf8_lossy(&b));
     // Acknowledged means on a majority: the receiver and at least one more.
     for (what, data) in [("big", &big), ("small", &small)] {
         let holders = (0..3).filter(|i| c.blob_file(*i, &sha(data)).exists()).count();
@@ -259,7 +293,7 @@ fn mlflow_artifacts_survive_a_leader_kill_and_need_a_quorum() {
         assert_eq!(download(&c.http[*i], &format!("{run}/lonely.bin")).0, 404);
     }
     // Now it goes through (two of three voters take it).
-    let (s, b) = upload(&c.http[a], &format!("{run}/lonely.bin"), &lonely);
+    let (s, b) = upload_ok(&c.http[a], &format!("{run}/lonely.bin"), &lonely);
     assert_eq!(s, 200, "upload with a quorum back: {b}\n{}", c.logs());
 
     // GC: deleting the artifacts frees their blobs on every live server (grace 2 s).
