@@ -429,7 +429,8 @@ impl ArtifactService {
         tokio::fs::create_dir_all(&dir).await?;
         let tmp = dir.join(uuid::Uuid::new_v4().simple().to_string());
         let result = async {
-            let mut file = tokio::fs::File::create(&tmp).await?;
+            // Batched: an HTTP body arrives in frames of a few KiB, each write a blocking-pool trip.
+            let mut file = tokio::io::BufWriter::with_capacity(1024 * 1024, tokio::fs::File::create(&tmp).await?);
             let mut hasher = Sha256::new();
             let mut size: u64 = 0;
             let limit = expect.map_or(self.settings.max_bytes, |(_, n)| n);
@@ -445,7 +446,8 @@ impl ArtifactService {
                 hasher.update(&chunk);
                 file.write_all(&chunk).await?;
             }
-            file.sync_all().await?;
+            file.flush().await?;
+            file.get_mut().sync_all().await?;
             let sha256: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
             if let Some((want, n)) = expect {
                 if size != n || sha256 != want {
