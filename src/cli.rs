@@ -139,6 +139,8 @@ pub struct ServerArgs {
     pub preemption: PreemptionArgs,
     #[command(flatten)]
     pub gc: GcArgs,
+    #[command(flatten)]
+    pub mlflow_artifacts: MlflowArtifactArgs,
     /// Require ACL tokens (docs/acl.md): every API request needs a token whose policies allow
     /// it; agents' and servers' own RPCs are not token-checked.
     #[arg(long)]
@@ -168,6 +170,53 @@ pub struct GcArgs {
     /// (`--index`); a client further behind must read the state again.
     #[arg(long, default_value_t = mlp_server::events::DEFAULT_BUFFER_EVENTS)]
     pub event_buffer: usize,
+}
+
+/// Where MLflow artifact uploads go (docs/tracking.md, "Artifacts"): the servers' disks,
+/// replicated to a quorum (default), or an S3-compatible bucket.
+#[derive(Debug, Args, Clone)]
+pub struct MlflowArtifactArgs {
+    /// `disk` (blobs on the servers, each on a majority of them before an upload is
+    /// acknowledged) or `s3://BUCKET[/PREFIX]` (credentials from AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN).
+    #[arg(long, default_value = "disk", value_name = "STORE")]
+    pub artifact_store: String,
+    /// The S3 endpoint URL, for S3-compatible servers (default: AWS, or AWS_ENDPOINT_URL).
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// The bucket's region (default: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1).
+    #[arg(long, value_name = "REGION")]
+    pub s3_region: Option<String>,
+    /// Largest MLflow artifact accepted in one upload, in MiB.
+    #[arg(long, default_value_t = 16 * 1024)]
+    pub tracking_artifact_max_mib: u64,
+    /// How old a blob that no artifact names any more must be before it is deleted.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub artifact_gc_grace: std::time::Duration,
+}
+
+impl MlflowArtifactArgs {
+    pub fn settings(&self) -> anyhow::Result<mlp_server::tracking::artifacts::ArtifactSettings> {
+        use mlp_server::tracking::artifacts::{ArtifactSettings, StoreConfig};
+        if self.tracking_artifact_max_mib == 0 {
+            anyhow::bail!("--tracking-artifact-max-mib must be at least 1");
+        }
+        if let Some(e) = &self.s3_endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                anyhow::bail!("--s3-endpoint {e:?}: expected an http:// or https:// URL");
+            }
+        }
+        let store =
+            StoreConfig::parse(&self.artifact_store, self.s3_endpoint.clone(), self.s3_region.clone()).map_err(anyhow::Error::msg)?;
+        if matches!(store, StoreConfig::Disk) && (self.s3_endpoint.is_some() || self.s3_region.is_some()) {
+            anyhow::bail!("--s3-endpoint and --s3-region need --artifact-store s3://...");
+        }
+        Ok(ArtifactSettings {
+            store,
+            max_bytes: self.tracking_artifact_max_mib.saturating_mul(1024 * 1024),
+            gc_grace: self.artifact_gc_grace,
+        })
+    }
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -593,6 +642,8 @@ pub struct DevArgs {
     pub preemption: PreemptionArgs,
     #[command(flatten)]
     pub gc: GcArgs,
+    #[command(flatten)]
+    pub mlflow_artifacts: MlflowArtifactArgs,
     #[command(flatten)]
     pub oci: OciArgs,
     #[command(flatten)]

@@ -64,6 +64,7 @@ async fn start_server(
     overlay: &crate::cli::OverlayArgs,
     tls: Option<std::sync::Arc<mlp_tls::Tls>>,
     acl_enabled: bool,
+    artifacts: &crate::cli::MlflowArtifactArgs,
 ) -> anyhow::Result<Server> {
     let config = ServerConfig {
         data_dir: data_dir.to_path_buf(),
@@ -78,6 +79,7 @@ async fn start_server(
         overlay: overlay.pool()?,
         tls,
         acl_enabled,
+        artifacts: artifacts.settings()?,
     };
     Server::start_clustered(config, cluster).await.context("starting the server")
 }
@@ -160,6 +162,7 @@ pub async fn server(args: ServerArgs, conn: &crate::cli::Conn) -> anyhow::Result
         &args.overlay,
         tls.clone(),
         args.acl_enabled,
+        &args.mlflow_artifacts,
     )
     .await?;
     crate::tls::reload_on_sighup(tls.iter().cloned().collect())?;
@@ -351,6 +354,7 @@ pub async fn dev(args: DevArgs, conn: &crate::cli::Conn) -> anyhow::Result<ExitC
         &args.overlay,
         tls.clone(),
         args.acl_enabled,
+        &args.mlflow_artifacts,
     )
     .await?;
     // `mlp dev` is a development mode: raw_exec stays on unless turned off (README).

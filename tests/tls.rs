@@ -17,8 +17,8 @@ use mlp_proto::v1::cluster_service_client::ClusterServiceClient;
 use mlp_proto::v1::node_service_client::NodeServiceClient;
 use mlp_proto::v1::raft_service_client::RaftServiceClient;
 use mlp_proto::v1::{
-    ForwardRequest, GetNodeRequest, HeartbeatRequest, JoinRequest, ListNodesRequest, ListPeersRequest, LogsRequest, Node, RaftPayload,
-    RegisterNodeRequest, UpdateAllocsRequest, WatchAllocationsRequest,
+    ForwardRequest, GetBlobRequest, GetNodeRequest, HeartbeatRequest, JoinRequest, ListNodesRequest, ListPeersRequest, LogsRequest, Node,
+    RaftPayload, RegisterNodeRequest, UpdateAllocsRequest, WatchAllocationsRequest,
 };
 use mlp_tls::{Role, Tls, TlsFiles};
 use tonic::transport::{Channel, Endpoint};
@@ -173,6 +173,9 @@ fn tls_refuses_plaintext_and_callers_without_the_role_and_runs_a_job() {
         // Server-to-server RPCs refuse a client certificate: Raft, Join, a forged Forward.
         let r = RaftServiceClient::new(ch.clone()).append_entries(RaftPayload { data: b"{}".to_vec() }).await;
         assert_eq!(code(r), Code::PermissionDenied, "AppendEntries from a client certificate");
+        // Artifact blobs travel between servers only.
+        let r = RaftServiceClient::new(ch.clone()).get_blob(GetBlobRequest { sha256: "0".repeat(64) }).await;
+        assert_eq!(code(r), Code::PermissionDenied, "GetBlob from a client certificate");
         let r = ClusterServiceClient::new(ch.clone()).join(JoinRequest { id: 4242, addr: "127.0.0.1:1".into() }).await;
         assert_eq!(code(r), Code::PermissionDenied, "Join from a client certificate");
         let forged = br#"{"now_ms":1,"command":{"UpsertEvals":{"evals":[]}}}"#.to_vec();
@@ -496,6 +499,30 @@ fn tls_three_servers_form_a_cluster_and_forward_over_tls() {
     assert!(out.status.success(), "job run through a follower: {}", String::from_utf8_lossy(&out.stderr));
     let out = cli(&follower, &["job", "status", "tls-hello"]);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("tls-hello"), "{}", String::from_utf8_lossy(&out.stderr));
+    // An MLflow artifact uploaded over HTTPS to a follower is pushed to another server over
+    // mutual TLS (RaftService.PutBlob, server role) before it is acknowledged.
+    let fi = join.iter().position(|a| *a == follower).expect("follower index");
+    let (host, port) = host_port(&format!("127.0.0.1:{}", ports[3 + fi]));
+    let client = certs.identity("client");
+    let payload = b"artifact bytes over mutual TLS";
+    let answer = rt().block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = mlp_tls::net::connect(&host, port, &client, Role::Server).await.expect("TLS to the HTTP API");
+        let head = format!(
+            "PUT /api/2.0/mlflow-artifacts/artifacts/0/tls/artifacts/a.bin HTTP/1.1\r\nHost: mlp\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            payload.len()
+        );
+        s.write_all(head.as_bytes()).await.expect("write");
+        s.write_all(payload).await.expect("write");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    assert!(answer.starts_with("HTTP/1.1 200"), "artifact upload over TLS: {answer}");
+    use sha2::Digest;
+    let sha: String = sha2::Sha256::digest(payload).iter().map(|b| format!("{b:02x}")).collect();
+    let holders = (0..3).filter(|i| dir.path().join(format!("s{i}/artifacts/blobs/{}/{sha}", &sha[..2])).exists()).count();
+    assert!(holders >= 2, "the acknowledged artifact is on {holders} servers");
     drop(servers);
 }
 

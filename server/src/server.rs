@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub tls: Option<Arc<mlp_tls::Tls>>,
     /// ACL tokens and policies (issue 15 §2): `--acl-enabled`. Off: nothing is checked.
     pub acl_enabled: bool,
+    /// MLflow artifact blobs (issue 17 §2): where they live, the size limit, GC's grace period.
+    pub artifacts: crate::tracking::artifacts::ArtifactSettings,
 }
 
 /// Start-up failures.
@@ -56,6 +58,8 @@ pub enum ServerError {
     Listener(std::io::Error),
     #[error("raft: {0}")]
     Raft(String),
+    #[error("artifact store: {0}")]
+    Artifacts(String),
 }
 
 /// A running server.
@@ -140,6 +144,20 @@ impl Server {
             acl: guard.clone(),
         });
         let grpc = GrpcApi { api: api.clone() };
+        // MLflow artifact blobs (issue 17 §2): served to the peers over RaftService, to clients
+        // over HTTP; unreferenced ones are collected by every server.
+        let artifacts = match crate::tracking::artifacts::ArtifactService::new(
+            config.data_dir.join("artifacts"),
+            config.artifacts.clone(),
+            raft.clone(),
+            state.clone(),
+        ) {
+            Ok(a) => Arc::new(a),
+            Err(e) => {
+                raft.shutdown().await;
+                return Err(ServerError::Artifacts(e.to_string()));
+            }
+        };
 
         // Every RPC is authorized by the caller's certificate role here, before any service runs
         // (mlp_tls::authz; a pass-through without TLS).
@@ -147,7 +165,7 @@ impl Server {
             .layer(mlp_tls::authz::AuthorizeLayer::new(mlp_tls::authz::server_rule, tls.is_some()))
             .layer(crate::acl::AclLayer { guard: guard.clone() })
             .add_service(mlp_proto::v1::acl_service_server::AclServiceServer::new(crate::acl::service::AclApi { api: api.clone() }))
-            .add_service(crate::raft::network::raft_grpc_service(raft.raft.clone()))
+            .add_service(crate::raft::network::raft_grpc_service_with_artifacts(raft.raft.clone(), Some(artifacts.clone())))
             .add_service(crate::raft::cluster::cluster_grpc_service(raft.clone(), cluster.bootstrap_expect))
             .add_service(limits(JobServiceServer::new(grpc.clone())))
             .add_service(limits_alloc(AllocServiceServer::new(grpc.clone())))
@@ -197,7 +215,7 @@ impl Server {
         }
 
         // MLflow's tracking, registry and artifact API (issue 17) beside mlp's own.
-        let app = crate::tracking::http::router(api.clone(), config.data_dir.join("artifacts"))
+        let app = crate::tracking::http::router(api.clone(), artifacts.clone())
             .merge(crate::http::router(api.clone()))
             .route_layer(axum::middleware::from_fn_with_state(guard.clone(), crate::acl::guard::http_middleware));
         let mut rx = shutdown_rx.clone();
@@ -212,6 +230,22 @@ impl Server {
                     }
                 }
                 Some(tls) => crate::http::serve_tls(http_listener, app, tls, stop).await,
+            }
+        }));
+
+        let (a, artifact_gc) = (artifacts.clone(), artifacts.clone().gc_loop());
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = a.import_legacy() => {}
+                _ = rx.wait_for(|s| *s) => {}
+            }
+        }));
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = artifact_gc => {}
+                _ = rx.wait_for(|s| *s) => {}
             }
         }));
 

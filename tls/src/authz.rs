@@ -136,6 +136,8 @@ mod tests {
             "/mlp.v1.RaftService/AppendEntries",
             "/mlp.v1.RaftService/Vote",
             "/mlp.v1.RaftService/InstallSnapshot",
+            "/mlp.v1.RaftService/PutBlob",
+            "/mlp.v1.RaftService/GetBlob",
             "/mlp.v1.ClusterService/Join",
             "/mlp.v1.ClusterService/Forward",
             "/mlp.v1.ClusterService/ReadIndex",

@@ -69,7 +69,7 @@ pub fn grpc(path: &str) -> Option<Need> {
             "Register" | "Heartbeat" | "WatchAllocations" | "UpdateAllocs" | "WatchOverlay" | "UpdateServices" | "WatchServices",
         ) => Need::None,
         // Server to server (mutual TLS: issue 15 §1).
-        ("RaftService", "AppendEntries" | "Vote" | "InstallSnapshot") => Need::None,
+        ("RaftService", "AppendEntries" | "Vote" | "InstallSnapshot" | "PutBlob" | "GetBlob") => Need::None,
         ("ClusterService", "Info" | "Join" | "Forward" | "ReadIndex" | "TriggerElect") => Need::None,
         ("ClusterService", "ListPeers") => Need::Operator(Read),
         ("ClusterService", "RemovePeer" | "TransferLeadership") => Need::Operator(Write),

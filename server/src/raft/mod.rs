@@ -24,7 +24,7 @@ pub mod network;
 pub mod node;
 pub mod store;
 
-pub use network::{raft_grpc_service, GrpcNetworkFactory, RaftGrpcService};
+pub use network::{raft_grpc_service, raft_grpc_service_with_artifacts, GrpcNetworkFactory, RaftGrpcService};
 pub use node::{open, start, RaftMetricsView, RaftNode, RaftSettings, RaftStartError, WriteError};
 pub use store::{open_storage, LogStore, StateMachineStore, StorageError};
 

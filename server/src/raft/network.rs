@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use mlp_proto::v1::raft_service_client::RaftServiceClient;
 use mlp_proto::v1::raft_service_server::{RaftService, RaftServiceServer};
-use mlp_proto::v1::RaftPayload;
+use mlp_proto::v1::{BlobChunk, GetBlobRequest, PutBlobResponse, RaftPayload};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -173,21 +173,31 @@ impl RaftNetwork<TypeConfig> for GrpcNetwork {
     }
 }
 
-/// The server side: hands incoming Raft RPCs to the local Raft.
+/// The server side: hands incoming Raft RPCs to the local Raft, and the artifact blob RPCs
+/// (`PutBlob`, `GetBlob`) to the artifact store when there is one.
 #[derive(Clone)]
 pub struct RaftGrpcService {
     raft: MlpRaft,
+    artifacts: Option<Arc<crate::tracking::artifacts::ArtifactService>>,
 }
 
 impl RaftGrpcService {
     pub fn new(raft: MlpRaft) -> Self {
-        RaftGrpcService { raft }
+        RaftGrpcService { raft, artifacts: None }
     }
 }
 
 /// The gRPC service to mount on the server's listener (next to the public API).
 pub fn raft_grpc_service(raft: MlpRaft) -> RaftServiceServer<RaftGrpcService> {
-    RaftServiceServer::new(RaftGrpcService::new(raft))
+    raft_grpc_service_with_artifacts(raft, None)
+}
+
+/// [`raft_grpc_service`] that also serves this server's artifact blobs to its peers.
+pub fn raft_grpc_service_with_artifacts(
+    raft: MlpRaft,
+    artifacts: Option<Arc<crate::tracking::artifacts::ArtifactService>>,
+) -> RaftServiceServer<RaftGrpcService> {
+    RaftServiceServer::new(RaftGrpcService { raft, artifacts })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
@@ -206,6 +216,21 @@ fn encode<T: Serialize>(result: &T) -> Result<tonic::Response<RaftPayload>, toni
 
 #[tonic::async_trait]
 impl RaftService for RaftGrpcService {
+    type GetBlobStream = futures::stream::BoxStream<'static, Result<BlobChunk, tonic::Status>>;
+
+    async fn put_blob(
+        &self,
+        request: tonic::Request<tonic::Streaming<BlobChunk>>,
+    ) -> Result<tonic::Response<PutBlobResponse>, tonic::Status> {
+        let store = self.artifacts.as_ref().ok_or_else(|| tonic::Status::unimplemented("no artifact store"))?;
+        store.receive_push(request.into_inner()).await.map(tonic::Response::new)
+    }
+
+    async fn get_blob(&self, request: tonic::Request<GetBlobRequest>) -> Result<tonic::Response<Self::GetBlobStream>, tonic::Status> {
+        let store = self.artifacts.as_ref().ok_or_else(|| tonic::Status::unimplemented("no artifact store"))?;
+        store.serve_blob(request.into_inner()).await.map(tonic::Response::new)
+    }
+
     async fn append_entries(&self, request: tonic::Request<RaftPayload>) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
         let req: AppendEntriesRequest<TypeConfig> = decode(request)?;
         encode(&self.raft.append_entries(req).await)

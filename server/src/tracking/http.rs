@@ -9,7 +9,6 @@
 //! before anything reaches Raft; what depends on the state (existence, immutable params) is
 //! checked again by `apply`, so a refused write changes nothing.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -20,7 +19,7 @@ use axum::routing::{any, get};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
-use super::artifacts::{ArtifactError, ArtifactStore};
+use super::artifacts::ArtifactService;
 use super::limits::*;
 use super::search::{self, Searchable, VersionOf};
 use super::state::{self, Metric, MetricValue, TrackingCommand as C, LIFECYCLE_ACTIVE, LIFECYCLE_DELETED, RUN_NAME_TAG};
@@ -35,13 +34,13 @@ type TResult<T> = Result<T, TrackingError>;
 /// What the handlers share.
 pub struct Tracking {
     pub api: Arc<Api>,
-    pub artifacts: ArtifactStore,
+    pub artifacts: Arc<ArtifactService>,
 }
 
-/// The tracking routes, to be merged into the server's HTTP router. `artifact_root`: where
-/// this server keeps artifact blobs (`<data dir>/artifacts`).
-pub fn router(api: Arc<Api>, artifact_root: PathBuf) -> Router {
-    let t = Arc::new(Tracking { api, artifacts: ArtifactStore::new(artifact_root) });
+/// The tracking routes, to be merged into the server's HTTP router. `artifacts`: the blob
+/// store (`tracking::artifacts`), shared with the `RaftService` blob RPCs.
+pub fn router(api: Arc<Api>, artifacts: Arc<ArtifactService>) -> Router {
+    let t = Arc::new(Tracking { api, artifacts });
     Router::new()
         .route("/api/2.0/mlflow/*endpoint", any(mlflow))
         .route("/api/2.0/mlflow-artifacts/artifacts", get(list_artifacts).fallback(method_not_allowed))
@@ -754,61 +753,44 @@ async fn alias(t: &Tracking, method: &Method, a: &Args) -> TResult<Value> {
 
 // ---- artifacts ----
 
-fn artifact_error(e: ArtifactError) -> TrackingError {
-    match e {
-        ArtifactError::NotFound(_) => TrackingError::not_found(e.to_string()),
-        ArtifactError::BadPath(..) | ArtifactError::Conflict(..) | ArtifactError::TooLarge | ArtifactError::Upload(_) => {
-            TrackingError::invalid(e.to_string())
-        }
-        ArtifactError::Io(_) => {
-            tracing::warn!(error = %e, "artifact store failed");
-            TrackingError::internal(e.to_string())
-        }
-    }
-}
-
 /// `GET /api/2.0/mlflow-artifacts/artifacts?path=<dir>`: `{"files": [{"path", "is_dir",
 /// "file_size"}]}` with each entry's name in `<dir>`; nothing (`{}`) when `<dir>` is absent.
+/// Answered from the replicated index: every server lists every artifact.
 async fn list_artifacts(State(t): State<Arc<Tracking>>, uri: Uri) -> Result<Response, TrackingError> {
     let a = Args::parse(&uri, &[])?;
     let path = a.opt_str("path")?.unwrap_or_default();
-    let files = t.artifacts.list(&path).await.map_err(artifact_error)?;
+    let files = t.read(|s| Ok(s.artifacts.list(&path)?)).await?;
     if files.is_empty() {
         return Ok(Json(json!({})).into_response());
     }
     Ok(Json(json!({ "files": files })).into_response())
 }
 
-/// `GET /api/2.0/mlflow-artifacts/artifacts/<path>`: the file's bytes.
+/// `GET /api/2.0/mlflow-artifacts/artifacts/<path>`: the file's bytes (fetched from a peer
+/// first when this server lacks the blob).
 async fn download_artifact(State(t): State<Arc<Tracking>>, Path(path): Path<String>) -> Result<Response, TrackingError> {
-    let (file, size) = t.artifacts.open(&path).await.map_err(artifact_error)?;
-    let stream = futures::stream::unfold(file, |mut f| async move {
-        use tokio::io::AsyncReadExt;
-        let mut buf = vec![0u8; 256 * 1024];
-        match f.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(buf)), f))
-            }
-            Err(e) => Some((Err(e), f)),
-        }
-    });
+    let pointer = t.read(|s| Ok(s.artifacts.get(&path)?.clone())).await?;
+    let stream = t.artifacts.open(&pointer).await?;
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/octet-stream"));
-    headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(size));
+    headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(pointer.size));
     Ok((headers, Body::from_stream(stream)).into_response())
 }
 
-/// `PUT /api/2.0/mlflow-artifacts/artifacts/<path>`: stores the body at `<path>`.
+/// `PUT /api/2.0/mlflow-artifacts/artifacts/<path>`: stores the body at `<path>`. The blob is
+/// on a quorum of servers (or in the object store) before the index entry commits through
+/// Raft, and the entry is committed before the answer.
 async fn upload_artifact(State(t): State<Arc<Tracking>>, Path(path): Path<String>, body: Body) -> Result<Response, TrackingError> {
-    let pointer = t.artifacts.put(&path, body.into_data_stream()).await.map_err(artifact_error)?;
+    let pointer = t.artifacts.store(&path, body.into_data_stream()).await?;
+    t.submit(C::PutArtifact { path: path.clone(), sha256: pointer.sha256.clone(), size: pointer.size }).await?;
     tracing::debug!(path, sha256 = pointer.sha256, size = pointer.size, "artifact stored");
     Ok(Json(json!({})).into_response())
 }
 
-/// `DELETE /api/2.0/mlflow-artifacts/artifacts/<path>`.
+/// `DELETE /api/2.0/mlflow-artifacts/artifacts/<path>`: the file, or everything under the
+/// directory; blobs nothing names any more go with the next GC sweep.
 async fn delete_artifact(State(t): State<Arc<Tracking>>, Path(path): Path<String>) -> Result<Response, TrackingError> {
-    t.artifacts.delete(&path).await.map_err(artifact_error)?;
+    super::artifacts::clean_path(&path)?;
+    t.submit(C::DeleteArtifacts { path }).await?;
     Ok(Json(json!({})).into_response())
 }

@@ -159,6 +159,9 @@ pub struct TrackingState {
     pub experiments: BTreeMap<String, Experiment>,
     pub runs: BTreeMap<String, Run>,
     pub models: BTreeMap<String, RegisteredModel>,
+    /// Every artifact's path → blob (issue 17 §2; `super::artifacts`). Absent in older snapshots.
+    #[serde(default)]
+    pub artifacts: super::artifacts::ArtifactIndex,
 }
 
 impl Default for TrackingState {
@@ -176,6 +179,7 @@ impl Default for TrackingState {
             experiments: BTreeMap::from([(DEFAULT_EXPERIMENT_ID.to_string(), default)]),
             runs: BTreeMap::new(),
             models: BTreeMap::new(),
+            artifacts: Default::default(),
         }
     }
 }
@@ -309,6 +313,17 @@ pub enum TrackingCommand {
         name: String,
         version: u64,
         key: String,
+    },
+    /// An uploaded artifact: `path` now names the blob `sha256` (already on a quorum of servers
+    /// or in the object store), replacing what was there (issue 17 §2).
+    PutArtifact {
+        path: String,
+        sha256: String,
+        size: u64,
+    },
+    /// Removes the artifact at `path`, or every artifact under it.
+    DeleteArtifacts {
+        path: String,
     },
 }
 
@@ -609,6 +624,12 @@ impl TrackingState {
             }
             C::DeleteModelVersionTag { name, version, key } => {
                 self.version_mut(name, *version)?.tags.remove(key);
+            }
+            C::PutArtifact { path, sha256, size } => {
+                self.artifacts.apply_put(path, sha256, *size)?;
+            }
+            C::DeleteArtifacts { path } => {
+                self.artifacts.apply_delete(path)?;
             }
         }
         Ok(None)

@@ -26,6 +26,7 @@ pub async fn start(dir: &std::path::Path) -> Server {
         overlay: None,
         tls: None,
         acl_enabled: false,
+        artifacts: Default::default(),
     };
     Server::start(config).await.expect("server starts")
 }
