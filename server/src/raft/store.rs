@@ -392,6 +392,8 @@ impl StateMachineStore {
     /// into it).
     async fn persist_snapshot(&self, meta: &SnapshotMeta<NodeId, BasicNode>, data: &[u8]) -> Result<(), RaftStorageError> {
         let sig = Some(meta.signature());
+        // The points the snapshot says the tree holds reach the disk before the snapshot does.
+        self.db.flush_async().await.map_err(|e| StorageIOError::write_snapshot(sig.clone(), io_err(&e)))?;
         let mut batch = sled::Batch::default();
         batch.insert(KEY_SNAPSHOT_META, to_json(meta).map_err(|e| StorageIOError::write_snapshot(sig.clone(), e))?);
         batch.insert(KEY_SNAPSHOT_DATA, data);

@@ -468,8 +468,14 @@ mod tests {
         assert_eq!(other.replace_all(decode_all(&bytes)).expect("decode"), 5);
         let mut a = Vec::new();
         let mut b = Vec::new();
-        store.for_each(|k, v| Ok(a.push((k.to_vec(), v.to_vec())))).expect("a");
-        other.for_each(|k, v| Ok(b.push((k.to_vec(), v.to_vec())))).expect("b");
+        for (store, out) in [(&store, &mut a), (&other, &mut b)] {
+            store
+                .for_each(|k, v| {
+                    out.push((k.to_vec(), v.to_vec()));
+                    Ok(())
+                })
+                .expect("read back");
+        }
         assert_eq!(a, b);
         assert!(decode_all(&bytes[..bytes.len() - 3]).any(|r| r.is_err()), "a truncated section is an error");
 

@@ -997,4 +997,59 @@ mod tests {
         assert!(st.model("m").expect("m").aliases.is_empty(), "an alias goes with its version");
         assert_eq!(ap(&mut st, 10, &v).expect("v5"), Some("5".into()), "numbers are not reused");
     }
+
+    #[test]
+    fn tracking_purge_removes_deleted_runs_and_their_points_but_not_restored_or_recently_deleted_ones() {
+        let mut st = TrackingState::default();
+        let exp = TrackingCommand::CreateExperiment {
+            experiment_id: "9".into(),
+            name: "gone".into(),
+            artifact_location: String::new(),
+            tags: vec![],
+        };
+        ap(&mut st, 1, &exp).expect("experiment");
+        for id in ["p1", "p2", "p3", "p4"] {
+            create_run(&mut st, id);
+            ap(&mut st, 2, &batch(id, vec![metric("loss", 1.0, 1, 0), metric("loss", 2.0, 2, 1)], &[("lr", "1")], &[])).expect("log");
+        }
+        let in_exp = TrackingCommand::CreateRun {
+            run_id: "p5".into(),
+            experiment_id: "9".into(),
+            run_name: "r".into(),
+            user_id: "u".into(),
+            start_time: 1,
+            tags: vec![],
+        };
+        ap(&mut st, 3, &in_exp).expect("run in experiment");
+        ap(&mut st, 4, &batch("p5", vec![metric("loss", 1.0, 1, 0)], &[], &[])).expect("log");
+        let del = |id: &str| TrackingCommand::DeleteRun { run_id: id.into() };
+        ap(&mut st, 10, &del("p1")).expect("delete p1");
+        ap(&mut st, 10, &del("p2")).expect("delete p2");
+        ap(&mut st, 11, &TrackingCommand::RestoreRun { run_id: "p2".into() }).expect("restore p2");
+        ap(&mut st, 10, &del("p3")).expect("delete p3");
+        ap(&mut st, 10, &TrackingCommand::DeleteExperiment { experiment_id: "9".into() }).expect("delete experiment");
+        // At 100 with a threshold of 50: p1, p3 and the experiment (with p5) are due.
+        let (runs, exps) = st.purge_candidates(100, 50);
+        assert_eq!((runs.clone(), exps.clone()), (vec!["p1".to_string(), "p3".to_string()], vec!["9".to_string()]));
+        // p3 is restored and deleted again before the purge commits: too recent now.
+        ap(&mut st, 95, &TrackingCommand::RestoreRun { run_id: "p3".into() }).expect("restore p3");
+        ap(&mut st, 96, &del("p3")).expect("delete p3 again");
+        assert_eq!(
+            ap(&mut st, 100, &TrackingCommand::PurgeExperiments { experiment_ids: exps, older_than_ms: 50 }).expect("purge"),
+            Some("1".into())
+        );
+        assert_eq!(ap(&mut st, 100, &TrackingCommand::PurgeRuns { run_ids: runs, older_than_ms: 50 }).expect("purge"), Some("1".into()));
+        let left: Vec<&str> = st.runs.keys().map(String::as_str).collect();
+        assert_eq!(left, ["p2", "p3", "p4"]);
+        assert!(!st.experiments.contains_key("9"));
+        assert!(history("p1", "loss").is_empty() && history("p5", "loss").is_empty(), "purged points are gone");
+        assert_eq!(history("p2", "loss").len(), 2, "a restored run keeps its points");
+        assert_eq!(history("p3", "loss").len(), 2);
+        // Again (a replayed entry): nothing more goes.
+        let again = TrackingCommand::PurgeRuns { run_ids: vec!["p1".into(), "p3".into()], older_than_ms: 50 };
+        assert_eq!(ap(&mut st, 100, &again).expect("again"), Some("0".into()));
+        // The purge commands keep their encoding (they are the last variants).
+        let text = serde_json::to_string(&again).expect("encode");
+        assert_eq!(text, r#"{"PurgeRuns":{"run_ids":["p1","p3"],"older_than_ms":50}}"#);
+    }
 }
