@@ -822,6 +822,10 @@ impl ClusterState {
                 // points moved to disk brings its points along.
                 restored.pending_points = std::mem::take(&mut self.pending_points);
                 restored.tracking.take_legacy_points(&mut restored.pending_points);
+                // Runs the restored state does not have lose their points too.
+                for id in self.tracking.runs.keys().filter(|id| !restored.tracking.runs.contains_key(*id)) {
+                    restored.pending_points.remove_run(id);
+                }
                 *self = restored;
                 effects.push(Effect::Reset);
                 effects.push(Effect::CapacityChanged);

@@ -183,3 +183,23 @@ async fn tracking_state_in_memory_does_not_grow_with_points() {
         Some(&MetricPoint { value: MetricValue(10_000.0), timestamp: 200_000, step: 20_000 })
     );
 }
+
+#[tokio::test]
+async fn tracking_operator_restore_drops_the_points_of_runs_it_does_not_have() {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, mut sm) = open(dir.path());
+    sm.apply(first_entries()).await.unwrap();
+    // A state saved with r1 only (as `mlp operator snapshot save` writes it: no points).
+    let saved = {
+        let mut st = state.read().clone();
+        st.tracking.runs.remove("r2");
+        serde_json::to_string(&st).unwrap()
+    };
+    let restore = Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), 4),
+        payload: EntryPayload::Normal(RequestBatch(vec![Request { now_ms: 5, command: Command::RestoreState { state: saved } }])),
+    };
+    sm.apply(vec![restore]).await.unwrap();
+    assert_eq!(history(&state, "r2", "loss"), vec![], "r2 is gone, and its points with it");
+    assert_eq!(history(&state, "r1", "loss").len(), 106, "r1 keeps its history");
+}

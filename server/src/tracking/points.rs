@@ -192,39 +192,47 @@ impl PointStore {
         }
     }
 
-    /// Writes one entry's changes, as one batch.
+    /// Writes one entry's changes, in order, as one batch (a run purged after points of it in
+    /// the same entry loses those too).
     pub fn apply(&self, ops: &[PointOp]) -> Result<(), PointsError> {
         if ops.is_empty() {
             return Ok(());
         }
+        let mut changes: BTreeMap<Vec<u8>, Option<[u8; 24]>> = BTreeMap::new();
+        for op in ops {
+            match op {
+                PointOp::Put { key, value } => {
+                    changes.insert(key.clone(), Some(*value));
+                }
+                PointOp::RemoveRun(run) => {
+                    let prefix = run_prefix(run);
+                    for k in changes.range_mut(prefix.clone()..).take_while(|(k, _)| k.starts_with(&prefix)) {
+                        *k.1 = None;
+                    }
+                    for k in self.run_keys(run)? {
+                        changes.insert(k, None);
+                    }
+                }
+            }
+        }
         match self.tree.get() {
             Some(t) => {
                 let mut batch = sled::Batch::default();
-                for op in ops {
-                    match op {
-                        PointOp::Put { key, value } => batch.insert(key.as_slice(), value.as_slice()),
-                        PointOp::RemoveRun(run) => {
-                            for k in self.run_keys(run)? {
-                                batch.remove(k);
-                            }
-                        }
+                for (k, v) in changes {
+                    match v {
+                        Some(v) => batch.insert(k, v.as_slice()),
+                        None => batch.remove(k),
                     }
                 }
                 t.apply_batch(batch)?;
             }
             None => {
-                let removals: Vec<Vec<Vec<u8>>> = ops
-                    .iter()
-                    .filter_map(|op| if let PointOp::RemoveRun(r) = op { Some(self.run_keys(r)) } else { None })
-                    .collect::<Result<_, _>>()?;
                 let mut mem = lock(&self.mem);
-                for op in ops {
-                    if let PointOp::Put { key, value } = op {
-                        mem.insert(key.clone(), value.to_vec());
-                    }
-                }
-                for k in removals.into_iter().flatten() {
-                    mem.remove(&k);
+                for (k, v) in changes {
+                    match v {
+                        Some(v) => mem.insert(k, v.to_vec()),
+                        None => mem.remove(&k),
+                    };
                 }
             }
         }
@@ -479,10 +487,14 @@ mod tests {
         assert_eq!(a, b);
         assert!(decode_all(&bytes[..bytes.len() - 3]).any(|r| r.is_err()), "a truncated section is an error");
 
+        // A purge in the entry that also logged points of the run (and of another) removes the
+        // run's new points too.
         let mut purge = PendingPoints::default();
+        purge.put(11, "r1", "late", &p(0, 0, 0.0));
+        purge.put(11, "r2", "late", &p(0, 0, 0.0));
         purge.remove_run("r1");
         store.apply(&purge.ops).expect("purge");
         assert_eq!(store.run_len("r1").expect("r1"), 0);
-        assert_eq!(store.run_len("r2").expect("r2"), 1);
+        assert_eq!(store.run_len("r2").expect("r2"), 2);
     }
 }
