@@ -166,6 +166,11 @@ pub struct GcArgs {
     /// Down nodes without allocations whose last heartbeat is older than this are collected.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub node_gc_threshold: std::time::Duration,
+    /// MLflow runs and experiments deleted longer ago than this are purged for good (params,
+    /// tags, metric points; an experiment with all its runs). Until then a delete can be
+    /// restored.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub tracking_gc_threshold: std::time::Duration,
     /// Events each server keeps so that event-stream clients can resume after a reconnect
     /// (`--index`); a client further behind must read the state again.
     #[arg(long, default_value_t = mlp_server::events::DEFAULT_BUFFER_EVENTS)]

@@ -102,7 +102,12 @@ fn gc_settings(g: &crate::cli::GcArgs) -> anyhow::Result<mlp_server::leader::gc:
     }
     Ok(mlp_server::leader::gc::GcSettings {
         interval: g.gc_interval,
-        thresholds: mlp_server::leader::gc::GcThresholds { eval: g.eval_gc_threshold, job: g.job_gc_threshold, node: g.node_gc_threshold },
+        thresholds: mlp_server::leader::gc::GcThresholds {
+            eval: g.eval_gc_threshold,
+            job: g.job_gc_threshold,
+            node: g.node_gc_threshold,
+            tracking: g.tracking_gc_threshold,
+        },
     })
 }
 

@@ -5,39 +5,15 @@
 mod common;
 
 use std::io::Read;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Dev;
 use serde_json::{json, Value};
 
-/// Where the virtualenv with mlflow-skinny lives (`.ci/run` creates it there).
-fn venv() -> PathBuf {
-    std::env::var_os("MLP_MLFLOW_VENV").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/cache/mlp-test/mlflow-venv"))
-}
-
-/// The venv's python, failing the test with what is missing and how to get it.
-fn mlflow_python() -> PathBuf {
-    let venv = venv();
-    let python = venv.join("bin").join("python");
-    let how = format!(
-        "create it with `python3 -m venv {v} && {v}/bin/pip install mlflow-skinny` (.ci/run does this; \
-         MLP_MLFLOW_VENV names another venv)",
-        v = venv.display()
-    );
-    assert!(python.exists(), "missing the mlflow-skinny virtualenv: {} does not exist; {how}", python.display());
-    let probe = Command::new(&python).args(["-c", "import mlflow, requests; print(mlflow.__version__)"]).output();
-    match probe {
-        Ok(o) if o.status.success() => python,
-        Ok(o) => panic!("mlflow-skinny is not installed in {}: {}; {how}", venv.display(), String::from_utf8_lossy(&o.stderr).trim()),
-        Err(e) => panic!("{} does not run ({e}); {how}", python.display()),
-    }
-}
-
 #[test]
 fn mlflow_client_end_to_end() {
-    let python = mlflow_python();
+    let python = common::mlflow_python();
     let dev = Dev::start();
     let script = common::repo_root().join("tests").join("mlflow").join("client.py");
     let mut child = Command::new(&python)
@@ -173,7 +149,7 @@ fn mlflow_http_errors_limits_and_refusals_change_nothing() {
 /// allocation and the node that produced it. A task that sets its own variable keeps it.
 #[test]
 fn a_job_logs_to_the_cluster_with_lineage_and_no_configuration() {
-    let python = mlflow_python();
+    let python = common::mlflow_python();
     let dev = Dev::start();
     let train = r#"
 import mlflow, os

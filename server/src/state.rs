@@ -319,6 +319,10 @@ pub struct ClusterState {
     /// the Default experiment).
     #[serde(default)]
     pub tracking: crate::tracking::TrackingState,
+    /// The metric point writes of the entry being applied, taken by `StateHandle::apply_entry`
+    /// and written to the points tree with the entry (`tracking::points`).
+    #[serde(skip)]
+    pub pending_points: crate::tracking::points::PendingPoints,
     #[serde(skip)]
     pub allocs_by_node: BTreeMap<String, BTreeSet<String>>,
     /// The allocations that hold resources on each node (`scheduler::resources::is_live`): the
@@ -814,6 +818,14 @@ impl ClusterState {
                 if !restored.acl.bootstrapped {
                     restored.acl = std::mem::take(&mut self.acl);
                 }
+                // The points of the entry so far still go to the tree; a state saved before
+                // points moved to disk brings its points along.
+                restored.pending_points = std::mem::take(&mut self.pending_points);
+                restored.tracking.take_legacy_points(&mut restored.pending_points);
+                // Runs the restored state does not have lose their points too.
+                for id in self.tracking.runs.keys().filter(|id| !restored.tracking.runs.contains_key(*id)) {
+                    restored.pending_points.remove_run(id);
+                }
                 *self = restored;
                 effects.push(Effect::Reset);
                 effects.push(Effect::CapacityChanged);
@@ -824,7 +836,7 @@ impl ClusterState {
             Command::UpdateServices { node_id, allocs } => self.update_services(index, node_id, allocs),
             Command::Tracking(cmd) => {
                 let now = i64::try_from(now).unwrap_or(i64::MAX);
-                match self.tracking.apply(now, cmd) {
+                match self.tracking.apply(index, now, cmd, &mut self.pending_points) {
                     Ok(created) => resp.created = created,
                     // `"<CODE>: <message>"`, parsed back by the tracking API.
                     Err(e) => resp.error = Some(e.to_string()),
@@ -1405,6 +1417,37 @@ impl NodeChanges {
     }
 }
 
+/// The first bytes of a snapshot that carries metric points after the state. Older snapshots
+/// are the state's JSON alone (they start with `{`).
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"MLPSNAP2";
+
+/// A snapshot that cannot be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot state: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Points(#[from] crate::tracking::points::PointsError),
+    #[error("snapshot is truncated: its header says {0} bytes of state")]
+    Truncated(u64),
+}
+
+/// A snapshot's state JSON and points section (empty for an older snapshot).
+fn split_snapshot(bytes: &[u8]) -> Result<(&[u8], &[u8]), SnapshotError> {
+    let Some(rest) = bytes.strip_prefix(SNAPSHOT_MAGIC.as_slice()) else {
+        return Ok((bytes, &[]));
+    };
+    let mut len = [0u8; 8];
+    len.copy_from_slice(rest.get(..8).ok_or(SnapshotError::Truncated(0))?);
+    let n = u64::from_le_bytes(len);
+    let body = &rest[8..];
+    let n_usize = usize::try_from(n).map_err(|_| SnapshotError::Truncated(n))?;
+    if body.len() < n_usize {
+        return Err(SnapshotError::Truncated(n));
+    }
+    Ok(body.split_at(n_usize))
+}
+
 /// The state shared between the Raft state machine (which writes it) and everything that reads
 /// it: API handlers, the scheduler, agents' allocation streams.
 pub struct StateHandle {
@@ -1415,6 +1458,8 @@ pub struct StateHandle {
     node_changes: broadcast::Sender<Arc<NodeChanges>>,
     /// Every applied change, for the event stream and blocking queries.
     events: EventBroker,
+    /// Every metric point: in the Raft database's tree once the storage is opened.
+    points: crate::tracking::points::PointStore,
 }
 
 /// Receivers for what the state machine announces.
@@ -1438,6 +1483,7 @@ impl StateHandle {
             effects: effects_tx,
             node_changes,
             events: EventBroker::new(events),
+            points: crate::tracking::points::PointStore::default(),
         });
         (handle, StateEvents { effects: effects_rx })
     }
@@ -1460,6 +1506,19 @@ impl StateHandle {
     /// announces its effects: one event batch for the whole entry, so that a subscriber that
     /// saw index `i` saw all of it, and the applied index moves once the whole entry is in.
     pub fn apply_entry(&self, index: u64, reqs: &[Request]) -> Vec<CommandResponse> {
+        match self.try_apply_entry(index, reqs) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(index, error = %e, "writing an entry's metric points failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// [`Self::apply_entry`], failing when the entry's metric points cannot be written to the
+    /// points tree (then nothing of the entry is announced: the Raft state machine reports a
+    /// storage error and stops, and the entry is applied again on restart).
+    pub fn try_apply_entry(&self, index: u64, reqs: &[Request]) -> Result<Vec<CommandResponse>, crate::tracking::points::PointsError> {
         let mut effects = Vec::new();
         let mut responses = Vec::with_capacity(reqs.len());
         {
@@ -1473,6 +1532,9 @@ impl StateHandle {
             for req in reqs {
                 responses.push(self.apply_one(&mut st, index, req, &mut effects, &mut events, &mut changes, &mut reset));
             }
+            // The entry's points reach the tree before anyone can see the entry applied.
+            let ops = std::mem::take(&mut st.pending_points.ops);
+            self.points.apply(&ops)?;
             if reset {
                 // The state was replaced: what came before it in the entry is moot too.
                 self.events.reset(index);
@@ -1487,7 +1549,7 @@ impl StateHandle {
             let _ = self.effects.send(e);
         }
         self.applied.send_replace(index);
-        responses
+        Ok(responses)
     }
 
     /// One request of an entry: applied, with its events and allocation changes added to the
@@ -1568,14 +1630,41 @@ impl StateHandle {
         self.applied.send_replace(index);
     }
 
-    /// Serializes the whole state (for a Raft snapshot).
-    pub fn to_snapshot_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
-        serde_json::to_vec(&*self.read())
+    /// Serializes the whole state and every metric point (for a Raft snapshot): [`SNAPSHOT_MAGIC`],
+    /// the state's JSON length (u64 little-endian), the state's JSON, then the points section
+    /// (`tracking::points::encode_all`). The state's lock is held throughout, so the points
+    /// are those of the same applied index (applies wait; reads do not).
+    pub fn to_snapshot_bytes(&self) -> Result<Vec<u8>, SnapshotError> {
+        let st = self.read();
+        let mut out = Vec::new();
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.extend_from_slice(&[0u8; 8]);
+        serde_json::to_writer(&mut out, &*st)?;
+        let state_len = (out.len() - SNAPSHOT_MAGIC.len() - 8) as u64;
+        out[SNAPSHOT_MAGIC.len()..SNAPSHOT_MAGIC.len() + 8].copy_from_slice(&state_len.to_le_bytes());
+        let points = crate::tracking::points::encode_all(&self.points, &mut out)?;
+        tracing::debug!(points, bytes = out.len(), "state and metric points serialized");
+        Ok(out)
     }
 
-    /// Replaces the whole state with a snapshot's content.
-    pub fn install_snapshot_bytes(&self, bytes: &[u8]) -> Result<(), serde_json::Error> {
-        let mut st: ClusterState = if bytes.is_empty() { ClusterState::default() } else { serde_json::from_slice(bytes)? };
+    /// Replaces the whole state with a snapshot's content. `load_points`: replace the points
+    /// tree's content with the snapshot's too (false when the tree already holds them: a
+    /// restart from this server's own snapshot). A snapshot written before points moved to
+    /// disk (the state's JSON alone, points inside runs) is read too: its points are moved into
+    /// the tree.
+    pub fn install_snapshot_bytes(&self, bytes: &[u8], load_points: bool) -> Result<(), SnapshotError> {
+        let (state_bytes, points_bytes) = split_snapshot(bytes)?;
+        let mut st: ClusterState = if state_bytes.is_empty() { ClusterState::default() } else { serde_json::from_slice(state_bytes)? };
+        let mut legacy = crate::tracking::points::PendingPoints::default();
+        let migrated = st.tracking.take_legacy_points(&mut legacy);
+        if load_points {
+            let legacy_points = legacy.ops.into_iter().filter_map(|op| match op {
+                crate::tracking::points::PointOp::Put { key, value } => Some(Ok((key, value))),
+                crate::tracking::points::PointOp::RemoveRun(_) => None,
+            });
+            let n = self.points.replace_all(crate::tracking::points::decode_all(points_bytes).chain(legacy_points))?;
+            tracing::info!(points = n, migrated, "metric points loaded from a snapshot");
+        }
         st.rebuild_indexes();
         let index = st.index;
         let nodes: BTreeSet<String> = st.nodes.keys().cloned().collect();
@@ -1592,6 +1681,11 @@ impl StateHandle {
         let _ = self.effects.send(Effect::Reset);
         self.applied.send_replace(index);
         Ok(())
+    }
+
+    /// Every metric point (`tracking::points`).
+    pub fn points(&self) -> &crate::tracking::points::PointStore {
+        &self.points
     }
 
     /// The index of the last applied entry, and a way to wait for it to move.
@@ -1788,7 +1882,7 @@ mod tests {
         h.apply(2, &req(Command::ApplyPlan(PlanResult { placements: vec![alloc], ..Default::default() })));
         let bytes = h.to_snapshot_bytes().unwrap_or_default();
         let (h2, _ev2) = StateHandle::new();
-        h2.install_snapshot_bytes(&bytes).unwrap_or_else(|e| panic!("{e}"));
+        h2.install_snapshot_bytes(&bytes, true).unwrap_or_else(|e| panic!("{e}"));
         let st = h2.read();
         assert_eq!(st.index, 2);
         assert_eq!(st.allocs_for_node("n1").count(), 1);

@@ -316,6 +316,29 @@ fn announced_addresses(stdout: std::process::ChildStdout, ready: fn(&str, bool) 
     rx.recv_timeout(Duration::from_secs(60)).ok().flatten()
 }
 
+/// Where the virtualenv with mlflow-skinny lives (`.ci/run` creates it there).
+pub fn mlflow_venv() -> PathBuf {
+    std::env::var_os("MLP_MLFLOW_VENV").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/cache/mlp-test/mlflow-venv"))
+}
+
+/// The venv's python, failing the test with what is missing and how to get it.
+pub fn mlflow_python() -> PathBuf {
+    let venv = mlflow_venv();
+    let python = venv.join("bin").join("python");
+    let how = format!(
+        "create it with `python3 -m venv {v} && {v}/bin/pip install mlflow-skinny` (.ci/run does this; \
+         MLP_MLFLOW_VENV names another venv)",
+        v = venv.display()
+    );
+    assert!(python.exists(), "missing the mlflow-skinny virtualenv: {} does not exist; {how}", python.display());
+    let probe = Command::new(&python).args(["-c", "import mlflow, requests; print(mlflow.__version__)"]).output();
+    match probe {
+        Ok(o) if o.status.success() => python,
+        Ok(o) => panic!("mlflow-skinny is not installed in {}: {}; {how}", venv.display(), String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => panic!("{} does not run ({e}); {how}", python.display()),
+    }
+}
+
 pub fn http_request(addr: &str, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
     http_request_as(addr, "", method, path, content_type, body)
 }

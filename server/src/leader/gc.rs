@@ -17,7 +17,12 @@
 //!   modify times) is at least `--job-gc-threshold` ago: the job, its versions, its evaluations
 //!   and its allocations go together;
 //! * a **node** that is down, has no allocation left, and last heartbeated at least
-//!   `--node-gc-threshold` ago (an agent that comes back registers again).
+//!   `--node-gc-threshold` ago (an agent that comes back registers again);
+//! * a tracking **run** (MLflow) deleted at least `--tracking-gc-threshold` ago, with its
+//!   params, tags and metric points, and a tracking **experiment** deleted that long ago, with
+//!   all its runs (`TrackingCommand::PurgeRuns` / `PurgeExperiments`; MLflow's deletes are
+//!   soft, restore brings a run back until it is purged). Here `apply` re-checks the age too,
+//!   against the entry's time: a run restored and deleted again since is not purged early.
 //!
 //! `apply` re-checks every rule except the age against the state at the entry (the state may
 //! have changed since the candidates were computed), so a stale candidate is skipped, never
@@ -39,6 +44,10 @@ use crate::state::{job_key, ClusterState, Command, GcCounts, Request, StateHandl
 /// Most ids in one `GarbageCollect` entry, so that one Raft entry stays small.
 pub const MAX_IDS_PER_ENTRY: usize = 5_000;
 
+/// Most tracking runs or experiments purged by one entry: each run's points are removed from
+/// the points tree in the entry's one sled batch.
+pub const MAX_PURGES_PER_ENTRY: usize = 100;
+
 /// How old terminal objects must be before they are collected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GcThresholds {
@@ -48,17 +57,26 @@ pub struct GcThresholds {
     pub job: Duration,
     /// `--node-gc-threshold`: down nodes without allocations.
     pub node: Duration,
+    /// `--tracking-gc-threshold`: deleted tracking runs and experiments.
+    pub tracking: Duration,
 }
 
 impl GcThresholds {
     /// Everything eligible, whatever its age (`mlp system gc`, like Nomad's forced GC).
-    pub const FORCE: GcThresholds = GcThresholds { eval: Duration::ZERO, job: Duration::ZERO, node: Duration::ZERO };
+    pub const FORCE: GcThresholds =
+        GcThresholds { eval: Duration::ZERO, job: Duration::ZERO, node: Duration::ZERO, tracking: Duration::ZERO };
 }
 
 impl Default for GcThresholds {
-    /// Nomad's defaults.
+    /// Nomad's defaults; a day for deleted tracking runs and experiments (MLflow purges only
+    /// when `mlflow gc` is run).
     fn default() -> Self {
-        GcThresholds { eval: Duration::from_secs(3600), job: Duration::from_secs(4 * 3600), node: Duration::from_secs(24 * 3600) }
+        GcThresholds {
+            eval: Duration::from_secs(3600),
+            job: Duration::from_secs(4 * 3600),
+            node: Duration::from_secs(24 * 3600),
+            tracking: Duration::from_secs(24 * 3600),
+        }
     }
 }
 
@@ -259,6 +277,7 @@ pub async fn collect(
         last_index = resp.index;
         tracing::info!(tokens = resp.created.as_deref().unwrap_or("0"), "expired ACL tokens collected");
     }
+    last_index = collect_tracking(raft, state, now, thresholds.tracking, forward).await?.unwrap_or(last_index);
     let candidates = gc_candidates(&state.read(), now, thresholds);
     if candidates.is_empty() {
         return Ok((total, last_index));
@@ -278,6 +297,37 @@ pub async fn collect(
     Metrics::add(&metrics.gc_nodes_collected, total.nodes);
     tracing::info!(evals = total.evals, allocs = total.allocs, jobs = total.jobs, nodes = total.nodes, "garbage collected");
     Ok((total, last_index))
+}
+
+/// Purges tracking runs and experiments deleted at least `threshold` before `now`. Returns the
+/// index of the last entry committed, if any.
+async fn collect_tracking(
+    raft: &RaftNode,
+    state: &StateHandle,
+    now: u64,
+    threshold: Duration,
+    forward: bool,
+) -> Result<Option<u64>, WriteError> {
+    let older_than_ms = i64::try_from(threshold.as_millis()).unwrap_or(i64::MAX);
+    let now_i = i64::try_from(now).unwrap_or(i64::MAX);
+    let (runs, experiments) = state.read().tracking.purge_candidates(now_i, older_than_ms);
+    if runs.is_empty() && experiments.is_empty() {
+        return Ok(None);
+    }
+    use crate::tracking::TrackingCommand as T;
+    let commands = experiments
+        .chunks(MAX_PURGES_PER_ENTRY)
+        .map(|ids| T::PurgeExperiments { experiment_ids: ids.to_vec(), older_than_ms })
+        .chain(runs.chunks(MAX_PURGES_PER_ENTRY).map(|ids| T::PurgeRuns { run_ids: ids.to_vec(), older_than_ms }));
+    let (mut last, mut purged) = (None, 0u64);
+    for cmd in commands {
+        let req = Request { now_ms: now, command: Command::Tracking(cmd) };
+        let resp = if forward { raft.submit(req).await? } else { raft.write(req).await? };
+        last = Some(resp.index);
+        purged += resp.created.as_deref().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+    }
+    tracing::info!(runs = purged, experiments = experiments.len(), "deleted tracking runs and experiments purged");
+    Ok(last)
 }
 
 /// The periodic collection: every `settings.interval`, while this server leads. (`mlp system gc`

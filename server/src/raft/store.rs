@@ -5,12 +5,19 @@
 //! * tree `logs`: key = big-endian u64 log index (so sled's byte order is index order),
 //!   value = serde_json of the openraft entry;
 //! * tree `meta`: `vote`, `committed`, `last_purged` (serde_json);
-//! * tree `snapshot`: `meta` (serde_json of the snapshot meta) and `data` (the raw
-//!   [`StateHandle::to_snapshot_bytes`] content), written together in one atomic batch.
+//! * tree `snapshot`: `meta` (serde_json of the snapshot meta), `data` (the raw
+//!   [`StateHandle::to_snapshot_bytes`] content: the state, then every metric point) and
+//!   `points_of` (the id of the snapshot the points tree holds the points of), written
+//!   together in one atomic batch;
+//! * tree `tracking_points`: every metric point (`tracking::points`), written by `apply` with
+//!   the entry that logged it.
 //!
 //! The cluster state itself lives only in memory and in snapshots: on open the persisted
 //! snapshot is loaded into the [`StateHandle`], `applied_state` reports the snapshot's last log
-//! id, and openraft re-applies the committed log tail after it (`read_committed`).
+//! id, and openraft re-applies the committed log tail after it (`read_committed`). The metric
+//! points are not reloaded when `points_of` names the persisted snapshot: the tree then holds
+//! the snapshot's points plus those of entries after it, which the re-applied tail writes again
+//! with the same keys (idempotent), so a restart does not rewrite millions of keys.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -35,6 +42,8 @@ const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
 const KEY_SNAPSHOT_META: &[u8] = b"meta";
 const KEY_SNAPSHOT_DATA: &[u8] = b"data";
+/// Which snapshot's points the points tree holds (absent: unknown, load them again).
+const KEY_POINTS_OF: &[u8] = b"points_of";
 
 /// How many recently appended entries are kept decoded in memory. openraft reads every entry
 /// back right after appending it (to apply it, and to replicate it); serving those reads from
@@ -81,6 +90,7 @@ pub fn open_storage(data_dir: &Path, state: Arc<StateHandle>) -> Result<(LogStor
     let logs = tree("logs")?;
     let meta = tree("meta")?;
     let snapshot = tree("snapshot")?;
+    state.points().attach(tree(crate::tracking::points::TREE)?);
 
     let log_store = LogStore { db: db.clone(), logs, meta, cache: Arc::new(Mutex::new(BTreeMap::new())) };
     let sm = StateMachineStore::open(db, snapshot, state)?;
@@ -348,8 +358,14 @@ impl StateMachineStore {
         let sm = StateMachineStore { state, applied: Arc::new(Mutex::new(Applied::default())), db, snapshot };
         let persisted = sm.read_snapshot().map_err(|e| StorageError::Snapshot(e.to_string()))?;
         if let Some((meta, data)) = persisted {
-            sm.state.install_snapshot_bytes(&data).map_err(|e| StorageError::Snapshot(e.to_string()))?;
-            tracing::info!(snapshot = %meta.snapshot_id, last_log_id = ?meta.last_log_id, "loaded raft snapshot");
+            let points_of = sm.snapshot.get(KEY_POINTS_OF).map_err(|e| StorageError::Snapshot(e.to_string()))?;
+            let load_points = points_of.as_deref() != Some(meta.snapshot_id.as_bytes());
+            sm.state.install_snapshot_bytes(&data, load_points).map_err(|e| StorageError::Snapshot(e.to_string()))?;
+            if load_points {
+                sm.snapshot.insert(KEY_POINTS_OF, meta.snapshot_id.as_bytes()).map_err(|e| StorageError::Snapshot(e.to_string()))?;
+                sm.db.flush().map_err(|e| StorageError::Snapshot(e.to_string()))?;
+            }
+            tracing::info!(snapshot = %meta.snapshot_id, last_log_id = ?meta.last_log_id, load_points, "loaded raft snapshot");
             let mut applied = lock(&sm.applied);
             applied.last_applied = meta.last_log_id;
             applied.membership = meta.last_membership;
@@ -371,12 +387,17 @@ impl StateMachineStore {
         }
     }
 
-    /// Stores `meta` + `data` as the current snapshot, atomically and durably.
+    /// Stores `meta` + `data` as the current snapshot, atomically and durably, and records that
+    /// the points tree holds its points (true of a snapshot just built from it or installed
+    /// into it).
     async fn persist_snapshot(&self, meta: &SnapshotMeta<NodeId, BasicNode>, data: &[u8]) -> Result<(), RaftStorageError> {
         let sig = Some(meta.signature());
+        // The points the snapshot says the tree holds reach the disk before the snapshot does.
+        self.db.flush_async().await.map_err(|e| StorageIOError::write_snapshot(sig.clone(), io_err(&e)))?;
         let mut batch = sled::Batch::default();
         batch.insert(KEY_SNAPSHOT_META, to_json(meta).map_err(|e| StorageIOError::write_snapshot(sig.clone(), e))?);
         batch.insert(KEY_SNAPSHOT_DATA, data);
+        batch.insert(KEY_POINTS_OF, meta.snapshot_id.as_bytes());
         self.snapshot.apply_batch(batch).map_err(|e| StorageIOError::write_snapshot(sig.clone(), io_err(&e)))?;
         self.db.flush_async().await.map_err(|e| StorageIOError::write_snapshot(sig, io_err(&e)))?;
         Ok(())
@@ -427,7 +448,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let index = entry.log_id.index;
             let resp = match &entry.payload {
                 // Every request of a batch is applied at the entry's index, in order.
-                EntryPayload::Normal(batch) if !batch.0.is_empty() => BatchResponse(self.state.apply_entry(index, &batch.0)),
+                EntryPayload::Normal(batch) if !batch.0.is_empty() => BatchResponse(
+                    self.state.try_apply_entry(index, &batch.0).map_err(|e| StorageIOError::apply(entry.log_id, AnyError::new(&e)))?,
+                ),
                 EntryPayload::Normal(_) | EntryPayload::Blank => {
                     self.state.apply_noop(index);
                     BatchResponse::default()
@@ -458,9 +481,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), RaftStorageError> {
         let data = snapshot.into_inner();
+        // The points tree is about to stop matching the persisted snapshot: forget which one it
+        // matched first, so that a crash half-way loads the points again on restart.
+        let sig = Some(meta.signature());
+        self.snapshot.remove(KEY_POINTS_OF).map_err(|e| StorageIOError::write_snapshot(sig.clone(), io_err(&e)))?;
+        self.db.flush_async().await.map_err(|e| StorageIOError::write_snapshot(sig, io_err(&e)))?;
         {
             let mut applied = lock(&self.applied);
-            self.state.install_snapshot_bytes(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+            self.state.install_snapshot_bytes(&data, true).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
             applied.last_applied = meta.last_log_id;
             applied.membership = meta.last_membership.clone();
         }

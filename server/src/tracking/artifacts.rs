@@ -994,18 +994,26 @@ mod tests {
 
     #[test]
     fn tracking_artifact_commands_apply_through_the_tracking_state() {
+        use super::super::points::PendingPoints;
         use super::super::{ErrorCode, TrackingCommand as C, TrackingState};
         let mut st = TrackingState::default();
         let put = C::PutArtifact { path: "0/r/artifacts/a".into(), sha256: "d".repeat(64), size: 3 };
         let wire = serde_json::to_string(&put).expect("encode");
         assert_eq!(serde_json::from_str::<C>(&wire).expect("decode"), put);
-        st.apply(1, &put).expect("put");
+        st.apply(1, 1, &put, &mut PendingPoints::default()).expect("put");
         assert_eq!(st.artifacts.get("0/r/artifacts/a").expect("get").size, 3);
-        let e = st.apply(2, &C::PutArtifact { path: "0/r/artifacts/a/b".into(), sha256: "d".repeat(64), size: 1 }).expect_err("conflict");
+        let e = st
+            .apply(
+                2,
+                2,
+                &C::PutArtifact { path: "0/r/artifacts/a/b".into(), sha256: "d".repeat(64), size: 1 },
+                &mut PendingPoints::default(),
+            )
+            .expect_err("conflict");
         assert_eq!(e.code, ErrorCode::InvalidParameterValue);
-        let e = st.apply(3, &C::DeleteArtifacts { path: "0/r/nothing".into() }).expect_err("absent");
+        let e = st.apply(3, 3, &C::DeleteArtifacts { path: "0/r/nothing".into() }, &mut PendingPoints::default()).expect_err("absent");
         assert_eq!(e.code, ErrorCode::ResourceDoesNotExist);
-        st.apply(4, &C::DeleteArtifacts { path: "0/r".into() }).expect("delete a directory");
+        st.apply(4, 4, &C::DeleteArtifacts { path: "0/r".into() }, &mut PendingPoints::default()).expect("delete a directory");
         assert!(st.artifacts.files.is_empty());
         // A snapshot from before the index loads with none.
         let mut v = serde_json::to_value(&st).expect("encode");

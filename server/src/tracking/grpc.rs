@@ -52,7 +52,7 @@ fn run_view(s: &TrackingState, r: &Run) -> TrackedRun {
         end_time_ms: r.end_time.unwrap_or(0),
         params: r.params.clone().into_iter().collect(),
         tags: r.tags.clone().into_iter().collect(),
-        metrics: r.metrics.keys().filter_map(|k| r.latest(k).map(|p| (k.clone(), p.value.0))).collect(),
+        metrics: r.latest_metrics.iter().map(|(k, p)| (k.clone(), p.value.0)).collect(),
         lifecycle_stage: r.lifecycle_stage.clone(),
     }
 }

@@ -437,13 +437,17 @@ async fn dispatch(t: &Tracking, method: &Method, endpoint: &str, a: &Args) -> TR
         "metrics/get-history" => {
             let id = run_id_of(a)?;
             let key = a.str("metric_key")?;
+            // From the points tree, under the state's read lock: the points of exactly the
+            // entries the state has applied.
+            let store = t.api.state.clone();
             let points = t
                 .read(|s| {
-                    let run = s.run(&id)?;
-                    Ok(run.metrics.get(&key).map(|h| h.iter().map(|p| state::metric_json(&key, p)).collect()).unwrap_or_default())
+                    s.run(&id)?;
+                    store.points().history(&id, &key).map_err(|e| TrackingError::internal(e.to_string()))
                 })
                 .await?;
-            let (points, token): (Vec<Value>, _) = page(points, a, usize::MAX, usize::MAX)?;
+            let (points, token) = page(points, a, usize::MAX, usize::MAX)?;
+            let points: Vec<Value> = points.iter().map(|p| state::metric_json(&key, p)).collect();
             Ok(with_token(json!({ "metrics": points }), token))
         }
         // MLflow 3's client looks for logged models of a run when it lists or downloads the

@@ -5,6 +5,8 @@
 //! * [`state`]: experiments, runs (params, tags, metric history), registered models, versions
 //!   and aliases as replicated cluster state: `Command::Tracking` entries applied through Raft
 //!   like jobs (`ClusterState::tracking`). Ids and timestamps come from the proposer.
+//! * [`points`]: every metric point, in a sled tree of the Raft database (the state keeps only
+//!   each run's latest value per key), carried in Raft snapshots after the state.
 //! * [`search`]: MLflow's filter and `order_by` grammar for `runs/search` and friends.
 //! * [`http`]: the REST handlers (validation and limits before anything reaches Raft).
 //! * [`grpc`]: `TrackingService`, the CLI's views (`mlp run`, `mlp model`).
@@ -13,6 +15,7 @@
 pub mod artifacts;
 pub mod grpc;
 pub mod http;
+pub mod points;
 pub mod search;
 pub mod state;
 

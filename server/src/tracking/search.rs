@@ -580,7 +580,7 @@ mod tests {
     fn run(id: &str, acc: Option<f64>, lr: &str, status: &str, start: i64) -> Run {
         let mut metrics = BTreeMap::new();
         if let Some(a) = acc {
-            metrics.insert("acc".to_string(), vec![MetricPoint { value: MetricValue(a), timestamp: 1, step: 0 }]);
+            metrics.insert("acc".to_string(), MetricPoint { value: MetricValue(a), timestamp: 1, step: 0 });
         }
         Run {
             run_id: id.into(),
@@ -594,7 +594,9 @@ mod tests {
             lifecycle_stage: "active".into(),
             params: BTreeMap::from([("lr".to_string(), lr.to_string())]),
             tags: BTreeMap::from([("t".to_string(), format!("tag-{id}"))]),
-            metrics,
+            latest_metrics: metrics,
+            deleted_time: None,
+            legacy_metrics: BTreeMap::new(),
         }
     }
 

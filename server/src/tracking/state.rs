@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::points::PendingPoints;
 use super::TrackingError;
 
 pub const LIFECYCLE_ACTIVE: &str = "active";
@@ -104,16 +105,42 @@ pub struct Run {
     pub params: BTreeMap<String, String>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
-    /// Every point logged, per key, in the order logged (append-only).
+    /// The latest point per key (MLflow's `latest_metrics`): what search, `runs/get` and the
+    /// CLI show. The whole history is on disk (`tracking::points`), not here.
     #[serde(default)]
-    pub metrics: BTreeMap<String, Vec<MetricPoint>>,
+    pub latest_metrics: BTreeMap<String, MetricPoint>,
+    /// When the run was deleted (the entry's time), for the tracking GC; `None` while active
+    /// and for runs deleted before this was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_time: Option<i64>,
+    /// Every point, per key, as snapshots written before the points moved to disk held them.
+    /// Only read: moved into the points tree when such a snapshot is loaded
+    /// (`TrackingState::take_legacy_points`), never written.
+    #[serde(default, rename = "metrics", skip_serializing)]
+    pub legacy_metrics: BTreeMap<String, Vec<MetricPoint>>,
+}
+
+/// MLflow's order of a metric's points for "latest": the largest step, then the latest
+/// timestamp, then the largest value.
+fn later(a: &MetricPoint, b: &MetricPoint) -> std::cmp::Ordering {
+    (a.step, a.timestamp).cmp(&(b.step, b.timestamp)).then(a.value.0.total_cmp(&b.value.0))
 }
 
 impl Run {
-    /// A metric's latest point as MLflow defines it: the largest step, then the latest
-    /// timestamp, then the largest value.
+    /// A metric's latest point (see [`later`]).
     pub fn latest(&self, key: &str) -> Option<&MetricPoint> {
-        self.metrics.get(key)?.iter().max_by(|a, b| (a.step, a.timestamp).cmp(&(b.step, b.timestamp)).then(a.value.0.total_cmp(&b.value.0)))
+        self.latest_metrics.get(key)
+    }
+
+    /// Keeps `p` as `key`'s latest point if it is later than the one kept.
+    fn observe(&mut self, key: &str, p: &MetricPoint) {
+        match self.latest_metrics.get_mut(key) {
+            Some(cur) if later(p, cur).is_ge() => *cur = p.clone(),
+            Some(_) => {}
+            None => {
+                self.latest_metrics.insert(key.to_string(), p.clone());
+            }
+        }
     }
 }
 
@@ -325,6 +352,19 @@ pub enum TrackingCommand {
     DeleteArtifacts {
         path: String,
     },
+    /// The tracking GC (`leader::gc`): runs deleted at least `older_than_ms` before the entry's
+    /// time go for good, with their params, tags and metric points. A run restored since the
+    /// leader chose it (or deleted again more recently) is skipped. Answers how many went.
+    PurgeRuns {
+        run_ids: Vec<String>,
+        older_than_ms: i64,
+    },
+    /// The tracking GC: experiments deleted at least `older_than_ms` before the entry's time go
+    /// for good, with all their runs (whatever their stage). Answers how many runs went.
+    PurgeExperiments {
+        experiment_ids: Vec<String>,
+        older_than_ms: i64,
+    },
 }
 
 fn run_not_found(id: &str) -> TrackingError {
@@ -385,9 +425,17 @@ impl TrackingState {
             .ok_or_else(|| TrackingError::not_found(format!("Model Version (name={name}, version={version}) not found")))
     }
 
-    /// Applies one command at the entry's time `now` (the proposer's clock). On error nothing
-    /// changed. `Ok(Some(x))`: what the command created (a model version's number).
-    pub fn apply(&mut self, now: i64, cmd: &TrackingCommand) -> Result<Option<String>, TrackingError> {
+    /// Applies one command of the entry at `index`, at the entry's time `now` (the proposer's
+    /// clock). Metric points and purges go to `points` (written to the points tree with the
+    /// entry). On error nothing changed. `Ok(Some(x))`: what the command created (a model
+    /// version's number).
+    pub fn apply(
+        &mut self,
+        index: u64,
+        now: i64,
+        cmd: &TrackingCommand,
+        points: &mut PendingPoints,
+    ) -> Result<Option<String>, TrackingError> {
         use TrackingCommand as C;
         match cmd {
             C::CreateExperiment { experiment_id, name, artifact_location, tags } => {
@@ -471,7 +519,9 @@ impl TrackingState {
                     lifecycle_stage: LIFECYCLE_ACTIVE.into(),
                     params: BTreeMap::new(),
                     tags,
-                    metrics: BTreeMap::new(),
+                    latest_metrics: BTreeMap::new(),
+                    deleted_time: None,
+                    legacy_metrics: BTreeMap::new(),
                 };
                 self.runs.insert(run_id.clone(), run);
             }
@@ -490,11 +540,15 @@ impl TrackingState {
             }
             C::DeleteRun { run_id } => {
                 let run = self.runs.get_mut(run_id).ok_or_else(|| run_not_found(run_id))?;
+                if run.lifecycle_stage != LIFECYCLE_DELETED {
+                    run.deleted_time = Some(now);
+                }
                 run.lifecycle_stage = LIFECYCLE_DELETED.into();
             }
             C::RestoreRun { run_id } => {
                 let run = self.runs.get_mut(run_id).ok_or_else(|| run_not_found(run_id))?;
                 run.lifecycle_stage = LIFECYCLE_ACTIVE.into();
+                run.deleted_time = None;
             }
             C::LogBatch { run_id, metrics, params, tags } => {
                 let run = self.active_run_mut(run_id)?;
@@ -514,11 +568,9 @@ impl TrackingState {
                     run.params.insert(k.clone(), v.clone());
                 }
                 for m in metrics {
-                    run.metrics.entry(m.key.clone()).or_default().push(MetricPoint {
-                        value: m.value,
-                        timestamp: m.timestamp,
-                        step: m.step,
-                    });
+                    let p = MetricPoint { value: m.value, timestamp: m.timestamp, step: m.step };
+                    points.put(index, run_id, &m.key, &p);
+                    run.observe(&m.key, &p);
                 }
                 for (k, v) in tags {
                     if k == RUN_NAME_TAG && !v.is_empty() {
@@ -631,9 +683,97 @@ impl TrackingState {
             C::DeleteArtifacts { path } => {
                 self.artifacts.apply_delete(path)?;
             }
+            C::PurgeRuns { run_ids, older_than_ms } => {
+                let mut purged = 0u64;
+                for id in run_ids {
+                    if self.runs.get(id).is_some_and(|r| run_purgeable(r, now, *older_than_ms)) {
+                        self.purge_run(id, points);
+                        purged += 1;
+                    }
+                }
+                return Ok(Some(purged.to_string()));
+            }
+            C::PurgeExperiments { experiment_ids, older_than_ms } => {
+                let mut purged = 0u64;
+                for id in experiment_ids {
+                    if !self.experiments.get(id).is_some_and(|e| experiment_purgeable(e, now, *older_than_ms)) {
+                        continue;
+                    }
+                    let runs: Vec<String> = self.runs.values().filter(|r| &r.experiment_id == id).map(|r| r.run_id.clone()).collect();
+                    for r in runs {
+                        self.purge_run(&r, points);
+                        purged += 1;
+                    }
+                    // Artifacts logged under the experiment but outside any run's directory.
+                    if let Some(e) = self.experiments.remove(id) {
+                        self.artifacts.remove_run(&e.artifact_location);
+                    }
+                }
+                return Ok(Some(purged.to_string()));
+            }
         }
         Ok(None)
     }
+
+    /// Removes a run for good: the run with its params and tags here, its metric points from
+    /// the points tree (through `points`, with the entry), and the artifacts under its artifact
+    /// URI from the replicated index (their blobs go with the next GC sweep). THE one place a
+    /// run goes: whatever else refers to a run's data must be dropped here too.
+    pub fn purge_run(&mut self, run_id: &str, points: &mut PendingPoints) {
+        if let Some(run) = self.runs.remove(run_id) {
+            points.remove_run(run_id);
+            self.artifacts.remove_run(&run.artifact_uri);
+        }
+    }
+
+    /// What the tracking GC may purge at `now`: runs deleted at least `older_than_ms` ago (not
+    /// in a purgeable experiment: those go with it) and experiments deleted that long ago.
+    pub fn purge_candidates(&self, now: i64, older_than_ms: i64) -> (Vec<String>, Vec<String>) {
+        let experiments: Vec<String> =
+            self.experiments.values().filter(|e| experiment_purgeable(e, now, older_than_ms)).map(|e| e.experiment_id.clone()).collect();
+        let runs = self
+            .runs
+            .values()
+            .filter(|r| run_purgeable(r, now, older_than_ms) && !experiments.contains(&r.experiment_id))
+            .map(|r| r.run_id.clone())
+            .collect();
+        (runs, experiments)
+    }
+
+    /// Moves the points of runs loaded from a snapshot written before points moved to disk
+    /// (`Run::legacy_metrics`) out of the state: each run's latest values are set from them, and
+    /// the points come back in `points` as the entry at index 0 wrote them (so they sort
+    /// before any point logged since, in their logged order).
+    pub fn take_legacy_points(&mut self, points: &mut PendingPoints) -> usize {
+        // Their own numbering (index 0, seq counting from 0), whatever entry is being applied.
+        let mut legacy = PendingPoints::default();
+        for run in self.runs.values_mut() {
+            for (key, history) in std::mem::take(&mut run.legacy_metrics) {
+                for p in &history {
+                    legacy.put(0, &run.run_id, &key, p);
+                    run.observe(&key, p);
+                }
+            }
+        }
+        let n = legacy.ops.len();
+        points.ops.append(&mut legacy.ops);
+        n
+    }
+}
+
+/// Deleted at least `older_than_ms` before `now`. A run deleted before deletion times were
+/// recorded counts from its end (or start) time.
+fn run_purgeable(r: &Run, now: i64, older_than_ms: i64) -> bool {
+    let since = r.deleted_time.unwrap_or(r.end_time.unwrap_or(r.start_time));
+    r.lifecycle_stage == LIFECYCLE_DELETED && now.saturating_sub(since) >= older_than_ms
+}
+
+/// Deleted at least `older_than_ms` before `now` (a deleted experiment changes no more, so its
+/// last update is its deletion); the Default experiment always stays.
+fn experiment_purgeable(e: &Experiment, now: i64, older_than_ms: i64) -> bool {
+    e.experiment_id != DEFAULT_EXPERIMENT_ID
+        && e.lifecycle_stage == LIFECYCLE_DELETED
+        && now.saturating_sub(e.last_update_time) >= older_than_ms
 }
 
 // ---- MLflow's JSON views ----
@@ -680,7 +820,7 @@ impl Run {
     }
 
     pub fn to_json(&self) -> Value {
-        let metrics: Vec<Value> = self.metrics.keys().filter_map(|k| self.latest(k).map(|p| metric_json(k, p))).collect();
+        let metrics: Vec<Value> = self.latest_metrics.iter().map(|(k, p)| metric_json(k, p)).collect();
         let params: Vec<Value> = self.params.iter().map(|(k, v)| json!({ "key": k, "value": v })).collect();
         json!({
             "info": self.info_json(),
@@ -735,6 +875,22 @@ impl RegisteredModel {
 mod tests {
     use super::*;
 
+    /// Applies `cmd` as the entry at index `now`, its points into `POINTS`' store.
+    fn ap(st: &mut TrackingState, now: i64, cmd: &TrackingCommand) -> Result<Option<String>, TrackingError> {
+        let mut pending = PendingPoints::default();
+        let r = st.apply(now as u64, now, cmd, &mut pending);
+        POINTS.with(|p| p.apply(&pending.ops)).expect("points");
+        r
+    }
+
+    thread_local! {
+        static POINTS: crate::tracking::points::PointStore = crate::tracking::points::PointStore::default();
+    }
+
+    fn history(run: &str, key: &str) -> Vec<MetricPoint> {
+        POINTS.with(|p| p.history(run, key)).expect("history")
+    }
+
     fn create_run(st: &mut TrackingState, id: &str) {
         let c = TrackingCommand::CreateRun {
             run_id: id.into(),
@@ -744,7 +900,7 @@ mod tests {
             start_time: 1,
             tags: vec![],
         };
-        st.apply(1, &c).expect("create run");
+        ap(st, 1, &c).expect("create run");
     }
 
     fn batch(run: &str, metrics: Vec<Metric>, params: &[(&str, &str)], tags: &[(&str, &str)]) -> TrackingCommand {
@@ -779,18 +935,18 @@ mod tests {
     fn tracking_params_are_immutable_and_a_refused_batch_changes_nothing() {
         let mut st = TrackingState::default();
         create_run(&mut st, "r1");
-        st.apply(2, &batch("r1", vec![], &[("lr", "0.1")], &[])).expect("first");
+        ap(&mut st, 2, &batch("r1", vec![], &[("lr", "0.1")], &[])).expect("first");
         // The same value again is fine.
-        st.apply(3, &batch("r1", vec![], &[("lr", "0.1")], &[])).expect("same value");
+        ap(&mut st, 3, &batch("r1", vec![], &[("lr", "0.1")], &[])).expect("same value");
         let before = st.clone();
-        let err = st
-            .apply(4, &batch("r1", vec![metric("m", 1.0, 1, 0)], &[("lr", "0.2")], &[("t", "x")]))
+        let err = ap(&mut st, 4, &batch("r1", vec![metric("m", 1.0, 1, 0)], &[("lr", "0.2")], &[("t", "x")]))
             .expect_err("a different value is refused");
         assert_eq!(err.code, super::super::ErrorCode::InvalidParameterValue);
         assert!(err.message.contains("Changing param values is not allowed"), "{err}");
         assert_eq!(st, before, "the refused batch must change nothing (no metric, no tag)");
+        assert!(history("r1", "m").is_empty(), "nor a point on disk");
         // Two different values for one key inside one batch are refused too.
-        let err = st.apply(5, &batch("r1", vec![], &[("b", "1"), ("b", "2")], &[])).expect_err("conflict inside the batch");
+        let err = ap(&mut st, 5, &batch("r1", vec![], &[("b", "1"), ("b", "2")], &[])).expect_err("conflict inside the batch");
         assert_eq!(err.code, super::super::ErrorCode::InvalidParameterValue);
         assert_eq!(st, before);
     }
@@ -799,11 +955,11 @@ mod tests {
     fn tracking_tags_overwrite_and_metric_history_keeps_logged_order() {
         let mut st = TrackingState::default();
         create_run(&mut st, "r1");
-        st.apply(2, &batch("r1", vec![metric("loss", 3.0, 10, 0), metric("loss", 2.0, 11, 1)], &[], &[("t", "a")])).expect("1");
-        st.apply(3, &batch("r1", vec![metric("loss", 5.0, 9, 0), metric("loss", f64::NAN, 12, 2)], &[], &[("t", "b")])).expect("2");
+        ap(&mut st, 2, &batch("r1", vec![metric("loss", 3.0, 10, 0), metric("loss", 2.0, 11, 1)], &[], &[("t", "a")])).expect("1");
+        ap(&mut st, 3, &batch("r1", vec![metric("loss", 5.0, 9, 0), metric("loss", f64::NAN, 12, 2)], &[], &[("t", "b")])).expect("2");
         let run = st.run("r1").expect("run");
         assert_eq!(run.tags.get("t").map(String::as_str), Some("b"));
-        let hist: Vec<(i64, i64)> = run.metrics["loss"].iter().map(|p| (p.step, p.timestamp)).collect();
+        let hist: Vec<(i64, i64)> = history("r1", "loss").iter().map(|p| (p.step, p.timestamp)).collect();
         assert_eq!(hist, vec![(0, 10), (1, 11), (0, 9), (2, 12)], "append-only, in logged order");
         let latest = run.latest("loss").expect("latest");
         assert_eq!((latest.step, latest.timestamp), (2, 12));
@@ -813,7 +969,7 @@ mod tests {
         let back: TrackingState = serde_json::from_str(&text).expect("decode");
         assert!(back.run("r1").expect("run").latest("loss").expect("latest").value.0.is_nan());
         // The run name tag renames the run.
-        st.apply(4, &batch("r1", vec![], &[], &[(RUN_NAME_TAG, "renamed")])).expect("3");
+        ap(&mut st, 4, &batch("r1", vec![], &[], &[(RUN_NAME_TAG, "renamed")])).expect("3");
         assert_eq!(st.run("r1").expect("run").run_name, "renamed");
     }
 
@@ -825,15 +981,15 @@ mod tests {
         let before = st.clone();
         create_run(&mut st, "r1");
         assert_eq!(st, before);
-        st.apply(2, &TrackingCommand::DeleteRun { run_id: "r1".into() }).expect("delete");
-        let err = st.apply(3, &batch("r1", vec![metric("m", 1.0, 1, 0)], &[], &[])).expect_err("deleted");
+        ap(&mut st, 2, &TrackingCommand::DeleteRun { run_id: "r1".into() }).expect("delete");
+        let err = ap(&mut st, 3, &batch("r1", vec![metric("m", 1.0, 1, 0)], &[], &[])).expect_err("deleted");
         assert_eq!(err.code, super::super::ErrorCode::InvalidParameterValue);
-        let err = st.apply(3, &batch("nope", vec![], &[], &[])).expect_err("missing");
+        let err = ap(&mut st, 3, &batch("nope", vec![], &[], &[])).expect_err("missing");
         assert_eq!(err.code, super::super::ErrorCode::ResourceDoesNotExist);
 
         let create = TrackingCommand::CreateRegisteredModel { name: "m".into(), description: String::new(), tags: vec![] };
-        st.apply(4, &create).expect("model");
-        assert_eq!(st.apply(5, &create).expect_err("twice").code, super::super::ErrorCode::ResourceAlreadyExists);
+        ap(&mut st, 4, &create).expect("model");
+        assert_eq!(ap(&mut st, 5, &create).expect_err("twice").code, super::super::ErrorCode::ResourceAlreadyExists);
         let v = TrackingCommand::CreateModelVersion {
             name: "m".into(),
             source: "s".into(),
@@ -843,8 +999,8 @@ mod tests {
             tags: vec![],
             request_id: String::new(),
         };
-        assert_eq!(st.apply(6, &v).expect("v1"), Some("1".into()));
-        assert_eq!(st.apply(7, &v).expect("v2"), Some("2".into()));
+        assert_eq!(ap(&mut st, 6, &v).expect("v1"), Some("1".into()));
+        assert_eq!(ap(&mut st, 7, &v).expect("v2"), Some("2".into()));
         // A retried entry (same request id) answers the version it made; a new request adds one.
         let retried = |id: &str| TrackingCommand::CreateModelVersion {
             name: "m".into(),
@@ -855,14 +1011,85 @@ mod tests {
             tags: vec![],
             request_id: id.into(),
         };
-        assert_eq!(st.apply(70, &retried("r1")).expect("v3"), Some("3".into()));
-        assert_eq!(st.apply(71, &retried("r1")).expect("v3 again"), Some("3".into()), "a retry adds no version");
-        assert_eq!(st.apply(72, &retried("r2")).expect("v4"), Some("4".into()));
-        st.apply(73, &TrackingCommand::DeleteModelVersion { name: "m".into(), version: 4 }).expect("delete v4");
-        st.apply(74, &TrackingCommand::DeleteModelVersion { name: "m".into(), version: 3 }).expect("delete v3");
-        st.apply(8, &TrackingCommand::SetAlias { name: "m".into(), alias: "champion".into(), version: 2 }).expect("alias");
-        st.apply(9, &TrackingCommand::DeleteModelVersion { name: "m".into(), version: 2 }).expect("delete v2");
+        assert_eq!(ap(&mut st, 70, &retried("r1")).expect("v3"), Some("3".into()));
+        assert_eq!(ap(&mut st, 71, &retried("r1")).expect("v3 again"), Some("3".into()), "a retry adds no version");
+        assert_eq!(ap(&mut st, 72, &retried("r2")).expect("v4"), Some("4".into()));
+        ap(&mut st, 73, &TrackingCommand::DeleteModelVersion { name: "m".into(), version: 4 }).expect("delete v4");
+        ap(&mut st, 74, &TrackingCommand::DeleteModelVersion { name: "m".into(), version: 3 }).expect("delete v3");
+        ap(&mut st, 8, &TrackingCommand::SetAlias { name: "m".into(), alias: "champion".into(), version: 2 }).expect("alias");
+        ap(&mut st, 9, &TrackingCommand::DeleteModelVersion { name: "m".into(), version: 2 }).expect("delete v2");
         assert!(st.model("m").expect("m").aliases.is_empty(), "an alias goes with its version");
-        assert_eq!(st.apply(10, &v).expect("v5"), Some("5".into()), "numbers are not reused");
+        assert_eq!(ap(&mut st, 10, &v).expect("v5"), Some("5".into()), "numbers are not reused");
+    }
+
+    #[test]
+    fn tracking_purge_removes_deleted_runs_and_their_points_but_not_restored_or_recently_deleted_ones() {
+        let mut st = TrackingState::default();
+        let exp = TrackingCommand::CreateExperiment {
+            experiment_id: "9".into(),
+            name: "gone".into(),
+            artifact_location: String::new(),
+            tags: vec![],
+        };
+        ap(&mut st, 1, &exp).expect("experiment");
+        for id in ["p1", "p2", "p3", "p4"] {
+            create_run(&mut st, id);
+            ap(&mut st, 2, &batch(id, vec![metric("loss", 1.0, 1, 0), metric("loss", 2.0, 2, 1)], &[("lr", "1")], &[])).expect("log");
+        }
+        let in_exp = TrackingCommand::CreateRun {
+            run_id: "p5".into(),
+            experiment_id: "9".into(),
+            run_name: "r".into(),
+            user_id: "u".into(),
+            start_time: 1,
+            tags: vec![],
+        };
+        ap(&mut st, 3, &in_exp).expect("run in experiment");
+        ap(&mut st, 4, &batch("p5", vec![metric("loss", 1.0, 1, 0)], &[], &[])).expect("log");
+        // Artifacts of runs p1, p2, p5 and one of the experiment outside any run.
+        let put = |path: String| TrackingCommand::PutArtifact { path, sha256: "ab".repeat(32), size: 3 };
+        let artifact_of = |st: &TrackingState, id: &str| {
+            format!("{}/model.bin", super::super::artifacts::path_of_uri(&st.runs[id].artifact_uri).expect("mlp's own store"))
+        };
+        for id in ["p1", "p2", "p5"] {
+            let path = artifact_of(&st, id);
+            ap(&mut st, 5, &put(path)).expect("put artifact");
+        }
+        let exp_note =
+            format!("{}/notes.txt", super::super::artifacts::path_of_uri(&st.experiments["9"].artifact_location).expect("own store"));
+        ap(&mut st, 5, &put(exp_note.clone())).expect("put experiment artifact");
+        let (p1_art, p2_art, p5_art) = (artifact_of(&st, "p1"), artifact_of(&st, "p2"), artifact_of(&st, "p5"));
+        let del = |id: &str| TrackingCommand::DeleteRun { run_id: id.into() };
+        ap(&mut st, 10, &del("p1")).expect("delete p1");
+        ap(&mut st, 10, &del("p2")).expect("delete p2");
+        ap(&mut st, 11, &TrackingCommand::RestoreRun { run_id: "p2".into() }).expect("restore p2");
+        ap(&mut st, 10, &del("p3")).expect("delete p3");
+        ap(&mut st, 10, &TrackingCommand::DeleteExperiment { experiment_id: "9".into() }).expect("delete experiment");
+        // At 100 with a threshold of 50: p1, p3 and the experiment (with p5) are due.
+        let (runs, exps) = st.purge_candidates(100, 50);
+        assert_eq!((runs.clone(), exps.clone()), (vec!["p1".to_string(), "p3".to_string()], vec!["9".to_string()]));
+        // p3 is restored and deleted again before the purge commits: too recent now.
+        ap(&mut st, 95, &TrackingCommand::RestoreRun { run_id: "p3".into() }).expect("restore p3");
+        ap(&mut st, 96, &del("p3")).expect("delete p3 again");
+        assert_eq!(
+            ap(&mut st, 100, &TrackingCommand::PurgeExperiments { experiment_ids: exps, older_than_ms: 50 }).expect("purge"),
+            Some("1".into())
+        );
+        assert_eq!(ap(&mut st, 100, &TrackingCommand::PurgeRuns { run_ids: runs, older_than_ms: 50 }).expect("purge"), Some("1".into()));
+        let left: Vec<&str> = st.runs.keys().map(String::as_str).collect();
+        assert_eq!(left, ["p2", "p3", "p4"]);
+        assert!(!st.experiments.contains_key("9"));
+        assert!(history("p1", "loss").is_empty() && history("p5", "loss").is_empty(), "purged points are gone");
+        assert_eq!(history("p2", "loss").len(), 2, "a restored run keeps its points");
+        assert_eq!(history("p3", "loss").len(), 2);
+        // The purged runs' and experiment's artifacts left the index (their blobs go with GC).
+        assert!(st.artifacts.get(&p1_art).is_err() && st.artifacts.get(&p5_art).is_err() && st.artifacts.get(&exp_note).is_err());
+        assert!(st.artifacts.get(&p2_art).is_ok(), "a restored run keeps its artifacts");
+        // Again (a replayed entry): nothing more goes.
+        let again = TrackingCommand::PurgeRuns { run_ids: vec!["p1".into(), "p3".into()], older_than_ms: 50 };
+        assert_eq!(ap(&mut st, 100, &again).expect("again"), Some("0".into()));
+        // The purge commands keep their encoding (they are the last variants).
+        let text = serde_json::to_string(&again).expect("encode");
+        assert_eq!(text, r#"{"PurgeRuns":{"run_ids":["p1","p3"],"older_than_ms":50}}"#);
     }
 }
