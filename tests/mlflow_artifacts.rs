@@ -406,33 +406,7 @@ fn mlflow_artifacts_in_s3_through_the_mlflow_client() {
     let script = common::repo_root().join("tests").join("mlflow").join("s3_client.py");
     let work = dir.path().join("work");
     std::fs::create_dir_all(&work).expect("work dir");
-    let mut child = Command::new(&python)
-        .arg(&script)
-        .arg(&work)
-        .env("MLFLOW_TRACKING_URI", format!("http://{}", dev.http))
-        .env("MLFLOW_DISABLE_TELEMETRY", "true")
-        .env("DO_NOT_TRACK", "true")
-        .env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        .env("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
-        .env_remove("MLFLOW_REGISTRY_URI")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run the client script");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let (mut out, mut err) = (String::new(), String::new());
-    let _ = child.stdout.take().map(|mut s| s.read_to_string(&mut out));
-    let _ = child.stderr.take().map(|mut s| s.read_to_string(&mut err));
+    let (status, out, err) = common::run_mlflow_script(&python, &script, &[&work], &dev.http, 60);
     let ok = status.is_some_and(|s| s.success()) && out.contains("mlflow s3 artifacts: ok");
     assert!(
         ok,

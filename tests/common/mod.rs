@@ -516,3 +516,45 @@ impl Drop for Dev {
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// Runs an MLflow client script (`python script args…`) against the HTTP address `http` with
+/// MLflow's client settings for tests (no telemetry, one retry, `timeout_s` per request) and
+/// waits for it at most 300 s (killed then). Returns its exit status (None: killed), stdout and
+/// stderr.
+#[allow(dead_code)]
+pub fn run_mlflow_script(
+    python: &Path,
+    script: &Path,
+    args: &[&Path],
+    http: &str,
+    timeout_s: u32,
+) -> (Option<std::process::ExitStatus>, String, String) {
+    let mut child = Command::new(python)
+        .arg(script)
+        .args(args)
+        .env("MLFLOW_TRACKING_URI", format!("http://{http}"))
+        .env("MLFLOW_DISABLE_TELEMETRY", "true")
+        .env("DO_NOT_TRACK", "true")
+        .env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        .env("MLFLOW_HTTP_REQUEST_TIMEOUT", timeout_s.to_string())
+        .env_remove("MLFLOW_REGISTRY_URI")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the client script");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    let _ = child.stdout.take().map(|mut s| s.read_to_string(&mut out));
+    let _ = child.stderr.take().map(|mut s| s.read_to_string(&mut err));
+    (status, out, err)
+}
