@@ -237,6 +237,11 @@ fn http_as(addr: &str, token: &str, method: &str, path: &str, body: Option<&str>
     common::http_request_as(addr, token, method, path, content_type, body.as_bytes())
 }
 
+/// A [`gpu_job`] at `priority` (instead of the default 50).
+fn with_priority(job: &str, priority: i32) -> String {
+    job.replace("type = \"batch\"", &format!("type = \"batch\"\n  priority = {priority}"))
+}
+
 /// The allocations of a job that were evicted (taken back by another namespace).
 fn evicted(job: &Value) -> usize {
     job["allocations"].as_array().map_or(0, |a| a.iter().filter(|a| a["client_status"] == "preempted").count())
@@ -261,14 +266,11 @@ fn borrowed_gpus_are_taken_back_and_freed_ones_go_by_dominant_share() {
     assert!(list.contains("gpus 4, may borrow gpus 4"), "{list}");
 
     // team-a borrows the idle half: 8 of 8, at a high priority.
-    let mut a = gpu_job("train", "team-a", 8, "sleep 600");
-    a = a.replace("type = \"batch\"", "type = \"batch\"\n  priority = 90");
-    run(&dev, "train", &a);
+    run(&dev, "train", &with_priority(&gpu_job("train", "team-a", 8, "sleep 600"), 90));
     wait_for("team-a on all 8 GPUs", Duration::from_secs(60), || (live(&job_in(&dev, "team-a", "train")) == 8).then_some(()));
 
     // team-b, at a low priority, takes its quota back: four of team-a's allocations go.
-    let b = gpu_job("eval", "team-b", 4, "sleep 600").replace("type = \"batch\"", "type = \"batch\"\n  priority = 10");
-    run(&dev, "eval", &b);
+    run(&dev, "eval", &with_priority(&gpu_job("eval", "team-b", 4, "sleep 600"), 10));
     let share = |ns: &str| dev.json(&["namespace", "status", ns, "--json"])["usage"]["gpu_milli"].as_u64().unwrap_or(0);
     wait_for("the shares converge to 4 and 4", Duration::from_secs(60), || {
         let (ja, jb) = (job_in(&dev, "team-a", "train"), job_in(&dev, "team-b", "eval"));
@@ -284,7 +286,7 @@ fn borrowed_gpus_are_taken_back_and_freed_ones_go_by_dominant_share() {
     // GPUs free. team-b's share (0) is below team-a's (4 of 8), so its newer job goes first and
     // team-a borrows the other three; team-a loses nothing more.
     // (Same priority as its first job, which it would otherwise preempt within team-b.)
-    run(&dev, "eval2", &gpu_job("eval2", "team-b", 1, "sleep 600").replace("type = \"batch\"", "type = \"batch\"\n  priority = 10"));
+    run(&dev, "eval2", &with_priority(&gpu_job("eval2", "team-b", 1, "sleep 600"), 10));
     wait_for("team-b's second job blocked", Duration::from_secs(30), || {
         job_in(&dev, "team-b", "eval2")["evaluations"].as_array().is_some_and(|e| e.iter().any(|e| e["status"] == "blocked")).then_some(())
     });

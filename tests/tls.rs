@@ -457,29 +457,47 @@ fn free_ports(n: usize) -> Vec<u16> {
     ls.iter().map(|l| l.local_addr().expect("addr").port()).collect()
 }
 
+/// What [`spawn_tls_servers`] started: the gRPC and HTTP addresses, and the guards (killed on
+/// drop).
+struct TlsServers {
+    grpc: Vec<String>,
+    http: Vec<String>,
+    guards: Vec<Guard>,
+}
+
+/// Three `mlp server`s with the server certificate forming one cluster (`--bootstrap-expect 3`)
+/// on free loopback ports, data and logs under `dir`, with `extra` flags.
+fn spawn_tls_servers(certs: &Certs, dir: &Path, extra: &[&str]) -> TlsServers {
+    let ports = free_ports(6);
+    let join: Vec<String> = ports[..3].iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let http: Vec<String> = ports[3..].iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let guards = (0..3)
+        .map(|i| {
+            let log = std::fs::File::create(dir.join(format!("s{i}.log"))).expect("log");
+            let child = Command::new(MLP)
+                .args(["server", "--grpc-addr", &join[i], "--http-addr", &http[i], "--bootstrap-expect", "3"])
+                .args(["--join", &join.join(",")])
+                .args(extra)
+                .arg("--data-dir")
+                .arg(dir.join(format!("s{i}")))
+                .args(certs.flags("server"))
+                .env("MLP_LOG", "info,openraft=warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("spawn server");
+            Guard(child)
+        })
+        .collect();
+    TlsServers { grpc: join, http, guards }
+}
+
 #[test]
 fn tls_three_servers_form_a_cluster_and_forward_over_tls() {
     let certs = Certs::new();
     let dir = tempfile::Builder::new().prefix("mlp-tls-ha-").tempdir().expect("tempdir");
-    let ports = free_ports(6);
-    let join: Vec<String> = ports[..3].iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let flags = certs.flags("server");
-    let mut servers = Vec::new();
-    for i in 0..3 {
-        let log = std::fs::File::create(dir.path().join(format!("s{i}.log"))).expect("log");
-        let child = Command::new(MLP)
-            .args(["server", "--grpc-addr", &join[i], "--http-addr", &format!("127.0.0.1:{}", ports[3 + i]), "--bootstrap-expect", "3"])
-            .args(["--join", &join.join(","), "--data-dir"])
-            .arg(dir.path().join(format!("s{i}")))
-            .args(&flags)
-            .env("MLP_LOG", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn server");
-        servers.push(Guard(child));
-    }
+    let TlsServers { grpc: join, http, guards: servers } = spawn_tls_servers(&certs, dir.path(), &[]);
     let cli = |addr: &str, args: &[&str]| {
         Command::new(MLP).args(args).env("MLP_ADDR", addr).envs(certs.cli_env()).stdin(Stdio::null()).output().expect("run mlp")
     };
@@ -502,7 +520,7 @@ fn tls_three_servers_form_a_cluster_and_forward_over_tls() {
     // An MLflow artifact uploaded over HTTPS to a follower is pushed to another server over
     // mutual TLS (RaftService.PutBlob, server role) before it is acknowledged.
     let fi = join.iter().position(|a| *a == follower).expect("follower index");
-    let (host, port) = host_port(&format!("127.0.0.1:{}", ports[3 + fi]));
+    let (host, port) = host_port(&http[fi]);
     let client = certs.identity("client");
     let payload = b"artifact bytes over mutual TLS";
     let answer = rt().block_on(async {
@@ -539,24 +557,8 @@ fn three_servers_with_tls_and_acls_run_the_main_paths() {
     assert!(prereq::require(&[prereq::Need::Root, prereq::Need::Cgroups]), "prerequisites missing");
     let certs = Certs::new();
     let dir = tempfile::Builder::new().prefix("mlp-tls-acl-ha-").tempdir().expect("tempdir");
-    let ports = free_ports(6);
-    let join: Vec<String> = ports[..3].iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let mut servers: Vec<Option<Guard>> = Vec::new();
-    for i in 0..3 {
-        let log = std::fs::File::create(dir.path().join(format!("s{i}.log"))).expect("log");
-        let child = Command::new(MLP)
-            .args(["server", "--grpc-addr", &join[i], "--http-addr", &format!("127.0.0.1:{}", ports[3 + i]), "--bootstrap-expect", "3"])
-            .args(["--join", &join.join(","), "--acl-enabled", "--data-dir"])
-            .arg(dir.path().join(format!("s{i}")))
-            .args(certs.flags("server"))
-            .env("MLP_LOG", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn server");
-        servers.push(Some(Guard(child)));
-    }
+    let TlsServers { grpc: join, guards, .. } = spawn_tls_servers(&certs, dir.path(), &["--acl-enabled"]);
+    let mut servers: Vec<Option<Guard>> = guards.into_iter().map(Some).collect();
     let agent_log = std::fs::File::create(dir.path().join("agent.log")).expect("log");
     let _agent = Guard(
         Command::new(MLP)
@@ -669,11 +671,8 @@ fn three_servers_with_tls_and_acls_run_the_main_paths() {
 
     // kill -9 the leader: through a survivor, the same token works and a new job runs.
     let i = join.iter().position(|a| *a == first_leader).expect("leader index");
-    if let Some(mut g) = servers[i].take() {
-        let _ = g.0.kill();
-        let _ = g.0.wait();
-        std::mem::forget(g);
-    }
+    // The guard's drop is a SIGKILL and a wait.
+    servers[i] = None;
     let survivor = join.iter().find(|a| **a != first_leader).expect("survivor").clone();
     wait_for("a new leader", Duration::from_secs(60), || leader_via(&survivor, &root).filter(|l| *l != first_leader));
     let again = write_job("after-failover", "batch", 100, "echo after-failover; exit 5");

@@ -416,14 +416,14 @@ impl Leader {
         // Across namespaces, dominant-resource fair share: the namespace holding the smallest
         // share of the cluster's most-used resource goes first (shares recomputed as its
         // evaluations place); within one namespace, priority then submit order.
+        // The ready nodes' capacity is taken once for the pass (the denominators of the shares).
         let mut shares: BTreeMap<String, f64> = BTreeMap::new();
         let namespaces: BTreeSet<&str> = order.iter().map(|(ns, _)| ns.as_str()).collect();
-        if namespaces.len() > 1 {
+        let capacity = (namespaces.len() > 1).then(|| scheduler::quota::cluster_capacity(&self.state.read()));
+        if let Some(capacity) = &capacity {
             let st = self.state.read();
-            let capacity = scheduler::quota::cluster_capacity(&st);
             for ns in namespaces {
-                let held = scheduler::quota::Held::of(&st, ns, &BTreeSet::new());
-                shares.insert(ns.to_string(), scheduler::quota::dominant_share(&held, &capacity));
+                shares.insert(ns.to_string(), scheduler::quota::share_of(&st, ns, capacity));
             }
         }
         // Requests that failed for lack of capacity in this pass: a later evaluation asking for
@@ -449,10 +449,8 @@ impl Leader {
             let report = self.run_eval(&key.2).await;
             let still_blocked = report.outcome == Some(EvalOutcome::StillBlocked) && report.resources_only;
             q.record(report);
-            if let Some(share) = shares.get_mut(&ns) {
-                let st = self.state.read();
-                let held = scheduler::quota::Held::of(&st, &ns, &BTreeSet::new());
-                *share = scheduler::quota::dominant_share(&held, &scheduler::quota::cluster_capacity(&st));
+            if let (Some(share), Some(capacity)) = (shares.get_mut(&ns), &capacity) {
+                *share = scheduler::quota::share_of(&self.state.read(), &ns, capacity);
             }
             if still_blocked {
                 if let Some(ask) = ask {

@@ -259,6 +259,11 @@ pub fn dominant_share(held: &Held, capacity: &Held) -> f64 {
     frac(held.cpu_mhz, capacity.cpu_mhz).max(frac(held.memory_mib, capacity.memory_mib)).max(frac(held.gpu_milli, capacity.gpu_milli))
 }
 
+/// The dominant share of what `namespace`'s live allocations hold in `state`.
+pub fn share_of(state: &ClusterState, namespace: &str, capacity: &Held) -> f64 {
+    dominant_share(&Held::of(state, namespace, &BTreeSet::new()), capacity)
+}
+
 /// Which of `waiting` (each a namespace and its place in the priority-then-submit order) gets
 /// freed capacity next: the one of the namespace with the smallest dominant share, and within
 /// a namespace the first in that order (ties between namespaces: the first in that order).
