@@ -165,7 +165,7 @@ mod tests {
     /// X25519 (not the provider's default P-384, several times slower in ring), and a key that
     /// does not belong to its certificate is refused at load.
     #[test]
-    fn handshakes_use_x25519_and_mismatched_keys_are_refused() -> Result<(), Box<dyn std::error::Error>> {
+    fn handshakes_use_x25519_never_resume_and_mismatched_keys_are_refused() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let (ca_pem, ca_key) = ca("mlp test CA", 30)?;
         let (ca_path, _) = ca_paths(dir.path());
@@ -181,29 +181,40 @@ mod tests {
         let server = Tls::load(files[0].clone())?;
         let client = Tls::load(files[1].clone())?;
         let name = rustls_pki_types::ServerName::try_from("server.mlp")?.to_owned();
-        let mut c = rustls::ClientConnection::new(client.client_config(Role::Server), name)?;
-        let mut s = rustls::ServerConnection::new(server.server_config())?;
-        for _ in 0..20 {
-            if !c.is_handshaking() && !s.is_handshaking() {
-                break;
+        let handshake = || -> Result<(rustls::ClientConnection, rustls::ServerConnection), Box<dyn std::error::Error>> {
+            let mut c = rustls::ClientConnection::new(client.client_config(Role::Server), name.clone())?;
+            let mut s = rustls::ServerConnection::new(server.server_config())?;
+            // Until both are done and nothing is left to send (tickets, if any, come after).
+            for _ in 0..20 {
+                let mut buf = Vec::new();
+                while c.wants_write() {
+                    c.write_tls(&mut buf)?;
+                }
+                s.read_tls(&mut buf.as_slice())?;
+                s.process_new_packets()?;
+                let mut back = Vec::new();
+                while s.wants_write() {
+                    s.write_tls(&mut back)?;
+                }
+                c.read_tls(&mut back.as_slice())?;
+                c.process_new_packets()?;
+                if !c.is_handshaking() && !s.is_handshaking() && buf.is_empty() && back.is_empty() {
+                    break;
+                }
             }
-            let mut buf = Vec::new();
-            while c.wants_write() {
-                c.write_tls(&mut buf)?;
-            }
-            s.read_tls(&mut buf.as_slice())?;
-            s.process_new_packets()?;
-            let mut buf = Vec::new();
-            while s.wants_write() {
-                s.write_tls(&mut buf)?;
-            }
-            c.read_tls(&mut buf.as_slice())?;
-            c.process_new_packets()?;
-        }
-        assert!(!c.is_handshaking() && !s.is_handshaking(), "the handshake did not finish");
+            assert!(!c.is_handshaking() && !s.is_handshaking(), "the handshake did not finish");
+            Ok((c, s))
+        };
+        let (c, s) = handshake()?;
         let group = c.negotiated_key_exchange_group().map(|g| g.name());
         assert_eq!(group, Some(rustls::NamedGroup::X25519));
         assert_eq!(s.negotiated_key_exchange_group().map(|g| g.name()), Some(rustls::NamedGroup::X25519));
+        // No resumption: a second connection with the same configs is a full handshake in which
+        // the client presents its certificate again.
+        let (c2, s2) = handshake()?;
+        assert_eq!(c2.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        assert_eq!(s2.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        assert_eq!(s2.peer_certificates().map(|p| p.len()), Some(1));
         // The client's certificate with the server's key.
         let crossed = TlsFiles { key_file: files[0].key_file.clone(), ..files[1].clone() };
         let e = Tls::load(crossed).err().ok_or("a key of another certificate was accepted")?;

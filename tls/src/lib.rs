@@ -265,6 +265,12 @@ fn load_material(files: &TlsFiles) -> Result<Material, TlsError> {
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified.clone())));
     server.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    // No session resumption, either way: every connection presents and checks its certificate
+    // (a rotated or removed certificate is never honoured through an earlier session), and
+    // the CLI, a new process per call, could not use a ticket anyway. Each handshake then
+    // skips deriving, sending and storing two tickets.
+    server.send_tls13_tickets = 0;
+    server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
 
     let client = |needed: Role| -> Result<Arc<ClientConfig>, TlsError> {
         let verifier = Arc::new(RoleVerifier::new(roots.clone(), needed)?);
@@ -275,6 +281,7 @@ fn load_material(files: &TlsFiles) -> Result<Material, TlsError> {
             .with_custom_certificate_verifier(verifier)
             .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified.clone())));
         c.alpn_protocols = vec![b"h2".to_vec()];
+        c.resumption = rustls::client::Resumption::disabled();
         Ok(Arc::new(c))
     };
     let clients = [client(Role::ALL[0])?, client(Role::ALL[1])?, client(Role::ALL[2])?];
