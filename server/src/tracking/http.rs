@@ -338,8 +338,23 @@ async fn mlflow(State(t): State<Arc<Tracking>>, method: Method, Path(endpoint): 
                 .into_response()
         }
     };
+    let endpoint = endpoint.trim_end_matches('/');
+    // The one answer that can be megabytes: its bytes are written directly (`search_runs`).
+    if endpoint == "runs/search" {
+        let bytes = match Args::parse(&uri, &body) {
+            Ok(a) => search_runs(&t, &a).await,
+            Err(e) => Err(e),
+        };
+        return match bytes {
+            Ok(b) => ([(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"))], b).into_response(),
+            Err(e) => {
+                tracing::debug!(endpoint, error = %e, "mlflow request refused");
+                e.into_response()
+            }
+        };
+    }
     let result = match Args::parse(&uri, &body) {
-        Ok(a) => dispatch(&t, &method, endpoint.trim_end_matches('/'), &a).await,
+        Ok(a) => dispatch(&t, &method, endpoint, &a).await,
         Err(e) => Err(e),
     };
     match result {
@@ -433,7 +448,7 @@ async fn dispatch(t: &Tracking, method: &Method, endpoint: &str, a: &Args) -> TR
             t.submit(cmd).await?;
             Ok(json!({}))
         }
-        "runs/search" => search_runs(t, a).await,
+        // "runs/search" is answered before dispatch (`mlflow`), as bytes.
         "metrics/get-history" => {
             let id = run_id_of(a)?;
             let key = a.str("metric_key")?;
@@ -710,24 +725,32 @@ fn log_batch_of(a: &Args) -> TResult<C> {
     Ok(C::LogBatch { run_id, metrics, params, tags })
 }
 
-async fn search_runs(t: &Tracking, a: &Args) -> TResult<Value> {
+/// `runs/search`, answered as the JSON body's bytes: the page's runs are written straight from
+/// the state (`state::RunOut`), and only the page's.
+async fn search_runs(t: &Tracking, a: &Args) -> TResult<Vec<u8>> {
     let experiment_ids = a.list("experiment_ids")?;
     if experiment_ids.len() > 1000 {
         return Err(TrackingError::invalid("At most 1000 experiment_ids"));
     }
     let keep = view_type(a, "run_view_type")?;
-    let (runs, token) = t
-        .read(|s| {
-            let runs = s
-                .runs
-                .values()
-                .filter(|r| experiment_ids.is_empty() || experiment_ids.contains(&r.experiment_id))
-                .filter(|r| keep(&r.lifecycle_stage));
-            let found = filter_and_sort(runs, a, &["attributes.start_time DESC", "attributes.run_id ASC"])?;
-            page(found.into_iter().map(|r| r.to_json()).collect(), a, 1000, MAX_SEARCH_RESULTS)
-        })
-        .await?;
-    Ok(with_token(json!({ "runs": runs }), token))
+    t.read(|s| {
+        let runs = s
+            .runs
+            .values()
+            .filter(|r| experiment_ids.is_empty() || experiment_ids.contains(&r.experiment_id))
+            .filter(|r| keep(&r.lifecycle_stage));
+        let found = filter_and_sort(runs, a, &["attributes.start_time DESC", "attributes.run_id ASC"])?;
+        let (runs, token) = page(found, a, 1000, MAX_SEARCH_RESULTS)?;
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            runs: Vec<state::RunOut<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            next_page_token: Option<String>,
+        }
+        let body = Body { runs: runs.into_iter().map(state::RunOut).collect(), next_page_token: token };
+        serde_json::to_vec(&body).map_err(|e| TrackingError::internal(format!("writing the runs: {e}")))
+    })
+    .await
 }
 
 /// `registered-models/alias`: POST sets, GET reads (the version it points at), DELETE removes.

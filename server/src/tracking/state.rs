@@ -802,31 +802,109 @@ impl Experiment {
 
 impl Run {
     pub fn info_json(&self) -> Value {
-        let mut info = json!({
-            "run_id": self.run_id,
-            "run_uuid": self.run_id,
-            "run_name": self.run_name,
-            "experiment_id": self.experiment_id,
-            "user_id": self.user_id,
-            "status": self.status,
-            "start_time": self.start_time,
-            "artifact_uri": self.artifact_uri,
-            "lifecycle_stage": self.lifecycle_stage,
-        });
-        if let (Some(end), Some(o)) = (self.end_time, info.as_object_mut()) {
-            o.insert("end_time".into(), json!(end));
-        }
-        info
+        serde_json::to_value(RunInfoOut(self)).unwrap_or(Value::Null)
     }
 
     pub fn to_json(&self) -> Value {
-        let metrics: Vec<Value> = self.latest_metrics.iter().map(|(k, p)| metric_json(k, p)).collect();
-        let params: Vec<Value> = self.params.iter().map(|(k, v)| json!({ "key": k, "value": v })).collect();
-        json!({
-            "info": self.info_json(),
-            "data": { "metrics": metrics, "params": params, "tags": tags_json(&self.tags) },
-            "inputs": {},
-        })
+        serde_json::to_value(RunOut(self)).unwrap_or(Value::Null)
+    }
+}
+
+/// A run as MLflow's JSON writes it (`{"data", "info", "inputs"}`), serialized straight from
+/// the state: `runs/search` writes thousands of these, and building a `serde_json::Value` tree
+/// per run first was most of its time (allocations and frees, perf). Keys come in the order
+/// `serde_json::Value` sorts them, so both paths write the same bytes.
+pub struct RunOut<'a>(pub &'a Run);
+
+struct RunInfoOut<'a>(&'a Run);
+
+/// `[{"key": K, "value": V}, ...]`.
+struct KeyValues<'a>(&'a BTreeMap<String, String>);
+
+/// `[{"key", "step", "timestamp", "value"}, ...]`: the latest point per key.
+struct LatestMetrics<'a>(&'a BTreeMap<String, MetricPoint>);
+
+impl Serialize for RunOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        struct Data<'a>(&'a Run);
+        impl Serialize for Data<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut m = s.serialize_map(Some(3))?;
+                m.serialize_entry("metrics", &LatestMetrics(&self.0.latest_metrics))?;
+                m.serialize_entry("params", &KeyValues(&self.0.params))?;
+                m.serialize_entry("tags", &KeyValues(&self.0.tags))?;
+                m.end()
+            }
+        }
+        let mut m = s.serialize_map(Some(3))?;
+        m.serialize_entry("data", &Data(self.0))?;
+        m.serialize_entry("info", &RunInfoOut(self.0))?;
+        m.serialize_entry("inputs", &serde_json::Map::new())?;
+        m.end()
+    }
+}
+
+impl Serialize for RunInfoOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let r = self.0;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("artifact_uri", &r.artifact_uri)?;
+        if let Some(end) = r.end_time {
+            m.serialize_entry("end_time", &end)?;
+        }
+        m.serialize_entry("experiment_id", &r.experiment_id)?;
+        m.serialize_entry("lifecycle_stage", &r.lifecycle_stage)?;
+        m.serialize_entry("run_id", &r.run_id)?;
+        m.serialize_entry("run_name", &r.run_name)?;
+        m.serialize_entry("run_uuid", &r.run_id)?;
+        m.serialize_entry("start_time", &r.start_time)?;
+        m.serialize_entry("status", &r.status)?;
+        m.serialize_entry("user_id", &r.user_id)?;
+        m.end()
+    }
+}
+
+impl Serialize for KeyValues<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        struct Kv<'a>(&'a str, &'a str);
+        impl Serialize for Kv<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut m = s.serialize_map(Some(2))?;
+                m.serialize_entry("key", self.0)?;
+                m.serialize_entry("value", self.1)?;
+                m.end()
+            }
+        }
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            seq.serialize_element(&Kv(k, v))?;
+        }
+        seq.end()
+    }
+}
+
+impl Serialize for LatestMetrics<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        struct Point<'a>(&'a str, &'a MetricPoint);
+        impl Serialize for Point<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut m = s.serialize_map(Some(4))?;
+                m.serialize_entry("key", self.0)?;
+                m.serialize_entry("step", &self.1.step)?;
+                m.serialize_entry("timestamp", &self.1.timestamp)?;
+                m.serialize_entry("value", &self.1.value)?;
+                m.end()
+            }
+        }
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for (k, p) in self.0 {
+            seq.serialize_element(&Point(k, p))?;
+        }
+        seq.end()
     }
 }
 
@@ -874,6 +952,51 @@ impl RegisteredModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_is_written_as_mlflow_writes_it() {
+        let run = Run {
+            run_id: "r1".into(),
+            experiment_id: "7".into(),
+            run_name: "name".into(),
+            user_id: "u".into(),
+            status: "FINISHED".into(),
+            start_time: 10,
+            end_time: Some(20),
+            artifact_uri: "mlflow-artifacts:/7/r1/artifacts".into(),
+            lifecycle_stage: "active".into(),
+            params: BTreeMap::from([("lr".to_string(), "0.1".to_string())]),
+            tags: BTreeMap::from([("a\"b".to_string(), "v".to_string())]),
+            latest_metrics: BTreeMap::from([
+                ("loss".to_string(), MetricPoint { value: MetricValue(0.5), timestamp: 15, step: 3 }),
+                ("nan".to_string(), MetricPoint { value: MetricValue(f64::NAN), timestamp: 16, step: 0 }),
+            ]),
+            deleted_time: None,
+            legacy_metrics: BTreeMap::new(),
+        };
+        let want = json!({
+            "data": {
+                "metrics": [
+                    { "key": "loss", "step": 3, "timestamp": 15, "value": 0.5 },
+                    { "key": "nan", "step": 0, "timestamp": 16, "value": "NaN" },
+                ],
+                "params": [{ "key": "lr", "value": "0.1" }],
+                "tags": [{ "key": "a\"b", "value": "v" }],
+            },
+            "info": {
+                "artifact_uri": "mlflow-artifacts:/7/r1/artifacts", "end_time": 20, "experiment_id": "7",
+                "lifecycle_stage": "active", "run_id": "r1", "run_name": "name", "run_uuid": "r1",
+                "start_time": 10, "status": "FINISHED", "user_id": "u",
+            },
+            "inputs": {},
+        });
+        // The bytes `runs/search` writes, and the `Value` the other endpoints embed.
+        let bytes = serde_json::to_vec(&RunOut(&run)).expect("serializes");
+        assert_eq!(String::from_utf8(bytes).expect("utf-8"), want.to_string());
+        assert_eq!(run.to_json(), want);
+        let running = Run { end_time: None, ..run };
+        assert!(running.info_json().get("end_time").is_none(), "{}", running.info_json());
+    }
 
     /// Applies `cmd` as the entry at index `now`, its points into `POINTS`' store.
     fn ap(st: &mut TrackingState, now: i64, cmd: &TrackingCommand) -> Result<Option<String>, TrackingError> {
