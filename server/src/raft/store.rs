@@ -49,6 +49,43 @@ const KEY_POINTS_OF: &[u8] = b"points_of";
 /// back right after appending it (to apply it, and to replicate it); serving those reads from
 /// memory saves a JSON decode per entry on the hot write path.
 const TAIL_CACHE_ENTRIES: usize = 4096;
+/// And how many bytes of them (counted as their encoded size): MLflow `log-batch` entries of
+/// 1,000 points are ~100 KB each, and 4,096 of them kept about 400 MB of RSS (benchmarks.md).
+/// The newest entry is always kept, however large.
+const TAIL_CACHE_BYTES: usize = 16 * 1024 * 1024;
+
+/// The decoded tail of the log: a contiguous index range (appends are contiguous, truncation
+/// cuts the top, purge and eviction cut the bottom), bounded by entries and by bytes.
+#[derive(Default)]
+struct TailCache {
+    entries: BTreeMap<u64, (Entry, usize)>,
+    bytes: usize,
+}
+
+impl TailCache {
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// Appends (the caller keeps it contiguous), then evicts the oldest over either bound.
+    fn push(&mut self, entry: Entry, size: usize, max_entries: usize, max_bytes: usize) {
+        if let Some((_, old)) = self.entries.insert(entry.log_id.index, (entry, size)) {
+            self.bytes -= old;
+        }
+        self.bytes += size;
+        while self.entries.len() > 1 && (self.entries.len() > max_entries || self.bytes > max_bytes) {
+            if let Some((_, (_, s))) = self.entries.pop_first() {
+                self.bytes -= s;
+            }
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(u64) -> bool) {
+        self.entries.retain(|&idx, _| keep(idx));
+        self.bytes = self.entries.values().map(|(_, s)| *s).sum();
+    }
+}
 
 /// Errors opening the Raft storage.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +129,7 @@ pub fn open_storage(data_dir: &Path, state: Arc<StateHandle>) -> Result<(LogStor
     let snapshot = tree("snapshot")?;
     state.points().attach(tree(crate::tracking::points::TREE)?);
 
-    let log_store = LogStore { db: db.clone(), logs, meta, cache: Arc::new(Mutex::new(BTreeMap::new())) };
+    let log_store = LogStore { db: db.clone(), logs, meta, cache: Arc::new(Mutex::new(TailCache::default())) };
     let sm = StateMachineStore::open(db, snapshot, state)?;
     Ok((log_store, sm))
 }
@@ -132,9 +169,8 @@ pub struct LogStore {
     db: sled::Db,
     logs: sled::Tree,
     meta: sled::Tree,
-    /// Decoded copy of the most recently appended entries: a contiguous index range (appends
-    /// are contiguous, truncation cuts the top, purge and eviction cut the bottom).
-    cache: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    /// Decoded copy of the most recently appended entries.
+    cache: Arc<Mutex<TailCache>>,
 }
 
 impl LogStore {
@@ -159,11 +195,11 @@ impl LogStore {
     /// Serves `[start, end)` from the tail cache when the cache covers all of it.
     fn cached(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
         let cache = lock(&self.cache);
-        let (first, last) = (*cache.keys().next()?, *cache.keys().next_back()?);
+        let (first, last) = (*cache.entries.keys().next()?, *cache.entries.keys().next_back()?);
         if start < first || end > last.saturating_add(1) {
             return None;
         }
-        Some(cache.range(start..end).map(|(_, e)| e.clone()).collect())
+        Some(cache.entries.range(start..end).map(|(_, (e, _))| e.clone()).collect())
     }
 
     /// Removes `[start, end]` from the logs tree in one batch.
@@ -277,25 +313,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut appended = Vec::new();
         for entry in entries {
             let value = to_json(&entry).map_err(StorageIOError::write_logs)?;
+            let size = value.len();
             self.logs.insert(key(entry.log_id.index), value).map_err(|e| StorageIOError::write_logs(io_err(&e)))?;
-            appended.push(entry);
+            appended.push((entry, size));
         }
 
         {
             let mut cache = lock(&self.cache);
             // Keep the cache contiguous: an append that doesn't continue it starts it afresh.
-            let continues = match (cache.keys().next_back(), appended.first()) {
-                (Some(&last), Some(first)) => first.log_id.index <= last.saturating_add(1),
+            let continues = match (cache.entries.keys().next_back(), appended.first()) {
+                (Some(&last), Some((first, _))) => first.log_id.index <= last.saturating_add(1),
                 _ => true,
             };
             if !continues {
                 cache.clear();
             }
-            for entry in appended {
-                cache.insert(entry.log_id.index, entry);
-            }
-            while cache.len() > TAIL_CACHE_ENTRIES {
-                cache.pop_first();
+            for (entry, size) in appended {
+                cache.push(entry, size, TAIL_CACHE_ENTRIES, TAIL_CACHE_BYTES);
             }
         }
 
@@ -317,7 +351,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
         tracing::debug!(%log_id, "truncating raft log");
-        lock(&self.cache).retain(|&idx, _| idx < log_id.index);
+        lock(&self.cache).retain(|idx| idx < log_id.index);
         self.delete_range(log_id.index, None).map_err(|e| StorageIOError::write_logs(io_err(&e)))?;
         Ok(())
     }
@@ -326,7 +360,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         tracing::debug!(%log_id, "purging raft log");
         // Record the purge point first: if we crash mid-delete, get_log_state still reports it.
         self.write_meta(KEY_LAST_PURGED, &log_id).map_err(StorageIOError::write_logs)?;
-        lock(&self.cache).retain(|&idx, _| idx > log_id.index);
+        lock(&self.cache).retain(|idx| idx > log_id.index);
         self.delete_range(0, Some(log_id.index)).map_err(|e| StorageIOError::write_logs(io_err(&e)))?;
         Ok(())
     }
@@ -500,5 +534,47 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
         let snap = self.read_snapshot().map_err(|e| StorageIOError::read_snapshot(None, e))?;
         Ok(snap.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64) -> Entry {
+        Entry { log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 0), index), payload: openraft::EntryPayload::Blank }
+    }
+
+    fn indexes(c: &TailCache) -> Vec<u64> {
+        c.entries.keys().copied().collect()
+    }
+
+    #[test]
+    fn the_tail_cache_is_bounded_by_entries_and_by_bytes() {
+        let mut c = TailCache::default();
+        for i in 1..=10 {
+            c.push(entry(i), 100, 4, 1_000);
+        }
+        assert_eq!(indexes(&c), vec![7, 8, 9, 10], "the entry bound");
+        assert_eq!(c.bytes, 400);
+        // Large entries: the byte bound evicts the oldest first.
+        c.push(entry(11), 500, 4, 1_000);
+        c.push(entry(12), 500, 4, 1_000);
+        assert_eq!(indexes(&c), vec![11, 12]);
+        assert_eq!(c.bytes, 1_000);
+        // An entry larger than the whole bound is still kept, alone (the next read wants it).
+        c.push(entry(13), 5_000, 4, 1_000);
+        assert_eq!(indexes(&c), vec![13]);
+        assert_eq!(c.bytes, 5_000);
+        c.push(entry(14), 10, 4, 1_000);
+        assert_eq!(indexes(&c), vec![14]);
+        // Truncation and purge keep the byte count true.
+        for i in 15..=17 {
+            c.push(entry(i), 10, 4, 1_000);
+        }
+        c.retain(|i| i < 16);
+        assert_eq!((indexes(&c), c.bytes), (vec![14, 15], 20));
+        c.clear();
+        assert_eq!((indexes(&c), c.bytes), (vec![], 0));
     }
 }
