@@ -8,13 +8,18 @@
 #
 # Per backend, with THREADS client threads: runs logged per second (create + log-batch of 10
 # metrics + terminate), a filtered search_runs, and listing every run of the experiment, at
-# N_SMALL runs (both), then at 10,000 and 100,000 runs (mlp only: MLflow's server logs about a
-# dozen runs a second here, so 100,000 would take hours). Also RSS and disk after the run.
+# N_SMALL runs, through two clients (bench-tracking-client.py): MLflow's own MlflowClient
+# (experiment `bench`), and `raw`, the same REST requests without MlflowClient's conversions
+# (experiment `bench-raw`), whose own CPU does not hide the server's. Then, in the raw
+# experiment, at each of MLFLOW_RAW_BIG runs (MLflow; default 10,000: its server logs a few
+# dozen runs a second here, so 100,000 would take about an hour) and RAW_BIG (mlp; default
+# 10,000 and 100,000), and with MlflowClient at each of BIG (mlp only). Also RSS and disk.
 #
 # The THREADS client threads run in PROCS processes (Python's GIL makes one client process the
 # bottleneck of a fast server), the same split for both backends.
 #
-# Usage: scripts/bench-tracking.sh   (MLP_BIN=path, N_SMALL=3000, THREADS=16, PROCS=4, BIG="10000 100000")
+# Usage: scripts/bench-tracking.sh   (MLP_BIN=path, N_SMALL=3000, THREADS=16, PROCS=4, BIG="10000",
+#        RAW_BIG="10000 100000", MLFLOW_RAW_BIG="10000", SKIP_MLFLOW=1 for mlp alone)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib-bench.sh
@@ -22,7 +27,9 @@ cd "$(dirname "$0")/.."
 N_SMALL=${N_SMALL:-3000}
 THREADS=${THREADS:-16}
 PROCS=${PROCS:-4}
-BIG=${BIG-"10000 100000"}
+BIG=${BIG-"10000"}
+RAW_BIG=${RAW_BIG-"10000 100000"}
+MLFLOW_RAW_BIG=${MLFLOW_RAW_BIG-"10000"}
 VENV=${MLP_BENCH_MLFLOW_VENV:-/var/cache/mlp-bench/mlflow-server-venv}
 if [ -z "${MLP_BIN:-}" ]; then
   cargo build --release --bin mlp >&2
@@ -67,6 +74,12 @@ pids+=($!)
 mlflow_pid=$!
 wait_http "http://127.0.0.1:$MP/health"
 echo "mlflow_small $(client "http://127.0.0.1:$MP" bench "$N_SMALL" "$THREADS" "$PROCS")"
+echo "mlflow_raw_small $(client "http://127.0.0.1:$MP" bench-raw "$N_SMALL" "$THREADS" "$PROCS" 0 raw)"
+done_runs=$N_SMALL
+for n in $MLFLOW_RAW_BIG; do
+  echo "mlflow_raw_$n $(client "http://127.0.0.1:$MP" bench-raw $((n - done_runs)) "$THREADS" "$PROCS" "$done_runs" raw)"
+  done_runs=$n
+done
 echo "mlflow_rss_kib $(rss_tree "$mlflow_pid")"
 echo "mlflow_disk_kib $(du -sk "$out/mlflow.db" | cut -f1)"
 kill "$mlflow_pid"; pkill -TERM -P "$mlflow_pid" 2>/dev/null || true
@@ -80,6 +93,7 @@ pids+=($!)
 mlp_pid=$!
 wait_http "http://$HTTP/v1/status/leader"
 echo "mlp_small $(client "http://$HTTP" bench "$N_SMALL" "$THREADS" "$PROCS")"
+echo "mlp_raw_small $(client "http://$HTTP" bench-raw "$N_SMALL" "$THREADS" "$PROCS" 0 raw)"
 echo "mlp_small_rss_kib $(rss_tree "$mlp_pid")"
 echo "mlp_small_disk_kib $(du -sk "$out/mlp" | cut -f1)"
 done_runs=$N_SMALL
@@ -88,4 +102,11 @@ for n in $BIG; do
   done_runs=$n
   echo "mlp_${n}_rss_kib $(rss_tree "$mlp_pid")"
   echo "mlp_${n}_disk_kib $(du -sk "$out/mlp" | cut -f1)"
+done
+done_runs=$N_SMALL
+for n in $RAW_BIG; do
+  echo "mlp_raw_$n $(client "http://$HTTP" bench-raw $((n - done_runs)) "$THREADS" "$PROCS" "$done_runs" raw)"
+  done_runs=$n
+  echo "mlp_raw_${n}_rss_kib $(rss_tree "$mlp_pid")"
+  echo "mlp_raw_${n}_disk_kib $(du -sk "$out/mlp" | cut -f1)"
 done
