@@ -82,7 +82,7 @@ for n in $MLFLOW_RAW_BIG; do
 done
 echo "mlflow_rss_kib $(rss_tree "$mlflow_pid")"
 echo "mlflow_disk_kib $(du -sk "$out/mlflow.db" | cut -f1)"
-kill "$mlflow_pid"; pkill -TERM -P "$mlflow_pid" 2>/dev/null || true
+pkill -TERM -P "$mlflow_pid" 2>/dev/null || true; kill "$mlflow_pid"  # its workers first: once it is gone they are no longer its children
 fi
 
 # ---- mlp ----
