@@ -77,6 +77,8 @@ NodeName=$H CPUs=$(nproc) RealMemory=16000 State=UNKNOWN
 PartitionName=main Nodes=$H Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:50
 CONF
   pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
+  # munged forks into the background: wait (bounded) for its socket before Slurm needs it.
+  for _ in $(seq 1 50); do [ -S /run/munge/munge.socket.2 ] && break; sleep 0.1; done
   SLURM_PIDS=()
   slurmctld -D -i >"$W/ctld.out" 2>&1 & SLURM_PIDS+=($!)
   for _ in $(seq 1 50); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.2; done
@@ -88,5 +90,8 @@ CONF
 slurm_down() {
   for p in "${SLURM_PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null; done
   [ -f /run/munge/munged.pid ] && kill "$(cat /run/munge/munged.pid)" 2>/dev/null
+  # Wait (bounded) until it is gone: a slurm_up right after would otherwise find the exiting
+  # munged, start none, and lose its socket a moment later (seen as "Munge encode failed").
+  for _ in $(seq 1 50); do pgrep -x munged >/dev/null || break; sleep 0.1; done
   return 0
 }
