@@ -37,8 +37,8 @@
 //! ```
 //!
 //! Everything is optional; what the file leaves out keeps its default, and flags given on the
-//! command line win over the file (each TLS flag over its own field). Problems are reported as `file:line:column: field: message`,
-//! all at once.
+//! command line win over the file (each TLS flag over its own field). Each block appears at
+//! most once. Problems are reported as `file:line:column: field: message`, all at once.
 
 use std::collections::BTreeMap;
 use std::fmt;
