@@ -21,13 +21,16 @@ pub struct Conn {
     #[arg(long, global = true, env = "MLP_ADDR", default_value = "127.0.0.1:7647")]
     pub address: String,
     /// Mutual TLS (docs/security.md): the CA certificate(s) peers must chain to. For the CLI,
-    /// default $MLP_CACERT; for `mlp server`, `mlp agent` and `mlp dev`, this flag only.
+    /// default $MLP_CACERT; for `mlp server`, `mlp agent` and `mlp dev`, default the
+    /// `--config` file's `tls { ca_file }`.
     #[arg(long, global = true, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
-    /// This process's certificate (PEM); the CLI's default is $MLP_CLIENT_CERT.
+    /// This process's certificate (PEM); the CLI's default is $MLP_CLIENT_CERT, a daemon's the
+    /// config file's `tls { cert_file }`.
     #[arg(long, global = true, value_name = "FILE")]
     pub cert_file: Option<PathBuf>,
-    /// The certificate's private key (PEM); the CLI's default is $MLP_CLIENT_KEY.
+    /// The certificate's private key (PEM); the CLI's default is $MLP_CLIENT_KEY, a daemon's
+    /// the config file's `tls { key_file }`.
     #[arg(long, global = true, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
 }
@@ -142,9 +145,14 @@ pub struct ServerArgs {
     #[command(flatten)]
     pub mlflow_artifacts: MlflowArtifactArgs,
     /// Require ACL tokens (docs/acl.md): every API request needs a token whose policies allow
-    /// it; agents' and servers' own RPCs are not token-checked.
-    #[arg(long)]
-    pub acl_enabled: bool,
+    /// it; agents' and servers' own RPCs are not token-checked. Default: the config file's
+    /// `acl { enabled }`, else off; `--acl-enabled=false` overrides the file.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub acl_enabled: Option<bool>,
+    /// Configuration file (HCL, Nomad's shape; docs/acl.md): `tls { ca_file cert_file key_file }`
+    /// and `acl { enabled }`; a `client` block is refused (a server runs no agent). Flags win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// Garbage collection (Nomad's core scheduler): how often the leader collects, and how old
@@ -341,7 +349,8 @@ pub struct AgentArgs {
     #[command(flatten)]
     pub tracking: TrackingArgs,
     /// Agent configuration file (HCL, Nomad's `client { ... }` block: drivers, refused users,
-    /// host volumes, isolation; docs/agent-config.md). Flags given on the command line win.
+    /// host volumes, isolation; and a `tls { ... }` block; docs/acl.md). Flags given on the
+    /// command line win.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Offer the `raw_exec` driver (unisolated: tasks run as the agent's user, root). Off
@@ -655,10 +664,12 @@ pub struct DevArgs {
     pub artifacts: ArtifactArgs,
     #[command(flatten)]
     pub tracking: TrackingArgs,
-    /// Require ACL tokens (as `mlp server --acl-enabled`).
-    #[arg(long)]
-    pub acl_enabled: bool,
-    /// Configuration file of the built-in agent (as `mlp agent --config`).
+    /// Require ACL tokens (as `mlp server --acl-enabled`; default: the config file's
+    /// `acl { enabled }`, else off).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub acl_enabled: Option<bool>,
+    /// Configuration file: the built-in agent's `client` block (as `mlp agent --config`) and the
+    /// `tls` and `acl` blocks (as `mlp server --config`). Flags win over the file.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Leave the `raw_exec` driver off. `mlp dev` is a development mode and offers it unless

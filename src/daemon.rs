@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use mlp_agent::config_file::FileConfig;
+use mlp_agent::config_file::{FileConfig, Reader};
 use mlp_agent::{Agent, AgentConfig};
 use mlp_server::leader::HeartbeatSettings;
 use mlp_server::raft::node::RaftSettings;
@@ -142,7 +142,9 @@ fn raft_settings(t: &RaftTimingArgs) -> anyhow::Result<RaftSettings> {
 
 pub async fn server(args: ServerArgs, conn: &crate::cli::Conn) -> anyhow::Result<ExitCode> {
     init_logging();
-    let tls = crate::tls::daemon(conn, mlp_tls::Role::Server, "mlp server")?;
+    let file = config_file(args.config.as_deref(), Reader::Server)?;
+    let tls = crate::tls::daemon(conn, mlp_tls::Role::Server, "mlp server", file.tls.as_ref())?;
+    let acl_enabled = args.acl_enabled.or(file.acl_enabled).unwrap_or(false);
     if args.bootstrap_expect == 0 {
         anyhow::bail!("--bootstrap-expect must be at least 1");
     }
@@ -166,7 +168,7 @@ pub async fn server(args: ServerArgs, conn: &crate::cli::Conn) -> anyhow::Result
         &args.gc,
         &args.overlay,
         tls.clone(),
-        args.acl_enabled,
+        acl_enabled,
         &args.mlflow_artifacts,
     )
     .await?;
@@ -177,7 +179,7 @@ pub async fn server(args: ServerArgs, conn: &crate::cli::Conn) -> anyhow::Result
     println!("    gRPC:     {}", server.grpc_addr());
     println!("    HTTP:     {scheme}://{}", server.http_addr());
     println!("    data dir: {}", args.data_dir.display());
-    if args.acl_enabled {
+    if acl_enabled {
         println!("    ACLs:     enabled (mlp acl bootstrap; audit log in the data dir)");
     }
     let sig = wait_for_signal().await?;
@@ -186,11 +188,12 @@ pub async fn server(args: ServerArgs, conn: &crate::cli::Conn) -> anyhow::Result
     Ok(ExitCode::SUCCESS)
 }
 
-/// The agent's configuration file (`--config`), checked; none: everything at its default.
-fn config_file(path: Option<&Path>) -> anyhow::Result<FileConfig> {
+/// The configuration file (`--config`) as `reader` reads it, checked; none: everything at its
+/// default.
+fn config_file(path: Option<&Path>, reader: Reader) -> anyhow::Result<FileConfig> {
     match path {
         None => Ok(FileConfig::default()),
-        Some(p) => mlp_agent::config_file::load(p).map_err(|e| anyhow::anyhow!("--config:\n{e}")),
+        Some(p) => mlp_agent::config_file::load_for(p, reader).map_err(|e| anyhow::anyhow!("--config:\n{e}")),
     }
 }
 
@@ -295,11 +298,12 @@ fn simulated_gpus(file: Option<&Path>) -> anyhow::Result<Vec<mlp_proto::v1::GpuD
 
 pub async fn agent(args: AgentArgs, conn: &crate::cli::Conn) -> anyhow::Result<ExitCode> {
     init_logging();
-    let tls = crate::tls::daemon(conn, mlp_tls::Role::Agent, "mlp agent")?;
+    let file = config_file(args.config.as_deref(), Reader::Agent)?;
+    let tls = crate::tls::daemon(conn, mlp_tls::Role::Agent, "mlp agent", file.tls.as_ref())?;
     if tls.is_none() {
         if let Some(s) = args.servers.iter().find(|s| s.trim().starts_with("https://")) {
             anyhow::bail!(
-                "--servers {s}: an https:// server needs mutual TLS: --ca-file, --cert-file and --key-file (an agent certificate)"
+                "--servers {s}: an https:// server needs mutual TLS: --ca-file, --cert-file and --key-file (an agent certificate), or the config file's tls block"
             );
         }
     }
@@ -308,7 +312,6 @@ pub async fn agent(args: AgentArgs, conn: &crate::cli::Conn) -> anyhow::Result<E
     }
     // A bad GPU file fails before anything is bound or written.
     let gpus = simulated_gpus(args.simulated_gpus.as_deref())?;
-    let file = config_file(args.config.as_deref())?;
     let drivers = drivers(&file, args.enable_raw_exec.then_some(true), false);
     let mut config = agent_config(&args.data_dir, args.servers, args.node_name, &args.rpc_addr, &args.exec, &file, drivers)?;
     config.simulated_gpus = gpus;
@@ -337,10 +340,11 @@ pub async fn agent(args: AgentArgs, conn: &crate::cli::Conn) -> anyhow::Result<E
 
 pub async fn dev(args: DevArgs, conn: &crate::cli::Conn) -> anyhow::Result<ExitCode> {
     init_logging();
+    // A bad config file, certificates, isolation flags or GPU file fail before anything starts.
+    let file = config_file(args.config.as_deref(), Reader::Dev)?;
     // One identity for both halves: a server certificate (good for the agent role too).
-    let tls = crate::tls::daemon(conn, mlp_tls::Role::Server, "mlp dev (server and agent in one)")?;
-    // A bad config file, isolation flags or GPU file fail before anything starts.
-    let file = config_file(args.config.as_deref())?;
+    let tls = crate::tls::daemon(conn, mlp_tls::Role::Server, "mlp dev (server and agent in one)", file.tls.as_ref())?;
+    let acl_enabled = args.acl_enabled.or(file.acl_enabled).unwrap_or(false);
     isolation_settings(&args.exec, &file)?;
     let network = args.network.settings()?;
     let dns_upstreams = args.dns.upstreams()?;
@@ -358,7 +362,7 @@ pub async fn dev(args: DevArgs, conn: &crate::cli::Conn) -> anyhow::Result<ExitC
         &args.gc,
         &args.overlay,
         tls.clone(),
-        args.acl_enabled,
+        acl_enabled,
         &args.mlflow_artifacts,
     )
     .await?;
@@ -391,7 +395,7 @@ pub async fn dev(args: DevArgs, conn: &crate::cli::Conn) -> anyhow::Result<ExitC
     println!("    metrics:  {scheme}://{}/v1/metrics", server.http_addr());
     println!("    node:     {}", agent.node_id());
     println!("    data dir: {}", args.data_dir.display());
-    if args.acl_enabled {
+    if acl_enabled {
         println!("    ACLs:     enabled (mlp acl bootstrap, then MLP_TOKEN=<secret>)");
     }
     let addr_hint = match &tls {

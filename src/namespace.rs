@@ -189,7 +189,7 @@ pub async fn namespace(addr: &str, cmd: NamespaceCommand) -> anyhow::Result<Exit
     match cmd {
         NamespaceCommand::Apply { name, description, quota_file, cpu, memory, gpus, gpu_milli, gpu_model, no_quota } => {
             mlp_server::namespace::check_name(&name).map_err(anyhow::Error::msg)?;
-            let existing = match c.get(NamespaceGetRequest { name: name.clone(), stale: false }).await {
+            let existing = match c.get(NamespaceGetRequest { name: name.clone(), ..Default::default() }).await {
                 Ok(r) => r.into_inner().namespace,
                 Err(s) if s.code() == tonic::Code::NotFound => None,
                 Err(s) => return Err(status_err(s)),
@@ -214,7 +214,7 @@ pub async fn namespace(addr: &str, cmd: NamespaceCommand) -> anyhow::Result<Exit
             println!("Namespace {name:?} applied");
         }
         NamespaceCommand::List { json } => {
-            let r = c.list(NamespaceListRequest { stale: false }).await.map_err(status_err)?.into_inner();
+            let r = c.list(NamespaceListRequest::default()).await.map_err(status_err)?.into_inner();
             if json {
                 print_json(&r.namespaces)?;
             } else {
@@ -226,7 +226,7 @@ pub async fn namespace(addr: &str, cmd: NamespaceCommand) -> anyhow::Result<Exit
             }
         }
         NamespaceCommand::Status { name, json } => {
-            let r = c.get(NamespaceGetRequest { name, stale: false }).await.map_err(status_err)?.into_inner();
+            let r = c.get(NamespaceGetRequest { name, ..Default::default() }).await.map_err(status_err)?.into_inner();
             if json {
                 print_json(&r)?;
             } else {

@@ -1,12 +1,13 @@
 //! Mutual TLS in the binary (issue 15 §1): `mlp tls ca create` / `mlp tls cert create`, the
 //! TLS identity of the CLI (flags, else `MLP_CACERT`, `MLP_CLIENT_CERT`, `MLP_CLIENT_KEY`) and
-//! of the daemons (flags only), and the SIGHUP reload of the daemons' certificates.
+//! of the daemons (flags, else their config file's `tls` block), and the SIGHUP reload of the daemons' certificates.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
+use mlp_agent::config_file::{NamedFile, TlsSection};
 use mlp_tls::{Role, Tls, TlsFiles};
 
 use crate::cli::{Conn, TlsCaCommand, TlsCertCommand, TlsCommand};
@@ -103,25 +104,39 @@ pub fn cli() -> Option<&'static Arc<Tls>> {
     CLI_TLS.get().and_then(Option::as_ref)
 }
 
-/// A daemon's identity from its flags (no environment: MLP_CLIENT_CERT is the CLI's), checked
-/// to hold `role`.
-pub fn daemon(conn: &Conn, role: Role, what: &str) -> anyhow::Result<Option<Arc<Tls>>> {
-    let Some(files) = TlsFiles::from_flags(
-        conn.ca_file.clone(),
-        conn.cert_file.clone(),
-        conn.key_file.clone(),
-        ["--ca-file", "--cert-file", "--key-file"],
-    )?
-    else {
+/// A daemon's identity from its flags, else its config file's `tls` block, field by field (no
+/// environment: MLP_CLIENT_CERT is the CLI's), checked to hold `role`. A problem with a file
+/// the config file named says where it was named (`FILE:LINE:COLUMN: tls.cert_file`).
+pub fn daemon(conn: &Conn, role: Role, what: &str, file: Option<&TlsSection>) -> anyhow::Result<Option<Arc<Tls>>> {
+    // Each field: the flag's path and name, else the file's path and where the file named it.
+    let pick = |flag: &Option<PathBuf>, name: &str, named: Option<&NamedFile>| -> (Option<PathBuf>, String) {
+        match (flag, named) {
+            (Some(p), _) => (Some(p.clone()), name.to_string()),
+            (None, Some(n)) => (Some(n.path.clone()), n.origin.clone()),
+            (None, None) => (None, name.to_string()),
+        }
+    };
+    let (ca, ca_name) = pick(&conn.ca_file, "--ca-file", file.map(|f| &f.ca_file));
+    let (cert, cert_name) = pick(&conn.cert_file, "--cert-file", file.map(|f| &f.cert_file));
+    let (key, key_name) = pick(&conn.key_file, "--key-file", file.map(|f| &f.key_file));
+    let Some(files) = TlsFiles::from_flags(ca, cert, key, [ca_name.as_str(), cert_name.as_str(), key_name.as_str()])? else {
         return Ok(None);
     };
+    let names = [(files.ca_file.clone(), ca_name), (files.cert_file.clone(), cert_name.clone()), (files.key_file.clone(), key_name)];
     let cert = files.cert_file.clone();
-    let tls = Tls::load(files)?;
+    let tls = Tls::load(files).map_err(|e| match &e {
+        // The same message as with the flags; a file from the config file also says where.
+        mlp_tls::TlsError::File { path, .. } => match names.iter().find(|(p, n)| p == path && !n.starts_with("--")) {
+            Some((_, origin)) => anyhow::anyhow!("{origin}: {e}"),
+            None => anyhow::Error::new(e),
+        },
+        _ => anyhow::Error::new(e),
+    })?;
     let roles = tls.roles();
     if !mlp_tls::satisfies(&roles, role) {
         let held = if roles.is_empty() { "none".to_string() } else { roles.iter().map(|r| r.dns_name()).collect::<Vec<_>>().join(", ") };
         anyhow::bail!(
-            "--cert-file {}: {what} needs a certificate with the {role} role ({}); this one has: {held} (mlp tls cert create --{role})",
+            "{cert_name} {}: {what} needs a certificate with the {role} role ({}); this one has: {held} (mlp tls cert create --{role})",
             cert.display(),
             role.dns_name()
         );

@@ -689,3 +689,85 @@ fn three_servers_with_tls_and_acls_run_the_main_paths() {
     ok(&survivor, &team, &["job", "stop", "svc", "--namespace", "team-a", "--purge"]);
     drop(servers);
 }
+
+/// Writes a config file into the certificates' directory whose `tls` block names `role`'s files
+/// by relative paths (resolved against the file's directory, not the daemon's working one).
+fn config_in(certs: &Certs, name: &str, role: &str, extra: &str) -> String {
+    let text = format!(
+        "tls {{\n  ca_file   = \"mlp-ca.pem\"\n  cert_file = \"mlp-{role}.pem\"\n  key_file  = \"./mlp-{role}-key.pem\"\n}}\n{extra}"
+    );
+    let path = certs.path(name);
+    std::fs::write(&path, text).expect("write config");
+    path.display().to_string()
+}
+
+#[test]
+fn dev_config_file_turns_on_tls_and_acls() {
+    let certs = Certs::new();
+    let config = config_in(&certs, "dev.hcl", "server", "acl {\n  enabled = true\n}\n");
+    let mut dev = Dev::start_with(&["--config", &config]);
+
+    // Plaintext is refused: the CLI without certificates, and the HTTP API.
+    let out = Command::new(MLP).args(["node", "status"]).env("MLP_ADDR", &dev.grpc).stdin(Stdio::null()).output().expect("run mlp");
+    assert!(!out.status.success(), "a plaintext CLI call succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    let (status, _) = common::http_request(&dev.http, "GET", "/v1/status/leader", None, b"");
+    assert_ne!(status, 200, "the HTTP API answered plaintext");
+
+    // With the client certificate: ACLs are on, so no token is denied; bootstrap, then allowed.
+    dev.cli_env = certs.cli_env();
+    let out = dev.cli(&["job", "status"]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && text.contains("permission denied"), "an unauthenticated request was not denied: {text}");
+    let boot = dev.ok(&["acl", "bootstrap"]);
+    let secret = boot
+        .lines()
+        .find_map(|l| l.strip_prefix("Secret ID").and_then(|r| r.trim().strip_prefix('=')).map(|v| v.trim().to_string()))
+        .unwrap_or_else(|| panic!("no secret in {boot}"));
+    dev.cli_env.push(("MLP_TOKEN".into(), secret));
+    wait_for("the node to be ready", Duration::from_secs(60), || dev.ok(&["node", "status"]).contains("ready").then_some(()));
+    dev.ok(&["job", "status"]);
+}
+
+#[test]
+fn flags_win_over_the_config_file_field_by_field() {
+    let certs = Certs::new();
+    // The file names a client certificate (wrong for a server) and turns ACLs on.
+    let server_config = config_in(&certs, "server.hcl", "client", "acl {\n  enabled = true\n}\n");
+    // Without flags the server refuses to start, saying where the file named the certificate.
+    let out = Command::new(MLP)
+        .args(["server", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--config", &server_config, "--data-dir"])
+        .arg(certs.path("refused-data"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mlp server");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a server started with a client certificate");
+    assert!(
+        err.contains(&format!("{server_config}:3:15: tls.cert_file")) && err.contains("needs a certificate with the server role"),
+        "{err}"
+    );
+    // A `client` block is refused by a server, never ignored.
+    let with_client = config_in(&certs, "server-client.hcl", "server", "client {\n  refused_users = [\"root\"]\n}\n");
+    let out = Command::new(MLP)
+        .args(["server", "--config", &with_client, "--data-dir"])
+        .arg(certs.path("refused-data"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mlp server");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&format!("{with_client}:6:1: client: unknown block")), "{err}");
+
+    // The certificate and key flags replace the file's two fields (the CA stays the file's),
+    // and --acl-enabled=false the file's acl block. The agent takes its identity from its file.
+    let agent_config = config_in(&certs, "agent.hcl", "agent", "");
+    let cert = certs.p("mlp-server.pem");
+    let key = certs.p("mlp-server-key.pem");
+    let server_flags = ["--config", &server_config, "--cert-file", &cert, "--key-file", &key, "--acl-enabled=false"];
+    let mut dev = Dev::start_split_with(&server_flags, &["--config", &agent_config]);
+    dev.cli_env = certs.cli_env();
+    // No token needed (ACLs off), the agent registered over TLS with its file's certificate.
+    wait_for("the agent's node to be ready", Duration::from_secs(60), || dev.ok(&["node", "status"]).contains("ready").then_some(()));
+    dev.ok(&["job", "status"]);
+    let out = Command::new(MLP).args(["node", "status"]).env("MLP_ADDR", &dev.grpc).stdin(Stdio::null()).output().expect("run mlp");
+    assert!(!out.status.success(), "a plaintext CLI call succeeded");
+}

@@ -1,6 +1,19 @@
-//! The agent's configuration file (issue 15 §4): HCL in the shape of Nomad's `client` block.
+//! The daemons' configuration file (issue 15 §1, §2, §4): HCL in the shape of Nomad's agent
+//! configuration: a `client` block (the agent's settings), a `tls` block (the daemon's mutual-TLS
+//! identity, as `--ca-file`, `--cert-file`, `--key-file`) and an `acl` block (as
+//! `--acl-enabled`). Which blocks a file may hold depends on who reads it ([`Reader`]): `mlp
+//! agent` reads `client` and `tls`, `mlp server` reads `tls` and `acl`, `mlp dev` all three; a
+//! block its reader would not use is refused, never ignored.
 //!
 //! ```hcl
+//! tls {                               # all three files or none; relative paths are
+//!   ca_file   = "mlp-ca.pem"          # resolved against this file's directory
+//!   cert_file = "mlp-server.pem"
+//!   key_file  = "mlp-server-key.pem"
+//! }
+//! acl {
+//!   enabled = true
+//! }
 //! client {
 //!   drivers {
 //!     raw_exec { enabled = true }    # off unless enabled here or by --enable-raw-exec
@@ -24,8 +37,8 @@
 //! ```
 //!
 //! Everything is optional; what the file leaves out keeps its default, and flags given on the
-//! command line win over the file. Problems are reported as `file:line:column: field: message`,
-//! all at once.
+//! command line win over the file (each TLS flag over its own field). Each block appears at
+//! most once. Problems are reported as `file:line:column: field: message`, all at once.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -49,9 +62,59 @@ pub struct HostVolume {
     pub read_only: bool,
 }
 
+/// Which command reads a configuration file; it decides which top-level blocks are allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reader {
+    /// `mlp server`: `tls`, `acl`.
+    Server,
+    /// `mlp agent`: `client`, `tls`.
+    Agent,
+    /// `mlp dev` (a server and an agent in one): `client`, `tls`, `acl`.
+    Dev,
+}
+
+impl Reader {
+    fn blocks(self) -> &'static [&'static str] {
+        match self {
+            Reader::Server => &["tls", "acl"],
+            Reader::Agent => &["client", "tls"],
+            Reader::Dev => &["client", "tls", "acl"],
+        }
+    }
+
+    fn command(self) -> &'static str {
+        match self {
+            Reader::Server => "mlp server",
+            Reader::Agent => "mlp agent",
+            Reader::Dev => "mlp dev",
+        }
+    }
+}
+
+/// A file named by the configuration file, resolved against the file's directory, with where it
+/// was written (for messages about it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedFile {
+    pub path: PathBuf,
+    /// `file:line:column: tls.FIELD`.
+    pub origin: String,
+}
+
+/// The `tls` block: all three files, each present on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSection {
+    pub ca_file: NamedFile,
+    pub cert_file: NamedFile,
+    pub key_file: NamedFile,
+}
+
 /// What a configuration file says (`None`: not set).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FileConfig {
+    /// `tls { ca_file cert_file key_file }` (`None`: no block, or an empty one).
+    pub tls: Option<TlsSection>,
+    /// `acl { enabled = BOOL }`.
+    pub acl_enabled: Option<bool>,
     /// `drivers { NAME { enabled = BOOL } }`.
     pub drivers: BTreeMap<String, bool>,
     pub refused_users: Option<Vec<String>>,
@@ -114,8 +177,14 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Reads and checks a configuration file.
+/// Reads and checks an agent's configuration file (as [`load_for`] with [`Reader::Agent`]).
 pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+    load_for(path, Reader::Agent)
+}
+
+/// Reads and checks a configuration file for `reader`; relative paths in it are resolved
+/// against its directory.
+pub fn load_for(path: &Path, reader: Reader) -> Result<FileConfig, ConfigError> {
     let file = path.display().to_string();
     let one =
         |message: String| ConfigError { file: file.clone(), problems: vec![Problem { line: 0, column: 0, path: String::new(), message }] };
@@ -124,13 +193,24 @@ pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
         return Err(one(format!("{} bytes; at most {MAX_CONFIG_BYTES}", meta.len())));
     }
     let src = std::fs::read_to_string(path).map_err(|e| one(format!("cannot read: {e}")))?;
-    parse(&src, &file)
+    let base = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    parse_for(&src, &file, base, reader)
 }
 
-/// Parses and checks configuration text; `file` names it in problems. Paths must be absolute;
-/// host volume paths must exist.
+/// Parses and checks an agent's configuration text (as [`parse_for`] with [`Reader::Agent`],
+/// relative TLS paths against the current directory).
 pub fn parse(src: &str, file: &str) -> Result<FileConfig, ConfigError> {
-    let mut p = Parser { src, problems: Vec::new() };
+    parse_for(src, file, Path::new("."), Reader::Agent)
+}
+
+/// Parses and checks configuration text read by `reader`; `file` names it in problems, `base`
+/// is the directory relative TLS file paths are resolved against. The `client` block's paths
+/// must be absolute; host volume paths and TLS files must exist.
+pub fn parse_for(src: &str, file: &str, base: &Path, reader: Reader) -> Result<FileConfig, ConfigError> {
+    let mut p = Parser { src, file, base, problems: Vec::new() };
     let err = |problems| ConfigError { file: file.to_string(), problems };
     if src.len() > MAX_CONFIG_BYTES {
         p.problem(0, "", format!("{} bytes; at most {MAX_CONFIG_BYTES}", src.len()));
@@ -162,16 +242,47 @@ pub fn parse(src: &str, file: &str) -> Result<FileConfig, ConfigError> {
         }
     };
     let mut cfg = FileConfig::default();
+    let allowed = reader.blocks();
+    let holds = allowed.iter().map(|b| format!("`{b} {{ ... }}`")).collect::<Vec<_>>().join(", ");
+    let mut seen: Vec<&str> = Vec::new();
     for s in body.iter() {
         match s {
-            Structure::Block(b) if b.ident.as_str() == "client" && b.labels.is_empty() => p.client(&b.body, &mut cfg),
+            Structure::Block(b) if allowed.contains(&b.ident.as_str()) => {
+                let name = b.ident.as_str();
+                if !b.labels.is_empty() {
+                    p.problem(start(&b.ident), name, format!("a {name} block takes no label: {name} {{ ... }}"));
+                    continue;
+                }
+                if seen.contains(&name) {
+                    p.problem(start(&b.ident), name, format!("the {name} block appears twice"));
+                    continue;
+                }
+                seen.push(name);
+                match name {
+                    "client" => p.client(&b.body, &mut cfg),
+                    "tls" => p.tls(&b.body, start(&b.ident), &mut cfg),
+                    _ => p.acl(&b.body, &mut cfg),
+                }
+            }
             Structure::Block(b) => {
                 let name = b.ident.as_str();
-                p.problem(start(&b.ident), name, format!("unknown block {name:?}: the file holds one `client {{ ... }}` block"));
+                let why = match name {
+                    "client" => format!(
+                        "a `client` block configures an agent, and {} runs none (give it to mlp agent or mlp dev)",
+                        reader.command()
+                    ),
+                    "acl" => format!(
+                        "ACLs are enforced by the servers; {} has no ACL setting (give the acl block to mlp server or mlp dev)",
+                        reader.command()
+                    ),
+                    "server" => format!("mlp server's settings are its flags; {} reads {holds}", reader.command()),
+                    _ => format!("{} reads {holds}", reader.command()),
+                };
+                p.problem(start(&b.ident), name, format!("unknown block {name:?}: {why}"));
             }
             Structure::Attribute(a) => {
                 let name = a.key.as_str();
-                p.problem(start(&a.key), name, format!("unknown attribute {name:?}: the file holds one `client {{ ... }}` block"));
+                p.problem(start(&a.key), name, format!("unknown attribute {name:?}: {} reads {holds}", reader.command()));
             }
         }
     }
@@ -184,6 +295,8 @@ pub fn parse(src: &str, file: &str) -> Result<FileConfig, ConfigError> {
 
 struct Parser<'a> {
     src: &'a str,
+    file: &'a str,
+    base: &'a Path,
     problems: Vec<Problem>,
 }
 
@@ -196,12 +309,87 @@ fn user_ok(u: &str) -> bool {
 }
 
 impl Parser<'_> {
-    fn problem(&mut self, offset: usize, path: &str, message: String) {
+    fn position(&self, offset: usize) -> (usize, usize) {
         let offset = offset.min(self.src.len());
         let before = self.src.get(..offset).unwrap_or("");
         let line = before.matches('\n').count() + 1;
         let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        (line, column)
+    }
+
+    fn problem(&mut self, offset: usize, path: &str, message: String) {
+        let (line, column) = self.position(offset);
         self.problems.push(Problem { line, column, path: path.to_string(), message });
+    }
+
+    /// `tls { ca_file cert_file key_file }`: all three or none, each an existing file.
+    fn tls(&mut self, body: &Body, at: usize, cfg: &mut FileConfig) {
+        const FIELDS: [&str; 3] = ["ca_file", "cert_file", "key_file"];
+        let mut found: [Option<NamedFile>; 3] = [None, None, None];
+        let mut named = [false; 3];
+        for s in body.iter() {
+            match s {
+                Structure::Attribute(a) => {
+                    let name = a.key.as_str();
+                    let path = format!("tls.{name}");
+                    let Some(i) = FIELDS.iter().position(|f| *f == name) else {
+                        let why = if matches!(name, "rpc" | "http") {
+                            "; mlp's TLS always covers both RPC and HTTP, there is nothing to turn on or off"
+                        } else {
+                            ""
+                        };
+                        self.problem(start(&a.key), &path, format!("unknown field {name:?} (ca_file, cert_file, key_file){why}"));
+                        continue;
+                    };
+                    named[i] = true;
+                    let Some(v) = self.string(&a.value, &path) else { continue };
+                    if v.is_empty() {
+                        self.problem(start(&a.value), &path, "must name a file".into());
+                        continue;
+                    }
+                    let resolved = self.base.join(&v);
+                    if !resolved.is_file() {
+                        let shown = if Path::new(&v).is_absolute() { v.clone() } else { format!("{v} ({})", resolved.display()) };
+                        self.problem(start(&a.value), &path, format!("{shown}: no such file"));
+                        continue;
+                    }
+                    let (line, column) = self.position(start(&a.value));
+                    found[i] = Some(NamedFile { path: resolved, origin: format!("{}:{line}:{column}: {path}", self.file) });
+                }
+                Structure::Block(b) => {
+                    let f = b.ident.as_str();
+                    self.problem(start(&b.ident), &format!("tls.{f}"), format!("unknown block {f:?} (ca_file, cert_file, key_file)"));
+                }
+            }
+        }
+        if named.iter().any(|n| *n) && !named.iter().all(|n| *n) {
+            let missing: Vec<&str> = FIELDS.iter().zip(named).filter(|(_, n)| !n).map(|(f, _)| *f).collect();
+            self.problem(at, "tls", format!("mutual TLS needs a CA, a certificate and a key: missing {}", missing.join(", ")));
+            return;
+        }
+        if let [Some(ca_file), Some(cert_file), Some(key_file)] = found {
+            cfg.tls = Some(TlsSection { ca_file, cert_file, key_file });
+        }
+    }
+
+    /// `acl { enabled = BOOL }`.
+    fn acl(&mut self, body: &Body, cfg: &mut FileConfig) {
+        // hcl-edit refuses an attribute given twice in one body.
+        for s in body.iter() {
+            match s {
+                Structure::Attribute(a) if a.key.as_str() == "enabled" => {
+                    cfg.acl_enabled = self.bool(&a.value, "acl.enabled");
+                }
+                Structure::Attribute(a) => {
+                    let f = a.key.as_str();
+                    self.problem(start(&a.key), &format!("acl.{f}"), format!("unknown field {f:?} (enabled)"));
+                }
+                Structure::Block(b) => {
+                    let f = b.ident.as_str();
+                    self.problem(start(&b.ident), &format!("acl.{f}"), format!("unknown block {f:?} (enabled)"));
+                }
+            }
+        }
     }
 
     fn string(&mut self, e: &Expression, path: &str) -> Option<String> {
@@ -492,5 +680,75 @@ client {
         assert!(err.contains("agent.hcl:10:1: server: unknown block"), "{err}");
         let err = parse("client {\n", "s.hcl").expect_err("refused").to_string();
         assert!(err.starts_with("s.hcl:") && err.contains("syntax error"), "{err}");
+    }
+
+    /// A directory with three (empty) files named as `mlp tls` names them.
+    fn tls_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in ["ca.pem", "cert.pem", "key.pem"] {
+            std::fs::write(dir.path().join(f), "").expect("write");
+        }
+        dir
+    }
+
+    #[test]
+    fn parses_tls_and_acl_blocks_with_paths_relative_to_the_file() {
+        let dir = tls_dir();
+        let abs = dir.path().join("key.pem");
+        let src = format!(
+            "tls {{\n  ca_file   = \"ca.pem\"\n  cert_file = \"./cert.pem\"\n  key_file  = \"{}\"\n}}\nacl {{\n  enabled = true\n}}\n",
+            abs.display()
+        );
+        let c = parse_for(&src, "dev.hcl", dir.path(), Reader::Dev).expect("parses");
+        let tls = c.tls.expect("a tls section");
+        assert_eq!(tls.ca_file.path, dir.path().join("ca.pem"));
+        assert_eq!(tls.cert_file.path, dir.path().join("./cert.pem"));
+        assert_eq!(tls.key_file.path, abs);
+        assert_eq!(tls.cert_file.origin, "dev.hcl:3:15: tls.cert_file");
+        assert_eq!(c.acl_enabled, Some(true));
+        // The server reads the same blocks; an empty tls block is no TLS.
+        let c = parse_for(&src, "server.hcl", dir.path(), Reader::Server).expect("parses");
+        assert!(c.tls.is_some() && c.acl_enabled == Some(true));
+        let c = parse_for("tls {}\nacl { enabled = false }\n", "s.hcl", dir.path(), Reader::Server).expect("parses");
+        assert_eq!((c.tls, c.acl_enabled), (None, Some(false)));
+        // load_for resolves against the file's own directory, not the working directory.
+        let file = dir.path().join("server.hcl");
+        std::fs::write(&file, "tls {\n ca_file = \"ca.pem\"\n cert_file = \"cert.pem\"\n key_file = \"key.pem\"\n}\n").expect("write");
+        let c = load_for(&file, Reader::Server).expect("loads");
+        assert_eq!(c.tls.expect("tls").ca_file.path, dir.path().join("ca.pem"));
+    }
+
+    #[test]
+    fn tls_and_acl_problems_name_file_line_column_and_field() {
+        let dir = tls_dir();
+        let src = "tls {\n  ca_file = \"ca.pem\"\n  cert_file = \"gone.pem\"\n  rpc = true\n}\nacl {\n  enabled = \"yes\"\n  token_ttl = \"30s\"\n}\n";
+        let err = parse_for(src, "dev.hcl", dir.path(), Reader::Dev).expect_err("refused").to_string();
+        let gone = dir.path().join("gone.pem");
+        assert!(err.contains(&format!("dev.hcl:3:15: tls.cert_file: gone.pem ({}): no such file", gone.display())), "{err}");
+        assert!(
+            err.contains("dev.hcl:4:3: tls.rpc: unknown field \"rpc\" (ca_file, cert_file, key_file); mlp's TLS always covers both"),
+            "{err}"
+        );
+        assert!(err.contains("dev.hcl:1:1: tls: mutual TLS needs a CA, a certificate and a key: missing key_file"), "{err}");
+        assert!(err.contains("dev.hcl:7:13: acl.enabled: must be true or false"), "{err}");
+        assert!(err.contains("dev.hcl:8:3: acl.token_ttl: unknown field"), "{err}");
+        assert_eq!(err.lines().count(), 5, "{err}");
+        // Who reads the file decides which blocks it may hold; none is silently ignored.
+        let src = "client {}\nacl { enabled = true }\nserver {}\ntls \"x\" {}\nacl {}\n";
+        let err = parse_for(src, "s.hcl", dir.path(), Reader::Server).expect_err("refused").to_string();
+        assert!(
+            err.contains("s.hcl:1:1: client: unknown block \"client\": a `client` block configures an agent, and mlp server runs none"),
+            "{err}"
+        );
+        assert!(err.contains("s.hcl:3:1: server: unknown block \"server\": mlp server's settings are its flags"), "{err}");
+        assert!(err.contains("s.hcl:4:1: tls: a tls block takes no label"), "{err}");
+        assert!(err.contains("s.hcl:5:1: acl: the acl block appears twice"), "{err}");
+        let err = parse_for("acl { enabled = true }\n", "a.hcl", dir.path(), Reader::Agent).expect_err("refused").to_string();
+        assert!(
+            err.contains("a.hcl:1:1: acl: unknown block \"acl\": ACLs are enforced by the servers; mlp agent has no ACL setting"),
+            "{err}"
+        );
+        let err = parse_for("tls {\n  cert_file = \"cert.pem\"\n}\n", "a.hcl", dir.path(), Reader::Agent).expect_err("refused").to_string();
+        assert_eq!(err, "a.hcl:1:1: tls: mutual TLS needs a CA, a certificate and a key: missing ca_file, key_file");
     }
 }

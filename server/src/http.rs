@@ -135,16 +135,21 @@ struct Params {
 
 impl Params {
     fn block(&self) -> Result<Block, HttpError> {
-        let wait_ms = match &self.wait {
-            None => 0,
-            Some(w) => mlp_proto::jobspec::parse_duration(w)
-                .map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("query parameter wait: {e}")))?
-                .as_millis()
-                .try_into()
-                .unwrap_or(u64::MAX),
-        };
-        Ok(Block { min_index: self.index, wait_ms })
+        block(self.index, self.wait.as_deref())
     }
+}
+
+/// A blocking query from the query parameters `index` and `wait` (`500ms`, `30s`, `5m`).
+pub(crate) fn block(index: u64, wait: Option<&str>) -> Result<Block, HttpError> {
+    let wait_ms = match wait {
+        None => 0,
+        Some(w) => mlp_proto::jobspec::parse_duration(w)
+            .map_err(|e| HttpError(StatusCode::BAD_REQUEST, format!("query parameter wait: {e}")))?
+            .as_millis()
+            .try_into()
+            .unwrap_or(u64::MAX),
+    };
+    Ok(Block { min_index: index, wait_ms })
 }
 
 pub fn router(api: Arc<Api>) -> Router {

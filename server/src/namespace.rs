@@ -404,7 +404,8 @@ mod tests {
 
 // ---- the API (gRPC `NamespaceService`, HTTP `/v1/namespaces`, `/v1/namespace/NAME`) ----
 
-use crate::api::{Api, ApiError};
+use crate::api::{Api, ApiError, Block};
+use crate::events;
 use crate::state::{Command, Request};
 use mlp_proto::v1::{
     NamespaceApplyRequest, NamespaceApplyResponse, NamespaceDeleteRequest, NamespaceDeleteResponse, NamespaceGetRequest,
@@ -426,15 +427,28 @@ impl Api {
         Ok(NamespaceApplyResponse { index: resp.index })
     }
 
+    /// Every namespace. A blocking query (`min_index`) wakes on any namespace change.
     pub async fn namespace_list(&self, req: NamespaceListRequest) -> Result<NamespaceListResponse, ApiError> {
+        let b = Block { min_index: req.min_index, wait_ms: req.wait_ms };
+        self.block(b, &[(events::TOPIC_NAMESPACE, "")], "").await?;
         self.read_barrier(req.stale).await?;
         let st = self.state.read();
         Ok(NamespaceListResponse { namespaces: list(&st), index: st.index })
     }
 
-    /// A namespace with what it holds (`mlp namespace status`).
+    /// A namespace with what it holds (`mlp namespace status`). A blocking query (`min_index`)
+    /// wakes on a change of the namespace itself or of what its usage counts: its jobs,
+    /// allocations and evaluations.
     pub async fn namespace_get(&self, req: NamespaceGetRequest) -> Result<NamespaceGetResponse, ApiError> {
         check_name(&req.name).map_err(ApiError::InvalidArgument)?;
+        let b = Block { min_index: req.min_index, wait_ms: req.wait_ms };
+        let topics = [
+            (events::TOPIC_NAMESPACE, req.name.as_str()),
+            (events::TOPIC_JOB, ""),
+            (events::TOPIC_ALLOCATION, ""),
+            (events::TOPIC_EVALUATION, ""),
+        ];
+        self.block(b, &topics, &req.name).await?;
         self.read_barrier(req.stale).await?;
         let st = self.state.read();
         let ns = match st.namespaces.get(&req.name) {
@@ -580,6 +594,10 @@ impl From<QuotaBody> for QuotaSpec {
 #[serde(default)]
 pub struct ReadParams {
     stale: bool,
+    /// Blocking query: wait for a change after this index ...
+    index: u64,
+    /// ... for at most this long (`500ms`, `30s`, `5m`; default 5m, at most 10m).
+    wait: Option<String>,
 }
 
 type HttpResult = Result<axum::response::Response, crate::http::HttpError>;
@@ -591,7 +609,8 @@ fn json<T: serde::Serialize>(v: T, index: u64) -> HttpResult {
 
 /// `GET /v1/namespaces`: the namespaces the token may read.
 pub async fn http_list(State(api): State<Arc<Api>>, authz: Option<Extension<Authz>>, Query(p): Query<ReadParams>) -> HttpResult {
-    let mut r = api.namespace_list(NamespaceListRequest { stale: p.stale }).await?;
+    let b = crate::http::block(p.index, p.wait.as_deref())?;
+    let mut r = api.namespace_list(NamespaceListRequest { stale: p.stale, min_index: b.min_index, wait_ms: b.wait_ms }).await?;
     r.namespaces = readable(authz.as_ref().map(|a| &a.0), r.namespaces);
     let index = r.index;
     json(r, index)
@@ -605,7 +624,8 @@ pub async fn http_get(
     Query(p): Query<ReadParams>,
 ) -> HttpResult {
     api.acl.require_ns(authz.as_ref().map(|a| &a.0), Capability::ReadJob, &name, "namespace get", &name).map_err(ApiError::from)?;
-    let r = api.namespace_get(NamespaceGetRequest { name, stale: p.stale }).await?;
+    let b = crate::http::block(p.index, p.wait.as_deref())?;
+    let r = api.namespace_get(NamespaceGetRequest { name, stale: p.stale, min_index: b.min_index, wait_ms: b.wait_ms }).await?;
     let index = r.index;
     json(r, index)
 }
