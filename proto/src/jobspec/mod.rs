@@ -373,6 +373,12 @@ impl Loc {
         Loc { key: format!("{}.svc{index}", self.key), path: format!("{}.service[{index}]", self.path) }
     }
 
+    /// The `index`th `volume_mount` block of a task (its own key prefix: `v` is a group's
+    /// `volume`).
+    pub fn volume_mount(&self, index: usize) -> Loc {
+        Loc { key: format!("{}.vm{index}", self.key), path: format!("{}.volume_mount[{index}]", self.path) }
+    }
+
     /// The `index`th `check` block of a service.
     pub fn check(&self, index: usize) -> Loc {
         Loc { key: format!("{}.chk{index}", self.key), path: format!("{}.check[{index}]", self.path) }
