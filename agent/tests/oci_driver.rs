@@ -122,6 +122,7 @@ impl Run {
             node_id: String::new(),
             artifacts: Default::default(),
             tracking: Default::default(),
+            host_volumes: Default::default(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = spawn_alloc_runner(alloc(task), None, env, tx);

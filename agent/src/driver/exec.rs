@@ -149,6 +149,18 @@ impl ExecDriver {
             }
             steps.push(rootfs::Step::Bind { src: dir.clone(), path: dir.clone(), readonly: false, device: false });
         }
+        // Host volumes last, at their destinations (read-only: a bind remounted read-only).
+        for v in &spec.volumes {
+            if !v.host_path.is_dir() {
+                return Err(DriverError::Isolation(format!(
+                    "host volume {:?} (volume {:?}): {} is not a directory on this node",
+                    v.source,
+                    v.label,
+                    v.host_path.display()
+                )));
+            }
+            steps.push(rootfs::Step::Bind { src: v.host_path.clone(), path: v.destination.clone(), readonly: v.read_only, device: false });
+        }
         if let Some(net) = &spec.network {
             rootfs::use_network_files(&mut steps, &net.hosts, &net.resolv_conf);
         }

@@ -21,7 +21,7 @@ use crate::v1::Job;
 
 pub use decode::{default_reschedule, effective_update};
 pub use duration::parse_duration;
-pub use validate::{check_image_reference, is_dns_label, is_mig_profile};
+pub use validate::{check_image_reference, check_mount_destination, is_dns_label, is_host_volume_name, is_mig_profile};
 
 /// Every problem found in a job spec; `Display` prints one diagnostic per line.
 #[derive(Debug, thiserror::Error)]
