@@ -191,4 +191,21 @@ fn a_job_asking_for_a_volume_no_node_offers_is_not_placed_and_the_reason_names_i
         text.contains("bad.hcl:29:23: job.vol-bad.group.g.task.t.volume_mount[0].destination: \"data\" must be an absolute path"),
         "{text}"
     );
+
+    // The JSON door obeys the same rules, and takes a good job with volumes.
+    let task = r#"{"name": "t", "driver": "raw_exec", "config": {"command": "true"}, "volume_mounts": [MOUNT]}"#;
+    let body = |mount: &str| {
+        format!(
+            r#"{{"job": {{"name": "vol-json", "type": "batch", "groups": [{{"name": "g", "volumes": [{{"name": "data", "type": "host", "source": "scratch"}}], "tasks": [{task}]}}]}}}}"#,
+            task = task.replace("MOUNT", mount)
+        )
+    };
+    let json = Some("application/json");
+    let (code, text) = dev.http("POST", "/v1/jobs", json, body(r#"{"volume": "date", "destination": "/data"}"#).as_bytes());
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("job.vol-json.group.g.task.t.volume_mount[0].volume: no volume labelled"), "{text}");
+    let (code, text) = dev.http("POST", "/v1/jobs", json, body(r#"{"volume": "data", "destination": "/data"}"#).as_bytes());
+    assert_eq!(code, 200, "{text}");
+    let shown = dev.job("vol-json");
+    assert_eq!(shown["job"]["groups"][0]["volumes"][0]["source"], "scratch", "{shown}");
 }
