@@ -142,5 +142,18 @@ async fn host_volumes_are_bound_at_their_destinations_read_only_or_read_write() 
         Err(e) => e.to_string(),
     };
     assert!(err.contains("host volume \"data\"") && err.contains("is not a directory on this node"), "{err}");
+    // A destination inside a directory the root binds from the host is refused before anything
+    // is made there.
+    let mut s = spec(dir.path(), "hostvol-usr".into());
+    s.volumes = vec![bind("data", &ro, "/usr/share/mlp-volume", true)];
+    let err = match driver.start(&s).await {
+        Ok(mut h) => {
+            let _ = h.wait().await;
+            return Err("a task started with a volume under /usr".into());
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("destination /usr/share/mlp-volume is at or under /usr"), "{err}");
+    assert!(!Path::new("/usr/share/mlp-volume").exists());
     Ok(())
 }
