@@ -25,6 +25,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .field_attribute("mlp.v1.Job.periodic", "#[serde(skip_serializing_if = \"Option::is_none\")]")
         .field_attribute("mlp.v1.Job.parent_id", "#[serde(skip_serializing_if = \"String::is_empty\")]")
         .field_attribute("mlp.v1.Job.payload", "#[serde(skip_serializing_if = \"Vec::is_empty\")]")
+        // Host volumes (issue 15 §4): absent from a job's JSON unless used.
+        .field_attribute("mlp.v1.TaskGroup.volumes", "#[serde(skip_serializing_if = \"Vec::is_empty\")]")
+        .field_attribute("mlp.v1.Task.volume_mounts", "#[serde(skip_serializing_if = \"Vec::is_empty\")]")
         .compile_protos(&["proto/mlp.proto"], &["proto"])?;
     Ok(())
 }

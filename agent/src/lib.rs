@@ -38,6 +38,7 @@ pub mod rpc;
 pub mod services;
 pub mod task;
 pub mod tracking;
+pub mod volumes;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -302,6 +303,7 @@ impl Agent {
             node_id: node_id.clone(),
             artifacts: Arc::new(config.artifacts.clone()),
             tracking: tracking.clone(),
+            host_volumes: Arc::new(config.host_volumes.clone()),
         };
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
         // Service discovery sees every allocation update too (services/mod.rs).

@@ -81,3 +81,79 @@ async fn a_cgroup_that_cannot_be_created_fails_the_start_and_leaves_nothing() ->
     assert!(!mountinfo.contains(&*dir.path().to_string_lossy()), "a mount is left under the task dir");
     Ok(())
 }
+
+/// Host volumes (issue 15 §4): the exec driver binds each at its destination in the task's
+/// root, read-only when the mount says so (a write fails with EROFS) and read-write otherwise.
+#[tokio::test]
+async fn host_volumes_are_bound_at_their_destinations_read_only_or_read_write() -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+    if !prereq::require(&[prereq::Need::Root, prereq::Need::Cgroups]) {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    // The task runs as nobody: the volumes' own directories must let it in.
+    let ro = dir.path().join("datasets");
+    let rw = dir.path().join("scratch");
+    std::fs::create_dir_all(&ro)?;
+    std::fs::create_dir_all(&rw)?;
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(&rw, std::fs::Permissions::from_mode(0o777))?;
+    std::fs::write(ro.join("hello.txt"), "hello from the host\n")?;
+    std::fs::set_permissions(ro.join("hello.txt"), std::fs::Permissions::from_mode(0o644))?;
+    // A world-writable directory: only the read-only mount stops the write.
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o777))?;
+    let driver = ExecDriver::new(IsolationSettings {
+        supervisor_exe: Some(env!("CARGO_BIN_EXE_mlp-supervise-helper").into()),
+        ..Default::default()
+    });
+    let mut s = spec(dir.path(), "hostvol-exec".into());
+    s.command = "/bin/sh".into();
+    s.args = vec![
+        "-c".into(),
+        "cat /data/in/hello.txt > /local/read; (echo no > /data/in/new) 2> /local/ro_err; echo $? > /local/ro_rc; echo yes > /scratch/out"
+            .into(),
+    ];
+    let bind = |label: &str, host: &Path, dest: &str, read_only: bool| mlp_agent::volumes::VolumeBind {
+        label: label.into(),
+        source: label.into(),
+        host_path: host.to_path_buf(),
+        destination: dest.into(),
+        read_only,
+    };
+    s.volumes = vec![bind("data", &ro, "/data/in", true), bind("scratch", &rw, "/scratch", false)];
+    let mut h = driver.start(&s).await?;
+    let status = tokio::time::timeout(std::time::Duration::from_secs(30), h.wait()).await?;
+    assert_eq!(status.code, Some(0), "{status}");
+    let local = &s.work_dir;
+    assert_eq!(std::fs::read_to_string(local.join("read"))?, "hello from the host\n");
+    assert_ne!(std::fs::read_to_string(local.join("ro_rc"))?.trim(), "0", "the write to the read-only volume succeeded");
+    let err = std::fs::read_to_string(local.join("ro_err"))?;
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert!(!ro.join("new").exists(), "the read-only volume was written");
+    assert_eq!(std::fs::read_to_string(rw.join("out"))?, "yes\n", "the read-write volume was not written");
+    // A host directory gone since the task was placed fails the start with the volume's name.
+    let mut s = spec(dir.path(), "hostvol-gone".into());
+    s.volumes = vec![bind("data", &dir.path().join("gone"), "/data", true)];
+    let err = match driver.start(&s).await {
+        Ok(mut h) => {
+            let _ = h.wait().await;
+            return Err("a task started with a missing host volume".into());
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("host volume \"data\"") && err.contains("is not a directory on this node"), "{err}");
+    // A destination inside a directory the root binds from the host is refused before anything
+    // is made there.
+    let mut s = spec(dir.path(), "hostvol-usr".into());
+    s.volumes = vec![bind("data", &ro, "/usr/share/mlp-volume", true)];
+    let err = match driver.start(&s).await {
+        Ok(mut h) => {
+            let _ = h.wait().await;
+            return Err("a task started with a volume under /usr".into());
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("destination /usr/share/mlp-volume is at or under /usr"), "{err}");
+    assert!(!Path::new("/usr/share/mlp-volume").exists());
+    Ok(())
+}

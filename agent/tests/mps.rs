@@ -123,6 +123,7 @@ impl Harness {
             gpu_health: tokio::sync::watch::channel(Default::default()).1,
             artifacts: Default::default(),
             tracking: Default::default(),
+            host_volumes: Default::default(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         Harness { handle: Some(spawn_alloc_runner(a, None, env, tx)), rx, pids: BTreeSet::new(), last: None }

@@ -2,7 +2,7 @@
 //! here from busybox-static: runs by tag and by digest through the alloc and task runners
 //! (output in the task's logs, pull progress in its events), a tampered blob refused,
 //! whiteouts, registry auth, a registry that goes away mid-pull or is down, shared concurrent
-//! pulls and garbage collection.
+//! pulls and garbage collection, host volumes bound into an image root.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -100,6 +100,15 @@ struct Run {
 
 impl Run {
     fn start(store: &Arc<ImageStore>, task: Task) -> Res<Run> {
+        Run::start_alloc(store, alloc(task), BTreeMap::new())
+    }
+
+    /// `alloc` on an agent whose configuration offers `host_volumes`.
+    fn start_alloc(
+        store: &Arc<ImageStore>,
+        alloc: Allocation,
+        host_volumes: BTreeMap<String, mlp_agent::config_file::HostVolume>,
+    ) -> Res<Run> {
         let dir = tempfile::tempdir()?;
         let exec = Arc::new(ExecDriver::new(IsolationSettings {
             supervisor_exe: Some(env!("CARGO_BIN_EXE_mlp-supervise-helper").into()),
@@ -122,9 +131,10 @@ impl Run {
             node_id: String::new(),
             artifacts: Default::default(),
             tracking: Default::default(),
+            host_volumes: Arc::new(host_volumes),
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        let handle = spawn_alloc_runner(alloc(task), None, env, tx);
+        let handle = spawn_alloc_runner(alloc, None, env, tx);
         Ok(Run { dir, handle: Some(handle), rx, last: None })
     }
 
@@ -436,5 +446,54 @@ async fn oci_an_image_symlink_never_leads_the_root_onto_the_host() -> TestResult
     assert_eq!(kind, task_event::DRIVER_FAILURE);
     assert!(message.contains("/etc") && message.contains("symlink"), "{message}");
     assert_eq!(std::fs::read_dir(host.path())?.count(), 0, "the agent wrote into the host directory");
+    Ok(())
+}
+
+/// Host volumes (issue 15 §4) in an image's root: the alloc runner resolves the group's volume
+/// through the agent's configuration, the oci driver binds it at the destination (read-only:
+/// a write fails); a volume the agent does not have fails the task's start, naming it.
+#[tokio::test(flavor = "multi_thread")]
+async fn oci_host_volumes_are_bound_into_the_image_root() -> TestResult {
+    use mlp_proto::v1::{VolumeMount, VolumeRequest};
+    require();
+    let reg = Registry::start(None)?;
+    reg.push_image("team/vol", "1", &hello_image())?;
+    let host = tempfile::tempdir()?;
+    std::fs::write(host.path().join("hello.txt"), "from the host volume\n")?;
+    let config: BTreeMap<String, mlp_agent::config_file::HostVolume> =
+        [("datasets".to_string(), mlp_agent::config_file::HostVolume { path: host.path().to_path_buf(), read_only: true })]
+            .into_iter()
+            .collect();
+    let with_volume = |source: &str| {
+        let mut task = oci_task(
+            &format!("{}/team/vol:1", reg.addr),
+            "sh",
+            &["-c", "cat /mnt/data/hello.txt; echo x > /mnt/data/new && echo written || echo refused"],
+            None,
+        );
+        task.volume_mounts = vec![VolumeMount { volume: "data".into(), destination: "/mnt/data".into(), read_only: true }];
+        let mut a = alloc(task);
+        if let Some(job) = a.job.as_mut() {
+            job.groups[0].volumes =
+                vec![VolumeRequest { name: "data".into(), r#type: "host".into(), source: source.into(), read_only: true }];
+        }
+        a
+    };
+    let data = tempfile::tempdir()?;
+    let store = store_in(data.path(), u64::MAX);
+    let mut run = Run::start_alloc(&store, with_volume("datasets"), config.clone())?;
+    let u = run.terminal().await?;
+    assert_eq!(u.client_status, alloc_client::COMPLETE, "{:?}\nlog: {}", events(&u), run.log());
+    assert_eq!(run.log(), "from the host volume\nrefused\n");
+    assert!(!host.path().join("new").exists(), "the read-only volume was written");
+
+    let mut run = Run::start_alloc(&store, with_volume("gone"), config)?;
+    let u = run.terminal().await?;
+    assert_eq!(u.client_status, alloc_client::FAILED, "{:?}", events(&u));
+    let messages: Vec<String> = events(&u).into_iter().map(|(_, m)| m).collect();
+    assert!(
+        messages.iter().any(|m| m.contains("host volume unavailable: volume \"data\": this node has no host volume \"gone\"")),
+        "{messages:?}"
+    );
     Ok(())
 }

@@ -91,6 +91,7 @@ impl Harness {
             node_id: String::new(),
             artifacts: Default::default(),
             tracking: Default::default(),
+            host_volumes: Default::default(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = spawn_alloc_runner(a, None, env, tx);

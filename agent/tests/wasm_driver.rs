@@ -179,6 +179,7 @@ impl Harness {
             node_id: String::new(),
             artifacts: Default::default(),
             tracking: Default::default(),
+            host_volumes: Default::default(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         self.handle = Some(spawn_alloc_runner(a, None, env, tx));

@@ -468,6 +468,7 @@ mod tests {
             node_id: String::new(),
             artifacts: Default::default(),
             tracking: Default::default(),
+            host_volumes: Default::default(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut m = AllocManager::new(env, tx);

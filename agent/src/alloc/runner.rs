@@ -49,6 +49,9 @@ pub struct RunnerEnv {
     pub artifacts: Arc<crate::artifact::ArtifactSettings>,
     /// The MLflow tracking URI tasks get (issue 17 §3).
     pub tracking: crate::tracking::TrackingUri,
+    /// The agent's host volumes by name (`host_volume` blocks of its configuration), which
+    /// tasks' `volume_mount`s resolve through (`crate::volumes`).
+    pub host_volumes: Arc<BTreeMap<String, crate::config_file::HostVolume>>,
 }
 
 /// A running alloc runner.
@@ -311,6 +314,7 @@ async fn run_alloc(
             meta_env: meta_env(alloc.job.as_ref(), &group, task),
             network: task_network.as_ref().map(|n| n.task_network(&crate::isolation::hostname_for(&group.name, alloc.index, &alloc.id))),
             artifacts: env.artifacts.clone(),
+            volumes: crate::volumes::resolve(&group, task, &env.host_volumes, |p| p.is_dir()).map_err(|e| e.to_string()),
             tracking_env: {
                 let lineage = crate::tracking::Lineage {
                     job: job_name.clone(),

@@ -149,6 +149,37 @@ impl ExecDriver {
             }
             steps.push(rootfs::Step::Bind { src: dir.clone(), path: dir.clone(), readonly: false, device: false });
         }
+        // Host volumes last, at their destinations (read-only: a bind remounted read-only). A
+        // destination at or under a path the root binds or links from the host is refused: the
+        // mount point would be made through that path, on the host's filesystem.
+        let from_host: Vec<PathBuf> = steps
+            .iter()
+            .filter_map(|s| match s {
+                rootfs::Step::Bind { path, .. } | rootfs::Step::Symlink { path, .. } | rootfs::Step::Mask { path, .. } => {
+                    Some(path.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        for v in &spec.volumes {
+            if let Some(p) = from_host.iter().find(|p| v.destination.starts_with(p)) {
+                return Err(DriverError::Isolation(format!(
+                    "volume {:?}: destination {} is at or under {}, which the task's root takes from the host; pick another path",
+                    v.label,
+                    v.destination.display(),
+                    p.display()
+                )));
+            }
+            if !v.host_path.is_dir() {
+                return Err(DriverError::Isolation(format!(
+                    "host volume {:?} (volume {:?}): {} is not a directory on this node",
+                    v.source,
+                    v.label,
+                    v.host_path.display()
+                )));
+            }
+            steps.push(rootfs::Step::Bind { src: v.host_path.clone(), path: v.destination.clone(), readonly: v.read_only, device: false });
+        }
         if let Some(net) = &spec.network {
             rootfs::use_network_files(&mut steps, &net.hosts, &net.resolv_conf);
         }

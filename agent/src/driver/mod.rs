@@ -151,6 +151,9 @@ pub struct TaskSpec {
     /// Host directories bound read-write into the task's root at the same path (`exec`; the
     /// MPS pipe directory of a GPU share). Other drivers see the host's paths anyway.
     pub rw_paths: Vec<std::path::PathBuf>,
+    /// Host volumes (issue 15 §4): bound into the root of an `exec` or `oci` task; a `raw_exec`
+    /// task is told their host paths (`MLP_VOLUME_<label>`); `wasm` refuses them.
+    pub volumes: Vec<crate::volumes::VolumeBind>,
     /// The image to run (`oci`).
     pub image: String,
     /// The image's entrypoint replaced (`oci`).

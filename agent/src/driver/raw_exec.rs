@@ -44,6 +44,11 @@ impl Driver for ProcessDriver {
         // The task gets the agent's environment plus its own, as a child of the agent would.
         let mut env: BTreeMap<String, String> = std::env::vars().collect();
         env.extend(spec.env.clone());
+        // No root of its own to mount into (as in Nomad, raw_exec mounts nothing): the task is
+        // told where its host volumes are, and read-only is not enforced.
+        for v in &spec.volumes {
+            env.insert(crate::volumes::env_name(&v.label), v.host_path.to_string_lossy().into_owned());
+        }
         let netns = spec.network.as_ref().map(|n| n.netns.clone());
         let task = TaskKind::Raw { command: spec.command.clone(), args: spec.args.clone(), env, work_dir: spec.work_dir.clone(), netns };
         let sup = supervised::start(

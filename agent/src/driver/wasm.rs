@@ -386,6 +386,12 @@ impl Driver for WasmDriver {
 
     async fn start(&self, spec: &TaskSpec) -> Result<Box<dyn TaskHandle>, DriverError> {
         crate::paths::check_task_name(&spec.name)?;
+        if let Some(v) = spec.volumes.first() {
+            return Err(DriverError::Wasm(format!(
+                "the wasm driver cannot mount host volumes (volume {:?}); run the task with exec, oci or raw_exec",
+                v.label
+            )));
+        }
         let path = module_path(spec)?;
         let t0 = Instant::now();
         let (module, cached, wasi) = {

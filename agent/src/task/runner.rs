@@ -129,6 +129,9 @@ pub struct TaskContext {
     pub network: Option<crate::network::TaskNetwork>,
     /// Where the task's `artifact` blocks may fetch from, and the limits.
     pub artifacts: std::sync::Arc<crate::artifact::ArtifactSettings>,
+    /// The task's host volumes resolved through the agent's configuration
+    /// (`crate::volumes::resolve`), or why they cannot be: then the task fails to start.
+    pub volumes: Result<Vec<crate::volumes::VolumeBind>, String>,
     /// `MLFLOW_TRACKING_URI` and `MLFLOW_RUN_CONTEXT` (`crate::tracking`), under the task's
     /// own env.
     pub tracking_env: std::collections::BTreeMap<String, String>,
@@ -200,6 +203,7 @@ impl TaskContext {
             network: self.network.clone(),
             gpus: self.gpus.clone(),
             rw_paths: Vec::new(),
+            volumes: self.volumes.clone().unwrap_or_default(),
             phases: Phases::default(),
         }
     }
@@ -372,6 +376,10 @@ async fn run_task_holding(
                     let msg = format!("driver {:?} is not available on this node", ctx.task.driver);
                     return fail_start(&mut st, msg, &emit);
                 };
+                if let Err(e) = &ctx.volumes {
+                    tracing::warn!(alloc = %ctx.alloc_id, task = %name, error = %e, "host volume unavailable");
+                    return fail_start(&mut st, format!("host volume unavailable: {e}"), &emit);
+                }
                 if !artifacts_fetched {
                     push_event(&mut st, task_event::DOWNLOADING_ARTIFACTS, format!("fetching {} artifact(s)", ctx.task.artifacts.len()));
                     emit(&st, None);

@@ -14,7 +14,7 @@ use crate::consts::{health_check, job_type, restart_mode};
 use crate::v1::{
     Affinity, Artifact, Constraint, GpuRequest, GroupNetwork, Job, MigrateStrategy, ParameterizedConfig, PeriodicConfig, PortSpec,
     RegistryAuth, ReschedulePolicy, Resources, RestartPolicy, ServiceCheck, ServiceSpec, Spread, SpreadTarget, Task, TaskConfig, TaskGroup,
-    UpdateStrategy,
+    UpdateStrategy, VolumeMount, VolumeRequest,
 };
 
 pub(crate) const DEFAULT_NAMESPACE: &str = "default";
@@ -50,6 +50,7 @@ const GROUP_FIELDS: &[&str] = &[
     "service",
     "update",
     "shutdown_delay",
+    "volume",
 ];
 const TASK_FIELDS: &[&str] = &[
     "driver",
@@ -64,7 +65,10 @@ const TASK_FIELDS: &[&str] = &[
     "affinity",
     "service",
     "artifact",
+    "volume_mount",
 ];
+const VOLUME_FIELDS: &[&str] = &["type", "source", "read_only"];
+const VOLUME_MOUNT_FIELDS: &[&str] = &["volume", "destination", "read_only"];
 const SERVICE_FIELDS: &[&str] = &["name", "port", "tags", "check"];
 const CHECK_FIELDS: &[&str] = &["type", "path", "command", "args", "interval", "timeout", "name", "port"];
 const ARTIFACT_FIELDS: &[&str] = &["source", "destination", "mode", "options"];
@@ -867,6 +871,10 @@ impl Decoder<'_> {
                     let sloc = loc.service(group.services.len());
                     group.services.push(self.service(b, &sloc));
                 }
+                ("volume", Structure::Block(b)) => {
+                    let index = group.volumes.len();
+                    group.volumes.push(self.volume(b, &loc, index));
+                }
                 _ if GROUP_FIELDS.contains(&name) => self.wrong_form(s, &loc),
                 _ => self.unknown(s, &loc, GROUP_FIELDS),
             }
@@ -1108,7 +1116,7 @@ impl Decoder<'_> {
         for s in block.body.iter() {
             let name = structure_name(s);
             // `affinity`, `service` and `artifact` are repeatable; every other task field appears once.
-            let repeatable = matches!(name, "affinity" | "service" | "artifact");
+            let repeatable = matches!(name, "affinity" | "service" | "artifact" | "volume_mount");
             if TASK_FIELDS.contains(&name) && !repeatable && !self.first_time(&mut seen, s, &loc) {
                 continue;
             }
@@ -1149,11 +1157,63 @@ impl Decoder<'_> {
                     let aloc = loc.indexed("artifact", task.artifacts.len());
                     task.artifacts.push(self.artifact(b, &aloc));
                 }
+                ("volume_mount", Structure::Block(b)) => {
+                    let vloc = loc.volume_mount(task.volume_mounts.len());
+                    task.volume_mounts.push(self.volume_mount(b, &vloc));
+                }
                 _ if TASK_FIELDS.contains(&name) => self.wrong_form(s, &loc),
                 _ => self.unknown(s, &loc, TASK_FIELDS),
             }
         }
         task
+    }
+
+    /// A group's `volume "LABEL" { type = "host"  source = "datasets"  read_only = true }`.
+    fn volume(&mut self, block: &Block, group: &Loc, index: usize) -> VolumeRequest {
+        let key_only = group.named("volume", index, "");
+        let name = self.label(block, &key_only);
+        let loc = group.named("volume", index, &name);
+        self.mark(&loc, start(&block.ident));
+        let mut volume = VolumeRequest { name, ..VolumeRequest::default() };
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            if VOLUME_FIELDS.contains(&name) && !self.first_time(&mut seen, s, &loc) {
+                continue;
+            }
+            match (name, s) {
+                ("type", Structure::Attribute(a)) => volume.r#type = self.string(&a.value, &floc).unwrap_or_default(),
+                ("source", Structure::Attribute(a)) => volume.source = self.string(&a.value, &floc).unwrap_or_default(),
+                ("read_only", Structure::Attribute(a)) => volume.read_only = self.bool(&a.value, &floc).unwrap_or_default(),
+                _ if VOLUME_FIELDS.contains(&name) => self.wrong_form(s, &loc),
+                _ => self.unknown(s, &loc, VOLUME_FIELDS),
+            }
+        }
+        volume
+    }
+
+    /// A task's `volume_mount { volume = "LABEL"  destination = "/data"  read_only = true }`.
+    fn volume_mount(&mut self, block: &Block, loc: &Loc) -> VolumeMount {
+        self.mark(loc, start(&block.ident));
+        self.no_labels(block, loc);
+        let mut mount = VolumeMount::default();
+        let mut seen = HashMap::new();
+        for s in block.body.iter() {
+            let name = structure_name(s);
+            let floc = loc.field(name);
+            if VOLUME_MOUNT_FIELDS.contains(&name) && !self.first_time(&mut seen, s, loc) {
+                continue;
+            }
+            match (name, s) {
+                ("volume", Structure::Attribute(a)) => mount.volume = self.string(&a.value, &floc).unwrap_or_default(),
+                ("destination", Structure::Attribute(a)) => mount.destination = self.string(&a.value, &floc).unwrap_or_default(),
+                ("read_only", Structure::Attribute(a)) => mount.read_only = self.bool(&a.value, &floc).unwrap_or_default(),
+                _ if VOLUME_MOUNT_FIELDS.contains(&name) => self.wrong_form(s, loc),
+                _ => self.unknown(s, loc, VOLUME_MOUNT_FIELDS),
+            }
+        }
+        mount
     }
 
     /// `service { name = "web"  port = "http"  tags = [..]  check { .. } }` (group or task).

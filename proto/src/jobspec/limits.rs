@@ -39,6 +39,8 @@ pub const MAX_MAP_ENTRIES: usize = 1_000;
 pub const MAX_ARGS: usize = 1_000;
 /// `artifact` blocks in one task.
 pub const MAX_ARTIFACTS: usize = 32;
+/// `volume` blocks per group and `volume_mount` blocks per task.
+pub const MAX_VOLUMES: usize = 32;
 /// Allowed GPU models in one `gpu` block.
 pub const MAX_GPU_MODELS: usize = 32;
 

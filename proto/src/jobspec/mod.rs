@@ -21,7 +21,7 @@ use crate::v1::Job;
 
 pub use decode::{default_reschedule, effective_update};
 pub use duration::parse_duration;
-pub use validate::{check_image_reference, is_dns_label, is_mig_profile};
+pub use validate::{check_image_reference, check_mount_destination, is_dns_label, is_host_volume_name, is_mig_profile};
 
 /// Every problem found in a job spec; `Display` prints one diagnostic per line.
 #[derive(Debug, thiserror::Error)]
@@ -371,6 +371,12 @@ impl Loc {
     /// The `index`th `service` block (its own key prefix: `s` is `spread`'s).
     pub fn service(&self, index: usize) -> Loc {
         Loc { key: format!("{}.svc{index}", self.key), path: format!("{}.service[{index}]", self.path) }
+    }
+
+    /// The `index`th `volume_mount` block of a task (its own key prefix: `v` is a group's
+    /// `volume`).
+    pub fn volume_mount(&self, index: usize) -> Loc {
+        Loc { key: format!("{}.vm{index}", self.key), path: format!("{}.volume_mount[{index}]", self.path) }
     }
 
     /// The `index`th `check` block of a service.

@@ -12,7 +12,7 @@ use super::limits::*;
 use super::Loc;
 use crate::consts::{check_type, dispatch_payload, driver, health_check, job_type, restart_mode};
 use crate::matcher;
-use crate::v1::{Affinity, Constraint, Job, ServiceSpec, Spread, Task, TaskGroup};
+use crate::v1::{Affinity, Constraint, Job, ServiceSpec, Spread, Task, TaskGroup, VolumeRequest};
 
 /// Priority bounds (inclusive).
 pub(crate) const PRIORITY_RANGE: (i32, i32) = (1, 100);
@@ -366,6 +366,7 @@ impl Checker {
         self.migrate_reschedule(loc, group);
         self.network(loc, group);
         self.services(loc, group);
+        self.volumes(loc, group);
         if let Some(restart) = &group.restart {
             let rloc = loc.field("restart");
             self.one_of(&rloc.field("mode"), "restart mode", &restart.mode, RESTART_MODES);
@@ -383,6 +384,101 @@ impl Checker {
                 self.push(&tloc.field("name"), format!("duplicate task name {:?} in this group", task.name));
             }
             self.task(&tloc, task);
+        }
+    }
+
+    /// Host volumes (issue 15 §4): each group `volume` has a unique label, type "host" and a
+    /// source that can name an agent's `host_volume`; each task `volume_mount` names a volume
+    /// of its group, at an absolute destination without `..`, not twice in a task, and not
+    /// read-write when the volume is read-only.
+    fn volumes(&mut self, loc: &Loc, group: &TaskGroup) {
+        self.at_most(&loc.field("volume"), "volume blocks", group.volumes.len(), MAX_VOLUMES);
+        let mut labels: HashMap<&str, &VolumeRequest> = HashMap::new();
+        for (i, v) in group.volumes.iter().enumerate().take(MAX_VOLUMES) {
+            let vloc = loc.named("volume", i, &v.name);
+            let name_at = Loc { key: format!("{}.name", vloc.key), path: vloc.path.clone() };
+            if v.name.is_empty() {
+                self.push(&name_at, "missing volume label; write `volume \"LABEL\" { ... }`");
+            } else if !is_name(&v.name) {
+                self.push(
+                    &name_at,
+                    format!("invalid volume label {:?}: must be 1-128 characters of A-Z, a-z, 0-9, _ or -", printable_key(&v.name)),
+                );
+            } else if labels.contains_key(v.name.as_str()) {
+                self.push(&name_at, format!("duplicate volume label {:?} in this group", v.name));
+            } else {
+                labels.insert(v.name.as_str(), v);
+            }
+            let tloc = vloc.field("type");
+            if v.r#type.is_empty() {
+                self.push(&tloc, format!("missing required field; supported volume types: {}", VOLUME_TYPES.join(", ")));
+            } else if !VOLUME_TYPES.contains(&v.r#type.as_str()) {
+                self.push(
+                    &tloc,
+                    format!(
+                        "unsupported volume type {:?}; supported: {} (a node's `host_volume`)",
+                        printable_key(&v.r#type),
+                        VOLUME_TYPES.join(", ")
+                    ),
+                );
+            }
+            let sloc = vloc.field("source");
+            if v.source.is_empty() {
+                self.push(&sloc, "missing required field: the name of a host volume of the node (its agent's `host_volume \"NAME\"`)");
+            } else if !is_host_volume_name(&v.source) {
+                self.push(
+                    &sloc,
+                    format!(
+                        "invalid host volume name {:?}: must be 1-128 characters of A-Z, a-z, 0-9, _, . or -",
+                        printable_key(&v.source)
+                    ),
+                );
+            }
+        }
+        for (i, task) in group.tasks.iter().enumerate().take(MAX_TASKS) {
+            let tloc = loc.named("task", i, &task.name);
+            self.at_most(&tloc.field("volume_mount"), "volume_mount blocks", task.volume_mounts.len(), MAX_VOLUMES);
+            if task.driver == driver::WASM && !task.volume_mounts.is_empty() {
+                self.push(
+                    &tloc.volume_mount(0),
+                    "the wasm driver cannot mount host volumes (its modules see only their task directory); use exec, oci or raw_exec",
+                );
+            }
+            let mut destinations: HashMap<std::path::PathBuf, usize> = HashMap::new();
+            for (j, m) in task.volume_mounts.iter().enumerate().take(MAX_VOLUMES) {
+                let mloc = tloc.volume_mount(j);
+                let vol_at = mloc.field("volume");
+                match labels.get(m.volume.as_str()) {
+                    _ if m.volume.is_empty() => {
+                        self.push(&vol_at, "missing required field: the label of one of the group's `volume` blocks")
+                    }
+                    None => {
+                        let mut known: Vec<&str> = labels.keys().copied().collect();
+                        known.sort_unstable();
+                        let known = if known.is_empty() {
+                            "the group declares no volumes".to_string()
+                        } else {
+                            format!("declared: {}", known.join(", "))
+                        };
+                        self.push(&vol_at, format!("no volume labelled {:?} in this group ({known})", printable_key(&m.volume)));
+                    }
+                    Some(v) if v.read_only && !m.read_only => self.push(
+                        &mloc.field("read_only"),
+                        format!("volume {:?} is read-only; a mount of it must set `read_only = true`", v.name),
+                    ),
+                    Some(_) => {}
+                }
+                let dloc = mloc.field("destination");
+                self.text(&dloc, "destination", &m.destination, MAX_VALUE_BYTES);
+                if let Err(e) = check_mount_destination(&m.destination) {
+                    self.push(&dloc, e);
+                } else {
+                    let normal: std::path::PathBuf = std::path::Path::new(&m.destination).components().collect();
+                    if let Some(first) = destinations.insert(normal, j) {
+                        self.push(&dloc, format!("{:?} is already the destination of volume_mount[{first}] of this task", m.destination));
+                    }
+                }
+            }
         }
     }
 
@@ -937,6 +1033,41 @@ const GROUP_NETWORK_MODES: &[&str] = &["bridge", "host", "none"];
 /// A port label: it becomes part of `MLP_PORT_<label>` and friends, so an identifier.
 fn is_port_label(s: &str) -> bool {
     (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') && !s.as_bytes()[0].is_ascii_digit()
+}
+
+/// Volume types a group's `volume` may have.
+pub(crate) const VOLUME_TYPES: &[&str] = &["host"];
+
+/// Paths of a task's root that a volume may not be mounted at or below: the root itself, the
+/// task's own directories and the kernel's filesystems.
+const RESERVED_DESTINATIONS: &[&str] = &["/local", "/alloc", "/secrets", "/proc", "/dev", "/sys"];
+
+/// A host volume's name as an agent's `host_volume` block takes it: `[A-Za-z0-9_.-]{1,128}`.
+pub fn is_host_volume_name(s: &str) -> bool {
+    (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+}
+
+/// A `volume_mount.destination`: absolute, no `..` (nor `.`) component, not `/`, not at or
+/// below one of [`RESERVED_DESTINATIONS`].
+pub fn check_mount_destination(destination: &str) -> Result<(), String> {
+    use std::path::{Component, Path};
+    if destination.is_empty() {
+        return Err("missing required field: an absolute path inside the task, such as \"/data\"".into());
+    }
+    let path = Path::new(destination);
+    if !path.is_absolute() {
+        return Err(format!("{destination:?} must be an absolute path inside the task, such as \"/data\""));
+    }
+    if destination.split('/').any(|part| part == ".." || part == ".") {
+        return Err(format!("{destination:?} may not contain `..` or `.` components"));
+    }
+    if !path.components().any(|c| matches!(c, Component::Normal(_))) {
+        return Err("a volume cannot be mounted over the task's root `/`".into());
+    }
+    if let Some(reserved) = RESERVED_DESTINATIONS.iter().find(|r| path.starts_with(r)) {
+        return Err(format!("{destination:?} is at or under {reserved}, which the task's root reserves; pick another path"));
+    }
+    Ok(())
 }
 
 /// `[A-Za-z0-9_-]{1,128}`.

@@ -1,5 +1,6 @@
 //! Feasibility: whether a node can run a task group at all, resources aside (node readiness,
-//! drivers, job and group constraints), and the bookkeeping of why nodes were filtered.
+//! drivers, job and group constraints, host volumes), and the bookkeeping of why nodes were
+//! filtered.
 
 use std::cell::RefCell;
 use std::cmp::Ordering;
@@ -35,7 +36,8 @@ impl Rejection {
     }
 }
 
-/// Checks, in Nomad's order, job constraints, the group's drivers, then group constraints.
+/// Checks, in Nomad's order, job constraints, the group's drivers, group constraints, then the
+/// group's host volumes.
 pub fn check(job: &Job, tg: &TaskGroup, node: &Node) -> Result<(), Rejection> {
     if let Some(c) = job.constraints.iter().find(|c| !holds(c, node)) {
         return Err(Rejection::Constraint(constraint_text(c)));
@@ -50,6 +52,31 @@ pub fn check(job: &Job, tg: &TaskGroup, node: &Node) -> Result<(), Rejection> {
     }
     if let Some(c) = tg.constraints.iter().find(|c| !holds(c, node)) {
         return Err(Rejection::Constraint(constraint_text(c)));
+    }
+    host_volumes(tg, node)
+}
+
+/// The node attribute an agent sets for each of its host volumes: `host_volume.NAME` = `ro` | `rw`.
+pub fn host_volume_attr(source: &str) -> String {
+    format!("host_volume.{source}")
+}
+
+/// Whether `node` offers every host volume the group asks for (issue 15 §4): the agent
+/// advertises `host_volume.<source>`, as `rw` when some task of the group mounts a volume that
+/// is not read-only read-write. The rejection names the volume (a `constraint_filtered` key,
+/// counted over the nodes that lack it).
+fn host_volumes(tg: &TaskGroup, node: &Node) -> Result<(), Rejection> {
+    for v in &tg.volumes {
+        let Some(mode) = node.attributes.get(&host_volume_attr(&v.source)) else {
+            return Err(Rejection::Constraint(format!("missing host volume {:?}", v.source)));
+        };
+        let writes = !v.read_only && tg.tasks.iter().flat_map(|t| &t.volume_mounts).any(|m| m.volume == v.name && !m.read_only);
+        if writes && mode != "rw" {
+            return Err(Rejection::Constraint(format!(
+                "host volume {:?} is read-only (volume {:?} is mounted read-write)",
+                v.source, v.name
+            )));
+        }
     }
     Ok(())
 }
@@ -271,5 +298,47 @@ mod tests {
         );
         let windows = Job { constraints: vec![c("${attr.kernel.name}", "=", "windows")], ..Default::default() };
         assert_eq!(check(&windows, &tg("raw_exec", vec![]), &n), Err(Rejection::Constraint("${attr.kernel.name} = windows".into())));
+    }
+
+    #[test]
+    fn host_volumes_need_the_node_to_offer_them_writable_when_mounted_read_write() {
+        use mlp_proto::v1::{VolumeMount, VolumeRequest};
+        let tg = |read_only_volume: bool, read_only_mount: bool| TaskGroup {
+            name: "g".into(),
+            volumes: vec![VolumeRequest {
+                name: "data".into(),
+                r#type: "host".into(),
+                source: "datasets".into(),
+                read_only: read_only_volume,
+            }],
+            tasks: vec![Task {
+                driver: "exec".into(),
+                volume_mounts: vec![VolumeMount { volume: "data".into(), destination: "/data".into(), read_only: read_only_mount }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let job = Job::default();
+        let bare = node();
+        let missing = Err(Rejection::Constraint("missing host volume \"datasets\"".into()));
+        assert_eq!(check(&job, &tg(true, true), &bare), missing);
+        let mut ro = node();
+        ro.attributes.insert(host_volume_attr("datasets"), "ro".into());
+        let mut rw = node();
+        rw.attributes.insert(host_volume_attr("datasets"), "rw".into());
+        assert_eq!(check(&job, &tg(true, true), &ro), Ok(()));
+        assert_eq!(check(&job, &tg(false, true), &ro), Ok(()), "every mount reads only: a read-only volume does");
+        assert_eq!(
+            check(&job, &tg(false, false), &ro),
+            Err(Rejection::Constraint("host volume \"datasets\" is read-only (volume \"data\" is mounted read-write)".into()))
+        );
+        assert_eq!(check(&job, &tg(false, false), &rw), Ok(()));
+        assert_eq!(check(&job, &tg(true, true), &rw), Ok(()));
+        // The reason is counted like a constraint's, so a blocked evaluation names the volume.
+        let mut metric = AllocMetric::default();
+        if let Err(r) = check(&job, &tg(true, true), &bare) {
+            r.record(&mut metric);
+        }
+        assert_eq!(metric.constraint_filtered.get("missing host volume \"datasets\""), Some(&1));
     }
 }

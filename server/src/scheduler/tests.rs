@@ -309,6 +309,47 @@ fn constraints_and_drivers_filter_nodes_with_counts() {
 }
 
 #[test]
+fn host_volumes_place_only_on_nodes_that_offer_them() {
+    use mlp_proto::v1::{VolumeMount, VolumeRequest};
+    let mut c = Cluster::new();
+    c.node(node("plain", 4000, 4096));
+    let mut ro = node("ro", 4000, 4096);
+    ro.attributes.insert("host_volume.datasets".into(), "ro".into());
+    c.node(ro);
+    let mut rw = node("rw", 4000, 4096);
+    rw.attributes.insert("host_volume.scratch".into(), "rw".into());
+    c.node(rw);
+    let with_volume = |name: &str, source: &str, read_only: bool| {
+        let mut g = group(name, 1, 100, 100);
+        g.volumes.push(VolumeRequest { name: "v".into(), r#type: "host".into(), source: source.into(), read_only });
+        g.tasks[0].volume_mounts.push(VolumeMount { volume: "v".into(), destination: "/data".into(), read_only });
+        g
+    };
+    c.register(job("reads", job_type::BATCH, vec![with_volume("g", "datasets", true)]));
+    let plan = c.schedule("reads");
+    assert_eq!(plan.placements.iter().map(|p| p.node_id.as_str()).collect::<Vec<_>>(), ["ro"]);
+    // Read-write of a volume that only a read-only node offers: unplaceable, and the reason
+    // names the volume.
+    c.register(job("writes", job_type::BATCH, vec![with_volume("g", "datasets", false)]));
+    let plan = c.schedule("writes");
+    assert!(plan.placements.is_empty());
+    let m = &plan.failed_tg_allocs["g"];
+    assert_eq!(
+        explain(m),
+        [
+            "Constraint \"host volume \"datasets\" is read-only (volume \"v\" is mounted read-write)\" filtered 1 node",
+            "Constraint \"missing host volume \"datasets\"\" filtered 2 nodes",
+        ]
+    );
+    c.register(job("unknown", job_type::BATCH, vec![with_volume("g", "nowhere", true)]));
+    let plan = c.schedule("unknown");
+    assert!(plan.placements.is_empty());
+    assert_eq!(explain(&plan.failed_tg_allocs["g"]), ["Constraint \"missing host volume \"nowhere\"\" filtered 3 nodes"]);
+    c.register(job("scratch", job_type::BATCH, vec![with_volume("g", "scratch", false)]));
+    assert_eq!(c.schedule("scratch").placements[0].node_id, "rw");
+}
+
+#[test]
 fn unusable_nodes_are_skipped() {
     let mut c = Cluster::new();
     c.node(node("n1", 4000, 4096));
