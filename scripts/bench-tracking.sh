@@ -96,17 +96,19 @@ echo "mlp_small $(client "http://$HTTP" bench "$N_SMALL" "$THREADS" "$PROCS")"
 echo "mlp_raw_small $(client "http://$HTTP" bench-raw "$N_SMALL" "$THREADS" "$PROCS" 0 raw)"
 echo "mlp_small_rss_kib $(rss_tree "$mlp_pid")"
 echo "mlp_small_disk_kib $(du -sk "$out/mlp" | cut -f1)"
-done_runs=$N_SMALL
-for n in $BIG; do
-  echo "mlp_$n $(client "http://$HTTP" bench $((n - done_runs)) "$THREADS" "$PROCS" "$done_runs")"
-  done_runs=$n
-  echo "mlp_${n}_rss_kib $(rss_tree "$mlp_pid")"
-  echo "mlp_${n}_disk_kib $(du -sk "$out/mlp" | cut -f1)"
-done
-done_runs=$N_SMALL
-for n in $RAW_BIG; do
-  echo "mlp_raw_$n $(client "http://$HTTP" bench-raw $((n - done_runs)) "$THREADS" "$PROCS" "$done_runs" raw)"
-  done_runs=$n
-  echo "mlp_raw_${n}_rss_kib $(rss_tree "$mlp_pid")"
-  echo "mlp_raw_${n}_disk_kib $(du -sk "$out/mlp" | cut -f1)"
-done
+# grow LABEL EXPERIMENT CLIENT SIZES...: continues the experiment (N_SMALL runs so far) to each
+# size, printing the client's figures and mlp's RSS and disk at each.
+grow() {
+  local label=$1 exp=$2 mode=$3 done_runs=$N_SMALL n
+  shift 3
+  for n in "$@"; do
+    echo "${label}_$n $(client "http://$HTTP" "$exp" $((n - done_runs)) "$THREADS" "$PROCS" "$done_runs" "$mode")"
+    done_runs=$n
+    echo "${label}_${n}_rss_kib $(rss_tree "$mlp_pid")"
+    echo "${label}_${n}_disk_kib $(du -sk "$out/mlp" | cut -f1)"
+  done
+}
+# shellcheck disable=SC2086  # the sizes are words
+grow mlp bench mlflow $BIG
+# shellcheck disable=SC2086
+grow mlp_raw bench-raw raw $RAW_BIG

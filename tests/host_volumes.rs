@@ -6,21 +6,8 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{status, Dev};
+use common::{field, logs, status, Dev};
 use serde_json::Value;
-
-fn logs(dev: &Dev, alloc: &str, task: &str, stderr: bool) -> String {
-    let mut args = vec!["alloc", "logs", alloc, task];
-    if stderr {
-        args.push("--stderr");
-    }
-    String::from_utf8_lossy(&dev.cli(&args).stdout).into_owned()
-}
-
-/// The value of a `key=value` line printed by a task.
-fn field<'a>(out: &'a str, key: &str) -> &'a str {
-    out.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('='))).unwrap_or("")
-}
 
 fn chmod(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;

@@ -8,25 +8,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{cgroups_under, processes_under, status, wait_for, Dev};
+use common::{cgroups_under, field, logs, processes_under, status, wait_for, Dev};
 use serde_json::Value;
 
 fn run(dev: &Dev, name: &str, body: &str) {
     let file = dev.write_job(&format!("{name}.hcl"), body);
     dev.ok(&["job", "run", "--detach", file.to_str().unwrap_or_default()]);
-}
-
-fn logs(dev: &Dev, alloc: &str, task: &str, stderr: bool) -> String {
-    let mut args = vec!["alloc", "logs", alloc, task];
-    if stderr {
-        args.push("--stderr");
-    }
-    String::from_utf8_lossy(&dev.cli(&args).stdout).into_owned()
-}
-
-/// The value of a `key=value` line printed by a task.
-fn field<'a>(out: &'a str, key: &str) -> &'a str {
-    out.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('='))).unwrap_or("")
 }
 
 fn host_mounts_under(dir: &Path) -> Vec<String> {

@@ -558,3 +558,17 @@ pub fn run_mlflow_script(
     let _ = child.stderr.take().map(|mut s| s.read_to_string(&mut err));
     (status, out, err)
 }
+
+/// What a task of an allocation wrote to stdout (or stderr), through `mlp alloc logs`.
+pub fn logs(dev: &Dev, alloc: &str, task: &str, stderr: bool) -> String {
+    let mut args = vec!["alloc", "logs", alloc, task];
+    if stderr {
+        args.push("--stderr");
+    }
+    String::from_utf8_lossy(&dev.cli(&args).stdout).into_owned()
+}
+
+/// The value of a `key=value` line printed by a task.
+pub fn field<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('='))).unwrap_or("")
+}
