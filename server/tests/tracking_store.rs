@@ -17,7 +17,7 @@ use openraft::{CommittedLeaderId, EntryPayload, LogId, RaftSnapshotBuilder};
 
 fn entry(index: u64, cmds: Vec<TrackingCommand>) -> Entry {
     let reqs = cmds.into_iter().map(|c| Request { now_ms: 1_000 + index, command: Command::Tracking(c) }).collect();
-    Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(RequestBatch(reqs)) }
+    Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(RequestBatch::new(reqs)) }
 }
 
 fn create_run(id: &str) -> TrackingCommand {
@@ -197,7 +197,7 @@ async fn tracking_operator_restore_drops_the_points_of_runs_it_does_not_have() {
     };
     let restore = Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), 4),
-        payload: EntryPayload::Normal(RequestBatch(vec![Request { now_ms: 5, command: Command::RestoreState { state: saved } }])),
+        payload: EntryPayload::Normal(RequestBatch::new(vec![Request { now_ms: 5, command: Command::RestoreState { state: saved } }])),
     };
     sm.apply(vec![restore]).await.unwrap();
     assert_eq!(history(&state, "r2", "loss"), vec![], "r2 is gone, and its points with it");

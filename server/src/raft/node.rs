@@ -227,7 +227,7 @@ fn spawn_write_batcher(raft: MlpRaft) -> mpsc::Sender<(Request, WriteReply)> {
             let (requests, replies): (Vec<Request>, Vec<WriteReply>) = queued.drain(..).unzip();
             let n = requests.len();
             // Sent to openraft's core here, in order; the answer is awaited on its own task.
-            let sent = raft.client_write_ff(RequestBatch(requests)).await;
+            let sent = raft.client_write_ff(RequestBatch::new(requests)).await;
             tokio::spawn(async move {
                 let _permit = permit;
                 let result: Result<Vec<CommandResponse>, WriteError> = match sent {
