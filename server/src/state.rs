@@ -1178,9 +1178,9 @@ impl ClusterState {
             self.push_version(&key, job.clone());
             self.touched.jobs.insert(key.clone());
         }
-        self.jobs.insert(key.clone(), job.clone());
         let mut eval = eval.clone();
         eval.job_modify_index = job.job_modify_index;
+        self.jobs.insert(key.clone(), job);
         self.insert_eval(index, now, eval, effects);
         self.refresh_job_status(&key);
     }
