@@ -339,31 +339,18 @@ async fn mlflow(State(t): State<Arc<Tracking>>, method: Method, Path(endpoint): 
         }
     };
     let endpoint = endpoint.trim_end_matches('/');
-    // The one answer that can be megabytes: its bytes are written directly (`search_runs`).
-    if endpoint == "runs/search" {
-        let bytes = match Args::parse(&uri, &body) {
-            Ok(a) => search_runs(&t, &a).await,
-            Err(e) => Err(e),
-        };
-        return match bytes {
-            Ok(b) => ([(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"))], b).into_response(),
-            Err(e) => {
-                tracing::debug!(endpoint, error = %e, "mlflow request refused");
-                e.into_response()
-            }
-        };
-    }
     let result = match Args::parse(&uri, &body) {
-        Ok(a) => dispatch(&t, &method, endpoint, &a).await,
+        // The one answer that can be megabytes: its bytes are written directly (`search_runs`).
+        Ok(a) if endpoint == "runs/search" => search_runs(&t, &a)
+            .await
+            .map(|b| ([(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"))], b).into_response()),
+        Ok(a) => dispatch(&t, &method, endpoint, &a).await.map(|v| Json(v).into_response()),
         Err(e) => Err(e),
     };
-    match result {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => {
-            tracing::debug!(endpoint, error = %e, "mlflow request refused");
-            e.into_response()
-        }
-    }
+    result.unwrap_or_else(|e| {
+        tracing::debug!(endpoint, error = %e, "mlflow request refused");
+        e.into_response()
+    })
 }
 
 async fn dispatch(t: &Tracking, method: &Method, endpoint: &str, a: &Args) -> TResult<Value> {
