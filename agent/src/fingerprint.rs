@@ -219,7 +219,8 @@ pub fn fingerprint(config: &AgentConfig, gpu: &crate::gpu::Backend) -> Node {
         attrs.insert(mlp_proto::consts::DRIVERS_DISABLED_ATTR.into(), disabled.join(","));
     }
     for (name, v) in &config.host_volumes {
-        attrs.insert(format!("host_volume.{name}"), if v.read_only { "ro" } else { "rw" }.into());
+        use mlp_proto::consts::host_volume;
+        attrs.insert(host_volume::attr(name), if v.read_only { host_volume::READ_ONLY } else { host_volume::READ_WRITE }.into());
     }
 
     Node {

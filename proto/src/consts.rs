@@ -155,3 +155,15 @@ pub mod check_type {
     pub const SCRIPT: &str = "script";
     pub const ALL: &[&str] = &[HTTP, TCP, SCRIPT];
 }
+
+/// Host volumes (issue 15 §4): the node attribute an agent sets for each volume its
+/// configuration offers, and its two values.
+pub mod host_volume {
+    pub const READ_ONLY: &str = "ro";
+    pub const READ_WRITE: &str = "rw";
+
+    /// `host_volume.NAME`.
+    pub fn attr(source: &str) -> String {
+        format!("host_volume.{source}")
+    }
+}

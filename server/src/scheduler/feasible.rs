@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::cmp::Ordering;
 use std::collections::HashMap;
 
-use mlp_proto::consts::node_status;
+use mlp_proto::consts::{host_volume, node_status};
 use mlp_proto::matcher;
 use mlp_proto::v1::{AllocMetric, Constraint, Job, Node, TaskGroup};
 
@@ -56,22 +56,17 @@ pub fn check(job: &Job, tg: &TaskGroup, node: &Node) -> Result<(), Rejection> {
     host_volumes(tg, node)
 }
 
-/// The node attribute an agent sets for each of its host volumes: `host_volume.NAME` = `ro` | `rw`.
-pub fn host_volume_attr(source: &str) -> String {
-    format!("host_volume.{source}")
-}
-
 /// Whether `node` offers every host volume the group asks for (issue 15 §4): the agent
 /// advertises `host_volume.<source>`, as `rw` when some task of the group mounts a volume that
 /// is not read-only read-write. The rejection names the volume (a `constraint_filtered` key,
 /// counted over the nodes that lack it).
 fn host_volumes(tg: &TaskGroup, node: &Node) -> Result<(), Rejection> {
     for v in &tg.volumes {
-        let Some(mode) = node.attributes.get(&host_volume_attr(&v.source)) else {
+        let Some(mode) = node.attributes.get(&host_volume::attr(&v.source)) else {
             return Err(Rejection::Constraint(format!("missing host volume {:?}", v.source)));
         };
         let writes = !v.read_only && tg.tasks.iter().flat_map(|t| &t.volume_mounts).any(|m| m.volume == v.name && !m.read_only);
-        if writes && mode != "rw" {
+        if writes && mode != host_volume::READ_WRITE {
             return Err(Rejection::Constraint(format!(
                 "host volume {:?} is read-only (volume {:?} is mounted read-write)",
                 v.source, v.name
@@ -323,9 +318,9 @@ mod tests {
         let missing = Err(Rejection::Constraint("missing host volume \"datasets\"".into()));
         assert_eq!(check(&job, &tg(true, true), &bare), missing);
         let mut ro = node();
-        ro.attributes.insert(host_volume_attr("datasets"), "ro".into());
+        ro.attributes.insert(host_volume::attr("datasets"), "ro".into());
         let mut rw = node();
-        rw.attributes.insert(host_volume_attr("datasets"), "rw".into());
+        rw.attributes.insert(host_volume::attr("datasets"), "rw".into());
         assert_eq!(check(&job, &tg(true, true), &ro), Ok(()));
         assert_eq!(check(&job, &tg(false, true), &ro), Ok(()), "every mount reads only: a read-only volume does");
         assert_eq!(
