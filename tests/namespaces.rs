@@ -166,6 +166,18 @@ fn namespaces_quotas_block_and_unblock_and_delete_rules() {
     assert_eq!(code, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["namespace"]["quota"]["gpu_models"][0]["gpu_milli"], 2000, "{body}");
+    // Borrowing limits in JSON: an unknown field inside is refused with its path; good ones
+    // read back.
+    let (code, body) =
+        dev.http("PUT", "/v1/namespace/team-c", Some("application/json"), br#"{"quota": {"gpus": 2, "borrow": {"gpus": 2, "gpu": 1}}}"#);
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("invalid request body: quota.borrow.gpu: unknown field"), "{body}");
+    let (code, body) =
+        dev.http("PUT", "/v1/namespace/team-c", Some("application/json"), br#"{"quota": {"gpus": 2, "borrow": {"gpus": 3}}}"#);
+    assert_eq!(code, 200, "{body}");
+    let (_, body) = dev.http("GET", "/v1/namespace/team-c", None, b"");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["namespace"]["quota"]["borrow"]["gpus"], 3, "{body}");
     let (code, body) = dev.http("PUT", "/v1/namespace/team-d", Some("application/json"), br#"{"quota": {"gpus": 1, "gpu_milli": 5}}"#);
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("not both"), "{body}");

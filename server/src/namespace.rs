@@ -548,21 +548,9 @@ pub struct QuotaBody {
     pub gpu_milli: Option<u64>,
     #[serde(default)]
     pub gpu_models: Vec<GpuModelBody>,
+    /// Borrowing limits: `QuotaBorrow`'s fields, all optional.
     #[serde(default)]
-    pub borrow: Option<BorrowBody>,
-}
-
-/// A quota's borrowing limits in JSON (the fields of `QuotaBorrow`).
-#[derive(Debug, serde::Deserialize)]
-pub struct BorrowBody {
-    #[serde(default)]
-    pub cpu_mhz: Option<u64>,
-    #[serde(default)]
-    pub memory_mib: Option<u64>,
-    #[serde(default)]
-    pub gpus: Option<u64>,
-    #[serde(default)]
-    pub gpu_milli: Option<u64>,
+    pub borrow: Option<mlp_proto::v1::QuotaBorrow>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -580,12 +568,7 @@ impl From<QuotaBody> for QuotaSpec {
             gpus: q.gpus,
             gpu_milli: q.gpu_milli,
             gpu_models: q.gpu_models.into_iter().map(|m| GpuModelQuota { model: m.model, gpu_milli: m.gpu_milli }).collect(),
-            borrow: q.borrow.map(|b| mlp_proto::v1::QuotaBorrow {
-                cpu_mhz: b.cpu_mhz,
-                memory_mib: b.memory_mib,
-                gpus: b.gpus,
-                gpu_milli: b.gpu_milli,
-            }),
+            borrow: q.borrow,
         }
     }
 }
