@@ -1027,12 +1027,18 @@ pub enum RunCommand {
         limit: u32,
         #[arg(long)]
         json: bool,
+        /// The namespace (its MLflow workspace).
+        #[arg(long, default_value = "default")]
+        namespace: String,
     },
     /// Show a run: status, params, latest metrics, tags (the mlp.* lineage included).
     Show {
         run_id: String,
         #[arg(long)]
         json: bool,
+        /// The namespace (its MLflow workspace).
+        #[arg(long, default_value = "default")]
+        namespace: String,
     },
 }
 
@@ -1045,12 +1051,18 @@ pub enum ModelCommand {
         filter: String,
         #[arg(long)]
         json: bool,
+        /// The namespace (its MLflow workspace).
+        #[arg(long, default_value = "default")]
+        namespace: String,
     },
     /// Show a model: aliases and versions with the run each came from.
     Show {
         name: String,
         #[arg(long)]
         json: bool,
+        /// The namespace (its MLflow workspace).
+        #[arg(long, default_value = "default")]
+        namespace: String,
     },
     /// Point an alias (e.g. `champion`) at a version.
     Alias {
@@ -1058,6 +1070,9 @@ pub enum ModelCommand {
         alias: String,
         #[arg(value_name = "VERSION")]
         model_version: u64,
+        /// The namespace (its MLflow workspace).
+        #[arg(long, default_value = "default")]
+        namespace: String,
     },
 }
 

@@ -16,8 +16,8 @@ fn when(ms: i64) -> String {
 pub async fn run(addr: &str, cmd: RunCommand) -> anyhow::Result<ExitCode> {
     let mut c = connect(addr).await?;
     match cmd {
-        RunCommand::List { experiment, filter, limit, json } => {
-            let req = ListRunsRequest { experiment, filter, max_results: limit };
+        RunCommand::List { experiment, filter, limit, json, namespace } => {
+            let req = ListRunsRequest { experiment, filter, max_results: limit, namespace };
             let resp = c.tracking.list_runs(req).await.map_err(status_err)?.into_inner();
             if json {
                 print_json(&resp.runs)?;
@@ -42,8 +42,8 @@ pub async fn run(addr: &str, cmd: RunCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        RunCommand::Show { run_id, json } => {
-            let r = c.tracking.get_run(GetRunRequest { run_id }).await.map_err(status_err)?.into_inner();
+        RunCommand::Show { run_id, json, namespace } => {
+            let r = c.tracking.get_run(GetRunRequest { run_id, namespace }).await.map_err(status_err)?.into_inner();
             if json {
                 print_json(&r)?;
                 return Ok(ExitCode::SUCCESS);
@@ -110,8 +110,8 @@ fn print_model(m: &TrackedModel) {
 pub async fn model(addr: &str, cmd: ModelCommand) -> anyhow::Result<ExitCode> {
     let mut c = connect(addr).await?;
     match cmd {
-        ModelCommand::List { filter, json } => {
-            let resp = c.tracking.list_models(ListModelsRequest { filter }).await.map_err(status_err)?.into_inner();
+        ModelCommand::List { filter, json, namespace } => {
+            let resp = c.tracking.list_models(ListModelsRequest { filter, namespace }).await.map_err(status_err)?.into_inner();
             if json {
                 print_json(&resp.models)?;
             } else if resp.models.is_empty() {
@@ -132,18 +132,18 @@ pub async fn model(addr: &str, cmd: ModelCommand) -> anyhow::Result<ExitCode> {
                 print!("{}", t.render());
             }
         }
-        ModelCommand::Show { name, json } => {
-            let m = c.tracking.get_model(GetModelRequest { name }).await.map_err(status_err)?.into_inner();
+        ModelCommand::Show { name, json, namespace } => {
+            let m = c.tracking.get_model(GetModelRequest { name, namespace }).await.map_err(status_err)?.into_inner();
             if json {
                 print_json(&m)?;
             } else {
                 print_model(&m);
             }
         }
-        ModelCommand::Alias { name, alias, model_version: version } => {
+        ModelCommand::Alias { name, alias, model_version: version, namespace } => {
             let m = c
                 .tracking
-                .set_model_alias(SetModelAliasRequest { name, alias: alias.clone(), version })
+                .set_model_alias(SetModelAliasRequest { name, alias: alias.clone(), version, namespace })
                 .await
                 .map_err(status_err)?
                 .into_inner();

@@ -10,8 +10,12 @@
 //!   the job, its version, the allocation and the node that trained it: `mlp.job`,
 //!   `mlp.job_version`, `mlp.namespace`, `mlp.group`, `mlp.alloc`, `mlp.alloc_name`,
 //!   `mlp.task`, `mlp.node`.
+//! * `MLFLOW_WORKSPACE`: the job's namespace, with the cluster's tracking URI only. MLflow's
+//!   client (3.x) sends it as the `X-MLFLOW-WORKSPACE` header, and the servers keep each
+//!   namespace's experiments, runs, models and artifacts apart (a workspace is a namespace).
 //!
-//! A job that sets either variable in a task's `env` keeps its own.
+//! A job that sets any of these variables in a task's `env` keeps its own; a job that sets its
+//! own `MLFLOW_TRACKING_URI` gets no `MLFLOW_WORKSPACE` (its server may have no workspaces).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -20,6 +24,8 @@ use std::sync::{Arc, RwLock};
 pub const TRACKING_URI_VAR: &str = "MLFLOW_TRACKING_URI";
 /// The task variable whose JSON object MLflow's client adds as tags to the runs it starts.
 pub const RUN_CONTEXT_VAR: &str = "MLFLOW_RUN_CONTEXT";
+/// The task variable that names the MLflow workspace (the job's namespace).
+pub const WORKSPACE_VAR: &str = "MLFLOW_WORKSPACE";
 /// Longest tracking URI accepted (from a flag or a server).
 const MAX_URI: usize = 2048;
 
@@ -147,10 +153,16 @@ impl Lineage {
 }
 
 /// Adds `MLFLOW_TRACKING_URI` (when `uri` is some) and `MLFLOW_RUN_CONTEXT` to a task's `env`,
-/// each unless the task's env already has it.
+/// each unless the task's env already has it, and `MLFLOW_WORKSPACE` (the job's namespace)
+/// when the cluster's URI was added and the task sets no workspace of its own.
 pub fn add_task_env(env: &mut BTreeMap<String, String>, uri: Option<String>, lineage: &Lineage) {
     if let Some(uri) = uri {
-        env.entry(TRACKING_URI_VAR.to_string()).or_insert(uri);
+        if !env.contains_key(TRACKING_URI_VAR) {
+            env.insert(TRACKING_URI_VAR.to_string(), uri);
+            if !lineage.namespace.is_empty() {
+                env.entry(WORKSPACE_VAR.to_string()).or_insert_with(|| lineage.namespace.clone());
+            }
+        }
     }
     if !env.contains_key(RUN_CONTEXT_VAR) {
         match serde_json::to_string(&lineage.tags()) {
@@ -221,6 +233,10 @@ mod tests {
         assert_eq!(tags.get("mlp.alloc").map(String::as_str), Some("a-1"));
         assert_eq!(tags.get("mlp.node").map(String::as_str), Some("n-1"));
         assert_eq!(tags.len(), 8);
+        assert_eq!(env.get(WORKSPACE_VAR).map(String::as_str), Some("default"), "the job's namespace is the workspace");
+        let mut theirs_ws = BTreeMap::from([(WORKSPACE_VAR.to_string(), "other".to_string())]);
+        add_task_env(&mut theirs_ws, Some("http://s:7646".into()), &lineage);
+        assert_eq!(theirs_ws[WORKSPACE_VAR], "other");
 
         let mut own = BTreeMap::from([
             (TRACKING_URI_VAR.to_string(), "http://theirs:5000".to_string()),
@@ -229,11 +245,13 @@ mod tests {
         add_task_env(&mut own, Some("http://s:7646".into()), &lineage);
         assert_eq!(own[TRACKING_URI_VAR], "http://theirs:5000");
         assert_eq!(own[RUN_CONTEXT_VAR], "{}");
+        assert!(!own.contains_key(WORKSPACE_VAR), "their own server may have no workspaces");
 
         let mut off = BTreeMap::new();
         add_task_env(&mut off, None, &lineage);
         assert!(!off.contains_key(TRACKING_URI_VAR));
         assert!(off.contains_key(RUN_CONTEXT_VAR));
+        assert!(!off.contains_key(WORKSPACE_VAR));
         Ok(())
     }
 }

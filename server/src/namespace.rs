@@ -141,6 +141,29 @@ pub fn deletable(st: &ClusterState, name: &str) -> Result<(), String> {
             shown.join(", ")
         ));
     }
+    // Its MLflow workspace: results people keep are never dropped with a namespace.
+    if let Some(t) = st.tracking_ns.get(name) {
+        use crate::tracking::state::{DEFAULT_EXPERIMENT_ID, LIFECYCLE_ACTIVE};
+        let active = |id: &str| t.experiments.get(id).is_some_and(|e| e.lifecycle_stage == LIFECYCLE_ACTIVE);
+        // Runs that are neither deleted nor in a deleted experiment.
+        let runs = t.runs.values().filter(|r| r.lifecycle_stage == LIFECYCLE_ACTIVE && active(&r.experiment_id)).count();
+        // Active experiments, the Default one only when it holds runs.
+        let experiments = t
+            .experiments
+            .values()
+            .filter(|e| e.lifecycle_stage == LIFECYCLE_ACTIVE)
+            .filter(|e| {
+                e.experiment_id != DEFAULT_EXPERIMENT_ID
+                    || t.runs.values().any(|r| r.experiment_id == e.experiment_id && r.lifecycle_stage == LIFECYCLE_ACTIVE)
+            })
+            .count();
+        let models = t.models.len();
+        if experiments + runs + models > 0 {
+            return Err(format!(
+                "namespace {name:?} has tracking data in its MLflow workspace ({experiments} experiment(s), {runs} run(s), {models} registered model(s)); delete them first"
+            ));
+        }
+    }
     Ok(())
 }
 

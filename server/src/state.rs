@@ -209,6 +209,11 @@ pub enum Command {
         child: Job,
         eval: Evaluation,
     },
+    // ---- MLflow workspaces (issue 17 §3) ----
+    /// A tracking change in a namespace (an MLflow workspace): like [`Command::Tracking`],
+    /// which is this in namespace `default`, applied to that namespace's own tracking state
+    /// (`ClusterState::tracking_ns`). A namespace that does not exist is refused.
+    TrackingIn { namespace: String, command: crate::tracking::TrackingCommand },
 }
 
 /// What the plan applier commits: placements that fit, stops, and the evaluation's outcome.
@@ -319,6 +324,11 @@ pub struct ClusterState {
     /// the Default experiment).
     #[serde(default)]
     pub tracking: crate::tracking::TrackingState,
+    /// The tracking state of every other namespace that has any (an MLflow workspace each:
+    /// its own experiments, including its own Default `0`, runs, models and artifact paths),
+    /// by namespace. Absent in older snapshots (then none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tracking_ns: BTreeMap<String, crate::tracking::TrackingState>,
     /// The metric point writes of the entry being applied, taken by `StateHandle::apply_entry`
     /// and written to the points tree with the entry (`tracking::points`).
     #[serde(skip)]
@@ -397,6 +407,37 @@ pub struct Deleted {
 pub const MAX_JOB_VERSIONS: usize = 100;
 
 impl ClusterState {
+    /// The tracking state of namespace `ns` (its MLflow workspace): `None` when the namespace
+    /// does not exist; an existing namespace that never logged anything reads as an empty one
+    /// (only its Default experiment).
+    pub fn tracking_in(&self, ns: &str) -> Option<&crate::tracking::TrackingState> {
+        static EMPTY: std::sync::LazyLock<crate::tracking::TrackingState> = std::sync::LazyLock::new(Default::default);
+        if ns == crate::namespace::DEFAULT {
+            return Some(&self.tracking);
+        }
+        if !self.namespaces.contains_key(ns) {
+            return None;
+        }
+        Some(self.tracking_ns.get(ns).unwrap_or(&EMPTY))
+    }
+
+    /// The tracking state of namespace `ns` to change, made on first use; `None` when the
+    /// namespace does not exist.
+    pub fn tracking_in_mut(&mut self, ns: &str) -> Option<&mut crate::tracking::TrackingState> {
+        if ns == crate::namespace::DEFAULT {
+            return Some(&mut self.tracking);
+        }
+        if !self.namespaces.contains_key(ns) {
+            return None;
+        }
+        Some(self.tracking_ns.entry(ns.to_string()).or_default())
+    }
+
+    /// Every namespace's tracking state, `default` first.
+    pub fn all_tracking(&self) -> impl Iterator<Item = (&str, &crate::tracking::TrackingState)> {
+        std::iter::once((crate::namespace::DEFAULT, &self.tracking)).chain(self.tracking_ns.iter().map(|(k, v)| (k.as_str(), v)))
+    }
+
     /// Rebuilds the secondary indexes (after deserializing a snapshot).
     pub fn rebuild_indexes(&mut self) {
         self.allocs_by_node.clear();
@@ -823,7 +864,12 @@ impl ClusterState {
                 restored.pending_points = std::mem::take(&mut self.pending_points);
                 restored.tracking.take_legacy_points(&mut restored.pending_points);
                 // Runs the restored state does not have lose their points too.
-                for id in self.tracking.runs.keys().filter(|id| !restored.tracking.runs.contains_key(*id)) {
+                let gone: Vec<&String> = self
+                    .all_tracking()
+                    .flat_map(|(_, t)| t.runs.keys())
+                    .filter(|id| !restored.all_tracking().any(|(_, r)| r.runs.contains_key(*id)))
+                    .collect();
+                for id in gone {
                     restored.pending_points.remove_run(id);
                 }
                 *self = restored;
@@ -839,6 +885,19 @@ impl ClusterState {
                 match self.tracking.apply(index, now, cmd, &mut self.pending_points) {
                     Ok(created) => resp.created = created,
                     // `"<CODE>: <message>"`, parsed back by the tracking API.
+                    Err(e) => resp.error = Some(e.to_string()),
+                }
+            }
+            Command::TrackingIn { namespace, command } => {
+                let now = i64::try_from(now).unwrap_or(i64::MAX);
+                let mut points = std::mem::take(&mut self.pending_points);
+                let result = match self.tracking_in_mut(namespace) {
+                    Some(t) => t.apply(index, now, command, &mut points),
+                    None => Err(crate::tracking::TrackingError::not_found(format!("Workspace '{namespace}' does not exist"))),
+                };
+                self.pending_points = points;
+                match result {
+                    Ok(created) => resp.created = created,
                     Err(e) => resp.error = Some(e.to_string()),
                 }
             }
@@ -862,6 +921,15 @@ impl ClusterState {
             Command::DeleteNamespace { name } => match crate::namespace::deletable(self, name) {
                 Ok(()) => {
                     self.namespaces.remove(name);
+                    // What is left of its MLflow workspace is deleted runs and experiments
+                    // (`namespace::deletable`): they go for good, with their points and
+                    // artifact paths (blobs nothing names go with the next GC sweep).
+                    if let Some(mut t) = self.tracking_ns.remove(name) {
+                        let runs: Vec<String> = t.runs.keys().cloned().collect();
+                        for id in runs {
+                            t.purge_run(&id, &mut self.pending_points);
+                        }
+                    }
                     self.touched.deleted.push(Deleted {
                         topic: crate::events::TOPIC_NAMESPACE,
                         key: name.clone(),

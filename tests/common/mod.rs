@@ -345,14 +345,27 @@ pub fn http_request(addr: &str, method: &str, path: &str, content_type: Option<&
 
 /// `http_request` with an ACL token in `X-MLP-Token` (none when empty).
 pub fn http_request_as(addr: &str, token: &str, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
+    let headers: Vec<(&str, &str)> = if token.is_empty() { vec![] } else { vec![("X-MLP-Token", token)] };
+    http_request_with(addr, &headers, method, path, content_type, body)
+}
+
+/// `http_request` with extra request headers.
+pub fn http_request_with(
+    addr: &str,
+    headers: &[(&str, &str)],
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect http");
     s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     if let Some(ct) = content_type {
         head.push_str(&format!("Content-Type: {ct}\r\n"));
     }
-    if !token.is_empty() {
-        head.push_str(&format!("X-MLP-Token: {token}\r\n"));
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
     s.write_all(head.as_bytes()).expect("write");
@@ -529,7 +542,20 @@ pub fn run_mlflow_script(
     http: &str,
     timeout_s: u32,
 ) -> (Option<std::process::ExitStatus>, String, String) {
+    run_mlflow_script_env(python, script, args, http, timeout_s, &[])
+}
+
+/// `run_mlflow_script` with more environment variables (`MLFLOW_WORKSPACE`, ...).
+pub fn run_mlflow_script_env(
+    python: &Path,
+    script: &Path,
+    args: &[&Path],
+    http: &str,
+    timeout_s: u32,
+    env: &[(&str, &str)],
+) -> (Option<std::process::ExitStatus>, String, String) {
     let mut child = Command::new(python)
+        .envs(env.iter().copied())
         .arg(script)
         .args(args)
         .env("MLFLOW_TRACKING_URI", format!("http://{http}"))

@@ -237,13 +237,21 @@ pub async fn http_middleware(
     let path = req.uri().path().to_string();
     let operation = format!("{method} {path}");
     let need = rules::http(&method, route.as_deref(), &path);
-    let secret = req.headers().get(super::TOKEN_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let secret = http_secret(req.headers());
     let denied = |d: Denied| (axum::http::StatusCode::FORBIDDEN, axum::Json(serde_json::json!({ "error": d.to_string() }))).into_response();
     match guard.check("http", &operation, need, secret.as_deref()).await {
         Ok(Some(authz)) => {
             if let Some(Need::Ns(cap)) = need {
+                // MLflow's routes name their namespace as MLflow names a workspace.
                 let mlflow = route.as_deref().is_some_and(|r| r.starts_with("/api/"));
-                let ns = if mlflow { "default".to_string() } else { query_namespace(req.uri().query()) };
+                let ns = if mlflow {
+                    match crate::tracking::http::workspace_of(req.headers()) {
+                        Ok(ns) => ns,
+                        Err(e) => return e.into_response(),
+                    }
+                } else {
+                    query_namespace(req.uri().query())
+                };
                 if let Err(d) = guard.require_ns(Some(&authz), cap, &ns, &operation, "") {
                     return denied(d);
                 }
@@ -254,6 +262,17 @@ pub async fn http_middleware(
         Ok(None) => next.run(req).await,
         Err(d) => denied(d),
     }
+}
+
+/// A request's token: its `X-MLP-Token` header, else an `Authorization: Bearer` one (what
+/// MLflow's client sends from `MLFLOW_TRACKING_TOKEN`, and Nomad's clients too).
+fn http_secret(headers: &axum::http::HeaderMap) -> Option<String> {
+    if let Some(v) = headers.get(super::TOKEN_HEADER) {
+        return v.to_str().ok().map(str::to_string);
+    }
+    let auth = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = auth.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string()).filter(|t| !t.is_empty())
 }
 
 /// The `namespace` query parameter (`default` when absent or empty).
@@ -270,6 +289,19 @@ fn query_namespace(query: Option<&str>) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_token_comes_from_x_mlp_token_or_a_bearer_authorization() {
+        use axum::http::{HeaderMap, HeaderValue};
+        let mut h = HeaderMap::new();
+        assert_eq!(super::http_secret(&h), None);
+        h.insert("authorization", HeaderValue::from_static("Bearer  abc "));
+        assert_eq!(super::http_secret(&h).as_deref(), Some("abc"));
+        h.insert("authorization", HeaderValue::from_static("Basic dXNlcjpwYXNz"));
+        assert_eq!(super::http_secret(&h), None, "basic credentials are not a token");
+        h.insert("x-mlp-token", HeaderValue::from_static("xyz"));
+        assert_eq!(super::http_secret(&h).as_deref(), Some("xyz"), "X-MLP-Token wins");
+    }
+
     #[test]
     fn namespace_from_the_query() {
         assert_eq!(super::query_namespace(None), "default");

@@ -58,7 +58,7 @@ pub fn grpc(path: &str) -> Option<Need> {
         ("EvalService", "List" | "Get") => Need::Ns(ReadJob),
         ("EventService", "Events") => Need::Ns(ReadJob),
         ("ServiceService", "List" | "Get") => Need::Ns(ReadJob),
-        // MLflow tracking views, namespace `default` like the MLflow routes (below).
+        // MLflow tracking views, in the request's namespace (its MLflow workspace).
         ("TrackingService", "ListRuns" | "GetRun" | "ListModels" | "GetModel") => Need::Ns(ReadJob),
         ("TrackingService", "SetModelAlias") => Need::Ns(SubmitJob),
         ("StatusService", "Leader") => Need::None,
@@ -92,9 +92,9 @@ pub fn grpc(path: &str) -> Option<Need> {
 /// The need of an HTTP request: `route` is axum's matched route (`/v1/job/:id`), `path` the
 /// request's path (for MLflow's catch-all routes). `None`: unknown route (refused).
 ///
-/// MLflow's tracking, registry and artifact API (`/api/2.0/mlflow*`, `/api/3.0/mlflow*`) lives
-/// in namespace `default`: reads (GET, and POST searches) need `read-job`, every other call
-/// `submit-job`.
+/// MLflow's tracking, registry and artifact API (`/api/2.0/mlflow*`, `/api/3.0/mlflow*`) works
+/// in the namespace its `X-MLFLOW-WORKSPACE` header names (`default` without one): reads (GET,
+/// and POST searches) need `read-job` there, every other call `submit-job`.
 pub fn http(method: &str, route: Option<&str>, path: &str) -> Option<Need> {
     use Access::{Read, Write};
     use Capability::*;
@@ -103,6 +103,11 @@ pub fn http(method: &str, route: Option<&str>, path: &str) -> Option<Need> {
         // No route matched: the answer is a 404 that reads and changes nothing.
         return Some(Need::None);
     };
+    // MLflow's workspaces are namespaces: any token lists and reads those it may read (the
+    // handler filters); changes are refused whoever asks.
+    if route.starts_with("/api/3.0/mlflow/workspaces") {
+        return Some(Need::Token);
+    }
     if route.starts_with("/api/2.0/mlflow") || route.starts_with("/api/3.0/mlflow") {
         let search = method == "POST" && (path.ends_with("/search") || path.ends_with("/get") || path.contains("/get-"));
         return Some(Need::Ns(if get || search { ReadJob } else { SubmitJob }));

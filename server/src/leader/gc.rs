@@ -310,23 +310,40 @@ async fn collect_tracking(
 ) -> Result<Option<u64>, WriteError> {
     let older_than_ms = i64::try_from(threshold.as_millis()).unwrap_or(i64::MAX);
     let now_i = i64::try_from(now).unwrap_or(i64::MAX);
-    let (runs, experiments) = state.read().tracking.purge_candidates(now_i, older_than_ms);
-    if runs.is_empty() && experiments.is_empty() {
+    // Every namespace's MLflow workspace, each purged through its own commands.
+    let candidates: Vec<(String, Vec<String>, Vec<String>)> = state
+        .read()
+        .all_tracking()
+        .map(|(ns, t)| {
+            let (runs, experiments) = t.purge_candidates(now_i, older_than_ms);
+            (ns.to_string(), runs, experiments)
+        })
+        .filter(|(_, runs, experiments)| !runs.is_empty() || !experiments.is_empty())
+        .collect();
+    if candidates.is_empty() {
         return Ok(None);
     }
     use crate::tracking::TrackingCommand as T;
-    let commands = experiments
-        .chunks(MAX_PURGES_PER_ENTRY)
-        .map(|ids| T::PurgeExperiments { experiment_ids: ids.to_vec(), older_than_ms })
-        .chain(runs.chunks(MAX_PURGES_PER_ENTRY).map(|ids| T::PurgeRuns { run_ids: ids.to_vec(), older_than_ms }));
-    let (mut last, mut purged) = (None, 0u64);
-    for cmd in commands {
-        let req = Request { now_ms: now, command: Command::Tracking(cmd) };
-        let resp = if forward { raft.submit(req).await? } else { raft.write(req).await? };
-        last = Some(resp.index);
-        purged += resp.created.as_deref().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+    let (mut last, mut purged, mut experiments_purged) = (None, 0u64, 0usize);
+    for (ns, runs, experiments) in candidates {
+        experiments_purged += experiments.len();
+        let commands = experiments
+            .chunks(MAX_PURGES_PER_ENTRY)
+            .map(|ids| T::PurgeExperiments { experiment_ids: ids.to_vec(), older_than_ms })
+            .chain(runs.chunks(MAX_PURGES_PER_ENTRY).map(|ids| T::PurgeRuns { run_ids: ids.to_vec(), older_than_ms }));
+        for cmd in commands {
+            let command = if ns == crate::namespace::DEFAULT {
+                Command::Tracking(cmd)
+            } else {
+                Command::TrackingIn { namespace: ns.clone(), command: cmd }
+            };
+            let req = Request { now_ms: now, command };
+            let resp = if forward { raft.submit(req).await? } else { raft.write(req).await? };
+            last = Some(resp.index);
+            purged += resp.created.as_deref().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        }
     }
-    tracing::info!(runs = purged, experiments = experiments.len(), "deleted tracking runs and experiments purged");
+    tracing::info!(runs = purged, experiments = experiments_purged, "deleted tracking runs and experiments purged");
     Ok(last)
 }
 

@@ -57,6 +57,8 @@ pub enum ArtifactError {
     BadPath(String, &'static str),
     #[error("artifact {0:?} not found")]
     NotFound(String),
+    #[error("Workspace '{0}' does not exist")]
+    NoWorkspace(String),
     #[error("artifact {0:?} conflicts with an existing {1}")]
     Conflict(String, &'static str),
     #[error("the artifact is larger than the limit of {0} bytes")]
@@ -76,7 +78,7 @@ pub enum ArtifactError {
 impl From<ArtifactError> for TrackingError {
     fn from(e: ArtifactError) -> Self {
         match e {
-            ArtifactError::NotFound(_) => TrackingError::not_found(e.to_string()),
+            ArtifactError::NotFound(_) | ArtifactError::NoWorkspace(_) => TrackingError::not_found(e.to_string()),
             ArtifactError::BadPath(..) | ArtifactError::Conflict(..) | ArtifactError::TooLarge(_) | ArtifactError::Upload(_) => {
                 TrackingError::invalid(e.to_string())
             }
@@ -486,13 +488,17 @@ impl ArtifactService {
 
     /// An upload's blob, stored durably before its index entry may commit: on a majority of
     /// the voters (disk) or in the bucket (S3). `path` is checked against the index first so
-    /// that a conflicting upload fails before its bytes travel.
-    pub async fn store<S, E>(&self, path: &str, mut body: S) -> Result<Pointer, ArtifactError>
+    /// that a conflicting upload fails before its bytes travel. `namespace`: the MLflow
+    /// workspace whose index names it (blobs themselves are shared by content).
+    pub async fn store<S, E>(&self, namespace: &str, path: &str, mut body: S) -> Result<Pointer, ArtifactError>
     where
         S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        self.state.read().tracking.artifacts.check_put(path)?;
+        match self.state.read().tracking_in(namespace) {
+            Some(t) => t.artifacts.check_put(path)?,
+            None => return Err(ArtifactError::NoWorkspace(namespace.to_string())),
+        };
         let staged = self.receive(&mut body, None).await?;
         let pointer = Pointer { sha256: staged.sha256.clone(), size: staged.size };
         match &self.backend {
@@ -812,7 +818,10 @@ impl ArtifactService {
             tracing::debug!(error = %e, "artifact GC skipped: the local state is not known to be current");
             return Ok(0);
         }
-        let referenced: HashSet<String> = self.state.read().tracking.artifacts.referenced().into_iter().map(str::to_string).collect();
+        let referenced: HashSet<String> = {
+            let st = self.state.read();
+            st.all_tracking().flat_map(|(_, t)| t.artifacts.referenced()).map(str::to_string).collect()
+        };
         let grace = self.settings.gc_grace;
         let old = |t: SystemTime| SystemTime::now().duration_since(t).is_ok_and(|age| age >= grace);
         let mut removed = 0;

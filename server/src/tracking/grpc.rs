@@ -18,7 +18,6 @@ use super::{ErrorCode, TrackingError};
 use crate::acl::policy::Capability;
 use crate::acl::Authz;
 use crate::api::Api;
-use crate::state::Command;
 
 /// Most runs one `ListRuns` answers (the REST search pages beyond).
 const MAX_LIST: u32 = 10_000;
@@ -88,25 +87,33 @@ fn check_filter(filter: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// A request's namespace (MLflow workspace): `default` when empty.
+fn ns_of(ns: &str) -> &str {
+    if ns.is_empty() {
+        crate::namespace::DEFAULT
+    } else {
+        ns
+    }
+}
+
 impl TrackingGrpc {
-    /// Tracking lives in namespace `default` (like the MLflow routes): narrows the guard's
-    /// check to it.
+    /// Narrows the guard's check to the request's namespace (its MLflow workspace).
     #[allow(clippy::result_large_err)] // the RPC's own status
-    fn require<T>(&self, req: &Request<T>, cap: Capability, operation: &str, target: &str) -> Result<(), Status> {
+    fn require<T>(&self, req: &Request<T>, cap: Capability, ns: &str, operation: &str, target: &str) -> Result<(), Status> {
         let authz = req.extensions().get::<Authz>();
-        self.api.acl.require_ns(authz, cap, "default", operation, target).map_err(|d| Status::permission_denied(d.to_string()))
+        self.api.acl.require_ns(authz, cap, ns_of(ns), operation, target).map_err(|d| Status::permission_denied(d.to_string()))
     }
 
-    /// A linearizable look at the tracking state.
-    async fn read<T>(&self, f: impl FnOnce(&TrackingState) -> Result<T, TrackingError>) -> Result<T, Status> {
-        super::http::read(&self.api, f).await.map_err(status)
+    /// A linearizable look at namespace `ns`'s tracking state.
+    async fn read<T>(&self, ns: &str, f: impl FnOnce(&TrackingState) -> Result<T, TrackingError>) -> Result<T, Status> {
+        super::http::read(&self.api, ns_of(ns), f).await.map_err(status)
     }
 }
 
 #[tonic::async_trait]
 impl TrackingService for TrackingGrpc {
     async fn list_runs(&self, req: Request<ListRunsRequest>) -> Result<Response<ListRunsResponse>, Status> {
-        self.require(&req, Capability::ReadJob, "tracking list runs", "")?;
+        self.require(&req, Capability::ReadJob, &req.get_ref().namespace.clone(), "tracking list runs", "")?;
         let req = req.into_inner();
         check_filter(&req.filter)?;
         let max = if req.max_results == 0 { 100 } else { req.max_results.min(MAX_LIST) } as usize;
@@ -114,7 +121,7 @@ impl TrackingService for TrackingGrpc {
         let order =
             parse_order_by::<Run>(&["attributes.start_time DESC".to_string(), "attributes.run_id ASC".to_string()]).map_err(status)?;
         let resp = self
-            .read(|s| {
+            .read(&req.namespace, |s| {
                 let exp_id = if req.experiment.is_empty() {
                     None
                 } else if let Some(e) = s.experiment_by_name(&req.experiment) {
@@ -138,52 +145,45 @@ impl TrackingService for TrackingGrpc {
     }
 
     async fn get_run(&self, req: Request<GetRunRequest>) -> Result<Response<TrackedRun>, Status> {
-        self.require(&req, Capability::ReadJob, "tracking get run", &req.get_ref().run_id.clone())?;
-        let id = req.into_inner().run_id;
+        self.require(&req, Capability::ReadJob, &req.get_ref().namespace.clone(), "tracking get run", &req.get_ref().run_id.clone())?;
+        let GetRunRequest { run_id: id, namespace } = req.into_inner();
         if id.is_empty() || id.len() > 256 {
             return Err(Status::invalid_argument("run_id: must be 1 to 256 bytes"));
         }
-        let run = self.read(|s| s.run(&id).map(|r| run_view(s, r))).await?;
+        let run = self.read(&namespace, |s| s.run(&id).map(|r| run_view(s, r))).await?;
         Ok(Response::new(run))
     }
 
     async fn list_models(&self, req: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
-        self.require(&req, Capability::ReadJob, "tracking list models", "")?;
-        let filter = req.into_inner().filter;
+        self.require(&req, Capability::ReadJob, &req.get_ref().namespace.clone(), "tracking list models", "")?;
+        let ListModelsRequest { filter, namespace } = req.into_inner();
         check_filter(&filter)?;
         let clauses = parse_filter::<RegisteredModel>(&filter).map_err(status)?;
-        let models =
-            self.read(|s| Ok(s.models.values().filter(|m| clauses.iter().all(|c| c.matches(*m))).map(model_view).collect())).await?;
+        let models = self
+            .read(&namespace, |s| Ok(s.models.values().filter(|m| clauses.iter().all(|c| c.matches(*m))).map(model_view).collect()))
+            .await?;
         Ok(Response::new(ListModelsResponse { models }))
     }
 
     async fn get_model(&self, req: Request<GetModelRequest>) -> Result<Response<TrackedModel>, Status> {
-        self.require(&req, Capability::ReadJob, "tracking get model", &req.get_ref().name.clone())?;
-        let name = req.into_inner().name;
-        let model = self.read(|s| s.model(&name).map(model_view)).await?;
+        self.require(&req, Capability::ReadJob, &req.get_ref().namespace.clone(), "tracking get model", &req.get_ref().name.clone())?;
+        let GetModelRequest { name, namespace } = req.into_inner();
+        let model = self.read(&namespace, |s| s.model(&name).map(model_view)).await?;
         Ok(Response::new(model))
     }
 
     async fn set_model_alias(&self, req: Request<SetModelAliasRequest>) -> Result<Response<TrackedModel>, Status> {
-        self.require(&req, Capability::SubmitJob, "tracking set alias", &req.get_ref().name.clone())?;
-        let SetModelAliasRequest { name, alias, version } = req.into_inner();
+        self.require(&req, Capability::SubmitJob, &req.get_ref().namespace.clone(), "tracking set alias", &req.get_ref().name.clone())?;
+        let SetModelAliasRequest { name, alias, version, namespace } = req.into_inner();
         if alias.is_empty() || alias.len() > 255 || alias.chars().any(char::is_control) {
             return Err(Status::invalid_argument("alias: must be 1 to 255 characters without control characters"));
         }
         super::check_alias_not_reserved(&alias).map_err(status)?;
         // Refused before Raft when the model or version is missing (apply checks it too).
-        self.read(|s| s.model_version(&name, version).map(|_| ())).await?;
+        self.read(&namespace, |s| s.model_version(&name, version).map(|_| ())).await?;
         let cmd = TrackingCommand::SetAlias { name: name.clone(), alias, version };
-        let resp = self
-            .api
-            .raft
-            .submit(crate::state::Request { now_ms: crate::leader::now_ms(), command: Command::Tracking(cmd) })
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        if let Some(e) = resp.error {
-            return Err(Status::invalid_argument(e));
-        }
-        let model = self.read(|s| s.model(&name).map(model_view)).await?;
+        super::http::submit(&self.api, ns_of(&namespace), cmd).await.map_err(status)?;
+        let model = self.read(&namespace, |s| s.model(&name).map(model_view)).await?;
         Ok(Response::new(model))
     }
 }

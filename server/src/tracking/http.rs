@@ -50,12 +50,21 @@ pub fn router(api: Arc<Api>, artifacts: Arc<ArtifactService>) -> Router {
         )
         .route("/api/2.0/mlflow-artifacts/*rest", any(endpoint_not_found))
         .route("/api/3.0/mlflow/server-info", get(server_info))
+        .route("/api/3.0/mlflow/workspaces", get(list_workspaces).fallback(workspaces_are_namespaces))
+        .route("/api/3.0/mlflow/workspaces/:name", get(get_workspace).fallback(workspaces_are_namespaces))
         .route("/api/3.0/mlflow/*rest", any(endpoint_not_found))
         .route("/api/2.0/mlflow", any(endpoint_not_found))
         .route("/api/2.0/mlflow-artifacts", any(endpoint_not_found))
         // Uploads stream to disk with their own limit; JSON bodies are read with MLflow's 1 MB.
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(t)
+}
+
+impl Tracking {
+    /// The view of a request with these headers (its workspace).
+    fn cx(&self, headers: &HeaderMap) -> TResult<Cx<'_>> {
+        Ok(Cx { api: &self.api, artifacts: &self.artifacts, ns: workspace_of(headers)? })
+    }
 }
 
 impl IntoResponse for TrackingError {
@@ -88,9 +97,49 @@ async fn server_info() -> Response {
         "multipart_uploads_enabled": false,
         "multipart_downloads_enabled": false,
         "artifacts_presigned_only": false,
-        "workspaces_enabled": false,
+        // A workspace is an mlp namespace (`X-MLFLOW-WORKSPACE`, `MLFLOW_WORKSPACE`).
+        "workspaces_enabled": true,
     }))
     .into_response()
+}
+
+// ---- workspaces (mlp namespaces) ----
+
+fn workspace_json(ns: &mlp_proto::v1::Namespace) -> Value {
+    json!({ "name": ns.name, "description": ns.description })
+}
+
+/// `GET /api/3.0/mlflow/workspaces`: the namespaces this request's token may read (every
+/// namespace with ACLs off), as MLflow's `ListWorkspaces` answers.
+async fn list_workspaces(State(t): State<Arc<Tracking>>, authz: Option<axum::Extension<crate::acl::Authz>>) -> TResult<Response> {
+    t.api.raft.linearizable_read().await.map_err(from_write)?;
+    let all = crate::namespace::list(&t.api.state.read());
+    let readable = |name: &str| authz.as_ref().is_none_or(|a| a.allows_ns(crate::acl::policy::Capability::ReadJob, name));
+    let workspaces: Vec<Value> = all.iter().filter(|ns| readable(&ns.name)).map(workspace_json).collect();
+    Ok(Json(json!({ "workspaces": workspaces })).into_response())
+}
+
+/// `GET /api/3.0/mlflow/workspaces/<name>`: one namespace, as MLflow's `GetWorkspace` answers.
+async fn get_workspace(
+    State(t): State<Arc<Tracking>>,
+    Path(name): Path<String>,
+    authz: Option<axum::Extension<crate::acl::Authz>>,
+) -> TResult<Response> {
+    t.api.raft.linearizable_read().await.map_err(from_write)?;
+    let readable = authz.as_ref().is_none_or(|a| a.allows_ns(crate::acl::policy::Capability::ReadJob, &name));
+    let found = crate::namespace::list(&t.api.state.read()).into_iter().find(|ns| ns.name == name && readable);
+    match found {
+        Some(ns) => Ok(Json(json!({ "workspace": workspace_json(&ns) })).into_response()),
+        None => Err(no_workspace(&name)),
+    }
+}
+
+/// Creating, changing or deleting a workspace through MLflow: refused, it is a namespace.
+async fn workspaces_are_namespaces(method: Method, uri: Uri) -> TrackingError {
+    TrackingError::new(
+        ErrorCode::EndpointNotFound,
+        format!("{method} {}: MLflow workspaces are mlp namespaces; change them with `mlp namespace apply|delete`", uri.path()),
+    )
 }
 
 // ---- request arguments ----
@@ -233,26 +282,70 @@ impl Args {
 
 // ---- plumbing ----
 
-impl Tracking {
-    /// Commits a tracking command through Raft; `Ok(created)` as `apply` answered.
-    async fn submit(&self, cmd: C) -> TResult<Option<String>> {
-        let req = Request { now_ms: now_ms(), command: Command::Tracking(cmd) };
-        let r = self.api.raft.submit(req).await.map_err(from_write)?;
-        Ok(r.created)
-    }
+/// The request header that names the MLflow workspace (MLflow's `X-MLFLOW-WORKSPACE`, sent by
+/// its client when `MLFLOW_WORKSPACE` is set): an mlp namespace. Absent: `default`.
+pub const WORKSPACE_HEADER: &str = "x-mlflow-workspace";
 
-    /// A linearizable look at the tracking state.
-    async fn read<T>(&self, f: impl FnOnce(&state::TrackingState) -> TResult<T>) -> TResult<T> {
-        read(&self.api, f).await
+/// The namespace a request works in: its `X-MLFLOW-WORKSPACE` header, `default` without one.
+/// Whether it exists is checked where the state is read or changed.
+pub fn workspace_of(headers: &HeaderMap) -> TResult<String> {
+    match headers.get(WORKSPACE_HEADER) {
+        None => Ok(crate::namespace::DEFAULT.to_string()),
+        Some(v) => {
+            let ws = v.to_str().map_err(|_| TrackingError::invalid("The X-MLFLOW-WORKSPACE header is not ASCII"))?.trim();
+            if ws.is_empty() {
+                return Ok(crate::namespace::DEFAULT.to_string());
+            }
+            check_key("workspace", ws, 128)?;
+            Ok(ws.to_string())
+        }
     }
 }
 
-/// A linearizable look at the tracking state of `api`'s server (the REST handlers' and
-/// `TrackingService`'s).
-pub async fn read<T>(api: &Api, f: impl FnOnce(&state::TrackingState) -> TResult<T>) -> TResult<T> {
+fn no_workspace(ns: &str) -> TrackingError {
+    TrackingError::not_found(format!("Workspace '{ns}' does not exist"))
+}
+
+/// One request's view: the server's tracking, in the namespace (MLflow workspace) the
+/// request names. Every read and write goes through it, so no request sees or changes another
+/// namespace's experiments, runs, models or artifact paths.
+struct Cx<'a> {
+    api: &'a Api,
+    artifacts: &'a ArtifactService,
+    ns: String,
+}
+
+impl Cx<'_> {
+    /// Commits a tracking command in the request's namespace through Raft; `Ok(created)` as
+    /// `apply` answered.
+    async fn submit(&self, cmd: C) -> TResult<Option<String>> {
+        submit(self.api, &self.ns, cmd).await
+    }
+
+    /// A linearizable look at the request namespace's tracking state.
+    async fn read<T>(&self, f: impl FnOnce(&state::TrackingState) -> TResult<T>) -> TResult<T> {
+        read(self.api, &self.ns, f).await
+    }
+}
+
+/// Commits a tracking command in namespace `ns` (`Command::Tracking` in `default`, as before
+/// workspaces, `Command::TrackingIn` elsewhere).
+pub async fn submit(api: &Api, ns: &str, cmd: C) -> TResult<Option<String>> {
+    let command = if ns == crate::namespace::DEFAULT {
+        Command::Tracking(cmd)
+    } else {
+        Command::TrackingIn { namespace: ns.to_string(), command: cmd }
+    };
+    let r = api.raft.submit(Request { now_ms: now_ms(), command }).await.map_err(from_write)?;
+    Ok(r.created)
+}
+
+/// A linearizable look at namespace `ns`'s tracking state on `api`'s server (the REST
+/// handlers' and `TrackingService`'s); a namespace that does not exist is not found.
+pub async fn read<T>(api: &Api, ns: &str, f: impl FnOnce(&state::TrackingState) -> TResult<T>) -> TResult<T> {
     api.raft.linearizable_read().await.map_err(from_write)?;
     let st = api.state.read();
-    f(&st.tracking)
+    f(st.tracking_in(ns).ok_or_else(|| no_workspace(ns))?)
 }
 
 fn now() -> i64 {
@@ -330,7 +423,14 @@ fn filter_and_sort<'a, T: Searchable + 'a>(items: impl Iterator<Item = &'a T>, a
 
 // ---- the MLflow endpoints ----
 
-async fn mlflow(State(t): State<Arc<Tracking>>, method: Method, Path(endpoint): Path<String>, uri: Uri, body: Body) -> Response {
+async fn mlflow(
+    State(t): State<Arc<Tracking>>,
+    method: Method,
+    Path(endpoint): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let body = match axum::body::to_bytes(body, MAX_REQUEST_BYTES).await {
         Ok(b) => b,
         Err(_) => {
@@ -339,12 +439,17 @@ async fn mlflow(State(t): State<Arc<Tracking>>, method: Method, Path(endpoint): 
         }
     };
     let endpoint = endpoint.trim_end_matches('/');
+    let t = match t.cx(&headers) {
+        Ok(cx) => cx,
+        Err(e) => return e.into_response(),
+    };
+    let t = &t;
     let result = match Args::parse(&uri, &body) {
         // The one answer that can be megabytes: its bytes are written directly (`search_runs`).
-        Ok(a) if endpoint == "runs/search" => search_runs(&t, &a)
+        Ok(a) if endpoint == "runs/search" => search_runs(t, &a)
             .await
             .map(|b| ([(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"))], b).into_response()),
-        Ok(a) => dispatch(&t, &method, endpoint, &a).await.map(|v| Json(v).into_response()),
+        Ok(a) => dispatch(t, &method, endpoint, &a).await.map(|v| Json(v).into_response()),
         Err(e) => Err(e),
     };
     result.unwrap_or_else(|e| {
@@ -353,7 +458,7 @@ async fn mlflow(State(t): State<Arc<Tracking>>, method: Method, Path(endpoint): 
     })
 }
 
-async fn dispatch(t: &Tracking, method: &Method, endpoint: &str, a: &Args) -> TResult<Value> {
+async fn dispatch(t: &Cx<'_>, method: &Method, endpoint: &str, a: &Args) -> TResult<Value> {
     match endpoint {
         "experiments/create" => create_experiment(t, a).await,
         "experiments/get" => {
@@ -599,7 +704,7 @@ async fn dispatch(t: &Tracking, method: &Method, endpoint: &str, a: &Args) -> TR
     }
 }
 
-async fn create_experiment(t: &Tracking, a: &Args) -> TResult<Value> {
+async fn create_experiment(t: &Cx<'_>, a: &Args) -> TResult<Value> {
     let name = a.str("name")?;
     check_key("name", &name, MAX_NAME_CHARS)?;
     let artifact_location = a.opt_str("artifact_location")?.unwrap_or_default();
@@ -610,7 +715,7 @@ async fn create_experiment(t: &Tracking, a: &Args) -> TResult<Value> {
     Ok(json!({ "experiment_id": experiment_id }))
 }
 
-async fn search_experiments(t: &Tracking, a: &Args) -> TResult<Value> {
+async fn search_experiments(t: &Cx<'_>, a: &Args) -> TResult<Value> {
     let keep = view_type(a, "view_type")?;
     let (experiments, token) = t
         .read(|s| {
@@ -625,7 +730,7 @@ async fn search_experiments(t: &Tracking, a: &Args) -> TResult<Value> {
     Ok(with_token(json!({ "experiments": experiments }), token))
 }
 
-async fn create_run(t: &Tracking, a: &Args) -> TResult<Value> {
+async fn create_run(t: &Cx<'_>, a: &Args) -> TResult<Value> {
     let experiment_id = a.opt_str("experiment_id")?.filter(|s| !s.is_empty()).unwrap_or_else(|| state::DEFAULT_EXPERIMENT_ID.into());
     check_id("experiment_id", &experiment_id)?;
     let user_id = a.opt_str("user_id")?.unwrap_or_default();
@@ -646,7 +751,7 @@ async fn create_run(t: &Tracking, a: &Args) -> TResult<Value> {
     t.read(|s| Ok(json!({ "run": s.run(&run_id)?.to_json() }))).await
 }
 
-async fn update_run(t: &Tracking, a: &Args) -> TResult<Value> {
+async fn update_run(t: &Cx<'_>, a: &Args) -> TResult<Value> {
     let run_id = run_id_of(a)?;
     let status = a.opt_str("status")?.filter(|s| !s.is_empty());
     if let Some(s) = &status {
@@ -714,7 +819,7 @@ fn log_batch_of(a: &Args) -> TResult<C> {
 
 /// `runs/search`, answered as the JSON body's bytes: the page's runs are written straight from
 /// the state (`state::RunOut`), and only the page's.
-async fn search_runs(t: &Tracking, a: &Args) -> TResult<Vec<u8>> {
+async fn search_runs(t: &Cx<'_>, a: &Args) -> TResult<Vec<u8>> {
     let experiment_ids = a.list("experiment_ids")?;
     if experiment_ids.len() > 1000 {
         return Err(TrackingError::invalid("At most 1000 experiment_ids"));
@@ -741,7 +846,7 @@ async fn search_runs(t: &Tracking, a: &Args) -> TResult<Vec<u8>> {
 }
 
 /// `registered-models/alias`: POST sets, GET reads (the version it points at), DELETE removes.
-async fn alias(t: &Tracking, method: &Method, a: &Args) -> TResult<Value> {
+async fn alias(t: &Cx<'_>, method: &Method, a: &Args) -> TResult<Value> {
     let name = a.str("name")?;
     let alias = a.str("alias")?;
     check_key("alias", &alias, MAX_ALIAS_CHARS)?;
@@ -770,7 +875,8 @@ async fn alias(t: &Tracking, method: &Method, a: &Args) -> TResult<Value> {
 /// `GET /api/2.0/mlflow-artifacts/artifacts?path=<dir>`: `{"files": [{"path", "is_dir",
 /// "file_size"}]}` with each entry's name in `<dir>`; nothing (`{}`) when `<dir>` is absent.
 /// Answered from the replicated index: every server lists every artifact.
-async fn list_artifacts(State(t): State<Arc<Tracking>>, uri: Uri) -> Result<Response, TrackingError> {
+async fn list_artifacts(State(t): State<Arc<Tracking>>, uri: Uri, headers: HeaderMap) -> Result<Response, TrackingError> {
+    let t = t.cx(&headers)?;
     let a = Args::parse(&uri, &[])?;
     let path = a.opt_str("path")?.unwrap_or_default();
     let files = t.read(|s| Ok(s.artifacts.list(&path)?)).await?;
@@ -782,7 +888,12 @@ async fn list_artifacts(State(t): State<Arc<Tracking>>, uri: Uri) -> Result<Resp
 
 /// `GET /api/2.0/mlflow-artifacts/artifacts/<path>`: the file's bytes (fetched from a peer
 /// first when this server lacks the blob).
-async fn download_artifact(State(t): State<Arc<Tracking>>, Path(path): Path<String>) -> Result<Response, TrackingError> {
+async fn download_artifact(
+    State(t): State<Arc<Tracking>>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, TrackingError> {
+    let t = t.cx(&headers)?;
     let pointer = t.read(|s| Ok(s.artifacts.get(&path)?.clone())).await?;
     let stream = t.artifacts.open(&pointer).await?;
     let mut headers = HeaderMap::new();
@@ -794,8 +905,14 @@ async fn download_artifact(State(t): State<Arc<Tracking>>, Path(path): Path<Stri
 /// `PUT /api/2.0/mlflow-artifacts/artifacts/<path>`: stores the body at `<path>`. The blob is
 /// on a quorum of servers (or in the object store) before the index entry commits through
 /// Raft, and the entry is committed before the answer.
-async fn upload_artifact(State(t): State<Arc<Tracking>>, Path(path): Path<String>, body: Body) -> Result<Response, TrackingError> {
-    let pointer = t.artifacts.store(&path, body.into_data_stream()).await?;
+async fn upload_artifact(
+    State(t): State<Arc<Tracking>>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, TrackingError> {
+    let t = t.cx(&headers)?;
+    let pointer = t.artifacts.store(&t.ns, &path, body.into_data_stream()).await?;
     t.submit(C::PutArtifact { path: path.clone(), sha256: pointer.sha256.clone(), size: pointer.size }).await?;
     tracing::debug!(path, sha256 = pointer.sha256, size = pointer.size, "artifact stored");
     Ok(Json(json!({})).into_response())
@@ -803,7 +920,8 @@ async fn upload_artifact(State(t): State<Arc<Tracking>>, Path(path): Path<String
 
 /// `DELETE /api/2.0/mlflow-artifacts/artifacts/<path>`: the file, or everything under the
 /// directory; blobs nothing names any more go with the next GC sweep.
-async fn delete_artifact(State(t): State<Arc<Tracking>>, Path(path): Path<String>) -> Result<Response, TrackingError> {
+async fn delete_artifact(State(t): State<Arc<Tracking>>, Path(path): Path<String>, headers: HeaderMap) -> Result<Response, TrackingError> {
+    let t = t.cx(&headers)?;
     super::artifacts::clean_path(&path)?;
     t.submit(C::DeleteArtifacts { path }).await?;
     Ok(Json(json!({})).into_response())
