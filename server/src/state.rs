@@ -6,7 +6,7 @@
 //! so every replica that applies the same log reaches the same state.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use mlp_proto::consts::eval_trigger;
 use mlp_proto::consts::{alloc_client, alloc_desired, eval_status, job_status, job_type, node_status};
@@ -1512,6 +1512,11 @@ pub struct StateHandle {
     events: EventBroker,
     /// Every metric point: in the Raft database's tree once the storage is opened.
     points: crate::tracking::points::PointStore,
+    /// Held by each entry's apply, from before it takes the state's lock until its points are
+    /// written, and by a snapshot while it reads state and points: an operator restore's points
+    /// are written after the state's lock is let go, and a snapshot must not see them half-way.
+    /// Always taken before the state's lock.
+    points_gate: Mutex<()>,
 }
 
 /// Receivers for what the state machine announces.
@@ -1536,6 +1541,7 @@ impl StateHandle {
             node_changes,
             events: EventBroker::new(events),
             points: crate::tracking::points::PointStore::default(),
+            points_gate: Mutex::new(()),
         });
         (handle, StateEvents { effects: effects_rx })
     }
@@ -1574,6 +1580,7 @@ impl StateHandle {
         let mut effects = Vec::new();
         let mut responses = Vec::with_capacity(reqs.len());
         {
+            let _gate = self.points_gate.lock().unwrap_or_else(|p| p.into_inner());
             let mut st = match self.state.write() {
                 Ok(g) => g,
                 Err(poisoned) => poisoned.into_inner(),
@@ -1584,8 +1591,18 @@ impl StateHandle {
             for req in reqs {
                 responses.push(self.apply_one(&mut st, index, req, &mut effects, &mut events, &mut changes, &mut reset));
             }
-            // The entry's points reach the tree before anyone can see the entry applied.
+            // The entry's points reach the tree before anyone can see the entry applied, under
+            // the state's lock, so reads see the points of exactly the applied entries. But an
+            // operator restore's points (clearing the tree, loading a chunk: seconds at millions
+            // of points) are written after the lock is let go, so that the API and the agents'
+            // streams do not wait on them; meanwhile the restored runs' histories are
+            // incomplete, as they are until the restore's last chunk anyway.
             let ops = std::mem::take(&mut st.pending_points.ops);
+            let restoring =
+                reqs.iter().any(|r| matches!(r.command, Command::RestoreState { points: Some(_), .. } | Command::RestorePoints { .. }));
+            if restoring {
+                drop(st);
+            }
             self.points.apply(&ops)?;
             if reset {
                 // The state was replaced: what came before it in the entry is moot too.
@@ -1692,6 +1709,7 @@ impl StateHandle {
 
     /// [`Self::to_snapshot_bytes`] and the applied index they are of.
     pub fn to_snapshot_bytes_at(&self) -> Result<(Vec<u8>, u64), SnapshotError> {
+        let _gate = self.points_gate.lock().unwrap_or_else(|p| p.into_inner());
         let st = self.read();
         let mut out = Vec::new();
         out.extend_from_slice(SNAPSHOT_MAGIC);
