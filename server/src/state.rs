@@ -1021,9 +1021,6 @@ impl ClusterState {
             .filter(move |j| j.parent_id == parent)
     }
 
-    /// Removes what still qualifies under `leader::gc`'s rules (the age is not re-checked: the
-    /// proposer measured it). Order matters: allocations first, so that an evaluation whose
-    /// allocations go in the same entry can go too; nodes last.
     /// One chunk of an operator restore's metric points (`Command::RestorePoints`): checked
     /// whole before any of it is taken.
     fn restore_points(&mut self, id: &str, chunk: u32, points: &str) -> Result<(), String> {
@@ -1056,6 +1053,9 @@ impl ClusterState {
         Ok(())
     }
 
+    /// Removes what still qualifies under `leader::gc`'s rules (the age is not re-checked: the
+    /// proposer measured it). Order matters: allocations first, so that an evaluation whose
+    /// allocations go in the same entry can go too; nodes last.
     fn garbage_collect(&mut self, evals: &[String], allocs: &[String], jobs: &[String], nodes: &[String]) -> GcCounts {
         use crate::leader::gc;
         let mut n = GcCounts::default();
@@ -1701,8 +1701,9 @@ impl StateHandle {
 
     /// Serializes the whole state and every metric point (for a Raft snapshot): [`SNAPSHOT_MAGIC`],
     /// the state's JSON length (u64 little-endian), the state's JSON, then the points section
-    /// (`tracking::points::encode_all`). The state's lock is held throughout, so the points
-    /// are those of the same applied index (applies wait; reads do not).
+    /// (`tracking::points::encode_all`). The state's lock (and `points_gate`, for an operator
+    /// restore's points, written after that lock) is held throughout, so the points are those
+    /// of the same applied index (applies wait; reads do not).
     pub fn to_snapshot_bytes(&self) -> Result<Vec<u8>, SnapshotError> {
         self.to_snapshot_bytes_at().map(|(bytes, _)| bytes)
     }
