@@ -283,7 +283,7 @@ fn ha_ops_snapshot_save_and_restore_round_trip_on_every_server() {
     for i in 0..3 {
         assert!(c.register(&all, &format!("keep-{i}"), Duration::from_secs(40)), "keep-{i} not registered");
     }
-    // Metric points: more than one `RestorePoints` entry's worth (512 KiB, ~25,000 points).
+    // Metric points: more than one `RestorePoints` entry's worth (512 KiB, some 20,000 points).
     let (code, v) = mlflow(&c, &leader, "runs/create", &serde_json::json!({ "experiment_id": "0", "start_time": 1 }));
     assert_eq!(code, 200, "{v}");
     let run = v["run"]["info"]["run_id"].as_str().unwrap().to_string();

@@ -438,9 +438,10 @@ pub const MAX_SNAPSHOT_BYTES: usize = 512 * 1024 * 1024;
 /// allows 256 MiB, and JSON escaping grows it).
 pub const MAX_STATE_BYTES: usize = 96 * 1024 * 1024;
 
-/// Most bytes of the points section one `Command::RestorePoints` carries (about 25,000 points):
-/// base64 makes the entry about 700 KiB, which every server applies (decodes and writes to its
-/// points tree) in a fraction of a second, holding one async worker meanwhile.
+/// Most bytes of the points section one `Command::RestorePoints` carries (some 20,000 points: a
+/// chunk ends before a point of the longest possible series could take it over). Base64 makes
+/// the entry at most about 700 KiB, which every server applies (decodes and writes to its points
+/// tree) in a fraction of a second, holding one async worker meanwhile.
 pub const RESTORE_POINTS_CHUNK_BYTES: usize = 512 * 1024;
 
 /// The service to mount on a server's gRPC listener.
