@@ -600,7 +600,8 @@ impl ClusterService for ClusterGrpc {
         }
         let checked = tokio::task::spawn_blocking(move || check_saved(saved))
             .await
-            .map_err(|e| tonic::Status::internal(format!("checking the snapshot: {e}")))??;
+            .map_err(|e| tonic::Status::internal(format!("checking the snapshot: {e}")))?
+            .map_err(tonic::Status::invalid_argument)?;
         self.commit_restore(checked).await
     }
 
@@ -622,16 +623,14 @@ struct CheckedRestore {
     chunks: u32,
 }
 
-fn refused(what: impl std::fmt::Display) -> tonic::Status {
-    tonic::Status::invalid_argument(format!("{what}; nothing was changed"))
+fn refused(what: impl std::fmt::Display) -> String {
+    format!("{what}; nothing was changed")
 }
 
 /// Everything a restore checks before it changes anything: the format, the state (size, UTF-8,
 /// decodes as a `ClusterState`) and, when there is one, the whole points section (it decodes,
-/// chunk by chunk as it will be committed).
-// `tonic::Status` is what the handler returns; boxing it here buys nothing.
-#[allow(clippy::result_large_err)]
-fn check_saved(saved: Vec<u8>) -> Result<CheckedRestore, tonic::Status> {
+/// chunk by chunk as it will be committed). The error says why the snapshot was refused.
+fn check_saved(saved: Vec<u8>) -> Result<CheckedRestore, String> {
     let (state, section) = mlp_proto::snapshot::split(&saved).map_err(refused)?;
     if state.len() > MAX_STATE_BYTES {
         return Err(refused(format!("the snapshot's state is larger than {MAX_STATE_BYTES} bytes")));

@@ -520,8 +520,11 @@ pub fn section_chunks(section: &[u8], max_bytes: usize) -> impl Iterator<Item = 
 /// bytes and the value.
 const MAX_ENCODED_POINT: usize = 1 + 2 * (3 + u16::MAX as usize) + 4 * 10 + 8;
 
-/// A chunk's points as `(key, value)`, checked whole: one malformed point fails all of them.
-pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<(Vec<u8>, [u8; 24])>, PointsError> {
+/// A point as the tree holds it: key and value.
+pub type RawPoint = (Vec<u8>, [u8; 24]);
+
+/// A chunk's points, checked whole: one malformed point fails all of them.
+pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<RawPoint>, PointsError> {
     decode_all(bytes).collect()
 }
 
@@ -547,7 +550,7 @@ pub fn base64_encode(bytes: &[u8]) -> String {
 pub fn base64_decode(text: &str) -> Result<Vec<u8>, PointsError> {
     let bad = || PointsError::Malformed("base64 chunk");
     let b = text.as_bytes();
-    if b.len() % 4 != 0 {
+    if !b.len().is_multiple_of(4) {
         return Err(bad());
     }
     let mut out = Vec::with_capacity(b.len() / 4 * 3);
