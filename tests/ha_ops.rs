@@ -255,11 +255,14 @@ fn mlflow(c: &Client, addr: &str, endpoint: &str, body: &serde_json::Value) -> (
     (code.trim().parse().unwrap_or(0), serde_json::from_str(json).unwrap_or(serde_json::Value::Null))
 }
 
-/// `run`'s history of `loss` on the server at `addr` (read from that server's points tree).
+/// `run`'s history of `loss` on the server at `addr` (read from that server's points tree),
+/// retried while the server answers 503 (no quorum confirmed its read yet, on a loaded host).
 fn loss_history(c: &Client, addr: &str, run: &str) -> serde_json::Value {
-    let (code, v) = mlflow(c, addr, "metrics/get-history", &serde_json::json!({ "run_id": run, "metric_key": "loss" }));
-    assert_eq!(code, 200, "get-history on {addr}: {v}");
-    v["metrics"].clone()
+    wait_for(&format!("get-history on {addr}"), Duration::from_secs(60), || {
+        let (code, v) = mlflow(c, addr, "metrics/get-history", &serde_json::json!({ "run_id": run, "metric_key": "loss" }));
+        assert!(code == 200 || code == 503, "get-history on {addr}: {code} {v}");
+        (code == 200).then(|| v["metrics"].clone())
+    })
 }
 
 /// Logs `n` points of `loss` from step `from` through `addr`, in batches of 1,000.
