@@ -106,7 +106,11 @@ pub async fn operator(addr: &str, cmd: OperatorCommand) -> anyhow::Result<ExitCo
                 state.extend_from_slice(&chunk.state);
             }
             let crc = write_snapshot(&file, index, &state)?;
-            println!("Saved the cluster state at index {index} to {} ({} bytes, crc32 {crc:08x}).", file.display(), state.len());
+            let points = match mlp_proto::snapshot::split(&state) {
+                Ok((_, Some(_))) => " with every metric point",
+                _ => " (without metric points: the server saves the older format)",
+            };
+            println!("Saved the cluster state at index {index}{points} to {} ({} bytes, crc32 {crc:08x}).", file.display(), state.len());
         }
         OperatorCommand::Snapshot(SnapshotCommand::Restore { file }) => {
             // Checked here first (clear error, nothing sent), and again by the server.
@@ -114,25 +118,37 @@ pub async fn operator(addr: &str, cmd: OperatorCommand) -> anyhow::Result<ExitCo
             let mut c = connect(addr).await?;
             let resp = c
                 .cluster
-                .snapshot_restore(futures::stream::iter(mlp_proto::snapshot::restore_chunks(&state, header.crc32)))
+                .snapshot_restore(futures::stream::iter(mlp_proto::snapshot::restore_chunks(state, header.crc32)))
                 .await
                 .map_err(status_err)?
                 .into_inner();
             println!(
-                "Restored the cluster state saved at index {} from {} (committed at index {}).",
+                "Restored the cluster state saved at index {} and {} metric points from {} (committed at index {}).",
                 header.index,
+                resp.points,
                 file.display(),
                 resp.index
             );
         }
         OperatorCommand::Snapshot(SnapshotCommand::Inspect { file, json }) => {
-            let (header, state) = read_snapshot(&file)?;
-            let v: serde_json::Value = serde_json::from_slice(&state).context("the snapshot's state is not valid JSON")?;
+            let (header, saved) = read_snapshot(&file)?;
+            let (state, section) = mlp_proto::snapshot::split(&saved)?;
+            let v: serde_json::Value = serde_json::from_slice(state).context("the snapshot's state is not valid JSON")?;
+            // Every point decodes, or the file is refused (as a restore would refuse it).
+            let metric_points = match section {
+                Some(section) => Some(
+                    mlp_server::tracking::points::decode_all(section)
+                        .try_fold(0u64, |n, p| p.map(|_| n + 1))
+                        .context("the snapshot's metric points do not decode")?,
+                ),
+                None => None,
+            };
             let count = |k: &str| v.get(k).and_then(|m| m.as_object()).map(|m| m.len()).unwrap_or(0);
             let summary = SnapshotSummary {
                 index: header.index,
                 crc32: format!("{:08x}", header.crc32),
-                bytes: state.len(),
+                bytes: saved.len(),
+                metric_points,
                 jobs: count("jobs"),
                 nodes: count("nodes"),
                 allocations: count("allocs"),
@@ -146,20 +162,28 @@ pub async fn operator(addr: &str, cmd: OperatorCommand) -> anyhow::Result<ExitCo
                     "  index {}, {} bytes: {} jobs, {} nodes, {} allocations, {} evaluations",
                     summary.index, summary.bytes, summary.jobs, summary.nodes, summary.allocations, summary.evaluations
                 );
+                match summary.metric_points {
+                    Some(n) => println!("  {n} metric points"),
+                    None => println!("  no metric points (saved in the older format: a restore keeps the servers' points of its runs)"),
+                }
             }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// The first line of a snapshot file; the state's bytes follow it.
-const SNAPSHOT_MAGIC: &str = "mlp-snapshot v1";
+/// The first line of a snapshot file; the saved snapshot's bytes (`mlp_proto::snapshot`) follow
+/// it. `v2`: they carry metric points; files of `v1` (the state's JSON alone) are still read.
+const SNAPSHOT_MAGIC: &str = "mlp-snapshot v2";
+const SNAPSHOT_MAGIC_V1: &str = "mlp-snapshot v1";
 
 #[derive(Serialize)]
 struct SnapshotSummary {
     index: u64,
     crc32: String,
     bytes: usize,
+    /// `None` for a file of the older format, which has none.
+    metric_points: Option<u64>,
     jobs: usize,
     nodes: usize,
     allocations: usize,
@@ -177,7 +201,8 @@ fn write_snapshot(file: &Path, index: u64, state: &[u8]) -> anyhow::Result<u32> 
     let crc = crc32fast::hash(state);
     let tmp = file.with_extension("partial");
     let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    writeln!(f, "{SNAPSHOT_MAGIC} index={index} len={} crc32={crc:08x}", state.len())?;
+    let magic = if state.starts_with(mlp_proto::snapshot::MAGIC) { SNAPSHOT_MAGIC } else { SNAPSHOT_MAGIC_V1 };
+    writeln!(f, "{magic} index={index} len={} crc32={crc:08x}", state.len())?;
     f.write_all(state)?;
     f.sync_all()?;
     std::fs::rename(&tmp, file).with_context(|| format!("cannot rename {} to {}", tmp.display(), file.display()))?;
@@ -189,7 +214,10 @@ fn read_snapshot(file: &Path) -> anyhow::Result<(SnapshotHeader, Vec<u8>)> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let nl = bytes.iter().position(|b| *b == b'\n').context("not an mlp snapshot: no header line")?;
     let header = std::str::from_utf8(&bytes[..nl]).context("not an mlp snapshot: bad header")?;
-    let rest = header.strip_prefix(SNAPSHOT_MAGIC).with_context(|| format!("not an mlp snapshot (expected {SNAPSHOT_MAGIC:?} first)"))?;
+    let rest = header
+        .strip_prefix(SNAPSHOT_MAGIC)
+        .or_else(|| header.strip_prefix(SNAPSHOT_MAGIC_V1))
+        .with_context(|| format!("not an mlp snapshot (expected {SNAPSHOT_MAGIC:?} first)"))?;
     let field = |name: &str| {
         rest.split_whitespace()
             .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use multihost::{assert_all_once, wait_for, wait_leader, Client, Net, GRPC_PORT};
+use multihost::{assert_all_once, wait_for, wait_leader, Client, Net, GRPC_PORT, HTTP_PORT};
 
 /// Forming a cluster / registering agents.
 const FORM_BOUND: Duration = Duration::from_secs(40);
@@ -240,6 +240,42 @@ fn servers(n: usize) -> (Net, Vec<usize>, Vec<String>, usize) {
     (net, procs, addrs, client)
 }
 
+/// An MLflow API call to the server at `addr` (its gRPC address; HTTP is on [`HTTP_PORT`]) from
+/// the client's host: the status and JSON body.
+fn mlflow(c: &Client, addr: &str, endpoint: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let url = format!("http://{host}:{HTTP_PORT}/api/2.0/mlflow/{endpoint}");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &c.ns, "curl", "-s", "-m", "30", "-o", "-", "-w", "\n%{http_code}", "-XPOST", &url])
+        .args(["-H", "content-type: application/json", "--data-binary", &body.to_string()])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (json, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), serde_json::from_str(json).unwrap_or(serde_json::Value::Null))
+}
+
+/// `run`'s history of `loss` on the server at `addr` (read from that server's points tree),
+/// retried while the server answers 503 (no quorum confirmed its read yet, on a loaded host).
+fn loss_history(c: &Client, addr: &str, run: &str) -> serde_json::Value {
+    wait_for(&format!("get-history on {addr}"), Duration::from_secs(60), || {
+        let (code, v) = mlflow(c, addr, "metrics/get-history", &serde_json::json!({ "run_id": run, "metric_key": "loss" }));
+        assert!(code == 200 || code == 503, "get-history on {addr}: {code} {v}");
+        (code == 200).then(|| v["metrics"].clone())
+    })
+}
+
+/// Logs `n` points of `loss` from step `from` through `addr`, in batches of 1,000.
+fn log_loss(c: &Client, addr: &str, run: &str, from: i64, n: i64) {
+    let points: Vec<serde_json::Value> = (from..from + n)
+        .map(|s| serde_json::json!({ "key": "loss", "value": s as f64 / 8.0, "timestamp": 5_000 - s, "step": s }))
+        .collect();
+    for batch in points.chunks(1000) {
+        let (code, v) = mlflow(c, addr, "runs/log-batch", &serde_json::json!({ "run_id": run, "metrics": batch }));
+        assert_eq!(code, 200, "log-batch: {v}");
+    }
+}
+
 #[test]
 fn ha_ops_snapshot_save_and_restore_round_trip_on_every_server() {
     require_netns!();
@@ -250,11 +286,19 @@ fn ha_ops_snapshot_save_and_restore_round_trip_on_every_server() {
     for i in 0..3 {
         assert!(c.register(&all, &format!("keep-{i}"), Duration::from_secs(40)), "keep-{i} not registered");
     }
+    // Metric points: more than one `RestorePoints` entry's worth (512 KiB, some 20,000 points).
+    let (code, v) = mlflow(&c, &leader, "runs/create", &serde_json::json!({ "experiment_id": "0", "start_time": 1 }));
+    assert_eq!(code, 200, "{v}");
+    let run = v["run"]["info"]["run_id"].as_str().unwrap().to_string();
+    log_loss(&c, &leader, &run, 0, 30_000);
+    let saved = loss_history(&c, &leader, &run);
+    assert_eq!(saved.as_array().map(Vec::len), Some(30_000));
     let file = net.path("state.snap");
     ok(&c, &leader, &["operator", "snapshot", "save", &file.display().to_string()]);
     for i in 0..3 {
         assert!(c.register(&all, &format!("later-{i}"), Duration::from_secs(40)), "later-{i} not registered");
     }
+    log_loss(&c, &leader, &run, 30_000, 500);
 
     // A corrupt copy is refused and changes nothing.
     let bad = net.path("corrupt.snap");
@@ -281,6 +325,8 @@ fn ha_ops_snapshot_save_and_restore_round_trip_on_every_server() {
         let mut keep: Vec<&String> = ids.iter().filter(|j| j.starts_with("keep-")).collect();
         keep.sort();
         assert_eq!(keep, ["keep-0", "keep-1", "keep-2"], "server {a}: {ids:?}");
+        // Every server has exactly the saved points (a follower reads its own tree).
+        assert_eq!(loss_history(&c, a, &run), saved, "server {a}: the restored history");
     }
     // The cluster keeps working after a restore.
     assert!(c.register(&all, "after-restore", Duration::from_secs(40)));

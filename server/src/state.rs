@@ -6,7 +6,7 @@
 //! so every replica that applies the same log reaches the same state.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use mlp_proto::consts::eval_trigger;
 use mlp_proto::consts::{alloc_client, alloc_desired, eval_status, job_status, job_type, node_status};
@@ -146,9 +146,16 @@ pub enum Command {
     /// The drainer asks the scheduler to move these allocations (`desired_migrate`), with the
     /// evaluations of their jobs.
     MarkAllocsMigrate { alloc_ids: Vec<String>, evals: Vec<Evaluation> },
-    /// Replace the whole state with a saved one (serde_json of `ClusterState`, as
-    /// `SnapshotSave` returns it). Every server applies the same bytes, so all converge.
-    RestoreState { state: String },
+    /// Replace the whole state with a saved one (serde_json of `ClusterState`, the state part
+    /// of what `SnapshotSave` returns). Every server applies the same bytes, so all converge.
+    /// `points`: the saved snapshot carries metric points, which replace every point (the tree
+    /// is cleared here; they follow as `RestorePoints`). Without it (an older saved snapshot,
+    /// an older entry) the points of the runs the state has are kept, the others' dropped.
+    RestoreState {
+        state: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        points: Option<crate::tracking::points::PointsRestore>,
+    },
     // ---- garbage collection (issue 10) ----
     /// Forget terminal evaluations and allocations, dead jobs (with their versions, evaluations
     /// and allocations) and down nodes (`leader::gc`). Each id is re-checked against the state
@@ -214,6 +221,13 @@ pub enum Command {
     /// which is this in namespace `default`, applied to that namespace's own tracking state
     /// (`ClusterState::tracking_ns`). A namespace that does not exist is refused.
     TrackingIn { namespace: String, command: crate::tracking::TrackingCommand },
+    // ---- snapshot restore with metric points ----
+    /// Chunk `chunk` of the metric points of the restore `id` (`RestoreState::points`): part of
+    /// the saved points section, re-encoded to decode alone (`tracking::points::section_chunks`),
+    /// base64. Applied only in order and only for the latest restore
+    /// (`ClusterState::points_restore`); a repeated chunk changes nothing. Points of runs the
+    /// state no longer has (purged since the restore) are skipped.
+    RestorePoints { id: String, chunk: u32, points: String },
 }
 
 /// What the plan applier commits: placements that fit, stops, and the evaluation's outcome.
@@ -333,6 +347,10 @@ pub struct ClusterState {
     /// and written to the points tree with the entry (`tracking::points`).
     #[serde(skip)]
     pub pending_points: crate::tracking::points::PendingPoints,
+    /// The latest operator restore that replaced the metric points, and how far its chunks
+    /// came (`Command::RestorePoints`). Absent before the first one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub points_restore: Option<crate::tracking::points::PointsRestore>,
     #[serde(skip)]
     pub allocs_by_node: BTreeMap<String, BTreeSet<String>>,
     /// The allocations that hold resources on each node (`scheduler::resources::is_live`): the
@@ -840,7 +858,7 @@ impl ClusterState {
                     self.insert_eval(index, now, e.clone(), effects);
                 }
             }
-            Command::RestoreState { state } => {
+            Command::RestoreState { state, points } => {
                 let mut restored: ClusterState = match serde_json::from_str(state) {
                     Ok(s) => s,
                     Err(e) => {
@@ -859,22 +877,34 @@ impl ClusterState {
                 if !restored.acl.bootstrapped {
                     restored.acl = std::mem::take(&mut self.acl);
                 }
-                // The points of the entry so far still go to the tree; a state saved before
-                // points moved to disk brings its points along.
+                // The points of the entry so far still go to the tree (unless every point goes);
+                // a state saved before points moved to disk brings its points along.
                 restored.pending_points = std::mem::take(&mut self.pending_points);
-                restored.tracking.take_legacy_points(&mut restored.pending_points);
-                // Runs the restored state does not have lose their points too.
-                let gone: Vec<&String> = self
-                    .all_tracking()
-                    .flat_map(|(_, t)| t.runs.keys())
-                    .filter(|id| !restored.all_tracking().any(|(_, r)| r.runs.contains_key(*id)))
-                    .collect();
-                for id in gone {
-                    restored.pending_points.remove_run(id);
+                if points.is_some() {
+                    // The saved points follow in `RestorePoints` chunks.
+                    restored.pending_points.clear_all();
+                } else {
+                    // Runs the restored state does not have (in any namespace) lose their
+                    // points too.
+                    let gone: Vec<&String> = self
+                        .all_tracking()
+                        .flat_map(|(_, t)| t.runs.keys())
+                        .filter(|id| !restored.all_tracking().any(|(_, r)| r.runs.contains_key(*id)))
+                        .collect();
+                    for id in gone {
+                        restored.pending_points.remove_run(id);
+                    }
                 }
+                restored.tracking.take_legacy_points(&mut restored.pending_points);
+                restored.points_restore = points.clone();
                 *self = restored;
                 effects.push(Effect::Reset);
                 effects.push(Effect::CapacityChanged);
+            }
+            Command::RestorePoints { id, chunk, points } => {
+                if let Err(e) = self.restore_points(id, *chunk, points) {
+                    resp.error = Some(e);
+                }
             }
             Command::GarbageCollect { evals, allocs, jobs, nodes } => {
                 resp.collected = Some(self.garbage_collect(evals, allocs, jobs, nodes));
@@ -1058,6 +1088,38 @@ impl ClusterState {
             .take_while(move |(k, _)| k.starts_with(&prefix))
             .map(|(_, j)| j)
             .filter(move |j| j.parent_id == parent)
+    }
+
+    /// One chunk of an operator restore's metric points (`Command::RestorePoints`): checked
+    /// whole before any of it is taken.
+    fn restore_points(&mut self, id: &str, chunk: u32, points: &str) -> Result<(), String> {
+        use crate::tracking::points;
+        let Some(restore) = self.points_restore.as_mut().filter(|r| r.id == id) else {
+            return Err(format!("metric points of restore {id} refused: a later restore replaced it (nothing was loaded)"));
+        };
+        if chunk < restore.loaded_chunks {
+            // A retried write that had committed already.
+            return Ok(());
+        }
+        if chunk != restore.loaded_chunks || chunk >= restore.chunks {
+            return Err(format!(
+                "metric points chunk {chunk} of restore {id} is out of order: {} of {} chunks loaded",
+                restore.loaded_chunks, restore.chunks
+            ));
+        }
+        let decoded = points::base64_decode(points)
+            .and_then(|b| points::decode_chunk(&b))
+            .map_err(|e| format!("metric points chunk {chunk} of restore {id} does not decode: {e}"))?;
+        restore.loaded_chunks += 1;
+        restore.loaded_points += decoded.len() as u64;
+        for (key, value) in decoded {
+            // A run purged since the restore (the tracking GC) takes no points.
+            let run_exists = points::split_key(&key).is_ok_and(|k| self.all_tracking().any(|(_, t)| t.runs.contains_key(k.run)));
+            if run_exists {
+                self.pending_points.put_raw(key, value);
+            }
+        }
+        Ok(())
     }
 
     /// Removes what still qualifies under `leader::gc`'s rules (the age is not re-checked: the
@@ -1486,8 +1548,9 @@ impl NodeChanges {
 }
 
 /// The first bytes of a snapshot that carries metric points after the state. Older snapshots
-/// are the state's JSON alone (they start with `{`).
-pub const SNAPSHOT_MAGIC: &[u8; 8] = b"MLPSNAP2";
+/// are the state's JSON alone (they start with `{`). An operator's saved snapshot has the same
+/// format (`mlp_proto::snapshot`).
+pub const SNAPSHOT_MAGIC: &[u8; 8] = mlp_proto::snapshot::MAGIC;
 
 /// A snapshot that cannot be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -1496,24 +1559,14 @@ pub enum SnapshotError {
     Json(#[from] serde_json::Error),
     #[error(transparent)]
     Points(#[from] crate::tracking::points::PointsError),
-    #[error("snapshot is truncated: its header says {0} bytes of state")]
-    Truncated(u64),
+    #[error(transparent)]
+    Format(#[from] mlp_proto::snapshot::FormatError),
 }
 
 /// A snapshot's state JSON and points section (empty for an older snapshot).
 fn split_snapshot(bytes: &[u8]) -> Result<(&[u8], &[u8]), SnapshotError> {
-    let Some(rest) = bytes.strip_prefix(SNAPSHOT_MAGIC.as_slice()) else {
-        return Ok((bytes, &[]));
-    };
-    let mut len = [0u8; 8];
-    len.copy_from_slice(rest.get(..8).ok_or(SnapshotError::Truncated(0))?);
-    let n = u64::from_le_bytes(len);
-    let body = &rest[8..];
-    let n_usize = usize::try_from(n).map_err(|_| SnapshotError::Truncated(n))?;
-    if body.len() < n_usize {
-        return Err(SnapshotError::Truncated(n));
-    }
-    Ok(body.split_at(n_usize))
+    let (state, points) = mlp_proto::snapshot::split(bytes)?;
+    Ok((state, points.unwrap_or_default()))
 }
 
 /// The state shared between the Raft state machine (which writes it) and everything that reads
@@ -1528,6 +1581,11 @@ pub struct StateHandle {
     events: EventBroker,
     /// Every metric point: in the Raft database's tree once the storage is opened.
     points: crate::tracking::points::PointStore,
+    /// Held by each entry's apply, from before it takes the state's lock until its points are
+    /// written, and by a snapshot while it reads state and points: an operator restore's points
+    /// are written after the state's lock is let go, and a snapshot must not see them half-way.
+    /// Always taken before the state's lock.
+    points_gate: Mutex<()>,
 }
 
 /// Receivers for what the state machine announces.
@@ -1552,6 +1610,7 @@ impl StateHandle {
             node_changes,
             events: EventBroker::new(events),
             points: crate::tracking::points::PointStore::default(),
+            points_gate: Mutex::new(()),
         });
         (handle, StateEvents { effects: effects_rx })
     }
@@ -1590,6 +1649,7 @@ impl StateHandle {
         let mut effects = Vec::new();
         let mut responses = Vec::with_capacity(reqs.len());
         {
+            let _gate = self.points_gate.lock().unwrap_or_else(|p| p.into_inner());
             let mut st = match self.state.write() {
                 Ok(g) => g,
                 Err(poisoned) => poisoned.into_inner(),
@@ -1600,8 +1660,18 @@ impl StateHandle {
             for req in reqs {
                 responses.push(self.apply_one(&mut st, index, req, &mut effects, &mut events, &mut changes, &mut reset));
             }
-            // The entry's points reach the tree before anyone can see the entry applied.
+            // The entry's points reach the tree before anyone can see the entry applied, under
+            // the state's lock, so reads see the points of exactly the applied entries. But an
+            // operator restore's points (clearing the tree, loading a chunk: seconds at millions
+            // of points) are written after the lock is let go, so that the API and the agents'
+            // streams do not wait on them; meanwhile the restored runs' histories are
+            // incomplete, as they are until the restore's last chunk anyway.
             let ops = std::mem::take(&mut st.pending_points.ops);
+            let restoring =
+                reqs.iter().any(|r| matches!(r.command, Command::RestoreState { points: Some(_), .. } | Command::RestorePoints { .. }));
+            if restoring {
+                drop(st);
+            }
             self.points.apply(&ops)?;
             if reset {
                 // The state was replaced: what came before it in the entry is moot too.
@@ -1700,9 +1770,16 @@ impl StateHandle {
 
     /// Serializes the whole state and every metric point (for a Raft snapshot): [`SNAPSHOT_MAGIC`],
     /// the state's JSON length (u64 little-endian), the state's JSON, then the points section
-    /// (`tracking::points::encode_all`). The state's lock is held throughout, so the points
-    /// are those of the same applied index (applies wait; reads do not).
+    /// (`tracking::points::encode_all`). The state's lock (and `points_gate`, for an operator
+    /// restore's points, written after that lock) is held throughout, so the points are those
+    /// of the same applied index (applies wait; reads do not).
     pub fn to_snapshot_bytes(&self) -> Result<Vec<u8>, SnapshotError> {
+        self.to_snapshot_bytes_at().map(|(bytes, _)| bytes)
+    }
+
+    /// [`Self::to_snapshot_bytes`] and the applied index they are of.
+    pub fn to_snapshot_bytes_at(&self) -> Result<(Vec<u8>, u64), SnapshotError> {
+        let _gate = self.points_gate.lock().unwrap_or_else(|p| p.into_inner());
         let st = self.read();
         let mut out = Vec::new();
         out.extend_from_slice(SNAPSHOT_MAGIC);
@@ -1712,7 +1789,7 @@ impl StateHandle {
         out[SNAPSHOT_MAGIC.len()..SNAPSHOT_MAGIC.len() + 8].copy_from_slice(&state_len.to_le_bytes());
         let points = crate::tracking::points::encode_all(&self.points, &mut out)?;
         tracing::debug!(points, bytes = out.len(), "state and metric points serialized");
-        Ok(out)
+        Ok((out, st.index))
     }
 
     /// Replaces the whole state with a snapshot's content. `load_points`: replace the points
@@ -1728,7 +1805,7 @@ impl StateHandle {
         if load_points {
             let legacy_points = legacy.ops.into_iter().filter_map(|op| match op {
                 crate::tracking::points::PointOp::Put { key, value } => Some(Ok((key, value))),
-                crate::tracking::points::PointOp::RemoveRun(_) => None,
+                crate::tracking::points::PointOp::RemoveRun(_) | crate::tracking::points::PointOp::Clear => None,
             });
             let n = self.points.replace_all(crate::tracking::points::decode_all(points_bytes).chain(legacy_points))?;
             tracing::info!(points = n, migrated, "metric points loaded from a snapshot");
@@ -1972,7 +2049,7 @@ mod tests {
         assert!(st.evals_for_job("other", "a").next().is_none(), "namespaces are apart");
         let saved = serde_json::to_string(&st).unwrap_or_default();
         st.apply(4, &req(Command::RegisterJob { job: job("c", 1), eval: eval("e4", "c") }), &mut fx);
-        st.apply(5, &req(Command::RestoreState { state: saved }), &mut fx);
+        st.apply(5, &req(Command::RestoreState { state: saved, points: None }), &mut fx);
         assert_eq!(ids(&st, "a"), ["e1", "e3"]);
         assert!(ids(&st, "c").is_empty(), "the restored state's index has no evaluation it lacks");
     }
@@ -2089,11 +2166,11 @@ mod tests {
         st.apply(1, &req(Command::RegisterJob { job: job("a", 1), eval: eval("e1", "a") }), &mut fx);
         let saved = serde_json::to_string(&st).unwrap_or_default();
         st.apply(2, &req(Command::RegisterJob { job: job("b", 1), eval: eval("e2", "b") }), &mut fx);
-        let r = st.apply(3, &req(Command::RestoreState { state: "{not json".into() }), &mut fx);
+        let r = st.apply(3, &req(Command::RestoreState { state: "{not json".into(), points: None }), &mut fx);
         assert!(r.error.is_some());
         assert!(st.job("default", "b").is_some(), "a bad restore changes nothing");
         fx.clear();
-        st.apply(4, &req(Command::RestoreState { state: saved }), &mut fx);
+        st.apply(4, &req(Command::RestoreState { state: saved, points: None }), &mut fx);
         assert!(st.job("default", "a").is_some() && st.job("default", "b").is_none());
         assert_eq!(st.index, 4, "the restored state continues at the log's index");
         assert!(fx.contains(&Effect::Reset));
@@ -2139,7 +2216,7 @@ mod tests {
         assert_eq!(r.error, None);
         let r = st.apply(2, &req(Command::Acl(AclCommand::Bootstrap { token })), &mut fx);
         assert!(r.error.is_some_and(|e| e.contains("already done")));
-        st.apply(3, &req(Command::RestoreState { state: saved }), &mut fx);
+        st.apply(3, &req(Command::RestoreState { state: saved, points: None }), &mut fx);
         assert!(st.acl.bootstrapped && st.acl.tokens.contains_key(&hash_secret("s")));
         // A state serialized before ACLs existed loads with none.
         let mut old = serde_json::to_value(ClusterState::default()).expect("json");

@@ -197,9 +197,110 @@ async fn tracking_operator_restore_drops_the_points_of_runs_it_does_not_have() {
     };
     let restore = Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), 4),
-        payload: EntryPayload::Normal(RequestBatch::new(vec![Request { now_ms: 5, command: Command::RestoreState { state: saved } }])),
+        payload: EntryPayload::Normal(RequestBatch::new(vec![Request {
+            now_ms: 5,
+            command: Command::RestoreState { state: saved, points: None },
+        }])),
     };
     sm.apply(vec![restore]).await.unwrap();
     assert_eq!(history(&state, "r2", "loss"), vec![], "r2 is gone, and its points with it");
     assert_eq!(history(&state, "r1", "loss").len(), 106, "r1 keeps its history");
+}
+
+/// Every (key, value) of the points tree, in key order.
+fn all_points(state: &StateHandle) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    state
+        .points()
+        .for_each(|k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+    out
+}
+
+fn one(index: u64, command: Command) -> Entry {
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(RequestBatch::new(vec![Request { now_ms: 5, command }])),
+    }
+}
+
+/// An operator restore of a snapshot that carries points (`mlp operator snapshot save`): the
+/// state, then the points in chunks; every point of the tree is replaced by the saved ones,
+/// exactly, a repeated chunk changes nothing, a chunk of a superseded restore is refused, and a
+/// reopen (the log tail re-applied) keeps the same points.
+#[tokio::test]
+async fn tracking_operator_restore_with_points_replaces_every_point_in_chunks() {
+    use mlp_server::tracking::points::{base64_encode, section_chunks, PointsRestore};
+    let dir = tempfile::tempdir().unwrap();
+    let (state, mut sm) = open(dir.path());
+    sm.apply(first_entries()).await.unwrap();
+    let saved_points = all_points(&state);
+    let (saved, _) = state.to_snapshot_bytes_at().unwrap();
+    let (json, section) = mlp_proto::snapshot::split(&saved).unwrap();
+    let (json, section) = (String::from_utf8(json.to_vec()).unwrap(), section.unwrap().to_vec());
+
+    // Later: more points for r1, a new run with points, r2 purged.
+    sm.apply(vec![
+        entry(4, vec![log("r1", "loss", 1000, 20), create_run("r3"), log("r3", "loss", 0, 9)]),
+        entry(
+            5,
+            vec![
+                TrackingCommand::DeleteRun { run_id: "r2".into() },
+                TrackingCommand::PurgeRuns { run_ids: vec!["r2".into()], older_than_ms: 0 },
+            ],
+        ),
+    ])
+    .await
+    .unwrap();
+    assert_ne!(all_points(&state), saved_points);
+    assert!(!state.read().tracking.runs.contains_key("r2"), "r2 was purged");
+
+    // Small chunks, so there are several.
+    let chunks: Vec<_> = section_chunks(&section, 300).map(Result::unwrap).collect();
+    assert!(chunks.len() > 3, "{} chunks", chunks.len());
+    assert_eq!(chunks.iter().map(|c| c.points).sum::<u64>(), saved_points.len() as u64);
+    let restore =
+        |id: &str| PointsRestore { id: id.into(), points: saved_points.len() as u64, chunks: chunks.len() as u32, ..Default::default() };
+    let put = |id: &str, n: usize| Command::RestorePoints { id: id.into(), chunk: n as u32, points: base64_encode(&chunks[n].bytes) };
+
+    // A first restore that stops after one chunk, then the rerun (another id).
+    let mut index = 6;
+    sm.apply(vec![one(index, Command::RestoreState { state: json.clone(), points: Some(restore("first")) })]).await.unwrap();
+    assert_eq!(state.points().len(), 0, "the restore cleared every point");
+    sm.apply(vec![one(index + 1, put("first", 0))]).await.unwrap();
+    index += 2;
+    sm.apply(vec![one(index, Command::RestoreState { state: json.clone(), points: Some(restore("second")) })]).await.unwrap();
+    assert_eq!(state.points().len(), 0);
+    for n in 0..chunks.len() {
+        index += 1;
+        sm.apply(vec![one(index, put("second", n))]).await.unwrap();
+        if n == 1 {
+            // A retried chunk that had committed, and one of the superseded restore.
+            index += 1;
+            sm.apply(vec![one(index, put("second", 0))]).await.unwrap();
+            index += 1;
+            sm.apply(vec![one(index, put("first", 1))]).await.unwrap();
+        }
+    }
+    assert_eq!(all_points(&state), saved_points, "exactly the saved points");
+    let progress = state.read().points_restore.clone().unwrap();
+    assert!(progress.complete() && progress.id == "second" && progress.loaded_points == saved_points.len() as u64, "{progress:?}");
+    assert_eq!(history(&state, "r2", "loss").len(), 7, "the purged run is back with its history");
+    assert!(state.read().tracking.runs.contains_key("r2") && !state.read().tracking.runs.contains_key("r3"));
+
+    // A chunk out of order is refused; so is one that does not decode.
+    let out_of_order = Command::RestorePoints { id: "second".into(), chunk: chunks.len() as u32 + 1, points: String::new() };
+    let mut st = state.read().clone();
+    assert!(st
+        .apply(100, &Request { now_ms: 1, command: out_of_order }, &mut Vec::new())
+        .error
+        .is_some_and(|e| e.contains("out of order")));
+
+    // Reopened: the log tail (restores, chunks) re-applied gives the same points.
+    drop((state, sm));
+    let (state, _sm) = open(dir.path());
+    assert_eq!(all_points(&state), saved_points);
 }

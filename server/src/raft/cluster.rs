@@ -428,11 +428,23 @@ pub struct ClusterGrpc {
     pub bootstrap_expect: usize,
 }
 
-/// The service to mount on a server's gRPC listener.
-/// Largest state a restore accepts: it travels as one Raft entry (whose transport allows 256 MiB,
-/// and JSON escaping grows it).
-pub const MAX_SNAPSHOT_BYTES: usize = 96 * 1024 * 1024;
+/// Largest saved snapshot a restore accepts (state and metric points together). The server
+/// that takes the upload holds it whole in memory while it checks and commits it (a follower
+/// passes it on to the leader, which holds it too); ten million points are about 210 MB in the
+/// points section, so this leaves room for more than twice that next to a large state.
+pub const MAX_SNAPSHOT_BYTES: usize = 512 * 1024 * 1024;
 
+/// Largest state (its JSON) a restore accepts: it travels as one Raft entry (whose transport
+/// allows 256 MiB, and JSON escaping grows it).
+pub const MAX_STATE_BYTES: usize = 96 * 1024 * 1024;
+
+/// Most bytes of the points section one `Command::RestorePoints` carries (some 20,000 points: a
+/// chunk ends before a point of the longest possible series could take it over). Base64 makes
+/// the entry at most about 700 KiB, which every server applies (decodes and writes to its points
+/// tree) in a fraction of a second, holding one async worker meanwhile.
+pub const RESTORE_POINTS_CHUNK_BYTES: usize = 512 * 1024;
+
+/// The service to mount on a server's gRPC listener.
 pub fn cluster_grpc_service(node: Arc<RaftNode>, bootstrap_expect: usize) -> ClusterServiceServer<ClusterGrpc> {
     ClusterServiceServer::new(ClusterGrpc { node, bootstrap_expect })
         .max_decoding_message_size(crate::server::MAX_GRPC_MESSAGE_BYTES)
@@ -536,70 +548,173 @@ impl ClusterService for ClusterGrpc {
 
     type SnapshotSaveStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<SnapshotSaveResponse, tonic::Status>> + Send>>;
 
-    /// Streams the state in chunks, so a state larger than one gRPC message saves.
+    /// Streams the state and every metric point (`mlp_proto::snapshot`: the bytes of a Raft
+    /// snapshot) in chunks, so a snapshot larger than one gRPC message saves.
     async fn snapshot_save(&self, req: tonic::Request<SnapshotSaveRequest>) -> GrpcResult<Self::SnapshotSaveStream> {
         if let Some(mut leader) = self.leader_client()? {
             let stream = leader.snapshot_save(with_timeout(req.into_inner(), JOIN_TIMEOUT)).await?.into_inner();
             return Ok(tonic::Response::new(Box::pin(stream)));
         }
-        // Everything acknowledged before the call is in the saved state.
+        // Everything acknowledged before the call is in the saved snapshot.
         self.node.linearizable_read().await.map_err(to_status)?;
-        let (state, index) = {
-            let st = self.node.state.read();
-            let bytes = serde_json::to_vec(&*st).map_err(|e| tonic::Status::internal(format!("serializing the state: {e}")))?;
-            (bytes, st.index)
-        };
-        tracing::info!(index, bytes = state.len(), "state snapshot saved for an operator");
-        let chunks = mlp_proto::snapshot::save_chunks(&state, index);
-        Ok(tonic::Response::new(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)))))
+        let handle = self.node.state.clone();
+        // Encoding millions of points takes a while: not on the async workers.
+        let (saved, index) = tokio::task::spawn_blocking(move || handle.to_snapshot_bytes_at())
+            .await
+            .map_err(|e| tonic::Status::internal(format!("serializing the state: {e}")))?
+            .map_err(|e| tonic::Status::internal(format!("serializing the state: {e}")))?;
+        tracing::info!(index, bytes = saved.len(), "state snapshot saved for an operator");
+        Ok(tonic::Response::new(Box::pin(futures::stream::iter(mlp_proto::snapshot::save_chunks(saved, index).map(Ok)))))
     }
 
-    /// Disaster recovery: collects the streamed state (at most [`MAX_SNAPSHOT_BYTES`]), checks
-    /// the checksum and that the state decodes, then commits a `RestoreState` through Raft on the
-    /// leader (a follower passes the chunks on to it), so every server converges on it. A bad
-    /// file changes nothing.
+    /// Disaster recovery: collects the streamed snapshot (at most [`MAX_SNAPSHOT_BYTES`]) and
+    /// checks all of it (checksum, the state decodes, the points section decodes) before it
+    /// changes anything; a follower passes the chunks on to the leader. Then it commits the state
+    /// (`RestoreState`, which clears the metric points when the snapshot carries them) and the
+    /// points in chunks of at most [`RESTORE_POINTS_CHUNK_BYTES`] (`RestorePoints`), each through
+    /// Raft, so every server converges and no entry is huge. A restore that stops half-way (this
+    /// server dies; a leader change the forwarding does not ride out) leaves the state restored
+    /// with part of the points; running it again starts over and is safe.
     async fn snapshot_restore(&self, req: tonic::Request<tonic::Streaming<SnapshotRestoreRequest>>) -> GrpcResult<SnapshotRestoreResponse> {
         let mut stream = req.into_inner();
-        let mut state = Vec::new();
+        let mut saved = Vec::new();
         let mut crc32 = None;
         while let Some(chunk) = stream.message().await? {
             crc32.get_or_insert(chunk.crc32);
-            if state.len() + chunk.state.len() > MAX_SNAPSHOT_BYTES {
+            if saved.len() + chunk.state.len() > MAX_SNAPSHOT_BYTES {
                 return Err(tonic::Status::invalid_argument(format!(
-                    "snapshot state is larger than {MAX_SNAPSHOT_BYTES} bytes; nothing was changed"
+                    "snapshot is larger than {MAX_SNAPSHOT_BYTES} bytes; nothing was changed"
                 )));
             }
-            state.extend_from_slice(&chunk.state);
+            saved.extend_from_slice(&chunk.state);
         }
         let expected = crc32.unwrap_or(0);
-        let actual = crc32fast::hash(&state);
+        let actual = crc32fast::hash(&saved);
         if actual != expected {
             return Err(tonic::Status::invalid_argument(format!(
                 "snapshot state is corrupt: crc32 {actual:08x}, expected {expected:08x}; nothing was changed"
             )));
         }
         if let Some(mut leader) = self.leader_client()? {
-            return leader.snapshot_restore(futures::stream::iter(mlp_proto::snapshot::restore_chunks(&state, expected))).await;
+            return leader.snapshot_restore(futures::stream::iter(mlp_proto::snapshot::restore_chunks(saved, expected))).await;
         }
-        let text = String::from_utf8(state)
-            .map_err(|e| tonic::Status::invalid_argument(format!("snapshot state is not UTF-8 JSON: {e}; nothing was changed")))?;
-        if let Err(e) = serde_json::from_str::<crate::state::ClusterState>(&text) {
-            return Err(tonic::Status::invalid_argument(format!(
-                "snapshot state does not decode as a cluster state: {e}; nothing was changed"
-            )));
-        }
-        let bytes = text.len();
-        let resp = self
-            .node
-            .write(Request { now_ms: crate::leader::now_ms(), command: crate::state::Command::RestoreState { state: text } })
+        let checked = tokio::task::spawn_blocking(move || check_saved(saved))
             .await
-            .map_err(to_status)?;
-        tracing::warn!(index = resp.index, bytes, "cluster state replaced from an operator's snapshot");
-        Ok(tonic::Response::new(SnapshotRestoreResponse { index: resp.index }))
+            .map_err(|e| tonic::Status::internal(format!("checking the snapshot: {e}")))?
+            .map_err(tonic::Status::invalid_argument)?;
+        self.commit_restore(checked).await
     }
 
     async fn trigger_elect(&self, _req: tonic::Request<TriggerElectRequest>) -> GrpcResult<TriggerElectResponse> {
         self.node.raft.trigger().elect().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         Ok(tonic::Response::new(TriggerElectResponse {}))
+    }
+}
+
+/// A saved snapshot that passed every check, ready to commit.
+struct CheckedRestore {
+    /// The state's JSON.
+    state: String,
+    /// The whole saved snapshot and where its points section starts; `None` for the older format
+    /// (the state's JSON alone).
+    points: Option<(Vec<u8>, usize)>,
+    /// Its points and the `RestorePoints` chunks they take.
+    point_count: u64,
+    chunks: u32,
+}
+
+fn refused(what: impl std::fmt::Display) -> String {
+    format!("{what}; nothing was changed")
+}
+
+/// Everything a restore checks before it changes anything: the format, the state (size, UTF-8,
+/// decodes as a `ClusterState`) and, when there is one, the whole points section (it decodes,
+/// chunk by chunk as it will be committed). The error says why the snapshot was refused.
+fn check_saved(saved: Vec<u8>) -> Result<CheckedRestore, String> {
+    let (state, section) = mlp_proto::snapshot::split(&saved).map_err(refused)?;
+    if state.len() > MAX_STATE_BYTES {
+        return Err(refused(format!("the snapshot's state is larger than {MAX_STATE_BYTES} bytes")));
+    }
+    let text = std::str::from_utf8(state).map_err(|e| refused(format!("snapshot state is not UTF-8 JSON: {e}")))?.to_string();
+    if let Err(e) = serde_json::from_str::<crate::state::ClusterState>(&text) {
+        return Err(refused(format!("snapshot state does not decode as a cluster state: {e}")));
+    }
+    let Some(section) = section else {
+        return Ok(CheckedRestore { state: text, points: None, point_count: 0, chunks: 0 });
+    };
+    let (mut point_count, mut chunks) = (0u64, 0u32);
+    for chunk in crate::tracking::points::section_chunks(section, RESTORE_POINTS_CHUNK_BYTES) {
+        let chunk = chunk.map_err(|e| refused(format!("the snapshot's metric points do not decode (after {point_count} points): {e}")))?;
+        point_count += chunk.points;
+        chunks = chunks.checked_add(1).ok_or_else(|| refused("the snapshot has too many metric points"))?;
+    }
+    let start = saved.len() - section.len();
+    Ok(CheckedRestore { state: text, points: Some((saved, start)), point_count, chunks })
+}
+
+impl ClusterGrpc {
+    /// Commits a checked restore: the state, then its points chunk by chunk (see
+    /// [`ClusterService::snapshot_restore`]).
+    async fn commit_restore(&self, checked: CheckedRestore) -> GrpcResult<SnapshotRestoreResponse> {
+        let CheckedRestore { state, points, point_count, chunks } = checked;
+        let id = uuid::Uuid::new_v4().to_string();
+        let restore = points.as_ref().map(|_| crate::tracking::points::PointsRestore {
+            id: id.clone(),
+            points: point_count,
+            chunks,
+            loaded_chunks: 0,
+            loaded_points: 0,
+        });
+        let bytes = state.len();
+        let command = crate::state::Command::RestoreState { state, points: restore };
+        let resp = self.node.write(Request { now_ms: crate::leader::now_ms(), command }).await.map_err(to_status)?;
+        if let Some(e) = resp.error {
+            return Err(tonic::Status::invalid_argument(format!("the state was not restored: {e}")));
+        }
+        tracing::warn!(index = resp.index, bytes, points = point_count, chunks, "cluster state replaced from an operator's snapshot");
+        let mut index = resp.index;
+        let Some((saved, start)) = points else {
+            return Ok(tonic::Response::new(SnapshotRestoreResponse { index, points: 0 }));
+        };
+        // Re-encoded as in `check_saved`, off the async workers (a chunk ahead of the commits):
+        // a long restore must not keep the servers from answering the clients' pings.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        tokio::task::spawn_blocking(move || {
+            for chunk in crate::tracking::points::section_chunks(&saved[start..], RESTORE_POINTS_CHUNK_BYTES) {
+                let chunk = chunk.map(|c| crate::tracking::points::base64_encode(&c.bytes));
+                let failed = chunk.is_err();
+                if tx.blocking_send(chunk).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let mut next = 0u32;
+        let failed = |next: u32, index: u64, code: tonic::Code, why: String| {
+            tonic::Status::new(
+                code,
+                format!(
+                    "the state was restored (index {index}) but only {next} of {chunks} chunks of its metric points were loaded: \
+                     {why}; run the restore again (it starts over)"
+                ),
+            )
+        };
+        while let Some(chunk) = rx.recv().await {
+            let points = chunk.map_err(|e| failed(next, index, tonic::Code::Internal, e.to_string()))?;
+            let command = crate::state::Command::RestorePoints { id: id.clone(), chunk: next, points };
+            // Forwarded to the new leader if this server loses the lead half-way.
+            match self.node.submit(Request { now_ms: crate::leader::now_ms(), command }).await {
+                Ok(r) => match r.error {
+                    None => index = r.index,
+                    Some(e) => return Err(failed(next, index, tonic::Code::Aborted, e)),
+                },
+                Err(e) => return Err(failed(next, index, tonic::Code::Unavailable, e.to_string())),
+            }
+            next += 1;
+        }
+        if next != chunks {
+            return Err(failed(next, index, tonic::Code::Internal, "the encoder stopped early".into()));
+        }
+        tracing::warn!(index, points = point_count, chunks, "metric points restored from an operator's snapshot");
+        Ok(tonic::Response::new(SnapshotRestoreResponse { index, points: point_count }))
     }
 }

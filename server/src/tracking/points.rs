@@ -39,6 +39,9 @@ pub enum PointOp {
     },
     /// Every point of the run (a purge).
     RemoveRun(String),
+    /// Every point there is (an operator's restore, before it loads the saved ones): the ops
+    /// before it in the entry are moot, the ones after it apply to an empty tree.
+    Clear,
 }
 
 /// The point writes of the entry being applied. `seq` counts points within one entry (across
@@ -64,6 +67,16 @@ impl PendingPoints {
 
     pub fn remove_run(&mut self, run: &str) {
         self.ops.push(PointOp::RemoveRun(run.to_string()));
+    }
+
+    /// Every point goes (see [`PointOp::Clear`]).
+    pub fn clear_all(&mut self) {
+        self.ops.push(PointOp::Clear);
+    }
+
+    /// A point under a key it already has (a restored snapshot's).
+    pub fn put_raw(&mut self, key: Vec<u8>, value: [u8; 24]) {
+        self.ops.push(PointOp::Put { key, value });
     }
 }
 
@@ -199,8 +212,12 @@ impl PointStore {
             return Ok(());
         }
         let mut changes: BTreeMap<Vec<u8>, Option<[u8; 24]>> = BTreeMap::new();
+        // Only the last clear matters: what came before it is gone either way.
+        let clear = ops.iter().rposition(|op| *op == PointOp::Clear);
+        let ops = clear.map_or(ops, |i| &ops[i + 1..]);
         for op in ops {
             match op {
+                PointOp::Clear => {}
                 PointOp::Put { key, value } => {
                     changes.insert(key.clone(), Some(*value));
                 }
@@ -209,14 +226,21 @@ impl PointStore {
                     for k in changes.range_mut(prefix.clone()..).take_while(|(k, _)| k.starts_with(&prefix)) {
                         *k.1 = None;
                     }
-                    for k in self.run_keys(run)? {
-                        changes.insert(k, None);
+                    if clear.is_none() {
+                        for k in self.run_keys(run)? {
+                            changes.insert(k, None);
+                        }
                     }
                 }
             }
         }
         match self.tree.get() {
             Some(t) => {
+                // Not atomic with the batch: a crash between them leaves the entry unapplied
+                // (the applied index has not moved), and applying it again clears again.
+                if clear.is_some() {
+                    t.clear()?;
+                }
                 let mut batch = sled::Batch::default();
                 for (k, v) in changes {
                     match v {
@@ -228,6 +252,9 @@ impl PointStore {
             }
             None => {
                 let mut mem = lock(&self.mem);
+                if clear.is_some() {
+                    mem.clear();
+                }
                 for (k, v) in changes {
                     match v {
                         Some(v) => mem.insert(k, v.to_vec()),
@@ -365,33 +392,47 @@ fn get_bytes<'a>(b: &mut &'a [u8]) -> Result<&'a [u8], PointsError> {
     Ok(s)
 }
 
-/// Appends the store's points to `out` in the snapshot encoding.
-pub fn encode_all(store: &PointStore, out: &mut Vec<u8>) -> Result<usize, PointsError> {
-    let mut series: Vec<u8> = Vec::new();
-    let mut last_index = 0u64;
-    let mut n = 0;
-    store.for_each(|k, v| {
+/// Writes points in the snapshot encoding, one after the other (grouping runs of the same
+/// series); a fresh encoder starts a section that decodes on its own.
+#[derive(Default)]
+struct SectionEncoder {
+    series: Vec<u8>,
+    last_index: u64,
+}
+
+impl SectionEncoder {
+    fn push(&mut self, out: &mut Vec<u8>, k: &[u8], v: &[u8]) -> Result<(), PointsError> {
         let parts = split_key(k)?;
         let p = decode_value(v)?;
         let prefix_len = k.len() - 12;
-        if k[..prefix_len] != series[..] {
-            series.clear();
-            series.extend_from_slice(&k[..prefix_len]);
+        if self.series.is_empty() || k[..prefix_len] != self.series[..] {
+            self.series.clear();
+            self.series.extend_from_slice(&k[..prefix_len]);
             out.push(1);
             put_varint(out, parts.run.len() as u64);
             out.extend_from_slice(parts.run.as_bytes());
             put_varint(out, parts.key.len() as u64);
             out.extend_from_slice(parts.key.as_bytes());
-            last_index = 0;
+            self.last_index = 0;
         } else {
             out.push(0);
         }
-        put_varint(out, parts.index.wrapping_sub(last_index));
-        last_index = parts.index;
+        put_varint(out, parts.index.wrapping_sub(self.last_index));
+        self.last_index = parts.index;
         put_varint(out, u64::from(parts.seq));
         put_varint(out, zigzag(p.step));
         put_varint(out, zigzag(p.timestamp));
         out.extend_from_slice(&p.value.0.to_bits().to_le_bytes());
+        Ok(())
+    }
+}
+
+/// Appends the store's points to `out` in the snapshot encoding.
+pub fn encode_all(store: &PointStore, out: &mut Vec<u8>) -> Result<usize, PointsError> {
+    let mut enc = SectionEncoder::default();
+    let mut n = 0;
+    store.for_each(|k, v| {
+        enc.push(out, k, v)?;
         n += 1;
         Ok(())
     })?;
@@ -442,6 +483,125 @@ pub fn decode_all(mut b: &[u8]) -> impl Iterator<Item = Result<(Vec<u8>, [u8; 24
         failed = r.is_err();
         Some(r)
     })
+}
+
+/// One part of a points section, re-encoded to decode on its own: what one
+/// `Command::RestorePoints` carries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SectionChunk {
+    /// The part's points in the snapshot encoding.
+    pub bytes: Vec<u8>,
+    pub points: u64,
+}
+
+/// Splits a points section into parts of at most about `max_bytes` each (a part ends once it
+/// reaches `max_bytes` less the largest point, so none is over), each decodable alone. The
+/// first error of the section ends the iteration with it.
+pub fn section_chunks(section: &[u8], max_bytes: usize) -> impl Iterator<Item = Result<SectionChunk, PointsError>> + '_ {
+    let mut points = decode_all(section).peekable();
+    std::iter::from_fn(move || {
+        points.peek()?;
+        let mut chunk = SectionChunk { bytes: Vec::new(), points: 0 };
+        let mut enc = SectionEncoder::default();
+        while chunk.points == 0 || chunk.bytes.len() + MAX_ENCODED_POINT <= max_bytes {
+            let Some(p) = points.next() else { break };
+            let pushed = p.and_then(|(k, v)| enc.push(&mut chunk.bytes, &k, &v));
+            if let Err(e) = pushed {
+                return Some(Err(e));
+            }
+            chunk.points += 1;
+        }
+        Some(Ok(chunk))
+    })
+}
+
+/// The most bytes one point takes in the snapshot encoding: a flag, run id and metric key
+/// (each at most `u16::MAX` bytes with a 3-byte varint length), four varints of at most 10
+/// bytes and the value.
+const MAX_ENCODED_POINT: usize = 1 + 2 * (3 + u16::MAX as usize) + 4 * 10 + 8;
+
+/// A point as the tree holds it: key and value.
+pub type RawPoint = (Vec<u8>, [u8; 24]);
+
+/// A chunk's points, checked whole: one malformed point fails all of them.
+pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<RawPoint>, PointsError> {
+    decode_all(bytes).collect()
+}
+
+// ---- base64 (RFC 4648, padded): a chunk travels in the JSON of a Raft entry as a string ----
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+pub fn base64_encode(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
+            if i <= c.len() {
+                out.push(char::from(B64[((n >> shift) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+pub fn base64_decode(text: &str) -> Result<Vec<u8>, PointsError> {
+    let bad = || PointsError::Malformed("base64 chunk");
+    let b = text.as_bytes();
+    if !b.len().is_multiple_of(4) {
+        return Err(bad());
+    }
+    let mut out = Vec::with_capacity(b.len() / 4 * 3);
+    for (q, quad) in b.chunks(4).enumerate() {
+        let last = (q + 1) * 4 == b.len();
+        let pad = quad.iter().rev().take_while(|c| **c == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return Err(bad());
+        }
+        let mut n = 0u32;
+        for &c in &quad[..4 - pad] {
+            let v = match c {
+                b'A'..=b'Z' => c - b'A',
+                b'a'..=b'z' => c - b'a' + 26,
+                b'0'..=b'9' => c - b'0' + 52,
+                b'+' => 62,
+                b'/' => 63,
+                _ => return Err(bad()),
+            };
+            n = (n << 6) | u32::from(v);
+        }
+        n <<= 6 * pad as u32;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Ok(out)
+}
+
+/// An operator's restore that replaces every metric point (`Command::RestoreState` with
+/// `points`): its chunks follow as `Command::RestorePoints`, in order. Kept in the state
+/// (`ClusterState::points_restore`) so that a chunk of another restore (superseded, or run
+/// concurrently) is refused, a repeated one is a no-op, and a restore that stopped half-way
+/// shows (`loaded_chunks < chunks`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct PointsRestore {
+    /// Chosen by the server that runs the restore; unique per restore.
+    pub id: String,
+    /// The saved file's points and the chunks they come in.
+    pub points: u64,
+    pub chunks: u32,
+    /// Applied so far (chunk `loaded_chunks` is the next one taken).
+    #[serde(default)]
+    pub loaded_chunks: u32,
+    #[serde(default)]
+    pub loaded_points: u64,
+}
+
+impl PointsRestore {
+    pub fn complete(&self) -> bool {
+        self.loaded_chunks >= self.chunks
+    }
 }
 
 #[cfg(test)]
@@ -496,5 +656,71 @@ mod tests {
         store.apply(&purge.ops).expect("purge");
         assert_eq!(store.run_len("r1").expect("r1"), 0);
         assert_eq!(store.run_len("r2").expect("r2"), 2);
+    }
+
+    #[test]
+    fn a_section_splits_into_chunks_that_decode_alone_to_the_same_points() {
+        let store = PointStore::default();
+        let mut pending = PendingPoints::default();
+        for i in 0..200u32 {
+            let run = format!("run-{}", i % 3);
+            pending.put(
+                u64::from(i / 7) + 1,
+                &run,
+                if i % 2 == 0 { "loss" } else { "acc" },
+                &p(i64::from(i), -i64::from(i), f64::from(i) / 3.0),
+            );
+        }
+        store.apply(&pending.ops).expect("apply");
+        let mut section = Vec::new();
+        encode_all(&store, &mut section).expect("encode");
+        let whole: Vec<_> = decode_all(&section).collect::<Result<_, _>>().expect("decode");
+        for max in [1, 64, 1000, usize::MAX] {
+            let chunks: Vec<SectionChunk> = section_chunks(&section, max).collect::<Result<_, _>>().expect("chunks");
+            assert!(chunks.iter().all(|c| c.points > 0 && (c.points == 1 || c.bytes.len() <= max)), "max {max}");
+            let again: Vec<_> =
+                chunks.iter().flat_map(|c| decode_chunk(&base64_decode(&base64_encode(&c.bytes)).expect("b64")).expect("chunk")).collect();
+            assert_eq!(again, whole, "max {max}");
+            assert_eq!(chunks.iter().map(|c| c.points).sum::<u64>(), 200);
+        }
+        assert_eq!(section_chunks(&section, usize::MAX).count(), 1);
+        assert_eq!(section_chunks(&[], 10).count(), 0, "no points, no chunk");
+        let mut bad = section.clone();
+        bad.truncate(section.len() - 3);
+        assert!(section_chunks(&bad, 100).any(|c| c.is_err()), "a truncated section fails");
+    }
+
+    #[test]
+    fn base64_round_trips_and_refuses_what_is_not_base64() {
+        for n in 0..10usize {
+            let bytes: Vec<u8> = (0..n as u8).map(|b| b.wrapping_mul(37)).collect();
+            let text = base64_encode(&bytes);
+            assert_eq!(text.len() % 4, 0);
+            assert_eq!(base64_decode(&text).expect("decode"), bytes);
+        }
+        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64_encode(b"fo"), "Zm8=");
+        for bad in ["Zm8", "Zm=8", "Z===", "Zm8=Zm8=", "Zm9v!mFy"] {
+            assert!(base64_decode(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_clear_drops_every_point_and_what_the_entry_logged_before_it() {
+        let store = PointStore::default();
+        let mut pending = PendingPoints::default();
+        pending.put(1, "r1", "loss", &p(0, 0, 1.0));
+        pending.put(1, "r2", "loss", &p(0, 0, 1.0));
+        store.apply(&pending.ops).expect("apply");
+        let mut restore = PendingPoints::default();
+        restore.put(2, "r1", "loss", &p(1, 1, 1.0));
+        restore.clear_all();
+        restore.put_raw(point_key("r3", "x", 1, 0), encode_value(&p(5, 5, 5.0)));
+        store.apply(&restore.ops).expect("clear");
+        assert_eq!(store.len(), 1);
+        assert_eq!(store.history("r3", "x").expect("history"), vec![p(5, 5, 5.0)]);
+        // Applied again (a replayed entry): the same.
+        store.apply(&restore.ops).expect("clear again");
+        assert_eq!(store.len(), 1);
     }
 }
