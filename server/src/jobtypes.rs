@@ -252,6 +252,9 @@ mod tests {
         let mut st = ClusterState::default();
         let p = parent(true);
         apply(&mut st, 1, 1000, Command::RegisterJob { job: p.clone(), eval: child_eval(&p, "e0".into()) });
+        // The launcher's index holds the parent, not its children.
+        let periodic_jobs = |st: &ClusterState| st.periodic_jobs.iter().cloned().collect::<Vec<_>>();
+        assert_eq!(periodic_jobs(&st), ["default/train"]);
         // Two leaders (or one retrying) propose the same slot: one child.
         let r = apply(&mut st, 2, 60_500, launch_command(&p, 60_000, false));
         assert_eq!(r.created.as_deref(), Some("train/periodic-60"));
@@ -274,7 +277,20 @@ mod tests {
         assert!(r.created.unwrap_or_default().starts_with("train/periodic-121-"));
         // ... and leaves the schedule alone; the snapshot keeps the launch record.
         let json = serde_json::to_string(&st).unwrap_or_default();
-        let back: ClusterState = serde_json::from_str(&json).unwrap_or_default();
+        let mut back: ClusterState = serde_json::from_str(&json).unwrap_or_default();
         assert_eq!(back.periodic_launches.get("default/train"), Some(&120_000));
+        back.rebuild_indexes();
+        assert_eq!(periodic_jobs(&back), ["default/train"]);
+        // Registered again without its `periodic` block, then purged: out of the index.
+        let mut plain = p.clone();
+        plain.periodic = None;
+        apply(&mut st, 8, 122_000, Command::RegisterJob { job: plain.clone(), eval: child_eval(&plain, "e8".into()) });
+        assert!(periodic_jobs(&st).is_empty());
+        apply(&mut st, 9, 123_000, Command::RegisterJob { job: q.clone(), eval: child_eval(&q, "e9".into()) });
+        assert_eq!(periodic_jobs(&st), ["default/train"]);
+        let purge =
+            Command::StopJob { namespace: "default".into(), job_id: "train".into(), purge: true, eval: child_eval(&q, "e10".into()) };
+        apply(&mut st, 10, 124_000, purge);
+        assert!(periodic_jobs(&st).is_empty());
     }
 }

@@ -393,6 +393,11 @@ pub struct ClusterState {
     /// Absent in older snapshots (then empty).
     #[serde(default)]
     pub periodic_launches: BTreeMap<String, u64>,
+    /// The `job_key`s of the jobs with a `periodic` block (stopped ones too), kept by
+    /// `put_job` and `take_job`: the periodic launcher (`leader::periodic`) reads these every
+    /// time it wakes instead of walking every job.
+    #[serde(skip)]
+    pub periodic_jobs: BTreeSet<String>,
 }
 
 /// The objects one applied entry created, modified or removed: the event stream's events and the
@@ -462,6 +467,7 @@ impl ClusterState {
         self.live_allocs_by_node.clear();
         self.allocs_by_job.clear();
         self.evals_by_job.clear();
+        self.periodic_jobs = self.jobs.iter().filter(|(_, j)| j.periodic.is_some()).map(|(k, _)| k.clone()).collect();
         for a in self.allocs.values() {
             self.allocs_by_node.entry(a.node_id.clone()).or_default().insert(a.id.clone());
             if crate::scheduler::resources::is_live(a) {
@@ -476,6 +482,22 @@ impl ClusterState {
 
     pub fn job(&self, namespace: &str, job_id: &str) -> Option<&Job> {
         self.jobs.get(&job_key(namespace, job_id))
+    }
+
+    /// Sets the latest version of the job `key`, keeping `periodic_jobs` in step.
+    fn put_job(&mut self, key: String, job: Job) {
+        if job.periodic.is_some() {
+            self.periodic_jobs.insert(key.clone());
+        } else {
+            self.periodic_jobs.remove(&key);
+        }
+        self.jobs.insert(key, job);
+    }
+
+    /// Removes the job `key`, keeping `periodic_jobs` in step.
+    fn take_job(&mut self, key: &str) -> Option<Job> {
+        self.periodic_jobs.remove(key);
+        self.jobs.remove(key)
     }
 
     pub fn job_version(&self, namespace: &str, job_id: &str, version: u64) -> Option<&Job> {
@@ -577,7 +599,7 @@ impl ClusterState {
                 if *purge {
                     self.remove_deployments(namespace, job_id);
                     self.periodic_launches.remove(&key);
-                    self.jobs.remove(&key);
+                    self.take_job(&key);
                     self.job_versions.remove(&key);
                     self.touched.jobs.remove(&key);
                     self.touched.deleted.push(Deleted {
@@ -594,7 +616,7 @@ impl ClusterState {
                     job.job_modify_index = index;
                     job.submit_time_ms = now;
                     self.push_version(&key, job.clone());
-                    self.jobs.insert(key.clone(), job);
+                    self.put_job(key.clone(), job);
                     self.touched.jobs.insert(key.clone());
                     self.refresh_job_status(&key);
                 }
@@ -1149,7 +1171,7 @@ impl ClusterState {
                 self.remove_eval(e);
             }
             self.remove_deployments(&ns, &id);
-            self.jobs.remove(key);
+            self.take_job(key);
             self.periodic_launches.remove(key);
             self.job_versions.remove(key);
             self.touched.jobs.remove(key);
@@ -1310,7 +1332,7 @@ impl ClusterState {
         }
         let mut eval = eval.clone();
         eval.job_modify_index = job.job_modify_index;
-        self.jobs.insert(key.clone(), job);
+        self.put_job(key.clone(), job);
         self.insert_eval(index, now, eval, effects);
         self.refresh_job_status(&key);
     }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mlp_proto::jobspec::jobtypes;
+use mlp_proto::v1::Job;
 
 use crate::leader::now_ms;
 use crate::raft::node::RaftNode;
@@ -24,11 +25,16 @@ pub struct Due {
     pub launch_ms: u64,
 }
 
+/// The periodic jobs (`ClusterState::periodic_jobs`, in key order), stopped ones too.
+fn periodic_jobs(st: &ClusterState) -> impl Iterator<Item = &Job> {
+    st.periodic_jobs.iter().filter_map(|key| st.jobs.get(key))
+}
+
 /// The launches owed at `now_ms`: per running periodic job, the latest slot after its last
 /// launch (or after its registration, for one never launched) and not after now.
 pub fn due_launches(st: &ClusterState, now_ms: u64) -> Vec<Due> {
     let mut out = Vec::new();
-    for job in st.jobs.values() {
+    for job in periodic_jobs(st) {
         let Some(p) = job.periodic.as_ref() else { continue };
         if job.stop {
             continue;
@@ -43,7 +49,7 @@ pub fn due_launches(st: &ClusterState, now_ms: u64) -> Vec<Due> {
 
 /// The next slot of any periodic job after `now_ms`.
 pub fn next_due(st: &ClusterState, now_ms: u64) -> Option<u64> {
-    st.jobs.values().filter(|j| !j.stop).filter_map(|j| j.periodic.as_ref()).filter_map(|p| jobtypes::next_launch_after(p, now_ms)).min()
+    periodic_jobs(st).filter(|j| !j.stop).filter_map(|j| j.periodic.as_ref()).filter_map(|p| jobtypes::next_launch_after(p, now_ms)).min()
 }
 
 /// Runs forever; launches only while this server leads.
@@ -85,7 +91,7 @@ pub async fn run(raft: Arc<RaftNode>, state: Arc<StateHandle>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mlp_proto::v1::{Job, PeriodicConfig};
+    use mlp_proto::v1::PeriodicConfig;
 
     fn periodic(id: &str, cron: &str, submit_ms: u64) -> Job {
         Job {
@@ -105,6 +111,8 @@ mod tests {
         st.jobs.insert("default/a".into(), periodic("a", "* * * * *", 1_000));
         st.jobs.insert("default/b".into(), Job { stop: true, ..periodic("b", "* * * * *", 1_000) });
         st.jobs.insert("default/c".into(), Job { periodic: None, ..periodic("c", "* * * * *", 1_000) });
+        st.rebuild_indexes();
+        assert_eq!(st.periodic_jobs.iter().map(String::as_str).collect::<Vec<_>>(), ["default/a", "default/b"]);
         // Nothing before the first slot after registration.
         assert!(due_launches(&st, 59_999).is_empty());
         assert_eq!(next_due(&st, 59_999), Some(60_000));

@@ -14,9 +14,10 @@
 //! [`RequestBatch`]. Every request of a batch is applied at that entry's index, in order.
 
 use std::io::Cursor;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::state::{CommandResponse, Request};
 
@@ -36,23 +37,71 @@ pub use store::{open_storage, LogStore, StateMachineStore, StorageError};
 /// batch of a few hundred job registrations cloned three times was 8% of a server's CPU under
 /// load (perf, `bench-ha.sh regs`); an `Arc` makes each clone a reference count. On the wire
 /// and on disk it is the plain list of requests, as before.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RequestBatch(pub Arc<Vec<Request>>);
+///
+/// Encoded once: the leader wrote each entry's JSON for its log and again for every follower's
+/// `AppendEntries`, and each follower encoded what it had just decoded for its own log. The
+/// batch keeps its JSON (the text it was decoded from, or its first encoding), shared by its
+/// clones, and serde_json writes that text again instead of encoding the requests anew. The
+/// requests never change after the batch is made, so the text stays theirs.
+#[derive(Clone, Default)]
+pub struct RequestBatch(pub Arc<Vec<Request>>, Arc<OnceLock<Box<RawValue>>>);
 
 impl RequestBatch {
     pub fn new(requests: Vec<Request>) -> Self {
-        RequestBatch(Arc::new(requests))
+        RequestBatch(Arc::new(requests), Arc::default())
+    }
+
+    /// The batch's JSON (the plain list of requests), encoded on the first call.
+    fn json(&self) -> Result<&RawValue, serde_json::Error> {
+        if let Some(raw) = self.1.get() {
+            return Ok(raw);
+        }
+        let raw = serde_json::value::to_raw_value(self.0.as_slice())?;
+        Ok(self.1.get_or_init(|| raw))
+    }
+
+    /// The size of the kept JSON, or 0 when there is none yet.
+    pub fn json_len(&self) -> usize {
+        self.1.get().map_or(0, |raw| raw.get().len())
+    }
+}
+
+/// Whether `T` is serde_json's serializer or deserializer (`&mut serde_json::ser::Serializer<…>`,
+/// `&mut serde_json::de::Deserializer<…>`): only those can take a [`RawValue`] as the text it
+/// holds. Any other format (none is used today) gets the requests themselves, so a name that
+/// stopped matching would cost speed, never correctness.
+fn is_serde_json<T: ?Sized>(module: &str) -> bool {
+    std::any::type_name::<T>().trim_start_matches("&mut ").starts_with(module)
+}
+
+impl std::fmt::Debug for RequestBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RequestBatch").field(&self.0).finish()
+    }
+}
+
+impl PartialEq for RequestBatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
     }
 }
 
 impl Serialize for RequestBatch {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if is_serde_json::<S>("serde_json::ser::Serializer<") {
+            return self.json().map_err(serde::ser::Error::custom)?.serialize(s);
+        }
         s.serialize_newtype_struct("RequestBatch", self.0.as_slice())
     }
 }
 
 impl<'de> Deserialize<'de> for RequestBatch {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if is_serde_json::<D>("serde_json::de::Deserializer<") {
+            let raw = Box::<RawValue>::deserialize(d)?;
+            let requests: Vec<Request> = serde_json::from_str(raw.get()).map_err(serde::de::Error::custom)?;
+            return Ok(RequestBatch(Arc::new(requests), Arc::new(OnceLock::from(raw))));
+        }
         #[derive(Deserialize)]
         #[serde(rename = "RequestBatch")]
         struct Wire(Vec<Request>);
@@ -105,5 +154,40 @@ mod tests {
         assert_eq!(back, batch);
         let copy = batch.clone();
         assert!(Arc::ptr_eq(&copy.0, &batch.0), "a clone shares the requests");
+    }
+
+    #[test]
+    fn a_batch_is_encoded_once_and_keeps_the_text_it_was_decoded_from() {
+        let reqs = vec![
+            Request { now_ms: 7, command: Command::UpsertEvals { evals: vec![] } },
+            Request {
+                now_ms: 8,
+                command: Command::StopJob {
+                    namespace: "default".into(),
+                    job_id: "a \"quoted\" id".into(),
+                    purge: false,
+                    eval: Default::default(),
+                },
+            },
+        ];
+        let plain = serde_json::to_string(&reqs).expect("serializes");
+        let batch = RequestBatch::new(reqs.clone());
+        assert_eq!(batch.json_len(), 0);
+        // Inside an entry and alone, the kept text is the plain list, and clones share it.
+        let copy = batch.clone();
+        let entry = serde_json::to_string(&openraft::EntryPayload::<TypeConfig>::Normal(batch.clone())).expect("serializes");
+        assert_eq!(entry, format!("{{\"Normal\":{plain}}}"));
+        assert_eq!(copy.json_len(), plain.len());
+        assert_eq!(serde_json::to_string(&copy).expect("serializes"), plain);
+        // Other serializers get the requests themselves.
+        assert_eq!(serde_json::to_value(&batch).expect("to a value"), serde_json::to_value(&reqs).expect("to a value"));
+        // Decoded, a batch keeps the text it came from (so a follower writes it as received).
+        let back: openraft::EntryPayload<TypeConfig> = serde_json::from_str(&entry).expect("decodes");
+        let openraft::EntryPayload::Normal(back) = back else { panic!("a normal entry") };
+        assert_eq!((back.0.as_slice(), back.json_len()), (reqs.as_slice(), plain.len()));
+        assert_eq!(serde_json::to_string(&back).expect("serializes"), plain);
+        let from_value: RequestBatch = serde_json::from_value(serde_json::to_value(&reqs).expect("to a value")).expect("decodes");
+        assert_eq!((from_value.0.as_slice(), from_value.json_len()), (reqs.as_slice(), 0));
+        assert!(serde_json::from_str::<RequestBatch>("[{\"now_ms\": \"x\"}]").is_err());
     }
 }

@@ -49,7 +49,8 @@ const KEY_POINTS_OF: &[u8] = b"points_of";
 /// back right after appending it (to apply it, and to replicate it); serving those reads from
 /// memory saves a JSON decode per entry on the hot write path.
 const TAIL_CACHE_ENTRIES: usize = 4096;
-/// And how many bytes of them (counted as their encoded size): MLflow `log-batch` entries of
+/// And how many bytes of them (counted as their encoded size, twice for a batch that keeps its
+/// JSON, see `RequestBatch`): MLflow `log-batch` entries of
 /// 1,000 points are ~100 KB each, and 4,096 of them kept about 400 MB of RSS (benchmarks.md).
 /// The newest entry is always kept, however large.
 const TAIL_CACHE_BYTES: usize = 16 * 1024 * 1024;
@@ -313,7 +314,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut appended = Vec::new();
         for entry in entries {
             let value = to_json(&entry).map_err(StorageIOError::write_logs)?;
-            let size = value.len();
+            // A batch keeps its JSON (`RequestBatch`), which the cache holds with it.
+            let kept = match &entry.payload {
+                EntryPayload::Normal(batch) => batch.json_len(),
+                _ => 0,
+            };
+            let size = value.len() + kept;
             self.logs.insert(key(entry.log_id.index), value).map_err(|e| StorageIOError::write_logs(io_err(&e)))?;
             appended.push((entry, size));
         }
