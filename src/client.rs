@@ -70,15 +70,29 @@ pub fn endpoint_uri(address: &str) -> String {
     mlp_tls::net::uri_for(address, crate::tls::cli().is_some())
 }
 
+/// How long an unanswered ping may take on a long operator call (`operator snapshot save` and
+/// `restore`): the server may spend seconds at a time writing a large state or millions of
+/// metric points, and failing over such a call gains nothing.
+const PATIENT_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Connects to the first server of the comma-separated `addresses` that accepts a connection.
 pub async fn connect(addresses: &str) -> anyhow::Result<Clients> {
+    connect_with(addresses, KEEPALIVE_TIMEOUT).await
+}
+
+/// [`connect`] for a long operator call: pings may go unanswered for a minute.
+pub async fn connect_patient(addresses: &str) -> anyhow::Result<Clients> {
+    connect_with(addresses, PATIENT_KEEPALIVE_TIMEOUT).await
+}
+
+async fn connect_with(addresses: &str, keepalive_timeout: std::time::Duration) -> anyhow::Result<Clients> {
     let list: Vec<&str> = addresses.split(',').map(str::trim).filter(|a| !a.is_empty()).collect();
     if list.is_empty() {
         anyhow::bail!("--address is empty (set --address or MLP_ADDR)");
     }
     let mut last_err = None;
     for address in &list {
-        match connect_one(address).await {
+        match connect_one(address, keepalive_timeout).await {
             Ok(c) => return Ok(c),
             Err(e) => {
                 tracing::debug!(%address, error = %e, "server unreachable; trying the next one");
@@ -93,7 +107,7 @@ pub async fn connect(addresses: &str) -> anyhow::Result<Clients> {
     }
 }
 
-async fn connect_one(address: &str) -> anyhow::Result<Clients> {
+async fn connect_one(address: &str, keepalive_timeout: std::time::Duration) -> anyhow::Result<Clients> {
     let uri = endpoint_uri(address);
     let endpoint = Endpoint::from_shared(uri.clone())
         .with_context(|| format!("invalid --address {address:?}"))?
@@ -102,7 +116,7 @@ async fn connect_one(address: &str) -> anyhow::Result<Clients> {
         // about 3 s instead of hanging it, so the request fails over to the next server; a
         // live server answers pings even while it holds a write waiting for a new leader.
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_timeout(keepalive_timeout)
         .keep_alive_while_idle(true);
     // With TLS the server must hold the server role (mlp_tls::net); plaintext otherwise.
     let channel = mlp_tls::net::channel(endpoint, crate::tls::cli(), mlp_tls::Role::Server)
@@ -327,7 +341,7 @@ where
         let address = list[attempt % list.len()];
         attempt += 1;
         let last = std::time::Instant::now() >= deadline;
-        match connect_one(address).await {
+        match connect_one(address, KEEPALIVE_TIMEOUT).await {
             Ok(c) => match op(c.clone()).await {
                 Ok(v) => return Ok((c, v)),
                 Err(s) if !last && retryable(&s) => {

@@ -98,7 +98,7 @@ pub async fn operator(addr: &str, cmd: OperatorCommand) -> anyhow::Result<ExitCo
             println!("Server {} is the leader now.", resp.leader_id);
         }
         OperatorCommand::Snapshot(SnapshotCommand::Save { file }) => {
-            let mut c = connect(addr).await?;
+            let mut c = crate::client::connect_patient(addr).await?;
             let mut stream = c.cluster.snapshot_save(SnapshotSaveRequest {}).await.map_err(status_err)?.into_inner();
             let (mut state, mut index) = (Vec::new(), 0);
             while let Some(chunk) = stream.message().await.map_err(status_err)? {
@@ -115,7 +115,7 @@ pub async fn operator(addr: &str, cmd: OperatorCommand) -> anyhow::Result<ExitCo
         OperatorCommand::Snapshot(SnapshotCommand::Restore { file }) => {
             // Checked here first (clear error, nothing sent), and again by the server.
             let (header, state) = read_snapshot(&file)?;
-            let mut c = connect(addr).await?;
+            let mut c = crate::client::connect_patient(addr).await?;
             let resp = c
                 .cluster
                 .snapshot_restore(futures::stream::iter(mlp_proto::snapshot::restore_chunks(state, header.crc32)))
