@@ -230,6 +230,18 @@ pub enum Command {
     RestorePoints { id: String, chunk: u32, points: String },
 }
 
+impl Command {
+    /// A tracking change in namespace `ns`: [`Command::Tracking`] in `default` (the log format
+    /// from before workspaces), [`Command::TrackingIn`] elsewhere.
+    pub fn tracking_in(ns: &str, command: crate::tracking::TrackingCommand) -> Command {
+        if ns == crate::namespace::DEFAULT {
+            Command::Tracking(command)
+        } else {
+            Command::TrackingIn { namespace: ns.to_string(), command }
+        }
+    }
+}
+
 /// What the plan applier commits: placements that fit, stops, and the evaluation's outcome.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct PlanResult {
@@ -438,10 +450,7 @@ impl ClusterState {
         if ns == crate::namespace::DEFAULT {
             return Some(&self.tracking);
         }
-        if !self.namespaces.contains_key(ns) {
-            return None;
-        }
-        Some(self.tracking_ns.get(ns).unwrap_or(&EMPTY))
+        crate::namespace::exists(self, ns).then(|| self.tracking_ns.get(ns).unwrap_or(&EMPTY))
     }
 
     /// The tracking state of namespace `ns` to change, made on first use; `None` when the
@@ -450,7 +459,7 @@ impl ClusterState {
         if ns == crate::namespace::DEFAULT {
             return Some(&mut self.tracking);
         }
-        if !self.namespaces.contains_key(ns) {
+        if !crate::namespace::exists(self, ns) {
             return None;
         }
         Some(self.tracking_ns.entry(ns.to_string()).or_default())
@@ -945,7 +954,7 @@ impl ClusterState {
                 let mut points = std::mem::take(&mut self.pending_points);
                 let result = match self.tracking_in_mut(namespace) {
                     Some(t) => t.apply(index, now, command, &mut points),
-                    None => Err(crate::tracking::TrackingError::not_found(format!("Workspace '{namespace}' does not exist"))),
+                    None => Err(crate::tracking::TrackingError::no_workspace(namespace)),
                 };
                 self.pending_points = points;
                 match result {

@@ -332,12 +332,7 @@ async fn collect_tracking(
             .map(|ids| T::PurgeExperiments { experiment_ids: ids.to_vec(), older_than_ms })
             .chain(runs.chunks(MAX_PURGES_PER_ENTRY).map(|ids| T::PurgeRuns { run_ids: ids.to_vec(), older_than_ms }));
         for cmd in commands {
-            let command = if ns == crate::namespace::DEFAULT {
-                Command::Tracking(cmd)
-            } else {
-                Command::TrackingIn { namespace: ns.clone(), command: cmd }
-            };
-            let req = Request { now_ms: now, command };
+            let req = Request { now_ms: now, command: Command::tracking_in(&ns, cmd) };
             let resp = if forward { raft.submit(req).await? } else { raft.write(req).await? };
             last = Some(resp.index);
             purged += resp.created.as_deref().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);

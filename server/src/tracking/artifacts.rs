@@ -78,7 +78,8 @@ pub enum ArtifactError {
 impl From<ArtifactError> for TrackingError {
     fn from(e: ArtifactError) -> Self {
         match e {
-            ArtifactError::NotFound(_) | ArtifactError::NoWorkspace(_) => TrackingError::not_found(e.to_string()),
+            ArtifactError::NotFound(_) => TrackingError::not_found(e.to_string()),
+            ArtifactError::NoWorkspace(ns) => TrackingError::no_workspace(&ns),
             ArtifactError::BadPath(..) | ArtifactError::Conflict(..) | ArtifactError::TooLarge(_) | ArtifactError::Upload(_) => {
                 TrackingError::invalid(e.to_string())
             }

@@ -130,7 +130,7 @@ async fn get_workspace(
     let found = crate::namespace::list(&t.api.state.read()).into_iter().find(|ns| ns.name == name && readable);
     match found {
         Some(ns) => Ok(Json(json!({ "workspace": workspace_json(&ns) })).into_response()),
-        None => Err(no_workspace(&name)),
+        None => Err(TrackingError::no_workspace(&name)),
     }
 }
 
@@ -302,10 +302,6 @@ pub fn workspace_of(headers: &HeaderMap) -> TResult<String> {
     }
 }
 
-fn no_workspace(ns: &str) -> TrackingError {
-    TrackingError::not_found(format!("Workspace '{ns}' does not exist"))
-}
-
 /// One request's view: the server's tracking, in the namespace (MLflow workspace) the
 /// request names. Every read and write goes through it, so no request sees or changes another
 /// namespace's experiments, runs, models or artifact paths.
@@ -331,12 +327,7 @@ impl Cx<'_> {
 /// Commits a tracking command in namespace `ns` (`Command::Tracking` in `default`, as before
 /// workspaces, `Command::TrackingIn` elsewhere).
 pub async fn submit(api: &Api, ns: &str, cmd: C) -> TResult<Option<String>> {
-    let command = if ns == crate::namespace::DEFAULT {
-        Command::Tracking(cmd)
-    } else {
-        Command::TrackingIn { namespace: ns.to_string(), command: cmd }
-    };
-    let r = api.raft.submit(Request { now_ms: now_ms(), command }).await.map_err(from_write)?;
+    let r = api.raft.submit(Request { now_ms: now_ms(), command: Command::tracking_in(ns, cmd) }).await.map_err(from_write)?;
     Ok(r.created)
 }
 
@@ -345,7 +336,7 @@ pub async fn submit(api: &Api, ns: &str, cmd: C) -> TResult<Option<String>> {
 pub async fn read<T>(api: &Api, ns: &str, f: impl FnOnce(&state::TrackingState) -> TResult<T>) -> TResult<T> {
     api.raft.linearizable_read().await.map_err(from_write)?;
     let st = api.state.read();
-    f(st.tracking_in(ns).ok_or_else(|| no_workspace(ns))?)
+    f(st.tracking_in(ns).ok_or_else(|| TrackingError::no_workspace(ns))?)
 }
 
 fn now() -> i64 {

@@ -95,6 +95,10 @@ impl TrackingError {
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::InternalError, message)
     }
+    /// An MLflow workspace (`X-MLFLOW-WORKSPACE`) that is no mlp namespace.
+    pub fn no_workspace(namespace: &str) -> Self {
+        Self::not_found(format!("Workspace '{namespace}' does not exist"))
+    }
 
     /// Parses `"<CODE>: <message>"`; anything else is an invalid parameter (the state machine's
     /// other refusals are all about the request).
