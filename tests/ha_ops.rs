@@ -255,14 +255,19 @@ fn mlflow(c: &Client, addr: &str, endpoint: &str, body: &serde_json::Value) -> (
     (code.trim().parse().unwrap_or(0), serde_json::from_str(json).unwrap_or(serde_json::Value::Null))
 }
 
-/// `run`'s history of `loss` on the server at `addr` (read from that server's points tree),
-/// retried while the server answers 503 (no quorum confirmed its read yet, on a loaded host).
-fn loss_history(c: &Client, addr: &str, run: &str) -> serde_json::Value {
-    wait_for(&format!("get-history on {addr}"), Duration::from_secs(60), || {
-        let (code, v) = mlflow(c, addr, "metrics/get-history", &serde_json::json!({ "run_id": run, "metric_key": "loss" }));
-        assert!(code == 200 || code == 503, "get-history on {addr}: {code} {v}");
-        (code == 200).then(|| v["metrics"].clone())
+/// [`mlflow`] retried while the server answers 503, as MLflow's client retries (no quorum
+/// confirmed the read or write in time, on a loaded host); the 200 answer's body.
+fn mlflow_retried(c: &Client, addr: &str, endpoint: &str, body: &serde_json::Value) -> serde_json::Value {
+    wait_for(&format!("{endpoint} on {addr}"), Duration::from_secs(60), || {
+        let (code, v) = mlflow(c, addr, endpoint, body);
+        assert!(code == 200 || code == 503, "{endpoint} on {addr}: {code} {v}");
+        (code == 200).then_some(v)
     })
+}
+
+/// `run`'s history of `loss` on the server at `addr` (read from that server's points tree).
+fn loss_history(c: &Client, addr: &str, run: &str) -> serde_json::Value {
+    mlflow_retried(c, addr, "metrics/get-history", &serde_json::json!({ "run_id": run, "metric_key": "loss" }))["metrics"].clone()
 }
 
 /// Logs `n` points of `loss` from step `from` through `addr`, in batches of 1,000.
@@ -293,12 +298,9 @@ fn ha_ops_snapshot_save_and_restore_round_trip_on_every_server() {
         assert!(c.register(&all, &format!("keep-{i}"), Duration::from_secs(40)), "keep-{i} not registered");
     }
     // Metric points: more than one `RestorePoints` entry's worth (512 KiB, some 20,000 points).
-    // MLflow's client retries a 503; so does this (a second run, if the first did commit, is harmless).
-    let run = wait_for("runs/create", Duration::from_secs(60), || {
-        let (code, v) = mlflow(&c, &leader, "runs/create", &serde_json::json!({ "experiment_id": "0", "start_time": 1 }));
-        assert!(code == 200 || code == 503, "runs/create: {code} {v}");
-        v["run"]["info"]["run_id"].as_str().map(String::from)
-    });
+    // Retried on a 503 (a second run, if the first did commit, is harmless).
+    let v = mlflow_retried(&c, &leader, "runs/create", &serde_json::json!({ "experiment_id": "0", "start_time": 1 }));
+    let run = v["run"]["info"]["run_id"].as_str().unwrap_or_else(|| panic!("runs/create: {v}")).to_string();
     log_loss(&c, &leader, &run, 0, 30_000);
     let saved = loss_history(&c, &leader, &run);
     assert_eq!(saved.as_array().map(Vec::len), Some(30_000));
