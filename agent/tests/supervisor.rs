@@ -2,7 +2,8 @@
 //! whole tree, and reattaching after the agent's handle is gone (the agent died): a task that
 //! runs on is watched again with its pid and logs, one that ended meanwhile reports its exit
 //! code, one whose supervisor died is reported lost and leaves nothing; supervisors come from
-//! one zygote per agent, outlive it, and a zygote that is gone is replaced.
+//! one zygote per agent, outlive it, and a zygote that is gone is replaced, also when a start
+//! races its death.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -281,4 +282,118 @@ async fn supervisors_are_forked_by_one_zygote_outlive_it_and_a_gone_zygote_is_re
         until("the supervisor reaped", 10, || !Path::new(&format!("/proc/{sup}")).exists()).await?;
     }
     Ok(())
+}
+
+/// A v1 freezer cgroup that is thawed and removed when dropped.
+struct Freezer(std::path::PathBuf);
+impl Freezer {
+    fn new() -> Result<Freezer, String> {
+        let root = Path::new("/sys/fs/cgroup/freezer");
+        if !root.join("cgroup.procs").exists() {
+            return Err("this test needs the cgroup v1 freezer mounted at /sys/fs/cgroup/freezer".into());
+        }
+        let dir = root.join(format!("mlp-test-spare-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        Ok(Freezer(dir))
+    }
+    fn state(&self, state: &str) -> std::io::Result<()> {
+        std::fs::write(self.0.join("freezer.state"), state)
+    }
+}
+impl Drop for Freezer {
+    fn drop(&mut self) {
+        let _ = self.state("THAWED");
+        // Its processes are dead once thawed (SIGKILLed); give them a moment to leave.
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The zygote's spare: its child still in the zygote's session (a supervisor has its own).
+fn spare_of(zygote: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+        (parent_and_session(pid) == Some((zygote, zygote)) && alive(pid)).then_some(pid)
+    })
+}
+
+/// Starts a task while the zygote's spare is frozen and the zygote is killed: before the start
+/// (`kill_first`) or while the start waits for its status (the request then already sits in the
+/// frozen spare's socket). The spare is thawed 300 ms later and dies (SIGKILLed by the zygote's
+/// death); the start must still run its task.
+async fn start_beside_a_dying_spare(kill_first: bool) -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let d = driver();
+    let s1 = spec(&dir.path().join("a"), "/bin/sh", &["-c", "exit 0"]);
+    let mut h1 = d.start(&s1).await?;
+    let mut g = Guard(vec![h1.pid()]);
+    assert_eq!(tokio::time::timeout(Duration::from_secs(10), h1.wait()).await?.code, Some(0));
+    let zygote = zygote_pid().ok_or("no supervisor zygote runs as a child of the agent (this test)")?;
+    let mut spare = None;
+    until("the zygote's next spare", 10, || {
+        spare = spare_of(zygote);
+        spare.is_some()
+    })
+    .await?;
+    let spare = spare.ok_or("no spare")?;
+    g.0.push(spare);
+    let freezer = Freezer::new()?;
+    std::fs::write(freezer.0.join("cgroup.procs"), spare.to_string())?;
+    freezer.state("FROZEN")?;
+    until("the spare frozen", 10, || std::fs::read_to_string(freezer.0.join("freezer.state")).is_ok_and(|s| s.trim() == "FROZEN")).await?;
+    let kill_zygote = move || -> Result<(), String> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(zygote).map_err(|e| e.to_string())?);
+        nix::sys::signal::kill(pid, Signal::SIGKILL).map_err(|e| format!("killing the zygote: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(zygote) {
+            if Instant::now() > deadline {
+                return Err("the zygote did not die".into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    };
+    if kill_first {
+        kill_zygote()?;
+    }
+    let thaw = freezer.0.join("freezer.state");
+    let other = std::thread::spawn(move || -> Result<(), String> {
+        // The start below has sent its request by now (it takes a few milliseconds).
+        std::thread::sleep(Duration::from_millis(300));
+        if !kill_first {
+            kill_zygote()?;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::write(thaw, "THAWED").map_err(|e| format!("thawing: {e}"))
+    });
+    let s2 = spec(&dir.path().join("b"), "/bin/sh", &["-c", "echo two; exit 5"]);
+    let started = d.start(&s2).await;
+    other.join().map_err(|_| "the killing and thawing thread panicked")??;
+    let mut h2 = started?;
+    g.0.push(h2.pid());
+    assert_eq!(tokio::time::timeout(Duration::from_secs(10), h2.wait()).await?.code, Some(5));
+    assert_eq!(stdout(&s2)?, "two\n");
+    until("the frozen spare's death", 10, || !alive(spare)).await?;
+    drop(freezer);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_start_right_after_the_zygote_died_is_not_sent_to_its_dying_spare() -> TestResult {
+    // The zygote's death SIGKILLs its spare, but until the spare has run its exit it still
+    // holds the request socket, and a request sent to it then is lost with it (CI saw "the
+    // task's supervisor exited without a status"). A frozen spare holds that moment open: v1's
+    // freezer keeps a SIGKILLed task alive until it is thawed.
+    start_beside_a_dying_spare(true).await
+}
+
+#[tokio::test]
+async fn a_start_whose_request_died_with_the_spare_is_sent_again() -> TestResult {
+    // The zygote dies after the request reached its spare, and the spare dies with the request
+    // unread: nothing was started, and the agent sends it again to a new zygote.
+    start_beside_a_dying_spare(false).await
 }

@@ -1,14 +1,15 @@
 //! The agent's side of a task's supervisor, shared by both drivers: the files and pipes the
-//! agent and the supervisor process (`crate::task::supervisor`, started as
-//! `mlp __mlp-supervise <config>`) agree on, [`start`] which launches one and waits for its
-//! start report, and [`reattach`] which finds a running one again after an agent restart.
+//! agent and the supervisor process (`crate::task::supervisor`, forked by the agent's zygote,
+//! `crate::driver::zygote`) agree on, [`start`] which launches one and waits for its start
+//! report, and [`reattach`] which finds a running one again after an agent restart.
 //! [`Supervised`] waits for the supervisor and reads how the task ended.
 //!
-//! The agent learns the outcome of the start on fd 3, a pipe: `ok <pid> [phase=<ns> ...]` (the
-//! task's pid for `raw_exec`, the init's host pid for `exec`; then when each phase of the start
-//! ended, see [`Phases`]) or `err <message>`. Signals go from the agent
-//! straight to the task's process group (verified by pid and start time); waiting is on the
-//! supervisor process (its `Child` after a start, a pidfd after a reattach), after which the
+//! The agent learns the outcome of the start on fd 3, a pipe: `taken` once a supervisor took
+//! the request (a request without it started nothing and is sent again once), then
+//! `ok <pid> [phase=<ns> ...]` (the task's pid for `raw_exec`, the init's host pid for `exec`;
+//! then when each phase of the start ended, see [`Phases`]) or `err <message>`. Signals go from
+//! the agent straight to the task's process group (verified by pid and start time); waiting is
+//! on the supervisor process (a pidfd, after a start as after a reattach), after which the
 //! agent reads `exit.json`.
 #![allow(unsafe_code)]
 
@@ -333,34 +334,22 @@ pub(crate) async fn start(
     let json = serde_json::to_vec(&config).map_err(|e| DriverError::Isolation(format!("encoding the supervisor config: {e}")))?;
     write_atomic(&config_path, &json).map_err(|e| DriverError::Isolation(format!("writing {}: {e}", config_path.display())))?;
     phases.mark("config_written");
-    let diag = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(task_dir.join(LOG_FILE))
-        .map_err(|source| DriverError::Logs { dir: task_dir.clone(), source })?;
-
-    let (status_r, status_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| DriverError::Isolation(format!("pipe: {e}")))?;
-    // The agent's zygote forks the supervisor (fd 3: status_w, fd 4: ready, stderr: diag).
-    super::zygote::launch(exe, &config_path, status_w.as_fd(), diag.as_fd(), ready.as_ref().map(|r| r.as_fd()))?;
-    drop(status_w);
+    // A request that no supervisor took (it reached a spare that the zygote's death was
+    // killing: see `zygote::TAKEN`) started nothing and is sent once more, to a new zygote.
+    let mut attempts = 0;
+    let started = loop {
+        attempts += 1;
+        let text = request_start(exe, &task_dir, &config_path, ready.as_ref(), &mut phases).await?;
+        match text.trim_start().strip_prefix(super::zygote::TAKEN.trim_end()) {
+            Some(rest) => break rest.trim().to_string(),
+            None if text.is_empty() && attempts < 2 => {
+                tracing::warn!(dir = %task_dir.display(), "no supervisor took the start request (the zygote died); sending it again");
+            }
+            None => break text.trim().to_string(),
+        }
+    };
     drop(ready);
-    drop(diag);
-    phases.mark("supervisor_spawned");
-    // Read on the runtime (no blocking-thread round trip): the pipe until EOF.
-    let read = async move {
-        use tokio::io::AsyncReadExt;
-        let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(status_r)?;
-        let mut text = String::new();
-        pipe.read_to_string(&mut text).await?;
-        Ok::<_, std::io::Error>(text)
-    };
-    let started = match tokio::time::timeout(START_TIMEOUT, read).await {
-        Ok(Ok(text)) => text,
-        Ok(Err(e)) => format!("err reading the start status: {e}"),
-        Err(_) => format!("err the task did not start within {START_TIMEOUT:?}"),
-    };
-    let started = started.trim();
+    let started = started.as_str();
     let mut ok = started.strip_prefix("ok ").map(str::split_whitespace);
     let pid = ok.as_mut().and_then(|words| words.next()).and_then(|p| p.parse::<u32>().ok());
     if let Some(words) = ok {
@@ -418,6 +407,42 @@ pub(crate) async fn start(
         None => Waiter::Done,
     };
     Ok(Supervised { record, task_dir, waiter, exit: None })
+}
+
+/// Sends one start request to the zygote and reads the status pipe to its end: the status text
+/// (empty when nothing was written), or an `err` line of its own when reading failed or timed out.
+async fn request_start(
+    exe: &Path,
+    task_dir: &Path,
+    config_path: &Path,
+    ready: Option<&OwnedFd>,
+    phases: &mut Phases,
+) -> Result<String, DriverError> {
+    let diag = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(task_dir.join(LOG_FILE))
+        .map_err(|source| DriverError::Logs { dir: task_dir.to_path_buf(), source })?;
+    let (status_r, status_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| DriverError::Isolation(format!("pipe: {e}")))?;
+    // The agent's zygote forks the supervisor (fd 3: status_w, fd 4: ready, stderr: diag).
+    super::zygote::launch(exe, config_path, status_w.as_fd(), diag.as_fd(), ready.map(|r| r.as_fd()))?;
+    drop(status_w);
+    drop(diag);
+    phases.mark("supervisor_spawned");
+    // Read on the runtime (no blocking-thread round trip): the pipe until EOF.
+    let read = async move {
+        use tokio::io::AsyncReadExt;
+        let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(status_r)?;
+        let mut text = String::new();
+        pipe.read_to_string(&mut text).await?;
+        Ok::<_, std::io::Error>(text)
+    };
+    Ok(match tokio::time::timeout(START_TIMEOUT, read).await {
+        Ok(Ok(text)) => text,
+        Ok(Err(e)) => format!("err reading the start status: {e}"),
+        Err(_) => format!("err the task did not start within {START_TIMEOUT:?}"),
+    })
 }
 
 /// `raw_exec` start errors come back as `err spawn <errno> <message>`: the same

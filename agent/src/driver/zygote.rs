@@ -36,6 +36,10 @@ pub const ZYGOTE_ARG: &str = "__mlp-supervise-zygote";
 pub(crate) const CONTROL_FD: i32 = 3;
 /// The longest config path a request carries (the zygote's receive buffer).
 pub(crate) const MAX_REQUEST: usize = 4096;
+/// What a spare writes first on the status pipe once it took a request and no longer dies with
+/// the zygote: a status without it means that no supervisor ever saw the request (it reached
+/// a spare that the zygote's death was killing), so nothing was started and it may be sent again.
+pub(crate) const TAKEN: &str = "taken ";
 
 /// A running zygote.
 struct Zygote {
@@ -119,6 +123,14 @@ pub(crate) fn launch(
     let mut zygotes = ZYGOTES.lock().unwrap_or_else(|p| p.into_inner());
     let mut last = None;
     for _ in 0..2 {
+        // A zygote that exited is replaced before it is sent anything: its spare may still hold
+        // the socket open while it dies, and would swallow the request.
+        if let Some(z) = zygotes.get_mut(exe) {
+            if !matches!(z.child.try_wait(), Ok(None)) {
+                tracing::warn!(exe = %exe.display(), pid = z.child.id(), "the supervisor zygote exited; starting another");
+                zygotes.remove(exe);
+            }
+        }
         if !zygotes.contains_key(exe) {
             zygotes.insert(exe.to_path_buf(), Zygote::start(exe)?);
         }

@@ -37,7 +37,7 @@ use crate::driver::supervised::{
     read_json, save_record, write_atomic, ExitRecord, SuperviseConfig, TaskKind, TaskRecord, EXIT_FILE, READY_FD, RECORD_FILE, STATUS_FD,
     SUPERVISE_ARG,
 };
-use crate::driver::zygote::{CONTROL_FD, MAX_REQUEST, ZYGOTE_ARG};
+use crate::driver::zygote::{CONTROL_FD, MAX_REQUEST, TAKEN, ZYGOTE_ARG};
 use crate::driver::{proc_start_time, signal_group};
 use crate::isolation::init::{catch_stop_signals, report, Running};
 use crate::isolation::phases::Phases;
@@ -157,6 +157,13 @@ fn spare(zygote: nix::unistd::Pid, control: OwnedFd, taken: OwnedFd) -> ! {
         // A supervisor outlives the zygote (and the agent).
         // SAFETY: prctl(2) with integer arguments only.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) };
+        // From here on this process lives whatever the zygote does (a SIGKILL sent by the
+        // zygote's death before the prctl would have ended it on the way out of that call), so
+        // it says on the status pipe that it took the request: a request that reached a dying
+        // spare ends with no word on the pipe, and the agent may send it again.
+        if let Some(status) = fds.first() {
+            let _ = nix::unistd::write(status, TAKEN.as_bytes());
+        }
         drop(control);
         let _ = File::from(taken).write_all(b"t");
         into_supervisor(&path, fds)
