@@ -55,6 +55,16 @@ const TAIL_CACHE_ENTRIES: usize = 4096;
 /// The newest entry is always kept, however large.
 const TAIL_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
+/// How many bytes of entries (at least one entry, however large) one replication message
+/// carries (`limited_get_log_entries`). openraft 0.9 times an AppendEntries out after one
+/// heartbeat interval and resends the same range, so a follower that fell behind on large
+/// entries (MLflow `log-batch`es of ~100 KB, a restore's 512 KiB `RestorePoints`, batches of
+/// job specs) would otherwise be sent `max_payload_entries` of them, megabytes, that a loaded
+/// host cannot take and store within one heartbeat, and would time out on every resend: it
+/// would never catch up. Counted as the tail cache counts (encoded size, twice for a batch
+/// that keeps its JSON).
+const REPLICATION_BYTES: usize = 512 * 1024;
+
 /// The decoded tail of the log: a contiguous index range (appends are contiguous, truncation
 /// cuts the top, purge and eviction cut the bottom), bounded by entries and by bytes.
 #[derive(Default)]
@@ -203,6 +213,24 @@ impl LogStore {
         Some(cache.entries.range(start..end).map(|(_, (e, _))| e.clone()).collect())
     }
 
+    /// The first entries of `[start, end)` from the tail cache, up to `max_bytes` (at least one
+    /// entry); None when the cache does not hold `start`.
+    fn cached_prefix(&self, start: u64, end: u64, max_bytes: usize) -> Option<Vec<Entry>> {
+        let cache = lock(&self.cache);
+        if start < *cache.entries.keys().next()? {
+            return None;
+        }
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        for (_, (entry, size)) in cache.entries.range(start..end) {
+            if !out.is_empty() && bytes.saturating_add(*size) > max_bytes {
+                break;
+            }
+            bytes = bytes.saturating_add(*size);
+            out.push(entry.clone());
+        }
+        (!out.is_empty()).then_some(out)
+    }
+
     /// Removes `[start, end]` from the logs tree in one batch.
     fn delete_range(&self, start: u64, end: Option<u64>) -> Result<(), sled::Error> {
         let mut batch = sled::Batch::default();
@@ -252,6 +280,27 @@ impl RaftLogReader<TypeConfig> for LogStore {
             if u64::from_be_bytes(idx) >= end {
                 break;
             }
+            out.push(from_json(&v).map_err(StorageIOError::read_logs)?);
+        }
+        Ok(out)
+    }
+
+    /// What one replication message carries: the first entries of `[start, end)` up to
+    /// [`REPLICATION_BYTES`], at least one (see there).
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, RaftStorageError> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        if let Some(entries) = self.cached_prefix(start, end, REPLICATION_BYTES) {
+            return Ok(entries);
+        }
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        for item in self.logs.range(key(start)..key(end)) {
+            let (_, v) = item.map_err(|e| StorageIOError::read_logs(io_err(&e)))?;
+            if !out.is_empty() && bytes.saturating_add(v.len()) > REPLICATION_BYTES {
+                break;
+            }
+            bytes = bytes.saturating_add(v.len());
             out.push(from_json(&v).map_err(StorageIOError::read_logs)?);
         }
         Ok(out)
