@@ -336,18 +336,17 @@ pub(crate) async fn start(
     phases.mark("config_written");
     // A request that no supervisor took (it reached a spare that the zygote's death was
     // killing: see `zygote::TAKEN`) started nothing and is sent once more, to a new zygote.
-    let mut attempts = 0;
-    let started = loop {
-        attempts += 1;
+    let mut started = String::new();
+    for attempt in 1..=2 {
         let text = request_start(exe, &task_dir, &config_path, ready.as_ref(), &mut phases).await?;
-        match text.trim_start().strip_prefix(super::zygote::TAKEN.trim_end()) {
-            Some(rest) => break rest.trim().to_string(),
-            None if text.is_empty() && attempts < 2 => {
-                tracing::warn!(dir = %task_dir.display(), "no supervisor took the start request (the zygote died); sending it again");
-            }
-            None => break text.trim().to_string(),
+        if text.is_empty() && attempt < 2 {
+            tracing::warn!(dir = %task_dir.display(), "no supervisor took the start request (the zygote died); sending it again");
+            continue;
         }
-    };
+        let text = text.trim_start();
+        started = text.strip_prefix(super::zygote::TAKEN).unwrap_or(text).trim().to_string();
+        break;
+    }
     drop(ready);
     let started = started.as_str();
     let mut ok = started.strip_prefix("ok ").map(str::split_whitespace);

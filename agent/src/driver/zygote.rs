@@ -39,7 +39,8 @@ pub(crate) const MAX_REQUEST: usize = 4096;
 /// What a spare writes first on the status pipe once it took a request and no longer dies with
 /// the zygote: a status without it means that no supervisor ever saw the request (it reached
 /// a spare that the zygote's death was killing), so nothing was started and it may be sent again.
-pub(crate) const TAKEN: &str = "taken ";
+/// The spare writes it followed by a space, before the status proper.
+pub(crate) const TAKEN: &str = "taken";
 
 /// A running zygote.
 struct Zygote {

@@ -162,7 +162,7 @@ fn spare(zygote: nix::unistd::Pid, control: OwnedFd, taken: OwnedFd) -> ! {
         // it says on the status pipe that it took the request: a request that reached a dying
         // spare ends with no word on the pipe, and the agent may send it again.
         if let Some(status) = fds.first() {
-            let _ = nix::unistd::write(status, TAKEN.as_bytes());
+            let _ = nix::unistd::write(status, format!("{TAKEN} ").as_bytes());
         }
         drop(control);
         let _ = File::from(taken).write_all(b"t");

@@ -203,32 +203,50 @@ impl LogStore {
         self.read_meta(KEY_LAST_PURGED).map_err(|e| StorageIOError::read_logs(e).into())
     }
 
-    /// Serves `[start, end)` from the tail cache when the cache covers all of it.
-    fn cached(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
-        let cache = lock(&self.cache);
-        let (first, last) = (*cache.entries.keys().next()?, *cache.entries.keys().next_back()?);
-        if start < first || end > last.saturating_add(1) {
-            return None;
+    /// The entries of `[start, end)` in order, up to `max_bytes` of encoded entries (at least
+    /// one). From the tail cache when it holds `start` and, unless `prefix_will_do`, everything
+    /// asked for; from sled otherwise.
+    // The error type is openraft's, fixed by the storage traits.
+    #[allow(clippy::result_large_err)]
+    fn read_range(&self, start: u64, end: u64, max_bytes: usize, prefix_will_do: bool) -> Result<Vec<Entry>, RaftStorageError> {
+        if start >= end {
+            return Ok(Vec::new());
         }
-        Some(cache.entries.range(start..end).map(|(_, (e, _))| e.clone()).collect())
+        if let Some((entries, whole)) = self.cached_range(start, end, max_bytes) {
+            if whole || prefix_will_do {
+                return Ok(entries);
+            }
+        }
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        for item in self.logs.range(key(start)..key(end)) {
+            let (_, v) = item.map_err(|e| StorageIOError::read_logs(io_err(&e)))?;
+            if !out.is_empty() && bytes.saturating_add(v.len()) > max_bytes {
+                break;
+            }
+            bytes = bytes.saturating_add(v.len());
+            out.push(from_json(&v).map_err(StorageIOError::read_logs)?);
+        }
+        Ok(out)
     }
 
     /// The first entries of `[start, end)` from the tail cache, up to `max_bytes` (at least one
-    /// entry); None when the cache does not hold `start`.
-    fn cached_prefix(&self, start: u64, end: u64, max_bytes: usize) -> Option<Vec<Entry>> {
+    /// entry), and whether they are all that was asked for (the byte bound or `end` was
+    /// reached); None when the cache does not hold `start`.
+    fn cached_range(&self, start: u64, end: u64, max_bytes: usize) -> Option<(Vec<Entry>, bool)> {
         let cache = lock(&self.cache);
         if start < *cache.entries.keys().next()? {
             return None;
         }
-        let (mut out, mut bytes) = (Vec::new(), 0usize);
-        for (_, (entry, size)) in cache.entries.range(start..end) {
+        let (mut out, mut bytes, mut next) = (Vec::new(), 0usize, start);
+        for (&index, (entry, size)) in cache.entries.range(start..end) {
             if !out.is_empty() && bytes.saturating_add(*size) > max_bytes {
-                break;
+                return Some((out, true));
             }
             bytes = bytes.saturating_add(*size);
             out.push(entry.clone());
+            next = index.saturating_add(1);
         }
-        (!out.is_empty()).then_some(out)
+        (!out.is_empty()).then_some((out, next >= end))
     }
 
     /// Removes `[start, end]` from the logs tree in one batch.
@@ -266,44 +284,13 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry>, RaftStorageError> {
         let (start, end) = half_open(&range);
-        if start >= end {
-            return Ok(Vec::new());
-        }
-        if let Some(entries) = self.cached(start, end) {
-            return Ok(entries);
-        }
-        let mut out = Vec::new();
-        for item in self.logs.range(key(start)..) {
-            let (k, v) = item.map_err(|e| StorageIOError::read_logs(io_err(&e)))?;
-            let mut idx = [0u8; 8];
-            idx.copy_from_slice(&k);
-            if u64::from_be_bytes(idx) >= end {
-                break;
-            }
-            out.push(from_json(&v).map_err(StorageIOError::read_logs)?);
-        }
-        Ok(out)
+        self.read_range(start, end, usize::MAX, false)
     }
 
     /// What one replication message carries: the first entries of `[start, end)` up to
     /// [`REPLICATION_BYTES`], at least one (see there).
     async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, RaftStorageError> {
-        if start >= end {
-            return Ok(Vec::new());
-        }
-        if let Some(entries) = self.cached_prefix(start, end, REPLICATION_BYTES) {
-            return Ok(entries);
-        }
-        let (mut out, mut bytes) = (Vec::new(), 0usize);
-        for item in self.logs.range(key(start)..key(end)) {
-            let (_, v) = item.map_err(|e| StorageIOError::read_logs(io_err(&e)))?;
-            if !out.is_empty() && bytes.saturating_add(v.len()) > REPLICATION_BYTES {
-                break;
-            }
-            bytes = bytes.saturating_add(v.len());
-            out.push(from_json(&v).map_err(StorageIOError::read_logs)?);
-        }
-        Ok(out)
+        self.read_range(start, end, REPLICATION_BYTES, true)
     }
 }
 
