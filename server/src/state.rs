@@ -1594,6 +1594,31 @@ pub enum SnapshotError {
     Format(#[from] mlp_proto::snapshot::FormatError),
 }
 
+/// A snapshot's beginning: the state, with what [`StateHandle::snapshot_finish`] needs to add
+/// the points of the same index.
+pub struct SnapshotStart {
+    bytes: Vec<u8>,
+    index: u64,
+    unordered: u64,
+}
+
+impl SnapshotStart {
+    /// The applied index the snapshot is of.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+}
+
+/// Writes a snapshot's magic, the state's JSON length (u64 little-endian) and the state's JSON.
+fn write_snapshot_state(out: &mut Vec<u8>, st: &ClusterState) -> Result<(), SnapshotError> {
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    out.extend_from_slice(&[0u8; 8]);
+    serde_json::to_writer(&mut *out, st)?;
+    let state_len = (out.len() - SNAPSHOT_MAGIC.len() - 8) as u64;
+    out[SNAPSHOT_MAGIC.len()..SNAPSHOT_MAGIC.len() + 8].copy_from_slice(&state_len.to_le_bytes());
+    Ok(())
+}
+
 /// A snapshot's state JSON and points section (empty for an older snapshot).
 fn split_snapshot(bytes: &[u8]) -> Result<(&[u8], &[u8]), SnapshotError> {
     let (state, points) = mlp_proto::snapshot::split(bytes)?;
@@ -1703,7 +1728,7 @@ impl StateHandle {
             if restoring {
                 drop(st);
             }
-            self.points.apply(&ops)?;
+            self.points.apply(index, &ops)?;
             if reset {
                 // The state was replaced: what came before it in the entry is moot too.
                 self.events.reset(index);
@@ -1801,25 +1826,55 @@ impl StateHandle {
 
     /// Serializes the whole state and every metric point (for a Raft snapshot): [`SNAPSHOT_MAGIC`],
     /// the state's JSON length (u64 little-endian), the state's JSON, then the points section
-    /// (`tracking::points::encode_all`). The state's lock (and `points_gate`, for an operator
-    /// restore's points, written after that lock) is held throughout, so the points are those
-    /// of the same applied index (applies wait; reads do not).
+    /// (`tracking::points::encode_all`), all of the same applied index. Applies wait only while
+    /// the state is serialized (see [`Self::snapshot_start`]).
     pub fn to_snapshot_bytes(&self) -> Result<Vec<u8>, SnapshotError> {
         self.to_snapshot_bytes_at().map(|(bytes, _)| bytes)
     }
 
     /// [`Self::to_snapshot_bytes`] and the applied index they are of.
     pub fn to_snapshot_bytes_at(&self) -> Result<(Vec<u8>, u64), SnapshotError> {
+        match self.snapshot_finish(self.snapshot_start()?)? {
+            Some(done) => Ok(done),
+            None => self.to_snapshot_bytes_holding_applies(),
+        }
+    }
+
+    /// The first part of a snapshot: the state, serialized under its lock (and `points_gate`,
+    /// which an operator restore's points are written under after that lock is let go), with
+    /// its applied index and the points store's count of unordered changes at that moment.
+    pub fn snapshot_start(&self) -> Result<SnapshotStart, SnapshotError> {
+        let _gate = self.points_gate.lock().unwrap_or_else(|p| p.into_inner());
+        let st = self.read();
+        let mut bytes = Vec::new();
+        write_snapshot_state(&mut bytes, &st)?;
+        Ok(SnapshotStart { bytes, index: st.index, unordered: self.points.unordered_changes() })
+    }
+
+    /// Appends the points of the start's index to it, while entries go on being applied (their
+    /// points are left out by their log index: `tracking::points::encode_up_to`). None when a
+    /// purge or a restore changed the points meanwhile: then the snapshot is to be taken again
+    /// with [`Self::to_snapshot_bytes_holding_applies`] (rare: purges run once per GC pass).
+    pub fn snapshot_finish(&self, start: SnapshotStart) -> Result<Option<(Vec<u8>, u64)>, SnapshotError> {
+        let SnapshotStart { mut bytes, index, unordered } = start;
+        let points = crate::tracking::points::encode_up_to(&self.points, &mut bytes, index)?;
+        if self.points.unordered_changes() != unordered {
+            tracing::debug!(index, "metric points changed out of order while a snapshot read them; taking it again, holding applies");
+            return Ok(None);
+        }
+        tracing::debug!(points, bytes = bytes.len(), index, "state and metric points serialized");
+        Ok(Some((bytes, index)))
+    }
+
+    /// [`Self::to_snapshot_bytes_at`] with the state's lock and `points_gate` held throughout,
+    /// so applies wait for the whole of it (seconds at millions of points).
+    pub fn to_snapshot_bytes_holding_applies(&self) -> Result<(Vec<u8>, u64), SnapshotError> {
         let _gate = self.points_gate.lock().unwrap_or_else(|p| p.into_inner());
         let st = self.read();
         let mut out = Vec::new();
-        out.extend_from_slice(SNAPSHOT_MAGIC);
-        out.extend_from_slice(&[0u8; 8]);
-        serde_json::to_writer(&mut out, &*st)?;
-        let state_len = (out.len() - SNAPSHOT_MAGIC.len() - 8) as u64;
-        out[SNAPSHOT_MAGIC.len()..SNAPSHOT_MAGIC.len() + 8].copy_from_slice(&state_len.to_le_bytes());
+        write_snapshot_state(&mut out, &st)?;
         let points = crate::tracking::points::encode_all(&self.points, &mut out)?;
-        tracing::debug!(points, bytes = out.len(), "state and metric points serialized");
+        tracing::debug!(points, bytes = out.len(), "state and metric points serialized, applies held");
         Ok((out, st.index))
     }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use mlp_server::raft::{open_storage, Entry, RequestBatch, StateMachineStore};
 use mlp_server::state::{Command, Request, StateHandle};
+use mlp_server::tracking::points::{point_key, PointOp};
 use mlp_server::tracking::state::{Metric, MetricPoint, MetricValue, DEFAULT_EXPERIMENT_ID};
 use mlp_server::tracking::TrackingCommand;
 use openraft::storage::RaftStateMachine;
@@ -89,6 +90,50 @@ async fn tracking_snapshot_install_carries_points_and_replaces_the_tree() {
     let (b, _b_sm) = open(b_dir.path());
     assert_eq!(b.points().len(), 116);
     assert_eq!(history(&b, "r1", "loss"), loss);
+}
+
+#[tokio::test]
+async fn a_snapshot_holds_the_points_of_its_index_while_later_entries_are_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, mut a_sm) = open(dir.path());
+    a_sm.apply(first_entries()).await.unwrap();
+    let want: Vec<_> = [("r1", "loss"), ("r1", "acc"), ("r2", "loss")].iter().map(|(r, k)| history(&a, r, k)).collect();
+
+    // The state is taken at index 3; entries 4 and 5 are applied before the points are read
+    // (applies do not wait for the points scan), and their points are not in the snapshot.
+    let start = a.snapshot_start().unwrap();
+    assert_eq!(start.index(), 3);
+    a_sm.apply(vec![entry(4, vec![log("r1", "loss", 200, 10)]), entry(5, vec![create_run("r3"), log("r3", "m", 0, 2)])]).await.unwrap();
+    assert_eq!(a.points().len(), 128);
+    let (bytes, index) = a.snapshot_finish(start).unwrap().expect("nothing out of order happened");
+    assert_eq!(index, 3);
+    let (b, _events) = StateHandle::new();
+    b.install_snapshot_bytes(&bytes, true).unwrap();
+    assert_eq!(b.points().len(), 116, "the points of entries 1-3 only");
+    let got: Vec<_> = [("r1", "loss"), ("r1", "acc"), ("r2", "loss")].iter().map(|(r, k)| history(&b, r, k)).collect();
+    assert_eq!(got, want);
+    assert_eq!(b.read().index, 3);
+
+    // A purge while the points are read cannot be told apart by its index: the snapshot is
+    // refused, and the holding path takes it with the purge in.
+    let start = a.snapshot_start().unwrap();
+    a.points().apply(6, &[PointOp::RemoveRun("r2".into())]).unwrap();
+    assert!(a.snapshot_finish(start).unwrap().is_none(), "a purge meanwhile is noticed");
+    // So is a restore's point, which carries the index of the cluster it was saved from.
+    let start = a.snapshot_start().unwrap();
+    let restored = PointOp::Put { key: point_key("r1", "loss", 2, 9_999), value: [0; 24] };
+    a.points().apply(7, &[restored]).unwrap();
+    assert!(a.snapshot_finish(start).unwrap().is_none(), "a restored point meanwhile is noticed");
+    // Points of the applying entry's own index are not out of order.
+    let start = a.snapshot_start().unwrap();
+    a.points().apply(8, &[PointOp::Put { key: point_key("r1", "loss", 8, 0), value: [0; 24] }]).unwrap();
+    assert!(a.snapshot_finish(start).unwrap().is_some());
+
+    let (bytes, _) = a.to_snapshot_bytes_at().unwrap();
+    let (c, _events) = StateHandle::new();
+    c.install_snapshot_bytes(&bytes, true).unwrap();
+    assert!(history(&c, "r2", "loss").is_empty(), "the purge is in the snapshot taken after it");
+    assert_eq!(c.points().len(), a.points().len() - 1, "all but the point of index 8, after the state's index (5)");
 }
 
 #[tokio::test]

@@ -480,20 +480,41 @@ impl StateMachineStore {
     }
 }
 
+impl StateMachineStore {
+    /// The metadata of a snapshot of what is applied now (under the applied lock).
+    fn snapshot_meta(applied: &Applied) -> SnapshotMeta<NodeId, BasicNode> {
+        let snapshot_id = match &applied.last_applied {
+            Some(id) => format!("{}-{}-{}", id.leader_id.term, id.index, now_ms()),
+            None => format!("0-0-{}", now_ms()),
+        };
+        SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone(), snapshot_id }
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
-        // Hold the applied lock while serializing so the bytes match `last_applied` exactly
-        // (this runs in its own task, concurrently with `apply`).
-        let (meta, data) = {
+        // The state is serialized under the applied lock, so that it and the metadata are of
+        // `last_applied` exactly (this runs in its own task, concurrently with `apply`). Its
+        // metric points (millions, seconds to read) are added after the lock is let go, while
+        // entries go on being applied (`StateHandle::snapshot_finish`); only when a purge or a
+        // restore changed them meanwhile is the whole snapshot taken again, holding the lock.
+        let (meta, start) = {
             let applied = lock(&self.applied);
-            let data = self.state.to_snapshot_bytes().map_err(|e| StorageIOError::read_state_machine(&e))?;
-            let snapshot_id = match &applied.last_applied {
-                Some(id) => format!("{}-{}-{}", id.leader_id.term, id.index, now_ms()),
-                None => format!("0-0-{}", now_ms()),
-            };
-            let meta = SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone(), snapshot_id };
-            (meta, data)
+            let start = self.state.snapshot_start().map_err(|e| StorageIOError::read_state_machine(&e))?;
+            (Self::snapshot_meta(&applied), start)
         };
+        let (state, applied) = (self.state.clone(), self.applied.clone());
+        let (meta, data) = tokio::task::spawn_blocking(move || match state.snapshot_finish(start)? {
+            Some((data, _)) => Ok((meta, data)),
+            None => {
+                let applied = lock(&applied);
+                let (data, _) = state.to_snapshot_bytes_holding_applies()?;
+                Ok((Self::snapshot_meta(&applied), data))
+            }
+        })
+        .await
+        .map_err(|e| StorageIOError::read_state_machine(AnyError::error(format!("building a snapshot: {e}"))))?
+        .map_err(|e: crate::state::SnapshotError| StorageIOError::read_state_machine(&e))?;
         self.persist_snapshot(&meta, &data).await?;
         tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built raft snapshot");
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })

@@ -14,6 +14,7 @@
 //! Without an attached tree (unit tests, the simulator) the points go to a map in memory.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use super::state::{MetricPoint, MetricValue};
@@ -54,6 +55,11 @@ pub struct PendingPoints {
 }
 
 impl PendingPoints {
+    /// The index of the entry whose points were put last.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
     /// A point of `run`'s metric `key`, logged by the entry at `index`.
     pub fn put(&mut self, index: u64, run: &str, key: &str, p: &MetricPoint) {
         if index != self.index {
@@ -173,6 +179,11 @@ const LOAD_CHUNK: usize = 50_000;
 pub struct PointStore {
     tree: OnceLock<sled::Tree>,
     mem: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// Counts the changes that a key's log index does not place after the entries already
+    /// applied: removals (purges, clears, a snapshot's load) and puts of keys from another
+    /// index (an operator restore's points). Bumped before the change is written, so a reader
+    /// that saw the count unchanged after a scan saw none of them (see [`encode_up_to`]).
+    unordered: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -205,11 +216,23 @@ impl PointStore {
         }
     }
 
-    /// Writes one entry's changes, in order, as one batch (a run purged after points of it in
-    /// the same entry loses those too).
-    pub fn apply(&self, ops: &[PointOp]) -> Result<(), PointsError> {
+    /// How many unordered changes there have been (see the field).
+    pub fn unordered_changes(&self) -> u64 {
+        self.unordered.load(Ordering::SeqCst)
+    }
+
+    /// Writes the changes of the entry at `index`, in order, as one batch (a run purged after
+    /// points of it in the same entry loses those too).
+    pub fn apply(&self, index: u64, ops: &[PointOp]) -> Result<(), PointsError> {
         if ops.is_empty() {
             return Ok(());
+        }
+        let ordered = ops.iter().all(|op| match op {
+            PointOp::Put { key, .. } => split_key(key).is_ok_and(|parts| parts.index == index),
+            PointOp::RemoveRun(_) | PointOp::Clear => false,
+        });
+        if !ordered {
+            self.unordered.fetch_add(1, Ordering::SeqCst);
         }
         let mut changes: BTreeMap<Vec<u8>, Option<[u8; 24]>> = BTreeMap::new();
         // Only the last clear matters: what came before it is gone either way.
@@ -314,6 +337,7 @@ impl PointStore {
 
     /// Replaces every point with `points` (a snapshot's), in chunks of [`LOAD_CHUNK`] keys.
     pub fn replace_all(&self, points: impl Iterator<Item = Result<(Vec<u8>, [u8; 24]), PointsError>>) -> Result<usize, PointsError> {
+        self.unordered.fetch_add(1, Ordering::SeqCst);
         let mut n = 0;
         match self.tree.get() {
             Some(t) => {
@@ -429,9 +453,23 @@ impl SectionEncoder {
 
 /// Appends the store's points to `out` in the snapshot encoding.
 pub fn encode_all(store: &PointStore, out: &mut Vec<u8>) -> Result<usize, PointsError> {
+    encode_up_to(store, out, u64::MAX)
+}
+
+/// Appends the points logged by entries up to `index` to `out` in the snapshot encoding.
+///
+/// This needs no lock against applies: the entries after `index` only add keys of their own
+/// index, which are left out, unless they make an unordered change (a purge, a restore), which
+/// [`PointStore::unordered_changes`] counts. So when that count is the same after the scan as
+/// it was when the entry at `index` was the last applied, the section holds exactly the
+/// points as they were then.
+pub fn encode_up_to(store: &PointStore, out: &mut Vec<u8>, index: u64) -> Result<usize, PointsError> {
     let mut enc = SectionEncoder::default();
     let mut n = 0;
     store.for_each(|k, v| {
+        if index != u64::MAX && split_key(k)?.index > index {
+            return Ok(());
+        }
         enc.push(out, k, v)?;
         n += 1;
         Ok(())
@@ -621,9 +659,9 @@ mod tests {
         pending.put(7, "r1", "lossy", &p(1, 1, 2.0));
         pending.put(9, "r1", "loss", &p(-3, -4, f64::NEG_INFINITY));
         pending.put(9, "r2", "loss", &p(1, 1, 3.0));
-        store.apply(&pending.ops).expect("apply");
+        store.apply(pending.index(), &pending.ops).expect("apply");
         // The same entry again (a replay) adds nothing.
-        store.apply(&pending.ops).expect("apply again");
+        store.apply(pending.index(), &pending.ops).expect("apply again");
         assert_eq!(store.len(), 5);
         let hist = store.history("r1", "loss").expect("history");
         let steps: Vec<i64> = hist.iter().map(|p| p.step).collect();
@@ -653,7 +691,7 @@ mod tests {
         purge.put(11, "r1", "late", &p(0, 0, 0.0));
         purge.put(11, "r2", "late", &p(0, 0, 0.0));
         purge.remove_run("r1");
-        store.apply(&purge.ops).expect("purge");
+        store.apply(purge.index(), &purge.ops).expect("purge");
         assert_eq!(store.run_len("r1").expect("r1"), 0);
         assert_eq!(store.run_len("r2").expect("r2"), 2);
     }
@@ -671,7 +709,7 @@ mod tests {
                 &p(i64::from(i), -i64::from(i), f64::from(i) / 3.0),
             );
         }
-        store.apply(&pending.ops).expect("apply");
+        store.apply(pending.index(), &pending.ops).expect("apply");
         let mut section = Vec::new();
         encode_all(&store, &mut section).expect("encode");
         let whole: Vec<_> = decode_all(&section).collect::<Result<_, _>>().expect("decode");
@@ -711,16 +749,16 @@ mod tests {
         let mut pending = PendingPoints::default();
         pending.put(1, "r1", "loss", &p(0, 0, 1.0));
         pending.put(1, "r2", "loss", &p(0, 0, 1.0));
-        store.apply(&pending.ops).expect("apply");
+        store.apply(pending.index(), &pending.ops).expect("apply");
         let mut restore = PendingPoints::default();
         restore.put(2, "r1", "loss", &p(1, 1, 1.0));
         restore.clear_all();
         restore.put_raw(point_key("r3", "x", 1, 0), encode_value(&p(5, 5, 5.0)));
-        store.apply(&restore.ops).expect("clear");
+        store.apply(restore.index(), &restore.ops).expect("clear");
         assert_eq!(store.len(), 1);
         assert_eq!(store.history("r3", "x").expect("history"), vec![p(5, 5, 5.0)]);
         // Applied again (a replayed entry): the same.
-        store.apply(&restore.ops).expect("clear again");
+        store.apply(restore.index(), &restore.ops).expect("clear again");
         assert_eq!(store.len(), 1);
     }
 }

@@ -1002,7 +1002,7 @@ mod tests {
     fn ap(st: &mut TrackingState, now: i64, cmd: &TrackingCommand) -> Result<Option<String>, TrackingError> {
         let mut pending = PendingPoints::default();
         let r = st.apply(now as u64, now, cmd, &mut pending);
-        POINTS.with(|p| p.apply(&pending.ops)).expect("points");
+        POINTS.with(|p| p.apply(pending.index(), &pending.ops)).expect("points");
         r
     }
 
