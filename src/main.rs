@@ -2,6 +2,7 @@
 //! The logic lives in the `mlp-server`, `mlp-agent` and `mlp-proto` crates.
 
 mod acl;
+mod allocator;
 mod cli;
 mod client;
 mod commands;
@@ -21,6 +22,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc for the daemons, glibc's malloc for short-lived processes (see `allocator`).
+#[global_allocator]
+static ALLOCATOR: allocator::Allocator = allocator::Allocator;
+
 fn main() -> ExitCode {
     // `mlp __mlp-supervise-zygote` is the agent's zygote, which forks task supervisors, and
     // `mlp __mlp-supervise <config>` one supervisor (see mlp_agent::task::supervisor); a
@@ -29,7 +34,6 @@ fn main() -> ExitCode {
     mlp_agent::task::supervisor::maybe_run_supervisor();
     // `mlp __mlp-exec-enter` is an `mlp alloc exec` session entering a task (single-threaded too).
     mlp_agent::rpc::exec_session::maybe_run_enter();
-    return_large_blocks_to_the_system();
     let cli = cli::Cli::parse_from(namespace::nomad_flags(acl::nomad_flags(tls::nomad_style_args(std::env::args_os().collect()))));
     // The daemons need the worker pool; a CLI call is one request and a few awaits, and a
     // single-threaded runtime saves it starting (and, at exit, joining) a thread per core.
@@ -70,19 +74,5 @@ fn restore_sigpipe() {
     // no other thread exists yet.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
-}
-
-/// glibc's malloc keeps freed blocks that it did not get with `mmap`, and its threshold for
-/// `mmap` grows with every large block freed: after a server has serialized its state (Raft
-/// snapshots, snapshot saves, allocation sets) once, those buffers stay part of its RSS. A fixed
-/// threshold gives blocks of 128 KiB and more back to the system when they are freed (10,000
-/// live jobs: 158 MiB RSS with the default, 127 MiB with this threshold; docs/benchmarks.md).
-#[allow(unsafe_code)]
-fn return_large_blocks_to_the_system() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `mallopt` only sets a malloc parameter; it is called before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
 }

@@ -20,9 +20,6 @@ use crate::AgentError;
 
 /// Timeout of each unary RPC.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long status changes are batched before one UpdateAllocs.
-pub const COALESCE: Duration = Duration::from_millis(5);
-
 /// Exponential backoff between retries.
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -418,8 +415,11 @@ pub async fn watch_loop(pool: Arc<ServerPool>, node_id: String, mut registered: 
     .await;
 }
 
-/// Sends alloc status changes: batches what arrives within [`COALESCE`] of the first change
-/// into one UpdateAllocs, keeps only the latest state per alloc, and retries until sent.
+/// Sends alloc status changes as they come, keeping only the latest state per alloc, and
+/// retries until sent. A change after a quiet spell goes at once (a task's end reaches the
+/// servers, and `job run --wait`, without waiting for company: a fixed 5 ms batching window
+/// used to delay every report by that much), and whatever arrives while an UpdateAllocs is in
+/// flight goes in the next one, so a busy agent still sends one RPC per round trip.
 pub async fn update_loop(pool: Arc<ServerPool>, node_id: String, mut rx: mpsc::UnboundedReceiver<AllocClientUpdate>) {
     let mut pending: BTreeMap<String, AllocClientUpdate> = BTreeMap::new();
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
@@ -432,15 +432,15 @@ pub async fn update_loop(pool: Arc<ServerPool>, node_id: String, mut rx: mpsc::U
                 }
                 None => return,
             }
-            let deadline = Instant::now() + COALESCE;
-            while open {
-                tokio::select! {
-                    u = rx.recv() => match u {
-                        Some(u) => { pending.insert(u.alloc_id.clone(), u); }
-                        None => open = false,
-                    },
-                    _ = tokio::time::sleep_until(deadline) => break,
+        }
+        // What queued up meanwhile (during the last RPC) goes along.
+        while open {
+            match rx.try_recv() {
+                Ok(u) => {
+                    pending.insert(u.alloc_id.clone(), u);
                 }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
             }
         }
         let req = UpdateAllocsRequest { node_id: node_id.clone(), updates: pending.values().cloned().collect() };

@@ -1,0 +1,135 @@
+//! The global allocator: mimalloc for the long-running daemons (`mlp server`, `mlp agent`,
+//! `mlp dev`), glibc's malloc for every short-lived process (a CLI call, the agent's zygote and
+//! the task supervisors it forks, an exec session).
+//!
+//! Why two (docs/benchmarks.md, "Raft writes vs etcd"): under etcd's write load glibc's malloc
+//! and free were about a fifth of the servers' CPU, and mimalloc took the three servers from
+//! ~1,840 to ~2,200 registrations/s. But a process that lives a few milliseconds pays for
+//! mimalloc's first arena (fresh pages, ~140 more page faults): an `mlp job run` took ~1 ms more
+//! CPU with it, which is what the CLI comparisons against Slurm measure.
+//!
+//! The choice is made once, before the first allocation, from the command line: glibc calls
+//! `.init_array` functions with `argc, argv, envp`, and [`CHOOSE`] sits in the first priority
+//! left to programs (101; std's own argv hook is at 99 and does not allocate), so it runs before
+//! Rust's runtime and every other constructor. It never changes afterwards, so every block is
+//! freed by the allocator that made it. A command line read the wrong way would only pick the
+//! other allocator; elsewhere than glibc on Linux it is always the system's.
+#![allow(unsafe_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use mimalloc::MiMalloc;
+
+/// Set (before `main`, before any thread) when this process is a daemon.
+static DAEMON: AtomicBool = AtomicBool::new(false);
+
+/// Whether the command line (arguments after the program name) starts a daemon: `server`
+/// (but not `server members`), `agent`, `dev`.
+pub fn is_daemon<'a>(mut args: impl Iterator<Item = &'a [u8]>) -> bool {
+    match args.next() {
+        Some(b"agent" | b"dev") => true,
+        Some(b"server") => args.next().is_none_or(|next| next.starts_with(b"-")),
+        _ => false,
+    }
+}
+
+/// Whether this process allocates with mimalloc.
+pub fn is_mimalloc() -> bool {
+    DAEMON.load(Ordering::Relaxed)
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[used]
+#[link_section = ".init_array.00101"]
+static CHOOSE: extern "C" fn(std::ffi::c_int, *const *const std::ffi::c_char, *const *const std::ffi::c_char) = choose;
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+extern "C" fn choose(argc: std::ffi::c_int, argv: *const *const std::ffi::c_char, _envp: *const *const std::ffi::c_char) {
+    if argv.is_null() {
+        return;
+    }
+    let argc = usize::try_from(argc).unwrap_or(0);
+    let args = (1..argc).filter_map(|i| {
+        // SAFETY: glibc passes the process's own argc and argv: `argv[0..argc]` are valid
+        // pointers to NUL-terminated strings that live as long as the process.
+        let arg = unsafe { *argv.add(i) };
+        // SAFETY: as above, a non-null `argv[i]` is a NUL-terminated string.
+        (!arg.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(arg) }.to_bytes())
+    });
+    DAEMON.store(is_daemon(args), Ordering::Relaxed);
+}
+
+/// The global allocator (see the module).
+pub struct Allocator;
+
+// SAFETY: every method forwards to one of two sound allocators, chosen by a flag that is set
+// before the first allocation and never changes, so a block is always resized and freed by the
+// allocator that made it.
+unsafe impl GlobalAlloc for Allocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract is passed on unchanged.
+        unsafe {
+            if is_mimalloc() {
+                MiMalloc.alloc(layout)
+            } else {
+                System.alloc(layout)
+            }
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract is passed on unchanged.
+        unsafe {
+            if is_mimalloc() {
+                MiMalloc.alloc_zeroed(layout)
+            } else {
+                System.alloc_zeroed(layout)
+            }
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract is passed on unchanged; `ptr` came from the same
+        // allocator (the flag has not changed since it was allocated).
+        unsafe {
+            if is_mimalloc() {
+                MiMalloc.dealloc(ptr, layout)
+            } else {
+                System.dealloc(ptr, layout)
+            }
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as for `dealloc`.
+        unsafe {
+            if is_mimalloc() {
+                MiMalloc.realloc(ptr, layout, new_size)
+            } else {
+                System.realloc(ptr, layout, new_size)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_daemon;
+
+    fn daemon(args: &[&str]) -> bool {
+        is_daemon(args.iter().map(|a| a.as_bytes()))
+    }
+
+    #[test]
+    fn the_daemons_and_only_they_get_mimalloc() {
+        for args in [&["dev"][..], &["agent", "--config", "a.hcl"], &["server"], &["server", "--data-dir", "d"], &["dev", "--help"]] {
+            assert!(daemon(args), "{args:?}");
+        }
+        for args in
+            [&[][..], &["job", "run", "j.hcl"], &["server", "members"], &["__mlp-supervise-zygote"], &["--version"], &["node", "status"]]
+        {
+            assert!(!daemon(args), "{args:?}");
+        }
+    }
+}
