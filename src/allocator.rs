@@ -14,6 +14,14 @@
 //! Rust's runtime and every other constructor. It never changes afterwards, so every block is
 //! freed by the allocator that made it. A command line read the wrong way would only pick the
 //! other allocator; elsewhere than glibc on Linux it is always the system's.
+//!
+//! Memory: mimalloc is built without asking for transparent huge pages (Cargo.toml says why),
+//! and a daemon purges freed pages at once (`MIMALLOC_PURGE_DELAY=0`, unless set by hand):
+//! with mimalloc's 1 s delay, a server that went idle after registering 10,000 jobs kept 290 MiB
+//! of RSS against glibc's 182 MiB, and with no delay 181 MiB, at no measurable cost in
+//! registrations/s. The option is handed over through the environment, which mimalloc reads in
+//! its own constructor (after [`CHOOSE`]), and taken out again at the start of `main`
+//! ([`forget_options`]), so that nothing the daemon starts inherits it.
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -23,6 +31,16 @@ use mimalloc::MiMalloc;
 
 /// Set (before `main`, before any thread) when this process is a daemon.
 static DAEMON: AtomicBool = AtomicBool::new(false);
+/// Set when [`CHOOSE`] put `MIMALLOC_PURGE_DELAY` in the environment.
+static PURGE_OPTION_SET: AtomicBool = AtomicBool::new(false);
+
+/// Takes the options [`CHOOSE`] handed to mimalloc out of the environment again (mimalloc has
+/// read them by now). Called first thing in `main`, while the process has one thread.
+pub fn forget_options() {
+    if PURGE_OPTION_SET.load(Ordering::Relaxed) {
+        std::env::remove_var("MIMALLOC_PURGE_DELAY");
+    }
+}
 
 /// Whether the command line (arguments after the program name) starts a daemon: `server`
 /// (but not `server members`), `agent`, `dev`.
@@ -57,7 +75,16 @@ extern "C" fn choose(argc: std::ffi::c_int, argv: *const *const std::ffi::c_char
         // SAFETY: as above, a non-null `argv[i]` is a NUL-terminated string.
         (!arg.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(arg) }.to_bytes())
     });
-    DAEMON.store(is_daemon(args), Ordering::Relaxed);
+    let daemon = is_daemon(args);
+    DAEMON.store(daemon, Ordering::Relaxed);
+    // SAFETY: this runs before `main` and before any thread exists; getenv and setenv get
+    // NUL-terminated literals, and setenv copies them.
+    if daemon && unsafe { libc::getenv(c"MIMALLOC_PURGE_DELAY".as_ptr()) }.is_null() {
+        // SAFETY: as above.
+        if unsafe { libc::setenv(c"MIMALLOC_PURGE_DELAY".as_ptr(), c"0".as_ptr(), 0) } == 0 {
+            PURGE_OPTION_SET.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The global allocator (see the module).

@@ -27,6 +27,7 @@ use clap::Parser;
 static ALLOCATOR: allocator::Allocator = allocator::Allocator;
 
 fn main() -> ExitCode {
+    allocator::forget_options();
     // `mlp __mlp-supervise-zygote` is the agent's zygote, which forks task supervisors, and
     // `mlp __mlp-supervise <config>` one supervisor (see mlp_agent::task::supervisor); a
     // supervisor forks an exec task's namespaces, so both must run before anything starts a

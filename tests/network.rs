@@ -279,6 +279,12 @@ job "train" {
         let (exec_env, raw_env) = (env_of(&dev, id, "rank"), env_of(&dev, id, "probe"));
         assert_eq!(raw_env["MLP_ALLOC_IP"], exec_env["MLP_ALLOC_IP"]);
         assert_eq!(raw_env["RANK"], exec_env["RANK"]);
+        // The daemon hands mimalloc its options through its own environment before `main` and
+        // takes them out again (src/allocator.rs); tasks get an environment of their own, and
+        // it must not carry them either.
+        for env in [&raw_env, &exec_env] {
+            assert!(!env.keys().any(|k| k.starts_with("MIMALLOC_")), "a task inherited the allocator's options: {env:?}");
+        }
         let dev_file = dev.data_dir().join("agent").join("allocs").join(id).join("probe").join("local").join("net_dev.txt");
         let links = std::fs::read_to_string(&dev_file).unwrap_or_default();
         assert!(
