@@ -4,9 +4,9 @@
 //!
 //! Why two (docs/benchmarks.md, "Raft writes vs etcd"): under etcd's write load glibc's malloc
 //! and free were about a fifth of the servers' CPU, and mimalloc took the three servers from
-//! ~1,840 to ~2,200 registrations/s. But a process that lives a few milliseconds pays for
-//! mimalloc's first arena (fresh pages, ~140 more page faults): an `mlp job run` took ~1 ms more
-//! CPU with it, which is what the CLI comparisons against Slurm measure.
+//! 1,985 to 2,571 registrations/s (medians of alternated runs). But a process that lives a few
+//! milliseconds pays for mimalloc's first arena (fresh pages, ~140 more page faults): an `mlp
+//! job run` took ~1 ms more CPU with it, which is what the CLI comparisons against Slurm measure.
 //!
 //! The choice is made once, before the first allocation, from the command line: glibc calls
 //! `.init_array` functions with `argc, argv, envp`, and [`CHOOSE`] sits in the first priority
