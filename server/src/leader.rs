@@ -206,6 +206,15 @@ impl Queues {
         }
     }
 
+    /// Empties the queues (not the jobs being planned: their workers still report back).
+    fn forget(&mut self) {
+        self.ready = Default::default();
+        self.queued = Default::default();
+        self.blocked = Default::default();
+        self.deadlines = Default::default();
+        self.delayed = Default::default();
+    }
+
     /// Queues a pending evaluation: ready now, or delayed until `wait_until`.
     fn enqueue(&mut self, id: String, wait_until: u64, now: u64) {
         if wait_until > now {
@@ -309,6 +318,10 @@ impl Leader {
                 q.capacity_changed = true;
                 tracing::info!(pending = q.ready.len(), blocked = q.blocked.len(), "became leader; scheduling queues rebuilt");
             }
+            if was_leader && !is_leader {
+                // Rebuilt from the state when this server is elected again; a follower keeps none.
+                q.forget();
+            }
             was_leader = is_leader;
 
             if is_leader {
@@ -356,7 +369,11 @@ impl Leader {
                 }
                 e = effects.recv() => {
                     let Some(e) = e else { return };
-                    q.absorb(e, &self);
+                    // A follower's queues would only grow (nothing runs them): they are rebuilt
+                    // from the state when it is elected, so it drops what its applies announce.
+                    if *leader_rx.borrow() {
+                        q.absorb(e, &self);
+                    }
                 }
                 r = leader_rx.changed() => {
                     if r.is_err() { return; }

@@ -8,9 +8,10 @@
 //!   to the leader, which adds it as a learner, waits until it caught up, then promotes it to
 //!   voter). A restart on an existing data dir is initialized already and does none of this.
 //! * Forwarding ([`RaftNode::submit`], [`RaftNode::linearizable_read`]): any server accepts any
-//!   request. Followers forward writes to the leader (`Forward`, carrying the serialized
-//!   `state::Request`) and ask it for a read index (`ReadIndex`) before reading locally. Both
-//!   retry across leader changes until [`FORWARD_DEADLINE`].
+//!   request. Followers forward writes to the leader in batches (`ForwardBatch`, carrying
+//!   serialized `state::Request`s; see [`super::forward`]) and ask it for a read index
+//!   (`ReadIndex`) before reading locally. Both retry across leader changes until
+//!   [`FORWARD_DEADLINE`].
 //! * Operator RPCs: list peers, remove a peer, transfer leadership, save a state snapshot. openraft 0.9 has no
 //!   leadership-transfer API; the leader pauses its heartbeats so the followers' leader leases
 //!   expire and has the target call an election (`TriggerElect`) until someone else leads.
@@ -28,6 +29,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
+use super::forward::{status_to_write_error, with_timeout};
 use super::node::{RaftNode, WriteError};
 use super::NodeId;
 use crate::state::{CommandResponse, Request};
@@ -86,21 +88,6 @@ enum Target {
     Unknown,
 }
 
-fn status_to_write_error(addr: &str, s: tonic::Status) -> WriteError {
-    match s.code() {
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown => {
-            WriteError::Unreachable(format!("{addr}: {}", s.message()))
-        }
-        _ => WriteError::Raft(format!("{addr}: {}", s.message())),
-    }
-}
-
-fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.set_timeout(timeout);
-    r
-}
-
 impl RaftNode {
     fn target(&self) -> Target {
         let rx = self.raft.metrics();
@@ -150,16 +137,10 @@ impl RaftNode {
         }
     }
 
+    /// Hands `req` to the batched forwarding queue of the leader at `addr` (see [`super::forward`]).
     async fn forward_write(&self, addr: &str, req: &Request) -> Result<CommandResponse, WriteError> {
-        let mut client = self.peers.get(addr)?;
         let request = serde_json::to_vec(req).map_err(|e| WriteError::Raft(format!("encoding request: {e}")))?;
-        let reply = client
-            .forward(with_timeout(ForwardRequest { request }, RPC_TIMEOUT))
-            .await
-            .map_err(|s| status_to_write_error(addr, s))?
-            .into_inner();
-        serde_json::from_slice::<Result<CommandResponse, WriteError>>(&reply.result)
-            .map_err(|e| WriteError::Raft(format!("decoding forwarded reply from {addr}: {e}")))?
+        self.forwarders.forward(addr, || self.peers.get(addr), request, RPC_TIMEOUT).await
     }
 
     /// Returns once this node has applied everything committed before the call, confirmed by
@@ -506,6 +487,34 @@ impl ClusterService for ClusterGrpc {
         let result = self.node.write(request).await;
         let result = serde_json::to_vec(&result).map_err(|e| tonic::Status::internal(format!("encoding reply: {e}")))?;
         Ok(tonic::Response::new(ForwardResponse { result }))
+    }
+
+    async fn forward_batch(&self, req: tonic::Request<ForwardBatchRequest>) -> GrpcResult<ForwardBatchResponse> {
+        let requests = req.into_inner().requests;
+        if requests.len() > super::forward::MAX_BATCH {
+            return Err(tonic::Status::invalid_argument(format!(
+                "a forwarded batch holds at most {} writes, found {}",
+                super::forward::MAX_BATCH,
+                requests.len()
+            )));
+        }
+        // All are queued before any is awaited, in order, so they can share one Raft entry.
+        let mut pending = Vec::with_capacity(requests.len());
+        for (i, bytes) in requests.iter().enumerate() {
+            pending.push(match serde_json::from_slice::<Request>(bytes) {
+                Ok(request) => Ok(self.node.queue_write(request).await),
+                Err(e) => Err(WriteError::Rejected(format!("decoding forwarded request {i}: {e}"))),
+            });
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for p in pending {
+            let result = match p {
+                Ok(queued) => queued.await,
+                Err(e) => Err(e),
+            };
+            results.push(serde_json::to_vec(&result).map_err(|e| tonic::Status::internal(format!("encoding reply: {e}")))?);
+        }
+        Ok(tonic::Response::new(ForwardBatchResponse { results }))
     }
 
     async fn read_index(&self, _req: tonic::Request<ReadIndexRequest>) -> GrpcResult<ReadIndexResponse> {

@@ -5,6 +5,7 @@
 //! * [`network`]: Raft RPCs carried as serde_json blobs inside the `RaftService` gRPC service.
 //! * [`cluster`]: forming a cluster (`--bootstrap-expect`, `--join`), forwarding writes and
 //!   read barriers from followers to the leader, and the operator RPCs (`ClusterService`).
+//! * [`forward`]: a follower's forwarded writes, sent to the leader in batches.
 //! * [`node`]: starting a node (id, storage, bootstrap of a single-voter cluster) and the
 //!   write / linearizable-read entry points the rest of the server uses.
 //!
@@ -22,6 +23,7 @@ use serde_json::value::RawValue;
 use crate::state::{CommandResponse, Request};
 
 pub mod cluster;
+pub mod forward;
 pub mod network;
 pub mod node;
 pub mod store;

@@ -120,6 +120,8 @@ pub struct RaftNode {
     pub(crate) peers: PeerClients,
     /// Serializes membership changes made by this node while it leads (joins, removals).
     pub(crate) membership_lock: tokio::sync::Mutex<()>,
+    /// This node's batched queues of writes forwarded to the leader.
+    pub(crate) forwarders: super::forward::Forwarders,
 }
 
 /// Starts the Raft node stored in `data_dir` as a single-voter cluster (bootstrapping it the
@@ -202,6 +204,7 @@ pub async fn open_with_tls(
         writes,
         peers: PeerClients::new(tls),
         membership_lock: tokio::sync::Mutex::new(()),
+        forwarders: Default::default(),
     })
 }
 
@@ -399,10 +402,19 @@ impl RaftNode {
     /// [`WriteError::Rejected`]. Fails with [`WriteError::NotLeader`] on a follower: the leader's
     /// own work (plans, node status) uses this; API writes use [`Self::submit`], which forwards.
     pub async fn write(&self, req: Request) -> Result<CommandResponse, WriteError> {
+        self.queue_write(req).await.await
+    }
+
+    /// Queues `req` for the write batcher (waiting only for room in its queue) and returns the
+    /// future of its result: requests queued one after another keep their order in the log.
+    pub(crate) async fn queue_write(&self, req: Request) -> impl std::future::Future<Output = Result<CommandResponse, WriteError>> {
         let (tx, rx) = oneshot::channel();
         let closed = || WriteError::Stopped("write batcher stopped".to_string());
-        self.writes.send((req, tx)).await.map_err(|_| closed())?;
-        rx.await.map_err(|_| closed())?
+        let sent = self.writes.send((req, tx)).await.map_err(|_| closed());
+        async move {
+            sent?;
+            rx.await.map_err(|_| closed())?
+        }
     }
 
     /// Returns once this node is confirmed leader by a quorum and has applied everything
@@ -417,6 +429,11 @@ impl RaftNode {
             Err(RaftError::APIError(e)) => Err(WriteError::Raft(e.to_string())),
             Err(RaftError::Fatal(e)) => Err(WriteError::Stopped(e.to_string())),
         }
+    }
+
+    /// How many writes this node forwarded to a leader, and in how many RPCs.
+    pub fn forward_stats(&self) -> &super::forward::ForwardStats {
+        self.forwarders.stats()
     }
 
     /// Whether this node currently leads.
