@@ -54,8 +54,16 @@ pub(crate) struct Issue {
 
 /// Checks every rule and returns all the violations, in tree order.
 pub(crate) fn check_job(job: &Job) -> Vec<Issue> {
+    check_at(job, Loc::job(&job.name))
+}
+
+/// Whether `job` passes every check of [`check_job`]: the same checks, with no locations built.
+pub(crate) fn is_valid(job: &Job) -> bool {
+    check_at(job, Loc::nowhere()).is_empty()
+}
+
+fn check_at(job: &Job, loc: Loc) -> Vec<Issue> {
     let mut c = Checker::default();
-    let loc = Loc::job(&job.name);
     c.name(&loc, "job", &job.name);
     if !job.namespace.is_empty() && !is_namespace(&job.namespace) {
         c.push(&loc.field("namespace"), format!("invalid namespace {:?}: must be 1-63 characters of a-z, 0-9 or -", job.namespace));
@@ -106,7 +114,7 @@ impl Checker {
 
     /// Job, group and task names end up in allocation names, log paths and URLs.
     fn name(&mut self, loc: &Loc, kind: &str, name: &str) {
-        let at = Loc { key: format!("{}.name", loc.key), path: loc.path.clone() };
+        let at = loc.name_label();
         if name.is_empty() {
             self.push(&at, format!("missing {kind} name"));
         } else if !is_name(name) {
@@ -143,7 +151,7 @@ impl Checker {
     fn map(&mut self, loc: &Loc, what: &str, map: &BTreeMap<String, String>) {
         self.at_most(loc, &format!("{what} entries"), map.len(), MAX_MAP_ENTRIES);
         for (k, v) in map.iter().take(MAX_MAP_ENTRIES) {
-            let kloc = loc.field(&printable_key(k));
+            let kloc = if loc.is_nowhere() { Loc::nowhere() } else { loc.field(&printable_key(k)) };
             if k.is_empty() {
                 self.push(&kloc, format!("empty {what} key"));
             }
@@ -195,7 +203,7 @@ impl Checker {
             for (field, list) in [("meta_required", &p.meta_required), ("meta_optional", &p.meta_optional)] {
                 let floc = ploc.field(field);
                 for (i, k) in list.iter().enumerate().take(MAX_DISPATCH_META_KEYS) {
-                    let kloc = Loc { key: format!("{}[{i}]", floc.key), path: format!("{}[{i}]", floc.path) };
+                    let kloc = floc.item(i);
                     if k.is_empty() {
                         self.push(&kloc, "empty meta key");
                     } else if !seen.insert(k.as_str()) {
@@ -220,7 +228,7 @@ impl Checker {
             self.at_most(&cloc, "cron expressions", p.crons.len(), MAX_CRONS);
             for (i, c) in p.crons.iter().enumerate().take(MAX_CRONS) {
                 if let Err(e) = parse_cron(c) {
-                    self.push(&Loc { key: format!("{}[{i}]", cloc.key), path: format!("{}[{i}]", cloc.path) }, e.0);
+                    self.push(&cloc.item(i), e.0);
                 }
             }
             if let Err(e) = parse_time_zone(&p.time_zone) {
@@ -396,7 +404,7 @@ impl Checker {
         let mut labels: HashMap<&str, &VolumeRequest> = HashMap::new();
         for (i, v) in group.volumes.iter().enumerate().take(MAX_VOLUMES) {
             let vloc = loc.named("volume", i, &v.name);
-            let name_at = Loc { key: format!("{}.name", vloc.key), path: vloc.path.clone() };
+            let name_at = vloc.name_label();
             if v.name.is_empty() {
                 self.push(&name_at, "missing volume label; write `volume \"LABEL\" { ... }`");
             } else if !is_name(&v.name) {
@@ -594,7 +602,7 @@ impl Checker {
             self.port_ref(&sloc.field("port"), &svc.port, labels);
             self.at_most(&sloc.field("tags"), "tags per service", svc.tags.len(), MAX_TAGS);
             for (t, tag) in svc.tags.iter().enumerate().take(MAX_TAGS) {
-                let tloc = Loc { key: format!("{}.tags[{t}]", sloc.key), path: format!("{}.tags[{t}]", sloc.path) };
+                let tloc = sloc.field("tags").item(t);
                 if tag.is_empty() || tag.len() > MAX_TAG_BYTES || tag.chars().any(|c| c.is_control()) {
                     self.push(&tloc, format!("a tag must be 1-{MAX_TAG_BYTES} bytes without control characters"));
                 }
@@ -853,7 +861,7 @@ impl Checker {
         }
         self.at_most(&cloc.field("entrypoint"), "entrypoint", config.entrypoint.len(), MAX_ARGS);
         for (i, arg) in config.entrypoint.iter().enumerate().take(MAX_ARGS) {
-            self.text(&cloc.field(&format!("entrypoint[{i}]")), "argument", arg, MAX_VALUE_BYTES);
+            self.text(&cloc.field("entrypoint").item(i), "argument", arg, MAX_VALUE_BYTES);
         }
         let wloc = cloc.field("work_dir");
         let wd = config.work_dir.as_str();
@@ -925,7 +933,7 @@ impl Checker {
         if let Some(config) = &task.config {
             self.at_most(&cloc.field("args"), "args", config.args.len(), MAX_ARGS);
             for (i, arg) in config.args.iter().enumerate().take(MAX_ARGS) {
-                self.text(&cloc.field(&format!("args[{i}]")), "argument", arg, MAX_VALUE_BYTES);
+                self.text(&cloc.field("args").item(i), "argument", arg, MAX_VALUE_BYTES);
             }
         }
         self.map(&loc.field("env"), "env", &task.env);
@@ -1153,6 +1161,68 @@ pub fn check_image_reference(image: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod fast_check_tests {
+    use super::*;
+    use crate::v1::{Task, TaskConfig, TaskGroup};
+
+    fn job() -> Job {
+        let mut job = Job { id: "j".into(), name: "j".into(), r#type: "batch".into(), priority: 50, ..Default::default() };
+        let task = Task {
+            name: "t".into(),
+            driver: "exec".into(),
+            config: Some(TaskConfig { command: "/bin/true".into(), args: vec!["a".into()], ..Default::default() }),
+            env: [("A".to_string(), "1".to_string())].into(),
+            ..Default::default()
+        };
+        job.groups.push(TaskGroup { name: "g".into(), count: Some(1), tasks: vec![task], ..Default::default() });
+        crate::jobspec::apply_defaults(&mut job);
+        job
+    }
+
+    /// The check without locations finds a problem exactly when the full check does, deep in
+    /// the tree included (what `validate_job` relies on to skip building paths).
+    #[test]
+    fn the_check_without_locations_agrees_with_the_full_check() {
+        let valid = job();
+        assert!(check_job(&valid).is_empty(), "{:?}", check_job(&valid));
+        assert!(is_valid(&valid));
+        let breakers: Vec<(&str, Box<dyn Fn(&mut Job)>)> = vec![
+            ("no groups", Box::new(|j| j.groups.clear())),
+            ("bad driver", Box::new(|j| j.groups[0].tasks[0].driver = "nope".into())),
+            ("empty task name", Box::new(|j| j.groups[0].tasks[0].name.clear())),
+            (
+                "env key with =",
+                Box::new(|j| {
+                    j.groups[0].tasks[0].env.insert("A=B".into(), "x".into());
+                }),
+            ),
+            (
+                "empty argument list item too long",
+                Box::new(|j| j.groups[0].tasks[0].config.as_mut().unwrap().args.push("x".repeat(MAX_VALUE_BYTES + 1))),
+            ),
+            ("priority", Box::new(|j| j.priority = 10_000)),
+            (
+                "duplicate group",
+                Box::new(|j| {
+                    let g = j.groups[0].clone();
+                    j.groups.push(g)
+                }),
+            ),
+        ];
+        for (what, breaker) in breakers {
+            let mut j = valid.clone();
+            breaker(&mut j);
+            let issues = check_job(&j);
+            assert!(!issues.is_empty(), "{what}: the full check finds nothing");
+            assert!(issues.iter().all(|i| !i.path.is_empty()), "{what}: the full check names where: {issues:?}");
+            assert!(!is_valid(&j), "{what}: the check without locations missed it");
+            assert!(crate::jobspec::validate_job(&j).is_err(), "{what}");
+        }
+    }
 }
 
 #[cfg(test)]
