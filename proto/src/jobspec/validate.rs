@@ -1190,7 +1190,8 @@ mod fast_check_tests {
         let valid = job();
         assert!(check_job(&valid).is_empty(), "{:?}", check_job(&valid));
         assert!(is_valid(&valid));
-        let breakers: Vec<(&str, Box<dyn Fn(&mut Job)>)> = vec![
+        type Breaker = Box<dyn Fn(&mut Job)>;
+        let breakers: Vec<(&str, Breaker)> = vec![
             ("no groups", Box::new(|j| j.groups.clear())),
             ("bad driver", Box::new(|j| j.groups[0].tasks[0].driver = "nope".into())),
             ("empty task name", Box::new(|j| j.groups[0].tasks[0].name.clear())),
