@@ -70,7 +70,7 @@ pub fn grpc(path: &str) -> Option<Need> {
         ) => Need::None,
         // Server to server (mutual TLS: issue 15 §1).
         ("RaftService", "AppendEntries" | "Vote" | "InstallSnapshot" | "PutBlob" | "GetBlob") => Need::None,
-        ("ClusterService", "Info" | "Join" | "Forward" | "ReadIndex" | "TriggerElect") => Need::None,
+        ("ClusterService", "Info" | "Join" | "Forward" | "ForwardBatch" | "ReadIndex" | "TriggerElect") => Need::None,
         ("ClusterService", "ListPeers") => Need::Operator(Read),
         ("ClusterService", "RemovePeer" | "TransferLeadership") => Need::Operator(Write),
         ("ClusterService", "SnapshotSave" | "SnapshotRestore") => Need::Management,
