@@ -17,7 +17,7 @@
 //! address, goes out as single `Forward` RPCs (a rolling upgrade keeps its writes).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,10 +45,29 @@ type Reply = oneshot::Sender<ForwardResult>;
 /// A forwarded write waiting in its leader's queue: the serialized request and its caller.
 type Queued = (Vec<u8>, Reply);
 
-/// Whether the leader at an address serves `ForwardBatch`.
-const SUPPORT_UNKNOWN: u8 = 0;
-const SUPPORT_YES: u8 = 1;
-const SUPPORT_NO: u8 = 2;
+/// How long a leader that refused a batch gets single `Forward`s before it is asked again (it
+/// may have been upgraded in place by then).
+const SINGLES_FOR: Duration = Duration::from_secs(60);
+
+/// What a follower knows of whether the leader at an address serves `ForwardBatch`.
+#[derive(Debug, Default)]
+struct Support {
+    /// It answered a batch, so batches need no copy of their requests for a fallback.
+    confirmed: AtomicBool,
+    /// Until when (ms since the epoch) it gets single `Forward`s: it refused a batch.
+    singles_until_ms: AtomicU64,
+}
+
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// How a leader of the version before `ForwardBatch` answers one: `Unimplemented`, or with ACLs
+/// on `PermissionDenied` (its ACL table denies a method it does not know before tonic could
+/// answer). This version's leaders never deny `ForwardBatch`: it needs no token.
+fn refused(s: &tonic::Status) -> bool {
+    matches!(s.code(), tonic::Code::Unimplemented | tonic::Code::PermissionDenied)
+}
 
 /// Forwarding statistics of a follower (for tests and diagnostics).
 #[derive(Debug, Default)]
@@ -109,7 +128,7 @@ async fn run(
     stats: Arc<ForwardStats>,
 ) {
     let window = Arc::new(Semaphore::new(IN_FLIGHT));
-    let support = Arc::new(AtomicU8::new(SUPPORT_UNKNOWN));
+    let support = Arc::new(Support::default());
     let addr: Arc<str> = addr.into();
     let mut queued: Vec<Queued> = Vec::new();
     loop {
@@ -147,19 +166,19 @@ async fn send(
     mut client: ClusterServiceClient<Channel>,
     batch: Vec<Queued>,
     timeout: Duration,
-    support: &AtomicU8,
+    support: &Support,
     stats: &ForwardStats,
 ) {
     let (requests, replies): (Vec<Vec<u8>>, Vec<Reply>) = batch.into_iter().unzip();
     stats.requests.fetch_add(requests.len() as u64, Ordering::Relaxed);
-    let known = support.load(Ordering::Relaxed);
-    if known != SUPPORT_NO {
-        // Until the leader is known to batch, keep the requests to send them singly.
-        let kept = (known == SUPPORT_UNKNOWN).then(|| requests.clone());
+    let now = epoch_ms();
+    if support.singles_until_ms.load(Ordering::Relaxed) <= now {
+        // Until the leader has answered a batch, keep the requests to send them singly.
+        let kept = (!support.confirmed.load(Ordering::Relaxed)).then(|| requests.clone());
         stats.rpcs.fetch_add(1, Ordering::Relaxed);
         match client.forward_batch(with_timeout(ForwardBatchRequest { requests }, timeout)).await {
             Ok(resp) => {
-                support.store(SUPPORT_YES, Ordering::Relaxed);
+                support.confirmed.store(true, Ordering::Relaxed);
                 let results = resp.into_inner().results;
                 if results.len() != replies.len() {
                     let e = WriteError::Raft(format!(
@@ -177,10 +196,21 @@ async fn send(
                 }
                 return;
             }
-            Err(s) if s.code() == tonic::Code::Unimplemented && kept.is_some() => {
-                tracing::info!(leader = %addr, "the leader does not take batched forwards; forwarding writes one by one");
-                support.store(SUPPORT_NO, Ordering::Relaxed);
-                single_all(addr, client, kept.unwrap_or_default(), replies, timeout, stats).await;
+            Err(s) if refused(&s) => {
+                tracing::info!(leader = %addr, status = %s, "the leader does not take batched forwards; forwarding writes one by one");
+                support.confirmed.store(false, Ordering::Relaxed);
+                support.singles_until_ms.store(now + SINGLES_FOR.as_millis() as u64, Ordering::Relaxed);
+                match kept {
+                    Some(kept) => single_all(addr, client, kept, replies, timeout, stats).await,
+                    // A leader that took batches before (replaced by an older version at the
+                    // same address): nothing was applied, the writers retry, one by one now.
+                    None => {
+                        let e = WriteError::Unreachable(format!("{addr} refused a batch of forwarded writes: {}", s.message()));
+                        for reply in replies {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
+                }
                 return;
             }
             Err(s) => {
@@ -250,6 +280,8 @@ mod tests {
     #[derive(Default, Clone)]
     struct OldLeader {
         singles: Arc<AtomicUsize>,
+        /// With ACLs on, an older leader's ACL table denies a method it does not know.
+        acls: bool,
     }
 
     type R<T> = Result<tonic::Response<T>, tonic::Status>;
@@ -273,6 +305,10 @@ mod tests {
             Ok(tonic::Response::new(ForwardResponse { result: serde_json::to_vec(&result).unwrap() }))
         }
         async fn forward_batch(&self, _: tonic::Request<ForwardBatchRequest>) -> R<ForwardBatchResponse> {
+            if self.acls {
+                // The older version's ACL guard, for a method not in its table.
+                return Err(tonic::Status::permission_denied("/mlp.v1.ClusterService/ForwardBatch is not an API endpoint that ACLs allow"));
+            }
             // What tonic answers for a method the server does not know.
             no()
         }
@@ -306,9 +342,15 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn writes_to_a_leader_without_batches_go_one_by_one_and_keep_their_results() {
+        for acls in [false, true] {
+            writes_to_an_old_leader(acls).await;
+        }
+    }
+
+    async fn writes_to_an_old_leader(acls: bool) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let old = OldLeader::default();
+        let old = OldLeader { acls, ..Default::default() };
         let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None).unwrap();
         let server = tokio::spawn(
             tonic::transport::Server::builder().add_service(ClusterServiceServer::new(old.clone())).serve_with_incoming(incoming),
@@ -321,7 +363,7 @@ mod tests {
         });
         for call in calls {
             let (i, result) = call.await.unwrap();
-            assert_eq!(result.expect("forwarded").index, i, "each write gets its own result");
+            assert_eq!(result.expect("forwarded").index, i, "each write gets its own result (acls: {acls})");
         }
         assert_eq!(old.singles.load(Ordering::SeqCst), 40, "every write reached the old leader once");
         // Once known, the leader gets no more batches: one more write is one single RPC.
