@@ -13,8 +13,9 @@
 //! so a write that arrives while a batch waits for its commit goes out at once instead of
 //! waiting for that commit. An idle follower therefore sends a lone write at once, alone.
 //!
-//! A leader of an older version answers `Unimplemented`: the batch, and every later one to that
-//! address, goes out as single `Forward` RPCs (a rolling upgrade keeps its writes).
+//! A leader of an older version answers `Unimplemented` (`PermissionDenied` with ACLs on): the
+//! batch, and every later one to that address for [`SINGLES_FOR`], goes out as single `Forward`
+//! RPCs (a rolling upgrade keeps its writes).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
