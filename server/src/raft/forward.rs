@@ -59,10 +59,6 @@ struct Support {
     singles_until_ms: AtomicU64,
 }
 
-fn epoch_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// How a leader of the version before `ForwardBatch` answers one: `Unimplemented`, or with ACLs
 /// on `PermissionDenied` (its ACL table denies a method it does not know before tonic could
 /// answer). This version's leaders never deny `ForwardBatch`: it needs no token.
@@ -172,7 +168,7 @@ async fn send(
 ) {
     let (requests, replies): (Vec<Vec<u8>>, Vec<Reply>) = batch.into_iter().unzip();
     stats.requests.fetch_add(requests.len() as u64, Ordering::Relaxed);
-    let now = epoch_ms();
+    let now = crate::leader::now_ms();
     if support.singles_until_ms.load(Ordering::Relaxed) <= now {
         // Until the leader has answered a batch, keep the requests to send them singly.
         let kept = (!support.confirmed.load(Ordering::Relaxed)).then(|| requests.clone());
