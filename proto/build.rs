@@ -1,6 +1,36 @@
 //! Compiles `proto/mlp.proto`. Uses `$PROTOC` when set, else the vendored protoc, so that a
 //! fresh machine needs nothing but cargo.
+//!
+//! Every message field gets `#[serde(skip_serializing_if = "crate::compact::skip…")]`: a field
+//! at its default is left out of the JSON written inside [`crate::compact::encode`] (Raft
+//! entries, forwarded writes, snapshots), and written as before everywhere else (the HTTP API,
+//! the event stream, files users read). The fields are listed from protoc's descriptor set, so a
+//! new field gets the attribute without anyone remembering to add it.
 use std::path::PathBuf;
+use std::process::Command;
+
+use prost::Message;
+use prost_types::field_descriptor_proto::{Label, Type};
+use prost_types::DescriptorProto;
+
+/// Fields left out of every JSON when empty (API output included): they keep that attribute.
+const ALWAYS_SKIPPED: [(&str, &str); 12] = [
+    // An event carries one payload: the JSON stream (`/v1/event/stream`) leaves out the others.
+    ("mlp.v1.Event.job", "Option::is_none"),
+    ("mlp.v1.Event.evaluation", "Option::is_none"),
+    ("mlp.v1.Event.allocation", "Option::is_none"),
+    ("mlp.v1.Event.node", "Option::is_none"),
+    ("mlp.v1.Event.deployment", "Option::is_none"),
+    ("mlp.v1.Event.services", "Vec::is_empty"),
+    // Job types (issue 16 §2): absent from a job's JSON unless set, so other jobs read as before.
+    ("mlp.v1.Job.parameterized", "Option::is_none"),
+    ("mlp.v1.Job.periodic", "Option::is_none"),
+    ("mlp.v1.Job.parent_id", "String::is_empty"),
+    ("mlp.v1.Job.payload", "Vec::is_empty"),
+    // Host volumes (issue 15 §4): absent from a job's JSON unless used.
+    ("mlp.v1.TaskGroup.volumes", "Vec::is_empty"),
+    ("mlp.v1.Task.volume_mounts", "Vec::is_empty"),
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("PROTOC").is_none() {
@@ -9,25 +39,63 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("cargo:rerun-if-changed=proto/mlp.proto");
     println!("cargo:rerun-if-env-changed=PROTOC");
-    tonic_build::configure()
+
+    // The fields, from the descriptor set of the same file.
+    let fds_path = PathBuf::from(std::env::var("OUT_DIR")?).join("mlp-fields.fds");
+    let protoc = std::env::var_os("PROTOC").ok_or("PROTOC is not set")?;
+    let status = Command::new(protoc).arg("--descriptor_set_out").arg(&fds_path).args(["-Iproto", "proto/mlp.proto"]).status()?;
+    if !status.success() {
+        return Err(format!("protoc --descriptor_set_out failed: {status}").into());
+    }
+    let fds = prost_types::FileDescriptorSet::decode(std::fs::read(&fds_path)?.as_slice())?;
+    let mut fields = Vec::new();
+    for file in &fds.file {
+        let package = file.package();
+        for message in &file.message_type {
+            message_fields(package, message, &mut fields);
+        }
+    }
+
+    let mut config = tonic_build::configure()
         .btree_map(["."])
         .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")
-        .type_attribute(".", "#[serde(default)]")
-        // An event carries one payload: the JSON stream (`/v1/event/stream`) leaves out the others.
-        .field_attribute("mlp.v1.Event.job", "#[serde(skip_serializing_if = \"Option::is_none\")]")
-        .field_attribute("mlp.v1.Event.evaluation", "#[serde(skip_serializing_if = \"Option::is_none\")]")
-        .field_attribute("mlp.v1.Event.allocation", "#[serde(skip_serializing_if = \"Option::is_none\")]")
-        .field_attribute("mlp.v1.Event.node", "#[serde(skip_serializing_if = \"Option::is_none\")]")
-        .field_attribute("mlp.v1.Event.deployment", "#[serde(skip_serializing_if = \"Option::is_none\")]")
-        .field_attribute("mlp.v1.Event.services", "#[serde(skip_serializing_if = \"Vec::is_empty\")]")
-        // Job types (issue 16 §2): absent from a job's JSON unless set, so other jobs read as before.
-        .field_attribute("mlp.v1.Job.parameterized", "#[serde(skip_serializing_if = \"Option::is_none\")]")
-        .field_attribute("mlp.v1.Job.periodic", "#[serde(skip_serializing_if = \"Option::is_none\")]")
-        .field_attribute("mlp.v1.Job.parent_id", "#[serde(skip_serializing_if = \"String::is_empty\")]")
-        .field_attribute("mlp.v1.Job.payload", "#[serde(skip_serializing_if = \"Vec::is_empty\")]")
-        // Host volumes (issue 15 §4): absent from a job's JSON unless used.
-        .field_attribute("mlp.v1.TaskGroup.volumes", "#[serde(skip_serializing_if = \"Vec::is_empty\")]")
-        .field_attribute("mlp.v1.Task.volume_mounts", "#[serde(skip_serializing_if = \"Vec::is_empty\")]")
-        .compile_protos(&["proto/mlp.proto"], &["proto"])?;
+        .type_attribute(".", "#[serde(default)]");
+    for (path, skip) in ALWAYS_SKIPPED {
+        config = config.field_attribute(format!(".{path}"), format!("#[serde(skip_serializing_if = \"{skip}\")]"));
+    }
+    for (path, skip) in &fields {
+        if ALWAYS_SKIPPED.iter().any(|(p, _)| p == path) {
+            continue;
+        }
+        config = config.field_attribute(format!(".{path}"), format!("#[serde(skip_serializing_if = \"crate::compact::{skip}\")]"));
+    }
+    config.compile_protos(&["proto/mlp.proto"], &["proto"])?;
     Ok(())
+}
+
+/// `(full path, skip function)` of every field of `message` and of its nested messages (not
+/// the generated entries of map fields). A real `oneof` (none today) gets the attribute on the
+/// oneof's own field.
+fn message_fields(scope: &str, message: &DescriptorProto, out: &mut Vec<(String, &'static str)>) {
+    if message.options.as_ref().is_some_and(|o| o.map_entry()) {
+        return;
+    }
+    let name = format!("{scope}.{}", message.name());
+    let mut oneofs = std::collections::BTreeSet::new();
+    for field in &message.field {
+        if let Some(i) = field.oneof_index.filter(|_| !field.proto3_optional()) {
+            oneofs.insert(i);
+            continue;
+        }
+        let float = field.label() != Label::Repeated && !field.proto3_optional() && matches!(field.r#type(), Type::Double | Type::Float);
+        out.push((format!("{name}.{}", field.name()), if float { "skip_float" } else { "skip" }));
+    }
+    for i in oneofs {
+        if let Some(oneof) = message.oneof_decl.get(i as usize) {
+            out.push((format!("{name}.{}", oneof.name()), "skip"));
+        }
+    }
+    for nested in &message.nested_type {
+        message_fields(&name, nested, out);
+    }
 }

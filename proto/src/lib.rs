@@ -6,6 +6,7 @@ pub mod v1 {
     tonic::include_proto!("mlp.v1");
 }
 
+pub mod compact;
 pub mod consts;
 pub mod gpu;
 pub mod jobspec;

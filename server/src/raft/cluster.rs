@@ -139,7 +139,8 @@ impl RaftNode {
 
     /// Hands `req` to the batched forwarding queue of the leader at `addr` (see [`super::forward`]).
     async fn forward_write(&self, addr: &str, req: &Request) -> Result<CommandResponse, WriteError> {
-        let request = serde_json::to_vec(req).map_err(|e| WriteError::Raft(format!("encoding request: {e}")))?;
+        let request =
+            mlp_proto::compact::encode(|| serde_json::to_vec(req)).map_err(|e| WriteError::Raft(format!("encoding request: {e}")))?;
         self.forwarders.forward(addr, || self.peers.get(addr), request, RPC_TIMEOUT).await
     }
 

@@ -183,9 +183,7 @@ async fn send(
                         results.len(),
                         replies.len()
                     ));
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
-                    }
+                    fail_all(replies, &e);
                     return;
                 }
                 for (result, reply) in results.iter().zip(replies) {
@@ -203,18 +201,13 @@ async fn send(
                     // same address): nothing was applied, the writers retry, one by one now.
                     None => {
                         let e = WriteError::Unreachable(format!("{addr} refused a batch of forwarded writes: {}", s.message()));
-                        for reply in replies {
-                            let _ = reply.send(Err(e.clone()));
-                        }
+                        fail_all(replies, &e);
                     }
                 }
                 return;
             }
             Err(s) => {
-                let e = status_to_write_error(addr, s);
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
+                fail_all(replies, &status_to_write_error(addr, s));
                 return;
             }
         }
@@ -243,6 +236,13 @@ async fn single_all(
         }
     });
     futures::future::join_all(calls).await;
+}
+
+/// Answers every waiting writer with the same error (callers that gave up are skipped).
+pub(super) fn fail_all(replies: Vec<Reply>, e: &WriteError) {
+    for reply in replies {
+        let _ = reply.send(Err(e.clone()));
+    }
 }
 
 fn decode(addr: &str, result: &[u8]) -> ForwardResult {

@@ -58,7 +58,8 @@ impl RequestBatch {
         if let Some(raw) = self.1.get() {
             return Ok(raw);
         }
-        let raw = serde_json::value::to_raw_value(self.0.as_slice())?;
+        // Compact: the protobuf messages without their default fields (`mlp_proto::compact`).
+        let raw = mlp_proto::compact::encode(|| serde_json::value::to_raw_value(self.0.as_slice()))?;
         Ok(self.1.get_or_init(|| raw))
     }
 
@@ -172,7 +173,8 @@ mod tests {
                 },
             },
         ];
-        let plain = serde_json::to_string(&reqs).expect("serializes");
+        // The list as the servers write it: protobuf fields at their defaults left out.
+        let plain = mlp_proto::compact::encode(|| serde_json::to_string(&reqs)).expect("serializes");
         let batch = RequestBatch::new(reqs.clone());
         assert_eq!(batch.json_len(), 0);
         // Inside an entry and alone, the kept text is the plain list, and clones share it.
@@ -191,5 +193,38 @@ mod tests {
         let from_value: RequestBatch = serde_json::from_value(serde_json::to_value(&reqs).expect("to a value")).expect("decodes");
         assert_eq!((from_value.0.as_slice(), from_value.json_len()), (reqs.as_slice(), 0));
         assert!(serde_json::from_str::<RequestBatch>("[{\"now_ms\": \"x\"}]").is_err());
+    }
+
+    /// A registration as a server writes it: the job and evaluation without their default
+    /// fields. Entries written before that (every field present) decode to the same requests,
+    /// and so do these by a server that writes full JSON: mixed versions read each other's log.
+    #[test]
+    fn entries_leave_out_default_fields_and_read_the_same_as_full_ones() {
+        let job = mlp_proto::v1::Job {
+            id: "train".into(),
+            namespace: "default".into(),
+            r#type: "batch".into(),
+            groups: vec![mlp_proto::v1::TaskGroup {
+                name: "g".into(),
+                count: Some(0),
+                tasks: vec![mlp_proto::v1::Task { name: "t".into(), driver: "exec".into(), ..Default::default() }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let eval = mlp_proto::v1::Evaluation { id: "e1".into(), job_id: "train".into(), ..Default::default() };
+        let reqs = vec![Request { now_ms: 9, command: Command::RegisterJob { job, eval } }];
+        let batch = RequestBatch::new(reqs.clone());
+        let written = serde_json::to_string(&batch).expect("serializes");
+        let full = serde_json::to_string(&reqs).expect("serializes");
+        assert!(written.len() * 3 < full.len(), "{written} against {full}");
+        assert!(!written.contains("\"priority\"") && full.contains("\"priority\":0"), "{written}");
+        assert!(written.contains("\"count\":0"), "an optional field set to zero stays: {written}");
+        for text in [&written, &full] {
+            let back: RequestBatch = serde_json::from_str(text).expect("decodes");
+            assert_eq!(back.0.as_slice(), reqs.as_slice());
+        }
+        // JSON written elsewhere (the API, the event stream) keeps every field.
+        assert_eq!(serde_json::to_string(&reqs).expect("serializes"), full);
     }
 }

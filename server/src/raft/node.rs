@@ -257,9 +257,7 @@ fn spawn_write_batcher(raft: MlpRaft) -> mpsc::Sender<(Request, WriteReply)> {
                     }
                     Err(err) => {
                         tracing::debug!(error = %err, batch = n, "raft write failed");
-                        for reply in replies {
-                            let _ = reply.send(Err(err.clone()));
-                        }
+                        super::forward::fail_all(replies, &err);
                     }
                 }
             });
