@@ -1613,7 +1613,8 @@ impl SnapshotStart {
 fn write_snapshot_state(out: &mut Vec<u8>, st: &ClusterState) -> Result<(), SnapshotError> {
     out.extend_from_slice(SNAPSHOT_MAGIC);
     out.extend_from_slice(&[0u8; 8]);
-    // Compact (`mlp_proto::compact`): a snapshot is read back only by `from_snapshot_bytes`.
+    // Compact (`mlp_proto::compact`): a snapshot is read back only through serde (a restart, a
+    // follower installing it, `mlp operator snapshot restore`), which fills the defaults in.
     mlp_proto::compact::encode(|| serde_json::to_writer(&mut *out, st))?;
     let state_len = (out.len() - SNAPSHOT_MAGIC.len() - 8) as u64;
     out[SNAPSHOT_MAGIC.len()..SNAPSHOT_MAGIC.len() + 8].copy_from_slice(&state_len.to_le_bytes());

@@ -51,8 +51,10 @@ type Queued = (Vec<u8>, Reply);
 const SINGLES_FOR: Duration = Duration::from_secs(60);
 
 /// What a follower knows of whether the leader at an address serves `ForwardBatch`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Support {
+    /// How long a refusal sends it single `Forward`s ([`SINGLES_FOR`]; shorter in tests).
+    singles_for: Duration,
     /// It answered a batch, so batches need no copy of their requests for a fallback.
     confirmed: AtomicBool,
     /// Until when (ms since the epoch) it gets single `Forward`s: it refused a batch.
@@ -76,10 +78,16 @@ pub struct ForwardStats {
 }
 
 /// The per-leader-address forwarding queues of one server.
-#[derive(Default)]
 pub struct Forwarders {
     queues: Mutex<HashMap<String, mpsc::Sender<Queued>>>,
     stats: Arc<ForwardStats>,
+    singles_for: Duration,
+}
+
+impl Default for Forwarders {
+    fn default() -> Self {
+        Forwarders { queues: Mutex::default(), stats: Arc::default(), singles_for: SINGLES_FOR }
+    }
 }
 
 impl Forwarders {
@@ -98,7 +106,7 @@ impl Forwarders {
                 Some(q) if !q.is_closed() => q.clone(),
                 _ => {
                     let (tx, rx) = mpsc::channel(QUEUE);
-                    tokio::spawn(run(addr.to_string(), client()?, rx, timeout, self.stats.clone()));
+                    tokio::spawn(run(addr.to_string(), client()?, rx, timeout, self.stats.clone(), self.singles_for));
                     queues.insert(addr.to_string(), tx.clone());
                     tx
                 }
@@ -123,9 +131,10 @@ async fn run(
     mut rx: mpsc::Receiver<Queued>,
     timeout: Duration,
     stats: Arc<ForwardStats>,
+    singles_for: Duration,
 ) {
     let window = Arc::new(Semaphore::new(IN_FLIGHT));
-    let support = Arc::new(Support::default());
+    let support = Arc::new(Support { singles_for, confirmed: AtomicBool::new(false), singles_until_ms: AtomicU64::new(0) });
     let addr: Arc<str> = addr.into();
     let mut queued: Vec<Queued> = Vec::new();
     loop {
@@ -194,7 +203,7 @@ async fn send(
             Err(s) if refused(&s) => {
                 tracing::info!(leader = %addr, status = %s, "the leader does not take batched forwards; forwarding writes one by one");
                 support.confirmed.store(false, Ordering::Relaxed);
-                support.singles_until_ms.store(now + SINGLES_FOR.as_millis() as u64, Ordering::Relaxed);
+                support.singles_until_ms.store(now + support.singles_for.as_millis() as u64, Ordering::Relaxed);
                 match kept {
                     Some(kept) => single_all(addr, client, kept, replies, timeout, stats).await,
                     // A leader that took batches before (replaced by an older version at the
@@ -279,6 +288,9 @@ mod tests {
         singles: Arc<AtomicUsize>,
         /// With ACLs on, an older leader's ACL table denies a method it does not know.
         acls: bool,
+        /// Upgraded in place (serves `ForwardBatch`) while set; `batches` counts those served.
+        upgraded: Arc<AtomicBool>,
+        batches: Arc<AtomicUsize>,
     }
 
     type R<T> = Result<tonic::Response<T>, tonic::Status>;
@@ -301,7 +313,21 @@ mod tests {
             let result: ForwardResult = Ok(CommandResponse { index: request.now_ms, ..Default::default() });
             Ok(tonic::Response::new(ForwardResponse { result: serde_json::to_vec(&result).unwrap() }))
         }
-        async fn forward_batch(&self, _: tonic::Request<ForwardBatchRequest>) -> R<ForwardBatchResponse> {
+        async fn forward_batch(&self, req: tonic::Request<ForwardBatchRequest>) -> R<ForwardBatchResponse> {
+            if self.upgraded.load(Ordering::SeqCst) {
+                self.batches.fetch_add(1, Ordering::SeqCst);
+                let results = req
+                    .into_inner()
+                    .requests
+                    .iter()
+                    .map(|r| {
+                        let request: crate::state::Request = serde_json::from_slice(r).unwrap();
+                        let result: ForwardResult = Ok(CommandResponse { index: request.now_ms, ..Default::default() });
+                        serde_json::to_vec(&result).unwrap()
+                    })
+                    .collect();
+                return Ok(tonic::Response::new(ForwardBatchResponse { results }));
+            }
             if self.acls {
                 // The older version's ACL guard, for a method not in its table.
                 return Err(tonic::Status::permission_denied("/mlp.v1.ClusterService/ForwardBatch is not an API endpoint that ACLs allow"));
@@ -368,6 +394,43 @@ mod tests {
         assert_eq!(forwarders.forward(&addr, client, request(99), Duration::from_secs(5)).await.unwrap().index, 99);
         assert_eq!(forwarders.stats().rpcs.load(Ordering::Relaxed), rpcs + 1);
         assert_eq!(old.singles.load(Ordering::SeqCst), 41);
+        server.abort();
+    }
+
+    /// A leader that refused batches is asked again once the singles period is over (upgraded in
+    /// place: batches from then on); one that took batches and then refuses one (replaced by an
+    /// older version) sends its writers back to retry, with nothing applied.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refusing_leader_is_asked_again_later_and_one_that_stops_taking_batches_gets_retries() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let leader = OldLeader::default();
+        let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None).unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder().add_service(ClusterServiceServer::new(leader.clone())).serve_with_incoming(incoming),
+        );
+        let singles_for = Duration::from_secs(2);
+        let forwarders = Forwarders { singles_for, ..Default::default() };
+        let forward = |i: u64| forwarders.forward(&addr, client_for(&addr), request(i), Duration::from_secs(5));
+        // Refused: the write goes singly, and so does the next one within the period.
+        assert_eq!(forward(1).await.unwrap().index, 1);
+        leader.upgraded.store(true, Ordering::SeqCst);
+        assert_eq!(forward(2).await.unwrap().index, 2);
+        assert_eq!((leader.singles.load(Ordering::SeqCst), leader.batches.load(Ordering::SeqCst)), (2, 0));
+        // After it, a batch again, which the upgraded leader takes.
+        tokio::time::sleep(singles_for + Duration::from_millis(200)).await;
+        assert_eq!(forward(3).await.unwrap().index, 3);
+        assert_eq!((leader.singles.load(Ordering::SeqCst), leader.batches.load(Ordering::SeqCst)), (2, 1));
+        // Replaced by the older version: the writer is told to retry (`submit` does, one by one).
+        leader.upgraded.store(false, Ordering::SeqCst);
+        match forward(4).await {
+            Err(WriteError::Unreachable(m)) => assert!(m.contains("refused a batch"), "{m}"),
+            other => panic!("expected Unreachable, got {other:?}"),
+        }
+        assert_eq!(leader.singles.load(Ordering::SeqCst), 2, "nothing was sent singly for it");
+        // Its retry goes singly and is applied once.
+        assert_eq!(forward(4).await.unwrap().index, 4);
+        assert_eq!(leader.singles.load(Ordering::SeqCst), 3);
         server.abort();
     }
 
