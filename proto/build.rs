@@ -4,12 +4,11 @@
 //! Every message field gets `#[serde(skip_serializing_if = "crate::compact::skip…")]`: a field
 //! at its default is left out of the JSON written inside [`crate::compact::encode`] (Raft
 //! entries, forwarded writes, snapshots), and written as before everywhere else (the HTTP API,
-//! the event stream, files users read). The fields are listed from protoc's descriptor set, so a
-//! new field gets the attribute without anyone remembering to add it.
+//! the event stream, files users read). The fields are listed from protoc's descriptor set, the
+//! same one the code is generated from, so a new field gets the attribute without anyone
+//! remembering to add it.
 use std::path::PathBuf;
-use std::process::Command;
 
-use prost::Message;
 use prost_types::field_descriptor_proto::{Label, Type};
 use prost_types::DescriptorProto;
 
@@ -40,14 +39,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/mlp.proto");
     println!("cargo:rerun-if-env-changed=PROTOC");
 
-    // The fields, from the descriptor set of the same file.
-    let fds_path = PathBuf::from(std::env::var("OUT_DIR")?).join("mlp-fields.fds");
-    let protoc = std::env::var_os("PROTOC").ok_or("PROTOC is not set")?;
-    let status = Command::new(protoc).arg("--descriptor_set_out").arg(&fds_path).args(["-Iproto", "proto/mlp.proto"]).status()?;
-    if !status.success() {
-        return Err(format!("protoc --descriptor_set_out failed: {status}").into());
-    }
-    let fds = prost_types::FileDescriptorSet::decode(std::fs::read(&fds_path)?.as_slice())?;
+    // One protoc run: its descriptor set lists the fields and is what the code is generated from.
+    let fds = tonic_build::Config::new().load_fds(&["proto/mlp.proto"], &["proto"])?;
     let mut fields = Vec::new();
     for file in &fds.file {
         let package = file.package();
@@ -69,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         config = config.field_attribute(format!(".{path}"), format!("#[serde(skip_serializing_if = \"crate::compact::{skip}\")]"));
     }
-    config.compile_protos(&["proto/mlp.proto"], &["proto"])?;
+    config.compile_fds(fds)?;
     Ok(())
 }
 
