@@ -373,70 +373,55 @@ impl Loc {
         self.key.is_empty()
     }
 
+    /// A location below this one, `make(key, path)` giving its key and path; below
+    /// [`Loc::nowhere`] it is nowhere too, and `make` is not called.
+    fn below(&self, make: impl FnOnce(&str, &str) -> (String, String)) -> Loc {
+        let (key, path) = make(&self.key, &self.path);
+        Loc { key, path }
+    }
+
     /// A plain field or sub-block.
     pub fn field(&self, name: &str) -> Loc {
-        if self.is_nowhere() {
-            return Loc::nowhere();
-        }
-        Loc { key: format!("{}.{name}", self.key), path: format!("{}.{name}", self.path) }
+        self.below(|key, path| (format!("{key}.{name}"), format!("{path}.{name}")))
     }
 
     /// A named, repeatable block (`group`, `task`); unnamed ones are shown by index.
     pub fn named(&self, kind: &str, index: usize, name: &str) -> Loc {
-        if self.is_nowhere() {
-            return Loc::nowhere();
-        }
-        let path = if name.is_empty() { format!("{}.{kind}[{index}]", self.path) } else { format!("{}.{kind}.{name}", self.path) };
-        Loc { key: format!("{}.{}{index}", self.key, &kind[..1]), path }
+        self.below(|key, path| {
+            let path = if name.is_empty() { format!("{path}.{kind}[{index}]") } else { format!("{path}.{kind}.{name}") };
+            (format!("{key}.{}{index}", &kind[..1]), path)
+        })
     }
 
     /// The name label of a named block: its own key, shown at the block's path.
     pub fn name_label(&self) -> Loc {
-        if self.is_nowhere() {
-            return Loc::nowhere();
-        }
-        Loc { key: format!("{}.name", self.key), path: self.path.clone() }
+        self.below(|key, path| (format!("{key}.name"), path.to_string()))
     }
 
     /// The `index`th item of a list field.
     pub fn item(&self, index: usize) -> Loc {
-        if self.is_nowhere() {
-            return Loc::nowhere();
-        }
-        Loc { key: format!("{}[{index}]", self.key), path: format!("{}[{index}]", self.path) }
+        self.below(|key, path| (format!("{key}[{index}]"), format!("{path}[{index}]")))
     }
 
     /// The `index`th `service` block (its own key prefix: `s` is `spread`'s).
     pub fn service(&self, index: usize) -> Loc {
-        if self.is_nowhere() {
-            return Loc::nowhere();
-        }
-        Loc { key: format!("{}.svc{index}", self.key), path: format!("{}.service[{index}]", self.path) }
+        self.below(|key, path| (format!("{key}.svc{index}"), format!("{path}.service[{index}]")))
     }
 
     /// The `index`th `volume_mount` block of a task (its own key prefix: `v` is a group's
     /// `volume`).
     pub fn volume_mount(&self, index: usize) -> Loc {
-        if self.is_nowhere() {
-            return Loc::nowhere();
-        }
-        Loc { key: format!("{}.vm{index}", self.key), path: format!("{}.volume_mount[{index}]", self.path) }
+        self.below(|key, path| (format!("{key}.vm{index}"), format!("{path}.volume_mount[{index}]")))
     }
 
     /// The `index`th `check` block of a service.
     pub fn check(&self, index: usize) -> Loc {
-        if self.is_nowhere() {
-            return Loc::nowhere();
-        }
-        Loc { key: format!("{}.chk{index}", self.key), path: format!("{}.check[{index}]", self.path) }
+        self.below(|key, path| (format!("{key}.chk{index}"), format!("{path}.check[{index}]")))
     }
 
     /// A repeatable block without a name (`constraint`).
     pub fn indexed(&self, kind: &str, index: usize) -> Loc {
-        if self.is_nowhere() {
-            return Loc::nowhere();
-        }
-        Loc { key: format!("{}.{}{index}", self.key, &kind[..1]), path: format!("{}.{kind}[{index}]", self.path) }
+        self.below(|key, path| (format!("{key}.{}{index}", &kind[..1]), format!("{path}.{kind}[{index}]")))
     }
 }
 
