@@ -312,6 +312,7 @@ impl Agent {
             alloc_root: env.alloc_root.clone(),
             node_address: env.node_address.clone(),
             network: Some(network.clone()),
+            registry: registry.clone(),
         });
         let mut manager = AllocManager::new(env, updates_tx);
         manager.restore();

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use mlp_proto::consts::{alloc_client, alloc_desired, task_event, task_state};
 use mlp_proto::v1::{AllocClientUpdate, Allocation};
@@ -51,7 +52,13 @@ fn view_of(dir: &Path, p: &PersistedAlloc) -> AllocView {
             Some(g.tasks.iter().map(|t| t.name.clone()).collect::<Vec<_>>())
         })
         .unwrap_or_else(|| p.task_states.keys().cloned().collect());
-    AllocView { dir: dir.to_path_buf(), tasks, client_status: p.client_status.clone(), task_states: p.task_states.clone() }
+    AllocView {
+        dir: dir.to_path_buf(),
+        tasks,
+        client_status: p.client_status.clone(),
+        task_states: p.task_states.clone(),
+        alloc: p.alloc.clone().map(Arc::new),
+    }
 }
 
 impl AllocManager {

@@ -156,6 +156,10 @@ struct Reporter {
     /// What was last written to disk: a change the servers see (an event, a status) is saved,
     /// a publish that changed nothing is not.
     last_saved: Option<PersistedAlloc>,
+    /// Where the next save goes (the runner is the allocation's only writer while it runs).
+    slots: state::Slots,
+    /// The allocation, shared with the registry's views.
+    alloc: Arc<Allocation>,
 }
 
 impl Reporter {
@@ -164,7 +168,7 @@ impl Reporter {
         self.persisted.client_status = status.to_string();
         self.persisted.client_description = desc.clone();
         if self.last_saved.as_ref() != Some(&self.persisted) {
-            match state::save(&self.dir, &self.persisted) {
+            match self.slots.save(&self.dir, &self.persisted) {
                 Ok(()) => self.last_saved = Some(self.persisted.clone()),
                 Err(e) => tracing::warn!(alloc = %self.alloc_id, error = %e, "persisting alloc state failed"),
             }
@@ -176,6 +180,7 @@ impl Reporter {
                 tasks: self.tasks.clone(),
                 client_status: status.to_string(),
                 task_states: self.persisted.task_states.clone(),
+                alloc: Some(self.alloc.clone()),
             },
         );
         let upd = AllocClientUpdate {
@@ -230,6 +235,8 @@ async fn run_alloc(
         updates,
         last_sent: None,
         last_saved: None,
+        slots: state::Slots::default(),
+        alloc: Arc::new(alloc.clone()),
     };
 
     let mut setup = std::fs::create_dir_all(dir.join("alloc"));
@@ -247,7 +254,7 @@ async fn run_alloc(
         let _ = std::fs::create_dir_all(&dir);
         rep.persisted.client_status = alloc_client::FAILED.into();
         rep.persisted.client_description = format!("task group {:?} not found in job", alloc.task_group);
-        let _ = state::save(&dir, &rep.persisted);
+        let _ = rep.slots.save(&dir, &rep.persisted);
         let _ = rep.updates.send(AllocClientUpdate {
             alloc_id: alloc.id.clone(),
             client_status: alloc_client::FAILED.into(),

@@ -383,7 +383,15 @@ impl ExecDriver {
             hold.keep = true;
         }
         tracing::debug!(task = %spec.name, pid = sup.record.pid, user = %user.name, "isolated task started");
-        Ok(Box::new(IsolatedHandle { sup, cgroup, cg_name, layout: layout.clone(), cleanup: None, cores: self.cores.clone() }))
+        Ok(Box::new(IsolatedHandle {
+            sup,
+            cgroup,
+            cg_name,
+            layout: layout.clone(),
+            cleanup: None,
+            reattached: false,
+            cores: self.cores.clone(),
+        }))
     }
 
     /// Reattaches a task a previous agent run started (both roots).
@@ -416,6 +424,7 @@ impl ExecDriver {
             cg_name: record.cgroup.clone(),
             layout: layout.clone(),
             cleanup: None,
+            reattached: true,
             cores: self.cores.clone(),
         }))
     }
@@ -459,6 +468,10 @@ struct IsolatedHandle {
     cg_name: String,
     layout: Layout,
     cleanup: Option<JoinHandle<Result<(), cgroups::CgroupError>>>,
+    /// Reattached from a previous agent run: its cgroup may also be left in hierarchies the
+    /// handle did not open, so the clean-up searches them all. A task this run started has
+    /// its cgroup exactly where it was created.
+    reattached: bool,
     /// Freed once the task ended and its cgroup is gone (not on drop: a dropped handle's
     /// task runs on).
     cores: Arc<CoreAllocator>,
@@ -486,9 +499,15 @@ impl TaskHandle for IsolatedHandle {
             // Nothing of the task may outlive it: whatever escaped the process group is still
             // in the cgroup (in every hierarchy, also those a reattached handle did not open).
             let (layout, name) = (self.layout.clone(), self.cg_name.clone());
+            // A started task's cgroup is removed where it was made; searching every hierarchy
+            // (a read of /proc/self/mountinfo and a stat in each) is for a reattached one, or
+            // one whose cgroup could not be opened.
+            let search = self.reattached || cg.is_none();
             self.cleanup = Some(tokio::task::spawn_blocking(move || {
                 let result = cg.as_deref().map(cgroups::kill_and_remove).unwrap_or(Ok(()));
-                cgroups::remove_leftover(&layout, &name);
+                if search {
+                    cgroups::remove_leftover(&layout, &name);
+                }
                 result
             }));
         }

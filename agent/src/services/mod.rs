@@ -42,6 +42,9 @@ pub struct ServicesEnv {
     pub node_address: String,
     /// Bridge-mode allocations' networks (their addresses and namespaces).
     pub network: Option<Arc<crate::network::NetworkManager>>,
+    /// The allocations the runners hold in memory (each is put there before its first update
+    /// is sent).
+    pub registry: crate::alloc::state::AllocRegistry,
 }
 
 /// Copies every update of `rx` to two receivers: the one UpdateAllocs sends from, and the
@@ -101,9 +104,14 @@ struct Instance {
     next_due: Vec<Instant>,
 }
 
-/// The allocation as the alloc runner persisted it (with its job); it is written before the
-/// first update is sent, but a few tries cover a slow disk.
+/// The allocation with its job: the one its runner holds (put in the registry before the
+/// first update is sent), else as persisted; a few tries cover a slow disk. Every allocation
+/// gets here, most without a service, so the one in memory saves reading and parsing its
+/// state files each time.
 async fn load_alloc(env: &ServicesEnv, alloc_id: &str) -> Option<Allocation> {
+    if let Some(a) = env.registry.get(alloc_id).and_then(|v| v.alloc).filter(|a| a.job.is_some()) {
+        return Some(Arc::unwrap_or_clone(a));
+    }
     if crate::paths::check_alloc_id(alloc_id).is_err() {
         return None;
     }
@@ -425,6 +433,28 @@ pub async fn dns_loop(network: Arc<crate::network::NetworkManager>, mut register
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_allocation_comes_from_its_runner_without_reading_the_disk() {
+        use crate::alloc::state::{AllocRegistry, AllocView};
+        use mlp_proto::v1::Job;
+        let registry = AllocRegistry::default();
+        let env = ServicesEnv {
+            // Nothing on disk: only the registry can answer.
+            alloc_root: PathBuf::from("/nonexistent/allocs"),
+            node_address: "127.0.0.1".into(),
+            network: None,
+            registry: registry.clone(),
+        };
+        let alloc = Allocation {
+            id: "a1".into(),
+            task_group: "g".into(),
+            job: Some(Job { name: "j".into(), ..Default::default() }),
+            ..Default::default()
+        };
+        registry.put("a1", AllocView { alloc: Some(Arc::new(alloc.clone())), ..Default::default() });
+        assert_eq!(load_alloc(&env, "a1").await, Some(alloc));
+    }
 
     #[test]
     fn ports_resolve_by_label_or_number() {

@@ -346,8 +346,11 @@ fn supervise(config_path: &Path, status: &mut Option<File>, mut phases: Phases) 
     }
     phases.mark("record_written");
     report(status, &format!("ok {}{}", running.pid, phases.words()));
-    // The task runs: from here on, threads are fine (nothing forks any more).
-    let pumps = [pump_thread(out_r, out_w), pump_thread(err_r, err_w)];
+    // The task runs: from here on, threads are fine (nothing forks any more). Each pump says
+    // on `drained` when its pipe reached EOF.
+    let (drained_tx, drained) = std::sync::mpsc::channel();
+    pump_thread(out_r, out_w, drained_tx.clone());
+    pump_thread(err_r, err_w, drained_tx);
     let wait = loop {
         match waitpid(running.pid, None) {
             Err(nix::errno::Errno::EINTR) => continue,
@@ -370,19 +373,12 @@ fn supervise(config_path: &Path, status: &mut Option<File>, mut phases: Phases) 
             }
         }
     };
-    // Drain the output (bounded: a process that escaped may hold the pipes open).
-    let (tx, rx) = std::sync::mpsc::channel();
-    for p in pumps {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            let _ = p.join();
-            let _ = tx.send(());
-        });
-    }
+    // Drain the output (bounded: a process that escaped may hold the pipes open; its pump is
+    // left behind and ends with this process).
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     for _ in 0..2 {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if rx.recv_timeout(left).is_err() {
+        if drained.recv_timeout(left).is_err() {
             break;
         }
     }
@@ -392,8 +388,8 @@ fn supervise(config_path: &Path, status: &mut Option<File>, mut phases: Phases) 
     Ok(())
 }
 
-/// Copies a pipe into a log file until EOF, on its own thread.
-fn pump_thread(pipe: OwnedFd, mut writer: RotatingWriter) -> std::thread::JoinHandle<()> {
+/// Copies a pipe into a log file until EOF, on its own thread, then says so on `drained`.
+fn pump_thread(pipe: OwnedFd, mut writer: RotatingWriter, drained: std::sync::mpsc::Sender<()>) {
     std::thread::spawn(move || {
         let mut reader = File::from(pipe);
         let mut buf = vec![0u8; 32 * 1024];
@@ -412,5 +408,8 @@ fn pump_thread(pipe: OwnedFd, mut writer: RotatingWriter) -> std::thread::JoinHa
                 }
             }
         }
-    })
+        // Written and closed before the main thread hears of it.
+        drop(writer);
+        let _ = drained.send(());
+    });
 }
