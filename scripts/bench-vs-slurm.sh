@@ -24,7 +24,7 @@ if [ -z "${MLP_BIN:-}" ]; then
   cargo build --release --bin mlp >&2
 fi
 MLP=${MLP_BIN:-$PWD/target/release/mlp}
-out=$(mktemp -d /tmp/mlp-bench-slurm.XXXXXX)
+out=$(mktemp -d "${TMPDIR:-/tmp}/mlp-bench-slurm.XXXXXX")
 dev_pid=
 cleanup() {
   [ -n "$dev_pid" ] && kill "$dev_pid" 2>/dev/null && wait "$dev_pid" 2>/dev/null

@@ -14,7 +14,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Where the CLI finds a server.
+// Where the CLI finds a server.
 #[derive(Debug, Clone, Args)]
 pub struct Conn {
     /// gRPC address of any server; several, comma separated, are tried in order.
@@ -35,7 +35,13 @@ pub struct Conn {
     pub key_file: Option<PathBuf>,
 }
 
+// Every subcommand enum is `defer = true`: clap builds a subcommand's arguments only when the
+// command line goes into it, so a CLI call builds the one path it takes instead of the whole
+// tree (every command's arguments, before parsing a single word). Help, completions and
+// `debug_assert` still build the whole tree. An `Args` struct therefore carries no doc comment
+// of its own (`//`, not `///`): a deferred struct's doc would replace the command's about text.
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum Command {
     /// Run a server (Raft member, scheduler, API).
     Server(ServerArgs),
@@ -155,9 +161,9 @@ pub struct ServerArgs {
     pub config: Option<PathBuf>,
 }
 
-/// Garbage collection (Nomad's core scheduler): how often the leader collects, and how old
-/// terminal evaluations and allocations, dead jobs and down nodes must be. Durations like
-/// `90s`, `30m`, `1h`.
+// Garbage collection (Nomad's core scheduler): how often the leader collects, and how old
+// terminal evaluations and allocations, dead jobs and down nodes must be. Durations like
+// `90s`, `30m`, `1h`.
 #[derive(Debug, Args, Clone)]
 pub struct GcArgs {
     /// How often the leader collects garbage (`mlp system gc` collects at once).
@@ -185,8 +191,8 @@ pub struct GcArgs {
     pub event_buffer: usize,
 }
 
-/// Where MLflow artifact uploads go (docs/tracking.md, "Artifacts"): the servers' disks,
-/// replicated to a quorum (default), or an S3-compatible bucket.
+// Where MLflow artifact uploads go (docs/tracking.md, "Artifacts"): the servers' disks,
+// replicated to a quorum (default), or an S3-compatible bucket.
 #[derive(Debug, Args, Clone)]
 pub struct MlflowArtifactArgs {
     /// `disk` (blobs on the servers, each on a majority of them before an upload is
@@ -236,7 +242,7 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     mlp_proto::jobspec::parse_duration(s)
 }
 
-/// Preemption: which job types may evict lower-priority allocations, and the priority gap.
+// Preemption: which job types may evict lower-priority allocations, and the priority gap.
 #[derive(Debug, Args, Clone)]
 pub struct PreemptionArgs {
     /// Whether batch jobs may preempt lower-priority allocations.
@@ -251,6 +257,7 @@ pub struct PreemptionArgs {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum TlsCommand {
     /// The cluster's certificate authority.
     #[command(subcommand)]
@@ -261,6 +268,7 @@ pub enum TlsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum TlsCaCommand {
     /// Write a new CA: mlp-ca.pem and mlp-ca-key.pem (refuses to overwrite them).
     Create {
@@ -274,6 +282,7 @@ pub enum TlsCaCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum TlsCertCommand {
     /// Write a certificate and key for one role (mlp-server.pem and mlp-server-key.pem, …;
     /// numbered when taken). Roles: --server (server.mlp: Raft, joins, forwarding; also good for
@@ -359,7 +368,7 @@ pub struct AgentArgs {
     pub enable_raw_exec: bool,
 }
 
-/// The `oci` driver's image store (docs/jobspec.md, "driver = oci").
+// The `oci` driver's image store (docs/jobspec.md, "driver = oci").
 #[derive(Debug, Args, Clone)]
 pub struct OciArgs {
     /// Registry (HOST:PORT) reached over plain HTTP, besides those on loopback; repeatable.
@@ -404,7 +413,7 @@ impl OciArgs {
     }
 }
 
-/// Tasks' `artifact` blocks (docs/jobspec.md, "artifact").
+// Tasks' `artifact` blocks (docs/jobspec.md, "artifact").
 #[derive(Debug, Args, Clone)]
 pub struct ArtifactArgs {
     /// Directory `file://` artifact sources may name files under; repeatable. Without one,
@@ -437,7 +446,7 @@ impl ArtifactArgs {
     }
 }
 
-/// MLflow for tasks (docs/tracking.md, "From inside a job").
+// MLflow for tasks (docs/tracking.md, "From inside a job").
 #[derive(Debug, Args, Clone)]
 pub struct TrackingArgs {
     /// MLFLOW_TRACKING_URI given to tasks that set none: an http(s):// URI, or `none` for none.
@@ -455,7 +464,7 @@ impl TrackingArgs {
     }
 }
 
-/// Real GPUs: where NVML and the driver's files are (issue 12).
+// Real GPUs: where NVML and the driver's files are (issue 12).
 #[derive(Debug, Args, Clone)]
 pub struct GpuArgs {
     /// Look for real GPUs through NVML: auto (when the library is found), nvml (warn when it is
@@ -510,8 +519,8 @@ impl GpuArgs {
     }
 }
 
-/// The cluster overlay on the servers (docs/ARCHITECTURE.md, "Network model"): where node
-/// subnets are leased from.
+// The cluster overlay on the servers (docs/ARCHITECTURE.md, "Network model"): where node
+// subnets are leased from.
 #[derive(Debug, Args, Clone)]
 pub struct OverlayArgs {
     /// The cluster's allocation network: every node leases a subnet of it, and allocations on
@@ -535,8 +544,8 @@ impl OverlayArgs {
     }
 }
 
-/// Bridge-mode networking of allocations and this node's end of the overlay
-/// (docs/ARCHITECTURE.md, "Network model").
+// Bridge-mode networking of allocations and this node's end of the overlay
+// (docs/ARCHITECTURE.md, "Network model").
 #[derive(Debug, Args, Clone)]
 pub struct NetworkArgs {
     /// The node bridge bridge-mode allocations hang off (created on demand).
@@ -599,7 +608,7 @@ impl NetworkArgs {
     }
 }
 
-/// How the `exec` driver isolates tasks (docs/security.md).
+// How the `exec` driver isolates tasks (docs/security.md).
 #[derive(Debug, Args, Clone)]
 pub struct ExecIsolationArgs {
     /// User an `exec` task runs as when its spec names none [default: nobody].
@@ -682,6 +691,7 @@ pub struct DevArgs {
 // ---- ACLs (issue 15 §2) ----
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum AclCommand {
     /// Create the first management token; works once per cluster. Prints its secret (keep it:
     /// it is shown only now) and accessor id.
@@ -698,6 +708,7 @@ pub enum AclCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum AclPolicyCommand {
     /// Create or replace policy NAME from an HCL file.
     Apply {
@@ -722,6 +733,7 @@ pub enum AclPolicyCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum AclTokenCommand {
     /// Create a token with the given policies; prints its secret (shown only now).
     Create {
@@ -752,6 +764,7 @@ pub enum AclTokenCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum EventCommand {
     /// Print events as they happen, one JSON batch per line.
     Stream {
@@ -770,6 +783,7 @@ pub enum EventCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum JobCommand {
     /// Register a job from a spec file and follow its placement.
     Run {
@@ -861,6 +875,7 @@ pub enum JobCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum DeploymentCommand {
     /// List deployments (newest first).
     List {
@@ -901,6 +916,7 @@ pub enum DeploymentCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum AllocCommand {
     /// Show an allocation: placement, task states and events.
     Status {
@@ -947,6 +963,7 @@ pub enum AllocCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum NodeCommand {
     /// List nodes, or show one.
     Status {
@@ -989,6 +1006,7 @@ pub enum NodeCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum ServiceCommand {
     /// List services with their instance counts.
     List {
@@ -1013,6 +1031,7 @@ pub enum ServiceCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum RunCommand {
     /// List runs, newest first.
     List {
@@ -1043,6 +1062,7 @@ pub enum RunCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum ModelCommand {
     /// List registered models.
     List {
@@ -1076,7 +1096,7 @@ pub enum ModelCommand {
     },
 }
 
-/// The agent's DNS responder (issue 13 §3).
+// The agent's DNS responder (issue 13 §3).
 #[derive(Debug, Args, Clone)]
 pub struct DnsArgs {
     /// Where the DNS responder forwards names outside service.mlp (IP or IP:PORT, repeatable;
@@ -1099,6 +1119,7 @@ impl DnsArgs {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum EvalCommand {
     /// Show one evaluation, or list them.
     Status {
@@ -1109,6 +1130,7 @@ pub enum EvalCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum SystemCommand {
     /// Collect garbage now: terminal evaluations and allocations the scheduler no longer
     /// needs, dead jobs with everything of theirs, down nodes without allocations, whatever
@@ -1121,17 +1143,17 @@ pub enum SystemCommand {
 
 // ---- high availability (issue 5) ----
 
-/// Raft timing; shorter timeouts fail over faster but need a responsive network and disks.
-///
-/// An openraft 0.9 follower calls an election only after hearing nothing from the leader for
-/// the leader lease (= the maximum election timeout) *plus* its own election timeout, so the
-/// defaults (100 ms heartbeats, 250–500 ms) give 0.75–1 s of silence, seven to ten missed
-/// heartbeats, before an election: a CLI write is acknowledged about 1 s after the leader dies
-/// (docs/benchmarks.md), while a short stall stays far from a spurious election. A lost vote
-/// (split, or a candidate with a shorter log, which also waits 2 × the maximum) costs another
-/// 250–500 ms. openraft times an AppendEntries out after one heartbeat interval: keep the
-/// heartbeat above the disk's worst fsync (the multi-host tests run 100 ms on a shared 2-core
-/// machine; 50 ms was too short there).
+// Raft timing; shorter timeouts fail over faster but need a responsive network and disks.
+//
+// An openraft 0.9 follower calls an election only after hearing nothing from the leader for
+// the leader lease (= the maximum election timeout) *plus* its own election timeout, so the
+// defaults (100 ms heartbeats, 250–500 ms) give 0.75–1 s of silence, seven to ten missed
+// heartbeats, before an election: a CLI write is acknowledged about 1 s after the leader dies
+// (docs/benchmarks.md), while a short stall stays far from a spurious election. A lost vote
+// (split, or a candidate with a shorter log, which also waits 2 × the maximum) costs another
+// 250–500 ms. openraft times an AppendEntries out after one heartbeat interval: keep the
+// heartbeat above the disk's worst fsync (the multi-host tests run 100 ms on a shared 2-core
+// machine; 50 ms was too short there).
 #[derive(Debug, Clone, Args)]
 pub struct RaftTimingArgs {
     /// Leader heartbeat interval in milliseconds.
@@ -1154,6 +1176,7 @@ pub struct RaftTimingArgs {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum ServerAction {
     /// List the servers of the cluster: id, address, voter, leader.
     Members {
@@ -1163,6 +1186,7 @@ pub enum ServerAction {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum OperatorCommand {
     /// Raft membership and leadership.
     #[command(subcommand)]
@@ -1173,6 +1197,7 @@ pub enum OperatorCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum SnapshotCommand {
     /// Save the cluster state, as of a linearizable read on the leader, to FILE.
     Save { file: PathBuf },
@@ -1188,6 +1213,7 @@ pub enum SnapshotCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum RaftCommand {
     /// List the Raft peers with their replication progress.
     ListPeers {
@@ -1215,7 +1241,7 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// `mlp sim`: see docs/scheduler.md.
+// `mlp sim`: see docs/scheduler.md.
 #[derive(Debug, Args)]
 pub struct SimArgs {
     /// Node list CSV (`sn,cpu_milli,memory_mib,gpu,model`).
@@ -1257,5 +1283,37 @@ mod tests {
     #[test]
     fn the_command_tree_is_consistent() {
         super::Cli::command().debug_assert();
+    }
+
+    /// Subcommands are deferred, so an `Args` struct's own doc comment would become the about
+    /// text of the command it belongs to (`mlp server --help` said "Garbage collection …" once):
+    /// no `///` directly above an `Args` derive in the CLI's sources.
+    #[test]
+    fn no_args_struct_has_a_doc_comment() {
+        let sources = [
+            ("cli.rs", include_str!("cli.rs")),
+            ("jobtypes.rs", include_str!("jobtypes.rs")),
+            ("namespace.rs", include_str!("namespace.rs")),
+        ];
+        let mut found = Vec::new();
+        for (name, text) in sources {
+            let lines: Vec<&str> = text.lines().collect();
+            for (i, line) in lines.iter().enumerate() {
+                let t = line.trim_start();
+                if !(t.starts_with("#[derive(") && t.contains("Args") && !t.contains("Subcommand")) {
+                    continue;
+                }
+                let above = lines[..i].iter().rev().map(|l| l.trim_start()).find(|l| !l.starts_with("#["));
+                if above.is_some_and(|l| l.starts_with("///")) {
+                    found.push(format!("{name}:{}", i + 1));
+                }
+            }
+        }
+        assert!(found.is_empty(), "doc comments on Args structs (use `//`): {found:?}");
+        // And the about text the top level declares is what `--help` shows.
+        let mut cmd = super::Cli::command();
+        cmd.build();
+        let server = cmd.find_subcommand("server").and_then(|c| c.get_about()).map(|a| a.to_string());
+        assert_eq!(server.as_deref(), Some("Run a server (Raft member, scheduler, API)"));
     }
 }

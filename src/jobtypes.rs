@@ -14,7 +14,7 @@ use mlp_proto::v1::*;
 use crate::client::with_failover;
 use crate::output::{ago, print_json, short, Table};
 
-/// `mlp job dispatch [--meta k=v]… NAME [payload-file]`.
+// `mlp job dispatch [--meta k=v]… NAME [payload-file]`.
 #[derive(Debug, Args)]
 pub struct DispatchArgs {
     /// The parameterized job.
@@ -36,6 +36,7 @@ pub struct DispatchArgs {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum PeriodicCommand {
     /// Launch a periodic job's child now, whatever its schedule says.
     Force {

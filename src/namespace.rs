@@ -12,6 +12,7 @@ use crate::client::{connect, status_err};
 use crate::output::{print_json, Table};
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum NamespaceCommand {
     /// Create or update namespace NAME. Quota flags change the limits they name and keep the
     /// others; a quota file replaces the quota; without either an existing namespace keeps its
