@@ -13,7 +13,12 @@
 # and 16 MiB on mlp, one CPU (oversubscribed up to 50 per CPU) on Slurm: up to ~100 at once on
 # both sides of this 2-core machine.
 #
-# Usage: scripts/bench-vs-slurm.sh        (MLP_BENCH_LAT=200, MLP_BENCH_TP=500)
+# Both sides' state lives under $TMPDIR (default /tmp). On an ext4 without a journal (the build
+# machine's root) every file created walks the inodes freed in the last minutes, so a run right
+# after another run's clean-up is slower: put TMPDIR on a journaled file system for comparable
+# runs (docs/benchmarks.md, "Runs 25–36").
+#
+# Usage: [TMPDIR=dir] scripts/bench-vs-slurm.sh        (MLP_BENCH_LAT=200, MLP_BENCH_TP=500)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib-bench.sh
