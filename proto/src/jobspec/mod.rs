@@ -376,6 +376,9 @@ impl Loc {
     /// A location below this one, `make(key, path)` giving its key and path; below
     /// [`Loc::nowhere`] it is nowhere too, and `make` is not called.
     fn below(&self, make: impl FnOnce(&str, &str) -> (String, String)) -> Loc {
+        if self.is_nowhere() {
+            return Loc::nowhere();
+        }
         let (key, path) = make(&self.key, &self.path);
         Loc { key, path }
     }
@@ -470,5 +473,45 @@ impl crate::v1::Spread {
     /// `weight`, 50 when absent.
     pub fn effective_weight(&self) -> u32 {
         self.weight.unwrap_or(decode::DEFAULT_SPREAD_WEIGHT)
+    }
+}
+
+#[cfg(test)]
+mod loc_tests {
+    use super::Loc;
+
+    /// Every location derived from [`Loc::nowhere`] is nowhere too (the fast check formats no
+    /// paths); from a real one, each gets its key and path.
+    #[test]
+    fn below_nowhere_is_nowhere_and_below_a_job_is_named() {
+        let derive = |l: &Loc| {
+            [
+                l.field("f"),
+                l.named("group", 0, "g"),
+                l.named("task", 1, ""),
+                l.name_label(),
+                l.item(2),
+                l.service(3),
+                l.volume_mount(4),
+                l.check(5),
+                l.indexed("constraint", 6),
+            ]
+        };
+        for l in derive(&Loc::nowhere()) {
+            assert!(l.is_nowhere() && l.path.is_empty(), "{l:?}");
+        }
+        let got: Vec<(String, String)> = derive(&Loc::job("j")).into_iter().map(|l| (l.key, l.path)).collect();
+        let want = [
+            ("job.f", "job.j.f"),
+            ("job.g0", "job.j.group.g"),
+            ("job.t1", "job.j.task[1]"),
+            ("job.name", "job.j"),
+            ("job[2]", "job.j[2]"),
+            ("job.svc3", "job.j.service[3]"),
+            ("job.vm4", "job.j.volume_mount[4]"),
+            ("job.chk5", "job.j.check[5]"),
+            ("job.c6", "job.j.constraint[6]"),
+        ];
+        assert_eq!(got, want.map(|(k, p)| (k.to_string(), p.to_string())));
     }
 }
