@@ -282,7 +282,7 @@ impl Decoder<'_> {
     /// The single name label of a `job`, `group` or `task` block.
     fn label(&mut self, block: &Block, loc: &Loc) -> String {
         let kind = block.ident.as_str();
-        let name_loc = Loc { key: format!("{}.name", loc.key), path: loc.path.clone() };
+        let name_loc = loc.name_label();
         match block.labels.as_slice() {
             [] => {
                 self.fail(start(&block.ident), &name_loc, format!("missing {kind} name; write `{kind} \"NAME\" {{ ... }}`"));
@@ -457,7 +457,7 @@ impl Decoder<'_> {
         };
         let mut out = Vec::new();
         for (i, item) in items.iter().enumerate() {
-            let item_loc = Loc { key: format!("{}[{i}]", loc.key), path: format!("{}[{i}]", loc.path) };
+            let item_loc = loc.item(i);
             if let Some(s) = self.scalar(item, &item_loc) {
                 out.push(s);
             }
