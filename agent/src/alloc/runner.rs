@@ -206,7 +206,10 @@ async fn run_alloc(
     mut phases: Phases,
 ) -> PersistedAlloc {
     phases.mark("alloc_runner");
-    if let Err(e) = crate::paths::check_allocation(&alloc) {
+    // One copy of the allocation, which the registry's views share.
+    let shared = Arc::new(alloc);
+    let alloc = &*shared;
+    if let Err(e) = crate::paths::check_allocation(alloc) {
         // Refused before any path is built from it (the manager refuses these first; this
         // guards the runner's own callers).
         tracing::warn!(error = %e, "refusing an allocation with an unsafe name");
@@ -221,7 +224,7 @@ async fn run_alloc(
         };
     }
     let dir = env.alloc_root.join(&alloc.id);
-    let group = find_group(&alloc);
+    let group = find_group(alloc);
     let tasks: Vec<String> = group.as_ref().map(|(g, _, _)| g.tasks.iter().map(|t| t.name.clone()).collect()).unwrap_or_default();
     let mut persisted = prior.unwrap_or_default();
     persisted.alloc_id = alloc.id.clone();
@@ -236,7 +239,7 @@ async fn run_alloc(
         last_sent: None,
         last_saved: None,
         slots: state::Slots::default(),
-        alloc: Arc::new(alloc.clone()),
+        alloc: shared.clone(),
     };
 
     let mut setup = std::fs::create_dir_all(dir.join("alloc"));
@@ -278,7 +281,7 @@ async fn run_alloc(
     }
 
     phases.mark("alloc_dirs");
-    let (net_env, task_network, bridge) = match network_for(&alloc, &group, &env).await {
+    let (net_env, task_network, bridge) = match network_for(alloc, &group, &env).await {
         Ok(n) => n,
         Err(e) => {
             tracing::warn!(alloc = %alloc.id, error = %e, "allocation network set-up failed");

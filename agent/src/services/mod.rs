@@ -108,9 +108,9 @@ struct Instance {
 /// first update is sent), else as persisted; a few tries cover a slow disk. Every allocation
 /// gets here, most without a service, so the one in memory saves reading and parsing its
 /// state files each time.
-async fn load_alloc(env: &ServicesEnv, alloc_id: &str) -> Option<Allocation> {
+async fn load_alloc(env: &ServicesEnv, alloc_id: &str) -> Option<Arc<Allocation>> {
     if let Some(a) = env.registry.get(alloc_id).and_then(|v| v.alloc).filter(|a| a.job.is_some()) {
-        return Some(Arc::unwrap_or_clone(a));
+        return Some(a);
     }
     if crate::paths::check_alloc_id(alloc_id).is_err() {
         return None;
@@ -119,7 +119,7 @@ async fn load_alloc(env: &ServicesEnv, alloc_id: &str) -> Option<Allocation> {
         let dir = env.alloc_root.join(alloc_id);
         if let Ok(Some(p)) = crate::alloc::state::load(&dir) {
             if let Some(a) = p.alloc.filter(|a| a.job.is_some()) {
-                return Some(a);
+                return Some(Arc::new(a));
             }
         }
         sleep(Duration::from_millis(250)).await;
@@ -453,7 +453,7 @@ mod tests {
             ..Default::default()
         };
         registry.put("a1", AllocView { alloc: Some(Arc::new(alloc.clone())), ..Default::default() });
-        assert_eq!(load_alloc(&env, "a1").await, Some(alloc));
+        assert_eq!(load_alloc(&env, "a1").await.as_deref(), Some(&alloc));
     }
 
     #[test]
