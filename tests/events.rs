@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -216,7 +216,8 @@ fn http_stream_and_blocking_queries_wake_on_a_change() {
     assert!(t0.elapsed() < Duration::from_secs(20));
     assert!(header_index(&text) > index);
 
-    let lines = read_until(&mut stream, Duration::from_secs(20), |t| t.contains("JobRegistered"));
+    // Up to the end of the event's line: a read can stop inside it.
+    let lines = read_until(&mut stream, Duration::from_secs(20), |t| t.find("JobRegistered").is_some_and(|i| t[i..].contains('\n')));
     assert!(lines.contains("application/x-ndjson"), "{lines}");
     let line = lines.lines().find(|l| l.contains("JobRegistered")).unwrap_or_else(|| panic!("a JobRegistered line in {lines}"));
     let batch: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("one JSON batch per line ({e}): {line}"));
@@ -259,17 +260,18 @@ fn an_index_older_than_the_buffer_is_refused_not_skipped() {
     let mut out = child.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut buf = [0u8; 8192];
+        // Whole lines only: a read can end inside an event's line, and the
+        // assertion below checks each line is a JSON object of its own.
         let mut text = String::new();
-        while let Ok(n) = out.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            text.push_str(&String::from_utf8_lossy(&buf[..n]));
-            if text.contains("\"later\"") {
+        let mut lines = std::io::BufReader::new(&mut out);
+        let mut line = String::new();
+        while lines.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+            text.push_str(&line);
+            if line.contains("\"later\"") {
                 let _ = tx.send(text);
                 return;
             }
+            line.clear();
         }
     });
     let got = rx.recv_timeout(Duration::from_secs(20));
