@@ -119,6 +119,61 @@ async fn exit_code_and_logs() -> TestResult {
     Ok(())
 }
 
+/// Both streams are copied into their logs while the task runs, far more than a pipe holds,
+/// interleaved, and all of it before the exit is recorded.
+#[tokio::test]
+async fn much_output_on_both_streams_is_logged_whole() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let script = "i=0; while [ $i -lt 20000 ]; do echo \"o $i\"; echo \"e $i\" >&2; i=$((i+1)); done; exit 5";
+    let s = spec(dir.path(), "/bin/sh", &["-c", script]);
+    let mut h = driver().start(&s).await?;
+    let _g = Guard(vec![h.pid()]);
+    let st = tokio::time::timeout(Duration::from_secs(60), h.wait()).await?;
+    assert_eq!(st.code, Some(5), "{st:?}");
+    let out = stdout(&s)?;
+    let err = String::from_utf8_lossy(&LogReader::new(&s.log_dir, "t.stderr", 0, 0)?.read_to_end()?).into_owned();
+    for (text, tag) in [(&out, "o"), (&err, "e")] {
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 20000, "{tag}: {} lines, last {:?}", lines.len(), lines.last());
+        assert!(lines.iter().enumerate().all(|(i, l)| *l == format!("{tag} {i}")), "{tag}: lines out of order or torn");
+    }
+    Ok(())
+}
+
+/// A process that left the task's group (its own session) and holds the output pipes open does
+/// not hold up the task's end: its exit is recorded after a bounded drain, with what the task
+/// wrote.
+#[tokio::test]
+async fn an_escaped_process_holding_the_output_does_not_delay_the_exit() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let marker = format!("escaped-{}", std::process::id());
+    // The task waits until the escapee runs in its own session (the group kill at the task's
+    // end would otherwise catch it before its `setsid`).
+    let script = format!(
+        "setsid sh -c 'touch escaped; sleep 30; echo {marker}' & i=0; while [ ! -e escaped ] && [ $i -lt 1000 ]; do sleep 0.01; i=$((i+1)); done; echo started; exit 4"
+    );
+    let s = spec(dir.path(), "/bin/sh", &["-c", &script]);
+    let t0 = Instant::now();
+    let mut h = driver().start(&s).await?;
+    let mut guard = Guard(vec![h.pid()]);
+    let st = tokio::time::timeout(Duration::from_secs(20), h.wait()).await;
+    // The escaped shell (a session and group of its own), found by its command line.
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            if std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&marker)) {
+                guard.0.push(pid);
+            }
+        }
+    }
+    let st = st?;
+    assert_eq!(st.code, Some(4), "{st:?}");
+    assert!(t0.elapsed() < Duration::from_secs(15), "the exit waited for the escaped process: {:?}", t0.elapsed());
+    assert_eq!(stdout(&s)?, "started\n");
+    assert!(guard.0.len() > 1, "the escaped process was found (so the test saw a pipe held open)");
+    Ok(())
+}
+
 #[tokio::test]
 async fn process_tree_is_killed() -> TestResult {
     let dir = tempfile::tempdir()?;

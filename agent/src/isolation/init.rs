@@ -70,7 +70,7 @@ pub(crate) fn start_init(cfg: &InitConfig, stdout: OwnedFd, stderr: OwnedFd, pha
             // Into the task's cgroup first thing, where the init can move itself cheaply.
             if let Err(e) = join_own_cgroup(cfg) {
                 report(&mut status, &format!("err {e}"));
-                std::process::exit(127);
+                exit_now(127);
             }
             phases.mark("init_joined_itself");
             let code = match into_init(&stdout, &stderr, &mut phases).and_then(|()| {
@@ -84,7 +84,7 @@ pub(crate) fn start_init(cfg: &InitConfig, stdout: OwnedFd, stderr: OwnedFd, pha
                     127
                 }
             };
-            std::process::exit(code)
+            exit_now(code)
         }
         ForkResult::Parent { child } => {
             if let Err(e) = nix::sched::setns(&own_pid_ns, CloneFlags::CLONE_NEWPID) {
@@ -290,6 +290,16 @@ pub(crate) fn catch_stop_signals() {
         // signal is reset to its default by exec, so the task starts with default handlers.
         let _ = unsafe { nix::sys::signal::sigaction(sig, &act) };
     }
+}
+
+/// Ends this process (a supervisor or an init) with `code` at once: without the C library's exit
+/// handlers and the destructors of every library linked into `mlp`, which were a measurable
+/// part of each task start's CPU. Both processes write only through unbuffered file
+/// descriptors (the status pipes, files written whole, stderr), which the kernel closes.
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit(2) ends the process and takes an integer; no memory or state of this
+    // process is used afterwards.
+    unsafe { libc::_exit(code) }
 }
 
 /// Writes one line to a report pipe (once).

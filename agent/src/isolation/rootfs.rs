@@ -564,16 +564,14 @@ fn apply(root: &Path, step: &Step) -> Result<(), RootfsError> {
         }
         Step::Symlink { target, path } => {
             let at = inside(root, path);
-            parent_dir(&at)?;
-            std::os::unix::fs::symlink(target, &at).map_err(io("creating symlink", &at))
+            in_parent(&at, || std::os::unix::fs::symlink(target, &at)).map_err(io("creating symlink", &at))
         }
         Step::Bind { src, path, readonly, device } => {
             let at = inside(root, path);
             if src.is_dir() {
                 std::fs::create_dir_all(&at).map_err(io("creating", &at))?;
             } else {
-                parent_dir(&at)?;
-                std::fs::File::create(&at).map_err(io("creating", &at))?;
+                in_parent(&at, || std::fs::File::create(&at)).map_err(io("creating", &at))?;
             }
             mount(Some(src.as_path()), &at, NONE, MsFlags::MS_BIND | MsFlags::MS_REC, NONE).map_err(sys("binding", &at))?;
             let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID;
@@ -605,8 +603,7 @@ fn apply(root: &Path, step: &Step) -> Result<(), RootfsError> {
         }
         Step::Copy { src, path } => {
             let at = inside(root, path);
-            parent_dir(&at)?;
-            std::fs::copy(src, &at).map_err(io("copying to", &at))?;
+            in_parent(&at, || std::fs::copy(src, &at)).map_err(io("copying to", &at))?;
             set_mode(&at, 0o644)
         }
         Step::Mask { path, dir } => {
@@ -621,17 +618,25 @@ fn apply(root: &Path, step: &Step) -> Result<(), RootfsError> {
         }
         Step::Write { path, contents } => {
             let at = inside(root, path);
-            parent_dir(&at)?;
-            std::fs::write(&at, contents).map_err(io("writing", &at))?;
+            in_parent(&at, || std::fs::write(&at, contents)).map_err(io("writing", &at))?;
             set_mode(&at, 0o644)
         }
     }
 }
 
-fn parent_dir(at: &Path) -> Result<(), RootfsError> {
-    match at.parent() {
-        Some(parent) => std::fs::create_dir_all(parent).map_err(io("creating", parent)),
-        None => Ok(()),
+/// Runs `make` (which creates `at`), creating `at`'s parent directories first only when it
+/// failed for want of them: most of a root's files go into directories that exist by then, and
+/// each `create_dir_all` of an existing directory is a failed `mkdir` and a `stat`.
+fn in_parent<T>(at: &Path, make: impl Fn() -> std::io::Result<T>) -> std::io::Result<T> {
+    match make() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match at.parent() {
+            Some(parent) => {
+                std::fs::create_dir_all(parent)?;
+                make()
+            }
+            None => Err(e),
+        },
+        other => other,
     }
 }
 

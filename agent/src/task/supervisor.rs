@@ -22,7 +22,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -39,7 +39,7 @@ use crate::driver::supervised::{
 };
 use crate::driver::zygote::{CONTROL_FD, MAX_REQUEST, TAKEN, ZYGOTE_ARG};
 use crate::driver::{proc_start_time, signal_group};
-use crate::isolation::init::{catch_stop_signals, report, Running};
+use crate::isolation::init::{catch_stop_signals, exit_now, report, Running};
 use crate::isolation::phases::Phases;
 
 /// When this process was started as a task supervisor (`mlp __mlp-supervise <config>`), runs
@@ -240,11 +240,11 @@ fn run_with(config_path: &Path, phases: Phases) -> ! {
     let _ = nix::fcntl::fcntl(status_fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
     let mut status = Some(File::from(status_fd));
     match supervise(config_path, &mut status, phases) {
-        Ok(()) => std::process::exit(0),
+        Ok(()) => exit_now(0),
         Err(message) => {
             eprintln!("mlp supervisor: {message}");
             report(&mut status, &format!("err {message}"));
-            std::process::exit(127)
+            exit_now(127)
         }
     }
 }
@@ -346,70 +346,143 @@ fn supervise(config_path: &Path, status: &mut Option<File>, mut phases: Phases) 
     }
     phases.mark("record_written");
     report(status, &format!("ok {}{}", running.pid, phases.words()));
-    // The task runs: from here on, threads are fine (nothing forks any more). Each pump says
-    // on `drained` when its pipe reached EOF.
-    let (drained_tx, drained) = std::sync::mpsc::channel();
-    pump_thread(out_r, out_w, drained_tx.clone());
-    pump_thread(err_r, err_w, drained_tx);
-    let wait = loop {
-        match waitpid(running.pid, None) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            other => break other,
-        }
-    };
+    let wait = pump_until_exit(&running, [(out_r, out_w), (err_r, err_w)]);
     let (code, signal) = match running.report {
         Some(report) => {
             let mut text = String::new();
             let _ = File::from(report).read_to_string(&mut text);
             crate::isolation::init::decode_report(text.trim(), wait)
         }
-        None => {
-            // No process of a task may outlive it.
-            let _ = signal_group(running.pid.as_raw().unsigned_abs(), Signal::SIGKILL);
-            match wait {
-                Ok(WaitStatus::Exited(_, code)) => (Some(code), None),
-                Ok(WaitStatus::Signaled(_, sig, _)) => (None, Some(sig as i32)),
-                _ => (None, None),
-            }
-        }
+        None => match wait {
+            Ok(WaitStatus::Exited(_, code)) => (Some(code), None),
+            Ok(WaitStatus::Signaled(_, sig, _)) => (None, Some(sig as i32)),
+            _ => (None, None),
+        },
     };
-    // Drain the output (bounded: a process that escaped may hold the pipes open; its pump is
-    // left behind and ends with this process).
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    for _ in 0..2 {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if drained.recv_timeout(left).is_err() {
-            break;
-        }
-    }
     let exit = ExitRecord { run_id: cfg.run_id.clone(), code, signal };
     let data = serde_json::to_vec(&exit).map_err(|e| format!("encoding the exit status: {e}"))?;
     write_atomic(&cfg.task_dir.join(EXIT_FILE), &data).map_err(|e| format!("writing {}: {e}", cfg.task_dir.join(EXIT_FILE).display()))?;
     Ok(())
 }
 
-/// Copies a pipe into a log file until EOF, on its own thread, then says so on `drained`.
-fn pump_thread(pipe: OwnedFd, mut writer: RotatingWriter, drained: std::sync::mpsc::Sender<()>) {
-    std::thread::spawn(move || {
-        let mut reader = File::from(pipe);
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            match reader.read(&mut buf) {
-                Ok(0) => break,
+/// How long the output is drained after the task ended: a process that escaped it (`raw_exec`)
+/// may hold the pipes open; what it writes later is not the task's.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// Copies the task's stdout and stderr pipes into their log files and waits for the task,
+/// in this one thread: a poll over both pipes and a pidfd of the task's process. Once that
+/// process ended it is reaped (for `raw_exec`, what is left of its group is killed), and the
+/// pipes are drained until EOF or for at most [`DRAIN`]. Returns the process's wait status.
+///
+/// One thread instead of a pump thread per pipe: a supervisor lives as long as its task, and
+/// for the many short tasks of a batch queue, two thread starts and exits (their stacks, their
+/// malloc arenas) were a measurable share of each start's CPU (docs/benchmarks.md).
+fn pump_until_exit(running: &Running, pipes: [(OwnedFd, RotatingWriter); 2]) -> nix::Result<WaitStatus> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let blocking_wait = |pid: Pid| loop {
+        match waitpid(pid, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
+        }
+    };
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is shared.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, running.pid.as_raw(), 0) };
+    let pidfd = match i32::try_from(raw) {
+        // SAFETY: pidfd_open just returned this fd; nothing else owns it.
+        Ok(fd) if fd >= 0 => Some(unsafe { OwnedFd::from_raw_fd(fd) }),
+        _ => {
+            // Pidfds are in every kernel the agent runs on (it waits for supervisors through
+            // them); should one be refused anyway, the task is polled for every 50 ms.
+            eprintln!("mlp supervisor: pidfd_open: {}", std::io::Error::last_os_error());
+            None
+        }
+    };
+    let mut pipes = pipes.map(Some);
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut wait: Option<nix::Result<WaitStatus>> = None;
+    let mut drain_until: Option<std::time::Instant> = None;
+    loop {
+        let open = pipes.iter().filter(|p| p.is_some()).count();
+        if let Some(until) = drain_until {
+            if open == 0 || std::time::Instant::now() >= until {
+                break;
+            }
+        }
+        let mut fds: Vec<PollFd> = Vec::with_capacity(3);
+        for (pipe, _) in pipes.iter().flatten() {
+            fds.push(PollFd::new(pipe.as_fd(), PollFlags::POLLIN));
+        }
+        let watch_pidfd = wait.is_none() && pidfd.is_some();
+        if let (true, Some(pidfd)) = (watch_pidfd, &pidfd) {
+            fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
+        }
+        let timeout = match (drain_until, &pidfd) {
+            (Some(until), _) => {
+                PollTimeout::try_from(until.saturating_duration_since(std::time::Instant::now())).unwrap_or(PollTimeout::MAX)
+            }
+            (None, Some(_)) => PollTimeout::NONE,
+            (None, None) => PollTimeout::from(50u8),
+        };
+        match poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                eprintln!("mlp supervisor: poll: {e}");
+                if wait.is_none() {
+                    wait = Some(blocking_wait(running.pid));
+                }
+                break;
+            }
+        }
+        let ready: Vec<bool> = fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect();
+        let mut reaped = None;
+        let exited = wait.is_none()
+            && if watch_pidfd {
+                ready.last().copied().unwrap_or(false)
+            } else {
+                match waitpid(running.pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => false,
+                    other => {
+                        reaped = Some(other);
+                        true
+                    }
+                }
+            };
+        drop(fds);
+        let mut at = 0;
+        for slot in &mut pipes {
+            let Some((pipe, writer)) = slot else { continue };
+            let is_ready = ready.get(at).copied().unwrap_or(false);
+            at += 1;
+            if !is_ready {
+                continue;
+            }
+            match nix::unistd::read(pipe.as_raw_fd(), &mut buf) {
+                Ok(0) => *slot = None,
                 Ok(n) => {
-                    if let Err(e) = writer.write_all(&buf[..n]) {
+                    if let Err(e) = writer.write_all(buf.get(..n).unwrap_or_default()) {
                         eprintln!("mlp supervisor: writing the task log failed: {e}");
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
                 Err(e) => {
                     eprintln!("mlp supervisor: reading the task output failed: {e}");
-                    break;
+                    *slot = None;
                 }
             }
         }
-        // Written and closed before the main thread hears of it.
-        drop(writer);
-        let _ = drained.send(());
-    });
+        if exited {
+            // A pidfd says the process ended and it is reaped here; without one, the WNOHANG
+            // above reaped it.
+            wait = Some(reaped.unwrap_or_else(|| blocking_wait(running.pid)));
+            if running.report.is_none() {
+                // No process of a task may outlive it.
+                let _ = signal_group(running.pid.as_raw().unsigned_abs(), Signal::SIGKILL);
+            }
+            drain_until = Some(std::time::Instant::now() + DRAIN);
+        }
+    }
+    // The log files are written and closed before the exit is recorded.
+    drop(pipes);
+    wait.unwrap_or_else(|| blocking_wait(running.pid))
 }
