@@ -155,11 +155,40 @@ struct Reporter {
     last_sent: Option<AllocClientUpdate>,
     /// What was last written to disk: a change the servers see (an event, a status) is saved,
     /// a publish that changed nothing is not.
-    last_saved: Option<PersistedAlloc>,
+    last_saved: Option<SavedParts>,
     /// Where the next save goes (the runner is the allocation's only writer while it runs).
     slots: state::Slots,
     /// The allocation, shared with the registry's views.
     alloc: Arc<Allocation>,
+}
+
+/// The parts of a [`PersistedAlloc`] that change while its allocation runs, as last saved.
+/// Its id and allocation (with the job, most of its size) are set before the first save and
+/// never change within a run, so they are neither compared again nor copied at each publish.
+#[derive(PartialEq)]
+struct SavedParts {
+    client_status: String,
+    client_description: String,
+    task_states: BTreeMap<String, TaskState>,
+    procs: BTreeMap<String, state::ProcRecord>,
+}
+
+impl SavedParts {
+    fn of(p: &PersistedAlloc) -> SavedParts {
+        SavedParts {
+            client_status: p.client_status.clone(),
+            client_description: p.client_description.clone(),
+            task_states: p.task_states.clone(),
+            procs: p.procs.clone(),
+        }
+    }
+
+    fn matches(&self, p: &PersistedAlloc) -> bool {
+        self.client_status == p.client_status
+            && self.client_description == p.client_description
+            && self.task_states == p.task_states
+            && self.procs == p.procs
+    }
 }
 
 impl Reporter {
@@ -167,9 +196,9 @@ impl Reporter {
         let (status, desc) = client_status(&self.tasks, &self.persisted.task_states);
         self.persisted.client_status = status.to_string();
         self.persisted.client_description = desc.clone();
-        if self.last_saved.as_ref() != Some(&self.persisted) {
+        if !self.last_saved.as_ref().is_some_and(|saved| saved.matches(&self.persisted)) {
             match self.slots.save(&self.dir, &self.persisted) {
-                Ok(()) => self.last_saved = Some(self.persisted.clone()),
+                Ok(()) => self.last_saved = Some(SavedParts::of(&self.persisted)),
                 Err(e) => tracing::warn!(alloc = %self.alloc_id, error = %e, "persisting alloc state failed"),
             }
         }
@@ -538,6 +567,50 @@ mod tests {
 
     fn st(state: &str, failed: bool, started: u64) -> TaskState {
         TaskState { state: state.into(), failed, started_at_ms: started, ..Default::default() }
+    }
+
+    /// A publish that changed nothing the runner tracks writes nothing; a changed task state is
+    /// written, whole, with the allocation.
+    #[test]
+    fn a_publish_saves_only_what_changed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let alloc = Allocation { id: "a1".into(), task_group: "g".into(), ..Default::default() };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(alloc.clone());
+        let mut rep = Reporter {
+            alloc_id: alloc.id.clone(),
+            dir: dir.path().to_path_buf(),
+            tasks: vec!["t".into()],
+            persisted: PersistedAlloc { alloc_id: alloc.id.clone(), alloc: Some(alloc), ..Default::default() },
+            registry: AllocRegistry::default(),
+            updates: tx,
+            last_sent: None,
+            last_saved: None,
+            slots: state::Slots::default(),
+            alloc: shared,
+        };
+        let files = || std::fs::read_dir(dir.path()).map(|d| d.count()).unwrap_or(0);
+        rep.publish();
+        assert!(files() > 0, "the first publish is saved");
+        assert!(rx.try_recv().is_ok());
+        for f in std::fs::read_dir(dir.path()).expect("read_dir").flatten() {
+            std::fs::remove_file(f.path()).expect("remove");
+        }
+        rep.publish();
+        assert_eq!(files(), 0, "an unchanged publish writes nothing");
+        rep.persisted.task_states.insert("t".into(), st(task_state::RUNNING, false, 5));
+        rep.publish();
+        assert!(files() > 0, "a changed task state is saved");
+        let saved = state::load(dir.path()).expect("load").expect("a saved state");
+        assert_eq!(saved.task_states.get("t").map(|s| s.state.as_str()), Some(task_state::RUNNING));
+        assert_eq!(saved.alloc.as_ref().map(|a| a.id.as_str()), Some("a1"));
+        assert_eq!(saved.client_status, alloc_client::RUNNING);
+        rep.persisted.procs.insert("t".into(), state::ProcRecord { pid: 7, start_time: 9 });
+        for f in std::fs::read_dir(dir.path()).expect("read_dir").flatten() {
+            std::fs::remove_file(f.path()).expect("remove");
+        }
+        rep.publish();
+        assert!(files() > 0, "a changed process record is saved");
     }
 
     #[test]
