@@ -504,6 +504,9 @@ pub fn cgroups_under(dir: &Path) -> Vec<PathBuf> {
 
 impl Drop for Dev {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_log_tails();
+        }
         self.kill9_agent();
         self.kill9();
         // Tasks run in their own sessions: kill whatever still runs inside this cluster's dir.
@@ -520,6 +523,22 @@ impl Drop for Dev {
                     }
                 }
                 std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Dev {
+    /// A failed test's evidence: the last lines of this cluster's logs, on stderr (which the
+    /// test runner shows for a failing test), before the temp dir goes.
+    fn print_log_tails(&self) {
+        for name in ["dev.log", "server.log", "agent.log"] {
+            let Ok(text) = std::fs::read_to_string(self.dir.path().join(name)) else { continue };
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(120);
+            eprintln!("---- last {} of {} lines of {name} ----", lines.len() - from, lines.len());
+            for l in &lines[from..] {
+                eprintln!("{l}");
             }
         }
     }
