@@ -90,9 +90,18 @@ pub fn parse_str(src: &str, file_name: &str) -> Result<Job, JobspecError> {
     // The parser and the decoder recurse on nesting and operator chains: bound both before
     // either runs, and run them on a thread whose stack holds the deepest input the bounds allow
     // (callers such as a server's request handler run on small stacks).
-    if let Some((offset, message)) = too_big_or_deep(src) {
-        let (line, column) = line_col(src, offset);
-        return Err(JobspecError { diagnostics: vec![Diagnostic { file, line, column, path: String::new(), message }] });
+    let shape = match too_big_or_deep(src) {
+        Ok(shape) => shape,
+        Err((offset, message)) => {
+            let (line, column) = line_col(src, offset);
+            return Err(JobspecError { diagnostics: vec![Diagnostic { file, line, column, path: String::new(), message }] });
+        }
+    };
+    // A spec as shallow as job files are (job, group, task, a block or two, a list) recurses so
+    // little that any caller's stack holds it: it is parsed here, without a thread (its start,
+    // stack and malloc arena were about a twentieth of an `mlp job run`'s CPU).
+    if shape.depth <= INLINE_MAX_NESTING && shape.operators <= INLINE_MAX_OPERATORS {
+        return parse_bounded(src, file);
     }
     let parsed = std::thread::scope(|scope| {
         std::thread::Builder::new()
@@ -117,6 +126,23 @@ pub fn parse_str(src: &str, file_name: &str) -> Result<Job, JobspecError> {
 
 /// Stack for the parser thread: the bounds of `too_big_or_deep` need a few MiB in a debug build.
 const PARSE_STACK_BYTES: usize = 32 * 1024 * 1024;
+
+/// The deepest nesting, and the most operators, that [`parse_str`] parses on the caller's stack.
+/// The examples and test job files nest at most 7 deep and use at most one operator. The worst
+/// spec within both bounds fits [`INLINE_STACK_BYTES`] in a debug build
+/// (`a_spec_parsed_inline_fits_a_small_stack`; it needed between 128 and 256 KiB when written),
+/// a fraction of a tokio worker's 2 MiB and a main thread's 8 MiB.
+const INLINE_MAX_NESTING: usize = 8;
+const INLINE_MAX_OPERATORS: usize = 16;
+/// The stack the inline bounds are tested on.
+#[cfg(test)]
+const INLINE_STACK_BYTES: usize = 512 * 1024;
+
+/// What the pre-scan saw of a spec within the limits: its deepest nesting and its operators.
+struct Shape {
+    depth: usize,
+    operators: usize,
+}
 
 fn parse_bounded(src: &str, file: Option<String>) -> Result<Job, JobspecError> {
     let body = match hcl_edit::parser::parse_body(src) {
@@ -171,7 +197,7 @@ fn parse_bounded(src: &str, file: Option<String>) -> Result<Job, JobspecError> {
 /// A small scanner that knows strings (with `${…}` / `%{…}` templates), heredocs and comments
 /// counts every open bracket, brace, parenthesis, string inside a template, and template as one
 /// level, and every operator character outside string text as one operator.
-fn too_big_or_deep(src: &str) -> Option<(usize, String)> {
+fn too_big_or_deep(src: &str) -> Result<Shape, (usize, String)> {
     use limits::{MAX_NESTING, MAX_OPERATORS, MAX_SPEC_BYTES};
     enum Frame {
         Open,
@@ -180,13 +206,14 @@ fn too_big_or_deep(src: &str) -> Option<(usize, String)> {
         Heredoc(String),
     }
     if src.len() > MAX_SPEC_BYTES {
-        return Some((0, format!("the job spec is {} bytes; at most {MAX_SPEC_BYTES} (limit: job spec size)", src.len())));
+        return Err((0, format!("the job spec is {} bytes; at most {MAX_SPEC_BYTES} (limit: job spec size)", src.len())));
     }
     // Bytes, not `str` slices: a skip may land inside a multi-byte character.
     let b = src.as_bytes();
     let line_end = |i: usize| b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |n| i + n);
-    let deep = |i: usize| Some((i, format!("nested more than {MAX_NESTING} levels deep (limit: nesting depth)")));
+    let deep = |i: usize| Err((i, format!("nested more than {MAX_NESTING} levels deep (limit: nesting depth)")));
     let mut stack: Vec<Frame> = Vec::new();
+    let mut depth = 0usize;
     let mut operators = 0usize;
     let mut i = 0;
     while i < b.len() {
@@ -246,12 +273,13 @@ fn too_big_or_deep(src: &str) -> Option<(usize, String)> {
         if stack.len() > MAX_NESTING {
             return deep(i.min(b.len().saturating_sub(1)));
         }
+        depth = depth.max(stack.len());
         if operators > MAX_OPERATORS {
-            return Some((i, format!("more than {MAX_OPERATORS} operators in one job spec (limit: operators)")));
+            return Err((i, format!("more than {MAX_OPERATORS} operators in one job spec (limit: operators)")));
         }
         i += 1;
     }
-    None
+    Ok(Shape { depth, operators })
 }
 
 /// Fills the defaults a job file would get for fields a submission left out, so that a job means
@@ -513,5 +541,53 @@ mod loc_tests {
             ("job.c6", "job.j.constraint[6]"),
         ];
         assert_eq!(got, want.map(|(k, p)| (k.to_string(), p.to_string())));
+    }
+}
+
+#[cfg(test)]
+mod inline_tests {
+    use super::*;
+
+    /// The worst spec [`parse_str`] parses without a thread of its own: nested exactly
+    /// [`INLINE_MAX_NESTING`] deep, with exactly [`INLINE_MAX_OPERATORS`] operators in one
+    /// chain. Parsed on a thread with [`INLINE_STACK_BYTES`] of stack, in whatever profile the
+    /// tests run (a debug build's frames are the largest); an overflow aborts the test.
+    fn worst_inline_spec() -> String {
+        let chain = vec!["1"; INLINE_MAX_OPERATORS + 1].join(" + ");
+        // job, group, task, config: 4; then four brackets: 8.
+        format!(
+            "job \"deep\" {{\n  group \"g\" {{\n    task \"t\" {{\n      driver = \"exec\"\n      config {{\n        command = \"/bin/true\"\n        args = [[[[1]]]]\n      }}\n      resources {{\n        cpu = {chain}\n      }}\n    }}\n  }}\n}}\n"
+        )
+    }
+
+    #[test]
+    fn a_spec_parsed_inline_fits_a_small_stack() {
+        let src = worst_inline_spec();
+        let shape = too_big_or_deep(&src).map_err(|e| e.1).expect("within the limits");
+        assert_eq!((shape.depth, shape.operators), (INLINE_MAX_NESTING, INLINE_MAX_OPERATORS), "not the worst inline case");
+        let parsed = std::thread::Builder::new()
+            .stack_size(INLINE_STACK_BYTES)
+            .spawn(move || parse_str(&src, "deep.hcl").map(|_| ()).map_err(|e| e.to_string()))
+            .expect("spawn")
+            .join()
+            .expect("the parse panicked");
+        // The spec need not be valid (the args are not strings); it must be decoded and
+        // answered, not overflow the stack.
+        if let Err(e) = parsed {
+            assert!(!e.contains("internal error"), "{e}");
+        }
+    }
+
+    /// One level deeper, or one operator more, goes to the parser's own thread: still parsed.
+    #[test]
+    fn a_spec_past_the_inline_bounds_is_still_parsed() {
+        let deeper = worst_inline_spec().replace("[[[[1]]]]", "[[[[[1]]]]]");
+        let shape = too_big_or_deep(&deeper).map_err(|e| e.1).expect("within the limits");
+        assert_eq!(shape.depth, INLINE_MAX_NESTING + 1);
+        let err = parse_str(&deeper, "deeper.hcl").map(|_| ()).map_err(|e| e.to_string());
+        assert!(err.as_ref().err().is_none_or(|e| !e.contains("internal error")), "{err:?}");
+        let ok = "job \"j\" {\n  group \"g\" {\n    task \"t\" {\n      driver = \"exec\"\n      config {\n        command = \"/bin/true\"\n      }\n    }\n  }\n}\n";
+        let job = parse_str(ok, "ok.hcl").expect("a plain job parses inline");
+        assert_eq!(job.name, "j");
     }
 }
