@@ -88,8 +88,8 @@ pub fn parse_file(path: &Path) -> Result<Job, JobspecError> {
 pub fn parse_str(src: &str, file_name: &str) -> Result<Job, JobspecError> {
     let file = (!file_name.is_empty()).then(|| file_name.to_string());
     // The parser and the decoder recurse on nesting and operator chains: bound both before
-    // either runs, and run them on a thread whose stack holds the deepest input the bounds allow
-    // (callers such as a server's request handler run on small stacks).
+    // either runs, and run a deep spec on a thread whose stack holds the deepest input the bounds
+    // allow (callers such as a server's request handler run on small stacks).
     let shape = match too_big_or_deep(src) {
         Ok(shape) => shape,
         Err((offset, message)) => {
