@@ -356,7 +356,7 @@ fn node_secret_keeps_a_node_id_and_its_allocations_to_its_agent() {
     let agent_dir = dev.data_dir().join("agent");
     let node_id = std::fs::read_to_string(agent_dir.join("node-id")).expect("node-id").trim().to_string();
     let secret_file = agent_dir.join("node-secret");
-    // The agent writes it once the registration's answer arrives (the node may show ready first).
+    // The agent made it and wrote it before it first registered.
     let secret = wait_for("the agent to keep its node secret", Duration::from_secs(10), || {
         std::fs::read_to_string(&secret_file).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
     });
@@ -401,6 +401,21 @@ fn node_secret_keeps_a_node_id_and_its_allocations_to_its_agent() {
             .into_inner()
             .node_secret;
         assert_eq!(issued.len(), 64, "a fresh registration is issued a secret");
+        // A fresh node id claimed with a secret the agent made: nothing is issued; a malformed
+        // one is refused.
+        let mut own_claim = node.clone();
+        own_claim.id = "self-made-node".into();
+        own_claim.name = "self-made".into();
+        own_claim.overlay = None;
+        let made = "ab".repeat(32);
+        let resp =
+            agents.register(with_secret(RegisterNodeRequest { node: Some(own_claim.clone()) }, &made)).await.expect("claim").into_inner();
+        assert!(resp.node_secret.is_empty(), "a secret was issued to an agent that brought one");
+        let hb_own = HeartbeatRequest { node_id: "self-made-node".into(), gpu_stats: vec![] };
+        assert_eq!(code(agents.heartbeat(with_secret(hb_own, &made)).await), Code::Ok);
+        own_claim.id = "malformed-node".into();
+        let r = agents.register(with_secret(RegisterNodeRequest { node: Some(own_claim) }, "not-a-secret")).await;
+        assert_eq!(code(r), Code::InvalidArgument, "a malformed node secret");
         let r = agents.watch_allocations(with_secret(WatchAllocationsRequest { node_id: node_id.clone() }, &issued)).await;
         assert_eq!(code(r), Code::PermissionDenied, "another node's allocation stream with this node's secret");
         let r = agents.update_allocs(with_secret(UpdateAllocsRequest { node_id: node_id.clone(), updates: vec![] }, &issued)).await;
@@ -438,7 +453,9 @@ fn node_secret_keeps_a_node_id_and_its_allocations_to_its_agent() {
     });
     let text = std::fs::read_to_string(&twin_log).unwrap_or_default();
     assert!(!text.contains("node registered"), "the twin registered the node id:\n{text}");
-    assert!(!twin_dir.join("node-secret").exists());
+    // The twin made a secret of its own, which the servers do not take for this node id.
+    let twins = std::fs::read_to_string(twin_dir.join("node-secret")).unwrap_or_default();
+    assert!(twins.trim() != secret, "the twin holds the node's secret");
     drop(_twin);
 
     // The real agent, restarted, keeps its identity (its secret file) and registers again.
@@ -449,6 +466,53 @@ fn node_secret_keeps_a_node_id_and_its_allocations_to_its_agent() {
     wait_for("the restarted agent to register again", Duration::from_secs(30), || (registered(&dev.agent_log()) > before).then_some(()));
     assert!(!dev.agent_log().contains("registration refused"), "{}", dev.agent_log());
     assert_eq!(std::fs::read_to_string(&secret_file).expect("secret").trim(), secret, "the secret changed across a restart");
+}
+
+/// An agent keeps its node secret before it first registers: one killed before any server
+/// answered (here: none could be reached) comes back with the same secret, claims its node id
+/// with it, and a later restart presents it again. An agent that waited for the servers to
+/// issue its secret lost its node id for good when it died between their commit of the claim
+/// and its write of the file (the acl test that failed once in CI).
+#[test]
+fn an_agent_keeps_its_node_secret_before_it_first_registers() {
+    let dev = Dev::start_split();
+    let dir = dev.dir.path().join("early");
+    let log_path = dev.dir.path().join("early.log");
+    let spawn = |servers: &str| {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).expect("log");
+        Guard(
+            Command::new(MLP)
+                .args(["agent", "--servers", servers, "--node-name", "early", "--rpc-addr", "127.0.0.1:0", "--data-dir"])
+                .arg(&dir)
+                .env("MLP_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(log.try_clone().expect("log")))
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("spawn agent"),
+        )
+    };
+    let secret_file = dir.join("node-secret");
+    let read = || std::fs::read_to_string(&secret_file).ok().map(|s| s.trim().to_string()).filter(|s| s.len() == 64);
+    // No server listens on port 1 of loopback: the agent can only make and keep its secret.
+    let unreachable = spawn("127.0.0.1:1");
+    let secret = wait_for("the agent to keep a node secret before any server answered", Duration::from_secs(20), read);
+    drop(unreachable); // kill -9
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(!log().contains("node registered"), "{}", log());
+
+    let registered = |n: usize| move || (log().matches("node registered").count() >= n).then_some(());
+    let first = spawn(&dev.grpc);
+    wait_for("the agent to register with the secret it kept", Duration::from_secs(30), registered(1));
+    assert_eq!(read().as_deref(), Some(secret.as_str()), "the secret changed when the node was first registered");
+    assert!(!log().contains("node secret issued"), "the servers issued a secret to an agent that had one:\n{}", log());
+    drop(first);
+    let _again = spawn(&dev.grpc);
+    wait_for("the restarted agent to register again", Duration::from_secs(30), registered(2));
+    assert!(!log().contains("registration refused"), "{}", log());
+    assert_eq!(read().as_deref(), Some(secret.as_str()));
+    let nodes = dev.ok(&["node", "status"]);
+    assert!(nodes.lines().any(|l| l.contains("early") && l.contains("ready")), "{nodes}");
 }
 
 /// Free loopback ports (bound, then released for the servers to take).

@@ -45,9 +45,10 @@ impl Backoff {
     }
 }
 
-/// The node secret (issue 15 §3): issued by the servers when the node id is first registered,
-/// kept in a file (0600) so that a restarted agent keeps its identity, and sent on every agent
-/// RPC as `x-mlp-node-secret` (the interceptor of every [`AgentClient`]).
+/// The node secret (issue 15 §3): made by the agent and kept in a file (0600) before the node
+/// id is first registered, which claims the id with it (servers also issue one to an agent that
+/// registers without), so that a restarted agent keeps its identity; sent on every agent RPC as
+/// `x-mlp-node-secret` (the interceptor of every [`AgentClient`]).
 #[derive(Clone, Debug)]
 pub struct NodeSecret {
     path: std::path::PathBuf,
@@ -71,6 +72,20 @@ impl NodeSecret {
         Ok(NodeSecret { path: path.to_path_buf(), value: Arc::new(std::sync::RwLock::new(value)) })
     }
 
+    /// The secret kept in `path`; when there is none yet, a fresh one, written there before this
+    /// returns. Made before the first registration, not taken from its answer: an agent killed
+    /// between the servers' commit of its claim and the write of an issued secret would be
+    /// refused its node id for good (seen as a test that failed once in CI).
+    pub fn load_or_create(path: &std::path::Path) -> Result<NodeSecret, AgentError> {
+        let secret = NodeSecret::load(path)?;
+        if !secret.is_set() {
+            let fresh = mlp_tls::secret::generate().map_err(|e| AgentError::Config(format!("making a node secret: {e}")))?;
+            secret.set(&fresh)?;
+            tracing::info!(file = %path.display(), "node secret made and kept");
+        }
+        Ok(secret)
+    }
+
     /// A secret that lives in memory only (tests).
     pub fn in_memory() -> NodeSecret {
         NodeSecret { path: std::path::PathBuf::new(), value: Arc::new(std::sync::RwLock::new(None)) }
@@ -80,13 +95,14 @@ impl NodeSecret {
         self.value.read().map(|v| v.is_some()).unwrap_or(false)
     }
 
-    /// Takes the secret the servers issued and writes it to the file (temp file, 0600, rename).
+    /// Takes a secret (made here, or issued by the servers) and writes it to the file (temp
+    /// file, 0600, fsync, rename, fsync of the directory).
     pub fn set(&self, secret: &str) -> Result<(), AgentError> {
         if !mlp_tls::secret::well_formed(secret) {
-            return Err(AgentError::Config("the servers issued a malformed node secret".into()));
+            return Err(AgentError::Config("a malformed node secret (64 hex digits expected)".into()));
         }
         let v: tonic::metadata::AsciiMetadataValue =
-            secret.parse().map_err(|_| AgentError::Config("the servers issued a malformed node secret".into()))?;
+            secret.parse().map_err(|_| AgentError::Config("a malformed node secret (64 hex digits expected)".into()))?;
         if let Ok(mut g) = self.value.write() {
             *g = Some(v);
         }
@@ -101,7 +117,12 @@ impl NodeSecret {
             let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
             f.write_all(format!("{secret}\n").as_bytes())?;
             f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)
+            std::fs::rename(&tmp, &self.path)?;
+            // The rename itself survives a power loss only once the directory is synced.
+            match self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                Some(dir) => std::fs::File::open(dir)?.sync_all(),
+                None => Ok(()),
+            }
         };
         write().map_err(AgentError::io(format!("writing {}", self.path.display())))
     }

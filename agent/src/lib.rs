@@ -266,7 +266,7 @@ impl Agent {
         // GPU health: devices NVML reports unhealthy, for the tasks using them.
         let (health_tx, health_rx) = watch::channel(BTreeMap::<String, String>::new());
         let secret_file = config.node_secret_file.clone().unwrap_or_else(|| data_dir.join("node-secret"));
-        let pool = Arc::new(ServerPool::new(&config.servers, config.tls.as_ref(), client::NodeSecret::load(&secret_file)?)?);
+        let pool = Arc::new(ServerPool::new(&config.servers, config.tls.as_ref(), client::NodeSecret::load_or_create(&secret_file)?)?);
         let registry = AllocRegistry::default();
         let mps = Arc::new(gpu::mps::MpsManager::new(&config.gpu, &data_dir));
         config.network.check().map_err(|e| AgentError::Config(e.to_string()))?;

@@ -675,9 +675,10 @@ impl Api {
         }
     }
 
-    /// Registers (or re-registers) a node. The first registration of a node id claims it: the
-    /// answer carries a fresh node secret, whose hash is committed with the node. Later ones must
-    /// present that secret (`secret`), so a node id cannot be taken over.
+    /// Registers (or re-registers) a node. The first registration of a node id claims it with
+    /// the secret it presents (`secret`, which the agent made and kept first), or, when it
+    /// presents none, with a fresh one that the answer carries; only the hash is committed with
+    /// the node. Later ones must present that secret, so a node id cannot be taken over.
     pub async fn register_node_as(&self, node: Option<Node>, secret: Option<&str>) -> Result<RegisterNodeResponse, ApiError> {
         let mut node = node.ok_or_else(|| ApiError::InvalidArgument("node is required".into()))?;
         require_id("node.id", &node.id)?;
@@ -719,10 +720,23 @@ impl Api {
                 })?;
                 (None, None)
             }
-            None => {
-                let s = mlp_tls::secret::generate().map_err(|e| ApiError::Internal(e.to_string()))?;
-                (Some(mlp_tls::secret::hash(&s)), Some(s))
-            }
+            // An agent makes its secret itself and keeps it on disk before it first registers,
+            // so that dying right after this claim commits cannot leave it without the secret the
+            // servers hold (its node id would be refused for good): the claim takes that secret.
+            None => match secret {
+                Some(s) if mlp_tls::secret::well_formed(s) => (Some(mlp_tls::secret::hash(s)), None),
+                Some(_) => {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "{}: not a node secret (64 hex digits expected)",
+                        mlp_tls::secret::METADATA_KEY
+                    )))
+                }
+                // An agent that brings none is issued one in the answer.
+                None => {
+                    let s = mlp_tls::secret::generate().map_err(|e| ApiError::Internal(e.to_string()))?;
+                    (Some(mlp_tls::secret::hash(&s)), Some(s))
+                }
+            },
         };
         let command = Command::UpsertNode { node: node.clone(), overlay: self.overlay.clone(), secret_hash };
         let resp = self.raft.submit(Request { now_ms: now_ms(), command }).await?;
