@@ -436,18 +436,7 @@ fn node_secret_keeps_a_node_id_and_its_allocations_to_its_agent() {
     std::fs::create_dir_all(&twin_dir).expect("mkdir");
     std::fs::write(twin_dir.join("node-id"), format!("{node_id}\n")).expect("write node-id");
     let twin_log = dev.dir.path().join("twin.log");
-    let log = std::fs::File::create(&twin_log).expect("log");
-    let _twin = Guard(
-        Command::new(MLP)
-            .args(["agent", "--servers", &dev.grpc, "--node-name", "twin", "--rpc-addr", "127.0.0.1:0", "--data-dir"])
-            .arg(&twin_dir)
-            .env("MLP_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn twin agent"),
-    );
+    let _twin = agent_process(&dev.grpc, "twin", &twin_dir, &twin_log);
     wait_for("the twin's registration to be refused", Duration::from_secs(30), || {
         std::fs::read_to_string(&twin_log).unwrap_or_default().contains("node registration refused").then_some(())
     });
@@ -478,20 +467,7 @@ fn an_agent_keeps_its_node_secret_before_it_first_registers() {
     let dev = Dev::start_split();
     let dir = dev.dir.path().join("early");
     let log_path = dev.dir.path().join("early.log");
-    let spawn = |servers: &str| {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).expect("log");
-        Guard(
-            Command::new(MLP)
-                .args(["agent", "--servers", servers, "--node-name", "early", "--rpc-addr", "127.0.0.1:0", "--data-dir"])
-                .arg(&dir)
-                .env("MLP_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(log.try_clone().expect("log")))
-                .stderr(Stdio::from(log))
-                .spawn()
-                .expect("spawn agent"),
-        )
-    };
+    let spawn = |servers: &str| agent_process(servers, "early", &dir, &log_path);
     let secret_file = dir.join("node-secret");
     let read = || std::fs::read_to_string(&secret_file).ok().map(|s| s.trim().to_string()).filter(|s| s.len() == 64);
     // No server listens on port 1 of loopback: the agent can only make and keep its secret.
@@ -501,18 +477,36 @@ fn an_agent_keeps_its_node_secret_before_it_first_registers() {
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(!log().contains("node registered"), "{}", log());
 
-    let registered = |n: usize| move || (log().matches("node registered").count() >= n).then_some(());
+    let registrations = || log().matches("node registered").count();
     let first = spawn(&dev.grpc);
-    wait_for("the agent to register with the secret it kept", Duration::from_secs(30), registered(1));
+    wait_for("the agent to register with the secret it kept", Duration::from_secs(30), || (registrations() >= 1).then_some(()));
     assert_eq!(read().as_deref(), Some(secret.as_str()), "the secret changed when the node was first registered");
     assert!(!log().contains("node secret issued"), "the servers issued a secret to an agent that had one:\n{}", log());
     drop(first);
+    let before = registrations();
     let _again = spawn(&dev.grpc);
-    wait_for("the restarted agent to register again", Duration::from_secs(30), registered(2));
+    wait_for("the restarted agent to register again", Duration::from_secs(30), || (registrations() > before).then_some(()));
     assert!(!log().contains("registration refused"), "{}", log());
     assert_eq!(read().as_deref(), Some(secret.as_str()));
     let nodes = dev.ok(&["node", "status"]);
     assert!(nodes.lines().any(|l| l.contains("early") && l.contains("ready")), "{nodes}");
+}
+
+/// An `mlp agent` process for node `name` on `data_dir` against `servers`, its output appended
+/// to `log`; killed on drop.
+fn agent_process(servers: &str, name: &str, data_dir: &Path, log: &Path) -> Guard {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log");
+    Guard(
+        Command::new(MLP)
+            .args(["agent", "--servers", servers, "--node-name", name, "--rpc-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("MLP_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn mlp agent"),
+    )
 }
 
 /// Free loopback ports (bound, then released for the servers to take).
