@@ -364,18 +364,7 @@ const RAW_JOB: &str = r#"job "rawjob" {
 "#;
 
 fn spawn_agent(dev: &Dev, extra: &[&str]) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dev.dir.path().join("agent.log")).expect("log");
-    Command::new(MLP)
-        .args(["agent", "--servers", &dev.grpc, "--node-name", "split", "--rpc-addr", "127.0.0.1:0"])
-        .args(extra)
-        .arg("--data-dir")
-        .arg(dev.data_dir().join("agent"))
-        .env("MLP_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log.try_clone().expect("log")))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("spawn mlp agent")
+    common::agent_process(&dev.grpc, "split", &dev.data_dir().join("agent"), &dev.dir.path().join("agent.log"), extra)
 }
 
 fn job_json(dev: &Dev) -> String {

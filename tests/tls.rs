@@ -495,18 +495,7 @@ fn an_agent_keeps_its_node_secret_before_it_first_registers() {
 /// An `mlp agent` process for node `name` on `data_dir` against `servers`, its output appended
 /// to `log`; killed on drop.
 fn agent_process(servers: &str, name: &str, data_dir: &Path, log: &Path) -> Guard {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log");
-    Guard(
-        Command::new(MLP)
-            .args(["agent", "--servers", servers, "--node-name", name, "--rpc-addr", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .env("MLP_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn mlp agent"),
-    )
+    Guard(common::agent_process(servers, name, data_dir, log, &[]))
 }
 
 /// Free loopback ports (bound, then released for the servers to take).

@@ -529,19 +529,31 @@ impl Drop for Dev {
 }
 
 impl Dev {
-    /// A failed test's evidence: the last lines of this cluster's logs, on stderr (which the
+    /// A failed test's evidence: the end of each of this cluster's logs, on stderr (which the
     /// test runner shows for a failing test), before the temp dir goes.
     fn print_log_tails(&self) {
         for name in ["dev.log", "server.log", "agent.log"] {
             let Ok(text) = std::fs::read_to_string(self.dir.path().join(name)) else { continue };
-            let lines: Vec<&str> = text.lines().collect();
-            let from = lines.len().saturating_sub(120);
-            eprintln!("---- last {} of {} lines of {name} ----", lines.len() - from, lines.len());
-            for l in &lines[from..] {
-                eprintln!("{l}");
-            }
+            eprintln!("---- the end of {name} ----\n{}", tail(&text, 12_000));
         }
     }
+}
+
+/// An `mlp agent` process for node `name` on `data_dir` against `servers`, with `extra` flags,
+/// its output appended to `log`.
+pub fn agent_process(servers: &str, name: &str, data_dir: &Path, log: &Path, extra: &[&str]) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("agent log");
+    Command::new(MLP)
+        .args(["agent", "--servers", servers, "--node-name", name, "--rpc-addr", "127.0.0.1:0"])
+        .args(extra)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("MLP_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone().expect("agent log")))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("spawn mlp agent")
 }
 
 /// The workspace root (for examples/).

@@ -90,7 +90,7 @@ pub fn parse_str(src: &str, file_name: &str) -> Result<Job, JobspecError> {
     // The parser and the decoder recurse on nesting and operator chains: bound both before
     // either runs, and run a deep spec on a thread whose stack holds the deepest input the bounds
     // allow (callers such as a server's request handler run on small stacks).
-    let shape = match too_big_or_deep(src) {
+    let shape = match scan_limits(src) {
         Ok(shape) => shape,
         Err((offset, message)) => {
             let (line, column) = line_col(src, offset);
@@ -124,7 +124,7 @@ pub fn parse_str(src: &str, file_name: &str) -> Result<Job, JobspecError> {
     }
 }
 
-/// Stack for the parser thread: the bounds of `too_big_or_deep` need a few MiB in a debug build.
+/// Stack for the parser thread: the bounds of `scan_limits` need a few MiB in a debug build.
 const PARSE_STACK_BYTES: usize = 32 * 1024 * 1024;
 
 /// The deepest nesting, and the most operators, that [`parse_str`] parses on the caller's stack.
@@ -192,12 +192,13 @@ fn parse_bounded(src: &str, file: Option<String>) -> Result<Job, JobspecError> {
 
 /// The size, nesting and operator limits of a job spec file, checked on the raw text before the
 /// parser (which recurses on nesting and on operator chains such as `!!!!x` or `1+1+…`) sees it:
-/// the byte offset and message of the first violation.
+/// the byte offset and message of the first violation, or, within the limits, the spec's
+/// deepest nesting and operator count (which decide where it is parsed).
 ///
 /// A small scanner that knows strings (with `${…}` / `%{…}` templates), heredocs and comments
 /// counts every open bracket, brace, parenthesis, string inside a template, and template as one
 /// level, and every operator character outside string text as one operator.
-fn too_big_or_deep(src: &str) -> Result<Shape, (usize, String)> {
+fn scan_limits(src: &str) -> Result<Shape, (usize, String)> {
     use limits::{MAX_NESTING, MAX_OPERATORS, MAX_SPEC_BYTES};
     enum Frame {
         Open,
@@ -563,7 +564,7 @@ mod inline_tests {
     #[test]
     fn a_spec_parsed_inline_fits_a_small_stack() {
         let src = worst_inline_spec();
-        let shape = too_big_or_deep(&src).map_err(|e| e.1).expect("within the limits");
+        let shape = scan_limits(&src).map_err(|e| e.1).expect("within the limits");
         assert_eq!((shape.depth, shape.operators), (INLINE_MAX_NESTING, INLINE_MAX_OPERATORS), "not the worst inline case");
         let parsed = std::thread::Builder::new()
             .stack_size(INLINE_STACK_BYTES)
@@ -582,7 +583,7 @@ mod inline_tests {
     #[test]
     fn a_spec_past_the_inline_bounds_is_still_parsed() {
         let deeper = worst_inline_spec().replace("[[[[1]]]]", "[[[[[1]]]]]");
-        let shape = too_big_or_deep(&deeper).map_err(|e| e.1).expect("within the limits");
+        let shape = scan_limits(&deeper).map_err(|e| e.1).expect("within the limits");
         assert_eq!(shape.depth, INLINE_MAX_NESTING + 1);
         let err = parse_str(&deeper, "deeper.hcl").map(|_| ()).map_err(|e| e.to_string());
         assert!(err.as_ref().err().is_none_or(|e| !e.contains("internal error")), "{err:?}");
