@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""mlp against mlp, not a peer comparison: N sequential `mlp job run --detach` of new `/bin/true`
+jobs (the shape of scripts/bench-vs-slurm.sh's throughput jobs) against a fresh `mlp dev`, each
+binary given in turn, for ROUNDS rounds (binaries alternated within each round, so a machine
+whose speed drifts treats them alike). Prints, per run: time per call (first submit -> last
+submit returned), the calls' wall p50/p90, the CLI's own CPU (getrusage of the children), and the
+Raft index once every job is dead.
+
+    scripts/bench-cli-loop.py [--calls 300] [--rounds 4] MLP_BIN [MLP_BIN ...]
+
+Root (the jobs are isolated `exec` tasks). Data dirs go under $TMPDIR (docs/benchmarks.md puts it
+on a journaled ext4, runs 25-36 say why).
+"""
+import argparse, http.client, json, os, resource, shutil, socket, subprocess, sys, tempfile, time
+
+JOB = '''job "{name}" {{
+  type = "batch"
+  group "g" {{
+    restart {{
+      attempts = 0
+      mode = "fail"
+    }}
+    task "t" {{
+      driver = "exec"
+      config {{
+        command = "/bin/true"
+      }}
+      resources {{
+        cpu = 50
+        memory = 16
+      }}
+    }}
+  }}
+}}
+'''
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def run(mlp, calls):
+    d = tempfile.mkdtemp(prefix="mlp-cli-loop.")
+    grpc, http_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    log = open(os.path.join(d, "dev.log"), "w")
+    dev = subprocess.Popen([mlp, "dev", "--data-dir", os.path.join(d, "data"), "--grpc-addr", grpc, "--http-addr", http_addr],
+                           stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, MLP_LOG="warn"))
+    try:
+        deadline = time.time() + 20
+        while "==> try:" not in open(os.path.join(d, "dev.log")).read():
+            if time.time() > deadline or dev.poll() is not None:
+                raise SystemExit(f"{mlp} dev did not start:\n" + open(os.path.join(d, "dev.log")).read()[-2000:])
+            time.sleep(0.1)
+        files = []
+        for i in range(calls + 3):
+            p = os.path.join(d, f"j{i}.hcl")
+            with open(p, "w") as f:
+                f.write(JOB.format(name=f"loop-{i}"))
+            files.append(p)
+        env = dict(os.environ, MLP_ADDR=grpc)
+
+        def submit(f):
+            r = subprocess.run([mlp, "job", "run", "--detach", f], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+            if r.returncode != 0:
+                raise SystemExit(f"mlp job run --detach failed: {r.stderr.decode()[-500:]}")
+
+        for f in files[:3]:  # warm-up
+            submit(f)
+        time.sleep(1)
+        walls, cpus = [], []
+        t0 = time.perf_counter()
+        for f in files[3:]:
+            r0, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+            submit(f)
+            walls.append((time.perf_counter() - t) * 1e3)
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpus.append((r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) * 1e3)
+        per_call = (time.perf_counter() - t0) * 1e3 / calls
+        c = http.client.HTTPConnection(http_addr, timeout=30)
+        index, deadline = 0, time.time() + 120
+        while True:
+            c.request("GET", f"/v1/jobs?index={index}&wait=5s")
+            resp = c.getresponse()
+            jobs = json.loads(resp.read())
+            index = int(resp.getheader("x-mlp-index") or 0)
+            if len(jobs) == calls + 3 and all(j["status"] == "dead" for j in jobs):
+                break
+            if time.time() > deadline:
+                raise SystemExit("not every job was dead after 120 s")
+        return per_call, pct(walls, 0.5), pct(walls, 0.9), pct(cpus, 0.5), index
+    finally:
+        dev.terminate()
+        dev.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("binaries", nargs="+")
+    a = ap.parse_args()
+    print(f"== {a.calls} sequential `mlp job run --detach` per run, {a.rounds} rounds (mlp against mlp, not a peer ratio)")
+    for r in range(1, a.rounds + 1):
+        for b in a.binaries:
+            per_call, p50, p90, cpu, index = run(os.path.abspath(b), a.calls)
+            print(f"round {r} {b}: {per_call:.2f} ms per call | wall p50 {p50:.2f} p90 {p90:.2f} ms | "
+                  f"CLI CPU p50 {cpu:.2f} ms | raft index {index}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
