@@ -654,9 +654,22 @@ const WORKLOAD_SAMPLE: usize = 10_000;
 /// ones in id order are a uniform (and deterministic) sample. MIG instances are left out of the
 /// shapes (whole GPUs and shares never compete for them; an allocation with only MIG instances
 /// counts as CPU-only, which the workload drops).
+///
+/// The live allocations come from the state's `live_allocs_by_node` index: this runs for every
+/// evaluation on a cluster that has learned no GPU ask yet (every CPU-only cluster), so a walk
+/// over all allocations would make each evaluation O(the cluster's history until GC).
 pub fn live_workload(state: &ClusterState) -> Workload {
+    live_workload_sampled(state, WORKLOAD_SAMPLE)
+}
+
+fn live_workload_sampled(state: &ClusterState, sample: usize) -> Workload {
+    let mut ids: Vec<&String> = state.live_allocs_by_node.values().flatten().collect();
+    if ids.len() > sample {
+        ids.sort_unstable();
+        ids.truncate(sample);
+    }
     let mut counts: BTreeMap<PodView, u64> = BTreeMap::new();
-    for a in state.allocs.values().filter(|a| is_live(a)).take(WORKLOAD_SAMPLE) {
+    for a in ids.into_iter().filter_map(|id| state.allocs.get(id)) {
         let Some(r) = &a.resources else { continue };
         let mut plain = r.gpus.iter().filter(|g| !r.gpu_mig.contains_key(&g.id));
         let shape = match plain.next() {
@@ -1053,6 +1066,7 @@ mod tests {
             ..Default::default()
         };
         st.allocs.insert("a".into(), alloc("a", mig_only));
+        st.rebuild_indexes();
         assert!(live_workload(&st).is_empty());
         let mixed = AllocatedResources {
             gpus: vec![
@@ -1063,8 +1077,53 @@ mod tests {
             ..Default::default()
         };
         st.allocs.insert("b".into(), alloc("b", mixed));
+        st.rebuild_indexes();
         let want = Workload::new([(PodView { cpu: 0, mem: 0, gpu: GpuShape::share(250), models: ModelSet::ANY }, 1)]);
         assert_eq!(live_workload(&st), want);
+    }
+
+    /// The workload counts the live allocations the state's index holds, however many finished
+    /// ones the state keeps, and a sample is the first live ones in id order.
+    #[test]
+    fn live_workload_counts_live_allocations_and_samples_by_id() {
+        let mut st = ClusterState::default();
+        let alloc = |id: String, status: &str, milli: u32| Allocation {
+            id: id.clone(),
+            node_id: "n1".into(),
+            desired_status: alloc_desired::RUN.into(),
+            client_status: status.into(),
+            resources: Some(AllocatedResources {
+                gpus: vec![GpuAssignment { id: format!("g-{id}"), milli, memory_mib: 0 }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // 40 finished allocations between 6 live ones, ids interleaved.
+        for i in 0..46 {
+            let (status, milli) = if i % 8 == 0 { (alloc_client::RUNNING, 250 + i as u32) } else { (alloc_client::COMPLETE, 500) };
+            let a = alloc(format!("a{i:03}"), status, milli);
+            st.allocs.insert(a.id.clone(), a);
+        }
+        st.rebuild_indexes();
+        let shape = |milli: u32| PodView { cpu: 0, mem: 0, gpu: GpuShape::share(milli), models: ModelSet::ANY };
+        let live = [0u32, 8, 16, 24, 32, 40];
+        assert_eq!(live_workload(&st), Workload::new(live.iter().map(|i| (shape(250 + i), 1))), "only the live ones, each once");
+        assert_eq!(
+            live_workload_sampled(&st, 4),
+            Workload::new(live[..4].iter().map(|i| (shape(250 + i), 1))),
+            "a sample is the first live allocations by id"
+        );
+        // An allocation that finishes leaves the workload once its update is applied.
+        let done = crate::state::Command::UpdateAllocsFromClient {
+            node_id: "n1".into(),
+            updates: vec![mlp_proto::v1::AllocClientUpdate {
+                alloc_id: "a008".into(),
+                client_status: alloc_client::COMPLETE.into(),
+                ..Default::default()
+            }],
+        };
+        st.apply(1, &crate::state::Request { now_ms: 1000, command: done }, &mut Vec::new());
+        assert_eq!(live_workload(&st), Workload::new([0u32, 16, 24, 32, 40].iter().map(|i| (shape(250 + i), 1))));
     }
 
     /// A DGX-like node: NVLink islands {0..3} and {4..7}, PCIe switches per pair, NUMA per island.
