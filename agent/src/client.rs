@@ -109,22 +109,8 @@ impl NodeSecret {
         if self.path.as_os_str().is_empty() {
             return Ok(());
         }
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let tmp = self.path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-            f.write_all(format!("{secret}\n").as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
-            // The rename itself survives a power loss only once the directory is synced.
-            match self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                Some(dir) => std::fs::File::open(dir)?.sync_all(),
-                None => Ok(()),
-            }
-        };
-        write().map_err(AgentError::io(format!("writing {}", self.path.display())))
+        mlp_proto::durable::replace_file(&self.path, format!("{secret}\n").as_bytes(), 0o600)
+            .map_err(AgentError::io(format!("writing {}", self.path.display())))
     }
 
     pub fn path(&self) -> &std::path::Path {

@@ -184,9 +184,9 @@ pub fn load_or_create_node_id(data_dir: &Path) -> Result<String, AgentError> {
         Err(e) => return Err(AgentError::io(format!("reading {}", path.display()))(e)),
     }
     let id = new_id();
-    let tmp = data_dir.join("node-id.tmp");
-    std::fs::write(&tmp, format!("{id}\n"))
-        .and_then(|_| std::fs::rename(&tmp, &path))
+    // Durably: an id lost in a power loss after the first registration makes the node a new
+    // one (its secret claims a fresh id), and the old node lingers until it is collected.
+    mlp_proto::durable::replace_file(&path, format!("{id}\n").as_bytes(), 0o644)
         .map_err(AgentError::io(format!("writing {}", path.display())))?;
     Ok(id)
 }

@@ -8,6 +8,7 @@ pub mod v1 {
 
 pub mod compact;
 pub mod consts;
+pub mod durable;
 pub mod gpu;
 pub mod jobspec;
 pub mod matcher;

@@ -326,9 +326,10 @@ fn load_or_create_node_id(data_dir: &Path) -> Result<NodeId, RaftStartError> {
         Ok(content) => content.trim().parse::<NodeId>().map_err(|_| RaftStartError::BadNodeId { path: path.clone(), content }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = random_node_id();
-            // Write-then-rename so a crash never leaves a half-written id behind.
-            let tmp = data_dir.join("node-id.tmp");
-            std::fs::write(&tmp, format!("{id}\n")).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|source| RaftStartError::Io {
+            // Durably, before the Raft storage records anything under this id: a server that
+            // came back from a power loss with its log but an empty or missing id file would
+            // not start, or would start as a stranger to its own cluster.
+            mlp_proto::durable::replace_file(&path, format!("{id}\n").as_bytes(), 0o644).map_err(|source| RaftStartError::Io {
                 what: "writing",
                 path: path.clone(),
                 source,
