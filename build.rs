@@ -15,4 +15,29 @@ fn main() {
     if linux && !pie {
         println!("cargo:rustc-link-arg-bins=-no-pie");
     }
+    if linux {
+        static_libgcc();
+    }
+}
+
+/// Link GCC's unwinder statically (`libgcc_eh.a`) instead of loading `libgcc_s.so.1` at every
+/// start. Rust's std asks for `-lgcc_s` on linux-gnu unless the whole binary is static; a linker
+/// script of that name in a directory searched first points the request at `libgcc_eh` (what
+/// `gcc -static-libgcc` does for C programs). The shared library costs each process its
+/// loading, its relocations and its constructor, which runs `cpuid` for GCC's CPU-feature table
+/// that mlp never reads: `cpuid` traps to the hypervisor on a VM (~7 µs each on the build
+/// machine). `MLP_SHARED_LIBGCC=1` at build time keeps the shared library.
+fn static_libgcc() {
+    println!("cargo:rerun-if-env-changed=MLP_SHARED_LIBGCC");
+    if std::env::var("MLP_SHARED_LIBGCC").is_ok_and(|v| v == "1") {
+        return;
+    }
+    let Some(out) = std::env::var_os("OUT_DIR") else { return };
+    let dir = std::path::Path::new(&out).join("static-libgcc");
+    let script = dir.join("libgcc_s.so");
+    if std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&script, "INPUT(-lgcc_eh)\n")).is_err() {
+        println!("cargo:warning=could not write {}; linking the shared libgcc_s", script.display());
+        return;
+    }
+    println!("cargo:rustc-link-search=native={}", dir.display());
 }
