@@ -4,9 +4,15 @@ jobs (the shape of scripts/bench-vs-slurm.sh's throughput jobs) against a fresh 
 binary given in turn, for ROUNDS rounds (binaries alternated within each round, so a machine
 whose speed drifts treats them alike). Prints, per run: time per call (first submit -> last
 submit returned), the calls' wall p50/p90, the CLI's own CPU (getrusage of the children), and the
-Raft index once every job is dead.
+Raft index once every job is dead, and the CPU the whole machine spent per call during the loop
+(/proc/stat: every process, the kernel, the jobs' own tasks).
 
-    scripts/bench-cli-loop.py [--calls 300] [--rounds 4] MLP_BIN [MLP_BIN ...]
+    scripts/bench-cli-loop.py [--calls 300] [--rounds 4] [--perf] MLP_BIN [MLP_BIN ...]
+
+--perf also samples every CPU with `perf record -a` during each loop and prints where the
+machine's CPU went per call, by kind of process: the CLI calls, `mlp dev` (servers' and agent's
+threads), the tasks' supervisors and inits (`exe`, forked from the agent's zygote), the tasks
+themselves (`/bin/true`), this harness, and the rest (kernel threads, other processes).
 
 Root (the jobs are isolated `exec` tasks). Data dirs go under $TMPDIR (docs/benchmarks.md puts it
 on a journaled ext4, runs 25-36 say why).
@@ -43,12 +49,54 @@ def free_port():
     return port
 
 
+def machine_busy():
+    """Seconds of CPU the whole machine spent busy (all processes, kernel included): /proc/stat's
+    first line less idle and iowait."""
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def run(mlp, calls):
+def perf_start(path):
+    return subprocess.Popen(["perf", "record", "-a", "-F", str(PERF_HZ), "-o", path, "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def perf_classes(path, mlp, dev_pid, calls):
+    """ms of CPU per call by kind of process, from the samples of `perf record -a`."""
+    out = subprocess.run(["perf", "script", "-i", path, "-F", "pid,comm"], capture_output=True, text=True).stdout
+    exe, counts = os.path.basename(mlp)[:15], {}
+    for line in out.splitlines():
+        parts = line.rsplit(None, 1)  # "COMM PID"; a comm may hold spaces
+        if len(parts) != 2 or not parts[1].isdigit():
+            continue
+        comm, pid = parts[0].strip(), int(parts[1])
+        if comm == "swapper":
+            continue
+        if pid == dev_pid:
+            kind = "mlp dev"
+        elif comm == exe:
+            kind = "CLI"
+        elif comm == "exe":
+            kind = "supervisors+inits"
+        elif comm == "true":
+            kind = "tasks (/bin/true)"
+        elif comm.startswith("python"):
+            kind = "harness"
+        else:
+            kind = "other"
+        counts[kind] = counts.get(kind, 0) + 1
+    return {k: v * 1e3 / PERF_HZ / calls for k, v in counts.items()}
+
+
+PERF_HZ = 999
+
+
+def run(mlp, calls, perf=False):
     d = tempfile.mkdtemp(prefix="mlp-cli-loop.")
     grpc, http_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     log = open(os.path.join(d, "dev.log"), "w")
@@ -77,6 +125,11 @@ def run(mlp, calls):
             submit(f)
         time.sleep(1)
         walls, cpus = [], []
+        perf_data = os.path.join(d, "perf.data")
+        recorder = perf_start(perf_data) if perf else None
+        if recorder:
+            time.sleep(0.5)  # perf's start-up is not the loop's
+        busy0 = machine_busy()
         t0 = time.perf_counter()
         for f in files[3:]:
             r0, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
@@ -85,6 +138,12 @@ def run(mlp, calls):
             r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpus.append((r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) * 1e3)
         per_call = (time.perf_counter() - t0) * 1e3 / calls
+        busy = (machine_busy() - busy0) * 1e3 / calls
+        classes = None
+        if recorder:
+            recorder.send_signal(2)
+            recorder.wait()
+            classes = perf_classes(perf_data, mlp, dev.pid, calls)
         c = http.client.HTTPConnection(http_addr, timeout=30)
         index, deadline = 0, time.time() + 120
         while True:
@@ -96,7 +155,7 @@ def run(mlp, calls):
                 break
             if time.time() > deadline:
                 raise SystemExit("not every job was dead after 120 s")
-        return per_call, pct(walls, 0.5), pct(walls, 0.9), pct(cpus, 0.5), index
+        return per_call, pct(walls, 0.5), pct(walls, 0.9), pct(cpus, 0.5), busy, index, classes
     finally:
         dev.terminate()
         dev.wait()
@@ -107,14 +166,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--perf", action="store_true", help="also sample all CPUs with perf and split the CPU per call by process kind")
     ap.add_argument("binaries", nargs="+")
     a = ap.parse_args()
     print(f"== {a.calls} sequential `mlp job run --detach` per run, {a.rounds} rounds (mlp against mlp, not a peer ratio)")
     for r in range(1, a.rounds + 1):
         for b in a.binaries:
-            per_call, p50, p90, cpu, index = run(os.path.abspath(b), a.calls)
+            per_call, p50, p90, cpu, busy, index, classes = run(os.path.abspath(b), a.calls, a.perf)
             print(f"round {r} {b}: {per_call:.2f} ms per call | wall p50 {p50:.2f} p90 {p90:.2f} ms | "
-                  f"CLI CPU p50 {cpu:.2f} ms | raft index {index}", flush=True)
+                  f"CLI CPU p50 {cpu:.2f} ms | machine CPU {busy:.2f} ms per call | raft index {index}", flush=True)
+            if classes:
+                kinds = ["CLI", "mlp dev", "supervisors+inits", "tasks (/bin/true)", "harness", "other"]
+                print("    CPU per call (perf -a, ms): " + ", ".join(f"{k} {classes.get(k, 0):.2f}" for k in kinds)
+                      + f", total {sum(classes.values()):.2f}", flush=True)
 
 
 if __name__ == "__main__":
