@@ -443,12 +443,12 @@ pub async fn update_loop(pool: Arc<ServerPool>, node_id: String, mut rx: mpsc::U
         if pending.is_empty() {
             match rx.recv().await {
                 Some(u) => {
-                    pending.insert(u.alloc_id.clone(), u);
+                    pending.insert(u.key().to_string(), u);
                 }
                 None => return,
             }
         }
-        gather(&mut rx, &mut pending, &mut open, START_REPORT_WINDOW).await;
+        gather(&mut rx, &mut pending, &mut open, START_REPORT_WINDOW, alloc_ends).await;
         let req = UpdateAllocsRequest { node_id: node_id.clone(), updates: pending.values().cloned().collect() };
         match unary(&pool, |mut c| async move { c.update_allocs(req).await }).await {
             Ok(_) => {
@@ -458,17 +458,8 @@ pub async fn update_loop(pool: Arc<ServerPool>, node_id: String, mut rx: mpsc::U
             Err(st) => {
                 let d = backoff.next_delay();
                 tracing::warn!(code = ?st.code(), error = %st.message(), count = pending.len(), retry_in = ?d, "sending alloc updates failed");
-                let deadline = Instant::now() + d;
                 // Keep collecting (latest state per alloc wins) while waiting to retry.
-                loop {
-                    tokio::select! {
-                        u = rx.recv(), if open => match u {
-                            Some(u) => { pending.insert(u.alloc_id.clone(), u); }
-                            None => open = false,
-                        },
-                        _ = tokio::time::sleep_until(deadline) => break,
-                    }
-                }
+                collect_until(&mut rx, &mut pending, &mut open, Instant::now() + d).await;
             }
         }
         if !open && pending.is_empty() {
@@ -477,24 +468,40 @@ pub async fn update_loop(pool: Arc<ServerPool>, node_id: String, mut rx: mpsc::U
     }
 }
 
-/// Adds to `pending` (the latest state per allocation) what `rx` has: when no pending report is
-/// an allocation's end, what arrives within `window` (stopping at the first end), then what
+/// A report that a batching sender keeps only the latest of, per key (an allocation's id).
+pub(crate) trait Keyed {
+    fn key(&self) -> &str;
+}
+
+impl Keyed for AllocClientUpdate {
+    fn key(&self) -> &str {
+        &self.alloc_id
+    }
+}
+
+/// An allocation's end: never held back for company.
+fn alloc_ends(u: &AllocClientUpdate) -> bool {
+    mlp_proto::consts::alloc_client::is_terminal(&u.client_status)
+}
+
+/// Adds to `pending` (the latest report per key) what `rx` has: when no pending report is
+/// `urgent`, what arrives within `window` (stopping at the first urgent one), then what
 /// queued up meanwhile (during the last RPC). Clears `open` when `rx` is closed.
-async fn gather(
-    rx: &mut mpsc::UnboundedReceiver<AllocClientUpdate>,
-    pending: &mut BTreeMap<String, AllocClientUpdate>,
+pub(crate) async fn gather<T: Keyed>(
+    rx: &mut mpsc::UnboundedReceiver<T>,
+    pending: &mut BTreeMap<String, T>,
     open: &mut bool,
     window: Duration,
+    urgent: impl Fn(&T) -> bool,
 ) {
-    let ends = |u: &AllocClientUpdate| mlp_proto::consts::alloc_client::is_terminal(&u.client_status);
-    if !pending.values().any(ends) {
+    if !pending.values().any(&urgent) {
         let until = Instant::now() + window;
         while *open {
             match tokio::time::timeout_at(until, rx.recv()).await {
                 Ok(Some(u)) => {
-                    let end = ends(&u);
-                    pending.insert(u.alloc_id.clone(), u);
-                    if end {
+                    let now = urgent(&u);
+                    pending.insert(u.key().to_string(), u);
+                    if now {
                         break;
                     }
                 }
@@ -506,10 +513,30 @@ async fn gather(
     while *open {
         match rx.try_recv() {
             Ok(u) => {
-                pending.insert(u.alloc_id.clone(), u);
+                pending.insert(u.key().to_string(), u);
             }
             Err(mpsc::error::TryRecvError::Empty) => break,
             Err(mpsc::error::TryRecvError::Disconnected) => *open = false,
+        }
+    }
+}
+
+/// Waits until `deadline` (a retry's backoff), adding what `rx` brings to `pending` meanwhile;
+/// a closed `rx` (`open` cleared) still waits the whole time, so that a sender whose RPCs fail
+/// while it shuts down keeps its backoff instead of retrying in a tight loop.
+pub(crate) async fn collect_until<T: Keyed>(
+    rx: &mut mpsc::UnboundedReceiver<T>,
+    pending: &mut BTreeMap<String, T>,
+    open: &mut bool,
+    deadline: Instant,
+) {
+    loop {
+        tokio::select! {
+            u = rx.recv(), if *open => match u {
+                Some(u) => { pending.insert(u.key().to_string(), u); }
+                None => *open = false,
+            },
+            _ = tokio::time::sleep_until(deadline) => return,
         }
     }
 }
@@ -538,7 +565,7 @@ mod tests {
             let _ = later.send(update("a", COMPLETE));
         });
         let t0 = Instant::now();
-        gather(&mut rx, &mut pending, &mut open, Duration::from_secs(30)).await;
+        gather(&mut rx, &mut pending, &mut open, Duration::from_secs(30), alloc_ends).await;
         assert!(t0.elapsed() < Duration::from_secs(10), "waited {:?}", t0.elapsed());
         assert_eq!(pending.len(), 1);
         assert_eq!(pending["a"].client_status, COMPLETE);
@@ -547,14 +574,14 @@ mod tests {
         let mut pending = BTreeMap::from([("b".to_string(), update("b", COMPLETE))]);
         let _ = tx.send(update("c", RUNNING));
         let t0 = Instant::now();
-        gather(&mut rx, &mut pending, &mut open, Duration::from_secs(30)).await;
+        gather(&mut rx, &mut pending, &mut open, Duration::from_secs(30), alloc_ends).await;
         assert!(t0.elapsed() < Duration::from_secs(10), "waited {:?}", t0.elapsed());
         assert_eq!(pending.keys().collect::<Vec<_>>(), ["b", "c"]);
 
         // A start alone goes after the window.
         let mut pending = BTreeMap::from([("d".to_string(), update("d", RUNNING))]);
         let t0 = Instant::now();
-        gather(&mut rx, &mut pending, &mut open, Duration::from_millis(50)).await;
+        gather(&mut rx, &mut pending, &mut open, Duration::from_millis(50), alloc_ends).await;
         assert!(t0.elapsed() >= Duration::from_millis(45), "left after {:?}", t0.elapsed());
         assert_eq!(pending.len(), 1);
         assert!(open);
@@ -562,7 +589,31 @@ mod tests {
         // A closed channel ends the wait and says so.
         drop(tx);
         let mut pending = BTreeMap::from([("e".to_string(), update("e", RUNNING))]);
-        gather(&mut rx, &mut pending, &mut open, Duration::from_secs(30)).await;
+        gather(&mut rx, &mut pending, &mut open, Duration::from_secs(30), alloc_ends).await;
         assert!(!open);
+    }
+
+    /// A retry's wait takes in what arrives (latest per allocation) and lasts its whole time,
+    /// also once the channel is closed: a closed channel must not turn the backoff into a
+    /// tight retry loop.
+    #[tokio::test]
+    async fn a_retry_wait_collects_and_lasts_even_on_a_closed_channel() {
+        use mlp_proto::consts::alloc_client::{COMPLETE, RUNNING};
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (mut pending, mut open) = (BTreeMap::new(), true);
+        let _ = tx.send(update("a", RUNNING));
+        let _ = tx.send(update("a", COMPLETE));
+        let _ = tx.send(update("b", RUNNING));
+        let t0 = Instant::now();
+        collect_until(&mut rx, &mut pending, &mut open, t0 + Duration::from_millis(40)).await;
+        assert!(t0.elapsed() >= Duration::from_millis(35), "left after {:?}", t0.elapsed());
+        assert_eq!(pending.len(), 2);
+        assert_eq!(pending["a"].client_status, COMPLETE);
+        assert!(open);
+        drop(tx);
+        let t0 = Instant::now();
+        collect_until(&mut rx, &mut pending, &mut open, t0 + Duration::from_millis(60)).await;
+        assert!(!open, "the closed channel is noticed");
+        assert!(t0.elapsed() >= Duration::from_millis(55), "a closed channel cut the wait short: {:?}", t0.elapsed());
     }
 }

@@ -310,25 +310,25 @@ const COALESCE: Duration = Duration::from_millis(5);
 /// Timeout of one UpdateServices call.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Sends registration changes: latest per allocation wins, batched, retried until sent.
+impl crate::client::Keyed for AllocServices {
+    fn key(&self) -> &str {
+        &self.alloc_id
+    }
+}
+
+/// Sends registration changes: latest per allocation wins, batched (what arrives within
+/// [`COALESCE`], see `client::gather`), retried with backoff until sent or refused.
 pub async fn send_loop(pool: Arc<ServerPool>, node_id: String, mut rx: mpsc::UnboundedReceiver<AllocServices>) {
+    use crate::client::{collect_until, gather};
     let mut pending: BTreeMap<String, AllocServices> = BTreeMap::new();
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    let mut open = true;
     loop {
         if pending.is_empty() {
             let Some(u) = rx.recv().await else { return };
             pending.insert(u.alloc_id.clone(), u);
         }
-        let deadline = Instant::now() + COALESCE;
-        loop {
-            tokio::select! {
-                u = rx.recv() => match u {
-                    Some(u) => { pending.insert(u.alloc_id.clone(), u); }
-                    None => break,
-                },
-                _ = tokio::time::sleep_until(deadline) => break,
-            }
-        }
+        gather(&mut rx, &mut pending, &mut open, COALESCE, |_| false).await;
         let Some((idx, mut client)) = pool.client() else { return };
         let req = UpdateServicesRequest { node_id: node_id.clone(), allocs: pending.values().cloned().collect() };
         let res = match tokio::time::timeout(RPC_TIMEOUT, client.update_services(req)).await {
@@ -340,30 +340,23 @@ pub async fn send_loop(pool: Arc<ServerPool>, node_id: String, mut rx: mpsc::Unb
                 pending.clear();
                 backoff.reset();
             }
+            Err(st) if st.code() == tonic::Code::InvalidArgument => {
+                // The servers will never take this batch: drop it rather than retry forever.
+                tracing::warn!(error = %st.message(), "service registrations refused");
+                pending.clear();
+            }
             Err(st) => {
-                if !matches!(st.code(), tonic::Code::NotFound | tonic::Code::InvalidArgument) {
+                if st.code() != tonic::Code::NotFound {
                     pool.failover(idx);
-                }
-                if st.code() == tonic::Code::InvalidArgument {
-                    // The servers will never take this batch: drop it rather than retry forever.
-                    tracing::warn!(error = %st.message(), "service registrations refused");
-                    pending.clear();
-                    continue;
                 }
                 let d = backoff.next_delay();
                 tracing::warn!(code = ?st.code(), error = %st.message(), retry_in = ?d, "sending service registrations failed");
                 // Keep collecting (latest per allocation wins) while waiting to retry.
-                let until = Instant::now() + d;
-                loop {
-                    tokio::select! {
-                        u = rx.recv() => match u {
-                            Some(u) => { pending.insert(u.alloc_id.clone(), u); }
-                            None => break,
-                        },
-                        _ = tokio::time::sleep_until(until) => break,
-                    }
-                }
+                collect_until(&mut rx, &mut pending, &mut open, Instant::now() + d).await;
             }
+        }
+        if !open && pending.is_empty() {
+            return;
         }
     }
 }
