@@ -536,7 +536,9 @@ impl agent_service_server::AgentService for GrpcApi {
 
     type WatchAllocationsStream = BoxStream<NodeAllocations>;
 
-    /// Sends the node's full allocation set now and again after every change that touches it.
+    /// Sends the node's full allocation set now, then after every change that touches it the
+    /// allocations that changed (the full set again when some may have gone, or a notification
+    /// was missed).
     async fn watch_allocations(&self, req: Request<WatchAllocationsRequest>) -> GrpcResult<Self::WatchAllocationsStream> {
         // Only the node's own agent receives its allocations (job specs, env included).
         self.authenticate(&req, &req.get_ref().node_id)?;
