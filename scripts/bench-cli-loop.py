@@ -11,8 +11,9 @@ Raft index once every job is dead, and the CPU the whole machine spent per call 
 
 --perf also samples every CPU with `perf record -a` during each loop and prints where the
 machine's CPU went per call, by kind of process: the CLI calls, `mlp dev` (servers' and agent's
-threads), the tasks' supervisors and inits (`exe`, forked from the agent's zygote), the tasks
-themselves (`/bin/true`), this harness, and the rest (kernel threads, other processes).
+threads), the tasks' supervisors and inits (`mlp-supervisor`, `mlp-init`; `exe` in binaries
+before they named themselves), the tasks themselves (`/bin/true`), this harness, and the rest
+(kernel threads, other processes).
 
 Root (the jobs are isolated `exec` tasks). Data dirs go under $TMPDIR (docs/benchmarks.md puts it
 on a journaled ext4, runs 25-36 say why).
@@ -81,7 +82,7 @@ def perf_classes(path, mlp, dev_pid, calls):
             kind = "mlp dev"
         elif comm == exe:
             kind = "CLI"
-        elif comm == "exe":
+        elif comm in ("exe", "mlp-supervisor", "mlp-init", "mlp-spare", "mlp-zygote"):
             kind = "supervisors+inits"
         elif comm == "true":
             kind = "tasks (/bin/true)"

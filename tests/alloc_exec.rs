@@ -139,6 +139,7 @@ fn exec_enters_an_exec_task() {
     let comms: Vec<&str> = ps.lines().filter_map(|l| l.split_whitespace().nth(1)).collect();
     assert_eq!(comms.len(), 3, "ps in the task:\n{ps}");
     assert!(comms.contains(&"sleep") && comms.contains(&"ps"), "ps in the task:\n{ps}");
+    assert!(comms.contains(&"mlp-init"), "the task's init names itself:\n{ps}");
     assert!(ps.lines().any(|l| l.split_whitespace().next() == Some("1")), "no PID 1:\n{ps}");
     let ls = exec_ok(&dev, &[&id, "--", "ls", "/proc"]);
     assert_eq!(numeric_lines(&ls), 3, "ls /proc in the task:\n{ls}");

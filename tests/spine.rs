@@ -327,6 +327,9 @@ fn tasks_outlive_a_killed_agent_and_are_reattached_not_duplicated() {
     for p in processes_under(&dev.data_dir()) {
         let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
         if String::from_utf8_lossy(&cmdline).contains("__mlp-supervise") {
+            // Named for `ps` and `top`, not `exe` (the zygote's own binary path).
+            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+            assert_eq!(comm.trim(), "mlp-supervisor", "process {p}'s name");
             supervisors += 1;
             continue;
         }

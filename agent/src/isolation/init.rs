@@ -58,6 +58,7 @@ pub(crate) fn start_init(cfg: &InitConfig, stdout: OwnedFd, stderr: OwnedFd, pha
     // yet), so the child may run any code.
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
+            crate::task::supervisor::set_name(c"mlp-init");
             drop(own_pid_ns);
             drop(start_r);
             drop(report_r);

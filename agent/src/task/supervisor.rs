@@ -68,6 +68,7 @@ pub fn run(config_path: &Path) -> ! {
 /// `crate::driver::zygote`): keeps one spare supervisor forked ahead until the agent closes
 /// its end; never returns.
 fn run_zygote() -> ! {
+    set_name(c"mlp-zygote");
     // SAFETY: the agent dup2'd its request socket onto fd 3 of this freshly exec'd process and
     // nothing else here owns that fd.
     let on_3 = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
@@ -133,6 +134,7 @@ fn run_zygote() -> ! {
 /// took a request it dies with the zygote, so that no request reaches a spare nobody replaces
 /// (the agent's next request then fails, and it starts another zygote).
 fn spare(zygote: nix::unistd::Pid, control: OwnedFd, taken: OwnedFd) -> ! {
+    set_name(c"mlp-spare");
     // SAFETY: prctl(2) with integer arguments only.
     let deathsig = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
     if deathsig != 0 || nix::unistd::getppid() != zygote {
@@ -234,6 +236,7 @@ fn into_supervisor(config: &Path, fds: Vec<OwnedFd>) -> ! {
 
 /// The supervisor with its status pipe on fd 3; never returns.
 fn run_with(config_path: &Path, phases: Phases) -> ! {
+    set_name(c"mlp-supervisor");
     // SAFETY: the agent (or the zygote) put the status pipe onto fd 3 of this process and
     // nothing else here owns that fd; a missing fd 3 only makes the writes fail.
     let status_fd = unsafe { OwnedFd::from_raw_fd(STATUS_FD) };
@@ -485,4 +488,11 @@ fn pump_until_exit(running: &Running, pipes: [(OwnedFd, RotatingWriter); 2]) -> 
     // The log files are written and closed before the exit is recorded.
     drop(pipes);
     wait.unwrap_or_else(|| blocking_wait(running.pid))
+}
+
+/// Names this process in `ps`, `top` and `/proc/<pid>/comm` (at most 15 bytes): without it the
+/// zygote and every supervisor forked from it show as `exe`, after the `/proc/self/exe` they
+/// were started from. The command line (`__mlp-supervise…`) stays as it was.
+pub(crate) fn set_name(name: &std::ffi::CStr) {
+    let _ = nix::sys::prctl::set_name(name);
 }
