@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """mlp against mlp, not a peer comparison: N sequential `mlp job run --detach` of new `/bin/true`
-jobs (the shape of scripts/bench-vs-slurm.sh's throughput jobs) against a fresh `mlp dev`, each
-binary given in turn, for ROUNDS rounds (binaries alternated within each round, so a machine
-whose speed drifts treats them alike). Prints, per run: time per call (first submit -> last
+jobs (scripts/bench-vs-slurm.sh's throughput job, from scripts/benchlib.py) against a fresh
+`mlp dev`, each binary given in turn, for ROUNDS rounds (binaries alternated within each round,
+so a machine whose speed drifts treats them alike). Prints, per run: time per call (first submit -> last
 submit returned), the calls' wall p50/p90, the CLI's own CPU (getrusage of the children), and the
 Raft index once every job is dead, and the CPU the whole machine spent per call during the loop
 (/proc/stat: every process, the kernel, the jobs' own tasks).
@@ -18,48 +18,11 @@ before they named themselves), the tasks themselves (`/bin/true`), this harness,
 Root (the jobs are isolated `exec` tasks). Data dirs go under $TMPDIR (docs/benchmarks.md puts it
 on a journaled ext4, runs 25-36 say why).
 """
-import argparse, http.client, json, os, resource, shutil, socket, subprocess, sys, tempfile, time
+import argparse, http.client, json, os, resource, shutil, subprocess, sys, tempfile, time
 
-JOB = '''job "{name}" {{
-  type = "batch"
-  group "g" {{
-    restart {{
-      attempts = 0
-      mode = "fail"
-    }}
-    task "t" {{
-      driver = "exec"
-      config {{
-        command = "/bin/true"
-      }}
-      resources {{
-        cpu = 50
-        memory = 16
-      }}
-    }}
-  }}
-}}
-'''
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def machine_busy():
-    """Seconds of CPU the whole machine spent busy (all processes, kernel included): /proc/stat's
-    first line less idle and iowait."""
-    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
+sys.dont_write_bytecode = True  # no __pycache__ in the checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import free_port, job, machine_busy, pct  # noqa: E402
 
 
 def perf_start(path):
@@ -113,7 +76,7 @@ def run(mlp, calls, perf=False):
         for i in range(calls + 3):
             p = os.path.join(d, f"j{i}.hcl")
             with open(p, "w") as f:
-                f.write(JOB.format(name=f"loop-{i}"))
+                f.write(job(f"loop-{i}"))
             files.append(p)
         env = dict(os.environ, MLP_ADDR=grpc)
 

@@ -53,42 +53,20 @@ for _ in $(seq 1 100); do grep -q "==> try:" "$out/dev.log" 2>/dev/null && break
 grep -q "==> try:" "$out/dev.log" || { cat "$out/dev.log"; exit 1; }
 
 MLP="$MLP" MLP_ADDR="$GRPC" HTTP="$HTTP" OUT="$out" N_LAT="$N_LAT" N_TP="$N_TP" TP_REPS="$TP_REPS" python3 - <<'PY'
-import http.client, json, os, subprocess, time
+import http.client, json, os, subprocess, sys, time
+
+sys.dont_write_bytecode = True  # no __pycache__ in the checkout
+sys.path.insert(0, "scripts")  # the script runs from the repository's root
+from benchlib import job, machine_busy, pct
 
 MLP, HTTP, OUT = os.environ["MLP"], os.environ["HTTP"], os.environ["OUT"]
 N_LAT, N_TP, TP_REPS = int(os.environ["N_LAT"]), int(os.environ["N_TP"]), max(1, int(os.environ["TP_REPS"]))
-
-def job(name):
-    return f'''job "{name}" {{
-  type = "batch"
-  group "g" {{
-    restart {{
-      attempts = 0
-      mode = "fail"
-    }}
-    task "t" {{
-      driver = "exec"
-      config {{
-        command = "/bin/true"
-      }}
-      resources {{
-        cpu = 50
-        memory = 16
-      }}
-    }}
-  }}
-}}
-'''
 
 def write(name):
     p = os.path.join(OUT, name + ".hcl")
     with open(p, "w") as f:
         f.write(job(name))
     return p
-
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 def timed(cmd):
     t = time.perf_counter()
@@ -128,12 +106,6 @@ print(f"mlp_run_wait_p99_ms {pct(lat_m, 0.99):.1f}")
 
 # ---- throughput: N_TP sequential CLI calls each, first submit -> all complete; TP_REPS pairs,
 # the side that goes first alternating (the machine's speed drifts within minutes)
-def machine_busy():
-    """CPU seconds the whole machine spent busy (/proc/stat less idle and iowait): a diagnostic
-    of each side's CPU per job, printed beside the pair."""
-    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
-
 def mlp_throughput(rep):
     files = [write(f"tp{rep}-{i}") for i in range(N_TP)]
     b = machine_busy()
