@@ -9,7 +9,7 @@ mod common;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{status, wait_for, Dev, MLP};
+use common::{mlp, status, wait_for, Dev};
 
 fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
@@ -17,7 +17,7 @@ fn text(o: &Output) -> String {
 
 /// The CLI against `addr` with `token` in MLP_TOKEN ("" = none).
 fn cli_at(addr: &str, token: &str, args: &[&str]) -> Output {
-    let mut c = Command::new(MLP);
+    let mut c = Command::new(mlp());
     c.args(args).env("MLP_ADDR", addr).env_remove("MLP_TOKEN").stdin(Stdio::null());
     if !token.is_empty() {
         c.env("MLP_TOKEN", token);
@@ -289,7 +289,7 @@ fn acl_three_servers_keep_tokens_across_a_leader_kill() {
     let mut procs = Procs(Vec::new());
     for i in 0..3 {
         let log = std::fs::File::create(dir.path().join(format!("server{i}.log"))).expect("log");
-        let child = Command::new(MLP)
+        let child = Command::new(mlp())
             .args(["server", "--acl-enabled", "--bootstrap-expect", "3", "--join", &addrs.join(",")])
             .args(["--grpc-addr", &addrs[i], "--http-addr", &format!("127.0.0.1:{}", ports[3 + i])])
             .args(["--raft-heartbeat-ms", "100", "--raft-election-min-ms", "500", "--raft-election-max-ms", "1000"])
@@ -398,7 +398,7 @@ fn raw_exec_is_refused_unless_the_agent_enables_it() {
 
     // A bad config file is refused with file:line:column and the field.
     let bad = dev.write_job("bad-agent.hcl", "client {\n  drivers {\n    raw_exec { enabled = \"yes\" }\n  }\n}\n");
-    let out = Command::new(MLP)
+    let out = Command::new(mlp())
         .args(["agent", "--servers", "127.0.0.1:1", "--config", bad.to_str().unwrap(), "--data-dir"])
         .arg(dev.dir.path().join("never"))
         .output()

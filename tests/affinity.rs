@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{wait_for, Dev, MLP};
+use common::{mlp, wait_for, Dev};
 
 /// Extra `mlp agent` processes; killed (with their tasks, by `Dev`'s guard) on drop, also when
 /// a test fails.
@@ -24,7 +24,7 @@ impl Agents {
         for rack in racks {
             let dir = dev.dir.path().join(format!("agent-{rack}"));
             let log = std::fs::File::create(dev.dir.path().join(format!("agent-{rack}.log"))).expect("agent log");
-            let child = Command::new(MLP)
+            let child = Command::new(mlp())
                 .args(["agent", "--servers", &dev.grpc, "--node-name", &format!("rack-{rack}"), "--enable-raw-exec"])
                 .args(["--meta", &format!("rack={rack}")])
                 .arg("--data-dir")

@@ -10,11 +10,11 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{processes_under, status, wait_for, Dev, MLP};
+use common::{mlp, processes_under, status, wait_for, Dev};
 
 /// Runs `mlp alloc exec ARGS` with `stdin` as its input.
 fn exec(dev: &Dev, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(MLP)
+    let mut child = Command::new(mlp())
         .args(["alloc", "exec"])
         .args(args)
         .env("MLP_ADDR", &dev.grpc)
@@ -233,7 +233,7 @@ fn exec_sessions_leave_no_process_behind() {
     });
 
     // A client that goes away (kill -9) ends its session and the whole tree.
-    let mut cli = Command::new(MLP)
+    let mut cli = Command::new(mlp())
         .args(["alloc", "exec", &id, "--", "sh", "-c", "sleep 1002 & sleep 1003"])
         .env("MLP_ADDR", &dev.grpc)
         .stdin(Stdio::piped())
@@ -254,7 +254,7 @@ fn exec_sessions_leave_no_process_behind() {
     assert_eq!(status(&allocs[0]), "running");
 
     // A session ends when its task stops.
-    let mut cli = Command::new(MLP)
+    let mut cli = Command::new(mlp())
         .args(["alloc", "exec", &id, "--", "sleep", "1004"])
         .env("MLP_ADDR", &dev.grpc)
         .stdin(Stdio::piped())
@@ -407,7 +407,7 @@ fn exec_tty_follows_the_local_terminal() {
     assert_ne!(pty.lflag() & libc::ICANON, 0);
     let seen = pty.reader();
     let slave = |pty: &Pty| Stdio::from(pty.slave.try_clone().expect("dup slave"));
-    let mut cmd = Command::new(MLP);
+    let mut cmd = Command::new(mlp());
     cmd.args(["alloc", "exec", "-t", &id, "--", "sh", "-c"])
         .arg("stty size; while read x; do [ \"$x\" = q ] && exit 5; stty size; done")
         .env("MLP_ADDR", &dev.grpc)

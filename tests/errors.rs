@@ -5,13 +5,13 @@ mod common;
 
 use std::process::Command;
 
-use common::{Dev, MLP};
+use common::{mlp, Dev};
 
 /// Runs `mlp job validate FILE` in a temp dir with a relative file name; returns (code, stderr).
 fn validate(name: &str, body: &str) -> (i32, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join(name), body).expect("write");
-    let out = Command::new(MLP).args(["job", "validate", name]).current_dir(dir.path()).output().expect("run");
+    let out = Command::new(mlp()).args(["job", "validate", name]).current_dir(dir.path()).output().expect("run");
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -76,7 +76,7 @@ fn bad_job_files_give_exact_errors() {
 #[test]
 fn valid_example_files_validate() {
     for f in ["examples/train.hcl", "examples/serve.hcl", "examples/mlflow-train.hcl"] {
-        let out = Command::new(MLP).args(["job", "validate", f]).current_dir(common::repo_root()).output().expect("run");
+        let out = Command::new(mlp()).args(["job", "validate", f]).current_dir(common::repo_root()).output().expect("run");
         assert!(out.status.success(), "{f}: {}", String::from_utf8_lossy(&out.stderr));
         assert!(String::from_utf8_lossy(&out.stdout).contains("is valid"));
     }
@@ -84,10 +84,10 @@ fn valid_example_files_validate() {
 
 #[test]
 fn bad_cli_flags_are_rejected() {
-    let out = Command::new(MLP).args(["job", "status", "--bogus"]).output().expect("run");
+    let out = Command::new(mlp()).args(["job", "status", "--bogus"]).output().expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--bogus"));
-    let out = Command::new(MLP).args(["dev", "--heartbeat-ttl", "0"]).output().expect("run");
+    let out = Command::new(mlp()).args(["dev", "--heartbeat-ttl", "0"]).output().expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--heartbeat-ttl"));
     for (flags, says) in [
@@ -98,14 +98,14 @@ fn bad_cli_flags_are_rejected() {
         (&["--exec-refused-users", "a b"][..], "is not a user name"),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let out = Command::new(MLP).arg("dev").args(flags).arg("--data-dir").arg(dir.path()).output().expect("run");
+        let out = Command::new(mlp()).arg("dev").args(flags).arg("--data-dir").arg(dir.path()).output().expect("run");
         assert!(!out.status.success(), "{flags:?} accepted");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(says), "{flags:?}: {err}");
         // Nothing started: no server or agent state written.
         assert!(!dir.path().join("server").exists(), "{flags:?} started the server");
     }
-    let out = Command::new(MLP).args(["job", "status"]).env("MLP_ADDR", "127.0.0.1:1").output().expect("run");
+    let out = Command::new(mlp()).args(["job", "status"]).env("MLP_ADDR", "127.0.0.1:1").output().expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the mlp server"));
 }

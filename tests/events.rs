@@ -250,7 +250,7 @@ fn an_index_older_than_the_buffer_is_refused_not_skipped() {
 
     // From the current index all is well, and `mlp event stream` prints what happens.
     let now = dev.json(&["job", "status", "a5", "--json"])["index"].as_u64().expect("index");
-    let mut child = std::process::Command::new(common::MLP)
+    let mut child = std::process::Command::new(common::mlp())
         .args(["event", "stream", "--topic", "Job", "--index", &now.to_string()])
         .env("MLP_ADDR", &dev.grpc)
         .stdout(std::process::Stdio::piped())

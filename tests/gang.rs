@@ -108,7 +108,7 @@ fn high_priority_job_preempts_and_both_jobs_show_it() {
 #[test]
 fn a_bad_preemption_delta_is_refused_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mlp"))
+    let out = std::process::Command::new(common::mlp())
         .args(["dev", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--preemption-delta", "0", "--data-dir"])
         .arg(dir.path().join("data"))
         .output()

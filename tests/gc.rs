@@ -149,7 +149,7 @@ fn bad_gc_flags_are_refused() {
         (&["--job-gc-threshold=-1h"][..], "--job-gc-threshold"),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let out = std::process::Command::new(common::MLP)
+        let out = std::process::Command::new(common::mlp())
             .args(["dev", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path().join("data"))
             .args(flags)

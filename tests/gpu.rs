@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{repo_root, status, tail, wait_for, Dev, MLP};
+use common::{mlp, repo_root, status, tail, wait_for, Dev};
 use serde_json::Value;
 
 const PRINT_ENV: &str = "echo NV=$NVIDIA_VISIBLE_DEVICES; echo CUDA=$CUDA_VISIBLE_DEVICES; echo IDS=$MLP_GPU_IDS; \
@@ -228,7 +228,7 @@ fn mig_instances_and_a_whole_island_on_one_node() {
 
 /// Runs `mlp ARGS` that must fail before starting anything; returns its stderr.
 fn refused(args: &[&str], dir: &Path) -> String {
-    let mut child = Command::new(MLP)
+    let mut child = Command::new(mlp())
         .args(args)
         .current_dir(dir)
         .stdin(Stdio::null())

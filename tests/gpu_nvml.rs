@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{status, tail, wait_for, Dev, MLP};
+use common::{mlp, status, tail, wait_for, Dev};
 use serde_json::{json, Value};
 
 const GPU0: &str = "GPU-0b5c1d2e-0000-4000-8000-000000000000";
@@ -22,7 +22,7 @@ const MIG_B: &str = "MIG-7f000000-0000-4000-8000-00000000000b";
 
 /// The stand-in library, next to the test binaries (`target/<profile>/deps`).
 fn fake_library() -> PathBuf {
-    let deps = Path::new(MLP).parent().expect("target dir").join("deps");
+    let deps = Path::new(mlp()).parent().expect("target dir").join("deps");
     let lib = deps.join("libmlp_fake_nvml.so");
     assert!(
         lib.exists(),

@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{Dev, MLP};
+use common::{mlp, Dev};
 use mlp_proto::v1::job_service_client::JobServiceClient;
 use mlp_proto::v1::{Job, PlanJobRequest, RegisterJobRequest};
 
@@ -42,7 +42,7 @@ fn cases(ext: &str) -> Vec<(String, String, String)> {
 fn hcl_corpus_is_refused_offline_with_its_error() {
     for (name, _, expect) in cases("hcl") {
         let file = corpus().join(format!("{name}.hcl"));
-        let out = Command::new(MLP).args(["job", "validate"]).arg(&file).output().expect("run");
+        let out = Command::new(mlp()).args(["job", "validate"]).arg(&file).output().expect("run");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{name}: must be refused, got: {err}");
         assert!(err.contains(&expect), "{name}: expected an error containing {expect:?}, got: {err}");
@@ -51,7 +51,7 @@ fn hcl_corpus_is_refused_offline_with_its_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let big = dir.path().join("big.hcl");
     std::fs::write(&big, format!("job \"x\" {{\n  meta {{\n    a = \"{}\"\n  }}\n}}\n", "x".repeat(1_100_000))).expect("write");
-    let out = Command::new(MLP).args(["job", "validate"]).arg(&big).output().expect("run");
+    let out = Command::new(mlp()).args(["job", "validate"]).arg(&big).output().expect("run");
     assert!(String::from_utf8_lossy(&out.stderr).contains("limit: job spec size"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 

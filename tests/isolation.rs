@@ -632,7 +632,7 @@ fn exec_hide_outside_the_default_root_is_refused() {
     for (path, why) in [("usr/local", "relative"), ("/proc", "not in the root"), ("/etc/shadow", "not copied")] {
         let dir = tempfile::tempdir().expect("tempdir");
         let errf = dir.path().join("stderr");
-        let mut child = std::process::Command::new(common::MLP)
+        let mut child = std::process::Command::new(common::mlp())
             .args(["dev", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--exec-hide", path, "--data-dir"])
             .arg(dir.path().join("data"))
             .stdout(std::process::Stdio::null())

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{wait_for, Dev, MLP};
+use common::{mlp, wait_for, Dev};
 use sha2::Digest;
 
 fn free_ports(n: usize) -> Vec<u16> {
@@ -164,7 +164,7 @@ impl Cluster {
 
     fn spawn(&mut self, i: usize) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("server{i}.log"))).expect("log");
-        let child = Command::new(MLP)
+        let child = Command::new(mlp())
             .args(["server", "--bootstrap-expect", "3", "--join", &self.grpc.join(",")])
             .args(["--grpc-addr", &self.grpc[i], "--http-addr", &self.http[i]])
             .args(["--raft-heartbeat-ms", "100", "--raft-election-min-ms", "500", "--raft-election-max-ms", "1000"])
@@ -205,7 +205,7 @@ impl Cluster {
     }
 
     fn cli(&self, addrs: &[String], args: &[&str]) -> Output {
-        Command::new(MLP).args(args).env("MLP_ADDR", addrs.join(",")).stdin(Stdio::null()).output().expect("run mlp")
+        Command::new(mlp()).args(args).env("MLP_ADDR", addrs.join(",")).stdin(Stdio::null()).output().expect("run mlp")
     }
 
     /// The index (into `grpc`) of the leader, as the servers in `among` see it.

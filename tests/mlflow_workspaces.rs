@@ -12,8 +12,6 @@ use std::time::Duration;
 use common::Dev;
 use serde_json::{json, Value};
 
-const MLP: &str = env!("CARGO_BIN_EXE_mlp");
-
 /// Runs tests/mlflow/workspaces.py against `dev` with `env`; answers the ids it printed.
 fn client_in(dev: &Dev, env: &[(&str, &str)]) -> Value {
     let python = common::mlflow_python();
@@ -209,7 +207,7 @@ job "trainer" {{
 fn acl_tokens_reach_mlflow_through_its_own_variables_per_workspace() {
     let dev = Dev::start_with(&["--acl-enabled"]);
     let mlp = |token: &str, args: &[&str]| {
-        let mut c = Command::new(MLP);
+        let mut c = Command::new(common::mlp());
         c.args(args).env("MLP_ADDR", &dev.grpc).env_remove("MLP_TOKEN").stdin(Stdio::null());
         if !token.is_empty() {
             c.env("MLP_TOKEN", token);

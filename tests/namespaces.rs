@@ -10,7 +10,7 @@ mod common;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{repo_root, status, wait_for, Dev, MLP};
+use common::{mlp, repo_root, status, wait_for, Dev};
 use serde_json::Value;
 
 fn text(o: &Output) -> String {
@@ -188,7 +188,7 @@ fn namespaces_quotas_block_and_unblock_and_delete_rules() {
 }
 
 fn as_(dev: &Dev, token: &str, args: &[&str]) -> Output {
-    let mut c = Command::new(MLP);
+    let mut c = Command::new(mlp());
     c.args(args).env("MLP_ADDR", &dev.grpc).env_remove("MLP_TOKEN").stdin(Stdio::null());
     if !token.is_empty() {
         c.env("MLP_TOKEN", token);

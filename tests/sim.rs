@@ -5,7 +5,9 @@
 
 use std::process::Command;
 
-const MLP: &str = env!("CARGO_BIN_EXE_mlp");
+#[path = "prereq/mod.rs"]
+mod prereq;
+use prereq::mlp;
 
 fn fixture(name: &str) -> String {
     format!("{}/tests/fixtures/openb-slice/{name}", env!("CARGO_MANIFEST_DIR"))
@@ -13,7 +15,7 @@ fn fixture(name: &str) -> String {
 
 fn sim(args: &[&str]) -> (bool, String, String) {
     let out =
-        Command::new(MLP).args(["sim", "--nodes", &fixture("nodes.csv"), "--pods", &fixture("pods.csv")]).args(args).output().unwrap();
+        Command::new(mlp()).args(["sim", "--nodes", &fixture("nodes.csv"), "--pods", &fixture("pods.csv")]).args(args).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -87,7 +89,7 @@ fn bad_rows_and_policies_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("pods.csv");
     std::fs::write(&bad, "name,cpu_milli,memory_mib,num_gpu,gpu_milli\np0,1000,10,1,500\np1,1000,ten,1,500\n").unwrap();
-    let out = Command::new(MLP).args(["sim", "--nodes", &fixture("nodes.csv"), "--pods"]).arg(&bad).output().unwrap();
+    let out = Command::new(mlp()).args(["sim", "--nodes", &fixture("nodes.csv"), "--pods"]).arg(&bad).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("pods.csv:3: memory_mib: expected a non-negative integer"), "{stderr}");

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{status, wait_for, Dev, MLP};
+use common::{mlp, status, wait_for, Dev};
 use mlp_proto::v1::agent_service_client::AgentServiceClient;
 use mlp_proto::v1::client_service_client::ClientServiceClient;
 use mlp_proto::v1::cluster_service_client::ClusterServiceClient;
@@ -30,7 +30,7 @@ struct Certs {
 }
 
 fn mlp_in(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(MLP).args(args).current_dir(dir).stdin(Stdio::null()).output().expect("run mlp");
+    let out = Command::new(mlp()).args(args).current_dir(dir).stdin(Stdio::null()).output().expect("run mlp");
     assert!(out.status.success(), "mlp {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -142,12 +142,12 @@ fn tls_refuses_plaintext_and_callers_without_the_role_and_runs_a_job() {
     let rt = rt();
 
     // Plaintext is refused: the CLI without certificates, and a plaintext HTTP request.
-    let out = Command::new(MLP).args(["node", "status"]).env("MLP_ADDR", &dev.grpc).stdin(Stdio::null()).output().expect("run mlp");
+    let out = Command::new(mlp()).args(["node", "status"]).env("MLP_ADDR", &dev.grpc).stdin(Stdio::null()).output().expect("run mlp");
     assert!(!out.status.success(), "a plaintext CLI call succeeded: {}", String::from_utf8_lossy(&out.stdout));
     let (status, _) = common::http_request(&dev.http, "GET", "/v1/status/leader", None, b"");
     assert_ne!(status, 200, "the HTTP API answered plaintext");
     // An https:// address without certificates says what to set.
-    let out = Command::new(MLP)
+    let out = Command::new(mlp())
         .args(["node", "status"])
         .env("MLP_ADDR", format!("https://{}", dev.grpc))
         .stdin(Stdio::null())
@@ -270,7 +270,7 @@ fn tls_certificates_rotate_on_sighup_while_requests_flow() {
         std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(60);
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let out = Command::new(MLP)
+                let out = Command::new(mlp())
                     .args(["node", "status"])
                     .env("MLP_ADDR", &grpc)
                     .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -521,7 +521,7 @@ fn spawn_tls_servers(certs: &Certs, dir: &Path, extra: &[&str]) -> TlsServers {
     let guards = (0..3)
         .map(|i| {
             let log = std::fs::File::create(dir.join(format!("s{i}.log"))).expect("log");
-            let child = Command::new(MLP)
+            let child = Command::new(mlp())
                 .args(["server", "--grpc-addr", &join[i], "--http-addr", &http[i], "--bootstrap-expect", "3"])
                 .args(["--join", &join.join(",")])
                 .args(extra)
@@ -546,7 +546,7 @@ fn tls_three_servers_form_a_cluster_and_forward_over_tls() {
     let dir = tempfile::Builder::new().prefix("mlp-tls-ha-").tempdir().expect("tempdir");
     let TlsServers { grpc: join, http, guards: servers } = spawn_tls_servers(&certs, dir.path(), &[]);
     let cli = |addr: &str, args: &[&str]| {
-        Command::new(MLP).args(args).env("MLP_ADDR", addr).envs(certs.cli_env()).stdin(Stdio::null()).output().expect("run mlp")
+        Command::new(mlp()).args(args).env("MLP_ADDR", addr).envs(certs.cli_env()).stdin(Stdio::null()).output().expect("run mlp")
     };
     // Formation (Info, Raft votes and appends between the servers) runs over TLS.
     let leader = wait_for("a leader among three TLS servers", Duration::from_secs(60), || {
@@ -608,7 +608,7 @@ fn three_servers_with_tls_and_acls_run_the_main_paths() {
     let mut servers: Vec<Option<Guard>> = guards.into_iter().map(Some).collect();
     let agent_log = std::fs::File::create(dir.path().join("agent.log")).expect("log");
     let _agent = Guard(
-        Command::new(MLP)
+        Command::new(mlp())
             .args(["agent", "--servers", &join.join(","), "--node-name", "tls-acl", "--rpc-addr", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path().join("agent"))
             .args(certs.flags("agent"))
@@ -620,7 +620,7 @@ fn three_servers_with_tls_and_acls_run_the_main_paths() {
             .expect("spawn agent"),
     );
     let cli = |addr: &str, token: &str, args: &[&str]| {
-        let mut c = Command::new(MLP);
+        let mut c = Command::new(mlp());
         c.args(args).env("MLP_ADDR", addr).envs(certs.cli_env()).env_remove("MLP_TOKEN").stdin(Stdio::null());
         if !token.is_empty() {
             c.env("MLP_TOKEN", token);
@@ -755,7 +755,7 @@ fn dev_config_file_turns_on_tls_and_acls() {
     let mut dev = Dev::start_with(&["--config", &config]);
 
     // Plaintext is refused: the CLI without certificates, and the HTTP API.
-    let out = Command::new(MLP).args(["node", "status"]).env("MLP_ADDR", &dev.grpc).stdin(Stdio::null()).output().expect("run mlp");
+    let out = Command::new(mlp()).args(["node", "status"]).env("MLP_ADDR", &dev.grpc).stdin(Stdio::null()).output().expect("run mlp");
     assert!(!out.status.success(), "a plaintext CLI call succeeded: {}", String::from_utf8_lossy(&out.stdout));
     let (status, _) = common::http_request(&dev.http, "GET", "/v1/status/leader", None, b"");
     assert_ne!(status, 200, "the HTTP API answered plaintext");
@@ -781,7 +781,7 @@ fn flags_win_over_the_config_file_field_by_field() {
     // The file names a client certificate (wrong for a server) and turns ACLs on.
     let server_config = config_in(&certs, "server.hcl", "client", "acl {\n  enabled = true\n}\n");
     // Without flags the server refuses to start, saying where the file named the certificate.
-    let out = Command::new(MLP)
+    let out = Command::new(mlp())
         .args(["server", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--config", &server_config, "--data-dir"])
         .arg(certs.path("refused-data"))
         .stdin(Stdio::null())
@@ -795,7 +795,7 @@ fn flags_win_over_the_config_file_field_by_field() {
     );
     // A `client` block is refused by a server, never ignored.
     let with_client = config_in(&certs, "server-client.hcl", "server", "client {\n  refused_users = [\"root\"]\n}\n");
-    let out = Command::new(MLP)
+    let out = Command::new(mlp())
         .args(["server", "--config", &with_client, "--data-dir"])
         .arg(certs.path("refused-data"))
         .stdin(Stdio::null())
@@ -815,6 +815,6 @@ fn flags_win_over_the_config_file_field_by_field() {
     // No token needed (ACLs off), the agent registered over TLS with its file's certificate.
     wait_for("the agent's node to be ready", Duration::from_secs(60), || dev.ok(&["node", "status"]).contains("ready").then_some(()));
     dev.ok(&["job", "status"]);
-    let out = Command::new(MLP).args(["node", "status"]).env("MLP_ADDR", &dev.grpc).stdin(Stdio::null()).output().expect("run mlp");
+    let out = Command::new(mlp()).args(["node", "status"]).env("MLP_ADDR", &dev.grpc).stdin(Stdio::null()).output().expect("run mlp");
     assert!(!out.status.success(), "a plaintext CLI call succeeded");
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub const MLP: &str = env!("CARGO_BIN_EXE_mlp");
+pub use prereq::mlp;
 
 // Also loaded by the other harness in tests that use both (`ha_ops`).
 #[allow(clippy::duplicate_mod)]
@@ -102,7 +102,7 @@ impl Dev {
 
     /// Starts (or restarts) the dev process on the same data dir.
     pub fn spawn(&mut self) {
-        let mut child = Command::new(MLP)
+        let mut child = Command::new(mlp())
             // A relative --data-dir, as in the README's quick start (`./mlp-data` by default);
             // the process runs from the temp dir's parent so that its own cwd is not inside
             // the cluster's dir (where `processes_under` looks for task processes).
@@ -141,7 +141,7 @@ impl Dev {
         let mut dev = Dev::unstarted(&[]);
         dev.agent_args = agent_args.iter().map(|a| a.to_string()).collect();
         let data = Path::new(dev.dir.path().file_name().expect("temp dir name")).join("data");
-        let mut child = Command::new(MLP)
+        let mut child = Command::new(mlp())
             .args(["server", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--data-dir"])
             .arg(data.join("server"))
             .args(server_args)
@@ -172,7 +172,7 @@ impl Dev {
     /// `agent.log`.
     pub fn spawn_agent(&mut self) {
         let data = Path::new(self.dir.path().file_name().expect("temp dir name")).join("data");
-        let child = Command::new(MLP)
+        let child = Command::new(mlp())
             .args(["agent", "--servers", &self.grpc, "--node-name", "split", "--rpc-addr", "127.0.0.1:0"])
             // The tests run raw_exec tasks; an agent offers it only when asked (issue 15 §4).
             .arg("--enable-raw-exec")
@@ -232,7 +232,7 @@ impl Dev {
 
     /// Runs the CLI against this cluster.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(MLP)
+        Command::new(mlp())
             .args(args)
             .env("MLP_ADDR", &self.grpc)
             .envs(self.cli_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -543,7 +543,7 @@ impl Dev {
 /// its output appended to `log`.
 pub fn agent_process(servers: &str, name: &str, data_dir: &Path, log: &Path, extra: &[&str]) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("agent log");
-    Command::new(MLP)
+    Command::new(mlp())
         .args(["agent", "--servers", servers, "--node-name", name, "--rpc-addr", "127.0.0.1:0"])
         .args(extra)
         .arg("--data-dir")

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub const MLP: &str = env!("CARGO_BIN_EXE_mlp");
+pub use prereq::mlp;
 
 static NET_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -183,7 +183,7 @@ impl Net {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
         let err = file.try_clone().expect("log file");
         Command::new("ip")
-            .args(["netns", "exec", &self.hosts[host].ns, MLP])
+            .args(["netns", "exec", &self.hosts[host].ns, mlp()])
             .args(args)
             .env("MLP_LOG", std::env::var("MLP_TEST_SERVER_LOG").unwrap_or_else(|_| "info,openraft=warn,mlp_server::raft=debug".into()))
             .stdin(Stdio::null())
@@ -329,7 +329,7 @@ impl Client {
     /// Runs `mlp ARGS` to completion, killed after `timeout`; `None` on timeout.
     pub fn mlp(&self, args: &[&str], timeout: Duration) -> Option<Output> {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, MLP])
+            .args(["netns", "exec", &self.ns, mlp()])
             .args(args)
             .env("MLP_LOG", "warn")
             .stdin(Stdio::null())

@@ -5,6 +5,20 @@
 
 use std::process::{Command, Stdio};
 
+/// The `mlp` binary the end-to-end tests run: this build's, or the one `MLP_TEST_BIN` names (CI
+/// runs some of them against the static release binary too, scripts/check-static.sh). Only the
+/// root crate's tests have a build's `mlp` (the agent's tests share this module without one).
+pub fn mlp() -> &'static str {
+    static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| match std::env::var("MLP_TEST_BIN") {
+        Ok(bin) => bin,
+        Err(_) => match option_env!("CARGO_BIN_EXE_mlp") {
+            Some(bin) => bin.to_string(),
+            None => panic!("this crate's tests build no mlp binary: set MLP_TEST_BIN"),
+        },
+    });
+    &BIN
+}
+
 /// Set by hand to let a test whose prerequisites are missing pass as skipped.
 pub const ALLOW_SKIP_VAR: &str = "MLP_TEST_ALLOW_SKIP";
 
