@@ -9,13 +9,22 @@
 //! that the main image is not randomised by ASLR (libraries, heap, stacks and mmaps still
 //! are). `MLP_PIE=1` at build time keeps the usual PIE.
 fn main() {
+    // `mlp --version` names the target it was built for (a glibc or a static musl binary).
+    if let Ok(target) = std::env::var("TARGET") {
+        println!("cargo:rustc-env=MLP_BUILD_TARGET={target}");
+    }
     println!("cargo:rerun-if-env-changed=MLP_PIE");
     let pie = std::env::var("MLP_PIE").is_ok_and(|v| v == "1");
     let linux = std::env::var("CARGO_CFG_TARGET_OS").is_ok_and(|os| os == "linux");
-    if linux && !pie {
+    // musl (the static release binary) gets the same from `-C relocation-model=static` in
+    // .cargo/config.toml: rustc then links it with musl's non-PIE start file, which `-no-pie`
+    // alone would not change (the static-PIE start file relocates a binary that is not PIE, and
+    // crashes).
+    let gnu = std::env::var("CARGO_CFG_TARGET_ENV").is_ok_and(|env| env == "gnu");
+    if linux && gnu && !pie {
         println!("cargo:rustc-link-arg-bins=-no-pie");
     }
-    if linux {
+    if linux && gnu {
         static_libgcc();
     }
 }

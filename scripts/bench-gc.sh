@@ -23,10 +23,7 @@ LIVE=${MLP_BENCH_LIVE_JOBS:-10000}
 ROUND=${MLP_BENCH_ROUND:-200}
 
 # MLP_BIN=path runs a given binary instead (A/B comparisons); else the release build.
-if [ -z "${MLP_BIN:-}" ]; then
-  cargo build --release --bin mlp >&2
-fi
-MLP=${MLP_BIN:-$PWD/target/release/mlp}
+release_mlp
 out=$(mktemp -d /tmp/mlp-bench-gc.XXXXXX)
 pids=()
 cleanup() {

@@ -29,10 +29,7 @@ done
 [ -x /bin/busybox ] || { echo "bench-oci: needs /bin/busybox (apt-get install busybox-static)" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "bench-oci: run as root (the oci driver and crun need it)" >&2; exit 1; }
 
-if [ -z "${MLP_BIN:-}" ]; then
-  cargo build --release --bin mlp >&2
-fi
-MLP=${MLP_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/mlp}
+release_mlp
 out=$(mktemp -d /tmp/mlp-bench-oci.XXXXXX)
 pids=()
 cleanup() {

@@ -31,10 +31,7 @@ BIG=${BIG-"10000"}
 RAW_BIG=${RAW_BIG-"10000 100000"}
 MLFLOW_RAW_BIG=${MLFLOW_RAW_BIG-"10000"}
 VENV=${MLP_BENCH_MLFLOW_VENV:-/var/cache/mlp-bench/mlflow-server-venv}
-if [ -z "${MLP_BIN:-}" ]; then
-  cargo build --release --bin mlp >&2
-fi
-MLP=${MLP_BIN:-$PWD/target/release/mlp}
+release_mlp
 if ! "$VENV/bin/python" -c "import mlflow.server" 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q mlflow >&2

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # mlp against Slurm, the same work through each one's command-line tool, in one run (issue 11 §3).
-# Root; installs slurm-wlm if missing. Release build of mlp (or MLP_BIN=path).
+# Root; installs slurm-wlm if missing. The static release binary of mlp (or MLP_BIN=path).
 #
 #   latency     `mlp job run --wait` of an isolated `exec` /bin/true batch job (a new job each
 #               time) vs `srun -n1 true`, each a whole CLI call, interleaved, N_LAT each: p50, p99.
@@ -28,10 +28,7 @@ cd "$(dirname "$0")/.."
 N_LAT=${MLP_BENCH_LAT:-200}
 N_TP=${MLP_BENCH_TP:-500}
 TP_REPS=${MLP_BENCH_TP_REPS:-3}
-if [ -z "${MLP_BIN:-}" ]; then
-  cargo build --release --bin mlp >&2
-fi
-MLP=${MLP_BIN:-$PWD/target/release/mlp}
+release_mlp
 out=$(mktemp -d "${TMPDIR:-/tmp}/mlp-bench-slurm.XXXXXX")
 dev_pid=
 cleanup() {

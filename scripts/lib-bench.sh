@@ -5,13 +5,22 @@ machine_line() {
   echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 }
 
-# bench_setup NAME: MLP (the release build, built here unless MLP_BIN names a binary), `out` (a
-# temp dir removed on exit, with the `mlp dev` of `dev_pid` killed), and free_port.
-bench_setup() {
+# release_mlp: sets MLP to the binary a benchmark measures: MLP_BIN when set, else the static
+# release binary, the one to deploy (docs/ARCHITECTURE.md, "The binary"), built here.
+release_mlp() {
   if [ -z "${MLP_BIN:-}" ]; then
-    cargo build --release --bin mlp >&2
+    # What the static build needs, as .ci/run installs it: the target's std and musl-gcc.
+    rustup target list --installed | grep -qx x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl >&2
+    command -v musl-gcc >/dev/null 2>&1 || apt-get install -y -qq musl-tools >&2
+    cargo build --release --target x86_64-unknown-linux-musl --bin mlp >&2
   fi
-  MLP=${MLP_BIN:-$PWD/target/release/mlp}
+  MLP=${MLP_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/x86_64-unknown-linux-musl/release/mlp}
+}
+
+# bench_setup NAME: MLP (release_mlp), `out` (a temp dir removed on exit, with the `mlp dev` of
+# `dev_pid` killed), and free_port.
+bench_setup() {
+  release_mlp
   out=$(mktemp -d "/tmp/mlp-bench-$1.XXXXXX")
   dev_pid=
   trap bench_cleanup EXIT

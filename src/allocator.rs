@@ -1,27 +1,35 @@
-//! The global allocator: mimalloc for the long-running daemons (`mlp server`, `mlp agent`,
-//! `mlp dev`), glibc's malloc for every short-lived process (a CLI call, the agent's zygote and
-//! the task supervisors it forks, an exec session).
+//! The global allocator. In the glibc build: mimalloc for the long-running daemons (`mlp
+//! server`, `mlp agent`, `mlp dev`), glibc's malloc for every short-lived process (a CLI call, the
+//! agent's zygote and the task supervisors it forks, an exec session). In the static musl build
+//! (the one to deploy): mimalloc for every process.
 //!
-//! Why two (docs/benchmarks.md, "Raft writes vs etcd"): under etcd's write load glibc's malloc
-//! and free were about a fifth of the servers' CPU, and mimalloc took the three servers from
-//! 1,985 to 2,571 registrations/s (medians of alternated runs). But a process that lives a few
-//! milliseconds pays for mimalloc's first arena (fresh pages, ~140 more page faults): an `mlp
-//! job run` took ~1 ms more CPU with it, which is what the CLI comparisons against Slurm measure.
+//! Why two in the glibc build (docs/benchmarks.md, "Raft writes vs etcd"): under etcd's write
+//! load glibc's malloc and free were about a fifth of the servers' CPU, and mimalloc took the
+//! three servers from 1,985 to 2,571 registrations/s (medians of alternated runs). But a process
+//! that lives a few milliseconds pays for mimalloc's first arena (fresh pages, ~140 more page
+//! faults): an `mlp job run` took ~1 ms more CPU with it, which is what the CLI comparisons
+//! against Slurm measure. musl's own malloc is the slower one even there: it gives memory back
+//! with `munmap` as soon as a group of blocks is free, so a short process maps and unmaps (and
+//! faults in) the same pages over and over (~0.3 ms of a 1.8 ms CLI call in `munmap` alone);
+//! with mimalloc the static binary's CLI call took 1.53 ms of CPU against 1.77 ms
+//! (docs/benchmarks.md, "Runs 65–").
 //!
-//! The choice is made once, before the first allocation, from the command line: glibc calls
-//! `.init_array` functions with `argc, argv, envp`, and [`CHOOSE`] sits in the first priority
-//! left to programs (101; std's own argv hook is at 99 and does not allocate), so it runs before
-//! Rust's runtime and every other constructor. It never changes afterwards, so every block is
-//! freed by the allocator that made it. A command line read the wrong way would only pick the
-//! other allocator; elsewhere than glibc on Linux it is always the system's.
+//! The glibc build's choice is made once, before the first allocation, from the command line:
+//! glibc calls `.init_array` functions with `argc, argv, envp`, and [`CHOOSE`] sits in the first
+//! priority left to programs (101; std's own argv hook is at 99 and does not allocate), so it
+//! runs before Rust's runtime and every other constructor. It never changes afterwards, so every
+//! block is freed by the allocator that made it. A command line read the wrong way would only
+//! pick the other allocator; off Linux it is always the system's.
 //!
 //! Memory: mimalloc is built without asking for transparent huge pages (Cargo.toml says why),
 //! and a daemon purges freed pages at once (`MIMALLOC_PURGE_DELAY=0`, unless set by hand):
 //! with mimalloc's 1 s delay, a server that went idle after registering 10,000 jobs kept 290 MiB
 //! of RSS against glibc's 182 MiB, and with no delay 181 MiB, at no measurable cost in
 //! registrations/s. The option is handed over through the environment, which mimalloc reads in
-//! its own constructor (after [`CHOOSE`]), and taken out again at the start of `main`
-//! ([`forget_options`]), so that nothing the daemon starts inherits it.
+//! its own initialisation (after [`CHOOSE`]), and taken out again at the start of `main`
+//! ([`forget_options`]), so that nothing the daemon starts inherits it. musl calls
+//! `.init_array` functions with no arguments, so there [`CHOOSE`] reads `/proc/self/cmdline`
+//! with plain syscalls to learn whether this is a daemon.
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -29,8 +37,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use mimalloc::MiMalloc;
 
-/// Set (before `main`, before any thread) when this process is a daemon.
-static DAEMON: AtomicBool = AtomicBool::new(false);
+/// Whether every process allocates with mimalloc (the static musl build), not only the daemons.
+const MIMALLOC_FOR_ALL: bool = cfg!(all(target_os = "linux", target_env = "musl"));
+/// Whether this process allocates with mimalloc: set (before `main`, before any thread) when it
+/// is a daemon, and always in the musl build.
+static MIMALLOC: AtomicBool = AtomicBool::new(MIMALLOC_FOR_ALL);
 /// Set when [`CHOOSE`] put `MIMALLOC_PURGE_DELAY` in the environment.
 static PURGE_OPTION_SET: AtomicBool = AtomicBool::new(false);
 
@@ -54,16 +65,26 @@ pub fn is_daemon<'a>(mut args: impl Iterator<Item = &'a [u8]>) -> bool {
 
 /// Whether this process allocates with mimalloc.
 pub fn is_mimalloc() -> bool {
-    DAEMON.load(Ordering::Relaxed)
+    MIMALLOC.load(Ordering::Relaxed)
+}
+
+/// This process's allocator, for the daemons' start-up log line.
+pub fn describe() -> &'static str {
+    match (is_mimalloc(), PURGE_OPTION_SET.load(Ordering::Relaxed)) {
+        (true, true) => "mimalloc, freed pages purged at once",
+        (true, false) => "mimalloc",
+        (false, _) => "the C library's malloc",
+    }
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[used]
 #[link_section = ".init_array.00101"]
-static CHOOSE: extern "C" fn(std::ffi::c_int, *const *const std::ffi::c_char, *const *const std::ffi::c_char) = choose;
+static CHOOSE: extern "C" fn(std::ffi::c_int, *const *const std::ffi::c_char, *const *const std::ffi::c_char) = choose_from_argv;
 
+/// glibc passes `.init_array` functions the process's `argc, argv, envp`.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-extern "C" fn choose(argc: std::ffi::c_int, argv: *const *const std::ffi::c_char, _envp: *const *const std::ffi::c_char) {
+extern "C" fn choose_from_argv(argc: std::ffi::c_int, argv: *const *const std::ffi::c_char, _envp: *const *const std::ffi::c_char) {
     if argv.is_null() {
         return;
     }
@@ -75,8 +96,60 @@ extern "C" fn choose(argc: std::ffi::c_int, argv: *const *const std::ffi::c_char
         // SAFETY: as above, a non-null `argv[i]` is a NUL-terminated string.
         (!arg.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(arg) }.to_bytes())
     });
+    choose(args);
+}
+
+#[cfg(all(target_os = "linux", not(target_env = "gnu")))]
+#[used]
+#[link_section = ".init_array.00101"]
+static CHOOSE: extern "C" fn() = choose_from_proc;
+
+/// musl (the static release binary, docs/ARCHITECTURE.md) calls `.init_array` functions with no
+/// arguments: the command line comes from `/proc/self/cmdline`, read with plain syscalls into a
+/// buffer on the stack (nothing may allocate yet). Without `/proc` a daemon keeps mimalloc's
+/// default purge delay: more memory held while idle, nothing worse.
+#[cfg(all(target_os = "linux", not(target_env = "gnu")))]
+extern "C" fn choose_from_proc() {
+    let mut buf = [0u8; 4096];
+    // SAFETY: open(2) of a NUL-terminated literal path.
+    let fd = unsafe { libc::open(c"/proc/self/cmdline".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return;
+    }
+    let mut len = 0;
+    while len < buf.len() {
+        let rest = &mut buf[len..];
+        // SAFETY: read(2) into the unused tail of a buffer this function owns; `rest.len()`
+        // bytes are writable there.
+        let n = unsafe { libc::read(fd, rest.as_mut_ptr().cast(), rest.len()) };
+        match usize::try_from(n) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(_) if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    // SAFETY: closes the fd opened above, used by nothing else.
+    unsafe { libc::close(fd) };
+    choose(cmdline_args(&buf[..len]));
+}
+
+#[cfg(any(test, all(target_os = "linux", not(target_env = "gnu"))))]
+/// The arguments after the program name in `/proc/self/cmdline`'s format (each argument ends
+/// with a NUL; a command line longer than the buffer is cut, which keeps its first arguments).
+pub fn cmdline_args(cmdline: &[u8]) -> impl Iterator<Item = &[u8]> {
+    cmdline.strip_suffix(&[0]).unwrap_or(cmdline).split(|b| *b == 0).skip(1)
+}
+
+/// Picks the allocator from the command line's arguments (mimalloc for a daemon; in the musl
+/// build it already is for every process), and sets mimalloc's options for a daemon. Runs before
+/// `main`, before any thread exists.
+#[cfg(target_os = "linux")]
+fn choose<'a>(args: impl Iterator<Item = &'a [u8]>) {
     let daemon = is_daemon(args);
-    DAEMON.store(daemon, Ordering::Relaxed);
+    if daemon {
+        MIMALLOC.store(true, Ordering::Relaxed);
+    }
     // SAFETY: this runs before `main` and before any thread exists; getenv and setenv get
     // NUL-terminated literals, and setenv copies them.
     if daemon && unsafe { libc::getenv(c"MIMALLOC_PURGE_DELAY".as_ptr()) }.is_null() {
@@ -142,7 +215,7 @@ unsafe impl GlobalAlloc for Allocator {
 
 #[cfg(test)]
 mod tests {
-    use super::is_daemon;
+    use super::{cmdline_args, is_daemon};
 
     fn daemon(args: &[&str]) -> bool {
         is_daemon(args.iter().map(|a| a.as_bytes()))
@@ -158,5 +231,20 @@ mod tests {
         {
             assert!(!daemon(args), "{args:?}");
         }
+    }
+
+    #[test]
+    fn a_proc_cmdline_gives_the_arguments_after_the_program_name() {
+        let args = |c: &[u8]| cmdline_args(c).map(|a| String::from_utf8_lossy(a).into_owned()).collect::<Vec<_>>();
+        assert_eq!(args(b"/usr/bin/mlp\0server\0"), ["server"]);
+        assert_eq!(args(b"mlp\0server\0--data-dir\0d\0"), ["server", "--data-dir", "d"]);
+        assert_eq!(args(b"mlp\0job\0run\0\0"), ["job", "run", ""]);
+        assert!(args(b"mlp\0").is_empty());
+        assert!(args(b"").is_empty());
+        // The trailing NUL is no empty argument: `mlp server` alone is a daemon.
+        assert!(is_daemon(cmdline_args(b"mlp\0server\0")));
+        assert!(!is_daemon(cmdline_args(b"mlp\0server\0members\0")));
+        assert!(is_daemon(cmdline_args(b"mlp\0dev\0")));
+        assert!(!is_daemon(cmdline_args(b"mlp\0job\0run\0j.hcl\0")));
     }
 }

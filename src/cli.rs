@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 /// mlp: a cluster orchestrator for machine-learning work.
 #[derive(Debug, Parser)]
-#[command(name = "mlp", version, about, propagate_version = true)]
+#[command(name = "mlp", version = crate::VERSION, about, propagate_version = true)]
 pub struct Cli {
     #[command(flatten)]
     pub conn: Conn,

@@ -21,6 +21,7 @@ fn init_logging() {
     // Colour codes only on a terminal: a log file or journal would keep them as noise.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    tracing::info!(version = crate::VERSION, allocator = crate::allocator::describe(), "mlp starting");
 }
 
 fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {

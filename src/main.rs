@@ -22,6 +22,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// `mlp --version`: the crate's version and the target the binary was built for.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MLP_BUILD_TARGET"), ")");
+
 /// mimalloc for the daemons, glibc's malloc for short-lived processes (see `allocator`).
 #[global_allocator]
 static ALLOCATOR: allocator::Allocator = allocator::Allocator;

@@ -12,7 +12,7 @@ pub mod nvml;
 pub mod simulated;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use mlp_proto::v1::{AllocatedResources, GpuAssignment, GpuDevice, Task, TaskGroup};
 
@@ -154,7 +154,9 @@ impl Backend {
         match nvml::probe(settings) {
             nvml::Probe::Found(g) => Backend::Nvml(g),
             nvml::Probe::Unavailable(why) => {
-                if settings.mode == GpuMode::Nvml {
+                if nvml::STATIC_BUILD && (settings.mode == GpuMode::Nvml || Path::new("/dev/nvidiactl").exists()) {
+                    tracing::error!(reason = %why, "NVML asked for (--gpus nvml) or NVIDIA devices present, but this build cannot load it; this node registers no GPUs");
+                } else if settings.mode == GpuMode::Nvml {
                     tracing::warn!(reason = %why, "--gpus nvml: no usable NVML library; this node registers no GPUs");
                 } else {
                     tracing::info!(reason = %why, "no NVML library; this node registers no GPUs");

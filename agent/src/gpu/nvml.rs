@@ -27,6 +27,13 @@ use nvml_wrapper_sys::bindings::{nvmlDevice_t, NvmlLib};
 
 use super::{GpuError, GpuSettings, GpuSource};
 
+/// Whether this is the static (musl) build of `mlp`, which has no dynamic loader and so cannot
+/// load NVML (docs/ARCHITECTURE.md, "The binary").
+pub const STATIC_BUILD: bool = cfg!(target_env = "musl");
+/// The reason a static build's node has no real GPUs (its `gpu.unavailable` attribute).
+pub const STATIC_BUILD_REASON: &str =
+    "this is the static (musl) build of mlp, which cannot load libnvidia-ml.so.1 (no dynamic loader): run the glibc build on GPU nodes";
+
 /// The library's file name, as the driver installs it.
 pub const LIBRARY: &str = "libnvidia-ml.so.1";
 /// Prefixes some hosts keep the driver under (container images, the GPU operator, distros).
@@ -132,6 +139,9 @@ fn describe(e: &NvmlError) -> String {
 
 /// Looks for NVML as `settings` say. Never panics; an unloadable library is a reason.
 pub fn probe(settings: &GpuSettings) -> Probe {
+    if STATIC_BUILD {
+        return Probe::Unavailable(STATIC_BUILD_REASON.to_string());
+    }
     let mut tried = Vec::new();
     for path in candidates(settings) {
         // A path with a directory that does not exist is not worth a dlopen (and its error).
