@@ -12,7 +12,7 @@
 //! with `munmap` as soon as a group of blocks is free, so a short process maps and unmaps (and
 //! faults in) the same pages over and over (~0.3 ms of a 1.8 ms CLI call in `munmap` alone);
 //! with mimalloc the static binary's CLI call took 1.53 ms of CPU against 1.77 ms
-//! (docs/benchmarks.md, "Runs 65–").
+//! (docs/benchmarks.md, "Runs 65–69").
 //!
 //! The glibc build's choice is made once, before the first allocation, from the command line:
 //! glibc calls `.init_array` functions with `argc, argv, envp`, and [`CHOOSE`] sits in the first
