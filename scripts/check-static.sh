@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The static release binary, the one to deploy (docs/ARCHITECTURE.md, "The binary"): builds it,
-# checks that it is what it claims to be, and runs end-to-end suites against it. CI runs this after
-# the README's test command; run it by hand the same way (root, like the suite).
+# The static release binary, for CLI machines, servers and CPU nodes (docs/ARCHITECTURE.md, "The
+# binary"): builds it, checks that it is what it claims to be, and runs end-to-end suites against
+# it. CI runs this after the README's test command; run it by hand the same way (root, like the
+# suite).
 #
 #   scripts/check-static.sh [nextest args...]
 #

@@ -6,7 +6,8 @@ machine_line() {
 }
 
 # release_mlp: sets MLP to the binary a benchmark measures: MLP_BIN when set, else the static
-# release binary, the one to deploy (docs/ARCHITECTURE.md, "The binary"), built here.
+# release binary (docs/ARCHITECTURE.md, "The binary"; a CPU-only `mlp dev` and the CLI are what
+# it is for), built here.
 release_mlp() {
   if [ -z "${MLP_BIN:-}" ]; then
     # What the static build needs, as .ci/run installs it: the target's std and musl-gcc.

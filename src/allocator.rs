@@ -1,7 +1,7 @@
 //! The global allocator. In the glibc build: mimalloc for the long-running daemons (`mlp
 //! server`, `mlp agent`, `mlp dev`), glibc's malloc for every short-lived process (a CLI call, the
 //! agent's zygote and the task supervisors it forks, an exec session). In the static musl build
-//! (the one to deploy): mimalloc for every process.
+//! (for CLI machines, servers and CPU nodes): mimalloc for every process.
 //!
 //! Why two in the glibc build (docs/benchmarks.md, "Raft writes vs etcd"): under etcd's write
 //! load glibc's malloc and free were about a fifth of the servers' CPU, and mimalloc took the
