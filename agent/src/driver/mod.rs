@@ -255,6 +255,20 @@ pub fn process_group_members(pgid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Sends `sig` to what is left of a task's process group `pgid`, whose leader (started at
+/// `leader_start`, clock ticks since boot) may have ended, unless that pid is now another
+/// process's. Pids wrap (at 32,768 by default), and a group's number stays taken only while the
+/// group has members: a live process with the leader's pid and another start time means the
+/// task's group is gone, and the number may now lead another task's group, which a kill would
+/// take down. An ended leader whose number is free is signalled: its group may still have
+/// members.
+pub fn signal_leftover_group(pgid: u32, leader_start: u64, sig: Signal) -> Result<(), DriverError> {
+    if proc_start_time(pgid).is_some_and(|t| t != leader_start) {
+        return Ok(());
+    }
+    signal_group(pgid, sig)
+}
+
 /// Sends `sig` to process group `pgid`; a group that no longer exists is not an error.
 pub fn signal_group(pgid: u32, sig: Signal) -> Result<(), DriverError> {
     let Ok(raw) = i32::try_from(pgid) else {
@@ -376,5 +390,23 @@ mod tests {
         assert_eq!(parse_stat_start_time("garbage"), None);
         let me = std::process::id();
         assert!(proc_start_time(me).is_some());
+    }
+
+    #[test]
+    fn a_leftover_group_is_killed_only_while_its_leader_pid_is_not_someone_elses() {
+        use std::os::unix::process::CommandExt;
+        let mut leader = std::process::Command::new("sleep").arg("30").process_group(0).spawn().expect("spawn sleep");
+        let pid = leader.id();
+        let start = proc_start_time(pid).expect("start time");
+        // The pid now names another process (a different start time): left alone.
+        signal_leftover_group(pid, start + 1, Signal::SIGKILL).expect("signal");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(leader.try_wait().expect("try_wait").is_none(), "a group that is not the task's was killed");
+        // The task's own leader: killed.
+        signal_leftover_group(pid, start, Signal::SIGKILL).expect("signal");
+        let status = leader.wait().expect("wait");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+        // Gone altogether: nothing to signal, no error.
+        signal_leftover_group(pid, start, Signal::SIGKILL).expect("signal a group that is gone");
     }
 }

@@ -24,7 +24,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 
-use super::{proc_start_time, signal_group, DriverError, ExitStatus, TaskSpec};
+use super::{proc_start_time, signal_group, signal_leftover_group, DriverError, ExitStatus, TaskSpec};
 use crate::isolation::phases::Phases;
 use crate::isolation::InitConfig;
 
@@ -264,7 +264,7 @@ impl Supervised {
             Some(r) => ExitStatus { code: r.code, signal: r.signal, oom_limit_mib: None },
             None => {
                 tracing::warn!(dir = %self.task_dir.display(), "the task's supervisor ended without recording an exit status");
-                if let Err(e) = signal_group(self.record.pid, Signal::SIGKILL) {
+                if let Err(e) = signal_leftover_group(self.record.pid, self.record.start_time, Signal::SIGKILL) {
                     tracing::warn!(pid = self.record.pid, error = %e, "killing leftover processes failed");
                 }
                 ExitStatus::default()
