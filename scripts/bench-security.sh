@@ -52,32 +52,16 @@ for variant in $order; do
     export MLP_TOKEN ;;
   esac
   MLP="$MLP" OUT="$out" N_LAT="$N_LAT" N_SUB="$N_SUB" VARIANT="$variant" python3 - <<'PY'
-import os, statistics, subprocess, time
+import os, statistics, subprocess, sys, time
+sys.dont_write_bytecode = True  # no __pycache__ in the checkout
+sys.path.insert(0, "scripts")  # the script runs from the repository's root
+from benchlib import job as job_hcl
 MLP, OUT, V = os.environ["MLP"], os.environ["OUT"], os.environ["VARIANT"]
 N_LAT, N_SUB = int(os.environ["N_LAT"]), int(os.environ["N_SUB"])
 def job(name):
     p = os.path.join(OUT, name + ".hcl")
     with open(p, "w") as f:
-        f.write(f'''job "{name}" {{
-  type = "batch"
-  group "g" {{
-    restart {{
-      attempts = 0
-      mode = "fail"
-    }}
-    task "t" {{
-      driver = "exec"
-      config {{
-        command = "/bin/true"
-      }}
-      resources {{
-        cpu = 50
-        memory = 16
-      }}
-    }}
-  }}
-}}
-''')
+        f.write(job_hcl(name))
     return p
 lat = []
 for i in range(N_LAT + 5):

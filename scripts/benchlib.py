@@ -1,6 +1,6 @@
-"""What scripts/bench-vs-slurm.sh and scripts/bench-cli-loop.py share: the benchmark's job (one
-isolated `exec` task running `/bin/true`, 50 MHz, 16 MiB, no restarts), percentiles, the
-machine's busy CPU time, and a free loopback port."""
+"""What scripts/bench-vs-slurm.sh, scripts/bench-cli-loop.py and scripts/bench-security.sh share:
+the benchmark's job (one isolated `exec` task running `/bin/true`, 50 MHz, 16 MiB, no restarts),
+percentiles, the machine's busy CPU time, and a free loopback port."""
 import os, socket
 
 
