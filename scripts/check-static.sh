@@ -6,9 +6,9 @@
 #
 #   scripts/check-static.sh [nextest args...]
 #
-# 1. `cargo build --release --target x86_64-unknown-linux-musl` (needs the target, `rustup
-#    target add x86_64-unknown-linux-musl`, and musl-gcc, Debian's musl-tools: .ci/run installs
-#    both).
+# 1. `cargo build --release --target x86_64-unknown-linux-musl` (scripts/lib-bench.sh's
+#    release_mlp; it needs the target, `rustup target add x86_64-unknown-linux-musl`, and
+#    musl-gcc, Debian's musl-tools: .ci/run installs both, and release_mlp does when missing).
 # 2. The binary is static and position-dependent (no program interpreter, ELF type EXEC), and
 #    `mlp --version` names the musl target.
 # 3. Its daemons allocate with mimalloc and purge freed pages at once: musl gives constructors
@@ -17,12 +17,16 @@
 #    says why it has no GPUs (a static binary cannot load NVML; GPU nodes run the glibc build).
 # 4. The end-to-end suites below with MLP_TEST_BIN set to it: the CLI, `mlp dev`, the agent's
 #    zygote, supervisors and isolated tasks are then all this binary.
+#
+# MLP_BIN=path checks a static binary built elsewhere instead of building one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib-bench.sh
 TARGET=x86_64-unknown-linux-musl
 
-cargo build --release --target "$TARGET" --bin mlp
-BIN=$PWD/target/$TARGET/release/mlp
+# MLP (release_mlp: the static release binary, built here), `out`, and `dev_pid` killed on exit.
+bench_setup check-static
+BIN=$MLP
 fail() { echo "check-static: $*" >&2; exit 1; }
 
 headers=$(readelf -lhW "$BIN")
@@ -32,20 +36,12 @@ version=$("$BIN" --version)
 [[ "$version" == *"($TARGET)"* ]] || fail "mlp --version says '$version', not the $TARGET build"
 echo "check-static: $version, static, not PIE"
 
-out=$(mktemp -d /tmp/mlp-check-static.XXXXXX)
-pid=
-cleanup() {
-  [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
-  rm -rf "$out"
-}
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-http=127.0.0.1:$(port)
-MLP_LOG=info "$BIN" dev --data-dir "$out/data" --grpc-addr "127.0.0.1:$(port)" --http-addr "$http" >"$out/dev.log" 2>&1 &
-pid=$!
+http=127.0.0.1:$(free_port)
+MLP_LOG=info "$BIN" dev --data-dir "$out/data" --grpc-addr "127.0.0.1:$(free_port)" --http-addr "$http" >"$out/dev.log" 2>&1 &
+dev_pid=$!
 for _ in $(seq 300); do
   grep -q "==> try:" "$out/dev.log" 2>/dev/null && break
-  kill -0 "$pid" 2>/dev/null || fail "mlp dev exited: $(tail -20 "$out/dev.log")"
+  kill -0 "$dev_pid" 2>/dev/null || fail "mlp dev exited: $(tail -20 "$out/dev.log")"
   sleep 0.1
 done
 grep -q "==> try:" "$out/dev.log" || fail "mlp dev did not start in 30 s: $(tail -20 "$out/dev.log")"
@@ -64,8 +60,8 @@ for _ in range(100):
     time.sleep(0.1)
 sys.exit("no node registered in 10 s")
 PY
-kill "$pid" && wait "$pid" 2>/dev/null || true
-pid=
+kill "$dev_pid" && wait "$dev_pid" 2>/dev/null || true
+dev_pid=
 
 MLP_TEST_BIN=$BIN cargo nextest run --no-fail-fast \
   --test spine --test isolation --test alloc_exec --test events --test errors --test tls --test wasm --test job_types \
