@@ -23,6 +23,7 @@ use mlp_proto::v1::{
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
+mod ids;
 #[path = "../../tests/prereq/mod.rs"]
 mod prereq;
 
@@ -209,7 +210,7 @@ async fn two_shares_of_one_device(driver: &str) -> TestResult {
     let f = Fixture::new()?;
     let mps = f.manager(Some(f.control()));
     let tasks = vec![share_task("a", driver, &["a", "b"]), share_task("b", driver, &["a", "b"])];
-    let id = "0123456789abcdef0123456789abcdef";
+    let id = &ids::alloc_id();
     let mut h = Harness::start(&f, alloc(id, tasks, vec![half(UUID), half(UUID)]), vec![device(UUID, false)], mps.clone());
     let last = h.finish(30).await?;
     assert_eq!(last.client_status, alloc_client::COMPLETE, "{last:?}");
@@ -265,7 +266,7 @@ async fn exec_shares_see_the_pipe_directory_in_their_root() -> TestResult {
 async fn a_share_without_mps_control_fails_to_start() -> TestResult {
     let f = Fixture::new()?;
     let missing = f.dir.path().join("no-such").join("nvidia-cuda-mps-control");
-    let id = "1123456789abcdef0123456789abcdef";
+    let id = &ids::alloc_id();
     let mut h = Harness::start(
         &f,
         alloc(id, vec![share_task("a", "raw_exec", &[])], vec![half(UUID)]),
@@ -287,7 +288,7 @@ async fn a_share_without_mps_control_fails_to_start() -> TestResult {
 #[tokio::test]
 async fn simulated_shares_get_the_env_and_no_daemon() -> TestResult {
     let f = Fixture::new()?;
-    let id = "2123456789abcdef0123456789abcdef";
+    let id = &ids::alloc_id();
     let a = alloc(id, vec![share_task("a", "raw_exec", &[])], vec![half("sim-gpu-0")]);
     let mut h = Harness::start(&f, a, vec![device("sim-gpu-0", true)], f.manager(Some(f.control())));
     let last = h.finish(20).await?;

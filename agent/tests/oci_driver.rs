@@ -21,14 +21,13 @@ use mlp_proto::consts::{alloc_client, task_event};
 use mlp_proto::v1::{AllocClientUpdate, Allocation, Job, RegistryAuth, Resources, RestartPolicy, Task, TaskConfig, TaskGroup};
 use tokio::sync::mpsc;
 
+mod ids;
 mod oci_registry;
 #[path = "../../tests/prereq/mod.rs"]
 mod prereq;
 use oci_registry::{busybox_layer, layer_tar, Compression, CuttingProxy, Entry, Registry, Res, TestImage};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-const ALLOC_ID: &str = "0123456789abcdef0123456789abcdef";
 
 fn require() {
     oci_registry::require_tools();
@@ -69,7 +68,7 @@ fn oci_task(image: &str, command: &str, args: &[&str], auth: Option<(&str, &str)
 
 fn alloc(task: Task) -> Allocation {
     Allocation {
-        id: ALLOC_ID.into(),
+        id: ids::alloc_id(),
         name: "j.g[0]".into(),
         task_group: "g".into(),
         desired_status: "run".into(),
@@ -93,6 +92,7 @@ fn alloc(task: Task) -> Allocation {
 /// One allocation run through the real runners with an `oci` driver over `store`.
 struct Run {
     dir: tempfile::TempDir,
+    alloc_id: String,
     handle: Option<AllocHandle>,
     rx: mpsc::UnboundedReceiver<AllocClientUpdate>,
     last: Option<AllocClientUpdate>,
@@ -134,8 +134,9 @@ impl Run {
             host_volumes: Arc::new(host_volumes),
         };
         let (tx, rx) = mpsc::unbounded_channel();
+        let alloc_id = alloc.id.clone();
         let handle = spawn_alloc_runner(alloc, None, env, tx);
-        Ok(Run { dir, handle: Some(handle), rx, last: None })
+        Ok(Run { dir, alloc_id, handle: Some(handle), rx, last: None })
     }
 
     async fn terminal(&mut self) -> Res<AllocClientUpdate> {
@@ -157,7 +158,7 @@ impl Run {
     }
 
     fn log(&self) -> String {
-        let dir = self.dir.path().join("allocs").join(ALLOC_ID).join("t").join("logs");
+        let dir = self.dir.path().join("allocs").join(&self.alloc_id).join("t").join("logs");
         let bytes = LogReader::new(&dir, &log_base("t", false), 0, 0).and_then(|mut r| r.read_to_end()).unwrap_or_default();
         String::from_utf8_lossy(&bytes).into_owned()
     }
