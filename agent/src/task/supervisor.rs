@@ -475,12 +475,20 @@ fn pump_until_exit(running: &Running, pipes: [(OwnedFd, RotatingWriter); 2]) -> 
             }
         }
         if exited {
+            // No process of a (raw_exec) task may outlive it. Its group is killed while the
+            // leader, a zombie until the wait below, still holds the group's number: once it is
+            // reaped an empty group's number is free, and pids wrap (at 32,768 by default), so
+            // the number could come to lead another task's group.
+            let group = running.pid.as_raw().unsigned_abs();
+            let reaped_early = reaped.is_some();
+            if running.report.is_none() && !reaped_early {
+                let _ = signal_group(group, Signal::SIGKILL);
+            }
             // A pidfd says the process ended and it is reaped here; without one, the WNOHANG
-            // above reaped it.
+            // above reaped it, and the group is killed only while no process holds its number.
             wait = Some(reaped.unwrap_or_else(|| blocking_wait(running.pid)));
-            if running.report.is_none() {
-                // No process of a task may outlive it.
-                let _ = signal_group(running.pid.as_raw().unsigned_abs(), Signal::SIGKILL);
+            if running.report.is_none() && reaped_early && proc_start_time(group).is_none() {
+                let _ = signal_group(group, Signal::SIGKILL);
             }
             drain_until = Some(std::time::Instant::now() + DRAIN);
         }

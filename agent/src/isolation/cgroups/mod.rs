@@ -367,6 +367,7 @@ pub(crate) fn rmdir(path: &Path) -> Result<(), CgroupError> {
 /// killed, so loop), then removes it. Bounded: gives up after a few seconds.
 pub fn kill_and_remove(cg: &dyn TaskCgroup) -> Result<(), CgroupError> {
     let deadline = Instant::now() + Duration::from_secs(5);
+    let name = cg.paths().first().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     loop {
         let pids = cg.pids();
         if pids.is_empty() {
@@ -376,13 +377,37 @@ pub fn kill_and_remove(cg: &dyn TaskCgroup) -> Result<(), CgroupError> {
             return Err(CgroupError::Busy { path: cg.paths().first().cloned().unwrap_or_default(), pids });
         }
         for pid in pids {
-            if let Ok(raw) = i32::try_from(pid) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), nix::sys::signal::Signal::SIGKILL);
-            }
+            kill_member(pid, &name);
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     cg.remove()
+}
+
+/// SIGKILLs `pid` if, pinned by a pidfd, it is still in task cgroup `name`. A pid read from
+/// `cgroup.procs` may end before the signal, and pids wrap (at 32,768 by default): a kill by
+/// number could reach whatever process got the number since, anywhere on the host. The pidfd
+/// names one process, so the check and the signal are about the same one.
+fn kill_member(pid: u32, name: &str) {
+    use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
+    let Some(pinned) = i32::try_from(pid).ok().and_then(Pid::from_raw) else { return };
+    let Ok(fd) = pidfd_open(pinned, PidfdFlags::empty()) else { return };
+    // `/proc/<pid>` shows the pinned process until it is reaped; a newcomer with its number
+    // could pass the check, but the signal still goes to the pinned process only (and fails:
+    // it is gone).
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    if in_cgroup(&cgroups, name) {
+        let _ = pidfd_send_signal(&fd, Signal::KILL);
+    }
+}
+
+/// Whether a process whose `/proc/<pid>/cgroup` reads `cgroups` is in task cgroup `name` of
+/// some hierarchy (`<id>:<controllers>:<path>` lines; the path ends in `/mlp/<name>`).
+fn in_cgroup(cgroups: &str, name: &str) -> bool {
+    !name.is_empty()
+        && cgroups.lines().any(|l| {
+            l.splitn(3, ':').nth(2).and_then(|path| path.strip_suffix(name)).is_some_and(|parent| parent.ends_with(&format!("/{PARENT}/")))
+        })
 }
 
 /// Converts v1 cpu shares (2..=262144) to a v2 cpu.weight (1..=10000), as runc does.
@@ -423,6 +448,31 @@ mod tests {
         assert_eq!(detect_layout(&hybrid, mem), Some(Layout::V1 { hybrid: true }));
         assert_eq!(detect_layout(v2, mem), Some(Layout::V2 { root: "/sys/fs/cgroup".into() }));
         assert_eq!(detect_layout(v2, none), None);
+    }
+
+    #[test]
+    fn a_process_is_in_a_task_cgroup_when_a_hierarchy_puts_it_under_mlp() {
+        let v1 = "12:pids:/mlp/a1.t\n11:memory:/mlp/a1.t\n1:name=systemd:/user.slice\n";
+        assert!(in_cgroup(v1, "a1.t"));
+        assert!(!in_cgroup(v1, "1.t"), "a suffix of the name is another cgroup");
+        assert!(!in_cgroup(v1, "a1.u"));
+        assert!(in_cgroup("0::/nested/mlp/a1.t\n", "a1.t"), "v2, the agent's parent below the root");
+        assert!(!in_cgroup("0::/a1.t\n", "a1.t"), "not under the agent's parent");
+        assert!(!in_cgroup("0::/mlp/a1.t/x\n", "a1.t"));
+        assert!(!in_cgroup(v1, ""));
+        assert!(!in_cgroup("", "a1.t"));
+    }
+
+    /// A pid read from `cgroup.procs` that names a process outside the cgroup by the time of the
+    /// kill (its number reused) is left alone.
+    #[test]
+    fn a_pid_that_names_a_process_outside_the_cgroup_is_not_killed() {
+        let mut stranger = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
+        kill_member(stranger.id(), "no-such-alloc.t");
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(stranger.try_wait().expect("try_wait").is_none(), "a process outside the cgroup was killed");
+        let _ = stranger.kill();
+        let _ = stranger.wait();
     }
 
     #[test]
