@@ -2,14 +2,12 @@
 //! failover, allocation watch, status updates, reattaching to tasks across an agent restart,
 //! and GC.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use mlp_agent::driver::signal_group;
 use mlp_agent::{Agent, AgentConfig};
 use mlp_proto::consts::{alloc_client, task_event};
 use mlp_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
@@ -18,11 +16,13 @@ use mlp_proto::v1::{
     RegisterNodeResponse, ServiceInstances, Task, TaskConfig, TaskGroup, UpdateAllocsRequest, UpdateAllocsResponse, UpdateServicesRequest,
     UpdateServicesResponse, WatchAllocationsRequest, WatchOverlayRequest, WatchServicesRequest,
 };
-use nix::sys::signal::Signal;
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
+
+mod shared;
+use shared::Guard;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -31,6 +31,8 @@ struct Fake {
     nodes: Arc<Mutex<Vec<Node>>>,
     updates: Arc<Mutex<Vec<AllocClientUpdate>>>,
     allocs: watch::Sender<Vec<Allocation>>,
+    /// Every task pid the agent reported, pinned as it was reported: killed when the test ends.
+    tasks: Arc<Mutex<Guard>>,
 }
 
 #[tonic::async_trait]
@@ -51,8 +53,14 @@ impl AgentService for Fake {
         Ok(Response::new(Box::pin(s)))
     }
     async fn update_allocs(&self, r: Request<UpdateAllocsRequest>) -> Result<Response<UpdateAllocsResponse>, Status> {
+        let updates = r.into_inner().updates;
+        if let Ok(mut g) = self.tasks.lock() {
+            for st in updates.iter().flat_map(|u| u.task_states.values()) {
+                g.add(st.pid);
+            }
+        }
         if let Ok(mut u) = self.updates.lock() {
-            u.extend(r.into_inner().updates);
+            u.extend(updates);
         }
         Ok(Response::new(UpdateAllocsResponse { index: 1 }))
     }
@@ -74,27 +82,14 @@ impl Fake {
     fn latest(&self, id: &str) -> Option<AllocClientUpdate> {
         self.updates.lock().ok()?.iter().rev().find(|u| u.alloc_id == id).cloned()
     }
-    fn pids(&self) -> BTreeSet<u32> {
-        let mut out = BTreeSet::new();
-        if let Ok(u) = self.updates.lock() {
-            for up in u.iter() {
-                for st in up.task_states.values() {
-                    if st.pid > 0 {
-                        out.insert(st.pid);
-                    }
-                }
-            }
-        }
-        out
-    }
 }
 
-/// Kills every task pid the fake server saw when the test ends.
+/// Kills every task the fake server saw when the test ends.
 struct PidGuard(Fake);
 impl Drop for PidGuard {
     fn drop(&mut self) {
-        for pid in self.0.pids() {
-            let _ = signal_group(pid, Signal::SIGKILL);
+        if let Ok(mut g) = self.0.tasks.lock() {
+            drop(std::mem::take(&mut *g));
         }
     }
 }
@@ -166,7 +161,7 @@ async fn start_agent(dir: &Path, server: &str) -> Result<Agent, Box<dyn std::err
 #[tokio::test]
 async fn agent_runs_reports_restores_and_gcs() -> TestResult {
     let (tx, _rx) = watch::channel(Vec::new());
-    let fake = Fake { nodes: Arc::default(), updates: Arc::default(), allocs: tx };
+    let fake = Fake { nodes: Arc::default(), updates: Arc::default(), allocs: tx, tasks: Arc::default() };
     let _guard = PidGuard(fake.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let server_addr = listener.local_addr()?.to_string();

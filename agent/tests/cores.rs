@@ -9,7 +9,7 @@ use std::path::Path;
 
 use mlp_agent::driver::exec::ExecDriver;
 use mlp_agent::driver::supervised::load_record;
-use mlp_agent::driver::{signal_group, Driver, DriverError, TaskHandle, TaskSpec};
+use mlp_agent::driver::{Driver, DriverError, TaskHandle, TaskSpec};
 use mlp_agent::isolation::cgroups::{self, Layout};
 use mlp_agent::isolation::IsolationSettings;
 use mlp_proto::v1::Resources;
@@ -17,6 +17,8 @@ use nix::sys::signal::Signal;
 
 #[path = "../../tests/prereq/mod.rs"]
 mod prereq;
+mod shared;
+use shared::Guard;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -57,13 +59,22 @@ fn cpus_of(layout: &Layout, s: &TaskSpec) -> Vec<u32> {
 /// Kills the tasks and removes their cgroups, also when the test fails half-way.
 struct Cleanup {
     layout: Layout,
-    tasks: Vec<(u32, String)>,
+    guard: Guard,
+    cgroups: Vec<String>,
+}
+
+impl Cleanup {
+    fn add(&mut self, pid: u32, cgroup: String) {
+        self.guard.add(pid);
+        self.cgroups.push(cgroup);
+    }
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        for (pid, cgroup) in &self.tasks {
-            let _ = signal_group(*pid, Signal::SIGKILL);
+        // The tasks first (their groups), then their cgroups.
+        drop(std::mem::take(&mut self.guard));
+        for cgroup in &self.cgroups {
             cgroups::remove_leftover(&self.layout, cgroup);
         }
     }
@@ -87,12 +98,12 @@ async fn cores_are_pinned_per_task_and_survive_an_agent_restart() -> TestResult 
     let dir = tempfile::tempdir()?;
     let id = |k: &str| format!("cores-{k}-{}", std::process::id());
     let (a, b) = (spec(dir.path(), &id("a"), "t", 1), spec(dir.path(), &id("b"), "t", 1));
-    let mut cleanup = Cleanup { layout: layout.clone(), tasks: Vec::new() };
+    let mut cleanup = Cleanup { layout: layout.clone(), guard: Guard::default(), cgroups: Vec::new() };
 
     let mut ha = first.start(&a).await?;
-    cleanup.tasks.push((ha.pid(), format!("{}.t", a.alloc_id)));
+    cleanup.add(ha.pid(), format!("{}.t", a.alloc_id));
     let hb = first.start(&b).await?;
-    cleanup.tasks.push((hb.pid(), format!("{}.t", b.alloc_id)));
+    cleanup.add(hb.pid(), format!("{}.t", b.alloc_id));
     let (ca, cb) = (cpus_of(&layout, &a), cpus_of(&layout, &b));
     assert_eq!(ca.len(), 1, "{ca:?}");
     assert_eq!(cb.len(), 1, "{cb:?}");
@@ -103,7 +114,7 @@ async fn cores_are_pinned_per_task_and_survive_an_agent_restart() -> TestResult 
     let c = spec(dir.path(), &id("c"), "t", u32::try_from(pool.len() - 1)?);
     match first.start(&c).await {
         Ok(mut h) => {
-            cleanup.tasks.push((h.pid(), format!("{}.t", c.alloc_id)));
+            cleanup.add(h.pid(), format!("{}.t", c.alloc_id));
             stop(&mut h).await?;
             return Err("a task got cores that were taken".into());
         }
@@ -123,7 +134,7 @@ async fn cores_are_pinned_per_task_and_survive_an_agent_restart() -> TestResult 
     assert_eq!(second.cores().taken().get(&record.cgroup), Some(&cb));
     let d = spec(dir.path(), &id("d"), "t", 1);
     let mut hd = second.start(&d).await?;
-    cleanup.tasks.push((hd.pid(), format!("{}.t", d.alloc_id)));
+    cleanup.add(hd.pid(), format!("{}.t", d.alloc_id));
     let cd = cpus_of(&layout, &d);
     assert_eq!(cd.len(), 1);
     assert_ne!(cd, cb, "a new task got the CPU of a reattached one");

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use mlp_agent::driver::exec::ExecDriver;
-use mlp_agent::driver::{signal_group, Driver, TaskHandle, TaskSpec};
+use mlp_agent::driver::{Driver, TaskHandle, TaskSpec};
 use mlp_agent::gpu::{gpu_env, GpuSettings, TaskGpus};
 use mlp_agent::isolation::cgroups::{self, Layout};
 use mlp_agent::isolation::IsolationSettings;
@@ -23,6 +23,8 @@ use nix::sys::signal::Signal;
 
 #[path = "../../tests/prereq/mod.rs"]
 mod prereq;
+mod shared;
+use shared::Guard;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -118,13 +120,22 @@ fn line<'a>(out: &'a str, key: &str) -> &'a str {
 /// nodes go with the temporary directory).
 struct Cleanup {
     layout: Layout,
-    tasks: Vec<(u32, String)>,
+    guard: Guard,
+    cgroups: Vec<String>,
+}
+
+impl Cleanup {
+    fn add(&mut self, pid: u32, cgroup: String) {
+        self.guard.add(pid);
+        self.cgroups.push(cgroup);
+    }
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        for (pid, cgroup) in &self.tasks {
-            let _ = signal_group(*pid, Signal::SIGKILL);
+        // The tasks first (their groups), then their cgroups.
+        drop(std::mem::take(&mut self.guard));
+        for cgroup in &self.cgroups {
             cgroups::remove_leftover(&self.layout, cgroup);
         }
     }
@@ -190,9 +201,9 @@ async fn a_task_sees_exactly_the_gpus_it_was_given() -> TestResult {
          echo done; exec sleep 60"
     );
     let a = spec(dir.path(), "gpu-a1", &script, gpus);
-    let mut cleanup = Cleanup { layout: layout.clone(), tasks: Vec::new() };
+    let mut cleanup = Cleanup { layout: layout.clone(), guard: Guard::default(), cgroups: Vec::new() };
     let mut h = driver.start(&a).await?;
-    cleanup.tasks.push((h.pid(), "gpu-a1.t".into()));
+    cleanup.add(h.pid(), "gpu-a1.t".into());
     let out = output_until_done(&a).await?;
 
     // Its GPU, MIG capability and control nodes: there and allowed (no driver: ENXIO).
@@ -234,7 +245,7 @@ async fn a_task_sees_exactly_the_gpus_it_was_given() -> TestResult {
         TaskGpus::default(),
     );
     let mut h = driver.start(&b).await?;
-    cleanup.tasks.push((h.pid(), "gpu-b1.t".into()));
+    cleanup.add(h.pid(), "gpu-b1.t".into());
     let out = output_until_done(&b).await?;
     assert!(!line(&out, "ls").contains("nvidia"), "{out}");
     for n in ["/dev/null", "/dev/zero", "/dev/urandom"] {

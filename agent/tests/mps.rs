@@ -5,14 +5,14 @@
 //! `CUDA_MPS_PIPE_DIRECTORY` and what it read on stdin; `-d` returns at once, as the real one
 //! does once it has daemonized.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mlp_agent::alloc::runner::{spawn_alloc_runner, AllocHandle, RunnerEnv};
 use mlp_agent::alloc::state::AllocRegistry;
-use mlp_agent::driver::{drivers_with, signal_group};
+use mlp_agent::driver::drivers_with;
 use mlp_agent::gpu::mps::{dir_name, MpsManager};
 use mlp_agent::gpu::GpuSettings;
 use mlp_agent::isolation::IsolationSettings;
@@ -20,10 +20,10 @@ use mlp_proto::consts::{alloc_client, task_event};
 use mlp_proto::v1::{
     AllocClientUpdate, AllocatedResources, Allocation, GpuAssignment, GpuDevice, GpuRequest, Job, Resources, Task, TaskConfig, TaskGroup,
 };
-use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
-mod ids;
+mod shared;
+use shared::Guard;
 #[path = "../../tests/prereq/mod.rs"]
 mod prereq;
 
@@ -89,15 +89,13 @@ impl Fixture {
 struct Harness {
     handle: Option<AllocHandle>,
     rx: mpsc::UnboundedReceiver<AllocClientUpdate>,
-    pids: BTreeSet<u32>,
+    /// Kills what is left of the tasks seen running when the test ends.
+    guard: Guard,
     last: Option<AllocClientUpdate>,
 }
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        for pid in &self.pids {
-            let _ = signal_group(*pid, Signal::SIGKILL);
-        }
         if let Some(h) = &self.handle {
             h.abort();
         }
@@ -127,7 +125,7 @@ impl Harness {
             host_volumes: Default::default(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        Harness { handle: Some(spawn_alloc_runner(a, None, env, tx)), rx, pids: BTreeSet::new(), last: None }
+        Harness { handle: Some(spawn_alloc_runner(a, None, env, tx)), rx, guard: Guard::default(), last: None }
     }
 
     /// Waits for the runner to finish (every task ended and its MPS hold released); returns
@@ -135,7 +133,9 @@ impl Harness {
     async fn finish(&mut self, secs: u64) -> Result<AllocClientUpdate, Box<dyn std::error::Error>> {
         let deadline = Instant::now() + Duration::from_secs(secs);
         while let Ok(Some(u)) = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), self.rx.recv()).await {
-            self.pids.extend(u.task_states.values().map(|s| s.pid).filter(|&p| p > 0));
+            for pid in u.task_states.values().map(|s| s.pid).filter(|&p| p > 0) {
+                self.guard.add(pid);
+            }
             self.last = Some(u);
         }
         let h = self.handle.take().ok_or("finished twice")?;
@@ -210,7 +210,7 @@ async fn two_shares_of_one_device(driver: &str) -> TestResult {
     let f = Fixture::new()?;
     let mps = f.manager(Some(f.control()));
     let tasks = vec![share_task("a", driver, &["a", "b"]), share_task("b", driver, &["a", "b"])];
-    let id = &ids::alloc_id();
+    let id = &shared::alloc_id();
     let mut h = Harness::start(&f, alloc(id, tasks, vec![half(UUID), half(UUID)]), vec![device(UUID, false)], mps.clone());
     let last = h.finish(30).await?;
     assert_eq!(last.client_status, alloc_client::COMPLETE, "{last:?}");
@@ -266,7 +266,7 @@ async fn exec_shares_see_the_pipe_directory_in_their_root() -> TestResult {
 async fn a_share_without_mps_control_fails_to_start() -> TestResult {
     let f = Fixture::new()?;
     let missing = f.dir.path().join("no-such").join("nvidia-cuda-mps-control");
-    let id = &ids::alloc_id();
+    let id = &shared::alloc_id();
     let mut h = Harness::start(
         &f,
         alloc(id, vec![share_task("a", "raw_exec", &[])], vec![half(UUID)]),
@@ -288,7 +288,7 @@ async fn a_share_without_mps_control_fails_to_start() -> TestResult {
 #[tokio::test]
 async fn simulated_shares_get_the_env_and_no_daemon() -> TestResult {
     let f = Fixture::new()?;
-    let id = &ids::alloc_id();
+    let id = &shared::alloc_id();
     let a = alloc(id, vec![share_task("a", "raw_exec", &[])], vec![half("sim-gpu-0")]);
     let mut h = Harness::start(&f, a, vec![device("sim-gpu-0", true)], f.manager(Some(f.control())));
     let last = h.finish(20).await?;

@@ -21,10 +21,10 @@ use mlp_proto::consts::{alloc_client, task_event};
 use mlp_proto::v1::{AllocClientUpdate, Allocation, Job, RegistryAuth, Resources, RestartPolicy, Task, TaskConfig, TaskGroup};
 use tokio::sync::mpsc;
 
-mod ids;
 mod oci_registry;
 #[path = "../../tests/prereq/mod.rs"]
 mod prereq;
+mod shared;
 use oci_registry::{busybox_layer, layer_tar, Compression, CuttingProxy, Entry, Registry, Res, TestImage};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
@@ -68,7 +68,7 @@ fn oci_task(image: &str, command: &str, args: &[&str], auth: Option<(&str, &str)
 
 fn alloc(task: Task) -> Allocation {
     Allocation {
-        id: ids::alloc_id(),
+        id: shared::alloc_id(),
         name: "j.g[0]".into(),
         task_group: "g".into(),
         desired_status: "run".into(),

@@ -7,14 +7,16 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use mlp_agent::alloc::runner::{spawn_alloc_runner, AllocHandle, RunnerEnv};
 use mlp_agent::alloc::state::AllocRegistry;
-use mlp_agent::driver::{drivers_with, signal_group};
+use mlp_agent::driver::drivers_with;
 use mlp_agent::isolation::IsolationSettings;
 use mlp_agent::rpc::ClientRpc;
 use mlp_proto::consts::{alloc_client, task_event, task_state};
 use mlp_proto::v1::client_service_server::ClientService;
 use mlp_proto::v1::{AllocClientUpdate, Allocation, Job, LogsRequest, RestartPolicy, Task, TaskConfig, TaskGroup};
-use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
+
+mod shared;
+use shared::Guard;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -23,15 +25,14 @@ struct Harness {
     handle: Option<AllocHandle>,
     rx: mpsc::UnboundedReceiver<AllocClientUpdate>,
     pids: BTreeSet<u32>,
+    /// Kills what is left of the tasks seen running when the test ends.
+    guard: Guard,
     last: Option<AllocClientUpdate>,
     registry: AllocRegistry,
 }
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        for pid in &self.pids {
-            let _ = signal_group(*pid, Signal::SIGKILL);
-        }
         if let Some(h) = &self.handle {
             h.abort();
         }
@@ -95,7 +96,7 @@ impl Harness {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = spawn_alloc_runner(a, None, env, tx);
-        Ok(Harness { _dir: dir, handle: Some(handle), rx, pids: BTreeSet::new(), last: None, registry })
+        Ok(Harness { _dir: dir, handle: Some(handle), rx, pids: BTreeSet::new(), guard: Guard::default(), last: None, registry })
     }
 
     /// Collects updates until `pred` holds for one, within `secs`.
@@ -114,6 +115,7 @@ impl Harness {
             for st in u.task_states.values() {
                 if st.pid > 0 {
                     self.pids.insert(st.pid);
+                    self.guard.add(st.pid);
                 }
             }
             self.last = Some(u.clone());

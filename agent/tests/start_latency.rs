@@ -19,12 +19,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mlp_agent::driver::exec::ExecDriver;
-use mlp_agent::driver::{signal_group, Driver, ProcessDriver, TaskSpec};
+use mlp_agent::driver::{Driver, ProcessDriver, TaskSpec};
 use mlp_agent::isolation::IsolationSettings;
-use nix::sys::signal::Signal;
 
 #[path = "../../tests/prereq/mod.rs"]
 mod prereq;
+mod shared;
+use shared::Guard;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -56,17 +57,6 @@ fn spec(dir: &Path, i: usize) -> TaskSpec {
     }
 }
 
-/// Kills the process groups of tasks still running when a test fails.
-#[derive(Default)]
-struct Guard(Vec<u32>);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            let _ = signal_group(*pid, Signal::SIGKILL);
-        }
-    }
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -84,13 +74,13 @@ async fn run(driver: &dyn Driver, dir: &Path, n: usize) -> Result<Vec<Duration>,
         let t0 = Instant::now();
         let mut h = driver.start(&s).await.map_err(|e| format!("{} start {i}: {e}", driver.name()))?;
         times.push(t0.elapsed());
-        guard.0.push(h.pid());
+        guard.add(h.pid());
         let st =
             tokio::time::timeout(Duration::from_secs(20), h.wait()).await.map_err(|_| format!("{} task {i} did not end", driver.name()))?;
         if st.code != Some(0) {
             return Err(format!("{} task {i} ended with {st:?}", driver.name()));
         }
-        guard.0.pop();
+        guard.remove(h.pid());
     }
     times.sort();
     Ok(times)
@@ -142,14 +132,14 @@ async fn run_to_exit(driver: &dyn Driver, n: usize, spec_of: impl Fn(usize) -> T
         let t0 = Instant::now();
         let mut h = driver.start(&s).await.map_err(|e| format!("{} start {i}: {e}", driver.name()))?;
         starts.push(t0.elapsed());
-        guard.0.push(h.pid());
+        guard.add(h.pid());
         let st =
             tokio::time::timeout(Duration::from_secs(20), h.wait()).await.map_err(|_| format!("{} task {i} did not end", driver.name()))?;
         totals.push(t0.elapsed());
         if st.code != Some(0) {
             return Err(format!("{} task {i} ended with {st:?}", driver.name()));
         }
-        guard.0.pop();
+        guard.remove(h.pid());
     }
     starts.sort();
     totals.sort();

@@ -10,9 +10,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mlp_agent::driver::supervised::{load_record, EXIT_FILE};
-use mlp_agent::driver::{proc_start_time, signal_group, Driver, DriverError, ProcessDriver, TaskSpec};
+use mlp_agent::driver::{proc_start_time, Driver, DriverError, ProcessDriver, TaskSpec};
 use mlp_agent::task::logs::LogReader;
 use nix::sys::signal::Signal;
+
+mod shared;
+use shared::Guard;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -37,20 +40,6 @@ fn spec(dir: &Path, cmd: &str, args: &[&str]) -> TaskSpec {
         log_max_files: 3,
         task_dir,
         ..Default::default()
-    }
-}
-
-/// Kills process groups and processes when dropped, so a failing test leaves nothing behind.
-#[derive(Default)]
-struct Guard(Vec<u32>);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            let _ = signal_group(*pid, Signal::SIGKILL);
-            if let Ok(raw) = i32::try_from(*pid) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), Signal::SIGKILL);
-            }
-        }
     }
 }
 
@@ -103,7 +92,7 @@ async fn exit_code_and_logs() -> TestResult {
     let dir = tempfile::tempdir()?;
     let s = spec(dir.path(), "/bin/sh", &["-c", "echo out; echo err >&2; exit 3"]);
     let mut h = driver().start(&s).await?;
-    let _g = Guard(vec![h.pid()]);
+    let _g = Guard::of([h.pid()]);
     let st = tokio::time::timeout(Duration::from_secs(10), h.wait()).await?;
     assert_eq!(st.code, Some(3));
     assert!(!st.success());
@@ -127,7 +116,7 @@ async fn much_output_on_both_streams_is_logged_whole() -> TestResult {
     let script = "i=0; while [ $i -lt 20000 ]; do echo \"o $i\"; echo \"e $i\" >&2; i=$((i+1)); done; exit 5";
     let s = spec(dir.path(), "/bin/sh", &["-c", script]);
     let mut h = driver().start(&s).await?;
-    let _g = Guard(vec![h.pid()]);
+    let _g = Guard::of([h.pid()]);
     let st = tokio::time::timeout(Duration::from_secs(60), h.wait()).await?;
     assert_eq!(st.code, Some(5), "{st:?}");
     let out = stdout(&s)?;
@@ -155,14 +144,14 @@ async fn an_escaped_process_holding_the_output_does_not_delay_the_exit() -> Test
     let s = spec(dir.path(), "/bin/sh", &["-c", &script]);
     let t0 = Instant::now();
     let mut h = driver().start(&s).await?;
-    let mut guard = Guard(vec![h.pid()]);
+    let mut guard = Guard::of([h.pid()]);
     let st = tokio::time::timeout(Duration::from_secs(20), h.wait()).await;
     // The escaped shell (a session and group of its own), found by its command line.
     if let Ok(rd) = std::fs::read_dir("/proc") {
         for e in rd.flatten() {
             let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
             if std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&marker)) {
-                guard.0.push(pid);
+                guard.add(pid);
             }
         }
     }
@@ -170,7 +159,24 @@ async fn an_escaped_process_holding_the_output_does_not_delay_the_exit() -> Test
     assert_eq!(st.code, Some(4), "{st:?}");
     assert!(t0.elapsed() < Duration::from_secs(15), "the exit waited for the escaped process: {:?}", t0.elapsed());
     assert_eq!(stdout(&s)?, "started\n");
-    assert!(guard.0.len() > 1, "the escaped process was found (so the test saw a pipe held open)");
+    assert!(guard.len() > 1, "the escaped process was found (so the test saw a pipe held open)");
+    Ok(())
+}
+
+/// A raw_exec task whose main process ends leaves nothing running: what it started in its
+/// process group is killed by its supervisor (while the ended leader, not yet reaped, still
+/// holds the group's number).
+#[tokio::test]
+async fn what_a_task_left_running_in_its_group_dies_when_it_ends() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let s = spec(dir.path(), "/bin/sh", &["-c", "sleep 100 >/dev/null 2>&1 & echo $!"]);
+    let mut h = driver().start(&s).await?;
+    let mut guard = Guard::of([h.pid()]);
+    let st = tokio::time::timeout(Duration::from_secs(10), h.wait()).await?;
+    assert_eq!(st.code, Some(0), "{st:?}");
+    let left: u32 = stdout(&s)?.trim().parse()?;
+    guard.add(left);
+    until("the task's background sleep gone", 5, || !alive(left)).await?;
     Ok(())
 }
 
@@ -180,7 +186,7 @@ async fn process_tree_is_killed() -> TestResult {
     let s = spec(dir.path(), "/bin/sh", &["-c", "sleep 100 & sleep 100 & trap '' TERM; echo ready; wait"]);
     let mut h = driver().start(&s).await?;
     let pgid = h.pid();
-    let _g = Guard(vec![pgid]);
+    let _g = Guard::of([pgid]);
     until("the task and both sleeps", 10, || stdout(&s).unwrap_or_default().starts_with("ready") && group_members(pgid).len() >= 3).await?;
     let members = group_members(pgid);
     // The same sequence the task runner uses: SIGTERM, SIGKILL after the kill timeout.
@@ -222,7 +228,7 @@ async fn a_reattached_task_keeps_its_pid_and_logs_and_reports_its_exit() -> Test
     let h = driver().start(&s).await?;
     let pid = h.pid();
     let record = load_record(&s.task_dir)?.ok_or("no run record")?;
-    let _g = Guard(vec![pid, record.supervisor_pid]);
+    let _g = Guard::of([pid, record.supervisor_pid]);
     assert_eq!(record.pid, pid);
     assert_eq!(record.driver, "raw_exec");
     until("first output", 10, || stdout(&s).unwrap_or_default() == "before\n").await?;
@@ -253,7 +259,7 @@ async fn a_task_that_ended_while_detached_reports_its_exit_code() -> TestResult 
     let s = spec(dir.path(), "/bin/sh", &["-c", &script]);
     let h = driver().start(&s).await?;
     let record = load_record(&s.task_dir)?.ok_or("no run record")?;
-    let _g = Guard(vec![record.pid, record.supervisor_pid]);
+    let _g = Guard::of([record.pid, record.supervisor_pid]);
     drop(h);
     std::fs::write(&gate, "")?;
     until("the exit file", 10, || s.task_dir.join(EXIT_FILE).exists()).await?;
@@ -271,7 +277,7 @@ async fn a_task_whose_supervisor_died_is_lost_and_leaves_nothing() -> TestResult
     let s = spec(dir.path(), "/bin/sh", &["-c", "echo up; sleep 100"]);
     let h = driver().start(&s).await?;
     let record = load_record(&s.task_dir)?.ok_or("no run record")?;
-    let _g = Guard(vec![record.pid, record.supervisor_pid]);
+    let _g = Guard::of([record.pid, record.supervisor_pid]);
     until("the task", 10, || stdout(&s).unwrap_or_default() == "up\n").await?;
     drop(h);
     let sup = nix::unistd::Pid::from_raw(i32::try_from(record.supervisor_pid)?);
@@ -310,10 +316,10 @@ async fn supervisors_are_forked_by_one_zygote_outlive_it_and_a_gone_zygote_is_re
     let d = driver();
     let s1 = spec(&dir.path().join("a"), "/bin/sh", &["-c", "sleep 1; echo one; exit 4"]);
     let mut h1 = d.start(&s1).await?;
-    let mut g = Guard(vec![h1.pid()]);
+    let mut g = Guard::of([h1.pid()]);
     let zygote = zygote_pid().ok_or("no supervisor zygote runs as a child of the agent (this test)")?;
     let rec1 = load_record(&s1.task_dir)?.ok_or("no run record")?;
-    g.0.push(rec1.supervisor_pid);
+    g.add(rec1.supervisor_pid);
     // The supervisor is the zygote's child, in a session of its own.
     assert_eq!(parent_and_session(rec1.supervisor_pid), Some((zygote, rec1.supervisor_pid)));
     // The zygote dies (as it does when the agent dies): the supervisor and the task run on, and
@@ -324,7 +330,7 @@ async fn supervisors_are_forked_by_one_zygote_outlive_it_and_a_gone_zygote_is_re
     // The next start replaces the zygote.
     let s2 = spec(&dir.path().join("b"), "/bin/sh", &["-c", "echo two; exit 5"]);
     let mut h2 = d.start(&s2).await?;
-    g.0.push(h2.pid());
+    g.add(h2.pid());
     let replaced = zygote_pid().ok_or("no zygote after the second start")?;
     assert_ne!(replaced, zygote);
     let rec2 = load_record(&s2.task_dir)?.ok_or("no run record")?;
@@ -385,7 +391,7 @@ async fn start_beside_a_dying_spare(kill_first: bool) -> TestResult {
     let d = driver();
     let s1 = spec(&dir.path().join("a"), "/bin/sh", &["-c", "exit 0"]);
     let mut h1 = d.start(&s1).await?;
-    let mut g = Guard(vec![h1.pid()]);
+    let mut g = Guard::of([h1.pid()]);
     assert_eq!(tokio::time::timeout(Duration::from_secs(10), h1.wait()).await?.code, Some(0));
     let zygote = zygote_pid().ok_or("no supervisor zygote runs as a child of the agent (this test)")?;
     let mut spare = None;
@@ -395,7 +401,7 @@ async fn start_beside_a_dying_spare(kill_first: bool) -> TestResult {
     })
     .await?;
     let spare = spare.ok_or("no spare")?;
-    g.0.push(spare);
+    g.add(spare);
     let freezer = Freezer::new()?;
     std::fs::write(freezer.0.join("cgroup.procs"), spare.to_string())?;
     freezer.state("FROZEN")?;
@@ -429,7 +435,7 @@ async fn start_beside_a_dying_spare(kill_first: bool) -> TestResult {
     let started = d.start(&s2).await;
     other.join().map_err(|_| "the killing and thawing thread panicked")??;
     let mut h2 = started?;
-    g.0.push(h2.pid());
+    g.add(h2.pid());
     assert_eq!(tokio::time::timeout(Duration::from_secs(10), h2.wait()).await?.code, Some(5));
     assert_eq!(stdout(&s2)?, "two\n");
     until("the frozen spare's death", 10, || !alive(spare)).await?;

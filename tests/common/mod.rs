@@ -16,6 +16,10 @@ pub use prereq::mlp;
 #[path = "../prereq/mod.rs"]
 pub mod prereq;
 
+// Also loaded by the multi-host harness (`ha_ops` uses both).
+#[allow(clippy::duplicate_mod)]
+pub mod pinned;
+
 /// What a test that runs `exec` tasks needs (root and a cgroup hierarchy); see
 /// [`prereq::require`]: `false` (skip) only under `MLP_TEST_ALLOW_SKIP=1`, else a failure that
 /// names what is missing.
@@ -462,22 +466,32 @@ pub fn environ_var(pid: i32, key: &str) -> Option<String> {
 /// is inside `dir` (raw_exec tasks, task supervisors) or whose `MLP_ALLOC_ID` names one of its
 /// allocations (exec tasks, whose working directory is inside their own root).
 pub fn processes_under(dir: &Path) -> Vec<i32> {
-    let mut out = Vec::new();
     let allocs = alloc_ids_under(dir);
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return out;
+        return Vec::new();
     };
-    for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let by_cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir));
-        let by_env = || environ_var(pid, "MLP_ALLOC_ID").is_some_and(|id| allocs.contains(&id));
-        if (by_cwd || by_env()) && pid_alive(pid) {
-            out.push(pid);
-        }
-    }
-    out
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|&pid| is_under(pid, dir, &allocs))
+        .collect()
+}
+
+/// Whether live process `pid` is one of `processes_under(dir)` (`allocs`: the ids under `dir`).
+fn is_under(pid: i32, dir: &Path, allocs: &[String]) -> bool {
+    let by_cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir));
+    let by_env = || environ_var(pid, "MLP_ALLOC_ID").is_some_and(|id| allocs.contains(&id));
+    (by_cwd || by_env()) && pid_alive(pid)
+}
+
+/// Whether process `pid` is in task cgroup `cg` (a directory under a hierarchy's mount point):
+/// some line of `/proc/<pid>/cgroup` ends in the cgroup's path below its hierarchy.
+fn in_cgroup(pid: i32, cg: &Path) -> bool {
+    let (Some(name), Some(parent)) = (cg.file_name(), cg.parent().and_then(Path::file_name)) else {
+        return false;
+    };
+    let tail = format!("/{}/{}", parent.to_string_lossy(), name.to_string_lossy());
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|text| text.lines().any(|l| l.ends_with(&tail)))
 }
 
 /// Task cgroup directories (every hierarchy) of the allocations under `dir`.
@@ -509,17 +523,20 @@ impl Drop for Dev {
         }
         self.kill9_agent();
         self.kill9();
-        // Tasks run in their own sessions: kill whatever still runs inside this cluster's dir.
-        for pid in processes_under(self.dir.path()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        // Tasks run in their own sessions: kill whatever still runs inside this cluster's dir
+        // (each checked again once pinned: its number may name another test's process by now).
+        let dir = self.dir.path();
+        let allocs = alloc_ids_under(dir);
+        for pid in processes_under(dir) {
+            pinned::kill_if(pid, |p| is_under(p, dir, &allocs));
         }
         // exec tasks' cgroups outlive a killed agent: empty them and remove them.
         let deadline = Instant::now() + Duration::from_secs(5);
-        for cg in cgroups_under(self.dir.path()) {
+        for cg in cgroups_under(dir) {
             while std::fs::remove_dir(&cg).is_err() && cg.exists() && Instant::now() < deadline {
                 for pid in std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default().lines() {
                     if let Ok(pid) = pid.trim().parse::<i32>() {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                        pinned::kill_if(pid, |p| in_cgroup(p, &cg));
                     }
                 }
                 std::thread::sleep(Duration::from_millis(20));

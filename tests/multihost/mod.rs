@@ -25,7 +25,10 @@ pub use prereq::mlp;
 
 static NET_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-// Also loaded by the other harness in tests that use both (`ha_ops`).
+// Both also loaded by the single-host harness in tests that use both (`ha_ops`).
+#[allow(clippy::duplicate_mod)]
+#[path = "../common/pinned.rs"]
+mod pinned;
 #[allow(clippy::duplicate_mod)]
 #[path = "../prereq/mod.rs"]
 pub mod prereq;
@@ -308,10 +311,13 @@ pub fn kill_processes_under(dir: &Path) {
             if pid == std::process::id() as i32 {
                 continue;
             }
-            let by_cmd = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle));
-            let by_cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir));
-            if by_cmd || by_cwd {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let ours = |pid: i32| {
+                let by_cmd = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle));
+                by_cmd || std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir))
+            };
+            // Checked again once pinned: the number may name another test's process by now.
+            if ours(pid) {
+                pinned::kill_if(pid, ours);
             }
         }
         std::thread::sleep(Duration::from_millis(50));
