@@ -186,7 +186,12 @@ impl<'s> Pass<'s> {
         u
     }
 
-    fn commit(&mut self, node_id: &str, res: &AllocatedResources, after: Usage, victims: &[&Allocation]) {
+    /// Records a placement of `res` on `node_id` that evicts `victims`. `after` is the node's
+    /// usage with the placement added, when the caller computed it (a plain fit); without it,
+    /// or with victims, the node's usage is computed again. Victims may run on other nodes too
+    /// (a gang is evicted whole): those nodes' usages are dropped, to be computed again with
+    /// the victims gone when next looked at.
+    fn commit(&mut self, node_id: &str, res: &AllocatedResources, after: Option<Usage>, victims: &[&Allocation]) {
         if let Some(q) = self.quota.as_mut() {
             for v in victims.iter().filter(|v| v.namespace == q.namespace && !self.evicted.contains(&v.id)) {
                 if let Some(r) = &v.resources {
@@ -197,12 +202,18 @@ impl<'s> Pass<'s> {
         }
         self.evicted.extend(victims.iter().map(|v| v.id.clone()));
         self.planned.entry(node_id.to_string()).or_default().push(res.clone());
-        if victims.is_empty() {
-            self.usage.insert(node_id.to_string(), after);
-        } else {
-            // Recomputed from scratch: the victims are gone and the placement is added.
-            let u = self.compute(node_id, &BTreeSet::new());
-            self.usage.insert(node_id.to_string(), u);
+        for v in victims.iter().filter(|v| v.node_id != node_id) {
+            self.usage.remove(&v.node_id);
+        }
+        match after {
+            Some(after) if victims.is_empty() => {
+                self.usage.insert(node_id.to_string(), after);
+            }
+            _ => {
+                // Recomputed from scratch: the victims are gone and the placement is added.
+                let u = self.compute(node_id, &BTreeSet::new());
+                self.usage.insert(node_id.to_string(), u);
+            }
         }
     }
 }
@@ -302,7 +313,7 @@ pub fn attempt<'a, 's>(
             }
         });
         if let Some((preference, _, score, node, res, after)) = best {
-            pass.commit(&node.id, &res, after, &[]);
+            pass.commit(&node.id, &res, Some(after), &[]);
             if let (Some(p), Some(t)) = (ctx.prefs, tally.as_mut()) {
                 p.record(node, t);
             }
@@ -317,7 +328,7 @@ pub fn attempt<'a, 's>(
                     *metric.dimension_exhausted.entry(why).or_default() += 1;
                     return Attempt { placed, failure: Some(metric), pass };
                 }
-                pass.commit(&node.id, &res, Usage::default(), &refs);
+                pass.commit(&node.id, &res, None, &refs);
                 let preference = preference_of(ctx, tally.as_ref(), node);
                 if let (Some(p), Some(t)) = (ctx.prefs, tally.as_mut()) {
                     p.record(node, t);

@@ -644,3 +644,37 @@ fn namespace_changes_are_events() {
     assert!(c.try_apply(del.clone()).is_some());
     assert!(crate::events::batch_for(&c.st, c.index, &del, &c.st.touched).events.is_empty());
 }
+
+/// Taking a gang back frees its members' devices on every node it ran on, and the placements
+/// after that use each freed device once. (Found by `borrowing_and_taking_back_keep_quotas_and_gangs`
+/// in CI: a placement that fit only in what an earlier placement's evictions freed left its node
+/// looking empty to the next one, which took the same GPU; the plan applier refused both.)
+#[test]
+fn placements_in_the_devices_of_an_evicted_gang_take_each_device_once() {
+    let mut c = Cluster::new();
+    c.node("n0", 4, "A100");
+    c.node("n1", 1, "A100");
+    c.namespace("team-a", borrowing(2, 1));
+    c.namespace("team-b", borrowing(1, 4));
+    // team-b borrows all five GPUs: a gang of three over both nodes, then two more on n0.
+    let mut g = group("g", 3, 1, 0);
+    g.gang = true;
+    c.register(prio(job("team-b", "gang", vec![g]), 0));
+    assert_eq!(c.schedule("team-b", "gang").placements.len(), 3);
+    c.register(prio(job("team-b", "two", vec![group("g", 2, 1, 0)]), 1));
+    assert_eq!(c.schedule("team-b", "two").placements.len(), 2);
+    // team-a takes back three within its quota: the gang goes whole, its GPUs on n0 go to the
+    // second and third placements, one each (`schedule` checks the plan passes the applier).
+    c.register(prio(job("team-a", "a", vec![group("g", 3, 1, 0)]), 0));
+    let plan = c.schedule("team-a", "a");
+    assert_eq!(plan.placements.len(), 3, "{plan:?}");
+    assert_eq!(plan.preemptions.len(), 3, "the whole gang: {plan:?}");
+    let mut devices = BTreeSet::new();
+    for a in &plan.placements {
+        for id in a.resources.iter().flat_map(|r| r.gpu_ids.iter()) {
+            assert!(devices.insert(id.clone()), "{id} placed twice: {plan:?}");
+        }
+    }
+    assert!(live_of(&c, "team-b", "gang").is_empty());
+    assert_eq!(live_of(&c, "team-b", "two").len(), 2);
+}
