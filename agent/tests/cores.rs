@@ -18,7 +18,7 @@ use nix::sys::signal::Signal;
 #[path = "../../tests/prereq/mod.rs"]
 mod prereq;
 mod shared;
-use shared::Guard;
+use shared::Cleanup;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -56,30 +56,6 @@ fn cpus_of(layout: &Layout, s: &TaskSpec) -> Vec<u32> {
     cgroups::pinned_cpus(layout, &format!("{}.{}", s.alloc_id, s.name))
 }
 
-/// Kills the tasks and removes their cgroups, also when the test fails half-way.
-struct Cleanup {
-    layout: Layout,
-    guard: Guard,
-    cgroups: Vec<String>,
-}
-
-impl Cleanup {
-    fn add(&mut self, pid: u32, cgroup: String) {
-        self.guard.add(pid);
-        self.cgroups.push(cgroup);
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        // The tasks first (their groups), then their cgroups.
-        drop(std::mem::take(&mut self.guard));
-        for cgroup in &self.cgroups {
-            cgroups::remove_leftover(&self.layout, cgroup);
-        }
-    }
-}
-
 async fn stop(h: &mut Box<dyn TaskHandle>) -> TestResult {
     h.signal(Signal::SIGKILL)?;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(20), h.wait()).await?;
@@ -98,7 +74,7 @@ async fn cores_are_pinned_per_task_and_survive_an_agent_restart() -> TestResult 
     let dir = tempfile::tempdir()?;
     let id = |k: &str| format!("cores-{k}-{}", std::process::id());
     let (a, b) = (spec(dir.path(), &id("a"), "t", 1), spec(dir.path(), &id("b"), "t", 1));
-    let mut cleanup = Cleanup { layout: layout.clone(), guard: Guard::default(), cgroups: Vec::new() };
+    let mut cleanup = Cleanup::new(layout.clone());
 
     let mut ha = first.start(&a).await?;
     cleanup.add(ha.pid(), format!("{}.t", a.alloc_id));

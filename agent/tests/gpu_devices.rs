@@ -24,7 +24,7 @@ use nix::sys::signal::Signal;
 #[path = "../../tests/prereq/mod.rs"]
 mod prereq;
 mod shared;
-use shared::Guard;
+use shared::Cleanup;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -116,31 +116,6 @@ fn line<'a>(out: &'a str, key: &str) -> &'a str {
     out.lines().find(|l| l.starts_with(&format!("{key} "))).unwrap_or("")
 }
 
-/// Kills the tasks and removes their cgroups, also when the test fails half-way (the device
-/// nodes go with the temporary directory).
-struct Cleanup {
-    layout: Layout,
-    guard: Guard,
-    cgroups: Vec<String>,
-}
-
-impl Cleanup {
-    fn add(&mut self, pid: u32, cgroup: String) {
-        self.guard.add(pid);
-        self.cgroups.push(cgroup);
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        // The tasks first (their groups), then their cgroups.
-        drop(std::mem::take(&mut self.guard));
-        for cgroup in &self.cgroups {
-            cgroups::remove_leftover(&self.layout, cgroup);
-        }
-    }
-}
-
 async fn stop(h: &mut Box<dyn TaskHandle>) -> TestResult {
     h.signal(Signal::SIGKILL)?;
     tokio::time::timeout(Duration::from_secs(20), h.wait()).await?;
@@ -201,7 +176,7 @@ async fn a_task_sees_exactly_the_gpus_it_was_given() -> TestResult {
          echo done; exec sleep 60"
     );
     let a = spec(dir.path(), "gpu-a1", &script, gpus);
-    let mut cleanup = Cleanup { layout: layout.clone(), guard: Guard::default(), cgroups: Vec::new() };
+    let mut cleanup = Cleanup::new(layout.clone());
     let mut h = driver.start(&a).await?;
     cleanup.add(h.pid(), "gpu-a1.t".into());
     let out = output_until_done(&a).await?;

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 use mlp_agent::driver::{proc_start_time, signal_leftover_group};
+use mlp_agent::isolation::cgroups::{self, Layout};
 use nix::sys::signal::Signal;
 use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags};
 
@@ -70,6 +71,36 @@ impl Drop for Guard {
                     let _ = pidfd_send_signal(&fd, rustix::process::Signal::KILL);
                 }
             }
+        }
+    }
+}
+
+/// `exec` tasks a test started straight through the driver (no runner to clean up after them):
+/// killed as [`Guard`] does, then their cgroups removed, also when the test fails half-way.
+pub struct Cleanup {
+    layout: Layout,
+    guard: Guard,
+    cgroups: Vec<String>,
+}
+
+impl Cleanup {
+    pub fn new(layout: Layout) -> Cleanup {
+        Cleanup { layout, guard: Guard::default(), cgroups: Vec::new() }
+    }
+
+    /// Adds the task whose pid is `pid` and whose cgroup is `cgroup` (`<alloc>.<task>`).
+    pub fn add(&mut self, pid: u32, cgroup: String) {
+        self.guard.add(pid);
+        self.cgroups.push(cgroup);
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        // The tasks first (their groups), then their cgroups.
+        drop(std::mem::take(&mut self.guard));
+        for cgroup in &self.cgroups {
+            cgroups::remove_leftover(&self.layout, cgroup);
         }
     }
 }
